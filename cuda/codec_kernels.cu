@@ -1,0 +1,223 @@
+// CUDA kernels of the codec. The element math is blpa/codec_math.h, shared with the CPU
+// path; this file only decides how threads walk the tensor.
+//
+// Layout: each thread handles groups of 8 consecutive elements, grid-stride.
+//   8-bit: 8 codes = one 8-byte store     4-bit: 8 codes = one 4-byte store,
+//   element 2j in the low nibble and 2j+1 in the high nibble of byte j.
+// A thread owns whole bytes, so two codes that share a byte are written by one thread.
+// Floats are loaded/stored as float4 when the pointer is 16-byte aligned; the last,
+// partial group and misaligned tensors take the scalar path.
+#include "codec_kernels.h"
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+
+#include "blpa/codec_math.h"
+
+namespace blpa::cuda {
+namespace {
+
+constexpr int kGroup = 8;
+constexpr int kThreads = 256;
+
+struct Launch {
+  int blocks;
+  cudaStream_t stream;
+};
+
+// One helper for every launch: empty work returns early, the grid is capped (grid-stride
+// loops cover the rest) and the stream is LibTorch's current one for the device.
+Launch launch_config(int64_t work_items, int device) {
+  static int sm_count[64] = {};
+  if (device < 64 && sm_count[device] == 0)
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count[device], cudaDevAttrMultiProcessorCount, device));
+  const int64_t cap = int64_t{device < 64 ? sm_count[device] : 132} * 16;
+  const int64_t blocks = std::min<int64_t>((work_items + kThreads - 1) / kThreads, cap);
+  return {static_cast<int>(std::max<int64_t>(blocks, 1)), c10::cuda::getCurrentCUDAStream(device).stream()};
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// The offset of each of the 8 elements of a group; usually all in one channel.
+__device__ __forceinline__ void group_offsets(const uint8_t* offsets, int64_t e0, int n, int64_t plane,
+                                              int64_t channels, int s[kGroup]) {
+  const int64_t p = e0 / plane;
+  if (e0 - p * plane + n <= plane) {
+    const int sc = offsets[p % channels];
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) s[k] = sc;
+  } else {
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) s[k] = offsets[((e0 + k) / plane) % channels];
+  }
+}
+
+__global__ void offsets_kernel(OffsetParams p) {
+  for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < p.channels;
+       c += int64_t{gridDim.x} * blockDim.x)
+    p.offsets[c] = static_cast<uint8_t>(codec::offset(p.b[c], p.bits));
+}
+
+template <int Bits>
+__global__ void pack_kernel(PackParams p) {
+  const int64_t groups = (p.numel + kGroup - 1) / kGroup;
+  const bool vec = aligned16(p.v);
+  for (int64_t g = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g < groups; g += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t e0 = g * kGroup;
+    const int n = static_cast<int>(min(int64_t{kGroup}, p.numel - e0));
+    float x[kGroup];
+    if (vec && n == kGroup) {
+      const float4 a = reinterpret_cast<const float4*>(p.v + e0)[0];
+      const float4 b = reinterpret_cast<const float4*>(p.v + e0)[1];
+      x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+    } else {
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k) x[k] = k < n ? p.v[e0 + k] : 0.0f;
+    }
+    int s[kGroup];
+    group_offsets(p.offsets, e0, n, p.plane, p.channels, s);
+    uint32_t q[kGroup];
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) q[k] = codec::encode(x[k], s[k], Bits);
+
+    if constexpr (Bits == 8) {
+      uint8_t* out = p.codes + e0;
+      if (n == kGroup) {
+        uint2 w;
+        w.x = q[0] | q[1] << 8 | q[2] << 16 | q[3] << 24;
+        w.y = q[4] | q[5] << 8 | q[6] << 16 | q[7] << 24;
+        *reinterpret_cast<uint2*>(out) = w;
+      } else {
+        for (int k = 0; k < n; ++k) out[k] = static_cast<uint8_t>(q[k]);
+      }
+    } else {
+      uint8_t* out = p.codes + e0 / 2;
+      if (n == kGroup) {
+        uint32_t w = 0;
+#pragma unroll
+        for (int k = 0; k < kGroup; ++k) w |= q[k] << (4 * k);
+        *reinterpret_cast<uint32_t*>(out) = w;
+      } else {
+        for (int k = 0; k < n; k += 2) {  // the padding nibble past an odd count is 0
+          const uint32_t hi = k + 1 < n ? q[k + 1] : 0u;
+          out[k / 2] = static_cast<uint8_t>(q[k] | hi << 4);
+        }
+      }
+    }
+  }
+}
+
+template <int Bits>
+__global__ void unpack_kernel(UnpackParams p) {
+  const int64_t groups = (p.numel + kGroup - 1) / kGroup;
+  const bool vec = (!p.x_hat || aligned16(p.x_hat)) && (!p.r || aligned16(p.r)) && (!p.grad || aligned16(p.grad));
+  for (int64_t g = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g < groups; g += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t e0 = g * kGroup;
+    const int n = static_cast<int>(min(int64_t{kGroup}, p.numel - e0));
+    uint32_t q[kGroup];
+    if constexpr (Bits == 8) {
+      const uint8_t* in = p.codes + e0;
+      if (n == kGroup) {
+        const uint2 w = *reinterpret_cast<const uint2*>(in);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) q[k] = (w.x >> (8 * k)) & 0xFF, q[k + 4] = (w.y >> (8 * k)) & 0xFF;
+      } else {
+#pragma unroll
+        for (int k = 0; k < kGroup; ++k) q[k] = k < n ? in[k] : 0u;
+      }
+    } else {
+      const uint8_t* in = p.codes + e0 / 2;
+      if (n == kGroup) {
+        const uint32_t w = *reinterpret_cast<const uint32_t*>(in);
+#pragma unroll
+        for (int k = 0; k < kGroup; ++k) q[k] = (w >> (4 * k)) & 0xF;
+      } else {
+#pragma unroll
+        for (int k = 0; k < kGroup; ++k) q[k] = k < n ? (in[k / 2] >> (4 * (k & 1))) & 0xF : 0u;
+      }
+    }
+    int s[kGroup];
+    group_offsets(p.offsets, e0, n, p.plane, p.channels, s);
+    const bool full = vec && n == kGroup;
+
+    auto store = [&](float* dst, const float y[kGroup]) {
+      if (full) {
+        reinterpret_cast<float4*>(dst + e0)[0] = make_float4(y[0], y[1], y[2], y[3]);
+        reinterpret_cast<float4*>(dst + e0)[1] = make_float4(y[4], y[5], y[6], y[7]);
+      } else {
+        for (int k = 0; k < n; ++k) dst[e0 + k] = y[k];
+      }
+    };
+    // Channel parameters are looked up per element only when a group straddles two planes.
+    auto channel_of = [&](int k) { return ((e0 + k) / p.plane) % p.channels; };
+    const bool one_channel = (e0 % p.plane) + n <= p.plane;
+    const int64_t c0 = (e0 / p.plane) % p.channels;
+
+    if (p.x_hat) {
+      float y[kGroup];
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k)
+        y[k] = codec::decode(q[k], s[k], Bits) - p.b[one_channel ? c0 : channel_of(k)];
+      store(p.x_hat, y);
+    }
+    if (p.r) {
+      float y[kGroup];
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k) {
+        const float t = __fmul_rn(p.gamma[one_channel ? c0 : channel_of(k)], codec::decode(q[k], s[k], Bits));
+        y[k] = t > 0.0f ? t : 0.0f;
+      }
+      store(p.r, y);
+    }
+    if (p.mask) {
+      for (int k = 0; k < n; ++k) p.mask[e0 + k] = codec::mask(q[k], s[k]);
+    }
+    if (p.grad) {
+      float y[kGroup];
+      if (full) {
+        const float4 a = reinterpret_cast<const float4*>(p.grad + e0)[0];
+        const float4 b = reinterpret_cast<const float4*>(p.grad + e0)[1];
+        y[0] = a.x, y[1] = a.y, y[2] = a.z, y[3] = a.w, y[4] = b.x, y[5] = b.y, y[6] = b.z, y[7] = b.w;
+      } else {
+#pragma unroll
+        for (int k = 0; k < kGroup; ++k) y[k] = k < n ? p.grad[e0 + k] : 0.0f;
+      }
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k) y[k] = codec::mask(q[k], s[k]) ? y[k] : 0.0f;
+      store(p.grad, y);
+    }
+  }
+}
+
+}  // namespace
+
+void compute_offsets(const OffsetParams& p) {
+  if (p.channels == 0) return;
+  const Launch l = launch_config(p.channels, p.device);
+  offsets_kernel<<<l.blocks, kThreads, 0, l.stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void pack(const PackParams& p) {
+  if (p.numel == 0) return;
+  const Launch l = launch_config((p.numel + kGroup - 1) / kGroup, p.device);
+  if (p.bits == 8)
+    pack_kernel<8><<<l.blocks, kThreads, 0, l.stream>>>(p);
+  else
+    pack_kernel<4><<<l.blocks, kThreads, 0, l.stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void unpack(const UnpackParams& p) {
+  if (p.numel == 0) return;
+  const Launch l = launch_config((p.numel + kGroup - 1) / kGroup, p.device);
+  if (p.bits == 8)
+    unpack_kernel<8><<<l.blocks, kThreads, 0, l.stream>>>(p);
+  else
+    unpack_kernel<4><<<l.blocks, kThreads, 0, l.stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace blpa::cuda

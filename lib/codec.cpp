@@ -1,0 +1,245 @@
+// CPU path of the codec and the one dispatch point to the CUDA kernels.
+#include "blpa/codec.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "blpa/codec_math.h"
+#if BLPA_WITH_CUDA
+#include "codec_kernels.h"
+#endif
+
+namespace blpa {
+namespace {
+
+using codec::decode;
+using codec::encode;
+
+// Work is split into element ranges that start on a byte boundary of the packed codes, so
+// no two threads ever write the same byte (two 4-bit codes share one).
+constexpr int64_t kGrain = 1 << 15;
+
+struct Layout {
+  int64_t numel, plane, channels;
+};
+
+Layout layout_of(at::IntArrayRef sizes) {
+  TORCH_CHECK(sizes.size() >= 2, "blpa codec: expected a tensor with at least 2 dims (N x C x ...), got ",
+              sizes.size(), " dims");
+  int64_t plane = 1;
+  for (size_t d = 2; d < sizes.size(); ++d) plane *= sizes[d];
+  int64_t numel = sizes[0] * sizes[1] * plane;
+  return {numel, plane, sizes[1]};
+}
+
+// Calls f(begin, end, c) for each run of elements in [e0, e1) that share one channel.
+template <typename F>
+void for_each_channel_run(const Layout& l, int64_t e0, int64_t e1, F&& f) {
+  while (e0 < e1) {
+    const int64_t p = l.plane > 0 ? e0 / l.plane : 0;
+    const int64_t end = std::min(e1, (p + 1) * l.plane);
+    f(e0, end, p % l.channels);
+    e0 = end;
+  }
+}
+
+template <int Bits>
+void pack_cpu(const float* v, const uint8_t* offsets, uint8_t* out, const Layout& l) {
+  at::parallel_for(0, (l.numel + 1) / 2, kGrain, [&](int64_t pb, int64_t pe) {
+    for_each_channel_run(l, pb * 2, std::min(pe * 2, l.numel), [&](int64_t b, int64_t e, int64_t c) {
+      const int s = offsets[c];
+      if constexpr (Bits == 8) {
+        for (int64_t i = b; i < e; ++i) out[i] = static_cast<uint8_t>(encode(v[i], s, 8));
+      } else {
+        int64_t i = b;
+        if (i & 1) {  // high nibble of a byte whose low nibble this thread wrote in the previous run
+          out[i / 2] = static_cast<uint8_t>(out[i / 2] | (encode(v[i], s, 4) << 4));
+          ++i;
+        }
+        // Encode blocks into a small stack buffer (vectorises), then pair the nibbles.
+        constexpr int kBlock = 256;
+        uint8_t buf[kBlock];
+        while (e - i >= 2) {
+          const int n = static_cast<int>(std::min<int64_t>(kBlock, (e - i) & ~int64_t{1}));
+          for (int k = 0; k < n; ++k) buf[k] = static_cast<uint8_t>(encode(v[i + k], s, 4));
+          uint8_t* o = out + i / 2;
+          for (int k = 0; k < n / 2; ++k) o[k] = static_cast<uint8_t>(buf[2 * k] | (buf[2 * k + 1] << 4));
+          i += n;
+        }
+        if (i < e) out[i / 2] = static_cast<uint8_t>(encode(v[i], s, 4));  // high nibble: next run or 0
+      }
+    });
+  });
+}
+
+template <int Bits>
+uint32_t code_at(const uint8_t* data, int64_t i) {
+  if constexpr (Bits == 8) return data[i];
+  return (data[i >> 1] >> ((i & 1) * 4)) & 0xF;
+}
+
+template <int Bits>
+void unpack_cpu(const uint8_t* data, const uint8_t* offsets, const float* b, const float* gamma, float* x_hat,
+                float* r, bool* mask, float* grad, const Layout& l) {
+  at::parallel_for(0, l.numel, kGrain, [&](int64_t e0, int64_t e1) {
+    for_each_channel_run(l, e0, e1, [&](int64_t lo, int64_t hi, int64_t c) {
+      const int s = offsets[c];
+      if (x_hat) {
+        const float bc = b[c];
+        for (int64_t i = lo; i < hi; ++i) x_hat[i] = decode(code_at<Bits>(data, i), s, Bits) - bc;
+      }
+      if (r) {
+        const float g = gamma[c];
+        for (int64_t i = lo; i < hi; ++i) {
+          const float t = g * decode(code_at<Bits>(data, i), s, Bits);
+          r[i] = t > 0.0f ? t : 0.0f;
+        }
+      }
+      if (mask)
+        for (int64_t i = lo; i < hi; ++i) mask[i] = codec::mask(code_at<Bits>(data, i), s);
+      if (grad)
+        for (int64_t i = lo; i < hi; ++i) grad[i] = codec::mask(code_at<Bits>(data, i), s) ? grad[i] : 0.0f;
+    });
+  });
+}
+
+void check_bits(int bits) { TORCH_CHECK(bits == 8 || bits == 4, "blpa codec: bits must be 8 or 4, got ", bits); }
+
+void check_channel_vector(const at::Tensor& t, const char* name, const at::Tensor& like, int64_t channels) {
+  TORCH_CHECK(t.defined(), "blpa codec: ", name, " is required for the requested output");
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.numel() == channels && t.is_contiguous(),
+              "blpa codec: ", name, " must be a contiguous float32 vector of ", channels, " channels, got ",
+              t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK(t.device() == like.device(), "blpa codec: ", name, " is on ", t.device(), " but the codes are on ",
+              like.device());
+}
+
+#if !BLPA_WITH_CUDA
+[[noreturn]] void no_cuda() {
+  TORCH_CHECK(false, "blpa was built without its CUDA kernels (BLPA_CUDA=OFF or no matching toolkit); "
+                     "rebuild with -DBLPA_CUDA=ON to use CUDA tensors");
+}
+#endif
+
+}  // namespace
+
+int64_t packed_bytes(int64_t numel, int bits) { return (numel * bits + 7) / 8; }
+
+int64_t Codes::numel() const {
+  int64_t n = 1;
+  for (auto s : sizes) n *= s;
+  return n;
+}
+
+int64_t Codes::bytes() const {
+  return (data.defined() ? data.nbytes() : 0) + (offsets.defined() ? offsets.nbytes() : 0);
+}
+
+Codes pack(const at::Tensor& v, const at::Tensor& b, int bits) {
+  check_bits(bits);
+  TORCH_CHECK(v.scalar_type() == at::kFloat, "blpa codec: pack expects float32 activations, got ",
+              v.scalar_type());
+  TORCH_CHECK(v.is_contiguous(), "blpa codec: pack expects a contiguous NCHW tensor (call .contiguous(); "
+                                 "channels-last is not supported)");
+  const Layout l = layout_of(v.sizes());
+  check_channel_vector(b, "b = beta / gamma", v, l.channels);
+
+  Codes out;
+  out.bits = bits;
+  out.sizes = v.sizes().vec();
+  const auto u8 = v.options().dtype(at::kByte);
+  out.data = at::empty({packed_bytes(l.numel, bits)}, u8);
+  out.offsets = at::empty({l.channels}, u8);
+  if (l.numel == 0) return out;
+
+  if (v.is_cuda()) {
+#if BLPA_WITH_CUDA
+    const int dev = v.get_device();
+    cuda::compute_offsets({b.data_ptr<float>(), out.offsets.data_ptr<uint8_t>(), l.channels, bits, dev});
+    cuda::pack({v.data_ptr<float>(), out.offsets.data_ptr<uint8_t>(), out.data.data_ptr<uint8_t>(), l.numel,
+                l.plane, l.channels, bits, dev});
+    return out;
+#else
+    no_cuda();
+#endif
+  }
+  TORCH_CHECK(v.is_cpu(), "blpa codec: unsupported device ", v.device());
+  const float* bp = b.data_ptr<float>();
+  uint8_t* op = out.offsets.data_ptr<uint8_t>();
+  for (int64_t c = 0; c < l.channels; ++c) op[c] = static_cast<uint8_t>(codec::offset(bp[c], bits));
+  if (bits == 8)
+    pack_cpu<8>(v.data_ptr<float>(), op, out.data.data_ptr<uint8_t>(), l);
+  else
+    pack_cpu<4>(v.data_ptr<float>(), op, out.data.data_ptr<uint8_t>(), l);
+  return out;
+}
+
+namespace {
+
+void unpack_into(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma, float* x_hat, float* r,
+                 bool* mask, float* grad) {
+  check_bits(codes.bits);
+  const Layout l = layout_of(codes.sizes);
+  TORCH_CHECK(codes.data.numel() == packed_bytes(l.numel, codes.bits) && codes.offsets.numel() == l.channels,
+              "blpa codec: codes are inconsistent with their shape");
+  if (l.numel == 0) return;
+  const float* bp = x_hat ? b.data_ptr<float>() : nullptr;
+  const float* gp = r ? gamma.data_ptr<float>() : nullptr;
+  const uint8_t* data = codes.data.data_ptr<uint8_t>();
+  const uint8_t* offsets = codes.offsets.data_ptr<uint8_t>();
+  if (codes.data.is_cuda()) {
+#if BLPA_WITH_CUDA
+    cuda::unpack({data, offsets, bp, gp, x_hat, r, mask, grad, l.numel, l.plane, l.channels, codes.bits,
+                  codes.data.get_device()});
+    return;
+#else
+    no_cuda();
+#endif
+  }
+  if (codes.bits == 8)
+    unpack_cpu<8>(data, offsets, bp, gp, x_hat, r, mask, grad, l);
+  else
+    unpack_cpu<4>(data, offsets, bp, gp, x_hat, r, mask, grad, l);
+}
+
+}  // namespace
+
+Unpacked unpack(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma, unsigned outputs) {
+  TORCH_CHECK(codes.defined(), "blpa codec: unpack of empty codes");
+  const auto f32 = codes.data.options().dtype(at::kFloat);
+  Unpacked u;
+  if (outputs & kXhat) {
+    check_channel_vector(b, "b = beta / gamma", codes.data, codes.channels());
+    u.x_hat = at::empty(codes.sizes, f32);
+  }
+  if (outputs & kRelu) {
+    check_channel_vector(gamma, "gamma", codes.data, codes.channels());
+    u.r = at::empty(codes.sizes, f32);
+  }
+  if (outputs & kMask) u.mask = at::empty(codes.sizes, f32.dtype(at::kBool));
+  unpack_into(codes, b, gamma, u.x_hat.defined() ? u.x_hat.data_ptr<float>() : nullptr,
+              u.r.defined() ? u.r.data_ptr<float>() : nullptr, u.mask.defined() ? u.mask.data_ptr<bool>() : nullptr,
+              nullptr);
+  return u;
+}
+
+void apply_mask_(const Codes& codes, at::Tensor& grad) {
+  TORCH_CHECK(codes.defined(), "blpa codec: apply_mask_ of empty codes");
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.sizes().vec() == codes.sizes &&
+                  grad.device() == codes.data.device(),
+              "blpa codec: apply_mask_ needs a contiguous float32 gradient of shape ", at::IntArrayRef(codes.sizes),
+              " on ", codes.data.device(), ", got ", grad.scalar_type(), " ", grad.sizes(), " on ", grad.device());
+  unpack_into(codes, at::Tensor(), at::Tensor(), nullptr, nullptr, nullptr, grad.data_ptr<float>());
+}
+
+at::Tensor code_values(const Codes& codes) {
+  const int64_t n = codes.numel();
+  if (codes.bits == 8) return codes.data.view(codes.sizes);
+  auto lo = at::bitwise_and(codes.data, 0xF);
+  auto hi = at::bitwise_right_shift(codes.data, 4);
+  return at::stack({lo, hi}, 1).flatten().narrow(0, 0, n).view(codes.sizes);
+}
+
+}  // namespace blpa
