@@ -74,10 +74,22 @@ void pack_cpu(const float* v, const uint8_t* offsets, uint8_t* out, const Layout
   });
 }
 
+// Reads the n codes of elements [i, i + n) into q, one per byte.
 template <int Bits>
-uint32_t code_at(const uint8_t* data, int64_t i) {
-  if constexpr (Bits == 8) return data[i];
-  return (data[i >> 1] >> ((i & 1) * 4)) & 0xF;
+void read_codes(const uint8_t* data, int64_t i, int n, uint8_t* q) {
+  if constexpr (Bits == 8) {
+    std::copy(data + i, data + i + n, q);
+  } else {
+    int k = 0;
+    if (i & 1) q[k++] = data[i >> 1] >> 4;  // the run starts on a high nibble
+    const uint8_t* src = data + ((i + k) >> 1);
+    const int pairs = (n - k) / 2;
+    for (int j = 0; j < pairs; ++j) {
+      q[k + 2 * j] = src[j] & 0xF;
+      q[k + 2 * j + 1] = src[j] >> 4;
+    }
+    if (k + 2 * pairs < n) q[n - 1] = src[pairs] & 0xF;
+  }
 }
 
 template <int Bits>
@@ -86,21 +98,24 @@ void unpack_cpu(const uint8_t* data, const uint8_t* offsets, const float* b, con
   at::parallel_for(0, l.numel, kGrain, [&](int64_t e0, int64_t e1) {
     for_each_channel_run(l, e0, e1, [&](int64_t lo, int64_t hi, int64_t c) {
       const int s = offsets[c];
-      if (x_hat) {
-        const float bc = b[c];
-        for (int64_t i = lo; i < hi; ++i) x_hat[i] = decode(code_at<Bits>(data, i), s, Bits) - bc;
+      const float bc = b ? b[c] : 0.0f, g = gamma ? gamma[c] : 0.0f;
+      constexpr int kBlock = 256;
+      uint8_t q[kBlock];
+      for (int64_t i = lo; i < hi; i += kBlock) {
+        const int n = static_cast<int>(std::min<int64_t>(kBlock, hi - i));
+        read_codes<Bits>(data, i, n, q);
+        if (x_hat)
+          for (int k = 0; k < n; ++k) x_hat[i + k] = decode(q[k], s, Bits) - bc;
+        if (r)
+          for (int k = 0; k < n; ++k) {
+            const float t = g * decode(q[k], s, Bits);
+            r[i + k] = t > 0.0f ? t : 0.0f;
+          }
+        if (mask)
+          for (int k = 0; k < n; ++k) mask[i + k] = codec::mask(q[k], s);
+        if (grad)
+          for (int k = 0; k < n; ++k) grad[i + k] = codec::mask(q[k], s) ? grad[i + k] : 0.0f;
       }
-      if (r) {
-        const float g = gamma[c];
-        for (int64_t i = lo; i < hi; ++i) {
-          const float t = g * decode(code_at<Bits>(data, i), s, Bits);
-          r[i] = t > 0.0f ? t : 0.0f;
-        }
-      }
-      if (mask)
-        for (int64_t i = lo; i < hi; ++i) mask[i] = codec::mask(code_at<Bits>(data, i), s);
-      if (grad)
-        for (int64_t i = lo; i < hi; ++i) grad[i] = codec::mask(code_at<Bits>(data, i), s) ? grad[i] : 0.0f;
     });
   });
 }
