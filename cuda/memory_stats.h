@@ -1,0 +1,12 @@
+// The CUDA caching allocator's statistics, behind a header without CUDA or torch includes.
+#pragma once
+
+#include <cstdint>
+
+namespace blpa::cuda {
+
+int64_t allocated_bytes(int device);
+int64_t peak_bytes(int device);
+void reset_peak_bytes(int device);
+
+}  // namespace blpa::cuda

@@ -1,0 +1,69 @@
+// The BN-affine-ReLU-conv unit of docs/method.md ("The unit") in every mode.
+//
+//   x --BN(batch stats)--> x_hat --*gamma+beta--> a --ReLU--> r --conv(W_i)--> y_i
+//
+// A unit has zero, one or two convolutions reading the same r: zero for the network's final
+// BN-ReLU, two for a block's first unit whose projection shortcut shares r (and so the codes).
+#pragma once
+
+#include <torch/torch.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace blpa {
+
+enum class Mode { plain, exact, blpa, naive };
+
+Mode parse_mode(const std::string& s);
+std::string to_string(Mode m);
+
+struct ModeConfig {
+  Mode mode = Mode::blpa;
+  int bits = 4;  // 8 or 4; used by blpa and naive
+  std::string str() const;
+};
+
+struct ConvSpec {
+  int64_t out_channels;
+  int64_t kernel;
+  int64_t stride = 1;
+  int64_t padding = 0;
+};
+
+// What a unit's autograd node keeps for backward after its last training forward.
+struct UnitMemory {
+  int64_t code_bytes = 0;      // packed codes (blpa, naive)
+  int64_t metadata_bytes = 0;  // per-channel: sigma, offsets
+  int64_t full_bytes = 0;      // full-size activations (exact: x_hat; must be 0 in blpa/naive)
+  std::vector<int64_t> input_sizes;
+  int64_t total() const { return code_bytes + metadata_bytes + full_bytes; }
+};
+
+class UnitImpl : public torch::nn::Module {
+ public:
+  UnitImpl(int64_t in_channels, std::vector<ConvSpec> convs, ModeConfig mode);
+
+  // One output per convolution (or r itself when the unit has none).
+  std::vector<torch::Tensor> forward(const torch::Tensor& x);
+
+  const ModeConfig& mode() const { return mode_; }
+  // Filled by the last training forward in exact/blpa/naive modes (plain keeps its own
+  // autograd tensors; measure those with the allocator, see blpa/memory.h).
+  const UnitMemory& memory() const { return *memory_; }
+  // Keeps gamma >= 1e-8 so that sign(a) = sign(a / gamma) (call after each optimiser step).
+  void constrain_();
+
+  torch::Tensor gamma, beta, running_mean, running_var;
+  std::vector<torch::Tensor> weights;
+  std::vector<ConvSpec> convs;
+  double momentum = 0.1, eps = 1e-5;
+
+ private:
+  ModeConfig mode_;
+  std::shared_ptr<UnitMemory> memory_;
+};
+TORCH_MODULE(Unit);
+
+}  // namespace blpa

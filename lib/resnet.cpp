@@ -1,0 +1,110 @@
+#include "blpa/resnet.h"
+
+#include <stdexcept>
+
+namespace blpa {
+
+BlockImpl::BlockImpl(int64_t in_channels, int64_t width, int64_t stride, const ModeConfig& mode) {
+  const int64_t out = 4 * width;
+  projection = stride != 1 || in_channels != out;
+  std::vector<ConvSpec> first{{width, 1, 1, 0}};
+  if (projection) first.push_back({out, 1, stride, 0});
+  u1 = register_module("u1", Unit(in_channels, first, mode));
+  u2 = register_module("u2", Unit(width, std::vector<ConvSpec>{{width, 3, stride, 1}}, mode));
+  u3 = register_module("u3", Unit(width, std::vector<ConvSpec>{{out, 1, 1, 0}}, mode));
+}
+
+torch::Tensor BlockImpl::forward(const torch::Tensor& x) {
+  auto y1 = u1->forward(x);
+  const torch::Tensor shortcut = projection ? y1[1] : x;
+  auto h = u2->forward(y1[0])[0];
+  return u3->forward(h)[0] + shortcut;
+}
+
+std::vector<int> imagenet_stages(int depth) {
+  switch (depth) {
+    case 50: return {3, 4, 6, 3};
+    case 101: return {3, 4, 23, 3};
+    case 152: return {3, 8, 36, 3};
+    case 200: return {3, 24, 36, 3};
+  }
+  throw std::invalid_argument("imagenet depth must be 50, 101, 152 or 200, got " + std::to_string(depth));
+}
+
+ResNetImpl::ResNetImpl(const NetConfig& config) : config_(config) {
+  std::vector<int> stages;
+  std::vector<int64_t> widths;
+  int64_t channels;
+  if (config.arch == "cifar") {
+    if (config.depth < 11 || (config.depth - 2) % 9 != 0)
+      throw std::invalid_argument("cifar depth must be 9n+2 with n >= 1 (e.g. 56, 110, 164, 1001), got " +
+                                  std::to_string(config.depth));
+    const int n = (config.depth - 2) / 9;
+    stages = {n, n, n};
+    widths = {16, 32, 64};
+    channels = 16;
+    stem = register_module("stem", torch::nn::Conv2d(torch::nn::Conv2dOptions(config.in_channels, channels, 3)
+                                                         .padding(1).bias(false)));
+  } else if (config.arch == "imagenet") {
+    stages = imagenet_stages(config.depth);
+    widths = {64, 128, 256, 512};
+    channels = 64;
+    stem = register_module("stem", torch::nn::Conv2d(torch::nn::Conv2dOptions(config.in_channels, channels, 7)
+                                                         .stride(2).padding(3).bias(false)));
+  } else {
+    throw std::invalid_argument("arch must be cifar or imagenet, got '" + config.arch + "'");
+  }
+  torch::nn::init::kaiming_normal_(stem->weight, 0.0, torch::kFanOut, torch::kReLU);
+  blocks = register_module("blocks", torch::nn::ModuleList());
+  for (size_t s = 0; s < stages.size(); ++s) {
+    for (int b = 0; b < stages[s]; ++b) {
+      const int64_t stride = (s > 0 && b == 0) ? 2 : 1;
+      blocks->push_back(Block(channels, widths[s], stride, config.mode));
+      channels = 4 * widths[s];
+    }
+  }
+  final_unit = register_module("final", Unit(channels, std::vector<ConvSpec>{}, config.mode));
+  fc = register_module("fc", torch::nn::Linear(channels, config.num_classes));
+}
+
+torch::Tensor ResNetImpl::forward(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4 && x.size(1) == config_.in_channels, "model expects N x ", config_.in_channels,
+              " x H x W images, got ", x.sizes());
+  auto h = stem->forward(x);
+  if (config_.arch == "imagenet") h = torch::max_pool2d(h, 3, 2, 1);
+  for (const auto& m : *blocks) h = m->as<BlockImpl>()->forward(h);
+  h = final_unit->forward(h)[0];
+  // mean() rather than adaptive pooling: its backward needs only the shape, so nothing is kept.
+  return fc->forward(h.mean({2, 3}));
+}
+
+std::vector<std::pair<std::string, Unit>> ResNetImpl::units() const {
+  std::vector<std::pair<std::string, Unit>> out;
+  for (size_t i = 0; i < blocks->size(); ++i) {
+    auto* b = blocks->ptr(i)->as<BlockImpl>();
+    const std::string prefix = "block" + std::to_string(i) + ".";
+    out.emplace_back(prefix + "u1", b->u1);
+    out.emplace_back(prefix + "u2", b->u2);
+    out.emplace_back(prefix + "u3", b->u3);
+  }
+  out.emplace_back("final", final_unit);
+  return out;
+}
+
+std::vector<UnitRow> ResNetImpl::memory_table() const {
+  std::vector<UnitRow> rows;
+  for (const auto& [name, u] : units()) rows.push_back({name, u->memory()});
+  return rows;
+}
+
+int64_t ResNetImpl::stored_unit_bytes() const {
+  int64_t total = 0;
+  for (const auto& [name, u] : units()) total += u->memory().total();
+  return total;
+}
+
+void ResNetImpl::constrain_() {
+  for (auto& [name, u] : units()) u->constrain_();
+}
+
+}  // namespace blpa

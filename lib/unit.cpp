@@ -1,0 +1,209 @@
+// The unit as a custom autograd Function (docs/method.md, "Backward of a unit").
+#include "blpa/unit.h"
+
+#include <stdexcept>
+
+#include "blpa/codec.h"
+
+namespace blpa {
+namespace {
+
+using torch::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr double kGammaMin = 1e-8;
+
+Tensor per_channel(const Tensor& t) { return t.view({1, -1, 1, 1}); }
+
+Codes codes_from(AutogradContext* ctx) {
+  Codes c;
+  c.data = ctx->saved_data["codes"].toTensor();
+  c.offsets = ctx->saved_data["offsets"].toTensor();
+  c.sizes = ctx->saved_data["sizes"].toIntVector();
+  c.bits = static_cast<int>(ctx->saved_data["bits"].toInt());
+  return c;
+}
+
+struct UnitFunction : torch::autograd::Function<UnitFunction> {
+  // w0, w1: the unit's convolution weights, absent when it has fewer than two.
+  static variable_list forward(AutogradContext* ctx, Tensor x, Tensor gamma, Tensor beta,
+                               std::optional<Tensor> w0, std::optional<Tensor> w1, UnitImpl* unit,
+                               UnitMemory* memory) {
+    const ModeConfig& mode = unit->mode();
+    const Tensor g = gamma.clamp_min(kGammaMin);
+    // a = gamma * x_hat + beta with batch statistics; updates the running statistics.
+    auto [a, mean, invstd] = at::native_batch_norm(x, g, beta, unit->running_mean, unit->running_var,
+                                                   /*training=*/true, unit->momentum, unit->eps);
+    *memory = UnitMemory{};
+    memory->input_sizes = x.sizes().vec();
+    ctx->saved_data["invstd"] = invstd;
+    memory->metadata_bytes += invstd.nbytes();
+
+    if (mode.mode == Mode::exact) {
+      Tensor x_hat = (x - per_channel(mean)) * per_channel(invstd);
+      ctx->saved_data["x_hat"] = x_hat;
+      memory->full_bytes += x_hat.nbytes();
+    } else {
+      // blpa: codes of v = a / gamma, windowed around b = beta / gamma, so the mask of the
+      // codes is the sign of a: exactly the forward ReLU's. naive: codes of x_hat around 0.
+      Codes codes = mode.mode == Mode::blpa
+                        ? pack((a / per_channel(g)).contiguous(), beta.detach() / g, mode.bits)
+                        : pack(((x - per_channel(mean)) * per_channel(invstd)).contiguous(),
+                               torch::zeros_like(beta), mode.bits);
+      ctx->saved_data["codes"] = codes.data;
+      ctx->saved_data["offsets"] = codes.offsets;
+      ctx->saved_data["sizes"] = codes.sizes;
+      ctx->saved_data["bits"] = static_cast<int64_t>(codes.bits);
+      memory->code_bytes += codes.data.nbytes();
+      memory->metadata_bytes += codes.offsets.nbytes();
+    }
+    ctx->save_for_backward({gamma, beta, w0.value_or(Tensor()), w1.value_or(Tensor())});
+
+    std::vector<int64_t> geometry;
+    for (const ConvSpec& c : unit->convs) geometry.insert(geometry.end(), {c.stride, c.padding});
+    ctx->saved_data["geometry"] = geometry;
+    ctx->saved_data["mode"] = static_cast<int64_t>(mode.mode);
+
+    Tensor r = at::relu_(a);
+    if (unit->convs.empty()) return {r};
+    variable_list y;
+    for (size_t i = 0; i < unit->convs.size(); ++i) {
+      const ConvSpec& c = unit->convs[i];
+      y.push_back(at::conv2d(r, i == 0 ? *w0 : *w1, {}, c.stride, c.padding));
+    }
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_y) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &gamma = saved[0], &beta = saved[1];
+    const Tensor g = gamma.clamp_min(kGammaMin);
+    const Tensor invstd = ctx->saved_data["invstd"].toTensor();
+    const auto geometry = ctx->saved_data["geometry"].toIntVector();
+    const auto mode = static_cast<Mode>(ctx->saved_data["mode"].toInt());
+
+    Codes codes;
+    Tensor x_hat;  // x_hat', full precision in exact mode
+    if (mode == Mode::exact) {
+      x_hat = ctx->saved_data["x_hat"].toTensor();
+    } else {
+      codes = codes_from(ctx);
+      if (mode == Mode::naive) x_hat = unpack(codes, torch::zeros_like(invstd), {}, kXhat).x_hat;
+    }
+
+    // Convolutions: g_W from r' (approximate), g_r from W (exact).
+    Tensor g_r;
+    Tensor mask;  // exact and naive recompute the mask from r'; blpa reads it from the codes
+    variable_list g_w(2);
+    const size_t n_conv = geometry.size() / 2;
+    if (n_conv == 0) {
+      g_r = grad_y[0];
+      if (mode != Mode::blpa) mask = (x_hat * per_channel(g) + per_channel(beta)) > 0;
+    } else {
+      Tensor r = mode == Mode::blpa ? unpack(codes, {}, g, kRelu).r
+                                    : at::relu(x_hat * per_channel(g) + per_channel(beta));
+      if (mode != Mode::blpa) mask = r > 0;
+      for (size_t i = 0; i < n_conv; ++i) {
+        if (!grad_y[i].defined()) continue;
+        const int64_t stride = geometry[2 * i], padding = geometry[2 * i + 1];
+        auto [gi, gw, gb] = at::convolution_backward(grad_y[i].contiguous(), r, saved[2 + i], std::nullopt,
+                                                     {stride, stride}, {padding, padding}, {1, 1}, false, {0, 0},
+                                                     1, {true, ctx->needs_input_grad(3 + i), false});
+        g_r = g_r.defined() ? g_r.add_(gi) : gi;
+        g_w[i] = gw;
+      }
+    }
+    variable_list out(7);
+    out[3] = g_w[0];
+    out[4] = g_w[1];
+    if (!g_r.defined()) return out;
+
+    // ReLU: g_a = g_r where the mask is on (exact in blpa mode).
+    Tensor g_a;
+    if (mode == Mode::blpa) {
+      // Masked in place: g_r is ours when it came from the convolutions, the caller's otherwise.
+      g_a = n_conv == 0 ? g_r.clone(at::MemoryFormat::Contiguous) : g_r.contiguous();
+      apply_mask_(codes, g_a);
+      x_hat = unpack(codes, beta.detach() / g, {}, kXhat).x_hat;
+    } else {
+      g_a = g_r.masked_fill(mask.logical_not(), 0);
+    }
+
+    // BatchNorm with batch statistics, given x_hat' (docs/method.md, eq. for g_x).
+    const double m = static_cast<double>(g_a.numel() / g_a.size(1));
+    const Tensor g_beta = g_a.sum({0, 2, 3});
+    const Tensor g_gamma = (g_a * x_hat).sum({0, 2, 3});
+    out[0] = per_channel(g * invstd) * (g_a - per_channel(g_beta / m) - x_hat * per_channel(g_gamma / m));
+    out[1] = g_gamma * (gamma >= kGammaMin);
+    out[2] = g_beta;
+    return out;
+  }
+};
+
+}  // namespace
+
+Mode parse_mode(const std::string& s) {
+  if (s == "plain") return Mode::plain;
+  if (s == "exact") return Mode::exact;
+  if (s == "blpa") return Mode::blpa;
+  if (s == "naive") return Mode::naive;
+  throw std::invalid_argument("unknown mode '" + s + "' (expected plain, exact, blpa or naive)");
+}
+
+std::string to_string(Mode m) {
+  switch (m) {
+    case Mode::plain: return "plain";
+    case Mode::exact: return "exact";
+    case Mode::blpa: return "blpa";
+    case Mode::naive: return "naive";
+  }
+  return "?";
+}
+
+std::string ModeConfig::str() const {
+  return (mode == Mode::blpa || mode == Mode::naive) ? to_string(mode) + "-" + std::to_string(bits)
+                                                     : to_string(mode);
+}
+
+UnitImpl::UnitImpl(int64_t in_channels, std::vector<ConvSpec> convs_, ModeConfig mode)
+    : convs(std::move(convs_)), mode_(mode), memory_(std::make_shared<UnitMemory>()) {
+  TORCH_CHECK(convs.size() <= 2, "a unit has at most two convolutions");
+  TORCH_CHECK(mode.mode == Mode::plain || mode.mode == Mode::exact || mode.bits == 8 || mode.bits == 4,
+              "bits must be 8 or 4, got ", mode.bits);
+  gamma = register_parameter("gamma", torch::ones({in_channels}));
+  beta = register_parameter("beta", torch::zeros({in_channels}));
+  running_mean = register_buffer("running_mean", torch::zeros({in_channels}));
+  running_var = register_buffer("running_var", torch::ones({in_channels}));
+  for (size_t i = 0; i < convs.size(); ++i) {
+    const ConvSpec& c = convs[i];
+    auto w = torch::empty({c.out_channels, in_channels, c.kernel, c.kernel});
+    torch::nn::init::kaiming_normal_(w, 0.0, torch::kFanOut, torch::kReLU);  // He normal
+    weights.push_back(register_parameter(i == 0 ? "weight" : "shortcut_weight", w));
+  }
+}
+
+std::vector<torch::Tensor> UnitImpl::forward(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4 && x.size(1) == gamma.size(0), "unit expects N x ", gamma.size(0), " x H x W input, got ",
+              x.sizes());
+  const bool train = is_training();
+  if (mode_.mode == Mode::plain || !train) {
+    // Ordinary LibTorch ops and autograd: the plain mode, and evaluation in every mode.
+    const Tensor g = mode_.mode == Mode::plain ? gamma : gamma.clamp_min(kGammaMin);
+    Tensor r = at::relu(at::batch_norm(x, g, beta, running_mean, running_var, train, momentum, eps, true));
+    if (convs.empty()) return {r};
+    std::vector<torch::Tensor> y;
+    for (size_t i = 0; i < convs.size(); ++i) y.push_back(at::conv2d(r, weights[i], {}, convs[i].stride, convs[i].padding));
+    return y;
+  }
+  Tensor x_in = mode_.mode == Mode::exact ? x : x.contiguous();
+  auto weight = [&](size_t i) { return i < weights.size() ? std::optional<Tensor>(weights[i]) : std::nullopt; };
+  return UnitFunction::apply(x_in, gamma, beta, weight(0), weight(1), this, memory_.get());
+}
+
+void UnitImpl::constrain_() {
+  torch::NoGradGuard no_grad;
+  gamma.clamp_min_(kGammaMin);
+}
+
+}  // namespace blpa
