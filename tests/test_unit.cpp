@@ -112,16 +112,23 @@ TEST_CASE("unit: blpa keeps the forward exact, the mask exact and grad beta exac
     const double g8 = rel_err(b8.ggamma, exact.ggamma), g4 = rel_err(b4.ggamma, exact.ggamma);
     std::cout << "unit case " << i - 1 << ": rel err grad x 8-bit " << x8 << " 4-bit " << x4 << "; grad gamma "
               << g8 << " / " << g4;
+    // Floors from the bin width: the rounding error of x_hat' has std d/sqrt(12), about 0.108
+    // at 4 bits and 0.0068 at 8 bits for a unit-variance x_hat; r', and so grad W and grad
+    // gamma, carry about that relative error (we allow 2x). grad x sees it only through the
+    // variance term, an order of magnitude less. grad gamma is a sum with cancellation, so
+    // its relative error is allowed more.
     CHECK(x8 < x4);
     CHECK(g8 < g4);
-    CHECK(x8 < 0.01);
-    CHECK(x4 < 0.15);
+    CHECK(x8 < 0.005);
+    CHECK(x4 < 0.05);
+    CHECK(g8 < 0.05);
+    CHECK(g4 < 0.3);
     for (size_t j = 0; j < exact.gw.size(); ++j) {
       const double w8 = rel_err(b8.gw[j], exact.gw[j]), w4 = rel_err(b4.gw[j], exact.gw[j]);
       std::cout << "; grad W" << j << " " << w8 << " / " << w4;
       CHECK(w8 < w4);
-      CHECK(w8 < 0.01);
-      CHECK(w4 < 0.15);
+      CHECK(w8 < 0.02);
+      CHECK(w4 < 0.25);
     }
     std::cout << std::endl;
   }

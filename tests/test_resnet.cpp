@@ -1,0 +1,199 @@
+// Whole networks: shapes, parameter counts, gradient fidelity against plain, memory.
+#include <blpa/memory.h>
+#include <blpa/resnet.h>
+
+#include "test_support.h"
+
+using blpa::Mode;
+using blpa::ModeConfig;
+using blpa::NetConfig;
+using blpa::ResNet;
+
+namespace {
+
+int64_t count_params(const ResNet& net) {
+  int64_t n = 0;
+  for (const auto& p : net->parameters()) n += p.numel();
+  return n;
+}
+
+ResNet make_net(int depth, ModeConfig mode, int64_t in_channels = 3, int64_t classes = 10) {
+  NetConfig c;
+  c.arch = "cifar";
+  c.depth = depth;
+  c.in_channels = in_channels;
+  c.num_classes = classes;
+  c.mode = mode;
+  return ResNet(c);
+}
+
+// Gradients of every parameter after one forward/backward of a cross-entropy loss, with
+// the weights of `like` (so every mode sees the same network and the same batch).
+std::vector<torch::Tensor> gradients(int depth, ModeConfig mode, const ResNet& like, const torch::Tensor& x,
+                                     const torch::Tensor& labels) {
+  auto net = make_net(depth, mode);
+  {
+    torch::NoGradGuard g;
+    auto src = like->parameters();
+    auto dst = net->parameters();
+    for (size_t i = 0; i < src.size(); ++i) dst[i].copy_(src[i]);
+  }
+  net->train();
+  torch::nn::functional::cross_entropy(net->forward(x), labels).backward();
+  std::vector<torch::Tensor> g;
+  for (const auto& p : net->parameters()) g.push_back(p.grad().flatten());
+  return g;
+}
+
+double cosine(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a.dot(b) / (a.norm() * b.norm() + 1e-30)).item<double>();
+}
+
+// A freshly initialised network has beta = 0 and gamma = 1, where blpa's offset equals
+// naive's. Trained networks do not: draw the affine parameters as training leaves them.
+void randomise_affine(const ResNet& net) {
+  torch::NoGradGuard g;
+  for (auto& [name, u] : net->units()) {
+    u->gamma.uniform_(0.5, 1.5);
+    u->beta.normal_(0, 0.5);
+  }
+}
+
+struct Batch {
+  torch::Tensor x, labels;
+};
+
+Batch random_batch(int64_t n, int64_t hw, uint64_t seed) {
+  torch::manual_seed(seed);
+  return {torch::randn({n, 3, hw, hw}), torch::randint(0, 10, {n})};
+}
+
+}  // namespace
+
+TEST_CASE("resnet: ResNet-164 and ResNet-152 have the published sizes and output shapes", "[resnet]") {
+  auto r164 = make_net(164, {Mode::blpa, 4});
+  const int64_t p164 = count_params(r164);
+  std::cout << "ResNet-164 parameters: " << p164 << std::endl;
+  CHECK(p164 == 1703258);
+  CHECK(r164->units().size() == 3 * 54 + 1);
+
+  NetConfig c;
+  c.arch = "imagenet";
+  c.depth = 152;
+  c.num_classes = 1000;
+  ResNet r152(c);
+  const int64_t p152 = count_params(r152);
+  std::cout << "ResNet-152 parameters: " << p152 << std::endl;
+  CHECK(p152 == 60185128);
+
+  torch::NoGradGuard g;
+  r164->eval();
+  CHECK(r164->forward(torch::randn({2, 3, 32, 32})).sizes() == std::vector<int64_t>{2, 10});
+  r152->eval();
+  CHECK(r152->forward(torch::randn({1, 3, 64, 64})).sizes() == std::vector<int64_t>{1, 1000});
+  auto fashion = make_net(11, {Mode::blpa, 4}, 1, 10);  // Fashion-MNIST: 1 x 28 x 28
+  fashion->eval();
+  CHECK(fashion->forward(torch::randn({3, 1, 28, 28})).sizes() == std::vector<int64_t>{3, 10});
+  CHECK_THROWS_WITH(make_net(50, {Mode::blpa, 4}), Catch::Contains("9n+2"));
+}
+
+TEST_CASE("resnet: exact mode gives plain's gradients; blpa's cosine to plain is high", "[resnet]") {
+  const int depth = 20;
+  auto batch = random_batch(8, 32, 50);
+  torch::manual_seed(51);
+  auto init = make_net(depth, {Mode::plain, 8});
+  randomise_affine(init);
+  auto plain = gradients(depth, {Mode::plain, 8}, init, batch.x, batch.labels);
+  auto exact = gradients(depth, {Mode::exact, 8}, init, batch.x, batch.labels);
+  auto b8 = gradients(depth, {Mode::blpa, 8}, init, batch.x, batch.labels);
+  auto b4 = gradients(depth, {Mode::blpa, 4}, init, batch.x, batch.labels);
+  double min_exact = 1, min8 = 1, min4 = 1;
+  for (size_t i = 0; i < plain.size(); ++i) {
+    CHECK(torch::allclose(exact[i], plain[i], 1e-3, 1e-5));
+    min_exact = std::min(min_exact, cosine(exact[i], plain[i]));
+    min8 = std::min(min8, cosine(b8[i], plain[i]));
+    min4 = std::min(min4, cosine(b4[i], plain[i]));
+  }
+  std::cout << "ResNet-" << depth << " minimum cosine to plain over " << plain.size()
+            << " parameter gradients: exact " << min_exact << ", blpa-8 " << min8 << ", blpa-4 " << min4 << std::endl;
+  CHECK(min_exact > 0.99999);
+  CHECK(min8 >= 0.99);
+  CHECK(min4 >= 0.95);
+}
+
+TEST_CASE("resnet: naive quantisation drifts further from plain than blpa, more so with depth", "[resnet]") {
+  auto batch = random_batch(8, 16, 60);
+  for (int depth : {20, 56, 110}) {
+    torch::manual_seed(61);
+    auto init = make_net(depth, {Mode::plain, 8});
+    randomise_affine(init);
+    auto plain = gradients(depth, {Mode::plain, 8}, init, batch.x, batch.labels);
+    for (int bits : {8, 4}) {
+      auto b = gradients(depth, {Mode::blpa, bits}, init, batch.x, batch.labels);
+      auto n = gradients(depth, {Mode::naive, bits}, init, batch.x, batch.labels);
+      auto all = [](const std::vector<torch::Tensor>& v) { return torch::cat(v); };
+      const double eb = ((all(b) - all(plain)).norm() / all(plain).norm()).item<double>();
+      const double en = ((all(n) - all(plain)).norm() / all(plain).norm()).item<double>();
+      std::cout << "depth " << depth << ", " << bits << "-bit: relative gradient error blpa " << eb << ", naive "
+                << en << std::endl;
+      CAPTURE(depth, bits, eb, en);
+      CHECK(en > 2 * eb);
+    }
+  }
+}
+
+TEST_CASE("resnet: in blpa mode the graph holds codes and metadata, not activations", "[resnet][memory]") {
+  blpa::memory::install_cpu_counter();
+  const torch::Device cpu(torch::kCPU);
+  auto batch = random_batch(4, 16, 70);
+  std::map<std::string, int64_t> held;
+  for (ModeConfig mode : {ModeConfig{Mode::plain, 8}, ModeConfig{Mode::exact, 8}, ModeConfig{Mode::blpa, 8},
+                          ModeConfig{Mode::blpa, 4}}) {
+    torch::manual_seed(71);
+    auto net = make_net(29, mode);
+    net->train();
+    const int64_t before = blpa::memory::allocated(cpu);
+    auto out = net->forward(batch.x);
+    held[mode.str()] = blpa::memory::allocated(cpu) - before - out.nbytes();
+    if (mode.mode != Mode::blpa) continue;
+
+    int64_t elements = 0, channels = 0;
+    for (const auto& row : net->memory_table()) {
+      int64_t n = 1;
+      for (auto s : row.memory.input_sizes) n *= s;
+      elements += n;
+      channels += row.memory.input_sizes[1];
+      CHECK(row.memory.full_bytes == 0);
+      CHECK(row.memory.code_bytes == (n * mode.bits + 7) / 8);
+    }
+    // Beyond the units, the graph keeps only the pooled features for the classifier (N x 256).
+    const int64_t other = 4 * 256 * 4;
+    CAPTURE(mode.str(), held[mode.str()], elements);
+    CHECK(held[mode.str()] == net->stored_unit_bytes() + other);
+    CHECK(held[mode.str()] <= elements * 4 * mode.bits / 32 + channels * 5 + other);
+  }
+  std::cout << "ResNet-29, batch 4, 16x16: bytes held by autograd after forward: plain " << held["plain"]
+            << ", exact " << held["exact"] << ", blpa-8 " << held["blpa-8"] << ", blpa-4 " << held["blpa-4"] << std::endl;
+  CHECK(held["exact"] < held["plain"]);
+  CHECK(held["plain"] > 12 * held["blpa-4"]);
+}
+
+TEST_CASE("CUDA: a small network trains the same on CPU and GPU", "[resnet][cuda]") {
+  BLPA_REQUIRE_CUDA();
+  auto batch = random_batch(8, 16, 80);
+  torch::manual_seed(81);
+  auto cpu_net = make_net(20, {Mode::blpa, 4});
+  auto gpu_net = make_net(20, {Mode::blpa, 4});
+  {
+    torch::NoGradGuard g;
+    auto s = cpu_net->parameters();
+    auto d = gpu_net->parameters();
+    for (size_t i = 0; i < s.size(); ++i) d[i].copy_(s[i]);
+  }
+  gpu_net->to(torch::kCUDA);
+  torch::nn::functional::cross_entropy(cpu_net->forward(batch.x), batch.labels).backward();
+  torch::nn::functional::cross_entropy(gpu_net->forward(batch.x.cuda()), batch.labels.cuda()).backward();
+  auto pc = cpu_net->parameters();
+  auto pg = gpu_net->parameters();
+  for (size_t i = 0; i < pc.size(); ++i) CHECK(cosine(pc[i].grad().flatten(), pg[i].grad().cpu().flatten()) > 0.999);
+}
