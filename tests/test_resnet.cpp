@@ -97,7 +97,7 @@ TEST_CASE("resnet: ResNet-164 and ResNet-152 have the published sizes and output
   CHECK_THROWS_WITH(make_net(50, {Mode::blpa, 4}), Catch::Contains("9n+2"));
 }
 
-TEST_CASE("resnet: exact mode gives plain's gradients; blpa's cosine to plain is high", "[resnet]") {
+TEST_CASE("resnet: exact mode gives plain's gradients and blpa's cosine to plain is high", "[resnet]") {
   const int depth = 20;
   auto batch = random_batch(8, 32, 50);
   torch::manual_seed(51);
