@@ -6,13 +6,15 @@
 include(CheckLanguage)
 
 set(BLPA_WITH_CUDA OFF)
+# A CUDA LibTorch's config otherwise probes for GPUs by compiling and running a program,
+# which fails on machines without one, whether or not our kernels are built.
+if(NOT DEFINED TORCH_CUDA_ARCH_LIST)
+  set(TORCH_CUDA_ARCH_LIST "8.0;9.0")
+endif()
 if(NOT BLPA_CUDA STREQUAL "OFF")
   # LibTorch's config resets CMAKE_CUDA_ARCHITECTURES, so ours live in their own variable.
   set(BLPA_CUDA_ARCHITECTURES 80 90 CACHE STRING "GPU architectures of the kernels")
   set(CMAKE_CUDA_ARCHITECTURES ${BLPA_CUDA_ARCHITECTURES})
-  if(NOT DEFINED TORCH_CUDA_ARCH_LIST)
-    set(TORCH_CUDA_ARCH_LIST "8.0;9.0")  # spares LibTorch's config its own GPU autodetection
-  endif()
   check_language(CUDA)
   if(CMAKE_CUDA_COMPILER)
     enable_language(CUDA)
@@ -71,6 +73,11 @@ macro(blpa_check_torch_cuda)
       endif()
       message(STATUS "blpa: not building CUDA kernels: ${_why}")
       set(BLPA_WITH_CUDA OFF)
+# A CUDA LibTorch's config otherwise probes for GPUs by compiling and running a program,
+# which fails on machines without one, whether or not our kernels are built.
+if(NOT DEFINED TORCH_CUDA_ARCH_LIST)
+  set(TORCH_CUDA_ARCH_LIST "8.0;9.0")
+endif()
     else()
       message(STATUS "blpa: CUDA kernels for sm_${BLPA_CUDA_ARCHITECTURES} with nvcc ${CMAKE_CUDA_COMPILER_VERSION}, LibTorch CUDA ${BLPA_TORCH_CUDA_VERSION}")
     endif()
