@@ -9,6 +9,13 @@
 
 #if BLPA_WITH_CUDA
 #include "memory_stats.h"
+#else
+namespace blpa::cuda {  // a build without the CUDA library: every CUDA query is a clear error
+[[noreturn]] inline int64_t unavailable() { TORCH_CHECK(false, "blpa was built without CUDA"); }
+inline int64_t allocated_bytes(int) { unavailable(); }
+inline int64_t peak_bytes(int) { unavailable(); }
+inline void reset_peak_bytes(int) { unavailable(); }
+}  // namespace blpa::cuda
 #endif
 
 namespace blpa::memory {
@@ -95,37 +102,18 @@ CountingAllocator* counter() {
 void install_cpu_counter() { counter(); }
 
 int64_t allocated(const c10::Device& device) {
-  if (device.is_cuda()) {
-#if BLPA_WITH_CUDA
-    return cuda::allocated_bytes(device.index());
-#else
-    TORCH_CHECK(false, "blpa was built without CUDA");
-#endif
-  }
-  return counter()->current();
+  return device.is_cuda() ? cuda::allocated_bytes(device.index()) : counter()->current();
 }
 
 int64_t peak(const c10::Device& device) {
-  if (device.is_cuda()) {
-#if BLPA_WITH_CUDA
-    return cuda::peak_bytes(device.index());
-#else
-    TORCH_CHECK(false, "blpa was built without CUDA");
-#endif
-  }
-  return counter()->peak();
+  return device.is_cuda() ? cuda::peak_bytes(device.index()) : counter()->peak();
 }
 
 void reset_peak(const c10::Device& device) {
-  if (device.is_cuda()) {
-#if BLPA_WITH_CUDA
+  if (device.is_cuda())
     cuda::reset_peak_bytes(device.index());
-    return;
-#else
-    TORCH_CHECK(false, "blpa was built without CUDA");
-#endif
-  }
-  counter()->reset_peak();
+  else
+    counter()->reset_peak();
 }
 
 }  // namespace blpa::memory

@@ -39,9 +39,10 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     memory->input_sizes = x.sizes().vec();
     ctx->saved_data["invstd"] = invstd;
     memory->metadata_bytes += invstd.nbytes();
+    auto normalised = [&] { return ((x - per_channel(mean)) * per_channel(invstd)).contiguous(); };
 
     if (mode.mode == Mode::exact) {
-      Tensor x_hat = (x - per_channel(mean)) * per_channel(invstd);
+      Tensor x_hat = normalised();
       ctx->saved_data["x_hat"] = x_hat;
       memory->full_bytes += x_hat.nbytes();
     } else {
@@ -49,8 +50,7 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
       // codes is the sign of a: exactly the forward ReLU's. naive: codes of x_hat around 0.
       Codes codes = mode.mode == Mode::blpa
                         ? pack((a / per_channel(g)).contiguous(), beta.detach() / g, mode.bits)
-                        : pack(((x - per_channel(mean)) * per_channel(invstd)).contiguous(),
-                               torch::zeros_like(beta), mode.bits);
+                        : pack(normalised(), torch::zeros_like(beta), mode.bits);
       ctx->saved_data["codes"] = codes.data;
       ctx->saved_data["offsets"] = codes.offsets;
       ctx->saved_data["sizes"] = codes.sizes;
