@@ -1,0 +1,76 @@
+// Batches for training and evaluation: per-channel normalisation, the paper's CIFAR
+// augmentation (pad-4 random crop, horizontal flip), and worker threads with bounded
+// prefetch. The stream is a pure function of (seed, batch number): the epoch's order and
+// each sample's crop and flip come from counter-based hashes, never from shared RNG state,
+// so a run that resumes at batch b sees exactly the batches it would have seen.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "blpa/dataset.h"
+
+namespace blpa::data {
+
+struct Normalisation {
+  std::vector<float> mean, std;  // per channel, of pixel / 255
+};
+
+// Per-channel mean and standard deviation of a data set's pixels (scaled to [0, 1]).
+Normalisation channel_stats(const Dataset& d);
+
+struct Augment {
+  int pad = 4;       // zero padding (in normalised units, i.e. the mean colour) before the crop
+  bool flip = true;  // random horizontal flip
+};
+
+struct Batch {
+  at::Tensor images;  // float32, B x C x H x W, normalised
+  at::Tensor labels;  // int64, B
+};
+
+// One batch of the given samples; `augment` null for evaluation. `stream` seeds each
+// sample's crop/flip together with its index.
+Batch make_batch(const Dataset& d, const std::vector<int64_t>& indices, const Normalisation& norm,
+                 const Augment* augment, uint64_t stream);
+
+// The samples of training batch `b`: epoch b / per_epoch in an order shuffled by (seed, epoch).
+std::vector<int64_t> batch_indices(int64_t dataset_size, int64_t batch_size, uint64_t seed, int64_t b);
+
+// An endless stream of training batches (the last partial batch of an epoch is dropped),
+// prepared by `workers` threads at most `prefetch` batches ahead.
+class TrainLoader {
+ public:
+  TrainLoader(const Dataset& d, int64_t batch_size, uint64_t seed, Normalisation norm, Augment augment,
+              int64_t first_batch, int workers, int prefetch);
+  ~TrainLoader();
+  TrainLoader(const TrainLoader&) = delete;
+  TrainLoader& operator=(const TrainLoader&) = delete;
+
+  Batch next();
+  int64_t batches_per_epoch() const { return dataset_.size() / batch_size_; }
+
+ private:
+  void work(int64_t first);
+
+  const Dataset& dataset_;
+  const int64_t batch_size_;
+  const uint64_t seed_;
+  const Normalisation norm_;
+  const Augment augment_;
+  const int workers_, prefetch_;
+  int64_t next_;  // the batch next() returns
+  std::map<int64_t, Batch> ready_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace blpa::data

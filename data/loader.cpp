@@ -1,0 +1,157 @@
+#include "blpa/loader.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <numeric>
+#include <stdexcept>
+
+namespace blpa::data {
+namespace {
+
+// splitmix64: a counter-based hash, the same on every platform and standard library.
+uint64_t mix(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+uint64_t hash(uint64_t a, uint64_t b, uint64_t c = 0) { return mix(mix(mix(a) ^ b) ^ c); }
+
+}  // namespace
+
+Normalisation channel_stats(const Dataset& d) {
+  // One pass over the uint8 pixels with exact integer sums: no float copy of the data set.
+  const int64_t n = d.images.size(0), C = d.images.size(1), plane = d.images.size(2) * d.images.size(3);
+  const uint8_t* p = d.images.data_ptr<uint8_t>();
+  std::vector<uint64_t> sum(C, 0), sq(C, 0);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < C; ++c) {
+      const uint8_t* q = p + (i * C + c) * plane;
+      uint64_t s = 0, s2 = 0;
+      for (int64_t k = 0; k < plane; ++k) s += q[k], s2 += uint64_t{q[k]} * q[k];
+      sum[c] += s, sq[c] += s2;
+    }
+  Normalisation out;
+  const double count = static_cast<double>(n * plane);
+  for (int64_t c = 0; c < C; ++c) {
+    const double mean = sum[c] / count, var = sq[c] / count - mean * mean;
+    out.mean.push_back(static_cast<float>(mean / 255.0));
+    out.std.push_back(static_cast<float>(std::max(std::sqrt(std::max(var, 0.0)) / 255.0, 1e-6)));
+  }
+  return out;
+}
+
+Batch make_batch(const Dataset& d, const std::vector<int64_t>& indices, const Normalisation& norm,
+                 const Augment* augment, uint64_t stream) {
+  const int64_t C = d.images.size(1), H = d.images.size(2), W = d.images.size(3);
+  const int64_t B = static_cast<int64_t>(indices.size());
+  Batch out;
+  out.images = at::empty({B, C, H, W}, at::kFloat);
+  out.labels = at::empty({B}, at::kLong);
+  const uint8_t* src = d.images.data_ptr<uint8_t>();
+  const int64_t* lab = d.labels.data_ptr<int64_t>();
+  float* dst = out.images.data_ptr<float>();
+  int64_t* dlab = out.labels.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t s = indices[i];
+    dlab[i] = lab[s];
+    int64_t dy = 0, dx = 0;
+    bool flip = false;
+    if (augment) {
+      const uint64_t h = hash(stream, static_cast<uint64_t>(s));
+      const int64_t span = 2 * augment->pad + 1;
+      dy = static_cast<int64_t>(h % span) - augment->pad;
+      dx = static_cast<int64_t>((h >> 16) % span) - augment->pad;
+      flip = augment->flip && ((h >> 32) & 1);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const float scale = 1.0f / (255.0f * norm.std[c]), shift = norm.mean[c] / norm.std[c];
+      const uint8_t* plane = src + (s * C + c) * H * W;
+      float* o = dst + (i * C + c) * H * W;
+      for (int64_t y = 0; y < H; ++y) {
+        const int64_t sy = y + dy;
+        for (int64_t x = 0; x < W; ++x) {
+          const int64_t sx = (flip ? W - 1 - x : x) + dx;
+          const bool inside = sy >= 0 && sy < H && sx >= 0 && sx < W;
+          o[y * W + x] = inside ? plane[sy * W + sx] * scale - shift : 0.0f;
+        }
+      }
+    }
+  }
+  return out;
+}
+
+std::vector<int64_t> batch_indices(int64_t n, int64_t batch_size, uint64_t seed, int64_t b) {
+  const int64_t per_epoch = n / batch_size;
+  if (per_epoch == 0)
+    throw std::invalid_argument("batch size " + std::to_string(batch_size) + " exceeds the data set (" +
+                                std::to_string(n) + " samples)");
+  const int64_t epoch = b / per_epoch, pos = b % per_epoch;
+  // Fisher-Yates with counter-based draws: the order of an epoch depends only on (seed, epoch).
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  for (int64_t i = n - 1; i > 0; --i) {
+    const uint64_t r = hash(seed, static_cast<uint64_t>(epoch), static_cast<uint64_t>(i));
+    std::swap(order[i], order[r % static_cast<uint64_t>(i + 1)]);
+  }
+  return std::vector<int64_t>(order.begin() + pos * batch_size, order.begin() + (pos + 1) * batch_size);
+}
+
+TrainLoader::TrainLoader(const Dataset& d, int64_t batch_size, uint64_t seed, Normalisation norm, Augment augment,
+                         int64_t first_batch, int workers, int prefetch)
+    : dataset_(d),
+      batch_size_(batch_size),
+      seed_(seed),
+      norm_(std::move(norm)),
+      augment_(augment),
+      workers_(std::max(1, workers)),
+      prefetch_(std::max(1, prefetch)),
+      next_(first_batch) {
+  if (d.size() < batch_size)
+    throw std::invalid_argument("batch size " + std::to_string(batch_size) + " exceeds the data set (" +
+                                std::to_string(d.size()) + " samples)");
+  for (int w = 0; w < workers_; ++w) threads_.emplace_back([this, first_batch, w] { work(first_batch + w); });
+}
+
+TrainLoader::~TrainLoader() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  for (auto& t : threads_) t.join();
+}
+
+void TrainLoader::work(int64_t b) {
+  for (;; b += workers_) {
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      cv_.wait(lock, [&] { return stop_ || b < next_ + prefetch_; });
+      if (stop_) return;
+    }
+    // The epoch's order is recomputed per batch: O(n) hashing, small next to a training step.
+    const auto indices = batch_indices(dataset_.size(), batch_size_, seed_, b);
+    const int64_t epoch = b / batches_per_epoch();
+    Batch batch = make_batch(dataset_, indices, norm_, &augment_, hash(seed_, 0xA5A5A5A5ull, epoch));
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ready_.emplace(b, std::move(batch));
+    }
+    cv_.notify_all();
+  }
+}
+
+Batch TrainLoader::next() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  cv_.wait(lock, [&] { return ready_.count(next_) > 0; });
+  Batch b = std::move(ready_.at(next_));
+  ready_.erase(next_);
+  ++next_;
+  lock.unlock();
+  cv_.notify_all();
+  return b;
+}
+
+}  // namespace blpa::data
