@@ -83,8 +83,9 @@ int64_t load_checkpoint(const std::string& path, const TrainConfig& c, ResNet& m
   try {
     archive.load_from(path);
   } catch (const c10::Error& e) {
-    throw std::runtime_error("checkpoint " + path + " is damaged or truncated and was not used (" +
-                             std::string(e.what_without_backtrace()).substr(0, 200) + ")");
+    std::string why = e.what_without_backtrace();
+    why = why.substr(0, why.find(". "));  // the reader's first sentence; the rest is generic advice
+    throw std::runtime_error("checkpoint " + path + " is damaged or truncated and was not used (" + why + ")");
   }
   c10::IValue v;
   if (!archive.try_read("blpa_format", v) || v.toInt() != kCheckpointFormat)
@@ -246,6 +247,9 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   int64_t it = 0;
   if (config.resume) {
     it = load_checkpoint(config.checkpoint, config, model, opt);
+    if (it >= config.iterations)
+      throw std::runtime_error(fmt::format("checkpoint {} is at iteration {}: --iterations {} leaves nothing to train",
+                                           config.checkpoint, it, config.iterations));
     spdlog::info("resumed from {} at iteration {}", config.checkpoint, it);
   }
   std::ofstream log;

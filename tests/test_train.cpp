@@ -1,0 +1,216 @@
+// The trainer end to end on the real Fashion-MNIST (2,000 images), resume, interrupt,
+// damaged checkpoints and a diverging loss.
+#include <blpa/dataset.h>
+#include <blpa/train.h>
+#include <sys/wait.h>
+#include <torch/serialize.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <thread>
+
+#include "test_support.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+bool have_fashion_mnist() {
+  if (fs::exists(blpa::data::kDebianFashionMnist)) return true;
+  std::cout << "BLPA_SKIP: dataset-fashion-mnist is not installed (scripts/setup.sh installs it)" << std::endl;
+  return false;
+}
+
+fs::path temp_dir(const std::string& name) {
+  auto p = fs::temp_directory_path() / ("blpa-train-" + name + "-" + std::to_string(::getpid()));
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+blpa::TrainConfig small(const fs::path& dir) {
+  blpa::TrainConfig c;
+  c.depth = 11;
+  c.train_subset = 2000;
+  c.test_subset = 500;
+  c.batch = 32;
+  c.iterations = 60;
+  c.warmup = 0;
+  c.lr = 0.02;
+  c.steps = {};
+  c.threads = 1;
+  c.log_every = 10;
+  c.eval_every = 0;
+  c.progress = false;
+  c.log_path = (dir / "log.jsonl").string();
+  return c;
+}
+
+std::vector<double> logged(const std::string& path, const std::string& key) {
+  std::ifstream f(path);
+  std::vector<double> out;
+  const std::regex re("\"" + key + "\": ([-0-9.e+]+)");
+  std::smatch m;
+  for (std::string line; std::getline(f, line);)
+    if (std::regex_search(line, m, re)) out.push_back(std::stod(m[1]));
+  return out;
+}
+
+c10::impl::GenericDict load_export(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::vector<char> bytes((std::istreambuf_iterator<char>(f)), {});
+  return torch::pickle_load(bytes).toGenericDict();
+}
+
+int run_train(const std::vector<std::string>& args, pid_t* pid_out = nullptr) {
+  std::vector<char*> argv{const_cast<char*>(BLPA_TRAIN_EXE)};
+  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::execv(BLPA_TRAIN_EXE, argv.data());
+    ::_exit(127);
+  }
+  if (pid_out) {
+    *pid_out = pid;
+    return 0;
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+}  // namespace
+
+TEST_CASE("train: plain and blpa-4 both learn on 2,000 Fashion-MNIST images", "[train]") {
+  if (!have_fashion_mnist()) return;
+  for (auto mode : {blpa::ModeConfig{blpa::Mode::plain, 8}, blpa::ModeConfig{blpa::Mode::blpa, 4}}) {
+    const auto dir = temp_dir("learn");
+    auto c = small(dir);
+    c.mode = mode;
+    const auto r = blpa::train(c);
+    const auto loss = logged(c.log_path, "loss");
+    REQUIRE(loss.size() == 6);
+    std::cout << mode.str() << ": training loss " << loss.front() << " -> " << loss.back() << ", test accuracy "
+              << r.test_acc << std::endl;
+    CAPTURE(mode.str(), loss.front(), loss.back(), r.test_acc);
+    CHECK(loss.back() < loss.front() - 0.5);
+    CHECK(r.test_acc > 0.3);  // 3x chance; after 60 steps BN running statistics still lag (measured 0.36/0.43)
+    CHECK(logged(c.log_path, "test_acc").size() == 1);
+    CHECK(logged(c.log_path, "images_per_s").size() == 6);
+    fs::remove_all(dir);
+  }
+}
+
+TEST_CASE("train: N iterations, then a resume for N more, equal 2N straight bit for bit", "[train]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("resume");
+  auto c = small(dir);
+  c.iterations = 20;
+  c.export_path = (dir / "straight.pt").string();
+  blpa::train(c);
+
+  c.checkpoint = (dir / "ck.pt").string();
+  c.iterations = 10;
+  c.export_path = "";
+  blpa::train(c);
+  c.iterations = 20;
+  c.resume = true;
+  c.export_path = (dir / "resumed.pt").string();
+  const auto r = blpa::train(c);
+  CHECK(r.iteration == 20);
+
+  auto a = load_export(dir / "straight.pt"), b = load_export(dir / "resumed.pt");
+  REQUIRE(a.size() == b.size());
+  for (const auto& e : a) {
+    CAPTURE(e.key().toStringRef());
+    CHECK(torch::equal(e.value().toTensor(), b.at(e.key()).toTensor()));
+  }
+  fs::remove_all(dir);
+}
+
+TEST_CASE("train: an incompatible or damaged checkpoint is refused and the good one survives", "[train]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("damaged");
+  auto c = small(dir);
+  c.iterations = 5;
+  c.checkpoint = (dir / "ck.pt").string();
+  blpa::train(c);
+  const auto good = fs::file_size(c.checkpoint);
+
+  auto other = c;
+  other.iterations = 10;
+  other.resume = true;
+  other.mode = {blpa::Mode::blpa, 8};
+  CHECK_THROWS_WITH(blpa::train(other), Catch::Contains("incompatible configuration") && Catch::Contains("blpa-8"));
+
+  fs::copy_file(c.checkpoint, dir / "bad.pt");
+  fs::resize_file(dir / "bad.pt", good / 2);
+  auto damaged = other;
+  damaged.mode = c.mode;
+  damaged.checkpoint = (dir / "bad.pt").string();
+  CHECK_THROWS_WITH(blpa::train(damaged), Catch::Contains("damaged or truncated"));
+
+  auto resume = other;
+  resume.mode = c.mode;
+  CHECK(blpa::train(resume).iteration == 10);  // the good checkpoint still loads
+  fs::remove_all(dir);
+}
+
+TEST_CASE("train: a diverging loss stops with the iteration and keeps the last good checkpoint", "[train]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("nan");
+  auto c = small(dir);
+  c.iterations = 5;
+  c.checkpoint = (dir / "ck.pt").string();
+  blpa::train(c);
+  const auto before = fs::last_write_time(c.checkpoint);
+  c.iterations = 200;
+  c.lr = 1e9;
+  c.resume = true;
+  CHECK_THROWS_AS(blpa::train(c), blpa::NonFiniteLoss);
+  CHECK_THROWS_WITH(blpa::train(c), Catch::Contains("at iteration") && Catch::Contains("was kept"));
+  CHECK(fs::last_write_time(c.checkpoint) == before);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("train: blpa-train on SIGINT writes a checkpoint that --resume continues", "[train]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("sigint");
+  const std::string ck = (dir / "ck.pt").string(), log = (dir / "log.jsonl").string();
+  const std::vector<std::string> common{"--depth", "11", "--batch", "32", "--train-subset", "2000", "--test-subset",
+                                        "200", "--threads", "1", "--eval-every", "0", "--log-every", "1",
+                                        "--checkpoint", ck, "--checkpoint-every", "100000", "--log", log, "--quiet"};
+  auto args = common;
+  args.insert(args.end(), {"--iterations", "100000"});
+  pid_t pid = 0;
+  run_train(args, &pid);
+  // Wait until it trains (a log record exists), then interrupt it.
+  for (int i = 0; i < 600 && logged(log, "loss").size() < 3; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  ::kill(pid, SIGINT);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 130);
+  REQUIRE(fs::exists(ck));
+  const auto done = logged(log, "iter").back();
+
+  args = common;
+  args.insert(args.end(), {"--iterations", std::to_string(static_cast<int64_t>(done) + 3), "--resume"});
+  CHECK(run_train(args) == 0);
+  const auto iters = logged(log, "iter");
+  CHECK(iters.back() == done + 3);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("train: blpa-train refuses bad flags and missing data with exit codes", "[train]") {
+  CHECK(run_train({"--no-such-flag"}) == 2);
+  CHECK(run_train({"--mode", "exact", "--bits", "4"}) == 2);
+  CHECK(run_train({"--resume"}) == 2);
+  CHECK(run_train({"--lr-steps", "100,50"}) == 2);
+  CHECK(run_train({"--data-dir", "/nonexistent/blpa", "--quiet"}) == 1);
+  CHECK(run_train({"--help"}) == 0);
+}
