@@ -14,9 +14,12 @@ namespace {
 std::atomic<bool> g_stop{false};
 std::atomic<int> g_signal{0};
 
+// The first SIGINT/SIGTERM asks for a checkpoint and a clean exit after the current step;
+// a second one takes the default action (the user insists).
 extern "C" void on_signal(int sig) {
   g_signal.store(sig);
   g_stop.store(true);
+  std::signal(sig, SIG_DFL);
 }
 
 std::vector<int64_t> parse_steps(const std::string& s) {

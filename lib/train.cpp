@@ -29,6 +29,8 @@ using Clock = std::chrono::steady_clock;
 constexpr int64_t kCheckpointFormat = 1;
 
 std::string resolve_dataset(const TrainConfig& c) {
+  if (c.data_dir.empty() && c.dataset != "auto" && c.dataset != "fashion-mnist")
+    throw std::invalid_argument("--dataset " + c.dataset + " needs --data-dir (only Fashion-MNIST has a default)");
   if (c.dataset != "auto") return c.dataset;
   if (c.data_dir.empty()) return "fashion-mnist";
   const fs::path d(c.data_dir);
