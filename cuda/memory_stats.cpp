@@ -1,6 +1,9 @@
 #include "memory_stats.h"
 
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
 
 namespace blpa::cuda {
 namespace {
@@ -20,5 +23,15 @@ int64_t peak_bytes(int device) {
 }
 
 void reset_peak_bytes(int device) { c10::cuda::CUDACachingAllocator::resetPeakStats(device); }
+
+void set_limit_bytes(int device, int64_t bytes) {
+  size_t free = 0, total = 0;
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  C10_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+  const double fraction = bytes > 0 ? std::min(1.0, static_cast<double>(bytes) / static_cast<double>(total)) : 1.0;
+  c10::cuda::CUDACachingAllocator::setMemoryFraction(fraction, static_cast<c10::DeviceIndex>(device));
+}
+
+void empty_cache() { c10::cuda::CUDACachingAllocator::emptyCache(); }
 
 }  // namespace blpa::cuda

@@ -8,5 +8,8 @@ namespace blpa::cuda {
 int64_t allocated_bytes(int device);
 int64_t peak_bytes(int device);
 void reset_peak_bytes(int device);
+// Caps the caching allocator at `bytes` of the device (0: no cap).
+void set_limit_bytes(int device, int64_t bytes);
+void empty_cache();
 
 }  // namespace blpa::cuda

@@ -15,6 +15,8 @@ namespace blpa::cuda {  // a build without the CUDA library: every CUDA query is
 inline int64_t allocated_bytes(int) { unavailable(); }
 inline int64_t peak_bytes(int) { unavailable(); }
 inline void reset_peak_bytes(int) { unavailable(); }
+inline void set_limit_bytes(int, int64_t) { unavailable(); }
+inline void empty_cache() { unavailable(); }
 }  // namespace blpa::cuda
 #endif
 
@@ -30,6 +32,9 @@ class CountingAllocator final : public c10::Allocator {
   }
 
   c10::DataPtr allocate(size_t n) override {
+    const int64_t limit = limit_.load();
+    if (limit > 0 && current_.load() + static_cast<int64_t>(n) > limit)
+      C10_THROW_ERROR(OutOfMemoryError, "blpa: CPU memory budget of " + std::to_string(limit) + " bytes exceeded");
     c10::DataPtr inner = base_->allocate(n);
     void* data = inner.get();
     const c10::Device device = inner.device();
@@ -51,6 +56,7 @@ class CountingAllocator final : public c10::Allocator {
   int64_t current() const { return current_.load(); }
   int64_t peak() const { return peak_.load(); }
   void reset_peak() { peak_.store(current_.load()); }
+  void set_limit(int64_t bytes) { limit_.store(bytes); }
 
  private:
   static CountingAllocator* self;
@@ -82,7 +88,7 @@ class CountingAllocator final : public c10::Allocator {
   c10::DeleterFnPtr base_free_;
   std::mutex mutex_;
   std::unordered_map<void*, int64_t> sizes_;
-  std::atomic<int64_t> current_{0}, peak_{0};
+  std::atomic<int64_t> current_{0}, peak_{0}, limit_{0};
 };
 
 CountingAllocator* CountingAllocator::self = nullptr;
@@ -114,6 +120,17 @@ void reset_peak(const c10::Device& device) {
     cuda::reset_peak_bytes(device.index());
   else
     counter()->reset_peak();
+}
+
+void set_limit(const c10::Device& device, int64_t bytes) {
+  if (device.is_cuda())
+    cuda::set_limit_bytes(device.index(), bytes);
+  else
+    counter()->set_limit(bytes);
+}
+
+void release_cached(const c10::Device& device) {
+  if (device.is_cuda()) cuda::empty_cache();
 }
 
 }  // namespace blpa::memory

@@ -94,16 +94,14 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
 
     // Convolutions: g_W from r' (approximate), g_r from W (exact).
     Tensor g_r;
-    Tensor mask;  // exact and naive recompute the mask from r'; blpa reads it from the codes
+    Tensor r;  // r' (exact and naive: also their mask, r' > 0)
+    if (mode != Mode::blpa) r = at::addcmul(per_channel(beta), x_hat, per_channel(g)).relu_();
     variable_list g_w(2);
     const size_t n_conv = geometry.size() / 2;
     if (n_conv == 0) {
       g_r = grad_y[0];
-      if (mode != Mode::blpa) mask = (x_hat * per_channel(g) + per_channel(beta)) > 0;
     } else {
-      Tensor r = mode == Mode::blpa ? unpack(codes, {}, g, kRelu).r
-                                    : at::relu(x_hat * per_channel(g) + per_channel(beta));
-      if (mode != Mode::blpa) mask = r > 0;
+      if (mode == Mode::blpa) r = unpack(codes, {}, g, kRelu).r;
       for (size_t i = 0; i < n_conv; ++i) {
         if (!grad_y[i].defined()) continue;
         const int64_t stride = geometry[2 * i], padding = geometry[2 * i + 1];
@@ -119,22 +117,27 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     out[4] = g_w[1];
     if (!g_r.defined()) return out;
 
-    // ReLU: g_a = g_r where the mask is on (exact in blpa mode).
+    // ReLU: g_a = g_r where the mask is on (exact in blpa mode, read from the codes).
     Tensor g_a;
     if (mode == Mode::blpa) {
+      if (n_conv > 0) r.reset();  // r' is no longer needed: free it before x_hat' is made
       // Masked in place: g_r is ours when it came from the convolutions, the caller's otherwise.
       g_a = n_conv == 0 ? g_r.clone(at::MemoryFormat::Contiguous) : g_r.contiguous();
       apply_mask_(codes, g_a);
       x_hat = unpack(codes, beta.detach() / g, {}, kXhat).x_hat;
     } else {
-      g_a = g_r.masked_fill(mask.logical_not(), 0);
+      g_a = at::threshold_backward(g_r, r, 0);
+      r.reset();
     }
 
-    // BatchNorm with batch statistics, given x_hat' (docs/method.md, eq. for g_x).
-    const double m = static_cast<double>(g_a.numel() / g_a.size(1));
-    const Tensor g_beta = g_a.sum({0, 2, 3});
-    const Tensor g_gamma = (g_a * x_hat).sum({0, 2, 3});
-    out[0] = per_channel(g * invstd) * (g_a - per_channel(g_beta / m) - x_hat * per_channel(g_gamma / m));
+    // BatchNorm with batch statistics given x_hat' (docs/method.md), by LibTorch's fused
+    // kernel: with input x_hat', mean 0 and 1/sigma 1 it normalises nothing, and the weight
+    // gamma/sigma gives g_x = gamma/sigma (g_a - mean(g_a) - x_hat' mean(g_a x_hat')); its
+    // weight gradient is sum(g_a x_hat') = g_gamma and its bias gradient sum(g_a) = g_beta.
+    const Tensor zeros = at::zeros_like(invstd), ones = at::ones_like(invstd);
+    auto [g_x, g_gamma, g_beta] = at::native_batch_norm_backward(
+        g_a, x_hat, g * invstd, std::nullopt, std::nullopt, zeros, ones, /*train=*/true, 0.0, {true, true, true});
+    out[0] = g_x;
     out[1] = g_gamma * (gamma >= kGammaMin);
     out[2] = g_beta;
     return out;

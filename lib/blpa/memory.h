@@ -17,4 +17,11 @@ int64_t allocated(const c10::Device& device);
 int64_t peak(const c10::Device& device);
 void reset_peak(const c10::Device& device);
 
+// A memory budget for real out-of-memory behaviour: beyond `bytes` allocated, allocations
+// throw c10::OutOfMemoryError (CPU: by the counting allocator; CUDA: the caching
+// allocator's memory fraction). 0 removes the limit.
+void set_limit(const c10::Device& device, int64_t bytes);
+// Returns cached but unused device memory to the driver (CUDA); nothing to do on the CPU.
+void release_cached(const c10::Device& device);
+
 }  // namespace blpa::memory
