@@ -78,6 +78,13 @@ __global__ void pack_kernel(PackParams p) {
     }
     int s[kGroup];
     group_offsets(p.offsets, e0, n, p.plane, p.channels, s);
+    if (p.divisor) {
+      const bool one_channel = (e0 % p.plane) + n <= p.plane;
+      const int64_t c0 = (e0 / p.plane) % p.channels;
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k)
+        x[k] = __fdiv_rn(x[k], p.divisor[one_channel ? c0 : ((e0 + k) / p.plane) % p.channels]);
+    }
     uint32_t q[kGroup];
 #pragma unroll
     for (int k = 0; k < kGroup; ++k) q[k] = codec::encode(x[k], s[k], Bits);

@@ -10,6 +10,7 @@ namespace blpa::cuda {
 
 struct PackParams {
   const float* v = nullptr;        // numel elements, contiguous, channel = (i / plane) % channels
+  const float* divisor = nullptr;  // [channels] or null: codes of v / divisor_c
   const uint8_t* offsets = nullptr;  // [channels] per-channel s_c
   uint8_t* codes = nullptr;        // ceil(numel * bits / 8) bytes
   int64_t numel = 0;

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "blpa/codec_math.h"
 #if BLPA_WITH_CUDA
@@ -45,17 +46,19 @@ void for_each_channel_run(const Layout& l, int64_t e0, int64_t e1, F&& f) {
   }
 }
 
+// div: the per-channel divisor (all ones when the caller gave none; x / 1 is exact).
 template <int Bits>
-void pack_cpu(const float* v, const uint8_t* offsets, uint8_t* out, const Layout& l) {
+void pack_cpu(const float* v, const float* div, const uint8_t* offsets, uint8_t* out, const Layout& l) {
   at::parallel_for(0, (l.numel + 1) / 2, kGrain, [&](int64_t pb, int64_t pe) {
     for_each_channel_run(l, pb * 2, std::min(pe * 2, l.numel), [&](int64_t b, int64_t e, int64_t c) {
       const int s = offsets[c];
+      const float dc = div[c];
       if constexpr (Bits == 8) {
-        for (int64_t i = b; i < e; ++i) out[i] = static_cast<uint8_t>(encode(v[i], s, 8));
+        for (int64_t i = b; i < e; ++i) out[i] = static_cast<uint8_t>(encode(v[i] / dc, s, 8));
       } else {
         int64_t i = b;
         if (i & 1) {  // high nibble of a byte whose low nibble this thread wrote in the previous run
-          out[i / 2] = static_cast<uint8_t>(out[i / 2] | (encode(v[i], s, 4) << 4));
+          out[i / 2] = static_cast<uint8_t>(out[i / 2] | (encode(v[i] / dc, s, 4) << 4));
           ++i;
         }
         // Encode blocks into a small stack buffer (vectorises), then pair the nibbles.
@@ -63,12 +66,12 @@ void pack_cpu(const float* v, const uint8_t* offsets, uint8_t* out, const Layout
         uint8_t buf[kBlock];
         while (e - i >= 2) {
           const int n = static_cast<int>(std::min<int64_t>(kBlock, (e - i) & ~int64_t{1}));
-          for (int k = 0; k < n; ++k) buf[k] = static_cast<uint8_t>(encode(v[i + k], s, 4));
+          for (int k = 0; k < n; ++k) buf[k] = static_cast<uint8_t>(encode(v[i + k] / dc, s, 4));
           uint8_t* o = out + i / 2;
           for (int k = 0; k < n / 2; ++k) o[k] = static_cast<uint8_t>(buf[2 * k] | (buf[2 * k + 1] << 4));
           i += n;
         }
-        if (i < e) out[i / 2] = static_cast<uint8_t>(encode(v[i], s, 4));  // high nibble: next run or 0
+        if (i < e) out[i / 2] = static_cast<uint8_t>(encode(v[i] / dc, s, 4));  // high nibble: next run or 0
       }
     });
   });
@@ -152,7 +155,7 @@ int64_t Codes::bytes() const {
   return (data.defined() ? data.nbytes() : 0) + (offsets.defined() ? offsets.nbytes() : 0);
 }
 
-Codes pack(const at::Tensor& v, const at::Tensor& b, int bits) {
+Codes pack(const at::Tensor& v, const at::Tensor& b, int bits, const at::Tensor& divisor) {
   check_bits(bits);
   TORCH_CHECK(v.scalar_type() == at::kFloat, "blpa codec: pack expects float32 activations, got ",
               v.scalar_type());
@@ -160,6 +163,7 @@ Codes pack(const at::Tensor& v, const at::Tensor& b, int bits) {
                                  "channels-last is not supported)");
   const Layout l = layout_of(v.sizes());
   check_channel_vector(b, "b = beta / gamma", v, l.channels);
+  if (divisor.defined()) check_channel_vector(divisor, "divisor", v, l.channels);
 
   Codes out;
   out.bits = bits;
@@ -173,8 +177,9 @@ Codes pack(const at::Tensor& v, const at::Tensor& b, int bits) {
 #if BLPA_WITH_CUDA
     const int dev = v.get_device();
     cuda::compute_offsets({b.data_ptr<float>(), out.offsets.data_ptr<uint8_t>(), l.channels, bits, dev});
-    cuda::pack({v.data_ptr<float>(), out.offsets.data_ptr<uint8_t>(), out.data.data_ptr<uint8_t>(), l.numel,
-                l.plane, l.channels, bits, dev});
+    cuda::pack({v.data_ptr<float>(), divisor.defined() ? divisor.data_ptr<float>() : nullptr,
+                out.offsets.data_ptr<uint8_t>(), out.data.data_ptr<uint8_t>(), l.numel, l.plane, l.channels, bits,
+                dev});
     return out;
 #else
     no_cuda();
@@ -184,10 +189,12 @@ Codes pack(const at::Tensor& v, const at::Tensor& b, int bits) {
   const float* bp = b.data_ptr<float>();
   uint8_t* op = out.offsets.data_ptr<uint8_t>();
   for (int64_t c = 0; c < l.channels; ++c) op[c] = static_cast<uint8_t>(codec::offset(bp[c], bits));
+  std::vector<float> ones;
+  const float* div = divisor.defined() ? divisor.data_ptr<float>() : (ones.assign(l.channels, 1.0f), ones.data());
   if (bits == 8)
-    pack_cpu<8>(v.data_ptr<float>(), op, out.data.data_ptr<uint8_t>(), l);
+    pack_cpu<8>(v.data_ptr<float>(), div, op, out.data.data_ptr<uint8_t>(), l);
   else
-    pack_cpu<4>(v.data_ptr<float>(), op, out.data.data_ptr<uint8_t>(), l);
+    pack_cpu<4>(v.data_ptr<float>(), div, op, out.data.data_ptr<uint8_t>(), l);
   return out;
 }
 

@@ -49,7 +49,7 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
       // blpa: codes of v = a / gamma, windowed around b = beta / gamma, so the mask of the
       // codes is the sign of a: exactly the forward ReLU's. naive: codes of x_hat around 0.
       Codes codes = mode.mode == Mode::blpa
-                        ? pack((a / per_channel(g)).contiguous(), beta.detach() / g, mode.bits)
+                        ? pack(a.contiguous(), beta.detach() / g, mode.bits, g.contiguous())
                         : pack(normalised(), torch::zeros_like(beta), mode.bits);
       ctx->saved_data["codes"] = codes.data;
       ctx->saved_data["offsets"] = codes.offsets;

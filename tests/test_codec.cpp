@@ -173,6 +173,20 @@ TEST_CASE("codec: unpack outputs follow from the codes", "[codec]") {
   }
 }
 
+TEST_CASE("codec: packing with a divisor equals packing the divided tensor", "[codec]") {
+  torch::manual_seed(7);
+  for (int bits : {8, 4}) {
+    auto gamma = torch::rand({5}) * 2 + 1e-3;
+    auto a = torch::randn({3, 5, 7, 9}) * 2;
+    auto b = torch::randn({5});
+    auto fused = blpa::pack(a, b, bits, gamma);
+    auto divided = blpa::pack((a / gamma.view({1, 5, 1, 1})).contiguous(), b, bits);
+    CAPTURE(bits);
+    CHECK(torch::equal(fused.data, divided.data));
+    CHECK(torch::equal(fused.offsets, divided.offsets));
+  }
+}
+
 TEST_CASE("codec: storage is exactly ceil(n*K/8) bytes plus one offset per channel", "[codec]") {
   for (int bits : {8, 4}) {
     for (auto shape : std::vector<std::vector<int64_t>>{{1, 1, 1, 1}, {1, 3, 5, 7}, {2, 1, 3, 3}, {3, 4096}, {0, 3, 2, 2}}) {
@@ -244,6 +258,7 @@ TEST_CASE("CUDA: codec output is bit-identical to the CPU path", "[codec][cuda]"
       auto gpu = blpa::pack(v.cuda(), b.cuda(), bits);
       CHECK(torch::equal(cpu.offsets, gpu.offsets.cpu()));
       CHECK(torch::equal(cpu.data, gpu.data.cpu()));
+      CHECK(torch::equal(blpa::pack(v, b, bits, gamma).data, blpa::pack(v.cuda(), b.cuda(), bits, gamma.cuda()).data.cpu()));
 
       const unsigned all = blpa::kXhat | blpa::kRelu | blpa::kMask;
       auto uc = blpa::unpack(cpu, b, gamma, all);

@@ -28,8 +28,9 @@ int64_t packed_bytes(int64_t numel, int bits);
 
 // v: float32, contiguous, at least 2-D with channels on dim 1 (N x C x H x W, or N x C).
 // b: float32 [C] on the same device (b_c = beta_c / gamma_c; zeros for the naive baseline,
-// which centres the window on 0). bits: 8 or 4.
-Codes pack(const at::Tensor& v, const at::Tensor& b, int bits);
+// which centres the window on 0). bits: 8 or 4. With `divisor` (float32 [C]) the codes are
+// those of v / divisor_c, computed on the fly: the unit packs a / gamma without making it.
+Codes pack(const at::Tensor& v, const at::Tensor& b, int bits, const at::Tensor& divisor = {});
 
 enum UnpackOutput : unsigned { kXhat = 1u, kRelu = 2u, kMask = 4u };
 
