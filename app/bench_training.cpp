@@ -255,7 +255,7 @@ int max_batch_main(int argc, char** argv) {
                      "attempts: allocations beyond the budget fail with out-of-memory (CUDA: the caching\n"
                      "allocator's memory fraction; CPU: the counting allocator enforces it), the attempt is\n"
                      "unwound and the next one starts from a clean allocator (leaks are reported).");
-  add_common(o, "1", "plain,blpa-4");
+  add_common(o, "1", "plain,blpa-4");  // --batch is not used: the batch is searched
   o.add_options()("budget-gib", "Memory budget in GiB, including parameters, momentum and the batch",
                   cxxopts::value<double>()->default_value("1"))(
       "max", "Largest batch to try", cxxopts::value<int64_t>()->default_value("4096"));
@@ -293,6 +293,7 @@ int max_batch_main(int argc, char** argv) {
       (fits(mid) ? lo : hi) = mid;
     }
     best[mode.str()] = lo;
+    c.batch = lo;  // the JSON's "batch" is the batch found
     const auto plain = best.find("plain");
     const std::string ratio =
         plain != best.end() && plain->second > 0 ? fmt::format("{:.2f}", double(lo) / plain->second) : "null";

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The measurements behind docs/results.md (CPU): memory, step time, max batch, gradient
+# fidelity, and the Fashion-MNIST accuracy study (the same network, seed and iteration
+# budget in plain, exact, blpa 8, blpa 4 and naive 4). Writes JSON lines under
+# results/study/ and then the plots (scripts/plot.sh). Takes about 80 minutes on 2 cores.
+# STUDY_ITERATIONS (default 2000) sets the accuracy study's budget.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export BLPA_BUILD_DIR=${BLPA_BUILD_DIR:-$here/build}
+"$here/scripts/build.sh" >/dev/null
+bench=$BLPA_BUILD_DIR/app/blpa-bench
+train=$BLPA_BUILD_DIR/app/blpa-train
+out=$here/results/study
+mkdir -p "$out"
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "commit: $(git -C "$here" rev-parse --short HEAD)$(git -C "$here" diff --quiet || echo ' (with local changes)')"
+  echo "cpu: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores"
+} >"$out/machine.txt"
+"$bench" memory --model resnet164 --batch 128 --mode all --json >"$out/memory-resnet164.jsonl"
+"$bench" step --model resnet164 --batch 128 --mode all --warmup 1 --steps 5 --json >"$out/step-resnet164.jsonl"
+"$bench" max-batch --model resnet1001 --budget-gib 2 --mode plain,blpa-4 --json >"$out/max-batch-resnet1001.jsonl"
+"$bench" fidelity --depths 20,56,110,164 --batch 16 --json >"$out/fidelity.jsonl"
+its=${STUDY_ITERATIONS:-2000}
+for mode in plain exact blpa-8 blpa-4 naive-4; do
+  m=${mode%-*}
+  bits=()
+  [[ $mode == *-* ]] && bits=(--bits "${mode#*-}")
+  "$train" --depth 20 --batch 64 --iterations "$its" --warmup 100 --lr-steps "$((its * 6 / 10)),$((its * 85 / 100))" \
+    --eval-every 500 --log-every 20 --seed 1 --quiet --mode "$m" "${bits[@]}" --log "$out/fashion-$mode.jsonl"
+done
+# Single runs differ by a few tenths of a point: plain and blpa-4 again with two more seeds.
+for seed in 2 3; do
+  for mode in plain blpa-4; do
+    bits=()
+    [[ $mode == *-* ]] && bits=(--bits 4)
+    "$train" --depth 20 --batch 64 --iterations "$its" --warmup 100 --lr-steps "$((its * 6 / 10)),$((its * 85 / 100))" \
+      --eval-every 500 --log-every 20 --seed "$seed" --quiet --mode "${mode%-*}" "${bits[@]}" \
+      --log "$out/fashion-$mode-seed$seed.jsonl"
+  done
+done
+"$here/scripts/plot.sh" "$out"
