@@ -27,4 +27,6 @@ for bits in 8 4; do
   for numel in 16777216 268435456; do "$bench" codec --device cuda --bits "$bits" --numel "$numel" --json; done
 done 2>&1 | tee -a "$log"
 "$bench" memory --device cuda --model resnet164 --batch 128 --mode all --json 2>&1 | tee -a "$log"
+"$bench" step --device cuda --model resnet164 --batch 128 --mode all --warmup 3 --steps 20 --json 2>&1 | tee -a "$log"
+"$bench" max-batch --device cuda --model resnet1001 --budget-gib 16 --mode plain,blpa-4 --json 2>&1 | tee -a "$log"
 echo "results: $log"
