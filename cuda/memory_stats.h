@@ -5,6 +5,7 @@
 
 namespace blpa::cuda {
 
+// device: an index, or -1 for the current device.
 int64_t allocated_bytes(int device);
 int64_t peak_bytes(int device);
 void reset_peak_bytes(int device);

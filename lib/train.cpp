@@ -290,6 +290,10 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
     auto out = model->forward(x);
     stored = memory::allocated(dev) - before - static_cast<int64_t>(out.nbytes());
     auto loss = torch::nn::functional::cross_entropy(out, y);
+    loss.backward();
+    // Read the loss only once backward is queued: on CUDA an earlier read would stall the
+    // launch of backward behind the whole forward pass. A bad loss still changes nothing: the
+    // update is not applied and no checkpoint is written.
     const double loss_v = loss.item<double>();
     if (!std::isfinite(loss_v)) {
       throw NonFiniteLoss(fmt::format(
@@ -297,7 +301,6 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
           config.checkpoint.empty() ? std::string("No checkpoint was configured.")
                                     : "The last good checkpoint, " + config.checkpoint + ", was kept."));
     }
-    loss.backward();
     opt.step();
     if (config.mode.mode != Mode::plain) model->constrain_();
     ++it;
