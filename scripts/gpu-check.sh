@@ -1,32 +1,70 @@
 #!/usr/bin/env bash
 # For a machine with an NVIDIA GPU and PyTorch, but no package registry: builds blpa with
 # BLPA_CUDA=ON against that PyTorch, runs every test (CUDA ones included, none may skip),
-# then the GPU benchmarks, and writes results/gpu-check-<date>.txt with the GPU and commit.
-# Needs third_party/prefix from scripts/prepare-offline-deps.sh.
-set -euo pipefail
+# the GPU benchmarks and two short CUDA training runs. Writes to $OUT (default results/):
+#   gpu-check.txt        everything, with date, GPU, driver, torch and commit
+#   gpu-bench.jsonl      the benchmarks' JSON objects, one per line
+#   gpu-train-*.jsonl    the training logs (ResNet-20 on Fashion-MNIST, plain and blpa-4)
+# Needs third_party/prefix from scripts/prepare-offline-deps.sh. A failing stage is reported
+# and the later stages still run; the exit status is 1 if any stage failed.
+set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$here"
 out=${OUT:-$here/results}
 mkdir -p "$out"
-log=$out/gpu-check-$(date -u +%Y%m%d-%H%M%S).txt
-[[ -d third_party/prefix/usr ]] || { echo "third_party/prefix missing: run scripts/prepare-offline-deps.sh where a registry is reachable" >&2; exit 1; }
+log=$out/gpu-check.txt bench_log=$out/gpu-bench.jsonl
+: >"$log"
+: >"$bench_log"
+prefix=$here/third_party/prefix
+[[ -d $prefix/usr ]] || { echo "third_party/prefix missing: run scripts/prepare-offline-deps.sh where a registry is reachable" >&2; exit 1; }
 export BLPA_OFFLINE=1 BLPA_CUDA=ON BLPA_TORCH_PYTHON=${BLPA_TORCH_PYTHON:-python3}
-export BLPA_PREFIX=$here/third_party/prefix/usr BLPA_BUILD_DIR=$here/build-gpu
-export LD_LIBRARY_PATH=$here/third_party/prefix/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+export BLPA_PREFIX=$prefix/usr BLPA_BUILD_DIR=$here/build-gpu
+export LD_LIBRARY_PATH=$prefix/usr/lib/x86_64-linux-gnu:$prefix/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+status=0
+stage() {  # stage NAME SECONDS COMMAND...: runs it with a time limit, logs, never stops the script
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name ($(date -u +%T))" | tee -a "$log"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$log"
+  ((rc == 0)) || status=1
+  return "$rc"
+}
+bench() { "$BLPA_BUILD_DIR/app/blpa-bench" "$@" --json | tee -a "$bench_log"; }
+export -f bench
+export bench_log
+
 {
   echo "date: $(date -u +%FT%TZ)"
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  # The GPU machine may receive the tree without .git: BLPA_COMMIT names the commit then.
+  echo "commit: ${BLPA_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   "$BLPA_TORCH_PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
-} | tee "$log"
-scripts/build.sh -DCMAKE_CXX_COMPILER_LAUNCHER= -DCMAKE_CUDA_COMPILER_LAUNCHER= 2>&1 | tail -n 5 | tee -a "$log"
-(cd "$BLPA_BUILD_DIR" && ctest --output-on-failure --no-tests=error --parallel 4) 2>&1 | tee -a "$log"
-if grep -q "(Skipped)" "$log"; then echo "error: tests were skipped on a GPU machine" | tee -a "$log"; exit 1; fi
-bench=$BLPA_BUILD_DIR/app/blpa-bench
-for bits in 8 4; do
-  for numel in 16777216 268435456; do "$bench" codec --device cuda --bits "$bits" --numel "$numel" --json; done
-done 2>&1 | tee -a "$log"
-"$bench" memory --device cuda --model resnet164 --batch 128 --mode all --json 2>&1 | tee -a "$log"
-"$bench" step --device cuda --model resnet164 --batch 128 --mode all --warmup 3 --steps 20 --json 2>&1 | tee -a "$log"
-"$bench" max-batch --device cuda --model resnet1001 --budget-gib 16 --mode plain,blpa-4 --json 2>&1 | tee -a "$log"
-echo "results: $log"
+  echo "cpus: $(nproc)"
+} 2>&1 | tee -a "$log"
+
+# The tests and the trainer's default job read Debian's Fashion-MNIST path; the prefix has it.
+fm=/usr/share/datasets/fashion-mnist
+if [[ ! -e $fm && -d $prefix$fm ]]; then mkdir -p "$(dirname "$fm")" && ln -s "$prefix$fm" "$fm" || true; fi
+
+stage build 420 scripts/build.sh -DCMAKE_CXX_COMPILER_LAUNCHER= -DCMAKE_CUDA_COMPILER_LAUNCHER= ||
+  { tail -n 60 "$BLPA_BUILD_DIR/configure.log" 2>/dev/null | tee -a "$log"; exit 1; }
+stage tests 300 ctest --test-dir "$BLPA_BUILD_DIR" --output-on-failure --no-tests=error --parallel 8
+if grep -q "(Skipped)\|\*\*\*Skipped" "$log"; then echo "error: tests were skipped on a GPU machine" | tee -a "$log"; status=1; fi
+
+stage codec 120 bash -c 'for bits in 8 4; do for n in 16777216 268435456; do
+  bench codec --device cuda --bits $bits --numel $n || exit 1; done; done'
+stage step-resnet164 180 bash -c 'bench step --device cuda --model resnet164 --batch 128 --mode all --warmup 5 --steps 30'
+stage memory-resnet164 120 bash -c 'bench memory --device cuda --model resnet164 --batch 128 --mode all'
+for m in plain blpa; do
+  stage "train-$m" 180 "$BLPA_BUILD_DIR/app/blpa-train" --device cuda --depth 20 --mode "$m" --iterations 2000 \
+    --lr-steps 1000,1500 --warmup 100 --eval-every 1000 --log-every 200 --workers 4 --quiet \
+    --log "$out/gpu-train-$m.jsonl"
+done
+stage step-resnet152 180 bash -c 'bench step --device cuda --model resnet152 --batch 64 --mode plain,blpa-4 --warmup 3 --steps 15'
+stage memory-resnet152 120 bash -c 'bench memory --device cuda --model resnet152 --batch 64 --mode plain,blpa-4'
+stage max-batch-resnet1001 240 bash -c 'bench max-batch --device cuda --model resnet1001 --budget-gib 8 --mode plain,blpa-4'
+echo "status: $status; results in $out" | tee -a "$log"
+exit "$status"
