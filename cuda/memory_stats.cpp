@@ -1,5 +1,6 @@
 #include "memory_stats.h"
 
+#include <ATen/Context.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,8 +14,10 @@ const c10::CachingAllocator::Stat& all_pools(const c10::CachingAllocator::StatAr
   return a[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
 }
 
-// torch::Device("cuda") has index -1: the current device.
+// torch::Device("cuda") has index -1: the current device. The caching allocator exists only
+// once CUDA is initialised (the first CUDA tensor does it); a query may come before that.
 c10::DeviceIndex resolve(int device) {
+  at::globalContext().lazyInitDevice(c10::DeviceType::CUDA);
   return device >= 0 ? static_cast<c10::DeviceIndex>(device) : c10::cuda::current_device();
 }
 
@@ -39,6 +42,9 @@ void set_limit_bytes(int device, int64_t bytes) {
   c10::cuda::CUDACachingAllocator::setMemoryFraction(fraction, d);
 }
 
-void empty_cache() { c10::cuda::CUDACachingAllocator::emptyCache(); }
+void empty_cache() {
+  resolve(-1);
+  c10::cuda::CUDACachingAllocator::emptyCache();
+}
 
 }  // namespace blpa::cuda

@@ -247,13 +247,30 @@ Unpacked unpack(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma
   return u;
 }
 
-void apply_mask_(const Codes& codes, at::Tensor& grad) {
-  TORCH_CHECK(codes.defined(), "blpa codec: apply_mask_ of empty codes");
+namespace {
+
+void check_grad(const Codes& codes, const at::Tensor& grad) {
   TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.sizes().vec() == codes.sizes &&
                   grad.device() == codes.data.device(),
               "blpa codec: apply_mask_ needs a contiguous float32 gradient of shape ", at::IntArrayRef(codes.sizes),
               " on ", codes.data.device(), ", got ", grad.scalar_type(), " ", grad.sizes(), " on ", grad.device());
+}
+
+}  // namespace
+
+void apply_mask_(const Codes& codes, at::Tensor& grad) {
+  TORCH_CHECK(codes.defined(), "blpa codec: apply_mask_ of empty codes");
+  check_grad(codes, grad);
   unpack_into(codes, at::Tensor(), at::Tensor(), nullptr, nullptr, nullptr, grad.data_ptr<float>());
+}
+
+at::Tensor unpack_x_hat_masking_(const Codes& codes, const at::Tensor& b, at::Tensor& grad) {
+  TORCH_CHECK(codes.defined(), "blpa codec: unpack_x_hat_masking_ of empty codes");
+  check_grad(codes, grad);
+  check_channel_vector(b, "b = beta / gamma", codes.data, codes.channels());
+  at::Tensor x_hat = at::empty(codes.sizes, codes.data.options().dtype(at::kFloat));
+  unpack_into(codes, b, at::Tensor(), x_hat.data_ptr<float>(), nullptr, nullptr, grad.data_ptr<float>());
+  return x_hat;
 }
 
 at::Tensor code_values(const Codes& codes) {

@@ -48,9 +48,13 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     } else {
       // blpa: codes of v = a / gamma, windowed around b = beta / gamma, so the mask of the
       // codes is the sign of a: exactly the forward ReLU's. naive: codes of x_hat around 0.
-      Codes codes = mode.mode == Mode::blpa
-                        ? pack(a.contiguous(), beta.detach() / g, mode.bits, g.contiguous())
-                        : pack(normalised(), torch::zeros_like(beta), mode.bits);
+      // g and b are kept for backward (C floats each), which saves recomputing them there.
+      const Tensor b = mode.mode == Mode::blpa ? beta.detach() / g : torch::zeros_like(beta);
+      Codes codes = mode.mode == Mode::blpa ? pack(a.contiguous(), b, mode.bits, g.contiguous())
+                                            : pack(normalised(), b, mode.bits);
+      ctx->saved_data["g"] = g;
+      ctx->saved_data["b"] = b;
+      memory->metadata_bytes += g.nbytes() + b.nbytes();
       ctx->saved_data["codes"] = codes.data;
       ctx->saved_data["offsets"] = codes.offsets;
       ctx->saved_data["sizes"] = codes.sizes;
@@ -78,10 +82,10 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_y) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &gamma = saved[0], &beta = saved[1];
-    const Tensor g = gamma.clamp_min(kGammaMin);
+    const auto mode = static_cast<Mode>(ctx->saved_data["mode"].toInt());
+    const Tensor g = mode == Mode::exact ? gamma.clamp_min(kGammaMin) : ctx->saved_data["g"].toTensor();
     const Tensor invstd = ctx->saved_data["invstd"].toTensor();
     const auto geometry = ctx->saved_data["geometry"].toIntVector();
-    const auto mode = static_cast<Mode>(ctx->saved_data["mode"].toInt());
 
     Codes codes;
     Tensor x_hat;  // x_hat', full precision in exact mode
@@ -89,7 +93,7 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
       x_hat = ctx->saved_data["x_hat"].toTensor();
     } else {
       codes = codes_from(ctx);
-      if (mode == Mode::naive) x_hat = unpack(codes, torch::zeros_like(invstd), {}, kXhat).x_hat;
+      if (mode == Mode::naive) x_hat = unpack(codes, ctx->saved_data["b"].toTensor(), {}, kXhat).x_hat;
     }
 
     // Convolutions: g_W from r' (approximate), g_r from W (exact).
@@ -123,8 +127,7 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
       if (n_conv > 0) r.reset();  // r' is no longer needed: free it before x_hat' is made
       // Masked in place: g_r is ours when it came from the convolutions, the caller's otherwise.
       g_a = n_conv == 0 ? g_r.clone(at::MemoryFormat::Contiguous) : g_r.contiguous();
-      apply_mask_(codes, g_a);
-      x_hat = unpack(codes, beta.detach() / g, {}, kXhat).x_hat;
+      x_hat = unpack_x_hat_masking_(codes, ctx->saved_data["b"].toTensor(), g_a);
     } else {
       g_a = at::threshold_backward(g_r, r, 0);
       r.reset();

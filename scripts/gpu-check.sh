@@ -32,7 +32,7 @@ stage() {  # stage NAME SECONDS COMMAND...: runs it with a time limit, logs, nev
   ((rc == 0)) || status=1
   return "$rc"
 }
-bench() { "$BLPA_BUILD_DIR/app/blpa-bench" "$@" --json | tee -a "$bench_log"; }
+bench() { set -o pipefail; "$BLPA_BUILD_DIR/app/blpa-bench" "$@" --json | tee -a "$bench_log"; }
 export -f bench
 export bench_log
 
@@ -53,17 +53,21 @@ stage build 420 scripts/build.sh -DCMAKE_CXX_COMPILER_LAUNCHER= -DCMAKE_CUDA_COM
   { tail -n 60 "$BLPA_BUILD_DIR/configure.log" 2>/dev/null | tee -a "$log"; exit 1; }
 stage tests 300 ctest --test-dir "$BLPA_BUILD_DIR" --output-on-failure --no-tests=error --parallel 8
 if grep -q "(Skipped)\|\*\*\*Skipped" "$log"; then echo "error: tests were skipped on a GPU machine" | tee -a "$log"; status=1; fi
+# Which library std::filesystem calls bind to (LibTorch 2.11 exports a broken copy).
+stage fs-bindings 60 bash -c "readelf -d $BLPA_BUILD_DIR/tests/blpa_tests | grep NEEDED | head -n 3;
+  LD_DEBUG=bindings $BLPA_BUILD_DIR/tests/blpa_tests 'data: CIFAR-10 files*' 2>&1 | grep _ZNSt10filesystem | sed 's/^ *[0-9]*: *//' | sort -u | head -n 12"
 
 stage codec 120 bash -c 'for bits in 8 4; do for n in 16777216 268435456; do
   bench codec --device cuda --bits $bits --numel $n || exit 1; done; done'
 stage step-resnet164 180 bash -c 'bench step --device cuda --model resnet164 --batch 128 --mode all --warmup 5 --steps 30'
+stage step-resnet164-b512 180 bash -c 'bench step --device cuda --model resnet164 --batch 512 --mode plain,exact,blpa-4 --warmup 3 --steps 10'
 stage memory-resnet164 120 bash -c 'bench memory --device cuda --model resnet164 --batch 128 --mode all'
 for m in plain blpa; do
   stage "train-$m" 180 "$BLPA_BUILD_DIR/app/blpa-train" --device cuda --depth 20 --mode "$m" --iterations 2000 \
     --lr-steps 1000,1500 --warmup 100 --eval-every 1000 --log-every 200 --workers 4 --quiet \
     --log "$out/gpu-train-$m.jsonl"
 done
-stage step-resnet152 180 bash -c 'bench step --device cuda --model resnet152 --batch 64 --mode plain,blpa-4 --warmup 3 --steps 15'
+stage step-resnet152 180 bash -c 'bench step --device cuda --model resnet152 --batch 64 --mode plain,exact,blpa-4 --warmup 3 --steps 15'
 stage memory-resnet152 120 bash -c 'bench memory --device cuda --model resnet152 --batch 64 --mode plain,blpa-4'
 stage max-batch-resnet1001 240 bash -c 'bench max-batch --device cuda --model resnet1001 --budget-gib 8 --mode plain,blpa-4'
 echo "status: $status; results in $out" | tee -a "$log"

@@ -20,7 +20,7 @@ struct TempDir {
     path = fs::temp_directory_path() / ("blpa-test-" + std::to_string(::getpid()) + "-" + std::to_string(counter()++));
     fs::create_directories(path);
   }
-  ~TempDir() { fs::remove_all(path); }
+  ~TempDir() { remove_tree(path); }
   static int& counter() {
     static int c = 0;
     return c;

@@ -170,7 +170,7 @@ TEST_CASE("resnet: in blpa mode the graph holds codes and metadata, not activati
     const int64_t other = 4 * 256 * 4;
     CAPTURE(mode.str(), held[mode.str()], elements);
     CHECK(held[mode.str()] == net->stored_unit_bytes() + other);
-    CHECK(held[mode.str()] <= elements * 4 * mode.bits / 32 + channels * 5 + other);
+    CHECK(held[mode.str()] <= elements * 4 * mode.bits / 32 + channels * 13 + other);  // 3 floats + 1 byte per channel
   }
   std::cout << "ResNet-29, batch 4, 16x16: bytes held by autograd after forward: plain " << held["plain"]
             << ", exact " << held["exact"] << ", blpa-8 " << held["blpa-8"] << ", blpa-4 " << held["blpa-4"] << std::endl;
@@ -180,6 +180,7 @@ TEST_CASE("resnet: in blpa mode the graph holds codes and metadata, not activati
 
 TEST_CASE("CUDA: a small network trains the same on CPU and GPU", "[resnet][cuda]") {
   BLPA_REQUIRE_CUDA();
+  NoTF32 fp32;
   auto batch = random_batch(8, 16, 80);
   torch::manual_seed(81);
   auto cpu_net = make_net(20, {Mode::blpa, 4});

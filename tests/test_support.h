@@ -1,8 +1,13 @@
 #pragma once
 
+#include <ATen/Context.h>
 #include <torch/torch.h>
 
+#include <ftw.h>
+
 #include <catch2/catch.hpp>
+#include <cstdio>
+#include <filesystem>
 #include <iostream>
 
 // CUDA tests call this first: without a device they print the marker that CTest's
@@ -14,3 +19,26 @@
       return;                                                                     \
     }                                                                             \
   } while (0)
+
+// LibTorch runs CUDA convolutions in TF32 by default (10-bit mantissa). Tests that compare a
+// GPU result with the CPU's at fp32 tolerances turn it off for their duration.
+struct NoTF32 {
+  bool cudnn = at::globalContext().allowTF32CuDNN(), cublas = at::globalContext().allowTF32CuBLAS();
+  NoTF32() {
+    at::globalContext().setAllowTF32CuDNN(false);
+    at::globalContext().setAllowTF32CuBLAS(false);
+  }
+  ~NoTF32() {
+    at::globalContext().setAllowTF32CuDNN(cudnn);
+    at::globalContext().setAllowTF32CuBLAS(cublas);
+  }
+  NoTF32(const NoTF32&) = delete;
+  NoTF32& operator=(const NoTF32&) = delete;
+};
+
+// Deletes a directory tree. Not std::filesystem::remove_all: LibTorch 2.11's libtorch.so
+// exports a copy of it that jumps to a null pointer, and on some systems calls reach it.
+inline void remove_tree(const std::filesystem::path& p) {
+  ::nftw(p.c_str(), [](const char* f, const struct stat*, int, struct FTW*) { return std::remove(f); }, 16,
+         FTW_DEPTH | FTW_PHYS);
+}

@@ -26,7 +26,7 @@ bool have_fashion_mnist() {
 
 fs::path temp_dir(const std::string& name) {
   auto p = fs::temp_directory_path() / ("blpa-train-" + name + "-" + std::to_string(::getpid()));
-  fs::remove_all(p);
+  remove_tree(p);
   fs::create_directories(p);
   return p;
 }
@@ -101,7 +101,7 @@ TEST_CASE("train: plain and blpa-4 both learn on 2,000 Fashion-MNIST images", "[
     CHECK(r.test_acc > 0.3);  // 3x chance; after 60 steps BN running statistics still lag (measured 0.36/0.43)
     CHECK(logged(c.log_path, "test_acc").size() == 1);
     CHECK(logged(c.log_path, "images_per_s").size() == 6);
-    fs::remove_all(dir);
+    remove_tree(dir);
   }
 }
 
@@ -129,7 +129,7 @@ TEST_CASE("train: N iterations, then a resume for N more, equal 2N straight bit 
     CAPTURE(e.key().toStringRef());
     CHECK(torch::equal(e.value().toTensor(), b.at(e.key()).toTensor()));
   }
-  fs::remove_all(dir);
+  remove_tree(dir);
 }
 
 TEST_CASE("train: an incompatible or damaged checkpoint is refused and the good one survives", "[train]") {
@@ -157,7 +157,7 @@ TEST_CASE("train: an incompatible or damaged checkpoint is refused and the good 
   auto resume = other;
   resume.mode = c.mode;
   CHECK(blpa::train(resume).iteration == 10);  // the good checkpoint still loads
-  fs::remove_all(dir);
+  remove_tree(dir);
 }
 
 TEST_CASE("train: a diverging loss stops with the iteration and keeps the last good checkpoint", "[train]") {
@@ -174,7 +174,7 @@ TEST_CASE("train: a diverging loss stops with the iteration and keeps the last g
   CHECK_THROWS_AS(blpa::train(c), blpa::NonFiniteLoss);
   CHECK_THROWS_WITH(blpa::train(c), Catch::Contains("at iteration") && Catch::Contains("was kept"));
   CHECK(fs::last_write_time(c.checkpoint) == before);
-  fs::remove_all(dir);
+  remove_tree(dir);
 }
 
 TEST_CASE("train: blpa-train on SIGINT writes a checkpoint that --resume continues", "[train]") {
@@ -203,7 +203,7 @@ TEST_CASE("train: blpa-train on SIGINT writes a checkpoint that --resume continu
   CHECK(run_train(args) == 0);
   const auto iters = logged(log, "iter");
   CHECK(iters.back() == done + 3);
-  fs::remove_all(dir);
+  remove_tree(dir);
 }
 
 TEST_CASE("train: blpa-train refuses bad flags and missing data with exit codes", "[train]") {

@@ -47,6 +47,10 @@ Unpacked unpack(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma
 // grad = mask ? grad : 0, in place, without materialising the mask.
 void apply_mask_(const Codes& codes, at::Tensor& grad);
 
+// apply_mask_(codes, grad) and unpack(codes, b, {}, kXhat).x_hat in one pass over the codes
+// (the unit's backward needs both); returns x_hat.
+at::Tensor unpack_x_hat_masking_(const Codes& codes, const at::Tensor& b, at::Tensor& grad);
+
 // The integer codes, one uint8 per element, in the shape of the packed tensor (for tests
 // and inspection; not on the training path).
 at::Tensor code_values(const Codes& codes);

@@ -35,7 +35,7 @@ struct ConvSpec {
 // What a unit's autograd node keeps for backward after its last training forward.
 struct UnitMemory {
   int64_t code_bytes = 0;      // packed codes (blpa, naive)
-  int64_t metadata_bytes = 0;  // per-channel: sigma, offsets
+  int64_t metadata_bytes = 0;  // per-channel: 1/sigma, offsets; blpa/naive also gamma, beta/gamma
   int64_t full_bytes = 0;      // full-size activations (exact: x_hat; must be 0 in blpa/naive)
   std::vector<int64_t> input_sizes;
   int64_t total() const { return code_bytes + metadata_bytes + full_bytes; }
