@@ -1,7 +1,7 @@
 // CUDA kernels of the codec. The element math is blpa/codec_math.h, shared with the CPU
 // path; this file only decides how threads walk the tensor.
 //
-// Layout: each thread handles groups of 8 consecutive elements, grid-stride.
+// Layout: each pack thread handles groups of 8 consecutive elements, grid-stride (unpack: 4).
 //   8-bit: 8 codes = one 8-byte store     4-bit: 8 codes = one 4-byte store,
 //   element 2j in the low nibble and 2j+1 in the high nibble of byte j.
 // A thread owns whole bytes, so two codes that share a byte are written by one thread.
@@ -40,17 +40,18 @@ Launch launch_config(int64_t work_items, int device) {
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// The offset of each of the 8 elements of a group; usually all in one channel.
+// The offset of each of the G elements of a group; usually all in one channel.
+template <int G = kGroup>
 __device__ __forceinline__ void group_offsets(const uint8_t* offsets, int64_t e0, int n, int64_t plane,
-                                              int64_t channels, int s[kGroup]) {
+                                              int64_t channels, int s[G]) {
   const int64_t p = e0 / plane;
   if (e0 - p * plane + n <= plane) {
     const int sc = offsets[p % channels];
 #pragma unroll
-    for (int k = 0; k < kGroup; ++k) s[k] = sc;
+    for (int k = 0; k < G; ++k) s[k] = sc;
   } else {
 #pragma unroll
-    for (int k = 0; k < kGroup; ++k) s[k] = offsets[((e0 + k) / plane) % channels];
+    for (int k = 0; k < G; ++k) s[k] = offsets[((e0 + k) / plane) % channels];
   }
 }
 
@@ -116,43 +117,49 @@ __global__ void pack_kernel(PackParams p) {
   }
 }
 
+// Unpack writes up to three float tensors and reads one byte or less per element, so its
+// stores decide its speed: a thread takes 4 elements, one float4, so that a warp's stores
+// cover 512 contiguous bytes (with 8 per thread, each store instruction left every other
+// 16 bytes out and unpack ran at half the copy bandwidth on an H200).
+constexpr int kUnpackGroup = 4;
+
 template <int Bits>
 __global__ void unpack_kernel(UnpackParams p) {
-  const int64_t groups = (p.numel + kGroup - 1) / kGroup;
+  constexpr int G = kUnpackGroup;
+  const int64_t groups = (p.numel + G - 1) / G;
   const bool vec = (!p.x_hat || aligned16(p.x_hat)) && (!p.r || aligned16(p.r)) && (!p.grad || aligned16(p.grad));
   for (int64_t g = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g < groups; g += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t e0 = g * kGroup;
-    const int n = static_cast<int>(min(int64_t{kGroup}, p.numel - e0));
-    uint32_t q[kGroup];
+    const int64_t e0 = g * G;
+    const int n = static_cast<int>(min(int64_t{G}, p.numel - e0));
+    uint32_t q[G];
     if constexpr (Bits == 8) {
       const uint8_t* in = p.codes + e0;
-      if (n == kGroup) {
-        const uint2 w = *reinterpret_cast<const uint2*>(in);
+      if (n == G) {
+        const uint32_t w = *reinterpret_cast<const uint32_t*>(in);
 #pragma unroll
-        for (int k = 0; k < 4; ++k) q[k] = (w.x >> (8 * k)) & 0xFF, q[k + 4] = (w.y >> (8 * k)) & 0xFF;
+        for (int k = 0; k < G; ++k) q[k] = (w >> (8 * k)) & 0xFF;
       } else {
 #pragma unroll
-        for (int k = 0; k < kGroup; ++k) q[k] = k < n ? in[k] : 0u;
+        for (int k = 0; k < G; ++k) q[k] = k < n ? in[k] : 0u;
       }
     } else {
       const uint8_t* in = p.codes + e0 / 2;
-      if (n == kGroup) {
-        const uint32_t w = *reinterpret_cast<const uint32_t*>(in);
+      if (n == G) {
+        const uint32_t w = *reinterpret_cast<const uint16_t*>(in);
 #pragma unroll
-        for (int k = 0; k < kGroup; ++k) q[k] = (w >> (4 * k)) & 0xF;
+        for (int k = 0; k < G; ++k) q[k] = (w >> (4 * k)) & 0xF;
       } else {
 #pragma unroll
-        for (int k = 0; k < kGroup; ++k) q[k] = k < n ? (in[k / 2] >> (4 * (k & 1))) & 0xF : 0u;
+        for (int k = 0; k < G; ++k) q[k] = k < n ? (in[k / 2] >> (4 * (k & 1))) & 0xF : 0u;
       }
     }
-    int s[kGroup];
-    group_offsets(p.offsets, e0, n, p.plane, p.channels, s);
-    const bool full = vec && n == kGroup;
+    int s[G];
+    group_offsets<G>(p.offsets, e0, n, p.plane, p.channels, s);
+    const bool full = vec && n == G;
 
-    auto store = [&](float* dst, const float y[kGroup]) {
+    auto store = [&](float* dst, const float y[G]) {
       if (full) {
-        reinterpret_cast<float4*>(dst + e0)[0] = make_float4(y[0], y[1], y[2], y[3]);
-        reinterpret_cast<float4*>(dst + e0)[1] = make_float4(y[4], y[5], y[6], y[7]);
+        *reinterpret_cast<float4*>(dst + e0) = make_float4(y[0], y[1], y[2], y[3]);
       } else {
         for (int k = 0; k < n; ++k) dst[e0 + k] = y[k];
       }
@@ -163,16 +170,15 @@ __global__ void unpack_kernel(UnpackParams p) {
     const int64_t c0 = (e0 / p.plane) % p.channels;
 
     if (p.x_hat) {
-      float y[kGroup];
+      float y[G];
 #pragma unroll
-      for (int k = 0; k < kGroup; ++k)
-        y[k] = codec::decode(q[k], s[k], Bits) - p.b[one_channel ? c0 : channel_of(k)];
+      for (int k = 0; k < G; ++k) y[k] = codec::decode(q[k], s[k], Bits) - p.b[one_channel ? c0 : channel_of(k)];
       store(p.x_hat, y);
     }
     if (p.r) {
-      float y[kGroup];
+      float y[G];
 #pragma unroll
-      for (int k = 0; k < kGroup; ++k) {
+      for (int k = 0; k < G; ++k) {
         const float t = __fmul_rn(p.gamma[one_channel ? c0 : channel_of(k)], codec::decode(q[k], s[k], Bits));
         y[k] = t > 0.0f ? t : 0.0f;
       }
@@ -182,17 +188,16 @@ __global__ void unpack_kernel(UnpackParams p) {
       for (int k = 0; k < n; ++k) p.mask[e0 + k] = codec::mask(q[k], s[k]);
     }
     if (p.grad) {
-      float y[kGroup];
+      float y[G];
       if (full) {
-        const float4 a = reinterpret_cast<const float4*>(p.grad + e0)[0];
-        const float4 b = reinterpret_cast<const float4*>(p.grad + e0)[1];
-        y[0] = a.x, y[1] = a.y, y[2] = a.z, y[3] = a.w, y[4] = b.x, y[5] = b.y, y[6] = b.z, y[7] = b.w;
+        const float4 a = *reinterpret_cast<const float4*>(p.grad + e0);
+        y[0] = a.x, y[1] = a.y, y[2] = a.z, y[3] = a.w;
       } else {
 #pragma unroll
-        for (int k = 0; k < kGroup; ++k) y[k] = k < n ? p.grad[e0 + k] : 0.0f;
+        for (int k = 0; k < G; ++k) y[k] = k < n ? p.grad[e0 + k] : 0.0f;
       }
 #pragma unroll
-      for (int k = 0; k < kGroup; ++k) y[k] = codec::mask(q[k], s[k]) ? y[k] : 0.0f;
+      for (int k = 0; k < G; ++k) y[k] = codec::mask(q[k], s[k]) ? y[k] : 0.0f;
       store(p.grad, y);
     }
   }
@@ -219,7 +224,7 @@ void pack(const PackParams& p) {
 
 void unpack(const UnpackParams& p) {
   if (p.numel == 0) return;
-  const Launch l = launch_config((p.numel + kGroup - 1) / kGroup, p.device);
+  const Launch l = launch_config((p.numel + kUnpackGroup - 1) / kUnpackGroup, p.device);
   if (p.bits == 8)
     unpack_kernel<8><<<l.blocks, kThreads, 0, l.stream>>>(p);
   else

@@ -164,8 +164,12 @@ TEST_CASE("codec: unpack outputs follow from the codes", "[codec]") {
 
     auto g = torch::randn(v.sizes());
     auto expect = torch::where(u.mask, g, torch::zeros_like(g));
+    auto g2 = g.clone();
     blpa::apply_mask_(codes, g);
     CHECK(torch::equal(g, expect));
+    // The fused form used by the unit's backward: the same two results in one pass.
+    CHECK(torch::equal(blpa::unpack_x_hat_masking_(codes, b, g2), u.x_hat));
+    CHECK(torch::equal(g2, expect));
 
     // Re-encoding the bin centres gives the same codes back.
     auto again = blpa::pack(v_prime.contiguous(), b, bits);
@@ -269,9 +273,12 @@ TEST_CASE("CUDA: codec output is bit-identical to the CPU path", "[codec][cuda]"
 
       auto g = torch::randn(shape);
       auto gg = g.cuda();
+      auto g2 = g.clone(), gg2 = gg.clone();
       blpa::apply_mask_(cpu, g);
       blpa::apply_mask_(gpu, gg);
       CHECK(torch::equal(g, gg.cpu()));
+      CHECK(torch::equal(blpa::unpack_x_hat_masking_(gpu, b.cuda(), gg2).cpu(), uc.x_hat));
+      CHECK(torch::equal(gg2.cpu(), g));
 
       // A misaligned (but contiguous) input takes the scalar path and must agree too.
       auto buf = torch::randn({v.numel() + 1}, torch::kCUDA);
