@@ -40,18 +40,43 @@ Launch launch_config(int64_t work_items, int device) {
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// The offset of each of the G elements of a group; usually all in one channel.
-template <int G = kGroup>
-__device__ __forceinline__ void group_offsets(const uint8_t* offsets, int64_t e0, int n, int64_t plane,
+// Where a group of n elements starting at e0 lies: the channel of its first element, and
+// whether all n share it (a group straddles two planes only at a plane's end). Below 2^32
+// elements the index math is 32-bit: the GPU emulates 64-bit division in software, and with
+// it the kernels were bound by integer instructions, not by memory.
+struct Group {
+  int64_t c0;
+  bool one_channel;
+};
+
+__device__ __forceinline__ Group locate(int64_t e0, int n, int64_t plane, int64_t channels, bool narrow) {
+  if (narrow) {
+    const uint32_t e = static_cast<uint32_t>(e0), pl = static_cast<uint32_t>(plane);
+    const uint32_t q = e / pl;
+    return {static_cast<int64_t>(q % static_cast<uint32_t>(channels)), e - q * pl + n <= pl};
+  }
+  const int64_t q = e0 / plane;
+  return {q % channels, e0 - q * plane + n <= plane};
+}
+
+__device__ __forceinline__ bool narrow_indices(int64_t numel) { return numel <= int64_t{0xFFFFFFF0}; }
+
+// The channel of element e, for the rare groups that straddle two planes.
+__device__ __forceinline__ int64_t channel_at(int64_t e, int64_t plane, int64_t channels) {
+  return (e / plane) % channels;
+}
+
+// The offset of each of the G elements of a group.
+template <int G>
+__device__ __forceinline__ void group_offsets(const uint8_t* offsets, const Group& gr, int64_t e0, int64_t plane,
                                               int64_t channels, int s[G]) {
-  const int64_t p = e0 / plane;
-  if (e0 - p * plane + n <= plane) {
-    const int sc = offsets[p % channels];
+  if (gr.one_channel) {
+    const int sc = offsets[gr.c0];
 #pragma unroll
     for (int k = 0; k < G; ++k) s[k] = sc;
   } else {
 #pragma unroll
-    for (int k = 0; k < G; ++k) s[k] = offsets[((e0 + k) / plane) % channels];
+    for (int k = 0; k < G; ++k) s[k] = offsets[channel_at(e0 + k, plane, channels)];
   }
 }
 
@@ -64,7 +89,7 @@ __global__ void offsets_kernel(OffsetParams p) {
 template <int Bits>
 __global__ void pack_kernel(PackParams p) {
   const int64_t groups = (p.numel + kGroup - 1) / kGroup;
-  const bool vec = aligned16(p.v);
+  const bool vec = aligned16(p.v), narrow = narrow_indices(p.numel);
   for (int64_t g = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g < groups; g += int64_t{gridDim.x} * blockDim.x) {
     const int64_t e0 = g * kGroup;
     const int n = static_cast<int>(min(int64_t{kGroup}, p.numel - e0));
@@ -77,14 +102,13 @@ __global__ void pack_kernel(PackParams p) {
 #pragma unroll
       for (int k = 0; k < kGroup; ++k) x[k] = k < n ? p.v[e0 + k] : 0.0f;
     }
+    const Group gr = locate(e0, n, p.plane, p.channels, narrow);
     int s[kGroup];
-    group_offsets(p.offsets, e0, n, p.plane, p.channels, s);
+    group_offsets<kGroup>(p.offsets, gr, e0, p.plane, p.channels, s);
     if (p.divisor) {
-      const bool one_channel = (e0 % p.plane) + n <= p.plane;
-      const int64_t c0 = (e0 / p.plane) % p.channels;
 #pragma unroll
       for (int k = 0; k < kGroup; ++k)
-        x[k] = __fdiv_rn(x[k], p.divisor[one_channel ? c0 : ((e0 + k) / p.plane) % p.channels]);
+        x[k] = __fdiv_rn(x[k], p.divisor[gr.one_channel ? gr.c0 : channel_at(e0 + k, p.plane, p.channels)]);
     }
     uint32_t q[kGroup];
 #pragma unroll
@@ -128,6 +152,7 @@ __global__ void unpack_kernel(UnpackParams p) {
   constexpr int G = kUnpackGroup;
   const int64_t groups = (p.numel + G - 1) / G;
   const bool vec = (!p.x_hat || aligned16(p.x_hat)) && (!p.r || aligned16(p.r)) && (!p.grad || aligned16(p.grad));
+  const bool narrow = narrow_indices(p.numel);
   for (int64_t g = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g < groups; g += int64_t{gridDim.x} * blockDim.x) {
     const int64_t e0 = g * G;
     const int n = static_cast<int>(min(int64_t{G}, p.numel - e0));
@@ -153,8 +178,9 @@ __global__ void unpack_kernel(UnpackParams p) {
         for (int k = 0; k < G; ++k) q[k] = k < n ? (in[k / 2] >> (4 * (k & 1))) & 0xF : 0u;
       }
     }
+    const Group gr = locate(e0, n, p.plane, p.channels, narrow);
     int s[G];
-    group_offsets<G>(p.offsets, e0, n, p.plane, p.channels, s);
+    group_offsets<G>(p.offsets, gr, e0, p.plane, p.channels, s);
     const bool full = vec && n == G;
 
     auto store = [&](float* dst, const float y[G]) {
@@ -165,21 +191,19 @@ __global__ void unpack_kernel(UnpackParams p) {
       }
     };
     // Channel parameters are looked up per element only when a group straddles two planes.
-    auto channel_of = [&](int k) { return ((e0 + k) / p.plane) % p.channels; };
-    const bool one_channel = (e0 % p.plane) + n <= p.plane;
-    const int64_t c0 = (e0 / p.plane) % p.channels;
+    auto channel_of = [&](int k) { return gr.one_channel ? gr.c0 : channel_at(e0 + k, p.plane, p.channels); };
 
     if (p.x_hat) {
       float y[G];
 #pragma unroll
-      for (int k = 0; k < G; ++k) y[k] = codec::decode(q[k], s[k], Bits) - p.b[one_channel ? c0 : channel_of(k)];
+      for (int k = 0; k < G; ++k) y[k] = codec::decode(q[k], s[k], Bits) - p.b[channel_of(k)];
       store(p.x_hat, y);
     }
     if (p.r) {
       float y[G];
 #pragma unroll
       for (int k = 0; k < G; ++k) {
-        const float t = __fmul_rn(p.gamma[one_channel ? c0 : channel_of(k)], codec::decode(q[k], s[k], Bits));
+        const float t = __fmul_rn(p.gamma[channel_of(k)], codec::decode(q[k], s[k], Bits));
         y[k] = t > 0.0f ? t : 0.0f;
       }
       store(p.r, y);
