@@ -6,7 +6,9 @@
 //   element 2j in the low nibble and 2j+1 in the high nibble of byte j.
 // A thread owns whole bytes, so two codes that share a byte are written by one thread.
 // Floats are loaded/stored as float4 when the pointer is 16-byte aligned; the last,
-// partial group and misaligned tensors take the scalar path.
+// partial group and misaligned tensors take the scalar path. Every per-element loop is
+// unrolled over the whole group with a guard, so the small arrays stay in registers
+// (a loop bounded by n put them in local memory: check `-Xptxas -v` for 0 bytes of stack).
 #include "codec_kernels.h"
 
 #include <c10/cuda/CUDAException.h>
@@ -122,7 +124,9 @@ __global__ void pack_kernel(PackParams p) {
         w.y = q[4] | q[5] << 8 | q[6] << 16 | q[7] << 24;
         *reinterpret_cast<uint2*>(out) = w;
       } else {
-        for (int k = 0; k < n; ++k) out[k] = static_cast<uint8_t>(q[k]);
+#pragma unroll
+        for (int k = 0; k < kGroup; ++k)
+          if (k < n) out[k] = static_cast<uint8_t>(q[k]);
       }
     } else {
       uint8_t* out = p.codes + e0 / 2;
@@ -132,9 +136,10 @@ __global__ void pack_kernel(PackParams p) {
         for (int k = 0; k < kGroup; ++k) w |= q[k] << (4 * k);
         *reinterpret_cast<uint32_t*>(out) = w;
       } else {
-        for (int k = 0; k < n; k += 2) {  // the padding nibble past an odd count is 0
+#pragma unroll
+        for (int k = 0; k < kGroup; k += 2) {  // the padding nibble past an odd count is 0
           const uint32_t hi = k + 1 < n ? q[k + 1] : 0u;
-          out[k / 2] = static_cast<uint8_t>(q[k] | hi << 4);
+          if (k < n) out[k / 2] = static_cast<uint8_t>(q[k] | hi << 4);
         }
       }
     }
@@ -187,7 +192,9 @@ __global__ void unpack_kernel(UnpackParams p) {
       if (full) {
         *reinterpret_cast<float4*>(dst + e0) = make_float4(y[0], y[1], y[2], y[3]);
       } else {
-        for (int k = 0; k < n; ++k) dst[e0 + k] = y[k];
+#pragma unroll
+        for (int k = 0; k < G; ++k)
+          if (k < n) dst[e0 + k] = y[k];
       }
     };
     // Channel parameters are looked up per element only when a group straddles two planes.
@@ -209,7 +216,9 @@ __global__ void unpack_kernel(UnpackParams p) {
       store(p.r, y);
     }
     if (p.mask) {
-      for (int k = 0; k < n; ++k) p.mask[e0 + k] = codec::mask(q[k], s[k]);
+#pragma unroll
+      for (int k = 0; k < G; ++k)
+        if (k < n) p.mask[e0 + k] = codec::mask(q[k], s[k]);
     }
     if (p.grad) {
       float y[G];
