@@ -1,10 +1,12 @@
 // blpa-train: trains a ResNet with approximate activations. Defaults are the paper's CIFAR
-// protocol (DESIGN.md 1.7); without --data-dir it trains on Debian's Fashion-MNIST.
+// protocol (DESIGN.md 1.7); --preset imagenet is its ResNet-152 ImageNet protocol; without
+// --data-dir it trains on Debian's Fashion-MNIST.
 #include <blpa/train.h>
 #include <spdlog/spdlog.h>
 
 #include <atomic>
 #include <csignal>
+#include <cstdlib>
 #include <cxxopts.hpp>
 #include <iostream>
 #include <sstream>
@@ -20,6 +22,13 @@ extern "C" void on_signal(int sig) {
   g_signal.store(sig);
   g_stop.store(true);
   std::signal(sig, SIG_DFL);
+}
+
+std::string default_cache() {
+  const char* xdg = std::getenv("XDG_CACHE_HOME");
+  const char* home = std::getenv("HOME");
+  if (xdg && *xdg) return std::string(xdg) + "/blpa";
+  return home && *home ? std::string(home) + "/.cache/blpa" : "";
 }
 
 std::vector<int64_t> parse_steps(const std::string& s) {
@@ -44,8 +53,10 @@ int main(int argc, char** argv) {
                                       "data set is Fashion-MNIST from /usr/share/datasets/fashion-mnist.\n");
   // clang-format off
   opts.add_options("Data")
-    ("dataset", "auto, cifar10, cifar100, cifar100-coarse, fashion-mnist or mnist (auto: from the files in --data-dir)", cxxopts::value<std::string>()->default_value("auto"))
-    ("data-dir", "Directory with the data set's official files (default: Debian's Fashion-MNIST)", cxxopts::value<std::string>())
+    ("preset", "imagenet: the paper's ResNet-152 ImageNet protocol (--dataset imagenet --model imagenet --depth 152 --batch 256 --iterations 640000 --lr 0.1 --warmup 0 --lr-steps 160000,320000,480000 --weight-decay 1e-4 --eval-every 20000 --checkpoint-every 5000); flags given explicitly win", cxxopts::value<std::string>())
+    ("dataset", "auto, cifar10, cifar100, cifar100-coarse, fashion-mnist, mnist or imagenet (auto: from the files in --data-dir)", cxxopts::value<std::string>()->default_value("auto"))
+    ("data-dir", "Directory with the data set's official files (default: Debian's Fashion-MNIST); for imagenet the folder holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG", cxxopts::value<std::string>())
+    ("index-cache", "imagenet: directory where the scanned file lists are cached, keyed by the folders' contents ('' to disable)", cxxopts::value<std::string>()->default_value(default_cache()))
     ("train-subset", "Train on the first N training images (0: all)", cxxopts::value<int64_t>()->default_value("0"))
     ("test-subset", "Evaluate on the first N test images (0: all)", cxxopts::value<int64_t>()->default_value("0"))
     ("no-augment", "Disable pad-4 random crops and horizontal flips");
@@ -55,7 +66,8 @@ int main(int argc, char** argv) {
     ("mode", "plain, exact, blpa or naive", cxxopts::value<std::string>()->default_value("blpa"))
     ("bits", "Bits per stored activation for blpa and naive: 8 or 4", cxxopts::value<int>()->default_value("4"));
   opts.add_options("Optimisation")
-    ("batch", "Batch size", cxxopts::value<int64_t>()->default_value("128"))
+    ("batch", "Batch size (of one update)", cxxopts::value<int64_t>()->default_value("128"))
+    ("accum-steps", "Process each batch in this many equal parts and accumulate their gradients: the same update in less memory (BatchNorm then normalises each part by its own statistics)", cxxopts::value<int64_t>()->default_value("1"))
     ("iterations", "Training iterations", cxxopts::value<int64_t>()->default_value("64000"))
     ("lr", "Learning rate after warm-up", cxxopts::value<double>()->default_value("0.1"))
     ("warmup", "Warm-up iterations", cxxopts::value<int64_t>()->default_value("400"))
@@ -87,35 +99,45 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (!a.unmatched().empty()) throw std::invalid_argument("unexpected argument '" + a.unmatched()[0] + "'");
-    c.dataset = a["dataset"].as<std::string>();
+    const std::string preset = a.count("preset") ? a["preset"].as<std::string>() : "";
+    if (!preset.empty() && preset != "imagenet")
+      throw std::invalid_argument("--preset must be imagenet, got '" + preset + "'");
+    // A preset value unless the flag was given; otherwise the flag's value or default.
+    auto pick = [&](const char* name, auto preset_value) {
+      using T = decltype(preset_value);
+      return !preset.empty() && a.count(name) == 0 ? preset_value : a[name].as<T>();
+    };
+    c.dataset = pick("dataset", std::string("imagenet"));
     if (a.count("data-dir")) c.data_dir = a["data-dir"].as<std::string>();
+    c.index_cache = a["index-cache"].as<std::string>();
     c.train_subset = a["train-subset"].as<int64_t>();
     c.test_subset = a["test-subset"].as<int64_t>();
     c.augment = a.count("no-augment") == 0;
-    c.arch = a["model"].as<std::string>();
-    c.depth = a["depth"].as<int>();
+    c.arch = pick("model", std::string("imagenet"));
+    c.depth = pick("depth", 152);
     c.mode = {blpa::parse_mode(a["mode"].as<std::string>()), a["bits"].as<int>()};
     if (a.count("bits") && (c.mode.mode == blpa::Mode::plain || c.mode.mode == blpa::Mode::exact))
       throw std::invalid_argument("--bits applies to --mode blpa and naive, not " + blpa::to_string(c.mode.mode));
-    c.batch = a["batch"].as<int64_t>();
-    c.iterations = a["iterations"].as<int64_t>();
-    c.lr = a["lr"].as<double>();
-    c.warmup = a["warmup"].as<int64_t>();
+    c.batch = pick("batch", int64_t{256});
+    c.accum_steps = a["accum-steps"].as<int64_t>();
+    c.iterations = pick("iterations", int64_t{640000});
+    c.lr = pick("lr", 0.1);
+    c.warmup = pick("warmup", int64_t{0});
     c.warmup_lr = a["warmup-lr"].as<double>();
-    c.steps = parse_steps(a["lr-steps"].as<std::string>());
+    c.steps = parse_steps(pick("lr-steps", std::string("160000,320000,480000")));
     c.factor = a["lr-factor"].as<double>();
     c.momentum = a["momentum"].as<double>();
-    c.weight_decay = a["weight-decay"].as<double>();
+    c.weight_decay = pick("weight-decay", 1e-4);
     c.device = a["device"].as<std::string>();
     c.seed = a["seed"].as<uint64_t>();
     c.threads = a["threads"].as<int>();
     c.workers = a["workers"].as<int>();
     c.prefetch = a["prefetch"].as<int>();
     c.log_every = a["log-every"].as<int64_t>();
-    c.eval_every = a["eval-every"].as<int64_t>();
+    c.eval_every = pick("eval-every", int64_t{20000});
     if (a.count("log")) c.log_path = a["log"].as<std::string>();
     if (a.count("checkpoint")) c.checkpoint = a["checkpoint"].as<std::string>();
-    c.checkpoint_every = a["checkpoint-every"].as<int64_t>();
+    c.checkpoint_every = pick("checkpoint-every", int64_t{5000});
     c.resume = a.count("resume") > 0;
     if (a.count("export")) c.export_path = a["export"].as<std::string>();
     c.progress = a.count("quiet") == 0;
@@ -135,8 +157,8 @@ int main(int argc, char** argv) {
                                         : "; checkpoint " + c.checkpoint + " written, continue with --resume");
       return 128 + g_signal.load();
     }
-    spdlog::info("done: {} iterations, last training loss {:.4f}, test loss {:.4f}, test error {:.2f}%",
-                 r.iteration, r.last_loss, r.test_loss, 100 * (1 - r.test_acc));
+    spdlog::info("done: {} iterations, last training loss {:.4f}, test loss {:.4f}, test error {:.2f}% (top-5 {:.2f}%)",
+                 r.iteration, r.last_loss, r.test_loss, 100 * (1 - r.test_acc), 100 * (1 - r.test_top5));
     return 0;
   } catch (const blpa::NonFiniteLoss& e) {
     spdlog::error("{}", e.what());

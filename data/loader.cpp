@@ -17,9 +17,9 @@ uint64_t mix(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-uint64_t hash(uint64_t a, uint64_t b, uint64_t c = 0) { return mix(mix(mix(a) ^ b) ^ c); }
-
 }  // namespace
+
+uint64_t counter_hash(uint64_t a, uint64_t b, uint64_t c) { return mix(mix(mix(a) ^ b) ^ c); }
 
 Normalisation channel_stats(const Dataset& d) {
   // One pass over the uint8 pixels with exact integer sums: no float copy of the data set.
@@ -60,7 +60,7 @@ Batch make_batch(const Dataset& d, const std::vector<int64_t>& indices, const No
     int64_t dy = 0, dx = 0;
     bool flip = false;
     if (augment) {
-      const uint64_t h = hash(stream, static_cast<uint64_t>(s));
+      const uint64_t h = counter_hash(stream, static_cast<uint64_t>(s));
       const int64_t span = 2 * augment->pad + 1;
       dy = static_cast<int64_t>(h % span) - augment->pad;
       dx = static_cast<int64_t>((h >> 16) % span) - augment->pad;
@@ -93,7 +93,7 @@ std::vector<int64_t> batch_indices(int64_t n, int64_t batch_size, uint64_t seed,
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), 0);
   for (int64_t i = n - 1; i > 0; --i) {
-    const uint64_t r = hash(seed, static_cast<uint64_t>(epoch), static_cast<uint64_t>(i));
+    const uint64_t r = counter_hash(seed, static_cast<uint64_t>(epoch), static_cast<uint64_t>(i));
     std::swap(order[i], order[r % static_cast<uint64_t>(i + 1)]);
   }
   return std::vector<int64_t>(order.begin() + pos * batch_size, order.begin() + (pos + 1) * batch_size);
@@ -101,21 +101,25 @@ std::vector<int64_t> batch_indices(int64_t n, int64_t batch_size, uint64_t seed,
 
 TrainLoader::TrainLoader(const Dataset& d, int64_t batch_size, uint64_t seed, Normalisation norm, Augment augment,
                          int64_t first_batch, int workers, int prefetch)
-    : dataset_(d),
-      batch_size_(batch_size),
-      seed_(seed),
-      norm_(std::move(norm)),
-      augment_(augment),
-      workers_(std::max(1, workers)),
-      prefetch_(std::max(1, prefetch)),
-      next_(first_batch) {
-  if (d.size() < batch_size)
+    : batches_per_epoch_(batch_size > 0 ? d.size() / batch_size : 0),
+      stream_(
+          [&d, batch_size, seed, norm = std::move(norm), augment, per_epoch = batches_per_epoch_](int64_t b) {
+            // The epoch's order is recomputed per batch: O(n) hashing, small next to a step.
+            const auto indices = batch_indices(d.size(), batch_size, seed, b);
+            return make_batch(d, indices, norm, &augment, counter_hash(seed, 0xA5A5A5A5ull, b / per_epoch));
+          },
+          first_batch, workers, prefetch) {
+  if (batches_per_epoch_ == 0)
     throw std::invalid_argument("batch size " + std::to_string(batch_size) + " exceeds the data set (" +
                                 std::to_string(d.size()) + " samples)");
+}
+
+BatchStream::BatchStream(std::function<Batch(int64_t)> make, int64_t first_batch, int workers, int prefetch)
+    : make_(std::move(make)), workers_(std::max(1, workers)), prefetch_(std::max(1, prefetch)), next_(first_batch) {
   for (int w = 0; w < workers_; ++w) threads_.emplace_back([this, first_batch, w] { work(first_batch + w); });
 }
 
-TrainLoader::~TrainLoader() {
+BatchStream::~BatchStream() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stop_ = true;
@@ -124,28 +128,36 @@ TrainLoader::~TrainLoader() {
   for (auto& t : threads_) t.join();
 }
 
-void TrainLoader::work(int64_t b) {
+void BatchStream::work(int64_t b) {
   for (;; b += workers_) {
     {
       std::unique_lock<std::mutex> lock(mutex_);
       cv_.wait(lock, [&] { return stop_ || b < next_ + prefetch_; });
       if (stop_) return;
     }
-    // The epoch's order is recomputed per batch: O(n) hashing, small next to a training step.
-    const auto indices = batch_indices(dataset_.size(), batch_size_, seed_, b);
-    const int64_t epoch = b / batches_per_epoch();
-    Batch batch = make_batch(dataset_, indices, norm_, &augment_, hash(seed_, 0xA5A5A5A5ull, epoch));
+    Batch batch;
+    std::exception_ptr error;
+    try {
+      batch = make_(b);
+    } catch (...) {
+      error = std::current_exception();
+    }
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      ready_.emplace(b, std::move(batch));
+      if (error)
+        failed_.emplace(b, error);
+      else
+        ready_.emplace(b, std::move(batch));
     }
     cv_.notify_all();
+    if (error) return;  // this worker's later batches would be waited for in vain; next() rethrows
   }
 }
 
-Batch TrainLoader::next() {
+Batch BatchStream::next() {
   std::unique_lock<std::mutex> lock(mutex_);
-  cv_.wait(lock, [&] { return ready_.count(next_) > 0; });
+  cv_.wait(lock, [&] { return ready_.count(next_) > 0 || failed_.count(next_) > 0; });
+  if (auto f = failed_.find(next_); f != failed_.end()) std::rethrow_exception(f->second);
   Batch b = std::move(ready_.at(next_));
   ready_.erase(next_);
   ++next_;

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fmt/format.h>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <torch/torch.h>
 #include <caffe2/serialize/inline_container.h>
@@ -17,6 +18,7 @@
 #include <torch/csrc/jit/serialization/pickler.h>
 
 #include "blpa/dataset.h"
+#include "blpa/imagenet.h"
 #include "blpa/loader.h"
 #include "blpa/memory.h"
 #include "blpa/resnet.h"
@@ -34,13 +36,15 @@ std::string resolve_dataset(const TrainConfig& c) {
   if (c.dataset != "auto") return c.dataset;
   if (c.data_dir.empty()) return "fashion-mnist";
   const fs::path d(c.data_dir);
+  if (fs::exists(d / "train") && fs::exists(d / "val")) return "imagenet";
   if (fs::exists(d / "data_batch_1.bin")) return "cifar10";
   if (fs::exists(d / "train.bin")) return "cifar100";
   if (fs::exists(d / "train-images-idx3-ubyte") || fs::exists(d / "train-images-idx3-ubyte.gz"))
     return "fashion-mnist";
   throw std::runtime_error("--data-dir " + c.data_dir +
-                           ": no CIFAR-10 (data_batch_1.bin), CIFAR-100 (train.bin) or IDX "
-                           "(train-images-idx3-ubyte[.gz]) files found; name the data set with --dataset");
+                           ": no CIFAR-10 (data_batch_1.bin), CIFAR-100 (train.bin), IDX "
+                           "(train-images-idx3-ubyte[.gz]) files or ImageNet folders (train/, val/) found; name the "
+                           "data set with --dataset");
 }
 
 data::Dataset subset(data::Dataset d, int64_t n) {
@@ -51,6 +55,20 @@ data::Dataset subset(data::Dataset d, int64_t n) {
   return d;
 }
 
+// N images spread evenly over the list (which is sorted by class), so that all classes stay.
+data::ImageList strided_subset(data::ImageList l, int64_t n) {
+  if (n <= 0 || n >= l.size()) return l;
+  data::ImageList out = l;
+  out.paths.clear();
+  out.labels.clear();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t k = i * l.size() / n;
+    out.paths.push_back(l.paths[k]);
+    out.labels.push_back(l.labels[k]);
+  }
+  return out;
+}
+
 // Atomic: written to a temporary file in the same directory, flushed to disk, renamed over
 // the old checkpoint. A crash at any point leaves the previous checkpoint intact.
 void save_checkpoint(const std::string& path, const TrainConfig& c, int64_t iteration, ResNet& model,
@@ -59,6 +77,7 @@ void save_checkpoint(const std::string& path, const TrainConfig& c, int64_t iter
   archive.write("blpa_format", c10::IValue(kCheckpointFormat));
   archive.write("blpa_identity", c10::IValue(c.identity()));
   archive.write("blpa_config", c10::IValue(c.describe()));
+  archive.write("blpa_net", c10::IValue(std::vector<int64_t>{model->config().in_channels, model->config().num_classes}));
   archive.write("blpa_iteration", c10::IValue(iteration));
   torch::serialize::OutputArchive m, o;
   model->save(m);
@@ -131,29 +150,51 @@ void export_state_dict(const std::string& path, ResNet& model) {
   fs::rename(tmp, path);
 }
 
-struct Eval {
-  double loss, acc;
+// Loss, top-1 and top-5 over batches whose labels may be -1 (an image that failed to
+// decode: left out). `views` rows of the batch belong to each label (10-crop: 10); their
+// softmax outputs are averaged.
+struct EvalSums {
+  double loss = 0;
+  int64_t top1 = 0, top5 = 0, count = 0;
+  void add(const torch::Tensor& logits, const torch::Tensor& labels_in, int64_t views) {
+    auto labels = labels_in.to(logits.device());
+    auto prob = torch::softmax(logits.to(torch::kFloat), 1);
+    if (views > 1) prob = prob.view({labels.size(0), views, -1}).mean(1);
+    auto valid = labels.ge(0);
+    const int64_t n = valid.sum().item<int64_t>();
+    if (n == 0) return;
+    if (n < labels.size(0)) {
+      auto keep = valid.nonzero().squeeze(1);
+      prob = prob.index_select(0, keep);
+      labels = labels.index_select(0, keep);
+    }
+    loss += torch::nll_loss(prob.clamp_min(1e-30).log(), labels, {}, at::Reduction::Sum).item<double>();
+    auto k = std::min<int64_t>(5, prob.size(1));
+    auto top = std::get<1>(prob.topk(k, 1));
+    auto hit = top.eq(labels.unsqueeze(1));
+    top1 += hit.select(1, 0).sum().item<int64_t>();
+    top5 += hit.any(1).sum().item<int64_t>();
+    count += n;
+  }
+  EvalResult result(int64_t failed) const {
+    const double n = std::max<int64_t>(count, 1);
+    return {loss / n, top1 / n, top5 / n, count, failed};
+  }
 };
 
-Eval evaluate(ResNet& model, const data::Dataset& test, const data::Normalisation& norm, int64_t batch,
-              const torch::Device& dev) {
+EvalResult evaluate(ResNet& model, const data::Dataset& test, const data::Normalisation& norm, int64_t batch,
+                    const torch::Device& dev) {
   torch::NoGradGuard no_grad;
   model->eval();
-  double loss = 0;
-  int64_t correct = 0;
+  EvalSums sums;
   for (int64_t s = 0; s < test.size(); s += batch) {
     std::vector<int64_t> idx;
     for (int64_t i = s; i < std::min(test.size(), s + batch); ++i) idx.push_back(i);
     auto b = data::make_batch(test, idx, norm, nullptr, 0);
-    auto out = model->forward(b.images.to(dev));
-    auto labels = b.labels.to(dev);
-    loss += torch::nn::functional::cross_entropy(
-                out, labels, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
-                .item<double>();
-    correct += out.argmax(1).eq(labels).sum().item<int64_t>();
+    sums.add(model->forward(b.images.to(dev)), b.labels, 1);
   }
   model->train();
-  return {loss / test.size(), static_cast<double>(correct) / test.size()};
+  return sums.result(0);
 }
 
 std::string duration(double s) {
@@ -163,6 +204,104 @@ std::string duration(double s) {
 }
 
 }  // namespace
+
+EvalResult evaluate_images(ResNet& model, const data::ImageList& list, const ImageEvalOptions& o) {
+  torch::NoGradGuard no_grad;
+  const bool was_training = model->is_training();
+  model->eval();
+  const torch::Device dev(o.device);
+  const int64_t batches = (list.size() + o.batch - 1) / o.batch;
+  data::DecodeErrors errors;
+  const auto norm = data::imagenet_normalisation();
+  const bool pin = dev.is_cuda();
+  data::BatchStream stream(
+      [&](int64_t b) {
+        if (b >= batches) return data::Batch{};
+        const int64_t first = b * o.batch, n = std::min(o.batch, list.size() - first);
+        auto batch = data::imagenet_eval_batch(list, first, n, o.resize_short, o.crop, o.ten_crop, norm, &errors);
+        if (pin) batch.images = batch.images.pin_memory();
+        return batch;
+      },
+      0, o.workers, o.workers + 1);
+  EvalSums sums;
+  for (int64_t b = 0; b < batches; ++b) {
+    auto batch = stream.next();
+    sums.add(model->forward(batch.images.to(dev, /*non_blocking=*/true)), batch.labels, o.ten_crop ? 10 : 1);
+    if (o.progress && ((b + 1) % 20 == 0 || b + 1 == batches))
+      fmt::print(stderr, "\revaluated {}/{} images", std::min((b + 1) * o.batch, list.size()), list.size());
+  }
+  if (o.progress) fmt::print(stderr, "\n");
+  if (was_training) model->train();
+  return sums.result(errors.count.load());
+}
+
+double accumulate_gradients(ResNet& model, const torch::Tensor& x, const torch::Tensor& y, int64_t steps,
+                            int64_t* stored_bytes) {
+  TORCH_CHECK(steps >= 1 && x.size(0) % steps == 0, "the batch (", x.size(0), ") must split into ", steps,
+              " equal parts");
+  const int64_t part = x.size(0) / steps;
+  torch::Tensor total = torch::zeros({}, x.options().dtype(torch::kFloat));
+  for (int64_t j = 0; j < steps; ++j) {
+    auto xj = x.narrow(0, j * part, part), yj = y.narrow(0, j * part, part);
+    const int64_t before = memory::allocated(x.device());
+    auto out = model->forward(xj);
+    if (j == 0 && stored_bytes)
+      *stored_bytes = memory::allocated(x.device()) - before - static_cast<int64_t>(out.nbytes());
+    // Each part's mean loss weighs 1/steps: the gradient is that of the whole batch's mean.
+    auto loss = torch::nn::functional::cross_entropy(out, yj) / static_cast<double>(steps);
+    loss.backward();
+    total += loss.detach();
+  }
+  return total.item<double>();  // read once backward is queued: no stall between the parts
+}
+
+EvalResult evaluate_checkpoint(const CheckpointEval& e) {
+  torch::serialize::InputArchive archive;
+  try {
+    archive.load_from(e.checkpoint);
+  } catch (const c10::Error& err) {
+    std::string why = err.what_without_backtrace();
+    throw std::runtime_error("checkpoint " + e.checkpoint + " cannot be read (" + why.substr(0, why.find(". ")) + ")");
+  }
+  c10::IValue v;
+  if (!archive.try_read("blpa_format", v) || v.toInt() != kCheckpointFormat || !archive.try_read("blpa_config", v))
+    throw std::runtime_error("checkpoint " + e.checkpoint + " is not a blpa checkpoint");
+  std::map<std::string, std::string> kv;  // describe()'s key=value lines
+  std::istringstream lines(v.toStringRef());
+  for (std::string line; std::getline(lines, line);)
+    if (const auto eq = line.find('='); eq != std::string::npos) kv[line.substr(0, eq)] = line.substr(eq + 1);
+  const std::string dataset = kv["dataset"];
+  const std::string dir = !e.data_dir.empty() ? e.data_dir
+                          : !kv["data_dir"].empty() ? kv["data_dir"]
+                                                    : std::string(data::kDebianFashionMnist);
+  NetConfig net;
+  net.arch = kv["arch"];
+  net.depth = std::stoi(kv["depth"]);
+  const std::string mode = kv["mode"];
+  const auto dash = mode.find('-');
+  net.mode = {parse_mode(mode.substr(0, dash)), dash == std::string::npos ? 8 : std::stoi(mode.substr(dash + 1))};
+  if (!archive.try_read("blpa_net", v)) throw std::runtime_error("checkpoint " + e.checkpoint + " predates blpa-eval (no network shape)");
+  const auto shape = v.toIntVector();
+  net.in_channels = shape.at(0);
+  net.num_classes = shape.at(1);
+  ResNet model(net);
+  torch::serialize::InputArchive m;
+  archive.read("model", m);
+  model->load(m);
+  const torch::Device dev(e.options.device);
+  model->to(dev);
+  model->eval();
+  if (dataset == "imagenet") {
+    data::ScanReport report;
+    data::ImageList val = data::scan_image_folder(dir + "/val", e.index_cache, std::max(4, e.options.workers), &report);
+    if (val.num_classes != net.num_classes)
+      throw std::runtime_error(dir + "/val has " + std::to_string(val.num_classes) + " classes; the network has " +
+                               std::to_string(net.num_classes));
+    return evaluate_images(model, strided_subset(std::move(val), e.subset), e.options);
+  }
+  const data::Dataset train = data::load(dataset, dir, true), test = subset(data::load(dataset, dir, false), e.subset);
+  return evaluate(model, test, data::channel_stats(train), e.options.batch, dev);
+}
 
 double TrainConfig::lr_at(int64_t it) const {
   if (it < warmup) return warmup_lr;
@@ -181,9 +320,9 @@ std::string TrainConfig::describe() const {
   return fmt::format(
       "dataset={}\ndata_dir={}\ntrain_subset={}\ntest_subset={}\naugment={}\narch={}\ndepth={}\nmode={}\nbatch={}\n"
       "iterations={}\nlr={}\nwarmup={}\nwarmup_lr={}\nsteps={}\nfactor={}\nmomentum={}\nweight_decay={}\ndevice={}\n"
-      "seed={}\nthreads={}\nworkers={}\n",
+      "seed={}\nthreads={}\nworkers={}\naccum_steps={}\n",
       dataset, data_dir, train_subset, test_subset, augment, arch, depth, mode.str(), batch, iterations, lr, warmup,
-      warmup_lr, fmt::join(steps, ","), factor, momentum, weight_decay, device, seed, threads, workers);
+      warmup_lr, fmt::join(steps, ","), factor, momentum, weight_decay, device, seed, threads, workers, accum_steps);
 }
 
 void TrainConfig::validate() const {
@@ -203,6 +342,7 @@ void TrainConfig::validate() const {
   if (log_every <= 0 || eval_every < 0 || checkpoint_every <= 0)
     bad("--log-every and --checkpoint-every must be positive, --eval-every >= 0");
   if (workers <= 0 || prefetch <= 0) bad("--workers and --prefetch must be positive");
+  if (accum_steps <= 0 || batch % accum_steps != 0) bad("--accum-steps must be positive and divide --batch");
 }
 
 TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
@@ -215,20 +355,38 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   if (dev.is_cuda() && !torch::cuda::is_available()) throw std::runtime_error("--device cuda: no CUDA device");
   memory::install_cpu_counter();
 
-  const data::Dataset train_set = subset(data::load(config.dataset, dir, true), config.train_subset);
-  const data::Dataset test_set = subset(data::load(config.dataset, dir, false), config.test_subset);
-  if (train_set.images.sizes().slice(1) != test_set.images.sizes().slice(1))
-    throw std::runtime_error("training and test images differ in shape");
-  const data::Normalisation norm = data::channel_stats(train_set);
-  spdlog::info("{}: {} training / {} test images of {}x{}x{}, {} classes", config.dataset, train_set.size(),
-               test_set.size(), train_set.images.size(1), train_set.images.size(2), train_set.images.size(3),
-               train_set.num_classes);
+  // The data: in memory (CIFAR, MNIST-style) or JPEG folders decoded on the fly (ImageNet).
+  const bool pin = dev.is_cuda();
+  data::Dataset train_set, test_set;
+  data::ImageList train_list, val_list;
+  data::Normalisation norm;
+  int64_t in_channels = 3, num_classes = 0;
+  if (config.dataset == "imagenet") {
+    auto splits = data::load_imagenet(dir, config.index_cache, std::max(4, config.workers));
+    train_list = strided_subset(std::move(splits.train), config.train_subset);
+    val_list = strided_subset(std::move(splits.val), config.test_subset);
+    num_classes = train_list.num_classes;
+    norm = data::imagenet_normalisation();
+    spdlog::info("imagenet: {} training / {} validation images, {} classes", train_list.size(), val_list.size(),
+                 num_classes);
+  } else {
+    train_set = subset(data::load(config.dataset, dir, true), config.train_subset);
+    test_set = subset(data::load(config.dataset, dir, false), config.test_subset);
+    if (train_set.images.sizes().slice(1) != test_set.images.sizes().slice(1))
+      throw std::runtime_error("training and test images differ in shape");
+    norm = data::channel_stats(train_set);
+    in_channels = train_set.images.size(1);
+    num_classes = train_set.num_classes;
+    spdlog::info("{}: {} training / {} test images of {}x{}x{}, {} classes", config.dataset, train_set.size(),
+                 test_set.size(), train_set.images.size(1), train_set.images.size(2), train_set.images.size(3),
+                 num_classes);
+  }
 
   NetConfig net;
   net.arch = config.arch;
   net.depth = config.depth;
-  net.in_channels = train_set.images.size(1);
-  net.num_classes = train_set.num_classes;
+  net.in_channels = in_channels;
+  net.num_classes = num_classes;
   net.mode = config.mode;
   torch::manual_seed(config.seed);
   ResNet model(net);
@@ -264,8 +422,41 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   spdlog::info("model {}-{} ({} parameters), mode {}, batch {}, {} iterations, device {}", config.arch, config.depth,
                params, config.mode.str(), config.batch, config.iterations, dev.str());
 
-  data::TrainLoader loader(train_set, config.batch, config.seed, norm, data::Augment{config.augment ? 4 : 0, config.augment},
-                           it, config.workers, config.prefetch);
+  std::unique_ptr<data::TrainLoader> memory_loader;
+  std::unique_ptr<data::BatchStream> image_loader;
+  data::DecodeErrors decode_errors;
+  int64_t per_epoch = 0;
+  std::function<data::Batch()> next_batch;
+  std::function<EvalResult()> run_eval;
+  if (config.dataset == "imagenet") {
+    per_epoch = train_list.size() / config.batch;
+    if (per_epoch == 0) throw std::invalid_argument("--batch exceeds the training images");
+    data::ImageNetAugment aug;
+    if (!config.augment) aug.min_short = aug.max_short = 256, aug.flip = false, aug.jitter_on = false;
+    image_loader = std::make_unique<data::BatchStream>(
+        [&, aug](int64_t b) {
+          const auto idx = data::batch_indices(train_list.size(), config.batch, config.seed, b);
+          auto batch = data::imagenet_train_batch(train_list, idx, aug, norm,
+                                                  data::counter_hash(config.seed, 0x5A5A5A5Aull, b / per_epoch),
+                                                  &decode_errors);
+          if (pin) batch.images = batch.images.pin_memory();
+          return batch;
+        },
+        it, config.workers, config.prefetch);
+    next_batch = [&] { return image_loader->next(); };
+    run_eval = [&] {
+      ImageEvalOptions o;
+      o.batch = config.batch, o.workers = config.workers, o.device = config.device;
+      return evaluate_images(model, val_list, o);
+    };
+  } else {
+    memory_loader = std::make_unique<data::TrainLoader>(
+        train_set, config.batch, config.seed, norm, data::Augment{config.augment ? 4 : 0, config.augment}, it,
+        config.workers, config.prefetch);
+    per_epoch = memory_loader->batches_per_epoch();
+    next_batch = [&] { return memory_loader->next(); };
+    run_eval = [&] { return evaluate(model, test_set, norm, config.batch, dev); };
+  }
   TrainResult result;
   const bool tty = config.progress && ::isatty(STDERR_FILENO);
   auto window_start = Clock::now();
@@ -283,18 +474,11 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   while (it < config.iterations) {
     const double lr = config.lr_at(it);
     for (auto& g : opt.param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr);
-    auto batch = loader.next();
-    auto x = batch.images.to(dev), y = batch.labels.to(dev);
+    auto batch = next_batch();
+    auto x = batch.images.to(dev, /*non_blocking=*/true), y = batch.labels.to(dev, /*non_blocking=*/true);
     opt.zero_grad();
-    const int64_t before = memory::allocated(dev);
-    auto out = model->forward(x);
-    stored = memory::allocated(dev) - before - static_cast<int64_t>(out.nbytes());
-    auto loss = torch::nn::functional::cross_entropy(out, y);
-    loss.backward();
-    // Read the loss only once backward is queued: on CUDA an earlier read would stall the
-    // launch of backward behind the whole forward pass. A bad loss still changes nothing: the
-    // update is not applied and no checkpoint is written.
-    const double loss_v = loss.item<double>();
+    // A bad loss changes nothing: the update is not applied and no checkpoint is written.
+    const double loss_v = accumulate_gradients(model, x, y, config.accum_steps, &stored);
     if (!std::isfinite(loss_v)) {
       throw NonFiniteLoss(fmt::format(
           "the loss became {} at iteration {} (learning rate {}); training stopped. {}", loss_v, it + 1, lr,
@@ -317,9 +501,10 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
       const int64_t peak = memory::peak(dev);
       if (log)
         log << fmt::format("{{\"type\": \"train\", \"iter\": {}, \"epoch\": {:.3f}, \"loss\": {:.6g}, \"lr\": {:.6g}, "
-                           "\"images_per_s\": {:.2f}, \"stored_activation_bytes\": {}, \"peak_bytes\": {}}}\n",
-                           it, double(it) / loader.batches_per_epoch(), window_loss / window_iters, lr, ips, stored,
-                           peak)
+                           "\"images_per_s\": {:.2f}, \"stored_activation_bytes\": {}, \"peak_bytes\": {}, "
+                           "\"decode_failures\": {}}}\n",
+                           it, double(it) / per_epoch, window_loss / window_iters, lr, ips, stored,
+                           peak, decode_errors.count.load())
             << std::flush;
       const std::string line =
           fmt::format("iter {}/{}  loss {:.4f}  lr {:.4g}  {:.1f} img/s  stored {:.1f} MiB  ETA {}", it,
@@ -334,15 +519,18 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
       memory::reset_peak(dev);
     }
     if ((config.eval_every > 0 && it % config.eval_every == 0) || last) {
-      const Eval e = evaluate(model, test_set, norm, config.batch, dev);
-      result.test_loss = e.loss;
-      result.test_acc = e.acc;
-      if (log)
-        log << fmt::format("{{\"type\": \"eval\", \"iter\": {}, \"test_loss\": {:.6g}, \"test_acc\": {:.6f}}}\n", it,
-                           e.loss, e.acc)
-            << std::flush;
       if (tty) fmt::print(stderr, "\n");
-      spdlog::info("iteration {}: test loss {:.4f}, test error {:.2f}%", it, e.loss, 100 * (1 - e.acc));
+      const EvalResult e = run_eval();
+      result.test_loss = e.loss;
+      result.test_acc = e.top1;
+      result.test_top5 = e.top5;
+      if (log)
+        log << fmt::format("{{\"type\": \"eval\", \"iter\": {}, \"test_loss\": {:.6g}, \"test_acc\": {:.6f}, "
+                           "\"test_top5\": {:.6f}, \"images\": {}, \"failed\": {}}}\n",
+                           it, e.loss, e.top1, e.top5, e.count, e.failed)
+            << std::flush;
+      spdlog::info("iteration {}: test loss {:.4f}, test error {:.2f}% (top-5 {:.2f}%)", it, e.loss,
+                   100 * (1 - e.top1), 100 * (1 - e.top5));
     }
     if (it % config.checkpoint_every == 0 || last) checkpoint();
     if (stop && stop->load() && !last) {

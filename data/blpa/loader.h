@@ -9,6 +9,8 @@
 
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -21,6 +23,10 @@ namespace blpa::data {
 struct Normalisation {
   std::vector<float> mean, std;  // per channel, of pixel / 255
 };
+
+// splitmix64 of (a, b, c): the counter-based hash behind every random choice of the data
+// pipeline (the same on every platform and standard library).
+uint64_t counter_hash(uint64_t a, uint64_t b, uint64_t c = 0);
 
 // Per-channel mean and standard deviation of a data set's pixels (scaled to [0, 1]).
 Normalisation channel_stats(const Dataset& d);
@@ -43,34 +49,44 @@ Batch make_batch(const Dataset& d, const std::vector<int64_t>& indices, const No
 // The samples of training batch `b`: epoch b / per_epoch in an order shuffled by (seed, epoch).
 std::vector<int64_t> batch_indices(int64_t dataset_size, int64_t batch_size, uint64_t seed, int64_t b);
 
-// An endless stream of training batches (the last partial batch of an epoch is dropped),
-// prepared by `workers` threads at most `prefetch` batches ahead.
-class TrainLoader {
+// Batches 0, 1, 2, ... of `make` (a pure function of the batch number), computed by
+// `workers` threads at most `prefetch` batches ahead of next(). An exception thrown by `make`
+// is rethrown by the next() that would have returned that batch.
+class BatchStream {
  public:
-  TrainLoader(const Dataset& d, int64_t batch_size, uint64_t seed, Normalisation norm, Augment augment,
-              int64_t first_batch, int workers, int prefetch);
-  ~TrainLoader();
-  TrainLoader(const TrainLoader&) = delete;
-  TrainLoader& operator=(const TrainLoader&) = delete;
+  BatchStream(std::function<Batch(int64_t)> make, int64_t first_batch, int workers, int prefetch);
+  ~BatchStream();
+  BatchStream(const BatchStream&) = delete;
+  BatchStream& operator=(const BatchStream&) = delete;
 
   Batch next();
-  int64_t batches_per_epoch() const { return dataset_.size() / batch_size_; }
 
  private:
   void work(int64_t first);
 
-  const Dataset& dataset_;
-  const int64_t batch_size_;
-  const uint64_t seed_;
-  const Normalisation norm_;
-  const Augment augment_;
+  const std::function<Batch(int64_t)> make_;
   const int workers_, prefetch_;
   int64_t next_;  // the batch next() returns
   std::map<int64_t, Batch> ready_;
+  std::map<int64_t, std::exception_ptr> failed_;
   std::mutex mutex_;
   std::condition_variable cv_;
   bool stop_ = false;
   std::vector<std::thread> threads_;
+};
+
+// An endless stream of training batches (the last partial batch of an epoch is dropped).
+class TrainLoader {
+ public:
+  TrainLoader(const Dataset& d, int64_t batch_size, uint64_t seed, Normalisation norm, Augment augment,
+              int64_t first_batch, int workers, int prefetch);
+
+  Batch next() { return stream_.next(); }
+  int64_t batches_per_epoch() const { return batches_per_epoch_; }
+
+ private:
+  const int64_t batches_per_epoch_;
+  BatchStream stream_;
 };
 
 }  // namespace blpa::data

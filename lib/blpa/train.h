@@ -7,16 +7,19 @@
 #include <string>
 #include <vector>
 
+#include "blpa/imagenet.h"
+#include "blpa/resnet.h"
 #include "blpa/unit.h"
 
 namespace blpa {
 
 struct TrainConfig {
   // Data
-  std::string dataset = "auto";  // auto | cifar10 | cifar100 | cifar100-coarse | fashion-mnist | mnist
-  std::string data_dir;          // empty: Debian's Fashion-MNIST
-  int64_t train_subset = 0;      // use the first N training samples (0: all)
-  int64_t test_subset = 0;       // evaluate on the first N test samples (0: all)
+  std::string dataset = "auto";  // auto | cifar10 | cifar100 | cifar100-coarse | fashion-mnist | mnist | imagenet
+  std::string data_dir;          // empty: Debian's Fashion-MNIST; imagenet: the folder holding train/ and val/
+  std::string index_cache;       // imagenet: where the scanned file lists are cached (empty: no cache)
+  int64_t train_subset = 0;      // use the first N training samples (0: all; imagenet: N spread over all classes)
+  int64_t test_subset = 0;       // evaluate on the first N test samples (0: all; imagenet: likewise)
   bool augment = true;
   // Model
   std::string arch = "cifar";
@@ -24,6 +27,7 @@ struct TrainConfig {
   ModeConfig mode{Mode::blpa, 4};
   // Optimisation (defaults: the paper's CIFAR protocol)
   int64_t batch = 128;
+  int64_t accum_steps = 1;  // the batch is processed in this many equal parts, one update
   int64_t iterations = 64000;
   double lr = 0.1;
   int64_t warmup = 400;  // iterations at warmup_lr before lr
@@ -61,8 +65,44 @@ struct TrainResult {
   int64_t iteration = 0;  // iterations completed
   bool interrupted = false;
   double last_loss = 0;
-  double test_loss = 0, test_acc = 0;  // last evaluation
+  double test_loss = 0, test_acc = 0, test_top5 = 0;  // last evaluation
 };
+
+struct EvalResult {
+  double loss = 0, top1 = 0, top5 = 0;
+  int64_t count = 0;   // images evaluated
+  int64_t failed = 0;  // images that could not be decoded (left out)
+};
+
+struct ImageEvalOptions {
+  int64_t batch = 64;
+  int resize_short = 256, crop = 224;
+  bool ten_crop = false;  // the 4 corners and the centre, and their mirrors; softmax averaged
+  int workers = 4;
+  std::string device = "cpu";
+  bool progress = false;
+};
+
+// Top-1/top-5 of a model on a list of JPEGs (ImageNet validation protocol).
+EvalResult evaluate_images(ResNet& model, const data::ImageList& list, const ImageEvalOptions& options);
+
+// Evaluates the network stored in a blpa-train checkpoint on its data set's test split
+// (ImageNet: val/, centre crop or 10 crops as `options` say).
+struct CheckpointEval {
+  std::string checkpoint;
+  std::string data_dir;     // empty: the one the checkpoint was trained on
+  std::string index_cache;  // imagenet only
+  int64_t subset = 0;       // 0: all test images
+  ImageEvalOptions options;
+};
+EvalResult evaluate_checkpoint(const CheckpointEval& e);
+
+// Forward and backward of a batch in `steps` equal parts, each part's mean loss weighted by
+// 1/steps, so the accumulated gradient equals the whole batch's up to BatchNorm, whose
+// statistics are those of each part. Returns the batch's mean loss. `stored_bytes`: what
+// autograd kept for the first part.
+double accumulate_gradients(ResNet& model, const torch::Tensor& x, const torch::Tensor& y, int64_t steps,
+                            int64_t* stored_bytes = nullptr);
 
 // Error thrown when the loss stops being finite: training stops, no checkpoint is written.
 struct NonFiniteLoss : std::runtime_error {

@@ -1,0 +1,86 @@
+// blpa-eval: top-1/top-5 of a blpa-train checkpoint on its data set's test split; for
+// ImageNet the validation protocol of DESIGN.md 1.7 (shorter side 256, centre crop or the
+// 10 crops: 4 corners + centre and their mirrors, softmax averaged).
+#include <blpa/train.h>
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include <cstdlib>
+#include <cxxopts.hpp>
+#include <iostream>
+
+namespace {
+
+std::string default_cache() {
+  const char* xdg = std::getenv("XDG_CACHE_HOME");
+  const char* home = std::getenv("HOME");
+  if (xdg && *xdg) return std::string(xdg) + "/blpa";
+  return home && *home ? std::string(home) + "/.cache/blpa" : "";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  cxxopts::Options opts("blpa-eval", "Evaluate a blpa-train checkpoint: top-1 and top-5 on the test split of the data "
+                                     "set it was trained on (ImageNet: val/).\n");
+  // clang-format off
+  opts.add_options()
+    ("checkpoint", "Checkpoint written by blpa-train --checkpoint", cxxopts::value<std::string>())
+    ("data-dir", "Data directory (default: the one the checkpoint was trained on)", cxxopts::value<std::string>())
+    ("ten-crop", "ImageNet: average the 10 crops (4 corners + centre, and their mirrors) instead of the centre crop")
+    ("resize", "ImageNet: shorter side before cropping", cxxopts::value<int>()->default_value("256"))
+    ("crop", "ImageNet: crop size", cxxopts::value<int>()->default_value("224"))
+    ("subset", "Evaluate N test images (0: all; ImageNet: spread over all classes)", cxxopts::value<int64_t>()->default_value("0"))
+    ("batch", "Images per batch (10-crop: times 10 crops)", cxxopts::value<int64_t>()->default_value("50"))
+    ("workers", "Decode threads", cxxopts::value<int>()->default_value("4"))
+    ("device", "cpu, cuda or cuda:N", cxxopts::value<std::string>()->default_value("cpu"))
+    ("index-cache", "Directory of cached ImageNet file lists ('' to disable)", cxxopts::value<std::string>()->default_value(default_cache()))
+    ("json", "Print one JSON object")
+    ("quiet", "No progress line")
+    ("h,help", "This help");
+  // clang-format on
+  blpa::CheckpointEval e;
+  bool json = false;
+  try {
+    auto a = opts.parse(argc, argv);
+    if (a.count("help")) {
+      std::cout << opts.help() << std::endl;
+      return 0;
+    }
+    if (!a.unmatched().empty()) throw std::invalid_argument("unexpected argument '" + a.unmatched()[0] + "'");
+    if (!a.count("checkpoint")) throw std::invalid_argument("--checkpoint is required");
+    e.checkpoint = a["checkpoint"].as<std::string>();
+    if (a.count("data-dir")) e.data_dir = a["data-dir"].as<std::string>();
+    e.index_cache = a["index-cache"].as<std::string>();
+    e.subset = a["subset"].as<int64_t>();
+    e.options.ten_crop = a.count("ten-crop") > 0;
+    e.options.resize_short = a["resize"].as<int>();
+    e.options.crop = a["crop"].as<int>();
+    e.options.batch = a["batch"].as<int64_t>();
+    e.options.workers = a["workers"].as<int>();
+    e.options.device = a["device"].as<std::string>();
+    e.options.progress = a.count("quiet") == 0 && a.count("json") == 0;
+    json = a.count("json") > 0;
+    if (e.options.batch <= 0 || e.options.workers <= 0) throw std::invalid_argument("--batch and --workers must be positive");
+    if (e.options.crop <= 0 || e.options.resize_short < e.options.crop)
+      throw std::invalid_argument("--crop must be positive and at most --resize");
+  } catch (const std::exception& ex) {
+    std::cerr << "blpa-eval: " << ex.what() << "\nRun blpa-eval --help for the options.\n";
+    return 2;
+  }
+  try {
+    const auto r = blpa::evaluate_checkpoint(e);
+    if (json)
+      fmt::print("{{\"checkpoint\": \"{}\", \"ten_crop\": {}, \"images\": {}, \"failed\": {}, \"loss\": {:.6f}, "
+                 "\"top1\": {:.6f}, \"top5\": {:.6f}}}\n",
+                 e.checkpoint, e.options.ten_crop, r.count, r.failed, r.loss, r.top1, r.top5);
+    else
+      fmt::print("{}: {} images{}: top-1 error {:.2f}%, top-5 error {:.2f}%, loss {:.4f}{}\n", e.checkpoint, r.count,
+                 e.options.ten_crop ? " (10 crops)" : "", 100 * (1 - r.top1), 100 * (1 - r.top5), r.loss,
+                 r.failed ? fmt::format(" ({} images could not be decoded)", r.failed) : "");
+    return 0;
+  } catch (const std::exception& ex) {
+    spdlog::error("{}", ex.what());
+    return 1;
+  }
+}
