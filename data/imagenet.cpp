@@ -255,6 +255,19 @@ CropBox source_box(int w, int h, double f, double cx, double cy, int crop) {
   return b;
 }
 
+std::array<float, 9> inverse(const std::array<float, 9>& a) {  // 3 x 3, by cofactors
+  auto at = [&](int r, int c) { return static_cast<double>(a[r * 3 + c]); };
+  std::array<double, 9> cof{};
+  for (int r = 0; r < 3; ++r)
+    for (int c = 0; c < 3; ++c)
+      cof[c * 3 + r] = at((r + 1) % 3, (c + 1) % 3) * at((r + 2) % 3, (c + 2) % 3) -
+                       at((r + 1) % 3, (c + 2) % 3) * at((r + 2) % 3, (c + 1) % 3);
+  const double det = at(0, 0) * cof[0] + at(0, 1) * cof[3] + at(0, 2) * cof[6];
+  std::array<float, 9> out{};
+  for (int i = 0; i < 9; ++i) out[i] = static_cast<float>(cof[i] / det);
+  return out;
+}
+
 double uniform(uint64_t key, uint64_t salt) {  // in [0, 1)
   return static_cast<double>(counter_hash(key, salt) >> 11) * 0x1.0p-53;
 }
@@ -319,7 +332,7 @@ ColourMap jitter_map(const Jitter& j, float mean_grey, uint64_t key) {
     for (int q = 0; q < 3; ++q) S[r * 3 + q] = (r == q ? s : 0.0f) + (1 - s) * L[q];
   // hue: a rotation of the chroma plane of YIQ by 2 pi hue (luma unchanged)
   const M3 T{0.299f, 0.587f, 0.114f, 0.596f, -0.274f, -0.322f, 0.211f, -0.523f, 0.312f};
-  const M3 Ti{1.0f, 0.956f, 0.621f, 1.0f, -0.272f, -0.647f, 1.0f, -1.106f, 1.703f};
+  const M3 Ti = inverse(T);  // exact, so hue 0 is the identity and greys stay grey
   const float th = 2.0f * std::numbers::pi_v<float> * hue, cs = std::cos(th), sn = std::sin(th);
   const M3 R{1, 0, 0, 0, cs, -sn, 0, sn, cs};
   const M3 HS = mul(mul(Ti, mul(R, T)), S);

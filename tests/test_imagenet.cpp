@@ -1,0 +1,324 @@
+// The ImageNet pipeline: folder scan, labels, cache, bad files, crop geometry, colour jitter,
+// 10-crop batches and gradient accumulation.
+#include <blpa/imagenet.h>
+#include <blpa/jpeg.h>
+#include <blpa/train.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
+#include <set>
+
+#include "test_support.h"
+
+namespace fs = std::filesystem;
+using namespace blpa::data;
+
+namespace {
+
+fs::path temp_tree(const std::string& tag) {
+  static int n = 0;
+  const fs::path p = fs::temp_directory_path() / ("blpa-imagenet-" + tag + "-" + std::to_string(::getpid()) + "-" +
+                                                   std::to_string(n++));
+  fs::create_directories(p);
+  return p;
+}
+
+void write_bytes(const fs::path& p, const std::vector<uint8_t>& bytes) {
+  fs::create_directories(p.parent_path());
+  std::ofstream out(p, std::ios::binary);
+  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+}
+
+// A w x h RGB image whose red channel grows with x and green with y, blue a function of seed.
+Image gradient(int w, int h, int seed = 0) {
+  Image img{w, h, std::vector<uint8_t>(size_t(w) * h * 3)};
+  for (int y = 0; y < h; ++y)
+    for (int x = 0; x < w; ++x) {
+      uint8_t* p = &img.rgb[(size_t(y) * w + x) * 3];
+      p[0] = static_cast<uint8_t>(x * 255 / std::max(1, w - 1));
+      p[1] = static_cast<uint8_t>(y * 255 / std::max(1, h - 1));
+      p[2] = static_cast<uint8_t>((seed * 37) % 256);
+    }
+  return img;
+}
+
+std::vector<uint8_t> jpeg_of(int w, int h, int seed) {
+  const Image img = gradient(w, h, seed);
+  return encode_jpeg(img.rgb.data(), w, h, JpegPixels::rgb, 90);
+}
+
+}  // namespace
+
+TEST_CASE("imagenet: classes are numbered in sorted wnid order and the index cache follows the tree", "[imagenet]") {
+  const fs::path root = temp_tree("scan");
+  const fs::path train = root / "train";
+  write_bytes(train / "n03" / "c1.JPEG", jpeg_of(40, 30, 1));
+  write_bytes(train / "n01" / "a1.JPEG", jpeg_of(40, 30, 2));
+  write_bytes(train / "n01" / "a2.jpg", jpeg_of(40, 30, 3));
+  write_bytes(train / "n01" / "notes.txt", {'x'});
+  write_bytes(train / "n02" / "b1.jpeg", jpeg_of(40, 30, 4));
+  fs::create_directories(train / "n04");  // an empty class
+  const std::string cache = (root / "cache").string();
+
+  ScanReport r;
+  auto list = scan_image_folder(train.string(), cache, 3, &r);
+  CHECK(list.classes == std::vector<std::string>{"n01", "n02", "n03", "n04"});
+  CHECK(list.num_classes == 4);
+  REQUIRE(list.size() == 4);
+  CHECK(list.paths == std::vector<std::string>{"n01/a1.JPEG", "n01/a2.jpg", "n02/b1.jpeg", "n03/c1.JPEG"});
+  CHECK(list.labels == std::vector<int64_t>{0, 0, 1, 2});
+  CHECK(r.empty_classes == std::vector<std::string>{"n04"});
+  CHECK(r.skipped == 1);
+  CHECK_FALSE(r.from_cache);
+
+  auto again = scan_image_folder(train.string(), cache, 1, &r);
+  CHECK(r.from_cache);
+  CHECK(again.paths == list.paths);
+  CHECK(again.labels == list.labels);
+
+  // A new image changes its class folder's modification time: the cache no longer applies.
+  ::usleep(20000);
+  write_bytes(train / "n04" / "d1.JPEG", jpeg_of(40, 30, 5));
+  auto grown = scan_image_folder(train.string(), cache, 2, &r);
+  CHECK_FALSE(r.from_cache);
+  CHECK(grown.size() == 5);
+  CHECK(grown.labels.back() == 3);
+  CHECK(r.empty_classes.empty());
+
+  if (::geteuid() != 0) {  // root reads everything: the check needs an ordinary user
+    ::chmod((train / "n02" / "b1.jpeg").c_str(), 0);
+    auto without = scan_image_folder(train.string(), "", 2, &r);
+    CHECK(r.unreadable == std::vector<std::string>{"n02/b1.jpeg"});
+    CHECK(without.size() == 4);
+  }
+  remove_tree(root);
+}
+
+TEST_CASE("imagenet: splits with different classes are refused and a list file is parsed strictly", "[imagenet]") {
+  const fs::path root = temp_tree("splits");
+  write_bytes(root / "train" / "n01" / "a.JPEG", jpeg_of(20, 20, 1));
+  write_bytes(root / "train" / "n02" / "b.JPEG", jpeg_of(20, 20, 2));
+  write_bytes(root / "val" / "n01" / "a.JPEG", jpeg_of(20, 20, 3));
+  CHECK_THROWS_WITH(load_imagenet(root.string(), "", 2),
+                    Catch::Contains("train has 2 classes and val 1") && Catch::Contains("class 1 is n02"));
+  CHECK_THROWS_WITH(scan_image_folder((root / "missing").string(), "", 1, nullptr), Catch::Contains("missing"));
+
+  std::ofstream(root / "list.csv") << "# path,label\nn01/a.JPEG,0\n\nweird,name.JPEG,7\n";
+  auto l = read_image_list((root / "list.csv").string(), "");
+  CHECK(l.paths == std::vector<std::string>{"n01/a.JPEG", "weird,name.JPEG"});
+  CHECK(l.labels == std::vector<int64_t>{0, 7});
+  CHECK(l.num_classes == 8);
+  CHECK(l.root == root.string());
+  std::ofstream(root / "bad.csv") << "n01/a.JPEG,0\nn01/b.JPEG\n";
+  CHECK_THROWS_WITH(read_image_list((root / "bad.csv").string(), ""), Catch::Contains("bad.csv:2"));
+  std::ofstream(root / "neg.csv") << "n01/a.JPEG,-1\n";
+  CHECK_THROWS_WITH(read_image_list((root / "neg.csv").string(), ""), Catch::Contains("label >= 0"));
+  remove_tree(root);
+}
+
+TEST_CASE("imagenet: centre and 10-crop boxes sit where the protocol puts them", "[imagenet]") {
+  for (auto [w, h] : {std::pair{400, 300}, std::pair{300, 400}, std::pair{500, 375}, std::pair{256, 256}}) {
+    CAPTURE(w, h);
+    const double f = 256.0 / std::min(w, h);
+    const int side = static_cast<int>(std::lround(224 / f));
+    const CropBox c = center_crop_box(w, h, 256, 224);
+    CHECK(c.w == side);
+    CHECK(c.h == side);
+    CHECK(std::abs(2 * c.x - (w - c.w)) <= 1);  // centred to within a pixel
+    CHECK(std::abs(2 * c.y - (h - c.h)) <= 1);
+    const auto five = five_crop_boxes(w, h, 256, 224);
+    CHECK(five[0] == CropBox{0, 0, side, side});
+    CHECK(five[1] == CropBox{w - side, 0, side, side});
+    CHECK(five[2] == CropBox{0, h - side, side, side});
+    CHECK(five[3] == CropBox{w - side, h - side, side, side});
+    CHECK(five[4] == c);
+  }
+}
+
+TEST_CASE("imagenet: training views stay inside the image with the drawn scale and are deterministic", "[imagenet]") {
+  ImageNetAugment a;
+  std::set<int> sides;
+  int flips = 0;
+  for (uint64_t key = 0; key < 400; ++key) {
+    const int w = 300 + static_cast<int>(key % 7) * 100, h = 250 + static_cast<int>(key % 5) * 90;
+    const TrainView v = train_view(w, h, a, key);
+    CAPTURE(key, w, h, v.short_side, v.box.x, v.box.y, v.box.w, v.box.h);
+    CHECK(v.short_side >= 256);
+    CHECK(v.short_side <= 480);
+    CHECK(v.short_side == train_short_side(a, key));
+    CHECK(v.box.x >= 0);
+    CHECK(v.box.y >= 0);
+    CHECK(v.box.x + v.box.w <= w);
+    CHECK(v.box.y + v.box.h <= h);
+    CHECK(std::abs(v.box.w - 224.0 * std::min(w, h) / v.short_side) <= 1.0);  // the crop at that scale
+    const TrainView again = train_view(w, h, a, key);
+    CHECK(again.box == v.box);
+    CHECK(again.flip == v.flip);
+    sides.insert(v.short_side);
+    flips += v.flip;
+  }
+  CHECK(sides.size() > 100);  // the scale really varies over [256, 480]
+  CHECK(flips > 150);
+  CHECK(flips < 250);
+}
+
+TEST_CASE("imagenet: resize_crop samples the box and mirrors exactly", "[imagenet]") {
+  const Image img = gradient(640, 480);
+  const CropBox box{100, 50, 320, 320};
+  auto out = resize_crop(img, box, 160, false);
+  REQUIRE(out.sizes() == std::vector<int64_t>{3, 160, 160});
+  // Red grows with x: output column j samples source x = 100 + (j + 0.5) * 2 - 0.5.
+  for (int j : {0, 40, 80, 159}) {
+    const double sx = 100 + (j + 0.5) * 2.0 - 0.5;
+    CHECK(out[0][80][j].item<float>() == Approx(sx * 255.0 / 639).margin(1.5));
+  }
+  for (int i : {0, 100, 159}) {
+    const double sy = 50 + (i + 0.5) * 2.0 - 0.5;
+    CHECK(out[1][i][70].item<float>() == Approx(sy * 255.0 / 479).margin(1.5));
+  }
+  auto mirrored = resize_crop(img, box, 160, true);
+  CHECK(torch::equal(mirrored, out.flip({2})));
+}
+
+TEST_CASE("imagenet: colour jitter is one affine map that keeps greys grey under hue and saturation", "[imagenet]") {
+  const ColourMap id = jitter_map(Jitter{0, 0, 0, 0}, 0.4f, 7);
+  for (int i = 0; i < 9; ++i) CHECK(id.m[i] == Approx(i % 4 == 0 ? 1.0f : 0.0f).margin(1e-5));
+  for (float o : id.o) CHECK(o == Approx(0).margin(1e-6));
+  for (uint64_t key = 0; key < 50; ++key) {
+    const ColourMap m = jitter_map(Jitter{0, 0, 0.4f, 0.1f}, 0.5f, key);
+    for (float g : {0.1f, 0.5f, 0.9f}) {
+      float out[3];
+      for (int r = 0; r < 3; ++r) out[r] = (m.m[r * 3] + m.m[r * 3 + 1] + m.m[r * 3 + 2]) * g + m.o[r];
+      CHECK(out[0] == Approx(g).margin(1e-5));
+      CHECK(out[1] == Approx(g).margin(1e-5));
+      CHECK(out[2] == Approx(g).margin(1e-5));
+    }
+  }
+  // Brightness alone scales; contrast alone pulls towards the mean grey.
+  for (uint64_t key = 0; key < 20; ++key) {
+    const ColourMap b = jitter_map(Jitter{0.4f, 0, 0, 0}, 0.5f, key);
+    CHECK(b.m[0] >= 0.6f - 1e-4f);
+    CHECK(b.m[0] <= 1.4f + 1e-4f);
+    CHECK(b.m[1] == Approx(0).margin(1e-3));
+    const ColourMap c = jitter_map(Jitter{0, 0.4f, 0, 0}, 0.5f, key);
+    const float k = c.m[0];
+    CHECK(c.o[0] == Approx((1 - k) * 0.5f).margin(1e-4));
+  }
+}
+
+TEST_CASE("imagenet: bad files are skipped and counted and 10-crop rows are the crops and their mirrors", "[imagenet]") {
+  const fs::path root = temp_tree("batch");
+  write_bytes(root / "n01" / "good.JPEG", jpeg_of(320, 260, 1));
+  {
+    const Image g = gradient(300, 280, 2);
+    std::vector<uint8_t> grey(size_t(300) * 280);
+    for (size_t i = 0; i < grey.size(); ++i) grey[i] = g.rgb[i * 3];
+    write_bytes(root / "n01" / "grey.JPEG", encode_jpeg(grey.data(), 300, 280, JpegPixels::gray, 90));
+  }
+  auto truncated = jpeg_of(300, 300, 3);
+  truncated.resize(truncated.size() / 2);
+  write_bytes(root / "n02" / "truncated.JPEG", truncated);
+  write_bytes(root / "n02" / "png.JPEG", {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n', 0, 0, 0, 13, 'I', 'H', 'D', 'R'});
+  write_bytes(root / "n02" / "ok.JPEG", jpeg_of(260, 400, 4));
+  auto list = scan_image_folder(root.string(), "", 2, nullptr);
+  REQUIRE(list.size() == 5);
+
+  DecodeErrors errors;
+  ImageNetAugment a;
+  const std::vector<int64_t> all{0, 1, 2, 3, 4};
+  auto b = imagenet_train_batch(list, all, a, imagenet_normalisation(), 99, &errors);
+  // The PNG (index 3) is replaced by the next image, the truncated one, which fails too, then
+  // by image 0; the truncated image's own turn fails once more: three failed decodes.
+  CHECK(errors.count.load() == 3);
+  CHECK(b.images.sizes() == std::vector<int64_t>{5, 3, 224, 224});
+  CHECK(torch::isfinite(b.images).all().item<bool>());
+  CHECK(b.labels.min().item<int64_t>() >= 0);
+  CHECK(b.labels.max().item<int64_t>() <= 1);
+  auto again = imagenet_train_batch(list, all, a, imagenet_normalisation(), 99, nullptr);
+  CHECK(torch::equal(again.images, b.images));  // a function of (stream, index)
+
+  DecodeErrors eval_errors;
+  auto e = imagenet_eval_batch(list, 0, 5, 256, 224, true, imagenet_normalisation(), &eval_errors);
+  CHECK(eval_errors.count.load() == 2);
+  REQUIRE(e.images.sizes() == std::vector<int64_t>{50, 3, 224, 224});
+  int64_t failed = 0;
+  for (int64_t i = 0; i < 5; ++i) {
+    if (e.labels[i].item<int64_t>() < 0) {
+      ++failed;
+      continue;
+    }
+    for (int64_t k = 0; k < 5; ++k) CHECK(torch::equal(e.images[i * 10 + 5 + k], e.images[i * 10 + k].flip({2})));
+    CHECK_FALSE(torch::equal(e.images[i * 10], e.images[i * 10 + 3]));  // corners differ
+  }
+  CHECK(failed == 2);
+  auto centre = imagenet_eval_batch(list, 0, 1, 256, 224, false, imagenet_normalisation(), nullptr);
+  CHECK(torch::equal(centre.images[0], e.images[4]));  // the centre crop is crop 4 of the ten
+  remove_tree(root);
+}
+
+TEST_CASE("train: gradient accumulation gives the full batch's gradient when BatchNorm statistics are frozen", "[train]") {
+  // With BN in evaluation mode every sample's loss is independent of the others, so the mean
+  // over 4 parts of 4 equals the mean over 16 up to float rounding. In training mode the
+  // parts are normalised by their own statistics: the documented difference.
+  blpa::NetConfig net;
+  net.depth = 11;
+  net.mode = {blpa::Mode::plain, 8};
+  torch::manual_seed(5);
+  blpa::ResNet a(net), b(net);
+  {
+    torch::NoGradGuard g;
+    for (size_t i = 0; i < a->parameters().size(); ++i) b->parameters()[i].copy_(a->parameters()[i]);
+  }
+  a->eval();
+  b->eval();
+  auto x = torch::randn({16, 3, 16, 16});
+  auto y = torch::randint(0, 10, {16});
+  const double la = blpa::accumulate_gradients(a, x, y, 1);
+  const double lb = blpa::accumulate_gradients(b, x, y, 4);
+  CHECK(lb == Approx(la).epsilon(1e-5));
+  auto pa = a->parameters(), pb = b->parameters();
+  for (size_t i = 0; i < pa.size(); ++i) {
+    if (!pa[i].grad().defined()) continue;
+    CAPTURE(i);
+    CHECK(torch::allclose(pa[i].grad(), pb[i].grad(), 1e-4, 1e-6));
+  }
+  CHECK_THROWS_WITH(blpa::accumulate_gradients(b, x, y, 3), Catch::Contains("must split into 3"));
+}
+
+TEST_CASE("train: blpa-train trains on an ImageNet folder and blpa-eval scores its checkpoint with 10 crops", "[train][imagenet]") {
+  const fs::path root = temp_tree("e2e");
+  for (const char* split : {"train", "val"})
+    for (int c = 0; c < 3; ++c)
+      for (int i = 0; i < (split[0] == 't' ? 4 : 2); ++i)
+        write_bytes(root / split / ("n0" + std::to_string(c)) / ("img" + std::to_string(i) + ".JPEG"),
+                    jpeg_of(90 + 10 * i, 70 + 5 * c, c * 10 + i));
+  write_bytes(root / "val" / "n01" / "broken.JPEG", {0xFF, 0xD8, 0xFF, 0xE0, 1, 2, 3});
+  const std::string ck = (root / "ck.pt").string(), log = (root / "log.jsonl").string();
+  const std::string out = (root / "eval.json").string(), cache = (root / "cache").string();
+  const std::string train_cmd = std::string(BLPA_TRAIN_EXE) + " --data-dir " + root.string() +
+                                " --model cifar --depth 11 --batch 4 --accum-steps 2 --iterations 2 --warmup 0"
+                                " --threads 2 --workers 2 --quiet --eval-every 0 --index-cache " + cache +
+                                " --checkpoint " + ck + " --log " + log + " >" + (root / "train.out").string() + " 2>&1";
+  REQUIRE(std::system(train_cmd.c_str()) == 0);
+  std::ifstream logf(log);
+  std::string text((std::istreambuf_iterator<char>(logf)), std::istreambuf_iterator<char>());
+  CHECK(text.find("\"type\": \"eval\"") != std::string::npos);
+  CHECK(text.find("\"images\": 6, \"failed\": 1") != std::string::npos);  // broken.JPEG left out
+  CHECK(fs::exists(cache));  // the scan was cached
+
+  const std::string eval_cmd = std::string(BLPA_EVAL_EXE) + " --checkpoint " + ck +
+                               " --ten-crop --resize 64 --crop 56 --batch 3 --json --index-cache '' > " + out +
+                               " 2>" + (root / "eval.err").string();
+  REQUIRE(std::system(eval_cmd.c_str()) == 0);
+  std::ifstream ef(out);
+  std::string json((std::istreambuf_iterator<char>(ef)), std::istreambuf_iterator<char>());
+  CAPTURE(json);
+  CHECK(json.find("\"ten_crop\": true, \"images\": 6, \"failed\": 1") != std::string::npos);
+  CHECK(json.find("\"top5\": 1.000000") != std::string::npos);  // 3 classes: the top 5 hold them all
+  CHECK(std::system((std::string(BLPA_EVAL_EXE) + " --checkpoint " + (root / "none.pt").string() + " >/dev/null 2>&1").c_str()) != 0);
+  remove_tree(root);
+}
