@@ -97,7 +97,8 @@ void usage() {
                "  memory     activation memory and step peak of a network, per mode\n"
                "  step       training-step time per mode and overhead against plain\n"
                "  max-batch  the largest batch that trains within a memory budget, per mode\n"
-               "  fidelity   gradient cosine to plain against depth, blpa and naive\n\n"
+               "  fidelity   gradient cosine to plain against depth, blpa and naive\n"
+               "  data       images/s of the ImageNet decode and augmentation pipeline per worker count\n\n"
                "Run `blpa-bench <command> --help` for the options of a command.\n";
 }
 
@@ -115,6 +116,7 @@ int main(int argc, char** argv) {
     if (cmd == "step") return step_main(argc - 1, argv + 1);
     if (cmd == "max-batch") return max_batch_main(argc - 1, argv + 1);
     if (cmd == "fidelity") return fidelity_main(argc - 1, argv + 1);
+    if (cmd == "data") return data_main(argc - 1, argv + 1);
     std::cerr << "blpa-bench: unknown command '" << cmd << "'\n";
     usage();
     return 2;

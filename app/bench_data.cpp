@@ -1,0 +1,144 @@
+// blpa-bench data: decode + augmentation throughput of the ImageNet pipeline on JPEGs of
+// ImageNet's typical size, generated here, per worker count.
+#include <ATen/Parallel.h>
+#include <blpa/imagenet.h>
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <cxxopts.hpp>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <random>
+#include <sstream>
+
+#include "bench.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using namespace blpa::data;
+
+// A photo-like test image: smooth colour fields, a few hard-edged shapes and mild noise, so
+// that quality-90 files have ImageNet's typical size (about 110 KB at 500 x 375).
+std::vector<uint8_t> photo(int w, int h, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(0, 1);
+  std::normal_distribution<float> noise(0, 20);
+  const float fx = 2 + 6 * u(rng), fy = 2 + 6 * u(rng), ph = 6.28f * u(rng);
+  struct Disc {
+    float x, y, r, c[3];
+  };
+  std::vector<Disc> discs(12);
+  for (auto& d : discs) d = {w * u(rng), h * u(rng), 10 + 60 * u(rng), {255 * u(rng), 255 * u(rng), 255 * u(rng)}};
+  std::vector<uint8_t> px(size_t(w) * h * 3);
+  for (int y = 0; y < h; ++y)
+    for (int x = 0; x < w; ++x) {
+      float c[3] = {128 + 100 * std::sin(fx * x / w + ph), 128 + 100 * std::cos(fy * y / h), 128 + 90 * std::sin((x + y) * 0.01f)};
+      for (const auto& d : discs)
+        if ((x - d.x) * (x - d.x) + (y - d.y) * (y - d.y) < d.r * d.r) std::copy(d.c, d.c + 3, c);
+      for (int k = 0; k < 3; ++k)
+        px[(size_t(y) * w + x) * 3 + k] = static_cast<uint8_t>(std::clamp(c[k] + noise(rng), 0.0f, 255.0f));
+    }
+  return px;
+}
+
+std::vector<int> parse_list(const std::string& s) {
+  std::vector<int> out;
+  std::stringstream ss(s);
+  for (std::string t; std::getline(ss, t, ',');)
+    if (!t.empty()) out.push_back(std::stoi(t));
+  return out;
+}
+
+}  // namespace
+
+int data_main(int argc, char** argv) {
+  cxxopts::Options o("blpa-bench data",
+                     "Images per second through the ImageNet training pipeline (read, DCT-scaled decode, random\n"
+                     "scale/crop/flip, colour jitter, normalisation) on JPEGs generated at ImageNet's typical size,\n"
+                     "for each number of decode workers. LibTorch's own threads are set to 1, so `workers` is the\n"
+                     "number of cores used.");
+  o.add_options()("images", "JPEGs to generate", cxxopts::value<int>()->default_value("200"))(
+      "width", "Width of the JPEGs", cxxopts::value<int>()->default_value("500"))(
+      "height", "Height", cxxopts::value<int>()->default_value("375"))(
+      "quality", "JPEG quality", cxxopts::value<int>()->default_value("90"))(
+      "workers", "Comma list of worker counts", cxxopts::value<std::string>()->default_value(std::to_string(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN)))))(
+      "batch", "Images per batch", cxxopts::value<int>()->default_value("32"))(
+      "seconds", "Time measured per worker count", cxxopts::value<double>()->default_value("4"))(
+      "json", "One JSON object")("h,help", "This help");
+  auto args = o.parse(argc, argv);
+  if (args.count("help")) {
+    std::cout << o.help() << std::endl;
+    return 0;
+  }
+  const int n = args["images"].as<int>(), w = args["width"].as<int>(), h = args["height"].as<int>();
+  const int quality = args["quality"].as<int>(), batch = args["batch"].as<int>();
+  const auto workers = parse_list(args["workers"].as<std::string>());
+  const double seconds = args["seconds"].as<double>();
+  if (n <= 0 || w <= 0 || h <= 0 || batch <= 0 || workers.empty() || seconds <= 0)
+    throw std::invalid_argument("--images, --width, --height, --batch, --workers and --seconds must be positive");
+  at::set_num_threads(1);
+
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("blpa-bench-data-" + std::to_string(::getpid()));
+  size_t bytes = 0;
+  for (int i = 0; i < n; ++i) {
+    const auto px = photo(w, h, static_cast<uint32_t>(i));
+    const auto jpg = encode_jpeg(px.data(), w, h, JpegPixels::rgb, quality);
+    bytes += jpg.size();
+    fs::create_directories(dir / fmt::format("n{:02d}", i % 10));
+    std::ofstream(dir / fmt::format("n{:02d}", i % 10) / fmt::format("{:05d}.JPEG", i), std::ios::binary)
+        .write(reinterpret_cast<const char*>(jpg.data()), static_cast<std::streamsize>(jpg.size()));
+  }
+  const ImageList list = scan_image_folder(dir.string(), "", 1, nullptr);
+  const ImageNetAugment aug;
+  const Normalisation norm = imagenet_normalisation();
+
+  struct Point {
+    int workers;
+    double per_s;
+  };
+  std::vector<Point> points;
+  for (int wk : workers) {
+    if (wk <= 0) throw std::invalid_argument("--workers must be positive");
+    BatchStream stream(
+        [&](int64_t b) {
+          const auto idx = batch_indices(list.size(), batch, 1, b);
+          return imagenet_train_batch(list, idx, aug, norm, counter_hash(1, b), nullptr);
+        },
+        0, wk, 2 * wk);
+    stream.next();  // warm-up: threads started, files in the page cache
+    const auto t0 = Clock::now();
+    int64_t images = 0;
+    double elapsed = 0;
+    while (elapsed < seconds) {
+      images += stream.next().labels.size(0);
+      elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
+    }
+    points.push_back({wk, images / elapsed});
+  }
+  std::error_code ec;
+  for (auto& p : fs::directory_iterator(dir, ec))
+    for (auto& f : fs::directory_iterator(p.path(), ec)) ::unlink(f.path().c_str());
+  for (auto& p : fs::directory_iterator(dir, ec)) ::rmdir(p.path().c_str());
+  ::rmdir(dir.c_str());
+
+  const Point& best = points.back();
+  if (args.count("json")) {
+    std::string scaling;
+    for (const auto& p : points)
+      scaling += fmt::format("{}{{\"workers\": {}, \"images_per_s\": {:.1f}}}", scaling.empty() ? "" : ", ", p.workers, p.per_s);
+    fmt::print("{{\"bench\": \"data\", \"width\": {}, \"height\": {}, \"quality\": {}, \"mean_file_bytes\": {}, "
+               "\"batch\": {}, \"workers\": {}, \"images_per_s\": {:.1f}, \"images_per_s_per_worker\": {:.1f}, "
+               "\"scaling\": [{}]}}\n",
+               w, h, quality, bytes / n, batch, best.workers, best.per_s, best.per_s / best.workers, scaling);
+  } else {
+    fmt::print("{} JPEGs of {}x{} at quality {} (mean {} KB), batches of {}\n", n, w, h, quality, bytes / n / 1024, batch);
+    for (const auto& p : points)
+      fmt::print("  {:3d} workers: {:8.1f} images/s  ({:.1f} per worker)\n", p.workers, p.per_s, p.per_s / p.workers);
+  }
+  return 0;
+}
