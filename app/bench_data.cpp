@@ -97,6 +97,21 @@ int data_main(int argc, char** argv) {
   const ImageNetAugment aug;
   const Normalisation norm = imagenet_normalisation();
 
+  // The decode alone (one thread, at the DCT scale the training views ask for), to tell how
+  // much of an image's time is augmentation.
+  double decode_per_s = 0;
+  {
+    const auto t0 = Clock::now();
+    int64_t done = 0;
+    double elapsed = 0;
+    for (uint64_t k = 0; elapsed < seconds / 2; ++k, ++done) {
+      const Decoded d = decode_jpeg_file(list.root + "/" + list.paths[k % list.size()], train_short_side(aug, k));
+      if (d.status != DecodeStatus::ok) throw std::runtime_error("generated JPEG failed to decode: " + d.message);
+      elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
+    }
+    decode_per_s = done / elapsed;
+  }
+
   struct Point {
     int workers;
     double per_s;
@@ -133,10 +148,12 @@ int data_main(int argc, char** argv) {
       scaling += fmt::format("{}{{\"workers\": {}, \"images_per_s\": {:.1f}}}", scaling.empty() ? "" : ", ", p.workers, p.per_s);
     fmt::print("{{\"bench\": \"data\", \"width\": {}, \"height\": {}, \"quality\": {}, \"mean_file_bytes\": {}, "
                "\"batch\": {}, \"workers\": {}, \"images_per_s\": {:.1f}, \"images_per_s_per_worker\": {:.1f}, "
-               "\"scaling\": [{}]}}\n",
-               w, h, quality, bytes / n, batch, best.workers, best.per_s, best.per_s / best.workers, scaling);
+               "\"decode_only_images_per_s\": {:.1f}, \"scaling\": [{}]}}\n",
+               w, h, quality, bytes / n, batch, best.workers, best.per_s, best.per_s / best.workers, decode_per_s,
+               scaling);
   } else {
     fmt::print("{} JPEGs of {}x{} at quality {} (mean {} KB), batches of {}\n", n, w, h, quality, bytes / n / 1024, batch);
+    fmt::print("  decode alone: {:8.1f} images/s on one thread\n", decode_per_s);
     for (const auto& p : points)
       fmt::print("  {:3d} workers: {:8.1f} images/s  ({:.1f} per worker)\n", p.workers, p.per_s, p.per_s / p.workers);
   }
