@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
   opts.add_options()
     ("checkpoint", "Checkpoint written by blpa-train --checkpoint", cxxopts::value<std::string>())
     ("data-dir", "Data directory (default: the one the checkpoint was trained on)", cxxopts::value<std::string>())
+    ("val-list", "ImageNet: a list file of 'relative/path,label' lines instead of <data-dir>/val", cxxopts::value<std::string>())
     ("ten-crop", "ImageNet: average the 10 crops (4 corners + centre, and their mirrors) instead of the centre crop")
     ("resize", "ImageNet: shorter side before cropping", cxxopts::value<int>()->default_value("256"))
     ("crop", "ImageNet: crop size", cxxopts::value<int>()->default_value("224"))
@@ -52,6 +53,7 @@ int main(int argc, char** argv) {
     e.checkpoint = a["checkpoint"].as<std::string>();
     if (a.count("data-dir")) e.data_dir = a["data-dir"].as<std::string>();
     e.index_cache = a["index-cache"].as<std::string>();
+    if (a.count("val-list")) e.val_list = a["val-list"].as<std::string>();
     e.subset = a["subset"].as<int64_t>();
     e.options.ten_crop = a.count("ten-crop") > 0;
     e.options.resize_short = a["resize"].as<int>();

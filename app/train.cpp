@@ -56,6 +56,8 @@ int main(int argc, char** argv) {
     ("preset", "imagenet: the paper's ResNet-152 ImageNet protocol (--dataset imagenet --model imagenet --depth 152 --batch 256 --iterations 640000 --lr 0.1 --warmup 0 --lr-steps 160000,320000,480000 --weight-decay 1e-4 --eval-every 20000 --checkpoint-every 5000); flags given explicitly win", cxxopts::value<std::string>())
     ("dataset", "auto, cifar10, cifar100, cifar100-coarse, fashion-mnist, mnist or imagenet (auto: from the files in --data-dir)", cxxopts::value<std::string>()->default_value("auto"))
     ("data-dir", "Directory with the data set's official files (default: Debian's Fashion-MNIST); for imagenet the folder holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG", cxxopts::value<std::string>())
+    ("train-list", "imagenet: a list file of 'relative/path,label' lines instead of <data-dir>/train (paths relative to --data-dir, or to the list's folder)", cxxopts::value<std::string>())
+    ("val-list", "imagenet: the same for validation", cxxopts::value<std::string>())
     ("index-cache", "imagenet: directory where the scanned file lists are cached, keyed by the folders' contents ('' to disable)", cxxopts::value<std::string>()->default_value(default_cache()))
     ("train-subset", "Train on the first N training images (0: all)", cxxopts::value<int64_t>()->default_value("0"))
     ("test-subset", "Evaluate on the first N test images (0: all)", cxxopts::value<int64_t>()->default_value("0"))
@@ -110,6 +112,8 @@ int main(int argc, char** argv) {
     c.dataset = pick("dataset", std::string("imagenet"));
     if (a.count("data-dir")) c.data_dir = a["data-dir"].as<std::string>();
     c.index_cache = a["index-cache"].as<std::string>();
+    if (a.count("train-list")) c.train_list = a["train-list"].as<std::string>();
+    if (a.count("val-list")) c.val_list = a["val-list"].as<std::string>();
     c.train_subset = a["train-subset"].as<int64_t>();
     c.test_subset = a["test-subset"].as<int64_t>();
     c.augment = a.count("no-augment") == 0;

@@ -31,8 +31,14 @@ using Clock = std::chrono::steady_clock;
 constexpr int64_t kCheckpointFormat = 1;
 
 std::string resolve_dataset(const TrainConfig& c) {
-  if (c.data_dir.empty() && c.dataset != "auto" && c.dataset != "fashion-mnist")
+  if (c.data_dir.empty() && c.dataset != "auto" && c.dataset != "fashion-mnist" && c.train_list.empty())
     throw std::invalid_argument("--dataset " + c.dataset + " needs --data-dir (only Fashion-MNIST has a default)");
+  if (!c.train_list.empty() || !c.val_list.empty()) {
+    if (c.train_list.empty() || c.val_list.empty()) throw std::invalid_argument("--train-list and --val-list go together");
+    if (c.dataset != "auto" && c.dataset != "imagenet")
+      throw std::invalid_argument("--train-list and --val-list are for --dataset imagenet");
+    return "imagenet";
+  }
   if (c.dataset != "auto") return c.dataset;
   if (c.data_dir.empty()) return "fashion-mnist";
   const fs::path d(c.data_dir);
@@ -293,10 +299,13 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e) {
   model->eval();
   if (dataset == "imagenet") {
     data::ScanReport report;
-    data::ImageList val = data::scan_image_folder(dir + "/val", e.index_cache, std::max(4, e.options.workers), &report);
-    if (val.num_classes != net.num_classes)
-      throw std::runtime_error(dir + "/val has " + std::to_string(val.num_classes) + " classes; the network has " +
-                               std::to_string(net.num_classes));
+    data::ImageList val = !e.val_list.empty() ? data::read_image_list(e.val_list, e.data_dir)
+                          : !kv["val_list"].empty() ? data::read_image_list(kv["val_list"], kv["data_dir"])
+                          : data::scan_image_folder(dir + "/val", e.index_cache, std::max(4, e.options.workers), &report);
+    if (val.num_classes > net.num_classes)
+      throw std::runtime_error("the validation labels go up to " + std::to_string(val.num_classes - 1) +
+                               "; the network has " + std::to_string(net.num_classes) + " classes");
+    if (!val.classes.empty()) val.num_classes = net.num_classes;
     return evaluate_images(model, strided_subset(std::move(val), e.subset), e.options);
   }
   const data::Dataset train = data::load(dataset, dir, true), test = subset(data::load(dataset, dir, false), e.subset);
@@ -320,9 +329,10 @@ std::string TrainConfig::describe() const {
   return fmt::format(
       "dataset={}\ndata_dir={}\ntrain_subset={}\ntest_subset={}\naugment={}\narch={}\ndepth={}\nmode={}\nbatch={}\n"
       "iterations={}\nlr={}\nwarmup={}\nwarmup_lr={}\nsteps={}\nfactor={}\nmomentum={}\nweight_decay={}\ndevice={}\n"
-      "seed={}\nthreads={}\nworkers={}\naccum_steps={}\n",
+      "seed={}\nthreads={}\nworkers={}\naccum_steps={}\ntrain_list={}\nval_list={}\n",
       dataset, data_dir, train_subset, test_subset, augment, arch, depth, mode.str(), batch, iterations, lr, warmup,
-      warmup_lr, fmt::join(steps, ","), factor, momentum, weight_decay, device, seed, threads, workers, accum_steps);
+      warmup_lr, fmt::join(steps, ","), factor, momentum, weight_decay, device, seed, threads, workers, accum_steps,
+      train_list, val_list);
 }
 
 void TrainConfig::validate() const {
@@ -362,7 +372,14 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   data::Normalisation norm;
   int64_t in_channels = 3, num_classes = 0;
   if (config.dataset == "imagenet") {
-    auto splits = data::load_imagenet(dir, config.index_cache, std::max(4, config.workers));
+    data::ImageNetSplits splits;
+    if (!config.train_list.empty()) {  // paths relative to --data-dir if given, else to each list's folder
+      splits.train = data::read_image_list(config.train_list, config.data_dir);
+      splits.val = data::read_image_list(config.val_list, config.data_dir);
+      splits.train.num_classes = splits.val.num_classes = std::max(splits.train.num_classes, splits.val.num_classes);
+    } else {
+      splits = data::load_imagenet(dir, config.index_cache, std::max(4, config.workers));
+    }
     train_list = strided_subset(std::move(splits.train), config.train_subset);
     val_list = strided_subset(std::move(splits.val), config.test_subset);
     num_classes = train_list.num_classes;

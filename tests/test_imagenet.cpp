@@ -320,5 +320,23 @@ TEST_CASE("train: blpa-train trains on an ImageNet folder and blpa-eval scores i
   CHECK(json.find("\"ten_crop\": true, \"images\": 6, \"failed\": 1") != std::string::npos);
   CHECK(json.find("\"top5\": 1.000000") != std::string::npos);  // 3 classes: the top 5 hold them all
   CHECK(std::system((std::string(BLPA_EVAL_EXE) + " --checkpoint " + (root / "none.pt").string() + " >/dev/null 2>&1").c_str()) != 0);
+
+  // The same data through list files, paths relative to --data-dir.
+  {
+    std::ofstream tl(root / "train.csv"), vl(root / "val.csv");
+    for (int c = 0; c < 3; ++c)
+      for (int i = 0; i < 4; ++i) {
+        tl << "train/n0" << c << "/img" << i << ".JPEG," << c << "\n";
+        if (i < 2) vl << "val/n0" << c << "/img" << i << ".JPEG," << c << "\n";
+      }
+  }
+  const std::string list_cmd = std::string(BLPA_TRAIN_EXE) + " --data-dir " + root.string() + " --train-list " +
+                               (root / "train.csv").string() + " --val-list " + (root / "val.csv").string() +
+                               " --model cifar --depth 11 --batch 4 --iterations 1 --warmup 0 --threads 2 --quiet"
+                               " --log " + (root / "list.jsonl").string() + " >" + (root / "list.out").string() + " 2>&1";
+  REQUIRE(std::system(list_cmd.c_str()) == 0);
+  std::ifstream lf(root / "list.jsonl");
+  std::string list_log((std::istreambuf_iterator<char>(lf)), std::istreambuf_iterator<char>());
+  CHECK(list_log.find("\"images\": 6, \"failed\": 0") != std::string::npos);
   remove_tree(root);
 }

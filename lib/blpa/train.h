@@ -18,6 +18,7 @@ struct TrainConfig {
   std::string dataset = "auto";  // auto | cifar10 | cifar100 | cifar100-coarse | fashion-mnist | mnist | imagenet
   std::string data_dir;          // empty: Debian's Fashion-MNIST; imagenet: the folder holding train/ and val/
   std::string index_cache;       // imagenet: where the scanned file lists are cached (empty: no cache)
+  std::string train_list, val_list;  // imagenet from list files ("relative/path,label"), instead of folders
   int64_t train_subset = 0;      // use the first N training samples (0: all; imagenet: N spread over all classes)
   int64_t test_subset = 0;       // evaluate on the first N test samples (0: all; imagenet: likewise)
   bool augment = true;
@@ -92,6 +93,7 @@ struct CheckpointEval {
   std::string checkpoint;
   std::string data_dir;     // empty: the one the checkpoint was trained on
   std::string index_cache;  // imagenet only
+  std::string val_list;     // imagenet: a list file instead of <data_dir>/val
   int64_t subset = 0;       // 0: all test images
   ImageEvalOptions options;
 };
