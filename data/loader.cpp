@@ -115,7 +115,10 @@ TrainLoader::TrainLoader(const Dataset& d, int64_t batch_size, uint64_t seed, No
 }
 
 BatchStream::BatchStream(std::function<Batch(int64_t)> make, int64_t first_batch, int workers, int prefetch)
-    : make_(std::move(make)), workers_(std::max(1, workers)), prefetch_(std::max(1, prefetch)), next_(first_batch) {
+    : make_(std::move(make)),
+      workers_(std::max(1, workers)),
+      prefetch_(std::max(prefetch, workers_)),  // fewer would leave workers idle
+      next_(first_batch) {
   for (int w = 0; w < workers_; ++w) threads_.emplace_back([this, first_batch, w] { work(first_batch + w); });
 }
 

@@ -4,8 +4,10 @@
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <thread>
 #include <cstdio>
 #include <filesystem>
 #include <fmt/format.h>
@@ -351,7 +353,7 @@ void TrainConfig::validate() const {
   if (resume && checkpoint.empty()) bad("--resume needs --checkpoint PATH");
   if (log_every <= 0 || eval_every < 0 || checkpoint_every <= 0)
     bad("--log-every and --checkpoint-every must be positive, --eval-every >= 0");
-  if (workers <= 0 || prefetch <= 0) bad("--workers and --prefetch must be positive");
+  if (workers < 0 || prefetch <= 0) bad("--workers must be >= 0 and --prefetch positive");
   if (accum_steps <= 0 || batch % accum_steps != 0) bad("--accum-steps must be positive and divide --batch");
 }
 
@@ -364,6 +366,8 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   const torch::Device dev(config.device);
   if (dev.is_cuda() && !torch::cuda::is_available()) throw std::runtime_error("--device cuda: no CUDA device");
   memory::install_cpu_counter();
+  if (config.workers == 0)
+    config.workers = config.dataset == "imagenet" ? std::clamp<int>(std::thread::hardware_concurrency(), 1, 16) : 2;
 
   // The data: in memory (CIFAR, MNIST-style) or JPEG folders decoded on the fly (ImageNet).
   const bool pin = dev.is_cuda();

@@ -69,6 +69,7 @@ for m in plain blpa; do
 done
 stage step-resnet152 180 bash -c 'bench step --device cuda --model resnet152 --batch 64 --mode plain,exact,blpa-4 --warmup 3 --steps 15'
 stage memory-resnet152 120 bash -c 'bench memory --device cuda --model resnet152 --batch 64 --mode plain,blpa-4'
+stage data 120 bash -c "bench data --workers 1,2,4,8,$(nproc) --seconds 3"
 stage max-batch-resnet1001 240 bash -c 'bench max-batch --device cuda --model resnet1001 --budget-gib 8 --mode plain,blpa-4'
 echo "status: $status; results in $out" | tee -a "$log"
 exit "$status"

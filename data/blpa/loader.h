@@ -50,8 +50,8 @@ Batch make_batch(const Dataset& d, const std::vector<int64_t>& indices, const No
 std::vector<int64_t> batch_indices(int64_t dataset_size, int64_t batch_size, uint64_t seed, int64_t b);
 
 // Batches 0, 1, 2, ... of `make` (a pure function of the batch number), computed by
-// `workers` threads at most `prefetch` batches ahead of next(). An exception thrown by `make`
-// is rethrown by the next() that would have returned that batch.
+// `workers` threads at most max(prefetch, workers) batches ahead of next(). An exception
+// thrown by `make` is rethrown by the next() that would have returned that batch.
 class BatchStream {
  public:
   BatchStream(std::function<Batch(int64_t)> make, int64_t first_batch, int workers, int prefetch);

@@ -41,7 +41,7 @@ struct TrainConfig {
   std::string device = "cpu";
   uint64_t seed = 0;
   int threads = 0;  // LibTorch intra-op threads (0: its default)
-  int workers = 2;  // data threads
+  int workers = 0;  // data threads (0: 2 for in-memory data sets; imagenet: the cores, at most 16)
   int prefetch = 4;
   int64_t log_every = 50;
   int64_t eval_every = 2000;  // 0: only at the end
