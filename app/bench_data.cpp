@@ -53,6 +53,30 @@ std::vector<int> parse_list(const std::string& s) {
   return out;
 }
 
+int scan_bench(const std::string& dir, bool json) {
+  namespace fs = std::filesystem;
+  const std::string cache = (fs::temp_directory_path() / ("blpa-scan-cache-" + std::to_string(::getpid()))).string();
+  const int threads = std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN));
+  ScanReport r;
+  auto t0 = Clock::now();
+  const ImageList list = scan_image_folder(dir, cache, threads, &r);
+  const double scan_s = std::chrono::duration<double>(Clock::now() - t0).count();
+  t0 = Clock::now();
+  scan_image_folder(dir, cache, threads, &r);
+  const double cached_s = std::chrono::duration<double>(Clock::now() - t0).count();
+  std::error_code ec;
+  for (auto& f : fs::directory_iterator(cache, ec)) ::unlink(f.path().c_str());
+  ::rmdir(cache.c_str());
+  if (json)
+    fmt::print("{{\"bench\": \"scan\", \"files\": {}, \"classes\": {}, \"threads\": {}, \"scan_s\": {:.3f}, "
+               "\"cached_s\": {:.3f}, \"from_cache\": {}}}\n",
+               list.size(), list.num_classes, threads, scan_s, cached_s, r.from_cache);
+  else
+    fmt::print("{}: {} images in {} classes: scanned in {:.2f} s with {} threads, {:.2f} s from the cache\n", dir,
+               list.size(), list.num_classes, scan_s, threads, cached_s);
+  return 0;
+}
+
 }  // namespace
 
 int data_main(int argc, char** argv) {
@@ -68,12 +92,14 @@ int data_main(int argc, char** argv) {
       "workers", "Comma list of worker counts", cxxopts::value<std::string>()->default_value(std::to_string(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN)))))(
       "batch", "Images per batch", cxxopts::value<int>()->default_value("32"))(
       "seconds", "Time measured per worker count", cxxopts::value<double>()->default_value("4"))(
-      "json", "One JSON object")("h,help", "This help");
+      "scan", "Instead: time the scan of an image folder (<dir>/<class>/*.JPEG), uncached and from the cache",
+      cxxopts::value<std::string>())("json", "One JSON object")("h,help", "This help");
   auto args = o.parse(argc, argv);
   if (args.count("help")) {
     std::cout << o.help() << std::endl;
     return 0;
   }
+  if (args.count("scan")) return scan_bench(args["scan"].as<std::string>(), args.count("json") > 0);
   const int n = args["images"].as<int>(), w = args["width"].as<int>(), h = args["height"].as<int>();
   const int quality = args["quality"].as<int>(), batch = args["batch"].as<int>();
   const auto workers = parse_list(args["workers"].as<std::string>());
