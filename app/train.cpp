@@ -93,11 +93,18 @@ int main(int argc, char** argv) {
     ("export", "At the end, write the weights as a state dict that Python loads with torch.load", cxxopts::value<std::string>())
     ("quiet", "No progress line")
     ("h,help", "This help");
+  opts.add_options("Distributed")
+    ("rank", "This process's rank (default: $RANK, else 0)", cxxopts::value<int>())
+    ("world-size", "Number of processes (default: $WORLD_SIZE, else 1); --batch is per process", cxxopts::value<int>())
+    ("local-rank", "GPU index on this machine for --device cuda (default: $LOCAL_RANK, else the rank)", cxxopts::value<int>())
+    ("master-addr", "Address of rank 0's rendezvous store (default: $MASTER_ADDR, else 127.0.0.1)", cxxopts::value<std::string>())
+    ("master-port", "Its port (default: $MASTER_PORT, else 29500)", cxxopts::value<int>())
+    ("dist-timeout", "Seconds after which a missing or silent peer is an error", cxxopts::value<int>()->default_value("600"));
   // clang-format on
   try {
     auto a = opts.parse(argc, argv);
     if (a.count("help")) {
-      std::cout << opts.help({"Data", "Model", "Optimisation", "Running"}) << std::endl;
+      std::cout << opts.help({"Data", "Model", "Optimisation", "Running", "Distributed"}) << std::endl;
       return 0;
     }
     if (!a.unmatched().empty()) throw std::invalid_argument("unexpected argument '" + a.unmatched()[0] + "'");
@@ -145,6 +152,16 @@ int main(int argc, char** argv) {
     c.resume = a.count("resume") > 0;
     if (a.count("export")) c.export_path = a["export"].as<std::string>();
     c.progress = a.count("quiet") == 0;
+    c.dist = blpa::DistConfig::from_env();  // torchrun's variables, then the flags
+    if (a.count("rank")) c.dist.rank = a["rank"].as<int>();
+    if (a.count("world-size")) c.dist.world = a["world-size"].as<int>();
+    c.dist.local_rank = a.count("local-rank") ? a["local-rank"].as<int>() : std::getenv("LOCAL_RANK") ? c.dist.local_rank : c.dist.rank;
+    if (a.count("master-addr")) c.dist.master_addr = a["master-addr"].as<std::string>();
+    if (a.count("master-port")) c.dist.master_port = a["master-port"].as<int>();
+    c.dist.timeout = std::chrono::seconds(a["dist-timeout"].as<int>());
+    if (c.dist.world < 1 || c.dist.rank < 0 || c.dist.rank >= c.dist.world)
+      throw std::invalid_argument("--rank " + std::to_string(c.dist.rank) + " is not in --world-size " + std::to_string(c.dist.world));
+    if (a["dist-timeout"].as<int>() <= 0) throw std::invalid_argument("--dist-timeout must be positive");
     c.validate();
   } catch (const std::exception& e) {
     std::cerr << "blpa-train: " << e.what() << "\nRun blpa-train --help for the options.\n";
@@ -161,8 +178,12 @@ int main(int argc, char** argv) {
                                         : "; checkpoint " + c.checkpoint + " written, continue with --resume");
       return 128 + g_signal.load();
     }
-    spdlog::info("done: {} iterations, last training loss {:.4f}, test loss {:.4f}, test error {:.2f}% (top-5 {:.2f}%)",
-                 r.iteration, r.last_loss, r.test_loss, 100 * (1 - r.test_acc), 100 * (1 - r.test_top5));
+    if (c.dist.rank == 0)
+      spdlog::info("done: {} iterations, last training loss {:.4f}, test loss {:.4f}, test error {:.2f}% (top-5 {:.2f}%)",
+                   r.iteration, r.last_loss, r.test_loss, 100 * (1 - r.test_acc), 100 * (1 - r.test_top5));
+    else
+      spdlog::info("done: {} iterations, last training loss {:.4f} (rank {}; rank 0 evaluates)", r.iteration,
+                   r.last_loss, c.dist.rank);
     return 0;
   } catch (const blpa::NonFiniteLoss& e) {
     spdlog::error("{}", e.what());

@@ -99,18 +99,23 @@ std::vector<int64_t> batch_indices(int64_t n, int64_t batch_size, uint64_t seed,
   return std::vector<int64_t>(order.begin() + pos * batch_size, order.begin() + (pos + 1) * batch_size);
 }
 
+std::vector<int64_t> shard_indices(int64_t n, int64_t batch_size, Shard shard, uint64_t seed, int64_t b) {
+  auto global = batch_indices(n, batch_size * shard.world, seed, b);
+  return std::vector<int64_t>(global.begin() + shard.rank * batch_size, global.begin() + (shard.rank + 1) * batch_size);
+}
+
 TrainLoader::TrainLoader(const Dataset& d, int64_t batch_size, uint64_t seed, Normalisation norm, Augment augment,
-                         int64_t first_batch, int workers, int prefetch)
-    : batches_per_epoch_(batch_size > 0 ? d.size() / batch_size : 0),
+                         int64_t first_batch, int workers, int prefetch, Shard shard)
+    : batches_per_epoch_(batch_size > 0 ? d.size() / (batch_size * shard.world) : 0),
       stream_(
-          [&d, batch_size, seed, norm = std::move(norm), augment, per_epoch = batches_per_epoch_](int64_t b) {
+          [&d, batch_size, seed, norm = std::move(norm), augment, per_epoch = batches_per_epoch_, shard](int64_t b) {
             // The epoch's order is recomputed per batch: O(n) hashing, small next to a step.
-            const auto indices = batch_indices(d.size(), batch_size, seed, b);
+            const auto indices = shard_indices(d.size(), batch_size, shard, seed, b);
             return make_batch(d, indices, norm, &augment, counter_hash(seed, 0xA5A5A5A5ull, b / per_epoch));
           },
           first_batch, workers, prefetch) {
   if (batches_per_epoch_ == 0)
-    throw std::invalid_argument("batch size " + std::to_string(batch_size) + " exceeds the data set (" +
+    throw std::invalid_argument("batch size " + std::to_string(batch_size * shard.world) + " exceeds the data set (" +
                                 std::to_string(d.size()) + " samples)");
 }
 

@@ -244,7 +244,7 @@ EvalResult evaluate_images(ResNet& model, const data::ImageList& list, const Ima
 }
 
 double accumulate_gradients(ResNet& model, const torch::Tensor& x, const torch::Tensor& y, int64_t steps,
-                            int64_t* stored_bytes) {
+                            int64_t* stored_bytes, GradientReducer* reducer) {
   TORCH_CHECK(steps >= 1 && x.size(0) % steps == 0, "the batch (", x.size(0), ") must split into ", steps,
               " equal parts");
   const int64_t part = x.size(0) / steps;
@@ -257,8 +257,13 @@ double accumulate_gradients(ResNet& model, const torch::Tensor& x, const torch::
       *stored_bytes = memory::allocated(x.device()) - before - static_cast<int64_t>(out.nbytes());
     // Each part's mean loss weighs 1/steps: the gradient is that of the whole batch's mean.
     auto loss = torch::nn::functional::cross_entropy(out, yj) / static_cast<double>(steps);
+    if (reducer && j == steps - 1) reducer->enable(true);
     loss.backward();
     total += loss.detach();
+  }
+  if (reducer) {
+    reducer->finish();
+    reducer->enable(false);
   }
   return total.item<double>();  // read once backward is queued: no stall between the parts
 }
@@ -323,8 +328,9 @@ double TrainConfig::lr_at(int64_t it) const {
 }
 
 std::string TrainConfig::identity() const {
-  return fmt::format("dataset={} train_subset={} arch={} depth={} mode={} batch={} seed={}", dataset, train_subset,
-                     arch, depth, mode.str(), batch, seed);
+  return fmt::format("dataset={} train_subset={} arch={} depth={} mode={} batch={} seed={}{}", dataset, train_subset,
+                     arch, depth, mode.str(), batch, seed,
+                     dist.enabled() ? fmt::format(" world={}", dist.world) : std::string());
 }
 
 std::string TrainConfig::describe() const {
@@ -363,9 +369,20 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   config.dataset = resolve_dataset(config);
   const std::string dir = config.data_dir.empty() ? std::string(data::kDebianFashionMnist) : config.data_dir;
   if (config.threads > 0) torch::set_num_threads(config.threads);
-  const torch::Device dev(config.device);
+  torch::Device dev(config.device);
   if (dev.is_cuda() && !torch::cuda::is_available()) throw std::runtime_error("--device cuda: no CUDA device");
+  if (dev.is_cuda() && config.dist.enabled() && !dev.has_index())
+    dev = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(config.dist.local_rank));
+  config.device = dev.str();
   memory::install_cpu_counter();
+  std::unique_ptr<Distributed> dist;
+  const bool lead = config.dist.rank == 0;  // writes the log and the checkpoints
+  if (config.dist.enabled()) {
+    dist = std::make_unique<Distributed>(config.dist, dev.is_cuda() ? "nccl" : "gloo");
+    spdlog::info("rank {} of {} ({}, {} backend), batch {} per rank, {} in all", config.dist.rank, config.dist.world,
+                 dev.str(), dist->backend(), config.batch, config.batch * config.dist.world);
+  }
+  const data::Shard shard{config.dist.rank, config.dist.world};
   if (config.workers == 0)
     config.workers = config.dataset == "imagenet" ? std::clamp<int>(std::thread::hardware_concurrency(), 1, 16) : 2;
 
@@ -433,8 +450,18 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
                                            config.checkpoint, it, config.iterations));
     spdlog::info("resumed from {} at iteration {}", config.checkpoint, it);
   }
+  std::unique_ptr<GradientReducer> reducer;
+  if (dist) {
+    // Every rank starts from rank 0's weights and statistics (the same seed gives the same
+    // initialisation, and every rank resumes from the same file; this makes sure of it).
+    std::vector<torch::Tensor> state;
+    for (const auto& p : model->parameters()) state.push_back(p.detach());
+    for (const auto& b : model->buffers()) state.push_back(b);
+    dist->broadcast(state);
+    reducer = dist->reducer(model->parameters());
+  }
   std::ofstream log;
-  if (!config.log_path.empty()) {
+  if (!config.log_path.empty() && lead) {
     log.open(config.log_path, config.resume ? std::ios::app : std::ios::trunc);
     if (!log) throw std::runtime_error("--log " + config.log_path + ": cannot be opened for writing");
   }
@@ -450,13 +477,13 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   std::function<data::Batch()> next_batch;
   std::function<EvalResult()> run_eval;
   if (config.dataset == "imagenet") {
-    per_epoch = train_list.size() / config.batch;
+    per_epoch = train_list.size() / (config.batch * config.dist.world);
     if (per_epoch == 0) throw std::invalid_argument("--batch exceeds the training images");
     data::ImageNetAugment aug;
     if (!config.augment) aug.min_short = aug.max_short = 256, aug.flip = false, aug.jitter_on = false;
     image_loader = std::make_unique<data::BatchStream>(
         [&, aug](int64_t b) {
-          const auto idx = data::batch_indices(train_list.size(), config.batch, config.seed, b);
+          const auto idx = data::shard_indices(train_list.size(), config.batch, shard, config.seed, b);
           auto batch = data::imagenet_train_batch(train_list, idx, aug, norm,
                                                   data::counter_hash(config.seed, 0x5A5A5A5Aull, b / per_epoch),
                                                   &decode_errors);
@@ -473,13 +500,13 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   } else {
     memory_loader = std::make_unique<data::TrainLoader>(
         train_set, config.batch, config.seed, norm, data::Augment{config.augment ? 4 : 0, config.augment}, it,
-        config.workers, config.prefetch);
+        config.workers, config.prefetch, shard);
     per_epoch = memory_loader->batches_per_epoch();
     next_batch = [&] { return memory_loader->next(); };
     run_eval = [&] { return evaluate(model, test_set, norm, config.batch, dev); };
   }
   TrainResult result;
-  const bool tty = config.progress && ::isatty(STDERR_FILENO);
+  const bool tty = config.progress && lead && ::isatty(STDERR_FILENO);
   auto window_start = Clock::now();
   const auto run_start = Clock::now();
   const int64_t first = it;
@@ -488,7 +515,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   int64_t stored = 0;
   memory::reset_peak(dev);
   auto checkpoint = [&] {
-    if (config.checkpoint.empty()) return;
+    if (config.checkpoint.empty() || !lead) return;
     save_checkpoint(config.checkpoint, config, it, model, opt);
   };
 
@@ -499,7 +526,13 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
     auto x = batch.images.to(dev, /*non_blocking=*/true), y = batch.labels.to(dev, /*non_blocking=*/true);
     opt.zero_grad();
     // A bad loss changes nothing: the update is not applied and no checkpoint is written.
-    const double loss_v = accumulate_gradients(model, x, y, config.accum_steps, &stored);
+    double loss_v = accumulate_gradients(model, x, y, config.accum_steps, &stored, reducer.get());
+    bool stopping = stop && stop->load();
+    if (dist) {  // the mean loss over ranks, and a stop asked for on any rank stops them all
+      const auto sums = dist->sum({loss_v, stopping ? 1.0 : 0.0});
+      loss_v = sums[0] / config.dist.world;
+      stopping = sums[1] > 0;
+    }
     if (!std::isfinite(loss_v)) {
       throw NonFiniteLoss(fmt::format(
           "the loss became {} at iteration {} (learning rate {}); training stopped. {}", loss_v, it + 1, lr,
@@ -516,30 +549,42 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
     const bool last = it == config.iterations;
     if (it % config.log_every == 0 || last) {
       const double secs = std::chrono::duration<double>(Clock::now() - window_start).count();
-      const double ips = window_iters * config.batch / secs;
+      double ips = window_iters * config.batch / secs;
+      int64_t peak = memory::peak(dev), peak_total = peak, stored_total = stored;
+      if (dist) {  // per rank (this one, rank 0) and in total
+        const auto sums = dist->sum({ips, static_cast<double>(peak), static_cast<double>(stored)});
+        ips = sums[0];
+        peak_total = static_cast<int64_t>(sums[1]);
+        stored_total = static_cast<int64_t>(sums[2]);
+      }
       const double total = std::chrono::duration<double>(Clock::now() - run_start).count();
       const double eta = total / (it - first) * (config.iterations - it);
-      const int64_t peak = memory::peak(dev);
       if (log)
         log << fmt::format("{{\"type\": \"train\", \"iter\": {}, \"epoch\": {:.3f}, \"loss\": {:.6g}, \"lr\": {:.6g}, "
                            "\"images_per_s\": {:.2f}, \"stored_activation_bytes\": {}, \"peak_bytes\": {}, "
-                           "\"decode_failures\": {}}}\n",
-                           it, double(it) / per_epoch, window_loss / window_iters, lr, ips, stored,
-                           peak, decode_errors.count.load())
+                           "\"decode_failures\": {}{}}}\n",
+                           it, double(it) / per_epoch, window_loss / window_iters, lr, ips, stored, peak,
+                           decode_errors.count.load(),
+                           dist ? fmt::format(", \"world\": {}, \"global_batch\": {}, \"images_per_s_per_rank\": {:.2f}, "
+                                              "\"stored_activation_bytes_total\": {}, \"peak_bytes_total\": {}",
+                                              config.dist.world, config.batch * config.dist.world,
+                                              ips / config.dist.world, stored_total, peak_total)
+                                : std::string())
             << std::flush;
       const std::string line =
           fmt::format("iter {}/{}  loss {:.4f}  lr {:.4g}  {:.1f} img/s  stored {:.1f} MiB  ETA {}", it,
                       config.iterations, window_loss / window_iters, lr, ips, stored / 1048576.0, duration(eta));
       if (tty)
         fmt::print(stderr, "\r{:<100}", line);
-      else if (config.progress)
+      else if (config.progress && lead)
         fmt::print(stderr, "{}\n", line);
       window_start = Clock::now();
       window_iters = 0;
       window_loss = 0;
       memory::reset_peak(dev);
     }
-    if ((config.eval_every > 0 && it % config.eval_every == 0) || last) {
+    // Rank 0 evaluates; the other ranks go on to the next step's all-reduce and wait there.
+    if (lead && ((config.eval_every > 0 && it % config.eval_every == 0) || last)) {
       if (tty) fmt::print(stderr, "\n");
       const EvalResult e = run_eval();
       result.test_loss = e.loss;
@@ -554,7 +599,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
                    100 * (1 - e.top1), 100 * (1 - e.top5));
     }
     if (it % config.checkpoint_every == 0 || last) checkpoint();
-    if (stop && stop->load() && !last) {
+    if (stopping && !last) {
       checkpoint();
       if (tty) fmt::print(stderr, "\n");
       result.interrupted = true;

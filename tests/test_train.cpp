@@ -69,6 +69,7 @@ int run_train(const std::vector<std::string>& args, pid_t* pid_out = nullptr) {
   std::vector<char*> argv{const_cast<char*>(BLPA_TRAIN_EXE)};
   for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
   argv.push_back(nullptr);
+  std::fflush(nullptr);  // or the child would write this process's buffered output again
   const pid_t pid = ::fork();
   if (pid == 0) {
     ::execv(BLPA_TRAIN_EXE, argv.data());

@@ -75,11 +75,19 @@ class BatchStream {
   std::vector<std::thread> threads_;
 };
 
+// Data parallelism: rank `rank` of `world` takes the rank-th slice of each global batch of
+// batch_size * world samples, so the ranks' shards of an epoch are disjoint, cover it, and
+// follow the same global order for a seed.
+struct Shard {
+  int rank = 0, world = 1;
+};
+std::vector<int64_t> shard_indices(int64_t dataset_size, int64_t batch_size, Shard shard, uint64_t seed, int64_t b);
+
 // An endless stream of training batches (the last partial batch of an epoch is dropped).
 class TrainLoader {
  public:
   TrainLoader(const Dataset& d, int64_t batch_size, uint64_t seed, Normalisation norm, Augment augment,
-              int64_t first_batch, int workers, int prefetch);
+              int64_t first_batch, int workers, int prefetch, Shard shard = {});
 
   Batch next() { return stream_.next(); }
   int64_t batches_per_epoch() const { return batches_per_epoch_; }

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "blpa/distributed.h"
 #include "blpa/imagenet.h"
 #include "blpa/resnet.h"
 #include "blpa/unit.h"
@@ -51,6 +52,9 @@ struct TrainConfig {
   std::string log_path;     // JSON lines; empty: none
   std::string export_path;  // a state dict for Python's torch.load, written at the end
   bool progress = true;     // the live progress line on stderr
+  // Data parallelism (world > 1): one process per device; --batch is per rank. Only rank 0
+  // writes the log and checkpoints; every rank resumes from the same checkpoint.
+  DistConfig dist;
 
   double lr_at(int64_t iteration) const;
   // The fields a checkpoint must agree on to be resumed: they define the model, the
@@ -103,8 +107,9 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e);
 // 1/steps, so the accumulated gradient equals the whole batch's up to BatchNorm, whose
 // statistics are those of each part. Returns the batch's mean loss. `stored_bytes`: what
 // autograd kept for the first part.
+// With a reducer, the last part's backward averages the gradients across ranks.
 double accumulate_gradients(ResNet& model, const torch::Tensor& x, const torch::Tensor& y, int64_t steps,
-                            int64_t* stored_bytes = nullptr);
+                            int64_t* stored_bytes = nullptr, GradientReducer* reducer = nullptr);
 
 // Error thrown when the loss stops being finite: training stops, no checkpoint is written.
 struct NonFiniteLoss : std::runtime_error {

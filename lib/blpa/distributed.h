@@ -1,0 +1,81 @@
+// Data-parallel training on torch.distributed's engine (c10d): one process per device, a TCP
+// store for the rendezvous, Gloo on CPUs and NCCL on GPUs, and gradients averaged by bucketed
+// all-reduces launched from backward as soon as a bucket's gradients are accumulated, as
+// PyTorch's DistributedDataParallel does. BatchNorm keeps per-replica statistics.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace blpa {
+
+struct DistConfig {
+  int rank = 0, world = 1, local_rank = 0;
+  std::string master_addr = "127.0.0.1";
+  int master_port = 29500;
+  std::chrono::milliseconds timeout{std::chrono::seconds(600)};  // a missing peer is an error after this
+
+  bool enabled() const { return world > 1; }
+  // RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (torchrun's variables), where set.
+  static DistConfig from_env();
+};
+
+class GradientReducer;
+
+// A process group of `world` processes. Collectives must be called in the same order by
+// every rank; each call throws (c10::Error) when a peer has gone or the timeout passes.
+class Distributed {
+ public:
+  // backend: "gloo" or "nccl" (tensors on the GPU of LOCAL_RANK).
+  Distributed(const DistConfig& config, const std::string& backend);
+  ~Distributed();
+  Distributed(const Distributed&) = delete;
+  Distributed& operator=(const Distributed&) = delete;
+
+  int rank() const { return config_.rank; }
+  int world() const { return config_.world; }
+  const std::string& backend() const { return backend_; }
+
+  // In place: every rank gets rank `root`'s tensors (any shapes; sent as one flat buffer per dtype).
+  void broadcast(std::vector<at::Tensor> tensors, int root = 0);
+  // In place: the sum over ranks.
+  void allreduce_sum(std::vector<at::Tensor> tensors);
+  // Sums of a few numbers over ranks (loss, bytes, images/s), through one float64 tensor.
+  std::vector<double> sum(const std::vector<double>& values);
+  void barrier();
+
+  // Averages the gradients of `params` across ranks while backward runs: buckets of about
+  // `bucket_bytes`, in reverse parameter order (the order backward produces gradients).
+  std::unique_ptr<GradientReducer> reducer(const std::vector<at::Tensor>& params, int64_t bucket_bytes = 25 << 20);
+
+  struct Impl;
+
+ private:
+  DistConfig config_;
+  std::string backend_;
+  std::unique_ptr<Impl> impl_;
+};
+
+class GradientReducer {
+ public:
+  ~GradientReducer();
+  // Only the backward after enable(true) reduces (gradient accumulation: the last part).
+  void enable(bool on);
+  // After backward: launches what is left, waits for every bucket and writes the averages
+  // into the parameters' .grad. Throws when a collective failed.
+  void finish();
+
+  struct State;
+
+ private:
+  friend class Distributed;
+  explicit GradientReducer(std::shared_ptr<State> s);
+  std::shared_ptr<State> state_;
+};
+
+}  // namespace blpa

@@ -1,0 +1,257 @@
+#include "blpa/distributed.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#if BLPA_WITH_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+
+namespace blpa {
+namespace {
+
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  char* end = nullptr;
+  const long x = std::strtol(v, &end, 10);
+  if (*end != '\0') throw std::invalid_argument(std::string("environment variable ") + name + "='" + v + "' is not an integer");
+  return static_cast<int>(x);
+}
+
+}  // namespace
+
+DistConfig DistConfig::from_env() {
+  DistConfig c;
+  c.rank = env_int("RANK", 0);
+  c.world = env_int("WORLD_SIZE", 1);
+  c.local_rank = env_int("LOCAL_RANK", c.rank);
+  if (const char* a = std::getenv("MASTER_ADDR"); a && *a) c.master_addr = a;
+  c.master_port = env_int("MASTER_PORT", 29500);
+  return c;
+}
+
+struct Distributed::Impl {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::Backend> pg;
+};
+
+Distributed::Distributed(const DistConfig& config, const std::string& backend)
+    : config_(config), backend_(backend), impl_(std::make_unique<Impl>()) {
+  if (config.world < 1 || config.rank < 0 || config.rank >= config.world)
+    throw std::invalid_argument("rank " + std::to_string(config.rank) + " is not in a world of " +
+                                std::to_string(config.world));
+  if (config.master_port <= 0 || config.master_port > 65535)
+    throw std::invalid_argument("master port " + std::to_string(config.master_port) + " is out of range");
+  c10d::TCPStoreOptions so;
+  so.port = static_cast<uint16_t>(config.master_port);
+  so.isServer = config.rank == 0;
+  so.numWorkers = config.world;
+  so.timeout = config.timeout;
+  impl_->store = c10::make_intrusive<c10d::TCPStore>(config.master_addr, so);
+  if (backend == "gloo") {
+    auto o = c10d::ProcessGroupGloo::Options::create(config.timeout);
+    // GLOO_SOCKET_IFNAME picks the network interface, as in PyTorch; else the host's address.
+    const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
+    o->devices.push_back(ifname && *ifname ? c10d::ProcessGroupGloo::createDeviceForInterface(ifname)
+                                           : c10d::ProcessGroupGloo::createDefaultDevice());
+    impl_->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(impl_->store, config.rank, config.world, o);
+  } else if (backend == "nccl") {
+#if BLPA_WITH_NCCL
+    auto o = c10d::ProcessGroupNCCL::Options::create();
+    o->timeout = config.timeout;
+    impl_->pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(impl_->store, config.rank, config.world, o);
+#else
+    throw std::runtime_error("this blpa was built without NCCL (a CUDA build with the NCCL headers has it)");
+#endif
+  } else {
+    throw std::invalid_argument("unknown distributed backend '" + backend + "' (gloo or nccl)");
+  }
+}
+
+Distributed::~Distributed() = default;
+
+// c10d's collectives take a list of same-shaped tensors (one per device of the process), so
+// many different tensors travel as one flat buffer per dtype.
+template <typename Collective>
+void flat_collective(const std::vector<at::Tensor>& tensors, Collective run) {
+  std::map<at::ScalarType, std::vector<at::Tensor>> by_type;
+  for (const auto& t : tensors) by_type[t.scalar_type()].push_back(t);
+  for (auto& [type, group] : by_type) {
+    std::vector<at::Tensor> flat;
+    for (const auto& t : group) flat.push_back(t.reshape(-1));
+    std::vector<at::Tensor> buffer{at::cat(flat)};
+    run(buffer);
+    int64_t offset = 0;
+    for (auto& t : group) {
+      t.copy_(buffer[0].narrow(0, offset, t.numel()).view(t.sizes()));
+      offset += t.numel();
+    }
+  }
+}
+
+void Distributed::broadcast(std::vector<at::Tensor> tensors, int root) {
+  c10d::BroadcastOptions o;
+  o.rootRank = root;
+  flat_collective(tensors, [&](std::vector<at::Tensor>& b) { impl_->pg->broadcast(b, o)->wait(); });
+}
+
+void Distributed::allreduce_sum(std::vector<at::Tensor> tensors) {
+  flat_collective(tensors, [&](std::vector<at::Tensor>& b) { impl_->pg->allreduce(b)->wait(); });
+}
+
+std::vector<double> Distributed::sum(const std::vector<double>& values) {
+  auto t = at::tensor(values, at::kDouble);
+  if (backend_ == "nccl") t = t.to(at::Device(at::kCUDA, config_.local_rank));
+  std::vector<at::Tensor> v{t};
+  impl_->pg->allreduce(v)->wait();
+  auto cpu = v[0].cpu();
+  return {cpu.data_ptr<double>(), cpu.data_ptr<double>() + cpu.numel()};
+}
+
+void Distributed::barrier() { impl_->pg->barrier()->wait(); }
+
+// ---- gradient reducer ------------------------------------------------------------------------
+
+struct GradientReducer::State {
+  struct Bucket {
+    at::Tensor flat;
+    std::vector<size_t> params;
+    std::vector<int64_t> offsets;
+    size_t pending = 0;
+    c10::intrusive_ptr<c10d::Work> work;
+  };
+  c10::intrusive_ptr<c10d::Backend> pg;
+  int world = 1;
+  std::vector<at::Tensor> params;
+  std::vector<size_t> bucket_of, slot_of;
+  std::vector<Bucket> buckets;
+  std::vector<char> ready;
+  size_t next_launch = 0;
+  bool enabled = false;
+  std::mutex mutex;
+
+  void reset() {
+    std::fill(ready.begin(), ready.end(), 0);
+    for (auto& b : buckets) b.pending = b.params.size(), b.work.reset();
+    next_launch = 0;
+  }
+  // Buckets are launched in their order on every rank (collectives must match across ranks).
+  void launch_ready() {
+    while (next_launch < buckets.size() && buckets[next_launch].pending == 0) {
+      std::vector<at::Tensor> t{buckets[next_launch].flat};
+      buckets[next_launch].work = pg->allreduce(t);
+      ++next_launch;
+    }
+  }
+  void copy_in(size_t i) {
+    Bucket& b = buckets[bucket_of[i]];
+    auto slice = b.flat.narrow(0, b.offsets[slot_of[i]], params[i].numel());
+    const auto& g = params[i].grad();
+    if (g.defined())
+      slice.copy_(g.reshape(-1));
+    else
+      slice.zero_();  // no gradient this step: it contributes zero, as DDP's unused parameters
+    ready[i] = 1;
+    --b.pending;
+  }
+  void on_grad(size_t i) {  // a PostAccumulateGradHook, on an autograd engine thread
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!enabled || ready[i]) return;
+    copy_in(i);
+    launch_ready();
+  }
+};
+
+namespace {
+
+struct Hook : torch::autograd::PostAccumulateGradHook {
+  std::weak_ptr<GradientReducer::State> state;
+  size_t index;
+  Hook(std::weak_ptr<GradientReducer::State> s, size_t i) : state(std::move(s)), index(i) {}
+  void operator()(const torch::autograd::Variable&) override {
+    if (auto s = state.lock()) s->on_grad(index);
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<GradientReducer> Distributed::reducer(const std::vector<at::Tensor>& params, int64_t bucket_bytes) {
+  auto s = std::make_shared<GradientReducer::State>();
+  s->pg = impl_->pg;
+  s->world = config_.world;
+  s->params = params;
+  s->bucket_of.resize(params.size());
+  s->slot_of.resize(params.size());
+  s->ready.assign(params.size(), 0);
+  // Reverse order: the last layers' gradients are ready first in backward.
+  int64_t bytes = 0;
+  for (size_t k = params.size(); k-- > 0;) {
+    const auto& p = params[k];
+    if (s->buckets.empty() || (bytes > 0 && bytes + static_cast<int64_t>(p.nbytes()) > bucket_bytes)) {
+      s->buckets.emplace_back();
+      bytes = 0;
+    }
+    auto& b = s->buckets.back();
+    s->bucket_of[k] = s->buckets.size() - 1;
+    s->slot_of[k] = b.params.size();
+    b.offsets.push_back(b.params.empty() ? 0 : b.offsets.back() + params[b.params.back()].numel());
+    b.params.push_back(k);
+    bytes += p.nbytes();
+  }
+  for (auto& b : s->buckets) {
+    const int64_t n = b.offsets.back() + params[b.params.back()].numel();
+    b.flat = at::zeros({n}, params[b.params.front()].options().requires_grad(false));
+  }
+  s->reset();
+  for (size_t i = 0; i < params.size(); ++i)
+    torch::autograd::impl::set_post_acc_grad_hooks(params[i], std::make_unique<Hook>(s, i));
+  return std::unique_ptr<GradientReducer>(new GradientReducer(s));
+}
+
+GradientReducer::GradientReducer(std::shared_ptr<State> s) : state_(std::move(s)) {}
+
+GradientReducer::~GradientReducer() {
+  for (auto& p : state_->params) torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
+}
+
+void GradientReducer::enable(bool on) {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  state_->enabled = on;
+}
+
+void GradientReducer::finish() {
+  State& s = *state_;
+  std::unique_lock<std::mutex> lock(s.mutex);
+  if (!s.enabled) return;
+  for (size_t i = 0; i < s.params.size(); ++i)
+    if (!s.ready[i]) s.copy_in(i);
+  s.launch_ready();
+  try {
+    for (auto& b : s.buckets) b.work->wait();
+  } catch (...) {
+    s.reset();
+    throw;
+  }
+  for (auto& b : s.buckets) {
+    b.flat.div_(s.world);
+    for (size_t j = 0; j < b.params.size(); ++j) {
+      auto& p = s.params[b.params[j]];
+      auto avg = b.flat.narrow(0, b.offsets[j], p.numel()).view(p.sizes());
+      if (p.grad().defined())
+        p.mutable_grad().copy_(avg);
+      else
+        p.mutable_grad() = avg.clone();
+    }
+  }
+  s.reset();
+}
+
+}  // namespace blpa

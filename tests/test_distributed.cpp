@@ -1,0 +1,279 @@
+// Data parallelism on c10d with Gloo over loopback: ranks as threads of this process (gradient
+// averaging, identical weights) and as blpa-train processes (resume, a rank that dies).
+#include <blpa/distributed.h>
+#include <blpa/loader.h>
+#include <blpa/resnet.h>
+#include <blpa/train.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <iterator>
+#include <regex>
+#include <set>
+#include <thread>
+
+#include "test_support.h"
+
+namespace fs = std::filesystem;
+using blpa::Distributed;
+using blpa::DistConfig;
+
+namespace {
+
+// A port per test process and use, so that tests running in parallel do not collide.
+int free_port(int k) { return 20000 + static_cast<int>(::getpid() % 15000) * 2 + k; }
+
+// Runs f(rank) for ranks 0..world-1, each in its own thread, and rethrows the first failure.
+template <typename F>
+void run_ranks(int world, F f) {
+  std::vector<std::thread> threads;
+  std::vector<std::exception_ptr> errors(world);
+  for (int r = 0; r < world; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        f(r);
+      } catch (...) {
+        errors[r] = std::current_exception();
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+blpa::ResNet small_net(blpa::ModeConfig mode) {
+  blpa::NetConfig net;
+  net.depth = 11;
+  net.mode = mode;
+  torch::manual_seed(3);
+  blpa::ResNet m(net);
+  m->train();
+  return m;
+}
+
+}  // namespace
+
+TEST_CASE("distributed: two ranks with accumulation hold identical gradients and weights over several steps", "[distributed]") {
+  auto y = torch::randint(0, 10, {4});
+  int port = free_port(0);
+  for (auto mode : {blpa::ModeConfig{blpa::Mode::plain, 8}, blpa::ModeConfig{blpa::Mode::blpa, 4}}) {
+    CAPTURE(mode.str());
+    std::vector<std::vector<torch::Tensor>> grads(2), weights(2);
+    // Built here: LibTorch's generator is shared by threads. Rank 1 starts different, as a
+    // rank with another seed would, and receives rank 0's state, as blpa-train does.
+    std::vector<blpa::ResNet> nets{small_net(mode), small_net(mode)};
+    {
+      torch::NoGradGuard g;
+      for (auto& q : nets[1]->parameters()) q.add_(1.0);
+    }
+    const int p = port++;
+    run_ranks(2, [&](int rank) {
+      DistConfig c;
+      c.rank = rank, c.world = 2, c.master_port = p, c.timeout = std::chrono::seconds(60);
+      Distributed d(c, "gloo");
+      auto& net = nets[rank];
+      std::vector<torch::Tensor> state;
+      for (const auto& q : net->parameters()) state.push_back(q.detach());
+      for (const auto& b : net->buffers()) state.push_back(b);
+      d.broadcast(state);
+      auto reducer = d.reducer(net->parameters(), 64 << 10);  // small buckets: several all-reduces
+      torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+      for (int step = 0; step < 4; ++step) {  // each rank on its own data, in 2 accumulated parts
+        opt.zero_grad();
+        auto xs = torch::linspace(-1, 1, 4 * 3 * 16 * 16).view({4, 3, 16, 16}).add_(rank + step);
+        blpa::accumulate_gradients(net, xs, y, 2, nullptr, reducer.get());
+        if (step == 0)
+          for (const auto& q : net->parameters()) grads[rank].push_back(q.grad().clone());
+        opt.step();
+        net->constrain_();
+      }
+      for (const auto& q : net->parameters()) weights[rank].push_back(q.detach().clone());
+    });
+    bool moved = false;
+    auto initial = small_net(mode)->parameters();
+    for (size_t i = 0; i < weights[0].size(); ++i) {
+      CHECK(torch::equal(grads[0][i], grads[1][i]));
+      CHECK(torch::equal(weights[0][i], weights[1][i]));
+      moved = moved || !torch::equal(weights[0][i], initial[i]);
+    }
+    CHECK(moved);
+  }
+}
+
+TEST_CASE("distributed: the averaged gradient equals the mean of the shards' gradients", "[distributed]") {
+  auto x = torch::randn({8, 3, 16, 16});
+  auto y = torch::randint(0, 10, {8});
+  int port = free_port(10);
+  for (auto mode : {blpa::ModeConfig{blpa::Mode::plain, 8}, blpa::ModeConfig{blpa::Mode::blpa, 4}}) {
+    CAPTURE(mode.str());
+    std::vector<torch::Tensor> expect;
+    for (int r = 0; r < 2; ++r) {
+      auto net = small_net(mode);
+      blpa::accumulate_gradients(net, x.narrow(0, 4 * r, 4), y.narrow(0, 4 * r, 4), 1);
+      auto params = net->parameters();
+      for (size_t i = 0; i < params.size(); ++i) {
+        if (r == 0) expect.push_back(params[i].grad().clone() / 2);
+        else expect[i] += params[i].grad() / 2;
+      }
+    }
+    std::vector<std::vector<torch::Tensor>> grads(2);
+    std::vector<blpa::ResNet> nets{small_net(mode), small_net(mode)};  // here: the generator is shared
+    const int p = port++;
+    run_ranks(2, [&](int rank) {
+      DistConfig c;
+      c.rank = rank, c.world = 2, c.master_port = p, c.timeout = std::chrono::seconds(60);
+      Distributed d(c, "gloo");
+      auto& net = nets[rank];
+      auto reducer = d.reducer(net->parameters(), 64 << 10);
+      blpa::accumulate_gradients(net, x.narrow(0, 4 * rank, 4), y.narrow(0, 4 * rank, 4), 1, nullptr, reducer.get());
+      for (const auto& q : net->parameters()) grads[rank].push_back(q.grad().clone());
+    });
+    for (size_t i = 0; i < expect.size(); ++i) {
+      CAPTURE(i);
+      CHECK(torch::allclose(grads[0][i], expect[i], 1e-5, 1e-7));
+      CHECK(torch::equal(grads[0][i], grads[1][i]));
+    }
+  }
+}
+
+TEST_CASE("distributed: the ranks' shards of an epoch are disjoint and cover it", "[distributed]") {
+  const int64_t n = 1000, batch = 16;
+  for (int world : {1, 2, 3}) {
+    const int64_t per_epoch = n / (batch * world);
+    std::set<int64_t> seen;
+    int64_t count = 0;
+    for (int r = 0; r < world; ++r)
+      for (int64_t b = 0; b < per_epoch; ++b)
+        for (int64_t i : blpa::data::shard_indices(n, batch, {r, world}, 7, b)) seen.insert(i), ++count;
+    CHECK(count == per_epoch * batch * world);
+    CHECK(static_cast<int64_t>(seen.size()) == count);  // no sample twice
+    CHECK(count > n - batch * world);                    // all but the dropped partial batch
+    // The same global order for any world size: rank r's slice of global batch b.
+    auto global = blpa::data::batch_indices(n, batch * world, 7, 3);
+    auto last = blpa::data::shard_indices(n, batch, {world - 1, world}, 7, 3);
+    CHECK(std::vector<int64_t>(global.end() - batch, global.end()) == last);
+  }
+}
+
+namespace {
+
+pid_t spawn(const std::vector<std::string>& args, const std::string& out) {
+  std::fflush(nullptr);  // or the child would write this process's buffered output again
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    std::freopen(out.c_str(), "w", stdout);
+    std::freopen(out.c_str(), "a", stderr);
+    std::vector<char*> argv{const_cast<char*>(BLPA_TRAIN_EXE)};
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execv(BLPA_TRAIN_EXE, argv.data());
+    ::_exit(127);
+  }
+  return pid;
+}
+
+int wait_exit(pid_t pid) {
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+std::string slurp(const fs::path& p) {
+  std::ifstream f(p);
+  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+std::vector<double> losses(const fs::path& log) {
+  std::vector<double> out;
+  std::regex re("\"loss\": ([-0-9.e+]+)");
+  std::smatch m;
+  std::ifstream f(log);
+  for (std::string line; std::getline(f, line);)
+    if (std::regex_search(line, m, re)) out.push_back(std::stod(m[1]));
+  return out;
+}
+
+// Both ranks of a 2-process blpa-train run; returns their exit codes.
+std::pair<int, int> train_pair(const fs::path& dir, int port, std::vector<std::string> extra, const std::string& tag) {
+  std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "1000", "--test-subset", "100",
+                                  "--warmup", "0", "--threads", "1", "--log-every", "2", "--eval-every", "0",
+                                  "--quiet", "--world-size", "2", "--master-port", std::to_string(port),
+                                  "--checkpoint", (dir / "ck.pt").string(), "--dist-timeout", "60"};
+  common.insert(common.end(), extra.begin(), extra.end());
+  auto a1 = common, a0 = common;
+  a1.insert(a1.end(), {"--rank", "1"});
+  a0.insert(a0.end(), {"--rank", "0", "--log", (dir / (tag + ".jsonl")).string()});
+  const pid_t p1 = spawn(a1, (dir / (tag + "-1.out")).string());
+  const pid_t p0 = spawn(a0, (dir / (tag + "-0.out")).string());
+  const int r0 = wait_exit(p0);
+  return {r0, wait_exit(p1)};
+}
+
+}  // namespace
+
+TEST_CASE("distributed: a 2-rank run resumed from its checkpoint continues identically", "[distributed][train]") {
+  if (!fs::exists(blpa::data::kDebianFashionMnist)) {
+    std::cout << "BLPA_SKIP: dataset-fashion-mnist is not installed" << std::endl;
+    return;
+  }
+  const fs::path dir = fs::temp_directory_path() / ("blpa-dist-resume-" + std::to_string(::getpid()));
+  remove_tree(dir);
+  fs::create_directories(dir);
+  auto straight = train_pair(dir, free_port(20), {"--iterations", "8"}, "straight");
+  REQUIRE(straight == std::pair{0, 0});
+  fs::remove(dir / "ck.pt");
+  REQUIRE(train_pair(dir, free_port(21), {"--iterations", "4"}, "split") == std::pair{0, 0});
+  REQUIRE(train_pair(dir, free_port(22), {"--iterations", "8", "--resume"}, "split") == std::pair{0, 0});
+  const auto a = losses(dir / "straight.jsonl"), b = losses(dir / "split.jsonl");
+  CAPTURE(slurp(dir / "split-0.out"));
+  REQUIRE(a.size() == 4);
+  REQUIRE(b.size() == 4);
+  for (size_t i = 0; i < a.size(); ++i) CHECK(a[i] == b[i]);
+  CHECK(slurp(dir / "straight.jsonl").find("\"world\": 2, \"global_batch\": 32") != std::string::npos);
+  remove_tree(dir);
+}
+
+TEST_CASE("distributed: when a rank dies the other stops with an error instead of hanging", "[distributed][train]") {
+  if (!fs::exists(blpa::data::kDebianFashionMnist)) {
+    std::cout << "BLPA_SKIP: dataset-fashion-mnist is not installed" << std::endl;
+    return;
+  }
+  const fs::path dir = fs::temp_directory_path() / ("blpa-dist-kill-" + std::to_string(::getpid()));
+  remove_tree(dir);
+  fs::create_directories(dir);
+  std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "1000", "--test-subset", "100",
+                                  "--warmup", "0", "--threads", "1", "--log-every", "1", "--eval-every", "0",
+                                  "--quiet", "--world-size", "2", "--master-port", std::to_string(free_port(30)),
+                                  "--iterations", "100000", "--dist-timeout", "30"};
+  auto a1 = common, a0 = common;
+  a1.insert(a1.end(), {"--rank", "1"});
+  a0.insert(a0.end(), {"--rank", "0", "--log", (dir / "log.jsonl").string()});
+  const pid_t p1 = spawn(a1, (dir / "r1.out").string());
+  const pid_t p0 = spawn(a0, (dir / "r0.out").string());
+  for (int i = 0; i < 600 && losses(dir / "log.jsonl").size() < 3; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  REQUIRE(losses(dir / "log.jsonl").size() >= 3);
+  ::kill(p1, SIGKILL);
+  wait_exit(p1);
+  const auto t0 = std::chrono::steady_clock::now();
+  int status = 0;
+  pid_t done = 0;
+  while ((done = ::waitpid(p0, &status, WNOHANG)) == 0 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(90))
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  if (done == 0) {
+    ::kill(p0, SIGKILL);
+    ::waitpid(p0, &status, 0);
+    FAIL("rank 0 was still running 90 s after rank 1 died");
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  INFO("rank 0 stopped " << secs << " s after rank 1 was killed");
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 1);
+  const std::string out = slurp(dir / "r0.out");
+  CAPTURE(out);
+  CHECK(out.find("[error]") != std::string::npos);
+  remove_tree(dir);
+}
