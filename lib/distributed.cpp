@@ -26,6 +26,18 @@ int env_int(const char* name, int fallback) {
   return static_cast<int>(x);
 }
 
+// Runs a collective; any failure becomes PeerLost with the backend's first line.
+template <typename F>
+void guarded(const char* what, F f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    std::string why = e.what();
+    why = why.substr(0, why.find('\n'));
+    throw PeerLost(std::string(what) + " failed: " + why);
+  }
+}
+
 }  // namespace
 
 DistConfig DistConfig::from_env() {
@@ -100,23 +112,29 @@ void flat_collective(const std::vector<at::Tensor>& tensors, Collective run) {
 void Distributed::broadcast(std::vector<at::Tensor> tensors, int root) {
   c10d::BroadcastOptions o;
   o.rootRank = root;
-  flat_collective(tensors, [&](std::vector<at::Tensor>& b) { impl_->pg->broadcast(b, o)->wait(); });
+  guarded("broadcast", [&] {
+    flat_collective(tensors, [&](std::vector<at::Tensor>& b) { impl_->pg->broadcast(b, o)->wait(); });
+  });
 }
 
 void Distributed::allreduce_sum(std::vector<at::Tensor> tensors) {
-  flat_collective(tensors, [&](std::vector<at::Tensor>& b) { impl_->pg->allreduce(b)->wait(); });
+  guarded("all-reduce", [&] {
+    flat_collective(tensors, [&](std::vector<at::Tensor>& b) { impl_->pg->allreduce(b)->wait(); });
+  });
 }
 
 std::vector<double> Distributed::sum(const std::vector<double>& values) {
   auto t = at::tensor(values, at::kDouble);
   if (backend_ == "nccl") t = t.to(at::Device(at::kCUDA, config_.local_rank));
   std::vector<at::Tensor> v{t};
-  impl_->pg->allreduce(v)->wait();
+  guarded("all-reduce", [&] { impl_->pg->allreduce(v)->wait(); });
   auto cpu = v[0].cpu();
   return {cpu.data_ptr<double>(), cpu.data_ptr<double>() + cpu.numel()};
 }
 
-void Distributed::barrier() { impl_->pg->barrier()->wait(); }
+void Distributed::barrier() {
+  guarded("barrier", [&] { impl_->pg->barrier()->wait(); });
+}
 
 // ---- gradient reducer ------------------------------------------------------------------------
 
@@ -235,7 +253,9 @@ void GradientReducer::finish() {
     if (!s.ready[i]) s.copy_in(i);
   s.launch_ready();
   try {
-    for (auto& b : s.buckets) b.work->wait();
+    guarded("gradient all-reduce", [&] {
+      for (auto& b : s.buckets) b.work->wait();
+    });
   } catch (...) {
     s.reset();
     throw;

@@ -519,6 +519,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
     save_checkpoint(config.checkpoint, config, it, model, opt);
   };
 
+  try {
   while (it < config.iterations) {
     const double lr = config.lr_at(it);
     for (auto& g : opt.param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr);
@@ -605,6 +606,13 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
       result.interrupted = true;
       break;
     }
+  }
+  } catch (const PeerLost& e) {
+    // A peer that died or went silent: every rank stops, with the reason, instead of hanging.
+    throw std::runtime_error(fmt::format("rank {} of {}: lost the other ranks during iteration {} ({}). {}",
+                                         config.dist.rank, config.dist.world, it + 1, e.what(),
+                                         config.checkpoint.empty() ? std::string("No checkpoint was configured.")
+                                                                   : "Resume all ranks from " + config.checkpoint + "."));
   }
   result.iteration = it;
   if (!config.export_path.empty() && !result.interrupted) export_state_dict(config.export_path, model);

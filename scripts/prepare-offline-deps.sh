@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run here (with Debian's registry): downloads the Debian packages that a GPU machine without
-# any registry needs (cxxopts, spdlog, fmt, Catch2, zlib, libjpeg-turbo, and the Fashion-MNIST
+# any registry needs (cxxopts, spdlog, fmt, Catch2, zlib, libjpeg-turbo, Gloo's headers, and the Fashion-MNIST
 # data set the tests and the trainer's default job use) and unpacks them into
 # third_party/prefix (git-ignored, about 40 MB). Carry that folder to the GPU machine;
 # scripts/gpu-check.sh uses it.
@@ -8,7 +8,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 prefix=$here/third_party/prefix
 pkgs=(libcxxopts-dev libspdlog-dev libspdlog1.10 libfmt-dev libfmt9 catch2 zlib1g-dev zlib1g
-      libturbojpeg0-dev libturbojpeg0 dataset-fashion-mnist)
+      libturbojpeg0-dev libturbojpeg0 libgloo-dev dataset-fashion-mnist)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 (cd "$work" && apt-get download "${pkgs[@]}" >/dev/null)

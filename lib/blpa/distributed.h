@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -27,8 +28,13 @@ struct DistConfig {
 
 class GradientReducer;
 
+// A collective failed: a peer died, closed its connection or stayed silent past the timeout.
+struct PeerLost : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 // A process group of `world` processes. Collectives must be called in the same order by
-// every rank; each call throws (c10::Error) when a peer has gone or the timeout passes.
+// every rank; each call throws PeerLost when a peer has gone or the timeout passes.
 class Distributed {
  public:
   // backend: "gloo" or "nccl" (tensors on the GPU of LOCAL_RANK).
