@@ -219,22 +219,32 @@ TEST_CASE("imagenet: bad files are skipped and counted and 10-crop rows are the 
     for (size_t i = 0; i < grey.size(); ++i) grey[i] = g.rgb[i * 3];
     write_bytes(root / "n01" / "grey.JPEG", encode_jpeg(grey.data(), 300, 280, JpegPixels::gray, 90));
   }
+  {
+    const Image g = gradient(280, 300, 5);
+    std::vector<uint8_t> cmyk(size_t(280) * 300 * 4);
+    for (size_t i = 0; i < size_t(280) * 300; ++i)
+      for (int k = 0; k < 4; ++k) cmyk[i * 4 + k] = k < 3 ? g.rgb[i * 3 + k] : 255;  // Adobe: 255 = no ink
+    write_bytes(root / "n01" / "cmyk.JPEG", encode_jpeg(cmyk.data(), 280, 300, JpegPixels::cmyk, 90));
+    const Image p = gradient(300, 260, 6);
+    write_bytes(root / "n01" / "prog.JPEG", encode_jpeg(p.rgb.data(), 300, 260, JpegPixels::rgb, 90, true));
+  }
   auto truncated = jpeg_of(300, 300, 3);
   truncated.resize(truncated.size() / 2);
   write_bytes(root / "n02" / "truncated.JPEG", truncated);
   write_bytes(root / "n02" / "png.JPEG", {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n', 0, 0, 0, 13, 'I', 'H', 'D', 'R'});
   write_bytes(root / "n02" / "ok.JPEG", jpeg_of(260, 400, 4));
   auto list = scan_image_folder(root.string(), "", 2, nullptr);
-  REQUIRE(list.size() == 5);
+  REQUIRE(list.size() == 7);  // n01: cmyk, good, grey, prog; n02: ok, png, truncated
+  CHECK(list.labels == std::vector<int64_t>{0, 0, 0, 0, 1, 1, 1});
 
   DecodeErrors errors;
   ImageNetAugment a;
-  const std::vector<int64_t> all{0, 1, 2, 3, 4};
+  const std::vector<int64_t> all{0, 1, 2, 3, 4, 5, 6};
   auto b = imagenet_train_batch(list, all, a, imagenet_normalisation(), 99, &errors);
-  // The PNG (index 3) is replaced by the next image, the truncated one, which fails too, then
+  // The PNG (index 5) is replaced by the next image, the truncated one, which fails too, then
   // by image 0; the truncated image's own turn fails once more: three failed decodes.
   CHECK(errors.count.load() == 3);
-  CHECK(b.images.sizes() == std::vector<int64_t>{5, 3, 224, 224});
+  CHECK(b.images.sizes() == std::vector<int64_t>{7, 3, 224, 224});
   CHECK(torch::isfinite(b.images).all().item<bool>());
   CHECK(b.labels.min().item<int64_t>() >= 0);
   CHECK(b.labels.max().item<int64_t>() <= 1);
@@ -242,11 +252,11 @@ TEST_CASE("imagenet: bad files are skipped and counted and 10-crop rows are the 
   CHECK(torch::equal(again.images, b.images));  // a function of (stream, index)
 
   DecodeErrors eval_errors;
-  auto e = imagenet_eval_batch(list, 0, 5, 256, 224, true, imagenet_normalisation(), &eval_errors);
+  auto e = imagenet_eval_batch(list, 0, 7, 256, 224, true, imagenet_normalisation(), &eval_errors);
   CHECK(eval_errors.count.load() == 2);
-  REQUIRE(e.images.sizes() == std::vector<int64_t>{50, 3, 224, 224});
+  REQUIRE(e.images.sizes() == std::vector<int64_t>{70, 3, 224, 224});
   int64_t failed = 0;
-  for (int64_t i = 0; i < 5; ++i) {
+  for (int64_t i = 0; i < 7; ++i) {
     if (e.labels[i].item<int64_t>() < 0) {
       ++failed;
       continue;
@@ -257,6 +267,12 @@ TEST_CASE("imagenet: bad files are skipped and counted and 10-crop rows are the 
   CHECK(failed == 2);
   auto centre = imagenet_eval_batch(list, 0, 1, 256, 224, false, imagenet_normalisation(), nullptr);
   CHECK(torch::equal(centre.images[0], e.images[4]));  // the centre crop is crop 4 of the ten
+  // The CMYK image (no black ink) decodes to the RGB it was made from: its centre crop's red
+  // channel follows x as the source gradient does, within JPEG's error.
+  const auto mean = imagenet_normalisation().mean, sd = imagenet_normalisation().std;
+  auto red = centre.images[0][0] * sd[0] + mean[0];  // back to [0, 1]
+  CHECK(red[112][10].item<float>() < red[112][213].item<float>());
+  CHECK(red[112][112].item<float>() == Approx(0.5).margin(0.05));
   remove_tree(root);
 }
 
