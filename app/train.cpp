@@ -92,6 +92,7 @@ int main(int argc, char** argv) {
     ("resume", "Continue the run stored in --checkpoint")
     ("export", "At the end, write the weights as a state dict that Python loads with torch.load", cxxopts::value<std::string>())
     ("quiet", "No progress line")
+    ("print-config", "Print the resolved configuration (presets, defaults, environment) and exit")
     ("h,help", "This help");
   opts.add_options("Distributed")
     ("rank", "This process's rank (default: $RANK, else 0)", cxxopts::value<int>())
@@ -163,6 +164,11 @@ int main(int argc, char** argv) {
       throw std::invalid_argument("--rank " + std::to_string(c.dist.rank) + " is not in --world-size " + std::to_string(c.dist.world));
     if (a["dist-timeout"].as<int>() <= 0) throw std::invalid_argument("--dist-timeout must be positive");
     c.validate();
+    if (a.count("print-config")) {
+      std::cout << c.describe() << "rank=" << c.dist.rank << "\nworld_size=" << c.dist.world
+                << "\nmaster=" << c.dist.master_addr << ":" << c.dist.master_port << std::endl;
+      return 0;
+    }
   } catch (const std::exception& e) {
     std::cerr << "blpa-train: " << e.what() << "\nRun blpa-train --help for the options.\n";
     return 2;

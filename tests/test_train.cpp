@@ -7,8 +7,10 @@
 #include <unistd.h>
 
 #include <csignal>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <regex>
 #include <thread>
 
@@ -214,4 +216,57 @@ TEST_CASE("train: blpa-train refuses bad flags and missing data with exit codes"
   CHECK(run_train({"--lr-steps", "100,50"}) == 2);
   CHECK(run_train({"--data-dir", "/nonexistent/blpa", "--quiet"}) == 1);
   CHECK(run_train({"--help"}) == 0);
+}
+
+TEST_CASE("train: --preset imagenet sets the paper's protocol and explicit flags win", "[train]") {
+  const auto dir = temp_dir("preset");
+  const std::string out = (dir / "config.txt").string();
+  auto config = [&](const std::string& extra) {
+    const std::string cmd = std::string(BLPA_TRAIN_EXE) + " --print-config " + extra + " > " + out + " 2>&1";
+    REQUIRE(std::system(cmd.c_str()) == 0);
+    std::ifstream f(out);
+    return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  };
+  const std::string p = config("--preset imagenet");
+  for (const char* kv : {"dataset=imagenet\n", "arch=imagenet\n", "depth=152\n", "batch=256\n", "iterations=640000\n",
+                         "lr=0.1\n", "warmup=0\n", "steps=160000,320000,480000\n", "weight_decay=0.0001\n", "mode=blpa-4\n"})
+    CHECK(p.find(kv) != std::string::npos);
+  const std::string o = config("--preset imagenet --batch 64 --accum-steps 2 --depth 50");
+  CHECK(o.find("batch=64\n") != std::string::npos);
+  CHECK(o.find("depth=50\n") != std::string::npos);
+  CHECK(o.find("accum_steps=2\n") != std::string::npos);
+  CHECK(o.find("iterations=640000\n") != std::string::npos);
+  const std::string d = config("");  // the CIFAR protocol
+  CHECK(d.find("depth=164\n") != std::string::npos);
+  CHECK(d.find("steps=32000,48000\n") != std::string::npos);
+  CHECK(::system((std::string(BLPA_TRAIN_EXE) + " --preset nonsense >/dev/null 2>&1").c_str()) != 0);
+  CHECK(::system((std::string(BLPA_TRAIN_EXE) + " --batch 10 --accum-steps 3 >/dev/null 2>&1").c_str()) != 0);
+  const std::string env_cmd = "RANK=1 WORLD_SIZE=4 MASTER_ADDR=10.0.0.2 MASTER_PORT=29555 " + std::string(BLPA_TRAIN_EXE) +
+                              " --print-config > " + out + " 2>&1";
+  REQUIRE(std::system(env_cmd.c_str()) == 0);
+  std::ifstream f(out);
+  const std::string e((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  CHECK(e.find("rank=1\nworld_size=4\nmaster=10.0.0.2:29555") != std::string::npos);
+  remove_tree(dir);
+}
+
+TEST_CASE("train: blpa-eval scores a Fashion-MNIST checkpoint as the trainer's evaluation does", "[train]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("eval");
+  auto c = small(dir);
+  c.iterations = 10;
+  c.test_subset = 300;
+  c.checkpoint = (dir / "ck.pt").string();
+  const auto r = blpa::train(c);
+  const std::string out = (dir / "eval.json").string();
+  const std::string cmd = std::string(BLPA_EVAL_EXE) + " --checkpoint " + c.checkpoint + " --subset 300 --json > " + out;
+  REQUIRE(std::system(cmd.c_str()) == 0);
+  std::ifstream f(out);
+  const std::string json((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  CAPTURE(json);
+  std::smatch m;
+  REQUIRE(std::regex_search(json, m, std::regex("\"images\": 300, \"failed\": 0, \"loss\": ([0-9.]+), \"top1\": ([0-9.]+)")));
+  CHECK(std::stod(m[1]) == Approx(r.test_loss).epsilon(1e-4));
+  CHECK(std::stod(m[2]) == Approx(r.test_acc).margin(1e-6));
+  remove_tree(dir);
 }
