@@ -1,6 +1,7 @@
 // Pre-activation bottleneck ResNets built from units (docs/method.md, "Networks").
 //   cifar:    depth 9n+2 (ResNet-164: n = 18), stages of width 16/32/64 (x4), 3x3 stem
 //   imagenet: depth 50/101/152/200, stages of width 64/128/256/512 (x4), 7x7/2 stem + max-pool
+//             (the max-pool keeps 1 byte per output element outside plain mode)
 #pragma once
 
 #include <torch/torch.h>
@@ -59,6 +60,11 @@ class ResNetImpl : public torch::nn::Module {
   torch::nn::Linear fc{nullptr};
 };
 TORCH_MODULE(ResNet);
+
+// The ImageNet stem's 3x3/2 max-pool (padding 1), as torch::max_pool2d, keeping one byte per
+// output element for backward (which window position won) instead of the input and int64
+// indices. Used in the exact, blpa and naive modes.
+torch::Tensor stem_max_pool(const torch::Tensor& x);
 
 // Stages (blocks per stage) of an ImageNet depth; throws for an unsupported depth.
 std::vector<int> imagenet_stages(int depth);
