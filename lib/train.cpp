@@ -315,7 +315,10 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e) {
     if (!val.classes.empty()) val.num_classes = net.num_classes;
     return evaluate_images(model, strided_subset(std::move(val), e.subset), e.options);
   }
-  const data::Dataset train = data::load(dataset, dir, true), test = subset(data::load(dataset, dir, false), e.subset);
+  // The normalisation is the trainer's: the statistics of the training images it used.
+  const int64_t train_subset = kv["train_subset"].empty() ? 0 : std::stoll(kv["train_subset"]);
+  const data::Dataset train = subset(data::load(dataset, dir, true), train_subset);
+  const data::Dataset test = subset(data::load(dataset, dir, false), e.subset);
   return evaluate(model, test, data::channel_stats(train), e.options.batch, dev);
 }
 
