@@ -62,7 +62,7 @@ TEST_CASE("imagenet: classes are numbered in sorted wnid order and the index cac
   write_bytes(train / "n01" / "notes.txt", {'x'});
   write_bytes(train / "n02" / "b1.jpeg", jpeg_of(40, 30, 4));
   fs::create_directories(train / "n04");  // an empty class
-  const std::string cache = (root / "cache").string();
+  const std::string cache = (root / "cache" / "nested").string();  // created as needed
 
   ScanReport r;
   auto list = scan_image_folder(train.string(), cache, 3, &r);
