@@ -2,6 +2,7 @@
 // protocol (DESIGN.md 1.7); --preset imagenet is its ResNet-152 ImageNet protocol; without
 // --data-dir it trains on Debian's Fashion-MNIST.
 #include <blpa/train.h>
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
 #include <atomic>
@@ -179,10 +180,15 @@ int main(int argc, char** argv) {
   try {
     const auto r = blpa::train(c, &g_stop);
     if (r.interrupted) {
-      spdlog::warn("interrupted by signal {} after iteration {}{}", g_signal.load(), r.iteration,
+      // A rank without a signal of its own stopped because another rank was interrupted.
+      const int sig = g_signal.load() ? g_signal.load() : SIGINT;
+      spdlog::warn("{} after iteration {}{}",
+                   g_signal.load() ? fmt::format("interrupted by signal {}", sig)
+                                   : std::string("stopped because another rank was interrupted"),
+                   r.iteration,
                    c.checkpoint.empty() ? " (no --checkpoint: progress is lost)"
                                         : "; checkpoint " + c.checkpoint + " written, continue with --resume");
-      return 128 + g_signal.load();
+      return 128 + sig;
     }
     if (c.dist.rank == 0)
       spdlog::info("done: {} iterations, last training loss {:.4f}, test loss {:.4f}, test error {:.2f}% (top-5 {:.2f}%)",
