@@ -93,6 +93,9 @@ int data_main(int argc, char** argv) {
       "batch", "Images per batch", cxxopts::value<int>()->default_value("32"))(
       "seconds", "Time measured per worker count", cxxopts::value<double>()->default_value("4"))(
       "scan", "Instead: time the scan of an image folder (<dir>/<class>/*.JPEG), uncached and from the cache",
+      cxxopts::value<std::string>())(
+      "write-tree", "Instead: write an ImageNet-layout tree of generated JPEGs (train/ and val/, 10 classes, --images "
+      "per split) into this directory and exit, for trying the pipeline end to end",
       cxxopts::value<std::string>())("json", "One JSON object")("h,help", "This help");
   auto args = o.parse(argc, argv);
   if (args.count("help")) {
@@ -100,6 +103,22 @@ int data_main(int argc, char** argv) {
     return 0;
   }
   if (args.count("scan")) return scan_bench(args["scan"].as<std::string>(), args.count("json") > 0);
+  if (args.count("write-tree")) {
+    namespace fs = std::filesystem;
+    const fs::path root = args["write-tree"].as<std::string>();
+    const int n = args["images"].as<int>(), w = args["width"].as<int>(), h = args["height"].as<int>();
+    for (const char* split : {"train", "val"})
+      for (int i = 0; i < n; ++i) {
+        const auto px = photo(w, h, static_cast<uint32_t>(i + (split[0] == 'v' ? 1000000 : 0)));
+        const auto jpg = encode_jpeg(px.data(), w, h, JpegPixels::rgb, args["quality"].as<int>());
+        const fs::path cls = root / split / fmt::format("n{:08d}", i % 10);
+        fs::create_directories(cls);
+        std::ofstream(cls / fmt::format("{}_{:05d}.JPEG", split, i), std::ios::binary)
+            .write(reinterpret_cast<const char*>(jpg.data()), static_cast<std::streamsize>(jpg.size()));
+      }
+    fmt::print("wrote {} JPEGs per split under {}/train and {}/val\n", n, root.string(), root.string());
+    return 0;
+  }
   const int n = args["images"].as<int>(), w = args["width"].as<int>(), h = args["height"].as<int>();
   const int quality = args["quality"].as<int>(), batch = args["batch"].as<int>();
   const auto workers = parse_list(args["workers"].as<std::string>());

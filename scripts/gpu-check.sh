@@ -5,6 +5,7 @@
 #   gpu-check.txt        everything, with date, GPU, driver, torch and commit
 #   gpu-bench.jsonl      the benchmarks' JSON objects, one per line
 #   gpu-train-*.jsonl    the training logs (ResNet-20 on Fashion-MNIST, plain and blpa-4)
+#   gpu-imagenet.jsonl   ResNet-50 on a generated ImageNet-layout tree (the JPEG pipeline on CUDA)
 # Needs third_party/prefix from scripts/prepare-offline-deps.sh. A failing stage is reported
 # and the later stages still run; the exit status is 1 if any stage failed.
 set -uo pipefail
@@ -70,6 +71,15 @@ done
 stage step-resnet152 180 bash -c 'bench step --device cuda --model resnet152 --batch 64 --mode plain,exact,blpa-4 --warmup 3 --steps 15'
 stage memory-resnet152 120 bash -c 'bench memory --device cuda --model resnet152 --batch 64 --mode plain,blpa-4'
 stage data 120 bash -c "bench data --workers 1,2,4,8,$(nproc) --seconds 3"
+# The ImageNet path on the GPU: pinned batches, asynchronous copies, ResNet-50, 10-crop eval.
+tree=$(mktemp -d)
+"$BLPA_BUILD_DIR/app/blpa-bench" data --write-tree "$tree" --images 400 >/dev/null
+stage imagenet-train 180 "$BLPA_BUILD_DIR/app/blpa-train" --device cuda --data-dir "$tree" --model imagenet \
+  --depth 50 --batch 32 --accum-steps 2 --iterations 30 --warmup 0 --eval-every 0 --log-every 10 --quiet \
+  --index-cache '' --checkpoint "$tree/ck.pt" --log "$out/gpu-imagenet.jsonl"
+stage imagenet-eval 120 "$BLPA_BUILD_DIR/app/blpa-eval" --checkpoint "$tree/ck.pt" --ten-crop --device cuda \
+  --index-cache '' --json
+rm -rf "$tree"
 stage max-batch-resnet1001 240 bash -c 'bench max-batch --device cuda --model resnet1001 --budget-gib 8 --mode plain,blpa-4'
 echo "status: $status; results in $out" | tee -a "$log"
 exit "$status"
