@@ -1,9 +1,11 @@
 // blpa-bench subcommands that measure whole networks: memory, step, max-batch, fidelity.
 #include <blpa/memory.h>
 #include <blpa/resnet.h>
+#include <ATen/record_function.h>
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cxxopts.hpp>
 #include <fmt/format.h>
@@ -210,6 +212,35 @@ int memory_main(int argc, char** argv) {
   return 0;
 }
 
+// ATen operator calls during one training step: the ones made directly by our code and by
+// autograd (outermost), and all of them. On a GPU whose step is bound by the host launching
+// kernels (host_ms close to median_ms), these counts are what a mode costs (blpa's own codec
+// kernels are not ATen operators and are not counted). BLPA_OPS_TRACE=1 prints each call.
+struct OpCount {
+  int64_t outer = 0, all = 0;
+};
+
+OpCount count_ops(Rig& rig) {
+  static std::atomic<int64_t> outer{0}, all{0};
+  static thread_local int depth = 0;
+  outer = 0;
+  all = 0;
+  const auto handle = at::addGlobalCallback(
+      at::RecordFunctionCallback(
+          [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
+            if (std::getenv("BLPA_OPS_TRACE")) std::fprintf(stderr, "OP%d %s\n", depth, fn.name());
+            if (depth++ == 0) ++outer;
+            ++all;
+            return nullptr;
+          },
+          [](const at::RecordFunction&, at::ObserverContext*) { --depth; })
+          .scopes({at::RecordScope::FUNCTION}));
+  rig.step();
+  sync(rig.x.device());
+  at::removeCallback(handle);
+  return {outer.load(), all.load()};
+}
+
 int step_main(int argc, char** argv) {
   cxxopts::Options o("blpa-bench step",
                      "Training-step time (forward, backward, SGD update) per mode in one process: median and\n"
@@ -242,16 +273,18 @@ int step_main(int argc, char** argv) {
       return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
     };
     const double median = median_of(ms), host_median = median_of(host_ms);
+    const OpCount ops = count_ops(rig);
     if (mode.mode == Mode::plain) plain_ms = median;
     const std::string ratio = plain_ms > 0 ? fmt::format("{:.3f}", median / plain_ms) : "null";
     if (c.json)
       fmt::print("{}, \"threads\": {}, \"steps\": {}, \"median_ms\": {:.3f}, \"min_ms\": {:.3f}, \"max_ms\": {:.3f}, "
-                 "\"host_ms\": {:.3f}, \"images_per_s\": {:.2f}, \"overhead_vs_plain\": {}}}\n",
+                 "\"host_ms\": {:.3f}, \"ops\": {}, \"ops_outermost\": {}, \"images_per_s\": {:.2f}, "
+                 "\"overhead_vs_plain\": {}}}\n",
                  head(c, mode, "step"), c.device.is_cuda() ? 0 : torch::get_num_threads(), steps, median, ms.front(),
-                 ms.back(), host_median, c.batch * 1000.0 / median, ratio);
+                 ms.back(), host_median, ops.all, ops.outer, c.batch * 1000.0 / median, ratio);
     else
-      fmt::print("{:8s} median {:9.2f} ms  (min {:.2f}, max {:.2f}, host {:.2f}, {} steps)  {:8.1f} img/s  vs plain {}\n",
-                 mode.str(), median, ms.front(), ms.back(), host_median, steps, c.batch * 1000.0 / median,
+      fmt::print("{:8s} median {:9.2f} ms  (min {:.2f}, max {:.2f}, host {:.2f}, {} steps, {} ops)  {:8.1f} img/s  vs plain {}\n",
+                 mode.str(), median, ms.front(), ms.back(), host_median, steps, ops.outer, c.batch * 1000.0 / median,
                  plain_ms > 0 ? ratio + "x" : std::string("(run plain first for the ratio)"));
   }
   return 0;

@@ -39,6 +39,8 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     memory->input_sizes = x.sizes().vec();
     ctx->saved_data["invstd"] = invstd;
     memory->metadata_bytes += invstd.nbytes();
+    ctx->saved_data["zeros"] = unit->zeros_like_channels(invstd);  // shared, not per step
+    ctx->saved_data["ones"] = unit->ones_like_channels(invstd);
     auto normalised = [&] { return ((x - per_channel(mean)) * per_channel(invstd)).contiguous(); };
 
     if (mode.mode == Mode::exact) {
@@ -137,11 +139,16 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     // kernel: with input x_hat', mean 0 and 1/sigma 1 it normalises nothing, and the weight
     // gamma/sigma gives g_x = gamma/sigma (g_a - mean(g_a) - x_hat' mean(g_a x_hat')); its
     // weight gradient is sum(g_a x_hat') = g_gamma and its bias gradient sum(g_a) = g_beta.
-    const Tensor zeros = at::zeros_like(invstd), ones = at::ones_like(invstd);
+    const Tensor zeros = ctx->saved_data["zeros"].toTensor(), ones = ctx->saved_data["ones"].toTensor();
     auto [g_x, g_gamma, g_beta] = at::native_batch_norm_backward(
         g_a, x_hat, g * invstd, std::nullopt, std::nullopt, zeros, ones, /*train=*/true, 0.0, {true, true, true});
     out[0] = g_x;
-    out[1] = g_gamma * (gamma >= kGammaMin);
+    // The clamp's gradient, as LibTorch's clamp_min has it: zero unless gamma >= 1e-8 (in
+    // double; the float 1e-8f lies just below it, so constrain_()'s clamped gammas get none).
+    // For float gamma that is gamma > 1e-8f, one threshold_backward kernel.
+    out[1] = gamma.scalar_type() == at::kFloat
+                 ? at::threshold_backward(g_gamma, gamma, static_cast<float>(kGammaMin))
+                 : g_gamma * (gamma >= kGammaMin);
     out[2] = g_beta;
     return out;
   }
@@ -181,6 +188,8 @@ UnitImpl::UnitImpl(int64_t in_channels, std::vector<ConvSpec> convs_, ModeConfig
   beta = register_parameter("beta", torch::zeros({in_channels}));
   running_mean = register_buffer("running_mean", torch::zeros({in_channels}));
   running_var = register_buffer("running_var", torch::ones({in_channels}));
+  zeros_ = torch::zeros({in_channels});  // made here, so that a first forward allocates nothing extra
+  ones_ = torch::ones({in_channels});
   for (size_t i = 0; i < convs.size(); ++i) {
     const ConvSpec& c = convs[i];
     auto w = torch::empty({c.out_channels, in_channels, c.kernel, c.kernel});
@@ -205,6 +214,20 @@ std::vector<torch::Tensor> UnitImpl::forward(const torch::Tensor& x) {
   Tensor x_in = mode_.mode == Mode::exact ? x : x.contiguous();
   auto weight = [&](size_t i) { return i < weights.size() ? std::optional<Tensor>(weights[i]) : std::nullopt; };
   return UnitFunction::apply(x_in, gamma, beta, weight(0), weight(1), this, memory_.get());
+}
+
+const torch::Tensor& UnitImpl::zeros_like_channels(const torch::Tensor& like) {
+  if (!zeros_.defined() || zeros_.device() != like.device() || zeros_.scalar_type() != like.scalar_type() ||
+      zeros_.sizes() != like.sizes())
+    zeros_ = torch::zeros_like(like);
+  return zeros_;
+}
+
+const torch::Tensor& UnitImpl::ones_like_channels(const torch::Tensor& like) {
+  if (!ones_.defined() || ones_.device() != like.device() || ones_.scalar_type() != like.scalar_type() ||
+      ones_.sizes() != like.sizes())
+    ones_ = torch::ones_like(like);
+  return ones_;
 }
 
 void UnitImpl::constrain_() {

@@ -204,3 +204,33 @@ TEST_CASE("CUDA: the unit matches its CPU twin", "[unit][cuda]") {
     for (size_t i = 0; i < c.size(); ++i) CHECK(torch::allclose(c[i], g[i], 1e-3, 1e-4));
   }
 }
+
+TEST_CASE("unit: gamma below 1e-8 is clamped in forward and gets no gradient, as with LibTorch's clamp_min", "[unit]") {
+  torch::manual_seed(9);
+  for (Mode mode : {Mode::exact, Mode::blpa}) {
+    CAPTURE(to_string(mode));
+    Unit u(5, std::vector<ConvSpec>{}, ModeConfig{mode, 8});
+    auto g0 = torch::tensor({-1.0f, 0.0f, 1e-8f, 2e-8f, 1.0f});
+    {
+      torch::NoGradGuard no_grad;
+      u->gamma.copy_(g0);
+      u->beta.copy_(torch::tensor({0.1f, -0.2f, 0.3f, 0.0f, 0.5f}));
+    }
+    auto x = torch::randn({3, 5, 4, 4});
+    auto probe = torch::randn({3, 5, 4, 4});
+    (u->forward(x)[0] * probe).sum().backward();
+    // The reference: LibTorch's autograd through the same clamp.
+    auto gamma = g0.clone().requires_grad_();
+    auto beta = u->beta.detach().clone().requires_grad_();
+    auto r = torch::relu(torch::batch_norm(x, gamma.clamp_min(1e-8), beta, {}, {}, true, 0.1, 1e-5, false));
+    (r * probe).sum().backward();
+    auto got = u->gamma.grad(), want = gamma.grad();
+    CHECK(got[0].item<float>() == 0.0f);
+    CHECK(got[1].item<float>() == 0.0f);
+    CAPTURE(got, want);
+    CHECK(got[2].item<float>() == 0.0f);  // 1e-8f is just below 1e-8: clamped, as LibTorch does
+    CHECK(got[3].item<float>() != 0.0f);
+    if (mode == Mode::exact) CHECK(torch::allclose(got, want, 1e-4, 1e-5));
+    else CHECK(((got != 0) == (want != 0)).all().item<bool>());
+  }
+}
