@@ -5,20 +5,8 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
-#include <cstdlib>
 #include <cxxopts.hpp>
 #include <iostream>
-
-namespace {
-
-std::string default_cache() {
-  const char* xdg = std::getenv("XDG_CACHE_HOME");
-  const char* home = std::getenv("HOME");
-  if (xdg && *xdg) return std::string(xdg) + "/blpa";
-  return home && *home ? std::string(home) + "/.cache/blpa" : "";
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   cxxopts::Options opts("blpa-eval", "Evaluate a blpa-train checkpoint: top-1 and top-5 on the test split of the data "
@@ -35,7 +23,7 @@ int main(int argc, char** argv) {
     ("batch", "Images per batch (10-crop: times 10 crops)", cxxopts::value<int64_t>()->default_value("50"))
     ("workers", "Decode threads", cxxopts::value<int>()->default_value("4"))
     ("device", "cpu, cuda or cuda:N", cxxopts::value<std::string>()->default_value("cpu"))
-    ("index-cache", "Directory of cached ImageNet file lists ('' to disable)", cxxopts::value<std::string>()->default_value(default_cache()))
+    ("index-cache", "Directory of cached ImageNet file lists ('' to disable)", cxxopts::value<std::string>()->default_value(blpa::default_cache_dir()))
     ("json", "Print one JSON object")
     ("quiet", "No progress line")
     ("h,help", "This help");

@@ -25,12 +25,6 @@ extern "C" void on_signal(int sig) {
   std::signal(sig, SIG_DFL);
 }
 
-std::string default_cache() {
-  const char* xdg = std::getenv("XDG_CACHE_HOME");
-  const char* home = std::getenv("HOME");
-  if (xdg && *xdg) return std::string(xdg) + "/blpa";
-  return home && *home ? std::string(home) + "/.cache/blpa" : "";
-}
 
 std::vector<int64_t> parse_steps(const std::string& s) {
   std::vector<int64_t> out;
@@ -59,7 +53,7 @@ int main(int argc, char** argv) {
     ("data-dir", "Directory with the data set's official files (default: Debian's Fashion-MNIST); for imagenet the folder holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG", cxxopts::value<std::string>())
     ("train-list", "imagenet: a list file of 'relative/path,label' lines instead of <data-dir>/train (paths relative to --data-dir, or to the list's folder)", cxxopts::value<std::string>())
     ("val-list", "imagenet: the same for validation", cxxopts::value<std::string>())
-    ("index-cache", "imagenet: directory where the scanned file lists are cached, keyed by the folders' contents ('' to disable)", cxxopts::value<std::string>()->default_value(default_cache()))
+    ("index-cache", "imagenet: directory where the scanned file lists are cached, keyed by the folders' contents ('' to disable)", cxxopts::value<std::string>()->default_value(blpa::default_cache_dir()))
     ("train-subset", "Train on the first N training images (0: all)", cxxopts::value<int64_t>()->default_value("0"))
     ("test-subset", "Evaluate on the first N test images (0: all)", cxxopts::value<int64_t>()->default_value("0"))
     ("no-augment", "Disable pad-4 random crops and horizontal flips");

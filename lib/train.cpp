@@ -9,6 +9,7 @@
 #include <cmath>
 #include <thread>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fmt/format.h>
 #include <fstream>
@@ -266,6 +267,13 @@ double accumulate_gradients(ResNet& model, const torch::Tensor& x, const torch::
     reducer->enable(false);
   }
   return total.item<double>();  // read once backward is queued: no stall between the parts
+}
+
+std::string default_cache_dir() {
+  const char* xdg = std::getenv("XDG_CACHE_HOME");
+  const char* home = std::getenv("HOME");
+  if (xdg && *xdg) return std::string(xdg) + "/blpa";
+  return home && *home ? std::string(home) + "/.cache/blpa" : "";
 }
 
 EvalResult evaluate_checkpoint(const CheckpointEval& e) {

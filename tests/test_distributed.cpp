@@ -196,6 +196,19 @@ std::vector<double> losses(const fs::path& log) {
   return out;
 }
 
+bool have_fashion_mnist() {
+  if (fs::exists(blpa::data::kDebianFashionMnist)) return true;
+  std::cout << "BLPA_SKIP: dataset-fashion-mnist is not installed" << std::endl;
+  return false;
+}
+
+fs::path fresh_dir(const std::string& tag) {
+  const fs::path dir = fs::temp_directory_path() / ("blpa-dist-" + tag + "-" + std::to_string(::getpid()));
+  remove_tree(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
 // Both ranks of a 2-process blpa-train run; returns their exit codes.
 std::pair<int, int> train_pair(const fs::path& dir, int port, std::vector<std::string> extra, const std::string& tag) {
   std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "1000", "--test-subset", "100",
@@ -215,13 +228,8 @@ std::pair<int, int> train_pair(const fs::path& dir, int port, std::vector<std::s
 }  // namespace
 
 TEST_CASE("distributed: a 2-rank run resumed from its checkpoint continues identically", "[distributed][train]") {
-  if (!fs::exists(blpa::data::kDebianFashionMnist)) {
-    std::cout << "BLPA_SKIP: dataset-fashion-mnist is not installed" << std::endl;
-    return;
-  }
-  const fs::path dir = fs::temp_directory_path() / ("blpa-dist-resume-" + std::to_string(::getpid()));
-  remove_tree(dir);
-  fs::create_directories(dir);
+  if (!have_fashion_mnist()) return;
+  const fs::path dir = fresh_dir("resume");
   auto straight = train_pair(dir, free_port(20), {"--iterations", "8"}, "straight");
   REQUIRE(straight == std::pair{0, 0});
   fs::remove(dir / "ck.pt");
@@ -237,13 +245,8 @@ TEST_CASE("distributed: a 2-rank run resumed from its checkpoint continues ident
 }
 
 TEST_CASE("distributed: when a rank dies the other stops with an error instead of hanging", "[distributed][train]") {
-  if (!fs::exists(blpa::data::kDebianFashionMnist)) {
-    std::cout << "BLPA_SKIP: dataset-fashion-mnist is not installed" << std::endl;
-    return;
-  }
-  const fs::path dir = fs::temp_directory_path() / ("blpa-dist-kill-" + std::to_string(::getpid()));
-  remove_tree(dir);
-  fs::create_directories(dir);
+  if (!have_fashion_mnist()) return;
+  const fs::path dir = fresh_dir("kill");
   std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "1000", "--test-subset", "100",
                                   "--warmup", "0", "--threads", "1", "--log-every", "1", "--eval-every", "0",
                                   "--quiet", "--world-size", "2", "--master-port", std::to_string(free_port(30)),

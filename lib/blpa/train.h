@@ -91,6 +91,9 @@ struct ImageEvalOptions {
 // Top-1/top-5 of a model on a list of JPEGs (ImageNet validation protocol).
 EvalResult evaluate_images(ResNet& model, const data::ImageList& list, const ImageEvalOptions& options);
 
+// $XDG_CACHE_HOME/blpa, else ~/.cache/blpa: where the ImageNet file lists are cached.
+std::string default_cache_dir();
+
 // Evaluates the network stored in a blpa-train checkpoint on its data set's test split
 // (ImageNet: val/, centre crop or 10 crops as `options` say).
 struct CheckpointEval {
