@@ -44,6 +44,12 @@ void run_ranks(int world, F f) {
     if (e) std::rethrow_exception(e);
 }
 
+DistConfig two_ranks(int rank, int port) {
+  DistConfig c;
+  c.rank = rank, c.world = 2, c.master_port = port, c.timeout = std::chrono::seconds(60);
+  return c;
+}
+
 blpa::ResNet small_net(blpa::ModeConfig mode) {
   blpa::NetConfig net;
   net.depth = 11;
@@ -71,9 +77,7 @@ TEST_CASE("distributed: two ranks with accumulation hold identical gradients and
     }
     const int p = port++;
     run_ranks(2, [&](int rank) {
-      DistConfig c;
-      c.rank = rank, c.world = 2, c.master_port = p, c.timeout = std::chrono::seconds(60);
-      Distributed d(c, "gloo");
+      Distributed d(two_ranks(rank, p), "gloo");
       auto& net = nets[rank];
       std::vector<torch::Tensor> state;
       for (const auto& q : net->parameters()) state.push_back(q.detach());
@@ -123,9 +127,7 @@ TEST_CASE("distributed: the averaged gradient equals the mean of the shards' gra
     std::vector<blpa::ResNet> nets{small_net(mode), small_net(mode)};  // here: the generator is shared
     const int p = port++;
     run_ranks(2, [&](int rank) {
-      DistConfig c;
-      c.rank = rank, c.world = 2, c.master_port = p, c.timeout = std::chrono::seconds(60);
-      Distributed d(c, "gloo");
+      Distributed d(two_ranks(rank, p), "gloo");
       auto& net = nets[rank];
       auto reducer = d.reducer(net->parameters(), 64 << 10);
       blpa::accumulate_gradients(net, x.narrow(0, 4 * rank, 4), y.narrow(0, 4 * rank, 4), 1, nullptr, reducer.get());
