@@ -381,9 +381,9 @@ void note(DecodeErrors* errors, const std::string& path, const Decoded& d) {
 }  // namespace
 
 Batch imagenet_train_batch(const ImageList& list, const std::vector<int64_t>& indices, const ImageNetAugment& a,
-                           const Normalisation& norm, uint64_t stream, DecodeErrors* errors) {
+                           const Normalisation& norm, uint64_t stream, DecodeErrors* errors, bool pinned) {
   const int64_t B = static_cast<int64_t>(indices.size());
-  Batch out{at::empty({B, 3, a.crop, a.crop}), at::empty({B}, at::kLong)};
+  Batch out{at::empty({B, 3, a.crop, a.crop}, at::TensorOptions().pinned_memory(pinned)), at::empty({B}, at::kLong)};
   int64_t* labels = out.labels.data_ptr<int64_t>();
   for (int64_t i = 0; i < B; ++i) {
     const uint64_t key = counter_hash(stream, static_cast<uint64_t>(indices[i]));
@@ -410,9 +410,10 @@ Batch imagenet_train_batch(const ImageList& list, const std::vector<int64_t>& in
 }
 
 Batch imagenet_eval_batch(const ImageList& list, int64_t first, int64_t count, int resize_short, int crop,
-                          bool ten_crop, const Normalisation& norm, DecodeErrors* errors) {
+                          bool ten_crop, const Normalisation& norm, DecodeErrors* errors, bool pinned) {
   const int64_t views = ten_crop ? 10 : 1;
-  Batch out{at::zeros({count * views, 3, crop, crop}), at::empty({count}, at::kLong)};
+  Batch out{at::zeros({count * views, 3, crop, crop}, at::TensorOptions().pinned_memory(pinned)),
+            at::empty({count}, at::kLong)};
   int64_t* labels = out.labels.data_ptr<int64_t>();
   for (int64_t i = 0; i < count; ++i) {
     const std::string path = list.root + "/" + list.paths[first + i];

@@ -67,9 +67,10 @@ data::Dataset subset(data::Dataset d, int64_t n) {
 // N images spread evenly over the list (which is sorted by class), so that all classes stay.
 data::ImageList strided_subset(data::ImageList l, int64_t n) {
   if (n <= 0 || n >= l.size()) return l;
-  data::ImageList out = l;
-  out.paths.clear();
-  out.labels.clear();
+  data::ImageList out;
+  out.root = l.root;
+  out.classes = l.classes;
+  out.num_classes = l.num_classes;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t k = i * l.size() / n;
     out.paths.push_back(l.paths[k]);
@@ -227,9 +228,7 @@ EvalResult evaluate_images(ResNet& model, const data::ImageList& list, const Ima
       [&](int64_t b) {
         if (b >= batches) return data::Batch{};
         const int64_t first = b * o.batch, n = std::min(o.batch, list.size() - first);
-        auto batch = data::imagenet_eval_batch(list, first, n, o.resize_short, o.crop, o.ten_crop, norm, &errors);
-        if (pin) batch.images = batch.images.pin_memory();
-        return batch;
+        return data::imagenet_eval_batch(list, first, n, o.resize_short, o.crop, o.ten_crop, norm, &errors, pin);
       },
       0, o.workers, o.workers + 1);
   EvalSums sums;
@@ -495,11 +494,9 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
     image_loader = std::make_unique<data::BatchStream>(
         [&, aug](int64_t b) {
           const auto idx = data::shard_indices(train_list.size(), config.batch, shard, config.seed, b);
-          auto batch = data::imagenet_train_batch(train_list, idx, aug, norm,
-                                                  data::counter_hash(config.seed, 0x5A5A5A5Aull, b / per_epoch),
-                                                  &decode_errors);
-          if (pin) batch.images = batch.images.pin_memory();
-          return batch;
+          return data::imagenet_train_batch(train_list, idx, aug, norm,
+                                            data::counter_hash(config.seed, 0x5A5A5A5Aull, b / per_epoch),
+                                            &decode_errors, pin);
         },
         it, config.workers, config.prefetch);
     next_batch = [&] { return image_loader->next(); };

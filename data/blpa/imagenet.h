@@ -115,13 +115,14 @@ struct DecodeErrors {
 };
 
 // Training batch `b` of the list (order and augmentation a pure function of seed and b),
-// normalised float32 B x 3 x crop x crop.
+// normalised float32 B x 3 x crop x crop. `pinned`: the images are made in pinned host
+// memory (for asynchronous copies to a GPU; needs CUDA).
 Batch imagenet_train_batch(const ImageList& list, const std::vector<int64_t>& indices, const ImageNetAugment& a,
-                           const Normalisation& norm, uint64_t stream, DecodeErrors* errors);
+                           const Normalisation& norm, uint64_t stream, DecodeErrors* errors, bool pinned = false);
 
 // Evaluation batch: each image's centre crop (`ten_crop` false: B x 3 x crop x crop) or its
 // ten crops (B*10 x ..., image i's crops at rows 10i..10i+9).
 Batch imagenet_eval_batch(const ImageList& list, int64_t first, int64_t count, int resize_short, int crop,
-                          bool ten_crop, const Normalisation& norm, DecodeErrors* errors);
+                          bool ten_crop, const Normalisation& norm, DecodeErrors* errors, bool pinned = false);
 
 }  // namespace blpa::data
