@@ -12,9 +12,11 @@
 #include "codec_kernels.h"
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "blpa/codec_math.h"
 
@@ -29,18 +31,28 @@ struct Launch {
   cudaStream_t stream;
 };
 
+// The grid cap: 16 blocks of kThreads per SM, two waves of the 8 an SM holds at once.
+int64_t grid_cap(int device) {
+  static std::atomic<int> sm_count[64] = {};  // ranks may run as threads
+  int n = device < 64 ? sm_count[device].load(std::memory_order_relaxed) : 132;
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    sm_count[device].store(n, std::memory_order_relaxed);
+  }
+  return int64_t{n} * 16;
+}
+
 // One helper for every launch: empty work returns early, the grid is capped (grid-stride
 // loops cover the rest) and the stream is LibTorch's current one for the device.
 Launch launch_config(int64_t work_items, int device) {
-  static int sm_count[64] = {};
-  if (device < 64 && sm_count[device] == 0)
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count[device], cudaDevAttrMultiProcessorCount, device));
-  const int64_t cap = int64_t{device < 64 ? sm_count[device] : 132} * 16;
-  const int64_t blocks = std::min<int64_t>((work_items + kThreads - 1) / kThreads, cap);
+  const int64_t blocks = std::min<int64_t>((work_items + kThreads - 1) / kThreads, grid_cap(device));
   return {static_cast<int>(std::max<int64_t>(blocks, 1)), c10::cuda::getCurrentCUDAStream(device).stream()};
 }
 
-__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+__host__ __device__ __forceinline__ bool aligned(const void* p, uintptr_t bytes) {
+  return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
+}
+__device__ __forceinline__ bool aligned16(const void* p) { return aligned(p, 16); }
 
 // Where a group of n elements starting at e0 lies: the channel of its first element, and
 // whether all n share it (a group straddles two planes only at a plane's end). Below 2^32
@@ -91,7 +103,7 @@ __global__ void offsets_kernel(OffsetParams p) {
 template <int Bits>
 __global__ void pack_kernel(PackParams p) {
   const int64_t groups = (p.numel + kGroup - 1) / kGroup;
-  const bool vec = aligned16(p.v), narrow = narrow_indices(p.numel);
+  const bool vec = aligned16(p.v), narrow = narrow_indices(p.numel), relu_vec = aligned16(p.relu);
   for (int64_t g = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g < groups; g += int64_t{gridDim.x} * blockDim.x) {
     const int64_t e0 = g * kGroup;
     const int n = static_cast<int>(min(int64_t{kGroup}, p.numel - e0));
@@ -103,6 +115,19 @@ __global__ void pack_kernel(PackParams p) {
     } else {
 #pragma unroll
       for (int k = 0; k < kGroup; ++k) x[k] = k < n ? p.v[e0 + k] : 0.0f;
+    }
+    if (p.relu) {  // the unit's ReLU, written where it may alias v: this thread has read it
+      float y[kGroup];
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k) y[k] = x[k] < 0.0f ? 0.0f : x[k];
+      if (relu_vec && n == kGroup) {
+        reinterpret_cast<float4*>(p.relu + e0)[0] = make_float4(y[0], y[1], y[2], y[3]);
+        reinterpret_cast<float4*>(p.relu + e0)[1] = make_float4(y[4], y[5], y[6], y[7]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < kGroup; ++k)
+          if (k < n) p.relu[e0 + k] = y[k];
+      }
     }
     const Group gr = locate(e0, n, p.plane, p.channels, narrow);
     int s[kGroup];
@@ -156,7 +181,8 @@ template <int Bits>
 __global__ void unpack_kernel(UnpackParams p) {
   constexpr int G = kUnpackGroup;
   const int64_t groups = (p.numel + G - 1) / G;
-  const bool vec = (!p.x_hat || aligned16(p.x_hat)) && (!p.r || aligned16(p.r)) && (!p.grad || aligned16(p.grad));
+  const bool vec = (!p.x_hat || aligned16(p.x_hat)) && (!p.r || aligned16(p.r));
+  const bool word_codes = aligned(p.codes, Bits == 8 ? 4 : 2);  // codes from pack always are
   const bool narrow = narrow_indices(p.numel);
   for (int64_t g = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g < groups; g += int64_t{gridDim.x} * blockDim.x) {
     const int64_t e0 = g * G;
@@ -164,7 +190,7 @@ __global__ void unpack_kernel(UnpackParams p) {
     uint32_t q[G];
     if constexpr (Bits == 8) {
       const uint8_t* in = p.codes + e0;
-      if (n == G) {
+      if (word_codes && n == G) {
         const uint32_t w = *reinterpret_cast<const uint32_t*>(in);
 #pragma unroll
         for (int k = 0; k < G; ++k) q[k] = (w >> (8 * k)) & 0xFF;
@@ -174,7 +200,7 @@ __global__ void unpack_kernel(UnpackParams p) {
       }
     } else {
       const uint8_t* in = p.codes + e0 / 2;
-      if (n == G) {
+      if (word_codes && n == G) {
         const uint32_t w = *reinterpret_cast<const uint16_t*>(in);
 #pragma unroll
         for (int k = 0; k < G; ++k) q[k] = (w >> (4 * k)) & 0xF;
@@ -220,18 +246,135 @@ __global__ void unpack_kernel(UnpackParams p) {
       for (int k = 0; k < G; ++k)
         if (k < n) p.mask[e0 + k] = codec::mask(q[k], s[k]);
     }
-    if (p.grad) {
-      float y[G];
-      if (full) {
-        const float4 a = *reinterpret_cast<const float4*>(p.grad + e0);
-        y[0] = a.x, y[1] = a.y, y[2] = a.z, y[3] = a.w;
+  }
+}
+
+
+// The BatchNorm-and-ReLU backward from the codes. A 2-D grid: blockIdx.y is the channel, so
+// its constants are loaded once per thread, and blockIdx.x splits the channel's N planes so
+// that a few channels still fill the GPU (one block per channel, as LibTorch's NCHW
+// BatchNorm kernels do, leaves most SMs idle for the 16 to 64 channels of early layers).
+// When a plane is a multiple of 4 elements, a thread takes 4 at a time: one float4 of g_r
+// and 2 or 4 bytes of codes.
+constexpr int kBnThreads = 256;
+
+struct ChannelWalk {
+  uint32_t per_plane;  // steps per plane: plane / 4 (vector path) or plane
+  uint32_t steps;      // per_plane * batch
+  bool vec;
+};
+
+__device__ __forceinline__ int64_t walk_element(const ChannelWalk& w, uint32_t j, int64_t c, int64_t channels,
+                                               int64_t plane) {
+  const uint32_t n = j / w.per_plane, k = j - n * w.per_plane;
+  return (int64_t{n} * channels + c) * plane + (w.vec ? 4 * int64_t{k} : int64_t{k});
+}
+
+template <int Bits>
+__device__ __forceinline__ void read_codes4(const uint8_t* codes, int64_t e, uint32_t q[4]) {
+  if constexpr (Bits == 8) {
+    const uint32_t w = *reinterpret_cast<const uint32_t*>(codes + e);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) q[k] = (w >> (8 * k)) & 0xFF;
+  } else {
+    const uint32_t w = *reinterpret_cast<const uint16_t*>(codes + e / 2);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) q[k] = (w >> (4 * k)) & 0xF;
+  }
+}
+
+template <int Bits>
+__device__ __forceinline__ uint32_t read_code(const uint8_t* codes, int64_t e) {
+  if constexpr (Bits == 8) return codes[e];
+  return (codes[e >> 1] >> (4 * (e & 1))) & 0xF;
+}
+
+// g_a and g_a * x_hat' of one element.
+template <int Bits>
+__device__ __forceinline__ float2 bn_terms(uint32_t q, float grad, int s, float bc) {
+  const float ga = codec::mask(q, s) ? grad : 0.0f;  // a select: a masked NaN gradient is 0
+  return make_float2(ga, ga * (codec::decode(q, s, Bits) - bc));
+}
+
+// Per channel (blockIdx.y, striding by gridDim.y past 65535 channels): sum g_a and
+// sum g_a x_hat', added into p.sums. A thread adds up to 4 terms in float, then in double.
+template <int Bits>
+__global__ void bn_reduce_kernel(BnBackwardParams p, ChannelWalk w) {
+  __shared__ double part[2][kBnThreads / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t c = blockIdx.y; c < p.channels; c += gridDim.y) {
+    const int s = p.offsets[c];
+    const float bc = p.b[c];
+    double sum_a = 0.0, sum_ax = 0.0;
+    for (uint32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < w.steps; j += gridDim.x * blockDim.x) {
+      const int64_t e = walk_element(w, j, c, p.channels, p.plane);
+      if (w.vec) {
+        uint32_t q[4];
+        read_codes4<Bits>(p.codes, e, q);
+        const float4 g = *reinterpret_cast<const float4*>(p.grad + e);
+        const float2 t0 = bn_terms<Bits>(q[0], g.x, s, bc), t1 = bn_terms<Bits>(q[1], g.y, s, bc);
+        const float2 t2 = bn_terms<Bits>(q[2], g.z, s, bc), t3 = bn_terms<Bits>(q[3], g.w, s, bc);
+        sum_a += (t0.x + t1.x) + (t2.x + t3.x);
+        sum_ax += (t0.y + t1.y) + (t2.y + t3.y);
       } else {
-#pragma unroll
-        for (int k = 0; k < G; ++k) y[k] = k < n ? p.grad[e0 + k] : 0.0f;
+        const float2 t = bn_terms<Bits>(read_code<Bits>(p.codes, e), p.grad[e], s, bc);
+        sum_a += t.x;
+        sum_ax += t.y;
       }
+    }
+    // Block sum: within each warp by shuffles, then across the warps by warp 0.
 #pragma unroll
-      for (int k = 0; k < G; ++k) y[k] = codec::mask(q[k], s[k]) ? y[k] : 0.0f;
-      store(p.grad, y);
+    for (int d = 16; d > 0; d /= 2) {
+      sum_a += __shfl_down_sync(0xFFFFFFFFu, sum_a, d);
+      sum_ax += __shfl_down_sync(0xFFFFFFFFu, sum_ax, d);
+    }
+    if (lane == 0) part[0][warp] = sum_a, part[1][warp] = sum_ax;
+    __syncthreads();
+    if (warp == 0) {
+      sum_a = lane < kBnThreads / 32 ? part[0][lane] : 0.0;
+      sum_ax = lane < kBnThreads / 32 ? part[1][lane] : 0.0;
+#pragma unroll
+      for (int d = 16; d > 0; d /= 2) {
+        sum_a += __shfl_down_sync(0xFFFFFFFFu, sum_a, d);
+        sum_ax += __shfl_down_sync(0xFFFFFFFFu, sum_ax, d);
+      }
+      if (lane == 0) {
+        atomicAdd(p.sums + c, sum_a);
+        atomicAdd(p.sums + p.channels + c, sum_ax);
+      }
+    }
+    __syncthreads();  // part[] is reused by the next channel
+  }
+}
+
+template <int Bits>
+__global__ void bn_apply_kernel(BnBackwardParams p, ChannelWalk w) {
+  const double m = static_cast<double>(w.steps) * (w.vec ? 4 : 1);  // elements in a channel
+  for (int64_t c = blockIdx.y; c < p.channels; c += gridDim.y) {
+    const double sum_a = p.sums[c], sum_ax = p.sums[p.channels + c];
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      p.g_beta[c] = static_cast<float>(sum_a);
+      p.g_g[c] = static_cast<float>(sum_ax);
+    }
+    const float mean_a = static_cast<float>(sum_a / m), mean_ax = static_cast<float>(sum_ax / m);
+    const float scale = __fmul_rn(p.g[c], p.invstd[c]);
+    const int s = p.offsets[c];
+    const float bc = p.b[c];
+    auto g_x = [&](uint32_t q, float grad) {  // as the CPU path: scale * (g_a - mean_a - x_hat' * mean_ax)
+      const float ga = codec::mask(q, s) ? grad : 0.0f;
+      return scale * (ga - mean_a - (codec::decode(q, s, Bits) - bc) * mean_ax);
+    };
+    for (uint32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < w.steps; j += gridDim.x * blockDim.x) {
+      const int64_t e = walk_element(w, j, c, p.channels, p.plane);
+      if (w.vec) {
+        uint32_t q[4];
+        read_codes4<Bits>(p.codes, e, q);
+        const float4 g = *reinterpret_cast<const float4*>(p.grad + e);
+        *reinterpret_cast<float4*>(p.grad_in + e) =
+            make_float4(g_x(q[0], g.x), g_x(q[1], g.y), g_x(q[2], g.z), g_x(q[3], g.w));
+      } else {
+        p.grad_in[e] = g_x(read_code<Bits>(p.codes, e), p.grad[e]);
+      }
     }
   }
 }
@@ -240,6 +383,7 @@ __global__ void unpack_kernel(UnpackParams p) {
 
 void compute_offsets(const OffsetParams& p) {
   if (p.channels == 0) return;
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));  // <<<>>> launches on the current device
   const Launch l = launch_config(p.channels, p.device);
   offsets_kernel<<<l.blocks, kThreads, 0, l.stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -247,6 +391,7 @@ void compute_offsets(const OffsetParams& p) {
 
 void pack(const PackParams& p) {
   if (p.numel == 0) return;
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));  // <<<>>> launches on the current device
   const Launch l = launch_config((p.numel + kGroup - 1) / kGroup, p.device);
   if (p.bits == 8)
     pack_kernel<8><<<l.blocks, kThreads, 0, l.stream>>>(p);
@@ -257,11 +402,42 @@ void pack(const PackParams& p) {
 
 void unpack(const UnpackParams& p) {
   if (p.numel == 0) return;
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));  // <<<>>> launches on the current device
   const Launch l = launch_config((p.numel + kUnpackGroup - 1) / kUnpackGroup, p.device);
   if (p.bits == 8)
     unpack_kernel<8><<<l.blocks, kThreads, 0, l.stream>>>(p);
   else
     unpack_kernel<4><<<l.blocks, kThreads, 0, l.stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void bn_relu_backward(const BnBackwardParams& p) {
+  if (p.channels == 0) return;
+  const int64_t per_channel = p.batch * p.plane;  // > 0: the caller handles empty tensors
+  TORCH_CHECK(per_channel < (int64_t{1} << 31), "blpa: BatchNorm backward supports up to 2^31 elements per channel, got ",
+              per_channel);
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));  // <<<>>> launches on the current device
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(p.device).stream();
+  C10_CUDA_CHECK(cudaMemsetAsync(p.sums, 0, sizeof(double) * 2 * p.channels, stream));
+  ChannelWalk w;
+  // The vector path reads 4 codes as one 32-bit (8-bit codes) or 16-bit (4-bit) word.
+  w.vec = p.plane % 4 == 0 && aligned(p.grad, 16) && aligned(p.grad_in, 16) && aligned(p.codes, p.bits == 8 ? 4 : 2);
+  w.per_plane = static_cast<uint32_t>(w.vec ? p.plane / 4 : p.plane);
+  w.steps = static_cast<uint32_t>(w.per_plane * p.batch);
+  // The capped grid of the other kernels, split over the channels; past 65535 channels a
+  // block takes several (gridDim.y stride).
+  const int64_t per_channel_blocks = std::clamp<int64_t>((grid_cap(p.device) + p.channels - 1) / p.channels, 1,
+                                                         (int64_t{w.steps} + kBnThreads - 1) / kBnThreads);
+  const dim3 grid(static_cast<unsigned>(per_channel_blocks), static_cast<unsigned>(std::min<int64_t>(p.channels, 65535)));
+  if (p.bits == 8) {
+    bn_reduce_kernel<8><<<grid, kBnThreads, 0, stream>>>(p, w);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    bn_apply_kernel<8><<<grid, kBnThreads, 0, stream>>>(p, w);
+  } else {
+    bn_reduce_kernel<4><<<grid, kBnThreads, 0, stream>>>(p, w);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    bn_apply_kernel<4><<<grid, kBnThreads, 0, stream>>>(p, w);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

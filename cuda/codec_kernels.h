@@ -1,6 +1,7 @@
 // The only interface between lib/ and the CUDA kernels: plain parameter structs and
 // launchers. No torch and no CUDA headers here, so lib/ compiles without either.
-// Every launcher runs on the current LibTorch CUDA stream of `device`, never synchronises
+// Every launcher makes `device` current while it launches (a rank on cuda:1 need not have
+// made it current), runs on LibTorch's current stream of that device, never synchronises
 // and allocates nothing.
 #pragma once
 
@@ -18,6 +19,7 @@ struct PackParams {
   int64_t channels = 1;
   int bits = 8;
   int device = 0;
+  float* relu = nullptr;  // if set, receives max(v, 0) (NaN kept); may be v itself
 };
 
 struct OffsetParams {
@@ -37,7 +39,6 @@ struct UnpackParams {
   float* x_hat = nullptr;        // v' - b
   float* r = nullptr;            // max(gamma * v', 0)
   bool* mask = nullptr;          // code >= s
-  float* grad = nullptr;         // in place: grad = mask ? grad : 0
   int64_t numel = 0;
   int64_t plane = 1;
   int64_t channels = 1;
@@ -45,8 +46,30 @@ struct UnpackParams {
   int device = 0;
 };
 
+// The unit's BatchNorm-and-ReLU backward from the codes (blpa/codec.h, bn_relu_backward).
+// Channel c's elements are the planes n * channels + c, n < batch.
+struct BnBackwardParams {
+  const uint8_t* codes = nullptr;
+  const uint8_t* offsets = nullptr;
+  const float* b = nullptr;       // [channels]: x_hat' = v' - b
+  const float* g = nullptr;       // [channels]: the clamped gamma
+  const float* invstd = nullptr;  // [channels]
+  const float* grad = nullptr;    // g_r, numel
+  float* grad_in = nullptr;       // g_x, numel; may be grad itself
+  double* sums = nullptr;         // [2 * channels] workspace: sum g_a, then sum g_a x_hat'
+  float* g_g = nullptr;           // [channels]
+  float* g_beta = nullptr;        // [channels]
+  int64_t batch = 0;
+  int64_t channels = 0;
+  int64_t plane = 1;
+  int bits = 8;
+  int device = 0;
+};
+
 void compute_offsets(const OffsetParams& p);
 void pack(const PackParams& p);
 void unpack(const UnpackParams& p);
+// Zeroes p.sums, reduces into them, then writes g_x, g_g and g_beta: three launches.
+void bn_relu_backward(const BnBackwardParams& p);
 
 }  // namespace blpa::cuda

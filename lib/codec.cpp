@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "blpa/codec_math.h"
@@ -47,8 +48,9 @@ void for_each_channel_run(const Layout& l, int64_t e0, int64_t e1, F&& f) {
 }
 
 // div: the per-channel divisor (all ones when the caller gave none; x / 1 is exact).
+// relu: if set, receives max(v, 0) after each run is encoded (it may be v itself).
 template <int Bits>
-void pack_cpu(const float* v, const float* div, const uint8_t* offsets, uint8_t* out, const Layout& l) {
+void pack_cpu(const float* v, const float* div, const uint8_t* offsets, uint8_t* out, float* relu, const Layout& l) {
   at::parallel_for(0, (l.numel + 1) / 2, kGrain, [&](int64_t pb, int64_t pe) {
     for_each_channel_run(l, pb * 2, std::min(pe * 2, l.numel), [&](int64_t b, int64_t e, int64_t c) {
       const int s = offsets[c];
@@ -73,6 +75,8 @@ void pack_cpu(const float* v, const float* div, const uint8_t* offsets, uint8_t*
         }
         if (i < e) out[i / 2] = static_cast<uint8_t>(encode(v[i] / dc, s, 4));  // high nibble: next run or 0
       }
+      if (relu)  // after the run is encoded: relu may be v itself
+        for (int64_t i = b; i < e; ++i) relu[i] = v[i] < 0.0f ? 0.0f : v[i];
     });
   });
 }
@@ -97,7 +101,7 @@ void read_codes(const uint8_t* data, int64_t i, int n, uint8_t* q) {
 
 template <int Bits>
 void unpack_cpu(const uint8_t* data, const uint8_t* offsets, const float* b, const float* gamma, float* x_hat,
-                float* r, bool* mask, float* grad, const Layout& l) {
+                float* r, bool* mask, const Layout& l) {
   at::parallel_for(0, l.numel, kGrain, [&](int64_t e0, int64_t e1) {
     for_each_channel_run(l, e0, e1, [&](int64_t lo, int64_t hi, int64_t c) {
       const int s = offsets[c];
@@ -116,10 +120,69 @@ void unpack_cpu(const uint8_t* data, const uint8_t* offsets, const float* b, con
           }
         if (mask)
           for (int k = 0; k < n; ++k) mask[i + k] = codec::mask(q[k], s);
-        if (grad)
-          for (int k = 0; k < n; ++k) grad[i + k] = codec::mask(q[k], s) ? grad[i + k] : 0.0f;
       }
     });
+  });
+}
+
+// The BatchNorm-and-ReLU backward from the codes, one channel at a time: its planes are
+// read twice (the sums, then g_x) while they are still in cache. The sums are taken in
+// eight float lanes per block of 256 elements (so that they vectorise) and carried in double.
+template <int Bits>
+void bn_relu_backward_cpu(const uint8_t* data, const uint8_t* offsets, const float* b, const float* g,
+                          const float* invstd, const float* grad, float* g_x, float* g_g, float* g_beta,
+                          int64_t batch, const Layout& l) {
+  const double m = static_cast<double>(batch * l.plane);
+  at::parallel_for(0, l.channels, 1, [&](int64_t c0, int64_t c1) {
+    constexpr int kBlock = 256, kLanes = 8;
+    uint8_t q[kBlock];
+    alignas(32) float ga[kBlock], xh[kBlock];
+    for (int64_t c = c0; c < c1; ++c) {
+      const int s = offsets[c];
+      const float bc = b[c];
+      // g_a and x_hat' of elements [i, i + n) of plane `base` into ga and xh, zero-padded to a
+      // multiple of kLanes.
+      auto decode_block = [&](int64_t base, int64_t i, int n) {
+        read_codes<Bits>(data, base + i, n, q);
+        const float* __restrict gr = grad + base + i;
+        float* __restrict a = ga;
+        float* __restrict x = xh;
+        for (int k = 0; k < n; ++k) {
+          const float gv = gr[k];  // read unconditionally, so that the select vectorises
+          a[k] = codec::mask(q[k], s) ? gv : 0.0f;  // a select: a masked NaN gradient is 0
+          x[k] = decode(q[k], s, Bits) - bc;
+        }
+        for (int k = n; k % kLanes; ++k) a[k] = x[k] = 0.0f;
+      };
+      double sum_a = 0.0, sum_ax = 0.0;
+      for (int64_t n = 0; n < batch; ++n) {
+        const int64_t base = (n * l.channels + c) * l.plane;
+        for (int64_t i = 0; i < l.plane; i += kBlock) {
+          const int len = static_cast<int>(std::min<int64_t>(kBlock, l.plane - i));
+          decode_block(base, i, len);
+          float la[kLanes] = {}, lax[kLanes] = {};
+          for (int k = 0; k < len; k += kLanes)
+            for (int t = 0; t < kLanes; ++t) {
+              la[t] += ga[k + t];
+              lax[t] += ga[k + t] * xh[k + t];
+            }
+          for (int t = 0; t < kLanes; ++t) sum_a += la[t], sum_ax += lax[t];
+        }
+      }
+      g_beta[c] = static_cast<float>(sum_a);
+      g_g[c] = static_cast<float>(sum_ax);
+      const float mean_a = static_cast<float>(sum_a / m), mean_ax = static_cast<float>(sum_ax / m);
+      const float scale = g[c] * invstd[c];
+      for (int64_t n = 0; n < batch; ++n) {
+        const int64_t base = (n * l.channels + c) * l.plane;
+        for (int64_t i = 0; i < l.plane; i += kBlock) {
+          const int len = static_cast<int>(std::min<int64_t>(kBlock, l.plane - i));
+          decode_block(base, i, len);
+          float* out = g_x + base + i;
+          for (int k = 0; k < len; ++k) out[k] = scale * (ga[k] - mean_a - xh[k] * mean_ax);
+        }
+      }
+    }
   });
 }
 
@@ -155,7 +218,9 @@ int64_t Codes::bytes() const {
   return (data.defined() ? data.nbytes() : 0) + (offsets.defined() ? offsets.nbytes() : 0);
 }
 
-Codes pack(const at::Tensor& v, const at::Tensor& b, int bits, const at::Tensor& divisor) {
+namespace {
+
+Codes pack_impl(const at::Tensor& v, const at::Tensor& b, int bits, const at::Tensor& divisor, float* relu) {
   check_bits(bits);
   TORCH_CHECK(v.scalar_type() == at::kFloat, "blpa codec: pack expects float32 activations, got ",
               v.scalar_type());
@@ -179,7 +244,7 @@ Codes pack(const at::Tensor& v, const at::Tensor& b, int bits, const at::Tensor&
     cuda::compute_offsets({b.data_ptr<float>(), out.offsets.data_ptr<uint8_t>(), l.channels, bits, dev});
     cuda::pack({v.data_ptr<float>(), divisor.defined() ? divisor.data_ptr<float>() : nullptr,
                 out.offsets.data_ptr<uint8_t>(), out.data.data_ptr<uint8_t>(), l.numel, l.plane, l.channels, bits,
-                dev});
+                dev, relu});
     return out;
 #else
     no_cuda();
@@ -192,20 +257,32 @@ Codes pack(const at::Tensor& v, const at::Tensor& b, int bits, const at::Tensor&
   std::vector<float> ones;
   const float* div = divisor.defined() ? divisor.data_ptr<float>() : (ones.assign(l.channels, 1.0f), ones.data());
   if (bits == 8)
-    pack_cpu<8>(v.data_ptr<float>(), div, op, out.data.data_ptr<uint8_t>(), l);
+    pack_cpu<8>(v.data_ptr<float>(), div, op, out.data.data_ptr<uint8_t>(), relu, l);
   else
-    pack_cpu<4>(v.data_ptr<float>(), div, op, out.data.data_ptr<uint8_t>(), l);
+    pack_cpu<4>(v.data_ptr<float>(), div, op, out.data.data_ptr<uint8_t>(), relu, l);
   return out;
+}
+
+}  // namespace
+
+Codes pack(const at::Tensor& v, const at::Tensor& b, int bits, const at::Tensor& divisor) {
+  return pack_impl(v, b, bits, divisor, nullptr);
+}
+
+Codes pack_relu_(at::Tensor& a, const at::Tensor& b, int bits, const at::Tensor& divisor) {
+  return pack_impl(a, b, bits, divisor, a.scalar_type() == at::kFloat ? a.data_ptr<float>() : nullptr);
 }
 
 namespace {
 
 void unpack_into(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma, float* x_hat, float* r,
-                 bool* mask, float* grad) {
+                 bool* mask) {
   check_bits(codes.bits);
   const Layout l = layout_of(codes.sizes);
   TORCH_CHECK(codes.data.numel() == packed_bytes(l.numel, codes.bits) && codes.offsets.numel() == l.channels,
               "blpa codec: codes are inconsistent with their shape");
+  TORCH_CHECK(codes.offsets.device() == codes.data.device(), "blpa codec: the codes' offsets are on ",
+              codes.offsets.device(), " but their data on ", codes.data.device());
   if (l.numel == 0) return;
   const float* bp = x_hat ? b.data_ptr<float>() : nullptr;
   const float* gp = r ? gamma.data_ptr<float>() : nullptr;
@@ -213,7 +290,7 @@ void unpack_into(const Codes& codes, const at::Tensor& b, const at::Tensor& gamm
   const uint8_t* offsets = codes.offsets.data_ptr<uint8_t>();
   if (codes.data.is_cuda()) {
 #if BLPA_WITH_CUDA
-    cuda::unpack({data, offsets, bp, gp, x_hat, r, mask, grad, l.numel, l.plane, l.channels, codes.bits,
+    cuda::unpack({data, offsets, bp, gp, x_hat, r, mask, l.numel, l.plane, l.channels, codes.bits,
                   codes.data.get_device()});
     return;
 #else
@@ -221,9 +298,9 @@ void unpack_into(const Codes& codes, const at::Tensor& b, const at::Tensor& gamm
 #endif
   }
   if (codes.bits == 8)
-    unpack_cpu<8>(data, offsets, bp, gp, x_hat, r, mask, grad, l);
+    unpack_cpu<8>(data, offsets, bp, gp, x_hat, r, mask, l);
   else
-    unpack_cpu<4>(data, offsets, bp, gp, x_hat, r, mask, grad, l);
+    unpack_cpu<4>(data, offsets, bp, gp, x_hat, r, mask, l);
 }
 
 }  // namespace
@@ -242,8 +319,7 @@ Unpacked unpack(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma
   }
   if (outputs & kMask) u.mask = at::empty(codes.sizes, f32.dtype(at::kBool));
   unpack_into(codes, b, gamma, u.x_hat.defined() ? u.x_hat.data_ptr<float>() : nullptr,
-              u.r.defined() ? u.r.data_ptr<float>() : nullptr, u.mask.defined() ? u.mask.data_ptr<bool>() : nullptr,
-              nullptr);
+              u.r.defined() ? u.r.data_ptr<float>() : nullptr, u.mask.defined() ? u.mask.data_ptr<bool>() : nullptr);
   return u;
 }
 
@@ -252,25 +328,58 @@ namespace {
 void check_grad(const Codes& codes, const at::Tensor& grad) {
   TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.sizes().vec() == codes.sizes &&
                   grad.device() == codes.data.device(),
-              "blpa codec: apply_mask_ needs a contiguous float32 gradient of shape ", at::IntArrayRef(codes.sizes),
+              "blpa codec: the gradient must be contiguous float32 of shape ", at::IntArrayRef(codes.sizes),
               " on ", codes.data.device(), ", got ", grad.scalar_type(), " ", grad.sizes(), " on ", grad.device());
 }
 
 }  // namespace
 
-void apply_mask_(const Codes& codes, at::Tensor& grad) {
-  TORCH_CHECK(codes.defined(), "blpa codec: apply_mask_ of empty codes");
-  check_grad(codes, grad);
-  unpack_into(codes, at::Tensor(), at::Tensor(), nullptr, nullptr, nullptr, grad.data_ptr<float>());
-}
-
-at::Tensor unpack_x_hat_masking_(const Codes& codes, const at::Tensor& b, at::Tensor& grad) {
-  TORCH_CHECK(codes.defined(), "blpa codec: unpack_x_hat_masking_ of empty codes");
-  check_grad(codes, grad);
-  check_channel_vector(b, "b = beta / gamma", codes.data, codes.channels());
-  at::Tensor x_hat = at::empty(codes.sizes, codes.data.options().dtype(at::kFloat));
-  unpack_into(codes, b, at::Tensor(), x_hat.data_ptr<float>(), nullptr, nullptr, grad.data_ptr<float>());
-  return x_hat;
+BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tensor& g, const at::Tensor& invstd,
+                         at::Tensor g_r, bool in_place) {
+  TORCH_CHECK(codes.defined(), "blpa codec: bn_relu_backward of empty codes");
+  check_bits(codes.bits);
+  check_grad(codes, g_r);
+  const Layout l = layout_of(codes.sizes);
+  TORCH_CHECK(codes.data.numel() == packed_bytes(l.numel, codes.bits) && codes.offsets.numel() == l.channels,
+              "blpa codec: codes are inconsistent with their shape");
+  check_channel_vector(b, "b = beta / gamma", codes.data, l.channels);
+  check_channel_vector(g, "gamma", codes.data, l.channels);
+  check_channel_vector(invstd, "invstd", codes.data, l.channels);
+  TORCH_CHECK(codes.offsets.device() == codes.data.device(), "blpa codec: the codes' offsets are on ",
+              codes.offsets.device(), " but their data on ", codes.data.device());
+  const auto f32 = g_r.options();
+  BnGrads out{in_place ? g_r : at::empty_like(g_r), at::empty({l.channels}, f32), at::empty({l.channels}, f32)};
+  const int64_t batch = codes.sizes[0];
+  const uint8_t* data = codes.data.data_ptr<uint8_t>();
+  const uint8_t* offsets = codes.offsets.data_ptr<uint8_t>();
+  if (l.numel == 0) {
+    out.g_g.zero_();
+    out.g_beta.zero_();
+    return out;
+  }
+  if (g_r.is_cuda()) {
+#if BLPA_WITH_CUDA
+    at::Tensor sums = at::empty({2 * l.channels}, f32.dtype(at::kDouble));
+    cuda::bn_relu_backward({data, offsets, b.data_ptr<float>(), g.data_ptr<float>(), invstd.data_ptr<float>(),
+                            g_r.data_ptr<float>(), out.g_x.data_ptr<float>(), sums.data_ptr<double>(),
+                            out.g_g.data_ptr<float>(), out.g_beta.data_ptr<float>(), batch, l.channels, l.plane,
+                            codes.bits, g_r.get_device()});
+    return out;
+#else
+    no_cuda();
+#endif
+  }
+  auto run = [&](auto bits) {
+    bn_relu_backward_cpu<decltype(bits)::value>(data, offsets, b.data_ptr<float>(), g.data_ptr<float>(),
+                                                invstd.data_ptr<float>(), g_r.data_ptr<float>(),
+                                                out.g_x.data_ptr<float>(), out.g_g.data_ptr<float>(),
+                                                out.g_beta.data_ptr<float>(), batch, l);
+  };
+  if (codes.bits == 8)
+    run(std::integral_constant<int, 8>{});
+  else
+    run(std::integral_constant<int, 4>{});
+  return out;
 }
 
 at::Tensor code_values(const Codes& codes) {

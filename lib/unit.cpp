@@ -32,28 +32,38 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
                                UnitMemory* memory) {
     const ModeConfig& mode = unit->mode();
     const Tensor g = gamma.clamp_min(kGammaMin);
-    // a = gamma * x_hat + beta with batch statistics; updates the running statistics.
-    auto [a, mean, invstd] = at::native_batch_norm(x, g, beta, unit->running_mean, unit->running_var,
-                                                   /*training=*/true, unit->momentum, unit->eps);
+    // a = gamma * x_hat + beta with batch statistics; updates the running statistics. The
+    // same LibTorch operator, and so the same kernel (cuDNN's on a GPU), as plain's batch_norm.
+    auto [a, mean, invstd, reserve] = at::_batch_norm_with_update(x, g, beta, unit->running_mean,
+                                                                  unit->running_var, unit->momentum, unit->eps);
     *memory = UnitMemory{};
     memory->input_sizes = x.sizes().vec();
     ctx->saved_data["invstd"] = invstd;
     memory->metadata_bytes += invstd.nbytes();
-    ctx->saved_data["zeros"] = unit->zeros_like_channels(invstd);  // shared, not per step
-    ctx->saved_data["ones"] = unit->ones_like_channels(invstd);
     auto normalised = [&] { return ((x - per_channel(mean)) * per_channel(invstd)).contiguous(); };
 
+    if (mode.mode != Mode::blpa) {  // their backward runs LibTorch's BatchNorm backward on x_hat'
+      ctx->saved_data["zeros"] = unit->zeros_like_channels(invstd);  // shared, not per step
+      ctx->saved_data["ones"] = unit->ones_like_channels(invstd);
+    }
+    Tensor r;
     if (mode.mode == Mode::exact) {
       Tensor x_hat = normalised();
       ctx->saved_data["x_hat"] = x_hat;
       memory->full_bytes += x_hat.nbytes();
     } else {
       // blpa: codes of v = a / gamma, windowed around b = beta / gamma, so the mask of the
-      // codes is the sign of a: exactly the forward ReLU's. naive: codes of x_hat around 0.
-      // g and b are kept for backward (C floats each), which saves recomputing them there.
+      // codes is the sign of a: exactly the forward ReLU's, applied in the same pass over a.
+      // naive: codes of x_hat around 0. g and b are kept for backward (C floats each), which
+      // saves recomputing them there.
       const Tensor b = mode.mode == Mode::blpa ? beta.detach() / g : torch::zeros_like(beta);
-      Codes codes = mode.mode == Mode::blpa ? pack(a.contiguous(), b, mode.bits, g.contiguous())
-                                            : pack(normalised(), b, mode.bits);
+      Codes codes;
+      if (mode.mode == Mode::blpa) {
+        r = a.contiguous();
+        codes = pack_relu_(r, b, mode.bits, g.contiguous());
+      } else {
+        codes = pack(normalised(), b, mode.bits);
+      }
       ctx->saved_data["g"] = g;
       ctx->saved_data["b"] = b;
       memory->metadata_bytes += g.nbytes() + b.nbytes();
@@ -71,7 +81,7 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     ctx->saved_data["geometry"] = geometry;
     ctx->saved_data["mode"] = static_cast<int64_t>(mode.mode);
 
-    Tensor r = at::relu_(a);
+    if (!r.defined()) r = at::relu_(a);
     if (unit->convs.empty()) return {r};
     variable_list y;
     for (size_t i = 0; i < unit->convs.size(); ++i) {
@@ -123,17 +133,29 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     out[4] = g_w[1];
     if (!g_r.defined()) return out;
 
-    // ReLU: g_a = g_r where the mask is on (exact in blpa mode, read from the codes).
-    Tensor g_a;
+    // The clamp's gradient, as LibTorch's clamp_min has it: zero unless gamma >= 1e-8 (in
+    // double; the float 1e-8f lies just below it, so constrain_()'s clamped gammas get none).
+    // For float gamma that is gamma > 1e-8f, one threshold_backward kernel.
+    auto clamp_grad = [&](const Tensor& g_g) {
+      return gamma.scalar_type() == at::kFloat ? at::threshold_backward(g_g, gamma, static_cast<float>(kGammaMin))
+                                               : g_g * (gamma >= kGammaMin);
+    };
     if (mode == Mode::blpa) {
-      if (n_conv > 0) r.reset();  // r' is no longer needed: free it before x_hat' is made
-      // Masked in place: g_r is ours when it came from the convolutions, the caller's otherwise.
-      g_a = n_conv == 0 ? g_r.clone(at::MemoryFormat::Contiguous) : g_r.contiguous();
-      x_hat = unpack_x_hat_masking_(codes, ctx->saved_data["b"].toTensor(), g_a);
-    } else {
-      g_a = at::threshold_backward(g_r, r, 0);
-      r.reset();
+      // ReLU and BatchNorm backward straight from the codes (blpa/codec.h): the mask is exact,
+      // x_hat' is decoded on the fly and never stored. g_r is overwritten by g_x when it is
+      // ours (it came from the convolutions), not when it is the caller's.
+      if (n_conv > 0) r.reset();  // r' is no longer needed: free it first
+      auto [g_x, g_g, g_beta] = bn_relu_backward(codes, ctx->saved_data["b"].toTensor(), g, invstd,
+                                                 g_r.contiguous(), /*in_place=*/n_conv > 0);
+      out[0] = g_x;
+      out[1] = clamp_grad(g_g);
+      out[2] = g_beta;
+      return out;
     }
+
+    // ReLU: g_a = g_r where r' > 0.
+    Tensor g_a = at::threshold_backward(g_r, r, 0);
+    r.reset();
 
     // BatchNorm with batch statistics given x_hat' (docs/method.md), by LibTorch's fused
     // kernel: with input x_hat', mean 0 and 1/sigma 1 it normalises nothing, and the weight
@@ -143,12 +165,7 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     auto [g_x, g_gamma, g_beta] = at::native_batch_norm_backward(
         g_a, x_hat, g * invstd, std::nullopt, std::nullopt, zeros, ones, /*train=*/true, 0.0, {true, true, true});
     out[0] = g_x;
-    // The clamp's gradient, as LibTorch's clamp_min has it: zero unless gamma >= 1e-8 (in
-    // double; the float 1e-8f lies just below it, so constrain_()'s clamped gammas get none).
-    // For float gamma that is gamma > 1e-8f, one threshold_backward kernel.
-    out[1] = gamma.scalar_type() == at::kFloat
-                 ? at::threshold_backward(g_gamma, gamma, static_cast<float>(kGammaMin))
-                 : g_gamma * (gamma >= kGammaMin);
+    out[1] = clamp_grad(g_gamma);
     out[2] = g_beta;
     return out;
   }

@@ -77,6 +77,50 @@ torch::Tensor offset_cases(int bits) {
                         1e20f, -1e20f});
 }
 
+
+// The unit's BatchNorm-and-ReLU backward from the codes, composed from unpack's outputs and
+// the formula of docs/method.md, in double.
+struct BnRef {
+  torch::Tensor g_x, g_g, g_beta;
+  torch::Tensor abs_g, abs_beta;  // sum |g_a x_hat'| and sum |g_a|: the scale of each sum's rounding
+};
+
+BnRef bn_reference(const blpa::Codes& codes, const torch::Tensor& b, const torch::Tensor& g,
+                   const torch::Tensor& invstd, const torch::Tensor& g_r) {
+  auto u = blpa::unpack(codes, b, {}, blpa::kXhat | blpa::kMask);
+  std::vector<int64_t> dims, shape(g_r.dim(), 1);
+  for (int64_t d = 0; d < g_r.dim(); ++d)
+    if (d != 1) dims.push_back(d);
+  shape[1] = -1;
+  auto ga = torch::where(u.mask, g_r, torch::zeros_like(g_r)).to(torch::kDouble);
+  auto xh = u.x_hat.to(torch::kDouble);
+  const double m = static_cast<double>(g_r.numel() / g_r.size(1));
+  BnRef r;
+  r.g_beta = ga.sum(dims);
+  r.g_g = (ga * xh).sum(dims);
+  r.abs_beta = ga.abs().sum(dims);
+  r.abs_g = (ga * xh).abs().sum(dims);
+  auto scale = (g * invstd).to(torch::kDouble).view(shape);
+  r.g_x = scale * (ga - (r.g_beta / m).view(shape) - xh * (r.g_g / m).view(shape));
+  return r;
+}
+
+bool close(const torch::Tensor& got, const torch::Tensor& want, double tol) {
+  return torch::allclose(got.to(torch::kDouble).cpu(), want.to(torch::kDouble).cpu(), tol, tol);
+}
+
+// A per-channel sum of M float terms, to 1e-6 of the sum of their magnitudes: a sum that
+// cancels to near 0 keeps the absolute rounding of its terms.
+bool close_sum(const torch::Tensor& got, const torch::Tensor& want, const torch::Tensor& magnitude) {
+  auto err = (got.to(torch::kDouble).cpu() - want.to(torch::kDouble).cpu()).abs();
+  return (err <= magnitude.to(torch::kDouble).cpu() * 1e-6 + 1e-7).all().item<bool>();
+}
+
+// Shapes for the unit's backward: planes that are a multiple of 4 (the CUDA vector path) and
+// not, odd planes whose 4-bit codes start mid-byte, N x C, a single channel.
+std::vector<std::vector<int64_t>> bn_shapes() {
+  return {{4, 16, 8, 8}, {3, 5, 7, 9}, {2, 3, 33, 33}, {7, 4099}, {1, 1, 5, 5}, {64, 8, 3, 3}};
+}
 }  // namespace
 
 TEST_CASE("codec: codes equal the scalar reference on random inputs", "[codec]") {
@@ -162,14 +206,6 @@ TEST_CASE("codec: unpack outputs follow from the codes", "[codec]") {
     CHECK(torch::equal(u.r, torch::clamp_min(gamma.view({1, 3, 1, 1}) * v_prime, 0)));
     CHECK(torch::equal(u.mask, q >= s));
 
-    auto g = torch::randn(v.sizes());
-    auto expect = torch::where(u.mask, g, torch::zeros_like(g));
-    auto g2 = g.clone();
-    blpa::apply_mask_(codes, g);
-    CHECK(torch::equal(g, expect));
-    // The fused form used by the unit's backward: the same two results in one pass.
-    CHECK(torch::equal(blpa::unpack_x_hat_masking_(codes, b, g2), u.x_hat));
-    CHECK(torch::equal(g2, expect));
 
     // Re-encoding the bin centres gives the same codes back.
     auto again = blpa::pack(v_prime.contiguous(), b, bits);
@@ -235,6 +271,85 @@ TEST_CASE("codec: non-finite inputs have the documented codes", "[codec]") {
   }
 }
 
+TEST_CASE("codec: pack_relu_ packs like pack and leaves relu(a) in place", "[codec]") {
+  torch::manual_seed(12);
+  for (int bits : {8, 4}) {
+    for (auto shape : std::vector<std::vector<int64_t>>{{3, 5, 7, 9}, {2, 4, 8, 8}, {5, 3}}) {
+      CAPTURE(bits, shape);
+      auto a = torch::randn(shape) * 2;
+      auto flat = a.view(-1);
+      flat[0] = std::nanf("");
+      flat[1] = -0.0f;
+      flat[2] = std::numeric_limits<float>::infinity();
+      flat[3] = -std::numeric_limits<float>::infinity();
+      auto b = torch::randn({shape[1]}), gamma = torch::rand({shape[1]}) + 0.1;
+      auto r = a.clone();
+      auto codes = blpa::pack_relu_(r, b, bits, gamma);
+      CHECK(torch::equal(codes.data, blpa::pack(a, b, bits, gamma).data));
+      CHECK(torch::equal(codes.offsets, blpa::pack(a, b, bits, gamma).offsets));
+      CHECK(torch::allclose(r, torch::relu(a), 0, 0, /*equal_nan=*/true));  // NaN stays NaN, as with relu
+    }
+  }
+}
+
+TEST_CASE("codec: bn_relu_backward equals the BatchNorm backward of the masked gradient and x_hat'", "[codec]") {
+  torch::manual_seed(13);
+  for (int bits : {8, 4}) {
+    for (const auto& shape : bn_shapes()) {
+      CAPTURE(bits, shape);
+      const int64_t c = shape[1];
+      auto b = torch::randn({c}), g = torch::rand({c}) + 0.2, invstd = torch::rand({c}) + 0.5;
+      auto v = torch::randn(shape) + b.view(shape.size() == 2 ? std::vector<int64_t>{1, c} : std::vector<int64_t>{1, c, 1, 1});
+      auto codes = blpa::pack(v, b, bits);
+      auto g_r = torch::randn(shape);
+      auto ref = bn_reference(codes, b, g, invstd, g_r);
+
+      auto kept = g_r.clone();
+      auto out = blpa::bn_relu_backward(codes, b, g, invstd, kept, /*in_place=*/false);
+      CHECK(torch::equal(kept, g_r));  // not in place: the caller's gradient is untouched
+      CHECK(close(out.g_x, ref.g_x, 1e-5));
+      CHECK(close_sum(out.g_g, ref.g_g, ref.abs_g));
+      CHECK(close_sum(out.g_beta, ref.g_beta, ref.abs_beta));
+
+      auto mine = g_r.clone();
+      auto in_place = blpa::bn_relu_backward(codes, b, g, invstd, mine, /*in_place=*/true);
+      CHECK(in_place.g_x.data_ptr() == mine.data_ptr());
+      CHECK(torch::equal(in_place.g_x, out.g_x));
+    }
+  }
+  SECTION("it is LibTorch's BatchNorm backward with x_hat' as input, mean 0 and 1/sigma 1") {
+    auto b = torch::randn({6}), g = torch::rand({6}) + 0.2, invstd = torch::rand({6}) + 0.5;
+    auto codes = blpa::pack(torch::randn({5, 6, 7, 7}), b, 4);
+    auto g_r = torch::randn({5, 6, 7, 7});
+    auto u = blpa::unpack(codes, b, {}, blpa::kXhat | blpa::kMask);
+    auto [gx, gg, gb] = at::native_batch_norm_backward(torch::where(u.mask, g_r, torch::zeros_like(g_r)), u.x_hat,
+                                                       g * invstd, {}, {}, torch::zeros({6}), torch::ones({6}), true,
+                                                       0.0, {true, true, true});
+    auto out = blpa::bn_relu_backward(codes, b, g, invstd, g_r, false);
+    CHECK(torch::allclose(out.g_x, gx, 1e-5, 1e-5));
+    CHECK(torch::allclose(out.g_g, gg, 1e-5, 1e-5));
+    CHECK(torch::allclose(out.g_beta, gb, 1e-5, 1e-5));
+  }
+  SECTION("a NaN gradient where the mask is off contributes nothing, as with threshold_backward") {
+    auto b = torch::zeros({2}), g = torch::ones({2}), invstd = torch::ones({2});
+    auto v = torch::tensor({-1.0f, 2.0f, -3.0f, 0.5f}).view({1, 2, 2, 1});
+    auto codes = blpa::pack(v, b, 8);
+    auto g_r = torch::tensor({std::nanf(""), 1.0f, std::nanf(""), 2.0f}).view({1, 2, 2, 1});
+    auto out = blpa::bn_relu_backward(codes, b, g, invstd, g_r, false);
+    CHECK(torch::isfinite(out.g_x).all().item<bool>());
+    CHECK(out.g_beta[0].item<float>() == 1.0f);
+    CHECK(out.g_beta[1].item<float>() == 2.0f);
+  }
+  SECTION("bad arguments are refused") {
+    auto b = torch::zeros({3});
+    auto codes = blpa::pack(torch::randn({2, 3, 4, 4}), b, 8);
+    CHECK_THROWS_WITH(blpa::bn_relu_backward(codes, b, b, b, torch::randn({2, 3, 4, 5}), false),
+                      Catch::Contains("gradient must be contiguous float32 of shape"));
+    CHECK_THROWS_WITH(blpa::bn_relu_backward(codes, b, torch::ones({4}), b, torch::randn({2, 3, 4, 4}), false),
+                      Catch::Contains("vector of 3 channels"));
+  }
+}
+
 TEST_CASE("codec: bad arguments are refused with a clear message", "[codec]") {
   auto v = torch::randn({2, 3, 4, 4});
   CHECK_THROWS_WITH(blpa::pack(v, torch::zeros({3}), 3), Catch::Contains("bits must be 8 or 4"));
@@ -271,14 +386,11 @@ TEST_CASE("CUDA: codec output is bit-identical to the CPU path", "[codec][cuda]"
       CHECK(torch::equal(uc.r, ug.r.cpu()));
       CHECK(torch::equal(uc.mask, ug.mask.cpu()));
 
-      auto g = torch::randn(shape);
-      auto gg = g.cuda();
-      auto g2 = g.clone(), gg2 = gg.clone();
-      blpa::apply_mask_(cpu, g);
-      blpa::apply_mask_(gpu, gg);
-      CHECK(torch::equal(g, gg.cpu()));
-      CHECK(torch::equal(blpa::unpack_x_hat_masking_(gpu, b.cuda(), gg2).cpu(), uc.x_hat));
-      CHECK(torch::equal(gg2.cpu(), g));
+      // pack_relu_: the same codes, and relu in place.
+      auto rc = v.clone(), rg = v.cuda();
+      CHECK(torch::equal(blpa::pack_relu_(rg, b.cuda(), bits, gamma.cuda()).data.cpu(),
+                         blpa::pack_relu_(rc, b, bits, gamma).data));
+      CHECK(torch::equal(rg.cpu(), rc));
 
       // A misaligned (but contiguous) input takes the scalar path and must agree too.
       auto buf = torch::randn({v.numel() + 1}, torch::kCUDA);
@@ -286,6 +398,43 @@ TEST_CASE("CUDA: codec output is bit-identical to the CPU path", "[codec][cuda]"
       shifted.copy_(v.cuda());
       auto gpu2 = blpa::pack(shifted, b.cuda(), bits);
       CHECK(torch::equal(cpu.data, gpu2.data.cpu()));
+    }
+  }
+}
+
+TEST_CASE("CUDA: bn_relu_backward matches the CPU path", "[codec][cuda]") {
+  BLPA_REQUIRE_CUDA();
+  torch::manual_seed(14);
+  auto shapes = bn_shapes();
+  shapes.push_back({32, 64, 28, 28});  // many blocks per channel
+  shapes.push_back({2, 3000, 7, 7});   // many channels, one block each
+  shapes.push_back({3, 70000});        // past gridDim.y's 65535: blocks take several channels
+  for (int bits : {8, 4}) {
+    for (const auto& shape : shapes) {
+      CAPTURE(bits, shape);
+      const int64_t c = shape[1];
+      auto b = torch::randn({c}), g = torch::rand({c}) + 0.2, invstd = torch::rand({c}) + 0.5;
+      auto codes = blpa::pack(torch::randn(shape), b, bits);
+      auto g_r = torch::randn(shape);
+      auto cpu = blpa::bn_relu_backward(codes, b, g, invstd, g_r, false);
+      auto ref = bn_reference(codes, b, g, invstd, g_r);
+      blpa::Codes dc{codes.data.cuda(), codes.offsets.cuda(), codes.sizes, bits};
+      auto gd = g_r.cuda();
+      auto gpu = blpa::bn_relu_backward(dc, b.cuda(), g.cuda(), invstd.cuda(), gd, false);
+      CHECK(torch::equal(gd.cpu(), g_r));
+      CHECK(close(gpu.g_x, cpu.g_x, 1e-5));
+      CHECK(close_sum(gpu.g_g, ref.g_g, ref.abs_g));  // each device to the double reference
+      CHECK(close_sum(gpu.g_beta, ref.g_beta, ref.abs_beta));
+      CHECK(close_sum(cpu.g_g, ref.g_g, ref.abs_g));
+      CHECK(close_sum(cpu.g_beta, ref.g_beta, ref.abs_beta));
+      auto again = blpa::bn_relu_backward(dc, b.cuda(), g.cuda(), invstd.cuda(), gd, true);  // in place
+      CHECK(again.g_x.data_ptr() == gd.data_ptr());
+      CHECK(close(again.g_x, cpu.g_x, 1e-5));
+      // A misaligned (but contiguous) gradient takes the scalar path.
+      auto buf = torch::empty({g_r.numel() + 1}, torch::kCUDA);
+      auto shifted = buf.narrow(0, 1, g_r.numel()).view(shape);
+      shifted.copy_(g_r.cuda());
+      CHECK(close(blpa::bn_relu_backward(dc, b.cuda(), g.cuda(), invstd.cuda(), shifted, true).g_x, cpu.g_x, 1e-5));
     }
   }
 }

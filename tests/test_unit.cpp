@@ -102,8 +102,10 @@ TEST_CASE("unit: blpa keeps the forward exact, the mask exact and grad beta exac
     auto b4 = run_unit(k, {Mode::blpa, 4}, torch::kFloat, seed);
     for (auto* r : {&b8, &b4}) {
       for (size_t j = 0; j < exact.y.size(); ++j) CHECK(torch::equal(r->y[j], exact.y[j]));
-      // grad beta = sum of g_r over the mask, with g_r exact: equal iff the masks are.
-      CHECK(torch::equal(r->gbeta, exact.gbeta));
+      // grad beta = sum of g_r over the mask, with g_r exact: equal to the summation order
+      // iff the masks are (one element masked differently would move a channel's sum by its
+      // gradient, about 5% of the sum here, against 1e-5).
+      CHECK(torch::allclose(r->gbeta, exact.gbeta, 1e-5, 1e-5));
       CHECK(torch::equal(r->running_var, exact.running_var));
     }
     const double x8 = rel_err(b8.gx, exact.gx), x4 = rel_err(b4.gx, exact.gx);

@@ -32,6 +32,10 @@ int64_t packed_bytes(int64_t numel, int bits);
 // those of v / divisor_c, computed on the fly: the unit packs a / gamma without making it.
 Codes pack(const at::Tensor& v, const at::Tensor& b, int bits, const at::Tensor& divisor = {});
 
+// pack(a, b, bits, divisor), and a = max(a, 0) in place in the same pass: the unit's forward
+// packs a / gamma and applies its ReLU without reading a twice. NaN stays NaN, as with relu_.
+Codes pack_relu_(at::Tensor& a, const at::Tensor& b, int bits, const at::Tensor& divisor);
+
 enum UnpackOutput : unsigned { kXhat = 1u, kRelu = 2u, kMask = 4u };
 
 struct Unpacked {
@@ -44,12 +48,20 @@ struct Unpacked {
 // b is needed for kXhat, gamma for kRelu (either may be undefined otherwise).
 Unpacked unpack(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma, unsigned outputs);
 
-// grad = mask ? grad : 0, in place, without materialising the mask.
-void apply_mask_(const Codes& codes, at::Tensor& grad);
-
-// apply_mask_(codes, grad) and unpack(codes, b, {}, kXhat).x_hat in one pass over the codes
-// (the unit's backward needs both); returns x_hat.
-at::Tensor unpack_x_hat_masking_(const Codes& codes, const at::Tensor& b, at::Tensor& grad);
+// The unit's BatchNorm-and-ReLU backward in blpa mode, read from the codes (docs/method.md,
+// "Backward of a unit"). With g_a = mask ? g_r : 0, x_hat' = v' - b, per channel c sums over
+// N, H and W, and M = N*H*W elements per channel:
+//   g_beta = sum g_a,   g_g = sum g_a x_hat',
+//   g_x = g_c * invstd_c * (g_a - g_beta / M - x_hat' * g_g / M).
+// Two passes over the codes and g_r (the sums, then g_x); nothing of the input's size is made
+// besides g_x, which is g_r itself when `in_place`. g: the clamped gamma; g_g is the gradient
+// with respect to it. The sums are carried in double, over float partial sums of at most 32
+// elements (CPU) or 4 (CUDA); the two devices agree to about 1e-6 of sum |g_a| (sum |g_a x_hat'|).
+struct BnGrads {
+  at::Tensor g_x, g_g, g_beta;
+};
+BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tensor& g, const at::Tensor& invstd,
+                         at::Tensor g_r, bool in_place);
 
 // The integer codes, one uint8 per element, in the shape of the packed tensor (for tests
 // and inspection; not on the training path).
