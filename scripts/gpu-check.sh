@@ -44,6 +44,9 @@ export bench_log
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   "$BLPA_TORCH_PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
   echo "cpus: $(nproc)"
+  # Step times on the H200 had host_ms == median even where the GPU was the bottleneck (batch
+  # 512): CUDA_LAUNCH_BLOCKING=1 in the machine's environment would do that. Record it.
+  env | grep -E '^(CUDA_|PYTORCH_|TORCH_|CUDNN|CUBLAS|NVIDIA_TF32)' || echo "no CUDA_/PYTORCH_/TORCH_ variables set"
 } 2>&1 | tee -a "$log"
 
 # The tests and the trainer's default job read Debian's Fashion-MNIST path; the prefix has it.
