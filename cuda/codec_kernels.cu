@@ -249,7 +249,6 @@ __global__ void unpack_kernel(UnpackParams p) {
   }
 }
 
-
 // The BatchNorm-and-ReLU backward from the codes. A 2-D grid: blockIdx.y is the channel, so
 // its constants are loaded once per thread, and blockIdx.x splits the channel's N planes so
 // that a few channels still fill the GPU (one block per channel, as LibTorch's NCHW

@@ -60,9 +60,10 @@ class UnitImpl : public torch::nn::Module {
   std::vector<ConvSpec> convs;
   double momentum = 0.1, eps = 1e-5;
 
-  // Per-channel zeros and ones that the backward passes to LibTorch's BN backward as the
-  // mean and 1/sigma of x_hat'. Kept here, not buffers (no state, not saved), so that a
-  // backward launches no kernels to make them; moved to the input's device on first use.
+  // Per-channel zeros and ones that exact's and naive's backward pass to LibTorch's BN
+  // backward as the mean and 1/sigma of x_hat' (blpa's reads the codes instead). Kept here,
+  // not buffers (no state, not saved), so that a backward launches no kernels to make them;
+  // moved to the input's device on first use.
   const torch::Tensor& zeros_like_channels(const torch::Tensor& like);
   const torch::Tensor& ones_like_channels(const torch::Tensor& like);
 
