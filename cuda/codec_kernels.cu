@@ -171,6 +171,27 @@ __global__ void pack_kernel(PackParams p) {
   }
 }
 
+// The codes of 4 consecutive elements from e (a multiple of 4) as one 32-bit (8-bit codes)
+// or 16-bit (4-bit) word, and the code of one element.
+template <int Bits>
+__device__ __forceinline__ void read_codes4(const uint8_t* codes, int64_t e, uint32_t q[4]) {
+  if constexpr (Bits == 8) {
+    const uint32_t w = *reinterpret_cast<const uint32_t*>(codes + e);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) q[k] = (w >> (8 * k)) & 0xFF;
+  } else {
+    const uint32_t w = *reinterpret_cast<const uint16_t*>(codes + e / 2);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) q[k] = (w >> (4 * k)) & 0xF;
+  }
+}
+
+template <int Bits>
+__device__ __forceinline__ uint32_t read_code(const uint8_t* codes, int64_t e) {
+  if constexpr (Bits == 8) return codes[e];
+  return (codes[e >> 1] >> (4 * (e & 1))) & 0xF;
+}
+
 // Unpack writes up to three float tensors and reads one byte or less per element, so its
 // stores decide its speed: a thread takes 4 elements, one float4, so that a warp's stores
 // cover 512 contiguous bytes (with 8 per thread, each store instruction left every other
@@ -187,27 +208,13 @@ __global__ void unpack_kernel(UnpackParams p) {
   for (int64_t g = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g < groups; g += int64_t{gridDim.x} * blockDim.x) {
     const int64_t e0 = g * G;
     const int n = static_cast<int>(min(int64_t{G}, p.numel - e0));
+    static_assert(G == 4, "read_codes4 reads one group");
     uint32_t q[G];
-    if constexpr (Bits == 8) {
-      const uint8_t* in = p.codes + e0;
-      if (word_codes && n == G) {
-        const uint32_t w = *reinterpret_cast<const uint32_t*>(in);
-#pragma unroll
-        for (int k = 0; k < G; ++k) q[k] = (w >> (8 * k)) & 0xFF;
-      } else {
-#pragma unroll
-        for (int k = 0; k < G; ++k) q[k] = k < n ? in[k] : 0u;
-      }
+    if (word_codes && n == G) {
+      read_codes4<Bits>(p.codes, e0, q);
     } else {
-      const uint8_t* in = p.codes + e0 / 2;
-      if (word_codes && n == G) {
-        const uint32_t w = *reinterpret_cast<const uint16_t*>(in);
 #pragma unroll
-        for (int k = 0; k < G; ++k) q[k] = (w >> (4 * k)) & 0xF;
-      } else {
-#pragma unroll
-        for (int k = 0; k < G; ++k) q[k] = k < n ? (in[k / 2] >> (4 * (k & 1))) & 0xF : 0u;
-      }
+      for (int k = 0; k < G; ++k) q[k] = k < n ? read_code<Bits>(p.codes, e0 + k) : 0u;
     }
     const Group gr = locate(e0, n, p.plane, p.channels, narrow);
     int s[G];
@@ -269,23 +276,30 @@ __device__ __forceinline__ int64_t walk_element(const ChannelWalk& w, uint32_t j
   return (int64_t{n} * channels + c) * plane + (w.vec ? 4 * int64_t{k} : int64_t{k});
 }
 
-template <int Bits>
-__device__ __forceinline__ void read_codes4(const uint8_t* codes, int64_t e, uint32_t q[4]) {
-  if constexpr (Bits == 8) {
-    const uint32_t w = *reinterpret_cast<const uint32_t*>(codes + e);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) q[k] = (w >> (8 * k)) & 0xFF;
-  } else {
-    const uint32_t w = *reinterpret_cast<const uint16_t*>(codes + e / 2);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) q[k] = (w >> (4 * k)) & 0xF;
+// Walks this block's share of channel c: four(e, q[4], g) per 4 elements (vector path) or
+// one(e, q, g) per element, with the codes q and the gradient g read at element e.
+template <int Bits, typename Four, typename One>
+__device__ __forceinline__ void walk_channel(const BnBackwardParams& p, const ChannelWalk& w, int64_t c, Four four,
+                                             One one) {
+  for (uint32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < w.steps; j += gridDim.x * blockDim.x) {
+    const int64_t e = walk_element(w, j, c, p.channels, p.plane);
+    if (w.vec) {
+      uint32_t q[4];
+      read_codes4<Bits>(p.codes, e, q);
+      four(e, q, *reinterpret_cast<const float4*>(p.grad + e));
+    } else {
+      one(e, read_code<Bits>(p.codes, e), p.grad[e]);
+    }
   }
 }
 
-template <int Bits>
-__device__ __forceinline__ uint32_t read_code(const uint8_t* codes, int64_t e) {
-  if constexpr (Bits == 8) return codes[e];
-  return (codes[e >> 1] >> (4 * (e & 1))) & 0xF;
+// Adds a and b over the 32 lanes of a warp; lane 0 holds the sums.
+__device__ __forceinline__ void warp_sum(double& a, double& b) {
+#pragma unroll
+  for (int d = 16; d > 0; d /= 2) {
+    a += __shfl_down_sync(0xFFFFFFFFu, a, d);
+    b += __shfl_down_sync(0xFFFFFFFFu, b, d);
+  }
 }
 
 // g_a and g_a * x_hat' of one element.
@@ -305,38 +319,27 @@ __global__ void bn_reduce_kernel(BnBackwardParams p, ChannelWalk w) {
     const int s = p.offsets[c];
     const float bc = p.b[c];
     double sum_a = 0.0, sum_ax = 0.0;
-    for (uint32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < w.steps; j += gridDim.x * blockDim.x) {
-      const int64_t e = walk_element(w, j, c, p.channels, p.plane);
-      if (w.vec) {
-        uint32_t q[4];
-        read_codes4<Bits>(p.codes, e, q);
-        const float4 g = *reinterpret_cast<const float4*>(p.grad + e);
-        const float2 t0 = bn_terms<Bits>(q[0], g.x, s, bc), t1 = bn_terms<Bits>(q[1], g.y, s, bc);
-        const float2 t2 = bn_terms<Bits>(q[2], g.z, s, bc), t3 = bn_terms<Bits>(q[3], g.w, s, bc);
-        sum_a += (t0.x + t1.x) + (t2.x + t3.x);
-        sum_ax += (t0.y + t1.y) + (t2.y + t3.y);
-      } else {
-        const float2 t = bn_terms<Bits>(read_code<Bits>(p.codes, e), p.grad[e], s, bc);
-        sum_a += t.x;
-        sum_ax += t.y;
-      }
-    }
+    walk_channel<Bits>(
+        p, w, c,
+        [&](int64_t, const uint32_t q[4], float4 g) {
+          const float2 t0 = bn_terms<Bits>(q[0], g.x, s, bc), t1 = bn_terms<Bits>(q[1], g.y, s, bc);
+          const float2 t2 = bn_terms<Bits>(q[2], g.z, s, bc), t3 = bn_terms<Bits>(q[3], g.w, s, bc);
+          sum_a += (t0.x + t1.x) + (t2.x + t3.x);
+          sum_ax += (t0.y + t1.y) + (t2.y + t3.y);
+        },
+        [&](int64_t, uint32_t q, float g) {
+          const float2 t = bn_terms<Bits>(q, g, s, bc);
+          sum_a += t.x;
+          sum_ax += t.y;
+        });
     // Block sum: within each warp by shuffles, then across the warps by warp 0.
-#pragma unroll
-    for (int d = 16; d > 0; d /= 2) {
-      sum_a += __shfl_down_sync(0xFFFFFFFFu, sum_a, d);
-      sum_ax += __shfl_down_sync(0xFFFFFFFFu, sum_ax, d);
-    }
+    warp_sum(sum_a, sum_ax);
     if (lane == 0) part[0][warp] = sum_a, part[1][warp] = sum_ax;
     __syncthreads();
     if (warp == 0) {
       sum_a = lane < kBnThreads / 32 ? part[0][lane] : 0.0;
       sum_ax = lane < kBnThreads / 32 ? part[1][lane] : 0.0;
-#pragma unroll
-      for (int d = 16; d > 0; d /= 2) {
-        sum_a += __shfl_down_sync(0xFFFFFFFFu, sum_a, d);
-        sum_ax += __shfl_down_sync(0xFFFFFFFFu, sum_ax, d);
-      }
+      warp_sum(sum_a, sum_ax);
       if (lane == 0) {
         atomicAdd(p.sums + c, sum_a);
         atomicAdd(p.sums + p.channels + c, sum_ax);
@@ -363,18 +366,13 @@ __global__ void bn_apply_kernel(BnBackwardParams p, ChannelWalk w) {
       const float ga = codec::mask(q, s) ? grad : 0.0f;
       return scale * (ga - mean_a - (codec::decode(q, s, Bits) - bc) * mean_ax);
     };
-    for (uint32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < w.steps; j += gridDim.x * blockDim.x) {
-      const int64_t e = walk_element(w, j, c, p.channels, p.plane);
-      if (w.vec) {
-        uint32_t q[4];
-        read_codes4<Bits>(p.codes, e, q);
-        const float4 g = *reinterpret_cast<const float4*>(p.grad + e);
-        *reinterpret_cast<float4*>(p.grad_in + e) =
-            make_float4(g_x(q[0], g.x), g_x(q[1], g.y), g_x(q[2], g.z), g_x(q[3], g.w));
-      } else {
-        p.grad_in[e] = g_x(read_code<Bits>(p.codes, e), p.grad[e]);
-      }
-    }
+    walk_channel<Bits>(
+        p, w, c,
+        [&](int64_t e, const uint32_t q[4], float4 g) {
+          *reinterpret_cast<float4*>(p.grad_in + e) =
+              make_float4(g_x(q[0], g.x), g_x(q[1], g.y), g_x(q[2], g.z), g_x(q[3], g.w));
+        },
+        [&](int64_t e, uint32_t q, float g) { p.grad_in[e] = g_x(q, g); });
   }
 }
 

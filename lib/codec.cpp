@@ -154,34 +154,35 @@ void bn_relu_backward_cpu(const uint8_t* data, const uint8_t* offsets, const flo
         }
         for (int k = n; k % kLanes; ++k) a[k] = x[k] = 0.0f;
       };
-      double sum_a = 0.0, sum_ax = 0.0;
-      for (int64_t n = 0; n < batch; ++n) {
-        const int64_t base = (n * l.channels + c) * l.plane;
-        for (int64_t i = 0; i < l.plane; i += kBlock) {
-          const int len = static_cast<int>(std::min<int64_t>(kBlock, l.plane - i));
-          decode_block(base, i, len);
-          float la[kLanes] = {}, lax[kLanes] = {};
-          for (int k = 0; k < len; k += kLanes)
-            for (int t = 0; t < kLanes; ++t) {
-              la[t] += ga[k + t];
-              lax[t] += ga[k + t] * xh[k + t];
-            }
-          for (int t = 0; t < kLanes; ++t) sum_a += la[t], sum_ax += lax[t];
+      // Calls f(first element, length) for each block of the channel, decoded into ga and xh.
+      auto for_each_block = [&](auto&& f) {
+        for (int64_t n = 0; n < batch; ++n) {
+          const int64_t base = (n * l.channels + c) * l.plane;
+          for (int64_t i = 0; i < l.plane; i += kBlock) {
+            const int len = static_cast<int>(std::min<int64_t>(kBlock, l.plane - i));
+            decode_block(base, i, len);
+            f(base + i, len);
+          }
         }
-      }
+      };
+      double sum_a = 0.0, sum_ax = 0.0;
+      for_each_block([&](int64_t, int len) {
+        float la[kLanes] = {}, lax[kLanes] = {};
+        for (int k = 0; k < len; k += kLanes)
+          for (int t = 0; t < kLanes; ++t) {
+            la[t] += ga[k + t];
+            lax[t] += ga[k + t] * xh[k + t];
+          }
+        for (int t = 0; t < kLanes; ++t) sum_a += la[t], sum_ax += lax[t];
+      });
       g_beta[c] = static_cast<float>(sum_a);
       g_g[c] = static_cast<float>(sum_ax);
       const float mean_a = static_cast<float>(sum_a / m), mean_ax = static_cast<float>(sum_ax / m);
       const float scale = g[c] * invstd[c];
-      for (int64_t n = 0; n < batch; ++n) {
-        const int64_t base = (n * l.channels + c) * l.plane;
-        for (int64_t i = 0; i < l.plane; i += kBlock) {
-          const int len = static_cast<int>(std::min<int64_t>(kBlock, l.plane - i));
-          decode_block(base, i, len);
-          float* out = g_x + base + i;
-          for (int k = 0; k < len; ++k) out[k] = scale * (ga[k] - mean_a - xh[k] * mean_ax);
-        }
-      }
+      for_each_block([&](int64_t first, int len) {
+        float* out = g_x + first;
+        for (int k = 0; k < len; ++k) out[k] = scale * (ga[k] - mean_a - xh[k] * mean_ax);
+      });
     }
   });
 }
