@@ -2,6 +2,7 @@
 #include <blpa/memory.h>
 #include <blpa/resnet.h>
 #include <ATen/record_function.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -241,18 +242,71 @@ OpCount count_ops(Rig& rig) {
   return {outer.load(), all.load()};
 }
 
+// One step under LibTorch's profiler (Kineto; CUPTI on CUDA). On CUDA: the kernels', copies'
+// and memsets' time summed by name, the sum of all of it (busy_ms) and the step's wall time, so
+// busy_ms / wall_ms says how much of the step the GPU worked. On CPU the operators' times are
+// inclusive (an operator's time contains those it calls), so the sums overlap.
+struct Profile {
+  double busy_ms = 0, wall_ms = 0;
+  std::vector<std::tuple<double, int64_t, std::string>> top;  // total ms, calls, name
+};
+
+Profile profile_step(Rig& rig, size_t top_n) {
+  namespace prof = torch::autograd::profiler;
+  using torch::profiler::impl::ActivityType;
+  const auto dev = rig.x.device();
+  const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+  const std::set<ActivityType> activities =
+      dev.is_cuda() ? std::set<ActivityType>{ActivityType::CPU, ActivityType::CUDA} : std::set<ActivityType>{ActivityType::CPU};
+  prof::prepareProfiler(config, activities);
+  prof::enableProfiler(config, activities);
+  sync(dev);
+  const auto t0 = Clock::now();
+  rig.step();
+  sync(dev);
+  const double wall = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+  const auto result = prof::disableProfiler();
+  std::map<std::string, std::pair<double, int64_t>> by_name;
+  Profile p;
+  p.wall_ms = wall;
+  for (const auto& e : result->events()) {
+    if (e.deviceType() != dev.type()) continue;
+    const double ms = static_cast<double>(e.durationNs()) / 1e6;
+    auto& [total, calls] = by_name[e.name()];
+    total += ms;
+    ++calls;
+    p.busy_ms += ms;
+  }
+  for (const auto& [name, tc] : by_name) p.top.emplace_back(tc.first, tc.second, name);
+  std::sort(p.top.begin(), p.top.end(), [](const auto& a, const auto& b) { return std::get<0>(a) > std::get<0>(b); });
+  if (p.top.size() > top_n) p.top.resize(top_n);
+  return p;
+}
+
+std::string json_escape(const std::string& s) {
+  std::string out;
+  for (const char ch : s) {
+    if (ch == '"' || ch == '\\') out += '\\';
+    if (static_cast<unsigned char>(ch) >= 0x20) out += ch;
+  }
+  return out;
+}
+
 int step_main(int argc, char** argv) {
   cxxopts::Options o("blpa-bench step",
                      "Training-step time (forward, backward, SGD update) per mode in one process: median and\n"
                      "spread over --steps timed steps after --warmup, and the ratio of the median to plain's.");
   add_common(o, "128", "plain,blpa-8,blpa-4");
   o.add_options()("warmup", "Untimed steps per mode", cxxopts::value<int>()->default_value("2"))(
-      "steps", "Timed steps per mode", cxxopts::value<int>()->default_value("5"));
+      "steps", "Timed steps per mode", cxxopts::value<int>()->default_value("5"))(
+      "profile", "Then profile one more step per mode and list its N costliest kernels by name (CUDA; on CPU,\n"
+      "operators with inclusive times); 0: no profile", cxxopts::value<int>()->default_value("0"));
   Common c;
   cxxopts::ParseResult args;
   if (!parse_common(o, argc, argv, c, args)) return 0;
-  const int warmup = args["warmup"].as<int>(), steps = args["steps"].as<int>();
+  const int warmup = args["warmup"].as<int>(), steps = args["steps"].as<int>(), top_n = args["profile"].as<int>();
   if (steps <= 0 || warmup < 0) throw std::invalid_argument("--steps must be positive and --warmup >= 0");
+  if (top_n < 0) throw std::invalid_argument("--profile must be >= 0");
   double plain_ms = 0;
   for (const auto& mode : c.modes) {
     Rig rig(c.net, mode, c.batch, c.size, c.device);
@@ -276,16 +330,33 @@ int step_main(int argc, char** argv) {
     const OpCount ops = count_ops(rig);
     if (mode.mode == Mode::plain) plain_ms = median;
     const std::string ratio = plain_ms > 0 ? fmt::format("{:.3f}", median / plain_ms) : "null";
+    Profile p;
+    if (top_n > 0) p = profile_step(rig, static_cast<size_t>(top_n));
+    std::string profile_json;
+    if (top_n > 0) {
+      profile_json = fmt::format(", \"profile\": {{\"wall_ms\": {:.3f}, \"busy_ms\": {:.3f}, \"top\": [", p.wall_ms, p.busy_ms);
+      for (size_t i = 0; i < p.top.size(); ++i)
+        profile_json += fmt::format("{}{{\"ms\": {:.3f}, \"calls\": {}, \"name\": \"{}\"}}", i ? ", " : "",
+                                    std::get<0>(p.top[i]), std::get<1>(p.top[i]), json_escape(std::get<2>(p.top[i])));
+      profile_json += "]}";
+    }
     if (c.json)
       fmt::print("{}, \"threads\": {}, \"steps\": {}, \"median_ms\": {:.3f}, \"min_ms\": {:.3f}, \"max_ms\": {:.3f}, "
                  "\"host_ms\": {:.3f}, \"ops\": {}, \"ops_outermost\": {}, \"images_per_s\": {:.2f}, "
-                 "\"overhead_vs_plain\": {}}}\n",
+                 "\"overhead_vs_plain\": {}{}}}\n",
                  head(c, mode, "step"), c.device.is_cuda() ? 0 : torch::get_num_threads(), steps, median, ms.front(),
-                 ms.back(), host_median, ops.all, ops.outer, c.batch * 1000.0 / median, ratio);
-    else
+                 ms.back(), host_median, ops.all, ops.outer, c.batch * 1000.0 / median, ratio, profile_json);
+    else {
       fmt::print("{:8s} median {:9.2f} ms  (min {:.2f}, max {:.2f}, host {:.2f}, {} steps, {} ops)  {:8.1f} img/s  vs plain {}\n",
                  mode.str(), median, ms.front(), ms.back(), host_median, steps, ops.outer, c.batch * 1000.0 / median,
                  plain_ms > 0 ? ratio + "x" : std::string("(run plain first for the ratio)"));
+      if (top_n > 0) {
+        fmt::print("  profiled step: {:.2f} ms wall, {:.2f} ms {}\n", p.wall_ms, p.busy_ms,
+                   c.device.is_cuda() ? "of GPU work" : "of operators (inclusive, overlapping)");
+        for (const auto& [total, calls, name] : p.top)
+          fmt::print("  {:9.3f} ms {:6d}x  {}\n", total, calls, name.size() > 110 ? name.substr(0, 107) + "..." : name);
+      }
+    }
   }
   return 0;
 }

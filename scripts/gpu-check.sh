@@ -63,17 +63,21 @@ stage fs-bindings 60 bash -c "readelf -d $BLPA_BUILD_DIR/tests/blpa_tests | grep
 
 stage codec 120 bash -c 'for bits in 8 4; do for n in 16777216 268435456; do
   bench codec --device cuda --bits $bits --numel $n || exit 1; done; done'
-stage step-resnet164 180 bash -c 'bench step --device cuda --model resnet164 --batch 128 --mode all --warmup 5 --steps 30'
-stage step-resnet164-b512 180 bash -c 'bench step --device cuda --model resnet164 --batch 512 --mode plain,exact,blpa-4 --warmup 3 --steps 10'
+# --profile: one more step per mode under Kineto/CUPTI; the GPU's busy time against the wall time
+# and the costliest kernels. Batch 16 shows the step's floor set by the host's launches.
+stage step-resnet164 180 bash -c 'bench step --device cuda --model resnet164 --batch 128 --mode all --warmup 5 --steps 30 --profile 14'
+stage step-resnet164-b512 180 bash -c 'bench step --device cuda --model resnet164 --batch 512 --mode plain,exact,blpa-4 --warmup 3 --steps 10 --profile 14'
+stage step-resnet164-b16 120 bash -c 'bench step --device cuda --model resnet164 --batch 16 --mode plain,exact,blpa-4 --warmup 3 --steps 20 --profile 6'
 stage memory-resnet164 120 bash -c 'bench memory --device cuda --model resnet164 --batch 128 --mode all'
 for m in plain blpa; do
   stage "train-$m" 180 "$BLPA_BUILD_DIR/app/blpa-train" --device cuda --depth 20 --mode "$m" --iterations 2000 \
     --lr-steps 1000,1500 --warmup 100 --eval-every 1000 --log-every 200 --workers 4 --quiet \
     --log "$out/gpu-train-$m.jsonl"
 done
-stage step-resnet152 180 bash -c 'bench step --device cuda --model resnet152 --batch 64 --mode plain,exact,blpa-4 --warmup 3 --steps 15'
+stage step-resnet152 180 bash -c 'bench step --device cuda --model resnet152 --batch 64 --mode plain,exact,blpa-4 --warmup 3 --steps 15 --profile 14'
 stage memory-resnet152 120 bash -c 'bench memory --device cuda --model resnet152 --batch 64 --mode plain,blpa-4'
-stage data 120 bash -c "bench data --workers 1,2,4,8,$(nproc) --seconds 3"
+# The data pipeline runs on the CPU: BLPA_GPU_CHECK_DATA=1 measures it on this machine's cores too.
+[[ ${BLPA_GPU_CHECK_DATA:-0} == 1 ]] && stage data 120 bash -c "bench data --workers 1,2,4,8,$(nproc) --seconds 3"
 # The ImageNet path on the GPU: pinned batches, asynchronous copies, ResNet-50, 10-crop eval.
 tree=$(mktemp -d)
 "$BLPA_BUILD_DIR/app/blpa-bench" data --write-tree "$tree" --images 400 >/dev/null
