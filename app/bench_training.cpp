@@ -251,7 +251,7 @@ struct Profile {
   std::vector<std::tuple<double, int64_t, std::string>> top;  // total ms, calls, name
 };
 
-Profile profile_step(Rig& rig, size_t top_n) {
+Profile profile_step(Rig& rig, size_t top_n, const std::string& trace) {
   namespace prof = torch::autograd::profiler;
   using torch::profiler::impl::ActivityType;
   const auto dev = rig.x.device();
@@ -266,6 +266,7 @@ Profile profile_step(Rig& rig, size_t top_n) {
   sync(dev);
   const double wall = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
   const auto result = prof::disableProfiler();
+  if (!trace.empty()) result->save(trace);  // Chrome trace format: chrome://tracing, Perfetto
   std::map<std::string, std::pair<double, int64_t>> by_name;
   Profile p;
   p.wall_ms = wall;
@@ -300,13 +301,17 @@ int step_main(int argc, char** argv) {
   o.add_options()("warmup", "Untimed steps per mode", cxxopts::value<int>()->default_value("2"))(
       "steps", "Timed steps per mode", cxxopts::value<int>()->default_value("5"))(
       "profile", "Then profile one more step per mode and list its N costliest kernels by name (CUDA; on CPU,\n"
-      "operators with inclusive times); 0: no profile", cxxopts::value<int>()->default_value("0"));
+      "operators with inclusive times); 0: no profile", cxxopts::value<int>()->default_value("0"))(
+      "trace", "With --profile: write each mode's profiled step to PREFIX-MODE.json (Chrome trace format)",
+      cxxopts::value<std::string>()->default_value(""), "PREFIX");
   Common c;
   cxxopts::ParseResult args;
   if (!parse_common(o, argc, argv, c, args)) return 0;
   const int warmup = args["warmup"].as<int>(), steps = args["steps"].as<int>(), top_n = args["profile"].as<int>();
   if (steps <= 0 || warmup < 0) throw std::invalid_argument("--steps must be positive and --warmup >= 0");
   if (top_n < 0) throw std::invalid_argument("--profile must be >= 0");
+  const std::string trace = args["trace"].as<std::string>();
+  if (!trace.empty() && top_n == 0) throw std::invalid_argument("--trace needs --profile N");
   double plain_ms = 0;
   for (const auto& mode : c.modes) {
     Rig rig(c.net, mode, c.batch, c.size, c.device);
@@ -331,7 +336,7 @@ int step_main(int argc, char** argv) {
     if (mode.mode == Mode::plain) plain_ms = median;
     const std::string ratio = plain_ms > 0 ? fmt::format("{:.3f}", median / plain_ms) : "null";
     Profile p;
-    if (top_n > 0) p = profile_step(rig, static_cast<size_t>(top_n));
+    if (top_n > 0) p = profile_step(rig, static_cast<size_t>(top_n), trace.empty() ? "" : trace + "-" + mode.str() + ".json");
     std::string profile_json;
     if (top_n > 0) {
       profile_json = fmt::format(", \"profile\": {{\"wall_ms\": {:.3f}, \"busy_ms\": {:.3f}, \"top\": [", p.wall_ms, p.busy_ms);

@@ -133,9 +133,10 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     out[4] = g_w[1];
     if (!g_r.defined()) return out;
 
-    // The clamp's gradient, as LibTorch's clamp_min has it: zero unless gamma >= 1e-8 (in
-    // double; the float 1e-8f lies just below it, so constrain_()'s clamped gammas get none).
-    // For float gamma that is gamma > 1e-8f, one threshold_backward kernel.
+    // The clamp's gradient: zero unless gamma >= 1e-8 in double. The float 1e-8f lies just
+    // below it, so constrain_()'s clamped gammas get none (LibTorch 2.15's clamp_min agrees;
+    // 2.11's passes a gradient at exactly 1e-8f). For float gamma that is gamma > 1e-8f, one
+    // threshold_backward kernel.
     auto clamp_grad = [&](const Tensor& g_g) {
       return gamma.scalar_type() == at::kFloat ? at::threshold_backward(g_g, gamma, static_cast<float>(kGammaMin))
                                                : g_g * (gamma >= kGammaMin);

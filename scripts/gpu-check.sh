@@ -25,6 +25,8 @@ status=0
 stage() {  # stage NAME SECONDS COMMAND...: runs it with a time limit, logs, never stops the script
   local name=$1 limit=$2
   shift 2
+  # BLPA_GPU_STAGES=REGEX runs only the stages whose names match (the build always runs).
+  if [[ -n ${BLPA_GPU_STAGES:-} && $name != build && ! $name =~ ^(${BLPA_GPU_STAGES})$ ]]; then return 0; fi
   echo "=== $name ($(date -u +%T))" | tee -a "$log"
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
@@ -55,7 +57,9 @@ if [[ ! -e $fm && -d $prefix$fm ]]; then mkdir -p "$(dirname "$fm")" && ln -s "$
 
 stage build 420 scripts/build.sh -DCMAKE_CXX_COMPILER_LAUNCHER= -DCMAKE_CUDA_COMPILER_LAUNCHER= ||
   { tail -n 60 "$BLPA_BUILD_DIR/configure.log" 2>/dev/null | tee -a "$log"; exit 1; }
-stage tests 300 ctest --test-dir "$BLPA_BUILD_DIR" --output-on-failure --no-tests=error --parallel 8
+# BLPA_GPU_TESTS=REGEX runs only the tests whose names match.
+stage tests 300 ctest --test-dir "$BLPA_BUILD_DIR" --output-on-failure --no-tests=error --parallel 8 \
+  ${BLPA_GPU_TESTS:+-R "$BLPA_GPU_TESTS"}
 if grep -q "(Skipped)\|\*\*\*Skipped" "$log"; then echo "error: tests were skipped on a GPU machine" | tee -a "$log"; status=1; fi
 # Which library std::filesystem calls bind to (LibTorch 2.11 exports a broken copy).
 stage fs-bindings 60 bash -c "readelf -d $BLPA_BUILD_DIR/tests/blpa_tests | grep NEEDED | head -n 3;
@@ -68,6 +72,12 @@ stage codec 120 bash -c 'for bits in 8 4; do for n in 16777216 268435456; do
 stage step-resnet164 180 bash -c 'bench step --device cuda --model resnet164 --batch 128 --mode all --warmup 5 --steps 30 --profile 14'
 stage step-resnet164-b512 180 bash -c 'bench step --device cuda --model resnet164 --batch 512 --mode plain,exact,blpa-4 --warmup 3 --steps 10 --profile 14'
 stage step-resnet164-b16 120 bash -c 'bench step --device cuda --model resnet164 --batch 16 --mode plain,exact,blpa-4 --warmup 3 --steps 20 --profile 6'
+# Chrome traces of one step per mode (the host's operators on both threads and the GPU's
+# kernels), gzipped into one archive: chrome://tracing or Perfetto reads them.
+trace_dir=$(mktemp -d)
+stage trace 180 bash -c "for b in 16 128; do bench step --device cuda --model resnet164 --batch \$b --mode plain,exact,blpa-4 \
+  --warmup 3 --steps 5 --profile 6 --trace $trace_dir/resnet164-b\$b || exit 1; done && tar -C $trace_dir -czf $out/traces.tgz ."
+rm -rf "$trace_dir"
 stage memory-resnet164 120 bash -c 'bench memory --device cuda --model resnet164 --batch 128 --mode all'
 for m in plain blpa; do
   stage "train-$m" 180 "$BLPA_BUILD_DIR/app/blpa-train" --device cuda --depth 20 --mode "$m" --iterations 2000 \

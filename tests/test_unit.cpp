@@ -230,8 +230,13 @@ TEST_CASE("unit: gamma below 1e-8 is clamped in forward and gets no gradient, as
     CHECK(got[0].item<float>() == 0.0f);
     CHECK(got[1].item<float>() == 0.0f);
     CAPTURE(got, want);
-    CHECK(got[2].item<float>() == 0.0f);  // 1e-8f is just below 1e-8: clamped, as LibTorch does
+    // 1e-8f is just below 1e-8: clamped, so constrain_()'s gammas get no gradient. LibTorch
+    // versions disagree at that point (2.15's clamp_min passes none there, 2.11's passes it),
+    // so the comparison with LibTorch leaves it out.
+    CHECK(got[2].item<float>() == 0.0f);
     CHECK(got[3].item<float>() != 0.0f);
+    const auto away = torch::tensor({0, 1, 3, 4});
+    got = got.index_select(0, away), want = want.index_select(0, away);
     if (mode == Mode::exact) CHECK(torch::allclose(got, want, 1e-4, 1e-5));
     else CHECK(((got != 0) == (want != 0)).all().item<bool>());
   }
