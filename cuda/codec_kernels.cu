@@ -100,6 +100,18 @@ __global__ void offsets_kernel(OffsetParams p) {
     p.offsets[c] = static_cast<uint8_t>(codec::offset(p.b[c], p.bits));
 }
 
+__global__ void channel_kernel(ChannelParams p) {
+  for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < p.channels;
+       c += int64_t{gridDim.x} * blockDim.x) {
+    const float gamma = p.gamma[c];
+    const float g = gamma < p.gamma_min ? p.gamma_min : gamma;  // NaN stays NaN, as clamp_min
+    const float b = p.centred ? __fdiv_rn(p.beta[c], g) : 0.0f;
+    p.g[c] = g;
+    p.b[c] = b;
+    p.offsets[c] = static_cast<uint8_t>(codec::offset(b, p.bits));
+  }
+}
+
 template <int Bits>
 __global__ void pack_kernel(PackParams p) {
   const int64_t groups = (p.numel + kGroup - 1) / kGroup;
@@ -309,8 +321,14 @@ __device__ __forceinline__ float2 bn_terms(uint32_t q, float grad, int s, float 
   return make_float2(ga, ga * (codec::decode(q, s, Bits) - bc));
 }
 
-// Per channel (blockIdx.y, striding by gridDim.y past 65535 channels): sum g_a and
-// sum g_a x_hat', added into p.sums. A thread adds up to 4 terms in float, then in double.
+// Channel c's block sums in p.partials: gridDim.x of sum g_a, then gridDim.x of sum g_a x_hat'.
+__device__ __forceinline__ double* channel_partials(const BnBackwardParams& p, int64_t c) {
+  return p.partials + 2 * int64_t{gridDim.x} * c;
+}
+
+// Per channel (blockIdx.y, striding by gridDim.y past 65535 channels): this block's sum g_a
+// and sum g_a x_hat', into its own slot of p.partials. A thread adds up to 4 terms in float,
+// then in double; every block writes its slots, also one that found no elements.
 template <int Bits>
 __global__ void bn_reduce_kernel(BnBackwardParams p, ChannelWalk w) {
   __shared__ double part[2][kBnThreads / 32];
@@ -341,22 +359,37 @@ __global__ void bn_reduce_kernel(BnBackwardParams p, ChannelWalk w) {
       sum_ax = lane < kBnThreads / 32 ? part[1][lane] : 0.0;
       warp_sum(sum_a, sum_ax);
       if (lane == 0) {
-        atomicAdd(p.sums + c, sum_a);
-        atomicAdd(p.sums + p.channels + c, sum_ax);
+        double* slots = channel_partials(p, c);
+        slots[blockIdx.x] = sum_a;
+        slots[gridDim.x + blockIdx.x] = sum_ax;
       }
     }
     __syncthreads();  // part[] is reused by the next channel
   }
 }
 
+// Every block of channel c adds the channel's gridDim.x partial sums the same way (warp 0,
+// lane l taking slots l, l + 32, ..., then the shuffle tree), so all agree, and so do runs.
 template <int Bits>
 __global__ void bn_apply_kernel(BnBackwardParams p, ChannelWalk w) {
+  __shared__ double total[2];
   const double m = static_cast<double>(w.steps) * (w.vec ? 4 : 1);  // elements in a channel
   for (int64_t c = blockIdx.y; c < p.channels; c += gridDim.y) {
-    const double sum_a = p.sums[c], sum_ax = p.sums[p.channels + c];
+    if (threadIdx.x < 32) {
+      const double* slots = channel_partials(p, c);
+      double a = 0.0, ax = 0.0;
+      for (unsigned k = threadIdx.x; k < gridDim.x; k += 32) a += slots[k], ax += slots[gridDim.x + k];
+      warp_sum(a, ax);
+      if (threadIdx.x == 0) total[0] = a, total[1] = ax;
+    }
+    __syncthreads();
+    const double sum_a = total[0], sum_ax = total[1];
+    __syncthreads();  // total[] is rewritten for the next channel
     if (blockIdx.x == 0 && threadIdx.x == 0) {
       p.g_beta[c] = static_cast<float>(sum_a);
-      p.g_g[c] = static_cast<float>(sum_ax);
+      // The clamp's gradient, as threshold_backward: none where g = max(gamma, gamma_min) <=
+      // gamma_min; a NaN g passes its (NaN) gradient.
+      p.g_g[c] = p.mask_g_g && p.g[c] <= p.gamma_min ? 0.0f : static_cast<float>(sum_ax);
     }
     const float mean_a = static_cast<float>(sum_a / m), mean_ax = static_cast<float>(sum_ax / m);
     const float scale = __fmul_rn(p.g[c], p.invstd[c]);
@@ -386,6 +419,14 @@ void compute_offsets(const OffsetParams& p) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void channel_coding(const ChannelParams& p) {
+  if (p.channels == 0) return;
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));  // <<<>>> launches on the current device
+  const Launch l = launch_config(p.channels, p.device);
+  channel_kernel<<<l.blocks, kThreads, 0, l.stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void pack(const PackParams& p) {
   if (p.numel == 0) return;
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));  // <<<>>> launches on the current device
@@ -408,14 +449,17 @@ void unpack(const UnpackParams& p) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void bn_relu_backward(const BnBackwardParams& p) {
-  if (p.channels == 0) return;
+namespace {
+
+struct BnGrid {
+  ChannelWalk walk;
+  dim3 grid;
+};
+
+BnGrid bn_grid(const BnBackwardParams& p) {
   const int64_t per_channel = p.batch * p.plane;  // > 0: the caller handles empty tensors
   TORCH_CHECK(per_channel < (int64_t{1} << 31), "blpa: BatchNorm backward supports up to 2^31 elements per channel, got ",
               per_channel);
-  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));  // <<<>>> launches on the current device
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(p.device).stream();
-  C10_CUDA_CHECK(cudaMemsetAsync(p.sums, 0, sizeof(double) * 2 * p.channels, stream));
   ChannelWalk w;
   // The vector path reads 4 codes as one 32-bit (8-bit codes) or 16-bit (4-bit) word.
   w.vec = p.plane % 4 == 0 && aligned(p.grad, 16) && aligned(p.grad_in, 16) && aligned(p.codes, p.bits == 8 ? 4 : 2);
@@ -425,7 +469,23 @@ void bn_relu_backward(const BnBackwardParams& p) {
   // block takes several (gridDim.y stride).
   const int64_t per_channel_blocks = std::clamp<int64_t>((grid_cap(p.device) + p.channels - 1) / p.channels, 1,
                                                          (int64_t{w.steps} + kBnThreads - 1) / kBnThreads);
-  const dim3 grid(static_cast<unsigned>(per_channel_blocks), static_cast<unsigned>(std::min<int64_t>(p.channels, 65535)));
+  return {w, dim3(static_cast<unsigned>(per_channel_blocks), static_cast<unsigned>(std::min<int64_t>(p.channels, 65535)))};
+}
+
+}  // namespace
+
+int64_t bn_workspace(const BnBackwardParams& p) {
+  if (p.channels == 0) return 0;
+  // The grid depends on the pointers' alignment (the vector path takes 4 elements a step):
+  // size the workspace with the p that bn_relu_backward will get.
+  return 2 * int64_t{bn_grid(p).grid.x} * p.channels;
+}
+
+void bn_relu_backward(const BnBackwardParams& p) {
+  if (p.channels == 0) return;
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));  // <<<>>> launches on the current device
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(p.device).stream();
+  const auto [w, grid] = bn_grid(p);
   if (p.bits == 8) {
     bn_reduce_kernel<8><<<grid, kBnThreads, 0, stream>>>(p, w);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -30,6 +30,20 @@ struct OffsetParams {
   int device = 0;
 };
 
+// blpa/codec.h, channel_coding: g = max(gamma, gamma_min), b = beta / g (or 0), offsets of b.
+struct ChannelParams {
+  const float* gamma = nullptr;  // [channels]
+  const float* beta = nullptr;   // [channels]
+  float gamma_min = 0.0f;
+  bool centred = true;           // false: b = 0
+  float* g = nullptr;            // [channels]
+  float* b = nullptr;            // [channels]
+  uint8_t* offsets = nullptr;    // [channels]
+  int64_t channels = 0;
+  int bits = 8;
+  int device = 0;
+};
+
 // Any output pointer may be null: that output is not produced.
 struct UnpackParams {
   const uint8_t* codes = nullptr;
@@ -56,9 +70,11 @@ struct BnBackwardParams {
   const float* invstd = nullptr;  // [channels]
   const float* grad = nullptr;    // g_r, numel
   float* grad_in = nullptr;       // g_x, numel; may be grad itself
-  double* sums = nullptr;         // [2 * channels] workspace: sum g_a, then sum g_a x_hat'
+  double* partials = nullptr;     // bn_workspace(p) doubles: each block's two sums
   float* g_g = nullptr;           // [channels]
   float* g_beta = nullptr;        // [channels]
+  bool mask_g_g = false;          // g_g = 0 where g <= gamma_min (the clamp's gradient)
+  float gamma_min = 0.0f;
   int64_t batch = 0;
   int64_t channels = 0;
   int64_t plane = 1;
@@ -67,9 +83,13 @@ struct BnBackwardParams {
 };
 
 void compute_offsets(const OffsetParams& p);
+void channel_coding(const ChannelParams& p);
 void pack(const PackParams& p);
 void unpack(const UnpackParams& p);
-// Zeroes p.sums, reduces into them, then writes g_x, g_g and g_beta: three launches.
+// The doubles of workspace bn_relu_backward needs for these sizes (p's pointers unused).
+int64_t bn_workspace(const BnBackwardParams& p);
+// Sums per block into p.partials, then writes g_x, g_g and g_beta, each block adding the
+// partial sums of its channel in a fixed order: two launches, reproducible to the bit.
 void bn_relu_backward(const BnBackwardParams& p);
 
 }  // namespace blpa::cuda

@@ -221,7 +221,9 @@ int64_t Codes::bytes() const {
 
 namespace {
 
-Codes pack_impl(const at::Tensor& v, const at::Tensor& b, int bits, const at::Tensor& divisor, float* relu) {
+// offsets: the channels' offsets of b when the caller has them (channel_coding), else undefined.
+Codes pack_impl(const at::Tensor& v, const at::Tensor& b, int bits, const at::Tensor& divisor, float* relu,
+                const at::Tensor& offsets = {}) {
   check_bits(bits);
   TORCH_CHECK(v.scalar_type() == at::kFloat, "blpa codec: pack expects float32 activations, got ",
               v.scalar_type());
@@ -236,13 +238,23 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, int bits, const at::Te
   out.sizes = v.sizes().vec();
   const auto u8 = v.options().dtype(at::kByte);
   out.data = at::empty({packed_bytes(l.numel, bits)}, u8);
-  out.offsets = at::empty({l.channels}, u8);
+  const bool have_offsets = offsets.defined();
+  if (have_offsets) {
+    TORCH_CHECK(offsets.scalar_type() == at::kByte && offsets.dim() == 1 && offsets.numel() == l.channels &&
+                    offsets.is_contiguous() && offsets.device() == v.device(),
+                "blpa codec: the offsets must be a contiguous uint8 vector of ", l.channels, " channels on ",
+                v.device());
+    out.offsets = offsets;
+  } else {
+    out.offsets = at::empty({l.channels}, u8);
+  }
   if (l.numel == 0) return out;
 
   if (v.is_cuda()) {
 #if BLPA_WITH_CUDA
     const int dev = v.get_device();
-    cuda::compute_offsets({b.data_ptr<float>(), out.offsets.data_ptr<uint8_t>(), l.channels, bits, dev});
+    if (!have_offsets)
+      cuda::compute_offsets({b.data_ptr<float>(), out.offsets.data_ptr<uint8_t>(), l.channels, bits, dev});
     cuda::pack({v.data_ptr<float>(), divisor.defined() ? divisor.data_ptr<float>() : nullptr,
                 out.offsets.data_ptr<uint8_t>(), out.data.data_ptr<uint8_t>(), l.numel, l.plane, l.channels, bits,
                 dev, relu});
@@ -254,7 +266,8 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, int bits, const at::Te
   TORCH_CHECK(v.is_cpu(), "blpa codec: unsupported device ", v.device());
   const float* bp = b.data_ptr<float>();
   uint8_t* op = out.offsets.data_ptr<uint8_t>();
-  for (int64_t c = 0; c < l.channels; ++c) op[c] = static_cast<uint8_t>(codec::offset(bp[c], bits));
+  if (!have_offsets)
+    for (int64_t c = 0; c < l.channels; ++c) op[c] = static_cast<uint8_t>(codec::offset(bp[c], bits));
   std::vector<float> ones;
   const float* div = divisor.defined() ? divisor.data_ptr<float>() : (ones.assign(l.channels, 1.0f), ones.data());
   if (bits == 8)
@@ -272,6 +285,47 @@ Codes pack(const at::Tensor& v, const at::Tensor& b, int bits, const at::Tensor&
 
 Codes pack_relu_(at::Tensor& a, const at::Tensor& b, int bits, const at::Tensor& divisor) {
   return pack_impl(a, b, bits, divisor, a.scalar_type() == at::kFloat ? a.data_ptr<float>() : nullptr);
+}
+
+Codes pack(const at::Tensor& v, const ChannelCoding& cc, const at::Tensor& divisor) {
+  return pack_impl(v, cc.b, cc.bits, divisor, nullptr, cc.offsets);
+}
+
+Codes pack_relu_(at::Tensor& a, const ChannelCoding& cc) {
+  return pack_impl(a, cc.b, cc.bits, cc.g, a.scalar_type() == at::kFloat ? a.data_ptr<float>() : nullptr, cc.offsets);
+}
+
+ChannelCoding channel_coding(const at::Tensor& gamma, const at::Tensor& beta, float gamma_min, int bits,
+                             bool centred) {
+  check_bits(bits);
+  TORCH_CHECK(gamma.dim() == 1, "blpa codec: gamma must be a vector, got ", gamma.sizes());
+  const int64_t channels = gamma.numel();
+  check_channel_vector(gamma, "gamma", gamma, channels);
+  check_channel_vector(beta, "beta", gamma, channels);
+  const auto f32 = gamma.options().requires_grad(false);
+  ChannelCoding cc{at::empty({channels}, f32), at::empty({channels}, f32), at::empty({channels}, f32.dtype(at::kByte)),
+                   bits};
+  const float* gp = gamma.data_ptr<float>();
+  const float* bp = beta.data_ptr<float>();
+  if (gamma.is_cuda()) {
+#if BLPA_WITH_CUDA
+    cuda::channel_coding({gp, bp, gamma_min, centred, cc.g.data_ptr<float>(), cc.b.data_ptr<float>(),
+                          cc.offsets.data_ptr<uint8_t>(), channels, bits, gamma.get_device()});
+    return cc;
+#else
+    no_cuda();
+#endif
+  }
+  TORCH_CHECK(gamma.is_cpu(), "blpa codec: unsupported device ", gamma.device());
+  float* g = cc.g.data_ptr<float>();
+  float* b = cc.b.data_ptr<float>();
+  uint8_t* s = cc.offsets.data_ptr<uint8_t>();
+  for (int64_t c = 0; c < channels; ++c) {
+    g[c] = gp[c] < gamma_min ? gamma_min : gp[c];  // NaN stays NaN, as clamp_min
+    b[c] = centred ? bp[c] / g[c] : 0.0f;
+    s[c] = static_cast<uint8_t>(codec::offset(b[c], bits));
+  }
+  return cc;
 }
 
 namespace {
@@ -336,7 +390,7 @@ void check_grad(const Codes& codes, const at::Tensor& grad) {
 }  // namespace
 
 BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tensor& g, const at::Tensor& invstd,
-                         at::Tensor g_r, bool in_place) {
+                         at::Tensor g_r, bool in_place, std::optional<float> gamma_min) {
   TORCH_CHECK(codes.defined(), "blpa codec: bn_relu_backward of empty codes");
   check_bits(codes.bits);
   check_grad(codes, g_r);
@@ -360,11 +414,13 @@ BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tens
   }
   if (g_r.is_cuda()) {
 #if BLPA_WITH_CUDA
-    at::Tensor sums = at::empty({2 * l.channels}, f32.dtype(at::kDouble));
-    cuda::bn_relu_backward({data, offsets, b.data_ptr<float>(), g.data_ptr<float>(), invstd.data_ptr<float>(),
-                            g_r.data_ptr<float>(), out.g_x.data_ptr<float>(), sums.data_ptr<double>(),
-                            out.g_g.data_ptr<float>(), out.g_beta.data_ptr<float>(), batch, l.channels, l.plane,
-                            codes.bits, g_r.get_device()});
+    cuda::BnBackwardParams p{data, offsets, b.data_ptr<float>(), g.data_ptr<float>(), invstd.data_ptr<float>(),
+                             g_r.data_ptr<float>(), out.g_x.data_ptr<float>(), nullptr, out.g_g.data_ptr<float>(),
+                             out.g_beta.data_ptr<float>(), gamma_min.has_value(), gamma_min.value_or(0.0f), batch,
+                             l.channels, l.plane, codes.bits, g_r.get_device()};
+    const at::Tensor partials = at::empty({cuda::bn_workspace(p)}, f32.dtype(at::kDouble));
+    p.partials = partials.data_ptr<double>();
+    cuda::bn_relu_backward(p);
     return out;
 #else
     no_cuda();
@@ -380,6 +436,12 @@ BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tens
     run(std::integral_constant<int, 8>{});
   else
     run(std::integral_constant<int, 4>{});
+  if (gamma_min) {  // the clamp's gradient, as threshold_backward: none where g <= gamma_min
+    const float* gp = g.data_ptr<float>();
+    float* gg = out.g_g.data_ptr<float>();
+    for (int64_t c = 0; c < l.channels; ++c)
+      if (gp[c] <= *gamma_min) gg[c] = 0.0f;
+  }
   return out;
 }
 

@@ -13,6 +13,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 constexpr double kGammaMin = 1e-8;
+constexpr float kGammaMinF = static_cast<float>(kGammaMin);  // what clamp_min(kGammaMin) compares a float with
 
 Tensor per_channel(const Tensor& t) { return t.view({1, -1, 1, 1}); }
 
@@ -31,7 +32,12 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
                                std::optional<Tensor> w0, std::optional<Tensor> w1, UnitImpl* unit,
                                UnitMemory* memory) {
     const ModeConfig& mode = unit->mode();
-    const Tensor g = gamma.clamp_min(kGammaMin);
+    // blpa and naive: g = max(gamma, 1e-8), the window's centre b and the offsets of the codes
+    // in one pass over the channels (one launch on a GPU, where a small step is bound by the
+    // host's launches).
+    ChannelCoding cc;
+    if (mode.mode != Mode::exact) cc = channel_coding(gamma, beta, kGammaMinF, mode.bits, mode.mode == Mode::blpa);
+    const Tensor g = mode.mode == Mode::exact ? gamma.clamp_min(kGammaMin) : cc.g;
     // a = gamma * x_hat + beta with batch statistics; updates the running statistics. The
     // same LibTorch operator, and so the same kernel (cuDNN's on a GPU), as plain's batch_norm.
     auto [a, mean, invstd, reserve] = at::_batch_norm_with_update(x, g, beta, unit->running_mean,
@@ -56,17 +62,16 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
       // codes is the sign of a: exactly the forward ReLU's, applied in the same pass over a.
       // naive: codes of x_hat around 0. g and b are kept for backward (C floats each), which
       // saves recomputing them there.
-      const Tensor b = mode.mode == Mode::blpa ? beta.detach() / g : torch::zeros_like(beta);
       Codes codes;
       if (mode.mode == Mode::blpa) {
         r = a.contiguous();
-        codes = pack_relu_(r, b, mode.bits, g.contiguous());
+        codes = pack_relu_(r, cc);
       } else {
-        codes = pack(normalised(), b, mode.bits);
+        codes = pack(normalised(), cc);
       }
-      ctx->saved_data["g"] = g;
-      ctx->saved_data["b"] = b;
-      memory->metadata_bytes += g.nbytes() + b.nbytes();
+      ctx->saved_data["g"] = cc.g;
+      ctx->saved_data["b"] = cc.b;
+      memory->metadata_bytes += cc.g.nbytes() + cc.b.nbytes();
       ctx->saved_data["codes"] = codes.data;
       ctx->saved_data["offsets"] = codes.offsets;
       ctx->saved_data["sizes"] = codes.sizes;
@@ -133,23 +138,16 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     out[4] = g_w[1];
     if (!g_r.defined()) return out;
 
-    // The clamp's gradient: zero unless gamma >= 1e-8 in double. The float 1e-8f lies just
-    // below it, so constrain_()'s clamped gammas get none (LibTorch 2.15's clamp_min agrees;
-    // 2.11's passes a gradient at exactly 1e-8f). For float gamma that is gamma > 1e-8f, one
-    // threshold_backward kernel.
-    auto clamp_grad = [&](const Tensor& g_g) {
-      return gamma.scalar_type() == at::kFloat ? at::threshold_backward(g_g, gamma, static_cast<float>(kGammaMin))
-                                               : g_g * (gamma >= kGammaMin);
-    };
     if (mode == Mode::blpa) {
       // ReLU and BatchNorm backward straight from the codes (blpa/codec.h): the mask is exact,
       // x_hat' is decoded on the fly and never stored. g_r is overwritten by g_x when it is
-      // ours (it came from the convolutions), not when it is the caller's.
+      // ours (it came from the convolutions), not when it is the caller's. The gradient with
+      // respect to gamma through g = max(gamma, 1e-8) comes out of them too (gamma_min).
       if (n_conv > 0) r.reset();  // r' is no longer needed: free it first
-      auto [g_x, g_g, g_beta] = bn_relu_backward(codes, ctx->saved_data["b"].toTensor(), g, invstd,
-                                                 g_r.contiguous(), /*in_place=*/n_conv > 0);
+      auto [g_x, g_gamma, g_beta] = bn_relu_backward(codes, ctx->saved_data["b"].toTensor(), g, invstd,
+                                                     g_r.contiguous(), /*in_place=*/n_conv > 0, kGammaMinF);
       out[0] = g_x;
-      out[1] = clamp_grad(g_g);
+      out[1] = g_gamma;
       out[2] = g_beta;
       return out;
     }
@@ -165,8 +163,13 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     const Tensor zeros = ctx->saved_data["zeros"].toTensor(), ones = ctx->saved_data["ones"].toTensor();
     auto [g_x, g_gamma, g_beta] = at::native_batch_norm_backward(
         g_a, x_hat, g * invstd, std::nullopt, std::nullopt, zeros, ones, /*train=*/true, 0.0, {true, true, true});
+    // The clamp's gradient: zero unless gamma >= 1e-8 in double. The float 1e-8f lies just
+    // below it, so constrain_()'s clamped gammas get none (LibTorch 2.15's clamp_min agrees;
+    // 2.11's passes a gradient at exactly 1e-8f). For float gamma that is gamma > 1e-8f, one
+    // threshold_backward kernel; blpa's kernels apply the same rule.
     out[0] = g_x;
-    out[1] = clamp_grad(g_gamma);
+    out[1] = gamma.scalar_type() == at::kFloat ? at::threshold_backward(g_gamma, gamma, kGammaMinF)
+                                               : g_gamma * (gamma >= kGammaMin);
     out[2] = g_beta;
     return out;
   }

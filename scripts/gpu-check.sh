@@ -71,6 +71,10 @@ stage codec 120 bash -c 'for bits in 8 4; do for n in 16777216 268435456; do
 # and the costliest kernels. Batch 16 shows the step's floor set by the host's launches.
 stage step-resnet164 180 bash -c 'bench step --device cuda --model resnet164 --batch 128 --mode all --warmup 5 --steps 30 --profile 14'
 stage step-resnet164-b512 180 bash -c 'bench step --device cuda --model resnet164 --batch 512 --mode plain,exact,blpa-4 --warmup 3 --steps 10 --profile 14'
+# plain and blpa-4 taking turns, so that the VM's drift from run to run hits both alike:
+# each blpa-4 ratio is against the plain just before it.
+stage step-interleaved 180 bash -c 'bench step --device cuda --model resnet164 --batch 128 \
+  --mode plain,blpa-4,plain,blpa-4,plain,blpa-4 --warmup 5 --steps 20'
 stage step-resnet164-b16 120 bash -c 'bench step --device cuda --model resnet164 --batch 16 --mode plain,exact,blpa-4 --warmup 3 --steps 20 --profile 6'
 # Chrome traces of one step per mode (the host's operators on both threads and the GPU's
 # kernels), gzipped into one archive: chrome://tracing or Perfetto reads them.

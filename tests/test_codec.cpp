@@ -292,6 +292,68 @@ TEST_CASE("codec: pack_relu_ packs like pack and leaves relu(a) in place", "[cod
   }
 }
 
+// Gammas for channel_coding: ordinary, below and at the clamp, negative, NaN and infinite.
+torch::Tensor awkward_gammas(int64_t c) {
+  auto g = torch::rand({c}) + 0.05;
+  const float special[] = {1e-8f, 5e-9f, 0.0f, -0.5f, std::nanf(""), std::numeric_limits<float>::infinity(), 2e-8f};
+  for (int64_t i = 0; i < std::min<int64_t>(c, 7); ++i) g[i] = special[i];
+  return g;
+}
+
+TEST_CASE("codec: channel_coding equals clamp_min, beta / g and pack's offsets", "[codec]") {
+  torch::manual_seed(15);
+  for (int bits : {8, 4}) {
+    CAPTURE(bits);
+    const int64_t c = 11;
+    auto gamma = awkward_gammas(c), beta = torch::randn({c}) * 2;
+    auto cc = blpa::channel_coding(gamma, beta, 1e-8f, bits, /*centred=*/true);
+    auto g = gamma.clamp_min(1e-8);
+    CHECK(torch::allclose(cc.g, g, 0, 0, /*equal_nan=*/true));
+    CHECK(torch::allclose(cc.b, beta / g, 0, 0, /*equal_nan=*/true));
+    auto v = torch::randn({3, c, 5, 5});
+    CHECK(torch::equal(cc.offsets, blpa::pack(v, cc.b, bits).offsets));
+    // pack with the coding: the same codes, and the coding's offsets are the codes' own.
+    auto with = blpa::pack(v, cc);
+    CHECK(torch::equal(with.data, blpa::pack(v, cc.b, bits).data));
+    CHECK(with.offsets.data_ptr() == cc.offsets.data_ptr());
+    auto a = v.clone(), a2 = v.clone();
+    auto relu_codes = blpa::pack_relu_(a, cc);
+    CHECK(torch::equal(relu_codes.data, blpa::pack_relu_(a2, cc.b, bits, cc.g).data));
+    CHECK(torch::equal(a, a2));
+    // naive: the window is centred on 0.
+    auto naive = blpa::channel_coding(gamma, beta, 1e-8f, bits, /*centred=*/false);
+    CHECK(torch::equal(naive.b, torch::zeros({c})));
+    CHECK(torch::equal(naive.offsets, blpa::pack(v, torch::zeros({c}), bits).offsets));
+  }
+  SECTION("bad arguments are refused") {
+    CHECK_THROWS_WITH(blpa::channel_coding(torch::ones({3}), torch::ones({4}), 1e-8f, 8, true),
+                      Catch::Contains("vector of 3 channels"));
+    CHECK_THROWS_WITH(blpa::channel_coding(torch::ones({3}), torch::ones({3}), 1e-8f, 5, true),
+                      Catch::Contains("bits must be 8 or 4"));
+    auto cc = blpa::channel_coding(torch::ones({3}), torch::ones({3}), 1e-8f, 8, true);
+    CHECK_THROWS_WITH(blpa::pack(torch::randn({2, 4, 3, 3}), cc), Catch::Contains("vector of 4 channels"));
+  }
+}
+
+TEST_CASE("codec: bn_relu_backward with gamma_min passes no gradient to clamped or NaN gammas", "[codec]") {
+  torch::manual_seed(16);
+  const int64_t c = 9;
+  auto gamma = awkward_gammas(c), beta = torch::randn({c}), invstd = torch::rand({c}) + 0.5;
+  auto cc = blpa::channel_coding(gamma, beta, 1e-8f, 4, true);
+  auto codes = blpa::pack(torch::randn({4, c, 6, 6}), cc);
+  auto g_r = torch::randn({4, c, 6, 6});
+  auto free = blpa::bn_relu_backward(codes, cc.b, cc.g, invstd, g_r, false);
+  auto masked = blpa::bn_relu_backward(codes, cc.b, cc.g, invstd, g_r, false, 1e-8f);
+  // As threshold_backward(g_g, gamma, 1e-8f), the exact mode's clamp gradient: none where
+  // gamma <= 1e-8f; a NaN gamma passes its NaN gradient.
+  CHECK(torch::allclose(masked.g_g, at::threshold_backward(free.g_g, gamma, 1e-8f), 0, 0, /*equal_nan=*/true));
+  CHECK(masked.g_g.narrow(0, 0, 4).eq(0).all().item<bool>());  // 1e-8f, 5e-9, 0, -0.5
+  CHECK(std::isnan(masked.g_g[4].item<float>()));
+  CHECK(masked.g_g.narrow(0, 5, c - 5).ne(0).all().item<bool>());
+  CHECK(torch::equal(masked.g_beta, free.g_beta));
+  CHECK(torch::allclose(masked.g_x, free.g_x, 0, 0, /*equal_nan=*/true));
+}
+
 TEST_CASE("codec: bn_relu_backward equals the BatchNorm backward of the masked gradient and x_hat'", "[codec]") {
   torch::manual_seed(13);
   for (int bits : {8, 4}) {
@@ -430,11 +492,41 @@ TEST_CASE("CUDA: bn_relu_backward matches the CPU path", "[codec][cuda]") {
       auto again = blpa::bn_relu_backward(dc, b.cuda(), g.cuda(), invstd.cuda(), gd, true);  // in place
       CHECK(again.g_x.data_ptr() == gd.data_ptr());
       CHECK(close(again.g_x, cpu.g_x, 1e-5));
+      // The partial sums are added in a fixed order: a second run gives the same bits.
+      auto twice = blpa::bn_relu_backward(dc, b.cuda(), g.cuda(), invstd.cuda(), g_r.cuda(), false);
+      CHECK(torch::equal(twice.g_g, gpu.g_g));
+      CHECK(torch::equal(twice.g_beta, gpu.g_beta));
+      CHECK(torch::equal(twice.g_x, gpu.g_x));
       // A misaligned (but contiguous) gradient takes the scalar path.
       auto buf = torch::empty({g_r.numel() + 1}, torch::kCUDA);
       auto shifted = buf.narrow(0, 1, g_r.numel()).view(shape);
       shifted.copy_(g_r.cuda());
       CHECK(close(blpa::bn_relu_backward(dc, b.cuda(), g.cuda(), invstd.cuda(), shifted, true).g_x, cpu.g_x, 1e-5));
     }
+  }
+}
+
+TEST_CASE("CUDA: channel_coding and the clamp's gradient match the CPU path", "[codec][cuda]") {
+  BLPA_REQUIRE_CUDA();
+  torch::manual_seed(17);
+  for (int bits : {8, 4}) {
+    CAPTURE(bits);
+    const int64_t c = 300;
+    auto gamma = awkward_gammas(c), beta = torch::randn({c}) * 2, invstd = torch::rand({c}) + 0.5;
+    for (bool centred : {true, false}) {
+      auto cpu = blpa::channel_coding(gamma, beta, 1e-8f, bits, centred);
+      auto gpu = blpa::channel_coding(gamma.cuda(), beta.cuda(), 1e-8f, bits, centred);
+      CHECK(torch::allclose(gpu.g.cpu(), cpu.g, 0, 0, /*equal_nan=*/true));
+      CHECK(torch::allclose(gpu.b.cpu(), cpu.b, 0, 0, /*equal_nan=*/true));
+      CHECK(torch::equal(gpu.offsets.cpu(), cpu.offsets));
+    }
+    auto cc = blpa::channel_coding(gamma.cuda(), beta.cuda(), 1e-8f, bits, true);
+    auto v = torch::randn({4, c, 6, 6}, torch::kCUDA), g_r = torch::randn({4, c, 6, 6}, torch::kCUDA);
+    auto codes = blpa::pack(v, cc);
+    auto free = blpa::bn_relu_backward(codes, cc.b, cc.g, invstd.cuda(), g_r, false);
+    auto masked = blpa::bn_relu_backward(codes, cc.b, cc.g, invstd.cuda(), g_r, false, 1e-8f);
+    CHECK(torch::allclose(masked.g_g.cpu(), at::threshold_backward(free.g_g.cpu(), gamma, 1e-8f), 0, 0,
+                          /*equal_nan=*/true));
+    CHECK(torch::equal(masked.g_beta, free.g_beta));
   }
 }

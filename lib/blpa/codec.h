@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace blpa {
@@ -26,6 +27,18 @@ struct Codes {
 
 int64_t packed_bytes(int64_t numel, int bits);
 
+// What a unit needs per channel before its BatchNorm and its codes, in one pass (one launch
+// on CUDA): g = max(gamma, gamma_min) as LibTorch's clamp_min (NaN stays NaN), b = beta / g
+// when `centred` (blpa: the window sits around -b) or 0 (naive), and the offsets s_c of b.
+// gamma and beta: contiguous float32 [C] on one device.
+struct ChannelCoding {
+  at::Tensor g, b;     // float32 [C]
+  at::Tensor offsets;  // uint8 [C]
+  int bits = 8;
+};
+ChannelCoding channel_coding(const at::Tensor& gamma, const at::Tensor& beta, float gamma_min, int bits,
+                             bool centred);
+
 // v: float32, contiguous, at least 2-D with channels on dim 1 (N x C x H x W, or N x C).
 // b: float32 [C] on the same device (b_c = beta_c / gamma_c; zeros for the naive baseline,
 // which centres the window on 0). bits: 8 or 4. With `divisor` (float32 [C]) the codes are
@@ -35,6 +48,11 @@ Codes pack(const at::Tensor& v, const at::Tensor& b, int bits, const at::Tensor&
 // pack(a, b, bits, divisor), and a = max(a, 0) in place in the same pass: the unit's forward
 // packs a / gamma and applies its ReLU without reading a twice. NaN stays NaN, as with relu_.
 Codes pack_relu_(at::Tensor& a, const at::Tensor& b, int bits, const at::Tensor& divisor);
+
+// The same with the channels' values already made by channel_coding: its offsets are used
+// (and shared by the codes) instead of being computed again. pack_relu_ divides by cc.g.
+Codes pack(const at::Tensor& v, const ChannelCoding& cc, const at::Tensor& divisor = {});
+Codes pack_relu_(at::Tensor& a, const ChannelCoding& cc);
 
 enum UnpackOutput : unsigned { kXhat = 1u, kRelu = 2u, kMask = 4u };
 
@@ -55,13 +73,17 @@ Unpacked unpack(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma
 //   g_x = g_c * invstd_c * (g_a - g_beta / M - x_hat' * g_g / M).
 // Two passes over the codes and g_r (the sums, then g_x); nothing of the input's size is made
 // besides g_x, which is g_r itself when `in_place`. g: the clamped gamma; g_g is the gradient
-// with respect to it. The sums are carried in double, over float partial sums of at most 32
-// elements (CPU) or 4 (CUDA); the two devices agree to about 1e-6 of sum |g_a| (sum |g_a x_hat'|).
+// with respect to it, or, given gamma_min, with respect to gamma where g = max(gamma,
+// gamma_min): zero for the channels with g <= gamma_min, as threshold_backward(g_g, gamma,
+// gamma_min) (a NaN gamma passes its NaN gradient).
+// The sums are carried in double, over float partial sums of at most 32 elements (CPU) or 4
+// (CUDA), and added in a fixed order: a device gives the same bits from run to run, and the
+// two devices agree to about 1e-6 of sum |g_a| (sum |g_a x_hat'|).
 struct BnGrads {
   at::Tensor g_x, g_g, g_beta;
 };
 BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tensor& g, const at::Tensor& invstd,
-                         at::Tensor g_r, bool in_place);
+                         at::Tensor g_r, bool in_place, std::optional<float> gamma_min = std::nullopt);
 
 // The integer codes, one uint8 per element, in the shape of the packed tensor (for tests
 // and inspection; not on the training path).
