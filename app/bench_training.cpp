@@ -300,8 +300,8 @@ int step_main(int argc, char** argv) {
   add_common(o, "128", "plain,blpa-8,blpa-4");
   o.add_options()("warmup", "Untimed steps per mode", cxxopts::value<int>()->default_value("2"))(
       "steps", "Timed steps per mode", cxxopts::value<int>()->default_value("5"))(
-      "profile", "Then profile one more step per mode and list its N costliest kernels by name (CUDA; on CPU,\n"
-      "operators with inclusive times); 0: no profile", cxxopts::value<int>()->default_value("0"))(
+      "profile", "Then profile one more step per mode: the GPU's busy time and the N costliest kernels "
+      "(on CPU: operators, inclusive times); 0: no profile", cxxopts::value<int>()->default_value("0"), "N")(
       "trace", "With --profile: write each mode's profiled step to PREFIX-MODE.json (Chrome trace format)",
       cxxopts::value<std::string>()->default_value(""), "PREFIX");
   Common c;

@@ -6,8 +6,12 @@
 #   gpu-bench.jsonl      the benchmarks' JSON objects, one per line
 #   gpu-train-*.jsonl    the training logs (ResNet-20 on Fashion-MNIST, plain and blpa-4)
 #   gpu-imagenet.jsonl   ResNet-50 on a generated ImageNet-layout tree (the JPEG pipeline on CUDA)
+#   traces.tgz           Chrome traces of one ResNet-164 step per mode, batch 16 and 128
 # Needs third_party/prefix from scripts/prepare-offline-deps.sh. A failing stage is reported
 # and the later stages still run; the exit status is 1 if any stage failed.
+# BLPA_GPU_STAGES=REGEX runs only the stages whose names match (the build always runs);
+# BLPA_GPU_TESTS=REGEX only the tests whose names match; BLPA_GPU_CHECK_DATA=1 adds the
+# CPU data-pipeline benchmark.
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$here"

@@ -270,3 +270,38 @@ TEST_CASE("train: blpa-eval scores a Fashion-MNIST checkpoint as the trainer's e
   CHECK(std::stod(m[2]) == Approx(r.test_acc).margin(1e-6));
   remove_tree(dir);
 }
+
+TEST_CASE("bench: step --profile reports where a step's time went and --trace writes Chrome traces", "[bench]") {
+  const auto dir = temp_dir("bench");
+  const std::string out = (dir / "step.jsonl").string(), trace = (dir / "t").string();
+  const std::string cmd = std::string(BLPA_BENCH_EXE) +
+                          " step --model cifar:11 --batch 2 --size 8 --mode plain,blpa-4 --steps 1 --warmup 0 "
+                          "--threads 1 --profile 3 --trace " + trace + " --json > " + out + " 2>/dev/null";
+  REQUIRE(std::system(cmd.c_str()) == 0);
+  std::ifstream f(out);
+  std::string line;
+  int rows = 0;
+  const std::regex profile("\"profile\": \\{\"wall_ms\": ([0-9.]+), \"busy_ms\": ([0-9.]+), \"top\": \\[(.*)\\]\\}");
+  while (std::getline(f, line)) {
+    CAPTURE(line);
+    std::smatch m;
+    REQUIRE(std::regex_search(line, m, profile));
+    CHECK(std::stod(m[1]) > 0);
+    CHECK(std::stod(m[2]) > 0);
+    const std::string top = m[3];
+    const std::regex name("\"name\": ");
+    const auto names = std::distance(std::sregex_iterator(top.begin(), top.end(), name), std::sregex_iterator());
+    CHECK(names >= 1);
+    CHECK(names <= 3);
+    ++rows;
+  }
+  CHECK(rows == 2);
+  for (const char* mode : {"plain", "blpa-4"}) {
+    std::ifstream t(trace + "-" + mode + ".json");
+    const std::string json((std::istreambuf_iterator<char>(t)), std::istreambuf_iterator<char>());
+    CAPTURE(mode);
+    CHECK(json.find("\"traceEvents\"") != std::string::npos);
+  }
+  CHECK(::system((std::string(BLPA_BENCH_EXE) + " step --trace " + trace + " >/dev/null 2>&1").c_str()) != 0);
+  remove_tree(dir);
+}
