@@ -86,7 +86,8 @@ void compute_offsets(const OffsetParams& p);
 void channel_coding(const ChannelParams& p);
 void pack(const PackParams& p);
 void unpack(const UnpackParams& p);
-// The doubles of workspace bn_relu_backward needs for these sizes (p's pointers unused).
+// The doubles of workspace bn_relu_backward needs for p; the grid, and so the size, depends
+// on the pointers' alignment too: call it with the p that bn_relu_backward gets.
 int64_t bn_workspace(const BnBackwardParams& p);
 // Sums per block into p.partials, then writes g_x, g_g and g_beta, each block adding the
 // partial sums of its channel in a fixed order: two launches, reproducible to the bit.
