@@ -592,6 +592,9 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
       window_loss = 0;
       memory::reset_peak(dev);
     }
+    // Evaluation and checkpoints are not training: their time is kept out of the next
+    // window's images/s (rank 0's; the other ranks wait for it in their next all-reduce).
+    const auto pause = Clock::now();
     // Rank 0 evaluates; the other ranks go on to the next step's all-reduce and wait there.
     if (lead && ((config.eval_every > 0 && it % config.eval_every == 0) || last)) {
       if (tty) fmt::print(stderr, "\n");
@@ -608,6 +611,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
                    100 * (1 - e.top1), 100 * (1 - e.top5));
     }
     if (it % config.checkpoint_every == 0 || last) checkpoint();
+    window_start += Clock::now() - pause;
     if (stopping && !last) {
       checkpoint();
       if (tty) fmt::print(stderr, "\n");
