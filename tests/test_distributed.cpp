@@ -1,5 +1,6 @@
 // Data parallelism on c10d with Gloo over loopback: ranks as threads of this process (gradient
-// averaging, identical weights) and as blpa-train processes (resume, a rank that dies).
+// averaging, identical weights) and as blpa-train processes (resume, a rank that dies); and
+// NCCL with one rank where a GPU is present.
 #include <blpa/distributed.h>
 #include <blpa/loader.h>
 #include <blpa/resnet.h>
@@ -137,6 +138,41 @@ TEST_CASE("distributed: the averaged gradient equals the mean of the shards' gra
       CAPTURE(i);
       CHECK(torch::allclose(grads[0][i], expect[i], 1e-5, 1e-7));
       CHECK(torch::equal(grads[0][i], grads[1][i]));
+    }
+  }
+}
+
+// NCCL needs a GPU per rank; one rank on one GPU still runs NCCL's communicator, its
+// collectives and the reducer's buckets on CUDA tensors.
+TEST_CASE("CUDA: NCCL with one rank sums, broadcasts and reduces gradients on the GPU", "[distributed][cuda]") {
+  BLPA_REQUIRE_CUDA();
+  DistConfig c;
+  c.master_port = free_port(20), c.timeout = std::chrono::seconds(60);
+  Distributed d(c, "nccl");
+  CHECK(d.backend() == "nccl");
+  CHECK(d.sum({1.5, -2.0}) == std::vector<double>{1.5, -2.0});
+  auto a = torch::arange(10, torch::dtype(torch::kFloat).device(torch::kCUDA));
+  auto b = torch::full({3}, 7, torch::dtype(torch::kLong).device(torch::kCUDA));
+  d.allreduce_sum({a, b});
+  d.broadcast({a, b});
+  CHECK(torch::equal(a.cpu(), torch::arange(10, torch::kFloat)));
+  CHECK(torch::equal(b.cpu(), torch::full({3}, 7, torch::kLong)));
+  d.barrier();
+  auto x = torch::randn({4, 3, 16, 16}, torch::kCUDA);
+  auto y = torch::randint(0, 10, {4}, torch::dtype(torch::kLong).device(torch::kCUDA));
+  for (auto mode : {blpa::ModeConfig{blpa::Mode::plain, 8}, blpa::ModeConfig{blpa::Mode::blpa, 4}}) {
+    CAPTURE(mode.str());
+    auto net = small_net(mode);
+    net->to(torch::kCUDA);
+    blpa::accumulate_gradients(net, x, y, 2);
+    std::vector<torch::Tensor> alone;
+    for (const auto& q : net->parameters()) alone.push_back(q.grad().clone()), q.mutable_grad().reset();
+    auto reducer = d.reducer(net->parameters(), 64 << 10);  // several buckets
+    blpa::accumulate_gradients(net, x, y, 2, nullptr, reducer.get());
+    auto params = net->parameters();
+    for (size_t i = 0; i < params.size(); ++i) {
+      CAPTURE(i);  // one rank's average is its own gradient (cuDNN may reorder sums between runs)
+      CHECK(torch::allclose(params[i].grad(), alone[i], 1e-4, 1e-6));
     }
   }
 }
