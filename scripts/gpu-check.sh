@@ -72,7 +72,7 @@ stage fs-bindings 60 bash -c "readelf -d $BLPA_BUILD_DIR/tests/blpa_tests | grep
 stage codec 120 bash -c 'for bits in 8 4; do for n in 16777216 268435456; do
   bench codec --device cuda --bits $bits --numel $n || exit 1; done; done'
 # --profile: one more step per mode under Kineto/CUPTI; the GPU's busy time against the wall time
-# and the costliest kernels. Batch 16 shows the step's floor set by the host's launches.
+# and the costliest kernels. At batch 16 the GPU idles most of the step: what the host costs.
 stage step-resnet164 180 bash -c 'bench step --device cuda --model resnet164 --batch 128 --mode all --warmup 5 --steps 30 --profile 14'
 stage step-resnet164-b512 180 bash -c 'bench step --device cuda --model resnet164 --batch 512 --mode plain,exact,blpa-4 --warmup 3 --steps 10 --profile 14'
 # plain and blpa-4 taking turns, so that the VM's drift from run to run hits both alike:
