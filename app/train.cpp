@@ -77,7 +77,7 @@ int main(int argc, char** argv) {
     ("device", "cpu, cuda or cuda:N", cxxopts::value<std::string>()->default_value("cpu"))
     ("seed", "Seed of initialisation, data order and augmentation", cxxopts::value<uint64_t>()->default_value("0"))
     ("threads", "LibTorch CPU threads (0: its default)", cxxopts::value<int>()->default_value("0"))
-    ("workers", "Data-preparation threads (0: 2 for data sets held in memory; for imagenet the cores, at most 16)", cxxopts::value<int>()->default_value("0"))
+    ("workers", "Data-preparation threads (0: 2 for data sets held in memory; for imagenet the cores / $LOCAL_WORLD_SIZE, 1 to 16)", cxxopts::value<int>()->default_value("0"))
     ("prefetch", "Batches prepared ahead (at least one per worker)", cxxopts::value<int>()->default_value("4"))
     ("log-every", "Iterations between progress lines and log records", cxxopts::value<int64_t>()->default_value("50"))
     ("eval-every", "Iterations between evaluations (0: only at the end)", cxxopts::value<int64_t>()->default_value("2000"))

@@ -45,6 +45,7 @@ DistConfig DistConfig::from_env() {
   c.rank = env_int("RANK", 0);
   c.world = env_int("WORLD_SIZE", 1);
   c.local_rank = env_int("LOCAL_RANK", c.rank);
+  c.local_world = env_int("LOCAL_WORLD_SIZE", 1);
   if (const char* a = std::getenv("MASTER_ADDR"); a && *a) c.master_addr = a;
   c.master_port = env_int("MASTER_PORT", 29500);
   return c;

@@ -268,6 +268,12 @@ double accumulate_gradients(ResNet& model, const torch::Tensor& x, const torch::
   return total.item<double>();  // read once backward is queued: no stall between the parts
 }
 
+int default_workers(const std::string& dataset, int local_world) {
+  if (dataset != "imagenet") return 2;
+  const int cores = static_cast<int>(std::thread::hardware_concurrency());
+  return std::clamp(cores / std::max(local_world, 1), 1, 16);
+}
+
 std::string default_cache_dir() {
   const char* xdg = std::getenv("XDG_CACHE_HOME");
   const char* home = std::getenv("HOME");
@@ -370,6 +376,7 @@ void TrainConfig::validate() const {
   if (log_every <= 0 || eval_every < 0 || checkpoint_every <= 0)
     bad("--log-every and --checkpoint-every must be positive, --eval-every >= 0");
   if (workers < 0 || prefetch <= 0) bad("--workers must be >= 0 and --prefetch positive");
+  if (dist.local_world < 1) bad("LOCAL_WORLD_SIZE must be positive");
   if (accum_steps <= 0 || batch % accum_steps != 0) bad("--accum-steps must be positive and divide --batch");
 }
 
@@ -393,8 +400,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
                  dev.str(), dist->backend(), config.batch, config.batch * config.dist.world);
   }
   const data::Shard shard{config.dist.rank, config.dist.world};
-  if (config.workers == 0)
-    config.workers = config.dataset == "imagenet" ? std::clamp<int>(std::thread::hardware_concurrency(), 1, 16) : 2;
+  if (config.workers == 0) config.workers = default_workers(config.dataset, config.dist.local_world);
 
   // The data: in memory (CIFAR, MNIST-style) or JPEG folders decoded on the fly (ImageNet).
   const bool pin = dev.is_cuda();

@@ -305,3 +305,13 @@ TEST_CASE("bench: step --profile reports where a step's time went and --trace wr
   CHECK(::system((std::string(BLPA_BENCH_EXE) + " step --trace " + trace + " >/dev/null 2>&1").c_str()) != 0);
   remove_tree(dir);
 }
+
+TEST_CASE("train: --workers 0 shares the machine's cores among its LOCAL_WORLD_SIZE processes", "[train]") {
+  const int cores = static_cast<int>(std::thread::hardware_concurrency());
+  CHECK(blpa::default_workers("imagenet", 1) == std::clamp(cores, 1, 16));
+  CHECK(blpa::default_workers("imagenet", 4) == std::clamp(cores / 4, 1, 16));
+  CHECK(blpa::default_workers("imagenet", 100000) == 1);
+  CHECK(blpa::default_workers("fashion-mnist", 8) == 2);
+  const std::string cmd = "LOCAL_WORLD_SIZE=0 " + std::string(BLPA_TRAIN_EXE) + " --iterations 1 >/dev/null 2>&1";
+  CHECK(WEXITSTATUS(std::system(cmd.c_str())) == 2);  // a bad configuration
+}

@@ -17,12 +17,14 @@ namespace blpa {
 
 struct DistConfig {
   int rank = 0, world = 1, local_rank = 0;
+  int local_world = 1;  // processes on this machine: they share its cores
   std::string master_addr = "127.0.0.1";
   int master_port = 29500;
   std::chrono::milliseconds timeout{std::chrono::seconds(600)};  // a missing peer is an error after this
 
   bool enabled() const { return world > 1; }
-  // RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (torchrun's variables), where set.
+  // RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT (torchrun's
+  // variables), where set.
   static DistConfig from_env();
 };
 

@@ -42,7 +42,7 @@ struct TrainConfig {
   std::string device = "cpu";
   uint64_t seed = 0;
   int threads = 0;  // LibTorch intra-op threads (0: its default)
-  int workers = 0;  // data threads (0: 2 for in-memory data sets; imagenet: the cores, at most 16)
+  int workers = 0;  // data threads (0: default_workers)
   int prefetch = 4;
   int64_t log_every = 50;
   int64_t eval_every = 2000;  // 0: only at the end
@@ -93,6 +93,10 @@ EvalResult evaluate_images(ResNet& model, const data::ImageList& list, const Ima
 
 // $XDG_CACHE_HOME/blpa, else ~/.cache/blpa: where the ImageNet file lists are cached.
 std::string default_cache_dir();
+
+// The data threads that --workers 0 stands for: 2 for data sets held in memory; for
+// imagenet this machine's cores shared by its `local_world` processes, 1 to 16 each.
+int default_workers(const std::string& dataset, int local_world);
 
 // Evaluates the network stored in a blpa-train checkpoint on its data set's test split
 // (ImageNet: val/, centre crop or 10 crops as `options` say).
