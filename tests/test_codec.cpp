@@ -292,13 +292,18 @@ TEST_CASE("codec: pack_relu_ packs like pack and leaves relu(a) in place", "[cod
   }
 }
 
-// Gammas for channel_coding: ordinary, below and at the clamp, negative, NaN and infinite.
+namespace {
+
+// Gammas for channel_coding: at and below the clamp, zero, negative, NaN, infinite, just
+// above the clamp, then ordinary.
 torch::Tensor awkward_gammas(int64_t c) {
   auto g = torch::rand({c}) + 0.05;
   const float special[] = {1e-8f, 5e-9f, 0.0f, -0.5f, std::nanf(""), std::numeric_limits<float>::infinity(), 2e-8f};
   for (int64_t i = 0; i < std::min<int64_t>(c, 7); ++i) g[i] = special[i];
   return g;
 }
+
+}  // namespace
 
 TEST_CASE("codec: channel_coding equals clamp_min, beta / g and pack's offsets", "[codec]") {
   torch::manual_seed(15);
