@@ -599,10 +599,12 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
       memory::reset_peak(dev);
     }
     // Evaluation and checkpoints are not training: their time is kept out of the next
-    // window's images/s (rank 0's; the other ranks wait for it in their next all-reduce).
+    // window's images/s, on every rank (the others wait for rank 0 at a barrier).
     const auto pause = Clock::now();
-    // Rank 0 evaluates; the other ranks go on to the next step's all-reduce and wait there.
-    if (lead && ((config.eval_every > 0 && it % config.eval_every == 0) || last)) {
+    const bool evaluating = (config.eval_every > 0 && it % config.eval_every == 0) || last;
+    const bool checkpointing = it % config.checkpoint_every == 0 || last;
+    // Rank 0 evaluates.
+    if (lead && evaluating) {
       if (tty) fmt::print(stderr, "\n");
       const EvalResult e = run_eval();
       result.test_loss = e.loss;
@@ -616,7 +618,8 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
       spdlog::info("iteration {}: test loss {:.4f}, test error {:.2f}% (top-5 {:.2f}%)", it, e.loss,
                    100 * (1 - e.top1), 100 * (1 - e.top5));
     }
-    if (it % config.checkpoint_every == 0 || last) checkpoint();
+    if (checkpointing) checkpoint();
+    if (dist && (evaluating || checkpointing)) dist->barrier();
     window_start += Clock::now() - pause;
     if (stopping && !last) {
       checkpoint();
