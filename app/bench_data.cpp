@@ -164,9 +164,10 @@ int data_main(int argc, char** argv) {
   std::vector<Point> points;
   for (int wk : workers) {
     if (wk <= 0) throw std::invalid_argument("--workers must be positive");
+    ShardSampler sampler(list.size(), batch, {}, 1);
     BatchStream stream(
         [&](int64_t b) {
-          const auto idx = batch_indices(list.size(), batch, 1, b);
+          const auto idx = sampler.indices(b);
           return imagenet_train_batch(list, idx, aug, norm, counter_hash(1, b), nullptr);
         },
         0, wk, 2 * wk);

@@ -83,41 +83,69 @@ Batch make_batch(const Dataset& d, const std::vector<int64_t>& indices, const No
   return out;
 }
 
-std::vector<int64_t> batch_indices(int64_t n, int64_t batch_size, uint64_t seed, int64_t b) {
-  const int64_t per_epoch = n / batch_size;
+namespace {
+
+int64_t checked_per_epoch(int64_t n, int64_t batch_size) {
+  const int64_t per_epoch = batch_size > 0 ? n / batch_size : 0;
   if (per_epoch == 0)
     throw std::invalid_argument("batch size " + std::to_string(batch_size) + " exceeds the data set (" +
                                 std::to_string(n) + " samples)");
-  const int64_t epoch = b / per_epoch, pos = b % per_epoch;
-  // Fisher-Yates with counter-based draws: the order of an epoch depends only on (seed, epoch).
+  return per_epoch;
+}
+
+// Fisher-Yates with counter-based draws: the order of an epoch depends only on (seed, epoch).
+std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch) {
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), 0);
   for (int64_t i = n - 1; i > 0; --i) {
     const uint64_t r = counter_hash(seed, static_cast<uint64_t>(epoch), static_cast<uint64_t>(i));
     std::swap(order[i], order[r % static_cast<uint64_t>(i + 1)]);
   }
-  return std::vector<int64_t>(order.begin() + pos * batch_size, order.begin() + (pos + 1) * batch_size);
+  return order;
+}
+
+// Rank `shard.rank`'s slice of global batch `pos` of an epoch's order.
+std::vector<int64_t> shard_of(const std::vector<int64_t>& order, int64_t batch_size, Shard shard, int64_t pos) {
+  const auto first = order.begin() + (pos * shard.world + shard.rank) * batch_size;
+  return std::vector<int64_t>(first, first + batch_size);
+}
+
+}  // namespace
+
+std::vector<int64_t> batch_indices(int64_t n, int64_t batch_size, uint64_t seed, int64_t b) {
+  return shard_indices(n, batch_size, Shard{}, seed, b);
 }
 
 std::vector<int64_t> shard_indices(int64_t n, int64_t batch_size, Shard shard, uint64_t seed, int64_t b) {
-  auto global = batch_indices(n, batch_size * shard.world, seed, b);
-  return std::vector<int64_t>(global.begin() + shard.rank * batch_size, global.begin() + (shard.rank + 1) * batch_size);
+  const int64_t per_epoch = checked_per_epoch(n, batch_size * shard.world);
+  return shard_of(epoch_order(n, seed, b / per_epoch), batch_size, shard, b % per_epoch);
+}
+
+ShardSampler::ShardSampler(int64_t n, int64_t batch_size, Shard shard, uint64_t seed)
+    : n_(n), batch_(batch_size), shard_(shard), seed_(seed), per_epoch_(checked_per_epoch(n, batch_size * shard.world)) {}
+
+std::vector<int64_t> ShardSampler::indices(int64_t b) {
+  return shard_of(*order(b / per_epoch_), batch_, shard_, b % per_epoch_);
+}
+
+std::shared_ptr<const std::vector<int64_t>> ShardSampler::order(int64_t epoch) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto& kept = epochs_[epoch];
+  if (!kept) kept = std::make_shared<const std::vector<int64_t>>(epoch_order(n_, seed_, epoch));
+  auto order = kept;  // copied before the erase below can drop the map's entry
+  while (epochs_.size() > 2) epochs_.erase(epochs_.begin());  // the oldest first
+  return order;
 }
 
 TrainLoader::TrainLoader(const Dataset& d, int64_t batch_size, uint64_t seed, Normalisation norm, Augment augment,
                          int64_t first_batch, int workers, int prefetch, Shard shard)
     : batches_per_epoch_(batch_size > 0 ? d.size() / (batch_size * shard.world) : 0),
       stream_(
-          [&d, batch_size, seed, norm = std::move(norm), augment, per_epoch = batches_per_epoch_, shard](int64_t b) {
-            // The epoch's order is recomputed per batch: O(n) hashing, small next to a step.
-            const auto indices = shard_indices(d.size(), batch_size, shard, seed, b);
-            return make_batch(d, indices, norm, &augment, counter_hash(seed, 0xA5A5A5A5ull, b / per_epoch));
+          [&d, seed, norm = std::move(norm), augment, per_epoch = batches_per_epoch_,
+           sampler = std::make_shared<ShardSampler>(d.size(), batch_size, shard, seed)](int64_t b) {
+            return make_batch(d, sampler->indices(b), norm, &augment, counter_hash(seed, 0xA5A5A5A5ull, b / per_epoch));
           },
-          first_batch, workers, prefetch) {
-  if (batches_per_epoch_ == 0)
-    throw std::invalid_argument("batch size " + std::to_string(batch_size * shard.world) + " exceeds the data set (" +
-                                std::to_string(d.size()) + " samples)");
-}
+          first_batch, workers, prefetch) {}
 
 BatchStream::BatchStream(std::function<Batch(int64_t)> make, int64_t first_batch, int workers, int prefetch)
     : make_(std::move(make)),

@@ -498,8 +498,9 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
     data::ImageNetAugment aug;
     if (!config.augment) aug.min_short = aug.max_short = 256, aug.flip = false, aug.jitter_on = false;
     image_loader = std::make_unique<data::BatchStream>(
-        [&, aug](int64_t b) {
-          const auto idx = data::shard_indices(train_list.size(), config.batch, shard, config.seed, b);
+        [&, aug, sampler = std::make_shared<data::ShardSampler>(train_list.size(), config.batch, shard, config.seed)](
+            int64_t b) {
+          const auto idx = sampler->indices(b);
           return data::imagenet_train_batch(train_list, idx, aug, norm,
                                             data::counter_hash(config.seed, 0x5A5A5A5Aull, b / per_epoch),
                                             &decode_errors, pin);

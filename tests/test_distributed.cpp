@@ -196,6 +196,32 @@ TEST_CASE("distributed: the ranks' shards of an epoch are disjoint and cover it"
   }
 }
 
+TEST_CASE("distributed: the sampler's cached epochs give shard_indices' batches, from any thread, in any order", "[distributed]") {
+  const int64_t n = 997, batch = 8;
+  for (int world : {1, 3}) {
+    for (int rank = 0; rank < world; ++rank) {
+      CAPTURE(world, rank);
+      blpa::data::ShardSampler sampler(n, batch, {rank, world}, 11);
+      const int64_t per_epoch = sampler.batches_per_epoch();
+      CHECK(per_epoch == n / (batch * world));
+      // Batches of five epochs, out of order and across epoch ends, from four threads; epoch 0
+      // is asked for again after three later ones have pushed it out of the cache.
+      std::vector<int64_t> bs;
+      for (int64_t b = 0; b < 4 * per_epoch; b += 3) bs.push_back(b);
+      for (int64_t b : {per_epoch - 1, 4 * per_epoch + 2, int64_t{1}, 2 * per_epoch}) bs.push_back(b);
+      std::vector<std::vector<int64_t>> got(bs.size());
+      run_ranks(4, [&](int t) {
+        for (size_t i = t; i < bs.size(); i += 4) got[i] = sampler.indices(bs[i]);
+      });
+      for (size_t i = 0; i < bs.size(); ++i) {
+        CAPTURE(bs[i]);
+        CHECK(got[i] == blpa::data::shard_indices(n, batch, {rank, world}, 11, bs[i]));
+      }
+    }
+  }
+  CHECK_THROWS_WITH(blpa::data::ShardSampler(10, 4, {0, 3}, 0), Catch::Contains("exceeds the data set"));
+}
+
 namespace {
 
 pid_t spawn(const std::vector<std::string>& args, const std::string& out) {

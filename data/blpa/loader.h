@@ -12,6 +12,7 @@
 #include <exception>
 #include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -82,6 +83,26 @@ struct Shard {
   int rank = 0, world = 1;
 };
 std::vector<int64_t> shard_indices(int64_t dataset_size, int64_t batch_size, Shard shard, uint64_t seed, int64_t b);
+
+// shard_indices for a training run: each epoch's order is computed once and shared by the
+// threads that ask (recomputing it per batch costs 4 ms at ImageNet's 1.28M samples). The
+// last two epochs asked for are kept; an older one is computed again. Thread-safe.
+class ShardSampler {
+ public:
+  ShardSampler(int64_t dataset_size, int64_t batch_size, Shard shard, uint64_t seed);
+  std::vector<int64_t> indices(int64_t b);  // equals shard_indices(dataset_size, batch_size, shard, seed, b)
+  int64_t batches_per_epoch() const { return per_epoch_; }
+
+ private:
+  std::shared_ptr<const std::vector<int64_t>> order(int64_t epoch);
+
+  const int64_t n_, batch_;
+  const Shard shard_;
+  const uint64_t seed_;
+  const int64_t per_epoch_;
+  std::mutex mutex_;
+  std::map<int64_t, std::shared_ptr<const std::vector<int64_t>>> epochs_;
+};
 
 // An endless stream of training batches (the last partial batch of an epoch is dropped).
 class TrainLoader {
