@@ -139,11 +139,11 @@ std::shared_ptr<const std::vector<int64_t>> ShardSampler::order(int64_t epoch) {
 
 TrainLoader::TrainLoader(const Dataset& d, int64_t batch_size, uint64_t seed, Normalisation norm, Augment augment,
                          int64_t first_batch, int workers, int prefetch, Shard shard)
-    : batches_per_epoch_(batch_size > 0 ? d.size() / (batch_size * shard.world) : 0),
+    : sampler_(std::make_shared<ShardSampler>(d.size(), batch_size, shard, seed)),
       stream_(
-          [&d, seed, norm = std::move(norm), augment, per_epoch = batches_per_epoch_,
-           sampler = std::make_shared<ShardSampler>(d.size(), batch_size, shard, seed)](int64_t b) {
-            return make_batch(d, sampler->indices(b), norm, &augment, counter_hash(seed, 0xA5A5A5A5ull, b / per_epoch));
+          [&d, seed, norm = std::move(norm), augment, sampler = sampler_](int64_t b) {
+            const int64_t epoch = b / sampler->batches_per_epoch();
+            return make_batch(d, sampler->indices(b), norm, &augment, counter_hash(seed, 0xA5A5A5A5ull, epoch));
           },
           first_batch, workers, prefetch) {}
 

@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <thread>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -15,6 +14,7 @@
 #include <fstream>
 #include <map>
 #include <sstream>
+#include <thread>
 #include <torch/torch.h>
 #include <caffe2/serialize/inline_container.h>
 #include <torch/csrc/jit/serialization/export.h>
@@ -493,13 +493,13 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   std::function<data::Batch()> next_batch;
   std::function<EvalResult()> run_eval;
   if (config.dataset == "imagenet") {
-    per_epoch = train_list.size() / (config.batch * config.dist.world);
-    if (per_epoch == 0) throw std::invalid_argument("--batch exceeds the training images");
+    // Throws when the global batch exceeds the training images.
+    auto sampler = std::make_shared<data::ShardSampler>(train_list.size(), config.batch, shard, config.seed);
+    per_epoch = sampler->batches_per_epoch();
     data::ImageNetAugment aug;
     if (!config.augment) aug.min_short = aug.max_short = 256, aug.flip = false, aug.jitter_on = false;
     image_loader = std::make_unique<data::BatchStream>(
-        [&, aug, sampler = std::make_shared<data::ShardSampler>(train_list.size(), config.batch, shard, config.seed)](
-            int64_t b) {
+        [&, aug, sampler](int64_t b) {
           const auto idx = sampler->indices(b);
           return data::imagenet_train_batch(train_list, idx, aug, norm,
                                             data::counter_hash(config.seed, 0x5A5A5A5Aull, b / per_epoch),

@@ -111,10 +111,10 @@ class TrainLoader {
               int64_t first_batch, int workers, int prefetch, Shard shard = {});
 
   Batch next() { return stream_.next(); }
-  int64_t batches_per_epoch() const { return batches_per_epoch_; }
+  int64_t batches_per_epoch() const { return sampler_->batches_per_epoch(); }
 
  private:
-  const int64_t batches_per_epoch_;
+  const std::shared_ptr<ShardSampler> sampler_;  // shared with the stream's threads
   BatchStream stream_;
 };
 
