@@ -6,6 +6,7 @@
 #   gpu-bench.jsonl      the benchmarks' JSON objects, one per line
 #   gpu-train-*.jsonl    the training logs (ResNet-20 on Fashion-MNIST, plain and blpa-4)
 #   gpu-imagenet.jsonl   ResNet-50 on a generated ImageNet-layout tree (the JPEG pipeline on CUDA)
+#   gpu-predict.jsonl    blpa-predict's output on CUDA for one class folder of that tree
 #   traces.tgz           Chrome traces of one ResNet-164 step per mode, batch 16 and 128
 # Needs third_party/prefix from scripts/prepare-offline-deps.sh. A failing stage is reported
 # and the later stages still run; the exit status is 1 if any stage failed.
@@ -104,6 +105,19 @@ stage imagenet-train 180 "$BLPA_BUILD_DIR/app/blpa-train" --device cuda --data-d
   --index-cache '' --checkpoint "$tree/ck.pt" --log "$out/gpu-imagenet.jsonl"
 stage imagenet-eval 120 "$BLPA_BUILD_DIR/app/blpa-eval" --checkpoint "$tree/ck.pt" --ten-crop --device cuda \
   --index-cache '' --json
+# blpa-predict on CUDA (10 crops of one class folder), and how often its top-1 class is the
+# CPU's (TF32 convolutions on the GPU may swap near ties).
+predict_check() {  # TREE OUT
+  local p=$BLPA_BUILD_DIR/app/blpa-predict dir
+  dir=$(find "$1/val" -mindepth 1 -maxdepth 1 -type d | sort | head -n 1)
+  "$p" --checkpoint "$1/ck.pt" --device cuda --ten-crop "$dir" >"$2/gpu-predict.jsonl" || return 1
+  "$p" --checkpoint "$1/ck.pt" --device cpu --ten-crop "$dir" >"$1/cpu-predict.jsonl" || return 1
+  top1() { sed -n 's/.*"top": \[{"class": \([0-9]*\).*/\1/p' "$1"; }
+  paste <(top1 "$2/gpu-predict.jsonl") <(top1 "$1/cpu-predict.jsonl") |
+    awk '{ n++; e += $1 == $2 } END { printf "blpa-predict: top-1 of %d images on CUDA equal to the CPU'"'"'s for %d\n", n, e; exit n == 0 }'
+}
+export -f predict_check
+stage imagenet-predict 120 bash -c 'predict_check "$@"' _ "$tree" "$out"
 rm -rf "$tree"
 stage max-batch-resnet1001 240 bash -c 'bench max-batch --device cuda --model resnet1001 --budget-gib 8 --mode plain,blpa-4'
 echo "status: $status; results in $out" | tee -a "$log"
