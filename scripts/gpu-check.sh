@@ -65,7 +65,10 @@ stage build 420 scripts/build.sh -DCMAKE_CXX_COMPILER_LAUNCHER= -DCMAKE_CUDA_COM
 # BLPA_GPU_TESTS=REGEX runs only the tests whose names match.
 stage tests 300 ctest --test-dir "$BLPA_BUILD_DIR" --output-on-failure --no-tests=error --parallel 8 \
   ${BLPA_GPU_TESTS:+-R "$BLPA_GPU_TESTS"}
-if grep -q "(Skipped)\|\*\*\*Skipped" "$log"; then echo "error: tests were skipped on a GPU machine" | tee -a "$log"; status=1; fi
+# The plot test needs gnuplot, which the offline prefix does not carry: it alone may skip.
+if grep "(Skipped)\|\*\*\*Skipped" "$log" | grep -vq "plot.sh renders"; then
+  echo "error: tests were skipped on a GPU machine" | tee -a "$log"; status=1
+fi
 # Which library std::filesystem calls bind to (LibTorch 2.11 exports a broken copy).
 stage fs-bindings 60 bash -c "readelf -d $BLPA_BUILD_DIR/tests/blpa_tests | grep NEEDED | head -n 3;
   LD_DEBUG=bindings $BLPA_BUILD_DIR/tests/blpa_tests 'data: CIFAR-10 files*' 2>&1 | grep _ZNSt10filesystem | sed 's/^ *[0-9]*: *//' | sort -u | head -n 12"

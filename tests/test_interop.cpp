@@ -1,6 +1,6 @@
 // The trained network outside the trainer (issue #18): the PyTorch definitions of
 // scripts/blpa_torch.py against blpa's own forward pass, blpa-predict against blpa-eval and
-// against the library.
+// against the library, and scripts/plot.sh on the logs of real runs.
 #include <blpa/checkpoint.h>
 #include <blpa/dataset.h>
 #include <blpa/imagenet.h>
@@ -405,5 +405,43 @@ TEST_CASE("interop: blpa-predict classifies JPEGs with the evaluation transform 
   const Run rec = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "0..4"}, dir);
   CHECK(rec.code == 2);
   CHECK(rec.err.find("give image files, folders or --list") != std::string::npos);
+  remove_tree(dir);
+}
+
+TEST_CASE("interop: plot.sh renders one PNG per quantity from the logs of test runs", "[interop]") {
+  OneThread one_thread;
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("plot");
+  if (shell("command -v gnuplot", dir).code != 0) {
+    std::cout << "BLPA_SKIP: gnuplot is not installed (scripts/setup.sh installs Debian's gnuplot-nox)" << std::endl;
+    remove_tree(dir);
+    return;
+  }
+  const std::string plain = (dir / "plain.jsonl").string(), blpa4 = (dir / "blpa4.jsonl").string();
+  REQUIRE(run(BLPA_TRAIN_EXE, small_run({"--mode", "plain", "--eval-every", "2", "--log", plain}), dir).code == 0);
+  REQUIRE(run(BLPA_TRAIN_EXE, small_run({"--mode", "blpa", "--bits", "4", "--eval-every", "2", "--log", blpa4}), dir)
+              .code == 0);
+  // A log without its configuration record (as logs written before it existed).
+  std::ofstream(dir / "older.jsonl") << std::regex_replace(slurp(blpa4), std::regex(".*\"type\": \"config\".*\n"), "");
+
+  const std::string plot = BLPA_SOURCE_DIR "/scripts/plot.sh";
+  const Run r =
+      run(plot, {"-o", (dir / "png").string(), "-p", "run-", plain, blpa4, (dir / "older.jsonl").string()}, dir);
+  CAPTURE(r.out, r.err);
+  REQUIRE(r.code == 0);
+  // Legends from the configurations (the mode differs), the file name where there is none.
+  CHECK(r.out.find("plain: " + plain) != std::string::npos);
+  CHECK(r.out.find("blpa-4: " + blpa4) != std::string::npos);
+  CHECK(r.out.find("older: ") != std::string::npos);
+  for (const char* name : {"run-loss.png", "run-error.png", "run-images-per-s.png", "run-memory.png"}) {
+    const std::string png = slurp(dir / "png" / name);
+    CAPTURE(name);
+    CHECK(png.size() > 2000);
+    CHECK(png.rfind("\x89PNG\r\n\x1a\n", 0) == 0);
+  }
+  CHECK(run(plot, {}, dir).code == 2);
+  const Run missing = run(plot, {(dir / "none.jsonl").string()}, dir);
+  CHECK(missing.code == 1);
+  CHECK(missing.err.find("none.jsonl: not a readable file") != std::string::npos);
   remove_tree(dir);
 }
