@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
+#include <map>
 #include <regex>
 #include <sstream>
 
@@ -181,11 +182,40 @@ TEST_CASE("interop: blpa_torch.py's networks load --export strictly and give blp
     write_bytes(input, x.data_ptr<float>(), x.nbytes());
     args += " " + model + " " + input + " " + fmt::format("{}", fmt::join(x.sizes(), "x"));
   }
+  // The other depths by their state dicts' names and shapes alone (Python builds them on the
+  // meta device, without weights).
+  const std::vector<blpa::NetConfig> shapes_only{
+      {"cifar", 164, 3, 100}, {"imagenet", 101, 3, 1000}, {"imagenet", 152, 3, 1000}, {"imagenet", 200, 3, 1000}};
+  std::map<std::string, int64_t> expected_keys;
+  {
+    std::ofstream keys(dir / "keys.txt");
+    for (const auto& c : shapes_only) {
+      const blpa::ResNet net(c);
+      keys << "net " << c.arch << " " << c.depth << " " << c.in_channels << " " << c.num_classes << "\n";
+      auto tensors = net->named_parameters();
+      for (const auto& b : net->named_buffers()) tensors.insert(b.key(), b.value());
+      for (const auto& t : tensors) keys << t.key() << " " << fmt::format("{}", fmt::join(t.value().sizes(), ",")) << "\n";
+      expected_keys[c.arch + "-" + std::to_string(c.depth)] = static_cast<int64_t>(tensors.size());
+    }
+  }
   const std::string script = R"PY(
 import sys, torch
 sys.path.insert(0, sys.argv[1])
 import blpa_torch
-a = sys.argv[2:]
+nets = {}
+for line in open(sys.argv[2]):
+    f = line.split()
+    if f[0] == "net":
+        want = nets[tuple(f[1:])] = {}
+    else:
+        want[f[0]] = tuple(int(d) for d in f[1].split(",")) if len(f) > 1 else ()
+for (arch, depth, c, k), want in nets.items():
+    with torch.device("meta"):
+        net = blpa_torch.ResNet(arch, int(depth), int(c), int(k))
+    have = {name: tuple(t.shape) for name, t in net.state_dict().items()}
+    bad = set(want.items()) ^ set(have.items())
+    print("keys", f"{arch}-{depth}", len(have), len(bad), *sorted(bad)[:4])
+a = sys.argv[3:]
 for model, inp, shape in zip(a[0::3], a[1::3], a[2::3]):
     net = blpa_torch.load(model).eval()  # strict load_state_dict
     x = torch.frombuffer(bytearray(open(inp, "rb").read()), dtype=torch.float32)
@@ -194,11 +224,23 @@ for model, inp, shape in zip(a[0::3], a[1::3], a[2::3]):
     print(net.arch, net.depth, net.stem.in_channels, net.fc.out_features, *map(repr, y.flatten().tolist()))
 )PY";
   std::ofstream(dir / "check.py") << script;
-  const Run r = shell(python + " " + (dir / "check.py").string() + " " + BLPA_SOURCE_DIR "/scripts" + args, dir);
+  const Run r = shell(python + " " + (dir / "check.py").string() + " " + BLPA_SOURCE_DIR "/scripts " +
+                          (dir / "keys.txt").string() + args, dir);
   CAPTURE(r.out, r.err);
   REQUIRE(r.code == 0);
-  const auto lines = r.lines();
-  REQUIRE(lines.size() == cases.size());
+  auto lines = r.lines();
+  REQUIRE(lines.size() == shapes_only.size() + cases.size());
+  for (size_t i = 0; i < shapes_only.size(); ++i) {  // "keys NAME COUNT MISMATCHES [the first few]"
+    CAPTURE(lines[i]);
+    std::istringstream in(lines[i]);
+    std::string tag, name;
+    int64_t count = -1, bad = -1;
+    in >> tag >> name >> count >> bad;
+    CHECK(tag == "keys");
+    CHECK(count == expected_keys[name]);
+    CHECK(bad == 0);
+  }
+  lines.erase(lines.begin(), lines.begin() + static_cast<std::ptrdiff_t>(shapes_only.size()));
   for (size_t i = 0; i < cases.size(); ++i) {
     std::istringstream in(lines[i]);
     std::string arch;
