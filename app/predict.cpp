@@ -30,10 +30,11 @@ const char* kHelp =
     "where the data set names its classes, the name (ImageNet: the wnid of the class folder; CIFAR-10/100, "
     "Fashion-MNIST: the class name):\n"
     "  {\"file\": \"a.JPEG\", \"top\": [{\"class\": 3, \"name\": \"n01443537\", \"prob\": 0.91}, ...]}\n"
-    "ImageNet-style checkpoints take JPEG files, folders (searched recursively for .jpg/.jpeg) and --list "
-    "files; checkpoints of CIFAR, MNIST or Fashion-MNIST take --from-dataset N..M, records of their data set "
-    "(\"index\" and the true \"label\" are printed with each). An image that cannot be decoded is reported "
-    "on stderr and as a JSON line with an \"error\" field, and skipped.\n"
+    "ImageNet-style checkpoints take JPEG files, folders (searched recursively for .jpg/.jpeg; links to "
+    "folders are not followed) and --list files; checkpoints of CIFAR, MNIST or Fashion-MNIST take "
+    "--from-dataset N..M, records of their data set (\"index\" and the true \"label\" are printed with "
+    "each). An image that cannot be decoded is reported on stderr and as a JSON line with an \"error\" "
+    "field, and skipped.\n"
     "Exit codes: 0 at least one image classified, 1 an error or no image could be classified, 2 bad flags.\n";
 
 std::string json_string(const std::string& s) {
@@ -84,7 +85,8 @@ std::vector<std::string> fixed_class_names(const std::string& dataset) {
 // LibTorch and std::filesystem).
 struct Entry {
   std::string name;
-  bool dir;
+  bool dir;   // a folder, or a link to one
+  bool link;  // a symbolic link
 };
 std::vector<Entry> list_dir(const std::string& dir) {
   std::vector<Entry> out;
@@ -93,8 +95,10 @@ std::vector<Entry> list_dir(const std::string& dir) {
   while (const dirent* e = ::readdir(d)) {
     const std::string name = e->d_name;
     if (name == "." || name == "..") continue;
-    struct stat st{};
-    out.push_back({name, ::stat((dir + "/" + name).c_str(), &st) == 0 && S_ISDIR(st.st_mode)});
+    const std::string path = dir + "/" + name;
+    struct stat st{}, lst{};
+    out.push_back({name, ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode),
+                   ::lstat(path.c_str(), &lst) == 0 && S_ISLNK(lst.st_mode)});
   }
   ::closedir(d);
   std::sort(out.begin(), out.end(), [](const Entry& a, const Entry& b) { return a.name < b.name; });
@@ -160,11 +164,13 @@ bool is_jpeg_name(const std::string& n) {
   return ext == "jpeg" || ext == "jpg";
 }
 
+// Its JPEGs, in sorted order, depth first. Links to folders are not followed (as find does
+// not), so a link to a folder above cannot make the walk endless.
 void add_folder(const std::string& dir, std::vector<Input>& out) {
   for (const auto& e : list_dir(dir)) {
     const std::string p = dir + "/" + e.name;
-    if (e.dir) add_folder(p, out);
-    else if (is_jpeg_name(e.name)) out.push_back({p});
+    if (e.dir && !e.link) add_folder(p, out);
+    else if (!e.dir && is_jpeg_name(e.name)) out.push_back({p});
   }
 }
 
@@ -183,6 +189,7 @@ void add_list(const std::string& list, std::vector<Input>& out) {
       } catch (const std::exception&) {  // a comma that is part of the name
       }
     }
+    if (line.empty()) throw std::runtime_error("--list " + list + ": a line without a path");
     in.path = line[0] == '/' ? line : base + line;
     out.push_back(in);
   }

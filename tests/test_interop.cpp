@@ -184,8 +184,10 @@ TEST_CASE("interop: blpa_torch.py's networks load --export strictly and give blp
   }
   // The other depths by their state dicts' names and shapes alone (Python builds them on the
   // meta device, without weights).
-  const std::vector<blpa::NetConfig> shapes_only{
-      {"cifar", 164, 3, 100}, {"imagenet", 101, 3, 1000}, {"imagenet", 152, 3, 1000}, {"imagenet", 200, 3, 1000}};
+  const std::vector<blpa::NetConfig> shapes_only{{"cifar", 164, 3, 100, {}},
+                                                 {"imagenet", 101, 3, 1000, {}},
+                                                 {"imagenet", 152, 3, 1000, {}},
+                                                 {"imagenet", 200, 3, 1000, {}}};
   std::map<std::string, int64_t> expected_keys;
   {
     std::ofstream keys(dir / "keys.txt");
@@ -379,6 +381,7 @@ TEST_CASE("interop: blpa-predict classifies JPEGs with the evaluation transform 
   write_bytes(dir / "img" / "cut.jpg", a.data(), a.size() / 2);
   write_bytes(dir / "img" / "notes.jpg", "not an image\n", 13);
   write_bytes(dir / "img" / "readme.txt", "not listed\n", 11);  // not a .jpg: a folder skips it
+  fs::create_directory_symlink(dir / "img", dir / "img" / "sub" / "loop");  // not followed
 
   // What the library computes for the good ones: blpa-eval's batches (imagenet_eval_batch).
   ImageList good;
