@@ -14,9 +14,9 @@
 # (or -t TITLE). A quantity no log has (no evaluation, say) is left out. Needs gnuplot
 # (Debian's gnuplot-nox; scripts/setup.sh installs it) and awk.
 set -euo pipefail
-usage() {
-  sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
-  exit 2
+usage() {  # $1: the exit status (0 for -h, 2 for a bad command line, on stderr)
+  sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&$((1 + ($1 != 0)))
+  exit "$1"
 }
 out=. prefix="" title=""
 while getopts "o:p:t:h" opt; do
@@ -24,11 +24,12 @@ while getopts "o:p:t:h" opt; do
     o) out=$OPTARG ;;
     p) prefix=$OPTARG ;;
     t) title=$OPTARG ;;
-    *) usage ;;
+    h) usage 0 ;;
+    *) usage 2 ;;
   esac
 done
 shift $((OPTIND - 1))
-(($# > 0)) || usage
+(($# > 0)) || usage 2
 command -v gnuplot >/dev/null || { echo "plot.sh: gnuplot not found (Debian: gnuplot-nox; scripts/setup.sh installs it)" >&2; exit 1; }
 for f in "$@"; do
   [[ -f $f && -r $f ]] || { echo "plot.sh: $f: not a readable file" >&2; exit 1; }
