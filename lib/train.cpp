@@ -671,10 +671,10 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   if (dist) {
     // Every rank starts from rank 0's weights and statistics (the same seed gives the same
     // initialisation, and every rank resumes from the same file; this makes sure of it).
-    std::vector<torch::Tensor> params;
-    for (const auto& p : model->parameters()) params.push_back(p.detach());
-    for (const auto& b : model->buffers()) params.push_back(b);
-    dist->broadcast(params);
+    std::vector<torch::Tensor> weights;
+    for (const auto& p : model->parameters()) weights.push_back(p.detach());
+    for (const auto& b : model->buffers()) weights.push_back(b);
+    dist->broadcast(weights);
     reducer = dist->reducer(model->parameters());
   }
   int64_t params = 0;
