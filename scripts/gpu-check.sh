@@ -8,6 +8,7 @@
 #   gpu-imagenet.jsonl   ResNet-50 on a generated ImageNet-layout tree (the JPEG pipeline on CUDA)
 #   gpu-predict.jsonl    blpa-predict's output on CUDA for one class folder of that tree
 #   traces.tgz           Chrome traces of one ResNet-164 step per mode, batch 16 and 128
+#   gpu-train-blpa-graphed.jsonl, gpu-gloo-2proc.jsonl   a CUDA-graphed run; two ranks on one GPU
 # Needs third_party/prefix from scripts/prepare-offline-deps.sh. A failing stage is reported
 # and the later stages still run; the exit status is 1 if any stage failed.
 # BLPA_GPU_STAGES=REGEX runs only the stages whose names match (the build always runs);
@@ -123,5 +124,19 @@ export -f predict_check
 stage imagenet-predict 120 bash -c 'predict_check "$@"' _ "$tree" "$out"
 rm -rf "$tree"
 stage max-batch-resnet1001 240 bash -c 'bench max-batch --device cuda --model resnet1001 --budget-gib 8 --mode plain,blpa-4'
+# CUDA graphs: each mode eager, then one captured iteration replayed, with the GPU's work
+# (--profile) beside the wall time and the graph's memory pool (graph_pool_bytes).
+stage step-graphs 420 bash -c 'for b in 16 128 512; do bench step --device cuda --model resnet164 --batch $b \
+  --mode plain,blpa-4 --cuda-graphs --warmup 3 --steps 20 --profile 6 || exit 1; done &&
+  bench step --device cuda --model resnet152 --batch 64 --mode plain,blpa-4 --cuda-graphs --warmup 3 --steps 10 --profile 6'
+stage train-graphed 180 "$BLPA_BUILD_DIR/app/blpa-train" --device cuda --depth 20 --mode blpa --cuda-graphs on \
+  --iterations 2000 --lr-steps 1000,1500 --warmup 100 --eval-every 1000 --log-every 200 --workers 4 --quiet \
+  --log "$out/gpu-train-blpa-graphed.jsonl"
+# The multi-process CUDA path: two ranks share the GPU and average CUDA gradients through Gloo
+# (NCCL refuses two ranks on one device; its one-rank test is among the tests above).
+stage gloo-cuda-2proc 180 bash -c 'pids=(); for r in 0 1; do extra=(); [[ $r == 0 ]] && extra=(--log "'"$out"'/gpu-gloo-2proc.jsonl");
+  RANK=$r WORLD_SIZE=2 LOCAL_RANK=0 MASTER_PORT=29611 "$BLPA_BUILD_DIR/app/blpa-train" --device cuda:0 --dist-backend gloo \
+    --depth 20 --batch 64 --iterations 200 --warmup 0 --eval-every 0 --log-every 50 --quiet --dist-timeout 120 "${extra[@]}" &
+  pids+=($!); done; rc=0; for p in "${pids[@]}"; do wait $p || rc=1; done; exit $rc'
 echo "status: $status; results in $out" | tee -a "$log"
 exit "$status"
