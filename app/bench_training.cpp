@@ -2,6 +2,7 @@
 #include <blpa/memory.h>
 #include <blpa/resnet.h>
 #include <blpa/step.h>
+#include <blpa/train.h>
 #include <ATen/record_function.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/torch.h>
@@ -15,7 +16,9 @@
 #include <functional>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <sstream>
+#include <string_view>
 
 #include "bench.h"
 
@@ -129,14 +132,20 @@ struct Rig {
     x = torch::randn({batch, net.in_channels, size, size}, torch::TensorOptions(dev));
     labels = torch::randint(0, net.num_classes, {batch}, torch::TensorOptions(dev).dtype(torch::kLong));
   }
-  // Returns the bytes autograd holds after the forward pass.
-  int64_t step() {
+  // Returns the bytes autograd holds after the forward pass (of the first part, with `accum`
+  // parts: blpa-train's --accum-steps).
+  int64_t step(int64_t accum = 1) {
     opt.zero_grad();
     const auto dev = x.device();
-    const int64_t before = blpa::memory::allocated(dev);
-    auto out = model->forward(x);
-    const int64_t stored = blpa::memory::allocated(dev) - before - static_cast<int64_t>(out.nbytes());
-    torch::nn::functional::cross_entropy(out, labels).backward();
+    int64_t stored = 0;
+    if (accum > 1) {
+      blpa::accumulate_gradients(model, x, labels, accum, &stored);
+    } else {
+      const int64_t before = blpa::memory::allocated(dev);
+      auto out = model->forward(x);
+      stored = blpa::memory::allocated(dev) - before - static_cast<int64_t>(out.nbytes());
+      torch::nn::functional::cross_entropy(out, labels).backward();
+    }
     opt.step();
     model->constrain_();
     return stored;
@@ -161,62 +170,204 @@ std::string head(const Common& c, const ModeConfig& m, const std::string& bench)
                      report_bits(m), c.device.str());
 }
 
+std::string json_escape(const std::string& s) {
+  std::string out;
+  for (const char ch : s) {
+    if (ch == '"' || ch == '\\') out += '\\';
+    if (static_cast<unsigned char>(ch) >= 0x20) out += ch;
+  }
+  return out;
+}
+
+// While alive, every autograd node's evaluation (its backward and the accumulation of its
+// outputs into the next nodes' inputs) is a memory::Scope named after the node, so that peaks in
+// LibTorch's own nodes (plain's units, the stem's convolution, the classifier) are attributed
+// too. Our units open their own scopes inside.
+class NodeScopes {
+ public:
+  NodeScopes() {
+    handle_ = at::addGlobalCallback(
+        at::RecordFunctionCallback(
+            [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
+              static constexpr std::string_view prefix = "autograd::engine::evaluate_function: ";
+              const std::string_view name = fn.name();
+              if (name.substr(0, prefix.size()) != prefix) return nullptr;
+              std::string node(name.substr(prefix.size()));
+              if (!node.empty() && node.back() == '>') node.pop_back();  // CppNode<T>: named by T
+              if (const auto colons = node.rfind("::"); colons != std::string::npos) node = node.substr(colons + 2);
+              return std::make_unique<Context>(node);
+            },
+            [](const at::RecordFunction&, at::ObserverContext* ctx) {
+              if (ctx) static_cast<Context*>(ctx)->scope.reset();
+            })
+            .scopes({at::RecordScope::FUNCTION}));
+  }
+  ~NodeScopes() { at::removeCallback(handle_); }
+  NodeScopes(const NodeScopes&) = delete;
+  NodeScopes& operator=(const NodeScopes&) = delete;
+
+ private:
+  struct Context : at::ObserverContext {
+    explicit Context(const std::string& node) : scope(std::in_place, node, "backward") {}
+    std::optional<blpa::memory::Scope> scope;
+  };
+  at::CallbackHandle handle_;
+};
+
+struct MemoryStep {
+  int64_t stored = 0, peak = 0, resident = 0, params = 0;
+  std::string peak_at;                        // the innermost scope open at the peak
+  std::map<std::string, blpa::memory::ScopePeak> scope_peaks;  // by name: the highest of its occurrences
+  std::vector<blpa::UnitRow> table;
+};
+
+// One measured training step at `batch`, after a warm-up step that creates the momentum
+// buffers (training's steady state); gradients are released before it, so the peak includes
+// the ones the step allocates. Peaks are above what is resident before the step.
+MemoryStep measure_step(const Common& c, const ModeConfig& mode, int64_t batch) {
+  Rig rig(c.net, mode, batch, c.size, c.device);
+  rig.step();
+  rig.opt.zero_grad();
+  sync(c.device);
+  MemoryStep m;
+  m.resident = blpa::memory::allocated(c.device);
+  {
+    blpa::memory::PeakRecorder recorder(c.device);
+    NodeScopes nodes;
+    m.stored = rig.step();
+    sync(c.device);
+    m.peak = recorder.peak() - m.resident;
+    m.peak_at = recorder.peak_scope();
+    for (auto s : recorder.scopes()) {
+      s.peak -= m.resident;
+      auto [it, added] = m.scope_peaks.emplace(s.name, s);
+      if (!added && s.peak > it->second.peak) it->second = s;
+    }
+  }
+  m.table = rig.model->memory_table();
+  m.params = rig.param_bytes();
+  return m;
+}
+
 }  // namespace
 
 int memory_main(int argc, char** argv) {
   cxxopts::Options o("blpa-bench memory",
                      "Memory of one training step (forward, backward, SGD-momentum update), measured by the\n"
                      "allocator: the counting CPU allocator, or CUDA's caching allocator statistics. plain and\n"
-                     "exact are added to the modes, so every run has its reference.");
+                     "exact are added to the modes, so every run has its reference. Each mode also runs at\n"
+                     "--slope-batch: the per-sample figures are the slopes between the two batches, free of what\n"
+                     "does not grow with the batch (parameter gradients, the update). The peak is attributed to\n"
+                     "the innermost part of the step running when it was reached: a unit's forward or backward,\n"
+                     "a block's forward, the stem, the classifier, or an autograd node (named as LibTorch names it).");
   add_common(o, "128", "blpa");
-  o.add_options()("table", "Also print the per-unit table of stored bytes (human output only)");
+  o.add_options()("table", "Also print the per-unit table: stored bytes, and the peak during the unit's forward and "
+                           "backward (per sample with --slope-batch) (human output only)")(
+      "slope-batch", "The second batch for the per-sample slopes (default: half of --batch; 0: none)",
+      cxxopts::value<int64_t>()->default_value("-1"));
   Common c;
   cxxopts::ParseResult args;
   if (!parse_common(o, argc, argv, c, args)) return 0;
+  int64_t batch2 = args["slope-batch"].as<int64_t>();
+  if (batch2 < 0) batch2 = c.batch / 2;
+  if (batch2 == c.batch) throw std::invalid_argument("--slope-batch must differ from --batch");
   // plain first (every ratio needs it), then exact, then the rest in the order given.
   std::vector<ModeConfig> modes{{Mode::plain, 8}, {Mode::exact, 8}};
   for (const auto& m : c.modes)
     if (m.mode != Mode::plain && m.mode != Mode::exact) modes.push_back(m);
   c.modes = modes;
-  std::map<std::string, std::pair<int64_t, int64_t>> results;  // stored, peak
+  struct Result {
+    int64_t stored, peak;
+    double stored_slope, peak_slope;  // bytes per sample; 0 without a second batch
+  };
+  std::map<std::string, Result> results;
   for (const auto& mode : c.modes) {
-    Rig rig(c.net, mode, c.batch, c.size, c.device);
-    // One warm-up step creates the momentum buffers: the measured step sees training's steady state.
-    rig.step();
-    rig.opt.zero_grad();  // gradients are released, so the peak includes the ones the step allocates
-    sync(c.device);
-    const int64_t resident = blpa::memory::allocated(c.device);
-    blpa::memory::reset_peak(c.device);
-    const int64_t stored = rig.step();
-    sync(c.device);
-    const int64_t peak = blpa::memory::peak(c.device) - resident;
-    results[mode.str()] = {stored, peak};
-    const int64_t params = rig.param_bytes(), units = rig.model->stored_unit_bytes();
+    const MemoryStep m = measure_step(c, mode, c.batch);
+    Result r{m.stored, m.peak, 0, 0};
+    // Per scope: its peak, per sample when there is a second batch; and the scope with the
+    // highest, the innermost of equals (a unit's rather than the autograd node around it).
+    std::map<std::string, double> scope_peak;
+    std::string slope_peak_at;
+    if (batch2 > 0) {
+      const MemoryStep m2 = measure_step(c, mode, batch2);
+      const double db = double(c.batch - batch2);
+      r.stored_slope = double(m.stored - m2.stored) / db;
+      r.peak_slope = double(m.peak - m2.peak) / db;
+      int depth = -1;
+      for (const auto& [name, p] : m.scope_peaks)
+        if (const auto it = m2.scope_peaks.find(name); it != m2.scope_peaks.end()) {
+          const double v = double(p.peak - it->second.peak) / db;
+          scope_peak[name] = v;
+          if (depth < 0 || v > scope_peak[slope_peak_at] || (v == scope_peak[slope_peak_at] && p.depth > depth))
+            slope_peak_at = name, depth = p.depth;
+        }
+    } else {
+      for (const auto& [name, p] : m.scope_peaks) scope_peak[name] = double(p.peak);
+    }
+    results[mode.str()] = r;
+    int64_t units = 0;
+    for (const auto& row : m.table) units += row.memory.total();
+    const auto& p = results.at("plain");
     if (c.json) {
-      const auto& p = results.at("plain");
       fmt::print("{}, \"stored_activation_bytes\": {}, \"unit_accounted_bytes\": {}, \"peak_bytes\": {}, "
                  "\"resident_bytes\": {}, \"param_bytes\": {}, \"grad_bytes\": {}, \"optimizer_bytes\": {}, "
-                 "\"stored_ratio_plain\": {:.3f}, \"peak_ratio_plain\": {:.3f}}}\n",
-                 head(c, mode, "memory"), stored, units, peak, resident, params, params, params,
-                 double(p.first) / stored, double(p.second) / peak);
+                 "\"stored_ratio_plain\": {:.3f}, \"peak_ratio_plain\": {:.3f}, \"peak_at\": \"{}\"",
+                 head(c, mode, "memory"), m.stored, units, m.peak, m.resident, m.params, m.params, m.params,
+                 double(p.stored) / m.stored, double(p.peak) / m.peak, json_escape(m.peak_at));
+      if (batch2 > 0)
+        fmt::print(", \"slope_batch\": {}, \"stored_per_sample_bytes\": {:.0f}, \"peak_per_sample_bytes\": {:.0f}, "
+                   "\"peak_per_sample_ratio_plain\": {:.3f}, \"peak_per_sample_at\": \"{}\", "
+                   "\"peak_per_sample_at_bytes\": {:.0f}",
+                   batch2, r.stored_slope, r.peak_slope, p.peak_slope / r.peak_slope, json_escape(slope_peak_at),
+                   scope_peak[slope_peak_at]);
+      fmt::print("}}\n");
     } else {
       fmt::print("{:8s} stored by autograd {:10.2f} MiB ({:.3f} MiB/sample; units account for {:.2f} MiB), "
                  "step peak above resident {:10.2f} MiB, resident (params, momentum, data) {:.2f} MiB\n",
-                 mode.str(), stored / 1048576.0, stored / 1048576.0 / c.batch, units / 1048576.0, peak / 1048576.0,
-                 resident / 1048576.0);
-      if (args.count("table") && mode.mode != Mode::plain)
-        for (const auto& row : rig.model->memory_table())
-          fmt::print("    {:14s} {:>20s} codes {:10d} metadata {:6d} full {:10d}\n", row.name,
+                 mode.str(), m.stored / 1048576.0, m.stored / 1048576.0 / c.batch, units / 1048576.0,
+                 m.peak / 1048576.0, m.resident / 1048576.0);
+      fmt::print("         peak in {}\n", m.peak_at.empty() ? "(no scope: loss, update)" : m.peak_at);
+      if (batch2 > 0)
+        fmt::print("         per sample (slopes from batch {}): stored {:.3f} MiB, step peak {:.3f} MiB, highest "
+                   "in {} ({:.3f} MiB)\n",
+                   batch2, r.stored_slope / 1048576.0, r.peak_slope / 1048576.0, slope_peak_at,
+                   scope_peak[slope_peak_at] / 1048576.0);
+      if (args.count("table")) {
+        const char* per = batch2 > 0 ? "MiB/sample" : "MiB";
+        fmt::print("    {:14s} {:>20s} {:>10s} {:>8s} {:>10s}  peak {} in forward, backward\n", "unit", "input",
+                   "codes", "metadata", "full", per);
+        auto peak_of = [&](const std::string& name) {
+          const auto it = scope_peak.find(name);
+          return it == scope_peak.end() ? 0.0 : it->second / 1048576.0;
+        };
+        for (const auto& row : m.table) {
+          fmt::print("    {:14s} {:>20s} {:10d} {:8d} {:10d}  {:10.3f} {:10.3f}\n", row.name,
                      fmt::format("{}", fmt::join(row.memory.input_sizes, "x")), row.memory.code_bytes,
-                     row.memory.metadata_bytes, row.memory.full_bytes);
+                     row.memory.metadata_bytes, row.memory.full_bytes, peak_of(row.name + " forward"),
+                     peak_of(row.name + " backward"));
+          const auto dot = row.name.find(".u3");
+          if (dot != std::string::npos)  // the block's forward: its units and the residual sum
+            fmt::print("    {:14s} {:>63s}  {:10.3f}\n", row.name.substr(0, dot), "(block, with the sum)",
+                       peak_of(row.name.substr(0, dot) + " forward"));
+        }
+        fmt::print("    other parts of the step, peak {}:\n", per);
+        for (const auto& [name, v] : scope_peak)
+          if (name.rfind("block", 0) != 0 && name.rfind("final ", 0) != 0)
+            fmt::print("    {:40s} {:10.3f}\n", name, v / 1048576.0);
+      }
     }
   }
   if (!c.json) {
     const auto& p = results.at("plain");
     for (const auto& [name, r] : results)
-      if (name != "plain")
-        fmt::print("plain / {:8s}: stored {:6.2f}x, step peak {:6.2f}x\n", name, double(p.first) / r.first,
-                   double(p.second) / r.second);
+      if (name != "plain") {
+        fmt::print("plain / {:8s}: stored {:6.2f}x, step peak {:6.2f}x", name, double(p.stored) / r.stored,
+                   double(p.peak) / r.peak);
+        if (batch2 > 0)
+          fmt::print("; per sample: stored {:6.2f}x, step peak {:6.2f}x", p.stored_slope / r.stored_slope,
+                     p.peak_slope / r.peak_slope);
+        fmt::print("\n");
+      }
   }
   return 0;
 }
@@ -290,15 +441,6 @@ Profile profile_step(Rig& rig, size_t top_n, const std::string& trace) {
   std::sort(p.top.begin(), p.top.end(), [](const auto& a, const auto& b) { return std::get<0>(a) > std::get<0>(b); });
   if (p.top.size() > top_n) p.top.resize(top_n);
   return p;
-}
-
-std::string json_escape(const std::string& s) {
-  std::string out;
-  for (const char ch : s) {
-    if (ch == '"' || ch == '\\') out += '\\';
-    if (static_cast<unsigned char>(ch) >= 0x20) out += ch;
-  }
-  return out;
 }
 
 int step_main(int argc, char** argv) {
@@ -397,28 +539,34 @@ int max_batch_main(int argc, char** argv) {
                      "The largest batch whose training step fits in --budget-gib, per mode, found by real\n"
                      "attempts: allocations beyond the budget fail with out-of-memory (CUDA: the caching\n"
                      "allocator's memory fraction; CPU: the counting allocator enforces it), the attempt is\n"
-                     "unwound and the next one starts from a clean allocator (leaks are reported).");
+                     "unwound and the next one starts from a clean allocator (leaks are reported). With\n"
+                     "--accum-steps K each batch trains as K equal parts (blpa-train's --accum-steps): the\n"
+                     "batches tried are multiples of K.");
   add_common(o, "1", "plain,blpa-4");  // --batch is not used: the batch is searched
   o.add_options()("budget-gib", "Memory budget in GiB, including parameters, momentum and the batch",
                   cxxopts::value<double>()->default_value("1"))(
-      "max", "Largest batch to try", cxxopts::value<int64_t>()->default_value("4096"));
+      "max", "Largest batch to try", cxxopts::value<int64_t>()->default_value("4096"))(
+      "accum-steps", "Train each batch as this many equal parts, accumulating their gradients",
+      cxxopts::value<int64_t>()->default_value("1"), "K");
   Common c;
   cxxopts::ParseResult args;
   if (!parse_common(o, argc, argv, c, args)) return 0;
   const int64_t budget = static_cast<int64_t>(args["budget-gib"].as<double>() * (1ll << 30));
-  const int64_t cap = args["max"].as<int64_t>();
+  const int64_t accum = args["accum-steps"].as<int64_t>();
   if (budget <= 0) throw std::invalid_argument("--budget-gib must be positive");
+  if (accum <= 0) throw std::invalid_argument("--accum-steps must be positive");
+  const int64_t cap = args["max"].as<int64_t>() / accum;  // the search runs over the parts' size
   std::map<std::string, int64_t> best;
   for (const auto& mode : c.modes) {
     const int64_t base = blpa::memory::allocated(c.device);
     int64_t leaked = 0, attempts = 0;
-    auto fits = [&](int64_t b) {
+    auto fits = [&](int64_t part) {
       ++attempts;
       bool ok = true;
       blpa::memory::set_limit(c.device, base + budget);
       try {
-        Rig rig(c.net, mode, b, c.size, c.device);
-        rig.step();
+        Rig rig(c.net, mode, part * accum, c.size, c.device);
+        rig.step(accum);
         sync(c.device);
       } catch (const c10::OutOfMemoryError&) {
         ok = false;
@@ -435,18 +583,21 @@ int max_batch_main(int argc, char** argv) {
       const int64_t mid = (lo + hi) / 2;
       (fits(mid) ? lo : hi) = mid;
     }
+    lo *= accum;
     best[mode.str()] = lo;
     c.batch = lo;  // the JSON's "batch" is the batch found
     const auto plain = best.find("plain");
     const std::string ratio =
         plain != best.end() && plain->second > 0 ? fmt::format("{:.2f}", double(lo) / plain->second) : "null";
     if (c.json)
-      fmt::print("{}, \"budget_bytes\": {}, \"max_batch\": {}, \"attempts\": {}, \"leaked_bytes\": {}, "
-                 "\"ratio_vs_plain\": {}}}\n",
-                 head(c, mode, "max-batch"), budget, lo, attempts, leaked, ratio);
+      fmt::print("{}, \"budget_bytes\": {}, \"accum_steps\": {}, \"max_batch\": {}, \"attempts\": {}, "
+                 "\"leaked_bytes\": {}, \"ratio_vs_plain\": {}}}\n",
+                 head(c, mode, "max-batch"), budget, accum, lo, attempts, leaked, ratio);
     else
-      fmt::print("{:8s} largest batch within {:.2f} GiB: {:5d}  ({} attempts, {} bytes leaked)  vs plain {}\n",
-                 mode.str(), budget / double(1ll << 30), lo, attempts, leaked, ratio == "null" ? "-" : ratio + "x");
+      fmt::print("{:8s} largest batch within {:.2f} GiB{}: {:5d}  ({} attempts, {} bytes leaked)  vs plain {}\n",
+                 mode.str(), budget / double(1ll << 30),
+                 accum > 1 ? fmt::format(" in {} parts", accum) : std::string(), lo, attempts, leaked,
+                 ratio == "null" ? "-" : ratio + "x");
   }
   return 0;
 }

@@ -3,9 +3,11 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <atomic>
 #include <mutex>
 #include <unordered_map>
+#include <utility>
 
 #if BLPA_WITH_CUDA
 #include "memory_stats.h"
@@ -131,6 +133,84 @@ void set_limit(const c10::Device& device, int64_t bytes) {
 
 void release_cached(const c10::Device& device) {
   if (device.is_cuda()) cuda::empty_cache();
+}
+
+// The scopes' log. Each open scope starts from a fresh allocator peak; when it closes, the
+// allocator's peak is its own, and is folded into the scope around it. The overall peak is
+// charged to the innermost scope that reached it (a scope reaching only its child's peak
+// leaves the charge with the child).
+struct Recording {
+  struct Frame {
+    std::string name;
+    int64_t max;
+  };
+  explicit Recording(const c10::Device& d) : device(d) {}
+  void charge(int64_t bytes, const std::string& name) {
+    if (bytes > best) best = bytes, best_scope = name;
+  }
+  c10::Device device;
+  std::mutex mutex;
+  std::vector<Frame> open;
+  std::vector<ScopePeak> closed;
+  int64_t best = 0;
+  std::string best_scope;
+};
+
+namespace {
+std::atomic<Recording*> active_recording{nullptr};
+}  // namespace
+
+Scope::Scope(const std::string& name, const char* phase) {
+  Recording* r = active_recording.load(std::memory_order_acquire);
+  if (r == nullptr) return;
+  std::lock_guard<std::mutex> lock(r->mutex);
+  const int64_t p = peak(r->device);
+  if (r->open.empty())
+    r->charge(p, "");
+  else
+    r->open.back().max = std::max(r->open.back().max, p);
+  reset_peak(r->device);
+  r->open.push_back({name + " " + phase, allocated(r->device)});
+  open_ = true;
+}
+
+Scope::~Scope() {
+  Recording* r = open_ ? active_recording.load(std::memory_order_acquire) : nullptr;
+  if (r == nullptr) return;
+  std::lock_guard<std::mutex> lock(r->mutex);
+  if (r->open.empty()) return;  // opened under an earlier recorder
+  Recording::Frame f = std::move(r->open.back());
+  r->open.pop_back();
+  f.max = std::max(f.max, peak(r->device));
+  r->charge(f.max, f.name);
+  if (!r->open.empty()) r->open.back().max = std::max(r->open.back().max, f.max);
+  r->closed.push_back({std::move(f.name), f.max, static_cast<int>(r->open.size())});
+}
+
+PeakRecorder::PeakRecorder(const c10::Device& device) : r_(std::make_unique<Recording>(device)) {
+  Recording* none = nullptr;
+  TORCH_CHECK(active_recording.compare_exchange_strong(none, r_.get()), "blpa: only one PeakRecorder at a time");
+  std::lock_guard<std::mutex> lock(r_->mutex);
+  reset_peak(device);
+  r_->best = allocated(device);
+}
+
+PeakRecorder::~PeakRecorder() { active_recording.store(nullptr, std::memory_order_release); }
+
+std::vector<ScopePeak> PeakRecorder::scopes() const {
+  std::lock_guard<std::mutex> lock(r_->mutex);
+  return r_->closed;
+}
+
+int64_t PeakRecorder::peak() const {
+  std::lock_guard<std::mutex> lock(r_->mutex);
+  return std::max(r_->best, memory::peak(r_->device));
+}
+
+std::string PeakRecorder::peak_scope() const {
+  std::lock_guard<std::mutex> lock(r_->mutex);
+  if (memory::peak(r_->device) > r_->best) return r_->open.empty() ? "" : r_->open.back().name;
+  return r_->best_scope;
 }
 
 }  // namespace blpa::memory

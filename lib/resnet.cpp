@@ -1,6 +1,9 @@
 #include "blpa/resnet.h"
 
 #include <stdexcept>
+#include <utility>
+
+#include "blpa/memory.h"
 
 namespace blpa {
 
@@ -20,20 +23,23 @@ struct StemMaxPool : torch::autograd::Function<StemMaxPool> {
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x) {
     auto [out, idx] = at::max_pool2d_with_indices(x, {3, 3}, {2, 2}, {1, 1});
     const int64_t W = x.size(3), OH = out.size(2), OW = out.size(3);
-    auto ih = idx.div(W, "floor"), iw = idx.remainder(W);
-    auto dy = ih.sub_(window_origin(OH, idx).view({1, 1, OH, 1}));
-    auto dx = iw.sub_(window_origin(OW, idx).view({1, 1, 1, OW}));
+    // In place where it can: the int64 indices are twice the output's size.
+    auto iw = idx.remainder(W);
+    auto dy = idx.sub_(iw).div_(W, "floor").sub_(window_origin(OH, iw).view({1, 1, OH, 1}));
+    auto dx = iw.sub_(window_origin(OW, iw).view({1, 1, 1, OW}));
     ctx->saved_data["code"] = dy.mul_(3).add_(dx).to(torch::kByte);
     ctx->saved_data["input_sizes"] = x.sizes().vec();
     return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
-    const auto code = ctx->saved_data["code"].toTensor().to(torch::kLong);
+    const memory::Scope scope("stem max-pool", "backward");
+    auto code = ctx->saved_data["code"].toTensor().to(torch::kLong);
     const auto in = ctx->saved_data["input_sizes"].toIntVector();
     const int64_t NC = in[0] * in[1], W = in[3], OH = code.size(2), OW = code.size(3);
-    auto ih = code.div(3, "floor").add_(window_origin(OH, code).view({1, 1, OH, 1}));
     auto iw = code.remainder(3).add_(window_origin(OW, code).view({1, 1, 1, OW}));
+    auto ih = code.div_(3, "floor").add_(window_origin(OH, code).view({1, 1, OH, 1}));
     auto idx = ih.mul_(W).add_(iw).view({NC, -1});
+    iw.reset();
     auto g = torch::zeros({NC, in[2] * W}, grad[0].options())
                  .scatter_add_(1, idx, grad[0].contiguous().view({NC, -1}));
     return {g.view(in)};
@@ -55,10 +61,14 @@ BlockImpl::BlockImpl(int64_t in_channels, int64_t width, int64_t stride, const M
 }
 
 torch::Tensor BlockImpl::forward(const torch::Tensor& x) {
+  const memory::Scope scope(label, "forward");
+  // Each unit's output is released once the next unit has consumed it, and outside plain mode
+  // the shortcut is added in place: no full-size tensor outlives its use.
   auto y1 = u1->forward(x);
-  const torch::Tensor shortcut = projection ? y1[1] : x;
-  auto h = u2->forward(y1[0])[0];
-  return u3->forward(h)[0] + shortcut;
+  const torch::Tensor shortcut = projection ? std::move(y1[1]) : x;
+  auto h = u2->forward(std::exchange(y1[0], {}))[0];
+  auto y = u3->forward(std::exchange(h, {}))[0];
+  return u1->mode().mode == Mode::plain ? y + shortcut : y.add_(shortcut);
 }
 
 std::vector<int> imagenet_stages(int depth) {
@@ -105,16 +115,23 @@ ResNetImpl::ResNetImpl(const NetConfig& config) : config_(config) {
   }
   final_unit = register_module("final", Unit(channels, std::vector<ConvSpec>{}, config.mode));
   fc = register_module("fc", torch::nn::Linear(channels, config.num_classes));
+  for (size_t i = 0; i < blocks->size(); ++i) blocks->ptr(i)->as<BlockImpl>()->label = "block" + std::to_string(i);
+  for (auto& [name, u] : units()) u->label = name;
 }
 
 torch::Tensor ResNetImpl::forward(const torch::Tensor& x) {
   TORCH_CHECK(x.dim() == 4 && x.size(1) == config_.in_channels, "model expects N x ", config_.in_channels,
               " x H x W images, got ", x.sizes());
-  auto h = stem->forward(x);
-  if (config_.arch == "imagenet")  // plain: LibTorch's own, the oracle
-    h = config_.mode.mode == Mode::plain || !is_training() ? torch::max_pool2d(h, 3, 2, 1) : stem_max_pool(h);
+  torch::Tensor h;
+  {
+    const memory::Scope scope("stem", "forward");
+    h = stem->forward(x);
+    if (config_.arch == "imagenet")  // plain: LibTorch's own, the oracle
+      h = config_.mode.mode == Mode::plain || !is_training() ? torch::max_pool2d(h, 3, 2, 1) : stem_max_pool(h);
+  }
   for (const auto& m : *blocks) h = m->as<BlockImpl>()->forward(h);
   h = final_unit->forward(h)[0];
+  const memory::Scope scope("classifier", "forward");
   // mean() rather than adaptive pooling: its backward needs only the shape, so nothing is kept.
   return fc->forward(h.mean({2, 3}));
 }

@@ -4,6 +4,7 @@
 #include <stdexcept>
 
 #include "blpa/codec.h"
+#include "blpa/memory.h"
 
 namespace blpa {
 namespace {
@@ -85,6 +86,7 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     for (const ConvSpec& c : unit->convs) geometry.insert(geometry.end(), {c.stride, c.padding});
     ctx->saved_data["geometry"] = geometry;
     ctx->saved_data["mode"] = static_cast<int64_t>(mode.mode);
+    ctx->saved_data["label"] = unit->label;
 
     if (!r.defined()) r = at::relu_(a);
     if (unit->convs.empty()) return {r};
@@ -96,8 +98,11 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     return y;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_y) {
+  // grad_y by reference: it holds the engine's only references to the output gradients, so
+  // resetting an entry frees that gradient at its last use.
+  static variable_list backward(AutogradContext* ctx, variable_list& grad_y) {
     const auto saved = ctx->get_saved_variables();
+    const memory::Scope scope(ctx->saved_data["label"].toStringRef(), "backward");
     const Tensor &gamma = saved[0], &beta = saved[1];
     const auto mode = static_cast<Mode>(ctx->saved_data["mode"].toInt());
     const Tensor g = mode == Mode::exact ? gamma.clamp_min(kGammaMin) : ctx->saved_data["g"].toTensor();
@@ -113,24 +118,44 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
       if (mode == Mode::naive) x_hat = unpack(codes, ctx->saved_data["b"].toTensor(), {}, kXhat).x_hat;
     }
 
-    // Convolutions: g_W from r' (approximate), g_r from W (exact).
+    // Convolutions: g_W from r' (approximate), g_r from W (exact), by separate calls of LibTorch's
+    // convolution backward (the kernels and bits of one call asking for both), so that the
+    // scratch of one is not alive during the other. All weight gradients first, while r' lives.
     Tensor g_r;
     Tensor r;  // r' (exact and naive: also their mask, r' > 0)
     if (mode != Mode::blpa) r = at::addcmul(per_channel(beta), x_hat, per_channel(g)).relu_();
     variable_list g_w(2);
     const size_t n_conv = geometry.size() / 2;
     if (n_conv == 0) {
-      g_r = grad_y[0];
+      g_r = std::move(grad_y[0]);
     } else {
       if (mode == Mode::blpa) r = unpack(codes, {}, g, kRelu).r;
+      auto conv_backward = [&](size_t i, const Tensor& input, bool weight) {
+        const int64_t stride = geometry[2 * i], padding = geometry[2 * i + 1];
+        return at::convolution_backward(grad_y[i], input, saved[2 + i], std::nullopt, {stride, stride},
+                                        {padding, padding}, {1, 1}, false, {0, 0}, 1, {!weight, weight, false});
+      };
       for (size_t i = 0; i < n_conv; ++i) {
         if (!grad_y[i].defined()) continue;
-        const int64_t stride = geometry[2 * i], padding = geometry[2 * i + 1];
-        auto [gi, gw, gb] = at::convolution_backward(grad_y[i].contiguous(), r, saved[2 + i], std::nullopt,
-                                                     {stride, stride}, {padding, padding}, {1, 1}, false, {0, 0},
-                                                     1, {true, ctx->needs_input_grad(3 + i), false});
+        grad_y[i] = grad_y[i].contiguous();
+        if (ctx->needs_input_grad(3 + i)) g_w[i] = std::get<1>(conv_backward(i, r, true));
+      }
+      // The input gradients. LibTorch reads only the input's shape for them, but wants a tensor
+      // of that shape: in blpa mode, where nothing else needs r', any float tensor of at least
+      // as many elements stands in for it, so that r' is freed first: the output gradient
+      // when it is as large (a 1x1 convolution widening the channels, a 3x3 one of stride 1),
+      // else the first input gradient, for the projection shortcut's.
+      Tensor stand_in;
+      for (size_t i = 0; i < n_conv; ++i) {
+        if (!grad_y[i].defined()) continue;
+        if (mode == Mode::blpa && !stand_in.defined() && grad_y[i].numel() >= r.numel())
+          stand_in = grad_y[i].view(-1).narrow(0, 0, r.numel()).view(r.sizes());
+        if (stand_in.defined()) r.reset();
+        Tensor gi = std::get<0>(conv_backward(i, stand_in.defined() ? stand_in : r, false));
+        grad_y[i].reset();  // its last use
+        stand_in.reset();
         g_r = g_r.defined() ? g_r.add_(gi) : gi;
-        g_w[i] = gw;
+        if (mode == Mode::blpa) stand_in = g_r;
       }
     }
     variable_list out(7);
@@ -152,8 +177,9 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
       return out;
     }
 
-    // ReLU: g_a = g_r where r' > 0.
-    Tensor g_a = at::threshold_backward(g_r, r, 0);
+    // ReLU: g_a = g_r where r' > 0, over g_r when it is ours.
+    Tensor g_a = n_conv > 0 ? at::threshold_backward_out(g_r, g_r, r, 0) : at::threshold_backward(g_r, r, 0);
+    g_r.reset();
     r.reset();
 
     // BatchNorm with batch statistics given x_hat' (docs/method.md), by LibTorch's fused
@@ -176,6 +202,22 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
 };
 
 }  // namespace
+}  // namespace blpa
+
+// After a node's backward the engine calls its release_variables() (unless the graph is
+// retained), which for a custom Function frees only what save_for_backward() saved. The unit
+// keeps its codes and per-channel tensors in saved_data, which LibTorch frees only with the
+// node, when the whole graph goes after backward: every unit's codes would stay to the end of
+// the step's backward. This frees them as soon as the unit's own backward is done.
+template <>
+void torch::autograd::CppNode<blpa::UnitFunction>::release_variables() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  ctx_.saved_variables_.clear();
+  ctx_.saved_data.clear();
+  ctx_.has_freed_buffers_ = true;
+}
+
+namespace blpa {
 
 Mode parse_mode(const std::string& s) {
   if (s == "plain") return Mode::plain;
@@ -234,6 +276,7 @@ UnitImpl::UnitImpl(int64_t in_channels, std::vector<ConvSpec> convs_, ModeConfig
 std::vector<torch::Tensor> UnitImpl::forward(const torch::Tensor& x) {
   TORCH_CHECK(x.dim() == 4 && x.size(1) == gamma.size(0), "unit expects N x ", gamma.size(0), " x H x W input, got ",
               x.sizes());
+  const memory::Scope scope(label, "forward");
   const bool train = is_training();
   if (mode_.mode == Mode::plain || !train) {
     // Ordinary LibTorch ops and autograd: the plain mode, and evaluation in every mode.

@@ -1,4 +1,5 @@
 // The unit in every mode against `plain` (ordinary LibTorch batch_norm, relu, conv2d).
+#include <blpa/codec.h>
 #include <blpa/memory.h>
 #include <blpa/unit.h>
 
@@ -10,6 +11,7 @@ using blpa::ConvSpec;
 using blpa::Mode;
 using blpa::ModeConfig;
 using blpa::Unit;
+using torch::Tensor;
 
 namespace {
 
@@ -179,6 +181,185 @@ TEST_CASE("unit: evaluation mode uses the running statistics and keeps nothing",
   CHECK(blpa::memory::allocated(torch::kCPU) - before == static_cast<int64_t>(yb.nbytes()));
   CHECK(torch::allclose(yb, p->forward(x)[0]));
   CHECK(torch::allclose(b->running_mean, torch::full({8}, 0.3)));  // not updated in eval
+}
+
+namespace {
+
+// main's unit at a5b148d, before #19 reordered its backward, composed here from the same
+// operators: the forward as the unit's; in backward one convolution_backward per convolution
+// asking for both gradients, the input gradients summed in order, LibTorch's BatchNorm backward
+// on x_hat' for exact and naive, the codes' for blpa. Parameters and probes are drawn as in
+// run_unit, so the two must agree bit for bit.
+Result composed_unit(const Case& k, ModeConfig mode, uint64_t seed) {
+  torch::manual_seed(seed);
+  Unit u(k.c, k.convs, mode);
+  {
+    torch::NoGradGuard g;
+    u->gamma.copy_(torch::rand({k.c}) + 0.5);
+    u->beta.copy_(torch::randn({k.c}));
+    u->running_mean.copy_(torch::randn({k.c}) * 0.1);
+  }
+  const auto x = torch::randn({k.n, k.c, k.hw, k.hw}) * 2 + 0.5;
+  torch::NoGradGuard no_grad;
+  const Tensor &gamma = u->gamma, &beta = u->beta;
+  const auto channel = [](const Tensor& t) { return t.view({1, -1, 1, 1}); };
+  blpa::ChannelCoding cc;
+  if (mode.mode != Mode::exact) cc = blpa::channel_coding(gamma, beta, 1e-8f, mode.bits, mode.mode == Mode::blpa);
+  const Tensor g = mode.mode == Mode::exact ? gamma.clamp_min(1e-8) : cc.g;
+  auto [a, mean, invstd, reserve] =
+      at::_batch_norm_with_update(x, g, beta, u->running_mean, u->running_var, u->momentum, u->eps);
+  Tensor x_hat = ((x - channel(mean)) * channel(invstd)).contiguous(), r;
+  blpa::Codes codes;
+  if (mode.mode == Mode::blpa) {
+    r = a.contiguous();
+    codes = blpa::pack_relu_(r, cc);
+  } else {
+    if (mode.mode == Mode::naive) codes = blpa::pack(x_hat, cc);
+    r = at::relu_(a);
+  }
+  Result out;
+  for (size_t i = 0; i < k.convs.size(); ++i)
+    out.y.push_back(at::conv2d(r, u->weights[i], {}, k.convs[i].stride, k.convs[i].padding));
+  if (k.convs.empty()) out.y.push_back(r);
+  std::vector<Tensor> probes;
+  for (auto& t : out.y) probes.push_back(torch::randn(t.sizes()));
+
+  if (mode.mode == Mode::naive) x_hat = blpa::unpack(codes, cc.b, {}, blpa::kXhat).x_hat;
+  Tensor r1 = mode.mode == Mode::blpa ? blpa::unpack(codes, {}, g, blpa::kRelu).r
+                                      : at::addcmul(channel(beta), x_hat, channel(g)).relu_();
+  Tensor g_r = k.convs.empty() ? probes[0] : Tensor();
+  for (size_t i = 0; i < k.convs.size(); ++i) {
+    const ConvSpec& c = k.convs[i];
+    auto [gi, gw, gb] = at::convolution_backward(probes[i], r1, u->weights[i], std::nullopt, {c.stride, c.stride},
+                                                 {c.padding, c.padding}, {1, 1}, false, {0, 0}, 1, {true, true, false});
+    g_r = g_r.defined() ? g_r.add_(gi) : gi;
+    out.gw.push_back(gw);
+  }
+  if (mode.mode == Mode::blpa) {
+    auto grads = blpa::bn_relu_backward(codes, cc.b, g, invstd, g_r, !k.convs.empty(), 1e-8f);
+    out.gx = grads.g_x, out.ggamma = grads.g_g, out.gbeta = grads.g_beta;
+  } else {
+    const Tensor g_a = at::threshold_backward(g_r, r1, 0);
+    auto [g_x, g_gamma, g_beta] =
+        at::native_batch_norm_backward(g_a, x_hat, g * invstd, std::nullopt, std::nullopt, torch::zeros({k.c}),
+                                       torch::ones({k.c}), true, 0.0, {true, true, true});
+    out.gx = g_x, out.ggamma = at::threshold_backward(g_gamma, gamma, 1e-8f), out.gbeta = g_beta;
+  }
+  out.running_mean = u->running_mean.clone(), out.running_var = u->running_var.clone();
+  return out;
+}
+
+// The transient bytes of LibTorch's convolution backward making one gradient (input or
+// weight), its output included: what a unit's backward cannot avoid while it makes it.
+int64_t conv_backward_bytes(const Tensor& g_y, const Tensor& input, const Tensor& w, const ConvSpec& c, bool weight) {
+  const torch::Device cpu(torch::kCPU);
+  blpa::memory::reset_peak(cpu);
+  const int64_t before = blpa::memory::allocated(cpu);
+  auto grads = at::convolution_backward(g_y, input, w, std::nullopt, {c.stride, c.stride}, {c.padding, c.padding},
+                                        {1, 1}, false, {0, 0}, 1, {!weight, weight, false});
+  return blpa::memory::peak(cpu) - before;
+}
+
+}  // namespace
+
+TEST_CASE("unit: every mode's gradients are main's, bit for bit (#19 reordered the backward, not its arithmetic)",
+          "[unit]") {
+  int i = 0;
+  for (const auto& k : cases()) {
+    for (ModeConfig mode : {ModeConfig{Mode::exact, 8}, ModeConfig{Mode::blpa, 8}, ModeConfig{Mode::blpa, 4},
+                            ModeConfig{Mode::naive, 8}, ModeConfig{Mode::naive, 4}}) {
+      CAPTURE(i, mode.str());
+      const auto got = run_unit(k, mode, torch::kFloat, 90 + i), want = composed_unit(k, mode, 90 + i);
+      REQUIRE(got.y.size() == want.y.size());
+      for (size_t j = 0; j < got.y.size(); ++j) CHECK(torch::equal(got.y[j], want.y[j]));
+      CHECK(torch::equal(got.gx, want.gx));
+      CHECK(torch::equal(got.ggamma, want.ggamma));
+      CHECK(torch::equal(got.gbeta, want.gbeta));
+      CHECK(torch::equal(got.running_mean, want.running_mean));
+      CHECK(torch::equal(got.running_var, want.running_var));
+      REQUIRE(got.gw.size() == want.gw.size());
+      for (size_t j = 0; j < got.gw.size(); ++j) CHECK(torch::equal(got.gw[j], want.gw[j]));
+    }
+    ++i;
+  }
+}
+
+TEST_CASE("unit: after its backward a unit holds nothing, though its graph lives on", "[unit][memory]") {
+  // LibTorch frees what a custom Function keeps outside save_for_backward() only with the
+  // node, when the whole graph goes: at the end of a network's backward.
+  blpa::memory::install_cpu_counter();
+  const torch::Device cpu(torch::kCPU);
+  for (ModeConfig mode : {ModeConfig{Mode::plain, 8}, ModeConfig{Mode::exact, 8}, ModeConfig{Mode::blpa, 8},
+                          ModeConfig{Mode::blpa, 4}, ModeConfig{Mode::naive, 4}}) {
+    CAPTURE(mode.str());
+    torch::manual_seed(43);
+    Unit u(8, std::vector<ConvSpec>{{6, 3, 1, 1}, {12, 1, 2, 0}}, mode);
+    auto x = torch::randn({2, 8, 16, 16}).requires_grad_();
+    const std::vector<Tensor> probes{torch::randn({2, 6, 16, 16}), torch::randn({2, 12, 8, 8})};
+    const int64_t before = blpa::memory::allocated(cpu);
+    const auto y = u->forward(x);
+    torch::autograd::backward(y, probes);
+    int64_t grads = x.grad().nbytes();
+    for (const auto& p : u->parameters()) grads += p.grad().nbytes();
+    CHECK(blpa::memory::allocated(cpu) - before - static_cast<int64_t>(y[0].nbytes() + y[1].nbytes()) == grads);
+  }
+}
+
+TEST_CASE("unit: a backward holds r' and one gradient's making at a time", "[unit][memory]") {
+  // What a unit's backward may hold above what it receives, phase by phase, with W and I the
+  // most that LibTorch's convolution backward allocates making a weight or an input gradient
+  // alone (measured here on tensors of the same shapes; its output included), r the bytes of
+  // r', which has the input's shape, as have the input gradients:
+  //   weight gradients               r' + W
+  //   first input gradient           r' + I, or I alone in blpa mode when the output gradient
+  //                                  can stand in for r' (as large as it)
+  //   the projection shortcut's      r' (not in blpa mode) + the first input gradient + I
+  //   BatchNorm (exact, naive)       g_a (written over g_r) + g_x
+  // plus the parameters' gradients, naive's decoded x_hat', and 2 KiB and 64 bytes per channel
+  // for small temporaries. A backward making both gradients of a convolution in one call (as
+  // LibTorch's own nodes do), keeping r' or a gradient past its use, or copying one, passes
+  // it by a whole tensor (64 KiB and more here). Main before #19 exceeded the bound in 12 of
+  // these 20 cases, every mode among them; in the others it held no more than now.
+  blpa::memory::install_cpu_counter();
+  const torch::Device cpu(torch::kCPU);
+  struct Shape {
+    int64_t c, hw;
+    std::vector<ConvSpec> convs;
+  };
+  for (const Shape& k : {Shape{8, 32, {{8, 3, 1, 1}}}, Shape{8, 32, {{8, 3, 2, 1}}}, Shape{8, 32, {{32, 1, 1, 0}}},
+                         Shape{32, 16, {{8, 1, 1, 0}}}, Shape{16, 32, {{8, 1, 1, 0}, {64, 1, 2, 0}}}}) {
+    for (ModeConfig mode : {ModeConfig{Mode::exact, 8}, ModeConfig{Mode::blpa, 8}, ModeConfig{Mode::blpa, 4},
+                            ModeConfig{Mode::naive, 4}}) {
+      CAPTURE(k.c, k.hw, k.convs.size(), k.convs[0].out_channels, k.convs[0].stride, mode.str());
+      torch::manual_seed(44);
+      Unit u(k.c, k.convs, mode);
+      auto x = torch::randn({2, k.c, k.hw, k.hw}).requires_grad_();
+      const auto y = u->forward(x);
+      std::vector<Tensor> probes;
+      for (const auto& t : y) probes.push_back(torch::randn(t.sizes()));
+      int64_t W = 0;
+      std::vector<int64_t> I;
+      {
+        const auto r_like = torch::rand(x.sizes());
+        for (size_t i = 0; i < k.convs.size(); ++i) {
+          W = std::max(W, conv_backward_bytes(probes[i], r_like, u->weights[i], k.convs[i], true));
+          I.push_back(conv_backward_bytes(probes[i], r_like, u->weights[i], k.convs[i], false));
+        }
+      }
+      const int64_t r = x.nbytes();
+      const bool blpa = mode.mode == Mode::blpa, stand_in = blpa && probes[0].numel() >= x.numel();
+      int64_t bound = std::max({r + W, (stand_in ? 0 : r) + I[0], 2 * r});
+      if (k.convs.size() == 2) bound = std::max(bound, (blpa ? 0 : r) + r + I[1]);
+      bound += (mode.mode == Mode::naive ? r : 0) + 2048 + 64 * k.c;
+      for (const auto& p : u->parameters()) bound += p.nbytes();
+      blpa::memory::reset_peak(cpu);
+      const int64_t before = blpa::memory::allocated(cpu);
+      torch::autograd::backward(y, probes);
+      const int64_t held = blpa::memory::peak(cpu) - before;
+      CAPTURE(held, bound, W, I, r);
+      CHECK(held <= bound);
+    }
+  }
 }
 
 TEST_CASE("CUDA: the unit matches its CPU twin", "[unit][cuda]") {

@@ -30,6 +30,7 @@ class BlockImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x);
   Unit u1{nullptr}, u2{nullptr}, u3{nullptr};
   bool projection = false;
+  std::string label = "block";  // its place in a network ("block3"), for memory reports
 };
 TORCH_MODULE(Block);
 

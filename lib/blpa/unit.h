@@ -63,6 +63,7 @@ class UnitImpl : public torch::nn::Module {
   std::vector<torch::Tensor> weights;
   std::vector<ConvSpec> convs;
   double momentum = 0.1, eps = 1e-5;
+  std::string label = "unit";  // its place in a network ("block3.u2"), for memory reports
 
   // Per-channel zeros and ones that exact's and naive's backward pass to LibTorch's BN
   // backward as the mean and 1/sigma of x_hat' (blpa's reads the codes instead). Kept here,

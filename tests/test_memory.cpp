@@ -1,0 +1,101 @@
+// Where a step's memory peaks: the scopes and the recorder of blpa/memory.h, and the memory
+// bench that reports them.
+#include <blpa/memory.h>
+
+#include <fstream>
+#include <regex>
+
+#include "test_support.h"
+
+using blpa::memory::PeakRecorder;
+using blpa::memory::Scope;
+
+namespace {
+
+std::string scope_names(const PeakRecorder& r) {
+  std::string s;
+  for (const auto& p : r.scopes()) s += p.name + ";";
+  return s;
+}
+
+}  // namespace
+
+TEST_CASE("memory: a PeakRecorder charges the peak to the innermost scope open at it", "[memory]") {
+  blpa::memory::install_cpu_counter();
+  const torch::Device cpu(torch::kCPU);
+  const int64_t kib = 1024;
+  const int64_t base = blpa::memory::allocated(cpu);
+  PeakRecorder rec(cpu);
+  {
+    const Scope a("a", "forward");
+    auto t = torch::empty({kib});  // 4 KiB
+    {
+      const Scope b("b", "backward");
+      auto u = torch::empty({2 * kib});  // 8 KiB, freed on leaving
+    }
+    auto v = torch::empty({kib});  // 4 KiB: a's own allocations stay below b's peak
+  }
+  CHECK(scope_names(rec) == "b backward;a forward;");
+  CHECK(rec.scopes()[0].peak == base + 12 * kib);
+  CHECK(rec.scopes()[1].peak == base + 12 * kib);
+  CHECK(rec.scopes()[0].depth == 1);
+  CHECK(rec.scopes()[1].depth == 0);
+  CHECK(rec.peak() == base + 12 * kib);
+  CHECK(rec.peak_scope() == "b backward");
+  {
+    const Scope c("c", "forward");
+    auto w = torch::empty({4 * kib});
+  }
+  CHECK(rec.peak() == base + 16 * kib);
+  CHECK(rec.peak_scope() == "c forward");
+  {
+    auto outside = torch::empty({8 * kib});
+  }
+  CHECK(rec.peak() == base + 32 * kib);
+  CHECK(rec.peak_scope().empty());
+}
+
+TEST_CASE("memory: without a recorder a scope records nothing and leaves the peak alone", "[memory]") {
+  blpa::memory::install_cpu_counter();
+  const torch::Device cpu(torch::kCPU);
+  blpa::memory::reset_peak(cpu);
+  const int64_t base = blpa::memory::allocated(cpu);
+  {
+    auto t = torch::empty({1024});
+  }
+  {
+    const Scope s("unit", "forward");
+    auto u = torch::empty({16});
+  }
+  CHECK(blpa::memory::peak(cpu) == base + 4096);
+  PeakRecorder rec(cpu);
+  CHECK(rec.scopes().empty());
+  CHECK_THROWS_WITH(PeakRecorder(cpu), Catch::Contains("one PeakRecorder"));
+}
+
+TEST_CASE("bench: memory reports the per-sample slopes and where the peak is", "[bench][memory]") {
+  const auto out = std::filesystem::temp_directory_path() / ("blpa-bench-memory-" + std::to_string(::getpid()));
+  const std::string cmd = std::string(BLPA_BENCH_EXE) +
+                          " memory --model cifar:11 --batch 4 --slope-batch 2 --size 8 --mode blpa-4 --json > " +
+                          out.string() + " 2>/dev/null";
+  REQUIRE(std::system(cmd.c_str()) == 0);
+  std::ifstream f(out);
+  std::string line;
+  std::vector<std::string> modes;
+  const std::regex row("\"mode\": \"([a-z]+)\".*\"stored_activation_bytes\": ([0-9]+).*\"peak_at\": \"([^\"]*)\", "
+                       "\"slope_batch\": 2, \"stored_per_sample_bytes\": ([0-9]+), \"peak_per_sample_bytes\": "
+                       "([0-9]+), .*\"peak_per_sample_at\": \"([^\"]+)\"");
+  while (std::getline(f, line)) {
+    CAPTURE(line);
+    std::smatch m;
+    REQUIRE(std::regex_search(line, m, row));
+    modes.push_back(m[1]);
+    const double stored = std::stod(m[2]), stored_slope = std::stod(m[4]), peak_slope = std::stod(m[5]);
+    CHECK(stored_slope > 0);
+    CHECK(stored_slope * 4 < stored);  // per-channel tensors (BatchNorm's statistics) do not grow with the batch
+    CHECK(peak_slope > 0);
+    if (m[1] != "plain") CHECK(!std::string(m[3]).empty());  // a unit's or a node's scope
+  }
+  CHECK(modes == std::vector<std::string>{"plain", "exact", "blpa"});
+  std::filesystem::remove(out);
+}
