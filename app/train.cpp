@@ -1,6 +1,7 @@
 // blpa-train: trains a ResNet with approximate activations. Defaults are the paper's CIFAR
 // protocol (DESIGN.md 1.7); --preset imagenet is its ResNet-152 ImageNet protocol; without
 // --data-dir it trains on Debian's Fashion-MNIST.
+#include <blpa/codec.h>
 #include <blpa/train.h>
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -61,7 +62,8 @@ int main(int argc, char** argv) {
     ("model", "cifar (depth 9n+2) or imagenet (depth 50/101/152/200)", cxxopts::value<std::string>()->default_value("cifar"))
     ("depth", "Network depth", cxxopts::value<int>()->default_value("164"))
     ("mode", "plain, exact, blpa or naive", cxxopts::value<std::string>()->default_value("blpa"))
-    ("bits", "Bits per stored activation for blpa and naive: 8 or 4", cxxopts::value<int>()->default_value("4"));
+    ("bits", "Bits per stored activation for blpa and naive: 8, 4 or 2", cxxopts::value<int>()->default_value("4"))
+    ("window", fmt::format("Width of the codes' window in units of x_hat, for blpa and naive (default: {} at 8 bits, {} at 4, {} at 2, chosen by measured gradient fidelity; the paper's is {})", blpa::default_window(8), blpa::default_window(4), blpa::default_window(2), blpa::kPaperWindow), cxxopts::value<float>());
   opts.add_options("Optimisation")
     ("batch", "Batch size (of one update)", cxxopts::value<int64_t>()->default_value("128"))
     ("accum-steps", "Process each batch in this many equal parts and accumulate their gradients: the same update in less memory (BatchNorm then normalises each part by its own statistics)", cxxopts::value<int64_t>()->default_value("1"))
@@ -122,9 +124,13 @@ int main(int argc, char** argv) {
     c.augment = a.count("no-augment") == 0;
     c.arch = pick("model", std::string("imagenet"));
     c.depth = pick("depth", 152);
-    c.mode = {blpa::parse_mode(a["mode"].as<std::string>()), a["bits"].as<int>()};
-    if (a.count("bits") && (c.mode.mode == blpa::Mode::plain || c.mode.mode == blpa::Mode::exact))
-      throw std::invalid_argument("--bits applies to --mode blpa and naive, not " + blpa::to_string(c.mode.mode));
+    c.mode = {blpa::parse_mode(a["mode"].as<std::string>()), a["bits"].as<int>(),
+              a.count("window") ? a["window"].as<float>() : 0.0f};
+    if ((a.count("bits") || a.count("window")) && (c.mode.mode == blpa::Mode::plain || c.mode.mode == blpa::Mode::exact))
+      throw std::invalid_argument(std::string(a.count("bits") ? "--bits" : "--window") +
+                                  " applies to --mode blpa and naive, not " + blpa::to_string(c.mode.mode));
+    if (a.count("window") && !(a["window"].as<float>() > 0))  // 0 would mean the default
+      throw std::invalid_argument("--window must be a positive width in units of x_hat");
     c.batch = pick("batch", int64_t{256});
     c.accum_steps = a["accum-steps"].as<int64_t>();
     c.iterations = pick("iterations", int64_t{640000});

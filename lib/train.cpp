@@ -127,7 +127,7 @@ int64_t load_checkpoint(const std::string& path, const TrainConfig& c, ResNet& m
   if (saved != c.identity())
     throw std::runtime_error("checkpoint " + path + " was written by an incompatible configuration:\n  checkpoint: " +
                              saved + "\n  this run:   " + c.identity() +
-                             "\nresume with the same data set, model, mode, bits, batch and seed");
+                             "\nresume with the same data set, model, mode, bits, window, batch and seed");
   archive.read("blpa_iteration", v);
   const int64_t iteration = v.toInt();
   torch::serialize::InputArchive m, o;
@@ -281,39 +281,48 @@ std::string default_cache_dir() {
   return home && *home ? std::string(home) + "/.cache/blpa" : "";
 }
 
-EvalResult evaluate_checkpoint(const CheckpointEval& e) {
+CheckpointNetwork load_checkpoint_network(const std::string& path) {
   torch::serialize::InputArchive archive;
   try {
-    archive.load_from(e.checkpoint);
+    archive.load_from(path);
   } catch (const c10::Error& err) {
     std::string why = err.what_without_backtrace();
-    throw std::runtime_error("checkpoint " + e.checkpoint + " cannot be read (" + why.substr(0, why.find(". ")) + ")");
+    throw std::runtime_error("checkpoint " + path + " cannot be read (" + why.substr(0, why.find(". ")) + ")");
   }
   c10::IValue v;
   if (!archive.try_read("blpa_format", v) || v.toInt() != kCheckpointFormat || !archive.try_read("blpa_config", v))
-    throw std::runtime_error("checkpoint " + e.checkpoint + " is not a blpa checkpoint");
-  std::map<std::string, std::string> kv;  // describe()'s key=value lines
+    throw std::runtime_error("checkpoint " + path + " is not a blpa checkpoint");
+  CheckpointNetwork out;
+  std::map<std::string, std::string>& kv = out.config;
   std::istringstream lines(v.toStringRef());
   for (std::string line; std::getline(lines, line);)
     if (const auto eq = line.find('='); eq != std::string::npos) kv[line.substr(0, eq)] = line.substr(eq + 1);
+  NetConfig net;
+  net.arch = kv["arch"];
+  net.depth = std::stoi(kv["depth"]);
+  net.mode = parse_mode_config(kv["mode"]);  // checkpoints from before windows existed: the paper's 6
+  if (!archive.try_read("blpa_net", v)) throw std::runtime_error("checkpoint " + path + " predates blpa-eval (no network shape)");
+  const auto shape = v.toIntVector();
+  net.in_channels = shape.at(0);
+  net.num_classes = shape.at(1);
+  archive.read("blpa_iteration", v);
+  out.iteration = v.toInt();
+  out.model = ResNet(net);
+  torch::serialize::InputArchive m;
+  archive.read("model", m);
+  out.model->load(m);
+  return out;
+}
+
+EvalResult evaluate_checkpoint(const CheckpointEval& e) {
+  CheckpointNetwork stored = load_checkpoint_network(e.checkpoint);
+  ResNet& model = stored.model;
+  std::map<std::string, std::string>& kv = stored.config;
+  const NetConfig& net = model->config();
   const std::string dataset = kv["dataset"];
   const std::string dir = !e.data_dir.empty() ? e.data_dir
                           : !kv["data_dir"].empty() ? kv["data_dir"]
                                                     : std::string(data::kDebianFashionMnist);
-  NetConfig net;
-  net.arch = kv["arch"];
-  net.depth = std::stoi(kv["depth"]);
-  const std::string mode = kv["mode"];
-  const auto dash = mode.find('-');
-  net.mode = {parse_mode(mode.substr(0, dash)), dash == std::string::npos ? 8 : std::stoi(mode.substr(dash + 1))};
-  if (!archive.try_read("blpa_net", v)) throw std::runtime_error("checkpoint " + e.checkpoint + " predates blpa-eval (no network shape)");
-  const auto shape = v.toIntVector();
-  net.in_channels = shape.at(0);
-  net.num_classes = shape.at(1);
-  ResNet model(net);
-  torch::serialize::InputArchive m;
-  archive.read("model", m);
-  model->load(m);
   const torch::Device dev(e.options.device);
   model->to(dev);
   model->eval();
@@ -370,8 +379,10 @@ void TrainConfig::validate() const {
   if (!(weight_decay >= 0)) bad("--weight-decay must be >= 0");
   for (size_t i = 0; i < steps.size(); ++i)
     if (steps[i] <= 0 || (i > 0 && steps[i] <= steps[i - 1])) bad("--lr-steps must be positive and increasing");
-  if ((mode.mode == Mode::blpa || mode.mode == Mode::naive) && mode.bits != 8 && mode.bits != 4)
-    bad("--bits must be 8 or 4");
+  if ((mode.mode == Mode::blpa || mode.mode == Mode::naive) && mode.bits != 8 && mode.bits != 4 && mode.bits != 2)
+    bad("--bits must be 8, 4 or 2");
+  if (!(mode.window == 0 || (std::isfinite(mode.window) && mode.window > 0)))
+    bad("--window must be a positive width in units of x_hat");
   if (resume && checkpoint.empty()) bad("--resume needs --checkpoint PATH");
   if (log_every <= 0 || eval_every < 0 || checkpoint_every <= 0)
     bad("--log-every and --checkpoint-every must be positive, --eval-every >= 0");

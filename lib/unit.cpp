@@ -1,6 +1,8 @@
 // The unit as a custom autograd Function (docs/method.md, "Backward of a unit").
 #include "blpa/unit.h"
 
+#include <charconv>
+#include <cmath>
 #include <stdexcept>
 
 #include "blpa/codec.h"
@@ -23,6 +25,7 @@ Codes codes_from(AutogradContext* ctx) {
   c.offsets = ctx->saved_data["offsets"].toTensor();
   c.sizes = ctx->saved_data["sizes"].toIntVector();
   c.bits = static_cast<int>(ctx->saved_data["bits"].toInt());
+  c.window = static_cast<float>(ctx->saved_data["window"].toDouble());
   return c;
 }
 
@@ -36,7 +39,8 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     // in one pass over the channels (one launch on a GPU, where a small step is bound by the
     // host's launches).
     ChannelCoding cc;
-    if (mode.mode != Mode::exact) cc = channel_coding(gamma, beta, kGammaMinF, mode.bits, mode.mode == Mode::blpa);
+    if (mode.mode != Mode::exact)
+      cc = channel_coding(gamma, beta, kGammaMinF, mode.bits, mode.window, mode.mode == Mode::blpa);
     const Tensor g = mode.mode == Mode::exact ? gamma.clamp_min(kGammaMin) : cc.g;
     // a = gamma * x_hat + beta with batch statistics; updates the running statistics. The
     // same LibTorch operator, and so the same kernel (cuDNN's on a GPU), as plain's batch_norm.
@@ -76,6 +80,7 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
       ctx->saved_data["offsets"] = codes.offsets;
       ctx->saved_data["sizes"] = codes.sizes;
       ctx->saved_data["bits"] = static_cast<int64_t>(codes.bits);
+      ctx->saved_data["window"] = static_cast<double>(codes.window);
       memory->code_bytes += codes.data.nbytes();
       memory->metadata_bytes += codes.offsets.nbytes();
     }
@@ -195,16 +200,49 @@ std::string to_string(Mode m) {
   return "?";
 }
 
+float ModeConfig::codes_window() const { return window == 0 ? default_window(bits) : window; }
+
 std::string ModeConfig::str() const {
-  return (mode == Mode::blpa || mode == Mode::naive) ? to_string(mode) + "-" + std::to_string(bits)
-                                                     : to_string(mode);
+  if (mode != Mode::blpa && mode != Mode::naive) return to_string(mode);
+  std::string s = to_string(mode) + "-" + std::to_string(bits);
+  const float w = codes_window();
+  if (w == kPaperWindow) return s;
+  char buf[32];
+  const auto end = std::to_chars(buf, buf + sizeof buf, w).ptr;  // the shortest text that reads back as w
+  return s + "-w" + std::string(buf, end);
+}
+
+ModeConfig parse_mode_config(const std::string& s, int bits, float window) {
+  auto bad = [&] {
+    return std::invalid_argument("unknown mode '" + s + "' (expected plain, exact, blpa, naive, blpa-K or naive-K with "
+                                 "K = 8, 4 or 2, optionally -wW for a window of width W)");
+  };
+  const auto dash = s.find('-');
+  ModeConfig m{parse_mode(s.substr(0, dash)), bits, window};
+  if (dash == std::string::npos) return m;
+  if (m.mode != Mode::blpa && m.mode != Mode::naive) throw bad();
+  // -K, then optionally -wW
+  const char* p = s.data() + dash + 1;
+  const char* end = s.data() + s.size();
+  auto [after_bits, ec] = std::from_chars(p, end, m.bits);
+  if (ec != std::errc() || (m.bits != 8 && m.bits != 4 && m.bits != 2)) throw bad();
+  m.window = kPaperWindow;
+  if (after_bits != end) {
+    if (end - after_bits < 3 || after_bits[0] != '-' || after_bits[1] != 'w') throw bad();
+    auto [after_window, ec2] = std::from_chars(after_bits + 2, end, m.window);
+    if (ec2 != std::errc() || after_window != end || !std::isfinite(m.window) || m.window <= 0) throw bad();
+  }
+  return m;
 }
 
 UnitImpl::UnitImpl(int64_t in_channels, std::vector<ConvSpec> convs_, ModeConfig mode)
     : convs(std::move(convs_)), mode_(mode), memory_(std::make_shared<UnitMemory>()) {
   TORCH_CHECK(convs.size() <= 2, "a unit has at most two convolutions");
-  TORCH_CHECK(mode.mode == Mode::plain || mode.mode == Mode::exact || mode.bits == 8 || mode.bits == 4,
-              "bits must be 8 or 4, got ", mode.bits);
+  if (mode.mode == Mode::blpa || mode.mode == Mode::naive) {
+    TORCH_CHECK(mode.bits == 8 || mode.bits == 4 || mode.bits == 2, "bits must be 8, 4 or 2, got ", mode.bits);
+    mode_.window = mode.codes_window();
+    check_format(mode_.bits, mode_.window);
+  }
   gamma = register_parameter("gamma", torch::ones({in_channels}));
   beta = register_parameter("beta", torch::zeros({in_channels}));
   running_mean = register_buffer("running_mean", torch::zeros({in_channels}));

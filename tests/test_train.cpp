@@ -212,6 +212,9 @@ TEST_CASE("train: blpa-train on SIGINT writes a checkpoint that --resume continu
 TEST_CASE("train: blpa-train refuses bad flags and missing data with exit codes", "[train]") {
   CHECK(run_train({"--no-such-flag"}) == 2);
   CHECK(run_train({"--mode", "exact", "--bits", "4"}) == 2);
+  CHECK(run_train({"--mode", "plain", "--window", "8"}) == 2);
+  CHECK(run_train({"--bits", "3"}) == 2);
+  for (const char* w : {"0", "-2", "nan", "inf", "x"}) CHECK(run_train({"--window", w}) == 2);
   CHECK(run_train({"--resume"}) == 2);
   CHECK(run_train({"--lr-steps", "100,50"}) == 2);
   CHECK(run_train({"--data-dir", "/nonexistent/blpa", "--quiet"}) == 1);
@@ -228,8 +231,10 @@ TEST_CASE("train: --preset imagenet sets the paper's protocol and explicit flags
     return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
   };
   const std::string p = config("--preset imagenet");
-  for (const char* kv : {"dataset=imagenet\n", "arch=imagenet\n", "depth=152\n", "batch=256\n", "iterations=640000\n",
-                         "lr=0.1\n", "warmup=0\n", "steps=160000,320000,480000\n", "weight_decay=0.0001\n", "mode=blpa-4\n"})
+  const std::string mode = "mode=" + blpa::ModeConfig{blpa::Mode::blpa, 4}.str() + "\n";  // the default window
+  for (const std::string& kv : {"dataset=imagenet\n", "arch=imagenet\n", "depth=152\n", "batch=256\n",
+                                "iterations=640000\n", "lr=0.1\n", "warmup=0\n", "steps=160000,320000,480000\n",
+                                "weight_decay=0.0001\n", mode.c_str()})
     CHECK(p.find(kv) != std::string::npos);
   const std::string o = config("--preset imagenet --batch 64 --accum-steps 2 --depth 50");
   CHECK(o.find("batch=64\n") != std::string::npos);
@@ -314,4 +319,54 @@ TEST_CASE("train: --workers 0 shares the machine's cores among its LOCAL_WORLD_S
   CHECK(blpa::default_workers("fashion-mnist", 8) == 2);
   const std::string cmd = "LOCAL_WORLD_SIZE=0 " + std::string(BLPA_TRAIN_EXE) + " --iterations 1 >/dev/null 2>&1";
   CHECK(WEXITSTATUS(std::system(cmd.c_str())) == 2);  // a bad configuration
+}
+
+namespace {
+
+std::string read_identity(const std::string& checkpoint) {
+  torch::serialize::InputArchive archive;
+  archive.load_from(checkpoint);
+  c10::IValue v;
+  archive.read("blpa_identity", v);
+  return v.toStringRef();
+}
+
+}  // namespace
+
+TEST_CASE("train: the window is part of a checkpoint, and the paper's is named as before windows existed", "[train]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("window");
+  auto c = small(dir);
+  c.iterations = 3;
+  c.checkpoint = (dir / "ck.pt").string();
+  c.mode = {blpa::Mode::blpa, 4, 6.0f};
+  blpa::train(c);
+  // What commit a5b148d wrote for --mode blpa --bits 4, before the window existed; so a
+  // checkpoint of that time means window 6 and resumes as one.
+  CHECK(read_identity(c.checkpoint).find(" mode=blpa-4 batch=32 ") != std::string::npos);
+  auto stored = blpa::load_checkpoint_network(c.checkpoint);
+  CHECK(stored.model->config().mode.window == 6.0f);
+  CHECK(stored.iteration == 3);
+  for (const auto& [name, unit] : stored.model->units()) CHECK(unit->mode().window == 6.0f);
+
+  auto other = c;
+  other.resume = true;
+  other.iterations = 4;
+  other.mode = {blpa::Mode::blpa, 4};  // the default window, another method
+  CHECK_THROWS_WITH(blpa::train(other), Catch::Contains("incompatible configuration") &&
+                                            Catch::Contains(other.mode.str()) && Catch::Contains("window"));
+  other.mode = {blpa::Mode::blpa, 4, 6.0f};
+  CHECK(blpa::train(other).iteration == 4);
+
+  // Another window and 2 bits: named in full, and blpa-eval builds the network with them.
+  auto w = small(dir);
+  w.iterations = 2;
+  w.mode = {blpa::Mode::blpa, 2, 3.5f};
+  w.checkpoint = (dir / "w.pt").string();
+  blpa::train(w);
+  CHECK(read_identity(w.checkpoint).find(" mode=blpa-2-w3.5 ") != std::string::npos);
+  const auto net = blpa::load_checkpoint_network(w.checkpoint).model;
+  CHECK(net->config().mode.bits == 2);
+  CHECK(net->config().mode.window == 3.5f);
+  remove_tree(dir);
 }

@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -109,6 +110,15 @@ struct CheckpointEval {
   ImageEvalOptions options;
 };
 EvalResult evaluate_checkpoint(const CheckpointEval& e);
+
+// The network of a blpa-train checkpoint, in the mode it was trained in, with its weights and
+// BatchNorm statistics; its configuration as describe() wrote it (key -> value) and iteration.
+struct CheckpointNetwork {
+  ResNet model{nullptr};
+  std::map<std::string, std::string> config;
+  int64_t iteration = 0;
+};
+CheckpointNetwork load_checkpoint_network(const std::string& path);
 
 // Forward and backward of a batch in `steps` equal parts, each part's mean loss weighted by
 // 1/steps, so the accumulated gradient equals the whole batch's up to BatchNorm, whose

@@ -21,9 +21,19 @@ std::string to_string(Mode m);
 
 struct ModeConfig {
   Mode mode = Mode::blpa;
-  int bits = 4;  // 8 or 4; used by blpa and naive
+  int bits = 4;       // 8, 4 or 2; used by blpa and naive
+  float window = 0;   // the codes' window in units of x_hat (blpa, naive); 0: default_window(bits)
+  // The window the codes use: `window`, or the default for `bits` (blpa/codec.h).
+  float codes_window() const;
+  // plain, exact, blpa-K or naive-K for the paper's window 6, blpa-K-wW or naive-K-wW for
+  // another window W: the name that logs, checkpoints and blpa-bench use.
   std::string str() const;
 };
+
+// Reads a name that ModeConfig::str() writes. A name without -wW has the paper's window 6:
+// so do the names in checkpoints written before the window existed. A bare blpa or naive
+// takes `bits` and `window`. Throws std::invalid_argument for anything else.
+ModeConfig parse_mode_config(const std::string& s, int bits = 4, float window = 0);
 
 struct ConvSpec {
   int64_t out_channels;
