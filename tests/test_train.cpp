@@ -1,7 +1,9 @@
 // The trainer end to end on the real Fashion-MNIST (2,000 images), resume, interrupt,
 // damaged checkpoints and a diverging loss.
+#include <blpa/codec.h>
 #include <blpa/dataset.h>
 #include <blpa/train.h>
+#include <fmt/format.h>
 #include <sys/wait.h>
 #include <torch/serialize.h>
 #include <unistd.h>
@@ -368,5 +370,52 @@ TEST_CASE("train: the window is part of a checkpoint, and the paper's is named a
   const auto net = blpa::load_checkpoint_network(w.checkpoint).model;
   CHECK(net->config().mode.bits == 2);
   CHECK(net->config().mode.window == 3.5f);
+  remove_tree(dir);
+}
+
+TEST_CASE("bench: fidelity measures bits x windows at drawn parameters and at a checkpoint's weights", "[bench]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("fidelity");
+  auto c = small(dir);
+  c.iterations = 4;
+  c.checkpoint = (dir / "ck.pt").string();
+  blpa::train(c);
+  const std::string out = (dir / "f.jsonl").string();
+  auto run = [&](const std::string& args) {
+    const std::string cmd = std::string(BLPA_BENCH_EXE) + " fidelity --threads 1 --json " + args + " > " + out;
+    REQUIRE(std::system(cmd.c_str()) == 0);
+    std::ifstream f(out);
+    std::vector<std::string> lines;
+    for (std::string line; std::getline(f, line);) lines.push_back(line);
+    return lines;
+  };
+  const std::regex row("\"source\": \"(\\w+)\", \"checkpoint\": \"[^\"]*\", \"iteration\": (\\d+), \"depth\": (\\d+), "
+                       "\"batch\": (\\d+), \"size\": (\\d+), \"mode\": \"(\\w+)\", \"bits\": (\\d), \"window\": ([0-9.]+), "
+                       "\"relative_error\": ([0-9.]+), \"min_cosine\": ([-0-9.]+)");
+  const auto trained = run("--checkpoint " + c.checkpoint + " --batch 8 --modes blpa,naive --bits 2 --windows 3,default");
+  REQUIRE(trained.size() == 4);
+  const std::vector<std::pair<std::string, std::string>> want{
+      {"blpa", "3"}, {"blpa", fmt::format("{}", blpa::default_window(2))}, {"naive", "3"},
+      {"naive", fmt::format("{}", blpa::default_window(2))}};
+  for (size_t i = 0; i < trained.size(); ++i) {
+    CAPTURE(trained[i]);
+    std::smatch m;
+    REQUIRE(std::regex_search(trained[i], m, row));
+    CHECK(m[1] == "checkpoint");
+    CHECK(m[2] == "4");
+    CHECK(m[3] == "11");
+    CHECK(m[5] == "28");  // Fashion-MNIST's images
+    CHECK(m[6] == want[i].first);
+    CHECK(m[7] == "2");
+    CHECK(m[8] == want[i].second);
+    CHECK(std::stod(m[9]) > 0);  // 2-bit codes do change the gradient
+    CHECK(std::stod(m[10]) <= 1);
+  }
+  const auto drawn = run("--depths 11 --batch 2 --size 8 --modes blpa --bits 8 --windows 6");
+  REQUIRE(drawn.size() == 1);
+  std::smatch m;
+  REQUIRE(std::regex_search(drawn[0], m, row));
+  CHECK(m[1] == "drawn");
+  CHECK(std::stod(m[9]) < 0.2);
   remove_tree(dir);
 }
