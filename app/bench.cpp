@@ -54,7 +54,8 @@ int codec_main(int argc, char** argv) {
   const int64_t numel = args["numel"].as<int64_t>();
   const int64_t channels = args["channels"].as<int64_t>();
   if (bits != 8 && bits != 4 && bits != 2) throw std::invalid_argument("--bits must be 8, 4 or 2");
-  const float window = args.count("window") ? args["window"].as<float>() : blpa::default_window(bits);
+  blpa::CodeFormat format = blpa::default_format(bits);
+  if (args.count("window")) format = {bits, args["window"].as<float>(), 0.0f};
   if (numel <= 0 || channels <= 0 || numel % channels != 0)
     throw std::invalid_argument("--numel must be a positive multiple of --channels");
   const torch::Device dev(args["device"].as<std::string>());
@@ -68,7 +69,7 @@ int codec_main(int argc, char** argv) {
   auto gamma = torch::ones({channels}, dev);
   const int reps = args["reps"].as<int>();
   blpa::Codes codes;
-  const double pack_s = time_per_call(dev, 5, reps, [&] { codes = blpa::pack(v, b, bits, window); });
+  const double pack_s = time_per_call(dev, 5, reps, [&] { codes = blpa::pack(v, b, format); });
   const double unpack_s = time_per_call(dev, 5, reps, [&] { blpa::unpack(codes, b, gamma, blpa::kRelu); });
   double copy_s = 0;
   if (dev.is_cuda()) {

@@ -17,6 +17,7 @@
 #include <fmt/ranges.h>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <sstream>
 
 #include "bench.h"
@@ -57,23 +58,27 @@ std::vector<std::string> split(const std::string& list) {
 }
 
 // "all", or a comma list of mode names as ModeConfig::str() writes them: "plain,blpa-8,blpa-4-w8".
-// A bare blpa/naive takes --bits and --window (0: the default for its bits); a name with bits
-// and no -wW is the paper's window 6, so --window cannot apply to it.
-std::vector<ModeConfig> parse_modes(const std::string& spec, int bits, float window) {
+// A bare blpa/naive takes --bits, --window (0: the default for its bits) and --lift; a name
+// with bits is complete (no -wW: the paper's window 6, no -lL: lift 0), so they cannot apply.
+std::vector<ModeConfig> parse_modes(const std::string& spec, int bits, float window, std::optional<float> lift) {
   if (spec == "all") return {{Mode::plain, 8}, {Mode::exact, 8}, {Mode::blpa, 8}, {Mode::blpa, 4}, {Mode::naive, 4}};
   std::vector<ModeConfig> out;
   for (const std::string& tok : split(spec)) {
-    if (window > 0 && tok.find('-') != std::string::npos && tok.find("-w") == std::string::npos)
-      throw std::invalid_argument("--window applies to a bare blpa or naive in --mode; " + tok +
-                                  " names the paper's window 6 (write " + tok + "-wW for another)");
-    out.push_back(blpa::parse_mode_config(tok, bits, window));
+    if ((window > 0 || lift) && tok.find('-') != std::string::npos)
+      throw std::invalid_argument("--window and --lift apply to a bare blpa or naive in --mode; " + tok +
+                                  " names its own (write -wW and -lL in the name)");
+    out.push_back(blpa::parse_mode_config(tok, bits, window, lift));
   }
   return out;
 }
 
 bool coded(const ModeConfig& m) { return m.mode == Mode::blpa || m.mode == Mode::naive; }
 int report_bits(const ModeConfig& m) { return coded(m) ? m.bits : 32; }
-std::string report_window(const ModeConfig& m) { return coded(m) ? fmt::format("{}", m.codes_window()) : "null"; }
+std::string report_format(const ModeConfig& m) {
+  if (!coded(m)) return "\"window\": null, \"lift\": null";
+  const blpa::CodeFormat f = m.codes_format();
+  return fmt::format("\"window\": {}, \"lift\": {}", f.window, f.lift);
+}
 
 struct Common {
   std::string model_name;
@@ -93,6 +98,8 @@ void add_common(cxxopts::Options& o, const std::string& batch, const std::string
       "bits", "Bits for a bare blpa/naive in --mode: 8, 4 or 2", cxxopts::value<int>()->default_value("4"))(
       "window", "Window for a bare blpa/naive in --mode, in units of x_hat (default: the default for its bits)",
       cxxopts::value<float>())(
+      "lift", "Lift of the window's centre above b for a bare blpa/naive, in units of x_hat (default: the default "
+      "for its bits with the default window, else 0)", cxxopts::value<float>())(
       "size", "Input height/width (0: 32 for cifar, 224 for imagenet)", cxxopts::value<int64_t>()->default_value("0"))(
       "device", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
       "threads", "LibTorch CPU threads (0: its default)", cxxopts::value<int>()->default_value("0"))(
@@ -115,7 +122,8 @@ bool parse_common(cxxopts::Options& o, int argc, char** argv, Common& c, cxxopts
   if (c.size == 0) c.size = c.net.arch == "cifar" ? 32 : 224;
   const float window = args.count("window") ? args["window"].as<float>() : 0.0f;
   if (args.count("window") && !(window > 0)) throw std::invalid_argument("--window must be positive");
-  c.modes = parse_modes(args["mode"].as<std::string>(), args["bits"].as<int>(), window);
+  const auto lift = args.count("lift") ? std::optional<float>(args["lift"].as<float>()) : std::nullopt;
+  c.modes = parse_modes(args["mode"].as<std::string>(), args["bits"].as<int>(), window, lift);
   c.device = torch::Device(args["device"].as<std::string>());
   if (c.device.is_cuda() && !torch::cuda::is_available()) throw std::runtime_error("--device cuda: no CUDA device");
   if (args["threads"].as<int>() > 0) torch::set_num_threads(args["threads"].as<int>());
@@ -166,9 +174,9 @@ struct Rig {
 
 std::string head(const Common& c, const ModeConfig& m, const std::string& bench) {
   return fmt::format("{{\"bench\": \"{}\", \"model\": \"{}\", \"arch\": \"{}\", \"depth\": {}, \"batch\": {}, \"size\": {}, "
-                     "\"mode\": \"{}\", \"bits\": {}, \"window\": {}, \"device\": \"{}\"",
+                     "\"mode\": \"{}\", \"bits\": {}, {}, \"device\": \"{}\"",
                      bench, c.model_name, c.net.arch, c.net.depth, c.batch, c.size, blpa::to_string(m.mode),
-                     report_bits(m), report_window(m), c.device.str());
+                     report_bits(m), report_format(m), c.device.str());
 }
 
 }  // namespace
@@ -534,6 +542,8 @@ int fidelity_main(int argc, char** argv) {
       "bits", "Comma list of 8, 4, 2", cxxopts::value<std::string>()->default_value("8,4,2"))(
       "windows", "Comma list of window widths in units of x_hat, or 'default' (the default for the bits; the "
       "paper's is 6)", cxxopts::value<std::string>()->default_value("default"))(
+      "lifts", "Comma list of the window's lifts above b in units of x_hat, or 'default' (the default for the bits "
+      "with the default window, else 0: the paper's)", cxxopts::value<std::string>()->default_value("default"))(
       "batch", "Batch size", cxxopts::value<int64_t>()->default_value("16"))(
       "size", "Input height/width of drawn networks", cxxopts::value<int64_t>()->default_value("32"))(
       "seed", "Seed of the data and the drawn parameters", cxxopts::value<uint64_t>()->default_value("0"))(
@@ -551,13 +561,15 @@ int fidelity_main(int argc, char** argv) {
   std::vector<ModeConfig> modes;
   for (const auto& m : split(args["modes"].as<std::string>()))
     for (const auto& b : split(args["bits"].as<std::string>()))
-      for (const auto& w : split(args["windows"].as<std::string>())) {
-        ModeConfig mc = blpa::parse_mode_config(m + "-" + b);
-        if (!coded(mc)) throw std::invalid_argument("--modes takes blpa and naive, got " + m);
-        mc.window = w == "default" ? 0.0f : std::stof(w);
-        if (w != "default" && !(mc.window > 0)) throw std::invalid_argument("--windows must be positive, got " + w);
-        modes.push_back(mc);
-      }
+      for (const auto& w : split(args["windows"].as<std::string>()))
+        for (const auto& l : split(args["lifts"].as<std::string>())) {
+          ModeConfig mc = blpa::parse_mode_config(m + "-" + b);
+          if (!coded(mc)) throw std::invalid_argument("--modes takes blpa and naive, got " + m);
+          mc.window = w == "default" ? 0.0f : std::stof(w);
+          if (w != "default" && !(mc.window > 0)) throw std::invalid_argument("--windows must be positive, got " + w);
+          mc.lift = l == "default" ? std::nullopt : std::optional<float>(std::stof(l));
+          modes.push_back(mc);
+        }
   std::vector<std::function<FidelityCase()>> cases;
   if (args.count("checkpoint")) {
     for (const auto& path : split(args["checkpoint"].as<std::string>()))
@@ -585,11 +597,11 @@ int fidelity_main(int argc, char** argv) {
       const double rel = (torch::cat(g) - ref_all).norm().item<double>() / ref_norm;
       if (args.count("json"))
         fmt::print("{{\"bench\": \"fidelity\", \"source\": \"{}\", \"checkpoint\": \"{}\", \"iteration\": {}, "
-                   "\"depth\": {}, \"batch\": {}, \"size\": {}, \"mode\": \"{}\", \"bits\": {}, \"window\": {}, "
+                   "\"depth\": {}, \"batch\": {}, \"size\": {}, \"mode\": \"{}\", \"bits\": {}, {}, "
                    "\"relative_error\": {:.5f}, \"min_cosine\": {:.5f}, \"min_cosine_param\": \"{}\", "
                    "\"plain_loss\": {:.6g}, \"plain_grad_norm\": {:.6g}}}\n",
                    c.source, c.checkpoint, c.iteration, c.net.depth, batch, c.x.size(2), blpa::to_string(m.mode), m.bits,
-                   m.codes_window(), rel, min_cos, worst, loss, ref_norm);
+                   report_format(m), rel, min_cos, worst, loss, ref_norm);
       else
         fmt::print("{} depth {:4d}  {:12s} relative gradient error {:.4f}  smallest cosine {:.4f} ({})  "
                    "[plain loss {:.4g}, |grad| {:.4g}]\n",

@@ -63,7 +63,8 @@ int main(int argc, char** argv) {
     ("depth", "Network depth", cxxopts::value<int>()->default_value("164"))
     ("mode", "plain, exact, blpa or naive", cxxopts::value<std::string>()->default_value("blpa"))
     ("bits", "Bits per stored activation for blpa and naive: 8, 4 or 2", cxxopts::value<int>()->default_value("4"))
-    ("window", fmt::format("Width of the codes' window in units of x_hat, for blpa and naive (default: {} at 8 bits, {} at 4, {} at 2, chosen by measured gradient fidelity; the paper's is {})", blpa::default_window(8), blpa::default_window(4), blpa::default_window(2), blpa::kPaperWindow), cxxopts::value<float>());
+    ("window", fmt::format("Width of the codes' window in units of x_hat, for blpa and naive (default: {} at 8 bits, {} at 4, {} at 2, chosen by measured gradient fidelity; the paper's is {})", blpa::default_format(8).window, blpa::default_format(4).window, blpa::default_format(2).window, blpa::kPaperWindow), cxxopts::value<float>())
+    ("lift", fmt::format("How far the window's centre sits above the channel's mean, in units of x_hat (default: {} at 8 bits, {} at 4, {} at 2 with the default window, else 0, the paper's)", blpa::default_format(8).lift, blpa::default_format(4).lift, blpa::default_format(2).lift), cxxopts::value<float>());
   opts.add_options("Optimisation")
     ("batch", "Batch size (of one update)", cxxopts::value<int64_t>()->default_value("128"))
     ("accum-steps", "Process each batch in this many equal parts and accumulate their gradients: the same update in less memory (BatchNorm then normalises each part by its own statistics)", cxxopts::value<int64_t>()->default_value("1"))
@@ -125,10 +126,12 @@ int main(int argc, char** argv) {
     c.arch = pick("model", std::string("imagenet"));
     c.depth = pick("depth", 152);
     c.mode = {blpa::parse_mode(a["mode"].as<std::string>()), a["bits"].as<int>(),
-              a.count("window") ? a["window"].as<float>() : 0.0f};
-    if ((a.count("bits") || a.count("window")) && (c.mode.mode == blpa::Mode::plain || c.mode.mode == blpa::Mode::exact))
-      throw std::invalid_argument(std::string(a.count("bits") ? "--bits" : "--window") +
-                                  " applies to --mode blpa and naive, not " + blpa::to_string(c.mode.mode));
+              a.count("window") ? a["window"].as<float>() : 0.0f,
+              a.count("lift") ? std::optional<float>(a["lift"].as<float>()) : std::nullopt};
+    for (const char* flag : {"bits", "window", "lift"})
+      if (a.count(flag) && (c.mode.mode == blpa::Mode::plain || c.mode.mode == blpa::Mode::exact))
+        throw std::invalid_argument(std::string("--") + flag + " applies to --mode blpa and naive, not " +
+                                    blpa::to_string(c.mode.mode));
     if (a.count("window") && !(a["window"].as<float>() > 0))  // 0 would mean the default
       throw std::invalid_argument("--window must be a positive width in units of x_hat");
     c.batch = pick("batch", int64_t{256});

@@ -99,7 +99,7 @@ __device__ __forceinline__ void group_offsets(const uint8_t* offsets, const Grou
 __global__ void offsets_kernel(OffsetParams p) {
   for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < p.channels;
        c += int64_t{gridDim.x} * blockDim.x)
-    p.offsets[c] = static_cast<uint8_t>(codec::offset(p.b[c], p.bits, codec::bin_width(p.window, p.bits)));
+    p.offsets[c] = static_cast<uint8_t>(codec::offset(p.b[c], p.bits, codec::bin_width(p.window, p.bits), p.lift));
 }
 
 __global__ void channel_kernel(ChannelParams p) {
@@ -110,7 +110,7 @@ __global__ void channel_kernel(ChannelParams p) {
     const float b = p.centred ? __fdiv_rn(p.beta[c], g) : 0.0f;
     p.g[c] = g;
     p.b[c] = b;
-    p.offsets[c] = static_cast<uint8_t>(codec::offset(b, p.bits, codec::bin_width(p.window, p.bits)));
+    p.offsets[c] = static_cast<uint8_t>(codec::offset(b, p.bits, codec::bin_width(p.window, p.bits), p.lift));
   }
 }
 

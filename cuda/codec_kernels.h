@@ -29,6 +29,7 @@ struct OffsetParams {
   int64_t channels = 0;
   int bits = 8;
   float window = 6.0f;
+  float lift = 0.0f;           // the window's centre sits lift above b
   int device = 0;
 };
 
@@ -44,6 +45,7 @@ struct ChannelParams {
   int64_t channels = 0;
   int bits = 8;
   float window = 6.0f;
+  float lift = 0.0f;
   int device = 0;
 };
 

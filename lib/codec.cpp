@@ -234,17 +234,18 @@ void check_channel_vector(const at::Tensor& t, const char* name, const at::Tenso
 
 int64_t packed_bytes(int64_t numel, int bits) { return (numel * bits + 7) / 8; }
 
-void check_format(int bits, float window) {
-  TORCH_CHECK(bits == 8 || bits == 4 || bits == 2, "blpa codec: bits must be 8, 4 or 2, got ", bits);
-  TORCH_CHECK(std::isfinite(window) && window > 0.0f, "blpa codec: the window must be a positive width (in units "
-              "of x_hat), got ", window);
+void check_format(const CodeFormat& f) {
+  TORCH_CHECK(f.bits == 8 || f.bits == 4 || f.bits == 2, "blpa codec: bits must be 8, 4 or 2, got ", f.bits);
+  TORCH_CHECK(std::isfinite(f.window) && f.window > 0.0f, "blpa codec: the window must be a positive width (in units "
+              "of x_hat), got ", f.window);
+  TORCH_CHECK(std::isfinite(f.lift), "blpa codec: the window's lift must be finite, got ", f.lift);
 }
 
-float default_window(int bits) {
+CodeFormat default_format(int bits) {
   switch (bits) {
-    case 8: return 12.0f;
-    case 4: return 6.0f;
-    case 2: return 4.0f;
+    case 8: return {8, 12.0f, 0.0f};
+    case 4: return {4, 6.0f, 1.0f};
+    case 2: return {2, 4.0f, 1.0f};
   }
   TORCH_CHECK(false, "blpa codec: bits must be 8, 4 or 2, got ", bits);
 }
@@ -262,9 +263,9 @@ int64_t Codes::bytes() const {
 namespace {
 
 // offsets: the channels' offsets of b when the caller has them (channel_coding), else undefined.
-Codes pack_impl(const at::Tensor& v, const at::Tensor& b, int bits, float window, const at::Tensor& divisor,
+Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, const at::Tensor& divisor,
                 float* relu, const at::Tensor& offsets = {}) {
-  check_format(bits, window);
+  check_format(f);
   TORCH_CHECK(v.scalar_type() == at::kFloat, "blpa codec: pack expects float32 activations, got ",
               v.scalar_type());
   TORCH_CHECK(v.is_contiguous(), "blpa codec: pack expects a contiguous NCHW tensor (call .contiguous(); "
@@ -274,11 +275,10 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, int bits, float window
   if (divisor.defined()) check_channel_vector(divisor, "divisor", v, l.channels);
 
   Codes out;
-  out.bits = bits;
-  out.window = window;
+  out.format = f;
   out.sizes = v.sizes().vec();
   const auto u8 = v.options().dtype(at::kByte);
-  out.data = at::empty({packed_bytes(l.numel, bits)}, u8);
+  out.data = at::empty({packed_bytes(l.numel, f.bits)}, u8);
   const bool have_offsets = offsets.defined();
   if (have_offsets) {
     TORCH_CHECK(offsets.scalar_type() == at::kByte && offsets.dim() == 1 && offsets.numel() == l.channels &&
@@ -295,10 +295,11 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, int bits, float window
 #if BLPA_WITH_CUDA
     const int dev = v.get_device();
     if (!have_offsets)
-      cuda::compute_offsets({b.data_ptr<float>(), out.offsets.data_ptr<uint8_t>(), l.channels, bits, window, dev});
+      cuda::compute_offsets({b.data_ptr<float>(), out.offsets.data_ptr<uint8_t>(), l.channels, f.bits, f.window,
+                             f.lift, dev});
     cuda::pack({v.data_ptr<float>(), divisor.defined() ? divisor.data_ptr<float>() : nullptr,
-                out.offsets.data_ptr<uint8_t>(), out.data.data_ptr<uint8_t>(), l.numel, l.plane, l.channels, bits,
-                window, dev, relu});
+                out.offsets.data_ptr<uint8_t>(), out.data.data_ptr<uint8_t>(), l.numel, l.plane, l.channels, f.bits,
+                f.window, dev, relu});
     return out;
 #else
     no_cuda();
@@ -307,12 +308,12 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, int bits, float window
   TORCH_CHECK(v.is_cpu(), "blpa codec: unsupported device ", v.device());
   const float* bp = b.data_ptr<float>();
   uint8_t* op = out.offsets.data_ptr<uint8_t>();
-  const float d = codec::bin_width(window, bits);
+  const float d = f.bin_width();
   if (!have_offsets)
-    for (int64_t c = 0; c < l.channels; ++c) op[c] = static_cast<uint8_t>(codec::offset(bp[c], bits, d));
+    for (int64_t c = 0; c < l.channels; ++c) op[c] = static_cast<uint8_t>(codec::offset(bp[c], f.bits, d, f.lift));
   std::vector<float> ones;
   const float* div = divisor.defined() ? divisor.data_ptr<float>() : (ones.assign(l.channels, 1.0f), ones.data());
-  with_bits(bits, [&](auto k) {
+  with_bits(f.bits, [&](auto k) {
     pack_cpu<decltype(k)::value>(v.data_ptr<float>(), div, op, out.data.data_ptr<uint8_t>(), relu, d, l);
   });
   return out;
@@ -320,39 +321,39 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, int bits, float window
 
 }  // namespace
 
-Codes pack(const at::Tensor& v, const at::Tensor& b, int bits, float window, const at::Tensor& divisor) {
-  return pack_impl(v, b, bits, window, divisor, nullptr);
+Codes pack(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, const at::Tensor& divisor) {
+  return pack_impl(v, b, f, divisor, nullptr);
 }
 
-Codes pack_relu_(at::Tensor& a, const at::Tensor& b, int bits, float window, const at::Tensor& divisor) {
-  return pack_impl(a, b, bits, window, divisor, a.scalar_type() == at::kFloat ? a.data_ptr<float>() : nullptr);
+Codes pack_relu_(at::Tensor& a, const at::Tensor& b, const CodeFormat& f, const at::Tensor& divisor) {
+  return pack_impl(a, b, f, divisor, a.scalar_type() == at::kFloat ? a.data_ptr<float>() : nullptr);
 }
 
 Codes pack(const at::Tensor& v, const ChannelCoding& cc, const at::Tensor& divisor) {
-  return pack_impl(v, cc.b, cc.bits, cc.window, divisor, nullptr, cc.offsets);
+  return pack_impl(v, cc.b, cc.format, divisor, nullptr, cc.offsets);
 }
 
 Codes pack_relu_(at::Tensor& a, const ChannelCoding& cc) {
-  return pack_impl(a, cc.b, cc.bits, cc.window, cc.g, a.scalar_type() == at::kFloat ? a.data_ptr<float>() : nullptr,
+  return pack_impl(a, cc.b, cc.format, cc.g, a.scalar_type() == at::kFloat ? a.data_ptr<float>() : nullptr,
                    cc.offsets);
 }
 
-ChannelCoding channel_coding(const at::Tensor& gamma, const at::Tensor& beta, float gamma_min, int bits, float window,
+ChannelCoding channel_coding(const at::Tensor& gamma, const at::Tensor& beta, float gamma_min, const CodeFormat& f,
                              bool centred) {
-  check_format(bits, window);
+  check_format(f);
   TORCH_CHECK(gamma.dim() == 1, "blpa codec: gamma must be a vector, got ", gamma.sizes());
   const int64_t channels = gamma.numel();
   check_channel_vector(gamma, "gamma", gamma, channels);
   check_channel_vector(beta, "beta", gamma, channels);
   const auto f32 = gamma.options().requires_grad(false);
   ChannelCoding cc{at::empty({channels}, f32), at::empty({channels}, f32), at::empty({channels}, f32.dtype(at::kByte)),
-                   bits, window};
+                   f};
   const float* gp = gamma.data_ptr<float>();
   const float* bp = beta.data_ptr<float>();
   if (gamma.is_cuda()) {
 #if BLPA_WITH_CUDA
     cuda::channel_coding({gp, bp, gamma_min, centred, cc.g.data_ptr<float>(), cc.b.data_ptr<float>(),
-                          cc.offsets.data_ptr<uint8_t>(), channels, bits, window, gamma.get_device()});
+                          cc.offsets.data_ptr<uint8_t>(), channels, f.bits, f.window, f.lift, gamma.get_device()});
     return cc;
 #else
     no_cuda();
@@ -362,11 +363,11 @@ ChannelCoding channel_coding(const at::Tensor& gamma, const at::Tensor& beta, fl
   float* g = cc.g.data_ptr<float>();
   float* b = cc.b.data_ptr<float>();
   uint8_t* s = cc.offsets.data_ptr<uint8_t>();
-  const float d = codec::bin_width(window, bits);
+  const float d = f.bin_width();
   for (int64_t c = 0; c < channels; ++c) {
     g[c] = gp[c] < gamma_min ? gamma_min : gp[c];  // NaN stays NaN, as clamp_min
     b[c] = centred ? bp[c] / g[c] : 0.0f;
-    s[c] = static_cast<uint8_t>(codec::offset(b[c], bits, d));
+    s[c] = static_cast<uint8_t>(codec::offset(b[c], f.bits, d, f.lift));
   }
   return cc;
 }
@@ -375,9 +376,10 @@ namespace {
 
 void unpack_into(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma, float* x_hat, float* r,
                  bool* mask) {
-  check_format(codes.bits, codes.window);
+  const CodeFormat& f = codes.format;
+  check_format(f);
   const Layout l = layout_of(codes.sizes);
-  TORCH_CHECK(codes.data.numel() == packed_bytes(l.numel, codes.bits) && codes.offsets.numel() == l.channels,
+  TORCH_CHECK(codes.data.numel() == packed_bytes(l.numel, f.bits) && codes.offsets.numel() == l.channels,
               "blpa codec: codes are inconsistent with their shape");
   TORCH_CHECK(codes.offsets.device() == codes.data.device(), "blpa codec: the codes' offsets are on ",
               codes.offsets.device(), " but their data on ", codes.data.device());
@@ -388,15 +390,15 @@ void unpack_into(const Codes& codes, const at::Tensor& b, const at::Tensor& gamm
   const uint8_t* offsets = codes.offsets.data_ptr<uint8_t>();
   if (codes.data.is_cuda()) {
 #if BLPA_WITH_CUDA
-    cuda::unpack({data, offsets, bp, gp, x_hat, r, mask, l.numel, l.plane, l.channels, codes.bits, codes.window,
+    cuda::unpack({data, offsets, bp, gp, x_hat, r, mask, l.numel, l.plane, l.channels, f.bits, f.window,
                   codes.data.get_device()});
     return;
 #else
     no_cuda();
 #endif
   }
-  const float d = codec::bin_width(codes.window, codes.bits);
-  with_bits(codes.bits, [&](auto k) { unpack_cpu<decltype(k)::value>(data, offsets, bp, gp, x_hat, r, mask, d, l); });
+  const float d = f.bin_width();
+  with_bits(f.bits, [&](auto k) { unpack_cpu<decltype(k)::value>(data, offsets, bp, gp, x_hat, r, mask, d, l); });
 }
 
 }  // namespace
@@ -433,10 +435,11 @@ void check_grad(const Codes& codes, const at::Tensor& grad) {
 BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tensor& g, const at::Tensor& invstd,
                          at::Tensor g_r, bool in_place, std::optional<float> gamma_min) {
   TORCH_CHECK(codes.defined(), "blpa codec: bn_relu_backward of empty codes");
-  check_format(codes.bits, codes.window);
+  const CodeFormat& f = codes.format;
+  check_format(f);
   check_grad(codes, g_r);
   const Layout l = layout_of(codes.sizes);
-  TORCH_CHECK(codes.data.numel() == packed_bytes(l.numel, codes.bits) && codes.offsets.numel() == l.channels,
+  TORCH_CHECK(codes.data.numel() == packed_bytes(l.numel, f.bits) && codes.offsets.numel() == l.channels,
               "blpa codec: codes are inconsistent with their shape");
   check_channel_vector(b, "b = beta / gamma", codes.data, l.channels);
   check_channel_vector(g, "gamma", codes.data, l.channels);
@@ -458,7 +461,7 @@ BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tens
     cuda::BnBackwardParams p{data, offsets, b.data_ptr<float>(), g.data_ptr<float>(), invstd.data_ptr<float>(),
                              g_r.data_ptr<float>(), out.g_x.data_ptr<float>(), nullptr, out.g_g.data_ptr<float>(),
                              out.g_beta.data_ptr<float>(), gamma_min.has_value(), gamma_min.value_or(0.0f), batch,
-                             l.channels, l.plane, codes.bits, codes.window, g_r.get_device()};
+                             l.channels, l.plane, f.bits, f.window, g_r.get_device()};
     const at::Tensor partials = at::empty({cuda::bn_workspace(p)}, f32.dtype(at::kDouble));
     p.partials = partials.data_ptr<double>();
     cuda::bn_relu_backward(p);
@@ -467,8 +470,8 @@ BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tens
     no_cuda();
 #endif
   }
-  const float d = codec::bin_width(codes.window, codes.bits);
-  with_bits(codes.bits, [&](auto k) {
+  const float d = f.bin_width();
+  with_bits(f.bits, [&](auto k) {
     bn_relu_backward_cpu<decltype(k)::value>(data, offsets, b.data_ptr<float>(), g.data_ptr<float>(),
                                              invstd.data_ptr<float>(), g_r.data_ptr<float>(), out.g_x.data_ptr<float>(),
                                              out.g_g.data_ptr<float>(), out.g_beta.data_ptr<float>(), batch, d, l);
@@ -484,10 +487,11 @@ BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tens
 
 at::Tensor code_values(const Codes& codes) {
   const int64_t n = codes.numel();
-  if (codes.bits == 8) return codes.data.view(codes.sizes);
+  const int bits = codes.format.bits;
+  if (bits == 8) return codes.data.view(codes.sizes);
   std::vector<at::Tensor> fields;  // element j of each byte, j = 0 .. 8 / bits - 1
-  for (int shift = 0; shift < 8; shift += codes.bits)
-    fields.push_back(at::bitwise_and(at::bitwise_right_shift(codes.data, shift), (1 << codes.bits) - 1));
+  for (int shift = 0; shift < 8; shift += bits)
+    fields.push_back(at::bitwise_and(at::bitwise_right_shift(codes.data, shift), (1 << bits) - 1));
   return at::stack(fields, 1).flatten().narrow(0, 0, n).view(codes.sizes);
 }
 

@@ -127,7 +127,7 @@ int64_t load_checkpoint(const std::string& path, const TrainConfig& c, ResNet& m
   if (saved != c.identity())
     throw std::runtime_error("checkpoint " + path + " was written by an incompatible configuration:\n  checkpoint: " +
                              saved + "\n  this run:   " + c.identity() +
-                             "\nresume with the same data set, model, mode, bits, window, batch and seed");
+                             "\nresume with the same data set, model, mode, bits, window, lift, batch and seed");
   archive.read("blpa_iteration", v);
   const int64_t iteration = v.toInt();
   torch::serialize::InputArchive m, o;
@@ -383,6 +383,7 @@ void TrainConfig::validate() const {
     bad("--bits must be 8, 4 or 2");
   if (!(mode.window == 0 || (std::isfinite(mode.window) && mode.window > 0)))
     bad("--window must be a positive width in units of x_hat");
+  if (mode.lift && !std::isfinite(*mode.lift)) bad("--lift must be a finite number of units of x_hat");
   if (resume && checkpoint.empty()) bad("--resume needs --checkpoint PATH");
   if (log_every <= 0 || eval_every < 0 || checkpoint_every <= 0)
     bad("--log-every and --checkpoint-every must be positive, --eval-every >= 0");

@@ -24,8 +24,9 @@ Codes codes_from(AutogradContext* ctx) {
   c.data = ctx->saved_data["codes"].toTensor();
   c.offsets = ctx->saved_data["offsets"].toTensor();
   c.sizes = ctx->saved_data["sizes"].toIntVector();
-  c.bits = static_cast<int>(ctx->saved_data["bits"].toInt());
-  c.window = static_cast<float>(ctx->saved_data["window"].toDouble());
+  c.format = {static_cast<int>(ctx->saved_data["bits"].toInt()),
+              static_cast<float>(ctx->saved_data["window"].toDouble()),
+              static_cast<float>(ctx->saved_data["lift"].toDouble())};
   return c;
 }
 
@@ -40,7 +41,7 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     // host's launches).
     ChannelCoding cc;
     if (mode.mode != Mode::exact)
-      cc = channel_coding(gamma, beta, kGammaMinF, mode.bits, mode.window, mode.mode == Mode::blpa);
+      cc = channel_coding(gamma, beta, kGammaMinF, mode.codes_format(), mode.mode == Mode::blpa);
     const Tensor g = mode.mode == Mode::exact ? gamma.clamp_min(kGammaMin) : cc.g;
     // a = gamma * x_hat + beta with batch statistics; updates the running statistics. The
     // same LibTorch operator, and so the same kernel (cuDNN's on a GPU), as plain's batch_norm.
@@ -79,8 +80,9 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
       ctx->saved_data["codes"] = codes.data;
       ctx->saved_data["offsets"] = codes.offsets;
       ctx->saved_data["sizes"] = codes.sizes;
-      ctx->saved_data["bits"] = static_cast<int64_t>(codes.bits);
-      ctx->saved_data["window"] = static_cast<double>(codes.window);
+      ctx->saved_data["bits"] = static_cast<int64_t>(codes.format.bits);
+      ctx->saved_data["window"] = static_cast<double>(codes.format.window);
+      ctx->saved_data["lift"] = static_cast<double>(codes.format.lift);
       memory->code_bytes += codes.data.nbytes();
       memory->metadata_bytes += codes.offsets.nbytes();
     }
@@ -200,38 +202,53 @@ std::string to_string(Mode m) {
   return "?";
 }
 
-float ModeConfig::codes_window() const { return window == 0 ? default_window(bits) : window; }
+CodeFormat ModeConfig::codes_format() const {
+  if (window == 0) {
+    CodeFormat f = default_format(bits);
+    if (lift) f.lift = *lift;
+    return f;
+  }
+  return {bits, window, lift.value_or(0.0f)};
+}
 
 std::string ModeConfig::str() const {
   if (mode != Mode::blpa && mode != Mode::naive) return to_string(mode);
+  const CodeFormat f = codes_format();
+  auto text = [](float x) {  // the shortest text that reads back as x
+    char buf[32];
+    return std::string(buf, std::to_chars(buf, buf + sizeof buf, x).ptr);
+  };
   std::string s = to_string(mode) + "-" + std::to_string(bits);
-  const float w = codes_window();
-  if (w == kPaperWindow) return s;
-  char buf[32];
-  const auto end = std::to_chars(buf, buf + sizeof buf, w).ptr;  // the shortest text that reads back as w
-  return s + "-w" + std::string(buf, end);
+  if (f.window != kPaperWindow) s += "-w" + text(f.window);
+  if (f.lift != 0.0f) s += "-l" + text(f.lift);
+  return s;
 }
 
-ModeConfig parse_mode_config(const std::string& s, int bits, float window) {
+ModeConfig parse_mode_config(const std::string& s, int bits, float window, std::optional<float> lift) {
   auto bad = [&] {
     return std::invalid_argument("unknown mode '" + s + "' (expected plain, exact, blpa, naive, blpa-K or naive-K with "
-                                 "K = 8, 4 or 2, optionally -wW for a window of width W)");
+                                 "K = 8, 4 or 2, then optionally -wW for a window of width W and -lL for a lift L)");
   };
   const auto dash = s.find('-');
-  ModeConfig m{parse_mode(s.substr(0, dash)), bits, window};
+  ModeConfig m{parse_mode(s.substr(0, dash)), bits, window, lift};
   if (dash == std::string::npos) return m;
   if (m.mode != Mode::blpa && m.mode != Mode::naive) throw bad();
-  // -K, then optionally -wW
+  // -K, then optionally -wW, then optionally -lL
   const char* p = s.data() + dash + 1;
   const char* end = s.data() + s.size();
-  auto [after_bits, ec] = std::from_chars(p, end, m.bits);
+  auto [q, ec] = std::from_chars(p, end, m.bits);
   if (ec != std::errc() || (m.bits != 8 && m.bits != 4 && m.bits != 2)) throw bad();
   m.window = kPaperWindow;
-  if (after_bits != end) {
-    if (end - after_bits < 3 || after_bits[0] != '-' || after_bits[1] != 'w') throw bad();
-    auto [after_window, ec2] = std::from_chars(after_bits + 2, end, m.window);
-    if (ec2 != std::errc() || after_window != end || !std::isfinite(m.window) || m.window <= 0) throw bad();
-  }
+  m.lift = 0.0f;
+  auto suffix = [&](char tag, float& value) {
+    if (end - q < 3 || q[0] != '-' || q[1] != tag) return;
+    auto [after, ec2] = std::from_chars(q + 2, end, value);
+    if (ec2 != std::errc() || !std::isfinite(value)) throw bad();
+    q = after;
+  };
+  suffix('w', m.window);
+  suffix('l', *m.lift);
+  if (q != end || !(m.window > 0)) throw bad();
   return m;
 }
 
@@ -240,8 +257,10 @@ UnitImpl::UnitImpl(int64_t in_channels, std::vector<ConvSpec> convs_, ModeConfig
   TORCH_CHECK(convs.size() <= 2, "a unit has at most two convolutions");
   if (mode.mode == Mode::blpa || mode.mode == Mode::naive) {
     TORCH_CHECK(mode.bits == 8 || mode.bits == 4 || mode.bits == 2, "bits must be 8, 4 or 2, got ", mode.bits);
-    mode_.window = mode.codes_window();
-    check_format(mode_.bits, mode_.window);
+    const CodeFormat f = mode.codes_format();
+    check_format(f);
+    mode_.window = f.window;
+    mode_.lift = f.lift;
   }
   gamma = register_parameter("gamma", torch::ones({in_channels}));
   beta = register_parameter("beta", torch::zeros({in_channels}));

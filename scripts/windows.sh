@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The measurements behind the choice of the codes' windows (docs/results.md, "Windows"):
 #   checkpoints  trains plain ResNets on Fashion-MNIST and keeps copies of their checkpoints:
-#                depths 20/56/110/164 for 1000 iterations (copies at 500 and 1000), and depth 20
-#                for the study's 2000 (copies at 250, 500, 1000, 1500, 2000)
+#                ResNet-20 for 1000 iterations (copies at 500 and 1000) and for the accuracy
+#                study's 2000 (copies at 250, 500, 1000, 1500, 2000: checkpoints-d20), ResNet-
+#                56/110/164 for 500 (copies at 250 and 500: checkpoints-deep)
 #   fidelity     blpa-bench fidelity over bits x windows, at drawn parameters (fidelity-drawn)
 #                and at those checkpoints (fidelity-trained)
 #   accuracy     the Fashion-MNIST study (ResNet-20, batch 64, 2000 iterations) for plain and
-#                blpa 8/4/2 at the default windows and at the paper's 6, seeds 1-3
+#                blpa 8/4/2 at the chosen windows and at the paper's 6, seeds 1-3
 # Usage: scripts/windows.sh STAGE... (default: all three). JSON lines and checkpoints go to
 # results/windows/ (git-ignored). Set BLPA_BIN to use programs from another build; NICE
 # (default 10) is the niceness of the runs. About 6 hours on 2 shared cores, most of it the
@@ -49,37 +50,65 @@ train() {
   done
 }
 
-# The sweep: every bits x window for blpa; naive at the paper's window and the defaults.
-sweep=(--modes blpa --bits 8,4,2 --windows 2,3,4,6,8,12,16,24)
+# ResNet-20: 1000 iterations (the main job's schedule), and the accuracy study's 2000 (the
+# same run as its plain seed 1: evaluations do not change training, and a resumed run is
+# the straight one; `blpa-eval` scores its copies on the whole test set).
+checkpoints_d20() {
+  train 20 1000 600,850 500 1000
+  train 20 2000 1200,1700 250 500 1000 1500 2000
+}
+
+# The deeper networks for 500 iterations, the same schedule compressed: a ResNet-164 step
+# costs about 13 ResNet-20 steps, and 2 shared cores allow no more.
+checkpoints_deep() {
+  for d in 56 110 164; do train "$d" 500 300,425 250 500; done
+}
+
+# sweep NETWORKS...: blpa-bench fidelity on the given networks (--depths D,... --batch 16, or
+# --checkpoint PATH,... --batch 64) for every bits x window at lift 0, then every bits x
+# window x lift near the best windows, then naive at the paper's window and the defaults.
+sweep() {
+  local fid=("$bin/blpa-bench" fidelity "$@" --json)
+  run "${fid[@]}" --modes blpa --bits 8,4,2 --windows 2,3,4,6,8,12,16,24 --lifts 0
+  run "${fid[@]}" --modes blpa --bits 8 --windows 8,10,12,16 --lifts 0.5,1,1.5
+  run "${fid[@]}" --modes blpa --bits 4 --windows 5,6,7,8 --lifts 0.5,1,1.5
+  run "${fid[@]}" --modes blpa --bits 4 --windows 5,7 --lifts 0
+  run "${fid[@]}" --modes blpa --bits 2 --windows 3,4,5,6 --lifts 0.5,1,1.5
+  run "${fid[@]}" --modes blpa --bits 2 --windows 5 --lifts 0
+  run "${fid[@]}" --modes naive --bits 8,4,2 --windows 6,default
+}
 
 fidelity_drawn() {
-  local f=$out/fidelity-drawn.jsonl
-  run "$bin/blpa-bench" fidelity --depths 20,56,110,164 --batch 16 "${sweep[@]}" --json >"$f.tmp"
-  run "$bin/blpa-bench" fidelity --depths 20,56,110,164 --batch 16 --modes naive --bits 8,4,2 \
-    --windows 6,default --json >>"$f.tmp"
-  mv "$f.tmp" "$f"
+  sweep --depths 20,56,110,164 --batch 16 >"$out/fidelity-drawn.jsonl.tmp"
+  mv "$out/fidelity-drawn.jsonl.tmp" "$out/fidelity-drawn.jsonl"
 }
 
-# At trained weights: the four depths after 1000 iterations, and ResNet-20 along a 2000-iteration run.
+# At trained weights: the four depths (ResNet-20 after 500 and 1000 iterations, the deeper ones
+# after 500), and ResNet-20 along the 2000-iteration run.
 fidelity_trained() {
-  local f=$out/fidelity-trained.jsonl ckpts=()
-  for d in 20 56 110 164; do
-    [[ -f $out/ckpt/plain-d$d-1000-it1000.ckpt ]] && ckpts+=("$out/ckpt/plain-d$d-1000-it1000.ckpt")
-  done
+  local ckpts=("$out/ckpt/plain-d20-1000-it500.ckpt" "$out/ckpt/plain-d20-1000-it1000.ckpt")
+  for d in 56 110 164; do ckpts+=("$out/ckpt/plain-d$d-500-it500.ckpt"); done
   for p in 250 500 1000 1500 2000; do ckpts+=("$out/ckpt/plain-d20-2000-it$p.ckpt"); done
-  run "$bin/blpa-bench" fidelity --checkpoint "$(IFS=,; echo "${ckpts[*]}")" --batch 64 "${sweep[@]}" --json >"$f.tmp"
-  mv "$f.tmp" "$f"
+  local have=()
+  for c in "${ckpts[@]}"; do [[ -f $c ]] && have+=("$c") || echo "windows.sh: $c not trained yet, left out" >&2; done
+  sweep --checkpoint "$(IFS=,; echo "${have[*]}")" --batch 64 >"$out/fidelity-trained.jsonl.tmp"
+  mv "$out/fidelity-trained.jsonl.tmp" "$out/fidelity-trained.jsonl"
 }
 
-# accuracy [SEEDS]: ResNet-20 on Fashion-MNIST, the study's protocol (scripts/study.sh).
+# ResNet-20 on Fashion-MNIST, the study's protocol (scripts/study.sh), for each mode name (as
+# blpa-bench writes them: blpa-K is the paper's window 6, blpa-K-wW another) and seed.
+# ACCURACY_MODES and ACCURACY_SEEDS pick a part, e.g. to run parts side by side.
 accuracy() {
-  local seeds=${ACCURACY_SEEDS:-1 2 3}
+  local modes=${ACCURACY_MODES:-plain blpa-8-w12 blpa-8 blpa-4 blpa-2-w4 blpa-2} seeds=${ACCURACY_SEEDS:-1 2 3}
   for seed in $seeds; do
-    for mode in plain blpa-8 blpa-8-w6 blpa-4 blpa-4-w6 blpa-2 blpa-2-w6; do
+    for mode in $modes; do
       local log=$out/fashion-$mode-seed$seed.jsonl args=(--mode "${mode%%-*}")
       [[ -f $log ]] && grep -q '"type": "eval", "iter": 2000' "$log" && continue  # done
-      [[ $mode == *-* ]] && args+=(--bits "$(cut -d- -f2 <<<"$mode")")
-      [[ $mode == *-w* ]] && args+=(--window "${mode##*-w}")
+      if [[ $mode == *-* ]]; then
+        local rest=${mode#*-}
+        args+=(--bits "${rest%%-*}" --window 6)
+        [[ $rest == *-w* ]] && args[-1]=${rest#*-w}
+      fi
       run "$bin/blpa-train" --depth 20 --batch 64 --iterations 2000 --warmup 100 --lr-steps 1200,1700 \
         --eval-every 500 --log-every 20 --seed "$seed" --quiet "${args[@]}" --log "$log"
     done
@@ -88,11 +117,9 @@ accuracy() {
 
 for stage in "${stages[@]}"; do
   case $stage in
-    checkpoints)
-      train 20 1000 600,850 500 1000
-      train 20 2000 1200,1700 250 500 1000 1500 2000
-      for d in 56 110 164; do train "$d" 1000 600,850 500 1000; done
-      ;;
+    checkpoints) checkpoints_d20; checkpoints_deep ;;
+    checkpoints-d20) checkpoints_d20 ;;
+    checkpoints-deep) checkpoints_deep ;;
     fidelity) fidelity_drawn; fidelity_trained ;;
     fidelity-drawn) fidelity_drawn ;;
     fidelity-trained) fidelity_trained ;;

@@ -14,38 +14,39 @@ namespace {
 
 constexpr float kGuard = 1e-6f;
 
-// K bits over a window of `window` units: bins of width d = window / 2^K.
-struct Format {
-  int bits;
-  float window;
-  int bins() const { return 1 << bits; }
-  float d() const { return window / static_cast<float>(bins()); }
-};
+using blpa::CodeFormat;
+using blpa::pack;
 
-// Every K with the paper's window 6, a narrower and a wider one, and one whose bins are no
-// power-of-two fraction of a unit.
-std::vector<Format> formats() {
-  std::vector<Format> out;
+// K bits over a window of `window` units: B = 2^K bins of width d = window / B.
+int bins(const CodeFormat& f) { return 1 << f.bits; }
+float width(const CodeFormat& f) { return f.window / static_cast<float>(bins(f)); }
+
+// Every K with the paper's quantiser (window 6, lift 0), a narrower and a wider window, one
+// whose bins are no power-of-two fraction of a unit, and lifted and lowered windows.
+std::vector<CodeFormat> formats() {
+  std::vector<CodeFormat> out;
   for (int bits : {8, 4, 2})
-    for (float window : {6.0f, 2.5f, 12.0f, 7.3f}) out.push_back({bits, window});
+    for (auto [window, lift] : std::vector<std::pair<float, float>>{
+             {6.0f, 0.0f}, {2.5f, 0.0f}, {12.0f, 0.0f}, {7.3f, 0.0f}, {6.0f, 1.0f}, {4.0f, -0.7f}, {12.0f, 2.5f}})
+      out.push_back({bits, window, lift});
   return out;
 }
 
-int ref_offset(float b, const Format& f) {
-  const int B = f.bins();
-  double s = B / 2 - std::floor(static_cast<double>(b / f.d()));
+int ref_offset(float b, const CodeFormat& f) {
+  const int B = bins(f);
+  double s = B / 2 - std::floor(static_cast<double>((b + f.lift) / width(f)));
   s = std::max(1.0, std::min(s, static_cast<double>(B - 1)));
   return static_cast<int>(s);
 }
 
-int ref_code(float v, int s, const Format& f) {
-  double c = std::floor(static_cast<double>((v - kGuard) / f.d())) + s;
-  c = std::max(0.0, std::min(c, static_cast<double>(f.bins() - 1)));
+int ref_code(float v, int s, const CodeFormat& f) {
+  double c = std::floor(static_cast<double>((v - kGuard) / width(f))) + s;
+  c = std::max(0.0, std::min(c, static_cast<double>(bins(f) - 1)));
   return static_cast<int>(c);
 }
 
 // Reference codes of a float tensor, channel on dim 1.
-std::vector<int> ref_codes(const torch::Tensor& v, const torch::Tensor& b, const Format& f) {
+std::vector<int> ref_codes(const torch::Tensor& v, const torch::Tensor& b, const CodeFormat& f) {
   auto vc = v.contiguous();
   const int64_t C = v.size(1), plane = v.numel() / (v.size(0) * C);
   std::vector<int> out(v.numel());
@@ -53,10 +54,6 @@ std::vector<int> ref_codes(const torch::Tensor& v, const torch::Tensor& b, const
   const float* pb = b.data_ptr<float>();
   for (int64_t i = 0; i < v.numel(); ++i) out[i] = ref_code(pv[i], ref_offset(pb[(i / plane) % C], f), f);
   return out;
-}
-
-blpa::Codes pack(const torch::Tensor& v, const torch::Tensor& b, const Format& f, const torch::Tensor& divisor = {}) {
-  return blpa::pack(v, b, f.bits, f.window, divisor);
 }
 
 std::vector<int> lib_codes(const blpa::Codes& codes) {
@@ -73,9 +70,9 @@ int64_t count_mismatch(const std::vector<int>& a, const std::vector<int>& b) {
 
 // Values that exercise every case of the formula: bin edges in the window (plain and
 // guard-shifted), zeros, tiny values around the guard, and values far outside the window.
-torch::Tensor edge_values(const Format& f) {
-  const int B = f.bins();
-  const float d = f.d(), w = f.window;
+torch::Tensor edge_values(const CodeFormat& f) {
+  const int B = bins(f);
+  const float d = width(f), w = f.window;
   std::vector<float> x;
   for (int k = -2 * B; k <= 2 * B; ++k) {
     x.push_back(k * d);
@@ -90,12 +87,12 @@ torch::Tensor edge_values(const Format& f) {
   return torch::tensor(x);
 }
 
-// The offsets cases: s pinned at 1 (b >= window / 2), pinned at B - 1 (b very negative), and
-// between.
-torch::Tensor offset_cases(const Format& f) {
-  const float d = f.d(), h = f.window / 2;
+// The offsets cases: s pinned at 1 (b >= window / 2), pinned at B - 1 (b very negative),
+// between, and b = -lift (the window centred on 0).
+torch::Tensor offset_cases(const CodeFormat& f) {
+  const float d = width(f), h = f.window / 2;
   return torch::tensor({0.0f, 0.3f, -0.3f, d, -d, 2.5f * d, -2.5f * d, h - 0.1f, h, 50.0f, 0.1f - h, -h, -50.0f,
-                        1e20f, -1e20f});
+                        1e20f, -1e20f, -f.lift});
 }
 
 
@@ -146,37 +143,39 @@ std::vector<std::vector<int64_t>> bn_shapes() {
 
 TEST_CASE("codec: codes equal the scalar reference on random inputs", "[codec]") {
   torch::manual_seed(1);
-  for (const Format& f : formats()) {
+  for (const CodeFormat& f : formats()) {
     for (auto shape : std::vector<std::vector<int64_t>>{{4, 16, 8, 8}, {3, 5, 7, 9}, {2, 1, 33, 17}, {5, 2048}}) {
-      CAPTURE(f.bits, f.window, shape);
+      CAPTURE(f.bits, f.window, f.lift, shape);
       auto b = torch::randn({shape[1]}) * 2;
       std::vector<int64_t> per_channel(shape.size(), 1);
       per_channel[1] = shape[1];
       auto v = torch::randn(shape) * 1.5 + b.view(per_channel);
       auto codes = pack(v, b, f);
-      CHECK(codes.bits == f.bits);
-      CHECK(codes.window == f.window);
+      CHECK(codes.format.bits == f.bits);
+      CHECK(codes.format.window == f.window);
+      CHECK(codes.format.lift == f.lift);
       CHECK(count_mismatch(lib_codes(codes), ref_codes(v, b, f)) == 0);
     }
   }
 }
 
 TEST_CASE("codec: edges, zeros, guard values and clamping equal the reference for every offset", "[codec]") {
-  for (const Format& f : formats()) {
+  for (const CodeFormat& f : formats()) {
     auto x = edge_values(f);
     auto b = offset_cases(f);
     const int64_t C = b.numel();
     // Each channel holds every edge value: shape 1 x C x n.
     auto v = x.view({1, 1, -1}).expand({1, C, x.numel()}).contiguous();
     auto codes = pack(v, b, f);
-    CAPTURE(f.bits, f.window);
+    CAPTURE(f.bits, f.window, f.lift);
     CHECK(count_mismatch(lib_codes(codes), ref_codes(v, b, f)) == 0);
 
     auto offsets = codes.offsets.to(torch::kInt);
     for (int64_t c = 0; c < C; ++c) CHECK(offsets[c].item<int>() == ref_offset(b[c].item<float>(), f));
-    CHECK(offsets[0].item<int>() == f.bins() / 2);   // b = 0: window centred on 0
+    if (f.lift == 0.0f) CHECK(offsets[0].item<int>() == bins(f) / 2);  // b = 0: window centred on 0
+    CHECK(offsets[15].item<int>() == bins(f) / 2);   // b = -lift: likewise
     CHECK(offsets[9].item<int>() == 1);              // b = 50: pinned at 1
-    CHECK(offsets[12].item<int>() == f.bins() - 1);  // b = -50: pinned at B - 1
+    CHECK(offsets[12].item<int>() == bins(f) - 1);  // b = -50: pinned at B - 1
   }
 }
 
@@ -186,8 +185,8 @@ TEST_CASE("codec: the mask is v >= guard, for every K and window, offset and inp
   // values, and the channels' offsets pinned at both ends; through the divisor, as the unit
   // packs a / gamma.
   torch::manual_seed(2);
-  for (const Format& f : formats()) {
-    CAPTURE(f.bits, f.window);
+  for (const CodeFormat& f : formats()) {
+    CAPTURE(f.bits, f.window, f.lift);
     auto b = torch::cat({offset_cases(f), torch::randn({17}) * 3});
     const int64_t C = b.numel();
     auto gamma = torch::rand({C}) * 2 + 0.01;
@@ -206,9 +205,9 @@ TEST_CASE("codec: the mask is v >= guard, for every K and window, offset and inp
 
 TEST_CASE("codec: each value lies in its code's bin, and inside the window within half a bin of v'", "[codec]") {
   torch::manual_seed(3);
-  for (const Format& f : formats()) {
-    CAPTURE(f.bits, f.window);
-    const double d = f.d();
+  for (const CodeFormat& f : formats()) {
+    CAPTURE(f.bits, f.window, f.lift);
+    const double d = width(f);
     auto b = torch::randn({6});
     auto x_hat = torch::randn({16, 6, 9, 9});
     auto v = (x_hat + b.view({1, 6, 1, 1})).contiguous();
@@ -220,7 +219,7 @@ TEST_CASE("codec: each value lies in its code's bin, and inside the window withi
     auto lo = (q - s) * d + kGuard, hi = (q - s + 1) * d + kGuard;
     auto vd = v.to(torch::kDouble);
     const double tol = 1e-6;  // (v - guard) / d is rounded once, in float
-    auto first = q.eq(0), last = q.eq(f.bins() - 1);
+    auto first = q.eq(0), last = q.eq(bins(f) - 1);
     CHECK(((vd >= lo - tol) | first).all().item<bool>());
     CHECK(((vd < hi + tol) | last).all().item<bool>());
     // v' is the centre of the bin: within d / 2 of v unless v was clamped.
@@ -233,8 +232,8 @@ TEST_CASE("codec: each value lies in its code's bin, and inside the window withi
 
 TEST_CASE("codec: unpack outputs follow from the codes", "[codec]") {
   torch::manual_seed(4);
-  for (const Format& f : formats()) {
-    CAPTURE(f.bits, f.window);
+  for (const CodeFormat& f : formats()) {
+    CAPTURE(f.bits, f.window, f.lift);
     auto b = torch::randn({3});
     auto gamma = torch::rand({3}) + 0.5;
     auto v = torch::randn({2, 3, 7, 5}) + b.view({1, 3, 1, 1});
@@ -242,7 +241,7 @@ TEST_CASE("codec: unpack outputs follow from the codes", "[codec]") {
     auto u = blpa::unpack(codes, b, gamma, blpa::kXhat | blpa::kRelu | blpa::kMask);
     auto q = blpa::code_values(codes).to(torch::kFloat);
     auto s = codes.offsets.to(torch::kFloat).view({1, 3, 1, 1});
-    auto v_prime = (q - s + 0.5f) * f.d();
+    auto v_prime = (q - s + 0.5f) * width(f);
     CHECK(torch::equal(u.x_hat, v_prime - b.view({1, 3, 1, 1})));
     CHECK(torch::equal(u.r, torch::clamp_min(gamma.view({1, 3, 1, 1}) * v_prime, 0)));
     CHECK(torch::equal(u.mask, q >= s));
@@ -255,13 +254,13 @@ TEST_CASE("codec: unpack outputs follow from the codes", "[codec]") {
 
 TEST_CASE("codec: packing with a divisor equals packing the divided tensor", "[codec]") {
   torch::manual_seed(7);
-  for (const Format& f : formats()) {
+  for (const CodeFormat& f : formats()) {
     auto gamma = torch::rand({5}) * 2 + 1e-3;
     auto a = torch::randn({3, 5, 7, 9}) * 2;
     auto b = torch::randn({5});
     auto fused = pack(a, b, f, gamma);
     auto divided = pack((a / gamma.view({1, 5, 1, 1})).contiguous(), b, f);
-    CAPTURE(f.bits, f.window);
+    CAPTURE(f.bits, f.window, f.lift);
     CHECK(torch::equal(fused.data, divided.data));
     CHECK(torch::equal(fused.offsets, divided.offsets));
   }
@@ -269,7 +268,7 @@ TEST_CASE("codec: packing with a divisor equals packing the divided tensor", "[c
 
 TEST_CASE("codec: storage is exactly ceil(n*K/8) bytes plus one offset per channel, and round-trips at odd sizes",
           "[codec]") {
-  for (const Format& f : formats()) {
+  for (const CodeFormat& f : formats()) {
     for (auto shape : std::vector<std::vector<int64_t>>{{1, 1, 1, 1}, {1, 1, 1, 2}, {1, 1, 1, 3}, {1, 1, 1, 5},
                                                         {1, 3, 5, 7}, {2, 1, 3, 3}, {1, 7, 1, 1}, {3, 5, 1, 3},
                                                         {3, 4096}, {3, 4097}, {0, 3, 2, 2}}) {
@@ -278,7 +277,7 @@ TEST_CASE("codec: storage is exactly ceil(n*K/8) bytes plus one offset per chann
       const int64_t C = shape[1];
       auto codes = pack(v, b, f);
       const int64_t n = v.numel();
-      CAPTURE(f.bits, f.window, shape);
+      CAPTURE(f.bits, f.window, f.lift, shape);
       CHECK(codes.data.numel() == (n * f.bits + 7) / 8);
       CHECK(codes.data.numel() == blpa::packed_bytes(n, f.bits));
       CHECK(codes.offsets.numel() == C);
@@ -303,12 +302,12 @@ TEST_CASE("codec: channel runs that start mid-byte and span threads stay correct
   // Odd planes put channel boundaries inside bytes (shared by two channels) and the tensor
   // is large enough to be split across threads.
   torch::manual_seed(5);
-  for (const Format& f : formats()) {
+  for (const CodeFormat& f : formats()) {
     for (int64_t plane : {333, 334, 335}) {
       auto b = torch::randn({3}) * 2;
       auto v = torch::randn({2, 3, plane, 333}) * 2;
       auto codes = pack(v, b, f);
-      CAPTURE(f.bits, f.window, plane);
+      CAPTURE(f.bits, f.window, f.lift, plane);
       CHECK(count_mismatch(lib_codes(codes), ref_codes(v, b, f)) == 0);
       auto u = blpa::unpack(codes, b, torch::ones({3}), blpa::kMask);
       CHECK(torch::equal(u.mask, v >= kGuard));
@@ -318,8 +317,8 @@ TEST_CASE("codec: channel runs that start mid-byte and span threads stay correct
 
 TEST_CASE("codec: non-finite inputs have the documented codes", "[codec]") {
   const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
-  for (const Format& f : formats()) {
-    const int top = f.bins() - 1;
+  for (const CodeFormat& f : formats()) {
+    const int top = bins(f) - 1;
     auto v = torch::tensor({nan, inf, -inf, nan}).view({1, 1, 4});
     auto codes = pack(v, torch::zeros({1}), f);
     auto q = lib_codes(codes);
@@ -331,9 +330,9 @@ TEST_CASE("codec: non-finite inputs have the documented codes", "[codec]") {
 
 TEST_CASE("codec: pack_relu_ packs like pack and leaves relu(a) in place", "[codec]") {
   torch::manual_seed(12);
-  for (const Format& f : formats()) {
+  for (const CodeFormat& f : formats()) {
     for (auto shape : std::vector<std::vector<int64_t>>{{3, 5, 7, 9}, {2, 4, 8, 8}, {5, 3}}) {
-      CAPTURE(f.bits, f.window, shape);
+      CAPTURE(f.bits, f.window, f.lift, shape);
       auto a = torch::randn(shape) * 2;
       auto flat = a.view(-1);
       flat[0] = std::nanf("");
@@ -342,8 +341,8 @@ TEST_CASE("codec: pack_relu_ packs like pack and leaves relu(a) in place", "[cod
       flat[3] = -std::numeric_limits<float>::infinity();
       auto b = torch::randn({shape[1]}), gamma = torch::rand({shape[1]}) + 0.1;
       auto r = a.clone();
-      auto codes = blpa::pack_relu_(r, b, f.bits, f.window, gamma);
-      CHECK(codes.window == f.window);
+      auto codes = blpa::pack_relu_(r, b, f, gamma);
+      CHECK(codes.format.window == f.window);
       CHECK(torch::equal(codes.data, pack(a, b, f, gamma).data));
       CHECK(torch::equal(codes.offsets, pack(a, b, f, gamma).offsets));
       CHECK(torch::allclose(r, torch::relu(a), 0, 0, /*equal_nan=*/true));  // NaN stays NaN, as with relu
@@ -393,7 +392,7 @@ TEST_CASE("codec: the paper's window gives the codes of a5b148d (before windows 
   };
   for (const Pinned& p : pinned) {
     CAPTURE(p.bits);
-    auto codes = blpa::pack(v, b, p.bits, blpa::kPaperWindow, g);
+    auto codes = blpa::pack(v, b, CodeFormat{p.bits, blpa::kPaperWindow, 0.0f}, g);
     auto u = blpa::unpack(codes, b, g, blpa::kXhat | blpa::kRelu);
     const uint64_t basis = 1469598103934665603ull;
     CHECK(fnv1a(fnv1a(basis, codes.data), codes.offsets) == p.codes);
@@ -404,19 +403,28 @@ TEST_CASE("codec: the paper's window gives the codes of a5b148d (before windows 
   }
 }
 
-TEST_CASE("codec: default windows and the format's checks", "[codec]") {
-  CHECK(blpa::kPaperWindow == 6.0f);
-  for (int bits : {8, 4, 2}) CHECK(blpa::default_window(bits) > 0);
-  CHECK_THROWS_WITH(blpa::default_window(3), Catch::Contains("bits must be 8, 4 or 2"));
+TEST_CASE("codec: default formats and the format's checks", "[codec]") {
+  const CodeFormat paper;
+  CHECK(paper.bits == 8);
+  CHECK(paper.window == 6.0f);
+  CHECK(paper.lift == 0.0f);
+  for (int bits : {8, 4, 2}) {
+    CHECK(blpa::default_format(bits).bits == bits);
+    CHECK(blpa::default_format(bits).window > 0);
+  }
+  CHECK_THROWS_WITH(blpa::default_format(3), Catch::Contains("bits must be 8, 4 or 2"));
   torch::manual_seed(18);
   auto v = torch::randn({2, 3, 4, 4}) * 3;
-  for (float w : {0.0f, -1.0f, std::nanf(""), std::numeric_limits<float>::infinity()})
-    CHECK_THROWS_WITH(blpa::pack(v, torch::zeros({3}), 4, w), Catch::Contains("window must be a positive width"));
-  CHECK_THROWS_WITH(blpa::channel_coding(torch::ones({3}), torch::ones({3}), 1e-8f, 4, 0.0f, true),
+  const float inf = std::numeric_limits<float>::infinity();
+  for (float w : {0.0f, -1.0f, std::nanf(""), inf})
+    CHECK_THROWS_WITH(blpa::pack(v, torch::zeros({3}), {4, w}), Catch::Contains("window must be a positive width"));
+  for (float l : {std::nanf(""), inf, -inf})
+    CHECK_THROWS_WITH(blpa::pack(v, torch::zeros({3}), {4, 6.0f, l}), Catch::Contains("lift must be finite"));
+  CHECK_THROWS_WITH(blpa::channel_coding(torch::ones({3}), torch::ones({3}), 1e-8f, {4, 0.0f}, true),
                     Catch::Contains("window must be a positive width"));
   // Codes carry their window: unpacking reads it from them.
   auto b = torch::zeros({3});
-  auto wide = blpa::pack(v, b, 4, 12.0f), narrow = blpa::pack(v, b, 4, 3.0f);
+  auto wide = blpa::pack(v, b, {4, 12.0f}), narrow = blpa::pack(v, b, {4, 3.0f});
   auto uw = blpa::unpack(wide, b, {}, blpa::kXhat), un = blpa::unpack(narrow, b, {}, blpa::kXhat);
   CHECK(uw.x_hat.abs().max().item<float>() > 3.0f);   // values reach past the narrow window
   CHECK(un.x_hat.abs().max().item<float>() <= 1.5f);  // clamped at its edges' bin centres
@@ -437,12 +445,12 @@ torch::Tensor awkward_gammas(int64_t c) {
 
 TEST_CASE("codec: channel_coding equals clamp_min, beta / g and pack's offsets", "[codec]") {
   torch::manual_seed(15);
-  for (const Format& f : formats()) {
-    CAPTURE(f.bits, f.window);
+  for (const CodeFormat& f : formats()) {
+    CAPTURE(f.bits, f.window, f.lift);
     const int64_t c = 11;
     auto gamma = awkward_gammas(c), beta = torch::randn({c}) * 2;
-    auto cc = blpa::channel_coding(gamma, beta, 1e-8f, f.bits, f.window, /*centred=*/true);
-    CHECK(cc.window == f.window);
+    auto cc = blpa::channel_coding(gamma, beta, 1e-8f, f, /*centred=*/true);
+    CHECK(cc.format.lift == f.lift);
     auto g = gamma.clamp_min(1e-8);
     CHECK(torch::allclose(cc.g, g, 0, 0, /*equal_nan=*/true));
     CHECK(torch::allclose(cc.b, beta / g, 0, 0, /*equal_nan=*/true));
@@ -450,24 +458,24 @@ TEST_CASE("codec: channel_coding equals clamp_min, beta / g and pack's offsets",
     CHECK(torch::equal(cc.offsets, pack(v, cc.b, f).offsets));
     // pack with the coding: the same codes, and the coding's offsets are the codes' own.
     auto with = blpa::pack(v, cc);
-    CHECK(with.window == f.window);
+    CHECK(with.format.window == f.window);
     CHECK(torch::equal(with.data, pack(v, cc.b, f).data));
     CHECK(with.offsets.data_ptr() == cc.offsets.data_ptr());
     auto a = v.clone(), a2 = v.clone();
     auto relu_codes = blpa::pack_relu_(a, cc);
-    CHECK(torch::equal(relu_codes.data, blpa::pack_relu_(a2, cc.b, f.bits, f.window, cc.g).data));
+    CHECK(torch::equal(relu_codes.data, blpa::pack_relu_(a2, cc.b, f, cc.g).data));
     CHECK(torch::equal(a, a2));
     // naive: the window is centred on 0.
-    auto naive = blpa::channel_coding(gamma, beta, 1e-8f, f.bits, f.window, /*centred=*/false);
+    auto naive = blpa::channel_coding(gamma, beta, 1e-8f, f, /*centred=*/false);
     CHECK(torch::equal(naive.b, torch::zeros({c})));
     CHECK(torch::equal(naive.offsets, pack(v, torch::zeros({c}), f).offsets));
   }
   SECTION("bad arguments are refused") {
-    CHECK_THROWS_WITH(blpa::channel_coding(torch::ones({3}), torch::ones({4}), 1e-8f, 8, 6.0f, true),
+    CHECK_THROWS_WITH(blpa::channel_coding(torch::ones({3}), torch::ones({4}), 1e-8f, {8}, true),
                       Catch::Contains("vector of 3 channels"));
-    CHECK_THROWS_WITH(blpa::channel_coding(torch::ones({3}), torch::ones({3}), 1e-8f, 5, 6.0f, true),
+    CHECK_THROWS_WITH(blpa::channel_coding(torch::ones({3}), torch::ones({3}), 1e-8f, {5}, true),
                       Catch::Contains("bits must be 8, 4 or 2"));
-    auto cc = blpa::channel_coding(torch::ones({3}), torch::ones({3}), 1e-8f, 8, 6.0f, true);
+    auto cc = blpa::channel_coding(torch::ones({3}), torch::ones({3}), 1e-8f, {8}, true);
     CHECK_THROWS_WITH(blpa::pack(torch::randn({2, 4, 3, 3}), cc), Catch::Contains("vector of 4 channels"));
   }
 }
@@ -476,7 +484,7 @@ TEST_CASE("codec: bn_relu_backward with gamma_min passes no gradient to clamped 
   torch::manual_seed(16);
   const int64_t c = 9;
   auto gamma = awkward_gammas(c), beta = torch::randn({c}), invstd = torch::rand({c}) + 0.5;
-  auto cc = blpa::channel_coding(gamma, beta, 1e-8f, 4, 6.0f, true);
+  auto cc = blpa::channel_coding(gamma, beta, 1e-8f, {4}, true);
   auto codes = blpa::pack(torch::randn({4, c, 6, 6}), cc);
   auto g_r = torch::randn({4, c, 6, 6});
   auto free = blpa::bn_relu_backward(codes, cc.b, cc.g, invstd, g_r, false);
@@ -493,9 +501,9 @@ TEST_CASE("codec: bn_relu_backward with gamma_min passes no gradient to clamped 
 
 TEST_CASE("codec: bn_relu_backward equals the BatchNorm backward of the masked gradient and x_hat'", "[codec]") {
   torch::manual_seed(13);
-  for (const Format& f : formats()) {
+  for (const CodeFormat& f : formats()) {
     for (const auto& shape : bn_shapes()) {
-      CAPTURE(f.bits, f.window, shape);
+      CAPTURE(f.bits, f.window, f.lift, shape);
       const int64_t c = shape[1];
       auto b = torch::randn({c}), g = torch::rand({c}) + 0.2, invstd = torch::rand({c}) + 0.5;
       auto v = torch::randn(shape) + b.view(shape.size() == 2 ? std::vector<int64_t>{1, c} : std::vector<int64_t>{1, c, 1, 1});
@@ -518,7 +526,7 @@ TEST_CASE("codec: bn_relu_backward equals the BatchNorm backward of the masked g
   }
   SECTION("it is LibTorch's BatchNorm backward with x_hat' as input, mean 0 and 1/sigma 1") {
     auto b = torch::randn({6}), g = torch::rand({6}) + 0.2, invstd = torch::rand({6}) + 0.5;
-    auto codes = blpa::pack(torch::randn({5, 6, 7, 7}), b, 4, 6.0f);
+    auto codes = blpa::pack(torch::randn({5, 6, 7, 7}), b, {4});
     auto g_r = torch::randn({5, 6, 7, 7});
     auto u = blpa::unpack(codes, b, {}, blpa::kXhat | blpa::kMask);
     auto [gx, gg, gb] = at::native_batch_norm_backward(torch::where(u.mask, g_r, torch::zeros_like(g_r)), u.x_hat,
@@ -532,7 +540,7 @@ TEST_CASE("codec: bn_relu_backward equals the BatchNorm backward of the masked g
   SECTION("a NaN gradient where the mask is off contributes nothing, as with threshold_backward") {
     auto b = torch::zeros({2}), g = torch::ones({2}), invstd = torch::ones({2});
     auto v = torch::tensor({-1.0f, 2.0f, -3.0f, 0.5f}).view({1, 2, 2, 1});
-    auto codes = blpa::pack(v, b, 8, 6.0f);
+    auto codes = blpa::pack(v, b, {8});
     auto g_r = torch::tensor({std::nanf(""), 1.0f, std::nanf(""), 2.0f}).view({1, 2, 2, 1});
     auto out = blpa::bn_relu_backward(codes, b, g, invstd, g_r, false);
     CHECK(torch::isfinite(out.g_x).all().item<bool>());
@@ -541,7 +549,7 @@ TEST_CASE("codec: bn_relu_backward equals the BatchNorm backward of the masked g
   }
   SECTION("bad arguments are refused") {
     auto b = torch::zeros({3});
-    auto codes = blpa::pack(torch::randn({2, 3, 4, 4}), b, 8, 6.0f);
+    auto codes = blpa::pack(torch::randn({2, 3, 4, 4}), b, {8});
     CHECK_THROWS_WITH(blpa::bn_relu_backward(codes, b, b, b, torch::randn({2, 3, 4, 5}), false),
                       Catch::Contains("gradient must be contiguous float32 of shape"));
     CHECK_THROWS_WITH(blpa::bn_relu_backward(codes, b, torch::ones({4}), b, torch::randn({2, 3, 4, 4}), false),
@@ -551,20 +559,20 @@ TEST_CASE("codec: bn_relu_backward equals the BatchNorm backward of the masked g
 
 TEST_CASE("codec: bad arguments are refused with a clear message", "[codec]") {
   auto v = torch::randn({2, 3, 4, 4});
-  CHECK_THROWS_WITH(blpa::pack(v, torch::zeros({3}), 3, 6.0f), Catch::Contains("bits must be 8, 4 or 2"));
-  CHECK_THROWS_WITH(blpa::pack(v, torch::zeros({4}), 8, 6.0f), Catch::Contains("vector of 3 channels"));
-  CHECK_THROWS_WITH(blpa::pack(v.transpose(2, 3), torch::zeros({3}), 8, 6.0f), Catch::Contains("contiguous"));
-  CHECK_THROWS_WITH(blpa::pack(v.to(torch::kDouble), torch::zeros({3}), 8, 6.0f), Catch::Contains("float32"));
-  CHECK_THROWS_WITH(blpa::pack(torch::randn({5}), torch::zeros({5}), 8, 6.0f), Catch::Contains("at least 2 dims"));
+  CHECK_THROWS_WITH(blpa::pack(v, torch::zeros({3}), {3}), Catch::Contains("bits must be 8, 4 or 2"));
+  CHECK_THROWS_WITH(blpa::pack(v, torch::zeros({4}), {8}), Catch::Contains("vector of 3 channels"));
+  CHECK_THROWS_WITH(blpa::pack(v.transpose(2, 3), torch::zeros({3}), {8}), Catch::Contains("contiguous"));
+  CHECK_THROWS_WITH(blpa::pack(v.to(torch::kDouble), torch::zeros({3}), {8}), Catch::Contains("float32"));
+  CHECK_THROWS_WITH(blpa::pack(torch::randn({5}), torch::zeros({5}), {8}), Catch::Contains("at least 2 dims"));
 }
 
 TEST_CASE("CUDA: codec output is bit-identical to the CPU path", "[codec][cuda]") {
   BLPA_REQUIRE_CUDA();
   torch::manual_seed(6);
-  for (const Format& f : formats()) {
+  for (const CodeFormat& f : formats()) {
     for (auto shape : std::vector<std::vector<int64_t>>{{4, 16, 8, 8}, {3, 5, 7, 9}, {2, 3, 333, 333}, {7, 4099},
                                                         {1, 1, 1, 5}, {3, 2, 1, 7}}) {
-      CAPTURE(f.bits, f.window, shape);
+      CAPTURE(f.bits, f.window, f.lift, shape);
       auto b = torch::cat({offset_cases(f), torch::randn({shape[1]}) * 2}).narrow(0, 0, shape[1]).contiguous();
       auto v = torch::randn(shape) * 3;
       auto flat = v.view(-1);
@@ -588,8 +596,8 @@ TEST_CASE("CUDA: codec output is bit-identical to the CPU path", "[codec][cuda]"
 
       // pack_relu_: the same codes, and relu in place.
       auto rc = v.clone(), rg = v.cuda();
-      CHECK(torch::equal(blpa::pack_relu_(rg, b.cuda(), f.bits, f.window, gamma.cuda()).data.cpu(),
-                         blpa::pack_relu_(rc, b, f.bits, f.window, gamma).data));
+      CHECK(torch::equal(blpa::pack_relu_(rg, b.cuda(), f, gamma.cuda()).data.cpu(),
+                         blpa::pack_relu_(rc, b, f, gamma).data));
       CHECK(torch::equal(rg.cpu(), rc));
 
       // A misaligned (but contiguous) input takes the scalar path and must agree too.
@@ -609,16 +617,16 @@ TEST_CASE("CUDA: bn_relu_backward matches the CPU path", "[codec][cuda]") {
   shapes.push_back({32, 64, 28, 28});  // many blocks per channel
   shapes.push_back({2, 3000, 7, 7});   // many channels, one block each
   shapes.push_back({3, 70000});        // past gridDim.y's 65535: blocks take several channels
-  for (const Format& f : formats()) {
+  for (const CodeFormat& f : formats()) {
     for (const auto& shape : shapes) {
-      CAPTURE(f.bits, f.window, shape);
+      CAPTURE(f.bits, f.window, f.lift, shape);
       const int64_t c = shape[1];
       auto b = torch::randn({c}), g = torch::rand({c}) + 0.2, invstd = torch::rand({c}) + 0.5;
       auto codes = pack(torch::randn(shape), b, f);
       auto g_r = torch::randn(shape);
       auto cpu = blpa::bn_relu_backward(codes, b, g, invstd, g_r, false);
       auto ref = bn_reference(codes, b, g, invstd, g_r);
-      blpa::Codes dc{codes.data.cuda(), codes.offsets.cuda(), codes.sizes, f.bits, f.window};
+      blpa::Codes dc{codes.data.cuda(), codes.offsets.cuda(), codes.sizes, f};
       auto gd = g_r.cuda();
       auto gpu = blpa::bn_relu_backward(dc, b.cuda(), g.cuda(), invstd.cuda(), gd, false);
       CHECK(torch::equal(gd.cpu(), g_r));
@@ -647,18 +655,18 @@ TEST_CASE("CUDA: bn_relu_backward matches the CPU path", "[codec][cuda]") {
 TEST_CASE("CUDA: channel_coding and the clamp's gradient match the CPU path", "[codec][cuda]") {
   BLPA_REQUIRE_CUDA();
   torch::manual_seed(17);
-  for (const Format& f : formats()) {
-    CAPTURE(f.bits, f.window);
+  for (const CodeFormat& f : formats()) {
+    CAPTURE(f.bits, f.window, f.lift);
     const int64_t c = 300;
     auto gamma = awkward_gammas(c), beta = torch::randn({c}) * 2, invstd = torch::rand({c}) + 0.5;
     for (bool centred : {true, false}) {
-      auto cpu = blpa::channel_coding(gamma, beta, 1e-8f, f.bits, f.window, centred);
-      auto gpu = blpa::channel_coding(gamma.cuda(), beta.cuda(), 1e-8f, f.bits, f.window, centred);
+      auto cpu = blpa::channel_coding(gamma, beta, 1e-8f, f, centred);
+      auto gpu = blpa::channel_coding(gamma.cuda(), beta.cuda(), 1e-8f, f, centred);
       CHECK(torch::allclose(gpu.g.cpu(), cpu.g, 0, 0, /*equal_nan=*/true));
       CHECK(torch::allclose(gpu.b.cpu(), cpu.b, 0, 0, /*equal_nan=*/true));
       CHECK(torch::equal(gpu.offsets.cpu(), cpu.offsets));
     }
-    auto cc = blpa::channel_coding(gamma.cuda(), beta.cuda(), 1e-8f, f.bits, f.window, true);
+    auto cc = blpa::channel_coding(gamma.cuda(), beta.cuda(), 1e-8f, f, true);
     auto v = torch::randn({4, c, 6, 6}, torch::kCUDA), g_r = torch::randn({4, c, 6, 6}, torch::kCUDA);
     auto codes = blpa::pack(v, cc);
     auto free = blpa::bn_relu_backward(codes, cc.b, cc.g, invstd.cuda(), g_r, false);

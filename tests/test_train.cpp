@@ -15,6 +15,7 @@
 #include <iterator>
 #include <regex>
 #include <thread>
+#include <tuple>
 
 #include "test_support.h"
 
@@ -217,6 +218,8 @@ TEST_CASE("train: blpa-train refuses bad flags and missing data with exit codes"
   CHECK(run_train({"--mode", "plain", "--window", "8"}) == 2);
   CHECK(run_train({"--bits", "3"}) == 2);
   for (const char* w : {"0", "-2", "nan", "inf", "x"}) CHECK(run_train({"--window", w}) == 2);
+  for (const char* l : {"nan", "inf", "x"}) CHECK(run_train({"--lift", l}) == 2);
+  CHECK(run_train({"--mode", "exact", "--lift", "1"}) == 2);
   CHECK(run_train({"--resume"}) == 2);
   CHECK(run_train({"--lr-steps", "100,50"}) == 2);
   CHECK(run_train({"--data-dir", "/nonexistent/blpa", "--quiet"}) == 1);
@@ -391,12 +394,13 @@ TEST_CASE("bench: fidelity measures bits x windows at drawn parameters and at a 
   };
   const std::regex row("\"source\": \"(\\w+)\", \"checkpoint\": \"[^\"]*\", \"iteration\": (\\d+), \"depth\": (\\d+), "
                        "\"batch\": (\\d+), \"size\": (\\d+), \"mode\": \"(\\w+)\", \"bits\": (\\d), \"window\": ([0-9.]+), "
-                       "\"relative_error\": ([0-9.]+), \"min_cosine\": ([-0-9.]+)");
+                       "\"lift\": ([-0-9.]+), \"relative_error\": ([0-9.]+), \"min_cosine\": ([-0-9.]+)");
   const auto trained = run("--checkpoint " + c.checkpoint + " --batch 8 --modes blpa,naive --bits 2 --windows 3,default");
   REQUIRE(trained.size() == 4);
-  const std::vector<std::pair<std::string, std::string>> want{
-      {"blpa", "3"}, {"blpa", fmt::format("{}", blpa::default_window(2))}, {"naive", "3"},
-      {"naive", fmt::format("{}", blpa::default_window(2))}};
+  const auto def = blpa::default_format(2);  // an explicit window is centred (lift 0)
+  const std::vector<std::tuple<std::string, std::string, std::string>> want{
+      {"blpa", "3", "0"}, {"blpa", fmt::format("{}", def.window), fmt::format("{}", def.lift)},
+      {"naive", "3", "0"}, {"naive", fmt::format("{}", def.window), fmt::format("{}", def.lift)}};
   for (size_t i = 0; i < trained.size(); ++i) {
     CAPTURE(trained[i]);
     std::smatch m;
@@ -405,17 +409,18 @@ TEST_CASE("bench: fidelity measures bits x windows at drawn parameters and at a 
     CHECK(m[2] == "4");
     CHECK(m[3] == "11");
     CHECK(m[5] == "28");  // Fashion-MNIST's images
-    CHECK(m[6] == want[i].first);
+    CHECK(m[6] == std::get<0>(want[i]));
     CHECK(m[7] == "2");
-    CHECK(m[8] == want[i].second);
-    CHECK(std::stod(m[9]) > 0);  // 2-bit codes do change the gradient
-    CHECK(std::stod(m[10]) <= 1);
+    CHECK(m[8] == std::get<1>(want[i]));
+    CHECK(m[9] == std::get<2>(want[i]));
+    CHECK(std::stod(m[10]) > 0);  // 2-bit codes do change the gradient
+    CHECK(std::stod(m[11]) <= 1);
   }
   const auto drawn = run("--depths 11 --batch 2 --size 8 --modes blpa --bits 8 --windows 6");
   REQUIRE(drawn.size() == 1);
   std::smatch m;
   REQUIRE(std::regex_search(drawn[0], m, row));
   CHECK(m[1] == "drawn");
-  CHECK(std::stod(m[9]) < 0.2);
+  CHECK(std::stod(m[10]) < 0.2);
   remove_tree(dir);
 }

@@ -255,8 +255,8 @@ struct Reference {
 };
 
 Reference reference_blpa(const Case& k, const torch::Tensor& x, const torch::Tensor& gamma, const torch::Tensor& beta,
-                         const std::vector<torch::Tensor>& weights, const std::vector<torch::Tensor>& probes, int bits,
-                         float window) {
+                         const std::vector<torch::Tensor>& weights, const std::vector<torch::Tensor>& probes,
+                         const blpa::CodeFormat& f) {
   const auto D = torch::kDouble;
   auto g = gamma.clamp_min(1e-8);
   auto rm = torch::zeros({k.c}), rv = torch::ones({k.c});
@@ -264,9 +264,9 @@ Reference reference_blpa(const Case& k, const torch::Tensor& x, const torch::Ten
   auto pc = [](const torch::Tensor& t) { return t.view({1, -1, 1, 1}); };
   auto v = a / pc(g);   // float, one division per element, as the unit's pack
   auto b = beta / g;    // float, as channel_coding
-  const int B = 1 << bits;
-  const float d = window / static_cast<float>(B);
-  auto s = (B / 2 - torch::floor((b / d).to(D))).clamp(1, B - 1);
+  const int B = 1 << f.bits;
+  const float d = f.window / static_cast<float>(B);
+  auto s = (B / 2 - torch::floor(((b + f.lift) / d).to(D))).clamp(1, B - 1);
   auto code = (torch::floor(((v - 1e-6f) / d).to(D)) + pc(s)).clamp(0, B - 1);
   auto v_prime = (code - pc(s) + 0.5) * static_cast<double>(d);
   auto x_hat = v_prime - pc(b.to(D));
@@ -304,11 +304,13 @@ TEST_CASE("unit: blpa's gradients equal a reference implementation of the quanti
   int i = 0;
   for (const auto& k : cases()) {
     for (int bits : {8, 4, 2}) {
-      for (float window : {6.0f, 3.0f, 11.0f}) {
-        CAPTURE(i, bits, window);
+      for (auto [window, lift] : std::vector<std::pair<float, float>>{{6.0f, 0.0f}, {3.0f, 0.0f}, {11.0f, 0.0f},
+                                                                      {6.0f, 1.0f}, {4.0f, -0.5f}}) {
+        CAPTURE(i, bits, window, lift);
         torch::manual_seed(90 + i);
-        Unit u(k.c, k.convs, ModeConfig{Mode::blpa, bits, window});
+        Unit u(k.c, k.convs, ModeConfig{Mode::blpa, bits, window, lift});
         CHECK(u->mode().window == window);
+        CHECK(u->mode().lift == lift);
         {
           torch::NoGradGuard g;
           u->gamma.copy_(torch::rand({k.c}) + 0.3);
@@ -323,7 +325,8 @@ TEST_CASE("unit: blpa's gradients equal a reference implementation of the quanti
           loss = loss + (t * probes.back()).sum();
         }
         loss.backward();
-        auto ref = reference_blpa(k, x.detach(), u->gamma.detach(), u->beta.detach(), u->weights, probes, bits, window);
+        auto ref = reference_blpa(k, x.detach(), u->gamma.detach(), u->beta.detach(), u->weights, probes,
+                                  blpa::CodeFormat{bits, window, lift});
         auto close = [](const torch::Tensor& got, const torch::Tensor& want) {
           const double err = ((got.to(torch::kDouble) - want).norm() / (want.norm() + 1e-30)).item<double>();
           CAPTURE(err);
@@ -339,38 +342,53 @@ TEST_CASE("unit: blpa's gradients equal a reference implementation of the quanti
   }
 }
 
-TEST_CASE("unit: mode names carry the window, and names without one are the paper's", "[unit]") {
+TEST_CASE("unit: mode names carry the window and lift, and names without them are the paper's", "[unit]") {
   using blpa::parse_mode_config;
-  CHECK(ModeConfig{Mode::blpa, 4, 6.0f}.str() == "blpa-4");
+  CHECK(ModeConfig{Mode::blpa, 4, 6.0f}.str() == "blpa-4");  // an explicit window is centred
+  CHECK(ModeConfig{Mode::blpa, 4, 6.0f, 0.0f}.str() == "blpa-4");
   CHECK(ModeConfig{Mode::blpa, 8, 12.0f}.str() == "blpa-8-w12");
   CHECK(ModeConfig{Mode::naive, 2, 4.5f}.str() == "naive-2-w4.5");
-  CHECK(ModeConfig{Mode::plain, 2, 4.5f}.str() == "plain");
-  // 0 stands for the default of its bits, which the name spells out.
+  CHECK(ModeConfig{Mode::blpa, 4, 6.0f, 1.0f}.str() == "blpa-4-l1");
+  CHECK(ModeConfig{Mode::blpa, 2, 5.0f, -0.25f}.str() == "blpa-2-w5-l-0.25");
+  CHECK(ModeConfig{Mode::plain, 2, 4.5f, 1.0f}.str() == "plain");
+  // Window 0 stands for the default format of its bits, which the name spells out.
   for (int bits : {8, 4, 2}) {
     const ModeConfig m{Mode::blpa, bits};
-    CHECK(m.codes_window() == blpa::default_window(bits));
-    CHECK(parse_mode_config(m.str()).codes_window() == blpa::default_window(bits));
+    const blpa::CodeFormat want = blpa::default_format(bits);
+    CHECK(m.codes_format().window == want.window);
+    CHECK(m.codes_format().lift == want.lift);
+    const auto back = parse_mode_config(m.str()).codes_format();
+    CHECK(back.window == want.window);
+    CHECK(back.lift == want.lift);
+    CHECK(ModeConfig{Mode::blpa, bits, 0.0f, 0.0f}.codes_format().lift == 0.0f);  // the default window, centred
   }
-  // Every name reads back as itself, windows to the bit.
+  // Every name reads back as itself, to the bit.
   for (float w : {6.0f, 12.0f, 4.5f, 7.3f, 0.1f, 1e-3f, 3.14159274f})
-    for (int bits : {8, 4, 2})
-      for (Mode mode : {Mode::blpa, Mode::naive}) {
-        const ModeConfig m{mode, bits, w};
-        const ModeConfig back = parse_mode_config(m.str());
-        CAPTURE(m.str());
-        CHECK(back.mode == mode);
-        CHECK(back.bits == bits);
-        CHECK(back.codes_window() == w);
-      }
-  // Checkpoints written before the window existed say blpa-4 / blpa-8: the paper's window.
-  CHECK(parse_mode_config("blpa-4").window == 6.0f);
-  CHECK(parse_mode_config("naive-8").window == 6.0f);
+    for (float l : {0.0f, 1.0f, -0.7f, 1e-7f})
+      for (int bits : {8, 4, 2})
+        for (Mode mode : {Mode::blpa, Mode::naive}) {
+          const ModeConfig m{mode, bits, w, l};
+          const ModeConfig back = parse_mode_config(m.str());
+          CAPTURE(m.str());
+          CHECK(back.mode == mode);
+          CHECK(back.bits == bits);
+          CHECK(back.codes_format().window == w);
+          CHECK(back.codes_format().lift == l);
+        }
+  // Checkpoints written before the window existed say blpa-4 / blpa-8: the paper's quantiser.
+  for (const char* old : {"blpa-4", "blpa-8", "naive-8"}) {
+    const auto f = parse_mode_config(old).codes_format();
+    CHECK(f.window == 6.0f);
+    CHECK(f.lift == 0.0f);
+  }
   CHECK(parse_mode_config("plain").mode == Mode::plain);
   CHECK(parse_mode_config("exact").mode == Mode::exact);
-  // A bare blpa takes the bits and window given.
+  // A bare blpa takes the bits, window and lift given.
   CHECK(parse_mode_config("blpa", 2, 5.0f).str() == "blpa-2-w5");
+  CHECK(parse_mode_config("blpa", 2, 5.0f, 0.5f).str() == "blpa-2-w5-l0.5");
   for (const char* bad : {"blpa-3", "blpa-4-", "blpa-4-w", "blpa-4-w0", "blpa-4-w-2", "blpa-4-wx", "blpa-4-w6x",
-                          "blpa-4x", "plain-4", "exact-8", "fast", "blpa-4-v6"})
+                          "blpa-4x", "plain-4", "exact-8", "fast", "blpa-4-v6", "blpa-4-l", "blpa-4-l1-w6",
+                          "blpa-4-linf", "blpa-4-lnan"})
     CHECK_THROWS_AS(parse_mode_config(bad), std::invalid_argument);
   CHECK_THROWS_WITH(Unit(4, std::vector<ConvSpec>{}, ModeConfig{Mode::blpa, 3}), Catch::Contains("bits must be 8, 4 or 2"));
   CHECK_THROWS_WITH(Unit(4, std::vector<ConvSpec>{}, ModeConfig{Mode::blpa, 4, -1.0f}),

@@ -2,8 +2,9 @@
 // DESIGN.md 1.3). This is the only definition: the CPU path (lib/codec.cpp) and the CUDA
 // kernels (cuda/codec_kernels.cu) both call these functions, so they cannot drift apart.
 //
-// B = 2^K bins of width d = window / B; the window's width is a property of the codes
-// (the paper's is 6 units of x_hat for every K). Callers compute d once with bin_width.
+// B = 2^K bins of width d = window / B over a window centred `lift` above the channel's b;
+// width and lift are properties of the codes (the paper's: 6 units of x_hat and 0, for every
+// K). Callers compute d once with bin_width.
 //
 // Bit-identical CPU/GPU results rest on using only IEEE-exact operations here:
 // float subtraction, division and multiplication, comparisons, and float->int truncation.
@@ -35,15 +36,16 @@ BLPA_HD int floor_small(float y) {
   return t - (y < static_cast<float>(t) ? 1 : 0);
 }
 
-// Per-channel offset s_c = max(1, B/2 - floor(b_c / d)), also capped at B - 1 so that the
-// bin edge at v = 0 lies inside the window for every channel (otherwise a strongly negative
-// b_c would push it out and positive values would be clamped below it, losing the mask).
-// b_c = beta_c / gamma_c. A NaN b_c gives s_c = 1. d: bin_width(window, bits).
-BLPA_HD int offset(float b, int bits, float d) {
+// Per-channel offset s_c = max(1, B/2 - floor((b_c + lift) / d)), also capped at B - 1 so
+// that the bin edge at v = 0 lies inside the window for every channel (otherwise a strongly
+// negative b_c would push it out and positive values would be clamped below it, losing the
+// mask). b_c = beta_c / gamma_c. A NaN b_c gives s_c = 1. d: bin_width(window, bits).
+// With lift 0 this is the published formula to the bit (b + 0 is b, or +0 for b = -0).
+BLPA_HD int offset(float b, int bits, float d, float lift) {
   const int half = num_bins(bits) / 2;
   const int top = num_bins(bits) - 1;
   const float lim = static_cast<float>(half + 1);  // beyond +-lim the answer is pinned anyway
-  float y = b / d;
+  float y = (b + lift) / d;
   y = y < lim ? y : lim;  // NaN -> lim -> s = 1
   y = y > -lim ? y : -lim;
   int s = half - floor_small(y);
