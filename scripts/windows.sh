@@ -6,8 +6,8 @@
 #                56/110/164 for 500 (copies at 250 and 500: checkpoints-deep)
 #   fidelity     blpa-bench fidelity over bits x windows, at drawn parameters (fidelity-drawn)
 #                and at those checkpoints (fidelity-trained)
-#   accuracy     the Fashion-MNIST study (ResNet-20, batch 64, 2000 iterations) for plain and
-#                blpa 8/4/2 at the chosen windows and at the paper's 6, seeds 1-3
+#   accuracy     the Fashion-MNIST study (ResNet-11, batch 32, 500 iterations) for plain and
+#                blpa 8/4/2 at the chosen formats and at the paper's (window 6), seeds 1-3
 # Usage: scripts/windows.sh STAGE... (default: all three). JSON lines and checkpoints go to
 # results/windows/ (git-ignored). Set BLPA_BIN to use programs from another build; NICE
 # (default 10) is the niceness of the runs. About 6 hours on 2 shared cores, most of it the
@@ -64,55 +64,71 @@ checkpoints_deep() {
   for d in 56 110 164; do train "$d" 500 300,425 250 500; done
 }
 
-# sweep NETWORKS...: blpa-bench fidelity on the given networks (--depths D,... --batch 16, or
-# --checkpoint PATH,... --batch 64) for every bits x window at lift 0, then every bits x
-# window x lift near the best windows, then naive at the paper's window and the defaults.
-sweep() {
+# sweep_windows NETWORKS...: blpa-bench fidelity on the given networks (--depths D,... --batch
+# 16, or --checkpoint PATH,... --batch 64) for every bits x window, centred (lift 0).
+sweep_windows() {
+  run "$bin/blpa-bench" fidelity "$@" --json --modes blpa --bits 8,4,2 --windows 2,3,4,6,8,12,16,24 --lifts 0
+}
+
+# sweep_lifts NETWORKS...: bits x window x lift near the best windows, then naive at the
+# paper's window and at the defaults.
+sweep_lifts() {
   local fid=("$bin/blpa-bench" fidelity "$@" --json)
-  run "${fid[@]}" --modes blpa --bits 8,4,2 --windows 2,3,4,6,8,12,16,24 --lifts 0
-  run "${fid[@]}" --modes blpa --bits 8 --windows 8,10,12,16 --lifts 0.5,1,1.5
-  run "${fid[@]}" --modes blpa --bits 4 --windows 5,6,7,8 --lifts 0.5,1,1.5
-  run "${fid[@]}" --modes blpa --bits 4 --windows 5,7 --lifts 0
-  run "${fid[@]}" --modes blpa --bits 2 --windows 3,4,5,6 --lifts 0.5,1,1.5
+  run "${fid[@]}" --modes blpa --bits 8 --windows 12,16 --lifts 0.5,1
+  run "${fid[@]}" --modes blpa --bits 4 --windows 6,7,8 --lifts 0.5,1,1.5,2
+  run "${fid[@]}" --modes blpa --bits 4 --windows 7 --lifts 0
+  run "${fid[@]}" --modes blpa --bits 2 --windows 3,4,5,6 --lifts 0.5,1,1.5,2
   run "${fid[@]}" --modes blpa --bits 2 --windows 5 --lifts 0
   run "${fid[@]}" --modes naive --bits 8,4,2 --windows 6,default
 }
 
-fidelity_drawn() {
-  sweep --depths 20,56,110,164 --batch 16 >"$out/fidelity-drawn.jsonl.tmp"
-  mv "$out/fidelity-drawn.jsonl.tmp" "$out/fidelity-drawn.jsonl"
+# fidelity_on NAME NETWORKS...: both sweeps into fidelity-NAME.jsonl and fidelity-NAME-lifts.jsonl.
+fidelity_on() {
+  local name=$1
+  shift
+  sweep_windows "$@" >"$out/fidelity-$name.jsonl.tmp" && mv "$out/fidelity-$name.jsonl.tmp" "$out/fidelity-$name.jsonl"
+  sweep_lifts "$@" >"$out/fidelity-$name-lifts.jsonl.tmp" && mv "$out/fidelity-$name-lifts.jsonl.tmp" "$out/fidelity-$name-lifts.jsonl"
 }
 
-# At trained weights: the four depths (ResNet-20 after 500 and 1000 iterations, the deeper ones
-# after 500), and ResNet-20 along the 2000-iteration run.
+fidelity_drawn() { fidelity_on drawn --depths 20,56,110,164 --batch 16; }
+
+# At trained weights: every copy the checkpoints stage kept (ResNet-20 along its runs, the
+# deeper networks as far as they were trained), on a batch of 64 of their training images.
 fidelity_trained() {
-  local ckpts=("$out/ckpt/plain-d20-1000-it500.ckpt" "$out/ckpt/plain-d20-1000-it1000.ckpt")
-  for d in 56 110 164; do ckpts+=("$out/ckpt/plain-d$d-500-it500.ckpt"); done
-  for p in 250 500 1000 1500 2000; do ckpts+=("$out/ckpt/plain-d20-2000-it$p.ckpt"); done
-  local have=()
-  for c in "${ckpts[@]}"; do [[ -f $c ]] && have+=("$c") || echo "windows.sh: $c not trained yet, left out" >&2; done
-  sweep --checkpoint "$(IFS=,; echo "${have[*]}")" --batch 64 >"$out/fidelity-trained.jsonl.tmp"
-  mv "$out/fidelity-trained.jsonl.tmp" "$out/fidelity-trained.jsonl"
+  local have=("$out"/ckpt/*-it*.ckpt)
+  fidelity_on trained --checkpoint "$(IFS=,; echo "${have[*]}")" --batch 64
 }
 
-# ResNet-20 on Fashion-MNIST, the study's protocol (scripts/study.sh), for each mode name (as
-# blpa-bench writes them: blpa-K is the paper's window 6, blpa-K-wW another) and seed.
-# ACCURACY_MODES and ACCURACY_SEEDS pick a part, e.g. to run parts side by side.
+# The accuracy study, sized to fit about 45 minutes of 2 shared cores: ResNet-11 (the
+# smallest of the family) on Fashion-MNIST, batch 32, 500 iterations (about a quarter of an
+# epoch: warm-up 50 at 0.01, then 0.1, divided by 10 at 350 and 450), scored once at the end
+# on the whole test set (10,000 images); every mode name (as blpa-bench writes them: blpa-K
+# is the paper's window 6 and lift 0, -wW another window, -lL a lift) for seeds 1-3.
+# ACCURACY_MODES and ACCURACY_SEEDS pick a part; ACCURACY_JOBS (default 2) runs side by side.
+accuracy_one() {
+  local seed=$1 mode=$2 log=$out/fashion-$1-$2.jsonl args=(--mode "${2%%-*}")
+  [[ -f $log ]] && grep -q '"type": "eval", "iter": 500,' "$log" && return  # done
+  rm -f "$log"
+  if [[ $mode == *-* ]]; then  # blpa-K[-wW][-lL]
+    local rest=${mode#*-} window=6 lift=0
+    [[ $rest =~ -w([0-9.]+) ]] && window=${BASH_REMATCH[1]}
+    [[ $rest =~ -l(-?[0-9.]+) ]] && lift=${BASH_REMATCH[1]}
+    args+=(--bits "${rest%%-*}" --window "$window" --lift "$lift")
+  fi
+  run "$bin/blpa-train" --depth 11 --batch 32 --iterations 500 --warmup 50 --lr-steps 350,450 \
+    --eval-every 0 --log-every 50 --seed "$seed" --quiet "${args[@]}" --log "$log"
+}
+
 accuracy() {
-  local modes=${ACCURACY_MODES:-plain blpa-8-w12 blpa-8 blpa-4 blpa-2-w4 blpa-2} seeds=${ACCURACY_SEEDS:-1 2 3}
+  local modes=${ACCURACY_MODES:-plain blpa-8-w12 blpa-8 blpa-4-l1 blpa-4 blpa-2-w4-l1 blpa-2}
+  local seeds=${ACCURACY_SEEDS:-1 2 3} jobs=${ACCURACY_JOBS:-2}
   for seed in $seeds; do
     for mode in $modes; do
-      local log=$out/fashion-$mode-seed$seed.jsonl args=(--mode "${mode%%-*}")
-      [[ -f $log ]] && grep -q '"type": "eval", "iter": 2000' "$log" && continue  # done
-      if [[ $mode == *-* ]]; then
-        local rest=${mode#*-}
-        args+=(--bits "${rest%%-*}" --window 6)
-        [[ $rest == *-w* ]] && args[-1]=${rest#*-w}
-      fi
-      run "$bin/blpa-train" --depth 20 --batch 64 --iterations 2000 --warmup 100 --lr-steps 1200,1700 \
-        --eval-every 500 --log-every 20 --seed "$seed" --quiet "${args[@]}" --log "$log"
+      while (($(jobs -rp | wc -l) >= jobs)); do wait -n; done
+      accuracy_one "$seed" "$mode" &
     done
   done
+  wait
 }
 
 for stage in "${stages[@]}"; do
