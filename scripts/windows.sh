@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # The measurements behind the choice of the codes' windows (docs/results.md, "Windows"):
-#   checkpoints  trains plain ResNets on Fashion-MNIST and keeps copies of their checkpoints:
-#                ResNet-20 for 1000 iterations (copies at 500 and 1000) and for the accuracy
-#                study's 2000 (copies at 250, 500, 1000, 1500, 2000: checkpoints-d20), ResNet-
-#                56/110/164 for 500 (copies at 250 and 500: checkpoints-deep)
+#   checkpoints  trains plain ResNets on Fashion-MNIST (batch 64, seed 1) and keeps copies of
+#                their checkpoints: ResNet-20 for 1000 iterations (copies at 500 and 1000) and
+#                for 2000 (copies at 250, 500, 1000, 1500, 2000: checkpoints-d20), ResNet-
+#                56/110/164 for 500 (copies at 250 and 500: checkpoints-deep); an interrupted
+#                stage resumes where it stopped
 #   fidelity     blpa-bench fidelity over bits x windows, at drawn parameters (fidelity-drawn)
 #                and at those checkpoints (fidelity-trained)
 #   accuracy     the Fashion-MNIST study (ResNet-11, batch 32, 500 iterations) for plain and
 #                blpa 8/4/2 at the chosen formats and at the paper's (window 6), seeds 1-3
 # Usage: scripts/windows.sh STAGE... (default: all three). JSON lines and checkpoints go to
 # results/windows/ (git-ignored). Set BLPA_BIN to use programs from another build; NICE
-# (default 10) is the niceness of the runs. About 6 hours on 2 shared cores, most of it the
-# accuracy runs.
+# (default 10) is the niceness of the runs. On 2 cores shared with other work: the
+# checkpoints take hours (ResNet-56 trains at about 5 images/s; ResNet-110/164 were not
+# trained for docs/results.md), the fidelity sweeps about 30 minutes, the accuracy study
+# about 70 minutes.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bin=${BLPA_BIN:-${BLPA_BUILD_DIR:-$here/build}/app}
@@ -50,9 +53,7 @@ train() {
   done
 }
 
-# ResNet-20: 1000 iterations (the main job's schedule), and the accuracy study's 2000 (the
-# same run as its plain seed 1: evaluations do not change training, and a resumed run is
-# the straight one; `blpa-eval` scores its copies on the whole test set).
+# ResNet-20: 1000 iterations (the main job's schedule), and 2000 for points later in a run.
 checkpoints_d20() {
   train 20 1000 600,850 500 1000
   train 20 2000 1200,1700 250 500 1000 1500 2000
@@ -83,11 +84,18 @@ sweep_lifts() {
 }
 
 # fidelity_on NAME NETWORKS...: both sweeps into fidelity-NAME.jsonl and fidelity-NAME-lifts.jsonl.
+# FIDELITY_PARTS (default "windows lifts") picks the sweeps.
 fidelity_on() {
   local name=$1
   shift
-  sweep_windows "$@" >"$out/fidelity-$name.jsonl.tmp" && mv "$out/fidelity-$name.jsonl.tmp" "$out/fidelity-$name.jsonl"
-  sweep_lifts "$@" >"$out/fidelity-$name-lifts.jsonl.tmp" && mv "$out/fidelity-$name-lifts.jsonl.tmp" "$out/fidelity-$name-lifts.jsonl"
+  if [[ " ${FIDELITY_PARTS:-windows lifts} " == *" windows "* ]]; then
+    sweep_windows "$@" >"$out/fidelity-$name.jsonl.tmp"
+    mv "$out/fidelity-$name.jsonl.tmp" "$out/fidelity-$name.jsonl"
+  fi
+  if [[ " ${FIDELITY_PARTS:-windows lifts} " == *" lifts "* ]]; then
+    sweep_lifts "$@" >"$out/fidelity-$name-lifts.jsonl.tmp"
+    mv "$out/fidelity-$name-lifts.jsonl.tmp" "$out/fidelity-$name-lifts.jsonl"
+  fi
 }
 
 fidelity_drawn() { fidelity_on drawn --depths 20,56,110,164 --batch 16; }
