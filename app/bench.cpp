@@ -38,7 +38,8 @@ int codec_main(int argc, char** argv) {
   cxxopts::Options opts("blpa-bench codec", "Pack/unpack throughput of the K-bit codec.\n"
                                             "Throughput is GB/s of fp32 elements: numel*4 bytes read by pack, "
                                             "written by unpack (the approximate ReLU output r').");
-  opts.add_options()("bits", "Bits per code: 8 or 4", cxxopts::value<int>()->default_value("4"))(
+  opts.add_options()("bits", "Bits per code: 8, 4 or 2", cxxopts::value<int>()->default_value("4"))(
+      "window", "Window width in units of x_hat (default: the default for --bits)", cxxopts::value<float>())(
       "numel", "Elements in the tensor", cxxopts::value<int64_t>()->default_value("16777216"))(
       "channels", "Channels (dim 1); the rest of the tensor is N x C x plane", cxxopts::value<int64_t>()->default_value("64"))(
       "device", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
@@ -53,7 +54,9 @@ int codec_main(int argc, char** argv) {
   const int bits = args["bits"].as<int>();
   const int64_t numel = args["numel"].as<int64_t>();
   const int64_t channels = args["channels"].as<int64_t>();
-  if (bits != 8 && bits != 4) throw std::invalid_argument("--bits must be 8 or 4");
+  if (bits != 8 && bits != 4 && bits != 2) throw std::invalid_argument("--bits must be 8, 4 or 2");
+  blpa::CodeFormat format = blpa::default_format(bits);
+  if (args.count("window")) format = {bits, args["window"].as<float>(), 0.0f};
   if (numel <= 0 || channels <= 0 || numel % channels != 0)
     throw std::invalid_argument("--numel must be a positive multiple of --channels");
   const torch::Device dev(args["device"].as<std::string>());
@@ -67,7 +70,7 @@ int codec_main(int argc, char** argv) {
   auto gamma = torch::ones({channels}, dev);
   const int reps = args["reps"].as<int>();
   blpa::Codes codes;
-  const double pack_s = time_per_call(dev, 5, reps, [&] { codes = blpa::pack(v, b, bits); });
+  const double pack_s = time_per_call(dev, 5, reps, [&] { codes = blpa::pack(v, b, format); });
   const double unpack_s = time_per_call(dev, 5, reps, [&] { blpa::unpack(codes, b, gamma, blpa::kRelu); });
   double copy_s = 0;
   if (dev.is_cuda()) {

@@ -1,4 +1,7 @@
 // blpa-bench subcommands that measure whole networks: memory, step, max-batch, fidelity.
+#include <blpa/dataset.h>
+#include <blpa/loader.h>
+#include <blpa/checkpoint.h>
 #include <blpa/memory.h>
 #include <blpa/resnet.h>
 #include <blpa/step.h>
@@ -49,23 +52,36 @@ blpa::NetConfig parse_model(const std::string& s) {
   return c;
 }
 
-// "all", or a comma list of modes, each optionally with bits: "plain,blpa-8,naive".
-// A bare blpa/naive takes --bits.
-std::vector<ModeConfig> parse_modes(const std::string& spec, int bits) {
+std::vector<std::string> split(const std::string& list) {
+  std::vector<std::string> out;
+  std::stringstream ss(list);
+  for (std::string t; std::getline(ss, t, ',');)
+    if (!t.empty()) out.push_back(t);
+  return out;
+}
+
+// "all", or a comma list of mode names as ModeConfig::str() writes them: "plain,blpa-8,blpa-4-w8".
+// A bare blpa/naive takes --bits, --window (0: the default for its bits) and --lift; a name
+// with bits is complete (no -wW: the paper's window 6, no -lL: lift 0), so they cannot apply.
+std::vector<ModeConfig> parse_modes(const std::string& spec, int bits, float window, std::optional<float> lift) {
   if (spec == "all") return {{Mode::plain, 8}, {Mode::exact, 8}, {Mode::blpa, 8}, {Mode::blpa, 4}, {Mode::naive, 4}};
   std::vector<ModeConfig> out;
-  std::stringstream ss(spec);
-  for (std::string tok; std::getline(ss, tok, ',');) {
-    const auto dash = tok.find('-');
-    ModeConfig m{blpa::parse_mode(tok.substr(0, dash)), bits};
-    if (dash != std::string::npos) m.bits = std::stoi(tok.substr(dash + 1));
-    if (m.bits != 8 && m.bits != 4) throw std::invalid_argument("bits must be 8 or 4 in --mode " + spec);
-    out.push_back(m);
+  for (const std::string& tok : split(spec)) {
+    if ((window > 0 || lift) && tok.find('-') != std::string::npos)
+      throw std::invalid_argument("--window and --lift apply to a bare blpa or naive in --mode; " + tok +
+                                  " names its own (write -wW and -lL in the name)");
+    out.push_back(blpa::parse_mode_config(tok, bits, window, lift));
   }
   return out;
 }
 
-int report_bits(const ModeConfig& m) { return m.mode == Mode::blpa || m.mode == Mode::naive ? m.bits : 32; }
+bool coded(const ModeConfig& m) { return m.mode == Mode::blpa || m.mode == Mode::naive; }
+int report_bits(const ModeConfig& m) { return coded(m) ? m.bits : 32; }
+std::string report_format(const ModeConfig& m) {
+  if (!coded(m)) return "\"window\": null, \"lift\": null";
+  const blpa::CodeFormat f = m.codes_format();
+  return fmt::format("\"window\": {}, \"lift\": {}", f.window, f.lift);
+}
 
 struct Common {
   std::string model_name;
@@ -80,8 +96,13 @@ void add_common(cxxopts::Options& o, const std::string& batch, const std::string
   o.add_options()("model", "resnet164, resnet152, resnet1001, cifar:DEPTH or imagenet:DEPTH",
                   cxxopts::value<std::string>()->default_value("resnet164"))(
       "batch", "Batch size", cxxopts::value<int64_t>()->default_value(batch))(
-      "mode", "all, or a comma list of plain, exact, blpa[-K], naive[-K]", cxxopts::value<std::string>()->default_value(mode))(
-      "bits", "Bits for a bare blpa/naive in --mode: 8 or 4", cxxopts::value<int>()->default_value("4"))(
+      "mode", "all, or a comma list of plain, exact, blpa[-K[-wW]], naive[-K[-wW]] (blpa-K: the paper's window 6)",
+      cxxopts::value<std::string>()->default_value(mode))(
+      "bits", "Bits for a bare blpa/naive in --mode: 8, 4 or 2", cxxopts::value<int>()->default_value("4"))(
+      "window", "Window for a bare blpa/naive in --mode, in units of x_hat (default: the default for its bits)",
+      cxxopts::value<float>())(
+      "lift", "Lift of the window's centre above b for a bare blpa/naive, in units of x_hat (default: the default "
+      "for its bits with the default window, else 0)", cxxopts::value<float>())(
       "size", "Input height/width (0: 32 for cifar, 224 for imagenet)", cxxopts::value<int64_t>()->default_value("0"))(
       "device", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
       "threads", "LibTorch CPU threads (0: its default)", cxxopts::value<int>()->default_value("0"))(
@@ -102,7 +123,10 @@ bool parse_common(cxxopts::Options& o, int argc, char** argv, Common& c, cxxopts
   if (c.batch <= 0) throw std::invalid_argument("--batch must be positive");
   c.size = args["size"].as<int64_t>();
   if (c.size == 0) c.size = c.net.arch == "cifar" ? 32 : 224;
-  c.modes = parse_modes(args["mode"].as<std::string>(), args["bits"].as<int>());
+  const float window = args.count("window") ? args["window"].as<float>() : 0.0f;
+  if (args.count("window") && !(window > 0)) throw std::invalid_argument("--window must be positive");
+  const auto lift = args.count("lift") ? std::optional<float>(args["lift"].as<float>()) : std::nullopt;
+  c.modes = parse_modes(args["mode"].as<std::string>(), args["bits"].as<int>(), window, lift);
   c.device = torch::Device(args["device"].as<std::string>());
   if (c.device.is_cuda() && !torch::cuda::is_available()) throw std::runtime_error("--device cuda: no CUDA device");
   if (args["threads"].as<int>() > 0) torch::set_num_threads(args["threads"].as<int>());
@@ -165,9 +189,9 @@ struct Rig {
 
 std::string head(const Common& c, const ModeConfig& m, const std::string& bench) {
   return fmt::format("{{\"bench\": \"{}\", \"model\": \"{}\", \"arch\": \"{}\", \"depth\": {}, \"batch\": {}, \"size\": {}, "
-                     "\"mode\": \"{}\", \"bits\": {}, \"device\": \"{}\"",
+                     "\"mode\": \"{}\", \"bits\": {}, {}, \"device\": \"{}\"",
                      bench, c.model_name, c.net.arch, c.net.depth, c.batch, c.size, blpa::to_string(m.mode),
-                     report_bits(m), c.device.str());
+                     report_bits(m), report_format(m), c.device.str());
 }
 
 std::string json_escape(const std::string& s) {
@@ -602,16 +626,103 @@ int max_batch_main(int argc, char** argv) {
   return 0;
 }
 
+namespace {
+
+// One network at fixed parameters and one batch: the gradient of the cross-entropy in a mode.
+struct FidelityCase {
+  blpa::NetConfig net;
+  blpa::ResNet params{nullptr};  // whose parameters every mode's network copies
+  torch::Tensor x, labels;
+  std::string source, checkpoint;  // "drawn" or "checkpoint" (then its path and iteration)
+  int64_t iteration = 0;
+
+  std::vector<torch::Tensor> grads(const ModeConfig& m, double* loss = nullptr) {
+    net.mode = m;
+    blpa::ResNet model(net);
+    {
+      torch::NoGradGuard g;
+      auto src = params->parameters(), dst = model->parameters();
+      for (size_t i = 0; i < src.size(); ++i) dst[i].copy_(src[i]);
+    }
+    model->train();
+    auto l = torch::nn::functional::cross_entropy(model->forward(x), labels);
+    l.backward();
+    if (loss) *loss = l.item<double>();
+    std::vector<torch::Tensor> g;
+    for (const auto& p : model->parameters()) g.push_back(p.grad().flatten());
+    return g;
+  }
+};
+
+// The network of each depth with BatchNorm affine parameters drawn as training leaves them,
+// on random images: at initialisation (gamma 1, beta 0) blpa and naive would coincide.
+FidelityCase drawn_case(int depth, int64_t batch, int64_t size, uint64_t seed) {
+  FidelityCase c;
+  c.net.depth = depth;
+  c.source = "drawn";
+  torch::manual_seed(seed);
+  c.x = torch::randn({batch, 3, size, size});
+  c.labels = torch::randint(0, 10, {batch});
+  c.net.mode = {Mode::plain, 8};
+  c.params = blpa::ResNet(c.net);
+  torch::NoGradGuard g;
+  for (auto& [name, u] : c.params->units()) {
+    u->gamma.uniform_(0.5, 1.5);
+    u->beta.normal_(0, 0.5);
+  }
+  return c;
+}
+
+// The weights of a blpa-train checkpoint on a batch of its training images (normalised as the
+// trainer does, not augmented), drawn by `seed`.
+FidelityCase checkpoint_case(const std::string& path, int64_t batch, uint64_t seed) {
+  FidelityCase c;
+  const blpa::Checkpoint stored = blpa::read_checkpoint(path);
+  c.params = blpa::load_model(stored);
+  c.net = c.params->config();
+  c.source = "checkpoint";
+  c.checkpoint = path;
+  c.iteration = stored.state.iteration;
+  auto kv = stored.config;
+  if (kv["dataset"] == "imagenet")
+    throw std::invalid_argument("fidelity --checkpoint: " + path + " is an ImageNet network, which is not supported");
+  const std::string dir = kv["data_dir"].empty() ? std::string(blpa::data::kDebianFashionMnist) : kv["data_dir"];
+  blpa::data::Dataset train = blpa::data::load(kv["dataset"], dir, true);
+  const int64_t subset = kv["train_subset"].empty() ? 0 : std::stoll(kv["train_subset"]);
+  if (subset > 0 && subset < train.size()) {
+    train.images = train.images.narrow(0, 0, subset).contiguous();
+    train.labels = train.labels.narrow(0, 0, subset).contiguous();
+  }
+  auto b = blpa::data::make_batch(train, blpa::data::batch_indices(train.size(), batch, seed, 0),
+                                  blpa::data::channel_stats(train), nullptr, 0);
+  c.x = b.images;
+  c.labels = b.labels;
+  return c;
+}
+
+}  // namespace
+
 int fidelity_main(int argc, char** argv) {
   cxxopts::Options o("blpa-bench fidelity",
-                     "Gradient fidelity against plain, by depth: for a CIFAR network with BatchNorm affine\n"
-                     "parameters drawn as training leaves them (gamma ~ U(0.5, 1.5), beta ~ N(0, 0.5); at\n"
-                     "initialisation blpa and naive coincide), the relative error of the whole gradient and\n"
-                     "the smallest per-parameter cosine similarity, for blpa and naive at each K.");
-  o.add_options()("depths", "CIFAR depths (9n+2)", cxxopts::value<std::string>()->default_value("20,56,110,164"))(
+                     "Gradient fidelity against plain: the relative error of the whole gradient and the smallest\n"
+                     "per-parameter cosine similarity, for each mode x bits x window. The parameters are either\n"
+                     "drawn (CIFAR networks of --depths with BatchNorm affine parameters as training leaves them:\n"
+                     "gamma ~ U(0.5, 1.5), beta ~ N(0, 0.5), on random images) or a trained network's\n"
+                     "(--checkpoint, on a batch of its training images).");
+  o.add_options()("depths", "CIFAR depths (9n+2) of drawn networks",
+                  cxxopts::value<std::string>()->default_value("20,56,110,164"))(
+      "checkpoint", "Comma list of blpa-train checkpoints to measure at instead of drawn parameters (CIFAR-style "
+      "networks on CIFAR, MNIST or Fashion-MNIST)", cxxopts::value<std::string>(), "PATHS")(
+      "modes", "Comma list of blpa, naive", cxxopts::value<std::string>()->default_value("blpa,naive"))(
+      "bits", "Comma list of 8, 4, 2", cxxopts::value<std::string>()->default_value("8,4,2"))(
+      "windows", "Comma list of window widths in units of x_hat, or 'default' (the default for the bits; the "
+      "paper's is 6)", cxxopts::value<std::string>()->default_value("default"))(
+      "lifts", "Comma list of the window's lifts above b in units of x_hat, or 'default' (the default for the bits "
+      "with the default window, else 0: the paper's)", cxxopts::value<std::string>()->default_value("default"))(
       "batch", "Batch size", cxxopts::value<int64_t>()->default_value("16"))(
-      "size", "Input height/width", cxxopts::value<int64_t>()->default_value("32"))(
-      "seed", "Seed of data and parameters", cxxopts::value<uint64_t>()->default_value("0"))(
+      "size", "Input height/width of drawn networks", cxxopts::value<int64_t>()->default_value("32"))(
+      "seed", "Seed of the data and the drawn parameters", cxxopts::value<uint64_t>()->default_value("0"))(
+      "threads", "LibTorch CPU threads (0: its default)", cxxopts::value<int>()->default_value("0"))(
       "json", "One JSON object per line")("h,help", "This help");
   auto args = o.parse(argc, argv);
   if (args.count("help")) {
@@ -619,54 +730,58 @@ int fidelity_main(int argc, char** argv) {
     return 0;
   }
   const int64_t batch = args["batch"].as<int64_t>(), size = args["size"].as<int64_t>();
+  if (batch <= 0 || size <= 0) throw std::invalid_argument("--batch and --size must be positive");
   const uint64_t seed = args["seed"].as<uint64_t>();
-  std::vector<int> depths;
-  std::stringstream ss(args["depths"].as<std::string>());
-  for (std::string t; std::getline(ss, t, ',');) depths.push_back(std::stoi(t));
-  for (int depth : depths) {
-    blpa::NetConfig net;
-    net.depth = depth;
-    torch::manual_seed(seed);
-    auto x = torch::randn({batch, 3, size, size});
-    auto labels = torch::randint(0, 10, {batch});
-    net.mode = {Mode::plain, 8};
-    blpa::ResNet init(net);
-    {
-      torch::NoGradGuard g;
-      for (auto& [name, u] : init->units()) {
-        u->gamma.uniform_(0.5, 1.5);
-        u->beta.normal_(0, 0.5);
-      }
-    }
-    auto grads = [&](const ModeConfig& m) {
-      net.mode = m;
-      blpa::ResNet model(net);
-      {
-        torch::NoGradGuard g;
-        auto src = init->parameters(), dst = model->parameters();
-        for (size_t i = 0; i < src.size(); ++i) dst[i].copy_(src[i]);
-      }
-      torch::nn::functional::cross_entropy(model->forward(x), labels).backward();
-      std::vector<torch::Tensor> g;
-      for (const auto& p : model->parameters()) g.push_back(p.grad().flatten());
-      return g;
-    };
-    const auto ref = grads({Mode::plain, 8});
+  if (args["threads"].as<int>() > 0) torch::set_num_threads(args["threads"].as<int>());
+  std::vector<ModeConfig> modes;
+  for (const auto& m : split(args["modes"].as<std::string>()))
+    for (const auto& b : split(args["bits"].as<std::string>()))
+      for (const auto& w : split(args["windows"].as<std::string>()))
+        for (const auto& l : split(args["lifts"].as<std::string>())) {
+          ModeConfig mc = blpa::parse_mode_config(m + "-" + b);
+          if (!coded(mc)) throw std::invalid_argument("--modes takes blpa and naive, got " + m);
+          mc.window = w == "default" ? 0.0f : std::stof(w);
+          if (w != "default" && !(mc.window > 0)) throw std::invalid_argument("--windows must be positive, got " + w);
+          mc.lift = l == "default" ? std::nullopt : std::optional<float>(std::stof(l));
+          modes.push_back(mc);
+        }
+  std::vector<std::function<FidelityCase()>> cases;
+  if (args.count("checkpoint")) {
+    for (const auto& path : split(args["checkpoint"].as<std::string>()))
+      cases.push_back([=] { return checkpoint_case(path, batch, seed); });
+  } else {
+    for (const auto& d : split(args["depths"].as<std::string>()))
+      cases.push_back([=, depth = std::stoi(d)] { return drawn_case(depth, batch, size, seed); });
+  }
+  for (auto& make : cases) {
+    FidelityCase c = make();
+    double loss = 0;
+    const auto ref = c.grads({Mode::plain, 8}, &loss);
     const auto ref_all = torch::cat(ref);
-    for (const ModeConfig m : {ModeConfig{Mode::blpa, 8}, ModeConfig{Mode::naive, 8}, ModeConfig{Mode::blpa, 4},
-                               ModeConfig{Mode::naive, 4}}) {
-      const auto g = grads(m);
-      double min_cos = 1;
-      for (size_t i = 0; i < g.size(); ++i)
-        min_cos = std::min(min_cos, (g[i].dot(ref[i]) / (g[i].norm() * ref[i].norm() + 1e-30)).item<double>());
-      const double rel = ((torch::cat(g) - ref_all).norm() / ref_all.norm()).item<double>();
+    const double ref_norm = ref_all.norm().item<double>();
+    std::vector<std::string> names;
+    for (const auto& p : c.params->named_parameters()) names.push_back(p.key());
+    for (const ModeConfig& m : modes) {
+      const auto g = c.grads(m);
+      double min_cos = 2;
+      std::string worst;
+      for (size_t i = 0; i < g.size(); ++i) {
+        const double cos = (g[i].dot(ref[i]) / (g[i].norm() * ref[i].norm() + 1e-30)).item<double>();
+        if (cos < min_cos) min_cos = cos, worst = names[i];
+      }
+      const double rel = (torch::cat(g) - ref_all).norm().item<double>() / ref_norm;
       if (args.count("json"))
-        fmt::print("{{\"bench\": \"fidelity\", \"depth\": {}, \"batch\": {}, \"size\": {}, \"mode\": \"{}\", \"bits\": {}, "
-                   "\"relative_error\": {:.5f}, \"min_cosine\": {:.5f}}}\n",
-                   depth, batch, size, blpa::to_string(m.mode), m.bits, rel, min_cos);
+        fmt::print("{{\"bench\": \"fidelity\", \"source\": \"{}\", \"checkpoint\": \"{}\", \"iteration\": {}, "
+                   "\"depth\": {}, \"batch\": {}, \"size\": {}, \"mode\": \"{}\", \"bits\": {}, {}, "
+                   "\"relative_error\": {:.5f}, \"min_cosine\": {:.5f}, \"min_cosine_param\": \"{}\", "
+                   "\"plain_loss\": {:.6g}, \"plain_grad_norm\": {:.6g}}}\n",
+                   c.source, c.checkpoint, c.iteration, c.net.depth, batch, c.x.size(2), blpa::to_string(m.mode), m.bits,
+                   report_format(m), rel, min_cos, worst, loss, ref_norm);
       else
-        fmt::print("depth {:4d}  {:8s} relative gradient error {:.4f}  smallest cosine {:.4f}\n", depth, m.str(), rel,
-                   min_cos);
+        fmt::print("{} depth {:4d}  {:12s} relative gradient error {:.4f}  smallest cosine {:.4f} ({})  "
+                   "[plain loss {:.4g}, |grad| {:.4g}]\n",
+                   c.source == "drawn" ? std::string("drawn") : fmt::format("{} (it {})", c.checkpoint, c.iteration),
+                   c.net.depth, m.str(), rel, min_cos, worst, loss, ref_norm);
     }
   }
   return 0;

@@ -1,6 +1,7 @@
 // blpa-train: trains a ResNet with approximate activations. Defaults are the paper's CIFAR
 // protocol (DESIGN.md 1.7); --preset imagenet is its ResNet-152 ImageNet protocol; without
 // --data-dir it trains on Debian's Fashion-MNIST.
+#include <blpa/codec.h>
 #include <blpa/train.h>
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>

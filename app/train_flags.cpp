@@ -44,7 +44,9 @@ cxxopts::Options make_options() {
     ("model", "cifar (depth 9n+2) or imagenet (depth 50/101/152/200)", cxxopts::value<S>()->default_value("cifar"))
     ("depth", "Network depth", cxxopts::value<S>()->default_value("164"))
     ("mode", "plain, exact, blpa or naive", cxxopts::value<S>()->default_value("blpa"))
-    ("bits", "Bits per stored activation for blpa and naive: 8 or 4", cxxopts::value<S>()->default_value("4"));
+    ("bits", "Bits per stored activation for blpa and naive: 8, 4 or 2", cxxopts::value<S>()->default_value("4"))
+    ("window", fmt::format("Width of the codes' window in units of x_hat, for blpa and naive (default: {} at 8 bits, {} at 4, {} at 2, chosen by measured gradient fidelity; the paper's is {})", default_format(8).window, default_format(4).window, default_format(2).window, kPaperWindow), cxxopts::value<S>())
+    ("lift", fmt::format("How far the window's centre sits above the channel's mean, in units of x_hat (default: {} at 8 bits, {} at 4, {} at 2 with the default window, else 0, the paper's)", default_format(8).lift, default_format(4).lift, default_format(2).lift), cxxopts::value<S>());
   opts.add_options("Optimisation")
     ("batch", "Batch size (of one update)", cxxopts::value<S>()->default_value("128"))
     ("accum-steps", "Process each batch in this many equal parts and accumulate their gradients: the same update in less memory (BatchNorm then normalises each part by its own statistics)", cxxopts::value<S>()->default_value("1"))
@@ -133,8 +135,14 @@ TrainCommand parse_train_command(int argc, const char* const* argv) {
   } catch (const std::invalid_argument& e) {
     throw FlagError(std::string("--mode: ") + e.what());
   }
-  if (given("bits") && (c.mode.mode == Mode::plain || c.mode.mode == Mode::exact))
-    throw FlagError("--bits applies to --mode blpa and naive, not " + to_string(c.mode.mode));
+  if (given("window")) {
+    c.mode.window = number<float>(a, "window");
+    if (!(c.mode.window > 0)) throw FlagError("--window must be a positive width in units of x_hat");  // 0: the default
+  }
+  if (given("lift")) c.mode.lift = number<float>(a, "lift");
+  for (const char* flag : {"bits", "window", "lift"})
+    if (given(flag) && (c.mode.mode == Mode::plain || c.mode.mode == Mode::exact))
+      throw FlagError(std::string("--") + flag + " applies to --mode blpa and naive, not " + to_string(c.mode.mode));
   c.batch = num("batch", int64_t{256});
   c.accum_steps = number<int64_t>(a, "accum-steps");
   c.iterations = num("iterations", int64_t{640000});

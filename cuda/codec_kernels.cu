@@ -3,7 +3,8 @@
 //
 // Layout: each pack thread handles groups of 8 consecutive elements, grid-stride (unpack: 4).
 //   8-bit: 8 codes = one 8-byte store     4-bit: 8 codes = one 4-byte store,
-//   element 2j in the low nibble and 2j+1 in the high nibble of byte j.
+//   element 2j in the low nibble and 2j+1 in the high nibble of byte j
+//   2-bit: 8 codes = one 2-byte store, element 4j+t in bits 2t, 2t+1 of byte j.
 // A thread owns whole bytes, so two codes that share a byte are written by one thread.
 // Floats are loaded/stored as float4 when the pointer is 16-byte aligned; the last,
 // partial group and misaligned tensors take the scalar path. Every per-element loop is
@@ -17,6 +18,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 
 #include "blpa/codec_math.h"
 
@@ -97,7 +99,7 @@ __device__ __forceinline__ void group_offsets(const uint8_t* offsets, const Grou
 __global__ void offsets_kernel(OffsetParams p) {
   for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < p.channels;
        c += int64_t{gridDim.x} * blockDim.x)
-    p.offsets[c] = static_cast<uint8_t>(codec::offset(p.b[c], p.bits));
+    p.offsets[c] = static_cast<uint8_t>(codec::offset(p.b[c], p.bits, codec::bin_width(p.window, p.bits), p.lift));
 }
 
 __global__ void channel_kernel(ChannelParams p) {
@@ -108,7 +110,7 @@ __global__ void channel_kernel(ChannelParams p) {
     const float b = p.centred ? __fdiv_rn(p.beta[c], g) : 0.0f;
     p.g[c] = g;
     p.b[c] = b;
-    p.offsets[c] = static_cast<uint8_t>(codec::offset(b, p.bits));
+    p.offsets[c] = static_cast<uint8_t>(codec::offset(b, p.bits, codec::bin_width(p.window, p.bits), p.lift));
   }
 }
 
@@ -116,6 +118,7 @@ template <int Bits>
 __global__ void pack_kernel(PackParams p) {
   const int64_t groups = (p.numel + kGroup - 1) / kGroup;
   const bool vec = aligned16(p.v), narrow = narrow_indices(p.numel), relu_vec = aligned16(p.relu);
+  const float d = codec::bin_width(p.window, Bits);
   for (int64_t g = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g < groups; g += int64_t{gridDim.x} * blockDim.x) {
     const int64_t e0 = g * kGroup;
     const int n = static_cast<int>(min(int64_t{kGroup}, p.numel - e0));
@@ -151,7 +154,7 @@ __global__ void pack_kernel(PackParams p) {
     }
     uint32_t q[kGroup];
 #pragma unroll
-    for (int k = 0; k < kGroup; ++k) q[k] = codec::encode(x[k], s[k], Bits);
+    for (int k = 0; k < kGroup; ++k) q[k] = codec::encode(x[k], s[k], Bits, d);
 
     if constexpr (Bits == 8) {
       uint8_t* out = p.codes + e0;
@@ -165,7 +168,7 @@ __global__ void pack_kernel(PackParams p) {
         for (int k = 0; k < kGroup; ++k)
           if (k < n) out[k] = static_cast<uint8_t>(q[k]);
       }
-    } else {
+    } else if constexpr (Bits == 4) {
       uint8_t* out = p.codes + e0 / 2;
       if (n == kGroup) {
         uint32_t w = 0;
@@ -179,30 +182,49 @@ __global__ void pack_kernel(PackParams p) {
           if (k < n) out[k / 2] = static_cast<uint8_t>(q[k] | hi << 4);
         }
       }
+    } else {
+      static_assert(Bits == 2, "codes are 8, 4 or 2 bits");
+      uint8_t* out = p.codes + e0 / 4;
+      uint32_t w = 0;  // codes past n are 0: the padding of the last byte
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k) w |= (k < n ? q[k] : 0u) << (2 * k);
+      if (n == kGroup) {
+        *reinterpret_cast<uint16_t*>(out) = static_cast<uint16_t>(w);
+      } else {
+        out[0] = static_cast<uint8_t>(w);
+        if (n > 4) out[1] = static_cast<uint8_t>(w >> 8);
+      }
     }
   }
 }
 
-// The codes of 4 consecutive elements from e (a multiple of 4) as one 32-bit (8-bit codes)
-// or 16-bit (4-bit) word, and the code of one element.
+// The codes of 4 consecutive elements from e (a multiple of 4) as one 32-bit (8-bit codes),
+// 16-bit (4-bit) or 8-bit (2-bit) word, and the code of one element.
 template <int Bits>
 __device__ __forceinline__ void read_codes4(const uint8_t* codes, int64_t e, uint32_t q[4]) {
-  if constexpr (Bits == 8) {
-    const uint32_t w = *reinterpret_cast<const uint32_t*>(codes + e);
+  uint32_t w;
+  if constexpr (Bits == 8)
+    w = *reinterpret_cast<const uint32_t*>(codes + e);
+  else if constexpr (Bits == 4)
+    w = *reinterpret_cast<const uint16_t*>(codes + e / 2);
+  else
+    w = codes[e / 4];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) q[k] = (w >> (8 * k)) & 0xFF;
-  } else {
-    const uint32_t w = *reinterpret_cast<const uint16_t*>(codes + e / 2);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) q[k] = (w >> (4 * k)) & 0xF;
-  }
+  for (int k = 0; k < 4; ++k) q[k] = (w >> (Bits * k)) & ((1u << Bits) - 1);
 }
 
 template <int Bits>
 __device__ __forceinline__ uint32_t read_code(const uint8_t* codes, int64_t e) {
-  if constexpr (Bits == 8) return codes[e];
-  return (codes[e >> 1] >> (4 * (e & 1))) & 0xF;
+  if constexpr (Bits == 8) {
+    return codes[e];
+  } else {
+    constexpr int shift = Bits == 4 ? 1 : 2;  // e / codes per byte
+    return (codes[e >> shift] >> (Bits * (e & ((1 << shift) - 1)))) & ((1u << Bits) - 1);
+  }
 }
+
+// Bytes that hold 4 codes: read_codes4's word, whose alignment the fast paths check.
+__host__ __device__ __forceinline__ uintptr_t code_word_bytes(int bits) { return 4 * bits / 8; }
 
 // Unpack writes up to three float tensors and reads one byte or less per element, so its
 // stores decide its speed: a thread takes 4 elements, one float4, so that a warp's stores
@@ -215,8 +237,9 @@ __global__ void unpack_kernel(UnpackParams p) {
   constexpr int G = kUnpackGroup;
   const int64_t groups = (p.numel + G - 1) / G;
   const bool vec = (!p.x_hat || aligned16(p.x_hat)) && (!p.r || aligned16(p.r));
-  const bool word_codes = aligned(p.codes, Bits == 8 ? 4 : 2);  // codes from pack always are
+  const bool word_codes = aligned(p.codes, code_word_bytes(Bits));  // codes from pack always are
   const bool narrow = narrow_indices(p.numel);
+  const float d = codec::bin_width(p.window, Bits);
   for (int64_t g = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g < groups; g += int64_t{gridDim.x} * blockDim.x) {
     const int64_t e0 = g * G;
     const int n = static_cast<int>(min(int64_t{G}, p.numel - e0));
@@ -248,14 +271,14 @@ __global__ void unpack_kernel(UnpackParams p) {
     if (p.x_hat) {
       float y[G];
 #pragma unroll
-      for (int k = 0; k < G; ++k) y[k] = codec::decode(q[k], s[k], Bits) - p.b[channel_of(k)];
+      for (int k = 0; k < G; ++k) y[k] = codec::decode(q[k], s[k], d) - p.b[channel_of(k)];
       store(p.x_hat, y);
     }
     if (p.r) {
       float y[G];
 #pragma unroll
       for (int k = 0; k < G; ++k) {
-        const float t = __fmul_rn(p.gamma[channel_of(k)], codec::decode(q[k], s[k], Bits));
+        const float t = __fmul_rn(p.gamma[channel_of(k)], codec::decode(q[k], s[k], d));
         y[k] = t > 0.0f ? t : 0.0f;
       }
       store(p.r, y);
@@ -314,11 +337,10 @@ __device__ __forceinline__ void warp_sum(double& a, double& b) {
   }
 }
 
-// g_a and g_a * x_hat' of one element.
-template <int Bits>
-__device__ __forceinline__ float2 bn_terms(uint32_t q, float grad, int s, float bc) {
+// g_a and g_a * x_hat' of one element; d is the codes' bin width.
+__device__ __forceinline__ float2 bn_terms(uint32_t q, float grad, int s, float bc, float d) {
   const float ga = codec::mask(q, s) ? grad : 0.0f;  // a select: a masked NaN gradient is 0
-  return make_float2(ga, ga * (codec::decode(q, s, Bits) - bc));
+  return make_float2(ga, ga * (codec::decode(q, s, d) - bc));
 }
 
 // Channel c's block sums in p.partials: gridDim.x of sum g_a, then gridDim.x of sum g_a x_hat'.
@@ -333,6 +355,7 @@ template <int Bits>
 __global__ void bn_reduce_kernel(BnBackwardParams p, ChannelWalk w) {
   __shared__ double part[2][kBnThreads / 32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const float d = codec::bin_width(p.window, Bits);
   for (int64_t c = blockIdx.y; c < p.channels; c += gridDim.y) {
     const int s = p.offsets[c];
     const float bc = p.b[c];
@@ -340,13 +363,13 @@ __global__ void bn_reduce_kernel(BnBackwardParams p, ChannelWalk w) {
     walk_channel<Bits>(
         p, w, c,
         [&](int64_t, const uint32_t q[4], float4 g) {
-          const float2 t0 = bn_terms<Bits>(q[0], g.x, s, bc), t1 = bn_terms<Bits>(q[1], g.y, s, bc);
-          const float2 t2 = bn_terms<Bits>(q[2], g.z, s, bc), t3 = bn_terms<Bits>(q[3], g.w, s, bc);
+          const float2 t0 = bn_terms(q[0], g.x, s, bc, d), t1 = bn_terms(q[1], g.y, s, bc, d);
+          const float2 t2 = bn_terms(q[2], g.z, s, bc, d), t3 = bn_terms(q[3], g.w, s, bc, d);
           sum_a += (t0.x + t1.x) + (t2.x + t3.x);
           sum_ax += (t0.y + t1.y) + (t2.y + t3.y);
         },
         [&](int64_t, uint32_t q, float g) {
-          const float2 t = bn_terms<Bits>(q, g, s, bc);
+          const float2 t = bn_terms(q, g, s, bc, d);
           sum_a += t.x;
           sum_ax += t.y;
         });
@@ -374,6 +397,7 @@ template <int Bits>
 __global__ void bn_apply_kernel(BnBackwardParams p, ChannelWalk w) {
   __shared__ double total[2];
   const double m = static_cast<double>(w.steps) * (w.vec ? 4 : 1);  // elements in a channel
+  const float d = codec::bin_width(p.window, Bits);
   for (int64_t c = blockIdx.y; c < p.channels; c += gridDim.y) {
     if (threadIdx.x < 32) {
       const double* slots = channel_partials(p, c);
@@ -397,7 +421,7 @@ __global__ void bn_apply_kernel(BnBackwardParams p, ChannelWalk w) {
     const float bc = p.b[c];
     auto g_x = [&](uint32_t q, float grad) {  // as the CPU path: scale * (g_a - mean_a - x_hat' * mean_ax)
       const float ga = codec::mask(q, s) ? grad : 0.0f;
-      return scale * (ga - mean_a - (codec::decode(q, s, Bits) - bc) * mean_ax);
+      return scale * (ga - mean_a - (codec::decode(q, s, d) - bc) * mean_ax);
     };
     walk_channel<Bits>(
         p, w, c,
@@ -407,6 +431,17 @@ __global__ void bn_apply_kernel(BnBackwardParams p, ChannelWalk w) {
         },
         [&](int64_t e, uint32_t q, float g) { p.grad_in[e] = g_x(q, g); });
   }
+}
+
+// Calls f(std::integral_constant<int, K>{}) for the codes' bit width: one kernel per K.
+template <typename F>
+void with_bits(int bits, F&& f) {
+  switch (bits) {
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+  }
+  TORCH_CHECK(false, "blpa: codes of ", bits, " bits have no kernel (8, 4 or 2)");
 }
 
 }  // namespace
@@ -431,10 +466,7 @@ void pack(const PackParams& p) {
   if (p.numel == 0) return;
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));  // <<<>>> launches on the current device
   const Launch l = launch_config((p.numel + kGroup - 1) / kGroup, p.device);
-  if (p.bits == 8)
-    pack_kernel<8><<<l.blocks, kThreads, 0, l.stream>>>(p);
-  else
-    pack_kernel<4><<<l.blocks, kThreads, 0, l.stream>>>(p);
+  with_bits(p.bits, [&](auto k) { pack_kernel<decltype(k)::value><<<l.blocks, kThreads, 0, l.stream>>>(p); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -442,10 +474,7 @@ void unpack(const UnpackParams& p) {
   if (p.numel == 0) return;
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));  // <<<>>> launches on the current device
   const Launch l = launch_config((p.numel + kUnpackGroup - 1) / kUnpackGroup, p.device);
-  if (p.bits == 8)
-    unpack_kernel<8><<<l.blocks, kThreads, 0, l.stream>>>(p);
-  else
-    unpack_kernel<4><<<l.blocks, kThreads, 0, l.stream>>>(p);
+  with_bits(p.bits, [&](auto k) { unpack_kernel<decltype(k)::value><<<l.blocks, kThreads, 0, l.stream>>>(p); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -461,8 +490,9 @@ BnGrid bn_grid(const BnBackwardParams& p) {
   TORCH_CHECK(per_channel < (int64_t{1} << 31), "blpa: BatchNorm backward supports up to 2^31 elements per channel, got ",
               per_channel);
   ChannelWalk w;
-  // The vector path reads 4 codes as one 32-bit (8-bit codes) or 16-bit (4-bit) word.
-  w.vec = p.plane % 4 == 0 && aligned(p.grad, 16) && aligned(p.grad_in, 16) && aligned(p.codes, p.bits == 8 ? 4 : 2);
+  // The vector path reads 4 codes as one 32-bit (8-bit codes), 16-bit (4-bit) or 8-bit word.
+  w.vec = p.plane % 4 == 0 && aligned(p.grad, 16) && aligned(p.grad_in, 16) &&
+          aligned(p.codes, code_word_bytes(p.bits));
   w.per_plane = static_cast<uint32_t>(w.vec ? p.plane / 4 : p.plane);
   w.steps = static_cast<uint32_t>(w.per_plane * p.batch);
   // The capped grid of the other kernels, split over the channels; past 65535 channels a
@@ -486,15 +516,11 @@ void bn_relu_backward(const BnBackwardParams& p) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));  // <<<>>> launches on the current device
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(p.device).stream();
   const auto [w, grid] = bn_grid(p);
-  if (p.bits == 8) {
-    bn_reduce_kernel<8><<<grid, kBnThreads, 0, stream>>>(p, w);
+  with_bits(p.bits, [&, w = w, grid = grid](auto k) {
+    bn_reduce_kernel<decltype(k)::value><<<grid, kBnThreads, 0, stream>>>(p, w);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bn_apply_kernel<8><<<grid, kBnThreads, 0, stream>>>(p, w);
-  } else {
-    bn_reduce_kernel<4><<<grid, kBnThreads, 0, stream>>>(p, w);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bn_apply_kernel<4><<<grid, kBnThreads, 0, stream>>>(p, w);
-  }
+    bn_apply_kernel<decltype(k)::value><<<grid, kBnThreads, 0, stream>>>(p, w);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -17,7 +17,8 @@ struct PackParams {
   int64_t numel = 0;
   int64_t plane = 1;               // elements per (sample, channel): H * W
   int64_t channels = 1;
-  int bits = 8;
+  int bits = 8;                    // 8, 4 or 2
+  float window = 6.0f;             // bins of window / 2^bits
   int device = 0;
   float* relu = nullptr;  // if set, receives max(v, 0) (NaN kept); may be v itself
 };
@@ -27,6 +28,8 @@ struct OffsetParams {
   uint8_t* offsets = nullptr;  // [channels]
   int64_t channels = 0;
   int bits = 8;
+  float window = 6.0f;
+  float lift = 0.0f;           // the window's centre sits lift above b
   int device = 0;
 };
 
@@ -41,6 +44,8 @@ struct ChannelParams {
   uint8_t* offsets = nullptr;    // [channels]
   int64_t channels = 0;
   int bits = 8;
+  float window = 6.0f;
+  float lift = 0.0f;
   int device = 0;
 };
 
@@ -57,6 +62,7 @@ struct UnpackParams {
   int64_t plane = 1;
   int64_t channels = 1;
   int bits = 8;
+  float window = 6.0f;
   int device = 0;
 };
 
@@ -79,6 +85,7 @@ struct BnBackwardParams {
   int64_t channels = 0;
   int64_t plane = 1;
   int bits = 8;
+  float window = 6.0f;
   int device = 0;
 };
 

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -20,7 +21,7 @@ using codec::decode;
 using codec::encode;
 
 // Work is split into element ranges that start on a byte boundary of the packed codes, so
-// no two threads ever write the same byte (two 4-bit codes share one).
+// no two threads ever write the same byte (two 4-bit or four 2-bit codes share one).
 constexpr int64_t kGrain = 1 << 15;
 
 struct Layout {
@@ -47,33 +48,47 @@ void for_each_channel_run(const Layout& l, int64_t e0, int64_t e1, F&& f) {
   }
 }
 
+// Codes per byte: 1, 2 or 4. Element j of a byte sits at bits [j*Bits, (j+1)*Bits).
+template <int Bits>
+constexpr int kPerByte = 8 / Bits;
+
 // div: the per-channel divisor (all ones when the caller gave none; x / 1 is exact).
 // relu: if set, receives max(v, 0) after each run is encoded (it may be v itself).
 template <int Bits>
-void pack_cpu(const float* v, const float* div, const uint8_t* offsets, uint8_t* out, float* relu, const Layout& l) {
-  at::parallel_for(0, (l.numel + 1) / 2, kGrain, [&](int64_t pb, int64_t pe) {
-    for_each_channel_run(l, pb * 2, std::min(pe * 2, l.numel), [&](int64_t b, int64_t e, int64_t c) {
+void pack_cpu(const float* v, const float* div, const uint8_t* offsets, uint8_t* out, float* relu, float d,
+              const Layout& l) {
+  constexpr int per = kPerByte<Bits>;
+  at::parallel_for(0, (l.numel + per - 1) / per, kGrain, [&](int64_t pb, int64_t pe) {
+    for_each_channel_run(l, pb * per, std::min(pe * per, l.numel), [&](int64_t b, int64_t e, int64_t c) {
       const int s = offsets[c];
       const float dc = div[c];
+      auto code = [&](int64_t i) { return static_cast<uint8_t>(encode(v[i] / dc, s, Bits, d)); };
       if constexpr (Bits == 8) {
-        for (int64_t i = b; i < e; ++i) out[i] = static_cast<uint8_t>(encode(v[i] / dc, s, 8));
+        for (int64_t i = b; i < e; ++i) out[i] = code(i);
       } else {
+        // A byte is begun at its first element (by a block or the tail below, which assign it)
+        // and finished by the runs that follow in this thread (the head, which adds to it).
         int64_t i = b;
-        if (i & 1) {  // high nibble of a byte whose low nibble this thread wrote in the previous run
-          out[i / 2] = static_cast<uint8_t>(out[i / 2] | (encode(v[i] / dc, s, 4) << 4));
-          ++i;
-        }
-        // Encode blocks into a small stack buffer (vectorises), then pair the nibbles.
+        for (; i < e && i % per; ++i) out[i / per] = static_cast<uint8_t>(out[i / per] | code(i) << (i % per * Bits));
+        // Encode blocks into a small stack buffer (vectorises), then pack whole bytes.
         constexpr int kBlock = 256;
         uint8_t buf[kBlock];
-        while (e - i >= 2) {
-          const int n = static_cast<int>(std::min<int64_t>(kBlock, (e - i) & ~int64_t{1}));
-          for (int k = 0; k < n; ++k) buf[k] = static_cast<uint8_t>(encode(v[i + k] / dc, s, 4));
-          uint8_t* o = out + i / 2;
-          for (int k = 0; k < n / 2; ++k) o[k] = static_cast<uint8_t>(buf[2 * k] | (buf[2 * k + 1] << 4));
+        while (e - i >= per) {
+          const int n = static_cast<int>(std::min<int64_t>(kBlock, (e - i) / per * per));
+          for (int k = 0; k < n; ++k) buf[k] = code(i + k);
+          uint8_t* o = out + i / per;
+          for (int k = 0; k < n / per; ++k) {
+            uint8_t byte = 0;
+            for (int j = 0; j < per; ++j) byte = static_cast<uint8_t>(byte | buf[per * k + j] << (j * Bits));
+            o[k] = byte;
+          }
           i += n;
         }
-        if (i < e) out[i / 2] = static_cast<uint8_t>(encode(v[i] / dc, s, 4));  // high nibble: next run or 0
+        if (i < e) {  // the first elements of a byte: the next run or the zero padding ends it
+          uint8_t byte = 0;
+          for (int j = 0; i + j < e; ++j) byte = static_cast<uint8_t>(byte | code(i + j) << (j * Bits));
+          out[i / per] = byte;
+        }
       }
       if (relu)  // after the run is encoded: relu may be v itself
         for (int64_t i = b; i < e; ++i) relu[i] = v[i] < 0.0f ? 0.0f : v[i];
@@ -87,21 +102,22 @@ void read_codes(const uint8_t* data, int64_t i, int n, uint8_t* q) {
   if constexpr (Bits == 8) {
     std::copy(data + i, data + i + n, q);
   } else {
+    constexpr int per = kPerByte<Bits>, mask = (1 << Bits) - 1;
     int k = 0;
-    if (i & 1) q[k++] = data[i >> 1] >> 4;  // the run starts on a high nibble
-    const uint8_t* src = data + ((i + k) >> 1);
-    const int pairs = (n - k) / 2;
-    for (int j = 0; j < pairs; ++j) {
-      q[k + 2 * j] = src[j] & 0xF;
-      q[k + 2 * j + 1] = src[j] >> 4;
-    }
-    if (k + 2 * pairs < n) q[n - 1] = src[pairs] & 0xF;
+    for (; k < n && (i + k) % per; ++k)  // the run starts inside a byte
+      q[k] = (data[(i + k) / per] >> ((i + k) % per * Bits)) & mask;
+    const uint8_t* src = data + (i + k) / per;
+    const int bytes = (n - k) / per;
+    for (int j = 0; j < bytes; ++j)
+      for (int t = 0; t < per; ++t) q[k + per * j + t] = (src[j] >> (t * Bits)) & mask;
+    k += per * bytes;
+    for (int t = 0; k < n; ++k, ++t) q[k] = (src[bytes] >> (t * Bits)) & mask;
   }
 }
 
 template <int Bits>
 void unpack_cpu(const uint8_t* data, const uint8_t* offsets, const float* b, const float* gamma, float* x_hat,
-                float* r, bool* mask, const Layout& l) {
+                float* r, bool* mask, float d, const Layout& l) {
   at::parallel_for(0, l.numel, kGrain, [&](int64_t e0, int64_t e1) {
     for_each_channel_run(l, e0, e1, [&](int64_t lo, int64_t hi, int64_t c) {
       const int s = offsets[c];
@@ -112,10 +128,10 @@ void unpack_cpu(const uint8_t* data, const uint8_t* offsets, const float* b, con
         const int n = static_cast<int>(std::min<int64_t>(kBlock, hi - i));
         read_codes<Bits>(data, i, n, q);
         if (x_hat)
-          for (int k = 0; k < n; ++k) x_hat[i + k] = decode(q[k], s, Bits) - bc;
+          for (int k = 0; k < n; ++k) x_hat[i + k] = decode(q[k], s, d) - bc;
         if (r)
           for (int k = 0; k < n; ++k) {
-            const float t = g * decode(q[k], s, Bits);
+            const float t = g * decode(q[k], s, d);
             r[i + k] = t > 0.0f ? t : 0.0f;
           }
         if (mask)
@@ -131,7 +147,7 @@ void unpack_cpu(const uint8_t* data, const uint8_t* offsets, const float* b, con
 template <int Bits>
 void bn_relu_backward_cpu(const uint8_t* data, const uint8_t* offsets, const float* b, const float* g,
                           const float* invstd, const float* grad, float* g_x, float* g_g, float* g_beta,
-                          int64_t batch, const Layout& l) {
+                          int64_t batch, float d, const Layout& l) {
   const double m = static_cast<double>(batch * l.plane);
   at::parallel_for(0, l.channels, 1, [&](int64_t c0, int64_t c1) {
     constexpr int kBlock = 256, kLanes = 8;
@@ -150,7 +166,7 @@ void bn_relu_backward_cpu(const uint8_t* data, const uint8_t* offsets, const flo
         for (int k = 0; k < n; ++k) {
           const float gv = gr[k];  // read unconditionally, so that the select vectorises
           a[k] = codec::mask(q[k], s) ? gv : 0.0f;  // a select: a masked NaN gradient is 0
-          x[k] = decode(q[k], s, Bits) - bc;
+          x[k] = decode(q[k], s, d) - bc;
         }
         for (int k = n; k % kLanes; ++k) a[k] = x[k] = 0.0f;
       };
@@ -187,7 +203,16 @@ void bn_relu_backward_cpu(const uint8_t* data, const uint8_t* offsets, const flo
   });
 }
 
-void check_bits(int bits) { TORCH_CHECK(bits == 8 || bits == 4, "blpa codec: bits must be 8 or 4, got ", bits); }
+// Calls f(std::integral_constant<int, K>{}) for the codes' bit width: one instantiation per K.
+template <typename F>
+void with_bits(int bits, F&& f) {
+  switch (bits) {
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+  }
+  TORCH_CHECK(false, "blpa codec: bits must be 8, 4 or 2, got ", bits);
+}
 
 void check_channel_vector(const at::Tensor& t, const char* name, const at::Tensor& like, int64_t channels) {
   TORCH_CHECK(t.defined(), "blpa codec: ", name, " is required for the requested output");
@@ -209,6 +234,22 @@ void check_channel_vector(const at::Tensor& t, const char* name, const at::Tenso
 
 int64_t packed_bytes(int64_t numel, int bits) { return (numel * bits + 7) / 8; }
 
+void check_format(const CodeFormat& f) {
+  TORCH_CHECK(f.bits == 8 || f.bits == 4 || f.bits == 2, "blpa codec: bits must be 8, 4 or 2, got ", f.bits);
+  TORCH_CHECK(std::isfinite(f.window) && f.window > 0.0f, "blpa codec: the window must be a positive width (in units "
+              "of x_hat), got ", f.window);
+  TORCH_CHECK(std::isfinite(f.lift), "blpa codec: the window's lift must be finite, got ", f.lift);
+}
+
+CodeFormat default_format(int bits) {
+  switch (bits) {
+    case 8: return {8, 12.0f, 0.0f};
+    case 4: return {4, 6.0f, 1.0f};
+    case 2: return {2, 4.0f, 1.0f};
+  }
+  TORCH_CHECK(false, "blpa codec: bits must be 8, 4 or 2, got ", bits);
+}
+
 int64_t Codes::numel() const {
   int64_t n = 1;
   for (auto s : sizes) n *= s;
@@ -222,9 +263,9 @@ int64_t Codes::bytes() const {
 namespace {
 
 // offsets: the channels' offsets of b when the caller has them (channel_coding), else undefined.
-Codes pack_impl(const at::Tensor& v, const at::Tensor& b, int bits, const at::Tensor& divisor, float* relu,
-                const at::Tensor& offsets = {}) {
-  check_bits(bits);
+Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, const at::Tensor& divisor,
+                float* relu, const at::Tensor& offsets = {}) {
+  check_format(f);
   TORCH_CHECK(v.scalar_type() == at::kFloat, "blpa codec: pack expects float32 activations, got ",
               v.scalar_type());
   TORCH_CHECK(v.is_contiguous(), "blpa codec: pack expects a contiguous NCHW tensor (call .contiguous(); "
@@ -234,10 +275,10 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, int bits, const at::Te
   if (divisor.defined()) check_channel_vector(divisor, "divisor", v, l.channels);
 
   Codes out;
-  out.bits = bits;
+  out.format = f;
   out.sizes = v.sizes().vec();
   const auto u8 = v.options().dtype(at::kByte);
-  out.data = at::empty({packed_bytes(l.numel, bits)}, u8);
+  out.data = at::empty({packed_bytes(l.numel, f.bits)}, u8);
   const bool have_offsets = offsets.defined();
   if (have_offsets) {
     TORCH_CHECK(offsets.scalar_type() == at::kByte && offsets.dim() == 1 && offsets.numel() == l.channels &&
@@ -254,10 +295,11 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, int bits, const at::Te
 #if BLPA_WITH_CUDA
     const int dev = v.get_device();
     if (!have_offsets)
-      cuda::compute_offsets({b.data_ptr<float>(), out.offsets.data_ptr<uint8_t>(), l.channels, bits, dev});
+      cuda::compute_offsets({b.data_ptr<float>(), out.offsets.data_ptr<uint8_t>(), l.channels, f.bits, f.window,
+                             f.lift, dev});
     cuda::pack({v.data_ptr<float>(), divisor.defined() ? divisor.data_ptr<float>() : nullptr,
-                out.offsets.data_ptr<uint8_t>(), out.data.data_ptr<uint8_t>(), l.numel, l.plane, l.channels, bits,
-                dev, relu});
+                out.offsets.data_ptr<uint8_t>(), out.data.data_ptr<uint8_t>(), l.numel, l.plane, l.channels, f.bits,
+                f.window, dev, relu});
     return out;
 #else
     no_cuda();
@@ -266,51 +308,52 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, int bits, const at::Te
   TORCH_CHECK(v.is_cpu(), "blpa codec: unsupported device ", v.device());
   const float* bp = b.data_ptr<float>();
   uint8_t* op = out.offsets.data_ptr<uint8_t>();
+  const float d = f.bin_width();
   if (!have_offsets)
-    for (int64_t c = 0; c < l.channels; ++c) op[c] = static_cast<uint8_t>(codec::offset(bp[c], bits));
+    for (int64_t c = 0; c < l.channels; ++c) op[c] = static_cast<uint8_t>(codec::offset(bp[c], f.bits, d, f.lift));
   std::vector<float> ones;
   const float* div = divisor.defined() ? divisor.data_ptr<float>() : (ones.assign(l.channels, 1.0f), ones.data());
-  if (bits == 8)
-    pack_cpu<8>(v.data_ptr<float>(), div, op, out.data.data_ptr<uint8_t>(), relu, l);
-  else
-    pack_cpu<4>(v.data_ptr<float>(), div, op, out.data.data_ptr<uint8_t>(), relu, l);
+  with_bits(f.bits, [&](auto k) {
+    pack_cpu<decltype(k)::value>(v.data_ptr<float>(), div, op, out.data.data_ptr<uint8_t>(), relu, d, l);
+  });
   return out;
 }
 
 }  // namespace
 
-Codes pack(const at::Tensor& v, const at::Tensor& b, int bits, const at::Tensor& divisor) {
-  return pack_impl(v, b, bits, divisor, nullptr);
+Codes pack(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, const at::Tensor& divisor) {
+  return pack_impl(v, b, f, divisor, nullptr);
 }
 
-Codes pack_relu_(at::Tensor& a, const at::Tensor& b, int bits, const at::Tensor& divisor) {
-  return pack_impl(a, b, bits, divisor, a.scalar_type() == at::kFloat ? a.data_ptr<float>() : nullptr);
+Codes pack_relu_(at::Tensor& a, const at::Tensor& b, const CodeFormat& f, const at::Tensor& divisor) {
+  return pack_impl(a, b, f, divisor, a.scalar_type() == at::kFloat ? a.data_ptr<float>() : nullptr);
 }
 
 Codes pack(const at::Tensor& v, const ChannelCoding& cc, const at::Tensor& divisor) {
-  return pack_impl(v, cc.b, cc.bits, divisor, nullptr, cc.offsets);
+  return pack_impl(v, cc.b, cc.format, divisor, nullptr, cc.offsets);
 }
 
 Codes pack_relu_(at::Tensor& a, const ChannelCoding& cc) {
-  return pack_impl(a, cc.b, cc.bits, cc.g, a.scalar_type() == at::kFloat ? a.data_ptr<float>() : nullptr, cc.offsets);
+  return pack_impl(a, cc.b, cc.format, cc.g, a.scalar_type() == at::kFloat ? a.data_ptr<float>() : nullptr,
+                   cc.offsets);
 }
 
-ChannelCoding channel_coding(const at::Tensor& gamma, const at::Tensor& beta, float gamma_min, int bits,
+ChannelCoding channel_coding(const at::Tensor& gamma, const at::Tensor& beta, float gamma_min, const CodeFormat& f,
                              bool centred) {
-  check_bits(bits);
+  check_format(f);
   TORCH_CHECK(gamma.dim() == 1, "blpa codec: gamma must be a vector, got ", gamma.sizes());
   const int64_t channels = gamma.numel();
   check_channel_vector(gamma, "gamma", gamma, channels);
   check_channel_vector(beta, "beta", gamma, channels);
   const auto f32 = gamma.options().requires_grad(false);
   ChannelCoding cc{at::empty({channels}, f32), at::empty({channels}, f32), at::empty({channels}, f32.dtype(at::kByte)),
-                   bits};
+                   f};
   const float* gp = gamma.data_ptr<float>();
   const float* bp = beta.data_ptr<float>();
   if (gamma.is_cuda()) {
 #if BLPA_WITH_CUDA
     cuda::channel_coding({gp, bp, gamma_min, centred, cc.g.data_ptr<float>(), cc.b.data_ptr<float>(),
-                          cc.offsets.data_ptr<uint8_t>(), channels, bits, gamma.get_device()});
+                          cc.offsets.data_ptr<uint8_t>(), channels, f.bits, f.window, f.lift, gamma.get_device()});
     return cc;
 #else
     no_cuda();
@@ -320,10 +363,11 @@ ChannelCoding channel_coding(const at::Tensor& gamma, const at::Tensor& beta, fl
   float* g = cc.g.data_ptr<float>();
   float* b = cc.b.data_ptr<float>();
   uint8_t* s = cc.offsets.data_ptr<uint8_t>();
+  const float d = f.bin_width();
   for (int64_t c = 0; c < channels; ++c) {
     g[c] = gp[c] < gamma_min ? gamma_min : gp[c];  // NaN stays NaN, as clamp_min
     b[c] = centred ? bp[c] / g[c] : 0.0f;
-    s[c] = static_cast<uint8_t>(codec::offset(b[c], bits));
+    s[c] = static_cast<uint8_t>(codec::offset(b[c], f.bits, d, f.lift));
   }
   return cc;
 }
@@ -332,9 +376,10 @@ namespace {
 
 void unpack_into(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma, float* x_hat, float* r,
                  bool* mask) {
-  check_bits(codes.bits);
+  const CodeFormat& f = codes.format;
+  check_format(f);
   const Layout l = layout_of(codes.sizes);
-  TORCH_CHECK(codes.data.numel() == packed_bytes(l.numel, codes.bits) && codes.offsets.numel() == l.channels,
+  TORCH_CHECK(codes.data.numel() == packed_bytes(l.numel, f.bits) && codes.offsets.numel() == l.channels,
               "blpa codec: codes are inconsistent with their shape");
   TORCH_CHECK(codes.offsets.device() == codes.data.device(), "blpa codec: the codes' offsets are on ",
               codes.offsets.device(), " but their data on ", codes.data.device());
@@ -345,17 +390,15 @@ void unpack_into(const Codes& codes, const at::Tensor& b, const at::Tensor& gamm
   const uint8_t* offsets = codes.offsets.data_ptr<uint8_t>();
   if (codes.data.is_cuda()) {
 #if BLPA_WITH_CUDA
-    cuda::unpack({data, offsets, bp, gp, x_hat, r, mask, l.numel, l.plane, l.channels, codes.bits,
+    cuda::unpack({data, offsets, bp, gp, x_hat, r, mask, l.numel, l.plane, l.channels, f.bits, f.window,
                   codes.data.get_device()});
     return;
 #else
     no_cuda();
 #endif
   }
-  if (codes.bits == 8)
-    unpack_cpu<8>(data, offsets, bp, gp, x_hat, r, mask, l);
-  else
-    unpack_cpu<4>(data, offsets, bp, gp, x_hat, r, mask, l);
+  const float d = f.bin_width();
+  with_bits(f.bits, [&](auto k) { unpack_cpu<decltype(k)::value>(data, offsets, bp, gp, x_hat, r, mask, d, l); });
 }
 
 }  // namespace
@@ -392,10 +435,11 @@ void check_grad(const Codes& codes, const at::Tensor& grad) {
 BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tensor& g, const at::Tensor& invstd,
                          at::Tensor g_r, bool in_place, std::optional<float> gamma_min) {
   TORCH_CHECK(codes.defined(), "blpa codec: bn_relu_backward of empty codes");
-  check_bits(codes.bits);
+  const CodeFormat& f = codes.format;
+  check_format(f);
   check_grad(codes, g_r);
   const Layout l = layout_of(codes.sizes);
-  TORCH_CHECK(codes.data.numel() == packed_bytes(l.numel, codes.bits) && codes.offsets.numel() == l.channels,
+  TORCH_CHECK(codes.data.numel() == packed_bytes(l.numel, f.bits) && codes.offsets.numel() == l.channels,
               "blpa codec: codes are inconsistent with their shape");
   check_channel_vector(b, "b = beta / gamma", codes.data, l.channels);
   check_channel_vector(g, "gamma", codes.data, l.channels);
@@ -417,7 +461,7 @@ BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tens
     cuda::BnBackwardParams p{data, offsets, b.data_ptr<float>(), g.data_ptr<float>(), invstd.data_ptr<float>(),
                              g_r.data_ptr<float>(), out.g_x.data_ptr<float>(), nullptr, out.g_g.data_ptr<float>(),
                              out.g_beta.data_ptr<float>(), gamma_min.has_value(), gamma_min.value_or(0.0f), batch,
-                             l.channels, l.plane, codes.bits, g_r.get_device()};
+                             l.channels, l.plane, f.bits, f.window, g_r.get_device()};
     const at::Tensor partials = at::empty({cuda::bn_workspace(p)}, f32.dtype(at::kDouble));
     p.partials = partials.data_ptr<double>();
     cuda::bn_relu_backward(p);
@@ -426,16 +470,12 @@ BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tens
     no_cuda();
 #endif
   }
-  auto run = [&](auto bits) {
-    bn_relu_backward_cpu<decltype(bits)::value>(data, offsets, b.data_ptr<float>(), g.data_ptr<float>(),
-                                                invstd.data_ptr<float>(), g_r.data_ptr<float>(),
-                                                out.g_x.data_ptr<float>(), out.g_g.data_ptr<float>(),
-                                                out.g_beta.data_ptr<float>(), batch, l);
-  };
-  if (codes.bits == 8)
-    run(std::integral_constant<int, 8>{});
-  else
-    run(std::integral_constant<int, 4>{});
+  const float d = f.bin_width();
+  with_bits(f.bits, [&](auto k) {
+    bn_relu_backward_cpu<decltype(k)::value>(data, offsets, b.data_ptr<float>(), g.data_ptr<float>(),
+                                             invstd.data_ptr<float>(), g_r.data_ptr<float>(), out.g_x.data_ptr<float>(),
+                                             out.g_g.data_ptr<float>(), out.g_beta.data_ptr<float>(), batch, d, l);
+  });
   if (gamma_min) {  // the clamp's gradient, as threshold_backward: none where g <= gamma_min
     const float* gp = g.data_ptr<float>();
     float* gg = out.g_g.data_ptr<float>();
@@ -447,10 +487,12 @@ BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tens
 
 at::Tensor code_values(const Codes& codes) {
   const int64_t n = codes.numel();
-  if (codes.bits == 8) return codes.data.view(codes.sizes);
-  auto lo = at::bitwise_and(codes.data, 0xF);
-  auto hi = at::bitwise_right_shift(codes.data, 4);
-  return at::stack({lo, hi}, 1).flatten().narrow(0, 0, n).view(codes.sizes);
+  const int bits = codes.format.bits;
+  if (bits == 8) return codes.data.view(codes.sizes);
+  std::vector<at::Tensor> fields;  // element j of each byte, j = 0 .. 8 / bits - 1
+  for (int shift = 0; shift < 8; shift += bits)
+    fields.push_back(at::bitwise_and(at::bitwise_right_shift(codes.data, shift), (1 << bits) - 1));
+  return at::stack(fields, 1).flatten().narrow(0, 0, n).view(codes.sizes);
 }
 
 }  // namespace blpa

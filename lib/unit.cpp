@@ -1,6 +1,8 @@
 // The unit as a custom autograd Function (docs/method.md, "Backward of a unit").
 #include "blpa/unit.h"
 
+#include <charconv>
+#include <cmath>
 #include <stdexcept>
 
 #include "blpa/codec.h"
@@ -23,7 +25,9 @@ Codes codes_from(AutogradContext* ctx) {
   c.data = ctx->saved_data["codes"].toTensor();
   c.offsets = ctx->saved_data["offsets"].toTensor();
   c.sizes = ctx->saved_data["sizes"].toIntVector();
-  c.bits = static_cast<int>(ctx->saved_data["bits"].toInt());
+  c.format = {static_cast<int>(ctx->saved_data["bits"].toInt()),
+              static_cast<float>(ctx->saved_data["window"].toDouble()),
+              static_cast<float>(ctx->saved_data["lift"].toDouble())};
   return c;
 }
 
@@ -37,7 +41,8 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     // in one pass over the channels (one launch on a GPU, where a small step is bound by the
     // host's launches).
     ChannelCoding cc;
-    if (mode.mode != Mode::exact) cc = channel_coding(gamma, beta, kGammaMinF, mode.bits, mode.mode == Mode::blpa);
+    if (mode.mode != Mode::exact)
+      cc = channel_coding(gamma, beta, kGammaMinF, mode.codes_format(), mode.mode == Mode::blpa);
     const Tensor g = mode.mode == Mode::exact ? gamma.clamp_min(kGammaMin) : cc.g;
     // a = gamma * x_hat + beta with batch statistics; updates the running statistics. The
     // same LibTorch operator, and so the same kernel (cuDNN's on a GPU), as plain's batch_norm.
@@ -76,7 +81,9 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
       ctx->saved_data["codes"] = codes.data;
       ctx->saved_data["offsets"] = codes.offsets;
       ctx->saved_data["sizes"] = codes.sizes;
-      ctx->saved_data["bits"] = static_cast<int64_t>(codes.bits);
+      ctx->saved_data["bits"] = static_cast<int64_t>(codes.format.bits);
+      ctx->saved_data["window"] = static_cast<double>(codes.format.window);
+      ctx->saved_data["lift"] = static_cast<double>(codes.format.lift);
       memory->code_bytes += codes.data.nbytes();
       memory->metadata_bytes += codes.offsets.nbytes();
     }
@@ -237,28 +244,66 @@ std::string to_string(Mode m) {
   return "?";
 }
 
-ModeConfig parse_mode_config(const std::string& s, int default_bits) {
-  const auto dash = s.find('-');
-  ModeConfig m{parse_mode(s.substr(0, dash)), default_bits};
-  if (dash != std::string::npos) {
-    const std::string b = s.substr(dash + 1);
-    if (m.mode == Mode::plain || m.mode == Mode::exact || (b != "8" && b != "4"))
-      throw std::invalid_argument("bad mode '" + s + "' (expected plain, exact, blpa-8, blpa-4, naive-8 or naive-4)");
-    m.bits = b[0] - '0';
+CodeFormat ModeConfig::codes_format() const {
+  if (window == 0) {
+    CodeFormat f = default_format(bits);
+    if (lift) f.lift = *lift;
+    return f;
   }
-  return m;
+  return {bits, window, lift.value_or(0.0f)};
 }
 
 std::string ModeConfig::str() const {
-  return (mode == Mode::blpa || mode == Mode::naive) ? to_string(mode) + "-" + std::to_string(bits)
-                                                     : to_string(mode);
+  if (mode != Mode::blpa && mode != Mode::naive) return to_string(mode);
+  const CodeFormat f = codes_format();
+  auto text = [](float x) {  // the shortest text that reads back as x
+    char buf[32];
+    return std::string(buf, std::to_chars(buf, buf + sizeof buf, x).ptr);
+  };
+  std::string s = to_string(mode) + "-" + std::to_string(bits);
+  if (f.window != kPaperWindow) s += "-w" + text(f.window);
+  if (f.lift != 0.0f) s += "-l" + text(f.lift);
+  return s;
+}
+
+ModeConfig parse_mode_config(const std::string& s, int bits, float window, std::optional<float> lift) {
+  auto bad = [&] {
+    return std::invalid_argument("unknown mode '" + s + "' (expected plain, exact, blpa, naive, blpa-K or naive-K with "
+                                 "K = 8, 4 or 2, then optionally -wW for a window of width W and -lL for a lift L)");
+  };
+  const auto dash = s.find('-');
+  ModeConfig m{parse_mode(s.substr(0, dash)), bits, window, lift};
+  if (dash == std::string::npos) return m;
+  if (m.mode != Mode::blpa && m.mode != Mode::naive) throw bad();
+  // -K, then optionally -wW, then optionally -lL
+  const char* p = s.data() + dash + 1;
+  const char* end = s.data() + s.size();
+  auto [q, ec] = std::from_chars(p, end, m.bits);
+  if (ec != std::errc() || (m.bits != 8 && m.bits != 4 && m.bits != 2)) throw bad();
+  m.window = kPaperWindow;
+  m.lift = 0.0f;
+  auto suffix = [&](char tag, float& value) {
+    if (end - q < 3 || q[0] != '-' || q[1] != tag) return;
+    auto [after, ec2] = std::from_chars(q + 2, end, value);
+    if (ec2 != std::errc() || !std::isfinite(value)) throw bad();
+    q = after;
+  };
+  suffix('w', m.window);
+  suffix('l', *m.lift);
+  if (q != end || !(m.window > 0)) throw bad();
+  return m;
 }
 
 UnitImpl::UnitImpl(int64_t in_channels, std::vector<ConvSpec> convs_, ModeConfig mode)
     : convs(std::move(convs_)), mode_(mode), memory_(std::make_shared<UnitMemory>()) {
   TORCH_CHECK(convs.size() <= 2, "a unit has at most two convolutions");
-  TORCH_CHECK(mode.mode == Mode::plain || mode.mode == Mode::exact || mode.bits == 8 || mode.bits == 4,
-              "bits must be 8 or 4, got ", mode.bits);
+  if (mode.mode == Mode::blpa || mode.mode == Mode::naive) {
+    TORCH_CHECK(mode.bits == 8 || mode.bits == 4 || mode.bits == 2, "bits must be 8, 4 or 2, got ", mode.bits);
+    const CodeFormat f = mode.codes_format();
+    check_format(f);
+    mode_.window = f.window;
+    mode_.lift = f.lift;
+  }
   gamma = register_parameter("gamma", torch::ones({in_channels}));
   beta = register_parameter("beta", torch::zeros({in_channels}));
   running_mean = register_buffer("running_mean", torch::zeros({in_channels}));

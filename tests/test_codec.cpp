@@ -1,5 +1,6 @@
 // The codec against an independent scalar reference written here from the formula of
-// DESIGN.md 1.3 (it does not call blpa/codec_math.h), and CPU against CUDA.
+// DESIGN.md 1.3 for a window of any width (it does not call blpa/codec_math.h), and CPU
+// against CUDA, for every bit width and several windows.
 #include <blpa/codec.h>
 
 #include <algorithm>
@@ -13,30 +14,45 @@ namespace {
 
 constexpr float kGuard = 1e-6f;
 
-int ref_offset(float b, int bits) {
-  const int B = 1 << bits;
-  const float d = 6.0f / static_cast<float>(B);
-  double s = B / 2 - std::floor(static_cast<double>(b / d));
+using blpa::CodeFormat;
+using blpa::pack;
+
+// K bits over a window of `window` units: B = 2^K bins of width d = window / B.
+int bins(const CodeFormat& f) { return 1 << f.bits; }
+float width(const CodeFormat& f) { return f.window / static_cast<float>(bins(f)); }
+
+// Every K with the paper's quantiser (window 6, lift 0), a narrower and a wider window, one
+// whose bins are no power-of-two fraction of a unit, and lifted and lowered windows.
+std::vector<CodeFormat> formats() {
+  std::vector<CodeFormat> out;
+  for (int bits : {8, 4, 2})
+    for (auto [window, lift] : std::vector<std::pair<float, float>>{
+             {6.0f, 0.0f}, {2.5f, 0.0f}, {12.0f, 0.0f}, {7.3f, 0.0f}, {6.0f, 1.0f}, {4.0f, -0.7f}, {12.0f, 2.5f}})
+      out.push_back({bits, window, lift});
+  return out;
+}
+
+int ref_offset(float b, const CodeFormat& f) {
+  const int B = bins(f);
+  double s = B / 2 - std::floor(static_cast<double>((b + f.lift) / width(f)));
   s = std::max(1.0, std::min(s, static_cast<double>(B - 1)));
   return static_cast<int>(s);
 }
 
-int ref_code(float v, int s, int bits) {
-  const int B = 1 << bits;
-  const float d = 6.0f / static_cast<float>(B);
-  double c = std::floor(static_cast<double>((v - kGuard) / d)) + s;
-  c = std::max(0.0, std::min(c, static_cast<double>(B - 1)));
+int ref_code(float v, int s, const CodeFormat& f) {
+  double c = std::floor(static_cast<double>((v - kGuard) / width(f))) + s;
+  c = std::max(0.0, std::min(c, static_cast<double>(bins(f) - 1)));
   return static_cast<int>(c);
 }
 
 // Reference codes of a float tensor, channel on dim 1.
-std::vector<int> ref_codes(const torch::Tensor& v, const torch::Tensor& b, int bits) {
+std::vector<int> ref_codes(const torch::Tensor& v, const torch::Tensor& b, const CodeFormat& f) {
   auto vc = v.contiguous();
   const int64_t C = v.size(1), plane = v.numel() / (v.size(0) * C);
   std::vector<int> out(v.numel());
   const float* pv = vc.data_ptr<float>();
   const float* pb = b.data_ptr<float>();
-  for (int64_t i = 0; i < v.numel(); ++i) out[i] = ref_code(pv[i], ref_offset(pb[(i / plane) % C], bits), bits);
+  for (int64_t i = 0; i < v.numel(); ++i) out[i] = ref_code(pv[i], ref_offset(pb[(i / plane) % C], f), f);
   return out;
 }
 
@@ -54,9 +70,9 @@ int64_t count_mismatch(const std::vector<int>& a, const std::vector<int>& b) {
 
 // Values that exercise every case of the formula: bin edges in the window (plain and
 // guard-shifted), zeros, tiny values around the guard, and values far outside the window.
-torch::Tensor edge_values(int bits) {
-  const int B = 1 << bits;
-  const float d = 6.0f / B;
+torch::Tensor edge_values(const CodeFormat& f) {
+  const int B = bins(f);
+  const float d = width(f), w = f.window;
   std::vector<float> x;
   for (int k = -2 * B; k <= 2 * B; ++k) {
     x.push_back(k * d);
@@ -66,15 +82,17 @@ torch::Tensor edge_values(int bits) {
   }
   for (float t : {0.0f, -0.0f, 1e-7f, -1e-7f, 1e-6f, -1e-6f, 2e-6f, -2e-6f, 1e-5f, -1e-5f, 1e-30f, -1e-30f})
     x.push_back(t);
-  for (float t : {3.0f, -3.0f, 3.1f, -3.1f, 10.0f, -10.0f, 1e3f, -1e3f, 1e30f, -1e30f, 3e38f, -3e38f}) x.push_back(t);
+  for (float t : {w / 2, -w / 2, w / 2 + 0.1f, -w / 2 - 0.1f, w, -w, 1e3f, -1e3f, 1e30f, -1e30f, 3e38f, -3e38f})
+    x.push_back(t);
   return torch::tensor(x);
 }
 
-// The offsets cases: s pinned at 1 (b >= 3), pinned at B - 1 (b very negative), and between.
-torch::Tensor offset_cases(int bits) {
-  const float d = 6.0f / (1 << bits);
-  return torch::tensor({0.0f, 0.3f, -0.3f, d, -d, 2.5f * d, -2.5f * d, 2.9f, 3.0f, 50.0f, -2.9f, -3.0f, -50.0f,
-                        1e20f, -1e20f});
+// The offsets cases: s pinned at 1 (b >= window / 2), pinned at B - 1 (b very negative),
+// between, and b = -lift (the window centred on 0).
+torch::Tensor offset_cases(const CodeFormat& f) {
+  const float d = width(f), h = f.window / 2;
+  return torch::tensor({0.0f, 0.3f, -0.3f, d, -d, 2.5f * d, -2.5f * d, h - 0.1f, h, 50.0f, 0.1f - h, -h, -50.0f,
+                        1e20f, -1e20f, -f.lift});
 }
 
 
@@ -125,157 +143,196 @@ std::vector<std::vector<int64_t>> bn_shapes() {
 
 TEST_CASE("codec: codes equal the scalar reference on random inputs", "[codec]") {
   torch::manual_seed(1);
-  for (int bits : {8, 4}) {
+  for (const CodeFormat& f : formats()) {
     for (auto shape : std::vector<std::vector<int64_t>>{{4, 16, 8, 8}, {3, 5, 7, 9}, {2, 1, 33, 17}, {5, 2048}}) {
-      CAPTURE(bits, shape);
+      CAPTURE(f.bits, f.window, f.lift, shape);
       auto b = torch::randn({shape[1]}) * 2;
       std::vector<int64_t> per_channel(shape.size(), 1);
       per_channel[1] = shape[1];
       auto v = torch::randn(shape) * 1.5 + b.view(per_channel);
-      auto codes = blpa::pack(v, b, bits);
-      CHECK(count_mismatch(lib_codes(codes), ref_codes(v, b, bits)) == 0);
+      auto codes = pack(v, b, f);
+      CHECK(codes.format.bits == f.bits);
+      CHECK(codes.format.window == f.window);
+      CHECK(codes.format.lift == f.lift);
+      CHECK(count_mismatch(lib_codes(codes), ref_codes(v, b, f)) == 0);
     }
   }
 }
 
 TEST_CASE("codec: edges, zeros, guard values and clamping equal the reference for every offset", "[codec]") {
-  for (int bits : {8, 4}) {
-    auto x = edge_values(bits);
-    auto b = offset_cases(bits);
+  for (const CodeFormat& f : formats()) {
+    auto x = edge_values(f);
+    auto b = offset_cases(f);
     const int64_t C = b.numel();
     // Each channel holds every edge value: shape 1 x C x n.
     auto v = x.view({1, 1, -1}).expand({1, C, x.numel()}).contiguous();
-    auto codes = blpa::pack(v, b, bits);
-    CAPTURE(bits);
-    CHECK(count_mismatch(lib_codes(codes), ref_codes(v, b, bits)) == 0);
+    auto codes = pack(v, b, f);
+    CAPTURE(f.bits, f.window, f.lift);
+    CHECK(count_mismatch(lib_codes(codes), ref_codes(v, b, f)) == 0);
 
     auto offsets = codes.offsets.to(torch::kInt);
-    for (int64_t c = 0; c < C; ++c) CHECK(offsets[c].item<int>() == ref_offset(b[c].item<float>(), bits));
-    CHECK(offsets[0].item<int>() == (1 << bits) / 2);          // b = 0: window centred on 0
-    CHECK(offsets[9].item<int>() == 1);                        // b = 50: pinned at 1
-    CHECK(offsets[12].item<int>() == (1 << bits) - 1);         // b = -50: pinned at B - 1
+    for (int64_t c = 0; c < C; ++c) CHECK(offsets[c].item<int>() == ref_offset(b[c].item<float>(), f));
+    if (f.lift == 0.0f) CHECK(offsets[0].item<int>() == bins(f) / 2);  // b = 0: window centred on 0
+    CHECK(offsets[15].item<int>() == bins(f) / 2);   // b = -lift: likewise
+    CHECK(offsets[9].item<int>() == 1);              // b = 50: pinned at 1
+    CHECK(offsets[12].item<int>() == bins(f) - 1);  // b = -50: pinned at B - 1
   }
 }
 
-TEST_CASE("codec: the mask is exact for |v| above the guard", "[codec]") {
+TEST_CASE("codec: the mask is v >= guard, for every K and window, offset and input", "[codec]") {
+  // code >= s exactly when a / gamma - guard >= 0: the sign of a, up to the guard band
+  // (0, 1e-6 gamma] where the mask is off and the ReLU passes. Random values, the edge
+  // values, and the channels' offsets pinned at both ends; through the divisor, as the unit
+  // packs a / gamma.
   torch::manual_seed(2);
-  for (int bits : {8, 4}) {
-    auto b = torch::cat({offset_cases(bits), torch::randn({17}) * 3});
+  for (const CodeFormat& f : formats()) {
+    CAPTURE(f.bits, f.window, f.lift);
+    auto b = torch::cat({offset_cases(f), torch::randn({17}) * 3});
     const int64_t C = b.numel();
-    auto v = torch::randn({8, C, 5, 5}) * 4 + b.view({1, C, 1, 1});
-    v.index_put_({v.abs() <= 2 * kGuard}, 1.0f);  // keep clear of the guard band
-    auto codes = blpa::pack(v, b, bits);
-    auto u = blpa::unpack(codes, b, torch::ones({C}), blpa::kMask | blpa::kRelu);
-    CAPTURE(bits);
-    CHECK(torch::equal(u.mask, v > 0));
-    CHECK(torch::equal(u.r > 0, v > 0));  // r' = max(gamma v', 0) carries the same mask
+    auto gamma = torch::rand({C}) * 2 + 0.01;
+    auto a = torch::randn({8, C, 5, 5}) * 4 + (b * gamma).view({1, C, 1, 1});
+    auto e = edge_values(f);
+    a.view(-1).narrow(0, 0, e.numel()).copy_(e);
+    auto v = a / gamma.view({1, C, 1, 1});  // as pack divides: one IEEE division per element
+    auto codes = pack(a, b, f, gamma);
+    auto u = blpa::unpack(codes, b, gamma, blpa::kMask | blpa::kRelu);
+    CHECK(torch::equal(u.mask, v >= kGuard));
+    auto clear = (v.abs() > 2 * kGuard) & v.isfinite();
+    CHECK(torch::equal(u.mask.masked_select(clear), (a > 0).masked_select(clear)));
+    CHECK(torch::equal((u.r > 0).masked_select(clear), (a > 0).masked_select(clear)));  // r' carries the mask
   }
 }
 
-TEST_CASE("codec: dequantised values are within half a bin inside the window", "[codec]") {
+TEST_CASE("codec: each value lies in its code's bin, and inside the window within half a bin of v'", "[codec]") {
   torch::manual_seed(3);
-  for (int bits : {8, 4}) {
-    const float d = 6.0f / (1 << bits);
+  for (const CodeFormat& f : formats()) {
+    CAPTURE(f.bits, f.window, f.lift);
+    const double d = width(f);
     auto b = torch::randn({6});
     auto x_hat = torch::randn({16, 6, 9, 9});
-    auto v = x_hat + b.view({1, 6, 1, 1});
-    auto codes = blpa::pack(v, b, bits);
+    auto v = (x_hat + b.view({1, 6, 1, 1})).contiguous();
+    auto codes = pack(v, b, f);
     auto u = blpa::unpack(codes, b, torch::Tensor(), blpa::kXhat);
-    auto codes_i = blpa::code_values(codes).to(torch::kInt);
-    auto inside = (codes_i > 0) & (codes_i < (1 << bits) - 1);  // not clamped
-    auto err = (u.x_hat - x_hat).abs().masked_select(inside);
-    CAPTURE(bits);
-    REQUIRE(inside.sum().item<int64_t>() > v.numel() / 2);
-    CHECK(err.max().item<float>() <= d / 2 + 2 * kGuard);
+    auto q = blpa::code_values(codes).to(torch::kDouble);
+    auto s = codes.offsets.to(torch::kDouble).view({1, 6, 1, 1});
+    // Bin c - s holds [(c - s) d, (c - s + 1) d) + guard; the end bins are open outwards.
+    auto lo = (q - s) * d + kGuard, hi = (q - s + 1) * d + kGuard;
+    auto vd = v.to(torch::kDouble);
+    const double tol = 1e-6;  // (v - guard) / d is rounded once, in float
+    auto first = q.eq(0), last = q.eq(bins(f) - 1);
+    CHECK(((vd >= lo - tol) | first).all().item<bool>());
+    CHECK(((vd < hi + tol) | last).all().item<bool>());
+    // v' is the centre of the bin: within d / 2 of v unless v was clamped.
+    auto inside = (vd >= lo - tol) & (vd < hi + tol);
+    CHECK(inside.sum().item<int64_t>() > v.numel() / 2);
+    auto err = (u.x_hat.to(torch::kDouble) - x_hat.to(torch::kDouble)).abs().masked_select(inside);
+    CHECK(err.max().item<double>() <= d / 2 + 1e-5);
   }
 }
 
 TEST_CASE("codec: unpack outputs follow from the codes", "[codec]") {
   torch::manual_seed(4);
-  for (int bits : {8, 4}) {
-    const float d = 6.0f / (1 << bits);
+  for (const CodeFormat& f : formats()) {
+    CAPTURE(f.bits, f.window, f.lift);
     auto b = torch::randn({3});
     auto gamma = torch::rand({3}) + 0.5;
     auto v = torch::randn({2, 3, 7, 5}) + b.view({1, 3, 1, 1});
-    auto codes = blpa::pack(v, b, bits);
+    auto codes = pack(v, b, f);
     auto u = blpa::unpack(codes, b, gamma, blpa::kXhat | blpa::kRelu | blpa::kMask);
     auto q = blpa::code_values(codes).to(torch::kFloat);
     auto s = codes.offsets.to(torch::kFloat).view({1, 3, 1, 1});
-    auto v_prime = (q - s + 0.5f) * d;
+    auto v_prime = (q - s + 0.5f) * width(f);
     CHECK(torch::equal(u.x_hat, v_prime - b.view({1, 3, 1, 1})));
     CHECK(torch::equal(u.r, torch::clamp_min(gamma.view({1, 3, 1, 1}) * v_prime, 0)));
     CHECK(torch::equal(u.mask, q >= s));
 
-
     // Re-encoding the bin centres gives the same codes back.
-    auto again = blpa::pack(v_prime.contiguous(), b, bits);
+    auto again = pack(v_prime.contiguous(), b, f);
     CHECK(torch::equal(again.data, codes.data));
   }
 }
 
 TEST_CASE("codec: packing with a divisor equals packing the divided tensor", "[codec]") {
   torch::manual_seed(7);
-  for (int bits : {8, 4}) {
+  for (const CodeFormat& f : formats()) {
     auto gamma = torch::rand({5}) * 2 + 1e-3;
     auto a = torch::randn({3, 5, 7, 9}) * 2;
     auto b = torch::randn({5});
-    auto fused = blpa::pack(a, b, bits, gamma);
-    auto divided = blpa::pack((a / gamma.view({1, 5, 1, 1})).contiguous(), b, bits);
-    CAPTURE(bits);
+    auto fused = pack(a, b, f, gamma);
+    auto divided = pack((a / gamma.view({1, 5, 1, 1})).contiguous(), b, f);
+    CAPTURE(f.bits, f.window, f.lift);
     CHECK(torch::equal(fused.data, divided.data));
     CHECK(torch::equal(fused.offsets, divided.offsets));
   }
 }
 
-TEST_CASE("codec: storage is exactly ceil(n*K/8) bytes plus one offset per channel", "[codec]") {
-  for (int bits : {8, 4}) {
-    for (auto shape : std::vector<std::vector<int64_t>>{{1, 1, 1, 1}, {1, 3, 5, 7}, {2, 1, 3, 3}, {3, 4096}, {0, 3, 2, 2}}) {
-      auto v = torch::randn(shape);
+TEST_CASE("codec: storage is exactly ceil(n*K/8) bytes plus one offset per channel, and round-trips at odd sizes",
+          "[codec]") {
+  for (const CodeFormat& f : formats()) {
+    for (auto shape : std::vector<std::vector<int64_t>>{{1, 1, 1, 1}, {1, 1, 1, 2}, {1, 1, 1, 3}, {1, 1, 1, 5},
+                                                        {1, 3, 5, 7}, {2, 1, 3, 3}, {1, 7, 1, 1}, {3, 5, 1, 3},
+                                                        {3, 4096}, {3, 4097}, {0, 3, 2, 2}}) {
+      auto b = torch::randn({shape[1]});
+      auto v = torch::randn(shape) * 2;
       const int64_t C = shape[1];
-      auto codes = blpa::pack(v, torch::zeros({C}), bits);
+      auto codes = pack(v, b, f);
       const int64_t n = v.numel();
-      CAPTURE(bits, shape);
-      CHECK(codes.data.numel() == (n * bits + 7) / 8);
-      CHECK(codes.data.numel() == blpa::packed_bytes(n, bits));
+      CAPTURE(f.bits, f.window, f.lift, shape);
+      CHECK(codes.data.numel() == (n * f.bits + 7) / 8);
+      CHECK(codes.data.numel() == blpa::packed_bytes(n, f.bits));
       CHECK(codes.offsets.numel() == C);
-      CHECK(codes.bytes() == (n * bits + 7) / 8 + C);
-      if (n > 0) CHECK(count_mismatch(lib_codes(codes), ref_codes(v, torch::zeros({C}), bits)) == 0);
-      if (bits == 4 && n % 2 == 1) CHECK((codes.data[-1].item<uint8_t>() >> 4) == 0);  // padding nibble
+      CHECK(codes.bytes() == (n * f.bits + 7) / 8 + C);
+      if (n == 0) continue;
+      CHECK(count_mismatch(lib_codes(codes), ref_codes(v, b, f)) == 0);
+      const int used = static_cast<int>(n * f.bits % 8);  // bits of the last byte that hold codes
+      if (used) CHECK((codes.data[-1].item<uint8_t>() >> used) == 0);  // the padding is zero
+      // The round trip: decoding and encoding again gives the same bytes.
+      auto u = blpa::unpack(codes, b, {}, blpa::kXhat);
+      CHECK(torch::equal(pack((u.x_hat + b.view(shape.size() == 2 ? std::vector<int64_t>{1, C}
+                                                                  : std::vector<int64_t>{1, C, 1, 1}))
+                                  .contiguous(),
+                              b, f)
+                             .data,
+                         codes.data));
     }
   }
 }
 
 TEST_CASE("codec: channel runs that start mid-byte and span threads stay correct", "[codec]") {
-  // Odd planes put channel boundaries at odd elements (a byte shared by two channels) and
-  // the tensor is large enough to be split across threads.
+  // Odd planes put channel boundaries inside bytes (shared by two channels) and the tensor
+  // is large enough to be split across threads.
   torch::manual_seed(5);
-  for (int bits : {8, 4}) {
-    auto b = torch::randn({3}) * 2;
-    auto v = torch::randn({2, 3, 333, 333}) * 2;
-    auto codes = blpa::pack(v, b, bits);
-    CAPTURE(bits);
-    CHECK(count_mismatch(lib_codes(codes), ref_codes(v, b, bits)) == 0);
+  for (const CodeFormat& f : formats()) {
+    for (int64_t plane : {333, 334, 335}) {
+      auto b = torch::randn({3}) * 2;
+      auto v = torch::randn({2, 3, plane, 333}) * 2;
+      auto codes = pack(v, b, f);
+      CAPTURE(f.bits, f.window, f.lift, plane);
+      CHECK(count_mismatch(lib_codes(codes), ref_codes(v, b, f)) == 0);
+      auto u = blpa::unpack(codes, b, torch::ones({3}), blpa::kMask);
+      CHECK(torch::equal(u.mask, v >= kGuard));
+    }
   }
 }
 
 TEST_CASE("codec: non-finite inputs have the documented codes", "[codec]") {
   const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
-  for (int bits : {8, 4}) {
-    const int top = (1 << bits) - 1;
+  for (const CodeFormat& f : formats()) {
+    const int top = bins(f) - 1;
     auto v = torch::tensor({nan, inf, -inf, nan}).view({1, 1, 4});
-    auto codes = blpa::pack(v, torch::zeros({1}), bits);
+    auto codes = pack(v, torch::zeros({1}), f);
     auto q = lib_codes(codes);
     CHECK(q == std::vector<int>{0, top, 0, 0});
-    auto nan_b = blpa::pack(torch::zeros({1, 2, 1}), torch::tensor({nan, 0.0f}), bits);
+    auto nan_b = pack(torch::zeros({1, 2, 1}), torch::tensor({nan, 0.0f}), f);
     CHECK(nan_b.offsets[0].item<int>() == 1);
   }
 }
 
 TEST_CASE("codec: pack_relu_ packs like pack and leaves relu(a) in place", "[codec]") {
   torch::manual_seed(12);
-  for (int bits : {8, 4}) {
+  for (const CodeFormat& f : formats()) {
     for (auto shape : std::vector<std::vector<int64_t>>{{3, 5, 7, 9}, {2, 4, 8, 8}, {5, 3}}) {
-      CAPTURE(bits, shape);
+      CAPTURE(f.bits, f.window, f.lift, shape);
       auto a = torch::randn(shape) * 2;
       auto flat = a.view(-1);
       flat[0] = std::nanf("");
@@ -284,12 +341,93 @@ TEST_CASE("codec: pack_relu_ packs like pack and leaves relu(a) in place", "[cod
       flat[3] = -std::numeric_limits<float>::infinity();
       auto b = torch::randn({shape[1]}), gamma = torch::rand({shape[1]}) + 0.1;
       auto r = a.clone();
-      auto codes = blpa::pack_relu_(r, b, bits, gamma);
-      CHECK(torch::equal(codes.data, blpa::pack(a, b, bits, gamma).data));
-      CHECK(torch::equal(codes.offsets, blpa::pack(a, b, bits, gamma).offsets));
+      auto codes = blpa::pack_relu_(r, b, f, gamma);
+      CHECK(codes.format.window == f.window);
+      CHECK(torch::equal(codes.data, pack(a, b, f, gamma).data));
+      CHECK(torch::equal(codes.offsets, pack(a, b, f, gamma).offsets));
       CHECK(torch::allclose(r, torch::relu(a), 0, 0, /*equal_nan=*/true));  // NaN stays NaN, as with relu
     }
   }
+}
+
+namespace {
+
+// FNV-1a of a tensor's bytes.
+uint64_t fnv1a(uint64_t h, const torch::Tensor& t) {
+  auto c = t.contiguous();
+  const auto* p = static_cast<const unsigned char*>(c.data_ptr());
+  for (size_t i = 0; i < c.nbytes(); ++i) h = (h ^ p[i]) * 1099511628211ull;
+  return h;
+}
+
+}  // namespace
+
+TEST_CASE("codec: the paper's window gives the codes of a5b148d (before windows existed), bit for bit", "[codec]") {
+  // A fixed input (no random generator): values across several windows' widths around each
+  // channel's b, exact multiples of the paper's bin width 6/256 every 13th element, offsets
+  // from the middle to both pins, packed through a divisor. The hashes are of the packed
+  // bytes and offsets, and of x_hat' and r' as decoded, printed by commit a5b148d's
+  // blpa::pack (bits 8 and 4, window 6).
+  const int64_t N = 2, C = 5, H = 3, W = 7;
+  const float bs[C] = {0.0f, 0.7f, -1.3f, 2.9f, -4.2f};
+  const float gs[C] = {1.0f, 0.5f, 1.7f, 0.9f, 3.0f};
+  auto v = torch::empty({N, C, H, W});
+  auto b = torch::empty({C}), g = torch::empty({C});
+  for (int c = 0; c < C; ++c) b[c] = bs[c], g[c] = gs[c];
+  float* pv = v.data_ptr<float>();
+  for (int64_t i = 0; i < v.numel(); ++i) {
+    pv[i] = bs[(i / (H * W)) % C] + static_cast<float>((i * 7919) % 1000 - 500) / 125.0f;
+    if (i % 13 == 0) pv[i] = static_cast<float>(i % 40 - 20) * (6.0f / 256.0f);
+  }
+  struct Pinned {
+    int bits;
+    uint64_t codes, decoded;
+    std::vector<int> offsets, first;
+  };
+  const Pinned pinned[] = {
+      {8, 0x302cce6539806eacull, 0xf52c554a0583e12bull, {128, 99, 184, 5, 255},
+       {107, 255, 243, 215, 188, 160, 132, 105, 77, 49, 22, 0, 0, 120, 252, 225, 197, 169, 142, 114, 87, 21, 0, 0}},
+      {4, 0x3cdaa56741e28eeeull, 0x6e815859cea4cc70ull, {8, 7, 12, 1, 15},
+       {6, 15, 15, 13, 11, 10, 8, 6, 4, 3, 1, 0, 0, 7, 15, 14, 12, 10, 8, 7, 5, 2, 0, 0}},
+  };
+  for (const Pinned& p : pinned) {
+    CAPTURE(p.bits);
+    auto codes = blpa::pack(v, b, CodeFormat{p.bits, blpa::kPaperWindow, 0.0f}, g);
+    auto u = blpa::unpack(codes, b, g, blpa::kXhat | blpa::kRelu);
+    const uint64_t basis = 1469598103934665603ull;
+    CHECK(fnv1a(fnv1a(basis, codes.data), codes.offsets) == p.codes);
+    CHECK(fnv1a(fnv1a(basis, u.x_hat), u.r) == p.decoded);
+    CHECK(std::vector<int>(codes.offsets.data_ptr<uint8_t>(), codes.offsets.data_ptr<uint8_t>() + C) == p.offsets);
+    auto q = lib_codes(codes);
+    CHECK(std::vector<int>(q.begin(), q.begin() + 24) == p.first);
+  }
+}
+
+TEST_CASE("codec: default formats and the format's checks", "[codec]") {
+  const CodeFormat paper;
+  CHECK(paper.bits == 8);
+  CHECK(paper.window == 6.0f);
+  CHECK(paper.lift == 0.0f);
+  for (int bits : {8, 4, 2}) {
+    CHECK(blpa::default_format(bits).bits == bits);
+    CHECK(blpa::default_format(bits).window > 0);
+  }
+  CHECK_THROWS_WITH(blpa::default_format(3), Catch::Contains("bits must be 8, 4 or 2"));
+  torch::manual_seed(18);
+  auto v = torch::randn({2, 3, 4, 4}) * 3;
+  const float inf = std::numeric_limits<float>::infinity();
+  for (float w : {0.0f, -1.0f, std::nanf(""), inf})
+    CHECK_THROWS_WITH(blpa::pack(v, torch::zeros({3}), {4, w}), Catch::Contains("window must be a positive width"));
+  for (float l : {std::nanf(""), inf, -inf})
+    CHECK_THROWS_WITH(blpa::pack(v, torch::zeros({3}), {4, 6.0f, l}), Catch::Contains("lift must be finite"));
+  CHECK_THROWS_WITH(blpa::channel_coding(torch::ones({3}), torch::ones({3}), 1e-8f, {4, 0.0f}, true),
+                    Catch::Contains("window must be a positive width"));
+  // Codes carry their window: unpacking reads it from them.
+  auto b = torch::zeros({3});
+  auto wide = blpa::pack(v, b, {4, 12.0f}), narrow = blpa::pack(v, b, {4, 3.0f});
+  auto uw = blpa::unpack(wide, b, {}, blpa::kXhat), un = blpa::unpack(narrow, b, {}, blpa::kXhat);
+  CHECK(uw.x_hat.abs().max().item<float>() > 3.0f);   // values reach past the narrow window
+  CHECK(un.x_hat.abs().max().item<float>() <= 1.5f);  // clamped at its edges' bin centres
 }
 
 namespace {
@@ -307,35 +445,37 @@ torch::Tensor awkward_gammas(int64_t c) {
 
 TEST_CASE("codec: channel_coding equals clamp_min, beta / g and pack's offsets", "[codec]") {
   torch::manual_seed(15);
-  for (int bits : {8, 4}) {
-    CAPTURE(bits);
+  for (const CodeFormat& f : formats()) {
+    CAPTURE(f.bits, f.window, f.lift);
     const int64_t c = 11;
     auto gamma = awkward_gammas(c), beta = torch::randn({c}) * 2;
-    auto cc = blpa::channel_coding(gamma, beta, 1e-8f, bits, /*centred=*/true);
+    auto cc = blpa::channel_coding(gamma, beta, 1e-8f, f, /*centred=*/true);
+    CHECK(cc.format.lift == f.lift);
     auto g = gamma.clamp_min(1e-8);
     CHECK(torch::allclose(cc.g, g, 0, 0, /*equal_nan=*/true));
     CHECK(torch::allclose(cc.b, beta / g, 0, 0, /*equal_nan=*/true));
     auto v = torch::randn({3, c, 5, 5});
-    CHECK(torch::equal(cc.offsets, blpa::pack(v, cc.b, bits).offsets));
+    CHECK(torch::equal(cc.offsets, pack(v, cc.b, f).offsets));
     // pack with the coding: the same codes, and the coding's offsets are the codes' own.
     auto with = blpa::pack(v, cc);
-    CHECK(torch::equal(with.data, blpa::pack(v, cc.b, bits).data));
+    CHECK(with.format.window == f.window);
+    CHECK(torch::equal(with.data, pack(v, cc.b, f).data));
     CHECK(with.offsets.data_ptr() == cc.offsets.data_ptr());
     auto a = v.clone(), a2 = v.clone();
     auto relu_codes = blpa::pack_relu_(a, cc);
-    CHECK(torch::equal(relu_codes.data, blpa::pack_relu_(a2, cc.b, bits, cc.g).data));
+    CHECK(torch::equal(relu_codes.data, blpa::pack_relu_(a2, cc.b, f, cc.g).data));
     CHECK(torch::equal(a, a2));
     // naive: the window is centred on 0.
-    auto naive = blpa::channel_coding(gamma, beta, 1e-8f, bits, /*centred=*/false);
+    auto naive = blpa::channel_coding(gamma, beta, 1e-8f, f, /*centred=*/false);
     CHECK(torch::equal(naive.b, torch::zeros({c})));
-    CHECK(torch::equal(naive.offsets, blpa::pack(v, torch::zeros({c}), bits).offsets));
+    CHECK(torch::equal(naive.offsets, pack(v, torch::zeros({c}), f).offsets));
   }
   SECTION("bad arguments are refused") {
-    CHECK_THROWS_WITH(blpa::channel_coding(torch::ones({3}), torch::ones({4}), 1e-8f, 8, true),
+    CHECK_THROWS_WITH(blpa::channel_coding(torch::ones({3}), torch::ones({4}), 1e-8f, {8}, true),
                       Catch::Contains("vector of 3 channels"));
-    CHECK_THROWS_WITH(blpa::channel_coding(torch::ones({3}), torch::ones({3}), 1e-8f, 5, true),
-                      Catch::Contains("bits must be 8 or 4"));
-    auto cc = blpa::channel_coding(torch::ones({3}), torch::ones({3}), 1e-8f, 8, true);
+    CHECK_THROWS_WITH(blpa::channel_coding(torch::ones({3}), torch::ones({3}), 1e-8f, {5}, true),
+                      Catch::Contains("bits must be 8, 4 or 2"));
+    auto cc = blpa::channel_coding(torch::ones({3}), torch::ones({3}), 1e-8f, {8}, true);
     CHECK_THROWS_WITH(blpa::pack(torch::randn({2, 4, 3, 3}), cc), Catch::Contains("vector of 4 channels"));
   }
 }
@@ -344,7 +484,7 @@ TEST_CASE("codec: bn_relu_backward with gamma_min passes no gradient to clamped 
   torch::manual_seed(16);
   const int64_t c = 9;
   auto gamma = awkward_gammas(c), beta = torch::randn({c}), invstd = torch::rand({c}) + 0.5;
-  auto cc = blpa::channel_coding(gamma, beta, 1e-8f, 4, true);
+  auto cc = blpa::channel_coding(gamma, beta, 1e-8f, {4}, true);
   auto codes = blpa::pack(torch::randn({4, c, 6, 6}), cc);
   auto g_r = torch::randn({4, c, 6, 6});
   auto free = blpa::bn_relu_backward(codes, cc.b, cc.g, invstd, g_r, false);
@@ -361,13 +501,13 @@ TEST_CASE("codec: bn_relu_backward with gamma_min passes no gradient to clamped 
 
 TEST_CASE("codec: bn_relu_backward equals the BatchNorm backward of the masked gradient and x_hat'", "[codec]") {
   torch::manual_seed(13);
-  for (int bits : {8, 4}) {
+  for (const CodeFormat& f : formats()) {
     for (const auto& shape : bn_shapes()) {
-      CAPTURE(bits, shape);
+      CAPTURE(f.bits, f.window, f.lift, shape);
       const int64_t c = shape[1];
       auto b = torch::randn({c}), g = torch::rand({c}) + 0.2, invstd = torch::rand({c}) + 0.5;
       auto v = torch::randn(shape) + b.view(shape.size() == 2 ? std::vector<int64_t>{1, c} : std::vector<int64_t>{1, c, 1, 1});
-      auto codes = blpa::pack(v, b, bits);
+      auto codes = pack(v, b, f);
       auto g_r = torch::randn(shape);
       auto ref = bn_reference(codes, b, g, invstd, g_r);
 
@@ -386,7 +526,7 @@ TEST_CASE("codec: bn_relu_backward equals the BatchNorm backward of the masked g
   }
   SECTION("it is LibTorch's BatchNorm backward with x_hat' as input, mean 0 and 1/sigma 1") {
     auto b = torch::randn({6}), g = torch::rand({6}) + 0.2, invstd = torch::rand({6}) + 0.5;
-    auto codes = blpa::pack(torch::randn({5, 6, 7, 7}), b, 4);
+    auto codes = blpa::pack(torch::randn({5, 6, 7, 7}), b, {4});
     auto g_r = torch::randn({5, 6, 7, 7});
     auto u = blpa::unpack(codes, b, {}, blpa::kXhat | blpa::kMask);
     auto [gx, gg, gb] = at::native_batch_norm_backward(torch::where(u.mask, g_r, torch::zeros_like(g_r)), u.x_hat,
@@ -400,7 +540,7 @@ TEST_CASE("codec: bn_relu_backward equals the BatchNorm backward of the masked g
   SECTION("a NaN gradient where the mask is off contributes nothing, as with threshold_backward") {
     auto b = torch::zeros({2}), g = torch::ones({2}), invstd = torch::ones({2});
     auto v = torch::tensor({-1.0f, 2.0f, -3.0f, 0.5f}).view({1, 2, 2, 1});
-    auto codes = blpa::pack(v, b, 8);
+    auto codes = blpa::pack(v, b, {8});
     auto g_r = torch::tensor({std::nanf(""), 1.0f, std::nanf(""), 2.0f}).view({1, 2, 2, 1});
     auto out = blpa::bn_relu_backward(codes, b, g, invstd, g_r, false);
     CHECK(torch::isfinite(out.g_x).all().item<bool>());
@@ -409,7 +549,7 @@ TEST_CASE("codec: bn_relu_backward equals the BatchNorm backward of the masked g
   }
   SECTION("bad arguments are refused") {
     auto b = torch::zeros({3});
-    auto codes = blpa::pack(torch::randn({2, 3, 4, 4}), b, 8);
+    auto codes = blpa::pack(torch::randn({2, 3, 4, 4}), b, {8});
     CHECK_THROWS_WITH(blpa::bn_relu_backward(codes, b, b, b, torch::randn({2, 3, 4, 5}), false),
                       Catch::Contains("gradient must be contiguous float32 of shape"));
     CHECK_THROWS_WITH(blpa::bn_relu_backward(codes, b, torch::ones({4}), b, torch::randn({2, 3, 4, 4}), false),
@@ -419,32 +559,33 @@ TEST_CASE("codec: bn_relu_backward equals the BatchNorm backward of the masked g
 
 TEST_CASE("codec: bad arguments are refused with a clear message", "[codec]") {
   auto v = torch::randn({2, 3, 4, 4});
-  CHECK_THROWS_WITH(blpa::pack(v, torch::zeros({3}), 3), Catch::Contains("bits must be 8 or 4"));
-  CHECK_THROWS_WITH(blpa::pack(v, torch::zeros({4}), 8), Catch::Contains("vector of 3 channels"));
-  CHECK_THROWS_WITH(blpa::pack(v.transpose(2, 3), torch::zeros({3}), 8), Catch::Contains("contiguous"));
-  CHECK_THROWS_WITH(blpa::pack(v.to(torch::kDouble), torch::zeros({3}), 8), Catch::Contains("float32"));
-  CHECK_THROWS_WITH(blpa::pack(torch::randn({5}), torch::zeros({5}), 8), Catch::Contains("at least 2 dims"));
+  CHECK_THROWS_WITH(blpa::pack(v, torch::zeros({3}), {3}), Catch::Contains("bits must be 8, 4 or 2"));
+  CHECK_THROWS_WITH(blpa::pack(v, torch::zeros({4}), {8}), Catch::Contains("vector of 3 channels"));
+  CHECK_THROWS_WITH(blpa::pack(v.transpose(2, 3), torch::zeros({3}), {8}), Catch::Contains("contiguous"));
+  CHECK_THROWS_WITH(blpa::pack(v.to(torch::kDouble), torch::zeros({3}), {8}), Catch::Contains("float32"));
+  CHECK_THROWS_WITH(blpa::pack(torch::randn({5}), torch::zeros({5}), {8}), Catch::Contains("at least 2 dims"));
 }
 
 TEST_CASE("CUDA: codec output is bit-identical to the CPU path", "[codec][cuda]") {
   BLPA_REQUIRE_CUDA();
   torch::manual_seed(6);
-  for (int bits : {8, 4}) {
-    for (auto shape : std::vector<std::vector<int64_t>>{{4, 16, 8, 8}, {3, 5, 7, 9}, {2, 3, 333, 333}, {7, 4099}}) {
-      CAPTURE(bits, shape);
-      auto b = torch::cat({offset_cases(bits), torch::randn({shape[1]}) * 2}).narrow(0, 0, shape[1]).contiguous();
+  for (const CodeFormat& f : formats()) {
+    for (auto shape : std::vector<std::vector<int64_t>>{{4, 16, 8, 8}, {3, 5, 7, 9}, {2, 3, 333, 333}, {7, 4099},
+                                                        {1, 1, 1, 5}, {3, 2, 1, 7}}) {
+      CAPTURE(f.bits, f.window, f.lift, shape);
+      auto b = torch::cat({offset_cases(f), torch::randn({shape[1]}) * 2}).narrow(0, 0, shape[1]).contiguous();
       auto v = torch::randn(shape) * 3;
       auto flat = v.view(-1);
-      auto e = edge_values(bits);
+      auto e = edge_values(f);
       const int64_t k = std::min<int64_t>(e.numel(), flat.numel());
       flat.narrow(0, 0, k).copy_(e.narrow(0, 0, k));
       auto gamma = torch::rand({shape[1]}) + 0.1;
 
-      auto cpu = blpa::pack(v, b, bits);
-      auto gpu = blpa::pack(v.cuda(), b.cuda(), bits);
+      auto cpu = pack(v, b, f);
+      auto gpu = pack(v.cuda(), b.cuda(), f);
       CHECK(torch::equal(cpu.offsets, gpu.offsets.cpu()));
       CHECK(torch::equal(cpu.data, gpu.data.cpu()));
-      CHECK(torch::equal(blpa::pack(v, b, bits, gamma).data, blpa::pack(v.cuda(), b.cuda(), bits, gamma.cuda()).data.cpu()));
+      CHECK(torch::equal(pack(v, b, f, gamma).data, pack(v.cuda(), b.cuda(), f, gamma.cuda()).data.cpu()));
 
       const unsigned all = blpa::kXhat | blpa::kRelu | blpa::kMask;
       auto uc = blpa::unpack(cpu, b, gamma, all);
@@ -455,15 +596,15 @@ TEST_CASE("CUDA: codec output is bit-identical to the CPU path", "[codec][cuda]"
 
       // pack_relu_: the same codes, and relu in place.
       auto rc = v.clone(), rg = v.cuda();
-      CHECK(torch::equal(blpa::pack_relu_(rg, b.cuda(), bits, gamma.cuda()).data.cpu(),
-                         blpa::pack_relu_(rc, b, bits, gamma).data));
+      CHECK(torch::equal(blpa::pack_relu_(rg, b.cuda(), f, gamma.cuda()).data.cpu(),
+                         blpa::pack_relu_(rc, b, f, gamma).data));
       CHECK(torch::equal(rg.cpu(), rc));
 
       // A misaligned (but contiguous) input takes the scalar path and must agree too.
       auto buf = torch::randn({v.numel() + 1}, torch::kCUDA);
       auto shifted = buf.narrow(0, 1, v.numel()).view(shape);
       shifted.copy_(v.cuda());
-      auto gpu2 = blpa::pack(shifted, b.cuda(), bits);
+      auto gpu2 = pack(shifted, b.cuda(), f);
       CHECK(torch::equal(cpu.data, gpu2.data.cpu()));
     }
   }
@@ -476,16 +617,16 @@ TEST_CASE("CUDA: bn_relu_backward matches the CPU path", "[codec][cuda]") {
   shapes.push_back({32, 64, 28, 28});  // many blocks per channel
   shapes.push_back({2, 3000, 7, 7});   // many channels, one block each
   shapes.push_back({3, 70000});        // past gridDim.y's 65535: blocks take several channels
-  for (int bits : {8, 4}) {
+  for (const CodeFormat& f : formats()) {
     for (const auto& shape : shapes) {
-      CAPTURE(bits, shape);
+      CAPTURE(f.bits, f.window, f.lift, shape);
       const int64_t c = shape[1];
       auto b = torch::randn({c}), g = torch::rand({c}) + 0.2, invstd = torch::rand({c}) + 0.5;
-      auto codes = blpa::pack(torch::randn(shape), b, bits);
+      auto codes = pack(torch::randn(shape), b, f);
       auto g_r = torch::randn(shape);
       auto cpu = blpa::bn_relu_backward(codes, b, g, invstd, g_r, false);
       auto ref = bn_reference(codes, b, g, invstd, g_r);
-      blpa::Codes dc{codes.data.cuda(), codes.offsets.cuda(), codes.sizes, bits};
+      blpa::Codes dc{codes.data.cuda(), codes.offsets.cuda(), codes.sizes, f};
       auto gd = g_r.cuda();
       auto gpu = blpa::bn_relu_backward(dc, b.cuda(), g.cuda(), invstd.cuda(), gd, false);
       CHECK(torch::equal(gd.cpu(), g_r));
@@ -514,18 +655,18 @@ TEST_CASE("CUDA: bn_relu_backward matches the CPU path", "[codec][cuda]") {
 TEST_CASE("CUDA: channel_coding and the clamp's gradient match the CPU path", "[codec][cuda]") {
   BLPA_REQUIRE_CUDA();
   torch::manual_seed(17);
-  for (int bits : {8, 4}) {
-    CAPTURE(bits);
+  for (const CodeFormat& f : formats()) {
+    CAPTURE(f.bits, f.window, f.lift);
     const int64_t c = 300;
     auto gamma = awkward_gammas(c), beta = torch::randn({c}) * 2, invstd = torch::rand({c}) + 0.5;
     for (bool centred : {true, false}) {
-      auto cpu = blpa::channel_coding(gamma, beta, 1e-8f, bits, centred);
-      auto gpu = blpa::channel_coding(gamma.cuda(), beta.cuda(), 1e-8f, bits, centred);
+      auto cpu = blpa::channel_coding(gamma, beta, 1e-8f, f, centred);
+      auto gpu = blpa::channel_coding(gamma.cuda(), beta.cuda(), 1e-8f, f, centred);
       CHECK(torch::allclose(gpu.g.cpu(), cpu.g, 0, 0, /*equal_nan=*/true));
       CHECK(torch::allclose(gpu.b.cpu(), cpu.b, 0, 0, /*equal_nan=*/true));
       CHECK(torch::equal(gpu.offsets.cpu(), cpu.offsets));
     }
-    auto cc = blpa::channel_coding(gamma.cuda(), beta.cuda(), 1e-8f, bits, true);
+    auto cc = blpa::channel_coding(gamma.cuda(), beta.cuda(), 1e-8f, f, true);
     auto v = torch::randn({4, c, 6, 6}, torch::kCUDA), g_r = torch::randn({4, c, 6, 6}, torch::kCUDA);
     auto codes = blpa::pack(v, cc);
     auto free = blpa::bn_relu_backward(codes, cc.b, cc.g, invstd.cuda(), g_r, false);

@@ -147,8 +147,8 @@ TEST_CASE("resnet: in blpa mode the graph holds codes and metadata, not activati
   const torch::Device cpu(torch::kCPU);
   auto batch = random_batch(4, 16, 70);
   std::map<std::string, int64_t> held;
-  for (ModeConfig mode : {ModeConfig{Mode::plain, 8}, ModeConfig{Mode::exact, 8}, ModeConfig{Mode::blpa, 8},
-                          ModeConfig{Mode::blpa, 4}}) {
+  const ModeConfig b8{Mode::blpa, 8}, b4{Mode::blpa, 4}, b2{Mode::blpa, 2};
+  for (ModeConfig mode : {ModeConfig{Mode::plain, 8}, ModeConfig{Mode::exact, 8}, b8, b4, b2}) {
     torch::manual_seed(71);
     auto net = make_net(29, mode);
     net->train();
@@ -172,10 +172,12 @@ TEST_CASE("resnet: in blpa mode the graph holds codes and metadata, not activati
     CHECK(held[mode.str()] == net->stored_unit_bytes() + other);
     CHECK(held[mode.str()] <= elements * 4 * mode.bits / 32 + channels * 13 + other);  // 3 floats + 1 byte per channel
   }
-  std::cout << "ResNet-29, batch 4, 16x16: bytes held by autograd after forward: plain " << held["plain"]
-            << ", exact " << held["exact"] << ", blpa-8 " << held["blpa-8"] << ", blpa-4 " << held["blpa-4"] << std::endl;
-  CHECK(held["exact"] < held["plain"]);
-  CHECK(held["plain"] > 12 * held["blpa-4"]);
+  std::cout << "ResNet-29, batch 4, 16x16: bytes held by autograd after forward: plain " << held.at("plain")
+            << ", exact " << held.at("exact") << ", blpa-8 " << held.at(b8.str()) << ", blpa-4 " << held.at(b4.str())
+            << ", blpa-2 " << held.at(b2.str()) << std::endl;
+  CHECK(held.at("exact") < held.at("plain"));
+  CHECK(held.at("plain") > 12 * held.at(b4.str()));
+  CHECK(held.at("plain") > 20 * held.at(b2.str()));
 }
 
 TEST_CASE("CUDA: a small network trains the same on CPU and GPU", "[resnet][cuda]") {

@@ -1,7 +1,10 @@
 // The trainer end to end on the real Fashion-MNIST (2,000 images), resume, interrupt,
 // damaged checkpoints and a diverging loss.
+#include <blpa/checkpoint.h>
+#include <blpa/codec.h>
 #include <blpa/dataset.h>
 #include <blpa/train.h>
+#include <fmt/format.h>
 #include <sys/wait.h>
 #include <torch/serialize.h>
 #include <unistd.h>
@@ -13,6 +16,7 @@
 #include <iterator>
 #include <regex>
 #include <thread>
+#include <tuple>
 
 #include "test_support.h"
 
@@ -215,6 +219,11 @@ TEST_CASE("train: blpa-train on SIGINT writes a checkpoint that --resume continu
 TEST_CASE("train: blpa-train refuses bad flags and missing data with exit codes", "[train]") {
   CHECK(run_train({"--no-such-flag"}) == 2);
   CHECK(run_train({"--mode", "exact", "--bits", "4"}) == 2);
+  CHECK(run_train({"--mode", "plain", "--window", "8"}) == 2);
+  CHECK(run_train({"--bits", "3"}) == 2);
+  for (const char* w : {"0", "-2", "nan", "inf", "x"}) CHECK(run_train({"--window", w}) == 2);
+  for (const char* l : {"nan", "inf", "x"}) CHECK(run_train({"--lift", l}) == 2);
+  CHECK(run_train({"--mode", "exact", "--lift", "1"}) == 2);
   CHECK(run_train({"--resume"}) == 2);
   CHECK(run_train({"--lr-steps", "100,50"}) == 2);
   CHECK(run_train({"--data-dir", "/nonexistent/blpa", "--quiet"}) == 1);
@@ -231,8 +240,10 @@ TEST_CASE("train: --preset imagenet sets the paper's protocol and explicit flags
     return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
   };
   const std::string p = config("--preset imagenet");
-  for (const char* kv : {"dataset=imagenet\n", "arch=imagenet\n", "depth=152\n", "batch=256\n", "iterations=640000\n",
-                         "lr=0.1\n", "warmup=0\n", "steps=160000,320000,480000\n", "weight_decay=0.0001\n", "mode=blpa-4\n"})
+  const std::string mode = "mode=" + blpa::ModeConfig{blpa::Mode::blpa, 4}.str() + "\n";  // the default window
+  for (const std::string& kv : {"dataset=imagenet\n", "arch=imagenet\n", "depth=152\n", "batch=256\n",
+                                "iterations=640000\n", "lr=0.1\n", "warmup=0\n", "steps=160000,320000,480000\n",
+                                "weight_decay=0.0001\n", mode.c_str()})
     CHECK(p.find(kv) != std::string::npos);
   const std::string o = config("--preset imagenet --batch 64 --accum-steps 2 --depth 50");
   CHECK(o.find("batch=64\n") != std::string::npos);
@@ -317,4 +328,104 @@ TEST_CASE("train: --workers 0 shares the machine's cores among its LOCAL_WORLD_S
   CHECK(blpa::default_workers("fashion-mnist", 8) == 2);
   const std::string cmd = "LOCAL_WORLD_SIZE=0 " + std::string(BLPA_TRAIN_EXE) + " --iterations 1 >/dev/null 2>&1";
   CHECK(WEXITSTATUS(std::system(cmd.c_str())) == 2);  // a bad configuration
+}
+
+namespace {
+
+std::string read_identity(const std::string& checkpoint) {
+  torch::serialize::InputArchive archive;
+  archive.load_from(checkpoint);
+  c10::IValue v;
+  archive.read("blpa_identity", v);
+  return v.toStringRef();
+}
+
+}  // namespace
+
+TEST_CASE("train: the window is part of a checkpoint, and the paper's is named as before windows existed", "[train]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("window");
+  auto c = small(dir);
+  c.iterations = 3;
+  c.checkpoint = (dir / "ck.pt").string();
+  c.mode = {blpa::Mode::blpa, 4, 6.0f};
+  blpa::train(c);
+  // What commit a5b148d wrote for --mode blpa --bits 4, before the window existed; so a
+  // checkpoint of that time means window 6 and resumes as one.
+  CHECK(read_identity(c.checkpoint).find(" mode=blpa-4 batch=32 ") != std::string::npos);
+  const auto stored = blpa::read_checkpoint(c.checkpoint);
+  const auto model = blpa::load_model(stored);
+  CHECK(model->config().mode.window == 6.0f);
+  CHECK(stored.state.iteration == 3);
+  for (const auto& [name, unit] : model->units()) CHECK(unit->mode().window == 6.0f);
+
+  auto other = c;
+  other.resume = true;
+  other.iterations = 4;
+  other.mode = {blpa::Mode::blpa, 4};  // the default window, another method
+  CHECK_THROWS_WITH(blpa::train(other), Catch::Contains("belongs to a different run") &&
+                                            Catch::Contains(other.mode.str()) && Catch::Contains("window"));
+  other.mode = {blpa::Mode::blpa, 4, 6.0f};
+  CHECK(blpa::train(other).iteration == 4);
+
+  // Another window and 2 bits: named in full, and blpa-eval builds the network with them.
+  auto w = small(dir);
+  w.iterations = 2;
+  w.mode = {blpa::Mode::blpa, 2, 3.5f};
+  w.checkpoint = (dir / "w.pt").string();
+  blpa::train(w);
+  CHECK(read_identity(w.checkpoint).find(" mode=blpa-2-w3.5 ") != std::string::npos);
+  const auto net = blpa::load_model(blpa::read_checkpoint(w.checkpoint));
+  CHECK(net->config().mode.bits == 2);
+  CHECK(net->config().mode.window == 3.5f);
+  remove_tree(dir);
+}
+
+TEST_CASE("bench: fidelity measures bits x windows at drawn parameters and at a checkpoint's weights", "[bench]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("fidelity");
+  auto c = small(dir);
+  c.iterations = 4;
+  c.checkpoint = (dir / "ck.pt").string();
+  blpa::train(c);
+  const std::string out = (dir / "f.jsonl").string();
+  auto run = [&](const std::string& args) {
+    const std::string cmd = std::string(BLPA_BENCH_EXE) + " fidelity --threads 1 --json " + args + " > " + out;
+    REQUIRE(std::system(cmd.c_str()) == 0);
+    std::ifstream f(out);
+    std::vector<std::string> lines;
+    for (std::string line; std::getline(f, line);) lines.push_back(line);
+    return lines;
+  };
+  const std::regex row("\"source\": \"(\\w+)\", \"checkpoint\": \"[^\"]*\", \"iteration\": (\\d+), \"depth\": (\\d+), "
+                       "\"batch\": (\\d+), \"size\": (\\d+), \"mode\": \"(\\w+)\", \"bits\": (\\d), \"window\": ([0-9.]+), "
+                       "\"lift\": ([-0-9.]+), \"relative_error\": ([0-9.]+), \"min_cosine\": ([-0-9.]+)");
+  const auto trained = run("--checkpoint " + c.checkpoint + " --batch 8 --modes blpa,naive --bits 2 --windows 3,default");
+  REQUIRE(trained.size() == 4);
+  const auto def = blpa::default_format(2);  // an explicit window is centred (lift 0)
+  const std::vector<std::tuple<std::string, std::string, std::string>> want{
+      {"blpa", "3", "0"}, {"blpa", fmt::format("{}", def.window), fmt::format("{}", def.lift)},
+      {"naive", "3", "0"}, {"naive", fmt::format("{}", def.window), fmt::format("{}", def.lift)}};
+  for (size_t i = 0; i < trained.size(); ++i) {
+    CAPTURE(trained[i]);
+    std::smatch m;
+    REQUIRE(std::regex_search(trained[i], m, row));
+    CHECK(m[1] == "checkpoint");
+    CHECK(m[2] == "4");
+    CHECK(m[3] == "11");
+    CHECK(m[5] == "28");  // Fashion-MNIST's images
+    CHECK(m[6] == std::get<0>(want[i]));
+    CHECK(m[7] == "2");
+    CHECK(m[8] == std::get<1>(want[i]));
+    CHECK(m[9] == std::get<2>(want[i]));
+    CHECK(std::stod(m[10]) > 0);  // 2-bit codes do change the gradient
+    CHECK(std::stod(m[11]) <= 1);
+  }
+  const auto drawn = run("--depths 11 --batch 2 --size 8 --modes blpa --bits 8 --windows 6");
+  REQUIRE(drawn.size() == 1);
+  std::smatch m;
+  REQUIRE(std::regex_search(drawn[0], m, row));
+  CHECK(m[1] == "drawn");
+  CHECK(std::stod(m[10]) < 0.2);
+  remove_tree(dir);
 }

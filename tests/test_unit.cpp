@@ -95,13 +95,14 @@ TEST_CASE("unit: exact equals plain to fp32 rounding, and to 1e-10 in double pre
 }
 
 TEST_CASE("unit: blpa keeps the forward exact, the mask exact and grad beta exact, errors shrink with K", "[unit]") {
+  // At the paper's window 6, whose bin widths the floors below are derived from.
   int i = 0;
   for (const auto& k : cases()) {
     CAPTURE(i);
     const uint64_t seed = 30 + i++;
     auto exact = run_unit(k, {Mode::exact, 8}, torch::kFloat, seed);
-    auto b8 = run_unit(k, {Mode::blpa, 8}, torch::kFloat, seed);
-    auto b4 = run_unit(k, {Mode::blpa, 4}, torch::kFloat, seed);
+    auto b8 = run_unit(k, {Mode::blpa, 8, 6.0f}, torch::kFloat, seed);
+    auto b4 = run_unit(k, {Mode::blpa, 4, 6.0f}, torch::kFloat, seed);
     for (auto* r : {&b8, &b4}) {
       for (size_t j = 0; j < exact.y.size(); ++j) CHECK(torch::equal(r->y[j], exact.y[j]));
       // grad beta = sum of g_r over the mask, with g_r exact: equal to the summation order
@@ -139,7 +140,7 @@ TEST_CASE("unit: blpa keeps the forward exact, the mask exact and grad beta exac
 TEST_CASE("unit: blpa keeps only codes and per-channel metadata", "[unit][memory]") {
   blpa::memory::install_cpu_counter();
   const torch::Device cpu(torch::kCPU);
-  for (int bits : {8, 4}) {
+  for (int bits : {8, 4, 2}) {
     torch::manual_seed(40);
     Unit u(16, std::vector<ConvSpec>{{16, 3, 1, 1}, {32, 1, 2, 0}}, ModeConfig{Mode::blpa, bits});
     auto x = torch::randn({4, 16, 15, 15});
@@ -365,7 +366,7 @@ TEST_CASE("unit: a backward holds r' and one gradient's making at a time", "[uni
 TEST_CASE("CUDA: the unit matches its CPU twin", "[unit][cuda]") {
   BLPA_REQUIRE_CUDA();
   NoTF32 fp32;
-  for (int bits : {8, 4}) {
+  for (int bits : {8, 4, 2}) {
     torch::manual_seed(42);
     Unit u(8, std::vector<ConvSpec>{{6, 3, 1, 1}, {12, 1, 2, 0}}, ModeConfig{Mode::blpa, bits});
     auto x = torch::randn({4, 8, 9, 9});
@@ -421,4 +422,155 @@ TEST_CASE("unit: gamma below 1e-8 is clamped in forward and gets no gradient, as
     if (mode == Mode::exact) CHECK(torch::allclose(got, want, 1e-4, 1e-5));
     else CHECK(((got != 0) == (want != 0)).all().item<bool>());
   }
+}
+
+namespace {
+
+// The unit's blpa backward written out from docs/method.md with the quantiser of any window
+// written here from its formula (not blpa/codec_math.h), in double from the float a and
+// 1/sigma of LibTorch's BatchNorm (the operator the unit calls, so a is the same bits).
+struct Reference {
+  torch::Tensor gx, ggamma, gbeta;
+  std::vector<torch::Tensor> gw;
+};
+
+Reference reference_blpa(const Case& k, const torch::Tensor& x, const torch::Tensor& gamma, const torch::Tensor& beta,
+                         const std::vector<torch::Tensor>& weights, const std::vector<torch::Tensor>& probes,
+                         const blpa::CodeFormat& f) {
+  const auto D = torch::kDouble;
+  auto g = gamma.clamp_min(1e-8);
+  auto rm = torch::zeros({k.c}), rv = torch::ones({k.c});
+  auto [a, mean, invstd, reserve] = at::_batch_norm_with_update(x, g, beta, rm, rv, 0.1, 1e-5);
+  auto pc = [](const torch::Tensor& t) { return t.view({1, -1, 1, 1}); };
+  auto v = a / pc(g);   // float, one division per element, as the unit's pack
+  auto b = beta / g;    // float, as channel_coding
+  const int B = 1 << f.bits;
+  const float d = f.window / static_cast<float>(B);
+  auto s = (B / 2 - torch::floor(((b + f.lift) / d).to(D))).clamp(1, B - 1);
+  auto code = (torch::floor(((v - 1e-6f) / d).to(D)) + pc(s)).clamp(0, B - 1);
+  auto v_prime = (code - pc(s) + 0.5) * static_cast<double>(d);
+  auto x_hat = v_prime - pc(b.to(D));
+  auto mask = code >= pc(s);
+  auto gd = g.to(D);
+  auto r = (pc(gd) * v_prime).clamp_min(0).requires_grad_();
+  Reference out;
+  torch::Tensor g_r;
+  if (k.convs.empty()) {
+    g_r = probes[0].to(D);
+  } else {
+    std::vector<torch::Tensor> w;
+    torch::Tensor loss = torch::zeros({}, D);
+    for (size_t i = 0; i < k.convs.size(); ++i) {
+      w.push_back(weights[i].detach().to(D).requires_grad_());
+      loss = loss + (torch::conv2d(r, w[i], {}, k.convs[i].stride, k.convs[i].padding) * probes[i].to(D)).sum();
+    }
+    loss.backward();
+    g_r = r.grad();
+    for (auto& wi : w) out.gw.push_back(wi.grad());
+  }
+  auto g_a = torch::where(mask, g_r, torch::zeros_like(g_r));
+  const std::vector<int64_t> dims{0, 2, 3};
+  const double m = static_cast<double>(x.numel() / k.c);
+  out.gbeta = g_a.sum(dims);
+  out.ggamma = (g_a * x_hat).sum(dims);
+  out.gx = pc(gd * invstd.to(D)) * (g_a - pc(out.gbeta / m) - x_hat * pc(out.ggamma / m));
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("unit: blpa's gradients equal a reference implementation of the quantiser of any window, K = 8, 4, 2",
+          "[unit]") {
+  int i = 0;
+  for (const auto& k : cases()) {
+    for (int bits : {8, 4, 2}) {
+      for (auto [window, lift] : std::vector<std::pair<float, float>>{{6.0f, 0.0f}, {3.0f, 0.0f}, {11.0f, 0.0f},
+                                                                      {6.0f, 1.0f}, {4.0f, -0.5f}}) {
+        CAPTURE(i, bits, window, lift);
+        torch::manual_seed(90 + i);
+        Unit u(k.c, k.convs, ModeConfig{Mode::blpa, bits, window, lift});
+        CHECK(u->mode().window == window);
+        CHECK(u->mode().lift == lift);
+        {
+          torch::NoGradGuard g;
+          u->gamma.copy_(torch::rand({k.c}) + 0.3);
+          u->beta.copy_(torch::randn({k.c}) * 1.5);
+        }
+        auto x = (torch::randn({k.n, k.c, k.hw, k.hw}) * 2 + 0.5).requires_grad_();
+        auto y = u->forward(x);
+        std::vector<torch::Tensor> probes;
+        torch::Tensor loss = torch::zeros({});
+        for (auto& t : y) {
+          probes.push_back(torch::randn(t.sizes()));
+          loss = loss + (t * probes.back()).sum();
+        }
+        loss.backward();
+        auto ref = reference_blpa(k, x.detach(), u->gamma.detach(), u->beta.detach(), u->weights, probes,
+                                  blpa::CodeFormat{bits, window, lift});
+        auto close = [](const torch::Tensor& got, const torch::Tensor& want) {
+          const double err = ((got.to(torch::kDouble) - want).norm() / (want.norm() + 1e-30)).item<double>();
+          CAPTURE(err);
+          return err < 2e-5;  // fp32 rounding of the same computation
+        };
+        CHECK(close(x.grad(), ref.gx));
+        CHECK(close(u->gamma.grad(), ref.ggamma));
+        CHECK(close(u->beta.grad(), ref.gbeta));
+        for (size_t j = 0; j < ref.gw.size(); ++j) CHECK(close(u->weights[j].grad(), ref.gw[j]));
+      }
+    }
+    ++i;
+  }
+}
+
+TEST_CASE("unit: mode names carry the window and lift, and names without them are the paper's", "[unit]") {
+  using blpa::parse_mode_config;
+  CHECK(ModeConfig{Mode::blpa, 4, 6.0f}.str() == "blpa-4");  // an explicit window is centred
+  CHECK(ModeConfig{Mode::blpa, 4, 6.0f, 0.0f}.str() == "blpa-4");
+  CHECK(ModeConfig{Mode::blpa, 8, 12.0f}.str() == "blpa-8-w12");
+  CHECK(ModeConfig{Mode::naive, 2, 4.5f}.str() == "naive-2-w4.5");
+  CHECK(ModeConfig{Mode::blpa, 4, 6.0f, 1.0f}.str() == "blpa-4-l1");
+  CHECK(ModeConfig{Mode::blpa, 2, 5.0f, -0.25f}.str() == "blpa-2-w5-l-0.25");
+  CHECK(ModeConfig{Mode::plain, 2, 4.5f, 1.0f}.str() == "plain");
+  // Window 0 stands for the default format of its bits, which the name spells out.
+  for (int bits : {8, 4, 2}) {
+    const ModeConfig m{Mode::blpa, bits};
+    const blpa::CodeFormat want = blpa::default_format(bits);
+    CHECK(m.codes_format().window == want.window);
+    CHECK(m.codes_format().lift == want.lift);
+    const auto back = parse_mode_config(m.str()).codes_format();
+    CHECK(back.window == want.window);
+    CHECK(back.lift == want.lift);
+    CHECK(ModeConfig{Mode::blpa, bits, 0.0f, 0.0f}.codes_format().lift == 0.0f);  // the default window, centred
+  }
+  // Every name reads back as itself, to the bit.
+  for (float w : {6.0f, 12.0f, 4.5f, 7.3f, 0.1f, 1e-3f, 3.14159274f})
+    for (float l : {0.0f, 1.0f, -0.7f, 1e-7f})
+      for (int bits : {8, 4, 2})
+        for (Mode mode : {Mode::blpa, Mode::naive}) {
+          const ModeConfig m{mode, bits, w, l};
+          const ModeConfig back = parse_mode_config(m.str());
+          CAPTURE(m.str());
+          CHECK(back.mode == mode);
+          CHECK(back.bits == bits);
+          CHECK(back.codes_format().window == w);
+          CHECK(back.codes_format().lift == l);
+        }
+  // Checkpoints written before the window existed say blpa-4 / blpa-8: the paper's quantiser.
+  for (const char* old : {"blpa-4", "blpa-8", "naive-8"}) {
+    const auto f = parse_mode_config(old).codes_format();
+    CHECK(f.window == 6.0f);
+    CHECK(f.lift == 0.0f);
+  }
+  CHECK(parse_mode_config("plain").mode == Mode::plain);
+  CHECK(parse_mode_config("exact").mode == Mode::exact);
+  // A bare blpa takes the bits, window and lift given.
+  CHECK(parse_mode_config("blpa", 2, 5.0f).str() == "blpa-2-w5");
+  CHECK(parse_mode_config("blpa", 2, 5.0f, 0.5f).str() == "blpa-2-w5-l0.5");
+  for (const char* bad : {"blpa-3", "blpa-4-", "blpa-4-w", "blpa-4-w0", "blpa-4-w-2", "blpa-4-wx", "blpa-4-w6x",
+                          "blpa-4x", "plain-4", "exact-8", "fast", "blpa-4-v6", "blpa-4-l", "blpa-4-l1-w6",
+                          "blpa-4-linf", "blpa-4-lnan"})
+    CHECK_THROWS_AS(parse_mode_config(bad), std::invalid_argument);
+  CHECK_THROWS_WITH(Unit(4, std::vector<ConvSpec>{}, ModeConfig{Mode::blpa, 3}), Catch::Contains("bits must be 8, 4 or 2"));
+  CHECK_THROWS_WITH(Unit(4, std::vector<ConvSpec>{}, ModeConfig{Mode::blpa, 4, -1.0f}),
+                    Catch::Contains("window must be a positive"));
 }

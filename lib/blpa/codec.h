@@ -1,6 +1,7 @@
 // K-bit sign-preserving codes of a unit's normalised activations v = x_hat + beta/gamma
-// (docs/method.md, "Quantiser"). One entry point per operation; CPU tensors run the
-// parallel CPU path, CUDA tensors the kernels in cuda/.
+// (docs/method.md, "Quantiser"), K = 8, 4 or 2, over a window of a given width. One entry
+// point per operation; CPU tensors run the parallel CPU path, CUDA tensors the kernels in
+// cuda/.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,14 +10,33 @@
 #include <optional>
 #include <vector>
 
+#include "blpa/codec_math.h"
+
 namespace blpa {
+
+// The paper's window, 6 units of x_hat for every K (DESIGN.md 1.3).
+using codec::kPaperWindow;
+
+// How values become codes: `bits` per value (8, 4 or 2) over a window `window` wide (units
+// of x_hat: bins of window / 2^bits) whose centre sits `lift` above the channel's b (the
+// mean of v). The default, {8, 6, 0}, is the paper's quantiser for every bit width.
+struct CodeFormat {
+  int bits = 8;
+  float window = kPaperWindow;
+  float lift = 0.0f;
+  float bin_width() const { return codec::bin_width(window, bits); }
+};
+
+// The format blpa uses when none is asked for: window and lift chosen per bit width by
+// measured gradient fidelity (docs/results.md, "Windows").
+CodeFormat default_format(int bits);
 
 // The packed codes of one tensor plus what is needed to read them back.
 struct Codes {
-  at::Tensor data;     // uint8, exactly packed_bytes(numel, bits) bytes
+  at::Tensor data;     // uint8, exactly packed_bytes(numel, format.bits) bytes
   at::Tensor offsets;  // uint8 [C]: the per-channel offset s_c
   std::vector<int64_t> sizes;
-  int bits = 8;
+  CodeFormat format;
 
   int64_t numel() const;
   int64_t channels() const { return sizes.size() > 1 ? sizes[1] : 1; }
@@ -27,27 +47,31 @@ struct Codes {
 
 int64_t packed_bytes(int64_t numel, int bits);
 
+// Throws (TORCH_CHECK) unless bits is 8, 4 or 2, the window positive and finite and the
+// lift finite.
+void check_format(const CodeFormat& f);
+
 // What a unit needs per channel before its BatchNorm and its codes, in one pass (one launch
 // on CUDA): g = max(gamma, gamma_min) as LibTorch's clamp_min (NaN stays NaN), b = beta / g
-// when `centred` (blpa: the window sits around -b) or 0 (naive), and the offsets s_c of b.
+// when `centred` (blpa: the window sits around b) or 0 (naive), and the offsets s_c of b.
 // gamma and beta: contiguous float32 [C] on one device.
 struct ChannelCoding {
   at::Tensor g, b;     // float32 [C]
   at::Tensor offsets;  // uint8 [C]
-  int bits = 8;
+  CodeFormat format;
 };
-ChannelCoding channel_coding(const at::Tensor& gamma, const at::Tensor& beta, float gamma_min, int bits,
+ChannelCoding channel_coding(const at::Tensor& gamma, const at::Tensor& beta, float gamma_min, const CodeFormat& f,
                              bool centred);
 
 // v: float32, contiguous, at least 2-D with channels on dim 1 (N x C x H x W, or N x C).
 // b: float32 [C] on the same device (b_c = beta_c / gamma_c; zeros for the naive baseline,
-// which centres the window on 0). bits: 8 or 4. With `divisor` (float32 [C]) the codes are
-// those of v / divisor_c, computed on the fly: the unit packs a / gamma without making it.
-Codes pack(const at::Tensor& v, const at::Tensor& b, int bits, const at::Tensor& divisor = {});
+// which centres the window on 0). With `divisor` (float32 [C]) the codes are those of
+// v / divisor_c, computed on the fly: the unit packs a / gamma without making it.
+Codes pack(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, const at::Tensor& divisor = {});
 
-// pack(a, b, bits, divisor), and a = max(a, 0) in place in the same pass: the unit's forward
+// pack(a, b, f, divisor), and a = max(a, 0) in place in the same pass: the unit's forward
 // packs a / gamma and applies its ReLU without reading a twice. NaN stays NaN, as with relu_.
-Codes pack_relu_(at::Tensor& a, const at::Tensor& b, int bits, const at::Tensor& divisor);
+Codes pack_relu_(at::Tensor& a, const at::Tensor& b, const CodeFormat& f, const at::Tensor& divisor);
 
 // The same with the channels' values already made by channel_coding: its offsets are used
 // (and shared by the codes) instead of being computed again. pack_relu_ divides by cc.g.

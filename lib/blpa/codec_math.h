@@ -2,6 +2,10 @@
 // DESIGN.md 1.3). This is the only definition: the CPU path (lib/codec.cpp) and the CUDA
 // kernels (cuda/codec_kernels.cu) both call these functions, so they cannot drift apart.
 //
+// B = 2^K bins of width d = window / B over a window centred `lift` above the channel's b;
+// width and lift are properties of the codes (the paper's: 6 units of x_hat and 0, for every
+// K). Callers compute d once with bin_width.
+//
 // Bit-identical CPU/GPU results rest on using only IEEE-exact operations here:
 // float subtraction, division and multiplication, comparisons, and float->int truncation.
 // No floorf (it would not vectorise on baseline x86-64) and no fused multiply-add: the
@@ -18,11 +22,13 @@
 
 namespace blpa::codec {
 
-constexpr float kWindow = 6.0f;  // width of the quantisation window, in units of x_hat
-constexpr float kGuard = 1e-6f;  // v <= kGuard counts as "not positive"
+constexpr float kPaperWindow = 6.0f;  // the published method's window, in units of x_hat
+constexpr float kGuard = 1e-6f;       // v < kGuard counts as "not positive"
 
 BLPA_HD int num_bins(int bits) { return 1 << bits; }
-BLPA_HD float bin_width(int bits) { return kWindow / static_cast<float>(1 << bits); }
+// d = window / 2^K. For the paper's window this is the constant 6 / 2^K of the published
+// method, to the bit (one IEEE division either way).
+BLPA_HD float bin_width(float window, int bits) { return window / static_cast<float>(1 << bits); }
 
 // floor(y) for y already clamped to a range where int conversion is defined.
 BLPA_HD int floor_small(float y) {
@@ -30,15 +36,16 @@ BLPA_HD int floor_small(float y) {
   return t - (y < static_cast<float>(t) ? 1 : 0);
 }
 
-// Per-channel offset s_c = max(1, B/2 - floor(b_c / d)), also capped at B - 1 so that the
-// bin edge at v = 0 lies inside the window for every channel (otherwise a strongly negative
-// b_c would push it out and positive values would be clamped below it, losing the mask).
-// b_c = beta_c / gamma_c. A NaN b_c gives s_c = 1.
-BLPA_HD int offset(float b, int bits) {
+// Per-channel offset s_c = max(1, B/2 - floor((b_c + lift) / d)), also capped at B - 1 so
+// that the bin edge at v = 0 lies inside the window for every channel (otherwise a strongly
+// negative b_c would push it out and positive values would be clamped below it, losing the
+// mask). b_c = beta_c / gamma_c. A NaN b_c gives s_c = 1. d: bin_width(window, bits).
+// With lift 0 this is the published formula to the bit (b + 0 is b, or +0 for b = -0).
+BLPA_HD int offset(float b, int bits, float d, float lift) {
   const int half = num_bins(bits) / 2;
   const int top = num_bins(bits) - 1;
   const float lim = static_cast<float>(half + 1);  // beyond +-lim the answer is pinned anyway
-  float y = b / bin_width(bits);
+  float y = (b + lift) / d;
   y = y < lim ? y : lim;  // NaN -> lim -> s = 1
   y = y > -lim ? y : -lim;
   int s = half - floor_small(y);
@@ -49,10 +56,11 @@ BLPA_HD int offset(float b, int bits) {
 // code = clamp(floor((v - guard) / d) + s, 0, B - 1).
 // The floor is taken before s is added: floor(y + s) in float could round y = -tiny up to s
 // and turn the mask on for a negative value. NaN and -Inf encode as 0, +Inf as B - 1.
-BLPA_HD uint32_t encode(float v, int s, int bits) {
+// Since 1 <= s <= B - 1, code >= s exactly when v - guard >= 0, for every K and window.
+BLPA_HD uint32_t encode(float v, int s, int bits, float d) {
   const int top = num_bins(bits) - 1;
   const float lim = static_cast<float>(top + 1);
-  float y = (v - kGuard) / bin_width(bits);
+  float y = (v - kGuard) / d;
   y = y > -lim ? y : -lim;  // NaN -> -lim -> code 0
   y = y < lim ? y : lim;
   int code = floor_small(y) + s;
@@ -62,8 +70,8 @@ BLPA_HD uint32_t encode(float v, int s, int bits) {
 }
 
 // Dequantised v' = (code - s + 0.5) * d: the centre of the code's bin.
-BLPA_HD float decode(uint32_t code, int s, int bits) {
-  return (static_cast<float>(static_cast<int>(code) - s) + 0.5f) * bin_width(bits);
+BLPA_HD float decode(uint32_t code, int s, float d) {
+  return (static_cast<float>(static_cast<int>(code) - s) + 0.5f) * d;
 }
 
 // The ReLU mask: exact, since a bin edge sits at v = 0 (up to the guard).

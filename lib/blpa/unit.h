@@ -9,8 +9,11 @@
 #include <torch/torch.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
+
+#include "blpa/codec.h"
 
 namespace blpa {
 
@@ -21,13 +24,23 @@ std::string to_string(Mode m);
 
 struct ModeConfig {
   Mode mode = Mode::blpa;
-  int bits = 4;  // 8 or 4; used by blpa and naive
+  int bits = 4;               // 8, 4 or 2; used by blpa and naive
+  float window = 0;           // the codes' window in units of x_hat (blpa, naive); 0: the default for bits
+  std::optional<float> lift;  // its centre above b; unset: the default with the default window, else 0
+  // What the codes use (blpa/codec.h): `window` and `lift`, or default_format(bits). So
+  // {blpa, K, 6} is the paper's quantiser.
+  CodeFormat codes_format() const;
+  // plain, exact, blpa-K or naive-K for the paper's quantiser (window 6, lift 0), with -wW for
+  // another window W and -lL for a lift L: blpa-8-w12, blpa-4-l1. The name that logs,
+  // checkpoints and blpa-bench use.
   std::string str() const;
 };
 
-// The inverse of ModeConfig::str(): "plain", "exact", "blpa-4", "naive-8"; a bare "blpa" or
-// "naive" takes `default_bits`. Throws std::invalid_argument naming what is wrong.
-ModeConfig parse_mode_config(const std::string& s, int default_bits = 4);
+// Reads a name that ModeConfig::str() writes. A name without -wW has the paper's window 6
+// and without -lL its lift 0: so do the names in checkpoints written before either existed.
+// A bare blpa or naive takes `bits`, `window` and `lift`. Throws std::invalid_argument for
+// anything else.
+ModeConfig parse_mode_config(const std::string& s, int bits = 4, float window = 0, std::optional<float> lift = {});
 
 struct ConvSpec {
   int64_t out_channels;
