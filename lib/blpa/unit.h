@@ -23,6 +23,9 @@ Mode parse_mode(const std::string& s);
 std::string to_string(Mode m);
 
 struct ModeConfig {
+  // {mode}, {mode, bits}, {mode, bits, window}, ...: the members not given take their defaults.
+  ModeConfig(Mode m = Mode::blpa, int k = 4, float w = 0, std::optional<float> l = {})
+      : mode(m), bits(k), window(w), lift(l) {}
   Mode mode = Mode::blpa;
   int bits = 4;               // 8, 4 or 2; used by blpa and naive
   float window = 0;           // the codes' window in units of x_hat (blpa, naive); 0: the default for bits
