@@ -205,7 +205,7 @@ Result composed_unit(const Case& k, ModeConfig mode, uint64_t seed) {
   const Tensor &gamma = u->gamma, &beta = u->beta;
   const auto channel = [](const Tensor& t) { return t.view({1, -1, 1, 1}); };
   blpa::ChannelCoding cc;
-  if (mode.mode != Mode::exact) cc = blpa::channel_coding(gamma, beta, 1e-8f, mode.bits, mode.mode == Mode::blpa);
+  if (mode.mode != Mode::exact) cc = blpa::channel_coding(gamma, beta, 1e-8f, mode.codes_format(), mode.mode == Mode::blpa);
   const Tensor g = mode.mode == Mode::exact ? gamma.clamp_min(1e-8) : cc.g;
   auto [a, mean, invstd, reserve] =
       at::_batch_norm_with_update(x, g, beta, u->running_mean, u->running_var, u->momentum, u->eps);
