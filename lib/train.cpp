@@ -329,8 +329,11 @@ void TrainConfig::validate() const {
   if (!(weight_decay >= 0) || !std::isfinite(weight_decay)) bad("--weight-decay must be >= 0 and finite");
   for (size_t i = 0; i < steps.size(); ++i)
     if (steps[i] <= 0 || (i > 0 && steps[i] <= steps[i - 1])) bad("--lr-steps must be positive and increasing");
-  if ((mode.mode == Mode::blpa || mode.mode == Mode::naive) && mode.bits != 8 && mode.bits != 4)
-    bad("--bits must be 8 or 4");
+  if ((mode.mode == Mode::blpa || mode.mode == Mode::naive) && mode.bits != 8 && mode.bits != 4 && mode.bits != 2)
+    bad("--bits must be 8, 4 or 2");
+  if (!(mode.window == 0 || (std::isfinite(mode.window) && mode.window > 0)))
+    bad("--window must be a positive width in units of x_hat");
+  if (mode.lift && !std::isfinite(*mode.lift)) bad("--lift must be a finite number of units of x_hat");
   if (arch == "cifar") {
     if (depth < 11 || (depth - 2) % 9 != 0)
       bad("--depth " + std::to_string(depth) + ": a cifar network has depth 9n+2, n >= 1 (11, 20, 29, ..., 164, 1001)");

@@ -476,7 +476,7 @@ TEST_CASE("interop: plot.sh renders one PNG per quantity from the logs of test r
   REQUIRE(r.code == 0);
   // Legends from the configurations (the mode differs), the file name where there is none.
   CHECK(r.out.find("plain: " + plain) != std::string::npos);
-  CHECK(r.out.find("blpa-4: " + blpa4) != std::string::npos);
+  CHECK(r.out.find(blpa::ModeConfig{blpa::Mode::blpa, 4}.str() + ": " + blpa4) != std::string::npos);
   CHECK(r.out.find("older: ") != std::string::npos);
   for (const char* name : {"run-loss.png", "run-error.png", "run-images-per-s.png", "run-memory.png"}) {
     const std::string png = slurp(dir / "png" / name);

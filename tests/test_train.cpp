@@ -155,7 +155,7 @@ TEST_CASE("train: an incompatible or damaged checkpoint is refused and the good 
   other.resume = true;
   other.mode = {blpa::Mode::blpa, 8};
   CHECK_THROWS_WITH(blpa::train(other), Catch::Contains("belongs to a different run") &&
-                                            Catch::Contains("mode: checkpoint blpa-4, command line blpa-8"));
+                                            Catch::Contains("mode: checkpoint " + c.mode.str() + ", command line " + other.mode.str()));
 
   fs::copy_file(c.checkpoint, dir / "bad.pt");
   fs::resize_file(dir / "bad.pt", good / 2);
@@ -370,6 +370,7 @@ TEST_CASE("train: the window is part of a checkpoint, and the paper's is named a
 
   // Another window and 2 bits: named in full, and blpa-eval builds the network with them.
   auto w = small(dir);
+  w.log_path = (dir / "w.jsonl").string();  // a new run beside the first
   w.iterations = 2;
   w.mode = {blpa::Mode::blpa, 2, 3.5f};
   w.checkpoint = (dir / "w.pt").string();
