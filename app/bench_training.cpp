@@ -96,7 +96,8 @@ void add_common(cxxopts::Options& o, const std::string& batch, const std::string
   o.add_options()("model", "resnet164, resnet152, resnet1001, cifar:DEPTH or imagenet:DEPTH",
                   cxxopts::value<std::string>()->default_value("resnet164"))(
       "batch", "Batch size", cxxopts::value<int64_t>()->default_value(batch))(
-      "mode", "all, or a comma list of plain, exact, blpa[-K[-wW]], naive[-K[-wW]] (blpa-K: the paper's window 6)",
+      "mode", "all, or a comma list of plain, exact, blpa[-K[-wW][-lL]], naive[-K[-wW][-lL]] (blpa-K: the paper's "
+      "quantiser, window 6 and lift 0)",
       cxxopts::value<std::string>()->default_value(mode))(
       "bits", "Bits for a bare blpa/naive in --mode: 8, 4 or 2", cxxopts::value<int>()->default_value("4"))(
       "window", "Window for a bare blpa/naive in --mode, in units of x_hat (default: the default for its bits)",
