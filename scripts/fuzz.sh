@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Fuzzes every parser: builds the fuzz targets of tests/fuzz/ with clang's libFuzzer, ASan and
+# UBSan in build-fuzz/ (BLPA_FUZZ_BUILD_DIR), then runs each for SECONDS (default 60) under
+# nice -n 10, starting from its committed corpus tests/fuzz/corpus/<target>/.
+#
+#   scripts/fuzz.sh [SECONDS] [TARGET...]      e.g. scripts/fuzz.sh 600, scripts/fuzz.sh 30 jpeg idx
+#
+# Inputs that add coverage go to build-fuzz/fuzz-corpus/<target>/ (kept between runs, never
+# committed as is); an input that crashes, leaks, hangs or trips a sanitizer or a FUZZ_CHECK is
+# saved in build-fuzz/fuzz-crashes/<target>/. Prints executions and coverage per target and
+# fails if any target found something. clang and libFuzzer come from Debian (clang,
+# libclang-rt-dev), installed here if missing.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+seconds=${1:-60}
+[[ $seconds =~ ^[0-9]+$ ]] || { echo "usage: scripts/fuzz.sh [SECONDS] [TARGET...]" >&2; exit 2; }
+shift || true
+build=${BLPA_FUZZ_BUILD_DIR:-$here/build-fuzz}
+if (($#)); then targets=("$@"); else
+  targets=()
+  for d in "$here"/tests/fuzz/corpus/*/; do targets+=("$(basename "$d")"); done
+fi
+say() { echo "[fuzz] $*" >&2; }
+
+# --- clang with libFuzzer -----------------------------------------------------------------
+probe=$(mktemp -d)
+trap 'rm -rf "$probe"' EXIT
+libfuzzer_links() {
+  echo 'extern "C" int LLVMFuzzerTestOneInput(const unsigned char*, unsigned long) { return 0; }' >"$probe/p.cpp"
+  clang++ -fsanitize=fuzzer,address,undefined "$probe/p.cpp" -o "$probe/p" >/dev/null 2>&1
+}
+if ! command -v clang++ >/dev/null || ! libfuzzer_links; then
+  say "installing clang and libFuzzer from Debian"
+  sudo=""
+  [[ $(id -u) == 0 ]] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends clang libclang-rt-dev >/dev/null
+  libfuzzer_links || { say "error: clang++ -fsanitize=fuzzer still does not link"; exit 1; }
+fi
+
+# --- build ----------------------------------------------------------------------------------
+# LibTorch is configured as in every build (the project's CMake needs it), but the targets
+# link only blpa_formats. Everything they link is instrumented: coverage for libFuzzer, ASan,
+# UBSan with no recovery (so that a report is a crash libFuzzer records).
+BLPA_BUILD_DIR=$build BLPA_CUDA=OFF "$here/scripts/setup.sh"
+# shellcheck disable=SC1091
+source "$build/setup.env"
+flags="-fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+gen=()
+[[ -f $build/CMakeCache.txt ]] || gen=(-G Ninja)
+say "configuring in $build"
+cmake -S "$here" -B "$build" "${gen[@]}" -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ \
+  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS="$flags" -DBLPA_CUDA=OFF -DBLPA_FUZZ=ON \
+  -DTorch_DIR="$Torch_DIR" >"$build/configure.log" 2>&1 || { cat "$build/configure.log" >&2; exit 1; }
+say "compiling"
+nice -n 10 cmake --build "$build" --target blpa_fuzz_targets --parallel "${BLPA_JOBS:-$(nproc)}"
+
+# --- run ------------------------------------------------------------------------------------
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1}
+found=0 total=0
+stamp=$build/fuzz-start
+touch "$stamp"
+summary=$(printf '%-12s %12s %8s %10s %8s %8s  %s' target executions exec/s cov ft corpus findings)
+for t in "${targets[@]}"; do
+  exe=$build/tests/fuzz/fuzz_$t
+  [[ -x $exe ]] || { say "error: no fuzz target '$t' (the targets: tests/fuzz/corpus/*)"; exit 2; }
+  corpus=$build/fuzz-corpus/$t crashes=$build/fuzz-crashes/$t log=$build/fuzz-$t.log
+  mkdir -p "$corpus" "$crashes"
+  say "$t: ${seconds}s (log: $log)"
+  # -rss_limit_mb: a JPEG may declare up to kMaxJpegPixels (2^28) pixels, and decoding one
+  # takes GBs (its output buffer alone is 768 MB); -timeout: seconds for one input.
+  nice -n 10 "$exe" -max_total_time="$seconds" -print_final_stats=1 -rss_limit_mb=4096 -timeout=60 \
+    -artifact_prefix="$crashes/" "$corpus" "$here/tests/fuzz/corpus/$t" >"$log" 2>&1 || true
+  execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
+  rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n 1)
+  last=$(grep -E '^#[0-9]+.* cov: ' "$log" | tail -n 1 || true)
+  cov=$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$last")
+  ft=$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$last")
+  edges=$(sed -n 's/^INFO: Loaded 1 modules *(\([0-9]*\) inline 8-bit counters).*/\1/p' "$log" | head -n 1)
+  corp=$(sed -n 's/.* corp: \([0-9]*\)\/.*/\1/p' <<<"$last")
+  findings=$(find "$crashes" -type f -newer "$stamp" \( -name 'crash-*' -o -name 'leak-*' -o -name 'timeout-*' \
+    -o -name 'oom-*' \) | wc -l)
+  if grep -qE '^SUMMARY: |fuzz check failed|^==[0-9]+==ERROR' "$log"; then findings=$((findings > 0 ? findings : 1)); fi
+  found=$((found + findings)) total=$((total + ${execs:-0}))
+  summary+=$'\n'$(printf '%-12s %12s %8s %10s %8s %8s  %s' "$t" "${execs:-?}" "${rate:-?}" "${cov:-?}/${edges:-?}" \
+    "${ft:-?}" "${corp:-?}" "$findings")
+done
+echo "$summary"
+echo "total executions: $total; findings: $found (inputs in $build/fuzz-crashes/)"
+((found == 0))
