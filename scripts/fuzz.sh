@@ -7,9 +7,11 @@
 #
 # Inputs that add coverage go to build-fuzz/fuzz-corpus/<target>/ (kept between runs, never
 # committed as is); an input that crashes, leaks, hangs or trips a sanitizer or a FUZZ_CHECK is
-# saved in build-fuzz/fuzz-crashes/<target>/. Prints executions and coverage per target and
-# fails if any target found something. clang and libFuzzer come from Debian (clang,
-# libclang-rt-dev), installed here if missing.
+# saved in build-fuzz/fuzz-crashes/<target>/. Prints per target the executions and libFuzzer's
+# coverage (edges reached / instrumented, features), then the line coverage of each of our
+# source files that the targets' corpora reach together (llvm-cov; build-fuzz/fuzz-lines.txt
+# has the full report). Fails if any target found something. clang, libFuzzer and llvm-cov come from Debian (clang, libclang-rt-dev, llvm),
+# installed here if missing.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 seconds=${1:-60}
@@ -29,23 +31,27 @@ libfuzzer_links() {
   echo 'extern "C" int LLVMFuzzerTestOneInput(const unsigned char*, unsigned long) { return 0; }' >"$probe/p.cpp"
   clang++ -fsanitize=fuzzer,address,undefined "$probe/p.cpp" -o "$probe/p" >/dev/null 2>&1
 }
-if ! command -v clang++ >/dev/null || ! libfuzzer_links; then
-  say "installing clang and libFuzzer from Debian"
+if ! command -v clang++ >/dev/null || ! libfuzzer_links || ! command -v llvm-cov >/dev/null ||
+  ! command -v llvm-profdata >/dev/null; then
+  say "installing clang, libFuzzer and llvm-cov from Debian"
   sudo=""
   [[ $(id -u) == 0 ]] || sudo=sudo
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends clang libclang-rt-dev >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends clang libclang-rt-dev llvm \
+    >/dev/null
   libfuzzer_links || { say "error: clang++ -fsanitize=fuzzer still does not link"; exit 1; }
 fi
 
 # --- build ----------------------------------------------------------------------------------
 # LibTorch is configured as in every build (the project's CMake needs it), but the targets
-# link only blpa_formats. Everything they link is instrumented: coverage for libFuzzer, ASan,
-# UBSan with no recovery (so that a report is a crash libFuzzer records).
+# link only what they parse with. Everything they link is instrumented: coverage for libFuzzer,
+# ASan, UBSan with no recovery (so that a report is a crash libFuzzer records), and clang's
+# source-based coverage for the line counts.
 BLPA_BUILD_DIR=$build BLPA_CUDA=OFF "$here/scripts/setup.sh"
 # shellcheck disable=SC1091
 source "$build/setup.env"
 flags="-fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+flags+=" -fprofile-instr-generate -fcoverage-mapping"
 gen=()
 [[ -f $build/CMakeCache.txt ]] || gen=(-G Ninja)
 say "configuring in $build"
@@ -61,7 +67,9 @@ export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1}
 found=0 total=0
 stamp=$build/fuzz-start
 touch "$stamp"
-summary=$(printf '%-12s %12s %8s %10s %8s %8s  %s' target executions exec/s cov ft corpus findings)
+row() { printf '%-13s %11s %7s %10s %6s %7s  %s' "$@"; }
+summary=$(row target executions exec/s edges ft corpus findings)
+profiles=() objects=()
 for t in "${targets[@]}"; do
   exe=$build/tests/fuzz/fuzz_$t
   [[ -x $exe ]] || { say "error: no fuzz target '$t' (the targets: tests/fuzz/corpus/*)"; exit 2; }
@@ -70,8 +78,9 @@ for t in "${targets[@]}"; do
   say "$t: ${seconds}s (log: $log)"
   # -rss_limit_mb: a JPEG may declare up to kMaxJpegPixels (2^28) pixels, and decoding one
   # takes GBs (its output buffer alone is 768 MB); -timeout: seconds for one input.
-  nice -n 10 "$exe" -max_total_time="$seconds" -print_final_stats=1 -rss_limit_mb=4096 -timeout=60 \
-    -artifact_prefix="$crashes/" "$corpus" "$here/tests/fuzz/corpus/$t" >"$log" 2>&1 || true
+  LLVM_PROFILE_FILE=/dev/null nice -n 10 "$exe" -max_total_time="$seconds" -print_final_stats=1 \
+    -rss_limit_mb=4096 -timeout=60 -artifact_prefix="$crashes/" "$corpus" "$here/tests/fuzz/corpus/$t" \
+    >"$log" 2>&1 || true
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n 1)
   last=$(grep -E '^#[0-9]+.* cov: ' "$log" | tail -n 1 || true)
@@ -81,11 +90,22 @@ for t in "${targets[@]}"; do
   corp=$(sed -n 's/.* corp: \([0-9]*\)\/.*/\1/p' <<<"$last")
   findings=$(find "$crashes" -type f -newer "$stamp" \( -name 'crash-*' -o -name 'leak-*' -o -name 'timeout-*' \
     -o -name 'oom-*' \) | wc -l)
-  if grep -qE '^SUMMARY: |fuzz check failed|^==[0-9]+==ERROR' "$log"; then findings=$((findings > 0 ? findings : 1)); fi
+  if grep -qE '^SUMMARY: |fuzz check failed|^==[0-9]+== ?ERROR' "$log"; then findings=$((findings > 0 ? findings : 1)); fi
+  # For the line coverage: the whole corpus once more, profiled.
+  rm -f "$build/fuzz-$t.profraw"
+  LLVM_PROFILE_FILE=$build/fuzz-$t.profraw "$exe" -runs=0 -rss_limit_mb=4096 "$corpus" \
+    "$here/tests/fuzz/corpus/$t" >/dev/null 2>&1 || true
+  [[ -s $build/fuzz-$t.profraw ]] && profiles+=("$build/fuzz-$t.profraw") objects+=(-object "$exe")
   found=$((found + findings)) total=$((total + ${execs:-0}))
-  summary+=$'\n'$(printf '%-12s %12s %8s %10s %8s %8s  %s' "$t" "${execs:-?}" "${rate:-?}" "${cov:-?}/${edges:-?}" \
-    "${ft:-?}" "${corp:-?}" "$findings")
+  summary+=$'\n'$(row "$t" "${execs:-?}" "${rate:-?}" "${cov:-?}/${edges:-?}" "${ft:-?}" "${corp:-?}" "$findings")
 done
 echo "$summary"
 echo "total executions: $total; findings: $found (inputs in $build/fuzz-crashes/)"
+if ((${#profiles[@]})) && llvm-profdata merge -sparse "${profiles[@]}" -o "$build/fuzz.profdata"; then
+  llvm-cov report -instr-profile="$build/fuzz.profdata" "${objects[@]:1}" >"$build/fuzz-lines.txt" 2>/dev/null || true
+  echo "lines of our code that the corpora reach (llvm-cov):"
+  awk -v here="$here/" '{ f = $1; sub("^" here, "", f) }
+       f ~ /^(app|data|lib)\/[^\/]*\.cpp$/ { printf "  %-24s %5d of %5d  %s\n", f, $8 - $9, $8, $10 }' \
+    "$build/fuzz-lines.txt"
+fi
 ((found == 0))
