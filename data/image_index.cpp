@@ -51,9 +51,13 @@ std::vector<Entry> list_dir(const std::string& dir) {
 bool is_image_name(std::string_view n) {
   const auto dot = n.rfind('.');
   if (dot == std::string_view::npos) return false;
-  std::string ext(n.substr(dot + 1));
-  std::transform(ext.begin(), ext.end(), ext.begin(), [](unsigned char c) { return std::tolower(c); });
-  return ext == "jpeg" || ext == "jpg";
+  const std::string_view ext = n.substr(dot + 1);
+  auto is = [&](std::string_view lower) {
+    return ext.size() == lower.size() && std::equal(ext.begin(), ext.end(), lower.begin(), [](char a, char b) {
+             return std::tolower(static_cast<unsigned char>(a)) == b;
+           });
+  };
+  return is("jpeg") || is("jpg");
 }
 
 // Text from a file, fit for a one-line message: at most 80 characters, control bytes escaped.
@@ -140,13 +144,13 @@ std::string parse_image_index(std::istream& in, const std::vector<std::string>& 
   std::vector<std::string> paths;
   std::vector<int64_t> labels;
   for (int64_t no = 3; std::getline(in, line); ++no) {
-    const std::string at = "line " + std::to_string(no) + ": ";
+    auto at = [&] { return "line " + std::to_string(no) + ": "; };
     if (static_cast<int64_t>(paths.size()) == n_files)
-      return at + "more entries than the " + std::to_string(n_files) + " on line 2";
+      return at() + "more entries than the " + std::to_string(n_files) + " on line 2";
     const auto tab = line.find('\t');
     int64_t label = 0;
     if (tab == std::string::npos || !parse_count(std::string_view(line).substr(0, tab), n_classes - 1, label))
-      return at + "expected '<label below " + std::to_string(n_classes) + ">\\t<class>/<image>', got '" +
+      return at() + "expected '<label below " + std::to_string(n_classes) + ">\\t<class>/<image>', got '" +
              shown(line) + "'";
     // Only what a scan writes: a file name with an image extension, directly inside the
     // folder of its label's class. No '/' in the name, so no "..", no absolute path.
@@ -155,7 +159,7 @@ std::string parse_image_index(std::istream& in, const std::vector<std::string>& 
     if (path.size() <= cls.size() + 1 || path.substr(0, cls.size()) != cls || path[cls.size()] != '/' ||
         name.find('/') != std::string_view::npos || name.find('\0') != std::string_view::npos ||
         !is_image_name(name))
-      return at + "'" + shown(path) + "' is not an image file directly inside class folder " + shown(cls) +
+      return at() + "'" + shown(path) + "' is not an image file directly inside class folder " + shown(cls) +
              " (label " + std::to_string(label) + ")";
     paths.emplace_back(path);
     labels.push_back(label);
