@@ -68,7 +68,16 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend)
   so.isServer = config.rank == 0;
   so.numWorkers = config.world;
   so.timeout = config.timeout;
-  impl_->store = c10::make_intrusive<c10d::TCPStore>(config.master_addr, so);
+  try {
+    impl_->store = c10::make_intrusive<c10d::TCPStore>(config.master_addr, so);
+  } catch (const std::exception& e) {
+    const auto* c = dynamic_cast<const c10::Error*>(&e);
+    std::string why = c ? c->what_without_backtrace() : e.what();
+    why = why.substr(0, why.find('\n'));
+    throw std::runtime_error("rank " + std::to_string(config.rank) + " of " + std::to_string(config.world) +
+                             ": no rendezvous at " + config.master_addr + ":" + std::to_string(config.master_port) +
+                             " within " + std::to_string(config.timeout.count() / 1000) + " s (" + why + ")");
+  }
   if (backend == "gloo") {
     auto o = c10d::ProcessGroupGloo::Options::create(config.timeout);
     // GLOO_SOCKET_IFNAME picks the network interface, as in PyTorch; else the host's address.
@@ -131,6 +140,29 @@ std::vector<double> Distributed::sum(const std::vector<double>& values) {
   guarded("all-reduce", [&] { impl_->pg->allreduce(v)->wait(); });
   auto cpu = v[0].cpu();
   return {cpu.data_ptr<double>(), cpu.data_ptr<double>() + cpu.numel()};
+}
+
+std::vector<std::string> Distributed::all_gather(const std::string& mine) {
+  // Gloo and NCCL both sum int32 tensors: each rank writes its own slot, the sum fills all.
+  const auto opts = at::TensorOptions(at::kInt).device(backend_ == "nccl" ? at::Device(at::kCUDA, config_.local_rank)
+                                                                         : at::Device(at::kCPU));
+  std::vector<at::Tensor> lengths{at::zeros({config_.world}, opts)};
+  lengths[0][config_.rank] = static_cast<int>(mine.size());
+  guarded("all-gather", [&] { impl_->pg->allreduce(lengths)->wait(); });
+  const auto n = lengths[0].cpu();
+  const int64_t longest = n.max().item<int64_t>();
+  auto slots = at::zeros({config_.world, std::max<int64_t>(longest, 1)}, at::kInt);
+  auto w = slots.accessor<int, 2>();
+  for (size_t i = 0; i < mine.size(); ++i) w[config_.rank][static_cast<int64_t>(i)] = static_cast<unsigned char>(mine[i]);
+  std::vector<at::Tensor> all{slots.to(opts.device())};
+  guarded("all-gather", [&] { impl_->pg->allreduce(all)->wait(); });
+  const auto bytes = all[0].cpu();
+  const auto r_ = bytes.accessor<int, 2>();
+  const auto len = n.accessor<int, 1>();
+  std::vector<std::string> out(config_.world);
+  for (int r = 0; r < config_.world; ++r)
+    for (int i = 0; i < len[r]; ++i) out[r] += static_cast<char>(r_[r][i]);
+  return out;
 }
 
 void Distributed::barrier() {

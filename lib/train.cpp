@@ -5,21 +5,23 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fmt/format.h>
 #include <fstream>
 #include <map>
+#include <set>
 #include <sstream>
 #include <thread>
+#include <c10/util/Logging.h>
 #include <torch/torch.h>
-#include <caffe2/serialize/inline_container.h>
-#include <torch/csrc/jit/serialization/export.h>
-#include <torch/csrc/jit/serialization/pickler.h>
 
+#include "blpa/checkpoint.h"
 #include "blpa/dataset.h"
 #include "blpa/imagenet.h"
 #include "blpa/loader.h"
@@ -31,7 +33,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
-constexpr int64_t kCheckpointFormat = 1;
 
 std::string resolve_dataset(const TrainConfig& c) {
   if (c.data_dir.empty() && c.dataset != "auto" && c.dataset != "fashion-mnist" && c.train_list.empty())
@@ -79,87 +80,6 @@ data::ImageList strided_subset(data::ImageList l, int64_t n) {
   return out;
 }
 
-// Atomic: written to a temporary file in the same directory, flushed to disk, renamed over
-// the old checkpoint. A crash at any point leaves the previous checkpoint intact.
-void save_checkpoint(const std::string& path, const TrainConfig& c, int64_t iteration, ResNet& model,
-                     torch::optim::SGD& opt) {
-  torch::serialize::OutputArchive archive;
-  archive.write("blpa_format", c10::IValue(kCheckpointFormat));
-  archive.write("blpa_identity", c10::IValue(c.identity()));
-  archive.write("blpa_config", c10::IValue(c.describe()));
-  archive.write("blpa_net", c10::IValue(std::vector<int64_t>{model->config().in_channels, model->config().num_classes}));
-  archive.write("blpa_iteration", c10::IValue(iteration));
-  torch::serialize::OutputArchive m, o;
-  model->save(m);
-  opt.save(o);
-  archive.write("model", m);
-  archive.write("optimizer", o);
-  const fs::path target(path);
-  if (target.has_parent_path()) fs::create_directories(target.parent_path());
-  const std::string tmp = path + ".tmp";
-  archive.save_to(tmp);
-  const int fd = ::open(tmp.c_str(), O_RDONLY);
-  if (fd < 0 || ::fsync(fd) != 0) {
-    if (fd >= 0) ::close(fd);
-    throw std::runtime_error("checkpoint " + tmp + ": cannot flush to disk");
-  }
-  ::close(fd);
-  fs::rename(tmp, target);
-}
-
-// Returns the iteration stored in the checkpoint, after loading model and optimiser.
-int64_t load_checkpoint(const std::string& path, const TrainConfig& c, ResNet& model, torch::optim::SGD& opt) {
-  if (!fs::exists(path)) throw std::runtime_error("--resume: checkpoint " + path + " does not exist");
-  torch::serialize::InputArchive archive;
-  try {
-    archive.load_from(path);
-  } catch (const c10::Error& e) {
-    std::string why = e.what_without_backtrace();
-    why = why.substr(0, why.find(". "));  // the reader's first sentence; the rest is generic advice
-    throw std::runtime_error("checkpoint " + path + " is damaged or truncated and was not used (" + why + ")");
-  }
-  c10::IValue v;
-  if (!archive.try_read("blpa_format", v) || v.toInt() != kCheckpointFormat)
-    throw std::runtime_error("checkpoint " + path + " is not a blpa checkpoint of format " +
-                             std::to_string(kCheckpointFormat));
-  archive.read("blpa_identity", v);
-  const std::string saved = v.toStringRef();
-  if (saved != c.identity())
-    throw std::runtime_error("checkpoint " + path + " was written by an incompatible configuration:\n  checkpoint: " +
-                             saved + "\n  this run:   " + c.identity() +
-                             "\nresume with the same data set, model, mode, bits, batch and seed");
-  archive.read("blpa_iteration", v);
-  const int64_t iteration = v.toInt();
-  torch::serialize::InputArchive m, o;
-  archive.read("model", m);
-  archive.read("optimizer", o);
-  model->load(m);
-  opt.load(o);
-  return iteration;
-}
-
-// A dict of tensors in torch.save's zip format. torch::pickle_save would tag the dict with a
-// TorchScript type that torch.load's default weights_only=True refuses, so the pickler runs
-// here with tagging off.
-void export_state_dict(const std::string& path, ResNet& model) {
-  c10::impl::GenericDict dict(c10::StringType::get(), c10::TensorType::get());
-  for (const auto& p : model->named_parameters()) dict.insert(p.key(), p.value().detach().cpu());
-  for (const auto& b : model->named_buffers()) dict.insert(b.key(), b.value().cpu());
-  std::vector<char> pickle;
-  torch::jit::Pickler pickler([&](const char* b, size_t n) { pickle.insert(pickle.end(), b, b + n); }, nullptr,
-                              nullptr, nullptr, nullptr, /*tag_aggregates=*/false);
-  pickler.protocol();
-  pickler.pushIValue(c10::IValue(dict));
-  pickler.stop();
-  const std::string tmp = path + ".tmp";
-  {
-    caffe2::serialize::PyTorchStreamWriter writer(tmp);
-    torch::jit::writeArchiveAndTensors("data", pickle.data(), pickle.size(), pickler.tensorData(), writer);
-    writer.writeEndOfFile();
-  }
-  fs::rename(tmp, path);
-}
-
 // Loss, top-1 and top-5 over batches whose labels may be -1 (an image that failed to
 // decode: left out). `views` rows of the batch belong to each label (10-crop: 10); their
 // softmax outputs are averaged.
@@ -168,8 +88,10 @@ struct EvalSums {
   int64_t top1 = 0, top5 = 0, count = 0;
   void add(const torch::Tensor& logits, const torch::Tensor& labels_in, int64_t views) {
     auto labels = labels_in.to(logits.device());
-    auto prob = torch::softmax(logits.to(torch::kFloat), 1);
-    if (views > 1) prob = prob.view({labels.size(0), views, -1}).mean(1);
+    // log of the views' mean probability, without forming probabilities that underflow: the
+    // loss is the training loss's cross-entropy for one view.
+    auto prob = torch::log_softmax(logits.to(torch::kFloat), 1);
+    if (views > 1) prob = prob.view({labels.size(0), views, -1}).logsumexp(1) - std::log(static_cast<double>(views));
     auto valid = labels.ge(0);
     const int64_t n = valid.sum().item<int64_t>();
     if (n == 0) return;
@@ -178,7 +100,7 @@ struct EvalSums {
       prob = prob.index_select(0, keep);
       labels = labels.index_select(0, keep);
     }
-    loss += torch::nll_loss(prob.clamp_min(1e-30).log(), labels, {}, at::Reduction::Sum).item<double>();
+    loss += torch::nll_loss(prob, labels, {}, at::Reduction::Sum).item<double>();
     auto k = std::min<int64_t>(5, prob.size(1));
     auto top = std::get<1>(prob.topk(k, 1));
     auto hit = top.eq(labels.unsqueeze(1));
@@ -193,18 +115,26 @@ struct EvalSums {
 };
 
 EvalResult evaluate(ResNet& model, const data::Dataset& test, const data::Normalisation& norm, int64_t batch,
-                    const torch::Device& dev) {
+                    const torch::Device& dev, const std::atomic<bool>* stop = nullptr) {
   torch::NoGradGuard no_grad;
+  const bool was_training = model->is_training();
   model->eval();
   EvalSums sums;
+  bool interrupted = false;
   for (int64_t s = 0; s < test.size(); s += batch) {
+    if (stop && stop->load()) {
+      interrupted = true;
+      break;
+    }
     std::vector<int64_t> idx;
     for (int64_t i = s; i < std::min(test.size(), s + batch); ++i) idx.push_back(i);
     auto b = data::make_batch(test, idx, norm, nullptr, 0);
     sums.add(model->forward(b.images.to(dev)), b.labels, 1);
   }
-  model->train();
-  return sums.result(0);
+  if (was_training) model->train();
+  auto r = sums.result(0);
+  r.interrupted = interrupted;
+  return r;
 }
 
 std::string duration(double s) {
@@ -232,7 +162,12 @@ EvalResult evaluate_images(ResNet& model, const data::ImageList& list, const Ima
       },
       0, o.workers, o.workers + 1);
   EvalSums sums;
+  bool interrupted = false;
   for (int64_t b = 0; b < batches; ++b) {
+    if (o.stop && o.stop->load()) {
+      interrupted = true;
+      break;
+    }
     auto batch = stream.next();
     sums.add(model->forward(batch.images.to(dev, /*non_blocking=*/true)), batch.labels, o.ten_crop ? 10 : 1);
     if (o.progress && ((b + 1) % 20 == 0 || b + 1 == batches))
@@ -240,7 +175,9 @@ EvalResult evaluate_images(ResNet& model, const data::ImageList& list, const Ima
   }
   if (o.progress) fmt::print(stderr, "\n");
   if (was_training) model->train();
-  return sums.result(errors.count.load());
+  auto r = sums.result(errors.count.load());
+  r.interrupted = interrupted;
+  return r;
 }
 
 double accumulate_gradients(ResNet& model, const torch::Tensor& x, const torch::Tensor& y, int64_t steps,
@@ -282,57 +219,31 @@ std::string default_cache_dir() {
 }
 
 EvalResult evaluate_checkpoint(const CheckpointEval& e) {
-  torch::serialize::InputArchive archive;
-  try {
-    archive.load_from(e.checkpoint);
-  } catch (const c10::Error& err) {
-    std::string why = err.what_without_backtrace();
-    throw std::runtime_error("checkpoint " + e.checkpoint + " cannot be read (" + why.substr(0, why.find(". ")) + ")");
-  }
-  c10::IValue v;
-  if (!archive.try_read("blpa_format", v) || v.toInt() != kCheckpointFormat || !archive.try_read("blpa_config", v))
-    throw std::runtime_error("checkpoint " + e.checkpoint + " is not a blpa checkpoint");
-  std::map<std::string, std::string> kv;  // describe()'s key=value lines
-  std::istringstream lines(v.toStringRef());
-  for (std::string line; std::getline(lines, line);)
-    if (const auto eq = line.find('='); eq != std::string::npos) kv[line.substr(0, eq)] = line.substr(eq + 1);
+  const Checkpoint ck = read_checkpoint(e.checkpoint);
+  auto kv = ck.config;
   const std::string dataset = kv["dataset"];
   const std::string dir = !e.data_dir.empty() ? e.data_dir
                           : !kv["data_dir"].empty() ? kv["data_dir"]
                                                     : std::string(data::kDebianFashionMnist);
-  NetConfig net;
-  net.arch = kv["arch"];
-  net.depth = std::stoi(kv["depth"]);
-  const std::string mode = kv["mode"];
-  const auto dash = mode.find('-');
-  net.mode = {parse_mode(mode.substr(0, dash)), dash == std::string::npos ? 8 : std::stoi(mode.substr(dash + 1))};
-  if (!archive.try_read("blpa_net", v)) throw std::runtime_error("checkpoint " + e.checkpoint + " predates blpa-eval (no network shape)");
-  const auto shape = v.toIntVector();
-  net.in_channels = shape.at(0);
-  net.num_classes = shape.at(1);
-  ResNet model(net);
-  torch::serialize::InputArchive m;
-  archive.read("model", m);
-  model->load(m);
+  ResNet model = load_model(ck);
   const torch::Device dev(e.options.device);
   model->to(dev);
-  model->eval();
   if (dataset == "imagenet") {
     data::ScanReport report;
     data::ImageList val = !e.val_list.empty() ? data::read_image_list(e.val_list, e.data_dir)
                           : !kv["val_list"].empty() ? data::read_image_list(kv["val_list"], kv["data_dir"])
                           : data::scan_image_folder(dir + "/val", e.index_cache, std::max(4, e.options.workers), &report);
-    if (val.num_classes > net.num_classes)
+    if (val.num_classes > ck.net.num_classes)
       throw std::runtime_error("the validation labels go up to " + std::to_string(val.num_classes - 1) +
-                               "; the network has " + std::to_string(net.num_classes) + " classes");
-    if (!val.classes.empty()) val.num_classes = net.num_classes;
+                               "; the network has " + std::to_string(ck.net.num_classes) + " classes");
+    if (!val.classes.empty()) val.num_classes = ck.net.num_classes;
     return evaluate_images(model, strided_subset(std::move(val), e.subset), e.options);
   }
   // The normalisation is the trainer's: the statistics of the training images it used.
   const int64_t train_subset = kv["train_subset"].empty() ? 0 : std::stoll(kv["train_subset"]);
   const data::Dataset train = subset(data::load(dataset, dir, true), train_subset);
   const data::Dataset test = subset(data::load(dataset, dir, false), e.subset);
-  return evaluate(model, test, data::channel_stats(train), e.options.batch, dev);
+  return evaluate(model, test, data::channel_stats(train), e.options.batch, dev, e.options.stop);
 }
 
 double TrainConfig::lr_at(int64_t it) const {
@@ -343,61 +254,326 @@ double TrainConfig::lr_at(int64_t it) const {
   return r;
 }
 
+const std::vector<std::string>& TrainConfig::identity_keys() {
+  static const std::vector<std::string> keys{"dataset", "train_subset", "augment", "arch", "depth",
+                                             "mode",    "batch",        "seed",    "world"};
+  return keys;
+}
+
 std::string TrainConfig::identity() const {
-  return fmt::format("dataset={} train_subset={} arch={} depth={} mode={} batch={} seed={}{}", dataset, train_subset,
-                     arch, depth, mode.str(), batch, seed,
+  return fmt::format("dataset={} train_subset={} augment={} arch={} depth={} mode={} batch={} seed={}{}", dataset,
+                     train_subset, augment, arch, depth, mode.str(), batch, seed,
                      dist.enabled() ? fmt::format(" world={}", dist.world) : std::string());
+}
+
+std::string TrainConfig::rank_agreement() const {
+  return fmt::format(
+      "{} world={} iterations={} lr={} warmup={} warmup_lr={} steps={} factor={} momentum={} weight_decay={} "
+      "accum_steps={} log_every={} eval_every={} checkpoint_every={} resume={}",
+      identity(), dist.world, iterations, lr, warmup, warmup_lr, fmt::join(steps, ","), factor, momentum,
+      weight_decay, accum_steps, log_every, eval_every, checkpoint_every, resume);
 }
 
 std::string TrainConfig::describe() const {
   return fmt::format(
       "dataset={}\ndata_dir={}\ntrain_subset={}\ntest_subset={}\naugment={}\narch={}\ndepth={}\nmode={}\nbatch={}\n"
       "iterations={}\nlr={}\nwarmup={}\nwarmup_lr={}\nsteps={}\nfactor={}\nmomentum={}\nweight_decay={}\ndevice={}\n"
-      "seed={}\nthreads={}\nworkers={}\naccum_steps={}\ntrain_list={}\nval_list={}\n",
+      "seed={}\nthreads={}\nworkers={}\naccum_steps={}\ntrain_list={}\nval_list={}\nworld={}\nlog_every={}\n"
+      "eval_every={}\ncheckpoint_every={}\n",
       dataset, data_dir, train_subset, test_subset, augment, arch, depth, mode.str(), batch, iterations, lr, warmup,
       warmup_lr, fmt::join(steps, ","), factor, momentum, weight_decay, device, seed, threads, workers, accum_steps,
-      train_list, val_list);
+      train_list, val_list, dist.world, log_every, eval_every, checkpoint_every);
+}
+
+namespace {
+
+std::string quote(const std::string& s) {
+  std::string out = "\"";
+  for (const unsigned char ch : s) {
+    if (ch == '"' || ch == '\\') out += '\\', out += static_cast<char>(ch);
+    else if (ch < 0x20) out += fmt::format("\\u{:04x}", static_cast<int>(ch));
+    else out += static_cast<char>(ch);
+  }
+  return out + "\"";
+}
+
+double unix_time() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace
+
+std::string TrainConfig::json() const {
+  return fmt::format(
+      "{{\"dataset\": {}, \"data_dir\": {}, \"train_subset\": {}, \"test_subset\": {}, \"augment\": {}, "
+      "\"arch\": {}, \"depth\": {}, \"mode\": {}, \"bits\": {}, \"batch\": {}, \"accum_steps\": {}, "
+      "\"iterations\": {}, \"lr\": {}, \"warmup\": {}, \"warmup_lr\": {}, \"steps\": [{}], \"factor\": {}, "
+      "\"momentum\": {}, \"weight_decay\": {}, \"device\": {}, \"seed\": {}, \"threads\": {}, \"workers\": {}, "
+      "\"world\": {}, \"train_list\": {}, \"val_list\": {}}}",
+      quote(dataset), quote(data_dir), train_subset, test_subset, augment, quote(arch), depth, quote(mode.str()),
+      (mode.mode == Mode::blpa || mode.mode == Mode::naive) ? mode.bits : 32, batch, accum_steps, iterations, lr,
+      warmup, warmup_lr, fmt::join(steps, ", "), factor, momentum, weight_decay, quote(device), seed, threads,
+      workers, dist.world, quote(train_list), quote(val_list));
 }
 
 void TrainConfig::validate() const {
-  auto bad = [](const std::string& m) { throw std::invalid_argument(m); };
+  auto bad = [](const std::string& m) { throw FlagError(m); };
   if (batch <= 0) bad("--batch must be positive");
   if (iterations <= 0) bad("--iterations must be positive");
-  if (!(lr > 0) || !(warmup_lr > 0)) bad("--lr and --warmup-lr must be positive");
+  if (!(lr > 0) || !(warmup_lr > 0) || !std::isfinite(lr) || !std::isfinite(warmup_lr))
+    bad("--lr and --warmup-lr must be positive and finite");
   if (warmup < 0) bad("--warmup must be >= 0");
   if (!(factor > 0 && factor <= 1)) bad("--lr-factor must be in (0, 1]");
   if (!(momentum >= 0 && momentum < 1)) bad("--momentum must be in [0, 1)");
-  if (!(weight_decay >= 0)) bad("--weight-decay must be >= 0");
+  if (!(weight_decay >= 0) || !std::isfinite(weight_decay)) bad("--weight-decay must be >= 0 and finite");
   for (size_t i = 0; i < steps.size(); ++i)
     if (steps[i] <= 0 || (i > 0 && steps[i] <= steps[i - 1])) bad("--lr-steps must be positive and increasing");
   if ((mode.mode == Mode::blpa || mode.mode == Mode::naive) && mode.bits != 8 && mode.bits != 4)
     bad("--bits must be 8 or 4");
+  if (arch == "cifar") {
+    if (depth < 11 || (depth - 2) % 9 != 0)
+      bad("--depth " + std::to_string(depth) + ": a cifar network has depth 9n+2, n >= 1 (11, 20, 29, ..., 164, 1001)");
+  } else if (arch == "imagenet") {
+    if (depth != 50 && depth != 101 && depth != 152 && depth != 200)
+      bad("--depth " + std::to_string(depth) + ": an imagenet network has depth 50, 101, 152 or 200");
+  } else {
+    bad("--model must be cifar or imagenet, got '" + arch + "'");
+  }
+  if (train_subset < 0 || test_subset < 0) bad("--train-subset and --test-subset must be >= 0 (0: all)");
+  if (threads < 0) bad("--threads must be >= 0 (0: LibTorch's default)");
   if (resume && checkpoint.empty()) bad("--resume needs --checkpoint PATH");
+  if (resume && overwrite) bad("--resume continues a run and --overwrite starts a new one: give one of them");
   if (log_every <= 0 || eval_every < 0 || checkpoint_every <= 0)
     bad("--log-every and --checkpoint-every must be positive, --eval-every >= 0");
   if (workers < 0 || prefetch <= 0) bad("--workers must be >= 0 and --prefetch positive");
   if (dist.local_world < 1) bad("LOCAL_WORLD_SIZE must be positive");
   if (accum_steps <= 0 || batch % accum_steps != 0) bad("--accum-steps must be positive and divide --batch");
+  try {
+    const torch::Device d(device);
+    if (!d.is_cpu() && !d.is_cuda()) bad("--device must be cpu, cuda or cuda:N, got '" + device + "'");
+  } catch (const c10::Error&) {
+    bad("--device must be cpu, cuda or cuda:N, got '" + device + "'");
+  }
+  // Two outputs on one path would overwrite each other.
+  std::map<std::string, std::string> outputs;
+  for (const auto& [path, flag] : {std::pair{checkpoint, "--checkpoint"}, std::pair{log_path, "--log"},
+                                   std::pair{export_path, "--export"}, std::pair{summary_path, "--summary"}}) {
+    if (path.empty()) continue;
+    const std::string key = fs::weakly_canonical(fs::absolute(path)).string();
+    if (outputs.count(key)) bad(std::string(flag) + " and " + outputs[key] + " name the same file, " + path);
+    outputs[key] = flag;
+  }
 }
+
+namespace {
+bool debugging() {
+  const char* debug = std::getenv("BLPA_DEBUG");
+  return debug && *debug && std::string(debug) != "0";
+}
+}  // namespace
+
+void quiet_library_log() {
+  if (debugging()) return;
+  FLAGS_caffe2_log_level = 3;  // c10's FATAL: its errors reach the user as exceptions anyway
+  c10::UpdateLoggingLevelsFromFlags();
+}
+
+std::string error_message(const std::exception& e) {
+  if (debugging()) return e.what();
+  if (const auto* c = dynamic_cast<const c10::Error*>(&e)) return c->what_without_backtrace();
+  return e.what();
+}
+
+namespace {
+
+// The JSON-lines log. Every record is one write(2), checked: a full disk or an unwritable
+// file stops the run with the reason, never loses records silently.
+class LogFile {
+ public:
+  LogFile() = default;
+  ~LogFile() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  LogFile(const LogFile&) = delete;
+  LogFile& operator=(const LogFile&) = delete;
+  void open(const std::string& path, bool append) {
+    path_ = path;
+    fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (append ? O_APPEND : O_TRUNC), 0644);
+    if (fd_ < 0) throw std::runtime_error("--log " + path + ": cannot be opened for writing (" + std::strerror(errno) + ")");
+  }
+  explicit operator bool() const { return fd_ >= 0; }
+  void write(const std::string& record) {
+    if (fd_ < 0) return;
+    const char* p = record.data();
+    for (size_t left = record.size(); left > 0;) {
+      const ssize_t w = ::write(fd_, p, left);
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0)
+        throw std::runtime_error("--log " + path_ + ": a record could not be written (" +
+                                 (w < 0 ? std::strerror(errno) : "no progress") + ")");
+      p += w, left -= static_cast<size_t>(w);
+    }
+  }
+
+ private:
+  int fd_ = -1;
+  std::string path_;
+};
+
+// The "iter" of a log record, or -1.
+int64_t record_iteration(const std::string& line) {
+  const auto at = line.find("\"iter\": ");
+  if (at == std::string::npos) return -1;
+  return std::strtoll(line.c_str() + at + 8, nullptr, 10);
+}
+
+// --resume: the records of iterations after the checkpoint's are recomputed by the resumed
+// run, so they leave the log (rewritten atomically), which then reads as one run.
+int64_t drop_records_after(const std::string& path, int64_t iteration) {
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) return 0;  // a device or a pipe keeps what it was given
+  std::ifstream in(path);
+  if (!in) return 0;
+  std::string kept;
+  int64_t dropped = 0;
+  for (std::string line; std::getline(in, line);) {
+    if (record_iteration(line) > iteration) {
+      ++dropped;
+      continue;
+    }
+    kept += line + "\n";
+  }
+  if (dropped > 0) {
+    AtomicFile f(path);
+    f.write(kept);
+    f.commit();
+  }
+  return dropped;
+}
+
+std::map<std::string, std::string> key_values(const std::string& describe) {
+  std::map<std::string, std::string> kv;
+  std::istringstream lines(describe);
+  for (std::string line; std::getline(lines, line);)
+    if (const auto eq = line.find('='); eq != std::string::npos) kv[line.substr(0, eq)] = line.substr(eq + 1);
+  return kv;
+}
+
+// Before anything is loaded: every output can be written where it goes, and a fresh run
+// replaces no earlier run's files unless told to.
+void prepare_outputs(const TrainConfig& c) {
+  for (const auto& [path, flag] : {std::pair{c.checkpoint, "--checkpoint"}, std::pair{c.log_path, "--log"},
+                                   std::pair{c.export_path, "--export"}, std::pair{c.summary_path, "--summary"}}) {
+    if (path.empty()) continue;
+    const bool is_log = std::string(flag) == "--log";
+    std::error_code ec;
+    if (!c.resume && !c.overwrite && fs::is_regular_file(path, ec) && (!is_log || fs::file_size(path, ec) > 0))
+      throw FlagError(std::string(flag) + " " + path +
+                      " already exists: continue that run with --resume, or replace it with --overwrite");
+    try {
+      check_output_path(path, flag, !is_log);
+    } catch (const std::invalid_argument& e) {
+      throw FlagError(e.what());
+    }
+  }
+  if (c.resume && !fs::exists(c.checkpoint))
+    throw FlagError("--resume: checkpoint " + c.checkpoint + " does not exist");
+}
+
+// --resume: the checkpoint's run and this command line must agree on the identity; any other
+// setting that differs takes effect and is listed, with both values.
+void compare_with_checkpoint(const Checkpoint& ck, const TrainConfig& c) {
+  auto saved = ck.config;
+  if (!saved.count("world")) saved["world"] = ck.identity.find(" world=") == std::string::npos
+                                                  ? "1"
+                                                  : ck.identity.substr(ck.identity.find(" world=") + 7);
+  const auto now = key_values(c.describe());
+  const std::set<std::string> identity(TrainConfig::identity_keys().begin(), TrainConfig::identity_keys().end());
+  std::string refused, changed;
+  for (const auto& [key, value] : now) {
+    const auto it = saved.find(key);
+    if (it == saved.end() || it->second == value) continue;
+    const std::string line = fmt::format("\n  {}: checkpoint {}, command line {}", key, it->second, value);
+    (identity.count(key) ? refused : changed) += line;
+  }
+  if (!refused.empty())
+    throw FlagError("--resume: checkpoint " + ck.path + " belongs to a different run:" + refused +
+                    "\nresume with the same data set, augmentation, model, mode, bits, batch, seed and world size, "
+                    "or start a new run");
+  if (!changed.empty()) spdlog::info("--resume: these settings differ from the checkpoint's and take effect:{}", changed);
+}
+
+// Every rank must train the same run; a rank whose settings differ stops them all, each
+// naming the settings that differ.
+void agree_across_ranks(Distributed& dist, const std::string& mine) {
+  const auto all = dist.all_gather(mine);
+  auto tokens = [](const std::string& s) {
+    std::map<std::string, std::string> kv;
+    std::istringstream in(s);
+    for (std::string t; in >> t;)
+      if (const auto eq = t.find('='); eq != std::string::npos) kv[t.substr(0, eq)] = t.substr(eq + 1);
+    return kv;
+  };
+  const auto lead = tokens(all[0]);
+  std::string diffs;
+  for (size_t r = 1; r < all.size(); ++r) {
+    if (all[r] == all[0]) continue;
+    for (const auto& [key, value] : tokens(all[r]))
+      if (!lead.count(key) || lead.at(key) != value)
+        diffs += fmt::format("\n  {}: rank 0 {}, rank {} {}", key, lead.count(key) ? lead.at(key) : "?", r, value);
+  }
+  if (!diffs.empty())
+    throw FlagError(fmt::format("rank {} of {}: the ranks were started with different settings:{}", dist.rank(),
+                                dist.world(), diffs));
+}
+
+}  // namespace
 
 TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   TrainConfig config = config_in;
   config.validate();
   config.dataset = resolve_dataset(config);
   const std::string dir = config.data_dir.empty() ? std::string(data::kDebianFashionMnist) : config.data_dir;
-  if (config.threads > 0) torch::set_num_threads(config.threads);
   torch::Device dev(config.device);
-  if (dev.is_cuda() && !torch::cuda::is_available()) throw std::runtime_error("--device cuda: no CUDA device");
+  if (dev.is_cuda() && !torch::cuda::is_available()) throw FlagError("--device " + config.device + ": this machine has no CUDA device");
+  if (dev.is_cuda() && dev.has_index() && dev.index() >= static_cast<int>(torch::cuda::device_count()))
+    throw FlagError(fmt::format("--device {}: this machine has {} CUDA device(s)", config.device, torch::cuda::device_count()));
   if (dev.is_cuda() && config.dist.enabled() && !dev.has_index())
     dev = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(config.dist.local_rank));
   config.device = dev.str();
+  const bool lead = config.dist.rank == 0;  // writes the log, the checkpoints and the outputs
+  if (lead) prepare_outputs(config);
+  else if (config.resume && !fs::exists(config.checkpoint))
+    throw FlagError("--resume: checkpoint " + config.checkpoint + " does not exist on rank " +
+                    std::to_string(config.dist.rank));
+  // The checkpoint's header first: a run that cannot resume fails before the data loads.
+  std::optional<Checkpoint> resumed;
+  RunState state;
+  if (config.resume) {
+    resumed = read_checkpoint(config.checkpoint);
+    compare_with_checkpoint(*resumed, config);
+    state = resumed->state;
+    if (state.iteration >= config.iterations && !state.pending_eval)
+      throw FlagError(fmt::format("checkpoint {} is at iteration {}: --iterations {} leaves nothing to train",
+                                  config.checkpoint, state.iteration, config.iterations));
+  }
+  if (config.threads > 0) torch::set_num_threads(config.threads);
   memory::install_cpu_counter();
   std::unique_ptr<Distributed> dist;
-  const bool lead = config.dist.rank == 0;  // writes the log and the checkpoints
   if (config.dist.enabled()) {
     dist = std::make_unique<Distributed>(config.dist, dev.is_cuda() ? "nccl" : "gloo");
+    agree_across_ranks(*dist, config.rank_agreement() + fmt::format(" start={}", state.iteration));
     spdlog::info("rank {} of {} ({}, {} backend), batch {} per rank, {} in all", config.dist.rank, config.dist.world,
                  dev.str(), dist->backend(), config.batch, config.batch * config.dist.world);
+  }
+  TrainResult result;
+  LogFile log;
+  if (!config.log_path.empty() && lead) {
+    if (config.resume) result.dropped_log_records = drop_records_after(config.log_path, state.iteration);
+    if (result.dropped_log_records > 0)
+      spdlog::info("--log {}: {} records after iteration {} removed (the resumed run computes them again)",
+                   config.log_path, result.dropped_log_records, state.iteration);
+    log.open(config.log_path, config.resume);
   }
   const data::Shard shard{config.dist.rank, config.dist.world};
   if (config.workers == 0) config.workers = default_workers(config.dataset, config.dist.local_world);
@@ -444,7 +620,6 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   net.mode = config.mode;
   torch::manual_seed(config.seed);
   ResNet model(net);
-  model->to(dev);
   model->train();
 
   // Weight decay on conv and linear weights only (tensors of rank > 1), not on gamma, beta, biases.
@@ -459,32 +634,43 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
                         torch::optim::SGDOptions(config.lr_at(0)).momentum(config.momentum));
 
   int64_t it = 0;
-  if (config.resume) {
-    it = load_checkpoint(config.checkpoint, config, model, opt);
-    if (it >= config.iterations)
-      throw std::runtime_error(fmt::format("checkpoint {} is at iteration {}: --iterations {} leaves nothing to train",
-                                           config.checkpoint, it, config.iterations));
+  if (resumed) {
+    if (resumed->net.in_channels != in_channels || resumed->net.num_classes != num_classes)
+      throw std::runtime_error(fmt::format("checkpoint {} holds a network for {} channels and {} classes; the data "
+                                           "has {} and {}",
+                                           config.checkpoint, resumed->net.in_channels, resumed->net.num_classes,
+                                           in_channels, num_classes));
+    load_training_state(*resumed, model, opt);
+    resumed.reset();  // the archive's memory
+    // The optimiser's settings are this command line's (a changed one takes effect).
+    for (size_t g = 0; g < opt.param_groups().size(); ++g) {
+      auto& o = static_cast<torch::optim::SGDOptions&>(opt.param_groups()[g].options());
+      o.momentum(config.momentum).weight_decay(g == 0 ? config.weight_decay : 0.0);
+    }
+    it = state.iteration;
     spdlog::info("resumed from {} at iteration {}", config.checkpoint, it);
   }
+  model->to(dev);
+  // A checkpoint loads on the CPU: its momentum buffers follow the weights to the device.
+  for (auto& entry : opt.state())
+    if (auto* sgd = dynamic_cast<torch::optim::SGDParamState*>(entry.second.get()); sgd && sgd->momentum_buffer().defined())
+      sgd->momentum_buffer(sgd->momentum_buffer().to(dev));
   std::unique_ptr<GradientReducer> reducer;
   if (dist) {
     // Every rank starts from rank 0's weights and statistics (the same seed gives the same
     // initialisation, and every rank resumes from the same file; this makes sure of it).
-    std::vector<torch::Tensor> state;
-    for (const auto& p : model->parameters()) state.push_back(p.detach());
-    for (const auto& b : model->buffers()) state.push_back(b);
-    dist->broadcast(state);
+    std::vector<torch::Tensor> params;
+    for (const auto& p : model->parameters()) params.push_back(p.detach());
+    for (const auto& b : model->buffers()) params.push_back(b);
+    dist->broadcast(params);
     reducer = dist->reducer(model->parameters());
-  }
-  std::ofstream log;
-  if (!config.log_path.empty() && lead) {
-    log.open(config.log_path, config.resume ? std::ios::app : std::ios::trunc);
-    if (!log) throw std::runtime_error("--log " + config.log_path + ": cannot be opened for writing");
   }
   int64_t params = 0;
   for (const auto& p : model->parameters()) params += p.numel();
   spdlog::info("model {}-{} ({} parameters), mode {}, batch {}, {} iterations, device {}", config.arch, config.depth,
                params, config.mode.str(), config.batch, config.iterations, dev.str());
+  log.write(fmt::format("{{\"type\": \"config\", \"iter\": {}, \"time\": {:.3f}, \"resumed\": {}, \"config\": {}}}\n",
+                        it, unix_time(), config.resume, config.json()));
 
   std::unique_ptr<data::TrainLoader> memory_loader;
   std::unique_ptr<data::BatchStream> image_loader;
@@ -509,7 +695,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
     next_batch = [&] { return image_loader->next(); };
     run_eval = [&] {
       ImageEvalOptions o;
-      o.batch = config.batch, o.workers = config.workers, o.device = config.device;
+      o.batch = config.batch, o.workers = config.workers, o.device = config.device, o.stop = stop;
       return evaluate_images(model, val_list, o);
     };
   } else {
@@ -518,126 +704,200 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
         config.workers, config.prefetch, shard);
     per_epoch = memory_loader->batches_per_epoch();
     next_batch = [&] { return memory_loader->next(); };
-    run_eval = [&] { return evaluate(model, test_set, norm, config.batch, dev); };
+    run_eval = [&] { return evaluate(model, test_set, norm, config.batch, dev, stop); };
   }
-  TrainResult result;
   const bool tty = config.progress && lead && ::isatty(STDERR_FILENO);
-  auto window_start = Clock::now();
   const auto run_start = Clock::now();
+  const double start_time = unix_time();
   const int64_t first = it;
-  int64_t window_iters = 0;
-  double window_loss = 0;
-  int64_t stored = 0;
+  // The log window, continued from the checkpoint's when resuming.
+  int64_t window_iters = state.window_iters;
+  double window_loss = state.window_loss;
+  auto window_start = Clock::now() - std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(state.window_seconds));
+  double train_seconds = 0;  // training only, without evaluations and checkpoints
+  int64_t train_images = 0, stored = 0, peak_max = 0;
+  int64_t last_good = config.resume ? it : -1;  // the iteration of the last checkpoint written (or resumed)
+  bool pending_eval = state.pending_eval;
   memory::reset_peak(dev);
+
+  auto write_summary = [&](const char* status) {
+    if (config.summary_path.empty() || !lead) return;
+    AtomicFile f(config.summary_path);
+    f.write(fmt::format(
+        "{{\"type\": \"summary\", \"status\": \"{}\", \"iter\": {}, \"iterations\": {}, \"time\": {:.3f}, "
+        "\"wall_s\": {:.3f}, \"train_s\": {:.3f}, \"last_loss\": {:.6g}, \"test_loss\": {:.6g}, \"test_acc\": {:.6f}, "
+        "\"test_top5\": {:.6f}, \"test_error\": {:.6f}, \"images_per_s\": {:.2f}, \"stored_activation_bytes\": {}, "
+        "\"peak_bytes\": {}, \"decode_failures\": {}, \"config\": {}}}\n",
+        status, it, config.iterations, unix_time(), unix_time() - start_time, train_seconds, result.last_loss,
+        result.test_loss, result.test_acc, result.test_top5, 1 - result.test_acc,
+        train_seconds > 0 ? train_images / train_seconds : 0.0, stored, peak_max, decode_errors.count.load(),
+        config.json()));
+    f.commit();
+  };
+  auto evaluate_now = [&] {  // rank 0; returns false when a signal interrupted it
+    if (tty) fmt::print(stderr, "\n");
+    const EvalResult e = run_eval();
+    if (e.interrupted) {
+      spdlog::warn("evaluation at iteration {} interrupted; it runs first when the run resumes", it);
+      return false;
+    }
+    result.test_loss = e.loss;
+    result.test_acc = e.top1;
+    result.test_top5 = e.top5;
+    log.write(fmt::format("{{\"type\": \"eval\", \"iter\": {}, \"time\": {:.3f}, \"test_loss\": {:.6g}, "
+                          "\"test_acc\": {:.6f}, \"test_top5\": {:.6f}, \"images\": {}, \"failed\": {}}}\n",
+                          it, unix_time(), e.loss, e.top1, e.top5, e.count, e.failed));
+    spdlog::info("iteration {}: test loss {:.4f}, test error {:.2f}% (top-5 {:.2f}%)", it, e.loss,
+                 100 * (1 - e.top1), 100 * (1 - e.top5));
+    return true;
+  };
+  // `iteration`: the one (counted from 1) whose loss or update was not finite.
+  auto diverged = [&](const std::string& what, int64_t iteration) {
+    write_summary("diverged");
+    return NonFiniteLoss(fmt::format(
+        "{} at iteration {} (learning rate {}); training stopped. {}", what, iteration, config.lr_at(iteration - 1),
+        config.checkpoint.empty() ? std::string("No checkpoint was configured.")
+        : last_good < 0 ? "No checkpoint had been written yet, and none is written from non-finite numbers."
+                        : fmt::format("The last good checkpoint, {} (iteration {}), was kept.", config.checkpoint,
+                                      last_good)));
+  };
+  // Only finite weights and optimiser state reach a checkpoint: an update can overflow even
+  // when the loss before it was finite.
   auto checkpoint = [&] {
     if (config.checkpoint.empty() || !lead) return;
-    save_checkpoint(config.checkpoint, config, it, model, opt);
+    if (!all_finite(model, &opt)) throw diverged("the weights became non-finite (NaN or Inf)", it);
+    RunState s;
+    s.iteration = it;
+    s.pending_eval = pending_eval;
+    s.window_iters = window_iters;
+    s.window_loss = window_loss;
+    s.window_seconds = std::chrono::duration<double>(Clock::now() - window_start).count();
+    save_checkpoint(config.checkpoint, config.identity(), config.describe(), s, model, opt);
+    last_good = it;
   };
 
+  bool consistent = true;  // false while an update is half applied
+  bool in_checkpoint = false;
   try {
-  while (it < config.iterations) {
-    const double lr = config.lr_at(it);
-    for (auto& g : opt.param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr);
-    auto batch = next_batch();
-    auto x = batch.images.to(dev, /*non_blocking=*/true), y = batch.labels.to(dev, /*non_blocking=*/true);
-    opt.zero_grad();
-    // A bad loss changes nothing: the update is not applied and no checkpoint is written.
-    double loss_v = accumulate_gradients(model, x, y, config.accum_steps, &stored, reducer.get());
-    bool stopping = stop && stop->load();
-    if (dist) {  // the mean loss over ranks, and a stop asked for on any rank stops them all
-      const auto sums = dist->sum({loss_v, stopping ? 1.0 : 0.0});
-      loss_v = sums[0] / config.dist.world;
-      stopping = sums[1] > 0;
+    // An evaluation that a signal interrupted runs first.
+    if (pending_eval) {
+      bool done = !lead || evaluate_now();
+      if (dist) done = dist->sum({done ? 0.0 : 1.0})[0] == 0;
+      if (done) pending_eval = false;
+      else result.interrupted = true;  // the checkpoint still holds the pending evaluation
     }
-    if (!std::isfinite(loss_v)) {
-      throw NonFiniteLoss(fmt::format(
-          "the loss became {} at iteration {} (learning rate {}); training stopped. {}", loss_v, it + 1, lr,
-          config.checkpoint.empty() ? std::string("No checkpoint was configured.")
-                                    : "The last good checkpoint, " + config.checkpoint + ", was kept."));
-    }
-    opt.step();
-    if (config.mode.mode != Mode::plain) model->constrain_();
-    ++it;
-    ++window_iters;
-    window_loss += loss_v;
-    result.last_loss = loss_v;
-
-    const bool last = it == config.iterations;
-    if (it % config.log_every == 0 || last) {
-      const double secs = std::chrono::duration<double>(Clock::now() - window_start).count();
-      double ips = window_iters * config.batch / secs;
-      int64_t peak = memory::peak(dev), peak_total = peak, stored_total = stored;
-      if (dist) {  // per rank (this one, rank 0) and in total
-        const auto sums = dist->sum({ips, static_cast<double>(peak), static_cast<double>(stored)});
-        ips = sums[0];
-        peak_total = static_cast<int64_t>(sums[1]);
-        stored_total = static_cast<int64_t>(sums[2]);
+    while (!result.interrupted && it < config.iterations) {
+      const double lr = config.lr_at(it);
+      for (auto& g : opt.param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr);
+      auto batch = next_batch();
+      auto x = batch.images.to(dev, /*non_blocking=*/true), y = batch.labels.to(dev, /*non_blocking=*/true);
+      opt.zero_grad();
+      // A bad loss changes nothing: the update is not applied and no checkpoint is written.
+      double loss_v = accumulate_gradients(model, x, y, config.accum_steps, &stored, reducer.get());
+      bool stopping = stop && stop->load();
+      if (dist) {  // the mean loss over ranks, and a stop asked for on any rank stops them all
+        const auto sums = dist->sum({loss_v, stopping ? 1.0 : 0.0});
+        loss_v = sums[0] / config.dist.world;
+        stopping = sums[1] > 0;
       }
-      const double total = std::chrono::duration<double>(Clock::now() - run_start).count();
-      const double eta = total / (it - first) * (config.iterations - it);
-      if (log)
-        log << fmt::format("{{\"type\": \"train\", \"iter\": {}, \"epoch\": {:.3f}, \"loss\": {:.6g}, \"lr\": {:.6g}, "
-                           "\"images_per_s\": {:.2f}, \"stored_activation_bytes\": {}, \"peak_bytes\": {}, "
-                           "\"decode_failures\": {}{}}}\n",
-                           it, double(it) / per_epoch, window_loss / window_iters, lr, ips, stored, peak,
-                           decode_errors.count.load(),
-                           dist ? fmt::format(", \"world\": {}, \"global_batch\": {}, \"images_per_s_per_rank\": {:.2f}, "
-                                              "\"stored_activation_bytes_total\": {}, \"peak_bytes_total\": {}",
-                                              config.dist.world, config.batch * config.dist.world,
-                                              ips / config.dist.world, stored_total, peak_total)
-                                : std::string())
-            << std::flush;
-      const std::string line =
-          fmt::format("iter {}/{}  loss {:.4f}  lr {:.4g}  {:.1f} img/s  stored {:.1f} MiB  ETA {}", it,
-                      config.iterations, window_loss / window_iters, lr, ips, stored / 1048576.0, duration(eta));
-      if (tty)
-        fmt::print(stderr, "\r{:<100}", line);
-      else if (config.progress && lead)
-        fmt::print(stderr, "{}\n", line);
-      window_start = Clock::now();
-      window_iters = 0;
-      window_loss = 0;
-      memory::reset_peak(dev);
+      if (!std::isfinite(loss_v)) throw diverged(fmt::format("the loss became {}", loss_v), it + 1);
+      consistent = false;
+      opt.step();
+      if (config.mode.mode != Mode::plain) model->constrain_();
+      consistent = true;
+      ++it;
+      ++window_iters;
+      window_loss += loss_v;
+      result.last_loss = loss_v;
+
+      const bool last = it == config.iterations;
+      if (it % config.log_every == 0 || last) {
+        const double secs = std::chrono::duration<double>(Clock::now() - window_start).count();
+        double ips = window_iters * config.batch / secs;
+        train_seconds += secs;
+        train_images += window_iters * config.batch * config.dist.world;
+        int64_t peak = memory::peak(dev), peak_total = peak, stored_total = stored;
+        peak_max = std::max(peak_max, peak);
+        if (dist) {  // per rank (this one, rank 0) and in total
+          const auto sums = dist->sum({ips, static_cast<double>(peak), static_cast<double>(stored)});
+          ips = sums[0];
+          peak_total = static_cast<int64_t>(sums[1]);
+          stored_total = static_cast<int64_t>(sums[2]);
+        }
+        const double total = std::chrono::duration<double>(Clock::now() - run_start).count();
+        const double eta = total / (it - first) * (config.iterations - it);
+        log.write(fmt::format(
+            "{{\"type\": \"train\", \"iter\": {}, \"time\": {:.3f}, \"epoch\": {:.3f}, \"loss\": {:.6g}, \"lr\": {:.6g}, "
+            "\"images_per_s\": {:.2f}, \"stored_activation_bytes\": {}, \"peak_bytes\": {}, \"decode_failures\": {}{}}}\n",
+            it, unix_time(), double(it) / per_epoch, window_loss / window_iters, lr, ips, stored, peak,
+            decode_errors.count.load(),
+            dist ? fmt::format(", \"world\": {}, \"global_batch\": {}, \"images_per_s_per_rank\": {:.2f}, "
+                               "\"stored_activation_bytes_total\": {}, \"peak_bytes_total\": {}",
+                               config.dist.world, config.batch * config.dist.world, ips / config.dist.world,
+                               stored_total, peak_total)
+                 : std::string()));
+        const std::string line =
+            fmt::format("iter {}/{}  loss {:.4f}  lr {:.4g}  {:.1f} img/s  stored {:.1f} MiB  ETA {}", it,
+                        config.iterations, window_loss / window_iters, lr, ips, stored / 1048576.0, duration(eta));
+        if (tty)
+          fmt::print(stderr, "\r{:<100}", line);
+        else if (config.progress && lead)
+          fmt::print(stderr, "{}\n", line);
+        window_start = Clock::now();
+        window_iters = 0;
+        window_loss = 0;
+        memory::reset_peak(dev);
+      }
+      // Evaluation and checkpoints are not training: their time is kept out of the next
+      // window's images/s, on every rank (the others wait for rank 0 at a barrier).
+      const auto pause = Clock::now();
+      const bool evaluating = (config.eval_every > 0 && it % config.eval_every == 0) || last;
+      const bool checkpointing = it % config.checkpoint_every == 0 || last;
+      if (lead && evaluating) pending_eval = !evaluate_now();
+      if (dist && evaluating) {  // a signal during rank 0's evaluation stops every rank
+        const auto sums = dist->sum({pending_eval || (stop && stop->load()) ? 1.0 : 0.0});
+        stopping = stopping || sums[0] > 0;
+      } else if (pending_eval) {
+        stopping = true;
+      }
+      if (checkpointing || stopping) {
+        in_checkpoint = true;
+        checkpoint();
+        in_checkpoint = false;
+      }
+      if (dist && (evaluating || checkpointing || stopping)) dist->barrier();
+      window_start += Clock::now() - pause;
+      if (stopping && (!last || pending_eval)) {
+        if (tty) fmt::print(stderr, "\n");
+        result.interrupted = true;
+        break;
+      }
     }
-    // Evaluation and checkpoints are not training: their time is kept out of the next
-    // window's images/s, on every rank (the others wait for rank 0 at a barrier).
-    const auto pause = Clock::now();
-    const bool evaluating = (config.eval_every > 0 && it % config.eval_every == 0) || last;
-    const bool checkpointing = it % config.checkpoint_every == 0 || last;
-    // Rank 0 evaluates.
-    if (lead && evaluating) {
-      if (tty) fmt::print(stderr, "\n");
-      const EvalResult e = run_eval();
-      result.test_loss = e.loss;
-      result.test_acc = e.top1;
-      result.test_top5 = e.top5;
-      if (log)
-        log << fmt::format("{{\"type\": \"eval\", \"iter\": {}, \"test_loss\": {:.6g}, \"test_acc\": {:.6f}, "
-                           "\"test_top5\": {:.6f}, \"images\": {}, \"failed\": {}}}\n",
-                           it, e.loss, e.top1, e.top5, e.count, e.failed)
-            << std::flush;
-      spdlog::info("iteration {}: test loss {:.4f}, test error {:.2f}% (top-5 {:.2f}%)", it, e.loss,
-                   100 * (1 - e.top1), 100 * (1 - e.top5));
+  } catch (const NonFiniteLoss&) {
+    throw;
+  } catch (const std::exception& e) {
+    // Any other failure (a lost peer, a data or log error, out of memory): the weights of
+    // the last completed iteration are saved if they can be, so at most the failed one is lost.
+    std::string saved = config.checkpoint.empty() ? " No checkpoint was configured." : "";
+    if (lead && !config.checkpoint.empty()) {
+      if (consistent && !in_checkpoint && it > last_good) {
+        try {
+          checkpoint();
+        } catch (const std::exception& again) {
+          saved = fmt::format(" Saving iteration {} failed too ({}).", it, error_message(again));
+        }
+      }
+      if (last_good >= 0)
+        saved += fmt::format(" Checkpoint {} holds iteration {}: continue with --resume.", config.checkpoint, last_good);
     }
-    if (checkpointing) checkpoint();
-    if (dist && (evaluating || checkpointing)) dist->barrier();
-    window_start += Clock::now() - pause;
-    if (stopping && !last) {
-      checkpoint();
-      if (tty) fmt::print(stderr, "\n");
-      result.interrupted = true;
-      break;
-    }
-  }
-  } catch (const PeerLost& e) {
-    // A peer that died or went silent: every rank stops, with the reason, instead of hanging.
-    throw std::runtime_error(fmt::format("rank {} of {}: lost the other ranks during iteration {} ({}). {}",
-                                         config.dist.rank, config.dist.world, it + 1, e.what(),
-                                         config.checkpoint.empty() ? std::string("No checkpoint was configured.")
-                                                                   : "Resume all ranks from " + config.checkpoint + "."));
+    if (dynamic_cast<const PeerLost*>(&e))  // a peer that died or went silent: every rank stops, instead of hanging
+      throw std::runtime_error(fmt::format("rank {} of {}: lost the other ranks during iteration {} ({}).{}",
+                                           config.dist.rank, config.dist.world, it + 1, e.what(), saved));
+    throw std::runtime_error(error_message(e) + saved);
   }
   result.iteration = it;
-  if (!config.export_path.empty() && !result.interrupted) export_state_dict(config.export_path, model);
+  if (!config.export_path.empty() && !result.interrupted && lead) export_state_dict(config.export_path, model);
+  write_summary(result.interrupted ? "interrupted" : "done");
   return result;
 }
 

@@ -195,6 +195,18 @@ std::string to_string(Mode m) {
   return "?";
 }
 
+ModeConfig parse_mode_config(const std::string& s, int default_bits) {
+  const auto dash = s.find('-');
+  ModeConfig m{parse_mode(s.substr(0, dash)), default_bits};
+  if (dash != std::string::npos) {
+    const std::string b = s.substr(dash + 1);
+    if (m.mode == Mode::plain || m.mode == Mode::exact || (b != "8" && b != "4"))
+      throw std::invalid_argument("bad mode '" + s + "' (expected plain, exact, blpa-8, blpa-4, naive-8 or naive-4)");
+    m.bits = b[0] - '0';
+  }
+  return m;
+}
+
 std::string ModeConfig::str() const {
   return (mode == Mode::blpa || mode == Mode::naive) ? to_string(mode) + "-" + std::to_string(bits)
                                                      : to_string(mode);

@@ -119,8 +119,10 @@ TEST_CASE("train: N iterations, then a resume for N more, equal 2N straight bit 
   c.checkpoint = (dir / "ck.pt").string();
   c.iterations = 10;
   c.export_path = "";
+  c.overwrite = true;  // the log of the straight run
   blpa::train(c);
   c.iterations = 20;
+  c.overwrite = false;
   c.resume = true;
   c.export_path = (dir / "resumed.pt").string();
   const auto r = blpa::train(c);
@@ -148,7 +150,8 @@ TEST_CASE("train: an incompatible or damaged checkpoint is refused and the good 
   other.iterations = 10;
   other.resume = true;
   other.mode = {blpa::Mode::blpa, 8};
-  CHECK_THROWS_WITH(blpa::train(other), Catch::Contains("incompatible configuration") && Catch::Contains("blpa-8"));
+  CHECK_THROWS_WITH(blpa::train(other), Catch::Contains("belongs to a different run") &&
+                                            Catch::Contains("mode: checkpoint blpa-4, command line blpa-8"));
 
   fs::copy_file(c.checkpoint, dir / "bad.pt");
   fs::resize_file(dir / "bad.pt", good / 2);

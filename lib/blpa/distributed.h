@@ -55,6 +55,8 @@ class Distributed {
   void allreduce_sum(std::vector<at::Tensor> tensors);
   // Sums of a few numbers over ranks (loss, bytes, images/s), through one float64 tensor.
   std::vector<double> sum(const std::vector<double>& values);
+  // Every rank's string, in rank order (a few kilobytes at most: it travels as int32s).
+  std::vector<std::string> all_gather(const std::string& mine);
   void barrier();
 
   // Averages the gradients of `params` across ranks while backward runs: buckets of about

@@ -49,26 +49,41 @@ struct TrainConfig {
   std::string checkpoint;     // path; empty: no checkpoints
   int64_t checkpoint_every = 1000;
   bool resume = false;
-  std::string log_path;     // JSON lines; empty: none
-  std::string export_path;  // a state dict for Python's torch.load, written at the end
-  bool progress = true;     // the live progress line on stderr
+  bool overwrite = false;    // a fresh run may replace an existing checkpoint, log, export, summary
+  std::string log_path;      // JSON lines; empty: none
+  std::string export_path;   // a state dict for Python's torch.load, written at the end
+  std::string summary_path;  // one JSON object when the run ends (done, interrupted or diverged)
+  bool progress = true;      // the live progress line on stderr
   // Data parallelism (world > 1): one process per device; --batch is per rank. Only rank 0
   // writes the log and checkpoints; every rank resumes from the same checkpoint.
   DistConfig dist;
 
   double lr_at(int64_t iteration) const;
-  // The fields a checkpoint must agree on to be resumed: they define the model, the
-  // optimiser state and the data order.
+  // The fields a checkpoint must agree on to be resumed: they define the model, the data
+  // and its order, and the meaning of the optimiser state. The other settings may change on
+  // --resume, and then take effect.
+  static const std::vector<std::string>& identity_keys();
   std::string identity() const;
+  // What every rank of a data-parallel run must agree on: the identity, the schedule, the
+  // optimiser, and the iterations at which ranks meet (log, evaluation, checkpoint).
+  std::string rank_agreement() const;
   // Every field, one "key=value" per line (stored in checkpoints and logged).
   std::string describe() const;
-  // Throws std::invalid_argument for values that make no sense together.
+  // The same as a JSON object, numbers as numbers (the log's config record, the summary).
+  std::string json() const;
+  // Throws FlagError for values that make no sense, or make no sense together.
   void validate() const;
+};
+
+// A command line that cannot run as given: the programs exit with 2.
+struct FlagError : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
 };
 
 struct TrainResult {
   int64_t iteration = 0;  // iterations completed
   bool interrupted = false;
+  int64_t dropped_log_records = 0;  // --resume: records of iterations past the checkpoint's, removed
   double last_loss = 0;
   double test_loss = 0, test_acc = 0, test_top5 = 0;  // last evaluation
 };
@@ -77,6 +92,7 @@ struct EvalResult {
   double loss = 0, top1 = 0, top5 = 0;
   int64_t count = 0;   // images evaluated
   int64_t failed = 0;  // images that could not be decoded (left out)
+  bool interrupted = false;  // stopped early by a signal: the figures are incomplete
 };
 
 struct ImageEvalOptions {
@@ -86,6 +102,7 @@ struct ImageEvalOptions {
   int workers = 4;
   std::string device = "cpu";
   bool progress = false;
+  const std::atomic<bool>* stop = nullptr;  // polled after every batch: stops early when true
 };
 
 // Top-1/top-5 of a model on a list of JPEGs (ImageNet validation protocol).
@@ -118,10 +135,19 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e);
 double accumulate_gradients(ResNet& model, const torch::Tensor& x, const torch::Tensor& y, int64_t steps,
                             int64_t* stored_bytes = nullptr, GradientReducer* reducer = nullptr);
 
-// Error thrown when the loss stops being finite: training stops, no checkpoint is written.
+// Error thrown when the loss, or the weights after an update, stop being finite: training
+// stops and the last checkpoint, which held finite numbers, is kept.
 struct NonFiniteLoss : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+
+// The message of an exception for a user: LibTorch's errors without their C++ backtrace,
+// unless BLPA_DEBUG=1 is set in the environment.
+std::string error_message(const std::exception& e);
+// Unless BLPA_DEBUG=1: LibTorch's own log is silent. Its errors reach the user as exceptions
+// (one line each, through error_message), while its log lines carry C++ backtraces (c10d's
+// rendezvous prints one per attempt). Called first by each program.
+void quiet_library_log();
 
 // Runs (or resumes) training. `stop` is polled after every step: when it turns true a
 // checkpoint is written and the function returns with interrupted = true.

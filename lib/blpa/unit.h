@@ -25,6 +25,10 @@ struct ModeConfig {
   std::string str() const;
 };
 
+// The inverse of ModeConfig::str(): "plain", "exact", "blpa-4", "naive-8"; a bare "blpa" or
+// "naive" takes `default_bits`. Throws std::invalid_argument naming what is wrong.
+ModeConfig parse_mode_config(const std::string& s, int default_bits = 4);
+
 struct ConvSpec {
   int64_t out_channels;
   int64_t kernel;

@@ -1,0 +1,41 @@
+// Numbers from the command line, parsed whole and named in errors. cxxopts' own conversion
+// says only "Argument 'abc' failed to parse", without the flag, so numeric options are
+// declared as strings and converted here.
+#pragma once
+
+#include <blpa/train.h>
+
+#include <charconv>
+#include <cmath>
+#include <cstdlib>
+#include <cxxopts.hpp>
+#include <string>
+#include <type_traits>
+
+namespace blpa {
+
+template <typename T>
+T parse_number(const std::string& flag, const std::string& text) {
+  T v{};
+  if constexpr (std::is_integral_v<T>) {
+    const char* end = text.data() + text.size();
+    const auto [p, ec] = std::from_chars(text.data(), end, v);
+    if (ec == std::errc::result_out_of_range) throw FlagError(flag + ": '" + text + "' is out of range");
+    if (ec != std::errc() || p != end || text.empty())
+      throw FlagError(flag + ": '" + text + "' is not " + (std::is_signed_v<T> ? "an integer" : "a non-negative integer"));
+  } else {
+    char* end = nullptr;
+    v = std::strtod(text.c_str(), &end);
+    if (text.empty() || end != text.c_str() + text.size()) throw FlagError(flag + ": '" + text + "' is not a number");
+    if (!std::isfinite(v)) throw FlagError(flag + ": '" + text + "' is not a finite number");
+  }
+  return v;
+}
+
+// The value of a numeric option declared with cxxopts::value<std::string>().
+template <typename T>
+T number(const cxxopts::ParseResult& a, const std::string& name) {
+  return parse_number<T>("--" + name, a[name].as<std::string>());
+}
+
+}  // namespace blpa

@@ -1,0 +1,188 @@
+#include "train_flags.h"
+
+#include <fmt/format.h>
+
+#include <cstdlib>
+#include <cxxopts.hpp>
+#include <sstream>
+
+#include "flags.h"
+
+namespace blpa {
+namespace {
+
+std::vector<int64_t> parse_steps(const std::string& s) {
+  std::vector<int64_t> out;
+  std::stringstream ss(s);
+  for (std::string item; std::getline(ss, item, ',');) {
+    if (item.empty()) continue;
+    out.push_back(parse_number<int64_t>("--lr-steps", item));
+  }
+  return out;
+}
+
+cxxopts::Options make_options() {
+  cxxopts::Options opts("blpa-train", "Train a pre-activation ResNet whose units keep K-bit activations for backprop.\n"
+                                      "Defaults reproduce the CIFAR protocol of the paper; without --data-dir the "
+                                      "data set is Fashion-MNIST from /usr/share/datasets/fashion-mnist.\n"
+                                      "Exit codes: 0 done, 1 error, 2 bad flags, 3 the loss or the weights became "
+                                      "NaN/Inf, 128+N stopped by signal N (a checkpoint was written). BLPA_DEBUG=1 "
+                                      "adds LibTorch's C++ backtraces to its errors.\n");
+  using S = std::string;
+  // clang-format off
+  opts.add_options("Data")
+    ("preset", "imagenet: the paper's ResNet-152 ImageNet protocol (--dataset imagenet --model imagenet --depth 152 --batch 256 --iterations 640000 --lr 0.1 --warmup 0 --lr-steps 160000,320000,480000 --weight-decay 1e-4 --eval-every 20000 --checkpoint-every 5000); flags given explicitly win", cxxopts::value<S>())
+    ("dataset", "auto, cifar10, cifar100, cifar100-coarse, fashion-mnist, mnist or imagenet (auto: from the files in --data-dir)", cxxopts::value<S>()->default_value("auto"))
+    ("data-dir", "Directory with the data set's official files (default: Debian's Fashion-MNIST); for imagenet the folder holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG", cxxopts::value<S>())
+    ("train-list", "imagenet: a list file of 'relative/path,label' lines instead of <data-dir>/train (paths relative to --data-dir, or to the list's folder)", cxxopts::value<S>())
+    ("val-list", "imagenet: the same for validation", cxxopts::value<S>())
+    ("index-cache", "imagenet: directory where the scanned file lists are cached, keyed by the folders' contents ('' to disable)", cxxopts::value<S>()->default_value(default_cache_dir()))
+    ("train-subset", "Train on the first N training images (0: all)", cxxopts::value<S>()->default_value("0"))
+    ("test-subset", "Evaluate on the first N test images (0: all)", cxxopts::value<S>()->default_value("0"))
+    ("no-augment", "Disable pad-4 random crops and horizontal flips");
+  opts.add_options("Model")
+    ("model", "cifar (depth 9n+2) or imagenet (depth 50/101/152/200)", cxxopts::value<S>()->default_value("cifar"))
+    ("depth", "Network depth", cxxopts::value<S>()->default_value("164"))
+    ("mode", "plain, exact, blpa or naive", cxxopts::value<S>()->default_value("blpa"))
+    ("bits", "Bits per stored activation for blpa and naive: 8 or 4", cxxopts::value<S>()->default_value("4"));
+  opts.add_options("Optimisation")
+    ("batch", "Batch size (of one update)", cxxopts::value<S>()->default_value("128"))
+    ("accum-steps", "Process each batch in this many equal parts and accumulate their gradients: the same update in less memory (BatchNorm then normalises each part by its own statistics)", cxxopts::value<S>()->default_value("1"))
+    ("iterations", "Training iterations", cxxopts::value<S>()->default_value("64000"))
+    ("lr", "Learning rate after warm-up", cxxopts::value<S>()->default_value("0.1"))
+    ("warmup", "Warm-up iterations", cxxopts::value<S>()->default_value("400"))
+    ("warmup-lr", "Learning rate during warm-up", cxxopts::value<S>()->default_value("0.01"))
+    ("lr-steps", "Iterations at which the learning rate is multiplied by --lr-factor", cxxopts::value<S>()->default_value("32000,48000"))
+    ("lr-factor", "Learning-rate factor at each step", cxxopts::value<S>()->default_value("0.1"))
+    ("momentum", "SGD momentum", cxxopts::value<S>()->default_value("0.9"))
+    ("weight-decay", "Weight decay on conv and linear weights", cxxopts::value<S>()->default_value("2e-4"));
+  opts.add_options("Running")
+    ("device", "cpu, cuda or cuda:N", cxxopts::value<S>()->default_value("cpu"))
+    ("seed", "Seed of initialisation, data order and augmentation", cxxopts::value<S>()->default_value("0"))
+    ("threads", "LibTorch CPU threads (0: its default)", cxxopts::value<S>()->default_value("0"))
+    ("workers", "Data-preparation threads (0: 2 for data sets held in memory; for imagenet the cores / $LOCAL_WORLD_SIZE, 1 to 16)", cxxopts::value<S>()->default_value("0"))
+    ("prefetch", "Batches prepared ahead (at least one per worker)", cxxopts::value<S>()->default_value("4"))
+    ("log-every", "Iterations between progress lines and log records", cxxopts::value<S>()->default_value("50"))
+    ("eval-every", "Iterations between evaluations (0: only at the end)", cxxopts::value<S>()->default_value("2000"))
+    ("log", "JSON-lines log file (continued on --resume)", cxxopts::value<S>())
+    ("checkpoint", "Checkpoint file, written atomically every --checkpoint-every iterations, at the end, on SIGINT/SIGTERM and before exiting on an error", cxxopts::value<S>())
+    ("checkpoint-every", "Iterations between checkpoints", cxxopts::value<S>()->default_value("1000"))
+    ("resume", "Continue the run stored in --checkpoint")
+    ("overwrite", "Start a new run even where --checkpoint, --log, --export or --summary name existing files (replaced)")
+    ("export", "At the end, write the weights as a state dict that Python loads with torch.load", cxxopts::value<S>())
+    ("summary", "When the run ends (done, interrupted or diverged), write one JSON object: status, final figures, configuration", cxxopts::value<S>())
+    ("quiet", "No progress line")
+    ("print-config", "Print the resolved configuration (presets, defaults, environment) and exit")
+    ("h,help", "This help");
+  opts.add_options("Distributed")
+    ("rank", "This process's rank (default: $RANK, else 0)", cxxopts::value<S>())
+    ("world-size", "Number of processes (default: $WORLD_SIZE, else 1); --batch is per process", cxxopts::value<S>())
+    ("local-rank", "GPU index on this machine for --device cuda (default: $LOCAL_RANK, else the rank)", cxxopts::value<S>())
+    ("master-addr", "Address of rank 0's rendezvous store (default: $MASTER_ADDR, else 127.0.0.1)", cxxopts::value<S>())
+    ("master-port", "Its port (default: $MASTER_PORT, else 29500)", cxxopts::value<S>())
+    ("dist-timeout", "Seconds after which a missing or silent peer is an error", cxxopts::value<S>()->default_value("600"));
+  // clang-format on
+  return opts;
+}
+
+}  // namespace
+
+TrainCommand parse_train_command(int argc, const char* const* argv) {
+  auto opts = make_options();
+  TrainCommand cmd;
+  TrainConfig& c = cmd.config;
+  cxxopts::ParseResult a;
+  try {
+    a = opts.parse(argc, argv);
+  } catch (const cxxopts::exceptions::exception& e) {
+    throw FlagError(e.what());
+  }
+  if (a.count("help")) {
+    cmd.help = true;
+    cmd.help_text = opts.help({"Data", "Model", "Optimisation", "Running", "Distributed"});
+    return cmd;
+  }
+  if (!a.unmatched().empty()) throw FlagError("unexpected argument '" + a.unmatched()[0] + "'");
+  const std::string preset = a.count("preset") ? a["preset"].as<std::string>() : "";
+  if (!preset.empty() && preset != "imagenet") throw FlagError("--preset must be imagenet, got '" + preset + "'");
+  // A preset value unless the flag was given; otherwise the flag's value or default.
+  const bool use_preset = !preset.empty();
+  auto given = [&](const char* name) { return a.count(name) > 0; };
+  auto num = [&](const char* name, auto preset_value) {
+    using T = decltype(preset_value);
+    return use_preset && !given(name) ? preset_value : number<T>(a, name);
+  };
+  auto str = [&](const char* name, const std::string& preset_value) {
+    return use_preset && !given(name) ? preset_value : a[name].as<std::string>();
+  };
+  c.dataset = str("dataset", "imagenet");
+  if (given("data-dir")) c.data_dir = a["data-dir"].as<std::string>();
+  c.index_cache = a["index-cache"].as<std::string>();
+  if (given("train-list")) c.train_list = a["train-list"].as<std::string>();
+  if (given("val-list")) c.val_list = a["val-list"].as<std::string>();
+  c.train_subset = number<int64_t>(a, "train-subset");
+  c.test_subset = number<int64_t>(a, "test-subset");
+  c.augment = !given("no-augment");
+  c.arch = str("model", "imagenet");
+  c.depth = num("depth", 152);
+  const int bits = number<int>(a, "bits");
+  try {
+    c.mode = {parse_mode(a["mode"].as<std::string>()), bits};
+  } catch (const std::invalid_argument& e) {
+    throw FlagError(std::string("--mode: ") + e.what());
+  }
+  if (given("bits") && (c.mode.mode == Mode::plain || c.mode.mode == Mode::exact))
+    throw FlagError("--bits applies to --mode blpa and naive, not " + to_string(c.mode.mode));
+  c.batch = num("batch", int64_t{256});
+  c.accum_steps = number<int64_t>(a, "accum-steps");
+  c.iterations = num("iterations", int64_t{640000});
+  c.lr = num("lr", 0.1);
+  c.warmup = num("warmup", int64_t{0});
+  c.warmup_lr = number<double>(a, "warmup-lr");
+  c.steps = parse_steps(str("lr-steps", "160000,320000,480000"));
+  c.factor = number<double>(a, "lr-factor");
+  c.momentum = number<double>(a, "momentum");
+  c.weight_decay = num("weight-decay", 1e-4);
+  c.device = a["device"].as<std::string>();
+  c.seed = number<uint64_t>(a, "seed");
+  c.threads = number<int>(a, "threads");
+  c.workers = number<int>(a, "workers");
+  c.prefetch = number<int>(a, "prefetch");
+  c.log_every = number<int64_t>(a, "log-every");
+  c.eval_every = num("eval-every", int64_t{20000});
+  if (given("log")) c.log_path = a["log"].as<std::string>();
+  if (given("checkpoint")) c.checkpoint = a["checkpoint"].as<std::string>();
+  c.checkpoint_every = num("checkpoint-every", int64_t{5000});
+  c.resume = given("resume");
+  c.overwrite = given("overwrite");
+  if (given("export")) c.export_path = a["export"].as<std::string>();
+  if (given("summary")) c.summary_path = a["summary"].as<std::string>();
+  c.progress = !given("quiet");
+  try {
+    c.dist = DistConfig::from_env();  // torchrun's variables, then the flags
+  } catch (const std::invalid_argument& e) {
+    throw FlagError(e.what());
+  }
+  if (given("rank")) c.dist.rank = number<int>(a, "rank");
+  if (given("world-size")) c.dist.world = number<int>(a, "world-size");
+  c.dist.local_rank = given("local-rank") ? number<int>(a, "local-rank") : std::getenv("LOCAL_RANK") ? c.dist.local_rank : c.dist.rank;
+  if (given("master-addr")) c.dist.master_addr = a["master-addr"].as<std::string>();
+  if (given("master-port")) c.dist.master_port = number<int>(a, "master-port");
+  const int timeout = number<int>(a, "dist-timeout");
+  if (timeout <= 0) throw FlagError("--dist-timeout must be positive");
+  c.dist.timeout = std::chrono::seconds(timeout);
+  if (c.dist.world < 1 || c.dist.rank < 0 || c.dist.rank >= c.dist.world)
+    throw FlagError("--rank " + std::to_string(c.dist.rank) + " is not in --world-size " + std::to_string(c.dist.world));
+  if (c.dist.local_rank < 0) throw FlagError("--local-rank must be >= 0");
+  if (c.dist.master_port <= 0 || c.dist.master_port > 65535) throw FlagError("--master-port must be in 1..65535");
+  c.validate();
+  cmd.print_config = given("print-config");
+  return cmd;
+}
+
+std::string printed_config(const TrainConfig& c) {
+  return c.describe() + fmt::format("rank={}\nworld_size={}\nmaster={}:{}\n", c.dist.rank, c.dist.world,
+                                    c.dist.master_addr, c.dist.master_port);
+}
+
+}  // namespace blpa

@@ -1,0 +1,101 @@
+// Checkpoints and exported weights on disk: written atomically with every write error
+// reported (a full disk included), read back only after every record has passed its CRC,
+// and holding finite numbers only.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "blpa/resnet.h"
+
+namespace blpa {
+
+// A file that cannot be used: unreadable, damaged, not a blpa checkpoint, or holding
+// non-finite numbers. The message names the file and what failed.
+struct CheckpointError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Writes `path` all or nothing: the bytes go to `path`.tmp, which is flushed to disk and
+// renamed over `path` by commit(). A write error (ENOSPC, EFBIG, EIO...) is remembered and
+// reported by commit() with the path and the reason; a writer destroyed before a successful
+// commit() removes the temporary file, so a failure leaves neither a half file nor litter.
+class AtomicFile {
+ public:
+  explicit AtomicFile(std::string path);
+  ~AtomicFile();
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+
+  // Always returns n: LibTorch's zip writer cannot recover from a short write (its destructor
+  // then throws again during unwinding, which aborts the program), so the first error is kept,
+  // later bytes are dropped, and commit() reports it.
+  size_t write(const void* data, size_t n);
+  void write(const std::string& s) { write(s.data(), s.size()); }
+  // Flush, fsync, rename, fsync of the directory. Throws std::runtime_error on failure.
+  void commit();
+
+ private:
+  std::string path_, tmp_;
+  int fd_ = -1;
+  int error_ = 0;  // errno of the first failure
+};
+
+// Checks, before any work, that `path` can be written where it is: its folder exists (it is
+// created if missing) and takes a new file. `atomic`: written through AtomicFile, so `path`
+// must be a regular file or absent; otherwise (a log) it may also be a device or a pipe.
+// `flag` names the option in errors, which are thrown as std::invalid_argument.
+void check_output_path(const std::string& path, const std::string& flag, bool atomic);
+
+// Every record of a zip archive written by LibTorch or torch.save (stored, not compressed)
+// against the CRC-32 in its central directory. LibTorch's own reader skips this check.
+// Throws CheckpointError naming the file and the first record that fails.
+void verify_archive(const std::string& path);
+
+// The training run a checkpoint continues, besides the weights and optimiser state.
+struct RunState {
+  int64_t iteration = 0;      // iterations completed
+  bool pending_eval = false;  // an evaluation due at `iteration` was interrupted: run it first
+  // The log window open at `iteration` (iterations, summed loss, seconds), so that the
+  // resumed run's first record covers every iteration since the last one logged.
+  int64_t window_iters = 0;
+  double window_loss = 0, window_seconds = 0;
+};
+
+// A blpa-train checkpoint, opened and checked: its CRCs, format and header.
+struct Checkpoint {
+  std::string path;
+  std::string identity;                       // TrainConfig::identity() of the run
+  std::map<std::string, std::string> config;  // TrainConfig::describe()'s key=value lines
+  NetConfig net;                              // the network it holds
+  RunState state;
+  std::shared_ptr<torch::serialize::InputArchive> archive;
+};
+
+// Opens and checks a checkpoint (CRCs, format, header); loads no weights yet.
+Checkpoint read_checkpoint(const std::string& path);
+// The network of a checkpoint with its weights and statistics, in evaluation mode, on the
+// CPU. Refuses weights or statistics that are not finite.
+ResNet load_model(const Checkpoint& c);
+// Weights and statistics into `model`, and the optimiser state into `optimizer`.
+void load_training_state(const Checkpoint& c, ResNet& model, torch::optim::Optimizer& optimizer);
+
+// Writes a checkpoint atomically. `identity` and `config` are TrainConfig::identity() and
+// describe(). The caller checks that the weights are finite (all_finite) first.
+void save_checkpoint(const std::string& path, const std::string& identity, const std::string& config,
+                     const RunState& state, ResNet& model, torch::optim::Optimizer& optimizer);
+
+// True when every parameter, buffer and optimiser state tensor is finite.
+bool all_finite(ResNet& model, torch::optim::Optimizer* optimizer = nullptr);
+
+// The weights and BatchNorm statistics as a dict of tensors in torch.save's zip format, so
+// Python's torch.load reads it (names as in named_parameters / named_buffers). Atomic.
+void export_state_dict(const std::string& path, ResNet& model);
+
+}  // namespace blpa

@@ -1,0 +1,388 @@
+#include "blpa/checkpoint.h"
+
+#include <caffe2/serialize/inline_container.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <torch/csrc/jit/serialization/export.h>
+#include <torch/csrc/jit/serialization/pickler.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <sstream>
+#include <vector>
+
+namespace blpa {
+namespace {
+
+namespace fs = std::filesystem;
+constexpr int64_t kCheckpointFormat = 1;
+
+std::string reason(int err) { return std::strerror(err); }
+
+// ---- zip reading, for the CRC check -----------------------------------------------------------
+
+struct File {
+  int fd = -1;
+  int64_t size = 0;
+  std::string path;
+  explicit File(const std::string& p) : path(p) {
+    fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw CheckpointError(path + ": cannot be read (" + reason(errno) + ")");
+    struct stat st{};
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+      ::close(fd);
+      throw CheckpointError(path + ": not a regular file");
+    }
+    size = st.st_size;
+  }
+  ~File() { ::close(fd); }
+  [[noreturn]] void damaged(const std::string& what) const {
+    throw CheckpointError(path + " is damaged or truncated: " + what);
+  }
+  void read(int64_t offset, void* out, int64_t n) const {
+    if (offset < 0 || n < 0 || offset > size || n > size - offset) damaged("a record points past the end of the file");
+    auto* p = static_cast<char*>(out);
+    while (n > 0) {
+      const ssize_t got = ::pread(fd, p, static_cast<size_t>(n), offset);
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) throw CheckpointError(path + ": read failed (" + (got < 0 ? reason(errno) : "end of file") + ")");
+      p += got, offset += got, n -= got;
+    }
+  }
+};
+
+uint64_t le(const unsigned char* p, int bytes) {
+  uint64_t v = 0;
+  for (int i = bytes - 1; i >= 0; --i) v = v << 8 | p[i];
+  return v;
+}
+
+struct Inflater {  // raw deflate, as zip records hold it
+  z_stream s{};
+  Inflater() {
+    if (inflateInit2(&s, -MAX_WBITS) != Z_OK) throw CheckpointError("zlib cannot start");
+  }
+  ~Inflater() { inflateEnd(&s); }
+  Inflater(const Inflater&) = delete;
+  Inflater& operator=(const Inflater&) = delete;
+};
+
+constexpr uint32_t kLocal = 0x04034b50, kCentral = 0x02014b50, kEnd = 0x06054b50, kEnd64 = 0x06064b50,
+                   kLocator64 = 0x07064b50;
+
+}  // namespace
+
+void verify_archive(const std::string& path) {
+  const File f(path);
+  // The end-of-central-directory record: the last 22 bytes, or earlier when a comment follows.
+  const int64_t tail = std::min<int64_t>(f.size, 22 + 65535);
+  if (tail < 22) f.damaged("too short to be a zip archive");
+  std::vector<unsigned char> t(tail);
+  f.read(f.size - tail, t.data(), tail);
+  int64_t end = -1;
+  for (int64_t i = tail - 22; i >= 0; --i)
+    if (le(&t[i], 4) == kEnd && i + 22 + static_cast<int64_t>(le(&t[i + 20], 2)) == tail) {
+      end = i;
+      break;
+    }
+  if (end < 0) f.damaged("no zip directory at its end");
+  uint64_t entries = le(&t[end + 10], 2), cd_size = le(&t[end + 12], 4), cd_offset = le(&t[end + 16], 4);
+  // Zip64 (LibTorch writes it always): a locator just before the record points to the real one.
+  if (end >= 20 && le(&t[end - 20], 4) == kLocator64) {
+    unsigned char z[56];
+    f.read(static_cast<int64_t>(le(&t[end - 12], 8)), z, sizeof z);
+    if (le(z, 4) != kEnd64) f.damaged("bad zip64 directory record");
+    entries = le(z + 32, 8), cd_size = le(z + 40, 8), cd_offset = le(z + 48, 8);
+  }
+  if (cd_size > static_cast<uint64_t>(f.size) || cd_offset > static_cast<uint64_t>(f.size) - cd_size)
+    f.damaged("the zip directory lies outside the file");
+  if (entries > cd_size / 46) f.damaged("the zip directory is too small for its entries");
+  std::vector<unsigned char> cd(cd_size);
+  f.read(static_cast<int64_t>(cd_offset), cd.data(), static_cast<int64_t>(cd_size));
+  std::vector<unsigned char> buffer(1 << 20), inflated(1 << 16);
+  size_t pos = 0;
+  for (uint64_t e = 0; e < entries; ++e) {
+    if (pos + 46 > cd.size() || le(&cd[pos], 4) != kCentral) f.damaged("bad zip directory entry");
+    const unsigned char* h = &cd[pos];
+    const uint64_t method = le(h + 10, 2), crc = le(h + 16, 4);
+    uint64_t compressed = le(h + 20, 4), size = le(h + 24, 4), local = le(h + 42, 4);
+    const size_t name_len = le(h + 28, 2), extra_len = le(h + 30, 2), comment_len = le(h + 32, 2);
+    if (pos + 46 + name_len + extra_len + comment_len > cd.size()) f.damaged("bad zip directory entry");
+    const std::string name(reinterpret_cast<const char*>(h + 46), name_len);
+    // Sizes and offsets that do not fit 32 bits are in the zip64 extra field, in this order.
+    for (size_t x = 46 + name_len; x + 4 <= 46 + name_len + extra_len;) {
+      const uint64_t id = le(h + x, 2), n = le(h + x + 2, 2);
+      if (x + 4 + n > 46 + name_len + extra_len) f.damaged("bad extra field of '" + name + "'");
+      if (id == 1) {
+        size_t at = x + 4;
+        auto next = [&](uint64_t& v) {
+          if (v != 0xFFFFFFFFu) return;
+          if (at + 8 > x + 4 + n) f.damaged("bad zip64 field of '" + name + "'");
+          v = le(h + at, 8), at += 8;
+        };
+        next(size), next(compressed), next(local);
+      }
+      x += 4 + n;
+    }
+    pos += 46 + name_len + extra_len + comment_len;
+    // Tensors are stored as they are; TorchScript's code records are deflated.
+    if (method != 0 && method != 8) f.damaged("record '" + name + "' has an unknown compression method");
+    if (method == 0 && compressed != size) f.damaged("bad sizes of record '" + name + "'");
+    unsigned char lh[30];
+    f.read(static_cast<int64_t>(local), lh, sizeof lh);
+    if (le(lh, 4) != kLocal) f.damaged("record '" + name + "' has no local header");
+    int64_t at = static_cast<int64_t>(local) + 30 + static_cast<int64_t>(le(lh + 26, 2) + le(lh + 28, 2));
+    if (at > f.size || compressed > static_cast<uint64_t>(f.size - at)) f.damaged("record '" + name + "' is cut short");
+    uLong c = crc32(0L, Z_NULL, 0);
+    uint64_t produced = 0;
+    if (method == 0) {
+      for (uint64_t left = compressed; left > 0;) {
+        const auto n = static_cast<int64_t>(std::min<uint64_t>(left, buffer.size()));
+        f.read(at, buffer.data(), n);
+        c = crc32(c, buffer.data(), static_cast<uInt>(n));
+        at += n, left -= static_cast<uint64_t>(n), produced += static_cast<uint64_t>(n);
+      }
+    } else {
+      Inflater z;
+      bool ended = false;
+      for (uint64_t left = compressed; left > 0 && !ended && produced <= size;) {
+        const auto n = static_cast<int64_t>(std::min<uint64_t>(left, buffer.size()));
+        f.read(at, buffer.data(), n);
+        at += n, left -= static_cast<uint64_t>(n);
+        z.s.next_in = buffer.data();
+        z.s.avail_in = static_cast<uInt>(n);
+        do {  // until this input is used up (inflate stops when its output is full)
+          z.s.next_out = inflated.data();
+          z.s.avail_out = static_cast<uInt>(inflated.size());
+          const int status = inflate(&z.s, Z_NO_FLUSH);
+          const size_t got = inflated.size() - z.s.avail_out;
+          c = crc32(c, inflated.data(), static_cast<uInt>(got));
+          produced += got;
+          if (status == Z_STREAM_END) ended = true;
+          else if (status == Z_BUF_ERROR) break;  // no progress: wants more input
+          else if (status != Z_OK) f.damaged("record '" + name + "' does not inflate");
+        } while (!ended && z.s.avail_out == 0 && produced <= size);
+      }
+      if (!ended && produced <= size) f.damaged("record '" + name + "' does not inflate");
+    }
+    if (produced != size || c != crc) f.damaged("record '" + name + "' fails its CRC check");
+  }
+}
+
+// ---- atomic files --------------------------------------------------------------------------
+
+AtomicFile::AtomicFile(std::string path) : path_(std::move(path)), tmp_(path_ + ".tmp") {
+  ::unlink(tmp_.c_str());  // a leftover of a killed run
+  fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd_ < 0) error_ = errno;
+}
+
+AtomicFile::~AtomicFile() {
+  if (fd_ >= 0) ::close(fd_);
+  if (!tmp_.empty()) ::unlink(tmp_.c_str());
+}
+
+size_t AtomicFile::write(const void* data, size_t n) {
+  const auto* p = static_cast<const char*>(data);
+  for (size_t left = n; left > 0 && !error_;) {
+    const ssize_t w = ::write(fd_, p, left);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) error_ = w < 0 ? errno : EIO;
+    else p += w, left -= static_cast<size_t>(w);
+  }
+  return n;
+}
+
+void AtomicFile::commit() {
+  auto fail = [&](int err) { throw std::runtime_error(path_ + ": cannot be written (" + reason(err) + ")"); };
+  if (error_) fail(error_);
+  if (::fsync(fd_) != 0) fail(errno);
+  const int fd = fd_;
+  fd_ = -1;
+  if (::close(fd) != 0) fail(errno);
+  if (::rename(tmp_.c_str(), path_.c_str()) != 0) fail(errno);
+  tmp_.clear();
+  // The rename itself reaches the disk with the directory.
+  const fs::path parent = fs::path(path_).has_parent_path() ? fs::path(path_).parent_path() : fs::path(".");
+  if (const int dir = ::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); dir >= 0) {
+    ::fsync(dir);
+    ::close(dir);
+  }
+}
+
+void check_output_path(const std::string& path, const std::string& flag, bool atomic) {
+  auto bad = [&](const std::string& why) { throw std::invalid_argument(flag + " " + path + ": " + why); };
+  if (path.empty()) bad("empty path");
+  std::error_code ec;
+  const auto status = fs::status(path, ec);
+  if (fs::is_directory(status)) bad("is a directory");
+  if (fs::exists(status) && !fs::is_regular_file(status)) {
+    if (atomic) bad("is not a regular file");
+    return;  // a device or a pipe: opened as it is
+  }
+  const fs::path parent = fs::path(path).has_parent_path() ? fs::path(path).parent_path() : fs::path(".");
+  if (!fs::exists(parent, ec)) {
+    fs::create_directories(parent, ec);
+    if (ec) bad("its folder cannot be created (" + ec.message() + ")");
+  } else if (!fs::is_directory(parent, ec)) {
+    bad(parent.string() + " is not a folder");
+  }
+  // What writing will do: create a file beside the target (atomic) or open the target.
+  const std::string probe = atomic ? path + ".tmp" : path;
+  if (atomic) ::unlink(probe.c_str());
+  const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (atomic ? O_EXCL : O_APPEND), 0644);
+  if (fd < 0) bad("cannot be written (" + reason(errno) + ")");
+  ::close(fd);
+  if (atomic) ::unlink(probe.c_str());
+}
+
+// ---- checkpoints ---------------------------------------------------------------------------
+
+Checkpoint read_checkpoint(const std::string& path) {
+  verify_archive(path);
+  Checkpoint c;
+  c.path = path;
+  c.archive = std::make_shared<torch::serialize::InputArchive>();
+  try {
+    c.archive->load_from(path, torch::kCPU);  // whatever device wrote it
+  } catch (const c10::Error& e) {
+    std::string why = e.what_without_backtrace();
+    throw CheckpointError(path + " cannot be read (" + why.substr(0, why.find(". ")) + ")");
+  }
+  c10::IValue v;
+  auto read = [&](const char* key) -> const c10::IValue& {
+    if (!c.archive->try_read(key, v)) throw CheckpointError(path + " is not a blpa-train checkpoint (no " + key + ")");
+    return v;
+  };
+  try {
+    if (!read("blpa_format").isInt() || v.toInt() != kCheckpointFormat)
+      throw CheckpointError(path + " is not a blpa checkpoint of format " + std::to_string(kCheckpointFormat));
+    c.identity = read("blpa_identity").toStringRef();
+    std::istringstream lines(read("blpa_config").toStringRef());
+    for (std::string line; std::getline(lines, line);)
+      if (const auto eq = line.find('='); eq != std::string::npos) c.config[line.substr(0, eq)] = line.substr(eq + 1);
+    c.state.iteration = read("blpa_iteration").toInt();
+    if (c.archive->try_read("blpa_run_state", v)) {  // written since the format's first version
+      const auto s = v.toDoubleVector();
+      if (s.size() != 4) throw CheckpointError(path + ": bad run state");
+      c.state.pending_eval = s[0] != 0;
+      c.state.window_iters = static_cast<int64_t>(s[1]);
+      c.state.window_loss = s[2];
+      c.state.window_seconds = s[3];
+    }
+    const auto shape = read("blpa_net").toIntVector();
+    if (shape.size() != 2 || shape[0] <= 0 || shape[1] <= 0) throw CheckpointError(path + ": bad network shape");
+    c.net.arch = c.config["arch"];
+    c.net.depth = std::stoi(c.config.at("depth"));
+    c.net.mode = parse_mode_config(c.config.at("mode"));
+    c.net.in_channels = shape[0];
+    c.net.num_classes = shape[1];
+  } catch (const CheckpointError&) {
+    throw;
+  } catch (const std::exception& e) {  // a header of the wrong type or value
+    throw CheckpointError(path + " has a bad header (" + e.what() + ")");
+  }
+  if (c.state.iteration < 0) throw CheckpointError(path + ": negative iteration");
+  return c;
+}
+
+bool all_finite(ResNet& model, torch::optim::Optimizer* optimizer) {
+  std::vector<torch::Tensor> flags;
+  auto add = [&](const torch::Tensor& t) {
+    if (t.defined() && t.is_floating_point()) flags.push_back(torch::isfinite(t).all());
+  };
+  for (const auto& p : model->parameters()) add(p.detach());
+  for (const auto& b : model->buffers()) add(b);
+  if (optimizer)
+    for (const auto& [key, state] : optimizer->state())
+      if (auto* sgd = dynamic_cast<torch::optim::SGDParamState*>(state.get())) add(sgd->momentum_buffer());
+  return flags.empty() || torch::stack(flags).all().item<bool>();
+}
+
+namespace {
+
+void load_weights(const Checkpoint& c, ResNet& model) {
+  try {
+    torch::serialize::InputArchive m;
+    c.archive->read("model", m);
+    model->load(m);
+  } catch (const c10::Error& e) {
+    std::string why = e.what_without_backtrace();
+    throw CheckpointError(c.path + ": its weights do not fit the network it names (" + why.substr(0, why.find('\n')) +
+                          ")");
+  }
+}
+
+}  // namespace
+
+ResNet load_model(const Checkpoint& c) {
+  ResNet model(c.net);
+  load_weights(c, model);
+  if (!all_finite(model))
+    throw CheckpointError(c.path + " holds weights or statistics that are not finite (NaN or Inf); it was not used");
+  model->eval();
+  return model;
+}
+
+void load_training_state(const Checkpoint& c, ResNet& model, torch::optim::Optimizer& optimizer) {
+  load_weights(c, model);
+  try {
+    torch::serialize::InputArchive o;
+    c.archive->read("optimizer", o);
+    optimizer.load(o);
+  } catch (const c10::Error& e) {
+    std::string why = e.what_without_backtrace();
+    throw CheckpointError(c.path + ": its optimiser state cannot be loaded (" + why.substr(0, why.find('\n')) + ")");
+  }
+  if (!all_finite(model, &optimizer))
+    throw CheckpointError(c.path + " holds weights or optimiser state that are not finite (NaN or Inf); it was not used");
+}
+
+void save_checkpoint(const std::string& path, const std::string& identity, const std::string& config,
+                     const RunState& state, ResNet& model, torch::optim::Optimizer& optimizer) {
+  torch::serialize::OutputArchive archive;
+  archive.write("blpa_format", c10::IValue(kCheckpointFormat));
+  archive.write("blpa_identity", c10::IValue(identity));
+  archive.write("blpa_config", c10::IValue(config));
+  archive.write("blpa_net", c10::IValue(std::vector<int64_t>{model->config().in_channels, model->config().num_classes}));
+  archive.write("blpa_iteration", c10::IValue(state.iteration));
+  archive.write("blpa_run_state", c10::IValue(std::vector<double>{state.pending_eval ? 1.0 : 0.0,
+                                                                  static_cast<double>(state.window_iters),
+                                                                  state.window_loss, state.window_seconds}));
+  torch::serialize::OutputArchive m, o;
+  model->save(m);
+  optimizer.save(o);
+  archive.write("model", m);
+  archive.write("optimizer", o);
+  AtomicFile file(path);
+  archive.save_to([&](const void* data, size_t n) { return file.write(data, n); });
+  file.commit();
+}
+
+// A dict of tensors in torch.save's zip format. torch::pickle_save would tag the dict with a
+// TorchScript type that torch.load's default weights_only=True refuses, so the pickler runs
+// here with tagging off.
+void export_state_dict(const std::string& path, ResNet& model) {
+  if (!all_finite(model)) throw std::runtime_error("--export " + path + ": the weights are not finite; nothing written");
+  c10::impl::GenericDict dict(c10::StringType::get(), c10::TensorType::get());
+  for (const auto& p : model->named_parameters()) dict.insert(p.key(), p.value().detach().cpu());
+  for (const auto& b : model->named_buffers()) dict.insert(b.key(), b.value().cpu());
+  std::vector<char> pickle;
+  torch::jit::Pickler pickler([&](const char* b, size_t n) { pickle.insert(pickle.end(), b, b + n); }, nullptr,
+                              nullptr, nullptr, nullptr, /*tag_aggregates=*/false);
+  pickler.protocol();
+  pickler.pushIValue(c10::IValue(dict));
+  pickler.stop();
+  AtomicFile file(path);
+  {
+    caffe2::serialize::PyTorchStreamWriter writer([&](const void* data, size_t n) { return file.write(data, n); });
+    torch::jit::writeArchiveAndTensors("data", pickle.data(), pickle.size(), pickler.tensorData(), writer);
+    writer.writeEndOfFile();
+  }
+  file.commit();
+}
+
+}  // namespace blpa

@@ -1,0 +1,426 @@
+// Bad input and bad luck lose nothing: every case of an adversarial battery (issue #14) gets
+// a clear one-line error with the documented exit code, and no run is lost or poisoned.
+// The programs run as a user would run them, through a shell (for ulimit and redirection).
+#include <blpa/checkpoint.h>
+#include <blpa/dataset.h>
+#include <blpa/train.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <regex>
+#include <thread>
+
+#include "test_support.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+bool have_fashion_mnist() {
+  if (fs::exists(blpa::data::kDebianFashionMnist)) return true;
+  std::cout << "BLPA_SKIP: dataset-fashion-mnist is not installed (scripts/setup.sh installs it)" << std::endl;
+  return false;
+}
+
+fs::path temp_dir(const std::string& name) {
+  auto p = fs::temp_directory_path() / ("blpa-hard-" + name + "-" + std::to_string(::getpid()));
+  remove_tree(p);
+  fs::create_directories(p);
+  return p;
+}
+
+std::string slurp(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+struct Run {
+  int code = -1;
+  std::string output;  // stdout and stderr
+};
+
+// `prefix` goes before the program (e.g. "ulimit -f 64;"); arguments are single-quoted.
+Run run(const std::string& exe, const std::vector<std::string>& args, const fs::path& dir, const std::string& prefix = "") {
+  std::string cmd = prefix + " " + exe;
+  for (const auto& a : args) cmd += " '" + a + "'";
+  const fs::path out = dir / "out.txt";
+  cmd += " > " + out.string() + " 2>&1";
+  std::fflush(nullptr);
+  const int status = std::system(("bash -c \"" + cmd + "\"").c_str());
+  Run r;
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.output = slurp(out);
+  return r;
+}
+
+Run train(const std::vector<std::string>& args, const fs::path& dir, const std::string& prefix = "") {
+  return run(BLPA_TRAIN_EXE, args, dir, prefix);
+}
+
+// A fast run on 512 Fashion-MNIST images: ResNet-11, batch 32, one thread.
+std::vector<std::string> small(const fs::path& dir, std::vector<std::string> extra = {}) {
+  std::vector<std::string> a{"--depth", "11", "--batch", "32", "--train-subset", "512", "--test-subset", "64",
+                             "--iterations", "4", "--warmup", "0", "--lr", "0.02", "--lr-steps", "", "--threads", "1",
+                             "--log-every", "1", "--eval-every", "0", "--quiet"};
+  a.insert(a.end(), extra.begin(), extra.end());
+  return a;
+}
+
+// No C++ backtrace, and the message on one line (plus at most the --help hint).
+void check_clean(const Run& r) {
+  CAPTURE(r.output);
+  CHECK(r.output.find("frame #") == std::string::npos);
+  CHECK(r.output.find("Exception raised from") == std::string::npos);
+  CHECK(r.output.find("terminate called") == std::string::npos);
+}
+
+bool no_temporaries(const fs::path& dir) {
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.path().extension() == ".tmp") return false;
+  return true;
+}
+
+}  // namespace
+
+TEST_CASE("hardening: flags are checked before anything runs, and errors name the flag", "[hardening]") {
+  const auto dir = temp_dir("flags");
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases{
+      {{"--device", "tpu"}, "--device must be cpu, cuda or cuda:N, got 'tpu'"},
+      {{"--lr-steps", "10,x"}, "--lr-steps: 'x' is not an integer"},
+      {{"--batch", "abc"}, "--batch: 'abc' is not an integer"},
+      {{"--lr", "1e999"}, "--lr: '1e999' is not a finite number"},
+      {{"--seed", "-1"}, "--seed: '-1' is not a non-negative integer"},
+      {{"--iterations", "99999999999999999999"}, "--iterations: '99999999999999999999' is out of range"},
+      {{"--depth", "21"}, "--depth 21: a cifar network has depth 9n+2"},
+      {{"--model", "imagenet", "--depth", "34"}, "--depth 34: an imagenet network has depth 50, 101, 152 or 200"},
+      {{"--threads", "-3"}, "--threads must be >= 0"},
+      {{"--train-subset", "-5"}, "--train-subset and --test-subset must be >= 0"},
+      {{"--test-subset", "-1"}, "--train-subset and --test-subset must be >= 0"},
+      {{"--mode", "fast"}, "--mode: unknown mode 'fast'"},
+      {{"--checkpoint", "a.ckpt", "--log", "a.ckpt"}, "name the same file"},
+      {{"--checkpoint", "a.ckpt", "--resume", "--overwrite"}, "give one of them"},
+      {{"--master-port", "70000"}, "--master-port must be in 1..65535"},
+  };
+  for (const auto& [args, message] : cases) {
+    // A data folder that does not exist: the flag must be refused before any data is read.
+    auto a = args;
+    a.insert(a.end(), {"--data-dir", (dir / "no-data").string()});
+    const Run r = train(a, dir);
+    CAPTURE(args, r.output);
+    CHECK(r.code == 2);
+    CHECK(r.output.find(message) != std::string::npos);
+    check_clean(r);
+  }
+  // blpa-eval names its flags too.
+  const Run e = run(BLPA_EVAL_EXE, {"--checkpoint", "x", "--batch", "ten"}, dir);
+  CHECK(e.code == 2);
+  CHECK(e.output.find("--batch: 'ten' is not an integer") != std::string::npos);
+  const Run d = run(BLPA_EVAL_EXE, {"--checkpoint", "x", "--device", "tpu"}, dir);
+  CHECK(d.code == 2);
+  CHECK(d.output.find("--device must be cpu, cuda or cuda:N") != std::string::npos);
+  check_clean(d);
+  remove_tree(dir);
+}
+
+TEST_CASE("hardening: output paths are checked before the first iteration", "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("outputs");
+  std::ofstream(dir / "file") << "x";
+  fs::create_directories(dir / "folder.ckpt");
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases{
+      {{"--checkpoint", (dir / "folder.ckpt").string()}, "is a directory"},
+      {{"--checkpoint", (dir / "file" / "x.ckpt").string()}, "is not a folder"},
+      {{"--export", (dir / "file" / "x.pt").string()}, "--export"},
+      {{"--log", (dir / "folder.ckpt").string()}, "--log"},
+      {{"--summary", "/dev/null"}, "is not a regular file"},
+      {{"--checkpoint", "/proc/blpa-test.ckpt"}, "cannot be written"},
+  };
+  for (const auto& [args, message] : cases) {
+    const Run r = train(small(dir, args), dir);
+    CAPTURE(args, r.output);
+    CHECK(r.code == 2);
+    CHECK(r.output.find(message) != std::string::npos);
+    CHECK(r.output.find("iter ") == std::string::npos);  // no training happened
+    check_clean(r);
+  }
+  CHECK(no_temporaries(dir));
+  CHECK(fs::is_empty(dir / "folder.ckpt"));
+  remove_tree(dir);
+}
+
+TEST_CASE("hardening: a fresh run replaces no earlier run unless told to", "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("overwrite");
+  const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string();
+  REQUIRE(train(small(dir, {"--checkpoint", ck, "--log", log}), dir).code == 0);
+  const std::string ck_bytes = slurp(ck), log_bytes = slurp(log);
+
+  const Run again = train(small(dir, {"--checkpoint", ck, "--log", log}), dir);
+  CAPTURE(again.output);
+  CHECK(again.code == 2);
+  CHECK(again.output.find("already exists: continue that run with --resume, or replace it with --overwrite") !=
+        std::string::npos);
+  CHECK(slurp(ck) == ck_bytes);
+  CHECK(slurp(log) == log_bytes);
+  // The log alone is protected too (an empty one is not a run).
+  const Run log_only = train(small(dir, {"--log", log}), dir);
+  CHECK(log_only.code == 2);
+  CHECK(slurp(log) == log_bytes);
+  std::ofstream(dir / "empty.jsonl").flush();
+  CHECK(train(small(dir, {"--log", (dir / "empty.jsonl").string()}), dir).code == 0);
+
+  CHECK(train(small(dir, {"--checkpoint", ck, "--log", log, "--overwrite", "--seed", "7"}), dir).code == 0);
+  CHECK(slurp(ck) != ck_bytes);
+  remove_tree(dir);
+}
+
+TEST_CASE("hardening: a full disk is an error naming the file, and leaves no temporary file", "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("full");
+  // ulimit -f (in 1 KiB blocks) makes writes past it fail with EFBIG, as a full disk fails
+  // them with ENOSPC: both reach the same code path.
+  const std::string ck = (dir / "a.ckpt").string();
+  const Run r = train(small(dir, {"--checkpoint", ck, "--log", (dir / "a.jsonl").string()}), dir, "ulimit -f 200;");
+  CAPTURE(r.output);
+  CHECK(r.code == 1);
+  CHECK(r.output.find(ck + ": cannot be written (File too large)") != std::string::npos);
+  check_clean(r);
+  CHECK_FALSE(fs::exists(ck));
+  CHECK(no_temporaries(dir));
+
+  const std::string pt = (dir / "a.pt").string();
+  const Run x = train(small(dir, {"--export", pt}), dir, "ulimit -f 200;");
+  CAPTURE(x.output);
+  CHECK(x.code == 1);
+  CHECK(x.output.find(pt + ": cannot be written (File too large)") != std::string::npos);
+  check_clean(x);
+  CHECK_FALSE(fs::exists(pt));
+  CHECK(no_temporaries(dir));
+
+  // A log that cannot take a record stops the run at once, with the reason.
+  const Run l = train(small(dir, {"--log", "/dev/full"}), dir);
+  CAPTURE(l.output);
+  CHECK(l.code == 1);
+  CHECK(l.output.find("--log /dev/full: a record could not be written (No space left on device)") != std::string::npos);
+  check_clean(l);
+  remove_tree(dir);
+}
+
+TEST_CASE("hardening: a damaged checkpoint is refused, naming the record that fails", "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("crc");
+  const std::string ck = (dir / "a.ckpt").string();
+  REQUIRE(train(small(dir, {"--checkpoint", ck}), dir).code == 0);
+  REQUIRE_NOTHROW(blpa::verify_archive(ck));
+  // One flipped bit in the middle of the file: inside some tensor's bytes.
+  std::string bytes = slurp(ck);
+  const fs::path bad = dir / "bad.ckpt";
+  bytes[bytes.size() / 2] ^= 0x10;
+  std::ofstream(bad, std::ios::binary) << bytes;
+  CHECK_THROWS_WITH(blpa::verify_archive(bad.string()), Catch::Contains("fails its CRC check"));
+
+  const Run resumed = train(small(dir, {"--checkpoint", bad.string(), "--resume", "--iterations", "8"}), dir);
+  CAPTURE(resumed.output);
+  CHECK(resumed.code == 1);
+  CHECK(resumed.output.find("is damaged or truncated: record '") != std::string::npos);
+  check_clean(resumed);
+  const Run eval = run(BLPA_EVAL_EXE, {"--checkpoint", bad.string(), "--subset", "10"}, dir);
+  CHECK(eval.code == 1);
+  CHECK(eval.output.find("fails its CRC check") != std::string::npos);
+  // Cut short, and not a zip at all.
+  std::ofstream(dir / "short.ckpt", std::ios::binary) << slurp(ck).substr(0, 5000);
+  CHECK_THROWS_WITH(blpa::verify_archive((dir / "short.ckpt").string()), Catch::Contains("damaged or truncated"));
+  std::ofstream(dir / "text.ckpt") << "not a checkpoint";
+  CHECK_THROWS_WITH(blpa::read_checkpoint((dir / "text.ckpt").string()), Catch::Contains("damaged or truncated"));
+  remove_tree(dir);
+}
+
+TEST_CASE("hardening: a divergence keeps the last checkpoint of finite numbers, and blpa-eval refuses NaN weights", "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("nan");
+  const std::string ck = (dir / "n.ckpt").string();
+  REQUIRE(train(small(dir, {"--checkpoint", ck}), dir).code == 0);
+  // The battery's case: a checkpoint every iteration at a learning rate that overflows.
+  const Run r = train(small(dir, {"--checkpoint", ck, "--checkpoint-every", "1", "--lr", "1e6", "--iterations", "40",
+                                  "--resume"}),
+                      dir);
+  CAPTURE(r.output);
+  REQUIRE(r.code == 3);
+  CHECK(r.output.find("The last good checkpoint, " + ck + " (iteration ") != std::string::npos);
+  const auto c = blpa::read_checkpoint(ck);
+  CHECK(c.state.iteration >= 4);
+  CHECK_NOTHROW(blpa::load_model(c));  // every tensor finite
+  CHECK(run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--subset", "10"}, dir).code == 0);
+
+  // A checkpoint that holds a NaN (written by an older blpa, or by hand) is refused.
+  auto model = blpa::load_model(c);
+  model->named_parameters()["fc.weight"].detach()[0][0] = std::nan("");
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1));
+  blpa::save_checkpoint((dir / "nan.ckpt").string(), c.identity, "arch=cifar\ndepth=11\nmode=blpa-4\n", c.state, model, opt);
+  const Run e = run(BLPA_EVAL_EXE, {"--checkpoint", (dir / "nan.ckpt").string(), "--subset", "10"}, dir);
+  CAPTURE(e.output);
+  CHECK(e.code == 1);
+  CHECK(e.output.find("not finite") != std::string::npos);
+  CHECK_THROWS_WITH(blpa::export_state_dict((dir / "nan.pt").string(), model), Catch::Contains("not finite"));
+  CHECK_FALSE(fs::exists(dir / "nan.pt"));
+  remove_tree(dir);
+}
+
+TEST_CASE("hardening: on --resume every flag takes effect or is refused with both values", "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("resume-flags");
+  const std::string ck = (dir / "a.ckpt").string();
+  REQUIRE(train(small(dir, {"--checkpoint", ck, "--weight-decay", "0"}), dir).code == 0);
+  const std::string saved = slurp(ck);
+
+  const Run aug = train(small(dir, {"--checkpoint", ck, "--resume", "--iterations", "8", "--no-augment"}), dir);
+  CAPTURE(aug.output);
+  CHECK(aug.code == 2);
+  CHECK(aug.output.find("augment: checkpoint true, command line false") != std::string::npos);
+  const Run batch = train(small(dir, {"--checkpoint", ck, "--resume", "--iterations", "8", "--batch", "16"}), dir);
+  CHECK(batch.code == 2);
+  CHECK(batch.output.find("batch: checkpoint 32, command line 16") != std::string::npos);
+  CHECK(slurp(ck) == saved);
+
+  // Weight decay and momentum take effect: resuming with 0 and with 0.5 ends in different weights.
+  std::vector<std::string> exports;
+  for (const char* wd : {"0", "0.5"}) {
+    fs::copy_file(dir / "a.ckpt", dir / (std::string("wd") + wd + ".ckpt"));
+    const std::string pt = (dir / (std::string("wd") + wd + ".pt")).string();
+    const Run r = train(small(dir, {"--checkpoint", (dir / (std::string("wd") + wd + ".ckpt")).string(), "--resume",
+                                    "--iterations", "6", "--weight-decay", wd, "--momentum", "0.5", "--export", pt}),
+                        dir);
+    CAPTURE(r.output);
+    REQUIRE(r.code == 0);
+    CHECK(r.output.find("momentum: checkpoint 0.9, command line 0.5") != std::string::npos);
+    exports.push_back(slurp(pt));
+  }
+  CHECK(exports[0] != exports[1]);
+  remove_tree(dir);
+}
+
+TEST_CASE("hardening: a resumed run's log reads as one run", "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("log");
+  const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string();
+  // Checkpoints at 3; the log runs to 5 (a run killed after its checkpoint).
+  REQUIRE(train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "3", "--log-every", "2"}), dir).code == 0);
+  const auto at3 = slurp(ck);
+  REQUIRE(train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "5", "--log-every", "2", "--resume"}), dir)
+              .code == 0);
+  std::ofstream(ck, std::ios::binary) << at3;
+  const Run r = train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "6", "--log-every", "2", "--resume"}),
+                      dir);
+  CAPTURE(r.output);
+  REQUIRE(r.code == 0);
+  CHECK(r.output.find("records after iteration 3 removed") != std::string::npos);
+  std::vector<int> iters;
+  std::ifstream f(log);
+  const std::regex train_record("\"type\": \"train\", \"iter\": ([0-9]+), \"time\": [0-9.]+");
+  std::smatch m;
+  for (std::string line; std::getline(f, line);)
+    if (std::regex_search(line, m, train_record)) iters.push_back(std::stoi(m[1]));
+  // 2, 3 (the end of the first run), then 4 and 6: no iteration twice, none missing.
+  CHECK(iters == std::vector<int>{2, 3, 4, 6});
+  CHECK(slurp(log).find("\"type\": \"config\", \"iter\": 3") != std::string::npos);
+  remove_tree(dir);
+}
+
+TEST_CASE("hardening: --summary writes one JSON object with the status and final figures", "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("summary");
+  const std::string s = (dir / "s.json").string();
+  REQUIRE(train(small(dir, {"--summary", s, "--mode", "plain"}), dir).code == 0);
+  const std::string json = slurp(s);
+  CAPTURE(json);
+  CHECK(json.find("{\"type\": \"summary\", \"status\": \"done\", \"iter\": 4, \"iterations\": 4") == 0);
+  CHECK(json.find("\"test_acc\": ") != std::string::npos);
+  CHECK(json.find("\"mode\": \"plain\"") != std::string::npos);
+  const Run d = train(small(dir, {"--summary", s, "--overwrite", "--lr", "1e30", "--iterations", "50"}), dir);
+  CHECK(d.code == 3);
+  CHECK(slurp(s).find("\"status\": \"diverged\"") != std::string::npos);
+  remove_tree(dir);
+}
+
+TEST_CASE("hardening: SIGTERM during an evaluation stops it, and the resumed run evaluates first", "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("sigterm-eval");
+  const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string();
+  // An evaluation of 10,000 images at depth 20 on one thread takes seconds; training steps
+  // are quick. Stop the run during its first evaluation, at iteration 2.
+  auto args = small(dir, {"--depth", "20", "--test-subset", "0", "--iterations", "4", "--eval-every", "2",
+                          "--checkpoint", ck, "--log", log});
+  std::vector<char*> argv{const_cast<char*>(BLPA_TRAIN_EXE)};
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  std::fflush(nullptr);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    std::freopen((dir / "run.out").c_str(), "w", stderr);
+    ::execv(BLPA_TRAIN_EXE, argv.data());
+    ::_exit(127);
+  }
+  for (int i = 0; i < 3000 && slurp(log).find("\"iter\": 2,") == std::string::npos; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  ::kill(pid, SIGTERM);
+  const auto t0 = std::chrono::steady_clock::now();
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  CAPTURE(slurp(dir / "run.out"), secs);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 143);
+  CHECK(slurp(log).find("\"type\": \"eval\"") == std::string::npos);  // interrupted, not logged
+  CHECK(blpa::read_checkpoint(ck).state.pending_eval);
+  // The resumed run evaluates fewer images (a setting that may change on resume): quicker.
+  const Run r = train(small(dir, {"--depth", "20", "--test-subset", "256", "--iterations", "4", "--eval-every", "2",
+                                  "--checkpoint", ck, "--log", log, "--resume"}),
+                      dir);
+  CAPTURE(r.output);
+  CHECK(r.code == 0);
+  const std::string text = slurp(log);
+  const auto eval2 = text.find("\"type\": \"eval\", \"iter\": 2,");
+  CHECK(eval2 != std::string::npos);
+  CHECK(eval2 < text.find("\"type\": \"train\", \"iter\": 3,"));
+  remove_tree(dir);
+}
+
+TEST_CASE("hardening: ranks started with different settings refuse to train, naming them", "[hardening][distributed]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("ranks");
+  const int port = 20000 + static_cast<int>(::getpid() % 15000) * 2 + 1;
+  auto rank = [&](int r, const std::string& depth, const std::string& batch) {
+    std::string cmd = "RANK=" + std::to_string(r) + " WORLD_SIZE=2 " + BLPA_TRAIN_EXE;
+    for (const auto& a : small(dir, {"--depth", depth, "--batch", batch, "--master-port", std::to_string(port),
+                                     "--dist-timeout", "60"}))
+      cmd += " '" + a + "'";
+    const std::string out = (dir / ("r" + std::to_string(r))).string();
+    return "(" + cmd + " > " + out + ".out 2>&1; echo \\$? > " + out + ".rc)";
+  };
+  // ResNet-20 against ResNet-29 used to abort rank 0 inside Gloo's broadcast.
+  const std::string both = rank(0, "20", "32") + " & " + rank(1, "29", "64") + " & wait";
+  REQUIRE(std::system(("bash -c \"" + both + "\"").c_str()) == 0);
+  for (int r : {0, 1}) {
+    const std::string out = slurp(dir / ("r" + std::to_string(r) + ".out"));
+    CAPTURE(r, out);
+    CHECK(std::stoi(slurp(dir / ("r" + std::to_string(r) + ".rc"))) == 2);
+    CHECK(out.find("the ranks were started with different settings") != std::string::npos);
+    CHECK(out.find("depth: rank 0 20, rank 1 29") != std::string::npos);
+    CHECK(out.find("batch: rank 0 32, rank 1 64") != std::string::npos);
+    CHECK(out.find("frame #") == std::string::npos);
+  }
+  // A peer that never comes: one line after the timeout.
+  const Run alone = train(small(dir, {"--master-port", std::to_string(port + 1), "--dist-timeout", "1"}), dir,
+                          "RANK=1 WORLD_SIZE=2");
+  CAPTURE(alone.output);
+  CHECK(alone.code == 1);
+  CHECK(alone.output.find("rank 1 of 2: no rendezvous at 127.0.0.1:" + std::to_string(port + 1) + " within 1 s") !=
+        std::string::npos);
+  check_clean(alone);
+  remove_tree(dir);
+}
