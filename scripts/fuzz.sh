@@ -10,12 +10,14 @@
 # saved in build-fuzz/fuzz-crashes/<target>/. Prints per target the executions and libFuzzer's
 # coverage (edges reached / instrumented, features), then the line coverage of each of our
 # source files that the targets' corpora reach together (llvm-cov; build-fuzz/fuzz-lines.txt
-# has the full report). Fails if any target found something. clang, libFuzzer and llvm-cov come from Debian (clang, libclang-rt-dev, llvm),
-# installed here if missing.
+# has the full report). Fails if any target found something. clang, libFuzzer and llvm-cov
+# come from Debian (clang-19, libclang-rt-19-dev, llvm-19), installed here if missing. The
+# first build compiles the LibTorch-using code with clang (for the checkpoint and command-line
+# targets): slow.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 seconds=${1:-60}
-[[ $seconds =~ ^[0-9]+$ ]] || { echo "usage: scripts/fuzz.sh [SECONDS] [TARGET...]" >&2; exit 2; }
+[[ $seconds =~ ^[1-9][0-9]*$ ]] || { echo "usage: scripts/fuzz.sh [SECONDS] [TARGET...]" >&2; exit 2; }
 shift || true
 build=${BLPA_FUZZ_BUILD_DIR:-$here/build-fuzz}
 if (($#)); then targets=("$@"); else
@@ -25,21 +27,25 @@ fi
 say() { echo "[fuzz] $*" >&2; }
 
 # --- clang with libFuzzer -----------------------------------------------------------------
+# clang 19, the newest of Debian 12: bookworm's default clang 14 cannot compile lib/unit.cpp
+# (a lambda that captures structured bindings, C++20, needs clang >= 16).
+llvm=${BLPA_FUZZ_LLVM:-19}
+clangxx=clang++-$llvm cov=llvm-cov-$llvm profdata=llvm-profdata-$llvm
 probe=$(mktemp -d)
 trap 'rm -rf "$probe"' EXIT
 libfuzzer_links() {
   echo 'extern "C" int LLVMFuzzerTestOneInput(const unsigned char*, unsigned long) { return 0; }' >"$probe/p.cpp"
-  clang++ -fsanitize=fuzzer,address,undefined "$probe/p.cpp" -o "$probe/p" >/dev/null 2>&1
+  "$clangxx" -fsanitize=fuzzer,address,undefined "$probe/p.cpp" -o "$probe/p" >/dev/null 2>&1
 }
-if ! command -v clang++ >/dev/null || ! libfuzzer_links || ! command -v llvm-cov >/dev/null ||
-  ! command -v llvm-profdata >/dev/null; then
-  say "installing clang, libFuzzer and llvm-cov from Debian"
+if ! command -v "$clangxx" >/dev/null || ! libfuzzer_links || ! command -v "$cov" >/dev/null ||
+  ! command -v "$profdata" >/dev/null; then
+  say "installing clang $llvm, libFuzzer and llvm-cov from Debian"
   sudo=""
   [[ $(id -u) == 0 ]] || sudo=sudo
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends clang libclang-rt-dev llvm \
-    >/dev/null
-  libfuzzer_links || { say "error: clang++ -fsanitize=fuzzer still does not link"; exit 1; }
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "clang-$llvm" \
+    "libclang-rt-$llvm-dev" "llvm-$llvm" >/dev/null
+  libfuzzer_links || { say "error: $clangxx -fsanitize=fuzzer still does not link"; exit 1; }
 fi
 
 # --- build ----------------------------------------------------------------------------------
@@ -52,10 +58,15 @@ BLPA_BUILD_DIR=$build BLPA_CUDA=OFF "$here/scripts/setup.sh"
 source "$build/setup.env"
 flags="-fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
 flags+=" -fprofile-instr-generate -fcoverage-mapping"
+# A build dir configured with another compiler starts afresh.
+compiler=$(command -v "$clangxx")
+if [[ -f $build/CMakeCache.txt ]] && ! grep -qx "CMAKE_CXX_COMPILER:[A-Z]*=$compiler" "$build/CMakeCache.txt"; then
+  rm -rf "$build/CMakeCache.txt" "$build/CMakeFiles"
+fi
 gen=()
 [[ -f $build/CMakeCache.txt ]] || gen=(-G Ninja)
 say "configuring in $build"
-cmake -S "$here" -B "$build" "${gen[@]}" -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ \
+cmake -S "$here" -B "$build" "${gen[@]}" -DCMAKE_C_COMPILER="clang-$llvm" -DCMAKE_CXX_COMPILER="$compiler" \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS="$flags" -DBLPA_CUDA=OFF -DBLPA_FUZZ=ON \
   -DTorch_DIR="$Torch_DIR" >"$build/configure.log" 2>&1 || { cat "$build/configure.log" >&2; exit 1; }
 say "compiling"
@@ -101,8 +112,8 @@ for t in "${targets[@]}"; do
 done
 echo "$summary"
 echo "total executions: $total; findings: $found (inputs in $build/fuzz-crashes/)"
-if ((${#profiles[@]})) && llvm-profdata merge -sparse "${profiles[@]}" -o "$build/fuzz.profdata"; then
-  llvm-cov report -instr-profile="$build/fuzz.profdata" "${objects[@]:1}" >"$build/fuzz-lines.txt" 2>/dev/null || true
+if ((${#profiles[@]})) && "$profdata" merge -sparse "${profiles[@]}" -o "$build/fuzz.profdata"; then
+  "$cov" report -instr-profile="$build/fuzz.profdata" "${objects[@]:1}" >"$build/fuzz-lines.txt" 2>/dev/null || true
   echo "lines of our code that the corpora reach (llvm-cov):"
   awk -v here="$here/" '{ f = $1; sub("^" here, "", f) }
        f ~ /^(app|data|lib)\/[^\/]*\.cpp$/ { printf "  %-24s %5d of %5d  %s\n", f, $8 - $9, $8, $10 }' \
