@@ -53,6 +53,8 @@ fi
 # link only what they parse with. Everything they link is instrumented: coverage for libFuzzer,
 # ASan, UBSan with no recovery (so that a report is a crash libFuzzer records), and clang's
 # source-based coverage for the line counts.
+# Configure-time checks run programs built with these flags: no profiles from them.
+export LLVM_PROFILE_FILE=/dev/null
 BLPA_BUILD_DIR=$build BLPA_CUDA=OFF "$here/scripts/setup.sh"
 # shellcheck disable=SC1091
 source "$build/setup.env"
@@ -89,7 +91,7 @@ for t in "${targets[@]}"; do
   say "$t: ${seconds}s (log: $log)"
   # -rss_limit_mb: a JPEG may declare up to kMaxJpegPixels (2^28) pixels, and decoding one
   # takes GBs (its output buffer alone is 768 MB); -timeout: seconds for one input.
-  LLVM_PROFILE_FILE=/dev/null nice -n 10 "$exe" -max_total_time="$seconds" -print_final_stats=1 \
+  nice -n 10 "$exe" -max_total_time="$seconds" -print_final_stats=1 \
     -rss_limit_mb=4096 -timeout=60 -artifact_prefix="$crashes/" "$corpus" "$here/tests/fuzz/corpus/$t" \
     >"$log" 2>&1 || true
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
