@@ -1,5 +1,6 @@
 // blpa-bench: measured figures. `codec` times the packing kernels (see docs/results.md).
 #include <blpa/codec.h>
+#include <blpa/train.h>
 #include <torch/torch.h>
 
 #include <chrono>
@@ -105,6 +106,7 @@ void usage() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  blpa::quiet_library_log();
   if (argc < 2 || std::string(argv[1]) == "-h" || std::string(argv[1]) == "--help") {
     usage();
     return argc < 2 ? 2 : 0;
@@ -123,8 +125,11 @@ int main(int argc, char** argv) {
   } catch (const cxxopts::exceptions::exception& e) {
     std::cerr << "blpa-bench " << cmd << ": " << e.what() << "\n";
     return 2;
-  } catch (const std::exception& e) {
+  } catch (const std::invalid_argument& e) {  // the commands' flag checks
     std::cerr << "blpa-bench " << cmd << ": " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "blpa-bench " << cmd << ": " << blpa::error_message(e) << "\n";
     return 1;
   }
 }

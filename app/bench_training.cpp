@@ -1,6 +1,7 @@
 // blpa-bench subcommands that measure whole networks: memory, step, max-batch, fidelity.
 #include <blpa/memory.h>
 #include <blpa/resnet.h>
+#include <blpa/step.h>
 #include <ATen/record_function.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/torch.h>
@@ -11,6 +12,7 @@
 #include <cxxopts.hpp>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <sstream>
@@ -139,6 +141,12 @@ struct Rig {
     model->constrain_();
     return stored;
   }
+  // One step as the bench times it: replay() when set (a CUDA graph), else step().
+  std::function<void()> replay;
+  void run() {
+    if (replay) replay();
+    else step();
+  }
   int64_t param_bytes() const {
     int64_t n = 0;
     for (const auto& p : model->parameters()) n += p.nbytes();
@@ -262,7 +270,7 @@ Profile profile_step(Rig& rig, size_t top_n, const std::string& trace) {
   prof::enableProfiler(config, activities);
   sync(dev);
   const auto t0 = Clock::now();
-  rig.step();
+  rig.run();
   sync(dev);
   const double wall = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
   const auto result = prof::disableProfiler();
@@ -303,7 +311,9 @@ int step_main(int argc, char** argv) {
       "profile", "Then profile one more step per mode: the GPU's busy time and the N costliest kernels "
       "(on CPU: operators, inclusive times); 0: no profile", cxxopts::value<int>()->default_value("0"), "N")(
       "trace", "With --profile: write each mode's profiled step to PREFIX-MODE.json (Chrome trace format)",
-      cxxopts::value<std::string>()->default_value(""), "PREFIX");
+      cxxopts::value<std::string>()->default_value(""), "PREFIX")(
+      "cuda-graphs", "CUDA: time each mode also as one captured iteration replayed as a CUDA graph (as blpa-train "
+      "--cuda-graphs runs it), in a row of its own after the eager one; JSON rows say \"graphed\"");
   Common c;
   cxxopts::ParseResult args;
   if (!parse_common(o, argc, argv, c, args)) return 0;
@@ -312,54 +322,70 @@ int step_main(int argc, char** argv) {
   if (top_n < 0) throw std::invalid_argument("--profile must be >= 0");
   const std::string trace = args["trace"].as<std::string>();
   if (!trace.empty() && top_n == 0) throw std::invalid_argument("--trace needs --profile N");
-  double plain_ms = 0;
+  const bool graphs = args.count("cuda-graphs") > 0;
+  if (graphs && !c.device.is_cuda()) throw std::invalid_argument("--cuda-graphs needs --device cuda");
+  double plain_ms[2] = {0, 0};  // eager, graphed
   for (const auto& mode : c.modes) {
-    Rig rig(c.net, mode, c.batch, c.size, c.device);
-    for (int i = 0; i < warmup; ++i) rig.step();
-    // host_ms: until step() returns, before the device has finished. On CUDA, host_ms close to
-    // median_ms means the step is bound by the host's launching of kernels, not by the GPU.
-    std::vector<double> ms, host_ms;
-    for (int i = 0; i < steps; ++i) {
+    for (const bool graphed : {false, true}) {
+      if (graphed && !graphs) continue;
+      Rig rig(c.net, mode, c.batch, c.size, c.device);
+      for (int i = 0; i < warmup; ++i) rig.step();
+      std::unique_ptr<blpa::GraphedStep> replay;
+      if (graphed) {
+        replay = std::make_unique<blpa::GraphedStep>(rig.model, rig.opt, 1);
+        replay->run(rig.x, rig.labels, 0.01);  // captures, then replays once
+        rig.replay = [&] { replay->run(rig.x, rig.labels, 0.01); };
+      }
+      // host_ms: until step() returns, before the device has finished. On CUDA, host_ms close to
+      // median_ms means the step is bound by the host's launching of kernels, not by the GPU.
+      std::vector<double> ms, host_ms;
       sync(c.device);
-      const auto t0 = Clock::now();
-      rig.step();
-      host_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
-      sync(c.device);
-      ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
-    }
-    auto median_of = [](std::vector<double>& v) {
-      std::sort(v.begin(), v.end());
-      return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
-    };
-    const double median = median_of(ms), host_median = median_of(host_ms);
-    const OpCount ops = count_ops(rig);
-    if (mode.mode == Mode::plain) plain_ms = median;
-    const std::string ratio = plain_ms > 0 ? fmt::format("{:.3f}", median / plain_ms) : "null";
-    Profile p;
-    if (top_n > 0) p = profile_step(rig, static_cast<size_t>(top_n), trace.empty() ? "" : trace + "-" + mode.str() + ".json");
-    std::string profile_json;
-    if (top_n > 0) {
-      profile_json = fmt::format(", \"profile\": {{\"wall_ms\": {:.3f}, \"busy_ms\": {:.3f}, \"top\": [", p.wall_ms, p.busy_ms);
-      for (size_t i = 0; i < p.top.size(); ++i)
-        profile_json += fmt::format("{}{{\"ms\": {:.3f}, \"calls\": {}, \"name\": \"{}\"}}", i ? ", " : "",
-                                    std::get<0>(p.top[i]), std::get<1>(p.top[i]), json_escape(std::get<2>(p.top[i])));
-      profile_json += "]}";
-    }
-    if (c.json)
-      fmt::print("{}, \"threads\": {}, \"steps\": {}, \"median_ms\": {:.3f}, \"min_ms\": {:.3f}, \"max_ms\": {:.3f}, "
-                 "\"host_ms\": {:.3f}, \"ops\": {}, \"ops_outermost\": {}, \"images_per_s\": {:.2f}, "
-                 "\"overhead_vs_plain\": {}{}}}\n",
-                 head(c, mode, "step"), c.device.is_cuda() ? 0 : torch::get_num_threads(), steps, median, ms.front(),
-                 ms.back(), host_median, ops.all, ops.outer, c.batch * 1000.0 / median, ratio, profile_json);
-    else {
-      fmt::print("{:8s} median {:9.2f} ms  (min {:.2f}, max {:.2f}, host {:.2f}, {} steps, {} ops)  {:8.1f} img/s  vs plain {}\n",
-                 mode.str(), median, ms.front(), ms.back(), host_median, steps, ops.outer, c.batch * 1000.0 / median,
-                 plain_ms > 0 ? ratio + "x" : std::string("(run plain first for the ratio)"));
+      blpa::memory::reset_peak(c.device);
+      for (int i = 0; i < steps; ++i) {
+        sync(c.device);
+        const auto t0 = Clock::now();
+        rig.run();
+        host_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+        sync(c.device);
+        ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+      }
+      auto median_of = [](std::vector<double>& v) {
+        std::sort(v.begin(), v.end());
+        return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+      };
+      const double median = median_of(ms), host_median = median_of(host_ms);
+      const int64_t peak = blpa::memory::peak(c.device);
+      const OpCount ops = graphed ? OpCount{} : count_ops(rig);
+      if (mode.mode == Mode::plain) plain_ms[graphed] = median;
+      const std::string ratio = plain_ms[graphed] > 0 ? fmt::format("{:.3f}", median / plain_ms[graphed]) : "null";
+      Profile p;
+      if (top_n > 0) p = profile_step(rig, static_cast<size_t>(top_n), trace.empty() ? "" : trace + "-" + mode.str() + ".json");
+      std::string profile_json;
       if (top_n > 0) {
-        fmt::print("  profiled step: {:.2f} ms wall, {:.2f} ms {}\n", p.wall_ms, p.busy_ms,
-                   c.device.is_cuda() ? "of GPU work" : "of operators (inclusive, overlapping)");
-        for (const auto& [total, calls, name] : p.top)
-          fmt::print("  {:9.3f} ms {:6d}x  {}\n", total, calls, name.size() > 110 ? name.substr(0, 107) + "..." : name);
+        profile_json = fmt::format(", \"profile\": {{\"wall_ms\": {:.3f}, \"busy_ms\": {:.3f}, \"top\": [", p.wall_ms, p.busy_ms);
+        for (size_t i = 0; i < p.top.size(); ++i)
+          profile_json += fmt::format("{}{{\"ms\": {:.3f}, \"calls\": {}, \"name\": \"{}\"}}", i ? ", " : "",
+                                      std::get<0>(p.top[i]), std::get<1>(p.top[i]), json_escape(std::get<2>(p.top[i])));
+        profile_json += "]}";
+      }
+      if (c.json)
+        fmt::print("{}, \"threads\": {}, \"graphed\": {}, \"steps\": {}, \"median_ms\": {:.3f}, \"min_ms\": {:.3f}, "
+                   "\"max_ms\": {:.3f}, \"host_ms\": {:.3f}, \"ops\": {}, \"ops_outermost\": {}, \"images_per_s\": {:.2f}, "
+                   "\"overhead_vs_plain\": {}, \"peak_bytes\": {}, \"graph_pool_bytes\": {}{}}}\n",
+                   head(c, mode, "step"), c.device.is_cuda() ? 0 : torch::get_num_threads(), graphed, steps, median,
+                   ms.front(), ms.back(), host_median, ops.all, ops.outer, c.batch * 1000.0 / median, ratio, peak,
+                   replay ? replay->pool_bytes() : 0, profile_json);
+      else {
+        fmt::print("{:8s}{} median {:9.2f} ms  (min {:.2f}, max {:.2f}, host {:.2f}, {} steps, {} ops)  {:8.1f} img/s  vs plain {}\n",
+                   mode.str(), graphed ? " graphed" : "", median, ms.front(), ms.back(), host_median, steps, ops.outer,
+                   c.batch * 1000.0 / median,
+                   plain_ms[graphed] > 0 ? ratio + "x" : std::string("(run plain first for the ratio)"));
+        if (top_n > 0) {
+          fmt::print("  profiled step: {:.2f} ms wall, {:.2f} ms {}\n", p.wall_ms, p.busy_ms,
+                     c.device.is_cuda() ? "of GPU work" : "of operators (inclusive, overlapping)");
+          for (const auto& [total, calls, name] : p.top)
+            fmt::print("  {:9.3f} ms {:6d}x  {}\n", total, calls, name.size() > 110 ? name.substr(0, 107) + "..." : name);
+        }
       }
     }
   }

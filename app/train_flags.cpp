@@ -58,6 +58,7 @@ cxxopts::Options make_options() {
     ("weight-decay", "Weight decay on conv and linear weights", cxxopts::value<S>()->default_value("2e-4"));
   opts.add_options("Running")
     ("device", "cpu, cuda or cuda:N", cxxopts::value<S>()->default_value("cpu"))
+    ("cuda-graphs", "auto, on or off: capture one training iteration as a CUDA graph after three eager ones and replay it, so the host launches no kernels (auto: on CUDA with one rank, falling back to eager with a warning if capture fails; on: a failure is an error; the loss is then read every --log-every iterations)", cxxopts::value<S>()->default_value("auto"))
     ("seed", "Seed of initialisation, data order and augmentation", cxxopts::value<S>()->default_value("0"))
     ("threads", "LibTorch CPU threads (0: its default)", cxxopts::value<S>()->default_value("0"))
     ("workers", "Data-preparation threads (0: 2 for data sets held in memory; for imagenet the cores / $LOCAL_WORLD_SIZE, 1 to 16)", cxxopts::value<S>()->default_value("0"))
@@ -80,7 +81,8 @@ cxxopts::Options make_options() {
     ("local-rank", "GPU index on this machine for --device cuda (default: $LOCAL_RANK, else the rank)", cxxopts::value<S>())
     ("master-addr", "Address of rank 0's rendezvous store (default: $MASTER_ADDR, else 127.0.0.1)", cxxopts::value<S>())
     ("master-port", "Its port (default: $MASTER_PORT, else 29500)", cxxopts::value<S>())
-    ("dist-timeout", "Seconds after which a missing or silent peer is an error", cxxopts::value<S>()->default_value("600"));
+    ("dist-timeout", "Seconds after which a missing or silent peer is an error", cxxopts::value<S>()->default_value("600"))
+    ("dist-backend", "auto (NCCL between GPUs, Gloo between CPU processes), gloo (also for CUDA tensors, e.g. several ranks sharing one GPU) or nccl", cxxopts::value<S>()->default_value("auto"));
   // clang-format on
   return opts;
 }
@@ -144,6 +146,7 @@ TrainCommand parse_train_command(int argc, const char* const* argv) {
   c.momentum = number<double>(a, "momentum");
   c.weight_decay = num("weight-decay", 1e-4);
   c.device = a["device"].as<std::string>();
+  c.cuda_graphs = a["cuda-graphs"].as<std::string>();
   c.seed = number<uint64_t>(a, "seed");
   c.threads = number<int>(a, "threads");
   c.workers = number<int>(a, "workers");
@@ -168,6 +171,7 @@ TrainCommand parse_train_command(int argc, const char* const* argv) {
   c.dist.local_rank = given("local-rank") ? number<int>(a, "local-rank") : std::getenv("LOCAL_RANK") ? c.dist.local_rank : c.dist.rank;
   if (given("master-addr")) c.dist.master_addr = a["master-addr"].as<std::string>();
   if (given("master-port")) c.dist.master_port = number<int>(a, "master-port");
+  c.dist.backend = a["dist-backend"].as<std::string>();
   const int timeout = number<int>(a, "dist-timeout");
   if (timeout <= 0) throw FlagError("--dist-timeout must be positive");
   c.dist.timeout = std::chrono::seconds(timeout);

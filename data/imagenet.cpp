@@ -191,20 +191,24 @@ Batch imagenet_eval_batch(const ImageList& list, int64_t first, int64_t count, i
       continue;
     }
     labels[i] = list.labels[first + i];
-    const int w = d.image.width, h = d.image.height;
-    if (!ten_crop) {
-      finish(resize_crop(d.image, center_crop_box(w, h, resize_short, crop), crop, false), nullptr, norm,
-             out.images[i]);
-      continue;
-    }
-    const auto boxes = five_crop_boxes(w, h, resize_short, crop);
-    for (int k = 0; k < 5; ++k) {
-      auto c = resize_crop(d.image, boxes[k], crop, false);
-      finish(c, nullptr, norm, out.images[i * 10 + k]);
-      finish(c.flip({2}), nullptr, norm, out.images[i * 10 + 5 + k]);
-    }
+    eval_views(d.image, resize_short, crop, ten_crop, norm, out.images.narrow(0, i * views, views));
   }
   return out;
+}
+
+void eval_views(const Image& img, int resize_short, int crop, bool ten_crop, const Normalisation& norm,
+                const at::Tensor& dst) {
+  const int w = img.width, h = img.height;
+  if (!ten_crop) {
+    finish(resize_crop(img, center_crop_box(w, h, resize_short, crop), crop, false), nullptr, norm, dst[0]);
+    return;
+  }
+  const auto boxes = five_crop_boxes(w, h, resize_short, crop);
+  for (int k = 0; k < 5; ++k) {
+    auto c = resize_crop(img, boxes[k], crop, false);
+    finish(c, nullptr, norm, dst[k]);
+    finish(c.flip({2}), nullptr, norm, dst[5 + k]);
+  }
 }
 
 }  // namespace blpa::data

@@ -27,6 +27,7 @@
 #include "blpa/loader.h"
 #include "blpa/memory.h"
 #include "blpa/resnet.h"
+#include "blpa/step.h"
 
 namespace blpa {
 namespace {
@@ -279,10 +280,10 @@ std::string TrainConfig::describe() const {
       "dataset={}\ndata_dir={}\ntrain_subset={}\ntest_subset={}\naugment={}\narch={}\ndepth={}\nmode={}\nbatch={}\n"
       "iterations={}\nlr={}\nwarmup={}\nwarmup_lr={}\nsteps={}\nfactor={}\nmomentum={}\nweight_decay={}\ndevice={}\n"
       "seed={}\nthreads={}\nworkers={}\naccum_steps={}\ntrain_list={}\nval_list={}\nworld={}\nlog_every={}\n"
-      "eval_every={}\ncheckpoint_every={}\n",
+      "eval_every={}\ncheckpoint_every={}\ncuda_graphs={}\n",
       dataset, data_dir, train_subset, test_subset, augment, arch, depth, mode.str(), batch, iterations, lr, warmup,
       warmup_lr, fmt::join(steps, ","), factor, momentum, weight_decay, device, seed, threads, workers, accum_steps,
-      train_list, val_list, dist.world, log_every, eval_every, checkpoint_every);
+      train_list, val_list, dist.world, log_every, eval_every, checkpoint_every, cuda_graphs);
 }
 
 namespace {
@@ -309,11 +310,11 @@ std::string TrainConfig::json() const {
       "\"arch\": {}, \"depth\": {}, \"mode\": {}, \"bits\": {}, \"batch\": {}, \"accum_steps\": {}, "
       "\"iterations\": {}, \"lr\": {}, \"warmup\": {}, \"warmup_lr\": {}, \"steps\": [{}], \"factor\": {}, "
       "\"momentum\": {}, \"weight_decay\": {}, \"device\": {}, \"seed\": {}, \"threads\": {}, \"workers\": {}, "
-      "\"world\": {}, \"train_list\": {}, \"val_list\": {}}}",
+      "\"world\": {}, \"cuda_graphs\": {}, \"train_list\": {}, \"val_list\": {}}}",
       quote(dataset), quote(data_dir), train_subset, test_subset, augment, quote(arch), depth, quote(mode.str()),
       (mode.mode == Mode::blpa || mode.mode == Mode::naive) ? mode.bits : 32, batch, accum_steps, iterations, lr,
       warmup, warmup_lr, fmt::join(steps, ", "), factor, momentum, weight_decay, quote(device), seed, threads,
-      workers, dist.world, quote(train_list), quote(val_list));
+      workers, dist.world, quote(cuda_graphs), quote(train_list), quote(val_list));
 }
 
 void TrainConfig::validate() const {
@@ -348,12 +349,22 @@ void TrainConfig::validate() const {
   if (workers < 0 || prefetch <= 0) bad("--workers must be >= 0 and --prefetch positive");
   if (dist.local_world < 1) bad("LOCAL_WORLD_SIZE must be positive");
   if (accum_steps <= 0 || batch % accum_steps != 0) bad("--accum-steps must be positive and divide --batch");
+  bool cpu = false;
   try {
     const torch::Device d(device);
     if (!d.is_cpu() && !d.is_cuda()) bad("--device must be cpu, cuda or cuda:N, got '" + device + "'");
+    cpu = d.is_cpu();
   } catch (const c10::Error&) {
     bad("--device must be cpu, cuda or cuda:N, got '" + device + "'");
   }
+  if (cuda_graphs != "auto" && cuda_graphs != "on" && cuda_graphs != "off")
+    bad("--cuda-graphs must be auto, on or off, got '" + cuda_graphs + "'");
+  if (cuda_graphs == "on" && cpu) bad("--cuda-graphs on needs --device cuda (CUDA graphs replay GPU work)");
+  if (dist.backend != "auto" && dist.backend != "gloo" && dist.backend != "nccl")
+    bad("--dist-backend must be auto, gloo or nccl, got '" + dist.backend + "'");
+  if (dist.backend == "nccl" && cpu) bad("--dist-backend nccl needs --device cuda");
+  if (cuda_graphs == "on" && dist.enabled())
+    bad("--cuda-graphs on: not with several ranks (their all-reduce is not captured); use auto or off");
   // Two outputs on one path would overwrite each other.
   std::map<std::string, std::string> outputs;
   for (const auto& [path, flag] : {std::pair{checkpoint, "--checkpoint"}, std::pair{log_path, "--log"},
@@ -561,7 +572,8 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   memory::install_cpu_counter();
   std::unique_ptr<Distributed> dist;
   if (config.dist.enabled()) {
-    dist = std::make_unique<Distributed>(config.dist, dev.is_cuda() ? "nccl" : "gloo");
+    const std::string backend = config.dist.backend != "auto" ? config.dist.backend : dev.is_cuda() ? "nccl" : "gloo";
+    dist = std::make_unique<Distributed>(config.dist, backend);
     agree_across_ranks(*dist, config.rank_agreement() + fmt::format(" start={}", state.iteration));
     spdlog::info("rank {} of {} ({}, {} backend), batch {} per rank, {} in all", config.dist.rank, config.dist.world,
                  dev.str(), dist->backend(), config.batch, config.batch * config.dist.world);
@@ -659,10 +671,10 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   if (dist) {
     // Every rank starts from rank 0's weights and statistics (the same seed gives the same
     // initialisation, and every rank resumes from the same file; this makes sure of it).
-    std::vector<torch::Tensor> params;
-    for (const auto& p : model->parameters()) params.push_back(p.detach());
-    for (const auto& b : model->buffers()) params.push_back(b);
-    dist->broadcast(params);
+    std::vector<torch::Tensor> weights;
+    for (const auto& p : model->parameters()) weights.push_back(p.detach());
+    for (const auto& b : model->buffers()) weights.push_back(b);
+    dist->broadcast(weights);
     reducer = dist->reducer(model->parameters());
   }
   int64_t params = 0;
@@ -720,6 +732,16 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   bool pending_eval = state.pending_eval;
   memory::reset_peak(dev);
 
+  // CUDA graphs: after a few eager iterations (cuDNN's choices, the momentum buffers), the
+  // iteration is captured once and replayed. Its losses stay on the device until drain(),
+  // at log time and before a checkpoint.
+  bool use_graphs = dev.is_cuda() && config.cuda_graphs != "off";
+  if (use_graphs && dist) {
+    spdlog::info("CUDA graphs off: with several ranks every iteration runs eagerly (the all-reduce is not captured)");
+    use_graphs = false;
+  }
+  std::unique_ptr<GraphedStep> graphed;
+  const int64_t capture_at = it + 3;
   auto write_summary = [&](const char* status) {
     if (config.summary_path.empty() || !lead) return;
     AtomicFile f(config.summary_path);
@@ -727,11 +749,11 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
         "{{\"type\": \"summary\", \"status\": \"{}\", \"iter\": {}, \"iterations\": {}, \"time\": {:.3f}, "
         "\"wall_s\": {:.3f}, \"train_s\": {:.3f}, \"last_loss\": {:.6g}, \"test_loss\": {:.6g}, \"test_acc\": {:.6f}, "
         "\"test_top5\": {:.6f}, \"test_error\": {:.6f}, \"images_per_s\": {:.2f}, \"stored_activation_bytes\": {}, "
-        "\"peak_bytes\": {}, \"decode_failures\": {}, \"config\": {}}}\n",
+        "\"peak_bytes\": {}, \"decode_failures\": {}, \"graphed\": {}, \"config\": {}}}\n",
         status, it, config.iterations, unix_time(), unix_time() - start_time, train_seconds, result.last_loss,
         result.test_loss, result.test_acc, result.test_top5, 1 - result.test_acc,
         train_seconds > 0 ? train_images / train_seconds : 0.0, stored, peak_max, decode_errors.count.load(),
-        config.json()));
+        graphed != nullptr, config.json()));
     f.commit();
   };
   auto evaluate_now = [&] {  // rank 0; returns false when a signal interrupted it
@@ -751,21 +773,35 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
                  100 * (1 - e.top1), 100 * (1 - e.top5));
     return true;
   };
-  // `iteration`: the one (counted from 1) whose loss or update was not finite.
+  // `what` says what and where (iteration, counted from 1); `iteration` sets the learning rate named.
   auto diverged = [&](const std::string& what, int64_t iteration) {
     write_summary("diverged");
     return NonFiniteLoss(fmt::format(
-        "{} at iteration {} (learning rate {}); training stopped. {}", what, iteration, config.lr_at(iteration - 1),
+        "{} (learning rate {}); training stopped. {}", what, config.lr_at(iteration - 1),
         config.checkpoint.empty() ? std::string("No checkpoint was configured.")
         : last_good < 0 ? "No checkpoint had been written yet, and none is written from non-finite numbers."
                         : fmt::format("The last good checkpoint, {} (iteration {}), was kept.", config.checkpoint,
                                       last_good)));
   };
+  auto drain = [&] {
+    if (!graphed) return;
+    const auto l = graphed->take_losses();
+    if (l.count == 0) return;
+    if (!std::isfinite(l.sum))
+      throw diverged(fmt::format("the loss became {} in one of iterations {} to {} (replayed as a CUDA graph, the "
+                                 "loss is read every --log-every iterations)",
+                                 l.sum, it - l.count + 1, it),
+                     it);
+    window_loss += l.sum;
+    result.last_loss = l.last;
+  };
   // Only finite weights and optimiser state reach a checkpoint: an update can overflow even
   // when the loss before it was finite.
   auto checkpoint = [&] {
     if (config.checkpoint.empty() || !lead) return;
-    if (!all_finite(model, &opt)) throw diverged("the weights became non-finite (NaN or Inf)", it);
+    drain();
+    if (!all_finite(model, &opt))
+      throw diverged(fmt::format("the weights became non-finite (NaN or Inf) by iteration {}", it), it);
     RunState s;
     s.iteration = it;
     s.pending_eval = pending_eval;
@@ -790,28 +826,51 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
       const double lr = config.lr_at(it);
       for (auto& g : opt.param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr);
       auto batch = next_batch();
-      auto x = batch.images.to(dev, /*non_blocking=*/true), y = batch.labels.to(dev, /*non_blocking=*/true);
-      opt.zero_grad();
-      // A bad loss changes nothing: the update is not applied and no checkpoint is written.
-      double loss_v = accumulate_gradients(model, x, y, config.accum_steps, &stored, reducer.get());
       bool stopping = stop && stop->load();
-      if (dist) {  // the mean loss over ranks, and a stop asked for on any rank stops them all
-        const auto sums = dist->sum({loss_v, stopping ? 1.0 : 0.0});
-        loss_v = sums[0] / config.dist.world;
-        stopping = sums[1] > 0;
+      bool replayed = false;
+      if (use_graphs && it >= capture_at) {
+        try {
+          if (!graphed) graphed = std::make_unique<GraphedStep>(model, opt, config.accum_steps);
+          const bool capturing = !graphed->captured();
+          graphed->run(batch.images, batch.labels, lr);
+          replayed = true;
+          if (capturing)
+            spdlog::info("CUDA graphs: iteration {} onwards replays one captured iteration ({:.1f} MiB pool)", it + 1,
+                         graphed->pool_bytes() / 1048576.0);
+        } catch (const std::runtime_error& e) {
+          if (graphed && graphed->captured()) throw;  // a replay that fails is an error like any other
+          if (config.cuda_graphs == "on")
+            throw std::runtime_error(std::string("--cuda-graphs on: the iteration could not be captured (") + e.what() + ")");
+          spdlog::warn("CUDA graphs off: the iteration could not be captured ({}); training continues eagerly", e.what());
+          graphed.reset();
+          use_graphs = false;
+        }
       }
-      if (!std::isfinite(loss_v)) throw diverged(fmt::format("the loss became {}", loss_v), it + 1);
-      consistent = false;
-      opt.step();
-      if (config.mode.mode != Mode::plain) model->constrain_();
-      consistent = true;
+      if (!replayed) {
+        auto x = batch.images.to(dev, /*non_blocking=*/true), y = batch.labels.to(dev, /*non_blocking=*/true);
+        opt.zero_grad();
+        // A bad loss changes nothing: the update is not applied and no checkpoint is written.
+        double loss_v = accumulate_gradients(model, x, y, config.accum_steps, &stored, reducer.get());
+        if (dist) {  // the mean loss over ranks, and a stop asked for on any rank stops them all
+          const auto sums = dist->sum({loss_v, stopping ? 1.0 : 0.0});
+          loss_v = sums[0] / config.dist.world;
+          stopping = sums[1] > 0;
+        }
+        if (!std::isfinite(loss_v))
+          throw diverged(fmt::format("the loss became {} at iteration {}", loss_v, it + 1), it + 1);
+        consistent = false;
+        opt.step();
+        if (config.mode.mode != Mode::plain) model->constrain_();
+        consistent = true;
+        window_loss += loss_v;
+        result.last_loss = loss_v;
+      }
       ++it;
       ++window_iters;
-      window_loss += loss_v;
-      result.last_loss = loss_v;
 
       const bool last = it == config.iterations;
       if (it % config.log_every == 0 || last) {
+        drain();
         const double secs = std::chrono::duration<double>(Clock::now() - window_start).count();
         double ips = window_iters * config.batch / secs;
         train_seconds += secs;
@@ -828,9 +887,10 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
         const double eta = total / (it - first) * (config.iterations - it);
         log.write(fmt::format(
             "{{\"type\": \"train\", \"iter\": {}, \"time\": {:.3f}, \"epoch\": {:.3f}, \"loss\": {:.6g}, \"lr\": {:.6g}, "
-            "\"images_per_s\": {:.2f}, \"stored_activation_bytes\": {}, \"peak_bytes\": {}, \"decode_failures\": {}{}}}\n",
+            "\"images_per_s\": {:.2f}, \"stored_activation_bytes\": {}, \"peak_bytes\": {}, \"decode_failures\": {}, "
+            "\"graphed\": {}{}}}\n",
             it, unix_time(), double(it) / per_epoch, window_loss / window_iters, lr, ips, stored, peak,
-            decode_errors.count.load(),
+            decode_errors.count.load(), graphed != nullptr,
             dist ? fmt::format(", \"world\": {}, \"global_batch\": {}, \"images_per_s_per_rank\": {:.2f}, "
                                "\"stored_activation_bytes_total\": {}, \"peak_bytes_total\": {}",
                                config.dist.world, config.batch * config.dist.world, ips / config.dist.world,
@@ -873,6 +933,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
         break;
       }
     }
+    drain();
   } catch (const NonFiniteLoss&) {
     throw;
   } catch (const std::exception& e) {

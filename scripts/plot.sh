@@ -1,58 +1,158 @@
 #!/usr/bin/env bash
-# Renders the plots of docs/results.md from the JSON-lines files that scripts/study.sh
-# writes:   scripts/plot.sh [DIR]   (default results/study) -> docs/*.png
-# Uses gnuplot (Debian's gnuplot-nox, installed here if missing) and awk; no Python.
+# Plots any set of blpa-train runs from their JSON-lines logs (--log), one PNG per quantity
+# against iteration:
+#   loss.png         training loss (each record's mean over its --log-every window)
+#   error.png        test error from the evaluation records, in %
+#   images-per-s.png training throughput
+#   memory.png       stored activations (solid) and the step's peak memory (dashed), MiB
+#
+#   scripts/plot.sh [-o DIR] [-p PREFIX] [-t TITLE] LOG.jsonl...
+#
+# Each run's legend comes from the configuration record at the top of its log: the settings
+# that differ between the logs given (mode and bits, seed, depth, batch, ...), the mode when
+# none differ, the file name for a log without one. The title names the settings they share
+# (or -t TITLE). A quantity no log has (no evaluation, say) is left out. Needs gnuplot
+# (Debian's gnuplot-nox; scripts/setup.sh installs it) and awk.
 set -euo pipefail
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-dir=${1:-$here/results/study}
-docs=$here/docs
-if ! command -v gnuplot >/dev/null; then
-  sudo=""
-  [[ $(id -u) == 0 ]] || sudo=sudo
-  $sudo apt-get install -y -qq --no-install-recommends gnuplot-nox >/dev/null
-fi
+usage() {  # $1: the exit status (0 for -h, 2 for a bad command line, on stderr)
+  sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&$((1 + ($1 != 0)))
+  exit "$1"
+}
+out=. prefix="" title=""
+while getopts "o:p:t:h" opt; do
+  case $opt in
+    o) out=$OPTARG ;;
+    p) prefix=$OPTARG ;;
+    t) title=$OPTARG ;;
+    h) usage 0 ;;
+    *) usage 2 ;;
+  esac
+done
+shift $((OPTIND - 1))
+(($# > 0)) || usage 2
+command -v gnuplot >/dev/null || { echo "plot.sh: gnuplot not found (Debian: gnuplot-nox; scripts/setup.sh installs it)" >&2; exit 1; }
+for f in "$@"; do
+  [[ -f $f && -r $f ]] || { echo "plot.sh: $f: not a readable file" >&2; exit 1; }
+done
+mkdir -p "$out"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-# field NAME of a JSON line (numbers and strings without commas)
-json_col() { awk -v k="\"$1\": " '{ i = index($0, k); if (!i) next; s = substr($0, i + length(k)); sub(/[,}].*/, "", s); gsub(/"/, "", s); print s }'; }
 
-modes=(plain exact blpa-8 blpa-4 naive-4)
-plot_train="" plot_eval=""
-for m in "${modes[@]}"; do
-  f=$dir/fashion-$m.jsonl
-  [[ -f $f ]] || continue
-  grep '"type": "train"' "$f" | paste <(json_col iter <<<"$(grep '"type": "train"' "$f")") \
-    <(json_col loss <<<"$(grep '"type": "train"' "$f")") >"$tmp/$m.train"
-  paste <(json_col iter <<<"$(grep '"type": "eval"' "$f")") <(json_col test_acc <<<"$(grep '"type": "eval"' "$f")") >"$tmp/$m.eval"
-  plot_train+="'$tmp/$m.train' using 1:2 with lines lw 2 title '$m', "
-  plot_eval+="'$tmp/$m.eval' using 1:(100*(1-\$2)) with linespoints lw 2 pt 7 title '$m', "
+# The settings a legend may name, in the order it names them.
+keys=(dataset arch depth mode batch accum_steps lr iterations seed world device train_subset)
+# Per log: the first config record's settings, one "key<TAB>value" per line, in $tmp/N.cfg; its
+# training records as "iter loss images_per_s stored_MiB peak_MiB" in $tmp/N.train and its
+# evaluation records as "iter error_%" in $tmp/N.eval.
+n=0
+for f in "$@"; do
+  n=$((n + 1))
+  awk -v cfg="$tmp/$n.cfg" -v train="$tmp/$n.train" -v ev="$tmp/$n.eval" -v keys="${keys[*]}" '
+    # The value of "key": in s (a string without its quotes, a number or a boolean).
+    function get(s, key,    v) {
+      if (!match(s, "\"" key "\": (\"[^\"]*\"|[^,}]*)")) return ""
+      v = substr(s, RSTART + length(key) + 4, RLENGTH - length(key) - 4)
+      gsub(/"/, "", v)
+      return v
+    }
+    /"type": "config"/ && !seen_config {
+      seen_config = 1
+      c = substr($0, index($0, "\"config\": {") + 10)
+      nk = split(keys, k, " ")
+      for (i = 1; i <= nk; i++) print k[i] "\t" get(c, k[i]) > cfg
+    }
+    /"type": "train"/ {
+      print get($0, "iter"), get($0, "loss"), get($0, "images_per_s"), get($0, "stored_activation_bytes") / 1048576,
+            get($0, "peak_bytes") / 1048576 > train
+    }
+    /"type": "eval"/ { print get($0, "iter"), 100 * (1 - get($0, "test_acc")) > ev }
+  ' "$f"
+  touch "$tmp/$n.cfg" "$tmp/$n.train" "$tmp/$n.eval"
 done
-if [[ -n $plot_train ]]; then
-  gnuplot <<GP
-set terminal pngcairo size 900,560 font "Sans,11"
-set output "$docs/study-loss.png"
-set title "Fashion-MNIST, ResNet-20, batch 64: training loss (mean over 20 iterations)"
-set xlabel "iteration"; set ylabel "loss"; set logscale y; set grid
-plot ${plot_train%, }
-set output "$docs/study-error.png"
-unset logscale y
-set title "Fashion-MNIST, ResNet-20: test error (10,000 images)"
-set ylabel "test error (%)"; set yrange [*:*]
-plot ${plot_eval%, }
-GP
+
+value() { awk -F'\t' -v k="$2" '$1 == k { print $2 }' "$tmp/$1.cfg"; }
+# Settings on which the logs with a config record agree go to the title, the others to the
+# legends.
+varying=() shared=()
+for k in "${keys[@]}"; do
+  vals=$(for i in $(seq "$n"); do [[ ! -s $tmp/$i.cfg ]] || value "$i" "$k"; done | sort -u | wc -l)
+  if ((vals > 1)); then varying+=("$k"); else shared+=("$k"); fi
+done
+describe() {  # $1: log number, $2...: keys
+  local i=$1 s="" v
+  shift
+  for k in "$@"; do
+    v=$(value "$i" "$k")
+    case $k in
+      mode | dataset) s+=" $v" ;;
+      arch) s+=" $v-$(value "$i" depth)" ;;
+      depth) [[ " $* " == *" arch "* ]] || s+=" depth $v" ;;
+      *) s+=" ${k//_/ } $v" ;;
+    esac
+  done
+  echo "${s# }"
+}
+labels=()
+for i in $(seq "$n"); do
+  f=${!i}
+  if [[ ! -s $tmp/$i.cfg ]]; then
+    labels+=("$(basename "$f" .jsonl)")
+  elif ((${#varying[@]})); then
+    labels+=("$(describe "$i" "${varying[@]}")")
+  else
+    labels+=("$(describe "$i" mode)")
+  fi
+done
+# Two runs with the same legend: the file names tell them apart.
+if (($(printf '%s\n' "${labels[@]}" | sort | uniq -d | wc -l))); then
+  for i in $(seq "$n"); do
+    f=${!i}
+    labels[i - 1]+=" ($(basename "$f" .jsonl))"
+  done
 fi
-mem=$dir/memory-resnet164.jsonl
-if [[ -f $mem ]]; then
-  paste <(json_col mode <"$mem") <(json_col bits <"$mem") <(json_col stored_activation_bytes <"$mem") \
-    <(json_col peak_bytes <"$mem") | awk '{ name = ($2 == 32) ? $1 : $1 "-" $2; print name, $3 / 1048576, $4 / 1048576 }' >"$tmp/mem"
-  gnuplot <<GP
-set terminal pngcairo size 900,520 font "Sans,11"
-set output "$docs/memory-resnet164.png"
-set title "ResNet-164, batch 128, one training step (CPU allocator)"
-set style data histograms; set style histogram clustered gap 1; set style fill solid 0.8 border -1
-set ylabel "MiB"; set grid ytics; set key top right
-set yrange [0:*]
-plot "$tmp/mem" using 2:xtic(1) title "kept by autograd for backward", "" using 3 title "step peak above resident"
-GP
+all_configured=1
+for i in $(seq "$n"); do [[ -s $tmp/$i.cfg ]] || all_configured=0; done
+is_shared() { [[ " ${shared[*]} " == *" $1 "* ]]; }
+if [[ -z $title && $all_configured == 1 ]]; then
+  first=1
+  parts=()
+  if is_shared dataset; then parts+=("$(value "$first" dataset)"); fi
+  if is_shared arch && is_shared depth; then parts+=("$(value "$first" arch)-$(value "$first" depth)"); fi
+  if is_shared batch; then parts+=("batch $(value "$first" batch)"); fi
+  title=$(printf '%s, ' "${parts[@]}")
+  title=${title%, }
 fi
-ls "$docs"/*.png
+for i in $(seq "$n"); do echo "${labels[i - 1]}: ${!i}"; done
+
+# One gnuplot run per quantity; $1 file name, $2 y label, $3 data suffix, $4 plot clause per
+# log (with @F for its data file, @T for its title, @I for its number and @S for its style:
+# lines, with points where they are few), $5 more gnuplot settings.
+plot() {
+  local png=$out/$prefix$1 clauses="" i
+  for i in $(seq "$n"); do
+    [[ -s $tmp/$i.$3 ]] || continue
+    local t=${labels[i - 1]//\'/\'\'} c=$4 style="lines"
+    (($(wc -l <"$tmp/$i.$3") > 40)) || style="linespoints pt 7 ps 0.6"
+    c=${c//@S/$style}
+    c=${c//@F/$tmp/$i.$3}
+    c=${c//@T/$t}
+    clauses+="${c//@I/$i}, "
+  done
+  if [[ -z $clauses ]]; then
+    echo "$png: no log has $2 records; not written"
+    return
+  fi
+  gnuplot <<GP
+set terminal pngcairo size 900,560 font "Sans,11" noenhanced
+set output "$png"
+set title "${title//\"/\\\"}${title:+: }$2"
+set xlabel "iteration"; set ylabel "$2"; set grid; set key outside right top
+${5:-}
+plot ${clauses%, }
+GP
+  echo "$png"
+}
+plot loss.png "training loss" train "'@F' using 1:2 with @S lw 2 lc @I title '@T'" "set logscale y"
+plot error.png "test error (%)" eval "'@F' using 1:2 with @S lw 2 lc @I title '@T'"
+plot images-per-s.png "images/s" train "'@F' using 1:3 with @S lw 2 lc @I title '@T'" "set yrange [0:*]"
+plot memory.png "MiB: stored activations (solid), step peak (dashed)" train \
+  "'@F' using 1:4 with @S lw 2 lc @I title '@T', '@F' using 1:5 with @S lw 2 dt 2 lc @I notitle" "set yrange [0:*]"

@@ -24,9 +24,10 @@ die() { echo "[setup] error: $*" >&2; exit 1; }
 
 # --- Debian packages -------------------------------------------------------------------
 # cxxopts, spdlog+fmt, Catch2 (v2), libjpeg-turbo, zlib; the Fashion-MNIST data set the
-# default job trains on; ccache and ninja keep rebuilds fast; pip for LibTorch.
+# default job trains on; ccache and ninja keep rebuilds fast; gnuplot draws scripts/plot.sh's
+# plots; pip for LibTorch.
 apt_packages=(cmake g++ ninja-build ccache pkg-config libcxxopts-dev libspdlog-dev libfmt-dev catch2
-              libturbojpeg0-dev zlib1g-dev libgloo-dev dataset-fashion-mnist)
+              libturbojpeg0-dev zlib1g-dev libgloo-dev dataset-fashion-mnist gnuplot-nox)
 # python3-pip only where no pip is usable (pyenv and similar bring their own).
 python3 -m pip --version >/dev/null 2>&1 || apt_packages+=(python3-pip)
 if [[ $BLPA_OFFLINE != 1 ]]; then

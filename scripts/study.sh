@@ -2,15 +2,49 @@
 # The measurements behind docs/results.md (CPU): memory, step time, max batch, gradient
 # fidelity, and the Fashion-MNIST accuracy study (the same network, seed and iteration
 # budget in plain, exact, blpa 8, blpa 4 and naive 4). Writes JSON lines under
-# results/study/ and then the plots (scripts/plot.sh). Takes about 80 minutes on 2 cores.
-# STUDY_ITERATIONS (default 2000) sets the accuracy study's budget.
+# results/study/ and then the plots of docs/results.md (docs/*.png). Takes about 80 minutes
+# on 2 cores. STUDY_ITERATIONS (default 2000) sets the accuracy study's budget.
+#   scripts/study.sh --plots    only renders the plots again from results/study/
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+out=$here/results/study
+
+# The accuracy study's runs through scripts/plot.sh (docs/study-loss.png, study-error.png, ...);
+# the memory table of blpa-bench as bars (docs/memory-resnet164.png), with gnuplot directly.
+plots() {
+  local logs=()
+  for mode in plain exact blpa-8 blpa-4 naive-4; do
+    [[ ! -f $out/fashion-$mode.jsonl ]] || logs+=("$out/fashion-$mode.jsonl")
+  done
+  ((${#logs[@]} == 0)) || "$here/scripts/plot.sh" -o "$here/docs" -p study- "${logs[@]}"
+  local mem=$out/memory-resnet164.jsonl
+  [[ -f $mem ]] || return 0
+  # "mode", "bits", "stored_activation_bytes", "peak_bytes" of each line, as "name MiB MiB"
+  awk '{ split("", v); n = split($0, f, /[,{}]/)
+         for (i = 1; i <= n; i++) if (match(f[i], /"[a-z_]+": /)) {
+           k = substr(f[i], RSTART + 1, RLENGTH - 4); x = substr(f[i], RSTART + RLENGTH); gsub(/[" ]/, "", x); v[k] = x }
+         print (v["bits"] == 32 ? v["mode"] : v["mode"] "-" v["bits"]), v["stored_activation_bytes"] / 1048576,
+               v["peak_bytes"] / 1048576 }' "$mem" >"$out/memory-resnet164.dat"
+  gnuplot <<GP
+set terminal pngcairo size 900,520 font "Sans,11"
+set output "$here/docs/memory-resnet164.png"
+set title "ResNet-164, batch 128, one training step (CPU allocator)"
+set style data histograms; set style histogram clustered gap 1; set style fill solid 0.8 border -1
+set ylabel "MiB"; set grid ytics; set key top right
+set yrange [0:*]
+plot "$out/memory-resnet164.dat" using 2:xtic(1) title "kept by autograd for backward", "" using 3 title "step peak above resident"
+GP
+  echo "$here/docs/memory-resnet164.png"
+}
+if [[ ${1:-} == --plots ]]; then
+  plots
+  exit 0
+fi
+
 export BLPA_BUILD_DIR=${BLPA_BUILD_DIR:-$here/build}
 "$here/scripts/build.sh" >/dev/null
 bench=$BLPA_BUILD_DIR/app/blpa-bench
 train=$BLPA_BUILD_DIR/app/blpa-train
-out=$here/results/study
 mkdir -p "$out"
 {
   echo "date: $(date -u +%FT%TZ)"
@@ -39,4 +73,4 @@ for seed in 2 3; do
       --log "$out/fashion-$mode-seed$seed.jsonl"
   done
 done
-"$here/scripts/plot.sh" "$out"
+plots

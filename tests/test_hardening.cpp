@@ -5,6 +5,7 @@
 #include <blpa/dataset.h>
 #include <blpa/train.h>
 #include <sys/wait.h>
+#include <fmt/format.h>
 #include <unistd.h>
 
 #include <csignal>
@@ -105,6 +106,9 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"--checkpoint", "a.ckpt", "--log", "a.ckpt"}, "name the same file"},
       {{"--checkpoint", "a.ckpt", "--resume", "--overwrite"}, "give one of them"},
       {{"--master-port", "70000"}, "--master-port must be in 1..65535"},
+      {{"--dist-backend", "mpi"}, "--dist-backend must be auto, gloo or nccl, got 'mpi'"},
+      {{"--dist-backend", "nccl"}, "--dist-backend nccl needs --device cuda"},
+      {{"--cuda-graphs", "on"}, "--cuda-graphs on needs --device cuda"},
   };
   for (const auto& [args, message] : cases) {
     // A data folder that does not exist: the flag must be refused before any data is read.
@@ -395,20 +399,20 @@ TEST_CASE("hardening: ranks started with different settings refuse to train, nam
   const auto dir = temp_dir("ranks");
   const int port = 20000 + static_cast<int>(::getpid() % 15000) * 2 + 1;
   auto rank = [&](int r, const std::string& depth, const std::string& batch) {
-    std::string cmd = "RANK=" + std::to_string(r) + " WORLD_SIZE=2 " + BLPA_TRAIN_EXE;
+    std::string cmd = fmt::format("RANK={} WORLD_SIZE=2 {}", r, BLPA_TRAIN_EXE);
     for (const auto& a : small(dir, {"--depth", depth, "--batch", batch, "--master-port", std::to_string(port),
                                      "--dist-timeout", "60"}))
       cmd += " '" + a + "'";
-    const std::string out = (dir / ("r" + std::to_string(r))).string();
-    return "(" + cmd + " > " + out + ".out 2>&1; echo \\$? > " + out + ".rc)";
+    const std::string out = (dir / fmt::format("r{}", r)).string();
+    return fmt::format("({} > {}.out 2>&1; echo \\$? > {}.rc)", cmd, out, out);
   };
   // ResNet-20 against ResNet-29 used to abort rank 0 inside Gloo's broadcast.
   const std::string both = rank(0, "20", "32") + " & " + rank(1, "29", "64") + " & wait";
   REQUIRE(std::system(("bash -c \"" + both + "\"").c_str()) == 0);
   for (int r : {0, 1}) {
-    const std::string out = slurp(dir / ("r" + std::to_string(r) + ".out"));
+    const std::string out = slurp(dir / fmt::format("r{}.out", r));
     CAPTURE(r, out);
-    CHECK(std::stoi(slurp(dir / ("r" + std::to_string(r) + ".rc"))) == 2);
+    CHECK(std::stoi(slurp(dir / fmt::format("r{}.rc", r))) == 2);
     CHECK(out.find("the ranks were started with different settings") != std::string::npos);
     CHECK(out.find("depth: rank 0 20, rank 1 29") != std::string::npos);
     CHECK(out.find("batch: rank 0 32, rank 1 64") != std::string::npos);
@@ -419,7 +423,7 @@ TEST_CASE("hardening: ranks started with different settings refuse to train, nam
                           "RANK=1 WORLD_SIZE=2");
   CAPTURE(alone.output);
   CHECK(alone.code == 1);
-  CHECK(alone.output.find("rank 1 of 2: no rendezvous at 127.0.0.1:" + std::to_string(port + 1) + " within 1 s") !=
+  CHECK(alone.output.find(fmt::format("rank 1 of 2: no rendezvous at 127.0.0.1:{} within 1 s", port + 1)) !=
         std::string::npos);
   check_clean(alone);
   remove_tree(dir);

@@ -92,4 +92,9 @@ Batch imagenet_train_batch(const ImageList& list, const std::vector<int64_t>& in
 Batch imagenet_eval_batch(const ImageList& list, int64_t first, int64_t count, int resize_short, int crop,
                           bool ten_crop, const Normalisation& norm, DecodeErrors* errors, bool pinned = false);
 
+// The evaluation views of one decoded image, as imagenet_eval_batch makes them, written to
+// `dst` (1 or, with `ten_crop`, 10 x 3 x crop x crop).
+void eval_views(const Image& img, int resize_short, int crop, bool ten_crop, const Normalisation& norm,
+                const at::Tensor& dst);
+
 }  // namespace blpa::data

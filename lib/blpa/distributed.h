@@ -20,6 +20,7 @@ struct DistConfig {
   int local_world = 1;  // processes on this machine: they share its cores
   std::string master_addr = "127.0.0.1";
   int master_port = 29500;
+  std::string backend = "auto";  // auto (NCCL for CUDA tensors, Gloo for CPU ones), gloo or nccl
   std::chrono::milliseconds timeout{std::chrono::seconds(600)};  // a missing peer is an error after this
 
   bool enabled() const { return world > 1; }

@@ -40,6 +40,7 @@ struct TrainConfig {
   double weight_decay = 2e-4;  // conv and linear weights only
   // Running
   std::string device = "cpu";
+  std::string cuda_graphs = "auto";  // auto | on | off: replay each iteration as a CUDA graph
   uint64_t seed = 0;
   int threads = 0;  // LibTorch intra-op threads (0: its default)
   int workers = 0;  // data threads (0: default_workers)

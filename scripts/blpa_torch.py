@@ -1,0 +1,166 @@
+"""The networks blpa trains, as torch.nn modules whose state dicts are blpa-train --export's.
+
+blpa-train --export model.pt writes the weights and BatchNorm statistics under blpa's own
+names (stem.weight, blocks.I.u1.gamma, blocks.I.u1.shortcut_weight, final.running_var,
+fc.weight, ...). The modules here have exactly those names, so loading is strict:
+
+    import torch, blpa_torch                      # scripts/ on sys.path; torch only
+    net = blpa_torch.ResNet("cifar", 164, in_channels=3, num_classes=10)
+    net.load_state_dict(torch.load("model.pt"))   # strict: every key, every shape
+    net = blpa_torch.load("model.pt")             # or: the network read off the file's shapes
+    net.eval()
+    logits = net(images)                          # N x C x H x W, normalised as blpa-train did
+
+The input is normalised per channel as the trainer did: (pixel / 255 - mean) / std with the
+training images' mean and std (CIFAR, MNIST-style) or ImageNet's usual constants.
+
+In evaluation mode the logits equal blpa's to float rounding (a CTest test checks 1e-5 on a
+CIFAR-style and an ImageNet-style network). In training mode this is blpa's `plain` mode:
+BatchNorm with batch statistics and ordinary autograd. blpa's other modes keep gamma >= 1e-8
+after every update and clamp it there in the forward pass; the weights they export already
+satisfy it, so no clamp is needed here.
+
+    python3 scripts/blpa_torch.py model.pt     # which network a file holds; loads it strictly
+"""
+import re
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["Unit", "Block", "ResNet", "IMAGENET_STAGES", "from_state_dict", "load"]
+
+# Blocks per stage of the ImageNet networks (lib/resnet.cpp, imagenet_stages).
+IMAGENET_STAGES = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3], 200: [3, 24, 36, 3]}
+
+
+class Unit(nn.Module):
+    """BatchNorm -> ReLU -> zero, one or two convolutions of the same r (lib/unit.h).
+
+    Parameters gamma, beta, weight (the first convolution), shortcut_weight (a block's
+    projection, which reads the same r); buffers running_mean, running_var. Momentum 0.1,
+    eps 1e-5, unbiased variance for the running estimate, as torch.nn.BatchNorm2d.
+    """
+
+    def __init__(self, in_channels, convs=()):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(in_channels))
+        self.beta = nn.Parameter(torch.zeros(in_channels))
+        self.register_buffer("running_mean", torch.zeros(in_channels))
+        self.register_buffer("running_var", torch.ones(in_channels))
+        self.momentum, self.eps = 0.1, 1e-5
+        self.geometry = []  # (stride, padding) of each convolution
+        for i, (out_channels, kernel, stride, padding) in enumerate(convs):
+            w = torch.empty(out_channels, in_channels, kernel, kernel)
+            nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")
+            self.register_parameter("weight" if i == 0 else "shortcut_weight", nn.Parameter(w))
+            self.geometry.append((stride, padding))
+
+    def forward(self, x):
+        a = F.batch_norm(x, self.running_mean, self.running_var, self.gamma, self.beta, self.training,
+                         self.momentum, self.eps)
+        r = F.relu(a)
+        if not self.geometry:
+            return [r]
+        weights = [self.weight] + ([self.shortcut_weight] if len(self.geometry) > 1 else [])
+        return [F.conv2d(r, w, None, s, p) for w, (s, p) in zip(weights, self.geometry)]
+
+
+class Block(nn.Module):
+    """Pre-activation bottleneck: units 1x1, 3x3/stride, 1x1 (x4 channels). When the shape
+    changes, the projection shortcut is u1's second convolution, reading u1's r."""
+
+    def __init__(self, in_channels, width, stride):
+        super().__init__()
+        out = 4 * width
+        self.projection = stride != 1 or in_channels != out
+        first = [(width, 1, 1, 0)] + ([(out, 1, stride, 0)] if self.projection else [])
+        self.u1 = Unit(in_channels, first)
+        self.u2 = Unit(width, [(width, 3, stride, 1)])
+        self.u3 = Unit(width, [(out, 1, 1, 0)])
+
+    def forward(self, x):
+        y1 = self.u1(x)
+        shortcut = y1[1] if self.projection else x
+        return self.u3(self.u2(y1[0])[0])[0] + shortcut
+
+
+class ResNet(nn.Module):
+    """arch "cifar": depth 9n+2, stages of n blocks, widths 16/32/64 (x4), 3x3 stem.
+    arch "imagenet": depth 50/101/152/200, widths 64/128/256/512 (x4), 7x7/2 stem and 3x3/2
+    max-pool. Both end with BatchNorm-ReLU, the spatial mean and a linear classifier."""
+
+    def __init__(self, arch="cifar", depth=164, in_channels=3, num_classes=10):
+        super().__init__()
+        if arch == "cifar":
+            if depth < 11 or (depth - 2) % 9:
+                raise ValueError(f"cifar depth must be 9n+2 with n >= 1 (e.g. 56, 110, 164, 1001), got {depth}")
+            stages, widths, channels = [(depth - 2) // 9] * 3, [16, 32, 64], 16
+            self.stem = nn.Conv2d(in_channels, channels, 3, padding=1, bias=False)
+        elif arch == "imagenet":
+            if depth not in IMAGENET_STAGES:
+                raise ValueError(f"imagenet depth must be 50, 101, 152 or 200, got {depth}")
+            stages, widths, channels = IMAGENET_STAGES[depth], [64, 128, 256, 512], 64
+            self.stem = nn.Conv2d(in_channels, channels, 7, stride=2, padding=3, bias=False)
+        else:
+            raise ValueError(f"arch must be cifar or imagenet, got {arch!r}")
+        nn.init.kaiming_normal_(self.stem.weight, mode="fan_out", nonlinearity="relu")
+        self.arch, self.depth = arch, depth
+        blocks = []
+        for s, (n, width) in enumerate(zip(stages, widths)):
+            for b in range(n):
+                blocks.append(Block(channels, width, 2 if s > 0 and b == 0 else 1))
+                channels = 4 * width
+        self.blocks = nn.ModuleList(blocks)
+        self.final = Unit(channels)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x):
+        h = self.stem(x)
+        if self.arch == "imagenet":
+            h = F.max_pool2d(h, 3, 2, 1)
+        for block in self.blocks:
+            h = block(h)
+        # the mean, as blpa computes it (adaptive average pooling gives the same up to rounding)
+        return self.fc(self.final(h)[0].mean((2, 3)))
+
+
+def from_state_dict(state_dict):
+    """The network a blpa state dict holds (arch, depth, input channels and classes read off
+    its keys and shapes), with the state dict loaded strictly."""
+    stem = state_dict["stem.weight"]
+    blocks = {int(m.group(1)) for k in state_dict for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
+    n = len(blocks)
+    if stem.shape[-1] == 7:
+        depths = {sum(v): d for d, v in IMAGENET_STAGES.items()}
+        if n not in depths:
+            raise ValueError(f"an imagenet network with {n} blocks is none of depth 50, 101, 152 or 200")
+        arch, depth = "imagenet", depths[n]
+    else:
+        if n == 0 or n % 3:
+            raise ValueError(f"a cifar network has 3n blocks, this state dict has {n}")
+        arch, depth = "cifar", 9 * (n // 3) + 2
+    net = ResNet(arch, depth, stem.shape[1], state_dict["fc.weight"].shape[0])
+    net.load_state_dict(state_dict)
+    return net
+
+
+def load(path, map_location="cpu"):
+    """from_state_dict(torch.load(path)): a blpa-train --export file as a network."""
+    return from_state_dict(torch.load(path, map_location=map_location))
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1].startswith("-"):
+        print(__doc__.strip().splitlines()[0] + "\nusage: python3 blpa_torch.py MODEL.pt", file=sys.stderr)
+        return 2
+    net = load(argv[1])
+    params = sum(p.numel() for p in net.parameters())
+    print(f"{argv[1]}: {net.arch}-{net.depth}, {net.stem.in_channels} input channels, "
+          f"{net.fc.out_features} classes, {params / 1e6:.2f}M parameters; loads strictly")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,185 @@
+// CUDA graphs (docs/method.md, "How it runs"): the update with a device learning rate on the
+// CPU against LibTorch's SGD, the flag's rules, and on a GPU the graphed training run
+// against the eager one.
+#include <blpa/checkpoint.h>
+#include <blpa/dataset.h>
+#include <blpa/step.h>
+#include <blpa/train.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <regex>
+
+#include "test_support.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// Two identical small networks with the same gradients, and an SGD for each.
+struct Twins {
+  blpa::ResNet a{nullptr}, b{nullptr};
+  Twins() {
+    blpa::NetConfig c;
+    c.depth = 11, c.in_channels = 1, c.num_classes = 4;
+    torch::manual_seed(3);
+    a = blpa::ResNet(c);
+    torch::manual_seed(3);
+    b = blpa::ResNet(c);
+  }
+  void backward(int64_t seed) {
+    for (auto* m : {&a, &b}) {
+      torch::manual_seed(seed);
+      auto x = torch::randn({4, 1, 8, 8});
+      auto y = torch::randint(0, 4, {4});
+      (*m)->zero_grad();
+      torch::nn::functional::cross_entropy((*m)->forward(x), y).backward();
+    }
+  }
+};
+
+std::unique_ptr<torch::optim::SGD> sgd(blpa::ResNet& m, double lr) {
+  std::vector<torch::Tensor> decay, no_decay;
+  for (auto& p : m->parameters()) (p.dim() > 1 ? decay : no_decay).push_back(p);
+  auto o = [&](double wd) { return std::make_unique<torch::optim::SGDOptions>(torch::optim::SGDOptions(lr).momentum(0.9).weight_decay(wd)); };
+  return std::make_unique<torch::optim::SGD>(
+      std::vector<torch::optim::OptimizerParamGroup>{torch::optim::OptimizerParamGroup(decay, o(5e-4)),
+                                                     torch::optim::OptimizerParamGroup(no_decay, o(0.0))},
+      torch::optim::SGDOptions(lr));
+}
+
+fs::path temp_dir(const std::string& name) {
+  auto p = fs::temp_directory_path() / ("blpa-graphs-" + name + "-" + std::to_string(::getpid()));
+  remove_tree(p);
+  fs::create_directories(p);
+  return p;
+}
+
+}  // namespace
+
+TEST_CASE("graphs: the update with the learning rate in a tensor is LibTorch's SGD update", "[graphs]") {
+  // lr = 0.25: lr * buffer is exact, so rounding it first (sgd_step) or fusing it (ATen's
+  // add with alpha) gives the same bits. lr = 0.1: the two differ by at most one rounding of
+  // that product per step, a few units in the last place of the weights.
+  for (const double lr : {0.25, 0.1}) {
+    Twins t;
+    auto oa = sgd(t.a, lr), ob = sgd(t.b, lr);
+    const auto lr_t = torch::full({}, lr);
+    for (int64_t step = 0; step < 4; ++step) {
+      t.backward(step);
+      oa->step();
+      blpa::sgd_step(*ob, lr_t);
+    }
+    auto pa = t.a->parameters(), pb = t.b->parameters();
+    double worst = 0;
+    for (size_t i = 0; i < pa.size(); ++i) {
+      const auto diff = (pa[i] - pb[i]).abs().max().item<double>();
+      const auto scale = pa[i].abs().max().item<double>() + 1e-30;
+      worst = std::max(worst, diff / scale);
+      if (lr == 0.25) CHECK(torch::equal(pa[i], pb[i]));
+    }
+    CAPTURE(lr, worst);
+    CHECK(worst < 1e-6);
+    // The momentum buffers are the optimiser's own (what a checkpoint saves).
+    for (auto& p : t.b->parameters()) {
+      auto it = ob->state().find(p.unsafeGetTensorImpl());
+      REQUIRE(it != ob->state().end());
+      CHECK(static_cast<torch::optim::SGDParamState&>(*it->second).momentum_buffer().defined());
+    }
+  }
+}
+
+TEST_CASE("graphs: --cuda-graphs is auto, on or off, and on needs one CUDA rank", "[graphs]") {
+  blpa::TrainConfig c;
+  c.cuda_graphs = "sometimes";
+  CHECK_THROWS_WITH(c.validate(), Catch::Contains("--cuda-graphs must be auto, on or off"));
+  c.cuda_graphs = "on";
+  CHECK_THROWS_WITH(c.validate(), Catch::Contains("--cuda-graphs on needs --device cuda"));
+  c.device = "cuda";
+  c.dist.world = 2;
+  CHECK_THROWS_WITH(c.validate(), Catch::Contains("not with several ranks"));
+  c.dist.world = 1;
+  CHECK_NOTHROW(c.validate());
+  c.cuda_graphs = "auto";
+  c.device = "cpu";
+  CHECK_NOTHROW(c.validate());  // auto on the CPU: eager
+  CHECK(std::system((std::string(BLPA_TRAIN_EXE) + " --cuda-graphs on --print-config >/dev/null 2>&1").c_str()) != 0);
+  CHECK(std::system((std::string(BLPA_TRAIN_EXE) + " --cuda-graphs off --print-config >/dev/null 2>&1").c_str()) == 0);
+  // Not part of a run's identity: a run may resume with graphs on or off.
+  CHECK(blpa::TrainConfig::identity_keys() == std::vector<std::string>{"dataset", "train_subset", "augment", "arch",
+                                                                         "depth", "mode", "batch", "seed", "world"});
+}
+
+TEST_CASE("CUDA: a graphed run trains as the eager one, schedule included", "[graphs][cuda]") {
+  BLPA_REQUIRE_CUDA();
+  if (!fs::exists(blpa::data::kDebianFashionMnist)) {
+    std::cout << "BLPA_SKIP: dataset-fashion-mnist is not installed" << std::endl;
+    return;
+  }
+  // Deterministic cuDNN and no TF32: the two runs then differ only by the update's rounding
+  // (lr * buffer rounded, not fused: about 1e-7 relative per step, see the CPU test above),
+  // which 20 iterations of training amplify to about 1e-5. A learning rate that the replay
+  // ignored after the step at iteration 10 would differ by orders of magnitude more.
+  NoTF32 no_tf32;
+  at::globalContext().setDeterministicCuDNN(true);
+  at::globalContext().setBenchmarkCuDNN(false);
+  const auto dir = temp_dir("cuda");
+  std::vector<std::string> exports;
+  std::vector<blpa::TrainResult> results;
+  for (const char* graphs : {"off", "on"}) {
+    blpa::TrainConfig c;
+    c.depth = 20, c.train_subset = 2000, c.test_subset = 500, c.batch = 32, c.iterations = 20;
+    c.warmup = 0, c.lr = 0.05, c.steps = {10}, c.factor = 0.1, c.log_every = 5, c.eval_every = 0;
+    c.progress = false, c.device = "cuda", c.cuda_graphs = graphs;
+    c.log_path = (dir / (std::string(graphs) + ".jsonl")).string();
+    c.export_path = (dir / (std::string(graphs) + ".pt")).string();
+    results.push_back(blpa::train(c));
+    std::ifstream f(c.log_path);
+    const std::string log((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    CHECK(log.find(std::string("\"graphed\": ") + (std::string(graphs) == "on" ? "true" : "false")) != std::string::npos);
+  }
+  CHECK(results[1].last_loss == Approx(results[0].last_loss).epsilon(1e-4));
+  CHECK(results[1].test_acc == Approx(results[0].test_acc).margin(0.01));
+  auto load = [](const std::string& p) {
+    std::ifstream f(p, std::ios::binary);
+    std::vector<char> bytes((std::istreambuf_iterator<char>(f)), {});
+    return torch::pickle_load(bytes).toGenericDict();
+  };
+  auto a = load((dir / "off.pt").string()), b = load((dir / "on.pt").string());
+  for (const auto& e : a) {
+    const auto x = e.value().toTensor(), y = b.at(e.key()).toTensor();
+    CAPTURE(e.key().toStringRef());
+    CHECK(((x - y).abs().max() / (x.abs().max() + 1e-12)).item<double>() < 1e-3);
+  }
+  remove_tree(dir);
+}
+
+TEST_CASE("CUDA: a capture that fails leaves the model and optimiser usable", "[graphs][cuda]") {
+  BLPA_REQUIRE_CUDA();
+  blpa::NetConfig nc;
+  nc.depth = 11, nc.in_channels = 1, nc.num_classes = 4;
+  blpa::ResNet m(nc);
+  m->to(torch::kCUDA);
+  auto opt = sgd(m, 0.1);
+  blpa::GraphedStep step(m, *opt, 1);
+  const auto x = torch::randn({4, 1, 8, 8});
+  // Float labels: cross_entropy throws inside the capture.
+  CHECK_THROWS(step.run(x, torch::zeros({4}), 0.1));
+  CHECK_FALSE(step.captured());
+  const auto before = m->parameters().front().clone();
+  torch::nn::functional::cross_entropy(m->forward(x.cuda()), torch::zeros({4}, torch::kLong).cuda()).backward();
+  opt->step();
+  CHECK_FALSE(torch::equal(before, m->parameters().front()));
+  // A good capture then works, and the learning rate set before each replay is the one used.
+  blpa::GraphedStep good(m, *opt, 1);
+  const auto y = torch::randint(0, 4, {4});
+  good.run(x, y, 0.1);
+  CHECK(good.captured());
+  const auto frozen = m->parameters().front().clone();
+  good.run(x, y, 0.0);
+  CHECK(torch::equal(frozen, m->parameters().front()));  // momentum aside: lr 0 moves nothing
+  CHECK(good.take_losses().count == 2);
+}

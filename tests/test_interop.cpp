@@ -1,0 +1,492 @@
+// The trained network outside the trainer (issue #18): the PyTorch definitions of
+// scripts/blpa_torch.py against blpa's own forward pass, blpa-predict against blpa-eval and
+// against the library, and scripts/plot.sh on the logs of real runs.
+#include <blpa/checkpoint.h>
+#include <blpa/dataset.h>
+#include <blpa/imagenet.h>
+#include <blpa/jpeg.h>
+#include <blpa/loader.h>
+#include <blpa/train.h>
+#include <fmt/format.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <regex>
+#include <sstream>
+
+#include "test_support.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+fs::path temp_dir(const std::string& name) {
+  auto p = fs::temp_directory_path() / ("blpa-interop-" + name + "-" + std::to_string(::getpid()));
+  remove_tree(p);
+  fs::create_directories(p);
+  return p;
+}
+
+std::string slurp(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+void write_bytes(const fs::path& p, const void* data, size_t n) {
+  fs::create_directories(p.parent_path());
+  std::ofstream out(p, std::ios::binary);
+  out.write(static_cast<const char*>(data), static_cast<std::streamsize>(n));
+}
+
+struct Run {
+  int code = -1;
+  std::string out, err;
+  std::vector<std::string> lines() const {
+    std::vector<std::string> v;
+    std::istringstream s(out);
+    for (std::string l; std::getline(s, l);) v.push_back(l);
+    return v;
+  }
+};
+
+// Runs a shell command line, its stdout and stderr apart. One thread per program, and one for
+// the test's own LibTorch work (OneThread): CTest runs tests side by side, and on a busy
+// machine LibTorch's threads spend more time waiting for each other than working.
+Run shell(const std::string& command, const fs::path& dir) {
+  const fs::path out = dir / "stdout.txt", err = dir / "stderr.txt";
+  std::fflush(nullptr);
+  const int status = std::system(
+      ("OMP_NUM_THREADS=1 bash -c '" + command + "' > " + out.string() + " 2> " + err.string()).c_str());
+  Run r;
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.out = slurp(out);
+  r.err = slurp(err);
+  return r;
+}
+
+Run run(const std::string& exe, const std::vector<std::string>& args, const fs::path& dir) {
+  std::string cmd = exe;
+  for (const auto& a : args) cmd += " \"" + a + "\"";
+  return shell(cmd, dir);
+}
+
+struct OneThread {
+  int before = torch::get_num_threads();
+  OneThread() { torch::set_num_threads(1); }
+  ~OneThread() { torch::set_num_threads(before); }
+  OneThread(const OneThread&) = delete;
+  OneThread& operator=(const OneThread&) = delete;
+};
+
+bool have_fashion_mnist() {
+  if (fs::exists(blpa::data::kDebianFashionMnist)) return true;
+  std::cout << "BLPA_SKIP: dataset-fashion-mnist is not installed (scripts/setup.sh installs it)" << std::endl;
+  return false;
+}
+
+// A small Fashion-MNIST run of blpa-train (ResNet-11, 4 iterations of batch 32, one thread).
+std::vector<std::string> small_run(std::vector<std::string> extra) {
+  std::vector<std::string> a{"--depth", "11", "--batch", "32", "--train-subset", "512", "--test-subset", "64",
+                             "--iterations", "4", "--warmup", "0", "--lr", "0.02", "--lr-steps", "", "--threads",
+                             "1", "--log-every", "1", "--eval-every", "0", "--quiet"};
+  a.insert(a.end(), extra.begin(), extra.end());
+  return a;
+}
+
+// A JSON line's top-k: the classes, names and probabilities in order.
+struct Top {
+  std::vector<int64_t> classes;
+  std::vector<std::string> names;
+  std::vector<double> probs;
+};
+Top parse_top(const std::string& line) {
+  Top t;
+  static const std::regex entry(R"re(\{"class": (\d+)(, "name": "([^"]*)")?, "prob": ([-0-9.e+]+)\})re");
+  for (std::sregex_iterator it(line.begin(), line.end(), entry), end; it != end; ++it) {
+    t.classes.push_back(std::stoll((*it)[1]));
+    t.names.push_back((*it)[3]);
+    t.probs.push_back(std::stod((*it)[4]));
+  }
+  return t;
+}
+
+int64_t field(const std::string& line, const std::string& key) {
+  std::smatch m;
+  if (!std::regex_search(line, m, std::regex("\"" + key + "\": (-?\\d+)"))) return -1;
+  return std::stoll(m[1]);
+}
+
+// A network with weights and BatchNorm statistics that are not the initial ones: random
+// gamma (negative ones too, where `negative_gamma`) and beta, and running statistics of a
+// training-mode pass over a batch of its input's kind (momentum 1 for that pass, so that
+// evaluation normalises activations of a realistic scale).
+blpa::ResNet scrambled(const blpa::NetConfig& c, int64_t size, bool negative_gamma) {
+  blpa::ResNet net(c);
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& [name, u] : net->units()) {
+      u->gamma.uniform_(negative_gamma ? -0.5 : 0.5, 1.5);
+      u->beta.normal_(0, 0.2);
+      u->momentum = 1.0;
+    }
+    for (auto& p : net->named_parameters())
+      if (p.key() == "fc.bias") p.value().normal_(0, 0.5);
+  }
+  net->train();
+  net->forward(torch::randn({8, c.in_channels, size, size}) * 2 + 0.5);
+  for (auto& [name, u] : net->units()) u->momentum = 0.1;
+  net->eval();
+  return net;
+}
+
+}  // namespace
+
+TEST_CASE("interop: blpa_torch.py's networks load --export strictly and give blpa's logits to 1e-5", "[interop]") {
+  OneThread one_thread;
+  // The Python that has torch: the set-up's LibTorch wheel is a torch package (BLPA_TORCH_SITE
+  // holds it), otherwise python3's own torch, if it has one.
+  const auto dir = temp_dir("torch");
+  const std::string python = std::string("PYTHONWARNINGS=ignore PYTHONPATH=") + BLPA_TORCH_SITE + ":${PYTHONPATH:-} " +
+                             (std::getenv("BLPA_PYTHON") ? std::getenv("BLPA_PYTHON") : "python3");
+  if (shell(python + " -c \"import torch\"", dir).code != 0) {
+    std::cout << "BLPA_SKIP: python3 cannot import torch (the set-up's wheel at '" << BLPA_TORCH_SITE
+              << "' or python3's own; BLPA_PYTHON names another Python)" << std::endl;
+    remove_tree(dir);
+    return;
+  }
+  torch::manual_seed(3);
+  struct Case {
+    blpa::NetConfig net;
+    int64_t size;         // input height and width: odd, so that every stride rounds
+    bool negative_gamma;  // plain mode keeps negative gammas; the others keep gamma >= 1e-8
+  };
+  const std::vector<Case> cases{{{"cifar", 11, 1, 7, {blpa::Mode::blpa, 4}}, 19, false},
+                                {{"imagenet", 50, 3, 5, {blpa::Mode::plain, 4}}, 57, true}};
+  std::string args;
+  std::vector<torch::Tensor> expected;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const Case& c = cases[i];
+    auto net = scrambled(c.net, c.size, c.negative_gamma);
+    const auto x = torch::randn({3, c.net.in_channels, c.size, c.size});
+    torch::NoGradGuard no_grad;
+    expected.push_back(net->forward(x));
+    const std::string model = (dir / ("model" + std::to_string(i) + ".pt")).string();
+    const std::string input = (dir / ("input" + std::to_string(i) + ".f32")).string();
+    blpa::export_state_dict(model, net);  // what blpa-train --export writes
+    write_bytes(input, x.data_ptr<float>(), x.nbytes());
+    args += " " + model + " " + input + " " + fmt::format("{}", fmt::join(x.sizes(), "x"));
+  }
+  // The other depths by their state dicts' names and shapes alone (Python builds them on the
+  // meta device, without weights).
+  const std::vector<blpa::NetConfig> shapes_only{{"cifar", 164, 3, 100, {}},
+                                                 {"imagenet", 101, 3, 1000, {}},
+                                                 {"imagenet", 152, 3, 1000, {}},
+                                                 {"imagenet", 200, 3, 1000, {}}};
+  std::map<std::string, int64_t> expected_keys;
+  {
+    std::ofstream keys(dir / "keys.txt");
+    for (const auto& c : shapes_only) {
+      const blpa::ResNet net(c);
+      keys << "net " << c.arch << " " << c.depth << " " << c.in_channels << " " << c.num_classes << "\n";
+      auto tensors = net->named_parameters();
+      for (const auto& b : net->named_buffers()) tensors.insert(b.key(), b.value());
+      for (const auto& t : tensors) keys << t.key() << " " << fmt::format("{}", fmt::join(t.value().sizes(), ",")) << "\n";
+      expected_keys[c.arch + "-" + std::to_string(c.depth)] = static_cast<int64_t>(tensors.size());
+    }
+  }
+  const std::string script = R"PY(
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import blpa_torch
+nets = {}
+for line in open(sys.argv[2]):
+    f = line.split()
+    if f[0] == "net":
+        want = nets[tuple(f[1:])] = {}
+    else:
+        want[f[0]] = tuple(int(d) for d in f[1].split(",")) if len(f) > 1 else ()
+for (arch, depth, c, k), want in nets.items():
+    with torch.device("meta"):
+        net = blpa_torch.ResNet(arch, int(depth), int(c), int(k))
+    have = {name: tuple(t.shape) for name, t in net.state_dict().items()}
+    bad = set(want.items()) ^ set(have.items())
+    print("keys", f"{arch}-{depth}", len(have), len(bad), *sorted(bad)[:4])
+a = sys.argv[3:]
+for model, inp, shape in zip(a[0::3], a[1::3], a[2::3]):
+    net = blpa_torch.load(model).eval()  # strict load_state_dict
+    x = torch.frombuffer(bytearray(open(inp, "rb").read()), dtype=torch.float32)
+    with torch.no_grad():
+        y = net(x.view(*map(int, shape.split("x"))))
+    print(net.arch, net.depth, net.stem.in_channels, net.fc.out_features, *map(repr, y.flatten().tolist()))
+)PY";
+  std::ofstream(dir / "check.py") << script;
+  const Run r = shell(python + " " + (dir / "check.py").string() + " " + BLPA_SOURCE_DIR "/scripts " +
+                          (dir / "keys.txt").string() + args, dir);
+  CAPTURE(r.out, r.err);
+  REQUIRE(r.code == 0);
+  auto lines = r.lines();
+  REQUIRE(lines.size() == shapes_only.size() + cases.size());
+  for (size_t i = 0; i < shapes_only.size(); ++i) {  // "keys NAME COUNT MISMATCHES [the first few]"
+    CAPTURE(lines[i]);
+    std::istringstream in(lines[i]);
+    std::string tag, name;
+    int64_t count = -1, bad = -1;
+    in >> tag >> name >> count >> bad;
+    CHECK(tag == "keys");
+    CHECK(count == expected_keys[name]);
+    CHECK(bad == 0);
+  }
+  lines.erase(lines.begin(), lines.begin() + static_cast<std::ptrdiff_t>(shapes_only.size()));
+  for (size_t i = 0; i < cases.size(); ++i) {
+    std::istringstream in(lines[i]);
+    std::string arch;
+    int depth = 0;
+    int64_t channels = 0, classes = 0;
+    in >> arch >> depth >> channels >> classes;
+    CHECK(arch == cases[i].net.arch);  // read off the state dict's shapes
+    CHECK(depth == cases[i].net.depth);
+    CHECK(channels == cases[i].net.in_channels);
+    CHECK(classes == cases[i].net.num_classes);
+    std::vector<float> got;
+    for (double v; in >> v;) got.push_back(static_cast<float>(v));
+    const auto want = expected[i].contiguous();
+    REQUIRE(static_cast<int64_t>(got.size()) == want.numel());
+    const auto diff = (torch::from_blob(got.data(), want.sizes()) - want).abs().max().item<float>();
+    const auto scale = want.abs().max().item<float>();
+    CAPTURE(arch, diff, scale);
+    std::cout << arch << "-" << depth << ": largest logit difference " << diff << ", largest logit " << scale << "\n";
+    CHECK(scale > 0.1f);  // logits of a size where 1e-5 means something
+    CHECK(diff <= 1e-5f);
+  }
+  remove_tree(dir);
+}
+
+TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval and with the network", "[interop]") {
+  OneThread one_thread;
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("predict-fm");
+  const std::string ck = (dir / "fm.ckpt").string();
+  REQUIRE(run(BLPA_TRAIN_EXE, small_run({"--checkpoint", ck}), dir).code == 0);
+  constexpr int64_t n = 100;
+
+  const Run e = run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--subset", std::to_string(n), "--json"}, dir);
+  CAPTURE(e.out, e.err);
+  REQUIRE(e.code == 0);
+  std::smatch m;
+  REQUIRE(std::regex_search(e.out, m, std::regex(R"("loss": ([0-9.]+), "top1": ([0-9.]+), "top5": ([0-9.]+))")));
+  const double eval_loss = std::stod(m[1]), eval_top1 = std::stod(m[2]), eval_top5 = std::stod(m[3]);
+
+  const Run p =
+      run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "0.." + std::to_string(n), "--top-k", "10"}, dir);
+  CAPTURE(p.err);
+  REQUIRE(p.code == 0);
+  const auto lines = p.lines();
+  REQUIRE(static_cast<int64_t>(lines.size()) == n);
+
+  // The network itself on the same images, normalised as the trainer did (its 512 training images).
+  auto model = blpa::load_model(blpa::read_checkpoint(ck));
+  const auto dir_fm = std::string(blpa::data::kDebianFashionMnist);
+  auto train = blpa::data::load("fashion-mnist", dir_fm, true);
+  train.images = train.images.narrow(0, 0, 512).contiguous();
+  const auto test = blpa::data::load("fashion-mnist", dir_fm, false);
+  std::vector<int64_t> idx(n);
+  for (int64_t i = 0; i < n; ++i) idx[i] = i;
+  const auto batch = blpa::data::make_batch(test, idx, blpa::data::channel_stats(train), nullptr, 0);
+  torch::Tensor prob;
+  {
+    torch::NoGradGuard no_grad;
+    prob = torch::softmax(model->forward(batch.images), 1);
+  }
+
+  int64_t top1 = 0, top5 = 0;
+  double loss = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    CAPTURE(i, lines[i]);
+    REQUIRE(field(lines[i], "index") == i);
+    const int64_t label = field(lines[i], "label");
+    REQUIRE(label == batch.labels[i].item<int64_t>());
+    const Top t = parse_top(lines[i]);
+    REQUIRE(t.classes.size() == 10);
+    for (size_t j = 0; j < 10; ++j) {  // the probabilities are the network's softmax, sorted
+      CHECK(std::abs(t.probs[j] - prob[i][t.classes[j]].item<double>()) <= 1e-5);
+      if (j > 0) CHECK(t.probs[j] <= t.probs[j - 1]);
+    }
+    CHECK(t.classes[0] == prob[i].argmax().item<int64_t>());
+    CHECK(t.names[0] == std::vector<std::string>{"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                                                 "Shirt", "Sneaker", "Bag", "Ankle boot"}[t.classes[0]]);
+    const auto at = std::find(t.classes.begin(), t.classes.end(), label) - t.classes.begin();
+    top1 += at == 0;
+    top5 += at < 5;
+    loss -= std::log(t.probs[at]);
+  }
+  // blpa-eval's figures from blpa-predict's per-image output.
+  CHECK(top1 == std::llround(eval_top1 * n));
+  CHECK(top5 == std::llround(eval_top5 * n));
+  CHECK(std::abs(loss / n - eval_loss) <= 1e-4 * std::max(1.0, eval_loss));
+
+  // Flags that do not fit the checkpoint are refused, naming what to do instead.
+  const Run files = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, (dir / "x.jpg").string()}, dir);
+  CHECK(files.code == 2);
+  CHECK(files.err.find("classify records of that data set with --from-dataset N..M") != std::string::npos);
+  const Run past = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "9990..10001"}, dir);
+  CHECK(past.code == 2);
+  CHECK(past.err.find("has 10000 records") != std::string::npos);
+  const Run range = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "5..5"}, dir);
+  CHECK(range.code == 2);
+  CHECK(range.err.find("needs 0 <= N < M") != std::string::npos);
+  const Run k = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "0..2", "--top-k", "x"}, dir);
+  CHECK(k.code == 2);
+  CHECK(k.err.find("--top-k: 'x' is not an integer") != std::string::npos);
+  remove_tree(dir);
+}
+
+TEST_CASE("interop: blpa-predict classifies JPEGs with the evaluation transform and skips bad ones", "[interop]") {
+  OneThread one_thread;
+  using namespace blpa::data;
+  const auto dir = temp_dir("predict-jpeg");
+  // An ImageNet-style checkpoint (ResNet-50, 3 classes, random weights) whose data folder
+  // names the classes; no training needed for what is tested here.
+  const std::vector<std::string> wnids{"n01440764", "n01443537", "n01484850"};
+  for (const auto& w : wnids) fs::create_directories(dir / "data" / "train" / w);
+  blpa::TrainConfig c;
+  c.dataset = "imagenet";
+  c.data_dir = (dir / "data").string();
+  c.arch = "imagenet";
+  c.depth = 50;
+  torch::manual_seed(5);
+  auto net = scrambled({"imagenet", 50, 3, 3, {blpa::Mode::blpa, 4}}, 40, false);
+  torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1));
+  const std::string ck = (dir / "in.ckpt").string();
+  blpa::save_checkpoint(ck, c.identity(), c.describe(), {}, net, opt);
+
+  // Good images of several shapes (grey too), a truncated JPEG, text under a JPEG name.
+  auto image = [](int w, int h, int seed) {
+    std::vector<uint8_t> rgb(size_t(w) * h * 3);
+    for (size_t i = 0; i < rgb.size(); ++i) rgb[i] = static_cast<uint8_t>((i * 7 + seed * 31 + (i / 97) * 13) % 256);
+    return encode_jpeg(rgb.data(), w, h, JpegPixels::rgb, 90);
+  };
+  const auto a = image(48, 40, 1), b = image(36, 60, 2);
+  std::vector<uint8_t> grey(50 * 50);
+  for (size_t i = 0; i < grey.size(); ++i) grey[i] = static_cast<uint8_t>(i % 251);
+  const auto g = encode_jpeg(grey.data(), 50, 50, JpegPixels::gray, 90);
+  write_bytes(dir / "img" / "a.jpg", a.data(), a.size());
+  write_bytes(dir / "img" / "sub" / "b.JPEG", b.data(), b.size());
+  write_bytes(dir / "img" / "c.jpeg", g.data(), g.size());
+  write_bytes(dir / "img" / "cut.jpg", a.data(), a.size() / 2);
+  write_bytes(dir / "img" / "notes.jpg", "not an image\n", 13);
+  write_bytes(dir / "img" / "readme.txt", "not listed\n", 11);  // not a .jpg: a folder skips it
+  fs::create_directory_symlink(dir / "img", dir / "img" / "sub" / "loop");  // not followed
+
+  // What the library computes for the good ones: blpa-eval's batches (imagenet_eval_batch).
+  ImageList good;
+  good.root = (dir / "img").string();
+  good.paths = {"a.jpg", "c.jpeg", "sub/b.JPEG"};  // the folder's order: sorted, depth first
+  good.labels = {0, 0, 0};
+  auto expect = [&](bool ten) {
+    const auto batch = imagenet_eval_batch(good, 0, 3, 36, 32, ten, imagenet_normalisation(), nullptr);
+    torch::NoGradGuard no_grad;
+    return torch::softmax(net->forward(batch.images), 1).view({3, ten ? 10 : 1, -1}).mean(1);
+  };
+  for (const bool ten : {false, true}) {
+    std::vector<std::string> args{"--checkpoint", ck, "--resize", "36", "--crop", "32", "--top-k", "2",
+                                  "--workers", "2", "--batch", "2", (dir / "img").string()};
+    if (ten) args.push_back("--ten-crop");
+    const Run r = run(BLPA_PREDICT_EXE, args, dir);
+    CAPTURE(ten, r.out, r.err);
+    REQUIRE(r.code == 0);  // some images were classified
+    const auto lines = r.lines();
+    REQUIRE(lines.size() == 5);
+    const std::vector<std::string> order{"a.jpg", "c.jpeg", "cut.jpg", "notes.jpg", "sub/b.JPEG"};
+    const auto want = expect(ten);
+    int64_t k = 0;
+    for (size_t i = 0; i < lines.size(); ++i) {
+      CAPTURE(lines[i]);
+      CHECK(lines[i].find("\"file\": \"" + (dir / "img" / order[i]).string() + "\"") != std::string::npos);
+      if (order[i] == "cut.jpg" || order[i] == "notes.jpg") {
+        CHECK(lines[i].find(order[i] == "cut.jpg" ? "\"error\": \"truncated" : "\"error\": \"not_jpeg") !=
+              std::string::npos);
+        CHECK(r.err.find((dir / "img" / order[i]).string() + ": skipped (") != std::string::npos);
+        continue;
+      }
+      const Top t = parse_top(lines[i]);
+      REQUIRE(t.classes.size() == 2);
+      for (size_t j = 0; j < 2; ++j) {
+        CHECK(t.names[j] == wnids[t.classes[j]]);
+        CHECK(std::abs(t.probs[j] - want[k][t.classes[j]].item<double>()) <= 1e-5);
+      }
+      CHECK(t.classes[0] == want[k].argmax().item<int64_t>());
+      ++k;
+    }
+  }
+
+  // A list file: relative to its folder, labels printed, a missing file reported.
+  std::ofstream(dir / "list.txt") << "# images\nimg/a.jpg,2\n\nimg/missing.jpg\n"
+                                  << (dir / "img" / "c.jpeg").string() << "\n";
+  const Run l = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--resize", "36", "--crop", "32", "--list",
+                                       (dir / "list.txt").string()}, dir);
+  CAPTURE(l.out, l.err);
+  CHECK(l.code == 0);
+  const auto ll = l.lines();
+  REQUIRE(ll.size() == 3);
+  CHECK(field(ll[0], "label") == 2);
+  CHECK(parse_top(ll[0]).classes.size() == 3);  // --top-k 5, capped at the 3 classes
+  CHECK(ll[1].find("\"error\": \"corrupt") != std::string::npos);
+  CHECK(ll[1].find("missing.jpg") != std::string::npos);
+  CHECK(field(ll[2], "label") == -1);
+
+  // Nothing classifiable: exit 1, every file reported.
+  const Run bad = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, (dir / "img" / "cut.jpg").string(),
+                                         (dir / "img" / "notes.jpg").string()}, dir);
+  CHECK(bad.code == 1);
+  CHECK(bad.lines().size() == 2);
+  CHECK(bad.err.find("none of the 2 images could be classified") != std::string::npos);
+  // Records are for the in-memory data sets.
+  const Run rec = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "0..4"}, dir);
+  CHECK(rec.code == 2);
+  CHECK(rec.err.find("give image files, folders or --list") != std::string::npos);
+  remove_tree(dir);
+}
+
+TEST_CASE("interop: plot.sh renders one PNG per quantity from the logs of test runs", "[interop]") {
+  OneThread one_thread;
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("plot");
+  if (shell("command -v gnuplot", dir).code != 0) {
+    std::cout << "BLPA_SKIP: gnuplot is not installed (scripts/setup.sh installs Debian's gnuplot-nox)" << std::endl;
+    remove_tree(dir);
+    return;
+  }
+  const std::string plain = (dir / "plain.jsonl").string(), blpa4 = (dir / "blpa4.jsonl").string();
+  REQUIRE(run(BLPA_TRAIN_EXE, small_run({"--mode", "plain", "--eval-every", "2", "--log", plain}), dir).code == 0);
+  REQUIRE(run(BLPA_TRAIN_EXE, small_run({"--mode", "blpa", "--bits", "4", "--eval-every", "2", "--log", blpa4}), dir)
+              .code == 0);
+  // A log without its configuration record (as logs written before it existed).
+  std::ofstream(dir / "older.jsonl") << std::regex_replace(slurp(blpa4), std::regex(".*\"type\": \"config\".*\n"), "");
+
+  const std::string plot = BLPA_SOURCE_DIR "/scripts/plot.sh";
+  const Run r =
+      run(plot, {"-o", (dir / "png").string(), "-p", "run-", plain, blpa4, (dir / "older.jsonl").string()}, dir);
+  CAPTURE(r.out, r.err);
+  REQUIRE(r.code == 0);
+  // Legends from the configurations (the mode differs), the file name where there is none.
+  CHECK(r.out.find("plain: " + plain) != std::string::npos);
+  CHECK(r.out.find("blpa-4: " + blpa4) != std::string::npos);
+  CHECK(r.out.find("older: ") != std::string::npos);
+  for (const char* name : {"run-loss.png", "run-error.png", "run-images-per-s.png", "run-memory.png"}) {
+    const std::string png = slurp(dir / "png" / name);
+    CAPTURE(name);
+    CHECK(png.size() > 2000);
+    CHECK(png.rfind("\x89PNG\r\n\x1a\n", 0) == 0);
+  }
+  CHECK(run(plot, {}, dir).code == 2);
+  const Run missing = run(plot, {(dir / "none.jsonl").string()}, dir);
+  CHECK(missing.code == 1);
+  CHECK(missing.err.find("none.jsonl: not a readable file") != std::string::npos);
+  remove_tree(dir);
+}
