@@ -12,8 +12,8 @@
 # source files that the targets' corpora reach together (llvm-cov; build-fuzz/fuzz-lines.txt
 # has the full report). Fails if any target found something. clang, libFuzzer and llvm-cov
 # come from Debian (clang-19, libclang-rt-19-dev, llvm-19), installed here if missing. The
-# first build compiles the LibTorch-using code with clang (for the checkpoint and command-line
-# targets): slow.
+# first build of the checkpoint or command-line target compiles the LibTorch-using code with
+# clang: slow. Only the targets named are built.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 seconds=${1:-60}
@@ -25,6 +25,9 @@ if (($#)); then targets=("$@"); else
   for d in "$here"/tests/fuzz/corpus/*/; do targets+=("$(basename "$d")"); done
 fi
 say() { echo "[fuzz] $*" >&2; }
+for t in "${targets[@]}"; do
+  [[ -d $here/tests/fuzz/corpus/$t ]] || { say "error: no fuzz target '$t' (the targets: tests/fuzz/corpus/*)"; exit 2; }
+done
 
 # --- clang with libFuzzer -----------------------------------------------------------------
 # clang 19, the newest of Debian 12: bookworm's default clang 14 cannot compile lib/unit.cpp
@@ -72,7 +75,9 @@ cmake -S "$here" -B "$build" "${gen[@]}" -DCMAKE_C_COMPILER="clang-$llvm" -DCMAK
   -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS="$flags" -DBLPA_CUDA=OFF -DBLPA_FUZZ=ON \
   -DTorch_DIR="$Torch_DIR" >"$build/configure.log" 2>&1 || { cat "$build/configure.log" >&2; exit 1; }
 say "compiling"
-nice -n 10 cmake --build "$build" --target blpa_fuzz_targets --parallel "${BLPA_JOBS:-$(nproc)}"
+build_targets=()
+for t in "${targets[@]}"; do build_targets+=("fuzz_$t"); done  # only those asked for
+nice -n 10 cmake --build "$build" --target "${build_targets[@]}" --parallel "${BLPA_JOBS:-$(nproc)}"
 
 # --- run ------------------------------------------------------------------------------------
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1}
