@@ -33,14 +33,14 @@ done
 # clang 19, the newest of Debian 12: bookworm's default clang 14 cannot compile lib/unit.cpp
 # (a lambda that captures structured bindings, C++20, needs clang >= 16).
 llvm=${BLPA_FUZZ_LLVM:-19}
-clangxx=clang++-$llvm cov=llvm-cov-$llvm profdata=llvm-profdata-$llvm
+clangxx=clang++-$llvm llvm_cov=llvm-cov-$llvm profdata=llvm-profdata-$llvm
 probe=$(mktemp -d)
 trap 'rm -rf "$probe"' EXIT
 libfuzzer_links() {
   echo 'extern "C" int LLVMFuzzerTestOneInput(const unsigned char*, unsigned long) { return 0; }' >"$probe/p.cpp"
   "$clangxx" -fsanitize=fuzzer,address,undefined "$probe/p.cpp" -o "$probe/p" >/dev/null 2>&1
 }
-if ! command -v "$clangxx" >/dev/null || ! libfuzzer_links || ! command -v "$cov" >/dev/null ||
+if ! command -v "$clangxx" >/dev/null || ! libfuzzer_links || ! command -v "$llvm_cov" >/dev/null ||
   ! command -v "$profdata" >/dev/null; then
   say "installing clang $llvm, libFuzzer and llvm-cov from Debian"
   sudo=""
@@ -120,9 +120,12 @@ done
 echo "$summary"
 echo "total executions: $total; findings: $found (inputs in $build/fuzz-crashes/)"
 if ((${#profiles[@]})) && "$profdata" merge -sparse "${profiles[@]}" -o "$build/fuzz.profdata"; then
-  "$cov" report -instr-profile="$build/fuzz.profdata" "${objects[@]:1}" >"$build/fuzz-lines.txt" 2>/dev/null || true
+  "$llvm_cov" report -instr-profile="$build/fuzz.profdata" "${objects[@]:1}" >"$build/fuzz-lines.txt" ||
+    say "error: llvm-cov failed, no line coverage"
   echo "lines of our code that the corpora reach (llvm-cov):"
-  awk -v here="$here/" '{ f = $1; sub("^" here, "", f) }
+  # llvm-cov names files without the prefix they share: the repository's, or / when LibTorch's
+  # headers are among them.
+  awk -v here="${here#/}/" '{ f = $1; sub("^/", "", f); if (index(f, here) == 1) f = substr(f, length(here) + 1) }
        f ~ /^(app|data|lib)\/[^\/]*\.cpp$/ { printf "  %-24s %5d of %5d  %s\n", f, $8 - $9, $8, $10 }' \
     "$build/fuzz-lines.txt"
 fi
