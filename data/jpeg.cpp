@@ -170,16 +170,40 @@ Decoded decode_checked(const uint8_t* data, size_t size, int min_short_side) {
   return d;
 }
 
-// Reads a whole file; on failure returns false with the path and the OS reason in `error`.
-bool read_file(const std::string& path, std::vector<uint8_t>& bytes, std::string& error) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+// Reads a whole file; on failure returns false with the path and the reason in `error`, and
+// `status` too_large for a file above kMaxJpegBytes (refused before anything is allocated).
+// Only regular files: O_NONBLOCK, so that opening a named pipe does not wait for a writer.
+bool read_file(const std::string& path, std::vector<uint8_t>& bytes, std::string& error, DecodeStatus& status) {
+  status = DecodeStatus::corrupt;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   struct stat st {};
   bool ok = fd >= 0 && ::fstat(fd, &st) == 0;
+  if (ok && !S_ISREG(st.st_mode)) {
+    error = "cannot read " + path + ": " +
+            (S_ISDIR(st.st_mode) ? std::generic_category().message(EISDIR) : std::string("not a regular file"));
+    ::close(fd);
+    return false;
+  }
+  if (ok && uint64_t(st.st_size) > kMaxJpegBytes) {
+    status = DecodeStatus::too_large;
+    error = path + ": " + std::to_string(st.st_size) + " bytes, more than the limit of " +
+            std::to_string(kMaxJpegBytes);
+    ::close(fd);
+    return false;
+  }
   // One byte more than the file's size, so that the read that sees EOF needs no growth.
   if (ok) bytes.resize(size_t(std::max<off_t>(st.st_size, 0)) + 1);
   size_t used = 0;
   while (ok) {
-    if (used == bytes.size()) bytes.resize(2 * used);
+    if (used == bytes.size()) {  // the file grew since fstat
+      if (used > kMaxJpegBytes) {
+        status = DecodeStatus::too_large;
+        error = path + ": more than the limit of " + std::to_string(kMaxJpegBytes) + " bytes";
+        ::close(fd);
+        return false;
+      }
+      bytes.resize(2 * used);
+    }
     const ssize_t n = ::read(fd, bytes.data() + used, bytes.size() - used);
     if (n == 0) break;
     if (n > 0) used += size_t(n);
@@ -226,7 +250,8 @@ Decoded decode_jpeg_file(const std::string& path, int min_short_side) noexcept {
   try {
     std::vector<uint8_t> bytes;
     std::string error;
-    if (!read_file(path, bytes, error)) return failure({}, DecodeStatus::corrupt, error);
+    DecodeStatus status;
+    if (!read_file(path, bytes, error, status)) return failure({}, status, error);
     return decode_jpeg(bytes.data(), bytes.size(), min_short_side);
   } catch (const std::exception& e) {  // bad_alloc for a huge file
     return failure({}, DecodeStatus::corrupt, "cannot read " + path + ": " + e.what());

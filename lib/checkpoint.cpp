@@ -14,11 +14,15 @@
 #include <sstream>
 #include <vector>
 
+#include "blpa/image_index.h"  // kMaxClasses
+
 namespace blpa {
 namespace {
 
 namespace fs = std::filesystem;
 constexpr int64_t kCheckpointFormat = 1;
+// Beyond every network blpa trains (1 or 3 input channels; ResNet-1001 is the paper's deepest).
+constexpr int64_t kMaxInChannels = 16, kMaxDepth = 10000;
 
 std::string reason(int err) { return std::strerror(err); }
 
@@ -280,6 +284,12 @@ Checkpoint read_checkpoint(const std::string& path) {
     c.net.mode = parse_mode_config(c.config.at("mode"));
     c.net.in_channels = shape[0];
     c.net.num_classes = shape[1];
+    // Sizes from the file, bounded before load_model builds the network they describe.
+    if (c.net.in_channels > kMaxInChannels || c.net.num_classes > data::kMaxClasses || c.net.depth > kMaxDepth)
+      throw CheckpointError(path + " names a network of " + std::to_string(c.net.in_channels) + " input channels, " +
+                            std::to_string(c.net.num_classes) + " classes and depth " + std::to_string(c.net.depth) +
+                            ", beyond the limits of " + std::to_string(kMaxInChannels) + ", " +
+                            std::to_string(data::kMaxClasses) + " and " + std::to_string(kMaxDepth));
   } catch (const CheckpointError&) {
     throw;
   } catch (const std::exception& e) {  // a header of the wrong type or value
@@ -319,7 +329,12 @@ void load_weights(const Checkpoint& c, ResNet& model) {
 }  // namespace
 
 ResNet load_model(const Checkpoint& c) {
-  ResNet model(c.net);
+  ResNet model{nullptr};
+  try {
+    model = ResNet(c.net);
+  } catch (const std::invalid_argument& e) {  // a depth that no network has
+    throw CheckpointError(c.path + " names a network that does not exist (" + e.what() + ")");
+  }
   load_weights(c, model);
   if (!all_finite(model))
     throw CheckpointError(c.path + " holds weights or statistics that are not finite (NaN or Inf); it was not used");

@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <set>
 
 #include "test_support.h"
@@ -143,6 +144,64 @@ TEST_CASE("data: IDX files, plain and gzip, and their validation", "[data]") {
   CHECK_THROWS_WITH(read_idx(dir / "img", dir / "lab_hi"), Catch::Contains("outside [0, 10)"));
   write(dir / "corrupt.gz", {0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 1, 2, 3, 4});
   CHECK_THROWS_WITH(read_idx(dir / "corrupt.gz", dir / "lab.gz"), Catch::Contains("corrupt.gz"));
+}
+
+TEST_CASE("data: sizes in files are bounded before anything is allocated, and errors name the file", "[data]") {
+  TempDir dir;
+  // A directory where a file belongs.
+  fs::create_directories(dir / "test_batch.bin");
+  CHECK_THROWS_WITH(read_cifar10(dir.path.string(), false),
+                    Catch::Contains(dir / "test_batch.bin") && Catch::Contains("is a directory"));
+  fs::create_directories(dir / "img-dir");
+  write(dir / "lab", idx_labels(5));
+  CHECK_THROWS_WITH(read_idx(dir / "img-dir", dir / "lab"), Catch::Contains("img-dir: is a directory"));
+
+  // IDX headers whose counts would overflow or ask for terabytes: refused before reading on.
+  auto header = [](uint32_t n, uint32_t h, uint32_t w) {
+    std::vector<uint8_t> b;
+    for (uint32_t v : {0x803u, n, h, w}) {
+      const auto x = be32(v);
+      b.insert(b.end(), x.begin(), x.end());
+    }
+    return b;
+  };
+  write(dir / "huge", header(0xFFFFFFFFu, 1 << 16, 1 << 16));
+  CHECK_THROWS_WITH(read_idx(dir / "huge", dir / "lab"),
+                    Catch::Contains("huge: its header (4294967295 images of 65536x65536) asks for") &&
+                        Catch::Contains("more than the limit"));
+  write(dir / "wide", header(1, 1 << 17, 1));
+  CHECK_THROWS_WITH(read_idx(dir / "wide", dir / "lab"), Catch::Contains("image size 131072x1 is outside 1..65536"));
+  write(dir / "none", header(0, 2, 2));
+  CHECK_THROWS_WITH(read_idx(dir / "none", dir / "lab"), Catch::Contains("none: holds no images"));
+  // A small gzip file whose header claims a billion bytes: what is kept grows with the data.
+  auto claims = header(1000000, 100, 10);
+  claims.insert(claims.end(), 50, 7);
+  write_gz(dir / "claims.gz", claims);
+  CHECK_THROWS_WITH(read_idx(dir / "claims.gz", dir / "lab"),
+                    Catch::Contains("claims.gz: size does not match its header") &&
+                        Catch::Contains("the data ends after 50 of 1000000000 bytes"));
+
+  // gzip members one after another are one file (as gzip writes them); other trailing data is
+  // refused, and so is a member cut short.
+  const auto img = idx_images(5, 4, 3);
+  write(dir / "img", img);
+  write_gz(dir / "a.gz", std::vector<uint8_t>(img.begin(), img.begin() + 20));
+  write_gz(dir / "b.gz", std::vector<uint8_t>(img.begin() + 20, img.end()));
+  auto bytes_of = [](const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
+    return std::vector<uint8_t>(std::istreambuf_iterator<char>(f), {});
+  };
+  auto two = bytes_of(dir / "a.gz");
+  const auto second = bytes_of(dir / "b.gz");
+  two.insert(two.end(), second.begin(), second.end());
+  write(dir / "two.gz", two);
+  CHECK(torch::equal(read_idx(dir / "two.gz", dir / "lab").images, read_idx(dir / "img", dir / "lab").images));
+  two.insert(two.end(), {0, 0, 0, 0});
+  write(dir / "padded.gz", two);
+  CHECK_THROWS_WITH(read_idx(dir / "padded.gz", dir / "lab"), Catch::Contains("padded.gz: data after the end of its gzip stream"));
+  two.resize(two.size() - 4 - 3);
+  write(dir / "cut.gz", two);
+  CHECK_THROWS_WITH(read_idx(dir / "cut.gz", dir / "lab"), Catch::Contains("cut.gz: truncated gzip data"));
 }
 
 TEST_CASE("data: the real Fashion-MNIST from Debian's package loads", "[data]") {

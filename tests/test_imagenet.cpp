@@ -11,6 +11,7 @@
 #include <fstream>
 #include <iterator>
 #include <set>
+#include <sstream>
 
 #include "test_support.h"
 
@@ -117,6 +118,59 @@ TEST_CASE("imagenet: splits with different classes are refused and a list file i
   CHECK_THROWS_WITH(read_image_list((root / "bad.csv").string(), ""), Catch::Contains("bad.csv:2"));
   std::ofstream(root / "neg.csv") << "n01/a.JPEG,-1\n";
   CHECK_THROWS_WITH(read_image_list((root / "neg.csv").string(), ""), Catch::Contains("label >= 0"));
+  remove_tree(root);
+}
+
+TEST_CASE("imagenet: labels from list files are bounded and the index cache cannot lead outside the folder", "[imagenet]") {
+  const fs::path root = temp_tree("bounds");
+  // A label that would make 100000000000 classes, one beyond int64, and a folder for a file.
+  std::ofstream(root / "big.csv") << "n01/a.JPEG,0\nn01/b.JPEG,99999999999\n";
+  CHECK_THROWS_WITH(read_image_list((root / "big.csv").string(), ""),
+                    Catch::Contains("big.csv:2: label 99999999999 is above the limit of 99999"));
+  std::ofstream(root / "huge.csv") << "a.JPEG,99999999999999999999999\n";
+  CHECK_THROWS_WITH(read_image_list((root / "huge.csv").string(), ""), Catch::Contains("huge.csv:1: label 9999"));
+  std::ofstream(root / "max.csv") << "a.JPEG," << kMaxClasses - 1 << "\n";
+  CHECK(read_image_list((root / "max.csv").string(), "").num_classes == kMaxClasses);
+  fs::create_directories(root / "dir.csv");
+  CHECK_THROWS_WITH(read_image_list((root / "dir.csv").string(), ""), Catch::Contains("dir.csv: is a directory"));
+
+  // A crafted entry in the cache of a scanned folder is refused, named, and the folder scanned again.
+  const fs::path train = root / "train", cache = root / "cache";
+  write_bytes(train / "n01" / "a.JPEG", jpeg_of(20, 20, 1));
+  write_bytes(train / "n02" / "b.JPEG", jpeg_of(20, 20, 2));
+  ScanReport r;
+  const ImageList honest = scan_image_folder(train.string(), cache.string(), 1, &r);
+  std::vector<fs::path> files;
+  for (const auto& e : fs::directory_iterator(cache)) files.push_back(e.path());
+  REQUIRE(files.size() == 1);
+  std::ofstream(files[0]) << "blpa-image-index 1\n2 2\n0\tn01/a.JPEG\n1\t../../etc/passwd.JPEG\n";
+  const ImageList again = scan_image_folder(train.string(), cache.string(), 1, &r);
+  CHECK_FALSE(r.from_cache);
+  CHECK_THAT(r.cache_refused, Catch::Contains(files[0].string() + ": line 4: '../../etc/passwd.JPEG' is not an image "
+                                                                   "file directly inside class folder n02"));
+  CHECK(again.paths == honest.paths);
+  scan_image_folder(train.string(), cache.string(), 1, &r);  // the scan rewrote the cache
+  CHECK(r.from_cache);
+  CHECK(r.cache_refused.empty());
+
+  // What the parser takes: only "<label>\t<class of the label>/<image file name>".
+  const std::vector<std::string> classes = {"n01", "n02"};
+  auto parse = [&](const std::string& entries, int64_t count) {
+    std::istringstream in("blpa-image-index 1\n2 " + std::to_string(count) + "\n" + entries);
+    ImageList out;
+    return parse_image_index(in, classes, out);
+  };
+  CHECK(parse("0\tn01/a.JPEG\n1\tn02/b.jpg\n", 2).empty());
+  CHECK_THAT(parse("1\tn02/../../x.JPEG\n", 1), Catch::Contains("line 3: 'n02/../../x.JPEG' is not an image file"));
+  CHECK_THAT(parse("0\t/etc/passwd.JPEG\n", 1), Catch::Contains("is not an image file"));
+  CHECK_THAT(parse("0\tn02/b.JPEG\n", 1), Catch::Contains("inside class folder n01 (label 0)"));
+  CHECK_THAT(parse("0\tn01/..\n", 1), Catch::Contains("is not an image file"));
+  CHECK_THAT(parse("0\tn01/notes.txt\n", 1), Catch::Contains("is not an image file"));
+  CHECK_THAT(parse("2\tn01/a.JPEG\n", 1), Catch::Contains("line 3: expected '<label below 2>"));
+  CHECK_THAT(parse("-0\tn01/a.JPEG\n", 1), Catch::Contains("line 3: expected"));
+  CHECK_THAT(parse("0\tn01/a.JPEG\n", 999999999999999999), Catch::Contains("ends after 1 of the 999999999999999999"));
+  CHECK_THAT(parse("0\tn01/a.JPEG\n0\tn01/b.JPEG\n", 1), Catch::Contains("line 4: more entries than the 1"));
+  CHECK_THAT(parse("", -1), Catch::Contains("line 2: expected"));
   remove_tree(root);
 }
 

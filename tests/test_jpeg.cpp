@@ -3,6 +3,7 @@
 // No torch headers, so this file compiles in seconds.
 #include <blpa/jpeg.h>
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -435,6 +436,23 @@ TEST_CASE("jpeg: decoding from files", "[jpeg]") {
   const Decoded folder = decode_jpeg_file(dir.path);
   require_failed(folder, DecodeStatus::corrupt);
   CHECK_THAT(folder.message, Catch::Contains(std::strerror(EISDIR)));
+}
+
+TEST_CASE("jpeg: oversized files and special files are refused before they are read", "[jpeg]") {
+  TempDir dir;
+  // A sparse file one byte above the limit: too_large from its size alone, no disk needed.
+  const std::string big = dir.write("big.JPEG", {0xFF, 0xD8});
+  REQUIRE(::truncate(big.c_str(), off_t(kMaxJpegBytes) + 1) == 0);
+  const Decoded d = decode_jpeg_file(big);
+  require_failed(d, DecodeStatus::too_large);
+  CHECK_THAT(d.message, Catch::Contains(big) && Catch::Contains("more than the limit"));
+  // A named pipe under an image name: refused at once, not waited on for a writer.
+  const std::string fifo = dir.path + "/pipe.JPEG";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  dir.files.push_back(fifo);
+  const Decoded p = decode_jpeg_file(fifo);
+  require_failed(p, DecodeStatus::corrupt);
+  CHECK_THAT(p.message, Catch::Contains(fifo) && Catch::Contains("not a regular file"));
 }
 
 TEST_CASE("jpeg: decoding is a function of the bytes alone", "[jpeg]") {

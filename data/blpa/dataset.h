@@ -1,5 +1,6 @@
 // Native dataset readers. Every file is validated (size, record layout, magic numbers,
-// label range); errors name the file and what is wrong.
+// label range) before its contents are kept; errors name the file and what is wrong. The
+// parsing itself, with its limits, is in formats.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>

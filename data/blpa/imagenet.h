@@ -1,10 +1,10 @@
-// ImageNet-style data: folders of JPEGs (or a list file), decoded by libjpeg-turbo in worker
-// threads, with the paper's augmentation (DESIGN.md 1.7) and 10-crop evaluation.
+// ImageNet-style data: folders of JPEGs (or a list file; image_index.h finds them), decoded
+// by libjpeg-turbo in worker threads, with the paper's augmentation (DESIGN.md 1.7) and
+// 10-crop evaluation.
 //
-// Layout: <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG. Class k is the k-th wnid
-// in sorted order, as torchvision's ImageFolder numbers them, so labels agree with the
-// Python ecosystem. Or a list file of "relative/path,label" lines (paths relative to the
-// list's directory unless --data-dir says otherwise).
+// Layout: <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG, or list files of
+// "relative/path,label" lines (paths relative to the list's directory unless --data-dir says
+// otherwise).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -15,44 +15,11 @@
 #include <string>
 #include <vector>
 
+#include "blpa/image_index.h"
 #include "blpa/jpeg.h"
 #include "blpa/loader.h"
 
 namespace blpa::data {
-
-struct ImageList {
-  std::string root;                  // what the paths are relative to
-  std::vector<std::string> paths;    // relative to root
-  std::vector<int64_t> labels;       // class index of each path
-  std::vector<std::string> classes;  // class names (wnids) in label order; empty for list files
-  int64_t num_classes = 0;
-  int64_t size() const { return static_cast<int64_t>(paths.size()); }
-};
-
-struct ScanReport {
-  int64_t files = 0;                       // images listed
-  int64_t skipped = 0;                     // entries that are not image files (other extensions)
-  std::vector<std::string> unreadable;     // image files the process cannot read (not listed)
-  std::vector<std::string> empty_classes;  // class folders without images (still numbered)
-  bool from_cache = false;
-};
-
-// Scans <dir>/<class>/* for .JPEG/.jpeg/.jpg files, one thread per class folder (`threads`
-// at a time). The result is cached in `cache_dir` (empty: no cache) under a name derived from
-// the folder's path and the names and modification times of its class folders, so adding,
-// removing or renaming images in any class invalidates it. Throws when `dir` has no class
-// folders or no images at all.
-ImageList scan_image_folder(const std::string& dir, const std::string& cache_dir, int threads, ScanReport* report);
-
-// A list file: one "relative/path,label" per line (blank lines and lines starting with '#'
-// ignored). Throws with the file and line number on a malformed line or a negative label.
-ImageList read_image_list(const std::string& list_file, const std::string& root);
-
-// train and val of an ImageNet root: the two splits must name the same classes.
-struct ImageNetSplits {
-  ImageList train, val;
-};
-ImageNetSplits load_imagenet(const std::string& root, const std::string& cache_dir, int threads);
 
 // ---- geometry ------------------------------------------------------------------------------
 // A crop in the pixel grid of the decoded image.

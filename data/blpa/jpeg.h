@@ -26,6 +26,9 @@ const char* to_string(DecodeStatus s);
 // allocating anything: libjpeg keeps a whole-image coefficient buffer for progressive JPEGs
 // even when it scales the output down, so the full size is what costs memory.
 inline constexpr size_t kMaxJpegPixels = size_t{1} << 28;
+// decode_jpeg_file refuses files above this many bytes before reading them (a JPEG of
+// kMaxJpegPixels at quality 100 takes a few hundred MB).
+inline constexpr uint64_t kMaxJpegBytes = uint64_t{1} << 30;
 
 struct Decoded {
   Image image;  // empty unless status is ok
@@ -58,8 +61,9 @@ struct Decoded {
 // never returned as ok.
 Decoded decode_jpeg(const uint8_t* data, size_t size, int min_short_side = 0) noexcept;
 
-// Reads the file and decodes it. An unreadable file gets status corrupt with the path and the
-// OS reason in message. Never throws.
+// Reads the file and decodes it. An unreadable file, or anything but a regular file, gets
+// status corrupt with the path and the reason in message; a file above kMaxJpegBytes
+// too_large. Never throws.
 Decoded decode_jpeg_file(const std::string& path, int min_short_side = 0) noexcept;
 
 enum class JpegPixels { rgb, gray, cmyk };

@@ -1,0 +1,69 @@
+// Lists of images: ImageNet-style folders (scanned in parallel, the result cached) and list
+// files. No torch headers: the fuzz targets (tests/fuzz/) call the parsers directly.
+//
+// Layout: <dir>/<wnid>/*.JPEG. Class k is the k-th wnid in sorted order, as torchvision's
+// ImageFolder numbers them, so labels agree with the Python ecosystem. Or a list file of
+// "relative/path,label" lines.
+//
+// What is read from a file is checked before it is used: labels and class counts are at
+// most kMaxClasses, and a cached index is used only if every path in it names an image file
+// directly inside the class folder of its label, so it cannot lead the loader out of the
+// data folder (a damaged or crafted index is reported and the folder scanned again).
+#pragma once
+
+#include <cstdint>
+#include <istream>
+#include <string>
+#include <vector>
+
+namespace blpa::data {
+
+// The most classes a data set may have (ImageNet-21k has 21841): a label read from a file
+// beyond it is an error, before the network's last layer is sized by it.
+inline constexpr int64_t kMaxClasses = 100000;
+
+struct ImageList {
+  std::string root;                  // what the paths are relative to
+  std::vector<std::string> paths;    // relative to root
+  std::vector<int64_t> labels;       // class index of each path
+  std::vector<std::string> classes;  // class names (wnids) in label order; empty for list files
+  int64_t num_classes = 0;
+  int64_t size() const { return static_cast<int64_t>(paths.size()); }
+};
+
+struct ScanReport {
+  int64_t files = 0;                       // images listed
+  int64_t skipped = 0;                     // entries that are not image files (other extensions)
+  std::vector<std::string> unreadable;     // image files the process cannot read (not listed)
+  std::vector<std::string> empty_classes;  // class folders without images (still numbered)
+  bool from_cache = false;
+  std::string cache_refused;               // the cached index found and not used, and why ("": none)
+};
+
+// Scans <dir>/<class>/* for .JPEG/.jpeg/.jpg files, one thread per class folder (`threads`
+// at a time). The result is cached in `cache_dir` (empty: no cache) under a name derived from
+// the folder's path and the names and modification times of its class folders, so adding,
+// removing or renaming images in any class invalidates it. Throws when `dir` has no class
+// folders, more than kMaxClasses, or no images at all.
+ImageList scan_image_folder(const std::string& dir, const std::string& cache_dir, int threads, ScanReport* report);
+
+// A list file: one "relative/path,label" per line (blank lines and lines starting with '#'
+// ignored), labels in [0, kMaxClasses). Throws with the file and line number on a malformed
+// line or a label out of range. `root` empty: the paths are relative to the list's folder.
+ImageList read_image_list(const std::string& list_file, const std::string& root);
+// The parser of read_image_list, on text from `in`; `name` starts every error message.
+ImageList parse_image_list(std::istream& in, const std::string& name, const std::string& root);
+
+// The parser of the index cache: fills out.paths and out.labels from `in` and returns "" if
+// it is an index of a folder with these class folders, else says why not (starting with the
+// line number) and leaves `out` unchanged.
+std::string parse_image_index(std::istream& in, const std::vector<std::string>& classes, ImageList& out);
+
+// train and val of an ImageNet root: the two splits must name the same classes. Empty class
+// folders, unreadable images and a refused index cache are reported on stderr.
+struct ImageNetSplits {
+  ImageList train, val;
+};
+ImageNetSplits load_imagenet(const std::string& root, const std::string& cache_dir, int threads);
+
+}  // namespace blpa::data

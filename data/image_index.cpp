@@ -1,0 +1,332 @@
+#include "blpa/image_index.h"
+
+#include <dirent.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <charconv>
+#include <climits>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <stdexcept>
+#include <string_view>
+#include <system_error>
+#include <thread>
+
+namespace blpa::data {
+namespace {
+
+// Directory walking uses POSIX calls, not std::filesystem: LibTorch 2.11 exports a copy of
+// parts of std::filesystem that can shadow the standard library's (see tests/test_support.h).
+struct Entry {
+  std::string name;
+  bool dir;
+};
+
+std::string os_error(int err) { return std::generic_category().message(err); }
+
+std::vector<Entry> list_dir(const std::string& dir) {
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) throw std::runtime_error(dir + ": cannot open directory (" + os_error(errno) + ")");
+  std::vector<Entry> out;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    if (name == "." || name == "..") continue;
+    bool is_dir = e->d_type == DT_DIR;
+    if (e->d_type == DT_UNKNOWN || e->d_type == DT_LNK) {  // some file systems, and symlinks
+      struct stat st {};
+      is_dir = ::stat((dir + "/" + name).c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+    }
+    out.push_back({name, is_dir});
+  }
+  ::closedir(d);
+  std::sort(out.begin(), out.end(), [](const Entry& a, const Entry& b) { return a.name < b.name; });
+  return out;
+}
+
+bool is_image_name(std::string_view n) {
+  const auto dot = n.rfind('.');
+  if (dot == std::string_view::npos) return false;
+  const std::string_view ext = n.substr(dot + 1);
+  auto is = [&](std::string_view lower) {
+    return ext.size() == lower.size() && std::equal(ext.begin(), ext.end(), lower.begin(), [](char a, char b) {
+             return std::tolower(static_cast<unsigned char>(a)) == b;
+           });
+  };
+  return is("jpeg") || is("jpg");
+}
+
+// Text from a file, fit for a one-line message: at most 80 characters, control bytes escaped.
+std::string shown(std::string_view s) {
+  std::string out;
+  for (size_t i = 0; i < s.size() && i < 80; ++i) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    if (c >= 0x20 && c != 0x7f) {
+      out += static_cast<char>(c);
+    } else {
+      char hex[8];
+      std::snprintf(hex, sizeof hex, "\\x%02x", c);
+      out += hex;
+    }
+  }
+  if (s.size() > 80) out += "...";
+  return out;
+}
+
+// A whole decimal number: digits only (no sign, space or '+'), at most `max`.
+bool parse_count(std::string_view s, int64_t max, int64_t& value) {
+  const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), value);
+  return !s.empty() && s[0] != '-' && ec == std::errc() && end == s.data() + s.size() && value <= max;
+}
+
+int64_t mtime_ns(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return -1;
+  return int64_t{st.st_mtim.tv_sec} * 1000000000 + st.st_mtim.tv_nsec;
+}
+
+uint64_t fnv1a(uint64_t h, const std::string& s) {
+  for (unsigned char c : s) h = (h ^ c) * 0x100000001B3ull;
+  return (h ^ 0xFF) * 0x100000001B3ull;  // a separator, so ("ab","c") != ("a","bc")
+}
+
+std::string absolute(const std::string& p) {
+  char buf[PATH_MAX];
+  return ::realpath(p.c_str(), buf) ? std::string(buf) : p;
+}
+
+// The cache is keyed by the folder and, for each class folder, its name and modification
+// time, which changes whenever an entry is added, removed or renamed in it.
+std::string cache_path(const std::string& cache_dir, const std::string& dir, const std::vector<std::string>& classes) {
+  uint64_t h = fnv1a(0xCBF29CE484222325ull, absolute(dir));
+  for (const auto& c : classes) h = fnv1a(fnv1a(h, c), std::to_string(mtime_ns(dir + "/" + c)));
+  char name[64];
+  std::snprintf(name, sizeof name, "/image-index-%016llx.txt", static_cast<unsigned long long>(h));
+  return cache_dir + name;
+}
+
+constexpr const char* kIndexMagic = "blpa-image-index 1";
+
+void write_cache(const std::string& path, const ImageList& list) {
+  for (const auto& p : list.paths)
+    if (p.find('\n') != std::string::npos) return;  // a file name with a newline: no index line can hold it
+  const std::string tmp = path + ".tmp" + std::to_string(::getpid());
+  {
+    std::ofstream out(tmp);
+    if (!out) return;  // a cache that cannot be written is not an error
+    out << kIndexMagic << '\n' << list.num_classes << ' ' << list.size() << '\n';
+    for (int64_t i = 0; i < list.size(); ++i) out << list.labels[i] << '\t' << list.paths[i] << '\n';
+    if (!out) {
+      std::remove(tmp.c_str());
+      return;
+    }
+  }
+  std::rename(tmp.c_str(), path.c_str());
+}
+
+}  // namespace
+
+std::string parse_image_index(std::istream& in, const std::vector<std::string>& classes, ImageList& out) {
+  std::string line;
+  if (!std::getline(in, line) || line != kIndexMagic) return "line 1: not a blpa image index";
+  int64_t n_classes = 0, n_files = 0;
+  const auto space = std::getline(in, line) ? line.find(' ') : std::string::npos;
+  if (space == std::string::npos || !parse_count(std::string_view(line).substr(0, space), kMaxClasses, n_classes) ||
+      !parse_count(std::string_view(line).substr(space + 1), INT64_MAX, n_files))
+    return "line 2: expected '<classes> <images>'";
+  if (n_classes != static_cast<int64_t>(classes.size()))
+    return "line 2: an index of " + std::to_string(n_classes) + " classes; the folder has " +
+           std::to_string(classes.size());
+  std::vector<std::string> paths;
+  std::vector<int64_t> labels;
+  for (int64_t no = 3; std::getline(in, line); ++no) {
+    auto at = [&] { return "line " + std::to_string(no) + ": "; };
+    if (static_cast<int64_t>(paths.size()) == n_files)
+      return at() + "more entries than the " + std::to_string(n_files) + " on line 2";
+    const auto tab = line.find('\t');
+    int64_t label = 0;
+    if (tab == std::string::npos || !parse_count(std::string_view(line).substr(0, tab), n_classes - 1, label))
+      return at() + "expected '<label below " + std::to_string(n_classes) + ">\\t<class>/<image>', got '" +
+             shown(line) + "'";
+    // Only what a scan writes: a file name with an image extension, directly inside the
+    // folder of its label's class. No '/' in the name, so no "..", no absolute path.
+    const std::string_view path = std::string_view(line).substr(tab + 1), cls = classes[label];
+    const std::string_view name = path.substr(std::min(path.size(), cls.size() + 1));
+    if (path.size() <= cls.size() + 1 || path.substr(0, cls.size()) != cls || path[cls.size()] != '/' ||
+        name.find('/') != std::string_view::npos || name.find('\0') != std::string_view::npos ||
+        !is_image_name(name))
+      return at() + "'" + shown(path) + "' is not an image file directly inside class folder " + shown(cls) +
+             " (label " + std::to_string(label) + ")";
+    paths.emplace_back(path);
+    labels.push_back(label);
+  }
+  if (static_cast<int64_t>(paths.size()) != n_files)
+    return "ends after " + std::to_string(paths.size()) + " of the " + std::to_string(n_files) +
+           " entries on line 2";
+  out.paths = std::move(paths);
+  out.labels = std::move(labels);
+  return {};
+}
+
+ImageList scan_image_folder(const std::string& dir, const std::string& cache_dir, int threads, ScanReport* report) {
+  ScanReport local;
+  ScanReport& r = report ? *report : local;
+  r = ScanReport{};
+  ImageList out;
+  out.root = dir;
+  for (const auto& e : list_dir(dir))
+    if (e.dir) out.classes.push_back(e.name);
+  if (out.classes.empty()) throw std::runtime_error(dir + ": no class folders (expected " + dir + "/<class>/*.JPEG)");
+  out.num_classes = static_cast<int64_t>(out.classes.size());
+  if (out.num_classes > kMaxClasses)
+    throw std::runtime_error(dir + ": " + std::to_string(out.num_classes) + " class folders, more than the limit of " +
+                             std::to_string(kMaxClasses));
+
+  const std::string cache = cache_dir.empty() ? "" : cache_path(cache_dir, dir, out.classes);
+  if (!cache.empty()) {
+    std::ifstream in(cache);
+    if (in) {
+      const std::string why = parse_image_index(in, out.classes, out);
+      if (why.empty()) {
+        r.files = out.size();
+        r.from_cache = true;
+        return out;
+      }
+      r.cache_refused = cache + ": " + why;
+    }
+  }
+
+  // One task per class folder; results are joined in class order, so the list does not
+  // depend on the number of threads.
+  struct ClassFiles {
+    std::vector<std::string> files, unreadable;
+    int64_t skipped = 0;
+    std::string error;
+  };
+  std::vector<ClassFiles> per_class(out.classes.size());
+  std::atomic<size_t> next{0};
+  auto work = [&] {
+    for (size_t c; (c = next++) < per_class.size();) {
+      ClassFiles& f = per_class[c];
+      const std::string cdir = dir + "/" + out.classes[c];
+      try {
+        for (const auto& e : list_dir(cdir)) {
+          if (e.dir || !is_image_name(e.name)) {
+            ++f.skipped;
+            continue;
+          }
+          const std::string rel = out.classes[c] + "/" + e.name;
+          (::access((dir + "/" + rel).c_str(), R_OK) == 0 ? f.files : f.unreadable).push_back(rel);
+        }
+      } catch (const std::exception& ex) {
+        f.error = ex.what();
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 0; t < std::max(1, threads); ++t) pool.emplace_back(work);
+  for (auto& t : pool) t.join();
+
+  for (size_t c = 0; c < per_class.size(); ++c) {
+    ClassFiles& f = per_class[c];
+    if (!f.error.empty()) throw std::runtime_error(f.error);
+    if (f.files.empty()) r.empty_classes.push_back(out.classes[c]);
+    for (auto& p : f.files) {
+      out.paths.push_back(std::move(p));
+      out.labels.push_back(static_cast<int64_t>(c));
+    }
+    r.unreadable.insert(r.unreadable.end(), f.unreadable.begin(), f.unreadable.end());
+    r.skipped += f.skipped;
+  }
+  r.files = out.size();
+  if (out.paths.empty()) throw std::runtime_error(dir + ": no .JPEG/.jpg images in its " + std::to_string(out.num_classes) + " class folders");
+  if (!cache.empty()) {
+    for (size_t slash = 1; slash != std::string::npos; slash = cache_dir.find('/', slash + 1))
+      ::mkdir(cache_dir.substr(0, slash).c_str(), 0755);  // mkdir -p; failures show as a missing cache
+    ::mkdir(cache_dir.c_str(), 0755);
+    write_cache(cache, out);
+  }
+  return out;
+}
+
+ImageList parse_image_list(std::istream& in, const std::string& name, const std::string& root) {
+  ImageList out;
+  out.root = root;
+  std::string line;
+  for (int64_t no = 1; std::getline(in, line); ++no) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.empty() || line[0] == '#') continue;
+    const std::string at = name + ":" + std::to_string(no) + ": ";
+    const auto comma = line.rfind(',');  // paths may contain commas, labels do not
+    const std::string_view label_text =
+        comma == std::string::npos ? std::string_view{} : std::string_view(line).substr(comma + 1);
+    int64_t label = 0;
+    if (comma == std::string::npos || comma == 0 || label_text.empty() ||
+        !std::all_of(label_text.begin(), label_text.end(), [](char c) { return c >= '0' && c <= '9'; }))
+      throw std::runtime_error(at + "expected 'relative/path,label' with label >= 0, got '" + shown(line) + "'");
+    if (!parse_count(label_text, kMaxClasses - 1, label))
+      throw std::runtime_error(at + "label " + shown(label_text) + " is above the limit of " +
+                               std::to_string(kMaxClasses - 1) + " (at most " + std::to_string(kMaxClasses) +
+                               " classes)");
+    out.paths.push_back(line.substr(0, comma));
+    out.labels.push_back(label);
+    out.num_classes = std::max<int64_t>(out.num_classes, label + 1);
+  }
+  if (out.paths.empty()) throw std::runtime_error(name + ": no entries");
+  return out;
+}
+
+ImageList read_image_list(const std::string& list_file, const std::string& root) {
+  struct stat st {};
+  if (::stat(list_file.c_str(), &st) != 0)
+    throw std::runtime_error(list_file + ": cannot be opened (" + os_error(errno) + ")");
+  if (!S_ISREG(st.st_mode))
+    throw std::runtime_error(list_file + (S_ISDIR(st.st_mode) ? ": is a directory" : ": is not a regular file") +
+                             ", not a list file");
+  std::ifstream in(list_file);
+  if (!in) throw std::runtime_error(list_file + ": cannot be opened (" + os_error(errno) + ")");
+  std::string dir = root;
+  if (dir.empty()) {
+    const auto slash = list_file.rfind('/');
+    dir = slash == std::string::npos ? "." : list_file.substr(0, slash);
+  }
+  ImageList out = parse_image_list(in, list_file, dir);
+  if (in.bad()) throw std::runtime_error(list_file + ": cannot be read (" + os_error(errno) + ")");
+  return out;
+}
+
+ImageNetSplits load_imagenet(const std::string& root, const std::string& cache_dir, int threads) {
+  ImageNetSplits s;
+  for (auto [name, list] : {std::pair{"train", &s.train}, std::pair{"val", &s.val}}) {
+    ScanReport r;
+    *list = scan_image_folder(root + "/" + name, cache_dir, threads, &r);
+    if (!r.cache_refused.empty())
+      std::fprintf(stderr, "warning: %s; the folder was scanned again\n", r.cache_refused.c_str());
+    if (!r.empty_classes.empty())
+      std::fprintf(stderr, "warning: %s/%s: %zu empty class folders (first: %s)\n", root.c_str(), name,
+                   r.empty_classes.size(), r.empty_classes[0].c_str());
+    if (!r.unreadable.empty())
+      std::fprintf(stderr, "warning: %s/%s: %zu unreadable images left out (first: %s)\n", root.c_str(), name,
+                   r.unreadable.size(), r.unreadable[0].c_str());
+  }
+  if (s.train.classes != s.val.classes) {
+    std::string first;
+    for (size_t i = 0; i < std::max(s.train.classes.size(), s.val.classes.size()); ++i) {
+      const std::string t = i < s.train.classes.size() ? s.train.classes[i] : "(none)";
+      const std::string v = i < s.val.classes.size() ? s.val.classes[i] : "(none)";
+      if (t != v) {
+        first = "class " + std::to_string(i) + " is " + t + " in train but " + v + " in val";
+        break;
+      }
+    }
+    throw std::runtime_error(root + ": train has " + std::to_string(s.train.num_classes) + " classes and val " +
+                             std::to_string(s.val.num_classes) + "; they must be the same (" + first + ")");
+  }
+  return s;
+}
+
+}  // namespace blpa::data
