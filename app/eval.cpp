@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include <cmath>
 #include <csignal>
 #include <cxxopts.hpp>
 #include <iostream>
@@ -15,7 +16,7 @@ int main(int argc, char** argv) {
   blpa::quiet_library_log();
   cxxopts::Options opts("blpa-eval", "Evaluate a blpa-train checkpoint: top-1 and top-5 on the test split of the data "
                                      "set it was trained on (ImageNet: val/). A damaged checkpoint, or one holding "
-                                     "non-finite weights, is refused.\nExit codes: 0 done, 1 error, 2 bad flags.\n");
+                                     "non-finite weights, is refused.\nExit codes: 0 done, 1 error, 2 bad flags, 3 the loss is not finite (weights too large for the forward pass).\n");
   // clang-format off
   opts.add_options()
     ("checkpoint", "Checkpoint written by blpa-train --checkpoint", cxxopts::value<std::string>())
@@ -76,14 +77,24 @@ int main(int argc, char** argv) {
   }
   try {
     const auto r = blpa::evaluate_checkpoint(e);
+    const bool finite = std::isfinite(r.loss);
     if (json)
-      fmt::print("{{\"checkpoint\": \"{}\", \"ten_crop\": {}, \"images\": {}, \"failed\": {}, \"loss\": {:.6f}, "
+      fmt::print("{{\"checkpoint\": \"{}\", \"ten_crop\": {}, \"images\": {}, \"failed\": {}, \"loss\": {}, "
                  "\"top1\": {:.6f}, \"top5\": {:.6f}}}\n",
-                 e.checkpoint, e.options.ten_crop, r.count, r.failed, r.loss, r.top1, r.top5);
+                 e.checkpoint, e.options.ten_crop, r.count, r.failed, finite ? fmt::format("{:.6f}", r.loss) : "null",
+                 r.top1, r.top5);
     else
       fmt::print("{}: {} images{}: top-1 error {:.2f}%, top-5 error {:.2f}%, loss {:.4f}{}\n", e.checkpoint, r.count,
                  e.options.ten_crop ? " (10 crops)" : "", 100 * (1 - r.top1), 100 * (1 - r.top5), r.loss,
                  r.failed ? fmt::format(" ({} images could not be decoded)", r.failed) : "");
+    // Finite weights can still be too large for the forward pass: those of a run in the
+    // iterations before its loss became NaN. The scores above are then meaningless.
+    if (!finite) {
+      std::cerr << "blpa-eval: " << e.checkpoint << ": the loss is " << r.loss
+                << ": the network's outputs overflow (its weights are finite but too large, as those of a run "
+                   "about to diverge)\n";
+      return 3;
+    }
     return 0;
   } catch (const std::exception& ex) {
     spdlog::error("{}", blpa::error_message(ex));

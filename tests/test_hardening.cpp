@@ -269,7 +269,14 @@ TEST_CASE("hardening: a divergence keeps the last checkpoint of finite numbers, 
   const auto c = blpa::read_checkpoint(ck);
   CHECK(c.state.iteration >= 4);
   CHECK_NOTHROW(blpa::load_model(c));  // every tensor finite
-  CHECK(run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--subset", "10"}, dir).code == 0);
+  // Finite, but the weights of a run about to diverge: their training loss (batch statistics)
+  // was finite, while the running statistics may overflow the evaluation. blpa-eval scores
+  // it, or says that its loss is not finite (exit 3); never a NaN with exit 0.
+  const Run kept = run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--subset", "10"}, dir);
+  CAPTURE(kept.output);
+  CHECK((kept.code == 0 || kept.code == 3));
+  CHECK((kept.code == 3) == (kept.output.find("nan") != std::string::npos));
+  if (kept.code == 3) CHECK(kept.output.find("the network's outputs overflow") != std::string::npos);
 
   // A checkpoint that holds a NaN (written by an older blpa, or by hand) is refused.
   auto model = blpa::load_model(c);
@@ -282,6 +289,19 @@ TEST_CASE("hardening: a divergence keeps the last checkpoint of finite numbers, 
   CHECK(e.output.find("not finite") != std::string::npos);
   CHECK_THROWS_WITH(blpa::export_state_dict((dir / "nan.pt").string(), model), Catch::Contains("not finite"));
   CHECK_FALSE(fs::exists(dir / "nan.pt"));
+
+  // Finite weights too large for the forward pass (a run's just before its loss became NaN):
+  // the scores are printed, the loss as null, and the exit code says it.
+  auto huge = blpa::load_model(blpa::read_checkpoint(ck));  // (models of one Checkpoint share its tensors)
+  huge->named_parameters()["fc.weight"].detach().fill_(3e38);
+  std::string config;
+  for (const auto& [key, value] : c.config) config += key + "=" + value + "\n";
+  blpa::save_checkpoint((dir / "huge.ckpt").string(), c.identity, config, c.state, huge, opt);
+  const Run h = run(BLPA_EVAL_EXE, {"--checkpoint", (dir / "huge.ckpt").string(), "--subset", "10", "--json"}, dir);
+  CAPTURE(h.output);
+  CHECK(h.code == 3);
+  CHECK(h.output.find("\"loss\": null") != std::string::npos);
+  CHECK(h.output.find("the network's outputs overflow") != std::string::npos);
   remove_tree(dir);
 }
 

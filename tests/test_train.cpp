@@ -241,7 +241,7 @@ TEST_CASE("train: --preset imagenet sets the paper's protocol and explicit flags
   };
   const std::string p = config("--preset imagenet");
   const std::string mode = "mode=" + blpa::ModeConfig{blpa::Mode::blpa, 4}.str() + "\n";  // the default window
-  for (const std::string& kv : {"dataset=imagenet\n", "arch=imagenet\n", "depth=152\n", "batch=256\n",
+  for (const char* kv : {"dataset=imagenet\n", "arch=imagenet\n", "depth=152\n", "batch=256\n",
                                 "iterations=640000\n", "lr=0.1\n", "warmup=0\n", "steps=160000,320000,480000\n",
                                 "weight_decay=0.0001\n", mode.c_str()})
     CHECK(p.find(kv) != std::string::npos);

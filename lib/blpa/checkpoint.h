@@ -81,7 +81,9 @@ struct Checkpoint {
 // Opens and checks a checkpoint (CRCs, format, header); loads no weights yet.
 Checkpoint read_checkpoint(const std::string& path);
 // The network of a checkpoint with its weights and statistics, in evaluation mode, on the
-// CPU. Refuses weights or statistics that are not finite.
+// CPU. Refuses weights or statistics that are not finite. Its tensors are the archive's
+// (LibTorch's Module::load sets them to what it reads): two models loaded from one
+// Checkpoint share them, so read the checkpoint again for an independent copy.
 ResNet load_model(const Checkpoint& c);
 // Weights and statistics into `model`, and the optimiser state into `optimizer`.
 void load_training_state(const Checkpoint& c, ResNet& model, torch::optim::Optimizer& optimizer);
