@@ -255,6 +255,9 @@ Checkpoint read_checkpoint(const std::string& path) {
   } catch (const c10::Error& e) {
     std::string why = e.what_without_backtrace();
     throw CheckpointError(path + " cannot be read (" + why.substr(0, why.find(". ")) + ")");
+  } catch (const std::exception& e) {  // TorchScript's unpickler throws its own errors too (a bad type name)
+    std::string why = e.what();
+    throw CheckpointError(path + " cannot be read (" + why.substr(0, why.find('\n')) + ")");
   }
   c10::IValue v;
   auto read = [&](const char* key) -> const c10::IValue& {
