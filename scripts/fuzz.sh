@@ -82,6 +82,8 @@ nice -n 10 cmake --build "$build" --target "${build_targets[@]}" --parallel "${B
 # --- run ------------------------------------------------------------------------------------
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1}
+# Leaks of code that is not ours (LibTorch's miniz), each with its reason, as in the sanitized suite.
+export LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$here/tests/sanitizers/lsan.supp:print_suppressions=0}
 found=0 total=0
 stamp=$build/fuzz-start
 touch "$stamp"
