@@ -195,15 +195,6 @@ std::string head(const Common& c, const ModeConfig& m, const std::string& bench)
                      report_bits(m), report_format(m), c.device.str());
 }
 
-std::string json_escape(const std::string& s) {
-  std::string out;
-  for (const char ch : s) {
-    if (ch == '"' || ch == '\\') out += '\\';
-    if (static_cast<unsigned char>(ch) >= 0x20) out += ch;
-  }
-  return out;
-}
-
 // While alive, every autograd node's evaluation (its backward and the accumulation of its
 // outputs into the next nodes' inputs) is a memory::Scope named after the node, so that peaks in
 // LibTorch's own nodes (plain's units, the stem's convolution, the classifier) are attributed
@@ -336,14 +327,14 @@ int memory_main(int argc, char** argv) {
     if (c.json) {
       fmt::print("{}, \"stored_activation_bytes\": {}, \"unit_accounted_bytes\": {}, \"peak_bytes\": {}, "
                  "\"resident_bytes\": {}, \"param_bytes\": {}, \"grad_bytes\": {}, \"optimizer_bytes\": {}, "
-                 "\"stored_ratio_plain\": {:.3f}, \"peak_ratio_plain\": {:.3f}, \"peak_at\": \"{}\"",
+                 "\"stored_ratio_plain\": {:.3f}, \"peak_ratio_plain\": {:.3f}, \"peak_at\": {}",
                  head(c, mode, "memory"), m.stored, units, m.peak, m.resident, m.params, m.params, m.params,
-                 double(p.stored) / m.stored, double(p.peak) / m.peak, json_escape(m.peak_at));
+                 double(p.stored) / m.stored, double(p.peak) / m.peak, blpa::json_string(m.peak_at));
       if (batch2 > 0)
         fmt::print(", \"slope_batch\": {}, \"stored_per_sample_bytes\": {:.0f}, \"peak_per_sample_bytes\": {:.0f}, "
-                   "\"peak_per_sample_ratio_plain\": {:.3f}, \"peak_per_sample_at\": \"{}\", "
+                   "\"peak_per_sample_ratio_plain\": {:.3f}, \"peak_per_sample_at\": {}, "
                    "\"peak_per_sample_at_bytes\": {:.0f}",
-                   batch2, r.stored_slope, r.peak_slope, p.peak_slope / r.peak_slope, json_escape(slope_peak_at),
+                   batch2, r.stored_slope, r.peak_slope, p.peak_slope / r.peak_slope, blpa::json_string(slope_peak_at),
                    scope_peak[slope_peak_at]);
       fmt::print("}}\n");
     } else {
@@ -531,8 +522,8 @@ int step_main(int argc, char** argv) {
       if (top_n > 0) {
         profile_json = fmt::format(", \"profile\": {{\"wall_ms\": {:.3f}, \"busy_ms\": {:.3f}, \"top\": [", p.wall_ms, p.busy_ms);
         for (size_t i = 0; i < p.top.size(); ++i)
-          profile_json += fmt::format("{}{{\"ms\": {:.3f}, \"calls\": {}, \"name\": \"{}\"}}", i ? ", " : "",
-                                      std::get<0>(p.top[i]), std::get<1>(p.top[i]), json_escape(std::get<2>(p.top[i])));
+          profile_json += fmt::format("{}{{\"ms\": {:.3f}, \"calls\": {}, \"name\": {}}}", i ? ", " : "",
+                                      std::get<0>(p.top[i]), std::get<1>(p.top[i]), blpa::json_string(std::get<2>(p.top[i])));
         profile_json += "]}";
       }
       if (c.json)

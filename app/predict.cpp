@@ -37,16 +37,6 @@ const char* kHelp =
     "field, and skipped.\n"
     "Exit codes: 0 at least one image classified, 1 an error or no image could be classified, 2 bad flags.\n";
 
-std::string json_string(const std::string& s) {
-  std::string out = "\"";
-  for (const unsigned char ch : s) {
-    if (ch == '"' || ch == '\\') out += '\\', out += static_cast<char>(ch);
-    else if (ch < 0x20) out += fmt::format("\\u{:04x}", static_cast<int>(ch));
-    else out += static_cast<char>(ch);
-  }
-  return out + "\"";
-}
-
 // ---- class names ---------------------------------------------------------------------------
 
 // The names of the in-memory data sets' classes, in label order (the data sets' own metadata).
@@ -220,7 +210,7 @@ struct Printer {
     for (int64_t j = 0; j < p.size(0); ++j) {
       const int64_t k = idx[j].item<int64_t>();
       s += fmt::format("{}{{\"class\": {}{}, \"prob\": {:.6g}}}", j ? ", " : "", k,
-                       names.empty() ? "" : ", \"name\": " + json_string(names[k]), p[j].item<float>());
+                       names.empty() ? "" : ", \"name\": " + blpa::json_string(names[k]), p[j].item<float>());
     }
     return s + "]";
   }
@@ -273,10 +263,10 @@ int64_t predict_images(blpa::ResNet& model, const std::vector<Input>& inputs, co
       const std::string label = in.label >= 0 ? fmt::format(", \"label\": {}", in.label) : "";
       if (batch.labels[i].item<int64_t>() < 0) {
         std::cerr << "blpa-predict: " << in.path << ": skipped (" << errors[first + i] << ")\n";
-        fmt::print("{{\"file\": {}{}, \"error\": {}}}\n", json_string(in.path), label, json_string(errors[first + i]));
+        fmt::print("{{\"file\": {}{}, \"error\": {}}}\n", blpa::json_string(in.path), label, blpa::json_string(errors[first + i]));
         continue;
       }
-      fmt::print("{{\"file\": {}{}, \"top\": {}}}\n", json_string(in.path), label, out.top(prob[i]));
+      fmt::print("{{\"file\": {}{}, \"top\": {}}}\n", blpa::json_string(in.path), label, out.top(prob[i]));
       ++classified;
     }
     std::fflush(stdout);

@@ -286,9 +286,7 @@ std::string TrainConfig::describe() const {
       train_list, val_list, dist.world, log_every, eval_every, checkpoint_every, cuda_graphs);
 }
 
-namespace {
-
-std::string quote(const std::string& s) {
+std::string json_string(const std::string& s) {
   std::string out = "\"";
   for (const unsigned char ch : s) {
     if (ch == '"' || ch == '\\') out += '\\', out += static_cast<char>(ch);
@@ -297,6 +295,8 @@ std::string quote(const std::string& s) {
   }
   return out + "\"";
 }
+
+namespace {
 
 double unix_time() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
@@ -311,10 +311,10 @@ std::string TrainConfig::json() const {
       "\"iterations\": {}, \"lr\": {}, \"warmup\": {}, \"warmup_lr\": {}, \"steps\": [{}], \"factor\": {}, "
       "\"momentum\": {}, \"weight_decay\": {}, \"device\": {}, \"seed\": {}, \"threads\": {}, \"workers\": {}, "
       "\"world\": {}, \"cuda_graphs\": {}, \"train_list\": {}, \"val_list\": {}}}",
-      quote(dataset), quote(data_dir), train_subset, test_subset, augment, quote(arch), depth, quote(mode.str()),
+      json_string(dataset), json_string(data_dir), train_subset, test_subset, augment, json_string(arch), depth, json_string(mode.str()),
       (mode.mode == Mode::blpa || mode.mode == Mode::naive) ? mode.bits : 32, batch, accum_steps, iterations, lr,
-      warmup, warmup_lr, fmt::join(steps, ", "), factor, momentum, weight_decay, quote(device), seed, threads,
-      workers, dist.world, quote(cuda_graphs), quote(train_list), quote(val_list));
+      warmup, warmup_lr, fmt::join(steps, ", "), factor, momentum, weight_decay, json_string(device), seed, threads,
+      workers, dist.world, json_string(cuda_graphs), json_string(train_list), json_string(val_list));
 }
 
 void TrainConfig::validate() const {

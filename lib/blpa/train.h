@@ -143,6 +143,9 @@ struct NonFiniteLoss : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// `s` as a JSON string: quoted, with quotes, backslashes and control characters escaped.
+std::string json_string(const std::string& s);
+
 // The message of an exception for a user: LibTorch's errors without their C++ backtrace,
 // unless BLPA_DEBUG=1 is set in the environment.
 std::string error_message(const std::exception& e);
