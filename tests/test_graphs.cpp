@@ -51,12 +51,7 @@ std::unique_ptr<torch::optim::SGD> sgd(blpa::ResNet& m, double lr) {
       torch::optim::SGDOptions(lr));
 }
 
-fs::path temp_dir(const std::string& name) {
-  auto p = fs::temp_directory_path() / ("blpa-graphs-" + name + "-" + std::to_string(::getpid()));
-  remove_tree(p);
-  fs::create_directories(p);
-  return p;
-}
+fs::path temp_dir(const std::string& name) { return fresh_temp_dir("graphs-" + name); }
 
 }  // namespace
 

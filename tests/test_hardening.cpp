@@ -29,17 +29,7 @@ bool have_fashion_mnist() {
   return false;
 }
 
-fs::path temp_dir(const std::string& name) {
-  auto p = fs::temp_directory_path() / ("blpa-hard-" + name + "-" + std::to_string(::getpid()));
-  remove_tree(p);
-  fs::create_directories(p);
-  return p;
-}
-
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-}
+fs::path temp_dir(const std::string& name) { return fresh_temp_dir("hard-" + name); }
 
 struct Run {
   int code = -1;

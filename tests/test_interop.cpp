@@ -26,17 +26,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path temp_dir(const std::string& name) {
-  auto p = fs::temp_directory_path() / ("blpa-interop-" + name + "-" + std::to_string(::getpid()));
-  remove_tree(p);
-  fs::create_directories(p);
-  return p;
-}
-
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-}
+fs::path temp_dir(const std::string& name) { return fresh_temp_dir("interop-" + name); }
 
 void write_bytes(const fs::path& p, const void* data, size_t n) {
   fs::create_directories(p.parent_path());

@@ -4,11 +4,15 @@
 #include <torch/torch.h>
 
 #include <ftw.h>
+#include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
+#include <iterator>
+#include <string>
 
 // CUDA tests call this first: without a device they print the marker that CTest's
 // SKIP_REGULAR_EXPRESSION turns into a visible "Skipped" and return.
@@ -41,4 +45,18 @@ struct NoTF32 {
 inline void remove_tree(const std::filesystem::path& p) {
   ::nftw(p.c_str(), [](const char* f, const struct stat*, int, struct FTW*) { return std::remove(f); }, 16,
          FTW_DEPTH | FTW_PHYS);
+}
+
+// A new, empty folder blpa-<name>-<pid> in the system's temporary folder (emptied if it exists).
+inline std::filesystem::path fresh_temp_dir(const std::string& name) {
+  auto p = std::filesystem::temp_directory_path() / ("blpa-" + name + "-" + std::to_string(::getpid()));
+  remove_tree(p);
+  std::filesystem::create_directories(p);
+  return p;
+}
+
+// A file's bytes ("" if it cannot be read).
+inline std::string slurp(const std::filesystem::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
 }

@@ -30,12 +30,7 @@ bool have_fashion_mnist() {
   return false;
 }
 
-fs::path temp_dir(const std::string& name) {
-  auto p = fs::temp_directory_path() / ("blpa-train-" + name + "-" + std::to_string(::getpid()));
-  remove_tree(p);
-  fs::create_directories(p);
-  return p;
-}
+fs::path temp_dir(const std::string& name) { return fresh_temp_dir("train-" + name); }
 
 blpa::TrainConfig small(const fs::path& dir) {
   blpa::TrainConfig c;
