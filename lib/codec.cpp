@@ -403,8 +403,11 @@ void unpack_into(const Codes& codes, const at::Tensor& b, const at::Tensor& gamm
 
 }  // namespace
 
-Unpacked unpack(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma, unsigned outputs) {
+Unpacked unpack(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma, unsigned outputs,
+                at::ScalarType dtype) {
   TORCH_CHECK(codes.defined(), "blpa codec: unpack of empty codes");
+  TORCH_CHECK(dtype == at::kFloat && !codes.channels_last, "blpa codec: unpack to ", dtype,
+              (codes.channels_last ? " channels-last" : ""), " is not supported yet");
   const auto f32 = codes.data.options().dtype(at::kFloat);
   Unpacked u;
   if (outputs & kXhat) {

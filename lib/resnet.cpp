@@ -27,7 +27,7 @@ struct StemMaxPool : torch::autograd::Function<StemMaxPool> {
     auto iw = idx.remainder(W);
     auto dy = idx.sub_(iw).div_(W, "floor").sub_(window_origin(OH, iw).view({1, 1, OH, 1}));
     auto dx = iw.sub_(window_origin(OW, iw).view({1, 1, 1, OW}));
-    ctx->saved_data["code"] = dy.mul_(3).add_(dx).to(torch::kByte);
+    ctx->saved_data["code"] = dy.mul_(3).add_(dx).to(torch::kByte).contiguous();  // NCHW: backward views it
     ctx->saved_data["input_sizes"] = x.sizes().vec();
     return out;
   }
@@ -49,6 +49,52 @@ struct StemMaxPool : torch::autograd::Function<StemMaxPool> {
 }  // namespace
 
 torch::Tensor stem_max_pool(const torch::Tensor& x) { return StemMaxPool::apply(x); }
+
+Precision parse_precision(const std::string& s) {
+  if (s == "fp32") return Precision::fp32;
+  if (s == "tf32") return Precision::tf32;
+  if (s == "bf16") return Precision::bf16;
+  throw std::invalid_argument("unknown precision '" + s + "' (expected fp32, tf32 or bf16)");
+}
+
+std::string to_string(Precision p) {
+  switch (p) {
+    case Precision::fp32: return "fp32";
+    case Precision::tf32: return "tf32";
+    case Precision::bf16: return "bf16";
+  }
+  return "?";
+}
+
+at::MemoryFormat parse_layout(const std::string& s) {
+  if (s == "nchw") return at::MemoryFormat::Contiguous;
+  if (s == "nhwc") return at::MemoryFormat::ChannelsLast;
+  throw std::invalid_argument("unknown memory format '" + s + "' (expected nchw or nhwc)");
+}
+
+std::string layout_name(at::MemoryFormat f) { return f == at::MemoryFormat::ChannelsLast ? "nhwc" : "nchw"; }
+
+std::string Numerics::str() const { return to_string(precision) + "-" + layout_name(layout); }
+
+Precision default_precision(const torch::Device& device) {
+  return device.is_cuda() ? Precision::tf32 : Precision::fp32;
+}
+
+at::MemoryFormat default_layout(const torch::Device& device, Precision p) {
+  // CUDA bf16: NHWC, the layout of cuDNN's tensor-core convolutions (NVIDIA's published
+  // recipes); everything else NCHW, measured in docs/results.md, "Precision and layout".
+  return device.is_cuda() && p == Precision::bf16 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+void apply_precision(Precision p, const torch::Device& device) {
+  if (p == Precision::tf32 && !device.is_cuda())
+    throw std::invalid_argument("precision tf32 is a CUDA precision (TF32 tensor cores); on the CPU use fp32 or bf16");
+  if (!device.is_cuda()) return;
+  const auto mode = p == Precision::tf32 ? at::Float32Precision::TF32 : at::Float32Precision::IEEE;
+  auto& ctx = at::globalContext();
+  ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV, mode);
+  ctx.setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, mode);
+}
 
 BlockImpl::BlockImpl(int64_t in_channels, int64_t width, int64_t stride, const ModeConfig& mode) {
   const int64_t out = 4 * width;
@@ -122,10 +168,17 @@ ResNetImpl::ResNetImpl(const NetConfig& config) : config_(config) {
 torch::Tensor ResNetImpl::forward(const torch::Tensor& x) {
   TORCH_CHECK(x.dim() == 4 && x.size(1) == config_.in_channels, "model expects N x ", config_.in_channels,
               " x H x W images, got ", x.sizes());
+  // The images, the stem's and the classifier's weights in the run's dtype and layout (no copy
+  // in fp32 NCHW); the classifier's outputs, and so the loss, in float32.
+  const auto dtype = numerics_.dtype();
+  auto cast = [&](const torch::Tensor& t) {
+    return t.to(t.options().dtype(dtype), false, false, t.dim() == 4 ? numerics_.layout : at::MemoryFormat::Preserve);
+  };
   torch::Tensor h;
   {
     const memory::Scope scope("stem", "forward");
-    h = stem->forward(x);
+    const auto& o = stem->options;
+    h = at::conv2d(cast(x), cast(stem->weight), {}, o.stride(), std::get<torch::ExpandingArray<2>>(o.padding()));
     if (config_.arch == "imagenet")  // plain: LibTorch's own, the oracle
       h = config_.mode.mode == Mode::plain || !is_training() ? torch::max_pool2d(h, 3, 2, 1) : stem_max_pool(h);
   }
@@ -133,7 +186,7 @@ torch::Tensor ResNetImpl::forward(const torch::Tensor& x) {
   h = final_unit->forward(h)[0];
   const memory::Scope scope("classifier", "forward");
   // mean() rather than adaptive pooling: its backward needs only the shape, so nothing is kept.
-  return fc->forward(h.mean({2, 3}));
+  return at::linear(h.mean({2, 3}), cast(fc->weight), cast(fc->bias)).to(at::kFloat);
 }
 
 std::vector<std::pair<std::string, Unit>> ResNetImpl::units() const {

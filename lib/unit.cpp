@@ -52,7 +52,9 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     memory->input_sizes = x.sizes().vec();
     ctx->saved_data["invstd"] = invstd;
     memory->metadata_bytes += invstd.nbytes();
-    auto normalised = [&] { return ((x - per_channel(mean)) * per_channel(invstd)).contiguous(); };
+    // x_hat in float32 whatever x's dtype (bf16 x promotes), in x's layout.
+    const auto layout = x.suggest_memory_format();
+    auto normalised = [&] { return ((x - per_channel(mean)) * per_channel(invstd)).contiguous(layout); };
 
     if (mode.mode != Mode::blpa) {  // their backward runs LibTorch's BatchNorm backward on x_hat'
       ctx->saved_data["zeros"] = unit->zeros_like_channels(invstd);  // shared, not per step
@@ -70,7 +72,7 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
       // saves recomputing them there.
       Codes codes;
       if (mode.mode == Mode::blpa) {
-        r = a.contiguous();
+        r = a.contiguous(layout);
         codes = pack_relu_(r, cc);
       } else {
         codes = pack(normalised(), cc);
@@ -93,6 +95,8 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     for (const ConvSpec& c : unit->convs) geometry.insert(geometry.end(), {c.stride, c.padding});
     ctx->saved_data["geometry"] = geometry;
     ctx->saved_data["mode"] = static_cast<int64_t>(mode.mode);
+    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
+    ctx->saved_data["channels_last"] = layout == at::MemoryFormat::ChannelsLast;
     ctx->saved_data["label"] = unit->label;
 
     if (!r.defined()) r = at::relu_(a);
@@ -115,6 +119,11 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     const Tensor g = mode == Mode::exact ? gamma.clamp_min(kGammaMin) : ctx->saved_data["g"].toTensor();
     const Tensor invstd = ctx->saved_data["invstd"].toTensor();
     const auto geometry = ctx->saved_data["geometry"].toIntVector();
+    // The activations' dtype (float32 or bfloat16: the convolutions', and that of the gradient
+    // returned for x) and layout; the BatchNorm's own arithmetic is float32.
+    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
+    const auto layout = ctx->saved_data["channels_last"].toBool() ? at::MemoryFormat::ChannelsLast
+                                                                   : at::MemoryFormat::Contiguous;
 
     Codes codes;
     Tensor x_hat;  // x_hat', full precision in exact mode
@@ -122,6 +131,7 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
       x_hat = ctx->saved_data["x_hat"].toTensor();
     } else {
       codes = codes_from(ctx);
+      codes.channels_last = layout == at::MemoryFormat::ChannelsLast;
       if (mode == Mode::naive) x_hat = unpack(codes, ctx->saved_data["b"].toTensor(), {}, kXhat).x_hat;
     }
 
@@ -136,15 +146,16 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     if (n_conv == 0) {
       g_r = std::move(grad_y[0]);
     } else {
-      if (mode == Mode::blpa) r = unpack(codes, {}, g, kRelu).r;
+      if (mode == Mode::blpa) r = unpack(codes, {}, g, kRelu, dtype).r;
       auto conv_backward = [&](size_t i, const Tensor& input, bool weight) {
         const int64_t stride = geometry[2 * i], padding = geometry[2 * i + 1];
-        return at::convolution_backward(grad_y[i], input, saved[2 + i], std::nullopt, {stride, stride},
+        // exact and naive keep r' in float32 (their ReLU mask); a bf16 convolution reads a copy.
+        return at::convolution_backward(grad_y[i], input.to(dtype), saved[2 + i], std::nullopt, {stride, stride},
                                         {padding, padding}, {1, 1}, false, {0, 0}, 1, {!weight, weight, false});
       };
       for (size_t i = 0; i < n_conv; ++i) {
         if (!grad_y[i].defined()) continue;
-        grad_y[i] = grad_y[i].contiguous();
+        grad_y[i] = grad_y[i].contiguous(layout);
         if (ctx->needs_input_grad(3 + i)) g_w[i] = std::get<1>(conv_backward(i, r, true));
       }
       // The input gradients. LibTorch reads only the input's shape for them, but wants a tensor
@@ -156,7 +167,7 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
       for (size_t i = 0; i < n_conv; ++i) {
         if (!grad_y[i].defined()) continue;
         if (mode == Mode::blpa && !stand_in.defined() && grad_y[i].numel() >= r.numel())
-          stand_in = grad_y[i].view(-1).narrow(0, 0, r.numel()).view(r.sizes());
+          stand_in = grad_y[i].view(-1).narrow(0, 0, r.numel()).as_strided(r.sizes(), r.strides());
         if (stand_in.defined()) r.reset();
         Tensor gi = std::get<0>(conv_backward(i, stand_in.defined() ? stand_in : r, false));
         grad_y[i].reset();  // its last use
@@ -177,15 +188,18 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
       // respect to gamma through g = max(gamma, 1e-8) comes out of them too (gamma_min).
       if (n_conv > 0) r.reset();  // r' is no longer needed: free it first
       auto [g_x, g_gamma, g_beta] = bn_relu_backward(codes, ctx->saved_data["b"].toTensor(), g, invstd,
-                                                     g_r.contiguous(), /*in_place=*/n_conv > 0, kGammaMinF);
+                                                     g_r.contiguous(layout), /*in_place=*/n_conv > 0, kGammaMinF);
       out[0] = g_x;
       out[1] = g_gamma;
       out[2] = g_beta;
       return out;
     }
 
-    // ReLU: g_a = g_r where r' > 0, over g_r when it is ours.
-    Tensor g_a = n_conv > 0 ? at::threshold_backward_out(g_r, g_r, r, 0) : at::threshold_backward(g_r, r, 0);
+    // ReLU: g_a = g_r where r' > 0, over g_r when it is ours and float32 (a bf16 g_r is
+    // widened first: the BatchNorm backward runs in float32 on the float32 x_hat').
+    const bool ours = n_conv > 0 && g_r.scalar_type() == at::kFloat;
+    if (g_r.scalar_type() != at::kFloat) g_r = g_r.to(at::kFloat);
+    Tensor g_a = ours ? at::threshold_backward_out(g_r, g_r, r, 0) : at::threshold_backward(g_r, r, 0);
     g_r.reset();
     r.reset();
 
@@ -200,7 +214,7 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     // below it, so constrain_()'s clamped gammas get none (LibTorch 2.15's clamp_min agrees;
     // 2.11's passes a gradient at exactly 1e-8f). For float gamma that is gamma > 1e-8f, one
     // threshold_backward kernel; blpa's kernels apply the same rule.
-    out[0] = g_x;
+    out[0] = g_x.to(dtype);
     out[1] = gamma.scalar_type() == at::kFloat ? at::threshold_backward(g_gamma, gamma, kGammaMinF)
                                                : g_gamma * (gamma >= kGammaMin);
     out[2] = g_beta;
@@ -321,19 +335,27 @@ UnitImpl::UnitImpl(int64_t in_channels, std::vector<ConvSpec> convs_, ModeConfig
 std::vector<torch::Tensor> UnitImpl::forward(const torch::Tensor& x) {
   TORCH_CHECK(x.dim() == 4 && x.size(1) == gamma.size(0), "unit expects N x ", gamma.size(0), " x H x W input, got ",
               x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kDouble,
+              "unit expects float32 or bfloat16 activations (float64 in tests), got ", x.scalar_type());
   const memory::Scope scope(label, "forward");
   const bool train = is_training();
+  // The convolutions run in the activations' dtype and layout: the float32 weights are cast
+  // to them (a differentiable copy, as LibTorch's autocast makes; none when they match).
+  // BatchNorm reads bf16 activations with its float32 parameters and statistics as they are.
+  const auto layout = x.suggest_memory_format();
+  auto cast = [&](const Tensor& w) { return w.to(w.options().dtype(x.scalar_type()), false, false, layout); };
   if (mode_.mode == Mode::plain || !train) {
     // Ordinary LibTorch ops and autograd: the plain mode, and evaluation in every mode.
     const Tensor g = mode_.mode == Mode::plain ? gamma : gamma.clamp_min(kGammaMin);
     Tensor r = at::relu(at::batch_norm(x, g, beta, running_mean, running_var, train, momentum, eps, true));
     if (convs.empty()) return {r};
     std::vector<torch::Tensor> y;
-    for (size_t i = 0; i < convs.size(); ++i) y.push_back(at::conv2d(r, weights[i], {}, convs[i].stride, convs[i].padding));
+    for (size_t i = 0; i < convs.size(); ++i)
+      y.push_back(at::conv2d(r, cast(weights[i]), {}, convs[i].stride, convs[i].padding));
     return y;
   }
-  Tensor x_in = mode_.mode == Mode::exact ? x : x.contiguous();
-  auto weight = [&](size_t i) { return i < weights.size() ? std::optional<Tensor>(weights[i]) : std::nullopt; };
+  Tensor x_in = mode_.mode == Mode::exact ? x : x.contiguous(layout);
+  auto weight = [&](size_t i) { return i < weights.size() ? std::optional<Tensor>(cast(weights[i])) : std::nullopt; };
   return UnitFunction::apply(x_in, gamma, beta, weight(0), weight(1), this, memory_.get());
 }
 

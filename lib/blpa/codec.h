@@ -37,6 +37,7 @@ struct Codes {
   at::Tensor offsets;  // uint8 [C]: the per-channel offset s_c
   std::vector<int64_t> sizes;
   CodeFormat format;
+  bool channels_last = false;  // packed in NHWC memory order (sizes stay N, C, H, W)
 
   int64_t numel() const;
   int64_t channels() const { return sizes.size() > 1 ? sizes[1] : 1; }
@@ -88,7 +89,8 @@ struct Unpacked {
 
 // Produces, in one pass over the codes, only the outputs named in `outputs`.
 // b is needed for kXhat, gamma for kRelu (either may be undefined otherwise).
-Unpacked unpack(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma, unsigned outputs);
+Unpacked unpack(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma, unsigned outputs,
+                at::ScalarType dtype = at::kFloat);
 
 // The unit's BatchNorm-and-ReLU backward in blpa mode, read from the codes (docs/method.md,
 // "Backward of a unit"). With g_a = mask ? g_r : 0, x_hat' = v' - b, per channel c sums over

@@ -14,6 +14,39 @@
 
 namespace blpa {
 
+// How a network computes (docs/method.md, "Precision"):
+//   fp32  every operator in float32; on CUDA, TF32 off;
+//   tf32  float32 tensors, CUDA convolutions and matrix products in TF32 (LibTorch's default
+//         for convolutions); on the CPU the same as fp32, which it refuses;
+//   bf16  convolutions and the classifier in bfloat16 on bfloat16 activations; parameters,
+//         BatchNorm statistics and arithmetic, the loss and the optimiser in float32 (what
+//         PyTorch's autocast does).
+enum class Precision { fp32, tf32, bf16 };
+// "fp32", "tf32", "bf16"; throws std::invalid_argument for anything else.
+Precision parse_precision(const std::string& s);
+std::string to_string(Precision p);
+
+// A network's precision and activation layout (NCHW: at::MemoryFormat::Contiguous; NHWC:
+// ChannelsLast). The weights stay float32 NCHW; the stem casts the images, the units
+// follow their input.
+struct Numerics {
+  Precision precision = Precision::fp32;
+  at::MemoryFormat layout = at::MemoryFormat::Contiguous;
+  at::ScalarType dtype() const { return precision == Precision::bf16 ? at::kBFloat16 : at::kFloat; }
+  // "fp32-nchw", "bf16-nhwc", ...
+  std::string str() const;
+};
+// "nchw" or "nhwc"; throws std::invalid_argument for anything else.
+at::MemoryFormat parse_layout(const std::string& s);
+std::string layout_name(at::MemoryFormat f);
+// What "auto" means on a device: tf32 on CUDA, fp32 on the CPU; the layout measured faster
+// for the device and precision (docs/results.md, "Precision and layout").
+Precision default_precision(const torch::Device& device);
+at::MemoryFormat default_layout(const torch::Device& device, Precision p);
+// Sets LibTorch's process-wide TF32 switches for CUDA convolutions and matrix products: on
+// for tf32, off otherwise. Throws std::invalid_argument for tf32 on a CPU device.
+void apply_precision(Precision p, const torch::Device& device);
+
 struct NetConfig {
   std::string arch = "cifar";  // cifar | imagenet
   int depth = 164;
@@ -45,6 +78,9 @@ class ResNetImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x);
 
   const NetConfig& config() const { return config_; }
+  // fp32 NCHW unless set; a setting of the run, not of the weights (checkpoints hold float32).
+  const Numerics& numerics() const { return numerics_; }
+  void set_numerics(const Numerics& n) { numerics_ = n; }
   // Every unit in forward order, with its name.
   std::vector<std::pair<std::string, Unit>> units() const;
   // What each unit kept for backward in the last training forward (exact/blpa/naive).
@@ -55,6 +91,7 @@ class ResNetImpl : public torch::nn::Module {
 
  private:
   NetConfig config_;
+  Numerics numerics_;
   torch::nn::Conv2d stem{nullptr};
   torch::nn::ModuleList blocks;
   Unit final_unit{nullptr};
