@@ -89,8 +89,21 @@ struct Common {
   int64_t batch = 0, size = 0;
   std::vector<ModeConfig> modes;
   torch::Device device{torch::kCPU};
+  blpa::Numerics numerics;  // every mode's (memory also runs plain in fp32 as a second reference)
   bool json = false;
 };
+
+void add_numerics(cxxopts::Options& o) {
+  o.add_options()("precision", "fp32, tf32 (CUDA only), bf16 or auto (tf32 on CUDA, fp32 on the CPU), as blpa-train's",
+                  cxxopts::value<std::string>()->default_value("auto"))(
+      "memory-format", "nchw, nhwc or auto, as blpa-train's", cxxopts::value<std::string>()->default_value("auto"));
+}
+
+blpa::Numerics parse_numerics(const cxxopts::ParseResult& args, const torch::Device& device) {
+  const auto n = blpa::numerics_for(args["precision"].as<std::string>(), args["memory-format"].as<std::string>(), device);
+  blpa::apply_precision(n.precision, device);
+  return n;
+}
 
 void add_common(cxxopts::Options& o, const std::string& batch, const std::string& mode) {
   o.add_options()("model", "resnet164, resnet152, resnet1001, cifar:DEPTH or imagenet:DEPTH",
@@ -108,6 +121,7 @@ void add_common(cxxopts::Options& o, const std::string& batch, const std::string
       "device", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
       "threads", "LibTorch CPU threads (0: its default)", cxxopts::value<int>()->default_value("0"))(
       "json", "One JSON object per line and mode")("h,help", "This help");
+  add_numerics(o);
 }
 
 // Parses; returns false after printing help.
@@ -131,6 +145,7 @@ bool parse_common(cxxopts::Options& o, int argc, char** argv, Common& c, cxxopts
   c.device = torch::Device(args["device"].as<std::string>());
   if (c.device.is_cuda() && !torch::cuda::is_available()) throw std::runtime_error("--device cuda: no CUDA device");
   if (args["threads"].as<int>() > 0) torch::set_num_threads(args["threads"].as<int>());
+  c.numerics = parse_numerics(args, c.device);
   c.json = args.count("json") > 0;
   return true;
 }
@@ -144,13 +159,15 @@ struct Rig {
   blpa::ResNet model;
   torch::optim::SGD opt;
   torch::Tensor x, labels;
-  Rig(blpa::NetConfig net, const ModeConfig& mode, int64_t batch, int64_t size, const torch::Device& dev)
+  Rig(blpa::NetConfig net, const ModeConfig& mode, int64_t batch, int64_t size, const torch::Device& dev,
+      const blpa::Numerics& numerics)
       : model(([&] {
           net.mode = mode;
           torch::manual_seed(0);
           blpa::ResNet m(net);
           m->to(dev);
           m->train();
+          m->set_numerics(numerics);
           return m;
         })()),
         opt(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9)) {
@@ -188,11 +205,14 @@ struct Rig {
   }
 };
 
-std::string head(const Common& c, const ModeConfig& m, const std::string& bench) {
+std::string head(const Common& c, const ModeConfig& m, const std::string& bench,
+                 std::optional<blpa::Numerics> numerics = std::nullopt) {
+  const blpa::Numerics n = numerics.value_or(c.numerics);
   return fmt::format("{{\"bench\": \"{}\", \"model\": \"{}\", \"arch\": \"{}\", \"depth\": {}, \"batch\": {}, \"size\": {}, "
-                     "\"mode\": \"{}\", \"bits\": {}, {}, \"device\": \"{}\"",
+                     "\"mode\": \"{}\", \"bits\": {}, {}, \"device\": \"{}\", \"precision\": \"{}\", \"memory_format\": \"{}\"",
                      bench, c.model_name, c.net.arch, c.net.depth, c.batch, c.size, blpa::to_string(m.mode),
-                     report_bits(m), report_format(m), c.device.str());
+                     report_bits(m), report_format(m), c.device.str(), blpa::to_string(n.precision),
+                     blpa::layout_name(n.layout));
 }
 
 // While alive, every autograd node's evaluation (its backward and the accumulation of its
@@ -240,8 +260,8 @@ struct MemoryStep {
 // One measured training step at `batch`, after a warm-up step that creates the momentum
 // buffers (training's steady state); gradients are released before it, so the peak includes
 // the ones the step allocates. Peaks are above what is resident before the step.
-MemoryStep measure_step(const Common& c, const ModeConfig& mode, int64_t batch) {
-  Rig rig(c.net, mode, batch, c.size, c.device);
+MemoryStep measure_step(const Common& c, const ModeConfig& mode, int64_t batch, const blpa::Numerics& numerics) {
+  Rig rig(c.net, mode, batch, c.size, c.device, numerics);
   rig.step();
   rig.opt.zero_grad();
   sync(c.device);
@@ -287,25 +307,35 @@ int memory_main(int argc, char** argv) {
   int64_t batch2 = args["slope-batch"].as<int64_t>();
   if (batch2 < 0) batch2 = c.batch / 2;
   if (batch2 == c.batch) throw std::invalid_argument("--slope-batch must differ from --batch");
-  // plain first (every ratio needs it), then exact, then the rest in the order given.
-  std::vector<ModeConfig> modes{{Mode::plain, 8}, {Mode::exact, 8}};
+  // plain first (every ratio needs it), then exact, then the rest in the order given. In bf16,
+  // plain also runs in float32 (row plain-fp32): blpa's codes against both.
+  struct Row {
+    ModeConfig mode;
+    blpa::Numerics numerics;
+    std::string name;
+  };
+  const bool bf16 = c.numerics.precision == blpa::Precision::bf16;
+  blpa::Numerics fp32 = c.numerics;
+  fp32.precision = blpa::Precision::fp32;
+  std::vector<Row> rows{{{Mode::plain}, c.numerics, "plain"}};
+  if (bf16) rows.push_back({{Mode::plain}, fp32, "plain-fp32"});
+  rows.push_back({{Mode::exact}, c.numerics, "exact"});
   for (const auto& m : c.modes)
-    if (m.mode != Mode::plain && m.mode != Mode::exact) modes.push_back(m);
-  c.modes = modes;
+    if (m.mode != Mode::plain && m.mode != Mode::exact) rows.push_back({m, c.numerics, m.str()});
   struct Result {
     int64_t stored, peak;
     double stored_slope, peak_slope;  // bytes per sample; 0 without a second batch
   };
   std::map<std::string, Result> results;
-  for (const auto& mode : c.modes) {
-    const MemoryStep m = measure_step(c, mode, c.batch);
+  for (const auto& [mode, numerics, row_name] : rows) {
+    const MemoryStep m = measure_step(c, mode, c.batch, numerics);
     Result r{m.stored, m.peak, 0, 0};
     // Per scope: its peak, per sample when there is a second batch; and the scope with the
     // highest, the innermost of equals (a unit's rather than the autograd node around it).
     std::map<std::string, double> scope_peak;
     std::string slope_peak_at;
     if (batch2 > 0) {
-      const MemoryStep m2 = measure_step(c, mode, batch2);
+      const MemoryStep m2 = measure_step(c, mode, batch2, numerics);
       const double db = double(c.batch - batch2);
       r.stored_slope = double(m.stored - m2.stored) / db;
       r.peak_slope = double(m.peak - m2.peak) / db;
@@ -320,27 +350,38 @@ int memory_main(int argc, char** argv) {
     } else {
       for (const auto& [name, p] : m.scope_peaks) scope_peak[name] = double(p.peak);
     }
-    results[mode.str()] = r;
+    results[row_name] = r;
     int64_t units = 0;
     for (const auto& row : m.table) units += row.memory.total();
     const auto& p = results.at("plain");
+    // Against plain in float32 too, in a bf16 run (null before that row has run).
+    auto vs_fp32 = [&](auto ratio) {
+      const auto it = results.find("plain-fp32");
+      return bf16 && it != results.end() ? fmt::format("{:.3f}", ratio(it->second)) : std::string("null");
+    };
     if (c.json) {
       fmt::print("{}, \"stored_activation_bytes\": {}, \"unit_accounted_bytes\": {}, \"peak_bytes\": {}, "
                  "\"resident_bytes\": {}, \"param_bytes\": {}, \"grad_bytes\": {}, \"optimizer_bytes\": {}, "
                  "\"stored_ratio_plain\": {:.3f}, \"peak_ratio_plain\": {:.3f}, \"peak_at\": {}",
-                 head(c, mode, "memory"), m.stored, units, m.peak, m.resident, m.params, m.params, m.params,
+                 head(c, mode, "memory", numerics), m.stored, units, m.peak, m.resident, m.params, m.params, m.params,
                  double(p.stored) / m.stored, double(p.peak) / m.peak, blpa::json_string(m.peak_at));
+      fmt::print(", \"stored_ratio_plain_fp32\": {}, \"peak_ratio_plain_fp32\": {}",
+                 vs_fp32([&](const Result& f) { return double(f.stored) / m.stored; }),
+                 vs_fp32([&](const Result& f) { return double(f.peak) / m.peak; }));
       if (batch2 > 0)
         fmt::print(", \"slope_batch\": {}, \"stored_per_sample_bytes\": {:.0f}, \"peak_per_sample_bytes\": {:.0f}, "
                    "\"peak_per_sample_ratio_plain\": {:.3f}, \"peak_per_sample_at\": {}, "
                    "\"peak_per_sample_at_bytes\": {:.0f}",
                    batch2, r.stored_slope, r.peak_slope, p.peak_slope / r.peak_slope, blpa::json_string(slope_peak_at),
                    scope_peak[slope_peak_at]);
+      if (batch2 > 0)
+        fmt::print(", \"peak_per_sample_ratio_plain_fp32\": {}",
+                   vs_fp32([&](const Result& f) { return f.peak_slope / r.peak_slope; }));
       fmt::print("}}\n");
     } else {
       fmt::print("{:8s} stored by autograd {:10.2f} MiB ({:.3f} MiB/sample; units account for {:.2f} MiB), "
                  "step peak above resident {:10.2f} MiB, resident (params, momentum, data) {:.2f} MiB\n",
-                 mode.str(), m.stored / 1048576.0, m.stored / 1048576.0 / c.batch, units / 1048576.0,
+                 row_name, m.stored / 1048576.0, m.stored / 1048576.0 / c.batch, units / 1048576.0,
                  m.peak / 1048576.0, m.resident / 1048576.0);
       fmt::print("         peak in {}\n", m.peak_at.empty() ? "(no scope: loss, update)" : m.peak_at);
       if (batch2 > 0)
@@ -374,16 +415,21 @@ int memory_main(int argc, char** argv) {
     }
   }
   if (!c.json) {
-    const auto& p = results.at("plain");
-    for (const auto& [name, r] : results)
-      if (name != "plain") {
-        fmt::print("plain / {:8s}: stored {:6.2f}x, step peak {:6.2f}x", name, double(p.stored) / r.stored,
-                   double(p.peak) / r.peak);
-        if (batch2 > 0)
-          fmt::print("; per sample: stored {:6.2f}x, step peak {:6.2f}x", p.stored_slope / r.stored_slope,
-                     p.peak_slope / r.peak_slope);
-        fmt::print("\n");
-      }
+    for (const char* ref : {"plain", "plain-fp32"}) {
+      if (!results.count(ref)) continue;
+      const auto& p = results.at(ref);
+      for (const auto& [name, r] : results)
+        if (name.rfind("plain", 0) != 0) {
+          fmt::print("{:10s} / {:8s}: stored {:6.2f}x, step peak {:6.2f}x", ref, name, double(p.stored) / r.stored,
+                     double(p.peak) / r.peak);
+          if (batch2 > 0)
+            fmt::print("; per sample: stored {:6.2f}x, step peak {:6.2f}x", p.stored_slope / r.stored_slope,
+                       p.peak_slope / r.peak_slope);
+          fmt::print("\n");
+        }
+    }
+    fmt::print("(precision {}, layout {}{})\n", blpa::to_string(c.numerics.precision), blpa::layout_name(c.numerics.layout),
+               bf16 ? "; plain-fp32: plain in float32, the same layout" : "");
   }
   return 0;
 }
@@ -462,88 +508,140 @@ Profile profile_step(Rig& rig, size_t top_n, const std::string& trace) {
 int step_main(int argc, char** argv) {
   cxxopts::Options o("blpa-bench step",
                      "Training-step time (forward, backward, SGD update) per mode in one process: median and\n"
-                     "spread over --steps timed steps after --warmup, and the ratio of the median to plain's.");
+                     "spread over the timed steps after --warmup, and the ratio of the median to plain's at the\n"
+                     "same precision and layout. Every combination of --precision, --memory-format and --mode is\n"
+                     "set up first; then --rounds times, each runs --steps timed steps in turn, so that a drift\n"
+                     "of the machine's speed falls on all of them alike.");
   add_common(o, "128", "plain,blpa-8,blpa-4");
   o.add_options()("warmup", "Untimed steps per mode", cxxopts::value<int>()->default_value("2"))(
-      "steps", "Timed steps per mode", cxxopts::value<int>()->default_value("5"))(
+      "steps", "Timed steps per mode and round", cxxopts::value<int>()->default_value("5"))(
+      "rounds", "Rounds of timed steps, the modes taking turns", cxxopts::value<int>()->default_value("1"))(
       "profile", "Then profile one more step per mode: the GPU's busy time and the N costliest kernels "
       "(on CPU: operators, inclusive times); 0: no profile", cxxopts::value<int>()->default_value("0"), "N")(
       "trace", "With --profile: write each mode's profiled step to PREFIX-MODE.json (Chrome trace format)",
       cxxopts::value<std::string>()->default_value(""), "PREFIX")(
       "cuda-graphs", "CUDA: time each mode also as one captured iteration replayed as a CUDA graph (as blpa-train "
       "--cuda-graphs runs it), in a row of its own after the eager one; JSON rows say \"graphed\"");
+  o.custom_help("[OPTIONS]  (--precision and --memory-format take comma lists here: fp32,bf16)");
+  // The lists are split before the common parsing, which checks one value of each.
+  std::vector<std::string> argv_one(argv, argv + argc);
+  std::vector<std::string> precisions{"auto"}, layouts{"auto"};
+  for (size_t i = 1; i < argv_one.size(); ++i)
+    for (auto [flag, list] : {std::pair{std::string("--precision"), &precisions}, {"--memory-format", &layouts}}) {
+      std::string& a = argv_one[i];
+      std::string* value = a == flag && i + 1 < argv_one.size() ? &argv_one[i + 1]
+                           : a.rfind(flag + "=", 0) == 0   ? &a
+                                                           : nullptr;
+      if (!value) continue;
+      const size_t at = value == &a ? flag.size() + 1 : 0;
+      *list = split(value->substr(at));
+      if (list->empty()) throw std::invalid_argument(flag + " needs a value");
+      *value = value->substr(0, at) + list->front();
+    }
+  std::vector<char*> argv_first;
+  for (auto& a : argv_one) argv_first.push_back(a.data());
   Common c;
   cxxopts::ParseResult args;
-  if (!parse_common(o, argc, argv, c, args)) return 0;
+  if (!parse_common(o, argc, argv_first.data(), c, args)) return 0;
+  std::vector<blpa::Numerics> numerics;
+  for (const auto& p : precisions)
+    for (const auto& l : layouts) numerics.push_back(blpa::numerics_for(p, l, c.device));
   const int warmup = args["warmup"].as<int>(), steps = args["steps"].as<int>(), top_n = args["profile"].as<int>();
-  if (steps <= 0 || warmup < 0) throw std::invalid_argument("--steps must be positive and --warmup >= 0");
+  const int rounds = args["rounds"].as<int>();
+  if (steps <= 0 || warmup < 0 || rounds <= 0)
+    throw std::invalid_argument("--steps and --rounds must be positive and --warmup >= 0");
   if (top_n < 0) throw std::invalid_argument("--profile must be >= 0");
   const std::string trace = args["trace"].as<std::string>();
   if (!trace.empty() && top_n == 0) throw std::invalid_argument("--trace needs --profile N");
   const bool graphs = args.count("cuda-graphs") > 0;
   if (graphs && !c.device.is_cuda()) throw std::invalid_argument("--cuda-graphs needs --device cuda");
-  double plain_ms[2] = {0, 0};  // eager, graphed
-  for (const auto& mode : c.modes) {
-    for (const bool graphed : {false, true}) {
-      if (graphed && !graphs) continue;
-      Rig rig(c.net, mode, c.batch, c.size, c.device);
-      for (int i = 0; i < warmup; ++i) rig.step();
-      std::unique_ptr<blpa::GraphedStep> replay;
-      if (graphed) {
-        replay = std::make_unique<blpa::GraphedStep>(rig.model, rig.opt, 1);
-        replay->run(rig.x, rig.labels, 0.01);  // captures, then replays once
-        rig.replay = [&] { replay->run(rig.x, rig.labels, 0.01); };
+
+  struct Entry {
+    ModeConfig mode;
+    blpa::Numerics numerics;
+    bool graphed = false;
+    std::unique_ptr<Rig> rig;
+    std::unique_ptr<blpa::GraphedStep> replay;
+    std::vector<double> ms, host_ms;  // host_ms: until run() returns, before the device has finished
+    int64_t peak = 0;
+  };
+  std::vector<Entry> entries;
+  for (const auto& n : numerics)
+    for (const auto& mode : c.modes)
+      for (const bool graphed : {false, true}) {
+        if (graphed && !graphs) continue;
+        Entry e;
+        e.mode = mode, e.numerics = n, e.graphed = graphed;
+        blpa::apply_precision(n.precision, c.device);
+        e.rig = std::make_unique<Rig>(c.net, mode, c.batch, c.size, c.device, n);
+        Rig& rig = *e.rig;
+        for (int i = 0; i < warmup; ++i) rig.step();
+        if (graphed) {
+          e.replay = std::make_unique<blpa::GraphedStep>(rig.model, rig.opt, 1);
+          e.replay->run(rig.x, rig.labels, 0.01);  // captures, then replays once
+          rig.replay = [&rig, r = e.replay.get()] { r->run(rig.x, rig.labels, 0.01); };
+        }
+        entries.push_back(std::move(e));
       }
-      // host_ms: until step() returns, before the device has finished. On CUDA, host_ms close to
-      // median_ms means the step is bound by the host's launching of kernels, not by the GPU.
-      std::vector<double> ms, host_ms;
+  for (int round = 0; round < rounds; ++round)
+    for (auto& e : entries) {
+      blpa::apply_precision(e.numerics.precision, c.device);
       sync(c.device);
       blpa::memory::reset_peak(c.device);
       for (int i = 0; i < steps; ++i) {
         sync(c.device);
         const auto t0 = Clock::now();
-        rig.run();
-        host_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+        e.rig->run();
+        e.host_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
         sync(c.device);
-        ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+        e.ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
       }
-      auto median_of = [](std::vector<double>& v) {
-        std::sort(v.begin(), v.end());
-        return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
-      };
-      const double median = median_of(ms), host_median = median_of(host_ms);
-      const int64_t peak = blpa::memory::peak(c.device);
-      const OpCount ops = graphed ? OpCount{} : count_ops(rig);
-      if (mode.mode == Mode::plain) plain_ms[graphed] = median;
-      const std::string ratio = plain_ms[graphed] > 0 ? fmt::format("{:.3f}", median / plain_ms[graphed]) : "null";
-      Profile p;
-      if (top_n > 0) p = profile_step(rig, static_cast<size_t>(top_n), trace.empty() ? "" : trace + "-" + mode.str() + ".json");
-      std::string profile_json;
+      e.peak = std::max(e.peak, blpa::memory::peak(c.device));
+    }
+
+  std::map<std::string, double> plain_ms;  // by numerics and graphed
+  for (auto& e : entries) {
+    Rig& rig = *e.rig;
+    blpa::apply_precision(e.numerics.precision, c.device);
+    auto median_of = [](std::vector<double>& v) {
+      std::sort(v.begin(), v.end());
+      return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+    };
+    const double median = median_of(e.ms), host_median = median_of(e.host_ms);
+    const OpCount ops = e.graphed ? OpCount{} : count_ops(rig);
+    const std::string key = e.numerics.str() + (e.graphed ? " graphed" : "");
+    if (e.mode.mode == Mode::plain) plain_ms[key] = median;
+    const std::string ratio = plain_ms.count(key) ? fmt::format("{:.3f}", median / plain_ms[key]) : "null";
+    Profile p;
+    if (top_n > 0)
+      p = profile_step(rig, static_cast<size_t>(top_n),
+                       trace.empty() ? "" : trace + "-" + e.mode.str() + "-" + e.numerics.str() + ".json");
+    std::string profile_json;
+    if (top_n > 0) {
+      profile_json = fmt::format(", \"profile\": {{\"wall_ms\": {:.3f}, \"busy_ms\": {:.3f}, \"top\": [", p.wall_ms, p.busy_ms);
+      for (size_t i = 0; i < p.top.size(); ++i)
+        profile_json += fmt::format("{}{{\"ms\": {:.3f}, \"calls\": {}, \"name\": {}}}", i ? ", " : "",
+                                    std::get<0>(p.top[i]), std::get<1>(p.top[i]), blpa::json_string(std::get<2>(p.top[i])));
+      profile_json += "]}";
+    }
+    if (c.json)
+      fmt::print("{}, \"threads\": {}, \"graphed\": {}, \"steps\": {}, \"rounds\": {}, \"median_ms\": {:.3f}, "
+                 "\"min_ms\": {:.3f}, \"max_ms\": {:.3f}, \"host_ms\": {:.3f}, \"ops\": {}, \"ops_outermost\": {}, "
+                 "\"images_per_s\": {:.2f}, \"overhead_vs_plain\": {}, \"peak_bytes\": {}, \"graph_pool_bytes\": {}{}}}\n",
+                 head(c, e.mode, "step", e.numerics), c.device.is_cuda() ? 0 : torch::get_num_threads(), e.graphed,
+                 steps, rounds, median, e.ms.front(), e.ms.back(), host_median, ops.all, ops.outer,
+                 c.batch * 1000.0 / median, ratio, e.peak, e.replay ? e.replay->pool_bytes() : 0, profile_json);
+    else {
+      fmt::print("{:8s} {}{} median {:9.2f} ms  (min {:.2f}, max {:.2f}, host {:.2f}, {} steps, {} ops)  {:8.1f} img/s  "
+                 "vs plain {}\n",
+                 e.mode.str(), e.numerics.str(), e.graphed ? " graphed" : "", median, e.ms.front(), e.ms.back(),
+                 host_median, e.ms.size(), ops.outer, c.batch * 1000.0 / median,
+                 plain_ms.count(key) ? ratio + "x" : std::string("(run plain first for the ratio)"));
       if (top_n > 0) {
-        profile_json = fmt::format(", \"profile\": {{\"wall_ms\": {:.3f}, \"busy_ms\": {:.3f}, \"top\": [", p.wall_ms, p.busy_ms);
-        for (size_t i = 0; i < p.top.size(); ++i)
-          profile_json += fmt::format("{}{{\"ms\": {:.3f}, \"calls\": {}, \"name\": {}}}", i ? ", " : "",
-                                      std::get<0>(p.top[i]), std::get<1>(p.top[i]), blpa::json_string(std::get<2>(p.top[i])));
-        profile_json += "]}";
-      }
-      if (c.json)
-        fmt::print("{}, \"threads\": {}, \"graphed\": {}, \"steps\": {}, \"median_ms\": {:.3f}, \"min_ms\": {:.3f}, "
-                   "\"max_ms\": {:.3f}, \"host_ms\": {:.3f}, \"ops\": {}, \"ops_outermost\": {}, \"images_per_s\": {:.2f}, "
-                   "\"overhead_vs_plain\": {}, \"peak_bytes\": {}, \"graph_pool_bytes\": {}{}}}\n",
-                   head(c, mode, "step"), c.device.is_cuda() ? 0 : torch::get_num_threads(), graphed, steps, median,
-                   ms.front(), ms.back(), host_median, ops.all, ops.outer, c.batch * 1000.0 / median, ratio, peak,
-                   replay ? replay->pool_bytes() : 0, profile_json);
-      else {
-        fmt::print("{:8s}{} median {:9.2f} ms  (min {:.2f}, max {:.2f}, host {:.2f}, {} steps, {} ops)  {:8.1f} img/s  vs plain {}\n",
-                   mode.str(), graphed ? " graphed" : "", median, ms.front(), ms.back(), host_median, steps, ops.outer,
-                   c.batch * 1000.0 / median,
-                   plain_ms[graphed] > 0 ? ratio + "x" : std::string("(run plain first for the ratio)"));
-        if (top_n > 0) {
-          fmt::print("  profiled step: {:.2f} ms wall, {:.2f} ms {}\n", p.wall_ms, p.busy_ms,
-                     c.device.is_cuda() ? "of GPU work" : "of operators (inclusive, overlapping)");
-          for (const auto& [total, calls, name] : p.top)
-            fmt::print("  {:9.3f} ms {:6d}x  {}\n", total, calls, name.size() > 110 ? name.substr(0, 107) + "..." : name);
-        }
+        fmt::print("  profiled step: {:.2f} ms wall, {:.2f} ms {}\n", p.wall_ms, p.busy_ms,
+                   c.device.is_cuda() ? "of GPU work" : "of operators (inclusive, overlapping)");
+        for (const auto& [total, calls, name] : p.top)
+          fmt::print("  {:9.3f} ms {:6d}x  {}\n", total, calls, name.size() > 110 ? name.substr(0, 107) + "..." : name);
       }
     }
   }
@@ -581,7 +679,7 @@ int max_batch_main(int argc, char** argv) {
       bool ok = true;
       blpa::memory::set_limit(c.device, base + budget);
       try {
-        Rig rig(c.net, mode, part * accum, c.size, c.device);
+        Rig rig(c.net, mode, part * accum, c.size, c.device, c.numerics);
         rig.step(accum);
         sync(c.device);
       } catch (const c10::OutOfMemoryError&) {
@@ -627,10 +725,12 @@ struct FidelityCase {
   torch::Tensor x, labels;
   std::string source, checkpoint;  // "drawn" or "checkpoint" (then its path and iteration)
   int64_t iteration = 0;
+  blpa::Numerics numerics;  // of every mode, plain included
 
   std::vector<torch::Tensor> grads(const ModeConfig& m, double* loss = nullptr) {
     net.mode = m;
     blpa::ResNet model(net);
+    model->set_numerics(numerics);
     {
       torch::NoGradGuard g;
       auto src = params->parameters(), dst = model->parameters();
@@ -716,6 +816,7 @@ int fidelity_main(int argc, char** argv) {
       "seed", "Seed of the data and the drawn parameters", cxxopts::value<uint64_t>()->default_value("0"))(
       "threads", "LibTorch CPU threads (0: its default)", cxxopts::value<int>()->default_value("0"))(
       "json", "One JSON object per line")("h,help", "This help");
+  add_numerics(o);
   auto args = o.parse(argc, argv);
   if (args.count("help")) {
     std::cout << o.help() << std::endl;
@@ -725,6 +826,7 @@ int fidelity_main(int argc, char** argv) {
   if (batch <= 0 || size <= 0) throw std::invalid_argument("--batch and --size must be positive");
   const uint64_t seed = args["seed"].as<uint64_t>();
   if (args["threads"].as<int>() > 0) torch::set_num_threads(args["threads"].as<int>());
+  const blpa::Numerics numerics = parse_numerics(args, torch::kCPU);  // the fidelity bench runs on the CPU
   std::vector<ModeConfig> modes;
   for (const auto& m : split(args["modes"].as<std::string>()))
     for (const auto& b : split(args["bits"].as<std::string>()))
@@ -747,6 +849,7 @@ int fidelity_main(int argc, char** argv) {
   }
   for (auto& make : cases) {
     FidelityCase c = make();
+    c.numerics = numerics;
     double loss = 0;
     const auto ref = c.grads({Mode::plain, 8}, &loss);
     const auto ref_all = torch::cat(ref);
@@ -764,16 +867,18 @@ int fidelity_main(int argc, char** argv) {
       const double rel = (torch::cat(g) - ref_all).norm().item<double>() / ref_norm;
       if (args.count("json"))
         fmt::print("{{\"bench\": \"fidelity\", \"source\": \"{}\", \"checkpoint\": \"{}\", \"iteration\": {}, "
-                   "\"depth\": {}, \"batch\": {}, \"size\": {}, \"mode\": \"{}\", \"bits\": {}, {}, "
+                   "\"depth\": {}, \"batch\": {}, \"size\": {}, \"precision\": \"{}\", \"memory_format\": \"{}\", "
+                   "\"mode\": \"{}\", \"bits\": {}, {}, "
                    "\"relative_error\": {:.5f}, \"min_cosine\": {:.5f}, \"min_cosine_param\": \"{}\", "
                    "\"plain_loss\": {:.6g}, \"plain_grad_norm\": {:.6g}}}\n",
-                   c.source, c.checkpoint, c.iteration, c.net.depth, batch, c.x.size(2), blpa::to_string(m.mode), m.bits,
+                   c.source, c.checkpoint, c.iteration, c.net.depth, batch, c.x.size(2), blpa::to_string(numerics.precision),
+                   blpa::layout_name(numerics.layout), blpa::to_string(m.mode), m.bits,
                    report_format(m), rel, min_cos, worst, loss, ref_norm);
       else
-        fmt::print("{} depth {:4d}  {:12s} relative gradient error {:.4f}  smallest cosine {:.4f} ({})  "
+        fmt::print("{} depth {:4d}  {} {:12s} relative gradient error {:.4f}  smallest cosine {:.4f} ({})  "
                    "[plain loss {:.4g}, |grad| {:.4g}]\n",
                    c.source == "drawn" ? std::string("drawn") : fmt::format("{} (it {})", c.checkpoint, c.iteration),
-                   c.net.depth, m.str(), rel, min_cos, worst, loss, ref_norm);
+                   c.net.depth, numerics.str(), m.str(), rel, min_cos, worst, loss, ref_norm);
     }
   }
   return 0;

@@ -29,6 +29,8 @@ int main(int argc, char** argv) {
     ("batch", "Images per batch (10-crop: times 10 crops)", cxxopts::value<std::string>()->default_value("50"))
     ("workers", "Decode threads", cxxopts::value<std::string>()->default_value("4"))
     ("device", "cpu, cuda or cuda:N", cxxopts::value<std::string>()->default_value("cpu"))
+    ("precision", "fp32, tf32 (CUDA only), bf16 or auto (tf32 on CUDA, fp32 on the CPU); as blpa-train's", cxxopts::value<std::string>()->default_value("auto"))
+    ("memory-format", "nchw, nhwc or auto; as blpa-train's", cxxopts::value<std::string>()->default_value("auto"))
     ("index-cache", "Directory of cached ImageNet file lists ('' to disable)", cxxopts::value<std::string>()->default_value(blpa::default_cache_dir()))
     ("json", "Print one JSON object")
     ("quiet", "No progress line")
@@ -36,6 +38,7 @@ int main(int argc, char** argv) {
   // clang-format on
   blpa::CheckpointEval e;
   bool json = false;
+  blpa::Numerics numerics;
   try {
     auto a = opts.parse(argc, argv);
     if (a.count("help")) {
@@ -62,6 +65,9 @@ int main(int argc, char** argv) {
     } catch (const std::exception&) {
       throw std::invalid_argument("--device must be cpu, cuda or cuda:N, got '" + e.options.device + "'");
     }
+    e.options.precision = a["precision"].as<std::string>();
+    e.options.memory_format = a["memory-format"].as<std::string>();
+    numerics = blpa::numerics_for(e.options.precision, e.options.memory_format, torch::Device(e.options.device));
     e.options.progress = a.count("quiet") == 0 && a.count("json") == 0;
     json = a.count("json") > 0;
     if (e.options.batch <= 0 || e.options.workers <= 0) throw std::invalid_argument("--batch and --workers must be positive");
@@ -79,9 +85,10 @@ int main(int argc, char** argv) {
     const auto r = blpa::evaluate_checkpoint(e);
     const bool finite = std::isfinite(r.loss);
     if (json)
-      fmt::print("{{\"checkpoint\": \"{}\", \"ten_crop\": {}, \"images\": {}, \"failed\": {}, \"loss\": {}, "
-                 "\"top1\": {:.6f}, \"top5\": {:.6f}}}\n",
-                 e.checkpoint, e.options.ten_crop, r.count, r.failed, finite ? fmt::format("{:.6f}", r.loss) : "null",
+      fmt::print("{{\"checkpoint\": {}, \"precision\": \"{}\", \"memory_format\": \"{}\", \"ten_crop\": {}, "
+                 "\"images\": {}, \"failed\": {}, \"loss\": {}, \"top1\": {:.6f}, \"top5\": {:.6f}}}\n",
+                 blpa::json_string(e.checkpoint), blpa::to_string(numerics.precision),
+                 blpa::layout_name(numerics.layout), e.options.ten_crop, r.count, r.failed, finite ? fmt::format("{:.6f}", r.loss) : "null",
                  r.top1, r.top5);
     else
       fmt::print("{}: {} images{}: top-1 error {:.2f}%, top-5 error {:.2f}%, loss {:.4f}{}\n", e.checkpoint, r.count,

@@ -47,6 +47,9 @@ cxxopts::Options make_options() {
     ("bits", "Bits per stored activation for blpa and naive: 8, 4 or 2", cxxopts::value<S>()->default_value("4"))
     ("window", fmt::format("Width of the codes' window in units of x_hat, for blpa and naive (default: {} at 8 bits, {} at 4, {} at 2, chosen by measured gradient fidelity; the paper's is {})", default_format(8).window, default_format(4).window, default_format(2).window, kPaperWindow), cxxopts::value<S>())
     ("lift", fmt::format("How far the window's centre sits above the channel's mean, in units of x_hat (default: {} at 8 bits, {} at 4, {} at 2 with the default window, else 0, the paper's)", default_format(8).lift, default_format(4).lift, default_format(2).lift), cxxopts::value<S>());
+  opts.add_options("Precision")
+    ("precision", "fp32, tf32, bf16 or auto. fp32: float32 throughout (TF32 off on CUDA); tf32: CUDA convolutions and matrix products in TF32, float32 tensors (CUDA only); bf16: convolutions and the classifier in bfloat16, with float32 weights, BatchNorm, loss and optimiser, as PyTorch's autocast; auto: tf32 on CUDA, fp32 on the CPU", cxxopts::value<S>()->default_value("auto"))
+    ("memory-format", "Activation layout: nchw, nhwc (channels-last) or auto (nhwc for bf16 on CUDA, else nchw; see the README)", cxxopts::value<S>()->default_value("auto"));
   opts.add_options("Optimisation")
     ("batch", "Batch size (of one update)", cxxopts::value<S>()->default_value("128"))
     ("accum-steps", "Process each batch in this many equal parts and accumulate their gradients: the same update in less memory (BatchNorm then normalises each part by its own statistics)", cxxopts::value<S>()->default_value("1"))
@@ -103,7 +106,7 @@ TrainCommand parse_train_command(int argc, const char* const* argv) {
   }
   if (a.count("help")) {
     cmd.help = true;
-    cmd.help_text = opts.help({"Data", "Model", "Optimisation", "Running", "Distributed"});
+    cmd.help_text = opts.help({"Data", "Model", "Precision", "Optimisation", "Running", "Distributed"});
     return cmd;
   }
   if (!a.unmatched().empty()) throw FlagError("unexpected argument '" + a.unmatched()[0] + "'");
@@ -155,6 +158,8 @@ TrainCommand parse_train_command(int argc, const char* const* argv) {
   c.weight_decay = num("weight-decay", 1e-4);
   c.device = a["device"].as<std::string>();
   c.cuda_graphs = a["cuda-graphs"].as<std::string>();
+  c.precision = a["precision"].as<std::string>();
+  c.memory_format = a["memory-format"].as<std::string>();
   c.seed = number<uint64_t>(a, "seed");
   c.threads = number<int>(a, "threads");
   c.workers = number<int>(a, "workers");
@@ -188,6 +193,7 @@ TrainCommand parse_train_command(int argc, const char* const* argv) {
   if (c.dist.local_rank < 0) throw FlagError("--local-rank must be >= 0");
   if (c.dist.master_port <= 0 || c.dist.master_port > 65535) throw FlagError("--master-port must be in 1..65535");
   c.validate();
+  c.resolve_numerics();
   cmd.print_config = given("print-config");
   return cmd;
 }

@@ -86,6 +86,16 @@ at::MemoryFormat default_layout(const torch::Device& device, Precision p) {
   return device.is_cuda() && p == Precision::bf16 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
+Numerics numerics_for(const std::string& precision, const std::string& memory_format, const torch::Device& device) {
+  Numerics n;
+  n.precision = precision == "auto" ? default_precision(device) : parse_precision(precision);
+  if (n.precision == Precision::tf32 && !device.is_cuda())
+    throw std::invalid_argument("precision tf32 needs a CUDA device (TF32 is a GPU tensor-core format); on the CPU use "
+                                "fp32 or bf16");
+  n.layout = memory_format == "auto" ? default_layout(device, n.precision) : parse_layout(memory_format);
+  return n;
+}
+
 void apply_precision(Precision p, const torch::Device& device) {
   if (p == Precision::tf32 && !device.is_cuda())
     throw std::invalid_argument("precision tf32 is a CUDA precision (TF32 tensor cores); on the CPU use fp32 or bf16");

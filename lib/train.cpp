@@ -229,6 +229,9 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e) {
   ResNet model = load_model(ck);
   const torch::Device dev(e.options.device);
   model->to(dev);
+  const Numerics numerics = numerics_for(e.options.precision, e.options.memory_format, dev);
+  model->set_numerics(numerics);
+  apply_precision(numerics.precision, dev);
   if (dataset == "imagenet") {
     data::ScanReport report;
     data::ImageList val = !e.val_list.empty() ? data::read_image_list(e.val_list, e.data_dir)
@@ -256,14 +259,14 @@ double TrainConfig::lr_at(int64_t it) const {
 }
 
 const std::vector<std::string>& TrainConfig::identity_keys() {
-  static const std::vector<std::string> keys{"dataset", "train_subset", "augment", "arch", "depth",
-                                             "mode",    "batch",        "seed",    "world"};
+  static const std::vector<std::string> keys{"dataset", "train_subset", "augment", "arch",  "depth",
+                                             "mode",    "precision",    "batch",   "seed",  "world"};
   return keys;
 }
 
 std::string TrainConfig::identity() const {
-  return fmt::format("dataset={} train_subset={} augment={} arch={} depth={} mode={} batch={} seed={}{}", dataset,
-                     train_subset, augment, arch, depth, mode.str(), batch, seed,
+  return fmt::format("dataset={} train_subset={} augment={} arch={} depth={} mode={} precision={} batch={} seed={}{}",
+                     dataset, train_subset, augment, arch, depth, mode.str(), precision, batch, seed,
                      dist.enabled() ? fmt::format(" world={}", dist.world) : std::string());
 }
 
@@ -280,10 +283,10 @@ std::string TrainConfig::describe() const {
       "dataset={}\ndata_dir={}\ntrain_subset={}\ntest_subset={}\naugment={}\narch={}\ndepth={}\nmode={}\nbatch={}\n"
       "iterations={}\nlr={}\nwarmup={}\nwarmup_lr={}\nsteps={}\nfactor={}\nmomentum={}\nweight_decay={}\ndevice={}\n"
       "seed={}\nthreads={}\nworkers={}\naccum_steps={}\ntrain_list={}\nval_list={}\nworld={}\nlog_every={}\n"
-      "eval_every={}\ncheckpoint_every={}\ncuda_graphs={}\n",
+      "eval_every={}\ncheckpoint_every={}\ncuda_graphs={}\nprecision={}\nmemory_format={}\n",
       dataset, data_dir, train_subset, test_subset, augment, arch, depth, mode.str(), batch, iterations, lr, warmup,
       warmup_lr, fmt::join(steps, ","), factor, momentum, weight_decay, device, seed, threads, workers, accum_steps,
-      train_list, val_list, dist.world, log_every, eval_every, checkpoint_every, cuda_graphs);
+      train_list, val_list, dist.world, log_every, eval_every, checkpoint_every, cuda_graphs, precision, memory_format);
 }
 
 std::string json_string(const std::string& s) {
@@ -310,11 +313,13 @@ std::string TrainConfig::json() const {
       "\"arch\": {}, \"depth\": {}, \"mode\": {}, \"bits\": {}, \"batch\": {}, \"accum_steps\": {}, "
       "\"iterations\": {}, \"lr\": {}, \"warmup\": {}, \"warmup_lr\": {}, \"steps\": [{}], \"factor\": {}, "
       "\"momentum\": {}, \"weight_decay\": {}, \"device\": {}, \"seed\": {}, \"threads\": {}, \"workers\": {}, "
-      "\"world\": {}, \"cuda_graphs\": {}, \"train_list\": {}, \"val_list\": {}}}",
+      "\"world\": {}, \"cuda_graphs\": {}, \"precision\": {}, \"memory_format\": {}, \"train_list\": {}, "
+      "\"val_list\": {}}}",
       json_string(dataset), json_string(data_dir), train_subset, test_subset, augment, json_string(arch), depth, json_string(mode.str()),
       (mode.mode == Mode::blpa || mode.mode == Mode::naive) ? mode.bits : 32, batch, accum_steps, iterations, lr,
       warmup, warmup_lr, fmt::join(steps, ", "), factor, momentum, weight_decay, json_string(device), seed, threads,
-      workers, dist.world, json_string(cuda_graphs), json_string(train_list), json_string(val_list));
+      workers, dist.world, json_string(cuda_graphs), json_string(precision), json_string(memory_format),
+      json_string(train_list), json_string(val_list));
 }
 
 void TrainConfig::validate() const {
@@ -360,6 +365,11 @@ void TrainConfig::validate() const {
   } catch (const c10::Error&) {
     bad("--device must be cpu, cuda or cuda:N, got '" + device + "'");
   }
+  if (precision != "auto" && precision != "fp32" && precision != "tf32" && precision != "bf16")
+    bad("--precision must be fp32, tf32, bf16 or auto, got '" + precision + "'");
+  if (precision == "tf32" && cpu) bad("--precision tf32 needs --device cuda (TF32 is a GPU tensor-core format); on the CPU use fp32 or bf16");
+  if (memory_format != "auto" && memory_format != "nchw" && memory_format != "nhwc")
+    bad("--memory-format must be nchw, nhwc or auto, got '" + memory_format + "'");
   if (cuda_graphs != "auto" && cuda_graphs != "on" && cuda_graphs != "off")
     bad("--cuda-graphs must be auto, on or off, got '" + cuda_graphs + "'");
   if (cuda_graphs == "on" && cpu) bad("--cuda-graphs on needs --device cuda (CUDA graphs replay GPU work)");
@@ -377,6 +387,17 @@ void TrainConfig::validate() const {
     if (outputs.count(key)) bad(std::string(flag) + " and " + outputs[key] + " name the same file, " + path);
     outputs[key] = flag;
   }
+}
+
+void TrainConfig::resolve_numerics() {
+  const Numerics n = numerics_for(precision, memory_format, torch::Device(device));
+  precision = to_string(n.precision);
+  memory_format = layout_name(n.layout);
+}
+
+Numerics TrainConfig::numerics() const {
+  TORCH_CHECK(precision != "auto" && memory_format != "auto", "TrainConfig::numerics before resolve_numerics");
+  return {parse_precision(precision), parse_layout(memory_format)};
 }
 
 namespace {
@@ -555,6 +576,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   if (dev.is_cuda() && config.dist.enabled() && !dev.has_index())
     dev = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(config.dist.local_rank));
   config.device = dev.str();
+  config.resolve_numerics();
   const bool lead = config.dist.rank == 0;  // writes the log, the checkpoints and the outputs
   if (lead) prepare_outputs(config);
   else if (config.resume && !fs::exists(config.checkpoint))
@@ -636,6 +658,8 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   torch::manual_seed(config.seed);
   ResNet model(net);
   model->train();
+  model->set_numerics(config.numerics());
+  apply_precision(config.numerics().precision, dev);
 
   // Weight decay on conv and linear weights only (tensors of rank > 1), not on gamma, beta, biases.
   std::vector<torch::Tensor> decay, no_decay;
@@ -682,8 +706,8 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   }
   int64_t params = 0;
   for (const auto& p : model->parameters()) params += p.numel();
-  spdlog::info("model {}-{} ({} parameters), mode {}, batch {}, {} iterations, device {}", config.arch, config.depth,
-               params, config.mode.str(), config.batch, config.iterations, dev.str());
+  spdlog::info("model {}-{} ({} parameters), mode {}, {}, batch {}, {} iterations, device {}", config.arch, config.depth,
+               params, config.mode.str(), config.numerics().str(), config.batch, config.iterations, dev.str());
   log.write(fmt::format("{{\"type\": \"config\", \"iter\": {}, \"time\": {:.3f}, \"resumed\": {}, \"config\": {}}}\n",
                         it, unix_time(), config.resume, config.json()));
 

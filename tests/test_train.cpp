@@ -109,8 +109,13 @@ TEST_CASE("train: plain and blpa-4 both learn on 2,000 Fashion-MNIST images", "[
 
 TEST_CASE("train: N iterations, then a resume for N more, equal 2N straight bit for bit", "[train]") {
   if (!have_fashion_mnist()) return;
+  // As configured by default (fp32, NCHW), and in bf16 with channels-last activations.
+  for (const auto& [precision, layout] : {std::pair{"fp32", "nchw"}, std::pair{"bf16", "nhwc"}}) {
+  CAPTURE(precision, layout);
   const auto dir = temp_dir("resume");
   auto c = small(dir);
+  c.precision = precision;
+  c.memory_format = layout;
   c.iterations = 20;
   c.export_path = (dir / "straight.pt").string();
   blpa::train(c);
@@ -131,9 +136,14 @@ TEST_CASE("train: N iterations, then a resume for N more, equal 2N straight bit 
   REQUIRE(a.size() == b.size());
   for (const auto& e : a) {
     CAPTURE(e.key().toStringRef());
+    CHECK(e.value().toTensor().scalar_type() == torch::kFloat);  // bf16 trains float32 weights
     CHECK(torch::equal(e.value().toTensor(), b.at(e.key()).toTensor()));
   }
+  const auto loss = logged(c.log_path, "loss");
+  REQUIRE(loss.size() == 2);
+  CHECK(std::isfinite(loss.back()));
   remove_tree(dir);
+  }
 }
 
 TEST_CASE("train: an incompatible or damaged checkpoint is refused and the good one survives", "[train]") {

@@ -43,6 +43,9 @@ std::string layout_name(at::MemoryFormat f);
 // for the device and precision (docs/results.md, "Precision and layout").
 Precision default_precision(const torch::Device& device);
 at::MemoryFormat default_layout(const torch::Device& device, Precision p);
+// The setting that --precision and --memory-format name on `device` ("auto" for the default);
+// throws std::invalid_argument for an unknown name or tf32 on the CPU.
+Numerics numerics_for(const std::string& precision, const std::string& memory_format, const torch::Device& device);
 // Sets LibTorch's process-wide TF32 switches for CUDA convolutions and matrix products: on
 // for tf32, off otherwise. Throws std::invalid_argument for tf32 on a CPU device.
 void apply_precision(Precision p, const torch::Device& device);

@@ -28,6 +28,8 @@ struct TrainConfig {
   std::string arch = "cifar";
   int depth = 164;
   ModeConfig mode{Mode::blpa, 4};
+  std::string precision = "auto";      // fp32 | tf32 | bf16 | auto (tf32 on CUDA, fp32 on the CPU)
+  std::string memory_format = "auto";  // nchw | nhwc | auto (default_layout of the device and precision)
   // Optimisation (defaults: the paper's CIFAR protocol)
   int64_t batch = 128;
   int64_t accum_steps = 1;  // the batch is processed in this many equal parts, one update
@@ -75,6 +77,10 @@ struct TrainConfig {
   std::string json() const;
   // Throws FlagError for values that make no sense, or make no sense together.
   void validate() const;
+  // precision and memory_format with "auto" replaced by what it means on `device`.
+  void resolve_numerics();
+  // The network's setting (after resolve_numerics).
+  Numerics numerics() const;
 };
 
 // A command line that cannot run as given: the programs exit with 2.
@@ -103,6 +109,7 @@ struct ImageEvalOptions {
   bool ten_crop = false;  // the 4 corners and the centre, and their mirrors; softmax averaged
   int workers = 4;
   std::string device = "cpu";
+  std::string precision = "auto", memory_format = "auto";  // numerics_for's names
   bool progress = false;
   const std::atomic<bool>* stop = nullptr;  // polled after every batch: stops early when true
 };
