@@ -9,6 +9,7 @@
 #   gpu-predict.jsonl    blpa-predict's output on CUDA for one class folder of that tree
 #   traces.tgz           Chrome traces of one ResNet-164 step per mode, batch 16 and 128
 #   gpu-train-blpa-graphed.jsonl, gpu-gloo-2proc.jsonl   a CUDA-graphed run; two ranks on one GPU
+#   gpu-train-bf16.jsonl a blpa-4 run in bf16 channels-last
 # Needs third_party/prefix from scripts/prepare-offline-deps.sh. A failing stage is reported
 # and the later stages still run; the exit status is 1 if any stage failed.
 # BLPA_GPU_STAGES=REGEX runs only the stages whose names match (the build always runs);
@@ -92,6 +93,9 @@ stage trace 180 bash -c "for b in 16 128; do bench step --device cuda --model re
   --warmup 3 --steps 5 --profile 6 --trace $trace_dir/resnet164-b\$b || exit 1; done && tar -C $trace_dir -czf $out/traces.tgz ."
 rm -rf "$trace_dir"
 stage memory-resnet164 120 bash -c 'bench memory --device cuda --model resnet164 --batch 128 --mode all'
+stage train-bf16 180 "$BLPA_BUILD_DIR/app/blpa-train" --device cuda --depth 20 --mode blpa --precision bf16 \
+  --memory-format nhwc --iterations 2000 --lr-steps 1000,1500 --warmup 100 --eval-every 1000 --log-every 200 \
+  --workers 4 --quiet --log "$out/gpu-train-bf16.jsonl"
 for m in plain blpa; do
   stage "train-$m" 180 "$BLPA_BUILD_DIR/app/blpa-train" --device cuda --depth 20 --mode "$m" --iterations 2000 \
     --lr-steps 1000,1500 --warmup 100 --eval-every 1000 --log-every 200 --workers 4 --quiet \
@@ -138,6 +142,17 @@ stage gloo-cuda-2proc 180 bash -c 'pids=(); for r in 0 1; do extra=(); [[ $r == 
   RANK=$r WORLD_SIZE=2 LOCAL_RANK=0 MASTER_PORT=29611 "$BLPA_BUILD_DIR/app/blpa-train" --device cuda:0 --dist-backend gloo \
     --depth 20 --batch 64 --iterations 200 --warmup 0 --eval-every 0 --log-every 50 --quiet --dist-timeout 120 "${extra[@]}" &
   pids+=($!); done; rc=0; for p in "${pids[@]}"; do wait $p || rc=1; done; exit $rc'
+# bf16 and channels-last (#15): every precision x layout, plain and blpa-4 taking turns (each
+# ratio against plain at the same precision and layout), and PyTorch's own step on the same
+# networks beside them (eager, tf32 NCHW and bf16 autocast channels-last). The codec in bf16/NHWC.
+stage step-precision 420 bash -c 'bench step --device cuda --model resnet164 --batch 128 --mode plain,blpa-4 \
+  --precision tf32,bf16 --memory-format nchw,nhwc --warmup 3 --steps 5 --rounds 3 && for b in 64 128; do
+  bench step --device cuda --model resnet152 --batch $b --mode plain,blpa-4 --precision tf32,bf16 \
+  --memory-format nchw,nhwc --warmup 2 --steps 3 --rounds 2 || exit 1; done'
+stage pytorch-step 300 bash -c 'set -o pipefail; for mb in "resnet164 128" "resnet152 64" "resnet152 128"; do set -- $mb;
+  "$BLPA_TORCH_PYTHON" scripts/pytorch-step.py --device cuda --model $1 --batch $2 | tee -a "$bench_log" || exit 1; done'
+stage memory-precision 180 bash -c 'bench memory --device cuda --model resnet152 --batch 64 --mode blpa-4 \
+  --precision bf16 --memory-format nhwc'
 # The paper's hardware claim (#19): ResNet-152 at ImageNet's batch 256 on an 11 GB card (the
 # 1080 Ti's), and what 80 GiB holds; each batch trained whole, and in 4 parts as blpa-train
 # --accum-steps 4 does. Real attempts under the caching allocator's memory fraction.
