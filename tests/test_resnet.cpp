@@ -30,8 +30,9 @@ ResNet make_net(int depth, ModeConfig mode, int64_t in_channels = 3, int64_t cla
 // Gradients of every parameter after one forward/backward of a cross-entropy loss, with
 // the weights of `like` (so every mode sees the same network and the same batch).
 std::vector<torch::Tensor> gradients(int depth, ModeConfig mode, const ResNet& like, const torch::Tensor& x,
-                                     const torch::Tensor& labels) {
+                                     const torch::Tensor& labels, const blpa::Numerics& numerics = {}) {
   auto net = make_net(depth, mode);
+  net->set_numerics(numerics);
   {
     torch::NoGradGuard g;
     auto src = like->parameters();
@@ -140,6 +141,35 @@ TEST_CASE("resnet: naive quantisation drifts further from plain than blpa, more 
       CHECK(en > 2 * eb);
     }
   }
+}
+
+TEST_CASE("resnet: in bf16 blpa-4's gradient error against bf16 plain stays within 1.5x of fp32's; naive's grows with depth",
+          "[resnet][bf16]") {
+  const blpa::Numerics fp32, bf16{blpa::Precision::bf16, at::MemoryFormat::ChannelsLast};
+  auto batch = random_batch(8, 16, 60);
+  auto all = [](const std::vector<torch::Tensor>& v) { return torch::cat(v); };
+  auto rel = [&](const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& ref) {
+    return ((all(a) - all(ref)).norm() / all(ref).norm()).item<double>();
+  };
+  std::vector<double> naive_err;
+  for (int depth : {20, 56, 110}) {
+    torch::manual_seed(61);
+    auto init = make_net(depth, {Mode::plain});
+    randomise_affine(init);
+    auto grads = [&](ModeConfig m, const blpa::Numerics& n) { return gradients(depth, m, init, batch.x, batch.labels, n); };
+    const auto plain32 = grads({Mode::plain}, fp32), plain16 = grads({Mode::plain}, bf16);
+    const double e32 = rel(grads({Mode::blpa, 4}, fp32), plain32);
+    const double e16 = rel(grads({Mode::blpa, 4}, bf16), plain16);
+    const double n16 = rel(grads({Mode::naive, 4}, bf16), plain16);
+    const double p16 = rel(plain16, plain32);  // what bf16 itself changes
+    std::cout << "depth " << depth << ": blpa-4 relative gradient error fp32 " << e32 << ", bf16-nhwc " << e16
+              << " (naive-4 " << n16 << "; bf16 plain vs fp32 plain " << p16 << ")" << std::endl;
+    CAPTURE(depth, e32, e16, n16, p16);
+    CHECK(e16 <= 1.5 * e32);
+    CHECK(n16 > 2 * e16);
+    naive_err.push_back(n16);
+  }
+  CHECK(naive_err.back() > naive_err.front());
 }
 
 TEST_CASE("resnet: in blpa mode the graph holds codes and metadata, not activations", "[resnet][memory]") {
