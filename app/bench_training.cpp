@@ -365,15 +365,15 @@ int memory_main(int argc, char** argv) {
                  "\"stored_ratio_plain\": {:.3f}, \"peak_ratio_plain\": {:.3f}, \"peak_at\": {}",
                  head(c, mode, "memory", numerics), m.stored, units, m.peak, m.resident, m.params, m.params, m.params,
                  double(p.stored) / m.stored, double(p.peak) / m.peak, blpa::json_string(m.peak_at));
-      fmt::print(", \"stored_ratio_plain_fp32\": {}, \"peak_ratio_plain_fp32\": {}",
-                 vs_fp32([&](const Result& f) { return double(f.stored) / m.stored; }),
-                 vs_fp32([&](const Result& f) { return double(f.peak) / m.peak; }));
       if (batch2 > 0)
         fmt::print(", \"slope_batch\": {}, \"stored_per_sample_bytes\": {:.0f}, \"peak_per_sample_bytes\": {:.0f}, "
                    "\"peak_per_sample_ratio_plain\": {:.3f}, \"peak_per_sample_at\": {}, "
                    "\"peak_per_sample_at_bytes\": {:.0f}",
                    batch2, r.stored_slope, r.peak_slope, p.peak_slope / r.peak_slope, blpa::json_string(slope_peak_at),
                    scope_peak[slope_peak_at]);
+      fmt::print(", \"stored_ratio_plain_fp32\": {}, \"peak_ratio_plain_fp32\": {}",
+                 vs_fp32([&](const Result& f) { return double(f.stored) / m.stored; }),
+                 vs_fp32([&](const Result& f) { return double(f.peak) / m.peak; }));
       if (batch2 > 0)
         fmt::print(", \"peak_per_sample_ratio_plain_fp32\": {}",
                    vs_fp32([&](const Result& f) { return f.peak_slope / r.peak_slope; }));
@@ -518,7 +518,7 @@ int step_main(int argc, char** argv) {
       "rounds", "Rounds of timed steps, the modes taking turns", cxxopts::value<int>()->default_value("1"))(
       "profile", "Then profile one more step per mode: the GPU's busy time and the N costliest kernels "
       "(on CPU: operators, inclusive times); 0: no profile", cxxopts::value<int>()->default_value("0"), "N")(
-      "trace", "With --profile: write each mode's profiled step to PREFIX-MODE.json (Chrome trace format)",
+      "trace", "With --profile: write each mode's profiled step to PREFIX-MODE.json (PREFIX-MODE-PRECISION-LAYOUT.json with several) (Chrome trace format)",
       cxxopts::value<std::string>()->default_value(""), "PREFIX")(
       "cuda-graphs", "CUDA: time each mode also as one captured iteration replayed as a CUDA graph (as blpa-train "
       "--cuda-graphs runs it), in a row of its own after the eager one; JSON rows say \"graphed\"");
@@ -615,7 +615,9 @@ int step_main(int argc, char** argv) {
     Profile p;
     if (top_n > 0)
       p = profile_step(rig, static_cast<size_t>(top_n),
-                       trace.empty() ? "" : trace + "-" + e.mode.str() + "-" + e.numerics.str() + ".json");
+                       trace.empty() ? ""
+                                     : trace + "-" + e.mode.str() + (numerics.size() > 1 ? "-" + e.numerics.str() : "") +
+                                           ".json");
     std::string profile_json;
     if (top_n > 0) {
       profile_json = fmt::format(", \"profile\": {{\"wall_ms\": {:.3f}, \"busy_ms\": {:.3f}, \"top\": [", p.wall_ms, p.busy_ms);
@@ -867,13 +869,12 @@ int fidelity_main(int argc, char** argv) {
       const double rel = (torch::cat(g) - ref_all).norm().item<double>() / ref_norm;
       if (args.count("json"))
         fmt::print("{{\"bench\": \"fidelity\", \"source\": \"{}\", \"checkpoint\": \"{}\", \"iteration\": {}, "
-                   "\"depth\": {}, \"batch\": {}, \"size\": {}, \"precision\": \"{}\", \"memory_format\": \"{}\", "
-                   "\"mode\": \"{}\", \"bits\": {}, {}, "
+                   "\"depth\": {}, \"batch\": {}, \"size\": {}, \"mode\": \"{}\", \"bits\": {}, {}, "
                    "\"relative_error\": {:.5f}, \"min_cosine\": {:.5f}, \"min_cosine_param\": \"{}\", "
-                   "\"plain_loss\": {:.6g}, \"plain_grad_norm\": {:.6g}}}\n",
-                   c.source, c.checkpoint, c.iteration, c.net.depth, batch, c.x.size(2), blpa::to_string(numerics.precision),
-                   blpa::layout_name(numerics.layout), blpa::to_string(m.mode), m.bits,
-                   report_format(m), rel, min_cos, worst, loss, ref_norm);
+                   "\"plain_loss\": {:.6g}, \"plain_grad_norm\": {:.6g}, \"precision\": \"{}\", \"memory_format\": \"{}\"}}\n",
+                   c.source, c.checkpoint, c.iteration, c.net.depth, batch, c.x.size(2), blpa::to_string(m.mode), m.bits,
+                   report_format(m), rel, min_cos, worst, loss, ref_norm, blpa::to_string(numerics.precision),
+                   blpa::layout_name(numerics.layout));
       else
         fmt::print("{} depth {:4d}  {} {:12s} relative gradient error {:.4f}  smallest cosine {:.4f} ({})  "
                    "[plain loss {:.4g}, |grad| {:.4g}]\n",

@@ -259,14 +259,14 @@ double TrainConfig::lr_at(int64_t it) const {
 }
 
 const std::vector<std::string>& TrainConfig::identity_keys() {
-  static const std::vector<std::string> keys{"dataset", "train_subset", "augment", "arch",  "depth",
-                                             "mode",    "precision",    "batch",   "seed",  "world"};
+  static const std::vector<std::string> keys{"dataset", "train_subset", "augment", "arch",      "depth",
+                                             "mode",    "batch",        "seed",    "precision", "world"};
   return keys;
 }
 
 std::string TrainConfig::identity() const {
-  return fmt::format("dataset={} train_subset={} augment={} arch={} depth={} mode={} precision={} batch={} seed={}{}",
-                     dataset, train_subset, augment, arch, depth, mode.str(), precision, batch, seed,
+  return fmt::format("dataset={} train_subset={} augment={} arch={} depth={} mode={} batch={} seed={} precision={}{}",
+                     dataset, train_subset, augment, arch, depth, mode.str(), batch, seed, precision,
                      dist.enabled() ? fmt::format(" world={}", dist.world) : std::string());
 }
 

@@ -195,10 +195,10 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
       return out;
     }
 
-    // ReLU: g_a = g_r where r' > 0, over g_r when it is ours and float32 (a bf16 g_r is
-    // widened first: the BatchNorm backward runs in float32 on the float32 x_hat').
-    const bool ours = n_conv > 0 && g_r.scalar_type() == at::kFloat;
-    if (g_r.scalar_type() != at::kFloat) g_r = g_r.to(at::kFloat);
+    // ReLU: g_a = g_r where r' > 0, over g_r when it is ours and of x_hat's dtype (a bf16 g_r
+    // is widened first: the BatchNorm backward runs in float32 on the float32 x_hat').
+    const bool ours = n_conv > 0 && g_r.scalar_type() == x_hat.scalar_type();
+    g_r = g_r.to(x_hat.scalar_type());
     Tensor g_a = ours ? at::threshold_backward_out(g_r, g_r, r, 0) : at::threshold_backward(g_r, r, 0);
     g_r.reset();
     r.reset();

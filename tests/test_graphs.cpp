@@ -105,7 +105,8 @@ TEST_CASE("graphs: --cuda-graphs is auto, on or off, and on needs one CUDA rank"
   CHECK(std::system((std::string(BLPA_TRAIN_EXE) + " --cuda-graphs off --print-config >/dev/null 2>&1").c_str()) == 0);
   // Not part of a run's identity: a run may resume with graphs on or off.
   CHECK(blpa::TrainConfig::identity_keys() == std::vector<std::string>{"dataset", "train_subset", "augment", "arch",
-                                                                         "depth", "mode", "batch", "seed", "world"});
+                                                                         "depth", "mode", "batch", "seed", "precision",
+                                                                         "world"});
 }
 
 TEST_CASE("CUDA: a graphed run trains as the eager one, schedule included", "[graphs][cuda]") {
