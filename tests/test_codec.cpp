@@ -551,10 +551,177 @@ TEST_CASE("codec: bn_relu_backward equals the BatchNorm backward of the masked g
     auto b = torch::zeros({3});
     auto codes = blpa::pack(torch::randn({2, 3, 4, 4}), b, {8});
     CHECK_THROWS_WITH(blpa::bn_relu_backward(codes, b, b, b, torch::randn({2, 3, 4, 5}), false),
-                      Catch::Contains("gradient must be contiguous float32 of shape"));
+                      Catch::Contains("gradient must be float32 or bfloat16 of shape"));
     CHECK_THROWS_WITH(blpa::bn_relu_backward(codes, b, torch::ones({4}), b, torch::randn({2, 3, 4, 4}), false),
                       Catch::Contains("vector of 3 channels"));
   }
+}
+
+namespace {
+
+// One format per bit width (the paper's window and a lifted one), for the dtype x layout tests.
+std::vector<CodeFormat> layout_formats() { return {{8, 6.0f, 0.0f}, {4, 6.0f, 1.0f}, {2, 4.0f, 1.0f}, {4, 7.3f, 0.0f}}; }
+
+// Shapes for the dtype x layout tests: C odd and numel odd (4-bit and 2-bit rows start inside
+// a byte), planes past one block of 256, one large enough to be split across threads (and
+// rows across thread ranges), and the shapes whose two layouts are the same memory (C == 1,
+// H * W == 1).
+std::vector<std::vector<int64_t>> layout_shapes() {
+  return {{3, 5, 7, 9}, {2, 3, 33, 33}, {4, 16, 8, 8}, {2, 7, 5, 1}, {4, 9, 61, 61}, {1, 1, 5, 5}, {3, 6, 1, 1}};
+}
+
+torch::Tensor nhwc(const torch::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
+
+// Values that exercise edges and non-finite inputs, at the start of a tensor.
+torch::Tensor awkward_values(const std::vector<int64_t>& shape, const CodeFormat& f) {
+  auto v = torch::randn(shape) * 2;
+  auto flat = v.view(-1);
+  auto e = edge_values(f);
+  const int64_t k = std::min<int64_t>(e.numel(), flat.numel());
+  flat.narrow(0, 0, k).copy_(e.narrow(0, 0, k));
+  if (flat.numel() > k + 2) {
+    flat[k] = std::nanf("");
+    flat[k + 1] = -0.0f;
+  }
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("codec: channels-last tensors give the codes, unpack and ReLU of the same values in NCHW", "[codec]") {
+  torch::manual_seed(21);
+  for (const CodeFormat& f : layout_formats()) {
+    for (const auto& shape : layout_shapes()) {
+      CAPTURE(f.bits, f.window, f.lift, shape);
+      const int64_t c = shape[1];
+      const bool distinct = c > 1 && shape[2] * shape[3] > 1;  // otherwise one memory order
+      auto v = awkward_values(shape, f);
+      auto b = torch::randn({c}), gamma = torch::rand({c}) + 0.1;
+      auto cl = nhwc(v);
+      REQUIRE(cl.is_contiguous(at::MemoryFormat::ChannelsLast));
+
+      auto ref = pack(v, b, f, gamma);
+      auto codes = pack(cl, b, f, gamma);
+      CHECK(codes.channels_last == distinct);
+      CHECK(codes.sizes == ref.sizes);
+      CHECK(codes.data.numel() == ref.data.numel());
+      CHECK(torch::equal(blpa::code_values(codes), blpa::code_values(ref)));
+      CHECK(count_mismatch(lib_codes(codes), lib_codes(pack(v / gamma.view({1, c, 1, 1}), b, f))) == 0);
+      if (distinct)  // packed in memory order: the NHWC bytes are the codes of the permuted tensor
+        CHECK(torch::equal(codes.data, pack(v.permute({0, 2, 3, 1}).contiguous().view({-1, c}), b, f, gamma).data));
+      const int used = static_cast<int>(v.numel() * f.bits % 8);
+      if (used) CHECK((codes.data[-1].item<uint8_t>() >> used) == 0);  // the padding is zero
+
+      const unsigned all = blpa::kXhat | blpa::kRelu | blpa::kMask;
+      auto u = blpa::unpack(codes, b, gamma, all), w = blpa::unpack(ref, b, gamma, all);
+      for (auto [got, want] : {std::pair{u.x_hat, w.x_hat}, std::pair{u.r, w.r}, std::pair{u.mask, w.mask}}) {
+        CHECK(torch::equal(got, want));
+        CHECK(got.is_contiguous(distinct ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+      }
+
+      auto r = cl.clone(at::MemoryFormat::ChannelsLast);
+      auto relu_codes = blpa::pack_relu_(r, b, f, gamma);
+      CHECK(torch::equal(relu_codes.data, codes.data));
+      CHECK(r.is_contiguous(at::MemoryFormat::ChannelsLast));
+      CHECK(torch::allclose(r, torch::relu(v), 0, 0, /*equal_nan=*/true));
+    }
+  }
+}
+
+TEST_CASE("codec: bf16 activations give the codes of their values widened to float32", "[codec]") {
+  torch::manual_seed(22);
+  for (const CodeFormat& f : layout_formats()) {
+    for (const auto& shape : layout_shapes()) {
+      for (bool cl : {false, true}) {
+        CAPTURE(f.bits, f.window, f.lift, shape, cl);
+        const int64_t c = shape[1];
+        auto v16 = awkward_values(shape, f).to(torch::kBFloat16);
+        if (cl) v16 = nhwc(v16);
+        auto wide = v16.to(torch::kFloat);  // exact; keeps the layout
+        auto b = torch::randn({c}), gamma = torch::rand({c}) + 0.1;
+        auto codes = pack(v16, b, f, gamma), ref = pack(wide, b, f, gamma);
+        CHECK(codes.channels_last == ref.channels_last);
+        CHECK(torch::equal(codes.data, ref.data));
+        CHECK(torch::equal(codes.offsets, ref.offsets));
+
+        auto r = v16.clone();
+        CHECK(torch::equal(blpa::pack_relu_(r, b, f, gamma).data, ref.data));
+        CHECK(r.scalar_type() == torch::kBFloat16);
+        CHECK(torch::allclose(r.to(torch::kFloat), torch::relu(wide), 0, 0, /*equal_nan=*/true));
+
+        // bf16 outputs: the float32 outputs rounded once to nearest-even (LibTorch's conversion).
+        const unsigned all = blpa::kXhat | blpa::kRelu | blpa::kMask;
+        auto u = blpa::unpack(codes, b, gamma, all, torch::kBFloat16), w = blpa::unpack(codes, b, gamma, all);
+        CHECK(u.x_hat.scalar_type() == torch::kBFloat16);
+        CHECK(u.r.scalar_type() == torch::kBFloat16);
+        CHECK(torch::equal(u.x_hat, w.x_hat.to(torch::kBFloat16)));
+        CHECK(torch::equal(u.r, w.r.to(torch::kBFloat16)));
+        CHECK(torch::equal(u.mask, w.mask));
+        CHECK(u.x_hat.strides() == w.x_hat.strides());
+      }
+    }
+  }
+}
+
+TEST_CASE("codec: bn_relu_backward gives the same bits for channels-last and bf16 gradients", "[codec]") {
+  // The sums are taken in the NCHW order in either layout, and a bf16 gradient is widened to
+  // float exactly before the same float math: so channels-last gives NCHW's bits, and bf16
+  // gives the float32 path's sums of the widened gradient and its g_x rounded once.
+  torch::manual_seed(23);
+  for (const CodeFormat& f : layout_formats()) {
+    for (const auto& shape : layout_shapes()) {
+      CAPTURE(f.bits, f.window, f.lift, shape);
+      const int64_t c = shape[1];
+      auto b = torch::randn({c}), g = torch::rand({c}) + 0.2, invstd = torch::rand({c}) + 0.5;
+      auto v = torch::randn(shape) + b.view({1, c, 1, 1});
+      auto g_r = torch::randn(shape).to(torch::kBFloat16).to(torch::kFloat);  // bf16 values
+      g_r.view(-1)[0] = std::nanf("");  // masked or not, as in NCHW
+      auto ref_codes = pack(v, b, f);
+      auto ref = blpa::bn_relu_backward(ref_codes, b, g, invstd, g_r, false, 0.5f);
+      auto codes = pack(nhwc(v), b, f);
+      for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+        CAPTURE(dtype);
+        auto grad = nhwc(g_r).to(dtype).clone();  // its own memory: it is overwritten in place below
+        auto kept = grad.clone();
+        auto out = blpa::bn_relu_backward(codes, b, g, invstd, grad, false, 0.5f);
+        CHECK(torch::allclose(grad, kept, 0, 0, /*equal_nan=*/true));
+        CHECK(out.g_x.scalar_type() == dtype);
+        CHECK(out.g_g.scalar_type() == torch::kFloat);
+        CHECK(out.g_x.strides() == grad.strides());
+        CHECK(torch::allclose(out.g_beta, ref.g_beta, 0, 0, /*equal_nan=*/true));
+        CHECK(torch::allclose(out.g_g, ref.g_g, 0, 0, /*equal_nan=*/true));
+        CHECK(torch::allclose(out.g_x, ref.g_x.to(dtype), 0, 0, /*equal_nan=*/true));
+        auto in_place = blpa::bn_relu_backward(codes, b, g, invstd, grad, true, 0.5f);
+        CHECK(in_place.g_x.data_ptr() == grad.data_ptr());
+        CHECK(torch::allclose(grad, out.g_x, 0, 0, /*equal_nan=*/true));
+        if (dtype == torch::kBFloat16) {  // and NCHW bf16 too
+          auto nchw = blpa::bn_relu_backward(ref_codes, b, g, invstd, g_r.to(dtype), false, 0.5f);
+          CHECK(torch::allclose(nchw.g_x, out.g_x, 0, 0, /*equal_nan=*/true));
+          CHECK(torch::allclose(nchw.g_g, out.g_g, 0, 0, /*equal_nan=*/true));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("codec: unsupported dtypes and layouts are refused with a clear message", "[codec]") {
+  auto b = torch::zeros({3});
+  auto v = torch::randn({2, 3, 4, 5});
+  CHECK_THROWS_WITH(pack(v.to(torch::kHalf), b, {8}), Catch::Contains("must be float32 or bfloat16"));
+  CHECK_THROWS_WITH(pack(v.transpose(2, 3), b, {8}), Catch::Contains("channels-last contiguous"));
+  CHECK_THROWS_WITH(pack(nhwc(v).narrow(3, 0, 4), b, {8}), Catch::Contains("channels-last contiguous"));
+  CHECK_THROWS_WITH(pack(torch::randn({2, 3, 4, 5, 6}).permute({0, 1, 4, 2, 3}), b, {8}),
+                    Catch::Contains("contiguous (NCHW)"));
+  auto ar = v.to(torch::kDouble);
+  CHECK_THROWS_WITH(blpa::pack_relu_(ar, b, {8}, torch::ones({3})), Catch::Contains("float32 or bfloat16"));
+  auto codes = pack(nhwc(v), b, {4});
+  CHECK_THROWS_WITH(blpa::unpack(codes, b, {}, blpa::kXhat, torch::kHalf), Catch::Contains("float32 or bfloat16"));
+  CHECK_THROWS_WITH(blpa::bn_relu_backward(codes, b, b, b, torch::randn({2, 3, 4, 5}), false),
+                    Catch::Contains("channels-last contiguous (NHWC) like its codes"));
+  CHECK_THROWS_WITH(blpa::bn_relu_backward(pack(v, b, {4}), b, b, b, nhwc(torch::randn({2, 3, 4, 5})), false),
+                    Catch::Contains("contiguous (NCHW) like its codes"));
+  CHECK_THROWS_WITH(blpa::bn_relu_backward(codes, b, b, b, nhwc(torch::randn({2, 3, 4, 5})).to(torch::kHalf), false),
+                    Catch::Contains("float32 or bfloat16"));
 }
 
 TEST_CASE("codec: bad arguments are refused with a clear message", "[codec]") {
@@ -562,7 +729,7 @@ TEST_CASE("codec: bad arguments are refused with a clear message", "[codec]") {
   CHECK_THROWS_WITH(blpa::pack(v, torch::zeros({3}), {3}), Catch::Contains("bits must be 8, 4 or 2"));
   CHECK_THROWS_WITH(blpa::pack(v, torch::zeros({4}), {8}), Catch::Contains("vector of 3 channels"));
   CHECK_THROWS_WITH(blpa::pack(v.transpose(2, 3), torch::zeros({3}), {8}), Catch::Contains("contiguous"));
-  CHECK_THROWS_WITH(blpa::pack(v.to(torch::kDouble), torch::zeros({3}), {8}), Catch::Contains("float32"));
+  CHECK_THROWS_WITH(blpa::pack(v.to(torch::kDouble), torch::zeros({3}), {8}), Catch::Contains("float32 or bfloat16"));
   CHECK_THROWS_WITH(blpa::pack(torch::randn({5}), torch::zeros({5}), {8}), Catch::Contains("at least 2 dims"));
 }
 
