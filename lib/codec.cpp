@@ -6,6 +6,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -19,6 +22,64 @@ namespace {
 
 using codec::decode;
 using codec::encode;
+
+// The per-thread loops below are plain C++ that GCC vectorises. Each is compiled three times,
+// for baseline x86-64 (SSE2), AVX2 and AVX-512, and the widest the CPU has is chosen at run
+// time (as LibTorch's DispatchStub does; BLPA_CODEC_ISA=base|avx2 lowers the choice, for tests
+// and measurements). The bits do not depend on the choice: the loops use
+// IEEE-exact operations only, no contraction into FMA (-ffp-contract=off), and sums whose
+// order is written out (their lanes), which GCC may not reorder. BLPA_INLINE puts a loop's
+// helpers and lambdas into the ISA's copy of it.
+#define BLPA_INLINE __attribute__((always_inline))
+
+enum class Isa { base, avx2, avx512 };
+
+Isa detect_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const bool avx2 = __builtin_cpu_supports("avx2");
+  Isa best = avx512 ? Isa::avx512 : avx2 ? Isa::avx2 : Isa::base;
+  if (const char* cap = std::getenv("BLPA_CODEC_ISA")) {  // may lower the choice, never raise it
+    const std::string want = cap;
+    if (want == "base") best = Isa::base;
+    if (want == "avx2" && best == Isa::avx512) best = Isa::avx2;
+  }
+  return best;
+#else
+  return Isa::base;
+#endif
+}
+
+Isa cpu_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename F>
+__attribute__((target("avx2"))) void run_avx2(const F& f) {
+  f();
+}
+template <typename F>
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"))) void run_avx512(const F& f) {
+  f();
+}
+#endif
+
+// Runs f (a lambda marked BLPA_INLINE) in the copy for the CPU's ISA.
+template <typename F>
+void with_isa(const F& f) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  switch (cpu_isa()) {
+    case Isa::avx512: return run_avx512(f);
+    case Isa::avx2: return run_avx2(f);
+    case Isa::base: break;
+  }
+#endif
+  f();
+}
 
 // Work is split into element ranges that start on a byte boundary of the packed codes, so
 // no two threads ever write the same byte (two 4-bit or four 2-bit codes share one).
@@ -54,7 +115,7 @@ bool stored_nhwc(const at::Tensor& t, const char* what) {
 
 // Calls f(begin, end, c) for each run of elements in [e0, e1) that share channel c (NCHW).
 template <typename F>
-void for_each_channel_run(const Layout& l, int64_t e0, int64_t e1, F&& f) {
+BLPA_INLINE inline void for_each_channel_run(const Layout& l, int64_t e0, int64_t e1, F&& f) {
   while (e0 < e1) {
     const int64_t p = l.plane > 0 ? e0 / l.plane : 0;
     const int64_t end = std::min(e1, (p + 1) * l.plane);
@@ -77,12 +138,12 @@ std::vector<V> repeat_channels(int64_t channels, Src&& src) {
 // the channel itself (NCHW: one value for the block) or its index in repeat_channels (NHWC:
 // one value per element).
 template <typename F>
-void for_each_block(const Layout& l, int64_t e0, int64_t e1, F&& f) {
+BLPA_INLINE inline void for_each_block(const Layout& l, int64_t e0, int64_t e1, F&& f) {
   if (l.nhwc) {
     for (int64_t i = e0; i < e1; i += kBlock) f(i, static_cast<int>(std::min<int64_t>(kBlock, e1 - i)), i % l.channels);
     return;
   }
-  for_each_channel_run(l, e0, e1, [&](int64_t b, int64_t e, int64_t c) {
+  for_each_channel_run(l, e0, e1, [&](int64_t b, int64_t e, int64_t c) BLPA_INLINE {
     for (int64_t i = b; i < e; i += kBlock) f(i, static_cast<int>(std::min<int64_t>(kBlock, e - i)), c);
   });
 }
@@ -95,7 +156,7 @@ constexpr int kPerByte = 8 / Bits;
 // (assigned, its unused high bits 0) at its first element and finished (or'ed into) by the
 // elements that follow, which the same thread writes next.
 template <int Bits>
-void store_codes(uint8_t* out, int64_t i, int n, const uint8_t* q) {
+BLPA_INLINE inline void store_codes(uint8_t* out, int64_t i, int n, const uint8_t* q) {
   if constexpr (Bits == 8) {
     std::copy(q, q + n, out + i);
   } else {
@@ -121,7 +182,7 @@ void store_codes(uint8_t* out, int64_t i, int n, const uint8_t* q) {
 
 // Reads the n codes of elements [i, i + n) into q, one per byte.
 template <int Bits>
-void read_codes(const uint8_t* data, int64_t i, int n, uint8_t* q) {
+BLPA_INLINE inline void read_codes(const uint8_t* data, int64_t i, int n, uint8_t* q) {
   if constexpr (Bits == 8) {
     std::copy(data + i, data + i + n, q);
   } else {
@@ -141,7 +202,7 @@ void read_codes(const uint8_t* data, int64_t i, int n, uint8_t* q) {
 // A per-channel value of element k of a block: one value for the block (NCHW, hoisted by the
 // caller into a local) or one per element (NHWC, from repeat_channels).
 template <bool NHWC, typename V>
-inline V at_k(const V* p, int k) {
+BLPA_INLINE inline V at_k(const V* p, int k) {
   return p[NHWC ? k : 0];
 }
 
@@ -156,16 +217,17 @@ struct PackArgs {
 
 // div: the per-channel divisor (all ones when the caller gave none; x / 1 is exact).
 template <int Bits, typename T, bool NHWC>
-void pack_range(const PackArgs& a, const Layout& l, int64_t e0, int64_t e1) {
+BLPA_INLINE inline void pack_range(const PackArgs& a, const Layout& l, int64_t e0, int64_t e1) {
   const T* v = static_cast<const T*>(a.v);
   T* relu = static_cast<T*>(a.relu);
   uint8_t q[kBlock];
-  for_each_block(l, e0, e1, [&](int64_t i, int n, int64_t at) {
+  for_each_block(l, e0, e1, [&](int64_t i, int n, int64_t at) BLPA_INLINE {
     const T* __restrict x = v + i;
     if constexpr (NHWC) {
       const int32_t* __restrict s = a.s + at;
       const float* __restrict dc = a.div + at;
-      for (int k = 0; k < n; ++k) q[k] = static_cast<uint8_t>(codec::encode(codec::widen(x[k]) / dc[k], s[k], Bits, a.d));
+      for (int k = 0; k < n; ++k)
+        q[k] = static_cast<uint8_t>(codec::encode(codec::widen(x[k]) / dc[k], s[k], Bits, a.d));
     } else {
       const int32_t s = a.s[at];
       const float dc = a.div[at];
@@ -183,7 +245,7 @@ template <int Bits, typename T, bool NHWC>
 void pack_cpu(const PackArgs& a, const Layout& l) {
   constexpr int per = kPerByte<Bits>;
   at::parallel_for(0, (l.numel + per - 1) / per, kGrain, [&](int64_t pb, int64_t pe) {
-    pack_range<Bits, T, NHWC>(a, l, pb * per, std::min(pe * per, l.numel));
+    with_isa([&]() BLPA_INLINE { pack_range<Bits, T, NHWC>(a, l, pb * per, std::min(pe * per, l.numel)); });
   });
 }
 
@@ -199,11 +261,11 @@ struct UnpackArgs {
 };
 
 template <int Bits, typename T, bool NHWC>
-void unpack_range(const UnpackArgs& a, const Layout& l, int64_t e0, int64_t e1) {
+BLPA_INLINE inline void unpack_range(const UnpackArgs& a, const Layout& l, int64_t e0, int64_t e1) {
   T* x_hat = static_cast<T*>(a.x_hat);
   T* r = static_cast<T*>(a.r);
   uint8_t q[kBlock];
-  for_each_block(l, e0, e1, [&](int64_t i, int n, int64_t at) {
+  for_each_block(l, e0, e1, [&](int64_t i, int n, int64_t at) BLPA_INLINE {
     read_codes<Bits>(a.data, i, n, q);
     const int32_t* __restrict sp = a.s + at;
     if (x_hat) {
@@ -238,7 +300,9 @@ void unpack_range(const UnpackArgs& a, const Layout& l, int64_t e0, int64_t e1) 
 
 template <int Bits, typename T, bool NHWC>
 void unpack_cpu(const UnpackArgs& a, const Layout& l) {
-  at::parallel_for(0, l.numel, kGrain, [&](int64_t e0, int64_t e1) { unpack_range<Bits, T, NHWC>(a, l, e0, e1); });
+  at::parallel_for(0, l.numel, kGrain, [&](int64_t e0, int64_t e1) {
+    with_isa([&]() BLPA_INLINE { unpack_range<Bits, T, NHWC>(a, l, e0, e1); });
+  });
 }
 
 struct BnArgs {
@@ -261,10 +325,13 @@ struct BnArgs {
 // order of n and h. The order depends on neither the layout nor the thread count: NCHW and
 // NHWC give the same bits, and so do runs.
 constexpr int kLanes = 8;
+// kLanes floats added lane by lane: one AVX register, two SSE ones (GCC's vector extension,
+// so that the adds vectorise in every ISA's copy).
+using Lanes = float __attribute__((vector_size(kLanes * sizeof(float))));
 
 // g_a and x_hat' of one element.
 template <typename T>
-inline void bn_terms(uint8_t q, T grad, int32_t s, float bc, float d, float& ga, float& xh) {
+BLPA_INLINE inline void bn_terms(uint8_t q, T grad, int32_t s, float bc, float d, float& ga, float& xh) {
   const float gv = codec::widen(grad);               // read unconditionally, so that the select vectorises
   ga = codec::mask(q, s) ? gv : 0.0f;                 // a select: a masked NaN gradient is 0
   xh = codec::decode(q, s, d) - bc;
@@ -273,7 +340,7 @@ inline void bn_terms(uint8_t q, T grad, int32_t s, float bc, float d, float& ga,
 // NCHW: one channel at a time; its planes are read twice (the sums, then g_x) while they are
 // still in cache.
 template <int Bits, typename T>
-void bn_channels_nchw(const BnArgs& a, const Layout& l, int64_t c0, int64_t c1) {
+BLPA_INLINE inline void bn_channels_nchw(const BnArgs& a, const Layout& l, int64_t c0, int64_t c1) {
   const T* grad = static_cast<const T*>(a.grad);
   T* g_x = static_cast<T*>(a.g_x);
   const double m = static_cast<double>(a.batch * l.plane);
@@ -284,7 +351,7 @@ void bn_channels_nchw(const BnArgs& a, const Layout& l, int64_t c0, int64_t c1) 
     const float bc = a.b[c];
     // Calls f(first element, length) for each block of the channel, decoded into ga and xh
     // (zero-padded to a multiple of kLanes).
-    auto blocks = [&](auto&& f) {
+    auto blocks = [&](auto&& f) BLPA_INLINE {
       for (int64_t n = 0; n < a.batch; ++n) {
         const int64_t base = (n * l.channels + c) * l.plane;
         for (int64_t i = 0; i < l.plane; i += kBlock) {
@@ -298,20 +365,22 @@ void bn_channels_nchw(const BnArgs& a, const Layout& l, int64_t c0, int64_t c1) 
       }
     };
     double sum_a = 0.0, sum_ax = 0.0;
-    blocks([&](int64_t, int len) {
-      float la[kLanes] = {}, lax[kLanes] = {};
-      for (int k = 0; k < len; k += kLanes)
-        for (int t = 0; t < kLanes; ++t) {
-          la[t] += ga[k + t];
-          lax[t] += ga[k + t] * xh[k + t];
-        }
+    blocks([&](int64_t, int len) BLPA_INLINE {
+      Lanes la = {}, lax = {};
+      for (int k = 0; k < len; k += kLanes) {
+        Lanes a, x;
+        std::memcpy(&a, ga + k, sizeof a);
+        std::memcpy(&x, xh + k, sizeof x);
+        la += a;
+        lax += a * x;
+      }
       for (int t = 0; t < kLanes; ++t) sum_a += la[t], sum_ax += lax[t];
     });
     a.g_beta[c] = static_cast<float>(sum_a);
     a.g_g[c] = static_cast<float>(sum_ax);
     const float mean_a = static_cast<float>(sum_a / m), mean_ax = static_cast<float>(sum_ax / m);
     const float scale = a.g[c] * a.invstd[c];
-    blocks([&](int64_t first, int len) {
+    blocks([&](int64_t first, int len) BLPA_INLINE {
       T* __restrict out = g_x + first;
       for (int k = 0; k < len; ++k) out[k] = codec::round_to<T>(scale * (ga[k] - mean_a - xh[k] * mean_ax));
     });
@@ -321,7 +390,8 @@ void bn_channels_nchw(const BnArgs& a, const Layout& l, int64_t c0, int64_t c1) 
 // NHWC, the sums: channels [c0, c1) of every row (pixel) in the order of the NCHW walk,
 // the lanes of all the chunk's channels side by side so that the adds vectorise over channels.
 template <int Bits, typename T>
-void bn_sums_nhwc(const BnArgs& a, const Layout& l, int64_t c0, int64_t c1, double* out_a, double* out_ax) {
+BLPA_INLINE inline void bn_sums_nhwc(const BnArgs& a, const Layout& l, int64_t c0, int64_t c1, double* out_a,
+                                     double* out_ax) {
   const T* grad = static_cast<const T*>(a.grad);
   const int w = static_cast<int>(c1 - c0);
   std::vector<uint8_t> q(w);
@@ -360,11 +430,11 @@ struct BnApplyNhwc {
 };
 
 template <int Bits, typename T>
-void bn_apply_nhwc(const BnArgs& a, const BnApplyNhwc& p, const Layout& l, int64_t e0, int64_t e1) {
+BLPA_INLINE inline void bn_apply_nhwc(const BnArgs& a, const BnApplyNhwc& p, const Layout& l, int64_t e0, int64_t e1) {
   const T* grad = static_cast<const T*>(a.grad);
   T* g_x = static_cast<T*>(a.g_x);
   uint8_t q[kBlock];
-  for_each_block(l, e0, e1, [&](int64_t i, int n, int64_t at) {
+  for_each_block(l, e0, e1, [&](int64_t i, int n, int64_t at) BLPA_INLINE {
     read_codes<Bits>(a.data, i, n, q);
     const T* gr = grad + i;  // g_x may be g_r itself: no __restrict
     T* out = g_x + i;
@@ -384,11 +454,13 @@ void bn_apply_nhwc(const BnArgs& a, const BnApplyNhwc& p, const Layout& l, int64
 template <int Bits, typename T, bool NHWC>
 void bn_relu_backward_cpu(const BnArgs& a, const Layout& l) {
   if constexpr (!NHWC) {
-    at::parallel_for(0, l.channels, 1, [&](int64_t c0, int64_t c1) { bn_channels_nchw<Bits, T>(a, l, c0, c1); });
+    at::parallel_for(0, l.channels, 1, [&](int64_t c0, int64_t c1) {
+      with_isa([&]() BLPA_INLINE { bn_channels_nchw<Bits, T>(a, l, c0, c1); });
+    });
   } else {
     std::vector<double> sum_a(l.channels), sum_ax(l.channels);
     at::parallel_for(0, l.channels, 1, [&](int64_t c0, int64_t c1) {
-      bn_sums_nhwc<Bits, T>(a, l, c0, c1, sum_a.data(), sum_ax.data());
+      with_isa([&]() BLPA_INLINE { bn_sums_nhwc<Bits, T>(a, l, c0, c1, sum_a.data(), sum_ax.data()); });
     });
     const double m = static_cast<double>(a.batch * l.plane);
     std::vector<float> mean_a(l.channels), mean_ax(l.channels), scale(l.channels);
@@ -405,7 +477,9 @@ void bn_relu_backward_cpu(const BnArgs& a, const Layout& l) {
     auto ma = repeat_channels<float>(l.channels, [&](int64_t c) { return mean_a[c]; });
     auto max = repeat_channels<float>(l.channels, [&](int64_t c) { return mean_ax[c]; });
     const BnApplyNhwc p{s.data(), b.data(), sc.data(), ma.data(), max.data()};
-    at::parallel_for(0, l.numel, kGrain, [&](int64_t e0, int64_t e1) { bn_apply_nhwc<Bits, T>(a, p, l, e0, e1); });
+    at::parallel_for(0, l.numel, kGrain, [&](int64_t e0, int64_t e1) {
+      with_isa([&]() BLPA_INLINE { bn_apply_nhwc<Bits, T>(a, p, l, e0, e1); });
+    });
   }
 }
 
@@ -578,7 +652,9 @@ Codes pack(const at::Tensor& v, const ChannelCoding& cc, const at::Tensor& divis
   return pack_impl(v, cc.b, cc.format, divisor, false, cc.offsets);
 }
 
-Codes pack_relu_(at::Tensor& a, const ChannelCoding& cc) { return pack_impl(a, cc.b, cc.format, cc.g, true, cc.offsets); }
+Codes pack_relu_(at::Tensor& a, const ChannelCoding& cc) {
+  return pack_impl(a, cc.b, cc.format, cc.g, true, cc.offsets);
+}
 
 ChannelCoding channel_coding(const at::Tensor& gamma, const at::Tensor& beta, float gamma_min, const CodeFormat& f,
                              bool centred) {

@@ -560,7 +560,9 @@ TEST_CASE("codec: bn_relu_backward equals the BatchNorm backward of the masked g
 namespace {
 
 // One format per bit width (the paper's window and a lifted one), for the dtype x layout tests.
-std::vector<CodeFormat> layout_formats() { return {{8, 6.0f, 0.0f}, {4, 6.0f, 1.0f}, {2, 4.0f, 1.0f}, {4, 7.3f, 0.0f}}; }
+std::vector<CodeFormat> layout_formats() {
+  return {{8, 6.0f, 0.0f}, {4, 6.0f, 1.0f}, {2, 4.0f, 1.0f}, {4, 7.3f, 0.0f}};
+}
 
 // Shapes for the dtype x layout tests: C odd and numel odd (4-bit and 2-bit rows start inside
 // a byte), planes past one block of 256, one large enough to be split across threads (and
@@ -702,6 +704,42 @@ TEST_CASE("codec: bn_relu_backward gives the same bits for channels-last and bf1
       }
     }
   }
+}
+
+TEST_CASE("codec: bn_relu_backward's sums and g_x are pinned bit for bit, for any thread count", "[codec]") {
+  // The hashes were taken at 7d006a9, before the CPU loops were compiled per ISA: the same
+  // bits come from the SSE2, AVX2 and AVX-512 copies (BLPA_CODEC_ISA=base|avx2 selects one;
+  // the suite was run under each), from either layout and from 1 or 2 threads. The inputs
+  // are arithmetic, not drawn: LibTorch's randn gives other values on another CPU.
+  const int64_t N = 5, C = 6, H = 23, W = 19;  // planes of 437 elements: two blocks of the sums
+  const float bs[C] = {0.0f, 0.7f, -1.3f, 2.9f, -4.2f, 0.25f};
+  auto b = torch::tensor(std::vector<float>(bs, bs + C));
+  auto g = torch::tensor({1.0f, 0.5f, 1.7f, 0.9f, 3.0f, 0.2f});
+  auto invstd = torch::tensor({1.5f, 0.8f, 2.0f, 1.0f, 0.6f, 3.0f});
+  auto v = torch::empty({N, C, H, W}), g_r = torch::empty({N, C, H, W});
+  float* pv = v.data_ptr<float>();
+  float* pg = g_r.data_ptr<float>();
+  for (int64_t i = 0; i < v.numel(); ++i) {
+    pv[i] = bs[(i / (H * W)) % C] + static_cast<float>((i * 7919) % 1000 - 500) / 125.0f;
+    pg[i] = static_cast<float>((i * 104729) % 2001 - 1000) / 317.0f;
+  }
+  struct Pinned {
+    int bits;
+    uint64_t hash;
+  };
+  const int threads = at::get_num_threads();
+  const Pinned pinned[] = {{8, 0xc5879cdc2aa1072cull}, {4, 0x1f9c314d4842e1fbull}, {2, 0xaba63189591ec9abull}};
+  for (const Pinned& p : pinned) {
+    auto codes = pack(v, b, blpa::default_format(p.bits));
+    for (int t : {1, 2}) {
+      CAPTURE(p.bits, t);
+      at::set_num_threads(t);
+      auto out = blpa::bn_relu_backward(codes, b, g, invstd, g_r, false);
+      const uint64_t h = fnv1a(fnv1a(fnv1a(1469598103934665603ull, out.g_x), out.g_g), out.g_beta);
+      CHECK(h == p.hash);
+    }
+  }
+  at::set_num_threads(threads);
 }
 
 TEST_CASE("codec: unsupported dtypes and layouts are refused with a clear message", "[codec]") {

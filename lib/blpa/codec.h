@@ -108,10 +108,11 @@ Unpacked unpack(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma
 // Two passes over the codes and g_r (the sums, then g_x); nothing of the input's size is made
 // besides g_x, which is g_r itself when `in_place`. g_r: float32 or bfloat16, dense in the
 // codes' layout (contiguous for NCHW codes, channels-last contiguous for NHWC ones); g_x has
-// its dtype and layout (computed in float, rounded once); g_g and g_beta are float32 [C]. g: the clamped gamma; g_g is the gradient
-// with respect to it, or, given gamma_min, with respect to gamma where g = max(gamma,
-// gamma_min): zero for the channels with g <= gamma_min, as threshold_backward(g_g, gamma,
-// gamma_min) (a NaN gamma passes its NaN gradient).
+// its dtype and layout (computed in float, rounded once); g_g and g_beta are float32 [C].
+// g: the clamped gamma; g_g is the gradient with respect to it, or, given gamma_min, with
+// respect to gamma where g = max(gamma, gamma_min): zero for the channels with
+// g <= gamma_min, as threshold_backward(g_g, gamma, gamma_min) (a NaN gamma passes its NaN
+// gradient).
 // The sums are carried in double, over float partial sums of at most 32 elements (CPU) or 4
 // (CUDA), and added in a fixed order: a device gives the same bits from run to run, and the
 // two devices agree to about 1e-6 of sum |g_a| (sum |g_a x_hat'|). On the CPU the order is
