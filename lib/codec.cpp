@@ -597,16 +597,13 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, c
 
   if (v.is_cuda()) {
 #if BLPA_WITH_CUDA
-    TORCH_CHECK(v.scalar_type() == at::kFloat && !nhwc, "blpa codec: the CUDA kernels take float32 NCHW "
-                "activations only (bf16 and channels-last are CPU-only so far), got ", v.scalar_type(),
-                nhwc ? " channels-last" : "");
     const int dev = v.get_device();
     if (!have_offsets)
       cuda::compute_offsets({b.data_ptr<float>(), out.offsets.data_ptr<uint8_t>(), l.channels, f.bits, f.window,
                              f.lift, dev});
-    cuda::pack({v.data_ptr<float>(), divisor.defined() ? divisor.data_ptr<float>() : nullptr,
-                out.offsets.data_ptr<uint8_t>(), out.data.data_ptr<uint8_t>(), l.numel, l.plane, l.channels, f.bits,
-                f.window, dev, relu ? v.data_ptr<float>() : nullptr});
+    cuda::pack({v.data_ptr(), divisor.defined() ? divisor.data_ptr<float>() : nullptr, out.offsets.data_ptr<uint8_t>(),
+                out.data.data_ptr<uint8_t>(), l.numel, l.plane, l.channels, f.bits, f.window, dev,
+                relu ? v.data_ptr() : nullptr, v.scalar_type() == at::kBFloat16, nhwc});
     return out;
 #else
     no_cuda();
@@ -726,10 +723,8 @@ void unpack_into(const Codes& codes, const at::Tensor& b, const at::Tensor& gamm
   bool* mask = u.mask.defined() ? u.mask.data_ptr<bool>() : nullptr;
   if (codes.data.is_cuda()) {
 #if BLPA_WITH_CUDA
-    TORCH_CHECK(dtype == at::kFloat && !l.nhwc, "blpa codec: the CUDA kernels unpack float32 NCHW only (bf16 and "
-                "channels-last are CPU-only so far), asked for ", dtype, l.nhwc ? " channels-last" : "");
-    cuda::unpack({data, offsets, bp, gp, static_cast<float*>(x_hat), static_cast<float*>(r), mask, l.numel, l.plane,
-                  l.channels, f.bits, f.window, codes.data.get_device()});
+    cuda::unpack({data, offsets, bp, gp, x_hat, r, mask, l.numel, l.plane, l.channels, f.bits, f.window,
+                  codes.data.get_device(), dtype == at::kBFloat16, l.nhwc});
     return;
 #else
     no_cuda();
@@ -803,13 +798,11 @@ BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tens
   }
   if (g_r.is_cuda()) {
 #if BLPA_WITH_CUDA
-    TORCH_CHECK(g_r.scalar_type() == at::kFloat && !l.nhwc, "blpa codec: the CUDA BatchNorm backward takes "
-                "float32 NCHW gradients only (bf16 and channels-last are CPU-only so far), got ", g_r.scalar_type(),
-                l.nhwc ? " channels-last" : "");
     cuda::BnBackwardParams p{data, offsets, b.data_ptr<float>(), g.data_ptr<float>(), invstd.data_ptr<float>(),
-                             g_r.data_ptr<float>(), out.g_x.data_ptr<float>(), nullptr, out.g_g.data_ptr<float>(),
+                             g_r.data_ptr(), out.g_x.data_ptr(), nullptr, out.g_g.data_ptr<float>(),
                              out.g_beta.data_ptr<float>(), gamma_min.has_value(), gamma_min.value_or(0.0f), batch,
-                             l.channels, l.plane, f.bits, f.window, g_r.get_device()};
+                             l.channels, l.plane, f.bits, f.window, g_r.get_device(),
+                             g_r.scalar_type() == at::kBFloat16, l.nhwc};
     const at::Tensor partials = at::empty({cuda::bn_workspace(p)}, f32.dtype(at::kDouble));
     p.partials = partials.data_ptr<double>();
     cuda::bn_relu_backward(p);

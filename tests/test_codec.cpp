@@ -857,6 +857,95 @@ TEST_CASE("CUDA: bn_relu_backward matches the CPU path", "[codec][cuda]") {
   }
 }
 
+TEST_CASE("CUDA: bf16 and channels-last codes, unpack and ReLU are bit-identical to the CPU path", "[codec][cuda]") {
+  BLPA_REQUIRE_CUDA();
+  torch::manual_seed(24);
+  auto shapes = layout_shapes();
+  shapes.push_back({8, 64, 33, 33});  // many groups per thread, rows that straddle groups
+  for (const CodeFormat& f : layout_formats()) {
+    for (const auto& shape : shapes) {
+      for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+        for (bool cl : {false, true}) {
+          CAPTURE(f.bits, f.window, f.lift, shape, dtype, cl);
+          const int64_t c = shape[1];
+          auto v = awkward_values(shape, f).to(dtype);
+          if (cl) v = nhwc(v);
+          auto b = torch::randn({c}) * 2, gamma = torch::rand({c}) + 0.1;
+          auto cpu = pack(v, b, f, gamma);
+          auto gpu = pack(v.cuda(), b.cuda(), f, gamma.cuda());
+          CHECK(gpu.channels_last == cpu.channels_last);
+          CHECK(torch::equal(cpu.offsets, gpu.offsets.cpu()));
+          CHECK(torch::equal(cpu.data, gpu.data.cpu()));
+
+          auto rc = v.clone(), rg = v.cuda();
+          CHECK(torch::equal(blpa::pack_relu_(rg, b.cuda(), f, gamma.cuda()).data.cpu(),
+                             blpa::pack_relu_(rc, b, f, gamma).data));
+          const auto bits = dtype == torch::kFloat ? torch::kInt : torch::kShort;  // NaN payloads included
+          CHECK(torch::equal(rg.cpu().view(bits), rc.view(bits)));
+
+          const unsigned all = blpa::kXhat | blpa::kRelu | blpa::kMask;
+          auto uc = blpa::unpack(cpu, b, gamma, all, dtype);
+          auto ug = blpa::unpack(gpu, b.cuda(), gamma.cuda(), all, dtype);
+          CHECK(torch::equal(uc.x_hat, ug.x_hat.cpu()));
+          CHECK(torch::equal(uc.r, ug.r.cpu()));
+          CHECK(torch::equal(uc.mask, ug.mask.cpu()));
+          CHECK(ug.x_hat.strides() == uc.x_hat.strides());
+
+          // A misaligned (but dense) input takes the scalar path and must agree too.
+          auto buf = torch::empty({v.numel() + 1}, v.options().device(torch::kCUDA));
+          auto shifted = buf.narrow(0, 1, v.numel());
+          auto moved = cl ? shifted.view({shape[0], shape[2], shape[3], c}).permute({0, 3, 1, 2}) : shifted.view(shape);
+          moved.copy_(v.cuda());
+          CHECK(torch::equal(cpu.data, pack(moved, b.cuda(), f, gamma.cuda()).data.cpu()));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("CUDA: bn_relu_backward of bf16 and channels-last gradients matches the CPU path", "[codec][cuda]") {
+  // The GPU adds in its own fixed order (NHWC: by rows of channels), so its sums agree with
+  // the CPU's to their rounding (close_sum), and g_x to 1e-5 in float. In bf16, g_x is rounded
+  // once from float: a float difference at a rounding boundary moves it by one bf16 ulp
+  // (2^-8 relative), hence the tolerance 2^-7 relative for bf16.
+  BLPA_REQUIRE_CUDA();
+  torch::manual_seed(25);
+  auto shapes = layout_shapes();
+  shapes.push_back({32, 64, 28, 28});  // many row blocks
+  shapes.push_back({2, 300, 7, 7});    // several channel tiles, the last partial
+  for (const CodeFormat& f : layout_formats()) {
+    for (const auto& shape : shapes) {
+      for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+        for (bool cl : {false, true}) {
+          CAPTURE(f.bits, f.window, f.lift, shape, dtype, cl);
+          const int64_t c = shape[1];
+          auto b = torch::randn({c}), g = torch::rand({c}) + 0.2, invstd = torch::rand({c}) + 0.5;
+          auto v = torch::randn(shape) + b.view({1, c, 1, 1});
+          auto g_r = torch::randn(shape).to(dtype);
+          if (cl) v = nhwc(v), g_r = nhwc(g_r);
+          auto codes = pack(v, b, f);
+          auto cpu = blpa::bn_relu_backward(codes, b, g, invstd, g_r, false, 0.5f);
+          auto ref = bn_reference(codes, b, g, invstd, g_r.to(torch::kFloat));
+          blpa::Codes dc{codes.data.cuda(), codes.offsets.cuda(), codes.sizes, f, codes.channels_last};
+          auto gd = g_r.cuda();
+          auto gpu = blpa::bn_relu_backward(dc, b.cuda(), g.cuda(), invstd.cuda(), gd, false, 0.5f);
+          const double tol = dtype == torch::kFloat ? 1e-5 : 1.0 / 128;
+          CHECK(torch::equal(gd.cpu(), g_r));
+          CHECK(gpu.g_x.scalar_type() == dtype);
+          CHECK(gpu.g_x.strides() == g_r.strides());
+          CHECK(torch::allclose(gpu.g_x.cpu().to(torch::kDouble), cpu.g_x.to(torch::kDouble), tol, 1e-5));
+          CHECK(close_sum(gpu.g_g, ref.g_g * (g > 0.5f).to(torch::kDouble), ref.abs_g));  // the clamp's gradient
+          CHECK(close_sum(gpu.g_beta, ref.g_beta, ref.abs_beta));
+          auto twice = blpa::bn_relu_backward(dc, b.cuda(), g.cuda(), invstd.cuda(), gd, true, 0.5f);
+          CHECK(twice.g_x.data_ptr() == gd.data_ptr());
+          CHECK(torch::equal(twice.g_x.cpu(), gpu.g_x.cpu()));  // the same bits from run to run
+          CHECK(torch::equal(twice.g_g.cpu(), gpu.g_g.cpu()));
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("CUDA: channel_coding and the clamp's gradient match the CPU path", "[codec][cuda]") {
   BLPA_REQUIRE_CUDA();
   torch::manual_seed(17);
