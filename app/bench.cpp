@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cxxopts.hpp>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "bench.h"
 #include <iostream>
@@ -35,13 +36,21 @@ double time_per_call(const torch::Device& dev, int rounds, int reps, F&& f) {
 }
 
 int codec_main(int argc, char** argv) {
-  cxxopts::Options opts("blpa-bench codec", "Pack/unpack throughput of the K-bit codec.\n"
-                                            "Throughput is GB/s of fp32 elements: numel*4 bytes read by pack, "
-                                            "written by unpack (the approximate ReLU output r').");
+  cxxopts::Options opts(
+      "blpa-bench codec",
+      "Throughput of the K-bit codec: pack, unpack of r' and the BatchNorm-and-ReLU backward from the codes,\n"
+      "beside LibTorch's own BatchNorm-and-ReLU backward (threshold_backward + native_batch_norm_backward, what\n"
+      "plain runs) and a copy of the tensor. GB/s count the bytes each operation must move at least: pack reads\n"
+      "the activations (4 or 2 bytes an element) and writes K/8; unpack reads K/8 and writes 4 or 2; the codec's\n"
+      "backward reads the codes and g_r and writes g_x; LibTorch's reads g_r, r and x and writes g_x; a copy\n"
+      "reads and writes the tensor. The tensor is N x C x H x H with N = numel / (C H H).");
   opts.add_options()("bits", "Bits per code: 8, 4 or 2", cxxopts::value<int>()->default_value("4"))(
       "window", "Window width in units of x_hat (default: the default for --bits)", cxxopts::value<float>())(
       "numel", "Elements in the tensor", cxxopts::value<int64_t>()->default_value("16777216"))(
-      "channels", "Channels (dim 1); the rest of the tensor is N x C x plane", cxxopts::value<int64_t>()->default_value("64"))(
+      "channels", "Channels (dim 1)", cxxopts::value<int64_t>()->default_value("64"))(
+      "hw", "Height and width of a plane", cxxopts::value<int64_t>()->default_value("32"))(
+      "dtype", "Activations and gradients: float or bf16", cxxopts::value<std::string>()->default_value("float"))(
+      "memory-format", "nchw or nhwc (channels_last)", cxxopts::value<std::string>()->default_value("nchw"))(
       "device", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
       "threads", "CPU threads (0: LibTorch's default)", cxxopts::value<int>()->default_value("0"))(
       "reps", "Calls per timing round", cxxopts::value<int>()->default_value("10"))(
@@ -54,42 +63,65 @@ int codec_main(int argc, char** argv) {
   const int bits = args["bits"].as<int>();
   const int64_t numel = args["numel"].as<int64_t>();
   const int64_t channels = args["channels"].as<int64_t>();
+  const int64_t hw = args["hw"].as<int64_t>();
   if (bits != 8 && bits != 4 && bits != 2) throw std::invalid_argument("--bits must be 8, 4 or 2");
   blpa::CodeFormat format = blpa::default_format(bits);
   if (args.count("window")) format = {bits, args["window"].as<float>(), 0.0f};
-  if (numel <= 0 || channels <= 0 || numel % channels != 0)
-    throw std::invalid_argument("--numel must be a positive multiple of --channels");
+  if (numel <= 0 || channels <= 0 || hw <= 0 || numel % (channels * hw * hw) != 0)
+    throw std::invalid_argument("--numel must be a positive multiple of --channels x --hw x --hw");
+  const std::string dtype_name = args["dtype"].as<std::string>(), layout = args["memory-format"].as<std::string>();
+  if (dtype_name != "float" && dtype_name != "bf16") throw std::invalid_argument("--dtype must be float or bf16");
+  if (layout != "nchw" && layout != "nhwc") throw std::invalid_argument("--memory-format must be nchw or nhwc");
+  const auto dtype = dtype_name == "bf16" ? torch::kBFloat16 : torch::kFloat;
+  const auto memory_format = layout == "nhwc" ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
   const torch::Device dev(args["device"].as<std::string>());
   if (dev.is_cuda() && !torch::cuda::is_available())
     throw std::runtime_error("--device cuda: no CUDA device is available");
   if (args["threads"].as<int>() > 0) torch::set_num_threads(args["threads"].as<int>());
 
   torch::manual_seed(0);
+  const std::vector<int64_t> shape{numel / (channels * hw * hw), channels, hw, hw};
   auto b = torch::randn({channels}, dev);
-  auto v = torch::randn({1, channels, numel / channels}, dev) + b.view({1, channels, 1});
-  auto gamma = torch::ones({channels}, dev);
+  auto v = (torch::randn(shape, dev) + b.view({1, channels, 1, 1})).to(dtype).contiguous(memory_format);
+  auto g_r = torch::randn(shape, dev).to(dtype).contiguous(memory_format);
+  auto gamma = torch::ones({channels}, dev), invstd = torch::ones({channels}, dev);
   const int reps = args["reps"].as<int>();
   blpa::Codes codes;
   const double pack_s = time_per_call(dev, 5, reps, [&] { codes = blpa::pack(v, b, format); });
-  const double unpack_s = time_per_call(dev, 5, reps, [&] { blpa::unpack(codes, b, gamma, blpa::kRelu); });
-  double copy_s = 0;
-  if (dev.is_cuda()) {
-    auto dst = torch::empty_like(v);
-    copy_s = time_per_call(dev, 5, reps, [&] { dst.copy_(v); });
-  }
-  const double gb = numel * 4.0 / 1e9;
+  const double unpack_s =
+      time_per_call(dev, 5, reps, [&] { blpa::unpack(codes, b, gamma, blpa::kRelu, dtype); });
+  const double bn_s =
+      time_per_call(dev, 5, reps, [&] { blpa::bn_relu_backward(codes, b, gamma, invstd, g_r, false); });
+  // What plain runs for the same step (its autograd's ReLU and BatchNorm backward nodes).
+  auto x = v.clone(), r = torch::relu(v), mean = torch::zeros({channels}, dev);
+  const double ref_s = time_per_call(dev, 5, reps, [&] {
+    auto ga = at::threshold_backward(g_r, r, 0);
+    at::native_batch_norm_backward(ga, x, gamma, {}, {}, mean, invstd, true, 1e-5, {true, true, true});
+  });
+  auto dst = torch::empty_like(v);
+  const double copy_s = time_per_call(dev, 5, reps, [&] { dst.copy_(v); });
+  const double e = static_cast<double>(torch::elementSize(dtype)), k = bits / 8.0;
+  const double n = static_cast<double>(numel) / 1e9;
+  const double pack_gb = n * (e + k), unpack_gb = n * (k + e), bn_gb = n * (k + 2 * e), ref_gb = n * 4 * e,
+               copy_gb = n * 2 * e;
   const int threads = dev.is_cuda() ? 0 : torch::get_num_threads();
   if (args.count("json")) {
-    fmt::print("{{\"bench\": \"codec\", \"bits\": {}, \"numel\": {}, \"channels\": {}, \"device\": \"{}\", "
-               "\"threads\": {}, \"pack_gbps\": {:.3f}, \"unpack_gbps\": {:.3f}",
-               bits, numel, channels, dev.str(), threads, gb / pack_s, gb / unpack_s);
-    if (dev.is_cuda()) fmt::print(", \"copy_gbps\": {:.3f}", gb / copy_s);
-    fmt::print("}}\n");
+    fmt::print("{{\"bench\": \"codec\", \"bits\": {}, \"numel\": {}, \"channels\": {}, \"hw\": {}, \"dtype\": \"{}\", "
+               "\"memory_format\": \"{}\", \"device\": \"{}\", \"threads\": {}, \"pack_gbps\": {:.3f}, "
+               "\"unpack_gbps\": {:.3f}, \"bn_backward_gbps\": {:.3f}, \"libtorch_bn_backward_gbps\": {:.3f}, "
+               "\"copy_gbps\": {:.3f}, \"pack_ms\": {:.4f}, \"unpack_ms\": {:.4f}, \"bn_backward_ms\": {:.4f}, "
+               "\"libtorch_bn_backward_ms\": {:.4f}, \"copy_ms\": {:.4f}}}\n",
+               bits, numel, channels, hw, dtype_name, layout, dev.str(), threads, pack_gb / pack_s,
+               unpack_gb / unpack_s, bn_gb / bn_s, ref_gb / ref_s, copy_gb / copy_s, pack_s * 1e3, unpack_s * 1e3,
+               bn_s * 1e3, ref_s * 1e3, copy_s * 1e3);
   } else {
-    fmt::print("codec {}-bit, {} elements, {} ({} threads)\n", bits, numel, dev.str(), threads);
-    fmt::print("  pack    {:8.3f} GB/s  ({:.3f} ms)\n", gb / pack_s, pack_s * 1e3);
-    fmt::print("  unpack  {:8.3f} GB/s  ({:.3f} ms)\n", gb / unpack_s, unpack_s * 1e3);
-    if (dev.is_cuda()) fmt::print("  copy    {:8.3f} GB/s  (device-to-device, same tensor)\n", gb / copy_s);
+    fmt::print("codec {}-bit, {} elements {} {} {}, {} ({} threads); GB/s of the bytes moved\n", bits, numel,
+               fmt::join(shape, "x"), dtype_name, layout, dev.str(), threads);
+    fmt::print("  pack                {:8.3f} GB/s  ({:.3f} ms)\n", pack_gb / pack_s, pack_s * 1e3);
+    fmt::print("  unpack r'           {:8.3f} GB/s  ({:.3f} ms)\n", unpack_gb / unpack_s, unpack_s * 1e3);
+    fmt::print("  bn_relu_backward    {:8.3f} GB/s  ({:.3f} ms)\n", bn_gb / bn_s, bn_s * 1e3);
+    fmt::print("  LibTorch's backward {:8.3f} GB/s  ({:.3f} ms)\n", ref_gb / ref_s, ref_s * 1e3);
+    fmt::print("  copy                {:8.3f} GB/s  ({:.3f} ms)\n", copy_gb / copy_s, copy_s * 1e3);
   }
   return 0;
 }
@@ -97,7 +129,7 @@ int codec_main(int argc, char** argv) {
 void usage() {
   std::cout << "usage: blpa-bench <command> [options]\n\n"
                "commands:\n"
-               "  codec      pack/unpack throughput of the K-bit codec\n"
+               "  codec      pack, unpack and BatchNorm-backward throughput of the K-bit codec\n"
                "  memory     activation memory and step peak of a network, per mode\n"
                "  step       training-step time per mode and overhead against plain\n"
                "  max-batch  the largest batch that trains within a memory budget, per mode\n"

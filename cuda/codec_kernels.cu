@@ -6,8 +6,11 @@
 //   element 2j in the low nibble and 2j+1 in the high nibble of byte j
 //   2-bit: 8 codes = one 2-byte store, element 4j+t in bits 2t, 2t+1 of byte j.
 // A thread owns whole bytes, so two codes that share a byte are written by one thread.
-// Floats are loaded/stored as float4 when the pointer is 16-byte aligned; the last,
-// partial group and misaligned tensors take the scalar path. Every per-element loop is
+// A group's elements are loaded/stored as one vector when the pointer is aligned: 8 floats
+// as two 16-byte accesses, 8 bf16 as one (4 for unpack: 16 or 8 bytes); the last, partial
+// group and misaligned tensors take the scalar path. NHWC (channels-last) tensors are walked
+// in the same memory order; only the channel of an element differs (i % channels), and the
+// BatchNorm backward walks them by rows of channels (bn_nhwc_*). Every per-element loop is
 // unrolled over the whole group with a guard, so the small arrays stay in registers
 // (a loop bounded by n put them in local memory: check `-Xptxas -v` for 0 bytes of stack).
 #include "codec_kernels.h"
@@ -15,6 +18,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <atomic>
@@ -54,7 +58,6 @@ Launch launch_config(int64_t work_items, int device) {
 __host__ __device__ __forceinline__ bool aligned(const void* p, uintptr_t bytes) {
   return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
 }
-__device__ __forceinline__ bool aligned16(const void* p) { return aligned(p, 16); }
 
 // Where a group of n elements starting at e0 lies: the channel of its first element, and
 // whether all n share it (a group straddles two planes only at a plane's end). Below 2^32
@@ -96,6 +99,42 @@ __device__ __forceinline__ void group_offsets(const uint8_t* offsets, const Grou
   }
 }
 
+// The channel of each of the G elements of a group from e0 (G <= n elements valid), in either
+// layout. NHWC: consecutive elements take consecutive channels, wrapping at `channels`.
+template <int G, bool NHWC>
+__device__ __forceinline__ void group_channels(int64_t e0, int n, int64_t plane, int64_t channels, bool narrow,
+                                               int64_t ch[G]) {
+  if constexpr (NHWC) {
+    int64_t c = narrow ? static_cast<int64_t>(static_cast<uint32_t>(e0) % static_cast<uint32_t>(channels))
+                       : e0 % channels;
+#pragma unroll
+    for (int k = 0; k < G; ++k) {
+      ch[k] = c;
+      c = c + 1 == channels ? 0 : c + 1;
+    }
+  } else {
+    const Group gr = locate(e0, n, plane, channels, narrow);
+#pragma unroll
+    for (int k = 0; k < G; ++k) ch[k] = gr.one_channel ? gr.c0 : channel_at(e0 + k, plane, channels);
+  }
+}
+
+// N elements of type T as one aligned access: 8 floats are two 16-byte loads, 8 bf16 one.
+template <typename T, int N>
+struct alignas(N * sizeof(T) < 16 ? N * sizeof(T) : 16) Elems {
+  T v[N];
+};
+
+template <typename T, int N>
+__host__ __device__ __forceinline__ bool elems_aligned(const void* p) {
+  return aligned(p, alignof(Elems<T, N>));
+}
+
+template <typename T>
+__device__ __forceinline__ T zero() {
+  return codec::round_to<T>(0.0f);
+}
+
 __global__ void offsets_kernel(OffsetParams p) {
   for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < p.channels;
        c += int64_t{gridDim.x} * blockDim.x)
@@ -114,43 +153,56 @@ __global__ void channel_kernel(ChannelParams p) {
   }
 }
 
-template <int Bits>
+template <int Bits, typename T, bool NHWC>
 __global__ void pack_kernel(PackParams p) {
+  const T* v = static_cast<const T*>(p.v);
+  T* relu = static_cast<T*>(p.relu);
   const int64_t groups = (p.numel + kGroup - 1) / kGroup;
-  const bool vec = aligned16(p.v), narrow = narrow_indices(p.numel), relu_vec = aligned16(p.relu);
+  const bool vec = elems_aligned<T, kGroup>(v), narrow = narrow_indices(p.numel);
+  const bool relu_vec = elems_aligned<T, kGroup>(relu);
   const float d = codec::bin_width(p.window, Bits);
   for (int64_t g = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g < groups; g += int64_t{gridDim.x} * blockDim.x) {
     const int64_t e0 = g * kGroup;
     const int n = static_cast<int>(min(int64_t{kGroup}, p.numel - e0));
-    float x[kGroup];
+    Elems<T, kGroup> raw;
     if (vec && n == kGroup) {
-      const float4 a = reinterpret_cast<const float4*>(p.v + e0)[0];
-      const float4 b = reinterpret_cast<const float4*>(p.v + e0)[1];
-      x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+      raw = *reinterpret_cast<const Elems<T, kGroup>*>(v + e0);
     } else {
 #pragma unroll
-      for (int k = 0; k < kGroup; ++k) x[k] = k < n ? p.v[e0 + k] : 0.0f;
+      for (int k = 0; k < kGroup; ++k) raw.v[k] = k < n ? v[e0 + k] : zero<T>();
     }
-    if (p.relu) {  // the unit's ReLU, written where it may alias v: this thread has read it
-      float y[kGroup];
+    if (relu) {  // the unit's ReLU, written where it may alias v: this thread has read it
+      Elems<T, kGroup> y;
 #pragma unroll
-      for (int k = 0; k < kGroup; ++k) y[k] = x[k] < 0.0f ? 0.0f : x[k];
+      for (int k = 0; k < kGroup; ++k) y.v[k] = codec::widen(raw.v[k]) < 0.0f ? zero<T>() : raw.v[k];
       if (relu_vec && n == kGroup) {
-        reinterpret_cast<float4*>(p.relu + e0)[0] = make_float4(y[0], y[1], y[2], y[3]);
-        reinterpret_cast<float4*>(p.relu + e0)[1] = make_float4(y[4], y[5], y[6], y[7]);
+        *reinterpret_cast<Elems<T, kGroup>*>(relu + e0) = y;
       } else {
 #pragma unroll
         for (int k = 0; k < kGroup; ++k)
-          if (k < n) p.relu[e0 + k] = y[k];
+          if (k < n) relu[e0 + k] = y.v[k];
       }
     }
-    const Group gr = locate(e0, n, p.plane, p.channels, narrow);
-    int s[kGroup];
-    group_offsets<kGroup>(p.offsets, gr, e0, p.plane, p.channels, s);
-    if (p.divisor) {
+    float x[kGroup];
 #pragma unroll
-      for (int k = 0; k < kGroup; ++k)
-        x[k] = __fdiv_rn(x[k], p.divisor[gr.one_channel ? gr.c0 : channel_at(e0 + k, p.plane, p.channels)]);
+    for (int k = 0; k < kGroup; ++k) x[k] = codec::widen(raw.v[k]);
+    int s[kGroup];
+    if constexpr (NHWC) {
+      int64_t ch[kGroup];
+      group_channels<kGroup, true>(e0, n, p.plane, p.channels, narrow, ch);
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k) {
+        s[k] = p.offsets[ch[k]];
+        if (p.divisor) x[k] = __fdiv_rn(x[k], p.divisor[ch[k]]);
+      }
+    } else {
+      const Group gr = locate(e0, n, p.plane, p.channels, narrow);
+      group_offsets<kGroup>(p.offsets, gr, e0, p.plane, p.channels, s);
+      if (p.divisor) {
+#pragma unroll
+        for (int k = 0; k < kGroup; ++k)
+          x[k] = __fdiv_rn(x[k], p.divisor[gr.one_channel ? gr.c0 : channel_at(e0 + k, p.plane, p.channels)]);
+      }
     }
     uint32_t q[kGroup];
 #pragma unroll
@@ -232,11 +284,13 @@ __host__ __device__ __forceinline__ uintptr_t code_word_bytes(int bits) { return
 // 16 bytes out and unpack ran at half the copy bandwidth on an H200).
 constexpr int kUnpackGroup = 4;
 
-template <int Bits>
+template <int Bits, typename T, bool NHWC>
 __global__ void unpack_kernel(UnpackParams p) {
   constexpr int G = kUnpackGroup;
+  T* x_hat = static_cast<T*>(p.x_hat);
+  T* r = static_cast<T*>(p.r);
   const int64_t groups = (p.numel + G - 1) / G;
-  const bool vec = (!p.x_hat || aligned16(p.x_hat)) && (!p.r || aligned16(p.r));
+  const bool vec = (!x_hat || elems_aligned<T, G>(x_hat)) && (!r || elems_aligned<T, G>(r));
   const bool word_codes = aligned(p.codes, code_word_bytes(Bits));  // codes from pack always are
   const bool narrow = narrow_indices(p.numel);
   const float d = codec::bin_width(p.window, Bits);
@@ -251,37 +305,40 @@ __global__ void unpack_kernel(UnpackParams p) {
 #pragma unroll
       for (int k = 0; k < G; ++k) q[k] = k < n ? read_code<Bits>(p.codes, e0 + k) : 0u;
     }
-    const Group gr = locate(e0, n, p.plane, p.channels, narrow);
+    int64_t ch[G];
+    group_channels<G, NHWC>(e0, n, p.plane, p.channels, narrow, ch);
     int s[G];
-    group_offsets<G>(p.offsets, gr, e0, p.plane, p.channels, s);
+#pragma unroll
+    for (int k = 0; k < G; ++k) s[k] = p.offsets[ch[k]];
     const bool full = vec && n == G;
 
-    auto store = [&](float* dst, const float y[G]) {
+    auto store = [&](T* dst, const float y[G]) {
+      Elems<T, G> out;
+#pragma unroll
+      for (int k = 0; k < G; ++k) out.v[k] = codec::round_to<T>(y[k]);
       if (full) {
-        *reinterpret_cast<float4*>(dst + e0) = make_float4(y[0], y[1], y[2], y[3]);
+        *reinterpret_cast<Elems<T, G>*>(dst + e0) = out;
       } else {
 #pragma unroll
         for (int k = 0; k < G; ++k)
-          if (k < n) dst[e0 + k] = y[k];
+          if (k < n) dst[e0 + k] = out.v[k];
       }
     };
-    // Channel parameters are looked up per element only when a group straddles two planes.
-    auto channel_of = [&](int k) { return gr.one_channel ? gr.c0 : channel_at(e0 + k, p.plane, p.channels); };
 
-    if (p.x_hat) {
+    if (x_hat) {
       float y[G];
 #pragma unroll
-      for (int k = 0; k < G; ++k) y[k] = codec::decode(q[k], s[k], d) - p.b[channel_of(k)];
-      store(p.x_hat, y);
+      for (int k = 0; k < G; ++k) y[k] = codec::decode(q[k], s[k], d) - p.b[ch[k]];
+      store(x_hat, y);
     }
-    if (p.r) {
+    if (r) {
       float y[G];
 #pragma unroll
       for (int k = 0; k < G; ++k) {
-        const float t = __fmul_rn(p.gamma[channel_of(k)], codec::decode(q[k], s[k], d));
+        const float t = __fmul_rn(p.gamma[ch[k]], codec::decode(q[k], s[k], d));
         y[k] = t > 0.0f ? t : 0.0f;
       }
-      store(p.r, y);
+      store(r, y);
     }
     if (p.mask) {
 #pragma unroll
@@ -296,7 +353,7 @@ __global__ void unpack_kernel(UnpackParams p) {
 // that a few channels still fill the GPU (one block per channel, as LibTorch's NCHW
 // BatchNorm kernels do, leaves most SMs idle for the 16 to 64 channels of early layers).
 // When a plane is a multiple of 4 elements, a thread takes 4 at a time: one float4 of g_r
-// and 2 or 4 bytes of codes.
+// (8 bytes in bf16) and 2 or 4 bytes of codes.
 constexpr int kBnThreads = 256;
 
 struct ChannelWalk {
@@ -312,18 +369,21 @@ __device__ __forceinline__ int64_t walk_element(const ChannelWalk& w, uint32_t j
 }
 
 // Walks this block's share of channel c: four(e, q[4], g) per 4 elements (vector path) or
-// one(e, q, g) per element, with the codes q and the gradient g read at element e.
-template <int Bits, typename Four, typename One>
+// one(e, q, g) per element, with the codes q and the gradient g (widened to float) read at
+// element e.
+template <int Bits, typename T, typename Four, typename One>
 __device__ __forceinline__ void walk_channel(const BnBackwardParams& p, const ChannelWalk& w, int64_t c, Four four,
                                              One one) {
+  const T* grad = static_cast<const T*>(p.grad);
   for (uint32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < w.steps; j += gridDim.x * blockDim.x) {
     const int64_t e = walk_element(w, j, c, p.channels, p.plane);
     if (w.vec) {
       uint32_t q[4];
       read_codes4<Bits>(p.codes, e, q);
-      four(e, q, *reinterpret_cast<const float4*>(p.grad + e));
+      const Elems<T, 4> g = *reinterpret_cast<const Elems<T, 4>*>(grad + e);
+      four(e, q, make_float4(codec::widen(g.v[0]), codec::widen(g.v[1]), codec::widen(g.v[2]), codec::widen(g.v[3])));
     } else {
-      one(e, read_code<Bits>(p.codes, e), p.grad[e]);
+      one(e, read_code<Bits>(p.codes, e), codec::widen(grad[e]));
     }
   }
 }
@@ -351,7 +411,7 @@ __device__ __forceinline__ double* channel_partials(const BnBackwardParams& p, i
 // Per channel (blockIdx.y, striding by gridDim.y past 65535 channels): this block's sum g_a
 // and sum g_a x_hat', into its own slot of p.partials. A thread adds up to 4 terms in float,
 // then in double; every block writes its slots, also one that found no elements.
-template <int Bits>
+template <int Bits, typename T>
 __global__ void bn_reduce_kernel(BnBackwardParams p, ChannelWalk w) {
   __shared__ double part[2][kBnThreads / 32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -360,7 +420,7 @@ __global__ void bn_reduce_kernel(BnBackwardParams p, ChannelWalk w) {
     const int s = p.offsets[c];
     const float bc = p.b[c];
     double sum_a = 0.0, sum_ax = 0.0;
-    walk_channel<Bits>(
+    walk_channel<Bits, T>(
         p, w, c,
         [&](int64_t, const uint32_t q[4], float4 g) {
           const float2 t0 = bn_terms(q[0], g.x, s, bc, d), t1 = bn_terms(q[1], g.y, s, bc, d);
@@ -393,8 +453,9 @@ __global__ void bn_reduce_kernel(BnBackwardParams p, ChannelWalk w) {
 
 // Every block of channel c adds the channel's gridDim.x partial sums the same way (warp 0,
 // lane l taking slots l, l + 32, ..., then the shuffle tree), so all agree, and so do runs.
-template <int Bits>
+template <int Bits, typename T>
 __global__ void bn_apply_kernel(BnBackwardParams p, ChannelWalk w) {
+  T* grad_in = static_cast<T*>(p.grad_in);
   __shared__ double total[2];
   const double m = static_cast<double>(w.steps) * (w.vec ? 4 : 1);  // elements in a channel
   const float d = codec::bin_width(p.window, Bits);
@@ -423,13 +484,94 @@ __global__ void bn_apply_kernel(BnBackwardParams p, ChannelWalk w) {
       const float ga = codec::mask(q, s) ? grad : 0.0f;
       return scale * (ga - mean_a - (codec::decode(q, s, d) - bc) * mean_ax);
     };
-    walk_channel<Bits>(
+    walk_channel<Bits, T>(
         p, w, c,
         [&](int64_t e, const uint32_t q[4], float4 g) {
-          *reinterpret_cast<float4*>(p.grad_in + e) =
-              make_float4(g_x(q[0], g.x), g_x(q[1], g.y), g_x(q[2], g.z), g_x(q[3], g.w));
+          Elems<T, 4> out;
+          out.v[0] = codec::round_to<T>(g_x(q[0], g.x)), out.v[1] = codec::round_to<T>(g_x(q[1], g.y));
+          out.v[2] = codec::round_to<T>(g_x(q[2], g.z)), out.v[3] = codec::round_to<T>(g_x(q[3], g.w));
+          *reinterpret_cast<Elems<T, 4>*>(grad_in + e) = out;
         },
-        [&](int64_t e, uint32_t q, float g) { p.grad_in[e] = g_x(q, g); });
+        [&](int64_t e, uint32_t q, float g) { grad_in[e] = codec::round_to<T>(g_x(q, g)); });
+  }
+}
+
+// The BatchNorm-and-ReLU backward of channels-last tensors: the batch * plane rows of
+// `channels` elements. A block is kNhwcC channels (threadIdx.x, so that a warp reads
+// consecutive elements) by kNhwcR rows (threadIdx.y); blockIdx.x tiles the channels and
+// blockIdx.y strides over the rows. Each thread adds its elements' terms in double; the block's
+// kNhwcR threads of a channel are added in threadIdx.y order into the block's slot of
+// p.partials ([2][gridDim.y][channels]); bn_nhwc_total_kernel adds a channel's slots in
+// blockIdx.y order (one thread per channel) into the totals after them ([2][channels]), and
+// bn_nhwc_apply_kernel writes g_x from the totals.
+constexpr int kNhwcC = 32, kNhwcR = 8;
+
+struct NhwcWalk {
+  int64_t rows;  // batch * plane
+};
+
+template <int Bits, typename T>
+__global__ void bn_nhwc_reduce_kernel(BnBackwardParams p, NhwcWalk w) {
+  __shared__ double part[2][kNhwcR][kNhwcC];
+  const T* grad = static_cast<const T*>(p.grad);
+  const int64_t c = int64_t{blockIdx.x} * kNhwcC + threadIdx.x;
+  const float d = codec::bin_width(p.window, Bits);
+  double sum_a = 0.0, sum_ax = 0.0;
+  if (c < p.channels) {
+    const int s = p.offsets[c];
+    const float bc = p.b[c];
+    for (int64_t r = int64_t{blockIdx.y} * kNhwcR + threadIdx.y; r < w.rows; r += int64_t{gridDim.y} * kNhwcR) {
+      const int64_t e = r * p.channels + c;
+      const float2 t = bn_terms(read_code<Bits>(p.codes, e), codec::widen(grad[e]), s, bc, d);
+      sum_a += t.x;
+      sum_ax += t.y;
+    }
+  }
+  part[0][threadIdx.y][threadIdx.x] = sum_a;
+  part[1][threadIdx.y][threadIdx.x] = sum_ax;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < p.channels) {
+    double a = 0.0, ax = 0.0;
+#pragma unroll
+    for (int k = 0; k < kNhwcR; ++k) a += part[0][k][threadIdx.x], ax += part[1][k][threadIdx.x];
+    p.partials[int64_t{blockIdx.y} * p.channels + c] = a;
+    p.partials[(int64_t{gridDim.y} + blockIdx.y) * p.channels + c] = ax;
+  }
+}
+
+// One thread per channel: its `slots` block sums, in order, into the totals; g_beta and g_g.
+__global__ void bn_nhwc_total_kernel(BnBackwardParams p, int64_t slots) {
+  for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < p.channels;
+       c += int64_t{gridDim.x} * blockDim.x) {
+    double a = 0.0, ax = 0.0;
+    for (int64_t k = 0; k < slots; ++k) a += p.partials[k * p.channels + c], ax += p.partials[(slots + k) * p.channels + c];
+    double* totals = p.partials + 2 * slots * p.channels;
+    totals[c] = a;
+    totals[p.channels + c] = ax;
+    p.g_beta[c] = static_cast<float>(a);
+    // The clamp's gradient, as threshold_backward (see bn_apply_kernel).
+    p.g_g[c] = p.mask_g_g && p.g[c] <= p.gamma_min ? 0.0f : static_cast<float>(ax);
+  }
+}
+
+template <int Bits, typename T>
+__global__ void bn_nhwc_apply_kernel(BnBackwardParams p, NhwcWalk w) {
+  const int64_t c = int64_t{blockIdx.x} * kNhwcC + threadIdx.x;
+  if (c >= p.channels) return;
+  const T* grad = static_cast<const T*>(p.grad);
+  T* grad_in = static_cast<T*>(p.grad_in);
+  const double* totals = p.partials + 2 * int64_t{gridDim.y} * p.channels;
+  const double m = static_cast<double>(w.rows);
+  const float mean_a = static_cast<float>(totals[c] / m), mean_ax = static_cast<float>(totals[p.channels + c] / m);
+  const float scale = __fmul_rn(p.g[c], p.invstd[c]);
+  const int s = p.offsets[c];
+  const float bc = p.b[c];
+  const float d = codec::bin_width(p.window, Bits);
+  for (int64_t r = int64_t{blockIdx.y} * kNhwcR + threadIdx.y; r < w.rows; r += int64_t{gridDim.y} * kNhwcR) {
+    const int64_t e = r * p.channels + c;
+    const uint32_t q = read_code<Bits>(p.codes, e);
+    const float ga = codec::mask(q, s) ? codec::widen(grad[e]) : 0.0f;
+    grad_in[e] = codec::round_to<T>(scale * (ga - mean_a - (codec::decode(q, s, d) - bc) * mean_ax));
   }
 }
 
@@ -442,6 +584,21 @@ void with_bits(int bits, F&& f) {
     case 2: return f(std::integral_constant<int, 2>{});
   }
   TORCH_CHECK(false, "blpa: codes of ", bits, " bits have no kernel (8, 4 or 2)");
+}
+
+// The one dispatch of the kernels on the codes' bit width, the element type and the layout:
+// calls f(std::integral_constant<int, K>{}, T{}, std::bool_constant<NHWC>{}), T float or
+// c10::BFloat16 (as the CPU path's dispatch in lib/codec.cpp).
+template <typename F>
+void dispatch(int bits, bool bf16, bool nhwc, F&& f) {
+  with_bits(bits, [&](auto k) {
+    auto by_layout = [&](auto t) {
+      if (nhwc) return f(k, t, std::true_type{});
+      return f(k, t, std::false_type{});
+    };
+    if (bf16) return by_layout(c10::BFloat16{});
+    return by_layout(float{});
+  });
 }
 
 }  // namespace
@@ -466,7 +623,9 @@ void pack(const PackParams& p) {
   if (p.numel == 0) return;
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));  // <<<>>> launches on the current device
   const Launch l = launch_config((p.numel + kGroup - 1) / kGroup, p.device);
-  with_bits(p.bits, [&](auto k) { pack_kernel<decltype(k)::value><<<l.blocks, kThreads, 0, l.stream>>>(p); });
+  dispatch(p.bits, p.bf16, p.nhwc, [&](auto k, auto t, auto layout) {
+    pack_kernel<decltype(k)::value, decltype(t), decltype(layout)::value><<<l.blocks, kThreads, 0, l.stream>>>(p);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -474,7 +633,9 @@ void unpack(const UnpackParams& p) {
   if (p.numel == 0) return;
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));  // <<<>>> launches on the current device
   const Launch l = launch_config((p.numel + kUnpackGroup - 1) / kUnpackGroup, p.device);
-  with_bits(p.bits, [&](auto k) { unpack_kernel<decltype(k)::value><<<l.blocks, kThreads, 0, l.stream>>>(p); });
+  dispatch(p.bits, p.bf16, p.nhwc, [&](auto k, auto t, auto layout) {
+    unpack_kernel<decltype(k)::value, decltype(t), decltype(layout)::value><<<l.blocks, kThreads, 0, l.stream>>>(p);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -490,8 +651,10 @@ BnGrid bn_grid(const BnBackwardParams& p) {
   TORCH_CHECK(per_channel < (int64_t{1} << 31), "blpa: BatchNorm backward supports up to 2^31 elements per channel, got ",
               per_channel);
   ChannelWalk w;
-  // The vector path reads 4 codes as one 32-bit (8-bit codes), 16-bit (4-bit) or 8-bit word.
-  w.vec = p.plane % 4 == 0 && aligned(p.grad, 16) && aligned(p.grad_in, 16) &&
+  // The vector path reads 4 codes as one 32-bit (8-bit codes), 16-bit (4-bit) or 8-bit word,
+  // and 4 elements of g_r as 16 (float) or 8 (bf16) bytes.
+  const uintptr_t elems4 = p.bf16 ? 8 : 16;
+  w.vec = p.plane % 4 == 0 && aligned(p.grad, elems4) && aligned(p.grad_in, elems4) &&
           aligned(p.codes, code_word_bytes(p.bits));
   w.per_plane = static_cast<uint32_t>(w.vec ? p.plane / 4 : p.plane);
   w.steps = static_cast<uint32_t>(w.per_plane * p.batch);
@@ -502,10 +665,21 @@ BnGrid bn_grid(const BnBackwardParams& p) {
   return {w, dim3(static_cast<unsigned>(per_channel_blocks), static_cast<unsigned>(std::min<int64_t>(p.channels, 65535)))};
 }
 
+// NHWC: the channel tiles by the row blocks, as many as the capped grid holds.
+dim3 bn_nhwc_grid(const BnBackwardParams& p) {
+  const int64_t tiles = (p.channels + kNhwcC - 1) / kNhwcC, rows = p.batch * p.plane;
+  TORCH_CHECK(tiles < (int64_t{1} << 31), "blpa: BatchNorm backward supports up to 2^36 channels");
+  const int64_t row_blocks =
+      std::clamp<int64_t>(grid_cap(p.device) / tiles, 1, std::min<int64_t>((rows + kNhwcR - 1) / kNhwcR, 65535));
+  return dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(row_blocks));
+}
+
 }  // namespace
 
 int64_t bn_workspace(const BnBackwardParams& p) {
   if (p.channels == 0) return 0;
+  // NHWC: each row block's two sums per channel, then the two totals.
+  if (p.nhwc) return 2 * (int64_t{bn_nhwc_grid(p).y} + 1) * p.channels;
   // The grid depends on the pointers' alignment (the vector path takes 4 elements a step):
   // size the workspace with the p that bn_relu_backward will get.
   return 2 * int64_t{bn_grid(p).grid.x} * p.channels;
@@ -515,11 +689,25 @@ void bn_relu_backward(const BnBackwardParams& p) {
   if (p.channels == 0) return;
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));  // <<<>>> launches on the current device
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(p.device).stream();
-  const auto [w, grid] = bn_grid(p);
-  with_bits(p.bits, [&, w = w, grid = grid](auto k) {
-    bn_reduce_kernel<decltype(k)::value><<<grid, kBnThreads, 0, stream>>>(p, w);
+  if (p.nhwc) {
+    const dim3 grid = bn_nhwc_grid(p), block(kNhwcC, kNhwcR);
+    const NhwcWalk w{p.batch * p.plane};
+    dispatch(p.bits, p.bf16, true, [&](auto k, auto t, auto) {
+      bn_nhwc_reduce_kernel<decltype(k)::value, decltype(t)><<<grid, block, 0, stream>>>(p, w);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const Launch l = launch_config(p.channels, p.device);
+      bn_nhwc_total_kernel<<<l.blocks, kThreads, 0, stream>>>(p, grid.y);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      bn_nhwc_apply_kernel<decltype(k)::value, decltype(t)><<<grid, block, 0, stream>>>(p, w);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bn_apply_kernel<decltype(k)::value><<<grid, kBnThreads, 0, stream>>>(p, w);
+    return;
+  }
+  const auto [w, grid] = bn_grid(p);
+  dispatch(p.bits, p.bf16, false, [&, w = w, grid = grid](auto k, auto t, auto) {
+    bn_reduce_kernel<decltype(k)::value, decltype(t)><<<grid, kBnThreads, 0, stream>>>(p, w);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    bn_apply_kernel<decltype(k)::value, decltype(t)><<<grid, kBnThreads, 0, stream>>>(p, w);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -3,6 +3,12 @@
 // Every launcher makes `device` current while it launches (a rank on cuda:1 need not have
 // made it current), runs on LibTorch's current stream of that device, never synchronises
 // and allocates nothing.
+//
+// Activations, gradients and unpack's outputs are float32, or bfloat16 when `bf16` is set
+// (widened to float exactly on load, rounded once to nearest-even on store: codec_math.h).
+// Their memory is NCHW (channel of element i: (i / plane) % channels) or, when `nhwc` is set,
+// channels-last (channel i % channels; plane is H * W either way). The codes follow the
+// memory order.
 #pragma once
 
 #include <cstdint>
@@ -10,7 +16,7 @@
 namespace blpa::cuda {
 
 struct PackParams {
-  const float* v = nullptr;        // numel elements, contiguous, channel = (i / plane) % channels
+  const void* v = nullptr;         // numel elements (float or bf16), in the layout below
   const float* divisor = nullptr;  // [channels] or null: codes of v / divisor_c
   const uint8_t* offsets = nullptr;  // [channels] per-channel s_c
   uint8_t* codes = nullptr;        // ceil(numel * bits / 8) bytes
@@ -20,7 +26,9 @@ struct PackParams {
   int bits = 8;                    // 8, 4 or 2
   float window = 6.0f;             // bins of window / 2^bits
   int device = 0;
-  float* relu = nullptr;  // if set, receives max(v, 0) (NaN kept); may be v itself
+  void* relu = nullptr;  // if set, receives max(v, 0) (NaN kept) in v's type; may be v itself
+  bool bf16 = false;
+  bool nhwc = false;
 };
 
 struct OffsetParams {
@@ -55,8 +63,8 @@ struct UnpackParams {
   const uint8_t* offsets = nullptr;
   const float* b = nullptr;      // [channels], needed for x_hat
   const float* gamma = nullptr;  // [channels], needed for r
-  float* x_hat = nullptr;        // v' - b
-  float* r = nullptr;            // max(gamma * v', 0)
+  void* x_hat = nullptr;         // v' - b (float or bf16)
+  void* r = nullptr;             // max(gamma * v', 0) (float or bf16)
   bool* mask = nullptr;          // code >= s
   int64_t numel = 0;
   int64_t plane = 1;
@@ -64,18 +72,21 @@ struct UnpackParams {
   int bits = 8;
   float window = 6.0f;
   int device = 0;
+  bool bf16 = false;
+  bool nhwc = false;
 };
 
 // The unit's BatchNorm-and-ReLU backward from the codes (blpa/codec.h, bn_relu_backward).
-// Channel c's elements are the planes n * channels + c, n < batch.
+// NCHW: channel c's elements are the planes n * channels + c, n < batch. NHWC: element c of
+// each of the batch * plane rows of `channels` elements.
 struct BnBackwardParams {
   const uint8_t* codes = nullptr;
   const uint8_t* offsets = nullptr;
   const float* b = nullptr;       // [channels]: x_hat' = v' - b
   const float* g = nullptr;       // [channels]: the clamped gamma
   const float* invstd = nullptr;  // [channels]
-  const float* grad = nullptr;    // g_r, numel
-  float* grad_in = nullptr;       // g_x, numel; may be grad itself
+  const void* grad = nullptr;     // g_r, numel (float or bf16)
+  void* grad_in = nullptr;        // g_x, numel, grad's type; may be grad itself
   double* partials = nullptr;     // bn_workspace(p) doubles: each block's two sums
   float* g_g = nullptr;           // [channels]
   float* g_beta = nullptr;        // [channels]
@@ -87,6 +98,8 @@ struct BnBackwardParams {
   int bits = 8;
   float window = 6.0f;
   int device = 0;
+  bool bf16 = false;
+  bool nhwc = false;
 };
 
 void compute_offsets(const OffsetParams& p);
@@ -97,7 +110,10 @@ void unpack(const UnpackParams& p);
 // on the pointers' alignment too: call it with the p that bn_relu_backward gets.
 int64_t bn_workspace(const BnBackwardParams& p);
 // Sums per block into p.partials, then writes g_x, g_g and g_beta, each block adding the
-// partial sums of its channel in a fixed order: two launches, reproducible to the bit.
+// partial sums of its channel in a fixed order: two launches (NHWC: three, the partials of a
+// channel added once by one thread), reproducible to the bit. NHWC adds in another order
+// than NCHW: the two agree to the sums' rounding, not to the bit (on the CPU they agree to
+// the bit).
 void bn_relu_backward(const BnBackwardParams& p);
 
 }  // namespace blpa::cuda

@@ -6,6 +6,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -20,26 +23,99 @@ namespace {
 using codec::decode;
 using codec::encode;
 
+// The per-thread loops below are plain C++ that GCC vectorises. Each is compiled three times,
+// for baseline x86-64 (SSE2), AVX2 and AVX-512, and the widest the CPU has is chosen at run
+// time (as LibTorch's DispatchStub does; BLPA_CODEC_ISA=base|avx2 lowers the choice, for tests
+// and measurements). The bits do not depend on the choice: the loops use
+// IEEE-exact operations only, no contraction into FMA (-ffp-contract=off), and sums whose
+// order is written out (their lanes), which GCC may not reorder. BLPA_INLINE puts a loop's
+// helpers and lambdas into the ISA's copy of it.
+#define BLPA_INLINE __attribute__((always_inline))
+
+enum class Isa { base, avx2, avx512 };
+
+Isa detect_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const bool avx2 = __builtin_cpu_supports("avx2");
+  Isa best = avx512 ? Isa::avx512 : avx2 ? Isa::avx2 : Isa::base;
+  if (const char* cap = std::getenv("BLPA_CODEC_ISA")) {  // may lower the choice, never raise it
+    const std::string want = cap;
+    if (want == "base") best = Isa::base;
+    if (want == "avx2" && best == Isa::avx512) best = Isa::avx2;
+  }
+  return best;
+#else
+  return Isa::base;
+#endif
+}
+
+Isa cpu_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename F>
+__attribute__((target("avx2"))) void run_avx2(const F& f) {
+  f();
+}
+template <typename F>
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"))) void run_avx512(const F& f) {
+  f();
+}
+#endif
+
+// Runs f (a lambda marked BLPA_INLINE) in the copy for the CPU's ISA.
+template <typename F>
+void with_isa(const F& f) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  switch (cpu_isa()) {
+    case Isa::avx512: return run_avx512(f);
+    case Isa::avx2: return run_avx2(f);
+    case Isa::base: break;
+  }
+#endif
+  f();
+}
+
 // Work is split into element ranges that start on a byte boundary of the packed codes, so
 // no two threads ever write the same byte (two 4-bit or four 2-bit codes share one).
 constexpr int64_t kGrain = 1 << 15;
+// Elements per block of the per-thread loops: small stack buffers that stay in L1.
+constexpr int kBlock = 256;
 
+// Where element i of the tensor's memory lies. NCHW: channel (i / plane) % channels, so a
+// channel's elements come in runs of `plane`. NHWC (channels_last): channel i % channels.
 struct Layout {
   int64_t numel, plane, channels;
+  bool nhwc;
 };
 
-Layout layout_of(at::IntArrayRef sizes) {
+Layout layout_of(at::IntArrayRef sizes, bool nhwc) {
   TORCH_CHECK(sizes.size() >= 2, "blpa codec: expected a tensor with at least 2 dims (N x C x ...), got ",
               sizes.size(), " dims");
   int64_t plane = 1;
   for (size_t d = 2; d < sizes.size(); ++d) plane *= sizes[d];
   int64_t numel = sizes[0] * sizes[1] * plane;
-  return {numel, plane, sizes[1]};
+  return {numel, plane, sizes[1], nhwc};
 }
 
-// Calls f(begin, end, c) for each run of elements in [e0, e1) that share one channel.
+// Whether t is stored channels-last: false for a contiguous (NCHW) tensor, also one that is
+// both (C == 1 or H * W == 1: the same memory order), true for a 4-D channels-last one.
+bool stored_nhwc(const at::Tensor& t, const char* what) {
+  if (t.is_contiguous()) return false;
+  if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) return true;
+  TORCH_CHECK(false, "blpa codec: ", what, " must be contiguous (NCHW) or, if 4-D, channels-last contiguous ",
+              "(NHWC); got sizes ", t.sizes(), " and strides ", t.strides(), " (call .contiguous() or "
+              ".contiguous(at::MemoryFormat::ChannelsLast))");
+}
+
+// Calls f(begin, end, c) for each run of elements in [e0, e1) that share channel c (NCHW).
 template <typename F>
-void for_each_channel_run(const Layout& l, int64_t e0, int64_t e1, F&& f) {
+BLPA_INLINE inline void for_each_channel_run(const Layout& l, int64_t e0, int64_t e1, F&& f) {
   while (e0 < e1) {
     const int64_t p = l.plane > 0 ? e0 / l.plane : 0;
     const int64_t end = std::min(e1, (p + 1) * l.plane);
@@ -48,57 +124,65 @@ void for_each_channel_run(const Layout& l, int64_t e0, int64_t e1, F&& f) {
   }
 }
 
+// Per-channel values laid out for NHWC blocks: entry j is channel j % C's, for j < C + kBlock,
+// so that the values of elements [i, i + kBlock) are the contiguous entries from i % C on.
+template <typename V, typename Src>
+std::vector<V> repeat_channels(int64_t channels, Src&& src) {
+  std::vector<V> out(channels + kBlock);
+  for (int64_t j = 0; j < channels + kBlock; ++j) out[j] = src(j % channels);
+  return out;
+}
+
+// Calls f(i, n, at) for the blocks of at most kBlock elements of [e0, e1), each in one
+// channel run (NCHW) or anywhere (NHWC); at is the first index into a per-channel array:
+// the channel itself (NCHW: one value for the block) or its index in repeat_channels (NHWC:
+// one value per element).
+template <typename F>
+BLPA_INLINE inline void for_each_block(const Layout& l, int64_t e0, int64_t e1, F&& f) {
+  if (l.nhwc) {
+    for (int64_t i = e0; i < e1; i += kBlock) f(i, static_cast<int>(std::min<int64_t>(kBlock, e1 - i)), i % l.channels);
+    return;
+  }
+  for_each_channel_run(l, e0, e1, [&](int64_t b, int64_t e, int64_t c) BLPA_INLINE {
+    for (int64_t i = b; i < e; i += kBlock) f(i, static_cast<int>(std::min<int64_t>(kBlock, e - i)), c);
+  });
+}
+
 // Codes per byte: 1, 2 or 4. Element j of a byte sits at bits [j*Bits, (j+1)*Bits).
 template <int Bits>
 constexpr int kPerByte = 8 / Bits;
 
-// div: the per-channel divisor (all ones when the caller gave none; x / 1 is exact).
-// relu: if set, receives max(v, 0) after each run is encoded (it may be v itself).
+// Writes the n codes q of elements [i, i + n) into the packed data. A byte is begun
+// (assigned, its unused high bits 0) at its first element and finished (or'ed into) by the
+// elements that follow, which the same thread writes next.
 template <int Bits>
-void pack_cpu(const float* v, const float* div, const uint8_t* offsets, uint8_t* out, float* relu, float d,
-              const Layout& l) {
-  constexpr int per = kPerByte<Bits>;
-  at::parallel_for(0, (l.numel + per - 1) / per, kGrain, [&](int64_t pb, int64_t pe) {
-    for_each_channel_run(l, pb * per, std::min(pe * per, l.numel), [&](int64_t b, int64_t e, int64_t c) {
-      const int s = offsets[c];
-      const float dc = div[c];
-      auto code = [&](int64_t i) { return static_cast<uint8_t>(encode(v[i] / dc, s, Bits, d)); };
-      if constexpr (Bits == 8) {
-        for (int64_t i = b; i < e; ++i) out[i] = code(i);
-      } else {
-        // A byte is begun at its first element (by a block or the tail below, which assign it)
-        // and finished by the runs that follow in this thread (the head, which adds to it).
-        int64_t i = b;
-        for (; i < e && i % per; ++i) out[i / per] = static_cast<uint8_t>(out[i / per] | code(i) << (i % per * Bits));
-        // Encode blocks into a small stack buffer (vectorises), then pack whole bytes.
-        constexpr int kBlock = 256;
-        uint8_t buf[kBlock];
-        while (e - i >= per) {
-          const int n = static_cast<int>(std::min<int64_t>(kBlock, (e - i) / per * per));
-          for (int k = 0; k < n; ++k) buf[k] = code(i + k);
-          uint8_t* o = out + i / per;
-          for (int k = 0; k < n / per; ++k) {
-            uint8_t byte = 0;
-            for (int j = 0; j < per; ++j) byte = static_cast<uint8_t>(byte | buf[per * k + j] << (j * Bits));
-            o[k] = byte;
-          }
-          i += n;
-        }
-        if (i < e) {  // the first elements of a byte: the next run or the zero padding ends it
-          uint8_t byte = 0;
-          for (int j = 0; i + j < e; ++j) byte = static_cast<uint8_t>(byte | code(i + j) << (j * Bits));
-          out[i / per] = byte;
-        }
-      }
-      if (relu)  // after the run is encoded: relu may be v itself
-        for (int64_t i = b; i < e; ++i) relu[i] = v[i] < 0.0f ? 0.0f : v[i];
-    });
-  });
+BLPA_INLINE inline void store_codes(uint8_t* out, int64_t i, int n, const uint8_t* q) {
+  if constexpr (Bits == 8) {
+    std::copy(q, q + n, out + i);
+  } else {
+    constexpr int per = kPerByte<Bits>;
+    int k = 0;
+    for (; k < n && (i + k) % per; ++k)
+      out[(i + k) / per] = static_cast<uint8_t>(out[(i + k) / per] | q[k] << ((i + k) % per * Bits));
+    uint8_t* o = out + (i + k) / per;
+    const int bytes = (n - k) / per;
+    for (int j = 0; j < bytes; ++j) {
+      uint8_t byte = 0;
+      for (int t = 0; t < per; ++t) byte = static_cast<uint8_t>(byte | q[k + per * j + t] << (t * Bits));
+      o[j] = byte;
+    }
+    k += per * bytes;
+    if (k < n) {  // the first elements of a byte: the next block or the zero padding ends it
+      uint8_t byte = 0;
+      for (int t = 0; k + t < n; ++t) byte = static_cast<uint8_t>(byte | q[k + t] << (t * Bits));
+      o[bytes] = byte;
+    }
+  }
 }
 
 // Reads the n codes of elements [i, i + n) into q, one per byte.
 template <int Bits>
-void read_codes(const uint8_t* data, int64_t i, int n, uint8_t* q) {
+BLPA_INLINE inline void read_codes(const uint8_t* data, int64_t i, int n, uint8_t* q) {
   if constexpr (Bits == 8) {
     std::copy(data + i, data + i + n, q);
   } else {
@@ -115,92 +199,288 @@ void read_codes(const uint8_t* data, int64_t i, int n, uint8_t* q) {
   }
 }
 
-template <int Bits>
-void unpack_cpu(const uint8_t* data, const uint8_t* offsets, const float* b, const float* gamma, float* x_hat,
-                float* r, bool* mask, float d, const Layout& l) {
-  at::parallel_for(0, l.numel, kGrain, [&](int64_t e0, int64_t e1) {
-    for_each_channel_run(l, e0, e1, [&](int64_t lo, int64_t hi, int64_t c) {
-      const int s = offsets[c];
-      const float bc = b ? b[c] : 0.0f, g = gamma ? gamma[c] : 0.0f;
-      constexpr int kBlock = 256;
-      uint8_t q[kBlock];
-      for (int64_t i = lo; i < hi; i += kBlock) {
-        const int n = static_cast<int>(std::min<int64_t>(kBlock, hi - i));
-        read_codes<Bits>(data, i, n, q);
-        if (x_hat)
-          for (int k = 0; k < n; ++k) x_hat[i + k] = decode(q[k], s, d) - bc;
-        if (r)
-          for (int k = 0; k < n; ++k) {
-            const float t = g * decode(q[k], s, d);
-            r[i + k] = t > 0.0f ? t : 0.0f;
-          }
-        if (mask)
-          for (int k = 0; k < n; ++k) mask[i + k] = codec::mask(q[k], s);
-      }
-    });
+// A per-channel value of element k of a block: one value for the block (NCHW, hoisted by the
+// caller into a local) or one per element (NHWC, from repeat_channels).
+template <bool NHWC, typename V>
+BLPA_INLINE inline V at_k(const V* p, int k) {
+  return p[NHWC ? k : 0];
+}
+
+struct PackArgs {
+  const void* v;
+  const float* div;       // NCHW: [C]; NHWC: repeat_channels
+  const int32_t* s;       // the offsets, as div
+  uint8_t* out;
+  void* relu;             // null, or v itself: receives max(v, 0) in v's type
+  float d;
+};
+
+// div: the per-channel divisor (all ones when the caller gave none; x / 1 is exact).
+template <int Bits, typename T, bool NHWC>
+BLPA_INLINE inline void pack_range(const PackArgs& a, const Layout& l, int64_t e0, int64_t e1) {
+  const T* v = static_cast<const T*>(a.v);
+  T* relu = static_cast<T*>(a.relu);
+  uint8_t q[kBlock];
+  for_each_block(l, e0, e1, [&](int64_t i, int n, int64_t at) BLPA_INLINE {
+    const T* __restrict x = v + i;
+    if constexpr (NHWC) {
+      const int32_t* __restrict s = a.s + at;
+      const float* __restrict dc = a.div + at;
+      for (int k = 0; k < n; ++k)
+        q[k] = static_cast<uint8_t>(codec::encode(codec::widen(x[k]) / dc[k], s[k], Bits, a.d));
+    } else {
+      const int32_t s = a.s[at];
+      const float dc = a.div[at];
+      for (int k = 0; k < n; ++k) q[k] = static_cast<uint8_t>(codec::encode(codec::widen(x[k]) / dc, s, Bits, a.d));
+    }
+    store_codes<Bits>(a.out, i, n, q);
+    if (relu) {  // v itself, once the block is encoded
+      T* y = relu + i;
+      for (int k = 0; k < n; ++k) y[k] = codec::widen(y[k]) < 0.0f ? codec::round_to<T>(0.0f) : y[k];
+    }
   });
 }
 
-// The BatchNorm-and-ReLU backward from the codes, one channel at a time: its planes are
-// read twice (the sums, then g_x) while they are still in cache. The sums are taken in
-// eight float lanes per block of 256 elements (so that they vectorise) and carried in double.
-template <int Bits>
-void bn_relu_backward_cpu(const uint8_t* data, const uint8_t* offsets, const float* b, const float* g,
-                          const float* invstd, const float* grad, float* g_x, float* g_g, float* g_beta,
-                          int64_t batch, float d, const Layout& l) {
-  const double m = static_cast<double>(batch * l.plane);
-  at::parallel_for(0, l.channels, 1, [&](int64_t c0, int64_t c1) {
-    constexpr int kBlock = 256, kLanes = 8;
-    uint8_t q[kBlock];
-    alignas(32) float ga[kBlock], xh[kBlock];
-    for (int64_t c = c0; c < c1; ++c) {
-      const int s = offsets[c];
-      const float bc = b[c];
-      // g_a and x_hat' of elements [i, i + n) of plane `base` into ga and xh, zero-padded to a
-      // multiple of kLanes.
-      auto decode_block = [&](int64_t base, int64_t i, int n) {
-        read_codes<Bits>(data, base + i, n, q);
-        const float* __restrict gr = grad + base + i;
-        float* __restrict a = ga;
-        float* __restrict x = xh;
-        for (int k = 0; k < n; ++k) {
-          const float gv = gr[k];  // read unconditionally, so that the select vectorises
-          a[k] = codec::mask(q[k], s) ? gv : 0.0f;  // a select: a masked NaN gradient is 0
-          x[k] = decode(q[k], s, d) - bc;
-        }
-        for (int k = n; k % kLanes; ++k) a[k] = x[k] = 0.0f;
-      };
-      // Calls f(first element, length) for each block of the channel, decoded into ga and xh.
-      auto for_each_block = [&](auto&& f) {
-        for (int64_t n = 0; n < batch; ++n) {
-          const int64_t base = (n * l.channels + c) * l.plane;
-          for (int64_t i = 0; i < l.plane; i += kBlock) {
-            const int len = static_cast<int>(std::min<int64_t>(kBlock, l.plane - i));
-            decode_block(base, i, len);
-            f(base + i, len);
-          }
-        }
-      };
-      double sum_a = 0.0, sum_ax = 0.0;
-      for_each_block([&](int64_t, int len) {
-        float la[kLanes] = {}, lax[kLanes] = {};
-        for (int k = 0; k < len; k += kLanes)
-          for (int t = 0; t < kLanes; ++t) {
-            la[t] += ga[k + t];
-            lax[t] += ga[k + t] * xh[k + t];
-          }
-        for (int t = 0; t < kLanes; ++t) sum_a += la[t], sum_ax += lax[t];
-      });
-      g_beta[c] = static_cast<float>(sum_a);
-      g_g[c] = static_cast<float>(sum_ax);
-      const float mean_a = static_cast<float>(sum_a / m), mean_ax = static_cast<float>(sum_ax / m);
-      const float scale = g[c] * invstd[c];
-      for_each_block([&](int64_t first, int len) {
-        float* out = g_x + first;
-        for (int k = 0; k < len; ++k) out[k] = scale * (ga[k] - mean_a - xh[k] * mean_ax);
-      });
+template <int Bits, typename T, bool NHWC>
+void pack_cpu(const PackArgs& a, const Layout& l) {
+  constexpr int per = kPerByte<Bits>;
+  at::parallel_for(0, (l.numel + per - 1) / per, kGrain, [&](int64_t pb, int64_t pe) {
+    with_isa([&]() BLPA_INLINE { pack_range<Bits, T, NHWC>(a, l, pb * per, std::min(pe * per, l.numel)); });
+  });
+}
+
+struct UnpackArgs {
+  const uint8_t* data;
+  const int32_t* s;      // NCHW: [C]; NHWC: repeat_channels
+  const float* b;        // as s; null unless x_hat
+  const float* gamma;    // as s; null unless r
+  void* x_hat;           // null or the output
+  void* r;
+  bool* mask;
+  float d;
+};
+
+template <int Bits, typename T, bool NHWC>
+BLPA_INLINE inline void unpack_range(const UnpackArgs& a, const Layout& l, int64_t e0, int64_t e1) {
+  T* x_hat = static_cast<T*>(a.x_hat);
+  T* r = static_cast<T*>(a.r);
+  uint8_t q[kBlock];
+  for_each_block(l, e0, e1, [&](int64_t i, int n, int64_t at) BLPA_INLINE {
+    read_codes<Bits>(a.data, i, n, q);
+    const int32_t* __restrict sp = a.s + at;
+    if (x_hat) {
+      const float* __restrict bp = a.b + at;
+      T* __restrict y = x_hat + i;
+      if constexpr (NHWC) {
+        for (int k = 0; k < n; ++k) y[k] = codec::round_to<T>(codec::decode(q[k], sp[k], a.d) - bp[k]);
+      } else {
+        const int32_t s = sp[0];
+        const float bc = bp[0];
+        for (int k = 0; k < n; ++k) y[k] = codec::round_to<T>(codec::decode(q[k], s, a.d) - bc);
+      }
+    }
+    if (r) {
+      const float* __restrict gp = a.gamma + at;
+      T* __restrict y = r + i;
+      auto relu = [](float t) { return t > 0.0f ? t : 0.0f; };
+      if constexpr (NHWC) {
+        for (int k = 0; k < n; ++k) y[k] = codec::round_to<T>(relu(gp[k] * codec::decode(q[k], sp[k], a.d)));
+      } else {
+        const int32_t s = sp[0];
+        const float g = gp[0];
+        for (int k = 0; k < n; ++k) y[k] = codec::round_to<T>(relu(g * codec::decode(q[k], s, a.d)));
+      }
+    }
+    if (a.mask) {
+      bool* __restrict m = a.mask + i;
+      for (int k = 0; k < n; ++k) m[k] = codec::mask(q[k], at_k<NHWC>(sp, k));
     }
   });
+}
+
+template <int Bits, typename T, bool NHWC>
+void unpack_cpu(const UnpackArgs& a, const Layout& l) {
+  at::parallel_for(0, l.numel, kGrain, [&](int64_t e0, int64_t e1) {
+    with_isa([&]() BLPA_INLINE { unpack_range<Bits, T, NHWC>(a, l, e0, e1); });
+  });
+}
+
+struct BnArgs {
+  const uint8_t* data;
+  const int32_t* s;  // [C] offsets
+  const float* b;    // [C]
+  const float* g;    // [C]
+  const float* invstd;
+  const void* grad;  // g_r
+  void* g_x;
+  float* g_g;        // [C]
+  float* g_beta;     // [C]
+  int64_t batch;
+  float d;
+};
+
+// The sums of a channel are taken in kLanes float lanes per block of kBlock elements of a
+// plane (element h of the plane, h = 0 .. H*W - 1, goes to lane h % kLanes of the block
+// h / kBlock), each block's lanes then added in lane order to double accumulators, blocks in
+// order of n and h. The order depends on neither the layout nor the thread count: NCHW and
+// NHWC give the same bits, and so do runs.
+constexpr int kLanes = 8;
+// kLanes floats added lane by lane: one AVX register, two SSE ones (GCC's vector extension,
+// so that the adds vectorise in every ISA's copy).
+using Lanes = float __attribute__((vector_size(kLanes * sizeof(float))));
+
+// g_a and x_hat' of one element.
+template <typename T>
+BLPA_INLINE inline void bn_terms(uint8_t q, T grad, int32_t s, float bc, float d, float& ga, float& xh) {
+  const float gv = codec::widen(grad);               // read unconditionally, so that the select vectorises
+  ga = codec::mask(q, s) ? gv : 0.0f;                 // a select: a masked NaN gradient is 0
+  xh = codec::decode(q, s, d) - bc;
+}
+
+// NCHW: one channel at a time; its planes are read twice (the sums, then g_x) while they are
+// still in cache.
+template <int Bits, typename T>
+BLPA_INLINE inline void bn_channels_nchw(const BnArgs& a, const Layout& l, int64_t c0, int64_t c1) {
+  const T* grad = static_cast<const T*>(a.grad);
+  T* g_x = static_cast<T*>(a.g_x);
+  const double m = static_cast<double>(a.batch * l.plane);
+  uint8_t q[kBlock];
+  alignas(32) float ga[kBlock], xh[kBlock];
+  for (int64_t c = c0; c < c1; ++c) {
+    const int32_t s = a.s[c];
+    const float bc = a.b[c];
+    // Calls f(first element, length) for each block of the channel, decoded into ga and xh
+    // (zero-padded to a multiple of kLanes).
+    auto blocks = [&](auto&& f) BLPA_INLINE {
+      for (int64_t n = 0; n < a.batch; ++n) {
+        const int64_t base = (n * l.channels + c) * l.plane;
+        for (int64_t i = 0; i < l.plane; i += kBlock) {
+          const int len = static_cast<int>(std::min<int64_t>(kBlock, l.plane - i));
+          read_codes<Bits>(a.data, base + i, len, q);
+          const T* __restrict gr = grad + base + i;
+          for (int k = 0; k < len; ++k) bn_terms(q[k], gr[k], s, bc, a.d, ga[k], xh[k]);
+          for (int k = len; k % kLanes; ++k) ga[k] = xh[k] = 0.0f;
+          f(base + i, len);
+        }
+      }
+    };
+    double sum_a = 0.0, sum_ax = 0.0;
+    blocks([&](int64_t, int len) BLPA_INLINE {
+      Lanes la = {}, lax = {};
+      for (int k = 0; k < len; k += kLanes) {
+        Lanes a, x;
+        std::memcpy(&a, ga + k, sizeof a);
+        std::memcpy(&x, xh + k, sizeof x);
+        la += a;
+        lax += a * x;
+      }
+      for (int t = 0; t < kLanes; ++t) sum_a += la[t], sum_ax += lax[t];
+    });
+    a.g_beta[c] = static_cast<float>(sum_a);
+    a.g_g[c] = static_cast<float>(sum_ax);
+    const float mean_a = static_cast<float>(sum_a / m), mean_ax = static_cast<float>(sum_ax / m);
+    const float scale = a.g[c] * a.invstd[c];
+    blocks([&](int64_t first, int len) BLPA_INLINE {
+      T* __restrict out = g_x + first;
+      for (int k = 0; k < len; ++k) out[k] = codec::round_to<T>(scale * (ga[k] - mean_a - xh[k] * mean_ax));
+    });
+  }
+}
+
+// NHWC, the sums: channels [c0, c1) of every row (pixel) in the order of the NCHW walk,
+// the lanes of all the chunk's channels side by side so that the adds vectorise over channels.
+template <int Bits, typename T>
+BLPA_INLINE inline void bn_sums_nhwc(const BnArgs& a, const Layout& l, int64_t c0, int64_t c1, double* out_a,
+                                     double* out_ax) {
+  const T* grad = static_cast<const T*>(a.grad);
+  const int w = static_cast<int>(c1 - c0);
+  std::vector<uint8_t> q(w);
+  std::vector<float> ga(w), xh(w), la(kLanes * static_cast<size_t>(w)), lax(la.size());
+  std::vector<double> sum_a(w), sum_ax(w);
+  const int32_t* __restrict s = a.s + c0;
+  const float* __restrict bc = a.b + c0;
+  for (int64_t n = 0; n < a.batch; ++n) {
+    for (int64_t h = 0; h < l.plane; ++h) {
+      const int64_t base = (n * l.plane + h) * l.channels + c0;
+      read_codes<Bits>(a.data, base, w, q.data());
+      const T* __restrict gr = grad + base;
+      for (int k = 0; k < w; ++k) bn_terms(q[k], gr[k], s[k], bc[k], a.d, ga[k], xh[k]);
+      float* __restrict lane_a = la.data() + (h % kLanes) * w;
+      float* __restrict lane_ax = lax.data() + (h % kLanes) * w;
+      for (int k = 0; k < w; ++k) {
+        lane_a[k] += ga[k];
+        lane_ax[k] += ga[k] * xh[k];
+      }
+      if (h % kBlock == kBlock - 1 || h == l.plane - 1) {  // the end of a block of the plane
+        for (int t = 0; t < kLanes; ++t)
+          for (int k = 0; k < w; ++k) sum_a[k] += la[t * w + k], sum_ax[k] += lax[t * w + k];
+        std::fill(la.begin(), la.end(), 0.0f);
+        std::fill(lax.begin(), lax.end(), 0.0f);
+      }
+    }
+  }
+  std::copy(sum_a.begin(), sum_a.end(), out_a + c0);
+  std::copy(sum_ax.begin(), sum_ax.end(), out_ax + c0);
+}
+
+// NHWC, g_x of elements [e0, e1) given the sums; per-channel values from repeat_channels.
+struct BnApplyNhwc {
+  const int32_t* s;
+  const float *b, *scale, *mean_a, *mean_ax;
+};
+
+template <int Bits, typename T>
+BLPA_INLINE inline void bn_apply_nhwc(const BnArgs& a, const BnApplyNhwc& p, const Layout& l, int64_t e0, int64_t e1) {
+  const T* grad = static_cast<const T*>(a.grad);
+  T* g_x = static_cast<T*>(a.g_x);
+  uint8_t q[kBlock];
+  for_each_block(l, e0, e1, [&](int64_t i, int n, int64_t at) BLPA_INLINE {
+    read_codes<Bits>(a.data, i, n, q);
+    const T* gr = grad + i;  // g_x may be g_r itself: no __restrict
+    T* out = g_x + i;
+    const int32_t* __restrict s = p.s + at;
+    const float* __restrict bc = p.b + at;
+    const float* __restrict scale = p.scale + at;
+    const float* __restrict mean_a = p.mean_a + at;
+    const float* __restrict mean_ax = p.mean_ax + at;
+    for (int k = 0; k < n; ++k) {
+      float ga, xh;
+      bn_terms(q[k], gr[k], s[k], bc[k], a.d, ga, xh);
+      out[k] = codec::round_to<T>(scale[k] * (ga - mean_a[k] - xh * mean_ax[k]));
+    }
+  });
+}
+
+template <int Bits, typename T, bool NHWC>
+void bn_relu_backward_cpu(const BnArgs& a, const Layout& l) {
+  if constexpr (!NHWC) {
+    at::parallel_for(0, l.channels, 1, [&](int64_t c0, int64_t c1) {
+      with_isa([&]() BLPA_INLINE { bn_channels_nchw<Bits, T>(a, l, c0, c1); });
+    });
+  } else {
+    std::vector<double> sum_a(l.channels), sum_ax(l.channels);
+    at::parallel_for(0, l.channels, 1, [&](int64_t c0, int64_t c1) {
+      with_isa([&]() BLPA_INLINE { bn_sums_nhwc<Bits, T>(a, l, c0, c1, sum_a.data(), sum_ax.data()); });
+    });
+    const double m = static_cast<double>(a.batch * l.plane);
+    std::vector<float> mean_a(l.channels), mean_ax(l.channels), scale(l.channels);
+    for (int64_t c = 0; c < l.channels; ++c) {  // as the NCHW path
+      a.g_beta[c] = static_cast<float>(sum_a[c]);
+      a.g_g[c] = static_cast<float>(sum_ax[c]);
+      mean_a[c] = static_cast<float>(sum_a[c] / m);
+      mean_ax[c] = static_cast<float>(sum_ax[c] / m);
+      scale[c] = a.g[c] * a.invstd[c];
+    }
+    auto s = repeat_channels<int32_t>(l.channels, [&](int64_t c) { return a.s[c]; });
+    auto b = repeat_channels<float>(l.channels, [&](int64_t c) { return a.b[c]; });
+    auto sc = repeat_channels<float>(l.channels, [&](int64_t c) { return scale[c]; });
+    auto ma = repeat_channels<float>(l.channels, [&](int64_t c) { return mean_a[c]; });
+    auto max = repeat_channels<float>(l.channels, [&](int64_t c) { return mean_ax[c]; });
+    const BnApplyNhwc p{s.data(), b.data(), sc.data(), ma.data(), max.data()};
+    at::parallel_for(0, l.numel, kGrain, [&](int64_t e0, int64_t e1) {
+      with_isa([&]() BLPA_INLINE { bn_apply_nhwc<Bits, T>(a, p, l, e0, e1); });
+    });
+  }
 }
 
 // Calls f(std::integral_constant<int, K>{}) for the codes' bit width: one instantiation per K.
@@ -212,6 +492,30 @@ void with_bits(int bits, F&& f) {
     case 2: return f(std::integral_constant<int, 2>{});
   }
   TORCH_CHECK(false, "blpa codec: bits must be 8, 4 or 2, got ", bits);
+}
+
+// The one dispatch of the CPU paths on the codes' bit width, the element type (float32 or
+// bfloat16, `what` names the tensor in the error) and the layout: calls
+// f(std::integral_constant<int, K>{}, T{}, std::bool_constant<NHWC>{}).
+template <typename F>
+void dispatch(int bits, at::ScalarType dtype, bool nhwc, const char* what, F&& f) {
+  with_bits(bits, [&](auto k) {
+    auto by_layout = [&](auto t) {
+      if (nhwc) return f(k, t, std::true_type{});
+      return f(k, t, std::false_type{});
+    };
+    switch (dtype) {
+      case at::kFloat: return by_layout(float{});
+      case at::kBFloat16: return by_layout(c10::BFloat16{});
+      default: break;
+    }
+    TORCH_CHECK(false, "blpa codec: ", what, " must be float32 or bfloat16, got ", dtype);
+  });
+}
+
+void check_element_type(at::ScalarType dtype, const char* what) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "blpa codec: ", what,
+              " must be float32 or bfloat16, got ", dtype);
 }
 
 void check_channel_vector(const at::Tensor& t, const char* name, const at::Tensor& like, int64_t channels) {
@@ -263,20 +567,20 @@ int64_t Codes::bytes() const {
 namespace {
 
 // offsets: the channels' offsets of b when the caller has them (channel_coding), else undefined.
+// relu: v itself, to receive max(v, 0) (pack_relu_), or undefined.
 Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, const at::Tensor& divisor,
-                float* relu, const at::Tensor& offsets = {}) {
+                bool relu, const at::Tensor& offsets = {}) {
   check_format(f);
-  TORCH_CHECK(v.scalar_type() == at::kFloat, "blpa codec: pack expects float32 activations, got ",
-              v.scalar_type());
-  TORCH_CHECK(v.is_contiguous(), "blpa codec: pack expects a contiguous NCHW tensor (call .contiguous(); "
-                                 "channels-last is not supported)");
-  const Layout l = layout_of(v.sizes());
+  check_element_type(v.scalar_type(), "pack's activations");
+  const bool nhwc = stored_nhwc(v, "pack's activations");
+  const Layout l = layout_of(v.sizes(), nhwc);
   check_channel_vector(b, "b = beta / gamma", v, l.channels);
   if (divisor.defined()) check_channel_vector(divisor, "divisor", v, l.channels);
 
   Codes out;
   out.format = f;
   out.sizes = v.sizes().vec();
+  out.channels_last = nhwc;
   const auto u8 = v.options().dtype(at::kByte);
   out.data = at::empty({packed_bytes(l.numel, f.bits)}, u8);
   const bool have_offsets = offsets.defined();
@@ -297,9 +601,9 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, c
     if (!have_offsets)
       cuda::compute_offsets({b.data_ptr<float>(), out.offsets.data_ptr<uint8_t>(), l.channels, f.bits, f.window,
                              f.lift, dev});
-    cuda::pack({v.data_ptr<float>(), divisor.defined() ? divisor.data_ptr<float>() : nullptr,
-                out.offsets.data_ptr<uint8_t>(), out.data.data_ptr<uint8_t>(), l.numel, l.plane, l.channels, f.bits,
-                f.window, dev, relu});
+    cuda::pack({v.data_ptr(), divisor.defined() ? divisor.data_ptr<float>() : nullptr, out.offsets.data_ptr<uint8_t>(),
+                out.data.data_ptr<uint8_t>(), l.numel, l.plane, l.channels, f.bits, f.window, dev,
+                relu ? v.data_ptr() : nullptr, v.scalar_type() == at::kBFloat16, nhwc});
     return out;
 #else
     no_cuda();
@@ -311,10 +615,22 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, c
   const float d = f.bin_width();
   if (!have_offsets)
     for (int64_t c = 0; c < l.channels; ++c) op[c] = static_cast<uint8_t>(codec::offset(bp[c], f.bits, d, f.lift));
-  std::vector<float> ones;
-  const float* div = divisor.defined() ? divisor.data_ptr<float>() : (ones.assign(l.channels, 1.0f), ones.data());
-  with_bits(f.bits, [&](auto k) {
-    pack_cpu<decltype(k)::value>(v.data_ptr<float>(), div, op, out.data.data_ptr<uint8_t>(), relu, d, l);
+  const float* dp = divisor.defined() ? divisor.data_ptr<float>() : nullptr;
+  auto div_of = [&](int64_t c) { return dp ? dp[c] : 1.0f; };
+  auto s_of = [&](int64_t c) { return static_cast<int32_t>(op[c]); };
+  // NCHW: one value per channel; NHWC: repeat_channels.
+  std::vector<float> div;
+  std::vector<int32_t> s;
+  if (nhwc) {
+    div = repeat_channels<float>(l.channels, div_of);
+    s = repeat_channels<int32_t>(l.channels, s_of);
+  } else {
+    for (int64_t c = 0; c < l.channels; ++c) div.push_back(div_of(c)), s.push_back(s_of(c));
+  }
+  const PackArgs args{v.data_ptr(), div.data(), s.data(), out.data.data_ptr<uint8_t>(),
+                      relu ? v.data_ptr() : nullptr, d};
+  dispatch(f.bits, v.scalar_type(), nhwc, "pack's activations", [&](auto k, auto t, auto layout) {
+    pack_cpu<decltype(k)::value, decltype(t), decltype(layout)::value>(args, l);
   });
   return out;
 }
@@ -322,20 +638,19 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, c
 }  // namespace
 
 Codes pack(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, const at::Tensor& divisor) {
-  return pack_impl(v, b, f, divisor, nullptr);
+  return pack_impl(v, b, f, divisor, false);
 }
 
 Codes pack_relu_(at::Tensor& a, const at::Tensor& b, const CodeFormat& f, const at::Tensor& divisor) {
-  return pack_impl(a, b, f, divisor, a.scalar_type() == at::kFloat ? a.data_ptr<float>() : nullptr);
+  return pack_impl(a, b, f, divisor, true);
 }
 
 Codes pack(const at::Tensor& v, const ChannelCoding& cc, const at::Tensor& divisor) {
-  return pack_impl(v, cc.b, cc.format, divisor, nullptr, cc.offsets);
+  return pack_impl(v, cc.b, cc.format, divisor, false, cc.offsets);
 }
 
 Codes pack_relu_(at::Tensor& a, const ChannelCoding& cc) {
-  return pack_impl(a, cc.b, cc.format, cc.g, a.scalar_type() == at::kFloat ? a.data_ptr<float>() : nullptr,
-                   cc.offsets);
+  return pack_impl(a, cc.b, cc.format, cc.g, true, cc.offsets);
 }
 
 ChannelCoding channel_coding(const at::Tensor& gamma, const at::Tensor& beta, float gamma_min, const CodeFormat& f,
@@ -374,31 +689,54 @@ ChannelCoding channel_coding(const at::Tensor& gamma, const at::Tensor& beta, fl
 
 namespace {
 
-void unpack_into(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma, float* x_hat, float* r,
-                 bool* mask) {
-  const CodeFormat& f = codes.format;
-  check_format(f);
-  const Layout l = layout_of(codes.sizes);
-  TORCH_CHECK(codes.data.numel() == packed_bytes(l.numel, f.bits) && codes.offsets.numel() == l.channels,
+void check_codes(const Codes& codes, const Layout& l) {
+  TORCH_CHECK(codes.data.numel() == packed_bytes(l.numel, codes.format.bits) && codes.offsets.numel() == l.channels,
               "blpa codec: codes are inconsistent with their shape");
+  TORCH_CHECK(!codes.channels_last || codes.sizes.size() == 4, "blpa codec: channels-last codes must be 4-D, got ",
+              codes.sizes.size(), " dims");
   TORCH_CHECK(codes.offsets.device() == codes.data.device(), "blpa codec: the codes' offsets are on ",
               codes.offsets.device(), " but their data on ", codes.data.device());
+}
+
+// Per-channel values for the CPU loops: [C] (NCHW) or repeat_channels (NHWC).
+template <typename V, typename Src>
+std::vector<V> per_channel(const Layout& l, Src&& src) {
+  if (l.nhwc) return repeat_channels<V>(l.channels, src);
+  std::vector<V> out(l.channels);
+  for (int64_t c = 0; c < l.channels; ++c) out[c] = src(c);
+  return out;
+}
+
+void unpack_into(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma, at::ScalarType dtype,
+                 const Unpacked& u) {
+  const CodeFormat& f = codes.format;
+  check_format(f);
+  const Layout l = layout_of(codes.sizes, codes.channels_last);
+  check_codes(codes, l);
   if (l.numel == 0) return;
-  const float* bp = x_hat ? b.data_ptr<float>() : nullptr;
-  const float* gp = r ? gamma.data_ptr<float>() : nullptr;
+  const float* bp = u.x_hat.defined() ? b.data_ptr<float>() : nullptr;
+  const float* gp = u.r.defined() ? gamma.data_ptr<float>() : nullptr;
   const uint8_t* data = codes.data.data_ptr<uint8_t>();
   const uint8_t* offsets = codes.offsets.data_ptr<uint8_t>();
+  void* x_hat = u.x_hat.defined() ? u.x_hat.data_ptr() : nullptr;
+  void* r = u.r.defined() ? u.r.data_ptr() : nullptr;
+  bool* mask = u.mask.defined() ? u.mask.data_ptr<bool>() : nullptr;
   if (codes.data.is_cuda()) {
 #if BLPA_WITH_CUDA
     cuda::unpack({data, offsets, bp, gp, x_hat, r, mask, l.numel, l.plane, l.channels, f.bits, f.window,
-                  codes.data.get_device()});
+                  codes.data.get_device(), dtype == at::kBFloat16, l.nhwc});
     return;
 #else
     no_cuda();
 #endif
   }
-  const float d = f.bin_width();
-  with_bits(f.bits, [&](auto k) { unpack_cpu<decltype(k)::value>(data, offsets, bp, gp, x_hat, r, mask, d, l); });
+  auto s = per_channel<int32_t>(l, [&](int64_t c) { return static_cast<int32_t>(offsets[c]); });
+  auto bv = per_channel<float>(l, [&](int64_t c) { return bp ? bp[c] : 0.0f; });
+  auto gv = per_channel<float>(l, [&](int64_t c) { return gp ? gp[c] : 0.0f; });
+  const UnpackArgs args{data, s.data(), bv.data(), gv.data(), x_hat, r, mask, f.bin_width()};
+  dispatch(f.bits, dtype, l.nhwc, "unpack's dtype", [&](auto k, auto t, auto layout) {
+    unpack_cpu<decltype(k)::value, decltype(t), decltype(layout)::value>(args, l);
+  });
 }
 
 }  // namespace
@@ -406,31 +744,33 @@ void unpack_into(const Codes& codes, const at::Tensor& b, const at::Tensor& gamm
 Unpacked unpack(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma, unsigned outputs,
                 at::ScalarType dtype) {
   TORCH_CHECK(codes.defined(), "blpa codec: unpack of empty codes");
-  TORCH_CHECK(dtype == at::kFloat && !codes.channels_last, "blpa codec: unpack to ", dtype,
-              (codes.channels_last ? " channels-last" : ""), " is not supported yet");
-  const auto f32 = codes.data.options().dtype(at::kFloat);
+  check_element_type(dtype, "unpack's dtype");
+  const auto opts = codes.data.options().dtype(dtype).memory_format(
+      codes.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   Unpacked u;
   if (outputs & kXhat) {
     check_channel_vector(b, "b = beta / gamma", codes.data, codes.channels());
-    u.x_hat = at::empty(codes.sizes, f32);
+    u.x_hat = at::empty(codes.sizes, opts);
   }
   if (outputs & kRelu) {
     check_channel_vector(gamma, "gamma", codes.data, codes.channels());
-    u.r = at::empty(codes.sizes, f32);
+    u.r = at::empty(codes.sizes, opts);
   }
-  if (outputs & kMask) u.mask = at::empty(codes.sizes, f32.dtype(at::kBool));
-  unpack_into(codes, b, gamma, u.x_hat.defined() ? u.x_hat.data_ptr<float>() : nullptr,
-              u.r.defined() ? u.r.data_ptr<float>() : nullptr, u.mask.defined() ? u.mask.data_ptr<bool>() : nullptr);
+  if (outputs & kMask) u.mask = at::empty(codes.sizes, opts.dtype(at::kBool));
+  unpack_into(codes, b, gamma, dtype, u);
   return u;
 }
 
 namespace {
 
 void check_grad(const Codes& codes, const at::Tensor& grad) {
-  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.sizes().vec() == codes.sizes &&
-                  grad.device() == codes.data.device(),
-              "blpa codec: the gradient must be contiguous float32 of shape ", at::IntArrayRef(codes.sizes),
-              " on ", codes.data.device(), ", got ", grad.scalar_type(), " ", grad.sizes(), " on ", grad.device());
+  TORCH_CHECK((grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kBFloat16) &&
+                  grad.sizes().vec() == codes.sizes && grad.device() == codes.data.device(),
+              "blpa codec: the gradient must be float32 or bfloat16 of shape ", at::IntArrayRef(codes.sizes), " on ",
+              codes.data.device(), ", got ", grad.scalar_type(), " ", grad.sizes(), " on ", grad.device());
+  const bool dense = codes.channels_last ? grad.is_contiguous(at::MemoryFormat::ChannelsLast) : grad.is_contiguous();
+  TORCH_CHECK(dense, "blpa codec: the gradient must be ", codes.channels_last ? "channels-last contiguous (NHWC)" :
+              "contiguous (NCHW)", " like its codes, got strides ", grad.strides());
 }
 
 }  // namespace
@@ -441,15 +781,12 @@ BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tens
   const CodeFormat& f = codes.format;
   check_format(f);
   check_grad(codes, g_r);
-  const Layout l = layout_of(codes.sizes);
-  TORCH_CHECK(codes.data.numel() == packed_bytes(l.numel, f.bits) && codes.offsets.numel() == l.channels,
-              "blpa codec: codes are inconsistent with their shape");
+  const Layout l = layout_of(codes.sizes, codes.channels_last);
+  check_codes(codes, l);
   check_channel_vector(b, "b = beta / gamma", codes.data, l.channels);
   check_channel_vector(g, "gamma", codes.data, l.channels);
   check_channel_vector(invstd, "invstd", codes.data, l.channels);
-  TORCH_CHECK(codes.offsets.device() == codes.data.device(), "blpa codec: the codes' offsets are on ",
-              codes.offsets.device(), " but their data on ", codes.data.device());
-  const auto f32 = g_r.options();
+  const auto f32 = g_r.options().dtype(at::kFloat);
   BnGrads out{in_place ? g_r : at::empty_like(g_r), at::empty({l.channels}, f32), at::empty({l.channels}, f32)};
   const int64_t batch = codes.sizes[0];
   const uint8_t* data = codes.data.data_ptr<uint8_t>();
@@ -462,9 +799,10 @@ BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tens
   if (g_r.is_cuda()) {
 #if BLPA_WITH_CUDA
     cuda::BnBackwardParams p{data, offsets, b.data_ptr<float>(), g.data_ptr<float>(), invstd.data_ptr<float>(),
-                             g_r.data_ptr<float>(), out.g_x.data_ptr<float>(), nullptr, out.g_g.data_ptr<float>(),
+                             g_r.data_ptr(), out.g_x.data_ptr(), nullptr, out.g_g.data_ptr<float>(),
                              out.g_beta.data_ptr<float>(), gamma_min.has_value(), gamma_min.value_or(0.0f), batch,
-                             l.channels, l.plane, f.bits, f.window, g_r.get_device()};
+                             l.channels, l.plane, f.bits, f.window, g_r.get_device(),
+                             g_r.scalar_type() == at::kBFloat16, l.nhwc};
     const at::Tensor partials = at::empty({cuda::bn_workspace(p)}, f32.dtype(at::kDouble));
     p.partials = partials.data_ptr<double>();
     cuda::bn_relu_backward(p);
@@ -473,11 +811,12 @@ BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tens
     no_cuda();
 #endif
   }
-  const float d = f.bin_width();
-  with_bits(f.bits, [&](auto k) {
-    bn_relu_backward_cpu<decltype(k)::value>(data, offsets, b.data_ptr<float>(), g.data_ptr<float>(),
-                                             invstd.data_ptr<float>(), g_r.data_ptr<float>(), out.g_x.data_ptr<float>(),
-                                             out.g_g.data_ptr<float>(), out.g_beta.data_ptr<float>(), batch, d, l);
+  std::vector<int32_t> s(offsets, offsets + l.channels);
+  const BnArgs args{data, s.data(), b.data_ptr<float>(), g.data_ptr<float>(), invstd.data_ptr<float>(),
+                    g_r.data_ptr(), out.g_x.data_ptr(), out.g_g.data_ptr<float>(), out.g_beta.data_ptr<float>(),
+                    batch, f.bin_width()};
+  dispatch(f.bits, g_r.scalar_type(), l.nhwc, "the gradient", [&](auto k, auto t, auto layout) {
+    bn_relu_backward_cpu<decltype(k)::value, decltype(t), decltype(layout)::value>(args, l);
   });
   if (gamma_min) {  // the clamp's gradient, as threshold_backward: none where g <= gamma_min
     const float* gp = g.data_ptr<float>();
@@ -491,11 +830,17 @@ BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tens
 at::Tensor code_values(const Codes& codes) {
   const int64_t n = codes.numel();
   const int bits = codes.format.bits;
-  if (bits == 8) return codes.data.view(codes.sizes);
+  // The codes in memory order, viewed with the logical N, C, H, W indexing.
+  auto logical = [&](const at::Tensor& flat) {
+    if (!codes.channels_last) return flat.view(codes.sizes);
+    const auto& z = codes.sizes;
+    return flat.view({z[0], z[2], z[3], z[1]}).permute({0, 3, 1, 2});
+  };
+  if (bits == 8) return logical(codes.data);
   std::vector<at::Tensor> fields;  // element j of each byte, j = 0 .. 8 / bits - 1
   for (int shift = 0; shift < 8; shift += bits)
     fields.push_back(at::bitwise_and(at::bitwise_right_shift(codes.data, shift), (1 << bits) - 1));
-  return at::stack(fields, 1).flatten().narrow(0, 0, n).view(codes.sizes);
+  return logical(at::stack(fields, 1).flatten().narrow(0, 0, n));
 }
 
 }  // namespace blpa

@@ -551,10 +551,215 @@ TEST_CASE("codec: bn_relu_backward equals the BatchNorm backward of the masked g
     auto b = torch::zeros({3});
     auto codes = blpa::pack(torch::randn({2, 3, 4, 4}), b, {8});
     CHECK_THROWS_WITH(blpa::bn_relu_backward(codes, b, b, b, torch::randn({2, 3, 4, 5}), false),
-                      Catch::Contains("gradient must be contiguous float32 of shape"));
+                      Catch::Contains("gradient must be float32 or bfloat16 of shape"));
     CHECK_THROWS_WITH(blpa::bn_relu_backward(codes, b, torch::ones({4}), b, torch::randn({2, 3, 4, 4}), false),
                       Catch::Contains("vector of 3 channels"));
   }
+}
+
+namespace {
+
+// One format per bit width (the paper's window and a lifted one), for the dtype x layout tests.
+std::vector<CodeFormat> layout_formats() {
+  return {{8, 6.0f, 0.0f}, {4, 6.0f, 1.0f}, {2, 4.0f, 1.0f}, {4, 7.3f, 0.0f}};
+}
+
+// Shapes for the dtype x layout tests: C odd and numel odd (4-bit and 2-bit rows start inside
+// a byte), planes past one block of 256, one large enough to be split across threads (and
+// rows across thread ranges), and the shapes whose two layouts are the same memory (C == 1,
+// H * W == 1).
+std::vector<std::vector<int64_t>> layout_shapes() {
+  return {{3, 5, 7, 9}, {2, 3, 33, 33}, {4, 16, 8, 8}, {2, 7, 5, 1}, {4, 9, 61, 61}, {1, 1, 5, 5}, {3, 6, 1, 1}};
+}
+
+torch::Tensor nhwc(const torch::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
+
+// Values that exercise edges and non-finite inputs, at the start of a tensor.
+torch::Tensor awkward_values(const std::vector<int64_t>& shape, const CodeFormat& f) {
+  auto v = torch::randn(shape) * 2;
+  auto flat = v.view(-1);
+  auto e = edge_values(f);
+  const int64_t k = std::min<int64_t>(e.numel(), flat.numel());
+  flat.narrow(0, 0, k).copy_(e.narrow(0, 0, k));
+  if (flat.numel() > k + 2) {
+    flat[k] = std::nanf("");
+    flat[k + 1] = -0.0f;
+  }
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("codec: channels-last tensors give the codes, unpack and ReLU of the same values in NCHW", "[codec]") {
+  torch::manual_seed(21);
+  for (const CodeFormat& f : layout_formats()) {
+    for (const auto& shape : layout_shapes()) {
+      CAPTURE(f.bits, f.window, f.lift, shape);
+      const int64_t c = shape[1];
+      const bool distinct = c > 1 && shape[2] * shape[3] > 1;  // otherwise one memory order
+      auto v = awkward_values(shape, f);
+      auto b = torch::randn({c}), gamma = torch::rand({c}) + 0.1;
+      auto cl = nhwc(v);
+      REQUIRE(cl.is_contiguous(at::MemoryFormat::ChannelsLast));
+
+      auto ref = pack(v, b, f, gamma);
+      auto codes = pack(cl, b, f, gamma);
+      CHECK(codes.channels_last == distinct);
+      CHECK(codes.sizes == ref.sizes);
+      CHECK(codes.data.numel() == ref.data.numel());
+      CHECK(torch::equal(blpa::code_values(codes), blpa::code_values(ref)));
+      CHECK(count_mismatch(lib_codes(codes), lib_codes(pack(v / gamma.view({1, c, 1, 1}), b, f))) == 0);
+      if (distinct)  // packed in memory order: the NHWC bytes are the codes of the permuted tensor
+        CHECK(torch::equal(codes.data, pack(v.permute({0, 2, 3, 1}).contiguous().view({-1, c}), b, f, gamma).data));
+      const int used = static_cast<int>(v.numel() * f.bits % 8);
+      if (used) CHECK((codes.data[-1].item<uint8_t>() >> used) == 0);  // the padding is zero
+
+      const unsigned all = blpa::kXhat | blpa::kRelu | blpa::kMask;
+      auto u = blpa::unpack(codes, b, gamma, all), w = blpa::unpack(ref, b, gamma, all);
+      for (auto [got, want] : {std::pair{u.x_hat, w.x_hat}, std::pair{u.r, w.r}, std::pair{u.mask, w.mask}}) {
+        CHECK(torch::equal(got, want));
+        CHECK(got.is_contiguous(distinct ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+      }
+
+      auto r = cl.clone(at::MemoryFormat::ChannelsLast);
+      auto relu_codes = blpa::pack_relu_(r, b, f, gamma);
+      CHECK(torch::equal(relu_codes.data, codes.data));
+      CHECK(r.is_contiguous(at::MemoryFormat::ChannelsLast));
+      CHECK(torch::allclose(r, torch::relu(v), 0, 0, /*equal_nan=*/true));
+    }
+  }
+}
+
+TEST_CASE("codec: bf16 activations give the codes of their values widened to float32", "[codec]") {
+  torch::manual_seed(22);
+  for (const CodeFormat& f : layout_formats()) {
+    for (const auto& shape : layout_shapes()) {
+      for (bool cl : {false, true}) {
+        CAPTURE(f.bits, f.window, f.lift, shape, cl);
+        const int64_t c = shape[1];
+        auto v16 = awkward_values(shape, f).to(torch::kBFloat16);
+        if (cl) v16 = nhwc(v16);
+        auto wide = v16.to(torch::kFloat);  // exact; keeps the layout
+        auto b = torch::randn({c}), gamma = torch::rand({c}) + 0.1;
+        auto codes = pack(v16, b, f, gamma), ref = pack(wide, b, f, gamma);
+        CHECK(codes.channels_last == ref.channels_last);
+        CHECK(torch::equal(codes.data, ref.data));
+        CHECK(torch::equal(codes.offsets, ref.offsets));
+
+        auto r = v16.clone();
+        CHECK(torch::equal(blpa::pack_relu_(r, b, f, gamma).data, ref.data));
+        CHECK(r.scalar_type() == torch::kBFloat16);
+        CHECK(torch::allclose(r.to(torch::kFloat), torch::relu(wide), 0, 0, /*equal_nan=*/true));
+
+        // bf16 outputs: the float32 outputs rounded once to nearest-even (LibTorch's conversion).
+        const unsigned all = blpa::kXhat | blpa::kRelu | blpa::kMask;
+        auto u = blpa::unpack(codes, b, gamma, all, torch::kBFloat16), w = blpa::unpack(codes, b, gamma, all);
+        CHECK(u.x_hat.scalar_type() == torch::kBFloat16);
+        CHECK(u.r.scalar_type() == torch::kBFloat16);
+        CHECK(torch::equal(u.x_hat, w.x_hat.to(torch::kBFloat16)));
+        CHECK(torch::equal(u.r, w.r.to(torch::kBFloat16)));
+        CHECK(torch::equal(u.mask, w.mask));
+        CHECK(u.x_hat.strides() == w.x_hat.strides());
+      }
+    }
+  }
+}
+
+TEST_CASE("codec: bn_relu_backward gives the same bits for channels-last and bf16 gradients", "[codec]") {
+  // The sums are taken in the NCHW order in either layout, and a bf16 gradient is widened to
+  // float exactly before the same float math: so channels-last gives NCHW's bits, and bf16
+  // gives the float32 path's sums of the widened gradient and its g_x rounded once.
+  torch::manual_seed(23);
+  for (const CodeFormat& f : layout_formats()) {
+    for (const auto& shape : layout_shapes()) {
+      CAPTURE(f.bits, f.window, f.lift, shape);
+      const int64_t c = shape[1];
+      auto b = torch::randn({c}), g = torch::rand({c}) + 0.2, invstd = torch::rand({c}) + 0.5;
+      auto v = torch::randn(shape) + b.view({1, c, 1, 1});
+      auto g_r = torch::randn(shape).to(torch::kBFloat16).to(torch::kFloat);  // bf16 values
+      g_r.view(-1)[0] = std::nanf("");  // masked or not, as in NCHW
+      auto ref_codes = pack(v, b, f);
+      auto ref = blpa::bn_relu_backward(ref_codes, b, g, invstd, g_r, false, 0.5f);
+      auto codes = pack(nhwc(v), b, f);
+      for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+        CAPTURE(dtype);
+        auto grad = nhwc(g_r).to(dtype).clone();  // its own memory: it is overwritten in place below
+        auto kept = grad.clone();
+        auto out = blpa::bn_relu_backward(codes, b, g, invstd, grad, false, 0.5f);
+        CHECK(torch::allclose(grad, kept, 0, 0, /*equal_nan=*/true));
+        CHECK(out.g_x.scalar_type() == dtype);
+        CHECK(out.g_g.scalar_type() == torch::kFloat);
+        CHECK(out.g_x.strides() == grad.strides());
+        CHECK(torch::allclose(out.g_beta, ref.g_beta, 0, 0, /*equal_nan=*/true));
+        CHECK(torch::allclose(out.g_g, ref.g_g, 0, 0, /*equal_nan=*/true));
+        CHECK(torch::allclose(out.g_x, ref.g_x.to(dtype), 0, 0, /*equal_nan=*/true));
+        auto in_place = blpa::bn_relu_backward(codes, b, g, invstd, grad, true, 0.5f);
+        CHECK(in_place.g_x.data_ptr() == grad.data_ptr());
+        CHECK(torch::allclose(grad, out.g_x, 0, 0, /*equal_nan=*/true));
+        if (dtype == torch::kBFloat16) {  // and NCHW bf16 too
+          auto nchw = blpa::bn_relu_backward(ref_codes, b, g, invstd, g_r.to(dtype), false, 0.5f);
+          CHECK(torch::allclose(nchw.g_x, out.g_x, 0, 0, /*equal_nan=*/true));
+          CHECK(torch::allclose(nchw.g_g, out.g_g, 0, 0, /*equal_nan=*/true));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("codec: bn_relu_backward's sums and g_x are pinned bit for bit, for any thread count", "[codec]") {
+  // The hashes were taken at 7d006a9, before the CPU loops were compiled per ISA: the same
+  // bits come from the SSE2, AVX2 and AVX-512 copies (BLPA_CODEC_ISA=base|avx2 selects one;
+  // the suite was run under each), from either layout and from 1 or 2 threads. The inputs
+  // are arithmetic, not drawn: LibTorch's randn gives other values on another CPU.
+  const int64_t N = 5, C = 6, H = 23, W = 19;  // planes of 437 elements: two blocks of the sums
+  const float bs[C] = {0.0f, 0.7f, -1.3f, 2.9f, -4.2f, 0.25f};
+  auto b = torch::tensor(std::vector<float>(bs, bs + C));
+  auto g = torch::tensor({1.0f, 0.5f, 1.7f, 0.9f, 3.0f, 0.2f});
+  auto invstd = torch::tensor({1.5f, 0.8f, 2.0f, 1.0f, 0.6f, 3.0f});
+  auto v = torch::empty({N, C, H, W}), g_r = torch::empty({N, C, H, W});
+  float* pv = v.data_ptr<float>();
+  float* pg = g_r.data_ptr<float>();
+  for (int64_t i = 0; i < v.numel(); ++i) {
+    pv[i] = bs[(i / (H * W)) % C] + static_cast<float>((i * 7919) % 1000 - 500) / 125.0f;
+    pg[i] = static_cast<float>((i * 104729) % 2001 - 1000) / 317.0f;
+  }
+  struct Pinned {
+    int bits;
+    uint64_t hash;
+  };
+  const int threads = at::get_num_threads();
+  const Pinned pinned[] = {{8, 0xc5879cdc2aa1072cull}, {4, 0x1f9c314d4842e1fbull}, {2, 0xaba63189591ec9abull}};
+  for (const Pinned& p : pinned) {
+    auto codes = pack(v, b, blpa::default_format(p.bits));
+    for (int t : {1, 2}) {
+      CAPTURE(p.bits, t);
+      at::set_num_threads(t);
+      auto out = blpa::bn_relu_backward(codes, b, g, invstd, g_r, false);
+      const uint64_t h = fnv1a(fnv1a(fnv1a(1469598103934665603ull, out.g_x), out.g_g), out.g_beta);
+      CHECK(h == p.hash);
+    }
+  }
+  at::set_num_threads(threads);
+}
+
+TEST_CASE("codec: unsupported dtypes and layouts are refused with a clear message", "[codec]") {
+  auto b = torch::zeros({3});
+  auto v = torch::randn({2, 3, 4, 5});
+  CHECK_THROWS_WITH(pack(v.to(torch::kHalf), b, {8}), Catch::Contains("must be float32 or bfloat16"));
+  CHECK_THROWS_WITH(pack(v.transpose(2, 3), b, {8}), Catch::Contains("channels-last contiguous"));
+  CHECK_THROWS_WITH(pack(nhwc(v).narrow(3, 0, 4), b, {8}), Catch::Contains("channels-last contiguous"));
+  CHECK_THROWS_WITH(pack(torch::randn({2, 3, 4, 5, 6}).permute({0, 1, 4, 2, 3}), b, {8}),
+                    Catch::Contains("contiguous (NCHW)"));
+  auto ar = v.to(torch::kDouble);
+  CHECK_THROWS_WITH(blpa::pack_relu_(ar, b, {8}, torch::ones({3})), Catch::Contains("float32 or bfloat16"));
+  auto codes = pack(nhwc(v), b, {4});
+  CHECK_THROWS_WITH(blpa::unpack(codes, b, {}, blpa::kXhat, torch::kHalf), Catch::Contains("float32 or bfloat16"));
+  CHECK_THROWS_WITH(blpa::bn_relu_backward(codes, b, b, b, torch::randn({2, 3, 4, 5}), false),
+                    Catch::Contains("channels-last contiguous (NHWC) like its codes"));
+  CHECK_THROWS_WITH(blpa::bn_relu_backward(pack(v, b, {4}), b, b, b, nhwc(torch::randn({2, 3, 4, 5})), false),
+                    Catch::Contains("contiguous (NCHW) like its codes"));
+  CHECK_THROWS_WITH(blpa::bn_relu_backward(codes, b, b, b, nhwc(torch::randn({2, 3, 4, 5})).to(torch::kHalf), false),
+                    Catch::Contains("float32 or bfloat16"));
 }
 
 TEST_CASE("codec: bad arguments are refused with a clear message", "[codec]") {
@@ -562,7 +767,7 @@ TEST_CASE("codec: bad arguments are refused with a clear message", "[codec]") {
   CHECK_THROWS_WITH(blpa::pack(v, torch::zeros({3}), {3}), Catch::Contains("bits must be 8, 4 or 2"));
   CHECK_THROWS_WITH(blpa::pack(v, torch::zeros({4}), {8}), Catch::Contains("vector of 3 channels"));
   CHECK_THROWS_WITH(blpa::pack(v.transpose(2, 3), torch::zeros({3}), {8}), Catch::Contains("contiguous"));
-  CHECK_THROWS_WITH(blpa::pack(v.to(torch::kDouble), torch::zeros({3}), {8}), Catch::Contains("float32"));
+  CHECK_THROWS_WITH(blpa::pack(v.to(torch::kDouble), torch::zeros({3}), {8}), Catch::Contains("float32 or bfloat16"));
   CHECK_THROWS_WITH(blpa::pack(torch::randn({5}), torch::zeros({5}), {8}), Catch::Contains("at least 2 dims"));
 }
 
@@ -648,6 +853,95 @@ TEST_CASE("CUDA: bn_relu_backward matches the CPU path", "[codec][cuda]") {
       auto shifted = buf.narrow(0, 1, g_r.numel()).view(shape);
       shifted.copy_(g_r.cuda());
       CHECK(close(blpa::bn_relu_backward(dc, b.cuda(), g.cuda(), invstd.cuda(), shifted, true).g_x, cpu.g_x, 1e-5));
+    }
+  }
+}
+
+TEST_CASE("CUDA: bf16 and channels-last codes, unpack and ReLU are bit-identical to the CPU path", "[codec][cuda]") {
+  BLPA_REQUIRE_CUDA();
+  torch::manual_seed(24);
+  auto shapes = layout_shapes();
+  shapes.push_back({8, 64, 33, 33});  // many groups per thread, rows that straddle groups
+  for (const CodeFormat& f : layout_formats()) {
+    for (const auto& shape : shapes) {
+      for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+        for (bool cl : {false, true}) {
+          CAPTURE(f.bits, f.window, f.lift, shape, dtype, cl);
+          const int64_t c = shape[1];
+          auto v = awkward_values(shape, f).to(dtype);
+          if (cl) v = nhwc(v);
+          auto b = torch::randn({c}) * 2, gamma = torch::rand({c}) + 0.1;
+          auto cpu = pack(v, b, f, gamma);
+          auto gpu = pack(v.cuda(), b.cuda(), f, gamma.cuda());
+          CHECK(gpu.channels_last == cpu.channels_last);
+          CHECK(torch::equal(cpu.offsets, gpu.offsets.cpu()));
+          CHECK(torch::equal(cpu.data, gpu.data.cpu()));
+
+          auto rc = v.clone(), rg = v.cuda();
+          CHECK(torch::equal(blpa::pack_relu_(rg, b.cuda(), f, gamma.cuda()).data.cpu(),
+                             blpa::pack_relu_(rc, b, f, gamma).data));
+          const auto bits = dtype == torch::kFloat ? torch::kInt : torch::kShort;  // NaN payloads included
+          CHECK(torch::equal(rg.cpu().view(bits), rc.view(bits)));
+
+          const unsigned all = blpa::kXhat | blpa::kRelu | blpa::kMask;
+          auto uc = blpa::unpack(cpu, b, gamma, all, dtype);
+          auto ug = blpa::unpack(gpu, b.cuda(), gamma.cuda(), all, dtype);
+          CHECK(torch::equal(uc.x_hat, ug.x_hat.cpu()));
+          CHECK(torch::equal(uc.r, ug.r.cpu()));
+          CHECK(torch::equal(uc.mask, ug.mask.cpu()));
+          CHECK(ug.x_hat.strides() == uc.x_hat.strides());
+
+          // A misaligned (but dense) input takes the scalar path and must agree too.
+          auto buf = torch::empty({v.numel() + 1}, v.options().device(torch::kCUDA));
+          auto shifted = buf.narrow(0, 1, v.numel());
+          auto moved = cl ? shifted.view({shape[0], shape[2], shape[3], c}).permute({0, 3, 1, 2}) : shifted.view(shape);
+          moved.copy_(v.cuda());
+          CHECK(torch::equal(cpu.data, pack(moved, b.cuda(), f, gamma.cuda()).data.cpu()));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("CUDA: bn_relu_backward of bf16 and channels-last gradients matches the CPU path", "[codec][cuda]") {
+  // The GPU adds in its own fixed order (NHWC: by rows of channels), so its sums agree with
+  // the CPU's to their rounding (close_sum), and g_x to 1e-5 in float. In bf16, g_x is rounded
+  // once from float: a float difference at a rounding boundary moves it by one bf16 ulp
+  // (2^-8 relative), hence the tolerance 2^-7 relative for bf16.
+  BLPA_REQUIRE_CUDA();
+  torch::manual_seed(25);
+  auto shapes = layout_shapes();
+  shapes.push_back({32, 64, 28, 28});  // many row blocks
+  shapes.push_back({2, 300, 7, 7});    // several channel tiles, the last partial
+  for (const CodeFormat& f : layout_formats()) {
+    for (const auto& shape : shapes) {
+      for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+        for (bool cl : {false, true}) {
+          CAPTURE(f.bits, f.window, f.lift, shape, dtype, cl);
+          const int64_t c = shape[1];
+          auto b = torch::randn({c}), g = torch::rand({c}) + 0.2, invstd = torch::rand({c}) + 0.5;
+          auto v = torch::randn(shape) + b.view({1, c, 1, 1});
+          auto g_r = torch::randn(shape).to(dtype);
+          if (cl) v = nhwc(v), g_r = nhwc(g_r);
+          auto codes = pack(v, b, f);
+          auto cpu = blpa::bn_relu_backward(codes, b, g, invstd, g_r, false, 0.5f);
+          auto ref = bn_reference(codes, b, g, invstd, g_r.to(torch::kFloat));
+          blpa::Codes dc{codes.data.cuda(), codes.offsets.cuda(), codes.sizes, f, codes.channels_last};
+          auto gd = g_r.cuda();
+          auto gpu = blpa::bn_relu_backward(dc, b.cuda(), g.cuda(), invstd.cuda(), gd, false, 0.5f);
+          const double tol = dtype == torch::kFloat ? 1e-5 : 1.0 / 128;
+          CHECK(torch::equal(gd.cpu(), g_r));
+          CHECK(gpu.g_x.scalar_type() == dtype);
+          CHECK(gpu.g_x.strides() == g_r.strides());
+          CHECK(torch::allclose(gpu.g_x.cpu().to(torch::kDouble), cpu.g_x.to(torch::kDouble), tol, 1e-5));
+          CHECK(close_sum(gpu.g_g, ref.g_g * (g > 0.5f).to(torch::kDouble), ref.abs_g));  // the clamp's gradient
+          CHECK(close_sum(gpu.g_beta, ref.g_beta, ref.abs_beta));
+          auto twice = blpa::bn_relu_backward(dc, b.cuda(), g.cuda(), invstd.cuda(), gd, true, 0.5f);
+          CHECK(twice.g_x.data_ptr() == gd.data_ptr());
+          CHECK(torch::equal(twice.g_x.cpu(), gpu.g_x.cpu()));  // the same bits from run to run
+          CHECK(torch::equal(twice.g_g.cpu(), gpu.g_g.cpu()));
+        }
+      }
     }
   }
 }

@@ -35,9 +35,11 @@ CodeFormat default_format(int bits);
 struct Codes {
   at::Tensor data;     // uint8, exactly packed_bytes(numel, format.bits) bytes
   at::Tensor offsets;  // uint8 [C]: the per-channel offset s_c
-  std::vector<int64_t> sizes;
+  std::vector<int64_t> sizes;  // the logical N x C x H x W (or N x C x ...) sizes
   CodeFormat format;
-  bool channels_last = false;  // packed in NHWC memory order (sizes stay N, C, H, W)
+  // The codes are packed in the tensor's memory order: NCHW, or NHWC for channels-last
+  // (4-D) tensors. The codes of the same values are the same in either.
+  bool channels_last = false;
 
   int64_t numel() const;
   int64_t channels() const { return sizes.size() > 1 ? sizes[1] : 1; }
@@ -64,14 +66,18 @@ struct ChannelCoding {
 ChannelCoding channel_coding(const at::Tensor& gamma, const at::Tensor& beta, float gamma_min, const CodeFormat& f,
                              bool centred);
 
-// v: float32, contiguous, at least 2-D with channels on dim 1 (N x C x H x W, or N x C).
+// v: float32 or bfloat16 (widened to float exactly: the codes of the bf16 values), at least
+// 2-D with channels on dim 1 (N x C x H x W, or N x C), contiguous (NCHW) or 4-D and
+// channels-last contiguous (NHWC; a tensor that is both is taken as NCHW). Anything else is
+// refused with a message.
 // b: float32 [C] on the same device (b_c = beta_c / gamma_c; zeros for the naive baseline,
 // which centres the window on 0). With `divisor` (float32 [C]) the codes are those of
 // v / divisor_c, computed on the fly: the unit packs a / gamma without making it.
 Codes pack(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, const at::Tensor& divisor = {});
 
 // pack(a, b, f, divisor), and a = max(a, 0) in place in the same pass: the unit's forward
-// packs a / gamma and applies its ReLU without reading a twice. NaN stays NaN, as with relu_.
+// packs a / gamma and applies its ReLU without reading a twice. NaN stays NaN, as with relu_;
+// a keeps its dtype.
 Codes pack_relu_(at::Tensor& a, const at::Tensor& b, const CodeFormat& f, const at::Tensor& divisor);
 
 // The same with the channels' values already made by channel_coding: its offsets are used
@@ -88,7 +94,9 @@ struct Unpacked {
 };
 
 // Produces, in one pass over the codes, only the outputs named in `outputs`.
-// b is needed for kXhat, gamma for kRelu (either may be undefined otherwise).
+// b is needed for kXhat, gamma for kRelu (either may be undefined otherwise). x_hat and r
+// are of `dtype`, float32 or bfloat16 (computed in float, rounded once to nearest-even), and
+// like mask in the codes' layout (channels-last tensors for channels-last codes).
 Unpacked unpack(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma, unsigned outputs,
                 at::ScalarType dtype = at::kFloat);
 
@@ -98,21 +106,26 @@ Unpacked unpack(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma
 //   g_beta = sum g_a,   g_g = sum g_a x_hat',
 //   g_x = g_c * invstd_c * (g_a - g_beta / M - x_hat' * g_g / M).
 // Two passes over the codes and g_r (the sums, then g_x); nothing of the input's size is made
-// besides g_x, which is g_r itself when `in_place`. g: the clamped gamma; g_g is the gradient
-// with respect to it, or, given gamma_min, with respect to gamma where g = max(gamma,
-// gamma_min): zero for the channels with g <= gamma_min, as threshold_backward(g_g, gamma,
-// gamma_min) (a NaN gamma passes its NaN gradient).
+// besides g_x, which is g_r itself when `in_place`. g_r: float32 or bfloat16, dense in the
+// codes' layout (contiguous for NCHW codes, channels-last contiguous for NHWC ones); g_x has
+// its dtype and layout (computed in float, rounded once); g_g and g_beta are float32 [C].
+// g: the clamped gamma; g_g is the gradient with respect to it, or, given gamma_min, with
+// respect to gamma where g = max(gamma, gamma_min): zero for the channels with
+// g <= gamma_min, as threshold_backward(g_g, gamma, gamma_min) (a NaN gamma passes its NaN
+// gradient).
 // The sums are carried in double, over float partial sums of at most 32 elements (CPU) or 4
 // (CUDA), and added in a fixed order: a device gives the same bits from run to run, and the
-// two devices agree to about 1e-6 of sum |g_a| (sum |g_a x_hat'|).
+// two devices agree to about 1e-6 of sum |g_a| (sum |g_a x_hat'|). On the CPU the order is
+// that of the NCHW walk in either layout, so NHWC gives the bits of NCHW.
 struct BnGrads {
   at::Tensor g_x, g_g, g_beta;
 };
 BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tensor& g, const at::Tensor& invstd,
                          at::Tensor g_r, bool in_place, std::optional<float> gamma_min = std::nullopt);
 
-// The integer codes, one uint8 per element, in the shape of the packed tensor (for tests
-// and inspection; not on the training path).
+// The integer codes, one uint8 per element, in the shape of the packed tensor with its
+// logical N, C, H, W indexing (a permuted view for channels-last codes; for tests and
+// inspection, not on the training path).
 at::Tensor code_values(const Codes& codes);
 
 }  // namespace blpa

@@ -12,7 +12,10 @@
 // CUDA sources are compiled with --fmad=false and the CPU sources with -ffp-contract=off.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define BLPA_HD __host__ __device__ __forceinline__
@@ -76,5 +79,51 @@ BLPA_HD float decode(uint32_t code, int s, float d) {
 
 // The ReLU mask: exact, since a bin edge sits at v = 0 (up to the guard).
 BLPA_HD bool mask(uint32_t code, int s) { return static_cast<int>(code) >= s; }
+
+// Activations and gradients are float32 or bfloat16; the math above is float. A bf16 value
+// widens to float exactly; a float result is rounded to bf16 once, to nearest-even with NaN
+// as 0x7FC0: c10::BFloat16(float)'s rounding on the host, written out here so that the CPU
+// loops vectorise and the device rounds the same bits (the device constructor's
+// __float2bfloat16 gives another NaN).
+BLPA_HD float float_of_bits(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+BLPA_HD uint32_t bits_of_float(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+BLPA_HD float widen(float x) { return x; }
+BLPA_HD float widen(c10::BFloat16 x) { return float_of_bits(static_cast<uint32_t>(x.x) << 16); }
+
+// The bf16 bits of f, rounded to nearest-even.
+BLPA_HD uint16_t bf16_bits(float f) {
+  const uint32_t u = bits_of_float(f);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
+}
+
+template <typename T>
+BLPA_HD T round_to(float f);
+template <>
+BLPA_HD float round_to<float>(float f) {
+  return f;
+}
+template <>
+BLPA_HD c10::BFloat16 round_to<c10::BFloat16>(float f) {
+  return c10::BFloat16(bf16_bits(f), c10::BFloat16::from_bits());
+}
 
 }  // namespace blpa::codec
