@@ -25,6 +25,7 @@ Codes codes_from(AutogradContext* ctx) {
   c.data = ctx->saved_data["codes"].toTensor();
   c.offsets = ctx->saved_data["offsets"].toTensor();
   c.sizes = ctx->saved_data["sizes"].toIntVector();
+  c.channels_last = ctx->saved_data["codes_channels_last"].toBool();
   c.format = {static_cast<int>(ctx->saved_data["bits"].toInt()),
               static_cast<float>(ctx->saved_data["window"].toDouble()),
               static_cast<float>(ctx->saved_data["lift"].toDouble())};
@@ -83,6 +84,7 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
       ctx->saved_data["codes"] = codes.data;
       ctx->saved_data["offsets"] = codes.offsets;
       ctx->saved_data["sizes"] = codes.sizes;
+      ctx->saved_data["codes_channels_last"] = codes.channels_last;
       ctx->saved_data["bits"] = static_cast<int64_t>(codes.format.bits);
       ctx->saved_data["window"] = static_cast<double>(codes.format.window);
       ctx->saved_data["lift"] = static_cast<double>(codes.format.lift);
@@ -131,7 +133,6 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
       x_hat = ctx->saved_data["x_hat"].toTensor();
     } else {
       codes = codes_from(ctx);
-      codes.channels_last = layout == at::MemoryFormat::ChannelsLast;
       if (mode == Mode::naive) x_hat = unpack(codes, ctx->saved_data["b"].toTensor(), {}, kXhat).x_hat;
     }
 
@@ -167,7 +168,7 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
       for (size_t i = 0; i < n_conv; ++i) {
         if (!grad_y[i].defined()) continue;
         if (mode == Mode::blpa && !stand_in.defined() && grad_y[i].numel() >= r.numel())
-          stand_in = grad_y[i].view(-1).narrow(0, 0, r.numel()).as_strided(r.sizes(), r.strides());
+          stand_in = grad_y[i].as_strided(r.sizes(), r.strides());  // both dense: within its elements
         if (stand_in.defined()) r.reset();
         Tensor gi = std::get<0>(conv_backward(i, stand_in.defined() ? stand_in : r, false));
         grad_y[i].reset();  // its last use

@@ -181,7 +181,8 @@ TEST_CASE("unit: in bf16 exact equals plain to bf16 rounding, in either layout",
 TEST_CASE("unit: NHWC activations give NCHW's results in every mode", "[unit][nhwc]") {
   int i = 0;
   for (const auto& k : cases()) {
-    for (ModeConfig mode : {ModeConfig{Mode::plain}, ModeConfig{Mode::exact}}) {
+    for (ModeConfig mode : {ModeConfig{Mode::plain}, ModeConfig{Mode::exact}, ModeConfig{Mode::blpa, 4},
+                            ModeConfig{Mode::naive, 4}, ModeConfig{Mode::blpa, 2}}) {
       CAPTURE(i, mode.str());
       const uint64_t seed = 800 + i;
       auto nchw = run_unit_as(k, mode, torch::kFloat, at::MemoryFormat::Contiguous, seed);
