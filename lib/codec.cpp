@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <cmath>
@@ -570,6 +571,7 @@ namespace {
 // relu: v itself, to receive max(v, 0) (pack_relu_), or undefined.
 Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, const at::Tensor& divisor,
                 bool relu, const at::Tensor& offsets = {}) {
+  RECORD_FUNCTION(relu ? "blpa::pack_relu_" : "blpa::pack", std::vector<c10::IValue>());  // a scope in --profile
   check_format(f);
   check_element_type(v.scalar_type(), "pack's activations");
   const bool nhwc = stored_nhwc(v, "pack's activations");
@@ -744,6 +746,7 @@ void unpack_into(const Codes& codes, const at::Tensor& b, const at::Tensor& gamm
 Unpacked unpack(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma, unsigned outputs,
                 at::ScalarType dtype) {
   TORCH_CHECK(codes.defined(), "blpa codec: unpack of empty codes");
+  RECORD_FUNCTION("blpa::unpack", std::vector<c10::IValue>());
   check_element_type(dtype, "unpack's dtype");
   const auto opts = codes.data.options().dtype(dtype).memory_format(
       codes.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
@@ -778,6 +781,7 @@ void check_grad(const Codes& codes, const at::Tensor& grad) {
 BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tensor& g, const at::Tensor& invstd,
                          at::Tensor g_r, bool in_place, std::optional<float> gamma_min) {
   TORCH_CHECK(codes.defined(), "blpa codec: bn_relu_backward of empty codes");
+  RECORD_FUNCTION("blpa::bn_relu_backward", std::vector<c10::IValue>());
   const CodeFormat& f = codes.format;
   check_format(f);
   check_grad(codes, g_r);
