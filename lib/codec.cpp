@@ -223,13 +223,14 @@ BLPA_INLINE inline void pack_range(const PackArgs& a, const Layout& l, int64_t e
   T* relu = static_cast<T*>(a.relu);
   uint8_t q[kBlock];
   for_each_block(l, e0, e1, [&](int64_t i, int n, int64_t at) BLPA_INLINE {
-    const T* __restrict x = v + i;
-    if constexpr (NHWC) {
+    if constexpr (NHWC) {  // x is __restrict only here: the ReLU below writes v
+      const T* __restrict x = v + i;
       const int32_t* __restrict s = a.s + at;
       const float* __restrict dc = a.div + at;
       for (int k = 0; k < n; ++k)
         q[k] = static_cast<uint8_t>(codec::encode(codec::widen(x[k]) / dc[k], s[k], Bits, a.d));
     } else {
+      const T* __restrict x = v + i;
       const int32_t s = a.s[at];
       const float dc = a.div[at];
       for (int k = 0; k < n; ++k) q[k] = static_cast<uint8_t>(codec::encode(codec::widen(x[k]) / dc, s, Bits, a.d));
@@ -253,8 +254,8 @@ void pack_cpu(const PackArgs& a, const Layout& l) {
 struct UnpackArgs {
   const uint8_t* data;
   const int32_t* s;      // NCHW: [C]; NHWC: repeat_channels
-  const float* b;        // as s; null unless x_hat
-  const float* gamma;    // as s; null unless r
+  const float* b;        // as s (zeros unless x_hat is asked for)
+  const float* gamma;    // as s (zeros unless r is asked for)
   void* x_hat;           // null or the output
   void* r;
   bool* mask;
