@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <cmath>
@@ -222,13 +223,14 @@ BLPA_INLINE inline void pack_range(const PackArgs& a, const Layout& l, int64_t e
   T* relu = static_cast<T*>(a.relu);
   uint8_t q[kBlock];
   for_each_block(l, e0, e1, [&](int64_t i, int n, int64_t at) BLPA_INLINE {
-    const T* __restrict x = v + i;
-    if constexpr (NHWC) {
+    if constexpr (NHWC) {  // x is __restrict only here: the ReLU below writes v
+      const T* __restrict x = v + i;
       const int32_t* __restrict s = a.s + at;
       const float* __restrict dc = a.div + at;
       for (int k = 0; k < n; ++k)
         q[k] = static_cast<uint8_t>(codec::encode(codec::widen(x[k]) / dc[k], s[k], Bits, a.d));
     } else {
+      const T* __restrict x = v + i;
       const int32_t s = a.s[at];
       const float dc = a.div[at];
       for (int k = 0; k < n; ++k) q[k] = static_cast<uint8_t>(codec::encode(codec::widen(x[k]) / dc, s, Bits, a.d));
@@ -252,8 +254,8 @@ void pack_cpu(const PackArgs& a, const Layout& l) {
 struct UnpackArgs {
   const uint8_t* data;
   const int32_t* s;      // NCHW: [C]; NHWC: repeat_channels
-  const float* b;        // as s; null unless x_hat
-  const float* gamma;    // as s; null unless r
+  const float* b;        // as s (zeros unless x_hat is asked for)
+  const float* gamma;    // as s (zeros unless r is asked for)
   void* x_hat;           // null or the output
   void* r;
   bool* mask;
@@ -570,6 +572,7 @@ namespace {
 // relu: v itself, to receive max(v, 0) (pack_relu_), or undefined.
 Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, const at::Tensor& divisor,
                 bool relu, const at::Tensor& offsets = {}) {
+  RECORD_FUNCTION(relu ? "blpa::pack_relu_" : "blpa::pack", std::vector<c10::IValue>());  // a scope in --profile
   check_format(f);
   check_element_type(v.scalar_type(), "pack's activations");
   const bool nhwc = stored_nhwc(v, "pack's activations");
@@ -744,6 +747,7 @@ void unpack_into(const Codes& codes, const at::Tensor& b, const at::Tensor& gamm
 Unpacked unpack(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma, unsigned outputs,
                 at::ScalarType dtype) {
   TORCH_CHECK(codes.defined(), "blpa codec: unpack of empty codes");
+  RECORD_FUNCTION("blpa::unpack", std::vector<c10::IValue>());
   check_element_type(dtype, "unpack's dtype");
   const auto opts = codes.data.options().dtype(dtype).memory_format(
       codes.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
@@ -778,6 +782,7 @@ void check_grad(const Codes& codes, const at::Tensor& grad) {
 BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tensor& g, const at::Tensor& invstd,
                          at::Tensor g_r, bool in_place, std::optional<float> gamma_min) {
   TORCH_CHECK(codes.defined(), "blpa codec: bn_relu_backward of empty codes");
+  RECORD_FUNCTION("blpa::bn_relu_backward", std::vector<c10::IValue>());
   const CodeFormat& f = codes.format;
   check_format(f);
   check_grad(codes, g_r);
