@@ -81,9 +81,12 @@ Precision default_precision(const torch::Device& device) {
 }
 
 at::MemoryFormat default_layout(const torch::Device& device, Precision p) {
-  // CUDA bf16: NHWC, the layout of cuDNN's tensor-core convolutions (NVIDIA's published
-  // recipes); everything else NCHW, measured in docs/results.md, "Precision and layout".
-  return device.is_cuda() && p == Precision::bf16 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  // The CPU: NHWC, measured faster in every precision and mode (oneDNN's NHWC convolutions;
+  // docs/results.md, "Precision and layout"). CUDA: NHWC for bf16, the layout of cuDNN's
+  // tensor-core convolutions in NVIDIA's published recipes; NCHW for fp32/tf32, as measured
+  // before #15. The CUDA choice waits for a GPU measurement (gpu-check's step-precision).
+  if (!device.is_cuda()) return at::MemoryFormat::ChannelsLast;
+  return p == Precision::bf16 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
 Numerics numerics_for(const std::string& precision, const std::string& memory_format, const torch::Device& device) {
