@@ -533,8 +533,8 @@ void compare_with_checkpoint(const Checkpoint& ck, const TrainConfig& c) {
   }
   if (!refused.empty())
     throw FlagError("--resume: checkpoint " + ck.path + " belongs to a different run:" + refused +
-                    "\nresume with the same data set, augmentation, model, mode (bits, window, lift), batch, seed and "
-                    "world size, or start a new run");
+                    "\nresume with the same data set, augmentation, model, mode (bits, window, lift), batch, seed, "
+                    "precision and world size, or start a new run");
   if (!changed.empty()) spdlog::info("--resume: these settings differ from the checkpoint's and take effect:{}", changed);
 }
 

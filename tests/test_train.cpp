@@ -142,6 +142,12 @@ TEST_CASE("train: N iterations, then a resume for N more, equal 2N straight bit 
   const auto loss = logged(c.log_path, "loss");
   REQUIRE(loss.size() == 2);
   CHECK(std::isfinite(loss.back()));
+  // The precision is the run's identity; the layout may change on resume.
+  auto other = c;
+  other.iterations = 30;
+  other.export_path = "";
+  other.precision = std::string(precision) == "fp32" ? "bf16" : "fp32";
+  CHECK_THROWS_WITH(blpa::train(other), Catch::Contains("precision: checkpoint " + std::string(precision)));
   remove_tree(dir);
   }
 }
