@@ -332,6 +332,8 @@ int main(int argc, char** argv) {
     ("batch", "Images per batch (10-crop: times 10 crops)", cxxopts::value<std::string>()->default_value("50"))
     ("workers", "Decode threads", cxxopts::value<std::string>()->default_value("4"))
     ("device", "cpu, cuda or cuda:N", cxxopts::value<std::string>()->default_value("cpu"))
+    ("precision", "fp32, tf32 (CUDA only), bf16 or auto (tf32 on CUDA, fp32 on the CPU); as blpa-train's", cxxopts::value<std::string>()->default_value("auto"))
+    ("memory-format", "nchw, nhwc or auto; as blpa-train's", cxxopts::value<std::string>()->default_value("auto"))
     ("inputs", "Image files and folders", cxxopts::value<std::vector<std::string>>())
     ("h,help", "This help");
   // clang-format on
@@ -358,6 +360,8 @@ int main(int argc, char** argv) {
     o.eval.batch = blpa::number<int64_t>(a, "batch");
     o.eval.workers = blpa::number<int>(a, "workers");
     o.device = a["device"].as<std::string>();
+    o.eval.precision = a["precision"].as<std::string>();
+    o.eval.memory_format = a["memory-format"].as<std::string>();
     if (o.top_k <= 0) throw FlagError("--top-k must be positive");
     if (o.split != "test" && o.split != "train")
       throw FlagError("--split must be test or train, got '" + o.split + "'");
@@ -375,6 +379,7 @@ int main(int argc, char** argv) {
     } catch (const std::exception&) {
       throw FlagError("--device must be cpu, cuda or cuda:N, got '" + o.device + "'");
     }
+    blpa::numerics_for(o.eval.precision, o.eval.memory_format, torch::Device(o.device));  // the names
   } catch (const std::exception& ex) {
     std::cerr << "blpa-predict: " << blpa::error_message(ex) << "\nRun blpa-predict --help for the options.\n";
     return 2;
@@ -397,7 +402,11 @@ int main(int argc, char** argv) {
     if (!images && o.eval.ten_crop) throw FlagError("--ten-crop is for ImageNet-style checkpoints");
     Printer out{class_names(ck, o.names_file), o.top_k};
     blpa::ResNet model = blpa::load_model(ck);
-    model->to(torch::Device(o.device));
+    const torch::Device dev(o.device);
+    model->to(dev);
+    const blpa::Numerics numerics = blpa::numerics_for(o.eval.precision, o.eval.memory_format, dev);
+    model->set_numerics(numerics);
+    blpa::apply_precision(numerics.precision, dev);
     if (!images) return predict_records(model, ck, o, out) > 0 ? 0 : 1;
 
     std::vector<Input> inputs;
