@@ -109,46 +109,46 @@ TEST_CASE("train: plain and blpa-4 both learn on 2,000 Fashion-MNIST images", "[
 
 TEST_CASE("train: N iterations, then a resume for N more, equal 2N straight bit for bit", "[train]") {
   if (!have_fashion_mnist()) return;
-  // As configured by default (fp32, NCHW), and in bf16 with channels-last activations.
+  // In fp32 NCHW, and in bf16 with channels-last activations.
   for (const auto& [precision, layout] : {std::pair{"fp32", "nchw"}, std::pair{"bf16", "nhwc"}}) {
-  CAPTURE(precision, layout);
-  const auto dir = temp_dir("resume");
-  auto c = small(dir);
-  c.precision = precision;
-  c.memory_format = layout;
-  c.iterations = 20;
-  c.export_path = (dir / "straight.pt").string();
-  blpa::train(c);
+    CAPTURE(precision, layout);
+    const auto dir = temp_dir("resume");
+    auto c = small(dir);
+    c.precision = precision;
+    c.memory_format = layout;
+    c.iterations = 20;
+    c.export_path = (dir / "straight.pt").string();
+    blpa::train(c);
 
-  c.checkpoint = (dir / "ck.pt").string();
-  c.iterations = 10;
-  c.export_path = "";
-  c.overwrite = true;  // the log of the straight run
-  blpa::train(c);
-  c.iterations = 20;
-  c.overwrite = false;
-  c.resume = true;
-  c.export_path = (dir / "resumed.pt").string();
-  const auto r = blpa::train(c);
-  CHECK(r.iteration == 20);
+    c.checkpoint = (dir / "ck.pt").string();
+    c.iterations = 10;
+    c.export_path = "";
+    c.overwrite = true;  // the log of the straight run
+    blpa::train(c);
+    c.iterations = 20;
+    c.overwrite = false;
+    c.resume = true;
+    c.export_path = (dir / "resumed.pt").string();
+    const auto r = blpa::train(c);
+    CHECK(r.iteration == 20);
 
-  auto a = load_export(dir / "straight.pt"), b = load_export(dir / "resumed.pt");
-  REQUIRE(a.size() == b.size());
-  for (const auto& e : a) {
-    CAPTURE(e.key().toStringRef());
-    CHECK(e.value().toTensor().scalar_type() == torch::kFloat);  // bf16 trains float32 weights
-    CHECK(torch::equal(e.value().toTensor(), b.at(e.key()).toTensor()));
-  }
-  const auto loss = logged(c.log_path, "loss");
-  REQUIRE(loss.size() == 2);
-  CHECK(std::isfinite(loss.back()));
-  // The precision is the run's identity; the layout may change on resume.
-  auto other = c;
-  other.iterations = 30;
-  other.export_path = "";
-  other.precision = std::string(precision) == "fp32" ? "bf16" : "fp32";
-  CHECK_THROWS_WITH(blpa::train(other), Catch::Contains("precision: checkpoint " + std::string(precision)));
-  remove_tree(dir);
+    auto a = load_export(dir / "straight.pt"), b = load_export(dir / "resumed.pt");
+    REQUIRE(a.size() == b.size());
+    for (const auto& e : a) {
+      CAPTURE(e.key().toStringRef());
+      CHECK(e.value().toTensor().scalar_type() == torch::kFloat);  // bf16 trains float32 weights
+      CHECK(torch::equal(e.value().toTensor(), b.at(e.key()).toTensor()));
+    }
+    const auto loss = logged(c.log_path, "loss");
+    REQUIRE(loss.size() == 2);
+    CHECK(std::isfinite(loss.back()));
+    // The precision is the run's identity; the layout may change on resume.
+    auto other = c;
+    other.iterations = 30;
+    other.export_path = "";
+    other.precision = std::string(precision) == "fp32" ? "bf16" : "fp32";
+    CHECK_THROWS_WITH(blpa::train(other), Catch::Contains("precision: checkpoint " + std::string(precision)));
+    remove_tree(dir);
   }
 }
 
