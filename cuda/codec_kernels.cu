@@ -24,6 +24,7 @@
 #include <atomic>
 #include <type_traits>
 
+#include "blpa/codec_dispatch.h"
 #include "blpa/codec_math.h"
 
 namespace blpa::cuda {
@@ -575,31 +576,7 @@ __global__ void bn_nhwc_apply_kernel(BnBackwardParams p, NhwcWalk w) {
   }
 }
 
-// Calls f(std::integral_constant<int, K>{}) for the codes' bit width: one kernel per K.
-template <typename F>
-void with_bits(int bits, F&& f) {
-  switch (bits) {
-    case 8: return f(std::integral_constant<int, 8>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-  }
-  TORCH_CHECK(false, "blpa: codes of ", bits, " bits have no kernel (8, 4 or 2)");
-}
-
-// The one dispatch of the kernels on the codes' bit width, the element type and the layout:
-// calls f(std::integral_constant<int, K>{}, T{}, std::bool_constant<NHWC>{}), T float or
-// c10::BFloat16 (as the CPU path's dispatch in lib/codec.cpp).
-template <typename F>
-void dispatch(int bits, bool bf16, bool nhwc, F&& f) {
-  with_bits(bits, [&](auto k) {
-    auto by_layout = [&](auto t) {
-      if (nhwc) return f(k, t, std::true_type{});
-      return f(k, t, std::false_type{});
-    };
-    if (bf16) return by_layout(c10::BFloat16{});
-    return by_layout(float{});
-  });
-}
+using codec::dispatch;  // blpa/codec_dispatch.h: one kernel per (K, T, NHWC), as the CPU path's
 
 }  // namespace
 

@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "blpa/codec_dispatch.h"
 #include "blpa/codec_math.h"
 #if BLPA_WITH_CUDA
 #include "codec_kernels.h"
@@ -514,39 +515,16 @@ void bn_relu_backward_cpu(const BnArgs& a, const Layout& l) {
   }
 }
 
-// Calls f(std::integral_constant<int, K>{}) for the codes' bit width: one instantiation per K.
-template <typename F>
-void with_bits(int bits, F&& f) {
-  switch (bits) {
-    case 8: return f(std::integral_constant<int, 8>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-  }
-  TORCH_CHECK(false, "blpa codec: bits must be 8, 4 or 2, got ", bits);
-}
-
-// The one dispatch of the CPU paths on the codes' bit width, the element type (float32 or
-// bfloat16, `what` names the tensor in the error) and the layout: calls
-// f(std::integral_constant<int, K>{}, T{}, std::bool_constant<NHWC>{}).
-template <typename F>
-void dispatch(int bits, at::ScalarType dtype, bool nhwc, const char* what, F&& f) {
-  with_bits(bits, [&](auto k) {
-    auto by_layout = [&](auto t) {
-      if (nhwc) return f(k, t, std::true_type{});
-      return f(k, t, std::false_type{});
-    };
-    switch (dtype) {
-      case at::kFloat: return by_layout(float{});
-      case at::kBFloat16: return by_layout(c10::BFloat16{});
-      default: break;
-    }
-    TORCH_CHECK(false, "blpa codec: ", what, " must be float32 or bfloat16, got ", dtype);
-  });
-}
-
 void check_element_type(at::ScalarType dtype, const char* what) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "blpa codec: ", what,
               " must be float32 or bfloat16, got ", dtype);
+}
+
+// codec::dispatch for a tensor's dtype (`what` names it in the error).
+template <typename F>
+void dispatch(int bits, at::ScalarType dtype, bool nhwc, const char* what, F&& f) {
+  check_element_type(dtype, what);
+  codec::dispatch(bits, dtype == at::kBFloat16, nhwc, std::forward<F>(f));
 }
 
 void check_channel_vector(const at::Tensor& t, const char* name, const at::Tensor& like, int64_t channels) {
