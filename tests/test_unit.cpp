@@ -37,18 +37,23 @@ struct Result {
   std::vector<torch::Tensor> gw;
 };
 
+// A unit of `mode` whose BatchNorm parameters and running mean are drawn for `seed` (after
+// its weights): every unit of a test case, in every mode, has the same ones.
+Unit drawn_unit(const Case& k, ModeConfig mode, uint64_t seed) {
+  torch::manual_seed(seed);
+  Unit u(k.c, k.convs, mode);
+  torch::NoGradGuard g;
+  u->gamma.copy_(torch::rand({k.c}) + 0.5);
+  u->beta.copy_(torch::randn({k.c}));
+  u->running_mean.copy_(torch::randn({k.c}) * 0.1);
+  return u;
+}
+
 // Builds a unit of `mode` with the parameters drawn for `seed`, runs forward and backward
 // of sum(y_i * probe_i) and returns everything that should match the oracle.
 Result run_unit(const Case& k, ModeConfig mode, torch::Dtype dtype, uint64_t seed) {
-  torch::manual_seed(seed);
-  Unit u(k.c, k.convs, mode);
-  u->to(dtype);
-  {
-    torch::NoGradGuard g;
-    u->gamma.copy_(torch::rand({k.c}) + 0.5);
-    u->beta.copy_(torch::randn({k.c}));
-    u->running_mean.copy_(torch::randn({k.c}) * 0.1);
-  }
+  Unit u = drawn_unit(k, mode, seed);
+  u->to(dtype);  // the float draws, exactly
   auto x = (torch::randn({k.n, k.c, k.hw, k.hw}) * 2 + 0.5).to(dtype).requires_grad_();
   auto y = u->forward(x);
   torch::Tensor loss = torch::zeros({}, dtype);
@@ -99,14 +104,7 @@ namespace {
 // run_unit with float32 parameters and activations of `dtype` in `layout`: the unit as the
 // networks run it in bf16 or NHWC. The loss is summed in float32.
 Result run_unit_as(const Case& k, ModeConfig mode, torch::Dtype dtype, at::MemoryFormat layout, uint64_t seed) {
-  torch::manual_seed(seed);
-  Unit u(k.c, k.convs, mode);
-  {
-    torch::NoGradGuard g;
-    u->gamma.copy_(torch::rand({k.c}) + 0.5);
-    u->beta.copy_(torch::randn({k.c}));
-    u->running_mean.copy_(torch::randn({k.c}) * 0.1);
-  }
+  Unit u = drawn_unit(k, mode, seed);
   auto x = (torch::randn({k.n, k.c, k.hw, k.hw}) * 2 + 0.5).to(dtype).contiguous(layout).requires_grad_();
   auto y = u->forward(x);
   torch::Tensor loss = torch::zeros({});
@@ -292,14 +290,7 @@ namespace {
 // on x_hat' for exact and naive, the codes' for blpa. Parameters and probes are drawn as in
 // run_unit, so the two must agree bit for bit.
 Result composed_unit(const Case& k, ModeConfig mode, uint64_t seed) {
-  torch::manual_seed(seed);
-  Unit u(k.c, k.convs, mode);
-  {
-    torch::NoGradGuard g;
-    u->gamma.copy_(torch::rand({k.c}) + 0.5);
-    u->beta.copy_(torch::randn({k.c}));
-    u->running_mean.copy_(torch::randn({k.c}) * 0.1);
-  }
+  Unit u = drawn_unit(k, mode, seed);
   const auto x = torch::randn({k.n, k.c, k.hw, k.hw}) * 2 + 0.5;
   torch::NoGradGuard no_grad;
   const Tensor &gamma = u->gamma, &beta = u->beta;
