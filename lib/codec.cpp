@@ -6,6 +6,7 @@
 #include <ATen/record_function.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -853,6 +854,17 @@ at::Tensor code_values(const Codes& codes) {
   for (int shift = 0; shift < 8; shift += bits)
     fields.push_back(at::bitwise_and(at::bitwise_right_shift(codes.data, shift), (1 << bits) - 1));
   return logical(at::stack(fields, 1).flatten().narrow(0, 0, n));
+}
+
+int codec_parallel_threads(int64_t tasks) {
+  std::vector<std::atomic<int>> seen(static_cast<size_t>(std::max(1, at::get_num_threads())));
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    const int t = at::get_thread_num();
+    if (t >= 0 && t < static_cast<int>(seen.size())) seen[t].store(1);
+  });
+  int n = 0;
+  for (const auto& s : seen) n += s.load();
+  return n;
 }
 
 }  // namespace blpa

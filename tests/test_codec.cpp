@@ -742,6 +742,43 @@ TEST_CASE("codec: bn_relu_backward's sums and g_x are pinned bit for bit, for an
   at::set_num_threads(threads);
 }
 
+TEST_CASE("codec: the CPU loops run on two threads and give the bits of one", "[codec]") {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(2);
+  // 1 when the codec is built without OpenMP: at::parallel_for then runs serially (it did
+  // until lib/CMakeLists.txt linked OpenMP, at 2a9d79b and before).
+  CHECK(blpa::codec_parallel_threads(8) == 2);
+  torch::manual_seed(31);
+  const int64_t C = 16;
+  auto b = torch::randn({C}), gamma = torch::rand({C}) + 0.1, invstd = torch::rand({C}) + 0.5;
+  for (int bits : {8, 4, 2}) {
+    for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+      for (bool cl : {false, true}) {
+        CAPTURE(bits, dtype, cl);
+        // 147,456 elements: several grains of the element loops (32,768), 36 row chunks of
+        // the NHWC sums, and channels for both threads of the NCHW ones.
+        auto v = (torch::randn({4, C, 48, 48}) * 2).to(dtype), g_r = torch::randn({4, C, 48, 48}).to(dtype);
+        if (cl) v = nhwc(v), g_r = nhwc(g_r);
+        const unsigned all = blpa::kXhat | blpa::kRelu | blpa::kMask;
+        auto run = [&](int t) {
+          at::set_num_threads(t);
+          auto r = v.clone();
+          auto codes = blpa::pack_relu_(r, b, blpa::default_format(bits), gamma);
+          auto u = blpa::unpack(codes, b, gamma, all, dtype);
+          auto bn = blpa::bn_relu_backward(codes, b, gamma, invstd, g_r, false);
+          return std::vector<torch::Tensor>{codes.data, r, u.x_hat, u.r, u.mask, bn.g_x, bn.g_g, bn.g_beta};
+        };
+        const auto one = run(1), two = run(2);
+        for (size_t i = 0; i < one.size(); ++i) {
+          CAPTURE(i);
+          CHECK(torch::equal(one[i], two[i]));
+        }
+      }
+    }
+  }
+  at::set_num_threads(threads);
+}
+
 TEST_CASE("codec: unsupported dtypes and layouts are refused with a clear message", "[codec]") {
   auto b = torch::zeros({3});
   auto v = torch::randn({2, 3, 4, 5});

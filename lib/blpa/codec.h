@@ -128,4 +128,10 @@ BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tens
 // inspection, not on the training path).
 at::Tensor code_values(const Codes& codes);
 
+// How many threads the CPU codec's loops run on: the distinct threads of one at::parallel_for
+// of `tasks` tasks, compiled where those loops are. at::parallel_for is a header template; in
+// an OpenMP LibTorch, code built without -fopenmp runs it on one thread, whatever
+// at::get_num_threads() says. For tests of the build.
+int codec_parallel_threads(int64_t tasks);
+
 }  // namespace blpa
