@@ -60,18 +60,23 @@ Isa cpu_isa() {
   return isa;
 }
 
+// f's argument: whether floorf is one vector instruction in this copy (codec::floor_small).
+using VectorFloor = std::true_type;
+using NoVectorFloor = std::false_type;
+
 #if defined(__x86_64__) && defined(__GNUC__)
 template <typename F>
 __attribute__((target("avx2"))) void run_avx2(const F& f) {
-  f();
+  f(VectorFloor{});
 }
 template <typename F>
 __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"))) void run_avx512(const F& f) {
-  f();
+  f(VectorFloor{});
 }
 #endif
 
-// Runs f (a lambda marked BLPA_INLINE) in the copy for the CPU's ISA.
+// Runs f (a lambda marked BLPA_INLINE, taking VectorFloor or NoVectorFloor) in the copy for
+// the CPU's ISA.
 template <typename F>
 void with_isa(const F& f) {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -81,7 +86,7 @@ void with_isa(const F& f) {
     case Isa::base: break;
   }
 #endif
-  f();
+  f(NoVectorFloor{});
 }
 
 // Work is split into element ranges that start on a byte boundary of the packed codes, so
@@ -219,7 +224,8 @@ struct PackArgs {
 };
 
 // div: the per-channel divisor (all ones when the caller gave none; x / 1 is exact).
-template <int Bits, typename T, bool NHWC>
+// VF: encode's floor is floorf (codec::floor_small).
+template <int Bits, typename T, bool NHWC, bool VF>
 BLPA_INLINE inline void pack_range(const PackArgs& a, const Layout& l, int64_t e0, int64_t e1) {
   const T* v = static_cast<const T*>(a.v);
   T* relu = static_cast<T*>(a.relu);
@@ -230,12 +236,13 @@ BLPA_INLINE inline void pack_range(const PackArgs& a, const Layout& l, int64_t e
       const int32_t* __restrict s = a.s + at;
       const float* __restrict dc = a.div + at;
       for (int k = 0; k < n; ++k)
-        q[k] = static_cast<uint8_t>(codec::encode(codec::widen(x[k]) / dc[k], s[k], Bits, a.d));
+        q[k] = static_cast<uint8_t>(codec::encode<VF>(codec::widen(x[k]) / dc[k], s[k], Bits, a.d));
     } else {
       const T* __restrict x = v + i;
       const int32_t s = a.s[at];
       const float dc = a.div[at];
-      for (int k = 0; k < n; ++k) q[k] = static_cast<uint8_t>(codec::encode(codec::widen(x[k]) / dc, s, Bits, a.d));
+      for (int k = 0; k < n; ++k)
+        q[k] = static_cast<uint8_t>(codec::encode<VF>(codec::widen(x[k]) / dc, s, Bits, a.d));
     }
     store_codes<Bits>(a.out, i, n, q);
     if (relu) {  // v itself, once the block is encoded
@@ -249,7 +256,9 @@ template <int Bits, typename T, bool NHWC>
 void pack_cpu(const PackArgs& a, const Layout& l) {
   constexpr int per = kPerByte<Bits>;
   at::parallel_for(0, (l.numel + per - 1) / per, kGrain, [&](int64_t pb, int64_t pe) {
-    with_isa([&]() BLPA_INLINE { pack_range<Bits, T, NHWC>(a, l, pb * per, std::min(pe * per, l.numel)); });
+    with_isa([&](auto vector_floor) BLPA_INLINE {
+      pack_range<Bits, T, NHWC, decltype(vector_floor)::value>(a, l, pb * per, std::min(pe * per, l.numel));
+    });
   });
 }
 
@@ -305,7 +314,7 @@ BLPA_INLINE inline void unpack_range(const UnpackArgs& a, const Layout& l, int64
 template <int Bits, typename T, bool NHWC>
 void unpack_cpu(const UnpackArgs& a, const Layout& l) {
   at::parallel_for(0, l.numel, kGrain, [&](int64_t e0, int64_t e1) {
-    with_isa([&]() BLPA_INLINE { unpack_range<Bits, T, NHWC>(a, l, e0, e1); });
+    with_isa([&](auto) BLPA_INLINE { unpack_range<Bits, T, NHWC>(a, l, e0, e1); });
   });
 }
 
@@ -475,7 +484,7 @@ template <int Bits, typename T, bool NHWC>
 void bn_relu_backward_cpu(const BnArgs& a, const Layout& l) {
   if constexpr (!NHWC) {
     at::parallel_for(0, l.channels, 1, [&](int64_t c0, int64_t c1) {
-      with_isa([&]() BLPA_INLINE { bn_channels_nchw<Bits, T>(a, l, c0, c1); });
+      with_isa([&](auto) BLPA_INLINE { bn_channels_nchw<Bits, T>(a, l, c0, c1); });
     });
   } else {
     // The chunks' lanes in groups of at most kChunks (a bounded scratch: 2 x 8 x C floats a
@@ -488,7 +497,7 @@ void bn_relu_backward_cpu(const BnArgs& a, const Layout& l) {
     for (int64_t first = 0; first < chunks; first += group) {
       const int64_t last = std::min(chunks, first + group);
       at::parallel_for(first, last, 1, [&](int64_t k0, int64_t k1) {
-        with_isa([&]() BLPA_INLINE { bn_lanes_nhwc<Bits, T>(a, l, k0, k1, first, lanes_a.data(), lanes_ax.data()); });
+        with_isa([&](auto) BLPA_INLINE { bn_lanes_nhwc<Bits, T>(a, l, k0, k1, first, lanes_a.data(), lanes_ax.data()); });
       });
       at::parallel_for(0, l.channels, 16, [&](int64_t c0, int64_t c1) {
         bn_reduce_lanes(lanes_a.data(), lanes_ax.data(), last - first, l.channels, c0, c1, sum_a.data(),
@@ -511,7 +520,7 @@ void bn_relu_backward_cpu(const BnArgs& a, const Layout& l) {
     auto max = repeat_channels<float>(l.channels, [&](int64_t c) { return mean_ax[c]; });
     const BnApplyNhwc p{s.data(), b.data(), sc.data(), ma.data(), max.data()};
     at::parallel_for(0, l.numel, kGrain, [&](int64_t e0, int64_t e1) {
-      with_isa([&]() BLPA_INLINE { bn_apply_nhwc<Bits, T>(a, p, l, e0, e1); });
+      with_isa([&](auto) BLPA_INLINE { bn_apply_nhwc<Bits, T>(a, p, l, e0, e1); });
     });
   }
 }

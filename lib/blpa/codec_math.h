@@ -7,13 +7,14 @@
 // K). Callers compute d once with bin_width.
 //
 // Bit-identical CPU/GPU results rest on using only IEEE-exact operations here:
-// float subtraction, division and multiplication, comparisons, and float->int truncation.
-// No floorf (it would not vectorise on baseline x86-64) and no fused multiply-add: the
+// float subtraction, division and multiplication, comparisons, floor and float->int truncation.
+// No fused multiply-add: the
 // CUDA sources are compiled with --fmad=false and the CPU sources with -ffp-contract=off.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -33,8 +34,13 @@ BLPA_HD int num_bins(int bits) { return 1 << bits; }
 // method, to the bit (one IEEE division either way).
 BLPA_HD float bin_width(float window, int bits) { return window / static_cast<float>(1 << bits); }
 
-// floor(y) for y already clamped to a range where int conversion is defined.
+// floor(y) for y already clamped to a range where int conversion is defined. Both ways are
+// exact, so they give the same bits: VectorFloor uses floorf, one instruction where the target
+// has one (CUDA; x86 from SSE4.1 on: the CPU loops' AVX2 and AVX-512 copies); otherwise
+// truncate and correct, which baseline x86-64 (SSE2) vectorises and floorf would not.
+template <bool VectorFloor = false>
 BLPA_HD int floor_small(float y) {
+  if constexpr (VectorFloor) return static_cast<int>(floorf(y));
   const int t = static_cast<int>(y);  // truncates toward zero
   return t - (y < static_cast<float>(t) ? 1 : 0);
 }
@@ -60,13 +66,14 @@ BLPA_HD int offset(float b, int bits, float d, float lift) {
 // The floor is taken before s is added: floor(y + s) in float could round y = -tiny up to s
 // and turn the mask on for a negative value. NaN and -Inf encode as 0, +Inf as B - 1.
 // Since 1 <= s <= B - 1, code >= s exactly when v - guard >= 0, for every K and window.
+template <bool VectorFloor = false>
 BLPA_HD uint32_t encode(float v, int s, int bits, float d) {
   const int top = num_bins(bits) - 1;
   const float lim = static_cast<float>(top + 1);
   float y = (v - kGuard) / d;
   y = y > -lim ? y : -lim;  // NaN -> -lim -> code 0
   y = y < lim ? y : lim;
-  int code = floor_small(y) + s;
+  int code = floor_small<VectorFloor>(y) + s;
   code = code > 0 ? code : 0;
   code = code < top ? code : top;
   return static_cast<uint32_t>(code);
