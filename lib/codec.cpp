@@ -497,7 +497,9 @@ void bn_relu_backward_cpu(const BnArgs& a, const Layout& l) {
     for (int64_t first = 0; first < chunks; first += group) {
       const int64_t last = std::min(chunks, first + group);
       at::parallel_for(first, last, 1, [&](int64_t k0, int64_t k1) {
-        with_isa([&](auto) BLPA_INLINE { bn_lanes_nhwc<Bits, T>(a, l, k0, k1, first, lanes_a.data(), lanes_ax.data()); });
+        with_isa([&](auto) BLPA_INLINE {
+          bn_lanes_nhwc<Bits, T>(a, l, k0, k1, first, lanes_a.data(), lanes_ax.data());
+        });
       });
       at::parallel_for(0, l.channels, 16, [&](int64_t c0, int64_t c1) {
         bn_reduce_lanes(lanes_a.data(), lanes_ax.data(), last - first, l.channels, c0, c1, sum_a.data(),

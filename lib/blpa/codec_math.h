@@ -7,9 +7,9 @@
 // K). Callers compute d once with bin_width.
 //
 // Bit-identical CPU/GPU results rest on using only IEEE-exact operations here:
-// float subtraction, division and multiplication, comparisons, floor and float->int truncation.
-// No fused multiply-add: the
-// CUDA sources are compiled with --fmad=false and the CPU sources with -ffp-contract=off.
+// float subtraction, division and multiplication, comparisons, floor and float->int
+// truncation. No fused multiply-add: the CUDA sources are compiled with --fmad=false and the
+// CPU sources with -ffp-contract=off.
 #pragma once
 
 #include <c10/util/BFloat16.h>
