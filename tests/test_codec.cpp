@@ -499,13 +499,30 @@ TEST_CASE("codec: bn_relu_backward with gamma_min passes no gradient to clamped 
   CHECK(torch::allclose(masked.g_x, free.g_x, 0, 0, /*equal_nan=*/true));
 }
 
+namespace {
+
+// The channel values bn_relu_backward takes, drawn in this order: b = beta / gamma, the
+// clamped gamma g (at least 0.2) and 1/sigma (at least 0.5).
+struct BnChannels {
+  torch::Tensor b, g, invstd;
+};
+BnChannels draw_bn_channels(int64_t c) {
+  BnChannels p;
+  p.b = torch::randn({c});
+  p.g = torch::rand({c}) + 0.2;
+  p.invstd = torch::rand({c}) + 0.5;
+  return p;
+}
+
+}  // namespace
+
 TEST_CASE("codec: bn_relu_backward equals the BatchNorm backward of the masked gradient and x_hat'", "[codec]") {
   torch::manual_seed(13);
   for (const CodeFormat& f : formats()) {
     for (const auto& shape : bn_shapes()) {
       CAPTURE(f.bits, f.window, f.lift, shape);
       const int64_t c = shape[1];
-      auto b = torch::randn({c}), g = torch::rand({c}) + 0.2, invstd = torch::rand({c}) + 0.5;
+      auto [b, g, invstd] = draw_bn_channels(c);
       auto v = torch::randn(shape) + b.view(shape.size() == 2 ? std::vector<int64_t>{1, c} : std::vector<int64_t>{1, c, 1, 1});
       auto codes = pack(v, b, f);
       auto g_r = torch::randn(shape);
@@ -525,7 +542,7 @@ TEST_CASE("codec: bn_relu_backward equals the BatchNorm backward of the masked g
     }
   }
   SECTION("it is LibTorch's BatchNorm backward with x_hat' as input, mean 0 and 1/sigma 1") {
-    auto b = torch::randn({6}), g = torch::rand({6}) + 0.2, invstd = torch::rand({6}) + 0.5;
+    auto [b, g, invstd] = draw_bn_channels(6);
     auto codes = blpa::pack(torch::randn({5, 6, 7, 7}), b, {4});
     auto g_r = torch::randn({5, 6, 7, 7});
     auto u = blpa::unpack(codes, b, {}, blpa::kXhat | blpa::kMask);
@@ -674,7 +691,7 @@ TEST_CASE("codec: bn_relu_backward gives the same bits for channels-last and bf1
     for (const auto& shape : layout_shapes()) {
       CAPTURE(f.bits, f.window, f.lift, shape);
       const int64_t c = shape[1];
-      auto b = torch::randn({c}), g = torch::rand({c}) + 0.2, invstd = torch::rand({c}) + 0.5;
+      auto [b, g, invstd] = draw_bn_channels(c);
       auto v = torch::randn(shape) + b.view({1, c, 1, 1});
       auto g_r = torch::randn(shape).to(torch::kBFloat16).to(torch::kFloat);  // bf16 values
       g_r.view(-1)[0] = std::nanf("");  // masked or not, as in NCHW
@@ -863,7 +880,7 @@ TEST_CASE("CUDA: bn_relu_backward matches the CPU path", "[codec][cuda]") {
     for (const auto& shape : shapes) {
       CAPTURE(f.bits, f.window, f.lift, shape);
       const int64_t c = shape[1];
-      auto b = torch::randn({c}), g = torch::rand({c}) + 0.2, invstd = torch::rand({c}) + 0.5;
+      auto [b, g, invstd] = draw_bn_channels(c);
       auto codes = pack(torch::randn(shape), b, f);
       auto g_r = torch::randn(shape);
       auto cpu = blpa::bn_relu_backward(codes, b, g, invstd, g_r, false);
@@ -956,7 +973,7 @@ TEST_CASE("CUDA: bn_relu_backward of bf16 and channels-last gradients matches th
         for (bool cl : {false, true}) {
           CAPTURE(f.bits, f.window, f.lift, shape, dtype, cl);
           const int64_t c = shape[1];
-          auto b = torch::randn({c}), g = torch::rand({c}) + 0.2, invstd = torch::rand({c}) + 0.5;
+          auto [b, g, invstd] = draw_bn_channels(c);
           auto v = torch::randn(shape) + b.view({1, c, 1, 1});
           auto g_r = torch::randn(shape).to(dtype);
           if (cl) v = nhwc(v), g_r = nhwc(g_r);
