@@ -1,0 +1,698 @@
+// The CUDA kernels of the codec and their launchers. The element math is blpa/codec_math.h,
+// shared with the CPU path; this file only decides how threads walk the tensor.
+//
+// Two compilers read this file. nvcc builds it for the GPU through codec_kernels.cu, which
+// supplies what a launch needs from CUDA and LibTorch; g++ builds it for the tests'
+// emulator (tests/cuda_emulator.h), which runs every thread of a grid on the CPU, so the
+// kernels' walks are tested where there is no GPU. The includer defines:
+//   BLPA_KERNELS_NAMESPACE  where the launchers of codec_kernels.h are defined
+//   BLPA_KERNEL_TARGET      a namespace with: Stream, sm_count(device),
+//                           current_stream(device), DeviceGuard(device), launch_check(),
+//                           and the device functions load<V>(p) and store(p, v): one
+//                           vector access, which on the GPU faults unless p is aligned
+//   BLPA_LAUNCH(grid, block, stream, kernel)(args)   a kernel launch
+//
+// Layout: each pack thread handles groups of 8 consecutive elements, grid-stride (unpack: 4).
+//   8-bit: 8 codes = one 8-byte store     4-bit: 8 codes = one 4-byte store,
+//   element 2j in the low nibble and 2j+1 in the high nibble of byte j
+//   2-bit: 8 codes = one 2-byte store, element 4j+t in bits 2t, 2t+1 of byte j.
+// A thread owns whole bytes, so two codes that share a byte are written by one thread.
+// A group's elements are loaded/stored as one vector when the pointer is aligned: 8 floats
+// as two 16-byte accesses, 8 bf16 as one (4 for unpack: 16 or 8 bytes); the last, partial
+// group and misaligned tensors take the scalar path. NHWC (channels-last) tensors are walked
+// in the same memory order; only the channel of an element differs (i % channels), and the
+// BatchNorm backward walks them by rows of channels (bn_nhwc_*). Every per-element loop is
+// unrolled over the whole group with a guard, so the small arrays stay in registers
+// (a loop bounded by n put them in local memory: check `-Xptxas -v` for 0 bytes of stack).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "codec_kernels.h"
+
+#include "blpa/codec_dispatch.h"
+#include "blpa/codec_math.h"
+
+namespace BLPA_KERNELS_NAMESPACE {
+using namespace ::blpa::cuda;  // the parameter structs of codec_kernels.h
+namespace {
+
+namespace target = BLPA_KERNEL_TARGET;
+
+constexpr int kGroup = 8;
+constexpr int kThreads = 256;
+
+struct Launch {
+  int blocks;
+  target::Stream stream;
+};
+
+// The grid cap: 16 blocks of kThreads per SM, two waves of the 8 an SM holds at once.
+int64_t grid_cap(int device) { return int64_t{target::sm_count(device)} * 16; }
+
+// One helper for every launch: empty work returns early, the grid is capped (grid-stride
+// loops cover the rest) and the stream is LibTorch's current one for the device.
+Launch launch_config(int64_t work_items, int device) {
+  const int64_t blocks = std::min<int64_t>((work_items + kThreads - 1) / kThreads, grid_cap(device));
+  return {static_cast<int>(std::max<int64_t>(blocks, 1)), target::current_stream(device)};
+}
+
+__host__ __device__ __forceinline__ bool aligned(const void* p, uintptr_t bytes) {
+  return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
+}
+
+// Where a group of n elements starting at e0 lies: the channel of its first element, and
+// whether all n share it (a group straddles two planes only at a plane's end). Below 2^32
+// elements the index math is 32-bit: the GPU emulates 64-bit division in software, and with
+// it the kernels were bound by integer instructions, not by memory.
+struct Group {
+  int64_t c0;
+  bool one_channel;
+};
+
+__device__ __forceinline__ Group locate(int64_t e0, int n, int64_t plane, int64_t channels, bool narrow) {
+  if (narrow) {
+    const uint32_t e = static_cast<uint32_t>(e0), pl = static_cast<uint32_t>(plane);
+    const uint32_t q = e / pl;
+    return {static_cast<int64_t>(q % static_cast<uint32_t>(channels)), e - q * pl + n <= pl};
+  }
+  const int64_t q = e0 / plane;
+  return {q % channels, e0 - q * plane + n <= plane};
+}
+
+__device__ __forceinline__ bool narrow_indices(int64_t numel) { return numel <= int64_t{0xFFFFFFF0}; }
+
+// The channel of element e, for the rare groups that straddle two planes.
+__device__ __forceinline__ int64_t channel_at(int64_t e, int64_t plane, int64_t channels) {
+  return (e / plane) % channels;
+}
+
+// The offset of each of the G elements of a group.
+template <int G>
+__device__ __forceinline__ void group_offsets(const uint8_t* offsets, const Group& gr, int64_t e0, int64_t plane,
+                                              int64_t channels, int s[G]) {
+  if (gr.one_channel) {
+    const int sc = offsets[gr.c0];
+#pragma unroll
+    for (int k = 0; k < G; ++k) s[k] = sc;
+  } else {
+#pragma unroll
+    for (int k = 0; k < G; ++k) s[k] = offsets[channel_at(e0 + k, plane, channels)];
+  }
+}
+
+// The channel of each of the G elements of a group from e0 (G <= n elements valid), in either
+// layout. NHWC: consecutive elements take consecutive channels, wrapping at `channels`.
+template <int G, bool NHWC>
+__device__ __forceinline__ void group_channels(int64_t e0, int n, int64_t plane, int64_t channels, bool narrow,
+                                               int64_t ch[G]) {
+  if constexpr (NHWC) {
+    int64_t c = narrow ? static_cast<int64_t>(static_cast<uint32_t>(e0) % static_cast<uint32_t>(channels))
+                       : e0 % channels;
+#pragma unroll
+    for (int k = 0; k < G; ++k) {
+      ch[k] = c;
+      c = c + 1 == channels ? 0 : c + 1;
+    }
+  } else {
+    const Group gr = locate(e0, n, plane, channels, narrow);
+#pragma unroll
+    for (int k = 0; k < G; ++k) ch[k] = gr.one_channel ? gr.c0 : channel_at(e0 + k, plane, channels);
+  }
+}
+
+// N elements of type T as one aligned access: 8 floats are two 16-byte loads, 8 bf16 one.
+template <typename T, int N>
+struct alignas(N * sizeof(T) < 16 ? N * sizeof(T) : 16) Elems {
+  T v[N];
+};
+
+template <typename T, int N>
+__host__ __device__ __forceinline__ bool elems_aligned(const void* p) {
+  return aligned(p, alignof(Elems<T, N>));
+}
+
+template <typename T>
+__device__ __forceinline__ T zero() {
+  return codec::round_to<T>(0.0f);
+}
+
+__global__ void offsets_kernel(OffsetParams p) {
+  for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < p.channels;
+       c += int64_t{gridDim.x} * blockDim.x)
+    p.offsets[c] = static_cast<uint8_t>(codec::offset(p.b[c], p.bits, codec::bin_width(p.window, p.bits), p.lift));
+}
+
+__global__ void channel_kernel(ChannelParams p) {
+  for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < p.channels;
+       c += int64_t{gridDim.x} * blockDim.x) {
+    const float gamma = p.gamma[c];
+    const float g = gamma < p.gamma_min ? p.gamma_min : gamma;  // NaN stays NaN, as clamp_min
+    const float b = p.centred ? __fdiv_rn(p.beta[c], g) : 0.0f;
+    p.g[c] = g;
+    p.b[c] = b;
+    p.offsets[c] = static_cast<uint8_t>(codec::offset(b, p.bits, codec::bin_width(p.window, p.bits), p.lift));
+  }
+}
+
+template <int Bits, typename T, bool NHWC>
+__global__ void pack_kernel(PackParams p) {
+  const T* v = static_cast<const T*>(p.v);
+  T* relu = static_cast<T*>(p.relu);
+  const int64_t groups = (p.numel + kGroup - 1) / kGroup;
+  const bool vec = elems_aligned<T, kGroup>(v), narrow = narrow_indices(p.numel);
+  const bool relu_vec = elems_aligned<T, kGroup>(relu);
+  const float d = codec::bin_width(p.window, Bits);
+  for (int64_t g = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g < groups; g += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t e0 = g * kGroup;
+    const int n = static_cast<int>(min(int64_t{kGroup}, p.numel - e0));
+    Elems<T, kGroup> raw;
+    if (vec && n == kGroup) {
+      raw = target::load<Elems<T, kGroup>>(v + e0);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k) raw.v[k] = k < n ? v[e0 + k] : zero<T>();
+    }
+    if (relu) {  // the unit's ReLU, written where it may alias v: this thread has read it
+      Elems<T, kGroup> y;
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k) y.v[k] = codec::widen(raw.v[k]) < 0.0f ? zero<T>() : raw.v[k];
+      if (relu_vec && n == kGroup) {
+        target::store(relu + e0, y);
+      } else {
+#pragma unroll
+        for (int k = 0; k < kGroup; ++k)
+          if (k < n) relu[e0 + k] = y.v[k];
+      }
+    }
+    float x[kGroup];
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) x[k] = codec::widen(raw.v[k]);
+    int s[kGroup];
+    if constexpr (NHWC) {
+      int64_t ch[kGroup];
+      group_channels<kGroup, true>(e0, n, p.plane, p.channels, narrow, ch);
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k) {
+        s[k] = p.offsets[ch[k]];
+        if (p.divisor) x[k] = __fdiv_rn(x[k], p.divisor[ch[k]]);
+      }
+    } else {
+      const Group gr = locate(e0, n, p.plane, p.channels, narrow);
+      group_offsets<kGroup>(p.offsets, gr, e0, p.plane, p.channels, s);
+      if (p.divisor) {
+#pragma unroll
+        for (int k = 0; k < kGroup; ++k)
+          x[k] = __fdiv_rn(x[k], p.divisor[gr.one_channel ? gr.c0 : channel_at(e0 + k, p.plane, p.channels)]);
+      }
+    }
+    uint32_t q[kGroup];
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) q[k] = codec::encode(x[k], s[k], Bits, d);
+
+    if constexpr (Bits == 8) {
+      uint8_t* out = p.codes + e0;
+      if (n == kGroup) {
+        uint2 w;
+        w.x = q[0] | q[1] << 8 | q[2] << 16 | q[3] << 24;
+        w.y = q[4] | q[5] << 8 | q[6] << 16 | q[7] << 24;
+        target::store(out, w);
+      } else {
+#pragma unroll
+        for (int k = 0; k < kGroup; ++k)
+          if (k < n) out[k] = static_cast<uint8_t>(q[k]);
+      }
+    } else if constexpr (Bits == 4) {
+      uint8_t* out = p.codes + e0 / 2;
+      if (n == kGroup) {
+        uint32_t w = 0;
+#pragma unroll
+        for (int k = 0; k < kGroup; ++k) w |= q[k] << (4 * k);
+        target::store(out, w);
+      } else {
+#pragma unroll
+        for (int k = 0; k < kGroup; k += 2) {  // the padding nibble past an odd count is 0
+          const uint32_t hi = k + 1 < n ? q[k + 1] : 0u;
+          if (k < n) out[k / 2] = static_cast<uint8_t>(q[k] | hi << 4);
+        }
+      }
+    } else {
+      static_assert(Bits == 2, "codes are 8, 4 or 2 bits");
+      uint8_t* out = p.codes + e0 / 4;
+      uint32_t w = 0;  // codes past n are 0: the padding of the last byte
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k) w |= (k < n ? q[k] : 0u) << (2 * k);
+      if (n == kGroup) {
+        target::store(out, static_cast<uint16_t>(w));
+      } else {
+        out[0] = static_cast<uint8_t>(w);
+        if (n > 4) out[1] = static_cast<uint8_t>(w >> 8);
+      }
+    }
+  }
+}
+
+// The codes of 4 consecutive elements from e (a multiple of 4) as one 32-bit (8-bit codes),
+// 16-bit (4-bit) or 8-bit (2-bit) word, and the code of one element.
+template <int Bits>
+__device__ __forceinline__ void read_codes4(const uint8_t* codes, int64_t e, uint32_t q[4]) {
+  uint32_t w;
+  if constexpr (Bits == 8)
+    w = target::load<uint32_t>(codes + e);
+  else if constexpr (Bits == 4)
+    w = target::load<uint16_t>(codes + e / 2);
+  else
+    w = codes[e / 4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) q[k] = (w >> (Bits * k)) & ((1u << Bits) - 1);
+}
+
+template <int Bits>
+__device__ __forceinline__ uint32_t read_code(const uint8_t* codes, int64_t e) {
+  if constexpr (Bits == 8) {
+    return codes[e];
+  } else {
+    constexpr int shift = Bits == 4 ? 1 : 2;  // e / codes per byte
+    return (codes[e >> shift] >> (Bits * (e & ((1 << shift) - 1)))) & ((1u << Bits) - 1);
+  }
+}
+
+// Bytes that hold 4 codes: read_codes4's word, whose alignment the fast paths check.
+__host__ __device__ __forceinline__ uintptr_t code_word_bytes(int bits) { return 4 * bits / 8; }
+
+// Unpack writes up to three float tensors and reads one byte or less per element, so its
+// stores decide its speed: a thread takes 4 elements, one float4, so that a warp's stores
+// cover 512 contiguous bytes (with 8 per thread, each store instruction left every other
+// 16 bytes out and unpack ran at half the copy bandwidth on an H200).
+constexpr int kUnpackGroup = 4;
+
+template <int Bits, typename T, bool NHWC>
+__global__ void unpack_kernel(UnpackParams p) {
+  constexpr int G = kUnpackGroup;
+  T* x_hat = static_cast<T*>(p.x_hat);
+  T* r = static_cast<T*>(p.r);
+  const int64_t groups = (p.numel + G - 1) / G;
+  const bool vec = (!x_hat || elems_aligned<T, G>(x_hat)) && (!r || elems_aligned<T, G>(r));
+  const bool word_codes = aligned(p.codes, code_word_bytes(Bits));  // codes from pack always are
+  const bool narrow = narrow_indices(p.numel);
+  const float d = codec::bin_width(p.window, Bits);
+  for (int64_t g = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g < groups; g += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t e0 = g * G;
+    const int n = static_cast<int>(min(int64_t{G}, p.numel - e0));
+    static_assert(G == 4, "read_codes4 reads one group");
+    uint32_t q[G];
+    if (word_codes && n == G) {
+      read_codes4<Bits>(p.codes, e0, q);
+    } else {
+#pragma unroll
+      for (int k = 0; k < G; ++k) q[k] = k < n ? read_code<Bits>(p.codes, e0 + k) : 0u;
+    }
+    int64_t ch[G];
+    group_channels<G, NHWC>(e0, n, p.plane, p.channels, narrow, ch);
+    int s[G];
+#pragma unroll
+    for (int k = 0; k < G; ++k) s[k] = p.offsets[ch[k]];
+    const bool full = vec && n == G;
+
+    auto store = [&](T* dst, const float y[G]) {
+      Elems<T, G> out;
+#pragma unroll
+      for (int k = 0; k < G; ++k) out.v[k] = codec::round_to<T>(y[k]);
+      if (full) {
+        target::store(dst + e0, out);
+      } else {
+#pragma unroll
+        for (int k = 0; k < G; ++k)
+          if (k < n) dst[e0 + k] = out.v[k];
+      }
+    };
+
+    if (x_hat) {
+      float y[G];
+#pragma unroll
+      for (int k = 0; k < G; ++k) y[k] = codec::decode(q[k], s[k], d) - p.b[ch[k]];
+      store(x_hat, y);
+    }
+    if (r) {
+      float y[G];
+#pragma unroll
+      for (int k = 0; k < G; ++k) {
+        const float t = __fmul_rn(p.gamma[ch[k]], codec::decode(q[k], s[k], d));
+        y[k] = t > 0.0f ? t : 0.0f;
+      }
+      store(r, y);
+    }
+    if (p.mask) {
+#pragma unroll
+      for (int k = 0; k < G; ++k)
+        if (k < n) p.mask[e0 + k] = codec::mask(q[k], s[k]);
+    }
+  }
+}
+
+// The BatchNorm-and-ReLU backward from the codes. A 2-D grid: blockIdx.y is the channel, so
+// its constants are loaded once per thread, and blockIdx.x splits the channel's N planes so
+// that a few channels still fill the GPU (one block per channel, as LibTorch's NCHW
+// BatchNorm kernels do, leaves most SMs idle for the 16 to 64 channels of early layers).
+// When a plane is a multiple of 4 elements, a thread takes 4 at a time: one float4 of g_r
+// (8 bytes in bf16) and 2 or 4 bytes of codes.
+constexpr int kBnThreads = 256;
+
+struct ChannelWalk {
+  uint32_t per_plane;  // steps per plane: plane / 4 (vector path) or plane
+  uint32_t steps;      // per_plane * batch
+  bool vec;
+};
+
+__device__ __forceinline__ int64_t walk_element(const ChannelWalk& w, uint32_t j, int64_t c, int64_t channels,
+                                               int64_t plane) {
+  const uint32_t n = j / w.per_plane, k = j - n * w.per_plane;
+  return (int64_t{n} * channels + c) * plane + (w.vec ? 4 * int64_t{k} : int64_t{k});
+}
+
+// Walks this block's share of channel c: four(e, q[4], g) per 4 elements (vector path) or
+// one(e, q, g) per element, with the codes q and the gradient g (widened to float) read at
+// element e.
+template <int Bits, typename T, typename Four, typename One>
+__device__ __forceinline__ void walk_channel(const BnBackwardParams& p, const ChannelWalk& w, int64_t c, Four four,
+                                             One one) {
+  const T* grad = static_cast<const T*>(p.grad);
+  for (uint32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < w.steps; j += gridDim.x * blockDim.x) {
+    const int64_t e = walk_element(w, j, c, p.channels, p.plane);
+    if (w.vec) {
+      uint32_t q[4];
+      read_codes4<Bits>(p.codes, e, q);
+      const auto g = target::load<Elems<T, 4>>(grad + e);
+      four(e, q, make_float4(codec::widen(g.v[0]), codec::widen(g.v[1]), codec::widen(g.v[2]), codec::widen(g.v[3])));
+    } else {
+      one(e, read_code<Bits>(p.codes, e), codec::widen(grad[e]));
+    }
+  }
+}
+
+// Adds a and b over the 32 lanes of a warp; lane 0 holds the sums.
+__device__ __forceinline__ void warp_sum(double& a, double& b) {
+#pragma unroll
+  for (int d = 16; d > 0; d /= 2) {
+    a += __shfl_down_sync(0xFFFFFFFFu, a, d);
+    b += __shfl_down_sync(0xFFFFFFFFu, b, d);
+  }
+}
+
+// g_a and g_a * x_hat' of one element; d is the codes' bin width.
+__device__ __forceinline__ float2 bn_terms(uint32_t q, float grad, int s, float bc, float d) {
+  const float ga = codec::mask(q, s) ? grad : 0.0f;  // a select: a masked NaN gradient is 0
+  return make_float2(ga, ga * (codec::decode(q, s, d) - bc));
+}
+
+// Channel c's block sums in p.partials: gridDim.x of sum g_a, then gridDim.x of sum g_a x_hat'.
+__device__ __forceinline__ double* channel_partials(const BnBackwardParams& p, int64_t c) {
+  return p.partials + 2 * int64_t{gridDim.x} * c;
+}
+
+// Per channel (blockIdx.y, striding by gridDim.y past 65535 channels): this block's sum g_a
+// and sum g_a x_hat', into its own slot of p.partials. A thread adds up to 4 terms in float,
+// then in double; every block writes its slots, also one that found no elements.
+template <int Bits, typename T>
+__global__ void bn_reduce_kernel(BnBackwardParams p, ChannelWalk w) {
+  __shared__ double part[2][kBnThreads / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const float d = codec::bin_width(p.window, Bits);
+  for (int64_t c = blockIdx.y; c < p.channels; c += gridDim.y) {
+    const int s = p.offsets[c];
+    const float bc = p.b[c];
+    double sum_a = 0.0, sum_ax = 0.0;
+    walk_channel<Bits, T>(
+        p, w, c,
+        [&](int64_t, const uint32_t q[4], float4 g) {
+          const float2 t0 = bn_terms(q[0], g.x, s, bc, d), t1 = bn_terms(q[1], g.y, s, bc, d);
+          const float2 t2 = bn_terms(q[2], g.z, s, bc, d), t3 = bn_terms(q[3], g.w, s, bc, d);
+          sum_a += (t0.x + t1.x) + (t2.x + t3.x);
+          sum_ax += (t0.y + t1.y) + (t2.y + t3.y);
+        },
+        [&](int64_t, uint32_t q, float g) {
+          const float2 t = bn_terms(q, g, s, bc, d);
+          sum_a += t.x;
+          sum_ax += t.y;
+        });
+    // Block sum: within each warp by shuffles, then across the warps by warp 0.
+    warp_sum(sum_a, sum_ax);
+    if (lane == 0) part[0][warp] = sum_a, part[1][warp] = sum_ax;
+    __syncthreads();
+    if (warp == 0) {
+      sum_a = lane < kBnThreads / 32 ? part[0][lane] : 0.0;
+      sum_ax = lane < kBnThreads / 32 ? part[1][lane] : 0.0;
+      warp_sum(sum_a, sum_ax);
+      if (lane == 0) {
+        double* slots = channel_partials(p, c);
+        slots[blockIdx.x] = sum_a;
+        slots[gridDim.x + blockIdx.x] = sum_ax;
+      }
+    }
+    __syncthreads();  // part[] is reused by the next channel
+  }
+}
+
+// Every block of channel c adds the channel's gridDim.x partial sums the same way (warp 0,
+// lane l taking slots l, l + 32, ..., then the shuffle tree), so all agree, and so do runs.
+template <int Bits, typename T>
+__global__ void bn_apply_kernel(BnBackwardParams p, ChannelWalk w) {
+  T* grad_in = static_cast<T*>(p.grad_in);
+  __shared__ double total[2];
+  const double m = static_cast<double>(w.steps) * (w.vec ? 4 : 1);  // elements in a channel
+  const float d = codec::bin_width(p.window, Bits);
+  for (int64_t c = blockIdx.y; c < p.channels; c += gridDim.y) {
+    if (threadIdx.x < 32) {
+      const double* slots = channel_partials(p, c);
+      double a = 0.0, ax = 0.0;
+      for (unsigned k = threadIdx.x; k < gridDim.x; k += 32) a += slots[k], ax += slots[gridDim.x + k];
+      warp_sum(a, ax);
+      if (threadIdx.x == 0) total[0] = a, total[1] = ax;
+    }
+    __syncthreads();
+    const double sum_a = total[0], sum_ax = total[1];
+    __syncthreads();  // total[] is rewritten for the next channel
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      p.g_beta[c] = static_cast<float>(sum_a);
+      // The clamp's gradient, as threshold_backward: none where g = max(gamma, gamma_min) <=
+      // gamma_min; a NaN g passes its (NaN) gradient.
+      p.g_g[c] = p.mask_g_g && p.g[c] <= p.gamma_min ? 0.0f : static_cast<float>(sum_ax);
+    }
+    const float mean_a = static_cast<float>(sum_a / m), mean_ax = static_cast<float>(sum_ax / m);
+    const float scale = __fmul_rn(p.g[c], p.invstd[c]);
+    const int s = p.offsets[c];
+    const float bc = p.b[c];
+    auto g_x = [&](uint32_t q, float grad) {  // as the CPU path: scale * (g_a - mean_a - x_hat' * mean_ax)
+      const float ga = codec::mask(q, s) ? grad : 0.0f;
+      return scale * (ga - mean_a - (codec::decode(q, s, d) - bc) * mean_ax);
+    };
+    walk_channel<Bits, T>(
+        p, w, c,
+        [&](int64_t e, const uint32_t q[4], float4 g) {
+          Elems<T, 4> out;
+          out.v[0] = codec::round_to<T>(g_x(q[0], g.x)), out.v[1] = codec::round_to<T>(g_x(q[1], g.y));
+          out.v[2] = codec::round_to<T>(g_x(q[2], g.z)), out.v[3] = codec::round_to<T>(g_x(q[3], g.w));
+          target::store(grad_in + e, out);
+        },
+        [&](int64_t e, uint32_t q, float g) { grad_in[e] = codec::round_to<T>(g_x(q, g)); });
+  }
+}
+
+// The BatchNorm-and-ReLU backward of channels-last tensors: the batch * plane rows of
+// `channels` elements. A block is kNhwcC channels (threadIdx.x, so that a warp reads
+// consecutive elements) by kNhwcR rows (threadIdx.y); blockIdx.x tiles the channels and
+// blockIdx.y strides over the rows. Each thread adds its elements' terms in double; the block's
+// kNhwcR threads of a channel are added in threadIdx.y order into the block's slot of
+// p.partials ([2][gridDim.y][channels]); bn_nhwc_total_kernel adds a channel's slots in
+// blockIdx.y order (one thread per channel) into the totals after them ([2][channels]), and
+// bn_nhwc_apply_kernel writes g_x from the totals.
+constexpr int kNhwcC = 32, kNhwcR = 8;
+
+struct NhwcWalk {
+  int64_t rows;  // batch * plane
+};
+
+template <int Bits, typename T>
+__global__ void bn_nhwc_reduce_kernel(BnBackwardParams p, NhwcWalk w) {
+  __shared__ double part[2][kNhwcR][kNhwcC];
+  const T* grad = static_cast<const T*>(p.grad);
+  const int64_t c = int64_t{blockIdx.x} * kNhwcC + threadIdx.x;
+  const float d = codec::bin_width(p.window, Bits);
+  double sum_a = 0.0, sum_ax = 0.0;
+  if (c < p.channels) {
+    const int s = p.offsets[c];
+    const float bc = p.b[c];
+    for (int64_t r = int64_t{blockIdx.y} * kNhwcR + threadIdx.y; r < w.rows; r += int64_t{gridDim.y} * kNhwcR) {
+      const int64_t e = r * p.channels + c;
+      const float2 t = bn_terms(read_code<Bits>(p.codes, e), codec::widen(grad[e]), s, bc, d);
+      sum_a += t.x;
+      sum_ax += t.y;
+    }
+  }
+  part[0][threadIdx.y][threadIdx.x] = sum_a;
+  part[1][threadIdx.y][threadIdx.x] = sum_ax;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < p.channels) {
+    double a = 0.0, ax = 0.0;
+#pragma unroll
+    for (int k = 0; k < kNhwcR; ++k) a += part[0][k][threadIdx.x], ax += part[1][k][threadIdx.x];
+    p.partials[int64_t{blockIdx.y} * p.channels + c] = a;
+    p.partials[(int64_t{gridDim.y} + blockIdx.y) * p.channels + c] = ax;
+  }
+}
+
+// One thread per channel: its `slots` block sums, in order, into the totals; g_beta and g_g.
+__global__ void bn_nhwc_total_kernel(BnBackwardParams p, int64_t slots) {
+  for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < p.channels;
+       c += int64_t{gridDim.x} * blockDim.x) {
+    double a = 0.0, ax = 0.0;
+    for (int64_t k = 0; k < slots; ++k) a += p.partials[k * p.channels + c], ax += p.partials[(slots + k) * p.channels + c];
+    double* totals = p.partials + 2 * slots * p.channels;
+    totals[c] = a;
+    totals[p.channels + c] = ax;
+    p.g_beta[c] = static_cast<float>(a);
+    // The clamp's gradient, as threshold_backward (see bn_apply_kernel).
+    p.g_g[c] = p.mask_g_g && p.g[c] <= p.gamma_min ? 0.0f : static_cast<float>(ax);
+  }
+}
+
+template <int Bits, typename T>
+__global__ void bn_nhwc_apply_kernel(BnBackwardParams p, NhwcWalk w) {
+  const int64_t c = int64_t{blockIdx.x} * kNhwcC + threadIdx.x;
+  if (c >= p.channels) return;
+  const T* grad = static_cast<const T*>(p.grad);
+  T* grad_in = static_cast<T*>(p.grad_in);
+  const double* totals = p.partials + 2 * int64_t{gridDim.y} * p.channels;
+  const double m = static_cast<double>(w.rows);
+  const float mean_a = static_cast<float>(totals[c] / m), mean_ax = static_cast<float>(totals[p.channels + c] / m);
+  const float scale = __fmul_rn(p.g[c], p.invstd[c]);
+  const int s = p.offsets[c];
+  const float bc = p.b[c];
+  const float d = codec::bin_width(p.window, Bits);
+  for (int64_t r = int64_t{blockIdx.y} * kNhwcR + threadIdx.y; r < w.rows; r += int64_t{gridDim.y} * kNhwcR) {
+    const int64_t e = r * p.channels + c;
+    const uint32_t q = read_code<Bits>(p.codes, e);
+    const float ga = codec::mask(q, s) ? codec::widen(grad[e]) : 0.0f;
+    grad_in[e] = codec::round_to<T>(scale * (ga - mean_a - (codec::decode(q, s, d) - bc) * mean_ax));
+  }
+}
+
+using codec::dispatch;  // blpa/codec_dispatch.h: one kernel per (K, T, NHWC), as the CPU path's
+
+}  // namespace
+
+void compute_offsets(const OffsetParams& p) {
+  if (p.channels == 0) return;
+  const target::DeviceGuard guard(p.device);  // a launch goes to the current device
+  const Launch l = launch_config(p.channels, p.device);
+  BLPA_LAUNCH(l.blocks, kThreads, l.stream, offsets_kernel)(p);
+  target::launch_check();
+}
+
+void channel_coding(const ChannelParams& p) {
+  if (p.channels == 0) return;
+  const target::DeviceGuard guard(p.device);  // a launch goes to the current device
+  const Launch l = launch_config(p.channels, p.device);
+  BLPA_LAUNCH(l.blocks, kThreads, l.stream, channel_kernel)(p);
+  target::launch_check();
+}
+
+void pack(const PackParams& p) {
+  if (p.numel == 0) return;
+  const target::DeviceGuard guard(p.device);  // a launch goes to the current device
+  const Launch l = launch_config((p.numel + kGroup - 1) / kGroup, p.device);
+  dispatch(p.bits, p.bf16, p.nhwc, [&](auto k, auto t, auto layout) {
+    BLPA_LAUNCH(l.blocks, kThreads, l.stream, pack_kernel<decltype(k)::value, decltype(t), decltype(layout)::value>)(p);
+  });
+  target::launch_check();
+}
+
+void unpack(const UnpackParams& p) {
+  if (p.numel == 0) return;
+  const target::DeviceGuard guard(p.device);  // a launch goes to the current device
+  const Launch l = launch_config((p.numel + kUnpackGroup - 1) / kUnpackGroup, p.device);
+  dispatch(p.bits, p.bf16, p.nhwc, [&](auto k, auto t, auto layout) {
+    BLPA_LAUNCH(l.blocks, kThreads, l.stream,
+                unpack_kernel<decltype(k)::value, decltype(t), decltype(layout)::value>)(p);
+  });
+  target::launch_check();
+}
+
+namespace {
+
+struct BnGrid {
+  ChannelWalk walk;
+  dim3 grid;
+};
+
+BnGrid bn_grid(const BnBackwardParams& p) {
+  const int64_t per_channel = p.batch * p.plane;  // > 0: the caller handles empty tensors
+  TORCH_CHECK(per_channel < (int64_t{1} << 31), "blpa: BatchNorm backward supports up to 2^31 elements per channel, got ",
+              per_channel);
+  ChannelWalk w;
+  // The vector path reads 4 codes as one 32-bit (8-bit codes), 16-bit (4-bit) or 8-bit word,
+  // and 4 elements of g_r as 16 (float) or 8 (bf16) bytes.
+  const uintptr_t elems4 = p.bf16 ? 8 : 16;
+  w.vec = p.plane % 4 == 0 && aligned(p.grad, elems4) && aligned(p.grad_in, elems4) &&
+          aligned(p.codes, code_word_bytes(p.bits));
+  w.per_plane = static_cast<uint32_t>(w.vec ? p.plane / 4 : p.plane);
+  w.steps = static_cast<uint32_t>(w.per_plane * p.batch);
+  // The capped grid of the other kernels, split over the channels; past 65535 channels a
+  // block takes several (gridDim.y stride).
+  const int64_t per_channel_blocks = std::clamp<int64_t>((grid_cap(p.device) + p.channels - 1) / p.channels, 1,
+                                                         (int64_t{w.steps} + kBnThreads - 1) / kBnThreads);
+  return {w, dim3(static_cast<unsigned>(per_channel_blocks), static_cast<unsigned>(std::min<int64_t>(p.channels, 65535)))};
+}
+
+// NHWC: the channel tiles by the row blocks, as many as the capped grid holds.
+dim3 bn_nhwc_grid(const BnBackwardParams& p) {
+  const int64_t tiles = (p.channels + kNhwcC - 1) / kNhwcC, rows = p.batch * p.plane;
+  TORCH_CHECK(tiles < (int64_t{1} << 31), "blpa: BatchNorm backward supports up to 2^36 channels");
+  const int64_t row_blocks =
+      std::clamp<int64_t>(grid_cap(p.device) / tiles, 1, std::min<int64_t>((rows + kNhwcR - 1) / kNhwcR, 65535));
+  return dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(row_blocks));
+}
+
+}  // namespace
+
+int64_t bn_workspace(const BnBackwardParams& p) {
+  if (p.channels == 0) return 0;
+  // NHWC: each row block's two sums per channel, then the two totals.
+  if (p.nhwc) return 2 * (int64_t{bn_nhwc_grid(p).y} + 1) * p.channels;
+  // The grid depends on the pointers' alignment (the vector path takes 4 elements a step):
+  // size the workspace with the p that bn_relu_backward will get.
+  return 2 * int64_t{bn_grid(p).grid.x} * p.channels;
+}
+
+void bn_relu_backward(const BnBackwardParams& p) {
+  if (p.channels == 0) return;
+  const target::DeviceGuard guard(p.device);  // a launch goes to the current device
+  const target::Stream stream = target::current_stream(p.device);
+  if (p.nhwc) {
+    const dim3 grid = bn_nhwc_grid(p), block(kNhwcC, kNhwcR);
+    const NhwcWalk w{p.batch * p.plane};
+    dispatch(p.bits, p.bf16, true, [&](auto k, auto t, auto) {
+      BLPA_LAUNCH(grid, block, stream, bn_nhwc_reduce_kernel<decltype(k)::value, decltype(t)>)(p, w);
+      target::launch_check();
+      const Launch l = launch_config(p.channels, p.device);
+      BLPA_LAUNCH(l.blocks, kThreads, stream, bn_nhwc_total_kernel)(p, grid.y);
+      target::launch_check();
+      BLPA_LAUNCH(grid, block, stream, bn_nhwc_apply_kernel<decltype(k)::value, decltype(t)>)(p, w);
+    });
+    target::launch_check();
+    return;
+  }
+  const auto [w, grid] = bn_grid(p);
+  dispatch(p.bits, p.bf16, false, [&, w = w, grid = grid](auto k, auto t, auto) {
+    BLPA_LAUNCH(grid, kBnThreads, stream, bn_reduce_kernel<decltype(k)::value, decltype(t)>)(p, w);
+    target::launch_check();
+    BLPA_LAUNCH(grid, kBnThreads, stream, bn_apply_kernel<decltype(k)::value, decltype(t)>)(p, w);
+  });
+  target::launch_check();
+}
+
+}  // namespace BLPA_KERNELS_NAMESPACE
