@@ -16,9 +16,7 @@
 
 #include "blpa/codec_dispatch.h"
 #include "blpa/codec_math.h"
-#if BLPA_WITH_CUDA
-#include "codec_kernels.h"
-#endif
+#include "blpa/kernel_table.h"
 
 namespace blpa {
 namespace {
@@ -548,16 +546,32 @@ void check_channel_vector(const at::Tensor& t, const char* name, const at::Tenso
               like.device());
 }
 
-#if !BLPA_WITH_CUDA
-[[noreturn]] void no_cuda() {
-  TORCH_CHECK(false, "blpa was built without its CUDA kernels (BLPA_CUDA=OFF or no matching toolkit); "
-                     "rebuild with -DBLPA_CUDA=ON to use CUDA tensors");
-}
+#if BLPA_WITH_CUDA
+constexpr KernelTable kCudaKernels{cuda::compute_offsets, cuda::channel_coding, cuda::pack,
+                                   cuda::unpack,          cuda::bn_workspace,   cuda::bn_relu_backward};
 #endif
+
+std::atomic<const KernelTable*> cpu_kernels{nullptr};
+
+// The kernels that take t's work: CUDA's for a CUDA tensor; for a CPU tensor none (the CPU
+// loops), unless a test set others (set_cpu_kernels). Their `device` argument is t's index.
+const KernelTable* kernels_for(const at::Tensor& t) {
+  if (t.is_cuda()) {
+#if BLPA_WITH_CUDA
+    return &kCudaKernels;
+#else
+    TORCH_CHECK(false, "blpa was built without its CUDA kernels (BLPA_CUDA=OFF or no matching toolkit); "
+                       "rebuild with -DBLPA_CUDA=ON to use CUDA tensors");
+#endif
+  }
+  return t.is_cpu() ? cpu_kernels.load(std::memory_order_acquire) : nullptr;
+}
 
 }  // namespace
 
 int64_t packed_bytes(int64_t numel, int bits) { return (numel * bits + 7) / 8; }
+
+void set_cpu_kernels(const KernelTable* kernels) { cpu_kernels.store(kernels, std::memory_order_release); }
 
 void check_format(const CodeFormat& f) {
   TORCH_CHECK(f.bits == 8 || f.bits == 4 || f.bits == 2, "blpa codec: bits must be 8, 4 or 2, got ", f.bits);
@@ -617,19 +631,15 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, c
   }
   if (l.numel == 0) return out;
 
-  if (v.is_cuda()) {
-#if BLPA_WITH_CUDA
+  if (const KernelTable* k = kernels_for(v)) {
     const int dev = v.get_device();
     if (!have_offsets)
-      cuda::compute_offsets({b.data_ptr<float>(), out.offsets.data_ptr<uint8_t>(), l.channels, f.bits, f.window,
-                             f.lift, dev});
-    cuda::pack({v.data_ptr(), divisor.defined() ? divisor.data_ptr<float>() : nullptr, out.offsets.data_ptr<uint8_t>(),
-                out.data.data_ptr<uint8_t>(), l.numel, l.plane, l.channels, f.bits, f.window, dev,
-                relu ? v.data_ptr() : nullptr, v.scalar_type() == at::kBFloat16, nhwc});
+      k->compute_offsets({b.data_ptr<float>(), out.offsets.data_ptr<uint8_t>(), l.channels, f.bits, f.window, f.lift,
+                          dev});
+    k->pack({v.data_ptr(), divisor.defined() ? divisor.data_ptr<float>() : nullptr, out.offsets.data_ptr<uint8_t>(),
+             out.data.data_ptr<uint8_t>(), l.numel, l.plane, l.channels, f.bits, f.window, dev,
+             relu ? v.data_ptr() : nullptr, v.scalar_type() == at::kBFloat16, nhwc});
     return out;
-#else
-    no_cuda();
-#endif
   }
   TORCH_CHECK(v.is_cpu(), "blpa codec: unsupported device ", v.device());
   const float* bp = b.data_ptr<float>();
@@ -687,14 +697,10 @@ ChannelCoding channel_coding(const at::Tensor& gamma, const at::Tensor& beta, fl
                    f};
   const float* gp = gamma.data_ptr<float>();
   const float* bp = beta.data_ptr<float>();
-  if (gamma.is_cuda()) {
-#if BLPA_WITH_CUDA
-    cuda::channel_coding({gp, bp, gamma_min, centred, cc.g.data_ptr<float>(), cc.b.data_ptr<float>(),
-                          cc.offsets.data_ptr<uint8_t>(), channels, f.bits, f.window, f.lift, gamma.get_device()});
+  if (const KernelTable* k = kernels_for(gamma)) {
+    k->channel_coding({gp, bp, gamma_min, centred, cc.g.data_ptr<float>(), cc.b.data_ptr<float>(),
+                       cc.offsets.data_ptr<uint8_t>(), channels, f.bits, f.window, f.lift, gamma.get_device()});
     return cc;
-#else
-    no_cuda();
-#endif
   }
   TORCH_CHECK(gamma.is_cpu(), "blpa codec: unsupported device ", gamma.device());
   float* g = cc.g.data_ptr<float>();
@@ -743,14 +749,10 @@ void unpack_into(const Codes& codes, const at::Tensor& b, const at::Tensor& gamm
   void* x_hat = u.x_hat.defined() ? u.x_hat.data_ptr() : nullptr;
   void* r = u.r.defined() ? u.r.data_ptr() : nullptr;
   bool* mask = u.mask.defined() ? u.mask.data_ptr<bool>() : nullptr;
-  if (codes.data.is_cuda()) {
-#if BLPA_WITH_CUDA
-    cuda::unpack({data, offsets, bp, gp, x_hat, r, mask, l.numel, l.plane, l.channels, f.bits, f.window,
-                  codes.data.get_device(), dtype == at::kBFloat16, l.nhwc});
+  if (const KernelTable* k = kernels_for(codes.data)) {
+    k->unpack({data, offsets, bp, gp, x_hat, r, mask, l.numel, l.plane, l.channels, f.bits, f.window,
+               codes.data.get_device(), dtype == at::kBFloat16, l.nhwc});
     return;
-#else
-    no_cuda();
-#endif
   }
   auto s = per_channel<int32_t>(l, [&](int64_t c) { return static_cast<int32_t>(offsets[c]); });
   auto bv = per_channel<float>(l, [&](int64_t c) { return bp ? bp[c] : 0.0f; });
@@ -820,20 +822,16 @@ BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tens
     out.g_beta.zero_();
     return out;
   }
-  if (g_r.is_cuda()) {
-#if BLPA_WITH_CUDA
+  if (const KernelTable* k = kernels_for(g_r)) {
     cuda::BnBackwardParams p{data, offsets, b.data_ptr<float>(), g.data_ptr<float>(), invstd.data_ptr<float>(),
                              g_r.data_ptr(), out.g_x.data_ptr(), nullptr, out.g_g.data_ptr<float>(),
                              out.g_beta.data_ptr<float>(), gamma_min.has_value(), gamma_min.value_or(0.0f), batch,
                              l.channels, l.plane, f.bits, f.window, g_r.get_device(),
                              g_r.scalar_type() == at::kBFloat16, l.nhwc};
-    const at::Tensor partials = at::empty({cuda::bn_workspace(p)}, f32.dtype(at::kDouble));
+    const at::Tensor partials = at::empty({k->bn_workspace(p)}, f32.dtype(at::kDouble));
     p.partials = partials.data_ptr<double>();
-    cuda::bn_relu_backward(p);
+    k->bn_relu_backward(p);
     return out;
-#else
-    no_cuda();
-#endif
   }
   std::vector<int32_t> s(offsets, offsets + l.channels);
   const BnArgs args{data, s.data(), b.data_ptr<float>(), g.data_ptr<float>(), invstd.data_ptr<float>(),
