@@ -682,7 +682,7 @@ TEST_CASE("codec: bf16 activations give the codes of their values widened to flo
   }
 }
 
-TEST_CASE("codec: bn_relu_backward gives the same bits for channels-last and bf16 gradients", "[codec]") {
+TEST_CASE("codec: bn_relu_backward gives the same bits for channels-last and bf16 gradients", "[codec][cpu-loops]") {
   // The sums are taken in the NCHW order in either layout, and a bf16 gradient is widened to
   // float exactly before the same float math: so channels-last gives NCHW's bits, and bf16
   // gives the float32 path's sums of the widened gradient and its g_x rounded once.
@@ -723,7 +723,7 @@ TEST_CASE("codec: bn_relu_backward gives the same bits for channels-last and bf1
   }
 }
 
-TEST_CASE("codec: bn_relu_backward's sums and g_x are pinned bit for bit, for any thread count", "[codec]") {
+TEST_CASE("codec: bn_relu_backward's sums and g_x are pinned bit for bit, for any thread count", "[codec][cpu-loops]") {
   // The hashes were taken at 7d006a9, before the CPU loops were compiled per ISA: the same
   // bits come from the SSE2, AVX2 and AVX-512 copies (BLPA_CODEC_ISA=base|avx2 selects one;
   // the suite was run under each), from either layout and from 1 or 2 threads. The inputs
@@ -759,7 +759,7 @@ TEST_CASE("codec: bn_relu_backward's sums and g_x are pinned bit for bit, for an
   at::set_num_threads(threads);
 }
 
-TEST_CASE("codec: the CPU loops run on two threads and give the bits of one", "[codec]") {
+TEST_CASE("codec: the CPU loops run on two threads and give the bits of one", "[codec][cpu-loops]") {
   const int threads = at::get_num_threads();
   at::set_num_threads(2);
   // 1 when the codec is built without OpenMP: at::parallel_for then runs serially (it did

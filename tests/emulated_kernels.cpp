@@ -1,0 +1,115 @@
+// The codec's CUDA kernels built for the emulator (emulated_kernels.h), and the emulator's own
+// tests: what it must do as a GPU does for those kernels to be tested by it.
+#include "emulated_kernels.h"
+
+#include <catch2/catch.hpp>
+#include <cstdio>
+#include <cstdlib>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "cuda_emulator.h"
+// After the emulator: the kernels' source, compiled into blpa::emulated.
+#include "codec_kernels.cuh"
+
+namespace blpa::testing {
+
+const KernelTable& emulated_kernels() {
+  static constexpr KernelTable table{emulated::compute_offsets, emulated::channel_coding, emulated::pack,
+                                     emulated::unpack,          emulated::bn_workspace,    emulated::bn_relu_backward};
+  return table;
+}
+
+bool EmulatedKernels::installed_by_environment() {
+  static const bool on = [] {
+    const char* v = std::getenv("BLPA_TEST_KERNELS");
+    return v != nullptr && std::string(v) == "emulated";
+  }();
+  return on;
+}
+
+namespace {
+
+// Before main: BLPA_TEST_KERNELS=emulated sends every codec call on CPU tensors through the
+// CUDA kernels.
+const bool installed = [] {
+  if (!EmulatedKernels::installed_by_environment()) return false;
+  set_cpu_kernels(&emulated_kernels());
+  std::fprintf(stderr, "blpa_tests: BLPA_TEST_KERNELS=emulated: the codec's CPU tensors run its CUDA kernels, "
+                       "emulated\n");
+  return true;
+}();
+
+}  // namespace
+}  // namespace blpa::testing
+
+// Small kernels that use each built-in the codec's kernels use, in the emulator's namespace
+// as the codec's kernels are.
+namespace blpa::emulated {
+namespace {
+
+// Each thread writes its index to shared memory; after the barrier it reads its neighbour's.
+__global__ void rotate_kernel(unsigned* out) {
+  __shared__ unsigned s[256];
+  s[threadIdx.x] = blockIdx.x * 1000 + threadIdx.x;
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
+}
+
+// The codec's warp sum: lane 0 of each warp ends with the sum of the warp's values.
+__global__ void warp_sum_kernel(double* out) {
+  double v = threadIdx.x;
+  for (int d = 16; d > 0; d /= 2) v += __shfl_down_sync(0xFFFFFFFFu, v, d);
+  if (threadIdx.x % 32 == 0) out[threadIdx.x / 32] = v;
+}
+
+// Half of each warp at a shuffle, half at __syncthreads: neither can finish.
+__global__ void deadlock_kernel(double* out) {
+  if (threadIdx.x % 32 < 16) {
+    out[threadIdx.x] = __shfl_down_sync(0xFFFFFFFFu, 1.0, 1);
+  } else {
+    __syncthreads();
+  }
+}
+
+// Exited lanes named in a shuffle's mask.
+__global__ void exited_lane_kernel(double* out) {
+  if (threadIdx.x == 3) return;
+  out[threadIdx.x] = __shfl_down_sync(0xFFFFFFFFu, 1.0, 1);
+}
+
+__global__ void misaligned_kernel(const unsigned char* p, uint32_t* out) { *out = target::load<uint32_t>(p + 1); }
+
+}  // namespace
+}  // namespace blpa::emulated
+
+TEST_CASE("emulator: barriers, shuffles, alignment and deadlocks behave as on a GPU", "[emulator]") {
+  using namespace blpa::emulated;
+  const Counters before = counters();
+
+  std::vector<unsigned> out(3 * 256);
+  BLPA_LAUNCH(3, 256, 0, rotate_kernel)(out.data());
+  for (unsigned b = 0; b < 3; ++b)
+    for (unsigned t = 0; t < 256; ++t) REQUIRE(out[b * 256 + t] == b * 1000 + (t + 1) % 256);
+
+  std::vector<double> sums(8);
+  BLPA_LAUNCH(1, 256, 0, warp_sum_kernel)(sums.data());
+  for (unsigned w = 0; w < 8; ++w) CHECK(sums[w] == 32.0 * (32 * w) + 31 * 32 / 2);
+
+  const Counters after = counters();
+  CHECK(after.launches - before.launches == 2);
+  CHECK(after.threads - before.threads == 4 * 256);
+
+  std::vector<double> scratch(256);
+  CHECK_THROWS_WITH(BLPA_LAUNCH(1, 64, 0, deadlock_kernel)(scratch.data()), Catch::Contains("deadlocked"));
+  CHECK_THROWS_WITH(BLPA_LAUNCH(1, 32, 0, exited_lane_kernel)(scratch.data()), Catch::Contains("live lanes"));
+  alignas(8) unsigned char bytes[8] = {};
+  uint32_t word = 0;
+  CHECK_THROWS_WITH(BLPA_LAUNCH(1, 1, 0, misaligned_kernel)(bytes, &word), Catch::Contains("misaligned load"));
+  CHECK_THROWS_WITH(BLPA_LAUNCH(dim3(1, 70000), 32, 0, rotate_kernel)(out.data()),
+                    Catch::Contains("invalid launch configuration"));
+  // After a failed launch the emulator runs the next one.
+  BLPA_LAUNCH(3, 256, 0, rotate_kernel)(out.data());
+  CHECK(out[5] == 6);
+}

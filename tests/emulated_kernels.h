@@ -1,0 +1,26 @@
+// The codec's CUDA kernels (cuda/codec_kernels.cuh) compiled for the CPU and run by the
+// tests' emulator (cuda_emulator.h), as a blpa::KernelTable. Installed for CPU tensors, it
+// sends the codec's work through the CUDA path: test_codec's "emulated CUDA" tests compare
+// it with the CPU loops, and with BLPA_TEST_KERNELS=emulated in the environment every codec
+// call of the test program takes it (a CTest entry runs the codec tests so).
+#pragma once
+
+#include "blpa/kernel_table.h"
+
+namespace blpa::testing {
+
+const KernelTable& emulated_kernels();
+
+// While it lives, the codec's work on CPU tensors runs the emulated CUDA kernels.
+class EmulatedKernels {
+ public:
+  EmulatedKernels() { set_cpu_kernels(&emulated_kernels()); }
+  ~EmulatedKernels() { set_cpu_kernels(installed_by_environment() ? &emulated_kernels() : nullptr); }
+  EmulatedKernels(const EmulatedKernels&) = delete;
+  EmulatedKernels& operator=(const EmulatedKernels&) = delete;
+
+  // Whether BLPA_TEST_KERNELS=emulated installed them for the whole program.
+  static bool installed_by_environment();
+};
+
+}  // namespace blpa::testing
