@@ -189,7 +189,7 @@ struct Rig {
       torch::nn::functional::cross_entropy(out, labels).backward();
     }
     opt.step();
-    model->constrain_();
+    if (model->config().mode.mode != Mode::plain) model->constrain_();  // as blpa-train and the graph
     return stored;
   }
   // One step as the bench times it: replay() when set (a CUDA graph), else step().
@@ -555,6 +555,9 @@ int step_main(int argc, char** argv) {
   if (!trace.empty() && top_n == 0) throw std::invalid_argument("--trace needs --profile N");
   const bool graphs = args.count("cuda-graphs") > 0;
   if (graphs && !c.device.is_cuda()) throw std::invalid_argument("--cuda-graphs needs --device cuda");
+  // cuDNN picks its kernels and LibTorch makes its handles at a shape's first step: eagerly,
+  // not inside the capture.
+  if (graphs && warmup < 1) throw std::invalid_argument("--cuda-graphs needs --warmup 1 or more");
 
   struct Entry {
     ModeConfig mode;

@@ -3,6 +3,7 @@
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -33,22 +34,49 @@ void follow(const c10::cuda::CUDAStream& later, const c10::cuda::CUDAStream& fir
   done.block(later);
 }
 
+// After a capture that failed: the allocator stops routing the capturing stream's allocations
+// to the graph's pool, and the pool is released. The PyTorch releases before 2.12 skip both
+// when cudaStreamEndCapture fails (a capture that a synchronisation invalidated), later ones
+// one or both; so each step here is taken only where it is still to do.
+void abandon(c10::DeviceIndex device, decltype(at::cuda::graph_pool_handle()) pool) {
+  try {
+    c10::cuda::CUDACachingAllocator::endAllocateToPool(device, pool);
+  } catch (const std::exception&) {  // routing had ended
+  }
+  try {
+    if (c10::cuda::CUDACachingAllocator::getPoolUseCount(device, pool) > 0)
+      c10::cuda::CUDACachingAllocator::releasePool(device, pool);
+  } catch (const std::exception&) {
+  }
+  (void)cudaGetLastError();  // the invalidated capture's error is not the next launch's
+}
+
 }  // namespace
 
-void Graph::capture(const std::function<void()>& body) {
-  const auto device = c10::cuda::current_device();
+void Graph::capture(int device_index, const std::function<void()>& body) {
+  const auto device = static_cast<c10::DeviceIndex>(device_index);
+  const c10::cuda::CUDAGuard device_guard(device);
   auto main = c10::cuda::getCurrentCUDAStream(device);
+  // As torch.cuda.graph does: the eager blocks cached so far cannot serve the capture (its
+  // allocations come from the graph's own pool), so they go back to the device first.
+  c10::cuda::device_synchronize();
+  c10::cuda::CUDACachingAllocator::emptyCache();
   // Capture needs a stream other than the legacy default one; it starts after the work
   // already queued on the main stream, and the main stream continues after it.
   auto side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device);
   follow(side, main);
   const int64_t before = reserved(device);
   auto graph = std::make_unique<at::cuda::CUDAGraph>();
+  const auto pool = at::cuda::graph_pool_handle();
   std::string failure;
   {
     c10::cuda::CUDAStreamGuard guard(side);
     try {
-      graph->capture_begin();
+      // Thread-local mode: only this thread may not call what capture forbids. Global mode
+      // would also fail the capture when a loader thread allocates pinned memory meanwhile
+      // (cudaHostAlloc); the backward's kernels, launched by autograd's device thread on
+      // this stream, are captured either way.
+      graph->capture_begin(pool, cudaStreamCaptureModeThreadLocal);
       try {
         body();
       } catch (...) {
@@ -65,12 +93,13 @@ void Graph::capture(const std::function<void()>& body) {
     } catch (const std::exception& e) {
       failure = e.what();
     }
-  }
-  if (!failure.empty()) {
-    follow(main, side);
-    throw std::runtime_error(failure.substr(0, failure.find('\n')));
+    if (!failure.empty()) {
+      graph.reset();  // its reset() first: it releases the pool when its capture ended
+      abandon(device, pool);
+    }
   }
   follow(main, side);
+  if (!failure.empty()) throw std::runtime_error(failure.substr(0, failure.find('\n')));
   impl_->pool_bytes = reserved(device) - before;
   impl_->graph = std::move(graph);
 }

@@ -16,11 +16,12 @@ class Graph {
   Graph(const Graph&) = delete;
   Graph& operator=(const Graph&) = delete;
 
-  // Runs `body` once under stream capture (global mode: anything that would synchronise with
-  // the host, or allocate outside the graph's private pool, makes it fail). Throws
-  // std::runtime_error with the reason when capture fails; the graph is then left empty and
-  // the device usable.
-  void capture(const std::function<void()>& body);
+  // Runs `body` once under stream capture on CUDA device `device` (thread-local mode: anything
+  // this thread does that would synchronise with the host, or allocate outside the graph's
+  // private pool, makes it fail). Frees the allocator's cached blocks first, as
+  // torch.cuda.graph does. Throws std::runtime_error with the reason when capture fails; the
+  // graph is then left empty, its pool released and the device usable.
+  void capture(int device, const std::function<void()>& body);
   // Launches the captured work on the current stream; nothing is synchronised.
   void replay();
   bool captured() const;

@@ -8,7 +8,7 @@
 namespace blpa::cuda {  // a build without the CUDA library: there is nothing to capture with
 class Graph {
  public:
-  void capture(const std::function<void()>&) { throw std::runtime_error("blpa was built without CUDA"); }
+  void capture(int, const std::function<void()>&) { throw std::runtime_error("blpa was built without CUDA"); }
   void replay() { throw std::runtime_error("blpa was built without CUDA"); }
   bool captured() const { return false; }
   int64_t pool_bytes() const { return 0; }
@@ -103,7 +103,7 @@ void GraphedStep::run(const torch::Tensor& images, const torch::Tensor& labels, 
       }
     }
     try {
-      s.graph.capture([&] { s.body(); });
+      s.graph.capture(device.index(), [&] { s.body(); });
     } catch (...) {
       s.opt->zero_grad();  // gradients made during the capture point into its discarded pool
       throw;

@@ -769,6 +769,13 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   }
   std::unique_ptr<GraphedStep> graphed;
   const int64_t capture_at = it + 3;
+  // With graphs, the eager iterations (before the capture, after a fallback) update as the
+  // replayed ones do (sgd_step, the learning rate a float tensor): a run resumed from a
+  // checkpoint, whose first iterations are eager where the first run replayed, then does the
+  // same arithmetic as the first run (cuDNN's nondeterministic kernels aside).
+  const bool graph_arithmetic = use_graphs;
+  const torch::Tensor lr_tensor =
+      graph_arithmetic ? torch::zeros({}, torch::TensorOptions(torch::kFloat).device(dev)) : torch::Tensor();
   auto write_summary = [&](const char* status) {
     if (config.summary_path.empty() || !lead) return;
     AtomicFile f(config.summary_path);
@@ -864,7 +871,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
           if (capturing)
             spdlog::info("CUDA graphs: iteration {} onwards replays one captured iteration ({:.1f} MiB pool)", it + 1,
                          graphed->pool_bytes() / 1048576.0);
-        } catch (const std::runtime_error& e) {
+        } catch (const std::exception& e) {  // c10::Error too: an out-of-memory, a failed check
           if (graphed && graphed->captured()) throw;  // a replay that fails is an error like any other
           if (config.cuda_graphs == "on")
             throw std::runtime_error(std::string("--cuda-graphs on: the iteration could not be captured (") + e.what() + ")");
@@ -886,7 +893,12 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
         if (!std::isfinite(loss_v))
           throw diverged(fmt::format("the loss became {} at iteration {}", loss_v, it + 1), it + 1);
         consistent = false;
-        opt.step();
+        if (graph_arithmetic) {
+          lr_tensor.fill_(lr);
+          sgd_step(opt, lr_tensor);
+        } else {
+          opt.step();
+        }
         if (config.mode.mode != Mode::plain) model->constrain_();
         consistent = true;
         window_loss += loss_v;

@@ -3,6 +3,7 @@
 // against the eager one.
 #include <blpa/checkpoint.h>
 #include <blpa/dataset.h>
+#include <blpa/memory.h>
 #include <blpa/step.h>
 #include <blpa/train.h>
 #include <unistd.h>
@@ -14,6 +15,9 @@
 #include <regex>
 
 #include "test_support.h"
+#if BLPA_WITH_CUDA
+#include "graph.h"
+#endif
 
 namespace fs = std::filesystem;
 
@@ -120,6 +124,13 @@ TEST_CASE("CUDA: a graphed run trains as the eager one, schedule included", "[gr
   // which 20 iterations of training amplify to about 1e-5. A learning rate that the replay
   // ignored after the step at iteration 10 would differ by orders of magnitude more.
   NoTF32 no_tf32;
+  struct CudnnChoices {  // restored for the tests that follow
+    bool deterministic = at::globalContext().deterministicCuDNN(), benchmark = at::globalContext().benchmarkCuDNN();
+    ~CudnnChoices() {
+      at::globalContext().setDeterministicCuDNN(deterministic);
+      at::globalContext().setBenchmarkCuDNN(benchmark);
+    }
+  } cudnn_choices;
   at::globalContext().setDeterministicCuDNN(true);
   at::globalContext().setBenchmarkCuDNN(false);
   const auto dir = temp_dir("cuda");
@@ -179,3 +190,29 @@ TEST_CASE("CUDA: a capture that fails leaves the model and optimiser usable", "[
   CHECK(torch::equal(frozen, m->parameters().front()));  // momentum aside: lr 0 moves nothing
   CHECK(good.take_losses().count == 2);
 }
+
+#if BLPA_WITH_CUDA
+TEST_CASE("CUDA: a capture that a synchronisation invalidates leaves the allocator usable", "[graphs][cuda]") {
+  // A host read inside the body invalidates the capture: cudaStreamEndCapture fails, which
+  // PyTorch 2.11's capture_end does not clean up after (the allocator kept routing to the
+  // pool, and emptying the cache then failed an internal assertion).
+  BLPA_REQUIRE_CUDA();
+  const torch::Device dev(torch::kCUDA, 0);
+  auto t = torch::ones({1024}, dev);
+  {
+    blpa::cuda::Graph g;
+    CHECK_THROWS_AS(g.capture(0, [&] { (void)(t * 2).sum().item<float>(); }), std::runtime_error);
+    CHECK_FALSE(g.captured());
+  }
+  CHECK_NOTHROW(blpa::memory::release_cached(dev));
+  auto u = torch::full({1 << 20}, 3.0f, dev);  // eager allocations and kernels work
+  CHECK(u.sum().item<float>() == 3.0f * (1 << 20));
+  blpa::cuda::Graph good;
+  good.capture(0, [&] { t.mul_(2); });
+  CHECK(good.captured());
+  good.replay();
+  good.replay();
+  CHECK(t.sum().item<float>() == 4.0f * 1024);  // replays only: the capture ran nothing
+  CHECK_NOTHROW(blpa::memory::release_cached(dev));
+}
+#endif
