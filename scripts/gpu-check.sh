@@ -14,7 +14,11 @@
 # and the later stages still run; the exit status is 1 if any stage failed.
 # BLPA_GPU_STAGES=REGEX runs only the stages whose names match (the build always runs);
 # BLPA_GPU_TESTS=REGEX only the tests whose names match; BLPA_GPU_CHECK_DATA=1 adds the
-# CPU data-pipeline benchmark.
+# CPU data-pipeline benchmark. All stages take longer than one device call (10 minutes); a
+# session's 15 minutes hold the build, the GPU tests and a few stages, e.g. for #16 and #15:
+#   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-graphs|train-graphed|gloo-cuda-2proc'
+#   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-precision|codec-precision|pytorch-step'
+# with BLPA_COMMIT=$(git rev-parse HEAD) (the tree may travel without .git).
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$here"
@@ -29,14 +33,16 @@ export BLPA_OFFLINE=1 BLPA_CUDA=ON BLPA_TORCH_PYTHON=${BLPA_TORCH_PYTHON:-python
 export BLPA_PREFIX=$prefix/usr BLPA_BUILD_DIR=$here/build-gpu
 export LD_LIBRARY_PATH=$prefix/usr/lib/x86_64-linux-gnu:$prefix/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 status=0
+# BLPA_GPU_STAGES=REGEX runs only the stages whose names match (the build always runs).
+wanted() { [[ -z ${BLPA_GPU_STAGES:-} || $1 == build || $1 =~ ^(${BLPA_GPU_STAGES})$ ]]; }
 stage() {  # stage NAME SECONDS COMMAND...: runs it with a time limit, logs, never stops the script
   local name=$1 limit=$2
   shift 2
-  # BLPA_GPU_STAGES=REGEX runs only the stages whose names match (the build always runs).
-  if [[ -n ${BLPA_GPU_STAGES:-} && $name != build && ! $name =~ ^(${BLPA_GPU_STAGES})$ ]]; then return 0; fi
+  wanted "$name" || return 0
   echo "=== $name ($(date -u +%T))" | tee -a "$log"
   local t0=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  # -k: blpa-train checkpoints on SIGTERM; a rank stuck in a collective is killed 15 s later.
+  timeout -k 15 "$limit" "$@" 2>&1 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
   echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$log"
   ((rc == 0)) || status=1
@@ -95,10 +101,10 @@ rm -rf "$trace_dir"
 stage memory-resnet164 120 bash -c 'bench memory --device cuda --model resnet164 --batch 128 --mode all'
 stage train-bf16 180 "$BLPA_BUILD_DIR/app/blpa-train" --device cuda --depth 20 --mode blpa --precision bf16 \
   --memory-format nhwc --iterations 2000 --lr-steps 1000,1500 --warmup 100 --eval-every 1000 --log-every 200 \
-  --workers 4 --quiet --log "$out/gpu-train-bf16.jsonl"
+  --workers 4 --quiet --overwrite --log "$out/gpu-train-bf16.jsonl"
 for m in plain blpa; do
   stage "train-$m" 180 "$BLPA_BUILD_DIR/app/blpa-train" --device cuda --depth 20 --mode "$m" --iterations 2000 \
-    --lr-steps 1000,1500 --warmup 100 --eval-every 1000 --log-every 200 --workers 4 --quiet \
+    --lr-steps 1000,1500 --warmup 100 --eval-every 1000 --log-every 200 --workers 4 --quiet --overwrite \
     --log "$out/gpu-train-$m.jsonl"
 done
 stage step-resnet152 180 bash -c 'bench step --device cuda --model resnet152 --batch 64 --mode plain,exact,blpa-4 --warmup 3 --steps 15 --profile 14'
@@ -107,10 +113,10 @@ stage memory-resnet152 120 bash -c 'bench memory --device cuda --model resnet152
 [[ ${BLPA_GPU_CHECK_DATA:-0} == 1 ]] && stage data 120 bash -c "bench data --workers 1,2,4,8,$(nproc) --seconds 3"
 # The ImageNet path on the GPU: pinned batches, asynchronous copies, ResNet-50, 10-crop eval.
 tree=$(mktemp -d)
-"$BLPA_BUILD_DIR/app/blpa-bench" data --write-tree "$tree" --images 400 >/dev/null
+wanted imagenet-train && "$BLPA_BUILD_DIR/app/blpa-bench" data --write-tree "$tree" --images 400 >/dev/null
 stage imagenet-train 180 "$BLPA_BUILD_DIR/app/blpa-train" --device cuda --data-dir "$tree" --model imagenet \
   --depth 50 --batch 32 --accum-steps 2 --iterations 30 --warmup 0 --eval-every 0 --log-every 10 --quiet \
-  --index-cache '' --checkpoint "$tree/ck.pt" --log "$out/gpu-imagenet.jsonl"
+  --index-cache '' --overwrite --checkpoint "$tree/ck.pt" --log "$out/gpu-imagenet.jsonl"
 stage imagenet-eval 120 "$BLPA_BUILD_DIR/app/blpa-eval" --checkpoint "$tree/ck.pt" --ten-crop --device cuda \
   --index-cache '' --json
 # blpa-predict on CUDA (10 crops of one class folder), and how often its top-1 class is the
@@ -130,15 +136,17 @@ rm -rf "$tree"
 stage max-batch-resnet1001 240 bash -c 'bench max-batch --device cuda --model resnet1001 --budget-gib 8 --mode plain,blpa-4'
 # CUDA graphs: each mode eager, then one captured iteration replayed, with the GPU's work
 # (--profile) beside the wall time and the graph's memory pool (graph_pool_bytes).
-stage step-graphs 420 bash -c 'for b in 16 128 512; do bench step --device cuda --model resnet164 --batch $b \
+# TEARDOWN_CUPTI=0: as PyTorch's profiler sets it for graphs (CUPTI torn down and set up
+# again after a capture crashed on some CUDA releases); the timed steps run before it.
+stage step-graphs 420 bash -c 'export TEARDOWN_CUPTI=0; for b in 16 128 512; do bench step --device cuda --model resnet164 --batch $b \
   --mode plain,blpa-4 --cuda-graphs --warmup 3 --steps 20 --profile 6 || exit 1; done &&
   bench step --device cuda --model resnet152 --batch 64 --mode plain,blpa-4 --cuda-graphs --warmup 3 --steps 10 --profile 6'
 stage train-graphed 180 "$BLPA_BUILD_DIR/app/blpa-train" --device cuda --depth 20 --mode blpa --cuda-graphs on \
   --iterations 2000 --lr-steps 1000,1500 --warmup 100 --eval-every 1000 --log-every 200 --workers 4 --quiet \
-  --log "$out/gpu-train-blpa-graphed.jsonl"
+  --overwrite --log "$out/gpu-train-blpa-graphed.jsonl"
 # The multi-process CUDA path: two ranks share the GPU and average CUDA gradients through Gloo
 # (NCCL refuses two ranks on one device; its one-rank test is among the tests above).
-stage gloo-cuda-2proc 180 bash -c 'pids=(); for r in 0 1; do extra=(); [[ $r == 0 ]] && extra=(--log "'"$out"'/gpu-gloo-2proc.jsonl");
+stage gloo-cuda-2proc 180 bash -c 'pids=(); for r in 0 1; do extra=(); [[ $r == 0 ]] && extra=(--overwrite --log "'"$out"'/gpu-gloo-2proc.jsonl");
   RANK=$r WORLD_SIZE=2 LOCAL_RANK=0 MASTER_PORT=29611 "$BLPA_BUILD_DIR/app/blpa-train" --device cuda:0 --dist-backend gloo \
     --depth 20 --batch 64 --iterations 200 --warmup 0 --eval-every 0 --log-every 50 --quiet --dist-timeout 120 "${extra[@]}" &
   pids+=($!); done; rc=0; for p in "${pids[@]}"; do wait $p || rc=1; done; exit $rc'

@@ -91,10 +91,14 @@ def main():
                 times[n].append((time.perf_counter() - t0) * 1e3)
     for n, ms in times.items():
         med = statistics.median(ms)
+        precision, layout = n.split("-")
+        # The fields of blpa-bench step's rows where they mean the same (mode "pytorch", steps
+        # per round), so that one table reads both.
         print(json.dumps({"bench": "pytorch-step", "torch": torch.__version__, "model": a.model, "batch": a.batch,
-                          "device": str(device), "numerics": n, "median_ms": round(med, 3),
+                          "device": str(device), "mode": "pytorch", "numerics": n, "precision": precision,
+                          "memory_format": layout, "median_ms": round(med, 3),
                           "min_ms": round(min(ms), 3), "max_ms": round(max(ms), 3),
-                          "images_per_s": round(a.batch * 1e3 / med, 2), "steps": len(ms)}))
+                          "images_per_s": round(a.batch * 1e3 / med, 2), "steps": a.steps, "rounds": a.rounds}))
 
 
 if __name__ == "__main__":
