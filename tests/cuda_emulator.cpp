@@ -19,6 +19,7 @@
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define BLPA_EMULATOR_ASAN 1
 #else
@@ -129,6 +130,7 @@ struct Machine {
   const void* scheduler_bottom = nullptr;  // for AddressSanitizer
   size_t scheduler_size = 0;
   bool running = false;
+  bool abandoned = false;  // a launch failed with threads suspended: their frames are left
   Counters counters;
 };
 
@@ -258,6 +260,13 @@ void run(dim3 grid, dim3 block, const std::function<void()>& body) {
     m.fibers.push_back(std::make_unique<Fiber>());
     m.fibers.back()->stack = std::make_unique<char[]>(kStackBytes);
   }
+#if BLPA_EMULATOR_ASAN
+  // A failed launch leaves suspended threads' frames on their stacks, poisoned: the next
+  // threads on those stacks would trip over them.
+  if (m.abandoned)
+    for (auto& f : m.fibers) ASAN_UNPOISON_MEMORY_REGION(f->stack.get(), kStackBytes);
+#endif
+  m.abandoned = false;
   m.threads = static_cast<unsigned>(threads);
   m.body = &body;
   m.error = nullptr;
@@ -276,6 +285,7 @@ void run(dim3 grid, dim3 block, const std::function<void()>& body) {
   } catch (...) {
     m.running = false;
     m.body = nullptr;
+    m.abandoned = true;
     throw;
   }
   m.running = false;

@@ -682,6 +682,60 @@ TEST_CASE("codec: bf16 activations give the codes of their values widened to flo
   }
 }
 
+TEST_CASE("codec: tensors one element off alignment give the codes, ReLU and gradients of aligned ones", "[codec]") {
+  // A tensor that starts one element into its storage is as valid as any other. The CUDA
+  // kernels load and store whole groups only at aligned addresses and take their scalar
+  // paths here (the \"emulated-cuda/\" run of this test checks those paths on any machine):
+  // the codes and the ReLU are the same bits; the BatchNorm backward's sums, split among
+  // threads in another way, agree to their rounding (the CPU loops: the same bits).
+  torch::manual_seed(26);
+  for (const CodeFormat& f : layout_formats()) {
+    for (const auto& shape : layout_shapes()) {
+      for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+        for (bool cl : {false, true}) {
+          CAPTURE(f.bits, f.window, f.lift, shape, dtype, cl);
+          const int64_t c = shape[1], n = c10::multiply_integers(shape);
+          // The same values, in a buffer one element longer, starting at its element 1.
+          auto off_by_one = [&](const torch::Tensor& t) {
+            auto buf = torch::full({n + 1}, std::nanf(""), t.options().memory_format(c10::nullopt));
+            auto view = buf.narrow(0, 1, n);
+            auto moved = cl ? view.view({shape[0], shape[2], shape[3], c}).permute({0, 3, 1, 2}) : view.view(shape);
+            moved.copy_(t);
+            return moved;
+          };
+          auto v = awkward_values(shape, f).to(dtype);
+          if (cl) v = nhwc(v);
+          auto b = torch::randn({c}), gamma = torch::rand({c}) + 0.1;
+          auto aligned = pack(v, b, f, gamma);
+          auto shifted = off_by_one(v);
+          REQUIRE(shifted.data_ptr() != v.data_ptr());
+          CHECK(torch::equal(pack(shifted, b, f, gamma).data, aligned.data));
+          auto r = v.clone();
+          blpa::pack_relu_(r, b, f, gamma);
+          CHECK(torch::equal(blpa::pack_relu_(shifted, b, f, gamma).data, aligned.data));
+          const auto bits = dtype == torch::kFloat ? torch::kInt : torch::kShort;  // NaN payloads included
+          CHECK(torch::equal(shifted.contiguous(v.suggest_memory_format()).view(bits), r.view(bits)));
+
+          auto [bb, g, invstd] = draw_bn_channels(c);
+          auto g_r = torch::randn(shape).to(dtype);
+          if (cl) g_r = nhwc(g_r);
+          auto codes = pack(v, bb, f);
+          auto want = blpa::bn_relu_backward(codes, bb, g, invstd, g_r, false, 0.5f);
+          auto got = blpa::bn_relu_backward(codes, bb, g, invstd, off_by_one(g_r), false, 0.5f);
+          const double tol = dtype == torch::kFloat ? 1e-5 : 1.0 / 128;  // bf16: one rounding of g_x
+          CHECK(close(got.g_x, want.g_x, tol));
+          CHECK(close(got.g_g, want.g_g, 1e-5));
+          CHECK(close(got.g_beta, want.g_beta, 1e-5));
+          auto in_place = off_by_one(g_r);
+          auto again = blpa::bn_relu_backward(codes, bb, g, invstd, in_place, true, 0.5f);
+          CHECK(again.g_x.data_ptr() == in_place.data_ptr());
+          CHECK(close(again.g_x, want.g_x, tol));
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("codec: bn_relu_backward gives the same bits for channels-last and bf16 gradients", "[codec][cpu-loops]") {
   // The sums are taken in the NCHW order in either layout, and a bf16 gradient is widened to
   // float exactly before the same float math: so channels-last gives NCHW's bits, and bf16
