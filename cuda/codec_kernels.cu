@@ -46,3 +46,9 @@ __device__ __forceinline__ void store(void* p, const V& v) {
 #define BLPA_KERNEL_TARGET ::blpa::cuda::gpu
 #define BLPA_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<grid, block, 0, stream>>>
 #include "codec_kernels.cuh"
+
+namespace blpa::cuda {
+
+int multiprocessors(int device) { return gpu::sm_count(device); }
+
+}  // namespace blpa::cuda

@@ -102,6 +102,11 @@ struct BnBackwardParams {
   bool nhwc = false;
 };
 
+// The device's multiprocessors: the launchers size their grids by them, and with them so
+// do the BatchNorm backward's partial sums (the tests' emulator takes the same count to
+// give the GPU's bits).
+int multiprocessors(int device);
+
 void compute_offsets(const OffsetParams& p);
 void channel_coding(const ChannelParams& p);
 void pack(const PackParams& p);

@@ -21,6 +21,8 @@ const KernelTable& emulated_kernels() {
   return table;
 }
 
+void set_emulated_multiprocessors(int count) { emulated::sm_count = count; }
+
 bool EmulatedKernels::installed_by_environment() {
   static const bool on = [] {
     const char* v = std::getenv("BLPA_TEST_KERNELS");

@@ -11,6 +11,10 @@ namespace blpa::testing {
 
 const KernelTable& emulated_kernels();
 
+// The multiprocessors the emulated launchers size their grids by (2 unless set): a GPU's
+// count makes the emulator split the BatchNorm backward's sums as that GPU does.
+void set_emulated_multiprocessors(int count);
+
 // While it lives, the codec's work on CPU tensors runs the emulated CUDA kernels.
 class EmulatedKernels {
  public:

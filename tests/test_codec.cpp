@@ -8,6 +8,7 @@
 #include <limits>
 #include <vector>
 
+#include "emulated_kernels.h"
 #include "test_support.h"
 
 namespace {
@@ -1078,3 +1079,52 @@ TEST_CASE("CUDA: channel_coding and the clamp's gradient match the CPU path", "[
     CHECK(torch::equal(masked.g_beta, free.g_beta));
   }
 }
+
+#if BLPA_WITH_CUDA
+TEST_CASE("CUDA: the GPU's kernels give the emulator's bits, BatchNorm sums included", "[codec][cuda]") {
+  // The emulator runs the same kernels' source with the GPU's multiprocessor count, so on the
+  // same grid: the BatchNorm backward's partial sums are split and added as on the GPU, and
+  // every output is expected to be the same bits. A difference would be the device
+  // compiler's (the __CUDA_ARCH__ branches of codec_math.h, --fmad=false) or the emulator's.
+  BLPA_REQUIRE_CUDA();
+  torch::manual_seed(27);
+  blpa::testing::set_emulated_multiprocessors(blpa::cuda::multiprocessors(0));
+  struct Restore {
+    ~Restore() { blpa::testing::set_emulated_multiprocessors(2); }
+  } restore;
+  const auto same = [](const torch::Tensor& gpu, const torch::Tensor& emulated) {
+    return torch::allclose(gpu.cpu(), emulated, 0, 0, /*equal_nan=*/true);
+  };
+  for (const CodeFormat& f : layout_formats()) {
+    for (const auto& shape : std::vector<std::vector<int64_t>>{{4, 16, 8, 8}, {3, 5, 7, 9}, {8, 64, 14, 14},
+                                                               {2, 300, 7, 7}}) {
+      for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+        for (bool cl : {false, true}) {
+          CAPTURE(f.bits, f.window, f.lift, shape, dtype, cl);
+          const int64_t c = shape[1];
+          auto v = awkward_values(shape, f).to(dtype);
+          auto g_r = torch::randn(shape).to(dtype);
+          if (cl) v = nhwc(v), g_r = nhwc(g_r);
+          auto [b, g, invstd] = draw_bn_channels(c);
+          auto gamma = torch::rand({c}) + 0.1;
+          const unsigned all = blpa::kXhat | blpa::kRelu | blpa::kMask;
+          auto codes_d = pack(v.cuda(), b.cuda(), f, gamma.cuda());
+          auto u_d = blpa::unpack(codes_d, b.cuda(), gamma.cuda(), all, dtype);
+          auto bn_d = blpa::bn_relu_backward(codes_d, b.cuda(), g.cuda(), invstd.cuda(), g_r.cuda(), false, 0.5f);
+          blpa::testing::EmulatedKernels emulated;
+          auto codes_e = pack(v, b, f, gamma);
+          auto u_e = blpa::unpack(codes_e, b, gamma, all, dtype);
+          auto bn_e = blpa::bn_relu_backward(codes_e, b, g, invstd, g_r, false, 0.5f);
+          CHECK(torch::equal(codes_d.data.cpu(), codes_e.data));
+          CHECK(same(u_d.x_hat, u_e.x_hat));
+          CHECK(same(u_d.r, u_e.r));
+          CHECK(torch::equal(u_d.mask.cpu(), u_e.mask));
+          CHECK(same(bn_d.g_x, bn_e.g_x));
+          CHECK(same(bn_d.g_g, bn_e.g_g));
+          CHECK(same(bn_d.g_beta, bn_e.g_beta));
+        }
+      }
+    }
+  }
+}
+#endif
