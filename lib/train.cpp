@@ -927,9 +927,9 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
         log.write(fmt::format(
             "{{\"type\": \"train\", \"iter\": {}, \"time\": {:.3f}, \"epoch\": {:.3f}, \"loss\": {:.6g}, \"lr\": {:.6g}, "
             "\"images_per_s\": {:.2f}, \"stored_activation_bytes\": {}, \"peak_bytes\": {}, \"decode_failures\": {}, "
-            "\"graphed\": {}{}}}\n",
+            "\"graphed\": {}, \"graph_pool_bytes\": {}{}}}\n",
             it, unix_time(), double(it) / per_epoch, window_loss / window_iters, lr, ips, stored, peak,
-            decode_errors.count.load(), graphed != nullptr,
+            decode_errors.count.load(), graphed != nullptr, graphed ? graphed->pool_bytes() : 0,
             dist ? fmt::format(", \"world\": {}, \"global_batch\": {}, \"images_per_s_per_rank\": {:.2f}, "
                                "\"stored_activation_bytes_total\": {}, \"peak_bytes_total\": {}",
                                config.dist.world, config.batch * config.dist.world, ips / config.dist.world,
