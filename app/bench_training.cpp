@@ -521,7 +521,8 @@ int step_main(int argc, char** argv) {
       "trace", "With --profile: write each mode's profiled step to PREFIX-MODE.json (PREFIX-MODE-PRECISION-LAYOUT.json with several) (Chrome trace format)",
       cxxopts::value<std::string>()->default_value(""), "PREFIX")(
       "cuda-graphs", "CUDA: time each mode also as one captured iteration replayed as a CUDA graph (as blpa-train "
-      "--cuda-graphs runs it), in a row of its own after the eager one; JSON rows say \"graphed\"");
+      "--cuda-graphs runs it), in a row of its own after the eager one; JSON rows say \"graphed\" and give the "
+      "graph's pool in graph_pool_bytes (peak_bytes leaves it out). Needs --warmup 1 or more");
   o.custom_help("[OPTIONS]  (--precision and --memory-format take comma lists here: fp32,bf16)");
   // The lists are split before the common parsing, which checks one value of each.
   std::vector<std::string> argv_one(argv, argv + argc);
