@@ -1,8 +1,9 @@
 // The codec's CUDA kernels (cuda/codec_kernels.cuh) compiled for the CPU and run by the
 // tests' emulator (cuda_emulator.h), as a blpa::KernelTable. Installed for CPU tensors, it
-// sends the codec's work through the CUDA path: test_codec's "emulated CUDA" tests compare
-// it with the CPU loops, and with BLPA_TEST_KERNELS=emulated in the environment every codec
-// call of the test program takes it (a CTest entry runs the codec tests so).
+// sends the codec's work through the CUDA path. With BLPA_TEST_KERNELS=emulated in the
+// environment every codec call of the test program takes it (CTest runs the codec's, the
+// unit's and the networks' tests so, as emulated-cuda/...); EmulatedKernels installs it for
+// a scope (the CUDA test that compares the GPU's bits with the emulator's).
 #pragma once
 
 #include "blpa/kernel_table.h"

@@ -686,7 +686,7 @@ TEST_CASE("codec: bf16 activations give the codes of their values widened to flo
 TEST_CASE("codec: tensors one element off alignment give the codes, ReLU and gradients of aligned ones", "[codec]") {
   // A tensor that starts one element into its storage is as valid as any other. The CUDA
   // kernels load and store whole groups only at aligned addresses and take their scalar
-  // paths here (the \"emulated-cuda/\" run of this test checks those paths on any machine):
+  // paths here (the emulated-cuda/ run of this test checks those paths on any machine):
   // the codes and the ReLU are the same bits; the BatchNorm backward's sums, split among
   // threads in another way, agree to their rounding (the CPU loops: the same bits).
   torch::manual_seed(26);
