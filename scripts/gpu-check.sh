@@ -71,8 +71,10 @@ if [[ ! -e $fm && -d $prefix$fm ]]; then mkdir -p "$(dirname "$fm")" && ln -s "$
 stage build 420 scripts/build.sh -DCMAKE_CXX_COMPILER_LAUNCHER= -DCMAKE_CUDA_COMPILER_LAUNCHER= ||
   { tail -n 60 "$BLPA_BUILD_DIR/configure.log" 2>/dev/null | tee -a "$log"; exit 1; }
 # BLPA_GPU_TESTS=REGEX runs only the tests whose names match.
+# Not the emulated-cuda/ tests: the CPU emulator runs in every CI run; here they would only
+# take device time.
 stage tests 300 ctest --test-dir "$BLPA_BUILD_DIR" --output-on-failure --no-tests=error --parallel 8 \
-  ${BLPA_GPU_TESTS:+-R "$BLPA_GPU_TESTS"}
+  -E '^emulated-cuda/' ${BLPA_GPU_TESTS:+-R "$BLPA_GPU_TESTS"}
 # The plot test needs gnuplot, which the offline prefix does not carry: it alone may skip.
 if grep "(Skipped)\|\*\*\*Skipped" "$log" | grep -vq "plot.sh renders"; then
   echo "error: tests were skipped on a GPU machine" | tee -a "$log"; status=1

@@ -2,7 +2,9 @@
 // thread, run in turn until each finishes or waits at a barrier.
 //
 // A fiber switch saves the callee-saved registers on the fiber's stack and swaps stack
-// pointers (switch_stacks, x86-64 System V). glibc's swapcontext also saves the signal mask
+// pointers (switch_stacks, x86-64 System V). A kernel must not reach a barrier or a shuffle
+// inside a catch block: the C++ runtime's record of the exception being handled is the OS
+// thread's, not the fiber's (the codec's kernels throw nothing). glibc's swapcontext also saves the signal mask
 // with a system call each time: the block-wide sums of the BatchNorm kernels switch every
 // thread at each of their shuffles, and swapcontext made the codec's tests under the emulator
 // take minutes. Elsewhere than x86-64 the emulator uses swapcontext.
@@ -16,6 +18,8 @@
 #include <array>
 #include <exception>
 #include <memory>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -124,12 +128,14 @@ struct Machine {
   std::vector<Barrier> warps;
   std::vector<unsigned> live_lanes;                                // per warp, a mask
   std::vector<std::array<std::array<uint64_t, kWarp>, 2>> slots;  // per warp, two buffers
+  std::vector<std::array<unsigned, 2>> written;                    // per warp and buffer, lanes
   const std::function<void()>* body = nullptr;
   std::exception_ptr error;
   Context scheduler;
   const void* scheduler_bottom = nullptr;  // for AddressSanitizer
   size_t scheduler_size = 0;
   bool running = false;
+  std::thread::id owner;   // the thread running the launch
   bool abandoned = false;  // a launch failed with threads suspended: their frames are left
   Counters counters;
 };
@@ -214,6 +220,7 @@ void run_block(Machine& m) {
   m.warps.resize(warps);
   m.live_lanes.resize(warps);
   m.slots.resize(warps);
+  m.written.assign(warps, {0u, 0u});
   for (unsigned w = 0; w < warps; ++w) {
     const unsigned lanes = std::min(kWarp, n - w * kWarp);
     m.warps[w].expected = lanes;
@@ -248,7 +255,13 @@ void run_block(Machine& m) {
 
 void run(dim3 grid, dim3 block, const std::function<void()>& body) {
   Machine& m = machine();
-  if (m.running) throw std::logic_error("emulator: a launch from inside a kernel");
+  if (m.running && m.owner == std::this_thread::get_id())
+    throw std::logic_error("emulator: a launch from inside a kernel");
+  // One launch at a time: the machine, the coordinates and the kernels' __shared__ arrays
+  // are the process's.
+  static std::mutex one_at_a_time;
+  const std::lock_guard<std::mutex> lock(one_at_a_time);
+  m.owner = std::this_thread::get_id();
   const uint64_t threads = uint64_t{block.x} * block.y * block.z;
   if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
       grid.y > 65535 || grid.z > 65535)
@@ -306,9 +319,19 @@ uint64_t shuffle_down(uint64_t value, unsigned delta, unsigned mask) {
     throw std::runtime_error("emulator: __shfl_down_sync with mask " + std::to_string(mask) +
                              " in a warp whose live lanes are " + std::to_string(m.live_lanes[warp]));
   Fiber& f = *m.fibers[tid];
-  auto& slots = m.slots[warp][f.shuffles++ & 1];
+  const unsigned parity = f.shuffles++ & 1;
+  auto& slots = m.slots[warp][parity];
   slots[lane] = value;
-  arrive(m, m.warps[warp]);  // every lane has written; the other buffer is next
+  m.written[warp][parity] |= 1u << lane;
+  Barrier& b = m.warps[warp];
+  // The last to arrive: every lane is past the shuffle before this one, whose buffer the next
+  // shuffle takes.
+  if (b.waiting.size() + 1 == b.expected) m.written[warp][parity ^ 1] = 0;
+  arrive(m, b);
+  // A lane that exited while the others waited here never wrote its slot.
+  if ((mask & ~m.written[warp][parity]) != 0)
+    throw std::runtime_error("emulator: __shfl_down_sync with mask " + std::to_string(mask) +
+                             " but only these live lanes reached it: " + std::to_string(m.written[warp][parity]));
   const unsigned source = lane + delta;
   return source < kWarp ? slots[source] : value;
 }
