@@ -1,5 +1,6 @@
 #include "graph.h"
 
+#include <ATen/core/CachingHostAllocator.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -34,15 +35,39 @@ void follow(const c10::cuda::CUDAStream& later, const c10::cuda::CUDAStream& fir
   done.block(later);
 }
 
-// After a capture that failed: the allocator stops routing the capturing stream's allocations
-// to the graph's pool, and the pool is released. The PyTorch releases before 2.12 skip both
-// when cudaStreamEndCapture fails (a capture that a synchronisation invalidated), later ones
-// one or both; so each step here is taken only where it is still to do.
+// The pinned-memory allocator's routing to the graph's pool, in the PyTorch releases that
+// have it (detected here; the others have nothing to undo).
+template <typename HostAllocator, typename Pool>
+void abandon_host(HostAllocator* host, Pool pool) {
+  if constexpr (requires(HostAllocator* a, Pool p) {
+                  a->end_allocate_to_pool(p);
+                  a->release_pool(p);
+                }) {
+    try {
+      host->end_allocate_to_pool(pool);
+    } catch (const std::exception&) {
+    }
+    try {
+      host->release_pool(pool);
+    } catch (const std::exception&) {
+    }
+  }
+}
+
+// After a capture that failed: the allocators stop routing the capturing stream's
+// allocations to the graph's pool, and the pool is released. The PyTorch releases before 2.12
+// skip all of it when cudaStreamEndCapture fails (a capture that a synchronisation
+// invalidated): then the device allocator's routing is still on, and this undoes the rest
+// too. Later ones end the routing themselves, and some release the pool; getPoolUseCount
+// says whether that is still to do.
 void abandon(c10::DeviceIndex device, decltype(at::cuda::graph_pool_handle()) pool) {
+  bool routed = false;
   try {
     c10::cuda::CUDACachingAllocator::endAllocateToPool(device, pool);
+    routed = true;
   } catch (const std::exception&) {  // routing had ended
   }
+  if (routed) abandon_host(at::getHostAllocator(at::kCUDA), pool);
   try {
     if (c10::cuda::CUDACachingAllocator::getPoolUseCount(device, pool) > 0)
       c10::cuda::CUDACachingAllocator::releasePool(device, pool);
