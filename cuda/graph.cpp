@@ -1,5 +1,7 @@
 #include "graph.h"
 
+#include "memory_stats.h"
+
 #include <ATen/core/CachingHostAllocator.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
@@ -22,11 +24,6 @@ Graph::Graph() : impl_(std::make_unique<Impl>()) {}
 Graph::~Graph() = default;
 
 namespace {
-
-int64_t reserved(c10::DeviceIndex d) {
-  const auto& s = c10::cuda::CUDACachingAllocator::getDeviceStats(d).reserved_bytes;
-  return s[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].current;
-}
 
 // `later` runs what is queued next only after what `first` has queued so far.
 void follow(const c10::cuda::CUDAStream& later, const c10::cuda::CUDAStream& first) {
@@ -90,7 +87,7 @@ void Graph::capture(int device_index, const std::function<void()>& body) {
   // already queued on the main stream, and the main stream continues after it.
   auto side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device);
   follow(side, main);
-  const int64_t before = reserved(device);
+  const int64_t before = reserved_bytes(device);
   auto graph = std::make_unique<at::cuda::CUDAGraph>();
   const auto pool = at::cuda::graph_pool_handle();
   std::string failure;
@@ -125,7 +122,7 @@ void Graph::capture(int device_index, const std::function<void()>& body) {
   }
   follow(main, side);
   if (!failure.empty()) throw std::runtime_error(failure.substr(0, failure.find('\n')));
-  impl_->pool_bytes = reserved(device) - before;
+  impl_->pool_bytes = reserved_bytes(device) - before;
   impl_->graph = std::move(graph);
 }
 

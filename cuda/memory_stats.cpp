@@ -31,6 +31,10 @@ int64_t peak_bytes(int device) {
   return all_pools(c10::cuda::CUDACachingAllocator::getDeviceStats(resolve(device)).allocated_bytes).peak;
 }
 
+int64_t reserved_bytes(int device) {
+  return all_pools(c10::cuda::CUDACachingAllocator::getDeviceStats(resolve(device)).reserved_bytes).current;
+}
+
 void reset_peak_bytes(int device) { c10::cuda::CUDACachingAllocator::resetPeakStats(resolve(device)); }
 
 void set_limit_bytes(int device, int64_t bytes) {

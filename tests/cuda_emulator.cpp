@@ -157,7 +157,6 @@ void enter(Machine& m, Fiber& f) {
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(&fake, f.stack.get(), kStackBytes);
 #endif
-  ++m.counters.switches;
   jump(m.scheduler, f.context);
 #if BLPA_EMULATOR_ASAN
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);

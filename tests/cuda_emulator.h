@@ -65,9 +65,9 @@ void sync_threads();
 uint64_t shuffle_down(uint64_t value, unsigned delta, unsigned mask);
 // Throws unless p is aligned to `bytes` (a misaligned vector access faults on the GPU).
 void check_aligned(const void* p, size_t bytes, const char* what);
-// What the emulator has run so far: launches, threads, and switches into a thread.
+// What the emulator has run so far: launches, and threads over all of them.
 struct Counters {
-  int64_t launches = 0, threads = 0, switches = 0;
+  int64_t launches = 0, threads = 0;
 };
 Counters counters();
 

@@ -16,9 +16,8 @@
 
 #include "test_support.h"
 #if BLPA_WITH_CUDA
-#include <c10/cuda/CUDACachingAllocator.h>
-
 #include "graph.h"
+#include "memory_stats.h"
 #endif
 
 namespace fs = std::filesystem;
@@ -201,19 +200,15 @@ TEST_CASE("CUDA: a capture that a synchronisation invalidates leaves the allocat
   BLPA_REQUIRE_CUDA();
   const torch::Device dev(torch::kCUDA, 0);
   auto t = torch::ones({1024}, dev);
-  const auto reserved = [] {
-    const auto& r = c10::cuda::CUDACachingAllocator::getDeviceStats(0).reserved_bytes;
-    return r[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].current;
-  };
   blpa::memory::release_cached(dev);
-  const int64_t before = reserved();
+  const int64_t before = blpa::cuda::reserved_bytes(0);
   {
     blpa::cuda::Graph g;
     CHECK_THROWS_AS(g.capture(0, [&] { (void)(t * 2).sum().item<float>(); }), std::runtime_error);
     CHECK_FALSE(g.captured());
   }
   CHECK_NOTHROW(blpa::memory::release_cached(dev));
-  CHECK(reserved() == before);  // the pool the capture took is given back
+  CHECK(blpa::cuda::reserved_bytes(0) == before);  // the pool the capture took is given back
   auto u = torch::full({1 << 20}, 3.0f, dev);  // eager allocations and kernels work
   CHECK(u.sum().item<float>() == 3.0f * (1 << 20));
   blpa::cuda::Graph good;
