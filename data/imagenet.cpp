@@ -150,7 +150,8 @@ void note(DecodeErrors* errors, const std::string& path, const Decoded& d) {
 Batch imagenet_train_batch(const ImageList& list, const std::vector<int64_t>& indices, const ImageNetAugment& a,
                            const Normalisation& norm, uint64_t stream, DecodeErrors* errors, bool pinned) {
   const int64_t B = static_cast<int64_t>(indices.size());
-  Batch out{at::empty({B, 3, a.crop, a.crop}, at::TensorOptions().pinned_memory(pinned)), at::empty({B}, at::kLong)};
+  Batch out{at::empty({B, 3, a.crop, a.crop}, at::TensorOptions().pinned_memory(pinned)),
+            at::empty({B}, at::TensorOptions(at::kLong).pinned_memory(pinned))};
   int64_t* labels = out.labels.data_ptr<int64_t>();
   for (int64_t i = 0; i < B; ++i) {
     const uint64_t key = counter_hash(stream, static_cast<uint64_t>(indices[i]));

@@ -44,12 +44,12 @@ Normalisation channel_stats(const Dataset& d) {
 }
 
 Batch make_batch(const Dataset& d, const std::vector<int64_t>& indices, const Normalisation& norm,
-                 const Augment* augment, uint64_t stream) {
+                 const Augment* augment, uint64_t stream, bool pinned) {
   const int64_t C = d.images.size(1), H = d.images.size(2), W = d.images.size(3);
   const int64_t B = static_cast<int64_t>(indices.size());
   Batch out;
-  out.images = at::empty({B, C, H, W}, at::kFloat);
-  out.labels = at::empty({B}, at::kLong);
+  out.images = at::empty({B, C, H, W}, at::TensorOptions(at::kFloat).pinned_memory(pinned));
+  out.labels = at::empty({B}, at::TensorOptions(at::kLong).pinned_memory(pinned));
   const uint8_t* src = d.images.data_ptr<uint8_t>();
   const int64_t* lab = d.labels.data_ptr<int64_t>();
   float* dst = out.images.data_ptr<float>();
@@ -138,12 +138,13 @@ std::shared_ptr<const std::vector<int64_t>> ShardSampler::order(int64_t epoch) {
 }
 
 TrainLoader::TrainLoader(const Dataset& d, int64_t batch_size, uint64_t seed, Normalisation norm, Augment augment,
-                         int64_t first_batch, int workers, int prefetch, Shard shard)
+                         int64_t first_batch, int workers, int prefetch, Shard shard, bool pinned)
     : sampler_(std::make_shared<ShardSampler>(d.size(), batch_size, shard, seed)),
       stream_(
-          [&d, seed, norm = std::move(norm), augment, sampler = sampler_](int64_t b) {
+          [&d, seed, norm = std::move(norm), augment, pinned, sampler = sampler_](int64_t b) {
             const int64_t epoch = b / sampler->batches_per_epoch();
-            return make_batch(d, sampler->indices(b), norm, &augment, counter_hash(seed, 0xA5A5A5A5ull, epoch));
+            return make_batch(d, sampler->indices(b), norm, &augment, counter_hash(seed, 0xA5A5A5A5ull, epoch),
+                              pinned);
           },
           first_batch, workers, prefetch) {}
 

@@ -740,7 +740,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   } else {
     memory_loader = std::make_unique<data::TrainLoader>(
         train_set, config.batch, config.seed, norm, data::Augment{config.augment ? 4 : 0, config.augment}, it,
-        config.workers, config.prefetch, shard);
+        config.workers, config.prefetch, shard, pin);
     per_epoch = memory_loader->batches_per_epoch();
     next_batch = [&] { return memory_loader->next(); };
     run_eval = [&] { return evaluate(model, test_set, norm, config.batch, dev, stop); };

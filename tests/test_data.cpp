@@ -284,3 +284,25 @@ TEST_CASE("data: the training stream is a function of (seed, batch) and covers e
   CHECK(seen.size() == 96);
   CHECK(!torch::equal(torch::cat({first[0], first[1]}), torch::cat({first[12], first[13]})));  // reshuffled
 }
+
+// Batches bound for a GPU are pinned, so that their copies are asynchronous: a copy from
+// pageable memory can wait for the stream, which would make the host wait for each replayed
+// CUDA graph before it queues the next.
+TEST_CASE("CUDA: training batches for a GPU are pinned and hold the same values", "[data][cuda]") {
+  BLPA_REQUIRE_CUDA();
+  Dataset d;
+  d.images = torch::randint(0, 256, {40, 3, 6, 6}, torch::kLong).to(torch::kByte);
+  d.labels = torch::randint(0, 10, {40}, torch::kLong);
+  d.num_classes = 10;
+  const auto norm = channel_stats(d);
+  TrainLoader pageable(d, 8, 3, norm, Augment{}, 0, 1, 2);
+  TrainLoader pinned(d, 8, 3, norm, Augment{}, 0, 2, 2, Shard{}, /*pinned=*/true);
+  for (int i = 0; i < 6; ++i) {
+    const auto a = pageable.next(), b = pinned.next();
+    CHECK(!a.images.is_pinned());
+    CHECK(b.images.is_pinned());
+    CHECK(b.labels.is_pinned());
+    CHECK(torch::equal(a.images, b.images));
+    CHECK(torch::equal(a.labels, b.labels));
+  }
+}

@@ -82,8 +82,8 @@ struct DecodeErrors {
 };
 
 // Training batch `b` of the list (order and augmentation a pure function of seed and b),
-// normalised float32 B x 3 x crop x crop. `pinned`: the images are made in pinned host
-// memory (for asynchronous copies to a GPU; needs CUDA).
+// normalised float32 B x 3 x crop x crop. `pinned`: images and labels are made in pinned
+// host memory (for asynchronous copies to a GPU; needs CUDA).
 Batch imagenet_train_batch(const ImageList& list, const std::vector<int64_t>& indices, const ImageNetAugment& a,
                            const Normalisation& norm, uint64_t stream, DecodeErrors* errors, bool pinned = false);
 

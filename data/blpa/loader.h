@@ -43,9 +43,10 @@ struct Batch {
 };
 
 // One batch of the given samples; `augment` null for evaluation. `stream` seeds each
-// sample's crop/flip together with its index.
+// sample's crop/flip together with its index. `pinned`: images and labels are made in pinned
+// host memory, so that copies to a GPU are asynchronous (needs CUDA).
 Batch make_batch(const Dataset& d, const std::vector<int64_t>& indices, const Normalisation& norm,
-                 const Augment* augment, uint64_t stream);
+                 const Augment* augment, uint64_t stream, bool pinned = false);
 
 // The samples of training batch `b`: epoch b / per_epoch in an order shuffled by (seed, epoch).
 std::vector<int64_t> batch_indices(int64_t dataset_size, int64_t batch_size, uint64_t seed, int64_t b);
@@ -104,11 +105,12 @@ class ShardSampler {
   std::map<int64_t, std::shared_ptr<const std::vector<int64_t>>> epochs_;
 };
 
-// An endless stream of training batches (the last partial batch of an epoch is dropped).
+// An endless stream of training batches (the last partial batch of an epoch is dropped), in
+// pinned memory when `pinned` (as make_batch).
 class TrainLoader {
  public:
   TrainLoader(const Dataset& d, int64_t batch_size, uint64_t seed, Normalisation norm, Augment augment,
-              int64_t first_batch, int workers, int prefetch, Shard shard = {});
+              int64_t first_batch, int workers, int prefetch, Shard shard = {}, bool pinned = false);
 
   Batch next() { return stream_.next(); }
   int64_t batches_per_epoch() const { return sampler_->batches_per_epoch(); }
