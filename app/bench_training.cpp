@@ -173,7 +173,9 @@ struct Rig {
         opt(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9)) {
     x = torch::randn({batch, net.in_channels, size, size}, torch::TensorOptions(dev));
     labels = torch::randint(0, net.num_classes, {batch}, torch::TensorOptions(dev).dtype(torch::kLong));
+    if (dev.is_cuda()) lr = torch::full({}, 0.01, torch::TensorOptions(torch::kFloat).device(dev));
   }
+  torch::Tensor lr;  // CUDA: the update is blpa-train's there (sgd_step); the CPU's is LibTorch's SGD
   // Returns the bytes autograd holds after the forward pass (of the first part, with `accum`
   // parts: blpa-train's --accum-steps).
   int64_t step(int64_t accum = 1) {
@@ -188,7 +190,8 @@ struct Rig {
       stored = blpa::memory::allocated(dev) - before - static_cast<int64_t>(out.nbytes());
       torch::nn::functional::cross_entropy(out, labels).backward();
     }
-    opt.step();
+    if (lr.defined()) blpa::sgd_step(opt, lr);
+    else opt.step();
     if (model->config().mode.mode != Mode::plain) model->constrain_();  // as blpa-train and the graph
     return stored;
   }

@@ -20,27 +20,36 @@ namespace blpa {
 
 void sgd_step(torch::optim::SGD& opt, const torch::Tensor& lr) {
   torch::NoGradGuard no_grad;
+  const torch::Tensor neg_lr = lr.neg();
   for (auto& group : opt.param_groups()) {
     const auto& o = static_cast<const torch::optim::SGDOptions&>(group.options());
     TORCH_CHECK(o.dampening() == 0 && !o.nesterov(), "sgd_step: dampening and Nesterov momentum are not supported");
+    std::vector<torch::Tensor> params, grads, bufs;
     for (auto& p : group.params()) {
       if (!p.grad().defined()) continue;
-      torch::Tensor d_p = p.grad();
-      if (o.weight_decay() != 0) d_p = d_p.add(p, o.weight_decay());
-      if (o.momentum() != 0) {
-        auto& state = opt.state()[p.unsafeGetTensorImpl()];
-        if (!state) {
-          // LibTorch's first step clones d_p into the buffer; 0 * momentum + d_p is the same.
-          auto s = std::make_unique<torch::optim::SGDParamState>();
-          s->momentum_buffer(torch::zeros_like(p));
-          state = std::move(s);
-        }
-        auto& buf = static_cast<torch::optim::SGDParamState&>(*state).momentum_buffer();
-        buf.mul_(o.momentum()).add_(d_p);
-        d_p = buf;
+      params.push_back(p);
+      grads.push_back(p.grad());
+      if (o.momentum() == 0) continue;
+      auto& state = opt.state()[p.unsafeGetTensorImpl()];
+      if (!state) {
+        // LibTorch's first step clones d_p into the buffer; 0 * momentum + d_p is the same.
+        auto s = std::make_unique<torch::optim::SGDParamState>();
+        s->momentum_buffer(torch::zeros_like(p));
+        state = std::move(s);
       }
-      p.addcmul_(d_p, lr, -1);
+      bufs.push_back(static_cast<torch::optim::SGDParamState&>(*state).momentum_buffer());
     }
+    if (params.empty()) continue;
+    // LibTorch's update, one operation at a time over all the group's tensors: d_p = g +
+    // weight_decay * p; buf = momentum * buf + d_p; p += d_p * -lr. On CUDA each is a few
+    // multi-tensor kernels where the per-tensor loop launched one per tensor.
+    std::vector<torch::Tensor> d_p = o.weight_decay() != 0 ? at::_foreach_add(grads, params, o.weight_decay()) : grads;
+    if (o.momentum() != 0) {
+      at::_foreach_mul_(bufs, o.momentum());
+      at::_foreach_add_(bufs, d_p);
+      d_p = bufs;
+    }
+    at::_foreach_add_(params, at::_foreach_mul(d_p, neg_lr));
   }
 }
 

@@ -769,13 +769,15 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   }
   std::unique_ptr<GraphedStep> graphed;
   const int64_t capture_at = it + 3;
-  // With graphs, the eager iterations (before the capture, after a fallback) update as the
-  // replayed ones do (sgd_step, the learning rate a float tensor): a run resumed from a
-  // checkpoint, whose first iterations are eager where the first run replayed, then does the
-  // same arithmetic as the first run (cuDNN's nondeterministic kernels aside).
-  const bool graph_arithmetic = use_graphs;
+  // On CUDA every update is sgd_step's (the learning rate a float tensor, a few multi-tensor
+  // kernels per step, as PyTorch's default SGD there): eager iterations (before the capture,
+  // after a fallback, with graphs off or several ranks) update as the replayed ones do, so a
+  // run resumed from a checkpoint, whose first iterations are eager where the first run
+  // replayed, does the same arithmetic (cuDNN's nondeterministic kernels aside). The CPU keeps
+  // LibTorch's SGD.
+  const bool tensor_lr_update = dev.is_cuda();
   const torch::Tensor lr_tensor =
-      graph_arithmetic ? torch::zeros({}, torch::TensorOptions(torch::kFloat).device(dev)) : torch::Tensor();
+      tensor_lr_update ? torch::zeros({}, torch::TensorOptions(torch::kFloat).device(dev)) : torch::Tensor();
   auto write_summary = [&](const char* status) {
     if (config.summary_path.empty() || !lead) return;
     AtomicFile f(config.summary_path);
@@ -893,7 +895,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
         if (!std::isfinite(loss_v))
           throw diverged(fmt::format("the loss became {} at iteration {}", loss_v, it + 1), it + 1);
         consistent = false;
-        if (graph_arithmetic) {
+        if (tensor_lr_update) {
           lr_tensor.fill_(lr);
           sgd_step(opt, lr_tensor);
         } else {

@@ -15,7 +15,6 @@ using torch::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr double kGammaMin = 1e-8;
 constexpr float kGammaMinF = static_cast<float>(kGammaMin);  // what clamp_min(kGammaMin) compares a float with
 
 Tensor per_channel(const Tensor& t) { return t.view({1, -1, 1, 1}); }

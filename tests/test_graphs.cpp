@@ -62,33 +62,66 @@ fs::path temp_dir(const std::string& name) { return fresh_temp_dir("graphs-" + n
 
 TEST_CASE("graphs: the update with the learning rate in a tensor is LibTorch's SGD update", "[graphs]") {
   // lr = 0.25: lr * buffer is exact, so rounding it first (sgd_step) or fusing it (ATen's
-  // add with alpha) gives the same bits. lr = 0.1: the two differ by at most one rounding of
-  // that product per step, a few units in the last place of the weights.
+  // add with alpha, an FMA on this CPU) gives the same bits, step after step. lr = 0.1: the
+  // two differ by at most one rounding of that product per step, a unit in the last place
+  // of a weight. Each step is compared from equal weights and buffers: the networks are in
+  // blpa mode, where a difference of one unit can move a 4-bit code and so the next
+  // gradients by far more than a rounding.
   for (const double lr : {0.25, 0.1}) {
     Twins t;
     auto oa = sgd(t.a, lr), ob = sgd(t.b, lr);
     const auto lr_t = torch::full({}, lr);
+    auto pa = t.a->parameters(), pb = t.b->parameters();
+    auto buffer = [](torch::optim::SGD& o, const torch::Tensor& p) {
+      auto it = o.state().find(p.unsafeGetTensorImpl());
+      REQUIRE(it != o.state().end());  // the optimiser's own buffers (what a checkpoint saves)
+      return static_cast<torch::optim::SGDParamState&>(*it->second).momentum_buffer();
+    };
     for (int64_t step = 0; step < 4; ++step) {
       t.backward(step);
       oa->step();
       blpa::sgd_step(*ob, lr_t);
+      double worst = 0;
+      for (size_t i = 0; i < pa.size(); ++i) {
+        const auto ba = buffer(*oa, pa[i]), bb = buffer(*ob, pb[i]);
+        CHECK(torch::equal(ba, bb));  // the momentum buffer is the same arithmetic in both
+        worst = std::max(worst, (pa[i] - pb[i]).abs().max().item<double>() / (pa[i].abs().max().item<double>() + 1e-30));
+        if (lr == 0.25) CHECK(torch::equal(pa[i], pb[i]));
+        torch::NoGradGuard no_grad;  // equal again for the next step
+        pb[i].copy_(pa[i]);
+      }
+      CAPTURE(lr, step, worst);
+      CHECK(worst < 2.5e-7);  // about 2 units in the last place of the largest weight
     }
-    auto pa = t.a->parameters(), pb = t.b->parameters();
-    double worst = 0;
-    for (size_t i = 0; i < pa.size(); ++i) {
-      const auto diff = (pa[i] - pb[i]).abs().max().item<double>();
-      const auto scale = pa[i].abs().max().item<double>() + 1e-30;
-      worst = std::max(worst, diff / scale);
-      if (lr == 0.25) CHECK(torch::equal(pa[i], pb[i]));
+  }
+}
+
+// ResNet::constrain_ clamps all the units' gammas in one multi-tensor operation (a few
+// kernels on CUDA, inside the captured iteration): it must be each unit's clamp_min_.
+TEST_CASE("graphs: the network's gamma clamp in one operation is every unit's clamp_min", "[graphs]") {
+  Twins t;
+  torch::NoGradGuard no_grad;
+  int64_t units = 0;
+  for (auto* m : {&t.a, &t.b}) {
+    torch::manual_seed(5);
+    for (auto& [name, u] : (*m)->units()) {
+      u->gamma.copy_(torch::randn(u->gamma.sizes()) * 1e-7);  // half of them below the floor
+      u->gamma[0] = std::nanf("");
+      u->gamma[1] = 1e-8f;  // the float just below 1e-8: clamped up to the same float
+      u->beta.copy_(torch::randn(u->beta.sizes()));
     }
-    CAPTURE(lr, worst);
-    CHECK(worst < 1e-6);
-    // The momentum buffers are the optimiser's own (what a checkpoint saves).
-    for (auto& p : t.b->parameters()) {
-      auto it = ob->state().find(p.unsafeGetTensorImpl());
-      REQUIRE(it != ob->state().end());
-      CHECK(static_cast<torch::optim::SGDParamState&>(*it->second).momentum_buffer().defined());
-    }
+  }
+  t.a->constrain_();
+  for (auto& [name, u] : t.b->units()) u->constrain_(), ++units;
+  CHECK(units > 5);
+  const auto pa = t.a->named_parameters(), pb = t.b->named_parameters();
+  for (const auto& e : pa) {
+    CAPTURE(e.key());
+    CHECK(torch::equal(e.value().nan_to_num(-1), pb[e.key()].nan_to_num(-1)));  // NaN stays NaN in both
+  }
+  for (auto& [name, u] : t.a->units()) {
+    CHECK(std::isnan(u->gamma[0].item<float>()));
+    CHECK((u->gamma.slice(0, 1) >= 1e-8f).all().item<bool>());
   }
 }
 

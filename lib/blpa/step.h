@@ -16,10 +16,13 @@ namespace blpa {
 
 // torch::optim::SGD's update (momentum, weight decay; no dampening, no Nesterov) with the
 // learning rate read from `lr`, a one-element tensor on the parameters' device, so that a
-// captured update follows the schedule: the same arithmetic except that lr * buffer is
-// rounded before it is subtracted (ATen's scalar path fuses it), so the results agree to a
-// rounding of each update, and exactly when lr is a power of two. Uses, and where missing
-// creates, the optimiser's own momentum buffers, so checkpoints see one state.
+// captured update follows the schedule. Each operation runs over all of a group's tensors at
+// once (ATen's _foreach operators, as PyTorch's default SGD on CUDA): on CUDA a few
+// multi-tensor kernels per step, where LibTorch's SGD launches four per parameter. The same
+// arithmetic except that lr * buffer is rounded before it is added (ATen's add with a scalar
+// factor fuses the two on CPUs with FMA), so the results agree to a rounding of each update,
+// and exactly when lr is a power of two. Uses, and where missing creates, the optimiser's own
+// momentum buffers, so checkpoints see one state.
 void sgd_step(torch::optim::SGD& opt, const torch::Tensor& lr);
 
 // The iteration of blpa-train for a fixed batch shape, captured as a CUDA graph on its first

@@ -45,6 +45,10 @@ struct ModeConfig {
 // anything else.
 ModeConfig parse_mode_config(const std::string& s, int bits = 4, float window = 0, std::optional<float> lift = {});
 
+// The floor of gamma (DESIGN.md: gamma >= 1e-8, so that sign(a) = sign(a / gamma)): every
+// mode but plain trains with max(gamma, kGammaMin), and constrain_() keeps gamma there.
+inline constexpr double kGammaMin = 1e-8;
+
 struct ConvSpec {
   int64_t out_channels;
   int64_t kernel;
