@@ -472,6 +472,7 @@ OpCount count_ops(Rig& rig) {
 // inclusive (an operator's time contains those it calls), so the sums overlap.
 struct Profile {
   double busy_ms = 0, wall_ms = 0;
+  int64_t events = 0;  // CUDA: kernels, copies and memsets (what the step launched); CPU: operator calls
   std::vector<std::tuple<double, int64_t, std::string>> top;  // total ms, calls, name
 };
 
@@ -500,6 +501,7 @@ Profile profile_step(Rig& rig, size_t top_n, const std::string& trace) {
     auto& [total, calls] = by_name[e.name()];
     total += ms;
     ++calls;
+    ++p.events;
     p.busy_ms += ms;
   }
   for (const auto& [name, tc] : by_name) p.top.emplace_back(tc.first, tc.second, name);
@@ -519,8 +521,8 @@ int step_main(int argc, char** argv) {
   o.add_options()("warmup", "Untimed steps per mode", cxxopts::value<int>()->default_value("2"))(
       "steps", "Timed steps per mode and round", cxxopts::value<int>()->default_value("5"))(
       "rounds", "Rounds of timed steps, the modes taking turns", cxxopts::value<int>()->default_value("1"))(
-      "profile", "Then profile one more step per mode: the GPU's busy time and the N costliest kernels "
-      "(on CPU: operators, inclusive times); 0: no profile", cxxopts::value<int>()->default_value("0"), "N")(
+      "profile", "Then profile one more step per mode: the GPU's busy time, the number of kernels, copies and "
+      "memsets it ran, and the N costliest kernels (on CPU: operators, inclusive times); 0: no profile", cxxopts::value<int>()->default_value("0"), "N")(
       "trace", "With --profile: write each mode's profiled step to PREFIX-MODE.json (PREFIX-MODE-PRECISION-LAYOUT.json with several) (Chrome trace format)",
       cxxopts::value<std::string>()->default_value(""), "PREFIX")(
       "cuda-graphs", "CUDA: time each mode also as one captured iteration replayed as a CUDA graph (as blpa-train "
@@ -627,7 +629,8 @@ int step_main(int argc, char** argv) {
                                            ".json");
     std::string profile_json;
     if (top_n > 0) {
-      profile_json = fmt::format(", \"profile\": {{\"wall_ms\": {:.3f}, \"busy_ms\": {:.3f}, \"top\": [", p.wall_ms, p.busy_ms);
+      profile_json = fmt::format(", \"profile\": {{\"wall_ms\": {:.3f}, \"busy_ms\": {:.3f}, \"events\": {}, \"top\": [",
+                                 p.wall_ms, p.busy_ms, p.events);
       for (size_t i = 0; i < p.top.size(); ++i)
         profile_json += fmt::format("{}{{\"ms\": {:.3f}, \"calls\": {}, \"name\": {}}}", i ? ", " : "",
                                     std::get<0>(p.top[i]), std::get<1>(p.top[i]), blpa::json_string(std::get<2>(p.top[i])));
@@ -647,8 +650,9 @@ int step_main(int argc, char** argv) {
                  host_median, e.ms.size(), ops.outer, c.batch * 1000.0 / median,
                  plain_ms.count(key) ? ratio + "x" : std::string("(run plain first for the ratio)"));
       if (top_n > 0) {
-        fmt::print("  profiled step: {:.2f} ms wall, {:.2f} ms {}\n", p.wall_ms, p.busy_ms,
-                   c.device.is_cuda() ? "of GPU work" : "of operators (inclusive, overlapping)");
+        fmt::print("  profiled step: {:.2f} ms wall, {:.2f} ms {} in {} {}\n", p.wall_ms, p.busy_ms,
+                   c.device.is_cuda() ? "of GPU work" : "of operators (inclusive, overlapping)", p.events,
+                   c.device.is_cuda() ? "kernels, copies and memsets" : "operator calls");
         for (const auto& [total, calls, name] : p.top)
           fmt::print("  {:9.3f} ms {:6d}x  {}\n", total, calls, name.size() > 110 ? name.substr(0, 107) + "..." : name);
       }

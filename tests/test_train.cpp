@@ -306,14 +306,16 @@ TEST_CASE("bench: step --profile reports where a step's time went and --trace wr
   std::ifstream f(out);
   std::string line;
   int rows = 0;
-  const std::regex profile("\"profile\": \\{\"wall_ms\": ([0-9.]+), \"busy_ms\": ([0-9.]+), \"top\": \\[(.*)\\]\\}");
+  const std::regex profile(
+      "\"profile\": \\{\"wall_ms\": ([0-9.]+), \"busy_ms\": ([0-9.]+), \"events\": ([0-9]+), \"top\": \\[(.*)\\]\\}");
   while (std::getline(f, line)) {
     CAPTURE(line);
     std::smatch m;
     REQUIRE(std::regex_search(line, m, profile));
     CHECK(std::stod(m[1]) > 0);
     CHECK(std::stod(m[2]) > 0);
-    const std::string top = m[3];
+    CHECK(std::stoll(m[3]) >= 3);  // at least the operators listed
+    const std::string top = m[4];
     const std::regex name("\"name\": ");
     const auto names = std::distance(std::sregex_iterator(top.begin(), top.end(), name), std::sregex_iterator());
     CHECK(names >= 1);
