@@ -15,7 +15,6 @@ using torch::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr float kGammaMinF = static_cast<float>(kGammaMin);  // what clamp_min(kGammaMin) compares a float with
 
 Tensor per_channel(const Tensor& t) { return t.view({1, -1, 1, 1}); }
 
@@ -39,10 +38,16 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     const ModeConfig& mode = unit->mode();
     // blpa and naive: g = max(gamma, 1e-8), the window's centre b and the offsets of the codes
     // in one pass over the channels (one launch on a GPU, where a small step is bound by the
-    // host's launches).
+    // host's launches), or the network's, made for all its units in one pass.
     ChannelCoding cc;
-    if (mode.mode != Mode::exact)
-      cc = channel_coding(gamma, beta, kGammaMinF, mode.codes_format(), mode.mode == Mode::blpa);
+    if (mode.mode != Mode::exact) {
+      cc = unit->take_channel_coding();
+      if (!cc.g.defined()) cc = channel_coding(gamma, beta, kGammaMinF, mode.codes_format(), mode.mode == Mode::blpa);
+      TORCH_CHECK(cc.g.numel() == gamma.numel() && cc.format.bits == mode.codes_format().bits &&
+                      cc.format.window == mode.codes_format().window,
+                  "unit: the channel coding given for ", cc.g.numel(), " channels does not fit this unit's ",
+                  gamma.numel());
+    }
     const Tensor g = mode.mode == Mode::exact ? gamma.clamp_min(kGammaMin) : cc.g;
     // a = gamma * x_hat + beta with batch statistics; updates the running statistics. The
     // same LibTorch operator, and so the same kernel (cuDNN's on a GPU), as plain's batch_norm.

@@ -172,6 +172,41 @@ TEST_CASE("resnet: in bf16 blpa-4's gradient error against bf16 plain stays with
   CHECK(naive_err.back() > naive_err.front());
 }
 
+// The network codes all its units' channels in one pass (one launch on a GPU, not one per
+// unit); each unit's own coding, used when a unit runs alone, must give the same bits.
+TEST_CASE("resnet: the network's one-pass channel coding gives each unit's own, bit for bit", "[resnet]") {
+  for (const ModeConfig mode : {ModeConfig{Mode::blpa, 4}, ModeConfig{Mode::naive, 8}, ModeConfig{Mode::blpa, 2}}) {
+    CAPTURE(mode.str());
+    torch::manual_seed(11);
+    auto a = make_net(29, mode), b = make_net(29, mode);
+    randomise_affine(a);
+    {
+      torch::NoGradGuard g;
+      a->units().front().second->gamma[0] = 1e-9f;  // below the floor: clamped by the coding
+      auto pa = a->parameters(), pb = b->parameters();
+      for (size_t i = 0; i < pa.size(); ++i) pb[i].copy_(pa[i]);
+    }
+    const auto batch = random_batch(4, 12, 5);
+    a->train(), b->train();
+    // a: the network's forward. b: the same layers run one by one, so that each unit codes
+    // its own channels.
+    torch::nn::functional::cross_entropy(a->forward(batch.x), batch.labels).backward();
+    for (auto& [name, u] : a->units()) CHECK(!u->take_channel_coding().g.defined());  // none left over
+    const auto parts = b->named_children();
+    auto h = at::conv2d(batch.x, parts["stem"]->as<torch::nn::Conv2d>()->weight, {}, 1, 1);
+    for (const auto& m : *parts["blocks"]->as<torch::nn::ModuleList>()) h = m->as<blpa::BlockImpl>()->forward(h);
+    h = parts["final"]->as<blpa::Unit>()->forward(h)[0];
+    const auto fc = parts["fc"]->as<torch::nn::Linear>();
+    torch::nn::functional::cross_entropy(at::linear(h.mean({2, 3}), fc->weight, fc->bias), batch.labels).backward();
+    const auto na = a->named_parameters(), nb = b->named_parameters();
+    for (const auto& e : na) {
+      CAPTURE(e.key());
+      CHECK(torch::equal(e.value().grad(), nb[e.key()].grad()));
+    }
+    for (const auto& e : a->named_buffers()) CHECK(torch::equal(e.value(), b->named_buffers()[e.key()]));
+  }
+}
+
 TEST_CASE("resnet: in blpa mode the graph holds codes and metadata, not activations", "[resnet][memory]") {
   blpa::memory::install_cpu_counter();
   const torch::Device cpu(torch::kCPU);

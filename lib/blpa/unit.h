@@ -11,6 +11,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "blpa/codec.h"
@@ -48,6 +49,7 @@ ModeConfig parse_mode_config(const std::string& s, int bits = 4, float window = 
 // The floor of gamma (DESIGN.md: gamma >= 1e-8, so that sign(a) = sign(a / gamma)): every
 // mode but plain trains with max(gamma, kGammaMin), and constrain_() keeps gamma there.
 inline constexpr double kGammaMin = 1e-8;
+inline constexpr float kGammaMinF = static_cast<float>(kGammaMin);  // what clamp_min(kGammaMin) compares a float with
 
 struct ConvSpec {
   int64_t out_channels;
@@ -78,6 +80,11 @@ class UnitImpl : public torch::nn::Module {
   const UnitMemory& memory() const { return *memory_; }
   // Keeps gamma >= 1e-8 so that sign(a) = sign(a / gamma) (call after each optimiser step).
   void constrain_();
+  // blpa and naive: the channel coding (blpa/codec.h) of gamma and beta as they are now, for
+  // the next training forward only; a network makes all its units' in one pass. Without one
+  // the forward makes its own. take_channel_coding() returns it (or none) and forgets it.
+  void set_channel_coding(ChannelCoding cc) { next_coding_ = std::move(cc); }
+  ChannelCoding take_channel_coding() { return std::exchange(next_coding_, {}); }
 
   torch::Tensor gamma, beta, running_mean, running_var;
   std::vector<torch::Tensor> weights;
@@ -96,6 +103,7 @@ class UnitImpl : public torch::nn::Module {
   ModeConfig mode_;
   std::shared_ptr<UnitMemory> memory_;
   torch::Tensor zeros_, ones_;
+  ChannelCoding next_coding_;
 };
 TORCH_MODULE(Unit);
 
