@@ -20,6 +20,8 @@ namespace blpa {
 
 void sgd_step(torch::optim::SGD& opt, const torch::Tensor& lr) {
   torch::NoGradGuard no_grad;
+  TORCH_CHECK(lr.dim() == 0 && lr.scalar_type() == torch::kFloat, "sgd_step: the learning rate must be a 0-dim float "
+              "tensor, got ", lr.scalar_type(), " of shape ", lr.sizes());
   const torch::Tensor neg_lr = lr.neg();
   for (auto& group : opt.param_groups()) {
     const auto& o = static_cast<const torch::optim::SGDOptions&>(group.options());
@@ -40,6 +42,8 @@ void sgd_step(torch::optim::SGD& opt, const torch::Tensor& lr) {
       bufs.push_back(static_cast<torch::optim::SGDParamState&>(*state).momentum_buffer());
     }
     if (params.empty()) continue;
+    TORCH_CHECK(lr.device() == params.front().device(), "sgd_step: the learning rate is on ", lr.device(),
+                " but the parameters on ", params.front().device());
     // LibTorch's update, one operation at a time over all the group's tensors: d_p = g +
     // weight_decay * p; buf = momentum * buf + d_p; p += d_p * -lr. On CUDA each is a few
     // multi-tensor kernels where the per-tensor loop launched one per tensor.

@@ -15,7 +15,6 @@ using torch::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-
 Tensor per_channel(const Tensor& t) { return t.view({1, -1, 1, 1}); }
 
 Codes codes_from(AutogradContext* ctx) {
@@ -43,10 +42,12 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     if (mode.mode != Mode::exact) {
       cc = unit->take_channel_coding();
       if (!cc.g.defined()) cc = channel_coding(gamma, beta, kGammaMinF, mode.codes_format(), mode.mode == Mode::blpa);
-      TORCH_CHECK(cc.g.numel() == gamma.numel() && cc.format.bits == mode.codes_format().bits &&
-                      cc.format.window == mode.codes_format().window,
-                  "unit: the channel coding given for ", cc.g.numel(), " channels does not fit this unit's ",
-                  gamma.numel());
+      const CodeFormat f = mode.codes_format();
+      TORCH_CHECK(cc.g.numel() == gamma.numel() && cc.format.bits == f.bits && cc.format.window == f.window &&
+                      cc.format.lift == f.lift,
+                  "unit: the channel coding given (", cc.g.numel(), " channels, ", cc.format.bits, " bits, window ",
+                  cc.format.window, ", lift ", cc.format.lift, ") is not this unit's (", gamma.numel(),
+                  " channels, ", f.bits, " bits, window ", f.window, ", lift ", f.lift, ")");
     }
     const Tensor g = mode.mode == Mode::exact ? gamma.clamp_min(kGammaMin) : cc.g;
     // a = gamma * x_hat + beta with batch statistics; updates the running statistics. The

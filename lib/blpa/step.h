@@ -15,14 +15,17 @@
 namespace blpa {
 
 // torch::optim::SGD's update (momentum, weight decay; no dampening, no Nesterov) with the
-// learning rate read from `lr`, a one-element tensor on the parameters' device, so that a
-// captured update follows the schedule. Each operation runs over all of a group's tensors at
-// once (ATen's _foreach operators, as PyTorch's default SGD on CUDA): on CUDA a few
-// multi-tensor kernels per step, where LibTorch's SGD launches four per parameter. The same
-// arithmetic except that lr * buffer is rounded before it is added (ATen's add with a scalar
-// factor fuses the two on CPUs with FMA), so the results agree to a rounding of each update,
-// and exactly when lr is a power of two. Uses, and where missing creates, the optimiser's own
-// momentum buffers, so checkpoints see one state.
+// learning rate read from `lr`, a 0-dim float tensor on the parameters' device (checked: a
+// host one would be read with a synchronisation), so that a captured update follows the
+// schedule. Each operation runs over all of a group's tensors at once (ATen's _foreach
+// operators, as PyTorch's default SGD on CUDA): on CUDA a few multi-tensor kernels per step,
+// where LibTorch's SGD launches three or four per parameter tensor. The same arithmetic except
+// that lr * buffer is rounded before it is added (ATen's add with a scalar factor fuses the
+// two, on CPUs with FMA and on GPUs), so the results agree to a rounding of each update, and
+// exactly when lr is a power of two. Like PyTorch's foreach SGD it holds the update's
+// temporaries for all tensors at once (lr * buffer, and g + weight_decay * p): up to twice the
+// parameters' bytes while it runs, after the backward has freed its activations. Uses, and
+// where missing creates, the optimiser's own momentum buffers, so checkpoints see one state.
 void sgd_step(torch::optim::SGD& opt, const torch::Tensor& lr);
 
 // The iteration of blpa-train for a fixed batch shape, captured as a CUDA graph on its first
