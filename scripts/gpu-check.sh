@@ -137,7 +137,9 @@ stage imagenet-predict 120 bash -c 'predict_check "$@"' _ "$tree" "$out"
 rm -rf "$tree"
 stage max-batch-resnet1001 240 bash -c 'bench max-batch --device cuda --model resnet1001 --budget-gib 8 --mode plain,blpa-4'
 # CUDA graphs: each mode eager, then one captured iteration replayed, with the GPU's work
-# (--profile) beside the wall time and the graph's memory pool (graph_pool_bytes).
+# (--profile) beside the wall time, the kernels a step launches (profile.events; 3,269 plain
+# and about 3,600 blpa-4 before the multi-tensor SGD) and the graph's memory pool
+# (graph_pool_bytes).
 # TEARDOWN_CUPTI=0: as PyTorch's profiler sets it for graphs (CUPTI torn down and set up
 # again after a capture crashed on some CUDA releases); the timed steps run before it.
 stage step-graphs 420 bash -c 'export TEARDOWN_CUPTI=0; for b in 16 128 512; do bench step --device cuda --model resnet164 --batch $b \
