@@ -115,8 +115,8 @@ void unpack(const UnpackParams& p);
 // on the pointers' alignment too: call it with the p that bn_relu_backward gets.
 int64_t bn_workspace(const BnBackwardParams& p);
 // Sums per block into p.partials, then writes g_x, g_g and g_beta, each block adding the
-// partial sums of its channel in a fixed order: two launches (NHWC: three, the partials of a
-// channel added once by one thread), reproducible to the bit. NHWC adds in another order
+// partial sums of its channel in a fixed order: two launches (NHWC: three, a channel's
+// partials added once, by one block), reproducible to the bit. NHWC adds in another order
 // than NCHW: the two agree to the sums' rounding, not to the bit (on the CPU they agree to
 // the bit).
 void bn_relu_backward(const BnBackwardParams& p);

@@ -1055,6 +1055,51 @@ TEST_CASE("CUDA: bn_relu_backward of bf16 and channels-last gradients matches th
   }
 }
 
+TEST_CASE("codec: the GPU's BatchNorm backward on a GPU's grid, emulated, matches the CPU path", "[emulator]") {
+  // The emulated-cuda/ runs see a GPU of 2 multiprocessors, where a channel has at most 32
+  // partial sums. Here the emulator takes 8 and 32, so that the NHWC sums spread over 128
+  // and 512 row blocks (a warp and more per channel when they are added, up to 8 warps) and
+  // each thread of the NCHW walk takes a few of a plane's vectors; tolerances as in the CUDA
+  // test above (the GPU's order of addition is not the CPU's).
+  torch::manual_seed(29);
+  struct Restore {
+    ~Restore() { blpa::testing::set_emulated_multiprocessors(2); }
+  } restore;
+  const CodeFormat f{4, 6.0f, 1.0f};
+  for (int sms : {8, 32}) {
+    blpa::testing::set_emulated_multiprocessors(sms);
+    for (const auto& shape : std::vector<std::vector<int64_t>>{{8, 16, 24, 24}, {2, 300, 7, 7}, {5, 40, 9, 9}}) {
+      for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+        CAPTURE(sms, shape, dtype);
+        const int64_t c = shape[1];
+        auto [b, g, invstd] = draw_bn_channels(c);
+        auto v = torch::randn(shape) + b.view({1, c, 1, 1});
+        auto g_r = torch::randn(shape).to(dtype);
+        auto codes = pack(v, b, f);
+        auto cl_codes = pack(nhwc(v), b, f);
+        auto cpu = blpa::bn_relu_backward(codes, b, g, invstd, g_r, false, 0.5f);
+        auto ref = bn_reference(codes, b, g, invstd, g_r.to(torch::kFloat));
+        const double tol = dtype == torch::kFloat ? 1e-5 : 1.0 / 128;
+        blpa::testing::EmulatedKernels emulated;
+        for (bool cl : {false, true}) {
+          CAPTURE(cl);
+          auto grad = cl ? nhwc(g_r) : g_r.clone();
+          auto got = blpa::bn_relu_backward(cl ? cl_codes : codes, b, g, invstd, grad, false, 0.5f);
+          CHECK(got.g_x.is_contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+          CHECK(torch::allclose(got.g_x.to(torch::kDouble), cpu.g_x.to(torch::kDouble), tol, 1e-5));
+          CHECK(close_sum(got.g_g, ref.g_g * (g > 0.5f).to(torch::kDouble), ref.abs_g));
+          CHECK(close_sum(got.g_beta, ref.g_beta, ref.abs_beta));
+          auto again = blpa::bn_relu_backward(cl ? cl_codes : codes, b, g, invstd, grad, true, 0.5f);
+          CHECK(again.g_x.data_ptr() == grad.data_ptr());  // in place
+          CHECK(torch::equal(again.g_x, got.g_x));         // the same bits from run to run
+          CHECK(torch::equal(again.g_g, got.g_g));
+          CHECK(torch::equal(again.g_beta, got.g_beta));
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("CUDA: channel_coding and the clamp's gradient match the CPU path", "[codec][cuda]") {
   BLPA_REQUIRE_CUDA();
   torch::manual_seed(17);
