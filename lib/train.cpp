@@ -522,6 +522,13 @@ void compare_with_checkpoint(const Checkpoint& ck, const TrainConfig& c) {
   if (!saved.count("world")) saved["world"] = ck.identity.find(" world=") == std::string::npos
                                                   ? "1"
                                                   : ck.identity.substr(ck.identity.find(" world=") + 7);
+  // A checkpoint from before --precision and --memory-format ran as LibTorch does by default:
+  // NCHW, float32, with TF32 convolutions on CUDA. Its precision is compared as that.
+  if (!saved.count("precision")) {
+    const auto device = saved.find("device");
+    saved["precision"] = device != saved.end() && device->second.rfind("cuda", 0) == 0 ? "tf32" : "fp32";
+  }
+  if (!saved.count("memory_format")) saved["memory_format"] = "nchw";
   const auto now = key_values(c.describe());
   const std::set<std::string> identity(TrainConfig::identity_keys().begin(), TrainConfig::identity_keys().end());
   std::string refused, changed;

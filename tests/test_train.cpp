@@ -152,6 +152,46 @@ TEST_CASE("train: N iterations, then a resume for N more, equal 2N straight bit 
   }
 }
 
+TEST_CASE("train: a checkpoint from before --precision resumes only in float32", "[train]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("old-precision");
+  auto c = small(dir);
+  c.iterations = 4;
+  c.checkpoint = (dir / "ck.pt").string();
+  blpa::train(c);
+  // The same checkpoint as an older blpa wrote it: no precision or memory_format in its
+  // config or identity.
+  const auto ck = blpa::read_checkpoint(c.checkpoint);
+  REQUIRE(ck.config.count("precision"));
+  auto model = blpa::load_model(ck);
+  std::vector<torch::Tensor> decay, no_decay;
+  for (auto& p : model->parameters()) (p.dim() > 1 ? decay : no_decay).push_back(p);
+  auto opts = [&](double wd) {
+    return std::make_unique<torch::optim::SGDOptions>(torch::optim::SGDOptions(c.lr).momentum(c.momentum).weight_decay(wd));
+  };
+  torch::optim::SGD opt({torch::optim::OptimizerParamGroup(decay, opts(c.weight_decay)),
+                         torch::optim::OptimizerParamGroup(no_decay, opts(0.0))},
+                        torch::optim::SGDOptions(c.lr));
+  blpa::load_training_state(ck, model, opt);
+  std::string config;
+  for (const auto& [key, value] : ck.config)
+    if (key != "precision" && key != "memory_format") config += key + "=" + value + "\n";
+  std::string identity = ck.identity;
+  identity.erase(identity.find(" precision=fp32"), std::string(" precision=fp32").size());
+  c.checkpoint = (dir / "old.pt").string();
+  blpa::save_checkpoint(c.checkpoint, identity, config, ck.state, model, opt);
+  REQUIRE_FALSE(blpa::read_checkpoint(c.checkpoint).config.count("precision"));
+
+  c.resume = true;
+  c.iterations = 6;
+  c.precision = "bf16";
+  CHECK_THROWS_WITH(blpa::train(c), Catch::Contains("precision: checkpoint fp32, command line bf16"));
+  c.precision = "auto";  // fp32 on the CPU
+  c.memory_format = "nhwc";  // the layout may change
+  CHECK(blpa::train(c).iteration == 6);
+  remove_tree(dir);
+}
+
 TEST_CASE("train: an incompatible or damaged checkpoint is refused and the good one survives", "[train]") {
   if (!have_fashion_mnist()) return;
   const auto dir = temp_dir("damaged");
