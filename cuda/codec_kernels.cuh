@@ -519,44 +519,41 @@ struct NhwcWalk {
   int64_t rows;  // batch * plane
 };
 
-// This thread's rows of channel c, kNhwcRows at a time: read(u, e) loads row u's element e,
-// then use(u, e) for each row loaded, in row order.
-template <typename Read, typename Use>
-__device__ __forceinline__ void walk_rows(const BnBackwardParams& p, const NhwcWalk& w, int64_t c, Read read, Use use) {
+// This thread's rows of channel c, kNhwcRows at a time: the codes q and the gradient g
+// (widened to float) of each row's element e are loaded first, then use(e, q, g) runs for
+// each, in row order.
+template <int Bits, typename T, typename Use>
+__device__ __forceinline__ void walk_rows(const BnBackwardParams& p, const NhwcWalk& w, int64_t c, Use use) {
+  const T* grad = static_cast<const T*>(p.grad);
   const int64_t stride = int64_t{gridDim.y} * kNhwcR;
   for (int64_t r0 = int64_t{blockIdx.y} * kNhwcR + threadIdx.y; r0 < w.rows; r0 += kNhwcRows * stride) {
+    uint32_t q[kNhwcRows] = {};
+    float g[kNhwcRows] = {};
+#pragma unroll
+    for (int u = 0; u < kNhwcRows; ++u) {
+      const int64_t e = (r0 + u * stride) * p.channels + c;
+      if (r0 + u * stride < w.rows) q[u] = read_code<Bits>(p.codes, e), g[u] = codec::widen(grad[e]);
+    }
 #pragma unroll
     for (int u = 0; u < kNhwcRows; ++u)
-      if (r0 + u * stride < w.rows) read(u, (r0 + u * stride) * p.channels + c);
-#pragma unroll
-    for (int u = 0; u < kNhwcRows; ++u)
-      if (r0 + u * stride < w.rows) use(u, (r0 + u * stride) * p.channels + c);
+      if (r0 + u * stride < w.rows) use((r0 + u * stride) * p.channels + c, q[u], g[u]);
   }
 }
 
 template <int Bits, typename T>
 __global__ void bn_nhwc_reduce_kernel(BnBackwardParams p, NhwcWalk w) {
   __shared__ double part[2][kNhwcR][kNhwcC];
-  const T* grad = static_cast<const T*>(p.grad);
   const int64_t c = int64_t{blockIdx.x} * kNhwcC + threadIdx.x;
   const float d = codec::bin_width(p.window, Bits);
   double sum_a = 0.0, sum_ax = 0.0;
   if (c < p.channels) {
     const int s = p.offsets[c];
     const float bc = p.b[c];
-    uint32_t q[kNhwcRows];
-    float g[kNhwcRows];
-    walk_rows(
-        p, w, c,
-        [&](int u, int64_t e) {
-          q[u] = read_code<Bits>(p.codes, e);
-          g[u] = codec::widen(grad[e]);
-        },
-        [&](int u, int64_t) {
-          const float2 t = bn_terms(q[u], g[u], s, bc, d);
-          sum_a += t.x;
-          sum_ax += t.y;
-        });
+    walk_rows<Bits, T>(p, w, c, [&](int64_t, uint32_t q, float g) {
+      const float2 t = bn_terms(q, g, s, bc, d);
+      sum_a += t.x;
+      sum_ax += t.y;
+    });
   }
   part[0][threadIdx.y][threadIdx.x] = sum_a;
   part[1][threadIdx.y][threadIdx.x] = sum_ax;
@@ -612,7 +609,6 @@ template <int Bits, typename T>
 __global__ void bn_nhwc_apply_kernel(BnBackwardParams p, NhwcWalk w) {
   const int64_t c = int64_t{blockIdx.x} * kNhwcC + threadIdx.x;
   if (c >= p.channels) return;
-  const T* grad = static_cast<const T*>(p.grad);
   T* grad_in = static_cast<T*>(p.grad_in);
   const double* totals = p.partials + 2 * int64_t{gridDim.y} * p.channels;
   const double m = static_cast<double>(w.rows);
@@ -622,18 +618,10 @@ __global__ void bn_nhwc_apply_kernel(BnBackwardParams p, NhwcWalk w) {
   const float bc = p.b[c];
   const float d = codec::bin_width(p.window, Bits);
   // grad_in may be grad: each element is read and then written by this thread alone.
-  uint32_t q[kNhwcRows];
-  float g[kNhwcRows];
-  walk_rows(
-      p, w, c,
-      [&](int u, int64_t e) {
-        q[u] = read_code<Bits>(p.codes, e);
-        g[u] = codec::widen(grad[e]);
-      },
-      [&](int u, int64_t e) {
-        const float ga = codec::mask(q[u], s) ? g[u] : 0.0f;  // a select: a masked NaN gradient is 0
-        grad_in[e] = codec::round_to<T>(scale * (ga - mean_a - (codec::decode(q[u], s, d) - bc) * mean_ax));
-      });
+  walk_rows<Bits, T>(p, w, c, [&](int64_t e, uint32_t q, float g) {
+    const float ga = codec::mask(q, s) ? g : 0.0f;  // a select: a masked NaN gradient is 0
+    grad_in[e] = codec::round_to<T>(scale * (ga - mean_a - (codec::decode(q, s, d) - bc) * mean_ax));
+  });
 }
 
 using codec::dispatch;  // blpa/codec_dispatch.h: one kernel per (K, T, NHWC), as the CPU path's
