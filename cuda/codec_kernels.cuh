@@ -574,7 +574,7 @@ __global__ void bn_nhwc_reduce_kernel(BnBackwardParams p, NhwcWalk w) {
 // writes g_beta and g_g. (One thread per channel adding its slots one by one waited on each
 // load in turn: 2 x 2,112 of them for the 16 channels of ResNet-164's first stage on an H200.)
 __global__ void bn_nhwc_total_kernel(BnBackwardParams p, int64_t slots) {
-  __shared__ double part[2][kBnThreads / 32];
+  __shared__ double part[2][32];  // a sum per warp: up to 1,024 threads
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   double* totals = p.partials + 2 * slots * p.channels;
   for (int64_t c = blockIdx.x; c < p.channels; c += gridDim.x) {
@@ -600,10 +600,9 @@ __global__ void bn_nhwc_total_kernel(BnBackwardParams p, int64_t slots) {
   }
 }
 
-// Threads for bn_nhwc_total_kernel's block: a warp per 64 slots, up to kBnThreads.
-int nhwc_total_threads(int64_t slots) {
-  return 32 * static_cast<int>(std::clamp<int64_t>((slots + 63) / 64, 1, kBnThreads / 32));
-}
+// Threads for bn_nhwc_total_kernel's block: a warp per 32 slots, up to 1,024 threads, so
+// that a thread adds one or two of the up to 2 x 2,112 slots of an H200's grid.
+int nhwc_total_threads(int64_t slots) { return 32 * static_cast<int>(std::clamp<int64_t>((slots + 31) / 32, 1, 32)); }
 
 template <int Bits, typename T>
 __global__ void bn_nhwc_apply_kernel(BnBackwardParams p, NhwcWalk w) {
