@@ -16,7 +16,8 @@ using torch::autograd::variable_list;
 // The ImageNet stem's 3x3/2 max-pool (padding 1) keeping, for backward, only which of the
 // nine window positions won: one byte per output element. LibTorch's max-pool keeps its
 // input and int64 indices, 24 bytes per output element (at ResNet-152, batch 64: 294 MiB,
-// a third of what blpa-4 otherwise stores).
+// a third of what blpa-4 otherwise stores). Backward rebuilds LibTorch's indices and runs
+// LibTorch's own max-pool backward: the same kernel, and so the same bits, as plain's.
 struct StemMaxPool : torch::autograd::Function<StemMaxPool> {
   static torch::Tensor window_origin(int64_t n, const torch::Tensor& like) {  // 2 o - 1
     return torch::arange(n, like.options().dtype(torch::kLong)).mul_(2).sub_(1);
@@ -28,22 +29,26 @@ struct StemMaxPool : torch::autograd::Function<StemMaxPool> {
     auto iw = idx.remainder(W);
     auto dy = idx.sub_(iw).div_(W, "floor").sub_(window_origin(OH, iw).view({1, 1, OH, 1}));
     auto dx = iw.sub_(window_origin(OW, iw).view({1, 1, 1, OW}));
-    ctx->saved_data["code"] = dy.mul_(3).add_(dx).to(torch::kByte).contiguous();  // NCHW: backward views it
+    ctx->saved_data["code"] = dy.mul_(3).add_(dx).to(torch::kByte);  // in the output's layout
     ctx->saved_data["input_sizes"] = x.sizes().vec();
     return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
     const memory::Scope scope("stem max-pool", "backward");
-    auto code = ctx->saved_data["code"].toTensor().to(torch::kLong);
+    const torch::Tensor code = ctx->saved_data["code"].toTensor();
     const auto in = ctx->saved_data["input_sizes"].toIntVector();
-    const int64_t NC = in[0] * in[1], W = in[3], OH = code.size(2), OW = code.size(3);
-    auto iw = code.remainder(3).add_(window_origin(OW, code).view({1, 1, 1, OW}));
-    auto ih = code.div_(3, "floor").add_(window_origin(OH, code).view({1, 1, OH, 1}));
-    auto idx = ih.mul_(W).add_(iw).view({NC, -1});
-    iw.reset();
-    auto g = torch::zeros({NC, in[2] * W}, grad[0].options())
-                 .scatter_add_(1, idx, grad[0].contiguous().view({NC, -1}));
-    return {g.view(in)};
+    const int64_t W = in[3], OH = code.size(2), OW = code.size(3);
+    // The winner's index in its input plane: the window's origin (2 oh - 1) W + 2 ow - 1
+    // plus (code / 3) W + code % 3, that is code + (code / 3)(W - 3).
+    auto c = code.to(torch::kLong);
+    auto origin = window_origin(OH, c).mul_(W).view({OH, 1}) + window_origin(OW, c).view({1, OW});
+    auto idx = c.div(3, "floor").mul_(W - 3).add_(c).add_(origin);
+    c.reset();
+    // LibTorch's backward reads only its input's shape and layout: the gradient it writes
+    // stands in for the input, which nobody kept.
+    auto g = at::empty(in, grad[0].options().memory_format(code.suggest_memory_format()));
+    at::max_pool2d_with_indices_backward_out(g, grad[0], g, {3, 3}, {2, 2}, {1, 1}, {1, 1}, false, idx);
+    return {g};
   }
 };
 

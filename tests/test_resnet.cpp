@@ -266,24 +266,44 @@ TEST_CASE("CUDA: a small network trains the same on CPU and GPU", "[resnet][cuda
   for (size_t i = 0; i < pc.size(); ++i) CHECK(cosine(pc[i].grad().flatten(), pg[i].grad().cpu().flatten()) > 0.999);
 }
 
-TEST_CASE("resnet: the compact stem max-pool equals LibTorch's forward and backward", "[resnet]") {
+namespace {
+
+// The stem's max-pool against LibTorch's, to the bit, forward and backward, in every dtype and
+// layout, on `device`.
+void check_stem_max_pool(const torch::Device& device) {
   torch::manual_seed(12);
   for (auto shape : {std::vector<int64_t>{2, 3, 112, 112}, std::vector<int64_t>{1, 4, 7, 9}, std::vector<int64_t>{3, 2, 2, 5}}) {
-    CAPTURE(shape);
-    auto x = torch::randn(shape).requires_grad_();
-    auto x2 = x.detach().clone().requires_grad_();
-    auto ref = torch::max_pool2d(x, 3, 2, 1);
-    auto out = blpa::stem_max_pool(x2);
-    CHECK(torch::equal(out, ref));
-    auto probe = torch::randn(ref.sizes());
-    (ref * probe).sum().backward();
-    (out * probe).sum().backward();
-    CHECK(torch::allclose(x2.grad(), x.grad(), 0, 1e-6));  // overlapping windows may sum in another order
+    for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+      for (auto layout : {at::MemoryFormat::Contiguous, at::MemoryFormat::ChannelsLast}) {
+        CAPTURE(shape, dtype, layout);
+        auto x = torch::randn(shape).to(device, dtype).contiguous(layout).requires_grad_();
+        auto x2 = x.detach().clone(layout).requires_grad_();
+        auto ref = torch::max_pool2d(x, 3, 2, 1);
+        auto out = blpa::stem_max_pool(x2);
+        CHECK(torch::equal(out, ref));
+        auto probe = torch::randn(ref.sizes()).to(device, dtype);
+        (ref * probe).sum().backward();
+        (out * probe).sum().backward();
+        CHECK(torch::equal(x2.grad(), x.grad()));  // LibTorch's own backward, from the same indices
+        CHECK(x2.grad().strides() == x.grad().strides());
+      }
+    }
   }
+}
+
+}  // namespace
+
+TEST_CASE("resnet: the compact stem max-pool equals LibTorch's forward and backward", "[resnet]") {
+  check_stem_max_pool(torch::kCPU);
   // What it keeps: one byte per output element.
   blpa::memory::install_cpu_counter();
   auto x = torch::randn({2, 8, 30, 30}).requires_grad_();
   const int64_t before = blpa::memory::allocated(torch::kCPU);
   auto y = blpa::stem_max_pool(x);
   CHECK(blpa::memory::allocated(torch::kCPU) - before - static_cast<int64_t>(y.nbytes()) == y.numel());
+}
+
+TEST_CASE("CUDA: the compact stem max-pool equals LibTorch's on the GPU", "[resnet][cuda]") {
+  BLPA_REQUIRE_CUDA();
+  check_stem_max_pool(torch::kCUDA);
 }
