@@ -190,11 +190,15 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     if (mode == Mode::blpa) {
       // ReLU and BatchNorm backward straight from the codes (blpa/codec.h): the mask is exact,
       // x_hat' is decoded on the fly and never stored. g_r is overwritten by g_x when it is
-      // ours (it came from the convolutions), not when it is the caller's. The gradient with
-      // respect to gamma through g = max(gamma, 1e-8) comes out of them too (gamma_min).
+      // ours (it came from the convolutions, or is a copy in our layout), not when it is the
+      // caller's. The gradient with respect to gamma through g = max(gamma, 1e-8) comes out
+      // of them too (gamma_min).
       if (n_conv > 0) r.reset();  // r' is no longer needed: free it first
-      auto [g_x, g_gamma, g_beta] = bn_relu_backward(codes, ctx->saved_data["b"].toTensor(), g, invstd,
-                                                     g_r.contiguous(layout), /*in_place=*/n_conv > 0, kGammaMinF);
+      Tensor grad = g_r.contiguous(layout);
+      const bool ours = n_conv > 0 || !grad.is_same(g_r);
+      g_r.reset();
+      auto [g_x, g_gamma, g_beta] = bn_relu_backward(codes, ctx->saved_data["b"].toTensor(), g, invstd, grad,
+                                                     /*in_place=*/ours, kGammaMinF);
       out[0] = g_x;
       out[1] = g_gamma;
       out[2] = g_beta;
