@@ -503,30 +503,46 @@ __global__ void bn_apply_kernel(BnBackwardParams p, ChannelWalk w) {
 }
 
 // The BatchNorm-and-ReLU backward of channels-last tensors: the batch * plane rows of
-// `channels` elements. A block is kNhwcC channels (threadIdx.x, so that a warp reads
-// consecutive elements) by kNhwcR rows (threadIdx.y); blockIdx.x tiles the channels and
-// blockIdx.y strides over the rows, a thread taking kNhwcRows of its rows at a time: their
-// loads first, so that several are in flight (a scalar access per element, one at a time,
-// left the memory system idle between them). Each thread adds its elements' terms in double,
-// in row order; the block's kNhwcR threads of a channel are added in threadIdx.y order into
-// the block's slot of p.partials (channel c's gridDim.y slots of sum g_a, then gridDim.y of
-// sum g_a x_hat', at 2 * gridDim.y * c, as channel_partials); bn_nhwc_total_kernel adds a
-// channel's slots with a block of threads into the totals after them ([2][channels]), and
-// bn_nhwc_apply_kernel writes g_x from the totals.
-constexpr int kNhwcC = 32, kNhwcR = 8, kNhwcRows = 4;
+// `channels` elements. A block is 32 lanes (threadIdx.x) by kNhwcR warps (threadIdx.y). The
+// lanes of a warp read consecutive elements: `lanes` channels (C rounded up to a power of two,
+// at most 32) of 32 / lanes consecutive rows, so that a layer of 16 channels leaves no lane
+// idle. blockIdx.x tiles the channels and blockIdx.y strides over the rows, a thread taking
+// kNhwcRows of its rows at a time: their loads first, so that several are in flight (a scalar
+// access per element, one at a time, left the memory system idle between them). Each thread
+// adds its elements' terms in double, in row order; a block adds its threads of a channel in
+// order of warp, then row within the warp, into the block's slot of p.partials (channel c's
+// gridDim.y slots of sum g_a, then gridDim.y of sum g_a x_hat', at 2 * gridDim.y * c, as
+// channel_partials); bn_nhwc_total_kernel adds a channel's slots with a block of threads into
+// the totals after them ([2][channels]), and bn_nhwc_apply_kernel writes g_x from the totals.
+constexpr int kNhwcR = 8, kNhwcRows = 4;
 
 struct NhwcWalk {
   int64_t rows;  // batch * plane
+  int lanes;     // channels a warp covers in one row: a power of two, up to 32
 };
 
-// This thread's rows of channel c, kNhwcRows at a time: the codes q and the gradient g
+// A thread's channel (c, and its lane among the warp's channels) and first row; a block
+// covers kNhwcR * 32 / lanes rows.
+struct NhwcThread {
+  int64_t c;
+  int lane;
+  int64_t r0;
+};
+
+__device__ __forceinline__ NhwcThread nhwc_thread(const NhwcWalk& w) {
+  const int lane = static_cast<int>(threadIdx.x) & (w.lanes - 1), sub = static_cast<int>(threadIdx.x) / w.lanes;
+  return {int64_t{blockIdx.x} * w.lanes + lane, lane,
+          (int64_t{blockIdx.y} * kNhwcR + threadIdx.y) * (32 / w.lanes) + sub};
+}
+
+// This thread's rows of channel t.c, kNhwcRows at a time: the codes q and the gradient g
 // (widened to float) of each row's element e are loaded first, then use(e, q, g) runs for
 // each, in row order.
 template <int Bits, typename T, typename Use>
-__device__ __forceinline__ void walk_rows(const BnBackwardParams& p, const NhwcWalk& w, int64_t c, Use use) {
+__device__ __forceinline__ void walk_rows(const BnBackwardParams& p, const NhwcWalk& w, const NhwcThread& t, Use use) {
   const T* grad = static_cast<const T*>(p.grad);
-  const int64_t stride = int64_t{gridDim.y} * kNhwcR;
-  for (int64_t r0 = int64_t{blockIdx.y} * kNhwcR + threadIdx.y; r0 < w.rows; r0 += kNhwcRows * stride) {
+  const int64_t c = t.c, stride = int64_t{gridDim.y} * kNhwcR * (32 / w.lanes);
+  for (int64_t r0 = t.r0; r0 < w.rows; r0 += kNhwcRows * stride) {
     uint32_t q[kNhwcRows] = {};
     float g[kNhwcRows] = {};
 #pragma unroll
@@ -542,14 +558,15 @@ __device__ __forceinline__ void walk_rows(const BnBackwardParams& p, const NhwcW
 
 template <int Bits, typename T>
 __global__ void bn_nhwc_reduce_kernel(BnBackwardParams p, NhwcWalk w) {
-  __shared__ double part[2][kNhwcR][kNhwcC];
-  const int64_t c = int64_t{blockIdx.x} * kNhwcC + threadIdx.x;
+  __shared__ double part[2][kNhwcR][32];
+  const NhwcThread t = nhwc_thread(w);
+  const int64_t c = t.c;
   const float d = codec::bin_width(p.window, Bits);
   double sum_a = 0.0, sum_ax = 0.0;
   if (c < p.channels) {
     const int s = p.offsets[c];
     const float bc = p.b[c];
-    walk_rows<Bits, T>(p, w, c, [&](int64_t, uint32_t q, float g) {
+    walk_rows<Bits, T>(p, w, t, [&](int64_t, uint32_t q, float g) {
       const float2 t = bn_terms(q, g, s, bc, d);
       sum_a += t.x;
       sum_ax += t.y;
@@ -558,10 +575,10 @@ __global__ void bn_nhwc_reduce_kernel(BnBackwardParams p, NhwcWalk w) {
   part[0][threadIdx.y][threadIdx.x] = sum_a;
   part[1][threadIdx.y][threadIdx.x] = sum_ax;
   __syncthreads();
-  if (threadIdx.y == 0 && c < p.channels) {
+  if (threadIdx.y == 0 && static_cast<int>(threadIdx.x) < w.lanes && c < p.channels) {
     double a = 0.0, ax = 0.0;
-#pragma unroll
-    for (int k = 0; k < kNhwcR; ++k) a += part[0][k][threadIdx.x], ax += part[1][k][threadIdx.x];
+    for (int k = 0; k < kNhwcR; ++k)
+      for (int j = t.lane; j < 32; j += w.lanes) a += part[0][k][j], ax += part[1][k][j];
     double* slots = p.partials + 2 * int64_t{gridDim.y} * c;
     slots[blockIdx.y] = a;
     slots[gridDim.y + blockIdx.y] = ax;
@@ -606,7 +623,8 @@ int nhwc_total_threads(int64_t slots) { return 32 * static_cast<int>(std::clamp<
 
 template <int Bits, typename T>
 __global__ void bn_nhwc_apply_kernel(BnBackwardParams p, NhwcWalk w) {
-  const int64_t c = int64_t{blockIdx.x} * kNhwcC + threadIdx.x;
+  const NhwcThread t = nhwc_thread(w);
+  const int64_t c = t.c;
   if (c >= p.channels) return;
   T* grad_in = static_cast<T*>(p.grad_in);
   const double* totals = p.partials + 2 * int64_t{gridDim.y} * p.channels;
@@ -617,7 +635,7 @@ __global__ void bn_nhwc_apply_kernel(BnBackwardParams p, NhwcWalk w) {
   const float bc = p.b[c];
   const float d = codec::bin_width(p.window, Bits);
   // grad_in may be grad: each element is read and then written by this thread alone.
-  walk_rows<Bits, T>(p, w, c, [&](int64_t e, uint32_t q, float g) {
+  walk_rows<Bits, T>(p, w, t, [&](int64_t e, uint32_t q, float g) {
     const float ga = codec::mask(q, s) ? g : 0.0f;  // a select: a masked NaN gradient is 0
     grad_in[e] = codec::round_to<T>(scale * (ga - mean_a - (codec::decode(q, s, d) - bc) * mean_ax));
   });
@@ -690,12 +708,20 @@ BnGrid bn_grid(const BnBackwardParams& p) {
   return {w, dim3(static_cast<unsigned>(per_channel_blocks), static_cast<unsigned>(std::min<int64_t>(p.channels, 65535)))};
 }
 
+// NHWC: the channels a warp covers in a row (C rounded up to a power of two, at most 32).
+int nhwc_lanes(int64_t channels) {
+  int lanes = 1;
+  while (lanes < 32 && lanes < channels) lanes *= 2;
+  return lanes;
+}
+
 // NHWC: the channel tiles by the row blocks, as many as the capped grid holds.
 dim3 bn_nhwc_grid(const BnBackwardParams& p) {
-  const int64_t tiles = (p.channels + kNhwcC - 1) / kNhwcC, rows = p.batch * p.plane;
+  const int lanes = nhwc_lanes(p.channels);
+  const int64_t tiles = (p.channels + lanes - 1) / lanes, rows = p.batch * p.plane, block_rows = kNhwcR * (32 / lanes);
   TORCH_CHECK(tiles < (int64_t{1} << 31), "blpa: BatchNorm backward supports up to 2^36 channels");
-  const int64_t row_blocks =
-      std::clamp<int64_t>(grid_cap(p.device) / tiles, 1, std::min<int64_t>((rows + kNhwcR - 1) / kNhwcR, 65535));
+  const int64_t row_blocks = std::clamp<int64_t>(grid_cap(p.device) / tiles, 1,
+                                                 std::min<int64_t>((rows + block_rows - 1) / block_rows, 65535));
   return dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(row_blocks));
 }
 
@@ -715,8 +741,8 @@ void bn_relu_backward(const BnBackwardParams& p) {
   const target::DeviceGuard guard(p.device);  // a launch goes to the current device
   const target::Stream stream = target::current_stream(p.device);
   if (p.nhwc) {
-    const dim3 grid = bn_nhwc_grid(p), block(kNhwcC, kNhwcR);
-    const NhwcWalk w{p.batch * p.plane};
+    const dim3 grid = bn_nhwc_grid(p), block(32, kNhwcR);
+    const NhwcWalk w{p.batch * p.plane, nhwc_lanes(p.channels)};
     dispatch(p.bits, p.bf16, true, [&](auto k, auto t, auto) {
       BLPA_LAUNCH(grid, block, stream, bn_nhwc_reduce_kernel<decltype(k)::value, decltype(t)>)(p, w);
       target::launch_check();

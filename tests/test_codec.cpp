@@ -1058,9 +1058,9 @@ TEST_CASE("CUDA: bn_relu_backward of bf16 and channels-last gradients matches th
 TEST_CASE("codec: the GPU's BatchNorm backward on a GPU's grid, emulated, matches the CPU path", "[emulator]") {
   // The emulated-cuda/ runs see a GPU of 2 multiprocessors, where a channel has at most 32
   // partial sums. Here the emulator takes 8 and 32, so that the NHWC sums spread over 128
-  // and 512 row blocks (4 and 16 warps per channel when they are added) and
-  // each thread of the NCHW walk takes a few of a plane's vectors; tolerances as in the CUDA
-  // test above (the GPU's order of addition is not the CPU's).
+  // and 512 row blocks (4 and 16 warps per channel when they are added; at 16 channels a
+  // warp covers two rows) and each thread of the NCHW walk takes a few of a plane's vectors;
+  // tolerances as in the CUDA test above (the GPU's order of addition is not the CPU's).
   torch::manual_seed(29);
   struct Restore {
     ~Restore() { blpa::testing::set_emulated_multiprocessors(2); }
