@@ -618,7 +618,7 @@ __global__ void bn_nhwc_total_kernel(BnBackwardParams p, int64_t slots) {
 }
 
 // Threads for bn_nhwc_total_kernel's block: a warp per 32 slots, up to 1,024 threads, so
-// that a thread adds one or two of the up to 2 x 2,112 slots of an H200's grid.
+// that a thread adds two or three of the up to 2,112 slots of each sum on an H200's grid.
 int nhwc_total_threads(int64_t slots) { return 32 * static_cast<int>(std::clamp<int64_t>((slots + 31) / 32, 1, 32)); }
 
 template <int Bits, typename T>

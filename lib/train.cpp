@@ -523,7 +523,8 @@ void compare_with_checkpoint(const Checkpoint& ck, const TrainConfig& c) {
                                                   ? "1"
                                                   : ck.identity.substr(ck.identity.find(" world=") + 7);
   // A checkpoint from before --precision and --memory-format ran as LibTorch does by default:
-  // NCHW, float32, with TF32 convolutions on CUDA. Its precision is compared as that.
+  // NCHW, float32, with TF32 convolutions (not matrix products) on CUDA. Its precision is
+  // compared as the closest: fp32 on the CPU, tf32 on CUDA.
   if (!saved.count("precision")) {
     const auto device = saved.find("device");
     saved["precision"] = device != saved.end() && device->second.rfind("cuda", 0) == 0 ? "tf32" : "fp32";

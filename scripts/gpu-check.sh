@@ -19,9 +19,10 @@
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-graphs|train-graphed|gloo-cuda-2proc'
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-precision|codec-precision|pytorch-step'
 # with BLPA_COMMIT=$(git rev-parse HEAD) (the tree may travel without .git). Both sets in one
-# call (the union of the two regexes) should take about 7 minutes: an estimate from the
-# 2026-11-26 stage times (build 61-76 s, all tests 58-87 s, a bench row 5-15 s), not a
-# measurement; the stages run in file order, #16's first.
+# call (the union of the two regexes) should take 6-9 minutes: an estimate, not a
+# measurement, from the 2026-11-26 stage times (build 61-76 s, all tests 58-87 s, one
+# `blpa-bench step` command 5-15 s) and the steps each new stage runs. Stages run in file
+# order, #16's first: if the call's 10 minutes cut it short, run #15's set alone.
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$here"

@@ -1057,18 +1057,19 @@ TEST_CASE("CUDA: bn_relu_backward of bf16 and channels-last gradients matches th
 
 TEST_CASE("codec: the GPU's BatchNorm backward on a GPU's grid, emulated, matches the CPU path", "[emulator]") {
   // The emulated-cuda/ runs see a GPU of 2 multiprocessors, where a channel has at most 32
-  // partial sums. Here the emulator takes 8 and 32, so that the NHWC sums spread over 128
-  // and 512 row blocks (4 and 16 warps per channel when they are added; at 16 channels a
-  // warp covers two rows) and each thread of the NCHW walk takes a few of a plane's vectors;
-  // tolerances as in the CUDA test above (the GPU's order of addition is not the CPU's).
+  // partial sums. Here the emulator takes 8, 32 and 64, so that the NHWC sums of 16 channels
+  // of 16 x 32 x 32 (a warp covers two rows) spread over 128, 512 and 1,024 row blocks (4, 16
+  // and 32 warps per channel when they are added) and each thread of the NCHW walk takes a few
+  // of a plane's vectors; tolerances as in the CUDA test above (the GPU's order of addition is
+  // not the CPU's).
   torch::manual_seed(29);
   struct Restore {
     ~Restore() { blpa::testing::set_emulated_multiprocessors(2); }
   } restore;
   const CodeFormat f{4, 6.0f, 1.0f};
-  for (int sms : {8, 32}) {
+  for (int sms : {8, 32, 64}) {
     blpa::testing::set_emulated_multiprocessors(sms);
-    for (const auto& shape : std::vector<std::vector<int64_t>>{{8, 16, 24, 24}, {2, 300, 7, 7}, {5, 40, 9, 9}}) {
+    for (const auto& shape : std::vector<std::vector<int64_t>>{{16, 16, 32, 32}, {2, 300, 7, 7}, {5, 40, 9, 9}}) {
       for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
         CAPTURE(sms, shape, dtype);
         const int64_t c = shape[1];

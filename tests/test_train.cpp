@@ -152,7 +152,7 @@ TEST_CASE("train: N iterations, then a resume for N more, equal 2N straight bit 
   }
 }
 
-TEST_CASE("train: a checkpoint from before --precision resumes only in float32", "[train]") {
+TEST_CASE("train: a checkpoint from before --precision resumes only as it ran (fp32, on CUDA tf32)", "[train]") {
   if (!have_fashion_mnist()) return;
   const auto dir = temp_dir("old-precision");
   auto c = small(dir);
@@ -173,19 +173,30 @@ TEST_CASE("train: a checkpoint from before --precision resumes only in float32",
                          torch::optim::OptimizerParamGroup(no_decay, opts(0.0))},
                         torch::optim::SGDOptions(c.lr));
   blpa::load_training_state(ck, model, opt);
-  std::string config;
-  for (const auto& [key, value] : ck.config)
-    if (key != "precision" && key != "memory_format") config += key + "=" + value + "\n";
+  auto old_config = [&](const std::string& device) {
+    std::string config;
+    for (const auto& [key, value] : ck.config)
+      if (key != "precision" && key != "memory_format") config += key + "=" + (key == "device" ? device : value) + "\n";
+    return config;
+  };
+  REQUIRE(ck.config.at("device") == "cpu");
   std::string identity = ck.identity;
   identity.erase(identity.find(" precision=fp32"), std::string(" precision=fp32").size());
   c.checkpoint = (dir / "old.pt").string();
-  blpa::save_checkpoint(c.checkpoint, identity, config, ck.state, model, opt);
+  blpa::save_checkpoint(c.checkpoint, identity, old_config("cpu"), ck.state, model, opt);
   REQUIRE_FALSE(blpa::read_checkpoint(c.checkpoint).config.count("precision"));
 
   c.resume = true;
   c.iterations = 6;
   c.precision = "bf16";
   CHECK_THROWS_WITH(blpa::train(c), Catch::Contains("precision: checkpoint fp32, command line bf16"));
+  {  // one a CUDA run wrote had TF32 convolutions: it resumes as tf32, not as the CPU's fp32
+    auto on_cuda = c;
+    on_cuda.checkpoint = (dir / "old-cuda.pt").string();
+    blpa::save_checkpoint(on_cuda.checkpoint, identity, old_config("cuda:0"), ck.state, model, opt);
+    on_cuda.precision = "auto";
+    CHECK_THROWS_WITH(blpa::train(on_cuda), Catch::Contains("precision: checkpoint tf32, command line fp32"));
+  }
   c.precision = "auto";  // fp32 on the CPU
   c.memory_format = "nhwc";  // the layout may change
   CHECK(blpa::train(c).iteration == 6);

@@ -397,6 +397,27 @@ TEST_CASE("unit: after its backward a unit holds nothing, though its graph lives
   }
 }
 
+TEST_CASE("unit: a unit without convolutions leaves the caller's gradient as it was", "[unit]") {
+  // The final BN-ReLU writes g_x over its gradient only when that is its own copy (made to
+  // change the layout); the caller's own tensor, in the unit's layout, is read, not written.
+  const auto layouts = {at::MemoryFormat::Contiguous, at::MemoryFormat::ChannelsLast};
+  for (ModeConfig mode : {ModeConfig{Mode::blpa, 4}, ModeConfig{Mode::exact}, ModeConfig{Mode::naive, 4}}) {
+    for (auto layout : layouts) {
+      for (auto grad_layout : layouts) {
+        CAPTURE(mode.str(), layout, grad_layout);
+        torch::manual_seed(47);
+        Unit u(6, std::vector<ConvSpec>{}, mode);
+        auto x = torch::randn({3, 6, 5, 5}).contiguous(layout).requires_grad_();
+        const auto y = u->forward(x);
+        const auto probe = torch::randn({3, 6, 5, 5}).contiguous(grad_layout), kept = probe.clone();
+        torch::autograd::backward(y, {probe});
+        CHECK(torch::equal(probe, kept));
+        CHECK(x.grad().is_contiguous(layout));
+      }
+    }
+  }
+}
+
 TEST_CASE("unit: a backward holds r' and one gradient's making at a time", "[unit][memory]") {
   // What a unit's backward may hold above what it receives, phase by phase, with W and I the
   // most that LibTorch's convolution backward allocates making a weight or an input gradient
