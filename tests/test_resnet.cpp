@@ -272,7 +272,8 @@ namespace {
 // layout of the input and of the output's gradient, on `device`.
 void check_stem_max_pool(const torch::Device& device) {
   torch::manual_seed(12);
-  const std::vector<std::vector<int64_t>> shapes{{2, 3, 112, 112}, {1, 4, 7, 9}, {3, 2, 2, 5}, {2, 3, 5, 2}, {2, 3, 2, 2}};
+  const std::vector<std::vector<int64_t>> shapes{
+      {2, 3, 112, 112}, {1, 4, 7, 9}, {3, 2, 2, 5}, {2, 3, 5, 2}, {2, 3, 2, 2}};
   const auto layouts = {at::MemoryFormat::Contiguous, at::MemoryFormat::ChannelsLast};
   for (const auto& shape : shapes) {
     for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
