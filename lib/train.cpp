@@ -206,6 +206,18 @@ double accumulate_gradients(ResNet& model, const torch::Tensor& x, const torch::
   return total.item<double>();  // read once backward is queued: no stall between the parts
 }
 
+torch::optim::SGD make_optimizer(ResNet& model, const TrainConfig& config) {
+  std::vector<torch::Tensor> decay, no_decay;
+  for (auto& p : model->parameters()) (p.dim() > 1 ? decay : no_decay).push_back(p);
+  auto opts = [&](double wd) {
+    return std::make_unique<torch::optim::SGDOptions>(
+        torch::optim::SGDOptions(config.lr_at(0)).momentum(config.momentum).weight_decay(wd));
+  };
+  return torch::optim::SGD({torch::optim::OptimizerParamGroup(decay, opts(config.weight_decay)),
+                            torch::optim::OptimizerParamGroup(no_decay, opts(0.0))},
+                           torch::optim::SGDOptions(config.lr_at(0)).momentum(config.momentum));
+}
+
 int default_workers(const std::string& dataset, int local_world) {
   if (dataset != "imagenet") return 2;
   const int cores = static_cast<int>(std::thread::hardware_concurrency());
@@ -669,16 +681,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   model->set_numerics(config.numerics());
   apply_precision(config.numerics().precision, dev);
 
-  // Weight decay on conv and linear weights only (tensors of rank > 1), not on gamma, beta, biases.
-  std::vector<torch::Tensor> decay, no_decay;
-  for (auto& p : model->parameters()) (p.dim() > 1 ? decay : no_decay).push_back(p);
-  auto opts = [&](double wd) {
-    return std::make_unique<torch::optim::SGDOptions>(
-        torch::optim::SGDOptions(config.lr_at(0)).momentum(config.momentum).weight_decay(wd));
-  };
-  torch::optim::SGD opt({torch::optim::OptimizerParamGroup(decay, opts(config.weight_decay)),
-                         torch::optim::OptimizerParamGroup(no_decay, opts(0.0))},
-                        torch::optim::SGDOptions(config.lr_at(0)).momentum(config.momentum));
+  torch::optim::SGD opt = make_optimizer(model, config);
 
   int64_t it = 0;
   if (resumed) {

@@ -164,15 +164,7 @@ TEST_CASE("train: a checkpoint from before --precision resumes only as it ran (f
   const auto ck = blpa::read_checkpoint(c.checkpoint);
   REQUIRE(ck.config.count("precision"));
   auto model = blpa::load_model(ck);
-  std::vector<torch::Tensor> decay, no_decay;
-  for (auto& p : model->parameters()) (p.dim() > 1 ? decay : no_decay).push_back(p);
-  auto opts = [&](double wd) {
-    return std::make_unique<torch::optim::SGDOptions>(
-        torch::optim::SGDOptions(c.lr).momentum(c.momentum).weight_decay(wd));
-  };
-  torch::optim::SGD opt({torch::optim::OptimizerParamGroup(decay, opts(c.weight_decay)),
-                         torch::optim::OptimizerParamGroup(no_decay, opts(0.0))},
-                        torch::optim::SGDOptions(c.lr));
+  auto opt = blpa::make_optimizer(model, c);
   blpa::load_training_state(ck, model, opt);
   auto old_config = [&](const std::string& device) {
     std::string config;

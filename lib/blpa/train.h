@@ -144,6 +144,11 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e);
 double accumulate_gradients(ResNet& model, const torch::Tensor& x, const torch::Tensor& y, int64_t steps,
                             int64_t* stored_bytes = nullptr, GradientReducer* reducer = nullptr);
 
+// blpa-train's optimiser for `model`: SGD at the schedule's first learning rate with
+// config's momentum, and weight decay on convolution and linear weights only (tensors of rank
+// > 1), not on gamma, beta or biases. A checkpoint's optimiser state loads into it.
+torch::optim::SGD make_optimizer(ResNet& model, const TrainConfig& config);
+
 // Error thrown when the loss, or the weights after an update, stop being finite: training
 // stops and the last checkpoint, which held finite numbers, is kept.
 struct NonFiniteLoss : std::runtime_error {
