@@ -48,14 +48,14 @@ struct Twins {
   }
 };
 
+// blpa-train's optimiser (momentum 0.9, weight decay 5e-4 on weights of rank > 1) at lr.
 std::unique_ptr<torch::optim::SGD> sgd(blpa::ResNet& m, double lr) {
-  std::vector<torch::Tensor> decay, no_decay;
-  for (auto& p : m->parameters()) (p.dim() > 1 ? decay : no_decay).push_back(p);
-  auto o = [&](double wd) { return std::make_unique<torch::optim::SGDOptions>(torch::optim::SGDOptions(lr).momentum(0.9).weight_decay(wd)); };
-  return std::make_unique<torch::optim::SGD>(
-      std::vector<torch::optim::OptimizerParamGroup>{torch::optim::OptimizerParamGroup(decay, o(5e-4)),
-                                                     torch::optim::OptimizerParamGroup(no_decay, o(0.0))},
-      torch::optim::SGDOptions(lr));
+  blpa::TrainConfig c;
+  c.lr = lr;
+  c.warmup = 0;
+  c.momentum = 0.9;
+  c.weight_decay = 5e-4;
+  return std::make_unique<torch::optim::SGD>(blpa::make_optimizer(m, c));
 }
 
 fs::path temp_dir(const std::string& name) { return fresh_temp_dir("graphs-" + name); }
