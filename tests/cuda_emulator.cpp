@@ -10,15 +10,20 @@
 // take minutes. Elsewhere than x86-64 the emulator uses swapcontext.
 #include "cuda_emulator.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #if !defined(__x86_64__)
 #include <ucontext.h>
 #endif
 
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -109,9 +114,35 @@ struct Barrier {
   std::vector<unsigned> waiting;
 };
 
+// A fiber's stack, with an inaccessible page below it: a kernel that overflows its stack
+// stops with SIGSEGV there instead of writing over the heap (another fiber's stack, the
+// test's tensors) and going on.
+class Stack {
+ public:
+  Stack() {
+    guard_ = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+    void* p = ::mmap(nullptr, guard_ + kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::system_error(errno, std::generic_category(), "emulator: a fiber's stack");
+    map_ = static_cast<char*>(p);
+    if (::mprotect(map_, guard_, PROT_NONE) != 0) {
+      const int e = errno;
+      ::munmap(map_, guard_ + kStackBytes);
+      throw std::system_error(e, std::generic_category(), "emulator: a fiber's stack guard");
+    }
+  }
+  Stack(const Stack&) = delete;
+  Stack& operator=(const Stack&) = delete;
+  ~Stack() { ::munmap(map_, guard_ + kStackBytes); }
+  char* get() const { return map_ + guard_; }  // kStackBytes from here are the stack
+
+ private:
+  char* map_ = nullptr;
+  size_t guard_ = 0;
+};
+
 struct Fiber {
   Context context;
-  std::unique_ptr<char[]> stack;
+  Stack stack;
   uint3 index;
   uint64_t shuffles = 0;       // the parity picks the buffer of the warp's shuffle slots
   void* fake_stack = nullptr;  // AddressSanitizer's, while switched out
@@ -268,10 +299,7 @@ void run(dim3 grid, dim3 block, const std::function<void()>& body) {
                              std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " + std::to_string(grid.z) +
                              "), block (" + std::to_string(block.x) + ", " + std::to_string(block.y) + ", " +
                              std::to_string(block.z) + ")");
-  while (m.fibers.size() < threads) {
-    m.fibers.push_back(std::make_unique<Fiber>());
-    m.fibers.back()->stack = std::make_unique<char[]>(kStackBytes);
-  }
+  while (m.fibers.size() < threads) m.fibers.push_back(std::make_unique<Fiber>());
 #if BLPA_EMULATOR_ASAN
   // A failed launch leaves suspended threads' frames on their stacks, poisoned: the next
   // threads on those stacks would trip over them.

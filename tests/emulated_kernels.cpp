@@ -5,10 +5,14 @@
 #define CATCH_CONFIG_EXTERNAL_INTERFACES  // the listener below
 #include <catch2/catch.hpp>
 #include <iostream>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <vector>
+
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "cuda_emulator.h"
 // After the emulator: the kernels' source, compiled into blpa::emulated.
@@ -109,6 +113,20 @@ __global__ void last_lane_exits_kernel(double* out) {
 
 __global__ void misaligned_kernel(const unsigned char* p, uint32_t* out) { *out = target::load<uint32_t>(p + 1); }
 
+// Recurses in frames of about 1 KiB until they reach `bytes` below `top`; returns their number.
+__attribute__((noinline)) int use_stack(const char* top, size_t bytes) {
+  volatile char frame[1024];
+  frame[0] = 1;
+  const auto used = top - const_cast<const char*>(&frame[0]);
+  const int below = used < static_cast<ptrdiff_t>(bytes) ? use_stack(top, bytes) : 0;
+  return frame[0] + below;  // read after the call: not a tail call
+}
+
+__global__ void stack_kernel(size_t bytes, int* out) {
+  volatile char first = 0;
+  *out = use_stack(const_cast<const char*>(&first), bytes);
+}
+
 }  // namespace
 }  // namespace blpa::emulated
 
@@ -141,4 +159,33 @@ TEST_CASE("emulator: barriers, shuffles, alignment and deadlocks behave as on a 
   // After a failed launch the emulator runs the next one.
   BLPA_LAUNCH(3, 256, 0, rotate_kernel)(out.data());
   CHECK(out[5] == 6);
+}
+
+TEST_CASE("emulator: a thread that overflows its stack stops there, not in another's", "[emulator]") {
+  using namespace blpa::emulated;
+  // A fiber's stack is 128 KiB: 96 KiB of frames run.
+  int frames = 0;
+  BLPA_LAUNCH(1, 2, 0, stack_kernel)(size_t{96} << 10, &frames);
+  CHECK(frames >= 90);
+#if defined(__SANITIZE_ADDRESS__)
+  WARN("not checked under AddressSanitizer, whose frames may live off the stack");
+#else
+  // 129 KiB runs 1-2 KiB past the bottom of the stack, into the page below it, which kills
+  // the process (here a child's) with SIGSEGV. Were that page readable, the frames would
+  // write over it (the heap below a stack: another fiber's, a tensor) and the launch return.
+  std::fflush(nullptr);
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    std::signal(SIGSEGV, SIG_DFL);  // not Catch's handler, which reports a failure
+    int deep = 0;
+    BLPA_LAUNCH(1, 2, 0, stack_kernel)(size_t{129} << 10, &deep);
+    ::_exit(deep > 0 ? 0 : 1);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  CAPTURE(status);
+  CHECK(WIFSIGNALED(status));
+  CHECK((WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV));
+#endif
 }
