@@ -45,6 +45,12 @@ namespace target = BLPA_KERNEL_TARGET;
 
 constexpr int kGroup = 8;
 constexpr int kThreads = 256;
+// pack: a thread loads this many groups of kGroup elements, a grid's width of threads apart,
+// before it encodes any, so that their loads are in flight together.
+constexpr int kPackUnroll = 2;
+// pack and unpack: blocks an SM must hold at once (at most 64 registers a thread), so that
+// their unrolled loads do not cost them the warps that hide those loads' latency.
+constexpr int kStreamBlocks = 4;
 
 struct Launch {
   int blocks;
@@ -160,97 +166,107 @@ __global__ void channel_kernel(ChannelParams p) {
 }
 
 template <int Bits, typename T, bool NHWC>
-__global__ void pack_kernel(PackParams p) {
+__global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParams p) {
   const T* v = static_cast<const T*>(p.v);
   T* relu = static_cast<T*>(p.relu);
   const int64_t groups = (p.numel + kGroup - 1) / kGroup;
   const bool vec = elems_aligned<T, kGroup>(v), narrow = narrow_indices(p.numel);
   const bool relu_vec = elems_aligned<T, kGroup>(relu);
   const float d = codec::bin_width(p.window, Bits);
-  for (int64_t g = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g < groups; g += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t e0 = g * kGroup;
-    const int n = static_cast<int>(min(int64_t{kGroup}, p.numel - e0));
-    Elems<T, kGroup> raw;
-    if (vec && n == kGroup) {
-      raw = target::load<Elems<T, kGroup>>(v + e0);
-    } else {
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  for (int64_t g0 = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g0 < groups; g0 += kPackUnroll * stride) {
+    Elems<T, kGroup> raws[kPackUnroll];  // each group's elements, loaded first
 #pragma unroll
-      for (int k = 0; k < kGroup; ++k) raw.v[k] = k < n ? v[e0 + k] : zero<T>();
-    }
-    if (relu) {  // the unit's ReLU, written where it may alias v: this thread has read it
-      Elems<T, kGroup> y;
-#pragma unroll
-      for (int k = 0; k < kGroup; ++k) y.v[k] = codec::widen(raw.v[k]) < 0.0f ? zero<T>() : raw.v[k];
-      if (relu_vec && n == kGroup) {
-        target::store(relu + e0, y);
+    for (int u = 0; u < kPackUnroll; ++u) {
+      const int64_t e0 = (g0 + u * stride) * kGroup;
+      if (vec && e0 + kGroup <= p.numel) {
+        raws[u] = target::load<Elems<T, kGroup>>(v + e0);
       } else {
 #pragma unroll
-        for (int k = 0; k < kGroup; ++k)
-          if (k < n) relu[e0 + k] = y.v[k];
+        for (int k = 0; k < kGroup; ++k) raws[u].v[k] = e0 + k < p.numel ? v[e0 + k] : zero<T>();
       }
     }
-    float x[kGroup];
 #pragma unroll
-    for (int k = 0; k < kGroup; ++k) x[k] = codec::widen(raw.v[k]);
-    int s[kGroup];
-    if constexpr (NHWC) {
-      int64_t ch[kGroup];
-      group_channels<kGroup, true>(e0, n, p.plane, p.channels, narrow, ch);
+    for (int u = 0; u < kPackUnroll; ++u) {
+      const int64_t e0 = (g0 + u * stride) * kGroup;
+      if (e0 >= p.numel) break;  // so are the later groups
+      const int n = static_cast<int>(min(int64_t{kGroup}, p.numel - e0));
+      const Elems<T, kGroup>& raw = raws[u];
+      if (relu) {  // the unit's ReLU, written where it may alias v: this thread has read it
+        Elems<T, kGroup> y;
 #pragma unroll
-      for (int k = 0; k < kGroup; ++k) {
-        s[k] = p.offsets[ch[k]];
-        if (p.divisor) x[k] = __fdiv_rn(x[k], p.divisor[ch[k]]);
-      }
-    } else {
-      const Group gr = locate(e0, n, p.plane, p.channels, narrow);
-      group_offsets<kGroup>(p.offsets, gr, e0, p.plane, p.channels, s);
-      if (p.divisor) {
+        for (int k = 0; k < kGroup; ++k) y.v[k] = codec::widen(raw.v[k]) < 0.0f ? zero<T>() : raw.v[k];
+        if (relu_vec && n == kGroup) {
+          target::store(relu + e0, y);
+        } else {
 #pragma unroll
-        for (int k = 0; k < kGroup; ++k)
-          x[k] = __fdiv_rn(x[k], p.divisor[gr.one_channel ? gr.c0 : channel_at(e0 + k, p.plane, p.channels)]);
-      }
-    }
-    uint32_t q[kGroup];
-#pragma unroll
-    for (int k = 0; k < kGroup; ++k) q[k] = codec::encode(x[k], s[k], Bits, d);
-
-    if constexpr (Bits == 8) {
-      uint8_t* out = p.codes + e0;
-      if (n == kGroup) {
-        uint2 w;
-        w.x = q[0] | q[1] << 8 | q[2] << 16 | q[3] << 24;
-        w.y = q[4] | q[5] << 8 | q[6] << 16 | q[7] << 24;
-        target::store(out, w);
-      } else {
-#pragma unroll
-        for (int k = 0; k < kGroup; ++k)
-          if (k < n) out[k] = static_cast<uint8_t>(q[k]);
-      }
-    } else if constexpr (Bits == 4) {
-      uint8_t* out = p.codes + e0 / 2;
-      if (n == kGroup) {
-        uint32_t w = 0;
-#pragma unroll
-        for (int k = 0; k < kGroup; ++k) w |= q[k] << (4 * k);
-        target::store(out, w);
-      } else {
-#pragma unroll
-        for (int k = 0; k < kGroup; k += 2) {  // the padding nibble past an odd count is 0
-          const uint32_t hi = k + 1 < n ? q[k + 1] : 0u;
-          if (k < n) out[k / 2] = static_cast<uint8_t>(q[k] | hi << 4);
+          for (int k = 0; k < kGroup; ++k)
+            if (k < n) relu[e0 + k] = y.v[k];
         }
       }
-    } else {
-      static_assert(Bits == 2, "codes are 8, 4 or 2 bits");
-      uint8_t* out = p.codes + e0 / 4;
-      uint32_t w = 0;  // codes past n are 0: the padding of the last byte
+      float x[kGroup];
 #pragma unroll
-      for (int k = 0; k < kGroup; ++k) w |= (k < n ? q[k] : 0u) << (2 * k);
-      if (n == kGroup) {
-        target::store(out, static_cast<uint16_t>(w));
+      for (int k = 0; k < kGroup; ++k) x[k] = codec::widen(raw.v[k]);
+      int s[kGroup];
+      if constexpr (NHWC) {
+        int64_t ch[kGroup];
+        group_channels<kGroup, true>(e0, n, p.plane, p.channels, narrow, ch);
+#pragma unroll
+        for (int k = 0; k < kGroup; ++k) {
+          s[k] = p.offsets[ch[k]];
+          if (p.divisor) x[k] = __fdiv_rn(x[k], p.divisor[ch[k]]);
+        }
       } else {
-        out[0] = static_cast<uint8_t>(w);
-        if (n > 4) out[1] = static_cast<uint8_t>(w >> 8);
+        const Group gr = locate(e0, n, p.plane, p.channels, narrow);
+        group_offsets<kGroup>(p.offsets, gr, e0, p.plane, p.channels, s);
+        if (p.divisor) {
+#pragma unroll
+          for (int k = 0; k < kGroup; ++k)
+            x[k] = __fdiv_rn(x[k], p.divisor[gr.one_channel ? gr.c0 : channel_at(e0 + k, p.plane, p.channels)]);
+        }
+      }
+      uint32_t q[kGroup];
+#pragma unroll
+      for (int k = 0; k < kGroup; ++k) q[k] = codec::encode(x[k], s[k], Bits, d);
+
+      if constexpr (Bits == 8) {
+        uint8_t* out = p.codes + e0;
+        if (n == kGroup) {
+          uint2 w;
+          w.x = q[0] | q[1] << 8 | q[2] << 16 | q[3] << 24;
+          w.y = q[4] | q[5] << 8 | q[6] << 16 | q[7] << 24;
+          target::store(out, w);
+        } else {
+#pragma unroll
+          for (int k = 0; k < kGroup; ++k)
+            if (k < n) out[k] = static_cast<uint8_t>(q[k]);
+        }
+      } else if constexpr (Bits == 4) {
+        uint8_t* out = p.codes + e0 / 2;
+        if (n == kGroup) {
+          uint32_t w = 0;
+#pragma unroll
+          for (int k = 0; k < kGroup; ++k) w |= q[k] << (4 * k);
+          target::store(out, w);
+        } else {
+#pragma unroll
+          for (int k = 0; k < kGroup; k += 2) {  // the padding nibble past an odd count is 0
+            const uint32_t hi = k + 1 < n ? q[k + 1] : 0u;
+            if (k < n) out[k / 2] = static_cast<uint8_t>(q[k] | hi << 4);
+          }
+        }
+      } else {
+        static_assert(Bits == 2, "codes are 8, 4 or 2 bits");
+        uint8_t* out = p.codes + e0 / 4;
+        uint32_t w = 0;  // codes past n are 0: the padding of the last byte
+#pragma unroll
+        for (int k = 0; k < kGroup; ++k) w |= (k < n ? q[k] : 0u) << (2 * k);
+        if (n == kGroup) {
+          target::store(out, static_cast<uint16_t>(w));
+        } else {
+          out[0] = static_cast<uint8_t>(w);
+          if (n > 4) out[1] = static_cast<uint8_t>(w >> 8);
+        }
       }
     }
   }
@@ -284,72 +300,107 @@ __device__ __forceinline__ uint32_t read_code(const uint8_t* codes, int64_t e) {
 // Bytes that hold 4 codes: read_codes4's word, whose alignment the fast paths check.
 __host__ __device__ __forceinline__ uintptr_t code_word_bytes(int bits) { return 4 * bits / 8; }
 
-// Unpack writes up to three float tensors and reads one byte or less per element, so its
-// stores decide its speed: a thread takes 4 elements, one float4, so that a warp's stores
-// cover 512 contiguous bytes (with 8 per thread, each store instruction left every other
-// 16 bytes out and unpack ran at half the copy bandwidth on an H200).
-constexpr int kUnpackGroup = 4;
+// The codes of G consecutive elements from e (a multiple of G) as one word of G * Bits / 8
+// bytes (1 to 8), which must be aligned to its size: code k is bits Bits * k up of the word.
+template <int Bits, int G>
+__device__ __forceinline__ uint64_t read_code_word(const uint8_t* codes, int64_t e) {
+  constexpr int bytes = G * Bits / 8;
+  const uint8_t* at = codes + e * Bits / 8;
+  if constexpr (bytes == 8) {
+    return target::load<uint64_t>(at);
+  } else if constexpr (bytes == 4) {
+    return target::load<uint32_t>(at);
+  } else if constexpr (bytes == 2) {
+    return target::load<uint16_t>(at);
+  } else {
+    static_assert(bytes == 1, "a group's codes are 1, 2, 4 or 8 bytes");
+    return *at;
+  }
+}
+
+// Unpack writes up to three tensors and reads one byte or less per element, so its stores
+// decide its speed. A thread takes groups of 16 bytes of output (4 floats, 8 bf16), so that a
+// warp's store instruction covers 512 contiguous bytes (with 8 floats per thread, each store
+// instruction left every other 16 bytes out and unpack ran at half the copy bandwidth on an
+// H200). It takes kUnpackUnroll such groups at a time, a grid's width of threads apart, and
+// loads all their codes before decoding any, so that their loads are in flight together (one
+// group at a time, a thread waited a load's latency for every 16 bytes it wrote).
+template <typename T>
+constexpr int kUnpackGroup = 16 / static_cast<int>(sizeof(T));
+constexpr int kUnpackUnroll = 4;
 
 template <int Bits, typename T, bool NHWC>
-__global__ void unpack_kernel(UnpackParams p) {
-  constexpr int G = kUnpackGroup;
+__global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackParams p) {
+  constexpr int G = kUnpackGroup<T>, U = kUnpackUnroll;
   T* x_hat = static_cast<T*>(p.x_hat);
   T* r = static_cast<T*>(p.r);
-  const int64_t groups = (p.numel + G - 1) / G;
+  const int64_t groups = (p.numel + G - 1) / G, stride = int64_t{gridDim.x} * blockDim.x;
   const bool vec = (!x_hat || elems_aligned<T, G>(x_hat)) && (!r || elems_aligned<T, G>(r));
-  const bool word_codes = aligned(p.codes, code_word_bytes(Bits));  // codes from pack always are
+  const bool word_codes = aligned(p.codes, G * Bits / 8);  // codes from pack always are
   const bool narrow = narrow_indices(p.numel);
   const float d = codec::bin_width(p.window, Bits);
-  for (int64_t g = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g < groups; g += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t e0 = g * G;
-    const int n = static_cast<int>(min(int64_t{G}, p.numel - e0));
-    static_assert(G == 4, "read_codes4 reads one group");
-    uint32_t q[G];
-    if (word_codes && n == G) {
-      read_codes4<Bits>(p.codes, e0, q);
-    } else {
+  for (int64_t g0 = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g0 < groups; g0 += U * stride) {
+    uint64_t words[U];  // the codes of each group, loaded first
 #pragma unroll
-      for (int k = 0; k < G; ++k) q[k] = k < n ? read_code<Bits>(p.codes, e0 + k) : 0u;
-    }
-    int64_t ch[G];
-    group_channels<G, NHWC>(e0, n, p.plane, p.channels, narrow, ch);
-    int s[G];
-#pragma unroll
-    for (int k = 0; k < G; ++k) s[k] = p.offsets[ch[k]];
-    const bool full = vec && n == G;
-
-    auto store = [&](T* dst, const float y[G]) {
-      Elems<T, G> out;
-#pragma unroll
-      for (int k = 0; k < G; ++k) out.v[k] = codec::round_to<T>(y[k]);
-      if (full) {
-        target::store(dst + e0, out);
+    for (int u = 0; u < U; ++u) {
+      const int64_t e0 = (g0 + u * stride) * G;
+      words[u] = 0;
+      if (e0 + G <= p.numel && word_codes) {
+        words[u] = read_code_word<Bits, G>(p.codes, e0);
       } else {
 #pragma unroll
         for (int k = 0; k < G; ++k)
-          if (k < n) dst[e0 + k] = out.v[k];
+          if (e0 + k < p.numel) words[u] |= uint64_t{read_code<Bits>(p.codes, e0 + k)} << (Bits * k);
       }
-    };
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t e0 = (g0 + u * stride) * G;
+      if (e0 >= p.numel) break;  // so are the later groups
+      const int n = static_cast<int>(min(int64_t{G}, p.numel - e0));
+      uint32_t q[G];
+#pragma unroll
+      for (int k = 0; k < G; ++k) q[k] = static_cast<uint32_t>(words[u] >> (Bits * k)) & ((1u << Bits) - 1);
+      int64_t ch[G];
+      group_channels<G, NHWC>(e0, n, p.plane, p.channels, narrow, ch);
+      int s[G];
+#pragma unroll
+      for (int k = 0; k < G; ++k) s[k] = p.offsets[ch[k]];
+      const bool full = vec && n == G;
 
-    if (x_hat) {
-      float y[G];
+      auto store = [&](T* dst, const float y[G]) {
+        Elems<T, G> out;
 #pragma unroll
-      for (int k = 0; k < G; ++k) y[k] = codec::decode(q[k], s[k], d) - p.b[ch[k]];
-      store(x_hat, y);
-    }
-    if (r) {
-      float y[G];
+        for (int k = 0; k < G; ++k) out.v[k] = codec::round_to<T>(y[k]);
+        if (full) {
+          target::store(dst + e0, out);
+        } else {
 #pragma unroll
-      for (int k = 0; k < G; ++k) {
-        const float t = __fmul_rn(p.gamma[ch[k]], codec::decode(q[k], s[k], d));
-        y[k] = t > 0.0f ? t : 0.0f;
+          for (int k = 0; k < G; ++k)
+            if (k < n) dst[e0 + k] = out.v[k];
+        }
+      };
+
+      if (x_hat) {
+        float y[G];
+#pragma unroll
+        for (int k = 0; k < G; ++k) y[k] = codec::decode(q[k], s[k], d) - p.b[ch[k]];
+        store(x_hat, y);
       }
-      store(r, y);
-    }
-    if (p.mask) {
+      if (r) {
+        float y[G];
 #pragma unroll
-      for (int k = 0; k < G; ++k)
-        if (k < n) p.mask[e0 + k] = codec::mask(q[k], s[k]);
+        for (int k = 0; k < G; ++k) {
+          const float t = __fmul_rn(p.gamma[ch[k]], codec::decode(q[k], s[k], d));
+          y[k] = t > 0.0f ? t : 0.0f;
+        }
+        store(r, y);
+      }
+      if (p.mask) {
+#pragma unroll
+        for (int k = 0; k < G; ++k)
+          if (k < n) p.mask[e0 + k] = codec::mask(q[k], s[k]);
+      }
     }
   }
 }
@@ -674,7 +725,8 @@ void pack(const PackParams& p) {
 void unpack(const UnpackParams& p) {
   if (p.numel == 0) return;
   const target::DeviceGuard guard(p.device);  // a launch goes to the current device
-  const Launch l = launch_config((p.numel + kUnpackGroup - 1) / kUnpackGroup, p.device);
+  const int group = p.bf16 ? kUnpackGroup<c10::BFloat16> : kUnpackGroup<float>;
+  const Launch l = launch_config((p.numel + group - 1) / group, p.device);
   dispatch(p.bits, p.bf16, p.nhwc, [&](auto k, auto t, auto layout) {
     BLPA_LAUNCH(l.blocks, kThreads, l.stream,
                 unpack_kernel<decltype(k)::value, decltype(t), decltype(layout)::value>)(p);

@@ -119,6 +119,7 @@ T __shfl_down_sync(unsigned mask, T value, unsigned delta) {
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
 #define __shared__ static  // one block runs at a time, on one OS thread
 
 #define BLPA_KERNELS_NAMESPACE blpa::emulated

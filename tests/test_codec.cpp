@@ -1101,6 +1101,44 @@ TEST_CASE("codec: the GPU's BatchNorm backward on a GPU's grid, emulated, matche
   }
 }
 
+TEST_CASE("codec: pack and unpack on a one-multiprocessor grid, emulated, give the CPU path's bits", "[emulator]") {
+  // One multiprocessor: a grid of 4,096 threads, so that each thread of pack (two groups of 8
+  // elements at a time) and of unpack (four groups of 16 bytes at a time) takes several turns of
+  // its loop, with its last groups past the end or in the partial group at the tail.
+  torch::manual_seed(31);
+  struct Restore {
+    ~Restore() { blpa::testing::set_emulated_multiprocessors(2); }
+  } restore;
+  blpa::testing::set_emulated_multiprocessors(1);
+  const unsigned all = blpa::kXhat | blpa::kRelu | blpa::kMask;
+  for (int bits : {8, 4, 2}) {
+    const CodeFormat f = blpa::default_format(bits);
+    for (const auto& shape : std::vector<std::vector<int64_t>>{{5, 7, 61, 67}, {4, 16, 32, 32}, {2, 300, 7, 7}}) {
+      const int64_t c = shape[1];
+      auto b = torch::randn({c}), gamma = torch::rand({c}) + 0.1;
+      auto v = torch::randn(shape) * 2 + b.view({1, c, 1, 1});
+      for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+        for (bool cl : {false, true}) {
+          CAPTURE(bits, shape, dtype, cl);
+          auto x = v.to(dtype).contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+          auto r_cpu = x.clone(at::MemoryFormat::Preserve);
+          auto cpu = blpa::pack_relu_(r_cpu, b, f, gamma);
+          auto cpu_out = blpa::unpack(cpu, b, gamma, all, dtype);
+          blpa::testing::EmulatedKernels emulated;
+          auto r_gpu = x.clone(at::MemoryFormat::Preserve);
+          auto gpu = blpa::pack_relu_(r_gpu, b, f, gamma);
+          CHECK(torch::equal(gpu.data, cpu.data));
+          CHECK(torch::equal(r_gpu, r_cpu));
+          auto gpu_out = blpa::unpack(gpu, b, gamma, all, dtype);
+          CHECK(torch::equal(gpu_out.x_hat, cpu_out.x_hat));
+          CHECK(torch::equal(gpu_out.r, cpu_out.r));
+          CHECK(torch::equal(gpu_out.mask, cpu_out.mask));
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("CUDA: channel_coding and the clamp's gradient match the CPU path", "[codec][cuda]") {
   BLPA_REQUIRE_CUDA();
   torch::manual_seed(17);
