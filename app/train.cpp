@@ -6,8 +6,11 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include <unistd.h>
+
 #include <atomic>
 #include <csignal>
+#include <cstring>
 #include <iostream>
 
 #include "train_flags.h"
@@ -16,13 +19,29 @@ namespace {
 
 std::atomic<bool> g_stop{false};
 std::atomic<int> g_signal{0};
+bool g_checkpointing = false;  // --checkpoint given: set before the handlers are installed
+
+// Only write(2) is safe in a signal handler.
+void say(const char* text) {
+  const ssize_t n = ::write(STDERR_FILENO, text, std::strlen(text));
+  (void)n;
+}
 
 // The first SIGINT/SIGTERM asks for a checkpoint and a clean exit after the current step (or
-// at once during an evaluation); a second one takes the default action (the user insists).
+// at once during an evaluation); a second one stops at once, without a checkpoint (the user
+// insists), and says so: the last checkpoint written stays as it was.
 extern "C" void on_signal(int sig) {
+  if (g_stop.exchange(true)) {
+    say("\nblpa-train: stopped at once by a second signal: no checkpoint of the current iteration (the last one "
+        "written is kept)\n");
+    std::signal(sig, SIG_DFL);
+    std::raise(sig);
+    return;
+  }
   g_signal.store(sig);
-  g_stop.store(true);
-  std::signal(sig, SIG_DFL);
+  say(g_checkpointing ? "\nblpa-train: stopping after the current step and writing a checkpoint (a second signal "
+                        "stops at once, without one)\n"
+                      : "\nblpa-train: stopping after the current step (a second signal stops at once)\n");
 }
 
 }  // namespace
@@ -46,6 +65,7 @@ int main(int argc, char** argv) {
     return 0;
   }
 
+  g_checkpointing = !c.checkpoint.empty();
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
   // A file-size limit (ulimit -f) makes writes fail with EFBIG, reported like a full disk,
