@@ -52,6 +52,8 @@ int main(int argc, char** argv) {
     e.index_cache = a["index-cache"].as<std::string>();
     if (a.count("val-list")) e.val_list = a["val-list"].as<std::string>();
     e.subset = blpa::number<int64_t>(a, "subset");
+    for (const char* flag : {"ten-crop", "val-list", "resize", "crop"})
+      if (a.count(flag)) e.imagenet_flags.push_back(std::string("--") + flag);
     e.options.ten_crop = a.count("ten-crop") > 0;
     e.options.resize_short = blpa::number<int>(a, "resize");
     e.options.crop = blpa::number<int>(a, "crop");
@@ -103,6 +105,9 @@ int main(int argc, char** argv) {
       return 3;
     }
     return 0;
+  } catch (const blpa::FlagError& ex) {
+    std::cerr << "blpa-eval: " << ex.what() << "\n";
+    return 2;
   } catch (const std::exception& ex) {
     spdlog::error("{}", blpa::error_message(ex));
     return 1;

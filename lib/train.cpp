@@ -1,6 +1,8 @@
 #include "blpa/train.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
@@ -235,6 +237,10 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e) {
   const Checkpoint ck = read_checkpoint(e.checkpoint);
   auto kv = ck.config;
   const std::string dataset = kv["dataset"];
+  if (dataset != "imagenet" && !e.imagenet_flags.empty())
+    throw FlagError(fmt::format("{} appl{} to ImageNet checkpoints only; {} was trained on {}",
+                                fmt::join(e.imagenet_flags, ", "), e.imagenet_flags.size() > 1 ? "y" : "ies",
+                                e.checkpoint, dataset));
   const std::string dir = !e.data_dir.empty() ? e.data_dir
                           : !kv["data_dir"].empty() ? kv["data_dir"]
                                                     : std::string(data::kDebianFashionMnist);
@@ -449,15 +455,22 @@ class LogFile {
     if (fd_ < 0) throw std::runtime_error("--log " + path + ": cannot be opened for writing (" + std::strerror(errno) + ")");
   }
   explicit operator bool() const { return fd_ >= 0; }
+  // A record cut short (a full disk) is cut off again, so that the log ends with whole lines.
   void write(const std::string& record) {
     if (fd_ < 0) return;
+    const off_t end = ::lseek(fd_, 0, SEEK_END);  // -1 for a pipe: nothing to cut there
     const char* p = record.data();
     for (size_t left = record.size(); left > 0;) {
       const ssize_t w = ::write(fd_, p, left);
       if (w < 0 && errno == EINTR) continue;
-      if (w <= 0)
-        throw std::runtime_error("--log " + path_ + ": a record could not be written (" +
-                                 (w < 0 ? std::strerror(errno) : "no progress") + ")");
+      if (w <= 0) {
+        const std::string why = w < 0 ? std::strerror(errno) : "no progress";
+        if (end >= 0 && left < record.size()) {
+          const int cut = ::ftruncate(fd_, end);  // if this fails, --resume drops the line: it has no newline
+          (void)cut;
+        }
+        throw std::runtime_error("--log " + path_ + ": a record could not be written (" + why + ")");
+      }
       p += w, left -= static_cast<size_t>(w);
     }
   }
@@ -474,8 +487,53 @@ int64_t record_iteration(const std::string& line) {
   return std::strtoll(line.c_str() + at + 8, nullptr, 10);
 }
 
+// The text of field `key` of a one-line JSON object as written (a string with its quotes),
+// or "" when absent. The config records' fields are numbers, booleans and strings.
+std::string json_field(const std::string& line, const std::string& key) {
+  const std::string tag = "\"" + key + "\": ";
+  const auto at = line.find(tag);
+  if (at == std::string::npos) return "";
+  size_t i = at + tag.size(), j = i;
+  if (j < line.size() && line[j] == '"') {
+    for (++j; j < line.size() && line[j] != '"'; ++j)
+      if (line[j] == '\\') ++j;
+    return line.substr(i, j + 1 - i);
+  }
+  while (j < line.size() && line[j] != ',' && line[j] != '}') ++j;
+  return line.substr(i, j - i);
+}
+
+// --resume: the log must be this run's. Its first config record names the run (identity
+// keys an older log lacks are not compared); a log of another run is refused before its
+// records past the checkpoint are dropped.
+void check_log_is_this_runs(const std::string& path, const TrainConfig& c) {
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec) || fs::file_size(path, ec) == 0) return;
+  std::ifstream in(path);
+  std::string first;
+  for (std::string line; std::getline(in, line);)
+    if (line.find("\"type\": \"config\"") != std::string::npos) {
+      first = line;
+      break;
+    }
+  if (first.empty())
+    throw FlagError("--log " + path + " holds no blpa-train config record: it is not the log of checkpoint " +
+                    c.checkpoint + "'s run; give that run's log, or another path");
+  const std::string ours = c.json();
+  std::string differ;
+  for (const auto& key : TrainConfig::identity_keys()) {
+    const std::string theirs = json_field(first, key);
+    if (!theirs.empty() && theirs != json_field(ours, key))
+      differ += fmt::format("\n  {}: log {}, this run {}", key, theirs, json_field(ours, key));
+  }
+  if (!differ.empty())
+    throw FlagError("--log " + path + " is the log of another run:" + differ + "\ngive the log of checkpoint " +
+                    c.checkpoint + "'s run, or another path");
+}
+
 // --resume: the records of iterations after the checkpoint's are recomputed by the resumed
-// run, so they leave the log (rewritten atomically), which then reads as one run.
+// run, so they leave the log (rewritten atomically), which then reads as one run. So does a
+// last line without its newline: a record cut short by a full disk or a kill.
 int64_t drop_records_after(const std::string& path, int64_t iteration) {
   std::error_code ec;
   if (!fs::is_regular_file(path, ec)) return 0;  // a device or a pipe keeps what it was given
@@ -484,7 +542,7 @@ int64_t drop_records_after(const std::string& path, int64_t iteration) {
   std::string kept;
   int64_t dropped = 0;
   for (std::string line; std::getline(in, line);) {
-    if (record_iteration(line) > iteration) {
+    if (record_iteration(line) > iteration || in.eof()) {  // eof: no newline after it
       ++dropped;
       continue;
     }
@@ -506,13 +564,72 @@ std::map<std::string, std::string> key_values(const std::string& describe) {
   return kv;
 }
 
-// Before anything is loaded: every output can be written where it goes, and a fresh run
-// replaces no earlier run's files unless told to.
-void prepare_outputs(const TrainConfig& c) {
+// One run per output file: an advisory lock (flock) on "<path>.lock" beside each output, held
+// for the run and removed after it. Without it two runs started together (or two resumes of
+// one checkpoint) both passed the check that a fresh run replaces nothing, and then wrote over
+// each other's log and checkpoint. The kernel drops a killed run's lock; its file is reused.
+class OutputLocks {
+ public:
+  OutputLocks() = default;
+  OutputLocks(const OutputLocks&) = delete;
+  OutputLocks& operator=(const OutputLocks&) = delete;
+  ~OutputLocks() {
+    for (const auto& [lock, fd] : held_) {
+      ::unlink(lock.c_str());  // before the close: a run waiting on this file sees it gone
+      ::close(fd);
+    }
+  }
+
+  void add(const std::string& path, const std::string& flag) {
+    std::error_code ec;
+    if (path.empty() || (fs::exists(path, ec) && !fs::is_regular_file(path, ec))) return;  // a device, a pipe
+    const fs::path parent = fs::path(path).has_parent_path() ? fs::path(path).parent_path() : fs::path(".");
+    if (!fs::exists(parent, ec)) fs::create_directories(parent, ec);
+    const std::string lock = path + ".lock";
+    for (;;) {
+      // A folder that cannot take the lock file cannot take a checkpoint either: the checks
+      // after this one say why, naming the flag.
+      const int fd = ::open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+      if (fd < 0) return;
+      if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        const int e = errno;
+        char pid[32] = {};
+        const ssize_t n = ::pread(fd, pid, sizeof pid - 1, 0);
+        ::close(fd);
+        if (e == EWOULDBLOCK)
+          throw std::runtime_error(fmt::format(
+              "{} {} is in use by another blpa-train{}: wait for it to end, or give another path", flag, path,
+              n > 0 ? fmt::format(" (process {})", std::string(pid, static_cast<size_t>(n))) : std::string()));
+        throw std::runtime_error(fmt::format("{} {}: its lock file {} cannot be locked ({})", flag, path, lock,
+                                             std::strerror(e)));
+      }
+      // Locked; but if the run that held it removed the file meanwhile, this lock is on a
+      // file nobody else will open: start again.
+      struct stat mine {}, named {};
+      if (::fstat(fd, &mine) == 0 && ::stat(lock.c_str(), &named) == 0 && mine.st_ino == named.st_ino &&
+          mine.st_dev == named.st_dev) {
+        const std::string pid = std::to_string(::getpid());  // only for the message above
+        const bool noted = ::ftruncate(fd, 0) == 0 && ::pwrite(fd, pid.data(), pid.size(), 0) > 0;
+        (void)noted;
+        held_.emplace_back(lock, fd);
+        return;
+      }
+      ::close(fd);
+    }
+  }
+
+ private:
+  std::vector<std::pair<std::string, int>> held_;
+};
+
+// Before anything is loaded: every output can be written where it goes, no other run is
+// writing it, and a fresh run replaces no earlier run's files unless told to.
+void prepare_outputs(const TrainConfig& c, OutputLocks& locks) {
   for (const auto& [path, flag] : {std::pair{c.checkpoint, "--checkpoint"}, std::pair{c.log_path, "--log"},
                                    std::pair{c.export_path, "--export"}, std::pair{c.summary_path, "--summary"}}) {
     if (path.empty()) continue;
     const bool is_log = std::string(flag) == "--log";
+    locks.add(path, flag);  // first: the checks below write a probe beside the file
     std::error_code ec;
     if (!c.resume && !c.overwrite && fs::is_regular_file(path, ec) && (!is_log || fs::file_size(path, ec) > 0))
       throw FlagError(std::string(flag) + " " + path +
@@ -597,8 +714,11 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
     dev = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(config.dist.local_rank));
   config.device = dev.str();
   config.resolve_numerics();
+  // Resolved before --resume compares the settings: `auto` is not a change.
+  if (config.workers == 0) config.workers = default_workers(config.dataset, config.dist.local_world);
   const bool lead = config.dist.rank == 0;  // writes the log, the checkpoints and the outputs
-  if (lead) prepare_outputs(config);
+  OutputLocks locks;  // released last, after the final checkpoint, export and summary
+  if (lead) prepare_outputs(config, locks);
   else if (config.resume && !fs::exists(config.checkpoint))
     throw FlagError("--resume: checkpoint " + config.checkpoint + " does not exist on rank " +
                     std::to_string(config.dist.rank));
@@ -608,6 +728,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   if (config.resume) {
     resumed = read_checkpoint(config.checkpoint);
     compare_with_checkpoint(*resumed, config);
+    if (lead && !config.log_path.empty()) check_log_is_this_runs(config.log_path, config);
     state = resumed->state;
     if (state.iteration >= config.iterations && !state.pending_eval)
       throw FlagError(fmt::format("checkpoint {} is at iteration {}: --iterations {} leaves nothing to train",
@@ -625,15 +746,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   }
   TrainResult result;
   LogFile log;
-  if (!config.log_path.empty() && lead) {
-    if (config.resume) result.dropped_log_records = drop_records_after(config.log_path, state.iteration);
-    if (result.dropped_log_records > 0)
-      spdlog::info("--log {}: {} records after iteration {} removed (the resumed run computes them again)",
-                   config.log_path, result.dropped_log_records, state.iteration);
-    log.open(config.log_path, config.resume);
-  }
   const data::Shard shard{config.dist.rank, config.dist.world};
-  if (config.workers == 0) config.workers = default_workers(config.dataset, config.dist.local_world);
 
   // The data: in memory (CIFAR, MNIST-style) or JPEG folders decoded on the fly (ImageNet).
   const bool pin = dev.is_cuda();
@@ -668,6 +781,13 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
                  test_set.size(), train_set.images.size(1), train_set.images.size(2), train_set.images.size(3),
                  num_classes);
   }
+
+  // Bad input found here loses nothing: no output has been opened yet.
+  const int64_t n_train = config.dataset == "imagenet" ? static_cast<int64_t>(train_list.size()) : train_set.size();
+  if (config.batch * config.dist.world > n_train)
+    throw FlagError(fmt::format("--batch {}{} exceeds the {} training images", config.batch,
+                                config.dist.world > 1 ? fmt::format(" x {} ranks", config.dist.world) : "",
+                                n_train));
 
   NetConfig net;
   net.arch = config.arch;
@@ -719,6 +839,15 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   for (const auto& p : model->parameters()) params += p.numel();
   spdlog::info("model {}-{} ({} parameters), mode {}, {}, batch {}, {} iterations, device {}", config.arch, config.depth,
                params, config.mode.str(), config.numerics().str(), config.batch, config.iterations, dev.str());
+  // The log opens (and a fresh run's --overwrite empties it) only now, when the data, the
+  // network and the checkpoint have all been read.
+  if (!config.log_path.empty() && lead) {
+    if (config.resume) result.dropped_log_records = drop_records_after(config.log_path, state.iteration);
+    if (result.dropped_log_records > 0)
+      spdlog::info("--log {}: {} records after iteration {} removed (the resumed run computes them again)",
+                   config.log_path, result.dropped_log_records, state.iteration);
+    log.open(config.log_path, config.resume);
+  }
   log.write(fmt::format("{{\"type\": \"config\", \"iter\": {}, \"time\": {:.3f}, \"resumed\": {}, \"config\": {}}}\n",
                         it, unix_time(), config.resume, config.json()));
 

@@ -71,6 +71,34 @@ void check_clean(const Run& r) {
   CHECK(r.output.find("terminate called") == std::string::npos);
 }
 
+// blpa-train in the background, its stdout and stderr to `out`; wait_for_record waits until
+// the log has a record containing `text`.
+pid_t spawn_train(std::vector<std::string> args, const fs::path& out) {
+  std::vector<char*> argv{const_cast<char*>(BLPA_TRAIN_EXE)};
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  std::fflush(nullptr);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    std::freopen(out.c_str(), "w", stdout);
+    std::freopen(out.c_str(), "a", stderr);
+    ::execv(BLPA_TRAIN_EXE, argv.data());
+    ::_exit(127);
+  }
+  return pid;
+}
+
+void wait_for_record(const std::string& log, const std::string& text) {
+  for (int i = 0; i < 3000 && slurp(log).find(text) == std::string::npos; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+}
+
+int exit_code(pid_t pid) {
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
 bool no_temporaries(const fs::path& dir) {
   for (const auto& e : fs::directory_iterator(dir))
     if (e.path().extension() == ".tmp") return false;
@@ -352,6 +380,135 @@ TEST_CASE("hardening: a resumed run's log reads as one run", "[hardening]") {
   // 2, 3 (the end of the first run), then 4 and 6: no iteration twice, none missing.
   CHECK(iters == std::vector<int>{2, 3, 4, 6});
   CHECK(slurp(log).find("\"type\": \"config\", \"iter\": 3") != std::string::npos);
+  remove_tree(dir);
+}
+
+TEST_CASE("hardening: --resume refuses another run's log, and drops a record cut short", "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("resume-log");
+  const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string(), other = (dir / "b.jsonl").string();
+  REQUIRE(train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "3"}), dir).code == 0);
+  REQUIRE(train(small(dir, {"--log", other, "--seed", "7"}), dir).code == 0);
+  const std::string other_bytes = slurp(other);
+
+  // Another run's log: refused, and none of its records removed.
+  const Run r = train(small(dir, {"--checkpoint", ck, "--log", other, "--iterations", "5", "--resume"}), dir);
+  CAPTURE(r.output);
+  CHECK(r.code == 2);
+  CHECK(r.output.find("--log " + other + " is the log of another run:\n  seed: log 7, this run 0") != std::string::npos);
+  check_clean(r);
+  CHECK(slurp(other) == other_bytes);
+  // A file that is no blpa-train log at all.
+  std::ofstream(dir / "notes.txt") << "my notes\n";
+  const Run n = train(small(dir, {"--checkpoint", ck, "--log", (dir / "notes.txt").string(), "--iterations", "5",
+                                  "--resume"}),
+                      dir);
+  CHECK(n.code == 2);
+  CHECK(n.output.find("holds no blpa-train config record") != std::string::npos);
+  CHECK(slurp(dir / "notes.txt") == "my notes\n");
+
+  // A record cut short (a full disk, a kill): the resumed log is whole lines again.
+  std::ofstream(log, std::ios::app) << "{\"type\": \"train\", \"iter\": 3, \"ti";
+  const Run ok = train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "5", "--resume"}), dir);
+  CAPTURE(ok.output);
+  REQUIRE(ok.code == 0);
+  std::ifstream f(log);
+  int lines = 0;
+  for (std::string line; std::getline(f, line); ++lines) {
+    CAPTURE(line);
+    CHECK(line.front() == '{');
+    CHECK(line.back() == '}');
+  }
+  CHECK(lines >= 7);  // config, 1-3, config, 4-5
+  CHECK(slurp(log).find("\"ti{") == std::string::npos);
+  remove_tree(dir);
+}
+
+TEST_CASE("hardening: a run naming a running run's files is refused, and nothing of either is lost", "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("lock");
+  const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string();
+  const pid_t first = spawn_train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "100000"}), dir / "a.out");
+  wait_for_record(log, "\"type\": \"train\", \"iter\": 2,");
+  REQUIRE(fs::exists(ck + ".lock"));
+  // A fresh run told to replace its files, and a resume of its checkpoint: both refused at
+  // once, naming the running process.
+  for (const auto& extra : std::vector<std::vector<std::string>>{{"--overwrite"}, {"--resume"}}) {
+    auto args = small(dir, {"--checkpoint", ck, "--log", (dir / "b.jsonl").string()});
+    args.insert(args.end(), extra.begin(), extra.end());
+    const Run second = train(args, dir);
+    CAPTURE(extra, second.output);
+    CHECK(second.code == 1);
+    CHECK(second.output.find("--checkpoint " + ck + " is in use by another blpa-train (process " +
+                             std::to_string(first) + ")") != std::string::npos);
+    check_clean(second);
+    CHECK_FALSE(fs::exists(dir / "b.jsonl"));
+  }
+  const Run log_only = train(small(dir, {"--log", log, "--overwrite"}), dir);
+  CHECK(log_only.code == 1);
+  CHECK(log_only.output.find("--log " + log + " is in use by another blpa-train") != std::string::npos);
+  ::kill(first, SIGTERM);
+  CHECK(exit_code(first) == 143);
+  CAPTURE(slurp(dir / "a.out"));
+  // The first run's log and checkpoint are its own, and its locks are gone.
+  CHECK(slurp(log).find("{\"type\": \"config\"") == 0);
+  CHECK(blpa::read_checkpoint(ck).state.iteration >= 2);
+  CHECK_FALSE(fs::exists(ck + ".lock"));
+  CHECK_FALSE(fs::exists(log + ".lock"));
+  // Then the files are free: a resume continues the run.
+  const Run resumed = train(small(dir, {"--checkpoint", ck, "--log", log, "--resume", "--iterations",
+                                        std::to_string(blpa::read_checkpoint(ck).state.iteration + 1)}),
+                            dir);
+  CAPTURE(resumed.output);
+  CHECK(resumed.code == 0);
+  remove_tree(dir);
+}
+
+TEST_CASE("hardening: bad input found in loading keeps --overwrite's files, and eval refuses ImageNet-only flags", "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("late-input");
+  const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string();
+  REQUIRE(train(small(dir, {"--checkpoint", ck, "--log", log}), dir).code == 0);
+  const std::string ck_bytes = slurp(ck), log_bytes = slurp(log);
+  const Run r = train(small(dir, {"--checkpoint", ck, "--log", log, "--overwrite", "--batch", "1024"}), dir);
+  CAPTURE(r.output);
+  CHECK(r.code == 2);
+  CHECK(r.output.find("--batch 1024 exceeds the 512 training images") != std::string::npos);
+  check_clean(r);
+  CHECK(slurp(ck) == ck_bytes);
+  CHECK(slurp(log) == log_bytes);
+  CHECK_FALSE(fs::exists(ck + ".lock"));
+  // blpa-eval's ImageNet protocol flags on a Fashion-MNIST checkpoint: refused, not ignored.
+  const Run e = run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--subset", "10", "--ten-crop", "--crop", "20"}, dir);
+  CAPTURE(e.output);
+  CHECK(e.code == 2);
+  CHECK(e.output.find("--ten-crop, --crop apply to ImageNet checkpoints only; " + ck +
+                      " was trained on fashion-mnist") != std::string::npos);
+  remove_tree(dir);
+}
+
+TEST_CASE("hardening: a second signal stops at once and says so, and the checkpoint before it is kept", "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("second-signal");
+  const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string();
+  // ResNet-56 steps take a while on one thread: both signals arrive during one step, the
+  // second before the step ends and the first one's checkpoint is written.
+  const pid_t pid = spawn_train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "1000", "--depth", "56",
+                                            "--checkpoint-every", "1"}),
+                                dir / "run.out");
+  wait_for_record(log, "\"type\": \"train\", \"iter\": 2,");
+  ::kill(pid, SIGINT);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  ::kill(pid, SIGINT);
+  const int code = exit_code(pid);
+  const std::string out = slurp(dir / "run.out");
+  CAPTURE(out);
+  CHECK(code == 130);
+  CHECK(out.find("stopping after the current step and writing a checkpoint (a second signal stops at once") !=
+        std::string::npos);
+  CHECK(out.find("stopped at once by a second signal: no checkpoint of the current iteration (the last one written "
+                 "is kept)") != std::string::npos);
+  CHECK(blpa::read_checkpoint(ck).state.iteration >= 2);  // whole, with its CRCs
   remove_tree(dir);
 }
 

@@ -133,6 +133,9 @@ struct CheckpointEval {
   std::string val_list;     // imagenet: a list file instead of <data_dir>/val
   int64_t subset = 0;       // 0: all test images
   ImageEvalOptions options;
+  // The ImageNet-only flags given (--ten-crop, --val-list, --resize, --crop): refused, with
+  // FlagError, for a checkpoint of another data set.
+  std::vector<std::string> imagenet_flags;
 };
 EvalResult evaluate_checkpoint(const CheckpointEval& e);
 
