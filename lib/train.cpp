@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
@@ -39,11 +40,11 @@ using Clock = std::chrono::steady_clock;
 
 std::string resolve_dataset(const TrainConfig& c) {
   if (c.data_dir.empty() && c.dataset != "auto" && c.dataset != "fashion-mnist" && c.train_list.empty())
-    throw std::invalid_argument("--dataset " + c.dataset + " needs --data-dir (only Fashion-MNIST has a default)");
+    throw FlagError("--dataset " + c.dataset + " needs --data-dir (only Fashion-MNIST has a default)");
   if (!c.train_list.empty() || !c.val_list.empty()) {
-    if (c.train_list.empty() || c.val_list.empty()) throw std::invalid_argument("--train-list and --val-list go together");
+    if (c.train_list.empty() || c.val_list.empty()) throw FlagError("--train-list and --val-list go together");
     if (c.dataset != "auto" && c.dataset != "imagenet")
-      throw std::invalid_argument("--train-list and --val-list are for --dataset imagenet");
+      throw FlagError("--train-list and --val-list are for --dataset imagenet");
     return "imagenet";
   }
   if (c.dataset != "auto") return c.dataset;
@@ -342,6 +343,10 @@ std::string TrainConfig::json() const {
 
 void TrainConfig::validate() const {
   auto bad = [](const std::string& m) { throw FlagError(m); };
+  if (!std::set<std::string>{"auto", "cifar10", "cifar100", "cifar100-coarse", "fashion-mnist", "mnist", "imagenet"}
+           .count(dataset))
+    bad("--dataset must be auto, cifar10, cifar100, cifar100-coarse, fashion-mnist, mnist or imagenet, got '" +
+        dataset + "'");
   if (batch <= 0) bad("--batch must be positive");
   if (iterations <= 0) bad("--iterations must be positive");
   if (!(lr > 0) || !(warmup_lr > 0) || !std::isfinite(lr) || !std::isfinite(warmup_lr))
@@ -426,6 +431,10 @@ bool debugging() {
 }  // namespace
 
 void quiet_library_log() {
+  // Messages (progress, warnings, errors) go to stderr, as flag errors and the progress line
+  // do; stdout is left to what a program prints as its result (JSON lines, --help).
+  spdlog::set_default_logger(
+      std::make_shared<spdlog::logger>("", std::make_shared<spdlog::sinks::stderr_color_sink_mt>()));
   if (debugging()) return;
   FLAGS_caffe2_log_level = 3;  // c10's FATAL: its errors reach the user as exceptions anyway
   c10::UpdateLoggingLevelsFromFlags();
@@ -895,6 +904,17 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   auto window_start = Clock::now() - std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(state.window_seconds));
   double train_seconds = 0;  // training only, without evaluations and checkpoints
   int64_t train_images = 0, stored = 0, peak_max = 0;
+  bool evaluated = false;  // test figures known to this process
+  // The first window's part from before a resume: in its log record, not in this process's
+  // train_s and images/s.
+  double carried_seconds = state.window_seconds;
+  int64_t carried_iters = state.window_iters;
+  // This process's training time and images up to now, the open window's part included.
+  auto trained = [&](Clock::time_point now) {
+    const double secs = std::chrono::duration<double>(now - window_start).count() - carried_seconds;
+    return std::pair{train_seconds + std::max(secs, 0.0),
+                     train_images + (window_iters - carried_iters) * config.batch * config.dist.world};
+  };
   int64_t last_good = config.resume ? it : -1;  // the iteration of the last checkpoint written (or resumed)
   bool pending_eval = state.pending_eval;
   memory::reset_peak(dev);
@@ -921,14 +941,17 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   auto write_summary = [&](const char* status) {
     if (config.summary_path.empty() || !lead) return;
     AtomicFile f(config.summary_path);
+    const auto [secs, images] = trained(Clock::now());
+    // No evaluation in this process: its figures are unknown (null), not 0 and 100% error.
+    auto test = [&](double v) { return evaluated && std::isfinite(v) ? fmt::format("{:.6f}", v) : std::string("null"); };
     f.write(fmt::format(
         "{{\"type\": \"summary\", \"status\": \"{}\", \"iter\": {}, \"iterations\": {}, \"time\": {:.3f}, "
-        "\"wall_s\": {:.3f}, \"train_s\": {:.3f}, \"last_loss\": {:.6g}, \"test_loss\": {:.6g}, \"test_acc\": {:.6f}, "
-        "\"test_top5\": {:.6f}, \"test_error\": {:.6f}, \"images_per_s\": {:.2f}, \"stored_activation_bytes\": {}, "
+        "\"wall_s\": {:.3f}, \"train_s\": {:.3f}, \"last_loss\": {:.6g}, \"test_loss\": {}, \"test_acc\": {}, "
+        "\"test_top5\": {}, \"test_error\": {}, \"images_per_s\": {:.2f}, \"stored_activation_bytes\": {}, "
         "\"peak_bytes\": {}, \"decode_failures\": {}, \"graphed\": {}, \"config\": {}}}\n",
-        status, it, config.iterations, unix_time(), unix_time() - start_time, train_seconds, result.last_loss,
-        result.test_loss, result.test_acc, result.test_top5, 1 - result.test_acc,
-        train_seconds > 0 ? train_images / train_seconds : 0.0, stored, peak_max, decode_errors.count.load(),
+        status, it, config.iterations, unix_time(), unix_time() - start_time, secs, result.last_loss,
+        test(result.test_loss), test(result.test_acc), test(result.test_top5), test(1 - result.test_acc),
+        secs > 0 ? images / secs : 0.0, stored, std::max(peak_max, memory::peak(dev)), decode_errors.count.load(),
         graphed != nullptr, config.json()));
     f.commit();
   };
@@ -942,6 +965,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
     result.test_loss = e.loss;
     result.test_acc = e.top1;
     result.test_top5 = e.top5;
+    evaluated = true;
     log.write(fmt::format("{{\"type\": \"eval\", \"iter\": {}, \"time\": {:.3f}, \"test_loss\": {:.6g}, "
                           "\"test_acc\": {:.6f}, \"test_top5\": {:.6f}, \"images\": {}, \"failed\": {}}}\n",
                           it, unix_time(), e.loss, e.top1, e.top5, e.count, e.failed));
@@ -993,10 +1017,12 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   try {
     // An evaluation that a signal interrupted runs first.
     if (pending_eval) {
+      const auto pause = Clock::now();
       bool done = !lead || evaluate_now();
       if (dist) done = dist->sum({done ? 0.0 : 1.0})[0] == 0;
       if (done) pending_eval = false;
       else result.interrupted = true;  // the checkpoint still holds the pending evaluation
+      window_start += Clock::now() - pause;  // not training time
     }
     while (!result.interrupted && it < config.iterations) {
       const double lr = config.lr_at(it);
@@ -1054,8 +1080,8 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
         drain();
         const double secs = std::chrono::duration<double>(Clock::now() - window_start).count();
         double ips = window_iters * config.batch / secs;
-        train_seconds += secs;
-        train_images += window_iters * config.batch * config.dist.world;
+        std::tie(train_seconds, train_images) = trained(Clock::now());
+        carried_seconds = 0, carried_iters = 0;
         int64_t peak = memory::peak(dev), peak_total = peak, stored_total = stored;
         peak_max = std::max(peak_max, peak);
         if (dist) {  // per rank (this one, rank 0) and in total

@@ -4,7 +4,8 @@
 # Fashion-MNIST, 1,000 iterations of batch 64 (about one epoch; a few minutes on 2 cores),
 # evaluated on the full test set. With BLPA_DATA_DIR pointing at CIFAR binary files it runs
 # the paper's CIFAR protocol instead (ResNet-164, 64k iterations: days on a CPU, use a GPU
-# with BLPA_DEVICE=cuda). Extra arguments are passed to blpa-train and override these.
+# with BLPA_DEVICE=cuda). Extra arguments are passed to blpa-train and override these
+# (--mode plain, --resume to continue a stopped run, --overwrite to start it again).
 # Log, checkpoint and exported weights go to results/ (git-ignored).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -14,13 +15,23 @@ out=$here/results
 mkdir -p "$out"
 train=$BLPA_BUILD_DIR/app/blpa-train
 device=(--device "${BLPA_DEVICE:-cpu}")
+# The files are named after the mode (blpa-train's default: blpa, 4 bits) and depth; a --mode,
+# --bits or --depth among the extra arguments renames them.
+mode=blpa bits=4 depth=
+prev=
+for a in "$@"; do
+  case $prev in --mode) mode=$a ;; --bits) bits=$a ;; --depth) depth=$a ;; esac
+  case $a in --mode=*) mode=${a#*=} ;; --bits=*) bits=${a#*=} ;; --depth=*) depth=${a#*=} ;; esac
+  prev=$a
+done
+[[ $mode == blpa || $mode == naive ]] && mode=$mode$bits
 if [[ -n ${BLPA_DATA_DIR:-} ]]; then
-  name=cifar-resnet164-blpa4
+  name=cifar-resnet${depth:-164}-$mode
   args=(--data-dir "$BLPA_DATA_DIR")  # every other flag at its default: the paper's protocol
 else
-  name=fashion-mnist-resnet20-blpa4
+  name=fashion-mnist-resnet${depth:-20}-$mode
   args=(--depth 20 --batch 64 --iterations 1000 --warmup 100 --lr-steps 600,850 --eval-every 500 --log-every 20)
 fi
 echo "== blpa-train ${args[*]} ${device[*]} $* (log: results/$name.jsonl) ==" >&2
-exec "$train" "${args[@]}" "${device[@]}" --mode blpa --bits 4 --log "$out/$name.jsonl" \
-  --checkpoint "$out/$name.ckpt" --export "$out/$name.pt" "$@"
+exec "$train" "${args[@]}" "${device[@]}" --log "$out/$name.jsonl" --checkpoint "$out/$name.ckpt" \
+  --export "$out/$name.pt" "$@"

@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <csignal>
 #include <cstdlib>
 #include <filesystem>
@@ -99,6 +100,12 @@ int exit_code(pid_t pid) {
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
+// The number after "key": in a one-line JSON object, or NaN.
+double number_field(const std::string& json, const std::string& key) {
+  const auto at = json.find("\"" + key + "\": ");
+  return at == std::string::npos ? std::nan("") : std::strtod(json.c_str() + at + key.size() + 4, nullptr);
+}
+
 bool no_temporaries(const fs::path& dir) {
   for (const auto& e : fs::directory_iterator(dir))
     if (e.path().extension() == ".tmp") return false;
@@ -128,6 +135,8 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"--dist-backend", "mpi"}, "--dist-backend must be auto, gloo or nccl, got 'mpi'"},
       {{"--dist-backend", "nccl"}, "--dist-backend nccl needs --device cuda"},
       {{"--cuda-graphs", "on"}, "--cuda-graphs on needs --device cuda"},
+      {{"--dataset", "foo"}, "--dataset must be auto, cifar10, cifar100, cifar100-coarse, fashion-mnist, mnist or "
+                             "imagenet, got 'foo'"},
   };
   for (const auto& [args, message] : cases) {
     // A data folder that does not exist: the flag must be refused before any data is read.
@@ -522,9 +531,39 @@ TEST_CASE("hardening: --summary writes one JSON object with the status and final
   CHECK(json.find("{\"type\": \"summary\", \"status\": \"done\", \"iter\": 4, \"iterations\": 4") == 0);
   CHECK(json.find("\"test_acc\": ") != std::string::npos);
   CHECK(json.find("\"mode\": \"plain\"") != std::string::npos);
+  CHECK(number_field(json, "images_per_s") > 0);
+  CHECK(number_field(json, "train_s") <= number_field(json, "wall_s"));
   const Run d = train(small(dir, {"--summary", s, "--overwrite", "--lr", "1e30", "--iterations", "50"}), dir);
   CHECK(d.code == 3);
   CHECK(slurp(s).find("\"status\": \"diverged\"") != std::string::npos);
+  // No evaluation ran: the test figures are unknown, not 0 and 100% error.
+  CHECK(slurp(s).find("\"test_loss\": null, \"test_acc\": null, \"test_top5\": null, \"test_error\": null") !=
+        std::string::npos);
+
+  // Interrupted before its first log record: this process's time, images/s and peak still
+  // count; then resumed, its own time is within its wall time.
+  const std::string ck = (dir / "a.ckpt").string();
+  const pid_t pid = spawn_train(small(dir, {"--summary", s, "--overwrite", "--checkpoint", ck, "--iterations", "100000",
+                                            "--log-every", "1000", "--checkpoint-every", "3"}),
+                                dir / "run.out");
+  for (int i = 0; i < 3000 && !fs::exists(ck); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  ::kill(pid, SIGTERM);
+  CHECK(exit_code(pid) == 143);
+  const std::string cut = slurp(s);
+  CAPTURE(cut);
+  CHECK(cut.find("\"status\": \"interrupted\"") != std::string::npos);
+  CHECK(number_field(cut, "train_s") > 0);
+  CHECK(number_field(cut, "images_per_s") > 0);
+  CHECK(number_field(cut, "peak_bytes") > 0);
+  CHECK(cut.find("\"test_loss\": null") != std::string::npos);
+  const int64_t at = blpa::read_checkpoint(ck).state.iteration;
+  REQUIRE(train(small(dir, {"--summary", s, "--checkpoint", ck, "--resume", "--log-every", "1000", "--iterations",
+                            std::to_string(at + 2), "--checkpoint-every", "3"}),
+                dir)
+              .code == 0);
+  const std::string resumed = slurp(s);
+  CAPTURE(resumed);
+  CHECK(number_field(resumed, "train_s") <= number_field(resumed, "wall_s"));
   remove_tree(dir);
 }
 

@@ -166,7 +166,8 @@ std::string json_string(const std::string& s);
 std::string error_message(const std::exception& e);
 // Unless BLPA_DEBUG=1: LibTorch's own log is silent. Its errors reach the user as exceptions
 // (one line each, through error_message), while its log lines carry C++ backtraces (c10d's
-// rendezvous prints one per attempt). Called first by each program.
+// rendezvous prints one per attempt). Also sends blpa's own messages (spdlog) to stderr.
+// Called first by each program.
 void quiet_library_log();
 
 // Runs (or resumes) training. `stop` is polled after every step: when it turns true a
