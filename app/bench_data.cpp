@@ -107,14 +107,21 @@ int data_main(int argc, char** argv) {
     namespace fs = std::filesystem;
     const fs::path root = args["write-tree"].as<std::string>();
     const int n = args["images"].as<int>(), w = args["width"].as<int>(), h = args["height"].as<int>();
+    std::error_code ec;
+    // Into a folder of its own: added to a real data set by mistake, it would mix in fake classes.
+    if (fs::exists(root, ec) && !(fs::is_directory(root, ec) && fs::is_empty(root, ec)))
+      throw std::invalid_argument("--write-tree " + root.string() + ": exists and is not an empty folder (it writes a "
+                                  "generated tree: give a new folder)");
     for (const char* split : {"train", "val"})
       for (int i = 0; i < n; ++i) {
         const auto px = photo(w, h, static_cast<uint32_t>(i + (split[0] == 'v' ? 1000000 : 0)));
         const auto jpg = encode_jpeg(px.data(), w, h, JpegPixels::rgb, args["quality"].as<int>());
         const fs::path cls = root / split / fmt::format("n{:08d}", i % 10);
         fs::create_directories(cls);
-        std::ofstream(cls / fmt::format("{}_{:05d}.JPEG", split, i), std::ios::binary)
-            .write(reinterpret_cast<const char*>(jpg.data()), static_cast<std::streamsize>(jpg.size()));
+        const fs::path file = cls / fmt::format("{}_{:05d}.JPEG", split, i);
+        std::ofstream out(file, std::ios::binary);
+        out.write(reinterpret_cast<const char*>(jpg.data()), static_cast<std::streamsize>(jpg.size()));
+        if (!out.flush()) throw std::runtime_error(file.string() + ": cannot be written");
       }
     fmt::print("wrote {} JPEGs per split under {}/train and {}/val\n", n, root.string(), root.string());
     return 0;

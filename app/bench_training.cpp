@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <filesystem>
 #include <cxxopts.hpp>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -65,6 +66,7 @@ std::vector<std::string> split(const std::string& list) {
 // with bits is complete (no -wW: the paper's window 6, no -lL: lift 0), so they cannot apply.
 std::vector<ModeConfig> parse_modes(const std::string& spec, int bits, float window, std::optional<float> lift) {
   if (spec == "all") return {{Mode::plain, 8}, {Mode::exact, 8}, {Mode::blpa, 8}, {Mode::blpa, 4}, {Mode::naive, 4}};
+  if (bits != 8 && bits != 4 && bits != 2) throw std::invalid_argument("--bits must be 8, 4 or 2");
   std::vector<ModeConfig> out;
   for (const std::string& tok : split(spec)) {
     if ((window > 0 || lift) && tok.find('-') != std::string::npos)
@@ -491,7 +493,13 @@ Profile profile_step(Rig& rig, size_t top_n, const std::string& trace) {
   sync(dev);
   const double wall = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
   const auto result = prof::disableProfiler();
-  if (!trace.empty()) result->save(trace);  // Chrome trace format: chrome://tracing, Perfetto
+  if (!trace.empty()) {  // Chrome trace format: chrome://tracing, Perfetto
+    std::error_code ec;
+    std::filesystem::remove(trace, ec);
+    result->save(trace);  // Kineto reports no failure: look for the file
+    if (!std::filesystem::is_regular_file(trace, ec) || std::filesystem::file_size(trace, ec) == 0)
+      throw std::runtime_error("--trace: " + trace + " could not be written");
+  }
   std::map<std::string, std::pair<double, int64_t>> by_name;
   Profile p;
   p.wall_ms = wall;
@@ -559,6 +567,14 @@ int step_main(int argc, char** argv) {
   if (top_n < 0) throw std::invalid_argument("--profile must be >= 0");
   const std::string trace = args["trace"].as<std::string>();
   if (!trace.empty() && top_n == 0) throw std::invalid_argument("--trace needs --profile N");
+  if (!trace.empty()) {  // PREFIX's folder, as mkdir -p: a trace is written only after the timed steps
+    std::error_code ec;
+    const auto folder = std::filesystem::path(trace).parent_path();
+    if (!folder.empty()) std::filesystem::create_directories(folder, ec);
+    if (ec || (!folder.empty() && !std::filesystem::is_directory(folder)))
+      throw std::invalid_argument("--trace " + trace + ": its folder cannot be created" +
+                                  (ec ? " (" + ec.message() + ")" : std::string()));
+  }
   const bool graphs = args.count("cuda-graphs") > 0;
   if (graphs && !c.device.is_cuda()) throw std::invalid_argument("--cuda-graphs needs --device cuda");
   // cuDNN picks its kernels and LibTorch makes its handles at a shape's first step: eagerly,
@@ -845,8 +861,8 @@ int fidelity_main(int argc, char** argv) {
     for (const auto& b : split(args["bits"].as<std::string>()))
       for (const auto& w : split(args["windows"].as<std::string>()))
         for (const auto& l : split(args["lifts"].as<std::string>())) {
+          if (m != "blpa" && m != "naive") throw std::invalid_argument("--modes takes blpa and naive, got " + m);
           ModeConfig mc = blpa::parse_mode_config(m + "-" + b);
-          if (!coded(mc)) throw std::invalid_argument("--modes takes blpa and naive, got " + m);
           mc.window = w == "default" ? 0.0f : std::stof(w);
           if (w != "default" && !(mc.window > 0)) throw std::invalid_argument("--windows must be positive, got " + w);
           mc.lift = l == "default" ? std::nullopt : std::optional<float>(std::stof(l));

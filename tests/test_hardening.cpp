@@ -517,7 +517,7 @@ TEST_CASE("hardening: a second signal stops at once and says so, and the checkpo
         std::string::npos);
   CHECK(out.find("stopped at once by a second signal: no checkpoint of the current iteration (the last one written "
                  "is kept)") != std::string::npos);
-  CHECK(blpa::read_checkpoint(ck).state.iteration >= 2);  // whole, with its CRCs
+  CHECK(blpa::read_checkpoint(ck).state.iteration >= 1);  // whole (CRCs checked): 1 or 2, whichever was written
   remove_tree(dir);
 }
 

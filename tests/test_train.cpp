@@ -342,7 +342,8 @@ TEST_CASE("train: blpa-eval scores a Fashion-MNIST checkpoint as the trainer's e
 
 TEST_CASE("bench: step --profile reports where a step's time went and --trace writes Chrome traces", "[bench]") {
   const auto dir = temp_dir("bench");
-  const std::string out = (dir / "step.jsonl").string(), trace = (dir / "t").string();
+  // The trace's folder does not exist yet: it is made, as mkdir -p.
+  const std::string out = (dir / "step.jsonl").string(), trace = (dir / "traces" / "t").string();
   const std::string cmd = std::string(BLPA_BENCH_EXE) +
                           " step --model cifar:11 --batch 2 --size 8 --mode plain,blpa-4 --steps 1 --warmup 0 "
                           "--threads 1 --profile 3 --trace " + trace + " --json > " + out + " 2>/dev/null";
@@ -374,6 +375,13 @@ TEST_CASE("bench: step --profile reports where a step's time went and --trace wr
     CHECK(json.find("\"traceEvents\"") != std::string::npos);
   }
   CHECK(::system((std::string(BLPA_BENCH_EXE) + " step --trace " + trace + " >/dev/null 2>&1").c_str()) != 0);
+  // A generated ImageNet tree goes into a new or empty folder only, not into a data set.
+  const auto cmd_tree = [&](const std::string& d) {
+    return ::system((std::string(BLPA_BENCH_EXE) + " data --write-tree " + d + " --images 2 >/dev/null 2>&1").c_str());
+  };
+  CHECK(cmd_tree((dir / "tree").string()) == 0);
+  CHECK(fs::exists(dir / "tree" / "val" / "n00000001" / "val_00001.JPEG"));
+  CHECK(WEXITSTATUS(cmd_tree((dir / "tree").string())) == 2);
   remove_tree(dir);
 }
 
