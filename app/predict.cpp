@@ -416,7 +416,9 @@ int main(int argc, char** argv) {
         continue;
       }
       const size_t before = inputs.size();
-      add_folder(p, inputs);
+      std::string folder = p;  // "photos/" lists photos/a.JPEG, not photos//a.JPEG
+      while (folder.size() > 1 && folder.back() == '/') folder.pop_back();
+      add_folder(folder, inputs);
       if (inputs.size() == before) std::cerr << "blpa-predict: warning: " << p << ": no .jpg/.jpeg files\n";
     }
     if (!o.list.empty()) add_list(o.list, inputs);

@@ -174,7 +174,7 @@ Decoded decode_checked(const uint8_t* data, size_t size, int min_short_side) {
 // `status` too_large for a file above kMaxJpegBytes (refused before anything is allocated).
 // Only regular files: O_NONBLOCK, so that opening a named pipe does not wait for a writer.
 bool read_file(const std::string& path, std::vector<uint8_t>& bytes, std::string& error, DecodeStatus& status) {
-  status = DecodeStatus::corrupt;
+  status = DecodeStatus::unreadable;
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   struct stat st {};
   bool ok = fd >= 0 && ::fstat(fd, &st) == 0;
@@ -226,6 +226,7 @@ const char* to_string(DecodeStatus s) {
     case DecodeStatus::corrupt: return "corrupt";
     case DecodeStatus::truncated: return "truncated";
     case DecodeStatus::too_large: return "too_large";
+    case DecodeStatus::unreadable: return "unreadable";
   }
   return "unknown";
 }

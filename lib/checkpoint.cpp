@@ -254,6 +254,9 @@ Checkpoint read_checkpoint(const std::string& path) {
     c.archive->load_from(path, torch::kCPU);  // whatever device wrote it
   } catch (const c10::Error& e) {
     std::string why = e.what_without_backtrace();
+    if (why.find("constants.pkl") != std::string::npos)  // a zip of pickled tensors, not a blpa archive
+      throw CheckpointError(path + " is not a blpa-train checkpoint (a torch.save file, such as blpa-train --export "
+                                   "writes for Python? give the file --checkpoint wrote)");
     throw CheckpointError(path + " cannot be read (" + why.substr(0, why.find(". ")) + ")");
   } catch (const std::exception& e) {  // TorchScript's unpickler throws its own errors too (a bad type name)
     std::string why = e.what();

@@ -96,6 +96,10 @@ at::MemoryFormat default_layout(const torch::Device& device, Precision p) {
 }
 
 Numerics numerics_for(const std::string& precision, const std::string& memory_format, const torch::Device& device) {
+  if (precision != "auto" && precision != "fp32" && precision != "tf32" && precision != "bf16")
+    throw std::invalid_argument("--precision must be fp32, tf32, bf16 or auto, got '" + precision + "'");
+  if (memory_format != "auto" && memory_format != "nchw" && memory_format != "nhwc")
+    throw std::invalid_argument("--memory-format must be nchw, nhwc or auto, got '" + memory_format + "'");
   Numerics n;
   n.precision = precision == "auto" ? default_precision(device) : parse_precision(precision);
   if (n.precision == Precision::tf32 && !device.is_cuda())

@@ -19,7 +19,8 @@ struct Image {
   std::vector<uint8_t> rgb;  // width * height * 3
 };
 
-enum class DecodeStatus { ok, empty, not_jpeg, png, corrupt, truncated, too_large };
+// unreadable: the file could not be read (missing, a folder, no permission), before decoding.
+enum class DecodeStatus { ok, empty, not_jpeg, png, corrupt, truncated, too_large, unreadable };
 const char* to_string(DecodeStatus s);
 
 // Decoding refuses JPEGs whose own (unscaled) size is above this many pixels, before
