@@ -111,21 +111,28 @@ std::string cache_path(const std::string& cache_dir, const std::string& dir, con
 
 constexpr const char* kIndexMagic = "blpa-image-index 1";
 
-void write_cache(const std::string& path, const ImageList& list) {
+// A cache that cannot be written is not an error (the next run scans again); returns why not,
+// or "" when it was written.
+std::string write_cache(const std::string& path, const ImageList& list) {
   for (const auto& p : list.paths)
-    if (p.find('\n') != std::string::npos) return;  // a file name with a newline: no index line can hold it
+    if (p.find('\n') != std::string::npos) return "";  // a file name with a newline: no index line can hold it
   const std::string tmp = path + ".tmp" + std::to_string(::getpid());
   {
     std::ofstream out(tmp);
-    if (!out) return;  // a cache that cannot be written is not an error
+    if (!out) return path + ": cannot be written (" + os_error(errno) + ")";
     out << kIndexMagic << '\n' << list.num_classes << ' ' << list.size() << '\n';
     for (int64_t i = 0; i < list.size(); ++i) out << list.labels[i] << '\t' << list.paths[i] << '\n';
     if (!out) {
       std::remove(tmp.c_str());
-      return;
+      return path + ": cannot be written";
     }
   }
-  std::rename(tmp.c_str(), path.c_str());
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const std::string why = os_error(errno);
+    std::remove(tmp.c_str());
+    return path + ": cannot be written (" + why + ")";
+  }
+  return "";
 }
 
 }  // namespace
@@ -248,7 +255,7 @@ ImageList scan_image_folder(const std::string& dir, const std::string& cache_dir
     for (size_t slash = 1; slash != std::string::npos; slash = cache_dir.find('/', slash + 1))
       ::mkdir(cache_dir.substr(0, slash).c_str(), 0755);  // mkdir -p; failures show as a missing cache
     ::mkdir(cache_dir.c_str(), 0755);
-    write_cache(cache, out);
+    r.cache_unwritten = write_cache(cache, out);
   }
   return out;
 }
@@ -306,6 +313,9 @@ ImageNetSplits load_imagenet(const std::string& root, const std::string& cache_d
     *list = scan_image_folder(root + "/" + name, cache_dir, threads, &r);
     if (!r.cache_refused.empty())
       std::fprintf(stderr, "warning: %s; the folder was scanned again\n", r.cache_refused.c_str());
+    if (!r.cache_unwritten.empty())
+      std::fprintf(stderr, "warning: the scanned list of %s/%s is not cached (%s): the next run scans it again\n",
+                   root.c_str(), name, r.cache_unwritten.c_str());
     if (!r.empty_classes.empty())
       std::fprintf(stderr, "warning: %s/%s: %zu empty class folders (first: %s)\n", root.c_str(), name,
                    r.empty_classes.size(), r.empty_classes[0].c_str());

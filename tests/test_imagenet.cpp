@@ -152,6 +152,14 @@ TEST_CASE("imagenet: labels from list files are bounded and the index cache cann
   scan_image_folder(train.string(), cache.string(), 1, &r);  // the scan rewrote the cache
   CHECK(r.from_cache);
   CHECK(r.cache_refused.empty());
+  CHECK(r.cache_unwritten.empty());
+  // A cache folder that cannot take the index (here a file stands where it should be): the
+  // scan works, and the report says why nothing was cached.
+  std::ofstream(root / "not-a-folder") << "x";
+  scan_image_folder(train.string(), (root / "not-a-folder").string(), 1, &r);
+  CHECK_FALSE(r.from_cache);
+  CHECK_THAT(r.cache_unwritten, Catch::Contains((root / "not-a-folder").string() + "/image-index-") &&
+                                    Catch::Contains(": cannot be written (Not a directory)"));
 
   // What the parser takes: only "<label>\t<class of the label>/<image file name>".
   const std::vector<std::string> classes = {"n01", "n02"};

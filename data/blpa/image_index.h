@@ -38,6 +38,7 @@ struct ScanReport {
   std::vector<std::string> empty_classes;  // class folders without images (still numbered)
   bool from_cache = false;
   std::string cache_refused;               // the cached index found and not used, and why ("": none)
+  std::string cache_unwritten;             // the index could not be cached, and why ("": it was, or no cache)
 };
 
 // Scans <dir>/<class>/* for .JPEG/.jpeg/.jpg files, one thread per class folder (`threads`
