@@ -401,7 +401,7 @@ TEST_CASE("jpeg: foreign and empty data get their own status", "[jpeg]") {
   // Every status has its own name, for warnings and counts.
   std::vector<std::string> names;
   for (auto s : {DecodeStatus::ok, DecodeStatus::empty, DecodeStatus::not_jpeg, DecodeStatus::png,
-                 DecodeStatus::corrupt, DecodeStatus::truncated, DecodeStatus::too_large})
+                 DecodeStatus::corrupt, DecodeStatus::truncated, DecodeStatus::too_large, DecodeStatus::unreadable})
     names.push_back(to_string(s));
   std::sort(names.begin(), names.end());
   CHECK(std::unique(names.begin(), names.end()) == names.end());
@@ -431,10 +431,10 @@ TEST_CASE("jpeg: decoding from files", "[jpeg]") {
   CHECK(decode_jpeg_file(dir.write("empty.jpg", {})).status == DecodeStatus::empty);
   const std::string missing = dir.path + "/missing.jpg";
   const Decoded gone = decode_jpeg_file(missing);
-  require_failed(gone, DecodeStatus::corrupt);
+  require_failed(gone, DecodeStatus::unreadable);
   CHECK_THAT(gone.message, Catch::Contains(missing) && Catch::Contains(std::strerror(ENOENT)));
   const Decoded folder = decode_jpeg_file(dir.path);
-  require_failed(folder, DecodeStatus::corrupt);
+  require_failed(folder, DecodeStatus::unreadable);
   CHECK_THAT(folder.message, Catch::Contains(std::strerror(EISDIR)));
 }
 
@@ -451,7 +451,7 @@ TEST_CASE("jpeg: oversized files and special files are refused before they are r
   REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
   dir.files.push_back(fifo);
   const Decoded p = decode_jpeg_file(fifo);
-  require_failed(p, DecodeStatus::corrupt);
+  require_failed(p, DecodeStatus::unreadable);
   CHECK_THAT(p.message, Catch::Contains(fifo) && Catch::Contains("not a regular file"));
 }
 
