@@ -31,14 +31,15 @@ void say(const char* text) {
 // at once during an evaluation); a second one stops at once, without a checkpoint (the user
 // insists), and says so: the last checkpoint written stays as it was.
 extern "C" void on_signal(int sig) {
-  if (g_stop.exchange(true)) {
+  int none = 0;  // the signal is stored before the stop is seen: the main thread names it
+  if (!g_signal.compare_exchange_strong(none, sig)) {
     say("\nblpa-train: stopped at once by a second signal: no checkpoint of the current iteration (the last one "
         "written is kept)\n");
     std::signal(sig, SIG_DFL);
     std::raise(sig);
     return;
   }
-  g_signal.store(sig);
+  g_stop.store(true);
   say(g_checkpointing ? "\nblpa-train: stopping after the current step and writing a checkpoint (a second signal "
                         "stops at once, without one)\n"
                       : "\nblpa-train: stopping after the current step (a second signal stops at once)\n");

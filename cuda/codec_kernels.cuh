@@ -57,7 +57,8 @@ struct Launch {
   target::Stream stream;
 };
 
-// The grid cap: 16 blocks of kThreads per SM, two waves of the 8 an SM holds at once.
+// The grid cap: 16 blocks of kThreads per SM, two to four waves of the 4 to 8 an SM holds at
+// once (pack and unpack are held to 4 by __launch_bounds__).
 int64_t grid_cap(int device) { return int64_t{target::sm_count(device)} * 16; }
 
 // One helper for every launch: empty work returns early, the grid is capped (grid-stride

@@ -115,7 +115,8 @@ constexpr const char* kIndexMagic = "blpa-image-index 1";
 // or "" when it was written.
 std::string write_cache(const std::string& path, const ImageList& list) {
   for (const auto& p : list.paths)
-    if (p.find('\n') != std::string::npos) return "";  // a file name with a newline: no index line can hold it
+    if (p.find('\n') != std::string::npos)  // no index line can hold it
+      return path + ": not written (a file name holds a newline: " + p.substr(0, p.find('\n')) + "...)";
   const std::string tmp = path + ".tmp" + std::to_string(::getpid());
   {
     std::ofstream out(tmp);

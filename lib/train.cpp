@@ -1,6 +1,7 @@
 #include "blpa/train.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
@@ -417,6 +418,12 @@ void TrainConfig::validate() const {
     if (outputs.count(key)) bad(std::string(flag) + " and " + outputs[key] + " name the same file, " + path);
     outputs[key] = flag;
   }
+  // Nor may one be another's lock (PATH.lock) or temporary file (PATH.tmp), which the run
+  // empties and removes.
+  for (const auto& [key, flag] : outputs)
+    for (const char* suffix : {".lock", ".tmp"})
+      if (outputs.count(key + suffix))
+        bad(outputs.at(key + suffix) + " names " + flag + "'s " + suffix + " file, which the run writes and removes");
 }
 
 void TrainConfig::resolve_numerics() {
@@ -605,17 +612,22 @@ class OutputLocks {
     for (;;) {
       // A folder that cannot take the lock file cannot take a checkpoint either: the checks
       // after this one say why, naming the flag.
-      const int fd = ::open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+      int fd = ::open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+      if (fd < 0 && errno == EACCES) fd = ::open(lock.c_str(), O_RDONLY | O_CLOEXEC);  // another user's: flock works
       if (fd < 0) return;
       if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
         const int e = errno;
-        char pid[32] = {};
-        const ssize_t n = ::pread(fd, pid, sizeof pid - 1, 0);
+        char text[32] = {};
+        const ssize_t n = ::pread(fd, text, sizeof text - 1, 0);
         ::close(fd);
+        // The pid its holder wrote, if that process lives (a killed run's stays in the file
+        // until the next run that locks it writes its own).
+        const long pid = n > 0 ? std::strtol(text, nullptr, 10) : 0;
+        const bool alive = pid > 0 && (::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM);
         if (e == EWOULDBLOCK)
-          throw std::runtime_error(fmt::format(
-              "{} {} is in use by another blpa-train{}: wait for it to end, or give another path", flag, path,
-              n > 0 ? fmt::format(" (process {})", std::string(pid, static_cast<size_t>(n))) : std::string()));
+          throw std::runtime_error(fmt::format("{} {} is in use by another blpa-train{}: wait for it to end, or give "
+                                               "another path",
+                                               flag, path, alive ? fmt::format(" (process {})", pid) : std::string()));
         throw std::runtime_error(fmt::format("{} {}: its lock file {} cannot be locked ({})", flag, path, lock,
                                              std::strerror(e)));
       }
@@ -911,7 +923,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   auto window_start = Clock::now() - std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(state.window_seconds));
   double train_seconds = 0;  // training only, without evaluations and checkpoints
   int64_t train_images = 0, stored = 0, peak_max = 0;
-  bool evaluated = false;  // test figures known to this process
+  int64_t eval_iter = -1;  // the iteration of this process's last evaluation (-1: none)
   // The first window's part from before a resume: in its log record, not in this process's
   // train_s and images/s.
   double carried_seconds = state.window_seconds;
@@ -949,17 +961,20 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
     if (config.summary_path.empty() || !lead) return;
     AtomicFile f(config.summary_path);
     const auto [secs, images] = trained(Clock::now());
-    // No evaluation in this process: its figures are unknown (null), not 0 and 100% error.
-    auto test = [&](double v) { return evaluated && std::isfinite(v) ? fmt::format("{:.6f}", v) : std::string("null"); };
+    // The figures of this process's last evaluation (eval_iter); with none they are unknown
+    // (null), not 0 and 100% error.
+    const bool known = eval_iter >= 0;
+    auto test = [&](double v) { return known && std::isfinite(v) ? fmt::format("{:.6f}", v) : std::string("null"); };
     f.write(fmt::format(
         "{{\"type\": \"summary\", \"status\": \"{}\", \"iter\": {}, \"iterations\": {}, \"time\": {:.3f}, "
-        "\"wall_s\": {:.3f}, \"train_s\": {:.3f}, \"last_loss\": {:.6g}, \"test_loss\": {}, \"test_acc\": {}, "
-        "\"test_top5\": {}, \"test_error\": {}, \"images_per_s\": {:.2f}, \"stored_activation_bytes\": {}, "
-        "\"peak_bytes\": {}, \"decode_failures\": {}, \"graphed\": {}, \"config\": {}}}\n",
+        "\"wall_s\": {:.3f}, \"train_s\": {:.3f}, \"last_loss\": {:.6g}, \"eval_iter\": {}, \"test_loss\": {}, "
+        "\"test_acc\": {}, \"test_top5\": {}, \"test_error\": {}, \"images_per_s\": {:.2f}, "
+        "\"stored_activation_bytes\": {}, \"peak_bytes\": {}, \"decode_failures\": {}, \"graphed\": {}, "
+        "\"config\": {}}}\n",
         status, it, config.iterations, unix_time(), unix_time() - start_time, secs, result.last_loss,
-        test(result.test_loss), test(result.test_acc), test(result.test_top5), test(1 - result.test_acc),
-        secs > 0 ? images / secs : 0.0, stored, std::max(peak_max, memory::peak(dev)), decode_errors.count.load(),
-        graphed != nullptr, config.json()));
+        known ? std::to_string(eval_iter) : "null", test(result.test_loss), test(result.test_acc),
+        test(result.test_top5), test(1 - result.test_acc), secs > 0 ? images / secs : 0.0, stored,
+        std::max(peak_max, memory::peak(dev)), decode_errors.count.load(), graphed != nullptr, config.json()));
     f.commit();
   };
   auto evaluate_now = [&] {  // rank 0; returns false when a signal interrupted it
@@ -972,7 +987,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
     result.test_loss = e.loss;
     result.test_acc = e.top1;
     result.test_top5 = e.top5;
-    evaluated = true;
+    eval_iter = it;
     log.write(fmt::format("{{\"type\": \"eval\", \"iter\": {}, \"time\": {:.3f}, \"test_loss\": {:.6g}, "
                           "\"test_acc\": {:.6f}, \"test_top5\": {:.6f}, \"images\": {}, \"failed\": {}}}\n",
                           it, unix_time(), e.loss, e.top1, e.top5, e.count, e.failed));

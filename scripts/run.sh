@@ -15,21 +15,27 @@ out=$here/results
 mkdir -p "$out"
 train=$BLPA_BUILD_DIR/app/blpa-train
 device=(--device "${BLPA_DEVICE:-cpu}")
-# The files are named after the mode (blpa-train's default: blpa, 4 bits) and depth; a --mode,
-# --bits or --depth among the extra arguments renames them.
-mode=blpa bits=4 depth=
+# The files are named after the data set, depth and mode (blpa-train's default: blpa, 4 bits);
+# a --dataset, --preset, --depth, --mode or --bits among the extra arguments renames them.
+mode=blpa bits=4 depth= data=
 prev=
 for a in "$@"; do
-  case $prev in --mode) mode=$a ;; --bits) bits=$a ;; --depth) depth=$a ;; esac
-  case $a in --mode=*) mode=${a#*=} ;; --bits=*) bits=${a#*=} ;; --depth=*) depth=${a#*=} ;; esac
+  case $prev in
+    --mode) mode=$a ;; --bits) bits=$a ;; --depth) depth=$a ;; --dataset) data=$a ;;
+    --preset) data=$a depth=${depth:-152} ;;
+  esac
+  case $a in
+    --mode=*) mode=${a#*=} ;; --bits=*) bits=${a#*=} ;; --depth=*) depth=${a#*=} ;; --dataset=*) data=${a#*=} ;;
+    --preset=*) data=${a#*=} depth=${depth:-152} ;;
+  esac
   prev=$a
 done
 [[ $mode == blpa || $mode == naive ]] && mode=$mode$bits
 if [[ -n ${BLPA_DATA_DIR:-} ]]; then
-  name=cifar-resnet${depth:-164}-$mode
+  name=${data:-cifar}-resnet${depth:-164}-$mode
   args=(--data-dir "$BLPA_DATA_DIR")  # every other flag at its default: the paper's protocol
 else
-  name=fashion-mnist-resnet${depth:-20}-$mode
+  name=${data:-fashion-mnist}-resnet${depth:-20}-$mode
   args=(--depth 20 --batch 64 --iterations 1000 --warmup 100 --lr-steps 600,850 --eval-every 500 --log-every 20)
 fi
 echo "== blpa-train ${args[*]} ${device[*]} $* (log: results/$name.jsonl) ==" >&2

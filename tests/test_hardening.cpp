@@ -5,6 +5,7 @@
 #include <blpa/dataset.h>
 #include <blpa/train.h>
 #include <caffe2/serialize/inline_container.h>
+#include <fcntl.h>
 #include <sys/wait.h>
 #include <fmt/format.h>
 #include <unistd.h>
@@ -81,23 +82,33 @@ pid_t spawn_train(std::vector<std::string> args, const fs::path& out) {
   std::fflush(nullptr);
   const pid_t pid = ::fork();
   if (pid == 0) {
-    std::freopen(out.c_str(), "w", stdout);
-    std::freopen(out.c_str(), "a", stderr);
+    const int fd = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);  // one file for both
+    ::dup2(fd, STDOUT_FILENO);
+    ::dup2(fd, STDERR_FILENO);
     ::execv(BLPA_TRAIN_EXE, argv.data());
     ::_exit(127);
   }
   return pid;
 }
 
+// A spawned run: wait() gives its exit code (128 + N for signal N); a run that a failed
+// assertion left behind is killed (the runs below are long).
+struct Spawned {
+  pid_t pid;
+  int wait() {
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    pid = 0;  // reaped: its number may be another process's now
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+  ~Spawned() {
+    if (pid > 0 && ::kill(pid, SIGKILL) == 0) ::waitpid(pid, nullptr, 0);
+  }
+};
+
 void wait_for_record(const std::string& log, const std::string& text) {
   for (int i = 0; i < 3000 && slurp(log).find(text) == std::string::npos; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
-}
-
-int exit_code(pid_t pid) {
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
 // The number after "key": in a one-line JSON object, or NaN.
@@ -137,6 +148,7 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"--cuda-graphs", "on"}, "--cuda-graphs on needs --device cuda"},
       {{"--dataset", "foo"}, "--dataset must be auto, cifar10, cifar100, cifar100-coarse, fashion-mnist, mnist or "
                              "imagenet, got 'foo'"},
+      {{"--checkpoint", "a.ckpt", "--log", "a.ckpt.lock"}, "--log names --checkpoint's .lock file"},
   };
   for (const auto& [args, message] : cases) {
     // A data folder that does not exist: the flag must be refused before any data is read.
@@ -437,7 +449,7 @@ TEST_CASE("hardening: a run naming a running run's files is refused, and nothing
   if (!have_fashion_mnist()) return;
   const auto dir = temp_dir("lock");
   const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string();
-  const pid_t first = spawn_train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "100000"}), dir / "a.out");
+  Spawned first{spawn_train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "100000"}), dir / "a.out")};
   wait_for_record(log, "\"type\": \"train\", \"iter\": 2,");
   REQUIRE(fs::exists(ck + ".lock"));
   // A fresh run told to replace its files, and a resume of its checkpoint: both refused at
@@ -449,15 +461,15 @@ TEST_CASE("hardening: a run naming a running run's files is refused, and nothing
     CAPTURE(extra, second.output);
     CHECK(second.code == 1);
     CHECK(second.output.find("--checkpoint " + ck + " is in use by another blpa-train (process " +
-                             std::to_string(first) + ")") != std::string::npos);
+                             std::to_string(first.pid) + ")") != std::string::npos);
     check_clean(second);
     CHECK_FALSE(fs::exists(dir / "b.jsonl"));
   }
   const Run log_only = train(small(dir, {"--log", log, "--overwrite"}), dir);
   CHECK(log_only.code == 1);
   CHECK(log_only.output.find("--log " + log + " is in use by another blpa-train") != std::string::npos);
-  ::kill(first, SIGTERM);
-  CHECK(exit_code(first) == 143);
+  ::kill(first.pid, SIGTERM);
+  CHECK(first.wait() == 143);
   CAPTURE(slurp(dir / "a.out"));
   // The first run's log and checkpoint are its own, and its locks are gone.
   CHECK(slurp(log).find("{\"type\": \"config\"") == 0);
@@ -502,14 +514,14 @@ TEST_CASE("hardening: a second signal stops at once and says so, and the checkpo
   const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string();
   // ResNet-56 steps take a while on one thread: both signals arrive during one step, the
   // second before the step ends and the first one's checkpoint is written.
-  const pid_t pid = spawn_train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "1000", "--depth", "56",
-                                            "--checkpoint-every", "1"}),
-                                dir / "run.out");
+  Spawned run{spawn_train(
+      small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "1000", "--depth", "56", "--checkpoint-every", "1"}),
+      dir / "run.out")};
   wait_for_record(log, "\"type\": \"train\", \"iter\": 2,");
-  ::kill(pid, SIGINT);
+  ::kill(run.pid, SIGINT);
   std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  ::kill(pid, SIGINT);
-  const int code = exit_code(pid);
+  ::kill(run.pid, SIGINT);
+  const int code = run.wait();
   const std::string out = slurp(dir / "run.out");
   CAPTURE(out);
   CHECK(code == 130);
@@ -531,24 +543,25 @@ TEST_CASE("hardening: --summary writes one JSON object with the status and final
   CHECK(json.find("{\"type\": \"summary\", \"status\": \"done\", \"iter\": 4, \"iterations\": 4") == 0);
   CHECK(json.find("\"test_acc\": ") != std::string::npos);
   CHECK(json.find("\"mode\": \"plain\"") != std::string::npos);
+  CHECK(json.find("\"eval_iter\": 4, ") != std::string::npos);
   CHECK(number_field(json, "images_per_s") > 0);
   CHECK(number_field(json, "train_s") <= number_field(json, "wall_s"));
   const Run d = train(small(dir, {"--summary", s, "--overwrite", "--lr", "1e30", "--iterations", "50"}), dir);
   CHECK(d.code == 3);
   CHECK(slurp(s).find("\"status\": \"diverged\"") != std::string::npos);
   // No evaluation ran: the test figures are unknown, not 0 and 100% error.
-  CHECK(slurp(s).find("\"test_loss\": null, \"test_acc\": null, \"test_top5\": null, \"test_error\": null") !=
-        std::string::npos);
+  CHECK(slurp(s).find("\"eval_iter\": null, \"test_loss\": null, \"test_acc\": null, \"test_top5\": null, "
+                      "\"test_error\": null") != std::string::npos);
 
   // Interrupted before its first log record: this process's time, images/s and peak still
   // count; then resumed, its own time is within its wall time.
   const std::string ck = (dir / "a.ckpt").string();
-  const pid_t pid = spawn_train(small(dir, {"--summary", s, "--overwrite", "--checkpoint", ck, "--iterations", "100000",
-                                            "--log-every", "1000", "--checkpoint-every", "3"}),
-                                dir / "run.out");
+  Spawned run{spawn_train(small(dir, {"--summary", s, "--overwrite", "--checkpoint", ck, "--iterations", "100000",
+                                      "--log-every", "1000", "--checkpoint-every", "3"}),
+                          dir / "run.out")};
   for (int i = 0; i < 3000 && !fs::exists(ck); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  ::kill(pid, SIGTERM);
-  CHECK(exit_code(pid) == 143);
+  ::kill(run.pid, SIGTERM);
+  CHECK(run.wait() == 143);
   const std::string cut = slurp(s);
   CAPTURE(cut);
   CHECK(cut.find("\"status\": \"interrupted\"") != std::string::npos);

@@ -63,7 +63,7 @@ struct Decoded {
 Decoded decode_jpeg(const uint8_t* data, size_t size, int min_short_side = 0) noexcept;
 
 // Reads the file and decodes it. An unreadable file, or anything but a regular file, gets
-// status corrupt with the path and the reason in message; a file above kMaxJpegBytes
+// status unreadable with the path and the reason in message; a file above kMaxJpegBytes
 // too_large. Never throws.
 Decoded decode_jpeg_file(const std::string& path, int min_short_side = 0) noexcept;
 
