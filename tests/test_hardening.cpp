@@ -485,7 +485,7 @@ TEST_CASE("hardening: a run naming a running run's files is refused, and nothing
   remove_tree(dir);
 }
 
-TEST_CASE("hardening: bad input found in loading keeps --overwrite's files, and eval refuses ImageNet-only flags", "[hardening]") {
+TEST_CASE("hardening: bad input found in loading keeps old files, and eval refuses ImageNet-only flags", "[hardening]") {
   if (!have_fashion_mnist()) return;
   const auto dir = temp_dir("late-input");
   const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string();
