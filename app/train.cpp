@@ -86,10 +86,11 @@ int main(int argc, char** argv) {
       return 128 + sig;
     }
     if (c.dist.rank == 0)
-      spdlog::info("done: {} iterations, last training loss {:.4f}, test loss {:.4f}, test error {:.2f}% (top-5 {:.2f}%)",
+      spdlog::info("done: {} iterations, loss of the last iteration {:.4f}, test loss {:.4f}, test error {:.2f}% "
+                   "(top-5 {:.2f}%)",
                    r.iteration, r.last_loss, r.test_loss, 100 * (1 - r.test_acc), 100 * (1 - r.test_top5));
     else
-      spdlog::info("done: {} iterations, last training loss {:.4f} (rank {}; rank 0 evaluates)", r.iteration,
+      spdlog::info("done: {} iterations, loss of the last iteration {:.4f} (rank {}; rank 0 evaluates)", r.iteration,
                    r.last_loss, c.dist.rank);
     return 0;
   } catch (const blpa::FlagError& e) {

@@ -746,21 +746,29 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   if (config.workers == 0) config.workers = default_workers(config.dataset, config.dist.local_world);
   const bool lead = config.dist.rank == 0;  // writes the log, the checkpoints and the outputs
   OutputLocks locks;  // released last, after the final checkpoint, export and summary
-  if (lead) prepare_outputs(config, locks);
-  else if (config.resume && !fs::exists(config.checkpoint))
-    throw FlagError("--resume: checkpoint " + config.checkpoint + " does not exist on rank " +
-                    std::to_string(config.dist.rank));
-  // The checkpoint's header first: a run that cannot resume fails before the data loads.
   std::optional<Checkpoint> resumed;
   RunState state;
-  if (config.resume) {
-    resumed = read_checkpoint(config.checkpoint);
-    compare_with_checkpoint(*resumed, config);
-    if (lead && !config.log_path.empty()) check_log_is_this_runs(config.log_path, config);
-    state = resumed->state;
-    if (state.iteration >= config.iterations && !state.pending_eval)
-      throw FlagError(fmt::format("checkpoint {} is at iteration {}: --iterations {} leaves nothing to train",
-                                  config.checkpoint, state.iteration, config.iterations));
+  // With several ranks, a rank that cannot start (its outputs, its checkpoint) says so to the
+  // others at the rendezvous below, instead of leaving them waiting there for --dist-timeout.
+  std::exception_ptr refused;
+  try {
+    if (lead) prepare_outputs(config, locks);
+    else if (config.resume && !fs::exists(config.checkpoint))
+      throw FlagError("--resume: checkpoint " + config.checkpoint + " does not exist on rank " +
+                      std::to_string(config.dist.rank));
+    // The checkpoint's header first: a run that cannot resume fails before the data loads.
+    if (config.resume) {
+      resumed = read_checkpoint(config.checkpoint);
+      compare_with_checkpoint(*resumed, config);
+      if (lead && !config.log_path.empty()) check_log_is_this_runs(config.log_path, config);
+      state = resumed->state;
+      if (state.iteration >= config.iterations && !state.pending_eval)
+        throw FlagError(fmt::format("checkpoint {} is at iteration {}: --iterations {} leaves nothing to train",
+                                    config.checkpoint, state.iteration, config.iterations));
+    }
+  } catch (const std::exception&) {
+    if (!config.dist.enabled()) throw;
+    refused = std::current_exception();
   }
   if (config.threads > 0) torch::set_num_threads(config.threads);
   memory::install_cpu_counter();
@@ -768,6 +776,20 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   if (config.dist.enabled()) {
     const std::string backend = config.dist.backend != "auto" ? config.dist.backend : dev.is_cuda() ? "nccl" : "gloo";
     dist = std::make_unique<Distributed>(config.dist, backend);
+    std::string why;
+    if (refused) {
+      try {
+        std::rethrow_exception(refused);
+      } catch (const std::exception& e) {
+        why = error_message(e);
+      }
+    }
+    const auto all = dist->all_gather(why.empty() ? "" : "x" + why);  // "": this rank can start
+    if (refused) std::rethrow_exception(refused);
+    for (size_t r = 0; r < all.size(); ++r)
+      if (!all[r].empty())
+        throw std::runtime_error(fmt::format("rank {} of {}: rank {} cannot start, so no rank trains ({})",
+                                             config.dist.rank, config.dist.world, r, all[r].substr(1)));
     agree_across_ranks(*dist, config.rank_agreement() + fmt::format(" start={}", state.iteration));
     spdlog::info("rank {} of {} ({}, {} backend), batch {} per rank, {} in all", config.dist.rank, config.dist.world,
                  dev.str(), dist->backend(), config.batch, config.batch * config.dist.world);

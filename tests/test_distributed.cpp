@@ -303,6 +303,25 @@ TEST_CASE("distributed: a 2-rank run resumed from its checkpoint continues ident
   remove_tree(dir);
 }
 
+TEST_CASE("distributed: a rank that cannot start stops the others at once, naming why", "[distributed][train]") {
+  if (!have_fashion_mnist()) return;
+  const fs::path dir = fresh_dir("refused");
+  REQUIRE(train_pair(dir, free_port(23), {"--iterations", "2"}, "first") == std::pair{0, 0});
+  // The same command again: rank 0 refuses to replace the first run's checkpoint. Rank 1 used
+  // to wait for it at the rendezvous until --dist-timeout (60 s here, 600 by default).
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto codes = train_pair(dir, free_port(24), {"--iterations", "2"}, "again");
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const std::string out0 = slurp(dir / "again-0.out"), out1 = slurp(dir / "again-1.out");
+  CAPTURE(out0, out1, secs);
+  CHECK(codes == std::pair{2, 1});
+  CHECK(out0.find("already exists: continue that run with --resume") != std::string::npos);
+  CHECK(out1.find("rank 1 of 2: rank 0 cannot start, so no rank trains (--checkpoint " + (dir / "ck.pt").string() +
+                  " already exists") != std::string::npos);
+  CHECK(secs < 45);
+  remove_tree(dir);
+}
+
 TEST_CASE("distributed: when a rank dies the other stops with an error instead of hanging", "[distributed][train]") {
   if (!have_fashion_mnist()) return;
   const fs::path dir = fresh_dir("kill");
