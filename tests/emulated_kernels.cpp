@@ -113,6 +113,7 @@ __global__ void last_lane_exits_kernel(double* out) {
 
 __global__ void misaligned_kernel(const unsigned char* p, uint32_t* out) { *out = target::load<uint32_t>(p + 1); }
 
+#if !defined(__SANITIZE_ADDRESS__)  // its test is not run under AddressSanitizer (below)
 // Recurses in frames of about 1 KiB until they reach `bytes` below `top`; returns their number.
 __attribute__((noinline)) int use_stack(const char* top, size_t bytes) {
   volatile char frame[1024];
@@ -126,6 +127,7 @@ __global__ void stack_kernel(size_t bytes, int* out) {
   volatile char first = 0;
   *out = use_stack(const_cast<const char*>(&first), bytes);
 }
+#endif
 
 }  // namespace
 }  // namespace blpa::emulated
