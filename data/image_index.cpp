@@ -307,22 +307,26 @@ ImageList read_image_list(const std::string& list_file, const std::string& root)
   return out;
 }
 
+void print_scan_warnings(const ScanReport& r, const std::string& dir) {
+  if (!r.cache_refused.empty())
+    std::fprintf(stderr, "warning: %s; the folder was scanned again\n", r.cache_refused.c_str());
+  if (!r.cache_unwritten.empty())
+    std::fprintf(stderr, "warning: the scanned list of %s is not cached (%s): the next run scans it again\n",
+                 dir.c_str(), r.cache_unwritten.c_str());
+  if (!r.empty_classes.empty())
+    std::fprintf(stderr, "warning: %s: %zu empty class folders (first: %s)\n", dir.c_str(), r.empty_classes.size(),
+                 r.empty_classes[0].c_str());
+  if (!r.unreadable.empty())
+    std::fprintf(stderr, "warning: %s: %zu unreadable images left out (first: %s)\n", dir.c_str(),
+                 r.unreadable.size(), r.unreadable[0].c_str());
+}
+
 ImageNetSplits load_imagenet(const std::string& root, const std::string& cache_dir, int threads) {
   ImageNetSplits s;
   for (auto [name, list] : {std::pair{"train", &s.train}, std::pair{"val", &s.val}}) {
     ScanReport r;
     *list = scan_image_folder(root + "/" + name, cache_dir, threads, &r);
-    if (!r.cache_refused.empty())
-      std::fprintf(stderr, "warning: %s; the folder was scanned again\n", r.cache_refused.c_str());
-    if (!r.cache_unwritten.empty())
-      std::fprintf(stderr, "warning: the scanned list of %s/%s is not cached (%s): the next run scans it again\n",
-                   root.c_str(), name, r.cache_unwritten.c_str());
-    if (!r.empty_classes.empty())
-      std::fprintf(stderr, "warning: %s/%s: %zu empty class folders (first: %s)\n", root.c_str(), name,
-                   r.empty_classes.size(), r.empty_classes[0].c_str());
-    if (!r.unreadable.empty())
-      std::fprintf(stderr, "warning: %s/%s: %zu unreadable images left out (first: %s)\n", root.c_str(), name,
-                   r.unreadable.size(), r.unreadable[0].c_str());
+    print_scan_warnings(r, root + "/" + name);
   }
   if (s.train.classes != s.val.classes) {
     std::string first;

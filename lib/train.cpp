@@ -257,13 +257,7 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e) {
     data::ImageList val = !e.val_list.empty() ? data::read_image_list(e.val_list, e.data_dir)
                           : !kv["val_list"].empty() ? data::read_image_list(kv["val_list"], kv["data_dir"])
                           : data::scan_image_folder(dir + "/val", e.index_cache, std::max(4, e.options.workers), &report);
-    if (!report.cache_refused.empty()) spdlog::warn("{}; the folder was scanned again", report.cache_refused);
-    if (!report.cache_unwritten.empty())
-      spdlog::warn("the scanned list of {}/val is not cached ({}): the next run scans it again", dir,
-                   report.cache_unwritten);
-    if (!report.unreadable.empty())
-      spdlog::warn("{}/val: {} unreadable images left out (first: {})", dir, report.unreadable.size(),
-                   report.unreadable[0]);
+    data::print_scan_warnings(report, dir + "/val");  // as blpa-train's scan
     if (val.num_classes > ck.net.num_classes)
       throw std::runtime_error("the validation labels go up to " + std::to_string(val.num_classes - 1) +
                                "; the network has " + std::to_string(ck.net.num_classes) + " classes");

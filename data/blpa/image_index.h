@@ -47,6 +47,9 @@ struct ScanReport {
 // removing or renaming images in any class invalidates it. Throws when `dir` has no class
 // folders, more than kMaxClasses, or no images at all.
 ImageList scan_image_folder(const std::string& dir, const std::string& cache_dir, int threads, ScanReport* report);
+// Prints the report's warnings on stderr (a refused or unwritten cache, empty class folders,
+// unreadable images), naming `dir`, the folder scanned.
+void print_scan_warnings(const ScanReport& r, const std::string& dir);
 
 // A list file: one "relative/path,label" per line (blank lines and lines starting with '#'
 // ignored), labels in [0, kMaxClasses). Throws with the file and line number on a malformed
