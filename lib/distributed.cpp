@@ -68,16 +68,30 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend)
   so.isServer = config.rank == 0;
   so.numWorkers = config.world;
   so.timeout = config.timeout;
+  const std::string who = "rank " + std::to_string(config.rank) + " of " + std::to_string(config.world);
+  const std::string where = config.master_addr + ":" + std::to_string(config.master_port);
+  const std::string hint = "; give each run its own --master-port (or MASTER_PORT)";
   try {
     impl_->store = c10::make_intrusive<c10d::TCPStore>(config.master_addr, so);
   } catch (const std::exception& e) {
     const auto* c = dynamic_cast<const c10::Error*>(&e);
     std::string why = c ? c->what_without_backtrace() : e.what();
     why = why.substr(0, why.find('\n'));
-    throw std::runtime_error("rank " + std::to_string(config.rank) + " of " + std::to_string(config.world) +
-                             ": no rendezvous at " + config.master_addr + ":" + std::to_string(config.master_port) +
-                             " within " + std::to_string(config.timeout.count() / 1000) + " s (" + why + ")");
+    // Rank 0 fails at once when it cannot listen; the others wait for it up to the timeout.
+    if (so.isServer)
+      throw std::runtime_error(who + ": cannot open the rendezvous on port " + std::to_string(config.master_port) +
+                               " (" + why + ")" + (why.find("EADDRINUSE") != std::string::npos
+                                                        ? ": another run may be using that port" + hint
+                                                        : std::string()));
+    throw std::runtime_error(who + ": no rendezvous at " + where + " within " +
+                             std::to_string(config.timeout.count() / 1000) + " s (" + why + ")");
   }
+  // Two runs at one port (both left at the default): the second's rank 0 cannot listen, and its
+  // other ranks join the first run's store, where they used to wait for a collective's timeout
+  // and then fail with Gloo's words. Each rank counts itself in, so one rank too many knows.
+  if (impl_->store->add("blpa/ranks", 1) > config.world)
+    throw std::runtime_error(who + ": more than this run's " + std::to_string(config.world) +
+                             " ranks joined the rendezvous at " + where + ": another run is using that port" + hint);
   if (backend == "gloo") {
     auto o = c10d::ProcessGroupGloo::Options::create(config.timeout);
     // GLOO_SOCKET_IFNAME picks the network interface, as in PyTorch; else the host's address.

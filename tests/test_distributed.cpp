@@ -142,6 +142,42 @@ TEST_CASE("distributed: the averaged gradient equals the mean of the shards' gra
   }
 }
 
+// Two runs left at the default port: the second's rank 0 cannot listen, and its rank 1 joined
+// the first run's store, where it waited for a collective's timeout (600 s by default) and then
+// failed with Gloo's "Timed out waiting ... for send operation".
+TEST_CASE("distributed: a run started at a port another run uses fails at once and names the port", "[distributed]") {
+  const int port = free_port(12);
+  std::string second_rank0, second_rank1;
+  double secs = 0;
+  std::vector<std::string> after;
+  run_ranks(2, [&](int rank) {
+    Distributed d(two_ranks(rank, port), "gloo");
+    d.all_gather("joined");
+    if (rank == 0) {
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int r : {0, 1}) {
+        try {
+          Distributed intruder(two_ranks(r, port), "gloo");
+        } catch (const std::exception& e) {
+          (r == 0 ? second_rank0 : second_rank1) = e.what();
+        }
+      }
+      secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    const auto all = d.all_gather("still " + std::to_string(rank));  // the first run is unharmed
+    if (rank == 0) after = all;
+  });
+  CAPTURE(second_rank0, second_rank1, secs);
+  const std::string p = std::to_string(port);
+  CHECK(second_rank0.find("rank 0 of 2: cannot open the rendezvous on port " + p) != std::string::npos);
+  CHECK(second_rank0.find("another run may be using that port; give each run its own --master-port") !=
+        std::string::npos);
+  CHECK(second_rank1.find("rank 1 of 2: more than this run's 2 ranks joined the rendezvous at 127.0.0.1:" + p +
+                          ": another run is using that port") != std::string::npos);
+  CHECK(secs < 30);  // the timeout is 60 s
+  CHECK(after == std::vector<std::string>{"still 0", "still 1"});
+}
+
 // NCCL needs a GPU per rank; one rank on one GPU still runs NCCL's communicator, its
 // collectives and the reducer's buckets on CUDA tensors.
 TEST_CASE("CUDA: NCCL with one rank sums, broadcasts and reduces gradients on the GPU", "[distributed][cuda]") {
