@@ -62,8 +62,13 @@ int main(int argc, char** argv) {
   }
   const blpa::TrainConfig& c = cmd.config;
   if (cmd.print_config) {
-    std::cout << blpa::printed_config(c) << std::flush;
-    return 0;
+    try {
+      std::cout << blpa::printed_config(c) << std::flush;
+      return 0;
+    } catch (const std::exception& e) {
+      std::cerr << "blpa-train: " << blpa::error_message(e) << "\n";
+      return dynamic_cast<const blpa::FlagError*>(&e) ? 2 : 1;
+    }
   }
 
   g_checkpointing = !c.checkpoint.empty();

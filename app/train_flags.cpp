@@ -1,5 +1,8 @@
 #include "train_flags.h"
 
+#include <ATen/Parallel.h>
+#include <blpa/dataset.h>
+
 #include <fmt/format.h>
 
 #include <cstdlib>
@@ -79,7 +82,7 @@ cxxopts::Options make_options() {
     ("export", "At the end, write the weights as a state dict that Python loads with torch.load", cxxopts::value<S>())
     ("summary", "When the run ends (done, interrupted or diverged), write one JSON object: status, final figures, configuration", cxxopts::value<S>())
     ("quiet", "No progress line")
-    ("print-config", "Print the resolved configuration (presets, defaults, environment) and exit")
+    ("print-config", "Print the configuration this command line runs, every default and auto resolved (the data set found in --data-dir, workers, threads, precision, layout), as the log's key=value lines, and exit")
     ("h,help", "This help");
   opts.add_options("Distributed")
     ("rank", "This process's rank (default: $RANK, else 0)", cxxopts::value<S>())
@@ -199,7 +202,13 @@ TrainCommand parse_train_command(int argc, const char* const* argv) {
   return cmd;
 }
 
-std::string printed_config(const TrainConfig& c) {
+std::string printed_config(const TrainConfig& given) {
+  // What the run would use: every auto resolved as train() resolves it, the default data
+  // folder named, and LibTorch's thread count for --threads 0 (the log records 0).
+  TrainConfig c = given;
+  c.resolve();
+  if (c.data_dir.empty() && c.train_list.empty()) c.data_dir = data::kDebianFashionMnist;
+  if (c.threads == 0) c.threads = at::get_num_threads();
   return c.describe() + fmt::format("rank={}\nworld_size={}\nmaster={}:{}\n", c.dist.rank, c.dist.world,
                                     c.dist.master_addr, c.dist.master_port);
 }

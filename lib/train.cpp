@@ -420,6 +420,16 @@ void TrainConfig::validate() const {
         bad(outputs.at(key + suffix) + " names " + flag + "'s " + suffix + " file, which the run writes and removes");
 }
 
+void TrainConfig::resolve() {
+  dataset = resolve_dataset(*this);
+  torch::Device dev(device);
+  if (dev.is_cuda() && dist.enabled() && !dev.has_index())
+    dev = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist.local_rank));
+  device = dev.str();
+  resolve_numerics();
+  if (workers == 0) workers = default_workers(dataset, dist.local_world);
+}
+
 void TrainConfig::resolve_numerics() {
   const Numerics n = numerics_for(precision, memory_format, torch::Device(device));
   precision = to_string(n.precision);
@@ -726,18 +736,13 @@ void agree_across_ranks(Distributed& dist, const std::string& mine) {
 TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   TrainConfig config = config_in;
   config.validate();
-  config.dataset = resolve_dataset(config);
-  const std::string dir = config.data_dir.empty() ? std::string(data::kDebianFashionMnist) : config.data_dir;
-  torch::Device dev(config.device);
-  if (dev.is_cuda() && !torch::cuda::is_available()) throw FlagError("--device " + config.device + ": this machine has no CUDA device");
-  if (dev.is_cuda() && dev.has_index() && dev.index() >= static_cast<int>(torch::cuda::device_count()))
-    throw FlagError(fmt::format("--device {}: this machine has {} CUDA device(s)", config.device, torch::cuda::device_count()));
-  if (dev.is_cuda() && config.dist.enabled() && !dev.has_index())
-    dev = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(config.dist.local_rank));
-  config.device = dev.str();
-  config.resolve_numerics();
   // Resolved before --resume compares the settings: `auto` is not a change.
-  if (config.workers == 0) config.workers = default_workers(config.dataset, config.dist.local_world);
+  config.resolve();
+  const std::string dir = config.data_dir.empty() ? std::string(data::kDebianFashionMnist) : config.data_dir;
+  const torch::Device dev(config.device);
+  if (dev.is_cuda() && !torch::cuda::is_available()) throw FlagError("--device " + config.device + ": this machine has no CUDA device");
+  if (dev.is_cuda() && dev.index() >= static_cast<int>(torch::cuda::device_count()))
+    throw FlagError(fmt::format("--device {}: this machine has {} CUDA device(s)", config.device, torch::cuda::device_count()));
   const bool lead = config.dist.rank == 0;  // writes the log, the checkpoints and the outputs
   OutputLocks locks;  // released last, after the final checkpoint, export and summary
   std::optional<Checkpoint> resumed;

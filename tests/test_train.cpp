@@ -294,13 +294,13 @@ TEST_CASE("train: --preset imagenet sets the paper's protocol and explicit flags
     std::ifstream f(out);
     return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
   };
-  const std::string p = config("--preset imagenet");
+  const std::string p = config("--preset imagenet --data-dir /data/imagenet");
   const std::string mode = "mode=" + blpa::ModeConfig{blpa::Mode::blpa, 4}.str() + "\n";  // the default window
   for (const char* kv : {"dataset=imagenet\n", "arch=imagenet\n", "depth=152\n", "batch=256\n",
                                 "iterations=640000\n", "lr=0.1\n", "warmup=0\n", "steps=160000,320000,480000\n",
                                 "weight_decay=0.0001\n", mode.c_str()})
     CHECK(p.find(kv) != std::string::npos);
-  const std::string o = config("--preset imagenet --batch 64 --accum-steps 2 --depth 50");
+  const std::string o = config("--preset imagenet --data-dir /data/imagenet --batch 64 --accum-steps 2 --depth 50");
   CHECK(o.find("batch=64\n") != std::string::npos);
   CHECK(o.find("depth=50\n") != std::string::npos);
   CHECK(o.find("accum_steps=2\n") != std::string::npos);
@@ -308,6 +308,23 @@ TEST_CASE("train: --preset imagenet sets the paper's protocol and explicit flags
   const std::string d = config("");  // the CIFAR protocol
   CHECK(d.find("depth=164\n") != std::string::npos);
   CHECK(d.find("steps=32000,48000\n") != std::string::npos);
+  // What runs, not what was left to auto: the data set and folder, the data threads,
+  // LibTorch's threads, the precision and layout for the device.
+  CHECK(d.find("dataset=fashion-mnist\ndata_dir=" + std::string(blpa::data::kDebianFashionMnist) + "\n") !=
+        std::string::npos);
+  CHECK(d.find("workers=2\n") != std::string::npos);
+  CHECK(d.find("threads=0\n") == std::string::npos);
+  CHECK(d.find("precision=fp32\n") != std::string::npos);
+  CHECK(d.find("=auto\n") == d.find("cuda_graphs=auto\n") + 11);  // only the graphs' auto, decided at capture
+  fs::create_directories(dir / "cifar");
+  std::ofstream(dir / "cifar" / "data_batch_1.bin").put('x');
+  CHECK(config("--data-dir " + (dir / "cifar").string()).find("dataset=cifar10\n") != std::string::npos);
+  // A folder without a data set: the same error the run would give.
+  const std::string empty = "--print-config --data-dir " + (dir / "none").string() + " > " + out + " 2>&1";
+  fs::create_directories(dir / "none");
+  CHECK(std::system((std::string(BLPA_TRAIN_EXE) + " " + empty).c_str()) != 0);
+  CHECK(slurp(out).find("no CIFAR-10 (data_batch_1.bin)") != std::string::npos);
+  CHECK(std::system((std::string(BLPA_TRAIN_EXE) + " --print-config --preset imagenet >/dev/null 2>&1").c_str()) != 0);
   CHECK(::system((std::string(BLPA_TRAIN_EXE) + " --preset nonsense >/dev/null 2>&1").c_str()) != 0);
   CHECK(::system((std::string(BLPA_TRAIN_EXE) + " --batch 10 --accum-steps 3 >/dev/null 2>&1").c_str()) != 0);
   const std::string env_cmd = "RANK=1 WORLD_SIZE=4 MASTER_ADDR=10.0.0.2 MASTER_PORT=29555 " + std::string(BLPA_TRAIN_EXE) +

@@ -79,6 +79,11 @@ struct TrainConfig {
   void validate() const;
   // precision and memory_format with "auto" replaced by what it means on `device`.
   void resolve_numerics();
+  // Every "auto" replaced by what this run will use, as train() does before it starts: the
+  // data set (--data-dir's files looked at), the device's index on a rank, precision and
+  // layout, the data threads. Throws FlagError (or runtime_error for a folder holding no data
+  // set); checks neither the device nor the files further.
+  void resolve();
   // The network's setting (after resolve_numerics).
   Numerics numerics() const;
 };
