@@ -49,7 +49,8 @@ int codec_main(int argc, char** argv) {
       "numel", "Elements in the tensor", cxxopts::value<int64_t>()->default_value("16777216"))(
       "channels", "Channels (dim 1)", cxxopts::value<int64_t>()->default_value("64"))(
       "hw", "Height and width of a plane", cxxopts::value<int64_t>()->default_value("32"))(
-      "dtype", "Activations and gradients: float or bf16", cxxopts::value<std::string>()->default_value("float"))(
+      "precision", "Activations and gradients: fp32 or bf16 (tf32 and auto: fp32; default: fp32)", cxxopts::value<std::string>())(
+      "dtype", "The old name of --precision: float or bf16", cxxopts::value<std::string>())(
       "memory-format", "nchw or nhwc (channels_last)", cxxopts::value<std::string>()->default_value("nchw"))(
       "device", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
       "threads", "CPU threads (0: LibTorch's default)", cxxopts::value<int>()->default_value("0"))(
@@ -69,8 +70,20 @@ int codec_main(int argc, char** argv) {
   if (args.count("window")) format = {bits, args["window"].as<float>(), 0.0f};
   if (numel <= 0 || channels <= 0 || hw <= 0 || numel % (channels * hw * hw) != 0)
     throw std::invalid_argument("--numel must be a positive multiple of --channels x --hw x --hw");
-  const std::string dtype_name = args["dtype"].as<std::string>(), layout = args["memory-format"].as<std::string>();
-  if (dtype_name != "float" && dtype_name != "bf16") throw std::invalid_argument("--dtype must be float or bf16");
+  const std::string layout = args["memory-format"].as<std::string>();
+  std::string precision = args.count("precision") ? args["precision"].as<std::string>() : "fp32";
+  // tf32 as the other programs take it: the codec's arithmetic has no matrix product, so it is fp32's.
+  if (precision == "tf32" || precision == "auto") precision = "fp32";
+  if (precision != "fp32" && precision != "bf16")
+    throw std::invalid_argument("--precision must be fp32, tf32 (the same here) or bf16");
+  if (args.count("dtype")) {
+    const std::string d = args["dtype"].as<std::string>();
+    if (d != "float" && d != "bf16") throw std::invalid_argument("--dtype must be float or bf16");
+    if (args.count("precision") && (d == "bf16") != (precision == "bf16"))
+      throw std::invalid_argument("--dtype " + d + " and --precision " + precision + " disagree");
+    precision = d == "bf16" ? "bf16" : "fp32";
+  }
+  const std::string dtype_name = precision == "bf16" ? "bf16" : "float";  // the JSON's "dtype", as before
   if (layout != "nchw" && layout != "nhwc") throw std::invalid_argument("--memory-format must be nchw or nhwc");
   const auto dtype = dtype_name == "bf16" ? torch::kBFloat16 : torch::kFloat;
   const auto memory_format = layout == "nhwc" ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;

@@ -122,12 +122,13 @@ void add_common(cxxopts::Options& o, const std::string& batch, const std::string
       "size", "Input height/width (0: 32 for cifar, 224 for imagenet)", cxxopts::value<int64_t>()->default_value("0"))(
       "device", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
       "threads", "LibTorch CPU threads (0: its default)", cxxopts::value<int>()->default_value("0"))(
-      "json", "One JSON object per line and mode")("h,help", "This help");
+      "json", "One JSON object per line and mode");
   add_numerics(o);
 }
 
 // Parses; returns false after printing help.
 bool parse_common(cxxopts::Options& o, int argc, char** argv, Common& c, cxxopts::ParseResult& args) {
+  o.add_options()("h,help", "This help");  // here, after the command's own options: --help lists it last
   args = o.parse(argc, argv);
   if (args.count("help")) {
     std::cout << o.help() << std::endl;
@@ -844,8 +845,9 @@ int fidelity_main(int argc, char** argv) {
       "size", "Input height/width of drawn networks", cxxopts::value<int64_t>()->default_value("32"))(
       "seed", "Seed of the data and the drawn parameters", cxxopts::value<uint64_t>()->default_value("0"))(
       "threads", "LibTorch CPU threads (0: its default)", cxxopts::value<int>()->default_value("0"))(
-      "json", "One JSON object per line")("h,help", "This help");
+      "json", "One JSON object per line");
   add_numerics(o);
+  o.add_options()("h,help", "This help");
   auto args = o.parse(argc, argv);
   if (args.count("help")) {
     std::cout << o.help() << std::endl;

@@ -167,8 +167,8 @@ stage step-precision 420 bash -c 'bench step --device cuda --model resnet164 --b
   --memory-format nchw,nhwc --warmup 2 --steps 3 --rounds 2 || exit 1; done'
 stage pytorch-step 300 bash -c 'set -o pipefail; for mb in "resnet164 128" "resnet152 64" "resnet152 128"; do set -- $mb;
   "$BLPA_TORCH_PYTHON" scripts/pytorch-step.py --device cuda --model $1 --batch $2 | tee -a "$bench_log" || exit 1; done'
-stage codec-precision 180 bash -c 'for bits in 8 4; do for dt in float bf16; do for mf in nchw nhwc; do
-  bench codec --device cuda --bits $bits --numel 268435456 --dtype $dt --memory-format $mf || exit 1; done; done; done'
+stage codec-precision 180 bash -c 'for bits in 8 4; do for dt in fp32 bf16; do for mf in nchw nhwc; do
+  bench codec --device cuda --bits $bits --numel 268435456 --precision $dt --memory-format $mf || exit 1; done; done; done'
 stage memory-precision 180 bash -c 'bench memory --device cuda --model resnet152 --batch 64 --mode blpa-4 \
   --precision bf16 --memory-format nhwc'
 # The paper's hardware claim (#19): ResNet-152 at ImageNet's batch 256 on an 11 GB card (the

@@ -402,6 +402,31 @@ TEST_CASE("bench: step --profile reports where a step's time went and --trace wr
   remove_tree(dir);
 }
 
+TEST_CASE("bench: codec takes --precision as the other programs do and --dtype as its old name", "[train]") {
+  const auto dir = temp_dir("bench-codec");
+  const std::string out = (dir / "codec.json").string();
+  const auto codec = [&](const std::string& flags) {
+    const std::string cmd = std::string(BLPA_BENCH_EXE) + " codec --numel 4096 --channels 4 --hw 4 --reps 1 " +
+                            "--threads 1 --json " + flags + " > " + out + " 2>&1";
+    const int status = std::system(cmd.c_str());
+    return std::pair{WEXITSTATUS(status), slurp(out)};
+  };
+  for (const char* flags : {"--precision bf16", "--dtype bf16", "--dtype bf16 --precision bf16"}) {
+    CAPTURE(flags);
+    const auto [rc, text] = codec(flags);
+    CHECK(rc == 0);
+    CHECK(text.find("\"dtype\": \"bf16\"") != std::string::npos);
+  }
+  CHECK(codec("").second.find("\"dtype\": \"float\"") != std::string::npos);
+  for (const char* p : {"fp32", "tf32", "auto"})  // as a sweep passes them to every program
+    CHECK(codec(std::string("--precision ") + p).second.find("\"dtype\": \"float\"") != std::string::npos);
+  const auto [rc, text] = codec("--dtype float --precision bf16");
+  CHECK(rc == 2);
+  CHECK(text.find("--dtype float and --precision bf16 disagree") != std::string::npos);
+  CHECK(codec("--precision fp16").first == 2);
+  remove_tree(dir);
+}
+
 TEST_CASE("train: --workers 0 shares the machine's cores among its LOCAL_WORLD_SIZE processes", "[train]") {
   const int cores = static_cast<int>(std::thread::hardware_concurrency());
   CHECK(blpa::default_workers("imagenet", 1) == std::clamp(cores, 1, 16));
