@@ -27,7 +27,7 @@ int main(int argc, char** argv) {
     ("crop", "ImageNet: crop size", cxxopts::value<std::string>()->default_value("224"))
     ("subset", "Evaluate N test images (0: all; ImageNet: spread over all classes)", cxxopts::value<std::string>()->default_value("0"))
     ("batch", "Images per batch (10-crop: times 10 crops)", cxxopts::value<std::string>()->default_value("50"))
-    ("workers", "Decode threads", cxxopts::value<std::string>()->default_value("4"))
+    ("workers", "JPEG decode threads (0: one per core, 1 to 16, as blpa-train's for ImageNet)", cxxopts::value<std::string>()->default_value("0"))
     ("device", "cpu, cuda or cuda:N", cxxopts::value<std::string>()->default_value("cpu"))
     ("precision", "fp32, tf32 (CUDA only), bf16 or auto (tf32 on CUDA, fp32 on the CPU); as blpa-train's", cxxopts::value<std::string>()->default_value("auto"))
     ("memory-format", "nchw, nhwc or auto; as blpa-train's", cxxopts::value<std::string>()->default_value("auto"))
@@ -72,7 +72,9 @@ int main(int argc, char** argv) {
     numerics = blpa::numerics_for(e.options.precision, e.options.memory_format, torch::Device(e.options.device));
     e.options.progress = a.count("quiet") == 0 && a.count("json") == 0;
     json = a.count("json") > 0;
-    if (e.options.batch <= 0 || e.options.workers <= 0) throw std::invalid_argument("--batch and --workers must be positive");
+    if (e.options.batch <= 0 || e.options.workers < 0)
+      throw std::invalid_argument("--batch must be positive and --workers >= 0");
+    if (e.options.workers == 0) e.options.workers = blpa::default_workers("imagenet", 1);
     if (e.options.crop <= 0 || e.options.resize_short < e.options.crop)
       throw std::invalid_argument("--crop must be positive and at most --resize");
   } catch (const std::exception& ex) {

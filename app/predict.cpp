@@ -330,7 +330,7 @@ int main(int argc, char** argv) {
     ("resize", "ImageNet-style: shorter side before cropping", cxxopts::value<std::string>()->default_value("256"))
     ("crop", "ImageNet-style: crop size", cxxopts::value<std::string>()->default_value("224"))
     ("batch", "Images per batch (10-crop: times 10 crops)", cxxopts::value<std::string>()->default_value("50"))
-    ("workers", "Decode threads", cxxopts::value<std::string>()->default_value("4"))
+    ("workers", "JPEG decode threads (0: one per core, 1 to 16, as blpa-train's for ImageNet)", cxxopts::value<std::string>()->default_value("0"))
     ("device", "cpu, cuda or cuda:N", cxxopts::value<std::string>()->default_value("cpu"))
     ("precision", "fp32, tf32 (CUDA only), bf16 or auto (tf32 on CUDA, fp32 on the CPU); as blpa-train's", cxxopts::value<std::string>()->default_value("auto"))
     ("memory-format", "nchw, nhwc or auto; as blpa-train's", cxxopts::value<std::string>()->default_value("auto"))
@@ -365,7 +365,8 @@ int main(int argc, char** argv) {
     if (o.top_k <= 0) throw FlagError("--top-k must be positive");
     if (o.split != "test" && o.split != "train")
       throw FlagError("--split must be test or train, got '" + o.split + "'");
-    if (o.eval.batch <= 0 || o.eval.workers <= 0) throw FlagError("--batch and --workers must be positive");
+    if (o.eval.batch <= 0 || o.eval.workers < 0) throw FlagError("--batch must be positive and --workers >= 0");
+    if (o.eval.workers == 0) o.eval.workers = blpa::default_workers("imagenet", 1);
     if (o.eval.crop <= 0 || o.eval.resize_short < o.eval.crop)
       throw FlagError("--crop must be positive and at most --resize");
     if (!o.range.empty()) parse_range(o.range);

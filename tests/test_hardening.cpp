@@ -168,6 +168,12 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
   CHECK(d.code == 2);
   CHECK(d.output.find("--device must be cpu, cuda or cuda:N") != std::string::npos);
   check_clean(d);
+  for (const char* exe : {BLPA_EVAL_EXE, BLPA_PREDICT_EXE}) {  // 0 is auto, as blpa-train's
+    const Run w = run(exe, {"--checkpoint", "x", "--workers", "-1"}, dir);
+    CAPTURE(exe, w.output);
+    CHECK(w.code == 2);
+    CHECK(w.output.find("--workers >= 0") != std::string::npos);
+  }
   remove_tree(dir);
 }
 
