@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <cxxopts.hpp>
 #include <fmt/format.h>
@@ -486,6 +487,10 @@ Profile profile_step(Rig& rig, size_t top_n, const std::string& trace) {
   const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
   const std::set<ActivityType> activities =
       dev.is_cuda() ? std::set<ActivityType>{ActivityType::CPU, ActivityType::CUDA} : std::set<ActivityType>{ActivityType::CPU};
+  // On the CPU, Kineto's own lines (its start and stop, and "gpuGetDeviceCount failed" on a
+  // machine without a GPU) say nothing about the step: silenced, unless the user set the level.
+  // On CUDA its errors (CUPTI's) explain an empty profile, so they stay.
+  if (!dev.is_cuda()) ::setenv("KINETO_LOG_LEVEL", "6", /*overwrite=*/0);
   prof::prepareProfiler(config, activities);
   prof::enableProfiler(config, activities);
   sync(dev);
