@@ -51,6 +51,9 @@ constexpr int kPackUnroll = 2;
 // pack and unpack: blocks an SM must hold at once (at most 64 registers a thread), so that
 // their unrolled loads do not cost them the warps that hide those loads' latency.
 constexpr int kStreamBlocks = 4;
+// pack: channels whose 1 / (g d) a block keeps in shared memory (8 KB; ResNet-152 has 2,048
+// at most). Wider tensors divide for every element.
+constexpr int kScaleChannels = 2048;
 
 struct Launch {
   int blocks;
@@ -174,6 +177,17 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
   const bool vec = elems_aligned<T, kGroup>(v), narrow = narrow_indices(p.numel);
   const bool relu_vec = elems_aligned<T, kGroup>(relu);
   const float d = codec::bin_width(p.window, Bits);
+  // Codes from products, dividing only next to a bin edge (codec::encode_scaled): each
+  // channel's 1 / (divisor_c d), made once per block. A window narrower than 2^bits guards
+  // (guard_d >= 1) is outside the bound's reach: it divides, as wider tensors do.
+  __shared__ float scale[kScaleChannels];
+  const float guard_d = codec::kGuard / d, tol = codec::scaled_tolerance(Bits, guard_d);
+  const bool scaled = p.channels <= kScaleChannels && guard_d < 1.0f;
+  if (scaled) {
+    for (int c = threadIdx.x; c < p.channels; c += blockDim.x)
+      scale[c] = codec::channel_scale(p.divisor ? p.divisor[c] : 1.0f, d);
+    __syncthreads();
+  }
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
   for (int64_t g0 = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g0 < groups; g0 += kPackUnroll * stride) {
     Elems<T, kGroup> raws[kPackUnroll];  // each group's elements, loaded first
@@ -209,26 +223,31 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
 #pragma unroll
       for (int k = 0; k < kGroup; ++k) x[k] = codec::widen(raw.v[k]);
       int s[kGroup];
+      float sc[kGroup];  // 0: divide
       if constexpr (NHWC) {
         int64_t ch[kGroup];
         group_channels<kGroup, true>(e0, n, p.plane, p.channels, narrow, ch);
 #pragma unroll
         for (int k = 0; k < kGroup; ++k) {
           s[k] = p.offsets[ch[k]];
-          if (p.divisor) x[k] = __fdiv_rn(x[k], p.divisor[ch[k]]);
+          sc[k] = scaled ? scale[ch[k]] : 0.0f;
         }
       } else {
         const Group gr = locate(e0, n, p.plane, p.channels, narrow);
         group_offsets<kGroup>(p.offsets, gr, e0, p.plane, p.channels, s);
-        if (p.divisor) {
 #pragma unroll
-          for (int k = 0; k < kGroup; ++k)
-            x[k] = __fdiv_rn(x[k], p.divisor[gr.one_channel ? gr.c0 : channel_at(e0 + k, p.plane, p.channels)]);
-        }
+        for (int k = 0; k < kGroup; ++k)
+          sc[k] = !scaled ? 0.0f : scale[gr.one_channel ? gr.c0 : channel_at(e0 + k, p.plane, p.channels)];
       }
       uint32_t q[kGroup];
 #pragma unroll
-      for (int k = 0; k < kGroup; ++k) q[k] = codec::encode(x[k], s[k], Bits, d);
+      for (int k = 0; k < kGroup; ++k) {
+        q[k] = codec::encode_scaled<true>(x[k], sc[k], guard_d, tol, s[k], Bits);
+        if (q[k] == codec::kNearEdge) {  // rare: the exact divisions, the element's channel found again
+          const int64_t c = NHWC ? (e0 + k) % p.channels : channel_at(e0 + k, p.plane, p.channels);
+          q[k] = codec::encode<true>(p.divisor ? __fdiv_rn(x[k], p.divisor[c]) : x[k], s[k], Bits, d);
+        }
+      }
 
       if constexpr (Bits == 8) {
         uint8_t* out = p.codes + e0;

@@ -67,16 +67,63 @@ BLPA_HD int offset(float b, int bits, float d, float lift) {
 // and turn the mask on for a negative value. NaN and -Inf encode as 0, +Inf as B - 1.
 // Since 1 <= s <= B - 1, code >= s exactly when v - guard >= 0, for every K and window.
 template <bool VectorFloor = false>
-BLPA_HD uint32_t encode(float v, int s, int bits, float d) {
+BLPA_HD uint32_t code_of(float y, int s, int bits) {
   const int top = num_bins(bits) - 1;
   const float lim = static_cast<float>(top + 1);
-  float y = (v - kGuard) / d;
   y = y > -lim ? y : -lim;  // NaN -> -lim -> code 0
   y = y < lim ? y : lim;
   int code = floor_small<VectorFloor>(y) + s;
   code = code > 0 ? code : 0;
   code = code < top ? code : top;
   return static_cast<uint32_t>(code);
+}
+
+template <bool VectorFloor = false>
+BLPA_HD uint32_t encode(float v, int s, int bits, float d) {
+  return code_of<VectorFloor>((v - kGuard) / d, s, bits);
+}
+
+// The same codes with products where they are certain: encode(v / g, s, bits, d) takes two
+// divisions per element, which is most of the CUDA pack's instructions (an IEEE division is
+// a reciprocal, its refinement and a check), so the GPU packs from
+//   y' = v * scale - guard_d,   scale = channel_scale(g, d) = 1 / (g d),   guard_d = kGuard / d,
+// each rounded once per channel, and divides only where y' lies near a bin edge.
+//
+// Why floor(y') is encode's floor of y = ((v / g) - kGuard) / d elsewhere. With unit
+// roundoff u = 2^-24, Y = (v / g - kGuard) / d exactly and G = kGuard / d: encode's three
+// roundings give |y - Y| <= u (3 |Y| + G); the approximation's five (g d, its reciprocal,
+// the product, G, the difference) give |y' - Y| <= u (4 |Y| + 4 G); so |y - y'| <=
+// 8 u (|y'| + G) to first order, which for |y'| <= 2^bits + 1 is at most half of
+//   tol = 2^-20 (2^bits + 2 + G)   (scaled_tolerance).
+// So where y' is farther than tol from every integer, no integer lies between y and y' and
+// the floors agree; beyond 2^bits + 1 both clamp to the same end of the window. NaN and
+// infinities of v clamp as encode clamps them. channel_scale returns 0 (divide) for channels
+// whose g d or 1 / (g d) is not a normal float, or g <= 0 or NaN, where the relative bounds
+// do not hold; callers divide too when G >= 1 (a window narrower than 2^bits kGuard).
+// Tested against encode on every bf16 value and on fp32 values at and beside bin edges
+// (tests/test_codec.cpp, "codec: products give encode's codes").
+BLPA_HD float channel_scale(float g, float d) {
+  const float scale = 1.0f / (g * d);
+  return scale >= 0x1p-125f && scale <= 0x1p125f ? scale : 0.0f;  // NaN -> 0
+}
+
+BLPA_HD float scaled_tolerance(int bits, float guard_d) {
+  return 0x1p-20f * (static_cast<float>(num_bins(bits)) + 2.0f + guard_d);
+}
+
+// encode_scaled's answer where the caller must divide (no code is that large).
+constexpr uint32_t kNearEdge = 0xFFFFFFFFu;
+
+// encode(v / g, s, bits, d), or kNearEdge where y' lies within tol of an integer inside the
+// window's reach, or scale is 0.
+// Without branches, so that a GPU predicates it.
+template <bool VectorFloor = false>
+BLPA_HD uint32_t encode_scaled(float v, float scale, float guard_d, float tol, int s, int bits) {
+  const float y = v * scale - guard_d;
+  const float reach = static_cast<float>(num_bins(bits) + 1);
+  const bool near = fabsf(y - rintf(y)) <= tol && fabsf(y) <= reach;  // NaN: not near
+  const uint32_t code = code_of<VectorFloor>(y, s, bits);
+  return scale == 0.0f || near ? kNearEdge : code;
 }
 
 // Dequantised v' = (code - s + 0.5) * d: the centre of the code's bin.
