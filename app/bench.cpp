@@ -49,7 +49,8 @@ int codec_main(int argc, char** argv) {
       "numel", "Elements in the tensor", cxxopts::value<int64_t>()->default_value("16777216"))(
       "channels", "Channels (dim 1)", cxxopts::value<int64_t>()->default_value("64"))(
       "hw", "Height and width of a plane", cxxopts::value<int64_t>()->default_value("32"))(
-      "precision", "Activations and gradients: fp32 or bf16 (tf32 and auto: fp32; default: fp32)", cxxopts::value<std::string>())(
+      "precision", "Activations and gradients: fp32 or bf16 (tf32 and auto: fp32; default: fp32)",
+      cxxopts::value<std::string>())(
       "dtype", "The old name of --precision: float or bf16", cxxopts::value<std::string>())(
       "memory-format", "nchw or nhwc (channels_last)", cxxopts::value<std::string>()->default_value("nchw"))(
       "device", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(

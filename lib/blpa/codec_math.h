@@ -101,7 +101,7 @@ BLPA_HD uint32_t encode(float v, int s, int bits, float d) {
 // whose g d or 1 / (g d) is not a normal float, or g <= 0 or NaN, where the relative bounds
 // do not hold; callers divide too when G >= 1 (a window narrower than 2^bits kGuard).
 // Tested against encode on every bf16 value and on fp32 values at and beside bin edges
-// (tests/test_codec.cpp, "codec: products give encode's codes").
+// (tests/test_codec_math.cpp, "codec: products give encode's codes ...").
 BLPA_HD float channel_scale(float g, float d) {
   const float scale = 1.0f / (g * d);
   return scale >= 0x1p-125f && scale <= 0x1p125f ? scale : 0.0f;  // NaN -> 0
