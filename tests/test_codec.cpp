@@ -1113,10 +1113,18 @@ TEST_CASE("codec: pack and unpack on a one-multiprocessor grid, emulated, give t
   const unsigned all = blpa::kXhat | blpa::kRelu | blpa::kMask;
   for (int bits : {8, 4, 2}) {
     const CodeFormat f = blpa::default_format(bits);
-    for (const auto& shape : std::vector<std::vector<int64_t>>{{5, 7, 61, 67}, {4, 16, 32, 32}, {2, 300, 7, 7}}) {
+    // {2, 2100, 1, 3}: more channels than pack keeps scales for in shared memory (it divides).
+    for (const auto& shape :
+         std::vector<std::vector<int64_t>>{{5, 7, 61, 67}, {4, 16, 32, 32}, {2, 300, 7, 7}, {2, 2100, 1, 3}}) {
       const int64_t c = shape[1];
       auto b = torch::randn({c}), gamma = torch::rand({c}) + 0.1;
       auto v = torch::randn(shape) * 2 + b.view({1, c, 1, 1});
+      // Every 7th value on a bin edge of v / gamma (guard included): where pack divides.
+      const int half = (1 << bits) / 2;
+      auto edge = ((torch::randint(-half - 2, half + 3, shape, torch::kDouble) * f.bin_width() + 1e-6) *
+                   gamma.to(torch::kDouble).view({1, c, 1, 1}))
+                      .to(torch::kFloat);
+      v = torch::where((torch::arange(v.numel()) % 7 == 0).view(shape), edge, v);
       for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
         for (bool cl : {false, true}) {
           CAPTURE(bits, shape, dtype, cl);
