@@ -77,7 +77,9 @@ stage build 420 scripts/build.sh -DCMAKE_CXX_COMPILER_LAUNCHER= -DCMAKE_CUDA_COM
 # BLPA_GPU_TESTS=REGEX runs only the tests whose names match.
 # Not the emulated-cuda/ tests: the CPU emulator runs in every CI run; here they would only
 # take device time.
-stage tests 300 ctest --test-dir "$BLPA_BUILD_DIR" --output-on-failure --no-tests=error --parallel 8 \
+# --timeout: a test that hangs on the GPU (a capture that never ends, a collective that waits)
+# fails after 120 s instead of taking the stage's whole limit.
+stage tests 300 ctest --test-dir "$BLPA_BUILD_DIR" --output-on-failure --no-tests=error --parallel 8 --timeout 120 \
   -E '^emulated-cuda/' ${BLPA_GPU_TESTS:+-R "$BLPA_GPU_TESTS"}
 # The plot test needs gnuplot, which the offline prefix does not carry: it alone may skip.
 if grep "(Skipped)\|\*\*\*Skipped" "$log" | grep -vq "plot.sh renders"; then
