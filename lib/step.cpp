@@ -92,6 +92,15 @@ GraphedStep::~GraphedStep() = default;
 void GraphedStep::run(const torch::Tensor& images, const torch::Tensor& labels, double lr) {
   Impl& s = *impl_;
   if (!s.graph.captured()) {
+    // A tensor that still holds an autograd graph of the parameters (an output or loss of an
+    // earlier iteration kept without detach()) keeps their AccumulateGrad nodes, made on that
+    // iteration's stream; the captured backward would then wait on that stream, which a
+    // capture forbids, and fail with CUDA's "operation would make the legacy stream depend on
+    // a capturing blocking stream".
+    for (const auto& p : s.model->parameters())
+      TORCH_CHECK(!torch::autograd::impl::try_get_grad_accumulator(p), "CUDA graphs: a tensor still holds an autograd "
+                  "graph of the model's parameters (an output or loss of an earlier iteration kept without "
+                  "detach()); a capture needs none");
     const auto device = s.model->parameters().front().device();
     TORCH_CHECK(device.is_cuda(), "CUDA graphs need the model on a CUDA device");
     TORCH_CHECK(images.size(0) % s.steps == 0, "the batch must split into --accum-steps equal parts");

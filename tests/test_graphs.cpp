@@ -237,6 +237,26 @@ TEST_CASE("CUDA: a graphed run trains as the eager one, schedule included", "[gr
   remove_tree(dir);
 }
 
+TEST_CASE("graphs: a capture refuses parameters whose autograd graph is still held", "[graphs]") {
+  // On the H200 a parameter's clone() kept from an eager step made the next capture fail
+  // with CUDA's "operation would make the legacy stream depend on a capturing blocking stream".
+  blpa::NetConfig nc;
+  nc.depth = 11, nc.in_channels = 1, nc.num_classes = 4;
+  blpa::ResNet m(nc);
+  auto opt = sgd(m, 0.1);
+  const auto x = torch::randn({4, 1, 8, 8}), y = torch::randint(0, 4, {4});
+  auto held = m->forward(x).sum();
+  {
+    blpa::GraphedStep step(m, *opt, 1);
+    CHECK_THROWS_WITH(step.run(x, y, 0.1), Catch::Contains("still holds an autograd graph"));
+    CHECK_FALSE(step.captured());
+  }
+  held = torch::Tensor();
+  // Nothing holds a graph now: what stops this capture is the CPU.
+  blpa::GraphedStep step(m, *opt, 1);
+  CHECK_THROWS_WITH(step.run(x, y, 0.1), Catch::Contains("CUDA graphs need the model on a CUDA device"));
+}
+
 TEST_CASE("CUDA: a capture that fails leaves the model and optimiser usable", "[graphs][cuda]") {
   BLPA_REQUIRE_CUDA();
   blpa::NetConfig nc;
@@ -249,7 +269,9 @@ TEST_CASE("CUDA: a capture that fails leaves the model and optimiser usable", "[
   // Float labels: cross_entropy throws inside the capture.
   CHECK_THROWS(step.run(x, torch::zeros({4}), 0.1));
   CHECK_FALSE(step.captured());
-  const auto before = m->parameters().front().clone();
+  // detach(): a clone of the parameter would hold its AccumulateGrad, which the capture below
+  // refuses (test "graphs: a capture refuses parameters whose autograd graph is still held").
+  const auto before = m->parameters().front().detach().clone();
   torch::nn::functional::cross_entropy(m->forward(x.cuda()), torch::zeros({4}, torch::kLong).cuda()).backward();
   opt->step();
   CHECK_FALSE(torch::equal(before, m->parameters().front()));
@@ -258,7 +280,7 @@ TEST_CASE("CUDA: a capture that fails leaves the model and optimiser usable", "[
   const auto y = torch::randint(0, 4, {4});
   good.run(x, y, 0.1);
   CHECK(good.captured());
-  const auto frozen = m->parameters().front().clone();
+  const auto frozen = m->parameters().front().detach().clone();
   good.run(x, y, 0.0);
   CHECK(torch::equal(frozen, m->parameters().front()));  // momentum aside: lr 0 moves nothing
   CHECK(good.take_losses().count == 2);
