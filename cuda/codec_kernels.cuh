@@ -101,37 +101,20 @@ __device__ __forceinline__ int64_t channel_at(int64_t e, int64_t plane, int64_t 
   return (e / plane) % channels;
 }
 
-// The offset of each of the G elements of a group.
-template <int G>
-__device__ __forceinline__ void group_offsets(const uint8_t* offsets, const Group& gr, int64_t e0, int64_t plane,
-                                              int64_t channels, int s[G]) {
-  if (gr.one_channel) {
-    const int sc = offsets[gr.c0];
-#pragma unroll
-    for (int k = 0; k < G; ++k) s[k] = sc;
-  } else {
-#pragma unroll
-    for (int k = 0; k < G; ++k) s[k] = offsets[channel_at(e0 + k, plane, channels)];
-  }
+// NHWC: the channel of element e0.
+__device__ __forceinline__ int64_t first_channel(int64_t e0, int64_t channels, bool narrow) {
+  return narrow ? static_cast<int64_t>(static_cast<uint32_t>(e0) % static_cast<uint32_t>(channels)) : e0 % channels;
 }
 
-// The channel of each of the G elements of a group from e0 (G <= n elements valid), in either
-// layout. NHWC: consecutive elements take consecutive channels, wrapping at `channels`.
-template <int G, bool NHWC>
-__device__ __forceinline__ void group_channels(int64_t e0, int n, int64_t plane, int64_t channels, bool narrow,
-                                               int64_t ch[G]) {
-  if constexpr (NHWC) {
-    int64_t c = narrow ? static_cast<int64_t>(static_cast<uint32_t>(e0) % static_cast<uint32_t>(channels))
-                       : e0 % channels;
+// NHWC: the channel of each of the G elements of a group from e0: consecutive channels,
+// wrapping at `channels`.
+template <int G>
+__device__ __forceinline__ void nhwc_channels(int64_t e0, int64_t channels, bool narrow, int64_t ch[G]) {
+  int64_t c = first_channel(e0, channels, narrow);
 #pragma unroll
-    for (int k = 0; k < G; ++k) {
-      ch[k] = c;
-      c = c + 1 == channels ? 0 : c + 1;
-    }
-  } else {
-    const Group gr = locate(e0, n, plane, channels, narrow);
-#pragma unroll
-    for (int k = 0; k < G; ++k) ch[k] = gr.one_channel ? gr.c0 : channel_at(e0 + k, plane, channels);
+  for (int k = 0; k < G; ++k) {
+    ch[k] = c;
+    c = c + 1 == channels ? 0 : c + 1;
   }
 }
 
@@ -144,6 +127,60 @@ struct alignas(N * sizeof(T) < 16 ? N * sizeof(T) : 16) Elems {
 template <typename T, int N>
 __host__ __device__ __forceinline__ bool elems_aligned(const void* p) {
   return aligned(p, alignof(Elems<T, N>));
+}
+
+// NHWC with channels a multiple of G (every layer of the networks): a group of G elements
+// from e0 (a multiple of G) holds channels c0 .. c0 + G - 1, whose per-channel values are
+// read as vectors where `rows` (the kernel checks the arrays' alignment once) instead of
+// element by element, which cost a load and 64-bit index math per element.
+template <int G>
+__host__ __device__ __forceinline__ bool nhwc_rows(int64_t channels, const void* offsets, const float* b,
+                                                   const float* gamma) {
+  return channels % G == 0 && elems_aligned<uint8_t, G>(offsets) && (!b || elems_aligned<float, G>(b)) &&
+         (!gamma || elems_aligned<float, G>(gamma));
+}
+
+// Where the per-channel values of a group of G elements from e0 (n of them in the tensor)
+// come from: channel c0 for all (NCHW, but at a plane's end), channels c0 .. c0 + G - 1 (NHWC
+// rows), or each element's own channel (the rest).
+struct GroupAt {
+  enum How { one_channel, row, per_element } how;
+  int64_t c0;
+};
+
+template <int G, bool NHWC>
+__device__ __forceinline__ GroupAt group_at(bool rows, int64_t e0, int n, int64_t plane, int64_t channels,
+                                            bool narrow) {
+  if constexpr (NHWC) {
+    if (rows) return {GroupAt::row, first_channel(e0, channels, narrow)};
+    return {GroupAt::per_element, 0};
+  } else {
+    const Group gr = locate(e0, n, plane, channels, narrow);
+    return {gr.one_channel ? GroupAt::one_channel : GroupAt::per_element, gr.c0};
+  }
+}
+
+// a[channel] for each of the group's G elements: one load, one vector load, or G loads.
+template <int G, bool NHWC, typename V, typename Out>
+__device__ __forceinline__ void channel_values(const V* a, const GroupAt& at, int64_t e0, int n, int64_t plane,
+                                               int64_t channels, bool narrow, Out out[G]) {
+  if (!NHWC && at.how == GroupAt::one_channel) {  // (NHWC groups are never one channel, nor NCHW rows)
+    const Out v = a[at.c0];
+#pragma unroll
+    for (int k = 0; k < G; ++k) out[k] = v;
+  } else if (NHWC && at.how == GroupAt::row) {
+    const auto w = target::load<Elems<V, G>>(a + at.c0);
+#pragma unroll
+    for (int k = 0; k < G; ++k) out[k] = w.v[k];
+  } else if constexpr (NHWC) {
+    int64_t ch[G];
+    nhwc_channels<G>(e0, channels, narrow, ch);
+#pragma unroll
+    for (int k = 0; k < G; ++k) out[k] = a[ch[k]];
+  } else {
+#pragma unroll
+    for (int k = 0; k < G; ++k) out[k] = a[channel_at(e0 + k, plane, channels)];
+  }
 }
 
 template <typename T>
@@ -176,11 +213,13 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
   const int64_t groups = (p.numel + kGroup - 1) / kGroup;
   const bool vec = elems_aligned<T, kGroup>(v), narrow = narrow_indices(p.numel);
   const bool relu_vec = elems_aligned<T, kGroup>(relu);
+  const bool rows = NHWC && nhwc_rows<kGroup>(p.channels, p.offsets, nullptr, nullptr);
   const float d = codec::bin_width(p.window, Bits);
   // Codes from products, dividing only next to a bin edge (codec::encode_scaled): each
   // channel's 1 / (divisor_c d), made once per block. A window narrower than 2^bits guards
   // (guard_d >= 1) is outside the bound's reach: it divides, as wider tensors do.
-  __shared__ float scale[kScaleChannels];
+  __shared__ float4 scale_vectors[kScaleChannels / 4];  // float4: aligned for the NHWC rows' vector loads
+  float* scale = reinterpret_cast<float*>(scale_vectors);
   const float guard_d = codec::kGuard / d, tol = codec::scaled_tolerance(Bits, guard_d);
   const bool scaled = p.channels <= kScaleChannels && guard_d < 1.0f;
   if (scaled) {
@@ -225,19 +264,33 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
       int s[kGroup];
       float sc[kGroup];  // 0: divide
       if constexpr (NHWC) {
-        int64_t ch[kGroup];
-        group_channels<kGroup, true>(e0, n, p.plane, p.channels, narrow, ch);
+        if (rows) {  // channels c0 .. c0 + 7: their offsets in one load, their scales in two
+          const int64_t c0 = first_channel(e0, p.channels, narrow);
+          const auto o = target::load<Elems<uint8_t, kGroup>>(p.offsets + c0);
+          Elems<float, kGroup> f{};
+          if (scaled) f = target::load<Elems<float, kGroup>>(scale + c0);
 #pragma unroll
-        for (int k = 0; k < kGroup; ++k) {
-          s[k] = p.offsets[ch[k]];
-          sc[k] = scaled ? scale[ch[k]] : 0.0f;
+          for (int k = 0; k < kGroup; ++k) s[k] = o.v[k], sc[k] = f.v[k];
+        } else {
+          int64_t ch[kGroup];
+          nhwc_channels<kGroup>(e0, p.channels, narrow, ch);
+#pragma unroll
+          for (int k = 0; k < kGroup; ++k) s[k] = p.offsets[ch[k]], sc[k] = scaled ? scale[ch[k]] : 0.0f;
         }
       } else {
         const Group gr = locate(e0, n, p.plane, p.channels, narrow);
-        group_offsets<kGroup>(p.offsets, gr, e0, p.plane, p.channels, s);
+        if (gr.one_channel) {  // one load of each for the group
+          const int so = p.offsets[gr.c0];
+          const float c = scaled ? scale[gr.c0] : 0.0f;
 #pragma unroll
-        for (int k = 0; k < kGroup; ++k)
-          sc[k] = !scaled ? 0.0f : scale[gr.one_channel ? gr.c0 : channel_at(e0 + k, p.plane, p.channels)];
+          for (int k = 0; k < kGroup; ++k) s[k] = so, sc[k] = c;
+        } else {
+#pragma unroll
+          for (int k = 0; k < kGroup; ++k) {
+            const int64_t c = channel_at(e0 + k, p.plane, p.channels);
+            s[k] = p.offsets[c], sc[k] = scaled ? scale[c] : 0.0f;
+          }
+        }
       }
       uint32_t q[kGroup];
 #pragma unroll
@@ -359,6 +412,9 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackP
   const bool word_codes = aligned(p.codes, G * Bits / 8);  // codes from pack always are
   const bool narrow = narrow_indices(p.numel);
   const float d = codec::bin_width(p.window, Bits);
+  const float* b = x_hat ? p.b : nullptr;
+  const float* gamma = r ? p.gamma : nullptr;
+  const bool rows = NHWC && nhwc_rows<G>(p.channels, p.offsets, b, gamma);
   for (int64_t g0 = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g0 < groups; g0 += U * stride) {
     uint64_t words[U];  // the codes of each group, loaded first
 #pragma unroll
@@ -381,11 +437,9 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackP
       uint32_t q[G];
 #pragma unroll
       for (int k = 0; k < G; ++k) q[k] = static_cast<uint32_t>(words[u] >> (Bits * k)) & ((1u << Bits) - 1);
-      int64_t ch[G];
-      group_channels<G, NHWC>(e0, n, p.plane, p.channels, narrow, ch);
+      const GroupAt at = group_at<G, NHWC>(rows, e0, n, p.plane, p.channels, narrow);
       int s[G];
-#pragma unroll
-      for (int k = 0; k < G; ++k) s[k] = p.offsets[ch[k]];
+      channel_values<G, NHWC>(p.offsets, at, e0, n, p.plane, p.channels, narrow, s);
       const bool full = vec && n == G;
 
       auto store = [&](T* dst, const float y[G]) {
@@ -402,16 +456,18 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackP
       };
 
       if (x_hat) {
-        float y[G];
+        float y[G], bk[G];
+        channel_values<G, NHWC>(b, at, e0, n, p.plane, p.channels, narrow, bk);
 #pragma unroll
-        for (int k = 0; k < G; ++k) y[k] = codec::decode(q[k], s[k], d) - p.b[ch[k]];
+        for (int k = 0; k < G; ++k) y[k] = codec::decode(q[k], s[k], d) - bk[k];
         store(x_hat, y);
       }
       if (r) {
-        float y[G];
+        float y[G], gk[G];
+        channel_values<G, NHWC>(gamma, at, e0, n, p.plane, p.channels, narrow, gk);
 #pragma unroll
         for (int k = 0; k < G; ++k) {
-          const float t = __fmul_rn(p.gamma[ch[k]], codec::decode(q[k], s[k], d));
+          const float t = __fmul_rn(gk[k], codec::decode(q[k], s[k], d));
           y[k] = t > 0.0f ? t : 0.0f;
         }
         store(r, y);
