@@ -171,6 +171,20 @@ stage pytorch-step 300 bash -c 'set -o pipefail; for mb in "resnet164 128" "resn
   "$BLPA_TORCH_PYTHON" scripts/pytorch-step.py --device cuda --model $1 --batch $2 | tee -a "$bench_log" || exit 1; done'
 stage codec-precision 180 bash -c 'for bits in 8 4; do for dt in fp32 bf16; do for mf in nchw nhwc; do
   bench codec --device cuda --bits $bits --numel 268435456 --precision $dt --memory-format $mf || exit 1; done; done; done'
+# Nsight Compute on the codec's kernels, where the machine's toolkit has it: how busy the issue
+# slots and the memory are, what the warps wait for, and the instructions each kernel issues
+# (bf16 and fp32, NHWC and NCHW, 4-bit, 16M elements). Counters may be refused in a
+# container (ERR_NVGPUCTRPERM): then the stage fails at once.
+stage ncu-codec 240 bash -c 'n=$(command -v ncu || echo /usr/local/cuda/bin/ncu); [[ -x $n ]] || { echo "no ncu"; exit 1; }
+  for dt in bf16 fp32; do for mf in nhwc nchw; do "$n" --section SpeedOfLight --section Occupancy --section WarpStateStats \
+    --section InstructionStats -k regex:"pack_kernel|unpack_kernel|bn_" -c 5 "$BLPA_BUILD_DIR/app/blpa-bench" codec \
+    --device cuda --bits 4 --numel 16777216 --precision $dt --memory-format $mf || exit 1; done; done'
+# Where a bf16 channels-last step's time goes, eager and graphed (ResNet-152 batch 128, where
+# blpa-4 took 1.25x plain at 1d696ed; ResNet-164 batch 128): the costliest kernels of each.
+stage step-precision-profile 240 bash -c 'bench step --device cuda --model resnet152 --batch 128 --mode plain,blpa-4 \
+  --precision bf16 --memory-format nhwc --cuda-graphs --warmup 2 --steps 5 --profile 3 &&
+  bench step --device cuda --model resnet164 --batch 128 --mode plain,blpa-4 --precision bf16 --memory-format nhwc \
+  --cuda-graphs --warmup 3 --steps 10 --profile 3'
 stage memory-precision 180 bash -c 'bench memory --device cuda --model resnet152 --batch 64 --mode blpa-4 \
   --precision bf16 --memory-format nhwc'
 # The paper's hardware claim (#19): ResNet-152 at ImageNet's batch 256 on an 11 GB card (the
