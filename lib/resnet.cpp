@@ -86,13 +86,13 @@ Precision default_precision(const torch::Device& device) {
   return device.is_cuda() ? Precision::tf32 : Precision::fp32;
 }
 
-at::MemoryFormat default_layout(const torch::Device& device, Precision p) {
-  // The CPU: NHWC, measured faster in every precision and mode (oneDNN's NHWC convolutions;
-  // docs/results.md, "Precision and layout"). CUDA: NHWC for bf16, the layout of cuDNN's
-  // tensor-core convolutions in NVIDIA's published recipes; NCHW for fp32/tf32, as measured
-  // before #15. The CUDA choice waits for a GPU measurement (gpu-check's step-precision).
-  if (!device.is_cuda()) return at::MemoryFormat::ChannelsLast;
-  return p == Precision::bf16 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+at::MemoryFormat default_layout(const torch::Device& /*device*/, Precision /*p*/) {
+  // NHWC everywhere. The CPU: measured faster in every precision and mode (oneDNN's NHWC
+  // convolutions; docs/results.md, "Precision and layout"). An H200: faster in bf16 (cuDNN's
+  // tensor-core convolutions), and in tf32 for ResNet-152 (1.21-1.31x plain, 1.19-1.25x
+  // blpa-4), where NCHW was the default before (docs/results.md, "Precision and layout on
+  // an H200"). Kept per device and precision for the next measurement that disagrees.
+  return at::MemoryFormat::ChannelsLast;
 }
 
 Numerics numerics_for(const std::string& precision, const std::string& memory_format, const torch::Device& device) {
