@@ -90,8 +90,8 @@ at::MemoryFormat default_layout(const torch::Device& /*device*/, Precision /*p*/
   // NHWC everywhere. The CPU: measured faster in every precision and mode (oneDNN's NHWC
   // convolutions; docs/results.md, "Precision and layout"). An H200: faster in bf16 (cuDNN's
   // tensor-core convolutions), and in tf32 for ResNet-152 (1.21-1.31x plain, 1.19-1.25x
-  // blpa-4), where NCHW was the default before (docs/results.md, "Precision and layout on
-  // an H200"). Kept per device and precision for the next measurement that disagrees.
+  // blpa-4), where NCHW was the default before (docs/results.md, "GPU (NVIDIA H200,
+  // 2026-11-30)"). Kept per device and precision for the next measurement that disagrees.
   return at::MemoryFormat::ChannelsLast;
 }
 

@@ -18,11 +18,12 @@
 # session's 15 minutes hold the build, the GPU tests and a few stages, e.g. for #16 and #15:
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-graphs|train-graphed|gloo-cuda-2proc'
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-precision|codec-precision|pytorch-step'
+#   BLPA_GPU_TESTS='^CUDA:' BLPA_GPU_STAGES='tests|step-precision|codec-precision|ncu-codec|step-precision-profile'
+#     (#15's kernels: 252 s on 2026-11-30)
 # with BLPA_COMMIT=$(git rev-parse HEAD) (the tree may travel without .git). Both sets in one
-# call (the union of the two regexes) should take 6-9 minutes: an estimate, not a
-# measurement, from the 2026-11-26 stage times (build 61-76 s, all tests 58-87 s, one
-# `blpa-bench step` command 5-15 s) and the steps each new stage runs. Stages run in file
-# order, #16's first: if the call's 10 minutes cut it short, run #15's set alone.
+# call, with codec, train-bf16 and memory-precision, took 290 s on 2026-11-30 (build 94 s, the
+# CUDA tests 60 s, step-graphs 31 s, step-precision 28 s, pytorch-step 34 s); ncu-codec and
+# step-precision-profile add 45 s. A machine's start adds about a minute.
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$here"

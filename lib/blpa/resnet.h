@@ -40,7 +40,7 @@ struct Numerics {
 at::MemoryFormat parse_layout(const std::string& s);
 std::string layout_name(at::MemoryFormat f);
 // What "auto" means on a device: tf32 on CUDA, fp32 on the CPU; NHWC on both, in every
-// precision (docs/results.md, "Precision and layout" and "Precision and layout on an H200").
+// precision (docs/results.md, "Precision and layout" and "GPU (NVIDIA H200, 2026-11-30)").
 Precision default_precision(const torch::Device& device);
 at::MemoryFormat default_layout(const torch::Device& device, Precision p);
 // The setting that --precision and --memory-format name on `device` ("auto" for the default);
