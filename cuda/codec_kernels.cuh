@@ -162,7 +162,7 @@ __device__ __forceinline__ GroupAt group_at(bool rows, int64_t e0, int n, int64_
 
 // a[channel] for each of the group's G elements: one load, one vector load, or G loads.
 template <int G, bool NHWC, typename V, typename Out>
-__device__ __forceinline__ void channel_values(const V* a, const GroupAt& at, int64_t e0, int n, int64_t plane,
+__device__ __forceinline__ void channel_values(const V* a, const GroupAt& at, int64_t e0, int64_t plane,
                                                int64_t channels, bool narrow, Out out[G]) {
   if (!NHWC && at.how == GroupAt::one_channel) {  // (NHWC groups are never one channel, nor NCHW rows)
     const Out v = a[at.c0];
@@ -272,6 +272,8 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
       for (int k = 0; k < kGroup; ++k) x[k] = codec::widen(raw.v[k]);
       int s[kGroup];
       float sc[kGroup];  // 0: divide
+      // channel_values' cases, for the offsets and the scales together: each case finds the
+      // channels once for both (two channel_values calls made ptxas spill registers here).
       const GroupAt at = group_at<kGroup, NHWC>(rows, e0, n, p.plane, p.channels, narrow);
       if (!NHWC && at.how == GroupAt::one_channel) {  // one load of each for the group
         const int so = p.offsets[at.c0];
@@ -448,7 +450,7 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackP
       for (int k = 0; k < G; ++k) q[k] = static_cast<uint32_t>(words[u] >> (Bits * k)) & ((1u << Bits) - 1);
       const GroupAt at = group_at<G, NHWC>(rows, e0, n, p.plane, p.channels, narrow);
       int s[G];
-      channel_values<G, NHWC>(p.offsets, at, e0, n, p.plane, p.channels, narrow, s);
+      channel_values<G, NHWC>(p.offsets, at, e0, p.plane, p.channels, narrow, s);
       const bool full = vec && n == G;
 
       auto store = [&](T* dst, const float y[G]) {
@@ -466,14 +468,14 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackP
 
       if (x_hat) {
         float y[G], bk[G];
-        channel_values<G, NHWC>(b, at, e0, n, p.plane, p.channels, narrow, bk);
+        channel_values<G, NHWC>(b, at, e0, p.plane, p.channels, narrow, bk);
 #pragma unroll
         for (int k = 0; k < G; ++k) y[k] = codec::decode(q[k], s[k], d) - bk[k];
         store(x_hat, y);
       }
       if (r) {
         float y[G], gk[G];
-        channel_values<G, NHWC>(gamma, at, e0, n, p.plane, p.channels, narrow, gk);
+        channel_values<G, NHWC>(gamma, at, e0, p.plane, p.channels, narrow, gk);
 #pragma unroll
         for (int k = 0; k < G; ++k) {
           const float t = __fmul_rn(gk[k], codec::decode(q[k], s[k], d));
