@@ -641,85 +641,125 @@ __global__ void bn_apply_kernel(BnBackwardParams p, ChannelWalk w) {
 }
 
 // The BatchNorm-and-ReLU backward of channels-last tensors: the batch * plane rows of
-// `channels` elements. A block is 32 lanes (threadIdx.x) by kNhwcR warps (threadIdx.y). The
-// lanes of a warp read consecutive elements: `lanes` channels (C rounded up to a power of two,
+// `channels` elements. A lane takes V consecutive channels of a row: V = 8 where the channels
+// are a multiple of 8 and the tensors aligned for it (every layer of the networks), so that a
+// row's 8 gradients are one vector access and their codes one word; else V = 1, an element at
+// a time. A block is 32 lanes (threadIdx.x) by kNhwcR warps (threadIdx.y). The lanes of a warp
+// read consecutive memory: `lanes` vectors of V channels (C / V rounded up to a power of two,
 // at most 32) of 32 / lanes consecutive rows, so that a layer of 16 channels leaves no lane
 // idle. blockIdx.x tiles the channels and blockIdx.y strides over the rows, a thread taking
-// kNhwcRows of its rows at a time: their loads first, so that several are in flight (a scalar
-// access per element, one at a time, left the memory system idle between them). Each thread
-// adds its elements' terms in double, in row order; a block adds its threads of a channel in
-// order of warp, then row within the warp, into the block's slot of p.partials (channel c's
-// gridDim.y slots of sum g_a, then gridDim.y of sum g_a x_hat', at 2 * gridDim.y * c, as
-// channel_partials); bn_nhwc_total_kernel adds a channel's slots with a block of threads into
-// the totals after them ([2][channels]), and bn_nhwc_apply_kernel writes g_x from the totals.
-constexpr int kNhwcR = 8, kNhwcRows = 4;
+// kNhwcRows of its rows at a time: their loads first, so that several are in flight. Each
+// thread adds each batch of kNhwcRows terms of a channel in float and the batches in double
+// (as bn_reduce_kernel: a double add per term, with its conversion from float, bound the
+// kernel by those instructions); a block adds its threads of a channel in order of warp, then
+// row within the warp, into the block's slot of p.partials (channel c's gridDim.y slots of sum
+// g_a, then gridDim.y of sum g_a x_hat', at 2 * gridDim.y * c, as channel_partials);
+// bn_nhwc_total_kernel adds a channel's slots with a block of threads into the totals after
+// them ([2][channels]), and bn_nhwc_apply_kernel writes g_x from the totals.
+constexpr int kNhwcR = 8, kNhwcRows = 4, kNhwcVector = 8;
 
 struct NhwcWalk {
   int64_t rows;  // batch * plane
-  int lanes;     // channels a warp covers in one row: a power of two, up to 32
+  int lanes;     // vectors of channels a warp covers in one row: a power of two, up to 32
 };
 
-// A thread's channel (c, and its lane among the warp's channels) and first row; a block
-// covers kNhwcR * 32 / lanes rows.
+// A thread's first channel (c, a multiple of V, and its lane among the warp's vectors) and
+// first row; a block covers kNhwcR * 32 / lanes rows.
 struct NhwcThread {
   int64_t c;
   int lane;
   int64_t r0;
 };
 
+template <int V>
 __device__ __forceinline__ NhwcThread nhwc_thread(const NhwcWalk& w) {
   const int lane = static_cast<int>(threadIdx.x) & (w.lanes - 1), sub = static_cast<int>(threadIdx.x) / w.lanes;
-  return {int64_t{blockIdx.x} * w.lanes + lane, lane,
+  return {(int64_t{blockIdx.x} * w.lanes + lane) * V, lane,
           (int64_t{blockIdx.y} * kNhwcR + threadIdx.y) * (32 / w.lanes) + sub};
 }
 
-// This thread's rows of channel t.c, kNhwcRows at a time: the codes q and the gradient g
-// (widened to float) of each row's element e are loaded first, then use(e, q, g) runs for
-// each, in row order.
-template <int Bits, typename T, typename Use>
-__device__ __forceinline__ void walk_rows(const BnBackwardParams& p, const NhwcWalk& w, const NhwcThread& t, Use use) {
+// This thread's rows of channels t.c .. t.c + V - 1, kNhwcRows at a time: the codes q and the
+// gradients g (widened to float) of each row's V elements from e are loaded first, then
+// use(e, q, g) runs for each row, in row order, and batch() after each kNhwcRows rows.
+template <int Bits, typename T, int V, typename Use, typename Batch>
+__device__ __forceinline__ void walk_rows(const BnBackwardParams& p, const NhwcWalk& w, const NhwcThread& t, Use use,
+                                          Batch batch) {
   const T* grad = static_cast<const T*>(p.grad);
   const int64_t c = t.c, stride = int64_t{gridDim.y} * kNhwcR * (32 / w.lanes);
   for (int64_t r0 = t.r0; r0 < w.rows; r0 += kNhwcRows * stride) {
-    uint32_t q[kNhwcRows] = {};
-    float g[kNhwcRows] = {};
+    uint64_t words[kNhwcRows] = {};  // V codes a row
+    Elems<T, V> gs[kNhwcRows] = {};
 #pragma unroll
     for (int u = 0; u < kNhwcRows; ++u) {
       const int64_t e = (r0 + u * stride) * p.channels + c;
-      if (r0 + u * stride < w.rows) q[u] = read_code<Bits>(p.codes, e), g[u] = codec::widen(grad[e]);
+      if (r0 + u * stride >= w.rows) continue;
+      if constexpr (V == 1) {
+        words[u] = read_code<Bits>(p.codes, e), gs[u].v[0] = grad[e];
+      } else {
+        words[u] = read_code_word<Bits, V>(p.codes, e), gs[u] = target::load<Elems<T, V>>(grad + e);
+      }
     }
 #pragma unroll
-    for (int u = 0; u < kNhwcRows; ++u)
-      if (r0 + u * stride < w.rows) use((r0 + u * stride) * p.channels + c, q[u], g[u]);
+    for (int u = 0; u < kNhwcRows; ++u) {
+      if (r0 + u * stride >= w.rows) continue;
+      uint32_t q[V];
+      float g[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        q[k] = static_cast<uint32_t>(words[u] >> (Bits * k)) & ((1u << Bits) - 1);
+        g[k] = codec::widen(gs[u].v[k]);
+      }
+      use((r0 + u * stride) * p.channels + c, q, g);
+    }
+    batch();
   }
 }
 
-template <int Bits, typename T>
+template <int Bits, typename T, int V>
 __global__ void bn_nhwc_reduce_kernel(BnBackwardParams p, NhwcWalk w) {
   __shared__ double part[2][kNhwcR][32];
-  const NhwcThread t = nhwc_thread(w);
+  const NhwcThread t = nhwc_thread<V>(w);
   const int64_t c = t.c;
   const float d = codec::bin_width(p.window, Bits);
-  double sum_a = 0.0, sum_ax = 0.0;
+  double sum_a[V] = {}, sum_ax[V] = {};
   if (c < p.channels) {
-    const int s = p.offsets[c];
-    const float bc = p.b[c];
-    walk_rows<Bits, T>(p, w, t, [&](int64_t, uint32_t q, float g) {
-      const float2 t = bn_terms(q, g, s, bc, d);
-      sum_a += t.x;
-      sum_ax += t.y;
-    });
+    int s[V];
+    float bc[V], batch_a[V] = {}, batch_ax[V] = {};
+#pragma unroll
+    for (int k = 0; k < V; ++k) s[k] = p.offsets[c + k], bc[k] = p.b[c + k];
+    walk_rows<Bits, T, V>(
+        p, w, t,
+        [&](int64_t, const uint32_t* q, const float* g) {
+#pragma unroll
+          for (int k = 0; k < V; ++k) {
+            const float2 terms = bn_terms(q[k], g[k], s[k], bc[k], d);
+            batch_a[k] += terms.x;
+            batch_ax[k] += terms.y;
+          }
+        },
+        [&] {
+#pragma unroll
+          for (int k = 0; k < V; ++k) {
+            sum_a[k] += batch_a[k], sum_ax[k] += batch_ax[k];
+            batch_a[k] = 0.0f, batch_ax[k] = 0.0f;
+          }
+        });
   }
-  part[0][threadIdx.y][threadIdx.x] = sum_a;
-  part[1][threadIdx.y][threadIdx.x] = sum_ax;
-  __syncthreads();
-  if (threadIdx.y == 0 && static_cast<int>(threadIdx.x) < w.lanes && c < p.channels) {
-    double a = 0.0, ax = 0.0;
-    for (int k = 0; k < kNhwcR; ++k)
-      for (int j = t.lane; j < 32; j += w.lanes) a += part[0][k][j], ax += part[1][k][j];
-    double* slots = p.partials + 2 * int64_t{gridDim.y} * c;
-    slots[blockIdx.y] = a;
-    slots[gridDim.y + blockIdx.y] = ax;
+  // The block's sums, a channel at a time: every thread passes each barrier.
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    part[0][threadIdx.y][threadIdx.x] = sum_a[k];
+    part[1][threadIdx.y][threadIdx.x] = sum_ax[k];
+    __syncthreads();
+    if (threadIdx.y == 0 && static_cast<int>(threadIdx.x) < w.lanes && c < p.channels) {
+      double a = 0.0, ax = 0.0;
+      for (int r = 0; r < kNhwcR; ++r)
+        for (int j = t.lane; j < 32; j += w.lanes) a += part[0][r][j], ax += part[1][r][j];
+      double* slots = p.partials + 2 * int64_t{gridDim.y} * (c + k);
+      slots[blockIdx.y] = a;
+      slots[gridDim.y + blockIdx.y] = ax;
+    }
+    __syncthreads();  // part[] is rewritten for the next channel
   }
 }
 
@@ -759,24 +799,41 @@ __global__ void bn_nhwc_total_kernel(BnBackwardParams p, int64_t slots) {
 // that a thread adds two or three of the up to 2,112 slots of each sum on an H200's grid.
 int nhwc_total_threads(int64_t slots) { return 32 * static_cast<int>(std::clamp<int64_t>((slots + 31) / 32, 1, 32)); }
 
-template <int Bits, typename T>
+template <int Bits, typename T, int V>
 __global__ void bn_nhwc_apply_kernel(BnBackwardParams p, NhwcWalk w) {
-  const NhwcThread t = nhwc_thread(w);
+  const NhwcThread t = nhwc_thread<V>(w);
   const int64_t c = t.c;
   if (c >= p.channels) return;
   T* grad_in = static_cast<T*>(p.grad_in);
   const double* totals = p.partials + 2 * int64_t{gridDim.y} * p.channels;
   const double m = static_cast<double>(w.rows);
-  const float mean_a = static_cast<float>(totals[c] / m), mean_ax = static_cast<float>(totals[p.channels + c] / m);
-  const float scale = __fmul_rn(p.g[c], p.invstd[c]);
-  const int s = p.offsets[c];
-  const float bc = p.b[c];
+  float mean_a[V], mean_ax[V], scale[V], bc[V];
+  int s[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    mean_a[k] = static_cast<float>(totals[c + k] / m);
+    mean_ax[k] = static_cast<float>(totals[p.channels + c + k] / m);
+    scale[k] = __fmul_rn(p.g[c + k], p.invstd[c + k]);
+    s[k] = p.offsets[c + k];
+    bc[k] = p.b[c + k];
+  }
   const float d = codec::bin_width(p.window, Bits);
   // grad_in may be grad: each element is read and then written by this thread alone.
-  walk_rows<Bits, T>(p, w, t, [&](int64_t e, uint32_t q, float g) {
-    const float ga = codec::mask(q, s) ? g : 0.0f;  // a select: a masked NaN gradient is 0
-    grad_in[e] = codec::round_to<T>(scale * (ga - mean_a - (codec::decode(q, s, d) - bc) * mean_ax));
-  });
+  walk_rows<Bits, T, V>(
+      p, w, t,
+      [&](int64_t e, const uint32_t* q, const float* g) {
+        Elems<T, V> out;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const float ga = codec::mask(q[k], s[k]) ? g[k] : 0.0f;  // a select: a masked NaN gradient is 0
+          out.v[k] = codec::round_to<T>(scale[k] * (ga - mean_a[k] - (codec::decode(q[k], s[k], d) - bc[k]) * mean_ax[k]));
+        }
+        if constexpr (V == 1)
+          grad_in[e] = out.v[0];
+        else
+          target::store(grad_in + e, out);
+      },
+      [] {});
 }
 
 using codec::dispatch;  // blpa/codec_dispatch.h: one kernel per (K, T, NHWC), as the CPU path's
@@ -847,17 +904,28 @@ BnGrid bn_grid(const BnBackwardParams& p) {
   return {w, dim3(static_cast<unsigned>(per_channel_blocks), static_cast<unsigned>(std::min<int64_t>(p.channels, 65535)))};
 }
 
-// NHWC: the channels a warp covers in a row (C rounded up to a power of two, at most 32).
-int nhwc_lanes(int64_t channels) {
+// NHWC: the channels a lane takes in a row (kNhwcVector where the channels and every
+// pointer allow the vector accesses, else 1).
+int nhwc_vector(const BnBackwardParams& p) {
+  const bool vec = p.channels % kNhwcVector == 0 && aligned(p.grad, 16) && aligned(p.grad_in, 16) &&
+                   aligned(p.codes, kNhwcVector * p.bits / 8);
+  return vec ? kNhwcVector : 1;
+}
+
+// NHWC: the vectors of channels a warp covers in a row (C / V rounded up to a power of two,
+// at most 32).
+int nhwc_lanes(const BnBackwardParams& p) {
+  const int64_t vectors = (p.channels + nhwc_vector(p) - 1) / nhwc_vector(p);
   int lanes = 1;
-  while (lanes < 32 && lanes < channels) lanes *= 2;
+  while (lanes < 32 && lanes < vectors) lanes *= 2;
   return lanes;
 }
 
 // NHWC: the channel tiles by the row blocks, as many as the capped grid holds.
 dim3 bn_nhwc_grid(const BnBackwardParams& p) {
-  const int lanes = nhwc_lanes(p.channels);
-  const int64_t tiles = (p.channels + lanes - 1) / lanes, rows = p.batch * p.plane, block_rows = kNhwcR * (32 / lanes);
+  const int lanes = nhwc_lanes(p);
+  const int64_t tile = int64_t{lanes} * nhwc_vector(p), tiles = (p.channels + tile - 1) / tile;
+  const int64_t rows = p.batch * p.plane, block_rows = kNhwcR * (32 / lanes);
   TORCH_CHECK(tiles < (int64_t{1} << 31), "blpa: BatchNorm backward supports up to 2^36 channels");
   const int64_t row_blocks = std::clamp<int64_t>(grid_cap(p.device) / tiles, 1,
                                                  std::min<int64_t>((rows + block_rows - 1) / block_rows, 65535));
@@ -881,14 +949,22 @@ void bn_relu_backward(const BnBackwardParams& p) {
   const target::Stream stream = target::current_stream(p.device);
   if (p.nhwc) {
     const dim3 grid = bn_nhwc_grid(p), block(32, kNhwcR);
-    const NhwcWalk w{p.batch * p.plane, nhwc_lanes(p.channels)};
-    dispatch(p.bits, p.bf16, true, [&](auto k, auto t, auto) {
-      BLPA_LAUNCH(grid, block, stream, bn_nhwc_reduce_kernel<decltype(k)::value, decltype(t)>)(p, w);
+    const NhwcWalk w{p.batch * p.plane, nhwc_lanes(p)};
+    const int blocks = static_cast<int>(std::min<int64_t>(p.channels, grid_cap(p.device)));
+    auto run = [&](auto k, auto t, auto v) {
+      constexpr int Bits = decltype(k)::value, V = decltype(v)::value;
+      using T = decltype(t);
+      BLPA_LAUNCH(grid, block, stream, bn_nhwc_reduce_kernel<Bits, T, V>)(p, w);
       target::launch_check();
-      const int blocks = static_cast<int>(std::min<int64_t>(p.channels, grid_cap(p.device)));
       BLPA_LAUNCH(blocks, nhwc_total_threads(grid.y), stream, bn_nhwc_total_kernel)(p, grid.y);
       target::launch_check();
-      BLPA_LAUNCH(grid, block, stream, bn_nhwc_apply_kernel<decltype(k)::value, decltype(t)>)(p, w);
+      BLPA_LAUNCH(grid, block, stream, bn_nhwc_apply_kernel<Bits, T, V>)(p, w);
+    };
+    dispatch(p.bits, p.bf16, true, [&](auto k, auto t, auto) {
+      if (nhwc_vector(p) == kNhwcVector)
+        run(k, t, std::integral_constant<int, kNhwcVector>{});
+      else
+        run(k, t, std::integral_constant<int, 1>{});
     });
     target::launch_check();
     return;

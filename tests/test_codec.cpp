@@ -1022,6 +1022,7 @@ TEST_CASE("CUDA: bn_relu_backward of bf16 and channels-last gradients matches th
   auto shapes = layout_shapes();
   shapes.push_back({32, 64, 28, 28});  // many row blocks
   shapes.push_back({2, 300, 7, 7});    // several channel tiles, the last partial
+  shapes.push_back({3, 264, 3, 5});    // NHWC: lanes of 8 channels, two tiles, the last partial
   for (const CodeFormat& f : layout_formats()) {
     for (const auto& shape : shapes) {
       for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
@@ -1061,7 +1062,9 @@ TEST_CASE("codec: the GPU's BatchNorm backward on a GPU's grid, emulated, matche
   // of 16 x 32 x 32 (a warp covers two rows) spread over 128, 512 and 1,024 row blocks (4, 16
   // and 32 warps per channel when they are added) and each thread of the NCHW walk takes a few
   // of a plane's vectors; tolerances as in the CUDA test above (the GPU's order of addition is
-  // not the CPU's).
+  // not the CPU's). NHWC lanes take 8 channels where the channels are a multiple of 8 (16: two
+  // lanes a row; 40: five of a tile's eight; 264: two tiles of 32 lanes, the second with one;
+  // 8: one lane a row), one channel otherwise (300).
   torch::manual_seed(29);
   struct Restore {
     ~Restore() { blpa::testing::set_emulated_multiprocessors(2); }
@@ -1069,7 +1072,8 @@ TEST_CASE("codec: the GPU's BatchNorm backward on a GPU's grid, emulated, matche
   const CodeFormat f{4, 6.0f, 1.0f};
   for (int sms : {8, 32, 64}) {
     blpa::testing::set_emulated_multiprocessors(sms);
-    for (const auto& shape : std::vector<std::vector<int64_t>>{{16, 16, 32, 32}, {2, 300, 7, 7}, {5, 40, 9, 9}}) {
+    for (const auto& shape : std::vector<std::vector<int64_t>>{
+             {16, 16, 32, 32}, {2, 300, 7, 7}, {5, 40, 9, 9}, {3, 264, 3, 5}, {2, 8, 5, 7}}) {
       for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
         CAPTURE(sms, shape, dtype);
         const int64_t c = shape[1];
