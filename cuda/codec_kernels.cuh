@@ -224,18 +224,28 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
   const bool relu_vec = elems_aligned<T, kGroup>(relu);
   const bool rows = NHWC && nhwc_rows<kGroup>(p.channels, p.offsets, nullptr, nullptr);
   const float d = codec::bin_width(p.window, Bits);
-  // Codes from products, dividing only next to a bin edge (codec::encode_scaled): each
-  // channel's 1 / (divisor_c d), made once per block. A window narrower than 2^bits guards
-  // (guard_d >= 1) is outside the bound's reach: it divides, as wider tensors do.
+  // Codes from one fused multiply-add, deciding exactly next to a bin edge (codec::fused_code,
+  // codec::near_code): each channel's scale 1 / (divisor_c d) and bias s_c - kGuard / d, and
+  // the edge thresholds of d, made once per block. A window narrower than 2^(bits+1) guards
+  // (guard_d >= 1/2) is outside the bound's reach: it divides, as wider tensors do, whose
+  // scales are NaN (every element a near edge) and biases s_c.
   __shared__ float4 scale_vectors[kScaleChannels / 4];  // float4: aligned for the NHWC rows' vector loads
+  __shared__ float4 bias_vectors[kScaleChannels / 4];
+  __shared__ float edges[2 * (1 << Bits) + 2];  // codec::edge_thresholds(Bits)
   float* scale = reinterpret_cast<float*>(scale_vectors);
+  float* bias = reinterpret_cast<float*>(bias_vectors);
   const float guard_d = codec::kGuard / d, tol = codec::scaled_tolerance(Bits, guard_d);
-  const bool scaled = p.channels <= kScaleChannels && guard_d < 1.0f;
+  const bool scaled = p.channels <= kScaleChannels && guard_d < 0.5f;
   if (scaled) {
-    for (int c = threadIdx.x; c < p.channels; c += blockDim.x)
-      scale[c] = codec::channel_scale(p.divisor ? p.divisor[c] : 1.0f, d);
+    for (int c = threadIdx.x; c < p.channels; c += blockDim.x) {
+      scale[c] = codec::fused_scale(p.divisor ? p.divisor[c] : 1.0f, d);
+      bias[c] = codec::channel_bias(p.offsets[c], guard_d);
+    }
+    for (int i = threadIdx.x; i < codec::edge_thresholds(Bits); i += blockDim.x)
+      edges[i] = codec::edge_threshold(i - (1 << Bits) - 1, d);
     __syncthreads();
   }
+  const float divide = codec::fused_scale(0.0f, d);  // NaN: the scale of a channel that divides
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
   for (int64_t g0 = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g0 < groups; g0 += kPackUnroll * stride) {
     Elems<T, kGroup> raws[kPackUnroll];  // each group's elements, loaded first
@@ -270,46 +280,54 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
       float x[kGroup];
 #pragma unroll
       for (int k = 0; k < kGroup; ++k) x[k] = codec::widen(raw.v[k]);
-      int s[kGroup];
-      float sc[kGroup];  // 0: divide
-      // channel_values' cases, for the offsets and the scales together: each case finds the
+      float sc[kGroup], bi[kGroup];
+      // channel_values' cases, for the scales and biases together: each case finds the
       // channels once for both (two channel_values calls made ptxas spill registers here).
       const GroupAt at = group_at<kGroup, NHWC>(rows, e0, n, p.plane, p.channels, narrow);
       if (!NHWC && at.how == GroupAt::one_channel) {  // one load of each for the group
-        const int so = p.offsets[at.c0];
-        const float c = scaled ? scale[at.c0] : 0.0f;
+        const float c = scaled ? scale[at.c0] : divide, b = scaled ? bias[at.c0] : p.offsets[at.c0];
 #pragma unroll
-        for (int k = 0; k < kGroup; ++k) s[k] = so, sc[k] = c;
-      } else if (NHWC && at.how == GroupAt::row) {  // channels c0 .. c0 + 7: offsets in one load, scales in two
-        const auto o = target::load<Elems<uint8_t, kGroup>>(p.offsets + at.c0);
-        Elems<float, kGroup> f{};
-        if (scaled) f = target::load<Elems<float, kGroup>>(scale + at.c0);
+        for (int k = 0; k < kGroup; ++k) sc[k] = c, bi[k] = b;
+      } else if (NHWC && at.how == GroupAt::row) {  // channels c0 .. c0 + 7: two vector loads of each
+        if (scaled) {
+          const auto f = target::load<Elems<float, kGroup>>(scale + at.c0);
+          const auto b = target::load<Elems<float, kGroup>>(bias + at.c0);
 #pragma unroll
-        for (int k = 0; k < kGroup; ++k) s[k] = o.v[k], sc[k] = f.v[k];
+          for (int k = 0; k < kGroup; ++k) sc[k] = f.v[k], bi[k] = b.v[k];
+        } else {
+          const auto o = target::load<Elems<uint8_t, kGroup>>(p.offsets + at.c0);
+#pragma unroll
+          for (int k = 0; k < kGroup; ++k) sc[k] = divide, bi[k] = o.v[k];
+        }
       } else if constexpr (NHWC) {  // channels that wrap within the group
         int64_t ch[kGroup];
         nhwc_channels<kGroup>(e0, p.channels, narrow, ch);
 #pragma unroll
-        for (int k = 0; k < kGroup; ++k) s[k] = p.offsets[ch[k]], sc[k] = scaled ? scale[ch[k]] : 0.0f;
+        for (int k = 0; k < kGroup; ++k)
+          sc[k] = scaled ? scale[ch[k]] : divide, bi[k] = scaled ? bias[ch[k]] : p.offsets[ch[k]];
       } else {  // a group that straddles two planes
 #pragma unroll
         for (int k = 0; k < kGroup; ++k) {
           const int64_t c = channel_at(e0 + k, p.plane, p.channels);
-          s[k] = p.offsets[c], sc[k] = scaled ? scale[c] : 0.0f;
+          sc[k] = scaled ? scale[c] : divide, bi[k] = scaled ? bias[c] : p.offsets[c];
         }
       }
       uint32_t q[kGroup];
 #pragma unroll
       for (int k = 0; k < kGroup; ++k) {
-        q[k] = codec::encode_scaled<true>(x[k], sc[k], guard_d, tol, s[k], Bits);
-        // Next to a bin edge: the exact divisions, with the channel known from the group's
-        // layout (not found again by a 64-bit division). About 1 element in 1,000 of float32
-        // activations; but a bf16 value divided by 1 (no divisor, or gamma = 1 as initialised)
-        // is often exactly a multiple of d: 1 in 6 of N(0,1) values at 8 bits, 1 in 85 at 4.
+        q[k] = codec::fused_code(x[k], sc[k], bi[k], tol, Bits);
+        // Next to a bin edge: decided by the edge thresholds, dividing only by a divisor other
+        // than 1 (v / 1 is v), with the channel known from the group's layout. About 1 element
+        // in 1,000 of float32 activations; but a bf16 value divided by 1 (no divisor, or gamma
+        // = 1 as initialised) is often exactly on an edge: 1 in 6 of N(0,1) values at 8 bits,
+        // 1 in 85 at 4.
         if (q[k] == codec::kNearEdge) {
           float t = x[k];
-          if (p.divisor) t = __fdiv_rn(t, p.divisor[element_channel<NHWC>(at, e0, k, p.plane, p.channels)]);
-          q[k] = codec::encode<true>(t, s[k], Bits, d);
+          if (p.divisor) {
+            const float g = p.divisor[element_channel<NHWC>(at, e0, k, p.plane, p.channels)];
+            if (g != 1.0f) t = __fdiv_rn(t, g);
+          }
+          q[k] = codec::near_code<true>(x[k], t, sc[k], bi[k], edges, Bits, d);
         }
       }
 

@@ -1117,9 +1117,10 @@ TEST_CASE("codec: pack and unpack on a one-multiprocessor grid, emulated, give t
   const unsigned all = blpa::kXhat | blpa::kRelu | blpa::kMask;
   for (int bits : {8, 4, 2}) {
     const CodeFormat f = blpa::default_format(bits);
-    // {2, 2100, 1, 3}: more channels than pack keeps scales for in shared memory (it divides).
-    for (const auto& shape :
-         std::vector<std::vector<int64_t>>{{5, 7, 61, 67}, {4, 16, 32, 32}, {2, 300, 7, 7}, {2, 2100, 1, 3}}) {
+    // {2, 2100, 1, 3}: more channels than pack keeps scales for in shared memory (it divides);
+    // {2, 2056, 1, 2} too, in NHWC rows of 8 channels.
+    for (const auto& shape : std::vector<std::vector<int64_t>>{
+             {5, 7, 61, 67}, {4, 16, 32, 32}, {2, 300, 7, 7}, {2, 2100, 1, 3}, {2, 2056, 1, 2}}) {
       const int64_t c = shape[1];
       auto b = torch::randn({c}), gamma = torch::rand({c}) + 0.1;
       auto v = torch::randn(shape) * 2 + b.view({1, c, 1, 1});

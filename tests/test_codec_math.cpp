@@ -1,8 +1,10 @@
-// codec::encode_scaled, the CUDA pack's division-free path, against codec::encode, whose
-// codes it must give wherever it gives one: on every bf16 value and on fp32 values at, and a
-// few ulps beside, every bin edge, for every width, several windows and divisors from the
-// clamp's 1e-8 to 1e6. And the error bound its tolerance rests on, measured with margin.
-// Compiled with -ffp-contract=off (tests/CMakeLists.txt), as the kernels are.
+// The CUDA pack's division-free path, codec::fused_code and, next to a bin edge,
+// codec::near_code, composed as the kernel composes them, against codec::encode, whose codes
+// they must give: on every bf16 value and on fp32 values at, and a few ulps beside, every bin
+// edge, for every width, several windows and divisors from the clamp's 1e-8 to 1e6. And the
+// error bound fused_code's tolerance rests on, measured with margin, and the edge thresholds
+// near_code decides by. Compiled with -ffp-contract=off (tests/CMakeLists.txt), as the kernels
+// are.
 #include <blpa/codec_math.h>
 
 #include <catch2/catch.hpp>
@@ -17,26 +19,34 @@ namespace {
 namespace codec = blpa::codec;
 
 struct Tally {
-  int64_t checked = 0, divided = 0, wrong = 0;
-  double worst_margin = 0;  // the largest |y - y'| / tol seen where |y'| is within reach
+  int64_t checked = 0, near = 0, wrong = 0;
+  double worst_margin = 0;  // the largest |y - (y_e + s)| / tol seen where y is in [-2, B + 1]
 };
 
-// One value through both paths; y and y' as the kernel and encode compute them.
-void check_one(float v, float g, float d, int s, int bits, Tally& t) {
-  const float scale = codec::channel_scale(g, d), guard_d = codec::kGuard / d;
-  const float tol = codec::scaled_tolerance(bits, guard_d);
+// The kernel's per-block table of edge thresholds.
+std::vector<float> thresholds(int bits, float d) {
+  std::vector<float> t(codec::edge_thresholds(bits));
+  for (int i = 0; i < static_cast<int>(t.size()); ++i) t[i] = codec::edge_threshold(i - codec::num_bins(bits) - 1, d);
+  return t;
+}
+
+// One value through the kernel's path (cuda/codec_kernels.cuh, pack_kernel) and through
+// encode; y and y_e as each computes them.
+void check_one(float v, float g, float d, int s, int bits, const std::vector<float>& edges, Tally& t) {
+  const float scale = codec::fused_scale(g, d), guard_d = codec::kGuard / d;
+  const float bias = codec::channel_bias(s, guard_d), tol = codec::scaled_tolerance(bits, guard_d);
   const uint32_t exact = codec::encode(v / g, s, bits, d);
-  const uint32_t fast = codec::encode_scaled(v, scale, guard_d, tol, s, bits);
+  uint32_t got = codec::fused_code(v, scale, bias, tol, bits);
   ++t.checked;
-  if (fast == codec::kNearEdge) {
-    ++t.divided;
-    return;
+  if (got == codec::kNearEdge) {
+    ++t.near;
+    got = codec::near_code(v, g != 1.0f ? v / g : v, scale, bias, edges.data(), bits, d);
   }
-  if (fast != exact) ++t.wrong;
-  const float y = (v / g - codec::kGuard) / d, y_fast = v * scale - guard_d;
-  const float reach = static_cast<float>(codec::num_bins(bits) + 1);
-  if (std::isfinite(y) && std::abs(y_fast) <= reach)
-    t.worst_margin = std::max(t.worst_margin, static_cast<double>(std::abs(y - y_fast)) / tol);
+  if (got != exact) ++t.wrong;
+  const float y_e = (v / g - codec::kGuard) / d, y = std::fma(v, scale, bias);
+  const float top = static_cast<float>(codec::num_bins(bits) - 1);
+  if (std::isfinite(y_e) && y >= -2.0f && y <= top + 2.0f)
+    t.worst_margin = std::max(t.worst_margin, std::abs(static_cast<double>(y_e) + s - y) / tol);
 }
 
 std::vector<float> divisors() {
@@ -49,25 +59,28 @@ std::vector<float> divisors() {
 
 }  // namespace
 
-TEST_CASE("codec: products give encode's codes on every bf16 value", "[codec-math]") {
+TEST_CASE("codec: the fused pack gives encode's codes on every bf16 value", "[codec-math]") {
   for (int bits : {8, 4, 2})
     for (float window : {6.0f, 2.5f, 7.3f, 40.0f}) {
       const float d = codec::bin_width(window, bits);
+      const auto edges = thresholds(bits, d);
       for (float g : divisors()) {
         CAPTURE(bits, window, g);
         Tally t;
         const int s = 1 + static_cast<int>(std::fmod(g * 1e4f, static_cast<float>(codec::num_bins(bits) - 1)));
-        for (uint32_t u = 0; u < 0x10000u; ++u) check_one(codec::float_of_bits(u << 16), g, d, s, bits, t);
+        for (uint32_t u = 0; u < 0x10000u; ++u) check_one(codec::float_of_bits(u << 16), g, d, s, bits, edges, t);
         CHECK(t.wrong == 0);
         CHECK(t.worst_margin <= 0.5);  // the bound is half the tolerance
+        if (g == 1.0f) CHECK(t.near > 0);  // bf16 values on bin edges: near_code decides them
       }
     }
 }
 
-TEST_CASE("codec: products give encode's codes at and beside every bin edge in fp32", "[codec-math]") {
+TEST_CASE("codec: the fused pack gives encode's codes at and beside every bin edge in fp32", "[codec-math]") {
   for (int bits : {8, 4, 2})
     for (float window : {6.0f, 2.5f, 7.3f}) {
       const float d = codec::bin_width(window, bits);
+      const auto edges = thresholds(bits, d);
       const int reach = codec::num_bins(bits) + 2;
       for (float g : divisors()) {
         CAPTURE(bits, window, g);
@@ -77,40 +90,75 @@ TEST_CASE("codec: products give encode's codes at and beside every bin edge in f
           float v = static_cast<float>((k * static_cast<double>(d) + codec::kGuard) * g);
           for (int i = 0; i < 16; ++i) v = std::nextafter(v, -std::numeric_limits<float>::infinity());
           for (int i = 0; i < 33; ++i, v = std::nextafter(v, std::numeric_limits<float>::infinity()))
-            check_one(v, g, d, 1, bits, t);
+            check_one(v, g, d, 1 + (k & 1), bits, edges, t);
         }
         CHECK(t.wrong == 0);
         CHECK(t.worst_margin <= 0.5);
-        CHECK(t.divided > 0);  // the edges are where it divides
+        CHECK(t.near > 0);  // the edges are where near_code decides
       }
     }
 }
 
-TEST_CASE("codec: products give encode's codes on random and extreme fp32 values", "[codec-math]") {
+TEST_CASE("codec: the fused pack gives encode's codes on random and extreme fp32 values", "[codec-math]") {
   const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
   const float big = std::numeric_limits<float>::max(), tiny = std::numeric_limits<float>::denorm_min();
   std::mt19937 rng(11);
   std::normal_distribution<float> normal(0.0f, 3.0f);
   for (int bits : {8, 4, 2}) {
     const float d = codec::bin_width(6.0f, bits);
+    const auto edges = thresholds(bits, d);
     for (float g : divisors()) {
       CAPTURE(bits, g);
       Tally t;
       for (float v : {0.0f, -0.0f, inf, -inf, nan, big, -big, tiny, -tiny, 1e-30f, -1e-30f, 1e30f, -1e30f})
-        check_one(v, g, d, 2, bits, t);
-      for (int i = 0; i < 20000; ++i) check_one(normal(rng) * g, g, d, 1 + i % (codec::num_bins(bits) - 1), bits, t);
+        check_one(v, g, d, 2, bits, edges, t);
+      for (int i = 0; i < 20000; ++i)
+        check_one(normal(rng) * g, g, d, 1 + i % (codec::num_bins(bits) - 1), bits, edges, t);
       CHECK(t.wrong == 0);
       CHECK(t.worst_margin <= 0.5);
-      // Activation-like values divide rarely: about 2 tol of a bin's width each (8 bits:
-      // tol = 2.5e-4), where every bf16 value above did often, its many tiny ones near the
-      // edge at v = guard.
-      CHECK(t.divided <= t.checked / 500);
+      // Activation-like values are rarely near an edge: about 2 tol of a bin's width each (8
+      // bits: tol = 2.5e-4), where bf16 values above were often: on edges (v / d an integer)
+      // and, the many tiny ones, at the edge at v = guard.
+      CHECK(t.near <= t.checked / 500);
     }
   }
   // Divisors whose 1 / (g d) is no normal float divide for every value; so do g <= 0 and NaN.
+  const float d = codec::bin_width(6.0f, 4);
+  const auto edges = thresholds(4, d);
   for (float g : {0.0f, -1.0f, nan, inf, 1e-38f, 3e38f}) {
     CAPTURE(g);
-    CHECK(codec::channel_scale(g, codec::bin_width(6.0f, 4)) == 0.0f);
-    CHECK(codec::encode_scaled(1.0f, 0.0f, 1.0f, 1e-3f, 1, 4) == codec::kNearEdge);
+    CHECK(codec::channel_scale(g, d) == 0.0f);
+    CHECK(std::isnan(codec::fused_scale(g, d)));
+    Tally t;
+    for (float v : {1.0f, -2.5f, 0.0f, 1e30f, nan}) check_one(v * (g > 0 && g < inf ? g : 1.0f), g, d, 3, 4, edges, t);
+    CHECK(t.near == t.checked);
+    CHECK(t.wrong == 0);
   }
+}
+
+TEST_CASE("codec: edge thresholds are the least floats whose quotient reaches each integer", "[codec-math]") {
+  // encode's floor of w / d is at least n exactly when w >= edge_threshold(n, d): so
+  // (w / d) >= n at the threshold and not one float below it. Every n near_code reads, for
+  // every width and windows from tiny to wide (d from 2^-12 to 64: the d > 2 of the widest is
+  // where n = 0's threshold is no longer -0).
+  for (int bits : {8, 4, 2})
+    for (float window : {6.0f, 2.5f, 7.3f, 40.0f, 1e-3f, 256.0f}) {
+      const float d = codec::bin_width(window, bits);
+      const int b = codec::num_bins(bits);
+      for (int n = -b - 1; n <= b; ++n) {
+        CAPTURE(bits, window, n);
+        const float w = codec::edge_threshold(n, d), below = codec::float_step(w, -1);
+        CHECK(w / d >= static_cast<float>(n));
+        CHECK_FALSE(below / d >= static_cast<float>(n));
+        CHECK(below < w);
+      }
+    }
+  // float_step walks the floats in order, across zero and the subnormals.
+  const float tiny = std::numeric_limits<float>::denorm_min();
+  CHECK(codec::float_step(0.0f, -1) == 0.0f);  // -0
+  CHECK(std::signbit(codec::float_step(0.0f, -1)));
+  CHECK(codec::float_step(-0.0f, -1) == -tiny);
+  CHECK(codec::float_step(-tiny, 1) == 0.0f);
+  CHECK(codec::float_step(1.0f, 1) == std::nextafter(1.0f, 2.0f));
+  CHECK(codec::float_step(-1.0f, 1) == std::nextafter(-1.0f, 0.0f));
 }

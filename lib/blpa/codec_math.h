@@ -8,8 +8,9 @@
 //
 // Bit-identical CPU/GPU results rest on using only IEEE-exact operations here:
 // float subtraction, division and multiplication, comparisons, floor and float->int
-// truncation. No fused multiply-add: the CUDA sources are compiled with --fmad=false and the
-// CPU sources with -ffp-contract=off.
+// truncation, and fmaf where it is written out (one rounding, the same on either side). No
+// multiply-add is fused unless written: the CUDA sources are compiled with --fmad=false and
+// the CPU sources with -ffp-contract=off.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -83,62 +84,7 @@ BLPA_HD uint32_t encode(float v, int s, int bits, float d) {
   return code_of<VectorFloor>((v - kGuard) / d, s, bits);
 }
 
-// The same codes with products where they are certain: encode(v / g, s, bits, d) takes two
-// divisions per element, which is most of the CUDA pack's instructions (an IEEE division is
-// a reciprocal, its refinement and a check), so the GPU packs from
-//   y' = v * scale - guard_d,   scale = channel_scale(g, d) = 1 / (g d),   guard_d = kGuard / d,
-// each rounded once per channel, and divides only where y' lies near a bin edge.
-//
-// Why floor(y') is encode's floor of y = ((v / g) - kGuard) / d elsewhere. With unit
-// roundoff u = 2^-24, Y = (v / g - kGuard) / d exactly and G = kGuard / d: encode's three
-// roundings give |y - Y| <= u (3 |Y| + G); the approximation's five (g d, its reciprocal,
-// the product, G, the difference) give |y' - Y| <= u (4 |Y| + 4 G); so |y - y'| <=
-// 8 u (|y'| + G) to first order, which for |y'| <= 2^bits + 1 is at most half of
-//   tol = 2^-20 (2^bits + 2 + G)   (scaled_tolerance).
-// So where y' is farther than tol from every integer, no integer lies between y and y' and
-// the floors agree; beyond 2^bits + 1 both clamp to the same end of the window. NaN and
-// infinities of v clamp as encode clamps them. channel_scale returns 0 (divide) for channels
-// whose g d or 1 / (g d) is not a normal float, or g <= 0 or NaN, where the relative bounds
-// do not hold; callers divide too when G >= 1 (a window narrower than 2^bits kGuard).
-// Tested against encode on every bf16 value and on fp32 values at and beside bin edges
-// (tests/test_codec_math.cpp, "codec: products give encode's codes ...").
-BLPA_HD float channel_scale(float g, float d) {
-  const float scale = 1.0f / (g * d);
-  return scale >= 0x1p-125f && scale <= 0x1p125f ? scale : 0.0f;  // NaN -> 0
-}
-
-BLPA_HD float scaled_tolerance(int bits, float guard_d) {
-  return 0x1p-20f * (static_cast<float>(num_bins(bits)) + 2.0f + guard_d);
-}
-
-// encode_scaled's answer where the caller must divide (no code is that large).
-constexpr uint32_t kNearEdge = 0xFFFFFFFFu;
-
-// encode(v / g, s, bits, d), or kNearEdge where y' lies within tol of an integer inside the
-// window's reach, or scale is 0.
-// Without branches, so that a GPU predicates it.
-template <bool VectorFloor = false>
-BLPA_HD uint32_t encode_scaled(float v, float scale, float guard_d, float tol, int s, int bits) {
-  const float y = v * scale - guard_d;
-  const float reach = static_cast<float>(num_bins(bits) + 1);
-  const bool near = fabsf(y - rintf(y)) <= tol && fabsf(y) <= reach;  // NaN: not near
-  const uint32_t code = code_of<VectorFloor>(y, s, bits);
-  return scale == 0.0f || near ? kNearEdge : code;
-}
-
-// Dequantised v' = (code - s + 0.5) * d: the centre of the code's bin.
-BLPA_HD float decode(uint32_t code, int s, float d) {
-  return (static_cast<float>(static_cast<int>(code) - s) + 0.5f) * d;
-}
-
-// The ReLU mask: exact, since a bin edge sits at v = 0 (up to the guard).
-BLPA_HD bool mask(uint32_t code, int s) { return static_cast<int>(code) >= s; }
-
-// Activations and gradients are float32 or bfloat16; the math above is float. A bf16 value
-// widens to float exactly; a float result is rounded to bf16 once, to nearest-even with NaN
-// as 0x7FC0: c10::BFloat16(float)'s rounding on the host, written out here so that the CPU
-// loops vectorise and the device rounds the same bits (the device constructor's
-// __float2bfloat16 gives another NaN).
+// A float's bits and back, on the host and the device.
 BLPA_HD float float_of_bits(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
@@ -159,6 +105,117 @@ BLPA_HD uint32_t bits_of_float(float f) {
 #endif
 }
 
+// The same codes from one fused multiply-add where they are certain: encode(v / g, s, bits, d)
+// takes two divisions per element, which were most of the CUDA pack's instructions (an IEEE
+// division is a reciprocal, its refinement and a check), so the GPU packs from
+//   y = fma(v, scale, bias),  scale = channel_scale(g, d) = 1 / (g d),  bias = s - G,
+// G = kGuard / d, each of scale, G and bias rounded once per channel: y is encode's floor
+// argument with s added, and the code is clamp(floor(y), 0, B - 1) wherever y lies farther
+// than tol from every integer (fused_code). Next to a bin edge, encode's floor is decided
+// exactly without dividing by d (near_code, from edge thresholds).
+//
+// Why floor(y) is encode's floor plus s elsewhere. With unit roundoff u = 2^-24,
+// Y = (v / g - kGuard) / d exactly, P = Y + G = v / (g d): encode's three roundings give
+// y_e = Y (1 + 2e) + P e', so |y_e - Y| <= u (3 |Y| + G); the fma's rounding and those of g d,
+// its reciprocal, G and bias give |y - (Y + s)| <= 2u |P| + u G + u (s + G) + u |Y + s|
+// <= u (3 |Y| + 2 s + 4 G); together |y - (y_e + s)| <= u (6 |Y| + 2 s + 5 G) to first order.
+// Where y lies in [-2, B + 1], |Y| <= B + 2 and s <= B - 1, so this is at most
+// u (8 B + 10 + 5 G), under half of
+//   tol = 2^-20 (B + 2 + G) = u (16 B + 32 + 16 G)   (scaled_tolerance),
+// which leaves the second-order terms, and the absolute error of an underflowing product
+// (2^-150), far inside tol. So where y is farther than tol from every integer, no integer
+// lies between y and y_e + s and the floors agree. Beyond [-2, B + 1] both clamp to the same
+// end: y and Y + s agree to a few u relative, and the nearest end of the codes is over a unit
+// away. Infinite v clamps as encode clamps it; NaN v, and the channels that divide (scale
+// NaN), are near edges by construction (every comparison with NaN is false).
+// channel_scale returns 0 for channels whose g d or 1 / (g d) is not a normal float, or
+// g <= 0 or NaN, where the relative bounds do not hold; fused_scale makes that NaN. Callers
+// divide for every element when G >= 1/2 (a window narrower than 2^(bits+1) kGuard), where
+// near_code could not recover s from bias.
+// Tested, fused_code and near_code together as the kernel calls them, against encode on every
+// bf16 value and on fp32 values at and beside bin edges (tests/test_codec_math.cpp).
+BLPA_HD float channel_scale(float g, float d) {
+  const float scale = 1.0f / (g * d);
+  return scale >= 0x1p-125f && scale <= 0x1p125f ? scale : 0.0f;  // NaN -> 0
+}
+
+// channel_scale, with NaN where the channel must divide: a NaN y is a near edge.
+BLPA_HD float fused_scale(float g, float d) {
+  const float scale = channel_scale(g, d);
+  return scale != 0.0f ? scale : float_of_bits(0x7FC00000u);
+}
+
+BLPA_HD float channel_bias(int s, float guard_d) { return static_cast<float>(s) - guard_d; }
+
+BLPA_HD float scaled_tolerance(int bits, float guard_d) {
+  return 0x1p-20f * (static_cast<float>(num_bins(bits)) + 2.0f + guard_d);
+}
+
+// fused_code's answer where the caller must decide exactly (no code is that large).
+constexpr uint32_t kNearEdge = 0xFFFFFFFFu;
+
+// encode(v / g, s, bits, d) from y = fma(v, scale, bias), or kNearEdge where y lies within
+// tol of an integer in [-2, B + 1], or is NaN. Without branches, so that a GPU predicates it.
+BLPA_HD uint32_t fused_code(float v, float scale, float bias, float tol, int bits) {
+  const float y = fmaf(v, scale, bias);
+  const float top = static_cast<float>(num_bins(bits) - 1);
+  const bool far = fabsf(y - rintf(y)) > tol || y > top + 2.0f || y < -2.0f;  // NaN: not far
+  const float clamped = fminf(fmaxf(y, 0.0f), top);
+  return far ? static_cast<uint32_t>(floorf(clamped)) : kNearEdge;
+}
+
+// The next float above (step +1) or below (-1) f, with -0 just below +0; f finite.
+BLPA_HD float float_step(float f, int step) {
+  const uint32_t u = bits_of_float(f);
+  const uint32_t ordered = u & 0x80000000u ? 0x7FFFFFFFu - (u & 0x7FFFFFFFu) : u + 0x80000000u;
+  const uint32_t o = ordered + static_cast<uint32_t>(step);
+  return float_of_bits(o & 0x80000000u ? o - 0x80000000u : 0x80000000u | (0x7FFFFFFFu - o));
+}
+
+// The least float w with (w / d) >= n in float, d > 0 a normal float: encode's floor of w / d
+// is at least n exactly when w >= edge_threshold(n, d) (the rounded division is monotone). It
+// lies within a few floats of n d rounded, or for n = 0 of -d/2 of the least subnormal (where
+// w / d rounds to -0; a d over 2 puts that below -0); the steps check each candidate by the
+// division.
+BLPA_HD float edge_threshold(int n, float d) {
+  const float target = static_cast<float>(n);
+  float w = n != 0 ? target * d : -0.5f * d * float_of_bits(1);
+  for (int i = 0; i < 16 && !(w / d >= target); ++i) w = float_step(w, 1);
+  for (int i = 0; i < 16 && float_step(w, -1) / d >= target; ++i) w = float_step(w, -1);
+  return w;
+}
+
+// edge_threshold(n, d) for n = -(B + 1) .. B, at index n + B + 1.
+BLPA_HD int edge_thresholds(int bits) { return 2 * num_bins(bits) + 2; }
+
+// encode(t, s, bits, d), t = v / g, where fused_code(v, scale, bias, tol, bits) gave
+// kNearEdge; thresholds: edge_thresholds(bits) of edge_threshold. When y is a number it lies
+// within tol of the integer N in [-2, B + 1], and (bound above) y_e + s within 1.5 tol of N,
+// so encode's floor is n - 1 or n for n = N - s, in -(B + 1) .. B: n exactly when
+// t - kGuard >= edge_threshold(n, d). A NaN y (NaN v, or a channel that divides) divides.
+template <bool VectorFloor = false>
+BLPA_HD uint32_t near_code(float v, float t, float scale, float bias, const float* thresholds, int bits, float d) {
+  const float y = fmaf(v, scale, bias);
+  const int s = static_cast<int>(rintf(bias));  // bias = s - G, G < 1/2
+  if (y != y) return encode<VectorFloor>(t, s, bits, d);
+  const int n = static_cast<int>(rintf(y)) - s, top = num_bins(bits) - 1;
+  const int code = (t - kGuard >= thresholds[n + num_bins(bits) + 1] ? n : n - 1) + s;
+  return static_cast<uint32_t>(code < 0 ? 0 : code > top ? top : code);
+}
+
+// Dequantised v' = (code - s + 0.5) * d: the centre of the code's bin.
+BLPA_HD float decode(uint32_t code, int s, float d) {
+  return (static_cast<float>(static_cast<int>(code) - s) + 0.5f) * d;
+}
+
+// The ReLU mask: exact, since a bin edge sits at v = 0 (up to the guard).
+BLPA_HD bool mask(uint32_t code, int s) { return static_cast<int>(code) >= s; }
+
+// Activations and gradients are float32 or bfloat16; the math above is float. A bf16 value
+// widens to float exactly; a float result is rounded to bf16 once, to nearest-even with NaN
+// as 0x7FC0: c10::BFloat16(float)'s rounding on the host, written out here so that the CPU
+// loops vectorise and the device rounds the same bits (the device constructor's
+// __float2bfloat16 gives another NaN).
 BLPA_HD float widen(float x) { return x; }
 BLPA_HD float widen(c10::BFloat16 x) { return float_of_bits(static_cast<uint32_t>(x.x) << 16); }
 
