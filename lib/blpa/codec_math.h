@@ -14,6 +14,9 @@
 #pragma once
 
 #include <c10/util/BFloat16.h>
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>  // __float2bfloat16_rn
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -214,15 +217,20 @@ BLPA_HD bool mask(uint32_t code, int s) { return static_cast<int>(code) >= s; }
 // Activations and gradients are float32 or bfloat16; the math above is float. A bf16 value
 // widens to float exactly; a float result is rounded to bf16 once, to nearest-even with NaN
 // as 0x7FC0: c10::BFloat16(float)'s rounding on the host, written out here so that the CPU
-// loops vectorise and the device rounds the same bits (the device constructor's
-// __float2bfloat16 gives another NaN).
+// loops vectorise. The device rounds with its conversion instruction (one, where the integer
+// rounding took four), which rounds every number to nearest-even too and gives another NaN
+// (0x7FFF), replaced here by 0x7FC0.
 BLPA_HD float widen(float x) { return x; }
 BLPA_HD float widen(c10::BFloat16 x) { return float_of_bits(static_cast<uint32_t>(x.x) << 16); }
 
 // The bf16 bits of f, rounded to nearest-even.
 BLPA_HD uint16_t bf16_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t rounded = __bfloat16_as_ushort(__float2bfloat16_rn(f));
+#else
   const uint32_t u = bits_of_float(f);
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+#endif
   return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
 }
 
