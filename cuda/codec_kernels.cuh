@@ -75,46 +75,93 @@ __host__ __device__ __forceinline__ bool aligned(const void* p, uintptr_t bytes)
   return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
 }
 
+// Division by a divisor fixed for a launch, as a multiply-high, an add and a shift instead of
+// the GPU's 32-bit division (a reciprocal and about 15 integer instructions; 64-bit division
+// is a call): Granlund and Montgomery's method, as LibTorch's IntDivider. For 1 <= d < 2^31,
+// s the least shift with 2^s >= d and m = floor(2^32 (2^s - d) / d) + 1 (< 2^32, as
+// 2^s < 2 d), n / d = (umulhi(n, m) + n) >> s for every n < 2^31, where the add cannot
+// overflow. Tested against division in tests/emulated_kernels.cpp.
+struct Divider {
+  uint32_t m = 1, s = 0;
+};
+
+Divider make_divider(int64_t d) {
+  Divider v;
+  while ((int64_t{1} << v.s) < d) ++v.s;
+  v.m = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << v.s) - static_cast<uint64_t>(d))) /
+                                  static_cast<uint64_t>(d) +
+                              1);
+  return v;
+}
+
+__device__ __forceinline__ uint32_t divide(uint32_t n, const Divider& v) {
+  return (__umulhi(n, v.m) + n) >> v.s;
+}
+
+// A launch's index math: below 2^31 elements (`narrow`) the channel of an element comes from
+// 32-bit multiply-high divisions by plane and channels; above, from 64-bit division.
+struct Index {
+  int64_t plane, channels;
+  Divider by_plane, by_channels;
+  bool narrow;
+};
+
+Index index_of(int64_t numel, int64_t plane, int64_t channels) {
+  const bool narrow = numel < (int64_t{1} << 31);
+  return {plane, channels, narrow ? make_divider(plane) : Divider{}, narrow ? make_divider(channels) : Divider{},
+          narrow};
+}
+
+// n mod d, given n / d.
+__device__ __forceinline__ uint32_t remainder(uint32_t n, uint32_t quotient, int64_t d) {
+  return n - quotient * static_cast<uint32_t>(d);
+}
+
 // Where a group of n elements starting at e0 lies: the channel of its first element, and
-// whether all n share it (a group straddles two planes only at a plane's end). Below 2^32
-// elements the index math is 32-bit: the GPU emulates 64-bit division in software, and with
-// it the kernels were bound by integer instructions, not by memory.
+// whether all n share it (a group straddles two planes only at a plane's end).
 struct Group {
   int64_t c0;
   bool one_channel;
 };
 
-__device__ __forceinline__ Group locate(int64_t e0, int n, int64_t plane, int64_t channels, bool narrow) {
-  if (narrow) {
-    const uint32_t e = static_cast<uint32_t>(e0), pl = static_cast<uint32_t>(plane);
-    const uint32_t q = e / pl;
-    return {static_cast<int64_t>(q % static_cast<uint32_t>(channels)), e - q * pl + n <= pl};
+__device__ __forceinline__ Group locate(int64_t e0, int n, const Index& ix) {
+  if (ix.narrow) {
+    const uint32_t e = static_cast<uint32_t>(e0), q = divide(e, ix.by_plane);
+    const uint32_t in_plane = remainder(e, q, ix.plane);
+    return {int64_t{remainder(q, divide(q, ix.by_channels), ix.channels)},
+            in_plane + n <= static_cast<uint32_t>(ix.plane)};
   }
-  const int64_t q = e0 / plane;
-  return {q % channels, e0 - q * plane + n <= plane};
+  const int64_t q = e0 / ix.plane;
+  return {q % ix.channels, e0 - q * ix.plane + n <= ix.plane};
 }
-
-__device__ __forceinline__ bool narrow_indices(int64_t numel) { return numel <= int64_t{0xFFFFFFF0}; }
 
 // The channel of element e, for the rare groups that straddle two planes.
-__device__ __forceinline__ int64_t channel_at(int64_t e, int64_t plane, int64_t channels) {
-  return (e / plane) % channels;
+__device__ __forceinline__ int64_t channel_at(int64_t e, const Index& ix) {
+  if (ix.narrow) {
+    const uint32_t q = divide(static_cast<uint32_t>(e), ix.by_plane);
+    return remainder(q, divide(q, ix.by_channels), ix.channels);
+  }
+  return (e / ix.plane) % ix.channels;
 }
 
-// NHWC: the channel of element e0.
-__device__ __forceinline__ int64_t first_channel(int64_t e0, int64_t channels, bool narrow) {
-  return narrow ? static_cast<int64_t>(static_cast<uint32_t>(e0) % static_cast<uint32_t>(channels)) : e0 % channels;
+// NHWC: the channel of element e.
+__device__ __forceinline__ int64_t first_channel(int64_t e, const Index& ix) {
+  if (ix.narrow) {
+    const uint32_t n = static_cast<uint32_t>(e);
+    return remainder(n, divide(n, ix.by_channels), ix.channels);
+  }
+  return e % ix.channels;
 }
 
 // NHWC: the channel of each of the G elements of a group from e0: consecutive channels,
 // wrapping at `channels`.
 template <int G>
-__device__ __forceinline__ void nhwc_channels(int64_t e0, int64_t channels, bool narrow, int64_t ch[G]) {
-  int64_t c = first_channel(e0, channels, narrow);
+__device__ __forceinline__ void nhwc_channels(int64_t e0, const Index& ix, int64_t ch[G]) {
+  int64_t c = first_channel(e0, ix);
 #pragma unroll
   for (int k = 0; k < G; ++k) {
     ch[k] = c;
-    c = c + 1 == channels ? 0 : c + 1;
+    c = c + 1 == ix.channels ? 0 : c + 1;
   }
 }
 
@@ -149,21 +196,20 @@ struct GroupAt {
 };
 
 template <int G, bool NHWC>
-__device__ __forceinline__ GroupAt group_at(bool rows, int64_t e0, int n, int64_t plane, int64_t channels,
-                                            bool narrow) {
+__device__ __forceinline__ GroupAt group_at(bool rows, int64_t e0, int n, const Index& ix) {
   if constexpr (NHWC) {
-    if (rows) return {GroupAt::row, first_channel(e0, channels, narrow)};
+    if (rows) return {GroupAt::row, first_channel(e0, ix)};
     return {GroupAt::per_element, 0};
   } else {
-    const Group gr = locate(e0, n, plane, channels, narrow);
+    const Group gr = locate(e0, n, ix);
     return {gr.one_channel ? GroupAt::one_channel : GroupAt::per_element, gr.c0};
   }
 }
 
 // a[channel] for each of the group's G elements: one load, one vector load, or G loads.
 template <int G, bool NHWC, typename V, typename Out>
-__device__ __forceinline__ void channel_values(const V* a, const GroupAt& at, int64_t e0, int64_t plane,
-                                               int64_t channels, bool narrow, Out out[G]) {
+__device__ __forceinline__ void channel_values(const V* a, const GroupAt& at, int64_t e0, const Index& ix,
+                                               Out out[G]) {
   if (!NHWC && at.how == GroupAt::one_channel) {  // (NHWC groups are never one channel, nor NCHW rows)
     const Out v = a[at.c0];
 #pragma unroll
@@ -174,22 +220,21 @@ __device__ __forceinline__ void channel_values(const V* a, const GroupAt& at, in
     for (int k = 0; k < G; ++k) out[k] = w.v[k];
   } else if constexpr (NHWC) {
     int64_t ch[G];
-    nhwc_channels<G>(e0, channels, narrow, ch);
+    nhwc_channels<G>(e0, ix, ch);
 #pragma unroll
     for (int k = 0; k < G; ++k) out[k] = a[ch[k]];
   } else {
 #pragma unroll
-    for (int k = 0; k < G; ++k) out[k] = a[channel_at(e0 + k, plane, channels)];
+    for (int k = 0; k < G; ++k) out[k] = a[channel_at(e0 + k, ix)];
   }
 }
 
 // The channel of element e0 + k of a group.
 template <bool NHWC>
-__device__ __forceinline__ int64_t element_channel(const GroupAt& at, int64_t e0, int k, int64_t plane,
-                                                   int64_t channels) {
+__device__ __forceinline__ int64_t element_channel(const GroupAt& at, int64_t e0, int k, const Index& ix) {
   if (!NHWC && at.how == GroupAt::one_channel) return at.c0;
   if (NHWC && at.how == GroupAt::row) return at.c0 + k;
-  return NHWC ? (e0 + k) % channels : channel_at(e0 + k, plane, channels);
+  return NHWC ? first_channel(e0 + k, ix) : channel_at(e0 + k, ix);
 }
 
 template <typename T>
@@ -216,11 +261,11 @@ __global__ void channel_kernel(ChannelParams p) {
 }
 
 template <int Bits, typename T, bool NHWC>
-__global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParams p) {
+__global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParams p, Index ix) {
   const T* v = static_cast<const T*>(p.v);
   T* relu = static_cast<T*>(p.relu);
   const int64_t groups = (p.numel + kGroup - 1) / kGroup;
-  const bool vec = elems_aligned<T, kGroup>(v), narrow = narrow_indices(p.numel);
+  const bool vec = elems_aligned<T, kGroup>(v);
   const bool relu_vec = elems_aligned<T, kGroup>(relu);
   const bool rows = NHWC && nhwc_rows<kGroup>(p.channels, p.offsets, nullptr, nullptr);
   const float d = codec::bin_width(p.window, Bits);
@@ -283,7 +328,7 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
       float sc[kGroup], bi[kGroup];
       // channel_values' cases, for the scales and biases together: each case finds the
       // channels once for both (two channel_values calls made ptxas spill registers here).
-      const GroupAt at = group_at<kGroup, NHWC>(rows, e0, n, p.plane, p.channels, narrow);
+      const GroupAt at = group_at<kGroup, NHWC>(rows, e0, n, ix);
       if (!NHWC && at.how == GroupAt::one_channel) {  // one load of each for the group
         const float c = scaled ? scale[at.c0] : divide, b = scaled ? bias[at.c0] : p.offsets[at.c0];
 #pragma unroll
@@ -301,14 +346,14 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
         }
       } else if constexpr (NHWC) {  // channels that wrap within the group
         int64_t ch[kGroup];
-        nhwc_channels<kGroup>(e0, p.channels, narrow, ch);
+        nhwc_channels<kGroup>(e0, ix, ch);
 #pragma unroll
         for (int k = 0; k < kGroup; ++k)
           sc[k] = scaled ? scale[ch[k]] : divide, bi[k] = scaled ? bias[ch[k]] : p.offsets[ch[k]];
       } else {  // a group that straddles two planes
 #pragma unroll
         for (int k = 0; k < kGroup; ++k) {
-          const int64_t c = channel_at(e0 + k, p.plane, p.channels);
+          const int64_t c = channel_at(e0 + k, ix);
           sc[k] = scaled ? scale[c] : divide, bi[k] = scaled ? bias[c] : p.offsets[c];
         }
       }
@@ -324,7 +369,7 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
         if (q[k] == codec::kNearEdge) {
           float t = x[k];
           if (p.divisor) {
-            const float g = p.divisor[element_channel<NHWC>(at, e0, k, p.plane, p.channels)];
+            const float g = p.divisor[element_channel<NHWC>(at, e0, k, ix)];
             if (g != 1.0f) t = __fdiv_rn(t, g);
           }
           q[k] = codec::near_code<true>(x[k], t, sc[k], bi[k], edges, Bits, d);
@@ -432,14 +477,13 @@ constexpr int kUnpackGroup = 16 / static_cast<int>(sizeof(T));
 constexpr int kUnpackUnroll = 4;
 
 template <int Bits, typename T, bool NHWC>
-__global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackParams p) {
+__global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackParams p, Index ix) {
   constexpr int G = kUnpackGroup<T>, U = kUnpackUnroll;
   T* x_hat = static_cast<T*>(p.x_hat);
   T* r = static_cast<T*>(p.r);
   const int64_t groups = (p.numel + G - 1) / G, stride = int64_t{gridDim.x} * blockDim.x;
   const bool vec = (!x_hat || elems_aligned<T, G>(x_hat)) && (!r || elems_aligned<T, G>(r));
   const bool word_codes = aligned(p.codes, G * Bits / 8);  // codes from pack always are
-  const bool narrow = narrow_indices(p.numel);
   const float d = codec::bin_width(p.window, Bits);
   const float* b = x_hat ? p.b : nullptr;
   const float* gamma = r ? p.gamma : nullptr;
@@ -466,9 +510,9 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackP
       uint32_t q[G];
 #pragma unroll
       for (int k = 0; k < G; ++k) q[k] = static_cast<uint32_t>(words[u] >> (Bits * k)) & ((1u << Bits) - 1);
-      const GroupAt at = group_at<G, NHWC>(rows, e0, n, p.plane, p.channels, narrow);
+      const GroupAt at = group_at<G, NHWC>(rows, e0, n, ix);
       int s[G];
-      channel_values<G, NHWC>(p.offsets, at, e0, p.plane, p.channels, narrow, s);
+      channel_values<G, NHWC>(p.offsets, at, e0, ix, s);
       const bool full = vec && n == G;
 
       auto store = [&](T* dst, const float y[G]) {
@@ -486,14 +530,14 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackP
 
       if (x_hat) {
         float y[G], bk[G];
-        channel_values<G, NHWC>(b, at, e0, p.plane, p.channels, narrow, bk);
+        channel_values<G, NHWC>(b, at, e0, ix, bk);
 #pragma unroll
         for (int k = 0; k < G; ++k) y[k] = codec::decode(q[k], s[k], d) - bk[k];
         store(x_hat, y);
       }
       if (r) {
         float y[G], gk[G];
-        channel_values<G, NHWC>(gamma, at, e0, p.plane, p.channels, narrow, gk);
+        channel_values<G, NHWC>(gamma, at, e0, ix, gk);
 #pragma unroll
         for (int k = 0; k < G; ++k) {
           const float t = __fmul_rn(gk[k], codec::decode(q[k], s[k], d));
@@ -879,7 +923,8 @@ void pack(const PackParams& p) {
   const target::DeviceGuard guard(p.device);  // a launch goes to the current device
   const Launch l = launch_config((p.numel + kGroup - 1) / kGroup, p.device);
   dispatch(p.bits, p.bf16, p.nhwc, [&](auto k, auto t, auto layout) {
-    BLPA_LAUNCH(l.blocks, kThreads, l.stream, pack_kernel<decltype(k)::value, decltype(t), decltype(layout)::value>)(p);
+    BLPA_LAUNCH(l.blocks, kThreads, l.stream, pack_kernel<decltype(k)::value, decltype(t), decltype(layout)::value>)(
+        p, index_of(p.numel, p.plane, p.channels));
   });
   target::launch_check();
 }
@@ -891,7 +936,8 @@ void unpack(const UnpackParams& p) {
   const Launch l = launch_config((p.numel + group - 1) / group, p.device);
   dispatch(p.bits, p.bf16, p.nhwc, [&](auto k, auto t, auto layout) {
     BLPA_LAUNCH(l.blocks, kThreads, l.stream,
-                unpack_kernel<decltype(k)::value, decltype(t), decltype(layout)::value>)(p);
+                unpack_kernel<decltype(k)::value, decltype(t), decltype(layout)::value>)(
+        p, index_of(p.numel, p.plane, p.channels));
   });
   target::launch_check();
 }

@@ -47,6 +47,7 @@ inline dim3 blockDim, gridDim;
 
 inline float __fdiv_rn(float a, float b) { return a / b; }  // IEEE division, as the device's
 inline float __fmul_rn(float a, float b) { return a * b; }
+inline unsigned __umulhi(unsigned a, unsigned b) { return static_cast<unsigned>((uint64_t{a} * b) >> 32); }
 template <typename T>
 T min(T a, T b) {
   return b < a ? b : a;

@@ -5,6 +5,7 @@
 #define CATCH_CONFIG_EXTERNAL_INTERFACES  // the listener below
 #include <catch2/catch.hpp>
 #include <iostream>
+#include <random>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -191,4 +192,37 @@ TEST_CASE("emulator: a thread that overflows its stack stops there, not in anoth
   CHECK(WIFSIGNALED(status));
   CHECK((WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV));
 #endif
+}
+
+TEST_CASE("emulator: the kernels' multiply-high division equals division below 2^31", "[emulator]") {
+  // codec_kernels.cuh's Divider, on which every channel of pack and unpack rests below 2^31
+  // elements: every divisor to 4,096 and the planes and channel counts of the networks, at
+  // each multiple of the divisor and beside it, at the top of the range, and at random.
+  using namespace blpa::emulated;
+  std::vector<int64_t> divisors;
+  for (int64_t d = 1; d <= 4096; ++d) divisors.push_back(d);
+  for (int64_t d : {3136, 12544, 50176, 200704, 65535, 65536, 65537, 1 << 20, (1 << 20) + 1, 999999937})
+    divisors.push_back(d);
+  for (int s = 12; s <= 31; ++s) divisors.push_back((int64_t{1} << s) - 1);
+  std::mt19937_64 rng(3);
+  for (int i = 0; i < 200; ++i) divisors.push_back(1 + static_cast<int64_t>(rng() % ((uint64_t{1} << 31) - 1)));
+  const uint32_t top = (uint32_t{1} << 31) - 1;
+  int64_t wrong = 0, checked = 0;
+  for (int64_t d : divisors) {
+    const Divider v = make_divider(d);
+    auto check = [&](uint64_t n) {
+      if (n > top) return;
+      ++checked;
+      if (divide(static_cast<uint32_t>(n), v) != n / static_cast<uint64_t>(d)) {
+        if (++wrong <= 5) FAIL_CHECK("n = " << n << ", d = " << d << ": " << divide(static_cast<uint32_t>(n), v));
+      }
+    };
+    for (uint64_t n : {uint64_t{0}, uint64_t{1}, uint64_t{top}, uint64_t{top} - 1}) check(n);
+    for (uint64_t k = 1; k <= 64 && k * d <= top + uint64_t{1}; ++k) check(k * d - 1), check(k * d), check(k * d + 1);
+    const uint64_t last = top / d;  // the multiples at the top of the range
+    check(last * d), check(last * d - 1), check(last * d + d - 1);
+    for (int i = 0; i < 200; ++i) check(rng() % (uint64_t{top} + 1));
+  }
+  CHECK(wrong == 0);
+  CHECK(checked > 1000000);
 }
