@@ -564,13 +564,14 @@ constexpr int kBnThreads = 256;
 
 struct ChannelWalk {
   uint32_t per_plane;  // steps per plane: plane / 4 (vector path) or plane
-  uint32_t steps;      // per_plane * batch
+  uint32_t steps;      // per_plane * batch (< 2^31)
+  Divider by_per_plane;
   bool vec;
 };
 
 __device__ __forceinline__ int64_t walk_element(const ChannelWalk& w, uint32_t j, int64_t c, int64_t channels,
                                                int64_t plane) {
-  const uint32_t n = j / w.per_plane, k = j - n * w.per_plane;
+  const uint32_t n = divide(j, w.by_per_plane), k = j - n * w.per_plane;
   return (int64_t{n} * channels + c) * plane + (w.vec ? 4 * int64_t{k} : int64_t{k});
 }
 
@@ -961,6 +962,7 @@ BnGrid bn_grid(const BnBackwardParams& p) {
           aligned(p.codes, code_word_bytes(p.bits));
   w.per_plane = static_cast<uint32_t>(w.vec ? p.plane / 4 : p.plane);
   w.steps = static_cast<uint32_t>(w.per_plane * p.batch);
+  w.by_per_plane = make_divider(w.per_plane);
   // The capped grid of the other kernels, split over the channels; past 65535 channels a
   // block takes several (gridDim.y stride).
   const int64_t per_channel_blocks = std::clamp<int64_t>((grid_cap(p.device) + p.channels - 1) / p.channels, 1,
