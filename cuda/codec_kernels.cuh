@@ -98,8 +98,9 @@ __device__ __forceinline__ uint32_t divide(uint32_t n, const Divider& v) {
   return (__umulhi(n, v.m) + n) >> v.s;
 }
 
-// A launch's index math: below 2^31 elements (`narrow`) the channel of an element comes from
-// 32-bit multiply-high divisions by plane and channels; above, from 64-bit division.
+// A launch's index math: below 2^31 - 8 elements (`narrow`) the channel of an element comes
+// from 32-bit multiply-high divisions by plane and channels; above, from 64-bit division. (The
+// padding lanes of the last group ask for the channels of up to 7 indices past the end.)
 struct Index {
   int64_t plane, channels;
   Divider by_plane, by_channels;
@@ -107,7 +108,7 @@ struct Index {
 };
 
 Index index_of(int64_t numel, int64_t plane, int64_t channels) {
-  const bool narrow = numel < (int64_t{1} << 31);
+  const bool narrow = numel <= (int64_t{1} << 31) - 8;
   return {plane, channels, narrow ? make_divider(plane) : Divider{}, narrow ? make_divider(channels) : Divider{},
           narrow};
 }
@@ -290,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
       edges[i] = codec::edge_threshold(i - (1 << Bits) - 1, d);
     __syncthreads();
   }
-  const float divide = codec::fused_scale(0.0f, d);  // NaN: the scale of a channel that divides
+  const float must_divide = codec::fused_scale(0.0f, d);  // NaN: the scale of a channel that divides
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
   for (int64_t g0 = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g0 < groups; g0 += kPackUnroll * stride) {
     Elems<T, kGroup> raws[kPackUnroll];  // each group's elements, loaded first
@@ -330,7 +331,7 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
       // channels once for both (two channel_values calls made ptxas spill registers here).
       const GroupAt at = group_at<kGroup, NHWC>(rows, e0, n, ix);
       if (!NHWC && at.how == GroupAt::one_channel) {  // one load of each for the group
-        const float c = scaled ? scale[at.c0] : divide, b = scaled ? bias[at.c0] : p.offsets[at.c0];
+        const float c = scaled ? scale[at.c0] : must_divide, b = scaled ? bias[at.c0] : p.offsets[at.c0];
 #pragma unroll
         for (int k = 0; k < kGroup; ++k) sc[k] = c, bi[k] = b;
       } else if (NHWC && at.how == GroupAt::row) {  // channels c0 .. c0 + 7: two vector loads of each
@@ -342,19 +343,19 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
         } else {
           const auto o = target::load<Elems<uint8_t, kGroup>>(p.offsets + at.c0);
 #pragma unroll
-          for (int k = 0; k < kGroup; ++k) sc[k] = divide, bi[k] = o.v[k];
+          for (int k = 0; k < kGroup; ++k) sc[k] = must_divide, bi[k] = o.v[k];
         }
       } else if constexpr (NHWC) {  // channels that wrap within the group
         int64_t ch[kGroup];
         nhwc_channels<kGroup>(e0, ix, ch);
 #pragma unroll
         for (int k = 0; k < kGroup; ++k)
-          sc[k] = scaled ? scale[ch[k]] : divide, bi[k] = scaled ? bias[ch[k]] : p.offsets[ch[k]];
+          sc[k] = scaled ? scale[ch[k]] : must_divide, bi[k] = scaled ? bias[ch[k]] : p.offsets[ch[k]];
       } else {  // a group that straddles two planes
 #pragma unroll
         for (int k = 0; k < kGroup; ++k) {
           const int64_t c = channel_at(e0 + k, ix);
-          sc[k] = scaled ? scale[c] : divide, bi[k] = scaled ? bias[c] : p.offsets[c];
+          sc[k] = scaled ? scale[c] : must_divide, bi[k] = scaled ? bias[c] : p.offsets[c];
         }
       }
       uint32_t q[kGroup];

@@ -134,7 +134,7 @@ BLPA_HD uint32_t bits_of_float(float f) {
 // channel_scale returns 0 for channels whose g d or 1 / (g d) is not a normal float, or
 // g <= 0 or NaN, where the relative bounds do not hold; fused_scale makes that NaN. Callers
 // divide for every element when G >= 1/2 (a window narrower than 2^(bits+1) kGuard), where
-// near_code could not recover s from bias.
+// near_code's ceiling of bias would come close to s - 1.
 // Tested, fused_code and near_code together as the kernel calls them, against encode on every
 // bf16 value and on fp32 values at and beside bin edges (tests/test_codec_math.cpp).
 BLPA_HD float channel_scale(float g, float d) {
@@ -199,7 +199,10 @@ BLPA_HD int edge_thresholds(int bits) { return 2 * num_bins(bits) + 2; }
 template <bool VectorFloor = false>
 BLPA_HD uint32_t near_code(float v, float t, float scale, float bias, const float* thresholds, int bits, float d) {
   const float y = fmaf(v, scale, bias);
-  const int s = static_cast<int>(rintf(bias));  // bias = s - G, G < 1/2
+  // bias = s - G rounded, in (s - 1, s] for G < 1/2 (s itself where the caller divides for
+  // every element): its ceiling is s. (Its nearest integer is not: s - G can round to s - 1/2,
+  // which rounds to the even neighbour.)
+  const int s = static_cast<int>(ceilf(bias));
   if (y != y) return encode<VectorFloor>(t, s, bits, d);
   const int n = static_cast<int>(rintf(y)) - s, top = num_bins(bits) - 1;
   const int code = (t - kGuard >= thresholds[n + num_bins(bits) + 1] ? n : n - 1) + s;
