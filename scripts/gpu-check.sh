@@ -19,7 +19,7 @@
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-graphs|train-graphed|gloo-cuda-2proc'
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-precision|codec-precision|pytorch-step'
 #   BLPA_GPU_TESTS='^CUDA:' BLPA_GPU_STAGES='tests|step-precision|codec-precision|ncu-codec|step-precision-profile'
-#     (#15's kernels: 252 s on 2026-11-30; run it on eac19d8..5c9e114's kernels, not yet measured)
+#     (#15's kernels: 252 s on 2026-11-30; run it on eac19d8..b8d4625's kernels, not yet measured)
 # with BLPA_COMMIT=$(git rev-parse HEAD) (the tree may travel without .git). Both sets in one
 # call, with codec, train-bf16 and memory-precision, took 290 s on 2026-11-30 (build 94 s, the
 # CUDA tests 60 s, step-graphs 31 s, step-precision 28 s, pytorch-step 34 s); ncu-codec and
