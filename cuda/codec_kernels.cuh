@@ -118,6 +118,15 @@ __device__ __forceinline__ uint32_t remainder(uint32_t n, uint32_t quotient, int
   return n - quotient * static_cast<uint32_t>(d);
 }
 
+// n mod channels: the channel of NHWC element n, or of NCHW plane n (n < 2^31 where narrow).
+__device__ __forceinline__ int64_t channel_of(int64_t n, const Index& ix) {
+  if (ix.narrow) {
+    const uint32_t u = static_cast<uint32_t>(n);
+    return remainder(u, divide(u, ix.by_channels), ix.channels);
+  }
+  return n % ix.channels;
+}
+
 // Where a group of n elements starting at e0 lies: the channel of its first element, and
 // whether all n share it (a group straddles two planes only at a plane's end).
 struct Group {
@@ -128,37 +137,22 @@ struct Group {
 __device__ __forceinline__ Group locate(int64_t e0, int n, const Index& ix) {
   if (ix.narrow) {
     const uint32_t e = static_cast<uint32_t>(e0), q = divide(e, ix.by_plane);
-    const uint32_t in_plane = remainder(e, q, ix.plane);
-    return {int64_t{remainder(q, divide(q, ix.by_channels), ix.channels)},
-            in_plane + n <= static_cast<uint32_t>(ix.plane)};
+    return {channel_of(q, ix), remainder(e, q, ix.plane) + n <= static_cast<uint32_t>(ix.plane)};
   }
   const int64_t q = e0 / ix.plane;
-  return {q % ix.channels, e0 - q * ix.plane + n <= ix.plane};
+  return {channel_of(q, ix), e0 - q * ix.plane + n <= ix.plane};
 }
 
-// The channel of element e, for the rare groups that straddle two planes.
+// The channel of NCHW element e, for the rare groups that straddle two planes.
 __device__ __forceinline__ int64_t channel_at(int64_t e, const Index& ix) {
-  if (ix.narrow) {
-    const uint32_t q = divide(static_cast<uint32_t>(e), ix.by_plane);
-    return remainder(q, divide(q, ix.by_channels), ix.channels);
-  }
-  return (e / ix.plane) % ix.channels;
-}
-
-// NHWC: the channel of element e.
-__device__ __forceinline__ int64_t first_channel(int64_t e, const Index& ix) {
-  if (ix.narrow) {
-    const uint32_t n = static_cast<uint32_t>(e);
-    return remainder(n, divide(n, ix.by_channels), ix.channels);
-  }
-  return e % ix.channels;
+  return channel_of(ix.narrow ? int64_t{divide(static_cast<uint32_t>(e), ix.by_plane)} : e / ix.plane, ix);
 }
 
 // NHWC: the channel of each of the G elements of a group from e0: consecutive channels,
 // wrapping at `channels`.
 template <int G>
 __device__ __forceinline__ void nhwc_channels(int64_t e0, const Index& ix, int64_t ch[G]) {
-  int64_t c = first_channel(e0, ix);
+  int64_t c = channel_of(e0, ix);
 #pragma unroll
   for (int k = 0; k < G; ++k) {
     ch[k] = c;
@@ -199,7 +193,7 @@ struct GroupAt {
 template <int G, bool NHWC>
 __device__ __forceinline__ GroupAt group_at(bool rows, int64_t e0, int n, const Index& ix) {
   if constexpr (NHWC) {
-    if (rows) return {GroupAt::row, first_channel(e0, ix)};
+    if (rows) return {GroupAt::row, channel_of(e0, ix)};
     return {GroupAt::per_element, 0};
   } else {
     const Group gr = locate(e0, n, ix);
@@ -235,7 +229,7 @@ template <bool NHWC>
 __device__ __forceinline__ int64_t element_channel(const GroupAt& at, int64_t e0, int k, const Index& ix) {
   if (!NHWC && at.how == GroupAt::one_channel) return at.c0;
   if (NHWC && at.how == GroupAt::row) return at.c0 + k;
-  return NHWC ? first_channel(e0 + k, ix) : channel_at(e0 + k, ix);
+  return NHWC ? channel_of(e0 + k, ix) : channel_at(e0 + k, ix);
 }
 
 template <typename T>
@@ -982,7 +976,8 @@ int nhwc_vector(const BnBackwardParams& p) {
 // NHWC: the vectors of channels a warp covers in a row (C / V rounded up to a power of two,
 // at most 32).
 int nhwc_lanes(const BnBackwardParams& p) {
-  const int64_t vectors = (p.channels + nhwc_vector(p) - 1) / nhwc_vector(p);
+  const int v = nhwc_vector(p);
+  const int64_t vectors = (p.channels + v - 1) / v;
   int lanes = 1;
   while (lanes < 32 && lanes < vectors) lanes *= 2;
   return lanes;
