@@ -255,7 +255,10 @@ __global__ void channel_kernel(ChannelParams p) {
   }
 }
 
-template <int Bits, typename T, bool NHWC>
+// Affine: the unit's fused forward (PackParams::mean): the values packed are a = T(fma(x,
+// alpha_c, shift_c)) of the loaded x, not x; each block makes the channels' alpha and shift
+// once in shared memory (beyond kScaleChannels, per element), and block 0 writes invstd.
+template <int Bits, typename T, bool NHWC, bool Affine>
 __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParams p, Index ix) {
   const T* v = static_cast<const T*>(p.v);
   T* relu = static_cast<T*>(p.relu);
@@ -283,8 +286,24 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
     }
     for (int i = threadIdx.x; i < codec::edge_thresholds(Bits); i += blockDim.x)
       edges[i] = codec::edge_threshold(i - (1 << Bits) - 1, d);
-    __syncthreads();
   }
+  __shared__ float4 alpha_vectors[Affine ? kScaleChannels / 4 : 1];
+  __shared__ float4 shift_vectors[Affine ? kScaleChannels / 4 : 1];
+  float* alpha = reinterpret_cast<float*>(alpha_vectors);
+  float* shift = reinterpret_cast<float*>(shift_vectors);
+  const bool affine_shared = Affine && p.channels <= kScaleChannels;
+  if (Affine && (affine_shared || blockIdx.x == 0)) {
+    for (int64_t c = threadIdx.x; c < p.channels; c += blockDim.x) {
+      const float invstd = codec::bn_invstd(p.var[c], p.eps);
+      if (blockIdx.x == 0) p.invstd[c] = invstd;
+      if (affine_shared) {
+        const codec::BnAffine f = codec::bn_affine(p.mean[c], invstd, p.divisor[c], p.beta[c]);
+        alpha[c] = f.alpha;
+        shift[c] = f.shift;
+      }
+    }
+  }
+  if (scaled || affine_shared) __syncthreads();
   const float must_divide = codec::fused_scale(0.0f, d);  // NaN: the scale of a channel that divides
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
   for (int64_t g0 = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g0 < groups; g0 += kPackUnroll * stride) {
@@ -304,7 +323,25 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
       const int64_t e0 = (g0 + u * stride) * kGroup;
       if (e0 >= p.numel) break;  // so are the later groups
       const int n = static_cast<int>(min(int64_t{kGroup}, p.numel - e0));
-      const Elems<T, kGroup>& raw = raws[u];
+      Elems<T, kGroup>& raw = raws[u];
+      const GroupAt at = group_at<kGroup, NHWC>(rows, e0, n, ix);
+      if constexpr (Affine) {  // raw becomes a: the BatchNorm's output, rounded to T
+        float al[kGroup], sh[kGroup];
+        if (affine_shared) {
+          channel_values<kGroup, NHWC>(alpha, at, e0, ix, al);
+          channel_values<kGroup, NHWC>(shift, at, e0, ix, sh);
+        } else {
+#pragma unroll
+          for (int k = 0; k < kGroup; ++k) {
+            const int64_t c = element_channel<NHWC>(at, e0, k, ix);
+            const codec::BnAffine f =
+                codec::bn_affine(p.mean[c], codec::bn_invstd(p.var[c], p.eps), p.divisor[c], p.beta[c]);
+            al[k] = f.alpha, sh[k] = f.shift;
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < kGroup; ++k) raw.v[k] = codec::round_to<T>(fmaf(codec::widen(raw.v[k]), al[k], sh[k]));
+      }
       if (relu) {  // the unit's ReLU, written where it may alias v: this thread has read it
         Elems<T, kGroup> y;
 #pragma unroll
@@ -323,7 +360,6 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
       float sc[kGroup], bi[kGroup];
       // channel_values' cases, for the scales and biases together: each case finds the
       // channels once for both (two channel_values calls made ptxas spill registers here).
-      const GroupAt at = group_at<kGroup, NHWC>(rows, e0, n, ix);
       if (!NHWC && at.how == GroupAt::one_channel) {  // one load of each for the group
         const float c = scaled ? scale[at.c0] : must_divide, b = scaled ? bias[at.c0] : p.offsets[at.c0];
 #pragma unroll
@@ -918,9 +954,15 @@ void pack(const PackParams& p) {
   if (p.numel == 0) return;
   const target::DeviceGuard guard(p.device);  // a launch goes to the current device
   const Launch l = launch_config((p.numel + kGroup - 1) / kGroup, p.device);
+  const Index ix = index_of(p.numel, p.plane, p.channels);
   dispatch(p.bits, p.bf16, p.nhwc, [&](auto k, auto t, auto layout) {
-    BLPA_LAUNCH(l.blocks, kThreads, l.stream, pack_kernel<decltype(k)::value, decltype(t), decltype(layout)::value>)(
-        p, index_of(p.numel, p.plane, p.channels));
+    constexpr int K = decltype(k)::value;
+    using T = decltype(t);
+    constexpr bool L = decltype(layout)::value;
+    if (p.mean)
+      BLPA_LAUNCH(l.blocks, kThreads, l.stream, pack_kernel<K, T, L, true>)(p, ix);
+    else
+      BLPA_LAUNCH(l.blocks, kThreads, l.stream, pack_kernel<K, T, L, false>)(p, ix);
   });
   target::launch_check();
 }

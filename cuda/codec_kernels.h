@@ -29,6 +29,15 @@ struct PackParams {
   void* relu = nullptr;  // if set, receives max(v, 0) (NaN kept) in v's type; may be v itself
   bool bf16 = false;
   bool nhwc = false;
+  // The unit's forward in one pass (blpa::bn_relu_pack), when `mean` is set: v holds the
+  // BatchNorm's input x, and the values packed (and, through relu, which must not alias v,
+  // made non-negative) are a = T(fma(x, alpha_c, shift_c)) of codec::bn_affine(mean_c,
+  // invstd_c, divisor_c, beta_c), invstd_c = codec::bn_invstd(var_c, eps), written to invstd.
+  const float* mean = nullptr;  // [channels]: the batch's mean
+  const float* var = nullptr;   // [channels]: the batch's biased variance
+  const float* beta = nullptr;  // [channels]
+  float eps = 0.0f;
+  float* invstd = nullptr;      // [channels]
 };
 
 struct OffsetParams {

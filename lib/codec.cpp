@@ -260,6 +260,21 @@ void pack_cpu(const PackArgs& a, const Layout& l) {
   });
 }
 
+// The unit's BatchNorm of the fused forward (bn_relu_pack), before the pack: a = T(fma(x,
+// alpha_c, shift_c)) into `a`, both in x's layout. alpha, shift: [C] (NCHW) or
+// repeat_channels (NHWC).
+template <typename T, bool NHWC>
+void bn_apply_cpu(const T* x, T* a, const float* alpha, const float* shift, const Layout& l) {
+  at::parallel_for(0, l.numel, kGrain, [&](int64_t e0, int64_t e1) {
+    for_each_block(l, e0, e1, [&](int64_t i, int n, int64_t at) {
+      const T* __restrict xi = x + i;
+      T* __restrict ai = a + i;
+      for (int k = 0; k < n; ++k)
+        ai[k] = codec::round_to<T>(std::fma(codec::widen(xi[k]), at_k<NHWC>(alpha + at, k), at_k<NHWC>(shift + at, k)));
+    });
+  });
+}
+
 struct UnpackArgs {
   const uint8_t* data;
   const int32_t* s;      // NCHW: [C]; NHWC: repeat_channels
@@ -601,17 +616,33 @@ int64_t Codes::bytes() const {
 
 namespace {
 
+// The BatchNorm that bn_relu_pack applies before it packs: pack_impl's v is its input x.
+struct BnInput {
+  const at::Tensor &mean, &var, &beta;
+  float eps;
+  at::Tensor invstd;  // [C], written
+};
+
 // offsets: the channels' offsets of b when the caller has them (channel_coding), else undefined.
-// relu: v itself, to receive max(v, 0) (pack_relu_), or undefined.
+// relu: receives max(v, 0): v itself (pack_relu_), undefined (pack), or with bn a new tensor
+// like x, which receives max(a, 0) for the a whose codes are packed.
 Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, const at::Tensor& divisor,
-                bool relu, const at::Tensor& offsets = {}) {
-  RECORD_FUNCTION(relu ? "blpa::pack_relu_" : "blpa::pack", std::vector<c10::IValue>());  // a scope in --profile
+                const at::Tensor& relu, const at::Tensor& offsets = {}, const BnInput* bn = nullptr) {
+  RECORD_FUNCTION(bn ? "blpa::bn_relu_pack" : relu.defined() ? "blpa::pack_relu_" : "blpa::pack",
+                  std::vector<c10::IValue>());  // a scope in --profile
   check_format(f);
   check_element_type(v.scalar_type(), "pack's activations");
   const bool nhwc = stored_nhwc(v, "pack's activations");
   const Layout l = layout_of(v.sizes(), nhwc);
   check_channel_vector(b, "b = beta / gamma", v, l.channels);
   if (divisor.defined()) check_channel_vector(divisor, "divisor", v, l.channels);
+  if (bn) {
+    TORCH_CHECK(divisor.defined(), "blpa codec: bn_relu_pack needs gamma");
+    check_channel_vector(bn->mean, "the batch mean", v, l.channels);
+    check_channel_vector(bn->var, "the batch variance", v, l.channels);
+    check_channel_vector(bn->beta, "beta", v, l.channels);
+    check_channel_vector(bn->invstd, "invstd", v, l.channels);
+  }
 
   Codes out;
   out.format = f;
@@ -636,9 +667,18 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, c
     if (!have_offsets)
       k->compute_offsets({b.data_ptr<float>(), out.offsets.data_ptr<uint8_t>(), l.channels, f.bits, f.window, f.lift,
                           dev});
-    k->pack({v.data_ptr(), divisor.defined() ? divisor.data_ptr<float>() : nullptr, out.offsets.data_ptr<uint8_t>(),
-             out.data.data_ptr<uint8_t>(), l.numel, l.plane, l.channels, f.bits, f.window, dev,
-             relu ? v.data_ptr() : nullptr, v.scalar_type() == at::kBFloat16, nhwc});
+    cuda::PackParams p{v.data_ptr(), divisor.defined() ? divisor.data_ptr<float>() : nullptr,
+                       out.offsets.data_ptr<uint8_t>(), out.data.data_ptr<uint8_t>(), l.numel, l.plane, l.channels,
+                       f.bits, f.window, dev, relu.defined() ? relu.data_ptr() : nullptr,
+                       v.scalar_type() == at::kBFloat16, nhwc};
+    if (bn) {
+      p.mean = bn->mean.data_ptr<float>();
+      p.var = bn->var.data_ptr<float>();
+      p.beta = bn->beta.data_ptr<float>();
+      p.eps = bn->eps;
+      p.invstd = bn->invstd.data_ptr<float>();
+    }
+    k->pack(p);
     return out;
   }
   TORCH_CHECK(v.is_cpu(), "blpa codec: unsupported device ", v.device());
@@ -648,6 +688,31 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, c
   if (!have_offsets)
     for (int64_t c = 0; c < l.channels; ++c) op[c] = static_cast<uint8_t>(codec::offset(bp[c], f.bits, d, f.lift));
   const float* dp = divisor.defined() ? divisor.data_ptr<float>() : nullptr;
+  void* values = v.data_ptr();  // the values packed: v, or with bn the a made from it
+  if (bn) {
+    const float *mp = bn->mean.data_ptr<float>(), *vp = bn->var.data_ptr<float>(), *bp = bn->beta.data_ptr<float>();
+    float* ip = bn->invstd.data_ptr<float>();
+    std::vector<codec::BnAffine> affine(l.channels);
+    for (int64_t c = 0; c < l.channels; ++c) {
+      ip[c] = codec::bn_invstd(vp[c], bn->eps);
+      affine[c] = codec::bn_affine(mp[c], ip[c], dp[c], bp[c]);
+    }
+    auto alpha_of = [&](int64_t c) { return affine[c].alpha; };
+    auto shift_of = [&](int64_t c) { return affine[c].shift; };
+    std::vector<float> alpha, shift;
+    if (nhwc) {
+      alpha = repeat_channels<float>(l.channels, alpha_of);
+      shift = repeat_channels<float>(l.channels, shift_of);
+    } else {
+      for (int64_t c = 0; c < l.channels; ++c) alpha.push_back(alpha_of(c)), shift.push_back(shift_of(c));
+    }
+    dispatch(f.bits, v.scalar_type(), nhwc, "pack's activations", [&](auto, auto t, auto layout) {
+      using T = decltype(t);
+      bn_apply_cpu<T, decltype(layout)::value>(static_cast<const T*>(v.data_ptr()), static_cast<T*>(relu.data_ptr()),
+                                               alpha.data(), shift.data(), l);
+    });
+    values = relu.data_ptr();  // then packed, and its ReLU applied, in place
+  }
   auto div_of = [&](int64_t c) { return dp ? dp[c] : 1.0f; };
   auto s_of = [&](int64_t c) { return static_cast<int32_t>(op[c]); };
   // NCHW: one value per channel; NHWC: repeat_channels.
@@ -659,8 +724,8 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, c
   } else {
     for (int64_t c = 0; c < l.channels; ++c) div.push_back(div_of(c)), s.push_back(s_of(c));
   }
-  const PackArgs args{v.data_ptr(), div.data(), s.data(), out.data.data_ptr<uint8_t>(),
-                      relu ? v.data_ptr() : nullptr, d};
+  const PackArgs args{values, div.data(), s.data(), out.data.data_ptr<uint8_t>(),
+                      relu.defined() ? values : nullptr, d};
   dispatch(f.bits, v.scalar_type(), nhwc, "pack's activations", [&](auto k, auto t, auto layout) {
     pack_cpu<decltype(k)::value, decltype(t), decltype(layout)::value>(args, l);
   });
@@ -670,19 +735,32 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, c
 }  // namespace
 
 Codes pack(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, const at::Tensor& divisor) {
-  return pack_impl(v, b, f, divisor, false);
+  return pack_impl(v, b, f, divisor, {});
 }
 
 Codes pack_relu_(at::Tensor& a, const at::Tensor& b, const CodeFormat& f, const at::Tensor& divisor) {
-  return pack_impl(a, b, f, divisor, true);
+  return pack_impl(a, b, f, divisor, a);
 }
 
 Codes pack(const at::Tensor& v, const ChannelCoding& cc, const at::Tensor& divisor) {
-  return pack_impl(v, cc.b, cc.format, divisor, false, cc.offsets);
+  return pack_impl(v, cc.b, cc.format, divisor, {}, cc.offsets);
 }
 
 Codes pack_relu_(at::Tensor& a, const ChannelCoding& cc) {
-  return pack_impl(a, cc.b, cc.format, cc.g, true, cc.offsets);
+  return pack_impl(a, cc.b, cc.format, cc.g, a, cc.offsets);
+}
+
+BnPacked bn_relu_pack(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, float eps,
+                      const at::Tensor& beta, const ChannelCoding& cc) {
+  check_element_type(x.scalar_type(), "bn_relu_pack's input");
+  const bool nhwc = stored_nhwc(x, "bn_relu_pack's input");
+  TORCH_CHECK(x.numel() > 0, "blpa codec: bn_relu_pack needs at least one element, as a BatchNorm in training does");
+  BnPacked out;
+  out.r = at::empty_like(x, nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  out.invstd = at::empty_like(mean);
+  const BnInput bn{mean, var, beta, eps, out.invstd};
+  out.codes = pack_impl(x, cc.b, cc.format, cc.g, out.r, cc.offsets, &bn);
+  return out;
 }
 
 ChannelCoding channel_coding(const at::Tensor& gamma, const at::Tensor& beta, float gamma_min, const CodeFormat& f,

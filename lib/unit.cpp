@@ -3,7 +3,10 @@
 
 #include <charconv>
 #include <cmath>
+#include <cstdlib>
 #include <stdexcept>
+#include <string>
+#include <tuple>
 
 #include "blpa/codec.h"
 #include "blpa/memory.h"
@@ -16,6 +19,19 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 Tensor per_channel(const Tensor& t) { return t.view({1, -1, 1, 1}); }
+
+// Whether a blpa unit fuses its forward (UnitImpl::fused_forward) when the unit does not say:
+// on CUDA; BLPA_FUSED_FORWARD=0 or 1 in the environment sets it for every device, for
+// measurements (the fused against the unfused forward).
+bool fused_by_default(const Tensor& x) {
+  static const int chosen = [] {
+    const char* v = std::getenv("BLPA_FUSED_FORWARD");
+    if (!v || !*v) return -1;
+    TORCH_CHECK(std::string(v) == "0" || std::string(v) == "1", "BLPA_FUSED_FORWARD must be 0 or 1, got '", v, "'");
+    return *v - '0';
+  }();
+  return chosen < 0 ? x.is_cuda() : chosen == 1;
+}
 
 Codes codes_from(AutogradContext* ctx) {
   Codes c;
@@ -50,10 +66,23 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
                   " channels, ", f.bits, " bits, window ", f.window, ", lift ", f.lift, ")");
     }
     const Tensor g = mode.mode == Mode::exact ? gamma.clamp_min(kGammaMin) : cc.g;
-    // a = gamma * x_hat + beta with batch statistics; updates the running statistics. The
-    // same LibTorch operator, and so the same kernel (cuDNN's on a GPU), as plain's batch_norm.
-    auto [a, mean, invstd, reserve] = at::_batch_norm_with_update(x, g, beta, unit->running_mean,
-                                                                  unit->running_var, unit->momentum, unit->eps);
+    Tensor a, mean, invstd, r;
+    Codes codes;
+    if (mode.mode == Mode::blpa && unit->fused_forward.value_or(fused_by_default(x))) {
+      // The batch statistics (updating the running ones) by LibTorch, as its BatchNorm makes
+      // them; then r = max(a, 0) and the codes of a / g in one pass over x, a never stored.
+      Tensor var;
+      std::tie(mean, var) = at::batch_norm_update_stats(x, unit->running_mean, unit->running_var, unit->momentum);
+      BnPacked packed = bn_relu_pack(x, mean, var, static_cast<float>(unit->eps), beta, cc);
+      r = std::move(packed.r);
+      invstd = std::move(packed.invstd);
+      codes = std::move(packed.codes);
+    } else {
+      // a = gamma * x_hat + beta with batch statistics; updates the running statistics. The
+      // same LibTorch operator, and so the same kernel (cuDNN's on a GPU), as plain's batch_norm.
+      std::tie(a, mean, invstd, std::ignore) = at::_batch_norm_with_update(
+          x, g, beta, unit->running_mean, unit->running_var, unit->momentum, unit->eps);
+    }
     *memory = UnitMemory{};
     memory->input_sizes = x.sizes().vec();
     ctx->saved_data["invstd"] = invstd;
@@ -66,7 +95,6 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
       ctx->saved_data["zeros"] = unit->zeros_like_channels(invstd);  // shared, not per step
       ctx->saved_data["ones"] = unit->ones_like_channels(invstd);
     }
-    Tensor r;
     if (mode.mode == Mode::exact) {
       Tensor x_hat = normalised();
       ctx->saved_data["x_hat"] = x_hat;
@@ -76,11 +104,10 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
       // codes is the sign of a: exactly the forward ReLU's, applied in the same pass over a.
       // naive: codes of x_hat around 0. g and b are kept for backward (C floats each), which
       // saves recomputing them there.
-      Codes codes;
-      if (mode.mode == Mode::blpa) {
+      if (mode.mode == Mode::blpa && !codes.defined()) {  // (fused: made with r above)
         r = a.contiguous(layout);
         codes = pack_relu_(r, cc);
-      } else {
+      } else if (mode.mode == Mode::naive) {
         codes = pack(normalised(), cc);
       }
       ctx->saved_data["g"] = cc.g;

@@ -683,6 +683,120 @@ TEST_CASE("codec: bf16 activations give the codes of their values widened to flo
   }
 }
 
+namespace {
+
+// A case of the unit's fused forward: x, statistics and channels, with every 7th element of
+// x placed so that a / g falls on a bin edge of the codes (guard included), where the pack
+// decides exactly, and some gammas of 1 (where it would divide by 1) and at the clamp.
+struct BnForwardCase {
+  torch::Tensor x, mean, var, beta;
+  blpa::ChannelCoding cc;
+};
+
+BnForwardCase bn_forward_case(const std::vector<int64_t>& shape, const CodeFormat& f, torch::ScalarType dtype,
+                              bool cl) {
+  const int64_t c = shape[1];
+  BnForwardCase k;
+  k.mean = torch::randn({c});
+  k.var = torch::rand({c}) * 4 + 0.01;
+  k.beta = torch::randn({c});
+  auto gamma = torch::rand({c}) * 2 + 0.05;
+  gamma.narrow(0, 0, (c + 2) / 3).fill_(1.0f);
+  if (c > 4) gamma[c - 1] = 1e-9f;
+  k.cc = blpa::channel_coding(gamma, k.beta, 1e-8f, f, true);
+  auto pc = [&](const torch::Tensor& t) { return t.to(torch::kDouble).view({1, c, 1, 1}); };
+  auto invstd = 1.0 / (pc(k.var) + 1e-5).sqrt(), g = pc(k.cc.g);
+  auto x = torch::randn(shape, torch::kDouble) * 3 / invstd + pc(k.mean);
+  const int half = (1 << f.bits) / 2;
+  auto edge = (torch::randint(-half - 2, half + 3, shape, torch::kDouble) * f.bin_width() + 1e-6) * g;
+  auto on_edge = (edge - pc(k.beta)) / (g * invstd) + pc(k.mean);  // x whose a is near the edge
+  x = torch::where((torch::arange(x.numel()) % 7 == 0).view(shape), on_edge, x);
+  k.x = x.to(dtype).contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  return k;
+}
+
+// bn_relu_pack's a written out here (not from blpa/codec_math.h): invstd, alpha and shift per
+// channel in float, one fused multiply-add per element, rounded once to x's dtype.
+torch::Tensor bn_affine_reference(const BnForwardCase& k, float eps, torch::Tensor& invstd) {
+  const int64_t c = k.x.size(1), plane = k.x.numel() / (k.x.size(0) * c);
+  auto x = k.x.to(torch::kFloat).contiguous();
+  auto a = torch::empty_like(x);
+  invstd = torch::empty({c});
+  std::vector<float> alpha(c), shift(c);
+  for (int64_t j = 0; j < c; ++j) {
+    const float i = 1.0f / std::sqrt(k.var[j].item<float>() + eps);
+    invstd[j] = i;
+    alpha[j] = k.cc.g[j].item<float>() * i;
+    shift[j] = std::fma(-k.mean[j].item<float>(), alpha[j], k.beta[j].item<float>());
+  }
+  const float* px = x.data_ptr<float>();
+  float* pa = a.data_ptr<float>();
+  for (int64_t e = 0; e < x.numel(); ++e) pa[e] = std::fma(px[e], alpha[(e / plane) % c], shift[(e / plane) % c]);
+  return a.to(k.x.scalar_type()).contiguous(k.x.suggest_memory_format());
+}
+
+// Bits of a float or bf16 tensor, to compare -0 and NaN payloads too.
+torch::Tensor bits_of(const torch::Tensor& t) {
+  return t.cpu().view(t.scalar_type() == torch::kFloat ? torch::kInt : torch::kShort);
+}
+
+}  // namespace
+
+TEST_CASE("codec: bn_relu_pack is the BatchNorm to rounding, and pack_relu_ of its a, in every dtype and layout",
+          "[codec]") {
+  torch::manual_seed(43);
+  auto shapes = layout_shapes();
+  // More channels than the CUDA pack keeps in shared memory (alpha and shift per element),
+  // and NHWC rows of 8 channels.
+  shapes.push_back({2, 2100, 1, 3});
+  shapes.push_back({2, 2056, 1, 2});
+  shapes.push_back({4, 64, 9, 9});
+  const float eps = 1e-5f;
+  for (const CodeFormat& f : layout_formats()) {
+    for (const auto& shape : shapes) {
+      for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+        for (bool cl : {false, true}) {
+          CAPTURE(f.bits, f.window, f.lift, shape, dtype, cl);
+          const BnForwardCase k = bn_forward_case(shape, f, dtype, cl);
+          auto got = blpa::bn_relu_pack(k.x, k.mean, k.var, eps, k.beta, k.cc);
+          torch::Tensor invstd;
+          auto a = bn_affine_reference(k, eps, invstd);
+          auto r = a.clone(at::MemoryFormat::Preserve);
+          auto want = blpa::pack_relu_(r, k.cc);
+          CHECK(torch::equal(got.codes.data, want.data));
+          CHECK(torch::equal(got.codes.offsets, want.offsets));
+          CHECK(got.codes.channels_last == want.channels_last);
+          CHECK(torch::equal(bits_of(got.r), bits_of(r)));
+          CHECK(got.r.strides() == k.x.strides());
+          CHECK(torch::equal(got.invstd, invstd));
+          // LibTorch's BatchNorm with these statistics: (x - mean) invstd g + beta in float,
+          // rounded once to the dtype; a differs by the roundings of the two forms (a few float
+          // units of |x g invstd| before the dtype's rounding: one bf16 unit after it).
+          auto bn = at::batch_norm(k.x, k.cc.g, k.beta, k.mean, k.var, false, 0.0, eps, false).to(torch::kFloat);
+          const double rtol = dtype == torch::kFloat ? 1e-5 : 1.0 / 128;
+          CHECK(torch::allclose(a.to(torch::kFloat), bn, rtol, 1e-5));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("codec: bn_relu_pack refuses what it cannot read", "[codec]") {
+  const CodeFormat f{4, 6.0f, 1.0f};
+  auto cc = blpa::channel_coding(torch::ones({3}), torch::zeros({3}), 1e-8f, f, true);
+  auto x = torch::randn({2, 3, 4, 4}), ones = torch::ones({3}), zeros = torch::zeros({3});
+  CHECK_THROWS_WITH(blpa::bn_relu_pack(x, torch::zeros({4}), ones, 1e-5f, zeros, cc),
+                    Catch::Contains("the batch mean must be a contiguous float32 vector of 3 channels"));
+  CHECK_THROWS_WITH(blpa::bn_relu_pack(x, zeros, ones.to(torch::kDouble), 1e-5f, zeros, cc),
+                    Catch::Contains("the batch variance must be a contiguous float32 vector"));
+  CHECK_THROWS_WITH(blpa::bn_relu_pack(x.to(torch::kDouble), zeros, ones, 1e-5f, zeros, cc),
+                    Catch::Contains("must be float32 or bfloat16"));
+  CHECK_THROWS_WITH(blpa::bn_relu_pack(x.transpose(2, 3), zeros, ones, 1e-5f, zeros, cc),
+                    Catch::Contains("must be contiguous (NCHW)"));
+  CHECK_THROWS_WITH(blpa::bn_relu_pack(torch::randn({0, 3, 4, 4}), zeros, ones, 1e-5f, zeros, cc),
+                    Catch::Contains("at least one element"));
+}
+
 TEST_CASE("codec: tensors one element off alignment give the codes, ReLU and gradients of aligned ones", "[codec]") {
   // A tensor that starts one element into its storage is as valid as any other. The CUDA
   // kernels load and store whole groups only at aligned addresses and take their scalar
@@ -1006,6 +1120,31 @@ TEST_CASE("CUDA: bf16 and channels-last codes, unpack and ReLU are bit-identical
           auto moved = cl ? shifted.view({shape[0], shape[2], shape[3], c}).permute({0, 3, 1, 2}) : shifted.view(shape);
           moved.copy_(v.cuda());
           CHECK(torch::equal(cpu.data, pack(moved, b.cuda(), f, gamma.cuda()).data.cpu()));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("CUDA: bn_relu_pack gives the CPU path's codes, ReLU output and invstd", "[codec][cuda]") {
+  BLPA_REQUIRE_CUDA();
+  torch::manual_seed(44);
+  auto shapes = layout_shapes();
+  shapes.push_back({2, 2100, 1, 3});
+  shapes.push_back({8, 64, 33, 33});
+  for (const CodeFormat& f : layout_formats()) {
+    for (const auto& shape : shapes) {
+      for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+        for (bool cl : {false, true}) {
+          CAPTURE(f.bits, f.window, f.lift, shape, dtype, cl);
+          const BnForwardCase k = bn_forward_case(shape, f, dtype, cl);
+          auto cpu = blpa::bn_relu_pack(k.x, k.mean, k.var, 1e-5f, k.beta, k.cc);
+          blpa::ChannelCoding cc{k.cc.g.cuda(), k.cc.b.cuda(), k.cc.offsets.cuda(), k.cc.format};
+          auto gpu = blpa::bn_relu_pack(k.x.cuda(), k.mean.cuda(), k.var.cuda(), 1e-5f, k.beta.cuda(), cc);
+          CHECK(torch::equal(gpu.codes.data.cpu(), cpu.codes.data));
+          CHECK(torch::equal(bits_of(gpu.r), bits_of(cpu.r)));
+          CHECK(gpu.r.strides() == cpu.r.strides());
+          CHECK(torch::equal(gpu.invstd.cpu(), cpu.invstd));
         }
       }
     }

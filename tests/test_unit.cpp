@@ -103,8 +103,11 @@ namespace {
 
 // run_unit with float32 parameters and activations of `dtype` in `layout`: the unit as the
 // networks run it in bf16 or NHWC. The loss is summed in float32.
-Result run_unit_as(const Case& k, ModeConfig mode, torch::Dtype dtype, at::MemoryFormat layout, uint64_t seed) {
+// fused: the unit's fused_forward (unset: the device's default).
+Result run_unit_as(const Case& k, ModeConfig mode, torch::Dtype dtype, at::MemoryFormat layout, uint64_t seed,
+                   std::optional<bool> fused = std::nullopt) {
   Unit u = drawn_unit(k, mode, seed);
+  u->fused_forward = fused;
   auto x = (torch::randn({k.n, k.c, k.hw, k.hw}) * 2 + 0.5).to(dtype).contiguous(layout).requires_grad_();
   auto y = u->forward(x);
   torch::Tensor loss = torch::zeros({});
@@ -174,6 +177,40 @@ TEST_CASE("unit: in bf16 exact equals plain to bf16 rounding, in either layout",
   }
   std::cout << "bf16 unit, largest error at the tensor's scale: exact vs plain " << worst_exact
             << ", bf16 plain vs fp32 plain " << worst_fp32 << std::endl;
+}
+
+TEST_CASE("unit: the fused forward keeps LibTorch's statistics to the bit and its BatchNorm to rounding", "[unit]") {
+  // bn_relu_pack computes a as x alpha + shift where LibTorch's BatchNorm computes
+  // (x - mean) invstd g + beta: the two differ by float rounding, and so may the codes of the
+  // few elements that such a difference moves across a bin edge. The statistics are
+  // LibTorch's own (at::batch_norm_update_stats), running ones included: the same bits.
+  double worst_fp32 = 0, worst_bf16 = 0;
+  int i = 0;
+  for (const auto& k : cases()) {
+    for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+      for (auto layout : {at::MemoryFormat::Contiguous, at::MemoryFormat::ChannelsLast}) {
+        for (ModeConfig mode : {ModeConfig{Mode::blpa, 8}, ModeConfig{Mode::blpa, 4}}) {
+          CAPTURE(i, dtype, layout, mode.str());
+          const uint64_t seed = 950 + i;
+          auto fused = run_unit_as(k, mode, dtype, layout, seed, true);
+          auto unfused = run_unit_as(k, mode, dtype, layout, seed, false);
+          CHECK(torch::equal(fused.running_mean, unfused.running_mean));
+          CHECK(torch::equal(fused.running_var, unfused.running_var));
+          CHECK(fused.gx.scalar_type() == dtype);
+          CHECK(fused.gx.is_contiguous(layout));
+          // fp32: a few float roundings; bf16: one bf16 step (2^-8) of an activation, which
+          // may move its code by a bin, at the scale of the tensor.
+          worst_at_scale = 0;
+          check_close_at_scale(fused, unfused, dtype == torch::kFloat ? 1e-5 : 1.0 / 64);
+          (dtype == torch::kFloat ? worst_fp32 : worst_bf16) = std::max(
+              dtype == torch::kFloat ? worst_fp32 : worst_bf16, worst_at_scale);
+        }
+      }
+    }
+    ++i;
+  }
+  std::cout << "fused vs unfused forward, largest error at the tensor's scale: fp32 " << worst_fp32 << ", bf16 "
+            << worst_bf16 << std::endl;
 }
 
 TEST_CASE("unit: NHWC activations give NCHW's results in every mode", "[unit][nhwc]") {

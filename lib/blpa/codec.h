@@ -85,6 +85,22 @@ Codes pack_relu_(at::Tensor& a, const at::Tensor& b, const CodeFormat& f, const 
 Codes pack(const at::Tensor& v, const ChannelCoding& cc, const at::Tensor& divisor = {});
 Codes pack_relu_(at::Tensor& a, const ChannelCoding& cc);
 
+// The unit's forward in blpa mode from its BatchNorm's batch statistics, in one pass over x
+// (one kernel on CUDA, where the BatchNorm's output a is never stored): per channel
+//   invstd = 1 / sqrt(var + eps),  a = g invstd (x - mean) + beta,
+// a computed as codec::bn_affine gives it and rounded once to x's dtype; r = max(a, 0), a new
+// tensor of x's dtype and layout (NaN stays NaN); and the codes of a / g, those that
+// pack_relu_(a, cc) gives for this a. x: as pack's v; mean and var: float32 [C], the batch's
+// mean and biased variance (at::batch_norm_update_stats); beta: float32 [C]; g = cc.g.
+// invstd: float32 [C], what the backward needs. a agrees with LibTorch's BatchNorm output to
+// float rounding, not to the bit (LibTorch's CUDA kernel computes (x - mean) invstd g + beta).
+struct BnPacked {
+  at::Tensor r, invstd;
+  Codes codes;
+};
+BnPacked bn_relu_pack(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, float eps,
+                      const at::Tensor& beta, const ChannelCoding& cc);
+
 enum UnpackOutput : unsigned { kXhat = 1u, kRelu = 2u, kMask = 4u };
 
 struct Unpacked {

@@ -217,6 +217,22 @@ BLPA_HD float decode(uint32_t code, int s, float d) {
 // The ReLU mask: exact, since a bin edge sits at v = 0 (up to the guard).
 BLPA_HD bool mask(uint32_t code, int s) { return static_cast<int>(code) >= s; }
 
+// The unit's BatchNorm in training, as its fused forward (blpa::bn_relu_pack) computes it
+// from the batch mean and biased variance: a = fma(x, alpha, shift) per element, with
+// invstd = 1 / sqrt(var + eps), alpha = g invstd and shift = beta - mean alpha (an fma: one
+// rounding) per channel. Division and square root are IEEE on both sides (nvcc's defaults
+// -prec-div and -prec-sqrt), so the CPU and the GPU give the same bits.
+struct BnAffine {
+  float alpha, shift;
+};
+
+BLPA_HD float bn_invstd(float var, float eps) { return 1.0f / sqrtf(var + eps); }
+
+BLPA_HD BnAffine bn_affine(float mean, float invstd, float g, float beta) {
+  const float alpha = g * invstd;
+  return {alpha, fmaf(-mean, alpha, beta)};
+}
+
 // Activations and gradients are float32 or bfloat16; the math above is float. A bf16 value
 // widens to float exactly; a float result is rounded to bf16 once, to nearest-even with NaN
 // as 0x7FC0: c10::BFloat16(float)'s rounding on the host, written out here so that the CPU

@@ -91,6 +91,13 @@ class UnitImpl : public torch::nn::Module {
   std::vector<ConvSpec> convs;
   double momentum = 0.1, eps = 1e-5;
   std::string label = "unit";  // its place in a network ("block3.u2"), for memory reports
+  // blpa: whether the training forward makes its BatchNorm's output, ReLU and codes in one
+  // pass over x (bn_relu_pack) from LibTorch's batch statistics, rather than by LibTorch's
+  // BatchNorm and then pack_relu_. Unset: on CUDA, where that saves a read and a write of the
+  // activation per unit; the CPU keeps LibTorch's BatchNorm, whose output is exact mode's to
+  // the bit (the fused output agrees with it to float rounding). BLPA_FUSED_FORWARD=0 or 1 in
+  // the environment changes the default on every device, for measurements.
+  std::optional<bool> fused_forward;
 
   // Per-channel zeros and ones that exact's and naive's backward pass to LibTorch's BN
   // backward as the mean and 1/sigma of x_hat' (blpa's reads the codes instead). Kept here,
