@@ -43,7 +43,10 @@ int codec_main(int argc, char** argv) {
       "plain runs) and a copy of the tensor. GB/s count the bytes each operation must move at least: pack reads\n"
       "the activations (4 or 2 bytes an element) and writes K/8; unpack reads K/8 and writes 4 or 2; the codec's\n"
       "backward reads the codes and g_r and writes g_x; LibTorch's reads g_r, r and x and writes g_x; a copy\n"
-      "reads and writes the tensor. The tensor is N x C x H x H with N = numel / (C H H).");
+      "reads and writes the tensor. The tensor is N x C x H x H with N = numel / (C H H).\n"
+      "The forward of a unit outside its convolutions, whole: blpa's fused one (LibTorch's batch statistics, then\n"
+      "bn_relu_pack), blpa's unfused one (LibTorch's BatchNorm, then pack_relu_) and plain's (BatchNorm, ReLU);\n"
+      "GB/s of the fused one count reading x twice (statistics, then values) and writing r and the codes.");
   opts.add_options()("bits", "Bits per code: 8, 4 or 2", cxxopts::value<int>()->default_value("4"))(
       "window", "Window width in units of x_hat (default: the default for --bits)", cxxopts::value<float>())(
       "numel", "Elements in the tensor", cxxopts::value<int64_t>()->default_value("16777216"))(
@@ -112,22 +115,37 @@ int codec_main(int argc, char** argv) {
     auto ga = at::threshold_backward(g_r, r, 0);
     at::native_batch_norm_backward(ga, x, gamma, {}, {}, mean, invstd, true, 1e-5, {true, true, true});
   });
+  // The unit's forward outside its convolutions, as the three ways run it in training.
+  auto beta = b.clone(), rm = torch::zeros({channels}, dev), rv = torch::ones({channels}, dev);
+  const auto cc = blpa::channel_coding(gamma, beta, 1e-8f, format, true);
+  const double fused_s = time_per_call(dev, 5, reps, [&] {
+    auto [mean, var] = at::batch_norm_update_stats(v, rm, rv, 0.1);
+    blpa::bn_relu_pack(v, mean, var, 1e-5f, beta, cc);
+  });
+  const double unfused_s = time_per_call(dev, 5, reps, [&] {
+    auto a = std::get<0>(at::_batch_norm_with_update(v, cc.g, beta, rm, rv, 0.1, 1e-5));
+    blpa::pack_relu_(a, cc);
+  });
+  const double plain_fwd_s =
+      time_per_call(dev, 5, reps, [&] { at::relu(at::batch_norm(v, gamma, beta, rm, rv, true, 0.1, 1e-5, true)); });
   auto dst = torch::empty_like(v);
   const double copy_s = time_per_call(dev, 5, reps, [&] { dst.copy_(v); });
   const double e = static_cast<double>(torch::elementSize(dtype)), k = bits / 8.0;
   const double n = static_cast<double>(numel) / 1e9;
   const double pack_gb = n * (e + k), unpack_gb = n * (k + e), bn_gb = n * (k + 2 * e), ref_gb = n * 4 * e,
-               copy_gb = n * 2 * e;
+               copy_gb = n * 2 * e, fused_gb = n * (3 * e + k);
   const int threads = dev.is_cuda() ? 0 : torch::get_num_threads();
   if (args.count("json")) {
     fmt::print("{{\"bench\": \"codec\", \"bits\": {}, \"numel\": {}, \"channels\": {}, \"hw\": {}, \"dtype\": \"{}\", "
                "\"memory_format\": \"{}\", \"device\": \"{}\", \"threads\": {}, \"pack_gbps\": {:.3f}, "
                "\"unpack_gbps\": {:.3f}, \"bn_backward_gbps\": {:.3f}, \"libtorch_bn_backward_gbps\": {:.3f}, "
                "\"copy_gbps\": {:.3f}, \"pack_ms\": {:.4f}, \"unpack_ms\": {:.4f}, \"bn_backward_ms\": {:.4f}, "
-               "\"libtorch_bn_backward_ms\": {:.4f}, \"copy_ms\": {:.4f}}}\n",
+               "\"libtorch_bn_backward_ms\": {:.4f}, \"copy_ms\": {:.4f}, \"forward_fused_gbps\": {:.3f}, "
+               "\"forward_fused_ms\": {:.4f}, \"forward_unfused_ms\": {:.4f}, \"libtorch_forward_ms\": {:.4f}}}\n",
                bits, numel, channels, hw, dtype_name, layout, dev.str(), threads, pack_gb / pack_s,
                unpack_gb / unpack_s, bn_gb / bn_s, ref_gb / ref_s, copy_gb / copy_s, pack_s * 1e3, unpack_s * 1e3,
-               bn_s * 1e3, ref_s * 1e3, copy_s * 1e3);
+               bn_s * 1e3, ref_s * 1e3, copy_s * 1e3, fused_gb / fused_s, fused_s * 1e3, unfused_s * 1e3,
+               plain_fwd_s * 1e3);
   } else {
     fmt::print("codec {}-bit, {} elements {} {} {}, {} ({} threads); GB/s of the bytes moved\n", bits, numel,
                fmt::join(shape, "x"), dtype_name, layout, dev.str(), threads);
@@ -136,6 +154,8 @@ int codec_main(int argc, char** argv) {
     fmt::print("  bn_relu_backward    {:8.3f} GB/s  ({:.3f} ms)\n", bn_gb / bn_s, bn_s * 1e3);
     fmt::print("  LibTorch's backward {:8.3f} GB/s  ({:.3f} ms)\n", ref_gb / ref_s, ref_s * 1e3);
     fmt::print("  copy                {:8.3f} GB/s  ({:.3f} ms)\n", copy_gb / copy_s, copy_s * 1e3);
+    fmt::print("  forward, fused      {:8.3f} GB/s  ({:.3f} ms); unfused {:.3f} ms, LibTorch's {:.3f} ms\n",
+               fused_gb / fused_s, fused_s * 1e3, unfused_s * 1e3, plain_fwd_s * 1e3);
   }
   return 0;
 }

@@ -25,10 +25,10 @@ using codec::decode;
 using codec::encode;
 
 // The per-thread loops below are plain C++ that GCC vectorises. Each is compiled three times,
-// for baseline x86-64 (SSE2), AVX2 and AVX-512, and the widest the CPU has is chosen at run
-// time (as LibTorch's DispatchStub does; BLPA_CODEC_ISA=base|avx2 lowers the choice, for tests
-// and measurements). The bits do not depend on the choice: the loops use
-// IEEE-exact operations only, no contraction into FMA (-ffp-contract=off), and sums whose
+// for baseline x86-64 (SSE2), AVX2 with FMA and AVX-512, and the widest the CPU has is chosen at
+// run time (as LibTorch's DispatchStub does; BLPA_CODEC_ISA=base|avx2 lowers the choice, for
+// tests and measurements). The bits do not depend on the choice: the loops use IEEE-exact
+// operations only, no contraction into FMA (-ffp-contract=off; std::fma where written), and sums whose
 // order is written out (their lanes), which GCC may not reorder. BLPA_INLINE puts a loop's
 // helpers and lambdas into the ISA's copy of it.
 #define BLPA_INLINE __attribute__((always_inline))
@@ -40,7 +40,7 @@ Isa detect_isa() {
   __builtin_cpu_init();
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  const bool avx2 = __builtin_cpu_supports("avx2");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   Isa best = avx512 ? Isa::avx512 : avx2 ? Isa::avx2 : Isa::base;
   if (const char* cap = std::getenv("BLPA_CODEC_ISA")) {  // may lower the choice, never raise it
     const std::string want = cap;
@@ -64,11 +64,11 @@ using NoVectorFloor = std::false_type;
 
 #if defined(__x86_64__) && defined(__GNUC__)
 template <typename F>
-__attribute__((target("avx2"))) void run_avx2(const F& f) {
+__attribute__((target("avx2,fma"))) void run_avx2(const F& f) {
   f(VectorFloor{});
 }
 template <typename F>
-__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"))) void run_avx512(const F& f) {
+__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq"))) void run_avx512(const F& f) {
   f(VectorFloor{});
 }
 #endif
@@ -263,14 +263,20 @@ void pack_cpu(const PackArgs& a, const Layout& l) {
 // The unit's BatchNorm of the fused forward (bn_relu_pack), before the pack: a = T(fma(x,
 // alpha_c, shift_c)) into `a`, both in x's layout. alpha, shift: [C] (NCHW) or
 // repeat_channels (NHWC).
+// std::fma is one instruction in the AVX2 and AVX-512 copies (which have FMA), a call in the
+// SSE2 one: the same bits either way.
 template <typename T, bool NHWC>
 void bn_apply_cpu(const T* x, T* a, const float* alpha, const float* shift, const Layout& l) {
   at::parallel_for(0, l.numel, kGrain, [&](int64_t e0, int64_t e1) {
-    for_each_block(l, e0, e1, [&](int64_t i, int n, int64_t at) {
-      const T* __restrict xi = x + i;
-      T* __restrict ai = a + i;
-      for (int k = 0; k < n; ++k)
-        ai[k] = codec::round_to<T>(std::fma(codec::widen(xi[k]), at_k<NHWC>(alpha + at, k), at_k<NHWC>(shift + at, k)));
+    with_isa([&](auto) BLPA_INLINE {
+      for_each_block(l, e0, e1, [&](int64_t i, int n, int64_t at) BLPA_INLINE {
+        const T* __restrict xi = x + i;
+        T* __restrict ai = a + i;
+        const float* __restrict al = alpha + at;
+        const float* __restrict sh = shift + at;
+        for (int k = 0; k < n; ++k)
+          ai[k] = codec::round_to<T>(std::fma(codec::widen(xi[k]), at_k<NHWC>(al, k), at_k<NHWC>(sh, k)));
+      });
     });
   });
 }
