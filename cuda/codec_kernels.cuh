@@ -51,9 +51,6 @@ constexpr int kPackUnroll = 2;
 // pack and unpack: blocks an SM must hold at once (at most 64 registers a thread), so that
 // their unrolled loads do not cost them the warps that hide those loads' latency.
 constexpr int kStreamBlocks = 4;
-// pack: channels whose 1 / (g d) a block keeps in shared memory (8 KB; ResNet-152 has 2,048
-// at most). Wider tensors divide for every element.
-constexpr int kScaleChannels = 2048;
 
 struct Launch {
   int blocks;
@@ -255,9 +252,49 @@ __global__ void channel_kernel(ChannelParams p) {
   }
 }
 
+// What pack needs per channel and per bit width, made once per launch by pack_table_kernel
+// into PackParams::workspace (PackTable), so that no block of pack_kernel divides or takes a
+// square root in a prologue. Each block made all of it for itself: in ResNet-152's 2,048-channel
+// layers (7 x 7, batch 128; 2,112 blocks on an H200) each thread made 8 channels' scales, a
+// division each, and a share of the edge thresholds, beside its 24 elements; the fused
+// forward's invstd, alpha and shift would have added a square root and a division a channel.
+struct PackTable {
+  float *scale, *bias, *alpha, *shift, *edges;
+};
+
+__host__ __device__ __forceinline__ PackTable pack_table(float* w, int64_t channels) {
+  return {w, w + channels, w + 2 * channels, w + 3 * channels, w + 4 * channels};
+}
+
+// Codes from one fused multiply-add, deciding exactly next to a bin edge (codec::fused_code,
+// codec::near_code): each channel's scale 1 / (divisor_c d) and bias s_c - kGuard / d, and the
+// edge thresholds of d. A window narrower than 2^(bits+1) guards (guard_d >= 1/2) is outside
+// the bound's reach: its scales are NaN (every element a near edge, which divides) and its
+// biases s_c. Affine (PackParams::mean): invstd, written out, and alpha and shift.
+template <int Bits, bool Affine>
+__global__ void pack_table_kernel(PackParams p) {
+  const PackTable t = pack_table(p.workspace, p.channels);
+  const float d = codec::bin_width(p.window, Bits), guard_d = codec::kGuard / d;
+  const bool scaled = guard_d < 0.5f;
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < p.channels; c += stride) {
+    const float g = p.divisor ? p.divisor[c] : 1.0f;
+    t.scale[c] = scaled ? codec::fused_scale(g, d) : codec::fused_scale(0.0f, d);
+    t.bias[c] = scaled ? codec::channel_bias(p.offsets[c], guard_d) : static_cast<float>(p.offsets[c]);
+    if constexpr (Affine) {
+      const float invstd = codec::bn_invstd(p.var[c], p.eps);
+      const codec::BnAffine f = codec::bn_affine(p.mean[c], invstd, g, p.beta[c]);
+      p.invstd[c] = invstd;
+      t.alpha[c] = f.alpha;
+      t.shift[c] = f.shift;
+    }
+  }
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < codec::edge_thresholds(Bits); i += stride)
+    t.edges[i] = codec::edge_threshold(static_cast<int>(i) - (1 << Bits) - 1, d);
+}
+
 // Affine: the unit's fused forward (PackParams::mean): the values packed are a = T(fma(x,
-// alpha_c, shift_c)) of the loaded x, not x; each block makes the channels' alpha and shift
-// once in shared memory (beyond kScaleChannels, per element), and block 0 writes invstd.
+// alpha_c, shift_c)) of the loaded x, not x.
 template <int Bits, typename T, bool NHWC, bool Affine>
 __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParams p, Index ix) {
   const T* v = static_cast<const T*>(p.v);
@@ -265,46 +302,12 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
   const int64_t groups = (p.numel + kGroup - 1) / kGroup;
   const bool vec = elems_aligned<T, kGroup>(v);
   const bool relu_vec = elems_aligned<T, kGroup>(relu);
-  const bool rows = NHWC && nhwc_rows<kGroup>(p.channels, p.offsets, nullptr, nullptr);
+  const PackTable table = pack_table(p.workspace, p.channels);
+  // NHWC rows of 8 channels read the table's values as vectors: aligned where channels % 8 == 0
+  // and the workspace is (as the caching allocator's blocks are).
+  const bool rows = NHWC && nhwc_rows<kGroup>(p.channels, p.offsets, p.workspace, nullptr);
   const float d = codec::bin_width(p.window, Bits);
-  // Codes from one fused multiply-add, deciding exactly next to a bin edge (codec::fused_code,
-  // codec::near_code): each channel's scale 1 / (divisor_c d) and bias s_c - kGuard / d, and
-  // the edge thresholds of d, made once per block. A window narrower than 2^(bits+1) guards
-  // (guard_d >= 1/2) is outside the bound's reach: it divides, as wider tensors do, whose
-  // scales are NaN (every element a near edge) and biases s_c.
-  __shared__ float4 scale_vectors[kScaleChannels / 4];  // float4: aligned for the NHWC rows' vector loads
-  __shared__ float4 bias_vectors[kScaleChannels / 4];
-  __shared__ float edges[2 * (1 << Bits) + 2];  // codec::edge_thresholds(Bits)
-  float* scale = reinterpret_cast<float*>(scale_vectors);
-  float* bias = reinterpret_cast<float*>(bias_vectors);
-  const float guard_d = codec::kGuard / d, tol = codec::scaled_tolerance(Bits, guard_d);
-  const bool scaled = p.channels <= kScaleChannels && guard_d < 0.5f;
-  if (scaled) {
-    for (int c = threadIdx.x; c < p.channels; c += blockDim.x) {
-      scale[c] = codec::fused_scale(p.divisor ? p.divisor[c] : 1.0f, d);
-      bias[c] = codec::channel_bias(p.offsets[c], guard_d);
-    }
-    for (int i = threadIdx.x; i < codec::edge_thresholds(Bits); i += blockDim.x)
-      edges[i] = codec::edge_threshold(i - (1 << Bits) - 1, d);
-  }
-  __shared__ float4 alpha_vectors[Affine ? kScaleChannels / 4 : 1];
-  __shared__ float4 shift_vectors[Affine ? kScaleChannels / 4 : 1];
-  float* alpha = reinterpret_cast<float*>(alpha_vectors);
-  float* shift = reinterpret_cast<float*>(shift_vectors);
-  const bool affine_shared = Affine && p.channels <= kScaleChannels;
-  if (Affine && (affine_shared || blockIdx.x == 0)) {
-    for (int64_t c = threadIdx.x; c < p.channels; c += blockDim.x) {
-      const float invstd = codec::bn_invstd(p.var[c], p.eps);
-      if (blockIdx.x == 0) p.invstd[c] = invstd;
-      if (affine_shared) {
-        const codec::BnAffine f = codec::bn_affine(p.mean[c], invstd, p.divisor[c], p.beta[c]);
-        alpha[c] = f.alpha;
-        shift[c] = f.shift;
-      }
-    }
-  }
-  if (scaled || affine_shared) __syncthreads();
-  const float must_divide = codec::fused_scale(0.0f, d);  // NaN: the scale of a channel that divides
+  const float tol = codec::scaled_tolerance(Bits, codec::kGuard / d);
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
   for (int64_t g0 = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g0 < groups; g0 += kPackUnroll * stride) {
     Elems<T, kGroup> raws[kPackUnroll];  // each group's elements, loaded first
@@ -327,18 +330,8 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
       const GroupAt at = group_at<kGroup, NHWC>(rows, e0, n, ix);
       if constexpr (Affine) {  // raw becomes a: the BatchNorm's output, rounded to T
         float al[kGroup], sh[kGroup];
-        if (affine_shared) {
-          channel_values<kGroup, NHWC>(alpha, at, e0, ix, al);
-          channel_values<kGroup, NHWC>(shift, at, e0, ix, sh);
-        } else {
-#pragma unroll
-          for (int k = 0; k < kGroup; ++k) {
-            const int64_t c = element_channel<NHWC>(at, e0, k, ix);
-            const codec::BnAffine f =
-                codec::bn_affine(p.mean[c], codec::bn_invstd(p.var[c], p.eps), p.divisor[c], p.beta[c]);
-            al[k] = f.alpha, sh[k] = f.shift;
-          }
-        }
+        channel_values<kGroup, NHWC>(table.alpha, at, e0, ix, al);
+        channel_values<kGroup, NHWC>(table.shift, at, e0, ix, sh);
 #pragma unroll
         for (int k = 0; k < kGroup; ++k) raw.v[k] = codec::round_to<T>(fmaf(codec::widen(raw.v[k]), al[k], sh[k]));
       }
@@ -358,36 +351,8 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
 #pragma unroll
       for (int k = 0; k < kGroup; ++k) x[k] = codec::widen(raw.v[k]);
       float sc[kGroup], bi[kGroup];
-      // channel_values' cases, for the scales and biases together: each case finds the
-      // channels once for both (two channel_values calls made ptxas spill registers here).
-      if (!NHWC && at.how == GroupAt::one_channel) {  // one load of each for the group
-        const float c = scaled ? scale[at.c0] : must_divide, b = scaled ? bias[at.c0] : p.offsets[at.c0];
-#pragma unroll
-        for (int k = 0; k < kGroup; ++k) sc[k] = c, bi[k] = b;
-      } else if (NHWC && at.how == GroupAt::row) {  // channels c0 .. c0 + 7: two vector loads of each
-        if (scaled) {
-          const auto f = target::load<Elems<float, kGroup>>(scale + at.c0);
-          const auto b = target::load<Elems<float, kGroup>>(bias + at.c0);
-#pragma unroll
-          for (int k = 0; k < kGroup; ++k) sc[k] = f.v[k], bi[k] = b.v[k];
-        } else {
-          const auto o = target::load<Elems<uint8_t, kGroup>>(p.offsets + at.c0);
-#pragma unroll
-          for (int k = 0; k < kGroup; ++k) sc[k] = must_divide, bi[k] = o.v[k];
-        }
-      } else if constexpr (NHWC) {  // channels that wrap within the group
-        int64_t ch[kGroup];
-        nhwc_channels<kGroup>(e0, ix, ch);
-#pragma unroll
-        for (int k = 0; k < kGroup; ++k)
-          sc[k] = scaled ? scale[ch[k]] : must_divide, bi[k] = scaled ? bias[ch[k]] : p.offsets[ch[k]];
-      } else {  // a group that straddles two planes
-#pragma unroll
-        for (int k = 0; k < kGroup; ++k) {
-          const int64_t c = channel_at(e0 + k, ix);
-          sc[k] = scaled ? scale[c] : must_divide, bi[k] = scaled ? bias[c] : p.offsets[c];
-        }
-      }
+      channel_values<kGroup, NHWC>(table.scale, at, e0, ix, sc);
+      channel_values<kGroup, NHWC>(table.bias, at, e0, ix, bi);
       uint32_t q[kGroup];
 #pragma unroll
       for (int k = 0; k < kGroup; ++k) {
@@ -403,7 +368,7 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
             const float g = p.divisor[element_channel<NHWC>(at, e0, k, ix)];
             if (g != 1.0f) t = __fdiv_rn(t, g);
           }
-          q[k] = codec::near_code<true>(x[k], t, sc[k], bi[k], edges, Bits, d);
+          q[k] = codec::near_code<true>(x[k], t, sc[k], bi[k], table.edges, Bits, d);
         }
       }
 
@@ -954,15 +919,19 @@ void pack(const PackParams& p) {
   if (p.numel == 0) return;
   const target::DeviceGuard guard(p.device);  // a launch goes to the current device
   const Launch l = launch_config((p.numel + kGroup - 1) / kGroup, p.device);
+  const Launch lt = launch_config(std::max<int64_t>(p.channels, 2 * 256 + 2), p.device);
   const Index ix = index_of(p.numel, p.plane, p.channels);
   dispatch(p.bits, p.bf16, p.nhwc, [&](auto k, auto t, auto layout) {
     constexpr int K = decltype(k)::value;
     using T = decltype(t);
     constexpr bool L = decltype(layout)::value;
-    if (p.mean)
+    if (p.mean) {
+      BLPA_LAUNCH(lt.blocks, kThreads, lt.stream, pack_table_kernel<K, true>)(p);
       BLPA_LAUNCH(l.blocks, kThreads, l.stream, pack_kernel<K, T, L, true>)(p, ix);
-    else
+    } else {
+      BLPA_LAUNCH(lt.blocks, kThreads, lt.stream, pack_table_kernel<K, false>)(p);
       BLPA_LAUNCH(l.blocks, kThreads, l.stream, pack_kernel<K, T, L, false>)(p, ix);
+    }
   });
   target::launch_check();
 }

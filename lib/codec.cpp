@@ -673,10 +673,11 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, c
     if (!have_offsets)
       k->compute_offsets({b.data_ptr<float>(), out.offsets.data_ptr<uint8_t>(), l.channels, f.bits, f.window, f.lift,
                           dev});
+    const at::Tensor workspace = at::empty({cuda::pack_workspace(l.channels)}, v.options().dtype(at::kFloat));
     cuda::PackParams p{v.data_ptr(), divisor.defined() ? divisor.data_ptr<float>() : nullptr,
                        out.offsets.data_ptr<uint8_t>(), out.data.data_ptr<uint8_t>(), l.numel, l.plane, l.channels,
                        f.bits, f.window, dev, relu.defined() ? relu.data_ptr() : nullptr,
-                       v.scalar_type() == at::kBFloat16, nhwc};
+                       v.scalar_type() == at::kBFloat16, nhwc, workspace.data_ptr<float>()};
     if (bn) {
       p.mean = bn->mean.data_ptr<float>();
       p.var = bn->var.data_ptr<float>();

@@ -746,8 +746,7 @@ TEST_CASE("codec: bn_relu_pack is the BatchNorm to rounding, and pack_relu_ of i
           "[codec]") {
   torch::manual_seed(43);
   auto shapes = layout_shapes();
-  // More channels than the CUDA pack keeps in shared memory (alpha and shift per element),
-  // and NHWC rows of 8 channels.
+  // Channels past 2,048, and NHWC rows of 8 channels.
   shapes.push_back({2, 2100, 1, 3});
   shapes.push_back({2, 2056, 1, 2});
   shapes.push_back({4, 64, 9, 9});
@@ -1255,10 +1254,14 @@ TEST_CASE("codec: pack and unpack on a one-multiprocessor grid, emulated, give t
   } restore;
   blpa::testing::set_emulated_multiprocessors(1);
   const unsigned all = blpa::kXhat | blpa::kRelu | blpa::kMask;
-  for (int bits : {8, 4, 2}) {
-    const CodeFormat f = blpa::default_format(bits);
-    // {2, 2100, 1, 3}: more channels than pack keeps scales for in shared memory (it divides);
-    // {2, 2056, 1, 2} too, in NHWC rows of 8 channels.
+  // The default formats, and windows narrower than 2^bits guards (kGuard / d > 1), where
+  // pack's table makes every element a near edge that divides (near_code's s from the bias
+  // would be off by one there).
+  for (const CodeFormat& f : {blpa::default_format(8), blpa::default_format(4), blpa::default_format(2),
+                              CodeFormat{8, 2e-4f, 0.0f}, CodeFormat{2, 3e-6f, 0.0f}}) {
+    const int bits = f.bits;
+    // {2, 2100, 1, 3}: channels past 2,048 (which the pack kept in shared memory until its
+    // per-launch table); {2, 2056, 1, 2} too, in NHWC rows of 8 channels.
     for (const auto& shape : std::vector<std::vector<int64_t>>{
              {5, 7, 61, 67}, {4, 16, 32, 32}, {2, 300, 7, 7}, {2, 2100, 1, 3}, {2, 2056, 1, 2}}) {
       const int64_t c = shape[1];
@@ -1272,7 +1275,7 @@ TEST_CASE("codec: pack and unpack on a one-multiprocessor grid, emulated, give t
       v = torch::where((torch::arange(v.numel()) % 7 == 0).view(shape), edge, v);
       for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
         for (bool cl : {false, true}) {
-          CAPTURE(bits, shape, dtype, cl);
+          CAPTURE(bits, f.window, shape, dtype, cl);
           auto x = v.to(dtype).contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
           auto r_cpu = x.clone(at::MemoryFormat::Preserve);
           auto cpu = blpa::pack_relu_(r_cpu, b, f, gamma);
