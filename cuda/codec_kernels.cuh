@@ -656,10 +656,12 @@ __global__ void bn_reduce_kernel(BnBackwardParams p, ChannelWalk w) {
 
 // Every block of channel c adds the channel's gridDim.x partial sums the same way (warp 0,
 // lane l taking slots l, l + 32, ..., then the shuffle tree), so all agree, and so do runs.
+// Its thread 0 divides them into the means, once for the block (a double division is a
+// sequence of some 20 FP64 instructions; every thread dividing cost as much as its elements).
 template <int Bits, typename T>
 __global__ void bn_apply_kernel(BnBackwardParams p, ChannelWalk w) {
   T* grad_in = static_cast<T*>(p.grad_in);
-  __shared__ double total[2];
+  __shared__ float means[2];
   const double m = static_cast<double>(w.steps) * (w.vec ? 4 : 1);  // elements in a channel
   const float d = codec::bin_width(p.window, Bits);
   for (int64_t c = blockIdx.y; c < p.channels; c += gridDim.y) {
@@ -668,18 +670,19 @@ __global__ void bn_apply_kernel(BnBackwardParams p, ChannelWalk w) {
       double a = 0.0, ax = 0.0;
       for (unsigned k = threadIdx.x; k < gridDim.x; k += 32) a += slots[k], ax += slots[gridDim.x + k];
       warp_sum(a, ax);
-      if (threadIdx.x == 0) total[0] = a, total[1] = ax;
+      if (threadIdx.x == 0) {
+        means[0] = static_cast<float>(a / m), means[1] = static_cast<float>(ax / m);
+        if (blockIdx.x == 0) {
+          p.g_beta[c] = static_cast<float>(a);
+          // The clamp's gradient, as threshold_backward: none where g = max(gamma, gamma_min) <=
+          // gamma_min; a NaN g passes its (NaN) gradient.
+          p.g_g[c] = p.mask_g_g && p.g[c] <= p.gamma_min ? 0.0f : static_cast<float>(ax);
+        }
+      }
     }
     __syncthreads();
-    const double sum_a = total[0], sum_ax = total[1];
-    __syncthreads();  // total[] is rewritten for the next channel
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-      p.g_beta[c] = static_cast<float>(sum_a);
-      // The clamp's gradient, as threshold_backward: none where g = max(gamma, gamma_min) <=
-      // gamma_min; a NaN g passes its (NaN) gradient.
-      p.g_g[c] = p.mask_g_g && p.g[c] <= p.gamma_min ? 0.0f : static_cast<float>(sum_ax);
-    }
-    const float mean_a = static_cast<float>(sum_a / m), mean_ax = static_cast<float>(sum_ax / m);
+    const float mean_a = means[0], mean_ax = means[1];
+    __syncthreads();  // means[] is rewritten for the next channel
     const float scale = __fmul_rn(p.g[c], p.invstd[c]);
     const int s = p.offsets[c];
     const float bc = p.b[c];
@@ -713,8 +716,9 @@ __global__ void bn_apply_kernel(BnBackwardParams p, ChannelWalk w) {
 // kernel by those instructions); a block adds its threads of a channel in order of warp, then
 // row within the warp, into the block's slot of p.partials (channel c's gridDim.y slots of sum
 // g_a, then gridDim.y of sum g_a x_hat', at 2 * gridDim.y * c, as channel_partials);
-// bn_nhwc_total_kernel adds a channel's slots with a block of threads into the totals after
-// them ([2][channels]), and bn_nhwc_apply_kernel writes g_x from the totals.
+// bn_nhwc_total_kernel adds a channel's slots with a block of threads and writes the channel's
+// two means after them (nhwc_means: [2][channels] floats), and bn_nhwc_apply_kernel writes g_x
+// from the means.
 constexpr int kNhwcR = 8, kNhwcRows = 4, kNhwcVector = 8;
 
 struct NhwcWalk {
@@ -822,15 +826,24 @@ __global__ void bn_nhwc_reduce_kernel(BnBackwardParams p, NhwcWalk w) {
   }
 }
 
+// The channels' means of g_a and g_a x_hat' after the `slots` row-block sums of each: where
+// bn_nhwc_total_kernel writes them, float [2][channels] in the doubles of p.partials.
+__host__ __device__ __forceinline__ float* nhwc_means(const BnBackwardParams& p, int64_t slots) {
+  return reinterpret_cast<float*>(p.partials + 2 * slots * p.channels);
+}
+
 // Per channel (blockIdx.x, striding by gridDim.x), a block adds the channel's `slots` row-block
 // sums (thread t taking slots t, t + blockDim.x, ...; then each warp's shuffle tree, then warp 0
-// over the warps' sums: a fixed order) into the totals after the slots ([2][channels]), and
-// writes g_beta and g_g. (One thread per channel adding its slots one by one waited on each
-// load in turn: 2 x 2,112 of them for the 16 channels of ResNet-164's first stage on an H200.)
+// over the warps' sums: a fixed order), writes g_beta and g_g, and the means, sum / M in
+// double rounded to float, once per channel (each thread of the apply dividing its channels'
+// sums cost more than its elements: 16 double divisions a thread where V = 8). (One thread per
+// channel adding its slots one by one waited on each load in turn: 2 x 2,112 of them for the
+// 16 channels of ResNet-164's first stage on an H200.)
 __global__ void bn_nhwc_total_kernel(BnBackwardParams p, int64_t slots) {
   __shared__ double part[2][32];  // a sum per warp: up to 1,024 threads
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  double* totals = p.partials + 2 * slots * p.channels;
+  float* means = nhwc_means(p, slots);
+  const double m = static_cast<double>(p.batch * p.plane);
   for (int64_t c = blockIdx.x; c < p.channels; c += gridDim.x) {
     const double* own = p.partials + 2 * slots * c;
     double a = 0.0, ax = 0.0;
@@ -843,8 +856,8 @@ __global__ void bn_nhwc_total_kernel(BnBackwardParams p, int64_t slots) {
       ax = lane < warps ? part[1][lane] : 0.0;
       warp_sum(a, ax);
       if (lane == 0) {
-        totals[c] = a;
-        totals[p.channels + c] = ax;
+        means[c] = static_cast<float>(a / m);
+        means[p.channels + c] = static_cast<float>(ax / m);
         p.g_beta[c] = static_cast<float>(a);
         // The clamp's gradient, as threshold_backward (see bn_apply_kernel).
         p.g_g[c] = p.mask_g_g && p.g[c] <= p.gamma_min ? 0.0f : static_cast<float>(ax);
@@ -864,14 +877,13 @@ __global__ void bn_nhwc_apply_kernel(BnBackwardParams p, NhwcWalk w) {
   const int64_t c = t.c;
   if (c >= p.channels) return;
   T* grad_in = static_cast<T*>(p.grad_in);
-  const double* totals = p.partials + 2 * int64_t{gridDim.y} * p.channels;
-  const double m = static_cast<double>(w.rows);
+  const float* means = nhwc_means(p, gridDim.y);
   float mean_a[V], mean_ax[V], scale[V], bc[V];
   int s[V];
 #pragma unroll
   for (int k = 0; k < V; ++k) {
-    mean_a[k] = static_cast<float>(totals[c + k] / m);
-    mean_ax[k] = static_cast<float>(totals[p.channels + c + k] / m);
+    mean_a[k] = means[c + k];
+    mean_ax[k] = means[p.channels + c + k];
     scale[k] = __fmul_rn(p.g[c + k], p.invstd[c + k]);
     s[k] = p.offsets[c + k];
     bc[k] = p.b[c + k];
@@ -1009,7 +1021,7 @@ dim3 bn_nhwc_grid(const BnBackwardParams& p) {
 
 int64_t bn_workspace(const BnBackwardParams& p) {
   if (p.channels == 0) return 0;
-  // NHWC: each row block's two sums per channel, then the two totals.
+  // NHWC: each row block's two sums per channel, then the two means (floats, in doubles).
   if (p.nhwc) return 2 * (int64_t{bn_nhwc_grid(p).y} + 1) * p.channels;
   // The grid depends on the pointers' alignment (the vector path takes 4 elements a step):
   // size the workspace with the p that bn_relu_backward will get.
