@@ -304,8 +304,8 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
   const bool relu_vec = elems_aligned<T, kGroup>(relu);
   const PackTable table = pack_table(p.workspace, p.channels);
   // NHWC rows of 8 channels read the table's values as vectors: aligned where channels % 8 == 0
-  // and the workspace is (as the caching allocator's blocks are).
-  const bool rows = NHWC && nhwc_rows<kGroup>(p.channels, p.offsets, p.workspace, nullptr);
+  // and the workspace is (as the caching allocator's blocks are). (No offsets are read here.)
+  const bool rows = NHWC && nhwc_rows<kGroup>(p.channels, nullptr, p.workspace, nullptr);
   const float d = codec::bin_width(p.window, Bits);
   const float tol = codec::scaled_tolerance(Bits, codec::kGuard / d);
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
@@ -931,7 +931,8 @@ void pack(const PackParams& p) {
   if (p.numel == 0) return;
   const target::DeviceGuard guard(p.device);  // a launch goes to the current device
   const Launch l = launch_config((p.numel + kGroup - 1) / kGroup, p.device);
-  const Launch lt = launch_config(std::max<int64_t>(p.channels, 2 * 256 + 2), p.device);
+  static_assert(pack_workspace(0) == codec::edge_thresholds(8), "pack's workspace holds 8-bit edge thresholds");
+  const Launch lt = launch_config(std::max<int64_t>(p.channels, codec::edge_thresholds(p.bits)), p.device);
   const Index ix = index_of(p.numel, p.plane, p.channels);
   dispatch(p.bits, p.bf16, p.nhwc, [&](auto k, auto t, auto layout) {
     constexpr int K = decltype(k)::value;

@@ -42,7 +42,7 @@ struct PackParams {
 };
 
 // The scratch pack needs: what it makes once per launch for every channel and bit width.
-inline int64_t pack_workspace(int64_t channels) { return 4 * channels + 2 * 256 + 2; }
+constexpr int64_t pack_workspace(int64_t channels) { return 4 * channels + 2 * 256 + 2; }
 
 struct OffsetParams {
   const float* b = nullptr;    // [channels] beta / gamma

@@ -697,12 +697,13 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, c
   const float* dp = divisor.defined() ? divisor.data_ptr<float>() : nullptr;
   void* values = v.data_ptr();  // the values packed: v, or with bn the a made from it
   if (bn) {
-    const float *mp = bn->mean.data_ptr<float>(), *vp = bn->var.data_ptr<float>(), *bp = bn->beta.data_ptr<float>();
+    const float *mp = bn->mean.data_ptr<float>(), *vp = bn->var.data_ptr<float>();
+    const float* betap = bn->beta.data_ptr<float>();
     float* ip = bn->invstd.data_ptr<float>();
     std::vector<codec::BnAffine> affine(l.channels);
     for (int64_t c = 0; c < l.channels; ++c) {
       ip[c] = codec::bn_invstd(vp[c], bn->eps);
-      affine[c] = codec::bn_affine(mp[c], ip[c], dp[c], bp[c]);
+      affine[c] = codec::bn_affine(mp[c], ip[c], dp[c], betap[c]);
     }
     auto alpha_of = [&](int64_t c) { return affine[c].alpha; };
     auto shift_of = [&](int64_t c) { return affine[c].shift; };

@@ -68,9 +68,12 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     const Tensor g = mode.mode == Mode::exact ? gamma.clamp_min(kGammaMin) : cc.g;
     Tensor a, mean, invstd, r;
     Codes codes;
-    if (mode.mode == Mode::blpa && unit->fused_forward.value_or(fused_by_default(x))) {
-      // The batch statistics (updating the running ones) by LibTorch, as its BatchNorm makes
-      // them; then r = max(a, 0) and the codes of a / g in one pass over x, a never stored.
+    const bool fused = unit->fused_forward.has_value() ? *unit->fused_forward : fused_by_default(x);
+    if (mode.mode == Mode::blpa && fused) {
+      // The batch statistics (updating the running ones) by LibTorch: on the CPU the bits of
+      // its BatchNorm's; on a GPU its native kernels', where the unfused path may take
+      // cuDNN's, which round otherwise. Then r = max(a, 0) and the codes of a / g in one
+      // pass over x, a never stored.
       Tensor var;
       std::tie(mean, var) = at::batch_norm_update_stats(x, unit->running_mean, unit->running_var, unit->momentum);
       BnPacked packed = bn_relu_pack(x, mean, var, static_cast<float>(unit->eps), beta, cc);

@@ -189,7 +189,7 @@ BLPA_HD float edge_threshold(int n, float d) {
 }
 
 // edge_threshold(n, d) for n = -(B + 1) .. B, at index n + B + 1.
-BLPA_HD int edge_thresholds(int bits) { return 2 * num_bins(bits) + 2; }
+BLPA_HD constexpr int edge_thresholds(int bits) { return 2 * (1 << bits) + 2; }
 
 // encode(t, s, bits, d), t = v / g, where fused_code(v, scale, bias, tol, bits) gave
 // kNearEdge; thresholds: edge_thresholds(bits) of edge_threshold. When y is a number it lies
@@ -221,12 +221,16 @@ BLPA_HD bool mask(uint32_t code, int s) { return static_cast<int>(code) >= s; }
 // from the batch mean and biased variance: a = fma(x, alpha, shift) per element, with
 // invstd = 1 / sqrt(var + eps), alpha = g invstd and shift = beta - mean alpha (an fma: one
 // rounding) per channel. Division and square root are IEEE on both sides (nvcc's defaults
-// -prec-div and -prec-sqrt), so the CPU and the GPU give the same bits.
+// -prec-div and -prec-sqrt), so the CPU and the GPU give the same bits. invstd is 0 where
+// var + eps is 0, as LibTorch's (a constant channel with eps 0).
 struct BnAffine {
   float alpha, shift;
 };
 
-BLPA_HD float bn_invstd(float var, float eps) { return 1.0f / sqrtf(var + eps); }
+BLPA_HD float bn_invstd(float var, float eps) {
+  const float v = var + eps;
+  return v == 0.0f ? 0.0f : 1.0f / sqrtf(v);
+}
 
 BLPA_HD BnAffine bn_affine(float mean, float invstd, float g, float beta) {
   const float alpha = g * invstd;
