@@ -780,7 +780,8 @@ __device__ __forceinline__ void walk_rows(const BnBackwardParams& p, const NhwcW
 
 template <int Bits, typename T, int V>
 __global__ void bn_nhwc_reduce_kernel(BnBackwardParams p, NhwcWalk w) {
-  __shared__ double part[2][kNhwcR][32];
+  static_assert(V <= kNhwcR, "a warp adds each of a thread's channels");
+  __shared__ double part[2][V][kNhwcR][32];  // V = 8: 32 KB
   const NhwcThread t = nhwc_thread<V>(w);
   const int64_t c = t.c;
   const float d = codec::bin_width(p.window, Bits);
@@ -808,21 +809,23 @@ __global__ void bn_nhwc_reduce_kernel(BnBackwardParams p, NhwcWalk w) {
           }
         });
   }
-  // The block's sums, a channel at a time: every thread passes each barrier.
+  // The block's sums: every thread's, then one barrier, then channel c + k's by warp k (its
+  // lanes below w.lanes, each a vector of channels), in order of warp, then row within the
+  // warp. (A channel at a time by warp 0 alone took 2 V barriers, its V sums one after another.)
 #pragma unroll
   for (int k = 0; k < V; ++k) {
-    part[0][threadIdx.y][threadIdx.x] = sum_a[k];
-    part[1][threadIdx.y][threadIdx.x] = sum_ax[k];
-    __syncthreads();
-    if (threadIdx.y == 0 && static_cast<int>(threadIdx.x) < w.lanes && c < p.channels) {
-      double a = 0.0, ax = 0.0;
-      for (int r = 0; r < kNhwcR; ++r)
-        for (int j = t.lane; j < 32; j += w.lanes) a += part[0][r][j], ax += part[1][r][j];
-      double* slots = p.partials + 2 * int64_t{gridDim.y} * (c + k);
-      slots[blockIdx.y] = a;
-      slots[gridDim.y + blockIdx.y] = ax;
-    }
-    __syncthreads();  // part[] is rewritten for the next channel
+    part[0][k][threadIdx.y][threadIdx.x] = sum_a[k];
+    part[1][k][threadIdx.y][threadIdx.x] = sum_ax[k];
+  }
+  __syncthreads();
+  const int k = static_cast<int>(threadIdx.y);
+  if (k < V && static_cast<int>(threadIdx.x) < w.lanes && c < p.channels) {
+    double a = 0.0, ax = 0.0;
+    for (int r = 0; r < kNhwcR; ++r)
+      for (int j = t.lane; j < 32; j += w.lanes) a += part[0][k][r][j], ax += part[1][k][r][j];
+    double* slots = p.partials + 2 * int64_t{gridDim.y} * (c + k);
+    slots[blockIdx.y] = a;
+    slots[gridDim.y + blockIdx.y] = ax;
   }
 }
 
