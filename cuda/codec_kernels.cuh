@@ -252,45 +252,65 @@ __global__ void channel_kernel(ChannelParams p) {
   }
 }
 
-// What pack needs per channel and per bit width, made once per launch by pack_table_kernel
-// into PackParams::workspace (PackTable), so that no block of pack_kernel divides or takes a
-// square root in a prologue. Each block made all of it for itself: in ResNet-152's 2,048-channel
-// layers (7 x 7, batch 128; 2,112 blocks on an H200) each thread made 8 channels' scales, a
-// division each, and a share of the edge thresholds, beside its 24 elements; the fused
-// forward's invstd, alpha and shift would have added a square root and a division a channel.
+// What pack needs per channel and per bit width: each channel's scale 1 / (divisor_c d) and
+// bias s_c - kGuard / d (codec::fused_code), the edge thresholds of d (codec::near_code) and,
+// for the fused forward (Affine), invstd (written out), alpha and shift. A window narrower
+// than 2^(bits+1) guards (guard_d >= 1/2) is outside the fused code's bound: its scales are
+// NaN (every element a near edge, which divides) and its biases s_c.
 struct PackTable {
   float *scale, *bias, *alpha, *shift, *edges;
 };
 
-__host__ __device__ __forceinline__ PackTable pack_table(float* w, int64_t channels) {
+// Channel c's entries of t, and p.invstd[c] where write_invstd.
+template <int Bits, bool Affine>
+__device__ __forceinline__ void pack_channel(const PackParams& p, const PackTable& t, int64_t c, bool write_invstd) {
+  const float d = codec::bin_width(p.window, Bits), guard_d = codec::kGuard / d;
+  const bool scaled = guard_d < 0.5f;
+  const float g = p.divisor ? p.divisor[c] : 1.0f;
+  t.scale[c] = scaled ? codec::fused_scale(g, d) : codec::fused_scale(0.0f, d);
+  t.bias[c] = scaled ? codec::channel_bias(p.offsets[c], guard_d) : static_cast<float>(p.offsets[c]);
+  if constexpr (Affine) {
+    const float invstd = codec::bn_invstd(p.var[c], p.eps);
+    const codec::BnAffine f = codec::bn_affine(p.mean[c], invstd, g, p.beta[c]);
+    if (write_invstd) p.invstd[c] = invstd;
+    t.alpha[c] = f.alpha;
+    t.shift[c] = f.shift;
+  }
+}
+
+template <int Bits>
+__device__ __forceinline__ void pack_edge(const PackParams& p, const PackTable& t, int i) {
+  t.edges[i] = codec::edge_threshold(i - (1 << Bits) - 1, codec::bin_width(p.window, Bits));
+}
+
+// The table in p.workspace (pack_workspace(channels) floats), once for a launch of pack_kernel.
+__host__ __device__ __forceinline__ PackTable workspace_table(float* w, int64_t channels) {
   return {w, w + channels, w + 2 * channels, w + 3 * channels, w + 4 * channels};
 }
 
-// Codes from one fused multiply-add, deciding exactly next to a bin edge (codec::fused_code,
-// codec::near_code): each channel's scale 1 / (divisor_c d) and bias s_c - kGuard / d, and the
-// edge thresholds of d. A window narrower than 2^(bits+1) guards (guard_d >= 1/2) is outside
-// the bound's reach: its scales are NaN (every element a near edge, which divides) and its
-// biases s_c. Affine (PackParams::mean): invstd, written out, and alpha and shift.
 template <int Bits, bool Affine>
 __global__ void pack_table_kernel(PackParams p) {
-  const PackTable t = pack_table(p.workspace, p.channels);
-  const float d = codec::bin_width(p.window, Bits), guard_d = codec::kGuard / d;
-  const bool scaled = guard_d < 0.5f;
+  const PackTable t = workspace_table(p.workspace, p.channels);
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
-  for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < p.channels; c += stride) {
-    const float g = p.divisor ? p.divisor[c] : 1.0f;
-    t.scale[c] = scaled ? codec::fused_scale(g, d) : codec::fused_scale(0.0f, d);
-    t.bias[c] = scaled ? codec::channel_bias(p.offsets[c], guard_d) : static_cast<float>(p.offsets[c]);
-    if constexpr (Affine) {
-      const float invstd = codec::bn_invstd(p.var[c], p.eps);
-      const codec::BnAffine f = codec::bn_affine(p.mean[c], invstd, g, p.beta[c]);
-      p.invstd[c] = invstd;
-      t.alpha[c] = f.alpha;
-      t.shift[c] = f.shift;
-    }
-  }
+  for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < p.channels; c += stride)
+    pack_channel<Bits, Affine>(p, t, c, true);
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < codec::edge_thresholds(Bits); i += stride)
-    t.edges[i] = codec::edge_threshold(static_cast<int>(i) - (1 << Bits) - 1, d);
+    pack_edge<Bits>(p, t, static_cast<int>(i));
+}
+
+// Whether pack's table takes a launch of its own (pack_table_kernel) rather than each block
+// making its own copy in shared memory before a barrier: where the copies would cost more.
+// Per block a copy is the channels' entries (a division each, with a square root and a
+// division more for the fused forward: some 50 instructions a channel) and the edge
+// thresholds (some 60 each); the launch, about 2 us of a GPU, is some 2M warp-instruction
+// slots of an H200 (132 SMs x 4 schedulers x 1.98 GHz). So: past blocks x (channels + edges)
+// of about 2^20 (a ResNet-152 layer of 2,048 channels on the 2,112 blocks of a large tensor
+// has 4.4M; a ResNet-164 layer of 64 channels 0.2M), and past the copy's 2,048 channels.
+constexpr int kOwnTableChannels = 2048;
+constexpr int64_t kTableWork = int64_t{1} << 20;
+
+bool pack_table_launch(const PackParams& p, int blocks) {
+  return p.channels > kOwnTableChannels || int64_t{blocks} * (p.channels + codec::edge_thresholds(p.bits)) > kTableWork;
 }
 
 // Affine: the unit's fused forward (PackParams::mean): the values packed are a = T(fma(x,
@@ -302,9 +322,24 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
   const int64_t groups = (p.numel + kGroup - 1) / kGroup;
   const bool vec = elems_aligned<T, kGroup>(v);
   const bool relu_vec = elems_aligned<T, kGroup>(relu);
-  const PackTable table = pack_table(p.workspace, p.channels);
+  // The table: in p.workspace (pack_table_kernel ran), or made here (p.workspace null; block 0
+  // writes invstd).
+  constexpr int own_channels = (Affine ? 4 : 2) * kOwnTableChannels;
+  __shared__ float4 own_vectors[(own_channels + codec::edge_thresholds(Bits) + 3) / 4];  // float4: rows' loads
+  PackTable table;
+  if (p.workspace) {
+    table = workspace_table(p.workspace, p.channels);
+  } else {
+    float* own = reinterpret_cast<float*>(own_vectors);
+    table = {own, own + kOwnTableChannels, Affine ? own + 2 * kOwnTableChannels : nullptr,
+             Affine ? own + 3 * kOwnTableChannels : nullptr, own + own_channels};
+    for (int c = threadIdx.x; c < p.channels; c += blockDim.x) pack_channel<Bits, Affine>(p, table, c, blockIdx.x == 0);
+    for (int i = threadIdx.x; i < codec::edge_thresholds(Bits); i += blockDim.x) pack_edge<Bits>(p, table, i);
+    __syncthreads();
+  }
   // NHWC rows of 8 channels read the table's values as vectors: aligned where channels % 8 == 0
-  // and the workspace is (as the caching allocator's blocks are). (No offsets are read here.)
+  // and the workspace is (as the caching allocator's blocks are; the shared copy is). (No
+  // offsets are read here.)
   const bool rows = NHWC && nhwc_rows<kGroup>(p.channels, nullptr, p.workspace, nullptr);
   const float d = codec::bin_width(p.window, Bits);
   const float tol = codec::scaled_tolerance(Bits, codec::kGuard / d);
@@ -937,16 +972,19 @@ void pack(const PackParams& p) {
   static_assert(pack_workspace(0) == codec::edge_thresholds(8), "pack's workspace holds 8-bit edge thresholds");
   const Launch lt = launch_config(std::max<int64_t>(p.channels, codec::edge_thresholds(p.bits)), p.device);
   const Index ix = index_of(p.numel, p.plane, p.channels);
+  const bool table = pack_table_launch(p, l.blocks);
+  PackParams q = p;
+  if (!table) q.workspace = nullptr;  // each block makes its own copy
   dispatch(p.bits, p.bf16, p.nhwc, [&](auto k, auto t, auto layout) {
     constexpr int K = decltype(k)::value;
     using T = decltype(t);
     constexpr bool L = decltype(layout)::value;
     if (p.mean) {
-      BLPA_LAUNCH(lt.blocks, kThreads, lt.stream, pack_table_kernel<K, true>)(p);
-      BLPA_LAUNCH(l.blocks, kThreads, l.stream, pack_kernel<K, T, L, true>)(p, ix);
+      if (table) BLPA_LAUNCH(lt.blocks, kThreads, lt.stream, pack_table_kernel<K, true>)(q);
+      BLPA_LAUNCH(l.blocks, kThreads, l.stream, pack_kernel<K, T, L, true>)(q, ix);
     } else {
-      BLPA_LAUNCH(lt.blocks, kThreads, lt.stream, pack_table_kernel<K, false>)(p);
-      BLPA_LAUNCH(l.blocks, kThreads, l.stream, pack_kernel<K, T, L, false>)(p, ix);
+      if (table) BLPA_LAUNCH(lt.blocks, kThreads, lt.stream, pack_table_kernel<K, false>)(q);
+      BLPA_LAUNCH(l.blocks, kThreads, l.stream, pack_kernel<K, T, L, false>)(q, ix);
     }
   });
   target::launch_check();
