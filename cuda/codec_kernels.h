@@ -29,7 +29,8 @@ struct PackParams {
   void* relu = nullptr;  // if set, receives max(v, 0) (NaN kept) in v's type; may be v itself
   bool bf16 = false;
   bool nhwc = false;
-  float* workspace = nullptr;  // pack_workspace(channels) floats of scratch, 16-byte aligned
+  float* workspace = nullptr;  // pack_workspace(channels) floats of scratch, 16-byte aligned: may hold
+                               // pack's per-channel table, made by a launch of its own
   // The unit's forward in one pass (blpa::bn_relu_pack), when `mean` is set: v holds the
   // BatchNorm's input x, and the values packed (and, through relu, which must not alias v,
   // made non-negative) are a = T(fma(x, alpha_c, shift_c)) of codec::bn_affine(mean_c,
@@ -41,7 +42,8 @@ struct PackParams {
   float* invstd = nullptr;      // [channels]
 };
 
-// The scratch pack needs: what it makes once per launch for every channel and bit width.
+// The scratch pack needs: its per-channel table and edge thresholds, where it makes them once
+// for a launch (large tensors, wide layers) rather than in every block.
 constexpr int64_t pack_workspace(int64_t channels) { return 4 * channels + 2 * 256 + 2; }
 
 struct OffsetParams {

@@ -19,8 +19,9 @@
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-graphs|train-graphed|gloo-cuda-2proc'
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-precision|codec-precision|pytorch-step'
 #   BLPA_GPU_TESTS='^CUDA:' BLPA_GPU_STAGES='tests|step-fused|codec-precision|ncu-codec|step-precision-profile'
-#     (#15's kernels: about 250 s; eac19d8..b8d4625's kernels and 8b484c4's fused forward are
-#     not yet measured; step-precision adds 28 s)
+#     (#15's kernels, none measured since fedcee4: eac19d8..b8d4625's and 8b484c4..046d754's,
+#     the fused forward among them. 252 s with step-precision in place of step-fused, whose
+#     four graphed runs are new: allow 2 minutes more)
 # with BLPA_COMMIT=$(git rev-parse HEAD) (the tree may travel without .git). Both sets in one
 # call, with codec, train-bf16 and memory-precision, took 290 s on 2026-11-30 (build 94 s, the
 # CUDA tests 60 s, step-graphs 31 s, step-precision 28 s, pytorch-step 34 s); ncu-codec and
@@ -187,7 +188,7 @@ stage step-precision-profile 240 bash -c 'bench step --device cuda --model resne
   --precision bf16 --memory-format nhwc --cuda-graphs --warmup 2 --steps 5 --profile 3 &&
   bench step --device cuda --model resnet164 --batch 128 --mode plain,blpa-4 --precision bf16 --memory-format nhwc \
   --cuda-graphs --warmup 3 --steps 10 --profile 3'
-# The fused forward (bn_relu_pack: a unit's BatchNorm output, ReLU and codes in one kernel)
+# The fused forward (bn_relu_pack: a unit's BatchNorm output, ReLU and codes in one pass)
 # against LibTorch's BatchNorm then the pack (BLPA_FUSED_FORWARD=0): each beside plain in its
 # process, graphed, bf16 channels-last, where blpa-4 took 1.16x and 1.22x plain at fedcee4.
 stage step-fused 300 bash -c 'for f in 0 1; do for mb in "resnet164 128" "resnet152 128"; do set -- $mb;
