@@ -735,6 +735,19 @@ torch::Tensor bn_affine_reference(const BnForwardCase& k, float eps, torch::Tens
   return a.to(k.x.scalar_type()).contiguous(k.x.suggest_memory_format());
 }
 
+// Calls run(k, shape, dtype, channels_last) with a drawn case for each format, shape, dtype
+// and layout.
+template <typename Run>
+void for_each_forward_case(const std::vector<std::vector<int64_t>>& shapes, Run&& run) {
+  for (const CodeFormat& f : layout_formats())
+    for (const auto& shape : shapes)
+      for (auto dtype : {torch::kFloat, torch::kBFloat16})
+        for (bool cl : {false, true}) {
+          CAPTURE(f.bits, f.window, f.lift, shape, dtype, cl);
+          run(bn_forward_case(shape, f, dtype, cl), shape, dtype, cl);
+        }
+}
+
 // Bits of a float or bf16 tensor, to compare -0 and NaN payloads too.
 torch::Tensor bits_of(const torch::Tensor& t) {
   return t.cpu().view(t.scalar_type() == torch::kFloat ? torch::kInt : torch::kShort);
@@ -751,46 +764,39 @@ TEST_CASE("codec: bn_relu_pack is the BatchNorm to rounding, and pack_relu_ of i
   shapes.push_back({2, 2056, 1, 2});
   shapes.push_back({4, 64, 9, 9});
   const float eps = 1e-5f;
-  for (const CodeFormat& f : layout_formats()) {
-    for (const auto& shape : shapes) {
-      for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
-        for (bool cl : {false, true}) {
-          CAPTURE(f.bits, f.window, f.lift, shape, dtype, cl);
-          const BnForwardCase k = bn_forward_case(shape, f, dtype, cl);
-          auto got = blpa::bn_relu_pack(k.x, k.mean, k.var, eps, k.beta, k.cc);
-          torch::Tensor invstd;
-          auto a = bn_affine_reference(k, eps, invstd);
-          auto r = a.clone(at::MemoryFormat::Preserve);
-          auto want = blpa::pack_relu_(r, k.cc);
-          CHECK(torch::equal(got.codes.data, want.data));
-          CHECK(got.codes.channels_last == want.channels_last);
-          CHECK(torch::equal(bits_of(got.r), bits_of(r)));
-          CHECK(got.r.strides() == k.x.strides());
-          CHECK(torch::equal(got.invstd, invstd));
-          // An x one element off alignment (dense, in the same layout) takes the scalar loads.
-          auto buf = torch::empty({k.x.numel() + 1}, k.x.options());
-          auto shifted = buf.narrow(0, 1, k.x.numel());
-          auto moved = cl ? shifted.view({shape[0], shape[2], shape[3], shape[1]}).permute({0, 3, 1, 2})
-                          : shifted.view(shape);
-          moved.copy_(k.x);
-          auto off = blpa::bn_relu_pack(moved, k.mean, k.var, eps, k.beta, k.cc);
-          CHECK(torch::equal(off.codes.data, want.data));
-          CHECK(torch::equal(bits_of(off.r.contiguous(k.x.suggest_memory_format())), bits_of(r)));
-          // LibTorch's BatchNorm with these statistics: (x - mean) invstd g + beta in float,
-          // rounded once to the dtype. The two forms differ by their float roundings: a few
-          // units (2^-24) of |x alpha| + |shift|, the largest terms either sums; then bf16's
-          // rounding may fall either side, one bf16 unit (2^-8) of a.
-          auto bn = at::batch_norm(k.x, k.cc.g, k.beta, k.mean, k.var, false, 0.0, eps, false).to(torch::kFloat);
-          auto pc = [&](const torch::Tensor& t) { return t.view({1, shape[1], 1, 1}); };
-          auto alpha = k.cc.g * invstd, shift = k.beta - k.mean * alpha;
-          auto terms = (k.x.to(torch::kFloat) * pc(alpha)).abs() + pc(shift).abs();
-          auto err = (a.to(torch::kFloat) - bn).abs();
-          const double rounding = dtype == torch::kFloat ? 0.0 : 1.0 / 128;
-          CHECK((err <= bn.abs() * rounding + terms * 8 * std::ldexp(1.0, -24)).all().item<bool>());
-        }
-      }
-    }
-  }
+  for_each_forward_case(shapes, [&](const BnForwardCase& k, const std::vector<int64_t>& shape, torch::ScalarType dtype,
+                                    bool cl) {
+    auto got = blpa::bn_relu_pack(k.x, k.mean, k.var, eps, k.beta, k.cc);
+    torch::Tensor invstd;
+    auto a = bn_affine_reference(k, eps, invstd);
+    auto r = a.clone(at::MemoryFormat::Preserve);
+    auto want = blpa::pack_relu_(r, k.cc);
+    CHECK(torch::equal(got.codes.data, want.data));
+    CHECK(got.codes.channels_last == want.channels_last);
+    CHECK(torch::equal(bits_of(got.r), bits_of(r)));
+    CHECK(got.r.strides() == k.x.strides());
+    CHECK(torch::equal(got.invstd, invstd));
+    // An x one element off alignment (dense, in the same layout) takes the scalar loads.
+    auto buf = torch::empty({k.x.numel() + 1}, k.x.options());
+    auto shifted = buf.narrow(0, 1, k.x.numel());
+    auto moved = cl ? shifted.view({shape[0], shape[2], shape[3], shape[1]}).permute({0, 3, 1, 2})
+                    : shifted.view(shape);
+    moved.copy_(k.x);
+    auto off = blpa::bn_relu_pack(moved, k.mean, k.var, eps, k.beta, k.cc);
+    CHECK(torch::equal(off.codes.data, want.data));
+    CHECK(torch::equal(bits_of(off.r.contiguous(k.x.suggest_memory_format())), bits_of(r)));
+    // LibTorch's BatchNorm with these statistics: (x - mean) invstd g + beta in float,
+    // rounded once to the dtype. The two forms differ by their float roundings: a few
+    // units (2^-24) of |x alpha| + |shift|, the largest terms either sums; then bf16's
+    // rounding may fall either side: one bf16 unit, up to 2^-7 of a.
+    auto bn = at::batch_norm(k.x, k.cc.g, k.beta, k.mean, k.var, false, 0.0, eps, false).to(torch::kFloat);
+    auto pc = [&](const torch::Tensor& t) { return t.view({1, shape[1], 1, 1}); };
+    auto alpha = k.cc.g * invstd, shift = k.beta - k.mean * alpha;
+    auto terms = (k.x.to(torch::kFloat) * pc(alpha)).abs() + pc(shift).abs();
+    auto err = (a.to(torch::kFloat) - bn).abs();
+    const double rounding = dtype == torch::kFloat ? 0.0 : 1.0 / 128;
+    CHECK((err <= bn.abs() * rounding + terms * 8 * std::ldexp(1.0, -24)).all().item<bool>());
+  });
 }
 
 TEST_CASE("codec: bn_relu_pack refuses what it cannot read", "[codec]") {
@@ -1144,23 +1150,15 @@ TEST_CASE("CUDA: bn_relu_pack gives the CPU path's codes, ReLU output and invstd
   auto shapes = layout_shapes();
   shapes.push_back({2, 2100, 1, 3});
   shapes.push_back({8, 64, 33, 33});
-  for (const CodeFormat& f : layout_formats()) {
-    for (const auto& shape : shapes) {
-      for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
-        for (bool cl : {false, true}) {
-          CAPTURE(f.bits, f.window, f.lift, shape, dtype, cl);
-          const BnForwardCase k = bn_forward_case(shape, f, dtype, cl);
-          auto cpu = blpa::bn_relu_pack(k.x, k.mean, k.var, 1e-5f, k.beta, k.cc);
-          blpa::ChannelCoding cc{k.cc.g.cuda(), k.cc.b.cuda(), k.cc.offsets.cuda(), k.cc.format};
-          auto gpu = blpa::bn_relu_pack(k.x.cuda(), k.mean.cuda(), k.var.cuda(), 1e-5f, k.beta.cuda(), cc);
-          CHECK(torch::equal(gpu.codes.data.cpu(), cpu.codes.data));
-          CHECK(torch::equal(bits_of(gpu.r), bits_of(cpu.r)));
-          CHECK(gpu.r.strides() == k.x.strides());
-          CHECK(torch::equal(gpu.invstd.cpu(), cpu.invstd));
-        }
-      }
-    }
-  }
+  for_each_forward_case(shapes, [&](const BnForwardCase& k, const std::vector<int64_t>&, torch::ScalarType, bool) {
+    auto cpu = blpa::bn_relu_pack(k.x, k.mean, k.var, 1e-5f, k.beta, k.cc);
+    blpa::ChannelCoding cc{k.cc.g.cuda(), k.cc.b.cuda(), k.cc.offsets.cuda(), k.cc.format};
+    auto gpu = blpa::bn_relu_pack(k.x.cuda(), k.mean.cuda(), k.var.cuda(), 1e-5f, k.beta.cuda(), cc);
+    CHECK(torch::equal(gpu.codes.data.cpu(), cpu.codes.data));
+    CHECK(torch::equal(bits_of(gpu.r), bits_of(cpu.r)));
+    CHECK(gpu.r.strides() == k.x.strides());
+    CHECK(torch::equal(gpu.invstd.cpu(), cpu.invstd));
+  });
 }
 
 TEST_CASE("CUDA: bn_relu_backward of bf16 and channels-last gradients matches the CPU path", "[codec][cuda]") {
