@@ -86,8 +86,8 @@ Codes pack(const at::Tensor& v, const ChannelCoding& cc, const at::Tensor& divis
 Codes pack_relu_(at::Tensor& a, const ChannelCoding& cc);
 
 // The unit's forward in blpa mode from its BatchNorm's batch statistics, in one pass over x
-// (on CUDA one kernel over x after a small one over the channels; the BatchNorm's output a
-// is never stored): per channel
+// (on CUDA one kernel over x, after one over the channels for a wide layer; the BatchNorm's
+// output a is never stored): per channel
 //   invstd = 1 / sqrt(var + eps),  a = g invstd (x - mean) + beta,
 // a computed as codec::bn_affine gives it and rounded once to x's dtype; r = max(a, 0), a new
 // tensor of x's dtype and layout (NaN stays NaN); and the codes of a / g, those that
