@@ -105,17 +105,8 @@ int codec_main(int argc, char** argv) {
   const int reps = args["reps"].as<int>();
   blpa::Codes codes;
   const double pack_s = time_per_call(dev, 5, reps, [&] { codes = blpa::pack(v, b, format); });
-  const double unpack_s =
-      time_per_call(dev, 5, reps, [&] { blpa::unpack(codes, b, gamma, blpa::kRelu, dtype); });
-  const double bn_s =
-      time_per_call(dev, 5, reps, [&] { blpa::bn_relu_backward(codes, b, gamma, invstd, g_r, false); });
-  // What plain runs for the same step (its autograd's ReLU and BatchNorm backward nodes).
-  auto x = v.clone(), r = torch::relu(v), mean = torch::zeros({channels}, dev);
-  const double ref_s = time_per_call(dev, 5, reps, [&] {
-    auto ga = at::threshold_backward(g_r, r, 0);
-    at::native_batch_norm_backward(ga, x, gamma, {}, {}, mean, invstd, true, 1e-5, {true, true, true});
-  });
-  // The unit's forward outside its convolutions, as the three ways run it in training.
+  // The unit's forward outside its convolutions, as the three ways run it in training; next to
+  // pack, so that a profiler taking the first launches (gpu-check's ncu-codec) has both.
   auto beta = b.clone(), rm = torch::zeros({channels}, dev), rv = torch::ones({channels}, dev);
   const auto cc = blpa::channel_coding(gamma, beta, 1e-8f, format, true);
   const double fused_s = time_per_call(dev, 5, reps, [&] {
@@ -128,6 +119,16 @@ int codec_main(int argc, char** argv) {
   });
   const double plain_fwd_s =
       time_per_call(dev, 5, reps, [&] { at::relu(at::batch_norm(v, gamma, beta, rm, rv, true, 0.1, 1e-5, true)); });
+  const double unpack_s =
+      time_per_call(dev, 5, reps, [&] { blpa::unpack(codes, b, gamma, blpa::kRelu, dtype); });
+  const double bn_s =
+      time_per_call(dev, 5, reps, [&] { blpa::bn_relu_backward(codes, b, gamma, invstd, g_r, false); });
+  // What plain runs for the same step (its autograd's ReLU and BatchNorm backward nodes).
+  auto x = v.clone(), r = torch::relu(v), mean = torch::zeros({channels}, dev);
+  const double ref_s = time_per_call(dev, 5, reps, [&] {
+    auto ga = at::threshold_backward(g_r, r, 0);
+    at::native_batch_norm_backward(ga, x, gamma, {}, {}, mean, invstd, true, 1e-5, {true, true, true});
+  });
   auto dst = torch::empty_like(v);
   const double copy_s = time_per_call(dev, 5, reps, [&] { dst.copy_(v); });
   const double e = static_cast<double>(torch::elementSize(dtype)), k = bits / 8.0;
