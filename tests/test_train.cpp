@@ -419,6 +419,8 @@ TEST_CASE("bench: codec takes --precision as the other programs do and --dtype a
     const auto [rc, text] = codec(flags);
     CHECK(rc == 0);
     CHECK(text.find("\"dtype\": \"bf16\"") != std::string::npos);
+    CHECK(text.find("\"forward_fused_ms\": ") != std::string::npos);  // the unit's forward, three ways
+    CHECK(text.find("\"libtorch_forward_ms\": ") != std::string::npos);
   }
   CHECK(codec("").second.find("\"dtype\": \"float\"") != std::string::npos);
   for (const char* p : {"fp32", "tf32", "auto"})  // as a sweep passes them to every program
