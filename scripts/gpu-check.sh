@@ -21,7 +21,8 @@
 #   BLPA_GPU_TESTS='^CUDA:' BLPA_GPU_STAGES='tests|step-fused|codec-precision|ncu-codec|step-precision-profile'
 #     (#15's kernels, none measured since fedcee4: eac19d8..b8d4625's and 8b484c4..046d754's,
 #     the fused forward among them. 252 s with step-precision in place of step-fused, whose
-#     four graphed runs are new: allow 2 minutes more)
+#     four graphed runs are new, and with ncu-codec at 20 launches, now 180: allow 3 minutes
+#     more, or drop ncu-codec from a first run)
 # with BLPA_COMMIT=$(git rev-parse HEAD) (the tree may travel without .git). Both sets in one
 # call, with codec, train-bf16 and memory-precision, took 290 s on 2026-11-30 (build 94 s, the
 # CUDA tests 60 s, step-graphs 31 s, step-precision 28 s, pytorch-step 34 s); ncu-codec and
