@@ -261,10 +261,22 @@ struct PackTable {
   float *scale, *bias, *alpha, *shift, *edges;
 };
 
+// A launch's bin width d and guard kGuard / d, made once by each thread that fills a table.
+struct PackBins {
+  float d, guard_d;
+};
+
+template <int Bits>
+__device__ __forceinline__ PackBins pack_bins(const PackParams& p) {
+  const float d = codec::bin_width(p.window, Bits);
+  return {d, codec::kGuard / d};
+}
+
 // Channel c's entries of t, and p.invstd[c] where write_invstd.
-template <int Bits, bool Affine>
-__device__ __forceinline__ void pack_channel(const PackParams& p, const PackTable& t, int64_t c, bool write_invstd) {
-  const float d = codec::bin_width(p.window, Bits), guard_d = codec::kGuard / d;
+template <bool Affine>
+__device__ __forceinline__ void pack_channel(const PackParams& p, const PackBins& bins, const PackTable& t, int64_t c,
+                                             bool write_invstd) {
+  const float d = bins.d, guard_d = bins.guard_d;
   const bool scaled = guard_d < 0.5f;
   const float g = p.divisor ? p.divisor[c] : 1.0f;
   t.scale[c] = scaled ? codec::fused_scale(g, d) : codec::fused_scale(0.0f, d);
@@ -279,8 +291,8 @@ __device__ __forceinline__ void pack_channel(const PackParams& p, const PackTabl
 }
 
 template <int Bits>
-__device__ __forceinline__ void pack_edge(const PackParams& p, const PackTable& t, int i) {
-  t.edges[i] = codec::edge_threshold(i - (1 << Bits) - 1, codec::bin_width(p.window, Bits));
+__device__ __forceinline__ void pack_edge(const PackBins& bins, const PackTable& t, int i) {
+  t.edges[i] = codec::edge_threshold(i - (1 << Bits) - 1, bins.d);
 }
 
 // The table in p.workspace (pack_workspace(channels) floats), once for a launch of pack_kernel.
@@ -291,11 +303,12 @@ __host__ __device__ __forceinline__ PackTable workspace_table(float* w, int64_t 
 template <int Bits, bool Affine>
 __global__ void pack_table_kernel(PackParams p) {
   const PackTable t = workspace_table(p.workspace, p.channels);
+  const PackBins bins = pack_bins<Bits>(p);
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
   for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < p.channels; c += stride)
-    pack_channel<Bits, Affine>(p, t, c, true);
+    pack_channel<Affine>(p, bins, t, c, true);
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < codec::edge_thresholds(Bits); i += stride)
-    pack_edge<Bits>(p, t, static_cast<int>(i));
+    pack_edge<Bits>(bins, t, static_cast<int>(i));
 }
 
 // Whether pack's table takes a launch of its own (pack_table_kernel) rather than each block
@@ -333,8 +346,9 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
     float* own = reinterpret_cast<float*>(own_vectors);
     table = {own, own + kOwnTableChannels, Affine ? own + 2 * kOwnTableChannels : nullptr,
              Affine ? own + 3 * kOwnTableChannels : nullptr, own + own_channels};
-    for (int c = threadIdx.x; c < p.channels; c += blockDim.x) pack_channel<Bits, Affine>(p, table, c, blockIdx.x == 0);
-    for (int i = threadIdx.x; i < codec::edge_thresholds(Bits); i += blockDim.x) pack_edge<Bits>(p, table, i);
+    const PackBins bins = pack_bins<Bits>(p);
+    for (int c = threadIdx.x; c < p.channels; c += blockDim.x) pack_channel<Affine>(p, bins, table, c, blockIdx.x == 0);
+    for (int i = threadIdx.x; i < codec::edge_thresholds(Bits); i += blockDim.x) pack_edge<Bits>(bins, table, i);
     __syncthreads();
   }
   // NHWC rows of 8 channels read the table's values as vectors: aligned where channels % 8 == 0
