@@ -139,6 +139,15 @@ std::vector<V> repeat_channels(int64_t channels, Src&& src) {
   return out;
 }
 
+// Per-channel values for the CPU loops: [C] (NCHW) or repeat_channels (NHWC).
+template <typename V, typename Src>
+std::vector<V> per_channel(const Layout& l, Src&& src) {
+  if (l.nhwc) return repeat_channels<V>(l.channels, src);
+  std::vector<V> out(l.channels);
+  for (int64_t c = 0; c < l.channels; ++c) out[c] = src(c);
+  return out;
+}
+
 // Calls f(i, n, at) for the blocks of at most kBlock elements of [e0, e1), each in one
 // channel run (NCHW) or anywhere (NHWC); at is the first index into a per-channel array:
 // the channel itself (NCHW: one value for the block) or its index in repeat_channels (NHWC:
@@ -705,15 +714,8 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, c
       ip[c] = codec::bn_invstd(vp[c], bn->eps);
       affine[c] = codec::bn_affine(mp[c], ip[c], dp[c], betap[c]);
     }
-    auto alpha_of = [&](int64_t c) { return affine[c].alpha; };
-    auto shift_of = [&](int64_t c) { return affine[c].shift; };
-    std::vector<float> alpha, shift;
-    if (nhwc) {
-      alpha = repeat_channels<float>(l.channels, alpha_of);
-      shift = repeat_channels<float>(l.channels, shift_of);
-    } else {
-      for (int64_t c = 0; c < l.channels; ++c) alpha.push_back(alpha_of(c)), shift.push_back(shift_of(c));
-    }
+    const auto alpha = per_channel<float>(l, [&](int64_t c) { return affine[c].alpha; });
+    const auto shift = per_channel<float>(l, [&](int64_t c) { return affine[c].shift; });
     dispatch(f.bits, v.scalar_type(), nhwc, "pack's activations", [&](auto, auto t, auto layout) {
       using T = decltype(t);
       bn_apply_cpu<T, decltype(layout)::value>(static_cast<const T*>(v.data_ptr()), static_cast<T*>(relu.data_ptr()),
@@ -721,17 +723,8 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, c
     });
     values = relu.data_ptr();  // then packed, and its ReLU applied, in place
   }
-  auto div_of = [&](int64_t c) { return dp ? dp[c] : 1.0f; };
-  auto s_of = [&](int64_t c) { return static_cast<int32_t>(op[c]); };
-  // NCHW: one value per channel; NHWC: repeat_channels.
-  std::vector<float> div;
-  std::vector<int32_t> s;
-  if (nhwc) {
-    div = repeat_channels<float>(l.channels, div_of);
-    s = repeat_channels<int32_t>(l.channels, s_of);
-  } else {
-    for (int64_t c = 0; c < l.channels; ++c) div.push_back(div_of(c)), s.push_back(s_of(c));
-  }
+  const auto div = per_channel<float>(l, [&](int64_t c) { return dp ? dp[c] : 1.0f; });
+  const auto s = per_channel<int32_t>(l, [&](int64_t c) { return static_cast<int32_t>(op[c]); });
   const PackArgs args{values, div.data(), s.data(), out.data.data_ptr<uint8_t>(),
                       relu.defined() ? values : nullptr, d};
   dispatch(f.bits, v.scalar_type(), nhwc, "pack's activations", [&](auto k, auto t, auto layout) {
@@ -810,15 +803,6 @@ void check_codes(const Codes& codes, const Layout& l) {
               codes.sizes.size(), " dims");
   TORCH_CHECK(codes.offsets.device() == codes.data.device(), "blpa codec: the codes' offsets are on ",
               codes.offsets.device(), " but their data on ", codes.data.device());
-}
-
-// Per-channel values for the CPU loops: [C] (NCHW) or repeat_channels (NHWC).
-template <typename V, typename Src>
-std::vector<V> per_channel(const Layout& l, Src&& src) {
-  if (l.nhwc) return repeat_channels<V>(l.channels, src);
-  std::vector<V> out(l.channels);
-  for (int64_t c = 0; c < l.channels; ++c) out[c] = src(c);
-  return out;
 }
 
 void unpack_into(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma, at::ScalarType dtype,
