@@ -846,8 +846,7 @@ TEST_CASE("codec: tensors one element off alignment give the codes, ReLU and gra
           auto r = v.clone();
           blpa::pack_relu_(r, b, f, gamma);
           CHECK(torch::equal(blpa::pack_relu_(shifted, b, f, gamma).data, aligned.data));
-          const auto bits = dtype == torch::kFloat ? torch::kInt : torch::kShort;  // NaN payloads included
-          CHECK(torch::equal(shifted.contiguous(v.suggest_memory_format()).view(bits), r.view(bits)));
+          CHECK(torch::equal(bits_of(shifted.contiguous(v.suggest_memory_format())), bits_of(r)));
 
           auto [bb, g, invstd] = draw_bn_channels(c);
           auto g_r = torch::randn(shape).to(dtype);
@@ -1121,8 +1120,7 @@ TEST_CASE("CUDA: bf16 and channels-last codes, unpack and ReLU are bit-identical
           auto rc = v.clone(), rg = v.cuda();
           CHECK(torch::equal(blpa::pack_relu_(rg, b.cuda(), f, gamma.cuda()).data.cpu(),
                              blpa::pack_relu_(rc, b, f, gamma).data));
-          const auto bits = dtype == torch::kFloat ? torch::kInt : torch::kShort;  // NaN payloads included
-          CHECK(torch::equal(rg.cpu().view(bits), rc.view(bits)));
+          CHECK(torch::equal(bits_of(rg), bits_of(rc)));  // NaN payloads included
 
           const unsigned all = blpa::kXhat | blpa::kRelu | blpa::kMask;
           auto uc = blpa::unpack(cpu, b, gamma, all, dtype);
@@ -1344,8 +1342,7 @@ TEST_CASE("CUDA: the GPU's kernels give the emulator's bits, BatchNorm sums incl
     ~Restore() { blpa::testing::set_emulated_multiprocessors(2); }
   } restore;
   const auto same = [](const torch::Tensor& gpu, const torch::Tensor& emulated) {  // to the bit: -0, NaN payloads
-    const auto bits = emulated.scalar_type() == torch::kFloat ? torch::kInt : torch::kShort;
-    return torch::equal(gpu.cpu().view(bits), emulated.view(bits));
+    return torch::equal(bits_of(gpu), bits_of(emulated));
   };
   for (const CodeFormat& f : layout_formats()) {
     for (const auto& shape : std::vector<std::vector<int64_t>>{{4, 16, 8, 8}, {3, 5, 7, 9}, {8, 64, 14, 14},
