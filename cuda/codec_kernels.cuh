@@ -295,7 +295,7 @@ __device__ __forceinline__ void pack_edge(const PackBins& bins, const PackTable&
   t.edges[i] = codec::edge_threshold(i - (1 << Bits) - 1, bins.d);
 }
 
-// The table in p.workspace (pack_workspace(channels) floats), once for a launch of pack_kernel.
+// The table in p.workspace (pack_table_floats(channels) floats), once for a launch of pack_kernel.
 __host__ __device__ __forceinline__ PackTable workspace_table(float* w, int64_t channels) {
   return {w, w + channels, w + 2 * channels, w + 3 * channels, w + 4 * channels};
 }
@@ -979,14 +979,22 @@ void channel_coding(const ChannelParams& p) {
   target::launch_check();
 }
 
+int64_t pack_workspace(const PackParams& p) {
+  if (p.numel == 0) return 0;
+  static_assert(pack_table_floats(0) == codec::edge_thresholds(8), "pack's table holds 8-bit edge thresholds");
+  return pack_table_launch(p, launch_config((p.numel + kGroup - 1) / kGroup, p.device).blocks)
+             ? pack_table_floats(p.channels)
+             : 0;
+}
+
 void pack(const PackParams& p) {
   if (p.numel == 0) return;
   const target::DeviceGuard guard(p.device);  // a launch goes to the current device
   const Launch l = launch_config((p.numel + kGroup - 1) / kGroup, p.device);
-  static_assert(pack_workspace(0) == codec::edge_thresholds(8), "pack's workspace holds 8-bit edge thresholds");
   const Launch lt = launch_config(std::max<int64_t>(p.channels, codec::edge_thresholds(p.bits)), p.device);
   const Index ix = index_of(p.numel, p.plane, p.channels);
   const bool table = pack_table_launch(p, l.blocks);
+  TORCH_CHECK(!table || p.workspace, "blpa codec: pack needs a workspace of pack_workspace(p) floats here");
   PackParams q = p;
   if (!table) q.workspace = nullptr;  // each block makes its own copy
   dispatch(p.bits, p.bf16, p.nhwc, [&](auto k, auto t, auto layout) {
@@ -1067,7 +1075,8 @@ dim3 bn_nhwc_grid(const BnBackwardParams& p) {
   const int lanes = nhwc_lanes(p);
   const int64_t tile = int64_t{lanes} * nhwc_vector(p), tiles = (p.channels + tile - 1) / tile;
   const int64_t rows = p.batch * p.plane, block_rows = kNhwcR * (32 / lanes);
-  TORCH_CHECK(tiles < (int64_t{1} << 31), "blpa: BatchNorm backward supports up to 2^36 channels");
+  TORCH_CHECK(tiles < (int64_t{1} << 31), "blpa: BatchNorm backward supports fewer than 2^31 tiles of ", tile,
+              " channels, got ", p.channels, " channels");
   const int64_t row_blocks = std::clamp<int64_t>(grid_cap(p.device) / tiles, 1,
                                                  std::min<int64_t>((rows + block_rows - 1) / block_rows, 65535));
   return dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(row_blocks));

@@ -29,8 +29,8 @@ struct PackParams {
   void* relu = nullptr;  // if set, receives max(v, 0) (NaN kept) in v's type; may be v itself
   bool bf16 = false;
   bool nhwc = false;
-  float* workspace = nullptr;  // pack_workspace(channels) floats of scratch, 16-byte aligned: may hold
-                               // pack's per-channel table, made by a launch of its own
+  float* workspace = nullptr;  // pack_workspace(p) floats of scratch, 16-byte aligned (null where that
+                               // is 0): pack's per-channel table, made by a launch of its own
   // The unit's forward in one pass (blpa::bn_relu_pack), when `mean` is set: v holds the
   // BatchNorm's input x, and the values packed (and, through relu, which must not alias v,
   // made non-negative) are a = T(fma(x, alpha_c, shift_c)) of codec::bn_affine(mean_c,
@@ -42,9 +42,9 @@ struct PackParams {
   float* invstd = nullptr;      // [channels]
 };
 
-// The scratch pack needs: its per-channel table and edge thresholds, where it makes them once
-// for a launch (large tensors, wide layers) rather than in every block.
-constexpr int64_t pack_workspace(int64_t channels) { return 4 * channels + 2 * 256 + 2; }
+// The floats of pack's per-channel table and edge thresholds, where pack makes them once for a
+// launch rather than in every block.
+constexpr int64_t pack_table_floats(int64_t channels) { return 4 * channels + 2 * 256 + 2; }
 
 struct OffsetParams {
   const float* b = nullptr;    // [channels] beta / gamma
@@ -124,6 +124,9 @@ int multiprocessors(int device);
 
 void compute_offsets(const OffsetParams& p);
 void channel_coding(const ChannelParams& p);
+// The floats of workspace pack needs for p: pack_table_floats(channels) where it makes its
+// table in a launch of its own (large tensors, wide layers), 0 where each block makes a copy.
+int64_t pack_workspace(const PackParams& p);
 void pack(const PackParams& p);
 void unpack(const UnpackParams& p);
 // The doubles of workspace bn_relu_backward needs for p; the grid, and so the size, depends

@@ -577,8 +577,9 @@ void check_channel_vector(const at::Tensor& t, const char* name, const at::Tenso
 }
 
 #if BLPA_WITH_CUDA
-constexpr KernelTable kCudaKernels{cuda::compute_offsets, cuda::channel_coding, cuda::pack,
-                                   cuda::unpack,          cuda::bn_workspace,   cuda::bn_relu_backward};
+constexpr KernelTable kCudaKernels{cuda::compute_offsets, cuda::channel_coding, cuda::pack_workspace,
+                                   cuda::pack,            cuda::unpack,         cuda::bn_workspace,
+                                   cuda::bn_relu_backward};
 #endif
 
 std::atomic<const KernelTable*> cpu_kernels{nullptr};
@@ -682,17 +683,21 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, c
     if (!have_offsets)
       k->compute_offsets({b.data_ptr<float>(), out.offsets.data_ptr<uint8_t>(), l.channels, f.bits, f.window, f.lift,
                           dev});
-    const at::Tensor workspace = at::empty({cuda::pack_workspace(l.channels)}, v.options().dtype(at::kFloat));
     cuda::PackParams p{v.data_ptr(), divisor.defined() ? divisor.data_ptr<float>() : nullptr,
                        out.offsets.data_ptr<uint8_t>(), out.data.data_ptr<uint8_t>(), l.numel, l.plane, l.channels,
                        f.bits, f.window, dev, relu.defined() ? relu.data_ptr() : nullptr,
-                       v.scalar_type() == at::kBFloat16, nhwc, workspace.data_ptr<float>()};
+                       v.scalar_type() == at::kBFloat16, nhwc};
     if (bn) {
       p.mean = bn->mean.data_ptr<float>();
       p.var = bn->var.data_ptr<float>();
       p.beta = bn->beta.data_ptr<float>();
       p.eps = bn->eps;
       p.invstd = bn->invstd.data_ptr<float>();
+    }
+    at::Tensor workspace;  // only where pack makes its table in a launch of its own
+    if (const int64_t floats = k->pack_workspace(p)) {
+      workspace = at::empty({floats}, v.options().dtype(at::kFloat));
+      p.workspace = workspace.data_ptr<float>();
     }
     k->pack(p);
     return out;

@@ -22,8 +22,9 @@
 namespace blpa::testing {
 
 const KernelTable& emulated_kernels() {
-  static constexpr KernelTable table{emulated::compute_offsets, emulated::channel_coding, emulated::pack,
-                                     emulated::unpack,          emulated::bn_workspace,    emulated::bn_relu_backward};
+  static constexpr KernelTable table{emulated::compute_offsets, emulated::channel_coding, emulated::pack_workspace,
+                                     emulated::pack,            emulated::unpack,          emulated::bn_workspace,
+                                     emulated::bn_relu_backward};
   return table;
 }
 

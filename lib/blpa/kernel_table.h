@@ -14,6 +14,7 @@ namespace blpa {
 struct KernelTable {
   void (*compute_offsets)(const cuda::OffsetParams&);
   void (*channel_coding)(const cuda::ChannelParams&);
+  int64_t (*pack_workspace)(const cuda::PackParams&);
   void (*pack)(const cuda::PackParams&);
   void (*unpack)(const cuda::UnpackParams&);
   int64_t (*bn_workspace)(const cuda::BnBackwardParams&);
