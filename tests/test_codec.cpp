@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <random>
 #include <vector>
 
 #include "emulated_kernels.h"
@@ -1301,6 +1302,75 @@ TEST_CASE("codec: pack and unpack on a one-multiprocessor grid, emulated, give t
         }
       }
     }
+  }
+}
+
+TEST_CASE("codec: drawn shapes values and grids through the emulated kernels give the CPU path's bits",
+          "[emulator]") {
+  // The cases above are chosen; these are drawn, so that what they did not think of meets the
+  // kernels too: channels on either side of a warp's, a row's and the table's bounds (2,048),
+  // planes of 1 to 49 elements that cut groups of 8 anywhere, 1 to 3 multiprocessors (the
+  // grid's turns), misaligned tensors, a NaN, a channel of zero variance, a gamma below its
+  // clamp and windows narrower than the guards. The forward's outputs must be the CPU's bits:
+  // bn_relu_pack, pack_relu_, pack and unpack. (The BatchNorm backward adds in the GPU's
+  // order: the test above and its CUDA twin compare it within its rounding.)
+  struct Restore {
+    ~Restore() { blpa::testing::set_emulated_multiprocessors(2); }
+  } restore;
+  std::mt19937 rng(20261201);
+  auto draw = [&](int n) { return static_cast<int>(rng() % static_cast<unsigned>(n)); };
+  const std::vector<int64_t> channels = {1,  2,  3,   7,   8,   9,    15,   16,   17,   31,   32,   33,   63,
+                                         64, 65, 100, 255, 256, 257, 1000, 2047, 2048, 2049, 2056, 2100, 3000};
+  const unsigned all = blpa::kXhat | blpa::kRelu | blpa::kMask;
+  for (int i = 0; i < 120; ++i) {
+    const int64_t c = channels[draw(static_cast<int>(channels.size()))];
+    const std::vector<int64_t> shape{1 + draw(4), c, 1 + draw(7), 1 + draw(7)};
+    const int bits = 2 << draw(3);  // 2, 4 or 8
+    const bool bf16 = draw(2), cl = draw(2), misaligned = draw(4) == 0, narrow = draw(5) == 0;
+    const int sms = 1 + draw(3);
+    const CodeFormat f = narrow ? CodeFormat{bits, bits == 8 ? 2e-4f : 3e-6f, 0.0f} : blpa::default_format(bits);
+    CAPTURE(i, shape, bits, bf16, cl, misaligned, narrow, sms);
+    torch::manual_seed(i);
+    auto gamma = torch::rand({c}) * 2 + 0.05, beta = torch::randn({c});
+    gamma.narrow(0, 0, (c + 2) / 3).fill_(1.0f);  // gamma = 1 as initialised: bf16 values on bin edges
+    if (c > 4) gamma[c - 1] = 1e-9f;
+    auto mean = torch::randn({c}), var = torch::rand({c}) * 4 + 0.01;
+    if (c > 3) var[1] = 0.0f;
+    auto x = torch::randn(shape) * 2 + mean.view({1, c, 1, 1});
+    if (draw(3) == 0) x.view(-1)[draw(static_cast<int>(x.numel()))] = std::nanf("");
+    const auto layout = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    x = x.to(bf16 ? torch::kBFloat16 : torch::kFloat).contiguous(layout);
+    if (misaligned) {  // the same values one element into a buffer, in the same layout
+      auto at_one = torch::empty({x.numel() + 1}, x.options()).narrow(0, 1, x.numel());
+      auto moved = cl ? at_one.view({shape[0], shape[2], shape[3], c}).permute({0, 3, 1, 2}) : at_one.view(shape);
+      x = moved.copy_(x);
+    }
+    const auto cc = blpa::channel_coding(gamma, beta, 1e-8f, f, true);
+    blpa::testing::set_emulated_multiprocessors(sms);
+    // Each codec call on the CPU's loops, then on the emulated kernels.
+    auto both = [&](auto&& call) {
+      auto cpu = call();
+      blpa::testing::EmulatedKernels emulated;
+      return std::make_pair(cpu, call());
+    };
+    auto [fused_cpu, fused_gpu] = both([&] { return blpa::bn_relu_pack(x, mean, var, 1e-5f, beta, cc); });
+    CHECK(torch::equal(fused_gpu.codes.data, fused_cpu.codes.data));
+    CHECK(torch::equal(bits_of(fused_gpu.r), bits_of(fused_cpu.r)));
+    CHECK(torch::equal(fused_gpu.invstd, fused_cpu.invstd));
+    torch::Tensor r_cpu, r_gpu;
+    auto [relu_cpu, relu_gpu] = both([&] {
+      auto& r = r_cpu.defined() ? r_gpu : r_cpu;
+      r = x.clone(at::MemoryFormat::Preserve);
+      return blpa::pack_relu_(r, cc);
+    });
+    CHECK(torch::equal(relu_gpu.data, relu_cpu.data));
+    CHECK(torch::equal(bits_of(r_gpu), bits_of(r_cpu)));
+    auto [plain_cpu, plain_gpu] = both([&] { return blpa::pack(x, cc); });
+    CHECK(torch::equal(plain_gpu.data, plain_cpu.data));
+    auto [out_cpu, out_gpu] = both([&] { return blpa::unpack(relu_cpu, cc.b, cc.g, all, x.scalar_type()); });
+    CHECK(torch::equal(bits_of(out_gpu.x_hat), bits_of(out_cpu.x_hat)));
+    CHECK(torch::equal(bits_of(out_gpu.r), bits_of(out_cpu.r)));
+    CHECK(torch::equal(out_gpu.mask, out_cpu.mask));
   }
 }
 
