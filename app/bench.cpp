@@ -46,7 +46,10 @@ int codec_main(int argc, char** argv) {
       "reads and writes the tensor. The tensor is N x C x H x H with N = numel / (C H H).\n"
       "The forward of a unit outside its convolutions, whole: blpa's fused one (LibTorch's batch statistics, then\n"
       "bn_relu_pack), blpa's unfused one (LibTorch's BatchNorm, then pack_relu_) and plain's (BatchNorm, ReLU);\n"
-      "GB/s of the fused one count reading x twice (statistics, then values) and writing r and the codes.");
+      "GB/s of the fused one count reading x twice (statistics, then values) and writing r and the codes.\n"
+      "--gamma ones times the network as initialised (gamma = 1: pack has no divisor, and bf16 values, which lie\n"
+      "on a coarse grid, often sit exactly on a bin edge, where the codes take a slower exact path); drawn times\n"
+      "it as training leaves it (gamma of each channel from U(0.5, 1.5), and pack's divisor gamma, as a unit's).");
   opts.add_options()("bits", "Bits per code: 8, 4 or 2", cxxopts::value<int>()->default_value("4"))(
       "window", "Window width in units of x_hat (default: the default for --bits)", cxxopts::value<float>())(
       "numel", "Elements in the tensor", cxxopts::value<int64_t>()->default_value("16777216"))(
@@ -56,6 +59,8 @@ int codec_main(int argc, char** argv) {
       cxxopts::value<std::string>())(
       "dtype", "The old name of --precision: float or bf16", cxxopts::value<std::string>())(
       "memory-format", "nchw or nhwc (channels_last)", cxxopts::value<std::string>()->default_value("nchw"))(
+      "gamma", "ones or drawn: the BatchNorm's gamma as initialised, or drawn as after training (see above)",
+      cxxopts::value<std::string>()->default_value("ones"))(
       "device", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
       "threads", "CPU threads (0: LibTorch's default)", cxxopts::value<int>()->default_value("0"))(
       "reps", "Calls per timing round", cxxopts::value<int>()->default_value("10"))(
@@ -89,6 +94,8 @@ int codec_main(int argc, char** argv) {
   }
   const std::string dtype_name = precision == "bf16" ? "bf16" : "float";  // the JSON's "dtype", as before
   if (layout != "nchw" && layout != "nhwc") throw std::invalid_argument("--memory-format must be nchw or nhwc");
+  const std::string gamma_kind = args["gamma"].as<std::string>();
+  if (gamma_kind != "ones" && gamma_kind != "drawn") throw std::invalid_argument("--gamma must be ones or drawn");
   const auto dtype = dtype_name == "bf16" ? torch::kBFloat16 : torch::kFloat;
   const auto memory_format = layout == "nhwc" ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
   const torch::Device dev(args["device"].as<std::string>());
@@ -101,10 +108,13 @@ int codec_main(int argc, char** argv) {
   auto b = torch::randn({channels}, dev);
   auto v = (torch::randn(shape, dev) + b.view({1, channels, 1, 1})).to(dtype).contiguous(memory_format);
   auto g_r = torch::randn(shape, dev).to(dtype).contiguous(memory_format);
-  auto gamma = torch::ones({channels}, dev), invstd = torch::ones({channels}, dev);
+  auto gamma = gamma_kind == "ones" ? torch::ones({channels}, dev) : torch::rand({channels}, dev) + 0.5;
+  auto invstd = torch::ones({channels}, dev);
+  // As initialised, pack has no divisor (v / 1 is v); drawn, its divisor is gamma, as a unit's.
+  const auto divisor = gamma_kind == "ones" ? torch::Tensor() : gamma;
   const int reps = args["reps"].as<int>();
   blpa::Codes codes;
-  const double pack_s = time_per_call(dev, 5, reps, [&] { codes = blpa::pack(v, b, format); });
+  const double pack_s = time_per_call(dev, 5, reps, [&] { codes = blpa::pack(v, b, format, divisor); });
   // The unit's forward outside its convolutions, as the three ways run it in training; next to
   // pack, so that a profiler taking the first launches (gpu-check's ncu-codec) has both.
   auto beta = b.clone(), rm = torch::zeros({channels}, dev), rv = torch::ones({channels}, dev);
@@ -142,14 +152,15 @@ int codec_main(int argc, char** argv) {
                "\"unpack_gbps\": {:.3f}, \"bn_backward_gbps\": {:.3f}, \"libtorch_bn_backward_gbps\": {:.3f}, "
                "\"copy_gbps\": {:.3f}, \"pack_ms\": {:.4f}, \"unpack_ms\": {:.4f}, \"bn_backward_ms\": {:.4f}, "
                "\"libtorch_bn_backward_ms\": {:.4f}, \"copy_ms\": {:.4f}, \"forward_fused_gbps\": {:.3f}, "
-               "\"forward_fused_ms\": {:.4f}, \"forward_unfused_ms\": {:.4f}, \"libtorch_forward_ms\": {:.4f}}}\n",
+               "\"forward_fused_ms\": {:.4f}, \"forward_unfused_ms\": {:.4f}, \"libtorch_forward_ms\": {:.4f}, "
+               "\"gamma\": \"{}\"}}\n",
                bits, numel, channels, hw, dtype_name, layout, dev.str(), threads, pack_gb / pack_s,
                unpack_gb / unpack_s, bn_gb / bn_s, ref_gb / ref_s, copy_gb / copy_s, pack_s * 1e3, unpack_s * 1e3,
                bn_s * 1e3, ref_s * 1e3, copy_s * 1e3, fused_gb / fused_s, fused_s * 1e3, unfused_s * 1e3,
-               plain_fwd_s * 1e3);
+               plain_fwd_s * 1e3, gamma_kind);
   } else {
-    fmt::print("codec {}-bit, {} elements {} {} {}, {} ({} threads); GB/s of the bytes moved\n", bits, numel,
-               fmt::join(shape, "x"), dtype_name, layout, dev.str(), threads);
+    fmt::print("codec {}-bit, {} elements {} {} {}, gamma {}, {} ({} threads); GB/s of the bytes moved\n", bits,
+               numel, fmt::join(shape, "x"), dtype_name, layout, gamma_kind, dev.str(), threads);
     fmt::print("  pack                {:8.3f} GB/s  ({:.3f} ms)\n", pack_gb / pack_s, pack_s * 1e3);
     fmt::print("  unpack r'           {:8.3f} GB/s  ({:.3f} ms)\n", unpack_gb / unpack_s, unpack_s * 1e3);
     fmt::print("  bn_relu_backward    {:8.3f} GB/s  ({:.3f} ms)\n", bn_gb / bn_s, bn_s * 1e3);

@@ -405,7 +405,7 @@ TEST_CASE("bench: step --profile reports where a step's time went and --trace wr
   remove_tree(dir);
 }
 
-TEST_CASE("bench: codec takes --precision as the other programs do and --dtype as its old name", "[train]") {
+TEST_CASE("bench: codec takes --precision as the other programs do --dtype as its old name and --gamma", "[train]") {
   const auto dir = temp_dir("bench-codec");
   const std::string out = (dir / "codec.json").string();
   const auto codec = [&](const std::string& flags) {
@@ -429,6 +429,14 @@ TEST_CASE("bench: codec takes --precision as the other programs do and --dtype a
   CHECK(rc == 2);
   CHECK(text.find("--dtype float and --precision bf16 disagree") != std::string::npos);
   CHECK(codec("--precision fp16").first == 2);
+  // gamma as initialised (the default, as before the flag) or drawn as after training.
+  CHECK(codec("").second.find("\"gamma\": \"ones\"") != std::string::npos);
+  const auto [drawn_rc, drawn] = codec("--gamma drawn --precision bf16 --memory-format nhwc");
+  CHECK(drawn_rc == 0);
+  CHECK(drawn.find("\"gamma\": \"drawn\"") != std::string::npos);
+  const auto [bad_rc, bad] = codec("--gamma two");
+  CHECK(bad_rc == 2);
+  CHECK(bad.find("--gamma must be ones or drawn") != std::string::npos);
   remove_tree(dir);
 }
 
