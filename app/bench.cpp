@@ -1,5 +1,6 @@
 // blpa-bench: measured figures. `codec` times the packing kernels (see docs/results.md).
 #include <blpa/codec.h>
+#include <blpa/codec_math.h>
 #include <blpa/train.h>
 #include <torch/torch.h>
 
@@ -35,6 +36,34 @@ double time_per_call(const torch::Device& dev, int rounds, int reps, F&& f) {
   return best;
 }
 
+// The share of pack's elements (of the tensor's first 2^24, in NCHW order) that the CUDA pack's
+// fast code (codec::fused_code) leaves to its exact path, next to a bin edge: on a GPU a warp
+// takes that path whenever one of its threads does. divisor: pack's, or undefined (1).
+double near_edge_fraction(const torch::Tensor& v, const blpa::Codes& codes, const torch::Tensor& divisor) {
+  namespace codec = blpa::codec;
+  const int64_t channels = v.size(1), plane = v.numel() / (v.size(0) * channels);
+  const int64_t n = std::min<int64_t>(v.numel(), int64_t{1} << 24);
+  const auto x = v.to(torch::kFloat).contiguous().view(-1).narrow(0, 0, n).cpu();
+  const auto offsets = codes.offsets.cpu();
+  const auto g = divisor.defined() ? divisor.to(torch::kFloat).cpu() : torch::ones({channels});
+  const int bits = codes.format.bits;
+  const float d = codes.format.bin_width(), guard_d = codec::kGuard / d;
+  const float tol = codec::scaled_tolerance(bits, guard_d);
+  std::vector<float> scale(channels), bias(channels);
+  for (int64_t c = 0; c < channels; ++c) {  // as the kernel's table (pack_channel)
+    const bool scaled = guard_d < 0.5f;
+    scale[c] = codec::fused_scale(scaled ? g[c].item<float>() : 0.0f, d);
+    bias[c] = scaled ? codec::channel_bias(offsets[c].item<uint8_t>(), guard_d) : offsets[c].item<uint8_t>();
+  }
+  const float* xp = x.data_ptr<float>();
+  int64_t near = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = (i / plane) % channels;
+    near += codec::fused_code(xp[i], scale[c], bias[c], tol, bits) == codec::kNearEdge;
+  }
+  return static_cast<double>(near) / static_cast<double>(n);
+}
+
 int codec_main(int argc, char** argv) {
   cxxopts::Options opts(
       "blpa-bench codec",
@@ -49,7 +78,8 @@ int codec_main(int argc, char** argv) {
       "GB/s of the fused one count reading x twice (statistics, then values) and writing r and the codes.\n"
       "--gamma ones times the network as initialised (gamma = 1: pack has no divisor, and bf16 values, which lie\n"
       "on a coarse grid, often sit exactly on a bin edge, where the codes take a slower exact path); drawn times\n"
-      "it as training leaves it (gamma of each channel from U(0.5, 1.5), and pack's divisor gamma, as a unit's).");
+      "it as training leaves it (gamma of each channel from U(0.5, 1.5), and pack's divisor gamma, as a unit's).\n"
+      "near_edge_fraction: the share of pack's elements (of the first 2^24) that take that exact path.");
   opts.add_options()("bits", "Bits per code: 8, 4 or 2", cxxopts::value<int>()->default_value("4"))(
       "window", "Window width in units of x_hat (default: the default for --bits)", cxxopts::value<float>())(
       "numel", "Elements in the tensor", cxxopts::value<int64_t>()->default_value("16777216"))(
@@ -115,6 +145,7 @@ int codec_main(int argc, char** argv) {
   const int reps = args["reps"].as<int>();
   blpa::Codes codes;
   const double pack_s = time_per_call(dev, 5, reps, [&] { codes = blpa::pack(v, b, format, divisor); });
+  const double near_edge = near_edge_fraction(v, codes, divisor);
   // The unit's forward outside its convolutions, as the three ways run it in training; next to
   // pack, so that a profiler taking the first launches (gpu-check's ncu-codec) has both.
   auto beta = b.clone(), rm = torch::zeros({channels}, dev), rv = torch::ones({channels}, dev);
@@ -153,15 +184,16 @@ int codec_main(int argc, char** argv) {
                "\"copy_gbps\": {:.3f}, \"pack_ms\": {:.4f}, \"unpack_ms\": {:.4f}, \"bn_backward_ms\": {:.4f}, "
                "\"libtorch_bn_backward_ms\": {:.4f}, \"copy_ms\": {:.4f}, \"forward_fused_gbps\": {:.3f}, "
                "\"forward_fused_ms\": {:.4f}, \"forward_unfused_ms\": {:.4f}, \"libtorch_forward_ms\": {:.4f}, "
-               "\"gamma\": \"{}\"}}\n",
+               "\"gamma\": \"{}\", \"near_edge_fraction\": {:.6f}}}\n",
                bits, numel, channels, hw, dtype_name, layout, dev.str(), threads, pack_gb / pack_s,
                unpack_gb / unpack_s, bn_gb / bn_s, ref_gb / ref_s, copy_gb / copy_s, pack_s * 1e3, unpack_s * 1e3,
                bn_s * 1e3, ref_s * 1e3, copy_s * 1e3, fused_gb / fused_s, fused_s * 1e3, unfused_s * 1e3,
-               plain_fwd_s * 1e3, gamma_kind);
+               plain_fwd_s * 1e3, gamma_kind, near_edge);
   } else {
     fmt::print("codec {}-bit, {} elements {} {} {}, gamma {}, {} ({} threads); GB/s of the bytes moved\n", bits,
                numel, fmt::join(shape, "x"), dtype_name, layout, gamma_kind, dev.str(), threads);
-    fmt::print("  pack                {:8.3f} GB/s  ({:.3f} ms)\n", pack_gb / pack_s, pack_s * 1e3);
+    fmt::print("  pack                {:8.3f} GB/s  ({:.3f} ms); elements next to a bin edge: 1 in {:.0f}\n",
+               pack_gb / pack_s, pack_s * 1e3, near_edge > 0 ? 1 / near_edge : 0.0);
     fmt::print("  unpack r'           {:8.3f} GB/s  ({:.3f} ms)\n", unpack_gb / unpack_s, unpack_s * 1e3);
     fmt::print("  bn_relu_backward    {:8.3f} GB/s  ({:.3f} ms)\n", bn_gb / bn_s, bn_s * 1e3);
     fmt::print("  LibTorch's backward {:8.3f} GB/s  ({:.3f} ms)\n", ref_gb / ref_s, ref_s * 1e3);
