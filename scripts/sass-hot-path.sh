@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The instructions the CUDA pack kernels issue per element on their common path, counted in
+# their SASS (sm_90) without a GPU: a measure of the kernels' work where they are bound by
+# instruction issue rather than by memory (docs/results.md, "Pack's exact path and gamma").
+#
+#   scripts/sass-hot-path.sh [REGEX]    (default: the 4-bit packs; e.g. 'pack_kernel<8')
+#
+# It compiles a copy of cuda/codec_kernels.cu in which the pack's rare paths are cut out:
+# groups are full and aligned, NHWC groups are rows of 8 channels and NCHW groups lie in one
+# channel, the index math is 32-bit, and no element is next to a bin edge (the codes' exact
+# path). What is left of the grid-stride loop (the loop that stores the codes) is then
+# straight-line code: its instructions / 16 (two groups of 8 per turn) are the common path's
+# per element, with and without the ReLU output (relu=1, relu=0). Conversions (F2I, FRND...)
+# are counted apart: an SM issues 16 a cycle against 128 of most instructions.
+# Needs the build folder's LibTorch (BLPA_BUILD_DIR, default build/), nvcc, python3 and
+# cuobjdump with nvdisasm: from PATH, or else PyPI's nvidia-cuda-cuobjdump and
+# nvidia-cuda-nvdisasm wheels, fetched once into ~/.cache/blpa/cuda-tools.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+build=${BLPA_BUILD_DIR:-$here/build}
+filter=${1:-'pack_kernel<4,'}
+torch_dir=$(sed -n 's/^Torch_DIR:[A-Z]*=//p' "$build/CMakeCache.txt" 2>/dev/null || true)
+[[ -n $torch_dir ]] || { echo "sass-hot-path: no Torch_DIR in $build/CMakeCache.txt: build first" >&2; exit 1; }
+torch_inc=$(cd "$torch_dir/../../../include" && pwd)
+nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+[[ -x $nvcc ]] || { echo "sass-hot-path: nvcc not found" >&2; exit 1; }
+if ! command -v cuobjdump >/dev/null || ! command -v nvdisasm >/dev/null; then
+  tools=${BLPA_CACHE:-$HOME/.cache/blpa}/cuda-tools
+  if [[ ! -x $tools/nvidia/cu13/bin/nvdisasm ]]; then
+    mkdir -p "$tools"
+    (cd "$tools" && python3 -m pip download -q --no-deps nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm &&
+      for w in *.whl; do python3 -m zipfile -e "$w" .; done && chmod +x nvidia/cu13/bin/*)
+  fi
+  export PATH=$tools/nvidia/cu13/bin:$PATH
+fi
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+cp -r "$here/cuda" "$here/lib" "$tmp/"
+
+# Each cut names the text it replaces, and fails if that text is gone (the kernel changed:
+# update the cut with it).
+python3 - "$tmp/cuda/codec_kernels.cuh" <<'EOF'
+import sys
+path = sys.argv[1]
+s = open(path).read()
+def cut(old, new, within=None):
+    global s
+    body = s if within is None else s[s.index(within[0]):s.index(within[1])]
+    if old not in body:
+        sys.exit("sass-hot-path: the kernel no longer has: " + old)
+    patched = body.replace(old, new)
+    s = patched if within is None else s.replace(body, patched)
+# 32-bit index math only.
+cut("""  if (ix.narrow) {
+    const uint32_t u = static_cast<uint32_t>(n);
+    return remainder(u, divide(u, ix.by_channels), ix.channels);
+  }
+  return n % ix.channels;""", """  const uint32_t u = static_cast<uint32_t>(n);
+  return remainder(u, divide(u, ix.by_channels), ix.channels);""")
+cut("""  if (ix.narrow) {
+    const uint32_t e = static_cast<uint32_t>(e0), q = divide(e, ix.by_plane);
+    return {channel_of(q, ix), remainder(e, q, ix.plane) + n <= static_cast<uint32_t>(ix.plane)};
+  }
+  const int64_t q = e0 / ix.plane;
+  return {channel_of(q, ix), e0 - q * ix.plane + n <= ix.plane};""", """  const uint32_t e = static_cast<uint32_t>(e0), q = divide(e, ix.by_plane);
+  return {channel_of(q, ix), remainder(e, q, ix.plane) + n <= static_cast<uint32_t>(ix.plane)};""")
+# NHWC rows of channels, NCHW groups in one channel.
+cut("""    if (rows) return {GroupAt::row, channel_of(e0, ix)};
+    return {GroupAt::per_element, 0};""", """    return {GroupAt::row, channel_of(e0, ix)};""")
+cut("""    return {gr.one_channel ? GroupAt::one_channel : GroupAt::per_element, gr.c0};""",
+    """    return {GroupAt::one_channel, gr.c0};""")
+# In pack_kernel: full aligned groups, no exact path, the ReLU output as HOT_RELU says.
+kernel = ("pack_kernel(PackParams p, Index ix) {", "// The codes of 4 consecutive elements")
+cut("if (vec && e0 + kGroup <= p.numel) {", "if (true) {", kernel)
+cut("const int n = static_cast<int>(min(int64_t{kGroup}, p.numel - e0));", "constexpr int n = kGroup;", kernel)
+cut("if (relu_vec && n == kGroup) {", "if (true) {", kernel)
+cut("if (q[k] == codec::kNearEdge) {", "if (false) {", kernel)
+cut("      if (relu) {", "      if (HOT_RELU && relu) {", kernel)
+open(path, "w").write(s)
+EOF
+
+for relu in 0 1; do
+  "$nvcc" -DHOT_RELU=$relu -I"$tmp/cuda" -I"$tmp/lib" -isystem="$torch_inc" \
+    -isystem="$torch_inc/torch/csrc/api/include" --expt-relaxed-constexpr --expt-extended-lambda -O3 -DNDEBUG \
+    -gencode arch=compute_90,code=sm_90 --fmad=false -std=c++20 -cubin -o "$tmp/k$relu.cubin" \
+    -x cu "$tmp/cuda/codec_kernels.cu" 2> >(grep -v -i warning >&2)
+  cuobjdump -sass "$tmp/k$relu.cubin" >"$tmp/k$relu.sass"
+done
+python3 - "$tmp" "$filter" <<'EOF'
+import collections, re, subprocess, sys
+tmp, want = sys.argv[1], sys.argv[2]
+print("pack_kernel<bits, dtype, NHWC, fused>            relu  instructions/element  conversions/element")
+for relu in (0, 1):
+    text = open(f"{tmp}/k{relu}.sass").read()
+    for f in re.split(r"\n\s+Function : ", text)[1:]:
+        name = subprocess.run(["c++filt"], input=f.split("\n", 1)[0].strip(), capture_output=True,
+                              text=True).stdout.strip()
+        if not re.search(r"(?<!un)pack_kernel<", name) or want not in name:
+            continue
+        ins = [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", f)]
+        loops = []
+        for a, t in ins:
+            m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", t)
+            if m and int(m.group(1), 16) < a:
+                loops.append((int(m.group(1), 16), a))
+        # The grid-stride loop: the widest loop that stores to global memory.
+        loops = [l for l in loops if any(l[0] <= a <= l[1] and "STG" in t for a, t in ins)]
+        start, end = max(loops, key=lambda l: l[1] - l[0])
+        body = [t for a, t in ins if start <= a <= end]
+        ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
+        conv = sum(ops[k] for k in ("F2I", "FRND", "I2F", "F2F", "F2FP", "I2FP"))
+        args = name[name.index("pack_kernel<") + 12:name.index(">(")].replace("c10::BFloat16", "bf16")
+        print(f"{args:48s} {relu:4d}  {len(body) / 16:20.1f}  {conv / 16:19.2f}")
+EOF
