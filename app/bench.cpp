@@ -5,11 +5,13 @@
 #include <torch/torch.h>
 
 #include <chrono>
+#include <cmath>
 #include <cxxopts.hpp>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
 #include "bench.h"
+#include "flags.h"
 #include <iostream>
 #include <string>
 
@@ -89,7 +91,8 @@ int codec_main(int argc, char** argv) {
       cxxopts::value<std::string>())(
       "dtype", "The old name of --precision: float or bf16", cxxopts::value<std::string>())(
       "memory-format", "nchw or nhwc (channels_last)", cxxopts::value<std::string>()->default_value("nchw"))(
-      "gamma", "ones or drawn: the BatchNorm's gamma as initialised, or drawn as after training (see above)",
+      "gamma", "ones, drawn or a number: the BatchNorm's gamma as initialised, drawn as after training (see "
+      "above), or that value in every channel (pack dividing by it)",
       cxxopts::value<std::string>()->default_value("ones"))(
       "device", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
       "threads", "CPU threads (0: LibTorch's default)", cxxopts::value<int>()->default_value("0"))(
@@ -125,7 +128,12 @@ int codec_main(int argc, char** argv) {
   const std::string dtype_name = precision == "bf16" ? "bf16" : "float";  // the JSON's "dtype", as before
   if (layout != "nchw" && layout != "nhwc") throw std::invalid_argument("--memory-format must be nchw or nhwc");
   const std::string gamma_kind = args["gamma"].as<std::string>();
-  if (gamma_kind != "ones" && gamma_kind != "drawn") throw std::invalid_argument("--gamma must be ones or drawn");
+  double gamma_value = 0;  // --gamma as a number
+  if (gamma_kind != "ones" && gamma_kind != "drawn") {
+    gamma_value = blpa::number<double>(args, "gamma");
+    if (!(gamma_value > 0) || !std::isfinite(gamma_value))
+      throw std::invalid_argument("--gamma must be ones, drawn or a positive number");
+  }
   const auto dtype = dtype_name == "bf16" ? torch::kBFloat16 : torch::kFloat;
   const auto memory_format = layout == "nhwc" ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
   const torch::Device dev(args["device"].as<std::string>());
@@ -138,7 +146,9 @@ int codec_main(int argc, char** argv) {
   auto b = torch::randn({channels}, dev);
   auto v = (torch::randn(shape, dev) + b.view({1, channels, 1, 1})).to(dtype).contiguous(memory_format);
   auto g_r = torch::randn(shape, dev).to(dtype).contiguous(memory_format);
-  auto gamma = gamma_kind == "ones" ? torch::ones({channels}, dev) : torch::rand({channels}, dev) + 0.5;
+  auto gamma = gamma_kind == "ones"    ? torch::ones({channels}, dev)
+               : gamma_kind == "drawn" ? torch::rand({channels}, dev) + 0.5
+                                       : torch::full({channels}, gamma_value, torch::TensorOptions(dev));
   auto invstd = torch::ones({channels}, dev);
   // As initialised, pack has no divisor (v / 1 is v); drawn, its divisor is gamma, as a unit's.
   const auto divisor = gamma_kind == "ones" ? torch::Tensor() : gamma;

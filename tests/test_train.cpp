@@ -444,9 +444,11 @@ TEST_CASE("bench: codec takes --precision as the other programs do --dtype as it
   CHECK(ones_near > 0.005);
   CHECK(near_edge(drawn) >= 0.0);
   CHECK(near_edge(drawn) < ones_near / 10);
-  const auto [bad_rc, bad] = codec("--gamma two");
+  CHECK(codec("--gamma 0.5").second.find("\"gamma\": \"0.5\"") != std::string::npos);
+  CHECK(codec("--gamma two").second.find("--gamma: 'two' is not a number") != std::string::npos);
+  const auto [bad_rc, bad] = codec("--gamma 0");
   CHECK(bad_rc == 2);
-  CHECK(bad.find("--gamma must be ones or drawn") != std::string::npos);
+  CHECK(bad.find("--gamma must be ones, drawn or a positive number") != std::string::npos);
   remove_tree(dir);
 }
 
