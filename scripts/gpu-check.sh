@@ -180,16 +180,17 @@ stage codec-precision 300 bash -c 'for bits in 8 4; do for dt in fp32 bf16; do f
   --memory-format $mf --gamma $g || exit 1; done; done; done; done'
 # Nsight Compute on the codec's kernels, where the machine's toolkit has it: how busy the issue
 # slots and the memory are, what the warps wait for, and the instructions each kernel issues
-# (bf16 NHWC and NCHW, fp32 NHWC, 4-bit, 16M elements). With --reps 1 each of the bench's
+# (bf16 NHWC with gamma 1 and drawn, fp32 NHWC, 4-bit, 16M elements; NHWC is the layout
+# CUDA runs take by default). With --reps 1 each of the bench's
 # operations launches 6 times, in order: pack, the fused and unfused forwards (pack_kernel;
 # cuDNN's BatchNorm may match bn_), unpack, the BatchNorm backward (2 or 3 kernels): 60
 # launches hold them all. Counters may be refused in a container (ERR_NVGPUCTRPERM): then the
 # stage fails at once.
 stage ncu-codec 240 bash -c 'n=$(command -v ncu || echo /usr/local/cuda/bin/ncu); [[ -x $n ]] || { echo "no ncu"; exit 1; }
-  for cfg in "bf16 nhwc" "bf16 nchw" "fp32 nhwc"; do set -- $cfg; "$n" --section SpeedOfLight --section Occupancy \
-    --section WarpStateStats --section InstructionStats -k regex:"pack_kernel|pack_table|unpack_kernel|bn_" -c 60 \
-    "$BLPA_BUILD_DIR/app/blpa-bench" codec --device cuda --bits 4 --numel 16777216 --precision $1 --memory-format $2 \
-    --reps 1 || exit 1; done'
+  for cfg in "bf16 nhwc ones" "bf16 nhwc drawn" "fp32 nhwc ones"; do set -- $cfg; "$n" --section SpeedOfLight \
+    --section Occupancy --section WarpStateStats --section InstructionStats \
+    -k regex:"pack_kernel|pack_table|unpack_kernel|bn_" -c 60 "$BLPA_BUILD_DIR/app/blpa-bench" codec --device cuda \
+    --bits 4 --numel 16777216 --precision $1 --memory-format $2 --gamma $3 --reps 1 || exit 1; done'
 # Where a bf16 channels-last step's time goes, eager and graphed (ResNet-152 batch 128, where
 # blpa-4 took 1.25x plain at 1d696ed; ResNet-164 batch 128): the costliest kernels of each.
 stage step-precision-profile 240 bash -c 'bench step --device cuda --model resnet152 --batch 128 --mode plain,blpa-4 \
