@@ -8,11 +8,11 @@
 #
 #   scripts/plot.sh [-o DIR] [-p PREFIX] [-t TITLE] LOG.jsonl...
 #
-# Each run's legend comes from the configuration record at the top of its log: the settings
-# that differ between the logs given (mode and bits, seed, depth, batch, ...), the mode when
-# none differ, the file name for a log without one. The title names the settings they share
-# (or -t TITLE). A quantity no log has (no evaluation, say) is left out. Needs gnuplot
-# (Debian's gnuplot-nox; scripts/setup.sh installs it) and awk.
+# Each run's legend comes from the configuration record in its log (the last one, for a
+# resumed run): the settings that differ between the logs given (mode and bits, seed, depth,
+# batch, ...), the mode when none differ, the file name for a log without one. The title
+# names the settings they share (or -t TITLE). A quantity no log has (no evaluation, say) is
+# left out. Needs gnuplot (Debian's gnuplot-nox; scripts/setup.sh installs it) and awk.
 set -euo pipefail
 usage() {  # $1: the exit status (0 for -h, 2 for a bad command line, on stderr)
   sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&$((1 + ($1 != 0)))
@@ -40,7 +40,8 @@ trap 'rm -rf "$tmp"' EXIT
 
 # The settings a legend may name, in the order it names them.
 keys=(dataset arch depth mode batch accum_steps lr iterations seed world device train_subset)
-# Per log: the first config record's settings, one "key<TAB>value" per line, in $tmp/N.cfg; its
+# Per log: the last config record's settings (a resumed run appends one: its --iterations may
+# have grown), one "key<TAB>value" per line, in $tmp/N.cfg; its
 # training records as "iter loss images_per_s stored_MiB peak_MiB" in $tmp/N.train and its
 # evaluation records as "iter error_%" in $tmp/N.eval.
 n=0
@@ -54,17 +55,17 @@ for f in "$@"; do
       gsub(/"/, "", v)
       return v
     }
-    /"type": "config"/ && !seen_config {
-      seen_config = 1
+    /"type": "config"/ {
       c = substr($0, index($0, "\"config\": {") + 10)
       nk = split(keys, k, " ")
-      for (i = 1; i <= nk; i++) print k[i] "\t" get(c, k[i]) > cfg
+      for (i = 1; i <= nk; i++) setting[i] = get(c, k[i])
     }
     /"type": "train"/ {
       print get($0, "iter"), get($0, "loss"), get($0, "images_per_s"), get($0, "stored_activation_bytes") / 1048576,
             get($0, "peak_bytes") / 1048576 > train
     }
     /"type": "eval"/ { print get($0, "iter"), 100 * (1 - get($0, "test_acc")) > ev }
+    END { for (i = 1; i <= nk; i++) print k[i] "\t" setting[i] > cfg }
   ' "$f"
   touch "$tmp/$n.cfg" "$tmp/$n.train" "$tmp/$n.eval"
 done

@@ -483,6 +483,17 @@ TEST_CASE("interop: plot.sh renders one PNG per quantity from the logs of test r
     CHECK(png.size() > 2000);
     CHECK(png.rfind("\x89PNG\r\n\x1a\n", 0) == 0);
   }
+  // A resumed run's legend names the settings it ended with: its --iterations grew from 2 to 6
+  // (an option given twice: the last wins). Both runs are blpa-4: only that differs.
+  const std::string resumed = (dir / "resumed.jsonl").string(), ck = (dir / "resumed.pt").string();
+  REQUIRE(run(BLPA_TRAIN_EXE, small_run({"--iterations", "2", "--checkpoint", ck, "--log", resumed}), dir).code == 0);
+  REQUIRE(run(BLPA_TRAIN_EXE, small_run({"--iterations", "6", "--checkpoint", ck, "--log", resumed, "--resume"}), dir)
+              .code == 0);
+  const Run both = run(plot, {"-o", (dir / "png").string(), blpa4, resumed}, dir);
+  CAPTURE(both.out, both.err);
+  CHECK(both.code == 0);
+  CHECK(both.out.find("iterations 4: " + blpa4) != std::string::npos);
+  CHECK(both.out.find("iterations 6: " + resumed) != std::string::npos);
   CHECK(run(plot, {}, dir).code == 2);
   const Run missing = run(plot, {(dir / "none.jsonl").string()}, dir);
   CHECK(missing.code == 1);
