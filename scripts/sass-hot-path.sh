@@ -3,7 +3,8 @@
 # their SASS (sm_90) without a GPU: a measure of the kernels' work where they are bound by
 # instruction issue rather than by memory (docs/results.md, "Pack's exact path and gamma").
 #
-#   scripts/sass-hot-path.sh [REGEX]    (default: the 4-bit packs; e.g. 'pack_kernel<8')
+#   scripts/sass-hot-path.sh [TEXT]    (default: the 4-bit packs; e.g. 'pack_kernel<8,')
+#   BLPA_SASS_KEEP=DIR keeps the SASS there (k0.sass, k1.sass: without and with the ReLU).
 #
 # It compiles a copy of cuda/codec_kernels.cu in which the pack's rare paths are cut out:
 # groups are full and aligned, NHWC groups are rows of 8 channels and NCHW groups lie in one
@@ -18,7 +19,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build=${BLPA_BUILD_DIR:-$here/build}
-filter=${1:-'pack_kernel<4,'}
+filter=${1:-'pack_kernel<4,'}  # a substring of the kernels' names
 torch_dir=$(sed -n 's/^Torch_DIR:[A-Z]*=//p' "$build/CMakeCache.txt" 2>/dev/null || true)
 [[ -n $torch_dir ]] || { echo "sass-hot-path: no Torch_DIR in $build/CMakeCache.txt: build first" >&2; exit 1; }
 torch_inc=$(cd "$torch_dir/../../../include" && pwd)
@@ -34,7 +35,7 @@ if ! command -v cuobjdump >/dev/null || ! command -v nvdisasm >/dev/null; then
   export PATH=$tools/nvidia/cu13/bin:$PATH
 fi
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+trap '[[ -z ${BLPA_SASS_KEEP:-} ]] || cp "$tmp"/k*.sass "$BLPA_SASS_KEEP"/; rm -rf "$tmp"' EXIT
 cp -r "$here/cuda" "$here/lib" "$tmp/"
 
 # Each cut names the text it replaces, and fails if that text is gone (the kernel changed:

@@ -158,13 +158,17 @@ BLPA_HD float scaled_tolerance(int bits, float guard_d) {
 constexpr uint32_t kNearEdge = 0xFFFFFFFFu;
 
 // encode(v / g, s, bits, d) from y = fma(v, scale, bias), or kNearEdge where y lies within
-// tol of an integer in [-2, B + 1], or is NaN. Without branches, so that a GPU predicates it.
+// tol of an integer in [1, B - 1] (the edges between codes), or is NaN. y is clamped first,
+// to [1/2, B - 1/2]: the codes clamp to 0 and B - 1 beyond, where encode's floor (within
+// far less than 1/2 of y, the bound above) is at most 0 or at least B - 1 too, and the
+// clamp's ends lie 1/2 from every integer, so they are far; a NaN y clamps to 1/2 and is
+// caught by y == y. Without branches, so that a GPU predicates it; an instruction fewer per
+// element than testing y against [-2, B + 1] and clamping after (scripts/sass-hot-path.sh).
 BLPA_HD uint32_t fused_code(float v, float scale, float bias, float tol, int bits) {
   const float y = fmaf(v, scale, bias);
-  const float top = static_cast<float>(num_bins(bits) - 1);
-  const bool far = fabsf(y - rintf(y)) > tol || y > top + 2.0f || y < -2.0f;  // NaN: not far
-  const float clamped = fminf(fmaxf(y, 0.0f), top);
-  return far ? static_cast<uint32_t>(floorf(clamped)) : kNearEdge;
+  const float c = fminf(fmaxf(y, 0.5f), static_cast<float>(num_bins(bits)) - 0.5f);  // NaN -> 1/2
+  const bool far = fabsf(c - rintf(c)) > tol && y == y;
+  return far ? static_cast<uint32_t>(floorf(c)) : kNearEdge;
 }
 
 // The next float above (step +1) or below (-1) f, with -0 just below +0; f finite.
