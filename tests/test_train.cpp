@@ -434,7 +434,7 @@ TEST_CASE("bench: codec takes --precision as the other programs do --dtype as it
   const auto [drawn_rc, drawn] = codec("--gamma drawn --precision bf16 --memory-format nhwc");
   CHECK(drawn_rc == 0);
   CHECK(drawn.find("\"gamma\": \"drawn\"") != std::string::npos);
-  // bf16 values divided by 1 lie next to a bin edge about 1 in 60 (4 bits); divided by drawn
+  // bf16 values divided by 1 lie next to a bin edge about 1 in 61 (4 bits); divided by drawn
   // gammas about 1 in 20,000: of these 4,096 elements, dozens against none or a few.
   const auto near_edge = [](const std::string& json) {
     const auto at = json.find("\"near_edge_fraction\": ");
