@@ -19,8 +19,9 @@
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-graphs|train-graphed|gloo-cuda-2proc'
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-precision|codec-precision|pytorch-step'
 #   BLPA_GPU_TESTS='^CUDA:' BLPA_GPU_STAGES='tests|step-fused|codec-precision|ncu-codec|step-precision-profile'
-#     (#15's kernels, none measured since fedcee4: eac19d8..b8d4625's and 8b484c4..046d754's,
-#     the fused forward among them. 252 s with step-precision in place of step-fused, whose
+#     (#15's kernels, none measured since fedcee4: eac19d8..b8d4625's, 8b484c4..046d754's
+#     and 60b1a85, the fused forward among them; codec-precision now times gamma ones and
+#     drawn, twice the runs. 252 s with step-precision in place of step-fused, whose
 #     four graphed runs are new, and with ncu-codec at 20 launches, now 180: allow 3 minutes
 #     more, or drop ncu-codec from a first run)
 # with BLPA_COMMIT=$(git rev-parse HEAD) (the tree may travel without .git). Both sets in one
