@@ -799,8 +799,8 @@ __device__ __forceinline__ void walk_rows(const BnBackwardParams& p, const NhwcW
   const T* grad = static_cast<const T*>(p.grad);
   const int64_t c = t.c, stride = int64_t{gridDim.y} * kNhwcR * (32 / w.lanes);
   for (int64_t r0 = t.r0; r0 < w.rows; r0 += kNhwcRows * stride) {
-    uint64_t words[kNhwcRows] = {};  // V codes a row
-    Elems<T, V> gs[kNhwcRows] = {};
+    uint64_t words[kNhwcRows];  // V codes a row (rows past the end are neither loaded nor used)
+    Elems<T, V> gs[kNhwcRows];
 #pragma unroll
     for (int u = 0; u < kNhwcRows; ++u) {
       const int64_t e = (r0 + u * stride) * p.channels + c;
