@@ -168,6 +168,24 @@ __host__ __device__ __forceinline__ bool elems_aligned(const void* p) {
   return aligned(p, alignof(Elems<T, N>));
 }
 
+// The V values of e widened to float. bf16 pairs from their 32-bit words: the low half shifted
+// up, the high half masked (one instruction a value, where extracting each half first took two).
+template <typename T, int V>
+__device__ __forceinline__ void widen_elems(const Elems<T, V>& e, float out[V]) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && V % 2 == 0) {
+    uint32_t w[V / 2];
+    memcpy(w, &e, sizeof w);
+#pragma unroll
+    for (int k = 0; k < V / 2; ++k) {
+      out[2 * k] = codec::float_of_bits(w[k] << 16);
+      out[2 * k + 1] = codec::float_of_bits(w[k] & 0xFFFF0000u);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = codec::widen(e.v[k]);
+  }
+}
+
 // NHWC with channels a multiple of G (every layer of the networks): a group of G elements
 // from e0 (a multiple of G) holds channels c0 .. c0 + G - 1, whose per-channel values are
 // read as vectors where `rows` (the kernel checks the arrays' alignment once) instead of
@@ -382,6 +400,7 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
         channel_values<kGroup, NHWC>(table.alpha, at, e0, ix, al);
         channel_values<kGroup, NHWC>(table.shift, at, e0, ix, sh);
 #pragma unroll
+#pragma unroll
         for (int k = 0; k < kGroup; ++k) raw.v[k] = codec::round_to<T>(fmaf(codec::widen(raw.v[k]), al[k], sh[k]));
       }
       if (relu) {  // the unit's ReLU, written where it may alias v: this thread has read it
@@ -397,8 +416,12 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
         }
       }
       float x[kGroup];
+      if constexpr (Affine) {  // raw made here from floats: value by value (widen_elems took 0.1-0.3 more)
 #pragma unroll
-      for (int k = 0; k < kGroup; ++k) x[k] = codec::widen(raw.v[k]);
+        for (int k = 0; k < kGroup; ++k) x[k] = codec::widen(raw.v[k]);
+      } else {
+        widen_elems<T, kGroup>(raw, x);
+      }
       float sc[kGroup], bi[kGroup];
       channel_values<kGroup, NHWC>(table.scale, at, e0, ix, sc);
       channel_values<kGroup, NHWC>(table.bias, at, e0, ix, bi);
@@ -633,7 +656,9 @@ __device__ __forceinline__ void walk_channel(const BnBackwardParams& p, const Ch
       uint32_t q[4];
       read_codes4<Bits>(p.codes, e, q);
       const auto g = target::load<Elems<T, 4>>(grad + e);
-      four(e, q, make_float4(codec::widen(g.v[0]), codec::widen(g.v[1]), codec::widen(g.v[2]), codec::widen(g.v[3])));
+      float gf[4];
+      widen_elems<T, 4>(g, gf);
+      four(e, q, make_float4(gf[0], gf[1], gf[2], gf[3]));
     } else {
       one(e, read_code<Bits>(p.codes, e), codec::widen(grad[e]));
     }
@@ -817,10 +842,8 @@ __device__ __forceinline__ void walk_rows(const BnBackwardParams& p, const NhwcW
       uint32_t q[V];
       float g[V];
 #pragma unroll
-      for (int k = 0; k < V; ++k) {
-        q[k] = static_cast<uint32_t>(words[u] >> (Bits * k)) & ((1u << Bits) - 1);
-        g[k] = codec::widen(gs[u].v[k]);
-      }
+      for (int k = 0; k < V; ++k) q[k] = static_cast<uint32_t>(words[u] >> (Bits * k)) & ((1u << Bits) - 1);
+      widen_elems<T, V>(gs[u], g);
       use((r0 + u * stride) * p.channels + c, q, g);
     }
     batch();
