@@ -12,7 +12,8 @@
 # path). What is left of the grid-stride loop (the loop that stores the codes) is then
 # straight-line code: its instructions / 16 (two groups of 8 per turn) are the common path's
 # per element, with and without the ReLU output (relu=1, relu=0). Conversions (F2I, FRND...)
-# are counted apart: an SM issues 16 a cycle against 128 of most instructions.
+# are counted apart: an SM issues 16 a cycle against 128 of most instructions. Then the NHWC
+# BatchNorm backward's kernels (reduce and apply), whose loops the cuts leave as they are.
 # Needs the build folder's LibTorch (BLPA_BUILD_DIR, default build/), nvcc, python3 and
 # cuobjdump with nvdisasm: from PATH, or else PyPI's nvidia-cuda-cuobjdump and
 # nvidia-cuda-nvdisasm wheels, fetched once into ~/.cache/blpa/cuda-tools.
@@ -112,4 +113,19 @@ for relu in (0, 1):
         conv = sum(ops[k] for k in ("F2I", "FRND", "I2F", "F2F", "F2FP", "I2FP"))
         args = name[name.index("pack_kernel<") + 12:name.index(">(")].replace("c10::BFloat16", "bf16")
         print(f"{args:48s} {relu:4d}  {len(body) / 16:20.1f}  {conv / 16:19.2f}")
+# The NHWC BatchNorm backward (untouched by the cuts): its widest loop, 4 rows of 8 channels a
+# turn, per element.
+print("\nbn_nhwc_<kernel><bits, dtype, 8 channels a row>   instructions/element")
+for f in re.split(r"\n\s+Function : ", open(f"{tmp}/k0.sass").read())[1:]:
+    name = subprocess.run(["c++filt"], input=f.split("\n", 1)[0].strip(), capture_output=True, text=True).stdout.strip()
+    m = re.search(r"bn_nhwc_(reduce|apply)_kernel<(\d+), ([\w:]+), 8>", name)
+    if not m:
+        continue
+    ins = [(int(x.group(1), 16), x.group(2).strip()) for x in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", f)]
+    loops = [(int(b.group(1), 16), a) for a, t in ins for b in [re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", t)]
+             if b and int(b.group(1), 16) < a]
+    start, end = max(loops, key=lambda l: l[1] - l[0])
+    body = [t for a, t in ins if start <= a <= end]
+    label = f"{m.group(1)}<{m.group(2)}, {m.group(3).replace('c10::BFloat16', 'bf16')}>"
+    print(f"{label:48s} {len(body) / 32:20.1f}")
 EOF
