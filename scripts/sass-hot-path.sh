@@ -12,8 +12,9 @@
 # path). What is left of the grid-stride loop (the loop that stores the codes) is then
 # straight-line code: its instructions / 16 (two groups of 8 per turn) are the common path's
 # per element, with and without the ReLU output (relu=1, relu=0). Conversions (F2I, FRND...)
-# are counted apart: an SM issues 16 a cycle against 128 of most instructions. Then the NHWC
-# BatchNorm backward's kernels (reduce and apply), whose loops the cuts leave as they are.
+# are counted apart: an SM issues 16 a cycle against 128 of most instructions. Then unpack,
+# cut alike and writing r' alone (what the backward asks of it), and the NHWC BatchNorm
+# backward's kernels (reduce and apply), whose loops the cuts leave as they are.
 # Needs the build folder's LibTorch (BLPA_BUILD_DIR, default build/), nvcc, python3 and
 # cuobjdump with nvdisasm: from PATH, or else PyPI's nvidia-cuda-cuobjdump and
 # nvidia-cuda-nvdisasm wheels, fetched once into ~/.cache/blpa/cuda-tools.
@@ -78,6 +79,13 @@ cut("const int n = static_cast<int>(min(int64_t{kGroup}, p.numel - e0));", "cons
 cut("if (relu_vec && n == kGroup) {", "if (true) {", kernel)
 cut("if (q[k] == codec::kNearEdge) {", "if (false) {", kernel)
 cut("      if (relu) {", "      if (HOT_RELU && relu) {", kernel)
+# In unpack_kernel: full groups of word-aligned codes, and only r' written (as the backward asks).
+kernel = ("unpack_kernel(UnpackParams p, Index ix) {", "// The BatchNorm-and-ReLU backward from the codes.")
+cut("if (e0 + G <= p.numel && word_codes) {", "if (true) {", kernel)
+cut("const int n = static_cast<int>(min(int64_t{G}, p.numel - e0));", "constexpr int n = G;", kernel)
+cut("const bool full = vec && n == G;", "const bool full = true;", kernel)
+cut("      if (x_hat) {", "      if (false) {", kernel)
+cut("      if (p.mask) {", "      if (false) {", kernel)
 open(path, "w").write(s)
 EOF
 
@@ -113,6 +121,22 @@ for relu in (0, 1):
         conv = sum(ops[k] for k in ("F2I", "FRND", "I2F", "F2F", "F2FP", "I2FP"))
         args = name[name.index("pack_kernel<") + 12:name.index(">(")].replace("c10::BFloat16", "bf16")
         print(f"{args:48s} {relu:4d}  {len(body) / 16:20.1f}  {conv / 16:19.2f}")
+# unpack of r' alone (cut as above): its grid loop, 4 groups of 16 bytes of output a turn.
+print("\nunpack_kernel<bits, dtype, NHWC>, r' only           instructions/element")
+for f in re.split(r"\n\s+Function : ", open(f"{tmp}/k0.sass").read())[1:]:
+    name = subprocess.run(["c++filt"], input=f.split("\n", 1)[0].strip(), capture_output=True, text=True).stdout.strip()
+    m = re.search(r"unpack_kernel<(\d+), ([\w:]+), (\w+)>", name)
+    if not m:
+        continue
+    ins = [(int(x.group(1), 16), x.group(2).strip()) for x in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", f)]
+    loops = [(int(b.group(1), 16), a) for a, t in ins for b in [re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", t)]
+             if b and int(b.group(1), 16) < a]
+    loops = [l for l in loops if any(l[0] <= a <= l[1] and "STG" in t for a, t in ins)]
+    start, end = max(loops, key=lambda l: l[1] - l[0])
+    body = [t for a, t in ins if start <= a <= end]
+    per_turn = 4 * (8 if "BFloat16" in m.group(2) else 4)
+    label = f"{m.group(1)}, {m.group(2).replace('c10::BFloat16', 'bf16')}, {m.group(3)}"
+    print(f"{label:48s} {len(body) / per_turn:20.1f}")
 # The NHWC BatchNorm backward (untouched by the cuts): its widest loop, 4 rows of 8 channels a
 # turn, per element.
 print("\nbn_nhwc_<kernel><bits, dtype, 8 channels a row>   instructions/element")
