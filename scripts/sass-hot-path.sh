@@ -72,20 +72,25 @@ cut("""    if (rows) return {GroupAt::row, channel_of(e0, ix)};
     return {GroupAt::per_element, 0};""", """    return {GroupAt::row, channel_of(e0, ix)};""")
 cut("""    return {gr.one_channel ? GroupAt::one_channel : GroupAt::per_element, gr.c0};""",
     """    return {GroupAt::one_channel, gr.c0};""")
-# In pack_kernel: full aligned groups, no exact path, the ReLU output as HOT_RELU says.
-kernel = ("pack_kernel(PackParams p, Index ix) {", "// The codes of 4 consecutive elements")
-cut("if (vec && e0 + kGroup <= p.numel) {", "if (true) {", kernel)
-cut("const int n = static_cast<int>(min(int64_t{kGroup}, p.numel - e0));", "constexpr int n = kGroup;", kernel)
-cut("if (relu_vec && n == kGroup) {", "if (true) {", kernel)
-cut("if (q[k] == codec::kNearEdge) {", "if (false) {", kernel)
-cut("      if (relu) {", "      if (HOT_RELU && relu) {", kernel)
-# In unpack_kernel: full groups of word-aligned codes, and only r' written (as the backward asks).
-kernel = ("unpack_kernel(UnpackParams p, Index ix) {", "// The BatchNorm-and-ReLU backward from the codes.")
-cut("if (e0 + G <= p.numel && word_codes) {", "if (true) {", kernel)
-cut("const int n = static_cast<int>(min(int64_t{G}, p.numel - e0));", "constexpr int n = G;", kernel)
-cut("const bool full = vec && n == G;", "const bool full = true;", kernel)
-cut("      if (x_hat) {", "      if (false) {", kernel)
-cut("      if (p.mask) {", "      if (false) {", kernel)
+# Within each kernel, (its first line, the comment after it): the text and what replaces it.
+for kernel, cuts in {
+    # pack: full aligned groups, no exact path, the ReLU output as HOT_RELU says.
+    ("pack_kernel(PackParams p, Index ix) {", "// The codes of 4 consecutive elements"): [
+        ("if (vec && e0 + kGroup <= p.numel) {", "if (true) {"),
+        ("const int n = static_cast<int>(min(int64_t{kGroup}, p.numel - e0));", "constexpr int n = kGroup;"),
+        ("if (relu_vec && n == kGroup) {", "if (true) {"),
+        ("if (q[k] == codec::kNearEdge) {", "if (false) {"),
+        ("      if (relu) {", "      if (HOT_RELU && relu) {")],
+    # unpack: full groups of word-aligned codes, and only r' written (as the backward asks).
+    ("unpack_kernel(UnpackParams p, Index ix) {", "// The BatchNorm-and-ReLU backward from the codes."): [
+        ("if (e0 + G <= p.numel && word_codes) {", "if (true) {"),
+        ("const int n = static_cast<int>(min(int64_t{G}, p.numel - e0));", "constexpr int n = G;"),
+        ("const bool full = vec && n == G;", "const bool full = true;"),
+        ("      if (x_hat) {", "      if (false) {"),
+        ("      if (p.mask) {", "      if (false) {")],
+}.items():
+    for old, new in cuts:
+        cut(old, new, kernel)
 open(path, "w").write(s)
 EOF
 
@@ -99,57 +104,53 @@ done
 python3 - "$tmp" "$filter" <<'EOF'
 import collections, re, subprocess, sys
 tmp, want = sys.argv[1], sys.argv[2]
-print("pack_kernel<bits, dtype, NHWC, fused>            relu  instructions/element  conversions/element")
-for relu in (0, 1):
-    text = open(f"{tmp}/k{relu}.sass").read()
-    for f in re.split(r"\n\s+Function : ", text)[1:]:
+
+
+def kernels(sass):
+    """(demangled name, [(address, instruction)]) of each function in a SASS listing."""
+    for f in re.split(r"\n\s+Function : ", open(sass).read())[1:]:
         name = subprocess.run(["c++filt"], input=f.split("\n", 1)[0].strip(), capture_output=True,
                               text=True).stdout.strip()
-        if not re.search(r"(?<!un)pack_kernel<", name) or want not in name:
-            continue
-        ins = [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", f)]
-        loops = []
-        for a, t in ins:
-            m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", t)
-            if m and int(m.group(1), 16) < a:
-                loops.append((int(m.group(1), 16), a))
-        # The grid-stride loop: the widest loop that stores to global memory.
+        yield name, [(int(m.group(1), 16), m.group(2).strip()) for m in
+                     re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", f)]
+
+
+def widest_loop(ins, storing):
+    """The instructions of the widest loop (a backward branch's span); storing: one that stores
+    to global memory (a grid-stride loop, not a table's)."""
+    loops = [(int(b.group(1), 16), a) for a, t in ins for b in [re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", t)]
+             if b and int(b.group(1), 16) < a]
+    if storing:
         loops = [l for l in loops if any(l[0] <= a <= l[1] and "STG" in t for a, t in ins)]
-        start, end = max(loops, key=lambda l: l[1] - l[0])
-        body = [t for a, t in ins if start <= a <= end]
+    start, end = max(loops, key=lambda l: l[1] - l[0])
+    return [t for a, t in ins if start <= a <= end]
+
+
+def short(types):
+    return types.replace("c10::BFloat16", "bf16")
+
+
+print("pack_kernel<bits, dtype, NHWC, fused>            relu  instructions/element  conversions/element")
+for relu in (0, 1):
+    for name, ins in kernels(f"{tmp}/k{relu}.sass"):
+        m = re.search(r"(?<!un)pack_kernel<([^>]*)>", name)
+        if not m or want not in name:
+            continue
+        body = widest_loop(ins, storing=True)  # two groups of 8 a turn
         ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
         conv = sum(ops[k] for k in ("F2I", "FRND", "I2F", "F2F", "F2FP", "I2FP"))
-        args = name[name.index("pack_kernel<") + 12:name.index(">(")].replace("c10::BFloat16", "bf16")
-        print(f"{args:48s} {relu:4d}  {len(body) / 16:20.1f}  {conv / 16:19.2f}")
-# unpack of r' alone (cut as above): its grid loop, 4 groups of 16 bytes of output a turn.
+        print(f"{short(m.group(1)):48s} {relu:4d}  {len(body) / 16:20.1f}  {conv / 16:19.2f}")
+# unpack of r' alone (cut as above): 4 groups of 16 bytes of output a turn.
 print("\nunpack_kernel<bits, dtype, NHWC>, r' only           instructions/element")
-for f in re.split(r"\n\s+Function : ", open(f"{tmp}/k0.sass").read())[1:]:
-    name = subprocess.run(["c++filt"], input=f.split("\n", 1)[0].strip(), capture_output=True, text=True).stdout.strip()
-    m = re.search(r"unpack_kernel<(\d+), ([\w:]+), (\w+)>", name)
-    if not m:
-        continue
-    ins = [(int(x.group(1), 16), x.group(2).strip()) for x in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", f)]
-    loops = [(int(b.group(1), 16), a) for a, t in ins for b in [re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", t)]
-             if b and int(b.group(1), 16) < a]
-    loops = [l for l in loops if any(l[0] <= a <= l[1] and "STG" in t for a, t in ins)]
-    start, end = max(loops, key=lambda l: l[1] - l[0])
-    body = [t for a, t in ins if start <= a <= end]
-    per_turn = 4 * (8 if "BFloat16" in m.group(2) else 4)
-    label = f"{m.group(1)}, {m.group(2).replace('c10::BFloat16', 'bf16')}, {m.group(3)}"
-    print(f"{label:48s} {len(body) / per_turn:20.1f}")
-# The NHWC BatchNorm backward (untouched by the cuts): its widest loop, 4 rows of 8 channels a
-# turn, per element.
+for name, ins in kernels(f"{tmp}/k0.sass"):
+    m = re.search(r"unpack_kernel<([^>]*)>", name)
+    if m:
+        per_turn = 4 * (8 if "BFloat16" in m.group(1) else 4)
+        print(f"{short(m.group(1)):48s} {len(widest_loop(ins, storing=True)) / per_turn:20.1f}")
+# The NHWC BatchNorm backward (untouched by the cuts): 4 rows of 8 channels a turn.
 print("\nbn_nhwc_<kernel><bits, dtype, 8 channels a row>   instructions/element")
-for f in re.split(r"\n\s+Function : ", open(f"{tmp}/k0.sass").read())[1:]:
-    name = subprocess.run(["c++filt"], input=f.split("\n", 1)[0].strip(), capture_output=True, text=True).stdout.strip()
-    m = re.search(r"bn_nhwc_(reduce|apply)_kernel<(\d+), ([\w:]+), 8>", name)
-    if not m:
-        continue
-    ins = [(int(x.group(1), 16), x.group(2).strip()) for x in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", f)]
-    loops = [(int(b.group(1), 16), a) for a, t in ins for b in [re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", t)]
-             if b and int(b.group(1), 16) < a]
-    start, end = max(loops, key=lambda l: l[1] - l[0])
-    body = [t for a, t in ins if start <= a <= end]
-    label = f"{m.group(1)}<{m.group(2)}, {m.group(3).replace('c10::BFloat16', 'bf16')}>"
-    print(f"{label:48s} {len(body) / 32:20.1f}")
+for name, ins in kernels(f"{tmp}/k0.sass"):
+    m = re.search(r"bn_nhwc_(reduce|apply)_kernel<(\d+, [\w:]+), 8>", name)
+    if m:
+        print(f"{m.group(1) + '<' + short(m.group(2)) + '>':48s} {len(widest_loop(ins, storing=False)) / 32:20.1f}")
 EOF
