@@ -168,8 +168,9 @@ __host__ __device__ __forceinline__ bool elems_aligned(const void* p) {
   return aligned(p, alignof(Elems<T, N>));
 }
 
-// The V values of e widened to float. bf16 pairs from their 32-bit words: the low half shifted
-// up, the high half masked (one instruction a value, where extracting each half first took two).
+// The V values of e widened to float. bf16 pairs from their 32-bit words (value 2k in the low
+// half, little-endian): the low half shifted up, the high half masked, one instruction a value
+// where extracting each half first took two.
 template <typename T, int V>
 __device__ __forceinline__ void widen_elems(const Elems<T, V>& e, float out[V]) {
   if constexpr (std::is_same_v<T, c10::BFloat16> && V % 2 == 0) {
@@ -399,7 +400,6 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
         float al[kGroup], sh[kGroup];
         channel_values<kGroup, NHWC>(table.alpha, at, e0, ix, al);
         channel_values<kGroup, NHWC>(table.shift, at, e0, ix, sh);
-#pragma unroll
 #pragma unroll
         for (int k = 0; k < kGroup; ++k) raw.v[k] = codec::round_to<T>(fmaf(codec::widen(raw.v[k]), al[k], sh[k]));
       }
