@@ -29,12 +29,13 @@ nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 [[ -x $nvcc ]] || { echo "sass-hot-path: nvcc not found" >&2; exit 1; }
 if ! command -v cuobjdump >/dev/null || ! command -v nvdisasm >/dev/null; then
   tools=${BLPA_CACHE:-$HOME/.cache/blpa}/cuda-tools
-  if [[ ! -x $tools/nvidia/cu13/bin/nvdisasm ]]; then
+  if ! compgen -G "$tools/nvidia/cu*/bin/nvdisasm" >/dev/null; then
     mkdir -p "$tools"
     (cd "$tools" && python3 -m pip download -q --no-deps nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm &&
-      for w in *.whl; do python3 -m zipfile -e "$w" .; done && chmod +x nvidia/cu13/bin/*)
+      for w in *.whl; do python3 -m zipfile -e "$w" .; done && chmod +x nvidia/cu*/bin/*)
   fi
-  export PATH=$tools/nvidia/cu13/bin:$PATH
+  bins=("$tools"/nvidia/cu*/bin)  # the wheels' CUDA major version names the folder
+  export PATH=${bins[-1]}:$PATH
 fi
 tmp=$(mktemp -d)
 trap '[[ -z ${BLPA_SASS_KEEP:-} ]] || cp "$tmp"/k*.sass "$BLPA_SASS_KEEP"/; rm -rf "$tmp"' EXIT
