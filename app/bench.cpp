@@ -44,8 +44,10 @@ double time_per_call(const torch::Device& dev, int rounds, int reps, F&& f) {
 double near_edge_fraction(const torch::Tensor& v, const blpa::Codes& codes, const torch::Tensor& divisor) {
   namespace codec = blpa::codec;
   const int64_t channels = v.size(1), plane = v.numel() / (v.size(0) * channels);
-  const int64_t n = std::min<int64_t>(v.numel(), int64_t{1} << 24);
-  const auto x = v.to(torch::kFloat).contiguous().view(-1).narrow(0, 0, n).cpu();
+  const int64_t n = std::min<int64_t>(v.numel(), int64_t{1} << 24), per_sample = v.numel() / v.size(0);
+  // The samples that hold those elements, and only those, made float32 and NCHW.
+  const auto first = v.narrow(0, 0, (n + per_sample - 1) / per_sample);
+  const auto x = first.to(torch::kFloat).contiguous().view(-1).narrow(0, 0, n).cpu();
   const auto offsets = codes.offsets.cpu();
   const auto g = divisor.defined() ? divisor.to(torch::kFloat).cpu() : torch::ones({channels});
   const int bits = codes.format.bits;
