@@ -54,10 +54,10 @@ double near_edge_fraction(const torch::Tensor& v, const blpa::Codes& codes, cons
   const float d = codes.format.bin_width(), guard_d = codec::kGuard / d;
   const float tol = codec::scaled_tolerance(bits, guard_d);
   std::vector<float> scale(channels), bias(channels);
-  for (int64_t c = 0; c < channels; ++c) {  // as the kernel's table (pack_channel)
-    const bool scaled = guard_d < 0.5f;
-    scale[c] = codec::fused_scale(scaled ? g[c].item<float>() : 0.0f, d);
-    bias[c] = scaled ? codec::channel_bias(offsets[c].item<uint8_t>(), guard_d) : offsets[c].item<uint8_t>();
+  for (int64_t c = 0; c < channels; ++c) {  // as the kernel's table
+    const codec::FusedChannel f = codec::fused_channel(g[c].item<float>(), offsets[c].item<uint8_t>(), d, guard_d);
+    scale[c] = f.scale;
+    bias[c] = f.bias;
   }
   const float* xp = x.data_ptr<float>();
   int64_t near = 0;

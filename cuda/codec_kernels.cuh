@@ -295,17 +295,16 @@ __device__ __forceinline__ PackBins pack_bins(const PackParams& p) {
 template <bool Affine>
 __device__ __forceinline__ void pack_channel(const PackParams& p, const PackBins& bins, const PackTable& t, int64_t c,
                                              bool write_invstd) {
-  const float d = bins.d, guard_d = bins.guard_d;
-  const bool scaled = guard_d < 0.5f;
   const float g = p.divisor ? p.divisor[c] : 1.0f;
-  t.scale[c] = scaled ? codec::fused_scale(g, d) : codec::fused_scale(0.0f, d);
-  t.bias[c] = scaled ? codec::channel_bias(p.offsets[c], guard_d) : static_cast<float>(p.offsets[c]);
+  const codec::FusedChannel f = codec::fused_channel(g, p.offsets[c], bins.d, bins.guard_d);
+  t.scale[c] = f.scale;
+  t.bias[c] = f.bias;
   if constexpr (Affine) {
     const float invstd = codec::bn_invstd(p.var[c], p.eps);
-    const codec::BnAffine f = codec::bn_affine(p.mean[c], invstd, g, p.beta[c]);
+    const codec::BnAffine a = codec::bn_affine(p.mean[c], invstd, g, p.beta[c]);
     if (write_invstd) p.invstd[c] = invstd;
-    t.alpha[c] = f.alpha;
-    t.shift[c] = f.shift;
+    t.alpha[c] = a.alpha;
+    t.shift[c] = a.shift;
   }
 }
 

@@ -150,6 +150,18 @@ BLPA_HD float fused_scale(float g, float d) {
 
 BLPA_HD float channel_bias(int s, float guard_d) { return static_cast<float>(s) - guard_d; }
 
+// A channel's constants for fused_code, given its divisor g and offset s, d and guard_d =
+// kGuard / d: scale = fused_scale(g, d) and bias = channel_bias(s, guard_d); or, for a window
+// narrower than 2^(bits+1) guards (guard_d >= 1/2, outside the fused code's bound), a NaN
+// scale (every element a near edge, which divides) and bias s. The CUDA pack's table.
+struct FusedChannel {
+  float scale, bias;
+};
+BLPA_HD FusedChannel fused_channel(float g, int s, float d, float guard_d) {
+  if (guard_d < 0.5f) return {fused_scale(g, d), channel_bias(s, guard_d)};
+  return {fused_scale(0.0f, d), static_cast<float>(s)};
+}
+
 BLPA_HD float scaled_tolerance(int bits, float guard_d) {
   return 0x1p-20f * (static_cast<float>(num_bins(bits)) + 2.0f + guard_d);
 }
