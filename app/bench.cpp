@@ -204,8 +204,8 @@ int codec_main(int argc, char** argv) {
   } else {
     fmt::print("codec {}-bit, {} elements {} {} {}, gamma {}, {} ({} threads); GB/s of the bytes moved\n", bits,
                numel, fmt::join(shape, "x"), dtype_name, layout, gamma_kind, dev.str(), threads);
-    fmt::print("  pack                {:8.3f} GB/s  ({:.3f} ms); elements next to a bin edge: 1 in {:.0f}\n",
-               pack_gb / pack_s, pack_s * 1e3, near_edge > 0 ? 1 / near_edge : 0.0);
+    fmt::print("  pack                {:8.3f} GB/s  ({:.3f} ms); elements next to a bin edge: {}\n",
+               pack_gb / pack_s, pack_s * 1e3, near_edge > 0 ? fmt::format("1 in {:.0f}", 1 / near_edge) : "none");
     fmt::print("  unpack r'           {:8.3f} GB/s  ({:.3f} ms)\n", unpack_gb / unpack_s, unpack_s * 1e3);
     fmt::print("  bn_relu_backward    {:8.3f} GB/s  ({:.3f} ms)\n", bn_gb / bn_s, bn_s * 1e3);
     fmt::print("  LibTorch's backward {:8.3f} GB/s  ({:.3f} ms)\n", ref_gb / ref_s, ref_s * 1e3);
