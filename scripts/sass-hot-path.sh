@@ -11,10 +11,14 @@
 # channel, the index math is 32-bit, and no element is next to a bin edge (the codes' exact
 # path). What is left of the grid-stride loop (the loop that stores the codes) is then
 # straight-line code: its instructions / 16 (two groups of 8 per turn) are the common path's
-# per element, with and without the ReLU output (relu=1, relu=0). Conversions (F2I, FRND...)
-# are counted apart: an SM issues 16 a cycle against 128 of most instructions. Then unpack,
-# cut alike and writing r' alone (what the backward asks of it), and the NHWC BatchNorm
-# backward's kernels (reduce and apply), whose loops the cuts leave as they are.
+# per element, with and without the ReLU output (relu=1, relu=0). Then unpack, cut alike and
+# writing r' alone (what the backward asks of it), and the NHWC BatchNorm backward's kernels
+# (reduce and apply), whose loops the cuts leave as they are. Each row also counts the
+# instructions of three pipes, which an sm_90 SM completes at different rates: 128 a cycle for
+# FP32 (64 for IMAD), 64 for the ALU (integer, logic, compares, selects, min/max, byte
+# permutes, F2FP) and 16 for conversions (F2I, I2F, FRND...); with 4 issued a cycle, the
+# busiest of these four sets the SM cycles per 32 elements the last columns give, if nothing
+# else (memory, latency) binds first.
 # Needs the build folder's LibTorch (BLPA_BUILD_DIR, default build/), nvcc, python3 and
 # cuobjdump with nvdisasm: from PATH, or else PyPI's nvidia-cuda-cuobjdump and
 # nvidia-cuda-nvdisasm wheels, fetched once into ~/.cache/blpa/cuda-tools.
@@ -131,27 +135,61 @@ def short(types):
     return types.replace("c10::BFloat16", "bf16")
 
 
-print("pack_kernel<bits, dtype, NHWC, fused>            relu  instructions/element  conversions/element")
+# Where an instruction runs, and how many an SM completes a cycle (sm_90: four partitions,
+# each with 32 lanes of FP32 (FMA heavy and lite), 16 of ALU, 4 of conversions (XU); IMAD on
+# the heavy half alone). Loads, stores, branches and uniform instructions only take an issue.
+RATE = {"alu": 64, "fma": 128, "imad": 64, "xu": 16}
+XU = {"F2I", "I2F", "FRND", "F2F", "I2FP", "MUFU"}
+FMA = {"FFMA", "FADD", "FMUL", "HFMA2", "HADD2", "HMUL2"}
+OTHER = {"LDG", "STG", "LD", "ST", "LDS", "STS", "LDC", "ULDC", "BRA", "BSSY", "BSYNC", "EXIT", "NOP",
+         "CS2R", "S2R", "S2UR", "R2UR", "UMOV", "ULOP3", "UIADD3", "USHF", "ULEA", "MOV", "SHFL", "BAR",
+         "DADD", "DFMA", "DMUL"}
+
+
+def pipe(op):
+    if op in XU:
+        return "xu"
+    if op in FMA:
+        return "fma"
+    if op.startswith("IMAD") or op in ("IMUL", "VIADD", "IDP"):
+        return "imad"
+    return "other" if op in OTHER else "alu"  # integer, logic, compares, selects, F2FP, PRMT
+
+
+HEADER = "instr/elem    alu    fma   conv  SM cycles/32 elements, bound by"
+
+
+def columns(body, per):
+    """Instructions per element, those of the ALU, FMA (IMAD included) and conversion pipes, and
+    the SM cycles 32 elements take on the busiest of them or on issue (4 instructions a cycle)."""
+    ops = collections.Counter(pipe(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0]) for t in body)
+    cycles = {"issue": len(body) * 32 / 128}
+    cycles.update({k: ops[k] * 32 / RATE[k] for k in ("alu", "xu")})
+    cycles["fma"] = (ops["fma"] / RATE["fma"] + ops["imad"] / RATE["imad"]) * 32
+    bound = max(cycles, key=cycles.get)
+    return (f"{len(body) / per:10.1f} {ops['alu'] / per:6.1f} {(ops['fma'] + ops['imad']) / per:6.1f} "
+            f"{ops['xu'] / per:6.2f}  {cycles[bound] / per:6.2f} {bound}")
+
+
+print(f"pack_kernel<bits, dtype, NHWC, fused>            relu  {HEADER}")
 for relu in (0, 1):
     for name, ins in kernels(f"{tmp}/k{relu}.sass"):
         m = re.search(r"(?<!un)pack_kernel<([^>]*)>", name)
         if not m or want not in name:
             continue
         body = widest_loop(ins, storing=True)  # two groups of 8 a turn
-        ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
-        conv = sum(ops[k] for k in ("F2I", "FRND", "I2F", "F2F", "F2FP", "I2FP"))
-        print(f"{short(m.group(1)):48s} {relu:4d}  {len(body) / 16:20.1f}  {conv / 16:19.2f}")
+        print(f"{short(m.group(1)):48s} {relu:4d}  {columns(body, 16)}")
 # unpack of r' alone (cut as above): 4 groups of 16 bytes of output a turn.
-print("\nunpack_kernel<bits, dtype, NHWC>, r' only           instructions/element")
+print(f"\nunpack_kernel<bits, dtype, NHWC>, r' only              {HEADER}")
 for name, ins in kernels(f"{tmp}/k0.sass"):
     m = re.search(r"unpack_kernel<([^>]*)>", name)
     if m:
         per_turn = 4 * (8 if "BFloat16" in m.group(1) else 4)
-        print(f"{short(m.group(1)):48s} {len(widest_loop(ins, storing=True)) / per_turn:20.1f}")
+        print(f"{short(m.group(1)):48s}       {columns(widest_loop(ins, storing=True), per_turn)}")
 # The NHWC BatchNorm backward (untouched by the cuts): 4 rows of 8 channels a turn.
-print("\nbn_nhwc_<kernel><bits, dtype, 8 channels a row>   instructions/element")
+print(f"\nbn_nhwc_<kernel><bits, dtype, 8 channels a row>        {HEADER}")
 for name, ins in kernels(f"{tmp}/k0.sass"):
     m = re.search(r"bn_nhwc_(reduce|apply)_kernel<(\d+, [\w:]+), 8>", name)
     if m:
-        print(f"{m.group(1) + '<' + short(m.group(2)) + '>':48s} {len(widest_loop(ins, storing=False)) / 32:20.1f}")
+        print(f"{m.group(1) + '<' + short(m.group(2)) + '>':48s}       {columns(widest_loop(ins, storing=False), 32)}")
 EOF
