@@ -511,6 +511,29 @@ __device__ __forceinline__ uint32_t read_code(const uint8_t* codes, int64_t e) {
   }
 }
 
+// codec::code_float of each of the N codes of `word` (code k at bit Bits * k): the codes are
+// spread one to a byte (8 / Bits masks of the word, each one or two instructions), then a
+// byte permute makes each float (the byte, 0, 0, 0x4B), where extracting a code and setting
+// its exponent took two or three instructions each.
+template <int Bits, int N>
+__device__ __forceinline__ void code_floats(uint64_t word, float out[N]) {
+  constexpr int per_byte = 8 / Bits, per_half = 32 / Bits;
+  constexpr uint32_t low = 0x01010101u * ((1u << Bits) - 1);  // each byte's low Bits bits
+#pragma unroll
+  for (int h = 0; h * per_half < N; ++h) {
+    const uint32_t half = static_cast<uint32_t>(word >> (32 * h));
+#pragma unroll
+    for (int f = 0; f < per_byte; ++f) {
+      const uint32_t spread = (half >> (Bits * f)) & low;  // byte j: code h * per_half + j * per_byte + f
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int k = h * per_half + j * per_byte + f;
+        if (k < N) out[k] = codec::float_of_bits(__byte_perm(spread, 0x4B000000u, 0x7650u | j));
+      }
+    }
+  }
+}
+
 // Bytes that hold 4 codes: read_codes4's word, whose alignment the fast paths check.
 __host__ __device__ __forceinline__ uintptr_t code_word_bytes(int bits) { return 4 * bits / 8; }
 
@@ -543,6 +566,27 @@ template <typename T>
 constexpr int kUnpackGroup = 16 / static_cast<int>(sizeof(T));
 constexpr int kUnpackUnroll = 4;
 
+// codec::code_origin of the offset of each of a group's G elements. Where the group is a row
+// of channels, a byte permute makes each from its byte of the offsets (the byte, then
+// 0, 0 and 0x4B: 2^23 + s), where extracting the byte and setting the exponent took two.
+template <int G, bool NHWC>
+__device__ __forceinline__ void channel_origins(const uint8_t* offsets, const GroupAt& at, int64_t e0, const Index& ix,
+                                                float out[G]) {
+  if constexpr (NHWC && G % 4 == 0) {
+    if (at.how == GroupAt::row) {
+      // The bytes as words (nhwc_rows checked their alignment for G bytes).
+      const auto w = target::load<Elems<uint32_t, G / 4>>(reinterpret_cast<const uint32_t*>(offsets + at.c0));
+#pragma unroll
+      for (int k = 0; k < G; ++k) out[k] = codec::float_of_bits(__byte_perm(w.v[k / 4], 0x4B000000u, 0x7650u | k % 4));
+      return;
+    }
+  }
+  int s[G];
+  channel_values<G, NHWC>(offsets, at, e0, ix, s);
+#pragma unroll
+  for (int k = 0; k < G; ++k) out[k] = codec::code_origin(s[k]);
+}
+
 template <int Bits, typename T, bool NHWC>
 __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackParams p, Index ix) {
   constexpr int G = kUnpackGroup<T>, U = kUnpackUnroll;
@@ -574,18 +618,17 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackP
       const int64_t e0 = (g0 + u * stride) * G;
       if (e0 >= p.numel) break;  // so are the later groups
       const int n = static_cast<int>(min(int64_t{G}, p.numel - e0));
-      uint32_t q[G];
-#pragma unroll
-      for (int k = 0; k < G; ++k) q[k] = static_cast<uint32_t>(words[u] >> (Bits * k)) & ((1u << Bits) - 1);
+      float q[G], origin[G];  // decoded as codec::decode_by_steps: no int conversions
+      code_floats<Bits, G>(words[u], q);
       const GroupAt at = group_at<G, NHWC>(rows, e0, n, ix);
-      int s[G];
-      channel_values<G, NHWC>(p.offsets, at, e0, ix, s);
+      channel_origins<G, NHWC>(p.offsets, at, e0, ix, origin);
       const bool full = vec && n == G;
 
-      auto store = [&](T* dst, const float y[G]) {
+      // r' is never NaN (max(g v', 0) with v' a number): its rounding skips the NaN check.
+      auto store = [&](T* dst, const float y[G], bool never_nan) {
         Elems<T, G> out;
 #pragma unroll
-        for (int k = 0; k < G; ++k) out.v[k] = codec::round_to<T>(y[k]);
+        for (int k = 0; k < G; ++k) out.v[k] = never_nan ? codec::round_to_own_nan<T>(y[k]) : codec::round_to<T>(y[k]);
         if (full) {
           target::store(dst + e0, out);
         } else {
@@ -599,23 +642,23 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackP
         float y[G], bk[G];
         channel_values<G, NHWC>(b, at, e0, ix, bk);
 #pragma unroll
-        for (int k = 0; k < G; ++k) y[k] = codec::decode(q[k], s[k], d) - bk[k];
-        store(x_hat, y);
+        for (int k = 0; k < G; ++k) y[k] = codec::decode_by_steps(q[k], origin[k], d) - bk[k];
+        store(x_hat, y, false);
       }
       if (r) {
         float y[G], gk[G];
         channel_values<G, NHWC>(gamma, at, e0, ix, gk);
 #pragma unroll
         for (int k = 0; k < G; ++k) {
-          const float t = __fmul_rn(gk[k], codec::decode(q[k], s[k], d));
+          const float t = __fmul_rn(gk[k], codec::decode_by_steps(q[k], origin[k], d));
           y[k] = t > 0.0f ? t : 0.0f;
         }
-        store(r, y);
+        store(r, y, true);
       }
       if (p.mask) {
 #pragma unroll
         for (int k = 0; k < G; ++k)
-          if (k < n) p.mask[e0 + k] = codec::mask(q[k], s[k]);
+          if (k < n) p.mask[e0 + k] = q[k] >= origin[k];  // codec::mask
       }
     }
   }
@@ -673,54 +716,94 @@ __device__ __forceinline__ void warp_sum(double& a, double& b) {
   }
 }
 
-// g_a and g_a * x_hat' of one element; d is the codes' bin width.
-__device__ __forceinline__ float2 bn_terms(uint32_t q, float grad, int s, float bc, float d) {
-  const float ga = codec::mask(q, s) ? grad : 0.0f;  // a select: a masked NaN gradient is 0
-  return make_float2(ga, ga * (codec::decode(q, s, d) - bc));
+// The GPU's BatchNorm backward works with u = q - s (codec::code_float(q) -
+// codec::code_origin(s): x_hat' is u d + d/2 - b_c) rather than with x_hat': per element, the
+// sums take g_a and g_a u, and g_x is scale g_a + (base + slope u), with base and slope per
+// channel (bn_coefficients). The algebra is the CPU path's; the rounding differs (the GPU
+// rounds no x_hat' * mean(g_a x_hat') per element), within the agreement the tests ask.
+
+// Adds g_a and g_a u of one element to sum_a and sum_au (g_a u rounded once, with the add):
+// the mask is u >= 0 (q >= s). q: codec::code_float(q); origin: codec::code_origin(s).
+__device__ __forceinline__ void bn_terms(float q, float grad, float origin, float& sum_a, float& sum_au) {
+  const float u = q - origin;
+  const float ga = u >= 0.0f ? grad : 0.0f;  // a select: a masked NaN gradient is 0
+  sum_a += ga;
+  sum_au = fmaf(ga, u, sum_au);
 }
 
-// Channel c's block sums in p.partials: gridDim.x of sum g_a, then gridDim.x of sum g_a x_hat'.
+// Channel c's sum g_a x_hat' from its sums of g_a and g_a u, in double.
+__device__ __forceinline__ double bn_sum_ax(const BnBackwardParams& p, int64_t c, double sum_a, double sum_au,
+                                            float d) {
+  return double{d} * sum_au + (0.5 * d - p.b[c]) * sum_a;
+}
+
+// g_beta and g_g of channel c from its sums. The clamp's gradient, as threshold_backward:
+// none where g = max(gamma, gamma_min) <= gamma_min; a NaN g passes its (NaN) gradient.
+__device__ __forceinline__ void bn_write_grads(const BnBackwardParams& p, int64_t c, double sum_a, double sum_ax) {
+  p.g_beta[c] = static_cast<float>(sum_a);
+  p.g_g[c] = p.mask_g_g && p.g[c] <= p.gamma_min ? 0.0f : static_cast<float>(sum_ax);
+}
+
+// g_x = scale (g_a - mean_a - x_hat' mean_ax), x_hat' = u d + (d/2 - b_c), as scale g_a +
+// (base + slope u): base and slope from the means in double, rounded once.
+struct BnCoefficients {
+  float scale, base, slope;
+};
+__device__ __forceinline__ BnCoefficients bn_coefficients(const BnBackwardParams& p, int64_t c, double sum_a,
+                                                          double sum_ax, double m, float d) {
+  const float scale = __fmul_rn(p.g[c], p.invstd[c]);
+  const double mean_a = sum_a / m, mean_ax = sum_ax / m;
+  return {scale, static_cast<float>(-double{scale} * (mean_a + mean_ax * (0.5 * d - p.b[c]))),
+          static_cast<float>(-double{scale} * mean_ax * d)};
+}
+
+// g_x of one element from its channel's coefficients (q and origin as bn_terms').
+__device__ __forceinline__ float bn_g_x(float q, float grad, float origin, const BnCoefficients& k) {
+  const float u = q - origin;
+  const float ga = u >= 0.0f ? grad : 0.0f;
+  return fmaf(k.scale, ga, fmaf(k.slope, u, k.base));
+}
+
+// Channel c's block sums in p.partials: gridDim.x of sum g_a, then gridDim.x of sum g_a u.
 __device__ __forceinline__ double* channel_partials(const BnBackwardParams& p, int64_t c) {
   return p.partials + 2 * int64_t{gridDim.x} * c;
 }
 
 // Per channel (blockIdx.y, striding by gridDim.y past 65535 channels): this block's sum g_a
-// and sum g_a x_hat', into its own slot of p.partials. A thread adds up to 4 terms in float,
+// and sum g_a u, into its own slot of p.partials. A thread adds up to 4 terms in float,
 // then in double; every block writes its slots, also one that found no elements.
 template <int Bits, typename T>
 __global__ void bn_reduce_kernel(BnBackwardParams p, ChannelWalk w) {
   __shared__ double part[2][kBnThreads / 32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const float d = codec::bin_width(p.window, Bits);
   for (int64_t c = blockIdx.y; c < p.channels; c += gridDim.y) {
-    const int s = p.offsets[c];
-    const float bc = p.b[c];
-    double sum_a = 0.0, sum_ax = 0.0;
+    const float s = codec::code_origin(p.offsets[c]);
+    double sum_a = 0.0, sum_au = 0.0;
     walk_channel<Bits, T>(
         p, w, c,
         [&](int64_t, const uint32_t q[4], float4 g) {
-          const float2 t0 = bn_terms(q[0], g.x, s, bc, d), t1 = bn_terms(q[1], g.y, s, bc, d);
-          const float2 t2 = bn_terms(q[2], g.z, s, bc, d), t3 = bn_terms(q[3], g.w, s, bc, d);
-          sum_a += (t0.x + t1.x) + (t2.x + t3.x);
-          sum_ax += (t0.y + t1.y) + (t2.y + t3.y);
+          float a = 0.0f, au = 0.0f;
+          bn_terms(codec::code_float(q[0]), g.x, s, a, au), bn_terms(codec::code_float(q[1]), g.y, s, a, au);
+          bn_terms(codec::code_float(q[2]), g.z, s, a, au), bn_terms(codec::code_float(q[3]), g.w, s, a, au);
+          sum_a += a, sum_au += au;
         },
         [&](int64_t, uint32_t q, float g) {
-          const float2 t = bn_terms(q, g, s, bc, d);
-          sum_a += t.x;
-          sum_ax += t.y;
+          float a = 0.0f, au = 0.0f;
+          bn_terms(codec::code_float(q), g, s, a, au);
+          sum_a += a, sum_au += au;
         });
     // Block sum: within each warp by shuffles, then across the warps by warp 0.
-    warp_sum(sum_a, sum_ax);
-    if (lane == 0) part[0][warp] = sum_a, part[1][warp] = sum_ax;
+    warp_sum(sum_a, sum_au);
+    if (lane == 0) part[0][warp] = sum_a, part[1][warp] = sum_au;
     __syncthreads();
     if (warp == 0) {
       sum_a = lane < kBnThreads / 32 ? part[0][lane] : 0.0;
-      sum_ax = lane < kBnThreads / 32 ? part[1][lane] : 0.0;
-      warp_sum(sum_a, sum_ax);
+      sum_au = lane < kBnThreads / 32 ? part[1][lane] : 0.0;
+      warp_sum(sum_a, sum_au);
       if (lane == 0) {
         double* slots = channel_partials(p, c);
         slots[blockIdx.x] = sum_a;
-        slots[gridDim.x + blockIdx.x] = sum_ax;
+        slots[gridDim.x + blockIdx.x] = sum_au;
       }
     }
     __syncthreads();  // part[] is reused by the next channel
@@ -729,49 +812,42 @@ __global__ void bn_reduce_kernel(BnBackwardParams p, ChannelWalk w) {
 
 // Every block of channel c adds the channel's gridDim.x partial sums the same way (warp 0,
 // lane l taking slots l, l + 32, ..., then the shuffle tree), so all agree, and so do runs.
-// Its thread 0 divides them into the means, once for the block (a double division is a
+// Its thread 0 makes the channel's coefficients, once for the block (a double division is a
 // sequence of some 20 FP64 instructions; every thread dividing cost as much as its elements).
 template <int Bits, typename T>
 __global__ void bn_apply_kernel(BnBackwardParams p, ChannelWalk w) {
   T* grad_in = static_cast<T*>(p.grad_in);
-  __shared__ float means[2];
+  __shared__ BnCoefficients shared;
   const double m = static_cast<double>(w.steps) * (w.vec ? 4 : 1);  // elements in a channel
   const float d = codec::bin_width(p.window, Bits);
   for (int64_t c = blockIdx.y; c < p.channels; c += gridDim.y) {
     if (threadIdx.x < 32) {
       const double* slots = channel_partials(p, c);
-      double a = 0.0, ax = 0.0;
-      for (unsigned k = threadIdx.x; k < gridDim.x; k += 32) a += slots[k], ax += slots[gridDim.x + k];
-      warp_sum(a, ax);
+      double a = 0.0, au = 0.0;
+      for (unsigned k = threadIdx.x; k < gridDim.x; k += 32) a += slots[k], au += slots[gridDim.x + k];
+      warp_sum(a, au);
       if (threadIdx.x == 0) {
-        means[0] = static_cast<float>(a / m), means[1] = static_cast<float>(ax / m);
-        if (blockIdx.x == 0) {
-          p.g_beta[c] = static_cast<float>(a);
-          // The clamp's gradient, as threshold_backward: none where g = max(gamma, gamma_min) <=
-          // gamma_min; a NaN g passes its (NaN) gradient.
-          p.g_g[c] = p.mask_g_g && p.g[c] <= p.gamma_min ? 0.0f : static_cast<float>(ax);
-        }
+        const double ax = bn_sum_ax(p, c, a, au, d);
+        shared = bn_coefficients(p, c, a, ax, m, d);
+        if (blockIdx.x == 0) bn_write_grads(p, c, a, ax);
       }
     }
     __syncthreads();
-    const float mean_a = means[0], mean_ax = means[1];
-    __syncthreads();  // means[] is rewritten for the next channel
-    const float scale = __fmul_rn(p.g[c], p.invstd[c]);
-    const int s = p.offsets[c];
-    const float bc = p.b[c];
-    auto g_x = [&](uint32_t q, float grad) {  // as the CPU path: scale * (g_a - mean_a - x_hat' * mean_ax)
-      const float ga = codec::mask(q, s) ? grad : 0.0f;
-      return scale * (ga - mean_a - (codec::decode(q, s, d) - bc) * mean_ax);
-    };
+    const BnCoefficients k = shared;
+    __syncthreads();  // shared is rewritten for the next channel
+    const float s = codec::code_origin(p.offsets[c]);
+    auto g_x = [&](uint32_t q, float grad) { return bn_g_x(codec::code_float(q), grad, s, k); };
     walk_channel<Bits, T>(
         p, w, c,
         [&](int64_t e, const uint32_t q[4], float4 g) {
           Elems<T, 4> out;
-          out.v[0] = codec::round_to<T>(g_x(q[0], g.x)), out.v[1] = codec::round_to<T>(g_x(q[1], g.y));
-          out.v[2] = codec::round_to<T>(g_x(q[2], g.z)), out.v[3] = codec::round_to<T>(g_x(q[3], g.w));
+          out.v[0] = codec::round_to_own_nan<T>(g_x(q[0], g.x));
+          out.v[1] = codec::round_to_own_nan<T>(g_x(q[1], g.y));
+          out.v[2] = codec::round_to_own_nan<T>(g_x(q[2], g.z));
+          out.v[3] = codec::round_to_own_nan<T>(g_x(q[3], g.w));
           target::store(grad_in + e, out);
         },
-        [&](int64_t e, uint32_t q, float g) { grad_in[e] = codec::round_to<T>(g_x(q, g)); });
+        [&](int64_t e, uint32_t q, float g) { grad_in[e] = codec::round_to_own_nan<T>(g_x(q, g)); });
   }
 }
 
@@ -788,10 +864,9 @@ __global__ void bn_apply_kernel(BnBackwardParams p, ChannelWalk w) {
 // (as bn_reduce_kernel: a double add per term, with its conversion from float, bound the
 // kernel by those instructions); a block adds its threads of a channel in order of warp, then
 // row within the warp, into the block's slot of p.partials (channel c's gridDim.y slots of sum
-// g_a, then gridDim.y of sum g_a x_hat', at 2 * gridDim.y * c, as channel_partials);
+// g_a, then gridDim.y of sum g_a u, at 2 * gridDim.y * c, as channel_partials);
 // bn_nhwc_total_kernel adds a channel's slots with a block of threads and writes the channel's
-// two means after them (nhwc_means: [2][channels] floats), and bn_nhwc_apply_kernel writes g_x
-// from the means.
+// coefficients after them (nhwc_coefficients), and bn_nhwc_apply_kernel writes g_x from them.
 constexpr int kNhwcR = 8, kNhwcRows = 4, kNhwcVector = 8;
 
 struct NhwcWalk {
@@ -814,9 +889,10 @@ __device__ __forceinline__ NhwcThread nhwc_thread(const NhwcWalk& w) {
           (int64_t{blockIdx.y} * kNhwcR + threadIdx.y) * (32 / w.lanes) + sub};
 }
 
-// This thread's rows of channels t.c .. t.c + V - 1, kNhwcRows at a time: the codes q and the
-// gradients g (widened to float) of each row's V elements from e are loaded first, then
-// use(e, q, g) runs for each row, in row order, and batch() after each kNhwcRows rows.
+// This thread's rows of channels t.c .. t.c + V - 1, kNhwcRows at a time: the codes q (as
+// codec::code_float) and the gradients g (widened to float) of each row's V elements from e
+// are loaded first, then use(e, q, g) runs for each row, in row order, and batch() after each
+// kNhwcRows rows.
 template <int Bits, typename T, int V, typename Use, typename Batch>
 __device__ __forceinline__ void walk_rows(const BnBackwardParams& p, const NhwcWalk& w, const NhwcThread& t, Use use,
                                           Batch batch) {
@@ -838,10 +914,8 @@ __device__ __forceinline__ void walk_rows(const BnBackwardParams& p, const NhwcW
 #pragma unroll
     for (int u = 0; u < kNhwcRows; ++u) {
       if (r0 + u * stride >= w.rows) continue;
-      uint32_t q[V];
-      float g[V];
-#pragma unroll
-      for (int k = 0; k < V; ++k) q[k] = static_cast<uint32_t>(words[u] >> (Bits * k)) & ((1u << Bits) - 1);
+      float q[V], g[V];
+      code_floats<Bits, V>(words[u], q);
       widen_elems<T, V>(gs[u], g);
       use((r0 + u * stride) * p.channels + c, q, g);
     }
@@ -855,28 +929,22 @@ __global__ void bn_nhwc_reduce_kernel(BnBackwardParams p, NhwcWalk w) {
   __shared__ double part[2][V][kNhwcR][32];  // V = 8: 32 KB
   const NhwcThread t = nhwc_thread<V>(w);
   const int64_t c = t.c;
-  const float d = codec::bin_width(p.window, Bits);
-  double sum_a[V] = {}, sum_ax[V] = {};
+  double sum_a[V] = {}, sum_au[V] = {};
   if (c < p.channels) {
-    int s[V];
-    float bc[V], batch_a[V] = {}, batch_ax[V] = {};
+    float s[V], batch_a[V] = {}, batch_au[V] = {};
 #pragma unroll
-    for (int k = 0; k < V; ++k) s[k] = p.offsets[c + k], bc[k] = p.b[c + k];
+    for (int k = 0; k < V; ++k) s[k] = codec::code_origin(p.offsets[c + k]);
     walk_rows<Bits, T, V>(
         p, w, t,
-        [&](int64_t, const uint32_t* q, const float* g) {
+        [&](int64_t, const float* q, const float* g) {
 #pragma unroll
-          for (int k = 0; k < V; ++k) {
-            const float2 terms = bn_terms(q[k], g[k], s[k], bc[k], d);
-            batch_a[k] += terms.x;
-            batch_ax[k] += terms.y;
-          }
+          for (int k = 0; k < V; ++k) bn_terms(q[k], g[k], s[k], batch_a[k], batch_au[k]);
         },
         [&] {
 #pragma unroll
           for (int k = 0; k < V; ++k) {
-            sum_a[k] += batch_a[k], sum_ax[k] += batch_ax[k];
-            batch_a[k] = 0.0f, batch_ax[k] = 0.0f;
+            sum_a[k] += batch_a[k], sum_au[k] += batch_au[k];
+            batch_a[k] = 0.0f, batch_au[k] = 0.0f;
           }
         });
   }
@@ -886,7 +954,7 @@ __global__ void bn_nhwc_reduce_kernel(BnBackwardParams p, NhwcWalk w) {
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     part[0][k][threadIdx.y][threadIdx.x] = sum_a[k];
-    part[1][k][threadIdx.y][threadIdx.x] = sum_ax[k];
+    part[1][k][threadIdx.y][threadIdx.x] = sum_au[k];
   }
   __syncthreads();
   const int k = static_cast<int>(threadIdx.y);
@@ -900,41 +968,41 @@ __global__ void bn_nhwc_reduce_kernel(BnBackwardParams p, NhwcWalk w) {
   }
 }
 
-// The channels' means of g_a and g_a x_hat' after the `slots` row-block sums of each: where
-// bn_nhwc_total_kernel writes them, float [2][channels] in the doubles of p.partials.
-__host__ __device__ __forceinline__ float* nhwc_means(const BnBackwardParams& p, int64_t slots) {
-  return reinterpret_cast<float*>(p.partials + 2 * slots * p.channels);
+// The channels' coefficients after the `slots` row-block sums of each: where
+// bn_nhwc_total_kernel writes them, [channels] of 3 floats in the 2 * channels doubles there.
+__host__ __device__ __forceinline__ BnCoefficients* nhwc_coefficients(const BnBackwardParams& p, int64_t slots) {
+  static_assert(sizeof(BnCoefficients) <= 2 * sizeof(double));
+  return reinterpret_cast<BnCoefficients*>(p.partials + 2 * slots * p.channels);
 }
 
 // Per channel (blockIdx.x, striding by gridDim.x), a block adds the channel's `slots` row-block
 // sums (thread t taking slots t, t + blockDim.x, ...; then each warp's shuffle tree, then warp 0
-// over the warps' sums: a fixed order), writes g_beta and g_g, and the means, sum / M in
-// double rounded to float, once per channel (each thread of the apply dividing its channels'
-// sums cost more than its elements: 16 double divisions a thread where V = 8). (One thread per
+// over the warps' sums: a fixed order), writes g_beta and g_g, and the coefficients, in double
+// rounded to float, once per channel (each thread of the apply dividing its channels' sums
+// cost more than its elements: 16 double divisions a thread where V = 8). (One thread per
 // channel adding its slots one by one waited on each load in turn: 2 x 2,112 of them for the
 // 16 channels of ResNet-164's first stage on an H200.)
 __global__ void bn_nhwc_total_kernel(BnBackwardParams p, int64_t slots) {
   __shared__ double part[2][32];  // a sum per warp: up to 1,024 threads
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  float* means = nhwc_means(p, slots);
+  BnCoefficients* coefficients = nhwc_coefficients(p, slots);
   const double m = static_cast<double>(p.batch * p.plane);
+  const float d = codec::bin_width(p.window, p.bits);
   for (int64_t c = blockIdx.x; c < p.channels; c += gridDim.x) {
     const double* own = p.partials + 2 * slots * c;
-    double a = 0.0, ax = 0.0;
-    for (int64_t k = threadIdx.x; k < slots; k += blockDim.x) a += own[k], ax += own[slots + k];
-    warp_sum(a, ax);
-    if (lane == 0) part[0][warp] = a, part[1][warp] = ax;
+    double a = 0.0, au = 0.0;
+    for (int64_t k = threadIdx.x; k < slots; k += blockDim.x) a += own[k], au += own[slots + k];
+    warp_sum(a, au);
+    if (lane == 0) part[0][warp] = a, part[1][warp] = au;
     __syncthreads();
     if (warp == 0) {
       a = lane < warps ? part[0][lane] : 0.0;
-      ax = lane < warps ? part[1][lane] : 0.0;
-      warp_sum(a, ax);
+      au = lane < warps ? part[1][lane] : 0.0;
+      warp_sum(a, au);
       if (lane == 0) {
-        means[c] = static_cast<float>(a / m);
-        means[p.channels + c] = static_cast<float>(ax / m);
-        p.g_beta[c] = static_cast<float>(a);
-        // The clamp's gradient, as threshold_backward (see bn_apply_kernel).
-        p.g_g[c] = p.mask_g_g && p.g[c] <= p.gamma_min ? 0.0f : static_cast<float>(ax);
+        const double ax = bn_sum_ax(p, c, a, au, d);
+        coefficients[c] = bn_coefficients(p, c, a, ax, m, d);
+        bn_write_grads(p, c, a, ax);
       }
     }
     __syncthreads();  // part[] is reused by the next channel
@@ -951,28 +1019,18 @@ __global__ void bn_nhwc_apply_kernel(BnBackwardParams p, NhwcWalk w) {
   const int64_t c = t.c;
   if (c >= p.channels) return;
   T* grad_in = static_cast<T*>(p.grad_in);
-  const float* means = nhwc_means(p, gridDim.y);
-  float mean_a[V], mean_ax[V], scale[V], bc[V];
-  int s[V];
+  const BnCoefficients* coefficients = nhwc_coefficients(p, gridDim.y);
+  BnCoefficients k[V];
+  float s[V];
 #pragma unroll
-  for (int k = 0; k < V; ++k) {
-    mean_a[k] = means[c + k];
-    mean_ax[k] = means[p.channels + c + k];
-    scale[k] = __fmul_rn(p.g[c + k], p.invstd[c + k]);
-    s[k] = p.offsets[c + k];
-    bc[k] = p.b[c + k];
-  }
-  const float d = codec::bin_width(p.window, Bits);
+  for (int j = 0; j < V; ++j) k[j] = coefficients[c + j], s[j] = codec::code_origin(p.offsets[c + j]);
   // grad_in may be grad: each element is read and then written by this thread alone.
   walk_rows<Bits, T, V>(
       p, w, t,
-      [&](int64_t e, const uint32_t* q, const float* g) {
+      [&](int64_t e, const float* q, const float* g) {
         Elems<T, V> out;
 #pragma unroll
-        for (int k = 0; k < V; ++k) {
-          const float ga = codec::mask(q[k], s[k]) ? g[k] : 0.0f;  // a select: a masked NaN gradient is 0
-          out.v[k] = codec::round_to<T>(scale[k] * (ga - mean_a[k] - (codec::decode(q[k], s[k], d) - bc[k]) * mean_ax[k]));
-        }
+        for (int j = 0; j < V; ++j) out.v[j] = codec::round_to_own_nan<T>(bn_g_x(q[j], g[j], s[j], k[j]));
         if constexpr (V == 1)
           grad_in[e] = out.v[0];
         else
@@ -1108,7 +1166,7 @@ dim3 bn_nhwc_grid(const BnBackwardParams& p) {
 
 int64_t bn_workspace(const BnBackwardParams& p) {
   if (p.channels == 0) return 0;
-  // NHWC: each row block's two sums per channel, then the two means (floats, in doubles).
+  // NHWC: each row block's two sums per channel, then the coefficients (3 floats in 2 doubles).
   if (p.nhwc) return 2 * (int64_t{bn_nhwc_grid(p).y} + 1) * p.channels;
   // The grid depends on the pointers' alignment (the vector path takes 4 elements a step):
   // size the workspace with the p that bn_relu_backward will get.

@@ -48,6 +48,13 @@ inline dim3 blockDim, gridDim;
 inline float __fdiv_rn(float a, float b) { return a / b; }  // IEEE division, as the device's
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline unsigned __umulhi(unsigned a, unsigned b) { return static_cast<unsigned>((uint64_t{a} * b) >> 32); }
+// Byte k of the result is byte (s >> 4k) & 7 of y:x (x's four bytes first).
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t xy = (uint64_t{y} << 32) | x;
+  unsigned out = 0;
+  for (int k = 0; k < 4; ++k) out |= static_cast<unsigned>((xy >> (8 * ((s >> (4 * k)) & 7))) & 0xFF) << (8 * k);
+  return out;
+}
 template <typename T>
 T min(T a, T b) {
   return b < a ? b : a;

@@ -166,3 +166,35 @@ TEST_CASE("codec: edge thresholds are the least floats whose quotient reaches ea
   CHECK(codec::float_step(1.0f, 1) == std::nextafter(1.0f, 2.0f));
   CHECK(codec::float_step(-1.0f, 1) == std::nextafter(-1.0f, 0.0f));
 }
+
+TEST_CASE("codec: decode by float steps gives decode's bits and the mask for every code and offset", "[codec-math]") {
+  // The GPU's kernels decode with code_float, code_origin and decode_by_steps (no int
+  // conversion). Every code and offset of each width, for windows from narrow to wide and
+  // with a bin width whose half is the smallest normal float.
+  for (int bits : {8, 4, 2})
+    for (float window : {6.0f, 2.5f, 7.3f, 40.0f, kNarrowWindow, 1e-30f, std::ldexp(1.0f, -125 + bits)}) {
+      const float d = codec::bin_width(window, bits);
+      int64_t wrong = 0, wrong_mask = 0;
+      for (int s = 0; s <= codec::num_bins(bits); ++s)
+        for (uint32_t q = 0; q < static_cast<uint32_t>(codec::num_bins(bits)); ++q) {
+          const float got = codec::decode_by_steps(codec::code_float(q), codec::code_origin(s), d);
+          wrong += codec::bits_of_float(got) != codec::bits_of_float(codec::decode(q, s, d));
+          wrong_mask += (codec::code_float(q) >= codec::code_origin(s)) != codec::mask(q, s);
+        }
+      CAPTURE(bits, window);
+      CHECK(wrong == 0);
+      CHECK(wrong_mask == 0);
+    }
+}
+
+TEST_CASE("codec: round_to_own_nan rounds as round_to on the host", "[codec-math]") {
+  // On the device it keeps the conversion's NaN; the host (and the emulator) has only one.
+  std::mt19937 rng(3);
+  std::uniform_int_distribution<uint32_t> any;
+  for (int i = 0; i < 100000; ++i) {
+    const float f = codec::float_of_bits(any(rng));
+    REQUIRE(codec::round_to_own_nan<c10::BFloat16>(f).x == codec::round_to<c10::BFloat16>(f).x);
+  }
+  CHECK(codec::round_to_own_nan<c10::BFloat16>(std::numeric_limits<float>::quiet_NaN()).x == 0x7FC0);
+  CHECK(codec::round_to_own_nan<float>(1.5f) == 1.5f);
+}

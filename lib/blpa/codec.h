@@ -133,7 +133,10 @@ Unpacked unpack(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma
 // The sums are carried in double, over float partial sums of at most 32 elements (CPU) or 4
 // (CUDA), and added in a fixed order: a device gives the same bits from run to run, and the
 // two devices agree to about 1e-6 of sum |g_a| (sum |g_a x_hat'|). On the CPU the order is
-// that of the NCHW walk in either layout, so NHWC gives the bits of NCHW.
+// that of the NCHW walk in either layout, so NHWC gives the bits of NCHW. The GPU sums g_a and
+// g_a (q - s) per channel and writes g_x as scale g_a + (base + slope (q - s)) with per-channel
+// coefficients in double rounded to float: the same algebra, rounded otherwise; a NaN in its
+// bf16 g_x has the device's bits (0x7FFF), not the CPU's (0x7FC0).
 struct BnGrads {
   at::Tensor g_x, g_g, g_beta;
 };
