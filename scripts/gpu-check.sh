@@ -19,11 +19,12 @@
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-graphs|train-graphed|gloo-cuda-2proc'
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-precision|codec-precision|pytorch-step'
 #   BLPA_GPU_TESTS='^CUDA:' BLPA_GPU_STAGES='tests|step-fused|codec-precision|ncu-codec|step-precision-profile'
-#     (#15's kernels, none measured since fedcee4: eac19d8..b8d4625's, 8b484c4..046d754's
-#     and 60b1a85, the fused forward among them; codec-precision now times gamma ones and
-#     drawn, twice the runs. 252 s with step-precision in place of step-fused, whose
-#     four graphed runs are new, and with ncu-codec at 20 launches, now 180: allow 3 minutes
-#     more, or drop ncu-codec from a first run)
+#     (#15's kernels, none measured since fedcee4: eac19d8..b8d4625's, 8b484c4..046d754's,
+#     60b1a85, the fused forward among them, and 4e4e3fa's unpack and BatchNorm backward
+#     without int conversions; codec-precision now times gamma ones and drawn, twice the
+#     runs. 252 s with step-precision in place of step-fused, whose four graphed runs are
+#     new, and with ncu-codec at 20 launches, now 180: allow 3 minutes more, or drop
+#     ncu-codec from a first run)
 # with BLPA_COMMIT=$(git rev-parse HEAD) (the tree may travel without .git). Both sets in one
 # call, with codec, train-bf16 and memory-precision, took 290 s on 2026-11-30 (build 94 s, the
 # CUDA tests 60 s, step-graphs 31 s, step-precision 28 s, pytorch-step 34 s); ncu-codec and
@@ -180,7 +181,8 @@ stage codec-precision 300 bash -c 'for bits in 8 4; do for dt in fp32 bf16; do f
   for g in ones drawn; do bench codec --device cuda --bits $bits --numel 268435456 --precision $dt \
   --memory-format $mf --gamma $g || exit 1; done; done; done; done'
 # Nsight Compute on the codec's kernels, where the machine's toolkit has it: how busy the issue
-# slots and the memory are, what the warps wait for, and the instructions each kernel issues
+# slots, the pipes (ComputeWorkloadAnalysis: against scripts/sass-hot-path.sh's model) and the
+# memory are, what the warps wait for, and the instructions each kernel issues
 # (bf16 NHWC with gamma 1 and drawn, fp32 NHWC, 4-bit, 16M elements; NHWC is the layout
 # CUDA runs take by default). With --reps 1 each of the bench's
 # operations launches 6 times, in order: pack, the fused and unfused forwards (pack_kernel;
@@ -189,7 +191,7 @@ stage codec-precision 300 bash -c 'for bits in 8 4; do for dt in fp32 bf16; do f
 # stage fails at once.
 stage ncu-codec 240 bash -c 'n=$(command -v ncu || echo /usr/local/cuda/bin/ncu); [[ -x $n ]] || { echo "no ncu"; exit 1; }
   for cfg in "bf16 nhwc ones" "bf16 nhwc drawn" "fp32 nhwc ones"; do set -- $cfg; "$n" --section SpeedOfLight \
-    --section Occupancy --section WarpStateStats --section InstructionStats \
+    --section ComputeWorkloadAnalysis --section Occupancy --section WarpStateStats --section InstructionStats \
     -k regex:"pack_kernel|pack_table|unpack_kernel|bn_" -c 60 "$BLPA_BUILD_DIR/app/blpa-bench" codec --device cuda \
     --bits 4 --numel 16777216 --precision $1 --memory-format $2 --gamma $3 --reps 1 || exit 1; done'
 # Where a bf16 channels-last step's time goes, eager and graphed (ResNet-152 batch 128, where
