@@ -1213,18 +1213,20 @@ TEST_CASE("codec: the GPU's BatchNorm backward on a GPU's grid, emulated, matche
   // GPU's order of addition is not the CPU's). NHWC lanes take 8 channels where the channels
   // are a multiple of 8 (16: two lanes a row, a warp covering 16 rows, up to 128 row blocks;
   // 40: five of a tile's eight lanes; 264: two tiles of 32 lanes, the second with one; 8: one
-  // lane a row), one channel otherwise (12, 300).
+  // lane a row), one channel otherwise (12, 300). 4-bit codes on every grid; 2- and 8-bit ones
+  // (whose 8 codes a row are 2 and 8 bytes) on the middle one.
   torch::manual_seed(29);
   struct Restore {
     ~Restore() { blpa::testing::set_emulated_multiprocessors(2); }
   } restore;
-  const CodeFormat f{4, 6.0f, 1.0f};
-  for (int sms : {8, 32, 64}) {
+  const CodeFormat four{4, 6.0f, 1.0f}, two{2, 6.0f, 0.0f}, eight{8, 2.5f, 0.0f};
+  for (const auto& [f, sms] : std::vector<std::pair<CodeFormat, int>>{{four, 8}, {four, 32}, {four, 64}, {two, 32},
+                                                                       {eight, 32}}) {
     blpa::testing::set_emulated_multiprocessors(sms);
     for (const auto& shape : std::vector<std::vector<int64_t>>{
              {16, 12, 32, 32}, {16, 16, 32, 32}, {2, 300, 7, 7}, {5, 40, 9, 9}, {3, 264, 3, 5}, {2, 8, 5, 7}}) {
       for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
-        CAPTURE(sms, shape, dtype);
+        CAPTURE(f.bits, sms, shape, dtype);
         const int64_t c = shape[1];
         auto [b, g, invstd] = draw_bn_channels(c);
         auto v = torch::randn(shape) + b.view({1, c, 1, 1});
