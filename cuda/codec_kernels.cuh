@@ -854,8 +854,8 @@ __global__ void bn_apply_kernel(BnBackwardParams p, ChannelWalk w) {
 // The BatchNorm-and-ReLU backward of channels-last tensors: the batch * plane rows of
 // `channels` elements. A lane takes V consecutive channels of a row: V = 8 where the channels
 // are a multiple of 8 and the tensors aligned for it (every layer of the networks), so that a
-// row's 8 gradients are one vector access and their codes one word; else V = 1, an element at
-// a time. A block is 32 lanes (threadIdx.x) by kNhwcR warps (threadIdx.y). The lanes of a warp
+// row's 8 gradients are one vector access and their codes one word (V = 4 alike where
+// p.nhwc_vector asks: nhwc_vector); else V = 1, an element at a time. A block is 32 lanes (threadIdx.x) by kNhwcR warps (threadIdx.y). The lanes of a warp
 // read consecutive memory: `lanes` vectors of V channels (C / V rounded up to a power of two,
 // at most 32) of 32 / lanes consecutive rows, so that a layer of 16 channels leaves no lane
 // idle. blockIdx.x tiles the channels and blockIdx.y strides over the rows, a thread taking
@@ -1132,12 +1132,18 @@ BnGrid bn_grid(const BnBackwardParams& p) {
   return {w, dim3(static_cast<unsigned>(per_channel_blocks), static_cast<unsigned>(std::min<int64_t>(p.channels, 65535)))};
 }
 
-// NHWC: the channels a lane takes in a row (kNhwcVector where the channels and every
-// pointer allow the vector accesses, else 1).
+// NHWC: the channels a lane takes in a row (kNhwcVector, or 4 where p.nhwc_vector asks, where
+// the channels and every pointer allow the vector accesses, else 1). With 4, the kernels hold
+// about 60 registers instead of about 95: twice the warps an SM holds, for about a third more
+// instructions an element (scripts/sass-hot-path.sh); which is faster, a GPU must tell.
 int nhwc_vector(const BnBackwardParams& p) {
-  const bool vec = p.channels % kNhwcVector == 0 && aligned(p.grad, 16) && aligned(p.grad_in, 16) &&
-                   aligned(p.codes, kNhwcVector * p.bits / 8);
-  return vec ? kNhwcVector : 1;
+  TORCH_CHECK(p.nhwc_vector == 0 || p.nhwc_vector == 4 || p.nhwc_vector == kNhwcVector,
+              "blpa: the BatchNorm backward takes 4 or 8 channels a thread, not ", p.nhwc_vector);
+  const int v = p.nhwc_vector ? p.nhwc_vector : kNhwcVector;
+  const uintptr_t bytes = std::min(16, v * (p.bf16 ? 2 : 4));  // Elems<T, v>'s alignment
+  const bool vec = p.channels % v == 0 && aligned(p.grad, bytes) && aligned(p.grad_in, bytes) &&
+                   aligned(p.codes, v * p.bits / 8);
+  return vec ? v : 1;
 }
 
 // NHWC: the vectors of channels a warp covers in a row (C / V rounded up to a power of two,
@@ -1191,8 +1197,11 @@ void bn_relu_backward(const BnBackwardParams& p) {
       BLPA_LAUNCH(grid, block, stream, bn_nhwc_apply_kernel<Bits, T, V>)(p, w);
     };
     dispatch(p.bits, p.bf16, true, [&](auto k, auto t, auto) {
-      if (nhwc_vector(p) == kNhwcVector)
+      const int v = nhwc_vector(p);
+      if (v == kNhwcVector)
         run(k, t, std::integral_constant<int, kNhwcVector>{});
+      else if (v == 4)
+        run(k, t, std::integral_constant<int, 4>{});
       else
         run(k, t, std::integral_constant<int, 1>{});
     });

@@ -115,6 +115,7 @@ struct BnBackwardParams {
   int device = 0;
   bool bf16 = false;
   bool nhwc = false;
+  int nhwc_vector = 0;  // NHWC: the channels a thread takes in a row, 4 or 8 (0: 8); for measurements
 };
 
 // The device's multiprocessors: the launchers size their grids by them, and with them so

@@ -875,6 +875,24 @@ void check_grad(const Codes& codes, const at::Tensor& grad) {
 
 }  // namespace
 
+namespace {
+
+// The channels a thread of the CUDA NHWC BatchNorm backward takes in a row:
+// BLPA_BN_NHWC_VECTOR=4 or 8 in the environment, for measurements; 0 (the kernels' default,
+// 8) without it.
+int bn_nhwc_vector() {
+  static const int chosen = [] {
+    const char* v = std::getenv("BLPA_BN_NHWC_VECTOR");
+    if (!v || !*v) return 0;
+    TORCH_CHECK(std::string(v) == "4" || std::string(v) == "8", "BLPA_BN_NHWC_VECTOR must be 4 or 8, got '", v,
+                "'");
+    return *v - '0';
+  }();
+  return chosen;
+}
+
+}  // namespace
+
 BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tensor& g, const at::Tensor& invstd,
                          at::Tensor g_r, bool in_place, std::optional<float> gamma_min) {
   TORCH_CHECK(codes.defined(), "blpa codec: bn_relu_backward of empty codes");
@@ -902,7 +920,7 @@ BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tens
                              g_r.data_ptr(), out.g_x.data_ptr(), nullptr, out.g_g.data_ptr<float>(),
                              out.g_beta.data_ptr<float>(), gamma_min.has_value(), gamma_min.value_or(0.0f), batch,
                              l.channels, l.plane, f.bits, f.window, g_r.get_device(),
-                             g_r.scalar_type() == at::kBFloat16, l.nhwc};
+                             g_r.scalar_type() == at::kBFloat16, l.nhwc, bn_nhwc_vector()};
     const at::Tensor partials = at::empty({k->bn_workspace(p)}, f32.dtype(at::kDouble));
     p.partials = partials.data_ptr<double>();
     k->bn_relu_backward(p);
