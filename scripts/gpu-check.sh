@@ -18,13 +18,13 @@
 # session's 15 minutes hold the build, the GPU tests and a few stages, e.g. for #16 and #15:
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-graphs|train-graphed|gloo-cuda-2proc'
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-precision|codec-precision|pytorch-step'
-#   BLPA_GPU_TESTS='^CUDA:' BLPA_GPU_STAGES='tests|step-fused|codec-precision|ncu-codec|step-precision-profile'
+#   BLPA_GPU_TESTS='^CUDA:' BLPA_GPU_STAGES='tests|step-fused|codec-precision|ncu-codec|step-precision-profile|bn-vector'
 #     (#15's kernels, none measured since fedcee4: eac19d8..b8d4625's, 8b484c4..046d754's,
 #     60b1a85, the fused forward among them, and 4e4e3fa's unpack and BatchNorm backward
 #     without int conversions; codec-precision now times gamma ones and drawn, twice the
 #     runs. 252 s with step-precision in place of step-fused, whose four graphed runs are
-#     new, and with ncu-codec at 20 launches, now 180: allow 3 minutes more, or drop
-#     ncu-codec from a first run)
+#     new, and with ncu-codec at 20 launches, now 180, and without bn-vector (new, about a
+#     minute): allow 4 minutes more, or drop ncu-codec and bn-vector from a first run)
 # with BLPA_COMMIT=$(git rev-parse HEAD) (the tree may travel without .git). Both sets in one
 # call, with codec, train-bf16 and memory-precision, took 290 s on 2026-11-30 (build 94 s, the
 # CUDA tests 60 s, step-graphs 31 s, step-precision 28 s, pytorch-step 34 s); ncu-codec and
@@ -206,6 +206,16 @@ stage step-precision-profile 240 bash -c 'bench step --device cuda --model resne
 stage step-fused 300 bash -c 'for f in 0 1; do for mb in "resnet164 128" "resnet152 128"; do set -- $mb;
   BLPA_FUSED_FORWARD=$f bench step --device cuda --model $1 --batch $2 --mode plain,blpa-4 --precision bf16 \
   --memory-format nhwc --cuda-graphs --warmup 3 --steps 10 --rounds 2 || exit 1; done; done'
+# The NHWC BatchNorm backward with 8 and 4 channels a thread (BLPA_BN_NHWC_VECTOR; 8 is the
+# default): with 4 it holds about 60 registers instead of about 95, so an SM holds twice its
+# warps, for a third more instructions an element (scripts/sass-hot-path.sh). The codec
+# bench's bn_relu_backward (bf16 NHWC, gamma drawn) with 8, 4, 8, 4; then ResNet-152's graphed
+# bf16 step and its costliest kernels with 8, then 4 (the log names each before it runs).
+stage bn-vector 240 bash -c 'for v in 8 4 8 4; do echo "BLPA_BN_NHWC_VECTOR=$v"; BLPA_BN_NHWC_VECTOR=$v bench codec \
+  --device cuda --bits 4 --numel 268435456 --precision bf16 --memory-format nhwc --gamma drawn || exit 1; done
+  for v in 8 4; do echo "BLPA_BN_NHWC_VECTOR=$v"; BLPA_BN_NHWC_VECTOR=$v bench step --device cuda --model resnet152 \
+  --batch 128 --mode blpa-4 --precision bf16 --memory-format nhwc --cuda-graphs --warmup 2 --steps 5 --profile 3 ||
+  exit 1; done'
 stage memory-precision 180 bash -c 'bench memory --device cuda --model resnet152 --batch 64 --mode blpa-4 \
   --precision bf16 --memory-format nhwc'
 # The paper's hardware claim (#19): ResNet-152 at ImageNet's batch 256 on an 11 GB card (the

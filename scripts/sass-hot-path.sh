@@ -13,12 +13,12 @@
 # straight-line code: its instructions / 16 (two groups of 8 per turn) are the common path's
 # per element, with and without the ReLU output (relu=1, relu=0). Then unpack, cut alike and
 # writing r' alone (what the backward asks of it), and the NHWC BatchNorm backward's kernels
-# (reduce and apply), whose loops the cuts leave as they are. Each row also counts the
-# instructions of three pipes, which an sm_90 SM completes at different rates: 128 a cycle for
-# FP32 (64 for IMAD), 64 for the ALU (integer, logic, compares, selects, min/max, byte
-# permutes, F2FP) and 16 for conversions (F2I, I2F, FRND...); with 4 issued a cycle, the
-# busiest of these four sets the SM cycles per 32 elements the last columns give, if nothing
-# else (memory, latency) binds first.
+# (reduce and apply, 8 and 4 channels a thread), whose loops the cuts leave as they are. Each
+# row also counts the instructions of three pipes, which an sm_90 SM completes at different
+# rates: 128 a cycle for FP32 (64 for IMAD), 64 for the ALU (integer, logic, compares,
+# selects, min/max, byte permutes, F2FP) and 16 for conversions (F2I, I2F, FRND...); with 4
+# issued a cycle, the busiest of these four sets the SM cycles per 32 elements the last
+# columns give, if nothing else (memory, latency) binds first.
 # Needs the build folder's LibTorch (BLPA_BUILD_DIR, default build/), nvcc, python3 and
 # cuobjdump with nvdisasm: from PATH, or else PyPI's nvidia-cuda-cuobjdump and
 # nvidia-cuda-nvdisasm wheels, fetched once into ~/.cache/blpa/cuda-tools.
@@ -186,10 +186,12 @@ for name, ins in kernels(f"{tmp}/k0.sass"):
     if m:
         per_turn = 4 * (8 if "BFloat16" in m.group(1) else 4)
         print(f"{short(m.group(1)):48s}       {columns(widest_loop(ins, storing=True), per_turn)}")
-# The NHWC BatchNorm backward (untouched by the cuts): 4 rows of 8 channels a turn.
-print(f"\nbn_nhwc_<kernel><bits, dtype, 8 channels a row>        {HEADER}")
+# The NHWC BatchNorm backward (untouched by the cuts): 4 rows of V channels a turn (V = 8, or
+# 4 with BLPA_BN_NHWC_VECTOR=4).
+print(f"\nbn_nhwc_<kernel><bits, dtype, channels a thread>      {HEADER}")
 for name, ins in kernels(f"{tmp}/k0.sass"):
-    m = re.search(r"bn_nhwc_(reduce|apply)_kernel<(\d+, [\w:]+), 8>", name)
+    m = re.search(r"bn_nhwc_(reduce|apply)_kernel<(\d+, [\w:]+, ([48]))>", name)
     if m:
-        print(f"{m.group(1) + '<' + short(m.group(2)) + '>':48s}       {columns(widest_loop(ins, storing=False), 32)}")
+        per_turn = 4 * int(m.group(3))
+        print(f"{m.group(1) + '<' + short(m.group(2)) + '>':48s}       {columns(widest_loop(ins, storing=False), per_turn)}")
 EOF
