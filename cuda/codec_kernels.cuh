@@ -628,7 +628,7 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackP
       auto store = [&](T* dst, const float y[G], bool never_nan) {
         Elems<T, G> out;
 #pragma unroll
-        for (int k = 0; k < G; ++k) out.v[k] = never_nan ? codec::round_to_own_nan<T>(y[k]) : codec::round_to<T>(y[k]);
+        for (int k = 0; k < G; ++k) out.v[k] = never_nan ? codec::round_number_to<T>(y[k]) : codec::round_to<T>(y[k]);
         if (full) {
           target::store(dst + e0, out);
         } else {

@@ -323,13 +323,13 @@ BLPA_INLINE inline void unpack_range(const UnpackArgs& a, const Layout& l, int64
     if (r) {
       const float* __restrict gp = a.gamma + at;
       T* __restrict y = r + i;
-      auto relu = [](float t) { return t > 0.0f ? t : 0.0f; };
+      auto relu = [](float t) { return t > 0.0f ? t : 0.0f; };  // never NaN: decode is a number
       if constexpr (NHWC) {
-        for (int k = 0; k < n; ++k) y[k] = codec::round_to<T>(relu(gp[k] * codec::decode(q[k], sp[k], a.d)));
+        for (int k = 0; k < n; ++k) y[k] = codec::round_number_to<T>(relu(gp[k] * codec::decode(q[k], sp[k], a.d)));
       } else {
         const int32_t s = sp[0];
         const float g = gp[0];
-        for (int k = 0; k < n; ++k) y[k] = codec::round_to<T>(relu(g * codec::decode(q[k], s, a.d)));
+        for (int k = 0; k < n; ++k) y[k] = codec::round_number_to<T>(relu(g * codec::decode(q[k], s, a.d)));
       }
     }
     if (a.mask) {

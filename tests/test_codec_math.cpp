@@ -187,14 +187,27 @@ TEST_CASE("codec: decode by float steps gives decode's bits and the mask for eve
     }
 }
 
-TEST_CASE("codec: round_to_own_nan rounds as round_to on the host", "[codec-math]") {
-  // On the device it keeps the conversion's NaN; the host (and the emulator) has only one.
+TEST_CASE("codec: round_number_to rounds numbers as round_to and round_to_own_nan is round_to on the host",
+          "[codec-math]") {
+  // round_number_to skips the NaN check (unpack's r', never NaN); round_to_own_nan keeps the
+  // device's NaN on the device, and on the host (and the emulator) is round_to.
   std::mt19937 rng(3);
   std::uniform_int_distribution<uint32_t> any;
-  for (int i = 0; i < 100000; ++i) {
-    const float f = codec::float_of_bits(any(rng));
+  std::vector<float> values{0.0f, -0.0f, std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::denorm_min(), std::numeric_limits<float>::max(),
+                            codec::float_of_bits(0x3F808000u), codec::float_of_bits(0x3F818000u),
+                            codec::float_of_bits(0x7F7FFFFFu)};
+  for (int i = 0; i < 200000; ++i) values.push_back(codec::float_of_bits(any(rng)));
+  int64_t numbers = 0;
+  for (float f : values) {
     REQUIRE(codec::round_to_own_nan<c10::BFloat16>(f).x == codec::round_to<c10::BFloat16>(f).x);
+    if (f != f) continue;
+    ++numbers;
+    REQUIRE(codec::round_number_to<c10::BFloat16>(f).x == codec::round_to<c10::BFloat16>(f).x);
+    REQUIRE(codec::round_number_to<c10::BFloat16>(f).x == c10::BFloat16(f).x);  // LibTorch's rounding
   }
+  CHECK(numbers > 199000);
   CHECK(codec::round_to_own_nan<c10::BFloat16>(std::numeric_limits<float>::quiet_NaN()).x == 0x7FC0);
   CHECK(codec::round_to_own_nan<float>(1.5f) == 1.5f);
+  CHECK(codec::round_number_to<float>(1.5f) == 1.5f);
 }

@@ -275,15 +275,18 @@ BLPA_HD float widen(float x) { return x; }
 BLPA_HD float widen(c10::BFloat16 x) { return float_of_bits(static_cast<uint32_t>(x.x) << 16); }
 
 // The bf16 bits of f, rounded to nearest-even.
-BLPA_HD uint16_t bf16_bits(float f) {
+// The bf16 bits of f, not NaN, rounded to nearest-even (on the host a NaN could come out as
+// anything: -0 for 0x7FFFFFFF).
+BLPA_HD uint16_t bf16_bits_of_number(float f) {
 #if defined(__CUDA_ARCH__)
-  const uint32_t rounded = __bfloat16_as_ushort(__float2bfloat16_rn(f));
+  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
 #else
   const uint32_t u = bits_of_float(f);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 #endif
-  return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
 }
+
+BLPA_HD uint16_t bf16_bits(float f) { return f != f ? uint16_t{0x7FC0} : bf16_bits_of_number(f); }
 
 template <typename T>
 BLPA_HD T round_to(float f);
@@ -296,16 +299,22 @@ BLPA_HD c10::BFloat16 round_to<c10::BFloat16>(float f) {
   return c10::BFloat16(bf16_bits(f), c10::BFloat16::from_bits());
 }
 
+// round_to of a value that is never NaN (unpack's r' = max(g v', 0)): the same bits, without
+// the NaN check, a compare and a select per value on either device.
+template <typename T>
+BLPA_HD T round_number_to(float f) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    return c10::BFloat16(bf16_bits_of_number(f), c10::BFloat16::from_bits());
+  else
+    return f;
+}
+
 // round_to, except that on the device a NaN comes out as the conversion makes it (0x7FFF),
-// which saves a compare and a select per value: for values that are never NaN (unpack's
-// r' = max(g v', 0)), and for g_x, whose NaNs need not carry the CPU's bits.
+// without the check: for g_x, whose NaNs need not carry the CPU's bits.
 template <typename T>
 BLPA_HD T round_to_own_nan(float f) {
 #if defined(__CUDA_ARCH__)
-  if constexpr (std::is_same_v<T, c10::BFloat16>)
-    return c10::BFloat16(__bfloat16_as_ushort(__float2bfloat16_rn(f)), c10::BFloat16::from_bits());
-  else
-    return f;
+  return round_number_to<T>(f);
 #else
   return round_to<T>(f);
 #endif
