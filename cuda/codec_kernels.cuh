@@ -851,22 +851,23 @@ __global__ void bn_apply_kernel(BnBackwardParams p, ChannelWalk w) {
   }
 }
 
-// The BatchNorm-and-ReLU backward of channels-last tensors: the batch * plane rows of
-// `channels` elements. A lane takes V consecutive channels of a row: V = 8 where the channels
-// are a multiple of 8 and the tensors aligned for it (every layer of the networks), so that a
-// row's 8 gradients are one vector access and their codes one word (V = 4 alike where
-// p.nhwc_vector asks: nhwc_vector); else V = 1, an element at a time. A block is 32 lanes (threadIdx.x) by kNhwcR warps (threadIdx.y). The lanes of a warp
-// read consecutive memory: `lanes` vectors of V channels (C / V rounded up to a power of two,
-// at most 32) of 32 / lanes consecutive rows, so that a layer of 16 channels leaves no lane
-// idle. blockIdx.x tiles the channels and blockIdx.y strides over the rows, a thread taking
-// kNhwcRows of its rows at a time: their loads first, so that several are in flight. Each
-// thread adds each batch of kNhwcRows terms of a channel in float and the batches in double
-// (as bn_reduce_kernel: a double add per term, with its conversion from float, bound the
-// kernel by those instructions); a block adds its threads of a channel in order of warp, then
-// row within the warp, into the block's slot of p.partials (channel c's gridDim.y slots of sum
-// g_a, then gridDim.y of sum g_a u, at 2 * gridDim.y * c, as channel_partials);
-// bn_nhwc_total_kernel adds a channel's slots with a block of threads and writes the channel's
-// coefficients after them (nhwc_coefficients), and bn_nhwc_apply_kernel writes g_x from them.
+// The BatchNorm-and-ReLU backward of channels-last tensors: the batch * plane rows of `channels`
+// elements. A lane takes V consecutive channels of a row: V = 8 where the channels are a
+// multiple of 8 and the tensors aligned for it (every layer of the networks), so that a row's 8
+// gradients are one vector access and their codes one word (V = 4 alike where p.nhwc_vector
+// asks: nhwc_vector); else V = 1, an element at a time. A block is 32 lanes (threadIdx.x) by
+// kNhwcR warps (threadIdx.y). The lanes of a warp read consecutive memory: `lanes` vectors of V
+// channels (C / V rounded up to a power of two, at most 32) of 32 / lanes consecutive rows, so
+// that a layer of 16 channels leaves no lane idle. blockIdx.x tiles the channels and blockIdx.y
+// strides over the rows, a thread taking kNhwcRows of its rows at a time: their loads first, so
+// that several are in flight. Each thread adds each batch of kNhwcRows terms of a channel in
+// float and the batches in double (as bn_reduce_kernel: a double add per term, with its
+// conversion from float, bound the kernel by those instructions); a block adds its threads of a
+// channel in order of warp, then row within the warp, into the block's slot of p.partials
+// (channel c's gridDim.y slots of sum g_a, then gridDim.y of sum g_a u, at 2 * gridDim.y * c, as
+// channel_partials); bn_nhwc_total_kernel adds a channel's slots with a block of threads and
+// writes the channel's coefficients after them (nhwc_coefficients), and bn_nhwc_apply_kernel
+// writes g_x from them.
 constexpr int kNhwcR = 8, kNhwcRows = 4, kNhwcVector = 8;
 
 struct NhwcWalk {

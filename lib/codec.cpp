@@ -873,10 +873,6 @@ void check_grad(const Codes& codes, const at::Tensor& grad) {
               "contiguous (NCHW)", " like its codes, got strides ", grad.strides());
 }
 
-}  // namespace
-
-namespace {
-
 // The channels a thread of the CUDA NHWC BatchNorm backward takes in a row:
 // BLPA_BN_NHWC_VECTOR=4 or 8 in the environment, for measurements; 0 (the kernels' default,
 // 8) without it.

@@ -1213,8 +1213,9 @@ TEST_CASE("codec: the GPU's BatchNorm backward on a GPU's grid, emulated, matche
   // GPU's order of addition is not the CPU's). NHWC lanes take 8 channels where the channels
   // are a multiple of 8 (16: two lanes a row, a warp covering 16 rows, up to 128 row blocks;
   // 40: five of a tile's eight lanes; 264: two tiles of 32 lanes, the second with one; 8: one
-  // lane a row), one channel otherwise (12, 300). 4-bit codes on every grid; 2- and 8-bit ones
-  // (whose 8 codes a row are 2 and 8 bytes) on the middle one.
+  // lane a row), one channel otherwise (12, 300); 4 channels where BLPA_BN_NHWC_VECTOR=4 (a
+  // CTest of its own), all six then. 4-bit codes on every grid; 2- and 8-bit ones (whose 8
+  // codes a row are 2 and 8 bytes) on the middle one.
   torch::manual_seed(29);
   struct Restore {
     ~Restore() { blpa::testing::set_emulated_multiprocessors(2); }

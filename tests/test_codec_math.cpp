@@ -193,10 +193,9 @@ TEST_CASE("codec: round_number_to rounds numbers as round_to and round_to_own_na
   // device's NaN on the device, and on the host (and the emulator) is round_to.
   std::mt19937 rng(3);
   std::uniform_int_distribution<uint32_t> any;
-  std::vector<float> values{0.0f, -0.0f, std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
-                            std::numeric_limits<float>::denorm_min(), std::numeric_limits<float>::max(),
-                            codec::float_of_bits(0x3F808000u), codec::float_of_bits(0x3F818000u),
-                            codec::float_of_bits(0x7F7FFFFFu)};
+  using limits = std::numeric_limits<float>;
+  std::vector<float> values{0.0f, -0.0f, limits::infinity(), -limits::infinity(), limits::denorm_min(), limits::max(),
+                            codec::float_of_bits(0x3F808000u), codec::float_of_bits(0x3F818000u)};  // ties
   for (int i = 0; i < 200000; ++i) values.push_back(codec::float_of_bits(any(rng)));
   int64_t numbers = 0;
   for (float f : values) {

@@ -274,9 +274,8 @@ BLPA_HD BnAffine bn_affine(float mean, float invstd, float g, float beta) {
 BLPA_HD float widen(float x) { return x; }
 BLPA_HD float widen(c10::BFloat16 x) { return float_of_bits(static_cast<uint32_t>(x.x) << 16); }
 
-// The bf16 bits of f, rounded to nearest-even.
 // The bf16 bits of f, not NaN, rounded to nearest-even (on the host a NaN could come out as
-// anything: -0 for 0x7FFFFFFF).
+// anything: -0 for 0x7FFFFFFF); bf16_bits, of any f.
 BLPA_HD uint16_t bf16_bits_of_number(float f) {
 #if defined(__CUDA_ARCH__)
   return __bfloat16_as_ushort(__float2bfloat16_rn(f));
