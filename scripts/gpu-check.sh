@@ -23,8 +23,9 @@
 #     60b1a85, the fused forward among them, and 4e4e3fa's unpack and BatchNorm backward
 #     without int conversions; codec-precision now times gamma ones and drawn, twice the
 #     runs. 252 s with step-precision in place of step-fused, whose four graphed runs are
-#     new, and with ncu-codec at 20 launches, now 180, and without bn-vector (new, about a
-#     minute): allow 4 minutes more, or drop ncu-codec and bn-vector from a first run)
+#     new, and with ncu-codec at 20 launches, now 180, and without bn-vector (new: 4 codec
+#     runs, as codec-precision's took about 1.2 s each, and 2 graphed ResNet-152 steps):
+#     allow 3 to 4 minutes more, or drop ncu-codec from a first run)
 # with BLPA_COMMIT=$(git rev-parse HEAD) (the tree may travel without .git). Both sets in one
 # call, with codec, train-bf16 and memory-precision, took 290 s on 2026-11-30 (build 94 s, the
 # CUDA tests 60 s, step-graphs 31 s, step-precision 28 s, pytorch-step 34 s); ncu-codec and
