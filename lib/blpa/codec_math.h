@@ -285,7 +285,12 @@ BLPA_HD uint16_t bf16_bits_of_number(float f) {
 #endif
 }
 
-BLPA_HD uint16_t bf16_bits(float f) { return f != f ? uint16_t{0x7FC0} : bf16_bits_of_number(f); }
+// (A select of the 32-bit rounding: written as f != f ? 0x7FC0 : bf16_bits_of_number(f), it
+// cost the fused bf16 packs 0.8 to 1.6 instructions an element, scripts/sass-hot-path.sh.)
+BLPA_HD uint16_t bf16_bits(float f) {
+  const uint32_t rounded = bf16_bits_of_number(f);
+  return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
+}
 
 template <typename T>
 BLPA_HD T round_to(float f);
