@@ -511,10 +511,16 @@ __device__ __forceinline__ uint32_t read_code(const uint8_t* codes, int64_t e) {
   }
 }
 
+// codec::code_float of byte j of `word`, 2^23 + the byte, by one byte permute: the byte, then
+// 0, 0 and 0x4B, where extracting the byte and setting the exponent took two instructions.
+__device__ __forceinline__ float byte_code_float(uint32_t word, int j) {
+  return codec::float_of_bits(__byte_perm(word, 0x4B000000u, 0x7650u | j));
+}
+
 // codec::code_float of each of the N codes of `word` (code k at bit Bits * k): the codes are
-// spread one to a byte (8 / Bits masks of the word, each one or two instructions), then a
-// byte permute makes each float (the byte, 0, 0, 0x4B), where extracting a code and setting
-// its exponent took two or three instructions each.
+// spread one to a byte (8 / Bits masks of the word, each one or two instructions), then each
+// made a float by byte_code_float, where extracting a code and setting its exponent took two
+// or three instructions each.
 template <int Bits, int N>
 __device__ __forceinline__ void code_floats(uint64_t word, float out[N]) {
   constexpr int per_byte = 8 / Bits, per_half = 32 / Bits;
@@ -528,7 +534,7 @@ __device__ __forceinline__ void code_floats(uint64_t word, float out[N]) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int k = h * per_half + j * per_byte + f;
-        if (k < N) out[k] = codec::float_of_bits(__byte_perm(spread, 0x4B000000u, 0x7650u | j));
+        if (k < N) out[k] = byte_code_float(spread, j);
       }
     }
   }
@@ -566,9 +572,8 @@ template <typename T>
 constexpr int kUnpackGroup = 16 / static_cast<int>(sizeof(T));
 constexpr int kUnpackUnroll = 4;
 
-// codec::code_origin of the offset of each of a group's G elements. Where the group is a row
-// of channels, a byte permute makes each from its byte of the offsets (the byte, then
-// 0, 0 and 0x4B: 2^23 + s), where extracting the byte and setting the exponent took two.
+// codec::code_origin of the offset of each of a group's G elements: where the group is a row
+// of channels, byte_code_float of each offset's byte.
 template <int G, bool NHWC>
 __device__ __forceinline__ void channel_origins(const uint8_t* offsets, const GroupAt& at, int64_t e0, const Index& ix,
                                                 float out[G]) {
@@ -577,7 +582,7 @@ __device__ __forceinline__ void channel_origins(const uint8_t* offsets, const Gr
       // The bytes as words (nhwc_rows checked their alignment for G bytes).
       const auto w = target::load<Elems<uint32_t, G / 4>>(reinterpret_cast<const uint32_t*>(offsets + at.c0));
 #pragma unroll
-      for (int k = 0; k < G; ++k) out[k] = codec::float_of_bits(__byte_perm(w.v[k / 4], 0x4B000000u, 0x7650u | k % 4));
+      for (int k = 0; k < G; ++k) out[k] = byte_code_float(w.v[k / 4], k % 4);
       return;
     }
   }
