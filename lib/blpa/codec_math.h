@@ -324,4 +324,21 @@ BLPA_HD T round_to_own_nan(float f) {
 #endif
 }
 
+// round_to_own_nan of two values, into ra and rb: on the device, one conversion instruction
+// rounds both to bf16 (two of the pipe that converts at 16 a cycle per multiprocessor, where
+// they round one at a time; scripts/sass-hot-path.sh).
+template <typename T>
+BLPA_HD void round_pair_own_nan(float a, float b, T& ra, T& rb) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(a, b);
+    ra = c10::BFloat16(__bfloat16_as_ushort(pair.x), c10::BFloat16::from_bits());
+    rb = c10::BFloat16(__bfloat16_as_ushort(pair.y), c10::BFloat16::from_bits());
+    return;
+  }
+#endif
+  ra = round_to_own_nan<T>(a);
+  rb = round_to_own_nan<T>(b);
+}
+
 }  // namespace blpa::codec
