@@ -1157,6 +1157,17 @@ TEST_CASE("CUDA: bn_relu_pack gives the CPU path's codes, ReLU output and invstd
     CHECK(torch::equal(bits_of(gpu.r), bits_of(cpu.r)));
     CHECK(gpu.r.strides() == k.x.strides());
     CHECK(torch::equal(gpu.invstd.cpu(), cpu.invstd));
+    // A NaN in x: its a is NaN on both, with the device's bits in bf16 (0x7FFF against the
+    // CPU's 0x7FC0); every code and every other value the same.
+    auto x = k.x.clone(at::MemoryFormat::Preserve);
+    x.as_strided({x.numel()}, {1})[x.numel() / 3] = std::nanf("");  // dense in either layout
+    auto cpu_nan = blpa::bn_relu_pack(x, k.mean, k.var, 1e-5f, k.beta, k.cc);
+    auto gpu_nan = blpa::bn_relu_pack(x.cuda(), k.mean.cuda(), k.var.cuda(), 1e-5f, k.beta.cuda(), cc);
+    CHECK(torch::equal(gpu_nan.codes.data.cpu(), cpu_nan.codes.data));
+    const auto nan = torch::isnan(cpu_nan.r);
+    CHECK(nan.sum().item<int64_t>() == 1);
+    CHECK(torch::equal(torch::isnan(gpu_nan.r.cpu()), nan));
+    CHECK(torch::equal(bits_of(gpu_nan.r.cpu().masked_fill(nan, 0)), bits_of(cpu_nan.r.masked_fill(nan, 0))));
   });
 }
 
