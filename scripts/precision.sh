@@ -6,6 +6,8 @@
 #   fidelity  blpa-bench fidelity at depths 20/56/110 in fp32 and in bf16 NHWC
 #   accuracy  Fashion-MNIST, ResNet-20, batch 64, 600 iterations, seeds 1-3: fp32 plain,
 #             bf16 plain, bf16 blpa-4 (NHWC), scored on all 10,000 test images
+#   accuracy-long  the same for 2,000 iterations (2.1 epochs, the schedule of study.sh), where
+#             the seeds' spread is small enough to compare to half a point (about 40 minutes)
 # Usage: scripts/precision.sh STAGE... (default: all three). JSON lines go to
 # results/precision/ (git-ignored). BLPA_BIN: programs from another build; NICE (default 10).
 set -euo pipefail
@@ -15,6 +17,26 @@ out=$here/results/precision
 mkdir -p "$out"
 stages=("$@")
 [[ ${#stages[@]} -gt 0 ]] || stages=(step fidelity accuracy)
+
+# Fashion-MNIST accuracy of the three settings, seeds 1-3, scored on all 10,000 test images:
+# one LibTorch thread per run, two runs side by side (2 cores).
+#   accuracy ITERATIONS WARMUP LR_STEPS SUFFIX (of the files' names)
+accuracy() {
+  local iterations=$1 warmup=$2 lr_steps=$3 suffix=$4 seed mode precision layout name
+  for seed in 1 2 3; do
+    for setting in "plain fp32 nchw" "plain bf16 nhwc" "blpa bf16 nhwc"; do
+      read -r mode precision layout <<<"$setting"
+      name=fashion-$mode-$precision-$layout$suffix-seed$seed
+      OMP_WAIT_POLICY=passive nice -n "${NICE:-10}" "$bin/blpa-train" --depth 20 --batch 64 \
+        --iterations "$iterations" --warmup "$warmup" --lr-steps "$lr_steps" --eval-every 0 --log-every 50 \
+        --seed "$seed" --threads 1 --quiet --mode "$mode" --precision "$precision" --memory-format "$layout" \
+        --overwrite --log "$out/$name.jsonl" --summary "$out/$name.json" &
+      while (($(jobs -r | wc -l) >= 2)); do wait -n; done
+    done
+  done
+  wait
+  for f in "$out"/fashion-*-{nchw,nhwc}"$suffix"-seed?.json; do echo "$(basename "$f" .json) $(grep -o '"test_acc": [0-9.]*' "$f")"; done
+}
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "commit: $(git -C "$here" rev-parse --short HEAD)$(git -C "$here" diff --quiet || echo ' (with local changes)')"
@@ -36,21 +58,8 @@ for stage in "${stages[@]}"; do
           --memory-format "$2" --json
       done | tee "$out/fidelity.jsonl"
       ;;
-    accuracy)
-      # One LibTorch thread per run, two runs side by side (2 cores).
-      for seed in 1 2 3; do
-        for setting in "plain fp32 nchw" "plain bf16 nhwc" "blpa bf16 nhwc"; do
-          set -- $setting
-          OMP_WAIT_POLICY=passive nice -n "${NICE:-10}" "$bin/blpa-train" --depth 20 --batch 64 --iterations 600 \
-            --warmup 50 --lr-steps 400,520 --eval-every 0 --log-every 50 --seed "$seed" --threads 1 --quiet \
-            --mode "$1" --precision "$2" --memory-format "$3" --overwrite \
-            --log "$out/fashion-$1-$2-$3-seed$seed.jsonl" --summary "$out/fashion-$1-$2-$3-seed$seed.json" &
-          while (($(jobs -r | wc -l) >= 2)); do wait -n; done
-        done
-      done
-      wait
-      for f in "$out"/fashion-*.json; do echo "$(basename "$f" .json) $(grep -o '"test_acc": [0-9.]*' "$f")"; done
-      ;;
-    *) echo "unknown stage $stage (step, fidelity, accuracy)" >&2; exit 2 ;;
+    accuracy) accuracy 600 50 400,520 "" ;;
+    accuracy-long) accuracy 2000 100 1200,1700 -2000 ;;
+    *) echo "unknown stage $stage (step, fidelity, accuracy, accuracy-long)" >&2; exit 2 ;;
   esac
 done
