@@ -190,7 +190,8 @@ TEST_CASE("codec: decode by float steps gives decode's bits and the mask for eve
 TEST_CASE("codec: round_number_to rounds numbers as round_to and round_to_own_nan is round_to on the host",
           "[codec-math]") {
   // round_number_to skips the NaN check (unpack's r', never NaN); round_to_own_nan keeps the
-  // device's NaN on the device, and on the host (and the emulator) is round_to.
+  // device's NaN on the device, and on the host (and the emulator) is round_to, as is each
+  // value of round_pair_own_nan.
   std::mt19937 rng(3);
   std::uniform_int_distribution<uint32_t> any;
   using limits = std::numeric_limits<float>;
@@ -198,8 +199,14 @@ TEST_CASE("codec: round_number_to rounds numbers as round_to and round_to_own_na
                             codec::float_of_bits(0x3F808000u), codec::float_of_bits(0x3F818000u)};  // ties
   for (int i = 0; i < 200000; ++i) values.push_back(codec::float_of_bits(any(rng)));
   int64_t numbers = 0;
+  float previous = 1.0f;
   for (float f : values) {
     REQUIRE(codec::round_to_own_nan<c10::BFloat16>(f).x == codec::round_to<c10::BFloat16>(f).x);
+    c10::BFloat16 first, second;
+    codec::round_pair_own_nan(f, previous, first, second);
+    REQUIRE(first.x == codec::round_to<c10::BFloat16>(f).x);
+    REQUIRE(second.x == codec::round_to<c10::BFloat16>(previous).x);
+    previous = f;
     if (f != f) continue;
     ++numbers;
     REQUIRE(codec::round_number_to<c10::BFloat16>(f).x == codec::round_to<c10::BFloat16>(f).x);
