@@ -20,8 +20,8 @@
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-precision|codec-precision|pytorch-step'
 #   BLPA_GPU_TESTS='^CUDA:' BLPA_GPU_STAGES='tests|step-fused|codec-precision|ncu-codec|step-precision-profile|bn-vector'
 #     (#15's kernels, none measured since fedcee4: eac19d8..b8d4625's, 8b484c4..046d754's,
-#     60b1a85, the fused forward among them, and 4e4e3fa's unpack and BatchNorm backward
-#     without int conversions; codec-precision now times gamma ones and drawn, twice the
+#     60b1a85, the fused forward among them, 4e4e3fa's unpack and BatchNorm backward
+#     without int conversions, and aaca404's bf16 packs by pairs; codec-precision now times gamma ones and drawn, twice the
 #     runs. 252 s with step-precision in place of step-fused, whose four graphed runs are
 #     new, and with ncu-codec at 20 launches, now 180, and without bn-vector (new: 4 codec
 #     runs, as codec-precision's took about 1.2 s each, and 2 graphed ResNet-152 steps):
