@@ -5,6 +5,9 @@
 #
 #   scripts/sass-hot-path.sh [TEXT]    (default: the 4-bit packs; e.g. 'pack_kernel<8,')
 #   BLPA_SASS_KEEP=DIR keeps the SASS there (k0.sass, k1.sass: without and with the ReLU).
+#   BLPA_SASS_RESOURCES=1 also compiles the kernels as they are (no cuts) and lists each
+#   pack, unpack and BatchNorm kernel's registers and spilled bytes (ptxas), which bound how
+#   many warps an SM holds; about a minute more.
 #
 # It compiles a copy of cuda/codec_kernels.cu in which the pack's rare paths are cut out:
 # groups are full and aligned, NHWC groups are rows of 8 channels and NCHW groups lie in one
@@ -99,11 +102,15 @@ for kernel, cuts in {
 open(path, "w").write(s)
 EOF
 
+flags=(-isystem="$torch_inc" -isystem="$torch_inc/torch/csrc/api/include" --expt-relaxed-constexpr
+  --expt-extended-lambda -O3 -DNDEBUG -gencode arch=compute_90,code=sm_90 --fmad=false -std=c++20 -cubin)
+if [[ -n ${BLPA_SASS_RESOURCES:-} ]]; then
+  "$nvcc" -I"$here/cuda" -I"$here/lib" "${flags[@]}" -Xptxas -v -o "$tmp/resources.cubin" \
+    -x cu "$here/cuda/codec_kernels.cu" 2>&1 | grep -v -i warning >"$tmp/resources.txt"
+fi
 for relu in 0 1; do
   "$nvcc" -DHOT_RELU=$relu -I"$tmp/cuda" -I"$tmp/lib" -isystem="$torch_inc" \
-    -isystem="$torch_inc/torch/csrc/api/include" --expt-relaxed-constexpr --expt-extended-lambda -O3 -DNDEBUG \
-    -gencode arch=compute_90,code=sm_90 --fmad=false -std=c++20 -cubin -o "$tmp/k$relu.cubin" \
-    -x cu "$tmp/cuda/codec_kernels.cu" 2> >(grep -v -i warning >&2)
+    "${flags[@]}" -o "$tmp/k$relu.cubin" -x cu "$tmp/cuda/codec_kernels.cu" 2> >(grep -v -i warning >&2)
   cuobjdump -sass "$tmp/k$relu.cubin" >"$tmp/k$relu.sass"
 done
 python3 - "$tmp" "$filter" <<'EOF'
@@ -194,4 +201,23 @@ for name, ins in kernels(f"{tmp}/k0.sass"):
     if m:
         per_turn = 4 * int(m.group(3))
         print(f"{m.group(1) + '<' + short(m.group(2)) + '>':48s}       {columns(widest_loop(ins, storing=False), per_turn)}")
+
+# ptxas's resources of the kernels as they are (BLPA_SASS_RESOURCES=1).
+try:
+    ptxas = open(f"{tmp}/resources.txt").read()
+except FileNotFoundError:
+    sys.exit(0)
+print(f"\n{'kernel (as built, no cuts)':70s} registers  spill stores  spill loads")
+name = None
+for line in ptxas.splitlines():
+    m = re.search(r"Function properties for (\S+)", line) or re.search(r"Compiling entry function '(\S+)'", line)
+    if m:
+        name = subprocess.run(["c++filt"], input=m.group(1), capture_output=True, text=True).stdout.strip()
+        name = short(re.sub(r"\(.*", "", name.replace("blpa::cuda::(anonymous namespace)::", "")))
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if m and name:
+        spills = m.groups()
+    m = re.search(r"Used (\d+) registers", line)
+    if m and name and re.search(r"pack_kernel|unpack_kernel|bn_", name):
+        print(f"{name.removeprefix('void '):70s} {int(m.group(1)):9d} {spills[0]:>13s} {spills[1]:>12s}")
 EOF
