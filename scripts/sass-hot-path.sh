@@ -104,12 +104,14 @@ EOF
 
 flags=(-isystem="$torch_inc" -isystem="$torch_inc/torch/csrc/api/include" --expt-relaxed-constexpr
   --expt-extended-lambda -O3 -DNDEBUG -gencode arch=compute_90,code=sm_90 --fmad=false -std=c++20 -cubin)
-if [[ -n ${BLPA_SASS_RESOURCES:-} ]]; then
-  "$nvcc" -I"$here/cuda" -I"$here/lib" "${flags[@]}" -Xptxas -v -o "$tmp/resources.cubin" \
-    -x cu "$here/cuda/codec_kernels.cu" 2>&1 | grep -v -i warning >"$tmp/resources.txt"
+if [[ ${BLPA_SASS_RESOURCES:-0} == 1 ]] &&
+  ! "$nvcc" -I"$here/cuda" -I"$here/lib" "${flags[@]}" -Xptxas -v -o "$tmp/resources.cubin" \
+    -x cu "$here/cuda/codec_kernels.cu" >"$tmp/resources.txt" 2>&1; then
+  cat "$tmp/resources.txt" >&2
+  exit 1
 fi
 for relu in 0 1; do
-  "$nvcc" -DHOT_RELU=$relu -I"$tmp/cuda" -I"$tmp/lib" -isystem="$torch_inc" \
+  "$nvcc" -DHOT_RELU=$relu -I"$tmp/cuda" -I"$tmp/lib" \
     "${flags[@]}" -o "$tmp/k$relu.cubin" -x cu "$tmp/cuda/codec_kernels.cu" 2> >(grep -v -i warning >&2)
   cuobjdump -sass "$tmp/k$relu.cubin" >"$tmp/k$relu.sass"
 done
@@ -208,16 +210,17 @@ try:
 except FileNotFoundError:
     sys.exit(0)
 print(f"\n{'kernel (as built, no cuts)':70s} registers  spill stores  spill loads")
-name = None
+name, spills = None, None
 for line in ptxas.splitlines():
     m = re.search(r"Function properties for (\S+)", line) or re.search(r"Compiling entry function '(\S+)'", line)
     if m:
         name = subprocess.run(["c++filt"], input=m.group(1), capture_output=True, text=True).stdout.strip()
         name = short(re.sub(r"\(.*", "", name.replace("blpa::cuda::(anonymous namespace)::", "")))
+        spills = None
     m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
     if m and name:
         spills = m.groups()
     m = re.search(r"Used (\d+) registers", line)
-    if m and name and re.search(r"pack_kernel|unpack_kernel|bn_", name):
+    if m and name and spills and re.search(r"pack_kernel|unpack_kernel|bn_", name):
         print(f"{name.removeprefix('void '):70s} {int(m.group(1)):9d} {spills[0]:>13s} {spills[1]:>12s}")
 EOF

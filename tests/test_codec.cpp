@@ -1157,8 +1157,8 @@ TEST_CASE("CUDA: bn_relu_pack gives the CPU path's codes, ReLU output and invstd
     CHECK(torch::equal(bits_of(gpu.r), bits_of(cpu.r)));
     CHECK(gpu.r.strides() == k.x.strides());
     CHECK(torch::equal(gpu.invstd.cpu(), cpu.invstd));
-    // A NaN in x: its a is NaN on both, with the device's bits in bf16 (0x7FFF against the
-    // CPU's 0x7FC0); every code and every other value the same.
+    // A NaN in x: its a is NaN on both, with the device's bits on the GPU (0x7FFF in bf16,
+    // 0x7FFFFFFF in float32: not the CPU's); every code and every other value the same.
     auto x = k.x.clone(at::MemoryFormat::Preserve);
     x.as_strided({x.numel()}, {1})[x.numel() / 3] = std::nanf("");  // dense in either layout
     auto cpu_nan = blpa::bn_relu_pack(x, k.mean, k.var, 1e-5f, k.beta, k.cc);

@@ -90,13 +90,13 @@ Codes pack_relu_(at::Tensor& a, const ChannelCoding& cc);
 // output a is never stored): per channel
 //   invstd = 1 / sqrt(var + eps),  a = g invstd (x - mean) + beta,
 // a computed as codec::bn_affine gives it and rounded once to x's dtype; r = max(a, 0), a new
-// tensor of x's dtype and layout (NaN stays NaN; a bf16 NaN a has the device's bits on CUDA,
-// 0x7FFF as LibTorch's CUDA kernels give it, where the CPU writes 0x7FC0); and the codes of
-// a / g, those that pack_relu_(a, cc) gives for this a. x: as pack's v; mean and var: float32
-// [C], the batch's mean and biased variance (at::batch_norm_update_stats); beta: float32 [C];
-// g = cc.g. invstd: float32 [C], what the backward needs. a agrees with LibTorch's BatchNorm
-// output to float rounding, not to the bit (LibTorch's CUDA kernel computes (x - mean) invstd
-// g + beta).
+// tensor of x's dtype and layout (NaN stays NaN, with the device's bits on CUDA as LibTorch's
+// CUDA kernels give them, 0x7FFFFFFF in float32 and 0x7FFF in bf16, not the CPU's); and the
+// codes of a / g, those that pack_relu_(a, cc) gives for this a. x: as pack's v; mean and var:
+// float32 [C], the batch's mean and biased variance (at::batch_norm_update_stats); beta:
+// float32 [C]; g = cc.g. invstd: float32 [C], what the backward needs. a agrees with
+// LibTorch's BatchNorm output to float rounding, not to the bit (LibTorch's CUDA kernel
+// computes (x - mean) invstd g + beta).
 struct BnPacked {
   at::Tensor r, invstd;
   Codes codes;

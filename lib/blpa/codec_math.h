@@ -324,9 +324,9 @@ BLPA_HD T round_to_own_nan(float f) {
 #endif
 }
 
-// round_to_own_nan of two values, into ra and rb: on the device, one conversion instruction
-// rounds both to bf16 (two of the pipe that converts at 16 a cycle per multiprocessor, where
-// they round one at a time; scripts/sass-hot-path.sh).
+// round_to_own_nan of two values, into ra and rb: on the device one F2FP instruction (of the
+// ALU pipe) rounds both to bf16, where rounding them one at a time took two conversions of the
+// pipe that runs 16 a cycle per multiprocessor (scripts/sass-hot-path.sh).
 template <typename T>
 BLPA_HD void round_pair_own_nan(float a, float b, T& ra, T& rb) {
 #if defined(__CUDA_ARCH__)
