@@ -209,11 +209,13 @@ stage step-fused 300 bash -c 'for f in 0 1; do for mb in "resnet164 128" "resnet
   --memory-format nhwc --cuda-graphs --warmup 3 --steps 10 --rounds 2 || exit 1; done; done'
 # The NHWC BatchNorm backward with 8 and 4 channels a thread (BLPA_BN_NHWC_VECTOR; 8 is the
 # default): with 4 it holds about 60 registers instead of about 95, so an SM holds twice its
-# warps, for a third more instructions an element (scripts/sass-hot-path.sh). The codec
-# bench's bn_relu_backward (bf16 NHWC, gamma drawn) with 8, 4, 8, 4; then ResNet-152's graphed
+# warps, for a third more instructions an element (scripts/sass-hot-path.sh); in float32 (tf32
+# runs, NHWC by default) about 120 registers against 70. The codec bench's bn_relu_backward
+# (NHWC, gamma drawn, bf16 and float32) with 8, 4, 8, 4; then ResNet-152's graphed
 # bf16 step and its costliest kernels with 8, then 4 (the log names each before it runs).
-stage bn-vector 240 bash -c 'for v in 8 4 8 4; do echo "BLPA_BN_NHWC_VECTOR=$v"; BLPA_BN_NHWC_VECTOR=$v bench codec \
-  --device cuda --bits 4 --numel 268435456 --precision bf16 --memory-format nhwc --gamma drawn || exit 1; done
+stage bn-vector 240 bash -c 'for v in 8 4 8 4; do for p in bf16 fp32; do echo "BLPA_BN_NHWC_VECTOR=$v $p";
+  BLPA_BN_NHWC_VECTOR=$v bench codec --device cuda --bits 4 --numel 268435456 --precision $p --memory-format nhwc \
+  --gamma drawn || exit 1; done; done
   for v in 8 4; do echo "BLPA_BN_NHWC_VECTOR=$v"; BLPA_BN_NHWC_VECTOR=$v bench step --device cuda --model resnet152 \
   --batch 128 --mode blpa-4 --precision bf16 --memory-format nhwc --cuda-graphs --warmup 2 --steps 5 --profile 3 ||
   exit 1; done'
