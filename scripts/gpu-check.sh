@@ -21,11 +21,11 @@
 #   BLPA_GPU_TESTS='^CUDA:' BLPA_GPU_STAGES='tests|step-fused|codec-precision|ncu-codec|step-precision-profile|bn-vector'
 #     (#15's kernels, none measured since fedcee4: eac19d8..b8d4625's, 8b484c4..046d754's,
 #     60b1a85, the fused forward among them, 4e4e3fa's unpack and BatchNorm backward
-#     without int conversions, and aaca404's bf16 packs by pairs; codec-precision now times gamma ones and drawn, twice the
-#     runs. 252 s with step-precision in place of step-fused, whose four graphed runs are
-#     new, and with ncu-codec at 20 launches, now 180, and without bn-vector (new: 4 codec
-#     runs, as codec-precision's took about 1.2 s each, and 2 graphed ResNet-152 steps):
-#     allow 3 to 4 minutes more, or drop ncu-codec from a first run)
+#     without int conversions, and aaca404's bf16 packs by pairs; codec-precision now times
+#     gamma ones and drawn, twice the runs. 252 s with step-precision in place of step-fused,
+#     whose four graphed runs are new, and with ncu-codec at 20 launches, now 180, and
+#     without bn-vector (new: 8 codec runs, as codec-precision's took about 1.2 s each, and 2
+#     graphed ResNet-152 steps): allow 3 to 4 minutes more, or drop ncu-codec from a first run)
 # with BLPA_COMMIT=$(git rev-parse HEAD) (the tree may travel without .git). Both sets in one
 # call, with codec, train-bf16 and memory-precision, took 290 s on 2026-11-30 (build 94 s, the
 # CUDA tests 60 s, step-graphs 31 s, step-precision 28 s, pytorch-step 34 s); ncu-codec and

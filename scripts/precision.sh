@@ -7,7 +7,7 @@
 #   accuracy  Fashion-MNIST, ResNet-20, batch 64, 600 iterations, seeds 1-3: fp32 plain,
 #             bf16 plain, bf16 blpa-4 (NHWC), scored on all 10,000 test images
 #   accuracy-long  the same for 2,000 iterations (2.1 epochs, the schedule of study.sh), where
-#             the seeds' spread is small enough to compare to half a point (about 40 minutes)
+#             the seeds' spread is small enough to compare to half a point (28 minutes on 2 cores)
 # Usage: scripts/precision.sh STAGE... (default: all three). JSON lines go to
 # results/precision/ (git-ignored). BLPA_BIN: programs from another build; NICE (default 10).
 set -euo pipefail
