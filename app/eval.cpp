@@ -29,7 +29,7 @@ int main(int argc, char** argv) {
     ("batch", "Images per batch (10-crop: times 10 crops)", cxxopts::value<std::string>()->default_value("50"))
     ("workers", "JPEG decode threads (0: one per core, 1 to 16, as blpa-train's for ImageNet)", cxxopts::value<std::string>()->default_value("0"))
     ("device", "cpu, cuda or cuda:N", cxxopts::value<std::string>()->default_value("cpu"))
-    ("precision", "fp32, tf32 (CUDA only), bf16 or auto (tf32 on CUDA, fp32 on the CPU); as blpa-train's", cxxopts::value<std::string>()->default_value("auto"))
+    ("precision", "fp32, tf32 (CUDA only), bf16 or auto: the one the network was trained in, so that the scores are the training log's (tf32 is fp32 on the CPU; a checkpoint from before --precision: tf32 on CUDA, fp32 on the CPU)", cxxopts::value<std::string>()->default_value("auto"))
     ("memory-format", "nchw, nhwc or auto; as blpa-train's", cxxopts::value<std::string>()->default_value("auto"))
     ("index-cache", "Directory of cached ImageNet file lists ('' to disable)", cxxopts::value<std::string>()->default_value(blpa::default_cache_dir()))
     ("json", "Print one JSON object")
@@ -38,7 +38,6 @@ int main(int argc, char** argv) {
   // clang-format on
   blpa::CheckpointEval e;
   bool json = false;
-  blpa::Numerics numerics;
   try {
     auto a = opts.parse(argc, argv);
     if (a.count("help")) {
@@ -69,7 +68,7 @@ int main(int argc, char** argv) {
     }
     e.options.precision = a["precision"].as<std::string>();
     e.options.memory_format = a["memory-format"].as<std::string>();
-    numerics = blpa::numerics_for(e.options.precision, e.options.memory_format, torch::Device(e.options.device));
+    blpa::numerics_for(e.options.precision, e.options.memory_format, torch::Device(e.options.device));  // the names
     e.options.progress = a.count("quiet") == 0 && a.count("json") == 0;
     json = a.count("json") > 0;
     if (e.options.batch <= 0 || e.options.workers < 0)
@@ -91,8 +90,8 @@ int main(int argc, char** argv) {
     if (json)
       fmt::print("{{\"checkpoint\": {}, \"precision\": \"{}\", \"memory_format\": \"{}\", \"ten_crop\": {}, "
                  "\"images\": {}, \"failed\": {}, \"loss\": {}, \"top1\": {:.6f}, \"top5\": {:.6f}}}\n",
-                 blpa::json_string(e.checkpoint), blpa::to_string(numerics.precision),
-                 blpa::layout_name(numerics.layout), e.options.ten_crop, r.count, r.failed, finite ? fmt::format("{:.6f}", r.loss) : "null",
+                 blpa::json_string(e.checkpoint), blpa::to_string(r.numerics.precision),
+                 blpa::layout_name(r.numerics.layout), e.options.ten_crop, r.count, r.failed, finite ? fmt::format("{:.6f}", r.loss) : "null",
                  r.top1, r.top5);
     else
       fmt::print("{}: {} images{}: top-1 error {:.2f}%, top-5 error {:.2f}%, loss {:.4f}{}\n", e.checkpoint, r.count,

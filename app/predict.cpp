@@ -332,7 +332,7 @@ int main(int argc, char** argv) {
     ("batch", "Images per batch (10-crop: times 10 crops)", cxxopts::value<std::string>()->default_value("50"))
     ("workers", "JPEG decode threads (0: one per core, 1 to 16, as blpa-train's for ImageNet)", cxxopts::value<std::string>()->default_value("0"))
     ("device", "cpu, cuda or cuda:N", cxxopts::value<std::string>()->default_value("cpu"))
-    ("precision", "fp32, tf32 (CUDA only), bf16 or auto (tf32 on CUDA, fp32 on the CPU); as blpa-train's", cxxopts::value<std::string>()->default_value("auto"))
+    ("precision", "fp32, tf32 (CUDA only), bf16 or auto: the one the network was trained in (tf32 is fp32 on the CPU; a checkpoint from before --precision: tf32 on CUDA, fp32 on the CPU)", cxxopts::value<std::string>()->default_value("auto"))
     ("memory-format", "nchw, nhwc or auto; as blpa-train's", cxxopts::value<std::string>()->default_value("auto"))
     ("inputs", "Image files and folders", cxxopts::value<std::vector<std::string>>())
     ("h,help", "This help");
@@ -405,7 +405,8 @@ int main(int argc, char** argv) {
     blpa::ResNet model = blpa::load_model(ck);
     const torch::Device dev(o.device);
     model->to(dev);
-    const blpa::Numerics numerics = blpa::numerics_for(o.eval.precision, o.eval.memory_format, dev);
+    const blpa::Numerics numerics =
+        blpa::numerics_for(blpa::eval_precision(o.eval.precision, kv["precision"], dev), o.eval.memory_format, dev);
     model->set_numerics(numerics);
     blpa::apply_precision(numerics.precision, dev);
     if (!images) return predict_records(model, ck, o, out) > 0 ? 0 : 1;

@@ -115,7 +115,9 @@ struct EvalSums {
   }
   EvalResult result(int64_t failed) const {
     const double n = std::max<int64_t>(count, 1);
-    return {loss / n, top1 / n, top5 / n, count, failed};
+    EvalResult r;
+    r.loss = loss / n, r.top1 = top1 / n, r.top5 = top5 / n, r.count = count, r.failed = failed;
+    return r;
   }
 };
 
@@ -249,9 +251,14 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e) {
   ResNet model = load_model(ck);
   const torch::Device dev(e.options.device);
   model->to(dev);
-  const Numerics numerics = numerics_for(e.options.precision, e.options.memory_format, dev);
+  const Numerics numerics =
+      numerics_for(eval_precision(e.options.precision, kv["precision"], dev), e.options.memory_format, dev);
   model->set_numerics(numerics);
   apply_precision(numerics.precision, dev);
+  const auto ran_in = [&](EvalResult r) {
+    r.numerics = numerics;
+    return r;
+  };
   if (dataset == "imagenet") {
     data::ScanReport report;
     data::ImageList val = !e.val_list.empty() ? data::read_image_list(e.val_list, e.data_dir)
@@ -262,13 +269,18 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e) {
       throw std::runtime_error("the validation labels go up to " + std::to_string(val.num_classes - 1) +
                                "; the network has " + std::to_string(ck.net.num_classes) + " classes");
     if (!val.classes.empty()) val.num_classes = ck.net.num_classes;
-    return evaluate_images(model, strided_subset(std::move(val), e.subset), e.options);
+    return ran_in(evaluate_images(model, strided_subset(std::move(val), e.subset), e.options));
   }
   // The normalisation is the trainer's: the statistics of the training images it used.
   const int64_t train_subset = kv["train_subset"].empty() ? 0 : std::stoll(kv["train_subset"]);
   const data::Dataset train = subset(data::load(dataset, dir, true), train_subset);
   const data::Dataset test = subset(data::load(dataset, dir, false), e.subset);
-  return evaluate(model, test, data::channel_stats(train), e.options.batch, dev, e.options.stop);
+  return ran_in(evaluate(model, test, data::channel_stats(train), e.options.batch, dev, e.options.stop));
+}
+
+std::string eval_precision(const std::string& requested, const std::string& trained, const torch::Device& device) {
+  if (requested != "auto" || trained.empty()) return requested;
+  return trained == "tf32" && !device.is_cuda() ? "fp32" : trained;
 }
 
 double TrainConfig::lr_at(int64_t it) const {

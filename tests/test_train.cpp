@@ -338,23 +338,35 @@ TEST_CASE("train: --preset imagenet sets the paper's protocol and explicit flags
 
 TEST_CASE("train: blpa-eval scores a Fashion-MNIST checkpoint as the trainer's evaluation does", "[train]") {
   if (!have_fashion_mnist()) return;
-  const auto dir = temp_dir("eval");
-  auto c = small(dir);
-  c.iterations = 10;
-  c.test_subset = 300;
-  c.checkpoint = (dir / "ck.pt").string();
-  const auto r = blpa::train(c);
-  const std::string out = (dir / "eval.json").string();
-  const std::string cmd = std::string(BLPA_EVAL_EXE) + " --checkpoint " + c.checkpoint + " --subset 300 --json > " + out;
-  REQUIRE(std::system(cmd.c_str()) == 0);
-  std::ifstream f(out);
-  const std::string json((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  CAPTURE(json);
-  std::smatch m;
-  REQUIRE(std::regex_search(json, m, std::regex("\"images\": 300, \"failed\": 0, \"loss\": ([0-9.]+), \"top1\": ([0-9.]+)")));
-  CHECK(std::stod(m[1]) == Approx(r.test_loss).epsilon(1e-5));  // the JSON has 6 decimals
-  CHECK(std::stod(m[2]) == Approx(r.test_acc).margin(1e-6));
-  remove_tree(dir);
+  // In the precision the network was trained in, unless told otherwise: a bf16 network
+  // scored in fp32 differs from its log in the fourth digit of the loss.
+  for (const std::string precision : {"fp32", "bf16"}) {
+    CAPTURE(precision);
+    const auto dir = temp_dir("eval");
+    auto c = small(dir);
+    c.iterations = 10;
+    c.test_subset = 300;
+    c.precision = precision;
+    c.checkpoint = (dir / "ck.pt").string();
+    const auto r = blpa::train(c);
+    const auto eval = [&](const std::string& flags) {
+      const std::string out = (dir / "eval.json").string();
+      const std::string cmd =
+          std::string(BLPA_EVAL_EXE) + " --checkpoint " + c.checkpoint + " --subset 300 --json" + flags + " > " + out;
+      REQUIRE(std::system(cmd.c_str()) == 0);
+      return slurp(out);
+    };
+    const std::string json = eval("");
+    CAPTURE(json);
+    CHECK(json.find("\"precision\": \"" + precision + "\"") != std::string::npos);
+    std::smatch m;
+    REQUIRE(std::regex_search(json, m, std::regex("\"images\": 300, \"failed\": 0, \"loss\": ([0-9.]+), \"top1\": ([0-9.]+)")));
+    CHECK(std::stod(m[1]) == Approx(r.test_loss).epsilon(1e-5));  // the JSON has 6 decimals
+    CHECK(std::stod(m[2]) == Approx(r.test_acc).margin(1e-6));
+    const std::string other = precision == "fp32" ? "bf16" : "fp32";
+    CHECK(eval(" --precision " + other).find("\"precision\": \"" + other + "\"") != std::string::npos);
+    remove_tree(dir);
+  }
 }
 
 TEST_CASE("bench: step --profile reports where a step's time went and --trace writes Chrome traces", "[bench]") {

@@ -106,6 +106,7 @@ struct EvalResult {
   int64_t count = 0;   // images evaluated
   int64_t failed = 0;  // images that could not be decoded (left out)
   bool interrupted = false;  // stopped early by a signal: the figures are incomplete
+  Numerics numerics;  // evaluate_checkpoint: the precision and layout it ran in
 };
 
 struct ImageEvalOptions {
@@ -143,6 +144,12 @@ struct CheckpointEval {
   std::vector<std::string> imagenet_flags;
 };
 EvalResult evaluate_checkpoint(const CheckpointEval& e);
+
+// The precision an evaluation of a checkpoint runs in: `requested` (numerics_for's names), or
+// for "auto" the one the network was trained in, `trained` (the checkpoint's "precision"; empty
+// for one from before --precision: the device's default), so that blpa-eval and blpa-predict
+// give the scores of the training log. tf32, a CUDA precision, is fp32 on the CPU.
+std::string eval_precision(const std::string& requested, const std::string& trained, const torch::Device& device);
 
 // Forward and backward of a batch in `steps` equal parts, each part's mean loss weighted by
 // 1/steps, so the accumulated gradient equals the whole batch's up to BatchNorm, whose
