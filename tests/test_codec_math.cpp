@@ -179,7 +179,7 @@ TEST_CASE("codec: decode by float steps gives decode's bits and the mask for eve
         for (uint32_t q = 0; q < static_cast<uint32_t>(codec::num_bins(bits)); ++q) {
           const float got = codec::decode_by_steps(codec::code_float(q), codec::code_origin(s), d);
           wrong += codec::bits_of_float(got) != codec::bits_of_float(codec::decode(q, s, d));
-          wrong_mask += (codec::code_float(q) >= codec::code_origin(s)) != codec::mask(q, s);
+          wrong_mask += codec::mask_by_steps(codec::code_float(q), codec::code_origin(s)) != codec::mask(q, s);
         }
       CAPTURE(bits, window);
       CHECK(wrong == 0);

@@ -239,11 +239,12 @@ BLPA_HD bool mask(uint32_t code, int s) { return static_cast<int>(code) >= s; }
 // code_float(code) is the float 2^23 + code, whose low mantissa bits are the code, and
 // code_origin(s), per channel, 2^23 + s: their difference, code - s, is exact (code < 256,
 // 0 <= s <= 256), and so is (code - s) d + d/2 before fmaf's one rounding (d/2 is exact for
-// any d >= 2^-125). So decode_by_steps gives decode's bits, and code_float(code) >=
-// code_origin(s) is mask.
+// any d >= 2^-125). So decode_by_steps gives decode's bits, and mask_by_steps (code_float(code)
+// >= code_origin(s)) is mask.
 BLPA_HD float code_float(uint32_t code) { return float_of_bits(0x4B000000u | code); }
 BLPA_HD float code_origin(int s) { return code_float(static_cast<uint32_t>(s)); }
 BLPA_HD float decode_by_steps(float code, float origin, float d) { return fmaf(code - origin, d, 0.5f * d); }
+BLPA_HD bool mask_by_steps(float code, float origin) { return code >= origin; }
 
 // The unit's BatchNorm in training, as its fused forward (blpa::bn_relu_pack) computes it
 // from the batch mean and biased variance: a = fma(x, alpha, shift) per element, with
