@@ -8,7 +8,9 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <sstream>
@@ -25,6 +27,12 @@ constexpr int64_t kCheckpointFormat = 1;
 constexpr int64_t kMaxInChannels = 16, kMaxDepth = 10000;
 
 std::string reason(int err) { return std::strerror(err); }
+
+// The first line of an error's text that says something (TorchScript's begin with a newline).
+std::string first_line(const std::string& text) {
+  const size_t from = std::min(text.find_first_not_of(" \n"), text.size());
+  return text.substr(from, text.find('\n', from) - from);
+}
 
 // ---- zip reading, for the CRC check -----------------------------------------------------------
 
@@ -76,6 +84,90 @@ struct Inflater {  // raw deflate, as zip records hold it
 
 constexpr uint32_t kLocal = 0x04034b50, kCentral = 0x02014b50, kEnd = 0x06054b50, kEnd64 = 0x06064b50,
                    kLocator64 = 0x07064b50;
+// LibTorch reads a record whole into memory. It deflates only its TorchScript code, a few KB
+// in a checkpoint, and the pickles are as small (a ResNet-1001's data.pkl: KBs). Either
+// beyond this size is refused before anything allocates it; the tensors have no bound but
+// the file's size.
+constexpr uint64_t kMaxParsed = uint64_t{64} << 20;
+
+bool is_pickle(const std::string& name) { return name.size() >= 3 && name.compare(name.size() - 3, 3, "pkl") == 0; }
+
+// LibTorch's unpickler allocates what a pickle says before it finds that the bytes are not
+// there: a BINUNICODE of 4 GB in a record of 1 KB (4.3 GB of memory for blpa-eval to refuse
+// it, found by fuzzing), a LONG_BINPUT at memo index 2^32 - 1 (a table of 2^32 values). So
+// the opcodes are walked first, as the pickle protocols 0-5 define them (Python's
+// pickletools), and each length must fit in the bytes left, each memo index be the next one
+// or an earlier one (as every pickler numbers them). The walk ends at STOP, or at a byte that
+// is no opcode: LibTorch refuses that itself, before reading further.
+void check_pickle(const File& f, const std::string& name, const std::vector<unsigned char>& p) {
+  size_t at = 0, op_at = 0;
+  uint64_t memo = 0;  // entries the memo has so far
+  auto bad = [&](const std::string& what) {
+    f.damaged("pickle '" + name + "' (" + std::to_string(p.size()) + " bytes) " + what + " at byte " +
+              std::to_string(op_at));
+  };
+  auto need = [&](uint64_t n) {
+    if (n > p.size() - at) bad("holds " + std::to_string(n) + " bytes more than it has left");
+  };
+  auto arg = [&](int bytes) {
+    need(static_cast<uint64_t>(bytes));
+    const uint64_t v = le(&p[at], bytes);
+    at += static_cast<size_t>(bytes);
+    return v;
+  };
+  auto data = [&](int length_bytes) {  // a length, then that many bytes
+    const uint64_t n = arg(length_bytes);
+    need(n);
+    at += static_cast<size_t>(n);
+  };
+  auto line = [&] {  // text up to a newline (the protocol 0 opcodes)
+    const auto* end = static_cast<const unsigned char*>(std::memchr(p.data() + at, '\n', p.size() - at));
+    if (!end) bad("has a line without its end");
+    std::string text(p.data() + at, end);
+    at = static_cast<size_t>(end - p.data()) + 1;
+    return text;
+  };
+  auto put = [&](uint64_t index) {
+    if (index > memo) bad("stores memo entry " + std::to_string(index) + " of a memo of " + std::to_string(memo));
+    memo = std::max(memo, index + 1);
+  };
+  while (at < p.size()) {
+    op_at = at;
+    switch (p[at++]) {
+      case '.':  // STOP
+        return;
+      case '(': case '0': case '1': case '2': case 'N': case 'Q': case 'R': case 'a': case 'b': case 'd': case '}':
+      case 'e': case 'l': case ']': case 'o': case 's': case 't': case ')': case 'u': case 0x81: case 0x85:
+      case 0x86: case 0x87: case 0x88: case 0x89: case 0x8f: case 0x90: case 0x91: case 0x92: case 0x93:
+      case 0x97: case 0x98:
+        break;  // no argument
+      case 'K': case 'h': case 0x80: case 0x82: arg(1); break;
+      case 'M': case 0x83: arg(2); break;
+      case 'J': case 'j': case 0x84: arg(4); break;
+      case 'G': arg(8); break;
+      case 0x95: need(arg(8)); break;  // FRAME: the opcodes of the frame follow
+      case 'U': case 'C': case 0x8c: case 0x8a: data(1); break;
+      case 'T': case 'X': case 'B': case 0x8b: data(4); break;
+      case 0x8d: case 0x8e: case 0x96: data(8); break;
+      case 'F': case 'I': case 'L': case 'S': case 'V': case 'P': case 'g': line(); break;
+      case 'c': case 'i': line(), line(); break;
+      case 'p': {  // PUT
+        const std::string index = line();
+        char* end = nullptr;
+        const unsigned long long v = std::strtoull(index.c_str(), &end, 10);
+        if (index.empty() || *end != '\0') bad("has a memo index that is not a number");
+        put(v);
+      } break;
+      case 'q': put(arg(1)); break;
+      case 'r': put(arg(4)); break;
+      case 0x94: put(memo); break;  // MEMOIZE
+      default:
+        return;
+    }
+  }
+  op_at = at;
+  bad("ends before its STOP");
+}
 
 }  // namespace
 
@@ -135,6 +227,10 @@ void verify_archive(const std::string& path) {
     // Tensors are stored as they are; TorchScript's code records are deflated.
     if (method != 0 && method != 8) f.damaged("record '" + name + "' has an unknown compression method");
     if (method == 0 && compressed != size) f.damaged("bad sizes of record '" + name + "'");
+    const bool keep = is_pickle(name);  // its bytes kept for check_pickle
+    if ((method == 8 || keep) && size > kMaxParsed)
+      f.damaged("record '" + name + "' holds " + std::to_string(size) + " bytes (a checkpoint's code and pickles are " +
+                "under " + std::to_string(kMaxParsed >> 20) + " MiB)");
     unsigned char lh[30];
     f.read(static_cast<int64_t>(local), lh, sizeof lh);
     if (le(lh, 4) != kLocal) f.damaged("record '" + name + "' has no local header");
@@ -142,11 +238,13 @@ void verify_archive(const std::string& path) {
     if (at > f.size || compressed > static_cast<uint64_t>(f.size - at)) f.damaged("record '" + name + "' is cut short");
     uLong c = crc32(0L, Z_NULL, 0);
     uint64_t produced = 0;
+    std::vector<unsigned char> pickle;
     if (method == 0) {
       for (uint64_t left = compressed; left > 0;) {
         const auto n = static_cast<int64_t>(std::min<uint64_t>(left, buffer.size()));
         f.read(at, buffer.data(), n);
         c = crc32(c, buffer.data(), static_cast<uInt>(n));
+        if (keep) pickle.insert(pickle.end(), buffer.data(), buffer.data() + n);
         at += n, left -= static_cast<uint64_t>(n), produced += static_cast<uint64_t>(n);
       }
     } else {
@@ -164,6 +262,7 @@ void verify_archive(const std::string& path) {
           const int status = inflate(&z.s, Z_NO_FLUSH);
           const size_t got = inflated.size() - z.s.avail_out;
           c = crc32(c, inflated.data(), static_cast<uInt>(got));
+          if (keep && produced + got <= size) pickle.insert(pickle.end(), inflated.data(), inflated.data() + got);
           produced += got;
           if (status == Z_STREAM_END) ended = true;
           else if (status == Z_BUF_ERROR) break;  // no progress: wants more input
@@ -173,6 +272,7 @@ void verify_archive(const std::string& path) {
       if (!ended && produced <= size) f.damaged("record '" + name + "' does not inflate");
     }
     if (produced != size || c != crc) f.damaged("record '" + name + "' fails its CRC check");
+    if (keep) check_pickle(f, name, pickle);
   }
 }
 
@@ -260,7 +360,7 @@ Checkpoint read_checkpoint(const std::string& path) {
     throw CheckpointError(path + " cannot be read (" + why.substr(0, why.find(". ")) + ")");
   } catch (const std::exception& e) {  // TorchScript's unpickler throws its own errors too (a bad type name)
     std::string why = e.what();
-    throw CheckpointError(path + " cannot be read (" + why.substr(0, why.find('\n')) + ")");
+    throw CheckpointError(path + " cannot be read (" + first_line(why) + ")");
   }
   c10::IValue v;
   auto read = [&](const char* key) -> const c10::IValue& {
@@ -327,7 +427,7 @@ void load_weights(const Checkpoint& c, ResNet& model) {
     model->load(m);
   } catch (const c10::Error& e) {
     std::string why = e.what_without_backtrace();
-    throw CheckpointError(c.path + ": its weights do not fit the network it names (" + why.substr(0, why.find('\n')) +
+    throw CheckpointError(c.path + ": its weights do not fit the network it names (" + first_line(why) +
                           ")");
   }
 }
@@ -356,7 +456,7 @@ void load_training_state(const Checkpoint& c, ResNet& model, torch::optim::Optim
     optimizer.load(o);
   } catch (const c10::Error& e) {
     std::string why = e.what_without_backtrace();
-    throw CheckpointError(c.path + ": its optimiser state cannot be loaded (" + why.substr(0, why.find('\n')) + ")");
+    throw CheckpointError(c.path + ": its optimiser state cannot be loaded (" + first_line(why) + ")");
   }
   if (!all_finite(model, &optimizer))
     throw CheckpointError(c.path + " holds weights or optimiser state that are not finite (NaN or Inf); it was not used");

@@ -19,6 +19,7 @@
 #include <regex>
 #include <thread>
 
+#include "fuzz/zip_crcs.h"
 #include "test_support.h"
 
 namespace fs = std::filesystem;
@@ -296,6 +297,74 @@ TEST_CASE("hardening: a damaged checkpoint is refused, naming the record that fa
   CHECK_THROWS_WITH(blpa::verify_archive((dir / "short.ckpt").string()), Catch::Contains("damaged or truncated"));
   std::ofstream(dir / "text.ckpt") << "not a checkpoint";
   CHECK_THROWS_WITH(blpa::read_checkpoint((dir / "text.ckpt").string()), Catch::Contains("damaged or truncated"));
+  remove_tree(dir);
+}
+
+TEST_CASE("hardening: a crafted pickle cannot make the reader allocate what its bytes do not hold", "[hardening]") {
+  // LibTorch's unpickler allocates a string's or the memo's size as the pickle gives it,
+  // before it finds that the bytes are not there: fuzzing found a checkpoint of 4 KB that took
+  // 4.3 GB of memory to be refused. verify_archive walks the pickles first.
+  const auto dir = temp_dir("pickle");
+  auto archive = [&](const std::string& name, const std::string& record, const std::string& bytes,
+                     bool compress = false) {
+    const std::string path = (dir / (name + ".ckpt")).string();
+    caffe2::serialize::PyTorchStreamWriter writer(path);
+    writer.writeRecord(record, bytes.data(), bytes.size(), compress);
+    writer.writeEndOfFile();
+    return path;
+  };
+  using namespace std::string_literals;
+  const std::string proto = "\x80\x02"s;
+  CHECK_NOTHROW(blpa::verify_archive(archive("good", "data.pkl", proto + "X\x03\0\0\0abcq\0h\0\x85."s)));
+  CHECK_NOTHROW(blpa::verify_archive(archive("memo", "data.pkl", proto + "Nq\0Nr\x01\0\0\0q\x01h\x01\x86."s)));
+  const std::vector<std::pair<std::string, std::string>> bad{
+      {proto + "X\0\0\0\xf0" "abc."s, "4026531840 bytes more than it has left at byte 2"},  // BINUNICODE
+      {proto + "\x8d\0\0\0\0\0\0\0\x80" "abc."s, "bytes more than it has left at byte 2"},  // BINUNICODE8
+      {proto + "N\x8a\x08\0\0."s, "8 bytes more than it has left at byte 3"},             // LONG1
+      {proto + "Nr\xff\xff\xff\xff."s, "stores memo entry 4294967295 of a memo of 0 at byte 3"},
+      {proto + "Nq\0q\x02."s, "stores memo entry 2 of a memo of 1 at byte 5"},
+      {proto + "X\x03\0\0\0abc"s, "ends before its STOP at byte 10"},
+      {proto + "cmodule"s, "has a line without its end at byte 2"},
+  };
+  for (size_t i = 0; i < bad.size(); ++i) {
+    CAPTURE(i);
+    CHECK_THROWS_WITH(blpa::verify_archive(archive("bad" + std::to_string(i), "x.debug_pkl", bad[i].first)),
+                      Catch::Contains(".debug_pkl' (") && Catch::Contains(bad[i].second));
+  }
+  // A code record that would inflate past the bound, refused before it is inflated.
+  const std::string zeros(65 << 20, '\0');
+  CHECK_THROWS_WITH(blpa::verify_archive(archive("bomb", "code/x.py", zeros, true)),
+                    Catch::Contains("code/x.py' holds 68157440 bytes"));
+
+  // The fuzzer's case in a real checkpoint: the length of the config's string made 4 GB.
+  // blpa-eval runs with 1.5 GB of data memory (without the walk, LibTorch's allocation fails
+  // there and the message is std::bad_alloc).
+  torch::manual_seed(1);
+  blpa::ResNet net(blpa::NetConfig{"cifar", 11, 1, 10, {blpa::Mode::plain}});
+  torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1));
+  const std::string ck = (dir / "real.ckpt").string();
+  blpa::save_checkpoint(ck, "identity", "arch=cifar\ndepth=11\nmode=plain\n", {}, net, opt);
+  size_t offset = 0, size = 0;
+  {
+    caffe2::serialize::PyTorchStreamReader reader(ck);
+    offset = reader.getRecordOffset("data.pkl"), size = reader.getRecordSize("data.pkl");
+  }
+  std::string bytes = slurp(ck);
+  const std::string key = "X\x0b\0\0\0blpa_config"s;
+  const size_t at = bytes.find("X\x0b\0\0\0blpa_config"s, offset);
+  REQUIRE(at < offset + size);
+  const size_t value = at + key.size() + 2;  // after the key's BINPUT: the value's BINUNICODE
+  REQUIRE(bytes[value] == 'X');
+  bytes.replace(value + 1, 4, "\0\0\0\xf0"s);
+  blpa_test::fix_zip_crcs(reinterpret_cast<uint8_t*>(bytes.data()), bytes.size());
+  std::ofstream(dir / "crafted.ckpt", std::ios::binary) << bytes;
+  const Run r = run(BLPA_EVAL_EXE, {"--checkpoint", (dir / "crafted.ckpt").string()}, dir, "ulimit -d 1500000;");
+  CAPTURE(r.output);
+  CHECK(r.code == 1);
+  CHECK(r.output.find("is damaged or truncated: pickle '") != std::string::npos);
+  CHECK(r.output.find("data.pkl' (" + std::to_string(size) + " bytes) holds 4026531840 bytes more") !=
+        std::string::npos);
+  check_clean(r);
   remove_tree(dir);
 }
 

@@ -5,45 +5,18 @@
 //
 // Under libFuzzer a custom mutator rewrites the CRCs of the stored zip records after each
 // mutation, so that mutated inputs get past the CRC check to the header and the weights
-// (the fixed CRCs are taken from the record sizes as the directory gives them).
+// (zip_crcs.h).
 #include <blpa/checkpoint.h>
 #include <unistd.h>
-#include <zlib.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <string>
 
 #include "fuzz.h"
+#include "zip_crcs.h"
 
 namespace {
-
-uint64_t le(const uint8_t* p, int bytes) {
-  uint64_t v = 0;
-  for (int i = bytes - 1; i >= 0; --i) v = v << 8 | p[i];
-  return v;
-}
-
-void put_le32(uint8_t* p, uint32_t v) {
-  for (int i = 0; i < 4; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
-}
-
-// For each central directory entry of a stored record whose local header and data lie
-// inside the input, the CRC-32 of the data, written to both headers. Only libFuzzer's
-// custom mutator below calls it; the replay build has none.
-[[maybe_unused]] void fix_crcs(uint8_t* data, size_t size) {
-  for (size_t i = 0; i + 46 <= size; ++i) {
-    if (le(data + i, 4) != 0x02014b50) continue;
-    const uint8_t* h = data + i;
-    const uint64_t local = le(h + 42, 4), compressed = le(h + 20, 4);
-    if (le(h + 10, 2) != 0 || local + 30 > size || le(data + local, 4) != 0x04034b50) continue;
-    const uint64_t start = local + 30 + le(data + local + 26, 2) + le(data + local + 28, 2);
-    if (start > size || compressed > size - start) continue;
-    const uint32_t crc = static_cast<uint32_t>(crc32(0, data + start, static_cast<uInt>(compressed)));
-    put_le32(data + i + 16, crc);
-    put_le32(data + local + 14, crc);
-  }
-}
 
 std::string temp_path() {
   const char* dir = std::getenv("TMPDIR");
@@ -62,7 +35,7 @@ std::string temp_path() {
 extern "C" size_t LLVMFuzzerMutate(uint8_t* data, size_t size, size_t max_size);
 extern "C" size_t LLVMFuzzerCustomMutator(uint8_t* data, size_t size, size_t max_size, unsigned int seed) {
   size = LLVMFuzzerMutate(data, size, max_size);
-  fix_crcs(data, size);
+  blpa_test::fix_zip_crcs(data, size);
   return size;
 }
 #endif
