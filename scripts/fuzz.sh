@@ -10,10 +10,10 @@
 # saved in build-fuzz/fuzz-crashes/<target>/. Prints per target the executions and libFuzzer's
 # coverage (edges reached / instrumented, features), then the line coverage of each of our
 # source files that the targets' corpora reach together (llvm-cov; build-fuzz/fuzz-lines.txt
-# has the full report). Fails if any target found something. clang, libFuzzer and llvm-cov
-# come from Debian (clang-19, libclang-rt-19-dev, llvm-19), installed here if missing. The
-# first build of the checkpoint or command-line target compiles the LibTorch-using code with
-# clang: slow. Only the targets named are built.
+# has the full report). Fails if any target found something. clang, libFuzzer, OpenMP and
+# llvm-cov come from Debian (clang-19, libclang-rt-19-dev, libomp-19-dev, llvm-19), installed
+# here if missing. The first build of the checkpoint or command-line target compiles the
+# LibTorch-using code with clang: slow. Only the targets named are built.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 seconds=${1:-60}
@@ -40,15 +40,20 @@ libfuzzer_links() {
   echo 'extern "C" int LLVMFuzzerTestOneInput(const unsigned char*, unsigned long) { return 0; }' >"$probe/p.cpp"
   "$clangxx" -fsanitize=fuzzer,address,undefined "$probe/p.cpp" -o "$probe/p" >/dev/null 2>&1
 }
-if ! command -v "$clangxx" >/dev/null || ! libfuzzer_links || ! command -v "$llvm_cov" >/dev/null ||
+openmp_links() {  # the project's CMake asks for OpenMP (lib/: the CPU codec's loops)
+  echo 'int main() { return 0; }' >"$probe/o.cpp"
+  "$clangxx" -fopenmp "$probe/o.cpp" -o "$probe/o" >/dev/null 2>&1
+}
+if ! command -v "$clangxx" >/dev/null || ! libfuzzer_links || ! openmp_links || ! command -v "$llvm_cov" >/dev/null ||
   ! command -v "$profdata" >/dev/null; then
-  say "installing clang $llvm, libFuzzer and llvm-cov from Debian"
+  say "installing clang $llvm, libFuzzer, OpenMP and llvm-cov from Debian"
   sudo=""
   [[ $(id -u) == 0 ]] || sudo=sudo
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "clang-$llvm" \
-    "libclang-rt-$llvm-dev" "llvm-$llvm" >/dev/null
+    "libclang-rt-$llvm-dev" "libomp-$llvm-dev" "llvm-$llvm" >/dev/null
   libfuzzer_links || { say "error: $clangxx -fsanitize=fuzzer still does not link"; exit 1; }
+  openmp_links || { say "error: $clangxx -fopenmp still does not link"; exit 1; }
 fi
 
 # --- build ----------------------------------------------------------------------------------
