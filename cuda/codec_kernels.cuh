@@ -972,23 +972,31 @@ __global__ void bn_nhwc_reduce_kernel(BnBackwardParams p, NhwcWalk w) {
           }
         });
   }
-  // The block's sums: every thread's, then one barrier, then channel c + k's by warp k (its
-  // lanes below w.lanes, each a vector of channels), in order of warp, then row within the
-  // warp. (A channel at a time by warp 0 alone took 2 V barriers, its V sums one after another.)
+  // The block's sums: every thread's, then one barrier, then channel c + k's by warp k: lane j
+  // adds column j over the warps, then the lanes of one vector of channels (j, j + lanes, ...)
+  // add theirs by a shuffle tree, leaving the block's sum in lane j < lanes. (A channel at a
+  // time by warp 0 alone took 2 V barriers; then lanes below `lanes` adding their 8 x 32 / lanes
+  // terms one after another made chains of 128 dependent double adds at 16 channels.)
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     part[0][k][threadIdx.y][threadIdx.x] = sum_a[k];
     part[1][k][threadIdx.y][threadIdx.x] = sum_au[k];
   }
   __syncthreads();
-  const int k = static_cast<int>(threadIdx.y);
-  if (k < V && static_cast<int>(threadIdx.x) < w.lanes && c < p.channels) {
+  const int k = static_cast<int>(threadIdx.y), j = static_cast<int>(threadIdx.x);
+  if (k < V) {  // the whole warp: it shuffles
     double a = 0.0, ax = 0.0;
-    for (int r = 0; r < kNhwcR; ++r)
-      for (int j = t.lane; j < 32; j += w.lanes) a += part[0][k][r][j], ax += part[1][k][r][j];
-    double* slots = p.partials + 2 * int64_t{gridDim.y} * (c + k);
-    slots[blockIdx.y] = a;
-    slots[gridDim.y + blockIdx.y] = ax;
+#pragma unroll
+    for (int r = 0; r < kNhwcR; ++r) a += part[0][k][r][j], ax += part[1][k][r][j];
+    for (int offset = 16; offset >= w.lanes; offset /= 2) {
+      a += __shfl_down_sync(0xffffffffu, a, offset);
+      ax += __shfl_down_sync(0xffffffffu, ax, offset);
+    }
+    if (j < w.lanes && c < p.channels) {
+      double* slots = p.partials + 2 * int64_t{gridDim.y} * (c + k);
+      slots[blockIdx.y] = a;
+      slots[gridDim.y + blockIdx.y] = ax;
+    }
   }
 }
 
@@ -1034,7 +1042,8 @@ __global__ void bn_nhwc_total_kernel(BnBackwardParams p, int64_t slots) {
 }
 
 // Threads for bn_nhwc_total_kernel's block: a warp per 32 slots, up to 1,024 threads, so
-// that a thread adds two or three of the up to 2,112 slots of each sum on an H200's grid.
+// that a thread adds a few of the slots of each sum at most (bn_nhwc_grid: 264 on an H200 at
+// 8 channels a lane, as its registers allow 2 blocks an SM).
 int nhwc_total_threads(int64_t slots) { return 32 * static_cast<int>(std::clamp<int64_t>((slots + 31) / 32, 1, 32)); }
 
 template <int Bits, typename T, int V>
@@ -1180,15 +1189,29 @@ int nhwc_lanes(const BnBackwardParams& p) {
   return lanes;
 }
 
-// NHWC: the channel tiles by the row blocks, as many as the capped grid holds.
+// NHWC: the blocks of the reduce and the apply that an SM holds at once, as ptxas builds them
+// (`BLPA_SASS_RESOURCES=1 scripts/sass-hot-path.sh` lists their registers): 2 at 8 channels a
+// lane (92 to 121 registers a thread, 256 threads a block, 64K registers an SM), 4 at 4 (56 to
+// 70: the float apply's 70 allow 3), 5 at one (31 to 48). Counted from the source, not asked
+// of the runtime, so that the tests' emulator makes the GPU's grid, and so its sums.
+constexpr int nhwc_resident_blocks(int v) { return v == kNhwcVector ? 2 : v == 4 ? 4 : 5; }
+
+// NHWC: the channel tiles by the row blocks. The row blocks fill one wave: the blocks an SM
+// holds at once (p.nhwc_blocks_per_sm where given, for measurements) times the SMs, over the
+// tiles; each thread strides over its rows. (The cap of the other launches, 16 blocks an SM,
+// made 8 waves, and a thread of a 16-channel layer of ResNet-164 at batch 128 took one row, 8
+// elements, beside its block's epilogue: 16 conversions and shared stores, a barrier, the
+// warps' sums; and 2,112 partial sums a channel for the total kernel to add.)
 dim3 bn_nhwc_grid(const BnBackwardParams& p) {
-  const int lanes = nhwc_lanes(p);
-  const int64_t tile = int64_t{lanes} * nhwc_vector(p), tiles = (p.channels + tile - 1) / tile;
+  const int lanes = nhwc_lanes(p), v = nhwc_vector(p);
+  const int64_t tile = int64_t{lanes} * v, tiles = (p.channels + tile - 1) / tile;
   const int64_t rows = p.batch * p.plane, block_rows = kNhwcR * (32 / lanes);
   TORCH_CHECK(tiles < (int64_t{1} << 31), "blpa: BatchNorm backward supports fewer than 2^31 tiles of ", tile,
               " channels, got ", p.channels, " channels");
-  const int64_t row_blocks = std::clamp<int64_t>(grid_cap(p.device) / tiles, 1,
-                                                 std::min<int64_t>((rows + block_rows - 1) / block_rows, 65535));
+  const int per_sm = p.nhwc_blocks_per_sm > 0 ? p.nhwc_blocks_per_sm : nhwc_resident_blocks(v);
+  const int64_t wave = int64_t{per_sm} * target::sm_count(p.device);
+  const int64_t row_blocks =
+      std::clamp<int64_t>(wave / tiles, 1, std::min<int64_t>((rows + block_rows - 1) / block_rows, 65535));
   return dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(row_blocks));
 }
 

@@ -116,6 +116,7 @@ struct BnBackwardParams {
   bool bf16 = false;
   bool nhwc = false;
   int nhwc_vector = 0;  // NHWC: the channels a thread takes in a row, 4 or 8 (0: 8); for measurements
+  int nhwc_blocks_per_sm = 0;  // NHWC: row blocks an SM (0: as many as it holds at once); for measurements
 };
 
 // The device's multiprocessors: the launchers size their grids by them, and with them so

@@ -887,6 +887,21 @@ int bn_nhwc_vector() {
   return chosen;
 }
 
+// The row blocks an SM of the CUDA NHWC BatchNorm backward: BLPA_BN_NHWC_BLOCKS=N (1 to 64) in
+// the environment, for measurements (16: the grid before it filled one wave); 0 (the kernels'
+// default, as many as an SM holds at once) without it.
+int bn_nhwc_blocks() {
+  static const int chosen = [] {
+    const char* v = std::getenv("BLPA_BN_NHWC_BLOCKS");
+    if (!v || !*v) return 0;
+    char* end = nullptr;
+    const long n = std::strtol(v, &end, 10);
+    TORCH_CHECK(*end == '\0' && n >= 1 && n <= 64, "BLPA_BN_NHWC_BLOCKS must be 1 to 64, got '", v, "'");
+    return static_cast<int>(n);
+  }();
+  return chosen;
+}
+
 }  // namespace
 
 BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tensor& g, const at::Tensor& invstd,
@@ -916,7 +931,7 @@ BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tens
                              g_r.data_ptr(), out.g_x.data_ptr(), nullptr, out.g_g.data_ptr<float>(),
                              out.g_beta.data_ptr<float>(), gamma_min.has_value(), gamma_min.value_or(0.0f), batch,
                              l.channels, l.plane, f.bits, f.window, g_r.get_device(),
-                             g_r.scalar_type() == at::kBFloat16, l.nhwc, bn_nhwc_vector()};
+                             g_r.scalar_type() == at::kBFloat16, l.nhwc, bn_nhwc_vector(), bn_nhwc_blocks()};
     const at::Tensor partials = at::empty({k->bn_workspace(p)}, f32.dtype(at::kDouble));
     p.partials = partials.data_ptr<double>();
     k->bn_relu_backward(p);

@@ -18,14 +18,17 @@
 # session's 15 minutes hold the build, the GPU tests and a few stages, e.g. for #16 and #15:
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-graphs|train-graphed|gloo-cuda-2proc'
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-precision|codec-precision|pytorch-step'
-#   BLPA_GPU_TESTS='^CUDA:' BLPA_GPU_STAGES='tests|step-fused|codec-precision|ncu-codec|step-precision-profile|bn-vector'
+#   BLPA_GPU_TESTS='^CUDA:' BLPA_GPU_STAGES='tests|step-fused|codec-precision|step-precision-profile|bn-grid'
+#   BLPA_GPU_STAGES='ncu-codec|bn-vector'     (a second call, if time is left)
 #     (#15's kernels, none measured since fedcee4: eac19d8..b8d4625's, 8b484c4..046d754's,
 #     60b1a85, the fused forward among them, 4e4e3fa's unpack and BatchNorm backward
-#     without int conversions, and aaca404's bf16 packs by pairs; codec-precision now times
-#     gamma ones and drawn, twice the runs. 252 s with step-precision in place of step-fused,
-#     whose four graphed runs are new, and with ncu-codec at 20 launches, now 180, and
-#     without bn-vector (new: 8 codec runs, as codec-precision's took about 1.2 s each, and 2
-#     graphed ResNet-152 steps): allow 3 to 4 minutes more, or drop ncu-codec from a first run)
+#     without int conversions, aaca404's bf16 packs by pairs, and the NHWC BatchNorm
+#     backward's grid of one wave with its epilogue's shuffle tree (stop 35; bn-grid times it
+#     against the grid before); codec-precision now times gamma ones and drawn, twice the
+#     runs. 252 s with step-precision in place of step-fused, whose four graphed runs are new,
+#     and without bn-grid (8 codec runs, as codec-precision's took about 1.2 s each, and 8
+#     graphed steps); ncu-codec now profiles 180 launches, not 20, and bn-vector is 8 codec
+#     runs and 2 graphed ResNet-152 steps)
 # with BLPA_COMMIT=$(git rev-parse HEAD) (the tree may travel without .git). Both sets in one
 # call, with codec, train-bf16 and memory-precision, took 290 s on 2026-11-30 (build 94 s, the
 # CUDA tests 60 s, step-graphs 31 s, step-precision 28 s, pytorch-step 34 s); ncu-codec and
@@ -219,6 +222,18 @@ stage bn-vector 240 bash -c 'for v in 8 4 8 4; do for p in bf16 fp32; do echo "B
   for v in 8 4; do echo "BLPA_BN_NHWC_VECTOR=$v"; BLPA_BN_NHWC_VECTOR=$v bench step --device cuda --model resnet152 \
   --batch 128 --mode blpa-4 --precision bf16 --memory-format nhwc --cuda-graphs --warmup 2 --steps 5 --profile 3 ||
   exit 1; done'
+# The NHWC BatchNorm backward's grid: one wave of as many blocks as an SM holds (the default
+# since stop 35) against 16 blocks an SM (BLPA_BN_NHWC_BLOCKS=16, the grid before it, 8
+# waves). The codec bench's bn_relu_backward (64 channels, bf16 and float32) with one wave,
+# 16, one wave, 16; then the graphed bf16 steps of ResNet-164 (16- to 64-channel layers, where
+# a thread took one row) and ResNet-152, blpa-4 beside plain, with one wave, then 16 (the log
+# names each before it runs).
+stage bn-grid 300 bash -c 'for n in "" 16 "" 16; do for p in bf16 fp32; do echo "BLPA_BN_NHWC_BLOCKS=$n $p";
+  BLPA_BN_NHWC_BLOCKS=$n bench codec --device cuda --bits 4 --numel 268435456 --precision $p --memory-format nhwc \
+  --gamma drawn || exit 1; done; done
+  for n in "" 16; do for mb in "resnet164 128" "resnet152 128"; do set -- $mb; echo "BLPA_BN_NHWC_BLOCKS=$n $1";
+  BLPA_BN_NHWC_BLOCKS=$n bench step --device cuda --model $1 --batch $2 --mode plain,blpa-4 --precision bf16 \
+  --memory-format nhwc --cuda-graphs --warmup 3 --steps 10 --rounds 2 || exit 1; done; done'
 stage memory-precision 180 bash -c 'bench memory --device cuda --model resnet152 --batch 64 --mode blpa-4 \
   --precision bf16 --memory-format nhwc'
 # The paper's hardware claim (#19): ResNet-152 at ImageNet's batch 256 on an 11 GB card (the

@@ -1216,24 +1216,25 @@ TEST_CASE("CUDA: bn_relu_backward of bf16 and channels-last gradients matches th
 }
 
 TEST_CASE("codec: the GPU's BatchNorm backward on a GPU's grid, emulated, matches the CPU path", "[emulator]") {
-  // The emulated-cuda/ runs see a GPU of 2 multiprocessors, where a channel has at most 32
-  // partial sums. Here the emulator takes 8, 32 and 64, so that the NHWC sums of 12 channels
-  // of 16 x 32 x 32 (a lane per channel, a warp covering two rows) spread over 128, 512 and
-  // 1,024 row blocks (4, 16 and 32 warps per channel when they are added) and each thread of
+  // The emulated-cuda/ runs see a GPU of 2 multiprocessors, where an NHWC channel has 4 to 10
+  // partial sums (bn_nhwc_grid: a wave of 2 to 5 row blocks an SM) and an NCHW one at most 32.
+  // Here the emulator takes 8, 64 and 256, so that the NHWC sums of 12 channels of 16 x 32 x
+  // 32 (a lane per channel, a warp covering two rows, 5 blocks an SM) spread over 40, 320 and
+  // 1,024 row blocks (2, 10 and 32 warps per channel when they are added) and each thread of
   // the NCHW walk takes a few of a plane's vectors; tolerances as in the CUDA test above (the
   // GPU's order of addition is not the CPU's). NHWC lanes take 8 channels where the channels
-  // are a multiple of 8 (16: two lanes a row, a warp covering 16 rows, up to 128 row blocks;
-  // 40: five of a tile's eight lanes; 264: two tiles of 32 lanes, the second with one; 8: one
-  // lane a row), one channel otherwise (12, 300); 4 channels where BLPA_BN_NHWC_VECTOR=4 (a
-  // CTest of its own), all six then. 4-bit codes on every grid; 2- and 8-bit ones (whose 8
-  // codes a row are 2 and 8 bytes) on the middle one.
+  // are a multiple of 8 (16: two lanes a row, a warp covering 16 rows, 16 row blocks, then its
+  // most, 128; 40: five of a tile's eight lanes; 264: two tiles of 32 lanes, the second with
+  // one; 8: one lane a row), one channel otherwise (12, 300); 4 channels where
+  // BLPA_BN_NHWC_VECTOR=4 (a CTest of its own), all six then. 4-bit codes on every grid; 2- and
+  // 8-bit ones (whose 8 codes a row are 2 and 8 bytes) on the middle one.
   torch::manual_seed(29);
   struct Restore {
     ~Restore() { blpa::testing::set_emulated_multiprocessors(2); }
   } restore;
   const CodeFormat four{4, 6.0f, 1.0f}, two{2, 6.0f, 0.0f}, eight{8, 2.5f, 0.0f};
-  for (const auto& [f, sms] : std::vector<std::pair<CodeFormat, int>>{{four, 8}, {four, 32}, {four, 64}, {two, 32},
-                                                                       {eight, 32}}) {
+  for (const auto& [f, sms] : std::vector<std::pair<CodeFormat, int>>{{four, 8}, {four, 64}, {four, 256}, {two, 64},
+                                                                       {eight, 64}}) {
     blpa::testing::set_emulated_multiprocessors(sms);
     for (const auto& shape : std::vector<std::vector<int64_t>>{
              {16, 12, 32, 32}, {16, 16, 32, 32}, {2, 300, 7, 7}, {5, 40, 9, 9}, {3, 264, 3, 5}, {2, 8, 5, 7}}) {
