@@ -23,7 +23,7 @@
 #     (#15's kernels, none measured since fedcee4: eac19d8..b8d4625's, 8b484c4..046d754's,
 #     60b1a85, the fused forward among them, 4e4e3fa's unpack and BatchNorm backward
 #     without int conversions, aaca404's bf16 packs by pairs, and the NHWC BatchNorm
-#     backward's grid of one wave with its epilogue's shuffle tree (stop 35; bn-grid times it
+#     backward's grid of one wave with its epilogue's shuffle tree (96ea263; bn-grid times it
 #     against the grid before); codec-precision now times gamma ones and drawn, twice the
 #     runs. 252 s with step-precision in place of step-fused, whose four graphed runs are new,
 #     and without bn-grid (8 codec runs, as codec-precision's took about 1.2 s each, and 8
