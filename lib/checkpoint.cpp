@@ -420,7 +420,26 @@ bool all_finite(ResNet& model, torch::optim::Optimizer* optimizer) {
 
 namespace {
 
+std::string shape_and_type(const torch::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes() << " " << t.scalar_type();
+  return s.str();
+}
+
+// The network's tensors: each parameter's and buffer's name, shape and type.
+std::vector<std::pair<std::string, std::string>> tensor_shapes(ResNet& model) {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const auto& p : model->named_parameters()) out.emplace_back(p.key(), shape_and_type(p.value()));
+  for (const auto& b : model->named_buffers()) out.emplace_back(b.key(), shape_and_type(b.value()));
+  return out;
+}
+
+// LibTorch's Module::load takes each tensor's shape from the file (it converts types): a file
+// whose tensors have other shapes than the network's loaded, and failed later, in the forward
+// pass ("unit expects N x 16 x H x W input") or the optimiser's step. So the network's tensors
+// after the load are compared with what the network it names makes.
 void load_weights(const Checkpoint& c, ResNet& model) {
+  const auto expected = tensor_shapes(model);
   try {
     torch::serialize::InputArchive m;
     c.archive->read("model", m);
@@ -430,6 +449,11 @@ void load_weights(const Checkpoint& c, ResNet& model) {
     throw CheckpointError(c.path + ": its weights do not fit the network it names (" + first_line(why) +
                           ")");
   }
+  const auto loaded = tensor_shapes(model);
+  for (size_t i = 0; i < expected.size() && i < loaded.size(); ++i)
+    if (loaded[i] != expected[i])
+      throw CheckpointError(c.path + ": its weights do not fit the network it names (" + expected[i].first + " is " +
+                            loaded[i].second + " in the file, " + expected[i].second + " in the network)");
 }
 
 }  // namespace
@@ -457,6 +481,18 @@ void load_training_state(const Checkpoint& c, ResNet& model, torch::optim::Optim
   } catch (const c10::Error& e) {
     std::string why = e.what_without_backtrace();
     throw CheckpointError(c.path + ": its optimiser state cannot be loaded (" + first_line(why) + ")");
+  }
+  // As the weights: a momentum buffer is taken as the file has it.
+  const auto params = model->named_parameters();
+  for (const auto& p : params) {
+    const auto state = optimizer.state().find(p.value().unsafeGetTensorImpl());
+    if (state == optimizer.state().end()) continue;
+    const auto* sgd = dynamic_cast<const torch::optim::SGDParamState*>(state->second.get());
+    if (!sgd || !sgd->momentum_buffer().defined()) continue;
+    const std::string got = shape_and_type(sgd->momentum_buffer()), want = shape_and_type(p.value());
+    if (got != want)
+      throw CheckpointError(c.path + ": its optimiser state does not fit the network (the momentum of " + p.key() +
+                            " is " + got + " in the file, " + want + " in the network)");
   }
   if (!all_finite(model, &optimizer))
     throw CheckpointError(c.path + " holds weights or optimiser state that are not finite (NaN or Inf); it was not used");

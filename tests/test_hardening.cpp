@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <regex>
 #include <thread>
@@ -365,6 +366,50 @@ TEST_CASE("hardening: a crafted pickle cannot make the reader allocate what its 
   CHECK(r.output.find("data.pkl' (" + std::to_string(size) + " bytes) holds 4026531840 bytes more") !=
         std::string::npos);
   check_clean(r);
+  remove_tree(dir);
+}
+
+TEST_CASE("hardening: a checkpoint whose tensors do not fit its network is refused when it loads", "[hardening]") {
+  // LibTorch's Module::load adopts the file's tensors' shapes (it converts their types): a
+  // weight of another shape loaded, and the forward pass failed later ("unit expects N x 16 x
+  // H x W input"); a momentum buffer of another shape, the first step.
+  const auto dir = temp_dir("shapes");
+  torch::manual_seed(2);
+  auto save = [&](const std::string& name, const std::function<void(blpa::ResNet&, torch::optim::SGD&)>& change) {
+    blpa::ResNet net(blpa::NetConfig{"cifar", 11, 1, 10, {blpa::Mode::plain}});
+    torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+    const torch::NoGradGuard no_grad;
+    for (const auto& p : net->named_parameters()) {  // every parameter with a momentum buffer, as after a step
+      auto state = std::make_unique<torch::optim::SGDParamState>();
+      state->momentum_buffer(torch::zeros_like(p.value()));
+      opt.state()[p.value().unsafeGetTensorImpl()] = std::move(state);
+    }
+    change(net, opt);
+    const std::string path = (dir / name).string();
+    blpa::save_checkpoint(path, "identity", "arch=cifar\ndepth=11\nmode=plain\n", {}, net, opt);
+    return blpa::read_checkpoint(path);
+  };
+  auto resume = [](const blpa::Checkpoint& c) {
+    auto net = blpa::load_model(c);
+    torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+    blpa::load_training_state(c, net, opt);
+  };
+  CHECK_NOTHROW(resume(save("good.ckpt", [](blpa::ResNet&, torch::optim::SGD&) {})));
+  const auto shape = save("shape.ckpt", [](blpa::ResNet& net, torch::optim::SGD&) {
+    net->named_parameters()["stem.weight"].set_data(torch::zeros({28, 1, 3, 3}));
+  });
+  CHECK_THROWS_WITH(blpa::load_model(shape), Catch::Contains(": its weights do not fit the network it names "
+                                                             "(stem.weight is [28, 1, 3, 3] Float in the file, "
+                                                             "[16, 1, 3, 3] Float in the network)"));
+  const auto momentum = save("momentum.ckpt", [](blpa::ResNet& net, torch::optim::SGD& opt) {
+    auto& state = static_cast<torch::optim::SGDParamState&>(
+        *opt.state().at(net->named_parameters()["fc.weight"].unsafeGetTensorImpl()));
+    state.momentum_buffer(torch::zeros({3, 3}));
+  });
+  CHECK_NOTHROW(blpa::load_model(momentum));
+  CHECK_THROWS_WITH(resume(momentum), Catch::Contains(": its optimiser state does not fit the network (the momentum "
+                                                      "of fc.weight is [3, 3] Float in the file, [10, 256] Float in "
+                                                      "the network)"));
   remove_tree(dir);
 }
 
