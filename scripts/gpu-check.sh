@@ -224,13 +224,13 @@ stage bn-vector 240 bash -c 'for v in 8 4 8 4; do for p in bf16 fp32; do echo "B
   exit 1; done'
 # The NHWC BatchNorm backward's grid: one wave of as many blocks as an SM holds (the default
 # since stop 35) against 16 blocks an SM (BLPA_BN_NHWC_BLOCKS=16, the grid before it, 8
-# waves). The codec bench's bn_relu_backward (64 channels, bf16 and float32) with one wave,
-# 16, one wave, 16; then the graphed bf16 steps of ResNet-164 (16- to 64-channel layers, where
-# a thread took one row) and ResNet-152, blpa-4 beside plain, with one wave, then 16 (the log
-# names each before it runs).
-stage bn-grid 300 bash -c 'for n in "" 16 "" 16; do for p in bf16 fp32; do echo "BLPA_BN_NHWC_BLOCKS=$n $p";
-  BLPA_BN_NHWC_BLOCKS=$n bench codec --device cuda --bits 4 --numel 268435456 --precision $p --memory-format nhwc \
-  --gamma drawn || exit 1; done; done
+# waves). The codec bench's bn_relu_backward (bf16 and float32; 256M elements of 64 channels,
+# and ResNet-164's first 16-channel layer at batch 128, where a thread took one row) with one
+# wave, 16, one wave, 16; then the graphed bf16 steps of ResNet-164 and ResNet-152, blpa-4
+# beside plain, with one wave, then 16 (the log names each before it runs).
+stage bn-grid 300 bash -c 'for n in "" 16 "" 16; do for p in bf16 fp32; do for s in "268435456 64" "2097152 16"; do
+  set -- $s; echo "BLPA_BN_NHWC_BLOCKS=$n $p $1 x $2"; BLPA_BN_NHWC_BLOCKS=$n bench codec --device cuda --bits 4 \
+  --numel $1 --channels $2 --hw 32 --precision $p --memory-format nhwc --gamma drawn || exit 1; done; done; done
   for n in "" 16; do for mb in "resnet164 128" "resnet152 128"; do set -- $mb; echo "BLPA_BN_NHWC_BLOCKS=$n $1";
   BLPA_BN_NHWC_BLOCKS=$n bench step --device cuda --model $1 --batch $2 --mode plain,blpa-4 --precision bf16 \
   --memory-format nhwc --cuda-graphs --warmup 3 --steps 10 --rounds 2 || exit 1; done; done'
