@@ -893,6 +893,13 @@ __global__ void bn_apply_kernel(BnBackwardParams p, ChannelWalk w) {
 // writes g_x from them.
 constexpr int kNhwcR = 8, kNhwcRows = 4, kNhwcVector = 8;
 
+// The blocks of the reduce and the apply that an SM holds at once, as their launch bounds make
+// sure: 2 at 8 channels a lane (ptxas gives them 92 to 121 registers a thread, 256 threads a
+// block, 64K registers an SM; `BLPA_SASS_RESOURCES=1 scripts/sass-hot-path.sh` lists them), 3
+// at 4 (56 to 70), 5 at one (31 to 48). bn_nhwc_grid sizes the grid by them: a count in the
+// source, not asked of the runtime, so that the tests' emulator makes the GPU's grid and sums.
+constexpr int nhwc_resident_blocks(int v) { return v == kNhwcVector ? 2 : v == 4 ? 3 : 5; }
+
 struct NhwcWalk {
   int64_t rows;  // batch * plane
   int lanes;     // vectors of channels a warp covers in one row: a power of two, up to 32
@@ -948,7 +955,8 @@ __device__ __forceinline__ void walk_rows(const BnBackwardParams& p, const NhwcW
 }
 
 template <int Bits, typename T, int V>
-__global__ void bn_nhwc_reduce_kernel(BnBackwardParams p, NhwcWalk w) {
+__global__ void __launch_bounds__(kNhwcR * 32, nhwc_resident_blocks(V))
+    bn_nhwc_reduce_kernel(BnBackwardParams p, NhwcWalk w) {
   static_assert(V <= kNhwcR, "a warp adds each of a thread's channels");
   __shared__ double part[2][V][kNhwcR][32];  // V = 8: 32 KB
   const NhwcThread t = nhwc_thread<V>(w);
@@ -1047,7 +1055,8 @@ __global__ void bn_nhwc_total_kernel(BnBackwardParams p, int64_t slots) {
 int nhwc_total_threads(int64_t slots) { return 32 * static_cast<int>(std::clamp<int64_t>((slots + 31) / 32, 1, 32)); }
 
 template <int Bits, typename T, int V>
-__global__ void bn_nhwc_apply_kernel(BnBackwardParams p, NhwcWalk w) {
+__global__ void __launch_bounds__(kNhwcR * 32, nhwc_resident_blocks(V))
+    bn_nhwc_apply_kernel(BnBackwardParams p, NhwcWalk w) {
   const NhwcThread t = nhwc_thread<V>(w);
   const int64_t c = t.c;
   if (c >= p.channels) return;
@@ -1188,13 +1197,6 @@ int nhwc_lanes(const BnBackwardParams& p) {
   while (lanes < 32 && lanes < vectors) lanes *= 2;
   return lanes;
 }
-
-// NHWC: the blocks of the reduce and the apply that an SM holds at once, as ptxas builds them
-// (`BLPA_SASS_RESOURCES=1 scripts/sass-hot-path.sh` lists their registers): 2 at 8 channels a
-// lane (92 to 121 registers a thread, 256 threads a block, 64K registers an SM), 4 at 4 (56 to
-// 70: the float apply's 70 allow 3), 5 at one (31 to 48). Counted from the source, not asked
-// of the runtime, so that the tests' emulator makes the GPU's grid, and so its sums.
-constexpr int nhwc_resident_blocks(int v) { return v == kNhwcVector ? 2 : v == 4 ? 4 : 5; }
 
 // NHWC: the channel tiles by the row blocks. The row blocks fill one wave: the blocks an SM
 // holds at once (p.nhwc_blocks_per_sm where given, for measurements) times the SMs, over the
