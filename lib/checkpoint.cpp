@@ -9,11 +9,16 @@
 #include <zlib.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <optional>
 #include <sstream>
+#include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "blpa/image_index.h"  // kMaxClasses
@@ -85,29 +90,64 @@ struct Inflater {  // raw deflate, as zip records hold it
 constexpr uint32_t kLocal = 0x04034b50, kCentral = 0x02014b50, kEnd = 0x06054b50, kEnd64 = 0x06064b50,
                    kLocator64 = 0x07064b50;
 // LibTorch reads a record whole into memory. It deflates only its TorchScript code, a few KB
-// in a checkpoint, and the pickles are small (a ResNet-1001's data.pkl: 847 KB). Either
-// beyond this size is refused before anything allocates it; the tensors have no bound but
-// the file's size.
-constexpr uint64_t kMaxParsed = uint64_t{64} << 20;
+// in a checkpoint, and the pickles are small (a ResNet-1001's data.pkl: 847 KB; the deepest
+// network blpa builds, of depth 10,000, about ten times that). Either beyond this size is
+// refused before anything allocates it; the tensors have no bound but the file's size.
+constexpr uint64_t kMaxParsed = uint64_t{16} << 20;
 
-bool is_pickle(const std::string& name) { return name.size() >= 3 && name.compare(name.size() - 3, 3, "pkl") == 0; }
+std::string lower(std::string text) {
+  for (char& ch : text) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return text;
+}
 
-// LibTorch's unpickler allocates what a pickle says before it finds that the bytes are not
-// there: a BINUNICODE of 4 GB in a record of 1 KB (4.3 GB of memory for blpa-eval to refuse
-// it, found by fuzzing), a LONG_BINPUT at memo index 2^32 - 1 (a table of 2^32 values). So
-// the opcodes are walked first, as the pickle protocols 0-5 define them (Python's
-// pickletools), and each length must fit in the bytes left, each memo index be the next one
-// or an earlier one (as every pickler numbers them). The walk ends at STOP, or at a byte that
-// is no opcode: LibTorch refuses that itself, before reading further.
-void check_pickle(const File& f, const std::string& name, const std::vector<unsigned char>& p) {
+// LibTorch's reader finds records by name whatever their case (miniz), so names are compared
+// in lower case: a "data.PKL" is read as data.pkl.
+bool is_pickle(const std::string& name) {
+  const std::string n = lower(name);
+  return n.size() >= 3 && n.compare(n.size() - 3, 3, "pkl") == 0;
+}
+
+// The bytes of one element of a storage class's type ("FloatStorage": 4), 0 for no such class.
+int64_t storage_element_size(std::string_view cls) {
+#define BLPA_STORAGE_CLASS(_, name) \
+  if (cls == #name "Storage") return static_cast<int64_t>(c10::elementSize(c10::ScalarType::name));
+  AT_FORALL_SCALAR_TYPES_WITH_COMPLEX_AND_QINTS(BLPA_STORAGE_CLASS)
+#undef BLPA_STORAGE_CLASS
+  return 0;
+}
+
+// What one opcode pushed, as far as a storage's tuple needs it.
+struct Pushed {
+  enum Kind : uint8_t { kOther, kString, kInt, kStorageType } kind = kOther;
+  uint32_t at = 0, length = 0;  // kString: its bytes in the pickle
+  int64_t number = 0;           // kInt: the value; kStorageType: the bytes of an element
+};
+
+// LibTorch's unpickler trusts what a pickle says. It allocates a string's length or a memo
+// index before it finds that the bytes are not there (a BINUNICODE of 4 GB in a record of 1
+// KB: 4.3 GB of memory for blpa-eval to refuse it, found by fuzzing), and it makes a storage
+// of the elements the pickle names over the record that holds them, whatever that record's
+// size (a weight's record cut to 4 bytes loaded, and was read, and on --resume written, past
+// its end). So each pickle is walked first, accepting only what LibTorch's pickler writes
+// (protocol 2, the opcodes of torch/csrc/jit/serialization/pickler.cpp): every length fits in
+// the bytes left, every memo index is the next one or an earlier one, and every storage is the
+// tuple the pickler writes, ('storage', torch.<Type>Storage, key, location, elements) pushed
+// one by one after a MARK, whose elements fit the record <pickle's name without .pkl>/<key>.
+// `records`: each record's size by its name in lower case.
+void check_pickle(const File& f, const std::string& name, const std::vector<unsigned char>& p,
+                  const std::unordered_map<std::string, uint64_t>& records) {
   size_t at = 0, op_at = 0;
-  uint64_t memo = 0;  // entries the memo has so far
+  std::vector<Pushed> memo;
+  Pushed last;                               // the top of the stack, where the previous opcode pushed it
+  std::optional<std::vector<Pushed>> tuple;  // what was pushed since the last MARK, while nothing else ran
+  std::optional<std::vector<Pushed>> built;  // the tuple that the previous TUPLE made of them
   auto bad = [&](const std::string& what) {
     f.damaged("pickle '" + name + "' (" + std::to_string(p.size()) + " bytes) " + what + " at byte " +
               std::to_string(op_at));
   };
   auto need = [&](uint64_t n) {
-    if (n > p.size() - at) bad("holds " + std::to_string(n) + " bytes more than it has left");
+    if (n > p.size() - at)
+      bad("needs " + std::to_string(n) + " bytes where " + std::to_string(p.size() - at) + " are left");
   };
   auto arg = [&](int bytes) {
     need(static_cast<uint64_t>(bytes));
@@ -115,55 +155,109 @@ void check_pickle(const File& f, const std::string& name, const std::vector<unsi
     at += static_cast<size_t>(bytes);
     return v;
   };
-  auto data = [&](int length_bytes) {  // a length, then that many bytes
-    const uint64_t n = arg(length_bytes);
-    need(n);
-    at += static_cast<size_t>(n);
-  };
-  auto line = [&] {  // text up to a newline (the protocol 0 opcodes)
+  auto line = [&] {  // GLOBAL's module and class, each up to a newline
     const auto* end = static_cast<const unsigned char*>(std::memchr(p.data() + at, '\n', p.size() - at));
     if (!end) bad("has a line without its end");
     std::string text(p.data() + at, end);
     at = static_cast<size_t>(end - p.data()) + 1;
     return text;
   };
-  auto put = [&](uint64_t index) {
-    if (index > memo) bad("stores memo entry " + std::to_string(index) + " of a memo of " + std::to_string(memo));
-    memo = std::max(memo, index + 1);
+  auto text = [&](const Pushed& v) { return std::string(p.data() + v.at, p.data() + v.at + v.length); };
+  const std::string dir = lower(name.substr(0, name.rfind('.'))) + "/";
+  auto check_storage = [&](const std::vector<Pushed>& t) {
+    if (t.size() != 5 || t[0].kind != Pushed::kString || text(t[0]) != "storage" ||
+        t[1].kind != Pushed::kStorageType || t[2].kind != Pushed::kString || t[3].kind != Pushed::kString ||
+        t[4].kind != Pushed::kInt || t[4].number < 0)
+      bad("has a storage whose tuple is not what LibTorch's pickler writes");
+    const int64_t elements = t[4].number, element = t[1].number;
+    if (elements == 0) return;  // LibTorch reads no record then
+    const std::string record = dir + lower(text(t[2]));
+    const auto found = records.find(record);
+    if (found == records.end()) bad("names storage '" + text(t[2]) + "', which has no record");
+    if (static_cast<uint64_t>(elements) > found->second / static_cast<uint64_t>(element))
+      bad("has a storage of " + std::to_string(elements) + " elements of " + std::to_string(element) +
+          " bytes in record '" + record + "' of " + std::to_string(found->second) + " bytes");
   };
+  if (p.empty() || p[0] != 0x80) bad("does not begin with PROTO");
   while (at < p.size()) {
     op_at = at;
-    switch (p[at++]) {
+    const unsigned char op = p[at++];
+    Pushed pushed;            // what this opcode pushes, where it pushes one value and pops none
+    bool pushes = false;
+    std::optional<std::vector<Pushed>> made;
+    switch (op) {
       case '.':  // STOP
         return;
-      case '(': case '0': case '1': case '2': case 'N': case 'Q': case 'R': case 'a': case 'b': case 'd': case '}':
-      case 'e': case 'l': case ']': case 'o': case 's': case 't': case ')': case 'u': case 0x81: case 0x85:
-      case 0x86: case 0x87: case 0x88: case 0x89: case 0x8f: case 0x90: case 0x91: case 0x92: case 0x93:
-      case 0x97: case 0x98:
-        break;  // no argument
-      case 'K': case 'h': case 0x80: case 0x82: arg(1); break;
-      case 'M': case 0x83: arg(2); break;
-      case 'J': case 'j': case 0x84: arg(4); break;
-      case 'G': arg(8); break;
-      case 0x95: need(arg(8)); break;  // FRAME: the opcodes of the frame follow
-      case 'U': case 'C': case 0x8c: case 0x8a: data(1); break;
-      case 'T': case 'X': case 'B': case 0x8b: data(4); break;
-      case 0x8d: case 0x8e: case 0x96: data(8); break;
-      case 'F': case 'I': case 'L': case 'S': case 'V': case 'P': case 'g': line(); break;
-      case 'c': case 'i': line(), line(); break;
-      case 'p': {  // PUT
-        const std::string index = line();
-        char* end = nullptr;
-        const unsigned long long v = std::strtoull(index.c_str(), &end, 10);
-        if (index.empty() || *end != '\0') bad("has a memo index that is not a number");
-        put(v);
+      case 0x80:  // PROTO
+        if (op_at != 0) bad("has a PROTO after its start");
+        arg(1);
+        break;
+      case '(':  // MARK
+        tuple.emplace();
+        built.reset();
+        last = {};
+        continue;
+      case 'q':  // BINPUT, LONG_BINPUT: the top of the stack into the memo; the stack is unchanged
+      case 'r': {
+        const uint64_t index = arg(op == 'q' ? 1 : 4);
+        if (index > memo.size())
+          bad("stores memo entry " + std::to_string(index) + " of a memo of " + std::to_string(memo.size()));
+        if (index == memo.size()) memo.push_back(last);
+        else memo[index] = last;
+        continue;
+      }
+      case 'h':  // BINGET, LONG_BINGET
+      case 'j': {
+        const uint64_t index = arg(op == 'h' ? 1 : 4);
+        if (index >= memo.size())
+          bad("reads memo entry " + std::to_string(index) + " of a memo of " + std::to_string(memo.size()));
+        pushed = memo[index], pushes = true;
       } break;
-      case 'q': put(arg(1)); break;
-      case 'r': put(arg(4)); break;
-      case 0x94: put(memo); break;  // MEMOIZE
-      default:
-        return;
+      case 'X': {  // BINUNICODE
+        const uint64_t n = arg(4);
+        need(n);
+        pushed = {Pushed::kString, static_cast<uint32_t>(at), static_cast<uint32_t>(n), 0}, pushes = true;
+        at += static_cast<size_t>(n);
+      } break;
+      case 'K': pushed = {Pushed::kInt, 0, 0, static_cast<int64_t>(arg(1))}, pushes = true; break;  // BININT1
+      case 'M': pushed = {Pushed::kInt, 0, 0, static_cast<int64_t>(arg(2))}, pushes = true; break;  // BININT2
+      case 'J':  // BININT
+        pushed = {Pushed::kInt, 0, 0, static_cast<int32_t>(static_cast<uint32_t>(arg(4)))}, pushes = true;
+        break;
+      case 0x8a:  // LONG1: LibTorch reads 8 bytes only
+        if (arg(1) != 8) bad("has a LONG1 of other than 8 bytes");
+        pushed = {Pushed::kInt, 0, 0, static_cast<int64_t>(arg(8))}, pushes = true;
+        break;
+      case 'G': arg(8), pushes = true; break;  // BINFLOAT
+      case 'N': case 0x88: case 0x89: case ']': case '}': case ')':  // NONE, NEWTRUE, NEWFALSE, empty containers
+        pushes = true;
+        break;
+      case 'c': {  // GLOBAL
+        const std::string module = line(), cls = line();
+        const int64_t element = module == "torch" ? storage_element_size(cls) : 0;
+        if (element > 0) pushed = {Pushed::kStorageType, 0, 0, element};
+        pushes = true;
+      } break;
+      case 't':  // TUPLE
+        if (tuple) made = std::move(tuple);
+        break;
+      case 'Q':  // BINPERSID
+        if (!built) bad("has a storage whose tuple is not what LibTorch's pickler writes");
+        check_storage(*built);
+        break;
+      case 0x85: case 0x86: case 0x87: case 'e': case 'u': case 0x81: case 'b': case 'R':  // pop, and push one
+      case 'l': case 'd': case 's':  // LIST, DICT, SETITEM: read by LibTorch, not written
+        break;
+      default: {
+        char hex[8];
+        std::snprintf(hex, sizeof hex, "0x%02x", op);
+        bad(std::string("has opcode ") + hex + ", which LibTorch's pickler does not write");
+      }
     }
+    built = std::move(made);
+    last = pushes ? pushed : Pushed{};
+    if (!pushes || (tuple && tuple->size() == 5)) tuple.reset();  // a sixth push: no storage's tuple
+    else if (tuple) tuple->push_back(pushed);
   }
   op_at = at;
   bad("ends before its STOP");
@@ -198,7 +292,12 @@ void verify_archive(const std::string& path) {
   if (entries > cd_size / 46) f.damaged("the zip directory is too small for its entries");
   std::vector<unsigned char> cd(cd_size);
   f.read(static_cast<int64_t>(cd_offset), cd.data(), static_cast<int64_t>(cd_size));
-  std::vector<unsigned char> buffer(1 << 20), inflated(1 << 16);
+  struct Entry {
+    std::string name;
+    uint64_t method, crc, compressed, size, local;
+  };
+  std::vector<Entry> list;
+  std::unordered_map<std::string, uint64_t> sizes;  // by name in lower case, as LibTorch's reader finds them
   size_t pos = 0;
   for (uint64_t e = 0; e < entries; ++e) {
     if (pos + 46 > cd.size() || le(&cd[pos], 4) != kCentral) f.damaged("bad zip directory entry");
@@ -224,6 +323,12 @@ void verify_archive(const std::string& path) {
       x += 4 + n;
     }
     pos += 46 + name_len + extra_len + comment_len;
+    const auto [it, fresh] = sizes.emplace(lower(name), size);
+    if (!fresh) it->second = std::min(it->second, size);  // two names LibTorch cannot tell apart: the smaller
+    list.push_back({name, method, crc, compressed, size, local});
+  }
+  std::vector<unsigned char> buffer(1 << 20), inflated(1 << 16);
+  for (const auto& [name, method, crc, compressed, size, local] : list) {
     // Tensors are stored as they are; TorchScript's code records are deflated.
     if (method != 0 && method != 8) f.damaged("record '" + name + "' has an unknown compression method");
     if (method == 0 && compressed != size) f.damaged("bad sizes of record '" + name + "'");
@@ -272,7 +377,7 @@ void verify_archive(const std::string& path) {
       if (!ended && produced <= size) f.damaged("record '" + name + "' does not inflate");
     }
     if (produced != size || c != crc) f.damaged("record '" + name + "' fails its CRC check");
-    if (keep) check_pickle(f, name, pickle);
+    if (keep) check_pickle(f, name, pickle, sizes);
   }
 }
 

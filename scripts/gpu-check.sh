@@ -26,9 +26,9 @@
 #     backward's grid of one wave with its epilogue's shuffle tree (96ea263; bn-grid times it
 #     against the grid before); codec-precision now times gamma ones and drawn, twice the
 #     runs. 252 s with step-precision in place of step-fused, whose four graphed runs are new,
-#     and without bn-grid (8 codec runs, as codec-precision's took about 1.2 s each, and 8
-#     graphed steps); ncu-codec now profiles 180 launches, not 20, and bn-vector is 8 codec
-#     runs and 2 graphed ResNet-152 steps)
+#     and without bn-grid (16 codec runs, 8 of them of 256M elements, as codec-precision's
+#     took about 1.2 s each, and 4 graphed steps of two networks); ncu-codec now profiles 180
+#     launches, not 20, and bn-vector is 8 codec runs and 2 graphed ResNet-152 steps)
 # with BLPA_COMMIT=$(git rev-parse HEAD) (the tree may travel without .git). Both sets in one
 # call, with codec, train-bf16 and memory-precision, took 290 s on 2026-11-30 (build 94 s, the
 # CUDA tests 60 s, step-graphs 31 s, step-precision 28 s, pytorch-step 34 s); ncu-codec and

@@ -53,10 +53,11 @@ class AtomicFile {
 // `flag` names the option in errors, which are thrown as std::invalid_argument.
 void check_output_path(const std::string& path, const std::string& flag, bool atomic);
 
-// Every record of a zip archive written by LibTorch or torch.save against the CRC-32 in its
-// central directory (LibTorch's own reader skips this check), and every pickle's lengths and
-// memo indices against its size (LibTorch's unpickler allocates what they say before it
-// checks them). Throws CheckpointError naming the file and the first record that fails.
+// Every record of a zip archive written by LibTorch against the CRC-32 in its central
+// directory (LibTorch's own reader skips this check), and every pickle against what LibTorch's
+// pickler writes: its lengths, memo indices and storages within what the file holds (the
+// unpickler allocates and reads what they say). Throws CheckpointError naming the file and the
+// first record that fails.
 void verify_archive(const std::string& path);
 
 // The training run a checkpoint continues, besides the weights and optimiser state.
