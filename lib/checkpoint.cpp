@@ -102,10 +102,12 @@ std::string lower(std::string text) {
 
 // LibTorch's reader finds records by name whatever their case (miniz), so names are compared
 // in lower case: a "data.PKL" is read as data.pkl.
-bool is_pickle(const std::string& name) {
+bool ends_with(const std::string& name, std::string_view tail) {
   const std::string n = lower(name);
-  return n.size() >= 3 && n.compare(n.size() - 3, 3, "pkl") == 0;
+  return n.size() >= tail.size() && n.compare(n.size() - tail.size(), tail.size(), tail) == 0;
 }
+bool is_pickle(const std::string& name) { return ends_with(name, "pkl"); }
+bool is_code(const std::string& name) { return ends_with(name, ".py"); }  // TorchScript's, read by the importer
 
 // The bytes of one element of a storage class's type ("FloatStorage": 4), 0 for no such class.
 int64_t storage_element_size(std::string_view cls) {
@@ -116,31 +118,48 @@ int64_t storage_element_size(std::string_view cls) {
   return 0;
 }
 
-// What one opcode pushed, as far as a storage's tuple needs it.
+// What one opcode pushed, as far as the walk needs it.
 struct Pushed {
-  enum Kind : uint8_t { kOther, kString, kInt, kStorageType } kind = kOther;
+  enum Kind : uint8_t { kOther, kString, kInt, kStorageType, kGlobal } kind = kOther;
   uint32_t at = 0, length = 0;  // kString: its bytes in the pickle
   int64_t number = 0;           // kInt: the value; kStorageType: the bytes of an element
 };
+
+// The globals whose calls LibTorch's unpickler knows (unpickler.cpp, readGlobal), besides the
+// TorchScript classes of __torch__. Each call pops its argument and pushes one value.
+bool callable_global(const std::string& module, const std::string& cls) {
+  if (module == "torch._utils")
+    return cls == "_rebuild_tensor_v2" || cls == "_rebuild_qtensor" || cls == "_rebuild_sparse_tensor";
+  if (module == "torch.jit._pickle")
+    return cls == "build_tensor_from_id" || cls == "restore_type_tag" || cls == "build_intlist" ||
+           cls == "build_tensorlist" || cls == "build_doublelist" || cls == "build_boollist";
+  return (module == "collections" && cls == "OrderedDict") || (module == "builtins" && cls == "complex") ||
+         (module == "torch" && cls == "device") || module == "__torch__" || module.rfind("__torch__.", 0) == 0;
+}
 
 // LibTorch's unpickler trusts what a pickle says. It allocates a string's length or a memo
 // index before it finds that the bytes are not there (a BINUNICODE of 4 GB in a record of 1
 // KB: 4.3 GB of memory for blpa-eval to refuse it, found by fuzzing), and it makes a storage
 // of the elements the pickle names over the record that holds them, whatever that record's
 // size (a weight's record cut to 4 bytes loaded, and was read, and on --resume written, past
-// its end). So each pickle is walked first, accepting only what LibTorch's pickler writes
-// (protocol 2, the opcodes of torch/csrc/jit/serialization/pickler.cpp): every length fits in
-// the bytes left, every memo index is the next one or an earlier one, and every storage is the
-// tuple the pickler writes, ('storage', torch.<Type>Storage, key, location, elements) pushed
-// one by one after a MARK, whose elements fit the record <pickle's name without .pkl>/<key>.
+// its end). Its TUPLE and DICT take the items above a MARK without checking that the stack
+// still reaches the MARK, and its DICT and SETITEMS read a value after an odd last key. So
+// each pickle is walked first on a model of LibTorch's stack, accepting only what LibTorch's
+// pickler writes (protocol 2, the opcodes and globals of torch/csrc/jit/serialization/
+// pickler.cpp): every length fits in the bytes left, every memo index is the next one or an
+// earlier one, every MARK is still on the stack when its items are taken, keys and values
+// come in pairs, every call is of a global whose effect on the stack is known, and every
+// storage is the tuple the pickler writes, ('storage', torch.<Type>Storage, key, location,
+// elements), made by the TUPLE just before it, whose elements fit the record <pickle's name
+// without .pkl>/<key>. The model is exact because no TorchScript class is an enum (an enum's
+// call that matches no value pushes nothing): verify_archive refuses code that names Enum.
 // `records`: each record's size by its name in lower case.
 void check_pickle(const File& f, const std::string& name, const std::vector<unsigned char>& p,
                   const std::unordered_map<std::string, uint64_t>& records) {
   size_t at = 0, op_at = 0;
-  std::vector<Pushed> memo;
-  Pushed last;                               // the top of the stack, where the previous opcode pushed it
-  std::optional<std::vector<Pushed>> tuple;  // what was pushed since the last MARK, while nothing else ran
-  std::optional<std::vector<Pushed>> built;  // the tuple that the previous TUPLE made of them
+  std::vector<Pushed> stack, memo;
+  std::vector<size_t> marks;                 // the stack's size at each MARK not yet taken
+  std::optional<std::vector<Pushed>> built;  // the five items of the tuple the previous opcode made
   auto bad = [&](const std::string& what) {
     f.damaged("pickle '" + name + "' (" + std::to_string(p.size()) + " bytes) " + what + " at byte " +
               std::to_string(op_at));
@@ -162,6 +181,22 @@ void check_pickle(const File& f, const std::string& name, const std::vector<unsi
     at = static_cast<size_t>(end - p.data()) + 1;
     return text;
   };
+  auto pop = [&](size_t n, const char* op) {
+    if (stack.size() < n)
+      bad(std::string("has a ") + op + " that takes " + std::to_string(n) + " items from a stack of " +
+          std::to_string(stack.size()));
+    stack.resize(stack.size() - n);
+  };
+  // The items above the last MARK, taken: returns where they began.
+  auto take_marked = [&](const char* op, bool pairs, bool below) {
+    if (marks.empty()) bad(std::string("has a ") + op + " without its MARK");
+    const size_t start = marks.back();
+    marks.pop_back();
+    if (start > stack.size()) bad(std::string("has a ") + op + " whose MARK is no longer on the stack");
+    if (pairs && (stack.size() - start) % 2 != 0) bad(std::string("has a ") + op + " of a key without its value");
+    if (below && start == 0) bad(std::string("has a ") + op + " with nothing below its MARK");
+    return start;
+  };
   auto text = [&](const Pushed& v) { return std::string(p.data() + v.at, p.data() + v.at + v.length); };
   const std::string dir = lower(name.substr(0, name.rfind('.'))) + "/";
   auto check_storage = [&](const std::vector<Pushed>& t) {
@@ -182,8 +217,7 @@ void check_pickle(const File& f, const std::string& name, const std::vector<unsi
   while (at < p.size()) {
     op_at = at;
     const unsigned char op = p[at++];
-    Pushed pushed;            // what this opcode pushes, where it pushes one value and pops none
-    bool pushes = false;
+    std::optional<Pushed> pushed;  // what this opcode pushes last, if it pushes
     std::optional<std::vector<Pushed>> made;
     switch (op) {
       case '.':  // STOP
@@ -193,60 +227,94 @@ void check_pickle(const File& f, const std::string& name, const std::vector<unsi
         arg(1);
         break;
       case '(':  // MARK
-        tuple.emplace();
-        built.reset();
-        last = {};
-        continue;
+        marks.push_back(stack.size());
+        break;
       case 'q':  // BINPUT, LONG_BINPUT: the top of the stack into the memo; the stack is unchanged
       case 'r': {
         const uint64_t index = arg(op == 'q' ? 1 : 4);
+        if (stack.empty()) bad("stores an empty stack's top in the memo");
         if (index > memo.size())
           bad("stores memo entry " + std::to_string(index) + " of a memo of " + std::to_string(memo.size()));
-        if (index == memo.size()) memo.push_back(last);
-        else memo[index] = last;
-        continue;
-      }
+        if (index == memo.size()) memo.push_back(stack.back());
+        else memo[index] = stack.back();
+      } break;
       case 'h':  // BINGET, LONG_BINGET
       case 'j': {
         const uint64_t index = arg(op == 'h' ? 1 : 4);
         if (index >= memo.size())
           bad("reads memo entry " + std::to_string(index) + " of a memo of " + std::to_string(memo.size()));
-        pushed = memo[index], pushes = true;
+        pushed = memo[index];
       } break;
       case 'X': {  // BINUNICODE
         const uint64_t n = arg(4);
         need(n);
-        pushed = {Pushed::kString, static_cast<uint32_t>(at), static_cast<uint32_t>(n), 0}, pushes = true;
+        pushed = Pushed{Pushed::kString, static_cast<uint32_t>(at), static_cast<uint32_t>(n), 0};
         at += static_cast<size_t>(n);
       } break;
-      case 'K': pushed = {Pushed::kInt, 0, 0, static_cast<int64_t>(arg(1))}, pushes = true; break;  // BININT1
-      case 'M': pushed = {Pushed::kInt, 0, 0, static_cast<int64_t>(arg(2))}, pushes = true; break;  // BININT2
+      case 'K': pushed = Pushed{Pushed::kInt, 0, 0, static_cast<int64_t>(arg(1))}; break;  // BININT1
+      case 'M': pushed = Pushed{Pushed::kInt, 0, 0, static_cast<int64_t>(arg(2))}; break;  // BININT2
       case 'J':  // BININT
-        pushed = {Pushed::kInt, 0, 0, static_cast<int32_t>(static_cast<uint32_t>(arg(4)))}, pushes = true;
+        pushed = Pushed{Pushed::kInt, 0, 0, static_cast<int32_t>(static_cast<uint32_t>(arg(4)))};
         break;
       case 0x8a:  // LONG1: LibTorch reads 8 bytes only
         if (arg(1) != 8) bad("has a LONG1 of other than 8 bytes");
-        pushed = {Pushed::kInt, 0, 0, static_cast<int64_t>(arg(8))}, pushes = true;
+        pushed = Pushed{Pushed::kInt, 0, 0, static_cast<int64_t>(arg(8))};
         break;
-      case 'G': arg(8), pushes = true; break;  // BINFLOAT
+      case 'G': arg(8), pushed = Pushed{}; break;  // BINFLOAT
       case 'N': case 0x88: case 0x89: case ']': case '}': case ')':  // NONE, NEWTRUE, NEWFALSE, empty containers
-        pushes = true;
+        pushed = Pushed{};
         break;
-      case 'c': {  // GLOBAL
+      case 'c': {  // GLOBAL: a storage's type, or a callable for REDUCE and BUILD
         const std::string module = line(), cls = line();
         const int64_t element = module == "torch" ? storage_element_size(cls) : 0;
-        if (element > 0) pushed = {Pushed::kStorageType, 0, 0, element};
-        pushes = true;
+        if (element > 0) pushed = Pushed{Pushed::kStorageType, 0, 0, element};
+        else if (callable_global(module, cls)) pushed = Pushed{Pushed::kGlobal};
+        else bad("has the global " + module + "." + cls + ", which LibTorch's pickler does not write");
       } break;
-      case 't':  // TUPLE
-        if (tuple) made = std::move(tuple);
+      case 't': {  // TUPLE
+        const size_t start = take_marked("TUPLE", false, false);
+        if (stack.size() - start == 5) made.emplace(stack.begin() + static_cast<std::ptrdiff_t>(start), stack.end());
+        stack.resize(start);
+        pushed = Pushed{};
+      } break;
+      case 0x85: case 0x86: case 0x87:  // TUPLE1, TUPLE2, TUPLE3
+        pop(op - 0x84u, "TUPLE1/2/3");
+        pushed = Pushed{};
         break;
       case 'Q':  // BINPERSID
         if (!built) bad("has a storage whose tuple is not what LibTorch's pickler writes");
         check_storage(*built);
+        pop(1, "BINPERSID");
+        pushed = Pushed{};
         break;
-      case 0x85: case 0x86: case 0x87: case 'e': case 'u': case 0x81: case 'b': case 'R':  // pop, and push one
-      case 'l': case 'd': case 's':  // LIST, DICT, SETITEM: read by LibTorch, not written
+      case 'l':  // LIST
+        stack.resize(take_marked("LIST", false, false));
+        pushed = Pushed{};
+        break;
+      case 'e':  // APPENDS: to the list below the MARK
+        stack.resize(take_marked("APPENDS", false, true));
+        break;
+      case 'd':  // DICT
+        stack.resize(take_marked("DICT", true, false));
+        pushed = Pushed{};
+        break;
+      case 'u':  // SETITEMS: into the dict below the MARK
+        stack.resize(take_marked("SETITEMS", true, true));
+        break;
+      case 's':  // SETITEM: a key and a value into the dict below them
+        if (stack.size() < 3) pop(3, "SETITEM");
+        pop(2, "SETITEM");
+        break;
+      case 0x81:  // NEWOBJ: drops the top
+        pop(1, "NEWOBJ");
+        break;
+      case 'b':  // BUILD, REDUCE: call the global below the top with the top
+      case 'R':
+        if (stack.size() < 2) pop(2, op == 'b' ? "BUILD" : "REDUCE");
+        if (stack[stack.size() - 2].kind != Pushed::kGlobal)
+          bad(std::string("has a ") + (op == 'b' ? "BUILD" : "REDUCE") + " whose callable is not a global");
+        pop(2, "");
+        pushed = Pushed{};
         break;
       default: {
         char hex[8];
@@ -255,9 +323,7 @@ void check_pickle(const File& f, const std::string& name, const std::vector<unsi
       }
     }
     built = std::move(made);
-    last = pushes ? pushed : Pushed{};
-    if (!pushes || (tuple && tuple->size() == 5)) tuple.reset();  // a sixth push: no storage's tuple
-    else if (tuple) tuple->push_back(pushed);
+    if (pushed) stack.push_back(*pushed);
   }
   op_at = at;
   bad("ends before its STOP");
@@ -332,7 +398,7 @@ void verify_archive(const std::string& path) {
     // Tensors are stored as they are; TorchScript's code records are deflated.
     if (method != 0 && method != 8) f.damaged("record '" + name + "' has an unknown compression method");
     if (method == 0 && compressed != size) f.damaged("bad sizes of record '" + name + "'");
-    const bool keep = is_pickle(name);  // its bytes kept for check_pickle
+    const bool pickle = is_pickle(name), code = is_code(name), keep = pickle || code;  // bytes kept to check
     if ((method == 8 || keep) && size > kMaxParsed)
       f.damaged("record '" + name + "' holds " + std::to_string(size) + " bytes (a checkpoint's code and pickles are " +
                 "under " + std::to_string(kMaxParsed >> 20) + " MiB)");
@@ -343,13 +409,13 @@ void verify_archive(const std::string& path) {
     if (at > f.size || compressed > static_cast<uint64_t>(f.size - at)) f.damaged("record '" + name + "' is cut short");
     uLong c = crc32(0L, Z_NULL, 0);
     uint64_t produced = 0;
-    std::vector<unsigned char> pickle;
+    std::vector<unsigned char> kept;
     if (method == 0) {
       for (uint64_t left = compressed; left > 0;) {
         const auto n = static_cast<int64_t>(std::min<uint64_t>(left, buffer.size()));
         f.read(at, buffer.data(), n);
         c = crc32(c, buffer.data(), static_cast<uInt>(n));
-        if (keep) pickle.insert(pickle.end(), buffer.data(), buffer.data() + n);
+        if (keep) kept.insert(kept.end(), buffer.data(), buffer.data() + n);
         at += n, left -= static_cast<uint64_t>(n), produced += static_cast<uint64_t>(n);
       }
     } else {
@@ -367,7 +433,7 @@ void verify_archive(const std::string& path) {
           const int status = inflate(&z.s, Z_NO_FLUSH);
           const size_t got = inflated.size() - z.s.avail_out;
           c = crc32(c, inflated.data(), static_cast<uInt>(got));
-          if (keep && produced + got <= size) pickle.insert(pickle.end(), inflated.data(), inflated.data() + got);
+          if (keep && produced + got <= size) kept.insert(kept.end(), inflated.data(), inflated.data() + got);
           produced += got;
           if (status == Z_STREAM_END) ended = true;
           else if (status == Z_BUF_ERROR) break;  // no progress: wants more input
@@ -377,7 +443,12 @@ void verify_archive(const std::string& path) {
       if (!ended && produced <= size) f.damaged("record '" + name + "' does not inflate");
     }
     if (produced != size || c != crc) f.damaged("record '" + name + "' fails its CRC check");
-    if (keep) check_pickle(f, name, pickle, sizes);
+    if (pickle) check_pickle(f, name, kept, sizes);
+    // An enum's call in a pickle may push nothing, which check_pickle's model of the stack
+    // cannot know; TorchScript's importer makes an enum only of a class whose base is named Enum.
+    static constexpr std::string_view kEnum = "Enum";
+    if (code && std::search(kept.begin(), kept.end(), kEnum.begin(), kEnum.end()) != kept.end())
+      f.damaged("record '" + name + "' names Enum, which blpa's checkpoints never hold");
   }
 }
 

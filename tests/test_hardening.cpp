@@ -357,6 +357,23 @@ TEST_CASE("hardening: a crafted pickle cannot make the reader allocate or read w
       {"a storage of no type", {{"data.pkl", proto + "(X\x07\0\0\0storageK\x06X\x01\0\0\0" "0X\x03\0\0\0cpuK\x01tQ."s},
                                 {"data/0", eight}},
        "has a storage whose tuple is not what LibTorch's pickler writes"},
+      // What LibTorch's TUPLE, DICT and SETITEMS would read or erase past the stack's end.
+      {"a TUPLE whose MARK was taken", {{"x.pkl", proto + "NN(\x86t."s}},
+       "has a TUPLE whose MARK is no longer on the stack at byte 6"},
+      {"a DICT whose MARK was taken", {{"x.pkl", proto + "NN(\x86" "d."s}},
+       "has a DICT whose MARK is no longer on the stack at byte 6"},
+      {"a DICT of a key without its value", {{"x.pkl", proto + "(Nd."s}},
+       "has a DICT of a key without its value at byte 4"},
+      {"a SETITEMS of a key without its value", {{"x.pkl", proto + "}(NNNu."s}},
+       "has a SETITEMS of a key without its value at byte 7"},
+      {"a SETITEMS with no dict", {{"x.pkl", proto + "(NNu."s}}, "has a SETITEMS with nothing below its MARK at byte 5"},
+      {"a TUPLE without a MARK", {{"x.pkl", proto + "Nt."s}}, "has a TUPLE without its MARK at byte 3"},
+      {"a memo entry of an empty stack", {{"x.pkl", proto + "q\0."s}},
+       "stores an empty stack's top in the memo at byte 2"},
+      // Calls whose effect on the stack the walk cannot know.
+      {"a REDUCE of a number", {{"x.pkl", proto + "K\0NR."s}}, "has a REDUCE whose callable is not a global at byte 5"},
+      {"a global the pickler does not write", {{"x.pkl", proto + "ctorch._tensor\n_rebuild_from_type_v2\n."s}},
+       "has the global torch._tensor._rebuild_from_type_v2, which LibTorch's pickler does not write at byte 2"},
   };
   for (size_t i = 0; i < bad.size(); ++i) {
     const auto& [what, records, message] = bad[i];
@@ -364,6 +381,10 @@ TEST_CASE("hardening: a crafted pickle cannot make the reader allocate or read w
     CHECK_THROWS_WITH(blpa::verify_archive(archive("bad" + std::to_string(i), records)),
                       Catch::Contains("is damaged or truncated: pickle '") && Catch::Contains(message));
   }
+  // An enum's call that matches no value pushes nothing, so the walk's model needs code without enums.
+  CHECK_THROWS_WITH(
+      blpa::verify_archive(archive("enum", {{"x.pkl", proto + "N."s}, {"code/__torch__/E.PY", "class E(Enum):\n"}})),
+      Catch::Contains("code/__torch__/E.PY' names Enum"));
   // A code record that would inflate past the bound, refused before it is inflated.
   const std::string zeros(17 << 20, '\0');
   CHECK_THROWS_WITH(blpa::verify_archive(archive("bomb", {{"code/x.py", zeros}}, true)),
