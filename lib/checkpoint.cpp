@@ -151,8 +151,8 @@ bool callable_global(const std::string& module, const std::string& cls) {
 // come in pairs, every call is of a global whose effect on the stack is known, and every
 // storage is the tuple the pickler writes, ('storage', torch.<Type>Storage, key, location,
 // elements), made by the TUPLE just before it, whose elements fit the record <pickle's name
-// without .pkl>/<key>. The model is exact because no TorchScript class is an enum (an enum's
-// call that matches no value pushes nothing): verify_archive refuses code that names Enum.
+// without .pkl>/<key>. The model is exact because check_code admits no enums (an enum's call
+// that matches no value pushes nothing).
 // `records`: each record's size by its name in lower case.
 void check_pickle(const File& f, const std::string& name, const std::vector<unsigned char>& p,
                   const std::unordered_map<std::string, uint64_t>& records) {
@@ -329,6 +329,64 @@ void check_pickle(const File& f, const std::string& name, const std::vector<unsi
   bad("ends before its STOP");
 }
 
+// One line of the code LibTorch writes for a C++ module's class: "class <name>(Module):", then
+// indented by two spaces "__parameters__ = [\"<name>\", ...]" (or __buffers__),
+// "__annotations__ = []", "__annotations__[\"<name>\"] = <type>" or "<name> : <type>".
+bool module_line(std::string_view s) {
+  auto word = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; };
+  auto eat = [&](std::string_view text) {
+    if (s.substr(0, text.size()) != text) return false;
+    s.remove_prefix(text.size());
+    return true;
+  };
+  auto name = [&] {
+    size_t n = 0;
+    while (n < s.size() && word(s[n])) ++n;
+    s.remove_prefix(n);
+    return n > 0;
+  };
+  auto quoted = [&] {
+    if (!eat("\"")) return false;
+    const size_t end = s.find_first_of("\"\\");
+    if (end == std::string_view::npos || s[end] != '"') return false;
+    s.remove_prefix(end + 1);
+    return true;
+  };
+  auto type = [&] {
+    return !s.empty() && std::all_of(s.begin(), s.end(), [&](char c) { return word(c) || std::strchr(".[], ", c); });
+  };
+  if (s.empty()) return true;
+  if (eat("class ")) return name() && s == "(Module):";
+  if (!eat("  ")) return false;
+  if (eat("__parameters__ = [") || eat("__buffers__ = [")) {
+    while (quoted())
+      if (!eat(", ")) return false;
+    return s == "]";
+  }
+  if (s == "__annotations__ = []") return true;
+  if (eat("__annotations__[")) return quoted() && eat("] = ") && type();
+  return name() && eat(" : ") && type();
+}
+
+// A checkpoint's TorchScript code declares its modules' attributes and nothing else (LibTorch
+// writes no methods for C++ modules). Anything more is refused: TorchScript's importer would
+// compile it, a class's __setstate__ would run while the pickle loads (code from the file, run
+// by blpa-eval), and an enum's call that matches no value pushes nothing, which check_pickle's
+// model of LibTorch's stack does not allow for.
+void check_code(const File& f, const std::string& name, const std::vector<unsigned char>& code) {
+  const std::string_view text(reinterpret_cast<const char*>(code.data()), code.size());
+  size_t number = 1;
+  for (size_t at = 0;; ++number) {
+    const size_t end = std::min(text.find('\n', at), text.size());
+    const std::string_view line = text.substr(at, end - at);
+    if (!module_line(line))
+      f.damaged("record '" + name + "' line " + std::to_string(number) + " is not a module's attribute: '" +
+                std::string(line.substr(0, 80)) + "'");
+    if (end == text.size()) return;
+    at = end + 1;
+  }
+}
+
 }  // namespace
 
 void verify_archive(const std::string& path) {
@@ -444,11 +502,7 @@ void verify_archive(const std::string& path) {
     }
     if (produced != size || c != crc) f.damaged("record '" + name + "' fails its CRC check");
     if (pickle) check_pickle(f, name, kept, sizes);
-    // An enum's call in a pickle may push nothing, which check_pickle's model of the stack
-    // cannot know; TorchScript's importer makes an enum only of a class whose base is named Enum.
-    static constexpr std::string_view kEnum = "Enum";
-    if (code && std::search(kept.begin(), kept.end(), kEnum.begin(), kEnum.end()) != kept.end())
-      f.damaged("record '" + name + "' names Enum, which blpa's checkpoints never hold");
+    if (code) check_code(f, name, kept);
   }
 }
 

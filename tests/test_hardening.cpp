@@ -381,10 +381,21 @@ TEST_CASE("hardening: a crafted pickle cannot make the reader allocate or read w
     CHECK_THROWS_WITH(blpa::verify_archive(archive("bad" + std::to_string(i), records)),
                       Catch::Contains("is damaged or truncated: pickle '") && Catch::Contains(message));
   }
-  // An enum's call that matches no value pushes nothing, so the walk's model needs code without enums.
-  CHECK_THROWS_WITH(
-      blpa::verify_archive(archive("enum", {{"x.pkl", proto + "N."s}, {"code/__torch__/E.PY", "class E(Enum):\n"}})),
-      Catch::Contains("code/__torch__/E.PY' names Enum"));
+  // Code beyond modules' attributes: TorchScript's importer would compile it, a __setstate__
+  // would run as the pickle loads, and an enum's call may push nothing.
+  const std::string module = "class Module(Module):\n  __parameters__ = [\"weight\", ]\n  weight : Tensor\n";
+  CHECK_NOTHROW(blpa::verify_archive(archive("module", {{"x.pkl", proto + "N."s}, {"code/__torch__/m.py", module}})));
+  const std::vector<std::pair<std::string, std::string>> code{
+      {"class E(Enum):\n  A = 1\n", "line 1 is not a module's attribute: 'class E(Enum):'"},
+      {module + "  def __setstate__(self, state: Tensor) -> None:\n",
+       "line 4 is not a module's attribute: '  def __setstate__(self, state: Tensor) -> None:'"},
+      {module + "  __annotations__[\"x\"] = torch.zeros([1 << 40])\n", "line 4 is not a module's attribute"},
+      {"class Module(Module):\n  __parameters__ = [\"a\\\"\", ]\n", "line 2 is not a module's attribute"},
+  };
+  for (size_t i = 0; i < code.size(); ++i)
+    CHECK_THROWS_WITH(blpa::verify_archive(archive("code" + std::to_string(i),
+                                                   {{"x.pkl", proto + "N."s}, {"code/__torch__/M.PY", code[i].first}})),
+                      Catch::Contains("code/__torch__/M.PY' " + code[i].second));
   // A code record that would inflate past the bound, refused before it is inflated.
   const std::string zeros(17 << 20, '\0');
   CHECK_THROWS_WITH(blpa::verify_archive(archive("bomb", {{"code/x.py", zeros}}, true)),
