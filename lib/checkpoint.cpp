@@ -123,41 +123,56 @@ struct Pushed {
   enum Kind : uint8_t { kOther, kString, kInt, kStorageType, kGlobal } kind = kOther;
   uint32_t at = 0, length = 0;  // kString: its bytes in the pickle
   int64_t number = 0;           // kInt: the value; kStorageType: the bytes of an element
+  uint32_t box = 0;             // a list, dict, tuple or call's result: its entry in the walk's boxes
 };
 
-// The globals whose calls LibTorch's unpickler knows (unpickler.cpp, readGlobal), besides the
-// TorchScript classes of __torch__. Each call pops its argument and pushes one value.
+// A container's nesting: LibTorch frees nested IValues recursively (a pickle of 200 KB that
+// nested a tuple 200,000 deep overflowed blpa-eval's stack). `sealed`: placed in another, or
+// made by a call; adding to it then would deepen the containers that hold it unseen.
+struct Box {
+  int depth = 0;
+  bool sealed = false;
+};
+constexpr int kMaxNesting = 32;  // blpa's checkpoints nest 7 deep
+
+// The globals that blpa's checkpoints call, and what LibTorch's unpickler does for each
+// (unpickler.cpp, readGlobal): pop the argument and push one value. Nothing else is admitted:
+// a TorchScript custom class (__torch__.torch.classes.*) would run its C++ __setstate__ on
+// the pickle's values (one crashed blpa-eval), restore_type_tag parses a type name recursively.
 bool callable_global(const std::string& module, const std::string& cls) {
-  if (module == "torch._utils")
-    return cls == "_rebuild_tensor_v2" || cls == "_rebuild_qtensor" || cls == "_rebuild_sparse_tensor";
-  if (module == "torch.jit._pickle")
-    return cls == "build_tensor_from_id" || cls == "restore_type_tag" || cls == "build_intlist" ||
-           cls == "build_tensorlist" || cls == "build_doublelist" || cls == "build_boollist";
-  return (module == "collections" && cls == "OrderedDict") || (module == "builtins" && cls == "complex") ||
-         (module == "torch" && cls == "device") || module == "__torch__" || module.rfind("__torch__.", 0) == 0;
+  auto mangled = [&] {  // __torch__.___torch_mangle_<n>: how TorchScript tells classes of one name apart
+    const std::string_view prefix = "__torch__.___torch_mangle_";
+    return module.size() > prefix.size() && module.size() <= prefix.size() + 9 && module.rfind(prefix, 0) == 0 &&
+           std::all_of(module.begin() + prefix.size(), module.end(), [](char c) { return c >= '0' && c <= '9'; });
+  };
+  return (module == "torch._utils" && cls == "_rebuild_tensor_v2") ||
+         (module == "torch.jit._pickle" && (cls == "build_intlist" || cls == "build_doublelist")) ||
+         (module == "collections" && cls == "OrderedDict") ||
+         ((module == "__torch__" || mangled()) && cls == "Module");
 }
 
 // LibTorch's unpickler trusts what a pickle says. It allocates a string's length or a memo
 // index before it finds that the bytes are not there (a BINUNICODE of 4 GB in a record of 1
-// KB: 4.3 GB of memory for blpa-eval to refuse it, found by fuzzing), and it makes a storage
-// of the elements the pickle names over the record that holds them, whatever that record's
-// size (a weight's record cut to 4 bytes loaded, and was read, and on --resume written, past
-// its end). Its TUPLE and DICT take the items above a MARK without checking that the stack
-// still reaches the MARK, and its DICT and SETITEMS read a value after an odd last key. So
-// each pickle is walked first on a model of LibTorch's stack, accepting only what LibTorch's
-// pickler writes (protocol 2, the opcodes and globals of torch/csrc/jit/serialization/
-// pickler.cpp): every length fits in the bytes left, every memo index is the next one or an
-// earlier one, every MARK is still on the stack when its items are taken, keys and values
-// come in pairs, every call is of a global whose effect on the stack is known, and every
-// storage is the tuple the pickler writes, ('storage', torch.<Type>Storage, key, location,
-// elements), made by the TUPLE just before it, whose elements fit the record <pickle's name
-// without .pkl>/<key>. The model is exact because check_code admits no enums (an enum's call
-// that matches no value pushes nothing).
-// `records`: each record's size by its name in lower case.
+// KB: 4.3 GB of memory for blpa-eval to refuse it, found by fuzzing), it makes a storage of
+// the elements the pickle names over the record that holds them, whatever that record's size
+// (a weight's record cut to 4 bytes loaded, and was read, and on --resume written, past its
+// end), and it nests containers as deep as the pickle says. So each pickle is walked first on
+// a model of LibTorch's stack, accepting only what LibTorch's pickler writes for blpa's
+// checkpoints (protocol 2, the opcodes of torch/csrc/jit/serialization/pickler.cpp, the
+// globals of callable_global): every length fits in the bytes left, every memo index is the
+// next one or an earlier one, every MARK is still on the stack when its items are taken (as
+// LibTorch 2.15 checks too; earlier versions read past the stack), keys and values come in
+// pairs, containers nest at most kMaxNesting deep, every call is of a global whose effect on
+// the stack is known, the pickle ends with one value, and every storage is the tuple the
+// pickler writes, ('storage', torch.<Type>Storage, key, location, elements), made by the
+// TUPLE just before it, whose elements fit the record <pickle's name without .pkl>/<key>.
+// The model of the stack is exact because check_code admits no enums (an enum's call that
+// matches no value pushes nothing). `records`: each record's size by its name in lower case.
 void check_pickle(const File& f, const std::string& name, const std::vector<unsigned char>& p,
                   const std::unordered_map<std::string, uint64_t>& records) {
   size_t at = 0, op_at = 0;
   std::vector<Pushed> stack, memo;
+  std::vector<Box> boxes(1, Box{0, true});   // boxes[0]: what holds nothing
   std::vector<size_t> marks;                 // the stack's size at each MARK not yet taken
   std::optional<std::vector<Pushed>> built;  // the five items of the tuple the previous opcode made
   auto bad = [&](const std::string& what) {
@@ -181,20 +196,42 @@ void check_pickle(const File& f, const std::string& name, const std::vector<unsi
     at = static_cast<size_t>(end - p.data()) + 1;
     return text;
   };
-  auto pop = [&](size_t n, const char* op) {
-    if (stack.size() < n)
-      bad(std::string("has a ") + op + " that takes " + std::to_string(n) + " items from a stack of " +
-          std::to_string(stack.size()));
-    stack.resize(stack.size() - n);
+  auto has = [](const char* op) { return std::string(op[0] == 'A' ? "has an " : "has a ") + op; };
+  // Items [from, end of the stack) go into a container (a new one, or `into`, which must not
+  // be sealed): they are sealed, the container's depth covers theirs, and they leave the stack.
+  auto contain = [&](size_t from, Pushed* into, const char* op) {
+    int depth = 0;
+    for (size_t i = from; i < stack.size(); ++i) {
+      Box& b = boxes[stack[i].box];
+      b.sealed = true;
+      depth = std::max(depth, b.depth);
+    }
+    if (into && boxes[into->box].sealed)
+      bad(has(op) + " into a container that is not a new list or dict");
+    if (depth + 1 > kMaxNesting) bad("nests containers more than " + std::to_string(kMaxNesting) + " deep");
+    stack.resize(from);
+    if (into) {
+      boxes[into->box].depth = std::max(boxes[into->box].depth, depth + 1);
+      return;
+    }
+    boxes.push_back({depth + 1, false});
+    Pushed made;
+    made.box = static_cast<uint32_t>(boxes.size() - 1);
+    stack.push_back(made);
   };
-  // The items above the last MARK, taken: returns where they began.
-  auto take_marked = [&](const char* op, bool pairs, bool below) {
-    if (marks.empty()) bad(std::string("has a ") + op + " without its MARK");
+  auto at_least = [&](size_t n, const char* op) {
+    if (stack.size() < n)
+      bad(has(op) + " that takes " + std::to_string(n) + " items from a stack of " +
+          std::to_string(stack.size()));
+  };
+  // Where the items above the last MARK begin; the MARK is taken.
+  auto marked = [&](const char* op, bool pairs, bool below) {
+    if (marks.empty()) bad(has(op) + " without its MARK");
     const size_t start = marks.back();
     marks.pop_back();
-    if (start > stack.size()) bad(std::string("has a ") + op + " whose MARK is no longer on the stack");
-    if (pairs && (stack.size() - start) % 2 != 0) bad(std::string("has a ") + op + " of a key without its value");
-    if (below && start == 0) bad(std::string("has a ") + op + " with nothing below its MARK");
+    if (start > stack.size()) bad(has(op) + " whose MARK is no longer on the stack");
+    if (pairs && (stack.size() - start) % 2 != 0) bad(has(op) + " of a key without its value");
+    if (below && start == 0) bad(has(op) + " with nothing below its MARK");
     return start;
   };
   auto text = [&](const Pushed& v) { return std::string(p.data() + v.at, p.data() + v.at + v.length); };
@@ -213,14 +250,23 @@ void check_pickle(const File& f, const std::string& name, const std::vector<unsi
       bad("has a storage of " + std::to_string(elements) + " elements of " + std::to_string(element) +
           " bytes in record '" + record + "' of " + std::to_string(found->second) + " bytes");
   };
+  auto fresh = [&] {  // an empty list, dict or tuple
+    boxes.push_back({1, false});
+    Pushed v;
+    v.box = static_cast<uint32_t>(boxes.size() - 1);
+    return v;
+  };
   if (p.empty() || p[0] != 0x80) bad("does not begin with PROTO");
   while (at < p.size()) {
     op_at = at;
     const unsigned char op = p[at++];
-    std::optional<Pushed> pushed;  // what this opcode pushes last, if it pushes
+    std::optional<Pushed> pushed;  // a value this opcode pushes
     std::optional<std::vector<Pushed>> made;
     switch (op) {
       case '.':  // STOP
+        if (stack.size() != 1 || !marks.empty())
+          bad("ends with " + std::to_string(stack.size()) + " values and " + std::to_string(marks.size()) +
+              " MARKs on its stack");
         return;
       case 0x80:  // PROTO
         if (op_at != 0) bad("has a PROTO after its start");
@@ -261,61 +307,64 @@ void check_pickle(const File& f, const std::string& name, const std::vector<unsi
         pushed = Pushed{Pushed::kInt, 0, 0, static_cast<int64_t>(arg(8))};
         break;
       case 'G': arg(8), pushed = Pushed{}; break;  // BINFLOAT
-      case 'N': case 0x88: case 0x89: case ']': case '}': case ')':  // NONE, NEWTRUE, NEWFALSE, empty containers
-        pushed = Pushed{};
-        break;
+      case 'N': case 0x88: case 0x89: pushed = Pushed{}; break;  // NONE, NEWTRUE, NEWFALSE
+      case ']': case '}': case ')': pushed = fresh(); break;  // EMPTY_LIST, EMPTY_DICT, EMPTY_TUPLE
       case 'c': {  // GLOBAL: a storage's type, or a callable for REDUCE and BUILD
         const std::string module = line(), cls = line();
         const int64_t element = module == "torch" ? storage_element_size(cls) : 0;
         if (element > 0) pushed = Pushed{Pushed::kStorageType, 0, 0, element};
         else if (callable_global(module, cls)) pushed = Pushed{Pushed::kGlobal};
-        else bad("has the global " + module + "." + cls + ", which LibTorch's pickler does not write");
+        else bad("has the global " + module.substr(0, 80) + "." + cls.substr(0, 80) + ", which blpa does not write");
       } break;
       case 't': {  // TUPLE
-        const size_t start = take_marked("TUPLE", false, false);
+        const size_t start = marked("TUPLE", false, false);
         if (stack.size() - start == 5) made.emplace(stack.begin() + static_cast<std::ptrdiff_t>(start), stack.end());
-        stack.resize(start);
-        pushed = Pushed{};
+        contain(start, nullptr, "TUPLE");
       } break;
       case 0x85: case 0x86: case 0x87:  // TUPLE1, TUPLE2, TUPLE3
-        pop(op - 0x84u, "TUPLE1/2/3");
-        pushed = Pushed{};
+        at_least(op - 0x84u, "TUPLE1/2/3");
+        contain(stack.size() - (op - 0x84u), nullptr, "TUPLE1/2/3");
         break;
-      case 'Q':  // BINPERSID
+      case 'Q':  // BINPERSID: a storage, from the tuple on top
         if (!built) bad("has a storage whose tuple is not what LibTorch's pickler writes");
         check_storage(*built);
-        pop(1, "BINPERSID");
-        pushed = Pushed{};
+        stack.back() = Pushed{};
         break;
       case 'l':  // LIST
-        stack.resize(take_marked("LIST", false, false));
-        pushed = Pushed{};
-        break;
-      case 'e':  // APPENDS: to the list below the MARK
-        stack.resize(take_marked("APPENDS", false, true));
+        contain(marked("LIST", false, false), nullptr, "LIST");
         break;
       case 'd':  // DICT
-        stack.resize(take_marked("DICT", true, false));
-        pushed = Pushed{};
+        contain(marked("DICT", true, false), nullptr, "DICT");
         break;
-      case 'u':  // SETITEMS: into the dict below the MARK
-        stack.resize(take_marked("SETITEMS", true, true));
-        break;
+      case 'e':  // APPENDS, SETITEMS: into the list or dict below the MARK
+      case 'u': {
+        const char* name_of = op == 'e' ? "APPENDS" : "SETITEMS";
+        const size_t start = marked(name_of, op == 'u', true);
+        contain(start, &stack[start - 1], name_of);
+      } break;
       case 's':  // SETITEM: a key and a value into the dict below them
-        if (stack.size() < 3) pop(3, "SETITEM");
-        pop(2, "SETITEM");
+        at_least(3, "SETITEM");
+        contain(stack.size() - 2, &stack[stack.size() - 3], "SETITEM");
         break;
       case 0x81:  // NEWOBJ: drops the top
-        pop(1, "NEWOBJ");
+        at_least(1, "NEWOBJ");
+        stack.pop_back();
         break;
       case 'b':  // BUILD, REDUCE: call the global below the top with the top
-      case 'R':
-        if (stack.size() < 2) pop(2, op == 'b' ? "BUILD" : "REDUCE");
+      case 'R': {
+        at_least(2, op == 'b' ? "BUILD" : "REDUCE");
         if (stack[stack.size() - 2].kind != Pushed::kGlobal)
-          bad(std::string("has a ") + (op == 'b' ? "BUILD" : "REDUCE") + " whose callable is not a global");
-        pop(2, "");
-        pushed = Pushed{};
-        break;
+          bad(has(op == 'b' ? "BUILD" : "REDUCE") + " whose callable is not a global");
+        // The result may be the argument or hold what it held (a module's attributes): as deep, and sealed.
+        const Pushed argument = stack.back();
+        stack.resize(stack.size() - 2);
+        Box& b = boxes[argument.box];
+        b.sealed = true;
+        boxes.push_back({b.depth, true});
+        Pushed result;
+        result.box = static_cast<uint32_t>(boxes.size() - 1);
+        pushed = result;
+      } break;
       default: {
         char hex[8];
         std::snprintf(hex, sizeof hex, "0x%02x", op);
@@ -331,7 +380,8 @@ void check_pickle(const File& f, const std::string& name, const std::vector<unsi
 
 // One line of the code LibTorch writes for a C++ module's class: "class <name>(Module):", then
 // indented by two spaces "__parameters__ = [\"<name>\", ...]" (or __buffers__),
-// "__annotations__ = []", "__annotations__[\"<name>\"] = <type>" or "<name> : <type>".
+// "__annotations__ = []", "__annotations__[\"<name>\"] = <type>" or "<name> : <type>", where
+// a type is a name, perhaps dotted, with at most four levels of brackets ("List[int]").
 bool module_line(std::string_view s) {
   auto word = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; };
   auto eat = [&](std::string_view text) {
@@ -352,8 +402,14 @@ bool module_line(std::string_view s) {
     s.remove_prefix(end + 1);
     return true;
   };
-  auto type = [&] {
-    return !s.empty() && std::all_of(s.begin(), s.end(), [&](char c) { return word(c) || std::strchr(".[], ", c); });
+  auto type = [&] {  // short and shallow: TorchScript's parser recurses per bracket and per dot
+    int depth = 0, deepest = 0;
+    for (const char c : s) {
+      if (!word(c) && !std::strchr(".[], ", c)) return false;
+      depth += c == '[' ? 1 : c == ']' ? -1 : 0;
+      deepest = std::max(deepest, depth);
+    }
+    return !s.empty() && s.size() <= 200 && deepest <= 4;
   };
   if (s.empty()) return true;
   if (eat("class ")) return name() && s == "(Module):";
@@ -391,18 +447,16 @@ void check_code(const File& f, const std::string& name, const std::vector<unsign
 
 void verify_archive(const std::string& path) {
   const File f(path);
-  // The end-of-central-directory record: the last 22 bytes, or earlier when a comment follows.
-  const int64_t tail = std::min<int64_t>(f.size, 22 + 65535);
+  // The end-of-central-directory record: the last 22 bytes, with no comment (LibTorch writes
+  // none). Where a comment or other bytes followed it, a second directory hidden in them could
+  // be the one LibTorch's reader finds (miniz looks for the last record's signature), unchecked.
+  const int64_t tail = std::min<int64_t>(f.size, 22 + 56 + 20);  // with zip64's record and locator
   if (tail < 22) f.damaged("too short to be a zip archive");
   std::vector<unsigned char> t(tail);
   f.read(f.size - tail, t.data(), tail);
-  int64_t end = -1;
-  for (int64_t i = tail - 22; i >= 0; --i)
-    if (le(&t[i], 4) == kEnd && i + 22 + static_cast<int64_t>(le(&t[i + 20], 2)) == tail) {
-      end = i;
-      break;
-    }
-  if (end < 0) f.damaged("no zip directory at its end");
+  const int64_t end = tail - 22;
+  if (le(&t[end], 4) != kEnd || le(&t[end + 20], 2) != 0)
+    f.damaged("no zip directory at its end (or bytes after it, which LibTorch does not write)");
   uint64_t entries = le(&t[end + 10], 2), cd_size = le(&t[end + 12], 4), cd_offset = le(&t[end + 16], 4);
   // Zip64 (LibTorch writes it always): a locator just before the record points to the real one.
   if (end >= 20 && le(&t[end - 20], 4) == kLocator64) {
@@ -431,8 +485,10 @@ void verify_archive(const std::string& path) {
     const size_t name_len = le(h + 28, 2), extra_len = le(h + 30, 2), comment_len = le(h + 32, 2);
     if (pos + 46 + name_len + extra_len + comment_len > cd.size()) f.damaged("bad zip directory entry");
     const std::string name(reinterpret_cast<const char*>(h + 46), name_len);
-    // Sizes and offsets that do not fit 32 bits are in the zip64 extra field, in this order.
-    for (size_t x = 46 + name_len; x + 4 <= 46 + name_len + extra_len;) {
+    // Sizes and offsets that do not fit 32 bits are in the zip64 extra field, in this order;
+    // the first such field counts, as in LibTorch's reader (miniz).
+    bool zip64 = false;
+    for (size_t x = 46 + name_len; x + 4 <= 46 + name_len + extra_len && !zip64;) {
       const uint64_t id = le(h + x, 2), n = le(h + x + 2, 2);
       if (x + 4 + n > 46 + name_len + extra_len) f.damaged("bad extra field of '" + name + "'");
       if (id == 1) {
@@ -443,6 +499,7 @@ void verify_archive(const std::string& path) {
           v = le(h + at, 8), at += 8;
         };
         next(size), next(compressed), next(local);
+        zip64 = true;
       }
       x += 4 + n;
     }

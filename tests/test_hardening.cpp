@@ -324,8 +324,11 @@ TEST_CASE("hardening: a crafted pickle cannot make the reader allocate or read w
                               "X\x03\0\0\0cpuq\x03K\x02tQq\x04"s;
   const std::string again = "(h\0h\x01X\x01\0\0\0" "1q\x05h\x03K\x02tQq\x06"s;  // a second, from the memo
   const std::string eight(8, '\0'), four(4, '\0');
-  CHECK_NOTHROW(blpa::verify_archive(archive("good", {{"data.pkl", proto + "X\x03\0\0\0abcq\0h\0\x85."s}})));
-  CHECK_NOTHROW(blpa::verify_archive(archive("memo", {{"data.pkl", proto + "Nq\0Nr\x01\0\0\0q\x01h\x01\x86."s}})));
+  CHECK_NOTHROW(blpa::verify_archive(archive("good", {{"data.pkl", proto + "X\x03\0\0\0abcq\0h\0\x86."s}})));
+  CHECK_NOTHROW(blpa::verify_archive(archive("memo", {{"data.pkl", proto + "Nq\0Nr\x01\0\0\0q\x01h\x01\x87."s}})));
+  // Lists and dicts filled as the pickler fills them, after their memo entry; a module built.
+  CHECK_NOTHROW(blpa::verify_archive(archive(
+      "filled", {{"data.pkl", proto + "c__torch__.___torch_mangle_12\nModule\n)\x81}q\0(X\x01\0\0\0" "a]q\x01(K\x01" "eub."s}})));
   CHECK_NOTHROW(blpa::verify_archive(
       archive("storages", {{"data.pkl", proto + storage + again + "\x86."s}, {"data/0", eight}, {"data/1", eight}})));
   const std::vector<std::tuple<std::string, Records, std::string>> bad{
@@ -370,10 +373,20 @@ TEST_CASE("hardening: a crafted pickle cannot make the reader allocate or read w
       {"a TUPLE without a MARK", {{"x.pkl", proto + "Nt."s}}, "has a TUPLE without its MARK at byte 3"},
       {"a memo entry of an empty stack", {{"x.pkl", proto + "q\0."s}},
        "stores an empty stack's top in the memo at byte 2"},
-      // Calls whose effect on the stack the walk cannot know.
+      {"two values left", {{"x.pkl", proto + "NN."s}}, "ends with 2 values and 0 MARKs on its stack at byte 4"},
+      // Calls whose effect on the stack the walk cannot know, or that blpa never writes.
       {"a REDUCE of a number", {{"x.pkl", proto + "K\0NR."s}}, "has a REDUCE whose callable is not a global at byte 5"},
-      {"a global the pickler does not write", {{"x.pkl", proto + "ctorch._tensor\n_rebuild_from_type_v2\n."s}},
-       "has the global torch._tensor._rebuild_from_type_v2, which LibTorch's pickler does not write at byte 2"},
+      {"a global blpa does not write", {{"x.pkl", proto + "ctorch._tensor\n_rebuild_from_type_v2\n."s}},
+       "has the global torch._tensor._rebuild_from_type_v2, which blpa does not write at byte 2"},
+      // A registered C++ class: its __setstate__ ran on the pickle's values and crashed blpa-eval.
+      {"a TorchScript custom class", {{"x.pkl", proto + "c__torch__.torch.classes.quantized\nConv2dPackedParamsBase\n."s}},
+       "has the global __torch__.torch.classes.quantized.Conv2dPackedParamsBase, which blpa does not write"},
+      // LibTorch frees nested values recursively: 200,000 tuples deep overflowed its stack.
+      {"tuples nested 33 deep", {{"x.pkl", proto + "N"s + std::string(33, '\x85') + "."s}},
+       "nests containers more than 32 deep at byte 35"},
+      // A list filled after it went into a tuple would deepen the tuple unseen.
+      {"a list filled after it was placed", {{"x.pkl", proto + "]q\0\x85h\0(Ne."s}},
+       "has an APPENDS into a container that is not a new list or dict at byte 10"},
   };
   for (size_t i = 0; i < bad.size(); ++i) {
     const auto& [what, records, message] = bad[i];
@@ -390,12 +403,23 @@ TEST_CASE("hardening: a crafted pickle cannot make the reader allocate or read w
       {module + "  def __setstate__(self, state: Tensor) -> None:\n",
        "line 4 is not a module's attribute: '  def __setstate__(self, state: Tensor) -> None:'"},
       {module + "  __annotations__[\"x\"] = torch.zeros([1 << 40])\n", "line 4 is not a module's attribute"},
+      {module + "  x : " + std::string(5, '[') + "int" + std::string(5, ']') + "\n", "line 4 is not a module's attribute"},
       {"class Module(Module):\n  __parameters__ = [\"a\\\"\", ]\n", "line 2 is not a module's attribute"},
   };
   for (size_t i = 0; i < code.size(); ++i)
     CHECK_THROWS_WITH(blpa::verify_archive(archive("code" + std::to_string(i),
                                                    {{"x.pkl", proto + "N."s}, {"code/__torch__/M.PY", code[i].first}})),
                       Catch::Contains("code/__torch__/M.PY' " + code[i].second));
+  // A second directory in a zip comment (or in bytes after the directory) is the one LibTorch's
+  // reader would find: the walk's checks were passed by the first, and its 4 GB allocation came back.
+  for (const std::string& after : {"xx"s, "junk"s}) {
+    std::string bytes = slurp(archive("good", {{"data.pkl", proto + "N."s}}));
+    if (after == "xx") bytes[bytes.size() - 2] = 2;  // the directory's comment: its length, then the bytes
+    bytes += after;
+    std::ofstream(dir / "after.ckpt", std::ios::binary) << bytes;
+    CHECK_THROWS_WITH(blpa::verify_archive((dir / "after.ckpt").string()),
+                      Catch::Contains("no zip directory at its end (or bytes after it"));
+  }
   // A code record that would inflate past the bound, refused before it is inflated.
   const std::string zeros(17 << 20, '\0');
   CHECK_THROWS_WITH(blpa::verify_archive(archive("bomb", {{"code/x.py", zeros}}, true)),
