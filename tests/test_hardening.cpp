@@ -384,6 +384,8 @@ TEST_CASE("hardening: a crafted pickle cannot make the reader allocate or read w
       // LibTorch frees nested values recursively: 200,000 tuples deep overflowed its stack.
       {"tuples nested 33 deep", {{"x.pkl", proto + "N"s + std::string(33, '\x85') + "."s}},
        "nests containers more than 32 deep at byte 35"},
+      {"more values than any checkpoint's", {{"x.pkl", proto + std::string((1 << 21) + 1, 'N') + "."s}},
+       "holds more than 2097152 values on its stack or in its memo at byte 2097154"},
       // A list filled after it went into a tuple would deepen the tuple unseen.
       {"a list filled after it was placed", {{"x.pkl", proto + "]q\0\x85h\0(Ne."s}},
        "has an APPENDS into a container that is not a new list or dict at byte 10"},
