@@ -816,7 +816,7 @@ void save_checkpoint(const std::string& path, const std::string& identity, const
 // A dict of tensors in torch.save's zip format. torch::pickle_save would tag the dict with a
 // TorchScript type that torch.load's default weights_only=True refuses, so the pickler runs
 // here with tagging off.
-void export_state_dict(const std::string& path, ResNet& model) {
+void export_state_dict(const std::string& path, ResNet& model, const std::string& run_id) {
   if (!all_finite(model)) throw std::runtime_error("--export " + path + ": the weights are not finite; nothing written");
   c10::impl::GenericDict dict(c10::StringType::get(), c10::TensorType::get());
   for (const auto& p : model->named_parameters()) dict.insert(p.key(), p.value().detach().cpu());
@@ -831,9 +831,21 @@ void export_state_dict(const std::string& path, ResNet& model) {
   {
     caffe2::serialize::PyTorchStreamWriter writer([&](const void* data, size_t n) { return file.write(data, n); });
     torch::jit::writeArchiveAndTensors("data", pickle.data(), pickle.size(), pickler.tensorData(), writer);
+    if (!run_id.empty()) writer.writeRecord("blpa_run_id", run_id.data(), run_id.size());
     writer.writeEndOfFile();
   }
   file.commit();
+}
+
+std::optional<std::string> exported_run_id(const std::string& path) {
+  try {
+    caffe2::serialize::PyTorchStreamReader reader(path);
+    if (!reader.hasRecord("blpa_run_id")) return std::string();
+    const auto [data, n] = reader.getRecord("blpa_run_id");
+    return std::string(static_cast<const char*>(data.get()), std::min<size_t>(n, 64));
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
 }
 
 }  // namespace blpa

@@ -19,6 +19,7 @@
 #include <fmt/format.h>
 #include <fstream>
 #include <map>
+#include <random>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -347,12 +348,12 @@ std::string TrainConfig::json() const {
       "\"iterations\": {}, \"lr\": {}, \"warmup\": {}, \"warmup_lr\": {}, \"steps\": [{}], \"factor\": {}, "
       "\"momentum\": {}, \"weight_decay\": {}, \"device\": {}, \"seed\": {}, \"threads\": {}, \"workers\": {}, "
       "\"world\": {}, \"cuda_graphs\": {}, \"precision\": {}, \"memory_format\": {}, \"train_list\": {}, "
-      "\"val_list\": {}}}",
+      "\"val_list\": {}, \"run_id\": {}}}",
       json_string(dataset), json_string(data_dir), train_subset, test_subset, augment, json_string(arch), depth, json_string(mode.str()),
       (mode.mode == Mode::blpa || mode.mode == Mode::naive) ? mode.bits : 32, batch, accum_steps, iterations, lr,
       warmup, warmup_lr, fmt::join(steps, ", "), factor, momentum, weight_decay, json_string(device), seed, threads,
       workers, dist.world, json_string(cuda_graphs), json_string(precision), json_string(memory_format),
-      json_string(train_list), json_string(val_list));
+      json_string(train_list), json_string(val_list), json_string(run_id));
 }
 
 void TrainConfig::validate() const {
@@ -567,11 +568,46 @@ void check_log_is_this_runs(const std::string& path, const TrainConfig& c) {
   }
   if (!differ.empty())
     throw FlagError("--log " + path + " is the log of another run:" + differ + "\ngive the log of checkpoint " +
+  const std::string theirs = json_field(first, "run_id");
+  if (differ.empty() && theirs.size() > 2 && theirs != json_field(ours, "run_id"))
+    differ = fmt::format("\n  run_id: log {}, checkpoint {}", theirs, json_field(ours, "run_id"));
                     c.checkpoint + "'s run, or another path");
 }
 
 // --resume: the records of iterations after the checkpoint's are recomputed by the resumed
 // run, so they leave the log (rewritten atomically), which then reads as one run. So does a
+// --resume: a summary or an export already there is replaced when the run ends, so it must be
+// this run's (one written before run ids existed is taken to be).
+void check_outputs_are_this_runs(const TrainConfig& c) {
+  auto refuse = [&](const std::string& flag, const std::string& path, const std::string& why) {
+    throw FlagError(flag + " " + path + " " + why + ": it is not checkpoint " + c.checkpoint + "'s run's (run id " +
+                    c.run_id + "); give that run's " + flag + ", or another path");
+  };
+  std::error_code ec;
+  if (!c.summary_path.empty() && fs::is_regular_file(c.summary_path, ec) && fs::file_size(c.summary_path, ec) > 0) {
+    std::ifstream in(c.summary_path);
+    std::string line;
+    std::getline(in, line);
+    if (line.find("\"type\": \"summary\"") == std::string::npos) refuse("--summary", c.summary_path, "is no summary");
+    const std::string theirs = json_field(line, "run_id");
+    if (theirs.size() > 2 && theirs != json_string(c.run_id))
+      refuse("--summary", c.summary_path, "is the summary of run " + theirs.substr(1, theirs.size() - 2));
+  }
+  if (!c.export_path.empty() && fs::is_regular_file(c.export_path, ec) && fs::file_size(c.export_path, ec) > 0) {
+    const auto theirs = exported_run_id(c.export_path);
+    if (!theirs) refuse("--export", c.export_path, "is no export");
+    if (!theirs->empty() && *theirs != c.run_id) refuse("--export", c.export_path, "is the export of run " + *theirs);
+  }
+}
+
+// 16 hex digits, new for every run.
+std::string draw_run_id() {
+  std::random_device device;
+  const uint64_t bits = (uint64_t{device()} << 32 | device()) ^
+                        static_cast<uint64_t>(std::chrono::system_clock::now().time_since_epoch().count());
+  return fmt::format("{:016x}", bits);
+}
+
 // last line without its newline: a record cut short by a full disk or a kill.
 int64_t drop_records_after(const std::string& path, int64_t iteration) {
   std::error_code ec;
@@ -764,6 +800,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   std::exception_ptr refused;
   try {
     if (lead) prepare_outputs(config, locks);
+  if (!config.resume && config.run_id.empty()) config.run_id = draw_run_id();
     else if (config.resume && !fs::exists(config.checkpoint))
       throw FlagError("--resume: checkpoint " + config.checkpoint + " does not exist on rank " +
                       std::to_string(config.dist.rank));
@@ -786,7 +823,10 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   std::unique_ptr<Distributed> dist;
   if (config.dist.enabled()) {
     const std::string backend = config.dist.backend != "auto" ? config.dist.backend : dev.is_cuda() ? "nccl" : "gloo";
+      config.run_id = resumed->config.count("run_id") ? resumed->config.at("run_id") : "";
+      if (config.run_id.empty()) config.run_id = draw_run_id();  // a checkpoint from before run ids
     dist = std::make_unique<Distributed>(config.dist, backend);
+      if (lead) check_outputs_are_this_runs(config);
     std::string why;
     if (refused) {
       try {
@@ -1063,7 +1103,8 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
     s.window_iters = window_iters;
     s.window_loss = window_loss;
     s.window_seconds = std::chrono::duration<double>(Clock::now() - window_start).count();
-    save_checkpoint(config.checkpoint, config.identity(), config.describe(), s, model, opt);
+    save_checkpoint(config.checkpoint, config.identity(), config.describe() + "run_id=" + config.run_id + "\n", s,
+                    model, opt);
     last_good = it;
   };
 
@@ -1219,7 +1260,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
     throw std::runtime_error(error_message(e) + saved);
   }
   result.iteration = it;
-  if (!config.export_path.empty() && !result.interrupted && lead) export_state_dict(config.export_path, model);
+  if (!config.export_path.empty() && !result.interrupted && lead) export_state_dict(config.export_path, model, config.run_id);
   write_summary(result.interrupted ? "interrupted" : "done");
   return result;
 }

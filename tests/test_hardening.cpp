@@ -634,7 +634,8 @@ TEST_CASE("hardening: a resumed run's log reads as one run", "[hardening]") {
   remove_tree(dir);
 }
 
-TEST_CASE("hardening: --resume refuses another run's log, and drops a record cut short", "[hardening]") {
+TEST_CASE("hardening: --resume refuses another run's log, summary or export, and drops a record cut short",
+          "[hardening]") {
   if (!have_fashion_mnist()) return;
   const auto dir = temp_dir("resume-log");
   const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string(), other = (dir / "b.jsonl").string();
@@ -674,6 +675,31 @@ TEST_CASE("hardening: --resume refuses another run's log, and drops a record cut
   CHECK(slurp(log).find("\"ti{") == std::string::npos);
   remove_tree(dir);
 }
+  // Another run of the same settings but --lr (not part of the identity): its log, summary and
+  // export are told apart by their run id, and left as they are. The log's records past the
+  // checkpoint's iteration were removed before run ids.
+  const std::string twin_log = (dir / "twin.jsonl").string(), twin_summary = (dir / "twin.json").string(),
+                    twin_export = (dir / "twin.pt").string();
+  REQUIRE(train(small(dir, {"--log", twin_log, "--summary", twin_summary, "--export", twin_export, "--iterations",
+                            "5", "--lr", "0.05"}),
+                dir)
+              .code == 0);
+  const std::string twin_bytes = slurp(twin_log) + slurp(twin_summary) + slurp(twin_export);
+  const std::vector<std::pair<std::vector<std::string>, std::string>> twins{
+      {{"--log", twin_log}, "--log " + twin_log + " is the log of another run:\n  run_id: log \""},
+      {{"--log", log, "--summary", twin_summary}, "--summary " + twin_summary + " is the summary of run "},
+      {{"--log", log, "--export", twin_export}, "--export " + twin_export + " is the export of run "},
+  };
+  for (const auto& [flags, message] : twins) {
+    std::vector<std::string> args{"--checkpoint", ck, "--iterations", "5", "--resume"};
+    args.insert(args.end(), flags.begin(), flags.end());
+    const Run t = train(small(dir, args), dir);
+    CAPTURE(t.output);
+    CHECK(t.code == 2);
+    CHECK(t.output.find(message) != std::string::npos);
+  }
+  CHECK(slurp(twin_log) + slurp(twin_summary) + slurp(twin_export) == twin_bytes);
+
 
 TEST_CASE("hardening: a run naming a running run's files is refused, and nothing of either is lost", "[hardening]") {
   if (!have_fashion_mnist()) return;

@@ -9,6 +9,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -100,6 +101,10 @@ bool all_finite(ResNet& model, torch::optim::Optimizer* optimizer = nullptr);
 
 // The weights and BatchNorm statistics as a dict of tensors in torch.save's zip format, so
 // Python's torch.load reads it (names as in named_parameters / named_buffers). Atomic.
-void export_state_dict(const std::string& path, ResNet& model);
+// `run_id` (TrainConfig::run_id), if given, goes in a record of its own, "blpa_run_id".
+void export_state_dict(const std::string& path, ResNet& model, const std::string& run_id = "");
+// The run id an export holds; "" for none (an export of another program or before run ids),
+// nullopt for a file that is not a zip archive.
+std::optional<std::string> exported_run_id(const std::string& path);
 
 }  // namespace blpa

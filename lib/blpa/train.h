@@ -62,6 +62,10 @@ struct TrainConfig {
   // writes the log and checkpoints; every rank resumes from the same checkpoint.
   DistConfig dist;
 
+  // Names the run (16 hex digits): drawn when it starts, kept by its checkpoints, written in
+  // its log and summary and export, so that --resume refuses another run's files. Set by
+  // train(); empty for a run that has not started, and in checkpoints older than it.
+  std::string run_id;
   double lr_at(int64_t iteration) const;
   // The fields a checkpoint must agree on to be resumed: they define the model, the data
   // and its order, and the meaning of the optimiser state. The other settings may change on
