@@ -141,7 +141,7 @@ int codec_main(int argc, char** argv) {
   const torch::Device dev(args["device"].as<std::string>());
   if (dev.is_cuda() && !torch::cuda::is_available())
     throw std::runtime_error("--device cuda: no CUDA device is available");
-  if (args["threads"].as<int>() > 0) torch::set_num_threads(args["threads"].as<int>());
+  blpa::set_threads(args["threads"].as<int>());
 
   torch::manual_seed(0);
   const std::vector<int64_t> shape{numel / (channels * hw * hw), channels, hw, hw};
@@ -155,6 +155,7 @@ int codec_main(int argc, char** argv) {
   // As initialised, pack has no divisor (v / 1 is v); drawn, its divisor is gamma, as a unit's.
   const auto divisor = gamma_kind == "ones" ? torch::Tensor() : gamma;
   const int reps = args["reps"].as<int>();
+  if (reps <= 0) throw std::invalid_argument("--reps must be positive");
   blpa::Codes codes;
   const double pack_s = time_per_call(dev, 5, reps, [&] { codes = blpa::pack(v, b, format, divisor); });
   const double near_edge = near_edge_fraction(v, codes, divisor);

@@ -26,6 +26,7 @@
 #include <string_view>
 
 #include "bench.h"
+#include "flags.h"
 
 namespace {
 
@@ -141,6 +142,7 @@ bool parse_common(cxxopts::Options& o, int argc, char** argv, Common& c, cxxopts
   c.batch = args["batch"].as<int64_t>();
   if (c.batch <= 0) throw std::invalid_argument("--batch must be positive");
   c.size = args["size"].as<int64_t>();
+  if (c.size < 0) throw std::invalid_argument("--size must be positive (0: 32 for cifar, 224 for imagenet)");
   if (c.size == 0) c.size = c.net.arch == "cifar" ? 32 : 224;
   const float window = args.count("window") ? args["window"].as<float>() : 0.0f;
   if (args.count("window") && !(window > 0)) throw std::invalid_argument("--window must be positive");
@@ -148,7 +150,7 @@ bool parse_common(cxxopts::Options& o, int argc, char** argv, Common& c, cxxopts
   c.modes = parse_modes(args["mode"].as<std::string>(), args["bits"].as<int>(), window, lift);
   c.device = torch::Device(args["device"].as<std::string>());
   if (c.device.is_cuda() && !torch::cuda::is_available()) throw std::runtime_error("--device cuda: no CUDA device");
-  if (args["threads"].as<int>() > 0) torch::set_num_threads(args["threads"].as<int>());
+  blpa::set_threads(args["threads"].as<int>());
   c.numerics = parse_numerics(args, c.device);
   c.json = args.count("json") > 0;
   return true;
@@ -704,6 +706,7 @@ int max_batch_main(int argc, char** argv) {
   const int64_t accum = args["accum-steps"].as<int64_t>();
   if (budget <= 0) throw std::invalid_argument("--budget-gib must be positive");
   if (accum <= 0) throw std::invalid_argument("--accum-steps must be positive");
+  if (args["max"].as<int64_t>() < accum) throw std::invalid_argument("--max must be at least --accum-steps");
   const int64_t cap = args["max"].as<int64_t>() / accum;  // the search runs over the parts' size
   std::map<std::string, int64_t> best;
   for (const auto& mode : c.modes) {
@@ -861,7 +864,7 @@ int fidelity_main(int argc, char** argv) {
   const int64_t batch = args["batch"].as<int64_t>(), size = args["size"].as<int64_t>();
   if (batch <= 0 || size <= 0) throw std::invalid_argument("--batch and --size must be positive");
   const uint64_t seed = args["seed"].as<uint64_t>();
-  if (args["threads"].as<int>() > 0) torch::set_num_threads(args["threads"].as<int>());
+  blpa::set_threads(args["threads"].as<int>());
   const blpa::Numerics numerics = parse_numerics(args, torch::kCPU);  // the fidelity bench runs on the CPU
   std::vector<ModeConfig> modes;
   for (const auto& m : split(args["modes"].as<std::string>()))

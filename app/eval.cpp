@@ -71,8 +71,8 @@ int main(int argc, char** argv) {
     blpa::numerics_for(e.options.precision, e.options.memory_format, torch::Device(e.options.device));  // the names
     e.options.progress = a.count("quiet") == 0 && a.count("json") == 0;
     json = a.count("json") > 0;
-    if (e.options.batch <= 0 || e.options.workers < 0)
-      throw std::invalid_argument("--batch must be positive and --workers >= 0");
+    if (e.options.batch <= 0 || e.options.workers < 0 || e.options.workers > blpa::kMaxWorkers)
+      throw std::invalid_argument("--batch must be positive and --workers 0 to " + std::to_string(blpa::kMaxWorkers));
     if (e.options.workers == 0) e.options.workers = blpa::default_workers("imagenet", 1);
     if (e.options.crop <= 0 || e.options.resize_short < e.options.crop)
       throw std::invalid_argument("--crop must be positive and at most --resize");

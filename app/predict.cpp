@@ -365,7 +365,8 @@ int main(int argc, char** argv) {
     if (o.top_k <= 0) throw FlagError("--top-k must be positive");
     if (o.split != "test" && o.split != "train")
       throw FlagError("--split must be test or train, got '" + o.split + "'");
-    if (o.eval.batch <= 0 || o.eval.workers < 0) throw FlagError("--batch must be positive and --workers >= 0");
+    if (o.eval.batch <= 0 || o.eval.workers < 0 || o.eval.workers > blpa::kMaxWorkers)
+      throw FlagError("--batch must be positive and --workers 0 to " + std::to_string(blpa::kMaxWorkers));
     if (o.eval.workers == 0) o.eval.workers = blpa::default_workers("imagenet", 1);
     if (o.eval.crop <= 0 || o.eval.resize_short < o.eval.crop)
       throw FlagError("--crop must be positive and at most --resize");

@@ -387,12 +387,14 @@ void TrainConfig::validate() const {
     bad("--model must be cifar or imagenet, got '" + arch + "'");
   }
   if (train_subset < 0 || test_subset < 0) bad("--train-subset and --test-subset must be >= 0 (0: all)");
-  if (threads < 0) bad("--threads must be >= 0 (0: LibTorch's default)");
+  if (threads < 0 || threads > kMaxThreads)
+    bad("--threads must be 0 (LibTorch's default) to " + std::to_string(kMaxThreads));
   if (resume && checkpoint.empty()) bad("--resume needs --checkpoint PATH");
   if (resume && overwrite) bad("--resume continues a run and --overwrite starts a new one: give one of them");
   if (log_every <= 0 || eval_every < 0 || checkpoint_every <= 0)
     bad("--log-every and --checkpoint-every must be positive, --eval-every >= 0");
-  if (workers < 0 || prefetch <= 0) bad("--workers must be >= 0 and --prefetch positive");
+  if (workers < 0 || workers > kMaxWorkers || prefetch <= 0)
+    bad("--workers must be 0 (automatic) to " + std::to_string(kMaxWorkers) + " and --prefetch positive");
   if (dist.local_world < 1) bad("LOCAL_WORLD_SIZE must be positive");
   if (accum_steps <= 0 || batch % accum_steps != 0) bad("--accum-steps must be positive and divide --batch");
   bool cpu = false;

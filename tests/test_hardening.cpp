@@ -139,7 +139,9 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"--iterations", "99999999999999999999"}, "--iterations: '99999999999999999999' is out of range"},
       {{"--depth", "21"}, "--depth 21: a cifar network has depth 9n+2"},
       {{"--model", "imagenet", "--depth", "34"}, "--depth 34: an imagenet network has depth 50, 101, 152 or 200"},
-      {{"--threads", "-3"}, "--threads must be >= 0"},
+      {{"--threads", "-3"}, "--threads must be 0 (LibTorch's default) to 1024"},
+      {{"--threads", "100000"}, "--threads must be 0 (LibTorch's default) to 1024"},  // crashed in OpenMP
+      {{"--workers", "100000"}, "--workers must be 0 (automatic) to 256"},            // and in std::thread
       {{"--train-subset", "-5"}, "--train-subset and --test-subset must be >= 0"},
       {{"--test-subset", "-1"}, "--train-subset and --test-subset must be >= 0"},
       {{"--mode", "fast"}, "--mode: unknown mode 'fast'"},
@@ -171,11 +173,25 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
   CHECK(d.code == 2);
   CHECK(d.output.find("--device must be cpu, cuda or cuda:N") != std::string::npos);
   check_clean(d);
-  for (const char* exe : {BLPA_EVAL_EXE, BLPA_PREDICT_EXE}) {  // 0 is auto, as blpa-train's
-    const Run w = run(exe, {"--checkpoint", "x", "--workers", "-1"}, dir);
-    CAPTURE(exe, w.output);
-    CHECK(w.code == 2);
-    CHECK(w.output.find("--workers >= 0") != std::string::npos);
+  for (const char* exe : {BLPA_EVAL_EXE, BLPA_PREDICT_EXE})  // 0 is auto, as blpa-train's
+    for (const char* workers : {"-1", "100000"}) {
+      const Run w = run(exe, {"--checkpoint", "x", "--workers", workers}, dir);
+      CAPTURE(exe, w.output);
+      CHECK(w.code == 2);
+      CHECK(w.output.find("--workers 0 to 256") != std::string::npos);
+    }
+  // blpa-bench: counts that would print nonsense, and a negative size that reached LibTorch.
+  const std::vector<std::pair<std::vector<std::string>, std::string>> bench{
+      {{"codec", "--numel", "65536", "--reps", "0"}, "--reps must be positive"},
+      {{"codec", "--numel", "65536", "--threads", "-1"}, "--threads must be 0 (LibTorch's default) to 1024"},
+      {{"step", "--model", "cifar:11", "--size", "-4"}, "--size must be positive"},
+      {{"max-batch", "--model", "cifar:11", "--max", "0"}, "--max must be at least --accum-steps"},
+  };
+  for (const auto& [args, message] : bench) {
+    const Run b = run(BLPA_BENCH_EXE, args, dir);
+    CAPTURE(args, b.output);
+    CHECK(b.code == 2);
+    CHECK(b.output.find(message) != std::string::npos);
   }
   remove_tree(dir);
 }

@@ -61,12 +61,12 @@ struct TrainConfig {
   // Data parallelism (world > 1): one process per device; --batch is per rank. Only rank 0
   // writes the log and checkpoints; every rank resumes from the same checkpoint.
   DistConfig dist;
-
   // Names the run (16 hex digits): drawn when it starts, kept by its checkpoints, written in
   // its log and summary and export, so that --resume refuses another run's files. Set by
   // train(); empty for a run that has not started, and in checkpoints older than it.
   std::string run_id;
   double lr_at(int64_t iteration) const;
+
   // The fields a checkpoint must agree on to be resumed: they define the model, the data
   // and its order, and the meaning of the optimiser state. The other settings may change on
   // --resume, and then take effect.
@@ -134,6 +134,9 @@ std::string default_cache_dir();
 // imagenet this machine's cores shared by its `local_world` processes, 1 to 16 each.
 int default_workers(const std::string& dataset, int local_world);
 
+// The most --threads and --workers take: beyond any machine's cores (100,000 threads crashed
+// in OpenMP, 100,000 workers in std::thread).
+constexpr int kMaxThreads = 1024, kMaxWorkers = 256;
 // Evaluates the network stored in a blpa-train checkpoint on its data set's test split
 // (ImageNet: val/, centre crop or 10 crops as `options` say).
 struct CheckpointEval {
