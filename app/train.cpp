@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cmath>
 #include <csignal>
 #include <cstring>
 #include <iostream>
@@ -90,13 +91,17 @@ int main(int argc, char** argv) {
                                         : "; checkpoint " + c.checkpoint + " written, continue with --resume");
       return 128 + sig;
     }
+    // NaN: this process trained no iteration (a resumed run that only finished its evaluation).
+    const std::string last = std::isfinite(r.last_loss) ? fmt::format("loss of the last iteration {:.4f}", r.last_loss)
+                                                        : std::string("no iteration trained in this process");
     if (c.dist.rank == 0)
-      spdlog::info("done: {} iterations, loss of the last iteration {:.4f}, test loss {:.4f}, test error {:.2f}% "
-                   "(top-5 {:.2f}%)",
-                   r.iteration, r.last_loss, r.test_loss, 100 * (1 - r.test_acc), 100 * (1 - r.test_top5));
+      spdlog::info("done: {} iterations, {}, test loss {:.4f}, test error {:.2f}% (top-5 error {:.2f}%)", r.iteration,
+                   last, r.test_loss, 100 * (1 - r.test_acc), 100 * (1 - r.test_top5));
     else
-      spdlog::info("done: {} iterations, loss of the last iteration {:.4f} (rank {}; rank 0 evaluates)", r.iteration,
-                   r.last_loss, c.dist.rank);
+      spdlog::info("done: {} iterations, {} (rank {}; rank 0 evaluates)", r.iteration, last, c.dist.rank);
+    return 0;
+  } catch (const blpa::RunComplete& e) {
+    spdlog::info("{}", e.what());
     return 0;
   } catch (const blpa::FlagError& e) {
     std::cerr << "blpa-train: " << e.what() << "\n";

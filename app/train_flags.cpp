@@ -49,10 +49,10 @@ cxxopts::Options make_options() {
     ("depth", "Network depth", cxxopts::value<S>()->default_value("164"))
     ("mode", "plain, exact, blpa or naive", cxxopts::value<S>()->default_value("blpa"))
     ("bits", "Bits per stored activation for blpa and naive: 8, 4 or 2", cxxopts::value<S>()->default_value("4"))
-    ("window", fmt::format("Width of the codes' window in units of x_hat, for blpa and naive (default: {} at 8 bits, {} at 4, {} at 2, chosen by measured gradient fidelity; the paper's is {})", default_format(8).window, default_format(4).window, default_format(2).window, kPaperWindow), cxxopts::value<S>())
+    ("window", fmt::format("Width of the codes' window in units of x_hat, for blpa and naive (default: {} at 8 bits, {} at 4, {} at 2, chosen by measured gradient fidelity, each with its --lift; the paper's is {}. A window given here has lift 0 unless --lift is given too)", default_format(8).window, default_format(4).window, default_format(2).window, kPaperWindow), cxxopts::value<S>())
     ("lift", fmt::format("How far the window's centre sits above the channel's mean, in units of x_hat (default: {} at 8 bits, {} at 4, {} at 2 with the default window, else 0, the paper's)", default_format(8).lift, default_format(4).lift, default_format(2).lift), cxxopts::value<S>());
   opts.add_options("Precision")
-    ("precision", "fp32, tf32, bf16 or auto. fp32: float32 throughout (TF32 off on CUDA); tf32: CUDA convolutions and matrix products in TF32, float32 tensors (CUDA only); bf16: convolutions and the classifier in bfloat16, with float32 weights, BatchNorm, loss and optimiser, as PyTorch's autocast; auto: tf32 on CUDA, fp32 on the CPU", cxxopts::value<S>()->default_value("auto"))
+    ("precision", "fp32, tf32, bf16 or auto. fp32: float32 throughout (TF32 off on CUDA); tf32: CUDA convolutions and matrix products in TF32, float32 tensors (CUDA only); bf16: convolutions and the classifier in bfloat16, with float32 weights, BatchNorm, loss and optimiser, as PyTorch's autocast; auto: tf32 on CUDA, fp32 on the CPU, and with --resume the checkpoint's", cxxopts::value<S>()->default_value("auto"))
     ("memory-format", "Activation layout: nchw, nhwc (channels-last) or auto (nhwc, measured the faster on CPUs and on an H200; see the README)", cxxopts::value<S>()->default_value("auto"));
   opts.add_options("Optimisation")
     ("batch", "Batch size (of one update)", cxxopts::value<S>()->default_value("128"))

@@ -568,16 +568,14 @@ void check_log_is_this_runs(const std::string& path, const TrainConfig& c) {
     if (!theirs.empty() && theirs != json_field(ours, key))
       differ += fmt::format("\n  {}: log {}, this run {}", key, theirs, json_field(ours, key));
   }
-  if (!differ.empty())
-    throw FlagError("--log " + path + " is the log of another run:" + differ + "\ngive the log of checkpoint " +
   const std::string theirs = json_field(first, "run_id");
   if (differ.empty() && theirs.size() > 2 && theirs != json_field(ours, "run_id"))
     differ = fmt::format("\n  run_id: log {}, checkpoint {}", theirs, json_field(ours, "run_id"));
+  if (!differ.empty())
+    throw FlagError("--log " + path + " is the log of another run:" + differ + "\ngive the log of checkpoint " +
                     c.checkpoint + "'s run, or another path");
 }
 
-// --resume: the records of iterations after the checkpoint's are recomputed by the resumed
-// run, so they leave the log (rewritten atomically), which then reads as one run. So does a
 // --resume: a summary or an export already there is replaced when the run ends, so it must be
 // this run's (one written before run ids existed is taken to be).
 void check_outputs_are_this_runs(const TrainConfig& c) {
@@ -610,6 +608,8 @@ std::string draw_run_id() {
   return fmt::format("{:016x}", bits);
 }
 
+// --resume: the records of iterations after the checkpoint's are recomputed by the resumed
+// run, so they leave the log (rewritten atomically), which then reads as one run. So does a
 // last line without its newline: a record cut short by a full disk or a kill.
 int64_t drop_records_after(const std::string& path, int64_t iteration) {
   std::error_code ec;
@@ -788,6 +788,10 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   config.validate();
   // Resolved before --resume compares the settings: `auto` is not a change.
   config.resolve();
+  if (config.warmup >= config.iterations && config.warmup_lr != config.lr && config.dist.rank == 0)
+    spdlog::warn("--warmup {} is not below --iterations {}: the run trains at --warmup-lr {} throughout, never at "
+                 "--lr {} (give a shorter --warmup, or --warmup 0)",
+                 config.warmup, config.iterations, config.warmup_lr, config.lr);
   const std::string dir = config.data_dir.empty() ? std::string(data::kDebianFashionMnist) : config.data_dir;
   const torch::Device dev(config.device);
   if (dev.is_cuda() && !torch::cuda::is_available()) throw FlagError("--device " + config.device + ": this machine has no CUDA device");
@@ -796,25 +800,38 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   const bool lead = config.dist.rank == 0;  // writes the log, the checkpoints and the outputs
   OutputLocks locks;  // released last, after the final checkpoint, export and summary
   std::optional<Checkpoint> resumed;
+  if (!config.resume && config.run_id.empty()) config.run_id = draw_run_id();
   RunState state;
   // With several ranks, a rank that cannot start (its outputs, its checkpoint) says so to the
   // others at the rendezvous below, instead of leaving them waiting there for --dist-timeout.
   std::exception_ptr refused;
   try {
     if (lead) prepare_outputs(config, locks);
-  if (!config.resume && config.run_id.empty()) config.run_id = draw_run_id();
     else if (config.resume && !fs::exists(config.checkpoint))
       throw FlagError("--resume: checkpoint " + config.checkpoint + " does not exist on rank " +
                       std::to_string(config.dist.rank));
     // The checkpoint's header first: a run that cannot resume fails before the data loads.
     if (config.resume) {
       resumed = read_checkpoint(config.checkpoint);
+      // --precision auto resumes at the checkpoint's precision, where this device has it (tf32
+      // is CUDA's); the layout's auto then follows it.
+      const auto saved = resumed->config.find("precision");
+      if (config_in.precision == "auto" && saved != resumed->config.end() &&
+          (saved->second == "fp32" || saved->second == "bf16" || (saved->second == "tf32" && dev.is_cuda()))) {
+        config.precision = saved->second;
+        config.memory_format = config_in.memory_format;
+        config.resolve_numerics();
+      }
       compare_with_checkpoint(*resumed, config);
+      config.run_id = resumed->config.count("run_id") ? resumed->config.at("run_id") : "";
+      if (config.run_id.empty()) config.run_id = draw_run_id();  // a checkpoint from before run ids
       if (lead && !config.log_path.empty()) check_log_is_this_runs(config.log_path, config);
+      if (lead) check_outputs_are_this_runs(config);
       state = resumed->state;
       if (state.iteration >= config.iterations && !state.pending_eval)
-        throw FlagError(fmt::format("checkpoint {} is at iteration {}: --iterations {} leaves nothing to train",
-                                    config.checkpoint, state.iteration, config.iterations));
+        throw RunComplete(fmt::format("checkpoint {} is at iteration {}, evaluated: with --iterations {} the run "
+                                      "is complete, nothing to do",
+                                      config.checkpoint, state.iteration, config.iterations));
     }
   } catch (const std::exception&) {
     if (!config.dist.enabled()) throw;
@@ -825,10 +842,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   std::unique_ptr<Distributed> dist;
   if (config.dist.enabled()) {
     const std::string backend = config.dist.backend != "auto" ? config.dist.backend : dev.is_cuda() ? "nccl" : "gloo";
-      config.run_id = resumed->config.count("run_id") ? resumed->config.at("run_id") : "";
-      if (config.run_id.empty()) config.run_id = draw_run_id();  // a checkpoint from before run ids
     dist = std::make_unique<Distributed>(config.dist, backend);
-      if (lead) check_outputs_are_this_runs(config);
     std::string why;
     if (refused) {
       try {
@@ -1042,11 +1056,12 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
     auto test = [&](double v) { return known && std::isfinite(v) ? fmt::format("{:.6f}", v) : std::string("null"); };
     f.write(fmt::format(
         "{{\"type\": \"summary\", \"status\": \"{}\", \"iter\": {}, \"iterations\": {}, \"time\": {:.3f}, "
-        "\"wall_s\": {:.3f}, \"train_s\": {:.3f}, \"last_loss\": {:.6g}, \"eval_iter\": {}, \"test_loss\": {}, "
+        "\"wall_s\": {:.3f}, \"train_s\": {:.3f}, \"last_loss\": {}, \"eval_iter\": {}, \"test_loss\": {}, "
         "\"test_acc\": {}, \"test_top5\": {}, \"test_error\": {}, \"images_per_s\": {:.2f}, "
         "\"stored_activation_bytes\": {}, \"peak_bytes\": {}, \"decode_failures\": {}, \"graphed\": {}, "
         "\"config\": {}}}\n",
-        status, it, config.iterations, unix_time(), unix_time() - start_time, secs, result.last_loss,
+        status, it, config.iterations, unix_time(), unix_time() - start_time, secs,
+        std::isfinite(result.last_loss) ? fmt::format("{:.6g}", result.last_loss) : "null",  // null: none trained
         known ? std::to_string(eval_iter) : "null", test(result.test_loss), test(result.test_acc),
         test(result.test_top5), test(1 - result.test_acc), secs > 0 ? images / secs : 0.0, stored,
         std::max(peak_max, memory::peak(dev)), decode_errors.count.load(), graphed != nullptr, config.json()));
@@ -1066,7 +1081,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
     log.write(fmt::format("{{\"type\": \"eval\", \"iter\": {}, \"time\": {:.3f}, \"test_loss\": {:.6g}, "
                           "\"test_acc\": {:.6f}, \"test_top5\": {:.6f}, \"images\": {}, \"failed\": {}}}\n",
                           it, unix_time(), e.loss, e.top1, e.top5, e.count, e.failed));
-    spdlog::info("iteration {}: test loss {:.4f}, test error {:.2f}% (top-5 {:.2f}%)", it, e.loss,
+    spdlog::info("iteration {}: test loss {:.4f}, test error {:.2f}% (top-5 error {:.2f}%)", it, e.loss,
                  100 * (1 - e.top1), 100 * (1 - e.top5));
     return true;
   };
@@ -1077,8 +1092,10 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
         "{} (learning rate {}); training stopped. {}", what, config.lr_at(iteration - 1),
         config.checkpoint.empty() ? std::string("No checkpoint was configured.")
         : last_good < 0 ? "No checkpoint had been written yet, and none is written from non-finite numbers."
-                        : fmt::format("The last good checkpoint, {} (iteration {}), was kept.", config.checkpoint,
-                                      last_good)));
+                        : fmt::format("The last checkpoint of finite numbers, {} (iteration {}), was kept; its "
+                                      "weights may already be on their way to diverging: resume it with a lower "
+                                      "--lr, or start again.",
+                                      config.checkpoint, last_good)));
   };
   auto drain = [&] {
     if (!graphed) return;

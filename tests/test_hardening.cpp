@@ -550,7 +550,7 @@ TEST_CASE("hardening: a divergence keeps the last checkpoint of finite numbers, 
                       dir);
   CAPTURE(r.output);
   REQUIRE(r.code == 3);
-  CHECK(r.output.find("The last good checkpoint, " + ck + " (iteration ") != std::string::npos);
+  CHECK(r.output.find("The last checkpoint of finite numbers, " + ck + " (iteration ") != std::string::npos);
   const auto c = blpa::read_checkpoint(ck);
   CHECK(c.state.iteration >= 4);
   CHECK_NOTHROW(blpa::load_model(c));  // every tensor finite
@@ -675,22 +675,6 @@ TEST_CASE("hardening: --resume refuses another run's log, summary or export, and
   CHECK(n.output.find("holds no blpa-train config record") != std::string::npos);
   CHECK(slurp(dir / "notes.txt") == "my notes\n");
 
-  // A record cut short (a full disk, a kill): the resumed log is whole lines again.
-  std::ofstream(log, std::ios::app) << "{\"type\": \"train\", \"iter\": 3, \"ti";
-  const Run ok = train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "5", "--resume"}), dir);
-  CAPTURE(ok.output);
-  REQUIRE(ok.code == 0);
-  std::ifstream f(log);
-  int lines = 0;
-  for (std::string line; std::getline(f, line); ++lines) {
-    CAPTURE(line);
-    CHECK(line.front() == '{');
-    CHECK(line.back() == '}');
-  }
-  CHECK(lines >= 7);  // config, 1-3, config, 4-5
-  CHECK(slurp(log).find("\"ti{") == std::string::npos);
-  remove_tree(dir);
-}
   // Another run of the same settings but --lr (not part of the identity): its log, summary and
   // export are told apart by their run id, and left as they are. The log's records past the
   // checkpoint's iteration were removed before run ids.
@@ -716,6 +700,22 @@ TEST_CASE("hardening: --resume refuses another run's log, summary or export, and
   }
   CHECK(slurp(twin_log) + slurp(twin_summary) + slurp(twin_export) == twin_bytes);
 
+  // A record cut short (a full disk, a kill): the resumed log is whole lines again.
+  std::ofstream(log, std::ios::app) << "{\"type\": \"train\", \"iter\": 3, \"ti";
+  const Run ok = train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "5", "--resume"}), dir);
+  CAPTURE(ok.output);
+  REQUIRE(ok.code == 0);
+  std::ifstream f(log);
+  int lines = 0;
+  for (std::string line; std::getline(f, line); ++lines) {
+    CAPTURE(line);
+    CHECK(line.front() == '{');
+    CHECK(line.back() == '}');
+  }
+  CHECK(lines >= 7);  // config, 1-3, config, 4-5
+  CHECK(slurp(log).find("\"ti{") == std::string::npos);
+  remove_tree(dir);
+}
 
 TEST_CASE("hardening: a run naming a running run's files is refused, and nothing of either is lost", "[hardening]") {
   if (!have_fashion_mnist()) return;

@@ -148,6 +148,12 @@ TEST_CASE("train: N iterations, then a resume for N more, equal 2N straight bit 
     other.export_path = "";
     other.precision = std::string(precision) == "fp32" ? "bf16" : "fp32";
     CHECK_THROWS_WITH(blpa::train(other), Catch::Contains("precision: checkpoint " + std::string(precision)));
+    // --precision auto resumes at the checkpoint's (the CPU's auto alone is fp32).
+    auto same = c;
+    same.iterations = 22;
+    same.export_path = "";
+    same.precision = "auto";
+    CHECK(blpa::train(same).iteration == 22);
     remove_tree(dir);
   }
 }

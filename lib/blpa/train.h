@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <string>
 #include <vector>
@@ -65,8 +66,8 @@ struct TrainConfig {
   // its log and summary and export, so that --resume refuses another run's files. Set by
   // train(); empty for a run that has not started, and in checkpoints older than it.
   std::string run_id;
-  double lr_at(int64_t iteration) const;
 
+  double lr_at(int64_t iteration) const;
   // The fields a checkpoint must agree on to be resumed: they define the model, the data
   // and its order, and the meaning of the optimiser state. The other settings may change on
   // --resume, and then take effect.
@@ -101,7 +102,7 @@ struct TrainResult {
   int64_t iteration = 0;  // iterations completed
   bool interrupted = false;
   int64_t dropped_log_records = 0;  // --resume: records of iterations past the checkpoint's, removed
-  double last_loss = 0;
+  double last_loss = std::numeric_limits<double>::quiet_NaN();  // NaN: this process trained no iteration
   double test_loss = 0, test_acc = 0, test_top5 = 0;  // last evaluation
 };
 
@@ -137,6 +138,7 @@ int default_workers(const std::string& dataset, int local_world);
 // The most --threads and --workers take: beyond any machine's cores (100,000 threads crashed
 // in OpenMP, 100,000 workers in std::thread).
 constexpr int kMaxThreads = 1024, kMaxWorkers = 256;
+
 // Evaluates the network stored in a blpa-train checkpoint on its data set's test split
 // (ImageNet: val/, centre crop or 10 crops as `options` say).
 struct CheckpointEval {
@@ -174,6 +176,12 @@ torch::optim::SGD make_optimizer(ResNet& model, const TrainConfig& config);
 // Error thrown when the loss, or the weights after an update, stop being finite: training
 // stops and the last checkpoint, which held finite numbers, is kept.
 struct NonFiniteLoss : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Thrown by --resume of a run that has trained all its iterations and evaluated: nothing is
+// done, and blpa-train exits with 0, so that a sweep run again skips the runs it finished.
+struct RunComplete : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
