@@ -15,10 +15,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <optional>
 #include <sstream>
 #include <string_view>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "blpa/image_index.h"  // kMaxClasses
@@ -239,14 +241,21 @@ void check_pickle(const File& f, const std::string& name, const std::vector<unsi
   };
   auto text = [&](const Pushed& v) { return std::string(p.data() + v.at, p.data() + v.at + v.length); };
   const std::string dir = lower(name.substr(0, name.rfind('.'))) + "/";
+  std::unordered_set<std::string> keys;  // the storages named so far
   auto check_storage = [&](const std::vector<Pushed>& t) {
     if (t.size() != 5 || t[0].kind != Pushed::kString || text(t[0]) != "storage" ||
         t[1].kind != Pushed::kStorageType || t[2].kind != Pushed::kString || t[3].kind != Pushed::kString ||
         t[4].kind != Pushed::kInt || t[4].number < 0)
       bad("has a storage whose tuple is not what LibTorch's pickler writes");
+    const std::string key = text(t[2]);
+    if (key.empty() || key.size() > 18 || !std::all_of(key.begin(), key.end(), [](char c) { return c >= '0' && c <= '9'; }))
+      bad("names storage '" + key.substr(0, 40) + "', where LibTorch's pickler writes a number");
+    // LibTorch reads a storage's record whole at each BINPERSID (a record named 10,000 times:
+    // 1.8 GB); the pickler writes each once, and a tensor that shares one takes it from the memo.
+    if (!keys.insert(key).second) bad("names storage '" + key + "' a second time");
     const int64_t elements = t[4].number, element = t[1].number;
     if (elements == 0) return;  // LibTorch reads no record then
-    const std::string record = dir + lower(text(t[2]));
+    const std::string record = dir + key;
     const auto found = records.find(record);
     if (found == records.end()) bad("names storage '" + text(t[2]) + "', which has no record");
     if (static_cast<uint64_t>(elements) > found->second / static_cast<uint64_t>(element))
@@ -383,11 +392,27 @@ void check_pickle(const File& f, const std::string& name, const std::vector<unsi
   bad("ends before its STOP");
 }
 
+// The module classes LibTorch writes: "__torch__.Module", "__torch__.___torch_mangle_<n>.Module".
+bool module_type(std::string_view s) {
+  constexpr std::string_view head = "__torch__.", mangle = "___torch_mangle_", tail = "Module";
+  if (s.substr(0, head.size()) != head) return false;
+  s.remove_prefix(head.size());
+  if (s.substr(0, mangle.size()) == mangle) {
+    s.remove_prefix(mangle.size());
+    size_t n = 0;
+    while (n < s.size() && n < 9 && s[n] >= '0' && s[n] <= '9') ++n;
+    if (n == 0 || n >= s.size() || s[n] != '.') return false;
+    s.remove_prefix(n + 1);
+  }
+  return s == tail;
+}
+
 // One line of the code LibTorch writes for a C++ module's class: "class <name>(Module):", then
 // indented by two spaces "__parameters__ = [\"<name>\", ...]" (or __buffers__),
 // "__annotations__ = []", "__annotations__[\"<name>\"] = <type>" or "<name> : <type>", where
-// a type is a name, perhaps dotted, with at most four levels of brackets ("List[int]").
-bool module_line(std::string_view s) {
+// a type is one that blpa's checkpoints hold: Tensor, int, float, bool, str, List[int],
+// List[float] or a module class.
+bool module_line(std::string_view s, std::string_view* module) {
   auto word = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; };
   auto eat = [&](std::string_view text) {
     if (s.substr(0, text.size()) != text) return false;
@@ -407,14 +432,12 @@ bool module_line(std::string_view s) {
     s.remove_prefix(end + 1);
     return true;
   };
-  auto type = [&] {  // short and shallow: TorchScript's parser recurses per bracket and per dot
-    int depth = 0, deepest = 0;
-    for (const char c : s) {
-      if (!word(c) && !std::strchr(".[], ", c)) return false;
-      depth += c == '[' ? 1 : c == ']' ? -1 : 0;
-      deepest = std::max(deepest, depth);
-    }
-    return !s.empty() && s.size() <= 200 && deepest <= 4;
+  auto type = [&] {
+    static const std::unordered_set<std::string_view> plain{"Tensor", "int",       "float",      "bool",
+                                                             "str",    "List[int]", "List[float]"};
+    if (!module_type(s)) return plain.count(s) > 0;
+    *module = s;
+    return true;
   };
   if (s.empty()) return true;
   if (eat("class ")) return name() && s == "(Module):";
@@ -433,19 +456,52 @@ bool module_line(std::string_view s) {
 // writes no methods for C++ modules). Anything more is refused: TorchScript's importer would
 // compile it, a class's __setstate__ would run while the pickle loads (code from the file, run
 // by blpa-eval), and an enum's call that matches no value pushes nothing, which check_pickle's
-// model of LibTorch's stack does not allow for.
-void check_code(const File& f, const std::string& name, const std::vector<unsigned char>& code) {
+// model of LibTorch's stack does not allow for. The importer's time grows as the square of a
+// class's lines (a class of 100,000 lines: 4 s; of 16 MiB: over 10 minutes), so a record holds
+// kMaxCodeLines at most. Returns the records of the module classes its attributes name.
+constexpr size_t kMaxCodeLines = 65536;  // ResNet-1001's longest: 3,009
+std::vector<std::string> check_code(const File& f, const std::string& name, const std::vector<unsigned char>& code) {
   const std::string_view text(reinterpret_cast<const char*>(code.data()), code.size());
+  const std::string root = lower(name.substr(0, lower(name).rfind("code/")));  // "<archive>/"
+  std::vector<std::string> named;
   size_t number = 1;
   for (size_t at = 0;; ++number) {
     const size_t end = std::min(text.find('\n', at), text.size());
     const std::string_view line = text.substr(at, end - at);
-    if (!module_line(line))
+    std::string_view module;
+    if (number > kMaxCodeLines || !module_line(line, &module))
       f.damaged("record '" + name + "' line " + std::to_string(number) + " is not a module's attribute: '" +
                 std::string(line.substr(0, 80)) + "'");
-    if (end == text.size()) return;
+    if (!module.empty()) {  // __torch__[.___torch_mangle_<n>].Module: code/__torch__[/___torch_mangle_<n>].py
+      std::string path(module.substr(0, module.size() - 7));
+      std::replace(path.begin(), path.end(), '.', '/');
+      named.push_back(root + "code/" + lower(path) + ".py");
+    }
+    if (end == text.size()) return named;
     at = end + 1;
   }
+}
+
+// TorchScript's importer imports a class's attribute types as it imports the class, recursively
+// (a chain of 5,000 classes, each an attribute of the one before, overflowed its stack). Throws
+// when a chain through `named` (each code record's module classes) is deeper than kMaxChain.
+constexpr int kMaxChain = 16;  // blpa's modules nest 5 deep
+void check_module_chains(const File& f, const std::unordered_map<std::string, std::vector<std::string>>& named) {
+  std::unordered_map<std::string, int> depth;  // of the chains below a record, once known
+  std::function<int(const std::string&, int)> below = [&](const std::string& record, int level) {
+    if (level > kMaxChain) f.damaged("has module classes nested more than " + std::to_string(kMaxChain) + " deep");
+    if (const auto known = depth.find(record); known != depth.end()) {
+      if (level + known->second > kMaxChain)
+        f.damaged("has module classes nested more than " + std::to_string(kMaxChain) + " deep");
+      return known->second;
+    }
+    int deepest = 0;
+    if (const auto refs = named.find(record); refs != named.end())
+      for (const auto& r : refs->second) deepest = std::max(deepest, 1 + below(r, level + 1));
+    depth[record] = deepest;
+    return deepest;
+  };
+  for (const auto& [record, refs] : named) below(record, 0);
 }
 
 }  // namespace
@@ -462,6 +518,12 @@ void verify_archive(const std::string& path) {
   const int64_t end = tail - 22;
   if (le(&t[end], 4) != kEnd || le(&t[end + 20], 2) != 0)
     f.damaged("no zip directory at its end (or bytes after it, which LibTorch does not write)");
+  // LibTorch's loader takes a file whose bytes 4 to 7 say "PTMF" for a flatbuffer module, not
+  // a zip archive, and would run its code; LibTorch's writer begins with a record's header.
+  unsigned char head[8];
+  f.read(0, head, sizeof head);
+  if (le(head, 4) != kLocal || std::memcmp(head + 4, "PTMF", 4) == 0)
+    f.damaged("does not begin with a zip record (a file LibTorch would read as another format)");
   uint64_t entries = le(&t[end + 10], 2), cd_size = le(&t[end + 12], 4), cd_offset = le(&t[end + 16], 4);
   // Zip64 (LibTorch writes it always): a locator just before the record points to the real one.
   if (end >= 20 && le(&t[end - 20], 4) == kLocator64) {
@@ -490,6 +552,16 @@ void verify_archive(const std::string& path) {
     const size_t name_len = le(h + 28, 2), extra_len = le(h + 30, 2), comment_len = le(h + 32, 2);
     if (pos + 46 + name_len + extra_len + comment_len > cd.size()) f.damaged("bad zip directory entry");
     const std::string name(reinterpret_cast<const char*>(h + 46), name_len);
+    // miniz returns a "directory" (attribute 0x10, or a name ending in '/') without reading it:
+    // LibTorch would parse an uninitialised buffer in place of the bytes checked here. And
+    // LibTorch looks records up by C strings: a name with a NUL is another record to it.
+    // LibTorch writes attributes 0 and names of these characters.
+    auto plain = [](char ch) { return std::isalnum(static_cast<unsigned char>(ch)) || (ch && std::strchr("._/-", ch)); };
+    if (le(h + 38, 4) != 0 || name.empty() || name.back() == '/' || !std::all_of(name.begin(), name.end(), plain)) {
+      std::string shown = name.substr(0, 80);  // its odd bytes as '?'
+      for (char& ch : shown) ch = std::isprint(static_cast<unsigned char>(ch)) ? ch : '?';
+      f.damaged("has a record named '" + shown + "' of a kind LibTorch's writer does not write");
+    }
     // Sizes and offsets that do not fit 32 bits are in the zip64 extra field, in this order;
     // the first such field counts, as in LibTorch's reader (miniz).
     bool zip64 = false;
@@ -514,6 +586,8 @@ void verify_archive(const std::string& path) {
     list.push_back({name, method, crc, compressed, size, local});
   }
   std::vector<unsigned char> buffer(1 << 20), inflated(1 << 16);
+  std::unordered_map<std::string, std::vector<std::string>> named;  // check_code's, by record
+  uint64_t code_bytes = 0;
   for (const auto& [name, method, crc, compressed, size, local] : list) {
     // Tensors are stored as they are; TorchScript's code records are deflated.
     if (method != 0 && method != 8) f.damaged("record '" + name + "' has an unknown compression method");
@@ -564,8 +638,14 @@ void verify_archive(const std::string& path) {
     }
     if (produced != size || c != crc) f.damaged("record '" + name + "' fails its CRC check");
     if (pickle) check_pickle(f, name, kept, sizes);
-    if (code) check_code(f, name, kept);
+    if (code) {
+      code_bytes += kept.size();
+      if (code_bytes > kMaxParsed)
+        f.damaged("holds more than " + std::to_string(kMaxParsed >> 20) + " MiB of code (ResNet-1001's: 0.9 MiB)");
+      named[lower(name)] = check_code(f, name, kept);
+    }
   }
+  check_module_chains(f, named);
 }
 
 // ---- atomic files --------------------------------------------------------------------------
@@ -775,6 +855,8 @@ void load_training_state(const Checkpoint& c, ResNet& model, torch::optim::Optim
   } catch (const c10::Error& e) {
     std::string why = e.what_without_backtrace();
     throw CheckpointError(c.path + ": its optimiser state cannot be loaded (" + first_line(why) + ")");
+  } catch (const std::exception& e) {  // LibTorch's std::stoull of a state's key that is no number
+    throw CheckpointError(c.path + ": its optimiser state cannot be loaded (" + first_line(e.what()) + ")");
   }
   // As the weights: a momentum buffer is taken as the file has it.
   const auto params = model->named_parameters();

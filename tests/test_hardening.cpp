@@ -438,6 +438,51 @@ TEST_CASE("hardening: a crafted pickle cannot make the reader allocate or read w
     CHECK_THROWS_WITH(blpa::verify_archive((dir / "after.ckpt").string()),
                       Catch::Contains("no zip directory at its end (or bytes after it"));
   }
+  // What a second reader found past those checks, each reproduced by blpa-eval (2026-12-01):
+  auto refused = [&](const std::string& what, const std::string& path, const std::string& message) {
+    CAPTURE(what);
+    CHECK_THROWS_WITH(blpa::verify_archive(path), Catch::Contains("is damaged or truncated: ") && Catch::Contains(message));
+  };
+  // bytes 4-7 "PTMF": LibTorch's loader reads a flatbuffer module, whose code ran;
+  std::string ptmf = slurp(archive("ptmf", {{"data.pkl", proto + "N."s}}));
+  ptmf.replace(4, 4, "PTMF");
+  std::ofstream(dir / "ptmf.ckpt", std::ios::binary) << ptmf;
+  refused("PTMF", (dir / "ptmf.ckpt").string(), "does not begin with a zip record");
+  // a record miniz takes for a directory (read as an uninitialised buffer), or named with a NUL;
+  std::string directory = slurp(archive("directory", {{"data.pkl", proto + "N."s}, {"data/0", eight}}));
+  const size_t entry = directory.rfind("directory/data/0") - 46;  // its central directory entry
+  REQUIRE(directory.compare(entry, 4, "PK\x01\x02") == 0);
+  directory[entry + 38] = 0x10;  // external attributes: MS-DOS's directory bit
+  std::ofstream(dir / "directory.ckpt", std::ios::binary) << directory;
+  refused("a directory", (dir / "directory.ckpt").string(),
+          "has a record named 'directory/data/0' of a kind LibTorch's writer does not write");
+  std::string nul = slurp(archive("nul", {{"data.pkl", proto + "N."s}, {"data/0_x", eight}}));
+  nul[nul.rfind("nul/data/0_x") + 10] = '\0';  // in the central directory's name
+  std::ofstream(dir / "nul.ckpt", std::ios::binary) << nul;
+  refused("a NUL", (dir / "nul.ckpt").string(), "has a record named 'nul/data/0?x' of a kind");
+  // a storage key that is no number, or one named twice (each time read whole: 1.8 GB);
+  refused("a key of letters",
+          archive("letters", {{"data.pkl", proto + "(X\x07\0\0\0storagectorch\nFloatStorage\nX\x01\0\0\0" "aX\x03\0\0\0cpuK\x02tQ."s},
+                              {"data/a", eight}}),
+          "names storage 'a', where LibTorch's pickler writes a number");
+  refused("a key twice",
+          archive("twice", {{"data.pkl", proto + storage + "(h\0h\x01h\x02h\x03K\x02tQ\x86."s}, {"data/0", eight}}),
+          "names storage '0' a second time");
+  // module classes nested 17 deep (the importer recursed per class: 5,000 overflowed its
+  // stack), or in a cycle; and a class of more than 65,536 lines (its import takes the square).
+  Records chain{{"x.pkl", proto + "N."s}};
+  for (int i = 0; i < 17; ++i)
+    chain.emplace_back("code/__torch__/___torch_mangle_" + std::to_string(i) + ".py",
+                       "class Module(Module):\n  x : __torch__.___torch_mangle_" + std::to_string(i + 1) + ".Module\n");
+  refused("a chain of 17", archive("chain", chain), "has module classes nested more than 16 deep");
+  chain.resize(3);
+  chain.emplace_back("code/__torch__/___torch_mangle_2.py", "class Module(Module):\n  x : __torch__.Module\n");
+  chain.emplace_back("code/__torch__.py", "class Module(Module):\n  x : __torch__.___torch_mangle_0.Module\n");
+  refused("a cycle", archive("cycle", chain), "has module classes nested more than 16 deep");
+  std::string long_class = "class Module(Module):\n";
+  for (int i = 0; i < 65536; ++i) long_class += "  a : int\n";
+  refused("65,537 lines", archive("lines", {{"x.pkl", proto + "N."s}, {"code/__torch__.py", long_class}}),
+          "line 65537 is not a module's attribute");
   // A code record that would inflate past the bound, refused before it is inflated.
   const std::string zeros(17 << 20, '\0');
   CHECK_THROWS_WITH(blpa::verify_archive(archive("bomb", {{"code/x.py", zeros}}, true)),
@@ -658,6 +703,15 @@ TEST_CASE("hardening: --resume refuses another run's log, summary or export, and
   REQUIRE(train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "3"}), dir).code == 0);
   REQUIRE(train(small(dir, {"--log", other, "--seed", "7"}), dir).code == 0);
   const std::string other_bytes = slurp(other);
+
+  // A run already complete: nothing to do, and a sweep run again goes on (exit 0).
+  const std::string done_bytes = slurp(ck) + slurp(log);
+  const Run done = train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "3", "--resume"}), dir);
+  CAPTURE(done.output);
+  CHECK(done.code == 0);
+  CHECK(done.output.find("is at iteration 3, evaluated: with --iterations 3 the run is complete, nothing to do") !=
+        std::string::npos);
+  CHECK(slurp(ck) + slurp(log) == done_bytes);
 
   // Another run's log: refused, and none of its records removed.
   const Run r = train(small(dir, {"--checkpoint", ck, "--log", other, "--iterations", "5", "--resume"}), dir);
