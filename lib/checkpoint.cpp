@@ -166,7 +166,7 @@ bool callable_global(const std::string& module, const std::string& cls) {
 // checkpoints (protocol 2, the opcodes of torch/csrc/jit/serialization/pickler.cpp, the
 // globals of callable_global): every length fits in the bytes left, every memo index is the
 // next one or an earlier one, every MARK is still on the stack when its items are taken (as
-// LibTorch 2.15 checks too; earlier versions read past the stack), keys and values come in
+// LibTorch 2.15 checks too; the older source read for this did not), keys and values come in
 // pairs, containers nest at most kMaxNesting deep, every call is of a global whose effect on
 // the stack is known, the pickle ends with one value, and every storage is the tuple the
 // pickler writes, ('storage', torch.<Type>Storage, key, location, elements), made by the
@@ -248,7 +248,8 @@ void check_pickle(const File& f, const std::string& name, const std::vector<unsi
         t[4].kind != Pushed::kInt || t[4].number < 0)
       bad("has a storage whose tuple is not what LibTorch's pickler writes");
     const std::string key = text(t[2]);
-    if (key.empty() || key.size() > 18 || !std::all_of(key.begin(), key.end(), [](char c) { return c >= '0' && c <= '9'; }))
+    auto digit = [](char c) { return c >= '0' && c <= '9'; };
+    if (key.empty() || key.size() > 18 || !std::all_of(key.begin(), key.end(), digit))
       bad("names storage '" + key.substr(0, 40) + "', where LibTorch's pickler writes a number");
     // LibTorch reads a storage's record whole at each BINPERSID (a record named 10,000 times:
     // 1.8 GB); the pickler writes each once, and a tensor that shares one takes it from the memo.
@@ -556,7 +557,9 @@ void verify_archive(const std::string& path) {
     // LibTorch would parse an uninitialised buffer in place of the bytes checked here. And
     // LibTorch looks records up by C strings: a name with a NUL is another record to it.
     // LibTorch writes attributes 0 and names of these characters.
-    auto plain = [](char ch) { return std::isalnum(static_cast<unsigned char>(ch)) || (ch && std::strchr("._/-", ch)); };
+    auto plain = [](char ch) {
+      return std::isalnum(static_cast<unsigned char>(ch)) || (ch != '\0' && std::strchr("._/-", ch));
+    };
     if (le(h + 38, 4) != 0 || name.empty() || name.back() == '/' || !std::all_of(name.begin(), name.end(), plain)) {
       std::string shown = name.substr(0, 80);  // its odd bytes as '?'
       for (char& ch : shown) ch = std::isprint(static_cast<unsigned char>(ch)) ? ch : '?';
