@@ -483,6 +483,18 @@ TEST_CASE("hardening: a crafted pickle cannot make the reader allocate or read w
   for (int i = 0; i < 65536; ++i) long_class += "  a : int\n";
   refused("65,537 lines", archive("lines", {{"x.pkl", proto + "N."s}, {"code/__torch__.py", long_class}}),
           "line 65537 is not a module's attribute");
+  // And what a third reading found: directory entries that share one record's bytes (each read
+  // whole: 3.55 GB from 34 MB), a tensor's record deflated (zeros inflate a thousandfold), and
+  // two names LibTorch's reader cannot tell apart (which one it finds depends on their order).
+  std::string alias = slurp(archive("alias", {{"data.pkl", proto + "N."s}, {"data/0", eight}, {"data/1", eight}}));
+  const size_t first = alias.rfind("alias/data/0") - 46, second = alias.rfind("alias/data/1") - 46;
+  alias.replace(second + 42, 4, alias.substr(first + 42, 4));  // the second entry's local header: the first's
+  std::ofstream(dir / "alias.ckpt", std::ios::binary) << alias;
+  refused("entries sharing bytes", (dir / "alias.ckpt").string(), "has records that share bytes");
+  refused("a deflated tensor", archive("deflated", {{"data/0", eight}}, true),
+          "is compressed (method 8), where LibTorch's writer deflates only code");
+  refused("names equal but for case", archive("case", {{"data.pkl", proto + "N."s}, {"data/0", eight}, {"DATA/0", eight}}),
+          "has two records named 'case/DATA/0' but for their case");
   // A code record that would inflate past the bound, refused before it is inflated.
   const std::string zeros(17 << 20, '\0');
   CHECK_THROWS_WITH(blpa::verify_archive(archive("bomb", {{"code/x.py", zeros}}, true)),
