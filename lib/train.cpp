@@ -1279,7 +1279,8 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
     throw std::runtime_error(error_message(e) + saved);
   }
   result.iteration = it;
-  if (!config.export_path.empty() && !result.interrupted && lead) export_state_dict(config.export_path, model, config.run_id);
+  if (!config.export_path.empty() && !result.interrupted && lead)
+    export_state_dict(config.export_path, model, config.run_id);
   write_summary(result.interrupted ? "interrupted" : "done");
   return result;
 }
