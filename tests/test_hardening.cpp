@@ -376,7 +376,8 @@ TEST_CASE("hardening: a crafted pickle cannot make the reader allocate or read w
       {"a storage of no type", {{"data.pkl", proto + "(X\x07\0\0\0storageK\x06X\x01\0\0\0" "0X\x03\0\0\0cpuK\x01tQ."s},
                                 {"data/0", eight}},
        "has a storage whose tuple is not what LibTorch's pickler writes"},
-      // What LibTorch's TUPLE, DICT and SETITEMS would read or erase past the stack's end.
+      // What the older unpickler source read for this would read or erase past the stack's end
+      // (LibTorch 2.15 checks these itself).
       {"a TUPLE whose MARK was taken", {{"x.pkl", proto + "NN(\x86t."s}},
        "has a TUPLE whose MARK is no longer on the stack at byte 6"},
       {"a DICT whose MARK was taken", {{"x.pkl", proto + "NN(\x86" "d."s}},
