@@ -140,20 +140,30 @@ constexpr int kMaxNesting = 32;  // blpa's checkpoints nest 7 deep
 // a depth of 10,000 (the deepest blpa builds) about ten times that. Bounds the walk's memory.
 constexpr size_t kMaxValues = size_t{1} << 21;
 
+// The module classes LibTorch writes: "__torch__.Module", "__torch__.___torch_mangle_<n>.Module"
+// (the mangle: how TorchScript tells classes of one name apart).
+bool module_type(std::string_view s) {
+  constexpr std::string_view head = "__torch__.", mangle = "___torch_mangle_", tail = "Module";
+  if (s.substr(0, head.size()) != head) return false;
+  s.remove_prefix(head.size());
+  if (s.substr(0, mangle.size()) == mangle) {
+    s.remove_prefix(mangle.size());
+    size_t n = 0;
+    while (n < s.size() && n < 9 && s[n] >= '0' && s[n] <= '9') ++n;
+    if (n == 0 || n >= s.size() || s[n] != '.') return false;
+    s.remove_prefix(n + 1);
+  }
+  return s == tail;
+}
+
 // The globals that blpa's checkpoints call, and what LibTorch's unpickler does for each
 // (unpickler.cpp, readGlobal): pop the argument and push one value. Nothing else is admitted:
 // a TorchScript custom class (__torch__.torch.classes.*) would run its C++ __setstate__ on
 // the pickle's values (one crashed blpa-eval), restore_type_tag parses a type name recursively.
 bool callable_global(const std::string& module, const std::string& cls) {
-  auto mangled = [&] {  // __torch__.___torch_mangle_<n>: how TorchScript tells classes of one name apart
-    const std::string_view prefix = "__torch__.___torch_mangle_";
-    return module.size() > prefix.size() && module.size() <= prefix.size() + 9 && module.rfind(prefix, 0) == 0 &&
-           std::all_of(module.begin() + prefix.size(), module.end(), [](char c) { return c >= '0' && c <= '9'; });
-  };
   return (module == "torch._utils" && cls == "_rebuild_tensor_v2") ||
          (module == "torch.jit._pickle" && (cls == "build_intlist" || cls == "build_doublelist")) ||
-         (module == "collections" && cls == "OrderedDict") ||
-         ((module == "__torch__" || mangled()) && cls == "Module");
+         (module == "collections" && cls == "OrderedDict") || (cls == "Module" && module_type(module + ".Module"));
 }
 
 // LibTorch's unpickler trusts what a pickle says. It allocates a string's length or a memo
@@ -202,6 +212,12 @@ void check_pickle(const File& f, const std::string& name, const std::vector<unsi
     return text;
   };
   auto has = [](const char* op) { return std::string(op[0] == 'A' ? "has an " : "has a ") + op; };
+  auto boxed = [&](int depth, bool sealed) {  // a value in a new box
+    boxes.push_back({depth, sealed});
+    Pushed v;
+    v.box = static_cast<uint32_t>(boxes.size() - 1);
+    return v;
+  };
   // Items [from, end of the stack) go into a container (a new one, or `into`, which must not
   // be sealed): they are sealed, the container's depth covers theirs, and they leave the stack.
   auto contain = [&](size_t from, Pushed* into, const char* op) {
@@ -219,10 +235,7 @@ void check_pickle(const File& f, const std::string& name, const std::vector<unsi
       boxes[into->box].depth = std::max(boxes[into->box].depth, depth + 1);
       return;
     }
-    boxes.push_back({depth + 1, false});
-    Pushed made;
-    made.box = static_cast<uint32_t>(boxes.size() - 1);
-    stack.push_back(made);
+    stack.push_back(boxed(depth + 1, false));
   };
   auto at_least = [&](size_t n, const char* op) {
     if (stack.size() < n)
@@ -262,12 +275,6 @@ void check_pickle(const File& f, const std::string& name, const std::vector<unsi
     if (static_cast<uint64_t>(elements) > found->second / static_cast<uint64_t>(element))
       bad("has a storage of " + std::to_string(elements) + " elements of " + std::to_string(element) +
           " bytes in record '" + record + "' of " + std::to_string(found->second) + " bytes");
-  };
-  auto fresh = [&] {  // an empty list, dict or tuple
-    boxes.push_back({1, false});
-    Pushed v;
-    v.box = static_cast<uint32_t>(boxes.size() - 1);
-    return v;
   };
   if (p.empty() || p[0] != 0x80) bad("does not begin with PROTO");
   while (at < p.size()) {
@@ -321,7 +328,7 @@ void check_pickle(const File& f, const std::string& name, const std::vector<unsi
         break;
       case 'G': arg(8), pushed = Pushed{}; break;  // BINFLOAT
       case 'N': case 0x88: case 0x89: pushed = Pushed{}; break;  // NONE, NEWTRUE, NEWFALSE
-      case ']': case '}': case ')': pushed = fresh(); break;  // EMPTY_LIST, EMPTY_DICT, EMPTY_TUPLE
+      case ']': case '}': case ')': pushed = boxed(1, false); break;  // EMPTY_LIST, EMPTY_DICT, EMPTY_TUPLE
       case 'c': {  // GLOBAL: a storage's type, or a callable for REDUCE and BUILD
         const std::string module = line(), cls = line();
         const int64_t element = module == "torch" ? storage_element_size(cls) : 0;
@@ -371,12 +378,8 @@ void check_pickle(const File& f, const std::string& name, const std::vector<unsi
         // The result may be the argument or hold what it held (a module's attributes): as deep, and sealed.
         const Pushed argument = stack.back();
         stack.resize(stack.size() - 2);
-        Box& b = boxes[argument.box];
-        b.sealed = true;
-        boxes.push_back({b.depth, true});
-        Pushed result;
-        result.box = static_cast<uint32_t>(boxes.size() - 1);
-        pushed = result;
+        boxes[argument.box].sealed = true;
+        pushed = boxed(boxes[argument.box].depth, true);
       } break;
       default: {
         char hex[8];
@@ -391,21 +394,6 @@ void check_pickle(const File& f, const std::string& name, const std::vector<unsi
   }
   op_at = at;
   bad("ends before its STOP");
-}
-
-// The module classes LibTorch writes: "__torch__.Module", "__torch__.___torch_mangle_<n>.Module".
-bool module_type(std::string_view s) {
-  constexpr std::string_view head = "__torch__.", mangle = "___torch_mangle_", tail = "Module";
-  if (s.substr(0, head.size()) != head) return false;
-  s.remove_prefix(head.size());
-  if (s.substr(0, mangle.size()) == mangle) {
-    s.remove_prefix(mangle.size());
-    size_t n = 0;
-    while (n < s.size() && n < 9 && s[n] >= '0' && s[n] <= '9') ++n;
-    if (n == 0 || n >= s.size() || s[n] != '.') return false;
-    s.remove_prefix(n + 1);
-  }
-  return s == tail;
 }
 
 // One line of the code LibTorch writes for a C++ module's class: "class <name>(Module):", then
@@ -466,7 +454,7 @@ constexpr size_t kMaxCodeLines = 65536;  // ResNet-1001's longest: 3,009
 constexpr size_t kMaxLineBytes = 1024;
 std::vector<std::string> check_code(const File& f, const std::string& name, const std::vector<unsigned char>& code) {
   const std::string_view text(reinterpret_cast<const char*>(code.data()), code.size());
-  const std::string root = lower(name.substr(0, lower(name).rfind("code/")));  // "<archive>/"
+  const std::string low = lower(name), root = low.substr(0, low.rfind("code/"));  // "<archive>/"
   std::vector<std::string> named;
   size_t number = 1;
   for (size_t at = 0;; ++number) {
@@ -547,6 +535,7 @@ void verify_archive(const std::string& path) {
   struct Entry {
     std::string name;
     uint64_t method, crc, compressed, size, local;
+    uint64_t signature = 0, data = 0;  // of its local header, and where its bytes begin
   };
   std::vector<Entry> list;
   std::unordered_map<std::string, uint64_t> sizes;  // by name in lower case, as LibTorch's reader finds them
@@ -599,10 +588,12 @@ void verify_archive(const std::string& path) {
   // Records one after another before the directory, as LibTorch writes them: entries that
   // share bytes would each be read whole (93 entries over one record of 32 MiB: 3.55 GB).
   std::vector<std::pair<uint64_t, uint64_t>> spans;  // each record's bytes: its header to its data's end
-  for (const auto& e : list) {
+  for (auto& e : list) {
     unsigned char lh[30];
     f.read(static_cast<int64_t>(e.local), lh, sizeof lh);
-    spans.emplace_back(e.local, e.local + 30 + le(lh + 26, 2) + le(lh + 28, 2) + e.compressed);
+    e.signature = le(lh, 4);
+    e.data = e.local + 30 + le(lh + 26, 2) + le(lh + 28, 2);
+    spans.emplace_back(e.local, e.data + e.compressed);
   }
   std::sort(spans.begin(), spans.end());
   for (size_t i = 0; i < spans.size(); ++i)
@@ -611,7 +602,7 @@ void verify_archive(const std::string& path) {
   std::vector<unsigned char> buffer(1 << 20), inflated(1 << 16);
   std::unordered_map<std::string, std::vector<std::string>> named;  // check_code's, by record
   uint64_t code_bytes = 0;
-  for (const auto& [name, method, crc, compressed, size, local] : list) {
+  for (const auto& [name, method, crc, compressed, size, local, signature, data] : list) {
     // Tensors are stored as they are; only TorchScript's code may be deflated (a tensor's record
     // of zeros inflated a thousandfold: 2 GB from a file of 2.5 MB).
     const bool pickle = is_pickle(name), code = is_code(name), keep = pickle || code;  // bytes kept to check
@@ -622,10 +613,8 @@ void verify_archive(const std::string& path) {
     if ((method == 8 || keep) && size > kMaxParsed)
       f.damaged("record '" + name + "' holds " + std::to_string(size) + " bytes (a checkpoint's code and pickles are " +
                 "under " + std::to_string(kMaxParsed >> 20) + " MiB)");
-    unsigned char lh[30];
-    f.read(static_cast<int64_t>(local), lh, sizeof lh);
-    if (le(lh, 4) != kLocal) f.damaged("record '" + name + "' has no local header");
-    int64_t at = static_cast<int64_t>(local) + 30 + static_cast<int64_t>(le(lh + 26, 2) + le(lh + 28, 2));
+    if (signature != kLocal) f.damaged("record '" + name + "' has no local header");
+    int64_t at = static_cast<int64_t>(data);
     if (at > f.size || compressed > static_cast<uint64_t>(f.size - at)) f.damaged("record '" + name + "' is cut short");
     uLong c = crc32(0L, Z_NULL, 0);
     uint64_t produced = 0;
