@@ -818,7 +818,7 @@ FidelityCase checkpoint_case(const std::string& path, int64_t batch, uint64_t se
     throw std::invalid_argument("fidelity --checkpoint: " + path + " is an ImageNet network, which is not supported");
   const std::string dir = kv["data_dir"].empty() ? std::string(blpa::data::kDebianFashionMnist) : kv["data_dir"];
   blpa::data::Dataset train = blpa::data::load(kv["dataset"], dir, true);
-  const int64_t subset = kv["train_subset"].empty() ? 0 : std::stoll(kv["train_subset"]);
+  const int64_t subset = stored.train_subset;
   if (subset > 0 && subset < train.size()) {
     train.images = train.images.narrow(0, 0, subset).contiguous();
     train.labels = train.labels.narrow(0, 0, subset).contiguous();

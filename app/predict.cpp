@@ -283,9 +283,8 @@ int64_t predict_records(blpa::ResNet& model, const blpa::Checkpoint& ck, const O
   // The trainer's normalisation: the statistics of the training images it used (the first
   // train_subset of them).
   auto train = blpa::data::load(dataset, dir, true);
-  const int64_t train_subset = kv["train_subset"].empty() ? 0 : std::stoll(kv["train_subset"]);
   blpa::data::Dataset used = train;
-  if (train_subset > 0 && train_subset < train.size()) used.images = train.images.narrow(0, 0, train_subset);
+  if (ck.train_subset > 0 && ck.train_subset < train.size()) used.images = train.images.narrow(0, 0, ck.train_subset);
   const auto norm = blpa::data::channel_stats(used);
   const auto records = o.split == "train" ? train : blpa::data::load(dataset, dir, false);
   if (records.images.size(1) != ck.net.in_channels)

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
+#include <charconv>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -503,6 +504,13 @@ void check_module_chains(const File& f, const std::unordered_map<std::string, st
 
 void verify_archive(const std::string& path) {
   const File f(path);
+  // Every LibTorch archive begins with a zip record's signature, whatever follows is lost: a
+  // file that does not is some other file given by mistake (a log, a data file), not damage.
+  unsigned char head[8] = {};
+  f.read(0, head, std::min<int64_t>(f.size, sizeof head));
+  if (f.size >= 4 && le(head, 4) != kLocal)
+    throw CheckpointError(path + " is not a blpa-train checkpoint: it is not a zip archive, as checkpoints are" +
+                          (head[0] == '{' ? " (it reads as JSON: a --log or --summary file?)" : ""));
   // The end-of-central-directory record: the last 22 bytes, with no comment (LibTorch writes
   // none). Where a comment or other bytes followed it, a second directory hidden in them could
   // be the one LibTorch's reader finds (miniz looks for the last record's signature), unchecked.
@@ -515,9 +523,7 @@ void verify_archive(const std::string& path) {
     f.damaged("no zip directory at its end (or bytes after it, which LibTorch does not write)");
   // LibTorch's loader takes a file whose bytes 4 to 7 say "PTMF" for a flatbuffer module, not
   // a zip archive, and would run its code; LibTorch's writer begins with a record's header.
-  unsigned char head[8];
-  f.read(0, head, sizeof head);
-  if (le(head, 4) != kLocal || std::memcmp(head + 4, "PTMF", 4) == 0)
+  if (std::memcmp(head + 4, "PTMF", 4) == 0)
     f.damaged("does not begin with a zip record (a file LibTorch would read as another format)");
   uint64_t entries = le(&t[end + 10], 2), cd_size = le(&t[end + 12], 4), cd_offset = le(&t[end + 16], 4);
   // Zip64 (LibTorch writes it always): a locator just before the record points to the real one.
@@ -776,6 +782,12 @@ Checkpoint read_checkpoint(const std::string& path) {
     if (shape.size() != 2 || shape[0] <= 0 || shape[1] <= 0) throw CheckpointError(path + ": bad network shape");
     c.net.arch = c.config["arch"];
     c.net.depth = std::stoi(c.config.at("depth"));
+    // The trainer's normalisation is the statistics of these images: readers need the number.
+    if (const auto& n = c.config["train_subset"]; !n.empty()) {
+      const auto [p, ec] = std::from_chars(n.data(), n.data() + n.size(), c.train_subset);
+      if (ec != std::errc() || p != n.data() + n.size() || c.train_subset < 0)
+        throw CheckpointError(path + ": bad train_subset '" + n + "'");
+    }
     c.net.mode = parse_mode_config(c.config.at("mode"));
     c.net.in_channels = shape[0];
     c.net.num_classes = shape[1];
@@ -867,11 +879,10 @@ void load_training_state(const Checkpoint& c, ResNet& model, torch::optim::Optim
     torch::serialize::InputArchive o;
     c.archive->read("optimizer", o);
     optimizer.load(o);
-  } catch (const c10::Error& e) {
-    std::string why = e.what_without_backtrace();
+  } catch (const std::exception& e) {  // LibTorch's errors, and its std::stoull of a state's key that is no number
+    const auto* torch_error = dynamic_cast<const c10::Error*>(&e);
+    const std::string why = torch_error ? torch_error->what_without_backtrace() : e.what();
     throw CheckpointError(c.path + ": its optimiser state cannot be loaded (" + first_line(why) + ")");
-  } catch (const std::exception& e) {  // LibTorch's std::stoull of a state's key that is no number
-    throw CheckpointError(c.path + ": its optimiser state cannot be loaded (" + first_line(e.what()) + ")");
   }
   // As the weights: a momentum buffer is taken as the file has it.
   const auto params = model->named_parameters();

@@ -273,8 +273,7 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e) {
     return ran_in(evaluate_images(model, strided_subset(std::move(val), e.subset), e.options));
   }
   // The normalisation is the trainer's: the statistics of the training images it used.
-  const int64_t train_subset = kv["train_subset"].empty() ? 0 : std::stoll(kv["train_subset"]);
-  const data::Dataset train = subset(data::load(dataset, dir, true), train_subset);
+  const data::Dataset train = subset(data::load(dataset, dir, true), ck.train_subset);
   const data::Dataset test = subset(data::load(dataset, dir, false), e.subset);
   return ran_in(evaluate(model, test, data::channel_stats(train), e.options.batch, dev, e.options.stop));
 }

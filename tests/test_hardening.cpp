@@ -313,8 +313,16 @@ TEST_CASE("hardening: a damaged checkpoint is refused, naming the record that fa
   // Cut short, and not a zip at all.
   std::ofstream(dir / "short.ckpt", std::ios::binary) << slurp(ck).substr(0, 5000);
   CHECK_THROWS_WITH(blpa::verify_archive((dir / "short.ckpt").string()), Catch::Contains("damaged or truncated"));
+  // Another file given by mistake is called what it is, not damage.
   std::ofstream(dir / "text.ckpt") << "not a checkpoint";
-  CHECK_THROWS_WITH(blpa::read_checkpoint((dir / "text.ckpt").string()), Catch::Contains("damaged or truncated"));
+  CHECK_THROWS_WITH(blpa::read_checkpoint((dir / "text.ckpt").string()),
+                    Catch::Contains("is not a blpa-train checkpoint: it is not a zip archive") &&
+                        !Catch::Contains("JSON") && !Catch::Contains("damaged"));
+  std::ofstream(dir / "log.jsonl") << "{\"type\": \"config\"}\n";
+  const Run as_log = run(BLPA_EVAL_EXE, {"--checkpoint", (dir / "log.jsonl").string()}, dir);
+  CHECK(as_log.code == 1);
+  CHECK(as_log.output.find("is not a blpa-train checkpoint: it is not a zip archive, as checkpoints are (it reads as "
+                           "JSON: a --log or --summary file?)") != std::string::npos);
   remove_tree(dir);
 }
 

@@ -77,6 +77,7 @@ struct Checkpoint {
   std::string identity;                       // TrainConfig::identity() of the run
   std::map<std::string, std::string> config;  // TrainConfig::describe()'s key=value lines
   NetConfig net;                              // the network it holds
+  int64_t train_subset = 0;                   // training images the run used (its first N; 0: all)
   RunState state;
   std::shared_ptr<torch::serialize::InputArchive> archive;
 };
