@@ -7,7 +7,6 @@
 
 #include <cstdlib>
 #include <cxxopts.hpp>
-#include <sstream>
 
 #include "flags.h"
 
@@ -15,13 +14,16 @@ namespace blpa {
 namespace {
 
 std::vector<int64_t> parse_steps(const std::string& s) {
-  std::vector<int64_t> out;
-  std::stringstream ss(s);
-  for (std::string item; std::getline(ss, item, ',');) {
-    if (item.empty()) continue;
+  std::vector<int64_t> out;  // "" is no step: a constant learning rate after the warmup
+  if (s.empty()) return out;
+  for (size_t at = 0;;) {
+    const size_t comma = s.find(',', at);
+    const std::string item = s.substr(at, comma == std::string::npos ? std::string::npos : comma - at);
+    if (item.empty()) throw FlagError("--lr-steps: '" + s + "' has an empty item (a stray comma?)");
     out.push_back(parse_number<int64_t>("--lr-steps", item));
+    if (comma == std::string::npos) return out;
+    at = comma + 1;
   }
-  return out;
 }
 
 cxxopts::Options make_options() {
@@ -61,7 +63,7 @@ cxxopts::Options make_options() {
     ("lr", "Learning rate after warm-up", cxxopts::value<S>()->default_value("0.1"))
     ("warmup", "Warm-up iterations", cxxopts::value<S>()->default_value("400"))
     ("warmup-lr", "Learning rate during warm-up", cxxopts::value<S>()->default_value("0.01"))
-    ("lr-steps", "Iterations at which the learning rate is multiplied by --lr-factor", cxxopts::value<S>()->default_value("32000,48000"))
+    ("lr-steps", "Iterations at which the learning rate is multiplied by --lr-factor, comma-separated ('': none)", cxxopts::value<S>()->default_value("32000,48000"))
     ("lr-factor", "Learning-rate factor at each step", cxxopts::value<S>()->default_value("0.1"))
     ("momentum", "SGD momentum", cxxopts::value<S>()->default_value("0.9"))
     ("weight-decay", "Weight decay on conv and linear weights", cxxopts::value<S>()->default_value("2e-4"));
@@ -192,10 +194,17 @@ TrainCommand parse_train_command(int argc, const char* const* argv) {
   const int timeout = number<int>(a, "dist-timeout");
   if (timeout <= 0) throw FlagError("--dist-timeout must be positive");
   c.dist.timeout = std::chrono::seconds(timeout);
-  if (c.dist.world < 1 || c.dist.rank < 0 || c.dist.rank >= c.dist.world)
-    throw FlagError("--rank " + std::to_string(c.dist.rank) + " is not in --world-size " + std::to_string(c.dist.world));
-  if (c.dist.local_rank < 0) throw FlagError("--local-rank must be >= 0");
-  if (c.dist.master_port <= 0 || c.dist.master_port > 65535) throw FlagError("--master-port must be in 1..65535");
+  // A bad value is named as it was given: the flag, or torchrun's variable.
+  const auto named = [&](const char* flag, const char* env, int v) {
+    return (given(flag) ? "--" + std::string(flag) + " " : "$" + std::string(env) + "=") + std::to_string(v);
+  };
+  if (c.dist.world < 1) throw FlagError(named("world-size", "WORLD_SIZE", c.dist.world) + ": must be at least 1");
+  if (c.dist.rank < 0 || c.dist.rank >= c.dist.world)
+    throw FlagError(named("rank", "RANK", c.dist.rank) + " is not in " + named("world-size", "WORLD_SIZE", c.dist.world) +
+                    " (ranks run from 0 to the world size - 1)");
+  if (c.dist.local_rank < 0) throw FlagError(named("local-rank", "LOCAL_RANK", c.dist.local_rank) + ": must be >= 0");
+  if (c.dist.master_port <= 0 || c.dist.master_port > 65535)
+    throw FlagError(named("master-port", "MASTER_PORT", c.dist.master_port) + ": must be in 1..65535");
   c.validate();
   c.resolve_numerics();
   cmd.print_config = given("print-config");

@@ -147,7 +147,10 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"--mode", "fast"}, "--mode: unknown mode 'fast'"},
       {{"--checkpoint", "a.ckpt", "--log", "a.ckpt"}, "name the same file"},
       {{"--checkpoint", "a.ckpt", "--resume", "--overwrite"}, "give one of them"},
-      {{"--master-port", "70000"}, "--master-port must be in 1..65535"},
+      {{"--master-port", "70000"}, "--master-port 70000: must be in 1..65535"},
+      {{"--world-size", "0"}, "--world-size 0: must be at least 1"},
+      {{"--rank", "3", "--world-size", "2"}, "--rank 3 is not in --world-size 2"},
+      {{"--lr-steps", "3,,5"}, "--lr-steps: '3,,5' has an empty item"},  // was read as 3,5
       {{"--dist-backend", "mpi"}, "--dist-backend must be auto, gloo or nccl, got 'mpi'"},
       {{"--dist-backend", "nccl"}, "--dist-backend nccl needs --device cuda"},
       {{"--cuda-graphs", "on"}, "--cuda-graphs on needs --device cuda"},
@@ -165,6 +168,11 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
     CHECK(r.output.find(message) != std::string::npos);
     check_clean(r);
   }
+  // torchrun's variables are named as such, not as the flags that were not given.
+  const Run env = train({"--data-dir", (dir / "no-data").string()}, dir, "WORLD_SIZE=-1");
+  CAPTURE(env.output);
+  CHECK(env.code == 2);
+  CHECK(env.output.find("$WORLD_SIZE=-1: must be at least 1") != std::string::npos);
   // blpa-eval names its flags too.
   const Run e = run(BLPA_EVAL_EXE, {"--checkpoint", "x", "--batch", "ten"}, dir);
   CHECK(e.code == 2);
