@@ -84,11 +84,11 @@ int codec_main(int argc, char** argv) {
       "on a coarse grid, often sit exactly on a bin edge, where the codes take a slower exact path); drawn times\n"
       "it as training leaves it (gamma of each channel from U(0.5, 1.5), and pack's divisor gamma, as a unit's).\n"
       "near_edge_fraction: the share of pack's elements (of the first 2^24) that take that exact path.");
-  opts.add_options()("bits", "Bits per code: 8, 4 or 2", cxxopts::value<int>()->default_value("4"))(
-      "window", "Window width in units of x_hat (default: the default for --bits)", cxxopts::value<float>())(
-      "numel", "Elements in the tensor", cxxopts::value<int64_t>()->default_value("16777216"))(
-      "channels", "Channels (dim 1)", cxxopts::value<int64_t>()->default_value("64"))(
-      "hw", "Height and width of a plane", cxxopts::value<int64_t>()->default_value("32"))(
+  opts.add_options()("bits", "Bits per code: 8, 4 or 2", cxxopts::value<std::string>()->default_value("4"))(
+      "window", "Window width in units of x_hat (default: the default for --bits)", cxxopts::value<std::string>())(
+      "numel", "Elements in the tensor", cxxopts::value<std::string>()->default_value("16777216"))(
+      "channels", "Channels (dim 1)", cxxopts::value<std::string>()->default_value("64"))(
+      "hw", "Height and width of a plane", cxxopts::value<std::string>()->default_value("32"))(
       "precision", "Activations and gradients: fp32 or bf16 (tf32 and auto: fp32; default: fp32)",
       cxxopts::value<std::string>())(
       "dtype", "The old name of --precision: float or bf16", cxxopts::value<std::string>())(
@@ -97,21 +97,21 @@ int codec_main(int argc, char** argv) {
       "above), or that value in every channel (pack dividing by it)",
       cxxopts::value<std::string>()->default_value("ones"))(
       "device", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
-      "threads", "CPU threads (0: LibTorch's default)", cxxopts::value<int>()->default_value("0"))(
-      "reps", "Calls per timing round", cxxopts::value<int>()->default_value("10"))(
+      "threads", "CPU threads (0: LibTorch's default)", cxxopts::value<std::string>()->default_value("0"))(
+      "reps", "Calls per timing round", cxxopts::value<std::string>()->default_value("10"))(
       "json", "Print one JSON object instead of a table")("h,help", "This help");
   auto args = opts.parse(argc, argv);
   if (args.count("help")) {
     std::cout << opts.help() << std::endl;
     return 0;
   }
-  const int bits = args["bits"].as<int>();
-  const int64_t numel = args["numel"].as<int64_t>();
-  const int64_t channels = args["channels"].as<int64_t>();
-  const int64_t hw = args["hw"].as<int64_t>();
+  const int bits = blpa::number<int>(args, "bits");
+  const int64_t numel = blpa::number<int64_t>(args, "numel");
+  const int64_t channels = blpa::number<int64_t>(args, "channels");
+  const int64_t hw = blpa::number<int64_t>(args, "hw");
   if (bits != 8 && bits != 4 && bits != 2) throw std::invalid_argument("--bits must be 8, 4 or 2");
   blpa::CodeFormat format = blpa::default_format(bits);
-  if (args.count("window")) format = {bits, args["window"].as<float>(), 0.0f};
+  if (args.count("window")) format = {bits, blpa::number<float>(args, "window"), 0.0f};
   if (numel <= 0 || channels <= 0 || hw <= 0 || numel % (channels * hw * hw) != 0)
     throw std::invalid_argument("--numel must be a positive multiple of --channels x --hw x --hw");
   const std::string layout = args["memory-format"].as<std::string>();
@@ -141,7 +141,7 @@ int codec_main(int argc, char** argv) {
   const torch::Device dev(args["device"].as<std::string>());
   if (dev.is_cuda() && !torch::cuda::is_available())
     throw std::runtime_error("--device cuda: no CUDA device is available");
-  blpa::set_threads(args["threads"].as<int>());
+  blpa::set_threads(blpa::number<int>(args, "threads"));
 
   torch::manual_seed(0);
   const std::vector<int64_t> shape{numel / (channels * hw * hw), channels, hw, hw};
@@ -154,7 +154,7 @@ int codec_main(int argc, char** argv) {
   auto invstd = torch::ones({channels}, dev);
   // As initialised, pack has no divisor (v / 1 is v); drawn, its divisor is gamma, as a unit's.
   const auto divisor = gamma_kind == "ones" ? torch::Tensor() : gamma;
-  const int reps = args["reps"].as<int>();
+  const int reps = blpa::number<int>(args, "reps");
   if (reps <= 0) throw std::invalid_argument("--reps must be positive");
   blpa::Codes codes;
   const double pack_s = time_per_call(dev, 5, reps, [&] { codes = blpa::pack(v, b, format, divisor); });

@@ -15,6 +15,7 @@
 #include <sstream>
 
 #include "bench.h"
+#include "flags.h"
 
 namespace {
 
@@ -45,11 +46,16 @@ std::vector<uint8_t> photo(int w, int h, uint32_t seed) {
   return px;
 }
 
-std::vector<int> parse_list(const std::string& s) {
+// --workers: a comma list of worker counts, each 1 to blpa's most.
+std::vector<int> parse_workers(const std::string& s) {
   std::vector<int> out;
   std::stringstream ss(s);
-  for (std::string t; std::getline(ss, t, ',');)
-    if (!t.empty()) out.push_back(std::stoi(t));
+  for (std::string t; std::getline(ss, t, ',');) {
+    out.push_back(blpa::parse_number<int>("--workers", t));
+    if (out.back() < 1 || out.back() > blpa::kMaxWorkers)
+      throw std::invalid_argument("--workers: each count must be 1 to " + std::to_string(blpa::kMaxWorkers));
+  }
+  if (out.empty()) throw std::invalid_argument("--workers: give at least one count");
   return out;
 }
 
@@ -85,13 +91,13 @@ int data_main(int argc, char** argv) {
                      "scale/crop/flip, colour jitter, normalisation) on JPEGs generated at ImageNet's typical size,\n"
                      "for each number of decode workers. LibTorch's own threads are set to 1, so `workers` is the\n"
                      "number of cores used.");
-  o.add_options()("images", "JPEGs to generate", cxxopts::value<int>()->default_value("200"))(
-      "width", "Width of the JPEGs", cxxopts::value<int>()->default_value("500"))(
-      "height", "Height", cxxopts::value<int>()->default_value("375"))(
-      "quality", "JPEG quality", cxxopts::value<int>()->default_value("90"))(
+  o.add_options()("images", "JPEGs to generate", cxxopts::value<std::string>()->default_value("200"))(
+      "width", "Width of the JPEGs", cxxopts::value<std::string>()->default_value("500"))(
+      "height", "Height", cxxopts::value<std::string>()->default_value("375"))(
+      "quality", "JPEG quality", cxxopts::value<std::string>()->default_value("90"))(
       "workers", "Comma list of worker counts", cxxopts::value<std::string>()->default_value(std::to_string(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN)))))(
-      "batch", "Images per batch", cxxopts::value<int>()->default_value("32"))(
-      "seconds", "Time measured per worker count", cxxopts::value<double>()->default_value("4"))(
+      "batch", "Images per batch", cxxopts::value<std::string>()->default_value("32"))(
+      "seconds", "Time measured per worker count", cxxopts::value<std::string>()->default_value("4"))(
       "scan", "Instead: time the scan of an image folder (<dir>/<class>/*.JPEG), uncached and from the cache",
       cxxopts::value<std::string>())(
       "write-tree", "Instead: write an ImageNet-layout tree of generated JPEGs (train/ and val/, 10 classes, --images "
@@ -103,10 +109,16 @@ int data_main(int argc, char** argv) {
     return 0;
   }
   if (args.count("scan")) return scan_bench(args["scan"].as<std::string>(), args.count("json") > 0);
+  const int n = blpa::number<int>(args, "images"), w = blpa::number<int>(args, "width");
+  const int h = blpa::number<int>(args, "height"), quality = blpa::number<int>(args, "quality");
+  // Images the pipeline refuses as too large (kMaxJpegPixels) would time nothing.
+  if (n <= 0 || w <= 0 || h <= 0 || size_t(w) * size_t(h) > kMaxJpegPixels)
+    throw std::invalid_argument("--images, --width and --height must be positive, with at most " +
+                                std::to_string(kMaxJpegPixels) + " pixels an image");
+  if (quality < 1 || quality > 100) throw std::invalid_argument("--quality must be 1 to 100");
   if (args.count("write-tree")) {
     namespace fs = std::filesystem;
     const fs::path root = args["write-tree"].as<std::string>();
-    const int n = args["images"].as<int>(), w = args["width"].as<int>(), h = args["height"].as<int>();
     std::error_code ec;
     // Into a folder of its own: added to a real data set by mistake, it would mix in fake classes.
     if (fs::exists(root, ec) && !(fs::is_directory(root, ec) && fs::is_empty(root, ec)))
@@ -115,7 +127,7 @@ int data_main(int argc, char** argv) {
     for (const char* split : {"train", "val"})
       for (int i = 0; i < n; ++i) {
         const auto px = photo(w, h, static_cast<uint32_t>(i + (split[0] == 'v' ? 1000000 : 0)));
-        const auto jpg = encode_jpeg(px.data(), w, h, JpegPixels::rgb, args["quality"].as<int>());
+        const auto jpg = encode_jpeg(px.data(), w, h, JpegPixels::rgb, quality);
         const fs::path cls = root / split / fmt::format("n{:08d}", i % 10);
         fs::create_directories(cls);
         const fs::path file = cls / fmt::format("{}_{:05d}.JPEG", split, i);
@@ -126,12 +138,10 @@ int data_main(int argc, char** argv) {
     fmt::print("wrote {} JPEGs per split under {}/train and {}/val\n", n, root.string(), root.string());
     return 0;
   }
-  const int n = args["images"].as<int>(), w = args["width"].as<int>(), h = args["height"].as<int>();
-  const int quality = args["quality"].as<int>(), batch = args["batch"].as<int>();
-  const auto workers = parse_list(args["workers"].as<std::string>());
-  const double seconds = args["seconds"].as<double>();
-  if (n <= 0 || w <= 0 || h <= 0 || batch <= 0 || workers.empty() || seconds <= 0)
-    throw std::invalid_argument("--images, --width, --height, --batch, --workers and --seconds must be positive");
+  const int batch = blpa::number<int>(args, "batch");
+  const auto workers = parse_workers(args["workers"].as<std::string>());
+  const double seconds = blpa::number<double>(args, "seconds");
+  if (batch <= 0 || seconds <= 0) throw std::invalid_argument("--batch and --seconds must be positive");
   at::set_num_threads(1);
 
   namespace fs = std::filesystem;

@@ -46,7 +46,7 @@ blpa::NetConfig parse_model(const std::string& s) {
     c.arch = "cifar", c.depth = 1001;
   } else if (colon != std::string::npos) {
     c.arch = s.substr(0, colon);
-    c.depth = std::stoi(s.substr(colon + 1));
+    c.depth = blpa::parse_number<int>("--model " + s + ": the depth", s.substr(colon + 1));
   } else {
     throw std::invalid_argument("--model must be resnet164, resnet152, resnet1001, cifar:DEPTH or imagenet:DEPTH, got '" +
                                 s + "'");
@@ -112,18 +112,18 @@ blpa::Numerics parse_numerics(const cxxopts::ParseResult& args, const torch::Dev
 void add_common(cxxopts::Options& o, const std::string& batch, const std::string& mode) {
   o.add_options()("model", "resnet164, resnet152, resnet1001, cifar:DEPTH or imagenet:DEPTH",
                   cxxopts::value<std::string>()->default_value("resnet164"))(
-      "batch", "Batch size", cxxopts::value<int64_t>()->default_value(batch))(
-      "mode", "all, or a comma list of plain, exact, blpa[-K[-wW][-lL]], naive[-K[-wW][-lL]] (blpa-K: the paper's "
-      "quantiser, window 6 and lift 0)",
+      "batch", "Batch size", cxxopts::value<std::string>()->default_value(batch))(
+      "mode", "all, or a comma list of plain, exact, blpa[-K[-wW][-lL]], naive[-K[-wW][-lL]] (a bare blpa: "
+      "blpa-train's default codes for --bits; blpa-K: the paper's quantiser, window 6 and lift 0)",
       cxxopts::value<std::string>()->default_value(mode))(
-      "bits", "Bits for a bare blpa/naive in --mode: 8, 4 or 2", cxxopts::value<int>()->default_value("4"))(
+      "bits", "Bits for a bare blpa/naive in --mode: 8, 4 or 2", cxxopts::value<std::string>()->default_value("4"))(
       "window", "Window for a bare blpa/naive in --mode, in units of x_hat (default: the default for its bits)",
-      cxxopts::value<float>())(
+      cxxopts::value<std::string>())(
       "lift", "Lift of the window's centre above b for a bare blpa/naive, in units of x_hat (default: the default "
-      "for its bits with the default window, else 0)", cxxopts::value<float>())(
-      "size", "Input height/width (0: 32 for cifar, 224 for imagenet)", cxxopts::value<int64_t>()->default_value("0"))(
+      "for its bits with the default window, else 0)", cxxopts::value<std::string>())(
+      "size", "Input height/width (0: 32 for cifar, 224 for imagenet)", cxxopts::value<std::string>()->default_value("0"))(
       "device", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
-      "threads", "LibTorch CPU threads (0: its default)", cxxopts::value<int>()->default_value("0"))(
+      "threads", "LibTorch CPU threads (0: its default)", cxxopts::value<std::string>()->default_value("0"))(
       "json", "One JSON object per line and mode");
   add_numerics(o);
 }
@@ -139,18 +139,18 @@ bool parse_common(cxxopts::Options& o, int argc, char** argv, Common& c, cxxopts
   blpa::memory::install_cpu_counter();
   c.model_name = args["model"].as<std::string>();
   c.net = parse_model(c.model_name);
-  c.batch = args["batch"].as<int64_t>();
+  c.batch = blpa::number<int64_t>(args, "batch");
   if (c.batch <= 0) throw std::invalid_argument("--batch must be positive");
-  c.size = args["size"].as<int64_t>();
+  c.size = blpa::number<int64_t>(args, "size");
   if (c.size < 0) throw std::invalid_argument("--size must be positive (0: 32 for cifar, 224 for imagenet)");
   if (c.size == 0) c.size = c.net.arch == "cifar" ? 32 : 224;
-  const float window = args.count("window") ? args["window"].as<float>() : 0.0f;
+  const float window = args.count("window") ? blpa::number<float>(args, "window") : 0.0f;
   if (args.count("window") && !(window > 0)) throw std::invalid_argument("--window must be positive");
-  const auto lift = args.count("lift") ? std::optional<float>(args["lift"].as<float>()) : std::nullopt;
-  c.modes = parse_modes(args["mode"].as<std::string>(), args["bits"].as<int>(), window, lift);
+  const auto lift = args.count("lift") ? std::optional<float>(blpa::number<float>(args, "lift")) : std::nullopt;
+  c.modes = parse_modes(args["mode"].as<std::string>(), blpa::number<int>(args, "bits"), window, lift);
   c.device = torch::Device(args["device"].as<std::string>());
   if (c.device.is_cuda() && !torch::cuda::is_available()) throw std::runtime_error("--device cuda: no CUDA device");
-  blpa::set_threads(args["threads"].as<int>());
+  blpa::set_threads(blpa::number<int>(args, "threads"));
   c.numerics = parse_numerics(args, c.device);
   c.json = args.count("json") > 0;
   return true;
@@ -309,12 +309,12 @@ int memory_main(int argc, char** argv) {
   o.add_options()("table", "Also print the per-unit table: stored bytes, and the peak during the unit's forward and "
                            "backward (per sample with --slope-batch) (human output only)")(
       "slope-batch", "The second batch for the per-sample slopes (default: half of --batch; 0: none)",
-      cxxopts::value<int64_t>()->default_value("-1"));
+      cxxopts::value<std::string>());
   Common c;
   cxxopts::ParseResult args;
   if (!parse_common(o, argc, argv, c, args)) return 0;
-  int64_t batch2 = args["slope-batch"].as<int64_t>();
-  if (batch2 < 0) batch2 = c.batch / 2;
+  const int64_t batch2 = args.count("slope-batch") ? blpa::number<int64_t>(args, "slope-batch") : c.batch / 2;
+  if (batch2 < 0) throw std::invalid_argument("--slope-batch must be >= 0 (0: none)");
   if (batch2 == c.batch) throw std::invalid_argument("--slope-batch must differ from --batch");
   // plain first (every ratio needs it), then exact, then the rest in the order given. In bf16,
   // plain also runs in float32 (row plain-fp32): blpa's codes against both.
@@ -534,11 +534,11 @@ int step_main(int argc, char** argv) {
                      "set up first; then --rounds times, each runs --steps timed steps in turn, so that a drift\n"
                      "of the machine's speed falls on all of them alike.");
   add_common(o, "128", "plain,blpa-8,blpa-4");
-  o.add_options()("warmup", "Untimed steps per mode", cxxopts::value<int>()->default_value("2"))(
-      "steps", "Timed steps per mode and round", cxxopts::value<int>()->default_value("5"))(
-      "rounds", "Rounds of timed steps, the modes taking turns", cxxopts::value<int>()->default_value("1"))(
+  o.add_options()("warmup", "Untimed steps per mode", cxxopts::value<std::string>()->default_value("2"))(
+      "steps", "Timed steps per mode and round", cxxopts::value<std::string>()->default_value("5"))(
+      "rounds", "Rounds of timed steps, the modes taking turns", cxxopts::value<std::string>()->default_value("1"))(
       "profile", "Then profile one more step per mode: the GPU's busy time, the number of kernels, copies and "
-      "memsets it ran, and the N costliest kernels (on CPU: operators, inclusive times); 0: no profile", cxxopts::value<int>()->default_value("0"), "N")(
+      "memsets it ran, and the N costliest kernels (on CPU: operators, inclusive times); 0: no profile", cxxopts::value<std::string>()->default_value("0"), "N")(
       "trace", "With --profile: write each mode's profiled step to PREFIX-MODE.json (PREFIX-MODE-PRECISION-LAYOUT.json with several) (Chrome trace format)",
       cxxopts::value<std::string>()->default_value(""), "PREFIX")(
       "cuda-graphs", "CUDA: time each mode also as one captured iteration replayed as a CUDA graph (as blpa-train "
@@ -568,8 +568,8 @@ int step_main(int argc, char** argv) {
   std::vector<blpa::Numerics> numerics;
   for (const auto& p : precisions)
     for (const auto& l : layouts) numerics.push_back(blpa::numerics_for(p, l, c.device));
-  const int warmup = args["warmup"].as<int>(), steps = args["steps"].as<int>(), top_n = args["profile"].as<int>();
-  const int rounds = args["rounds"].as<int>();
+  const int warmup = blpa::number<int>(args, "warmup"), steps = blpa::number<int>(args, "steps"), top_n = blpa::number<int>(args, "profile");
+  const int rounds = blpa::number<int>(args, "rounds");
   if (steps <= 0 || warmup < 0 || rounds <= 0)
     throw std::invalid_argument("--steps and --rounds must be positive and --warmup >= 0");
   if (top_n < 0) throw std::invalid_argument("--profile must be >= 0");
@@ -695,19 +695,19 @@ int max_batch_main(int argc, char** argv) {
                      "batches tried are multiples of K.");
   add_common(o, "1", "plain,blpa-4");  // --batch is not used: the batch is searched
   o.add_options()("budget-gib", "Memory budget in GiB, including parameters, momentum and the batch",
-                  cxxopts::value<double>()->default_value("1"))(
-      "max", "Largest batch to try", cxxopts::value<int64_t>()->default_value("4096"))(
+                  cxxopts::value<std::string>()->default_value("1"))(
+      "max", "Largest batch to try", cxxopts::value<std::string>()->default_value("4096"))(
       "accum-steps", "Train each batch as this many equal parts, accumulating their gradients",
-      cxxopts::value<int64_t>()->default_value("1"), "K");
+      cxxopts::value<std::string>()->default_value("1"), "K");
   Common c;
   cxxopts::ParseResult args;
   if (!parse_common(o, argc, argv, c, args)) return 0;
-  const int64_t budget = static_cast<int64_t>(args["budget-gib"].as<double>() * (1ll << 30));
-  const int64_t accum = args["accum-steps"].as<int64_t>();
+  const int64_t budget = static_cast<int64_t>(blpa::number<double>(args, "budget-gib") * (1ll << 30));
+  const int64_t accum = blpa::number<int64_t>(args, "accum-steps");
   if (budget <= 0) throw std::invalid_argument("--budget-gib must be positive");
   if (accum <= 0) throw std::invalid_argument("--accum-steps must be positive");
-  if (args["max"].as<int64_t>() < accum) throw std::invalid_argument("--max must be at least --accum-steps");
-  const int64_t cap = args["max"].as<int64_t>() / accum;  // the search runs over the parts' size
+  if (blpa::number<int64_t>(args, "max") < accum) throw std::invalid_argument("--max must be at least --accum-steps");
+  const int64_t cap = blpa::number<int64_t>(args, "max") / accum;  // the search runs over the parts' size
   std::map<std::string, int64_t> best;
   for (const auto& mode : c.modes) {
     const int64_t base = blpa::memory::allocated(c.device);
@@ -849,10 +849,10 @@ int fidelity_main(int argc, char** argv) {
       "paper's is 6)", cxxopts::value<std::string>()->default_value("default"))(
       "lifts", "Comma list of the window's lifts above b in units of x_hat, or 'default' (the default for the bits "
       "with the default window, else 0: the paper's)", cxxopts::value<std::string>()->default_value("default"))(
-      "batch", "Batch size", cxxopts::value<int64_t>()->default_value("16"))(
-      "size", "Input height/width of drawn networks", cxxopts::value<int64_t>()->default_value("32"))(
-      "seed", "Seed of the data and the drawn parameters", cxxopts::value<uint64_t>()->default_value("0"))(
-      "threads", "LibTorch CPU threads (0: its default)", cxxopts::value<int>()->default_value("0"))(
+      "batch", "Batch size", cxxopts::value<std::string>()->default_value("16"))(
+      "size", "Input height/width of drawn networks", cxxopts::value<std::string>()->default_value("32"))(
+      "seed", "Seed of the data and the drawn parameters", cxxopts::value<std::string>()->default_value("0"))(
+      "threads", "LibTorch CPU threads (0: its default)", cxxopts::value<std::string>()->default_value("0"))(
       "json", "One JSON object per line");
   add_numerics(o);
   o.add_options()("h,help", "This help");
@@ -861,10 +861,10 @@ int fidelity_main(int argc, char** argv) {
     std::cout << o.help() << std::endl;
     return 0;
   }
-  const int64_t batch = args["batch"].as<int64_t>(), size = args["size"].as<int64_t>();
+  const int64_t batch = blpa::number<int64_t>(args, "batch"), size = blpa::number<int64_t>(args, "size");
   if (batch <= 0 || size <= 0) throw std::invalid_argument("--batch and --size must be positive");
-  const uint64_t seed = args["seed"].as<uint64_t>();
-  blpa::set_threads(args["threads"].as<int>());
+  const uint64_t seed = blpa::number<uint64_t>(args, "seed");
+  blpa::set_threads(blpa::number<int>(args, "threads"));
   const blpa::Numerics numerics = parse_numerics(args, torch::kCPU);  // the fidelity bench runs on the CPU
   std::vector<ModeConfig> modes;
   for (const auto& m : split(args["modes"].as<std::string>()))
@@ -873,9 +873,9 @@ int fidelity_main(int argc, char** argv) {
         for (const auto& l : split(args["lifts"].as<std::string>())) {
           if (m != "blpa" && m != "naive") throw std::invalid_argument("--modes takes blpa and naive, got " + m);
           ModeConfig mc = blpa::parse_mode_config(m + "-" + b);
-          mc.window = w == "default" ? 0.0f : std::stof(w);
+          mc.window = w == "default" ? 0.0f : blpa::parse_number<float>("--windows", w);
           if (w != "default" && !(mc.window > 0)) throw std::invalid_argument("--windows must be positive, got " + w);
-          mc.lift = l == "default" ? std::nullopt : std::optional<float>(std::stof(l));
+          mc.lift = l == "default" ? std::nullopt : std::optional<float>(blpa::parse_number<float>("--lifts", l));
           modes.push_back(mc);
         }
   std::vector<std::function<FidelityCase()>> cases;
@@ -884,7 +884,7 @@ int fidelity_main(int argc, char** argv) {
       cases.push_back([=] { return checkpoint_case(path, batch, seed); });
   } else {
     for (const auto& d : split(args["depths"].as<std::string>()))
-      cases.push_back([=, depth = std::stoi(d)] { return drawn_case(depth, batch, size, seed); });
+      cases.push_back([=, depth = blpa::parse_number<int>("--depths", d)] { return drawn_case(depth, batch, size, seed); });
   }
   for (auto& make : cases) {
     FidelityCase c = make();

@@ -194,6 +194,15 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"codec", "--numel", "65536", "--threads", "-1"}, "--threads must be 0 (LibTorch's default) to 1024"},
       {{"step", "--model", "cifar:11", "--size", "-4"}, "--size must be positive"},
       {{"max-batch", "--model", "cifar:11", "--max", "0"}, "--max must be at least --accum-steps"},
+      // numbers are named with their flag (cxxopts said only "Argument 'nan' failed to parse"),
+      {{"codec", "--window", "nan"}, "--window: 'nan' is not a finite number"},
+      {{"step", "--batch", "x"}, "--batch: 'x' is not an integer"},
+      {{"memory", "--model", "cifar:x"}, "--model cifar:x: the depth: 'x' is not an integer"},  // was "stoi"
+      {{"memory", "--model", "cifar:11", "--slope-batch", "-1"}, "--slope-batch must be >= 0"},
+      {{"fidelity", "--depths", "11,a"}, "--depths: 'a' is not an integer"},
+      {{"fidelity", "--seed", "-1"}, "--seed: '-1' is not a non-negative integer"},
+      {{"data", "--workers", "0"}, "--workers: each count must be 1 to 256"},
+      {{"data", "--quality", "500"}, "--quality must be 1 to 100"},
   };
   for (const auto& [args, message] : bench) {
     const Run b = run(BLPA_BENCH_EXE, args, dir);
@@ -201,6 +210,11 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
     CHECK(b.code == 2);
     CHECK(b.output.find(message) != std::string::npos);
   }
+  // One default for --slope-batch, not two (the help's lines are wrapped: read as one line).
+  std::string help = run(BLPA_BENCH_EXE, {"memory", "--help"}, dir).output;
+  help = std::regex_replace(help, std::regex("\\s+"), " ");
+  CHECK(help.find("(default: half of --batch; 0: none)") != std::string::npos);
+  CHECK(help.find("(default: -1)") == std::string::npos);
   remove_tree(dir);
 }
 
