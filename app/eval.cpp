@@ -27,7 +27,7 @@ int main(int argc, char** argv) {
     ("crop", "ImageNet: crop size", cxxopts::value<std::string>()->default_value("224"))
     ("subset", "Evaluate N test images (0: all; ImageNet: spread over all classes)", cxxopts::value<std::string>()->default_value("0"))
     ("batch", "Images per batch (10-crop: times 10 crops)", cxxopts::value<std::string>()->default_value("50"))
-    ("workers", "JPEG decode threads (0: one per core, 1 to 16, as blpa-train's for ImageNet)", cxxopts::value<std::string>()->default_value("0"))
+    ("workers", "JPEG decode threads, 0 to 256 (0: one per core, at most 16, as blpa-train's for ImageNet)", cxxopts::value<std::string>()->default_value("0"))
     ("device", "cpu, cuda or cuda:N", cxxopts::value<std::string>()->default_value("cpu"))
     ("precision", "fp32, tf32 (CUDA only), bf16 or auto: the one the network was trained in, so that the scores are the training log's (tf32 is fp32 on the CPU; a checkpoint from before --precision: tf32 on CUDA, fp32 on the CPU)", cxxopts::value<std::string>()->default_value("auto"))
     ("memory-format", "nchw, nhwc or auto; as blpa-train's", cxxopts::value<std::string>()->default_value("auto"))

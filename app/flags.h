@@ -40,8 +40,7 @@ T number(const cxxopts::ParseResult& a, const std::string& name) {
 
 // --threads n: LibTorch's CPU threads, 0 for its default.
 inline void set_threads(int n) {
-  if (n < 0 || n > kMaxThreads)
-    throw FlagError("--threads must be 0 (LibTorch's default) to " + std::to_string(kMaxThreads));
+  check_threads(n);
   if (n > 0) torch::set_num_threads(n);
 }
 

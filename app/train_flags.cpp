@@ -1,7 +1,6 @@
 #include "train_flags.h"
 
 #include <ATen/Parallel.h>
-#include <blpa/dataset.h>
 
 #include <fmt/format.h>
 
@@ -212,11 +211,10 @@ TrainCommand parse_train_command(int argc, const char* const* argv) {
 }
 
 std::string printed_config(const TrainConfig& given) {
-  // What the run would use: every auto resolved as train() resolves it, the default data
-  // folder named, and LibTorch's thread count for --threads 0 (the log records 0).
+  // What the run would use: every auto resolved as train() resolves it (the data set and
+  // folder among them), and LibTorch's thread count for --threads 0 (the log records 0).
   TrainConfig c = given;
   c.resolve();
-  if (c.data_dir.empty() && c.train_list.empty()) c.data_dir = data::kDebianFashionMnist;
   if (c.threads == 0) c.threads = at::get_num_threads();
   return c.describe() + fmt::format("rank={}\nworld_size={}\nmaster={}:{}\n", c.dist.rank, c.dist.world,
                                     c.dist.master_addr, c.dist.master_port);

@@ -346,12 +346,12 @@ std::string TrainConfig::json() const {
       "\"arch\": {}, \"depth\": {}, \"mode\": {}, \"bits\": {}, \"batch\": {}, \"accum_steps\": {}, "
       "\"iterations\": {}, \"lr\": {}, \"warmup\": {}, \"warmup_lr\": {}, \"steps\": [{}], \"factor\": {}, "
       "\"momentum\": {}, \"weight_decay\": {}, \"device\": {}, \"seed\": {}, \"threads\": {}, \"workers\": {}, "
-      "\"world\": {}, \"cuda_graphs\": {}, \"precision\": {}, \"memory_format\": {}, \"train_list\": {}, "
-      "\"val_list\": {}, \"run_id\": {}}}",
+      "\"world\": {}, \"log_every\": {}, \"eval_every\": {}, \"checkpoint_every\": {}, \"cuda_graphs\": {}, "
+      "\"precision\": {}, \"memory_format\": {}, \"train_list\": {}, \"val_list\": {}, \"run_id\": {}}}",
       json_string(dataset), json_string(data_dir), train_subset, test_subset, augment, json_string(arch), depth, json_string(mode.str()),
       (mode.mode == Mode::blpa || mode.mode == Mode::naive) ? mode.bits : 32, batch, accum_steps, iterations, lr,
       warmup, warmup_lr, fmt::join(steps, ", "), factor, momentum, weight_decay, json_string(device), seed, threads,
-      workers, dist.world, json_string(cuda_graphs), json_string(precision), json_string(memory_format),
+      workers, dist.world, log_every, eval_every, checkpoint_every, json_string(cuda_graphs), json_string(precision), json_string(memory_format),
       json_string(train_list), json_string(val_list), json_string(run_id));
 }
 
@@ -386,8 +386,7 @@ void TrainConfig::validate() const {
     bad("--model must be cifar or imagenet, got '" + arch + "'");
   }
   if (train_subset < 0 || test_subset < 0) bad("--train-subset and --test-subset must be >= 0 (0: all)");
-  if (threads < 0 || threads > kMaxThreads)
-    bad("--threads must be 0 (LibTorch's default) to " + std::to_string(kMaxThreads));
+  check_threads(threads);
   if (resume && checkpoint.empty()) bad("--resume needs --checkpoint PATH");
   if (resume && overwrite) bad("--resume continues a run and --overwrite starts a new one: give one of them");
   if (log_every <= 0 || eval_every < 0 || checkpoint_every <= 0)
@@ -436,6 +435,8 @@ void TrainConfig::validate() const {
 
 void TrainConfig::resolve() {
   dataset = resolve_dataset(*this);
+  // Named, so that the log and the checkpoint say where the images came from.
+  if (data_dir.empty() && train_list.empty()) data_dir = data::kDebianFashionMnist;
   torch::Device dev(device);
   if (dev.is_cuda() && dist.enabled() && !dev.has_index())
     dev = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist.local_rank));
@@ -740,6 +741,8 @@ void compare_with_checkpoint(const Checkpoint& ck, const TrainConfig& c) {
     saved["precision"] = device != saved.end() && device->second.rfind("cuda", 0) == 0 ? "tf32" : "fp32";
   }
   if (!saved.count("memory_format")) saved["memory_format"] = "nchw";
+  // Before resolve() named it, the default folder was recorded as "".
+  if (saved["data_dir"].empty() && saved["train_list"].empty()) saved["data_dir"] = data::kDebianFashionMnist;
   const auto now = key_values(c.describe());
   const std::set<std::string> identity(TrainConfig::identity_keys().begin(), TrainConfig::identity_keys().end());
   std::string refused, changed;

@@ -746,6 +746,11 @@ TEST_CASE("hardening: a resumed run's log reads as one run", "[hardening]") {
   // 2, 3 (the end of the first run), then 4 and 6: no iteration twice, none missing.
   CHECK(iters == std::vector<int>{2, 3, 4, 6});
   CHECK(slurp(log).find("\"type\": \"config\", \"iter\": 3") != std::string::npos);
+  // The config record says what ran, as --print-config does: the data folder (here the default
+  // one, named) and how often the run logged, evaluated and checkpointed.
+  CHECK(slurp(log).find("\"data_dir\": \"" + std::string(blpa::data::kDebianFashionMnist) + "\"") != std::string::npos);
+  CHECK(slurp(log).find("\"log_every\": 2, \"eval_every\": ") != std::string::npos);
+  CHECK(slurp(log).find("\"checkpoint_every\": ") != std::string::npos);
   remove_tree(dir);
 }
 

@@ -138,6 +138,11 @@ int default_workers(const std::string& dataset, int local_world);
 // The most --threads and --workers take: beyond any machine's cores (100,000 threads crashed
 // in OpenMP, 100,000 workers in std::thread).
 constexpr int kMaxThreads = 1024, kMaxWorkers = 256;
+// --threads n as every program takes it: 0 (LibTorch's default) to kMaxThreads, else FlagError.
+inline void check_threads(int n) {
+  if (n < 0 || n > kMaxThreads)
+    throw FlagError("--threads must be 0 (LibTorch's default) to " + std::to_string(kMaxThreads));
+}
 
 // Evaluates the network stored in a blpa-train checkpoint on its data set's test split
 // (ImageNet: val/, centre crop or 10 crops as `options` say).
