@@ -79,6 +79,7 @@ cxxopts::Options make_options() {
     ("checkpoint", "Checkpoint file, written atomically every --checkpoint-every iterations, at the end, on SIGINT/SIGTERM and before exiting on an error", cxxopts::value<S>())
     ("checkpoint-every", "Iterations between checkpoints", cxxopts::value<S>()->default_value("1000"))
     ("resume", "Continue the run stored in --checkpoint (its --log, --summary and --export must be that run's; a run already complete exits 0 and does nothing)")
+    ("auto-resume", "--resume where --checkpoint exists, else start a new run, as without it: a sweep run again resumes what was stopped, starts what never ran and skips what is complete")
     ("overwrite", "Start a new run even where --checkpoint, --log, --export or --summary name existing files (replaced)")
     ("export", "At the end, write the weights as a state dict that Python loads with torch.load", cxxopts::value<S>())
     ("summary", "When the run ends (done, interrupted or diverged), write one JSON object: status, final figures, configuration", cxxopts::value<S>())
@@ -175,6 +176,7 @@ TrainCommand parse_train_command(int argc, const char* const* argv) {
   if (given("checkpoint")) c.checkpoint = a["checkpoint"].as<std::string>();
   c.checkpoint_every = num("checkpoint-every", int64_t{5000});
   c.resume = given("resume");
+  c.auto_resume = given("auto-resume");
   c.overwrite = given("overwrite");
   if (given("export")) c.export_path = a["export"].as<std::string>();
   if (given("summary")) c.summary_path = a["summary"].as<std::string>();

@@ -389,6 +389,8 @@ void TrainConfig::validate() const {
   check_threads(threads);
   if (resume && checkpoint.empty()) bad("--resume needs --checkpoint PATH");
   if (resume && overwrite) bad("--resume continues a run and --overwrite starts a new one: give one of them");
+  if (auto_resume && checkpoint.empty()) bad("--auto-resume needs --checkpoint PATH");
+  if (auto_resume && resume) bad("--auto-resume resumes where --checkpoint exists: give it without --resume");
   if (log_every <= 0 || eval_every < 0 || checkpoint_every <= 0)
     bad("--log-every and --checkpoint-every must be positive, --eval-every >= 0");
   if (workers < 0 || workers > kMaxWorkers || prefetch <= 0)
@@ -800,6 +802,15 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   if (dev.is_cuda() && dev.index() >= static_cast<int>(torch::cuda::device_count()))
     throw FlagError(fmt::format("--device {}: this machine has {} CUDA device(s)", config.device, torch::cuda::device_count()));
   const bool lead = config.dist.rank == 0;  // writes the log, the checkpoints and the outputs
+  if (config.auto_resume) {
+    // Each rank looks for itself; ranks that decide differently are stopped by their settings'
+    // agreement (resume=) below. --overwrite applies to a new run only.
+    config.resume = fs::exists(config.checkpoint);
+    if (config.resume) config.overwrite = false;
+    if (lead)
+      spdlog::info("--auto-resume: {}", config.resume ? "resuming the run in " + config.checkpoint
+                                                      : "no checkpoint " + config.checkpoint + ", a new run");
+  }
   OutputLocks locks;  // released last, after the final checkpoint, export and summary
   std::optional<Checkpoint> resumed;
   if (!config.resume && config.run_id.empty()) config.run_id = draw_run_id();

@@ -270,6 +270,53 @@ TEST_CASE("hardening: a fresh run replaces no earlier run unless told to", "[har
   remove_tree(dir);
 }
 
+TEST_CASE("hardening: --auto-resume starts a run, resumes it, and does nothing once it is complete", "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("auto-resume");
+  const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string();
+  auto run_to = [&](const char* iterations, std::vector<std::string> extra = {}) {
+    extra.insert(extra.end(), {"--checkpoint", ck, "--log", log, "--auto-resume", "--iterations", iterations});
+    const Run r = train(small(dir, extra), dir);
+    CAPTURE(r.output);
+    return r;
+  };
+  // No checkpoint: a new run. Then the same command with more iterations continues it.
+  const Run first = run_to("3");
+  REQUIRE(first.code == 0);
+  CHECK(first.output.find("--auto-resume: no checkpoint " + ck + ", a new run") != std::string::npos);
+  const Run second = run_to("5");
+  REQUIRE(second.code == 0);
+  CHECK(second.output.find("--auto-resume: resuming the run in " + ck) != std::string::npos);
+  const std::string log_text = slurp(log);
+  CHECK(log_text.find("\"resumed\": false") != std::string::npos);
+  CHECK(log_text.find("\"resumed\": true") != std::string::npos);
+  CHECK(blpa::read_checkpoint(ck).state.iteration == 5);
+  // Complete: exit 0, nothing written.
+  const std::string ck_bytes = slurp(ck);
+  const Run third = run_to("5");
+  CHECK(third.code == 0);
+  CHECK(third.output.find("the run is complete, nothing to do") != std::string::npos);
+  CHECK(slurp(ck) == ck_bytes);
+  CHECK(slurp(log) == log_text);
+  // A run's identity still decides: another seed is refused, its files kept.
+  CHECK(run_to("5", {"--seed", "7"}).code == 2);
+  CHECK(slurp(ck) == ck_bytes);
+  // Without a checkpoint it is a new run under a new run's rules: an existing log (a run stopped
+  // before its first checkpoint) is replaced only with --overwrite.
+  fs::remove(ck);
+  const Run kept = run_to("3");
+  CHECK(kept.code == 2);
+  CHECK(kept.output.find("already exists") != std::string::npos);
+  CHECK(slurp(log) == log_text);
+  CHECK(run_to("3", {"--overwrite"}).code == 0);
+  CHECK(fs::exists(ck));
+  // It needs a checkpoint, and is not given with --resume.
+  CHECK(train(small(dir, {"--auto-resume"}), dir).output.find("--auto-resume needs --checkpoint PATH") !=
+        std::string::npos);
+  CHECK(run_to("3", {"--resume"}).output.find("give it without --resume") != std::string::npos);
+  remove_tree(dir);
+}
+
 TEST_CASE("hardening: a full disk is an error naming the file, and leaves no temporary file", "[hardening]") {
   if (!have_fashion_mnist()) return;
   const auto dir = temp_dir("full");

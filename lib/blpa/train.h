@@ -54,6 +54,7 @@ struct TrainConfig {
   std::string checkpoint;     // path; empty: no checkpoints
   int64_t checkpoint_every = 1000;
   bool resume = false;
+  bool auto_resume = false;  // resume where `checkpoint` exists, else start a new run (train() decides)
   bool overwrite = false;    // a fresh run may replace an existing checkpoint, log, export, summary
   std::string log_path;      // JSON lines; empty: none
   std::string export_path;   // a state dict for Python's torch.load, written at the end
