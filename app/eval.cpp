@@ -32,7 +32,7 @@ int main(int argc, char** argv) {
     ("precision", "fp32, tf32 (CUDA only), bf16 or auto: the one the network was trained in, so that the scores are the training log's (tf32 is fp32 on the CPU; a checkpoint from before --precision: tf32 on CUDA, fp32 on the CPU)", cxxopts::value<std::string>()->default_value("auto"))
     ("memory-format", "nchw, nhwc or auto; as blpa-train's", cxxopts::value<std::string>()->default_value("auto"))
     ("index-cache", "Directory of cached ImageNet file lists ('' to disable)", cxxopts::value<std::string>()->default_value(blpa::default_cache_dir()))
-    ("json", "Print one JSON object")
+    ("json", "Print one JSON object: top1 and top5 are accuracies (as the log's test_acc and test_top5), top1_error and top5_error their complements (as the summary's test_error)")
     ("quiet", "No progress line")
     ("h,help", "This help");
   // clang-format on
@@ -89,10 +89,11 @@ int main(int argc, char** argv) {
     const bool finite = std::isfinite(r.loss);
     if (json)
       fmt::print("{{\"checkpoint\": {}, \"precision\": \"{}\", \"memory_format\": \"{}\", \"ten_crop\": {}, "
-                 "\"images\": {}, \"failed\": {}, \"loss\": {}, \"top1\": {:.6f}, \"top5\": {:.6f}}}\n",
+                 "\"images\": {}, \"failed\": {}, \"loss\": {}, \"top1\": {:.6f}, \"top5\": {:.6f}, "
+                 "\"top1_error\": {:.6f}, \"top5_error\": {:.6f}}}\n",
                  blpa::json_string(e.checkpoint), blpa::to_string(r.numerics.precision),
                  blpa::layout_name(r.numerics.layout), e.options.ten_crop, r.count, r.failed, finite ? fmt::format("{:.6f}", r.loss) : "null",
-                 r.top1, r.top5);
+                 r.top1, r.top5, 1 - r.top1, 1 - r.top5);
     else
       fmt::print("{}: {} images{}: top-1 error {:.2f}%, top-5 error {:.2f}%, loss {:.4f}{}\n", e.checkpoint, r.count,
                  e.options.ten_crop ? " (10 crops)" : "", 100 * (1 - r.top1), 100 * (1 - r.top5), r.loss,

@@ -5,7 +5,8 @@
 # evaluated on the full test set. With BLPA_DATA_DIR pointing at CIFAR binary files it runs
 # the paper's CIFAR protocol instead (ResNet-164, 64k iterations: days on a CPU, use a GPU
 # with BLPA_DEVICE=cuda). Extra arguments are passed to blpa-train and override these
-# (--mode plain, --resume to continue a stopped run, --overwrite to start it again).
+# (--mode plain, --resume to continue a stopped run, --auto-resume to continue it if there is
+# one, else start, --overwrite to start it again).
 # Log, checkpoint and exported weights go to results/ (git-ignored).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

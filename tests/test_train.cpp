@@ -369,6 +369,9 @@ TEST_CASE("train: blpa-eval scores a Fashion-MNIST checkpoint as the trainer's e
     REQUIRE(std::regex_search(json, m, std::regex("\"images\": 300, \"failed\": 0, \"loss\": ([0-9.]+), \"top1\": ([0-9.]+)")));
     CHECK(std::stod(m[1]) == Approx(r.test_loss).epsilon(1e-5));  // the JSON has 6 decimals
     CHECK(std::stod(m[2]) == Approx(r.test_acc).margin(1e-6));
+    // and the error, as the summary's test_error
+    REQUIRE(std::regex_search(json, m, std::regex("\"top1_error\": ([0-9.]+), \"top5_error\": ([0-9.]+)\\}")));
+    CHECK(std::stod(m[1]) == Approx(1 - r.test_acc).margin(2e-6));
     const std::string other = precision == "fp32" ? "bf16" : "fp32";
     CHECK(eval(" --precision " + other).find("\"precision\": \"" + other + "\"") != std::string::npos);
     remove_tree(dir);
