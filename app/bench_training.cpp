@@ -121,7 +121,8 @@ void add_common(cxxopts::Options& o, const std::string& batch, const std::string
       cxxopts::value<std::string>())(
       "lift", "Lift of the window's centre above b for a bare blpa/naive, in units of x_hat (default: the default "
       "for its bits with the default window, else 0)", cxxopts::value<std::string>())(
-      "size", "Input height/width (0: 32 for cifar, 224 for imagenet)", cxxopts::value<std::string>()->default_value("0"))(
+      "size", "Input height/width (0: 32 for cifar, 224 for imagenet)",
+      cxxopts::value<std::string>()->default_value("0"))(
       "device", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
       "threads", "LibTorch CPU threads (0: its default)", cxxopts::value<std::string>()->default_value("0"))(
       "json", "One JSON object per line and mode");
@@ -538,7 +539,8 @@ int step_main(int argc, char** argv) {
       "steps", "Timed steps per mode and round", cxxopts::value<std::string>()->default_value("5"))(
       "rounds", "Rounds of timed steps, the modes taking turns", cxxopts::value<std::string>()->default_value("1"))(
       "profile", "Then profile one more step per mode: the GPU's busy time, the number of kernels, copies and "
-      "memsets it ran, and the N costliest kernels (on CPU: operators, inclusive times); 0: no profile", cxxopts::value<std::string>()->default_value("0"), "N")(
+      "memsets it ran, and the N costliest kernels (on CPU: operators, inclusive times); 0: no profile",
+      cxxopts::value<std::string>()->default_value("0"), "N")(
       "trace", "With --profile: write each mode's profiled step to PREFIX-MODE.json (PREFIX-MODE-PRECISION-LAYOUT.json with several) (Chrome trace format)",
       cxxopts::value<std::string>()->default_value(""), "PREFIX")(
       "cuda-graphs", "CUDA: time each mode also as one captured iteration replayed as a CUDA graph (as blpa-train "
@@ -568,8 +570,8 @@ int step_main(int argc, char** argv) {
   std::vector<blpa::Numerics> numerics;
   for (const auto& p : precisions)
     for (const auto& l : layouts) numerics.push_back(blpa::numerics_for(p, l, c.device));
-  const int warmup = blpa::number<int>(args, "warmup"), steps = blpa::number<int>(args, "steps"), top_n = blpa::number<int>(args, "profile");
-  const int rounds = blpa::number<int>(args, "rounds");
+  const int warmup = blpa::number<int>(args, "warmup"), steps = blpa::number<int>(args, "steps");
+  const int rounds = blpa::number<int>(args, "rounds"), top_n = blpa::number<int>(args, "profile");
   if (steps <= 0 || warmup < 0 || rounds <= 0)
     throw std::invalid_argument("--steps and --rounds must be positive and --warmup >= 0");
   if (top_n < 0) throw std::invalid_argument("--profile must be >= 0");
@@ -884,7 +886,8 @@ int fidelity_main(int argc, char** argv) {
       cases.push_back([=] { return checkpoint_case(path, batch, seed); });
   } else {
     for (const auto& d : split(args["depths"].as<std::string>()))
-      cases.push_back([=, depth = blpa::parse_number<int>("--depths", d)] { return drawn_case(depth, batch, size, seed); });
+      cases.push_back(
+          [=, depth = blpa::parse_number<int>("--depths", d)] { return drawn_case(depth, batch, size, seed); });
   }
   for (auto& make : cases) {
     FidelityCase c = make();

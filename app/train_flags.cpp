@@ -201,8 +201,8 @@ TrainCommand parse_train_command(int argc, const char* const* argv) {
   };
   if (c.dist.world < 1) throw FlagError(named("world-size", "WORLD_SIZE", c.dist.world) + ": must be at least 1");
   if (c.dist.rank < 0 || c.dist.rank >= c.dist.world)
-    throw FlagError(named("rank", "RANK", c.dist.rank) + " is not in " + named("world-size", "WORLD_SIZE", c.dist.world) +
-                    " (ranks run from 0 to the world size - 1)");
+    throw FlagError(named("rank", "RANK", c.dist.rank) + " is not in " +
+                    named("world-size", "WORLD_SIZE", c.dist.world) + " (ranks run from 0 to the world size - 1)");
   if (c.dist.local_rank < 0) throw FlagError(named("local-rank", "LOCAL_RANK", c.dist.local_rank) + ": must be >= 0");
   if (c.dist.master_port <= 0 || c.dist.master_port > 65535)
     throw FlagError(named("master-port", "MASTER_PORT", c.dist.master_port) + ": must be in 1..65535");

@@ -504,8 +504,8 @@ void check_module_chains(const File& f, const std::unordered_map<std::string, st
 
 void verify_archive(const std::string& path) {
   const File f(path);
-  // Every LibTorch archive begins with a zip record's signature, whatever follows is lost: a
-  // file that does not is some other file given by mistake (a log, a data file), not damage.
+  // A LibTorch archive begins with a zip record's signature, even one cut short: a file that
+  // does not is some other file given by mistake (a log, a data file), not a damaged one.
   unsigned char head[8] = {};
   f.read(0, head, std::min<int64_t>(f.size, sizeof head));
   if (f.size >= 4 && le(head, 4) != kLocal)
@@ -783,7 +783,8 @@ Checkpoint read_checkpoint(const std::string& path) {
     c.net.arch = c.config["arch"];
     c.net.depth = std::stoi(c.config.at("depth"));
     // The trainer's normalisation is the statistics of these images: readers need the number.
-    if (const auto& n = c.config["train_subset"]; !n.empty()) {
+    if (const auto it = c.config.find("train_subset"); it != c.config.end() && !it->second.empty()) {
+      const std::string& n = it->second;
       const auto [p, ec] = std::from_chars(n.data(), n.data() + n.size(), c.train_subset);
       if (ec != std::errc() || p != n.data() + n.size() || c.train_subset < 0)
         throw CheckpointError(path + ": bad train_subset '" + n + "'");

@@ -351,8 +351,8 @@ std::string TrainConfig::json() const {
       json_string(dataset), json_string(data_dir), train_subset, test_subset, augment, json_string(arch), depth, json_string(mode.str()),
       (mode.mode == Mode::blpa || mode.mode == Mode::naive) ? mode.bits : 32, batch, accum_steps, iterations, lr,
       warmup, warmup_lr, fmt::join(steps, ", "), factor, momentum, weight_decay, json_string(device), seed, threads,
-      workers, dist.world, log_every, eval_every, checkpoint_every, json_string(cuda_graphs), json_string(precision), json_string(memory_format),
-      json_string(train_list), json_string(val_list), json_string(run_id));
+      workers, dist.world, log_every, eval_every, checkpoint_every, json_string(cuda_graphs), json_string(precision),
+      json_string(memory_format), json_string(train_list), json_string(val_list), json_string(run_id));
 }
 
 void TrainConfig::validate() const {
