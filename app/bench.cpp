@@ -101,7 +101,7 @@ int codec_main(int argc, char** argv) {
       "reps", "Calls per timing round", cxxopts::value<std::string>()->default_value("10"))(
       "json", "Print one JSON object instead of a table")("h,help", "This help");
   auto args = opts.parse(argc, argv);
-  if (args.count("help")) {
+  if (blpa::switched_on(args, "help")) {
     std::cout << opts.help() << std::endl;
     return 0;
   }
@@ -190,7 +190,7 @@ int codec_main(int argc, char** argv) {
   const double pack_gb = n * (e + k), unpack_gb = n * (k + e), bn_gb = n * (k + 2 * e), ref_gb = n * 4 * e,
                copy_gb = n * 2 * e, fused_gb = n * (3 * e + k);
   const int threads = dev.is_cuda() ? 0 : torch::get_num_threads();
-  if (args.count("json")) {
+  if (blpa::switched_on(args, "json")) {
     fmt::print("{{\"bench\": \"codec\", \"bits\": {}, \"numel\": {}, \"channels\": {}, \"hw\": {}, \"dtype\": \"{}\", "
                "\"memory_format\": \"{}\", \"device\": \"{}\", \"threads\": {}, \"pack_gbps\": {:.3f}, "
                "\"unpack_gbps\": {:.3f}, \"bn_backward_gbps\": {:.3f}, \"libtorch_bn_backward_gbps\": {:.3f}, "

@@ -104,11 +104,11 @@ int data_main(int argc, char** argv) {
       "per split) into this directory and exit, for trying the pipeline end to end",
       cxxopts::value<std::string>())("json", "One JSON object")("h,help", "This help");
   auto args = o.parse(argc, argv);
-  if (args.count("help")) {
+  if (blpa::switched_on(args, "help")) {
     std::cout << o.help() << std::endl;
     return 0;
   }
-  if (args.count("scan")) return scan_bench(args["scan"].as<std::string>(), args.count("json") > 0);
+  if (args.count("scan")) return scan_bench(args["scan"].as<std::string>(), blpa::switched_on(args, "json"));
   const int n = blpa::number<int>(args, "images"), w = blpa::number<int>(args, "width");
   const int h = blpa::number<int>(args, "height"), quality = blpa::number<int>(args, "quality");
   // Images the pipeline refuses as too large (kMaxJpegPixels) would time nothing.
@@ -205,7 +205,7 @@ int data_main(int argc, char** argv) {
   ::rmdir(dir.c_str());
 
   const Point& best = points.back();
-  if (args.count("json")) {
+  if (blpa::switched_on(args, "json")) {
     std::string scaling;
     for (const auto& p : points)
       scaling += fmt::format("{}{{\"workers\": {}, \"images_per_s\": {:.1f}}}", scaling.empty() ? "" : ", ", p.workers, p.per_s);

@@ -133,7 +133,7 @@ void add_common(cxxopts::Options& o, const std::string& batch, const std::string
 bool parse_common(cxxopts::Options& o, int argc, char** argv, Common& c, cxxopts::ParseResult& args) {
   o.add_options()("h,help", "This help");  // here, after the command's own options: --help lists it last
   args = o.parse(argc, argv);
-  if (args.count("help")) {
+  if (blpa::switched_on(args, "help")) {
     std::cout << o.help() << std::endl;
     return false;
   }
@@ -153,7 +153,7 @@ bool parse_common(cxxopts::Options& o, int argc, char** argv, Common& c, cxxopts
   if (c.device.is_cuda() && !torch::cuda::is_available()) throw std::runtime_error("--device cuda: no CUDA device");
   blpa::set_threads(blpa::number<int>(args, "threads"));
   c.numerics = parse_numerics(args, c.device);
-  c.json = args.count("json") > 0;
+  c.json = blpa::switched_on(args, "json");
   return true;
 }
 
@@ -399,7 +399,7 @@ int memory_main(int argc, char** argv) {
                    "in {} ({:.3f} MiB)\n",
                    batch2, r.stored_slope / 1048576.0, r.peak_slope / 1048576.0, slope_peak_at,
                    scope_peak[slope_peak_at] / 1048576.0);
-      if (args.count("table")) {
+      if (blpa::switched_on(args, "table")) {
         const char* per = batch2 > 0 ? "MiB/sample" : "MiB";
         fmt::print("    {:14s} {:>20s} {:>10s} {:>8s} {:>10s}  peak {} in forward, backward\n", "unit", "input",
                    "codes", "metadata", "full", per);
@@ -585,7 +585,7 @@ int step_main(int argc, char** argv) {
       throw std::invalid_argument("--trace " + trace + ": its folder cannot be created" +
                                   (ec ? " (" + ec.message() + ")" : std::string()));
   }
-  const bool graphs = args.count("cuda-graphs") > 0;
+  const bool graphs = blpa::switched_on(args, "cuda-graphs");
   if (graphs && !c.device.is_cuda()) throw std::invalid_argument("--cuda-graphs needs --device cuda");
   // cuDNN picks its kernels and LibTorch makes its handles at a shape's first step: eagerly,
   // not inside the capture.
@@ -859,7 +859,7 @@ int fidelity_main(int argc, char** argv) {
   add_numerics(o);
   o.add_options()("h,help", "This help");
   auto args = o.parse(argc, argv);
-  if (args.count("help")) {
+  if (blpa::switched_on(args, "help")) {
     std::cout << o.help() << std::endl;
     return 0;
   }
@@ -907,7 +907,7 @@ int fidelity_main(int argc, char** argv) {
         if (cos < min_cos) min_cos = cos, worst = names[i];
       }
       const double rel = (torch::cat(g) - ref_all).norm().item<double>() / ref_norm;
-      if (args.count("json"))
+      if (blpa::switched_on(args, "json"))
         fmt::print("{{\"bench\": \"fidelity\", \"source\": \"{}\", \"checkpoint\": \"{}\", \"iteration\": {}, "
                    "\"depth\": {}, \"batch\": {}, \"size\": {}, \"mode\": \"{}\", \"bits\": {}, {}, "
                    "\"relative_error\": {:.5f}, \"min_cosine\": {:.5f}, \"min_cosine_param\": \"{}\", "

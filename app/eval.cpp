@@ -40,7 +40,7 @@ int main(int argc, char** argv) {
   bool json = false;
   try {
     auto a = opts.parse(argc, argv);
-    if (a.count("help")) {
+    if (blpa::switched_on(a, "help")) {
       std::cout << opts.help() << std::endl;
       return 0;
     }
@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
     e.subset = blpa::number<int64_t>(a, "subset");
     for (const char* flag : {"ten-crop", "val-list", "resize", "crop"})
       if (a.count(flag)) e.imagenet_flags.push_back(std::string("--") + flag);
-    e.options.ten_crop = a.count("ten-crop") > 0;
+    e.options.ten_crop = blpa::switched_on(a, "ten-crop");
     e.options.resize_short = blpa::number<int>(a, "resize");
     e.options.crop = blpa::number<int>(a, "crop");
     e.options.batch = blpa::number<int64_t>(a, "batch");
@@ -69,8 +69,8 @@ int main(int argc, char** argv) {
     e.options.precision = a["precision"].as<std::string>();
     e.options.memory_format = a["memory-format"].as<std::string>();
     blpa::numerics_for(e.options.precision, e.options.memory_format, torch::Device(e.options.device));  // the names
-    e.options.progress = a.count("quiet") == 0 && a.count("json") == 0;
-    json = a.count("json") > 0;
+    e.options.progress = !blpa::switched_on(a, "quiet") && !blpa::switched_on(a, "json");
+    json = blpa::switched_on(a, "json");
     if (e.options.batch <= 0 || e.options.workers < 0 || e.options.workers > blpa::kMaxWorkers)
       throw std::invalid_argument("--batch must be positive and --workers 0 to " + std::to_string(blpa::kMaxWorkers));
     if (e.options.workers == 0) e.options.workers = blpa::default_workers("imagenet", 1);

@@ -38,6 +38,12 @@ T number(const cxxopts::ParseResult& a, const std::string& name) {
   return parse_number<T>("--" + name, a[name].as<std::string>());
 }
 
+// A switch (an option without a value): given, and not given as --name=false (or =0, =no),
+// which cxxopts parses but counts as given.
+inline bool switched_on(const cxxopts::ParseResult& a, const std::string& name) {
+  return a.count(name) > 0 && a[name].as<bool>();
+}
+
 // --threads n: LibTorch's CPU threads, 0 for its default.
 inline void set_threads(int n) {
   check_threads(n);

@@ -192,7 +192,7 @@ std::pair<int64_t, int64_t> parse_range(const std::string& s) {
   const int64_t first = blpa::parse_number<int64_t>("--from-dataset", s.substr(0, dots));
   const std::string rest = s.substr(dots + 2);
   const int64_t end = rest.empty() ? -1 : blpa::parse_number<int64_t>("--from-dataset", rest);
-  if (first < 0 || (end >= 0 && end <= first))
+  if (first < 0 || (!rest.empty() && end <= first))  // a negative M is no "to the end"
     throw FlagError("--from-dataset " + s + ": needs 0 <= N < M");
   return {first, end};
 }
@@ -340,7 +340,7 @@ int main(int argc, char** argv) {
   Options o;
   try {
     auto a = opts.parse(argc, argv);
-    if (a.count("help")) {
+    if (blpa::switched_on(a, "help")) {
       std::cout << opts.help() << std::endl;
       return 0;
     }
@@ -353,7 +353,7 @@ int main(int argc, char** argv) {
     if (a.count("class-names")) o.names_file = a["class-names"].as<std::string>();
     o.split = a["split"].as<std::string>();
     o.top_k = blpa::number<int64_t>(a, "top-k");
-    o.eval.ten_crop = a.count("ten-crop") > 0;
+    o.eval.ten_crop = blpa::switched_on(a, "ten-crop");
     o.eval.resize_short = blpa::number<int>(a, "resize");
     o.eval.crop = blpa::number<int>(a, "crop");
     o.eval.batch = blpa::number<int64_t>(a, "batch");

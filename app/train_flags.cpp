@@ -110,7 +110,7 @@ TrainCommand parse_train_command(int argc, const char* const* argv) {
   } catch (const cxxopts::exceptions::exception& e) {
     throw FlagError(e.what());
   }
-  if (a.count("help")) {
+  if (switched_on(a, "help")) {
     cmd.help = true;
     cmd.help_text = opts.help({"Data", "Model", "Precision", "Optimisation", "Running", "Distributed"});
     return cmd;
@@ -121,6 +121,7 @@ TrainCommand parse_train_command(int argc, const char* const* argv) {
   // A preset value unless the flag was given; otherwise the flag's value or default.
   const bool use_preset = !preset.empty();
   auto given = [&](const char* name) { return a.count(name) > 0; };
+  auto on = [&](const char* name) { return switched_on(a, name); };
   auto num = [&](const char* name, auto preset_value) {
     using T = decltype(preset_value);
     return use_preset && !given(name) ? preset_value : number<T>(a, name);
@@ -135,7 +136,7 @@ TrainCommand parse_train_command(int argc, const char* const* argv) {
   if (given("val-list")) c.val_list = a["val-list"].as<std::string>();
   c.train_subset = number<int64_t>(a, "train-subset");
   c.test_subset = number<int64_t>(a, "test-subset");
-  c.augment = !given("no-augment");
+  c.augment = !on("no-augment");
   c.arch = str("model", "imagenet");
   c.depth = num("depth", 152);
   const int bits = number<int>(a, "bits");
@@ -175,12 +176,12 @@ TrainCommand parse_train_command(int argc, const char* const* argv) {
   if (given("log")) c.log_path = a["log"].as<std::string>();
   if (given("checkpoint")) c.checkpoint = a["checkpoint"].as<std::string>();
   c.checkpoint_every = num("checkpoint-every", int64_t{5000});
-  c.resume = given("resume");
-  c.auto_resume = given("auto-resume");
-  c.overwrite = given("overwrite");
+  c.resume = on("resume");
+  c.auto_resume = on("auto-resume");
+  c.overwrite = on("overwrite");
   if (given("export")) c.export_path = a["export"].as<std::string>();
   if (given("summary")) c.summary_path = a["summary"].as<std::string>();
-  c.progress = !given("quiet");
+  c.progress = !on("quiet");
   try {
     c.dist = DistConfig::from_env();  // torchrun's variables, then the flags
   } catch (const std::invalid_argument& e) {
@@ -195,9 +196,10 @@ TrainCommand parse_train_command(int argc, const char* const* argv) {
   const int timeout = number<int>(a, "dist-timeout");
   if (timeout <= 0) throw FlagError("--dist-timeout must be positive");
   c.dist.timeout = std::chrono::seconds(timeout);
-  // A bad value is named as it was given: the flag, or torchrun's variable.
+  // A bad value is named as it was given: the flag, torchrun's variable, or the default.
   const auto named = [&](const char* flag, const char* env, int v) {
-    return (given(flag) ? "--" + std::string(flag) + " " : "$" + std::string(env) + "=") + std::to_string(v);
+    if (given(flag) || !std::getenv(env)) return "--" + std::string(flag) + " " + std::to_string(v);
+    return "$" + std::string(env) + "=" + std::to_string(v);
   };
   if (c.dist.world < 1) throw FlagError(named("world-size", "WORLD_SIZE", c.dist.world) + ": must be at least 1");
   if (c.dist.rank < 0 || c.dist.rank >= c.dist.world)
@@ -207,8 +209,10 @@ TrainCommand parse_train_command(int argc, const char* const* argv) {
   if (c.dist.master_port <= 0 || c.dist.master_port > 65535)
     throw FlagError(named("master-port", "MASTER_PORT", c.dist.master_port) + ": must be in 1..65535");
   c.validate();
-  c.resolve_numerics();
-  cmd.print_config = given("print-config");
+  // Checked here, but left as given: --precision auto on --resume is the checkpoint's, which
+  // train() reads.
+  TrainConfig(c).resolve_numerics();
+  cmd.print_config = on("print-config");
   return cmd;
 }
 

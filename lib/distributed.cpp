@@ -9,7 +9,9 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <charconv>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -20,10 +22,14 @@ namespace {
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   if (!v || !*v) return fallback;
-  char* end = nullptr;
-  const long x = std::strtol(v, &end, 10);
-  if (*end != '\0') throw std::invalid_argument(std::string("environment variable ") + name + "='" + v + "' is not an integer");
-  return static_cast<int>(x);
+  int x = 0;
+  const char* end = v + std::strlen(v);
+  const auto [p, ec] = std::from_chars(v, end, x);
+  if (ec == std::errc::result_out_of_range)  // not wrapped round: 4294967297 is no world size of 1
+    throw std::invalid_argument(std::string("environment variable ") + name + "='" + v + "' is out of range");
+  if (ec != std::errc() || p != end)
+    throw std::invalid_argument(std::string("environment variable ") + name + "='" + v + "' is not an integer");
+  return x;
 }
 
 // Runs a collective; any failure becomes PeerLost with the backend's first line.

@@ -173,6 +173,12 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
   CAPTURE(env.output);
   CHECK(env.code == 2);
   CHECK(env.output.find("$WORLD_SIZE=-1: must be at least 1") != std::string::npos);
+  const Run wrapped = train({"--data-dir", (dir / "no-data").string()}, dir, "WORLD_SIZE=4294967297");  // was 1
+  CHECK(wrapped.code == 2);
+  CHECK(wrapped.output.find("WORLD_SIZE='4294967297' is out of range") != std::string::npos);
+  const Run range = run(BLPA_PREDICT_EXE, {"--checkpoint", "x", "--from-dataset", "0..-1"}, dir);  // read to the end
+  CHECK(range.code == 2);
+  CHECK(range.output.find("--from-dataset 0..-1: needs 0 <= N < M") != std::string::npos);
   // blpa-eval names its flags too.
   const Run e = run(BLPA_EVAL_EXE, {"--checkpoint", "x", "--batch", "ten"}, dir);
   CHECK(e.code == 2);
@@ -258,6 +264,10 @@ TEST_CASE("hardening: a fresh run replaces no earlier run unless told to", "[har
         std::string::npos);
   CHECK(slurp(ck) == ck_bytes);
   CHECK(slurp(log) == log_bytes);
+  // A switch given as =false is off (cxxopts counted it as given: this replaced the run).
+  const Run off = train(small(dir, {"--checkpoint", ck, "--log", log, "--overwrite=false"}), dir);
+  CHECK(off.code == 2);
+  CHECK(slurp(ck) == ck_bytes);
   // The log alone is protected too (an empty one is not a run).
   const Run log_only = train(small(dir, {"--log", log}), dir);
   CHECK(log_only.code == 2);
@@ -314,6 +324,14 @@ TEST_CASE("hardening: --auto-resume starts a run, resumes it, and does nothing o
   CHECK(train(small(dir, {"--auto-resume"}), dir).output.find("--auto-resume needs --checkpoint PATH") !=
         std::string::npos);
   CHECK(run_to("3", {"--resume"}).output.find("give it without --resume") != std::string::npos);
+
+  // --precision auto continues at the checkpoint's (bf16), from the command line too.
+  const std::string bf16 = (dir / "bf16.ckpt").string();
+  REQUIRE(train(small(dir, {"--checkpoint", bf16, "--iterations", "2", "--precision", "bf16"}), dir).code == 0);
+  const Run bf16_resumed = train(small(dir, {"--checkpoint", bf16, "--iterations", "3", "--auto-resume"}), dir);
+  CAPTURE(bf16_resumed.output);
+  CHECK(bf16_resumed.code == 0);
+  CHECK(blpa::read_checkpoint(bf16).config.at("precision") == "bf16");
   remove_tree(dir);
 }
 
