@@ -338,6 +338,9 @@ double unix_time() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
+// A loss for a JSON record: NaN and Inf, which JSON has no words for, are null.
+std::string json_loss(double v) { return std::isfinite(v) ? fmt::format("{:.6g}", v) : "null"; }
+
 }  // namespace
 
 std::string TrainConfig::json() const {
@@ -391,6 +394,10 @@ void TrainConfig::validate() const {
   if (resume && overwrite) bad("--resume continues a run and --overwrite starts a new one: give one of them");
   if (auto_resume && checkpoint.empty()) bad("--auto-resume needs --checkpoint PATH");
   if (auto_resume && resume) bad("--auto-resume resumes where --checkpoint exists: give it without --resume");
+  // Where the checkpoint is gone (deleted, or another path given), --overwrite would replace a
+  // finished run's log, summary and export: a run that cannot resume is replaced by hand.
+  if (auto_resume && overwrite)
+    bad("--auto-resume keeps existing runs and --overwrite replaces them: give one of them");
   if (log_every <= 0 || eval_every < 0 || checkpoint_every <= 0)
     bad("--log-every and --checkpoint-every must be positive, --eval-every >= 0");
   if (workers < 0 || workers > kMaxWorkers || prefetch <= 0)
@@ -664,12 +671,22 @@ class OutputLocks {
     if (path.empty() || (fs::exists(path, ec) && !fs::is_regular_file(path, ec))) return;  // a device, a pipe
     const fs::path parent = fs::path(path).has_parent_path() ? fs::path(path).parent_path() : fs::path(".");
     if (!fs::exists(parent, ec)) fs::create_directories(parent, ec);
-    const std::string lock = path + ".lock";
+    // Beside the file the path names, symbolic links followed (to a file not written yet, too):
+    // a link to a running run's checkpoint or log is that run's file, and must meet its lock.
+    fs::path target = fs::absolute(path);
+    for (int links = 0; links < 40 && fs::is_symlink(target, ec); ++links) {
+      const fs::path to = fs::read_symlink(target, ec);
+      target = to.is_absolute() ? to : target.parent_path() / to;
+    }
+    const std::string lock = fs::weakly_canonical(target, ec).string() + ".lock";
+    if (ec) return;  // the checks after this one say why the path cannot be written
     for (;;) {
       // A folder that cannot take the lock file cannot take a checkpoint either: the checks
       // after this one say why, naming the flag.
       int fd = ::open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
       if (fd < 0 && errno == EACCES) fd = ::open(lock.c_str(), O_RDONLY | O_CLOEXEC);  // another user's: flock works
+      if (fd < 0 && errno == EISDIR)
+        throw FlagError(fmt::format("{} {}: {} is a folder, where the run keeps its lock: remove it", flag, path, lock));
       if (fd < 0) return;
       if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
         const int e = errno;
@@ -841,6 +858,10 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
       if (lead && !config.log_path.empty()) check_log_is_this_runs(config.log_path, config);
       if (lead) check_outputs_are_this_runs(config);
       state = resumed->state;
+      // Stopped part-way at what is now the run's end: its evaluation is still to come.
+      const auto evaluated = resumed->config.find("evaluated");
+      if (state.iteration == config.iterations && evaluated != resumed->config.end() && evaluated->second == "0")
+        state.pending_eval = true;
       if (state.iteration >= config.iterations && !state.pending_eval)
         throw RunComplete(fmt::format("checkpoint {} is at iteration {}, evaluated: with --iterations {} the run "
                                       "is complete, nothing to do",
@@ -970,7 +991,13 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   spdlog::info("model {}-{} ({} parameters), mode {}, {}, batch {}, {} iterations, device {}", config.arch, config.depth,
                params, config.mode.str(), config.numerics().str(), config.batch, config.iterations, dev.str());
   // The log opens (and a fresh run's --overwrite empties it) only now, when the data, the
-  // network and the checkpoint have all been read.
+  // network and the checkpoint have all been read. The replaced run's checkpoint, summary and
+  // export go with it: killed before its first checkpoint, the new run must not leave its log
+  // beside another run's files, which --resume would then refuse as mixed.
+  if (lead && !config.resume && config.overwrite)
+    for (const std::string& path : {config.checkpoint, config.summary_path, config.export_path})
+      if (std::error_code ec; !path.empty() && fs::is_regular_file(path, ec) && !fs::remove(path, ec) && ec)
+        throw std::runtime_error(path + ": cannot be removed for --overwrite (" + ec.message() + ")");
   if (!config.log_path.empty() && lead) {
     if (config.resume) result.dropped_log_records = drop_records_after(config.log_path, state.iteration);
     if (result.dropped_log_records > 0)
@@ -1080,24 +1107,6 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
         std::max(peak_max, memory::peak(dev)), decode_errors.count.load(), graphed != nullptr, config.json()));
     f.commit();
   };
-  auto evaluate_now = [&] {  // rank 0; returns false when a signal interrupted it
-    if (tty) fmt::print(stderr, "\n");
-    const EvalResult e = run_eval();
-    if (e.interrupted) {
-      spdlog::warn("evaluation at iteration {} interrupted; it runs first when the run resumes", it);
-      return false;
-    }
-    result.test_loss = e.loss;
-    result.test_acc = e.top1;
-    result.test_top5 = e.top5;
-    eval_iter = it;
-    log.write(fmt::format("{{\"type\": \"eval\", \"iter\": {}, \"time\": {:.3f}, \"test_loss\": {:.6g}, "
-                          "\"test_acc\": {:.6f}, \"test_top5\": {:.6f}, \"images\": {}, \"failed\": {}}}\n",
-                          it, unix_time(), e.loss, e.top1, e.top5, e.count, e.failed));
-    spdlog::info("iteration {}: test loss {:.4f}, test error {:.2f}% (top-5 error {:.2f}%)", it, e.loss,
-                 100 * (1 - e.top1), 100 * (1 - e.top5));
-    return true;
-  };
   // `what` says what and where (iteration, counted from 1); `iteration` sets the learning rate named.
   auto diverged = [&](const std::string& what, int64_t iteration) {
     write_summary("diverged");
@@ -1109,6 +1118,29 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
                                       "weights may already be on their way to diverging: resume it with a lower "
                                       "--lr, or start again.",
                                       config.checkpoint, last_good)));
+  };
+  auto evaluate_now = [&] {  // rank 0; returns false when a signal interrupted it
+    if (tty) fmt::print(stderr, "\n");
+    const EvalResult e = run_eval();
+    if (e.interrupted) {
+      spdlog::warn("evaluation at iteration {} interrupted; it runs first when the run resumes", it);
+      return false;
+    }
+    result.test_loss = e.loss;
+    result.test_acc = e.top1;
+    result.test_top5 = e.top5;
+    eval_iter = it;
+    log.write(fmt::format("{{\"type\": \"eval\", \"iter\": {}, \"time\": {:.3f}, \"test_loss\": {}, "
+                          "\"test_acc\": {:.6f}, \"test_top5\": {:.6f}, \"images\": {}, \"failed\": {}}}\n",
+                          it, unix_time(), json_loss(e.loss), e.top1, e.top5, e.count, e.failed));
+    spdlog::info("iteration {}: test loss {:.4f}, test error {:.2f}% (top-5 error {:.2f}%)", it, e.loss,
+                 100 * (1 - e.top1), 100 * (1 - e.top5));
+    // Finite weights whose outputs overflow (the running statistics, which the training loss
+    // does not use) are a diverged run too: blpa-eval would refuse them.
+    if (!std::isfinite(e.loss))
+      throw diverged(fmt::format("the test loss became {} at iteration {}: the network's outputs overflow", e.loss, it),
+                     it);
+    return true;
   };
   auto drain = [&] {
     if (!graphed) return;
@@ -1135,8 +1167,11 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
     s.window_iters = window_iters;
     s.window_loss = window_loss;
     s.window_seconds = std::chrono::duration<double>(Clock::now() - window_start).count();
-    save_checkpoint(config.checkpoint, config.identity(), config.describe() + "run_id=" + config.run_id + "\n", s,
-                    model, opt);
+    // evaluated: whether this iteration's evaluation ran. A run stopped part-way and resumed
+    // with --iterations at the checkpoint's has not been evaluated at its (new) end.
+    save_checkpoint(config.checkpoint, config.identity(),
+                    config.describe() + "run_id=" + config.run_id + "\nevaluated=" + (eval_iter == it ? "1" : "0") + "\n",
+                    s, model, opt);
     last_good = it;
   };
 
@@ -1150,6 +1185,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
       if (dist) done = dist->sum({done ? 0.0 : 1.0})[0] == 0;
       if (done) pending_eval = false;
       else result.interrupted = true;  // the checkpoint still holds the pending evaluation
+      if (done && it >= config.iterations) checkpoint();  // the run's end, evaluated: a resume finds it complete
       window_start += Clock::now() - pause;  // not training time
     }
     while (!result.interrupted && it < config.iterations) {
@@ -1221,10 +1257,10 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
         const double total = std::chrono::duration<double>(Clock::now() - run_start).count();
         const double eta = total / (it - first) * (config.iterations - it);
         log.write(fmt::format(
-            "{{\"type\": \"train\", \"iter\": {}, \"time\": {:.3f}, \"epoch\": {:.3f}, \"loss\": {:.6g}, \"lr\": {:.6g}, "
+            "{{\"type\": \"train\", \"iter\": {}, \"time\": {:.3f}, \"epoch\": {:.3f}, \"loss\": {}, \"lr\": {:.6g}, "
             "\"images_per_s\": {:.2f}, \"stored_activation_bytes\": {}, \"peak_bytes\": {}, \"decode_failures\": {}, "
             "\"graphed\": {}, \"graph_pool_bytes\": {}{}}}\n",
-            it, unix_time(), double(it) / per_epoch, window_loss / window_iters, lr, ips, stored, peak,
+            it, unix_time(), double(it) / per_epoch, json_loss(window_loss / window_iters), lr, ips, stored, peak,
             decode_errors.count.load(), graphed != nullptr, graphed ? graphed->pool_bytes() : 0,
             dist ? fmt::format(", \"world\": {}, \"global_batch\": {}, \"images_per_s_per_rank\": {:.2f}, "
                                "\"stored_activation_bytes_total\": {}, \"peak_bytes_total\": {}",

@@ -275,8 +275,26 @@ TEST_CASE("hardening: a fresh run replaces no earlier run unless told to", "[har
   std::ofstream(dir / "empty.jsonl").flush();
   CHECK(train(small(dir, {"--log", (dir / "empty.jsonl").string()}), dir).code == 0);
 
-  CHECK(train(small(dir, {"--checkpoint", ck, "--log", log, "--overwrite", "--seed", "7"}), dir).code == 0);
-  CHECK(slurp(ck) != ck_bytes);
+  // --overwrite: once the new run opens its log, the replaced run's checkpoint is gone, so that
+  // a new run killed before its first checkpoint leaves no mix of two runs' files.
+  Spawned replacing{spawn_train(small(dir, {"--checkpoint", ck, "--log", log, "--overwrite", "--seed", "7",
+                                            "--iterations", "100000", "--checkpoint-every", "100000"}),
+                                dir / "replacing.out")};
+  wait_for_record(log, "\"seed\": 7");  // its log opened
+  CHECK(!fs::exists(ck));
+  // While it runs, a link to its log is its log: refused, naming the run (the lock was beside
+  // the link's name, so a second run trained the same files).
+  fs::create_symlink(log, dir / "link.jsonl");
+  const Run linked = train(small(dir, {"--log", (dir / "link.jsonl").string(), "--overwrite"}), dir);
+  CHECK(linked.code == 1);
+  CHECK(linked.output.find("is in use by another blpa-train") != std::string::npos);
+  ::kill(replacing.pid, SIGKILL);
+  replacing.wait();
+  // A folder where the lock goes was skipped, and the lock with it.
+  fs::create_directories(dir / "b.ckpt.lock");
+  const Run folder = train(small(dir, {"--checkpoint", (dir / "b.ckpt").string()}), dir);
+  CHECK(folder.code == 2);
+  CHECK(folder.output.find("is a folder, where the run keeps its lock") != std::string::npos);
   remove_tree(dir);
 }
 
@@ -318,12 +336,35 @@ TEST_CASE("hardening: --auto-resume starts a run, resumes it, and does nothing o
   CHECK(kept.code == 2);
   CHECK(kept.output.find("already exists") != std::string::npos);
   CHECK(slurp(log) == log_text);
-  CHECK(run_to("3", {"--overwrite"}).code == 0);
-  CHECK(fs::exists(ck));
-  // It needs a checkpoint, and is not given with --resume.
+  CHECK(train(small(dir, {"--checkpoint", ck, "--log", log, "--overwrite", "--iterations", "3"}), dir).code == 0);
+  // It needs a checkpoint, and is given without --resume or --overwrite (which would replace a
+  // finished run's files wherever its checkpoint was deleted).
   CHECK(train(small(dir, {"--auto-resume"}), dir).output.find("--auto-resume needs --checkpoint PATH") !=
         std::string::npos);
   CHECK(run_to("3", {"--resume"}).output.find("give it without --resume") != std::string::npos);
+  CHECK(run_to("3", {"--overwrite"}).output.find("give one of them") != std::string::npos);
+
+  // Stopped part-way, then given --iterations at its checkpoint's: the run ends there, evaluated
+  // (not called complete), and only then is it complete.
+  const std::string cut = (dir / "cut.ckpt").string(), summary = (dir / "cut.json").string();
+  Spawned run{spawn_train(small(dir, {"--checkpoint", cut, "--summary", summary, "--iterations", "100000",
+                                      "--checkpoint-every", "3"}),
+                          dir / "cut.out")};
+  for (int i = 0; i < 3000 && !fs::exists(cut); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  ::kill(run.pid, SIGTERM);
+  REQUIRE(run.wait() == 143);
+  const std::string at = std::to_string(blpa::read_checkpoint(cut).state.iteration);
+  const std::vector<std::string> end_there{"--checkpoint", cut, "--summary", summary, "--iterations", at,
+                                           "--auto-resume"};
+  const Run ended = train(small(dir, end_there), dir);
+  CAPTURE(ended.output);
+  CHECK(ended.code == 0);
+  CHECK(ended.output.find("complete") == std::string::npos);
+  CHECK(slurp(summary).find("\"status\": \"done\"") != std::string::npos);
+  CHECK(slurp(summary).find("\"eval_iter\": " + at + ",") != std::string::npos);
+  const Run complete = train(small(dir, end_there), dir);
+  CHECK(complete.code == 0);
+  CHECK(complete.output.find("the run is complete, nothing to do") != std::string::npos);
 
   // --precision auto continues at the checkpoint's (bf16), from the command line too.
   const std::string bf16 = (dir / "bf16.ckpt").string();
@@ -715,6 +756,15 @@ TEST_CASE("hardening: a divergence keeps the last checkpoint of finite numbers, 
   CAPTURE(r.output);
   REQUIRE(r.code == 3);
   CHECK(r.output.find("The last checkpoint of finite numbers, " + ck + " (iteration ") != std::string::npos);
+  // A log whose losses overflowed is still JSON: NaN and Inf are null (it held "-nan").
+  const std::string nan_log = (dir / "nan.jsonl").string();
+  // Its weights stay finite, but the test loss is not: a diverged run too (it ended "done").
+  const Run overflow = train(small(dir, {"--log", nan_log, "--iterations", "3", "--weight-decay", "99999999999"}), dir);
+  CAPTURE(overflow.output);
+  CHECK(overflow.code == 3);
+  CHECK(overflow.output.find("the test loss became ") != std::string::npos);
+  CHECK(slurp(nan_log).find("\"test_loss\": null") != std::string::npos);
+  CHECK(!std::regex_search(slurp(nan_log), std::regex(": -?(nan|inf)", std::regex::icase)));
   const auto c = blpa::read_checkpoint(ck);
   CHECK(c.state.iteration >= 4);
   CHECK_NOTHROW(blpa::load_model(c));  // every tensor finite
