@@ -112,6 +112,7 @@ int codec_main(int argc, char** argv) {
   if (bits != 8 && bits != 4 && bits != 2) throw std::invalid_argument("--bits must be 8, 4 or 2");
   blpa::CodeFormat format = blpa::default_format(bits);
   if (args.count("window")) format = {bits, blpa::number<float>(args, "window"), 0.0f};
+  if (!(format.window > 0)) throw std::invalid_argument("--window must be positive");
   if (numel <= 0 || channels <= 0 || hw <= 0 || numel % (channels * hw * hw) != 0)
     throw std::invalid_argument("--numel must be a positive multiple of --channels x --hw x --hw");
   const std::string layout = args["memory-format"].as<std::string>();
@@ -140,7 +141,7 @@ int codec_main(int argc, char** argv) {
   const auto memory_format = layout == "nhwc" ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
   const torch::Device dev(args["device"].as<std::string>());
   if (dev.is_cuda() && !torch::cuda::is_available())
-    throw std::runtime_error("--device cuda: no CUDA device is available");
+    throw std::invalid_argument("--device cuda: no CUDA device is available");  // exit 2, as blpa-train's
   blpa::set_threads(blpa::number<int>(args, "threads"));
 
   torch::manual_seed(0);

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cxxopts.hpp>
+#include <limits>
 #include <string>
 #include <type_traits>
 
@@ -24,10 +25,16 @@ T parse_number(const std::string& flag, const std::string& text) {
     if (ec != std::errc() || p != end || text.empty())
       throw FlagError(flag + ": '" + text + "' is not " + (std::is_signed_v<T> ? "an integer" : "a non-negative integer"));
   } else {
-    char* end = nullptr;
-    v = std::strtod(text.c_str(), &end);
-    if (text.empty() || end != text.c_str() + text.size()) throw FlagError(flag + ": '" + text + "' is not a number");
-    if (!std::isfinite(v)) throw FlagError(flag + ": '" + text + "' is not a finite number");
+    // As the integers: decimal only (strtod also took hex and leading spaces), and a value past
+    // T's range named as such (1e39 became a float's inf, called "not finite").
+    double d = 0;
+    const char* end = text.data() + text.size();
+    const auto [p, ec] = std::from_chars(text.data(), end, d);
+    if (ec == std::errc::result_out_of_range) throw FlagError(flag + ": '" + text + "' is out of range");
+    if (ec != std::errc() || p != end || text.empty()) throw FlagError(flag + ": '" + text + "' is not a number");
+    if (!std::isfinite(d)) throw FlagError(flag + ": '" + text + "' is not a finite number");
+    if (std::abs(d) > std::numeric_limits<T>::max()) throw FlagError(flag + ": '" + text + "' is out of range");
+    v = static_cast<T>(d);
   }
   return v;
 }

@@ -35,7 +35,8 @@ const char* kHelp =
     "--from-dataset N..M, records of their data set (\"index\" and the true \"label\" are printed with "
     "each). An image that cannot be decoded is reported on stderr and as a JSON line with an \"error\" "
     "field, and skipped.\n"
-    "Exit codes: 0 at least one image classified, 1 an error or no image could be classified, 2 bad flags.\n";
+    "Exit codes: 0 at least one image classified, 1 an error or no image could be classified, 2 bad flags, 3 the "
+    "network's outputs overflow (finite weights too large, as a run's about to diverge: blpa-eval's 3 too).\n";
 
 // ---- class names ---------------------------------------------------------------------------
 
@@ -199,12 +200,21 @@ std::pair<int64_t, int64_t> parse_range(const std::string& s) {
 
 // ---- output --------------------------------------------------------------------------------
 
+// Finite weights whose outputs overflow (those of a run about to diverge): probabilities of
+// NaN, which are no answer and no JSON. blpa-eval refuses such a network with exit 3 too.
+struct Overflow : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 struct Printer {
   std::vector<std::string> names;
   int64_t top_k = 5;
 
   // `prob`: one row of class probabilities.
   std::string top(const torch::Tensor& prob) const {
+    if (!torch::isfinite(prob).all().item<bool>())
+      throw Overflow("the network's outputs overflow (its weights are finite but too large, as those of a run about "
+                     "to diverge): no probabilities");
     auto [p, idx] = prob.topk(std::min<int64_t>(top_k, prob.size(0)));
     std::string s = "[";
     for (int64_t j = 0; j < p.size(0); ++j) {
@@ -434,6 +444,9 @@ int main(int argc, char** argv) {
   } catch (const FlagError& ex) {
     std::cerr << "blpa-predict: " << ex.what() << "\n";
     return 2;
+  } catch (const Overflow& ex) {
+    std::cerr << "blpa-predict: " << o.checkpoint << ": " << ex.what() << "\n";
+    return 3;
   } catch (const std::exception& ex) {
     std::cerr << "blpa-predict: " << blpa::error_message(ex) << "\n";
     return 1;

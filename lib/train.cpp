@@ -726,17 +726,25 @@ class OutputLocks {
 // Before anything is loaded: every output can be written where it goes, no other run is
 // writing it, and a fresh run replaces no earlier run's files unless told to.
 void prepare_outputs(const TrainConfig& c, OutputLocks& locks) {
-  for (const auto& [path, flag] : {std::pair{c.checkpoint, "--checkpoint"}, std::pair{c.log_path, "--log"},
-                                   std::pair{c.export_path, "--export"}, std::pair{c.summary_path, "--summary"}}) {
+  const std::pair<std::string, const char*> outputs[] = {
+      {c.checkpoint, "--checkpoint"}, {c.log_path, "--log"}, {c.export_path, "--export"}, {c.summary_path, "--summary"}};
+  std::error_code ec;
+  const bool resumable = !c.checkpoint.empty() && fs::is_regular_file(c.checkpoint, ec);
+  for (const auto& [path, flag] : outputs) {
     if (path.empty()) continue;
-    const bool is_log = std::string(flag) == "--log";
     locks.add(path, flag);  // first: the checks below write a probe beside the file
-    std::error_code ec;
+    const bool is_log = std::string(flag) == "--log";
     if (!c.resume && !c.overwrite && fs::is_regular_file(path, ec) && (!is_log || fs::file_size(path, ec) > 0))
-      throw FlagError(std::string(flag) + " " + path +
-                      " already exists: continue that run with --resume, or replace it with --overwrite");
+      throw FlagError(std::string(flag) + " " + path + " already exists: " +
+                      (resumable ? "continue that run with --resume, or replace it with --overwrite"
+                                 : "it has no checkpoint to continue from; replace it with --overwrite, or give "
+                                   "another path"));
+  }
+  // Then the probes, which create the log: not for a run refused above.
+  for (const auto& [path, flag] : outputs) {
+    if (path.empty()) continue;
     try {
-      check_output_path(path, flag, !is_log);
+      check_output_path(path, flag, std::string(flag) != "--log");
     } catch (const std::invalid_argument& e) {
       throw FlagError(e.what());
     }

@@ -134,7 +134,10 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"--device", "tpu"}, "--device must be cpu, cuda or cuda:N, got 'tpu'"},
       {{"--lr-steps", "10,x"}, "--lr-steps: 'x' is not an integer"},
       {{"--batch", "abc"}, "--batch: 'abc' is not an integer"},
-      {{"--lr", "1e999"}, "--lr: '1e999' is not a finite number"},
+      {{"--lr", "1e999"}, "--lr: '1e999' is out of range"},
+      {{"--lr", "inf"}, "--lr: 'inf' is not a finite number"},
+      {{"--window", "1e39"}, "--window: '1e39' is out of range"},  // a float's inf, was "not finite"
+      {{"--lr", "0x10"}, "--lr: '0x10' is not a number"},           // was 16
       {{"--seed", "-1"}, "--seed: '-1' is not a non-negative integer"},
       {{"--iterations", "99999999999999999999"}, "--iterations: '99999999999999999999' is out of range"},
       {{"--depth", "21"}, "--depth 21: a cifar network has depth 9n+2"},
@@ -209,6 +212,11 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"fidelity", "--seed", "-1"}, "--seed: '-1' is not a non-negative integer"},
       {{"data", "--workers", "0"}, "--workers: each count must be 1 to 256"},
       {{"data", "--quality", "500"}, "--quality must be 1 to 100"},
+      // lists with an empty item (the item was dropped) or none (nothing ran, exit 0),
+      {{"memory", "--model", "cifar:11", "--mode", "plain,,blpa"}, "--mode: 'plain,,blpa' has an empty item"},
+      {{"fidelity", "--depths", ""}, "--depths needs a value"},
+      // and flag errors that exited 1.
+      {{"codec", "--numel", "65536", "--window", "-1"}, "--window must be positive"},
   };
   for (const auto& [args, message] : bench) {
     const Run b = run(BLPA_BENCH_EXE, args, dir);
@@ -776,6 +784,11 @@ TEST_CASE("hardening: a divergence keeps the last checkpoint of finite numbers, 
   CHECK((kept.code == 0 || kept.code == 3));
   CHECK((kept.code == 3) == (kept.output.find("nan") != std::string::npos));
   if (kept.code == 3) CHECK(kept.output.find("the network's outputs overflow") != std::string::npos);
+  // blpa-predict on the same images answers alike: it printed NaN probabilities with exit 0.
+  const Run predicted = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "0..10"}, dir);
+  CAPTURE(predicted.output);
+  CHECK(predicted.code == kept.code);
+  CHECK((predicted.code == 3) == (predicted.output.find("the network's outputs overflow") != std::string::npos));
 
   // A checkpoint that holds a NaN (written by an older blpa, or by hand) is refused.
   auto model = blpa::load_model(c);
