@@ -29,8 +29,8 @@ cxxopts::Options make_options() {
   cxxopts::Options opts("blpa-train", "Train a pre-activation ResNet whose units keep K-bit activations for backprop.\n"
                                       "Defaults reproduce the CIFAR protocol of the paper; without --data-dir the "
                                       "data set is Fashion-MNIST from /usr/share/datasets/fashion-mnist.\n"
-                                      "Exit codes: 0 done, 1 error, 2 bad flags, 3 the loss or the weights became "
-                                      "NaN/Inf, 128+N stopped by signal N (a checkpoint was written; a second "
+                                      "Exit codes: 0 done, 1 error, 2 bad flags, 3 the loss, the test loss or the "
+                                      "weights became NaN/Inf, 128+N stopped by signal N (a checkpoint was written; a second "
                                       "signal stops at once, without one). BLPA_DEBUG=1 adds LibTorch's C++ "
                                       "backtraces to its errors.\n");
   using S = std::string;
