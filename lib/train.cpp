@@ -671,22 +671,33 @@ class OutputLocks {
     if (path.empty() || (fs::exists(path, ec) && !fs::is_regular_file(path, ec))) return;  // a device, a pipe
     const fs::path parent = fs::path(path).has_parent_path() ? fs::path(path).parent_path() : fs::path(".");
     if (!fs::exists(parent, ec)) fs::create_directories(parent, ec);
-    // Beside the file the path names, symbolic links followed (to a file not written yet, too):
-    // a link to a running run's checkpoint or log is that run's file, and must meet its lock.
+    // PATH.lock beside the path as given; and where the path is a symbolic link, beside the
+    // file it names too (one not written yet, too): a link to a running run's checkpoint or
+    // log is that run's file. Both: writing replaces the link itself with a file (the atomic
+    // rename), after which the path as given is what another run naming it would lock.
+    lock(path + ".lock", path, flag);
     fs::path target = fs::absolute(path);
     for (int links = 0; links < 40 && fs::is_symlink(target, ec); ++links) {
       const fs::path to = fs::read_symlink(target, ec);
       target = to.is_absolute() ? to : target.parent_path() / to;
     }
-    const std::string lock = fs::weakly_canonical(target, ec).string() + ".lock";
-    if (ec) return;  // the checks after this one say why the path cannot be written
+    if (target != fs::absolute(path)) {
+      const fs::path resolved = fs::weakly_canonical(target, ec);
+      if (!ec) lock(resolved.string() + ".lock", path, flag);
+    }
+  }
+
+ private:
+  // Takes `file` (creating it), or throws naming the run that holds it; returns quietly where
+  // the file cannot be created (the output checks after this say why, naming the flag).
+  void lock(const std::string& file, const std::string& path, const std::string& flag) {
     for (;;) {
       // A folder that cannot take the lock file cannot take a checkpoint either: the checks
       // after this one say why, naming the flag.
-      int fd = ::open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-      if (fd < 0 && errno == EACCES) fd = ::open(lock.c_str(), O_RDONLY | O_CLOEXEC);  // another user's: flock works
+      int fd = ::open(file.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+      if (fd < 0 && errno == EACCES) fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);  // another user's: flock works
       if (fd < 0 && errno == EISDIR)
-        throw FlagError(fmt::format("{} {}: {} is a folder, where the run keeps its lock: remove it", flag, path, lock));
+        throw FlagError(fmt::format("{} {}: {} is a folder, where the run keeps its lock: remove it", flag, path, file));
       if (fd < 0) return;
       if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
         const int e = errno;
@@ -701,25 +712,24 @@ class OutputLocks {
           throw std::runtime_error(fmt::format("{} {} is in use by another blpa-train{}: wait for it to end, or give "
                                                "another path",
                                                flag, path, alive ? fmt::format(" (process {})", pid) : std::string()));
-        throw std::runtime_error(fmt::format("{} {}: its lock file {} cannot be locked ({})", flag, path, lock,
+        throw std::runtime_error(fmt::format("{} {}: its lock file {} cannot be locked ({})", flag, path, file,
                                              std::strerror(e)));
       }
       // Locked; but if the run that held it removed the file meanwhile, this lock is on a
       // file nobody else will open: start again.
       struct stat mine {}, named {};
-      if (::fstat(fd, &mine) == 0 && ::stat(lock.c_str(), &named) == 0 && mine.st_ino == named.st_ino &&
+      if (::fstat(fd, &mine) == 0 && ::stat(file.c_str(), &named) == 0 && mine.st_ino == named.st_ino &&
           mine.st_dev == named.st_dev) {
         const std::string pid = std::to_string(::getpid());  // only for the message above
         const bool noted = ::ftruncate(fd, 0) == 0 && ::pwrite(fd, pid.data(), pid.size(), 0) > 0;
         (void)noted;
-        held_.emplace_back(lock, fd);
+        held_.emplace_back(file, fd);
         return;
       }
       ::close(fd);
     }
   }
 
- private:
   std::vector<std::pair<std::string, int>> held_;
 };
 
@@ -829,9 +839,10 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   const bool lead = config.dist.rank == 0;  // writes the log, the checkpoints and the outputs
   if (config.auto_resume) {
     // Each rank looks for itself; ranks that decide differently are stopped by their settings'
-    // agreement (resume=) below. --overwrite applies to a new run only.
-    config.resume = fs::exists(config.checkpoint);
-    if (config.resume) config.overwrite = false;
+    // agreement (resume=) below. A path that cannot be looked at is no checkpoint: the output
+    // checks then say why, through the rendezvous.
+    std::error_code ec;
+    config.resume = fs::exists(config.checkpoint, ec);
     if (lead)
       spdlog::info("--auto-resume: {}", config.resume ? "resuming the run in " + config.checkpoint
                                                       : "no checkpoint " + config.checkpoint + ", a new run");
@@ -866,11 +877,31 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
       if (lead && !config.log_path.empty()) check_log_is_this_runs(config.log_path, config);
       if (lead) check_outputs_are_this_runs(config);
       state = resumed->state;
-      // Stopped part-way at what is now the run's end: its evaluation is still to come.
-      const auto evaluated = resumed->config.find("evaluated");
-      if (state.iteration == config.iterations && evaluated != resumed->config.end() && evaluated->second == "0")
-        state.pending_eval = true;
-      if (state.iteration >= config.iterations && !state.pending_eval)
+      // At the run's end, the run is complete once evaluated there and, with one rank (the
+      // others cannot see rank 0's files), once its export is written and its summary says
+      // "done". Otherwise the end is still to come: stopped part-way at what is now the end
+      // (never evaluated), or stopped after the final checkpoint (the export or summary not
+      // written), or given a --summary or --export it has not written. It evaluates, then
+      // exports and summarises.
+      if (state.iteration == config.iterations && !state.pending_eval) {
+        const auto evaluated = resumed->config.find("evaluated");
+        auto summary_done = [&] {
+          std::ifstream in(config.summary_path);
+          std::string line;
+          std::getline(in, line);
+          return json_field(line, "status") == "\"done\"";
+        };
+        std::error_code ec;
+        const bool unfinished_outputs =
+            !config.dist.enabled() && ((!config.export_path.empty() && !fs::exists(config.export_path, ec)) ||
+                                       (!config.summary_path.empty() && !summary_done()));
+        state.pending_eval =
+            (evaluated != resumed->config.end() && evaluated->second == "0") || unfinished_outputs;
+      }
+      if (state.iteration > config.iterations)
+        throw RunComplete(fmt::format("checkpoint {} is at iteration {}, past --iterations {}: nothing to do",
+                                      config.checkpoint, state.iteration, config.iterations));
+      if (state.iteration == config.iterations && !state.pending_eval)
         throw RunComplete(fmt::format("checkpoint {} is at iteration {}, evaluated: with --iterations {} the run "
                                       "is complete, nothing to do",
                                       config.checkpoint, state.iteration, config.iterations));
@@ -1122,11 +1153,15 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
         "{} (learning rate {}); training stopped. {}", what, config.lr_at(iteration - 1),
         config.checkpoint.empty() ? std::string("No checkpoint was configured.")
         : last_good < 0 ? "No checkpoint had been written yet, and none is written from non-finite numbers."
-                        : fmt::format("The last checkpoint of finite numbers, {} (iteration {}), was kept; its "
-                                      "weights may already be on their way to diverging: resume it with a lower "
-                                      "--lr, or start again.",
-                                      config.checkpoint, last_good)));
+        : last_good == iteration
+            ? fmt::format("Checkpoint {} (iteration {}) holds these weights, so resuming it gives the same: start "
+                          "again with a lower --lr.",
+                          config.checkpoint, last_good)
+            : fmt::format("The last checkpoint of finite numbers, {} (iteration {}), was kept; its weights may "
+                          "already be on their way to diverging: resume it with a lower --lr, or start again.",
+                          config.checkpoint, last_good)));
   };
+  bool eval_overflowed = false;  // rank 0's last evaluation gave a non-finite loss
   auto evaluate_now = [&] {  // rank 0; returns false when a signal interrupted it
     if (tty) fmt::print(stderr, "\n");
     const EvalResult e = run_eval();
@@ -1143,12 +1178,18 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
                           it, unix_time(), json_loss(e.loss), e.top1, e.top5, e.count, e.failed));
     spdlog::info("iteration {}: test loss {:.4f}, test error {:.2f}% (top-5 error {:.2f}%)", it, e.loss,
                  100 * (1 - e.top1), 100 * (1 - e.top5));
-    // Finite weights whose outputs overflow (the running statistics, which the training loss
-    // does not use) are a diverged run too: blpa-eval would refuse them.
-    if (!std::isfinite(e.loss))
-      throw diverged(fmt::format("the test loss became {} at iteration {}: the network's outputs overflow", e.loss, it),
-                     it);
+    eval_overflowed = !std::isfinite(e.loss);
     return true;
+  };
+  // Finite weights whose outputs overflow (the running statistics, which the training loss
+  // does not use) are a diverged run too: blpa-eval would refuse them. Every rank stops, told
+  // by rank 0's `overflowed` (the others do not evaluate).
+  auto stop_if_overflowed = [&](bool overflowed) {
+    if (overflowed)
+      throw diverged(fmt::format("the test loss became non-finite (NaN or Inf) at iteration {}: the network's outputs "
+                                 "overflow",
+                                 it),
+                     it);
   };
   auto drain = [&] {
     if (!graphed) return;
@@ -1190,7 +1231,12 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
     if (pending_eval) {
       const auto pause = Clock::now();
       bool done = !lead || evaluate_now();
-      if (dist) done = dist->sum({done ? 0.0 : 1.0})[0] == 0;
+      bool overflowed = eval_overflowed;
+      if (dist) {
+        const auto sums = dist->sum({done ? 0.0 : 1.0, eval_overflowed ? 1.0 : 0.0});
+        done = sums[0] == 0, overflowed = sums[1] > 0;
+      }
+      stop_if_overflowed(overflowed);
       if (done) pending_eval = false;
       else result.interrupted = true;  // the checkpoint still holds the pending evaluation
       if (done && it >= config.iterations) checkpoint();  // the run's end, evaluated: a resume finds it complete
@@ -1294,10 +1340,13 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
       const bool checkpointing = it % config.checkpoint_every == 0 || last;
       if (lead && evaluating) pending_eval = !evaluate_now();
       if (dist && evaluating) {  // a signal during rank 0's evaluation stops every rank
-        const auto sums = dist->sum({pending_eval || (stop && stop->load()) ? 1.0 : 0.0});
+        const auto sums =
+            dist->sum({pending_eval || (stop && stop->load()) ? 1.0 : 0.0, eval_overflowed ? 1.0 : 0.0});
         stopping = stopping || sums[0] > 0;
-      } else if (pending_eval) {
-        stopping = true;
+        stop_if_overflowed(sums[1] > 0);
+      } else {
+        stopping = stopping || pending_eval;
+        stop_if_overflowed(eval_overflowed);
       }
       if (checkpointing || stopping) {
         in_checkpoint = true;

@@ -322,6 +322,19 @@ std::pair<int, int> train_pair(const fs::path& dir, int port, std::vector<std::s
 
 }  // namespace
 
+TEST_CASE("distributed: a test loss that overflows stops every rank as a divergence", "[distributed][train]") {
+  if (!have_fashion_mnist()) return;
+  const fs::path dir = fresh_dir("overflow");
+  // Only rank 0 evaluates; rank 1 said it had lost the other ranks (exit 1).
+  const auto codes = train_pair(dir, free_port(26), {"--iterations", "3", "--lr", "0.02", "--weight-decay", "99999999999"},
+                                "overflow");
+  const std::string out0 = slurp(dir / "overflow-0.out"), out1 = slurp(dir / "overflow-1.out");
+  CAPTURE(out0, out1);
+  CHECK(codes == std::pair{3, 3});
+  CHECK(out1.find("lost the other ranks") == std::string::npos);
+  remove_tree(dir);
+}
+
 TEST_CASE("distributed: a 2-rank run resumed from its checkpoint continues identically", "[distributed][train]") {
   if (!have_fashion_mnist()) return;
   const fs::path dir = fresh_dir("resume");

@@ -298,6 +298,19 @@ TEST_CASE("hardening: a fresh run replaces no earlier run unless told to", "[har
   CHECK(linked.output.find("is in use by another blpa-train") != std::string::npos);
   ::kill(replacing.pid, SIGKILL);
   replacing.wait();
+  // A checkpoint path that is a link: the run's first checkpoint replaces the link with a
+  // file, and a second run naming the same path still meets the lock.
+  fs::create_symlink(dir / "target.ckpt", dir / "link.ckpt");
+  const std::string link = (dir / "link.ckpt").string();
+  Spawned through_link{spawn_train(small(dir, {"--checkpoint", link, "--iterations", "100000", "--checkpoint-every", "1"}),
+                                   dir / "through_link.out")};
+  for (int i = 0; i < 3000 && fs::is_symlink(link); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  REQUIRE(!fs::is_symlink(link));
+  const Run second = train(small(dir, {"--checkpoint", link, "--resume", "--iterations", "100000"}), dir);
+  CHECK(second.code == 1);
+  CHECK(second.output.find("is in use by another blpa-train") != std::string::npos);
+  ::kill(through_link.pid, SIGKILL);
+  through_link.wait();
   // A folder where the lock goes was skipped, and the lock with it.
   fs::create_directories(dir / "b.ckpt.lock");
   const Run folder = train(small(dir, {"--checkpoint", (dir / "b.ckpt").string()}), dir);
@@ -373,6 +386,13 @@ TEST_CASE("hardening: --auto-resume starts a run, resumes it, and does nothing o
   const Run complete = train(small(dir, end_there), dir);
   CHECK(complete.code == 0);
   CHECK(complete.output.find("the run is complete, nothing to do") != std::string::npos);
+  // Complete means its summary says "done" too: one lost (or never written, as when the run
+  // stopped after its final checkpoint) is written again.
+  fs::remove(summary);
+  const Run summarised = train(small(dir, end_there), dir);
+  CHECK(summarised.code == 0);
+  CHECK(summarised.output.find("complete") == std::string::npos);
+  CHECK(slurp(summary).find("\"status\": \"done\"") != std::string::npos);
 
   // --precision auto continues at the checkpoint's (bf16), from the command line too.
   const std::string bf16 = (dir / "bf16.ckpt").string();
