@@ -104,6 +104,7 @@ int data_main(int argc, char** argv) {
       "per split) into this directory and exit, for trying the pipeline end to end",
       cxxopts::value<std::string>())("json", "One JSON object")("h,help", "This help");
   auto args = o.parse(argc, argv);
+  blpa::refuse_unmatched(args);
   if (blpa::switched_on(args, "help")) {
     std::cout << o.help() << std::endl;
     return 0;

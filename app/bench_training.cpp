@@ -137,6 +137,7 @@ void add_common(cxxopts::Options& o, const std::string& batch, const std::string
 bool parse_common(cxxopts::Options& o, int argc, char** argv, Common& c, cxxopts::ParseResult& args) {
   o.add_options()("h,help", "This help");  // here, after the command's own options: --help lists it last
   args = o.parse(argc, argv);
+  blpa::refuse_unmatched(args);
   if (blpa::switched_on(args, "help")) {
     std::cout << o.help() << std::endl;
     return false;
@@ -862,6 +863,7 @@ int fidelity_main(int argc, char** argv) {
   add_numerics(o);
   o.add_options()("h,help", "This help");
   auto args = o.parse(argc, argv);
+  blpa::refuse_unmatched(args);
   if (blpa::switched_on(args, "help")) {
     std::cout << o.help() << std::endl;
     return 0;

@@ -51,7 +51,8 @@ int main(int argc, char** argv) {
     e.index_cache = a["index-cache"].as<std::string>();
     if (a.count("val-list")) e.val_list = a["val-list"].as<std::string>();
     e.subset = blpa::number<int64_t>(a, "subset");
-    for (const char* flag : {"ten-crop", "val-list", "resize", "crop"})
+    if (blpa::switched_on(a, "ten-crop")) e.imagenet_flags.push_back("--ten-crop");
+    for (const char* flag : {"val-list", "resize", "crop"})
       if (a.count(flag)) e.imagenet_flags.push_back(std::string("--") + flag);
     e.options.ten_crop = blpa::switched_on(a, "ten-crop");
     e.options.resize_short = blpa::number<int>(a, "resize");

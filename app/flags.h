@@ -18,9 +18,11 @@ namespace blpa {
 template <typename T>
 T parse_number(const std::string& flag, const std::string& text) {
   T v{};
+  // from_chars takes no '+', which strtod took: "+0.1" is 0.1 (and "+-1" still no number).
+  const char* begin = text.data() + (text.size() > 1 && text[0] == '+' && text[1] != '-' ? 1 : 0);
+  const char* end = text.data() + text.size();
   if constexpr (std::is_integral_v<T>) {
-    const char* end = text.data() + text.size();
-    const auto [p, ec] = std::from_chars(text.data(), end, v);
+    const auto [p, ec] = std::from_chars(begin, end, v);
     if (ec == std::errc::result_out_of_range) throw FlagError(flag + ": '" + text + "' is out of range");
     if (ec != std::errc() || p != end || text.empty())
       throw FlagError(flag + ": '" + text + "' is not " + (std::is_signed_v<T> ? "an integer" : "a non-negative integer"));
@@ -28,13 +30,13 @@ T parse_number(const std::string& flag, const std::string& text) {
     // As the integers: decimal only (strtod also took hex and leading spaces), and a value past
     // T's range named as such (1e39 became a float's inf, called "not finite").
     double d = 0;
-    const char* end = text.data() + text.size();
-    const auto [p, ec] = std::from_chars(text.data(), end, d);
+    const auto [p, ec] = std::from_chars(begin, end, d);
     if (ec == std::errc::result_out_of_range) throw FlagError(flag + ": '" + text + "' is out of range");
     if (ec != std::errc() || p != end || text.empty()) throw FlagError(flag + ": '" + text + "' is not a number");
     if (!std::isfinite(d)) throw FlagError(flag + ": '" + text + "' is not a finite number");
-    if (std::abs(d) > std::numeric_limits<T>::max()) throw FlagError(flag + ": '" + text + "' is out of range");
     v = static_cast<T>(d);
+    if (std::abs(d) > std::numeric_limits<T>::max() || (d != 0 && v == 0))  // 1e-50 is no float's 0
+      throw FlagError(flag + ": '" + text + "' is out of range");
   }
   return v;
 }
@@ -45,10 +47,15 @@ T number(const cxxopts::ParseResult& a, const std::string& name) {
   return parse_number<T>("--" + name, a[name].as<std::string>());
 }
 
-// A switch (an option without a value): given, and not given as --name=false (or =0, =no),
-// which cxxopts parses but counts as given.
+// A switch (an option without a value): given, and not given as --name=false (or =0, =f;
+// cxxopts takes no other word), which cxxopts parses but counts as given.
 inline bool switched_on(const cxxopts::ParseResult& a, const std::string& name) {
   return a.count(name) > 0 && a[name].as<bool>();
+}
+
+// Arguments no option took ("--json false" leaves "false"): refused, not ignored.
+inline void refuse_unmatched(const cxxopts::ParseResult& a) {
+  if (!a.unmatched().empty()) throw FlagError("unexpected argument '" + a.unmatched()[0] + "'");
 }
 
 // --threads n: LibTorch's CPU threads, 0 for its default.

@@ -217,6 +217,7 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"fidelity", "--depths", ""}, "--depths needs a value"},
       // and flag errors that exited 1.
       {{"codec", "--numel", "65536", "--window", "-1"}, "--window must be positive"},
+      {{"codec", "--numel", "65536", "--json", "false"}, "unexpected argument 'false'"},  // ran with JSON
   };
   for (const auto& [args, message] : bench) {
     const Run b = run(BLPA_BENCH_EXE, args, dir);

@@ -310,6 +310,11 @@ TEST_CASE("train: --preset imagenet sets the paper's protocol and explicit flags
   CHECK(o.find("batch=64\n") != std::string::npos);
   CHECK(o.find("depth=50\n") != std::string::npos);
   CHECK(o.find("accum_steps=2\n") != std::string::npos);
+  // Numbers as strtod took them: a leading '+' (from_chars alone refuses it), '.5', '1e-5'.
+  const std::string plus = config("--lr +0.5 --momentum .5 --weight-decay 1e-5");
+  CHECK(plus.find("lr=0.5\n") != std::string::npos);
+  CHECK(plus.find("momentum=0.5\n") != std::string::npos);
+  CHECK(plus.find("weight_decay=1e-05\n") != std::string::npos);
   CHECK(o.find("iterations=640000\n") != std::string::npos);
   const std::string d = config("");  // the CIFAR protocol
   CHECK(d.find("depth=164\n") != std::string::npos);
