@@ -697,7 +697,8 @@ class OutputLocks {
       int fd = ::open(file.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
       if (fd < 0 && errno == EACCES) fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);  // another user's: flock works
       if (fd < 0 && errno == EISDIR)
-        throw FlagError(fmt::format("{} {}: {} is a folder, where the run keeps its lock: remove it", flag, path, file));
+        throw FlagError(
+            fmt::format("{} {}: {} is a folder, where the run keeps its lock: remove it", flag, path, file));
       if (fd < 0) return;
       if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
         const int e = errno;
@@ -736,8 +737,10 @@ class OutputLocks {
 // Before anything is loaded: every output can be written where it goes, no other run is
 // writing it, and a fresh run replaces no earlier run's files unless told to.
 void prepare_outputs(const TrainConfig& c, OutputLocks& locks) {
-  const std::pair<std::string, const char*> outputs[] = {
-      {c.checkpoint, "--checkpoint"}, {c.log_path, "--log"}, {c.export_path, "--export"}, {c.summary_path, "--summary"}};
+  const std::pair<std::string, const char*> outputs[] = {{c.checkpoint, "--checkpoint"},
+                                                         {c.log_path, "--log"},
+                                                         {c.export_path, "--export"},
+                                                         {c.summary_path, "--summary"}};
   std::error_code ec;
   const bool resumable = !c.checkpoint.empty() && fs::is_regular_file(c.checkpoint, ec);
   for (const auto& [path, flag] : outputs) {
@@ -1218,9 +1221,9 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
     s.window_seconds = std::chrono::duration<double>(Clock::now() - window_start).count();
     // evaluated: whether this iteration's evaluation ran. A run stopped part-way and resumed
     // with --iterations at the checkpoint's has not been evaluated at its (new) end.
-    save_checkpoint(config.checkpoint, config.identity(),
-                    config.describe() + "run_id=" + config.run_id + "\nevaluated=" + (eval_iter == it ? "1" : "0") + "\n",
-                    s, model, opt);
+    const std::string header =
+        config.describe() + "run_id=" + config.run_id + "\nevaluated=" + (eval_iter == it ? "1" : "0") + "\n";
+    save_checkpoint(config.checkpoint, config.identity(), header, s, model, opt);
     last_good = it;
   };
 

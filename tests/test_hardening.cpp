@@ -303,8 +303,9 @@ TEST_CASE("hardening: a fresh run replaces no earlier run unless told to", "[har
   // file, and a second run naming the same path still meets the lock.
   fs::create_symlink(dir / "target.ckpt", dir / "link.ckpt");
   const std::string link = (dir / "link.ckpt").string();
-  Spawned through_link{spawn_train(small(dir, {"--checkpoint", link, "--iterations", "100000", "--checkpoint-every", "1"}),
-                                   dir / "through_link.out")};
+  Spawned through_link{
+      spawn_train(small(dir, {"--checkpoint", link, "--iterations", "100000", "--checkpoint-every", "1"}),
+                  dir / "through_link.out")};
   for (int i = 0; i < 3000 && fs::is_symlink(link); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
   REQUIRE(!fs::is_symlink(link));
   const Run second = train(small(dir, {"--checkpoint", link, "--resume", "--iterations", "100000"}), dir);
