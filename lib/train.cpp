@@ -628,7 +628,15 @@ int64_t drop_records_after(const std::string& path, int64_t iteration) {
   std::string kept;
   int64_t dropped = 0;
   for (std::string line; std::getline(in, line);) {
-    if (record_iteration(line) > iteration || in.eof()) {  // eof: no newline after it
+    const int64_t at = record_iteration(line);
+    if (at > iteration || in.eof()) {  // eof: no newline after it
+      // Cut short at or before the checkpoint's iteration: the resumed run does not compute
+      // that record again (its window was closed), so the log has none for it. Said, not hidden
+      // among the records "after" the checkpoint.
+      if (at <= iteration && in.eof())
+        spdlog::warn("--log {}: its last record was cut short (a write interrupted) and is removed; the log has no "
+                     "record for the iterations it covered{}",
+                     path, at >= 0 ? fmt::format(" (up to {})", at) : std::string());
       ++dropped;
       continue;
     }

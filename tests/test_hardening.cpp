@@ -977,6 +977,9 @@ TEST_CASE("hardening: --resume refuses another run's log, summary or export, and
   }
   CHECK(lines >= 7);  // config, 1-3, config, 4-5
   CHECK(slurp(log).find("\"ti{") == std::string::npos);
+  // That record was iteration 3's, the checkpoint's own: not computed again, and said so.
+  CHECK(ok.output.find("its last record was cut short (a write interrupted) and is removed; the log has no record "
+                       "for the iterations it covered (up to 3)") != std::string::npos);
   remove_tree(dir);
 }
 
