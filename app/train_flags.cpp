@@ -6,6 +6,7 @@
 
 #include <cstdlib>
 #include <cxxopts.hpp>
+#include <filesystem>
 
 #include "flags.h"
 
@@ -221,6 +222,10 @@ std::string printed_config(const TrainConfig& given) {
   // folder among them), and LibTorch's thread count for --threads 0 (the log records 0).
   TrainConfig c = given;
   c.resolve();
+  c.check_device();
+  // As train()'s output checks (there, inside the ranks' rendezvous).
+  if (c.resume && !std::filesystem::exists(c.checkpoint))
+    throw FlagError("--resume: checkpoint " + c.checkpoint + " does not exist");
   if (c.threads == 0) c.threads = at::get_num_threads();
   return c.describe() + fmt::format("rank={}\nworld_size={}\nmaster={}:{}\n", c.dist.rank, c.dist.world,
                                     c.dist.master_addr, c.dist.master_port);

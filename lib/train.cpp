@@ -460,6 +460,15 @@ void TrainConfig::resolve_numerics() {
   memory_format = layout_name(n.layout);
 }
 
+void TrainConfig::check_device() const {
+  const torch::Device dev(device);
+  if (dev.is_cuda() && !torch::cuda::is_available())
+    throw FlagError("--device " + device + ": this machine has no CUDA device");
+  if (dev.is_cuda() && dev.index() >= static_cast<int>(torch::cuda::device_count()))
+    throw FlagError(
+        fmt::format("--device {}: this machine has {} CUDA device(s)", device, torch::cuda::device_count()));
+}
+
 Numerics TrainConfig::numerics() const {
   TORCH_CHECK(precision != "auto" && memory_format != "auto", "TrainConfig::numerics before resolve_numerics");
   return {parse_precision(precision), parse_layout(memory_format)};
@@ -844,9 +853,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
                  config.warmup, config.iterations, config.warmup_lr, config.lr);
   const std::string dir = config.data_dir.empty() ? std::string(data::kDebianFashionMnist) : config.data_dir;
   const torch::Device dev(config.device);
-  if (dev.is_cuda() && !torch::cuda::is_available()) throw FlagError("--device " + config.device + ": this machine has no CUDA device");
-  if (dev.is_cuda() && dev.index() >= static_cast<int>(torch::cuda::device_count()))
-    throw FlagError(fmt::format("--device {}: this machine has {} CUDA device(s)", config.device, torch::cuda::device_count()));
+  config.check_device();
   const bool lead = config.dist.rank == 0;  // writes the log, the checkpoints and the outputs
   if (config.auto_resume) {
     // Each rank looks for itself; ranks that decide differently are stopped by their settings'

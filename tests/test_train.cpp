@@ -310,6 +310,14 @@ TEST_CASE("train: --preset imagenet sets the paper's protocol and explicit flags
   CHECK(o.find("batch=64\n") != std::string::npos);
   CHECK(o.find("depth=50\n") != std::string::npos);
   CHECK(o.find("accum_steps=2\n") != std::string::npos);
+  // What the run would refuse, --print-config refuses too (it printed and exited 0).
+  const std::string missing = std::string(BLPA_TRAIN_EXE) + " --print-config --resume --checkpoint " +
+                              (dir / "missing.ckpt").string() + " > " + out + " 2>&1";
+  CHECK(WEXITSTATUS(std::system(missing.c_str())) == 2);
+  if (!torch::cuda::is_available()) {
+    const std::string cuda = std::string(BLPA_TRAIN_EXE) + " --print-config --device cuda > " + out + " 2>&1";
+    CHECK(WEXITSTATUS(std::system(cuda.c_str())) == 2);
+  }
   // Numbers as strtod took them: a leading '+' (from_chars alone refuses it), '.5', '1e-5'.
   const std::string plus = config("--lr +0.5 --momentum .5 --weight-decay 1e-5");
   CHECK(plus.find("lr=0.5\n") != std::string::npos);

@@ -90,6 +90,9 @@ struct TrainConfig {
   // layout, the data threads. Throws FlagError (or runtime_error for a folder holding no data
   // set); checks neither the device nor the files further.
   void resolve();
+  // After resolve(): FlagError where this machine lacks the device, as train() refuses it
+  // (--print-config says so too).
+  void check_device() const;
   // The network's setting (after resolve_numerics).
   Numerics numerics() const;
 };
