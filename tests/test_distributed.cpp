@@ -24,9 +24,6 @@ using blpa::DistConfig;
 
 namespace {
 
-// A port per test process and use, so that tests running in parallel do not collide.
-int free_port(int k) { return 20000 + static_cast<int>(::getpid() % 15000) * 2 + k; }
-
 // Runs f(rank) for ranks 0..world-1, each in its own thread, and rethrows the first failure.
 template <typename F>
 void run_ranks(int world, F f) {
@@ -65,7 +62,6 @@ blpa::ResNet small_net(blpa::ModeConfig mode) {
 
 TEST_CASE("distributed: two ranks with accumulation hold identical gradients and weights over several steps", "[distributed]") {
   auto y = torch::randint(0, 10, {4});
-  int port = free_port(0);
   for (auto mode : {blpa::ModeConfig{blpa::Mode::plain, 8}, blpa::ModeConfig{blpa::Mode::blpa, 4}}) {
     CAPTURE(mode.str());
     std::vector<std::vector<torch::Tensor>> grads(2), weights(2);
@@ -76,7 +72,7 @@ TEST_CASE("distributed: two ranks with accumulation hold identical gradients and
       torch::NoGradGuard g;
       for (auto& q : nets[1]->parameters()) q.add_(1.0);
     }
-    const int p = port++;
+    const int p = free_port();
     run_ranks(2, [&](int rank) {
       Distributed d(two_ranks(rank, p), "gloo");
       auto& net = nets[rank];
@@ -111,7 +107,6 @@ TEST_CASE("distributed: two ranks with accumulation hold identical gradients and
 TEST_CASE("distributed: the averaged gradient equals the mean of the shards' gradients", "[distributed]") {
   auto x = torch::randn({8, 3, 16, 16});
   auto y = torch::randint(0, 10, {8});
-  int port = free_port(10);
   for (auto mode : {blpa::ModeConfig{blpa::Mode::plain, 8}, blpa::ModeConfig{blpa::Mode::blpa, 4}}) {
     CAPTURE(mode.str());
     std::vector<torch::Tensor> expect;
@@ -126,7 +121,7 @@ TEST_CASE("distributed: the averaged gradient equals the mean of the shards' gra
     }
     std::vector<std::vector<torch::Tensor>> grads(2);
     std::vector<blpa::ResNet> nets{small_net(mode), small_net(mode)};  // here: the generator is shared
-    const int p = port++;
+    const int p = free_port();
     run_ranks(2, [&](int rank) {
       Distributed d(two_ranks(rank, p), "gloo");
       auto& net = nets[rank];
@@ -146,7 +141,7 @@ TEST_CASE("distributed: the averaged gradient equals the mean of the shards' gra
 // the first run's store, where it waited for a collective's timeout (600 s by default) and then
 // failed with Gloo's "Timed out waiting ... for send operation".
 TEST_CASE("distributed: a run started at a port another run uses fails at once and names the port", "[distributed]") {
-  const int port = free_port(12);
+  const int port = free_port();
   std::string second_rank0, second_rank1;
   double secs = 0;
   std::vector<std::string> after;
@@ -183,7 +178,7 @@ TEST_CASE("distributed: a run started at a port another run uses fails at once a
 TEST_CASE("CUDA: NCCL with one rank sums, broadcasts and reduces gradients on the GPU", "[distributed][cuda]") {
   BLPA_REQUIRE_CUDA();
   DistConfig c;
-  c.master_port = free_port(20), c.timeout = std::chrono::seconds(60);
+  c.master_port = free_port(), c.timeout = std::chrono::seconds(60);
   Distributed d(c, "nccl");
   CHECK(d.backend() == "nccl");
   CHECK(d.sum({1.5, -2.0}) == std::vector<double>{1.5, -2.0});
@@ -327,7 +322,7 @@ TEST_CASE("distributed: a test loss that overflows stops every rank as a diverge
   const fs::path dir = fresh_dir("overflow");
   // Only rank 0 evaluates; rank 1 said it had lost the other ranks (exit 1).
   const auto codes =
-      train_pair(dir, free_port(26), {"--iterations", "3", "--lr", "0.02", "--weight-decay", "99999999999"}, "overflow");
+      train_pair(dir, free_port(), {"--iterations", "3", "--lr", "0.02", "--weight-decay", "99999999999"}, "overflow");
   const std::string out0 = slurp(dir / "overflow-0.out"), out1 = slurp(dir / "overflow-1.out");
   CAPTURE(out0, out1);
   CHECK(codes == std::pair{3, 3});
@@ -338,11 +333,11 @@ TEST_CASE("distributed: a test loss that overflows stops every rank as a diverge
 TEST_CASE("distributed: a 2-rank run resumed from its checkpoint continues identically", "[distributed][train]") {
   if (!have_fashion_mnist()) return;
   const fs::path dir = fresh_dir("resume");
-  auto straight = train_pair(dir, free_port(20), {"--iterations", "8"}, "straight");
+  auto straight = train_pair(dir, free_port(), {"--iterations", "8"}, "straight");
   REQUIRE(straight == std::pair{0, 0});
   fs::remove(dir / "ck.pt");
-  REQUIRE(train_pair(dir, free_port(21), {"--iterations", "4"}, "split") == std::pair{0, 0});
-  REQUIRE(train_pair(dir, free_port(22), {"--iterations", "8", "--resume"}, "split") == std::pair{0, 0});
+  REQUIRE(train_pair(dir, free_port(), {"--iterations", "4"}, "split") == std::pair{0, 0});
+  REQUIRE(train_pair(dir, free_port(), {"--iterations", "8", "--resume"}, "split") == std::pair{0, 0});
   const auto a = losses(dir / "straight.jsonl"), b = losses(dir / "split.jsonl");
   CAPTURE(slurp(dir / "split-0.out"));
   REQUIRE(a.size() == 4);
@@ -355,11 +350,11 @@ TEST_CASE("distributed: a 2-rank run resumed from its checkpoint continues ident
 TEST_CASE("distributed: a rank that cannot start stops the others at once, naming why", "[distributed][train]") {
   if (!have_fashion_mnist()) return;
   const fs::path dir = fresh_dir("refused");
-  REQUIRE(train_pair(dir, free_port(23), {"--iterations", "2"}, "first") == std::pair{0, 0});
+  REQUIRE(train_pair(dir, free_port(), {"--iterations", "2"}, "first") == std::pair{0, 0});
   // The same command again: rank 0 refuses to replace the first run's checkpoint. Rank 1 used
   // to wait for it at the rendezvous until --dist-timeout (60 s here, 600 by default).
   const auto t0 = std::chrono::steady_clock::now();
-  const auto codes = train_pair(dir, free_port(24), {"--iterations", "2"}, "again");
+  const auto codes = train_pair(dir, free_port(), {"--iterations", "2"}, "again");
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const std::string out0 = slurp(dir / "again-0.out"), out1 = slurp(dir / "again-1.out");
   CAPTURE(out0, out1, secs);
@@ -376,7 +371,7 @@ TEST_CASE("distributed: when a rank dies the other stops with an error instead o
   const fs::path dir = fresh_dir("kill");
   std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "1000", "--test-subset", "100",
                                   "--warmup", "0", "--threads", "1", "--log-every", "1", "--eval-every", "0",
-                                  "--quiet", "--world-size", "2", "--master-port", std::to_string(free_port(30)),
+                                  "--quiet", "--world-size", "2", "--master-port", std::to_string(free_port()),
                                   "--iterations", "100000", "--dist-timeout", "30"};
   auto a1 = common, a0 = common;
   a1.insert(a1.end(), {"--rank", "1"});

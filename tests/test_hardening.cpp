@@ -1164,7 +1164,7 @@ TEST_CASE("hardening: SIGTERM during an evaluation stops it, and the resumed run
 TEST_CASE("hardening: ranks started with different settings refuse to train, naming them", "[hardening][distributed]") {
   if (!have_fashion_mnist()) return;
   const auto dir = temp_dir("ranks");
-  const int port = 20000 + static_cast<int>(::getpid() % 15000) * 2 + 1;
+  const int port = free_port();
   auto rank = [&](int r, const std::string& depth, const std::string& batch) {
     std::string cmd = fmt::format("RANK={} WORLD_SIZE=2 {}", r, BLPA_TRAIN_EXE);
     for (const auto& a : small(dir, {"--depth", depth, "--batch", batch, "--master-port", std::to_string(port),
@@ -1186,11 +1186,12 @@ TEST_CASE("hardening: ranks started with different settings refuse to train, nam
     CHECK(out.find("frame #") == std::string::npos);
   }
   // A peer that never comes: one line after the timeout.
-  const Run alone = train(small(dir, {"--master-port", std::to_string(port + 1), "--dist-timeout", "1"}), dir,
+  const int unused = free_port();
+  const Run alone = train(small(dir, {"--master-port", std::to_string(unused), "--dist-timeout", "1"}), dir,
                           "RANK=1 WORLD_SIZE=2");
   CAPTURE(alone.output);
   CHECK(alone.code == 1);
-  CHECK(alone.output.find(fmt::format("rank 1 of 2: no rendezvous at 127.0.0.1:{} within 1 s", port + 1)) !=
+  CHECK(alone.output.find(fmt::format("rank 1 of 2: no rendezvous at 127.0.0.1:{} within 1 s", unused)) !=
         std::string::npos);
   check_clean(alone);
   remove_tree(dir);

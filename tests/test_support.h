@@ -3,7 +3,10 @@
 #include <ATen/Context.h>
 #include <torch/torch.h>
 
+#include <arpa/inet.h>
 #include <ftw.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -59,4 +62,20 @@ inline std::filesystem::path fresh_temp_dir(const std::string& name) {
 inline std::string slurp(const std::filesystem::path& p) {
   std::ifstream f(p, std::ios::binary);
   return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+// A port no process listens on now, from the system (port 0): tests running in parallel get
+// different ones. 20000 + pid * 2 + k collided between tests started a few pids apart.
+inline int free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in at{};
+  at.sin_family = AF_INET;
+  at.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  at.sin_port = 0;
+  socklen_t size = sizeof at;
+  const bool got = fd >= 0 && ::bind(fd, reinterpret_cast<sockaddr*>(&at), sizeof at) == 0 &&
+                   ::getsockname(fd, reinterpret_cast<sockaddr*>(&at), &size) == 0;
+  if (fd >= 0) ::close(fd);
+  REQUIRE(got);
+  return ntohs(at.sin_port);
 }
