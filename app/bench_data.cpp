@@ -12,7 +12,6 @@
 #include <fstream>
 #include <iostream>
 #include <random>
-#include <sstream>
 
 #include "bench.h"
 #include "flags.h"
@@ -49,13 +48,11 @@ std::vector<uint8_t> photo(int w, int h, uint32_t seed) {
 // --workers: a comma list of worker counts, each 1 to blpa's most.
 std::vector<int> parse_workers(const std::string& s) {
   std::vector<int> out;
-  std::stringstream ss(s);
-  for (std::string t; std::getline(ss, t, ',');) {
+  for (const auto& t : blpa::comma_list("--workers", s)) {
     out.push_back(blpa::parse_number<int>("--workers", t));
     if (out.back() < 1 || out.back() > blpa::kMaxWorkers)
       throw std::invalid_argument("--workers: each count must be 1 to " + std::to_string(blpa::kMaxWorkers));
   }
-  if (out.empty()) throw std::invalid_argument("--workers: give at least one count");
   return out;
 }
 

@@ -54,18 +54,6 @@ blpa::NetConfig parse_model(const std::string& s) {
   return c;
 }
 
-// A comma list given to `flag`: at least one item, none empty ("plain,,blpa" is a typo, not two).
-std::vector<std::string> split(const std::string& flag, const std::string& list) {
-  std::vector<std::string> out;
-  for (size_t at = 0;;) {
-    const size_t comma = list.find(',', at);
-    out.push_back(list.substr(at, comma == std::string::npos ? std::string::npos : comma - at));
-    if (out.back().empty())
-      throw std::invalid_argument(list.empty() ? flag + " needs a value" : flag + ": '" + list + "' has an empty item");
-    if (comma == std::string::npos) return out;
-    at = comma + 1;
-  }
-}
 
 // "all", or a comma list of mode names as ModeConfig::str() writes them: "plain,blpa-8,blpa-4-w8".
 // A bare blpa/naive takes --bits, --window (0: the default for its bits) and --lift; a name
@@ -74,7 +62,7 @@ std::vector<ModeConfig> parse_modes(const std::string& spec, int bits, float win
   if (spec == "all") return {{Mode::plain, 8}, {Mode::exact, 8}, {Mode::blpa, 8}, {Mode::blpa, 4}, {Mode::naive, 4}};
   if (bits != 8 && bits != 4 && bits != 2) throw std::invalid_argument("--bits must be 8, 4 or 2");
   std::vector<ModeConfig> out;
-  for (const std::string& tok : split("--mode", spec)) {
+  for (const std::string& tok : blpa::comma_list("--mode", spec)) {
     if ((window > 0 || lift) && tok.find('-') != std::string::npos)
       throw std::invalid_argument("--window and --lift apply to a bare blpa or naive in --mode; " + tok +
                                   " names its own (write -wW and -lL in the name)");
@@ -563,7 +551,7 @@ int step_main(int argc, char** argv) {
                                                            : nullptr;
       if (!value) continue;
       const size_t at = value == &a ? flag.size() + 1 : 0;
-      *list = split(flag, value->substr(at));
+      *list = blpa::comma_list(flag, value->substr(at));
       *value = value->substr(0, at) + list->front();
     }
   std::vector<char*> argv_first;
@@ -874,10 +862,10 @@ int fidelity_main(int argc, char** argv) {
   blpa::set_threads(blpa::number<int>(args, "threads"));
   const blpa::Numerics numerics = parse_numerics(args, torch::kCPU);  // the fidelity bench runs on the CPU
   std::vector<ModeConfig> modes;
-  for (const auto& m : split("--modes", args["modes"].as<std::string>()))
-    for (const auto& b : split("--bits", args["bits"].as<std::string>()))
-      for (const auto& w : split("--windows", args["windows"].as<std::string>()))
-        for (const auto& l : split("--lifts", args["lifts"].as<std::string>())) {
+  for (const auto& m : blpa::comma_list("--modes", args["modes"].as<std::string>()))
+    for (const auto& b : blpa::comma_list("--bits", args["bits"].as<std::string>()))
+      for (const auto& w : blpa::comma_list("--windows", args["windows"].as<std::string>()))
+        for (const auto& l : blpa::comma_list("--lifts", args["lifts"].as<std::string>())) {
           if (m != "blpa" && m != "naive") throw std::invalid_argument("--modes takes blpa and naive, got " + m);
           ModeConfig mc = blpa::parse_mode_config(m + "-" + b);
           mc.window = w == "default" ? 0.0f : blpa::parse_number<float>("--windows", w);
@@ -887,10 +875,10 @@ int fidelity_main(int argc, char** argv) {
         }
   std::vector<std::function<FidelityCase()>> cases;
   if (args.count("checkpoint")) {
-    for (const auto& path : split("--checkpoint", args["checkpoint"].as<std::string>()))
+    for (const auto& path : blpa::comma_list("--checkpoint", args["checkpoint"].as<std::string>()))
       cases.push_back([=] { return checkpoint_case(path, batch, seed); });
   } else {
-    for (const auto& d : split("--depths", args["depths"].as<std::string>()))
+    for (const auto& d : blpa::comma_list("--depths", args["depths"].as<std::string>()))
       cases.push_back(
           [=, depth = blpa::parse_number<int>("--depths", d)] { return drawn_case(depth, batch, size, seed); });
   }

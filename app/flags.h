@@ -12,6 +12,7 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 namespace blpa {
 
@@ -39,6 +40,20 @@ T parse_number(const std::string& flag, const std::string& text) {
       throw FlagError(flag + ": '" + text + "' is out of range");
   }
   return v;
+}
+
+// A comma list given to `flag`: at least one item, none empty ("3,,5" is a typo, not 3,5).
+inline std::vector<std::string> comma_list(const std::string& flag, const std::string& list) {
+  std::vector<std::string> out;
+  for (size_t at = 0;;) {
+    const size_t comma = list.find(',', at);
+    out.push_back(list.substr(at, comma == std::string::npos ? std::string::npos : comma - at));
+    if (out.back().empty())
+      throw FlagError(list.empty() ? flag + " needs a value"
+                                   : flag + ": '" + list + "' has an empty item (a stray comma?)");
+    if (comma == std::string::npos) return out;
+    at = comma + 1;
+  }
 }
 
 // The value of a numeric option declared with cxxopts::value<std::string>().

@@ -16,14 +16,8 @@ namespace {
 std::vector<int64_t> parse_steps(const std::string& s) {
   std::vector<int64_t> out;  // "" is no step: a constant learning rate after the warmup
   if (s.empty()) return out;
-  for (size_t at = 0;;) {
-    const size_t comma = s.find(',', at);
-    const std::string item = s.substr(at, comma == std::string::npos ? std::string::npos : comma - at);
-    if (item.empty()) throw FlagError("--lr-steps: '" + s + "' has an empty item (a stray comma?)");
-    out.push_back(parse_number<int64_t>("--lr-steps", item));
-    if (comma == std::string::npos) return out;
-    at = comma + 1;
-  }
+  for (const auto& item : comma_list("--lr-steps", s)) out.push_back(parse_number<int64_t>("--lr-steps", item));
+  return out;
 }
 
 cxxopts::Options make_options() {
