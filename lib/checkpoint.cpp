@@ -272,7 +272,7 @@ void check_pickle(const File& f, const std::string& name, const std::vector<unsi
     if (elements == 0) return;  // LibTorch reads no record then
     const std::string record = dir + key;
     const auto found = records.find(record);
-    if (found == records.end()) bad("names storage '" + text(t[2]) + "', which has no record");
+    if (found == records.end()) bad("names storage '" + key + "', which has no record");
     if (static_cast<uint64_t>(elements) > found->second / static_cast<uint64_t>(element))
       bad("has a storage of " + std::to_string(elements) + " elements of " + std::to_string(element) +
           " bytes in record '" + record + "' of " + std::to_string(found->second) + " bytes");
@@ -481,11 +481,13 @@ std::vector<std::string> check_code(const File& f, const std::string& name, cons
 constexpr int kMaxChain = 16;  // blpa's modules nest 5 deep
 void check_module_chains(const File& f, const std::unordered_map<std::string, std::vector<std::string>>& named) {
   std::unordered_map<std::string, int> depth;  // of the chains below a record, once known
+  auto too_deep = [&](int levels) {
+    if (levels > kMaxChain) f.damaged("has module classes nested more than " + std::to_string(kMaxChain) + " deep");
+  };
   std::function<int(const std::string&, int)> below = [&](const std::string& record, int level) {
-    if (level > kMaxChain) f.damaged("has module classes nested more than " + std::to_string(kMaxChain) + " deep");
+    too_deep(level);
     if (const auto known = depth.find(record); known != depth.end()) {
-      if (level + known->second > kMaxChain)
-        f.damaged("has module classes nested more than " + std::to_string(kMaxChain) + " deep");
+      too_deep(level + known->second);
       return known->second;
     }
     // A class with no code fails the import, whose error message LibTorch builds from the

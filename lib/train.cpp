@@ -563,6 +563,14 @@ std::string json_field(const std::string& line, const std::string& key) {
   return line.substr(i, j - i);
 }
 
+// A file's first line ("" where it cannot be read).
+std::string first_line_of(const std::string& path) {
+  std::ifstream in(path);
+  std::string line;
+  std::getline(in, line);
+  return line;
+}
+
 // --resume: the log must be this run's. Its first config record names the run (identity
 // keys an older log lacks are not compared); a log of another run is refused before its
 // records past the checkpoint are dropped.
@@ -603,9 +611,7 @@ void check_outputs_are_this_runs(const TrainConfig& c) {
   };
   std::error_code ec;
   if (!c.summary_path.empty() && fs::is_regular_file(c.summary_path, ec) && fs::file_size(c.summary_path, ec) > 0) {
-    std::ifstream in(c.summary_path);
-    std::string line;
-    std::getline(in, line);
+    const std::string line = first_line_of(c.summary_path);
     if (line.find("\"type\": \"summary\"") == std::string::npos) refuse("--summary", c.summary_path, "is no summary");
     const std::string theirs = json_field(line, "run_id");
     if (theirs.size() > 2 && theirs != json_string(c.run_id))
@@ -903,16 +909,11 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
       // exports and summarises.
       if (state.iteration == config.iterations && !state.pending_eval) {
         const auto evaluated = resumed->config.find("evaluated");
-        auto summary_done = [&] {
-          std::ifstream in(config.summary_path);
-          std::string line;
-          std::getline(in, line);
-          return json_field(line, "status") == "\"done\"";
-        };
         std::error_code ec;
         const bool unfinished_outputs =
-            !config.dist.enabled() && ((!config.export_path.empty() && !fs::exists(config.export_path, ec)) ||
-                                       (!config.summary_path.empty() && !summary_done()));
+            !config.dist.enabled() &&
+            ((!config.export_path.empty() && !fs::exists(config.export_path, ec)) ||
+             (!config.summary_path.empty() && json_field(first_line_of(config.summary_path), "status") != "\"done\""));
         state.pending_eval =
             (evaluated != resumed->config.end() && evaluated->second == "0") || unfinished_outputs;
       }
@@ -1158,7 +1159,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
         "\"stored_activation_bytes\": {}, \"peak_bytes\": {}, \"decode_failures\": {}, \"graphed\": {}, "
         "\"config\": {}}}\n",
         status, it, config.iterations, unix_time(), unix_time() - start_time, secs,
-        std::isfinite(result.last_loss) ? fmt::format("{:.6g}", result.last_loss) : "null",  // null: none trained
+        json_loss(result.last_loss),  // null: none trained
         known ? std::to_string(eval_iter) : "null", test(result.test_loss), test(result.test_acc),
         test(result.test_top5), test(1 - result.test_acc), secs > 0 ? images / secs : 0.0, stored,
         std::max(peak_max, memory::peak(dev)), decode_errors.count.load(), graphed != nullptr, config.json()));
