@@ -256,6 +256,9 @@ int main(int argc, char** argv) {
   } catch (const std::invalid_argument& e) {  // the commands' flag checks
     std::cerr << "blpa-bench " << cmd << ": " << e.what() << "\n";
     return 2;
+  } catch (const blpa::NonFiniteLoss& e) {  // fidelity: plain's gradient of a network that overflows
+    std::cerr << "blpa-bench " << cmd << ": " << e.what() << "\n";
+    return 3;
   } catch (const std::exception& e) {
     std::cerr << "blpa-bench " << cmd << ": " << blpa::error_message(e) << "\n";
     return 1;

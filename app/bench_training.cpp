@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <cxxopts.hpp>
@@ -20,6 +21,7 @@
 #include <fmt/ranges.h>
 #include <functional>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <optional>
 #include <string_view>
@@ -889,30 +891,46 @@ int fidelity_main(int argc, char** argv) {
     const auto ref = c.grads({Mode::plain, 8}, &loss);
     const auto ref_all = torch::cat(ref);
     const double ref_norm = ref_all.norm().item<double>();
+    // Plain's gradient is the reference: without it no mode can be measured (blpa-eval exits 3
+    // on such a network too).
+    if (!std::isfinite(loss) || !std::isfinite(ref_norm))
+      throw blpa::NonFiniteLoss(fmt::format(
+          "{}: plain's {} is not finite (the network's outputs overflow, as with the weights of a run about to "
+          "diverge): there is no reference gradient to measure the modes against",
+          c.source == "drawn" ? fmt::format("drawn depth {}", c.net.depth) : c.checkpoint,
+          std::isfinite(loss) ? "gradient" : "loss"));
     std::vector<std::string> names;
     for (const auto& p : c.params->named_parameters()) names.push_back(p.key());
     for (const ModeConfig& m : modes) {
       const auto g = c.grads(m);
-      double min_cos = 2;
+      // A mode whose gradient overflows (a window so wide that its codes lose every value) is
+      // measured as such: its figures are non-finite (null in JSON), the first such parameter named.
+      double min_cos = std::numeric_limits<double>::infinity();
       std::string worst;
-      for (size_t i = 0; i < g.size(); ++i) {
+      for (size_t i = 0; i < g.size() && !std::isnan(min_cos); ++i) {
         const double cos = (g[i].dot(ref[i]) / (g[i].norm() * ref[i].norm() + 1e-30)).item<double>();
-        if (cos < min_cos) min_cos = cos, worst = names[i];
+        if (std::isnan(cos) || cos < min_cos) min_cos = cos, worst = names[i];
       }
-      const double rel = (torch::cat(g) - ref_all).norm().item<double>() / ref_norm;
+      const double rel = (torch::cat(g) - ref_all).to(torch::kDouble).norm().item<double>() / ref_norm;
+      auto json_number = [](double v) {
+        return !std::isfinite(v) ? std::string("null") : std::abs(v) < 1e4 ? fmt::format("{:.5f}", v) : fmt::format("{:.6g}", v);
+      };
+      auto number = [](double v) {
+        return !std::isfinite(v) ? std::string("non-finite") : std::abs(v) < 1e4 ? fmt::format("{:.4f}", v) : fmt::format("{:.4g}", v);
+      };
       if (blpa::switched_on(args, "json"))
         fmt::print("{{\"bench\": \"fidelity\", \"source\": \"{}\", \"checkpoint\": \"{}\", \"iteration\": {}, "
                    "\"depth\": {}, \"batch\": {}, \"size\": {}, \"mode\": \"{}\", \"bits\": {}, {}, "
-                   "\"relative_error\": {:.5f}, \"min_cosine\": {:.5f}, \"min_cosine_param\": \"{}\", "
+                   "\"relative_error\": {}, \"min_cosine\": {}, \"min_cosine_param\": \"{}\", "
                    "\"plain_loss\": {:.6g}, \"plain_grad_norm\": {:.6g}, \"precision\": \"{}\", \"memory_format\": \"{}\"}}\n",
                    c.source, c.checkpoint, c.iteration, c.net.depth, batch, c.x.size(2), blpa::to_string(m.mode), m.bits,
-                   report_format(m), rel, min_cos, worst, loss, ref_norm, blpa::to_string(numerics.precision),
+                   report_format(m), json_number(rel), json_number(min_cos), worst, loss, ref_norm, blpa::to_string(numerics.precision),
                    blpa::layout_name(numerics.layout));
       else
-        fmt::print("{} depth {:4d}  {} {:12s} relative gradient error {:.4f}  smallest cosine {:.4f} ({})  "
+        fmt::print("{} depth {:4d}  {} {:12s} relative gradient error {}  smallest cosine {} ({})  "
                    "[plain loss {:.4g}, |grad| {:.4g}]\n",
                    c.source == "drawn" ? std::string("drawn") : fmt::format("{} (it {})", c.checkpoint, c.iteration),
-                   c.net.depth, numerics.str(), m.str(), rel, min_cos, worst, loss, ref_norm);
+                   c.net.depth, numerics.str(), m.str(), number(rel), number(min_cos), worst, loss, ref_norm);
     }
   }
   return 0;

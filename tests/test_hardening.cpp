@@ -836,6 +836,13 @@ TEST_CASE("hardening: a divergence keeps the last checkpoint of finite numbers, 
   CHECK(h.code == 3);
   CHECK(h.output.find("\"loss\": null") != std::string::npos);
   CHECK(h.output.find("the network's outputs overflow") != std::string::npos);
+  // blpa-bench fidelity has no reference gradient there: it says so (it printed a smallest
+  // cosine of 2).
+  const Run f = run(BLPA_BENCH_EXE, {"fidelity", "--checkpoint", (dir / "huge.ckpt").string(), "--modes", "blpa",
+                                     "--bits", "4", "--batch", "4", "--threads", "1"}, dir);
+  CAPTURE(f.output);
+  CHECK(f.code == 3);
+  CHECK(f.output.find("plain's loss is not finite (the network's outputs overflow") != std::string::npos);
   remove_tree(dir);
 }
 

@@ -594,5 +594,13 @@ TEST_CASE("bench: fidelity measures bits x windows at drawn parameters and at a 
   REQUIRE(std::regex_search(drawn[0], m, row));
   CHECK(m[1] == "drawn");
   CHECK(std::stod(m[10]) < 0.2);
+  // A window so wide that the gradient overflows is measured as such: null, the parameter
+  // named, and no "nan" in the JSON (it printed -nan, and a smallest cosine of 2).
+  const auto wide = run("--depths 11 --batch 2 --size 8 --modes blpa --bits 4 --windows 1e4");
+  REQUIRE(wide.size() == 1);
+  CAPTURE(wide[0]);
+  CHECK(wide[0].find("\"relative_error\": null, \"min_cosine\": null, \"min_cosine_param\": \"stem.weight\"") !=
+        std::string::npos);
+  CHECK(wide[0].find("nan") == std::string::npos);
   remove_tree(dir);
 }
