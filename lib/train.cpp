@@ -548,7 +548,8 @@ int64_t record_iteration(const std::string& line) {
 }
 
 // The text of field `key` of a one-line JSON object as written (a string with its quotes),
-// or "" when absent. The config records' fields are numbers, booleans and strings.
+// or "" when absent. The config records' fields are numbers, booleans, strings and arrays of
+// numbers.
 std::string json_field(const std::string& line, const std::string& key) {
   const std::string tag = "\"" + key + "\": ";
   const auto at = line.find(tag);
@@ -559,6 +560,7 @@ std::string json_field(const std::string& line, const std::string& key) {
       if (line[j] == '\\') ++j;
     return line.substr(i, j + 1 - i);
   }
+  if (j < line.size() && line[j] == '[') return line.substr(i, line.find(']', j) + 1 - i);
   while (j < line.size() && line[j] != ',' && line[j] != '}') ++j;
   return line.substr(i, j - i);
 }
@@ -622,6 +624,22 @@ void check_outputs_are_this_runs(const TrainConfig& c) {
     if (!theirs) refuse("--export", c.export_path, "is no export");
     if (!theirs->empty() && *theirs != c.run_id) refuse("--export", c.export_path, "is the export of run " + *theirs);
   }
+}
+
+// --auto-resume: a run whose summary says it diverged would diverge again from its last
+// checkpoint with the settings it diverged with, so a sweep run again does not retry it (exit
+// 3, at once); with a learning-rate setting changed it resumes.
+void refuse_diverged_rerun(const TrainConfig& c) {
+  if (c.summary_path.empty()) return;
+  const std::string summary = first_line_of(c.summary_path), ours = c.json();
+  if (json_field(summary, "status") != "\"diverged\"") return;
+  for (const char* key : {"lr", "warmup", "warmup_lr", "steps", "factor", "momentum", "weight_decay", "accum_steps"})
+    if (json_field(summary, key) != json_field(ours, key)) return;
+  throw NonFiniteLoss(fmt::format(
+      "--auto-resume: the run of checkpoint {} diverged after iteration {} (summary {}) and would again with the "
+      "same learning rate, momentum and weight decay: not retried. Give a lower --lr (or other --lr-steps, "
+      "--warmup, ...) to resume it, or start again with --overwrite",
+      c.checkpoint, json_field(summary, "iter"), c.summary_path));
 }
 
 // 16 hex digits, new for every run.
@@ -900,6 +918,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
       if (config.run_id.empty()) config.run_id = draw_run_id();  // a checkpoint from before run ids
       if (lead && !config.log_path.empty()) check_log_is_this_runs(config.log_path, config);
       if (lead) check_outputs_are_this_runs(config);
+      if (lead && config.auto_resume) refuse_diverged_rerun(config);
       state = resumed->state;
       // At the run's end, the run is complete once evaluated there and, with one rank (the
       // others cannot see rank 0's files), once its export is written and its summary says

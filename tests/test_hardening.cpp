@@ -406,6 +406,38 @@ TEST_CASE("hardening: --auto-resume starts a run, resumes it, and does nothing o
   remove_tree(dir);
 }
 
+TEST_CASE("hardening: --auto-resume does not retry a run that diverged, unless its learning rate changed", "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("auto-diverged");
+  const std::string ck = (dir / "d.ckpt").string(), summary = (dir / "d.json").string();
+  auto run_at = [&](const char* lr) {
+    const Run r = train(small(dir, {"--checkpoint", ck, "--summary", summary, "--iterations", "8",
+                                    "--checkpoint-every", "4", "--lr", lr, "--auto-resume"}),
+                        dir);
+    CAPTURE(r.output);
+    return r;
+  };
+  // Four iterations and a checkpoint, then a learning rate that overflows: diverged.
+  REQUIRE(train(small(dir, {"--checkpoint", ck, "--summary", summary, "--iterations", "4"}), dir).code == 0);
+  REQUIRE(run_at("1e30").code == 3);
+  REQUIRE(slurp(summary).find("\"status\": \"diverged\"") != std::string::npos);
+  const std::string ck_bytes = slurp(ck), summary_bytes = slurp(summary);
+  // Run again as it was (a sweep run again): not retried, nothing written, still exit 3.
+  const Run again = run_at("1e30");
+  CHECK(again.code == 3);
+  CHECK(again.output.find("--auto-resume: the run of checkpoint " + ck + " diverged after iteration ") !=
+        std::string::npos);
+  CHECK(again.output.find("not retried") != std::string::npos);
+  CHECK(slurp(ck) == ck_bytes);
+  CHECK(slurp(summary) == summary_bytes);
+  // With a lower learning rate it resumes from the kept checkpoint and finishes.
+  const Run lower = run_at("0.02");
+  CHECK(lower.code == 0);
+  CHECK(slurp(summary).find("\"status\": \"done\"") != std::string::npos);
+  CHECK(blpa::read_checkpoint(ck).state.iteration == 8);
+  remove_tree(dir);
+}
+
 TEST_CASE("hardening: a full disk is an error naming the file, and leaves no temporary file", "[hardening]") {
   if (!have_fashion_mnist()) return;
   const auto dir = temp_dir("full");
