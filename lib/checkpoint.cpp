@@ -673,7 +673,19 @@ void verify_archive(const std::string& path) {
 
 // ---- atomic files --------------------------------------------------------------------------
 
-AtomicFile::AtomicFile(std::string path) : path_(std::move(path)), tmp_(path_ + ".tmp") {
+std::string link_target(const std::string& path) {
+  std::error_code ec;
+  fs::path target = path;
+  for (int links = 0; links < 40 && fs::is_symlink(target, ec); ++links) {  // 40: the kernel's limit
+    const fs::path to = fs::read_symlink(target, ec);
+    if (ec) break;
+    target = to.is_absolute() ? to : target.parent_path() / to;
+  }
+  return target.string();
+}
+
+AtomicFile::AtomicFile(std::string path)
+    : shown_(std::move(path)), path_(link_target(shown_)), tmp_(path_ + ".tmp") {
   ::unlink(tmp_.c_str());  // a leftover of a killed run
   fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd_ < 0) error_ = errno;
@@ -696,7 +708,7 @@ size_t AtomicFile::write(const void* data, size_t n) {
 }
 
 void AtomicFile::commit() {
-  auto fail = [&](int err) { throw std::runtime_error(path_ + ": cannot be written (" + reason(err) + ")"); };
+  auto fail = [&](int err) { throw std::runtime_error(shown_ + ": cannot be written (" + reason(err) + ")"); };
   if (error_) fail(error_);
   if (::fsync(fd_) != 0) fail(errno);
   const int fd = fd_;
@@ -722,7 +734,9 @@ void check_output_path(const std::string& path, const std::string& flag, bool at
     if (atomic) bad("is not a regular file");
     return;  // a device or a pipe: opened as it is
   }
-  const fs::path parent = fs::path(path).has_parent_path() ? fs::path(path).parent_path() : fs::path(".");
+  // Where a symbolic link points is where the file is written (and its folder created).
+  const fs::path target = link_target(path);
+  const fs::path parent = target.has_parent_path() ? target.parent_path() : fs::path(".");
   if (!fs::exists(parent, ec)) {
     fs::create_directories(parent, ec);
     if (ec) bad("its folder cannot be created (" + ec.message() + ")");
@@ -730,7 +744,7 @@ void check_output_path(const std::string& path, const std::string& flag, bool at
     bad(parent.string() + " is not a folder");
   }
   // What writing will do: create a file beside the target (atomic) or open the target.
-  const std::string probe = atomic ? path + ".tmp" : path;
+  const std::string probe = atomic ? target.string() + ".tmp" : path;
   if (atomic) ::unlink(probe.c_str());
   const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (atomic ? O_EXCL : O_APPEND), 0644);
   if (fd < 0) bad("cannot be written (" + reason(errno) + ")");

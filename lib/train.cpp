@@ -713,15 +713,10 @@ class OutputLocks {
     const fs::path parent = fs::path(path).has_parent_path() ? fs::path(path).parent_path() : fs::path(".");
     if (!fs::exists(parent, ec)) fs::create_directories(parent, ec);
     // PATH.lock beside the path as given; and where the path is a symbolic link, beside the
-    // file it names too (one not written yet, too): a link to a running run's checkpoint or
-    // log is that run's file. Both: writing replaces the link itself with a file (the atomic
-    // rename), after which the path as given is what another run naming it would lock.
+    // file it names too (one not written yet, too), which is the file written: a link to a
+    // running run's checkpoint or log is that run's file.
     lock(path + ".lock", path, flag);
-    fs::path target = fs::absolute(path);
-    for (int links = 0; links < 40 && fs::is_symlink(target, ec); ++links) {
-      const fs::path to = fs::read_symlink(target, ec);
-      target = to.is_absolute() ? to : target.parent_path() / to;
-    }
+    const fs::path target = fs::absolute(link_target(path));
     if (target != fs::absolute(path)) {
       const fs::path resolved = fs::weakly_canonical(target, ec);
       if (!ec) lock(resolved.string() + ".lock", path, flag);
@@ -1073,7 +1068,8 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   // beside another run's files, which --resume would then refuse as mixed.
   if (lead && !config.resume && config.overwrite)
     for (const std::string& path : {config.checkpoint, config.summary_path, config.export_path})
-      if (std::error_code ec; !path.empty() && fs::is_regular_file(path, ec) && !fs::remove(path, ec) && ec)
+      if (std::error_code ec;
+          !path.empty() && fs::is_regular_file(path, ec) && !fs::remove(link_target(path), ec) && ec)
         throw std::runtime_error(path + ": cannot be removed for --overwrite (" + ec.message() + ")");
   if (!config.log_path.empty() && lead) {
     if (config.resume) result.dropped_log_records = drop_records_after(config.log_path, state.iteration);

@@ -299,20 +299,40 @@ TEST_CASE("hardening: a fresh run replaces no earlier run unless told to", "[har
   CHECK(linked.output.find("is in use by another blpa-train") != std::string::npos);
   ::kill(replacing.pid, SIGKILL);
   replacing.wait();
-  // A checkpoint path that is a link: the run's first checkpoint replaces the link with a
-  // file, and a second run naming the same path still meets the lock.
-  fs::create_symlink(dir / "target.ckpt", dir / "link.ckpt");
-  const std::string link = (dir / "link.ckpt").string();
+  // A checkpoint path that is a link (not yet pointing at a file): the checkpoints are written
+  // through it, into the file it names, and the link stays (the atomic rename replaced it with
+  // a file). A second run naming the link or its target meets the lock.
+  fs::create_directories(dir / "elsewhere");
+  const std::string target = (dir / "elsewhere" / "target.ckpt").string(), link = (dir / "link.ckpt").string();
+  fs::create_symlink(fs::path("elsewhere") / "target.ckpt", link);  // relative to the link's folder
   Spawned through_link{
       spawn_train(small(dir, {"--checkpoint", link, "--iterations", "100000", "--checkpoint-every", "1"}),
                   dir / "through_link.out")};
-  for (int i = 0; i < 3000 && fs::is_symlink(link); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  REQUIRE(!fs::is_symlink(link));
-  const Run second = train(small(dir, {"--checkpoint", link, "--resume", "--iterations", "100000"}), dir);
-  CHECK(second.code == 1);
-  CHECK(second.output.find("is in use by another blpa-train") != std::string::npos);
+  for (int i = 0; i < 3000 && !fs::exists(target); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  REQUIRE(fs::exists(target));
+  CHECK(fs::is_symlink(link));
+  for (const std::string& path : {link, target}) {
+    const Run second = train(small(dir, {"--checkpoint", path, "--resume", "--iterations", "100000"}), dir);
+    CAPTURE(second.output);
+    CHECK(second.code == 1);
+    CHECK(second.output.find("is in use by another blpa-train") != std::string::npos);
+  }
   ::kill(through_link.pid, SIGKILL);
   through_link.wait();
+  CHECK(fs::is_symlink(link));
+  CHECK(blpa::read_checkpoint(link).state.iteration >= 1);
+  // A summary through a link, and --overwrite through it: the file it names is replaced, the
+  // link kept; no temporary file is left beside either.
+  const std::string summary_link = (dir / "link.json").string();
+  fs::create_symlink(fs::path("elsewhere") / "s.json", summary_link);
+  CHECK(train(small(dir, {"--checkpoint", link, "--summary", summary_link, "--overwrite", "--iterations", "2"}), dir)
+            .code == 0);
+  CHECK(fs::is_symlink(link));
+  CHECK(fs::is_symlink(summary_link));
+  CHECK(blpa::read_checkpoint(target).state.iteration == 2);
+  CHECK(slurp(dir / "elsewhere" / "s.json").find("\"status\": \"done\"") != std::string::npos);
+  for (const auto& entry : fs::directory_iterator(dir / "elsewhere"))
+    CHECK(entry.path().extension() != ".tmp");
   // A folder where the lock goes was skipped, and the lock with it.
   fs::create_directories(dir / "b.ckpt.lock");
   const Run folder = train(small(dir, {"--checkpoint", (dir / "b.ckpt").string()}), dir);

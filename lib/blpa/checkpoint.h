@@ -23,10 +23,16 @@ struct CheckpointError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// The file that writing `path` fills: `path` itself, or, where it is a symbolic link, the end of
+// its chain of links (which need not exist yet). Outputs are written through links, which stay.
+std::string link_target(const std::string& path);
+
 // Writes `path` all or nothing: the bytes go to `path`.tmp, which is flushed to disk and
 // renamed over `path` by commit(). A write error (ENOSPC, EFBIG, EIO...) is remembered and
 // reported by commit() with the path and the reason; a writer destroyed before a successful
 // commit() removes the temporary file, so a failure leaves neither a half file nor litter.
+// Where `path` is a symbolic link, the file it names is written (link_target), and the link
+// stays.
 class AtomicFile {
  public:
   explicit AtomicFile(std::string path);
@@ -43,7 +49,7 @@ class AtomicFile {
   void commit();
 
  private:
-  std::string path_, tmp_;
+  std::string shown_, path_, tmp_;  // the path as given (for messages), the file written, beside it
   int fd_ = -1;
   int error_ = 0;  // errno of the first failure
 };
