@@ -1,6 +1,7 @@
 #include "train_flags.h"
 
 #include <ATen/Parallel.h>
+#include <blpa/checkpoint.h>
 
 #include <fmt/format.h>
 
@@ -79,7 +80,7 @@ cxxopts::Options make_options() {
     ("export", "At the end, write the weights as a state dict that Python loads with torch.load", cxxopts::value<S>())
     ("summary", "When the run ends (done, interrupted or diverged), write one JSON object: status, final figures, configuration", cxxopts::value<S>())
     ("quiet", "No progress line")
-    ("print-config", "Print the configuration this command line runs, every default and auto resolved (the data set found in --data-dir, workers, threads, precision, layout), as the log's key=value lines, and exit")
+    ("print-config", "Print the configuration this command line runs, every default and auto resolved (the data set found in --data-dir, workers, threads, precision, layout), as the log's key=value lines, and exit; with --resume or --auto-resume the checkpoint is read and checked as the run does")
     ("h,help", "This help");
   opts.add_options("Distributed")
     ("rank", "This process's rank (default: $RANK, else 0)", cxxopts::value<S>())
@@ -217,9 +218,12 @@ std::string printed_config(const TrainConfig& given) {
   TrainConfig c = given;
   c.resolve();
   c.check_device();
-  // As train()'s output checks (there, inside the ranks' rendezvous).
+  // As train() checks before it loads the data (there, inside the ranks' rendezvous): the
+  // checkpoint to resume exists, is whole and is this run's, and its precision is auto's.
+  if (c.auto_resume) c.resume = std::filesystem::exists(c.checkpoint);
   if (c.resume && !std::filesystem::exists(c.checkpoint))
     throw FlagError("--resume: checkpoint " + c.checkpoint + " does not exist");
+  if (c.resume) read_resumed_checkpoint(c, given);
   if (c.threads == 0) c.threads = at::get_num_threads();
   return c.describe() + fmt::format("rank={}\nworld_size={}\nmaster={}:{}\n", c.dist.rank, c.dist.world,
                                     c.dist.master_addr, c.dist.master_port);

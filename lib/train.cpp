@@ -861,6 +861,22 @@ void agree_across_ranks(Distributed& dist, const std::string& mine) {
 
 }  // namespace
 
+Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given) {
+  Checkpoint ck = read_checkpoint(config.checkpoint);
+  // --precision auto resumes at the checkpoint's precision, where this device has it (tf32 is
+  // CUDA's); the layout's auto then follows it.
+  const auto saved = ck.config.find("precision");
+  if (given.precision == "auto" && saved != ck.config.end() &&
+      (saved->second == "fp32" || saved->second == "bf16" ||
+       (saved->second == "tf32" && torch::Device(config.device).is_cuda()))) {
+    config.precision = saved->second;
+    config.memory_format = given.memory_format;
+    config.resolve_numerics();
+  }
+  compare_with_checkpoint(ck, config);
+  return ck;
+}
+
 TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   TrainConfig config = config_in;
   config.validate();
@@ -898,17 +914,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
                       std::to_string(config.dist.rank));
     // The checkpoint's header first: a run that cannot resume fails before the data loads.
     if (config.resume) {
-      resumed = read_checkpoint(config.checkpoint);
-      // --precision auto resumes at the checkpoint's precision, where this device has it (tf32
-      // is CUDA's); the layout's auto then follows it.
-      const auto saved = resumed->config.find("precision");
-      if (config_in.precision == "auto" && saved != resumed->config.end() &&
-          (saved->second == "fp32" || saved->second == "bf16" || (saved->second == "tf32" && dev.is_cuda()))) {
-        config.precision = saved->second;
-        config.memory_format = config_in.memory_format;
-        config.resolve_numerics();
-      }
-      compare_with_checkpoint(*resumed, config);
+      resumed = read_resumed_checkpoint(config, config_in);
       config.run_id = resumed->config.count("run_id") ? resumed->config.at("run_id") : "";
       if (config.run_id.empty()) config.run_id = draw_run_id();  // a checkpoint from before run ids
       if (lead && !config.log_path.empty()) check_log_is_this_runs(config.log_path, config);

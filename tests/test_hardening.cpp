@@ -423,6 +423,15 @@ TEST_CASE("hardening: --auto-resume starts a run, resumes it, and does nothing o
   CAPTURE(bf16_resumed.output);
   CHECK(bf16_resumed.code == 0);
   CHECK(blpa::read_checkpoint(bf16).config.at("precision") == "bf16");
+  // --print-config shows that precision (it showed auto's), and refuses what the resume would.
+  const Run shown = train(small(dir, {"--checkpoint", bf16, "--auto-resume", "--print-config"}), dir);
+  CAPTURE(shown.output);
+  CHECK(shown.code == 0);
+  CHECK(shown.output.find("precision=bf16\n") != std::string::npos);
+  const Run other_seed = train(small(dir, {"--checkpoint", bf16, "--resume", "--print-config", "--seed", "7"}), dir);
+  CAPTURE(other_seed.output);
+  CHECK(other_seed.code == 2);
+  CHECK(other_seed.output.find("seed: checkpoint 0, command line 7") != std::string::npos);
   remove_tree(dir);
 }
 

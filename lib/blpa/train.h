@@ -16,6 +16,8 @@
 
 namespace blpa {
 
+struct Checkpoint;  // blpa/checkpoint.h
+
 struct TrainConfig {
   // Data
   std::string dataset = "auto";  // auto | cifar10 | cifar100 | cifar100-coarse | fashion-mnist | mnist | imagenet
@@ -181,6 +183,12 @@ double accumulate_gradients(ResNet& model, const torch::Tensor& x, const torch::
 // config's momentum, and weight decay on convolution and linear weights only (tensors of rank
 // > 1), not on gamma, beta or biases. A checkpoint's optimiser state loads into it.
 torch::optim::SGD make_optimizer(ResNet& model, const TrainConfig& config);
+
+// --resume: `config.checkpoint`'s header, read and checked (CheckpointError) before any data
+// loads. --precision auto (as `given`) becomes the checkpoint's precision where this device
+// has it, and `config` (resolved) must match the checkpoint's run in its identity (FlagError
+// naming the settings that differ); other settings that differ are logged and take effect.
+Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given);
 
 // Error thrown when the loss, or the weights after an update, stop being finite: training
 // stops and the last checkpoint, which held finite numbers, is kept.
