@@ -897,6 +897,12 @@ TEST_CASE("hardening: a divergence keeps the last checkpoint of finite numbers, 
   CHECK(h.code == 3);
   CHECK(h.output.find("\"loss\": null") != std::string::npos);
   CHECK(h.output.find("the network's outputs overflow") != std::string::npos);
+  // blpa-predict too, whatever this machine's arithmetic made of the kept checkpoint above.
+  const Run hp = run(BLPA_PREDICT_EXE, {"--checkpoint", (dir / "huge.ckpt").string(), "--from-dataset", "0..4"}, dir);
+  CAPTURE(hp.output);
+  CHECK(hp.code == 3);
+  CHECK(hp.output.find("the network's outputs overflow") != std::string::npos);
+  CHECK(!std::regex_search(hp.output, std::regex("prob\": -?nan")));
   // blpa-bench fidelity has no reference gradient there: it says so (it printed a smallest
   // cosine of 2).
   const Run f = run(BLPA_BENCH_EXE, {"fidelity", "--checkpoint", (dir / "huge.ckpt").string(), "--modes", "blpa",
