@@ -140,6 +140,11 @@ bool parse_common(cxxopts::Options& o, int argc, char** argv, Common& c, cxxopts
   c.size = blpa::number<int64_t>(args, "size");
   if (c.size < 0) throw std::invalid_argument("--size must be positive (0: 32 for cifar, 224 for imagenet)");
   if (c.size == 0) c.size = c.net.arch == "cifar" ? 32 : 224;
+  // LibTorch's size arithmetic is 64-bit: a batch whose input alone overflows it is no batch.
+  if (int64_t bytes = 0; c.batch > (int64_t{1} << 40) || c.size > (int64_t{1} << 20) ||
+                         __builtin_mul_overflow(c.batch * 3 * 4, c.size * c.size, &bytes))
+    throw std::invalid_argument(fmt::format("--batch {} of {}x{} images: the input alone overflows 64-bit sizes",
+                                            c.batch, c.size, c.size));
   const float window = args.count("window") ? blpa::number<float>(args, "window") : 0.0f;
   if (args.count("window") && !(window > 0)) throw std::invalid_argument("--window must be positive");
   const auto lift = args.count("lift") ? std::optional<float>(blpa::number<float>(args, "lift")) : std::nullopt;
@@ -698,9 +703,12 @@ int max_batch_main(int argc, char** argv) {
   Common c;
   cxxopts::ParseResult args;
   if (!parse_common(o, argc, argv, c, args)) return 0;
-  const int64_t budget = static_cast<int64_t>(blpa::number<double>(args, "budget-gib") * (1ll << 30));
+  const double gib = blpa::number<double>(args, "budget-gib");
+  if (!(gib > 0)) throw std::invalid_argument("--budget-gib must be positive");
+  if (gib > (1 << 20)) throw std::invalid_argument(fmt::format("--budget-gib {}: out of range (at most 1048576)", gib));
+  const int64_t budget = static_cast<int64_t>(gib * (1ll << 30));
   const int64_t accum = blpa::number<int64_t>(args, "accum-steps");
-  if (budget <= 0) throw std::invalid_argument("--budget-gib must be positive");
+  if (budget <= 0) throw std::invalid_argument("--budget-gib must be at least a byte");
   if (accum <= 0) throw std::invalid_argument("--accum-steps must be positive");
   if (blpa::number<int64_t>(args, "max") < accum) throw std::invalid_argument("--max must be at least --accum-steps");
   const int64_t cap = blpa::number<int64_t>(args, "max") / accum;  // the search runs over the parts' size
@@ -864,6 +872,9 @@ int fidelity_main(int argc, char** argv) {
   blpa::set_threads(blpa::number<int>(args, "threads"));
   const blpa::Numerics numerics = parse_numerics(args, torch::kCPU);  // the fidelity bench runs on the CPU
   std::vector<ModeConfig> modes;
+  for (const auto& b : blpa::comma_list("--bits", args["bits"].as<std::string>()))
+    if (const int bits = blpa::parse_number<int>("--bits", b); bits != 8 && bits != 4 && bits != 2)
+      throw std::invalid_argument("--bits takes 8, 4 and 2, got " + b);
   for (const auto& m : blpa::comma_list("--modes", args["modes"].as<std::string>()))
     for (const auto& b : blpa::comma_list("--bits", args["bits"].as<std::string>()))
       for (const auto& w : blpa::comma_list("--windows", args["windows"].as<std::string>()))

@@ -102,6 +102,8 @@ bool is_dir(const std::string& p) {
 }
 
 std::vector<std::string> read_lines(const std::string& path, const std::string& flag) {
+  if (struct stat st{}; ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
+    throw std::runtime_error(flag + " " + path + ": is a folder, not a file");
   std::ifstream f(path);
   if (!f) throw std::runtime_error(flag + " " + path + ": cannot be read");
   std::vector<std::string> lines;

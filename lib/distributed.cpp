@@ -83,7 +83,12 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend)
     const auto* c = dynamic_cast<const c10::Error*>(&e);
     std::string why = c ? c->what_without_backtrace() : e.what();
     why = why.substr(0, why.find('\n'));
-    // Rank 0 fails at once when it cannot listen; the others wait for it up to the timeout.
+    // Rank 0 fails at once when it cannot listen, or after the timeout when the other ranks
+    // did not all join; the others wait for it up to the timeout.
+    if (so.isServer && why.find("waiting for clients") != std::string::npos)
+      throw std::runtime_error(who + ": the other ranks did not join the rendezvous at " + where + " within " +
+                               std::to_string(config.timeout.count() / 1000) + " s (" + why +
+                               "): start every rank, with the same --master-addr and --master-port");
     if (so.isServer)
       throw std::runtime_error(who + ": cannot open the rendezvous on port " + std::to_string(config.master_port) +
                                " (" + why + ")" + (why.find("EADDRINUSE") != std::string::npos

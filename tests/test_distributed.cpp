@@ -173,6 +173,21 @@ TEST_CASE("distributed: a run started at a port another run uses fails at once a
   CHECK(after == std::vector<std::string>{"still 0", "still 1"});
 }
 
+// Rank 0 alone said it "cannot open the rendezvous", which it had opened.
+TEST_CASE("distributed: a rank 0 whose other ranks never come says so after the timeout", "[distributed]") {
+  DistConfig c = two_ranks(0, free_port());
+  c.timeout = std::chrono::seconds(1);
+  std::string why;
+  try {
+    Distributed alone(c, "gloo");
+  } catch (const std::exception& e) {
+    why = e.what();
+  }
+  CAPTURE(why);
+  CHECK(why.find("rank 0 of 2: the other ranks did not join the rendezvous at 127.0.0.1:") != std::string::npos);
+  CHECK(why.find("start every rank, with the same --master-addr and --master-port") != std::string::npos);
+}
+
 // NCCL needs a GPU per rank; one rank on one GPU still runs NCCL's communicator, its
 // collectives and the reducer's buckets on CUDA tensors.
 TEST_CASE("CUDA: NCCL with one rank sums, broadcasts and reduces gradients on the GPU", "[distributed][cuda]") {

@@ -218,6 +218,11 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       // and flag errors that exited 1.
       {{"codec", "--numel", "65536", "--window", "-1"}, "--window must be positive"},
       {{"codec", "--numel", "65536", "--json", "false"}, "unexpected argument 'false'"},  // ran with JSON
+      // Misnamed: a mode "blpa-nan", a huge budget "must be positive", LibTorch's size overflow.
+      {{"fidelity", "--bits", "nan"}, "--bits: 'nan' is not an integer"},
+      {{"fidelity", "--bits", "3"}, "--bits takes 8, 4 and 2, got 3"},
+      {{"max-batch", "--model", "cifar:11", "--budget-gib", "99999999999"}, "out of range (at most 1048576)"},
+      {{"memory", "--model", "cifar:11", "--size", "99999999999"}, "the input alone overflows 64-bit sizes"},
   };
   for (const auto& [args, message] : bench) {
     const Run b = run(BLPA_BENCH_EXE, args, dir);

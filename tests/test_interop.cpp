@@ -342,6 +342,11 @@ TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval 
   const Run k = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "0..2", "--top-k", "x"}, dir);
   CHECK(k.code == 2);
   CHECK(k.err.find("--top-k: 'x' is not an integer") != std::string::npos);
+  // A folder given as the names file was read as a file of no names ("0 names for ...").
+  const Run names = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "0..2", "--class-names",
+                                           dir.string()}, dir);
+  CHECK(names.code == 1);
+  CHECK(names.err.find("--class-names " + dir.string() + ": is a folder, not a file") != std::string::npos);
   remove_tree(dir);
 }
 
