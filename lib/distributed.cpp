@@ -40,6 +40,12 @@ void guarded(const char* what, F f) {
   } catch (const std::exception& e) {
     std::string why = e.what();
     why = why.substr(0, why.find('\n'));
+    // Gloo's words for a peer that exited: "[.../pair.cc:561] Connection closed by peer
+    // [addr]:port. This is typically caused by a remote worker crashing. ... GLHF!": the
+    // source location and the advice go.
+    if (!why.empty() && why.front() == '[' && why.find("] ") != std::string::npos) why = why.substr(why.find("] ") + 2);
+    if (const auto advice = why.find(". This is typically caused by"); advice != std::string::npos)
+      why = why.substr(0, advice) + ": a rank stopped, and its own output says why";
     throw PeerLost(std::string(what) + " failed: " + why);
   }
 }

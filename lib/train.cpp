@@ -1061,7 +1061,12 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
     std::vector<torch::Tensor> weights;
     for (const auto& p : model->parameters()) weights.push_back(p.detach());
     for (const auto& b : model->buffers()) weights.push_back(b);
-    dist->broadcast(weights);
+    try {
+      dist->broadcast(weights);
+    } catch (const PeerLost& e) {  // a rank whose data or checkpoint failed to load has stopped
+      throw std::runtime_error(fmt::format("rank {} of {}: another rank stopped before training began ({})",
+                                           config.dist.rank, config.dist.world, e.what()));
+    }
     reducer = dist->reducer(model->parameters());
   }
   int64_t params = 0;

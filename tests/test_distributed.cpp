@@ -381,6 +381,35 @@ TEST_CASE("distributed: a rank that cannot start stops the others at once, namin
   remove_tree(dir);
 }
 
+// A rank that fails to load its data stops before the weights' broadcast, where the other
+// rank then read Gloo's "[.../pair.cc:561] Connection closed by peer ... GLHF!".
+TEST_CASE("distributed: a rank whose data fails to load stops the others before training", "[distributed][train]") {
+  if (!have_fashion_mnist()) return;
+  const fs::path dir = fresh_dir("nodata");
+  fs::create_directories(dir / "empty");
+  std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "1000", "--test-subset", "100",
+                                  "--warmup", "0", "--threads", "1", "--eval-every", "0", "--quiet", "--iterations",
+                                  "2", "--dataset", "fashion-mnist", "--world-size", "2", "--master-port",
+                                  std::to_string(free_port()), "--dist-timeout", "60"};
+  auto a1 = common, a0 = common;
+  a1.insert(a1.end(), {"--rank", "1", "--data-dir", (dir / "empty").string()});
+  a0.insert(a0.end(), {"--rank", "0"});
+  const auto t0 = std::chrono::steady_clock::now();
+  const pid_t p1 = spawn(a1, (dir / "r1.out").string());
+  const pid_t p0 = spawn(a0, (dir / "r0.out").string());
+  const int r0 = wait_exit(p0), r1 = wait_exit(p1);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const std::string out0 = slurp(dir / "r0.out"), out1 = slurp(dir / "r1.out");
+  CAPTURE(out0, out1, secs);
+  CHECK(r0 == 1);
+  CHECK(r1 == 1);
+  CHECK(out1.find("train-images-idx3-ubyte") != std::string::npos);
+  CHECK(out0.find("rank 0 of 2: another rank stopped before training began (broadcast failed: ") != std::string::npos);
+  CHECK(out0.find("GLHF") == std::string::npos);
+  CHECK(secs < 45);  // not the 60 s timeout
+  remove_tree(dir);
+}
+
 TEST_CASE("distributed: when a rank dies the other stops with an error instead of hanging", "[distributed][train]") {
   if (!have_fashion_mnist()) return;
   const fs::path dir = fresh_dir("kill");
