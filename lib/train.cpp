@@ -1174,8 +1174,8 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
     if (config.summary_path.empty() || !lead) return;
     AtomicFile f(config.summary_path);
     const auto [secs, images] = trained(Clock::now());
-    // The figures of this process's last evaluation (eval_iter); with none they are unknown
-    // (null), not 0 and 100% error.
+    // The figures of this process's last evaluation (eval_iter), written as its log record
+    // writes them; with none they are unknown (null), not 0 and 100% error.
     const bool known = eval_iter >= 0;
     auto test = [&](double v) { return known && std::isfinite(v) ? fmt::format("{:.6f}", v) : std::string("null"); };
     f.write(fmt::format(
@@ -1186,7 +1186,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
         "\"config\": {}}}\n",
         status, it, config.iterations, unix_time(), unix_time() - start_time, secs,
         json_loss(result.last_loss),  // null: none trained
-        known ? std::to_string(eval_iter) : "null", test(result.test_loss), test(result.test_acc),
+        known ? std::to_string(eval_iter) : "null", known ? json_loss(result.test_loss) : "null", test(result.test_acc),
         test(result.test_top5), test(1 - result.test_acc), secs > 0 ? images / secs : 0.0, stored,
         std::max(peak_max, memory::peak(dev)), decode_errors.count.load(), graphed != nullptr, config.json()));
     f.commit();

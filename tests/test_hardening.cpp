@@ -1154,9 +1154,18 @@ TEST_CASE("hardening: --summary writes one JSON object with the status and final
   if (!have_fashion_mnist()) return;
   const auto dir = temp_dir("summary");
   const std::string s = (dir / "s.json").string();
-  REQUIRE(train(small(dir, {"--summary", s, "--mode", "plain"}), dir).code == 0);
+  const std::string log = (dir / "s.jsonl").string();
+  REQUIRE(train(small(dir, {"--summary", s, "--log", log, "--mode", "plain"}), dir).code == 0);
   const std::string json = slurp(s);
   CAPTURE(json);
+  // The test figures as the log's evaluation record has them (the loss had 6 decimals there,
+  // 6 significant digits here).
+  std::smatch in_summary, in_log;
+  const std::regex figures("\"test_loss\": ([^,]+), \"test_acc\": ([^,]+), \"test_top5\": ([^,]+)");
+  REQUIRE(std::regex_search(json, in_summary, figures));
+  const std::string log_text = slurp(log);
+  REQUIRE(std::regex_search(log_text, in_log, figures));
+  CHECK(in_summary[0] == in_log[0]);
   CHECK(json.find("{\"type\": \"summary\", \"status\": \"done\", \"iter\": 4, \"iterations\": 4") == 0);
   CHECK(json.find("\"test_acc\": ") != std::string::npos);
   CHECK(json.find("\"mode\": \"plain\"") != std::string::npos);
