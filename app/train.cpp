@@ -21,6 +21,7 @@ namespace {
 std::atomic<bool> g_stop{false};
 std::atomic<int> g_signal{0};
 bool g_checkpointing = false;  // --checkpoint given: set before the handlers are installed
+blpa::SummaryDraft g_draft;    // what a second signal leaves in --summary
 
 // Only write(2) is safe in a signal handler.
 void say(const char* text) {
@@ -30,10 +31,12 @@ void say(const char* text) {
 
 // The first SIGINT/SIGTERM asks for a checkpoint and a clean exit after the current step (or
 // at once during an evaluation); a second one stops at once, without a checkpoint (the user
-// insists), and says so: the last checkpoint written stays as it was.
+// insists), and says so: the last checkpoint written stays as it was, and --summary gets the
+// summary of an interruption as it stood within the last second.
 extern "C" void on_signal(int sig) {
   int none = 0;  // the signal is stored before the stop is seen: the main thread names it
   if (!g_signal.compare_exchange_strong(none, sig)) {
+    g_draft.write();
     say("\nblpa-train: stopped at once by a second signal: no checkpoint of the current iteration (the last one "
         "written is kept)\n");
     std::signal(sig, SIG_DFL);
@@ -79,7 +82,7 @@ int main(int argc, char** argv) {
   // instead of killing the process mid-checkpoint.
   std::signal(SIGXFSZ, SIG_IGN);
   try {
-    const auto r = blpa::train(c, &g_stop);
+    const auto r = blpa::train(c, &g_stop, &g_draft);
     if (r.interrupted) {
       // A rank without a signal of its own stopped because another rank was interrupted.
       const int sig = g_signal.load() ? g_signal.load() : SIGINT;

@@ -78,7 +78,7 @@ cxxopts::Options make_options() {
     ("auto-resume", "--resume where --checkpoint exists, else start a new run, as without it: a sweep run again resumes what was stopped, starts what never ran and skips what is complete, and (exit 3) what diverged, as its --summary says, unless a learning-rate setting changed")
     ("overwrite", "Start a new run even where --checkpoint, --log, --export or --summary name existing files (replaced)")
     ("export", "At the end, write the weights as a state dict that Python loads with torch.load", cxxopts::value<S>())
-    ("summary", "When the run ends (done, interrupted or diverged), write one JSON object: status, final figures, configuration", cxxopts::value<S>())
+    ("summary", "When the run ends (done, interrupted, diverged or failed), write one JSON object: status, final figures, configuration, the error of a failed run", cxxopts::value<S>())
     ("quiet", "No progress line")
     ("print-config", "Print the configuration this command line runs, every default and auto resolved (the data set found in --data-dir, workers, threads, precision, layout), as the log's key=value lines, and exit; with --resume or --auto-resume the checkpoint is read and checked as the run does")
     ("h,help", "This help");

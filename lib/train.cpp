@@ -877,7 +877,38 @@ Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given
   return ck;
 }
 
-TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
+void SummaryDraft::open(const std::string& path) {
+  current_.store(-1);
+  path_ = link_target(path);
+  tmp_ = path_ + ".interrupted.tmp";  // not AtomicFile's, which the signal may have interrupted
+}
+
+void SummaryDraft::publish(const std::string& text) {
+  const int next = current_.load() == 0 ? 1 : 0;
+  drafts_[next] = text;
+  current_.store(next);
+}
+
+void SummaryDraft::write() const noexcept {
+  const int c = current_.load();
+  if (c < 0) return;
+  const int saved_errno = errno;
+  const std::string& text = drafts_[c];
+  if (const int fd = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644); fd >= 0) {
+    bool ok = true;
+    for (size_t at = 0; ok && at < text.size();) {
+      const ssize_t w = ::write(fd, text.data() + at, text.size() - at);
+      if (w > 0) at += static_cast<size_t>(w);
+      else ok = w < 0 && errno == EINTR;
+    }
+    ok = ok && ::fsync(fd) == 0;
+    ::close(fd);
+    if (!ok || ::rename(tmp_.c_str(), path_.c_str()) != 0) ::unlink(tmp_.c_str());
+  }
+  errno = saved_errno;
+}
+
+TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, SummaryDraft* draft) {
   TrainConfig config = config_in;
   config.validate();
   // Resolved before --resume compares the settings: `auto` is not a change.
@@ -1170,27 +1201,43 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
   const bool tensor_lr_update = dev.is_cuda();
   const torch::Tensor lr_tensor =
       tensor_lr_update ? torch::zeros({}, torch::TensorOptions(torch::kFloat).device(dev)) : torch::Tensor();
-  auto write_summary = [&](const char* status) {
-    if (config.summary_path.empty() || !lead) return;
-    AtomicFile f(config.summary_path);
+  // `error`: why a run "failed" ("" otherwise: null).
+  auto render_summary = [&](const char* status, const std::string& error) {
     const auto [secs, images] = trained(Clock::now());
     // The figures of this process's last evaluation (eval_iter), written as its log record
     // writes them; with none they are unknown (null), not 0 and 100% error.
     const bool known = eval_iter >= 0;
     auto test = [&](double v) { return known && std::isfinite(v) ? fmt::format("{:.6f}", v) : std::string("null"); };
-    f.write(fmt::format(
+    return fmt::format(
         "{{\"type\": \"summary\", \"status\": \"{}\", \"iter\": {}, \"iterations\": {}, \"time\": {:.3f}, "
         "\"wall_s\": {:.3f}, \"train_s\": {:.3f}, \"last_loss\": {}, \"eval_iter\": {}, \"test_loss\": {}, "
         "\"test_acc\": {}, \"test_top5\": {}, \"test_error\": {}, \"images_per_s\": {:.2f}, "
         "\"stored_activation_bytes\": {}, \"peak_bytes\": {}, \"decode_failures\": {}, \"graphed\": {}, "
-        "\"config\": {}}}\n",
+        "\"error\": {}, \"config\": {}}}\n",
         status, it, config.iterations, unix_time(), unix_time() - start_time, secs,
         json_loss(result.last_loss),  // null: none trained
         known ? std::to_string(eval_iter) : "null", known ? json_loss(result.test_loss) : "null", test(result.test_acc),
         test(result.test_top5), test(1 - result.test_acc), secs > 0 ? images / secs : 0.0, stored,
-        std::max(peak_max, memory::peak(dev)), decode_errors.count.load(), graphed != nullptr, config.json()));
+        std::max(peak_max, memory::peak(dev)), decode_errors.count.load(), graphed != nullptr,
+        error.empty() ? std::string("null") : json_string(error), config.json());
+  };
+  const bool summarising = !config.summary_path.empty() && lead;
+  auto write_summary = [&](const char* status, const std::string& error = "") {
+    if (!summarising) return;
+    if (draft) draft->close();  // the run's own summary from here on
+    AtomicFile f(config.summary_path);
+    f.write(render_summary(status, error));
     f.commit();
   };
+  // The summary that a second signal, which stops at once, writes: at each log record and
+  // evaluation, and at least once a second.
+  auto last_draft = Clock::now();
+  auto redraft = [&] {
+    if (!summarising || !draft) return;
+    draft->publish(render_summary("interrupted", ""));
+    last_draft = Clock::now();
+  };
+  if (summarising && draft) draft->open(config.summary_path);
   // `what` says what and where (iteration, counted from 1); `iteration` sets the learning rate named.
   auto diverged = [&](const std::string& what, int64_t iteration) {
     write_summary("diverged");
@@ -1271,6 +1318,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
 
   bool consistent = true;  // false while an update is half applied
   bool in_checkpoint = false;
+  redraft();
   try {
     // An evaluation that a signal interrupted runs first.
     if (pending_eval) {
@@ -1337,6 +1385,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
       }
       ++it;
       ++window_iters;
+      if (Clock::now() - last_draft > std::chrono::seconds(1)) redraft();
 
       const bool last = it == config.iterations;
       if (it % config.log_every == 0 || last) {
@@ -1377,13 +1426,17 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
         window_iters = 0;
         window_loss = 0;
         memory::reset_peak(dev);
+        redraft();
       }
       // Evaluation and checkpoints are not training: their time is kept out of the next
       // window's images/s, on every rank (the others wait for rank 0 at a barrier).
       const auto pause = Clock::now();
       const bool evaluating = (config.eval_every > 0 && it % config.eval_every == 0) || last;
       const bool checkpointing = it % config.checkpoint_every == 0 || last;
-      if (lead && evaluating) pending_eval = !evaluate_now();
+      if (lead && evaluating) {
+        pending_eval = !evaluate_now();
+        redraft();  // with the evaluation's figures
+      }
       if (dist && evaluating) {  // a signal during rank 0's evaluation stops every rank
         const auto sums =
             dist->sum({pending_eval || (stop && stop->load()) ? 1.0 : 0.0, eval_overflowed ? 1.0 : 0.0});
@@ -1424,10 +1477,16 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop) {
       if (last_good >= 0)
         saved += fmt::format(" Checkpoint {} holds iteration {}: continue with --resume.", config.checkpoint, last_good);
     }
-    if (dynamic_cast<const PeerLost*>(&e))  // a peer that died or went silent: every rank stops, instead of hanging
-      throw std::runtime_error(fmt::format("rank {} of {}: lost the other ranks during iteration {} ({}).{}",
-                                           config.dist.rank, config.dist.world, it + 1, e.what(), saved));
-    throw std::runtime_error(error_message(e) + saved);
+    // A peer that died or went silent: every rank stops, instead of hanging.
+    const std::string why = dynamic_cast<const PeerLost*>(&e)
+                                ? fmt::format("rank {} of {}: lost the other ranks during iteration {} ({}).{}",
+                                              config.dist.rank, config.dist.world, it + 1, e.what(), saved)
+                                : error_message(e) + saved;
+    try {  // as a full disk may not allow
+      write_summary("failed", why);
+    } catch (const std::exception&) {
+    }
+    throw std::runtime_error(why);
   }
   result.iteration = it;
   if (!config.export_path.empty() && !result.interrupted && lead)

@@ -419,7 +419,7 @@ TEST_CASE("distributed: when a rank dies the other stops with an error instead o
                                   "--iterations", "100000", "--dist-timeout", "30"};
   auto a1 = common, a0 = common;
   a1.insert(a1.end(), {"--rank", "1"});
-  a0.insert(a0.end(), {"--rank", "0", "--log", (dir / "log.jsonl").string()});
+  a0.insert(a0.end(), {"--rank", "0", "--log", (dir / "log.jsonl").string(), "--summary", (dir / "s.json").string()});
   const pid_t p1 = spawn(a1, (dir / "r1.out").string());
   const pid_t p0 = spawn(a0, (dir / "r0.out").string());
   for (int i = 0; i < 600 && losses(dir / "log.jsonl").size() < 3; ++i)
@@ -444,5 +444,10 @@ TEST_CASE("distributed: when a rank dies the other stops with an error instead o
   const std::string out = slurp(dir / "r0.out");
   CAPTURE(out);
   CHECK(out.find("[error] rank 0 of 2: lost the other ranks during iteration") != std::string::npos);
+  // Its summary says "failed" and why (a failed run left none, and dropped out of a sweep's table).
+  const std::string summary = slurp(dir / "s.json");
+  CAPTURE(summary);
+  CHECK(summary.find("{\"type\": \"summary\", \"status\": \"failed\", ") == 0);
+  CHECK(summary.find("\"error\": \"rank 0 of 2: lost the other ranks during iteration ") != std::string::npos);
   remove_tree(dir);
 }

@@ -1129,11 +1129,12 @@ TEST_CASE("hardening: a second signal stops at once and says so, and the checkpo
   if (!have_fashion_mnist()) return;
   const auto dir = temp_dir("second-signal");
   const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string();
+  const std::string summary = (dir / "a.json").string();
   // ResNet-56 steps take a while on one thread: both signals arrive during one step, the
   // second before the step ends and the first one's checkpoint is written.
-  Spawned run{spawn_train(
-      small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "1000", "--depth", "56", "--checkpoint-every", "1"}),
-      dir / "run.out")};
+  Spawned run{spawn_train(small(dir, {"--checkpoint", ck, "--log", log, "--summary", summary, "--iterations", "1000",
+                                      "--depth", "56", "--checkpoint-every", "1"}),
+                          dir / "run.out")};
   wait_for_record(log, "\"type\": \"train\", \"iter\": 2,");
   ::kill(run.pid, SIGINT);
   std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -1147,6 +1148,14 @@ TEST_CASE("hardening: a second signal stops at once and says so, and the checkpo
   CHECK(out.find("stopped at once by a second signal: no checkpoint of the current iteration (the last one written "
                  "is kept)") != std::string::npos);
   CHECK(blpa::read_checkpoint(ck).state.iteration >= 1);  // whole (CRCs checked): 1 or 2, whichever was written
+  // Its summary says so (there was none: the run dropped out of a sweep's table), as it stood
+  // in the last second; no temporary file is left.
+  const std::string json = slurp(summary);
+  CAPTURE(json);
+  CHECK(json.find("{\"type\": \"summary\", \"status\": \"interrupted\", \"iter\": ") == 0);
+  CHECK(number_field(json, "iter") >= 1);
+  CHECK(json.back() == '\n');
+  CHECK(no_temporaries(dir));
   remove_tree(dir);
 }
 

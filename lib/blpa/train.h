@@ -214,8 +214,30 @@ std::string error_message(const std::exception& e);
 // Called first by each program.
 void quiet_library_log();
 
+// The summary of an interruption, kept ready for a signal handler, which may only make system
+// calls: train() renders it at each log record and evaluation and at least once a second, and
+// write() puts the latest one in --summary, so that a run stopped at once by a second signal
+// still has one.
+class SummaryDraft {
+ public:
+  // Async-signal-safe (open, write, fsync, close, rename); does nothing before the first
+  // draft or once the run writes its own summary.
+  void write() const noexcept;
+
+  // For train(): where the summary goes, a new draft, and the end of drafts.
+  void open(const std::string& path);
+  void publish(const std::string& text);
+  void close() { current_.store(-1); }
+
+ private:
+  std::string path_, tmp_;
+  std::string drafts_[2];        // the one being rendered, and the latest (current_)
+  std::atomic<int> current_{-1};  // -1: none to write
+};
+
 // Runs (or resumes) training. `stop` is polled after every step: when it turns true a
-// checkpoint is written and the function returns with interrupted = true.
-TrainResult train(const TrainConfig& config, const std::atomic<bool>* stop = nullptr);
+// checkpoint is written and the function returns with interrupted = true. `draft`, when
+// given, is kept up to date with the summary of an interruption.
+TrainResult train(const TrainConfig& config, const std::atomic<bool>* stop = nullptr, SummaryDraft* draft = nullptr);
 
 }  // namespace blpa
