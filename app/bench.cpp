@@ -100,7 +100,7 @@ int codec_main(int argc, char** argv) {
       "threads", "CPU threads (0: LibTorch's default)", cxxopts::value<std::string>()->default_value("0"))(
       "reps", "Calls per timing round", cxxopts::value<std::string>()->default_value("10"))(
       "json", "Print one JSON object instead of a table")("h,help", "This help");
-  auto args = opts.parse(argc, argv);
+  auto args = blpa::parse_flags(opts, argc, argv);
   blpa::refuse_unmatched(args);
   if (blpa::switched_on(args, "help")) {
     std::cout << opts.help() << std::endl;

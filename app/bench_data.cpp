@@ -100,7 +100,7 @@ int data_main(int argc, char** argv) {
       "write-tree", "Instead: write an ImageNet-layout tree of generated JPEGs (train/ and val/, 10 classes, --images "
       "per split) into this directory and exit, for trying the pipeline end to end",
       cxxopts::value<std::string>())("json", "One JSON object")("h,help", "This help");
-  auto args = o.parse(argc, argv);
+  auto args = blpa::parse_flags(o, argc, argv);
   blpa::refuse_unmatched(args);
   if (blpa::switched_on(args, "help")) {
     std::cout << o.help() << std::endl;

@@ -126,7 +126,7 @@ void add_common(cxxopts::Options& o, const std::string& batch, const std::string
 // Parses; returns false after printing help.
 bool parse_common(cxxopts::Options& o, int argc, char** argv, Common& c, cxxopts::ParseResult& args) {
   o.add_options()("h,help", "This help");  // here, after the command's own options: --help lists it last
-  args = o.parse(argc, argv);
+  args = blpa::parse_flags(o, argc, argv);
   blpa::refuse_unmatched(args);
   if (blpa::switched_on(args, "help")) {
     std::cout << o.help() << std::endl;
@@ -860,7 +860,7 @@ int fidelity_main(int argc, char** argv) {
       "json", "One JSON object per line");
   add_numerics(o);
   o.add_options()("h,help", "This help");
-  auto args = o.parse(argc, argv);
+  auto args = blpa::parse_flags(o, argc, argv);
   blpa::refuse_unmatched(args);
   if (blpa::switched_on(args, "help")) {
     std::cout << o.help() << std::endl;

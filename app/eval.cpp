@@ -39,7 +39,7 @@ int main(int argc, char** argv) {
   blpa::CheckpointEval e;
   bool json = false;
   try {
-    auto a = opts.parse(argc, argv);
+    auto a = blpa::parse_flags(opts, argc, argv);
     if (blpa::switched_on(a, "help")) {
       std::cout << opts.help() << std::endl;
       return 0;

@@ -68,6 +68,29 @@ inline bool switched_on(const cxxopts::ParseResult& a, const std::string& name) 
   return a.count(name) > 0 && a[name].as<bool>();
 }
 
+// cxxopts' parse, its errors as FlagError. A switch given a word it does not take
+// (--overwrite=no) is named: cxxopts said only "Argument 'no' failed to parse". (Numeric
+// options are strings, so only switches fail this way.)
+inline cxxopts::ParseResult parse_flags(cxxopts::Options& o, int argc, const char* const* argv) {
+  try {
+    return o.parse(argc, argv);
+  } catch (const cxxopts::exceptions::incorrect_argument_type& e) {
+    const std::string what = e.what();
+    for (int i = 1; i < argc; ++i) {
+      const std::string arg = argv[i];
+      const auto eq = arg.find('=');
+      if (arg.rfind("--", 0) != 0 || eq == std::string::npos) continue;
+      const std::string value = arg.substr(eq + 1);  // quoted as 'value' or, with Unicode, as ‘value’
+      if (what == "Argument '" + value + "' failed to parse" ||
+          what == "Argument \u2018" + value + "\u2019 failed to parse")
+        throw FlagError(arg + ": " + arg.substr(0, eq) + " is a switch: give it alone, or =true or =false");
+    }
+    throw FlagError(what);
+  } catch (const cxxopts::exceptions::exception& e) {
+    throw FlagError(e.what());
+  }
+}
+
 // Arguments no option took ("--json false" leaves "false"): refused, not ignored.
 inline void refuse_unmatched(const cxxopts::ParseResult& a) {
   if (!a.unmatched().empty()) throw FlagError("unexpected argument '" + a.unmatched()[0] + "'");

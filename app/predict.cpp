@@ -351,7 +351,7 @@ int main(int argc, char** argv) {
   opts.parse_positional({"inputs"});
   Options o;
   try {
-    auto a = opts.parse(argc, argv);
+    auto a = blpa::parse_flags(opts, argc, argv);
     if (blpa::switched_on(a, "help")) {
       std::cout << opts.help() << std::endl;
       return 0;

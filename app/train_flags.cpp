@@ -101,11 +101,7 @@ TrainCommand parse_train_command(int argc, const char* const* argv) {
   TrainCommand cmd;
   TrainConfig& c = cmd.config;
   cxxopts::ParseResult a;
-  try {
-    a = opts.parse(argc, argv);
-  } catch (const cxxopts::exceptions::exception& e) {
-    throw FlagError(e.what());
-  }
+  a = parse_flags(opts, argc, argv);
   if (switched_on(a, "help")) {
     cmd.help = true;
     cmd.help_text = opts.help({"Data", "Model", "Precision", "Optimisation", "Running", "Distributed"});

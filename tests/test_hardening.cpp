@@ -160,6 +160,8 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"--dataset", "foo"}, "--dataset must be auto, cifar10, cifar100, cifar100-coarse, fashion-mnist, mnist or "
                              "imagenet, got 'foo'"},
       {{"--checkpoint", "a.ckpt", "--log", "a.ckpt.lock"}, "--log names --checkpoint's .lock file"},
+      // cxxopts said "Argument 'no' failed to parse", naming no flag.
+      {{"--overwrite=no"}, "--overwrite=no: --overwrite is a switch: give it alone, or =true or =false"},
   };
   for (const auto& [args, message] : cases) {
     // A data folder that does not exist: the flag must be refused before any data is read.
@@ -197,6 +199,12 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       CHECK(w.code == 2);
       CHECK(w.output.find("--workers 0 to 256") != std::string::npos);
     }
+  for (const char* exe : {BLPA_EVAL_EXE, BLPA_PREDICT_EXE}) {
+    const Run w = run(exe, {"--checkpoint", "x", "--ten-crop=off"}, dir);
+    CAPTURE(exe, w.output);
+    CHECK(w.code == 2);
+    CHECK(w.output.find("--ten-crop=off: --ten-crop is a switch") != std::string::npos);
+  }
   // blpa-bench: counts that would print nonsense, and a negative size that reached LibTorch.
   const std::vector<std::pair<std::vector<std::string>, std::string>> bench{
       {{"codec", "--numel", "65536", "--reps", "0"}, "--reps must be positive"},
@@ -223,6 +231,7 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"fidelity", "--bits", "3"}, "--bits takes 8, 4 and 2, got 3"},
       {{"max-batch", "--model", "cifar:11", "--budget-gib", "99999999999"}, "out of range (at most 1048576)"},
       {{"memory", "--model", "cifar:11", "--size", "99999999999"}, "the input alone overflows 64-bit sizes"},
+      {{"codec", "--json=yes"}, "--json=yes: --json is a switch: give it alone, or =true or =false"},
   };
   for (const auto& [args, message] : bench) {
     const Run b = run(BLPA_BENCH_EXE, args, dir);
