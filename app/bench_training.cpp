@@ -923,20 +923,21 @@ int fidelity_main(int argc, char** argv) {
         if (std::isnan(cos) || cos < min_cos) min_cos = cos, worst = names[i];
       }
       const double rel = (torch::cat(g) - ref_all).to(torch::kDouble).norm().item<double>() / ref_norm;
-      auto json_number = [](double v) {
-        return !std::isfinite(v) ? std::string("null") : std::abs(v) < 1e4 ? fmt::format("{:.5f}", v) : fmt::format("{:.6g}", v);
+      // Fixed decimals, or significant digits for a huge error; null (non-finite) for none.
+      auto figure = [](double v, const char* none, const char* fixed, const char* general) {
+        if (!std::isfinite(v)) return std::string(none);
+        return std::abs(v) < 1e4 ? fmt::format(fmt::runtime(fixed), v) : fmt::format(fmt::runtime(general), v);
       };
-      auto number = [](double v) {
-        return !std::isfinite(v) ? std::string("non-finite") : std::abs(v) < 1e4 ? fmt::format("{:.4f}", v) : fmt::format("{:.4g}", v);
-      };
+      auto json_number = [&](double v) { return figure(v, "null", "{:.5f}", "{:.6g}"); };
+      auto number = [&](double v) { return figure(v, "non-finite", "{:.4f}", "{:.4g}"); };
       if (blpa::switched_on(args, "json"))
         fmt::print("{{\"bench\": \"fidelity\", \"source\": \"{}\", \"checkpoint\": \"{}\", \"iteration\": {}, "
                    "\"depth\": {}, \"batch\": {}, \"size\": {}, \"mode\": \"{}\", \"bits\": {}, {}, "
                    "\"relative_error\": {}, \"min_cosine\": {}, \"min_cosine_param\": \"{}\", "
                    "\"plain_loss\": {:.6g}, \"plain_grad_norm\": {:.6g}, \"precision\": \"{}\", \"memory_format\": \"{}\"}}\n",
                    c.source, c.checkpoint, c.iteration, c.net.depth, batch, c.x.size(2), blpa::to_string(m.mode), m.bits,
-                   report_format(m), json_number(rel), json_number(min_cos), worst, loss, ref_norm, blpa::to_string(numerics.precision),
-                   blpa::layout_name(numerics.layout));
+                   report_format(m), json_number(rel), json_number(min_cos), worst, loss, ref_norm,
+                   blpa::to_string(numerics.precision), blpa::layout_name(numerics.layout));
       else
         fmt::print("{} depth {:4d}  {} {:12s} relative gradient error {}  smallest cosine {} ({})  "
                    "[plain loss {:.4g}, |grad| {:.4g}]\n",
