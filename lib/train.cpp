@@ -1489,8 +1489,17 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     throw std::runtime_error(why);
   }
   result.iteration = it;
-  if (!config.export_path.empty() && !result.interrupted && lead)
-    export_state_dict(config.export_path, model, config.run_id);
+  if (!config.export_path.empty() && !result.interrupted && lead) {
+    try {
+      export_state_dict(config.export_path, model, config.run_id);
+    } catch (const std::exception& e) {  // the run is whole (its final checkpoint written), its export not
+      try {
+        write_summary("failed", error_message(e));
+      } catch (const std::exception&) {
+      }
+      throw;
+    }
+  }
   write_summary(result.interrupted ? "interrupted" : "done");
   return result;
 }

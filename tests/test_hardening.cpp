@@ -495,14 +495,17 @@ TEST_CASE("hardening: a full disk is an error naming the file, and leaves no tem
   CHECK_FALSE(fs::exists(ck));
   CHECK(no_temporaries(dir));
 
-  const std::string pt = (dir / "a.pt").string();
-  const Run x = train(small(dir, {"--export", pt}), dir, "ulimit -f 200;");
+  const std::string pt = (dir / "a.pt").string(), summary = (dir / "a.json").string();
+  const Run x = train(small(dir, {"--export", pt, "--summary", summary}), dir, "ulimit -f 200;");
   CAPTURE(x.output);
   CHECK(x.code == 1);
   CHECK(x.output.find(pt + ": cannot be written (File too large)") != std::string::npos);
   check_clean(x);
   CHECK_FALSE(fs::exists(pt));
   CHECK(no_temporaries(dir));
+  // The summary, which fits, says so (it said nothing: none was written).
+  CHECK(slurp(summary).find("\"status\": \"failed\"") != std::string::npos);
+  CHECK(slurp(summary).find("\"error\": \"" + pt + ": cannot be written (File too large)") != std::string::npos);
 
   // A log that cannot take a record stops the run at once, with the reason.
   const Run l = train(small(dir, {"--log", "/dev/full"}), dir);
