@@ -322,12 +322,38 @@ std::string TrainConfig::describe() const {
       train_list, val_list, dist.world, log_every, eval_every, checkpoint_every, cuda_graphs, precision, memory_format);
 }
 
+namespace {
+// The length of the well-formed UTF-8 sequence at s[i] (RFC 3629: no overlong forms, no
+// surrogates, nothing past U+10FFFF), or 0.
+size_t utf8_length(const std::string& s, size_t i) {
+  const auto at = [&](size_t k) { return i + k < s.size() ? static_cast<unsigned char>(s[i + k]) : 0u; };
+  const unsigned lead = at(0);
+  const auto cont = [&](size_t k, unsigned lo = 0x80, unsigned hi = 0xbf) { return at(k) >= lo && at(k) <= hi; };
+  if (lead >= 0xc2 && lead <= 0xdf) return cont(1) ? 2 : 0;
+  if (lead >= 0xe0 && lead <= 0xef)
+    return cont(1, lead == 0xe0 ? 0xa0 : 0x80, lead == 0xed ? 0x9f : 0xbf) && cont(2) ? 3 : 0;
+  if (lead >= 0xf0 && lead <= 0xf4)
+    return cont(1, lead == 0xf0 ? 0x90 : 0x80, lead == 0xf4 ? 0x8f : 0xbf) && cont(2) && cont(3) ? 4 : 0;
+  return 0;
+}
+}  // namespace
+
 std::string json_string(const std::string& s) {
   std::string out = "\"";
-  for (const unsigned char ch : s) {
-    if (ch == '"' || ch == '\\') out += '\\', out += static_cast<char>(ch);
-    else if (ch < 0x20) out += fmt::format("\\u{:04x}", static_cast<int>(ch));
-    else out += static_cast<char>(ch);
+  for (size_t i = 0; i < s.size();) {
+    const unsigned char ch = static_cast<unsigned char>(s[i]);
+    if (ch < 0x80) {
+      if (ch == '"' || ch == '\\') out += '\\', out += static_cast<char>(ch);
+      else if (ch < 0x20 || ch == 0x7f) out += fmt::format("\\u{:04x}", static_cast<int>(ch));
+      else out += static_cast<char>(ch);
+      ++i;
+    } else if (const size_t n = utf8_length(s, i); n > 0) {
+      out.append(s, i, n);
+      i += n;
+    } else {  // a byte of no UTF-8 character (a path in another encoding): JSON must be UTF-8
+      out += "\\ufffd";
+      ++i;
+    }
   }
   return out + "\"";
 }
@@ -430,7 +456,9 @@ void TrainConfig::validate() const {
   for (const auto& [path, flag] : {std::pair{checkpoint, "--checkpoint"}, std::pair{log_path, "--log"},
                                    std::pair{export_path, "--export"}, std::pair{summary_path, "--summary"}}) {
     if (path.empty()) continue;
-    const std::string key = fs::weakly_canonical(fs::absolute(path)).string();
+    std::error_code ec;
+    const std::string key = fs::weakly_canonical(fs::absolute(path), ec).string();
+    if (ec) bad(std::string(flag) + " " + path + ": " + ec.message());  // a loop of symbolic links
     if (outputs.count(key)) bad(std::string(flag) + " and " + outputs[key] + " name the same file, " + path);
     outputs[key] = flag;
   }
@@ -509,10 +537,20 @@ class LogFile {
   }
   LogFile(const LogFile&) = delete;
   LogFile& operator=(const LogFile&) = delete;
+  // The open file is locked too (flock, by the file rather than its name): a second name for
+  // it (a hard link) that another run opens is refused before that run empties it.
   void open(const std::string& path, bool append) {
     path_ = path;
-    fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (append ? O_APPEND : O_TRUNC), 0644);
+    fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (append ? O_APPEND : 0), 0644);
     if (fd_ < 0) throw std::runtime_error("--log " + path + ": cannot be opened for writing (" + std::strerror(errno) + ")");
+    struct stat st{};
+    if (::fstat(fd_, &st) == 0 && S_ISREG(st.st_mode)) {
+      if (::flock(fd_, LOCK_EX | LOCK_NB) != 0)
+        throw std::runtime_error("--log " + path + " is in use by another blpa-train, under another name (a hard "
+                                 "link): wait for it to end, or give another path");
+      if (!append && ::ftruncate(fd_, 0) != 0)
+        throw std::runtime_error("--log " + path + ": cannot be emptied (" + std::strerror(errno) + ")");
+    }
   }
   explicit operator bool() const { return fd_ >= 0; }
   // A record cut short (a full disk) is cut off again, so that the log ends with whole lines.
@@ -718,6 +756,8 @@ class OutputLocks {
     lock(path + ".lock", path, flag);
     const fs::path target = fs::absolute(link_target(path));
     if (target != fs::absolute(path)) {
+      // Its folder first, as writing creates it: a lock that cannot be created is skipped.
+      if (!fs::exists(target.parent_path(), ec)) fs::create_directories(target.parent_path(), ec);
       const fs::path resolved = fs::weakly_canonical(target, ec);
       if (!ec) lock(resolved.string() + ".lock", path, flag);
     }

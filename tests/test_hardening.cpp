@@ -173,6 +173,12 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
     CHECK(r.output.find(message) != std::string::npos);
     check_clean(r);
   }
+  // A loop of symbolic links is named with its flag (it was "filesystem error: status: ...").
+  fs::create_symlink("loop.jsonl", dir / "loop.jsonl");
+  const Run loop = train({"--log", (dir / "loop.jsonl").string(), "--data-dir", (dir / "no-data").string()}, dir);
+  CHECK(loop.code == 2);
+  CHECK(loop.output.find("--log " + (dir / "loop.jsonl").string() + ": Too many levels of symbolic links") !=
+        std::string::npos);
   // torchrun's variables are named as such, not as the flags that were not given.
   const Run env = train({"--data-dir", (dir / "no-data").string()}, dir, "WORLD_SIZE=-1");
   CAPTURE(env.output);
@@ -347,6 +353,27 @@ TEST_CASE("hardening: a fresh run replaces no earlier run unless told to", "[har
   CHECK(slurp(dir / "elsewhere" / "s.json").find("\"status\": \"done\"") != std::string::npos);
   for (const auto& entry : fs::directory_iterator(dir / "elsewhere"))
     CHECK(entry.path().extension() != ".tmp");
+  // A link into a folder not made yet: its target is locked too (that lock was skipped, and a
+  // second run naming the target emptied the running run's log).
+  const std::string far_link = (dir / "far.jsonl").string(), far = (dir / "new" / "far.jsonl").string();
+  fs::create_symlink(fs::path("new") / "far.jsonl", far_link);
+  Spawned far_run{spawn_train(small(dir, {"--log", far_link, "--iterations", "100000"}), dir / "far.out")};
+  wait_for_record(far, "\"type\": \"train\", \"iter\": 1,");
+  const Run by_target = train(small(dir, {"--log", far, "--overwrite"}), dir);
+  CAPTURE(by_target.output);
+  CHECK(by_target.code == 1);
+  CHECK(by_target.output.find("is in use by another blpa-train") != std::string::npos);
+  // A hard link to it: the open log itself is locked, which no lock beside a name can see.
+  const std::string hard = (dir / "hard.jsonl").string();
+  fs::create_hard_link(far, hard);
+  const Run by_hard = train(small(dir, {"--log", hard, "--overwrite"}), dir);
+  CAPTURE(by_hard.output);
+  CHECK(by_hard.code == 1);
+  CHECK(by_hard.output.find("--log " + hard + " is in use by another blpa-train, under another name") !=
+        std::string::npos);
+  CHECK(slurp(far).find("\"type\": \"train\", \"iter\": 1,") != std::string::npos);  // not emptied
+  ::kill(far_run.pid, SIGKILL);
+  far_run.wait();
   // A folder where the lock goes was skipped, and the lock with it.
   fs::create_directories(dir / "b.ckpt.lock");
   const Run folder = train(small(dir, {"--checkpoint", (dir / "b.ckpt").string()}), dir);

@@ -87,6 +87,20 @@ int run_train(const std::vector<std::string>& args, pid_t* pid_out = nullptr) {
 
 }  // namespace
 
+// Logs and summaries carry paths and messages: whatever their bytes, the JSON is valid UTF-8.
+TEST_CASE("train: json_string escapes what JSON cannot hold and keeps UTF-8", "[train]") {
+  CHECK(blpa::json_string("a\"b\\c\n\x01\x7f") == "\"a\\\"b\\\\c\\u000a\\u0001\\u007f\"");
+  CHECK(blpa::json_string("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80") == "\"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\"");
+  // Bytes of no UTF-8 character: a Latin-1 path, a lone continuation byte, a truncated
+  // sequence, an overlong form, a surrogate, past U+10FFFF.
+  CHECK(blpa::json_string("name\xff.ckpt") == "\"name\\ufffd.ckpt\"");
+  CHECK(blpa::json_string("\x80") == "\"\\ufffd\"");
+  CHECK(blpa::json_string("\xe2\x82") == "\"\\ufffd\\ufffd\"");
+  CHECK(blpa::json_string("\xc0\xaf") == "\"\\ufffd\\ufffd\"");
+  CHECK(blpa::json_string("\xed\xa0\x80") == "\"\\ufffd\\ufffd\\ufffd\"");
+  CHECK(blpa::json_string("\xf4\x90\x80\x80") == "\"\\ufffd\\ufffd\\ufffd\\ufffd\"");
+}
+
 TEST_CASE("train: plain and blpa-4 both learn on 2,000 Fashion-MNIST images", "[train]") {
   if (!have_fashion_mnist()) return;
   for (auto mode : {blpa::ModeConfig{blpa::Mode::plain, 8}, blpa::ModeConfig{blpa::Mode::blpa, 4}}) {

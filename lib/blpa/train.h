@@ -202,7 +202,8 @@ struct RunComplete : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// `s` as a JSON string: quoted, with quotes, backslashes and control characters escaped.
+// `s` as a JSON string: quoted, with quotes, backslashes and control characters escaped, and
+// each byte that is no part of a UTF-8 character (a path in another encoding) as U+FFFD.
 std::string json_string(const std::string& s);
 
 // The message of an exception for a user: LibTorch's errors without their C++ backtrace,
