@@ -123,6 +123,15 @@ void add_common(cxxopts::Options& o, const std::string& batch, const std::string
   add_numerics(o);
 }
 
+// LibTorch's size arithmetic is 64-bit: a batch whose input alone overflows it is no batch.
+void check_input_size(int64_t batch, int64_t size) {
+  if (size > (int64_t{1} << 20))
+    throw std::invalid_argument(fmt::format("--size {}: out of range (at most 1048576)", size));
+  if (int64_t bytes = 0; batch > (int64_t{1} << 40) || __builtin_mul_overflow(batch * 3 * 4, size * size, &bytes))
+    throw std::invalid_argument(
+        fmt::format("--batch {} of {}x{} images: the input alone overflows 64-bit sizes", batch, size, size));
+}
+
 // Parses; returns false after printing help.
 bool parse_common(cxxopts::Options& o, int argc, char** argv, Common& c, cxxopts::ParseResult& args) {
   o.add_options()("h,help", "This help");  // here, after the command's own options: --help lists it last
@@ -140,11 +149,7 @@ bool parse_common(cxxopts::Options& o, int argc, char** argv, Common& c, cxxopts
   c.size = blpa::number<int64_t>(args, "size");
   if (c.size < 0) throw std::invalid_argument("--size must be positive (0: 32 for cifar, 224 for imagenet)");
   if (c.size == 0) c.size = c.net.arch == "cifar" ? 32 : 224;
-  // LibTorch's size arithmetic is 64-bit: a batch whose input alone overflows it is no batch.
-  if (int64_t bytes = 0; c.batch > (int64_t{1} << 40) || c.size > (int64_t{1} << 20) ||
-                         __builtin_mul_overflow(c.batch * 3 * 4, c.size * c.size, &bytes))
-    throw std::invalid_argument(fmt::format("--batch {} of {}x{} images: the input alone overflows 64-bit sizes",
-                                            c.batch, c.size, c.size));
+  check_input_size(c.batch, c.size);
   const float window = args.count("window") ? blpa::number<float>(args, "window") : 0.0f;
   if (args.count("window") && !(window > 0)) throw std::invalid_argument("--window must be positive");
   const auto lift = args.count("lift") ? std::optional<float>(blpa::number<float>(args, "lift")) : std::nullopt;
@@ -868,6 +873,7 @@ int fidelity_main(int argc, char** argv) {
   }
   const int64_t batch = blpa::number<int64_t>(args, "batch"), size = blpa::number<int64_t>(args, "size");
   if (batch <= 0 || size <= 0) throw std::invalid_argument("--batch and --size must be positive");
+  check_input_size(batch, size);
   const uint64_t seed = blpa::number<uint64_t>(args, "seed");
   blpa::set_threads(blpa::number<int>(args, "threads"));
   const blpa::Numerics numerics = parse_numerics(args, torch::kCPU);  // the fidelity bench runs on the CPU

@@ -83,6 +83,9 @@ int main(int argc, char** argv) {
   std::signal(SIGXFSZ, SIG_IGN);
   try {
     const auto r = blpa::train(c, &g_stop, &g_draft);
+    // Its files are written: a signal from here on changes nothing, and is no stop to report.
+    std::signal(SIGINT, SIG_IGN);
+    std::signal(SIGTERM, SIG_IGN);
     if (r.interrupted) {
       // A rank without a signal of its own stopped because another rank was interrupted.
       const int sig = g_signal.load() ? g_signal.load() : SIGINT;

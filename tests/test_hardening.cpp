@@ -236,7 +236,9 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"fidelity", "--bits", "nan"}, "--bits: 'nan' is not an integer"},
       {{"fidelity", "--bits", "3"}, "--bits takes 8, 4 and 2, got 3"},
       {{"max-batch", "--model", "cifar:11", "--budget-gib", "99999999999"}, "out of range (at most 1048576)"},
-      {{"memory", "--model", "cifar:11", "--size", "99999999999"}, "the input alone overflows 64-bit sizes"},
+      {{"memory", "--model", "cifar:11", "--size", "99999999999"}, "--size 99999999999: out of range"},
+      {{"step", "--model", "cifar:11", "--batch", "99999999999", "--size", "99999"}, "the input alone overflows"},
+      {{"fidelity", "--size", "99999999999"}, "--size 99999999999: out of range"},
       {{"codec", "--json=yes"}, "--json=yes: --json is a switch: give it alone, or =true or =false"},
   };
   for (const auto& [args, message] : bench) {
