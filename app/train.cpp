@@ -69,9 +69,9 @@ int main(int argc, char** argv) {
     try {
       std::cout << blpa::printed_config(c) << std::flush;
       return 0;
-    } catch (const std::exception& e) {
+    } catch (const std::exception& e) {  // the run's exit codes: 3 for a diverged run --auto-resume skips
       std::cerr << "blpa-train: " << blpa::error_message(e) << "\n";
-      return dynamic_cast<const blpa::FlagError*>(&e) ? 2 : 1;
+      return dynamic_cast<const blpa::FlagError*>(&e) ? 2 : dynamic_cast<const blpa::NonFiniteLoss*>(&e) ? 3 : 1;
     }
   }
 

@@ -219,7 +219,10 @@ std::string printed_config(const TrainConfig& given) {
   if (c.auto_resume) c.resume = std::filesystem::exists(c.checkpoint);
   if (c.resume && !std::filesystem::exists(c.checkpoint))
     throw FlagError("--resume: checkpoint " + c.checkpoint + " does not exist");
+  if (c.resume && std::filesystem::is_directory(c.checkpoint))
+    throw FlagError("--checkpoint " + c.checkpoint + ": is a directory");
   if (c.resume) read_resumed_checkpoint(c, given);
+  if (c.resume && c.auto_resume) refuse_diverged_rerun(c);  // exit 3, as the run
   if (c.threads == 0) c.threads = at::get_num_threads();
   return c.describe() + fmt::format("rank={}\nworld_size={}\nmaster={}:{}\n", c.dist.rank, c.dist.world,
                                     c.dist.master_addr, c.dist.master_port);

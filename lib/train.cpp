@@ -664,9 +664,8 @@ void check_outputs_are_this_runs(const TrainConfig& c) {
   }
 }
 
-// --auto-resume: a run whose summary says it diverged would diverge again from its last
-// checkpoint with the settings it diverged with, so a sweep run again does not retry it (exit
-// 3, at once); with a learning-rate setting changed it resumes.
+}  // namespace
+
 void refuse_diverged_rerun(const TrainConfig& c) {
   if (c.summary_path.empty()) return;
   const std::string summary = first_line_of(c.summary_path), ours = c.json();
@@ -679,6 +678,8 @@ void refuse_diverged_rerun(const TrainConfig& c) {
       "--warmup, ...) to resume it, or start again with --overwrite",
       c.checkpoint, json_field(summary, "iter"), c.summary_path));
 }
+
+namespace {
 
 // 16 hex digits, new for every run.
 std::string draw_run_id() {

@@ -502,6 +502,12 @@ TEST_CASE("hardening: --auto-resume does not retry a run that diverged, unless i
   CHECK(again.output.find("not retried") != std::string::npos);
   CHECK(slurp(ck) == ck_bytes);
   CHECK(slurp(summary) == summary_bytes);
+  // --print-config says so too (it printed, exit 0).
+  const Run shown = train(small(dir, {"--checkpoint", ck, "--summary", summary, "--iterations", "8", "--lr", "1e30",
+                                      "--auto-resume", "--print-config"}),
+                          dir);
+  CHECK(shown.code == 3);
+  CHECK(shown.output.find("not retried") != std::string::npos);
   // With a lower learning rate it resumes from the kept checkpoint and finishes.
   const Run lower = run_at("0.02");
   CHECK(lower.code == 0);

@@ -190,6 +190,11 @@ torch::optim::SGD make_optimizer(ResNet& model, const TrainConfig& config);
 // naming the settings that differ); other settings that differ are logged and take effect.
 Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given);
 
+// --auto-resume: a run whose --summary says it diverged would diverge again from its last
+// checkpoint with the settings it diverged with, so a sweep run again does not retry it:
+// NonFiniteLoss (exit 3, at once). With a learning-rate setting changed it resumes.
+void refuse_diverged_rerun(const TrainConfig& config);
+
 // Error thrown when the loss, or the weights after an update, stop being finite: training
 // stops and the last checkpoint, which held finite numbers, is kept.
 struct NonFiniteLoss : std::runtime_error {
