@@ -367,6 +367,9 @@ double unix_time() {
 // A loss for a JSON record: NaN and Inf, which JSON has no words for, are null.
 std::string json_loss(double v) { return std::isfinite(v) ? fmt::format("{:.6g}", v) : "null"; }
 
+// A non-finite loss in words: NaN (whatever its sign bit, which fmt prints as "-nan"), Inf, -Inf.
+std::string non_finite(double v) { return std::isnan(v) ? "NaN" : v > 0 ? "Inf" : "-Inf"; }
+
 }  // namespace
 
 std::string TrainConfig::json() const {
@@ -1280,10 +1283,21 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   };
   if (summarising && draft) draft->open(config.summary_path);
   // `what` says what and where (iteration, counted from 1); `iteration` sets the learning rate named.
+  // A window much wider than the default makes the codes' bins coarse enough for the backward
+  // pass's gradients to grow through the depth (blpa-bench fidelity shows it): a cause to name
+  // beside the learning rate.
+  const bool coded = config.mode.mode == Mode::blpa || config.mode.mode == Mode::naive;
+  const float default_window = coded ? default_format(config.mode.bits).window : 0;
+  const std::string wide_window =
+      coded && config.mode.window > 2 * default_window
+          ? fmt::format(" Its --window {} is over twice the default at {} bits ({}): bins that coarse can make the "
+                        "gradients overflow too; try a narrower one.",
+                        config.mode.window, config.mode.bits, default_window)
+          : "";
   auto diverged = [&](const std::string& what, int64_t iteration) {
     write_summary("diverged");
     return NonFiniteLoss(fmt::format(
-        "{} (learning rate {}); training stopped. {}", what, config.lr_at(iteration - 1),
+        "{} (learning rate {}); training stopped.{} {}", what, config.lr_at(iteration - 1), wide_window,
         config.checkpoint.empty() ? std::string("No checkpoint was configured.")
         : last_good < 0 ? "No checkpoint had been written yet, and none is written from non-finite numbers."
         : last_good == iteration
@@ -1331,7 +1345,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     if (!std::isfinite(l.sum))
       throw diverged(fmt::format("the loss became {} in one of iterations {} to {} (replayed as a CUDA graph, the "
                                  "loss is read every --log-every iterations)",
-                                 l.sum, it - l.count + 1, it),
+                                 non_finite(l.sum), it - l.count + 1, it),
                      it);
     window_loss += l.sum;
     result.last_loss = l.last;
@@ -1411,7 +1425,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
           stopping = sums[1] > 0;
         }
         if (!std::isfinite(loss_v))
-          throw diverged(fmt::format("the loss became {} at iteration {}", loss_v, it + 1), it + 1);
+          throw diverged(fmt::format("the loss became {} at iteration {}", non_finite(loss_v), it + 1), it + 1);
         consistent = false;
         if (tensor_lr_update) {
           lr_tensor.fill_(lr);

@@ -899,6 +899,14 @@ TEST_CASE("hardening: a divergence keeps the last checkpoint of finite numbers, 
   CAPTURE(r.output);
   REQUIRE(r.code == 3);
   CHECK(r.output.find("The last checkpoint of finite numbers, " + ck + " (iteration ") != std::string::npos);
+  // A window far wider than the default is named as a cause beside the learning rate, and the
+  // loss in words (it said "-nan").
+  const Run wide = train(small(dir, {"--window", "1e4", "--iterations", "20"}), dir);
+  CAPTURE(wide.output);
+  CHECK(wide.code == 3);
+  CHECK(std::regex_search(wide.output, std::regex("the loss became (NaN|Inf|-Inf) at iteration")));
+  CHECK(wide.output.find("Its --window 10000 is over twice the default at 4 bits (6)") != std::string::npos);
+  CHECK(train(small(dir, {"--lr", "1e30", "--iterations", "20"}), dir).output.find("--window") == std::string::npos);
   // A log whose losses overflowed is still JSON: NaN and Inf are null (it held "-nan").
   const std::string nan_log = (dir / "nan.jsonl").string();
   // Its weights stay finite, but the test loss is not: a diverged run too (it ended "done").
