@@ -1030,20 +1030,33 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   if (config.dist.enabled()) {
     const std::string backend = config.dist.backend != "auto" ? config.dist.backend : dev.is_cuda() ? "nccl" : "gloo";
     dist = std::make_unique<Distributed>(config.dist, backend);
+    // A refusal travels with its kind, so that every rank exits as the refusing one does: 2 for
+    // flags, 3 for a diverged run --auto-resume skips, 0 for a complete one, else 1.
     std::string why;
     if (refused) {
       try {
         std::rethrow_exception(refused);
+      } catch (const FlagError& e) {
+        why = "2" + error_message(e);
+      } catch (const NonFiniteLoss& e) {
+        why = "3" + error_message(e);
+      } catch (const RunComplete& e) {
+        why = "0" + error_message(e);
       } catch (const std::exception& e) {
-        why = error_message(e);
+        why = "1" + error_message(e);
       }
     }
-    const auto all = dist->all_gather(why.empty() ? "" : "x" + why);  // "": this rank can start
+    const auto all = dist->all_gather(why);  // "": this rank can start
     if (refused) std::rethrow_exception(refused);
-    for (size_t r = 0; r < all.size(); ++r)
-      if (!all[r].empty())
-        throw std::runtime_error(fmt::format("rank {} of {}: rank {} cannot start, so no rank trains ({})",
-                                             config.dist.rank, config.dist.world, r, all[r].substr(1)));
+    for (size_t r = 0; r < all.size(); ++r) {
+      if (all[r].empty()) continue;
+      const std::string m = fmt::format("rank {} of {}: rank {} cannot start, so no rank trains ({})",
+                                        config.dist.rank, config.dist.world, r, all[r].substr(1));
+      if (all[r][0] == '2') throw FlagError(m);
+      if (all[r][0] == '3') throw NonFiniteLoss(m);
+      if (all[r][0] == '0') throw RunComplete(m);
+      throw std::runtime_error(m);
+    }
     agree_across_ranks(*dist, config.rank_agreement() + fmt::format(" start={}", state.iteration));
     spdlog::info("rank {} of {} ({}, {} backend), batch {} per rank, {} in all", config.dist.rank, config.dist.world,
                  dev.str(), dist->backend(), config.batch, config.batch * config.dist.world);
