@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include <pthread.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -13,6 +14,7 @@
 #include <csignal>
 #include <cstring>
 #include <iostream>
+#include <thread>
 
 #include "train_flags.h"
 
@@ -20,33 +22,43 @@ namespace {
 
 std::atomic<bool> g_stop{false};
 std::atomic<int> g_signal{0};
-bool g_checkpointing = false;  // --checkpoint given: set before the handlers are installed
-blpa::SummaryDraft g_draft;    // what a second signal leaves in --summary
+std::atomic<int> g_phase{0};  // 0 before train(), 1 in it, 2 after it returned or threw
+blpa::SummaryDraft g_draft;           // what a second signal leaves in --summary
 
-// Only write(2) is safe in a signal handler.
 void say(const char* text) {
   const ssize_t n = ::write(STDERR_FILENO, text, std::strlen(text));
   (void)n;
 }
 
-// The first SIGINT/SIGTERM asks for a checkpoint and a clean exit after the current step (or
-// at once during an evaluation); a second one stops at once, without a checkpoint (the user
-// insists), and says so: the last checkpoint written stays as it was, and --summary gets the
-// summary of an interruption as it stood within the last second.
-extern "C" void on_signal(int sig) {
-  int none = 0;  // the signal is stored before the stop is seen: the main thread names it
-  if (!g_signal.compare_exchange_strong(none, sig)) {
-    g_draft.write();
-    say("\nblpa-train: stopped at once by a second signal: no checkpoint of the current iteration (the last one "
-        "written is kept)\n");
-    std::signal(sig, SIG_DFL);
-    std::raise(sig);
-    return;
+// SIGINT and SIGTERM are blocked in every thread and taken here (sigwait), so that no data or
+// LibTorch thread runs what they do, and it need not be async-signal-safe. Before training
+// they stop the program as by default. In training, the first asks for a checkpoint and a
+// clean exit after the current step (or at once during an evaluation); a second one stops at
+// once, without a checkpoint (the user insists), and says so: the last checkpoint written
+// stays as it was, and --summary gets the summary of an interruption (SummaryDraft). After
+// it, the run's files are written, and a signal changes nothing.
+void take_signals(sigset_t set, bool checkpointing) {
+  for (;;) {
+    int sig = 0;
+    if (::sigwait(&set, &sig) != 0 || g_phase.load() == 2) continue;
+    int none = 0;  // the signal is stored before the stop is seen: the main thread names it
+    if (g_phase.load() == 1 && g_signal.compare_exchange_strong(none, sig)) {
+      g_stop.store(true);
+      say(checkpointing ? "\nblpa-train: stopping after the current step and writing a checkpoint (a second "
+                          "signal stops at once, without one)\n"
+                        : "\nblpa-train: stopping after the current step (a second signal stops at once)\n");
+      continue;
+    }
+    if (g_phase.load() == 1) {
+      g_draft.write();
+      say("\nblpa-train: stopped at once by a second signal: no checkpoint of the current iteration (the last "
+          "one written is kept)\n");
+    }
+    std::signal(sig, SIG_DFL);  // the default: the process ends, killed by the signal
+    ::pthread_sigmask(SIG_UNBLOCK, &set, nullptr);
+    ::raise(sig);
+    ::_exit(128 + sig);
   }
-  g_stop.store(true);
-  say(g_checkpointing ? "\nblpa-train: stopping after the current step and writing a checkpoint (a second signal "
-                        "stops at once, without one)\n"
-                      : "\nblpa-train: stopping after the current step (a second signal stops at once)\n");
 }
 
 }  // namespace
@@ -75,17 +87,24 @@ int main(int argc, char** argv) {
     }
   }
 
-  g_checkpointing = !c.checkpoint.empty();
-  std::signal(SIGINT, on_signal);
-  std::signal(SIGTERM, on_signal);
+  // Blocked before train() starts a thread, so that every thread it starts inherits the mask.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  ::pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  std::thread(take_signals, signals, !c.checkpoint.empty()).detach();
   // A file-size limit (ulimit -f) makes writes fail with EFBIG, reported like a full disk,
   // instead of killing the process mid-checkpoint.
   std::signal(SIGXFSZ, SIG_IGN);
   try {
-    const auto r = blpa::train(c, &g_stop, &g_draft);
-    // Its files are written: a signal from here on changes nothing, and is no stop to report.
-    std::signal(SIGINT, SIG_IGN);
-    std::signal(SIGTERM, SIG_IGN);
+    const auto r = [&] {
+      struct Training {  // until train() returns or throws
+        Training() { g_phase.store(1); }
+        ~Training() { g_phase.store(2); }
+      } training;
+      return blpa::train(c, &g_stop, &g_draft);
+    }();
     if (r.interrupted) {
       // A rank without a signal of its own stopped because another rank was interrupted.
       const int sig = g_signal.load() ? g_signal.load() : SIGINT;

@@ -922,26 +922,30 @@ Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given
 }
 
 void SummaryDraft::open(const std::string& path) {
-  current_.store(-1);
+  std::lock_guard<std::mutex> lock(mutex_);
   path_ = link_target(path);
   tmp_ = path_ + ".interrupted.tmp";  // not AtomicFile's, which the signal may have interrupted
+  draft_.clear();
+  open_ = true;
 }
 
-void SummaryDraft::publish(const std::string& text) {
-  const int next = current_.load() == 0 ? 1 : 0;
-  drafts_[next] = text;
-  current_.store(next);
+void SummaryDraft::publish(std::string text) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  draft_ = std::move(text);
 }
 
-void SummaryDraft::write() const noexcept {
-  const int c = current_.load();
-  if (c < 0) return;
-  const int saved_errno = errno;
-  const std::string& text = drafts_[c];
+void SummaryDraft::close() {
+  std::lock_guard<std::mutex> lock(mutex_);  // after a write() under way: the run's own summary wins
+  open_ = false;
+}
+
+void SummaryDraft::write() noexcept {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!open_ || draft_.empty()) return;
   if (const int fd = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644); fd >= 0) {
     bool ok = true;
-    for (size_t at = 0; ok && at < text.size();) {
-      const ssize_t w = ::write(fd, text.data() + at, text.size() - at);
+    for (size_t at = 0; ok && at < draft_.size();) {
+      const ssize_t w = ::write(fd, draft_.data() + at, draft_.size() - at);
       if (w > 0) at += static_cast<size_t>(w);
       else ok = w < 0 && errno == EINTR;
     }
@@ -949,7 +953,6 @@ void SummaryDraft::write() const noexcept {
     ::close(fd);
     if (!ok || ::rename(tmp_.c_str(), path_.c_str()) != 0) ::unlink(tmp_.c_str());
   }
-  errno = saved_errno;
 }
 
 TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, SummaryDraft* draft) {

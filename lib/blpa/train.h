@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <limits>
 #include <map>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -220,25 +221,26 @@ std::string error_message(const std::exception& e);
 // Called first by each program.
 void quiet_library_log();
 
-// The summary of an interruption, kept ready for a signal handler, which may only make system
-// calls: train() renders it at each log record and evaluation and at least once a second, and
-// write() puts the latest one in --summary, so that a run stopped at once by a second signal
+// The summary of an interruption, kept ready for a signal: train() renders it before the
+// first iteration, at each log record and evaluation, and after the first iteration a second
+// or more after the last rendering; write(), from another thread (blpa-train's signal
+// thread), puts the latest one in --summary, so that a run stopped at once by a second signal
 // still has one.
 class SummaryDraft {
  public:
-  // Async-signal-safe (open, write, fsync, close, rename); does nothing before the first
-  // draft or once the run writes its own summary.
-  void write() const noexcept;
+  // Atomic (a temporary file of its own, fsync, rename); does nothing before the first draft
+  // or once the run writes its own summary, which it then never replaces.
+  void write() noexcept;
 
   // For train(): where the summary goes, a new draft, and the end of drafts.
   void open(const std::string& path);
-  void publish(const std::string& text);
-  void close() { current_.store(-1); }
+  void publish(std::string text);
+  void close();
 
  private:
-  std::string path_, tmp_;
-  std::string drafts_[2];        // the one being rendered, and the latest (current_)
-  std::atomic<int> current_{-1};  // -1: none to write
+  std::mutex mutex_;  // write() runs on another thread than the others
+  std::string path_, tmp_, draft_;
+  bool open_ = false;
 };
 
 // Runs (or resumes) training. `stop` is polled after every step: when it turns true a
