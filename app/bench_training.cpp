@@ -937,11 +937,12 @@ int fidelity_main(int argc, char** argv) {
       auto json_number = [&](double v) { return figure(v, "null", "{:.5f}", "{:.6g}"); };
       auto number = [&](double v) { return figure(v, "non-finite", "{:.4f}", "{:.4g}"); };
       if (blpa::switched_on(args, "json"))
-        fmt::print("{{\"bench\": \"fidelity\", \"source\": \"{}\", \"checkpoint\": \"{}\", \"iteration\": {}, "
+        fmt::print("{{\"bench\": \"fidelity\", \"source\": \"{}\", \"checkpoint\": {}, \"iteration\": {}, "
                    "\"depth\": {}, \"batch\": {}, \"size\": {}, \"mode\": \"{}\", \"bits\": {}, {}, "
                    "\"relative_error\": {}, \"min_cosine\": {}, \"min_cosine_param\": \"{}\", "
                    "\"plain_loss\": {:.6g}, \"plain_grad_norm\": {:.6g}, \"precision\": \"{}\", \"memory_format\": \"{}\"}}\n",
-                   c.source, c.checkpoint, c.iteration, c.net.depth, batch, c.x.size(2), blpa::to_string(m.mode), m.bits,
+                   c.source, blpa::json_string(c.checkpoint), c.iteration, c.net.depth, batch, c.x.size(2),
+                   blpa::to_string(m.mode), m.bits,
                    report_format(m), json_number(rel), json_number(min_cos), worst, loss, ref_norm,
                    blpa::to_string(numerics.precision), blpa::layout_name(numerics.layout));
       else

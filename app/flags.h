@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cxxopts.hpp>
 #include <limits>
+#include <set>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -76,10 +77,14 @@ inline cxxopts::ParseResult parse_flags(cxxopts::Options& o, int argc, const cha
     return o.parse(argc, argv);
   } catch (const cxxopts::exceptions::incorrect_argument_type& e) {
     const std::string what = e.what();
+    std::set<std::string> switches;  // the long names of the boolean options
+    for (const auto& group : o.groups())
+      for (const auto& option : o.group_help(group).options)
+        if (option.is_boolean) switches.insert(option.l.begin(), option.l.end());
     for (int i = 1; i < argc; ++i) {
       const std::string arg = argv[i];
       const auto eq = arg.find('=');
-      if (arg.rfind("--", 0) != 0 || eq == std::string::npos) continue;
+      if (arg.rfind("--", 0) != 0 || eq == std::string::npos || !switches.count(arg.substr(2, eq - 2))) continue;
       const std::string value = arg.substr(eq + 1);  // quoted as 'value' or, with Unicode, as ‘value’
       if (what == "Argument '" + value + "' failed to parse" ||
           what == "Argument \u2018" + value + "\u2019 failed to parse")

@@ -216,13 +216,14 @@ std::string printed_config(const TrainConfig& given) {
   c.check_device();
   // As train() checks before it loads the data (there, inside the ranks' rendezvous): the
   // checkpoint to resume exists, is whole and is this run's, and its precision is auto's.
-  if (c.auto_resume) c.resume = std::filesystem::exists(c.checkpoint);
-  if (c.resume && !std::filesystem::exists(c.checkpoint))
+  std::error_code ec;  // a path that cannot be looked at is no checkpoint, as in train()
+  if (c.auto_resume) c.resume = std::filesystem::exists(c.checkpoint, ec);
+  if (c.resume && !std::filesystem::exists(c.checkpoint, ec))
     throw FlagError("--resume: checkpoint " + c.checkpoint + " does not exist");
-  if (c.resume && std::filesystem::is_directory(c.checkpoint))
+  if (c.resume && std::filesystem::is_directory(c.checkpoint, ec))
     throw FlagError("--checkpoint " + c.checkpoint + ": is a directory");
   if (c.resume) read_resumed_checkpoint(c, given);
-  if (c.resume && c.auto_resume) refuse_diverged_rerun(c);  // exit 3, as the run
+  if (c.auto_resume) refuse_diverged_rerun(c);  // exit 3, as the run
   if (c.threads == 0) c.threads = at::get_num_threads();
   return c.describe() + fmt::format("rank={}\nworld_size={}\nmaster={}:{}\n", c.dist.rank, c.dist.world,
                                     c.dist.master_addr, c.dist.master_port);

@@ -83,6 +83,8 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend)
   const std::string who = "rank " + std::to_string(config.rank) + " of " + std::to_string(config.world);
   const std::string where = config.master_addr + ":" + std::to_string(config.master_port);
   const std::string hint = "; give each run its own --master-port (or MASTER_PORT)";
+  const auto ms = config.timeout.count();  // --dist-timeout's seconds; ms where a caller gives less
+  const std::string within = ms % 1000 == 0 ? std::to_string(ms / 1000) + " s" : std::to_string(ms) + " ms";
   try {
     impl_->store = c10::make_intrusive<c10d::TCPStore>(config.master_addr, so);
   } catch (const std::exception& e) {
@@ -93,15 +95,14 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend)
     // did not all join; the others wait for it up to the timeout.
     if (so.isServer && why.find("waiting for clients") != std::string::npos)
       throw std::runtime_error(who + ": the other ranks did not join the rendezvous at " + where + " within " +
-                               std::to_string(config.timeout.count() / 1000) + " s (" + why +
-                               "): start every rank, with the same --master-addr and --master-port");
+                               within + " (" + why + "): start every rank, with the same --master-addr and "
+                               "--master-port");
     if (so.isServer)
       throw std::runtime_error(who + ": cannot open the rendezvous on port " + std::to_string(config.master_port) +
                                " (" + why + ")" + (why.find("EADDRINUSE") != std::string::npos
                                                         ? ": another run may be using that port" + hint
                                                         : std::string()));
-    throw std::runtime_error(who + ": no rendezvous at " + where + " within " +
-                             std::to_string(config.timeout.count() / 1000) + " s (" + why + ")");
+    throw std::runtime_error(who + ": no rendezvous at " + where + " within " + within + " (" + why + ")");
   }
   // Two runs at one port (both left at the default): the second's rank 0 cannot listen, and its
   // other ranks join the first run's store, where they used to wait for a collective's timeout

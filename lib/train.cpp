@@ -459,8 +459,8 @@ void TrainConfig::validate() const {
   for (const auto& [path, flag] : {std::pair{checkpoint, "--checkpoint"}, std::pair{log_path, "--log"},
                                    std::pair{export_path, "--export"}, std::pair{summary_path, "--summary"}}) {
     if (path.empty()) continue;
-    std::error_code ec;
-    const std::string key = fs::weakly_canonical(fs::absolute(path), ec).string();
+    std::error_code ec;  // the file written: through a link, the one it names (which may not exist yet)
+    const std::string key = fs::weakly_canonical(fs::absolute(link_target(path)), ec).string();
     if (ec) bad(std::string(flag) + " " + path + ": " + ec.message());  // a loop of symbolic links
     if (outputs.count(key)) bad(std::string(flag) + " and " + outputs[key] + " name the same file, " + path);
     outputs[key] = flag;
@@ -548,7 +548,7 @@ class LogFile {
     if (fd_ < 0) throw std::runtime_error("--log " + path + ": cannot be opened for writing (" + std::strerror(errno) + ")");
     struct stat st{};
     if (::fstat(fd_, &st) == 0 && S_ISREG(st.st_mode)) {
-      if (::flock(fd_, LOCK_EX | LOCK_NB) != 0)
+      if (::flock(fd_, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK)
         throw std::runtime_error("--log " + path + " is in use by another blpa-train, under another name (a hard "
                                  "link): wait for it to end, or give another path");
       if (!append && ::ftruncate(fd_, 0) != 0)
@@ -673,6 +673,11 @@ void refuse_diverged_rerun(const TrainConfig& c) {
   if (c.summary_path.empty()) return;
   const std::string summary = first_line_of(c.summary_path), ours = c.json();
   if (json_field(summary, "status") != "\"diverged\"") return;
+  if (!c.resume)  // diverged before its first checkpoint: nothing to resume, whatever the settings
+    throw NonFiniteLoss(fmt::format(
+        "--auto-resume: the run of summary {} diverged after iteration {}, before its first checkpoint ({} does not "
+        "exist): there is nothing to resume. Start it again with --overwrite (and a lower --lr)",
+        c.summary_path, json_field(summary, "iter"), c.checkpoint));
   for (const char* key : {"lr", "warmup", "warmup_lr", "steps", "factor", "momentum", "weight_decay", "accum_steps"})
     if (json_field(summary, key) != json_field(ours, key)) return;
   throw NonFiniteLoss(fmt::format(
@@ -986,6 +991,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   // others at the rendezvous below, instead of leaving them waiting there for --dist-timeout.
   std::exception_ptr refused;
   try {
+    if (lead && config.auto_resume && !config.resume) refuse_diverged_rerun(config);
     if (lead) prepare_outputs(config, locks);
     else if (config.resume && !fs::exists(config.checkpoint))
       throw FlagError("--resume: checkpoint " + config.checkpoint + " does not exist on rank " +
@@ -1154,9 +1160,13 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     for (const auto& b : model->buffers()) weights.push_back(b);
     try {
       dist->broadcast(weights);
-    } catch (const PeerLost& e) {  // a rank whose data or checkpoint failed to load has stopped
-      throw std::runtime_error(fmt::format("rank {} of {}: another rank stopped before training began ({})",
-                                           config.dist.rank, config.dist.world, e.what()));
+    } catch (const PeerLost& e) {  // a rank whose data or checkpoint failed to load has stopped, or is slow
+      const bool gone = std::string(e.what()).find("a rank stopped") != std::string::npos;
+      throw std::runtime_error(fmt::format("rank {} of {}: {} ({})", config.dist.rank, config.dist.world,
+                                           gone ? "another rank stopped before training began"
+                                                : "another rank did not reach the start of training within "
+                                                  "--dist-timeout (its data still loading?)",
+                                           e.what()));
     }
     reducer = dist->reducer(model->parameters());
   }

@@ -162,7 +162,11 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"--checkpoint", "a.ckpt", "--log", "a.ckpt.lock"}, "--log names --checkpoint's .lock file"},
       // cxxopts said "Argument 'no' failed to parse", naming no flag.
       {{"--overwrite=no"}, "--overwrite=no: --overwrite is a switch: give it alone, or =true or =false"},
+      {{"--lr-steps=", "--quiet=yes"}, "--quiet=yes: --quiet is a switch"},  // blamed --lr-steps=, not a switch
+      // Two outputs through links to one file not written yet (it was "in use by" its own process).
+      {{"--checkpoint", "x.ckpt", "--summary", "to-x.json"}, "--summary and --checkpoint name the same file"},
   };
+  fs::create_symlink(fs::absolute("x.ckpt"), fs::absolute("to-x.json"));  // dangling, in the tests' folder
   for (const auto& [args, message] : cases) {
     // A data folder that does not exist: the flag must be refused before any data is read.
     auto a = args;
@@ -173,6 +177,7 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
     CHECK(r.output.find(message) != std::string::npos);
     check_clean(r);
   }
+  fs::remove(fs::absolute("to-x.json"));
   // A loop of symbolic links is named with its flag (it was "filesystem error: status: ...").
   fs::create_symlink("loop.jsonl", dir / "loop.jsonl");
   const Run loop = train({"--log", (dir / "loop.jsonl").string(), "--data-dir", (dir / "no-data").string()}, dir);
@@ -508,6 +513,19 @@ TEST_CASE("hardening: --auto-resume does not retry a run that diverged, unless i
                           dir);
   CHECK(shown.code == 3);
   CHECK(shown.output.find("not retried") != std::string::npos);
+  // One that diverged before its first checkpoint has nothing to resume: exit 3 too, not
+  // "already exists" (exit 2), whatever its learning rate.
+  const std::string early = (dir / "early.json").string(), none = (dir / "none.ckpt").string();
+  auto early_run = [&](const char* lr) {
+    return train(small(dir, {"--checkpoint", none, "--summary", early, "--iterations", "8", "--checkpoint-every",
+                             "100", "--lr", lr, "--auto-resume"}),
+                 dir);
+  };
+  REQUIRE(early_run("1e30").code == 3);
+  const Run early_again = early_run("0.02");
+  CAPTURE(early_again.output);
+  CHECK(early_again.code == 3);
+  CHECK(early_again.output.find("before its first checkpoint") != std::string::npos);
   // With a lower learning rate it resumes from the kept checkpoint and finishes.
   const Run lower = run_at("0.02");
   CHECK(lower.code == 0);

@@ -193,7 +193,8 @@ Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given
 
 // --auto-resume: a run whose --summary says it diverged would diverge again from its last
 // checkpoint with the settings it diverged with, so a sweep run again does not retry it:
-// NonFiniteLoss (exit 3, at once). With a learning-rate setting changed it resumes.
+// NonFiniteLoss (exit 3, at once). With a learning-rate setting changed it resumes. One that
+// diverged before its first checkpoint (config.resume false) has nothing to resume: the same.
 void refuse_diverged_rerun(const TrainConfig& config);
 
 // Error thrown when the loss, or the weights after an update, stop being finite: training
