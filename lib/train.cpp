@@ -928,8 +928,7 @@ Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given
 
 void SummaryDraft::open(const std::string& path) {
   std::lock_guard<std::mutex> lock(mutex_);
-  path_ = link_target(path);
-  tmp_ = path_ + ".interrupted.tmp";  // not AtomicFile's, which the signal may have interrupted
+  path_ = path;
   draft_.clear();
   open_ = true;
 }
@@ -940,23 +939,20 @@ void SummaryDraft::publish(std::string text) {
 }
 
 void SummaryDraft::close() {
-  std::lock_guard<std::mutex> lock(mutex_);  // after a write() under way: the run's own summary wins
+  // Waits for a write() under way: the run's own summary, written after this, comes last, and
+  // its AtomicFile never meets the draft's.
+  std::lock_guard<std::mutex> lock(mutex_);
   open_ = false;
 }
 
 void SummaryDraft::write() noexcept {
   std::lock_guard<std::mutex> lock(mutex_);
   if (!open_ || draft_.empty()) return;
-  if (const int fd = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644); fd >= 0) {
-    bool ok = true;
-    for (size_t at = 0; ok && at < draft_.size();) {
-      const ssize_t w = ::write(fd, draft_.data() + at, draft_.size() - at);
-      if (w > 0) at += static_cast<size_t>(w);
-      else ok = w < 0 && errno == EINTR;
-    }
-    ok = ok && ::fsync(fd) == 0;
-    ::close(fd);
-    if (!ok || ::rename(tmp_.c_str(), path_.c_str()) != 0) ::unlink(tmp_.c_str());
+  try {
+    AtomicFile f(path_);
+    f.write(draft_);
+    f.commit();
+  } catch (const std::exception&) {  // the run stops at once all the same; no summary then
   }
 }
 
@@ -1299,8 +1295,16 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     f.write(render_summary(status, error));
     f.commit();
   };
-  // The summary that a second signal, which stops at once, writes: at each log record and
-  // evaluation, and at least once a second.
+  // A failed run's summary, where the disk allows it (the run's own error is the one reported).
+  auto summarise_failure = [&](const std::string& why) {
+    try {
+      write_summary("failed", why);
+    } catch (const std::exception&) {
+    }
+  };
+  // The summary that a second signal, which stops at once, writes: rendered before the first
+  // iteration, at each log record and evaluation, and after an iteration a second or more
+  // after the last rendering.
   auto last_draft = Clock::now();
   auto redraft = [&] {
     if (!summarising || !draft) return;
@@ -1308,7 +1312,6 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     last_draft = Clock::now();
   };
   if (summarising && draft) draft->open(config.summary_path);
-  // `what` says what and where (iteration, counted from 1); `iteration` sets the learning rate named.
   // A window much wider than the default makes the codes' bins coarse enough for the backward
   // pass's gradients to grow through the depth (blpa-bench fidelity shows it): a cause to name
   // beside the learning rate.
@@ -1320,6 +1323,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
                         "gradients overflow too; try a narrower one.",
                         config.mode.window, config.mode.bits, default_window)
           : "";
+  // `what` says what and where (iteration, counted from 1); `iteration` sets the learning rate named.
   auto diverged = [&](const std::string& what, int64_t iteration) {
     write_summary("diverged");
     return NonFiniteLoss(fmt::format(
@@ -1563,10 +1567,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
                                 ? fmt::format("rank {} of {}: lost the other ranks during iteration {} ({}).{}",
                                               config.dist.rank, config.dist.world, it + 1, e.what(), saved)
                                 : error_message(e) + saved;
-    try {  // as a full disk may not allow
-      write_summary("failed", why);
-    } catch (const std::exception&) {
-    }
+    summarise_failure(why);
     throw std::runtime_error(why);
   }
   result.iteration = it;
@@ -1574,10 +1575,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     try {
       export_state_dict(config.export_path, model, config.run_id);
     } catch (const std::exception& e) {  // the run is whole (its final checkpoint written), its export not
-      try {
-        write_summary("failed", error_message(e));
-      } catch (const std::exception&) {
-      }
+      summarise_failure(error_message(e));
       throw;
     }
   }

@@ -229,8 +229,8 @@ void quiet_library_log();
 // still has one.
 class SummaryDraft {
  public:
-  // Atomic (a temporary file of its own, fsync, rename); does nothing before the first draft
-  // or once the run writes its own summary, which it then never replaces.
+  // Atomic (AtomicFile); does nothing before the first draft or once the run writes its own
+  // summary, which it then never replaces.
   void write() noexcept;
 
   // For train(): where the summary goes, a new draft, and the end of drafts.
@@ -240,7 +240,7 @@ class SummaryDraft {
 
  private:
   std::mutex mutex_;  // write() runs on another thread than the others
-  std::string path_, tmp_, draft_;
+  std::string path_, draft_;
   bool open_ = false;
 };
 
