@@ -878,15 +878,20 @@ int fidelity_main(int argc, char** argv) {
   blpa::set_threads(blpa::number<int>(args, "threads"));
   const blpa::Numerics numerics = parse_numerics(args, torch::kCPU);  // the fidelity bench runs on the CPU
   std::vector<ModeConfig> modes;
-  for (const auto& b : blpa::comma_list("--bits", args["bits"].as<std::string>()))
-    if (const int bits = blpa::parse_number<int>("--bits", b); bits != 8 && bits != 4 && bits != 2)
+  std::vector<int> bit_widths;
+  for (const auto& b : blpa::comma_list("--bits", args["bits"].as<std::string>())) {
+    bit_widths.push_back(blpa::parse_number<int>("--bits", b));
+    if (bit_widths.back() != 8 && bit_widths.back() != 4 && bit_widths.back() != 2)
       throw std::invalid_argument("--bits takes 8, 4 and 2, got " + b);
+  }
+  const auto windows = blpa::comma_list("--windows", args["windows"].as<std::string>());
+  const auto lifts = blpa::comma_list("--lifts", args["lifts"].as<std::string>());
   for (const auto& m : blpa::comma_list("--modes", args["modes"].as<std::string>()))
-    for (const auto& b : blpa::comma_list("--bits", args["bits"].as<std::string>()))
-      for (const auto& w : blpa::comma_list("--windows", args["windows"].as<std::string>()))
-        for (const auto& l : blpa::comma_list("--lifts", args["lifts"].as<std::string>())) {
+    for (const int bits : bit_widths)
+      for (const auto& w : windows)
+        for (const auto& l : lifts) {
           if (m != "blpa" && m != "naive") throw std::invalid_argument("--modes takes blpa and naive, got " + m);
-          ModeConfig mc = blpa::parse_mode_config(m + "-" + b);
+          ModeConfig mc = blpa::parse_mode_config(m + "-" + std::to_string(bits));
           mc.window = w == "default" ? 0.0f : blpa::parse_number<float>("--windows", w);
           if (w != "default" && !(mc.window > 0)) throw std::invalid_argument("--windows must be positive, got " + w);
           mc.lift = l == "default" ? std::nullopt : std::optional<float>(blpa::parse_number<float>("--lifts", l));
