@@ -1,6 +1,7 @@
 // blpa-train: trains a ResNet with approximate activations. Defaults are the paper's CIFAR
 // protocol (DESIGN.md 1.7); --preset imagenet is its ResNet-152 ImageNet protocol; without
 // --data-dir it trains on Debian's Fashion-MNIST.
+#include <blpa/checkpoint.h>
 #include <blpa/codec.h>
 #include <blpa/train.h>
 #include <fmt/format.h>
@@ -51,6 +52,7 @@ void take_signals(sigset_t set, bool checkpointing) {
     }
     if (g_phase.load() == 1) {
       g_draft.write();
+      blpa::remove_transient_files();  // lock files, a checkpoint half written
       say("\nblpa-train: stopped at once by a second signal: no checkpoint of the current iteration (the last "
           "one written is kept)\n");
     }

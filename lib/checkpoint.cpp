@@ -17,6 +17,7 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <mutex>
 #include <optional>
 #include <sstream>
 #include <string_view>
@@ -673,6 +674,27 @@ void verify_archive(const std::string& path) {
 
 // ---- atomic files --------------------------------------------------------------------------
 
+namespace {
+std::mutex g_transient_mutex;
+std::vector<std::string> g_transient;  // few at once: a run's outputs
+}  // namespace
+
+void hold_transient(const std::string& path) {
+  std::lock_guard<std::mutex> lock(g_transient_mutex);
+  g_transient.push_back(path);
+}
+
+void release_transient(const std::string& path) {
+  std::lock_guard<std::mutex> lock(g_transient_mutex);
+  if (const auto at = std::find(g_transient.begin(), g_transient.end(), path); at != g_transient.end())
+    g_transient.erase(at);
+}
+
+void remove_transient_files() noexcept {
+  g_transient_mutex.lock();  // and kept: nothing new is created before the process ends
+  for (const auto& path : g_transient) ::unlink(path.c_str());
+}
+
 std::string link_target(const std::string& path) {
   std::error_code ec;
   fs::path target = path;
@@ -686,6 +708,7 @@ std::string link_target(const std::string& path) {
 
 AtomicFile::AtomicFile(std::string path)
     : shown_(std::move(path)), path_(link_target(shown_)), tmp_(path_ + ".tmp") {
+  hold_transient(tmp_);
   ::unlink(tmp_.c_str());  // a leftover of a killed run
   fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd_ < 0) error_ = errno;
@@ -694,6 +717,7 @@ AtomicFile::AtomicFile(std::string path)
 AtomicFile::~AtomicFile() {
   if (fd_ >= 0) ::close(fd_);
   if (!tmp_.empty()) ::unlink(tmp_.c_str());
+  release_transient(tmp_.empty() ? path_ + ".tmp" : tmp_);
 }
 
 size_t AtomicFile::write(const void* data, size_t n) {

@@ -751,6 +751,7 @@ class OutputLocks {
     for (const auto& [lock, fd] : held_) {
       ::unlink(lock.c_str());  // before the close: a run waiting on this file sees it gone
       ::close(fd);
+      release_transient(lock);
     }
   }
 
@@ -810,6 +811,7 @@ class OutputLocks {
         const bool noted = ::ftruncate(fd, 0) == 0 && ::pwrite(fd, pid.data(), pid.size(), 0) > 0;
         (void)noted;
         held_.emplace_back(file, fd);
+        hold_transient(file);
         return;
       }
       ::close(fd);

@@ -1229,6 +1229,37 @@ TEST_CASE("hardening: a second signal stops at once and says so, and the checkpo
   CHECK(number_field(json, "iter") >= 1);
   CHECK(json.back() == '\n');
   CHECK(no_temporaries(dir));
+  CHECK_FALSE(fs::exists(ck + ".lock"));  // removed before the signal ends it, as at a clean end
+  CHECK_FALSE(fs::exists(log + ".lock"));
+  CHECK_FALSE(fs::exists(summary + ".lock"));
+  remove_tree(dir);
+}
+
+TEST_CASE("hardening: a process about to end by a signal removes its temporaries and lock files", "[hardening]") {
+  // What blpa-train's second signal does before the signal ends it, in a child process: its
+  // mutex stays held, as the process must end next.
+  const auto dir = temp_dir("transient");
+  const std::string out = (dir / "a.ckpt").string(), lock = out + ".lock", other = (dir / "b.ckpt").string();
+  std::ofstream(other) << "kept";
+  const pid_t child = ::fork();
+  if (child == 0) {
+    blpa::AtomicFile half(out);  // a checkpoint half written
+    half.write("half");
+    std::ofstream(lock) << "1";
+    blpa::hold_transient(lock);
+    { blpa::AtomicFile done(other); done.write("new"); done.commit(); }  // released: not removed
+    const bool made = fs::exists(out + ".tmp") && fs::exists(lock);
+    blpa::remove_transient_files();
+    ::_exit(made ? 0 : 1);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(child, &status, 0) == child);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  CHECK(no_temporaries(dir));
+  CHECK_FALSE(fs::exists(lock));
+  CHECK_FALSE(fs::exists(out));
+  CHECK(slurp(other) == "new");
   remove_tree(dir);
 }
 

@@ -27,6 +27,15 @@ struct CheckpointError : std::runtime_error {
 // its chain of links (which need not exist yet). Outputs are written through links, which stay.
 std::string link_target(const std::string& path);
 
+// Files that exist only while a run runs: AtomicFile's temporaries and blpa-train's lock
+// files, held from creation to removal. remove_transient_files() removes those held, for a
+// process that a signal ends next (blpa-train's second SIGINT), so that it leaves its outputs
+// and no litter (a half-written checkpoint's temporary can be as large as the checkpoint).
+// Callers of hold_transient() then wait for ever: the process must end right after it.
+void hold_transient(const std::string& path);
+void release_transient(const std::string& path);
+void remove_transient_files() noexcept;
+
 // Writes `path` all or nothing: the bytes go to `path`.tmp, which is flushed to disk and
 // renamed over `path` by commit(). A write error (ENOSPC, EFBIG, EIO...) is remembered and
 // reported by commit() with the path and the reason; a writer destroyed before a successful
