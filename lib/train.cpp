@@ -19,6 +19,7 @@
 #include <fmt/format.h>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <random>
 #include <set>
 #include <sstream>
@@ -910,6 +911,42 @@ void agree_across_ranks(Distributed& dist, const std::string& mine) {
                                 dist.world(), diffs));
 }
 
+// For the tests of what a failure part-way leaves: BLPA_TEST_FAIL="step:N" fails iteration N
+// (counted from 1) after its forward and backward passes, before its update, as running out of
+// memory in the backward pass or losing a peer in the gradients' all-reduce does;
+// "eval:N" fails the evaluation after iteration N. {"", 0}: none.
+std::pair<std::string, int64_t> injected_failure() {
+  const char* v = std::getenv("BLPA_TEST_FAIL");
+  const std::string text = v ? v : "";
+  const auto colon = text.find(':');
+  if (colon == std::string::npos) return {"", 0};
+  return {text.substr(0, colon), std::strtoll(text.c_str() + colon + 1, nullptr, 10)};
+}
+
+// The model's buffers (BatchNorm's running statistics and counts) as they were before an
+// iteration's forward pass, which updates them. An iteration that fails part-way (out of
+// memory in its backward, a lost peer) is not completed, and the checkpoint then written is
+// that of the last completed one: with these restored, its resume is the run without the
+// failure. Copied by dtype, so a few multi-tensor kernels an iteration on CUDA.
+class BufferBackup {
+ public:
+  explicit BufferBackup(ResNet& model) {
+    for (const auto& b : model->buffers()) live_[b.scalar_type()].push_back(b);
+    for (auto& [type, live] : live_)
+      for (const auto& b : live) saved_[type].push_back(torch::empty_like(b));
+  }
+  void save() { copy(saved_, live_); }
+  void restore() { copy(live_, saved_); }
+
+ private:
+  using Lists = std::map<torch::ScalarType, std::vector<torch::Tensor>>;
+  static void copy(Lists& to, Lists& from) {
+    torch::NoGradGuard no_grad;
+    for (auto& [type, list] : to) at::_foreach_copy_(list, from.at(type));
+  }
+  Lists live_, saved_;
+};
+
 }  // namespace
 
 Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given) {
@@ -1297,10 +1334,11 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     f.write(render_summary(status, error));
     f.commit();
   };
-  // A failed run's summary, where the disk allows it (the run's own error is the one reported).
-  auto summarise_failure = [&](const std::string& why) {
+  // A failed or diverged run's summary, where the disk allows it (the run's own error is the
+  // one reported).
+  auto try_summary = [&](const char* status, const std::string& error) {
     try {
-      write_summary("failed", why);
+      write_summary(status, error);
     } catch (const std::exception&) {
     }
   };
@@ -1325,24 +1363,35 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
                         "gradients overflow too; try a narrower one.",
                         config.mode.window, config.mode.bits, default_window)
           : "";
-  // `what` says what and where (iteration, counted from 1); `iteration` sets the learning rate named.
-  auto diverged = [&](const std::string& what, int64_t iteration) {
-    write_summary("diverged");
-    return NonFiniteLoss(fmt::format(
-        "{} (learning rate {}); training stopped.{} {}", what, config.lr_at(iteration - 1), wide_window,
+  // `what` says what and where (iterations counted from 1); `updates` is how many updates
+  // made the weights whose numbers overflowed: the last of them had the learning rate named,
+  // and a checkpoint of that iteration holds those weights. The summary is written where the
+  // disk allows it: the divergence is what the run reports (exit 3), whatever the summary's fate.
+  auto diverged = [&](const std::string& what, int64_t updates) {
+    NonFiniteLoss e(fmt::format(
+        "{} ({}); training stopped.{} {}", what,
+        updates == 0       ? std::string("before any update")
+        : updates == first ? fmt::format("the weights resumed from iteration {}", updates)
+                           : fmt::format("learning rate {}", config.lr_at(updates - 1)),
+        wide_window,
         config.checkpoint.empty() ? std::string("No checkpoint was configured.")
         : last_good < 0 ? "No checkpoint had been written yet, and none is written from non-finite numbers."
-        : last_good == iteration
+        : last_good == updates
             ? fmt::format("Checkpoint {} (iteration {}) holds these weights, so resuming it gives the same: start "
                           "again with a lower --lr.",
                           config.checkpoint, last_good)
             : fmt::format("The last checkpoint of finite numbers, {} (iteration {}), was kept; its weights may "
                           "already be on their way to diverging: resume it with a lower --lr, or start again.",
                           config.checkpoint, last_good)));
+    try_summary("diverged", "");
+    return e;
   };
   bool eval_overflowed = false;  // rank 0's last evaluation gave a non-finite loss
+  const auto fail_at = injected_failure();
   auto evaluate_now = [&] {  // rank 0; returns false when a signal interrupted it
     if (tty) fmt::print(stderr, "\n");
+    if (fail_at == std::pair<std::string, int64_t>{"eval", it})
+      throw std::runtime_error("the evaluation failed (BLPA_TEST_FAIL)");
     const EvalResult e = run_eval();
     if (e.interrupted) {
       spdlog::warn("evaluation at iteration {} interrupted; it runs first when the run resumes", it);
@@ -1382,6 +1431,9 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     window_loss += l.sum;
     result.last_loss = l.last;
   };
+  // Set while an evaluation or checkpoint interrupts training: a checkpoint's open window ends
+  // there, so that the resumed run's first images/s is of training alone.
+  std::optional<Clock::time_point> paused;
   // Only finite weights and optimiser state reach a checkpoint: an update can overflow even
   // when the loss before it was finite.
   auto checkpoint = [&] {
@@ -1394,7 +1446,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     s.pending_eval = pending_eval;
     s.window_iters = window_iters;
     s.window_loss = window_loss;
-    s.window_seconds = std::chrono::duration<double>(Clock::now() - window_start).count();
+    s.window_seconds = std::chrono::duration<double>(paused.value_or(Clock::now()) - window_start).count();
     // evaluated: whether this iteration's evaluation ran. A run stopped part-way and resumed
     // with --iterations at the checkpoint's has not been evaluated at its (new) end.
     const std::string header =
@@ -1405,11 +1457,13 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
 
   bool consistent = true;  // false while an update is half applied
   bool in_checkpoint = false;
+  bool mid_step = false;   // an eager iteration's forward has begun: the buffers have moved
+  BufferBackup buffers(model);
   redraft();
   try {
     // An evaluation that a signal interrupted runs first.
     if (pending_eval) {
-      const auto pause = Clock::now();
+      paused = Clock::now();
       bool done = !lead || evaluate_now();
       bool overflowed = eval_overflowed;
       if (dist) {
@@ -1420,7 +1474,8 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       if (done) pending_eval = false;
       else result.interrupted = true;  // the checkpoint still holds the pending evaluation
       if (done && it >= config.iterations) checkpoint();  // the run's end, evaluated: a resume finds it complete
-      window_start += Clock::now() - pause;  // not training time
+      window_start += Clock::now() - *paused;  // not training time
+      paused.reset();
     }
     while (!result.interrupted && it < config.iterations) {
       const double lr = config.lr_at(it);
@@ -1432,13 +1487,16 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         try {
           if (!graphed) graphed = std::make_unique<GraphedStep>(model, opt, config.accum_steps);
           const bool capturing = !graphed->captured();
+          consistent = !graphed->captured();  // a capture runs nothing; a replay updates the weights
           graphed->run(batch.images, batch.labels, lr);
+          consistent = true;
           replayed = true;
           if (capturing)
             spdlog::info("CUDA graphs: iteration {} onwards replays one captured iteration ({:.1f} MiB pool)", it + 1,
                          graphed->pool_bytes() / 1048576.0);
         } catch (const std::exception& e) {  // c10::Error too: an out-of-memory, a failed check
           if (graphed && graphed->captured()) throw;  // a replay that fails is an error like any other
+          consistent = true;
           if (config.cuda_graphs == "on")
             throw std::runtime_error(std::string("--cuda-graphs on: the iteration could not be captured (") + e.what() + ")");
           spdlog::warn("CUDA graphs off: the iteration could not be captured ({}); training continues eagerly", e.what());
@@ -1449,15 +1507,19 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       if (!replayed) {
         auto x = batch.images.to(dev, /*non_blocking=*/true), y = batch.labels.to(dev, /*non_blocking=*/true);
         opt.zero_grad();
+        buffers.save();
+        mid_step = true;
         // A bad loss changes nothing: the update is not applied and no checkpoint is written.
         double loss_v = accumulate_gradients(model, x, y, config.accum_steps, &stored, reducer.get());
+        if (fail_at == std::pair<std::string, int64_t>{"step", it + 1})
+          throw std::runtime_error(fmt::format("iteration {} failed after its backward pass (BLPA_TEST_FAIL)", it + 1));
         if (dist) {  // the mean loss over ranks, and a stop asked for on any rank stops them all
           const auto sums = dist->sum({loss_v, stopping ? 1.0 : 0.0});
           loss_v = sums[0] / config.dist.world;
           stopping = sums[1] > 0;
         }
         if (!std::isfinite(loss_v))
-          throw diverged(fmt::format("the loss became {} at iteration {}", non_finite(loss_v), it + 1), it + 1);
+          throw diverged(fmt::format("the loss became {} at iteration {}", non_finite(loss_v), it + 1), it);
         consistent = false;
         if (tensor_lr_update) {
           lr_tensor.fill_(lr);
@@ -1472,6 +1534,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       }
       ++it;
       ++window_iters;
+      mid_step = false;
       if (Clock::now() - last_draft > std::chrono::seconds(1)) redraft();
 
       const bool last = it == config.iterations;
@@ -1517,10 +1580,11 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       }
       // Evaluation and checkpoints are not training: their time is kept out of the next
       // window's images/s, on every rank (the others wait for rank 0 at a barrier).
-      const auto pause = Clock::now();
+      paused = Clock::now();
       const bool evaluating = (config.eval_every > 0 && it % config.eval_every == 0) || last;
       const bool checkpointing = it % config.checkpoint_every == 0 || last;
       if (lead && evaluating) {
+        pending_eval = true;  // until it completes: a checkpoint after a failure in it runs it again
         pending_eval = !evaluate_now();
         redraft();  // with the evaluation's figures
       }
@@ -1539,7 +1603,8 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         in_checkpoint = false;
       }
       if (dist && (evaluating || checkpointing || stopping)) dist->barrier();
-      window_start += Clock::now() - pause;
+      window_start += Clock::now() - *paused;
+      paused.reset();
       if (stopping && (!last || pending_eval)) {
         if (tty) fmt::print(stderr, "\n");
         result.interrupted = true;
@@ -1553,9 +1618,13 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     // Any other failure (a lost peer, a data or log error, out of memory): the weights of
     // the last completed iteration are saved if they can be, so at most the failed one is lost.
     std::string saved = config.checkpoint.empty() ? " No checkpoint was configured." : "";
+    auto sentence = [](std::string m) { return m.empty() || std::strchr(".!?", m.back()) ? m : m + "."; };
     if (lead && !config.checkpoint.empty()) {
-      if (consistent && !in_checkpoint && it > last_good) {
+      // Iteration 0 is the initial network: a fresh run that fails in its first iteration
+      // leaves no checkpoint, so that its rerun (a smaller --batch, say) is a new run.
+      if (consistent && !in_checkpoint && it > std::max<int64_t>(last_good, 0)) {
         try {
+          if (mid_step) buffers.restore();
           checkpoint();
         } catch (const std::exception& again) {
           saved = fmt::format(" Saving iteration {} failed too ({}).", it, error_message(again));
@@ -1568,8 +1637,8 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     const std::string why = dynamic_cast<const PeerLost*>(&e)
                                 ? fmt::format("rank {} of {}: lost the other ranks during iteration {} ({}).{}",
                                               config.dist.rank, config.dist.world, it + 1, e.what(), saved)
-                                : error_message(e) + saved;
-    summarise_failure(why);
+                                : sentence(error_message(e)) + saved;
+    try_summary("failed", why);
     throw std::runtime_error(why);
   }
   result.iteration = it;
@@ -1577,7 +1646,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     try {
       export_state_dict(config.export_path, model, config.run_id);
     } catch (const std::exception& e) {  // the run is whole (its final checkpoint written), its export not
-      summarise_failure(error_message(e));
+      try_summary("failed", error_message(e));
       throw;
     }
   }

@@ -1263,6 +1263,111 @@ TEST_CASE("hardening: a process about to end by a signal removes its temporaries
   remove_tree(dir);
 }
 
+// Every parameter and buffer of two checkpoints' networks, bit for bit.
+bool same_network(const std::string& a, const std::string& b) {
+  auto x = blpa::load_model(blpa::read_checkpoint(a)), y = blpa::load_model(blpa::read_checkpoint(b));
+  auto ys = y->named_parameters();
+  for (const auto& p : x->named_parameters())
+    if (!torch::equal(p.value(), ys[p.key()])) return false;
+  auto yb = y->named_buffers();
+  for (const auto& p : x->named_buffers())
+    if (!torch::equal(p.value(), yb[p.key()])) return false;
+  return true;
+}
+
+TEST_CASE("hardening: a run that fails part-way keeps its last completed iteration, and resumes as if it had not failed",
+          "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("fail-part-way");
+  const std::string ref = (dir / "ref.ckpt").string(), ck = (dir / "a.ckpt").string();
+  REQUIRE(train(small(dir, {"--iterations", "6", "--checkpoint", ref}), dir).code == 0);
+  // Iteration 4 fails after its forward and backward passes (out of memory in the backward, a
+  // lost peer): the checkpoint is iteration 3's, BatchNorm statistics included (the failed
+  // forward had moved them), so that the resumed run ends where the run without the failure did.
+  const Run failed = train(small(dir, {"--iterations", "6", "--checkpoint", ck}), dir, "BLPA_TEST_FAIL=step:4");
+  CAPTURE(failed.output);
+  CHECK(failed.code == 1);
+  CHECK(failed.output.find("iteration 4 failed after its backward pass (BLPA_TEST_FAIL). Checkpoint " + ck +
+                           " holds iteration 3: continue with --resume") != std::string::npos);
+  CHECK(blpa::read_checkpoint(ck).state.iteration == 3);
+  const Run resumed = train(small(dir, {"--iterations", "6", "--checkpoint", ck, "--resume"}), dir);
+  CAPTURE(resumed.output);
+  REQUIRE(resumed.code == 0);
+  CHECK(same_network(ck, ref));
+
+  // An evaluation that fails leaves it due: the resumed run runs it first.
+  const std::string e = (dir / "e.ckpt").string(), log = (dir / "e.jsonl").string();
+  const auto evaluating = small(dir, {"--eval-every", "2", "--checkpoint", e, "--log", log});
+  const Run eval_failed = train(evaluating, dir, "BLPA_TEST_FAIL=eval:2");
+  CAPTURE(eval_failed.output);
+  CHECK(eval_failed.code == 1);
+  CHECK(eval_failed.output.find("the evaluation failed (BLPA_TEST_FAIL)") != std::string::npos);
+  const auto state = blpa::read_checkpoint(e).state;
+  CHECK(state.iteration == 2);
+  CHECK(state.pending_eval);
+  auto again = evaluating;
+  again.push_back("--resume");
+  REQUIRE(train(again, dir).code == 0);
+  CHECK(slurp(log).find("{\"type\": \"eval\", \"iter\": 2,") != std::string::npos);
+
+  // A fresh run that fails in its first iteration has nothing to keep: no checkpoint of the
+  // untrained network, which would make its rerun (here with a smaller batch) "another run".
+  const std::string f = (dir / "f.ckpt").string();
+  const Run first = train(small(dir, {"--checkpoint", f}), dir, "BLPA_TEST_FAIL=step:1");
+  CAPTURE(first.output);
+  CHECK(first.code == 1);
+  CHECK_FALSE(fs::exists(f));
+  CHECK(first.output.find("--resume") == std::string::npos);
+  const Run rerun = train(small(dir, {"--checkpoint", f, "--auto-resume", "--batch", "16"}), dir);
+  CAPTURE(rerun.output);
+  CHECK(rerun.code == 0);
+  remove_tree(dir);
+}
+
+TEST_CASE("hardening: a divergence names the update that made the weights it overflowed on", "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("diverged-update");
+  const std::string ck = (dir / "c.ckpt").string();
+  // Update 1 (at 1e37) makes weights whose loss at iteration 2 is NaN; iteration 1's checkpoint
+  // holds them. The message named iteration 2's learning rate, and the last checkpoint as one
+  // a lower --lr could save.
+  const Run r = train(small(dir, {"--iterations", "30", "--lr", "1e37", "--checkpoint-every", "1", "--checkpoint", ck}),
+                      dir);
+  CAPTURE(r.output);
+  CHECK(r.code == 3);
+  CHECK(r.output.find("at iteration 2 (learning rate 1e+37); training stopped. Checkpoint " + ck +
+                      " (iteration 1) holds these weights, so resuming it gives the same") != std::string::npos);
+  // Resumed with a lower one, the same weights overflow: not that learning rate's doing.
+  const Run again = train(small(dir, {"--iterations", "30", "--lr", "0.01", "--checkpoint", ck, "--resume"}), dir);
+  CAPTURE(again.output);
+  CHECK(again.code == 3);
+  CHECK(again.output.find("at iteration 2 (the weights resumed from iteration 1); training stopped.") !=
+        std::string::npos);
+  remove_tree(dir);
+}
+
+TEST_CASE("hardening: a checkpoint after an evaluation keeps the evaluation's time out of its log window", "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("window-time");
+  const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string();
+  // Iteration 2 is logged (its window closes), evaluated on the whole test set, then
+  // checkpointed: the window the checkpoint carries to a resumed run is the time since the
+  // record, not the evaluation's (the resumed run's first images/s counted it).
+  REQUIRE(train(small(dir, {"--iterations", "2", "--test-subset", "10000", "--checkpoint", ck, "--log", log}), dir)
+              .code == 0);
+  const std::string text = slurp(log);
+  const auto record = text.find("\"type\": \"train\", \"iter\": 2,"), eval = text.find("\"type\": \"eval\"");
+  REQUIRE(record != std::string::npos);
+  REQUIRE(eval != std::string::npos);
+  const double evaluation = number_field(text.substr(eval), "time") - number_field(text.substr(record), "time");
+  const auto state = blpa::read_checkpoint(ck).state;
+  CAPTURE(evaluation, state.window_seconds);
+  CHECK(state.window_iters == 0);
+  CHECK(evaluation > 0.2);  // the whole test set: well above the writing of a record
+  CHECK(state.window_seconds < evaluation / 4);
+  remove_tree(dir);
+}
+
 TEST_CASE("hardening: --summary writes one JSON object with the status and final figures", "[hardening]") {
   if (!have_fashion_mnist()) return;
   const auto dir = temp_dir("summary");
