@@ -1487,7 +1487,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         try {
           if (!graphed) graphed = std::make_unique<GraphedStep>(model, opt, config.accum_steps);
           const bool capturing = !graphed->captured();
-          consistent = !graphed->captured();  // a capture runs nothing; a replay updates the weights
+          consistent = false;  // a replay (after the capture too) updates the weights; a failed capture runs nothing
           graphed->run(batch.images, batch.labels, lr);
           consistent = true;
           replayed = true;
