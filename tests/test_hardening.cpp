@@ -1275,7 +1275,7 @@ bool same_network(const std::string& a, const std::string& b) {
   return true;
 }
 
-TEST_CASE("hardening: a run that fails part-way keeps its last completed iteration, and resumes as if it had not failed",
+TEST_CASE("hardening: a run failing part-way keeps its last whole iteration, which resumes as if it had not failed",
           "[hardening]") {
   if (!have_fashion_mnist()) return;
   const auto dir = temp_dir("fail-part-way");
@@ -1346,7 +1346,8 @@ TEST_CASE("hardening: a divergence names the update that made the weights it ove
   remove_tree(dir);
 }
 
-TEST_CASE("hardening: a checkpoint after an evaluation keeps the evaluation's time out of its log window", "[hardening]") {
+TEST_CASE("hardening: a checkpoint after an evaluation keeps the evaluation's time out of its log window",
+          "[hardening]") {
   if (!have_fashion_mnist()) return;
   const auto dir = temp_dir("window-time");
   const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string();
