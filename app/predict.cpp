@@ -289,9 +289,7 @@ int64_t predict_images(blpa::ResNet& model, const std::vector<Input>& inputs, co
 int64_t predict_records(blpa::ResNet& model, const blpa::Checkpoint& ck, const Options& o, const Printer& out) {
   auto kv = ck.config;
   const std::string dataset = kv["dataset"];
-  const std::string dir = !o.data_dir.empty() ? o.data_dir
-                          : !kv["data_dir"].empty() ? kv["data_dir"]
-                                                    : std::string(blpa::data::kDebianFashionMnist);
+  const std::string dir = blpa::checkpoint_data_dir(ck, o.data_dir);
   // The trainer's normalisation: the statistics of the training images it used (the first
   // train_subset of them).
   auto train = blpa::data::load(dataset, dir, true);

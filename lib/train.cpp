@@ -44,6 +44,11 @@ using Clock = std::chrono::steady_clock;
 std::string resolve_dataset(const TrainConfig& c) {
   if (c.data_dir.empty() && c.dataset != "auto" && c.dataset != "fashion-mnist" && c.train_list.empty())
     throw FlagError("--dataset " + c.dataset + " needs --data-dir (only Fashion-MNIST has a default)");
+  std::error_code ec;
+  if (!c.data_dir.empty() && !fs::exists(c.data_dir, ec))
+    throw std::runtime_error("--data-dir " + c.data_dir + ": no such folder");
+  if (!c.data_dir.empty() && !fs::is_directory(c.data_dir, ec))
+    throw std::runtime_error("--data-dir " + c.data_dir + ": not a folder");
   if (!c.train_list.empty() || !c.val_list.empty()) {
     if (c.train_list.empty() || c.val_list.empty()) throw FlagError("--train-list and --val-list go together");
     if (c.dataset != "auto" && c.dataset != "imagenet")
@@ -239,6 +244,19 @@ std::string default_cache_dir() {
   return home && *home ? std::string(home) + "/.cache/blpa" : "";
 }
 
+std::string checkpoint_data_dir(const Checkpoint& ck, const std::string& given) {
+  if (!given.empty()) return given;
+  const auto at = ck.config.find("data_dir");
+  if (at == ck.config.end() || at->second.empty()) return data::kDebianFashionMnist;
+  std::error_code ec;
+  if (!fs::is_directory(at->second, ec))
+    throw std::runtime_error(fmt::format(
+        "{}: the folder its run was trained on, {}, is not there{}: give the data with --data-dir", ck.path,
+        at->second,
+        fs::path(at->second).is_relative() ? " (a relative path, from the folder the run was started in)" : ""));
+  return at->second;
+}
+
 EvalResult evaluate_checkpoint(const CheckpointEval& e) {
   const Checkpoint ck = read_checkpoint(e.checkpoint);
   auto kv = ck.config;
@@ -247,9 +265,7 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e) {
     throw FlagError(fmt::format("{} appl{} to ImageNet checkpoints only; {} was trained on {}",
                                 fmt::join(e.imagenet_flags, ", "), e.imagenet_flags.size() > 1 ? "y" : "ies",
                                 e.checkpoint, dataset));
-  const std::string dir = !e.data_dir.empty() ? e.data_dir
-                          : !kv["data_dir"].empty() ? kv["data_dir"]
-                                                    : std::string(data::kDebianFashionMnist);
+  const std::string dir = e.val_list.empty() && kv["val_list"].empty() ? checkpoint_data_dir(ck, e.data_dir) : "";
   ResNet model = load_model(ck);
   const torch::Device dev(e.options.device);
   model->to(dev);
@@ -476,8 +492,15 @@ void TrainConfig::validate() const {
 
 void TrainConfig::resolve() {
   dataset = resolve_dataset(*this);
-  // Named, so that the log and the checkpoint say where the images came from.
+  // Named, so that the log and the checkpoint say where the images came from; absolute, so
+  // that blpa-eval and blpa-predict find them from any folder.
   if (data_dir.empty() && train_list.empty()) data_dir = data::kDebianFashionMnist;
+  for (std::string* path : {&data_dir, &train_list, &val_list}) {
+    if (path->empty()) continue;
+    fs::path p = fs::absolute(*path).lexically_normal();  // the working folder is a real path: ".." is its parent
+    if (!p.has_filename() && p.has_parent_path() && p != p.root_path()) p = p.parent_path();  // "dir/"
+    *path = p.string();
+  }
   torch::Device dev(device);
   if (dev.is_cuda() && dist.enabled() && !dev.has_index())
     dev = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist.local_rank));

@@ -1369,6 +1369,34 @@ TEST_CASE("hardening: a checkpoint after an evaluation keeps the evaluation's ti
   remove_tree(dir);
 }
 
+TEST_CASE("hardening: a relative --data-dir is recorded whole, so blpa-eval finds the data from any folder",
+          "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("relative-data");
+  fs::create_directories(dir / "run");
+  fs::create_directories(dir / "other");
+  fs::create_directory_symlink(blpa::data::kDebianFashionMnist, dir / "data");  // a link stays a link
+  const std::string run_dir = "cd '" + (dir / "run").string() + "';", other = "cd '" + (dir / "other").string() + "';";
+  REQUIRE(train(small(dir, {"--data-dir", "../data/", "--checkpoint", "m.ckpt", "--log", "m.jsonl"}), dir, run_dir)
+              .code == 0);
+  CHECK(slurp(dir / "run" / "m.jsonl").find("\"data_dir\": " + blpa::json_string((dir / "data").string()) + ",") !=
+        std::string::npos);
+  // It was "../data/", which blpa-eval and blpa-predict looked for beside the folder they ran in.
+  const Run e = run(BLPA_EVAL_EXE, {"--checkpoint", "../run/m.ckpt", "--subset", "8"}, dir, other);
+  CAPTURE(e.output);
+  CHECK(e.code == 0);
+  fs::remove(dir / "data");
+  const Run gone = run(BLPA_PREDICT_EXE, {"--checkpoint", "../run/m.ckpt", "--from-dataset", "0..1"}, dir, other);
+  CAPTURE(gone.output);
+  CHECK(gone.code == 1);
+  CHECK(gone.output.find("../run/m.ckpt: the folder its run was trained on, " + (dir / "data").string() +
+                         ", is not there: give the data with --data-dir") != std::string::npos);
+  const Run missing = train(small(dir, {"--data-dir", (dir / "nowhere").string()}), dir);
+  CHECK(missing.code == 1);
+  CHECK(missing.output.find("--data-dir " + (dir / "nowhere").string() + ": no such folder") != std::string::npos);
+  remove_tree(dir);
+}
+
 TEST_CASE("hardening: --summary writes one JSON object with the status and final figures", "[hardening]") {
   if (!have_fashion_mnist()) return;
   const auto dir = temp_dir("summary");

@@ -166,6 +166,11 @@ struct CheckpointEval {
 };
 EvalResult evaluate_checkpoint(const CheckpointEval& e);
 
+// The data folder for blpa-eval and blpa-predict: `given` (their --data-dir), else the one the
+// checkpoint's run was trained on (Fashion-MNIST's for a run from before it was recorded),
+// which must still be there: a runtime_error says to give --data-dir.
+std::string checkpoint_data_dir(const Checkpoint& ck, const std::string& given);
+
 // The precision an evaluation of a checkpoint runs in: `requested` (numerics_for's names), or
 // for "auto" the one the network was trained in, `trained` (the checkpoint's "precision"; empty
 // for one from before --precision: the device's default), so that blpa-eval and blpa-predict
