@@ -15,6 +15,7 @@
 #include <csignal>
 #include <cstring>
 #include <iostream>
+#include <string>
 #include <thread>
 
 #include "train_flags.h"
@@ -38,7 +39,8 @@ void say(const char* text) {
 // once, without a checkpoint (the user insists), and says so: the last checkpoint written
 // stays as it was, and --summary gets the summary of an interruption (SummaryDraft). After
 // it, the run's files are written, and a signal changes nothing.
-void take_signals(sigset_t set, bool checkpointing) {
+void take_signals(sigset_t set, std::string checkpoint) {
+  const bool checkpointing = !checkpoint.empty();
   for (;;) {
     int sig = 0;
     if (::sigwait(&set, &sig) != 0 || g_phase.load() == 2) continue;
@@ -53,8 +55,12 @@ void take_signals(sigset_t set, bool checkpointing) {
     if (g_phase.load() == 1) {
       g_draft.write();
       blpa::remove_transient_files();  // lock files, a checkpoint half written
-      say("\nblpa-train: stopped at once by a second signal: no checkpoint of the current iteration (the last "
-          "one written is kept)\n");
+      say(!checkpointing ? "\nblpa-train: stopped at once by a second signal\n"
+          : ::access(checkpoint.c_str(), F_OK) == 0
+              ? "\nblpa-train: stopped at once by a second signal: no checkpoint of the current iteration (the last "
+                "one written is kept)\n"
+              : "\nblpa-train: stopped at once by a second signal, before the run's first checkpoint: there is none "
+                "to resume\n");
     }
     std::signal(sig, SIG_DFL);  // the default: the process ends, killed by the signal
     ::pthread_sigmask(SIG_UNBLOCK, &set, nullptr);
@@ -95,7 +101,7 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGINT);
   sigaddset(&signals, SIGTERM);
   ::pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-  std::thread(take_signals, signals, !c.checkpoint.empty()).detach();
+  std::thread(take_signals, signals, c.checkpoint).detach();
   // A file-size limit (ulimit -f) makes writes fail with EFBIG, reported like a full disk,
   // instead of killing the process mid-checkpoint.
   std::signal(SIGXFSZ, SIG_IGN);

@@ -1232,6 +1232,22 @@ TEST_CASE("hardening: a second signal stops at once and says so, and the checkpo
   CHECK_FALSE(fs::exists(ck + ".lock"));  // removed before the signal ends it, as at a clean end
   CHECK_FALSE(fs::exists(log + ".lock"));
   CHECK_FALSE(fs::exists(summary + ".lock"));
+
+  // Before the first checkpoint: none is "kept".
+  const std::string fresh = (dir / "b.ckpt").string(), fresh_log = (dir / "b.jsonl").string();
+  Spawned early{spawn_train(small(dir, {"--checkpoint", fresh, "--log", fresh_log, "--iterations", "1000", "--depth",
+                                        "56", "--checkpoint-every", "1000"}),
+                            dir / "early.out")};
+  wait_for_record(fresh_log, "\"type\": \"train\", \"iter\": 2,");
+  ::kill(early.pid, SIGTERM);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  ::kill(early.pid, SIGTERM);
+  CHECK(early.wait() == 143);
+  const std::string early_out = slurp(dir / "early.out");
+  CAPTURE(early_out);
+  CHECK(early_out.find("stopped at once by a second signal, before the run's first checkpoint: there is none to "
+                       "resume") != std::string::npos);
+  CHECK_FALSE(fs::exists(fresh));
   remove_tree(dir);
 }
 
