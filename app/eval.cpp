@@ -44,7 +44,9 @@ int main(int argc, char** argv) {
       std::cout << opts.help() << std::endl;
       return 0;
     }
-    if (!a.unmatched().empty()) throw std::invalid_argument("unexpected argument '" + a.unmatched()[0] + "'");
+    if (!a.unmatched().empty())
+      throw std::invalid_argument("unexpected argument '" + a.unmatched()[0] + "'" +
+                                  (a.count("checkpoint") ? "" : " (a checkpoint is given as --checkpoint FILE)"));
     if (!a.count("checkpoint")) throw std::invalid_argument("--checkpoint is required");
     e.checkpoint = a["checkpoint"].as<std::string>();
     if (a.count("data-dir")) e.data_dir = a["data-dir"].as<std::string>();

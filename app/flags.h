@@ -5,6 +5,7 @@
 
 #include <blpa/train.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdlib>
@@ -69,18 +70,65 @@ inline bool switched_on(const cxxopts::ParseResult& a, const std::string& name) 
   return a.count(name) > 0 && a[name].as<bool>();
 }
 
+// The long names of the options, or of the switches (options without a value) only.
+inline std::set<std::string> long_names(cxxopts::Options& o, bool switches_only = false) {
+  std::set<std::string> names;
+  for (const auto& group : o.groups())
+    for (const auto& option : o.group_help(group).options)
+      if (option.is_boolean || !switches_only) names.insert(option.l.begin(), option.l.end());
+  return names;
+}
+
+// Edits (insert, delete, replace) from a to b.
+inline size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diagonal = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diagonal = up;
+    }
+  }
+  return row[b.size()];
+}
+
+// " (did you mean --X?)" for a mistyped option: the options it begins, or within two edits
+// (one for three letters or fewer); nothing where more than three are that close.
+inline std::string did_you_mean(cxxopts::Options& o, const std::string& typed) {
+  std::vector<std::string> close;
+  for (const auto& name : long_names(o))
+    if ((typed.size() >= 3 && name.rfind(typed, 0) == 0) ||
+        edit_distance(typed, name) <= (typed.size() <= 3 ? 1 : 2))
+      close.push_back("--" + name);
+  if (close.empty() || close.size() > 3) return "";
+  std::string list = close[0];
+  for (size_t i = 1; i < close.size(); ++i) list += (i + 1 == close.size() ? " or " : ", ") + close[i];
+  return " (did you mean " + list + "?)";
+}
+
 // cxxopts' parse, its errors as FlagError. A switch given a word it does not take
 // (--overwrite=no) is named: cxxopts said only "Argument 'no' failed to parse". (Numeric
-// options are strings, so only switches fail this way.)
+// options are strings, so only switches fail this way.) An option that does not exist is
+// followed by those it may have meant.
 inline cxxopts::ParseResult parse_flags(cxxopts::Options& o, int argc, const char* const* argv) {
   try {
     return o.parse(argc, argv);
+  } catch (const cxxopts::exceptions::no_such_option& e) {
+    const std::string what = e.what();  // Option 'name' does not exist (or with Unicode quotes)
+    for (int i = 1; i < argc; ++i) {
+      const std::string arg = argv[i];
+      if (arg.rfind("--", 0) != 0 || arg.size() == 2) continue;
+      const std::string name = arg.substr(2, arg.find('=') == std::string::npos ? std::string::npos : arg.find('=') - 2);
+      if (what.find("'" + name + "'") != std::string::npos || what.find("\u2018" + name + "\u2019") != std::string::npos)
+        throw FlagError(what + did_you_mean(o, name));
+    }
+    throw FlagError(what);
   } catch (const cxxopts::exceptions::incorrect_argument_type& e) {
     const std::string what = e.what();
-    std::set<std::string> switches;  // the long names of the boolean options
-    for (const auto& group : o.groups())
-      for (const auto& option : o.group_help(group).options)
-        if (option.is_boolean) switches.insert(option.l.begin(), option.l.end());
+    const std::set<std::string> switches = long_names(o, /*switches_only=*/true);
     for (int i = 1; i < argc; ++i) {
       const std::string arg = argv[i];
       const auto eq = arg.find('=');

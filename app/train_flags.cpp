@@ -135,7 +135,17 @@ TrainCommand parse_train_command(int argc, const char* const* argv) {
   try {
     c.mode = {parse_mode(a["mode"].as<std::string>()), bits};
   } catch (const std::invalid_argument& e) {
-    throw FlagError(std::string("--mode: ") + e.what());
+    // A name of blpa-bench, the log and --print-config (blpa-4, blpa-4-l1): said as flags.
+    std::string hint;
+    try {
+      const ModeConfig named = parse_mode_config(a["mode"].as<std::string>());
+      const ModeConfig by_bits{named.mode, named.bits};
+      const CodeFormat f = named.codes_format();
+      hint = fmt::format("; as flags, {} is --mode {} --bits {}{}", named.str(), to_string(named.mode), named.bits,
+                         named.str() == by_bits.str() ? "" : fmt::format(" --window {} --lift {}", f.window, f.lift));
+    } catch (const std::invalid_argument&) {
+    }
+    throw FlagError(std::string("--mode: ") + e.what() + hint);
   }
   if (given("window")) {
     c.mode.window = number<float>(a, "window");

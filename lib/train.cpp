@@ -432,7 +432,10 @@ void TrainConfig::validate() const {
     if (depth != 50 && depth != 101 && depth != 152 && depth != 200)
       bad("--depth " + std::to_string(depth) + ": an imagenet network has depth 50, 101, 152 or 200");
   } else {
-    bad("--model must be cifar or imagenet, got '" + arch + "'");
+    bad("--model must be cifar or imagenet, got '" + arch + "'" +
+        (arch.rfind("resnet", 0) == 0 ? "; the depth is a flag of its own: --model cifar --depth 20, or --model "
+                                        "imagenet --depth 152"
+                                      : ""));
   }
   if (train_subset < 0 || test_subset < 0) bad("--train-subset and --test-subset must be >= 0 (0: all)");
   check_threads(threads);

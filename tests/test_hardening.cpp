@@ -148,6 +148,12 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"--train-subset", "-5"}, "--train-subset and --test-subset must be >= 0"},
       {{"--test-subset", "-1"}, "--train-subset and --test-subset must be >= 0"},
       {{"--mode", "fast"}, "--mode: unknown mode 'fast'"},
+      // blpa-bench's and the log's names, and mistyped flags, said as the flags they mean.
+      {{"--mode", "blpa-4"}, "as flags, blpa-4 is --mode blpa --bits 4 --window 6 --lift 0"},
+      {{"--mode", "blpa-4-l1"}, "as flags, blpa-4-l1 is --mode blpa --bits 4"},
+      {{"--model", "resnet20"}, "the depth is a flag of its own: --model cifar --depth 20"},
+      {{"--data", "x"}, "does not exist (did you mean --data-dir or --dataset?)"},
+      {{"--lr-step", "5"}, "does not exist (did you mean --lr-steps?)"},
       {{"--checkpoint", "a.ckpt", "--log", "a.ckpt"}, "name the same file"},
       {{"--checkpoint", "a.ckpt", "--resume", "--overwrite"}, "give one of them"},
       {{"--master-port", "70000"}, "--master-port 70000: must be in 1..65535"},
