@@ -28,7 +28,7 @@ const char* kHelp =
     "Classify images with a blpa-train checkpoint and print, for each, one JSON line: the top-k classes "
     "with their probabilities (softmax; with --ten-crop averaged over the crops), the class index and, "
     "where the data set names its classes, the name (ImageNet: the wnid of the class folder; CIFAR-10/100, "
-    "Fashion-MNIST: the class name):\n"
+    "MNIST, Fashion-MNIST: the class name):\n"
     "  {\"file\": \"a.JPEG\", \"top\": [{\"class\": 3, \"name\": \"n01443537\", \"prob\": 0.91}, ...]}\n"
     "ImageNet-style checkpoints take JPEG files, folders (searched recursively for .jpg/.jpeg; links to "
     "folders are not followed) and --list files; checkpoints of CIFAR, MNIST or Fashion-MNIST take "

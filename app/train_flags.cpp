@@ -38,7 +38,7 @@ cxxopts::Options make_options() {
     ("train-list", "imagenet: a list file of 'relative/path,label' lines instead of <data-dir>/train (paths relative to --data-dir, or to the list's folder)", cxxopts::value<S>())
     ("val-list", "imagenet: the same for validation", cxxopts::value<S>())
     ("index-cache", "imagenet: directory where the scanned file lists are cached, keyed by the folders' contents ('' to disable)", cxxopts::value<S>()->default_value(default_cache_dir()))
-    ("train-subset", "Train on the first N training images (0: all)", cxxopts::value<S>()->default_value("0"))
+    ("train-subset", "Train on the first N training images (ImageNet: N spread over all classes; 0: all)", cxxopts::value<S>()->default_value("0"))
     ("test-subset", "Evaluate on the first N test images (0: all)", cxxopts::value<S>()->default_value("0"))
     ("no-augment", "Disable pad-4 random crops and horizontal flips");
   opts.add_options("Model")
@@ -74,7 +74,7 @@ cxxopts::Options make_options() {
     ("log", "JSON-lines log file (continued on --resume)", cxxopts::value<S>())
     ("checkpoint", "Checkpoint file, written atomically every --checkpoint-every iterations, at the end, on SIGINT/SIGTERM and before exiting on an error", cxxopts::value<S>())
     ("checkpoint-every", "Iterations between checkpoints", cxxopts::value<S>()->default_value("1000"))
-    ("resume", "Continue the run stored in --checkpoint (its --log, --summary and --export must be that run's; a run already complete exits 0 and does nothing)")
+    ("resume", "Continue the run stored in --checkpoint: give the run's command line again, with this (settings come from the command line; its --log, --summary and --export must be that run's; a run already complete exits 0 and does nothing)")
     ("auto-resume", "--resume where --checkpoint exists, else start a new run, as without it: a sweep run again resumes what was stopped, starts what never ran and skips what is complete, and (exit 3) what diverged, as its --summary says, unless a learning-rate setting changed")
     ("overwrite", "Start a new run even where --checkpoint, --log, --export or --summary name existing files (replaced)")
     ("export", "At the end, write the weights as a state dict that Python loads with torch.load", cxxopts::value<S>())

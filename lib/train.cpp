@@ -863,9 +863,11 @@ void prepare_outputs(const TrainConfig& c, OutputLocks& locks) {
     const bool is_log = std::string(flag) == "--log";
     if (!c.resume && !c.overwrite && fs::is_regular_file(path, ec) && (!is_log || fs::file_size(path, ec) > 0))
       throw FlagError(std::string(flag) + " " + path + " already exists: " +
-                      (resumable ? "continue that run with --resume, or replace it with --overwrite"
-                                 : "it has no checkpoint to continue from; replace it with --overwrite, or give "
-                                   "another path"));
+                      (resumable          ? "continue that run with --resume, or replace it with --overwrite"
+                       : c.checkpoint.empty() ? "without --checkpoint there is nothing to continue it from; replace "
+                                                "it with --overwrite, or give another path"
+                                              : "it has no checkpoint to continue from; replace it with --overwrite, "
+                                                "or give another path"));
   }
   // Then the probes, which create the log: not for a run refused above.
   for (const auto& [path, flag] : outputs) {
@@ -908,8 +910,8 @@ void compare_with_checkpoint(const Checkpoint& ck, const TrainConfig& c) {
   }
   if (!refused.empty())
     throw FlagError("--resume: checkpoint " + ck.path + " belongs to a different run:" + refused +
-                    "\nresume with the same data set, augmentation, model, mode (bits, window, lift), batch, seed, "
-                    "precision and world size, or start a new run");
+                    "\nresume with the same data set, training subset, augmentation, model, mode (bits, window, lift), "
+                    "batch, seed, precision and world size, or start a new run");
   if (!changed.empty()) spdlog::info("--resume: these settings differ from the checkpoint's and take effect:{}", changed);
 }
 
