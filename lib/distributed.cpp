@@ -9,12 +9,21 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <netdb.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
 #include <charconv>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <stdexcept>
+#include <thread>
 
 namespace blpa {
 namespace {
@@ -47,6 +56,42 @@ void guarded(const char* what, F f) {
     if (const auto advice = why.find(". This is typically caused by"); advice != std::string::npos)
       why = why.substr(0, advice) + ": a rank stopped, and its own output says why";
     throw PeerLost(std::string(what) + " failed: " + why);
+  }
+}
+
+// Whether something listens at addr:port within `timeout`, tried every 100 ms. The ranks
+// other than 0 wait for rank 0's store here: TCPStore's client, left to wait, took about 2.5
+// times its timeout (25 s for --dist-timeout 10) before it failed.
+bool listening_within(const std::string& addr, int port, std::chrono::milliseconds timeout) {
+  using Clock = std::chrono::steady_clock;
+  const auto deadline = Clock::now() + timeout;
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  for (;;) {
+    addrinfo* found = nullptr;
+    if (::getaddrinfo(addr.c_str(), std::to_string(port).c_str(), &hints, &found) == 0) {
+      bool up = false;
+      for (const addrinfo* a = found; a && !up; a = a->ai_next) {
+        const int fd = ::socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
+        if (fd < 0) continue;
+        if (::connect(fd, a->ai_addr, a->ai_addrlen) == 0) {
+          up = true;
+        } else if (errno == EINPROGRESS) {  // a remote host: wait for its answer, not past the deadline
+          const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+          pollfd p{fd, POLLOUT, 0};
+          int err = 0;
+          socklen_t len = sizeof err;
+          up = ::poll(&p, 1, static_cast<int>(std::clamp<long long>(left, 0, 1000))) == 1 &&
+               ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err == 0;
+        }
+        ::close(fd);
+      }
+      ::freeaddrinfo(found);
+      if (up) return true;
+    }
+    if (Clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::min<Clock::duration>(std::chrono::milliseconds(100), deadline - Clock::now()));
   }
 }
 
@@ -85,6 +130,10 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend)
   const std::string hint = "; give each run its own --master-port (or MASTER_PORT)";
   const auto ms = config.timeout.count();  // --dist-timeout's seconds; ms where a caller gives less
   const std::string within = ms % 1000 == 0 ? std::to_string(ms / 1000) + " s" : std::to_string(ms) + " ms";
+  const std::string start_all = ": start every rank, with the same --master-addr and --master-port";
+  if (!so.isServer && !listening_within(config.master_addr, config.master_port, config.timeout))
+    throw std::runtime_error(who + ": no rendezvous at " + where + " within " + within + " (rank 0 is not listening)" +
+                             start_all);
   try {
     impl_->store = c10::make_intrusive<c10d::TCPStore>(config.master_addr, so);
   } catch (const std::exception& e) {
@@ -95,8 +144,7 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend)
     // did not all join; the others wait for it up to the timeout.
     if (so.isServer && why.find("waiting for clients") != std::string::npos)
       throw std::runtime_error(who + ": the other ranks did not join the rendezvous at " + where + " within " +
-                               within + " (" + why + "): start every rank, with the same --master-addr and "
-                               "--master-port");
+                               within + " (" + why + ")" + start_all);
     if (so.isServer)
       throw std::runtime_error(who + ": cannot open the rendezvous on port " + std::to_string(config.master_port) +
                                " (" + why + ")" + (why.find("EADDRINUSE") != std::string::npos

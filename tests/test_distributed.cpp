@@ -188,6 +188,26 @@ TEST_CASE("distributed: a rank 0 whose other ranks never come says so after the 
   CHECK(why.find("start every rank, with the same --master-addr and --master-port") != std::string::npos);
 }
 
+// Rank 1 waited about 2.5 times --dist-timeout for a rank 0 that never came (TCPStore's client).
+TEST_CASE("distributed: a rank whose rank 0 never comes says so within the timeout", "[distributed]") {
+  DistConfig c = two_ranks(1, free_port());
+  c.timeout = std::chrono::milliseconds(1500);
+  std::string why;
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    Distributed alone(c, "gloo");
+  } catch (const std::exception& e) {
+    why = e.what();
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  CAPTURE(why, seconds);
+  CHECK(why.find("rank 1 of 2: no rendezvous at 127.0.0.1:") != std::string::npos);
+  CHECK(why.find("within 1500 ms (rank 0 is not listening): start every rank, with the same --master-addr and "
+                 "--master-port") != std::string::npos);
+  CHECK(seconds >= 1.4);
+  CHECK(seconds < 3.0);  // the limit, and not 2.5 times it: generous for a loaded machine
+}
+
 // NCCL needs a GPU per rank; one rank on one GPU still runs NCCL's communicator, its
 // collectives and the reducer's buckets on CUDA tensors.
 TEST_CASE("CUDA: NCCL with one rank sums, broadcasts and reduces gradients on the GPU", "[distributed][cuda]") {
