@@ -41,6 +41,36 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
+// The data sets a folder's files can be, each with what marks it and the data set named for
+// it (MNIST's IDX files are Fashion-MNIST's too; CIFAR-100's serve its coarse labels too).
+struct Layout {
+  const char* dataset;
+  const char* files;
+  std::vector<std::string> also;
+};
+const std::vector<Layout>& layouts() {
+  static const std::vector<Layout> all{{"imagenet", "ImageNet's folders (train/, val/)", {}},
+                                       {"cifar10", "CIFAR-10's files (data_batch_1.bin)", {}},
+                                       {"cifar100", "CIFAR-100's files (train.bin)", {"cifar100-coarse"}},
+                                       {"fashion-mnist", "IDX files (train-images-idx3-ubyte[.gz], MNIST's or Fashion-MNIST's)",
+                                        {"mnist"}}};
+  return all;
+}
+
+// The layout of the files in `d`, or null.
+const Layout* detect_layout(const fs::path& d) {
+  std::error_code ec;
+  auto has = [&](const char* name) { return fs::exists(d / name, ec); };
+  const char* found = nullptr;
+  if (has("train") && has("val")) found = "imagenet";
+  else if (has("data_batch_1.bin")) found = "cifar10";
+  else if (has("train.bin")) found = "cifar100";
+  else if (has("train-images-idx3-ubyte") || has("train-images-idx3-ubyte.gz")) found = "fashion-mnist";
+  for (const auto& l : layouts())
+    if (found && l.dataset == std::string(found)) return &l;
+  return nullptr;
+}
+
 std::string resolve_dataset(const TrainConfig& c) {
   if (c.data_dir.empty() && c.dataset != "auto" && c.dataset != "fashion-mnist" && c.train_list.empty())
     throw FlagError("--dataset " + c.dataset + " needs --data-dir (only Fashion-MNIST has a default)");
@@ -55,18 +85,22 @@ std::string resolve_dataset(const TrainConfig& c) {
       throw FlagError("--train-list and --val-list are for --dataset imagenet");
     return "imagenet";
   }
-  if (c.dataset != "auto") return c.dataset;
-  if (c.data_dir.empty()) return "fashion-mnist";
-  const fs::path d(c.data_dir);
-  if (fs::exists(d / "train") && fs::exists(d / "val")) return "imagenet";
-  if (fs::exists(d / "data_batch_1.bin")) return "cifar10";
-  if (fs::exists(d / "train.bin")) return "cifar100";
-  if (fs::exists(d / "train-images-idx3-ubyte") || fs::exists(d / "train-images-idx3-ubyte.gz"))
-    return "fashion-mnist";
-  throw std::runtime_error("--data-dir " + c.data_dir +
-                           ": no CIFAR-10 (data_batch_1.bin), CIFAR-100 (train.bin), IDX "
-                           "(train-images-idx3-ubyte[.gz]) files or ImageNet folders (train/, val/) found; name the "
-                           "data set with --dataset");
+  if (c.data_dir.empty()) return c.dataset != "auto" ? c.dataset : "fashion-mnist";
+  const Layout* found = detect_layout(c.data_dir);
+  if (c.dataset == "auto") {
+    if (found) return found->dataset;
+    throw std::runtime_error("--data-dir " + c.data_dir +
+                             ": no CIFAR-10 (data_batch_1.bin), CIFAR-100 (train.bin), IDX "
+                             "(train-images-idx3-ubyte[.gz]) files or ImageNet folders (train/, val/) found: is it the "
+                             "data set's folder?");
+  }
+  // Named, and the folder holds another data set's files: said, not "data_batch_1.bin: not found".
+  if (found && found->dataset != c.dataset &&
+      std::find(found->also.begin(), found->also.end(), c.dataset) == found->also.end())
+    throw std::runtime_error(fmt::format("--dataset {}: --data-dir {} holds {}, not {}'s: give its folder, or "
+                                         "leave --dataset out to train on what is there",
+                                         c.dataset, c.data_dir, found->files, c.dataset));
+  return c.dataset;
 }
 
 data::Dataset subset(data::Dataset d, int64_t n) {

@@ -1413,6 +1413,12 @@ TEST_CASE("hardening: a relative --data-dir is recorded whole, so blpa-eval find
   CHECK(gone.code == 1);
   CHECK(gone.output.find("../run/m.ckpt: the folder its run was trained on, " + (dir / "data").string() +
                          ", is not there: give the data with --data-dir") != std::string::npos);
+  // A data set named whose files the folder does not hold: said, not "data_batch_1.bin: not found".
+  const Run other_set = train(small(dir, {"--dataset", "cifar10", "--data-dir", blpa::data::kDebianFashionMnist}), dir);
+  CHECK(other_set.code == 1);
+  CHECK(other_set.output.find("--dataset cifar10: --data-dir " + std::string(blpa::data::kDebianFashionMnist) +
+                              " holds IDX files (train-images-idx3-ubyte[.gz], MNIST's or Fashion-MNIST's), not "
+                              "cifar10's") != std::string::npos);
   const Run missing = train(small(dir, {"--data-dir", (dir / "nowhere").string()}), dir);
   CHECK(missing.code == 1);
   CHECK(missing.output.find("--data-dir " + (dir / "nowhere").string() + ": no such folder") != std::string::npos);
