@@ -199,14 +199,16 @@ int codec_main(int argc, char** argv) {
                "\"copy_gbps\": {:.3f}, \"pack_ms\": {:.4f}, \"unpack_ms\": {:.4f}, \"bn_backward_ms\": {:.4f}, "
                "\"libtorch_bn_backward_ms\": {:.4f}, \"copy_ms\": {:.4f}, \"forward_fused_gbps\": {:.3f}, "
                "\"forward_fused_ms\": {:.4f}, \"forward_unfused_ms\": {:.4f}, \"libtorch_forward_ms\": {:.4f}, "
-               "\"gamma\": \"{}\", \"near_edge_fraction\": {:.6f}}}\n",
+               "\"gamma\": \"{}\", \"near_edge_fraction\": {:.6f}, \"cpu_isa\": \"{}\"}}\n",
                bits, numel, channels, hw, dtype_name, layout, dev.str(), threads, pack_gb / pack_s,
                unpack_gb / unpack_s, bn_gb / bn_s, ref_gb / ref_s, copy_gb / copy_s, pack_s * 1e3, unpack_s * 1e3,
                bn_s * 1e3, ref_s * 1e3, copy_s * 1e3, fused_gb / fused_s, fused_s * 1e3, unfused_s * 1e3,
-               plain_fwd_s * 1e3, gamma_kind, near_edge);
+               plain_fwd_s * 1e3, gamma_kind, near_edge, blpa::cpu_isa_name());
   } else {
-    fmt::print("codec {}-bit, {} elements {} {} {}, gamma {}, {} ({} threads); GB/s of the bytes moved\n", bits,
-               numel, fmt::join(shape, "x"), dtype_name, layout, gamma_kind, dev.str(), threads);
+    fmt::print("codec {}-bit, {} elements {} {} {}, gamma {}, {} ({}); GB/s of the bytes moved\n", bits, numel,
+               fmt::join(shape, "x"), dtype_name, layout, gamma_kind, dev.str(),
+               dev.is_cuda() ? std::string("its kernels") : fmt::format("{} threads, {} loops", threads,
+                                                                          blpa::cpu_isa_name()));
     fmt::print("  pack                {:8.3f} GB/s  ({:.3f} ms); elements next to a bin edge: {}\n",
                pack_gb / pack_s, pack_s * 1e3, near_edge > 0 ? fmt::format("1 in {:.0f}", 1 / near_edge) : "none");
     fmt::print("  unpack r'           {:8.3f} GB/s  ({:.3f} ms)\n", unpack_gb / unpack_s, unpack_s * 1e3);

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -46,6 +47,8 @@ Isa detect_isa() {
     const std::string want = cap;
     if (want == "base") best = Isa::base;
     if (want == "avx2" && best == Isa::avx512) best = Isa::avx2;
+    if (want != "base" && want != "avx2" && want != "avx512")  // a typo ran the widest, unsaid
+      std::fprintf(stderr, "blpa: BLPA_CODEC_ISA=%s is not base, avx2 or avx512: ignored\n", cap);
   }
   return best;
 #else
@@ -601,6 +604,15 @@ const KernelTable* kernels_for(const at::Tensor& t) {
 }  // namespace
 
 int64_t packed_bytes(int64_t numel, int bits) { return (numel * bits + 7) / 8; }
+
+const char* cpu_isa_name() {
+  switch (cpu_isa()) {
+    case Isa::base: return "base";
+    case Isa::avx2: return "avx2";
+    case Isa::avx512: return "avx512";
+  }
+  return "?";
+}
 
 void set_cpu_kernels(const KernelTable* kernels) { cpu_kernels.store(kernels, std::memory_order_release); }
 

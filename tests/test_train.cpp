@@ -471,6 +471,13 @@ TEST_CASE("bench: codec takes --precision as the other programs do --dtype as it
     CHECK(text.find("\"libtorch_forward_ms\": ") != std::string::npos);
   }
   CHECK(codec("").second.find("\"dtype\": \"float\"") != std::string::npos);
+  // Which copy of the loops ran, and a BLPA_CODEC_ISA it does not know said (it was ignored unsaid).
+  CHECK(codec("").second.find("\"cpu_isa\": \"") != std::string::npos);
+  ::setenv("BLPA_CODEC_ISA", "base", 1);
+  CHECK(codec("").second.find("\"cpu_isa\": \"base\"") != std::string::npos);
+  ::setenv("BLPA_CODEC_ISA", "avx9", 1);
+  CHECK(codec("").second.find("BLPA_CODEC_ISA=avx9 is not base, avx2 or avx512: ignored") != std::string::npos);
+  ::unsetenv("BLPA_CODEC_ISA");
   for (const char* p : {"fp32", "tf32", "auto"})  // as a sweep passes them to every program
     CHECK(codec(std::string("--precision ") + p).second.find("\"dtype\": \"float\"") != std::string::npos);
   const auto [rc, text] = codec("--dtype float --precision bf16");

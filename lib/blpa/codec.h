@@ -156,4 +156,8 @@ at::Tensor code_values(const Codes& codes);
 // at::get_num_threads() says. For tests of the build.
 int codec_parallel_threads(int64_t tasks);
 
+// The copy of the CPU codec's loops that runs: "base" (SSE2), "avx2" or "avx512" (the widest
+// the CPU has, or BLPA_CODEC_ISA's).
+const char* cpu_isa_name();
+
 }  // namespace blpa
