@@ -702,7 +702,7 @@ int max_batch_main(int argc, char** argv) {
   add_common(o, "1", "plain,blpa-4");  // --batch is not used: the batch is searched
   o.add_options()("budget-gib", "Memory budget in GiB, including parameters, momentum and the batch",
                   cxxopts::value<std::string>()->default_value("1"))(
-      "max", "Largest batch to try", cxxopts::value<std::string>()->default_value("4096"))(
+      "max", "Largest batch to try (one that fits is reported as capped)", cxxopts::value<std::string>()->default_value("4096"))(
       "accum-steps", "Train each batch as this many equal parts, accumulating their gradients",
       cxxopts::value<std::string>()->default_value("1"), "K");
   Common c;
@@ -744,6 +744,7 @@ int max_batch_main(int argc, char** argv) {
       const int64_t mid = (lo + hi) / 2;
       (fits(mid) ? lo : hi) = mid;
     }
+    const bool capped = lo == cap;  // --max fitted: a larger batch may fit too
     lo *= accum;
     best[mode.str()] = lo;
     c.batch = lo;  // the JSON's "batch" is the batch found
@@ -751,14 +752,17 @@ int max_batch_main(int argc, char** argv) {
     const std::string ratio =
         plain != best.end() && plain->second > 0 ? fmt::format("{:.2f}", double(lo) / plain->second) : "null";
     if (c.json)
-      fmt::print("{}, \"budget_bytes\": {}, \"accum_steps\": {}, \"max_batch\": {}, \"attempts\": {}, "
-                 "\"leaked_bytes\": {}, \"ratio_vs_plain\": {}}}\n",
-                 head(c, mode, "max-batch"), budget, accum, lo, attempts, leaked, ratio);
+      fmt::print("{}, \"budget_bytes\": {}, \"accum_steps\": {}, \"max_batch\": {}, \"capped\": {}, "
+                 "\"attempts\": {}, \"leaked_bytes\": {}, \"ratio_vs_plain\": {}}}\n",
+                 head(c, mode, "max-batch"), budget, accum, lo, capped, attempts, leaked, ratio);
     else
-      fmt::print("{:8s} largest batch within {:.2f} GiB{}: {:5d}  ({} attempts, {} bytes leaked)  vs plain {}\n",
+      fmt::print("{:8s} largest batch within {:.2f} GiB{}: {:5d}{}  ({} attempts, {} bytes leaked)  vs plain {}\n",
                  mode.str(), budget / double(1ll << 30),
-                 accum > 1 ? fmt::format(" in {} parts", accum) : std::string(), lo, attempts, leaked,
-                 ratio == "null" ? "-" : ratio + "x");
+                 accum > 1 ? fmt::format(" in {} parts", accum) : std::string(), lo,
+                 capped ? " (--max: more may fit)" : "", attempts, leaked,
+                 ratio != "null"            ? ratio + "x"
+                 : best.count("plain") == 0 ? std::string("- (not measured: add plain to --mode)")
+                                            : std::string("-"));
   }
   return 0;
 }

@@ -99,3 +99,38 @@ TEST_CASE("bench: memory reports the per-sample slopes and where the peak is", "
   CHECK(modes == std::vector<std::string>{"plain", "exact", "blpa"});
   std::filesystem::remove(out);
 }
+
+// The search itself: a real attempt per batch tried, nothing left behind, blpa-4 fitting more
+// than plain, and a --max that fits said ("capped") instead of reported as the largest batch.
+TEST_CASE("bench: max-batch finds the largest batch per mode and says when --max capped it", "[bench][memory]") {
+  const auto out = std::filesystem::temp_directory_path() / ("blpa-bench-max-batch-" + std::to_string(::getpid()));
+  auto search = [&](const std::string& max) {
+    const std::string cmd = std::string(BLPA_BENCH_EXE) + " max-batch --model cifar:11 --size 16 --mode plain,blpa-4 " +
+                            "--budget-gib 0.03 --threads 1 --json --max " + max + " > " + out.string() + " 2>/dev/null";
+    REQUIRE(std::system(cmd.c_str()) == 0);
+    std::ifstream f(out);
+    std::vector<std::string> lines;
+    for (std::string line; std::getline(f, line);) lines.push_back(line);
+    REQUIRE(lines.size() == 2);
+    return lines;
+  };
+  auto field = [](const std::string& line, const std::string& key) {
+    const auto at = line.find("\"" + key + "\": ");
+    REQUIRE(at != std::string::npos);
+    return line.substr(at + key.size() + 4, line.find_first_of(",}", at) - at - key.size() - 4);
+  };
+  const auto free = search("100000");
+  CAPTURE(free[0], free[1]);
+  for (const auto& line : free) {
+    CHECK(field(line, "capped") == "false");
+    CHECK(field(line, "leaked_bytes") == "0");
+  }
+  CHECK(std::stoi(field(free[0], "max_batch")) > 0);
+  CHECK(std::stod(field(free[1], "ratio_vs_plain")) > 1.5);  // 30 MiB: parameters and buffers take part of it
+  const auto capped = search("8");
+  for (const auto& line : capped) {
+    CHECK(field(line, "capped") == "true");
+    CHECK(field(line, "max_batch") == "8");
+  }
+  std::filesystem::remove(out);
+}
