@@ -140,6 +140,9 @@ int data_main(int argc, char** argv) {
   const auto workers = parse_workers(args["workers"].as<std::string>());
   const double seconds = blpa::number<double>(args, "seconds");
   if (batch <= 0 || seconds <= 0) throw std::invalid_argument("--batch and --seconds must be positive");
+  if (batch > n)
+    throw std::invalid_argument(fmt::format("--batch {} is more than the --images {} generated: give fewer or more",
+                                            batch, n));
   at::set_num_threads(1);
 
   namespace fs = std::filesystem;

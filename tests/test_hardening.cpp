@@ -228,6 +228,7 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"codec", "--numel", "65536", "--threads", "-1"}, "--threads must be 0 (LibTorch's default) to 1024"},
       {{"step", "--model", "cifar:11", "--size", "-4"}, "--size must be positive"},
       {{"max-batch", "--model", "cifar:11", "--max", "0"}, "--max must be at least --accum-steps"},
+      {{"data", "--images", "20"}, "--batch 32 is more than the --images 20 generated"},  // named neither
       // numbers are named with their flag (cxxopts said only "Argument 'nan' failed to parse"),
       {{"codec", "--window", "nan"}, "--window: 'nan' is not a finite number"},
       {{"step", "--batch", "x"}, "--batch: 'x' is not an integer"},
