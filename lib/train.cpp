@@ -41,34 +41,34 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-// The data sets a folder's files can be, each with what marks it and the data set named for
-// it (MNIST's IDX files are Fashion-MNIST's too; CIFAR-100's serve its coarse labels too).
+// The data sets a folder's files can be, each with the files that mark it and the other data
+// sets it serves (MNIST's IDX files are named as Fashion-MNIST's; CIFAR-100's files hold the
+// coarse labels too).
 struct Layout {
   const char* dataset;
   const char* files;
+  std::vector<std::string> markers;  // all present
   std::vector<std::string> also;
 };
 const std::vector<Layout>& layouts() {
-  static const std::vector<Layout> all{{"imagenet", "ImageNet's folders (train/, val/)", {}},
-                                       {"cifar10", "CIFAR-10's files (data_batch_1.bin)", {}},
-                                       {"cifar100", "CIFAR-100's files (train.bin)", {"cifar100-coarse"}},
-                                       {"fashion-mnist", "IDX files (train-images-idx3-ubyte[.gz], MNIST's or Fashion-MNIST's)",
-                                        {"mnist"}}};
+  static const std::vector<Layout> all{
+      {"imagenet", "ImageNet's folders (train/, val/)", {"train", "val"}, {}},
+      {"cifar10", "CIFAR-10's files (data_batch_1.bin)", {"data_batch_1.bin"}, {}},
+      {"cifar100", "CIFAR-100's files (train.bin)", {"train.bin"}, {"cifar100-coarse"}},
+      {"fashion-mnist", "IDX files (train-images-idx3-ubyte[.gz], MNIST's or Fashion-MNIST's)",
+       {"train-images-idx3-ubyte"}, {"mnist"}}};
   return all;
 }
 
-// The layout of the files in `d`, or null.
-const Layout* detect_layout(const fs::path& d) {
+bool holds(const fs::path& d, const Layout& l) {
   std::error_code ec;
-  auto has = [&](const char* name) { return fs::exists(d / name, ec); };
-  const char* found = nullptr;
-  if (has("train") && has("val")) found = "imagenet";
-  else if (has("data_batch_1.bin")) found = "cifar10";
-  else if (has("train.bin")) found = "cifar100";
-  else if (has("train-images-idx3-ubyte") || has("train-images-idx3-ubyte.gz")) found = "fashion-mnist";
-  for (const auto& l : layouts())
-    if (found && l.dataset == std::string(found)) return &l;
-  return nullptr;
+  for (const auto& m : l.markers)
+    if (!fs::exists(d / m, ec) && !(m.rfind("train-images", 0) == 0 && fs::exists(d / (m + ".gz"), ec))) return false;
+  return true;
+}
+
+bool serves(const Layout& l, const std::string& dataset) {
+  return l.dataset == dataset || std::find(l.also.begin(), l.also.end(), dataset) != l.also.end();
 }
 
 std::string resolve_dataset(const TrainConfig& c) {
@@ -86,7 +86,9 @@ std::string resolve_dataset(const TrainConfig& c) {
     return "imagenet";
   }
   if (c.data_dir.empty()) return c.dataset != "auto" ? c.dataset : "fashion-mnist";
-  const Layout* found = detect_layout(c.data_dir);
+  const Layout* found = nullptr;  // the first layout the folder holds; the named one's first
+  for (const auto& l : layouts())
+    if ((!found || serves(l, c.dataset)) && holds(c.data_dir, l)) found = &l;
   if (c.dataset == "auto") {
     if (found) return found->dataset;
     throw std::runtime_error("--data-dir " + c.data_dir +
@@ -95,8 +97,7 @@ std::string resolve_dataset(const TrainConfig& c) {
                              "data set's folder?");
   }
   // Named, and the folder holds another data set's files: said, not "data_batch_1.bin: not found".
-  if (found && found->dataset != c.dataset &&
-      std::find(found->also.begin(), found->also.end(), c.dataset) == found->also.end())
+  if (found && !serves(*found, c.dataset))
     throw std::runtime_error(fmt::format("--dataset {}: --data-dir {} holds {}, not {}'s: give its folder, or "
                                          "leave --dataset out to train on what is there",
                                          c.dataset, c.data_dir, found->files, c.dataset));
