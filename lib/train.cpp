@@ -535,7 +535,12 @@ void TrainConfig::resolve() {
   if (data_dir.empty() && train_list.empty()) data_dir = data::kDebianFashionMnist;
   for (std::string* path : {&data_dir, &train_list, &val_list}) {
     if (path->empty()) continue;
-    fs::path p = fs::absolute(*path).lexically_normal();  // the working folder is a real path: ".." is its parent
+    const fs::path whole = fs::absolute(*path);
+    // "a/../b" read as "b", where it is the same file: not where "a" is a link, whose ".." is
+    // its target's parent. Links themselves are kept.
+    fs::path p = whole.lexically_normal();
+    std::error_code ec;
+    if (!fs::equivalent(p, whole, ec) || ec) p = whole;
     if (!p.has_filename() && p.has_parent_path() && p != p.root_path()) p = p.parent_path();  // "dir/"
     *path = p.string();
   }
@@ -883,6 +888,24 @@ class OutputLocks {
   std::vector<std::pair<std::string, int>> held_;
 };
 
+// --auto-resume where there is no checkpoint: a log and a summary that record no training are
+// the start of a run that failed in its first iteration (which keeps no checkpoint), and are
+// replaced, so that the same command line runs it again; anything that records training is not.
+bool records_no_training(const std::string& path, const std::string& flag) {
+  if (flag == "--summary") {
+    const std::string summary = first_line_of(path);
+    return json_field(summary, "iter") == "0" && json_field(summary, "status") != "\"done\"";
+  }
+  if (flag != "--log") return false;
+  std::ifstream in(path);
+  int64_t configs = 0;
+  for (std::string line; std::getline(in, line);) {
+    if (line.find("{\"type\": \"config\", ") != 0) return false;
+    ++configs;
+  }
+  return configs > 0 && in.eof();
+}
+
 // Before anything is loaded: every output can be written where it goes, no other run is
 // writing it, and a fresh run replaces no earlier run's files unless told to.
 void prepare_outputs(const TrainConfig& c, OutputLocks& locks) {
@@ -896,7 +919,8 @@ void prepare_outputs(const TrainConfig& c, OutputLocks& locks) {
     if (path.empty()) continue;
     locks.add(path, flag);  // first: the checks below write a probe beside the file
     const bool is_log = std::string(flag) == "--log";
-    if (!c.resume && !c.overwrite && fs::is_regular_file(path, ec) && (!is_log || fs::file_size(path, ec) > 0))
+    if (!c.resume && !c.overwrite && fs::is_regular_file(path, ec) && (!is_log || fs::file_size(path, ec) > 0) &&
+        !(c.auto_resume && records_no_training(path, flag)))
       throw FlagError(std::string(flag) + " " + path + " already exists: " +
                       (resumable          ? "continue that run with --resume, or replace it with --overwrite"
                        : c.checkpoint.empty() ? "without --checkpoint there is nothing to continue it from; replace "

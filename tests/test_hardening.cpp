@@ -1335,15 +1335,26 @@ TEST_CASE("hardening: a run failing part-way keeps its last whole iteration, whi
 
   // A fresh run that fails in its first iteration has nothing to keep: no checkpoint of the
   // untrained network, which would make its rerun (here with a smaller batch) "another run".
+  // Its log and summary record no training: the same --auto-resume command runs it again (they
+  // were refused as "already exists"); a log that records training is not replaced.
   const std::string f = (dir / "f.ckpt").string();
-  const Run first = train(small(dir, {"--checkpoint", f}), dir, "BLPA_TEST_FAIL=step:1");
+  const auto sweep = small(dir, {"--checkpoint", f, "--log", (dir / "f.jsonl").string(), "--summary",
+                                 (dir / "f.json").string(), "--auto-resume"});
+  const Run first = train(sweep, dir, "BLPA_TEST_FAIL=step:1");
   CAPTURE(first.output);
   CHECK(first.code == 1);
   CHECK_FALSE(fs::exists(f));
   CHECK(first.output.find("--resume") == std::string::npos);
-  const Run rerun = train(small(dir, {"--checkpoint", f, "--auto-resume", "--batch", "16"}), dir);
+  CHECK(slurp(dir / "f.json").find("\"status\": \"failed\", \"iter\": 0,") != std::string::npos);
+  const Run rerun = train(sweep, dir);
   CAPTURE(rerun.output);
   CHECK(rerun.code == 0);
+  CHECK(slurp(dir / "f.json").find("\"status\": \"done\"") != std::string::npos);
+  CHECK(slurp(dir / "f.jsonl").find("\"type\": \"train\"") != std::string::npos);
+  fs::remove(f);  // the checkpoint gone, the log records training: refused, not replaced
+  const Run trained = train(sweep, dir);
+  CHECK(trained.code == 2);
+  CHECK(trained.output.find("--log " + (dir / "f.jsonl").string() + " already exists") != std::string::npos);
   remove_tree(dir);
 }
 
@@ -1420,6 +1431,19 @@ TEST_CASE("hardening: a relative --data-dir is recorded whole, so blpa-eval find
   CHECK(other_set.output.find("--dataset cifar10: --data-dir " + std::string(blpa::data::kDebianFashionMnist) +
                               " holds IDX files (train-images-idx3-ubyte[.gz], MNIST's or Fashion-MNIST's), not "
                               "cifar10's") != std::string::npos);
+  // ".." after a link is the parent of the link's target: kept as given, not read as "the link's
+  // folder" (which loaded another folder than the one checked).
+  fs::create_directories(dir / "sub");
+  fs::create_directory_symlink(blpa::data::kDebianFashionMnist, dir / "sub" / "fm");
+  const std::string through = "sub/fm/../" + fs::path(blpa::data::kDebianFashionMnist).filename().string();
+  const Run linked = run(BLPA_TRAIN_EXE, {"--data-dir", through, "--print-config"}, dir, "cd '" + dir.string() + "';");
+  CAPTURE(linked.output);
+  REQUIRE(linked.code == 0);
+  const auto at = linked.output.find("data_dir=");
+  REQUIRE(at != std::string::npos);
+  const std::string printed = linked.output.substr(at + 9, linked.output.find('\n', at) - at - 9);
+  CHECK(fs::path(printed).is_absolute());
+  CHECK(fs::equivalent(printed, blpa::data::kDebianFashionMnist));
   const Run missing = train(small(dir, {"--data-dir", (dir / "nowhere").string()}), dir);
   CHECK(missing.code == 1);
   CHECK(missing.output.find("--data-dir " + (dir / "nowhere").string() + ": no such folder") != std::string::npos);
