@@ -39,7 +39,7 @@ void say(const char* text) {
 // once, without a checkpoint (the user insists), and says so: the last checkpoint written
 // stays as it was, and --summary gets the summary of an interruption (SummaryDraft). After
 // it, the run's files are written, and a signal changes nothing.
-void take_signals(sigset_t set, std::string checkpoint) {
+void take_signals(sigset_t set, std::string checkpoint, bool writes_checkpoints) {
   const bool checkpointing = !checkpoint.empty();
   for (;;) {
     int sig = 0;
@@ -55,7 +55,7 @@ void take_signals(sigset_t set, std::string checkpoint) {
     if (g_phase.load() == 1) {
       g_draft.write();
       blpa::remove_transient_files();  // lock files, a checkpoint half written
-      say(!checkpointing ? "\nblpa-train: stopped at once by a second signal\n"
+      say(!checkpointing || !writes_checkpoints ? "\nblpa-train: stopped at once by a second signal\n"
           : ::access(checkpoint.c_str(), F_OK) == 0
               ? "\nblpa-train: stopped at once by a second signal: no checkpoint of the current iteration (the last "
                 "one written is kept)\n"
@@ -101,7 +101,8 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGINT);
   sigaddset(&signals, SIGTERM);
   ::pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-  std::thread(take_signals, signals, c.checkpoint).detach();
+  // Rank 0 writes the checkpoints: only it can say whether there is one.
+  std::thread(take_signals, signals, c.checkpoint, c.dist.rank == 0).detach();
   // A file-size limit (ulimit -f) makes writes fail with EFBIG, reported like a full disk,
   // instead of killing the process mid-checkpoint.
   std::signal(SIGXFSZ, SIG_IGN);

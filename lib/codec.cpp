@@ -47,7 +47,7 @@ Isa detect_isa() {
     const std::string want = cap;
     if (want == "base") best = Isa::base;
     if (want == "avx2" && best == Isa::avx512) best = Isa::avx2;
-    if (want != "base" && want != "avx2" && want != "avx512")  // a typo ran the widest, unsaid
+    if (!want.empty() && want != "base" && want != "avx2" && want != "avx512")  // a typo ran the widest, unsaid
       std::fprintf(stderr, "blpa: BLPA_CODEC_ISA=%s is not base, avx2 or avx512: ignored\n", cap);
   }
   return best;

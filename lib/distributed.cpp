@@ -61,7 +61,8 @@ void guarded(const char* what, F f) {
 
 // Whether something listens at addr:port within `timeout`, tried every 100 ms. The ranks
 // other than 0 wait for rank 0's store here: TCPStore's client, left to wait, took about 2.5
-// times its timeout (25 s for --dist-timeout 10) before it failed.
+// times its timeout (25 s for --dist-timeout 10) before it failed. A name that does not
+// resolve (other than for now) throws at once.
 bool listening_within(const std::string& addr, int port, std::chrono::milliseconds timeout) {
   using Clock = std::chrono::steady_clock;
   const auto deadline = Clock::now() + timeout;
@@ -70,7 +71,10 @@ bool listening_within(const std::string& addr, int port, std::chrono::millisecon
   hints.ai_socktype = SOCK_STREAM;
   for (;;) {
     addrinfo* found = nullptr;
-    if (::getaddrinfo(addr.c_str(), std::to_string(port).c_str(), &hints, &found) == 0) {
+    const int resolved = ::getaddrinfo(addr.c_str(), std::to_string(port).c_str(), &hints, &found);
+    if (resolved != 0 && resolved != EAI_AGAIN)
+      throw std::runtime_error("--master-addr " + addr + " cannot be resolved (" + ::gai_strerror(resolved) + ")");
+    if (resolved == 0) {
       bool up = false;
       for (const addrinfo* a = found; a && !up; a = a->ai_next) {
         const int fd = ::socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
@@ -131,9 +135,17 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend)
   const auto ms = config.timeout.count();  // --dist-timeout's seconds; ms where a caller gives less
   const std::string within = ms % 1000 == 0 ? std::to_string(ms / 1000) + " s" : std::to_string(ms) + " ms";
   const std::string start_all = ": start every rank, with the same --master-addr and --master-port";
-  if (!so.isServer && !listening_within(config.master_addr, config.master_port, config.timeout))
-    throw std::runtime_error(who + ": no rendezvous at " + where + " within " + within + " (rank 0 is not listening)" +
-                             start_all);
+  if (!so.isServer) {
+    bool up = false;
+    try {
+      up = listening_within(config.master_addr, config.master_port, config.timeout);
+    } catch (const std::exception& e) {
+      throw std::runtime_error(who + ": " + e.what());
+    }
+    if (!up)
+      throw std::runtime_error(who + ": no rendezvous at " + where + " within " + within + " (rank 0 is not " +
+                               "listening)" + start_all);
+  }
   try {
     impl_->store = c10::make_intrusive<c10d::TCPStore>(config.master_addr, so);
   } catch (const std::exception& e) {

@@ -5,12 +5,14 @@
 #include <blpa/loader.h>
 #include <blpa/resnet.h>
 #include <blpa/train.h>
+#include <netdb.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <fstream>
+#include <iostream>
 #include <iterator>
 #include <regex>
 #include <set>
@@ -206,6 +208,27 @@ TEST_CASE("distributed: a rank whose rank 0 never comes says so within the timeo
                  "--master-port") != std::string::npos);
   CHECK(seconds >= 1.4);
   CHECK(seconds < 3.0);  // the limit, and not 2.5 times it: generous for a loaded machine
+}
+
+// A --master-addr that names no host waited the whole timeout and blamed rank 0.
+TEST_CASE("distributed: a --master-addr that does not resolve is said at once", "[distributed]") {
+  addrinfo* found = nullptr;
+  const int direct = ::getaddrinfo("nosuchhost.invalid", "80", nullptr, &found);
+  if (found) ::freeaddrinfo(found);
+  if (direct == EAI_AGAIN) {  // no resolver answers here: the name might exist, so it is waited for
+    std::cout << "BLPA_SKIP: this machine's resolver does not answer (EAI_AGAIN)" << std::endl;
+    return;
+  }
+  DistConfig c = two_ranks(1, free_port());
+  c.master_addr = "nosuchhost.invalid";
+  c.timeout = std::chrono::seconds(60);
+  std::string why;
+  try {
+    Distributed alone(c, "gloo");
+  } catch (const std::exception& e) {
+    why = e.what();
+  }
+  CHECK(why.find("rank 1 of 2: --master-addr nosuchhost.invalid cannot be resolved (") != std::string::npos);
 }
 
 // NCCL needs a GPU per rank; one rank on one GPU still runs NCCL's communicator, its
