@@ -95,14 +95,23 @@ inline size_t edit_distance(const std::string& a, const std::string& b) {
   return row[b.size()];
 }
 
-// " (did you mean --X?)" for a mistyped option: the options it begins, or within two edits
-// (one for three letters or fewer); nothing where more than three are that close.
+// " (did you mean --X?)" for a mistyped option: first the options that share a word with it
+// (--port: --master-port; --augment: --no-augment; --batch-size: --batch) or that it begins,
+// as a plural too (--iters: --iterations); else those within two edits (one for three letters
+// or fewer). Nothing where more than three are that close.
 inline std::string did_you_mean(cxxopts::Options& o, const std::string& typed) {
-  std::vector<std::string> close;
-  for (const auto& name : long_names(o))
-    if ((typed.size() >= 3 && name.rfind(typed, 0) == 0) ||
-        edit_distance(typed, name) <= (typed.size() <= 3 ? 1 : 2))
-      close.push_back("--" + name);
+  const std::string stem = typed.size() > 3 && typed.back() == 's' ? typed.substr(0, typed.size() - 1) : typed;
+  std::vector<std::string> strong, near;
+  for (const auto& name : long_names(o)) {
+    const std::string words = "-" + name + "-", typed_words = "-" + typed + "-";
+    if (words.find(typed_words) != std::string::npos ||
+        (name.size() >= 4 && typed_words.find(words) != std::string::npos) ||
+        (stem.size() >= 3 && name.rfind(stem, 0) == 0))
+      strong.push_back("--" + name);
+    else if (edit_distance(typed, name) <= (typed.size() <= 3 ? 1 : 2))
+      near.push_back("--" + name);
+  }
+  const auto& close = strong.empty() ? near : strong;
   if (close.empty() || close.size() > 3) return "";
   std::string list = close[0];
   for (size_t i = 1; i < close.size(); ++i) list += (i + 1 == close.size() ? " or " : ", ") + close[i];

@@ -154,6 +154,10 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"--model", "resnet20"}, "the depth is a flag of its own: --model cifar --depth 20"},
       {{"--data", "x"}, "does not exist (did you mean --data-dir or --dataset?)"},
       {{"--lr-step", "5"}, "does not exist (did you mean --lr-steps?)"},
+      {{"--port", "5"}, "does not exist (did you mean --master-port?)"},  // was --export, by two edits
+      {{"--iters", "5"}, "does not exist (did you mean --iterations?)"},
+      {{"--augment"}, "does not exist (did you mean --no-augment?)"},
+      {{"--batch-size", "5"}, "does not exist (did you mean --batch?)"},
       {{"--checkpoint", "a.ckpt", "--log", "a.ckpt"}, "name the same file"},
       {{"--checkpoint", "a.ckpt", "--resume", "--overwrite"}, "give one of them"},
       {{"--master-port", "70000"}, "--master-port 70000: must be in 1..65535"},
