@@ -89,6 +89,12 @@ int main(int argc, char** argv) {
   }
   try {
     const auto r = blpa::evaluate_checkpoint(e);
+    // No image scored: "100% error, loss 0" would read as a result.
+    if (r.count == 0 && !r.interrupted) {
+      std::cerr << fmt::format("blpa-eval: {}: no image could be evaluated ({} could not be read or decoded)\n",
+                               e.checkpoint, r.failed);
+      return 1;
+    }
     const bool finite = std::isfinite(r.loss);
     if (json)
       fmt::print("{{\"checkpoint\": {}, \"precision\": \"{}\", \"memory_format\": \"{}\", \"ten_crop\": {}, "
@@ -100,7 +106,7 @@ int main(int argc, char** argv) {
     else
       fmt::print("{}: {} images{}: top-1 error {:.2f}%, top-5 error {:.2f}%, loss {:.4f}{}\n", e.checkpoint, r.count,
                  e.options.ten_crop ? " (10 crops)" : "", 100 * (1 - r.top1), 100 * (1 - r.top5), r.loss,
-                 r.failed ? fmt::format(" ({} images could not be decoded)", r.failed) : "");
+                 r.failed ? fmt::format(" ({} could not be read or decoded)", r.failed) : "");
     // Finite weights can still be too large for the forward pass: those of a run in the
     // iterations before its loss became NaN. The scores above are then meaningless.
     if (!finite) {

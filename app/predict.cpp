@@ -115,8 +115,9 @@ std::vector<std::string> read_lines(const std::string& path, const std::string& 
 }
 
 // --class-names FILE, else the data set's fixed names, else (ImageNet trained from folders)
-// the class folders of <data_dir>/train in sorted order, as the trainer numbered them. Empty
-// when none are known or they do not fit the network.
+// the names the checkpoint recorded, or for one from before it recorded them the class folders
+// of <data_dir>/train in sorted order, as the trainer numbered them. Empty when none are known
+// or they do not fit the network.
 std::vector<std::string> class_names(const blpa::Checkpoint& ck, const std::string& names_file) {
   const int64_t classes = ck.net.num_classes;
   if (!names_file.empty()) {
@@ -129,6 +130,8 @@ std::vector<std::string> class_names(const blpa::Checkpoint& ck, const std::stri
   }
   auto kv = ck.config;
   std::vector<std::string> names = fixed_class_names(kv["dataset"]);
+  if (const auto trained = blpa::checkpoint_classes(ck); static_cast<int64_t>(trained.size()) == classes)
+    return trained;  // as the run numbered them
   if (kv["dataset"] == "imagenet" && !kv["data_dir"].empty() && kv["train_list"].empty()) {
     for (const auto& e : list_dir(kv["data_dir"] + "/train"))
       if (e.dir) names.push_back(e.name);

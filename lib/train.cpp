@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <iterator>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -279,6 +280,43 @@ std::string default_cache_dir() {
   return home && *home ? std::string(home) + "/.cache/blpa" : "";
 }
 
+std::vector<std::string> checkpoint_classes(const Checkpoint& ck) {
+  std::vector<std::string> names;
+  const auto at = ck.config.find("classes");
+  if (at == ck.config.end() || at->second.empty()) return names;
+  std::istringstream in(at->second);
+  for (std::string name; std::getline(in, name, ',');) names.push_back(name);
+  return names;
+}
+
+namespace {
+
+// A folder's labels renumbered as the checkpoint's run numbered its classes (by name): a
+// val/ with a class folder missing or renamed was numbered otherwise, and scored with
+// shifted labels. A class the network was not trained on is refused.
+void relabel_as_trained(data::ImageList& list, const std::vector<std::string>& trained, const std::string& where) {
+  if (trained.empty() || list.classes.empty() || list.classes == trained) return;
+  std::map<std::string, int64_t> index;
+  for (size_t i = 0; i < trained.size(); ++i) index[trained[i]] = static_cast<int64_t>(i);
+  std::vector<int64_t> to(list.classes.size());
+  for (size_t i = 0; i < list.classes.size(); ++i) {
+    const auto at = index.find(list.classes[i]);
+    if (at == index.end())
+      throw std::runtime_error(fmt::format("{}: class folder {} is not one of the {} classes the network was trained "
+                                           "on",
+                                           where, list.classes[i], trained.size()));
+    to[i] = at->second;
+  }
+  for (auto& label : list.labels) label = to[static_cast<size_t>(label)];
+  if (list.classes.size() < trained.size())
+    spdlog::warn("{}: {} of the network's {} classes have no folder here; the others are scored under their "
+                 "trained labels", where, trained.size() - list.classes.size(), trained.size());
+  list.classes = trained;
+  list.num_classes = static_cast<int64_t>(trained.size());
+}
+
+}  // namespace
+
 std::string checkpoint_data_dir(const Checkpoint& ck, const std::string& given) {
   if (!given.empty()) return given;
   const auto at = ck.config.find("data_dir");
@@ -314,10 +352,17 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e) {
   };
   if (dataset == "imagenet") {
     data::ScanReport report;
-    data::ImageList val = !e.val_list.empty() ? data::read_image_list(e.val_list, e.data_dir)
-                          : !kv["val_list"].empty() ? data::read_image_list(kv["val_list"], kv["data_dir"])
+    // A list's relative paths: from --data-dir, else from the run's folder where it is still
+    // there, else from the list's own folder.
+    std::error_code ec;
+    const std::string base = !e.data_dir.empty() ? e.data_dir
+                             : fs::is_directory(kv["data_dir"], ec) ? kv["data_dir"]
+                                                                    : std::string();
+    data::ImageList val = !e.val_list.empty() ? data::read_image_list(e.val_list, base)
+                          : !kv["val_list"].empty() ? data::read_image_list(kv["val_list"], base)
                           : data::scan_image_folder(dir + "/val", e.index_cache, std::max(4, e.options.workers), &report);
     data::print_scan_warnings(report, dir + "/val");  // as blpa-train's scan
+    relabel_as_trained(val, checkpoint_classes(ck), dir + "/val");
     if (val.num_classes > ck.net.num_classes)
       throw std::runtime_error("the validation labels go up to " + std::to_string(val.num_classes - 1) +
                                "; the network has " + std::to_string(ck.net.num_classes) + " classes");
@@ -1230,6 +1275,43 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
                  num_classes);
   }
 
+  // What the checkpoints record of the ImageNet data, for a resume to find the same: the class
+  // names in label order, and the training images (their number, and a hash of their paths
+  // and labels, which fix the data order).
+  std::string data_record;
+  if (config.dataset == "imagenet") {
+    uint64_t hash = 1469598103934665603ull;  // FNV-1a, 64 bits: the same on every build
+    auto mix = [&](const std::string& text) {
+      for (const unsigned char ch : text) hash = (hash ^ ch) * 1099511628211ull;
+      hash = (hash ^ 0xffu) * 1099511628211ull;  // a separator no path holds
+    };
+    for (int64_t i = 0; i < train_list.size(); ++i)
+      mix(train_list.paths[static_cast<size_t>(i)] + "," + std::to_string(train_list.labels[static_cast<size_t>(i)]));
+    data_record = fmt::format("classes={}\ntrain_images={}\ntrain_index={:016x}\n", fmt::join(train_list.classes, ","),
+                              train_list.size(), hash);
+    if (resumed) {
+      const auto trained = checkpoint_classes(*resumed);
+      if (!trained.empty() && trained != train_list.classes) {
+        std::vector<std::string> gone, added;
+        std::set_difference(trained.begin(), trained.end(), train_list.classes.begin(), train_list.classes.end(),
+                            std::back_inserter(gone));
+        std::set_difference(train_list.classes.begin(), train_list.classes.end(), trained.begin(), trained.end(),
+                            std::back_inserter(added));
+        throw FlagError(fmt::format("--resume: the training classes are not the checkpoint's{}{}: its labels would "
+                                    "mean other classes; resume with the data it was trained on",
+                                    gone.empty() ? "" : fmt::format(" ({} gone: {})", gone.size(), gone.front()),
+                                    added.empty() ? "" : fmt::format(" ({} new: {})", added.size(), added.front())));
+      }
+      const auto kv = resumed->config;
+      const auto images = kv.find("train_images"), index = kv.find("train_index");
+      if (index != kv.end() && index->second != fmt::format("{:016x}", hash))
+        spdlog::warn("--resume: the training images are not the checkpoint's ({} then, {} now, or other files or "
+                     "labels): the run continues, but its data order is not the first run's, so it is not the run "
+                     "that would have been trained without the stop",
+                     images != kv.end() ? images->second : "?", train_list.size());
+    }
+  }
+
   // Bad input found here loses nothing: no output has been opened yet.
   const int64_t n_train = config.dataset == "imagenet" ? static_cast<int64_t>(train_list.size()) : train_set.size();
   if (config.batch * config.dist.world > n_train)
@@ -1484,6 +1566,10 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       spdlog::warn("evaluation at iteration {} interrupted; it runs first when the run resumes", it);
       return false;
     }
+    if (e.count == 0)  // "100% error, loss 0" would read as a result; the checkpoint keeps it due
+      throw std::runtime_error(fmt::format("the evaluation after iteration {} could evaluate no image ({} could not "
+                                           "be read or decoded)",
+                                           it, e.failed));
     result.test_loss = e.loss;
     result.test_acc = e.top1;
     result.test_top5 = e.top5;
@@ -1537,7 +1623,8 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     // evaluated: whether this iteration's evaluation ran. A run stopped part-way and resumed
     // with --iterations at the checkpoint's has not been evaluated at its (new) end.
     const std::string header =
-        config.describe() + "run_id=" + config.run_id + "\nevaluated=" + (eval_iter == it ? "1" : "0") + "\n";
+        config.describe() + "run_id=" + config.run_id + "\nevaluated=" + (eval_iter == it ? "1" : "0") + "\n" +
+        data_record;
     save_checkpoint(config.checkpoint, config.identity(), header, s, model, opt);
     last_good = it;
   };

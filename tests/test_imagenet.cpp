@@ -399,6 +399,67 @@ TEST_CASE("train: blpa-train trains on an ImageNet folder and blpa-eval scores i
   CHECK(json.find("\"top5\": 1.000000") != std::string::npos);  // 3 classes: the top 5 hold them all
   CHECK(std::system((std::string(BLPA_EVAL_EXE) + " --checkpoint " + (root / "none.pt").string() + " >/dev/null 2>&1").c_str()) != 0);
 
+  // Run from elsewhere, a --val-list's paths are the run's folder's (they were the list's
+  // folder's: every image "could not be decoded"); a list of no readable image is an error,
+  // not "100% error, loss 0".
+  const auto shell = [&](const std::string& cmd) {
+    const int status = std::system((cmd + " > " + (root / "cmd.out").string() + " 2>&1").c_str());
+    std::ifstream f(root / "cmd.out");
+    return std::pair{WEXITSTATUS(status), std::string((std::istreambuf_iterator<char>(f)), {})};
+  };
+  fs::create_directories(root / "lists");
+  std::ofstream(root / "lists" / "one.csv") << "val/n01/img0.JPEG,1\n";
+  std::ofstream(root / "lists" / "broken.csv") << "val/n01/broken.JPEG,1\n";
+  const std::string eval = std::string(BLPA_EVAL_EXE) + " --checkpoint " + ck + " --resize 64 --crop 56 --json ";
+  const auto one = shell(eval + "--val-list " + (root / "lists" / "one.csv").string());
+  CAPTURE(one.second);
+  CHECK(one.first == 0);
+  CHECK(one.second.find("\"images\": 1, \"failed\": 0") != std::string::npos);
+  const auto none = shell(eval + "--val-list " + (root / "lists" / "broken.csv").string());
+  CAPTURE(none.second);
+  CHECK(none.first == 1);
+  CHECK(none.second.find("no image could be evaluated (1 could not be read or decoded)") != std::string::npos);
+
+  // The checkpoint keeps the classes' names as it numbered them. A val/ without n00 was
+  // numbered n01 -> 0, n02 -> 1 and scored against shifted labels; a class the network never
+  // saw is refused; blpa-predict names the classes as trained, whatever train/ holds now.
+  fs::rename(root / "val" / "n00", root / "val-n00");
+  const auto fewer = shell(eval);
+  CAPTURE(fewer.second);
+  CHECK(fewer.first == 0);
+  CHECK(fewer.second.find("1 of the network's 3 classes have no folder here") != std::string::npos);
+  fs::rename(root / "val" / "n01", root / "val" / "n09");
+  const auto unknown = shell(eval);
+  CHECK(unknown.first == 1);
+  CHECK(unknown.second.find("class folder n09 is not one of the 3 classes the network was trained on") !=
+        std::string::npos);
+  fs::rename(root / "val" / "n09", root / "val" / "n01");
+  fs::rename(root / "val-n00", root / "val" / "n00");
+  fs::rename(root / "train" / "n00", root / "train" / "n99");
+  fs::rename(root / "val" / "n00", root / "val" / "n99");
+  const auto named = shell(std::string(BLPA_PREDICT_EXE) + " --checkpoint " + ck + " --top-k 3 " +
+                           (root / "val" / "n01" / "img0.JPEG").string());
+  CAPTURE(named.second);
+  CHECK(named.first == 0);
+  CHECK(named.second.find("\"name\": \"n00\"") != std::string::npos);
+  CHECK(named.second.find("n99") == std::string::npos);
+  // A resume on those folders would train n99's images as class 0: refused. One on the same
+  // classes with an image fewer goes on, saying its data order is not the first run's.
+  const std::string resume = train_cmd.substr(0, train_cmd.find(" >")) + " --iterations 3 --resume";
+  const auto renamed = shell(resume);
+  CAPTURE(renamed.second);
+  CHECK(renamed.first == 2);
+  CHECK(renamed.second.find("--resume: the training classes are not the checkpoint's (1 gone: n00) (1 new: n99)") !=
+        std::string::npos);
+  fs::rename(root / "train" / "n99", root / "train" / "n00");
+  fs::rename(root / "val" / "n99", root / "val" / "n00");
+  fs::remove(root / "train" / "n02" / "img3.JPEG");
+  const auto fewer_images = shell(resume);
+  CAPTURE(fewer_images.second);
+  CHECK(fewer_images.first == 0);
+  CHECK(fewer_images.second.find("--resume: the training images are not the checkpoint's (12 then, 11 now") !=
+        std::string::npos);
+
   // The same data through list files, paths relative to --data-dir.
   {
     std::ofstream tl(root / "train.csv"), vl(root / "val.csv");

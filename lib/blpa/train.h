@@ -171,6 +171,10 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e);
 // which must still be there: a runtime_error says to give --data-dir.
 std::string checkpoint_data_dir(const Checkpoint& ck, const std::string& given);
 
+// The class names (ImageNet's folders) in the order the checkpoint's run numbered them; empty
+// for data sets without named folders and for checkpoints from before they were recorded.
+std::vector<std::string> checkpoint_classes(const Checkpoint& ck);
+
 // The precision an evaluation of a checkpoint runs in: `requested` (numerics_for's names), or
 // for "auto" the one the network was trained in, `trained` (the checkpoint's "precision"; empty
 // for one from before --precision: the device's default), so that blpa-eval and blpa-predict
