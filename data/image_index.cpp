@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <iterator>
 #include <atomic>
 #include <cerrno>
 #include <charconv>
@@ -267,11 +268,15 @@ ImageList parse_image_list(std::istream& in, const std::string& name, const std:
   std::string line;
   for (int64_t no = 1; std::getline(in, line); ++no) {
     if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (no == 1 && line.rfind("\xEF\xBB\xBF", 0) == 0) line.erase(0, 3);  // a UTF-8 byte-order mark, invisible
     if (line.empty() || line[0] == '#') continue;
     const std::string at = name + ":" + std::to_string(no) + ": ";
     const auto comma = line.rfind(',');  // paths may contain commas, labels do not
-    const std::string_view label_text =
+    std::string_view label_text =
         comma == std::string::npos ? std::string_view{} : std::string_view(line).substr(comma + 1);
+    while (!label_text.empty() && (label_text.front() == ' ' || label_text.front() == '\t'))  // "path, 3"
+      label_text.remove_prefix(1);
+    while (!label_text.empty() && (label_text.back() == ' ' || label_text.back() == '\t')) label_text.remove_suffix(1);
     int64_t label = 0;
     if (comma == std::string::npos || comma == 0 || label_text.empty() ||
         !std::all_of(label_text.begin(), label_text.end(), [](char c) { return c >= '0' && c <= '9'; }))
@@ -319,6 +324,10 @@ void print_scan_warnings(const ScanReport& r, const std::string& dir) {
   if (!r.unreadable.empty())
     std::fprintf(stderr, "warning: %s: %zu unreadable images left out (first: %s)\n", dir.c_str(),
                  r.unreadable.size(), r.unreadable[0].c_str());
+  if (r.skipped > 0)  // torchvision's ImageFolder would read a PNG among them
+    std::fprintf(stderr, "warning: %s: %lld entries in class folders are not .jpg/.jpeg files (other files, or "
+                 "folders) and are left out\n",
+                 dir.c_str(), static_cast<long long>(r.skipped));
 }
 
 ImageNetSplits load_imagenet(const std::string& root, const std::string& cache_dir, int threads) {
@@ -329,17 +338,18 @@ ImageNetSplits load_imagenet(const std::string& root, const std::string& cache_d
     print_scan_warnings(r, root + "/" + name);
   }
   if (s.train.classes != s.val.classes) {
-    std::string first;
-    for (size_t i = 0; i < std::max(s.train.classes.size(), s.val.classes.size()); ++i) {
-      const std::string t = i < s.train.classes.size() ? s.train.classes[i] : "(none)";
-      const std::string v = i < s.val.classes.size() ? s.val.classes[i] : "(none)";
-      if (t != v) {
-        first = "class " + std::to_string(i) + " is " + t + " in train but " + v + " in val";
-        break;
-      }
-    }
-    throw std::runtime_error(root + ": train has " + std::to_string(s.train.num_classes) + " classes and val " +
-                             std::to_string(s.val.num_classes) + "; they must be the same (" + first + ")");
+    // What differs, by name (the counts may agree where a folder is named otherwise).
+    auto only_in = [](const std::vector<std::string>& a, const std::vector<std::string>& b, const char* split) {
+      std::vector<std::string> d;
+      std::set_difference(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(d));
+      if (d.empty()) return std::string();
+      return "; only in " + std::string(split) + "/: " + d.front() +
+             (d.size() > 1 ? " and " + std::to_string(d.size() - 1) + " more" : std::string());
+    };
+    throw std::runtime_error(root + ": train/ has " + std::to_string(s.train.num_classes) + " classes and val/ " +
+                             std::to_string(s.val.num_classes) + ", which must be the same folders" +
+                             only_in(s.train.classes, s.val.classes, "train") +
+                             only_in(s.val.classes, s.train.classes, "val"));
   }
   return s;
 }

@@ -1252,7 +1252,19 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     if (!config.train_list.empty()) {  // paths relative to --data-dir if given, else to each list's folder
       splits.train = data::read_image_list(config.train_list, config.data_dir);
       splits.val = data::read_image_list(config.val_list, config.data_dir);
-      splits.train.num_classes = splits.val.num_classes = std::max(splits.train.num_classes, splits.val.num_classes);
+      // A validation label the training labels never reach gave the network outputs never trained.
+      if (splits.val.num_classes > splits.train.num_classes)
+        throw std::runtime_error(fmt::format("--val-list {}: its labels go up to {}, --train-list's to {}: the network "
+                                             "would be scored on classes it was never trained on",
+                                             config.val_list, splits.val.num_classes - 1,
+                                             splits.train.num_classes - 1));
+      std::vector<bool> seen(static_cast<size_t>(splits.train.num_classes));
+      for (const int64_t label : splits.train.labels) seen[static_cast<size_t>(label)] = true;
+      if (const auto unseen = std::count(seen.begin(), seen.end(), false); unseen > 0)
+        spdlog::warn("--train-list {}: {} of its labels 0 to {} have no image (the network still has an output for "
+                     "each)",
+                     config.train_list, unseen, splits.train.num_classes - 1);
+      splits.val.num_classes = splits.train.num_classes;
     } else {
       splits = data::load_imagenet(dir, config.index_cache, std::max(4, config.workers));
     }
@@ -1314,6 +1326,11 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
 
   // Bad input found here loses nothing: no output has been opened yet.
   const int64_t n_train = config.dataset == "imagenet" ? static_cast<int64_t>(train_list.size()) : train_set.size();
+  if (lead && config.train_subset > n_train)
+    spdlog::warn("--train-subset {} is more than the {} training images: all are used", config.train_subset, n_train);
+  if (lead && config.dataset == "imagenet" && config.arch == "cifar")
+    spdlog::warn("a CIFAR-style network (--model cifar) on ImageNet images: --preset imagenet gives ResNet-152 and "
+                 "its protocol");
   if (config.batch * config.dist.world > n_train)
     throw FlagError(fmt::format("--batch {}{} exceeds the {} training images", config.batch,
                                 config.dist.world > 1 ? fmt::format(" x {} ranks", config.dist.world) : "",

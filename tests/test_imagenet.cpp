@@ -105,7 +105,12 @@ TEST_CASE("imagenet: splits with different classes are refused and a list file i
   write_bytes(root / "train" / "n02" / "b.JPEG", jpeg_of(20, 20, 2));
   write_bytes(root / "val" / "n01" / "a.JPEG", jpeg_of(20, 20, 3));
   CHECK_THROWS_WITH(load_imagenet(root.string(), "", 2),
-                    Catch::Contains("train has 2 classes and val 1") && Catch::Contains("class 1 is n02"));
+                    Catch::Contains("train/ has 2 classes and val/ 1, which must be the same folders; only in "
+                                    "train/: n02"));
+  write_bytes(root / "val" / "n03" / "c.JPEG", jpeg_of(20, 20, 4));  // as many, one named otherwise
+  CHECK_THROWS_WITH(load_imagenet(root.string(), "", 2),
+                    Catch::Contains("train/ has 2 classes and val/ 2, which must be the same folders; only in "
+                                    "train/: n02; only in val/: n03"));
   CHECK_THROWS_WITH(scan_image_folder((root / "missing").string(), "", 1, nullptr), Catch::Contains("missing"));
 
   std::ofstream(root / "list.csv") << "# path,label\nn01/a.JPEG,0\n\nweird,name.JPEG,7\n";

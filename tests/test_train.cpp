@@ -314,13 +314,17 @@ TEST_CASE("train: --preset imagenet sets the paper's protocol and explicit flags
     std::ifstream f(out);
     return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
   };
-  const std::string p = config("--preset imagenet --data-dir /data/imagenet");
+  // A folder of ImageNet's layout (--print-config looks at it, as the run does).
+  fs::create_directories(dir / "imagenet" / "train");
+  fs::create_directories(dir / "imagenet" / "val");
+  const std::string data = " --data-dir " + (dir / "imagenet").string();
+  const std::string p = config("--preset imagenet" + data);
   const std::string mode = "mode=" + blpa::ModeConfig{blpa::Mode::blpa, 4}.str() + "\n";  // the default window
   for (const char* kv : {"dataset=imagenet\n", "arch=imagenet\n", "depth=152\n", "batch=256\n",
                                 "iterations=640000\n", "lr=0.1\n", "warmup=0\n", "steps=160000,320000,480000\n",
                                 "weight_decay=0.0001\n", mode.c_str()})
     CHECK(p.find(kv) != std::string::npos);
-  const std::string o = config("--preset imagenet --data-dir /data/imagenet --batch 64 --accum-steps 2 --depth 50");
+  const std::string o = config("--preset imagenet" + data + " --batch 64 --accum-steps 2 --depth 50");
   CHECK(o.find("batch=64\n") != std::string::npos);
   CHECK(o.find("depth=50\n") != std::string::npos);
   CHECK(o.find("accum_steps=2\n") != std::string::npos);
