@@ -101,13 +101,33 @@ std::string absolute(const std::string& p) {
 }
 
 // The cache is keyed by the folder and, for each class folder, its name and modification
-// time, which changes whenever an entry is added, removed or renamed in it.
+// time, which changes whenever an entry is added, removed or renamed in it. The name starts
+// with the folder's own hash, so that the lists of its earlier states can be found and removed
+// (ImageNet's is some 45 MB, and each change of the tree made another).
+std::string cache_prefix(const std::string& dir) {
+  char name[64];
+  std::snprintf(name, sizeof name, "image-index-%016llx-",
+                static_cast<unsigned long long>(fnv1a(0xCBF29CE484222325ull, absolute(dir))));
+  return name;
+}
+
 std::string cache_path(const std::string& cache_dir, const std::string& dir, const std::vector<std::string>& classes) {
   uint64_t h = fnv1a(0xCBF29CE484222325ull, absolute(dir));
   for (const auto& c : classes) h = fnv1a(fnv1a(h, c), std::to_string(mtime_ns(dir + "/" + c)));
-  char name[64];
-  std::snprintf(name, sizeof name, "/image-index-%016llx.txt", static_cast<unsigned long long>(h));
-  return cache_dir + name;
+  char name[32];
+  std::snprintf(name, sizeof name, "%016llx.txt", static_cast<unsigned long long>(h));
+  return cache_dir + "/" + cache_prefix(dir) + name;
+}
+
+// Removes the cached lists of `dir` other than `kept` (its earlier states).
+void remove_stale_caches(const std::string& cache_dir, const std::string& dir, const std::string& kept) {
+  const std::string prefix = cache_prefix(dir), name = kept.substr(kept.rfind('/') + 1);
+  try {
+    for (const auto& e : list_dir(cache_dir))
+      if (!e.dir && e.name.rfind(prefix, 0) == 0 && e.name != name && e.name.find(".tmp") == std::string::npos)
+        ::unlink((cache_dir + "/" + e.name).c_str());
+  } catch (const std::exception&) {  // a cache folder that cannot be listed keeps what it has
+  }
 }
 
 constexpr const char* kIndexMagic = "blpa-image-index 1";
@@ -258,6 +278,7 @@ ImageList scan_image_folder(const std::string& dir, const std::string& cache_dir
       ::mkdir(cache_dir.substr(0, slash).c_str(), 0755);  // mkdir -p; failures show as a missing cache
     ::mkdir(cache_dir.c_str(), 0755);
     r.cache_unwritten = write_cache(cache, out);
+    if (r.cache_unwritten.empty()) remove_stale_caches(cache_dir, dir, cache);
   }
   return out;
 }

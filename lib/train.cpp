@@ -1459,6 +1459,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   double train_seconds = 0;  // training only, without evaluations and checkpoints
   int64_t train_images = 0, stored = 0, peak_max = 0;
   int64_t eval_iter = -1;  // the iteration of this process's last evaluation (-1: none)
+  int64_t eval_images = 0, eval_failed = 0;  // its images scored, and those left out (unreadable)
   // The first window's part from before a resume: in its log record, not in this process's
   // train_s and images/s.
   double carried_seconds = state.window_seconds;
@@ -1502,13 +1503,14 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     return fmt::format(
         "{{\"type\": \"summary\", \"status\": \"{}\", \"iter\": {}, \"iterations\": {}, \"time\": {:.3f}, "
         "\"wall_s\": {:.3f}, \"train_s\": {:.3f}, \"last_loss\": {}, \"eval_iter\": {}, \"test_loss\": {}, "
-        "\"test_acc\": {}, \"test_top5\": {}, \"test_error\": {}, \"images_per_s\": {:.2f}, "
-        "\"stored_activation_bytes\": {}, \"peak_bytes\": {}, \"decode_failures\": {}, \"graphed\": {}, "
-        "\"error\": {}, \"config\": {}}}\n",
+        "\"test_acc\": {}, \"test_top5\": {}, \"test_error\": {}, \"test_images\": {}, \"test_failed\": {}, "
+        "\"images_per_s\": {:.2f}, \"stored_activation_bytes\": {}, \"peak_bytes\": {}, \"decode_failures\": {}, "
+        "\"graphed\": {}, \"error\": {}, \"config\": {}}}\n",
         status, it, config.iterations, unix_time(), unix_time() - start_time, secs,
         json_loss(result.last_loss),  // null: none trained
         known ? std::to_string(eval_iter) : "null", known ? json_loss(result.test_loss) : "null", test(result.test_acc),
-        test(result.test_top5), test(1 - result.test_acc), secs > 0 ? images / secs : 0.0, stored,
+        test(result.test_top5), test(1 - result.test_acc), known ? std::to_string(eval_images) : "null",
+        known ? std::to_string(eval_failed) : "null", secs > 0 ? images / secs : 0.0, stored,
         std::max(peak_max, memory::peak(dev)), decode_errors.count.load(), graphed != nullptr,
         error.empty() ? std::string("null") : json_string(error), config.json());
   };
@@ -1591,11 +1593,15 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     result.test_acc = e.top1;
     result.test_top5 = e.top5;
     eval_iter = it;
+    eval_images = e.count, eval_failed = e.failed;
     log.write(fmt::format("{{\"type\": \"eval\", \"iter\": {}, \"time\": {:.3f}, \"test_loss\": {}, "
                           "\"test_acc\": {:.6f}, \"test_top5\": {:.6f}, \"images\": {}, \"failed\": {}}}\n",
                           it, unix_time(), json_loss(e.loss), e.top1, e.top5, e.count, e.failed));
-    spdlog::info("iteration {}: test loss {:.4f}, test error {:.2f}% (top-5 error {:.2f}%)", it, e.loss,
-                 100 * (1 - e.top1), 100 * (1 - e.top5));
+    spdlog::info("iteration {}: test loss {:.4f}, test error {:.2f}% (top-5 error {:.2f}%){}", it, e.loss,
+                 100 * (1 - e.top1), 100 * (1 - e.top5),
+                 e.failed > 0 ? fmt::format("; {} of {} images could not be read or decoded", e.failed,
+                                            e.count + e.failed)
+                              : "");
     eval_overflowed = !std::isfinite(e.loss);
     return true;
   };

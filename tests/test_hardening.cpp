@@ -1474,6 +1474,7 @@ TEST_CASE("hardening: --summary writes one JSON object with the status and final
   CHECK(json.find("\"test_acc\": ") != std::string::npos);
   CHECK(json.find("\"mode\": \"plain\"") != std::string::npos);
   CHECK(json.find("\"eval_iter\": 4, ") != std::string::npos);
+  CHECK(json.find("\"test_images\": 64, \"test_failed\": 0, ") != std::string::npos);
   CHECK(number_field(json, "images_per_s") > 0);
   CHECK(number_field(json, "train_s") <= number_field(json, "wall_s"));
   const Run d = train(small(dir, {"--summary", s, "--overwrite", "--lr", "1e30", "--iterations", "50"}), dir);

@@ -89,6 +89,11 @@ TEST_CASE("imagenet: classes are numbered in sorted wnid order and the index cac
   CHECK(grown.size() == 5);
   CHECK(grown.labels.back() == 3);
   CHECK(r.empty_classes.empty());
+  // The list of the folder before the change is gone from the cache (one a change, each as
+  // large as the list: ImageNet's is some 45 MB).
+  int cached = 0;
+  for (const auto& e : fs::directory_iterator(cache)) cached += e.path().filename().string().rfind("image-index-", 0) == 0;
+  CHECK(cached == 1);
 
   if (::geteuid() != 0) {  // root reads everything: the check needs an ordinary user
     ::chmod((train / "n02" / "b1.jpeg").c_str(), 0);
@@ -391,6 +396,11 @@ TEST_CASE("train: blpa-train trains on an ImageNet folder and blpa-eval scores i
   std::string text((std::istreambuf_iterator<char>(logf)), std::istreambuf_iterator<char>());
   CHECK(text.find("\"type\": \"eval\"") != std::string::npos);
   CHECK(text.find("\"images\": 6, \"failed\": 1") != std::string::npos);  // broken.JPEG left out
+  {  // and said where the scores are printed
+    std::ifstream f(root / "train.out");
+    CHECK(std::string((std::istreambuf_iterator<char>(f)), {}).find("; 1 of 7 images could not be read or decoded") !=
+          std::string::npos);
+  }
   CHECK(fs::exists(cache));  // the scan was cached
 
   const std::string eval_cmd = std::string(BLPA_EVAL_EXE) + " --checkpoint " + ck +
