@@ -158,7 +158,10 @@ Batch imagenet_train_batch(const ImageList& list, const std::vector<int64_t>& in
     const int short_side = train_short_side(a, key);  // decoded at the smallest DCT scale that keeps it
     // An image that does not decode is replaced by the next one in the list that does.
     for (int64_t tries = 0, idx = indices[i];; ++tries, idx = (idx + 1) % list.size()) {
-      if (tries == 100) throw std::runtime_error(list.root + ": 100 images in a row failed to decode");
+      if (tries == 100)  // a list's paths taken from the wrong folder, most often
+        throw std::runtime_error(list.root + ": 100 images in a row could not be read or decoded (the last: " +
+                                 list.paths[static_cast<size_t>((idx + list.size() - 1) % list.size())] +
+                                 "): are the images' paths relative to this folder?");
       const std::string path = list.root + "/" + list.paths[idx];
       Decoded d = decode_jpeg_file(path, short_side);
       if (d.status != DecodeStatus::ok) {

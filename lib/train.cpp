@@ -102,6 +102,10 @@ std::string resolve_dataset(const TrainConfig& c) {
     throw std::runtime_error(fmt::format("--dataset {}: --data-dir {} holds {}, not {}'s: give its folder, or "
                                          "leave --dataset out to train on what is there",
                                          c.dataset, c.data_dir, found->files, c.dataset));
+  // ImageNet's folder named one level too deep (its train/) failed as ".../train/train: cannot open".
+  if (!found && c.dataset == "imagenet")
+    throw std::runtime_error("--data-dir " + c.data_dir + ": no train/ and val/ folders: give the folder that holds "
+                             "them (or --train-list and --val-list)");
   return c.dataset;
 }
 

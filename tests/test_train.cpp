@@ -318,6 +318,16 @@ TEST_CASE("train: --preset imagenet sets the paper's protocol and explicit flags
   fs::create_directories(dir / "imagenet" / "train");
   fs::create_directories(dir / "imagenet" / "val");
   const std::string data = " --data-dir " + (dir / "imagenet").string();
+  {  // one level too deep: it failed as ".../train/train: cannot open directory"
+    const std::string deep = (dir / "imagenet" / "train").string();
+    const std::string cmd = std::string(BLPA_TRAIN_EXE) + " --print-config --preset imagenet --data-dir " + deep +
+                            " > " + out + " 2>&1";
+    CHECK(WEXITSTATUS(std::system(cmd.c_str())) == 1);
+    std::ifstream f(out);
+    CHECK(std::string((std::istreambuf_iterator<char>(f)), {}).find("--data-dir " + deep + ": no train/ and val/ "
+                                                                    "folders: give the folder that holds them") !=
+          std::string::npos);
+  }
   const std::string p = config("--preset imagenet" + data);
   const std::string mode = "mode=" + blpa::ModeConfig{blpa::Mode::blpa, 4}.str() + "\n";  // the default window
   for (const char* kv : {"dataset=imagenet\n", "arch=imagenet\n", "depth=152\n", "batch=256\n",
