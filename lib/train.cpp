@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <iterator>
 #include <cerrno>
 #include <chrono>
@@ -284,12 +285,41 @@ std::string default_cache_dir() {
   return home && *home ? std::string(home) + "/.cache/blpa" : "";
 }
 
+namespace {
+
+// Class names in the checkpoint's one-line `classes=` list: comma-separated, with '%', ',' and
+// line breaks written %XX (a folder's name may hold any of them).
+std::string class_list(const std::vector<std::string>& names) {
+  std::string out;
+  for (size_t i = 0; i < names.size(); ++i) {
+    if (i > 0) out += ',';
+    for (const char ch : names[i])
+      out += ch == '%' || ch == ',' || ch == '\n' || ch == '\r' ? fmt::format("%{:02X}", static_cast<unsigned char>(ch))
+                                                              : std::string(1, ch);
+  }
+  return out;
+}
+
+}  // namespace
+
 std::vector<std::string> checkpoint_classes(const Checkpoint& ck) {
   std::vector<std::string> names;
   const auto at = ck.config.find("classes");
   if (at == ck.config.end() || at->second.empty()) return names;
-  std::istringstream in(at->second);
-  for (std::string name; std::getline(in, name, ',');) names.push_back(name);
+  std::string name;
+  const std::string& text = at->second;
+  for (size_t i = 0; i <= text.size(); ++i) {
+    if (i == text.size() || text[i] == ',') {
+      names.push_back(name);
+      name.clear();
+    } else if (text[i] == '%' && i + 2 < text.size() && std::isxdigit(static_cast<unsigned char>(text[i + 1])) &&
+               std::isxdigit(static_cast<unsigned char>(text[i + 2]))) {
+      name += static_cast<char>(std::strtol(text.substr(i + 1, 2).c_str(), nullptr, 16));
+      i += 2;
+    } else {
+      name += text[i];
+    }
+  }
   return names;
 }
 
@@ -1303,7 +1333,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     };
     for (int64_t i = 0; i < train_list.size(); ++i)
       mix(train_list.paths[static_cast<size_t>(i)] + "," + std::to_string(train_list.labels[static_cast<size_t>(i)]));
-    data_record = fmt::format("classes={}\ntrain_images={}\ntrain_index={:016x}\n", fmt::join(train_list.classes, ","),
+    data_record = fmt::format("classes={}\ntrain_images={}\ntrain_index={:016x}\n", class_list(train_list.classes),
                               train_list.size(), hash);
     if (resumed) {
       const auto trained = checkpoint_classes(*resumed);

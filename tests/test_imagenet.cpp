@@ -1,5 +1,6 @@
 // The ImageNet pipeline: folder scan, labels, cache, bad files, crop geometry, colour jitter,
 // 10-crop batches and gradient accumulation.
+#include <blpa/checkpoint.h>
 #include <blpa/imagenet.h>
 #include <blpa/jpeg.h>
 #include <blpa/train.h>
@@ -493,4 +494,14 @@ TEST_CASE("train: blpa-train trains on an ImageNet folder and blpa-eval scores i
   std::string list_log((std::istreambuf_iterator<char>(lf)), std::istreambuf_iterator<char>());
   CHECK(list_log.find("\"images\": 6, \"failed\": 0") != std::string::npos);
   remove_tree(root);
+}
+
+// Class folders may be named with commas, '%' or line breaks: the checkpoint's one-line,
+// comma-separated list writes those %XX (a line break would have ended the header's line).
+TEST_CASE("imagenet: a checkpoint's class names read back whatever characters they hold", "[imagenet]") {
+  blpa::Checkpoint ck;
+  ck.config["classes"] = "n01,a%2Cb,c%25,d%0Ae,%zz,";
+  CHECK(blpa::checkpoint_classes(ck) == std::vector<std::string>{"n01", "a,b", "c%", "d\ne", "%zz", ""});
+  ck.config.erase("classes");  // a checkpoint from before they were recorded
+  CHECK(blpa::checkpoint_classes(ck).empty());
 }
