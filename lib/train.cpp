@@ -1080,7 +1080,8 @@ void agree_across_ranks(Distributed& dist, const std::string& mine) {
 // For the tests of what a failure part-way leaves: BLPA_TEST_FAIL="step:N" fails iteration N
 // (counted from 1) after its forward and backward passes, before its update, as running out of
 // memory in the backward pass or losing a peer in the gradients' all-reduce does;
-// "eval:N" fails the evaluation after iteration N. {"", 0}: none.
+// "eval:N" fails the evaluation after iteration N. {"", 0}: none. Only eager iterations are
+// failed: one replayed as a CUDA graph runs as captured.
 std::pair<std::string, int64_t> injected_failure() {
   const char* v = std::getenv("BLPA_TEST_FAIL");
   const std::string text = v ? v : "";
