@@ -111,6 +111,13 @@ inline std::string did_you_mean(cxxopts::Options& o, const std::string& typed) {
     else if (edit_distance(typed, name) <= (typed.size() <= 3 ? 1 : 2))
       near.push_back("--" + name);
   }
+  // A near name that holds a strong one is the more specific (--checkpoint-evry: not
+  // --checkpoint, which it holds, but --checkpoint-every).
+  for (auto& s : strong)
+    for (const auto& n : near)
+      if (n.find(s) != std::string::npos) s = n;
+  std::sort(strong.begin(), strong.end());
+  strong.erase(std::unique(strong.begin(), strong.end()), strong.end());
   const auto& close = strong.empty() ? near : strong;
   if (close.empty() || close.size() > 3) return "";
   std::string list = close[0];

@@ -5,14 +5,16 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <iterator>
 #include <atomic>
+#include <cctype>
 #include <cerrno>
 #include <charconv>
 #include <climits>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <stdexcept>
 #include <string_view>
 #include <system_error>
@@ -119,12 +121,25 @@ std::string cache_path(const std::string& cache_dir, const std::string& dir, con
   return cache_dir + "/" + cache_prefix(dir) + name;
 }
 
-// Removes the cached lists of `dir` other than `kept` (its earlier states).
+// Removes the cached lists of `dir` other than `kept` (its earlier states), lists named as
+// before a list's name began with its folder's hash (image-index-<16 hex>.txt, which nothing
+// reads any more), and temporaries of writers that died.
 void remove_stale_caches(const std::string& cache_dir, const std::string& dir, const std::string& kept) {
   const std::string prefix = cache_prefix(dir), name = kept.substr(kept.rfind('/') + 1);
+  auto old_format = [](const std::string& n) {
+    return n.size() == 32 && n.rfind("image-index-", 0) == 0 && n.compare(28, 4, ".txt") == 0 &&
+           std::all_of(n.begin() + 12, n.begin() + 28, [](char c) { return std::isxdigit(static_cast<unsigned char>(c)); });
+  };
+  auto orphan = [](const std::string& n) {  // <list>.tmp<pid> of a process that is gone
+    const auto at = n.rfind(".tmp");
+    if (n.rfind("image-index-", 0) != 0 || at == std::string::npos || at + 4 >= n.size()) return false;
+    const long pid = std::strtol(n.c_str() + at + 4, nullptr, 10);
+    return pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
+  };
   try {
     for (const auto& e : list_dir(cache_dir))
-      if (!e.dir && e.name.rfind(prefix, 0) == 0 && e.name != name && e.name.find(".tmp") == std::string::npos)
+      if (!e.dir && ((e.name.rfind(prefix, 0) == 0 && e.name != name && e.name.find(".tmp") == std::string::npos) ||
+                     old_format(e.name) || orphan(e.name)))
         ::unlink((cache_dir + "/" + e.name).c_str());
   } catch (const std::exception&) {  // a cache folder that cannot be listed keeps what it has
   }

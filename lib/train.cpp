@@ -104,9 +104,13 @@ std::string resolve_dataset(const TrainConfig& c) {
                                          "leave --dataset out to train on what is there",
                                          c.dataset, c.data_dir, found->files, c.dataset));
   // ImageNet's folder named one level too deep (its train/) failed as ".../train/train: cannot open".
-  if (!found && c.dataset == "imagenet")
-    throw std::runtime_error("--data-dir " + c.data_dir + ": no train/ and val/ folders: give the folder that holds "
-                             "them (or --train-list and --val-list)");
+  if (!found && c.dataset == "imagenet") {
+    const bool train = fs::is_directory(fs::path(c.data_dir) / "train", ec);
+    throw std::runtime_error("--data-dir " + c.data_dir + ": no " +
+                             (train ? "val/ folder beside its train/" : "train/ and val/ folders: give the folder that "
+                                                                        "holds them") +
+                             " (or give --train-list and --val-list)");
+  }
   return c.dataset;
 }
 
@@ -386,12 +390,13 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e) {
   };
   if (dataset == "imagenet") {
     data::ScanReport report;
-    // A list's relative paths: from --data-dir, else from the run's folder where it is still
-    // there, else from the list's own folder.
+    // A list's relative paths: from --data-dir; else, for a run trained from lists, from the
+    // folder it took them from (its --data-dir, where given and still there); else from the
+    // list's own folder.
     std::error_code ec;
     const std::string base = !e.data_dir.empty() ? e.data_dir
-                             : fs::is_directory(kv["data_dir"], ec) ? kv["data_dir"]
-                                                                    : std::string();
+                             : !kv["train_list"].empty() && fs::is_directory(kv["data_dir"], ec) ? kv["data_dir"]
+                                                                                                 : std::string();
     data::ImageList val = !e.val_list.empty() ? data::read_image_list(e.val_list, base)
                           : !kv["val_list"].empty() ? data::read_image_list(kv["val_list"], base)
                           : data::scan_image_folder(dir + "/val", e.index_cache, std::max(4, e.options.workers), &report);

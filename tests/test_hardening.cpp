@@ -158,6 +158,8 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"--iters", "5"}, "does not exist (did you mean --iterations?)"},
       {{"--augment"}, "does not exist (did you mean --no-augment?)"},
       {{"--batch-size", "5"}, "does not exist (did you mean --batch?)"},
+      {{"--checkpoint-evry", "5"}, "does not exist (did you mean --checkpoint-every?)"},  // not --checkpoint
+      {{"--warmup-rl", "5"}, "does not exist (did you mean --warmup-lr?)"},
       {{"--checkpoint", "a.ckpt", "--log", "a.ckpt"}, "name the same file"},
       {{"--checkpoint", "a.ckpt", "--resume", "--overwrite"}, "give one of them"},
       {{"--master-port", "70000"}, "--master-port 70000: must be in 1..65535"},

@@ -318,6 +318,15 @@ TEST_CASE("train: --preset imagenet sets the paper's protocol and explicit flags
   fs::create_directories(dir / "imagenet" / "train");
   fs::create_directories(dir / "imagenet" / "val");
   const std::string data = " --data-dir " + (dir / "imagenet").string();
+  {  // a val/ missing beside train/: said, not "give the folder that holds them"
+    fs::create_directories(dir / "no-val" / "train");
+    const std::string cmd = std::string(BLPA_TRAIN_EXE) + " --print-config --preset imagenet --data-dir " +
+                            (dir / "no-val").string() + " > " + out + " 2>&1";
+    CHECK(WEXITSTATUS(std::system(cmd.c_str())) == 1);
+    std::ifstream f(out);
+    CHECK(std::string((std::istreambuf_iterator<char>(f)), {}).find(": no val/ folder beside its train/") !=
+          std::string::npos);
+  }
   {  // one level too deep: it failed as ".../train/train: cannot open directory"
     const std::string deep = (dir / "imagenet" / "train").string();
     const std::string cmd = std::string(BLPA_TRAIN_EXE) + " --print-config --preset imagenet --data-dir " + deep +
