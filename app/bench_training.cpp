@@ -702,7 +702,8 @@ int max_batch_main(int argc, char** argv) {
   add_common(o, "1", "plain,blpa-4");  // --batch is not used: the batch is searched
   o.add_options()("budget-gib", "Memory budget in GiB, including parameters, momentum and the batch",
                   cxxopts::value<std::string>()->default_value("1"))(
-      "max", "Largest batch to try (one that fits is reported as capped)", cxxopts::value<std::string>()->default_value("4096"))(
+      "max", "Largest batch to try (one that fits is reported as capped)",
+      cxxopts::value<std::string>()->default_value("4096"))(
       "accum-steps", "Train each batch as this many equal parts, accumulating their gradients",
       cxxopts::value<std::string>()->default_value("1"), "K");
   Common c;

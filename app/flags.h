@@ -137,9 +137,11 @@ inline cxxopts::ParseResult parse_flags(cxxopts::Options& o, int argc, const cha
     for (int i = 1; i < argc; ++i) {
       const std::string arg = argv[i];
       if (arg.rfind("--", 0) != 0 || arg.size() == 2) continue;
-      const std::string name = arg.substr(2, arg.find('=') == std::string::npos ? std::string::npos : arg.find('=') - 2);
-      if (what.find("'" + name + "'") != std::string::npos || what.find("\u2018" + name + "\u2019") != std::string::npos)
-        throw FlagError(what + did_you_mean(o, name));
+      const auto eq = arg.find('=');
+      const std::string name = arg.substr(2, eq == std::string::npos ? std::string::npos : eq - 2);
+      const bool named = what.find("'" + name + "'") != std::string::npos ||
+                         what.find("\u2018" + name + "\u2019") != std::string::npos;
+      if (named) throw FlagError(what + did_you_mean(o, name));
     }
     throw FlagError(what);
   } catch (const cxxopts::exceptions::incorrect_argument_type& e) {

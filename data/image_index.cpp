@@ -127,8 +127,9 @@ std::string cache_path(const std::string& cache_dir, const std::string& dir, con
 void remove_stale_caches(const std::string& cache_dir, const std::string& dir, const std::string& kept) {
   const std::string prefix = cache_prefix(dir), name = kept.substr(kept.rfind('/') + 1);
   auto old_format = [](const std::string& n) {
+    auto hex = [](char c) { return std::isxdigit(static_cast<unsigned char>(c)) != 0; };
     return n.size() == 32 && n.rfind("image-index-", 0) == 0 && n.compare(28, 4, ".txt") == 0 &&
-           std::all_of(n.begin() + 12, n.begin() + 28, [](char c) { return std::isxdigit(static_cast<unsigned char>(c)); });
+           std::all_of(n.begin() + 12, n.begin() + 28, hex);
   };
   auto orphan = [](const std::string& n) {  // <list>.tmp<pid> of a process that is gone
     const auto at = n.rfind(".tmp");

@@ -94,7 +94,8 @@ TEST_CASE("imagenet: classes are numbered in sorted wnid order and the index cac
   // The list of the folder before the change is gone from the cache (one a change, each as
   // large as the list: ImageNet's is some 45 MB).
   int cached = 0;
-  for (const auto& e : fs::directory_iterator(cache)) cached += e.path().filename().string().rfind("image-index-", 0) == 0;
+  for (const auto& e : fs::directory_iterator(cache))
+    cached += e.path().filename().string().rfind("image-index-", 0) == 0;
   CHECK(cached == 1);
 
   if (::geteuid() != 0) {  // root reads everything: the check needs an ordinary user
