@@ -329,6 +329,19 @@ std::vector<std::string> checkpoint_classes(const Checkpoint& ck) {
 
 namespace {
 
+// A list file read, and its first image looked for: a list whose paths are taken from the
+// wrong folder failed only at the first batch, as "100 images in a row could not be read".
+data::ImageList read_list(const std::string& flag, const std::string& file, const std::string& base) {
+  data::ImageList l = data::read_image_list(file, base);
+  const std::string first = l.root + "/" + l.paths.front();
+  if (::access(first.c_str(), F_OK) != 0)
+    throw std::runtime_error(fmt::format("{} {}: its first image, {}, is not at {} (paths are taken from {}): give "
+                                         "the folder they are relative to with --data-dir",
+                                         flag, file, l.paths.front(), first,
+                                         base.empty() ? "the list's folder" : "--data-dir " + base));
+  return l;
+}
+
 // A folder's labels renumbered as the checkpoint's run numbered its classes (by name): a
 // val/ with a class folder missing or renamed was numbered otherwise, and scored with
 // shifted labels. A class the network was not trained on is refused.
@@ -397,8 +410,8 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e) {
     const std::string base = !e.data_dir.empty() ? e.data_dir
                              : !kv["train_list"].empty() && fs::is_directory(kv["data_dir"], ec) ? kv["data_dir"]
                                                                                                  : std::string();
-    data::ImageList val = !e.val_list.empty() ? data::read_image_list(e.val_list, base)
-                          : !kv["val_list"].empty() ? data::read_image_list(kv["val_list"], base)
+    data::ImageList val = !e.val_list.empty() ? read_list("--val-list", e.val_list, base)
+                          : !kv["val_list"].empty() ? read_list("--val-list", kv["val_list"], base)
                           : data::scan_image_folder(dir + "/val", e.index_cache, std::max(4, e.options.workers), &report);
     data::print_scan_warnings(report, dir + "/val");  // as blpa-train's scan
     relabel_as_trained(val, checkpoint_classes(ck), dir + "/val");
@@ -1290,8 +1303,8 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   if (config.dataset == "imagenet") {
     data::ImageNetSplits splits;
     if (!config.train_list.empty()) {  // paths relative to --data-dir if given, else to each list's folder
-      splits.train = data::read_image_list(config.train_list, config.data_dir);
-      splits.val = data::read_image_list(config.val_list, config.data_dir);
+      splits.train = read_list("--train-list", config.train_list, config.data_dir);
+      splits.val = read_list("--val-list", config.val_list, config.data_dir);
       // A validation label the training labels never reach gave the network outputs never trained.
       if (splits.val.num_classes > splits.train.num_classes)
         throw std::runtime_error(fmt::format("--val-list {}: its labels go up to {}, --train-list's to {}: the network "

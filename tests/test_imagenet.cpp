@@ -432,6 +432,14 @@ TEST_CASE("train: blpa-train trains on an ImageNet folder and blpa-eval scores i
   CAPTURE(one.second);
   CHECK(one.first == 0);
   CHECK(one.second.find("\"images\": 1, \"failed\": 0") != std::string::npos);
+  // Paths taken from the wrong folder: said at once, naming the list (it was "100 images in a
+  // row could not be read" at blpa-train's first batch).
+  std::ofstream(root / "lists" / "wrong.csv") << "val/n01/img0.JPEG,1\n";
+  const auto wrong = shell(eval + "--val-list " + (root / "lists" / "wrong.csv").string());
+  CHECK(wrong.first == 1);
+  CHECK(wrong.second.find("--val-list " + (root / "lists" / "wrong.csv").string() + ": its first image, "
+                          "val/n01/img0.JPEG, is not at " + (root / "lists" / "val" / "n01" / "img0.JPEG").string() +
+                          " (paths are taken from the list's folder)") != std::string::npos);
   const auto none = shell(eval + "--val-list " + (root / "lists" / "broken.csv").string());
   CAPTURE(none.second);
   CHECK(none.first == 1);
