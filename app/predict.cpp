@@ -170,20 +170,32 @@ void add_folder(const std::string& dir, std::vector<Input>& out) {
   }
 }
 
-// One image per line, or "path,label" as blpa's list files; blank lines and '#' comments are
-// skipped; relative paths are relative to the list's folder.
-void add_list(const std::string& list, std::vector<Input>& out) {
+// One image per line, or "path,label" as blpa's list files (spaces around the label, and a
+// byte-order mark, taken as blpa-train takes them); blank lines and '#' comments are skipped;
+// relative paths are relative to the list's folder. A label must be one of the network's
+// `classes`: a list of another data set's labels is refused.
+void add_list(const std::string& list, int64_t classes, std::vector<Input>& out) {
   const auto slash = list.rfind('/');
   const std::string base = slash == std::string::npos ? "" : list.substr(0, slash + 1);
+  bool first = true;
   for (std::string line : read_lines(list, "--list")) {
+    if (first && line.rfind("\xEF\xBB\xBF", 0) == 0) line.erase(0, 3);
+    first = false;
     if (line.empty() || line[0] == '#') continue;
     Input in;
     if (const auto comma = line.rfind(','); comma != std::string::npos) {
+      std::string label = line.substr(comma + 1);
+      while (!label.empty() && (label.front() == ' ' || label.front() == '\t')) label.erase(0, 1);
+      while (!label.empty() && (label.back() == ' ' || label.back() == '\t')) label.pop_back();
       try {
-        in.label = blpa::parse_number<int64_t>("label", line.substr(comma + 1));
+        in.label = blpa::parse_number<int64_t>("label", label);
         line.resize(comma);
+        while (!line.empty() && (line.back() == ' ' || line.back() == '\t')) line.pop_back();
       } catch (const std::exception&) {  // a comma that is part of the name
       }
+      if (in.label >= classes)
+        throw std::runtime_error(fmt::format("--list {}: label {} of {} is not a class of the network, which has {}",
+                                             list, in.label, line, classes));
     }
     if (line.empty()) throw std::runtime_error("--list " + list + ": a line without a path");
     in.path = line[0] == '/' ? line : base + line;
@@ -436,7 +448,7 @@ int main(int argc, char** argv) {
       add_folder(folder, inputs);
       if (inputs.size() == before) std::cerr << "blpa-predict: warning: " << p << ": no .jpg/.jpeg files\n";
     }
-    if (!o.list.empty()) add_list(o.list, inputs);
+    if (!o.list.empty()) add_list(o.list, ck.net.num_classes, inputs);
     if (inputs.empty()) throw std::runtime_error("no images to classify");
     const int64_t classified = predict_images(model, inputs, o, out);
     if (classified == 0) {

@@ -430,7 +430,8 @@ TEST_CASE("interop: blpa-predict classifies JPEGs with the evaluation transform 
   }
 
   // A list file: relative to its folder, labels printed, a missing file reported.
-  std::ofstream(dir / "list.txt") << "# images\nimg/a.jpg,2\n\nimg/missing.jpg\n"
+  // A byte-order mark and spaces around the label are taken, as blpa-train takes them.
+  std::ofstream(dir / "list.txt") << "\xEF\xBB\xBF# images\nimg/a.jpg , 2\n\nimg/missing.jpg\n"
                                   << (dir / "img" / "c.jpeg").string() << "\n";
   const Run l = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--resize", "36", "--crop", "32", "--list",
                                        (dir / "list.txt").string()}, dir);
@@ -443,6 +444,12 @@ TEST_CASE("interop: blpa-predict classifies JPEGs with the evaluation transform 
   CHECK(ll[1].find("\"error\": \"unreadable: cannot read ") != std::string::npos);
   CHECK(ll[1].find("missing.jpg") != std::string::npos);
   CHECK(field(ll[2], "label") == -1);
+
+  // A label the network has no class for: another data set's list, refused.
+  std::ofstream(dir / "other.txt") << "img/a.jpg,7\n";
+  const Run other = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--list", (dir / "other.txt").string()}, dir);
+  CHECK(other.code == 1);
+  CHECK(other.err.find("label 7 of img/a.jpg is not a class of the network, which has 3") != std::string::npos);
 
   // Nothing classifiable: exit 1, every file reported.
   const Run bad = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, (dir / "img" / "cut.jpg").string(),
