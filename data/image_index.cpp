@@ -97,6 +97,16 @@ uint64_t fnv1a(uint64_t h, const std::string& s) {
   return (h ^ 0xFF) * 0x100000001B3ull;  // a separator, so ("ab","c") != ("a","bc")
 }
 
+}  // namespace
+
+uint64_t list_hash(const ImageList& list) {
+  uint64_t h = 0xCBF29CE484222325ull;
+  for (size_t i = 0; i < list.paths.size(); ++i) h = fnv1a(h, list.paths[i] + "," + std::to_string(list.labels[i]));
+  return h;
+}
+
+namespace {
+
 std::string absolute(const std::string& p) {
   char buf[PATH_MAX];
   return ::realpath(p.c_str(), buf) ? std::string(buf) : p;

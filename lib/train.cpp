@@ -1345,13 +1345,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   // and labels, which fix the data order).
   std::string data_record;
   if (config.dataset == "imagenet") {
-    uint64_t hash = 1469598103934665603ull;  // FNV-1a, 64 bits: the same on every build
-    auto mix = [&](const std::string& text) {
-      for (const unsigned char ch : text) hash = (hash ^ ch) * 1099511628211ull;
-      hash = (hash ^ 0xffu) * 1099511628211ull;  // a separator no path holds
-    };
-    for (int64_t i = 0; i < train_list.size(); ++i)
-      mix(train_list.paths[static_cast<size_t>(i)] + "," + std::to_string(train_list.labels[static_cast<size_t>(i)]));
+    const uint64_t hash = data::list_hash(train_list);
     data_record = fmt::format("classes={}\ntrain_images={}\ntrain_index={:016x}\n", class_list(train_list.classes),
                               train_list.size(), hash);
     if (resumed) {

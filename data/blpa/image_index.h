@@ -55,6 +55,10 @@ void print_scan_warnings(const ScanReport& r, const std::string& dir);
 // ignored), labels in [0, kMaxClasses). Throws with the file and line number on a malformed
 // line or a label out of range. `root` empty: the paths are relative to the list's folder.
 ImageList read_image_list(const std::string& list_file, const std::string& root);
+
+// FNV-1a (64 bits, the same on every build) of a list's "path,label" entries in order: what
+// fixes the data order of a run trained on it.
+uint64_t list_hash(const ImageList& list);
 // The parser of read_image_list, on text from `in`; `name` starts every error message.
 ImageList parse_image_list(std::istream& in, const std::string& name, const std::string& root);
 
