@@ -86,10 +86,14 @@ bool parse_count(std::string_view s, int64_t max, int64_t& value) {
   return !s.empty() && s[0] != '-' && ec == std::errc() && end == s.data() + s.size() && value <= max;
 }
 
-int64_t mtime_ns(const std::string& path) {
+// What identifies a class folder's state: its inode, modification time and status-change time.
+// The last cannot be set back by a copy that keeps times (rsync -a, cp -p, tar x restore the
+// modification time after adding files), since setting the former sets it to now.
+std::string folder_state(const std::string& path) {
   struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) return -1;
-  return int64_t{st.st_mtim.tv_sec} * 1000000000 + st.st_mtim.tv_nsec;
+  if (::stat(path.c_str(), &st) != 0) return "-";
+  auto ns = [](const timespec& t) { return std::to_string(int64_t{t.tv_sec} * 1000000000 + t.tv_nsec); };
+  return std::to_string(st.st_ino) + ":" + ns(st.st_mtim) + ":" + ns(st.st_ctim);
 }
 
 uint64_t fnv1a(uint64_t h, const std::string& s) {
@@ -112,8 +116,9 @@ std::string absolute(const std::string& p) {
   return ::realpath(p.c_str(), buf) ? std::string(buf) : p;
 }
 
-// The cache is keyed by the folder and, for each class folder, its name and modification
-// time, which changes whenever an entry is added, removed or renamed in it. The name starts
+// The cache is keyed by the folder and, for each class folder, its name and state (inode,
+// modification and status-change times), which changes whenever an entry is added, removed
+// or renamed in it, even where a copy puts the modification time back. The name starts
 // with the folder's own hash, so that the lists of its earlier states can be found and removed
 // (ImageNet's is some 45 MB, and each change of the tree made another).
 std::string cache_prefix(const std::string& dir) {
@@ -125,7 +130,7 @@ std::string cache_prefix(const std::string& dir) {
 
 std::string cache_path(const std::string& cache_dir, const std::string& dir, const std::vector<std::string>& classes) {
   uint64_t h = fnv1a(0xCBF29CE484222325ull, absolute(dir));
-  for (const auto& c : classes) h = fnv1a(fnv1a(h, c), std::to_string(mtime_ns(dir + "/" + c)));
+  for (const auto& c : classes) h = fnv1a(fnv1a(h, c), folder_state(dir + "/" + c));
   char name[32];
   std::snprintf(name, sizeof name, "%016llx.txt", static_cast<unsigned long long>(h));
   return cache_dir + "/" + cache_prefix(dir) + name;

@@ -4,6 +4,7 @@
 #include <blpa/imagenet.h>
 #include <blpa/jpeg.h>
 #include <blpa/train.h>
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -98,11 +99,26 @@ TEST_CASE("imagenet: classes are numbered in sorted wnid order and the index cac
     cached += e.path().filename().string().rfind("image-index-", 0) == 0;
   CHECK(cached == 1);
 
+  // A copy that keeps times (rsync -a, cp -p) adds an image and then sets its folder's
+  // modification time back; the folder's status-change time still moves, so the cache is
+  // not taken for the folder's new state.
+  scan_image_folder(train.string(), cache, 1, &r);
+  REQUIRE(r.from_cache);
+  struct stat before {};
+  REQUIRE(::stat((train / "n02").c_str(), &before) == 0);
+  ::usleep(20000);
+  write_bytes(train / "n02" / "b2.jpeg", jpeg_of(40, 30, 6));
+  const timespec times[2] = {before.st_atim, before.st_mtim};
+  REQUIRE(::utimensat(AT_FDCWD, (train / "n02").c_str(), times, 0) == 0);
+  auto copied = scan_image_folder(train.string(), cache, 1, &r);
+  CHECK_FALSE(r.from_cache);
+  CHECK(copied.size() == 6);
+
   if (::geteuid() != 0) {  // root reads everything: the check needs an ordinary user
     ::chmod((train / "n02" / "b1.jpeg").c_str(), 0);
     auto without = scan_image_folder(train.string(), "", 2, &r);
     CHECK(r.unreadable == std::vector<std::string>{"n02/b1.jpeg"});
-    CHECK(without.size() == 4);
+    CHECK(without.size() == 5);  // the 6 images less the unreadable one
   }
   remove_tree(root);
 }

@@ -43,8 +43,9 @@ struct ScanReport {
 
 // Scans <dir>/<class>/* for .JPEG/.jpeg/.jpg files, one thread per class folder (`threads`
 // at a time). The result is cached in `cache_dir` (empty: no cache) under a name derived from
-// the folder's path and the names and modification times of its class folders, so adding,
-// removing or renaming images in any class invalidates it. Throws when `dir` has no class
+// the folder's path and the names, inodes, modification and status-change times of its class
+// folders, so adding, removing or renaming images in any class invalidates it, even where
+// the copy that did it set the modification time back. Throws when `dir` has no class
 // folders, more than kMaxClasses, or no images at all.
 ImageList scan_image_folder(const std::string& dir, const std::string& cache_dir, int threads, ScanReport* report);
 // Prints the report's warnings on stderr (a refused or unwritten cache, empty class folders,
