@@ -84,7 +84,8 @@ std::string report_format(const ModeConfig& m) {
 struct Common {
   std::string model_name;
   blpa::NetConfig net;
-  int64_t batch = 0, size = 0;
+  int64_t batch = 1, size = 0;
+  bool has_batch = true;  // false: no --batch (max-batch searches the batch)
   std::vector<ModeConfig> modes;
   torch::Device device{torch::kCPU};
   blpa::Numerics numerics;  // every mode's (memory also runs plain in fp32 as a second reference)
@@ -103,10 +104,12 @@ blpa::Numerics parse_numerics(const cxxopts::ParseResult& args, const torch::Dev
   return n;
 }
 
+// `batch`: --batch's default, or "" for a command that has no --batch (max-batch searches it).
 void add_common(cxxopts::Options& o, const std::string& batch, const std::string& mode) {
   o.add_options()("model", "resnet164, resnet152, resnet1001, cifar:DEPTH or imagenet:DEPTH",
-                  cxxopts::value<std::string>()->default_value("resnet164"))(
-      "batch", "Batch size", cxxopts::value<std::string>()->default_value(batch))(
+                  cxxopts::value<std::string>()->default_value("resnet164"));
+  if (!batch.empty()) o.add_options()("batch", "Batch size", cxxopts::value<std::string>()->default_value(batch));
+  o.add_options()(
       "mode", "all, or a comma list of plain, exact, blpa[-K[-wW][-lL]], naive[-K[-wW][-lL]] (a bare blpa: "
       "blpa-train's default codes for --bits; blpa-K: the paper's quantiser, window 6 and lift 0)",
       cxxopts::value<std::string>()->default_value(mode))(
@@ -144,7 +147,7 @@ bool parse_common(cxxopts::Options& o, int argc, char** argv, Common& c, cxxopts
   blpa::memory::install_cpu_counter();
   c.model_name = args["model"].as<std::string>();
   c.net = parse_model(c.model_name);
-  c.batch = blpa::number<int64_t>(args, "batch");
+  if (c.has_batch) c.batch = blpa::number<int64_t>(args, "batch");
   if (c.batch <= 0) throw std::invalid_argument("--batch must be positive");
   c.size = blpa::number<int64_t>(args, "size");
   if (c.size < 0) throw std::invalid_argument("--size must be positive (0: 32 for cifar, 224 for imagenet)");
@@ -699,14 +702,18 @@ int max_batch_main(int argc, char** argv) {
                      "unwound and the next one starts from a clean allocator (leaks are reported). With\n"
                      "--accum-steps K each batch trains as K equal parts (blpa-train's --accum-steps): the\n"
                      "batches tried are multiples of K.");
-  add_common(o, "1", "plain,blpa-4");  // --batch is not used: the batch is searched
+  add_common(o, "", "plain,blpa-4");  // no --batch: the batch is searched
   o.add_options()("budget-gib", "Memory budget in GiB, including parameters, momentum and the batch",
                   cxxopts::value<std::string>()->default_value("1"))(
       "max", "Largest batch to try (one that fits is reported as capped)",
       cxxopts::value<std::string>()->default_value("4096"))(
       "accum-steps", "Train each batch as this many equal parts, accumulating their gradients",
       cxxopts::value<std::string>()->default_value("1"), "K");
+  for (int i = 1; i < argc; ++i)
+    if (std::string_view(argv[i]) == "--batch" || std::string_view(argv[i]).rfind("--batch=", 0) == 0)
+      throw std::invalid_argument("--batch: max-batch searches the batch; --max caps it");
   Common c;
+  c.has_batch = false;
   cxxopts::ParseResult args;
   if (!parse_common(o, argc, argv, c, args)) return 0;
   const double gib = blpa::number<double>(args, "budget-gib");

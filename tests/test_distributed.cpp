@@ -344,12 +344,6 @@ std::vector<double> losses(const fs::path& log) {
   return out;
 }
 
-bool have_fashion_mnist() {
-  if (fs::exists(blpa::data::kDebianFashionMnist)) return true;
-  std::cout << "BLPA_SKIP: dataset-fashion-mnist is not installed" << std::endl;
-  return false;
-}
-
 fs::path fresh_dir(const std::string& tag) {
   const fs::path dir = fs::temp_directory_path() / ("blpa-dist-" + tag + "-" + std::to_string(::getpid()));
   remove_tree(dir);

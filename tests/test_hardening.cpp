@@ -28,12 +28,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-bool have_fashion_mnist() {
-  if (fs::exists(blpa::data::kDebianFashionMnist)) return true;
-  std::cout << "BLPA_SKIP: dataset-fashion-mnist is not installed (scripts/setup.sh installs it)" << std::endl;
-  return false;
-}
-
 fs::path temp_dir(const std::string& name) { return fresh_temp_dir("hard-" + name); }
 
 struct Run {
@@ -234,6 +228,7 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"codec", "--numel", "65536", "--threads", "-1"}, "--threads must be 0 (LibTorch's default) to 1024"},
       {{"step", "--model", "cifar:11", "--size", "-4"}, "--size must be positive"},
       {{"max-batch", "--model", "cifar:11", "--max", "0"}, "--max must be at least --accum-steps"},
+      {{"max-batch", "--batch", "64"}, "--batch: max-batch searches the batch; --max caps it"},  // was ignored
       {{"data", "--images", "20"}, "--batch 32 is more than the --images 20 generated"},  // named neither
       // numbers are named with their flag (cxxopts said only "Argument 'nan' failed to parse"),
       {{"codec", "--window", "nan"}, "--window: 'nan' is not a finite number"},

@@ -74,12 +74,6 @@ struct OneThread {
   OneThread& operator=(const OneThread&) = delete;
 };
 
-bool have_fashion_mnist() {
-  if (fs::exists(blpa::data::kDebianFashionMnist)) return true;
-  std::cout << "BLPA_SKIP: dataset-fashion-mnist is not installed (scripts/setup.sh installs it)" << std::endl;
-  return false;
-}
-
 // A small Fashion-MNIST run of blpa-train (ResNet-11, 4 iterations of batch 32, one thread).
 std::vector<std::string> small_run(std::vector<std::string> extra) {
   std::vector<std::string> a{"--depth", "11", "--batch", "32", "--train-subset", "512", "--test-subset", "64",

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <ATen/Context.h>
+#include <blpa/dataset.h>
 #include <torch/torch.h>
 
 #include <arpa/inet.h>
@@ -26,6 +27,14 @@
       return;                                                                     \
     }                                                                             \
   } while (0)
+
+// Tests that train on Fashion-MNIST call this first: without Debian's copy they print the
+// skip marker and return.
+inline bool have_fashion_mnist() {
+  if (std::filesystem::exists(blpa::data::kDebianFashionMnist)) return true;
+  std::cout << "BLPA_SKIP: dataset-fashion-mnist is not installed (scripts/setup.sh installs it)" << std::endl;
+  return false;
+}
 
 // LibTorch runs CUDA convolutions in TF32 by default (10-bit mantissa). Tests that compare a
 // GPU result with the CPU's at fp32 tolerances turn it off for their duration.

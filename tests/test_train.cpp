@@ -24,12 +24,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-bool have_fashion_mnist() {
-  if (fs::exists(blpa::data::kDebianFashionMnist)) return true;
-  std::cout << "BLPA_SKIP: dataset-fashion-mnist is not installed (scripts/setup.sh installs it)" << std::endl;
-  return false;
-}
-
 fs::path temp_dir(const std::string& name) { return fresh_temp_dir("train-" + name); }
 
 blpa::TrainConfig small(const fs::path& dir) {
