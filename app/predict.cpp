@@ -178,19 +178,16 @@ void add_list(const std::string& list, int64_t classes, std::vector<Input>& out)
   const auto slash = list.rfind('/');
   const std::string base = slash == std::string::npos ? "" : list.substr(0, slash + 1);
   bool first = true;
-  for (std::string line : read_lines(list, "--list")) {
-    if (first && line.rfind("\xEF\xBB\xBF", 0) == 0) line.erase(0, 3);
+  for (std::string text : read_lines(list, "--list")) {
+    const auto l = blpa::data::split_list_line(std::move(text), first);
     first = false;
+    std::string line = l.line;
     if (line.empty() || line[0] == '#') continue;
     Input in;
-    if (const auto comma = line.rfind(','); comma != std::string::npos) {
-      std::string label = line.substr(comma + 1);
-      while (!label.empty() && (label.front() == ' ' || label.front() == '\t')) label.erase(0, 1);
-      while (!label.empty() && (label.back() == ' ' || label.back() == '\t')) label.pop_back();
+    if (l.has_comma) {
       try {
-        in.label = blpa::parse_number<int64_t>("label", label);
-        line.resize(comma);
-        while (!line.empty() && (line.back() == ' ' || line.back() == '\t')) line.pop_back();
+        in.label = blpa::parse_number<int64_t>("label", l.label);
+        line = l.path;
       } catch (const std::exception&) {  // a comma that is part of the name
       }
       if (in.label >= classes)

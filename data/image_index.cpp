@@ -314,30 +314,40 @@ ImageList scan_image_folder(const std::string& dir, const std::string& cache_dir
   return out;
 }
 
+ListLine split_list_line(std::string line, bool first) {
+  if (!line.empty() && line.back() == '\r') line.pop_back();
+  if (first && line.rfind("\xEF\xBB\xBF", 0) == 0) line.erase(0, 3);  // a UTF-8 byte-order mark, invisible
+  ListLine l;
+  const auto comma = line.rfind(',');  // paths may contain commas, labels do not
+  l.has_comma = comma != std::string::npos;
+  l.path = line.substr(0, comma);
+  if (l.has_comma) l.label = line.substr(comma + 1);
+  auto blank = [](char c) { return c == ' ' || c == '\t'; };
+  while (!l.path.empty() && blank(l.path.back())) l.path.pop_back();  // "path , 3"
+  while (!l.label.empty() && blank(l.label.back())) l.label.pop_back();
+  l.label.erase(0, std::min(l.label.size(), l.label.find_first_not_of(" \t")));  // "path, 3"
+  l.line = std::move(line);
+  return l;
+}
+
 ImageList parse_image_list(std::istream& in, const std::string& name, const std::string& root) {
   ImageList out;
   out.root = root;
-  std::string line;
-  for (int64_t no = 1; std::getline(in, line); ++no) {
-    if (!line.empty() && line.back() == '\r') line.pop_back();
-    if (no == 1 && line.rfind("\xEF\xBB\xBF", 0) == 0) line.erase(0, 3);  // a UTF-8 byte-order mark, invisible
+  std::string text;
+  for (int64_t no = 1; std::getline(in, text); ++no) {
+    const ListLine l = split_list_line(std::move(text), no == 1);
+    const std::string& line = l.line;
     if (line.empty() || line[0] == '#') continue;
     const std::string at = name + ":" + std::to_string(no) + ": ";
-    const auto comma = line.rfind(',');  // paths may contain commas, labels do not
-    std::string_view label_text =
-        comma == std::string::npos ? std::string_view{} : std::string_view(line).substr(comma + 1);
-    while (!label_text.empty() && (label_text.front() == ' ' || label_text.front() == '\t'))  // "path, 3"
-      label_text.remove_prefix(1);
-    while (!label_text.empty() && (label_text.back() == ' ' || label_text.back() == '\t')) label_text.remove_suffix(1);
     int64_t label = 0;
-    if (comma == std::string::npos || comma == 0 || label_text.empty() ||
-        !std::all_of(label_text.begin(), label_text.end(), [](char c) { return c >= '0' && c <= '9'; }))
+    if (!l.has_comma || l.path.empty() || l.label.empty() ||
+        !std::all_of(l.label.begin(), l.label.end(), [](char c) { return c >= '0' && c <= '9'; }))
       throw std::runtime_error(at + "expected 'relative/path,label' with label >= 0, got '" + shown(line) + "'");
-    if (!parse_count(label_text, kMaxClasses - 1, label))
-      throw std::runtime_error(at + "label " + shown(label_text) + " is above the limit of " +
+    if (!parse_count(l.label, kMaxClasses - 1, label))
+      throw std::runtime_error(at + "label " + shown(l.label) + " is above the limit of " +
                                std::to_string(kMaxClasses - 1) + " (at most " + std::to_string(kMaxClasses) +
                                " classes)");
-    out.paths.push_back(line.substr(0, comma));
+    out.paths.push_back(l.path);
     out.labels.push_back(label);
     out.num_classes = std::max<int64_t>(out.num_classes, label + 1);
   }

@@ -143,6 +143,14 @@ TEST_CASE("imagenet: splits with different classes are refused and a list file i
   CHECK(l.labels == std::vector<int64_t>{0, 7});
   CHECK(l.num_classes == 8);
   CHECK(l.root == root.string());
+  // A byte-order mark, Windows line ends and spaces around the comma, read as blpa-predict's
+  // --list reads them (the same split_list_line).
+  std::istringstream spaced("\xEF\xBB\xBFn01/a.JPEG , 3\r\nn01/b.JPEG,\t4 \r\n");
+  auto s = parse_image_list(spaced, "spaced", "");
+  CHECK(s.paths == std::vector<std::string>{"n01/a.JPEG", "n01/b.JPEG"});
+  CHECK(s.labels == std::vector<int64_t>{3, 4});
+  std::istringstream no_path(" ,3\n");
+  CHECK_THROWS_WITH(parse_image_list(no_path, "no-path", ""), Catch::Contains("no-path:1: expected 'relative/path,label'"));
   std::ofstream(root / "bad.csv") << "n01/a.JPEG,0\nn01/b.JPEG\n";
   CHECK_THROWS_WITH(read_image_list((root / "bad.csv").string(), ""), Catch::Contains("bad.csv:2"));
   std::ofstream(root / "neg.csv") << "n01/a.JPEG,-1\n";

@@ -60,6 +60,16 @@ ImageList read_image_list(const std::string& list_file, const std::string& root)
 // FNV-1a (64 bits, the same on every build) of a list's "path,label" entries in order: what
 // fixes the data order of a run trained on it.
 uint64_t list_hash(const ImageList& list);
+// A list line read as blpa reads lists: the line less a UTF-8 byte-order mark when it is the
+// first (`first`) and a '\r' ending, and, at its last comma, the path before it (spaces at its
+// end dropped) and the label after it (spaces around dropped); `label` empty where the line
+// has no comma. Shared by read_image_list and blpa-predict's --list.
+struct ListLine {
+  std::string line, path, label;
+  bool has_comma = false;
+};
+ListLine split_list_line(std::string line, bool first);
+
 // The parser of read_image_list, on text from `in`; `name` starts every error message.
 ImageList parse_image_list(std::istream& in, const std::string& name, const std::string& root);
 
