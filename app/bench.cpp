@@ -235,7 +235,7 @@ void usage() {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+static int run(int argc, char** argv) {
   blpa::quiet_library_log();
   if (argc < 2 || std::string(argv[1]) == "-h" || std::string(argv[1]) == "--help") {
     usage();
@@ -266,3 +266,5 @@ int main(int argc, char** argv) {
     return 1;
   }
 }
+
+int main(int argc, char** argv) { return blpa::checked_output("blpa-bench", run(argc, argv)); }

@@ -12,7 +12,7 @@
 
 #include "flags.h"
 
-int main(int argc, char** argv) {
+static int run(int argc, char** argv) {
   blpa::quiet_library_log();
   cxxopts::Options opts("blpa-eval", "Evaluate a blpa-train checkpoint: top-1 and top-5 on the test split of the data "
                                      "set it was trained on (ImageNet: val/). A damaged checkpoint, or one holding "
@@ -124,3 +124,5 @@ int main(int argc, char** argv) {
     return 1;
   }
 }
+
+int main(int argc, char** argv) { return blpa::checked_output("blpa-eval", run(argc, argv)); }

@@ -7,9 +7,13 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <cxxopts.hpp>
+#include <iostream>
 #include <limits>
 #include <set>
 #include <string>
@@ -171,6 +175,20 @@ inline void refuse_unmatched(const cxxopts::ParseResult& a) {
 inline void set_threads(int n) {
   check_threads(n);
   if (n > 0) torch::set_num_threads(n);
+}
+
+// What a program prints on standard output is its result (scores, predictions, JSON, a
+// configuration): where it could not all be written (a full disk), the program fails, with
+// exit 1 where it would have exited 0, and says so. Called with the code main returns.
+inline int checked_output(const char* program, int code) {
+  std::cout.flush();
+  errno = 0;
+  const bool flush_failed = std::fflush(stdout) != 0;
+  const int err = flush_failed ? errno : 0;  // an earlier write's errno is not kept: none is said
+  if (!flush_failed && !std::ferror(stdout) && std::cout) return code;
+  std::cerr << program << ": standard output could not be written"
+            << (err ? std::string(" (") + std::strerror(err) + ")" : std::string()) << "; what it holds is incomplete\n";
+  return code == 0 ? 1 : code;
 }
 
 }  // namespace blpa

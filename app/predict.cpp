@@ -185,11 +185,16 @@ void add_list(const std::string& list, int64_t classes, std::vector<Input>& out)
     if (line.empty() || line[0] == '#') continue;
     Input in;
     if (l.has_comma) {
+      bool labelled = false;
       try {
         in.label = blpa::parse_number<int64_t>("label", l.label);
         line = l.path;
+        labelled = true;
       } catch (const std::exception&) {  // a comma that is part of the name
       }
+      if (labelled && in.label < 0)  // refused, as blpa-train refuses it (-1 would read as "no label")
+        throw std::runtime_error(fmt::format("--list {}: label {} of {} is negative: labels are classes, 0 to {}", list,
+                                             in.label, line, classes - 1));
       if (in.label >= classes)
         throw std::runtime_error(fmt::format("--list {}: label {} of {} is not a class of the network, which has {}",
                                              list, in.label, line, classes));
@@ -334,7 +339,7 @@ int64_t predict_records(blpa::ResNet& model, const blpa::Checkpoint& ck, const O
 
 }  // namespace
 
-int main(int argc, char** argv) {
+static int run(int argc, char** argv) {
   blpa::quiet_library_log();
   cxxopts::Options opts("blpa-predict", kHelp);
   opts.positional_help("[IMAGE|FOLDER]...");
@@ -464,3 +469,5 @@ int main(int argc, char** argv) {
     return 1;
   }
 }
+
+int main(int argc, char** argv) { return blpa::checked_output("blpa-predict", run(argc, argv)); }

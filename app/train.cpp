@@ -18,6 +18,7 @@
 #include <string>
 #include <thread>
 
+#include "flags.h"
 #include "train_flags.h"
 
 namespace {
@@ -82,13 +83,13 @@ int main(int argc, char** argv) {
   }
   if (cmd.help) {
     std::cout << cmd.help_text << std::endl;
-    return 0;
+    return blpa::checked_output("blpa-train", 0);
   }
   const blpa::TrainConfig& c = cmd.config;
   if (cmd.print_config) {
     try {
       std::cout << blpa::printed_config(c) << std::flush;
-      return 0;
+      return blpa::checked_output("blpa-train", 0);
     } catch (const std::exception& e) {  // the run's exit codes: 3 for a diverged run --auto-resume skips
       std::cerr << "blpa-train: " << blpa::error_message(e) << "\n";
       return dynamic_cast<const blpa::FlagError*>(&e) ? 2 : dynamic_cast<const blpa::NonFiniteLoss*>(&e) ? 3 : 1;

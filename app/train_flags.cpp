@@ -80,7 +80,7 @@ cxxopts::Options make_options() {
     ("export", "At the end, write the weights as a state dict that Python loads with torch.load", cxxopts::value<S>())
     ("summary", "When the run ends (done, interrupted, diverged or failed), write one JSON object: status, final figures, configuration, the error of a failed run", cxxopts::value<S>())
     ("quiet", "No progress line")
-    ("print-config", "Print the configuration this command line runs, every default and auto resolved (the data set found in --data-dir, workers, threads, precision, layout), as the log's key=value lines, and exit; with --resume or --auto-resume the checkpoint is read and checked as the run does")
+    ("print-config", "Print the configuration this command line runs, every default and auto resolved (the data set found in --data-dir, workers, threads, precision, layout), as the log's key=value lines, and exit; with --resume or --auto-resume the checkpoint is read and checked as the run does, and the outputs are checked as the run checks them, writing nothing")
     ("h,help", "This help");
   opts.add_options("Distributed")
     ("rank", "This process's rank (default: $RANK, else 0)", cxxopts::value<S>())
@@ -220,21 +220,27 @@ TrainCommand parse_train_command(int argc, const char* const* argv) {
 
 std::string printed_config(const TrainConfig& given) {
   // What the run would use: every auto resolved as train() resolves it (the data set and
-  // folder among them), and LibTorch's thread count for --threads 0 (the log records 0).
+  // folder among them, and LibTorch's thread count for --threads 0).
   TrainConfig c = given;
   c.resolve();
   c.check_device();
   // As train() checks before it loads the data (there, inside the ranks' rendezvous): the
   // checkpoint to resume exists, is whole and is this run's, and its precision is auto's.
+  // Rank 0's outputs too, as it checks them, but without writing or locking anything.
   std::error_code ec;  // a path that cannot be looked at is no checkpoint, as in train()
+  const bool lead = c.dist.rank == 0;
   if (c.auto_resume) c.resume = std::filesystem::exists(c.checkpoint, ec);
+  if (lead && c.auto_resume && !c.resume) refuse_diverged_rerun(c);  // exit 3, as the run
+  if (lead) check_outputs_unwritten(c);
   if (c.resume && !std::filesystem::exists(c.checkpoint, ec))
     throw FlagError("--resume: checkpoint " + c.checkpoint + " does not exist");
   if (c.resume && std::filesystem::is_directory(c.checkpoint, ec))
     throw FlagError("--checkpoint " + c.checkpoint + ": is a directory");
-  if (c.resume) read_resumed_checkpoint(c, given);
-  if (c.auto_resume) refuse_diverged_rerun(c);  // exit 3, as the run
-  if (c.threads == 0) c.threads = at::get_num_threads();
+  if (c.resume) {
+    const Checkpoint resumed = read_resumed_checkpoint(c, given);
+    if (lead) check_outputs_are_the_runs(c, resumed);
+  }
+  if (lead && c.auto_resume && c.resume) refuse_diverged_rerun(c);
   return c.describe() + fmt::format("rank={}\nworld_size={}\nmaster={}:{}\n", c.dist.rank, c.dist.world,
                                     c.dist.master_addr, c.dist.master_port);
 }

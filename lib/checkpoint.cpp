@@ -748,7 +748,7 @@ void AtomicFile::commit() {
   }
 }
 
-void check_output_path(const std::string& path, const std::string& flag, bool atomic) {
+void check_output_path(const std::string& path, const std::string& flag, bool atomic, bool write) {
   auto bad = [&](const std::string& why) { throw std::invalid_argument(flag + " " + path + ": " + why); };
   if (path.empty()) bad("empty path");
   std::error_code ec;
@@ -761,6 +761,18 @@ void check_output_path(const std::string& path, const std::string& flag, bool at
   // Where a symbolic link points is where the file is written (and its folder created).
   const fs::path target = link_target(path);
   const fs::path parent = target.has_parent_path() ? target.parent_path() : fs::path(".");
+  if (!write) {
+    fs::path folder = parent;  // the nearest folder that exists: the one a missing folder is created in
+    while (!fs::exists(folder, ec) && folder.has_parent_path() && folder.parent_path() != folder)
+      folder = folder.parent_path();
+    if (!fs::is_directory(folder, ec)) bad(folder.string() + " is not a folder");
+    const bool exists = fs::exists(target, ec);
+    if (::access(folder.c_str(), W_OK | X_OK) != 0 && (atomic || !exists || folder != parent))
+      bad(std::string(folder == parent ? "cannot be written" : "its folder cannot be created") + " (" +
+          reason(errno) + ")");
+    if (!atomic && exists && ::access(target.c_str(), W_OK) != 0) bad("cannot be written (" + reason(errno) + ")");
+    return;
+  }
   if (!fs::exists(parent, ec)) {
     fs::create_directories(parent, ec);
     if (ec) bad("its folder cannot be created (" + ec.message() + ")");
@@ -770,10 +782,12 @@ void check_output_path(const std::string& path, const std::string& flag, bool at
   // What writing will do: create a file beside the target (atomic) or open the target.
   const std::string probe = atomic ? target.string() + ".tmp" : path;
   if (atomic) ::unlink(probe.c_str());
+  const bool existed = fs::exists(status);
   const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (atomic ? O_EXCL : O_APPEND), 0644);
   if (fd < 0) bad("cannot be written (" + reason(errno) + ")");
   ::close(fd);
-  if (atomic) ::unlink(probe.c_str());
+  // Created only to be tried: a run refused after this (its data) leaves no empty file.
+  if (atomic || !existed) ::unlink(atomic ? probe.c_str() : target.c_str());  // the file, not a link to it
 }
 
 // ---- checkpoints ---------------------------------------------------------------------------

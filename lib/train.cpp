@@ -647,6 +647,7 @@ void TrainConfig::resolve() {
   device = dev.str();
   resolve_numerics();
   if (workers == 0) workers = default_workers(dataset, dist.local_world);
+  if (threads == 0) threads = at::get_num_threads();  // LibTorch's own count, recorded as what ran
 }
 
 void TrainConfig::resolve_numerics() {
@@ -902,6 +903,23 @@ std::map<std::string, std::string> key_values(const std::string& describe) {
   return kv;
 }
 
+// Throws, closing `fd`: the lock `file` of output `path` could not be taken (errno `e`).
+[[noreturn]] void refuse(int fd, int e, const std::string& file, const std::string& path, const std::string& flag) {
+  char text[32] = {};
+  const ssize_t n = ::pread(fd, text, sizeof text - 1, 0);
+  ::close(fd);
+  // The pid its holder wrote, if that process lives (a killed run's stays in the file until
+  // the next run that locks it writes its own).
+  const long pid = n > 0 ? std::strtol(text, nullptr, 10) : 0;
+  const bool alive = pid > 0 && (::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM);
+  if (e == EWOULDBLOCK)
+    throw std::runtime_error(fmt::format("{} {} is in use by another blpa-train{}: wait for it to end, or give "
+                                         "another path",
+                                         flag, path, alive ? fmt::format(" (process {})", pid) : std::string()));
+  throw std::runtime_error(fmt::format("{} {}: its lock file {} cannot be locked ({})", flag, path, file,
+                                       std::strerror(e)));
+}
+
 // One run per output file: an advisory lock (flock) on "<path>.lock" beside each output, held
 // for the run and removed after it. Without it two runs started together (or two resumes of
 // one checkpoint) both passed the check that a fresh run replaces nothing, and then wrote over
@@ -950,22 +968,7 @@ class OutputLocks {
         throw FlagError(
             fmt::format("{} {}: {} is a folder, where the run keeps its lock: remove it", flag, path, file));
       if (fd < 0) return;
-      if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
-        const int e = errno;
-        char text[32] = {};
-        const ssize_t n = ::pread(fd, text, sizeof text - 1, 0);
-        ::close(fd);
-        // The pid its holder wrote, if that process lives (a killed run's stays in the file
-        // until the next run that locks it writes its own).
-        const long pid = n > 0 ? std::strtol(text, nullptr, 10) : 0;
-        const bool alive = pid > 0 && (::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM);
-        if (e == EWOULDBLOCK)
-          throw std::runtime_error(fmt::format("{} {} is in use by another blpa-train{}: wait for it to end, or give "
-                                               "another path",
-                                               flag, path, alive ? fmt::format(" (process {})", pid) : std::string()));
-        throw std::runtime_error(fmt::format("{} {}: its lock file {} cannot be locked ({})", flag, path, file,
-                                             std::strerror(e)));
-      }
+      if (::flock(fd, LOCK_EX | LOCK_NB) != 0) refuse(fd, errno, file, path, flag);
       // Locked; but if the run that held it removed the file meanwhile, this lock is on a
       // file nobody else will open: start again.
       struct stat mine {}, named {};
@@ -985,6 +988,16 @@ class OutputLocks {
   std::vector<std::pair<std::string, int>> held_;
 };
 
+// --print-config: whether a run holds `path`'s lock, found without creating the lock file
+// (a shared lock, taken and dropped at once, fails where a run holds its exclusive one).
+void refuse_if_locked(const std::string& path, const std::string& flag) {
+  const std::string file = path + ".lock";
+  const int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;
+  if (::flock(fd, LOCK_SH | LOCK_NB) != 0) refuse(fd, errno, file, path, flag);
+  ::close(fd);
+}
+
 // --auto-resume where there is no checkpoint: a log and a summary that record no training are
 // the start of a run that failed in its first iteration (which keeps no checkpoint), and are
 // replaced, so that the same command line runs it again; anything that records training is not.
@@ -1003,37 +1016,51 @@ bool records_no_training(const std::string& path, const std::string& flag) {
   return configs > 0 && in.eof();
 }
 
-// Before anything is loaded: every output can be written where it goes, no other run is
-// writing it, and a fresh run replaces no earlier run's files unless told to.
-void prepare_outputs(const TrainConfig& c, OutputLocks& locks) {
-  const std::pair<std::string, const char*> outputs[] = {{c.checkpoint, "--checkpoint"},
-                                                         {c.log_path, "--log"},
-                                                         {c.export_path, "--export"},
-                                                         {c.summary_path, "--summary"}};
+// The run's output files that are given, with their flags.
+std::vector<std::pair<std::string, std::string>> outputs_of(const TrainConfig& c) {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const auto& [path, flag] : {std::pair<std::string, const char*>{c.checkpoint, "--checkpoint"},
+                                   {c.log_path, "--log"},
+                                   {c.export_path, "--export"},
+                                   {c.summary_path, "--summary"}})
+    if (!path.empty()) out.emplace_back(path, flag);
+  return out;
+}
+
+// A fresh run replaces no earlier run's files unless told to.
+void refuse_replacing(const TrainConfig& c) {
   std::error_code ec;
   const bool resumable = !c.checkpoint.empty() && fs::is_regular_file(c.checkpoint, ec);
-  for (const auto& [path, flag] : outputs) {
-    if (path.empty()) continue;
-    locks.add(path, flag);  // first: the checks below write a probe beside the file
-    const bool is_log = std::string(flag) == "--log";
+  for (const auto& [path, flag] : outputs_of(c)) {
+    const bool is_log = flag == "--log";
     if (!c.resume && !c.overwrite && fs::is_regular_file(path, ec) && (!is_log || fs::file_size(path, ec) > 0) &&
         !(c.auto_resume && records_no_training(path, flag)))
-      throw FlagError(std::string(flag) + " " + path + " already exists: " +
+      throw FlagError(flag + " " + path + " already exists: " +
                       (resumable          ? "continue that run with --resume, or replace it with --overwrite"
                        : c.checkpoint.empty() ? "without --checkpoint there is nothing to continue it from; replace "
                                                 "it with --overwrite, or give another path"
                                               : "it has no checkpoint to continue from; replace it with --overwrite, "
                                                 "or give another path"));
   }
-  // Then the probes, which create the log: not for a run refused above.
-  for (const auto& [path, flag] : outputs) {
-    if (path.empty()) continue;
+}
+
+// Each output can be written where it goes (`write` false: judged without creating anything).
+void check_output_paths(const TrainConfig& c, bool write) {
+  for (const auto& [path, flag] : outputs_of(c)) {
     try {
-      check_output_path(path, flag, std::string(flag) != "--log");
+      check_output_path(path, flag, flag != "--log", write);
     } catch (const std::invalid_argument& e) {
       throw FlagError(e.what());
     }
   }
+}
+
+// Before anything is loaded: every output can be written where it goes, no other run is
+// writing it, and a fresh run replaces no earlier run's files unless told to.
+void prepare_outputs(const TrainConfig& c, OutputLocks& locks) {
+  for (const auto& [path, flag] : outputs_of(c)) locks.add(path, flag);  // first: the checks write probes
+  refuse_replacing(c);
+  check_output_paths(c, /*write=*/true);  // the probes, which create the log: not for a run refused above
   if (c.resume && !fs::exists(c.checkpoint))
     throw FlagError("--resume: checkpoint " + c.checkpoint + " does not exist");
 }
@@ -1133,6 +1160,19 @@ class BufferBackup {
 };
 
 }  // namespace
+
+void check_outputs_unwritten(const TrainConfig& c) {
+  for (const auto& [path, flag] : outputs_of(c)) refuse_if_locked(path, flag);
+  refuse_replacing(c);
+  check_output_paths(c, /*write=*/false);
+}
+
+void check_outputs_are_the_runs(TrainConfig c, const Checkpoint& resumed) {
+  const auto id = resumed.config.find("run_id");
+  c.run_id = id != resumed.config.end() ? id->second : "";
+  if (!c.log_path.empty()) check_log_is_this_runs(c.log_path, c);
+  check_outputs_are_this_runs(c);
+}
 
 Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given) {
   Checkpoint ck = read_checkpoint(config.checkpoint);

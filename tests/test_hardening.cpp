@@ -6,10 +6,12 @@
 #include <blpa/train.h>
 #include <caffe2/serialize/inline_container.h>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/wait.h>
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <csignal>
 #include <cstdlib>
@@ -1584,5 +1586,80 @@ TEST_CASE("hardening: ranks started with different settings refuse to train, nam
   CHECK(alone.output.find(fmt::format("rank 1 of 2: no rendezvous at 127.0.0.1:{} within 1 s", unused)) !=
         std::string::npos);
   check_clean(alone);
+  remove_tree(dir);
+}
+
+TEST_CASE("hardening: --print-config refuses the outputs the run refuses and writes nothing; output that cannot be "
+          "written fails", "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("print-outputs");
+  const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string();
+  // LibTorch's thread count is recorded as what ran: the log says what --print-config says.
+  auto args = small(dir, {"--checkpoint", ck, "--log", log});
+  *(std::find(args.begin(), args.end(), "--threads") + 1) = "0";
+  REQUIRE(train(args, dir).code == 0);
+  const std::string ck_bytes = slurp(ck), log_bytes = slurp(log);
+  auto printed = args;
+  printed.push_back("--print-config");
+  printed.push_back("--resume");
+  const Run shown = train(printed, dir);
+  CHECK(shown.code == 0);
+  std::smatch threads;
+  REQUIRE(std::regex_search(shown.output, threads, std::regex("\nthreads=([0-9]+)\n")));
+  CHECK(threads[1] != "0");
+  CHECK(log_bytes.find("\"threads\": " + threads[1].str() + ",") != std::string::npos);
+
+  // A fresh run would replace the run's files: refused (it printed and exited 0), nothing touched.
+  auto fresh = printed;
+  fresh.pop_back();
+  const Run replaces = train(fresh, dir);
+  CHECK(replaces.code == 2);
+  CHECK(replaces.output.find("--checkpoint " + ck + " already exists: continue that run with --resume") !=
+        std::string::npos);
+  // A log that is a folder, and one in a folder the run would create, which is not created.
+  const Run folder = train(small(dir, {"--log", dir.string(), "--print-config"}), dir);
+  CHECK(folder.code == 2);
+  CHECK(folder.output.find("--log " + dir.string() + ": is a directory") != std::string::npos);
+  CHECK(train(small(dir, {"--log", (dir / "new" / "b.jsonl").string(), "--print-config"}), dir).code == 0);
+  CHECK_FALSE(fs::exists(dir / "new"));
+  // On --resume, a summary of another run.
+  std::ofstream(dir / "other.json") << "{\"type\": \"summary\", \"run_id\": \"0123456789abcdef\"}\n";
+  const Run other = train(small(dir, {"--checkpoint", ck, "--log", log, "--summary", (dir / "other.json").string(),
+                                      "--resume", "--print-config"}),
+                          dir);
+  CHECK(other.code == 2);
+  CHECK(other.output.find("is the summary of run 0123456789abcdef") != std::string::npos);
+  // A checkpoint another run holds (its lock taken here): exit 1, as the run.
+  const int fd = ::open((ck + ".lock").c_str(), O_RDWR | O_CREAT, 0644);
+  REQUIRE(fd >= 0);
+  REQUIRE(::flock(fd, LOCK_EX | LOCK_NB) == 0);
+  const Run held = train(printed, dir);
+  CHECK(held.code == 1);
+  CHECK(held.output.find("--checkpoint " + ck + " is in use by another blpa-train") != std::string::npos);
+  ::close(fd);
+  fs::remove(ck + ".lock");
+  CHECK(slurp(ck) == ck_bytes);
+  CHECK(slurp(log) == log_bytes);
+  CHECK(no_temporaries(dir));
+
+  // A run refused after its outputs were checked (a batch above the data) leaves no empty log.
+  const std::string late = (dir / "late.jsonl").string();
+  CHECK(train(small(dir, {"--log", late, "--batch", "1024"}), dir).code == 2);
+  CHECK_FALSE(fs::exists(late));
+
+  // Standard output is each program's result: where it cannot be written (a full disk), exit 1.
+  const fs::path err = dir / "err.txt";
+  auto to_full = [&](const std::string& command) {
+    std::fflush(nullptr);
+    const int status = std::system(("bash -c \"" + command + " > /dev/full 2> " + err.string() + "\"").c_str());
+    CAPTURE(command, slurp(err));
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 1);
+    CHECK(slurp(err).find(": standard output could not be written") != std::string::npos);
+  };
+  to_full(std::string(BLPA_TRAIN_EXE) + " --print-config --threads 1");
+  to_full(std::string(BLPA_EVAL_EXE) + " --help");
+  to_full(std::string(BLPA_PREDICT_EXE) + " --help");
+  to_full(std::string(BLPA_BENCH_EXE) + " codec --numel 65536 --reps 1 --threads 1");
   remove_tree(dir);
 }

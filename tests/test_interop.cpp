@@ -444,6 +444,11 @@ TEST_CASE("interop: blpa-predict classifies JPEGs with the evaluation transform 
   const Run other = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--list", (dir / "other.txt").string()}, dir);
   CHECK(other.code == 1);
   CHECK(other.err.find("label 7 of img/a.jpg is not a class of the network, which has 3") != std::string::npos);
+  // A negative label, refused as blpa-train refuses it (-1 was taken for "no label").
+  std::ofstream(dir / "negative.txt") << "img/a.jpg,-1\n";
+  const Run negative = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--list", (dir / "negative.txt").string()}, dir);
+  CHECK(negative.code == 1);
+  CHECK(negative.err.find("label -1 of img/a.jpg is negative: labels are classes, 0 to 2") != std::string::npos);
 
   // Nothing classifiable: exit 1, every file reported.
   const Run bad = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, (dir / "img" / "cut.jpg").string(),

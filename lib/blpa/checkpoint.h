@@ -66,8 +66,10 @@ class AtomicFile {
 // Checks, before any work, that `path` can be written where it is: its folder exists (it is
 // created if missing) and takes a new file. `atomic`: written through AtomicFile, so `path`
 // must be a regular file or absent; otherwise (a log) it may also be a device or a pipe.
-// `flag` names the option in errors, which are thrown as std::invalid_argument.
-void check_output_path(const std::string& path, const std::string& flag, bool atomic);
+// `flag` names the option in errors, which are thrown as std::invalid_argument. `write`
+// false (--print-config): the same checks without creating anything, from the folders'
+// permissions alone.
+void check_output_path(const std::string& path, const std::string& flag, bool atomic, bool write = true);
 
 // Every record of a zip archive written by LibTorch against the CRC-32 in its central
 // directory (LibTorch's own reader skips this check), and every pickle against what LibTorch's

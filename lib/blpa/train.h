@@ -200,6 +200,14 @@ torch::optim::SGD make_optimizer(ResNet& model, const TrainConfig& config);
 // naming the settings that differ); other settings that differ are logged and take effect.
 Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given);
 
+// --print-config: the checks train() makes of its outputs before it loads anything, made
+// without creating, probing or locking a file: no other run holds one (std::runtime_error,
+// exit 1), a fresh run replaces none unless told to, each can be written where it goes
+// (FlagError). Then, for --resume, that the log, summary and export given are `resumed`'s
+// run's (FlagError).
+void check_outputs_unwritten(const TrainConfig& config);
+void check_outputs_are_the_runs(TrainConfig config, const Checkpoint& resumed);
+
 // --auto-resume: a run whose --summary says it diverged would diverge again from its last
 // checkpoint with the settings it diverged with, so a sweep run again does not retry it:
 // NonFiniteLoss (exit 3, at once). With a learning-rate setting changed it resumes. One that
