@@ -97,11 +97,18 @@ int main(int argc, char** argv) {
   }
 
   // Blocked before train() starts a thread, so that every thread it starts inherits the mask.
+  // SIGHUP (the terminal or ssh session closed) is taken as SIGTERM, unless nohup ignores it.
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGINT);
   sigaddset(&signals, SIGTERM);
+  if (struct sigaction hup {}; ::sigaction(SIGHUP, nullptr, &hup) == 0 && hup.sa_handler != SIG_IGN)
+    sigaddset(&signals, SIGHUP);
   ::pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // A console that has gone (`blpa-train ... | tee log` where Ctrl-C ends tee first, or
+  // `| head`) must not end the run by SIGPIPE before it writes its checkpoint: writes to it
+  // fail instead, and the run goes on, or stops as the signal it was sent asks.
+  std::signal(SIGPIPE, SIG_IGN);
   // Rank 0 writes the checkpoints: only it can say whether there is one.
   std::thread(take_signals, signals, c.checkpoint, c.dist.rank == 0).detach();
   // A file-size limit (ulimit -f) makes writes fail with EFBIG, reported like a full disk,
@@ -124,6 +131,19 @@ int main(int argc, char** argv) {
                    r.iteration,
                    c.checkpoint.empty() ? " (no --checkpoint: progress is lost)"
                                         : "; checkpoint " + c.checkpoint + " written, continue with --resume");
+      // Ended by the signal itself, once everything is written: a shell running a loop of runs
+      // (a sweep) sees that its child was interrupted and stops too, where an exit code of
+      // 128 + N would have let it start the next run. Shells report the same 128 + N.
+      if (g_signal.load()) {
+        spdlog::default_logger()->flush();
+        std::fflush(nullptr);
+        std::signal(sig, SIG_DFL);
+        sigset_t only;
+        sigemptyset(&only);
+        sigaddset(&only, sig);
+        ::pthread_sigmask(SIG_UNBLOCK, &only, nullptr);
+        ::raise(sig);
+      }
       return 128 + sig;
     }
     // NaN: this process trained no iteration (a resumed run that only finished its evaluation).

@@ -26,8 +26,9 @@ cxxopts::Options make_options() {
                                       "Defaults reproduce the CIFAR protocol of the paper; without --data-dir the "
                                       "data set is Fashion-MNIST from /usr/share/datasets/fashion-mnist.\n"
                                       "Exit codes: 0 done, 1 error, 2 bad flags, 3 the loss, the test loss or the "
-                                      "weights became NaN/Inf, 128+N stopped by signal N (a checkpoint was written; "
-                                      "a second signal stops at once, without one). BLPA_DEBUG=1 adds LibTorch's C++ "
+                                      "weights became NaN/Inf, 128+N stopped by signal N: INT, TERM or HUP (a checkpoint "
+                                      "was written, and the process ends by the signal; a second one stops at once, "
+                                      "without one). BLPA_DEBUG=1 adds LibTorch's C++ "
                                       "backtraces to its errors.\n");
   using S = std::string;
   // clang-format off
@@ -72,7 +73,7 @@ cxxopts::Options make_options() {
     ("log-every", "Iterations between progress lines and log records", cxxopts::value<S>()->default_value("50"))
     ("eval-every", "Iterations between evaluations (0: only at the end)", cxxopts::value<S>()->default_value("2000"))
     ("log", "JSON-lines log file (continued on --resume)", cxxopts::value<S>())
-    ("checkpoint", "Checkpoint file, written atomically every --checkpoint-every iterations, at the end, on SIGINT/SIGTERM and before exiting on an error", cxxopts::value<S>())
+    ("checkpoint", "Checkpoint file, written atomically every --checkpoint-every iterations, at the end, on SIGINT/SIGTERM/SIGHUP and before exiting on an error", cxxopts::value<S>())
     ("checkpoint-every", "Iterations between checkpoints", cxxopts::value<S>()->default_value("1000"))
     ("resume", "Continue the run stored in --checkpoint: give the run's command line again, with this (settings come from the command line; its --log, --summary and --export must be that run's; a run already complete exits 0 and does nothing)")
     ("auto-resume", "--resume where --checkpoint exists, else start a new run, as without it: a sweep run again resumes what was stopped, starts what never ran and skips what is complete, and (exit 3) what diverged, as its --summary says, unless a learning-rate setting changed")

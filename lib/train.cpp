@@ -40,6 +40,15 @@
 namespace blpa {
 namespace {
 
+// The progress line and its ends, on stderr. A console that cannot take them (its reader gone,
+// a full disk) loses them: fmt::print would throw and end the run.
+template <typename... Args>
+void console(fmt::format_string<Args...> format, Args&&... args) {
+  const std::string text = fmt::format(format, std::forward<Args>(args)...);
+  const size_t written = std::fwrite(text.data(), 1, text.size(), stderr);
+  (void)written;
+}
+
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
@@ -230,9 +239,9 @@ EvalResult evaluate_images(ResNet& model, const data::ImageList& list, const Ima
     auto batch = stream.next();
     sums.add(model->forward(batch.images.to(dev, /*non_blocking=*/true)), batch.labels, o.ten_crop ? 10 : 1);
     if (o.progress && ((b + 1) % 20 == 0 || b + 1 == batches))
-      fmt::print(stderr, "\revaluated {}/{} images", std::min((b + 1) * o.batch, list.size()), list.size());
+      console("\revaluated {}/{} images", std::min((b + 1) * o.batch, list.size()), list.size());
   }
-  if (o.progress) fmt::print(stderr, "\n");
+  if (o.progress) console("\n");
   if (was_training) model->train();
   auto r = sums.result(errors.count.load());
   r.interrupted = interrupted;
@@ -1664,7 +1673,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   bool eval_overflowed = false;  // rank 0's last evaluation gave a non-finite loss
   const auto fail_at = injected_failure();
   auto evaluate_now = [&] {  // rank 0; returns false when a signal interrupted it
-    if (tty) fmt::print(stderr, "\n");
+    if (tty) console("\n");
     if (fail_at == std::pair<std::string, int64_t>{"eval", it})
       throw std::runtime_error("the evaluation failed (BLPA_TEST_FAIL)");
     const EvalResult e = run_eval();
@@ -1853,9 +1862,9 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
             fmt::format("iter {}/{}  loss {:.4f}  lr {:.4g}  {:.1f} img/s  stored {:.1f} MiB  ETA {}", it,
                         config.iterations, window_loss / window_iters, lr, ips, stored / 1048576.0, duration(eta));
         if (tty)
-          fmt::print(stderr, "\r{:<100}", line);
+          console("\r{:<100}", line);
         else if (config.progress && lead)
-          fmt::print(stderr, "{}\n", line);
+          console("{}\n", line);
         window_start = Clock::now();
         window_iters = 0;
         window_loss = 0;
@@ -1890,7 +1899,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       window_start += Clock::now() - *paused;
       paused.reset();
       if (stopping && (!last || pending_eval)) {
-        if (tty) fmt::print(stderr, "\n");
+        if (tty) console("\n");
         result.interrupted = true;
         break;
       }

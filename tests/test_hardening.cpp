@@ -1536,8 +1536,8 @@ TEST_CASE("hardening: SIGTERM during an evaluation stops it, and the resumed run
   ::waitpid(pid, &status, 0);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   CAPTURE(slurp(dir / "run.out"), secs);
-  REQUIRE(WIFEXITED(status));
-  CHECK(WEXITSTATUS(status) == 143);
+  REQUIRE(WIFSIGNALED(status));
+  CHECK(WTERMSIG(status) == SIGTERM);
   CHECK(slurp(log).find("\"type\": \"eval\"") == std::string::npos);  // interrupted, not logged
   CHECK(blpa::read_checkpoint(ck).state.pending_eval);
   // The resumed run evaluates fewer images (a setting that may change on resume): quicker.
@@ -1661,5 +1661,81 @@ TEST_CASE("hardening: --print-config refuses the outputs the run refuses and wri
   to_full(std::string(BLPA_EVAL_EXE) + " --help");
   to_full(std::string(BLPA_PREDICT_EXE) + " --help");
   to_full(std::string(BLPA_BENCH_EXE) + " codec --numel 65536 --reps 1 --threads 1");
+  remove_tree(dir);
+}
+
+TEST_CASE("hardening: SIGHUP checkpoints as SIGTERM does, and a console that has gone does not end the run",
+          "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("hangup");
+  const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string(),
+                    summary = (dir / "a.json").string();
+  // The terminal or ssh session closed: a checkpoint, the summary, and the end by SIGHUP.
+  Spawned hup{spawn_train(small(dir, {"--checkpoint", ck, "--log", log, "--summary", summary, "--iterations",
+                                      "100000", "--checkpoint-every", "100000"}),
+                          dir / "hup.out")};
+  wait_for_record(log, "\"type\": \"train\", \"iter\": 2,");
+  ::kill(hup.pid, SIGHUP);
+  CHECK(hup.wait() == 128 + SIGHUP);
+  CAPTURE(slurp(dir / "hup.out"));
+  CHECK(blpa::read_checkpoint(ck).state.iteration >= 2);
+  CHECK(slurp(summary).find("\"status\": \"interrupted\"") != std::string::npos);
+  CHECK(no_temporaries(dir));
+
+  // Its console gone (the reader of its stderr ended, as `| tee` ended by the same Ctrl-C, or
+  // `| head`): writes to it fail, and the run goes on to its end. It was killed by SIGPIPE.
+  int pipe_fds[2];
+  REQUIRE(::pipe(pipe_fds) == 0);
+  auto args = small(dir, {"--log", (dir / "b.jsonl").string(), "--log-every", "1"});
+  args.erase(std::find(args.begin(), args.end(), "--quiet"));  // progress lines too
+  std::vector<char*> argv{const_cast<char*>(BLPA_TRAIN_EXE)};
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  std::fflush(nullptr);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    std::signal(SIGPIPE, SIG_DFL);
+    ::dup2(pipe_fds[1], STDOUT_FILENO);
+    ::dup2(pipe_fds[1], STDERR_FILENO);
+    ::close(pipe_fds[0]);
+    ::execv(BLPA_TRAIN_EXE, argv.data());
+    ::_exit(127);
+  }
+  ::close(pipe_fds[0]);
+  ::close(pipe_fds[1]);
+  Spawned headless{pid};
+  CHECK(headless.wait() == 0);
+  CHECK(slurp(dir / "b.jsonl").find("\"type\": \"eval\", \"iter\": 4,") != std::string::npos);
+
+  // Ctrl-C on a sweep (a shell loop of runs; the whole process group gets SIGINT): the run
+  // writes its checkpoint and the loop stops. When the run exited 130, bash took the signal
+  // as handled by it and started the next run.
+  std::string loop = "for seed in 1 2; do '" + std::string(BLPA_TRAIN_EXE) + "'";
+  for (const auto& a : small(dir, {"--checkpoint", (dir / "s$seed.ckpt").string(), "--iterations", "100000",
+                                   "--checkpoint-every", "100000", "--log", (dir / "s$seed.jsonl").string()}))
+    loop += " \"" + a + "\"";
+  loop += " 2>>'" + (dir / "loop.out").string() + "'; echo \"run $seed ended $?\" >> '" + (dir / "ran").string() +
+          "'; done";
+  std::fflush(nullptr);
+  const pid_t shell = ::fork();
+  if (shell == 0) {
+    ::setsid();  // a process group of its own, as a terminal's job
+    ::execl("/bin/bash", "bash", "-c", loop.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  wait_for_record((dir / "s1.jsonl").string(), "\"type\": \"train\", \"iter\": 2,");
+  ::kill(-shell, SIGINT);
+  int status = 0;  // within a minute: a loop that goes on trains a long run, killed here
+  pid_t ended = 0;
+  for (int i = 0; i < 600 && (ended = ::waitpid(shell, &status, WNOHANG)) == 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  ::kill(-shell, SIGKILL);  // what is left of the group
+  if (ended == 0) ::waitpid(shell, nullptr, 0);
+  CAPTURE(slurp(dir / "loop.out"), slurp(dir / "ran"));
+  REQUIRE(ended == shell);
+  CHECK((WIFSIGNALED(status) && WTERMSIG(status) == SIGINT));
+  CHECK(fs::exists(dir / "s1.ckpt"));
+  CHECK_FALSE(fs::exists(dir / "s2.jsonl"));  // the next run never started
+  CHECK(slurp(dir / "ran").find("run 1 ended") == std::string::npos);
   remove_tree(dir);
 }

@@ -272,8 +272,9 @@ TEST_CASE("train: blpa-train on SIGINT writes a checkpoint that --resume continu
   ::kill(pid, SIGINT);
   int status = 0;
   ::waitpid(pid, &status, 0);
-  REQUIRE(WIFEXITED(status));
-  CHECK(WEXITSTATUS(status) == 130);
+  // Ended by the signal once the checkpoint is written, so that a shell loop stops too.
+  REQUIRE(WIFSIGNALED(status));
+  CHECK(WTERMSIG(status) == SIGINT);
   REQUIRE(fs::exists(ck));
   const auto done = logged(log, "iter").back();
 
