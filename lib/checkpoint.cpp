@@ -771,6 +771,8 @@ void check_output_path(const std::string& path, const std::string& flag, bool at
       bad(std::string(folder == parent ? "cannot be written" : "its folder cannot be created") + " (" +
           reason(errno) + ")");
     if (!atomic && exists && ::access(target.c_str(), W_OK) != 0) bad("cannot be written (" + reason(errno) + ")");
+    if (atomic && fs::is_directory(target.string() + ".tmp", ec))
+      bad(target.string() + ".tmp is a folder, where the file is written first: remove it");
     return;
   }
   if (!fs::exists(parent, ec)) {
@@ -781,6 +783,7 @@ void check_output_path(const std::string& path, const std::string& flag, bool at
   }
   // What writing will do: create a file beside the target (atomic) or open the target.
   const std::string probe = atomic ? target.string() + ".tmp" : path;
+  if (atomic && fs::is_directory(probe, ec)) bad(probe + " is a folder, where the file is written first: remove it");
   if (atomic) ::unlink(probe.c_str());
   const bool existed = fs::exists(status);
   const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (atomic ? O_EXCL : O_APPEND), 0644);

@@ -40,6 +40,9 @@
 namespace blpa {
 namespace {
 
+// A message as a sentence: with its full stop.
+std::string sentence(std::string m) { return m.empty() || std::strchr(".!?", m.back()) ? m : m + "."; }
+
 // The progress line and its ends, on stderr. A console that cannot take them (its reader gone,
 // a full disk) loses them: fmt::print would throw and end the run.
 template <typename... Args>
@@ -566,6 +569,15 @@ void TrainConfig::validate() const {
   if (!(mode.window == 0 || (std::isfinite(mode.window) && mode.window > 0)))
     bad("--window must be a positive width in units of x_hat");
   if (mode.lift && !std::isfinite(*mode.lift)) bad("--lift must be a finite number of units of x_hat");
+  // The checkpoint records its run's settings one per line: a path of two lines would read
+  // back as another setting (and the log's and summary's readers take lines too).
+  for (const auto& [flag, path] : {std::pair<const char*, const std::string&>{"--data-dir", data_dir},
+                                   {"--train-list", train_list}, {"--val-list", val_list},
+                                   {"--index-cache", index_cache}, {"--checkpoint", checkpoint},
+                                   {"--log", log_path}, {"--export", export_path}, {"--summary", summary_path}})
+    if (path.find_first_of("\n\r") != std::string::npos)
+      bad(std::string(flag) + ": a path with a line break in it is not taken (the checkpoint records paths one "
+          "per line)");
   if (arch == "cifar") {
     if (depth < 11 || (depth - 2) % 9 != 0)
       bad("--depth " + std::to_string(depth) + ": a cifar network has depth 9n+2, n >= 1 (11, 20, 29, ..., 164, 1001)");
@@ -873,8 +885,11 @@ std::string draw_run_id() {
 
 // --resume: the records of iterations after the checkpoint's are recomputed by the resumed
 // run, so they leave the log (rewritten atomically), which then reads as one run. So does a
-// last line without its newline: a record cut short by a full disk or a kill.
-int64_t drop_records_after(const std::string& path, int64_t iteration) {
+// last line without its newline: a record cut short by a full disk or a kill. `evaluates`:
+// the resumed run evaluates at the checkpoint's iteration first (the process that wrote the
+// checkpoint was stopped in or after that evaluation), so an evaluation record of that
+// iteration is recomputed too.
+int64_t drop_records_after(const std::string& path, int64_t iteration, bool evaluates) {
   std::error_code ec;
   if (!fs::is_regular_file(path, ec)) return 0;  // a device or a pipe keeps what it was given
   std::ifstream in(path);
@@ -883,7 +898,8 @@ int64_t drop_records_after(const std::string& path, int64_t iteration) {
   int64_t dropped = 0;
   for (std::string line; std::getline(in, line);) {
     const int64_t at = record_iteration(line);
-    if (at > iteration || in.eof()) {  // eof: no newline after it
+    const bool redone = evaluates && at == iteration && line.rfind("{\"type\": \"eval\", ", 0) == 0;
+    if (at > iteration || redone || in.eof()) {  // eof: no newline after it
       // Cut short at or before the checkpoint's iteration: the resumed run does not compute
       // that record again (its window was closed), so the log has none for it. Said, not hidden
       // among the records "after" the checkpoint.
@@ -1501,10 +1517,12 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
           !path.empty() && fs::is_regular_file(path, ec) && !fs::remove(link_target(path), ec) && ec)
         throw std::runtime_error(path + ": cannot be removed for --overwrite (" + ec.message() + ")");
   if (!config.log_path.empty() && lead) {
-    if (config.resume) result.dropped_log_records = drop_records_after(config.log_path, state.iteration);
+    if (config.resume)
+      result.dropped_log_records = drop_records_after(config.log_path, state.iteration, state.pending_eval);
     if (result.dropped_log_records > 0)
-      spdlog::info("--log {}: {} records after iteration {} removed (the resumed run computes them again)",
-                   config.log_path, result.dropped_log_records, state.iteration);
+      spdlog::info("--log {}: {} records after iteration {}{} removed (the resumed run computes them again)",
+                   config.log_path, result.dropped_log_records, state.iteration,
+                   state.pending_eval ? ", or of its evaluation," : "");
     log.open(config.log_path, config.resume);
   }
   log.write(fmt::format("{{\"type\": \"config\", \"iter\": {}, \"time\": {:.3f}, \"resumed\": {}, \"config\": {}}}\n",
@@ -1911,7 +1929,6 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     // Any other failure (a lost peer, a data or log error, out of memory): the weights of
     // the last completed iteration are saved if they can be, so at most the failed one is lost.
     std::string saved = config.checkpoint.empty() ? " No checkpoint was configured." : "";
-    auto sentence = [](std::string m) { return m.empty() || std::strchr(".!?", m.back()) ? m : m + "."; };
     if (lead && !config.checkpoint.empty()) {
       // Iteration 0 is the initial network: a fresh run that fails in its first iteration
       // leaves no checkpoint, so that its rerun (a smaller --batch, say) is a new run.
@@ -1923,8 +1940,12 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
           saved = fmt::format(" Saving iteration {} failed too ({}).", it, error_message(again));
         }
       }
-      if (last_good >= 0)
+      std::error_code ec;
+      if (last_good >= 0 && fs::is_regular_file(config.checkpoint, ec))
         saved += fmt::format(" Checkpoint {} holds iteration {}: continue with --resume.", config.checkpoint, last_good);
+      else if (last_good >= 0)  // removed while the run ran (its folder, say)
+        saved += fmt::format(" Checkpoint {} of iteration {} is gone: there is nothing to resume.", config.checkpoint,
+                             last_good);
     }
     // A peer that died or went silent: every rank stops, instead of hanging.
     const std::string why = dynamic_cast<const PeerLost*>(&e)
@@ -1935,15 +1956,28 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     throw std::runtime_error(why);
   }
   result.iteration = it;
+  // The run is whole in its last checkpoint: a resume of it writes what could not be written.
+  auto resumable = [&](const std::exception& e, const char* what) {
+    std::error_code ec;
+    const std::string why = sentence(error_message(e));
+    if (!lead || config.checkpoint.empty() || !fs::is_regular_file(config.checkpoint, ec)) return why;
+    return fmt::format("{} Checkpoint {} holds iteration {}: --resume (or --auto-resume) writes the {}.", why,
+                       config.checkpoint, it, what);
+  };
   if (!config.export_path.empty() && !result.interrupted && lead) {
     try {
       export_state_dict(config.export_path, model, config.run_id);
     } catch (const std::exception& e) {  // the run is whole (its final checkpoint written), its export not
-      try_summary("failed", error_message(e));
-      throw;
+      const std::string why = resumable(e, "export and the summary");
+      try_summary("failed", why);
+      throw std::runtime_error(why);
     }
   }
-  write_summary(result.interrupted ? "interrupted" : "done");
+  try {
+    write_summary(result.interrupted ? "interrupted" : "done");
+  } catch (const std::exception& e) {
+    throw std::runtime_error(resumable(e, "summary"));
+  }
   return result;
 }
 

@@ -1739,3 +1739,40 @@ TEST_CASE("hardening: SIGHUP checkpoints as SIGTERM does, and a console that has
   CHECK(slurp(dir / "ran").find("run 1 ended") == std::string::npos);
   remove_tree(dir);
 }
+
+TEST_CASE("hardening: a resume that evaluates again logs that evaluation once; paths the checkpoint cannot record "
+          "are refused", "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("eval-once");
+  const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string(),
+                    exported = (dir / "a.pt").string();
+  const auto args = small(dir, {"--checkpoint", ck, "--log", log, "--export", exported});
+  REQUIRE(train(args, dir).code == 0);
+  // Stopped between its last evaluation and its export (killed, or a full disk): the resume
+  // evaluates again and writes the export. Its log had two records of that evaluation.
+  fs::remove(exported);
+  auto resume = args;
+  resume.push_back("--auto-resume");
+  const Run r = train(resume, dir);
+  CAPTURE(r.output);
+  CHECK(r.code == 0);
+  CHECK(fs::exists(exported));
+  const std::string text = slurp(log);
+  size_t evals = 0;
+  for (size_t at = text.find("\"type\": \"eval\", \"iter\": 4,"); at != std::string::npos;
+       at = text.find("\"type\": \"eval\", \"iter\": 4,", at + 1))
+    ++evals;
+  CHECK(evals == 1);
+
+  // A line break in a path: the checkpoint's settings are lines, so it would read back as another.
+  const Run broken = train(small(dir, {"--log", (dir / "a\nseed=7").string()}), dir);
+  CHECK(broken.code == 2);
+  CHECK(broken.output.find("--log: a path with a line break in it is not taken") != std::string::npos);
+  // A folder where the checkpoint is written first: said, not "File exists".
+  fs::create_directories(dir / "b.ckpt.tmp");
+  const Run tmp = train(small(dir, {"--checkpoint", (dir / "b.ckpt").string()}), dir);
+  CHECK(tmp.code == 2);
+  CHECK(tmp.output.find((dir / "b.ckpt.tmp").string() + " is a folder, where the file is written first") !=
+        std::string::npos);
+  remove_tree(dir);
+}
