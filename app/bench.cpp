@@ -193,20 +193,25 @@ int codec_main(int argc, char** argv) {
                copy_gb = n * 2 * e, fused_gb = n * (3 * e + k);
   const int threads = dev.is_cuda() ? 0 : torch::get_num_threads();
   if (blpa::switched_on(args, "json")) {
-    fmt::print("{{\"bench\": \"codec\", \"bits\": {}, \"numel\": {}, \"channels\": {}, \"hw\": {}, \"dtype\": \"{}\", "
-               "\"memory_format\": \"{}\", \"device\": \"{}\", \"threads\": {}, \"pack_gbps\": {:.3f}, "
+    // "gamma": the kind, or its number as a number. "dtype" is kept beside "precision", the
+    // name the other commands' JSON use, for the scripts that read it.
+    const std::string gamma_json =
+        gamma_kind == "ones" || gamma_kind == "drawn" ? "\"" + gamma_kind + "\"" : fmt::format("{}", gamma_value);
+    fmt::print("{{\"bench\": \"codec\", \"bits\": {}, \"window\": {}, \"lift\": {}, \"numel\": {}, \"channels\": {}, "
+               "\"hw\": {}, \"precision\": \"{}\", \"dtype\": \"{}\", \"memory_format\": \"{}\", \"device\": \"{}\", \"threads\": {}, \"pack_gbps\": {:.3f}, "
                "\"unpack_gbps\": {:.3f}, \"bn_backward_gbps\": {:.3f}, \"libtorch_bn_backward_gbps\": {:.3f}, "
                "\"copy_gbps\": {:.3f}, \"pack_ms\": {:.4f}, \"unpack_ms\": {:.4f}, \"bn_backward_ms\": {:.4f}, "
                "\"libtorch_bn_backward_ms\": {:.4f}, \"copy_ms\": {:.4f}, \"forward_fused_gbps\": {:.3f}, "
                "\"forward_fused_ms\": {:.4f}, \"forward_unfused_ms\": {:.4f}, \"libtorch_forward_ms\": {:.4f}, "
-               "\"gamma\": \"{}\", \"near_edge_fraction\": {:.6f}, \"cpu_isa\": \"{}\"}}\n",
-               bits, numel, channels, hw, dtype_name, layout, dev.str(), threads, pack_gb / pack_s,
+               "\"gamma\": {}, \"near_edge_fraction\": {:.6f}, \"cpu_isa\": \"{}\"}}\n",
+               bits, format.window, format.lift, numel, channels, hw, precision, dtype_name, layout, dev.str(), threads, pack_gb / pack_s,
                unpack_gb / unpack_s, bn_gb / bn_s, ref_gb / ref_s, copy_gb / copy_s, pack_s * 1e3, unpack_s * 1e3,
                bn_s * 1e3, ref_s * 1e3, copy_s * 1e3, fused_gb / fused_s, fused_s * 1e3, unfused_s * 1e3,
-               plain_fwd_s * 1e3, gamma_kind, near_edge, blpa::cpu_isa_name());
+               plain_fwd_s * 1e3, gamma_json, near_edge, blpa::cpu_isa_name());
   } else {
-    fmt::print("codec {}-bit, {} elements {} {} {}, gamma {}, {} ({}); GB/s of the bytes moved\n", bits, numel,
-               fmt::join(shape, "x"), dtype_name, layout, gamma_kind, dev.str(),
+    fmt::print("codec {}-bit (window {}, lift {}), {} elements {} {} {}, gamma {}, {} ({}); GB/s of the bytes "
+               "moved\n", bits, format.window, format.lift, numel, fmt::join(shape, "x"), dtype_name, layout, gamma_kind,
+               dev.str(),
                dev.is_cuda() ? std::string("its kernels") : fmt::format("{} threads, {} loops", threads,
                                                                           blpa::cpu_isa_name()));
     fmt::print("  pack                {:8.3f} GB/s  ({:.3f} ms); elements next to a bin edge: {}\n",

@@ -764,7 +764,7 @@ int max_batch_main(int argc, char** argv) {
                  "\"attempts\": {}, \"leaked_bytes\": {}, \"ratio_vs_plain\": {}}}\n",
                  head(c, mode, "max-batch"), budget, accum, lo, capped, attempts, leaked, ratio);
     else
-      fmt::print("{:8s} largest batch within {:.2f} GiB{}: {:5d}{}  ({} attempts, {} bytes leaked)  vs plain {}\n",
+      fmt::print("{:8s} largest batch within {:.4g} GiB{}: {:5d}{}  ({} attempts, {} bytes leaked)  vs plain {}\n",
                  mode.str(), budget / double(1ll << 30),
                  accum > 1 ? fmt::format(" in {} parts", accum) : std::string(), lo,
                  capped ? " (--max: more may fit)" : "", attempts, leaked,

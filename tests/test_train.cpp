@@ -517,7 +517,12 @@ TEST_CASE("bench: codec takes --precision as the other programs do --dtype as it
   CHECK(ones_near > 0.005);
   CHECK(near_edge(drawn) >= 0.0);
   CHECK(near_edge(drawn) < ones_near / 10);
-  CHECK(codec("--gamma 0.5").second.find("\"gamma\": \"0.5\"") != std::string::npos);
+  CHECK(codec("--gamma 0.5").second.find("\"gamma\": 0.5,") != std::string::npos);  // a number, as a number
+  // The codes' window is recorded, so that the rows of a window sweep can be told apart, and
+  // the precision under the name the other commands use.
+  const std::string windowed = codec("--window 4 --precision bf16").second;
+  CHECK(windowed.find("\"bits\": 4, \"window\": 4, \"lift\": 0,") != std::string::npos);
+  CHECK(windowed.find("\"precision\": \"bf16\", \"dtype\": \"bf16\"") != std::string::npos);
   CHECK(codec("--gamma two").second.find("--gamma: 'two' is not a number") != std::string::npos);
   const auto [bad_rc, bad] = codec("--gamma 0");
   CHECK(bad_rc == 2);
