@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cstring>
 #include <filesystem>
 #include <stdexcept>
 #include <vector>
@@ -64,6 +65,29 @@ Dataset load(const std::string& name, const std::string& dir, bool train) {
   }
   throw std::invalid_argument("unknown dataset '" + name +
                               "' (expected cifar10, cifar100, cifar100-coarse, fashion-mnist or mnist)");
+}
+
+uint64_t content_hash(const Dataset& d) {
+  uint64_t h = 0xCBF29CE484222325ull;
+  auto add = [&h](const at::Tensor& t) {
+    const at::Tensor c = t.contiguous();
+    const auto* p = static_cast<const unsigned char*>(c.data_ptr());
+    const size_t n = c.nbytes();
+    auto mix = [&h](uint64_t w) {
+      h = (h ^ w) * 0x100000001B3ull;
+      h ^= h >> 29;  // the product carries a word's high bytes only upwards: fold them back
+    };
+    size_t i = 0;
+    for (uint64_t w; i + 8 <= n; i += 8) {
+      std::memcpy(&w, p + i, 8);
+      mix(w);
+    }
+    for (; i < n; ++i) mix(p[i]);
+    mix(n);
+  };
+  add(d.images);
+  add(d.labels);
+  return h;
 }
 
 }  // namespace blpa::data

@@ -1405,9 +1405,9 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
                  num_classes);
   }
 
-  // What the checkpoints record of the ImageNet data, for a resume to find the same: the class
-  // names in label order, and the training images (their number, and a hash of their paths
-  // and labels, which fix the data order).
+  // What the checkpoints record of the data, for a resume to find the same. ImageNet's: the
+  // class names in label order, and the training images (their number, and a hash of their
+  // paths and labels, which fix the data order).
   std::string data_record;
   if (config.dataset == "imagenet") {
     const uint64_t hash = data::list_hash(train_list);
@@ -1433,6 +1433,20 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
                      "labels): the run continues, but its data order is not the first run's, so it is not the run "
                      "that would have been trained without the stop",
                      images != kv.end() ? images->second : "?", train_list.size());
+    }
+  } else {
+    // The data held in memory: its number and a hash of its pixels and labels, so that a
+    // resume on another copy (other labels, other images under the same names) is said.
+    const uint64_t hash = data::content_hash(train_set);
+    data_record = fmt::format("train_images={}\ntrain_data={:016x}\n", train_set.size(), hash);
+    if (resumed) {
+      const auto kv = resumed->config;
+      const auto images = kv.find("train_images"), data = kv.find("train_data");
+      if (data != kv.end() && data->second != fmt::format("{:016x}", hash))
+        spdlog::warn("--resume: the training images are not the checkpoint's ({} then, {} now, or other pixels or "
+                     "labels): the run continues on these, so it is not the run that would have been trained "
+                     "without the stop",
+                     images != kv.end() ? images->second : "?", train_set.size());
     }
   }
 

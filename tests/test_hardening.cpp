@@ -1776,3 +1776,48 @@ TEST_CASE("hardening: a resume that evaluates again logs that evaluation once; p
         std::string::npos);
   remove_tree(dir);
 }
+
+TEST_CASE("hardening: a resume on other data held in memory is said", "[hardening]") {
+  const auto dir = temp_dir("other-data");
+  // A small Fashion-MNIST-shaped data set in plain IDX files; a copy of it with one label changed.
+  auto write_idx = [](const fs::path& folder, int label_of_first) {
+    fs::create_directories(folder);
+    auto be32 = [](std::ofstream& out, uint32_t v) {
+      const char b[4] = {char(v >> 24), char(v >> 16), char(v >> 8), char(v)};
+      out.write(b, 4);
+    };
+    for (const char* split : {"train", "t10k"}) {
+      const uint32_t n = 64;
+      std::ofstream images(folder / (std::string(split) + "-images-idx3-ubyte"), std::ios::binary);
+      be32(images, 0x803), be32(images, n), be32(images, 28), be32(images, 28);
+      for (uint32_t i = 0; i < n * 28 * 28; ++i) images.put(char((i * 7919u) >> 5));
+      std::ofstream labels(folder / (std::string(split) + "-labels-idx1-ubyte"), std::ios::binary);
+      be32(labels, 0x801), be32(labels, n);
+      for (uint32_t i = 0; i < n; ++i) labels.put(char(i == 0 ? label_of_first : i % 10));
+    }
+  };
+  write_idx(dir / "a", 0);
+  write_idx(dir / "b", 3);
+  const std::string ck = (dir / "a.ckpt").string();
+  auto args = [&](const char* data, const char* iterations) {
+    return std::vector<std::string>{"--dataset", "fashion-mnist", "--data-dir", (dir / data).string(), "--depth", "11",
+                                    "--batch", "16", "--iterations", iterations, "--warmup", "0", "--lr-steps", "",
+                                    "--threads", "1", "--eval-every", "0", "--quiet", "--checkpoint", ck};
+  };
+  REQUIRE(train(args("a", "2"), dir).code == 0);
+  auto resume = [&](const char* data, const char* iterations) {
+    auto a = args(data, iterations);
+    a.push_back("--resume");
+    return train(a, dir);
+  };
+  const Run same = resume("a", "4");
+  CAPTURE(same.output);
+  CHECK(same.code == 0);
+  CHECK(same.output.find("the training images are not the checkpoint's") == std::string::npos);
+  const Run other = resume("b", "6");
+  CAPTURE(other.output);
+  CHECK(other.code == 0);
+  CHECK(other.output.find("the training images are not the checkpoint's (64 then, 64 now, or other pixels or "
+                          "labels)") != std::string::npos);
+  remove_tree(dir);
+}

@@ -31,6 +31,11 @@ Dataset read_idx(const std::string& images_path, const std::string& labels_path,
 // under their official names (for MNIST-style data: train-images-idx3-ubyte[.gz], ...).
 Dataset load(const std::string& name, const std::string& dir, bool train);
 
+// A 64-bit hash of the images' bytes and the labels, the same on every build: what a
+// checkpoint records of the data it was trained on, so that a resume can tell other data
+// (another copy, other labels) from the same. A change detector, not a checksum of integrity.
+uint64_t content_hash(const Dataset& d);
+
 // The directory Debian's dataset-fashion-mnist package installs to.
 constexpr const char* kDebianFashionMnist = "/usr/share/datasets/fashion-mnist";
 
