@@ -74,7 +74,10 @@ std::vector<ModeConfig> parse_modes(const std::string& spec, int bits, float win
 }
 
 bool coded(const ModeConfig& m) { return m.mode == Mode::blpa || m.mode == Mode::naive; }
-int report_bits(const ModeConfig& m) { return coded(m) ? m.bits : 32; }
+// The bits an activation is kept in for backward: its codes', or the precision's.
+int report_bits(const ModeConfig& m, blpa::Precision p) {
+  return coded(m) ? m.bits : p == blpa::Precision::bf16 ? 16 : 32;
+}
 std::string report_format(const ModeConfig& m) {
   if (!coded(m)) return "\"window\": null, \"lift\": null";
   const blpa::CodeFormat f = m.codes_format();
@@ -229,7 +232,7 @@ std::string head(const Common& c, const ModeConfig& m, const std::string& bench,
   return fmt::format("{{\"bench\": \"{}\", \"model\": \"{}\", \"arch\": \"{}\", \"depth\": {}, \"batch\": {}, \"size\": {}, "
                      "\"mode\": \"{}\", \"bits\": {}, {}, \"device\": \"{}\", \"precision\": \"{}\", \"memory_format\": \"{}\"",
                      bench, c.model_name, c.net.arch, c.net.depth, c.batch, c.size, blpa::to_string(m.mode),
-                     report_bits(m), report_format(m), c.device.str(), blpa::to_string(n.precision),
+                     report_bits(m, n.precision), report_format(m), c.device.str(), blpa::to_string(n.precision),
                      blpa::layout_name(n.layout));
 }
 
@@ -389,12 +392,15 @@ int memory_main(int argc, char** argv) {
                    "\"peak_per_sample_at_bytes\": {:.0f}",
                    batch2, r.stored_slope, r.peak_slope, p.peak_slope / r.peak_slope, blpa::json_string(slope_peak_at),
                    scope_peak[slope_peak_at]);
+      else  // the same keys in every row, for the scripts that read them into one table
+        fmt::print(", \"slope_batch\": null, \"stored_per_sample_bytes\": null, \"peak_per_sample_bytes\": null, "
+                   "\"peak_per_sample_ratio_plain\": null, \"peak_per_sample_at\": null, "
+                   "\"peak_per_sample_at_bytes\": null");
       fmt::print(", \"stored_ratio_plain_fp32\": {}, \"peak_ratio_plain_fp32\": {}",
                  vs_fp32([&](const Result& f) { return double(f.stored) / m.stored; }),
                  vs_fp32([&](const Result& f) { return double(f.peak) / m.peak; }));
-      if (batch2 > 0)
-        fmt::print(", \"peak_per_sample_ratio_plain_fp32\": {}",
-                   vs_fp32([&](const Result& f) { return f.peak_slope / r.peak_slope; }));
+      fmt::print(", \"peak_per_sample_ratio_plain_fp32\": {}",
+                 batch2 > 0 ? vs_fp32([&](const Result& f) { return f.peak_slope / r.peak_slope; }) : "null");
       fmt::print("}}\n");
     } else {
       fmt::print("{:8s} stored by autograd {:10.2f} MiB ({:.3f} MiB/sample; units account for {:.2f} MiB), "
