@@ -623,6 +623,15 @@ void verify_archive(const std::string& path) {
       f.damaged("record '" + name + "' holds " + std::to_string(size) + " bytes (a checkpoint's code and pickles are " +
                 "under " + std::to_string(kMaxParsed >> 20) + " MiB)");
     if (signature != kLocal) f.damaged("record '" + name + "' has no local header");
+    // The local header says again what the directory says of the record (LibTorch's reader
+    // takes the directory's word): its name and method. A byte flipped there is damage too.
+    unsigned char lh[30];
+    f.read(static_cast<int64_t>(local), lh, sizeof lh);
+    std::string local_name(le(lh + 26, 2), '\0');
+    if (local_name.size() == name.size())
+      f.read(static_cast<int64_t>(local) + 30, local_name.data(), static_cast<int64_t>(local_name.size()));
+    if (local_name != name || le(lh + 8, 2) != method)
+      f.damaged("record '" + name + "': its local header does not match the directory");
     int64_t at = static_cast<int64_t>(data);
     if (at > f.size || compressed > static_cast<uint64_t>(f.size - at)) f.damaged("record '" + name + "' is cut short");
     uLong c = crc32(0L, Z_NULL, 0);

@@ -609,6 +609,13 @@ TEST_CASE("hardening: a damaged checkpoint is refused, naming the record that fa
   const Run eval = run(BLPA_EVAL_EXE, {"--checkpoint", bad.string(), "--subset", "10"}, dir);
   CHECK(eval.code == 1);
   CHECK(eval.output.find("fails its CRC check") != std::string::npos);
+  // A byte flipped in a record's name in its local header (the first record's, at byte 31),
+  // which no CRC covers and LibTorch's reader does not read.
+  std::string named = slurp(ck);
+  named[31] ^= 0x01;
+  std::ofstream(dir / "named.ckpt", std::ios::binary) << named;
+  CHECK_THROWS_WITH(blpa::verify_archive((dir / "named.ckpt").string()),
+                    Catch::Contains("its local header does not match the directory"));
   // Cut short, and not a zip at all.
   std::ofstream(dir / "short.ckpt", std::ios::binary) << slurp(ck).substr(0, 5000);
   CHECK_THROWS_WITH(blpa::verify_archive((dir / "short.ckpt").string()), Catch::Contains("damaged or truncated"));
@@ -1589,8 +1596,8 @@ TEST_CASE("hardening: ranks started with different settings refuse to train, nam
   remove_tree(dir);
 }
 
-TEST_CASE("hardening: --print-config refuses the outputs the run refuses and writes nothing; output that cannot be "
-          "written fails", "[hardening]") {
+TEST_CASE("hardening: --print-config refuses the outputs the run refuses and writes nothing, and output that cannot "
+          "be written fails", "[hardening]") {
   if (!have_fashion_mnist()) return;
   const auto dir = temp_dir("print-outputs");
   const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string();
@@ -1740,8 +1747,8 @@ TEST_CASE("hardening: SIGHUP checkpoints as SIGTERM does, and a console that has
   remove_tree(dir);
 }
 
-TEST_CASE("hardening: a resume that evaluates again logs that evaluation once; paths the checkpoint cannot record "
-          "are refused", "[hardening]") {
+TEST_CASE("hardening: a resume that evaluates again logs that evaluation once, and paths the checkpoint cannot "
+          "record are refused", "[hardening]") {
   if (!have_fashion_mnist()) return;
   const auto dir = temp_dir("eval-once");
   const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string(),
