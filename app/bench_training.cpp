@@ -916,6 +916,8 @@ int fidelity_main(int argc, char** argv) {
           modes.push_back(mc);
         }
   std::vector<std::function<FidelityCase()>> cases;
+  if (args.count("checkpoint") && args.count("depths"))  // the depths were ignored
+    throw std::invalid_argument("--depths sets the drawn networks, --checkpoint measures its own: give one of them");
   if (args.count("checkpoint")) {
     for (const auto& path : blpa::comma_list("--checkpoint", args["checkpoint"].as<std::string>()))
       cases.push_back([=] { return checkpoint_case(path, batch, seed); });

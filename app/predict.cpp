@@ -396,6 +396,8 @@ static int run(int argc, char** argv) {
     if (o.eval.workers == 0) o.eval.workers = blpa::default_workers("imagenet", 1);
     if (o.eval.crop <= 0 || o.eval.resize_short < o.eval.crop)
       throw FlagError("--crop must be positive and at most --resize");
+    if (a.count("split") && o.range.empty())  // it was ignored
+      throw FlagError("--split chooses the split that --from-dataset reads; image files and --list have none");
     if (!o.range.empty()) parse_range(o.range);
     if (!o.range.empty() && (!o.paths.empty() || !o.list.empty()))
       throw FlagError("--from-dataset classifies records of the data set; it takes no image files or --list");

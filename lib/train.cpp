@@ -1632,13 +1632,14 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         "{{\"type\": \"summary\", \"status\": \"{}\", \"iter\": {}, \"iterations\": {}, \"time\": {:.3f}, "
         "\"wall_s\": {:.3f}, \"train_s\": {:.3f}, \"last_loss\": {}, \"eval_iter\": {}, \"test_loss\": {}, "
         "\"test_acc\": {}, \"test_top5\": {}, \"test_error\": {}, \"test_images\": {}, \"test_failed\": {}, "
-        "\"images_per_s\": {:.2f}, \"stored_activation_bytes\": {}, \"peak_bytes\": {}, \"decode_failures\": {}, "
+        "\"images_per_s\": {}, \"stored_activation_bytes\": {}, \"peak_bytes\": {}, \"decode_failures\": {}, "
         "\"graphed\": {}, \"error\": {}, \"config\": {}}}\n",
         status, it, config.iterations, unix_time(), unix_time() - start_time, secs,
         json_loss(result.last_loss),  // null: none trained
         known ? std::to_string(eval_iter) : "null", known ? json_loss(result.test_loss) : "null", test(result.test_acc),
         test(result.test_top5), test(1 - result.test_acc), known ? std::to_string(eval_images) : "null",
-        known ? std::to_string(eval_failed) : "null", secs > 0 ? images / secs : 0.0, stored,
+        known ? std::to_string(eval_failed) : "null",
+        secs > 0 && images > 0 ? fmt::format("{:.2f}", images / secs) : std::string("null"), stored,  // none trained
         std::max(peak_max, memory::peak(dev)), decode_errors.count.load(), graphed != nullptr,
         error.empty() ? std::string("null") : json_string(error), config.json());
   };

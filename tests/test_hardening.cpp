@@ -231,6 +231,7 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"step", "--model", "cifar:11", "--size", "-4"}, "--size must be positive"},
       {{"max-batch", "--model", "cifar:11", "--max", "0"}, "--max must be at least --accum-steps"},
       {{"max-batch", "--batch", "64"}, "--batch: max-batch searches the batch; --max caps it"},  // was ignored
+      {{"fidelity", "--checkpoint", "x.ckpt", "--depths", "20"}, "--depths sets the drawn networks"},  // ignored
       {{"data", "--images", "20"}, "--batch 32 is more than the --images 20 generated"},  // named neither
       // numbers are named with their flag (cxxopts said only "Argument 'nan' failed to parse"),
       {{"codec", "--window", "nan"}, "--window: 'nan' is not a finite number"},
@@ -1759,11 +1760,14 @@ TEST_CASE("hardening: a resume that evaluates again logs that evaluation once, a
   // evaluates again and writes the export. Its log had two records of that evaluation.
   fs::remove(exported);
   auto resume = args;
-  resume.push_back("--auto-resume");
+  resume.insert(resume.end(), {"--auto-resume", "--summary", (dir / "a.json").string()});
   const Run r = train(resume, dir);
   CAPTURE(r.output);
   CHECK(r.code == 0);
   CHECK(fs::exists(exported));
+  // It trained no iteration: no images/s (it said 0), as no last loss.
+  CHECK(slurp(dir / "a.json").find("\"last_loss\": null") != std::string::npos);
+  CHECK(slurp(dir / "a.json").find("\"images_per_s\": null") != std::string::npos);
   const std::string text = slurp(log);
   size_t evals = 0;
   for (size_t at = text.find("\"type\": \"eval\", \"iter\": 4,"); at != std::string::npos;

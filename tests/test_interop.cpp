@@ -444,6 +444,11 @@ TEST_CASE("interop: blpa-predict classifies JPEGs with the evaluation transform 
   const Run other = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--list", (dir / "other.txt").string()}, dir);
   CHECK(other.code == 1);
   CHECK(other.err.find("label 7 of img/a.jpg is not a class of the network, which has 3") != std::string::npos);
+  // --split with a list: it chooses --from-dataset's split, and was ignored.
+  const Run split = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--split", "train", "--list",
+                                           (dir / "list.txt").string()}, dir);
+  CHECK(split.code == 2);
+  CHECK(split.err.find("--split chooses the split that --from-dataset reads") != std::string::npos);
   // A negative label, refused as blpa-train refuses it (-1 was taken for "no label").
   std::ofstream(dir / "negative.txt") << "img/a.jpg,-1\n";
   const Run negative = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--list", (dir / "negative.txt").string()}, dir);
