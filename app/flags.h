@@ -181,10 +181,12 @@ inline void set_threads(int n) {
 // configuration): where it could not all be written (a full disk), the program fails, with
 // exit 1 where it would have exited 0, and says so. Called with the code main returns.
 inline int checked_output(const char* program, int code) {
-  std::cout.flush();
+  errno = 0;
+  std::cout.flush();  // with stdio synchronised, this is the fflush that fails
+  const int cout_err = std::cout ? 0 : errno;
   errno = 0;
   const bool flush_failed = std::fflush(stdout) != 0;
-  const int err = flush_failed ? errno : 0;  // an earlier write's errno is not kept: none is said
+  const int err = flush_failed ? errno : cout_err;  // an earlier write's errno is not kept: none is said
   if (!flush_failed && !std::ferror(stdout) && std::cout) return code;
   std::cerr << program << ": standard output could not be written"
             << (err ? std::string(" (") + std::strerror(err) + ")" : std::string()) << "; what it holds is incomplete\n";

@@ -45,6 +45,9 @@ void take_signals(sigset_t set, std::string checkpoint, bool writes_checkpoints)
   for (;;) {
     int sig = 0;
     if (::sigwait(&set, &sig) != 0 || g_phase.load() == 2) continue;
+    // A closed terminal sends SIGHUP twice (bash passes it on to its jobs, then the kernel to
+    // the foreground group): a repeated one is not the user insisting.
+    if (sig == SIGHUP && g_signal.load() != 0) continue;
     int none = 0;  // the signal is stored before the stop is seen: the main thread names it
     if (g_phase.load() == 1 && g_signal.compare_exchange_strong(none, sig)) {
       g_stop.store(true);
@@ -68,6 +71,20 @@ void take_signals(sigset_t set, std::string checkpoint, bool writes_checkpoints)
     ::raise(sig);
     ::_exit(128 + sig);
   }
+}
+
+// Ends the process by `sig` itself, once everything is written: a shell running a loop of
+// runs (a sweep) sees that its child was interrupted and stops too, where an exit code of
+// 128 + N would have let it start the next run. Shells report the same 128 + N.
+void end_by(int sig) {
+  spdlog::default_logger()->flush();
+  std::fflush(nullptr);
+  std::signal(sig, SIG_DFL);
+  sigset_t only;
+  sigemptyset(&only);
+  sigaddset(&only, sig);
+  ::pthread_sigmask(SIG_UNBLOCK, &only, nullptr);
+  ::raise(sig);
 }
 
 }  // namespace
@@ -131,19 +148,7 @@ int main(int argc, char** argv) {
                    r.iteration,
                    c.checkpoint.empty() ? " (no --checkpoint: progress is lost)"
                                         : "; checkpoint " + c.checkpoint + " written, continue with --resume");
-      // Ended by the signal itself, once everything is written: a shell running a loop of runs
-      // (a sweep) sees that its child was interrupted and stops too, where an exit code of
-      // 128 + N would have let it start the next run. Shells report the same 128 + N.
-      if (g_signal.load()) {
-        spdlog::default_logger()->flush();
-        std::fflush(nullptr);
-        std::signal(sig, SIG_DFL);
-        sigset_t only;
-        sigemptyset(&only);
-        sigaddset(&only, sig);
-        ::pthread_sigmask(SIG_UNBLOCK, &only, nullptr);
-        ::raise(sig);
-      }
+      if (g_signal.load()) end_by(sig);
       return 128 + sig;
     }
     // NaN: this process trained no iteration (a resumed run that only finished its evaluation).
@@ -154,6 +159,7 @@ int main(int argc, char** argv) {
                    last, r.test_loss, 100 * (1 - r.test_acc), 100 * (1 - r.test_top5));
     else
       spdlog::info("done: {} iterations, {} (rank {}; rank 0 evaluates)", r.iteration, last, c.dist.rank);
+    if (g_signal.load()) end_by(g_signal.load());  // a signal in the last step: done, and a sweep stops too
     return 0;
   } catch (const blpa::RunComplete& e) {
     spdlog::info("{}", e.what());

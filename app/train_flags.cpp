@@ -38,7 +38,7 @@ cxxopts::Options make_options() {
     ("data-dir", "Directory with the data set's official files (default: Debian's Fashion-MNIST); for imagenet the folder holding train/<wnid>/*.JPEG and val/<wnid>/*.JPEG", cxxopts::value<S>())
     ("train-list", "imagenet: a list file of 'relative/path,label' lines instead of <data-dir>/train (paths relative to --data-dir, or to the list's folder; given with --val-list)", cxxopts::value<S>())
     ("val-list", "imagenet: the same for validation (labels among --train-list's)", cxxopts::value<S>())
-    ("index-cache", "imagenet: directory where the scanned file lists are cached, keyed by the folders' path and their class folders' inodes and change times, which any added, removed or renamed image changes ('' to disable)", cxxopts::value<S>()->default_value(default_cache_dir()))
+    ("index-cache", "imagenet: directory where the scanned file lists are cached, keyed by the folders' path and their class folders' change times, which any added, removed or renamed image changes ('' to disable)", cxxopts::value<S>()->default_value(default_cache_dir()))
     ("train-subset", "Train on the first N training images (ImageNet: N spread over all classes; 0: all)", cxxopts::value<S>()->default_value("0"))
     ("test-subset", "Evaluate on the first N test images (ImageNet: N spread over all classes; 0: all)", cxxopts::value<S>()->default_value("0"))
     ("no-augment", "Disable pad-4 random crops and horizontal flips");

@@ -86,14 +86,15 @@ bool parse_count(std::string_view s, int64_t max, int64_t& value) {
   return !s.empty() && s[0] != '-' && ec == std::errc() && end == s.data() + s.size() && value <= max;
 }
 
-// What identifies a class folder's state: its inode, modification time and status-change time.
-// The last cannot be set back by a copy that keeps times (rsync -a, cp -p, tar x restore the
-// modification time after adding files), since setting the former sets it to now.
+// What identifies a class folder's state: its modification time and status-change time. The
+// second cannot be set back by a copy that keeps times (rsync -a, cp -p, tar x restore the
+// modification time after adding files), since setting the first sets it to now. (Not the
+// inode: overlay and FUSE file systems may give a folder another one at each mount.)
 std::string folder_state(const std::string& path) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) return "-";
   auto ns = [](const timespec& t) { return std::to_string(int64_t{t.tv_sec} * 1000000000 + t.tv_nsec); };
-  return std::to_string(st.st_ino) + ":" + ns(st.st_mtim) + ":" + ns(st.st_ctim);
+  return ns(st.st_mtim) + ":" + ns(st.st_ctim);
 }
 
 uint64_t fnv1a(uint64_t h, const std::string& s) {
@@ -116,7 +117,7 @@ std::string absolute(const std::string& p) {
   return ::realpath(p.c_str(), buf) ? std::string(buf) : p;
 }
 
-// The cache is keyed by the folder and, for each class folder, its name and state (inode,
+// The cache is keyed by the folder and, for each class folder, its name and state (its
 // modification and status-change times), which changes whenever an entry is added, removed
 // or renamed in it, even where a copy puts the modification time back. The name starts
 // with the folder's own hash, so that the lists of its earlier states can be found and removed

@@ -80,6 +80,7 @@ uint64_t content_hash(const Dataset& d) {
     size_t i = 0;
     for (uint64_t w; i + 8 <= n; i += 8) {
       std::memcpy(&w, p + i, 8);
+      if constexpr (__BYTE_ORDER__ == __ORDER_BIG_ENDIAN__) w = __builtin_bswap64(w);  // the same hash on every host
       mix(w);
     }
     for (; i < n; ++i) mix(p[i]);

@@ -771,7 +771,7 @@ void check_output_path(const std::string& path, const std::string& flag, bool at
   const fs::path target = link_target(path);
   const fs::path parent = target.has_parent_path() ? target.parent_path() : fs::path(".");
   if (!write) {
-    fs::path folder = parent;  // the nearest folder that exists: the one a missing folder is created in
+    fs::path folder = fs::absolute(parent, ec);  // the nearest folder that exists: where the missing ones go
     while (!fs::exists(folder, ec) && folder.has_parent_path() && folder.parent_path() != folder)
       folder = folder.parent_path();
     if (!fs::is_directory(folder, ec)) bad(folder.string() + " is not a folder");

@@ -903,7 +903,7 @@ int64_t drop_records_after(const std::string& path, int64_t iteration, bool eval
       // Cut short at or before the checkpoint's iteration: the resumed run does not compute
       // that record again (its window was closed), so the log has none for it. Said, not hidden
       // among the records "after" the checkpoint.
-      if (at <= iteration && in.eof())
+      if (at <= iteration && in.eof() && !redone)
         spdlog::warn("--log {}: its last record was cut short (a write interrupted) and is removed; the log has no "
                      "record for the iterations it covered{}",
                      path, at >= 0 ? fmt::format(" (up to {})", at) : std::string());
@@ -1016,11 +1016,15 @@ class OutputLocks {
 // --print-config: whether a run holds `path`'s lock, found without creating the lock file
 // (a shared lock, taken and dropped at once, fails where a run holds its exclusive one).
 void refuse_if_locked(const std::string& path, const std::string& flag) {
-  const std::string file = path + ".lock";
-  const int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return;
-  if (::flock(fd, LOCK_SH | LOCK_NB) != 0) refuse(fd, errno, file, path, flag);
-  ::close(fd);
+  std::error_code ec;
+  // Beside the path as given and, for a link, beside the file it names, as OutputLocks locks.
+  for (const std::string& file : {path + ".lock", fs::weakly_canonical(fs::absolute(link_target(path)), ec).string() +
+                                                      ".lock"}) {
+    const int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) continue;
+    if (::flock(fd, LOCK_SH | LOCK_NB) != 0) refuse(fd, errno, file, path, flag);
+    ::close(fd);
+  }
 }
 
 // --auto-resume where there is no checkpoint: a log and a summary that record no training are
@@ -1105,6 +1109,8 @@ void compare_with_checkpoint(const Checkpoint& ck, const TrainConfig& c) {
     saved["precision"] = device != saved.end() && device->second.rfind("cuda", 0) == 0 ? "tf32" : "fp32";
   }
   if (!saved.count("memory_format")) saved["memory_format"] = "nchw";
+  const auto now_threads = std::to_string(c.threads);
+  if (saved["threads"] == "0") saved["threads"] = now_threads;  // before threads were resolved: LibTorch's default
   // Before resolve() named it, the default folder was recorded as "".
   if (saved["data_dir"].empty() && saved["train_list"].empty()) saved["data_dir"] = data::kDebianFashionMnist;
   const auto now = key_values(c.describe());
@@ -1975,7 +1981,10 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   auto resumable = [&](const std::exception& e, const char* what) {
     std::error_code ec;
     const std::string why = sentence(error_message(e));
-    if (!lead || config.checkpoint.empty() || !fs::is_regular_file(config.checkpoint, ec)) return why;
+    // With several ranks a resume of a run at its end is complete (its ranks cannot agree on
+    // what rank 0's files lack): the hint would not be true.
+    if (!lead || config.dist.enabled() || config.checkpoint.empty() || !fs::is_regular_file(config.checkpoint, ec))
+      return why;
     return fmt::format("{} Checkpoint {} holds iteration {}: --resume (or --auto-resume) writes the {}.", why,
                        config.checkpoint, it, what);
   };

@@ -94,8 +94,8 @@ pid_t spawn_train(std::vector<std::string> args, const fs::path& out) {
 // assertion left behind is killed (the runs below are long).
 struct Spawned {
   pid_t pid;
+  int status = 0;  // as waitpid gave it
   int wait() {
-    int status = 0;
     ::waitpid(pid, &status, 0);
     pid = 0;  // reaped: its number may be another process's now
     return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
@@ -1630,6 +1630,12 @@ TEST_CASE("hardening: --print-config refuses the outputs the run refuses and wri
   CHECK(folder.output.find("--log " + dir.string() + ": is a directory") != std::string::npos);
   CHECK(train(small(dir, {"--log", (dir / "new" / "b.jsonl").string(), "--print-config"}), dir).code == 0);
   CHECK_FALSE(fs::exists(dir / "new"));
+  const Run relative = run(BLPA_TRAIN_EXE, small(dir, {"--log", "new/b.jsonl", "--checkpoint", "new/c.ckpt",
+                                                        "--print-config"}),
+                           dir, "cd '" + dir.string() + "';");
+  CAPTURE(relative.output);
+  CHECK(relative.code == 0);  // it said "new is not a folder"
+  CHECK_FALSE(fs::exists(dir / "new"));
   // On --resume, a summary of another run.
   std::ofstream(dir / "other.json") << "{\"type\": \"summary\", \"run_id\": \"0123456789abcdef\"}\n";
   const Run other = train(small(dir, {"--checkpoint", ck, "--log", log, "--summary", (dir / "other.json").string(),
@@ -1644,6 +1650,13 @@ TEST_CASE("hardening: --print-config refuses the outputs the run refuses and wri
   const Run held = train(printed, dir);
   CHECK(held.code == 1);
   CHECK(held.output.find("--checkpoint " + ck + " is in use by another blpa-train") != std::string::npos);
+  // Through a link: the run locks the file it names too, and --print-config looks there.
+  fs::create_symlink(ck, dir / "link.ckpt");
+  const Run linked = train(small(dir, {"--checkpoint", (dir / "link.ckpt").string(), "--resume", "--print-config"}),
+                           dir);
+  CHECK(linked.code == 1);
+  CHECK(linked.output.find("is in use by another blpa-train") != std::string::npos);
+  fs::remove(dir / "link.ckpt");
   ::close(fd);
   fs::remove(ck + ".lock");
   CHECK(slurp(ck) == ck_bytes);
@@ -1669,6 +1682,8 @@ TEST_CASE("hardening: --print-config refuses the outputs the run refuses and wri
   to_full(std::string(BLPA_EVAL_EXE) + " --help");
   to_full(std::string(BLPA_PREDICT_EXE) + " --help");
   to_full(std::string(BLPA_BENCH_EXE) + " codec --numel 65536 --reps 1 --threads 1");
+  // Its lines wait in the buffer until the end, where the write fails: the reason is known.
+  CHECK(slurp(err).find("(No space left on device)") != std::string::npos);
   remove_tree(dir);
 }
 
@@ -1684,7 +1699,9 @@ TEST_CASE("hardening: SIGHUP checkpoints as SIGTERM does, and a console that has
                           dir / "hup.out")};
   wait_for_record(log, "\"type\": \"train\", \"iter\": 2,");
   ::kill(hup.pid, SIGHUP);
+  ::kill(hup.pid, SIGHUP);  // a closed terminal sends it twice: not a second signal's stop at once
   CHECK(hup.wait() == 128 + SIGHUP);
+  CHECK((WIFSIGNALED(hup.status) && WTERMSIG(hup.status) == SIGHUP));  // ended by it, not exit(129)
   CAPTURE(slurp(dir / "hup.out"));
   CHECK(blpa::read_checkpoint(ck).state.iteration >= 2);
   CHECK(slurp(summary).find("\"status\": \"interrupted\"") != std::string::npos);

@@ -110,9 +110,14 @@ TEST_CASE("imagenet: classes are numbered in sorted wnid order and the index cac
   write_bytes(train / "n02" / "b2.jpeg", jpeg_of(40, 30, 6));
   const timespec times[2] = {before.st_atim, before.st_mtim};
   REQUIRE(::utimensat(AT_FDCWD, (train / "n02").c_str(), times, 0) == 0);
+  struct stat after {};
+  REQUIRE(::stat((train / "n02").c_str(), &after) == 0);
   auto copied = scan_image_folder(train.string(), cache, 1, &r);
-  CHECK_FALSE(r.from_cache);
-  CHECK(copied.size() == 6);
+  if (after.st_ctim.tv_sec != before.st_ctim.tv_sec || after.st_ctim.tv_nsec != before.st_ctim.tv_nsec) {
+    CHECK_FALSE(r.from_cache);
+    CHECK(copied.size() == 6);
+  } else  // a file system whose times are coarser than the 20 ms slept: nothing tells the states apart
+    WARN("the folder's status-change time did not move in 20 ms: the cache check is skipped");
 
   if (::geteuid() != 0) {  // root reads everything: the check needs an ordinary user
     ::chmod((train / "n02" / "b1.jpeg").c_str(), 0);

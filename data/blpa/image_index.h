@@ -43,7 +43,7 @@ struct ScanReport {
 
 // Scans <dir>/<class>/* for .JPEG/.jpeg/.jpg files, one thread per class folder (`threads`
 // at a time). The result is cached in `cache_dir` (empty: no cache) under a name derived from
-// the folder's path and the names, inodes, modification and status-change times of its class
+// the folder's path and the names, modification and status-change times of its class
 // folders, so adding, removing or renaming images in any class invalidates it, even where
 // the copy that did it set the modification time back. Throws when `dir` has no class
 // folders, more than kMaxClasses, or no images at all.
