@@ -715,14 +715,10 @@ int max_batch_main(int argc, char** argv) {
       cxxopts::value<std::string>()->default_value("4096"))(
       "accum-steps", "Train each batch as this many equal parts, accumulating their gradients",
       cxxopts::value<std::string>()->default_value("1"), "K");
-  const auto given = [&](std::string_view flag) {
-    for (int i = 1; i < argc; ++i)
-      if (std::string_view(argv[i]) == flag || std::string_view(argv[i]).rfind(std::string(flag) + "=", 0) == 0)
-        return true;
-    return false;
-  };
-  if (given("--batch") && !given("--help") && !given("-h"))
-    throw std::invalid_argument("--batch: max-batch searches the batch; --max caps it");
+  // Said here, before --help is seen: cxxopts refuses an unknown flag even beside --help.
+  for (int i = 1; i < argc; ++i)
+    if (std::string_view(argv[i]) == "--batch" || std::string_view(argv[i]).rfind("--batch=", 0) == 0)
+      throw std::invalid_argument("--batch: max-batch searches the batch; --max caps it");
   Common c;
   c.has_batch = false;
   cxxopts::ParseResult args;
