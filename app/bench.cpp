@@ -198,19 +198,22 @@ int codec_main(int argc, char** argv) {
     const std::string gamma_json =
         gamma_kind == "ones" || gamma_kind == "drawn" ? "\"" + gamma_kind + "\"" : fmt::format("{}", gamma_value);
     fmt::print("{{\"bench\": \"codec\", \"bits\": {}, \"window\": {}, \"lift\": {}, \"numel\": {}, \"channels\": {}, "
-               "\"hw\": {}, \"precision\": \"{}\", \"dtype\": \"{}\", \"memory_format\": \"{}\", \"device\": \"{}\", \"threads\": {}, \"pack_gbps\": {:.3f}, "
+               "\"hw\": {}, \"precision\": \"{}\", \"dtype\": \"{}\", \"memory_format\": \"{}\", \"device\": \"{}\", "
+               "\"threads\": {}, \"pack_gbps\": {:.3f}, "
                "\"unpack_gbps\": {:.3f}, \"bn_backward_gbps\": {:.3f}, \"libtorch_bn_backward_gbps\": {:.3f}, "
                "\"copy_gbps\": {:.3f}, \"pack_ms\": {:.4f}, \"unpack_ms\": {:.4f}, \"bn_backward_ms\": {:.4f}, "
                "\"libtorch_bn_backward_ms\": {:.4f}, \"copy_ms\": {:.4f}, \"forward_fused_gbps\": {:.3f}, "
                "\"forward_fused_ms\": {:.4f}, \"forward_unfused_ms\": {:.4f}, \"libtorch_forward_ms\": {:.4f}, "
                "\"gamma\": {}, \"near_edge_fraction\": {:.6f}, \"cpu_isa\": \"{}\"}}\n",
-               bits, format.window, format.lift, numel, channels, hw, precision, dtype_name, layout, dev.str(), threads, pack_gb / pack_s,
+               bits, format.window, format.lift, numel, channels, hw, precision, dtype_name, layout, dev.str(), threads,
+               pack_gb / pack_s,
                unpack_gb / unpack_s, bn_gb / bn_s, ref_gb / ref_s, copy_gb / copy_s, pack_s * 1e3, unpack_s * 1e3,
                bn_s * 1e3, ref_s * 1e3, copy_s * 1e3, fused_gb / fused_s, fused_s * 1e3, unfused_s * 1e3,
                plain_fwd_s * 1e3, gamma_json, near_edge, blpa::cpu_isa_name());
   } else {
     fmt::print("codec {}-bit (window {}, lift {}), {} elements {} {} {}, gamma {}, {} ({}); GB/s of the bytes "
-               "moved\n", bits, format.window, format.lift, numel, fmt::join(shape, "x"), dtype_name, layout, gamma_kind,
+               "moved\n",
+               bits, format.window, format.lift, numel, fmt::join(shape, "x"), dtype_name, layout, gamma_kind,
                dev.str(),
                dev.is_cuda() ? std::string("its kernels") : fmt::format("{} threads, {} loops", threads,
                                                                           blpa::cpu_isa_name()));

@@ -189,7 +189,8 @@ inline int checked_output(const char* program, int code) {
   const int err = flush_failed ? errno : cout_err;  // an earlier write's errno is not kept: none is said
   if (!flush_failed && !std::ferror(stdout) && std::cout) return code;
   std::cerr << program << ": standard output could not be written"
-            << (err ? std::string(" (") + std::strerror(err) + ")" : std::string()) << "; what it holds is incomplete\n";
+            << (err ? std::string(" (") + std::strerror(err) + ")" : std::string())
+            << "; what it holds is incomplete\n";
   return code == 0 ? 1 : code;
 }
 

@@ -155,7 +155,8 @@ TEST_CASE("imagenet: splits with different classes are refused and a list file i
   CHECK(s.paths == std::vector<std::string>{"n01/a.JPEG", "n01/b.JPEG"});
   CHECK(s.labels == std::vector<int64_t>{3, 4});
   std::istringstream no_path(" ,3\n");
-  CHECK_THROWS_WITH(parse_image_list(no_path, "no-path", ""), Catch::Contains("no-path:1: expected 'relative/path,label'"));
+  CHECK_THROWS_WITH(parse_image_list(no_path, "no-path", ""),
+                    Catch::Contains("no-path:1: expected 'relative/path,label'"));
   std::ofstream(root / "bad.csv") << "n01/a.JPEG,0\nn01/b.JPEG\n";
   CHECK_THROWS_WITH(read_image_list((root / "bad.csv").string(), ""), Catch::Contains("bad.csv:2"));
   std::ofstream(root / "neg.csv") << "n01/a.JPEG,-1\n";
