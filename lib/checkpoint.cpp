@@ -771,14 +771,15 @@ void check_output_path(const std::string& path, const std::string& flag, bool at
   const fs::path target = link_target(path);
   const fs::path parent = target.has_parent_path() ? target.parent_path() : fs::path(".");
   if (!write) {
-    fs::path folder = fs::absolute(parent, ec);  // the nearest folder that exists: where the missing ones go
+    const fs::path own = fs::absolute(parent, ec);
+    fs::path folder = own;  // the nearest folder that exists: where the missing ones are created
     while (!fs::exists(folder, ec) && folder.has_parent_path() && folder.parent_path() != folder)
       folder = folder.parent_path();
     if (!fs::is_directory(folder, ec)) bad(folder.string() + " is not a folder");
     const bool exists = fs::exists(target, ec);
-    if (::access(folder.c_str(), W_OK | X_OK) != 0 && (atomic || !exists || folder != parent))
-      bad(std::string(folder == parent ? "cannot be written" : "its folder cannot be created") + " (" +
-          reason(errno) + ")");
+    if (::access(folder.c_str(), W_OK | X_OK) != 0 && (atomic || !exists || folder != own))
+      bad(std::string(folder == own ? "cannot be written" : "its folder cannot be created") + " (" + reason(errno) +
+          ")");
     if (!atomic && exists && ::access(target.c_str(), W_OK) != 0) bad("cannot be written (" + reason(errno) + ")");
     if (atomic && fs::is_directory(target.string() + ".tmp", ec))
       bad(target.string() + ".tmp is a folder, where the file is written first: remove it");

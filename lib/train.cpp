@@ -1018,8 +1018,8 @@ class OutputLocks {
 void refuse_if_locked(const std::string& path, const std::string& flag) {
   std::error_code ec;
   // Beside the path as given and, for a link, beside the file it names, as OutputLocks locks.
-  for (const std::string& file : {path + ".lock", fs::weakly_canonical(fs::absolute(link_target(path)), ec).string() +
-                                                      ".lock"}) {
+  const fs::path target = fs::weakly_canonical(fs::absolute(link_target(path)), ec);
+  for (const std::string& file : {path + ".lock", ec ? path + ".lock" : target.string() + ".lock"}) {
     const int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) continue;
     if (::flock(fd, LOCK_SH | LOCK_NB) != 0) refuse(fd, errno, file, path, flag);
@@ -1109,8 +1109,7 @@ void compare_with_checkpoint(const Checkpoint& ck, const TrainConfig& c) {
     saved["precision"] = device != saved.end() && device->second.rfind("cuda", 0) == 0 ? "tf32" : "fp32";
   }
   if (!saved.count("memory_format")) saved["memory_format"] = "nchw";
-  const auto now_threads = std::to_string(c.threads);
-  if (saved["threads"] == "0") saved["threads"] = now_threads;  // before threads were resolved: LibTorch's default
+  if (saved["threads"] == "0") saved["threads"] = std::to_string(c.threads);  // recorded unresolved: the default
   // Before resolve() named it, the default folder was recorded as "".
   if (saved["data_dir"].empty() && saved["train_list"].empty()) saved["data_dir"] = data::kDebianFashionMnist;
   const auto now = key_values(c.describe());
