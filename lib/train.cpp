@@ -1410,56 +1410,46 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
                  num_classes);
   }
 
-  // What the checkpoints record of the data, for a resume to find the same. ImageNet's: the
-  // class names in label order, and the training images (their number, and a hash of their
-  // paths and labels, which fix the data order).
-  std::string data_record;
-  if (config.dataset == "imagenet") {
-    const uint64_t hash = data::list_hash(train_list);
-    data_record = fmt::format("classes={}\ntrain_images={}\ntrain_index={:016x}\n", class_list(train_list.classes),
-                              train_list.size(), hash);
-    if (resumed) {
-      const auto trained = checkpoint_classes(*resumed);
-      if (!trained.empty() && trained != train_list.classes) {
-        std::vector<std::string> gone, added;
-        std::set_difference(trained.begin(), trained.end(), train_list.classes.begin(), train_list.classes.end(),
-                            std::back_inserter(gone));
-        std::set_difference(train_list.classes.begin(), train_list.classes.end(), trained.begin(), trained.end(),
-                            std::back_inserter(added));
-        throw FlagError(fmt::format("--resume: the training classes are not the checkpoint's{}{}: its labels would "
-                                    "mean other classes; resume with the data it was trained on",
-                                    gone.empty() ? "" : fmt::format(" ({} gone: {})", gone.size(), gone.front()),
-                                    added.empty() ? "" : fmt::format(" ({} new: {})", added.size(), added.front())));
-      }
-      const auto kv = resumed->config;
-      const auto images = kv.find("train_images"), index = kv.find("train_index");
-      if (index != kv.end() && index->second != fmt::format("{:016x}", hash))
-        spdlog::warn("--resume: the training images are not the checkpoint's ({} then, {} now, or other files or "
-                     "labels): the run continues, but its data order is not the first run's, so it is not the run "
-                     "that would have been trained without the stop",
-                     images != kv.end() ? images->second : "?", train_list.size());
+  // What the checkpoints record of the data, for a resume to find the same: the training
+  // images' number and a hash (ImageNet's of their paths and labels, which fix the data order;
+  // a data set held in memory, of its pixels and labels), and ImageNet's class names in label
+  // order.
+  const bool imagenet = config.dataset == "imagenet";
+  if (imagenet && resumed) {
+    const auto trained = checkpoint_classes(*resumed);
+    if (!trained.empty() && trained != train_list.classes) {
+      std::vector<std::string> gone, added;
+      std::set_difference(trained.begin(), trained.end(), train_list.classes.begin(), train_list.classes.end(),
+                          std::back_inserter(gone));
+      std::set_difference(train_list.classes.begin(), train_list.classes.end(), trained.begin(), trained.end(),
+                          std::back_inserter(added));
+      throw FlagError(fmt::format("--resume: the training classes are not the checkpoint's{}{}: its labels would "
+                                  "mean other classes; resume with the data it was trained on",
+                                  gone.empty() ? "" : fmt::format(" ({} gone: {})", gone.size(), gone.front()),
+                                  added.empty() ? "" : fmt::format(" ({} new: {})", added.size(), added.front())));
     }
-  } else {
-    // The data held in memory: its number and a hash of its pixels and labels, so that a
-    // resume on another copy (other labels, other images under the same names) is said.
-    const uint64_t hash = data::content_hash(train_set);
-    data_record = fmt::format("train_images={}\ntrain_data={:016x}\n", train_set.size(), hash);
-    if (resumed) {
-      const auto kv = resumed->config;
-      const auto images = kv.find("train_images"), data = kv.find("train_data");
-      if (data != kv.end() && data->second != fmt::format("{:016x}", hash))
-        spdlog::warn("--resume: the training images are not the checkpoint's ({} then, {} now, or other pixels or "
-                     "labels): the run continues on these, so it is not the run that would have been trained "
-                     "without the stop",
-                     images != kv.end() ? images->second : "?", train_set.size());
-    }
+  }
+  const int64_t n_train = imagenet ? static_cast<int64_t>(train_list.size()) : train_set.size();
+  const char* hash_key = imagenet ? "train_index" : "train_data";
+  const std::string hash =
+      fmt::format("{:016x}", imagenet ? data::list_hash(train_list) : data::content_hash(train_set));
+  const std::string data_record = (imagenet ? "classes=" + class_list(train_list.classes) + "\n" : std::string()) +
+                                  fmt::format("train_images={}\n{}={}\n", n_train, hash_key, hash);
+  if (resumed) {
+    const auto& kv = resumed->config;
+    const auto images = kv.find("train_images"), recorded = kv.find(hash_key);
+    if (recorded != kv.end() && recorded->second != hash)
+      spdlog::warn("--resume: the training images are not the checkpoint's ({} then, {} now, or other {}): the run "
+                   "continues{}, so it is not the run that would have been trained without the stop",
+                   images != kv.end() ? images->second : "?", n_train,
+                   imagenet ? "files or labels" : "pixels or labels",
+                   imagenet ? ", but its data order is not the first run's" : " on these");
   }
 
   // Bad input found here loses nothing: no output has been opened yet.
-  const int64_t n_train = config.dataset == "imagenet" ? static_cast<int64_t>(train_list.size()) : train_set.size();
   if (lead && config.train_subset > n_train)
     spdlog::warn("--train-subset {} is more than the {} training images: all are used", config.train_subset, n_train);
-  if (lead && config.dataset == "imagenet" && config.arch == "cifar")
+  if (lead && imagenet && config.arch == "cifar")
     spdlog::warn("a CIFAR-style network (--model cifar) on ImageNet images: --preset imagenet gives ResNet-152 and "
                  "its protocol");
   if (config.batch * config.dist.world > n_train)
