@@ -770,6 +770,9 @@ void check_output_path(const std::string& path, const std::string& flag, bool at
   // Where a symbolic link points is where the file is written (and its folder created).
   const fs::path target = link_target(path);
   const fs::path parent = target.has_parent_path() ? target.parent_path() : fs::path(".");
+  // An atomic file is written beside its target first, as PATH.tmp.
+  const std::string tmp = target.string() + ".tmp";
+  if (atomic && fs::is_directory(tmp, ec)) bad(tmp + " is a folder, where the file is written first: remove it");
   if (!write) {
     const fs::path own = fs::absolute(parent, ec);
     fs::path folder = own;  // the nearest folder that exists: where the missing ones are created
@@ -781,8 +784,6 @@ void check_output_path(const std::string& path, const std::string& flag, bool at
       bad(std::string(folder == own ? "cannot be written" : "its folder cannot be created") + " (" + reason(errno) +
           ")");
     if (!atomic && exists && ::access(target.c_str(), W_OK) != 0) bad("cannot be written (" + reason(errno) + ")");
-    if (atomic && fs::is_directory(target.string() + ".tmp", ec))
-      bad(target.string() + ".tmp is a folder, where the file is written first: remove it");
     return;
   }
   if (!fs::exists(parent, ec)) {
@@ -792,8 +793,7 @@ void check_output_path(const std::string& path, const std::string& flag, bool at
     bad(parent.string() + " is not a folder");
   }
   // What writing will do: create a file beside the target (atomic) or open the target.
-  const std::string probe = atomic ? target.string() + ".tmp" : path;
-  if (atomic && fs::is_directory(probe, ec)) bad(probe + " is a folder, where the file is written first: remove it");
+  const std::string probe = atomic ? tmp : path;
   if (atomic) ::unlink(probe.c_str());
   const bool existed = fs::exists(status);
   const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (atomic ? O_EXCL : O_APPEND), 0644);
