@@ -182,7 +182,9 @@ void add_list(const std::string& list, int64_t classes, std::vector<Input>& out)
     const auto l = blpa::data::split_list_line(std::move(text), first);
     first = false;
     std::string line = l.line;
-    if (line.empty() || line[0] == '#') continue;
+    if (l.utf16)
+      throw std::runtime_error("--list " + list + ": is UTF-16 text (a list saved as \"Unicode\"): save it as UTF-8");
+    if (l.ignored) continue;
     Input in;
     if (l.has_comma) {
       bool labelled = false;
@@ -360,10 +362,10 @@ static int run(int argc, char** argv) {
     ("device", "cpu, cuda or cuda:N", cxxopts::value<std::string>()->default_value("cpu"))
     ("precision", "fp32, tf32 (CUDA only), bf16 or auto: the one the network was trained in (tf32 is fp32 on the CPU; a checkpoint from before --precision: tf32 on CUDA, fp32 on the CPU)", cxxopts::value<std::string>()->default_value("auto"))
     ("memory-format", "nchw, nhwc or auto; as blpa-train's", cxxopts::value<std::string>()->default_value("auto"))
-    ("inputs", "Image files and folders", cxxopts::value<std::vector<std::string>>())
     ("h,help", "This help");
   // clang-format on
-  opts.parse_positional({"inputs"});
+  // The images and folders are the arguments that are not flags, taken whole: as a positional
+  // option of vector type, cxxopts would split "photo, beach.jpg" at its comma.
   Options o;
   try {
     auto a = blpa::parse_flags(opts, argc, argv);
@@ -373,7 +375,7 @@ static int run(int argc, char** argv) {
     }
     if (!a.count("checkpoint")) throw FlagError("--checkpoint is required");
     o.checkpoint = a["checkpoint"].as<std::string>();
-    if (a.count("inputs")) o.paths = a["inputs"].as<std::vector<std::string>>();
+    o.paths = a.unmatched();
     if (a.count("list")) o.list = a["list"].as<std::string>();
     if (a.count("from-dataset")) o.range = a["from-dataset"].as<std::string>();
     if (a.count("data-dir")) o.data_dir = a["data-dir"].as<std::string>();

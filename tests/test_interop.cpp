@@ -455,6 +455,22 @@ TEST_CASE("interop: blpa-predict classifies JPEGs with the evaluation transform 
   CHECK(negative.code == 1);
   CHECK(negative.err.find("label -1 of img/a.jpg is negative: labels are classes, 0 to 2") != std::string::npos);
 
+  // A file named with a comma is one file, as a shell gives it (cxxopts split it in two), and
+  // an indented comment and a line of blanks in a list are skipped.
+  fs::copy_file(dir / "img" / "a.jpg", dir / "photo, beach.jpg");
+  const Run comma = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--resize", "36", "--crop", "32",
+                                           (dir / "photo, beach.jpg").string()}, dir);
+  CAPTURE(comma.out, comma.err);
+  CHECK(comma.code == 0);
+  REQUIRE(comma.lines().size() == 1);
+  CHECK(comma.lines()[0].find("\"file\": \"" + (dir / "photo, beach.jpg").string() + "\"") != std::string::npos);
+  std::ofstream(dir / "indented.txt") << "  # a comment\n \t\nimg/a.jpg,1\n";
+  const Run indented = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--resize", "36", "--crop", "32", "--list",
+                                              (dir / "indented.txt").string()}, dir);
+  CAPTURE(indented.err);
+  CHECK(indented.code == 0);
+  CHECK(indented.lines().size() == 1);
+
   // Nothing classifiable: exit 1, every file reported.
   const Run bad = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, (dir / "img" / "cut.jpg").string(),
                                          (dir / "img" / "notes.jpg").string()}, dir);
