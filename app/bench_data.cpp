@@ -168,7 +168,7 @@ int data_main(int argc, char** argv) {
     int64_t done = 0;
     double elapsed = 0;
     for (uint64_t k = 0; elapsed < seconds / 2; ++k, ++done) {
-      const Decoded d = decode_jpeg_file(list.root + "/" + list.paths[k % list.size()], train_short_side(aug, k));
+      const Decoded d = decode_jpeg_file(list.path(k % list.size()), train_short_side(aug, k));
       if (d.status != DecodeStatus::ok) throw std::runtime_error("generated JPEG failed to decode: " + d.message);
       elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
     }

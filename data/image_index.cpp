@@ -162,20 +162,30 @@ void remove_stale_caches(const std::string& cache_dir, const std::string& dir, c
   }
 }
 
-constexpr const char* kIndexMagic = "blpa-image-index 1";
+// Format 2 also keeps what the scan reported (entries that are not images, unreadable
+// images), so that a run reading the cache reports it too. An index of format 1 is scanned
+// again without a warning.
+constexpr const char* kIndexMagic = "blpa-image-index 2";
+constexpr const char* kOlderIndex = "blpa-image-index 1";
 
 // A cache that cannot be written is not an error (the next run scans again); returns why not,
 // or "" when it was written.
-std::string write_cache(const std::string& path, const ImageList& list) {
-  for (const auto& p : list.paths)
-    if (p.find('\n') != std::string::npos)  // no index line can hold it
-      return path + ": not written (a file name holds a newline: " + p.substr(0, p.find('\n')) + "...)";
+std::string write_cache(const std::string& path, const ImageList& list, const ScanReport& r) {
+  for (const auto* names : {&list.paths, &r.unreadable})
+    for (const auto& p : *names)
+      if (p.find('\n') != std::string::npos)  // no index line can hold it
+        return path + ": not written (a file name holds a newline: " + p.substr(0, p.find('\n')) + "...)";
   const std::string tmp = path + ".tmp" + std::to_string(::getpid());
   {
     std::ofstream out(tmp);
     if (!out) return path + ": cannot be written (" + os_error(errno) + ")";
-    out << kIndexMagic << '\n' << list.num_classes << ' ' << list.size() << '\n';
+    out << kIndexMagic << '\n'
+        << list.num_classes << ' ' << list.size() << ' ' << r.skipped << ' ' << r.unreadable.size() << '\n';
     for (int64_t i = 0; i < list.size(); ++i) out << list.labels[i] << '\t' << list.paths[i] << '\n';
+    for (const auto& p : r.unreadable) {  // their labels: the class folders they are in
+      const auto c = std::lower_bound(list.classes.begin(), list.classes.end(), p.substr(0, p.find('/')));
+      out << 'u' << (c - list.classes.begin()) << '\t' << p << '\n';
+    }
     if (!out) {
       std::remove(tmp.c_str());
       return path + ": cannot be written";
@@ -189,29 +199,47 @@ std::string write_cache(const std::string& path, const ImageList& list) {
   return "";
 }
 
+// What parse_image_index says of an index of format 1 (or a missing file): no warning.
+constexpr const char* kOlderIndexRead = "line 1: an index of format 1, written by an earlier blpa";
+
 }  // namespace
 
-std::string parse_image_index(std::istream& in, const std::vector<std::string>& classes, ImageList& out) {
+std::string parse_image_index(std::istream& in, const std::vector<std::string>& classes, ImageList& out,
+                              ScanReport* report) {
   std::string line;
-  if (!std::getline(in, line) || line != kIndexMagic) return "line 1: not a blpa image index";
-  int64_t n_classes = 0, n_files = 0;
-  const auto space = std::getline(in, line) ? line.find(' ') : std::string::npos;
-  if (space == std::string::npos || !parse_count(std::string_view(line).substr(0, space), kMaxClasses, n_classes) ||
-      !parse_count(std::string_view(line).substr(space + 1), INT64_MAX, n_files))
-    return "line 2: expected '<classes> <images>'";
+  if (!std::getline(in, line)) return "line 1: not a blpa image index";
+  if (line == kOlderIndex) return kOlderIndexRead;
+  if (line != kIndexMagic) return "line 1: not a blpa image index";
+  int64_t n_classes = 0, n_files = 0, n_skipped = 0, n_unreadable = 0;
+  {
+    std::getline(in, line);
+    std::vector<std::string_view> fields;
+    for (size_t at = 0; at <= line.size();) {
+      const size_t space = std::min(line.find(' ', at), line.size());
+      fields.push_back(std::string_view(line).substr(at, space - at));
+      at = space + 1;
+    }
+    if (fields.size() != 4 || !parse_count(fields[0], kMaxClasses, n_classes) ||
+        !parse_count(fields[1], INT64_MAX, n_files) || !parse_count(fields[2], INT64_MAX, n_skipped) ||
+        !parse_count(fields[3], INT64_MAX, n_unreadable))
+      return "line 2: expected '<classes> <images> <other entries> <unreadable images>'";
+  }
   if (n_classes != static_cast<int64_t>(classes.size()))
     return "line 2: an index of " + std::to_string(n_classes) + " classes; the folder has " +
            std::to_string(classes.size());
-  std::vector<std::string> paths;
+  std::vector<std::string> paths, unreadable;
   std::vector<int64_t> labels;
   for (int64_t no = 3; std::getline(in, line); ++no) {
     auto at = [&] { return "line " + std::to_string(no) + ": "; };
-    if (static_cast<int64_t>(paths.size()) == n_files)
-      return at() + "more entries than the " + std::to_string(n_files) + " on line 2";
+    const bool readable = line.empty() || line[0] != 'u';  // "u<label>\t<path>": an unreadable image
+    if (static_cast<int64_t>((readable ? paths : unreadable).size()) == (readable ? n_files : n_unreadable))
+      return at() + "more " + (readable ? "images" : "unreadable images") + " than the " +
+             std::to_string(readable ? n_files : n_unreadable) + " on line 2";
     const auto tab = line.find('\t');
     int64_t label = 0;
-    if (tab == std::string::npos || !parse_count(std::string_view(line).substr(0, tab), n_classes - 1, label))
-      return at() + "expected '<label below " + std::to_string(n_classes) + ">\\t<class>/<image>', got '" +
+    if (tab == std::string::npos ||
+        !parse_count(std::string_view(line).substr(!readable, tab - !readable), n_classes - 1, label))
+      return at() + "expected '[u]<label below " + std::to_string(n_classes) + ">\\t<class>/<image>', got '" +
              shown(line) + "'";
     // Only what a scan writes: a file name with an image extension, directly inside the
     // folder of its label's class. No '/' in the name, so no "..", no absolute path.
@@ -222,14 +250,28 @@ std::string parse_image_index(std::istream& in, const std::vector<std::string>& 
         !is_image_name(name))
       return at() + "'" + shown(path) + "' is not an image file directly inside class folder " + shown(cls) +
              " (label " + std::to_string(label) + ")";
+    if (!readable) {
+      unreadable.emplace_back(path);
+      continue;
+    }
     paths.emplace_back(path);
     labels.push_back(label);
   }
-  if (static_cast<int64_t>(paths.size()) != n_files)
-    return "ends after " + std::to_string(paths.size()) + " of the " + std::to_string(n_files) +
-           " entries on line 2";
+  if (static_cast<int64_t>(paths.size()) != n_files || static_cast<int64_t>(unreadable.size()) != n_unreadable)
+    return "ends after " + std::to_string(paths.size()) + " of the " + std::to_string(n_files) + " images and " +
+           std::to_string(unreadable.size()) + " of the " + std::to_string(n_unreadable) +
+           " unreadable ones on line 2";
   out.paths = std::move(paths);
   out.labels = std::move(labels);
+  if (report) {
+    report->files = out.size();
+    report->skipped = n_skipped;
+    report->unreadable = std::move(unreadable);
+    std::vector<bool> has(classes.size());
+    for (const int64_t label : out.labels) has[static_cast<size_t>(label)] = true;
+    for (size_t c = 0; c < classes.size(); ++c)
+      if (!has[c]) report->empty_classes.push_back(classes[c]);
+  }
   return {};
 }
 
@@ -250,15 +292,20 @@ ImageList scan_image_folder(const std::string& dir, const std::string& cache_dir
   const std::string cache = cache_dir.empty() ? "" : cache_path(cache_dir, dir, out.classes);
   if (!cache.empty()) {
     std::ifstream in(cache);
-    if (in) {
-      const std::string why = parse_image_index(in, out.classes, out);
-      if (why.empty()) {
-        r.files = out.size();
-        r.from_cache = true;
-        return out;
-      }
-      r.cache_refused = cache + ": " + why;
+    ScanReport cached;
+    const std::string why = in ? parse_image_index(in, out.classes, out, &cached) : kOlderIndexRead;
+    // An image unreadable at the scan that can be read now (a link whose target has come, a
+    // file given read permission) changes no folder's times: the folder is scanned again.
+    const bool stale = std::any_of(cached.unreadable.begin(), cached.unreadable.end(),
+                                   [&](const std::string& p) { return ::access((dir + "/" + p).c_str(), R_OK) == 0; });
+    if (why.empty() && !stale) {
+      r = std::move(cached);
+      r.from_cache = true;
+      return out;
     }
+    out.paths.clear();
+    out.labels.clear();
+    if (why != kOlderIndexRead && !why.empty()) r.cache_refused = cache + ": " + why;
   }
 
   // One task per class folder; results are joined in class order, so the list does not
@@ -309,8 +356,38 @@ ImageList scan_image_folder(const std::string& dir, const std::string& cache_dir
     for (size_t slash = 1; slash != std::string::npos; slash = cache_dir.find('/', slash + 1))
       ::mkdir(cache_dir.substr(0, slash).c_str(), 0755);  // mkdir -p; failures show as a missing cache
     ::mkdir(cache_dir.c_str(), 0755);
-    r.cache_unwritten = write_cache(cache, out);
+    r.cache_unwritten = write_cache(cache, out, r);
     if (r.cache_unwritten.empty()) remove_stale_caches(cache_dir, dir, cache);
+  }
+  return out;
+}
+
+ImageList spread_subset(ImageList list, int64_t n) {
+  if (n <= 0 || n >= list.size()) return list;
+  std::vector<std::vector<size_t>> of_label(static_cast<size_t>(list.num_classes));
+  for (size_t i = 0; i < list.paths.size(); ++i) of_label[static_cast<size_t>(list.labels[i])].push_back(i);
+  std::vector<size_t> present;  // labels with entries, smallest first (water-filling)
+  for (size_t c = 0; c < of_label.size(); ++c)
+    if (!of_label[c].empty()) present.push_back(c);
+  std::stable_sort(present.begin(), present.end(),
+                   [&](size_t a, size_t b) { return of_label[a].size() < of_label[b].size(); });
+  std::vector<size_t> kept;
+  int64_t left = n;
+  for (size_t j = 0; j < present.size(); ++j) {
+    const auto& entries = of_label[present[j]];
+    const auto size = static_cast<int64_t>(entries.size());
+    const int64_t take = std::min(size, left / static_cast<int64_t>(present.size() - j));
+    for (int64_t i = 0; i < take; ++i) kept.push_back(entries[static_cast<size_t>(i * size / take)]);
+    left -= take;
+  }
+  std::sort(kept.begin(), kept.end());
+  ImageList out;
+  out.root = std::move(list.root);
+  out.classes = std::move(list.classes);
+  out.num_classes = list.num_classes;
+  for (const size_t i : kept) {
+    out.paths.push_back(std::move(list.paths[i]));
+    out.labels.push_back(list.labels[i]);
   }
   return out;
 }
@@ -319,6 +396,9 @@ ListLine split_list_line(std::string line, bool first) {
   if (!line.empty() && line.back() == '\r') line.pop_back();
   if (first && line.rfind("\xEF\xBB\xBF", 0) == 0) line.erase(0, 3);  // a UTF-8 byte-order mark, invisible
   ListLine l;
+  l.utf16 = first && (line.rfind("\xFF\xFE", 0) == 0 || line.rfind("\xFE\xFF", 0) == 0);
+  const auto start = line.find_first_not_of(" \t");
+  l.ignored = start == std::string::npos || line[start] == '#';
   const auto comma = line.rfind(',');  // paths may contain commas, labels do not
   l.has_comma = comma != std::string::npos;
   l.path = line.substr(0, comma);
@@ -338,7 +418,8 @@ ImageList parse_image_list(std::istream& in, const std::string& name, const std:
   for (int64_t no = 1; std::getline(in, text); ++no) {
     const ListLine l = split_list_line(std::move(text), no == 1);
     const std::string& line = l.line;
-    if (line.empty() || line[0] == '#') continue;
+    if (l.utf16) throw std::runtime_error(name + ": is UTF-16 text (a list saved as \"Unicode\"): save it as UTF-8");
+    if (l.ignored) continue;
     const std::string at = name + ":" + std::to_string(no) + ": ";
     int64_t label = 0;
     if (!l.has_comma || l.path.empty() || l.label.empty() ||

@@ -140,7 +140,9 @@ float mean_grey(const at::Tensor& crop) {  // of a 3 x S x S crop in [0, 255], i
 
 void note(DecodeErrors* errors, const std::string& path, const Decoded& d) {
   if (!errors) return;
-  if (errors->count++ < 10)
+  ++errors->count;
+  std::lock_guard<std::mutex> lock(errors->mutex);
+  if (errors->seen.insert(path).second && errors->files++ < 10)
     std::fprintf(stderr, "warning: %s: skipped (%s%s%s)\n", path.c_str(), to_string(d.status),
                  d.message.empty() ? "" : ": ", d.message.c_str());
 }
@@ -156,16 +158,21 @@ Batch imagenet_train_batch(const ImageList& list, const std::vector<int64_t>& in
   for (int64_t i = 0; i < B; ++i) {
     const uint64_t key = counter_hash(stream, static_cast<uint64_t>(indices[i]));
     const int short_side = train_short_side(a, key);  // decoded at the smallest DCT scale that keeps it
-    // An image that does not decode is replaced by the next one in the list that does.
-    for (int64_t tries = 0, idx = indices[i];; ++tries, idx = (idx + 1) % list.size()) {
-      if (tries == 100)  // a list's paths taken from the wrong folder, most often
-        throw std::runtime_error(list.root + ": 100 images in a row could not be read or decoded (the last: " +
-                                 list.paths[static_cast<size_t>((idx + list.size() - 1) % list.size())] +
-                                 "): are the images' paths relative to this folder?");
-      const std::string path = list.root + "/" + list.paths[idx];
+    // An image that does not decode is replaced by one drawn from the list at random (a
+    // function of the same key), not by its neighbour: a class folder of undecodable files
+    // must not make a long run of failures. 100 in a row: most of the images are unreadable.
+    for (int64_t tries = 0, idx = indices[i];; ++tries) {
+      if (tries > 0) idx = static_cast<int64_t>(counter_hash(key, 100 + tries) % static_cast<uint64_t>(list.size()));
+      const std::string path = list.path(idx);
       Decoded d = decode_jpeg_file(path, short_side);
       if (d.status != DecodeStatus::ok) {
         note(errors, path, d);
+        if (tries == 99)
+          throw std::runtime_error(list.root + ": 100 images tried in a row could not be read or decoded (the last: " +
+                                   list.paths[idx] + ", " + to_string(d.status) + "): most of its images are not " +
+                                   (list.classes.empty() ? "there or not JPEGs: are the list's paths relative to "
+                                                           "this folder?"
+                                                         : "JPEGs that can be read"));
         continue;
       }
       const TrainView v = train_view(d.image.width, d.image.height, a, key);
@@ -187,7 +194,7 @@ Batch imagenet_eval_batch(const ImageList& list, int64_t first, int64_t count, i
             at::empty({count}, at::kLong)};
   int64_t* labels = out.labels.data_ptr<int64_t>();
   for (int64_t i = 0; i < count; ++i) {
-    const std::string path = list.root + "/" + list.paths[first + i];
+    const std::string path = list.path(first + i);
     Decoded d = decode_jpeg_file(path, resize_short);
     if (d.status != DecodeStatus::ok) {  // left out of the accuracy: label -1
       note(errors, path, d);

@@ -134,20 +134,6 @@ data::Dataset subset(data::Dataset d, int64_t n) {
   return d;
 }
 
-// N images spread evenly over the list (which is sorted by class), so that all classes stay.
-data::ImageList strided_subset(data::ImageList l, int64_t n) {
-  if (n <= 0 || n >= l.size()) return l;
-  data::ImageList out;
-  out.root = l.root;
-  out.classes = l.classes;
-  out.num_classes = l.num_classes;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t k = i * l.size() / n;
-    out.paths.push_back(l.paths[k]);
-    out.labels.push_back(l.labels[k]);
-  }
-  return out;
-}
 
 // Loss, top-1 and top-5 over batches whose labels may be -1 (an image that failed to
 // decode: left out). `views` rows of the batch belong to each label (10-crop: 10); their
@@ -345,7 +331,7 @@ namespace {
 // wrong folder failed only at the first batch, as "100 images in a row could not be read".
 data::ImageList read_list(const std::string& flag, const std::string& file, const std::string& base) {
   data::ImageList l = data::read_image_list(file, base);
-  const std::string first = l.root + "/" + l.paths.front();
+  const std::string first = l.path(0);
   if (::access(first.c_str(), F_OK) != 0)
     throw std::runtime_error(fmt::format("{} {}: its first image, {}, is not at {} (paths are taken from {}): give "
                                          "the folder they are relative to with --data-dir",
@@ -431,7 +417,7 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e) {
       throw std::runtime_error("the validation labels go up to " + std::to_string(val.num_classes - 1) +
                                "; the network has " + std::to_string(ck.net.num_classes) + " classes");
     if (!val.classes.empty()) val.num_classes = ck.net.num_classes;
-    return ran_in(evaluate_images(model, strided_subset(std::move(val), e.subset), e.options));
+    return ran_in(evaluate_images(model, data::spread_subset(std::move(val), e.subset), e.options));
   }
   // The normalisation is the trainer's: the statistics of the training images it used.
   const data::Dataset train = subset(data::load(dataset, dir, true), ck.train_subset);
@@ -1383,6 +1369,12 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
                                              splits.train.num_classes - 1));
       std::vector<bool> seen(static_cast<size_t>(splits.train.num_classes));
       for (const int64_t label : splits.train.labels) seen[static_cast<size_t>(label)] = true;
+      for (int64_t i = 0; i < splits.val.size(); ++i)
+        if (!seen[static_cast<size_t>(splits.val.labels[static_cast<size_t>(i)])])
+          throw std::runtime_error(fmt::format("--val-list {}: {} has label {}, which no image of --train-list {} has: "
+                                               "the network would be scored on a class it was never trained on",
+                                               config.val_list, splits.val.paths[static_cast<size_t>(i)],
+                                               splits.val.labels[static_cast<size_t>(i)], config.train_list));
       if (const auto unseen = std::count(seen.begin(), seen.end(), false); unseen > 0)
         spdlog::warn("--train-list {}: {} of its labels 0 to {} have no image (the network still has an output for "
                      "each)",
@@ -1391,8 +1383,15 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     } else {
       splits = data::load_imagenet(dir, config.index_cache, std::max(4, config.workers));
     }
-    train_list = strided_subset(std::move(splits.train), config.train_subset);
-    val_list = strided_subset(std::move(splits.val), config.test_subset);
+    const auto classes_in = [](const data::ImageList& l) {
+      return std::set<int64_t>(l.labels.begin(), l.labels.end()).size();
+    };
+    const size_t classes_before = classes_in(splits.train);
+    train_list = data::spread_subset(std::move(splits.train), config.train_subset);
+    if (lead && classes_in(train_list) < classes_before)
+      spdlog::warn("--train-subset {} is fewer than the {} classes with images: {} of them have none",
+                   config.train_subset, classes_before, classes_before - classes_in(train_list));
+    val_list = data::spread_subset(std::move(splits.val), config.test_subset);
     num_classes = train_list.num_classes;
     norm = data::imagenet_normalisation();
     spdlog::info("imagenet: {} training / {} validation images, {} classes", train_list.size(), val_list.size(),
@@ -1635,7 +1634,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         test(result.test_top5), test(1 - result.test_acc), known ? std::to_string(eval_images) : "null",
         known ? std::to_string(eval_failed) : "null",
         secs > 0 && images > 0 ? fmt::format("{:.2f}", images / secs) : std::string("null"), stored,  // none trained
-        std::max(peak_max, memory::peak(dev)), decode_errors.count.load(), graphed != nullptr,
+        std::max(peak_max, memory::peak(dev)), decode_errors.files.load(), graphed != nullptr,
         error.empty() ? std::string("null") : json_string(error), config.json());
   };
   const bool summarising = !config.summary_path.empty() && lead;
@@ -1880,7 +1879,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
             "\"images_per_s\": {:.2f}, \"stored_activation_bytes\": {}, \"peak_bytes\": {}, \"decode_failures\": {}, "
             "\"graphed\": {}, \"graph_pool_bytes\": {}{}}}\n",
             it, unix_time(), double(it) / per_epoch, json_loss(window_loss / window_iters), lr, ips, stored, peak,
-            decode_errors.count.load(), graphed != nullptr, graphed ? graphed->pool_bytes() : 0,
+            decode_errors.files.load(), graphed != nullptr, graphed ? graphed->pool_bytes() : 0,
             dist ? fmt::format(", \"world\": {}, \"global_batch\": {}, \"images_per_s_per_rank\": {:.2f}, "
                                "\"stored_activation_bytes_total\": {}, \"peak_bytes_total\": {}",
                                config.dist.world, config.batch * config.dist.world, ips / config.dist.world,

@@ -29,6 +29,11 @@ struct ImageList {
   std::vector<std::string> classes;  // class names (wnids) in label order; empty for list files
   int64_t num_classes = 0;
   int64_t size() const { return static_cast<int64_t>(paths.size()); }
+  // Where entry i is: its path under root, or the path itself where a list gave it absolute.
+  std::string path(int64_t i) const {
+    const std::string& p = paths[static_cast<size_t>(i)];
+    return !p.empty() && p[0] == '/' ? p : root + "/" + p;
+  }
 };
 
 struct ScanReport {
@@ -52,9 +57,10 @@ ImageList scan_image_folder(const std::string& dir, const std::string& cache_dir
 // unreadable images), naming `dir`, the folder scanned.
 void print_scan_warnings(const ScanReport& r, const std::string& dir);
 
-// A list file: one "relative/path,label" per line (blank lines and lines starting with '#'
-// ignored), labels in [0, kMaxClasses). Throws with the file and line number on a malformed
-// line or a label out of range. `root` empty: the paths are relative to the list's folder.
+// A list file: one "relative/path,label" per line (or an absolute path; blank lines and lines whose
+// first character other than a space or tab is '#' ignored), labels in [0, kMaxClasses). Throws
+// with the file and line number on a malformed line or a label out of range. `root` empty: the
+// paths are relative to the list's folder.
 ImageList read_image_list(const std::string& list_file, const std::string& root);
 
 // FNV-1a (64 bits, the same on every build) of a list's "path,label" entries in order: what
@@ -64,9 +70,11 @@ uint64_t list_hash(const ImageList& list);
 // first (`first`) and a '\r' ending, and, at its last comma, the path before it (spaces at its
 // end dropped) and the label after it (spaces around dropped); `label` empty where the line
 // has no comma. Shared by read_image_list and blpa-predict's --list.
+// `ignored`: a blank line or a comment (its first character other than a space or tab is '#');
+// `utf16`: the first line starts with UTF-16's byte-order mark (a list saved as "Unicode").
 struct ListLine {
   std::string line, path, label;
-  bool has_comma = false;
+  bool has_comma = false, ignored = false, utf16 = false;
 };
 ListLine split_list_line(std::string line, bool first);
 
@@ -75,8 +83,17 @@ ImageList parse_image_list(std::istream& in, const std::string& name, const std:
 
 // The parser of the index cache: fills out.paths and out.labels from `in` and returns "" if
 // it is an index of a folder with these class folders, else says why not (starting with the
-// line number) and leaves `out` unchanged.
-std::string parse_image_index(std::istream& in, const std::vector<std::string>& classes, ImageList& out);
+// line number) and leaves `out` unchanged. `report` (if given) gets what the scan that wrote
+// it reported: the counts, the unreadable images and the empty class folders.
+std::string parse_image_index(std::istream& in, const std::vector<std::string>& classes, ImageList& out,
+                              ScanReport* report = nullptr);
+
+// N entries of `list` spread over its classes (all of them when N >= the list's size or N <=
+// 0): each label present gets N / (labels present) of them, or all of its own where it has
+// fewer (the rest going to the others), taken evenly along its entries; the entries keep the
+// list's order. Where the classes are the same size and N a multiple of their number, these
+// are every (size / N)-th entry; a class smaller than that stride is not left out.
+ImageList spread_subset(ImageList list, int64_t n);
 
 // train and val of an ImageNet root: the two splits must name the same classes. Empty class
 // folders, unreadable images and a refused index cache are reported on stderr.

@@ -12,7 +12,9 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "blpa/image_index.h"
@@ -75,10 +77,14 @@ ColourMap jitter_map(const Jitter& j, float mean_grey, uint64_t key);
 Normalisation imagenet_normalisation();
 
 // ---- batches -------------------------------------------------------------------------------
-// Counts the images that could not be decoded; each is replaced in its batch by the next
-// image of the list that decodes (so a batch keeps its size), and reported once.
+// Counts the images that could not be decoded: `count` the failed decodes (in evaluation, the
+// images left out), `files` the files among them, each counted and named (the first ten) once
+// however often it is drawn. In training each is replaced in its batch by an image drawn
+// from the list at random that decodes (so a batch keeps its size).
 struct DecodeErrors {
-  std::atomic<int64_t> count{0};
+  std::atomic<int64_t> count{0}, files{0};
+  std::mutex mutex;
+  std::unordered_set<std::string> seen;  // under mutex
 };
 
 // Training batch `b` of the list (order and augmentation a pure function of seed and b),
