@@ -95,17 +95,24 @@ static int run(int argc, char** argv) {
                                e.checkpoint, r.failed);
       return 1;
     }
+    // Outputs that overflow score nothing: NaN logits rank as LibTorch's topk puts them, and
+    // the accuracies would read as a result. They are null, as the loss is.
     const bool finite = std::isfinite(r.loss);
+    auto score = [&](double v) { return finite ? fmt::format("{:.6f}", v) : std::string("null"); };
     if (json)
       fmt::print("{{\"checkpoint\": {}, \"precision\": \"{}\", \"memory_format\": \"{}\", \"ten_crop\": {}, "
-                 "\"images\": {}, \"failed\": {}, \"loss\": {}, \"top1\": {:.6f}, \"top5\": {:.6f}, "
-                 "\"top1_error\": {:.6f}, \"top5_error\": {:.6f}}}\n",
+                 "\"images\": {}, \"failed\": {}, \"loss\": {}, \"top1\": {}, \"top5\": {}, "
+                 "\"top1_error\": {}, \"top5_error\": {}}}\n",
                  blpa::json_string(e.checkpoint), blpa::to_string(r.numerics.precision),
-                 blpa::layout_name(r.numerics.layout), e.options.ten_crop, r.count, r.failed, finite ? fmt::format("{:.6f}", r.loss) : "null",
-                 r.top1, r.top5, 1 - r.top1, 1 - r.top5);
-    else
+                 blpa::layout_name(r.numerics.layout), e.options.ten_crop, r.count, r.failed, score(r.loss),
+                 score(r.top1), score(r.top5), score(1 - r.top1), score(1 - r.top5));
+    else if (finite)
       fmt::print("{}: {} images{}: top-1 error {:.2f}%, top-5 error {:.2f}%, loss {:.4f}{}\n", e.checkpoint, r.count,
                  e.options.ten_crop ? " (10 crops)" : "", 100 * (1 - r.top1), 100 * (1 - r.top5), r.loss,
+                 r.failed ? fmt::format(" ({} could not be read or decoded)", r.failed) : "");
+    else
+      fmt::print("{}: {} images{}: no scores, the loss is {}{}\n", e.checkpoint, r.count,
+                 e.options.ten_crop ? " (10 crops)" : "", r.loss,
                  r.failed ? fmt::format(" ({} could not be read or decoded)", r.failed) : "");
     // Finite weights can still be too large for the forward pass: those of a run in the
     // iterations before its loss became NaN. The scores above are then meaningless.

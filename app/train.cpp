@@ -87,6 +87,13 @@ void end_by(int sig) {
   ::raise(sig);
 }
 
+// A run that fails after a signal (its summary cannot be written, say) still ends by the
+// signal, once its error is said: the user asked the sweep to stop.
+int exit_code(int code) {
+  if (const int sig = g_signal.load()) end_by(sig);
+  return code;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -163,15 +170,15 @@ int main(int argc, char** argv) {
     return 0;
   } catch (const blpa::RunComplete& e) {
     spdlog::info("{}", e.what());
-    return 0;
+    return exit_code(0);
   } catch (const blpa::FlagError& e) {
     std::cerr << "blpa-train: " << e.what() << "\n";
-    return 2;
+    return exit_code(2);
   } catch (const blpa::NonFiniteLoss& e) {
     spdlog::error("{}", e.what());
-    return 3;
+    return exit_code(3);
   } catch (const std::exception& e) {
     spdlog::error("{}", blpa::error_message(e));
-    return 1;
+    return exit_code(1);
   }
 }

@@ -982,7 +982,7 @@ TEST_CASE("hardening: a divergence keeps the last checkpoint of finite numbers, 
   CHECK_FALSE(fs::exists(dir / "nan.pt"));
 
   // Finite weights too large for the forward pass (a run's just before its loss became NaN):
-  // the scores are printed, the loss as null, and the exit code says it.
+  // the loss and the scores are null (NaN logits rank as topk puts them), the exit code says it.
   auto huge = blpa::load_model(blpa::read_checkpoint(ck));  // (models of one Checkpoint share its tensors)
   huge->named_parameters()["fc.weight"].detach().fill_(3e38);
   std::string config;
@@ -991,8 +991,12 @@ TEST_CASE("hardening: a divergence keeps the last checkpoint of finite numbers, 
   const Run h = run(BLPA_EVAL_EXE, {"--checkpoint", (dir / "huge.ckpt").string(), "--subset", "10", "--json"}, dir);
   CAPTURE(h.output);
   CHECK(h.code == 3);
-  CHECK(h.output.find("\"loss\": null") != std::string::npos);
+  CHECK(h.output.find("\"loss\": null, \"top1\": null, \"top5\": null, \"top1_error\": null, "
+                      "\"top5_error\": null") != std::string::npos);
   CHECK(h.output.find("the network's outputs overflow") != std::string::npos);
+  const Run ht = run(BLPA_EVAL_EXE, {"--checkpoint", (dir / "huge.ckpt").string(), "--subset", "10"}, dir);
+  CHECK(ht.code == 3);
+  CHECK(ht.output.find("10 images: no scores, the loss is ") != std::string::npos);
   // blpa-predict too, whatever this machine's arithmetic made of the kept checkpoint above.
   const Run hp = run(BLPA_PREDICT_EXE, {"--checkpoint", (dir / "huge.ckpt").string(), "--from-dataset", "0..4"}, dir);
   CAPTURE(hp.output);
@@ -1731,6 +1735,21 @@ TEST_CASE("hardening: SIGHUP checkpoints as SIGTERM does, and a console that has
   Spawned headless{pid};
   CHECK(headless.wait() == 0);
   CHECK(slurp(dir / "b.jsonl").find("\"type\": \"eval\", \"iter\": 4,") != std::string::npos);
+
+  // A run that fails after its signal (here its summary's folder has gone) says why, and still
+  // ends by the signal, so that a sweep stops: it exited 1, and a shell loop went on.
+  const fs::path gone = dir / "gone";
+  Spawned failing{spawn_train(small(dir, {"--log", (dir / "c.jsonl").string(), "--summary", (gone / "c.json").string(),
+                                          "--iterations", "100000"}),
+                              dir / "c.out")};
+  wait_for_record((dir / "c.jsonl").string(), "\"type\": \"train\", \"iter\": 2,");
+  fs::remove_all(gone);
+  std::ofstream(gone) << "a file where the folder was";
+  ::kill(failing.pid, SIGINT);
+  CHECK(failing.wait() == 128 + SIGINT);
+  CHECK((WIFSIGNALED(failing.status) && WTERMSIG(failing.status) == SIGINT));
+  CAPTURE(slurp(dir / "c.out"));
+  CHECK(slurp(dir / "c.out").find((gone / "c.json").string()) != std::string::npos);
 
   // Ctrl-C on a sweep (a shell loop of runs; the whole process group gets SIGINT): the run
   // writes its checkpoint and the loop stops. When the run exited 130, bash took the signal
