@@ -114,6 +114,11 @@ TEST_CASE("bench: memory reports the per-sample slopes and where the peak is", "
     const bool plain_bf16 = line.find("\"precision\": \"bf16\"") != std::string::npos &&
                             line.find("\"mode\": \"plain\"") != std::string::npos;
     if (plain_bf16) CHECK(line.find("\"bits\": 16,") != std::string::npos);
+    // Every row of a bf16 run has its ratios to plain in float32, plain's own too (plain-fp32
+    // runs first): about 2 stored, plain's 16 bits against 32.
+    std::smatch ratio;
+    REQUIRE(std::regex_search(line, ratio, std::regex("\"stored_ratio_plain_fp32\": ([0-9.]+)")));
+    if (plain_bf16) CHECK(std::stod(ratio[1]) == Approx(2).margin(0.2));
   }
   CHECK(rows == 3);  // plain, plain in float32, exact
   std::filesystem::remove(out);
