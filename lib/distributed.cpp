@@ -30,7 +30,9 @@ namespace {
 
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
-  if (!v || !*v) return fallback;
+  if (!v) return fallback;
+  if (!*v)  // a launcher's variable left unset: every process would take the same rank
+    throw std::invalid_argument(std::string("environment variable ") + name + " is set but empty");
   int x = 0;
   const char* end = v + std::strlen(v);
   const auto [p, ec] = std::from_chars(v, end, x);
@@ -128,6 +130,7 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend)
   so.port = static_cast<uint16_t>(config.master_port);
   so.isServer = config.rank == 0;
   so.numWorkers = config.world;
+  so.waitWorkers = false;  // the ranks join below, comparing their world sizes
   so.timeout = config.timeout;
   const std::string who = "rank " + std::to_string(config.rank) + " of " + std::to_string(config.world);
   const std::string where = config.master_addr + ":" + std::to_string(config.master_port);
@@ -152,11 +155,7 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend)
     const auto* c = dynamic_cast<const c10::Error*>(&e);
     std::string why = c ? c->what_without_backtrace() : e.what();
     why = why.substr(0, why.find('\n'));
-    // Rank 0 fails at once when it cannot listen, or after the timeout when the other ranks
-    // did not all join; the others wait for it up to the timeout.
-    if (so.isServer && why.find("waiting for clients") != std::string::npos)
-      throw std::runtime_error(who + ": the other ranks did not join the rendezvous at " + where + " within " +
-                               within + " (" + why + ")" + start_all);
+    // Rank 0 fails at once when it cannot listen; the others wait for it up to the timeout.
     if (so.isServer)
       throw std::runtime_error(who + ": cannot open the rendezvous on port " + std::to_string(config.master_port) +
                                " (" + why + ")" + (why.find("EADDRINUSE") != std::string::npos
@@ -170,6 +169,7 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend)
   if (impl_->store->add("blpa/ranks", 1) > config.world)
     throw std::runtime_error(who + ": more than this run's " + std::to_string(config.world) +
                              " ranks joined the rendezvous at " + where + ": another run is using that port" + hint);
+  join(who, where + " within " + within, start_all);
   if (backend == "gloo") {
     auto o = c10d::ProcessGroupGloo::Options::create(config.timeout);
     // GLOO_SOCKET_IFNAME picks the network interface, as in PyTorch; else the host's address.
@@ -191,6 +191,48 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend)
 }
 
 Distributed::~Distributed() = default;
+
+// Each rank posts its world size; rank 0 waits for every other rank's, and each of those for
+// rank 0's. Ranks started for worlds of different sizes are told so at once (Gloo, given
+// them, waited up to five timeouts for ranks that would never come, then failed in its
+// words); a rank that does not come is named.
+void Distributed::join(const std::string& who, const std::string& at, const std::string& hint) {
+  auto& store = *impl_->store;
+  auto key = [](int r) { return "blpa/world/" + std::to_string(r); };
+  const std::string mine = std::to_string(config_.world);
+  store.set(key(config_.rank), std::vector<uint8_t>(mine.begin(), mine.end()));
+  std::vector<int> waiting;
+  if (config_.rank == 0)
+    for (int r = 1; r < config_.world; ++r) waiting.push_back(r);
+  else
+    waiting.push_back(0);
+  const auto deadline = std::chrono::steady_clock::now() + config_.timeout;
+  while (!waiting.empty()) {
+    for (auto r = waiting.begin(); r != waiting.end();) {
+      if (!store.check({key(*r)})) {
+        ++r;
+        continue;
+      }
+      const auto v = store.get(key(*r));
+      const std::string theirs(v.begin(), v.end());
+      if (theirs != mine)
+        throw WorldsDiffer(who + ": rank " + std::to_string(*r) + " was started for a world of " + theirs +
+                           " ranks, this one for " + mine + ": give every rank the same --world-size (WORLD_SIZE)");
+      r = waiting.erase(r);
+    }
+    if (waiting.empty()) break;
+    if (std::chrono::steady_clock::now() >= deadline) {
+      std::string missing;
+      for (const int r : waiting) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
+      throw std::runtime_error(who + ": " +
+                               (config_.rank == 0 ? "the other ranks did not join the rendezvous at " + at +
+                                                        " (not come: rank " + missing + ")"
+                                                  : "rank 0 did not answer at the rendezvous at " + at) +
+                               hint);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
 
 // c10d's collectives take a list of same-shaped tensors (one per device of the process), so
 // many different tensors travel as one flat buffer per dtype.

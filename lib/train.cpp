@@ -1314,7 +1314,11 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   std::unique_ptr<Distributed> dist;
   if (config.dist.enabled()) {
     const std::string backend = config.dist.backend != "auto" ? config.dist.backend : dev.is_cuda() ? "nccl" : "gloo";
-    dist = std::make_unique<Distributed>(config.dist, backend);
+    try {
+      dist = std::make_unique<Distributed>(config.dist, backend);
+    } catch (const WorldsDiffer& e) {  // different settings, as agree_across_ranks says of the others
+      throw FlagError(e.what());
+    }
     // A refusal travels with its kind, so that every rank exits as the refusing one does: 2 for
     // flags, 3 for a diverged run --auto-resume skips, 0 for a complete one, else 1.
     std::string why;
@@ -1342,7 +1346,11 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       if (all[r][0] == '0') throw RunComplete(m);
       throw std::runtime_error(m);
     }
-    agree_across_ranks(*dist, config.rank_agreement() + fmt::format(" start={}", state.iteration));
+    // Resumed: the same run too. A rank that resumed another run's checkpoint at the same
+    // iteration (a stale copy on one machine) took rank 0's weights below but kept its own
+    // momentum, and the ranks drifted apart without a word.
+    agree_across_ranks(*dist, config.rank_agreement() + fmt::format(" start={}", state.iteration) +
+                                  (config.resume ? " run_id=" + config.run_id : std::string()));
     spdlog::info("rank {} of {} ({}, {} backend), batch {} per rank, {} in all", config.dist.rank, config.dist.world,
                  dev.str(), dist->backend(), config.batch, config.batch * config.dist.world);
   }
@@ -1496,10 +1504,19 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   if (dist) {
     // Every rank starts from rank 0's weights and statistics (the same seed gives the same
     // initialisation, and every rank resumes from the same file; this makes sure of it).
+    // The momentum too, in parameter order: the run agreed above, so every rank has the same.
+    // And the same training data, which the settings do not show (a copy with other labels).
     std::vector<torch::Tensor> weights;
     for (const auto& p : model->parameters()) weights.push_back(p.detach());
     for (const auto& b : model->buffers()) weights.push_back(b);
+    for (const auto& p : model->parameters())
+      if (const auto s = opt.state().find(p.unsafeGetTensorImpl()); s != opt.state().end())
+        if (const auto* sgd = dynamic_cast<const torch::optim::SGDParamState*>(s->second.get());
+            sgd && sgd->momentum_buffer().defined())
+          weights.push_back(sgd->momentum_buffer());
     try {
+      agree_across_ranks(*dist, fmt::format("train_images={} {}={} momentum_buffers={}", n_train, hash_key, hash,
+                                            weights.size() - model->parameters().size() - model->buffers().size()));
       dist->broadcast(weights);
     } catch (const PeerLost& e) {  // a rank whose data or checkpoint failed to load has stopped, or is slow
       const bool gone = std::string(e.what()).find("a rank stopped") != std::string::npos;

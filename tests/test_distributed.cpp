@@ -187,6 +187,7 @@ TEST_CASE("distributed: a rank 0 whose other ranks never come says so after the 
   }
   CAPTURE(why);
   CHECK(why.find("rank 0 of 2: the other ranks did not join the rendezvous at 127.0.0.1:") != std::string::npos);
+  CHECK(why.find("within 1 s (not come: rank 1)") != std::string::npos);
   CHECK(why.find("start every rank, with the same --master-addr and --master-port") != std::string::npos);
 }
 
@@ -441,9 +442,99 @@ TEST_CASE("distributed: a rank whose data fails to load stops the others before 
   CHECK(r0 == 1);
   CHECK(r1 == 1);
   CHECK(out1.find("train-images-idx3-ubyte") != std::string::npos);
-  CHECK(out0.find("rank 0 of 2: another rank stopped before training began (broadcast failed: ") != std::string::npos);
+  CHECK(out0.find("rank 0 of 2: another rank stopped before training began (all-gather failed: ") !=
+        std::string::npos);
   CHECK(out0.find("GLHF") == std::string::npos);
   CHECK(secs < 45);  // not the 60 s timeout
+  remove_tree(dir);
+}
+
+// Ranks started for worlds of different sizes: Gloo, given them, waited for a rank that would
+// never come, up to five timeouts, then failed in its own words ("connectFullMesh failed").
+TEST_CASE("distributed: ranks started for worlds of different sizes are refused at once", "[distributed]") {
+  const int port = free_port();
+  std::string why[2];
+  const auto t0 = std::chrono::steady_clock::now();
+  run_ranks(2, [&](int rank) {
+    DistConfig c = two_ranks(rank, port);
+    if (rank == 1) c.world = 3;
+    try {
+      Distributed d(c, "gloo");
+    } catch (const blpa::WorldsDiffer& e) {
+      why[rank] = e.what();
+    } catch (const std::exception& e) {
+      why[rank] = std::string("not WorldsDiffer: ") + e.what();
+    }
+  });
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  CAPTURE(why[0], why[1], secs);
+  CHECK(why[0] == "rank 0 of 2: rank 1 was started for a world of 3 ranks, this one for 2: give every rank the "
+                  "same --world-size (WORLD_SIZE)");
+  CHECK(why[1] == "rank 1 of 3: rank 0 was started for a world of 2 ranks, this one for 3: give every rank the "
+                  "same --world-size (WORLD_SIZE)");
+  CHECK(secs < 30);  // the timeout is 60 s
+}
+
+// A launcher whose variable is left unset but exported (RANK=) started every process as rank 0.
+TEST_CASE("distributed: an empty torchrun variable is refused, not taken as its default", "[distributed]") {
+  ::setenv("RANK", "", 1);
+  CHECK_THROWS_WITH(DistConfig::from_env(), Catch::Contains("environment variable RANK is set but empty"));
+  ::unsetenv("RANK");
+  CHECK(DistConfig::from_env().rank == 0);
+}
+
+// A rank resumed from a stale copy of another run's checkpoint at the same iteration took
+// rank 0's weights but kept its own momentum, and the ranks drifted apart without a word; a
+// rank given a copy of the data with other labels trained on them.
+TEST_CASE("distributed: ranks must resume the same run and train on the same data", "[distributed][train]") {
+  if (!have_fashion_mnist()) return;
+  const fs::path dir = fresh_dir("same-run");
+  REQUIRE(train_pair(dir, free_port(), {"--iterations", "2"}, "a") == std::pair{0, 0});
+  fs::rename(dir / "ck.pt", dir / "a.pt");
+  REQUIRE(train_pair(dir, free_port(), {"--iterations", "2"}, "b") == std::pair{0, 0});  // another run, ck.pt
+  fs::copy_file(dir / "a.pt", dir / "rank1.pt");
+  auto resume = [&](const std::string& tag, std::vector<std::string> rank1_extra) {
+    std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "1000", "--test-subset",
+                                    "100", "--warmup", "0", "--threads", "1", "--eval-every", "0", "--quiet",
+                                    "--iterations", "4", "--world-size", "2", "--master-port",
+                                    std::to_string(free_port()), "--dist-timeout", "60", "--resume"};
+    auto a1 = common, a0 = common;
+    a0.insert(a0.end(), {"--rank", "0", "--checkpoint", (dir / "ck.pt").string()});
+    a1.insert(a1.end(), {"--rank", "1"});
+    a1.insert(a1.end(), rank1_extra.begin(), rank1_extra.end());
+    const pid_t p1 = spawn(a1, (dir / (tag + "-1.out")).string());
+    const pid_t p0 = spawn(a0, (dir / (tag + "-0.out")).string());
+    const int r0 = wait_exit(p0);
+    return std::pair{r0, wait_exit(p1)};
+  };
+  const auto stale = resume("stale", {"--checkpoint", (dir / "rank1.pt").string()});
+  std::string out0 = slurp(dir / "stale-0.out"), out1 = slurp(dir / "stale-1.out");
+  CAPTURE(out0, out1);
+  CHECK(stale == std::pair{2, 2});
+  CHECK(out1.find("the ranks were started with different settings:\n  run_id: rank 0 ") != std::string::npos);
+
+  // The same run, its data a copy with one label of the first 1000 changed.
+  fs::create_directories(dir / "data");
+  const std::string from = "/usr/share/datasets/fashion-mnist/";
+  for (const char* f : {"train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"})
+    fs::create_symlink(from + f, dir / "data" / f);
+  const std::string labels = (dir / "data" / "train-labels-idx1-ubyte").string();
+  REQUIRE(std::system(("gunzip -c " + from + "train-labels-idx1-ubyte.gz > " + labels).c_str()) == 0);
+  {
+    std::fstream f(labels, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(8 + 5);
+    const char label = static_cast<char>(f.get());
+    f.seekp(8 + 5);
+    f.put(static_cast<char>((label + 1) % 10));
+  }
+  fs::copy_file(dir / "ck.pt", dir / "rank1.pt", fs::copy_options::overwrite_existing);
+  const auto other_data = resume("data", {"--checkpoint", (dir / "rank1.pt").string(), "--data-dir",
+                                          (dir / "data").string(), "--dataset", "fashion-mnist"});
+  out0 = slurp(dir / "data-0.out");
+  out1 = slurp(dir / "data-1.out");
+  CAPTURE(out0, out1);
+  CHECK(other_data == std::pair{2, 2});
+  CHECK(out0.find("the ranks were started with different settings:\n  train_data: rank 0 ") != std::string::npos);
   remove_tree(dir);
 }
 

@@ -36,6 +36,11 @@ struct PeerLost : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// The ranks that met at the rendezvous were started for worlds of different sizes.
+struct WorldsDiffer : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
 // A process group of `world` processes. Collectives must be called in the same order by
 // every rank; each call throws PeerLost when a peer has gone or the timeout passes.
 class Distributed {
@@ -67,6 +72,8 @@ class Distributed {
   struct Impl;
 
  private:
+  void join(const std::string& who, const std::string& at, const std::string& hint);
+
   DistConfig config_;
   std::string backend_;
   std::unique_ptr<Impl> impl_;
