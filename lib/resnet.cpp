@@ -253,6 +253,19 @@ torch::Tensor ResNetImpl::forward(const torch::Tensor& x) {
   return at::linear(h.mean({2, 3}), cast(fc->weight), cast(fc->bias)).to(at::kFloat);
 }
 
+// As PyTorch's users convert a model with .to(memory_format=torch.channels_last). In float32
+// NHWC the weights were cast to the layout at each forward: a copy of every one, kept by
+// autograd for the backward and counted as stored (ResNet-50's 90 MiB beside its activations).
+// set_data keeps each parameter's identity (the optimiser's state is keyed by it). By the
+// strides `to` reads (suggest_memory_format), not is_contiguous: a 1 x 1 kernel's NCHW strides
+// are contiguous in both layouts, yet `to` copied it.
+void ResNetImpl::set_numerics(const Numerics& n) {
+  numerics_ = n;
+  torch::NoGradGuard no_grad;
+  for (auto& p : parameters())
+    if (p.dim() == 4 && p.suggest_memory_format() != n.layout) p.set_data(p.clone(n.layout));
+}
+
 std::vector<std::pair<std::string, Unit>> ResNetImpl::units() const {
   std::vector<std::pair<std::string, Unit>> out;
   for (size_t i = 0; i < blocks->size(); ++i) {

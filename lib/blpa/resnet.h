@@ -81,9 +81,11 @@ class ResNetImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x);
 
   const NetConfig& config() const { return config_; }
-  // fp32 NCHW unless set; a setting of the run, not of the weights (checkpoints hold float32).
+  // fp32 NCHW unless set; a setting of the run (checkpoints hold float32). Setting it also
+  // lays the convolutions' weights out in its layout (call it again after loading weights):
+  // cast to NHWC at each forward, they were a copy that autograd kept for the backward.
   const Numerics& numerics() const { return numerics_; }
-  void set_numerics(const Numerics& n) { numerics_ = n; }
+  void set_numerics(const Numerics& n);
   // Every unit in forward order, with its name.
   std::vector<std::pair<std::string, Unit>> units() const;
   // What each unit kept for backward in the last training forward (exact/blpa/naive).
