@@ -975,7 +975,9 @@ int fidelity_main(int argc, char** argv) {
       double min_cos = std::numeric_limits<double>::infinity();
       std::string worst;
       for (size_t i = 0; i < g.size() && !std::isnan(min_cos); ++i) {
-        const double cos = (g[i].dot(ref[i]) / (g[i].norm() * ref[i].norm() + 1e-30)).item<double>();
+        // Two zero gradients (a parameter that no path reaches) agree: cosine 1, not 0/0 read as 0.
+        const double gn = g[i].norm().item<double>(), rn = ref[i].norm().item<double>();
+        const double cos = gn == 0 && rn == 0 ? 1.0 : g[i].dot(ref[i]).item<double>() / (gn * rn + 1e-30);
         if (std::isnan(cos) || cos < min_cos) min_cos = cos, worst = names[i];
       }
       const double rel = (torch::cat(g) - ref_all).to(torch::kDouble).norm().item<double>() / ref_norm;
