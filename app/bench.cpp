@@ -92,7 +92,7 @@ int codec_main(int argc, char** argv) {
       "precision", "Activations and gradients: fp32 or bf16 (tf32 and auto: fp32; default: fp32)",
       cxxopts::value<std::string>())(
       "dtype", "The old name of --precision: float or bf16", cxxopts::value<std::string>())(
-      "memory-format", "nchw or nhwc (channels_last)", cxxopts::value<std::string>()->default_value("nchw"))(
+      "memory-format", "nchw or nhwc (NHWC: PyTorch's channels_last)", cxxopts::value<std::string>()->default_value("nchw"))(
       "gamma", "ones, drawn or a number: the BatchNorm's gamma as initialised, drawn as after training (see "
       "above), or that value in every channel (pack dividing by it)",
       cxxopts::value<std::string>()->default_value("ones"))(

@@ -403,6 +403,10 @@ static int run(int argc, char** argv) {
     if (!o.range.empty()) parse_range(o.range);
     if (!o.range.empty() && (!o.paths.empty() || !o.list.empty()))
       throw FlagError("--from-dataset classifies records of the data set; it takes no image files or --list");
+    for (const char* flag : {"resize", "crop", "ten-crop"})  // they were ignored, as blpa-eval refuses them
+      if (!o.range.empty() && a.count(flag))
+        throw FlagError(std::string("--") + flag + " is for ImageNet-style images; --from-dataset records are "
+                        "classified whole");
     if (o.range.empty() && o.paths.empty() && o.list.empty())
       throw FlagError("nothing to classify: give image files or folders, --list FILE, or --from-dataset N..M");
     try {

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <stdexcept>
 #include <system_error>
 
@@ -236,6 +237,25 @@ RawImages read_idx_files(const std::string& images_path, const std::string& labe
     fail(labels_path, "has " + std::to_string(out.labels.size()) + " labels but " + images_path + " has " +
                           std::to_string(n) + " images");
   return out;
+}
+
+double idx_mean_pixel(const std::string& images_path, int64_t images) {
+  gzFile f = gzopen(images_path.c_str(), "rb");  // reads a plain file as it is
+  if (!f) return std::nan("");
+  uint8_t header[16];
+  double mean = std::nan("");
+  if (gzread(f, header, sizeof header) == sizeof header && header[0] == 0 && header[1] == 0 && header[2] == 8 &&
+      header[3] == 3) {
+    std::vector<uint8_t> pixels(static_cast<size_t>(std::clamp<int64_t>(images, 1, 10000)) * 784);
+    const int got = gzread(f, pixels.data(), static_cast<unsigned>(pixels.size()));
+    if (got > 0) {
+      uint64_t sum = 0;
+      for (int i = 0; i < got; ++i) sum += pixels[static_cast<size_t>(i)];
+      mean = static_cast<double>(sum) / got;
+    }
+  }
+  gzclose(f);
+  return mean;
 }
 
 }  // namespace blpa::data

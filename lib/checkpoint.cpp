@@ -788,6 +788,10 @@ void check_output_path(const std::string& path, const std::string& flag, bool at
   }
   if (!fs::exists(parent, ec)) {
     fs::create_directories(parent, ec);
+    // A link on the way to a folder that is not there ("File exists", where nothing is).
+    for (fs::path p = parent; ec && !p.empty() && p.has_relative_path(); p = p.parent_path())
+      if (std::error_code e; fs::is_symlink(fs::symlink_status(p, e)) && !fs::exists(p, e))
+        bad("its folder " + p.string() + " is a link to " + fs::read_symlink(p, e).string() + ", which does not exist");
     if (ec) bad("its folder cannot be created (" + ec.message() + ")");
   } else if (!fs::is_directory(parent, ec)) {
     bad(parent.string() + " is not a folder");

@@ -207,6 +207,7 @@ void Distributed::join(const std::string& who, const std::string& at, const std:
   else
     waiting.push_back(0);
   const auto deadline = std::chrono::steady_clock::now() + config_.timeout;
+  auto read = [](int r) { return "blpa/world-read/" + std::to_string(r); };
   while (!waiting.empty()) {
     for (auto r = waiting.begin(); r != waiting.end();) {
       if (!store.check({key(*r)})) {
@@ -215,9 +216,15 @@ void Distributed::join(const std::string& who, const std::string& at, const std:
       }
       const auto v = store.get(key(*r));
       const std::string theirs(v.begin(), v.end());
-      if (theirs != mine)
+      if (config_.rank != 0) store.set(read(config_.rank), std::vector<uint8_t>{1});  // rank 0 may close the store
+      if (theirs != mine) {
+        // Rank 0's store goes with it: it waits (a little) until the other rank has read its size.
+        const auto until = std::min(deadline, std::chrono::steady_clock::now() + std::chrono::seconds(10));
+        while (config_.rank == 0 && !store.check({read(*r)}) && std::chrono::steady_clock::now() < until)
+          std::this_thread::sleep_for(std::chrono::milliseconds(20));
         throw WorldsDiffer(who + ": rank " + std::to_string(*r) + " was started for a world of " + theirs +
                            " ranks, this one for " + mine + ": give every rank the same --world-size (WORLD_SIZE)");
+      }
       r = waiting.erase(r);
     }
     if (waiting.empty()) break;

@@ -31,6 +31,7 @@
 
 #include "blpa/checkpoint.h"
 #include "blpa/dataset.h"
+#include "blpa/formats.h"
 #include "blpa/imagenet.h"
 #include "blpa/loader.h"
 #include "blpa/memory.h"
@@ -81,6 +82,17 @@ bool holds(const fs::path& d, const Layout& l) {
   return true;
 }
 
+// MNIST's and Fashion-MNIST's files have the same names: a folder of either is told by its
+// images, whose mean pixel is about 33 in MNIST (and 45-50 in EMNIST and KMNIST, digits or
+// letters on black) and 73 in Fashion-MNIST. "" where the file cannot say (the load reports why).
+std::string idx_kind(const std::string& dir) {
+  const fs::path plain = fs::path(dir) / "train-images-idx3-ubyte";
+  std::error_code ec;
+  const double mean = data::idx_mean_pixel((fs::exists(plain, ec) ? plain : fs::path(plain.string() + ".gz")), 1000);
+  if (std::isnan(mean)) return "";
+  return mean < 58 ? "mnist" : "fashion-mnist";
+}
+
 bool serves(const Layout& l, const std::string& dataset) {
   return l.dataset == dataset || std::find(l.also.begin(), l.also.end(), dataset) != l.also.end();
 }
@@ -103,7 +115,12 @@ std::string resolve_dataset(const TrainConfig& c) {
   const Layout* found = nullptr;  // the first layout the folder holds; the named one's first
   for (const auto& l : layouts())
     if ((!found || serves(l, c.dataset)) && holds(c.data_dir, l)) found = &l;
+  const bool idx = found && std::string(found->dataset) == "fashion-mnist";
   if (c.dataset == "auto") {
+    if (idx) {
+      const std::string kind = idx_kind(c.data_dir);
+      return kind.empty() ? found->dataset : kind;
+    }
     if (found) return found->dataset;
     throw std::runtime_error("--data-dir " + c.data_dir +
                              ": no CIFAR-10 (data_batch_1.bin), CIFAR-100 (train.bin), IDX "
@@ -115,6 +132,12 @@ std::string resolve_dataset(const TrainConfig& c) {
     throw std::runtime_error(fmt::format("--dataset {}: --data-dir {} holds {}, not {}'s: give its folder, or "
                                          "leave --dataset out to train on what is there",
                                          c.dataset, c.data_dir, found->files, c.dataset));
+  // Named as the other of the two: said, but not refused (other IDX sets are named either).
+  if (idx && serves(*found, c.dataset))
+    if (const std::string kind = idx_kind(c.data_dir); !kind.empty() && kind != c.dataset)
+      spdlog::warn("--dataset {}: the images in --data-dir {} look like {}'s (by their mean pixel), whose classes "
+                   "are {}: the run and blpa-predict name them as {}'s",
+                   c.dataset, c.data_dir, kind, kind == "mnist" ? "digits" : "clothes", c.dataset);
   // ImageNet's folder named one level too deep (its train/) failed as ".../train/train: cannot open".
   if (!found && c.dataset == "imagenet") {
     const bool train = fs::is_directory(fs::path(c.data_dir) / "train", ec);
@@ -358,8 +381,9 @@ void relabel_as_trained(data::ImageList& list, const std::vector<std::string>& t
   }
   for (auto& label : list.labels) label = to[static_cast<size_t>(label)];
   if (list.classes.size() < trained.size())
-    spdlog::warn("{}: {} of the network's {} classes have no folder here; the others are scored under their "
-                 "trained labels", where, trained.size() - list.classes.size(), trained.size());
+    spdlog::warn("{}: {} of the network's {} classes {} no folder here; the others are scored under their "
+                 "trained labels", where, trained.size() - list.classes.size(), trained.size(),
+                 trained.size() - list.classes.size() == 1 ? "has" : "have");
   list.classes = trained;
   list.num_classes = static_cast<int64_t>(trained.size());
 }
@@ -1202,6 +1226,12 @@ Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given
     config.memory_format = given.memory_format;
     config.resolve_numerics();
   }
+  // A run on an MNIST folder that auto took for Fashion-MNIST (before the images told them
+  // apart) resumes as the run it is.
+  const auto dataset = ck.config.find("dataset");
+  auto idx = [](const std::string& d) { return d == "mnist" || d == "fashion-mnist"; };
+  if (given.dataset == "auto" && dataset != ck.config.end() && idx(dataset->second) && idx(config.dataset))
+    config.dataset = dataset->second;
   compare_with_checkpoint(ck, config);
   return ck;
 }
@@ -1494,12 +1524,16 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     }
     it = state.iteration;
     spdlog::info("resumed from {} at iteration {}", config.checkpoint, it);
+    model->set_numerics(config.numerics());  // the loaded weights in the run's layout
   }
   model->to(dev);
-  // A checkpoint loads on the CPU: its momentum buffers follow the weights to the device.
+  // A checkpoint loads on the CPU: its momentum buffers follow the weights to the device, in
+  // their layout.
   for (auto& entry : opt.state())
-    if (auto* sgd = dynamic_cast<torch::optim::SGDParamState*>(entry.second.get()); sgd && sgd->momentum_buffer().defined())
-      sgd->momentum_buffer(sgd->momentum_buffer().to(dev));
+    if (auto* sgd = dynamic_cast<torch::optim::SGDParamState*>(entry.second.get()); sgd && sgd->momentum_buffer().defined()) {
+      const auto& b = sgd->momentum_buffer();
+      sgd->momentum_buffer(b.dim() == 4 ? b.to(dev).contiguous(config.numerics().layout) : b.to(dev));
+    }
   std::unique_ptr<GradientReducer> reducer;
   if (dist) {
     // Every rank starts from rank 0's weights and statistics (the same seed gives the same
@@ -1545,8 +1579,9 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     if (config.resume)
       result.dropped_log_records = drop_records_after(config.log_path, state.iteration, state.pending_eval);
     if (result.dropped_log_records > 0)
-      spdlog::info("--log {}: {} records after iteration {}{} removed (the resumed run computes them again)",
-                   config.log_path, result.dropped_log_records, state.iteration,
+      spdlog::info("--log {}: {} record{} after iteration {}{} removed (the resumed run computes them again)",
+                   config.log_path, result.dropped_log_records, result.dropped_log_records == 1 ? "" : "s",
+                   state.iteration,
                    state.pending_eval ? ", or of its evaluation," : "");
     log.open(config.log_path, config.resume);
   }

@@ -23,6 +23,7 @@ satisfy it, so no clamp is needed here.
     python3 scripts/blpa_torch.py model.pt     # which network a file holds; loads it strictly
 """
 import re
+import zipfile
 import sys
 
 import torch
@@ -148,6 +149,10 @@ def from_state_dict(state_dict):
 
 def load(path, map_location="cpu"):
     """from_state_dict(torch.load(path)): a blpa-train --export file as a network."""
+    # A checkpoint (LibTorch's archive of the model, optimiser and run) is no state dict.
+    if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+        raise ValueError(f"{path} is a blpa-train checkpoint, not an --export file: blpa-train --export "
+                         "MODEL.pt writes one (with --resume on the checkpoint of a finished run too)")
     return from_state_dict(torch.load(path, map_location=map_location))
 
 
@@ -155,7 +160,11 @@ def main(argv):
     if len(argv) != 2 or argv[1].startswith("-"):
         print(__doc__.strip().splitlines()[0] + "\nusage: python3 blpa_torch.py MODEL.pt", file=sys.stderr)
         return 2
-    net = load(argv[1])
+    try:
+        net = load(argv[1])
+    except (OSError, ValueError) as e:
+        print(f"blpa_torch.py: {e}", file=sys.stderr)
+        return 1
     params = sum(p.numel() for p in net.parameters())
     print(f"{argv[1]}: {net.arch}-{net.depth}, {net.stem.in_channels} input channels, "
           f"{net.fc.out_features} classes, {params / 1e6:.2f}M parameters; loads strictly")

@@ -192,6 +192,16 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
   CHECK(loop.code == 2);
   CHECK(loop.output.find("--log " + (dir / "loop.jsonl").string() + ": Too many levels of symbolic links") !=
         std::string::npos);
+  // A folder on the way that is a link to nothing is named as such (it was "its folder cannot
+  // be created (File exists)").
+  if (have_fashion_mnist()) {
+    fs::create_symlink(dir / "nowhere", dir / "gone");
+    const Run gone = train(small(dir, {"--checkpoint", (dir / "gone" / "a.ckpt").string()}), dir);
+    CAPTURE(gone.output);
+    CHECK(gone.code == 2);
+    CHECK(gone.output.find("its folder " + (dir / "gone").string() + " is a link to " + (dir / "nowhere").string() +
+                           ", which does not exist") != std::string::npos);
+  }
   // torchrun's variables are named as such, not as the flags that were not given.
   const Run env = train({"--data-dir", (dir / "no-data").string()}, dir, "WORLD_SIZE=-1");
   CAPTURE(env.output);
@@ -1866,5 +1876,50 @@ TEST_CASE("hardening: a resume on other data held in memory is said", "[hardenin
   CHECK(other.code == 0);
   CHECK(other.output.find("the training images are not the checkpoint's (64 then, 64 now, or other pixels or "
                           "labels)") != std::string::npos);
+
+  // MNIST's files are named as Fashion-MNIST's: an IDX folder was always taken for Fashion-MNIST
+  // (and blpa-predict named digits as clothes). Its images' mean pixel tells them apart.
+  auto write_dark = [](const fs::path& folder) {  // digits on black: mean pixel 32.5
+    fs::create_directories(folder);
+    auto be32 = [](std::ofstream& out, uint32_t v) {
+      const char b[4] = {char(v >> 24), char(v >> 16), char(v >> 8), char(v)};
+      out.write(b, 4);
+    };
+    for (const char* split : {"train", "t10k"}) {
+      const uint32_t n = 64;
+      std::ofstream images(folder / (std::string(split) + "-images-idx3-ubyte"), std::ios::binary);
+      be32(images, 0x803), be32(images, n), be32(images, 28), be32(images, 28);
+      for (uint32_t i = 0; i < n * 28 * 28; ++i) images.put(char(i % 66));
+      std::ofstream labels(folder / (std::string(split) + "-labels-idx1-ubyte"), std::ios::binary);
+      be32(labels, 0x801), be32(labels, n);
+      for (uint32_t i = 0; i < n; ++i) labels.put(char(i % 10));
+    }
+  };
+  write_dark(dir / "digits");
+  auto config_of = [&](std::vector<std::string> a) {
+    a.insert(a.begin(), "--print-config");
+    return train(a, dir);
+  };
+  const Run digits = config_of({"--data-dir", (dir / "digits").string()});
+  CAPTURE(digits.output);
+  CHECK(digits.output.find("dataset=mnist\n") != std::string::npos);
+  const Run clothes = config_of({"--data-dir", (dir / "a").string()});  // mean about 127
+  CHECK(clothes.output.find("dataset=fashion-mnist\n") != std::string::npos);
+  const Run named = config_of({"--data-dir", (dir / "digits").string(), "--dataset", "fashion-mnist"});
+  CHECK(named.code == 0);
+  CHECK(named.output.find("look like mnist's (by their mean pixel), whose classes are digits") != std::string::npos);
+  // A run that auto took for Fashion-MNIST before resumes as that run, without --dataset.
+  const std::string old_ck = (dir / "old.ckpt").string();
+  auto digit_run = [&](std::vector<std::string> extra) {
+    std::vector<std::string> a{"--data-dir", (dir / "digits").string(), "--depth", "11", "--batch", "16",
+                               "--warmup", "0", "--lr-steps", "", "--threads", "1", "--eval-every", "0", "--quiet",
+                               "--checkpoint", old_ck};
+    a.insert(a.end(), extra.begin(), extra.end());
+    return train(a, dir);
+  };
+  REQUIRE(digit_run({"--dataset", "fashion-mnist", "--iterations", "2"}).code == 0);
+  const Run resumed = digit_run({"--iterations", "4", "--resume"});
+  CAPTURE(resumed.output);
+  CHECK(resumed.code == 0);
   remove_tree(dir);
 }

@@ -590,7 +590,7 @@ TEST_CASE("train: blpa-train trains on an ImageNet folder and blpa-eval scores i
   const auto fewer = shell(eval);
   CAPTURE(fewer.second);
   CHECK(fewer.first == 0);
-  CHECK(fewer.second.find("1 of the network's 3 classes have no folder here") != std::string::npos);
+  CHECK(fewer.second.find("1 of the network's 3 classes has no folder here") != std::string::npos);
   fs::rename(root / "val" / "n01", root / "val" / "n09");
   const auto unknown = shell(eval);
   CHECK(unknown.first == 1);

@@ -267,6 +267,16 @@ TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval 
     CHECK(x.err.find(pt + " is not a blpa-train checkpoint (a torch.save file, such as blpa-train --export writes") !=
           std::string::npos);
   }
+  // And the other way round: blpa_torch.py given the checkpoint says what it is, in one line.
+  const std::string python = std::string("PYTHONWARNINGS=ignore PYTHONPATH=") + BLPA_TORCH_SITE + ":${PYTHONPATH:-} " +
+                             (std::getenv("BLPA_PYTHON") ? std::getenv("BLPA_PYTHON") : "python3");
+  if (shell(python + " -c \"import torch\"", dir).code == 0) {
+    const Run py = shell(python + " " BLPA_SOURCE_DIR "/scripts/blpa_torch.py " + ck, dir);
+    CAPTURE(py.err);
+    CHECK(py.code == 1);
+    CHECK(py.err.find(ck + " is a blpa-train checkpoint, not an --export file") != std::string::npos);
+    CHECK(py.err.find("Traceback") == std::string::npos);
+  }
 
   const Run e = run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--subset", std::to_string(n), "--json"}, dir);
   CAPTURE(e.out, e.err);
@@ -333,6 +343,9 @@ TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval 
   const Run range = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "5..5"}, dir);
   CHECK(range.code == 2);
   CHECK(range.err.find("needs 0 <= N < M") != std::string::npos);
+  const Run resize = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "0..2", "--resize", "300"}, dir);
+  CHECK(resize.code == 2);  // ignored, where blpa-eval refuses it
+  CHECK(resize.err.find("--resize is for ImageNet-style images") != std::string::npos);
   const Run k = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "0..2", "--top-k", "x"}, dir);
   CHECK(k.code == 2);
   CHECK(k.err.find("--top-k: 'x' is not an integer") != std::string::npos);
