@@ -1531,8 +1531,9 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   // their layout.
   for (auto& entry : opt.state())
     if (auto* sgd = dynamic_cast<torch::optim::SGDParamState*>(entry.second.get()); sgd && sgd->momentum_buffer().defined()) {
-      const auto& b = sgd->momentum_buffer();
-      sgd->momentum_buffer(b.dim() == 4 ? b.to(dev).contiguous(config.numerics().layout) : b.to(dev));
+      const auto b = sgd->momentum_buffer().to(dev);
+      const auto layout = config.numerics().layout;  // by the strides, as set_numerics lays the weights
+      sgd->momentum_buffer(b.dim() == 4 && b.suggest_memory_format() != layout ? b.clone(layout) : b);
     }
   std::unique_ptr<GradientReducer> reducer;
   if (dist) {
