@@ -1834,10 +1834,11 @@ TEST_CASE("hardening: a resume that evaluates again logs that evaluation once, a
   remove_tree(dir);
 }
 
-TEST_CASE("hardening: a resume on other data held in memory is said", "[hardening]") {
+TEST_CASE("hardening: a resume on other data held in memory is said, and MNIST is told from Fashion-MNIST",
+          "[hardening]") {
   const auto dir = temp_dir("other-data");
   // A small Fashion-MNIST-shaped data set in plain IDX files; a copy of it with one label changed.
-  auto write_idx = [](const fs::path& folder, int label_of_first) {
+  auto write_idx = [](const fs::path& folder, int label_of_first, uint32_t (*pixel)(uint32_t)) {
     fs::create_directories(folder);
     auto be32 = [](std::ofstream& out, uint32_t v) {
       const char b[4] = {char(v >> 24), char(v >> 16), char(v >> 8), char(v)};
@@ -1847,14 +1848,15 @@ TEST_CASE("hardening: a resume on other data held in memory is said", "[hardenin
       const uint32_t n = 64;
       std::ofstream images(folder / (std::string(split) + "-images-idx3-ubyte"), std::ios::binary);
       be32(images, 0x803), be32(images, n), be32(images, 28), be32(images, 28);
-      for (uint32_t i = 0; i < n * 28 * 28; ++i) images.put(char((i * 7919u) >> 5));
+      for (uint32_t i = 0; i < n * 28 * 28; ++i) images.put(char(pixel(i)));
       std::ofstream labels(folder / (std::string(split) + "-labels-idx1-ubyte"), std::ios::binary);
       be32(labels, 0x801), be32(labels, n);
       for (uint32_t i = 0; i < n; ++i) labels.put(char(i == 0 ? label_of_first : i % 10));
     }
   };
-  write_idx(dir / "a", 0);
-  write_idx(dir / "b", 3);
+  auto bright = [](uint32_t i) { return (i * 7919u) >> 5; };  // mean pixel about 127
+  write_idx(dir / "a", 0, bright);
+  write_idx(dir / "b", 3, bright);
   const std::string ck = (dir / "a.ckpt").string();
   auto args = [&](const char* data, const char* iterations) {
     return std::vector<std::string>{"--dataset", "fashion-mnist", "--data-dir", (dir / data).string(), "--depth", "11",
@@ -1879,23 +1881,7 @@ TEST_CASE("hardening: a resume on other data held in memory is said", "[hardenin
 
   // MNIST's files are named as Fashion-MNIST's: an IDX folder was always taken for Fashion-MNIST
   // (and blpa-predict named digits as clothes). Its images' mean pixel tells them apart.
-  auto write_dark = [](const fs::path& folder) {  // digits on black: mean pixel 32.5
-    fs::create_directories(folder);
-    auto be32 = [](std::ofstream& out, uint32_t v) {
-      const char b[4] = {char(v >> 24), char(v >> 16), char(v >> 8), char(v)};
-      out.write(b, 4);
-    };
-    for (const char* split : {"train", "t10k"}) {
-      const uint32_t n = 64;
-      std::ofstream images(folder / (std::string(split) + "-images-idx3-ubyte"), std::ios::binary);
-      be32(images, 0x803), be32(images, n), be32(images, 28), be32(images, 28);
-      for (uint32_t i = 0; i < n * 28 * 28; ++i) images.put(char(i % 66));
-      std::ofstream labels(folder / (std::string(split) + "-labels-idx1-ubyte"), std::ios::binary);
-      be32(labels, 0x801), be32(labels, n);
-      for (uint32_t i = 0; i < n; ++i) labels.put(char(i % 10));
-    }
-  };
-  write_dark(dir / "digits");
+  write_idx(dir / "digits", 0, [](uint32_t i) { return i % 66; });  // digits on black: mean pixel 32.5
   auto config_of = [&](std::vector<std::string> a) {
     a.insert(a.begin(), "--print-config");
     return train(a, dir);
