@@ -144,18 +144,19 @@ int main(int argc, char** argv) {
         Training() { g_phase.store(1); }
         ~Training() { g_phase.store(2); }
       } training;
-      return blpa::train(c, &g_stop, &g_draft);
+      return blpa::train(c, &g_stop, &g_draft, &g_signal);
     }();
     if (r.interrupted) {
-      // A rank without a signal of its own stopped because another rank was interrupted.
-      const int sig = g_signal.load() ? g_signal.load() : SIGINT;
+      // A rank without a signal of its own stopped because another rank was interrupted: it
+      // ends as that one does, by its signal, so that a loop of runs on its machine stops too.
+      const int sig = g_signal.load() ? g_signal.load() : r.stop_signal ? r.stop_signal : SIGINT;
       spdlog::warn("{} after iteration {}{}",
                    g_signal.load() ? fmt::format("interrupted by signal {}", sig)
                                    : std::string("stopped because another rank was interrupted"),
                    r.iteration,
                    c.checkpoint.empty() ? " (no --checkpoint: progress is lost)"
                                         : "; checkpoint " + c.checkpoint + " written, continue with --resume");
-      if (g_signal.load()) end_by(sig);
+      end_by(sig);
       return 128 + sig;
     }
     // NaN: this process trained no iteration (a resumed run that only finished its evaluation).

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <csignal>
 #include <cctype>
 #include <iterator>
 #include <cerrno>
@@ -1266,7 +1267,8 @@ void SummaryDraft::write() noexcept {
   }
 }
 
-TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, SummaryDraft* draft) {
+TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, SummaryDraft* draft,
+                  const std::atomic<int>* signal) {
   TrainConfig config = config_in;
   config.validate();
   // Resolved before --resume compares the settings: `auto` is not a change.
@@ -1710,6 +1712,12 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   // iteration, at each log record and evaluation, and after an iteration a second or more
   // after the last rendering.
   auto last_draft = Clock::now();
+  // What a rank's stop was asked by, told to the others with the stop itself: a rank that was
+  // not signalled ends as the signalled one does (143 for a scheduler's SIGTERM, not 130).
+  auto sent = [&](int sig) { return stop && stop->load() && signal && signal->load() == sig ? 1.0 : 0.0; };
+  auto told = [&](double stops, double terms, double hups) {
+    if (stops > 0 && result.stop_signal == 0) result.stop_signal = terms > 0 ? SIGTERM : hups > 0 ? SIGHUP : SIGINT;
+  };
   auto redraft = [&] {
     if (!summarising || !draft) return;
     draft->publish(render_summary("interrupted", ""));
@@ -1887,9 +1895,10 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         if (fail_at == std::pair<std::string, int64_t>{"step", it + 1})
           throw std::runtime_error(fmt::format("iteration {} failed after its backward pass (BLPA_TEST_FAIL)", it + 1));
         if (dist) {  // the mean loss over ranks, and a stop asked for on any rank stops them all
-          const auto sums = dist->sum({loss_v, stopping ? 1.0 : 0.0});
+          const auto sums = dist->sum({loss_v, stopping ? 1.0 : 0.0, sent(SIGTERM), sent(SIGHUP)});
           loss_v = sums[0] / config.dist.world;
           stopping = sums[1] > 0;
+          told(sums[1], sums[2], sums[3]);
         }
         if (!std::isfinite(loss_v))
           throw diverged(fmt::format("the loss became {} at iteration {}", non_finite(loss_v), it + 1), it);
@@ -1962,9 +1971,11 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         redraft();  // with the evaluation's figures
       }
       if (dist && evaluating) {  // a signal during rank 0's evaluation stops every rank
-        const auto sums =
-            dist->sum({pending_eval || (stop && stop->load()) ? 1.0 : 0.0, eval_overflowed ? 1.0 : 0.0});
+        const bool stopped = stop && stop->load();
+        const auto sums = dist->sum({pending_eval || stopped ? 1.0 : 0.0, eval_overflowed ? 1.0 : 0.0,
+                                     stopped ? 1.0 : 0.0, sent(SIGTERM), sent(SIGHUP)});
         stopping = stopping || sums[0] > 0;
+        told(sums[2], sums[3], sums[4]);
         stop_if_overflowed(sums[1] > 0);
       } else {
         stopping = stopping || pending_eval;

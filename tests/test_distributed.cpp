@@ -475,6 +475,35 @@ TEST_CASE("distributed: ranks started for worlds of different sizes are refused 
   CHECK(secs < 30);  // the timeout is 60 s
 }
 
+// A scheduler's SIGTERM to one rank: the others exited 130, as after a Ctrl-C, and with a code
+// rather than by the signal, so that a shell loop of runs on their machine went on.
+TEST_CASE("distributed: a rank stopped by another rank's signal ends by that signal", "[distributed][train]") {
+  if (!have_fashion_mnist()) return;
+  const fs::path dir = fresh_dir("signal");
+  std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "1000", "--test-subset", "100",
+                                  "--warmup", "0", "--threads", "1", "--eval-every", "0", "--quiet", "--iterations",
+                                  "100000", "--checkpoint-every", "100000", "--world-size", "2", "--master-port",
+                                  std::to_string(free_port()), "--dist-timeout", "60", "--checkpoint",
+                                  (dir / "ck.pt").string(), "--log-every", "1"};
+  auto a1 = common, a0 = common;
+  a1.insert(a1.end(), {"--rank", "1"});
+  a0.insert(a0.end(), {"--rank", "0", "--log", (dir / "log.jsonl").string()});
+  const pid_t p1 = spawn(a1, (dir / "r1.out").string());
+  const pid_t p0 = spawn(a0, (dir / "r0.out").string());
+  for (int i = 0; i < 600 && slurp(dir / "log.jsonl").find("\"iter\": 2,") == std::string::npos; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  ::kill(p0, SIGTERM);
+  int s0 = 0, s1 = 0;
+  ::waitpid(p0, &s0, 0);
+  ::waitpid(p1, &s1, 0);
+  CAPTURE(slurp(dir / "r0.out"), slurp(dir / "r1.out"));
+  CHECK((WIFSIGNALED(s0) && WTERMSIG(s0) == SIGTERM));
+  CHECK((WIFSIGNALED(s1) && WTERMSIG(s1) == SIGTERM));  // it exited 130
+  CHECK(slurp(dir / "r1.out").find("stopped because another rank was interrupted") != std::string::npos);
+  CHECK(fs::exists(dir / "ck.pt"));
+  remove_tree(dir);
+}
+
 // A launcher whose variable is left unset but exported (RANK=) started every process as rank 0.
 TEST_CASE("distributed: an empty torchrun variable is refused, not taken as its default", "[distributed]") {
   ::setenv("RANK", "", 1);

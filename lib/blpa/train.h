@@ -108,6 +108,9 @@ struct FlagError : std::invalid_argument {
 struct TrainResult {
   int64_t iteration = 0;  // iterations completed
   bool interrupted = false;
+  // Several ranks: the signal that stopped them, as the ranks told each other (SIGTERM before
+  // SIGHUP before SIGINT where several were sent); 0 where none was told.
+  int stop_signal = 0;
   int64_t dropped_log_records = 0;  // --resume: records of iterations past the checkpoint's, removed
   double last_loss = std::numeric_limits<double>::quiet_NaN();  // NaN: this process trained no iteration
   double test_loss = 0, test_acc = 0, test_top5 = 0;  // last evaluation
@@ -263,7 +266,9 @@ class SummaryDraft {
 
 // Runs (or resumes) training. `stop` is polled after every step: when it turns true a
 // checkpoint is written and the function returns with interrupted = true. `draft`, when
-// given, is kept up to date with the summary of an interruption.
-TrainResult train(const TrainConfig& config, const std::atomic<bool>* stop = nullptr, SummaryDraft* draft = nullptr);
+// given, is kept up to date with the summary of an interruption. `signal`, when given, is the
+// signal behind `stop`, which the ranks tell each other (TrainResult::stop_signal).
+TrainResult train(const TrainConfig& config, const std::atomic<bool>* stop = nullptr, SummaryDraft* draft = nullptr,
+                  const std::atomic<int>* signal = nullptr);
 
 }  // namespace blpa
