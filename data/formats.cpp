@@ -239,6 +239,12 @@ RawImages read_idx_files(const std::string& images_path, const std::string& labe
   return out;
 }
 
+std::string idx_file(const std::string& dir, const std::string& base) {
+  const std::string plain = dir.empty() || dir.back() == '/' ? dir + base : dir + "/" + base;
+  struct stat st {};
+  return ::stat(plain.c_str(), &st) == 0 ? plain : plain + ".gz";
+}
+
 double idx_mean_pixel(const std::string& images_path, int64_t images) {
   gzFile f = gzopen(images_path.c_str(), "rb");  // reads a plain file as it is
   if (!f) return std::nan("");

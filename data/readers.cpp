@@ -55,11 +55,7 @@ Dataset load(const std::string& name, const std::string& dir, bool train) {
   if (name == "cifar100-coarse") return read_cifar100(dir, train, true);
   if (name == "fashion-mnist" || name == "mnist") {
     const std::string prefix = train ? "train" : "t10k";
-    auto pick = [&](const std::string& base) {
-      const fs::path plain = fs::path(dir) / base;
-      return fs::exists(plain) ? plain.string() : plain.string() + ".gz";
-    };
-    Dataset d = read_idx(pick(prefix + "-images-idx3-ubyte"), pick(prefix + "-labels-idx1-ubyte"));
+    Dataset d = read_idx(idx_file(dir, prefix + "-images-idx3-ubyte"), idx_file(dir, prefix + "-labels-idx1-ubyte"));
     d.name = name;
     return d;
   }

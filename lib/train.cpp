@@ -87,9 +87,7 @@ bool holds(const fs::path& d, const Layout& l) {
 // images, whose mean pixel is about 33 in MNIST (and 45-50 in EMNIST and KMNIST, digits or
 // letters on black) and 73 in Fashion-MNIST. "" where the file cannot say (the load reports why).
 std::string idx_kind(const std::string& dir) {
-  const fs::path plain = fs::path(dir) / "train-images-idx3-ubyte";
-  std::error_code ec;
-  const double mean = data::idx_mean_pixel((fs::exists(plain, ec) ? plain : fs::path(plain.string() + ".gz")), 1000);
+  const double mean = data::idx_mean_pixel(data::idx_file(dir, "train-images-idx3-ubyte"), 1000);
   if (std::isnan(mean)) return "";
   return mean < 58 ? "mnist" : "fashion-mnist";
 }
@@ -1426,9 +1424,11 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     const auto classes_in = [](const data::ImageList& l) {
       return std::set<int64_t>(l.labels.begin(), l.labels.end()).size();
     };
-    const size_t classes_before = classes_in(splits.train);
+    // Counted only for a subset: a set of ImageNet's 1.28M labels is no start-up cost to pay for nothing.
+    const bool subset = config.train_subset > 0 && config.train_subset < splits.train.size();
+    const size_t classes_before = subset ? classes_in(splits.train) : 0;
     train_list = data::spread_subset(std::move(splits.train), config.train_subset);
-    if (lead && classes_in(train_list) < classes_before)
+    if (lead && subset && classes_in(train_list) < classes_before)
       spdlog::warn("--train-subset {} is fewer than the {} classes with images: {} of them have none",
                    config.train_subset, classes_before, classes_before - classes_in(train_list));
     val_list = data::spread_subset(std::move(splits.val), config.test_subset);

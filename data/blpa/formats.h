@@ -52,6 +52,9 @@ std::vector<int64_t> parse_idx_labels(const uint8_t* data, size_t size, const st
 // Both files of a data set: their counts must agree.
 RawImages read_idx_files(const std::string& images_path, const std::string& labels_path, int64_t num_classes);
 
+// An IDX file of `dir` as it is there: DIR/BASE where it exists, else DIR/BASE.gz.
+std::string idx_file(const std::string& dir, const std::string& base);
+
 // The mean pixel (0 to 255) of the first `images` x 784 pixels (as many 28 x 28 images) of an
 // IDX images file, plain or gzip-compressed, reading only those; NaN where it is not one.
 // MNIST's and Fashion-MNIST's files have the same names and formats: their means (about 33 and
