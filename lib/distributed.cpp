@@ -20,6 +20,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <future>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -43,6 +44,12 @@ int env_int(const char* name, int fallback) {
   return x;
 }
 
+// The rendezvous's keys: a rank's world size, its refusal to start, and that it has read
+// everything rank 0 must keep the store up for.
+std::string world_key(int r) { return "blpa/world/" + std::to_string(r); }
+std::string refused_key(int r) { return "blpa/refused/" + std::to_string(r); }
+std::string read_key(int r) { return "blpa/world-read/" + std::to_string(r); }
+
 // Runs a collective; any failure becomes PeerLost with the backend's first line.
 template <typename F>
 void guarded(const char* what, F f) {
@@ -64,8 +71,9 @@ void guarded(const char* what, F f) {
 // Whether something listens at addr:port within `timeout`, tried every 100 ms. The ranks
 // other than 0 wait for rank 0's store here: TCPStore's client, left to wait, took about 2.5
 // times its timeout (25 s for --dist-timeout 10) before it failed. A name that does not
-// resolve (other than for now) throws at once.
-bool listening_within(const std::string& addr, int port, std::chrono::milliseconds timeout) {
+// resolve (other than for now) throws at once. Returns false at once when *stop is set.
+bool listening_within(const std::string& addr, int port, std::chrono::milliseconds timeout,
+                      const std::atomic<bool>* stop) {
   using Clock = std::chrono::steady_clock;
   const auto deadline = Clock::now() + timeout;
   addrinfo hints{};
@@ -96,7 +104,7 @@ bool listening_within(const std::string& addr, int port, std::chrono::millisecon
       ::freeaddrinfo(found);
       if (up) return true;
     }
-    if (Clock::now() >= deadline) return false;
+    if (Clock::now() >= deadline || (stop && stop->load())) return false;
     std::this_thread::sleep_for(std::min<Clock::duration>(std::chrono::milliseconds(100), deadline - Clock::now()));
   }
 }
@@ -119,8 +127,8 @@ struct Distributed::Impl {
   c10::intrusive_ptr<c10d::Backend> pg;
 };
 
-Distributed::Distributed(const DistConfig& config, const std::string& backend)
-    : config_(config), backend_(backend), impl_(std::make_unique<Impl>()) {
+Distributed::Distributed(const DistConfig& config, const std::string& backend, const std::atomic<bool>* stop)
+    : config_(config), backend_(backend), stop_(stop), impl_(std::make_unique<Impl>()) {
   if (config.world < 1 || config.rank < 0 || config.rank >= config.world)
     throw std::invalid_argument("rank " + std::to_string(config.rank) + " is not in a world of " +
                                 std::to_string(config.world));
@@ -138,19 +146,43 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend)
   const auto ms = config.timeout.count();  // --dist-timeout's seconds; ms where a caller gives less
   const std::string within = ms % 1000 == 0 ? std::to_string(ms / 1000) + " s" : std::to_string(ms) + " ms";
   const std::string start_all = ": start every rank, with the same --master-addr and --master-port";
+  const auto interrupted = [&] { return Interrupted(who + ": stopped by a signal at the rendezvous, before training"); };
   if (!so.isServer) {
     bool up = false;
     try {
-      up = listening_within(config.master_addr, config.master_port, config.timeout);
+      up = listening_within(config.master_addr, config.master_port, config.timeout, stop);
     } catch (const std::exception& e) {
       throw std::runtime_error(who + ": " + e.what());
     }
+    if (stop && stop->load()) throw interrupted();
     if (!up)
       throw std::runtime_error(who + ": no rendezvous at " + where + " within " + within + " (rank 0 is not " +
                                "listening)" + start_all);
   }
+  bool silent = false;  // something at the port that is not a rendezvous
   try {
-    impl_->store = c10::make_intrusive<c10d::TCPStore>(config.master_addr, so);
+    if (so.isServer) {
+      impl_->store = c10::make_intrusive<c10d::TCPStore>(config.master_addr, so);
+    } else {
+      // TCPStore's client waits for the store's answer without a limit: something else that
+      // listens at the port and never answers (another program, a hung process) held the rank
+      // there for good. It connects on a thread of its own, left behind if it never returns.
+      using Store = c10::intrusive_ptr<c10d::TCPStore>;
+      auto made = std::make_shared<std::promise<Store>>();
+      auto store = made->get_future();
+      std::thread([made, addr = config.master_addr, so] {
+        try {
+          made->set_value(c10::make_intrusive<c10d::TCPStore>(addr, so));
+        } catch (...) {
+          made->set_exception(std::current_exception());
+        }
+      }).detach();
+      const auto until = std::chrono::steady_clock::now() + config.timeout + std::chrono::seconds(5);
+      while (!silent && !(stop && stop->load()) &&
+             store.wait_for(std::chrono::milliseconds(100)) != std::future_status::ready)
+        silent = std::chrono::steady_clock::now() >= until;
+      if (!silent && !(stop && stop->load())) impl_->store = store.get();
+    }
   } catch (const std::exception& e) {
     const auto* c = dynamic_cast<const c10::Error*>(&e);
     std::string why = c ? c->what_without_backtrace() : e.what();
@@ -163,12 +195,26 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend)
                                                         : std::string()));
     throw std::runtime_error(who + ": no rendezvous at " + where + " within " + within + " (" + why + ")");
   }
+  if (stop && stop->load()) throw interrupted();
+  if (silent)
+    throw std::runtime_error(who + ": something listens at " + where + " but does not answer as a rendezvous within " +
+                             within + ": another program may be using that port" + hint);
   // Two runs at one port (both left at the default): the second's rank 0 cannot listen, and its
   // other ranks join the first run's store, where they used to wait for a collective's timeout
   // and then fail with Gloo's words. Each rank counts itself in, so one rank too many knows.
   if (impl_->store->add("blpa/ranks", 1) > config.world)
     throw std::runtime_error(who + ": more than this run's " + std::to_string(config.world) +
-                             " ranks joined the rendezvous at " + where + ": another run is using that port" + hint);
+                             " ranks joined the rendezvous at " + where + ": another run is using that port" + hint +
+                             ", or two of this run's processes were given the same --rank");
+  // Two processes given one rank (a launch script that did not change RANK): the second
+  // stops every rank, which would otherwise wait for the rank that was never started.
+  if (impl_->store->add("blpa/rank/" + std::to_string(config.rank), 1) > 1) {
+    const std::string why = "two processes were given rank " + std::to_string(config.rank) +
+                            ": give each its own --rank (RANK)";
+    const std::string kind_why = "2" + why;  // a flag's error, as Distributed::refuse posts it
+    impl_->store->set(refused_key(config.rank), std::vector<uint8_t>(kind_why.begin(), kind_why.end()));
+    throw std::invalid_argument(who + ": " + why);
+  }
   join(who, where + " within " + within, start_all);
   if (backend == "gloo") {
     auto o = c10d::ProcessGroupGloo::Options::create(config.timeout);
@@ -192,52 +238,99 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend)
 
 Distributed::~Distributed() = default;
 
-// Each rank posts its world size; rank 0 waits for every other rank's, and each of those for
-// rank 0's. Ranks started for worlds of different sizes are told so at once (Gloo, given
-// them, waited up to five timeouts for ranks that would never come, then failed in its
-// words); a rank that does not come is named.
+namespace {
+
+// Rank 0's store goes with it: before it leaves with an error that the others must read, it
+// waits (a little) until each has read it, or has refused itself.
+void linger(c10d::Store& store, int world, std::chrono::steady_clock::time_point until,
+            const std::atomic<bool>* stop) {
+  for (int r = 1; r < world; ++r)
+    while (!store.check({read_key(r)}) && !store.check({refused_key(r)}) &&
+           std::chrono::steady_clock::now() < until && !(stop && stop->load()))
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+}
+
+std::string text(const std::vector<uint8_t>& v) { return {v.begin(), v.end()}; }
+}  // namespace
+
+// Each rank posts its world size and waits for every other rank's. Ranks started for worlds
+// of different sizes are told so at once (Gloo, given them, waited up to five timeouts for
+// ranks that would never come, then failed in its words); a rank that refused to start
+// (refuse()) stops the others at once; a rank that does not come is named.
 void Distributed::join(const std::string& who, const std::string& at, const std::string& hint) {
   auto& store = *impl_->store;
-  auto key = [](int r) { return "blpa/world/" + std::to_string(r); };
   const std::string mine = std::to_string(config_.world);
-  store.set(key(config_.rank), std::vector<uint8_t>(mine.begin(), mine.end()));
+  store.set(world_key(config_.rank), std::vector<uint8_t>(mine.begin(), mine.end()));
   std::vector<int> waiting;
-  if (config_.rank == 0)
-    for (int r = 1; r < config_.world; ++r) waiting.push_back(r);
-  else
-    waiting.push_back(0);
+  for (int r = 0; r < config_.world; ++r)
+    if (r != config_.rank) waiting.push_back(r);
   const auto deadline = std::chrono::steady_clock::now() + config_.timeout;
-  auto read = [](int r) { return "blpa/world-read/" + std::to_string(r); };
+  auto leave = [&] {  // before an error the others read too
+    if (config_.rank != 0) store.set(read_key(config_.rank), std::vector<uint8_t>{1});
+    else linger(store, config_.world, std::min(deadline, std::chrono::steady_clock::now() + std::chrono::seconds(10)),
+                stop_);
+  };
+  auto refused_by = [&](int r) {
+    if (!store.check({refused_key(r)})) return;
+    const std::string why = text(store.get(refused_key(r)));
+    leave();
+    throw RankRefused(who + ": rank " + std::to_string(r) + " cannot start, so no rank trains (" +
+                          (why.empty() ? why : why.substr(1)) + ")",
+                      r, why);
+  };
   while (!waiting.empty()) {
+    // Every rank, also those that have come, and this one: a second process given its rank.
+    for (int r = 0; r < config_.world; ++r) refused_by(r);
     for (auto r = waiting.begin(); r != waiting.end();) {
-      if (!store.check({key(*r)})) {
+      if (!store.check({world_key(*r)})) {
         ++r;
         continue;
       }
-      const auto v = store.get(key(*r));
-      const std::string theirs(v.begin(), v.end());
-      if (config_.rank != 0) store.set(read(config_.rank), std::vector<uint8_t>{1});  // rank 0 may close the store
+      const std::string theirs = text(store.get(world_key(*r)));
       if (theirs != mine) {
-        // Rank 0's store goes with it: it waits (a little) until the other rank has read its size.
-        const auto until = std::min(deadline, std::chrono::steady_clock::now() + std::chrono::seconds(10));
-        while (config_.rank == 0 && !store.check({read(*r)}) && std::chrono::steady_clock::now() < until)
-          std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        leave();
         throw WorldsDiffer(who + ": rank " + std::to_string(*r) + " was started for a world of " + theirs +
                            " ranks, this one for " + mine + ": give every rank the same --world-size (WORLD_SIZE)");
       }
       r = waiting.erase(r);
     }
     if (waiting.empty()) break;
+    if (stop_ && stop_->load()) throw Interrupted(who + ": stopped by a signal at the rendezvous, before training");
     if (std::chrono::steady_clock::now() >= deadline) {
       std::string missing;
       for (const int r : waiting) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
       throw std::runtime_error(who + ": " +
                                (config_.rank == 0 ? "the other ranks did not join the rendezvous at " + at +
                                                         " (not come: rank " + missing + ")"
-                                                  : "rank 0 did not answer at the rendezvous at " + at) +
+                               : waiting.front() == 0 ? "rank 0 did not answer at the rendezvous at " + at
+                                                      : "rank " + missing + " did not join the rendezvous at " + at) +
                                hint);
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  // Every rank has read every other's size: rank 0 may close the store from here on.
+  if (config_.rank != 0) store.set(read_key(config_.rank), std::vector<uint8_t>{1});
+}
+
+void Distributed::refuse(const DistConfig& config, const std::string& why, std::chrono::milliseconds grace,
+                         const std::atomic<bool>* stop) {
+  if (!config.enabled() || config.rank < 0 || config.rank >= config.world || config.master_port <= 0 ||
+      config.master_port > 65535)
+    return;
+  const auto until = std::chrono::steady_clock::now() + grace;
+  try {
+    c10d::TCPStoreOptions so;
+    so.port = static_cast<uint16_t>(config.master_port);
+    so.isServer = config.rank == 0;
+    so.numWorkers = config.world;
+    so.waitWorkers = false;
+    so.timeout = grace;
+    if (!so.isServer && !listening_within(config.master_addr, config.master_port, grace, stop)) return;
+    c10d::TCPStore store(config.master_addr, so);
+    store.set(refused_key(config.rank), std::vector<uint8_t>(why.begin(), why.end()));
+    if (so.isServer) linger(store, config.world, until, stop);
+  } catch (const std::exception&) {
+    // No rendezvous to tell (the port taken, rank 0 gone): the others wait for their timeout.
   }
 }
 

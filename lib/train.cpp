@@ -1164,7 +1164,8 @@ void agree_across_ranks(Distributed& dist, const std::string& mine) {
 // For the tests of what a failure part-way leaves: BLPA_TEST_FAIL="step:N" fails iteration N
 // (counted from 1) after its forward and backward passes, before its update, as running out of
 // memory in the backward pass or losing a peer in the gradients' all-reduce does;
-// "eval:N" fails the evaluation after iteration N. {"", 0}: none. Only eager iterations are
+// "eval:N" fails the evaluation after iteration N; "slow-eval:S" makes each evaluation take S
+// seconds longer (a test set that takes longer than --dist-timeout). {"", 0}: none. Only eager iterations are
 // failed: one replayed as a CUDA graph runs as captured.
 std::pair<std::string, int64_t> injected_failure() {
   const char* v = std::getenv("BLPA_TEST_FAIL");
@@ -1268,35 +1269,36 @@ void SummaryDraft::write() noexcept {
 TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, SummaryDraft* draft,
                   const std::atomic<int>* signal) {
   TrainConfig config = config_in;
-  config.validate();
-  // Resolved before --resume compares the settings: `auto` is not a change.
-  config.resolve();
-  if (config.warmup >= config.iterations && config.warmup_lr != config.lr && config.dist.rank == 0)
-    spdlog::warn("--warmup {} is not below --iterations {}: the run trains at --warmup-lr {} throughout, never at "
-                 "--lr {} (give a shorter --warmup, or --warmup 0)",
-                 config.warmup, config.iterations, config.warmup_lr, config.lr);
-  const std::string dir = config.data_dir.empty() ? std::string(data::kDebianFashionMnist) : config.data_dir;
-  const torch::Device dev(config.device);
-  config.check_device();
   const bool lead = config.dist.rank == 0;  // writes the log, the checkpoints and the outputs
-  if (config.auto_resume) {
-    // Each rank looks for itself; ranks that decide differently are stopped by their settings'
-    // agreement (resume=) below. A path that cannot be looked at is no checkpoint: the output
-    // checks then say why, through the rendezvous.
-    std::error_code ec;
-    config.resume = fs::exists(config.checkpoint, ec);
-    if (lead)
-      spdlog::info("--auto-resume: {}", config.resume ? "resuming the run in " + config.checkpoint
-                                                      : "no checkpoint " + config.checkpoint + ", a new run");
-  }
   OutputLocks locks;  // released last, after the final checkpoint, export and summary
   std::optional<Checkpoint> resumed;
-  if (!config.resume && config.run_id.empty()) config.run_id = draw_run_id();
   RunState state;
-  // With several ranks, a rank that cannot start (its outputs, its checkpoint) says so to the
-  // others at the rendezvous below, instead of leaving them waiting there for --dist-timeout.
+  torch::Device dev(torch::kCPU);
+  // With several ranks, a rank that cannot start (its flags, its data folder, its device, its
+  // outputs, its checkpoint) says so to the others at the rendezvous below, instead of
+  // leaving them waiting there for --dist-timeout.
   std::exception_ptr refused;
   try {
+    config.validate();
+    // Resolved before --resume compares the settings: `auto` is not a change.
+    config.resolve();
+    if (config.warmup >= config.iterations && config.warmup_lr != config.lr && config.dist.rank == 0)
+      spdlog::warn("--warmup {} is not below --iterations {}: the run trains at --warmup-lr {} throughout, never at "
+                   "--lr {} (give a shorter --warmup, or --warmup 0)",
+                   config.warmup, config.iterations, config.warmup_lr, config.lr);
+    dev = torch::Device(config.device);
+    config.check_device();
+    if (config.auto_resume) {
+      // Each rank looks for itself; ranks that decide differently are stopped by their settings'
+      // agreement (resume=) below. A path that cannot be looked at is no checkpoint: the output
+      // checks then say why, through the rendezvous.
+      std::error_code ec;
+      config.resume = fs::exists(config.checkpoint, ec);
+      if (lead)
+        spdlog::info("--auto-resume: {}", config.resume ? "resuming the run in " + config.checkpoint
+                                                        : "no checkpoint " + config.checkpoint + ", a new run");
+    }
+    if (!config.resume && config.run_id.empty()) config.run_id = draw_run_id();
     if (lead && config.auto_resume && !config.resume) refuse_diverged_rerun(config);
     if (lead) prepare_outputs(config, locks);
     else if (config.resume && !fs::exists(config.checkpoint))
@@ -1339,20 +1341,17 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     if (!config.dist.enabled()) throw;
     refused = std::current_exception();
   }
+  const std::string dir = config.data_dir.empty() ? std::string(data::kDebianFashionMnist) : config.data_dir;
   if (config.threads > 0) torch::set_num_threads(config.threads);
   memory::install_cpu_counter();
   std::unique_ptr<Distributed> dist;
   if (config.dist.enabled()) {
     const std::string backend = config.dist.backend != "auto" ? config.dist.backend : dev.is_cuda() ? "nccl" : "gloo";
-    try {
-      dist = std::make_unique<Distributed>(config.dist, backend);
-    } catch (const WorldsDiffer& e) {  // different settings, as agree_across_ranks says of the others
-      throw FlagError(e.what());
-    }
     // A refusal travels with its kind, so that every rank exits as the refusing one does: 2 for
-    // flags, 3 for a diverged run --auto-resume skips, 0 for a complete one, else 1.
-    std::string why;
+    // flags, 3 for a diverged run --auto-resume skips, 0 for a complete one, else 1. The
+    // refusing rank waits for the others a little (they may be starting), not --dist-timeout.
     if (refused) {
+      std::string why;
       try {
         std::rethrow_exception(refused);
       } catch (const FlagError& e) {
@@ -1364,17 +1363,22 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       } catch (const std::exception& e) {
         why = "1" + error_message(e);
       }
+      const auto grace = std::min<std::chrono::milliseconds>(config.dist.timeout, std::chrono::seconds(15));
+      spdlog::warn("rank {} of {} cannot start: telling the other ranks at {}:{} (up to {:g} s)", config.dist.rank,
+                   config.dist.world, config.dist.master_addr, config.dist.master_port, grace.count() / 1000.0);
+      Distributed::refuse(config.dist, why, grace, stop);
+      std::rethrow_exception(refused);
     }
-    const auto all = dist->all_gather(why);  // "": this rank can start
-    if (refused) std::rethrow_exception(refused);
-    for (size_t r = 0; r < all.size(); ++r) {
-      if (all[r].empty()) continue;
-      const std::string m = fmt::format("rank {} of {}: rank {} cannot start, so no rank trains ({})",
-                                        config.dist.rank, config.dist.world, r, all[r].substr(1));
-      if (all[r][0] == '2') throw FlagError(m);
-      if (all[r][0] == '3') throw NonFiniteLoss(m);
-      if (all[r][0] == '0') throw RunComplete(m);
-      throw std::runtime_error(m);
+    try {
+      dist = std::make_unique<Distributed>(config.dist, backend, stop);
+    } catch (const std::invalid_argument& e) {  // worlds of different sizes, a rank given twice: as flags
+      throw FlagError(e.what());
+    } catch (const RankRefused& e) {
+      const char kind = e.why.empty() ? '1' : e.why[0];
+      if (kind == '2') throw FlagError(e.what());
+      if (kind == '3') throw NonFiniteLoss(e.what());
+      if (kind == '0') throw RunComplete(e.what());
+      throw std::runtime_error(e.what());
     }
     // Resumed: the same run too. A rank that resumed another run's checkpoint at the same
     // iteration (a stale copy on one machine) took rank 0's weights below but kept its own
@@ -1764,6 +1768,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     if (tty) console("\n");
     if (fail_at == std::pair<std::string, int64_t>{"eval", it})
       throw std::runtime_error("the evaluation failed (BLPA_TEST_FAIL)");
+    if (fail_at.first == "slow-eval") std::this_thread::sleep_for(std::chrono::seconds(fail_at.second));
     const EvalResult e = run_eval();
     if (e.interrupted) {
       spdlog::warn("evaluation at iteration {} interrupted; it runs first when the run resumes", it);
@@ -1839,6 +1844,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   bool consistent = true;  // false while an update is half applied
   bool in_checkpoint = false;
   bool mid_step = false;   // an eager iteration's forward has begun: the buffers have moved
+  const char* waiting_for = nullptr;  // another rank's work that this one waits for, if any
   BufferBackup buffers(model);
   redraft();
   try {
@@ -1972,8 +1978,10 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       }
       if (dist && evaluating) {  // a signal during rank 0's evaluation stops every rank
         const bool stopped = stop && stop->load();
+        if (!lead) waiting_for = "rank 0's evaluation";
         const auto sums = dist->sum({pending_eval || stopped ? 1.0 : 0.0, eval_overflowed ? 1.0 : 0.0,
                                      stopped ? 1.0 : 0.0, sent(SIGTERM), sent(SIGHUP)});
+        waiting_for = nullptr;
         stopping = stopping || sums[0] > 0;
         told(sums[2], sums[3], sums[4]);
         stop_if_overflowed(sums[1] > 0);
@@ -1986,7 +1994,11 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         checkpoint();
         in_checkpoint = false;
       }
-      if (dist && (evaluating || checkpointing || stopping)) dist->barrier();
+      if (dist && (evaluating || checkpointing || stopping)) {
+        if (!lead) waiting_for = "rank 0's checkpoint";
+        dist->barrier();
+        waiting_for = nullptr;
+      }
       window_start += Clock::now() - *paused;
       paused.reset();
       if (stopping && (!last || pending_eval)) {
@@ -2022,8 +2034,15 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     }
     // A peer that died or went silent: every rank stops, instead of hanging.
     const std::string why = dynamic_cast<const PeerLost*>(&e)
-                                ? fmt::format("rank {} of {}: lost the other ranks during iteration {} ({}).{}",
-                                              config.dist.rank, config.dist.world, it + 1, e.what(), saved)
+                                ? fmt::format("rank {} of {}: lost the other ranks during iteration {} ({}).{}{}",
+                                              config.dist.rank, config.dist.world, it + 1, e.what(),
+                                              waiting_for ? fmt::format(" This rank was waiting for {}: one that "
+                                                                        "takes longer than --dist-timeout ({:g} s) "
+                                                                        "looks the same; give a longer one.",
+                                                                        waiting_for,
+                                                                        config.dist.timeout.count() / 1000.0)
+                                                          : std::string(),
+                                              saved)
                                 : sentence(error_message(e)) + saved;
     try_summary("failed", why);
     throw std::runtime_error(why);

@@ -5,7 +5,10 @@
 #include <blpa/loader.h>
 #include <blpa/resnet.h>
 #include <blpa/train.h>
+#include <arpa/inet.h>
 #include <netdb.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -209,6 +212,64 @@ TEST_CASE("distributed: a rank whose rank 0 never comes says so within the timeo
                  "--master-port") != std::string::npos);
   CHECK(seconds >= 1.4);
   CHECK(seconds < 3.0);  // the limit, and not 2.5 times it: generous for a loaded machine
+}
+
+// Something else listening at the port that never answers (another program, a hung process):
+// TCPStore's client waited for its answer for good.
+TEST_CASE("distributed: a rank whose port has a silent listener says so after the timeout", "[distributed]") {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  REQUIRE(fd >= 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+  REQUIRE(::listen(fd, 8) == 0);  // connections are taken by the kernel, never accepted or answered
+  socklen_t len = sizeof a;
+  REQUIRE(::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0);
+  DistConfig c = two_ranks(1, ntohs(a.sin_port));
+  c.timeout = std::chrono::seconds(1);
+  std::string why;
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    Distributed d(c, "gloo");
+  } catch (const std::exception& e) {
+    why = e.what();
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ::close(fd);
+  CAPTURE(why, secs);
+  CHECK(why.find("rank 1 of 2: something listens at 127.0.0.1:") != std::string::npos);
+  CHECK(why.find(" but does not answer as a rendezvous within 1 s: another program may be using that port") !=
+        std::string::npos);
+  CHECK(secs < 20);
+}
+
+// Ctrl-C at the rendezvous: blpa-train said it would stop "after the current step" and went on
+// waiting for the other ranks until --dist-timeout.
+TEST_CASE("distributed: a signal ends the wait at the rendezvous", "[distributed]") {
+  for (const int rank : {0, 1}) {  // waiting for the others, and for rank 0's store
+    DistConfig c = two_ranks(rank, free_port());  // 60 s timeout
+    std::atomic<bool> stop{false};
+    std::thread signal([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      stop = true;
+    });
+    std::string why;
+    const auto t0 = std::chrono::steady_clock::now();
+    try {
+      Distributed d(c, "gloo", &stop);
+    } catch (const blpa::Interrupted& e) {
+      why = e.what();
+    } catch (const std::exception& e) {
+      why = std::string("not Interrupted: ") + e.what();
+    }
+    signal.join();
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    CAPTURE(rank, why, secs);
+    CHECK(why == "rank " + std::to_string(rank) + " of 2: stopped by a signal at the rendezvous, before training");
+    CHECK(secs < 10);
+  }
 }
 
 // A --master-addr that names no host waited the whole timeout and blamed rank 0.
@@ -475,6 +536,98 @@ TEST_CASE("distributed: ranks started for worlds of different sizes are refused 
   CHECK(secs < 30);  // the timeout is 60 s
 }
 
+// A rank that cannot start before the rendezvous (its flags, a data folder missing on its
+// machine, no GPU there) left the others waiting for it until --dist-timeout, then saying
+// only that it "did not join".
+TEST_CASE("distributed: a rank that refuses before the rendezvous stops every other rank at once", "[distributed]") {
+  for (const int refusing : {0, 2}) {
+    const int port = free_port();
+    std::string why[3];
+    int from[3] = {-1, -1, -1};
+    const auto t0 = std::chrono::steady_clock::now();
+    run_ranks(3, [&](int rank) {
+      DistConfig c = two_ranks(rank, port);
+      c.world = 3;  // 60 s timeout
+      if (rank == refusing) {
+        if (rank == 2) std::this_thread::sleep_for(std::chrono::milliseconds(300));  // after the others
+        Distributed::refuse(c, "2--depth 12: not 9n+2", std::chrono::seconds(10));
+        return;
+      }
+      try {
+        Distributed d(c, "gloo");
+        why[rank] = "started";
+      } catch (const blpa::RankRefused& e) {
+        why[rank] = e.what(), from[rank] = e.rank;
+        CHECK(e.why == "2--depth 12: not 9n+2");
+      } catch (const std::exception& e) {
+        why[rank] = std::string("not RankRefused: ") + e.what();
+      }
+    });
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    for (int r = 0; r < 3; ++r) {
+      if (r == refusing) continue;
+      CAPTURE(refusing, r, why[r], secs);
+      CHECK(why[r] == "rank " + std::to_string(r) + " of 3: rank " + std::to_string(refusing) +
+                          " cannot start, so no rank trains (--depth 12: not 9n+2)");
+      CHECK(from[r] == refusing);
+    }
+    CHECK(secs < 30);  // not the 60 s timeout
+  }
+}
+
+// A launch script that did not change RANK: two processes as rank 1 of 3, none as rank 2.
+// The others waited for rank 2 until --dist-timeout.
+TEST_CASE("distributed: two processes given one rank stop every rank at once", "[distributed]") {
+  const int port = free_port();
+  std::string why[3];
+  const auto t0 = std::chrono::steady_clock::now();
+  run_ranks(3, [&](int process) {
+    DistConfig c = two_ranks(process == 0 ? 0 : 1, port);
+    c.world = 3;  // 60 s timeout
+    try {
+      Distributed d(c, "gloo");
+      why[process] = "started";
+    } catch (const std::exception& e) {
+      why[process] = e.what();
+    }
+  });
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  CAPTURE(why[0], why[1], why[2], secs);
+  const std::string dup = "two processes were given rank 1: give each its own --rank (RANK)";
+  CHECK(why[0] == "rank 0 of 3: rank 1 cannot start, so no rank trains (" + dup + ")");
+  // Whichever came second says so; the first stops as rank 0 does.
+  const std::string first = "rank 1 of 3: rank 1 cannot start, so no rank trains (" + dup + ")";
+  const std::string second = "rank 1 of 3: " + dup;
+  CHECK(((why[1] == first && why[2] == second) || (why[1] == second && why[2] == first)));
+  CHECK(secs < 30);  // not the 60 s timeout
+}
+
+// The same through blpa-train: rank 1's --data-dir is missing on its machine.
+TEST_CASE("distributed: a rank whose data folder is missing stops the other at once", "[distributed][train]") {
+  if (!have_fashion_mnist()) return;
+  const fs::path dir = fresh_dir("nodir");
+  std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "1000", "--test-subset", "100",
+                                  "--threads", "1", "--quiet", "--iterations", "2", "--world-size", "2",
+                                  "--master-port", std::to_string(free_port()), "--dist-timeout", "60"};
+  auto a1 = common, a0 = common;
+  a1.insert(a1.end(), {"--rank", "1", "--data-dir", (dir / "gone").string()});
+  a0.insert(a0.end(), {"--rank", "0"});
+  const auto t0 = std::chrono::steady_clock::now();
+  const pid_t p1 = spawn(a1, (dir / "r1.out").string());
+  const pid_t p0 = spawn(a0, (dir / "r0.out").string());
+  const int r0 = wait_exit(p0), r1 = wait_exit(p1);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const std::string out0 = slurp(dir / "r0.out"), out1 = slurp(dir / "r1.out");
+  CAPTURE(out0, out1, secs);
+  CHECK(r1 == 1);  // a missing file, not a flag
+  CHECK(r0 == r1);  // as the refusing rank exits
+  CHECK(out1.find((dir / "gone").string()) != std::string::npos);
+  CHECK(out0.find("rank 0 of 2: rank 1 cannot start, so no rank trains (") != std::string::npos);
+  CHECK(out0.find((dir / "gone").string()) != std::string::npos);
+  CHECK(secs < 45);  // not the 60 s timeout
+  remove_tree(dir);
+}
+
 // A scheduler's SIGTERM to one rank: the others exited 130, as after a Ctrl-C, and with a code
 // rather than by the signal, so that a shell loop of runs on their machine went on.
 TEST_CASE("distributed: a rank stopped by another rank's signal ends by that signal", "[distributed][train]") {
@@ -564,6 +717,34 @@ TEST_CASE("distributed: ranks must resume the same run and train on the same dat
   CAPTURE(out0, out1);
   CHECK(other_data == std::pair{2, 2});
   CHECK(out0.find("the ranks were started with different settings:\n  train_data: rank 0 ") != std::string::npos);
+  remove_tree(dir);
+}
+
+// An evaluation longer than --dist-timeout: the rank waiting for it said only that it "lost
+// the other ranks".
+TEST_CASE("distributed: a rank that times out waiting for rank 0's evaluation says so", "[distributed][train]") {
+  if (!have_fashion_mnist()) return;
+  const fs::path dir = fresh_dir("slow-eval");
+  std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "1000", "--test-subset", "100",
+                                  "--warmup", "0", "--threads", "1", "--eval-every", "2", "--quiet", "--iterations",
+                                  "4", "--world-size", "2", "--master-port", std::to_string(free_port()),
+                                  "--dist-timeout", "4"};
+  auto a1 = common, a0 = common;
+  a1.insert(a1.end(), {"--rank", "1"});
+  a0.insert(a0.end(), {"--rank", "0"});
+  const pid_t p1 = spawn(a1, (dir / "r1.out").string());
+  ::setenv("BLPA_TEST_FAIL", "slow-eval:10", 1);  // rank 0's only
+  const pid_t p0 = spawn(a0, (dir / "r0.out").string());
+  ::unsetenv("BLPA_TEST_FAIL");
+  const int r1 = wait_exit(p1), r0 = wait_exit(p0);
+  const std::string out0 = slurp(dir / "r0.out"), out1 = slurp(dir / "r1.out");
+  CAPTURE(out0, out1);
+  CHECK(r1 == 1);
+  CHECK(r0 == 1);
+  CHECK(out1.find("rank 1 of 2: lost the other ranks during iteration ") != std::string::npos);
+  CHECK(out1.find("This rank was waiting for rank 0's evaluation: one that takes longer than --dist-timeout (4 s) "
+                  "looks the same; give a longer one.") != std::string::npos);
+  CHECK(out0.find("This rank was waiting") == std::string::npos);  // rank 0 was the one evaluating
   remove_tree(dir);
 }
 

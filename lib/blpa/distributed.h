@@ -6,11 +6,13 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace blpa {
@@ -41,13 +43,35 @@ struct WorldsDiffer : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
+// A signal (*stop, set by the caller's handler) ended the wait at the rendezvous.
+struct Interrupted : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Another rank refused to start (Distributed::refuse): `why` is what it said, after a
+// character that gives its exit code ('2': its flags, say).
+struct RankRefused : std::runtime_error {
+  RankRefused(const std::string& what, int rank, std::string why)
+      : std::runtime_error(what), rank(rank), why(std::move(why)) {}
+  int rank;
+  std::string why;
+};
+
 // A process group of `world` processes. Collectives must be called in the same order by
 // every rank; each call throws PeerLost when a peer has gone or the timeout passes.
 class Distributed {
  public:
-  // backend: "gloo" or "nccl" (tensors on the GPU of LOCAL_RANK).
-  Distributed(const DistConfig& config, const std::string& backend);
+  // backend: "gloo" or "nccl" (tensors on the GPU of LOCAL_RANK). Waits at the rendezvous
+  // up to config.timeout for the other ranks; throws Interrupted when *stop is set meanwhile.
+  Distributed(const DistConfig& config, const std::string& backend, const std::atomic<bool>* stop = nullptr);
   ~Distributed();
+  // Tells the other ranks at the rendezvous that this one cannot start (its flags, its data,
+  // its outputs), so that they stop at once, where they would wait for it until the timeout:
+  // their constructor throws RankRefused with `why`. Returns within `grace` (rank 0 keeps
+  // the rendezvous open until then, or until every other rank has read it); does nothing
+  // where there is no rendezvous to reach.
+  static void refuse(const DistConfig& config, const std::string& why, std::chrono::milliseconds grace,
+                     const std::atomic<bool>* stop = nullptr);
   Distributed(const Distributed&) = delete;
   Distributed& operator=(const Distributed&) = delete;
 
@@ -76,6 +100,7 @@ class Distributed {
 
   DistConfig config_;
   std::string backend_;
+  const std::atomic<bool>* stop_;  // only while the constructor runs
   std::unique_ptr<Impl> impl_;
 };
 
