@@ -1,6 +1,7 @@
 #include "train_flags.h"
 
 #include <ATen/Parallel.h>
+#include <c10/core/Device.h>
 #include <blpa/checkpoint.h>
 
 #include <fmt/format.h>
@@ -242,8 +243,22 @@ std::string printed_config(const TrainConfig& given) {
     if (lead) check_outputs_are_the_runs(c, resumed);
   }
   if (lead && c.auto_resume && c.resume) refuse_diverged_rerun(c);
-  return c.describe() + fmt::format("rank={}\nworld_size={}\nmaster={}:{}\n", c.dist.rank, c.dist.world,
-                                    c.dist.master_addr, c.dist.master_port);
+  // The settings the checkpoint records (describe()), with --cuda-graphs as it will act, then
+  // the ones it does not: where this rank meets the others, and where the run's files go.
+  std::string settings = c.describe();
+  const bool cuda = c10::Device(c.device).is_cuda();
+  const std::string graphs = !cuda || c.cuda_graphs == "off" || c.dist.enabled() ? "off" : c.cuda_graphs;
+  if (const auto at = settings.find("\ncuda_graphs="); at != std::string::npos)
+    settings.replace(at, settings.find('\n', at + 1) - at, "\ncuda_graphs=" + graphs);
+  const std::string backend = !c.dist.enabled() ? "none" : c.dist.backend != "auto" ? c.dist.backend
+                              : cuda                 ? "nccl"
+                                                     : "gloo";
+  return settings + fmt::format("prefetch={}\nindex_cache={}\nrank={}\nlocal_rank={}\nmaster={}:{}\n"
+                                "dist_backend={}\ndist_timeout={}\ncheckpoint={}\nresume={}\nlog={}\n"
+                                "export={}\nsummary={}\n",
+                                c.prefetch, c.index_cache, c.dist.rank, c.dist.local_rank, c.dist.master_addr,
+                                c.dist.master_port, backend, fmt::format("{:g}", c.dist.timeout.count() / 1000.0),
+                                c.checkpoint, c.resume ? 1 : 0, c.log_path, c.export_path, c.summary_path);
 }
 
 }  // namespace blpa
