@@ -281,9 +281,16 @@ ImageList scan_image_folder(const std::string& dir, const std::string& cache_dir
   r = ScanReport{};
   ImageList out;
   out.root = dir;
-  for (const auto& e : list_dir(dir))
+  std::vector<std::string> loose;  // read at every scan, cached or not: the folder's own listing
+  for (const auto& e : list_dir(dir)) {
     if (e.dir) out.classes.push_back(e.name);
-  if (out.classes.empty()) throw std::runtime_error(dir + ": no class folders (expected " + dir + "/<class>/*.JPEG)");
+    else if (is_image_name(e.name)) loose.push_back(e.name);
+  }
+  if (out.classes.empty())
+    throw std::runtime_error(dir + ": no class folders (expected " + dir + "/<class>/*.JPEG)" +
+                             (loose.empty() ? std::string()
+                                            : "; its " + std::to_string(loose.size()) + (loose.size() == 1 ? " image" : " images") +
+                                                  " (first: " + loose[0] + ") must be sorted into one folder per class"));
   out.num_classes = static_cast<int64_t>(out.classes.size());
   if (out.num_classes > kMaxClasses)
     throw std::runtime_error(dir + ": " + std::to_string(out.num_classes) + " class folders, more than the limit of " +
@@ -301,6 +308,7 @@ ImageList scan_image_folder(const std::string& dir, const std::string& cache_dir
     if (why.empty() && !stale) {
       r = std::move(cached);
       r.from_cache = true;
+      r.loose = std::move(loose);
       return out;
     }
     out.paths.clear();
@@ -351,6 +359,7 @@ ImageList scan_image_folder(const std::string& dir, const std::string& cache_dir
     r.skipped += f.skipped;
   }
   r.files = out.size();
+  r.loose = std::move(loose);
   if (out.paths.empty()) throw std::runtime_error(dir + ": no .JPEG/.jpg images in its " + std::to_string(out.num_classes) + " class folders");
   if (!cache.empty()) {
     for (size_t slash = 1; slash != std::string::npos; slash = cache_dir.find('/', slash + 1))
@@ -465,6 +474,10 @@ void print_scan_warnings(const ScanReport& r, const std::string& dir) {
   if (!r.empty_classes.empty())
     std::fprintf(stderr, "warning: %s: %zu empty class folders (first: %s)\n", dir.c_str(), r.empty_classes.size(),
                  r.empty_classes[0].c_str());
+  if (!r.loose.empty())  // as torchvision's ImageFolder, which reads class folders only
+    std::fprintf(stderr, "warning: %s: %zu %s in the folder itself, outside any class folder, %s left out (first: %s)\n",
+                 dir.c_str(), r.loose.size(), r.loose.size() == 1 ? "image" : "images",
+                 r.loose.size() == 1 ? "is" : "are", r.loose[0].c_str());
   if (!r.unreadable.empty())
     std::fprintf(stderr, "warning: %s: %zu unreadable images left out (first: %s)\n", dir.c_str(),
                  r.unreadable.size(), r.unreadable[0].c_str());

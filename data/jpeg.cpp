@@ -155,7 +155,7 @@ Decoded decode_checked(const uint8_t* data, size_t size, int min_short_side) {
   if (size_t(hd.width) * size_t(hd.height) > kMaxJpegPixels)
     return failure(std::move(d), DecodeStatus::too_large,
                    std::to_string(hd.width) + "x" + std::to_string(hd.height) + " exceeds the limit of " +
-                       std::to_string(kMaxJpegPixels) + " pixels");
+                       std::to_string(kMaxJpegPixels) + " pixels (PIL's, as in torchvision)");
   const Scale s = choose_scale(hd.width, hd.height, min_short_side);
   d.scale_num = s.num;
   d.scale_denom = s.denom;

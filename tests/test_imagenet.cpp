@@ -65,6 +65,7 @@ TEST_CASE("imagenet: classes are numbered in sorted wnid order and the index cac
   write_bytes(train / "n01" / "notes.txt", {'x'});
   write_bytes(train / "n02" / "b1.jpeg", jpeg_of(40, 30, 4));
   fs::create_directories(train / "n04");  // an empty class
+  write_bytes(train / "stray.JPEG", jpeg_of(40, 30, 7));  // outside any class: left out, and said
   const std::string cache = (root / "cache" / "nested").string();  // created as needed
 
   ScanReport r;
@@ -76,6 +77,7 @@ TEST_CASE("imagenet: classes are numbered in sorted wnid order and the index cac
   CHECK(list.labels == std::vector<int64_t>{0, 0, 1, 2});
   CHECK(r.empty_classes == std::vector<std::string>{"n04"});
   CHECK(r.skipped == 1);
+  CHECK(r.loose == std::vector<std::string>{"stray.JPEG"});
   CHECK_FALSE(r.from_cache);
 
   auto again = scan_image_folder(train.string(), cache, 1, &r);
@@ -86,6 +88,7 @@ TEST_CASE("imagenet: classes are numbered in sorted wnid order and the index cac
   CHECK(r.empty_classes == std::vector<std::string>{"n04"});
   CHECK(r.skipped == 1);
   CHECK(r.files == 4);
+  CHECK(r.loose == std::vector<std::string>{"stray.JPEG"});
 
   // A new image changes its class folder's modification time: the cache no longer applies.
   ::usleep(20000);
@@ -129,6 +132,13 @@ TEST_CASE("imagenet: classes are numbered in sorted wnid order and the index cac
     CHECK(r.unreadable == std::vector<std::string>{"n02/b1.jpeg"});
     CHECK(without.size() == 5);  // the 6 images less the unreadable one
   }
+  // ImageNet's validation images as they come, in one folder: named, with what to do.
+  write_bytes(root / "flat" / "ILSVRC2012_val_00000001.JPEG", jpeg_of(40, 30, 8));
+  write_bytes(root / "flat" / "ILSVRC2012_val_00000002.JPEG", jpeg_of(40, 30, 9));
+  CHECK_THROWS_WITH(scan_image_folder((root / "flat").string(), "", 1, &r),
+                    Catch::Contains(": no class folders (expected ") &&
+                        Catch::Contains("; its 2 images (first: ILSVRC2012_val_00000001.JPEG) must be sorted "
+                                        "into one folder per class"));
   remove_tree(root);
 }
 

@@ -372,14 +372,17 @@ TEST_CASE("jpeg: damaged JPEG data is corrupt", "[jpeg]") {
     Bytes big = jpeg;
     const size_t sof = find_marker(big, 0xC0);
     REQUIRE(sof > 0);
-    big[sof + 5] = 0x40;  // 16385 x 16385: just over 2^28 pixels
-    big[sof + 6] = 0x01;
-    big[sof + 7] = 0x40;
-    big[sof + 8] = 0x01;
+    big[sof + 5] = 0x34;  // 13378 x 13378: just over PIL's limit of 178,956,970 pixels
+    big[sof + 6] = 0x42;
+    big[sof + 7] = 0x34;
+    big[sof + 8] = 0x42;
     const Decoded d = decode(big);
     require_failed(d, DecodeStatus::too_large);
-    CHECK(d.full_width == 16385);
-    CHECK(d.full_height == 16385);
+    CHECK(d.full_width == 13378);
+    CHECK(d.full_height == 13378);
+    CHECK(d.message == "13378x13378 exceeds the limit of 178956970 pixels (PIL's, as in torchvision)");
+    big[sof + 6] = big[sof + 8] = 0x41;  // 13377 x 13377: below it, so read (and short of data)
+    CHECK(decode(big).status != DecodeStatus::too_large);
   }
 }
 

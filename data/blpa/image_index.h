@@ -41,6 +41,7 @@ struct ScanReport {
   int64_t skipped = 0;                     // entries that are not image files (other extensions)
   std::vector<std::string> unreadable;     // image files the process cannot read (not listed)
   std::vector<std::string> empty_classes;  // class folders without images (still numbered)
+  std::vector<std::string> loose;          // image files in the folder itself, outside any class (not listed)
   bool from_cache = false;
   std::string cache_refused;               // the cached index found and not used, and why ("": none)
   std::string cache_unwritten;             // the index could not be cached, and why ("": it was, or no cache)

@@ -25,8 +25,11 @@ const char* to_string(DecodeStatus s);
 
 // Decoding refuses JPEGs whose own (unscaled) size is above this many pixels, before
 // allocating anything: libjpeg keeps a whole-image coefficient buffer for progressive JPEGs
-// even when it scales the output down, so the full size is what costs memory.
-inline constexpr size_t kMaxJpegPixels = size_t{1} << 28;
+// even when it scales the output down, so the full size is what costs memory (about 1.5 GB
+// for a 16384x16384 progressive JPEG, per worker). The limit is PIL's: Image.open raises
+// DecompressionBombError above twice its MAX_IMAGE_PIXELS (89,478,485), so a torchvision
+// pipeline refuses the same images.
+inline constexpr size_t kMaxJpegPixels = 2 * size_t{89'478'485};
 // decode_jpeg_file refuses files above this many bytes before reading them (a JPEG of
 // kMaxJpegPixels at quality 100 takes a few hundred MB).
 inline constexpr uint64_t kMaxJpegBytes = uint64_t{1} << 30;
