@@ -286,11 +286,13 @@ ImageList scan_image_folder(const std::string& dir, const std::string& cache_dir
     if (e.dir) out.classes.push_back(e.name);
     else if (is_image_name(e.name)) loose.push_back(e.name);
   }
-  if (out.classes.empty())
+  if (out.classes.empty()) {
+    const std::string images = std::to_string(loose.size()) + (loose.size() == 1 ? " image" : " images");
     throw std::runtime_error(dir + ": no class folders (expected " + dir + "/<class>/*.JPEG)" +
                              (loose.empty() ? std::string()
-                                            : "; its " + std::to_string(loose.size()) + (loose.size() == 1 ? " image" : " images") +
-                                                  " (first: " + loose[0] + ") must be sorted into one folder per class"));
+                                            : "; its " + images + " (first: " + loose[0] +
+                                                  ") must be sorted into one folder per class"));
+  }
   out.num_classes = static_cast<int64_t>(out.classes.size());
   if (out.num_classes > kMaxClasses)
     throw std::runtime_error(dir + ": " + std::to_string(out.num_classes) + " class folders, more than the limit of " +
@@ -475,7 +477,8 @@ void print_scan_warnings(const ScanReport& r, const std::string& dir) {
     std::fprintf(stderr, "warning: %s: %zu empty class folders (first: %s)\n", dir.c_str(), r.empty_classes.size(),
                  r.empty_classes[0].c_str());
   if (!r.loose.empty())  // as torchvision's ImageFolder, which reads class folders only
-    std::fprintf(stderr, "warning: %s: %zu %s in the folder itself, outside any class folder, %s left out (first: %s)\n",
+    std::fprintf(stderr, "warning: %s: %zu %s in the folder itself, outside any class folder, %s left out "
+                 "(first: %s)\n",
                  dir.c_str(), r.loose.size(), r.loose.size() == 1 ? "image" : "images",
                  r.loose.size() == 1 ? "is" : "are", r.loose[0].c_str());
   if (!r.unreadable.empty())

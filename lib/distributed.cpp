@@ -50,6 +50,10 @@ std::string world_key(int r) { return "blpa/world/" + std::to_string(r); }
 std::string refused_key(int r) { return "blpa/refused/" + std::to_string(r); }
 std::string read_key(int r) { return "blpa/world-read/" + std::to_string(r); }
 
+Interrupted interrupted(const std::string& who) {
+  return Interrupted(who + ": stopped by a signal at the rendezvous, before training");
+}
+
 // Runs a collective; any failure becomes PeerLost with the backend's first line.
 template <typename F>
 void guarded(const char* what, F f) {
@@ -109,6 +113,28 @@ bool listening_within(const std::string& addr, int port, std::chrono::millisecon
   }
 }
 
+// TCPStore's client waits for the store's answer without a limit: something else that listens
+// at the port and never answers (another program, a hung process) held a rank there for good.
+// It connects on a thread of its own, left behind if it never returns; null when `until`
+// passes or *stop is set first. TCPStore's own errors are rethrown.
+c10::intrusive_ptr<c10d::TCPStore> client_within(const std::string& addr, const c10d::TCPStoreOptions& so,
+                                                 std::chrono::steady_clock::time_point until,
+                                                 const std::atomic<bool>* stop) {
+  using Store = c10::intrusive_ptr<c10d::TCPStore>;
+  auto made = std::make_shared<std::promise<Store>>();
+  auto store = made->get_future();
+  std::thread([made, addr, so] {
+    try {
+      made->set_value(c10::make_intrusive<c10d::TCPStore>(addr, so));
+    } catch (...) {
+      made->set_exception(std::current_exception());
+    }
+  }).detach();
+  while (store.wait_for(std::chrono::milliseconds(100)) != std::future_status::ready)
+    if (std::chrono::steady_clock::now() >= until || (stop && stop->load())) return {};
+  return store.get();
+}
+
 }  // namespace
 
 DistConfig DistConfig::from_env() {
@@ -146,7 +172,6 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend, c
   const auto ms = config.timeout.count();  // --dist-timeout's seconds; ms where a caller gives less
   const std::string within = ms % 1000 == 0 ? std::to_string(ms / 1000) + " s" : std::to_string(ms) + " ms";
   const std::string start_all = ": start every rank, with the same --master-addr and --master-port";
-  const auto interrupted = [&] { return Interrupted(who + ": stopped by a signal at the rendezvous, before training"); };
   if (!so.isServer) {
     bool up = false;
     try {
@@ -154,7 +179,7 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend, c
     } catch (const std::exception& e) {
       throw std::runtime_error(who + ": " + e.what());
     }
-    if (stop && stop->load()) throw interrupted();
+    if (stop && stop->load()) throw interrupted(who);
     if (!up)
       throw std::runtime_error(who + ": no rendezvous at " + where + " within " + within + " (rank 0 is not " +
                                "listening)" + start_all);
@@ -164,24 +189,9 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend, c
     if (so.isServer) {
       impl_->store = c10::make_intrusive<c10d::TCPStore>(config.master_addr, so);
     } else {
-      // TCPStore's client waits for the store's answer without a limit: something else that
-      // listens at the port and never answers (another program, a hung process) held the rank
-      // there for good. It connects on a thread of its own, left behind if it never returns.
-      using Store = c10::intrusive_ptr<c10d::TCPStore>;
-      auto made = std::make_shared<std::promise<Store>>();
-      auto store = made->get_future();
-      std::thread([made, addr = config.master_addr, so] {
-        try {
-          made->set_value(c10::make_intrusive<c10d::TCPStore>(addr, so));
-        } catch (...) {
-          made->set_exception(std::current_exception());
-        }
-      }).detach();
-      const auto until = std::chrono::steady_clock::now() + config.timeout + std::chrono::seconds(5);
-      while (!silent && !(stop && stop->load()) &&
-             store.wait_for(std::chrono::milliseconds(100)) != std::future_status::ready)
-        silent = std::chrono::steady_clock::now() >= until;
-      if (!silent && !(stop && stop->load())) impl_->store = store.get();
+      impl_->store = client_within(config.master_addr, so,
+                                   std::chrono::steady_clock::now() + config.timeout + std::chrono::seconds(5), stop);
+      silent = !impl_->store && !(stop && stop->load());
     }
   } catch (const std::exception& e) {
     const auto* c = dynamic_cast<const c10::Error*>(&e);
@@ -195,7 +205,7 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend, c
                                                         : std::string()));
     throw std::runtime_error(who + ": no rendezvous at " + where + " within " + within + " (" + why + ")");
   }
-  if (stop && stop->load()) throw interrupted();
+  if (stop && stop->load()) throw interrupted(who);
   if (silent)
     throw std::runtime_error(who + ": something listens at " + where + " but does not answer as a rendezvous within " +
                              within + ": another program may be using that port" + hint);
@@ -295,7 +305,7 @@ void Distributed::join(const std::string& who, const std::string& at, const std:
       r = waiting.erase(r);
     }
     if (waiting.empty()) break;
-    if (stop_ && stop_->load()) throw Interrupted(who + ": stopped by a signal at the rendezvous, before training");
+    if (stop_ && stop_->load()) throw interrupted(who);
     if (std::chrono::steady_clock::now() >= deadline) {
       std::string missing;
       for (const int r : waiting) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
@@ -326,9 +336,11 @@ void Distributed::refuse(const DistConfig& config, const std::string& why, std::
     so.waitWorkers = false;
     so.timeout = grace;
     if (!so.isServer && !listening_within(config.master_addr, config.master_port, grace, stop)) return;
-    c10d::TCPStore store(config.master_addr, so);
-    store.set(refused_key(config.rank), std::vector<uint8_t>(why.begin(), why.end()));
-    if (so.isServer) linger(store, config.world, until, stop);
+    const auto store = so.isServer ? c10::make_intrusive<c10d::TCPStore>(config.master_addr, so)
+                                   : client_within(config.master_addr, so, until, stop);
+    if (!store) return;
+    store->set(refused_key(config.rank), std::vector<uint8_t>(why.begin(), why.end()));
+    if (so.isServer) linger(*store, config.world, until, stop);
   } catch (const std::exception&) {
     // No rendezvous to tell (the port taken, rank 0 gone): the others wait for their timeout.
   }

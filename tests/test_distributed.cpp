@@ -237,8 +237,13 @@ TEST_CASE("distributed: a rank whose port has a silent listener says so after th
     why = e.what();
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // Nor does a refusing rank stay there past its grace.
+  const auto t1 = std::chrono::steady_clock::now();
+  Distributed::refuse(c, "2--depth 12", std::chrono::seconds(1));
+  const double refusing = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
   ::close(fd);
-  CAPTURE(why, secs);
+  CAPTURE(why, secs, refusing);
+  CHECK(refusing < 5);
   CHECK(why.find("rank 1 of 2: something listens at 127.0.0.1:") != std::string::npos);
   CHECK(why.find(" but does not answer as a rendezvous within 1 s: another program may be using that port") !=
         std::string::npos);
