@@ -382,8 +382,14 @@ std::vector<torch::Tensor> UnitImpl::forward(const torch::Tensor& x) {
   // The convolutions run in the activations' dtype and layout: the float32 weights are cast
   // to them (a differentiable copy, as LibTorch's autocast makes; none when they match).
   // BatchNorm reads bf16 activations with its float32 parameters and statistics as they are.
+  // An activation whose strides fit both layouts (1x1 maps: ResNet-50's last stage at 32x32,
+  // where the residual add hands on NCHW strides) says nothing of the run's layout: there the
+  // weights stay in theirs, the run's (ResNetImpl::set_numerics). Cast to NCHW, they were
+  // copied at every step and autograd kept the copies (34 MiB of "stored" bytes in plain).
   const auto layout = x.suggest_memory_format();
-  auto cast = [&](const Tensor& w) { return w.to(w.options().dtype(x.scalar_type()), false, false, layout); };
+  const auto weight_layout =
+      x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::Preserve : layout;
+  auto cast = [&](const Tensor& w) { return w.to(w.options().dtype(x.scalar_type()), false, false, weight_layout); };
   if (mode_.mode == Mode::plain || !train) {
     // Ordinary LibTorch ops and autograd: the plain mode, and evaluation in every mode.
     const Tensor g = mode_.mode == Mode::plain ? gamma : gamma.clamp_min(kGammaMin);
