@@ -1977,11 +1977,14 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         redraft();  // with the evaluation's figures
       }
       if (dist && evaluating) {  // a signal during rank 0's evaluation stops every rank
-        const bool stopped = stop && stop->load();
+        // After it: a signal that came to another rank while it waited is read below, and the
+        // ranks stop here rather than after one more iteration.
         if (!lead) waiting_for = "rank 0's evaluation";
+        dist->barrier();
+        waiting_for = nullptr;
+        const bool stopped = stop && stop->load();
         const auto sums = dist->sum({pending_eval || stopped ? 1.0 : 0.0, eval_overflowed ? 1.0 : 0.0,
                                      stopped ? 1.0 : 0.0, sent(SIGTERM), sent(SIGHUP)});
-        waiting_for = nullptr;
         stopping = stopping || sums[0] > 0;
         told(sums[2], sums[3], sums[4]);
         stop_if_overflowed(sums[1] > 0);

@@ -725,6 +725,38 @@ TEST_CASE("distributed: ranks must resume the same run and train on the same dat
   remove_tree(dir);
 }
 
+// A signal to rank 1 while rank 0 evaluated: rank 1 had read its flag before it began to wait,
+// so the ranks went on for one more iteration.
+TEST_CASE("distributed: a signal during rank 0's evaluation stops every rank after it", "[distributed][train]") {
+  if (!have_fashion_mnist()) return;
+  const fs::path dir = fresh_dir("eval-signal");
+  std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "1000", "--test-subset", "100",
+                                  "--warmup", "0", "--threads", "1", "--eval-every", "2", "--quiet", "--iterations",
+                                  "100000", "--world-size", "2", "--master-port", std::to_string(free_port()),
+                                  "--dist-timeout", "60", "--log-every", "1"};
+  auto a1 = common, a0 = common;
+  a1.insert(a1.end(), {"--rank", "1"});
+  a0.insert(a0.end(), {"--rank", "0", "--log", (dir / "log.jsonl").string()});
+  const pid_t p1 = spawn(a1, (dir / "r1.out").string());
+  ::setenv("BLPA_TEST_FAIL", "slow-eval:4", 1);  // rank 0's only
+  const pid_t p0 = spawn(a0, (dir / "r0.out").string());
+  ::unsetenv("BLPA_TEST_FAIL");
+  for (int i = 0; i < 600 && slurp(dir / "log.jsonl").find("\"iter\": 2,") == std::string::npos; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  std::this_thread::sleep_for(std::chrono::seconds(1));  // rank 0 is in its evaluation's 4 s
+  ::kill(p1, SIGTERM);
+  int s0 = 0, s1 = 0;
+  ::waitpid(p0, &s0, 0);
+  ::waitpid(p1, &s1, 0);
+  const std::string out0 = slurp(dir / "r0.out"), out1 = slurp(dir / "r1.out");
+  CAPTURE(out0, out1);
+  CHECK((WIFSIGNALED(s1) && WTERMSIG(s1) == SIGTERM));
+  CHECK((WIFSIGNALED(s0) && WTERMSIG(s0) == SIGTERM));
+  CHECK(out1.find("interrupted by signal 15 after iteration 2") != std::string::npos);
+  CHECK(out0.find("stopped because another rank was interrupted after iteration 2") != std::string::npos);
+  remove_tree(dir);
+}
+
 // An evaluation longer than --dist-timeout: the rank waiting for it said only that it "lost
 // the other ranks".
 TEST_CASE("distributed: a rank that times out waiting for rank 0's evaluation says so", "[distributed][train]") {
