@@ -77,7 +77,7 @@ cxxopts::Options make_options() {
     ("checkpoint", "Checkpoint file, written atomically every --checkpoint-every iterations, at the end, on SIGINT/SIGTERM/SIGHUP and before exiting on an error", cxxopts::value<S>())
     ("checkpoint-every", "Iterations between checkpoints", cxxopts::value<S>()->default_value("1000"))
     ("resume", "Continue the run stored in --checkpoint: give the run's command line again, with this (settings come from the command line; its --log, --summary and --export must be that run's; a run already complete exits 0 and does nothing)")
-    ("auto-resume", "--resume where --checkpoint exists, else start a new run, as without it: a sweep run again resumes what was stopped, starts what never ran and skips what is complete, and (exit 3) what diverged, as its --summary says, unless a learning-rate setting changed")
+    ("auto-resume", "--resume where --checkpoint exists, else start a new run, as without it: a sweep run again resumes what was stopped, starts what never ran and skips what is complete, and (exit 3) what diverged, as its --summary says, unless a learning-rate, momentum or weight-decay setting changed")
     ("overwrite", "Start a new run even where --checkpoint, --log, --export or --summary name existing files (replaced)")
     ("export", "At the end, write the weights as a state dict that Python loads with torch.load", cxxopts::value<S>())
     ("summary", "When the run ends (done, interrupted, diverged or failed), write one JSON object: status, final figures, configuration, the error of a failed run", cxxopts::value<S>())

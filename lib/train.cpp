@@ -13,6 +13,7 @@
 #include <cctype>
 #include <iterator>
 #include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -809,12 +810,20 @@ std::string first_line_of(const std::string& path) {
   return line;
 }
 
+// An output of the run to resume that is there but cannot be read (its permissions): said as
+// such, rather than taken for another run's file.
+void check_readable(const std::string& flag, const std::string& path) {
+  if (::access(path.c_str(), R_OK) != 0)
+    throw std::runtime_error(flag + " " + path + ": cannot be read (" + std::strerror(errno) + ")");
+}
+
 // --resume: the log must be this run's. Its first config record names the run (identity
 // keys an older log lacks are not compared); a log of another run is refused before its
 // records past the checkpoint are dropped.
 void check_log_is_this_runs(const std::string& path, const TrainConfig& c) {
   std::error_code ec;
   if (!fs::is_regular_file(path, ec) || fs::file_size(path, ec) == 0) return;
+  check_readable("--log", path);
   std::ifstream in(path);
   std::string first;
   for (std::string line; std::getline(in, line);)
@@ -849,6 +858,7 @@ void check_outputs_are_this_runs(const TrainConfig& c) {
   };
   std::error_code ec;
   if (!c.summary_path.empty() && fs::is_regular_file(c.summary_path, ec) && fs::file_size(c.summary_path, ec) > 0) {
+    check_readable("--summary", c.summary_path);
     const std::string line = first_line_of(c.summary_path);
     if (line.find("\"type\": \"summary\"") == std::string::npos) refuse("--summary", c.summary_path, "is no summary");
     const std::string theirs = json_field(line, "run_id");
@@ -856,6 +866,7 @@ void check_outputs_are_this_runs(const TrainConfig& c) {
       refuse("--summary", c.summary_path, "is the summary of run " + theirs.substr(1, theirs.size() - 2));
   }
   if (!c.export_path.empty() && fs::is_regular_file(c.export_path, ec) && fs::file_size(c.export_path, ec) > 0) {
+    check_readable("--export", c.export_path);
     const auto theirs = exported_run_id(c.export_path);
     if (!theirs) refuse("--export", c.export_path, "is no export");
     if (!theirs->empty() && *theirs != c.run_id) refuse("--export", c.export_path, "is the export of run " + *theirs);
@@ -876,10 +887,10 @@ void refuse_diverged_rerun(const TrainConfig& c) {
   for (const char* key : {"lr", "warmup", "warmup_lr", "steps", "factor", "momentum", "weight_decay", "accum_steps"})
     if (json_field(summary, key) != json_field(ours, key)) return;
   throw NonFiniteLoss(fmt::format(
-      "--auto-resume: the run of checkpoint {} diverged after iteration {} (summary {}) and would again with the "
-      "same learning rate, momentum and weight decay: not retried. Give a lower --lr (or other --lr-steps, "
-      "--warmup, ...) to resume it, or start again with --overwrite",
-      c.checkpoint, json_field(summary, "iter"), c.summary_path));
+      "--auto-resume: the run of checkpoint {} diverged after iteration {} with --lr {} (summary {}) and would "
+      "again with the same learning rate, momentum and weight decay: not retried. Give a lower --lr (or other "
+      "--lr-steps, --warmup, ...) to resume it, or start again with --overwrite",
+      c.checkpoint, json_field(summary, "iter"), json_field(summary, "lr"), c.summary_path));
 }
 
 namespace {
@@ -1215,7 +1226,14 @@ void check_outputs_are_the_runs(TrainConfig c, const Checkpoint& resumed) {
 }
 
 Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given) {
-  Checkpoint ck = read_checkpoint(config.checkpoint);
+  Checkpoint ck;
+  try {
+    ck = read_checkpoint(config.checkpoint);
+  } catch (const CheckpointError& e) {  // a sweep's --auto-resume fails on it at every rerun: say what helps
+    if (std::string(e.what()).find(" is damaged or truncated: ") == std::string::npos) throw;
+    throw CheckpointError(std::string(e.what()) + ". A run keeps one checkpoint: resume a copy of it if you kept "
+                          "one, or start the run again with --overwrite");
+  }
   // --precision auto resumes at the checkpoint's precision, where this device has it (tf32 is
   // CUDA's); the layout's auto then follows it.
   const auto saved = ck.config.find("precision");
@@ -1273,6 +1291,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   OutputLocks locks;  // released last, after the final checkpoint, export and summary
   std::optional<Checkpoint> resumed;
   RunState state;
+  std::optional<int64_t> resumed_stored, resumed_peak;  // the run's figures as its checkpoint recorded them
   torch::Device dev(torch::kCPU);
   // With several ranks, a rank that cannot start (its flags, its data folder, its device, its
   // outputs, its checkpoint) says so to the others at the rendezvous below, instead of
@@ -1313,6 +1332,16 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       if (lead) check_outputs_are_this_runs(config);
       if (lead && config.auto_resume) refuse_diverged_rerun(config);
       state = resumed->state;
+      const auto recorded = [&](const char* key) {
+        const auto v = resumed->config.find(key);
+        int64_t n = 0;
+        if (v == resumed->config.end() ||
+            std::from_chars(v->second.data(), v->second.data() + v->second.size(), n).ec != std::errc())
+          return std::optional<int64_t>();
+        return std::optional<int64_t>(n);
+      };
+      resumed_stored = recorded("stored_activation_bytes");
+      resumed_peak = recorded("peak_bytes");
       // At the run's end, the run is complete once evaluated there and, with one rank (the
       // others cannot see rank 0's files), once its export is written and its summary says
       // "done". Otherwise the end is still to come: stopped part-way at what is now the end
@@ -1583,6 +1612,11 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
           !path.empty() && fs::is_regular_file(path, ec) && !fs::remove(link_target(path), ec) && ec)
         throw std::runtime_error(path + ": cannot be removed for --overwrite (" + ec.message() + ")");
   if (!config.log_path.empty() && lead) {
+    // A log gone (deleted, or its path mistyped): the run's history would be split between
+    // files without a word.
+    if (std::error_code ec; config.resume && state.iteration > 0 && !fs::exists(config.log_path, ec))
+      spdlog::warn("--log {} does not exist: a new log begins at iteration {}, without the run's records before it",
+                   config.log_path, state.iteration);
     if (config.resume)
       result.dropped_log_records = drop_records_after(config.log_path, state.iteration, state.pending_eval);
     if (result.dropped_log_records > 0)
@@ -1639,6 +1673,13 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   auto window_start = Clock::now() - std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(state.window_seconds));
   double train_seconds = 0;  // training only, without evaluations and checkpoints
   int64_t train_images = 0, stored = 0, peak_max = 0;
+  // What autograd stores and the step's peak: measured by this process once it trains, and
+  // until then the run's as its checkpoint recorded them (unknown, null, before they were
+  // recorded), so that the summary of a resumed run that only evaluates or writes its files
+  // does not say 0.
+  bool stored_known = resumed_stored.has_value();
+  if (resumed_stored) stored = *resumed_stored;
+  if (resumed_peak) peak_max = *resumed_peak;
   int64_t eval_iter = -1;  // the iteration of this process's last evaluation (-1: none)
   int64_t eval_images = 0, eval_failed = 0;  // its images scored, and those left out (unreadable)
   // The first window's part from before a resume: in its log record, not in this process's
@@ -1686,14 +1727,16 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         "\"wall_s\": {:.3f}, \"train_s\": {:.3f}, \"last_loss\": {}, \"eval_iter\": {}, \"test_loss\": {}, "
         "\"test_acc\": {}, \"test_top5\": {}, \"test_error\": {}, \"test_images\": {}, \"test_failed\": {}, "
         "\"images_per_s\": {}, \"stored_activation_bytes\": {}, \"peak_bytes\": {}, \"decode_failures\": {}, "
-        "\"graphed\": {}, \"error\": {}, \"config\": {}}}\n",
+        "\"graphed\": {}, \"resumed_from\": {}, \"error\": {}, \"config\": {}}}\n",
         status, it, config.iterations, unix_time(), unix_time() - start_time, secs,
         json_loss(result.last_loss),  // null: none trained
         known ? std::to_string(eval_iter) : "null", known ? json_loss(result.test_loss) : "null", test(result.test_acc),
         test(result.test_top5), test(1 - result.test_acc), known ? std::to_string(eval_images) : "null",
         known ? std::to_string(eval_failed) : "null",
-        secs > 0 && images > 0 ? fmt::format("{:.2f}", images / secs) : std::string("null"), stored,  // none trained
-        std::max(peak_max, memory::peak(dev)), decode_errors.files.load(), graphed != nullptr,
+        secs > 0 && images > 0 ? fmt::format("{:.2f}", images / secs) : std::string("null"),  // none trained
+        stored_known ? std::to_string(stored) : "null",
+        stored_known ? std::to_string(std::max(peak_max, memory::peak(dev))) : "null", decode_errors.files.load(),
+        graphed != nullptr, config.resume ? std::to_string(first) : "null",
         error.empty() ? std::string("null") : json_string(error), config.json());
   };
   const bool summarising = !config.summary_path.empty() && lead;
@@ -1709,7 +1752,8 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   auto try_summary = [&](const char* status, const std::string& error) {
     try {
       write_summary(status, error);
-    } catch (const std::exception&) {
+    } catch (const std::exception& e) {  // a sweep would find none, or an older one: said
+      spdlog::warn("the summary of this {} run could not be written: {}", status, error_message(e));
     }
   };
   // The summary that a second signal, which stops at once, writes: rendered before the first
@@ -1744,17 +1788,35 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   // and a checkpoint of that iteration holds those weights. The summary is written where the
   // disk allows it: the divergence is what the run reports (exit 3), whatever the summary's fate.
   auto diverged = [&](const std::string& what, int64_t updates) {
+    // SGD's weight decay scales the weights by 1 - lr * decay at each step: a decay above 1
+    // (usual ones are 1e-4 to 5e-4) that makes it 0 or less flips or grows them whatever the
+    // gradients, and --lr is not the cause.
+    const double lr_then = config.lr_at(std::max<int64_t>(updates - 1, 0));
+    const std::string decay =
+        config.weight_decay > 1 && lr_then * config.weight_decay >= 1
+            ? fmt::format(" Its --weight-decay {} at learning rate {} scales the weights by {:g} at every step: "
+                          "lower the weight decay.",
+                          config.weight_decay, lr_then, 1 - lr_then * config.weight_decay)
+            : "";
     NonFiniteLoss e(fmt::format(
-        "{} ({}); training stopped.{} {}", what,
+        "{} ({}); training stopped.{}{} {}", what,
         updates == 0       ? std::string("before any update")
         : updates == first ? fmt::format("the weights resumed from iteration {}", updates)
                            : fmt::format("learning rate {}", config.lr_at(updates - 1)),
-        wide_window,
+        wide_window, decay,
         config.checkpoint.empty() ? std::string("No checkpoint was configured.")
         : last_good < 0 ? "No checkpoint had been written yet, and none is written from non-finite numbers."
         : last_good == updates
             ? fmt::format("Checkpoint {} (iteration {}) holds these weights, so resuming it gives the same: start "
                           "again with a lower --lr.",
+                          config.checkpoint, last_good)
+        : config.resume && last_good == first
+            // A run that diverged can leave finite weights whose gradient is not (blpa's codes
+            // are of a / gamma, and a diverging run drives gamma to its floor): a lower
+            // --lr cannot help there.
+            ? fmt::format("It diverged again before a new checkpoint; the one it resumed, {} (iteration {}), was "
+                          "kept. If a much lower --lr diverges as soon, the checkpoint's weights cannot be continued "
+                          "(their gradients are not finite at any learning rate): start again with --overwrite.",
                           config.checkpoint, last_good)
             : fmt::format("The last checkpoint of finite numbers, {} (iteration {}), was kept; its weights may "
                           "already be on their way to diverging: resume it with a lower --lr, or start again.",
@@ -1836,6 +1898,9 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     // with --iterations at the checkpoint's has not been evaluated at its (new) end.
     const std::string header =
         config.describe() + "run_id=" + config.run_id + "\nevaluated=" + (eval_iter == it ? "1" : "0") + "\n" +
+        (stored_known ? fmt::format("stored_activation_bytes={}\npeak_bytes={}\n", stored,
+                                    std::max(peak_max, memory::peak(dev)))
+                      : std::string()) +
         data_record;
     save_checkpoint(config.checkpoint, config.identity(), header, s, model, opt);
     last_good = it;
@@ -1898,6 +1963,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         mid_step = true;
         // A bad loss changes nothing: the update is not applied and no checkpoint is written.
         double loss_v = accumulate_gradients(model, x, y, config.accum_steps, &stored, reducer.get());
+        stored_known = true;
         if (fail_at == std::pair<std::string, int64_t>{"step", it + 1})
           throw std::runtime_error(fmt::format("iteration {} failed after its backward pass (BLPA_TEST_FAIL)", it + 1));
         if (dist) {  // the mean loss over ranks, and a stop asked for on any rank stops them all

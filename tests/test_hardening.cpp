@@ -410,6 +410,53 @@ TEST_CASE("hardening: a fresh run replaces no earlier run unless told to", "[har
   remove_tree(dir);
 }
 
+// A resumed run's own summary or log that could not be read (its permissions) was taken for
+// another run's: "is no summary: it is not checkpoint ...'s run's", exit 2.
+TEST_CASE("hardening: an output that cannot be read is said to be unreadable, not another run's", "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  // Root reads everything: without the capabilities that let it, it reads as a user does.
+  const std::string as_user =
+      ::geteuid() == 0 ? "setpriv --bounding-set=-dac_override,-dac_read_search" : std::string();
+  if (::geteuid() == 0 && std::system("setpriv --bounding-set=-dac_override true > /dev/null 2>&1") != 0) {
+    std::cout << "BLPA_SKIP: running as root without setpriv's capability drop" << std::endl;
+    return;
+  }
+  const fs::path dir = temp_dir("unreadable");
+  const std::string ck = (dir / "ck.pt").string(), summary = (dir / "s.json").string(),
+                    log = (dir / "log.jsonl").string();
+  REQUIRE(train(small(dir, {"--checkpoint", ck, "--summary", summary, "--log", log, "--iterations", "2"}), dir).code ==
+          0);
+  // Write-only: it can be written (else that is said first), not read.
+  for (const auto& [flag, path] : {std::pair{"--summary", summary}, std::pair{"--log", log}}) {
+    ::chmod(path.c_str(), 0200);
+    const Run r = train(small(dir, {"--checkpoint", ck, "--summary", summary, "--log", log, "--iterations", "3",
+                                    "--resume"}),
+                        dir, as_user);
+    ::chmod(path.c_str(), 0644);
+    CAPTURE(flag, r.output);
+    CHECK(r.code == 1);
+    CHECK(r.output.find(std::string(flag) + " " + path + ": cannot be read (Permission denied)") != std::string::npos);
+    CHECK(r.output.find("run's") == std::string::npos);
+  }
+  remove_tree(dir);
+}
+
+// A resumed run whose log was gone (deleted, or its path mistyped) began a new one without a
+// word, splitting the run's history between files.
+TEST_CASE("hardening: a resume whose log is gone says that a new one begins", "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const fs::path dir = temp_dir("log-gone");
+  const std::string ck = (dir / "ck.pt").string(), log = (dir / "log.jsonl").string();
+  REQUIRE(train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "2"}), dir).code == 0);
+  fs::remove(log);
+  const Run r = train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "3", "--resume"}), dir);
+  CAPTURE(r.output);
+  CHECK(r.code == 0);
+  CHECK(r.output.find("--log " + log + " does not exist: a new log begins at iteration 2, without the run's records "
+                      "before it") != std::string::npos);
+  remove_tree(dir);
+}
+
 TEST_CASE("hardening: --auto-resume starts a run, resumes it, and does nothing once it is complete", "[hardening]") {
   if (!have_fashion_mnist()) return;
   const auto dir = temp_dir("auto-resume");
@@ -474,6 +521,18 @@ TEST_CASE("hardening: --auto-resume starts a run, resumes it, and does nothing o
   CHECK(ended.output.find("complete") == std::string::npos);
   CHECK(slurp(summary).find("\"status\": \"done\"") != std::string::npos);
   CHECK(slurp(summary).find("\"eval_iter\": " + at + ",") != std::string::npos);
+  // This process trained nothing: the run's stored bytes and peak are its checkpoint's, not 0
+  // (and not the evaluation's peak), and the summary says where the process began.
+  const std::regex figures("\"stored_activation_bytes\": ([0-9]+), \"peak_bytes\": ([0-9]+),");
+  std::smatch m;
+  const std::string ended_summary = slurp(summary);
+  CAPTURE(ended_summary);
+  REQUIRE(std::regex_search(ended_summary, m, figures));
+  const auto cut_ck = blpa::read_checkpoint(cut);
+  CHECK(m[1] == cut_ck.config.at("stored_activation_bytes"));
+  CHECK(std::stoll(m[1]) > 0);
+  CHECK(std::stoll(m[2]) >= std::stoll(cut_ck.config.at("peak_bytes")));
+  CHECK(ended_summary.find("\"resumed_from\": " + at + ",") != std::string::npos);
   const Run complete = train(small(dir, end_there), dir);
   CHECK(complete.code == 0);
   CHECK(complete.output.find("the run is complete, nothing to do") != std::string::npos);
@@ -484,6 +543,8 @@ TEST_CASE("hardening: --auto-resume starts a run, resumes it, and does nothing o
   CHECK(summarised.code == 0);
   CHECK(summarised.output.find("complete") == std::string::npos);
   CHECK(slurp(summary).find("\"status\": \"done\"") != std::string::npos);
+  CHECK(slurp(summary).find("\"stored_activation_bytes\": " + cut_ck.config.at("stored_activation_bytes") + ",") !=
+        std::string::npos);
 
   // --precision auto continues at the checkpoint's (bf16), from the command line too.
   const std::string bf16 = (dir / "bf16.ckpt").string();
@@ -616,6 +677,7 @@ TEST_CASE("hardening: a damaged checkpoint is refused, naming the record that fa
   CAPTURE(resumed.output);
   CHECK(resumed.code == 1);
   CHECK(resumed.output.find("is damaged or truncated: record '") != std::string::npos);
+  CHECK(resumed.output.find("start the run again with --overwrite") != std::string::npos);  // what helps
   check_clean(resumed);
   const Run eval = run(BLPA_EVAL_EXE, {"--checkpoint", bad.string(), "--subset", "10"}, dir);
   CHECK(eval.code == 1);
@@ -952,7 +1014,9 @@ TEST_CASE("hardening: a divergence keeps the last checkpoint of finite numbers, 
   CHECK(wide.code == 3);
   CHECK(std::regex_search(wide.output, std::regex("the loss became (NaN|Inf|-Inf) at iteration")));
   CHECK(wide.output.find("Its --window 10000 is over twice the default at 4 bits (6)") != std::string::npos);
-  CHECK(train(small(dir, {"--lr", "1e30", "--iterations", "20"}), dir).output.find("--window") == std::string::npos);
+  const Run huge_lr = train(small(dir, {"--lr", "1e30", "--iterations", "20"}), dir);
+  CHECK(huge_lr.output.find("--window") == std::string::npos);
+  CHECK(huge_lr.output.find("--weight-decay") == std::string::npos);  // the usual decay: the rate's fault
   // A log whose losses overflowed is still JSON: NaN and Inf are null (it held "-nan").
   const std::string nan_log = (dir / "nan.jsonl").string();
   // Its weights stay finite, but the test loss is not: a diverged run too (it ended "done").
@@ -960,6 +1024,9 @@ TEST_CASE("hardening: a divergence keeps the last checkpoint of finite numbers, 
   CAPTURE(overflow.output);
   CHECK(overflow.code == 3);
   CHECK(overflow.output.find("the test loss became ") != std::string::npos);
+  // The cause named: not the learning rate.
+  CHECK(overflow.output.find("Its --weight-decay 99999999999 at learning rate 0.02 scales the weights by") !=
+        std::string::npos);
   CHECK(slurp(nan_log).find("\"test_loss\": null") != std::string::npos);
   CHECK(!std::regex_search(slurp(nan_log), std::regex(": -?(nan|inf)", std::regex::icase)));
   const auto c = blpa::read_checkpoint(ck);
