@@ -359,6 +359,7 @@ static int run(int argc, char** argv) {
     ("crop", "ImageNet-style: crop size", cxxopts::value<std::string>()->default_value("224"))
     ("batch", "Images per batch (10-crop: times 10 crops)", cxxopts::value<std::string>()->default_value("50"))
     ("workers", "JPEG decode threads, 0 to 256 (0: one per core, at most 16, as blpa-train's for ImageNet)", cxxopts::value<std::string>()->default_value("0"))
+    ("threads", "LibTorch CPU threads, 0 to 1024 (0: its default, one per core)", cxxopts::value<std::string>()->default_value("0"))
     ("device", "cpu, cuda or cuda:N", cxxopts::value<std::string>()->default_value("cpu"))
     ("precision", "fp32, tf32 (CUDA only), bf16 or auto: the one the network was trained in (tf32 is fp32 on the CPU; a checkpoint from before --precision: tf32 on CUDA, fp32 on the CPU)", cxxopts::value<std::string>()->default_value("auto"))
     ("memory-format", "nchw, nhwc or auto; as blpa-train's", cxxopts::value<std::string>()->default_value("auto"))
@@ -387,6 +388,7 @@ static int run(int argc, char** argv) {
     o.eval.crop = blpa::number<int>(a, "crop");
     o.eval.batch = blpa::number<int64_t>(a, "batch");
     o.eval.workers = blpa::number<int>(a, "workers");
+    blpa::set_threads(blpa::number<int>(a, "threads"));
     o.device = a["device"].as<std::string>();
     o.eval.precision = a["precision"].as<std::string>();
     o.eval.memory_format = a["memory-format"].as<std::string>();

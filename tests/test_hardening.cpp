@@ -228,6 +228,13 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       CHECK(w.code == 2);
       CHECK(w.output.find("--workers 0 to 256") != std::string::npos);
     }
+  for (const char* exe : {BLPA_EVAL_EXE, BLPA_PREDICT_EXE})  // a sweep's eval shares the machine's cores
+    for (const char* threads : {"-1", "100000"}) {
+      const Run t = run(exe, {"--checkpoint", "x", "--threads", threads}, dir);
+      CAPTURE(exe, t.output);
+      CHECK(t.code == 2);
+      CHECK(t.output.find("--threads must be 0 (LibTorch's default) to 1024") != std::string::npos);
+    }
   for (const char* exe : {BLPA_EVAL_EXE, BLPA_PREDICT_EXE}) {
     const Run w = run(exe, {"--checkpoint", "x", "--ten-crop=off"}, dir);
     CAPTURE(exe, w.output);
