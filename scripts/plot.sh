@@ -11,8 +11,8 @@
 # Each run's legend comes from the configuration record in its log (the last one, for a
 # resumed run): the settings that differ between the logs given (mode and bits, seed, depth,
 # batch, ...), the mode when none differ, the file name for a log without one. The title
-# names the settings they share (or -t TITLE). A quantity no log has (no evaluation, say) is
-# left out. Needs gnuplot (Debian's gnuplot-nox; scripts/setup.sh installs it) and awk.
+# names the settings they share, the mode among them (or -t TITLE); both are printed. A
+# quantity no log has (no evaluation, say) is left out. Needs gnuplot (Debian's gnuplot-nox; scripts/setup.sh installs it) and awk.
 set -euo pipefail
 usage() {  # $1: the exit status (0 for -h, 2 for a bad command line, on stderr)
   sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&$((1 + ($1 != 0)))
@@ -39,7 +39,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 # The settings a legend may name, in the order it names them.
-keys=(dataset arch depth mode batch accum_steps lr iterations seed world device train_subset)
+keys=(dataset arch depth mode precision memory_format batch accum_steps lr iterations seed world device train_subset)
 # Per log: the last config record's settings (a resumed run appends one: its --iterations may
 # have grown), one "key<TAB>value" per line, in $tmp/N.cfg; its
 # training records as "iter loss images_per_s stored_MiB peak_MiB" in $tmp/N.train and its
@@ -118,10 +118,13 @@ if [[ -z $title && $all_configured == 1 ]]; then
   parts=()
   if is_shared dataset; then parts+=("$(value "$first" dataset)"); fi
   if is_shared arch && is_shared depth; then parts+=("$(value "$first" arch)-$(value "$first" depth)"); fi
+  # The mode, where the legends do not name it (they do when nothing differs).
+  if is_shared mode && ((${#varying[@]})); then parts+=("$(value "$first" mode)"); fi
   if is_shared batch; then parts+=("batch $(value "$first" batch)"); fi
   title=$(printf '%s, ' "${parts[@]}")
   title=${title%, }
 fi
+[[ -z $title ]] || echo "title: $title"
 for i in $(seq "$n"); do echo "${labels[i - 1]}: ${!i}"; done
 
 # One gnuplot run per quantity; $1 file name, $2 y label, $3 data suffix, $4 plot clause per

@@ -539,6 +539,9 @@ TEST_CASE("interop: plot.sh renders one PNG per quantity from the logs of test r
   CHECK(both.code == 0);
   CHECK(both.out.find("iterations 4: " + blpa4) != std::string::npos);
   CHECK(both.out.find("iterations 6: " + resumed) != std::string::npos);
+  // The mode they share is in the title, since no legend names it.
+  CHECK(both.out.find("title: fashion-mnist, cifar-11, " + blpa::ModeConfig{blpa::Mode::blpa, 4}.str() + ", batch ") !=
+        std::string::npos);
   CHECK(run(plot, {}, dir).code == 2);
   const Run missing = run(plot, {(dir / "none.jsonl").string()}, dir);
   CHECK(missing.code == 1);
