@@ -12,10 +12,11 @@
 # resumed run): the settings that differ between the logs given (mode and bits, seed, depth,
 # batch, ...), the mode when none differ, the file name for a log without one. The title
 # names the settings they share, the mode among them (or -t TITLE); both are printed. A
-# quantity no log has (no evaluation, say) is left out. Needs gnuplot (Debian's gnuplot-nox; scripts/setup.sh installs it) and awk.
+# quantity no log has (no evaluation, say) is left out. Needs gnuplot (Debian's gnuplot-nox;
+# scripts/setup.sh installs it) and awk.
 set -euo pipefail
 usage() {  # $1: the exit status (0 for -h, 2 for a bad command line, on stderr)
-  sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&$((1 + ($1 != 0)))
+  sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&$((1 + ($1 != 0)))
   exit "$1"
 }
 out=. prefix="" title=""
