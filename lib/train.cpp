@@ -1176,8 +1176,8 @@ void agree_across_ranks(Distributed& dist, const std::string& mine) {
 // (counted from 1) after its forward and backward passes, before its update, as running out of
 // memory in the backward pass or losing a peer in the gradients' all-reduce does;
 // "eval:N" fails the evaluation after iteration N; "slow-eval:S" makes each evaluation take S
-// seconds longer (a test set that takes longer than --dist-timeout). {"", 0}: none. Only eager iterations are
-// failed: one replayed as a CUDA graph runs as captured.
+// seconds longer (a test set that takes longer than --dist-timeout). {"", 0}: none. Only eager
+// iterations are failed: one replayed as a CUDA graph runs as captured.
 std::pair<std::string, int64_t> injected_failure() {
   const char* v = std::getenv("BLPA_TEST_FAIL");
   const std::string text = v ? v : "";
@@ -1371,7 +1371,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     refused = std::current_exception();
   }
   const std::string dir = config.data_dir.empty() ? std::string(data::kDebianFashionMnist) : config.data_dir;
-  if (config.threads > 0) torch::set_num_threads(config.threads);
+  if (!refused && config.threads > 0) torch::set_num_threads(config.threads);  // refused: maybe out of range
   memory::install_cpu_counter();
   std::unique_ptr<Distributed> dist;
   if (config.dist.enabled()) {
