@@ -491,27 +491,33 @@ TEST_CASE("distributed: a rank whose data fails to load stops the others before 
   if (!have_fashion_mnist()) return;
   const fs::path dir = fresh_dir("nodata");
   fs::create_directories(dir / "empty");
-  std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "1000", "--test-subset", "100",
-                                  "--warmup", "0", "--threads", "1", "--eval-every", "0", "--quiet", "--iterations",
-                                  "2", "--dataset", "fashion-mnist", "--world-size", "2", "--master-port",
-                                  std::to_string(free_port()), "--dist-timeout", "60"};
-  auto a1 = common, a0 = common;
-  a1.insert(a1.end(), {"--rank", "1", "--data-dir", (dir / "empty").string()});
-  a0.insert(a0.end(), {"--rank", "0"});
-  const auto t0 = std::chrono::steady_clock::now();
-  const pid_t p1 = spawn(a1, (dir / "r1.out").string());
-  const pid_t p0 = spawn(a0, (dir / "r0.out").string());
-  const int r0 = wait_exit(p0), r1 = wait_exit(p1);
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const std::string out0 = slurp(dir / "r0.out"), out1 = slurp(dir / "r1.out");
-  CAPTURE(out0, out1, secs);
-  CHECK(r0 == 1);
-  CHECK(r1 == 1);
-  CHECK(out1.find("train-images-idx3-ubyte") != std::string::npos);
-  CHECK(out0.find("rank 0 of 2: another rank stopped before training began (all-gather failed: ") !=
-        std::string::npos);
-  CHECK(out0.find("GLHF") == std::string::npos);
-  CHECK(secs < 45);  // not the 60 s timeout
+  // A folder without the data fails as it loads, after the rendezvous; one missing on rank 1's
+  // machine fails before it (the others waited there for --dist-timeout).
+  for (const auto& [folder, said] :
+       {std::pair{"empty", "rank 0 of 2: another rank stopped before training began (all-gather failed: "},
+        std::pair{"gone", "rank 0 of 2: rank 1 cannot start, so no rank trains ("}}) {
+    std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "1000", "--test-subset",
+                                    "100", "--warmup", "0", "--threads", "1", "--eval-every", "0", "--quiet",
+                                    "--iterations", "2", "--dataset", "fashion-mnist", "--world-size", "2",
+                                    "--master-port", std::to_string(free_port()), "--dist-timeout", "60"};
+    auto a1 = common, a0 = common;
+    a1.insert(a1.end(), {"--rank", "1", "--data-dir", (dir / folder).string()});
+    a0.insert(a0.end(), {"--rank", "0"});
+    const auto t0 = std::chrono::steady_clock::now();
+    const pid_t p1 = spawn(a1, (dir / "r1.out").string());
+    const pid_t p0 = spawn(a0, (dir / "r0.out").string());
+    const int r0 = wait_exit(p0), r1 = wait_exit(p1);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const std::string out0 = slurp(dir / "r0.out"), out1 = slurp(dir / "r1.out");
+    CAPTURE(folder, out0, out1, secs);
+    CHECK(r0 == 1);  // a missing file, not a flag: as the failing rank exits
+    CHECK(r1 == 1);
+    CHECK(out1.find(std::string(folder) == "empty" ? "train-images-idx3-ubyte" : (dir / "gone").string()) !=
+          std::string::npos);
+    CHECK(out0.find(said) != std::string::npos);
+    CHECK(out0.find("GLHF") == std::string::npos);
+    CHECK(secs < 45);  // not the 60 s timeout
+  }
   remove_tree(dir);
 }
 
@@ -607,32 +613,6 @@ TEST_CASE("distributed: two processes given one rank stop every rank at once", "
   CHECK(secs < 30);  // not the 60 s timeout
 }
 
-// The same through blpa-train: rank 1's --data-dir is missing on its machine.
-TEST_CASE("distributed: a rank whose data folder is missing stops the other at once", "[distributed][train]") {
-  if (!have_fashion_mnist()) return;
-  const fs::path dir = fresh_dir("nodir");
-  std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "1000", "--test-subset", "100",
-                                  "--threads", "1", "--quiet", "--iterations", "2", "--world-size", "2",
-                                  "--master-port", std::to_string(free_port()), "--dist-timeout", "60"};
-  auto a1 = common, a0 = common;
-  a1.insert(a1.end(), {"--rank", "1", "--data-dir", (dir / "gone").string()});
-  a0.insert(a0.end(), {"--rank", "0"});
-  const auto t0 = std::chrono::steady_clock::now();
-  const pid_t p1 = spawn(a1, (dir / "r1.out").string());
-  const pid_t p0 = spawn(a0, (dir / "r0.out").string());
-  const int r0 = wait_exit(p0), r1 = wait_exit(p1);
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const std::string out0 = slurp(dir / "r0.out"), out1 = slurp(dir / "r1.out");
-  CAPTURE(out0, out1, secs);
-  CHECK(r1 == 1);  // a missing file, not a flag
-  CHECK(r0 == r1);  // as the refusing rank exits
-  CHECK(out1.find((dir / "gone").string()) != std::string::npos);
-  CHECK(out0.find("rank 0 of 2: rank 1 cannot start, so no rank trains (") != std::string::npos);
-  CHECK(out0.find((dir / "gone").string()) != std::string::npos);
-  CHECK(secs < 45);  // not the 60 s timeout
-  remove_tree(dir);
-}
-
 // A scheduler's SIGTERM to one rank: the others exited 130, as after a Ctrl-C, and with a code
 // rather than by the signal, so that a shell loop of runs on their machine went on.
 TEST_CASE("distributed: a rank stopped by another rank's signal ends by that signal", "[distributed][train]") {
@@ -725,22 +705,35 @@ TEST_CASE("distributed: ranks must resume the same run and train on the same dat
   remove_tree(dir);
 }
 
+namespace {
+
+// Two blpa-train ranks that evaluate every 2 iterations, rank 0's evaluations `slow` seconds
+// longer (BLPA_TEST_FAIL=slow-eval), writing r0.out and r1.out in `dir`; {rank 0, rank 1}.
+std::pair<pid_t, pid_t> slow_eval_pair(const fs::path& dir, const char* iterations, const char* timeout, int slow,
+                                       std::vector<std::string> rank0) {
+  std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "1000", "--test-subset", "100",
+                                  "--warmup", "0", "--threads", "1", "--eval-every", "2", "--quiet", "--iterations",
+                                  iterations, "--world-size", "2", "--master-port", std::to_string(free_port()),
+                                  "--dist-timeout", timeout, "--log-every", "1"};
+  auto a1 = common, a0 = common;
+  a1.insert(a1.end(), {"--rank", "1"});
+  a0.insert(a0.end(), {"--rank", "0"});
+  a0.insert(a0.end(), rank0.begin(), rank0.end());
+  const pid_t p1 = spawn(a1, (dir / "r1.out").string());
+  ::setenv("BLPA_TEST_FAIL", ("slow-eval:" + std::to_string(slow)).c_str(), 1);  // rank 0's only
+  const pid_t p0 = spawn(a0, (dir / "r0.out").string());
+  ::unsetenv("BLPA_TEST_FAIL");
+  return {p0, p1};
+}
+
+}  // namespace
+
 // A signal to rank 1 while rank 0 evaluated: rank 1 had read its flag before it began to wait,
 // so the ranks went on for one more iteration.
 TEST_CASE("distributed: a signal during rank 0's evaluation stops every rank after it", "[distributed][train]") {
   if (!have_fashion_mnist()) return;
   const fs::path dir = fresh_dir("eval-signal");
-  std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "1000", "--test-subset", "100",
-                                  "--warmup", "0", "--threads", "1", "--eval-every", "2", "--quiet", "--iterations",
-                                  "100000", "--world-size", "2", "--master-port", std::to_string(free_port()),
-                                  "--dist-timeout", "60", "--log-every", "1"};
-  auto a1 = common, a0 = common;
-  a1.insert(a1.end(), {"--rank", "1"});
-  a0.insert(a0.end(), {"--rank", "0", "--log", (dir / "log.jsonl").string()});
-  const pid_t p1 = spawn(a1, (dir / "r1.out").string());
-  ::setenv("BLPA_TEST_FAIL", "slow-eval:4", 1);  // rank 0's only
-  const pid_t p0 = spawn(a0, (dir / "r0.out").string());
-  ::unsetenv("BLPA_TEST_FAIL");
+  const auto [p0, p1] = slow_eval_pair(dir, "100000", "60", 4, {"--log", (dir / "log.jsonl").string()});
   for (int i = 0; i < 600 && slurp(dir / "log.jsonl").find("\"iter\": 2,") == std::string::npos; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   std::this_thread::sleep_for(std::chrono::seconds(1));  // rank 0 is in its evaluation's 4 s
@@ -762,17 +755,7 @@ TEST_CASE("distributed: a signal during rank 0's evaluation stops every rank aft
 TEST_CASE("distributed: a rank that times out waiting for rank 0's evaluation says so", "[distributed][train]") {
   if (!have_fashion_mnist()) return;
   const fs::path dir = fresh_dir("slow-eval");
-  std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "1000", "--test-subset", "100",
-                                  "--warmup", "0", "--threads", "1", "--eval-every", "2", "--quiet", "--iterations",
-                                  "4", "--world-size", "2", "--master-port", std::to_string(free_port()),
-                                  "--dist-timeout", "4"};
-  auto a1 = common, a0 = common;
-  a1.insert(a1.end(), {"--rank", "1"});
-  a0.insert(a0.end(), {"--rank", "0"});
-  const pid_t p1 = spawn(a1, (dir / "r1.out").string());
-  ::setenv("BLPA_TEST_FAIL", "slow-eval:10", 1);  // rank 0's only
-  const pid_t p0 = spawn(a0, (dir / "r0.out").string());
-  ::unsetenv("BLPA_TEST_FAIL");
+  const auto [p0, p1] = slow_eval_pair(dir, "4", "4", 10, {});
   const int r1 = wait_exit(p1), r0 = wait_exit(p0);
   const std::string out0 = slurp(dir / "r0.out"), out1 = slurp(dir / "r1.out");
   CAPTURE(out0, out1);
