@@ -100,7 +100,7 @@ class Distributed {
 
   DistConfig config_;
   std::string backend_;
-  const std::atomic<bool>* stop_;  // only while the constructor runs
+  const std::atomic<bool>* stop_;  // read at the rendezvous (join) only
   std::unique_ptr<Impl> impl_;
 };
 
