@@ -755,14 +755,14 @@ TEST_CASE("distributed: a signal during rank 0's evaluation stops every rank aft
 TEST_CASE("distributed: a rank that times out waiting for rank 0's evaluation says so", "[distributed][train]") {
   if (!have_fashion_mnist()) return;
   const fs::path dir = fresh_dir("slow-eval");
-  const auto [p0, p1] = slow_eval_pair(dir, "4", "4", 10, {});
+  const auto [p0, p1] = slow_eval_pair(dir, "4", "8", 16, {});  // 8 s: room for a loaded machine's start-up
   const int r1 = wait_exit(p1), r0 = wait_exit(p0);
   const std::string out0 = slurp(dir / "r0.out"), out1 = slurp(dir / "r1.out");
   CAPTURE(out0, out1);
   CHECK(r1 == 1);
   CHECK(r0 == 1);
   CHECK(out1.find("rank 1 of 2: lost the other ranks during iteration ") != std::string::npos);
-  CHECK(out1.find("This rank was waiting for rank 0's evaluation: one that takes longer than --dist-timeout (4 s) "
+  CHECK(out1.find("This rank was waiting for rank 0's evaluation: one that takes longer than --dist-timeout (8 s) "
                   "looks the same; give a longer one.") != std::string::npos);
   CHECK(out0.find("This rank was waiting") == std::string::npos);  // rank 0 was the one evaluating
   remove_tree(dir);
