@@ -250,9 +250,7 @@ std::string printed_config(const TrainConfig& given) {
   const std::string graphs = !cuda || c.cuda_graphs == "off" || c.dist.enabled() ? "off" : c.cuda_graphs;
   if (const auto at = settings.find("\ncuda_graphs="); at != std::string::npos)
     settings.replace(at, settings.find('\n', at + 1) - at, "\ncuda_graphs=" + graphs);
-  const std::string backend = !c.dist.enabled() ? "none" : c.dist.backend != "auto" ? c.dist.backend
-                              : cuda                 ? "nccl"
-                                                     : "gloo";
+  const std::string backend = c.dist.enabled() ? c.dist.resolved_backend(cuda) : "none";
   return settings + fmt::format("prefetch={}\nindex_cache={}\nrank={}\nlocal_rank={}\nmaster={}:{}\n"
                                 "dist_backend={}\ndist_timeout={}\ncheckpoint={}\nresume={}\nlog={}\n"
                                 "export={}\nsummary={}\n",

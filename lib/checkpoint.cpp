@@ -853,13 +853,21 @@ Checkpoint read_checkpoint(const std::string& path) {
     if (shape.size() != 2 || shape[0] <= 0 || shape[1] <= 0) throw CheckpointError(path + ": bad network shape");
     c.net.arch = c.config["arch"];
     c.net.depth = std::stoi(c.config.at("depth"));
-    // The trainer's normalisation is the statistics of these images: readers need the number.
-    if (const auto it = c.config.find("train_subset"); it != c.config.end() && !it->second.empty()) {
+    // A count the header records: none where it is absent or empty, else a whole number >= 0.
+    const auto count = [&](const char* key) -> std::optional<int64_t> {
+      const auto it = c.config.find(key);
+      if (it == c.config.end() || it->second.empty()) return std::nullopt;
       const std::string& n = it->second;
-      const auto [p, ec] = std::from_chars(n.data(), n.data() + n.size(), c.train_subset);
-      if (ec != std::errc() || p != n.data() + n.size() || c.train_subset < 0)
-        throw CheckpointError(path + ": bad train_subset '" + n + "'");
-    }
+      int64_t v = 0;
+      const auto [p, ec] = std::from_chars(n.data(), n.data() + n.size(), v);
+      if (ec != std::errc() || p != n.data() + n.size() || v < 0)
+        throw CheckpointError(path + ": bad " + key + " '" + n + "'");
+      return v;
+    };
+    // The trainer's normalisation is the statistics of these images: readers need the number.
+    c.train_subset = count("train_subset").value_or(0);
+    c.stored_activation_bytes = count("stored_activation_bytes");
+    c.peak_bytes = count("peak_bytes");
     c.net.mode = parse_mode_config(c.config.at("mode"));
     c.net.in_channels = shape[0];
     c.net.num_classes = shape[1];

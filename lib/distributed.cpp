@@ -113,6 +113,18 @@ bool listening_within(const std::string& addr, int port, std::chrono::millisecon
   }
 }
 
+// The rendezvous store's options: rank 0 serves it. Its server does not wait for the others:
+// join() does, comparing their world sizes, or refuse() tells them why this rank cannot come.
+c10d::TCPStoreOptions store_options(const DistConfig& config, std::chrono::milliseconds timeout) {
+  c10d::TCPStoreOptions so;
+  so.port = static_cast<uint16_t>(config.master_port);
+  so.isServer = config.rank == 0;
+  so.numWorkers = config.world;
+  so.waitWorkers = false;
+  so.timeout = timeout;
+  return so;
+}
+
 // TCPStore's client waits for the store's answer without a limit: something else that listens
 // at the port and never answers (another program, a hung process) held a rank there for good.
 // It connects on a thread of its own, left behind if it never returns; null when `until`
@@ -160,12 +172,7 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend, c
                                 std::to_string(config.world));
   if (config.master_port <= 0 || config.master_port > 65535)
     throw std::invalid_argument("master port " + std::to_string(config.master_port) + " is out of range");
-  c10d::TCPStoreOptions so;
-  so.port = static_cast<uint16_t>(config.master_port);
-  so.isServer = config.rank == 0;
-  so.numWorkers = config.world;
-  so.waitWorkers = false;  // the ranks join below, comparing their world sizes
-  so.timeout = config.timeout;
+  const c10d::TCPStoreOptions so = store_options(config, config.timeout);
   const std::string who = "rank " + std::to_string(config.rank) + " of " + std::to_string(config.world);
   const std::string where = config.master_addr + ":" + std::to_string(config.master_port);
   const std::string hint = "; give each run its own --master-port (or MASTER_PORT)";
@@ -329,12 +336,7 @@ void Distributed::refuse(const DistConfig& config, const std::string& why, std::
     return;
   const auto until = std::chrono::steady_clock::now() + grace;
   try {
-    c10d::TCPStoreOptions so;
-    so.port = static_cast<uint16_t>(config.master_port);
-    so.isServer = config.rank == 0;
-    so.numWorkers = config.world;
-    so.waitWorkers = false;
-    so.timeout = grace;
+    const c10d::TCPStoreOptions so = store_options(config, grace);
     if (!so.isServer && !listening_within(config.master_addr, config.master_port, grace, stop)) return;
     const auto store = so.isServer ? c10::make_intrusive<c10d::TCPStore>(config.master_addr, so)
                                    : client_within(config.master_addr, so, until, stop);

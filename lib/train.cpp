@@ -13,7 +13,6 @@
 #include <cctype>
 #include <iterator>
 #include <cerrno>
-#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -1332,16 +1331,8 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       if (lead) check_outputs_are_this_runs(config);
       if (lead && config.auto_resume) refuse_diverged_rerun(config);
       state = resumed->state;
-      const auto recorded = [&](const char* key) {
-        const auto v = resumed->config.find(key);
-        int64_t n = 0;
-        if (v == resumed->config.end() ||
-            std::from_chars(v->second.data(), v->second.data() + v->second.size(), n).ec != std::errc())
-          return std::optional<int64_t>();
-        return std::optional<int64_t>(n);
-      };
-      resumed_stored = recorded("stored_activation_bytes");
-      resumed_peak = recorded("peak_bytes");
+      resumed_stored = resumed->stored_activation_bytes;
+      resumed_peak = resumed->peak_bytes;
       // At the run's end, the run is complete once evaluated there and, with one rank (the
       // others cannot see rank 0's files), once its export is written and its summary says
       // "done". Otherwise the end is still to come: stopped part-way at what is now the end
@@ -1375,7 +1366,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   memory::install_cpu_counter();
   std::unique_ptr<Distributed> dist;
   if (config.dist.enabled()) {
-    const std::string backend = config.dist.backend != "auto" ? config.dist.backend : dev.is_cuda() ? "nccl" : "gloo";
+    const std::string backend = config.dist.resolved_backend(dev.is_cuda());
     // A refusal travels with its kind, so that every rank exits as the refusing one does: 2 for
     // flags, 3 for a diverged run --auto-resume skips, 0 for a complete one, else 1. The
     // refusing rank waits for the others a little (they may be starting), not --dist-timeout.

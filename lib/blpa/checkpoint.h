@@ -95,6 +95,9 @@ struct Checkpoint {
   std::map<std::string, std::string> config;  // TrainConfig::describe()'s key=value lines
   NetConfig net;                              // the network it holds
   int64_t train_subset = 0;                   // training images the run used (its first N; 0: all)
+  // What autograd stored and the step's peak, in bytes, as the run last measured them (none in
+  // a checkpoint from before 2026-12-02, or of a run that had trained no iteration).
+  std::optional<int64_t> stored_activation_bytes, peak_bytes;
   RunState state;
   std::shared_ptr<torch::serialize::InputArchive> archive;
 };

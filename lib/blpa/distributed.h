@@ -26,6 +26,8 @@ struct DistConfig {
   std::chrono::milliseconds timeout{std::chrono::seconds(600)};  // a missing peer is an error after this
 
   bool enabled() const { return world > 1; }
+  // The backend `auto` picks: NCCL where the tensors are on a GPU, else Gloo.
+  std::string resolved_backend(bool cuda) const { return backend != "auto" ? backend : cuda ? "nccl" : "gloo"; }
   // RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT (torchrun's
   // variables), where set.
   static DistConfig from_env();
