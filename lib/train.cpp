@@ -861,6 +861,10 @@ void check_outputs_are_this_runs(const TrainConfig& c) {
     const std::string line = first_line_of(c.summary_path);
     if (line.find("\"type\": \"summary\"") == std::string::npos) refuse("--summary", c.summary_path, "is no summary");
     const std::string theirs = json_field(line, "run_id");
+    if (line.back() != '}')  // damaged by hand or by a disk: whose it was cannot be told, nor whether it diverged
+      spdlog::warn("--summary {} is cut short ({} bytes, no whole line of JSON): it cannot be checked, and this run "
+                   "replaces it when it ends",
+                   c.summary_path, line.size());
     if (theirs.size() > 2 && theirs != json_string(c.run_id))
       refuse("--summary", c.summary_path, "is the summary of run " + theirs.substr(1, theirs.size() - 2));
   }

@@ -1731,6 +1731,13 @@ TEST_CASE("hardening: --print-config refuses the outputs the run refuses and wri
                           dir);
   CHECK(other.code == 2);
   CHECK(other.output.find("is the summary of run 0123456789abcdef") != std::string::npos);
+  // One cut short before its run id: taken, with a warning, since it cannot be checked.
+  std::ofstream(dir / "cut.json") << "{\"type\": \"summary\", \"status\": \"interr";
+  const Run cut = train(small(dir, {"--checkpoint", ck, "--log", log, "--summary", (dir / "cut.json").string(),
+                                    "--resume", "--print-config"}),
+                        dir);
+  CHECK(cut.code == 0);
+  CHECK(cut.output.find("--summary " + (dir / "cut.json").string() + " is cut short (37 bytes") != std::string::npos);
   // A checkpoint another run holds (its lock taken here): exit 1, as the run.
   const int fd = ::open((ck + ".lock").c_str(), O_RDWR | O_CREAT, 0644);
   REQUIRE(fd >= 0);

@@ -5,6 +5,7 @@
 #include <blpa/jpeg.h>
 #include <blpa/train.h>
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -181,7 +182,7 @@ TEST_CASE("imagenet: splits with different classes are refused and a list file i
 TEST_CASE("imagenet: subsets keep every class and lists take comments, blanks and absolute paths", "[imagenet]") {
   auto list_of = [](std::vector<int64_t> labels) {
     ImageList l;
-    for (size_t i = 0; i < labels.size(); ++i) l.paths.push_back("p" + std::to_string(i));
+    for (size_t i = 0; i < labels.size(); ++i) l.paths.push_back(fmt::format("p{}", i));
     l.labels = std::move(labels);
     l.num_classes = 1 + *std::max_element(l.labels.begin(), l.labels.end());
     return l;
@@ -218,7 +219,7 @@ TEST_CASE("imagenet: subsets keep every class and lists take comments, blanks an
 TEST_CASE("imagenet: undecodable images are replaced by random ones and the cache keeps the scan's report",
           "[imagenet]") {
   const fs::path root = temp_tree("bad-class");
-  for (int i = 0; i < 300; ++i) write_bytes(root / "n01" / ("g" + std::to_string(i) + ".JPEG"), jpeg_of(16, 16, i));
+  for (int i = 0; i < 300; ++i) write_bytes(root / "n01" / fmt::format("g{}.JPEG", i), jpeg_of(16, 16, i));
   for (int i = 0; i < 120; ++i) write_bytes(root / "n02" / ("heic" + std::to_string(i) + ".jpg"), {'f', 't', 'y', 'p'});
   const ImageList list = scan_image_folder(root.string(), "", 2, nullptr);
   REQUIRE(list.size() == 420);
