@@ -1007,8 +1007,10 @@ void save_checkpoint(const std::string& path, const std::string& identity, const
 void export_state_dict(const std::string& path, ResNet& model, const std::string& run_id) {
   if (!all_finite(model)) throw std::runtime_error("--export " + path + ": the weights are not finite; nothing written");
   c10::impl::GenericDict dict(c10::StringType::get(), c10::TensorType::get());
-  for (const auto& p : model->named_parameters()) dict.insert(p.key(), p.value().detach().cpu());
-  for (const auto& b : model->named_buffers()) dict.insert(b.key(), b.value().cpu());
+  // Contiguous (NCHW) float32 whatever the run's layout and precision: what torch.load's users
+  // and tools that take only dense tensors (safetensors, .view(-1)) expect.
+  for (const auto& p : model->named_parameters()) dict.insert(p.key(), p.value().detach().cpu().contiguous());
+  for (const auto& b : model->named_buffers()) dict.insert(b.key(), b.value().cpu().contiguous());
   std::vector<char> pickle;
   torch::jit::Pickler pickler([&](const char* b, size_t n) { pickle.insert(pickle.end(), b, b + n); }, nullptr,
                               nullptr, nullptr, nullptr, /*tag_aggregates=*/false);

@@ -1621,8 +1621,14 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
                    state.pending_eval ? ", or of its evaluation," : "");
     log.open(config.log_path, config.resume);
   }
-  log.write(fmt::format("{{\"type\": \"config\", \"iter\": {}, \"time\": {:.3f}, \"resumed\": {}, \"config\": {}}}\n",
-                        it, unix_time(), config.resume, config.json()));
+  // The inputs' normalisation goes with the run's records: an --export's user needs it (CIFAR's
+  // and MNIST-style statistics are of the training images, which they may not have).
+  const std::string normalisation = fmt::format("{{\"mean\": [{}], \"std\": [{}]}}", fmt::join(norm.mean, ", "),
+                                                fmt::join(norm.std, ", "));
+  log.write(fmt::format(
+      "{{\"type\": \"config\", \"iter\": {}, \"time\": {:.3f}, \"resumed\": {}, \"config\": {}, "
+      "\"normalisation\": {}}}\n",
+      it, unix_time(), config.resume, config.json(), normalisation));
 
   std::unique_ptr<data::TrainLoader> memory_loader;
   std::unique_ptr<data::BatchStream> image_loader;
@@ -1722,7 +1728,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         "\"wall_s\": {:.3f}, \"train_s\": {:.3f}, \"last_loss\": {}, \"eval_iter\": {}, \"test_loss\": {}, "
         "\"test_acc\": {}, \"test_top5\": {}, \"test_error\": {}, \"test_images\": {}, \"test_failed\": {}, "
         "\"images_per_s\": {}, \"stored_activation_bytes\": {}, \"peak_bytes\": {}, \"decode_failures\": {}, "
-        "\"graphed\": {}, \"resumed_from\": {}, \"error\": {}, \"config\": {}}}\n",
+        "\"graphed\": {}, \"resumed_from\": {}, \"error\": {}, \"config\": {}, \"normalisation\": {}}}\n",
         status, it, config.iterations, unix_time(), unix_time() - start_time, secs,
         json_loss(result.last_loss),  // null: none trained
         known ? std::to_string(eval_iter) : "null", known ? json_loss(result.test_loss) : "null", test(result.test_acc),
@@ -1732,7 +1738,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         stored_known ? std::to_string(stored) : "null",
         stored_known ? std::to_string(std::max(peak_max, memory::peak(dev))) : "null", decode_errors.files.load(),
         graphed != nullptr, config.resume ? std::to_string(first) : "null",
-        error.empty() ? std::string("null") : json_string(error), config.json());
+        error.empty() ? std::string("null") : json_string(error), config.json(), normalisation);
   };
   const bool summarising = !config.summary_path.empty() && lead;
   auto write_summary = [&](const char* status, const std::string& error = "") {

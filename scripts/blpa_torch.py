@@ -12,7 +12,9 @@ fc.weight, ...). The modules here have exactly those names, so loading is strict
     logits = net(images)                          # N x C x H x W, normalised as blpa-train did
 
 The input is normalised per channel as the trainer did: (pixel / 255 - mean) / std with the
-training images' mean and std (CIFAR, MNIST-style) or ImageNet's usual constants.
+training images' mean and std (CIFAR, MNIST-style: the run's log and summary record them as
+"normalisation") or ImageNet's usual constants. The export holds contiguous float32 tensors;
+a bf16 run's blpa-eval figures are those of this network under torch.autocast(dtype=bfloat16).
 
 In evaluation mode the logits equal blpa's to float rounding (a CTest test checks 1e-5 on a
 CIFAR-style and an ImageNet-style network). In training mode this is blpa's `plain` mode:
@@ -129,7 +131,9 @@ class ResNet(nn.Module):
 
 def from_state_dict(state_dict):
     """The network a blpa state dict holds (arch, depth, input channels and classes read off
-    its keys and shapes), with the state dict loaded strictly."""
+    its keys and shapes), with the state dict loaded strictly (a ValueError says what does not fit)."""
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("stem.weight"), torch.Tensor):
+        raise ValueError("not a blpa state dict (a dict of tensors with 'stem.weight', as blpa-train --export writes)")
     stem = state_dict["stem.weight"]
     blocks = {int(m.group(1)) for k in state_dict for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
     n = len(blocks)
@@ -142,18 +146,38 @@ def from_state_dict(state_dict):
         if n == 0 or n % 3:
             raise ValueError(f"a cifar network has 3n blocks, this state dict has {n}")
         arch, depth = "cifar", 9 * (n // 3) + 2
+    if "fc.weight" not in state_dict:
+        raise ValueError("not a blpa state dict: it has no 'fc.weight'")
     net = ResNet(arch, depth, stem.shape[1], state_dict["fc.weight"].shape[0])
-    net.load_state_dict(state_dict)
+    try:
+        net.load_state_dict(state_dict)
+    except RuntimeError as e:  # missing, unexpected or misshapen keys: torch's own list of them
+        raise ValueError(f"not the state dict of a blpa {arch}-{depth}: {e}") from e
     return net
 
 
-def load(path, map_location="cpu"):
-    """from_state_dict(torch.load(path)): a blpa-train --export file as a network."""
+def _is_checkpoint(f):
+    """Whether f (a path or a binary file object, left where it was) is LibTorch's archive of a
+    module, as blpa-train's checkpoints are, rather than a torch.save file."""
+    start = f.tell() if hasattr(f, "seek") else None
+    try:
+        if not zipfile.is_zipfile(f):
+            return False
+        with zipfile.ZipFile(f) as z:
+            return any(n.endswith("/constants.pkl") for n in z.namelist())
+    finally:
+        if start is not None:
+            f.seek(start)
+
+
+def load(f, map_location="cpu"):
+    """from_state_dict(torch.load(f)): a blpa-train --export file (a path or a binary file
+    object) as a network."""
     # A checkpoint (LibTorch's archive of the model, optimiser and run) is no state dict.
-    if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
-        raise ValueError(f"{path} is a blpa-train checkpoint, not an --export file: blpa-train --export "
-                         "MODEL.pt writes one (with --resume on the checkpoint of a finished run too)")
-    return from_state_dict(torch.load(path, map_location=map_location))
+    if _is_checkpoint(f):
+        raise ValueError(f"{getattr(f, 'name', f)} is a blpa-train checkpoint, not an --export file: blpa-train "
+                         "--export MODEL.pt writes one (with --resume on the checkpoint of a finished run too)")
+    return from_state_dict(torch.load(f, map_location=map_location))
 
 
 def main(argv):
@@ -164,6 +188,11 @@ def main(argv):
         net = load(argv[1])
     except (OSError, ValueError) as e:
         print(f"blpa_torch.py: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # torch.load's: a file cut short, not a torch.save file, ...
+        said = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+        print(f"blpa_torch.py: {argv[1]} cannot be read as a torch.save file ({type(e).__name__}"
+              f"{': ' + said if said and said != type(e).__name__ else ''})", file=sys.stderr)
         return 1
     params = sum(p.numel() for p in net.parameters())
     print(f"{argv[1]}: {net.arch}-{net.depth}, {net.stem.in_channels} input channels, "

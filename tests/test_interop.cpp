@@ -157,6 +157,9 @@ TEST_CASE("interop: blpa_torch.py's networks load --export strictly and give blp
   for (size_t i = 0; i < cases.size(); ++i) {
     const Case& c = cases[i];
     auto net = scrambled(c.net, c.size, c.negative_gamma);
+    // The ImageNet-style one trained in NHWC: its convolutions' weights are channels-last, its
+    // export is contiguous all the same.
+    if (c.net.arch == "imagenet") net->set_numerics({blpa::Precision::fp32, at::MemoryFormat::ChannelsLast});
     const auto x = torch::randn({3, c.net.in_channels, c.size, c.size});
     torch::NoGradGuard no_grad;
     expected.push_back(net->forward(x));
@@ -185,7 +188,7 @@ TEST_CASE("interop: blpa_torch.py's networks load --export strictly and give blp
     }
   }
   const std::string script = R"PY(
-import sys, torch
+import io, sys, torch
 sys.path.insert(0, sys.argv[1])
 import blpa_torch
 nets = {}
@@ -204,10 +207,14 @@ for (arch, depth, c, k), want in nets.items():
 a = sys.argv[3:]
 for model, inp, shape in zip(a[0::3], a[1::3], a[2::3]):
     net = blpa_torch.load(model).eval()  # strict load_state_dict
+    dense = all(t.is_contiguous() and t.dtype == torch.float32 for t in torch.load(model).values())
+    # from a file object too, as torch.load: the checkpoint check leaves it where it was
+    twin = blpa_torch.load(io.BytesIO(open(model, "rb").read())).eval()
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), twin.state_dict().values()))
     x = torch.frombuffer(bytearray(open(inp, "rb").read()), dtype=torch.float32)
     with torch.no_grad():
         y = net(x.view(*map(int, shape.split("x"))))
-    print(net.arch, net.depth, net.stem.in_channels, net.fc.out_features, *map(repr, y.flatten().tolist()))
+    print(net.arch, net.depth, net.stem.in_channels, net.fc.out_features, int(dense), *map(repr, y.flatten().tolist()))
 )PY";
   std::ofstream(dir / "check.py") << script;
   const Run r = shell(python + " " + (dir / "check.py").string() + " " + BLPA_SOURCE_DIR "/scripts " +
@@ -232,7 +239,9 @@ for model, inp, shape in zip(a[0::3], a[1::3], a[2::3]):
     std::string arch;
     int depth = 0;
     int64_t channels = 0, classes = 0;
-    in >> arch >> depth >> channels >> classes;
+    int dense = -1;
+    in >> arch >> depth >> channels >> classes >> dense;
+    CHECK(dense == 1);  // every tensor of the export contiguous float32
     CHECK(arch == cases[i].net.arch);  // read off the state dict's shapes
     CHECK(depth == cases[i].net.depth);
     CHECK(channels == cases[i].net.in_channels);
@@ -256,7 +265,9 @@ TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval 
   if (!have_fashion_mnist()) return;
   const auto dir = temp_dir("predict-fm");
   const std::string ck = (dir / "fm.ckpt").string(), pt = (dir / "fm.pt").string();
-  REQUIRE(run(BLPA_TRAIN_EXE, small_run({"--checkpoint", ck, "--export", pt}), dir).code == 0);
+  const std::string log = (dir / "fm.jsonl").string(), summary = (dir / "fm.json").string();
+  REQUIRE(run(BLPA_TRAIN_EXE, small_run({"--checkpoint", ck, "--export", pt, "--log", log, "--summary", summary}), dir)
+              .code == 0);
   constexpr int64_t n = 100;
   // The exported weights are for Python: given as a checkpoint, they are named for what they are.
   for (const char* exe : {BLPA_EVAL_EXE, BLPA_PREDICT_EXE}) {
@@ -276,6 +287,17 @@ TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval 
     CHECK(py.code == 1);
     CHECK(py.err.find(ck + " is a blpa-train checkpoint, not an --export file") != std::string::npos);
     CHECK(py.err.find("Traceback") == std::string::npos);
+    // An export cut short, and a file of text: torch.load's own error, in one line.
+    const std::string bytes = slurp(pt), cut = (dir / "cut.pt").string(), txt = (dir / "text.pt").string();
+    std::ofstream(cut, std::ios::binary) << bytes.substr(0, bytes.size() / 2);
+    std::ofstream(txt) << "hello\n";
+    for (const std::string& bad : {cut, txt}) {
+      const Run b = shell(python + " " BLPA_SOURCE_DIR "/scripts/blpa_torch.py " + bad, dir);
+      CAPTURE(b.err);
+      CHECK(b.code == 1);
+      CHECK(b.err.find("blpa_torch.py: " + bad + " cannot be read as a torch.save file (") != std::string::npos);
+      CHECK(b.err.find("Traceback") == std::string::npos);
+    }
   }
 
   const Run e = run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--subset", std::to_string(n), "--json"}, dir);
@@ -300,7 +322,16 @@ TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval 
   const auto test = blpa::data::load("fashion-mnist", dir_fm, false);
   std::vector<int64_t> idx(n);
   for (int64_t i = 0; i < n; ++i) idx[i] = i;
-  const auto batch = blpa::data::make_batch(test, idx, blpa::data::channel_stats(train), nullptr, 0);
+  const auto norm = blpa::data::channel_stats(train);
+  const auto batch = blpa::data::make_batch(test, idx, norm, nullptr, 0);
+  // The log's config record and the summary carry that normalisation, for the export's users.
+  const std::string recorded = fmt::format("\"normalisation\": {{\"mean\": [{}], \"std\": [{}]}}}}\n",
+                                           fmt::join(norm.mean, ", "), fmt::join(norm.std, ", "));
+  CAPTURE(recorded);
+  const std::string config_record = slurp(log).substr(0, slurp(log).find('\n') + 1);
+  CHECK(config_record.find("{\"type\": \"config\"") == 0);
+  CHECK(config_record.ends_with(recorded));
+  CHECK(slurp(summary).ends_with(recorded));
   torch::Tensor prob;
   {
     torch::NoGradGuard no_grad;

@@ -27,8 +27,8 @@ Precision parse_precision(const std::string& s);
 std::string to_string(Precision p);
 
 // A network's precision and activation layout (NCHW: at::MemoryFormat::Contiguous; NHWC:
-// ChannelsLast). The weights stay float32 NCHW; the stem casts the images, the units
-// follow their input.
+// ChannelsLast). The weights stay float32 (set_numerics lays the convolutions' out in the
+// layout); the stem casts the images, the units follow their input.
 struct Numerics {
   Precision precision = Precision::fp32;
   at::MemoryFormat layout = at::MemoryFormat::Contiguous;
