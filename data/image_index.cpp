@@ -364,7 +364,7 @@ ImageList scan_image_folder(const std::string& dir, const std::string& cache_dir
   r.loose = std::move(loose);
   if (out.paths.empty()) throw std::runtime_error(dir + ": no .JPEG/.jpg images in its " + std::to_string(out.num_classes) + " class folders");
   if (!cache.empty()) {
-    for (size_t slash = 1; slash != std::string::npos; slash = cache_dir.find('/', slash + 1))
+    for (size_t slash = cache_dir.find('/', 1); slash != std::string::npos; slash = cache_dir.find('/', slash + 1))
       ::mkdir(cache_dir.substr(0, slash).c_str(), 0755);  // mkdir -p; failures show as a missing cache
     ::mkdir(cache_dir.c_str(), 0755);
     r.cache_unwritten = write_cache(cache, out, r);

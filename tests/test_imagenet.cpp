@@ -71,6 +71,14 @@ TEST_CASE("imagenet: classes are numbered in sorted wnid order and the index cac
 
   ScanReport r;
   auto list = scan_image_folder(train.string(), cache, 3, &r);
+  {  // a relative cache folder is made as `mkdir -p` makes it: no folder of its first letter beside it
+    const fs::path cwd = fs::current_path();
+    fs::current_path(root);
+    scan_image_folder(train.string(), "rel/cache", 1, nullptr);
+    fs::current_path(cwd);
+    CHECK(fs::is_directory(root / "rel" / "cache"));
+    CHECK_FALSE(fs::exists(root / "r"));
+  }
   CHECK(list.classes == std::vector<std::string>{"n01", "n02", "n03", "n04"});
   CHECK(list.num_classes == 4);
   REQUIRE(list.size() == 4);
