@@ -18,16 +18,16 @@ train=$BLPA_BUILD_DIR/app/blpa-train
 device=(--device "${BLPA_DEVICE:-cpu}")
 # The files are named after the data set, depth and mode (blpa-train's default: blpa, 4 bits);
 # a --dataset, --preset, --depth, --mode or --bits among the extra arguments renames them.
-mode=blpa bits=4 depth= data=
+mode=blpa bits=4 depth= data= preset=
 prev=
 for a in "$@"; do
   case $prev in
     --mode) mode=$a ;; --bits) bits=$a ;; --depth) depth=$a ;; --dataset) data=$a ;;
-    --preset) data=$a depth=${depth:-152} ;;
+    --preset) data=$a depth=${depth:-152} preset=1 ;;
   esac
   case $a in
     --mode=*) mode=${a#*=} ;; --bits=*) bits=${a#*=} ;; --depth=*) depth=${a#*=} ;; --dataset=*) data=${a#*=} ;;
-    --preset=*) data=${a#*=} depth=${depth:-152} ;;
+    --preset=*) data=${a#*=} depth=${depth:-152} preset=1 ;;
   esac
   prev=$a
 done
@@ -35,10 +35,13 @@ done
 if [[ -n ${BLPA_DATA_DIR:-} ]]; then
   name=${data:-cifar}-resnet${depth:-164}-$mode
   args=(--data-dir "$BLPA_DATA_DIR")  # every other flag at its default: the paper's protocol
+elif [[ -n $preset ]]; then  # the preset's protocol, whole: its --data-dir is among the arguments
+  name=$data-resnet$depth-$mode
+  args=()
 else
   name=${data:-fashion-mnist}-resnet${depth:-20}-$mode
   args=(--depth 20 --batch 64 --iterations 1000 --warmup 100 --lr-steps 600,850 --eval-every 500 --log-every 20)
 fi
 echo "== blpa-train ${args[*]} ${device[*]} $* (log: results/$name.jsonl) ==" >&2
-exec "$train" "${args[@]}" "${device[@]}" --log "$out/$name.jsonl" --checkpoint "$out/$name.ckpt" \
+exec "$train" ${args[@]+"${args[@]}"} "${device[@]}" --log "$out/$name.jsonl" --checkpoint "$out/$name.ckpt" \
   --export "$out/$name.pt" "$@"
