@@ -96,7 +96,7 @@ int codec_main(int argc, char** argv) {
       "gamma", "ones, drawn or a number: the BatchNorm's gamma as initialised, drawn as after training (see "
       "above), or that value in every channel (pack dividing by it)",
       cxxopts::value<std::string>()->default_value("ones"))(
-      "device", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
+      "device", "cpu, cuda or cuda:N", cxxopts::value<std::string>()->default_value("cpu"))(
       "threads", "CPU threads (0: LibTorch's default)", cxxopts::value<std::string>()->default_value("0"))(
       "reps", "Calls per timing round", cxxopts::value<std::string>()->default_value("10"))(
       "json", "Print one JSON object instead of a table")("h,help", "This help");
@@ -140,7 +140,7 @@ int codec_main(int argc, char** argv) {
   }
   const auto dtype = dtype_name == "bf16" ? torch::kBFloat16 : torch::kFloat;
   const auto memory_format = layout == "nhwc" ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
-  const torch::Device dev(args["device"].as<std::string>());
+  const torch::Device dev = blpa::parse_device(args["device"].as<std::string>());
   if (dev.is_cuda() && !torch::cuda::is_available())
     throw std::invalid_argument("--device cuda: no CUDA device is available");  // exit 2, as blpa-train's
   blpa::set_threads(blpa::number<int>(args, "threads"));

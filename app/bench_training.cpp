@@ -123,7 +123,7 @@ void add_common(cxxopts::Options& o, const std::string& batch, const std::string
       "for its bits with the default window, else 0)", cxxopts::value<std::string>())(
       "size", "Input height/width (0: 32 for cifar, 224 for imagenet)",
       cxxopts::value<std::string>()->default_value("0"))(
-      "device", "cpu or cuda", cxxopts::value<std::string>()->default_value("cpu"))(
+      "device", "cpu, cuda or cuda:N", cxxopts::value<std::string>()->default_value("cpu"))(
       "threads", "LibTorch CPU threads (0: its default)", cxxopts::value<std::string>()->default_value("0"))(
       "json", "One JSON object per line and mode");
   add_numerics(o);
@@ -160,7 +160,7 @@ bool parse_common(cxxopts::Options& o, int argc, char** argv, Common& c, cxxopts
   if (args.count("window") && !(window > 0)) throw std::invalid_argument("--window must be positive");
   const auto lift = args.count("lift") ? std::optional<float>(blpa::number<float>(args, "lift")) : std::nullopt;
   c.modes = parse_modes(args["mode"].as<std::string>(), blpa::number<int>(args, "bits"), window, lift);
-  c.device = torch::Device(args["device"].as<std::string>());
+  c.device = blpa::parse_device(args["device"].as<std::string>());
   if (c.device.is_cuda() && !torch::cuda::is_available()) throw std::invalid_argument("--device cuda: no CUDA device");
   blpa::set_threads(blpa::number<int>(args, "threads"));
   c.numerics = parse_numerics(args, c.device);

@@ -65,12 +65,7 @@ static int run(int argc, char** argv) {
     blpa::set_threads(blpa::number<int>(a, "threads"));
     e.options.device = a["device"].as<std::string>();
     if (e.subset < 0) throw std::invalid_argument("--subset must be >= 0 (0: all)");
-    try {
-      const torch::Device d(e.options.device);
-      if (!d.is_cpu() && !d.is_cuda()) throw std::invalid_argument("");
-    } catch (const std::exception&) {
-      throw std::invalid_argument("--device must be cpu, cuda or cuda:N, got '" + e.options.device + "'");
-    }
+    blpa::parse_device(e.options.device);
     e.options.precision = a["precision"].as<std::string>();
     e.options.memory_format = a["memory-format"].as<std::string>();
     blpa::numerics_for(e.options.precision, e.options.memory_format, torch::Device(e.options.device));  // the names

@@ -412,10 +412,9 @@ static int run(int argc, char** argv) {
     if (o.range.empty() && o.paths.empty() && o.list.empty())
       throw FlagError("nothing to classify: give image files or folders, --list FILE, or --from-dataset N..M");
     try {
-      const torch::Device d(o.device);
-      if (!d.is_cpu() && !d.is_cuda()) throw std::invalid_argument("");
-    } catch (const std::exception&) {
-      throw FlagError("--device must be cpu, cuda or cuda:N, got '" + o.device + "'");
+      blpa::parse_device(o.device);
+    } catch (const std::invalid_argument& e) {
+      throw FlagError(e.what());
     }
     blpa::numerics_for(o.eval.precision, o.eval.memory_format, torch::Device(o.device));  // the names
   } catch (const std::exception& ex) {

@@ -78,6 +78,16 @@ at::MemoryFormat parse_layout(const std::string& s) {
   throw std::invalid_argument("unknown memory format '" + s + "' (expected nchw or nhwc)");
 }
 
+torch::Device parse_device(const std::string& s) {
+  const std::string bad = "--device must be cpu, cuda or cuda:N, got '" + s + "'";
+  try {
+    const torch::Device d(s);
+    if (d.is_cpu() || d.is_cuda()) return d;
+  } catch (const c10::Error&) {
+  }
+  throw std::invalid_argument(bad);
+}
+
 std::string layout_name(at::MemoryFormat f) { return f == at::MemoryFormat::ChannelsLast ? "nhwc" : "nchw"; }
 
 std::string Numerics::str() const { return to_string(precision) + "-" + layout_name(layout); }

@@ -617,11 +617,9 @@ void TrainConfig::validate() const {
   if (accum_steps <= 0 || batch % accum_steps != 0) bad("--accum-steps must be positive and divide --batch");
   bool cpu = false;
   try {
-    const torch::Device d(device);
-    if (!d.is_cpu() && !d.is_cuda()) bad("--device must be cpu, cuda or cuda:N, got '" + device + "'");
-    cpu = d.is_cpu();
-  } catch (const c10::Error&) {
-    bad("--device must be cpu, cuda or cuda:N, got '" + device + "'");
+    cpu = parse_device(device).is_cpu();
+  } catch (const std::invalid_argument& e) {
+    bad(e.what());
   }
   if (precision != "auto" && precision != "fp32" && precision != "tf32" && precision != "bf16")
     bad("--precision must be fp32, tf32, bf16 or auto, got '" + precision + "'");
@@ -1353,9 +1351,13 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         state.pending_eval =
             (evaluated != resumed->config.end() && evaluated->second == "0") || unfinished_outputs;
       }
+      // A run cannot go back: exit 0 here left an interrupted run unevaluated, unexported and
+      // summarised "interrupted", and a sweep took it for finished.
       if (state.iteration > config.iterations)
-        throw RunComplete(fmt::format("checkpoint {} is at iteration {}, past --iterations {}: nothing to do",
-                                      config.checkpoint, state.iteration, config.iterations));
+        throw FlagError(fmt::format("checkpoint {} is at iteration {}, past --iterations {}: a run cannot go back; "
+                                    "give --iterations {} to finish it there, or more to go on (or --overwrite to "
+                                    "start again)",
+                                    config.checkpoint, state.iteration, config.iterations, state.iteration));
       if (state.iteration == config.iterations && !state.pending_eval)
         throw RunComplete(fmt::format("checkpoint {} is at iteration {}, evaluated: with --iterations {} the run "
                                       "is complete, nothing to do",
@@ -1815,9 +1817,10 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
             // A run that diverged can leave finite weights whose gradient is not (blpa's codes
             // are of a / gamma, and a diverging run drives gamma to its floor): a lower
             // --lr cannot help there.
-            ? fmt::format("It diverged again before a new checkpoint; the one it resumed, {} (iteration {}), was "
-                          "kept. If a much lower --lr diverges as soon, the checkpoint's weights cannot be continued "
-                          "(their gradients are not finite at any learning rate): start again with --overwrite.",
+            ? fmt::format("It diverged before its next checkpoint; the one it resumed, {} (iteration {}), was "
+                          "kept. If a much lower --lr diverges as soon after resuming it, its weights cannot be "
+                          "continued (their gradients are not finite at any learning rate): start again with "
+                          "--overwrite.",
                           config.checkpoint, last_good)
             : fmt::format("The last checkpoint of finite numbers, {} (iteration {}), was kept; its weights may "
                           "already be on their way to diverging: resume it with a lower --lr, or start again.",
@@ -2101,6 +2104,8 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       else if (last_good >= 0)  // removed while the run ran (its folder, say)
         saved += fmt::format(" Checkpoint {} of iteration {} is gone: there is nothing to resume.", config.checkpoint,
                              last_good);
+      else if (!fs::is_regular_file(config.checkpoint, ec))  // none written: its outputs are a new run's to replace
+        saved += " No checkpoint was written: there is nothing to resume; start the run again.";
     }
     // A peer that died or went silent: every rank stops, instead of hanging.
     const std::string why = dynamic_cast<const PeerLost*>(&e)

@@ -273,6 +273,9 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"step", "--model", "cifar:11", "--batch", "99999999999", "--size", "99999"}, "the input alone overflows"},
       {{"fidelity", "--size", "99999999999"}, "--size 99999999999: out of range"},
       {{"codec", "--json=yes"}, "--json=yes: --json is a switch: give it alone, or =true or =false"},
+      // A device LibTorch names but blpa does not run on: LibTorch's words and exit 1 before.
+      {{"codec", "--device", "tpu"}, "--device must be cpu, cuda or cuda:N, got 'tpu'"},
+      {{"memory", "--model", "cifar:11", "--device", "meta"}, "--device must be cpu, cuda or cuda:N, got 'meta'"},
   };
   for (const auto& [args, message] : bench) {
     const Run b = run(BLPA_BENCH_EXE, args, dir);
@@ -585,8 +588,12 @@ TEST_CASE("hardening: --auto-resume does not retry a run that diverged, unless i
   };
   // Four iterations and a checkpoint, then a learning rate that overflows: diverged.
   REQUIRE(train(small(dir, {"--checkpoint", ck, "--summary", summary, "--iterations", "4"}), dir).code == 0);
-  REQUIRE(run_at("1e30").code == 3);
+  const Run diverged = run_at("1e30");
+  REQUIRE(diverged.code == 3);
   REQUIRE(slurp(summary).find("\"status\": \"diverged\"") != std::string::npos);
+  // It had not diverged before this resume: not "again".
+  CHECK(diverged.output.find("It diverged before its next checkpoint; the one it resumed, " + ck + " (iteration 4)") !=
+        std::string::npos);
   const std::string ck_bytes = slurp(ck), summary_bytes = slurp(summary);
   // Run again as it was (a sweep run again): not retried, nothing written, still exit 3.
   const Run again = run_at("1e30");
@@ -1178,6 +1185,14 @@ TEST_CASE("hardening: --resume refuses another run's log, summary or export, and
   CHECK(done.code == 0);
   CHECK(done.output.find("is at iteration 3, evaluated: with --iterations 3 the run is complete, nothing to do") !=
         std::string::npos);
+  CHECK(slurp(ck) + slurp(log) == done_bytes);
+  // Fewer iterations than its checkpoint's: a run cannot go back, and exit 0 would tell a sweep
+  // that a run stopped part-way was finished (its export and evaluation never written).
+  const Run back = train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "2", "--resume"}), dir);
+  CAPTURE(back.output);
+  CHECK(back.code == 2);
+  CHECK(back.output.find("is at iteration 3, past --iterations 2: a run cannot go back; give --iterations 3 to "
+                         "finish it there") != std::string::npos);
   CHECK(slurp(ck) + slurp(log) == done_bytes);
 
   // Another run's log: refused, and none of its records removed.
@@ -1827,10 +1842,12 @@ TEST_CASE("hardening: SIGHUP checkpoints as SIGTERM does, and a console that has
   CHECK(headless.wait() == 0);
   CHECK(slurp(dir / "b.jsonl").find("\"type\": \"eval\", \"iter\": 4,") != std::string::npos);
 
-  // A run that fails after its signal (here its summary's folder has gone) says why, and still
-  // ends by the signal, so that a sweep stops: it exited 1, and a shell loop went on.
+  // A run that fails after its signal (here the folder of its checkpoint and summary has gone)
+  // says why, and still ends by the signal, so that a sweep stops: it exited 1, and a shell
+  // loop went on. With no checkpoint written before, it says there is nothing to resume.
   const fs::path gone = dir / "gone";
   Spawned failing{spawn_train(small(dir, {"--log", (dir / "c.jsonl").string(), "--summary", (gone / "c.json").string(),
+                                          "--checkpoint", (gone / "c.ckpt").string(), "--checkpoint-every", "1000",
                                           "--iterations", "100000"}),
                               dir / "c.out")};
   wait_for_record((dir / "c.jsonl").string(), "\"type\": \"train\", \"iter\": 2,");
@@ -1840,7 +1857,8 @@ TEST_CASE("hardening: SIGHUP checkpoints as SIGTERM does, and a console that has
   CHECK(failing.wait() == 128 + SIGINT);
   CHECK((WIFSIGNALED(failing.status) && WTERMSIG(failing.status) == SIGINT));
   CAPTURE(slurp(dir / "c.out"));
-  CHECK(slurp(dir / "c.out").find((gone / "c.json").string()) != std::string::npos);
+  CHECK(slurp(dir / "c.out").find((gone / "c.ckpt").string()) != std::string::npos);
+  CHECK(slurp(dir / "c.out").find("No checkpoint was written: there is nothing to resume") != std::string::npos);
 
   // Ctrl-C on a sweep (a shell loop of runs; the whole process group gets SIGINT): the run
   // writes its checkpoint and the loop stops. When the run exited 130, bash took the signal

@@ -38,6 +38,9 @@ struct Numerics {
 };
 // "nchw" or "nhwc"; throws std::invalid_argument for anything else.
 at::MemoryFormat parse_layout(const std::string& s);
+// --device: "cpu", "cuda" or "cuda:N"; throws std::invalid_argument, naming the flag, for
+// anything else (LibTorch's other device types, "CPU", "cuda:0x").
+torch::Device parse_device(const std::string& s);
 std::string layout_name(at::MemoryFormat f);
 // What "auto" means on a device: tf32 on CUDA, fp32 on the CPU; NHWC on both, in every
 // precision (docs/results.md, "Precision and layout" and "GPU (NVIDIA H200, 2026-11-30)").
