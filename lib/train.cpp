@@ -916,24 +916,38 @@ int64_t drop_records_after(const std::string& path, int64_t iteration, bool eval
   std::ifstream in(path);
   if (!in) return 0;
   std::string kept;
-  int64_t dropped = 0;
+  int64_t dropped = 0, removed = 0, number = 0;
   for (std::string line; std::getline(in, line);) {
+    ++number;
     const int64_t at = record_iteration(line);
     const bool redone = evaluates && at == iteration && line.rfind("{\"type\": \"eval\", ", 0) == 0;
-    if (at > iteration || redone || in.eof()) {  // eof: no newline after it
-      // Cut short at or before the checkpoint's iteration: the resumed run does not compute
-      // that record again (its window was closed), so the log has none for it. Said, not hidden
-      // among the records "after" the checkpoint.
-      if (at <= iteration && in.eof() && !redone)
-        spdlog::warn("--log {}: its last record was cut short (a write interrupted) and is removed; the log has no "
-                     "record for the iterations it covered{}",
-                     path, at >= 0 ? fmt::format(" (up to {})", at) : std::string());
+    if (at > iteration || redone) {
       ++dropped;
+      ++removed;
+      continue;
+    }
+    // Cut short at or before the checkpoint's iteration (eof: no newline after it): the resumed
+    // run does not compute that record again (its window was closed), so the log has none for
+    // it. Said, not counted among the records "after" the checkpoint.
+    if (in.eof()) {
+      spdlog::warn("--log {}: its last record was cut short (a write interrupted) and is removed; the log has no "
+                   "record for the iterations it covered{}",
+                   path, at >= 0 ? fmt::format(" (up to {})", at) : std::string());
+      ++removed;
+      continue;
+    }
+    // A line damaged in the middle (by hand, by a disk): kept, it made the log no JSON lines
+    // for plot.sh and every reader after it.
+    const size_t end = line.find_last_not_of(" \t\r");  // a CRLF editor's line is whole
+    if (end == std::string::npos || line.front() != '{' || line[end] != '}') {
+      spdlog::warn("--log {}: line {} is no whole JSON record (damaged) and is removed: '{}'", path, number,
+                   line.size() > 60 ? line.substr(0, 60) + "..." : line);
+      ++removed;
       continue;
     }
     kept += line + "\n";
   }
-  if (dropped > 0) {
+  if (removed > 0) {
     AtomicFile f(path);
     f.write(kept);
     f.commit();
@@ -1613,6 +1627,10 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     // files without a word.
     if (std::error_code ec; config.resume && state.iteration > 0 && !fs::exists(config.log_path, ec))
       spdlog::warn("--log {} does not exist: a new log begins at iteration {}, without the run's records before it",
+                   config.log_path, state.iteration);
+    else if (config.resume && state.iteration > 0 && fs::is_regular_file(config.log_path, ec) &&
+             fs::file_size(config.log_path, ec) == 0)
+      spdlog::warn("--log {} is empty: it begins again at iteration {}, without the run's records before it",
                    config.log_path, state.iteration);
     if (config.resume)
       result.dropped_log_records = drop_records_after(config.log_path, state.iteration, state.pending_eval);

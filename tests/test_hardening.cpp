@@ -1253,6 +1253,26 @@ TEST_CASE("hardening: --resume refuses another run's log, summary or export, and
   // That record was iteration 3's, the checkpoint's own: not computed again, and said so.
   CHECK(ok.output.find("its last record was cut short (a write interrupted) and is removed; the log has no record "
                        "for the iterations it covered (up to 3)") != std::string::npos);
+  CHECK(ok.output.find("after iteration 3 removed") == std::string::npos);  // it was not after: counted once
+
+  // A record damaged in the middle (by hand): removed, and said; the log is JSON lines again.
+  std::string text = slurp(log);
+  const size_t second = text.find('\n') + 1;
+  text.replace(second, text.find('\n', second) - second, "{broken");
+  std::ofstream(log, std::ios::trunc) << text;
+  const Run damaged = train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "6", "--resume"}), dir);
+  CAPTURE(damaged.output);
+  REQUIRE(damaged.code == 0);
+  CHECK(damaged.output.find("--log " + log + ": line 2 is no whole JSON record (damaged) and is removed: '{broken'") !=
+        std::string::npos);
+  CHECK(slurp(log).find("{broken") == std::string::npos);
+  // An emptied log: said, as a missing one is.
+  std::ofstream(log, std::ios::trunc).flush();
+  const Run emptied = train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "7", "--resume"}), dir);
+  CAPTURE(emptied.output);
+  REQUIRE(emptied.code == 0);
+  CHECK(emptied.output.find("--log " + log + " is empty: it begins again at iteration 6, without the run's records "
+                            "before it") != std::string::npos);
   remove_tree(dir);
 }
 
