@@ -165,7 +165,14 @@ BatchStream::~BatchStream() {
   for (auto& t : threads_) t.join();
 }
 
+namespace {
+thread_local bool loader_thread = false;
+}  // namespace
+
+bool on_loader_thread() { return loader_thread; }
+
 void BatchStream::work(int64_t b) {
+  loader_thread = true;
   for (;; b += workers_) {
     {
       std::unique_lock<std::mutex> lock(mutex_);

@@ -9,6 +9,8 @@
 #include <unordered_map>
 #include <utility>
 
+#include "blpa/loader.h"  // on_loader_thread
+
 #if BLPA_WITH_CUDA
 #include "memory_stats.h"
 #else
@@ -34,8 +36,11 @@ class CountingAllocator final : public c10::Allocator {
   }
 
   c10::DataPtr allocate(size_t n) override {
+    // The data loader's batches, made beside the step, are not the step's: counted, a step's
+    // stored bytes took in one batch or none as the workers happened to run.
+    const bool counted = !data::on_loader_thread();
     const int64_t limit = limit_.load();
-    if (limit > 0 && current_.load() + static_cast<int64_t>(n) > limit)
+    if (counted && limit > 0 && current_.load() + static_cast<int64_t>(n) > limit)
       C10_THROW_ERROR(OutOfMemoryError, "blpa: CPU memory budget of " + std::to_string(limit) + " bytes exceeded");
     c10::DataPtr inner = base_->allocate(n);
     void* data = inner.get();
@@ -45,9 +50,9 @@ class CountingAllocator final : public c10::Allocator {
     inner.release_context();
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      sizes_[data] = static_cast<int64_t>(n);
+      sizes_[data] = counted ? static_cast<int64_t>(n) : 0;
     }
-    add(static_cast<int64_t>(n));
+    if (counted) add(static_cast<int64_t>(n));
     return {data, data, &release, device};
   }
 

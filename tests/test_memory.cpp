@@ -1,5 +1,6 @@
 // Where a step's memory peaks: the scopes and the recorder of blpa/memory.h, and the memory
 // bench that reports them.
+#include <blpa/loader.h>
 #include <blpa/memory.h>
 
 #include <fstream>
@@ -54,6 +55,24 @@ TEST_CASE("memory: a PeakRecorder charges the peak to the innermost scope open a
   }
   CHECK(rec.peak() == base + 32 * kib);
   CHECK(rec.peak_scope().empty());
+}
+
+TEST_CASE("memory: the CPU counter leaves out the batches the loader's workers make", "[memory]") {
+  blpa::memory::install_cpu_counter();
+  const c10::Device cpu(c10::kCPU);
+  const int64_t before = blpa::memory::allocated(cpu);
+  constexpr int64_t kFloats = 1 << 20;  // 4 MiB a batch, 4 of them ready ahead
+  {
+    blpa::data::BatchStream stream([](int64_t) { return blpa::data::Batch{torch::ones({kFloats}), torch::zeros({1})}; },
+                                   0, 2, 4);
+    const auto batch = stream.next();
+    CHECK(batch.images.numel() == kFloats);
+    // Counted, the batch in hand and those made ahead gave 4 MiB or more, as the workers ran.
+    CHECK(blpa::memory::allocated(cpu) - before < 4 * kFloats);
+    const auto copy = batch.images.clone();  // this thread's own: counted
+    CHECK(blpa::memory::allocated(cpu) - before >= 4 * kFloats);
+  }
+  CHECK(blpa::memory::allocated(cpu) == before);  // what it freed was taken away once, never twice
 }
 
 TEST_CASE("memory: without a recorder a scope records nothing and leaves the peak alone", "[memory]") {

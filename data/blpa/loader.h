@@ -54,6 +54,8 @@ std::vector<int64_t> batch_indices(int64_t dataset_size, int64_t batch_size, uin
 // Batches 0, 1, 2, ... of `make` (a pure function of the batch number), computed by
 // `workers` threads at most max(prefetch, workers) batches ahead of next(). An exception
 // thrown by `make` is rethrown by the next() that would have returned that batch.
+// on_loader_thread() is true on those threads: blpa's CPU memory counter leaves what they
+// allocate out, so that a step's figures do not depend on how many batches were ready.
 class BatchStream {
  public:
   BatchStream(std::function<Batch(int64_t)> make, int64_t first_batch, int workers, int prefetch);
@@ -76,6 +78,8 @@ class BatchStream {
   bool stop_ = false;
   std::vector<std::thread> threads_;
 };
+
+bool on_loader_thread();
 
 // Data parallelism: rank `rank` of `world` takes the rank-th slice of each global batch of
 // batch_size * world samples, so the ranks' shards of an epoch are disjoint, cover it, and

@@ -1,6 +1,7 @@
 // Allocation-level memory measurement: bytes currently allocated and the peak, for the CPU
-// (a counting wrapper around LibTorch's CPU allocator) and CUDA (the caching allocator's
-// own statistics). Used to measure what autograd keeps, never to estimate it.
+// (a counting wrapper around LibTorch's CPU allocator, which leaves out what the data
+// loader's worker threads allocate) and CUDA (the caching allocator's own statistics). Used
+// to measure what autograd keeps, never to estimate it.
 #pragma once
 
 #include <c10/core/Device.h>
