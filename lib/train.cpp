@@ -1346,6 +1346,17 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       if (lead && !config.log_path.empty()) check_log_is_this_runs(config.log_path, config);
       if (lead) check_outputs_are_this_runs(config);
       if (lead && config.auto_resume) refuse_diverged_rerun(config);
+      // An output the run had and this resume forgot (a sweep's second command line): its
+      // records or file would be missing without a word. Not refused: it may be meant.
+      if (const auto had = resumed->config.find("outputs"); lead && had != resumed->config.end())
+        for (const auto& [flag, path] : {std::pair<std::string, std::string>{"--log", config.log_path},
+                                         {"--summary", config.summary_path},
+                                         {"--export", config.export_path}})
+          if (path.empty() && ("," + had->second + ",").find("," + flag.substr(2) + ",") != std::string::npos)
+            spdlog::warn("checkpoint {}'s run was given {}, this resume none: {}", config.checkpoint, flag,
+                         flag == "--log" ? "its records from here on are not kept"
+                         : flag == "--summary" ? "it writes no summary"
+                                               : "it writes no export");
       state = resumed->state;
       resumed_stored = resumed->stored_activation_bytes;
       resumed_peak = resumed->peak_bytes;
@@ -1905,6 +1916,13 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   std::optional<Clock::time_point> paused;
   // Only finite weights and optimiser state reach a checkpoint: an update can overflow even
   // when the loss before it was finite.
+  // The outputs the run was given, for a resume that forgets one to hear of it.
+  std::string outputs_given;
+  for (const auto& [name, path] : {std::pair<const char*, const std::string*>{"log", &config.log_path},
+                                   {"summary", &config.summary_path},
+                                   {"export", &config.export_path}})
+    if (!path->empty()) outputs_given += (outputs_given.empty() ? "" : ",") + std::string(name);
+  outputs_given = "outputs=" + outputs_given + "\n";
   auto checkpoint = [&] {
     if (config.checkpoint.empty() || !lead) return;
     drain();
@@ -1920,6 +1938,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     // with --iterations at the checkpoint's has not been evaluated at its (new) end.
     const std::string header =
         config.describe() + "run_id=" + config.run_id + "\nevaluated=" + (eval_iter == it ? "1" : "0") + "\n" +
+        outputs_given +
         (stored_known ? fmt::format("stored_activation_bytes={}\npeak_bytes={}\n", stored,
                                     std::max(peak_max, memory::peak(dev)))
                       : std::string()) +

@@ -1273,6 +1273,12 @@ TEST_CASE("hardening: --resume refuses another run's log, summary or export, and
   REQUIRE(emptied.code == 0);
   CHECK(emptied.output.find("--log " + log + " is empty: it begins again at iteration 6, without the run's records "
                             "before it") != std::string::npos);
+  // A resume that forgets the run's --log: said (a sweep's second command line), not refused.
+  const Run forgot = train(small(dir, {"--checkpoint", ck, "--iterations", "8", "--resume"}), dir);
+  CAPTURE(forgot.output);
+  CHECK(forgot.code == 0);
+  CHECK(forgot.output.find("checkpoint " + ck + "'s run was given --log, this resume none: its records from here on "
+                           "are not kept") != std::string::npos);
   remove_tree(dir);
 }
 
