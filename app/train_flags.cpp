@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include <cstdlib>
+#include <algorithm>
 #include <cxxopts.hpp>
 #include <filesystem>
 
@@ -255,7 +256,8 @@ std::string printed_config(const TrainConfig& given) {
   return settings + fmt::format("prefetch={}\nindex_cache={}\nrank={}\nlocal_rank={}\nmaster={}:{}\n"
                                 "dist_backend={}\ndist_timeout={}\ncheckpoint={}\nresume={}\nlog={}\n"
                                 "export={}\nsummary={}\n",
-                                c.prefetch, c.index_cache, c.dist.rank, c.dist.local_rank, c.dist.master_addr,
+                                std::max(c.prefetch, c.workers),  // the loader's: one batch per worker at least
+                                c.index_cache, c.dist.rank, c.dist.local_rank, c.dist.master_addr,
                                 c.dist.master_port, backend, fmt::format("{:g}", c.dist.timeout.count() / 1000.0),
                                 c.checkpoint, c.resume ? 1 : 0, c.log_path, c.export_path, c.summary_path);
 }

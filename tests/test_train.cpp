@@ -369,6 +369,8 @@ TEST_CASE("train: --preset imagenet sets the paper's protocol and explicit flags
   // No auto is left: on the CPU the graphs are off (on CUDA, auto is decided at the capture).
   CHECK(d.find("=auto\n") == std::string::npos);
   CHECK(d.find("\ncuda_graphs=off\n") != std::string::npos);
+  // --prefetch as the loader takes it: at least one batch per worker.
+  CHECK(config("--workers 4 --prefetch 2").find("\nprefetch=4\n") != std::string::npos);
   fs::create_directories(dir / "cifar");
   std::ofstream(dir / "cifar" / "data_batch_1.bin").put('x');
   CHECK(config("--data-dir " + (dir / "cifar").string()).find("dataset=cifar10\n") != std::string::npos);
