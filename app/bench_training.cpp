@@ -814,6 +814,7 @@ struct FidelityCase {
   blpa::ResNet params{nullptr};  // whose parameters every mode's network copies
   torch::Tensor x, labels;
   std::string source, checkpoint;  // "drawn" or "checkpoint" (then its path and iteration)
+  std::string trained_precision;   // a checkpoint's: what --precision auto measures it in
   int64_t iteration = 0;
   blpa::Numerics numerics;  // of every mode, plain included
 
@@ -857,7 +858,7 @@ FidelityCase drawn_case(int depth, int64_t batch, int64_t size, uint64_t seed) {
 
 // The weights of a blpa-train checkpoint on a batch of its training images (normalised as the
 // trainer does, not augmented), drawn by `seed`.
-FidelityCase checkpoint_case(const std::string& path, int64_t batch, uint64_t seed) {
+FidelityCase checkpoint_case(const std::string& path, const std::string& data_dir, int64_t batch, uint64_t seed) {
   FidelityCase c;
   const blpa::Checkpoint stored = blpa::read_checkpoint(path);
   c.params = blpa::load_model(stored);
@@ -866,9 +867,12 @@ FidelityCase checkpoint_case(const std::string& path, int64_t batch, uint64_t se
   c.checkpoint = path;
   c.iteration = stored.state.iteration;
   auto kv = stored.config;
+  c.trained_precision = kv["precision"];
   if (kv["dataset"] == "imagenet")
     throw std::invalid_argument("fidelity --checkpoint: " + path + " is an ImageNet network, which is not supported");
-  const std::string dir = kv["data_dir"].empty() ? std::string(blpa::data::kDebianFashionMnist) : kv["data_dir"];
+  const std::string dir = !data_dir.empty()        ? data_dir
+                          : kv["data_dir"].empty() ? std::string(blpa::data::kDebianFashionMnist)
+                                                   : kv["data_dir"];
   blpa::data::Dataset train = blpa::data::load(kv["dataset"], dir, true);
   const int64_t subset = stored.train_subset;
   if (subset > 0 && subset < train.size()) {
@@ -894,7 +898,10 @@ int fidelity_main(int argc, char** argv) {
   o.add_options()("depths", "CIFAR depths (9n+2) of drawn networks",
                   cxxopts::value<std::string>()->default_value("20,56,110,164"))(
       "checkpoint", "Comma list of blpa-train checkpoints to measure at instead of drawn parameters (CIFAR-style "
-      "networks on CIFAR, MNIST or Fashion-MNIST)", cxxopts::value<std::string>(), "PATHS")(
+      "networks on CIFAR, MNIST or Fashion-MNIST), each in the precision it was trained in unless --precision says "
+      "otherwise", cxxopts::value<std::string>(), "PATHS")(
+      "data-dir", "Where --checkpoint's data set is (default: the folder its run recorded)",
+      cxxopts::value<std::string>(), "DIR")(
       "modes", "Comma list of blpa, naive", cxxopts::value<std::string>()->default_value("blpa,naive"))(
       "bits", "Comma list of 8, 4, 2", cxxopts::value<std::string>()->default_value("8,4,2"))(
       "windows", "Comma list of window widths in units of x_hat, or 'default' (the default for the bits; the "
@@ -943,9 +950,12 @@ int fidelity_main(int argc, char** argv) {
   std::vector<std::function<FidelityCase()>> cases;
   if (args.count("checkpoint") && args.count("depths"))  // the depths were ignored
     throw std::invalid_argument("--depths sets the drawn networks, --checkpoint measures its own: give one of them");
+  if (args.count("data-dir") && !args.count("checkpoint"))  // drawn networks run on random images
+    throw std::invalid_argument("--data-dir is where --checkpoint's data set is; drawn networks need none");
   if (args.count("checkpoint")) {
+    const std::string data_dir = args.count("data-dir") ? args["data-dir"].as<std::string>() : "";
     for (const auto& path : blpa::comma_list("--checkpoint", args["checkpoint"].as<std::string>()))
-      cases.push_back([=] { return checkpoint_case(path, batch, seed); });
+      cases.push_back([=] { return checkpoint_case(path, data_dir, batch, seed); });
   } else {
     for (const auto& d : blpa::comma_list("--depths", args["depths"].as<std::string>()))
       cases.push_back(
@@ -953,7 +963,12 @@ int fidelity_main(int argc, char** argv) {
   }
   for (auto& make : cases) {
     FidelityCase c = make();
-    c.numerics = numerics;
+    // --precision auto: a checkpoint in the precision it was trained in, as blpa-eval scores it.
+    c.numerics = c.trained_precision.empty()
+                     ? numerics
+                     : blpa::numerics_for(blpa::eval_precision(args["precision"].as<std::string>(),
+                                                               c.trained_precision, torch::kCPU),
+                                          args["memory-format"].as<std::string>(), torch::kCPU);
     double loss = 0;
     const auto ref = c.grads({Mode::plain, 8}, &loss);
     const auto ref_all = torch::cat(ref);
@@ -996,12 +1011,12 @@ int fidelity_main(int argc, char** argv) {
                    c.source, blpa::json_string(c.checkpoint), c.iteration, c.net.depth, batch, c.x.size(2),
                    blpa::to_string(m.mode), m.bits,
                    report_format(m), json_number(rel), json_number(min_cos), worst, loss, ref_norm,
-                   blpa::to_string(numerics.precision), blpa::layout_name(numerics.layout));
+                   blpa::to_string(c.numerics.precision), blpa::layout_name(c.numerics.layout));
       else
         fmt::print("{} depth {:4d}  {} {:12s} relative gradient error {}  smallest cosine {} ({})  "
                    "[plain loss {:.4g}, |grad| {:.4g}]\n",
                    c.source == "drawn" ? std::string("drawn") : fmt::format("{} (it {})", c.checkpoint, c.iteration),
-                   c.net.depth, numerics.str(), m.str(), number(rel), number(min_cos), worst, loss, ref_norm);
+                   c.net.depth, c.numerics.str(), m.str(), number(rel), number(min_cos), worst, loss, ref_norm);
     }
   }
   return 0;

@@ -640,6 +640,25 @@ TEST_CASE("bench: fidelity measures bits x windows at drawn parameters and at a 
     CHECK(std::stod(m[10]) > 0);  // 2-bit codes do change the gradient
     CHECK(std::stod(m[11]) <= 1);
   }
+  // A bf16 checkpoint is measured in bf16 unless --precision says otherwise (as blpa-eval
+  // scores it), and --data-dir says where its data set is now.
+  auto b = small(dir);
+  b.iterations = 2;
+  b.precision = "bf16";
+  b.checkpoint = (dir / "bf16.pt").string();
+  b.log_path = (dir / "bf16.jsonl").string();
+  blpa::train(b);
+  for (const auto& [flag, want] : {std::pair<std::string, std::string>{"", "bf16"}, {"--precision fp32", "fp32"}}) {
+    const auto rows = run("--checkpoint " + b.checkpoint + " --batch 4 --modes blpa --bits 8 " + flag);
+    REQUIRE(rows.size() == 1);
+    CAPTURE(rows[0]);
+    CHECK(rows[0].find("\"precision\": \"" + want + "\"") != std::string::npos);
+  }
+  const std::string moved = std::string(BLPA_BENCH_EXE) + " fidelity --threads 1 --checkpoint " + b.checkpoint +
+                            " --batch 4 --modes blpa --bits 8 --data-dir " + (dir / "moved").string() + " > " + out +
+                            " 2>&1";
+  CHECK(std::system(moved.c_str()) != 0);
+  CHECK(slurp(out).find((dir / "moved").string()) != std::string::npos);
   const auto drawn = run("--depths 11 --batch 2 --size 8 --modes blpa --bits 8 --windows 6");
   REQUIRE(drawn.size() == 1);
   std::smatch m;
