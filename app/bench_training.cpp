@@ -900,7 +900,7 @@ int fidelity_main(int argc, char** argv) {
       "checkpoint", "Comma list of blpa-train checkpoints to measure at instead of drawn parameters (CIFAR-style "
       "networks on CIFAR, MNIST or Fashion-MNIST), each in the precision it was trained in unless --precision says "
       "otherwise", cxxopts::value<std::string>(), "PATHS")(
-      "data-dir", "Where --checkpoint's data set is (default: the folder its run recorded)",
+      "data-dir", "Where the --checkpoint networks' data set is, one folder for all (default: the folder each run recorded)",
       cxxopts::value<std::string>(), "DIR")(
       "modes", "Comma list of blpa, naive", cxxopts::value<std::string>()->default_value("blpa,naive"))(
       "bits", "Comma list of 8, 4, 2", cxxopts::value<std::string>()->default_value("8,4,2"))(

@@ -799,6 +799,32 @@ std::string json_field(const std::string& line, const std::string& key) {
   return line.substr(i, j - i);
 }
 
+// Whether a line is one whole JSON object, as the log's records and the summary are: its
+// braces and brackets (outside strings) close at its last character. Blanks around it, a CR
+// and a UTF-8 byte-order mark (an editor's) aside.
+bool whole_object(const std::string& line) {
+  size_t begin = line.rfind("\xEF\xBB\xBF", 0) == 0 ? 3 : 0;
+  begin = line.find_first_not_of(" \t", begin);
+  const size_t end = line.find_last_not_of(" \t\r");
+  if (begin == std::string::npos || line[begin] != '{') return false;
+  int depth = 0;
+  bool in_string = false;
+  for (size_t i = begin; i <= end; ++i) {
+    const char ch = line[i];
+    if (in_string) {
+      if (ch == '\\') ++i;
+      else if (ch == '"') in_string = false;
+    } else if (ch == '"') {
+      in_string = true;
+    } else if (ch == '{' || ch == '[') {
+      ++depth;
+    } else if ((ch == '}' || ch == ']') && --depth == 0) {
+      return i == end;
+    }
+  }
+  return false;
+}
+
 // A file's first line ("" where it cannot be read).
 std::string first_line_of(const std::string& path) {
   std::ifstream in(path);
@@ -858,13 +884,12 @@ void check_outputs_are_this_runs(const TrainConfig& c) {
     check_readable("--summary", c.summary_path);
     const std::string line = first_line_of(c.summary_path);
     if (line.find("\"type\": \"summary\"") == std::string::npos) refuse("--summary", c.summary_path, "is no summary");
-    const std::string theirs = json_field(line, "run_id");
-    if (line.back() != '}')  // damaged by hand or by a disk: whose it was cannot be told, nor whether it diverged
-      spdlog::warn("--summary {} is cut short ({} bytes, no whole line of JSON): it cannot be checked, and this run "
-                   "replaces it when it ends",
-                   c.summary_path, line.size());
-    if (theirs.size() > 2 && theirs != json_string(c.run_id))
+    const std::string theirs = json_field(line, "run_id");  // cut short in it: no closing quote
+    if (theirs.size() > 2 && theirs.back() == '"' && theirs != json_string(c.run_id))
       refuse("--summary", c.summary_path, "is the summary of run " + theirs.substr(1, theirs.size() - 2));
+    if (!whole_object(line))  // damaged by hand or by a disk (summaries are written whole)
+      spdlog::warn("--summary {} is cut short ({} bytes, not a whole JSON object): this run replaces it when it ends",
+                   c.summary_path, line.size());
   }
   if (!c.export_path.empty() && fs::is_regular_file(c.export_path, ec) && fs::file_size(c.export_path, ec) > 0) {
     check_readable("--export", c.export_path);
@@ -930,16 +955,21 @@ int64_t drop_records_after(const std::string& path, int64_t iteration, bool eval
     // run does not compute that record again (its window was closed), so the log has none for
     // it. Said, not counted among the records "after" the checkpoint.
     if (in.eof()) {
+      const size_t digits = line.find("\"iter\": ") + 8;  // cut in its number: not the iteration it was
+      const bool whole = at >= 0 && line.find_first_not_of("0123456789", digits) != std::string::npos;
       spdlog::warn("--log {}: its last record was cut short (a write interrupted) and is removed; the log has no "
                    "record for the iterations it covered{}",
-                   path, at >= 0 ? fmt::format(" (up to {})", at) : std::string());
+                   path, whole ? fmt::format(" (up to {})", at) : std::string());
       ++removed;
       continue;
     }
     // A line damaged in the middle (by hand, by a disk): kept, it made the log no JSON lines
-    // for plot.sh and every reader after it.
-    const size_t end = line.find_last_not_of(" \t\r");  // a CRLF editor's line is whole
-    if (end == std::string::npos || line.front() != '{' || line[end] != '}') {
+    // for plot.sh and every reader after it. A blank one goes without a word.
+    if (line.find_first_not_of(" \t\r") == std::string::npos) {
+      ++removed;
+      continue;
+    }
+    if (!whole_object(line)) {
       spdlog::warn("--log {}: line {} is no whole JSON record (damaged) and is removed: '{}'", path, number,
                    line.size() > 60 ? line.substr(0, 60) + "..." : line);
       ++removed;
@@ -1265,6 +1295,12 @@ Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given
   auto idx = [](const std::string& d) { return d == "mnist" || d == "fashion-mnist"; };
   if (given.dataset == "auto" && dataset != ck.config.end() && idx(dataset->second) && idx(config.dataset))
     config.dataset = dataset->second;
+  // A run cannot go back: exit 0 ("nothing to do") left an interrupted run unevaluated,
+  // unexported and summarised "interrupted", and a sweep took it for finished.
+  if (ck.state.iteration > config.iterations)
+    throw FlagError(fmt::format("checkpoint {} is at iteration {}, past --iterations {}: a run cannot go back; give "
+                                "--iterations {} to finish it there, or more to go on (or --overwrite to start again)",
+                                config.checkpoint, ck.state.iteration, config.iterations, ck.state.iteration));
   compare_with_checkpoint(ck, config);
   return ck;
 }
@@ -1346,17 +1382,6 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       if (lead && !config.log_path.empty()) check_log_is_this_runs(config.log_path, config);
       if (lead) check_outputs_are_this_runs(config);
       if (lead && config.auto_resume) refuse_diverged_rerun(config);
-      // An output the run had and this resume forgot (a sweep's second command line): its
-      // records or file would be missing without a word. Not refused: it may be meant.
-      if (const auto had = resumed->config.find("outputs"); lead && had != resumed->config.end())
-        for (const auto& [flag, path] : {std::pair<std::string, std::string>{"--log", config.log_path},
-                                         {"--summary", config.summary_path},
-                                         {"--export", config.export_path}})
-          if (path.empty() && ("," + had->second + ",").find("," + flag.substr(2) + ",") != std::string::npos)
-            spdlog::warn("checkpoint {}'s run was given {}, this resume none: {}", config.checkpoint, flag,
-                         flag == "--log" ? "its records from here on are not kept"
-                         : flag == "--summary" ? "it writes no summary"
-                                               : "it writes no export");
       state = resumed->state;
       resumed_stored = resumed->stored_activation_bytes;
       resumed_peak = resumed->peak_bytes;
@@ -1376,17 +1401,21 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         state.pending_eval =
             (evaluated != resumed->config.end() && evaluated->second == "0") || unfinished_outputs;
       }
-      // A run cannot go back: exit 0 here left an interrupted run unevaluated, unexported and
-      // summarised "interrupted", and a sweep took it for finished.
-      if (state.iteration > config.iterations)
-        throw FlagError(fmt::format("checkpoint {} is at iteration {}, past --iterations {}: a run cannot go back; "
-                                    "give --iterations {} to finish it there, or more to go on (or --overwrite to "
-                                    "start again)",
-                                    config.checkpoint, state.iteration, config.iterations, state.iteration));
       if (state.iteration == config.iterations && !state.pending_eval)
         throw RunComplete(fmt::format("checkpoint {} is at iteration {}, evaluated: with --iterations {} the run "
                                       "is complete, nothing to do",
                                       config.checkpoint, state.iteration, config.iterations));
+      // An output the run had and this resume forgot (a sweep's second command line): its
+      // records or file would be missing without a word. Not refused: it may be meant.
+      if (const auto had = resumed->config.find("outputs"); lead && had != resumed->config.end())
+        for (const auto& [flag, path] : {std::pair<std::string, std::string>{"--log", config.log_path},
+                                         {"--summary", config.summary_path},
+                                         {"--export", config.export_path}})
+          if (path.empty() && ("," + had->second + ",").find("," + flag.substr(2) + ",") != std::string::npos)
+            spdlog::warn("checkpoint {}'s run was given {}, this resume none: {}", config.checkpoint, flag,
+                         flag == "--log" ? "its records from here on are not kept"
+                         : flag == "--summary" ? "it writes no summary"
+                                               : "it writes no export");
     }
   } catch (const std::exception&) {
     if (!config.dist.enabled()) throw;

@@ -14,7 +14,7 @@ fc.weight, ...). The modules here have exactly those names, so loading is strict
 The input is normalised per channel as the trainer did: (pixel / 255 - mean) / std with the
 training images' mean and std (CIFAR, MNIST-style: the run's log and summary record them as
 "normalisation") or ImageNet's usual constants. The export holds contiguous float32 tensors;
-a bf16 run's blpa-eval figures are those of this network under torch.autocast(dtype=bfloat16).
+a bf16 run's blpa-eval evaluates in bf16 (its --precision fp32 evaluates as this module does).
 
 In evaluation mode the logits equal blpa's to float rounding (a CTest test checks 1e-5 on a
 CIFAR-style and an ImageNet-style network). In training mode this is blpa's `plain` mode:
@@ -28,9 +28,14 @@ import re
 import zipfile
 import sys
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+try:
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+except ImportError as e:  # run as a program: one line, not a traceback
+    if __name__ == "__main__":
+        sys.exit(f"blpa_torch.py: needs PyTorch ({e})")
+    raise
 
 __all__ = ["Unit", "Block", "ResNet", "IMAGENET_STAGES", "from_state_dict", "load"]
 
@@ -132,7 +137,8 @@ class ResNet(nn.Module):
 def from_state_dict(state_dict):
     """The network a blpa state dict holds (arch, depth, input channels and classes read off
     its keys and shapes), with the state dict loaded strictly (a ValueError says what does not fit)."""
-    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("stem.weight"), torch.Tensor):
+    if (not isinstance(state_dict, dict) or "stem.weight" not in state_dict
+            or not all(isinstance(t, torch.Tensor) for t in state_dict.values())):
         raise ValueError("not a blpa state dict (a dict of tensors with 'stem.weight', as blpa-train --export writes)")
     stem = state_dict["stem.weight"]
     blocks = {int(m.group(1)) for k in state_dict for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
@@ -177,7 +183,15 @@ def load(f, map_location="cpu"):
     if _is_checkpoint(f):
         raise ValueError(f"{getattr(f, 'name', f)} is a blpa-train checkpoint, not an --export file: blpa-train "
                          "--export MODEL.pt writes one (with --resume on the checkpoint of a finished run too)")
-    return from_state_dict(torch.load(f, map_location=map_location))
+    try:
+        state_dict = torch.load(f, map_location=map_location)
+    except OSError:
+        raise
+    except Exception as e:  # a file cut short, not a torch.save file, ...: torch's first words
+        said = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+        raise ValueError(f"{getattr(f, 'name', f)} cannot be read as a torch.save file ({type(e).__name__}"
+                         f"{': ' + said if said and said != type(e).__name__ else ''})") from e
+    return from_state_dict(state_dict)
 
 
 def main(argv):
@@ -188,11 +202,6 @@ def main(argv):
         net = load(argv[1])
     except (OSError, ValueError) as e:
         print(f"blpa_torch.py: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # torch.load's: a file cut short, not a torch.save file, ...
-        said = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
-        print(f"blpa_torch.py: {argv[1]} cannot be read as a torch.save file ({type(e).__name__}"
-              f"{': ' + said if said and said != type(e).__name__ else ''})", file=sys.stderr)
         return 1
     params = sum(p.numel() for p in net.parameters())
     print(f"{argv[1]}: {net.arch}-{net.depth}, {net.stem.in_channels} input channels, "

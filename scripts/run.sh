@@ -42,6 +42,6 @@ else
   name=${data:-fashion-mnist}-resnet${depth:-20}-$mode
   args=(--depth 20 --batch 64 --iterations 1000 --warmup 100 --lr-steps 600,850 --eval-every 500 --log-every 20)
 fi
-echo "== blpa-train ${args[*]} ${device[*]} $* (log: results/$name.jsonl) ==" >&2
+echo "== blpa-train ${args[*]-} ${device[*]} $* (log: results/$name.jsonl) ==" >&2
 exec "$train" ${args[@]+"${args[@]}"} "${device[@]}" --log "$out/$name.jsonl" --checkpoint "$out/$name.ckpt" \
   --export "$out/$name.pt" "$@"

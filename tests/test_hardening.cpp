@@ -1193,6 +1193,11 @@ TEST_CASE("hardening: --resume refuses another run's log, summary or export, and
   CHECK(back.code == 2);
   CHECK(back.output.find("is at iteration 3, past --iterations 2: a run cannot go back; give --iterations 3 to "
                          "finish it there") != std::string::npos);
+  CHECK(back.output.find("take effect") == std::string::npos);  // refused before the changes are listed
+  const Run back_shown =
+      train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "2", "--resume", "--print-config"}), dir);
+  CHECK(back_shown.code == 2);  // --print-config checks as the run does
+  CHECK(back_shown.output.find("a run cannot go back") != std::string::npos);
   CHECK(slurp(ck) + slurp(log) == done_bytes);
 
   // Another run's log: refused, and none of its records removed.
@@ -1256,16 +1261,20 @@ TEST_CASE("hardening: --resume refuses another run's log, summary or export, and
   CHECK(ok.output.find("after iteration 3 removed") == std::string::npos);  // it was not after: counted once
 
   // A record damaged in the middle (by hand): removed, and said; the log is JSON lines again.
+  // An editor's byte-order mark before the config record and a blank line are no damage.
   std::string text = slurp(log);
   const size_t second = text.find('\n') + 1;
-  text.replace(second, text.find('\n', second) - second, "{broken");
-  std::ofstream(log, std::ios::trunc) << text;
+  text.replace(second, text.find('\n', second) - second, "{broken\n");
+  std::ofstream(log, std::ios::trunc) << "\xEF\xBB\xBF" << text;
   const Run damaged = train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "6", "--resume"}), dir);
   CAPTURE(damaged.output);
   REQUIRE(damaged.code == 0);
   CHECK(damaged.output.find("--log " + log + ": line 2 is no whole JSON record (damaged) and is removed: '{broken'") !=
         std::string::npos);
+  CHECK(damaged.output.find("line 1 ") == std::string::npos);
+  CHECK(damaged.output.find("line 3 ") == std::string::npos);  // the blank one
   CHECK(slurp(log).find("{broken") == std::string::npos);
+  CHECK(slurp(log).find("\xEF\xBB\xBF{\"type\": \"config\", \"iter\": 0,") == 0);
   // An emptied log: said, as a missing one is.
   std::ofstream(log, std::ios::trunc).flush();
   const Run emptied = train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "7", "--resume"}), dir);
@@ -1779,6 +1788,21 @@ TEST_CASE("hardening: --print-config refuses the outputs the run refuses and wri
                         dir);
   CHECK(cut.code == 0);
   CHECK(cut.output.find("--summary " + (dir / "cut.json").string() + " is cut short (37 bytes") != std::string::npos);
+  // Cut after an inner brace: cut short all the same. Another run's, with its id whole: refused.
+  std::ofstream(dir / "inner.json") << "{\"type\": \"summary\", \"config\": {\"a\": 1}";
+  const Run inner = train(small(dir, {"--checkpoint", ck, "--log", log, "--summary", (dir / "inner.json").string(),
+                                      "--resume", "--print-config"}),
+                          dir);
+  CHECK(inner.code == 0);
+  CHECK(inner.output.find("inner.json is cut short") != std::string::npos);
+  std::ofstream(dir / "theirs.json") << "{\"type\": \"summary\", \"run_id\": \"0123456789abcdef\", "
+                                        "\"config\": {\"a\": 1}";
+  const Run theirs = train(small(dir, {"--checkpoint", ck, "--log", log, "--summary", (dir / "theirs.json").string(),
+                                       "--resume", "--print-config"}),
+                           dir);
+  CHECK(theirs.code == 2);
+  CHECK(theirs.output.find("is the summary of run 0123456789abcdef") != std::string::npos);
+  CHECK(theirs.output.find("cut short") == std::string::npos);
   // A checkpoint another run holds (its lock taken here): exit 1, as the run.
   const int fd = ::open((ck + ".lock").c_str(), O_RDWR | O_CREAT, 0644);
   REQUIRE(fd >= 0);
