@@ -167,6 +167,7 @@ Batch imagenet_train_batch(const ImageList& list, const std::vector<int64_t>& in
       Decoded d = decode_jpeg_file(path, short_side);
       if (d.status != DecodeStatus::ok) {
         note(errors, path, d);
+        out.failed.push_back(idx);
         if (tries == 99)
           throw std::runtime_error(list.root + ": 100 images tried in a row could not be read or decoded (the last: " +
                                    list.paths[idx] + ", " + to_string(d.status) + "): most of its images are not " +

@@ -853,17 +853,26 @@ Checkpoint read_checkpoint(const std::string& path) {
     if (shape.size() != 2 || shape[0] <= 0 || shape[1] <= 0) throw CheckpointError(path + ": bad network shape");
     c.net.arch = c.config["arch"];
     c.net.depth = std::stoi(c.config.at("depth"));
-    // A count the header records: none where it is absent or empty, else a whole number >= 0.
+    // A whole number >= 0 of the header's.
+    const auto whole = [&](const char* key, const std::string& n) {
+      int64_t v = 0;
+      const auto [p, ec] = std::from_chars(n.data(), n.data() + n.size(), v);
+      if (n.empty() || ec != std::errc() || p != n.data() + n.size() || v < 0)
+        throw CheckpointError(path + ": bad " + key + " '" + n.substr(0, 40) + "'");
+      return v;
+    };
+    // A count the header records: none where it is absent or empty.
     const auto count = [&](const char* key) -> std::optional<int64_t> {
       const auto it = c.config.find(key);
       if (it == c.config.end() || it->second.empty()) return std::nullopt;
-      const std::string& n = it->second;
-      int64_t v = 0;
-      const auto [p, ec] = std::from_chars(n.data(), n.data() + n.size(), v);
-      if (ec != std::errc() || p != n.data() + n.size() || v < 0)
-        throw CheckpointError(path + ": bad " + key + " '" + n + "'");
-      return v;
+      return whole(key, it->second);
     };
+    if (const auto it = c.config.find("decode_failed"); it != c.config.end() && !it->second.empty())
+      for (size_t at = 0; at <= it->second.size();) {
+        const size_t comma = std::min(it->second.find(',', at), it->second.size());
+        c.decode_failed.push_back(whole("decode_failed", it->second.substr(at, comma - at)));
+        at = comma + 1;
+      }
     // The trainer's normalisation is the statistics of these images: readers need the number.
     c.train_subset = count("train_subset").value_or(0);
     c.stored_activation_bytes = count("stored_activation_bytes");

@@ -1343,6 +1343,9 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   std::optional<Checkpoint> resumed;
   RunState state;
   std::optional<int64_t> resumed_stored, resumed_peak;  // the run's figures as its checkpoint recorded them
+  // The training images that could not be decoded in the batches trained (the run's, from its
+  // checkpoint on a resume): the log's decode_failures, whatever --prefetch made ahead.
+  std::set<int64_t> decode_failed;
   torch::Device dev(torch::kCPU);
   // With several ranks, a rank that cannot start (its flags, its data folder, its device, its
   // outputs, its checkpoint) says so to the others at the rendezvous below, instead of
@@ -1385,6 +1388,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       state = resumed->state;
       resumed_stored = resumed->stored_activation_bytes;
       resumed_peak = resumed->peak_bytes;
+      decode_failed.insert(resumed->decode_failed.begin(), resumed->decode_failed.end());
       // At the run's end, the run is complete once evaluated there and, with one rank (the
       // others cannot see rank 0's files), once its export is written and its summary says
       // "done". Otherwise the end is still to come: stopped part-way at what is now the end
@@ -1692,7 +1696,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
 
   std::unique_ptr<data::TrainLoader> memory_loader;
   std::unique_ptr<data::BatchStream> image_loader;
-  data::DecodeErrors decode_errors;
+  data::DecodeErrors decode_errors;  // the warnings, for the batches made, ahead of training too
   int64_t per_epoch = 0;
   std::function<data::Batch()> next_batch;
   std::function<EvalResult()> run_eval;
@@ -1796,7 +1800,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         known ? std::to_string(eval_failed) : "null",
         secs > 0 && images > 0 ? fmt::format("{:.2f}", images / secs) : std::string("null"),  // none trained
         stored_known ? std::to_string(stored) : "null",
-        stored_known ? std::to_string(std::max(peak_max, memory::peak(dev))) : "null", decode_errors.files.load(),
+        stored_known ? std::to_string(std::max(peak_max, memory::peak(dev))) : "null", decode_failed.size(),
         graphed != nullptr, config.resume ? std::to_string(first) : "null",
         error.empty() ? std::string("null") : json_string(error), config.json(), normalisation);
   };
@@ -1971,6 +1975,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         (stored_known ? fmt::format("stored_activation_bytes={}\npeak_bytes={}\n", stored,
                                     std::max(peak_max, memory::peak(dev)))
                       : std::string()) +
+        (decode_failed.empty() ? std::string() : fmt::format("decode_failed={}\n", fmt::join(decode_failed, ","))) +
         data_record;
     save_checkpoint(config.checkpoint, config.identity(), header, s, model, opt);
     last_good = it;
@@ -2003,6 +2008,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       const double lr = config.lr_at(it);
       for (auto& g : opt.param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr);
       auto batch = next_batch();
+      decode_failed.insert(batch.failed.begin(), batch.failed.end());
       bool stopping = stop && stop->load();
       bool replayed = false;
       if (use_graphs && it >= capture_at) {
@@ -2083,7 +2089,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
             "\"images_per_s\": {:.2f}, \"stored_activation_bytes\": {}, \"peak_bytes\": {}, \"decode_failures\": {}, "
             "\"graphed\": {}, \"graph_pool_bytes\": {}{}}}\n",
             it, unix_time(), double(it) / per_epoch, json_loss(window_loss / window_iters), lr, ips, stored, peak,
-            decode_errors.files.load(), graphed != nullptr, graphed ? graphed->pool_bytes() : 0,
+            decode_failed.size(), graphed != nullptr, graphed ? graphed->pool_bytes() : 0,
             dist ? fmt::format(", \"world\": {}, \"global_batch\": {}, \"images_per_s_per_rank\": {:.2f}, "
                                "\"stored_activation_bytes_total\": {}, \"peak_bytes_total\": {}",
                                config.dist.world, config.batch * config.dist.world, ips / config.dist.world,

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
+#include <regex>
 #include <set>
 #include <sstream>
 
@@ -689,6 +690,41 @@ TEST_CASE("train: blpa-train trains on an ImageNet folder and blpa-eval scores i
   CHECK(unseen.second.find("--val-list " + (root / "gap-val.csv").string() + ": val/n01/img0.JPEG has label 1, "
                            "which no image of --train-list " + (root / "gap.csv").string() + " has") !=
         std::string::npos);
+  remove_tree(root);
+}
+
+TEST_CASE("train: decode_failures counts the batches trained, whatever --prefetch made ahead, and resumes on",
+          "[train][imagenet]") {
+  const fs::path root = temp_tree("decode-count");
+  for (const char* split : {"train", "val"})
+    for (int c = 0; c < 2; ++c)
+      for (int i = 0; i < 4; ++i)
+        write_bytes(root / split / fmt::format("n0{}", c) / fmt::format("img{}.JPEG", i), jpeg_of(40, 36, c * 10 + i));
+  write_bytes(root / "train" / "n01" / "broken.JPEG", {0xFF, 0xD8, 0xFF, 0xE0, 1, 2, 3});
+  const std::string ck = (root / "r.ckpt").string();
+  // The figure of each train record, as "iteration:count" pairs.
+  auto counts = [&](const std::string& name, const std::string& extra) {
+    const std::string log = (root / (name + ".jsonl")).string();
+    const std::string cmd = std::string(BLPA_TRAIN_EXE) + " --data-dir " + root.string() +
+                            " --model cifar --depth 11 --batch 3 --warmup 0 --threads 1 --workers 1 --quiet"
+                            " --eval-every 0 --log-every 1 --index-cache '' --log " + log + " " + extra + " >" +
+                            (root / (name + ".out")).string() + " 2>&1";
+    REQUIRE(std::system(cmd.c_str()) == 0);
+    std::string seen;
+    const std::string text = slurp(log);
+    const std::regex record("\"type\": \"train\", \"iter\": (\\d+),.*\"decode_failures\": (\\d+)");
+    for (auto m = std::sregex_iterator(text.begin(), text.end(), record); m != std::sregex_iterator(); ++m)
+      seen += (*m)[1].str() + ":" + (*m)[2].str() + " ";
+    return seen;
+  };
+  const std::string ahead = counts("ahead", "--iterations 9 --prefetch 8");
+  CAPTURE(ahead);
+  CHECK(ahead.find(":1 ") != std::string::npos);  // the broken file was drawn
+  CHECK(ahead.find(":2 ") == std::string::npos);  // and counted once, in every epoch after
+  CHECK(counts("one", "--iterations 9 --prefetch 1") == ahead);
+  // Stopped after 4 iterations and resumed: the log reads as the one run it is.
+  CHECK(counts("split", "--iterations 4 --prefetch 8 --checkpoint " + ck) == ahead.substr(0, ahead.find(" 5:") + 1));
+  CHECK(counts("split", "--iterations 9 --prefetch 8 --resume --checkpoint " + ck) == ahead);  // the whole log
   remove_tree(root);
 }
 

@@ -40,6 +40,9 @@ struct Augment {
 struct Batch {
   at::Tensor images;  // float32, B x C x H x W, normalised
   at::Tensor labels;  // int64, B
+  // ImageNet training: the list indices of the images that could not be decoded (each
+  // replaced by another), so that whoever trains on the batch counts them, not its maker.
+  std::vector<int64_t> failed = {};
 };
 
 // One batch of the given samples; `augment` null for evaluation. `stream` seeds each

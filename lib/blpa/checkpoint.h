@@ -98,6 +98,8 @@ struct Checkpoint {
   // What autograd stored and the step's peak, in bytes, as the run last measured them (none in
   // a checkpoint from before 2026-12-02, or of a run that had trained no iteration).
   std::optional<int64_t> stored_activation_bytes, peak_bytes;
+  // ImageNet: the list indices of the training images that could not be decoded so far.
+  std::vector<int64_t> decode_failed;
   RunState state;
   std::shared_ptr<torch::serialize::InputArchive> archive;
 };
