@@ -74,6 +74,7 @@ static int run(int argc, char** argv) {
     if (e.options.batch <= 0 || e.options.workers < 0 || e.options.workers > blpa::kMaxWorkers)
       throw std::invalid_argument("--batch must be positive and --workers 0 to " + std::to_string(blpa::kMaxWorkers));
     if (e.options.workers == 0) e.options.workers = blpa::default_workers("imagenet", 1);
+    if (e.options.resize_short <= 0) throw std::invalid_argument("--resize must be positive");
     if (e.options.crop <= 0 || e.options.resize_short < e.options.crop)
       throw std::invalid_argument("--crop must be positive and at most --resize");
   } catch (const std::exception& ex) {

@@ -184,6 +184,9 @@ void add_list(const std::string& list, int64_t classes, std::vector<Input>& out)
     std::string line = l.line;
     if (l.utf16)
       throw std::runtime_error("--list " + list + ": is UTF-16 text (a list saved as \"Unicode\"): save it as UTF-8");
+    if (l.cr_only)
+      throw std::runtime_error("--list " + list + ": has lines ended by a carriage return alone: save it with LF (or "
+                               "CRLF) line ends");
     if (l.ignored) continue;
     Input in;
     if (l.has_comma) {
@@ -398,6 +401,7 @@ static int run(int argc, char** argv) {
     if (o.eval.batch <= 0 || o.eval.workers < 0 || o.eval.workers > blpa::kMaxWorkers)
       throw FlagError("--batch must be positive and --workers 0 to " + std::to_string(blpa::kMaxWorkers));
     if (o.eval.workers == 0) o.eval.workers = blpa::default_workers("imagenet", 1);
+    if (o.eval.resize_short <= 0) throw FlagError("--resize must be positive");
     if (o.eval.crop <= 0 || o.eval.resize_short < o.eval.crop)
       throw FlagError("--crop must be positive and at most --resize");
     if (a.count("split") && o.range.empty())  // it was ignored
@@ -459,7 +463,11 @@ static int run(int argc, char** argv) {
       add_folder(folder, inputs);
       if (inputs.size() == before) std::cerr << "blpa-predict: warning: " << p << ": no .jpg/.jpeg files\n";
     }
-    if (!o.list.empty()) add_list(o.list, ck.net.num_classes, inputs);
+    if (!o.list.empty()) {
+      const size_t before = inputs.size();
+      add_list(o.list, ck.net.num_classes, inputs);
+      if (inputs.size() == before) std::cerr << "blpa-predict: warning: --list " << o.list << ": no entries\n";
+    }
     if (inputs.empty()) throw std::runtime_error("no images to classify");
     const int64_t classified = predict_images(model, inputs, o, out);
     if (classified == 0) {

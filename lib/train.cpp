@@ -357,7 +357,7 @@ data::ImageList read_list(const std::string& flag, const std::string& file, cons
   if (::access(first.c_str(), F_OK) != 0)
     throw std::runtime_error(fmt::format("{} {}: its first image, {}, is not at {} (paths are taken from {}): give "
                                          "the folder they are relative to with --data-dir",
-                                         flag, file, l.paths.front(), first,
+                                         flag, file, l.paths.front().substr(0, 200), first.substr(0, 300),
                                          base.empty() ? "the list's folder" : "--data-dir " + base));
   return l;
 }
@@ -436,9 +436,14 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e) {
                           : data::scan_image_folder(dir + "/val", e.index_cache, std::max(4, e.options.workers), &report);
     data::print_scan_warnings(report, dir + "/val");  // as blpa-train's scan
     relabel_as_trained(val, checkpoint_classes(ck), dir + "/val");
-    if (val.num_classes > ck.net.num_classes)
-      throw std::runtime_error("the validation labels go up to " + std::to_string(val.num_classes - 1) +
-                               "; the network has " + std::to_string(ck.net.num_classes) + " classes");
+    if (val.num_classes > ck.net.num_classes) {  // only a list's labels can: a folder's were renumbered above
+      const std::string list = !e.val_list.empty() ? e.val_list : kv["val_list"];
+      const auto above = std::find_if(val.labels.begin(), val.labels.end(),
+                                      [&](int64_t label) { return label >= ck.net.num_classes; });
+      throw std::runtime_error(fmt::format("--val-list {}: {} has label {}, but the network has {} classes (0 to {})",
+                                           list, val.paths[static_cast<size_t>(above - val.labels.begin())], *above,
+                                           ck.net.num_classes, ck.net.num_classes - 1));
+    }
     if (!val.classes.empty()) val.num_classes = ck.net.num_classes;
     return ran_in(evaluate_images(model, data::spread_subset(std::move(val), e.subset), e.options));
   }

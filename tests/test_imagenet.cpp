@@ -178,6 +178,11 @@ TEST_CASE("imagenet: splits with different classes are refused and a list file i
   auto s = parse_image_list(spaced, "spaced", "");
   CHECK(s.paths == std::vector<std::string>{"n01/a.JPEG", "n01/b.JPEG"});
   CHECK(s.labels == std::vector<int64_t>{3, 4});
+  // Lines ended by CR alone: one "line" of the whole file, refused as such (it was taken for
+  // one huge path, then "its first image ... is not at" 15 MB of it).
+  std::istringstream cr_only("n01/a.JPEG,3\rn01/b.JPEG,4\r");
+  CHECK_THROWS_WITH(parse_image_list(cr_only, "cr", ""),
+                    Catch::Contains("cr:1: has lines ended by a carriage return alone ('n01/a.JPEG,3\\x0dn01/b.JPEG"));
   std::istringstream no_path(" ,3\n");
   CHECK_THROWS_WITH(parse_image_list(no_path, "no-path", ""),
                     Catch::Contains("no-path:1: expected 'relative/path,label'"));
@@ -590,6 +595,16 @@ TEST_CASE("train: blpa-train trains on an ImageNet folder and blpa-eval scores i
   CAPTURE(one.second);
   CHECK(one.first == 0);
   CHECK(one.second.find("\"images\": 1, \"failed\": 0") != std::string::npos);
+  // A label past the network's classes names the list, the image and the label.
+  std::ofstream(root / "lists" / "past.csv") << "../val/n01/img0.JPEG,1\n../val/n01/img1.JPEG,5\n";
+  const auto past = shell(eval + "--val-list " + (root / "lists" / "past.csv").string());
+  CHECK(past.first == 1);
+  CHECK(past.second.find("--val-list " + (root / "lists" / "past.csv").string() + ": ../val/n01/img1.JPEG has label "
+                         "5, but the network has 3 classes (0 to 2)") != std::string::npos);
+  // --resize 0 is --resize's fault, not --crop's.
+  const auto resize0 = shell(std::string(BLPA_EVAL_EXE) + " --checkpoint " + ck + " --resize 0");
+  CHECK(resize0.first == 2);
+  CHECK(resize0.second.find("--resize must be positive") != std::string::npos);
   // Paths taken from the wrong folder: said at once, naming the list (it was "100 images in a
   // row could not be read" at blpa-train's first batch).
   std::ofstream(root / "lists" / "wrong.csv") << "val/n01/img0.JPEG,1\n";

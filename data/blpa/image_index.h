@@ -76,6 +76,8 @@ uint64_t list_hash(const ImageList& list);
 struct ListLine {
   std::string line, path, label;
   bool has_comma = false, ignored = false, utf16 = false;
+  // Lines ended by CR alone (classic Mac OS): this "line" is the whole file.
+  bool cr_only = false;
 };
 ListLine split_list_line(std::string line, bool first);
 
