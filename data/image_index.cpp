@@ -417,6 +417,7 @@ ListLine split_list_line(std::string line, bool first) {
   if (l.has_comma) l.label = line.substr(comma + 1);
   auto blank = [](char c) { return c == ' ' || c == '\t'; };
   while (!l.path.empty() && blank(l.path.back())) l.path.pop_back();  // "path , 3"
+  l.path.erase(0, std::min(l.path.size(), l.path.find_first_not_of(" \t")));  // an indented line
   while (!l.label.empty() && blank(l.label.back())) l.label.pop_back();
   l.label.erase(0, std::min(l.label.size(), l.label.find_first_not_of(" \t")));  // "path, 3"
   l.line = std::move(line);
@@ -515,6 +516,15 @@ ImageNetSplits load_imagenet(const std::string& root, const std::string& cache_d
                              only_in(s.train.classes, s.val.classes, "train") +
                              only_in(s.val.classes, s.train.classes, "val"));
   }
+  // A class with validation images and no training ones would be scored, never trained (a
+  // --val-list is refused for it too).
+  std::vector<bool> trained(static_cast<size_t>(s.train.num_classes));
+  for (const int64_t label : s.train.labels) trained[static_cast<size_t>(label)] = true;
+  for (const int64_t label : s.val.labels)
+    if (!trained[static_cast<size_t>(label)])
+      throw std::runtime_error(root + ": class folder train/" + s.train.classes[static_cast<size_t>(label)] +
+                               " has no images, val/" + s.val.classes[static_cast<size_t>(label)] +
+                               " has some: the network would be scored on a class it was never trained on");
   return s;
 }
 

@@ -164,6 +164,13 @@ TEST_CASE("imagenet: splits with different classes are refused and a list file i
   CHECK_THROWS_WITH(load_imagenet(root.string(), "", 2),
                     Catch::Contains("train/ has 2 classes and val/ 2, which must be the same folders; only in "
                                     "train/: n02; only in val/: n03"));
+  // The same folders, one of train/'s empty where val/'s has images: never trained, so refused.
+  fs::remove_all(root / "val" / "n03");
+  write_bytes(root / "val" / "n02" / "b.JPEG", jpeg_of(20, 20, 5));
+  fs::remove(root / "train" / "n02" / "b.JPEG");
+  CHECK_THROWS_WITH(load_imagenet(root.string(), "", 2),
+                    Catch::Contains("class folder train/n02 has no images, val/n02 has some: the network would be "
+                                    "scored on a class it was never trained on"));
   CHECK_THROWS_WITH(scan_image_folder((root / "missing").string(), "", 1, nullptr), Catch::Contains("missing"));
 
   std::ofstream(root / "list.csv") << "# path,label\nn01/a.JPEG,0\n\nweird,name.JPEG,7\n";
@@ -174,7 +181,7 @@ TEST_CASE("imagenet: splits with different classes are refused and a list file i
   CHECK(l.root == root.string());
   // A byte-order mark, Windows line ends and spaces around the comma, read as blpa-predict's
   // --list reads them (the same split_list_line).
-  std::istringstream spaced("\xEF\xBB\xBFn01/a.JPEG , 3\r\nn01/b.JPEG,\t4 \r\n");
+  std::istringstream spaced("\xEF\xBB\xBFn01/a.JPEG , 3\r\n  n01/b.JPEG,\t4 \r\n");  // the second indented
   auto s = parse_image_list(spaced, "spaced", "");
   CHECK(s.paths == std::vector<std::string>{"n01/a.JPEG", "n01/b.JPEG"});
   CHECK(s.labels == std::vector<int64_t>{3, 4});
