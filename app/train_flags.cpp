@@ -6,8 +6,8 @@
 
 #include <fmt/format.h>
 
-#include <cstdlib>
 #include <algorithm>
+#include <cstdlib>
 #include <cxxopts.hpp>
 #include <filesystem>
 
@@ -31,8 +31,7 @@ cxxopts::Options make_options() {
                                       "weights became NaN/Inf, 128+N stopped by signal N: INT, TERM or HUP (a "
                                       "checkpoint was written, unless an error says it could not be, and the "
                                       "process ends by the signal; a second one stops at once, without one). "
-                                      "BLPA_DEBUG=1 adds LibTorch's C++ backtraces to "
-                                      "its errors.\n");
+                                      "BLPA_DEBUG=1 adds LibTorch's C++ backtraces to its errors.\n");
   using S = std::string;
   // clang-format off
   opts.add_options("Data")

@@ -1952,8 +1952,6 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   // Set while an evaluation or checkpoint interrupts training: a checkpoint's open window ends
   // there, so that the resumed run's first images/s is of training alone.
   std::optional<Clock::time_point> paused;
-  // Only finite weights and optimiser state reach a checkpoint: an update can overflow even
-  // when the loss before it was finite.
   // The outputs the run was given, for a resume that forgets one to hear of it.
   std::string outputs_given;
   for (const auto& [name, path] : {std::pair<const char*, const std::string*>{"log", &config.log_path},
@@ -1961,6 +1959,8 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
                                    {"export", &config.export_path}})
     if (!path->empty()) outputs_given += (outputs_given.empty() ? "" : ",") + std::string(name);
   outputs_given = "outputs=" + outputs_given + "\n";
+  // Only finite weights and optimiser state reach a checkpoint: an update can overflow even
+  // when the loss before it was finite.
   auto checkpoint = [&] {
     if (config.checkpoint.empty() || !lead) return;
     drain();
