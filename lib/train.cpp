@@ -1581,6 +1581,9 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   // Bad input found here loses nothing: no output has been opened yet.
   if (lead && config.train_subset > n_train)
     spdlog::warn("--train-subset {} is more than the {} training images: all are used", config.train_subset, n_train);
+  if (const int64_t n_test = imagenet ? val_list.size() : test_set.size(); lead && config.test_subset > n_test)
+    spdlog::warn("--test-subset {} is more than the {} {} images: all are used", config.test_subset, n_test,
+                 imagenet ? "validation" : "test");
   if (lead && imagenet && config.arch == "cifar")
     spdlog::warn("a CIFAR-style network (--model cifar) on ImageNet images: --preset imagenet gives ResNet-152 and "
                  "its protocol");

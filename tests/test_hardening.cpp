@@ -1495,6 +1495,12 @@ TEST_CASE("hardening: a run failing part-way keeps its last whole iteration, whi
   CHECK_FALSE(fs::exists(f));
   CHECK(first.output.find("--resume") == std::string::npos);
   CHECK(slurp(dir / "f.json").find("\"status\": \"failed\", \"iter\": 0,") != std::string::npos);
+  // Subsets above the data are said, both (the test set's was taken whole without a word).
+  const Run above =
+      train(small(dir, {"--train-subset", "70000", "--test-subset", "20000"}), dir, "BLPA_TEST_FAIL=step:1");
+  CHECK(above.output.find("--train-subset 70000 is more than the 60000 training images: all are used") !=
+        std::string::npos);
+  CHECK(above.output.find("--test-subset 20000 is more than the 10000 test images: all are used") != std::string::npos);
   const Run rerun = train(sweep, dir);
   CAPTURE(rerun.output);
   CHECK(rerun.code == 0);
