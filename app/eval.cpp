@@ -65,10 +65,10 @@ static int run(int argc, char** argv) {
     blpa::set_threads(blpa::number<int>(a, "threads"));
     e.options.device = a["device"].as<std::string>();
     if (e.subset < 0) throw std::invalid_argument("--subset must be >= 0 (0: all)");
-    blpa::parse_device(e.options.device);
+    const torch::Device device = blpa::parse_device(e.options.device);
     e.options.precision = a["precision"].as<std::string>();
     e.options.memory_format = a["memory-format"].as<std::string>();
-    blpa::numerics_for(e.options.precision, e.options.memory_format, torch::Device(e.options.device));  // the names
+    blpa::numerics_for(e.options.precision, e.options.memory_format, device);  // the names
     e.options.progress = !blpa::switched_on(a, "quiet") && !blpa::switched_on(a, "json");
     json = blpa::switched_on(a, "json");
     if (e.options.batch <= 0 || e.options.workers < 0 || e.options.workers > blpa::kMaxWorkers)

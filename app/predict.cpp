@@ -415,12 +415,13 @@ static int run(int argc, char** argv) {
                         "classified whole");
     if (o.range.empty() && o.paths.empty() && o.list.empty())
       throw FlagError("nothing to classify: give image files or folders, --list FILE, or --from-dataset N..M");
+    torch::Device device(torch::kCPU);
     try {
-      blpa::parse_device(o.device);
+      device = blpa::parse_device(o.device);
     } catch (const std::invalid_argument& e) {
       throw FlagError(e.what());
     }
-    blpa::numerics_for(o.eval.precision, o.eval.memory_format, torch::Device(o.device));  // the names
+    blpa::numerics_for(o.eval.precision, o.eval.memory_format, device);  // the names
   } catch (const std::exception& ex) {
     std::cerr << "blpa-predict: " << blpa::error_message(ex) << "\nRun blpa-predict --help for the options.\n";
     return 2;

@@ -1781,31 +1781,25 @@ TEST_CASE("hardening: --print-config refuses the outputs the run refuses and wri
   CHECK(relative.code == 0);  // it said "new is not a folder"
   CHECK_FALSE(fs::exists(dir / "new"));
   // On --resume, a summary of another run.
-  std::ofstream(dir / "other.json") << "{\"type\": \"summary\", \"run_id\": \"0123456789abcdef\"}\n";
-  const Run other = train(small(dir, {"--checkpoint", ck, "--log", log, "--summary", (dir / "other.json").string(),
-                                      "--resume", "--print-config"}),
-                          dir);
+  auto resumed_with_summary = [&](const std::string& name, const std::string& text) {
+    std::ofstream(dir / name) << text;
+    return train(small(dir, {"--checkpoint", ck, "--log", log, "--summary", (dir / name).string(), "--resume",
+                             "--print-config"}),
+                 dir);
+  };
+  const Run other = resumed_with_summary("other.json", "{\"type\": \"summary\", \"run_id\": \"0123456789abcdef\"}\n");
   CHECK(other.code == 2);
   CHECK(other.output.find("is the summary of run 0123456789abcdef") != std::string::npos);
   // One cut short before its run id: taken, with a warning, since it cannot be checked.
-  std::ofstream(dir / "cut.json") << "{\"type\": \"summary\", \"status\": \"interr";
-  const Run cut = train(small(dir, {"--checkpoint", ck, "--log", log, "--summary", (dir / "cut.json").string(),
-                                    "--resume", "--print-config"}),
-                        dir);
+  const Run cut = resumed_with_summary("cut.json", "{\"type\": \"summary\", \"status\": \"interr");
   CHECK(cut.code == 0);
   CHECK(cut.output.find("--summary " + (dir / "cut.json").string() + " is cut short (37 bytes") != std::string::npos);
   // Cut after an inner brace: cut short all the same. Another run's, with its id whole: refused.
-  std::ofstream(dir / "inner.json") << "{\"type\": \"summary\", \"config\": {\"a\": 1}";
-  const Run inner = train(small(dir, {"--checkpoint", ck, "--log", log, "--summary", (dir / "inner.json").string(),
-                                      "--resume", "--print-config"}),
-                          dir);
+  const Run inner = resumed_with_summary("inner.json", "{\"type\": \"summary\", \"config\": {\"a\": 1}");
   CHECK(inner.code == 0);
   CHECK(inner.output.find("inner.json is cut short") != std::string::npos);
-  std::ofstream(dir / "theirs.json") << "{\"type\": \"summary\", \"run_id\": \"0123456789abcdef\", "
-                                        "\"config\": {\"a\": 1}";
-  const Run theirs = train(small(dir, {"--checkpoint", ck, "--log", log, "--summary", (dir / "theirs.json").string(),
-                                       "--resume", "--print-config"}),
-                           dir);
+  const Run theirs = resumed_with_summary(
+      "theirs.json", "{\"type\": \"summary\", \"run_id\": \"0123456789abcdef\", \"config\": {\"a\": 1}");
   CHECK(theirs.code == 2);
   CHECK(theirs.output.find("is the summary of run 0123456789abcdef") != std::string::npos);
   CHECK(theirs.output.find("cut short") == std::string::npos);
