@@ -182,11 +182,7 @@ void add_list(const std::string& list, int64_t classes, std::vector<Input>& out)
     const auto l = blpa::data::split_list_line(std::move(text), first);
     first = false;
     std::string line = l.line;
-    if (l.utf16)
-      throw std::runtime_error("--list " + list + ": is UTF-16 text (a list saved as \"Unicode\"): save it as UTF-8");
-    if (l.cr_only)
-      throw std::runtime_error("--list " + list + ": has lines ended by a carriage return alone: save it with LF (or "
-                               "CRLF) line ends");
+    if (!l.unreadable.empty()) throw std::runtime_error("--list " + list + ": " + l.unreadable);
     if (l.ignored) continue;
     Input in;
     if (l.has_comma) {

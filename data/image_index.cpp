@@ -407,8 +407,11 @@ ListLine split_list_line(std::string line, bool first) {
   if (!line.empty() && line.back() == '\r') line.pop_back();
   if (first && line.rfind("\xEF\xBB\xBF", 0) == 0) line.erase(0, 3);  // a UTF-8 byte-order mark, invisible
   ListLine l;
-  l.utf16 = first && (line.rfind("\xFF\xFE", 0) == 0 || line.rfind("\xFE\xFF", 0) == 0);
-  l.cr_only = line.find('\r') != std::string::npos;
+  if (first && (line.rfind("\xFF\xFE", 0) == 0 || line.rfind("\xFE\xFF", 0) == 0))
+    l.unreadable = "is UTF-16 text (a list saved as \"Unicode\"): save it as UTF-8";
+  else if (line.find('\r') != std::string::npos)
+    l.unreadable = "has lines ended by a carriage return alone ('" + shown(line) +
+                   "'): save the list with LF (or CRLF) line ends";
   const auto start = line.find_first_not_of(" \t");
   l.ignored = start == std::string::npos || line[start] == '#';
   const auto comma = line.rfind(',');  // paths may contain commas, labels do not
@@ -431,11 +434,8 @@ ImageList parse_image_list(std::istream& in, const std::string& name, const std:
   for (int64_t no = 1; std::getline(in, text); ++no) {
     const ListLine l = split_list_line(std::move(text), no == 1);
     const std::string& line = l.line;
-    if (l.utf16) throw std::runtime_error(name + ": is UTF-16 text (a list saved as \"Unicode\"): save it as UTF-8");
     const std::string at = name + ":" + std::to_string(no) + ": ";
-    if (l.cr_only)  // else taken for one huge path
-      throw std::runtime_error(at + "has lines ended by a carriage return alone ('" + shown(line) +
-                               "'): save the list with LF (or CRLF) line ends");
+    if (!l.unreadable.empty()) throw std::runtime_error(at + l.unreadable);
     if (l.ignored) continue;
     int64_t label = 0;
     if (!l.has_comma || l.path.empty() || l.label.empty() ||

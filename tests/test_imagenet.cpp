@@ -231,7 +231,7 @@ TEST_CASE("imagenet: subsets keep every class and lists take comments, blanks an
   CHECK(l.path(0) == "/root/n01/a.JPEG");
   CHECK(l.path(1) == "/data/x/b.JPEG");
   std::istringstream utf16(std::string("\xFF\xFEn\0" "0\0" "1\0/\0a\0,\0" "0\0\n\0", 18));
-  CHECK_THROWS_WITH(parse_image_list(utf16, "wide.txt", ""), Catch::Contains("wide.txt: is UTF-16 text") &&
+  CHECK_THROWS_WITH(parse_image_list(utf16, "wide.txt", ""), Catch::Contains("wide.txt:1: is UTF-16 text") &&
                                                                   Catch::Contains("save it as UTF-8"));
 }
 

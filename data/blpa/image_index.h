@@ -71,13 +71,14 @@ uint64_t list_hash(const ImageList& list);
 // first (`first`) and a '\r' ending, and, at its last comma, the path before it (spaces at its
 // end dropped) and the label after it (spaces around dropped); `label` empty where the line
 // has no comma. Shared by read_image_list and blpa-predict's --list.
-// `ignored`: a blank line or a comment (its first character other than a space or tab is '#');
-// `utf16`: the first line starts with UTF-16's byte-order mark (a list saved as "Unicode").
+// `ignored`: a blank line or a comment (its first character other than a space or tab is '#').
+// `unreadable`: why the whole list cannot be read as lines, else empty: UTF-16 text (the first
+// line starts with its byte-order mark: a list saved as "Unicode"), or lines ended by CR alone
+// (classic Mac OS: this "line" is the whole file, which would be taken for one huge path).
+// Readers throw it after the list's name (and line number) and stop.
 struct ListLine {
-  std::string line, path, label;
-  bool has_comma = false, ignored = false, utf16 = false;
-  // Lines ended by CR alone (classic Mac OS): this "line" is the whole file.
-  bool cr_only = false;
+  std::string line, path, label, unreadable;
+  bool has_comma = false, ignored = false;
 };
 ListLine split_list_line(std::string line, bool first);
 
