@@ -954,8 +954,10 @@ int fidelity_main(int argc, char** argv) {
     throw std::invalid_argument("--data-dir is where --checkpoint's data set is; drawn networks need none");
   if (args.count("checkpoint")) {
     const std::string data_dir = args.count("data-dir") ? args["data-dir"].as<std::string>() : "";
-    for (const auto& path : blpa::comma_list("--checkpoint", args["checkpoint"].as<std::string>()))
+    for (const auto& path : blpa::comma_list("--checkpoint", args["checkpoint"].as<std::string>())) {
+      blpa::require_file("--checkpoint", path);
       cases.push_back([=] { return checkpoint_case(path, data_dir, batch, seed); });
+    }
   } else {
     for (const auto& d : blpa::comma_list("--depths", args["depths"].as<std::string>()))
       cases.push_back(

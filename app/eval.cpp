@@ -3,7 +3,6 @@
 // 10 crops: 4 corners + centre and their mirrors, softmax averaged).
 #include <blpa/train.h>
 #include <fmt/format.h>
-#include <spdlog/spdlog.h>
 
 #include <cmath>
 #include <csignal>
@@ -50,6 +49,7 @@ static int run(int argc, char** argv) {
                                   (a.count("checkpoint") ? "" : " (a checkpoint is given as --checkpoint FILE)"));
     if (!a.count("checkpoint")) throw std::invalid_argument("--checkpoint is required");
     e.checkpoint = a["checkpoint"].as<std::string>();
+    blpa::require_file("--checkpoint", e.checkpoint);
     if (a.count("data-dir")) e.data_dir = a["data-dir"].as<std::string>();
     e.index_cache = a["index-cache"].as<std::string>();
     if (a.count("val-list")) e.val_list = a["val-list"].as<std::string>();
@@ -125,7 +125,7 @@ static int run(int argc, char** argv) {
     std::cerr << "blpa-eval: " << ex.what() << "\n";
     return 2;
   } catch (const std::exception& ex) {
-    spdlog::error("{}", blpa::error_message(ex));
+    std::cerr << "blpa-eval: " << blpa::error_message(ex) << "\n";
     return 1;
   }
 }

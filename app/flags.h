@@ -16,6 +16,7 @@
 #include <iostream>
 #include <limits>
 #include <set>
+#include <sys/stat.h>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -169,6 +170,18 @@ inline cxxopts::ParseResult parse_flags(cxxopts::Options& o, int argc, const cha
 // Arguments no option took ("--json false" leaves "false"): refused, not ignored.
 inline void refuse_unmatched(const cxxopts::ParseResult& a) {
   if (!a.unmatched().empty()) throw FlagError("unexpected argument '" + a.unmatched()[0] + "'");
+}
+
+// A file a flag names, to be read (a checkpoint): one that does not exist, or a folder, is a
+// bad flag (exit 2, as blpa-train's --resume of a missing checkpoint), where one that cannot
+// be read, or is damaged, is an error of the run (exit 1), found as it is read.
+inline void require_file(const std::string& flag, const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT || errno == ENOTDIR) throw FlagError(flag + " " + path + ": no such file");
+    return;  // EACCES and the like: said by the reader, with its reason
+  }
+  if (S_ISDIR(st.st_mode)) throw FlagError(flag + " " + path + ": is a directory");
 }
 
 // --threads n: LibTorch's CPU threads, 0 for its default.

@@ -375,6 +375,7 @@ static int run(int argc, char** argv) {
     }
     if (!a.count("checkpoint")) throw FlagError("--checkpoint is required");
     o.checkpoint = a["checkpoint"].as<std::string>();
+    blpa::require_file("--checkpoint", o.checkpoint);
     o.paths = a.unmatched();
     if (a.count("list")) o.list = a["list"].as<std::string>();
     if (a.count("from-dataset")) o.range = a["from-dataset"].as<std::string>();

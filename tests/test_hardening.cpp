@@ -1351,6 +1351,22 @@ TEST_CASE("hardening: bad input found in loading keeps old files, and eval refus
   CHECK(e.code == 2);
   CHECK(e.output.find("--ten-crop, --crop apply to ImageNet checkpoints only; " + ck +
                       " was trained on fashion-mnist") != std::string::npos);
+  // A --checkpoint that is not there, or a folder, is a bad flag for every program, as for
+  // blpa-train --resume (blpa-eval and blpa-predict said exit 1, blpa-eval with a timestamp).
+  const std::string missing = (dir / "b.ckpt").string();
+  for (const auto& [exe, args] : std::vector<std::pair<std::string, std::vector<std::string>>>{
+           {BLPA_EVAL_EXE, {"--checkpoint", missing}},
+           {BLPA_PREDICT_EXE, {"--checkpoint", missing, "--from-dataset", "0..2"}},
+           {BLPA_BENCH_EXE, {"fidelity", "--checkpoint", missing}}}) {
+    const Run m = run(exe, args, dir);
+    CAPTURE(exe, m.output);
+    CHECK(m.code == 2);
+    CHECK(m.output.find("--checkpoint " + missing + ": no such file") != std::string::npos);
+    check_clean(m);
+  }
+  const Run folder = run(BLPA_EVAL_EXE, {"--checkpoint", dir.string()}, dir);
+  CHECK(folder.code == 2);
+  CHECK(folder.output.find("--checkpoint " + dir.string() + ": is a directory") != std::string::npos);
   remove_tree(dir);
 }
 
