@@ -113,7 +113,8 @@ int codec_main(int argc, char** argv) {
   if (bits != 8 && bits != 4 && bits != 2) throw std::invalid_argument("--bits must be 8, 4 or 2");
   blpa::CodeFormat format = blpa::default_format(bits);
   if (args.count("window")) format = {bits, blpa::number<float>(args, "window"), 0.0f};
-  if (!(format.window > 0)) throw std::invalid_argument("--window must be positive");
+  if (!(format.window >= blpa::kMinWindow))
+    throw std::invalid_argument(fmt::format("--window must be positive, at least {}", blpa::kMinWindow));
   if (numel <= 0 || channels <= 0 || hw <= 0 || numel % (channels * hw * hw) != 0)
     throw std::invalid_argument("--numel must be a positive multiple of --channels x --hw x --hw");
   const std::string layout = args["memory-format"].as<std::string>();

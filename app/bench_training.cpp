@@ -943,7 +943,8 @@ int fidelity_main(int argc, char** argv) {
           if (m != "blpa" && m != "naive") throw std::invalid_argument("--modes takes blpa and naive, got " + m);
           ModeConfig mc = blpa::parse_mode_config(m + "-" + std::to_string(bits));
           mc.window = w == "default" ? 0.0f : blpa::parse_number<float>("--windows", w);
-          if (w != "default" && !(mc.window > 0)) throw std::invalid_argument("--windows must be positive, got " + w);
+          if (w != "default" && !(mc.window >= blpa::kMinWindow))
+            throw std::invalid_argument(fmt::format("--windows must be positive, at least {}, got {}", blpa::kMinWindow, w));
           mc.lift = l == "default" ? std::nullopt : std::optional<float>(blpa::parse_number<float>("--lifts", l));
           modes.push_back(mc);
         }

@@ -152,7 +152,8 @@ TrainCommand parse_train_command(int argc, const char* const* argv) {
   }
   if (given("window")) {
     c.mode.window = number<float>(a, "window");
-    if (!(c.mode.window > 0)) throw FlagError("--window must be a positive width in units of x_hat");  // 0: the default
+    if (!(c.mode.window >= kMinWindow))  // 0: the default, not given here
+      throw FlagError(fmt::format("--window must be a positive width in units of x_hat, at least {}", kMinWindow));
   }
   if (given("lift")) c.mode.lift = number<float>(a, "lift");
   for (const char* flag : {"bits", "window", "lift"})

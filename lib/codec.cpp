@@ -618,8 +618,8 @@ void set_cpu_kernels(const KernelTable* kernels) { cpu_kernels.store(kernels, st
 
 void check_format(const CodeFormat& f) {
   TORCH_CHECK(f.bits == 8 || f.bits == 4 || f.bits == 2, "blpa codec: bits must be 8, 4 or 2, got ", f.bits);
-  TORCH_CHECK(std::isfinite(f.window) && f.window > 0.0f, "blpa codec: the window must be a positive width (in units "
-              "of x_hat), got ", f.window);
+  TORCH_CHECK(std::isfinite(f.window) && f.window >= kMinWindow, "blpa codec: the window must be a positive width "
+              "of at least ", kMinWindow, " (in units of x_hat), got ", f.window);
   TORCH_CHECK(std::isfinite(f.lift), "blpa codec: the window's lift must be finite, got ", f.lift);
 }
 
@@ -688,13 +688,22 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, c
   } else {
     out.offsets = at::empty({l.channels}, u8);
   }
+  const KernelTable* k = kernels_for(v);
+  TORCH_CHECK(k || v.is_cpu(), "blpa codec: unsupported device ", v.device());
+  const float d = f.bin_width();
+  if (!have_offsets) {  // an empty tensor's too: its codes are whole, as any other's
+    if (k)
+      k->compute_offsets({b.data_ptr<float>(), out.offsets.data_ptr<uint8_t>(), l.channels, f.bits, f.window, f.lift,
+                          v.get_device()});
+    else
+      for (int64_t c = 0; c < l.channels; ++c)
+        out.offsets.data_ptr<uint8_t>()[c] = static_cast<uint8_t>(codec::offset(b.data_ptr<float>()[c], f.bits, d,
+                                                                                 f.lift));
+  }
   if (l.numel == 0) return out;
 
-  if (const KernelTable* k = kernels_for(v)) {
+  if (k) {
     const int dev = v.get_device();
-    if (!have_offsets)
-      k->compute_offsets({b.data_ptr<float>(), out.offsets.data_ptr<uint8_t>(), l.channels, f.bits, f.window, f.lift,
-                          dev});
     cuda::PackParams p{v.data_ptr(), divisor.defined() ? divisor.data_ptr<float>() : nullptr,
                        out.offsets.data_ptr<uint8_t>(), out.data.data_ptr<uint8_t>(), l.numel, l.plane, l.channels,
                        f.bits, f.window, dev, relu.defined() ? relu.data_ptr() : nullptr,
@@ -714,12 +723,7 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, c
     k->pack(p);
     return out;
   }
-  TORCH_CHECK(v.is_cpu(), "blpa codec: unsupported device ", v.device());
-  const float* bp = b.data_ptr<float>();
-  uint8_t* op = out.offsets.data_ptr<uint8_t>();
-  const float d = f.bin_width();
-  if (!have_offsets)
-    for (int64_t c = 0; c < l.channels; ++c) op[c] = static_cast<uint8_t>(codec::offset(bp[c], f.bits, d, f.lift));
+  const uint8_t* op = out.offsets.data_ptr<uint8_t>();
   const float* dp = divisor.defined() ? divisor.data_ptr<float>() : nullptr;
   void* values = v.data_ptr();  // the values packed: v, or with bn the a made from it
   if (bn) {

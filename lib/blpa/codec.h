@@ -27,6 +27,11 @@ struct CodeFormat {
   float bin_width() const { return codec::bin_width(window, bits); }
 };
 
+// The narrowest window accepted (units of x_hat). Below about 2^-117 the bins would be
+// narrower than 2^-125, where the GPU's decode (a multiply-add) and the CPU's can differ in
+// their last bit (codec_math.h, decode_by_steps); no useful window comes near either.
+inline constexpr float kMinWindow = 1e-30f;
+
 // The format blpa uses when none is asked for: window and lift chosen per bit width by
 // measured gradient fidelity (docs/results.md, "Windows").
 CodeFormat default_format(int bits);
