@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <csignal>
 #include <cstring>
@@ -36,20 +37,27 @@ void say(const char* text) {
 // SIGINT and SIGTERM are blocked in every thread and taken here (sigwait), so that no data or
 // LibTorch thread runs what they do, and it need not be async-signal-safe. Before training
 // they stop the program as by default. In training, the first asks for a checkpoint and a
-// clean exit after the current step (or at once during an evaluation); a second one stops at
+// clean exit after the current step (or at once during an evaluation); a second one (not the
+// first again within half a second, nor a repeated SIGHUP: see below) stops at
 // once, without a checkpoint (the user insists), and says so: the last checkpoint written
 // stays as it was, and --summary gets the summary of an interruption (SummaryDraft). After
 // it, the run's files are written, and a signal changes nothing.
 void take_signals(sigset_t set, std::string checkpoint, bool writes_checkpoints) {
   const bool checkpointing = !checkpoint.empty();
+  std::chrono::steady_clock::time_point first_at;  // of the signal that asked for the stop
   for (;;) {
     int sig = 0;
     if (::sigwait(&set, &sig) != 0 || g_phase.load() == 2) continue;
     // A closed terminal sends SIGHUP twice (bash passes it on to its jobs, then the kernel to
-    // the foreground group): a repeated one is not the user insisting.
+    // the foreground group): a repeated one is not the user insisting. Nor is the first
+    // signal again within half a second: GNU timeout sends SIGTERM to the run and then to its
+    // process group, which lost the checkpoint it was asking for when the two came apart.
+    const auto now = std::chrono::steady_clock::now();
     if (sig == SIGHUP && g_signal.load() != 0) continue;
+    if (sig == g_signal.load() && now - first_at < std::chrono::milliseconds(500)) continue;
     int none = 0;  // the signal is stored before the stop is seen: the main thread names it
     if (g_phase.load() == 1 && g_signal.compare_exchange_strong(none, sig)) {
+      first_at = now;
       g_stop.store(true);
       say(checkpointing ? "\nblpa-train: stopping after the current step and writing a checkpoint (a second "
                           "signal stops at once, without one)\n"
@@ -122,6 +130,10 @@ int main(int argc, char** argv) {
 
   // Blocked before train() starts a thread, so that every thread it starts inherits the mask.
   // SIGHUP (the terminal or ssh session closed) is taken as SIGTERM, unless nohup ignores it.
+  // SIGINT is taken even where it came ignored: a script's `cmd &` ignores it (non-interactive
+  // bash does), and a Ctrl-C on a script that started runs or ranks so (scripts/precision.sh,
+  // the README's ranks) then stops them all with their checkpoints, where they would run on
+  // with the script gone.
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGINT);

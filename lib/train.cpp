@@ -2073,6 +2073,9 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       ++it;
       ++window_iters;
       mid_step = false;
+      // A signal that came during this step stops after it, as the message says ("after the
+      // current step"), not after one more. Ranks agree on the flag read before the step.
+      if (!dist) stopping = stop && stop->load();
       if (Clock::now() - last_draft > std::chrono::seconds(1)) redraft();
 
       const bool last = it == config.iterations;
