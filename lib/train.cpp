@@ -1399,18 +1399,20 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       // "done". Otherwise the end is still to come: stopped part-way at what is now the end
       // (never evaluated), or stopped after the final checkpoint (the export or summary not
       // written), or given a --summary or --export it has not written. It evaluates, then
-      // exports and summarises.
+      // exports and summarises; where only the export is missing, it writes the export alone
+      // (the summary that says "done" keeps its figures: this process would have none).
+      bool export_missing = false;
       if (state.iteration == config.iterations && !state.pending_eval) {
         const auto evaluated = resumed->config.find("evaluated");
         std::error_code ec;
-        const bool unfinished_outputs =
-            !config.dist.enabled() &&
-            ((!config.export_path.empty() && !fs::exists(config.export_path, ec)) ||
-             (!config.summary_path.empty() && json_field(first_line_of(config.summary_path), "status") != "\"done\""));
+        export_missing = !config.dist.enabled() && !config.export_path.empty() && !fs::exists(config.export_path, ec);
+        const bool unfinished_summary =
+            !config.dist.enabled() && !config.summary_path.empty() &&
+            json_field(first_line_of(config.summary_path), "status") != "\"done\"";
         state.pending_eval =
-            (evaluated != resumed->config.end() && evaluated->second == "0") || unfinished_outputs;
+            (evaluated != resumed->config.end() && evaluated->second == "0") || unfinished_summary;
       }
-      if (state.iteration == config.iterations && !state.pending_eval)
+      if (state.iteration == config.iterations && !state.pending_eval && !export_missing)
         throw RunComplete(fmt::format("checkpoint {} is at iteration {}, evaluated: with --iterations {} the run "
                                       "is complete, nothing to do",
                                       config.checkpoint, state.iteration, config.iterations));
@@ -1812,7 +1814,9 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         graphed != nullptr, config.resume ? std::to_string(first) : "null",
         error.empty() ? std::string("null") : json_string(error), config.json(), normalisation);
   };
-  const bool summarising = !config.summary_path.empty() && lead;
+  // A resume of a complete run that only writes its lost export leaves its summary as it is.
+  const bool only_export = config.resume && it == config.iterations && !pending_eval;
+  const bool summarising = !config.summary_path.empty() && lead && !only_export;
   auto write_summary = [&](const char* status, const std::string& error = "") {
     if (!summarising) return;
     if (draft) draft->close();  // the run's own summary from here on
@@ -1994,6 +1998,13 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   bool mid_step = false;   // an eager iteration's forward has begun: the buffers have moved
   const char* waiting_for = nullptr;  // another rank's work that this one waits for, if any
   BufferBackup buffers(model);
+  // From here until the run ends its summary says "running" (an earlier one, of the run
+  // before this resume, would read as this run's state; a killed run leaves this one).
+  if (summarising) {
+    AtomicFile f(config.summary_path);
+    f.write(render_summary("running", ""));
+    f.commit();
+  }
   redraft();
   try {
     // An evaluation that a signal interrupted runs first.

@@ -2033,6 +2033,36 @@ TEST_CASE("hardening: a resume that evaluates again logs that evaluation once, a
        at = text.find("\"type\": \"eval\", \"iter\": 4,", at + 1))
     ++evals;
   CHECK(evals == 1);
+  // Its summary says "done": the export alone is written, the summary keeps its figures
+  // (they became null: the process trained nothing) and nothing is evaluated again.
+  const std::string b_summary = (dir / "c.json").string(), b_log = (dir / "c.jsonl").string(),
+                    b_export = (dir / "c.pt").string();
+  const auto b = small(dir, {"--checkpoint", (dir / "c.ckpt").string(), "--log", b_log, "--export", b_export,
+                             "--summary", b_summary});
+  REQUIRE(train(b, dir).code == 0);
+  const std::string done = slurp(b_summary);
+  fs::remove(b_export);
+  auto b_resume = b;
+  b_resume.push_back("--auto-resume");
+  const Run exported_again = train(b_resume, dir);
+  CAPTURE(exported_again.output);
+  CHECK(exported_again.code == 0);
+  CHECK(fs::exists(b_export));
+  CHECK(slurp(b_summary) == done);
+  CHECK(slurp(b_log).find("\"type\": \"eval\", \"iter\": 4,") == slurp(b_log).rfind("\"type\": \"eval\", \"iter\": 4,"));
+  CHECK(train(b_resume, dir).code == 0);  // complete: nothing to do
+  // Resumed for more iterations, its summary says "running" until the run ends: the earlier
+  // "done" read as the run's state, also after the process was killed.
+  auto more = b_resume;
+  more.insert(more.end(), {"--iterations", "100000"});
+  Spawned longer{spawn_train(more, dir / "longer.out")};
+  wait_for_record(b_log, "\"type\": \"train\", \"iter\": 6,");
+  ::kill(longer.pid, SIGKILL);
+  longer.wait();
+  const std::string running = slurp(b_summary);
+  CAPTURE(running);
+  CHECK(running.find("{\"type\": \"summary\", \"status\": \"running\", \"iter\": 4,") == 0);
+  CHECK(running.find("\"resumed_from\": 4,") != std::string::npos);
 
   // A line break in a path: the checkpoint's settings are lines, so it would read back as another.
   const Run broken = train(small(dir, {"--log", (dir / "a\nseed=7").string()}), dir);
