@@ -49,7 +49,6 @@ static int run(int argc, char** argv) {
                                   (a.count("checkpoint") ? "" : " (a checkpoint is given as --checkpoint FILE)"));
     if (!a.count("checkpoint")) throw std::invalid_argument("--checkpoint is required");
     e.checkpoint = a["checkpoint"].as<std::string>();
-    blpa::require_file("--checkpoint", e.checkpoint);
     if (a.count("data-dir")) e.data_dir = a["data-dir"].as<std::string>();
     e.index_cache = a["index-cache"].as<std::string>();
     if (a.count("val-list")) e.val_list = a["val-list"].as<std::string>();
@@ -77,6 +76,7 @@ static int run(int argc, char** argv) {
     if (e.options.resize_short <= 0) throw std::invalid_argument("--resize must be positive");
     if (e.options.crop <= 0 || e.options.resize_short < e.options.crop)
       throw std::invalid_argument("--crop must be positive and at most --resize");
+    blpa::require_file("--checkpoint", e.checkpoint);  // last: the other flags' errors come first
   } catch (const std::exception& ex) {
     std::cerr << "blpa-eval: " << blpa::error_message(ex) << "\nRun blpa-eval --help for the options.\n";
     return 2;

@@ -375,7 +375,6 @@ static int run(int argc, char** argv) {
     }
     if (!a.count("checkpoint")) throw FlagError("--checkpoint is required");
     o.checkpoint = a["checkpoint"].as<std::string>();
-    blpa::require_file("--checkpoint", o.checkpoint);
     o.paths = a.unmatched();
     if (a.count("list")) o.list = a["list"].as<std::string>();
     if (a.count("from-dataset")) o.range = a["from-dataset"].as<std::string>();
@@ -419,6 +418,7 @@ static int run(int argc, char** argv) {
       throw FlagError(e.what());
     }
     blpa::numerics_for(o.eval.precision, o.eval.memory_format, device);  // the names
+    blpa::require_file("--checkpoint", o.checkpoint);  // last: the other flags' errors come first
   } catch (const std::exception& ex) {
     std::cerr << "blpa-predict: " << blpa::error_message(ex) << "\nRun blpa-predict --help for the options.\n";
     return 2;
