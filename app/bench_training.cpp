@@ -60,7 +60,13 @@ blpa::NetConfig parse_model(const std::string& s) {
 // "all", or a comma list of mode names as ModeConfig::str() writes them: "plain,blpa-8,blpa-4-w8".
 // A bare blpa/naive takes --bits, --window (0: the default for its bits) and --lift; a name
 // with bits is complete (no -wW: the paper's window 6, no -lL: lift 0), so they cannot apply.
-std::vector<ModeConfig> parse_modes(const std::string& spec, int bits, float window, std::optional<float> lift) {
+// `bits_given`: --bits was on the command line (all has its own; it was ignored).
+std::vector<ModeConfig> parse_modes(const std::string& spec, int bits, float window, std::optional<float> lift,
+                                    bool bits_given) {
+  if (spec == "all" && (window > 0 || lift || bits_given))
+    throw std::invalid_argument("--mode all runs blpa-train's default codes for each of its modes; --bits, --window and "
+                                "--lift apply to a bare blpa or naive: list the modes instead (--mode "
+                                "plain,exact,blpa-8,blpa-4,naive-4 runs the paper's codes)");
   if (spec == "all") return {{Mode::plain, 8}, {Mode::exact, 8}, {Mode::blpa, 8}, {Mode::blpa, 4}, {Mode::naive, 4}};
   if (bits != 8 && bits != 4 && bits != 2) throw std::invalid_argument("--bits must be 8, 4 or 2");
   std::vector<ModeConfig> out;
@@ -113,8 +119,9 @@ void add_common(cxxopts::Options& o, const std::string& batch, const std::string
                   cxxopts::value<std::string>()->default_value("resnet164"));
   if (!batch.empty()) o.add_options()("batch", "Batch size", cxxopts::value<std::string>()->default_value(batch));
   o.add_options()(
-      "mode", "all, or a comma list of plain, exact, blpa[-K[-wW][-lL]], naive[-K[-wW][-lL]] (a bare blpa: "
-      "blpa-train's default codes for --bits; blpa-K: the paper's quantiser, window 6 and lift 0)",
+      "mode", "all (plain, exact, and blpa 8, blpa 4 and naive 4 in blpa-train's default codes: blpa-8-w12, "
+      "blpa-4-l1, naive-4-l1), or a comma list of plain, exact, blpa[-K[-wW][-lL]], naive[-K[-wW][-lL]] (a bare "
+      "blpa: blpa-train's default codes for --bits; blpa-K: the paper's quantiser, window 6 and lift 0)",
       cxxopts::value<std::string>()->default_value(mode))(
       "bits", "Bits for a bare blpa/naive in --mode: 8, 4 or 2", cxxopts::value<std::string>()->default_value("4"))(
       "window", "Window for a bare blpa/naive in --mode, in units of x_hat (default: the default for its bits)",
@@ -157,9 +164,11 @@ bool parse_common(cxxopts::Options& o, int argc, char** argv, Common& c, cxxopts
   if (c.size == 0) c.size = c.net.arch == "cifar" ? 32 : 224;
   check_input_size(c.batch, c.size);
   const float window = args.count("window") ? blpa::number<float>(args, "window") : 0.0f;
-  if (args.count("window") && !(window > 0)) throw std::invalid_argument("--window must be positive");
+  if (args.count("window") && !(window >= blpa::kMinWindow))
+    throw std::invalid_argument(fmt::format("--window must be positive, at least {}", blpa::kMinWindow));
   const auto lift = args.count("lift") ? std::optional<float>(blpa::number<float>(args, "lift")) : std::nullopt;
-  c.modes = parse_modes(args["mode"].as<std::string>(), blpa::number<int>(args, "bits"), window, lift);
+  c.modes = parse_modes(args["mode"].as<std::string>(), blpa::number<int>(args, "bits"), window, lift,
+                        args.count("bits") > 0);
   c.device = blpa::parse_device(args["device"].as<std::string>());
   if (c.device.is_cuda() && !torch::cuda::is_available()) throw std::invalid_argument("--device cuda: no CUDA device");
   blpa::set_threads(blpa::number<int>(args, "threads"));

@@ -278,6 +278,11 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       // A device LibTorch names but blpa does not run on: LibTorch's words and exit 1 before.
       {{"codec", "--device", "tpu"}, "--device must be cpu, cuda or cuda:N, got 'tpu'"},
       {{"memory", "--model", "cifar:11", "--device", "meta"}, "--device must be cpu, cuda or cuda:N, got 'meta'"},
+      // --mode all has its own codes: a --window beside it was ignored; one too narrow refused.
+      {{"memory", "--model", "cifar:11", "--mode", "all", "--window", "6"}, "--mode all runs blpa-train's default"},
+      {{"step", "--model", "cifar:11", "--mode", "all", "--bits", "8"}, "list the modes instead"},
+      {{"memory", "--model", "cifar:11", "--window", "1e-35"}, "--window must be positive, at least 1e-30"},
+      {{"fidelity", "--windows", "1e-35"}, "--windows must be positive, at least 1e-30"},
   };
   for (const auto& [args, message] : bench) {
     const Run b = run(BLPA_BENCH_EXE, args, dir);

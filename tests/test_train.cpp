@@ -291,7 +291,7 @@ TEST_CASE("train: blpa-train refuses bad flags and missing data with exit codes"
   CHECK(run_train({"--mode", "exact", "--bits", "4"}) == 2);
   CHECK(run_train({"--mode", "plain", "--window", "8"}) == 2);
   CHECK(run_train({"--bits", "3"}) == 2);
-  for (const char* w : {"0", "-2", "nan", "inf", "x"}) CHECK(run_train({"--window", w}) == 2);
+  for (const char* w : {"0", "-2", "nan", "inf", "x", "1e-35"}) CHECK(run_train({"--window", w}) == 2);
   for (const char* l : {"nan", "inf", "x"}) CHECK(run_train({"--lift", l}) == 2);
   CHECK(run_train({"--mode", "exact", "--lift", "1"}) == 2);
   CHECK(run_train({"--resume"}) == 2);
