@@ -40,7 +40,8 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 # The settings a legend may name, in the order it names them.
-keys=(dataset arch depth mode precision memory_format batch accum_steps lr iterations seed world device train_subset)
+keys=(dataset arch depth mode precision memory_format batch accum_steps lr weight_decay momentum warmup iterations seed
+  world device train_subset)
 # Per log: the last config record's settings (a resumed run appends one: its --iterations may
 # have grown), one "key<TAB>value" per line, in $tmp/N.cfg; its
 # training records as "iter loss images_per_s stored_MiB peak_MiB" in $tmp/N.train and its
@@ -56,6 +57,10 @@ for f in "$@"; do
       gsub(/"/, "", v)
       return v
     }
+    # Only whole records: a run killed while writing leaves its last one cut short, whose
+    # missing figures read as 0 (a point at 100% error); a null accuracy (a test loss that
+    # overflowed) has no error to plot.
+    !/}[ \t\r]*$/ { next }
     /"type": "config"/ {
       c = substr($0, index($0, "\"config\": {") + 10)
       nk = split(keys, k, " ")
@@ -65,7 +70,7 @@ for f in "$@"; do
       print get($0, "iter"), get($0, "loss"), get($0, "images_per_s"), get($0, "stored_activation_bytes") / 1048576,
             get($0, "peak_bytes") / 1048576 > train
     }
-    /"type": "eval"/ { print get($0, "iter"), 100 * (1 - get($0, "test_acc")) > ev }
+    /"type": "eval"/ && get($0, "test_acc") != "null" { print get($0, "iter"), 100 * (1 - get($0, "test_acc")) > ev }
     END { for (i = 1; i <= nk; i++) print k[i] "\t" setting[i] > cfg }
   ' "$f"
   touch "$tmp/$n.cfg" "$tmp/$n.train" "$tmp/$n.eval"

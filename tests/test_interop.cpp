@@ -573,6 +573,17 @@ TEST_CASE("interop: plot.sh renders one PNG per quantity from the logs of test r
   // The mode they share is in the title, since no legend names it.
   CHECK(both.out.find("title: fashion-mnist, cifar-11, " + blpa::ModeConfig{blpa::Mode::blpa, 4}.str() + ", batch ") !=
         std::string::npos);
+  // A record cut short (a run killed while writing it) is left out: its missing accuracy read
+  // as 0, a point at 100% error. Here the only evaluation is cut.
+  const std::string text = slurp(plain);
+  const auto eval_at = text.find("{\"type\": \"eval\"");
+  REQUIRE(eval_at != std::string::npos);
+  const std::string train_only = std::regex_replace(text, std::regex(".*\"type\": \"eval\".*\n"), "");
+  std::ofstream(dir / "cut.jsonl") << train_only << text.substr(eval_at, 60) << "\n";
+  const Run cut = run(plot, {"-o", (dir / "png").string(), "-p", "cut-", (dir / "cut.jsonl").string()}, dir);
+  CAPTURE(cut.out, cut.err);
+  CHECK(cut.code == 0);
+  CHECK(cut.out.find("cut-error.png: no log has test error (%) records; not written") != std::string::npos);
   CHECK(run(plot, {}, dir).code == 2);
   const Run missing = run(plot, {(dir / "none.jsonl").string()}, dir);
   CHECK(missing.code == 1);
