@@ -1195,7 +1195,15 @@ void compare_with_checkpoint(const Checkpoint& ck, const TrainConfig& c) {
     throw FlagError("--resume: checkpoint " + ck.path + " belongs to a different run:" + refused +
                     "\nresume with the same data set, training subset, augmentation, model, mode (bits, window, lift), "
                     "batch, seed, precision and world size, or start a new run");
-  if (!changed.empty()) spdlog::info("--resume: these settings differ from the checkpoint's and take effect:{}", changed);
+  if (changed.empty()) return;
+  // A run at its last iteration trains no more: a sweep over --lr whose file names leave lr
+  // out was told that each new one "takes effect", then "nothing to do".
+  if (ck.state.iteration == c.iterations)
+    spdlog::warn("--resume: these settings differ from the checkpoint's, but its run is at its --iterations {}: no "
+                 "iteration is left for them to change (another run needs other output paths){}",
+                 c.iterations, changed);
+  else
+    spdlog::info("--resume: these settings differ from the checkpoint's and take effect:{}", changed);
 }
 
 // Every rank must train the same run; a rank whose settings differ stops them all, each

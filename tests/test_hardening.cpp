@@ -502,6 +502,13 @@ TEST_CASE("hardening: --auto-resume starts a run, resumes it, and does nothing o
   CHECK(third.output.find("the run is complete, nothing to do") != std::string::npos);
   CHECK(slurp(ck) == ck_bytes);
   CHECK(slurp(log) == log_text);
+  // Another --lr changes nothing there, and is warned about (it was said to "take effect").
+  const Run other_lr = run_to("5", {"--lr", "0.05"});
+  CHECK(other_lr.code == 0);
+  CHECK(other_lr.output.find("[warning] --resume: these settings differ from the checkpoint's, but its run is at its "
+                             "--iterations 5: no iteration is left for them to change") != std::string::npos);
+  CHECK(other_lr.output.find("lr: checkpoint 0.02, command line 0.05") != std::string::npos);
+  CHECK(other_lr.output.find("take effect") == std::string::npos);
   // A run's identity still decides: another seed is refused, its files kept.
   CHECK(run_to("5", {"--seed", "7"}).code == 2);
   CHECK(slurp(ck) == ck_bytes);
