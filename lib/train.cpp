@@ -926,6 +926,24 @@ void refuse_diverged_rerun(const TrainConfig& c) {
 
 namespace {
 
+// --auto-resume without a checkpoint, where the summary says this run (its identity and
+// --iterations) is done: its checkpoint was deleted (a sweep that keeps disks small), and
+// there is nothing to do, as with the checkpoint there. It was refused as a new run over
+// existing files, exit 2, on every rerun of the sweep.
+void skip_completed_rerun(const TrainConfig& c) {
+  std::error_code ec;
+  if (c.summary_path.empty() || !fs::is_regular_file(c.summary_path, ec)) return;
+  const std::string summary = first_line_of(c.summary_path), ours = c.json();
+  if (!whole_object(summary) || json_field(summary, "status") != "\"done\"" ||
+      json_field(summary, "iter") != std::to_string(c.iterations))
+    return;
+  for (const auto& key : TrainConfig::identity_keys())
+    if (json_field(summary, key) != json_field(ours, key)) return;
+  throw RunComplete(fmt::format("--auto-resume: summary {} says this run is done at iteration {} (its checkpoint {} "
+                                "is gone): nothing to do",
+                                c.summary_path, c.iterations, c.checkpoint));
+}
+
 // 16 hex digits, new for every run.
 std::string draw_run_id() {
   std::random_device device;
@@ -1126,6 +1144,27 @@ std::vector<std::pair<std::string, std::string>> outputs_of(const TrainConfig& c
   return out;
 }
 
+// What an existing log or summary holds, for a message about replacing it: " (the summary of
+// run ID, done at iteration N)", " (the log of run ID)", or "" where it says nothing of one.
+std::string whose(const std::string& path, const std::string& flag) {
+  std::string line;
+  if (flag == "--summary") {
+    line = first_line_of(path);
+    if (line.find("\"type\": \"summary\"") == std::string::npos) return "";
+  } else if (flag == "--log") {
+    std::ifstream in(path);
+    for (std::string l; line.empty() && std::getline(in, l);)
+      if (l.find("\"type\": \"config\"") != std::string::npos) line = l;
+  }
+  const std::string id = json_field(line, "run_id");
+  if (id.size() < 3 || id.front() != '"' || id.back() != '"') return "";
+  const std::string run = "run " + id.substr(1, id.size() - 2);
+  if (flag == "--log") return " (the log of " + run + ")";
+  const std::string status = json_field(line, "status");
+  return fmt::format(" (the summary of {}, {} at iteration {})", run,
+                     status.size() > 2 ? status.substr(1, status.size() - 2) : "?", json_field(line, "iter"));
+}
+
 // A fresh run replaces no earlier run's files unless told to.
 void refuse_replacing(const TrainConfig& c) {
   std::error_code ec;
@@ -1134,7 +1173,7 @@ void refuse_replacing(const TrainConfig& c) {
     const bool is_log = flag == "--log";
     if (!c.resume && !c.overwrite && fs::is_regular_file(path, ec) && (!is_log || fs::file_size(path, ec) > 0) &&
         !(c.auto_resume && records_no_training(path, flag)))
-      throw FlagError(flag + " " + path + " already exists: " +
+      throw FlagError(flag + " " + path + whose(path, flag) + " already exists: " +
                       (resumable          ? "continue that run with --resume, or replace it with --overwrite"
                        : c.checkpoint.empty() ? "without --checkpoint there is nothing to continue it from; replace "
                                                 "it with --overwrite, or give another path"
@@ -1386,6 +1425,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     }
     if (!config.resume && config.run_id.empty()) config.run_id = draw_run_id();
     if (lead && config.auto_resume && !config.resume) refuse_diverged_rerun(config);
+    if (lead && config.auto_resume && !config.resume) skip_completed_rerun(config);
     if (lead) prepare_outputs(config, locks);
     else if (config.resume && !fs::exists(config.checkpoint))
       throw FlagError("--resume: checkpoint " + config.checkpoint + " does not exist on rank " +

@@ -569,6 +569,27 @@ TEST_CASE("hardening: --auto-resume starts a run, resumes it, and does nothing o
   CHECK(slurp(summary).find("\"status\": \"done\"") != std::string::npos);
   CHECK(slurp(summary).find("\"stored_activation_bytes\": " + cut_ck.config.at("stored_activation_bytes") + ",") !=
         std::string::npos);
+  // Its checkpoint deleted (a sweep keeping its disk small): the summary says this run is done,
+  // so a rerun of the sweep does nothing (it was refused as a new run over its files, exit 2).
+  const std::string done_summary = slurp(summary);
+  fs::remove(cut);
+  const Run gone = train(small(dir, end_there), dir);
+  CAPTURE(gone.output);
+  CHECK(gone.code == 0);
+  CHECK(gone.output.find("--auto-resume: summary " + summary + " says this run is done at iteration " + at +
+                         " (its checkpoint " + cut + " is gone): nothing to do") != std::string::npos);
+  CHECK(slurp(summary) == done_summary);
+  CHECK_FALSE(fs::exists(cut));
+  // Another run (a seed the sweep added, with the same file names) is refused, naming the run
+  // whose summary it would replace.
+  auto seed_5 = end_there;
+  seed_5.insert(seed_5.end(), {"--seed", "5"});
+  const Run other = train(small(dir, seed_5), dir);
+  CAPTURE(other.output);
+  CHECK(other.code == 2);
+  const std::string id = blpa::json_string(cut_ck.config.at("run_id"));
+  CHECK(other.output.find("--summary " + summary + " (the summary of run " + id.substr(1, id.size() - 2) +
+                          ", done at iteration " + at + ") already exists") != std::string::npos);
 
   // --precision auto continues at the checkpoint's (bf16), from the command line too.
   const std::string bf16 = (dir / "bf16.ckpt").string();
