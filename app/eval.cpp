@@ -32,7 +32,7 @@ static int run(int argc, char** argv) {
     ("precision", "fp32, tf32 (CUDA only), bf16 or auto: the one the network was trained in, so that the scores are the training log's (tf32 is fp32 on the CPU; a checkpoint from before --precision: tf32 on CUDA, fp32 on the CPU)", cxxopts::value<std::string>()->default_value("auto"))
     ("memory-format", "nchw, nhwc or auto; as blpa-train's", cxxopts::value<std::string>()->default_value("auto"))
     ("index-cache", "Directory of cached ImageNet file lists ('' to disable)", cxxopts::value<std::string>()->default_value(blpa::default_cache_dir()))
-    ("json", "Print one JSON object: top1 and top5 are accuracies (as the log's test_acc and test_top5), top1_error and top5_error their complements (as the summary's test_error)")
+    ("json", "Print one JSON object: the checkpoint's iteration and run_id; top1 and top5 are accuracies (as the log's test_acc and test_top5), top1_error and top5_error their complements (as the summary's test_error)")
     ("quiet", "No progress line")
     ("h,help", "This help");
   // clang-format on
@@ -98,10 +98,12 @@ static int run(int argc, char** argv) {
     const bool finite = std::isfinite(r.loss);
     auto score = [&](double v) { return finite ? fmt::format("{:.6f}", v) : std::string("null"); };
     if (json)
-      fmt::print("{{\"checkpoint\": {}, \"precision\": \"{}\", \"memory_format\": \"{}\", \"ten_crop\": {}, "
-                 "\"images\": {}, \"failed\": {}, \"loss\": {}, \"top1\": {}, \"top5\": {}, "
-                 "\"top1_error\": {}, \"top5_error\": {}}}\n",
-                 blpa::json_string(e.checkpoint), blpa::to_string(r.numerics.precision),
+      fmt::print("{{\"checkpoint\": {}, \"iteration\": {}, \"run_id\": {}, \"precision\": \"{}\", "
+                 "\"memory_format\": \"{}\", \"ten_crop\": {}, \"images\": {}, \"failed\": {}, \"loss\": {}, "
+                 "\"top1\": {}, \"top5\": {}, \"top1_error\": {}, \"top5_error\": {}}}\n",
+                 blpa::json_string(e.checkpoint), r.iteration,
+                 r.run_id.empty() ? std::string("null") : blpa::json_string(r.run_id),
+                 blpa::to_string(r.numerics.precision),
                  blpa::layout_name(r.numerics.layout), e.options.ten_crop, r.count, r.failed, score(r.loss),
                  score(r.top1), score(r.top5), score(1 - r.top1), score(1 - r.top5));
     else if (finite)

@@ -420,6 +420,8 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e) {
   apply_precision(numerics.precision, dev);
   const auto ran_in = [&](EvalResult r) {
     r.numerics = numerics;
+    r.iteration = ck.state.iteration;
+    r.run_id = kv["run_id"];
     return r;
   };
   if (dataset == "imagenet") {

@@ -306,6 +306,10 @@ TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval 
   std::smatch m;
   REQUIRE(std::regex_search(e.out, m, std::regex(R"("loss": ([0-9.]+), "top1": ([0-9.]+), "top5": ([0-9.]+))")));
   const double eval_loss = std::stod(m[1]), eval_top1 = std::stod(m[2]), eval_top5 = std::stod(m[3]);
+  // The checkpoint's iteration and run, for a table of scores.
+  const auto trained = blpa::read_checkpoint(ck);
+  CHECK(e.out.find(fmt::format("\"iteration\": {}, \"run_id\": {},", trained.state.iteration,
+                               blpa::json_string(trained.config.at("run_id")))) != std::string::npos);
 
   const Run p =
       run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "0.." + std::to_string(n), "--top-k", "10"}, dir);

@@ -122,6 +122,10 @@ struct EvalResult {
   int64_t failed = 0;  // images that could not be decoded (left out)
   bool interrupted = false;  // stopped early by a signal: the figures are incomplete
   Numerics numerics;  // evaluate_checkpoint: the precision and layout it ran in
+  // evaluate_checkpoint: the checkpoint's iteration and run id ("" before run ids existed),
+  // which tell a finished run's checkpoint from one stopped part-way in a table of scores.
+  int64_t iteration = -1;
+  std::string run_id;
 };
 
 struct ImageEvalOptions {
