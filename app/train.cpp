@@ -29,7 +29,11 @@ std::atomic<int> g_signal{0};
 std::atomic<int> g_phase{0};  // 0 before train(), 1 in it, 2 after it returned or threw
 blpa::SummaryDraft g_draft;           // what a second signal leaves in --summary
 
+// A leading newline ends the progress line a terminal shows (rewritten in place, with no
+// newline of its own); where standard error is a file it would leave a blank line.
 void say(const char* text) {
+  static const bool terminal = ::isatty(STDERR_FILENO) == 1;
+  if (text[0] == '\n' && !terminal) ++text;
   const ssize_t n = ::write(STDERR_FILENO, text, std::strlen(text));
   (void)n;
 }

@@ -2249,7 +2249,8 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         saved += fmt::format(" Checkpoint {} of iteration {} is gone: there is nothing to resume.", config.checkpoint,
                              last_good);
       else if (!fs::is_regular_file(config.checkpoint, ec))  // none written: its outputs are a new run's to replace
-        saved += " No checkpoint was written: there is nothing to resume; start the run again.";
+        saved += " No checkpoint was written: there is nothing to resume; start the run again with --overwrite "
+                 "(it replaces this run's files).";
     }
     // A peer that died or went silent: every rank stops, instead of hanging.
     const std::string why = dynamic_cast<const PeerLost*>(&e)
