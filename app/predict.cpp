@@ -103,7 +103,7 @@ bool is_dir(const std::string& p) {
 
 std::vector<std::string> read_lines(const std::string& path, const std::string& flag) {
   if (struct stat st{}; ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
-    throw std::runtime_error(flag + " " + path + ": is a folder, not a file");
+    throw FlagError(flag + " " + path + ": is a folder, not a file");  // exit 2, as a --checkpoint folder
   std::ifstream f(path);
   if (!f) throw std::runtime_error(flag + " " + path + ": cannot be read");
   std::vector<std::string> lines;
@@ -124,8 +124,8 @@ std::vector<std::string> class_names(const blpa::Checkpoint& ck, const std::stri
     auto names = read_lines(names_file, "--class-names");
     while (!names.empty() && names.back().empty()) names.pop_back();
     if (static_cast<int64_t>(names.size()) != classes)
-      throw std::runtime_error(fmt::format("--class-names {}: {} names for a network of {} classes", names_file,
-                                           names.size(), classes));
+      throw FlagError(fmt::format("--class-names {}: {} names for a network of {} classes", names_file, names.size(),
+                                  classes));  // another data set's names: a flag that does not fit, exit 2
     return names;
   }
   auto kv = ck.config;

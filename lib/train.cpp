@@ -1661,10 +1661,10 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
   int64_t it = 0;
   if (resumed) {
     if (resumed->net.in_channels != in_channels || resumed->net.num_classes != num_classes)
-      throw std::runtime_error(fmt::format("checkpoint {} holds a network for {} channels and {} classes; the data "
-                                           "has {} and {}",
-                                           config.checkpoint, resumed->net.in_channels, resumed->net.num_classes,
-                                           in_channels, num_classes));
+      throw FlagError(fmt::format("checkpoint {} holds a network for {} channels and {} classes; the data has {} and "
+                                  "{}: resume with the data it was trained on",  // exit 2, as other data mismatches
+                                  config.checkpoint, resumed->net.in_channels, resumed->net.num_classes, in_channels,
+                                  num_classes));
     load_training_state(*resumed, model, opt);
     resumed.reset();  // the archive's memory
     // The optimiser's settings are this command line's (a changed one takes effect).

@@ -682,6 +682,28 @@ TEST_CASE("train: blpa-train trains on an ImageNet folder and blpa-eval scores i
   std::ifstream lf(root / "list.jsonl");
   std::string list_log((std::istreambuf_iterator<char>(lf)), std::istreambuf_iterator<char>());
   CHECK(list_log.find("\"images\": 6, \"failed\": 0") != std::string::npos);
+  // Resumed on a list whose labels go one class further: refused as a resume on other data,
+  // exit 2, as other class folders are (it exited 1).
+  {
+    std::ofstream more(root / "more.csv");
+    for (int c = 0; c < 3; ++c)
+      for (int i = 0; i < 4; ++i) more << "train/n0" << c << "/img" << i << ".JPEG," << (c == 2 && i == 3 ? 3 : c) << "\n";
+  }
+  const std::string ck_flags = " --checkpoint " + (root / "list.ckpt").string() + " --overwrite";
+  std::string first_list = list_cmd;
+  first_list.insert(first_list.find(" >"), ck_flags);
+  REQUIRE(std::system(first_list.c_str()) == 0);
+  std::string more_list = list_cmd;
+  more_list.replace(more_list.find((root / "train.csv").string()), (root / "train.csv").string().size(),
+                    (root / "more.csv").string());
+  more_list.insert(more_list.find(" >"), " --checkpoint " + (root / "list.ckpt").string() + " --resume --iterations 2");
+  const int more_status = std::system(more_list.c_str());
+  std::ifstream more_out(root / "list.out");
+  const std::string more_text((std::istreambuf_iterator<char>(more_out)), {});
+  CAPTURE(more_text);
+  CHECK(WEXITSTATUS(more_status) == 2);
+  CHECK(more_text.find("holds a network for 3 channels and 3 classes; the data has 3 and 4: resume with the data it "
+                       "was trained on") != std::string::npos);
 
   // Absolute paths in a list are taken as they are; a validation label that no training image
   // has (1, below the training labels' largest) is refused as one beyond them is.

@@ -387,8 +387,14 @@ TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval 
   // A folder given as the names file was read as a file of no names ("0 names for ...").
   const Run names = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "0..2", "--class-names",
                                            dir.string()}, dir);
-  CHECK(names.code == 1);
+  CHECK(names.code == 2);  // a bad flag, as a --checkpoint folder is
   CHECK(names.err.find("--class-names " + dir.string() + ": is a folder, not a file") != std::string::npos);
+  // Names of another data set (it exited 1, an error of the run, where the flag does not fit).
+  std::ofstream(dir / "three.txt") << "a\nb\nc\n";
+  const Run three = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "0..2", "--class-names",
+                                           (dir / "three.txt").string()}, dir);
+  CHECK(three.code == 2);
+  CHECK(three.err.find("3 names for a network of 10 classes") != std::string::npos);
   remove_tree(dir);
 }
 
