@@ -728,6 +728,21 @@ TEST_CASE("train: blpa-train trains on an ImageNet folder and blpa-eval scores i
   const auto absolute = with_lists((root / "absolute.csv").string(), (root / "val.csv").string());
   CAPTURE(absolute.second);
   CHECK(absolute.first == 0);
+  // An image listed twice is said (it counts twice); with two labels it is refused.
+  fs::copy_file(root / "train.csv", root / "twice.csv");
+  fs::copy_file(root / "train.csv", root / "two-labels.csv");
+  std::ofstream(root / "twice.csv", std::ios::app) << "train/n01/img2.JPEG,1\ntrain/n00/img1.JPEG,0\n";
+  std::ofstream(root / "two-labels.csv", std::ios::app) << "train/n01/img2.JPEG,2\n";
+  const auto twice = with_lists((root / "twice.csv").string(), (root / "val.csv").string());
+  CAPTURE(twice.second);
+  CHECK(twice.first == 0);
+  CHECK(twice.second.find("--train-list " + (root / "twice.csv").string() + ": 2 entries repeat an image listed "
+                          "before (first: train/n01/img2.JPEG), which counts once per entry") != std::string::npos);
+  const auto two_labels = with_lists((root / "two-labels.csv").string(), (root / "val.csv").string());
+  CAPTURE(two_labels.second);
+  CHECK(two_labels.first == 1);
+  CHECK(two_labels.second.find("--train-list " + (root / "two-labels.csv").string() + ": train/n01/img2.JPEG is "
+                               "listed with label 1 and again with label 2") != std::string::npos);
   const auto unseen = with_lists((root / "gap.csv").string(), (root / "gap-val.csv").string());
   CAPTURE(unseen.second);
   CHECK(unseen.first == 1);
