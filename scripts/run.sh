@@ -33,6 +33,12 @@ for a in "$@"; do
 done
 [[ $mode == blpa || $mode == naive ]] && mode=$mode$bits
 if [[ -n ${BLPA_DATA_DIR:-} ]]; then
+  # The data set blpa-train finds there (CIFAR-100 and CIFAR-10 runs shared their files' names).
+  if [[ -z $data && -e $BLPA_DATA_DIR/train.bin ]]; then
+    data=cifar100
+  elif [[ -z $data && -d $BLPA_DATA_DIR/train && -d $BLPA_DATA_DIR/val ]]; then
+    data=imagenet
+  fi
   name=${data:-cifar}-resnet${depth:-164}-$mode
   args=(--data-dir "$BLPA_DATA_DIR")  # every other flag at its default: the paper's protocol
 elif [[ -n $preset ]]; then  # the preset's protocol, whole: its --data-dir is among the arguments
