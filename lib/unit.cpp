@@ -1,6 +1,8 @@
 // The unit as a custom autograd Function (docs/method.md, "Backward of a unit").
 #include "blpa/unit.h"
 
+#include <fmt/format.h>
+
 #include <charconv>
 #include <cmath>
 #include <cstdlib>
@@ -345,6 +347,8 @@ ModeConfig parse_mode_config(const std::string& s, int bits, float window, std::
   suffix('w', m.window);
   suffix('l', *m.lift);
   if (q != end || !(m.window > 0)) throw bad();
+  if (!(m.window >= kMinWindow))  // it failed in the codec, once the run had begun
+    throw std::invalid_argument(fmt::format("mode '{}': the window must be at least {}", s, kMinWindow));
   return m;
 }
 

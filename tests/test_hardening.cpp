@@ -285,6 +285,7 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"fidelity", "--windows", "1e-35"}, "--windows must be positive, at least 1e-30"},
   };
   for (const auto& [args, message] : bench) {
+      {{"memory", "--model", "cifar:11", "--mode", "plain,blpa-4-w1e-35"}, "the window must be at least 1e-30"},
     const Run b = run(BLPA_BENCH_EXE, args, dir);
     CAPTURE(args, b.output);
     CHECK(b.code == 2);
