@@ -178,9 +178,12 @@ int main(int argc, char** argv) {
     // NaN: this process trained no iteration (a resumed run that only finished its evaluation).
     const std::string last = std::isfinite(r.last_loss) ? fmt::format("loss of the last iteration {:.4f}", r.last_loss)
                                                         : std::string("no iteration trained in this process");
-    if (c.dist.rank == 0)
+    if (c.dist.rank == 0 && r.evaluated)
       spdlog::info("done: {} iterations, {}, test loss {:.4f}, test error {:.2f}% (top-5 error {:.2f}%)", r.iteration,
                    last, r.test_loss, 100 * (1 - r.test_acc), 100 * (1 - r.test_top5));
+    else if (c.dist.rank == 0)  // a complete run resumed for its lost export: its summary has the scores
+      spdlog::info("done: {} iterations, {}, not evaluated again (the export was written{})", r.iteration, last,
+                   c.summary_path.empty() ? "" : "; --summary " + c.summary_path + " keeps the run's scores");
     else
       spdlog::info("done: {} iterations, {} (rank {}; rank 0 evaluates)", r.iteration, last, c.dist.rank);
     if (g_signal.load()) end_by(g_signal.load());  // a signal in the last step: done, and a sweep stops too

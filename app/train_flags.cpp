@@ -81,7 +81,7 @@ cxxopts::Options make_options() {
     ("auto-resume", "--resume where --checkpoint exists, else start a new run, as without it: a sweep run again resumes what was stopped, starts what never ran and skips what is complete, and (exit 3) what diverged, as its --summary says, unless a learning-rate, momentum or weight-decay setting changed")
     ("overwrite", "Start a new run even where --checkpoint, --log, --export or --summary name existing files (replaced)")
     ("export", "At the end, write the weights as a state dict that Python loads with torch.load", cxxopts::value<S>())
-    ("summary", "When the run ends (done, interrupted, diverged or failed), write one JSON object: status, final figures, configuration, the error of a failed run", cxxopts::value<S>())
+    ("summary", "When the run ends (done, interrupted, diverged or failed), write one JSON object: status, final figures, configuration, the error of a failed run; from when training starts until then it says running", cxxopts::value<S>())
     ("quiet", "No progress line")
     ("print-config", "Print the configuration this command line runs, every default and auto resolved (the data set found in --data-dir, workers, threads, precision, layout), as the log's key=value lines, and exit; with --resume or --auto-resume the checkpoint is read and checked as the run does, and the outputs are checked as the run checks them, writing nothing")
     ("h,help", "This help");
@@ -235,7 +235,13 @@ std::string printed_config(const TrainConfig& given) {
   const bool lead = c.dist.rank == 0;
   if (c.auto_resume) c.resume = std::filesystem::exists(c.checkpoint, ec);
   if (lead && c.auto_resume && !c.resume) refuse_diverged_rerun(c);  // exit 3, as the run
-  if (lead) check_outputs_unwritten(c);
+  bool complete = false;  // its checkpoint deleted, its summary done: the run does nothing
+  try {
+    if (lead && c.auto_resume && !c.resume) skip_completed_rerun(c);
+  } catch (const RunComplete&) {
+    complete = true;
+  }
+  if (lead && !complete) check_outputs_unwritten(c);
   if (c.resume && !std::filesystem::exists(c.checkpoint, ec))
     throw FlagError("--resume: checkpoint " + c.checkpoint + " does not exist");
   if (c.resume && std::filesystem::is_directory(c.checkpoint, ec))

@@ -928,6 +928,18 @@ void check_outputs_are_this_runs(const TrainConfig& c) {
 
 }  // namespace
 
+namespace {
+
+// The settings that act on training steps alone (not on an evaluation or the outputs).
+const std::set<std::string>& training_keys() {
+  static const std::set<std::string> keys{"lr",           "warmup",      "warmup_lr", "steps",     "factor",
+                                          "momentum",     "weight_decay", "accum_steps", "log_every", "eval_every",
+                                          "checkpoint_every", "cuda_graphs"};
+  return keys;
+}
+
+}  // namespace
+
 void refuse_diverged_rerun(const TrainConfig& c) {
   if (c.summary_path.empty()) return;
   const std::string summary = first_line_of(c.summary_path), ours = c.json();
@@ -946,8 +958,6 @@ void refuse_diverged_rerun(const TrainConfig& c) {
       c.checkpoint, json_field(summary, "iter"), json_field(summary, "lr"), c.summary_path));
 }
 
-namespace {
-
 // --auto-resume without a checkpoint, where the summary says this run (its identity and
 // --iterations) is done: its checkpoint was deleted (a sweep that keeps disks small), and
 // there is nothing to do, as with the checkpoint there. It was refused as a new run over
@@ -961,10 +971,20 @@ void skip_completed_rerun(const TrainConfig& c) {
     return;
   for (const auto& key : TrainConfig::identity_keys())
     if (json_field(summary, key) != json_field(ours, key)) return;
+  std::string idle;  // as a resume at the run's end says them (compare_with_checkpoint)
+  for (const auto& key : training_keys())
+    if (const std::string theirs = json_field(summary, key); !theirs.empty() && theirs != json_field(ours, key))
+      idle += fmt::format("\n  {}: summary {}, command line {}", key, theirs, json_field(ours, key));
+  if (!idle.empty())
+    spdlog::warn("--auto-resume: these settings differ from the summary's, but its run is done: no iteration is "
+                 "left for them to change (another run needs other output paths){}",
+                 idle);
   throw RunComplete(fmt::format("--auto-resume: summary {} says this run is done at iteration {} (its checkpoint {} "
                                 "is gone): nothing to do",
                                 c.summary_path, c.iterations, c.checkpoint));
 }
+
+namespace {
 
 // 16 hex digits, new for every run.
 std::string draw_run_id() {
@@ -1245,25 +1265,27 @@ void compare_with_checkpoint(const Checkpoint& ck, const TrainConfig& c) {
   if (saved["data_dir"].empty() && saved["train_list"].empty()) saved["data_dir"] = data::kDebianFashionMnist;
   const auto now = key_values(c.describe());
   const std::set<std::string> identity(TrainConfig::identity_keys().begin(), TrainConfig::identity_keys().end());
-  std::string refused, changed;
+  // At the run's last iteration no step is left for the training settings to act on; the
+  // others (the test subset, device, workers, ...) still set a final evaluation's.
+  const bool at_end = ck.state.iteration == c.iterations;
+  std::string refused, changed, idle;
   for (const auto& [key, value] : now) {
     const auto it = saved.find(key);
     if (it == saved.end() || it->second == value) continue;
     const std::string line = fmt::format("\n  {}: checkpoint {}, command line {}", key, it->second, value);
-    (identity.count(key) ? refused : changed) += line;
+    (identity.count(key) ? refused : at_end && training_keys().count(key) ? idle : changed) += line;
   }
   if (!refused.empty())
     throw FlagError("--resume: checkpoint " + ck.path + " belongs to a different run:" + refused +
                     "\nresume with the same data set, training subset, augmentation, model, mode (bits, window, lift), "
                     "batch, seed, precision and world size, or start a new run");
-  if (changed.empty()) return;
   // A run at its last iteration trains no more: a sweep over --lr whose file names leave lr
   // out was told that each new one "takes effect", then "nothing to do".
-  if (ck.state.iteration == c.iterations)
+  if (!idle.empty())
     spdlog::warn("--resume: these settings differ from the checkpoint's, but its run is at its --iterations {}: no "
                  "iteration is left for them to change (another run needs other output paths){}",
-                 c.iterations, changed);
-  else
+                 c.iterations, idle);
+  if (!changed.empty())
     spdlog::info("--resume: these settings differ from the checkpoint's and take effect:{}", changed);
 }
 
@@ -1295,7 +1317,8 @@ void agree_across_ranks(Distributed& dist, const std::string& mine) {
 // (counted from 1) after its forward and backward passes, before its update, as running out of
 // memory in the backward pass or losing a peer in the gradients' all-reduce does;
 // "eval:N" fails the evaluation after iteration N; "slow-eval:S" makes each evaluation take S
-// seconds longer (a test set that takes longer than --dist-timeout). {"", 0}: none. Only eager
+// seconds longer (a test set that takes longer than --dist-timeout); "slow-step:MS" each eager
+// iteration MS milliseconds (signals that must come during one, whatever the machine). {"", 0}: none. Only eager
 // iterations are failed: one replayed as a CUDA graph runs as captured.
 std::pair<std::string, int64_t> injected_failure() {
   const char* v = std::getenv("BLPA_TEST_FAIL");
@@ -1441,13 +1464,13 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       // checks then say why, through the rendezvous.
       std::error_code ec;
       config.resume = fs::exists(config.checkpoint, ec);
+      if (lead && !config.resume) refuse_diverged_rerun(config);
+      if (lead && !config.resume) skip_completed_rerun(config);
       if (lead)
         spdlog::info("--auto-resume: {}", config.resume ? "resuming the run in " + config.checkpoint
                                                         : "no checkpoint " + config.checkpoint + ", a new run");
     }
     if (!config.resume && config.run_id.empty()) config.run_id = draw_run_id();
-    if (lead && config.auto_resume && !config.resume) refuse_diverged_rerun(config);
-    if (lead && config.auto_resume && !config.resume) skip_completed_rerun(config);
     if (lead) prepare_outputs(config, locks);
     else if (config.resume && !fs::exists(config.checkpoint))
       throw FlagError("--resume: checkpoint " + config.checkpoint + " does not exist on rank " +
@@ -1476,9 +1499,11 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         const auto evaluated = resumed->config.find("evaluated");
         std::error_code ec;
         export_missing = !config.dist.enabled() && !config.export_path.empty() && !fs::exists(config.export_path, ec);
+        const std::string summary = config.summary_path.empty() ? "" : first_line_of(config.summary_path);
         const bool unfinished_summary =
             !config.dist.enabled() && !config.summary_path.empty() &&
-            json_field(first_line_of(config.summary_path), "status") != "\"done\"";
+            (!whole_object(summary) || json_field(summary, "status") != "\"done\"" ||
+             json_field(summary, "iter") != std::to_string(state.iteration));
         state.pending_eval =
             (evaluated != resumed->config.end() && evaluated->second == "0") || unfinished_summary;
       }
@@ -1991,6 +2016,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
     result.test_loss = e.loss;
     result.test_acc = e.top1;
     result.test_top5 = e.top5;
+    result.evaluated = true;
     eval_iter = it;
     eval_images = e.count, eval_failed = e.failed;
     log.write(fmt::format("{{\"type\": \"eval\", \"iter\": {}, \"time\": {:.3f}, \"test_loss\": {}, "
@@ -2094,6 +2120,20 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       paused.reset();
     }
     while (!result.interrupted && it < config.iterations) {
+      // One process: a signal that came after the last step's check (in its log record,
+      // evaluation or checkpoint) stops here, not after one more step (a new run trains its
+      // first, so that it has a checkpoint to resume). Ranks agree on the flag read with the
+      // step's all-reduce, below.
+      if (!dist && stop && stop->load() && (it > 0 || config.resume)) {
+        if (last_good != it) {
+          in_checkpoint = true;
+          checkpoint();
+          in_checkpoint = false;
+        }
+        if (tty) console("\n");
+        result.interrupted = true;
+        break;
+      }
       const double lr = config.lr_at(it);
       for (auto& g : opt.param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr);
       auto batch = next_batch();
@@ -2129,6 +2169,7 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         // A bad loss changes nothing: the update is not applied and no checkpoint is written.
         double loss_v = accumulate_gradients(model, x, y, config.accum_steps, &stored, reducer.get());
         stored_known = true;
+        if (fail_at.first == "slow-step") std::this_thread::sleep_for(std::chrono::milliseconds(fail_at.second));
         if (fail_at == std::pair<std::string, int64_t>{"step", it + 1})
           throw std::runtime_error(fmt::format("iteration {} failed after its backward pass (BLPA_TEST_FAIL)", it + 1));
         if (dist) {  // the mean loss over ranks, and a stop asked for on any rank stops them all
@@ -2268,9 +2309,20 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       else if (last_good >= 0)  // removed while the run ran (its folder, say)
         saved += fmt::format(" Checkpoint {} of iteration {} is gone: there is nothing to resume.", config.checkpoint,
                              last_good);
-      else if (!fs::is_regular_file(config.checkpoint, ec))  // none written: its outputs are a new run's to replace
-        saved += " No checkpoint was written: there is nothing to resume; start the run again with --overwrite "
-                 "(it replaces this run's files).";
+      else if (!fs::is_regular_file(config.checkpoint, ec)) {  // none written: its outputs are a new run's to replace
+        // The same command line starts it again where its files record no training (a new
+        // run replaces those under --auto-resume, and none are refused where none exist).
+        bool recorded = false;
+        for (const auto& [path, flag] : outputs_of(config))
+          recorded = recorded || (flag != "--checkpoint" && fs::is_regular_file(path, ec) &&
+                                  !(config.auto_resume && records_no_training(path, flag)));
+        saved += !recorded ? " No checkpoint was written: there is nothing to resume; start the run again."
+                 : config.auto_resume
+                     ? " No checkpoint was written: there is nothing to resume; start the run again with --overwrite "
+                       "in place of --auto-resume (it replaces this run's files)."
+                     : " No checkpoint was written: there is nothing to resume; start the run again with --overwrite "
+                       "(it replaces this run's files).";
+      }
     }
     // A peer that died or went silent: every rank stops, instead of hanging.
     const std::string why = dynamic_cast<const PeerLost*>(&e)

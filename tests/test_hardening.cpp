@@ -73,9 +73,10 @@ void check_clean(const Run& r) {
 }
 
 // blpa-train in the background, its stdout and stderr to `out`, started with the signals
-// `ignored` ignored (as `nohup` or a script's `&` start it); wait_for_record waits until the
-// log has a record containing `text`.
-pid_t spawn_train(std::vector<std::string> args, const fs::path& out, std::initializer_list<int> ignored = {}) {
+// `ignored` ignored (as `nohup` or a script's `&` start it) and `env` ("NAME=VALUE") set;
+// wait_for_record waits until the log has a record containing `text`.
+pid_t spawn_train(std::vector<std::string> args, const fs::path& out, std::initializer_list<int> ignored = {},
+                  const char* env = nullptr) {
   std::vector<char*> argv{const_cast<char*>(BLPA_TRAIN_EXE)};
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
@@ -86,6 +87,7 @@ pid_t spawn_train(std::vector<std::string> args, const fs::path& out, std::initi
     ::dup2(fd, STDOUT_FILENO);
     ::dup2(fd, STDERR_FILENO);
     for (const int sig : ignored) std::signal(sig, SIG_IGN);
+    if (env) ::putenv(const_cast<char*>(env));
     ::execv(BLPA_TRAIN_EXE, argv.data());
     ::_exit(127);
   }
@@ -283,9 +285,9 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"step", "--model", "cifar:11", "--mode", "all", "--bits", "8"}, "list the modes instead"},
       {{"memory", "--model", "cifar:11", "--window", "1e-35"}, "--window must be positive, at least 1e-30"},
       {{"fidelity", "--windows", "1e-35"}, "--windows must be positive, at least 1e-30"},
+      {{"memory", "--model", "cifar:11", "--mode", "plain,blpa-4-w1e-35"}, "the window must be at least 1e-30"},
   };
   for (const auto& [args, message] : bench) {
-      {{"memory", "--model", "cifar:11", "--mode", "plain,blpa-4-w1e-35"}, "the window must be at least 1e-30"},
     const Run b = run(BLPA_BENCH_EXE, args, dir);
     CAPTURE(args, b.output);
     CHECK(b.code == 2);
@@ -581,6 +583,18 @@ TEST_CASE("hardening: --auto-resume starts a run, resumes it, and does nothing o
                          " (its checkpoint " + cut + " is gone): nothing to do") != std::string::npos);
   CHECK(slurp(summary) == done_summary);
   CHECK_FALSE(fs::exists(cut));
+  CHECK(gone.output.find("a new run") == std::string::npos);  // it said so before "nothing to do"
+  // --print-config agrees (it refused the outputs as a new run's, exit 2), and another --lr is
+  // warned about, as a resume at the run's end warns.
+  auto printed = end_there;
+  printed.push_back("--print-config");
+  CHECK(train(small(dir, printed), dir).code == 0);
+  auto lr_flags = end_there;
+  lr_flags.insert(lr_flags.end(), {"--lr", "0.05"});
+  const Run lr_gone = train(small(dir, lr_flags), dir);
+  CHECK(lr_gone.code == 0);
+  CHECK(lr_gone.output.find("these settings differ from the summary's, but its run is done") != std::string::npos);
+  CHECK(lr_gone.output.find("lr: summary 0.02, command line 0.05") != std::string::npos);
   // Another run (a seed the sweep added, with the same file names) is refused, naming the run
   // whose summary it would replace.
   auto seed_5 = end_there;
@@ -1442,13 +1456,15 @@ TEST_CASE("hardening: a second signal stops at once and says so, and the checkpo
   const auto dir = temp_dir("second-signal");
   const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string();
   const std::string summary = (dir / "a.json").string();
-  // ResNet-164's steps take seconds on one thread: both signals arrive during one step, the
-  // second before the step ends and the first one's checkpoint is written, and after half a
-  // second (the same signal sooner is the same stop: GNU timeout sends two).
+  // Steps of 3 s (BLPA_TEST_FAIL=slow-step): both signals arrive during one step, the second
+  // before the step ends and the first one's checkpoint is written, and after half a second
+  // (the same signal sooner is the same stop: GNU timeout sends two).
   Spawned run{spawn_train(small(dir, {"--checkpoint", ck, "--log", log, "--summary", summary, "--iterations", "1000",
-                                      "--depth", "164", "--checkpoint-every", "1"}),
-                          dir / "run.out")};
+                                      "--checkpoint-every", "1"}),
+                          dir / "run.out", {}, "BLPA_TEST_FAIL=slow-step:3000")};
   wait_for_record(log, "\"type\": \"train\", \"iter\": 2,");
+  // Into the next step: between steps the first signal stops the run before another.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1000));
   ::kill(run.pid, SIGINT);
   std::this_thread::sleep_for(std::chrono::milliseconds(700));
   ::kill(run.pid, SIGINT);
@@ -1475,10 +1491,11 @@ TEST_CASE("hardening: a second signal stops at once and says so, and the checkpo
 
   // Before the first checkpoint: none is "kept".
   const std::string fresh = (dir / "b.ckpt").string(), fresh_log = (dir / "b.jsonl").string();
-  Spawned early{spawn_train(small(dir, {"--checkpoint", fresh, "--log", fresh_log, "--iterations", "1000", "--depth",
-                                        "56", "--checkpoint-every", "1000"}),
-                            dir / "early.out")};
+  Spawned early{spawn_train(small(dir, {"--checkpoint", fresh, "--log", fresh_log, "--iterations", "1000",
+                                        "--checkpoint-every", "1000"}),
+                            dir / "early.out", {}, "BLPA_TEST_FAIL=slow-step:3000")};
   wait_for_record(fresh_log, "\"type\": \"train\", \"iter\": 2,");
+  std::this_thread::sleep_for(std::chrono::milliseconds(1000));
   ::kill(early.pid, SIGTERM);
   std::this_thread::sleep_for(std::chrono::milliseconds(20));
   ::kill(early.pid, SIGINT);  // another signal: at once, however soon
@@ -1590,10 +1607,15 @@ TEST_CASE("hardening: a run failing part-way keeps its last whole iteration, whi
   CHECK(rerun.code == 0);
   CHECK(slurp(dir / "f.json").find("\"status\": \"done\"") != std::string::npos);
   CHECK(slurp(dir / "f.jsonl").find("\"type\": \"train\"") != std::string::npos);
-  fs::remove(f);  // the checkpoint gone, the log records training: refused, not replaced
+  fs::remove(f);  // the checkpoint gone: its summary says the run is done, so there is nothing to do
+  const Run done = train(sweep, dir);
+  CHECK(done.code == 0);
+  CHECK(done.output.find("says this run is done at iteration 4") != std::string::npos);
+  fs::remove(dir / "f.json");  // and without it, the log records training: refused, not replaced
   const Run trained = train(sweep, dir);
   CHECK(trained.code == 2);
-  CHECK(trained.output.find("--log " + (dir / "f.jsonl").string() + " already exists") != std::string::npos);
+  CHECK(trained.output.find("--log " + (dir / "f.jsonl").string() + " (the log of run ") != std::string::npos);
+  CHECK(trained.output.find(") already exists") != std::string::npos);
   remove_tree(dir);
 }
 
@@ -2082,9 +2104,21 @@ TEST_CASE("hardening: a resume that evaluates again logs that evaluation once, a
   CAPTURE(exported_again.output);
   CHECK(exported_again.code == 0);
   CHECK(fs::exists(b_export));
+  // No scores of its own: it said "test error 100.00%".
+  CHECK(exported_again.output.find("not evaluated again (the export was written; --summary " + b_summary +
+                                   " keeps the run's scores)") != std::string::npos);
+  CHECK(exported_again.output.find("test error") == std::string::npos);
   CHECK(slurp(b_summary) == done);
   CHECK(slurp(b_log).find("\"type\": \"eval\", \"iter\": 4,") == slurp(b_log).rfind("\"type\": \"eval\", \"iter\": 4,"));
   CHECK(train(b_resume, dir).code == 0);  // complete: nothing to do
+  // A summary cut short, though it says "done", is written again (it was kept, after a warning
+  // that the run would replace it), as is one of an earlier iteration.
+  std::ofstream(b_summary, std::ios::trunc) << done.substr(0, 120);
+  fs::remove(b_export);
+  const Run cut_summary = train(b_resume, dir);
+  CHECK(cut_summary.code == 0);
+  CHECK(slurp(b_summary).find("\"status\": \"done\", \"iter\": 4,") != std::string::npos);
+  CHECK(slurp(b_summary).size() > 500);
   // Resumed for more iterations, its summary says "running" until the run ends: the earlier
   // "done" read as the run's state, also after the process was killed.
   auto more = b_resume;

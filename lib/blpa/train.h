@@ -114,6 +114,7 @@ struct TrainResult {
   int64_t dropped_log_records = 0;  // --resume: records of iterations past the checkpoint's, removed
   double last_loss = std::numeric_limits<double>::quiet_NaN();  // NaN: this process trained no iteration
   double test_loss = 0, test_acc = 0, test_top5 = 0;  // last evaluation
+  bool evaluated = false;  // this process evaluated: the test figures are its last evaluation's
 };
 
 struct EvalResult {
@@ -220,6 +221,11 @@ void check_outputs_are_the_runs(TrainConfig config, const Checkpoint& resumed);
 // NonFiniteLoss (exit 3, at once). With a learning-rate setting changed it resumes. One that
 // diverged before its first checkpoint (config.resume false) has nothing to resume: the same.
 void refuse_diverged_rerun(const TrainConfig& config);
+
+// --auto-resume without a checkpoint: where the --summary says this run (its identity and
+// --iterations) is done, its checkpoint was deleted and there is nothing to do: RunComplete
+// (exit 0), with a warning for training settings that differ from the summary's.
+void skip_completed_rerun(const TrainConfig& config);
 
 // Error thrown when the loss, or the weights after an update, stop being finite: training
 // stops and the last checkpoint, which held finite numbers, is kept.
