@@ -2305,7 +2305,8 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       }
       std::error_code ec;
       if (last_good >= 0 && fs::is_regular_file(config.checkpoint, ec))
-        saved += fmt::format(" Checkpoint {} holds iteration {}: continue with --resume.", config.checkpoint, last_good);
+        saved += fmt::format(" Checkpoint {} holds iteration {}: continue with --resume.", config.checkpoint,
+                             last_good);
       else if (last_good >= 0)  // removed while the run ran (its folder, say)
         saved += fmt::format(" Checkpoint {} of iteration {} is gone: there is nothing to resume.", config.checkpoint,
                              last_good);
@@ -2324,20 +2325,38 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
                        "(it replaces this run's files).";
       }
     }
-    // A peer that died or went silent: every rank stops, instead of hanging.
-    const std::string why = dynamic_cast<const PeerLost*>(&e)
-                                ? fmt::format("rank {} of {}: lost the other ranks during iteration {} ({}).{}{}",
-                                              config.dist.rank, config.dist.world, it + 1, e.what(),
-                                              waiting_for ? fmt::format(" This rank was waiting for {}: one that "
-                                                                        "takes longer than --dist-timeout ({:g} s) "
-                                                                        "looks the same; give a longer one.",
-                                                                        waiting_for,
-                                                                        config.dist.timeout.count() / 1000.0)
-                                                          : std::string(),
-                                              saved)
-                                : sentence(error_message(e)) + saved;
-    try_summary("failed", why);
-    throw std::runtime_error(why);
+    // The run's end is whole (its last iteration trained, evaluated and, here if not before,
+    // checkpointed) where a peer was lost at the barrier after its evaluation: rank 0 writes
+    // the export and the summary. It said "failed", and a resume, finding the run complete,
+    // left that summary and no export.
+    const bool whole_end = dynamic_cast<const PeerLost*>(&e) != nullptr && lead && it == config.iterations &&
+                           !pending_eval && last_good == it;
+    if (whole_end)
+      spdlog::warn("rank 0 of {}: lost the other ranks after the run's last iteration ({}); it is trained, evaluated "
+                   "and checkpointed: writing its export and summary",
+                   config.dist.world, e.what());
+    if (!whole_end) {
+      // A peer that died or went silent: every rank stops, instead of hanging. Waiting for rank
+      // 0's evaluation or checkpoint, a silent peer may only be slow (a closed connection is not).
+      const std::string lost = e.what();
+      const bool closed = lost.find("losed") != std::string::npos || lost.find("reset") != std::string::npos ||
+                          lost.find("a rank stopped") != std::string::npos;
+      const std::string why =
+          dynamic_cast<const PeerLost*>(&e)
+              ? fmt::format("rank {} of {}: lost the other ranks {} ({}).{}{}", config.dist.rank, config.dist.world,
+                            waiting_for ? fmt::format("after iteration {}", it)
+                                        : fmt::format("during iteration {}", it + 1),
+                            lost,
+                            waiting_for && !closed ? fmt::format(" This rank was waiting for {}: one that takes longer "
+                                                                 "than --dist-timeout ({:g} s) looks the same; give a "
+                                                                 "longer one.",
+                                                                 waiting_for, config.dist.timeout.count() / 1000.0)
+                                                   : std::string(),
+                            saved)
+              : sentence(error_message(e)) + saved;
+      try_summary("failed", why);
+      throw std::runtime_error(why);
+    }
   }
   result.iteration = it;
   // The run is whole in its last checkpoint: a resume of it writes what could not be written.

@@ -1,6 +1,7 @@
 // Data parallelism on c10d with Gloo over loopback: ranks as threads of this process (gradient
 // averaging, identical weights) and as blpa-train processes (resume, a rank that dies); and
 // NCCL with one rank where a GPU is present.
+#include <blpa/checkpoint.h>
 #include <blpa/distributed.h>
 #include <blpa/loader.h>
 #include <blpa/resnet.h>
@@ -750,6 +751,32 @@ TEST_CASE("distributed: a signal during rank 0's evaluation stops every rank aft
   remove_tree(dir);
 }
 
+// A rank lost while rank 0 ran the run's final evaluation: the run is whole, so rank 0
+// checkpoints, exports and summarises it, exit 0. It exited 1 with its summary "failed" and no
+// export, and a resume found the run complete and left them so.
+TEST_CASE("distributed: a rank lost after the last iteration leaves the run whole", "[distributed][train]") {
+  if (!have_fashion_mnist()) return;
+  const fs::path dir = fresh_dir("lost-at-end");
+  const std::string log = (dir / "log.jsonl").string(), summary = (dir / "s.json").string(),
+                    exported = (dir / "m.pt").string(), ck = (dir / "ck.pt").string();
+  const auto [p0, p1] = slow_eval_pair(dir, "2", "60", 4,
+                                       {"--log", log, "--summary", summary, "--export", exported, "--checkpoint", ck});
+  for (int i = 0; i < 600 && slurp(log).find("\"type\": \"train\", \"iter\": 2,") == std::string::npos; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  std::this_thread::sleep_for(std::chrono::seconds(1));  // rank 0 is in its final evaluation's 4 s
+  ::kill(p1, SIGKILL);
+  wait_exit(p1);
+  const int r0 = wait_exit(p0);
+  const std::string out0 = slurp(dir / "r0.out");
+  CAPTURE(out0);
+  CHECK(r0 == 0);
+  CHECK(out0.find("rank 0 of 2: lost the other ranks after the run's last iteration") != std::string::npos);
+  CHECK(fs::exists(exported));
+  CHECK(blpa::read_checkpoint(ck).state.iteration == 2);
+  CHECK(slurp(summary).find("{\"type\": \"summary\", \"status\": \"done\", \"iter\": 2,") == 0);
+  remove_tree(dir);
+}
+
 // An evaluation longer than --dist-timeout: the rank waiting for it said only that it "lost
 // the other ranks".
 TEST_CASE("distributed: a rank that times out waiting for rank 0's evaluation says so", "[distributed][train]") {
@@ -761,7 +788,7 @@ TEST_CASE("distributed: a rank that times out waiting for rank 0's evaluation sa
   CAPTURE(out0, out1);
   CHECK(r1 == 1);
   CHECK(r0 == 1);
-  CHECK(out1.find("rank 1 of 2: lost the other ranks during iteration ") != std::string::npos);
+  CHECK(out1.find("rank 1 of 2: lost the other ranks after iteration ") != std::string::npos);  // its evaluation
   CHECK(out1.find("This rank was waiting for rank 0's evaluation: one that takes longer than --dist-timeout (8 s) "
                   "looks the same; give a longer one.") != std::string::npos);
   CHECK(out0.find("This rank was waiting") == std::string::npos);  // rank 0 was the one evaluating
