@@ -1563,7 +1563,14 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
       const char kind = e.why.empty() ? '1' : e.why[0];
       if (kind == '2') throw FlagError(e.what());
       if (kind == '3') throw NonFiniteLoss(e.what());
-      if (kind == '0') throw RunComplete(e.what());
+      // Another rank finds the run complete where this one would train: they were given
+      // different --iterations (or one resumes where another starts afresh). All exited 0,
+      // and a script extending the run believed it had.
+      if (kind == '0')
+        throw FlagError(fmt::format("{}; this rank would train, {} iteration {} to {}: the ranks were started with "
+                                    "different settings (--iterations?); give every rank the same",
+                                    e.what(), config.resume ? "from" : "a new run, from", state.iteration,
+                                    config.iterations));
       throw std::runtime_error(e.what());
     }
     // Resumed: the same run too. A rank that resumed another run's checkpoint at the same

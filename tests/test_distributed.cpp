@@ -680,6 +680,14 @@ TEST_CASE("distributed: ranks must resume the same run and train on the same dat
   CAPTURE(out0, out1);
   CHECK(stale == std::pair{2, 2});
   CHECK(out1.find("the ranks were started with different settings:\n  run_id: rank 0 ") != std::string::npos);
+  // Rank 1 given the checkpoint's --iterations finds the run complete; rank 0, given more,
+  // would train: refused (both exited 0, and a script extending the run took it as done).
+  const auto iterations = resume("iterations", {"--checkpoint", (dir / "ck.pt").string(), "--iterations", "2"});
+  out0 = slurp(dir / "iterations-0.out");
+  CAPTURE(out0);
+  CHECK(iterations == std::pair{2, 0});
+  CHECK(out0.find("this rank would train, from iteration 2 to 4: the ranks were started with different settings") !=
+        std::string::npos);
 
   // The same run, its data a copy with one label of the first 1000 changed.
   fs::create_directories(dir / "data");
