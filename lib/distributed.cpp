@@ -295,35 +295,43 @@ void Distributed::join(const std::string& who, const std::string& at, const std:
                           (why.empty() ? why : why.substr(1)) + ")",
                       r, why);
   };
-  while (!waiting.empty()) {
-    // Every rank, also those that have come, and this one: a second process given its rank.
-    for (int r = 0; r < config_.world; ++r) refused_by(r);
-    for (auto r = waiting.begin(); r != waiting.end();) {
-      if (!store.check({world_key(*r)})) {
-        ++r;
-        continue;
+  // Rank 0's store closing under a waiting rank (rank 0 timed out waiting for a third rank, or
+  // was stopped) is said as such: c10d's words were "Failed to recv, got 0 bytes".
+  try {
+    while (!waiting.empty()) {
+      // Every rank, also those that have come, and this one: a second process given its rank.
+      for (int r = 0; r < config_.world; ++r) refused_by(r);
+      for (auto r = waiting.begin(); r != waiting.end();) {
+        if (!store.check({world_key(*r)})) {
+          ++r;
+          continue;
+        }
+        const std::string theirs = text(store.get(world_key(*r)));
+        if (theirs != mine) {
+          leave();
+          throw WorldsDiffer(who + ": rank " + std::to_string(*r) + " was started for a world of " + theirs +
+                             " ranks, this one for " + mine + ": give every rank the same --world-size (WORLD_SIZE)");
+        }
+        r = waiting.erase(r);
       }
-      const std::string theirs = text(store.get(world_key(*r)));
-      if (theirs != mine) {
-        leave();
-        throw WorldsDiffer(who + ": rank " + std::to_string(*r) + " was started for a world of " + theirs +
-                           " ranks, this one for " + mine + ": give every rank the same --world-size (WORLD_SIZE)");
+      if (waiting.empty()) break;
+      if (stop_ && stop_->load()) throw interrupted(who);
+      if (std::chrono::steady_clock::now() >= deadline) {
+        std::string missing;
+        for (const int r : waiting) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
+        throw std::runtime_error(who + ": " +
+                                 (config_.rank == 0 ? "the other ranks did not join the rendezvous at " + at +
+                                                          " (not come: rank " + missing + ")"
+                                 : waiting.front() == 0 ? "rank 0 did not answer at the rendezvous at " + at
+                                                        : "rank " + missing + " did not join the rendezvous at " + at) +
+                                 hint);
       }
-      r = waiting.erase(r);
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
-    if (waiting.empty()) break;
-    if (stop_ && stop_->load()) throw interrupted(who);
-    if (std::chrono::steady_clock::now() >= deadline) {
-      std::string missing;
-      for (const int r : waiting) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
-      throw std::runtime_error(who + ": " +
-                               (config_.rank == 0 ? "the other ranks did not join the rendezvous at " + at +
-                                                        " (not come: rank " + missing + ")"
-                               : waiting.front() == 0 ? "rank 0 did not answer at the rendezvous at " + at
-                                                      : "rank " + missing + " did not join the rendezvous at " + at) +
-                               hint);
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  } catch (const c10::Error&) {
+    if (config_.rank == 0) throw;
+    throw std::runtime_error(who + ": rank 0 closed the rendezvous (" + at + ") before every rank joined: it stopped, "
+                             "or timed out waiting for a rank that did not come (its output names it)" + hint);
   }
   // Every rank has read every other's size: rank 0 may close the store from here on.
   if (config_.rank != 0) store.set(read_key(config_.rank), std::vector<uint8_t>{1});

@@ -195,6 +195,33 @@ TEST_CASE("distributed: a rank 0 whose other ranks never come says so after the 
   CHECK(why.find("start every rank, with the same --master-addr and --master-port") != std::string::npos);
 }
 
+// Three ranks, rank 2 never started: rank 0 times out and closes its store under rank 1,
+// which said only c10d's "Failed to recv, got 0 bytes. Connection was likely closed".
+TEST_CASE("distributed: a rank whose rank 0 closed the rendezvous says so", "[distributed]") {
+  const int port = free_port();
+  auto rank = [&](int r, std::chrono::milliseconds timeout) {
+    DistConfig c = two_ranks(r, port);
+    c.world = 3;
+    c.timeout = timeout;
+    try {
+      Distributed joined(c, "gloo");
+    } catch (const std::exception& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  std::string why0, why1;
+  std::thread zero([&] { why0 = rank(0, std::chrono::milliseconds(1500)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  why1 = rank(1, std::chrono::seconds(20));
+  zero.join();
+  CAPTURE(why0, why1);
+  CHECK(why0.find("(not come: rank 2)") != std::string::npos);
+  CHECK(why1.find("rank 1 of 3: rank 0 closed the rendezvous (127.0.0.1:") != std::string::npos);
+  CHECK(why1.find("before every rank joined: it stopped, or timed out waiting for a rank that did not come") !=
+        std::string::npos);
+}
+
 // Rank 1 waited about 2.5 times --dist-timeout for a rank 0 that never came (TCPStore's client).
 TEST_CASE("distributed: a rank whose rank 0 never comes says so within the timeout", "[distributed]") {
   DistConfig c = two_ranks(1, free_port());
