@@ -64,8 +64,8 @@ blpa::NetConfig parse_model(const std::string& s) {
 std::vector<ModeConfig> parse_modes(const std::string& spec, int bits, float window, std::optional<float> lift,
                                     bool bits_given) {
   if (spec == "all" && (window > 0 || lift || bits_given))
-    throw std::invalid_argument("--mode all runs blpa-train's default codes for each of its modes; --bits, --window and "
-                                "--lift apply to a bare blpa or naive: list the modes instead (--mode "
+    throw std::invalid_argument("--mode all runs blpa-train's default codes for each of its modes; --bits, --window "
+                                "and --lift apply to a bare blpa or naive: list the modes instead (--mode "
                                 "plain,exact,blpa-8,blpa-4,naive-4 runs the paper's codes)");
   if (spec == "all") return {{Mode::plain, 8}, {Mode::exact, 8}, {Mode::blpa, 8}, {Mode::blpa, 4}, {Mode::naive, 4}};
   if (bits != 8 && bits != 4 && bits != 2) throw std::invalid_argument("--bits must be 8, 4 or 2");
@@ -953,7 +953,8 @@ int fidelity_main(int argc, char** argv) {
           ModeConfig mc = blpa::parse_mode_config(m + "-" + std::to_string(bits));
           mc.window = w == "default" ? 0.0f : blpa::parse_number<float>("--windows", w);
           if (w != "default" && !(mc.window >= blpa::kMinWindow))
-            throw std::invalid_argument(fmt::format("--windows must be positive, at least {}, got {}", blpa::kMinWindow, w));
+            throw std::invalid_argument(
+                fmt::format("--windows must be positive, at least {}, got {}", blpa::kMinWindow, w));
           mc.lift = l == "default" ? std::nullopt : std::optional<float>(blpa::parse_number<float>("--lifts", l));
           modes.push_back(mc);
         }

@@ -1318,8 +1318,9 @@ void agree_across_ranks(Distributed& dist, const std::string& mine) {
 // memory in the backward pass or losing a peer in the gradients' all-reduce does;
 // "eval:N" fails the evaluation after iteration N; "slow-eval:S" makes each evaluation take S
 // seconds longer (a test set that takes longer than --dist-timeout); "slow-step:MS" each eager
-// iteration MS milliseconds (signals that must come during one, whatever the machine). {"", 0}: none. Only eager
-// iterations are failed: one replayed as a CUDA graph runs as captured.
+// iteration MS milliseconds longer (signals that must come during one, whatever the machine).
+// {"", 0}: none. Only eager iterations are failed: one replayed as a CUDA graph runs as
+// captured.
 std::pair<std::string, int64_t> injected_failure() {
   const char* v = std::getenv("BLPA_TEST_FAIL");
   const std::string text = v ? v : "";

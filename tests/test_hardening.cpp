@@ -2109,7 +2109,8 @@ TEST_CASE("hardening: a resume that evaluates again logs that evaluation once, a
                                    " keeps the run's scores)") != std::string::npos);
   CHECK(exported_again.output.find("test error") == std::string::npos);
   CHECK(slurp(b_summary) == done);
-  CHECK(slurp(b_log).find("\"type\": \"eval\", \"iter\": 4,") == slurp(b_log).rfind("\"type\": \"eval\", \"iter\": 4,"));
+  const std::string eval_4 = "\"type\": \"eval\", \"iter\": 4,";
+  CHECK(slurp(b_log).find(eval_4) == slurp(b_log).rfind(eval_4));
   CHECK(train(b_resume, dir).code == 0);  // complete: nothing to do
   // A summary cut short, though it says "done", is written again (it was kept, after a warning
   // that the run would replace it), as is one of an earlier iteration.

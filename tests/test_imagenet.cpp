@@ -687,7 +687,8 @@ TEST_CASE("train: blpa-train trains on an ImageNet folder and blpa-eval scores i
   {
     std::ofstream more(root / "more.csv");
     for (int c = 0; c < 3; ++c)
-      for (int i = 0; i < 4; ++i) more << "train/n0" << c << "/img" << i << ".JPEG," << (c == 2 && i == 3 ? 3 : c) << "\n";
+      for (int i = 0; i < 4; ++i)
+        more << "train/n0" << c << "/img" << i << ".JPEG," << (c == 2 && i == 3 ? 3 : c) << "\n";
   }
   const std::string ck_flags = " --checkpoint " + (root / "list.ckpt").string() + " --overwrite";
   std::string first_list = list_cmd;
