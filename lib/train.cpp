@@ -867,6 +867,14 @@ void check_readable(const std::string& flag, const std::string& path) {
     throw std::runtime_error(flag + " " + path + ": cannot be read (" + std::strerror(errno) + ")");
 }
 
+// A log's first config record (the run's settings and id), or "" where it has none.
+std::string first_config_record(const std::string& path) {
+  std::ifstream in(path);
+  for (std::string line; std::getline(in, line);)
+    if (line.find("\"type\": \"config\"") != std::string::npos) return line;
+  return "";
+}
+
 // --resume: the log must be this run's. Its first config record names the run (identity
 // keys an older log lacks are not compared); a log of another run is refused before its
 // records past the checkpoint are dropped.
@@ -874,13 +882,7 @@ void check_log_is_this_runs(const std::string& path, const TrainConfig& c) {
   std::error_code ec;
   if (!fs::is_regular_file(path, ec) || fs::file_size(path, ec) == 0) return;
   check_readable("--log", path);
-  std::ifstream in(path);
-  std::string first;
-  for (std::string line; std::getline(in, line);)
-    if (line.find("\"type\": \"config\"") != std::string::npos) {
-      first = line;
-      break;
-    }
+  const std::string first = first_config_record(path);
   if (first.empty())
     throw FlagError("--log " + path + " holds no blpa-train config record: it is not the log of checkpoint " +
                     c.checkpoint + "'s run; give that run's log, or another path");
@@ -1194,9 +1196,7 @@ std::string whose(const std::string& path, const std::string& flag) {
     line = first_line_of(path);
     if (line.find("\"type\": \"summary\"") == std::string::npos) return "";
   } else if (flag == "--log") {
-    std::ifstream in(path);
-    for (std::string l; line.empty() && std::getline(in, l);)
-      if (l.find("\"type\": \"config\"") != std::string::npos) line = l;
+    line = first_config_record(path);
   }
   const std::string id = json_field(line, "run_id");
   if (id.size() < 3 || id.front() != '"' || id.back() != '"') return "";
@@ -2325,12 +2325,10 @@ TrainResult train(const TrainConfig& config_in, const std::atomic<bool>* stop, S
         for (const auto& [path, flag] : outputs_of(config))
           recorded = recorded || (flag != "--checkpoint" && fs::is_regular_file(path, ec) &&
                                   !(config.auto_resume && records_no_training(path, flag)));
-        saved += !recorded ? " No checkpoint was written: there is nothing to resume; start the run again."
-                 : config.auto_resume
-                     ? " No checkpoint was written: there is nothing to resume; start the run again with --overwrite "
-                       "in place of --auto-resume (it replaces this run's files)."
-                     : " No checkpoint was written: there is nothing to resume; start the run again with --overwrite "
-                       "(it replaces this run's files).";
+        saved += std::string(" No checkpoint was written: there is nothing to resume; start the run again") +
+                 (!recorded             ? "."
+                  : config.auto_resume ? " with --overwrite in place of --auto-resume (it replaces this run's files)."
+                                       : " with --overwrite (it replaces this run's files).");
       }
     }
     // The run's end is whole (its last iteration trained, evaluated and, here if not before,
