@@ -22,6 +22,49 @@ using torch::autograd::variable_list;
 
 Tensor per_channel(const Tensor& t) { return t.view({1, -1, 1, 1}); }
 
+// LibTorch 2.15's oneDNN (3.13) on a CPU without AVX-512 gets the weight gradient of a 1x1
+// convolution of stride > 1 on channels-last tensors wrong when its input has few channels
+// (errors of 40-120% with 2 to 7 of them, none measured with 8 to 2048) and can write past its
+// buffers (a heap corruption, with 2): measured on an AVX2 EPYC, docs/results.md, "A LibTorch
+// bug". Such a convolution reads only every stride-th row and column, so on the CPU one with
+// under 16 input channels (none of the networks' has) runs as one of stride 1 on those, in
+// every mode: another of oneDNN's kernels, right on every machine measured.
+bool pointwise_strided_on_cpu(const Tensor& input, const Tensor& weight, int64_t stride, int64_t padding) {
+  return input.is_cpu() && input.size(1) < 16 && stride > 1 && padding == 0 && weight.size(2) == 1 &&
+         weight.size(3) == 1 && input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+Tensor every_stride(const Tensor& x, int64_t stride) {
+  return x.slice(2, 0, std::nullopt, stride).slice(3, 0, std::nullopt, stride);
+}
+
+Tensor conv2d(const Tensor& input, const Tensor& weight, int64_t stride, int64_t padding) {
+  if (pointwise_strided_on_cpu(input, weight, stride, padding))
+    return at::conv2d(every_stride(input, stride).contiguous(at::MemoryFormat::ChannelsLast), weight);
+  return at::conv2d(input, weight, {}, stride, padding);
+}
+
+// LibTorch's convolution backward, of the same convolutions as conv2d: the input gradient
+// (weight false; `input` is read for its shape) or the weight's.
+Tensor conv2d_backward(const Tensor& grad_y, const Tensor& input, const Tensor& weight, int64_t stride,
+                       int64_t padding, bool for_weight) {
+  if (!pointwise_strided_on_cpu(input, weight, stride, padding))
+    return for_weight ? std::get<1>(at::convolution_backward(grad_y, input, weight, std::nullopt, {stride, stride},
+                                                             {padding, padding}, {1, 1}, false, {0, 0}, 1,
+                                                             {false, true, false}))
+                      : std::get<0>(at::convolution_backward(grad_y, input, weight, std::nullopt, {stride, stride},
+                                                             {padding, padding}, {1, 1}, false, {0, 0}, 1,
+                                                             {true, false, false}));
+  const auto layout = at::MemoryFormat::ChannelsLast;
+  const Tensor read = every_stride(input, stride).contiguous(layout);
+  const auto grads = at::convolution_backward(grad_y, read, weight, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false,
+                                              {0, 0}, 1, {!for_weight, for_weight, false});
+  if (for_weight) return std::get<1>(grads);
+  Tensor g = at::zeros(input.sizes(), std::get<0>(grads).options().memory_format(layout));
+  every_stride(g, stride).copy_(std::get<0>(grads));
+  return g;
+}
+
 // Whether a blpa unit fuses its forward (UnitImpl::fused_forward) when the unit does not say:
 // on CUDA; BLPA_FUSED_FORWARD=0 or 1 in the environment sets it for every device, for
 // measurements (the fused against the unfused forward).
@@ -143,7 +186,7 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
     variable_list y;
     for (size_t i = 0; i < unit->convs.size(); ++i) {
       const ConvSpec& c = unit->convs[i];
-      y.push_back(at::conv2d(r, i == 0 ? *w0 : *w1, {}, c.stride, c.padding));
+      y.push_back(conv2d(r, i == 0 ? *w0 : *w1, c.stride, c.padding));
     }
     return y;
   }
@@ -188,13 +231,12 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
       auto conv_backward = [&](size_t i, const Tensor& input, bool weight) {
         const int64_t stride = geometry[2 * i], padding = geometry[2 * i + 1];
         // exact and naive keep r' in float32 (their ReLU mask); a bf16 convolution reads a copy.
-        return at::convolution_backward(grad_y[i], input.to(dtype), saved[2 + i], std::nullopt, {stride, stride},
-                                        {padding, padding}, {1, 1}, false, {0, 0}, 1, {!weight, weight, false});
+        return conv2d_backward(grad_y[i], input.to(dtype), saved[2 + i], stride, padding, weight);
       };
       for (size_t i = 0; i < n_conv; ++i) {
         if (!grad_y[i].defined()) continue;
         grad_y[i] = grad_y[i].contiguous(layout);
-        if (ctx->needs_input_grad(3 + i)) g_w[i] = std::get<1>(conv_backward(i, r, true));
+        if (ctx->needs_input_grad(3 + i)) g_w[i] = conv_backward(i, r, true);
       }
       // The input gradients. LibTorch reads only the input's shape for them, but wants a tensor
       // of that shape: in blpa mode, where nothing else needs r', any float tensor of at least
@@ -207,7 +249,7 @@ struct UnitFunction : torch::autograd::Function<UnitFunction> {
         if (mode == Mode::blpa && !stand_in.defined() && grad_y[i].numel() >= r.numel())
           stand_in = grad_y[i].as_strided(r.sizes(), r.strides());  // both dense: within its elements
         if (stand_in.defined()) r.reset();
-        Tensor gi = std::get<0>(conv_backward(i, stand_in.defined() ? stand_in : r, false));
+        Tensor gi = conv_backward(i, stand_in.defined() ? stand_in : r, false);
         grad_y[i].reset();  // its last use
         stand_in.reset();
         g_r = g_r.defined() ? g_r.add_(gi) : gi;
@@ -401,7 +443,7 @@ std::vector<torch::Tensor> UnitImpl::forward(const torch::Tensor& x) {
     if (convs.empty()) return {r};
     std::vector<torch::Tensor> y;
     for (size_t i = 0; i < convs.size(); ++i)
-      y.push_back(at::conv2d(r, cast(weights[i]), {}, convs[i].stride, convs[i].padding));
+      y.push_back(conv2d(r, cast(weights[i]), convs[i].stride, convs[i].padding));
     return y;
   }
   Tensor x_in = mode_.mode == Mode::exact ? x : x.contiguous(layout);
