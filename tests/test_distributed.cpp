@@ -469,7 +469,7 @@ TEST_CASE("distributed: a test loss that overflows stops every rank as a diverge
   const fs::path dir = fresh_dir("overflow");
   // Only rank 0 evaluates; rank 1 said it had lost the other ranks (exit 1).
   const auto codes =
-      train_pair(dir, free_port(), {"--iterations", "3", "--lr", "0.02", "--weight-decay", "99999999999"}, "overflow");
+      train_pair(dir, free_port(), {"--iterations", "3", "--lr", "0.02", "--weight-decay", "1e9"}, "overflow");
   const std::string out0 = slurp(dir / "overflow-0.out"), out1 = slurp(dir / "overflow-1.out");
   CAPTURE(out0, out1);
   CHECK(codes == std::pair{3, 3});

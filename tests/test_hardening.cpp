@@ -1084,12 +1084,17 @@ TEST_CASE("hardening: a divergence keeps the last checkpoint of finite numbers, 
   // A log whose losses overflowed is still JSON: NaN and Inf are null (it held "-nan").
   const std::string nan_log = (dir / "nan.jsonl").string();
   // Its weights stay finite, but the test loss is not: a diverged run too (it ended "done").
-  const Run overflow = train(small(dir, {"--log", nan_log, "--iterations", "3", "--weight-decay", "99999999999"}), dir);
+  // Each update scales the weights by 1 - 0.02 x 1e9: the third iteration's forward pass reads
+  // weights of 4e14 times their first values, whose BatchNorm statistics float32 holds (with
+  // 1e11, 4e18, a blpa unit's overflowed on an AVX2 machine, so that the training loss became
+  // NaN first), and the evaluation after it weights 2e7 times larger than its running
+  // statistics expect, at every unit: its outputs overflow.
+  const Run overflow = train(small(dir, {"--log", nan_log, "--iterations", "3", "--weight-decay", "1e9"}), dir);
   CAPTURE(overflow.output);
   CHECK(overflow.code == 3);
   CHECK(overflow.output.find("the test loss became ") != std::string::npos);
   // The cause named: not the learning rate.
-  CHECK(overflow.output.find("Its --weight-decay 99999999999 at learning rate 0.02 scales the weights by") !=
+  CHECK(overflow.output.find("Its --weight-decay 1000000000 at learning rate 0.02 scales the weights by") !=
         std::string::npos);
   CHECK(slurp(nan_log).find("\"test_loss\": null") != std::string::npos);
   CHECK(!std::regex_search(slurp(nan_log), std::regex(": -?(nan|inf)", std::regex::icase)));
