@@ -1,21 +1,50 @@
 // blpa-eval: top-1/top-5 of a blpa-train checkpoint on its data set's test split; for
 // ImageNet the validation protocol of DESIGN.md 1.7 (shorter side 256, centre crop or the
 // 10 crops: 4 corners + centre and their mirrors, softmax averaged).
+#include <blpa/checkpoint.h>
 #include <blpa/train.h>
 #include <fmt/format.h>
 
 #include <cmath>
 #include <csignal>
 #include <cxxopts.hpp>
+#include <filesystem>
 #include <iostream>
 
 #include "flags.h"
 
+// --export: the checkpoint's network as blpa-train --export writes it, for a run trained
+// without --export, or on several ranks (whose resume at the run's end writes nothing). A file
+// already there is replaced only where it is an export of the same run.
+static int export_network(const std::string& checkpoint, const std::string& path, bool json) {
+  const blpa::Checkpoint ck = blpa::read_checkpoint(checkpoint);
+  const auto id = ck.config.find("run_id");
+  const std::string run_id = id != ck.config.end() ? id->second : "";
+  if (std::error_code ec; std::filesystem::exists(path, ec)) {
+    const auto theirs = std::filesystem::is_directory(path, ec) ? std::nullopt : blpa::exported_run_id(path);
+    if (!theirs || run_id.empty() || *theirs != run_id)
+      throw blpa::FlagError(fmt::format("--export {} already exists ({}): give another path, or remove it", path,
+                                        !theirs            ? "not an export"
+                                        : theirs->empty() ? "an export of no named run"
+                                                          : "the export of run " + *theirs));
+  }
+  blpa::ResNet model = blpa::load_model(ck);
+  blpa::export_state_dict(path, model, run_id);
+  if (json)
+    fmt::print("{{\"checkpoint\": {}, \"iteration\": {}, \"run_id\": {}, \"export\": {}}}\n",
+               blpa::json_string(checkpoint), ck.state.iteration,
+               run_id.empty() ? std::string("null") : blpa::json_string(run_id), blpa::json_string(path));
+  else
+    fmt::print("{}: the network of iteration {}{} written to {} (for Python: torch.load, scripts/blpa_torch.py)\n",
+               checkpoint, ck.state.iteration, run_id.empty() ? "" : " of run " + run_id, path);
+  return 0;
+}
+
 static int run(int argc, char** argv) {
   blpa::quiet_library_log();
   cxxopts::Options opts("blpa-eval", "Evaluate a blpa-train checkpoint: top-1 and top-5 on the test split of the data "
-                                     "set it was trained on (ImageNet: val/). A damaged checkpoint, or one holding "
-                                     "non-finite weights, is refused.\nExit codes: 0 done, 1 error, 2 bad flags, 3 the loss is not finite (weights too large for the forward pass).\n");
+                                     "set it was trained on (ImageNet: val/); or, with --export, write its network for "
+                                     "Python. A damaged checkpoint, or one holding non-finite weights, is refused.\nExit codes: 0 done, 1 error, 2 bad flags, 3 the loss is not finite (weights too large for the forward pass).\n");
   // clang-format off
   opts.add_options()
     ("checkpoint", "Checkpoint written by blpa-train --checkpoint", cxxopts::value<std::string>())
@@ -32,12 +61,14 @@ static int run(int argc, char** argv) {
     ("precision", "fp32, tf32 (CUDA only), bf16 or auto: the one the network was trained in, so that the scores are the training log's (tf32 is fp32 on the CPU; a checkpoint from before --precision: tf32 on CUDA, fp32 on the CPU)", cxxopts::value<std::string>()->default_value("auto"))
     ("memory-format", "nchw, nhwc or auto; as blpa-train's", cxxopts::value<std::string>()->default_value("auto"))
     ("index-cache", "Directory of cached ImageNet file lists ('' to disable)", cxxopts::value<std::string>()->default_value(blpa::default_cache_dir()))
+    ("export", "Write the checkpoint's network to PATH for Python (torch.load), as blpa-train --export does, instead of evaluating it: for a run trained without --export, or on several ranks. A file there is replaced only if it is an export of the same run", cxxopts::value<std::string>())
     ("json", "Print one JSON object: the checkpoint's iteration and run_id; top1 and top5 are accuracies (as the log's test_acc and test_top5), top1_error and top5_error their complements (as the summary's test_error)")
     ("quiet", "No progress line")
     ("h,help", "This help");
   // clang-format on
   blpa::CheckpointEval e;
   bool json = false;
+  std::string export_path;
   try {
     auto a = blpa::parse_flags(opts, argc, argv);
     if (blpa::switched_on(a, "help")) {
@@ -76,6 +107,16 @@ static int run(int argc, char** argv) {
     if (e.options.resize_short <= 0) throw std::invalid_argument("--resize must be positive");
     if (e.options.crop <= 0 || e.options.resize_short < e.options.crop)
       throw std::invalid_argument("--crop must be positive and at most --resize");
+    if (a.count("export")) {
+      export_path = a["export"].as<std::string>();
+      if (export_path.empty()) throw std::invalid_argument("--export needs a path");
+      // What only an evaluation uses: given with --export, it would be ignored without a word.
+      for (const char* flag : {"data-dir", "val-list", "ten-crop", "resize", "crop", "subset", "batch", "workers",
+                               "device", "precision", "memory-format", "index-cache", "quiet"})
+        if (a.count(flag))
+          throw std::invalid_argument(std::string("--") + flag + " is for an evaluation, and --export evaluates "
+                                      "nothing: give them in two commands");
+    }
     blpa::require_file("--checkpoint", e.checkpoint);  // last: the other flags' errors come first
   } catch (const std::exception& ex) {
     std::cerr << "blpa-eval: " << blpa::error_message(ex) << "\nRun blpa-eval --help for the options.\n";
@@ -86,6 +127,7 @@ static int run(int argc, char** argv) {
     return 2;
   }
   try {
+    if (!export_path.empty()) return export_network(e.checkpoint, export_path, json);
     const auto r = blpa::evaluate_checkpoint(e);
     // No image scored: "100% error, loss 0" would read as a result.
     if (r.count == 0 && !r.interrupted) {

@@ -181,8 +181,9 @@ def load(f, map_location="cpu"):
     object) as a network."""
     # A checkpoint (LibTorch's archive of the model, optimiser and run) is no state dict.
     if _is_checkpoint(f):
-        raise ValueError(f"{getattr(f, 'name', f)} is a blpa-train checkpoint, not an --export file: blpa-train "
-                         "--export MODEL.pt writes one (with --resume on the checkpoint of a finished run too)")
+        name = getattr(f, 'name', f)
+        raise ValueError(f"{name} is a blpa-train checkpoint, not an --export file: blpa-eval --checkpoint {name} "
+                         "--export MODEL.pt writes one from it (blpa-train --export MODEL.pt at a run's end)")
     try:
         state_dict = torch.load(f, map_location=map_location)
     except OSError:

@@ -285,7 +285,8 @@ TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval 
     const Run py = shell(python + " " BLPA_SOURCE_DIR "/scripts/blpa_torch.py " + ck, dir);
     CAPTURE(py.err);
     CHECK(py.code == 1);
-    CHECK(py.err.find(ck + " is a blpa-train checkpoint, not an --export file") != std::string::npos);
+    CHECK(py.err.find(ck + " is a blpa-train checkpoint, not an --export file: blpa-eval --checkpoint " + ck +
+                      " --export MODEL.pt writes one from it") != std::string::npos);
     CHECK(py.err.find("Traceback") == std::string::npos);
     // An export cut short, and a file of text: torch.load's own error, in one line.
     const std::string bytes = slurp(pt), cut = (dir / "cut.pt").string(), txt = (dir / "text.pt").string();
@@ -299,6 +300,23 @@ TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval 
       CHECK(b.err.find("Traceback") == std::string::npos);
     }
   }
+
+  // blpa-eval --export writes from the checkpoint what the run's --export wrote (a run trained
+  // without --export, or on several ranks, had no other way to one); again over its own, but
+  // not over another file, nor with an evaluation's flags, which it would ignore.
+  const std::string again = (dir / "again.pt").string();
+  const Run x = run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--export", again, "--json"}, dir);
+  CAPTURE(x.out, x.err);
+  REQUIRE(x.code == 0);
+  CHECK(slurp(again) == slurp(pt));
+  CHECK(x.out.find("\"export\": " + blpa::json_string(again)) != std::string::npos);
+  CHECK(run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--export", again}, dir).code == 0);
+  const Run over = run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--export", log}, dir);
+  CHECK(over.code == 2);
+  CHECK(over.err.find("--export " + log + " already exists (not an export): give another path") != std::string::npos);
+  const Run mixed = run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--export", again, "--subset", "10"}, dir);
+  CHECK(mixed.code == 2);
+  CHECK(mixed.err.find("--subset is for an evaluation, and --export evaluates nothing") != std::string::npos);
 
   const Run e = run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--subset", std::to_string(n), "--json"}, dir);
   CAPTURE(e.out, e.err);
