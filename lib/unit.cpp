@@ -60,7 +60,7 @@ Tensor conv2d_backward(const Tensor& grad_y, const Tensor& input, const Tensor& 
   const auto grads = at::convolution_backward(grad_y, read, weight, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false,
                                               {0, 0}, 1, {!for_weight, for_weight, false});
   if (for_weight) return std::get<1>(grads);
-  Tensor g = at::zeros(input.sizes(), std::get<0>(grads).options().memory_format(layout));
+  Tensor g = at::empty(input.sizes(), std::get<0>(grads).options().memory_format(layout)).zero_();
   every_stride(g, stride).copy_(std::get<0>(grads));
   return g;
 }
