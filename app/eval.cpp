@@ -15,14 +15,16 @@
 
 // --export: the checkpoint's network as blpa-train --export writes it, for a run trained
 // without --export, or on several ranks (whose resume at the run's end writes nothing). A file
-// already there is replaced only where it is an export of the same run.
+// already there is replaced only where it is empty or an export of the same run (of none, for
+// a checkpoint from before run ids), so that the same command runs again.
 static int export_network(const std::string& checkpoint, const std::string& path, bool json) {
   const blpa::Checkpoint ck = blpa::read_checkpoint(checkpoint);
   const auto id = ck.config.find("run_id");
   const std::string run_id = id != ck.config.end() ? id->second : "";
-  if (std::error_code ec; std::filesystem::exists(path, ec)) {
-    const auto theirs = std::filesystem::is_directory(path, ec) ? std::nullopt : blpa::exported_run_id(path);
-    if (!theirs || run_id.empty() || *theirs != run_id)
+  namespace fs = std::filesystem;
+  if (std::error_code ec; fs::exists(path, ec) && !(fs::is_regular_file(path, ec) && fs::file_size(path, ec) == 0)) {
+    const auto theirs = fs::is_directory(path, ec) ? std::nullopt : blpa::exported_run_id(path);
+    if (!theirs || *theirs != run_id)
       throw blpa::FlagError(fmt::format("--export {} already exists ({}): give another path, or remove it", path,
                                         !theirs            ? "not an export"
                                         : theirs->empty() ? "an export of no named run"
@@ -80,6 +82,16 @@ static int run(int argc, char** argv) {
                                   (a.count("checkpoint") ? "" : " (a checkpoint is given as --checkpoint FILE)"));
     if (!a.count("checkpoint")) throw std::invalid_argument("--checkpoint is required");
     e.checkpoint = a["checkpoint"].as<std::string>();
+    if (a.count("export")) {
+      export_path = a["export"].as<std::string>();
+      if (export_path.empty()) throw std::invalid_argument("--export needs a path");
+      // What only an evaluation uses: given with --export, it would be ignored without a word.
+      for (const char* flag : {"data-dir", "val-list", "ten-crop", "resize", "crop", "subset", "batch", "workers",
+                               "device", "precision", "memory-format", "index-cache", "quiet"})
+        if (a.count(flag))
+          throw std::invalid_argument(std::string("--") + flag + " is for an evaluation, and --export evaluates "
+                                      "nothing: give them in two commands");
+    }
     if (a.count("data-dir")) e.data_dir = a["data-dir"].as<std::string>();
     e.index_cache = a["index-cache"].as<std::string>();
     if (a.count("val-list")) e.val_list = a["val-list"].as<std::string>();
@@ -107,16 +119,6 @@ static int run(int argc, char** argv) {
     if (e.options.resize_short <= 0) throw std::invalid_argument("--resize must be positive");
     if (e.options.crop <= 0 || e.options.resize_short < e.options.crop)
       throw std::invalid_argument("--crop must be positive and at most --resize");
-    if (a.count("export")) {
-      export_path = a["export"].as<std::string>();
-      if (export_path.empty()) throw std::invalid_argument("--export needs a path");
-      // What only an evaluation uses: given with --export, it would be ignored without a word.
-      for (const char* flag : {"data-dir", "val-list", "ten-crop", "resize", "crop", "subset", "batch", "workers",
-                               "device", "precision", "memory-format", "index-cache", "quiet"})
-        if (a.count(flag))
-          throw std::invalid_argument(std::string("--") + flag + " is for an evaluation, and --export evaluates "
-                                      "nothing: give them in two commands");
-    }
     blpa::require_file("--checkpoint", e.checkpoint);  // last: the other flags' errors come first
   } catch (const std::exception& ex) {
     std::cerr << "blpa-eval: " << blpa::error_message(ex) << "\nRun blpa-eval --help for the options.\n";

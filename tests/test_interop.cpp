@@ -311,6 +311,10 @@ TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval 
   CHECK(slurp(again) == slurp(pt));
   CHECK(x.out.find("\"export\": " + blpa::json_string(again)) != std::string::npos);
   CHECK(run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--export", again}, dir).code == 0);
+  const std::string made = (dir / "made.pt").string();  // mktemp's: empty
+  std::ofstream(made).close();
+  CHECK(run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--export", made}, dir).code == 0);
+  CHECK(slurp(made) == slurp(pt));
   const Run over = run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--export", log}, dir);
   CHECK(over.code == 2);
   CHECK(over.err.find("--export " + log + " already exists (not an export): give another path") != std::string::npos);
