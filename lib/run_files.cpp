@@ -498,6 +498,24 @@ void check_outputs_unwritten(const TrainConfig& c) {
 
 // ---- The checkpoint a run resumes ----
 
+EndLeft end_left(const Checkpoint& ck, const TrainConfig& config) {
+  EndLeft left;
+  if (ck.state.pending_eval) {
+    left.evaluate = true;
+    return left;
+  }
+  const auto evaluated = ck.config.find("evaluated");
+  std::error_code ec;
+  left.export_missing = !config.dist.enabled() && !config.export_path.empty() && !fs::exists(config.export_path, ec);
+  const std::string summary = config.summary_path.empty() ? "" : first_line_of(config.summary_path);
+  const bool unfinished_summary =
+      !config.dist.enabled() && !config.summary_path.empty() &&
+      (!whole_object(summary) || json_field(summary, "status") != "\"done\"" ||
+       json_field(summary, "iter") != std::to_string(ck.state.iteration));
+  left.evaluate = (evaluated != ck.config.end() && evaluated->second == "0") || unfinished_summary;
+  return left;
+}
+
 namespace {
 
 std::map<std::string, std::string> key_values(const std::string& describe) {
@@ -529,14 +547,19 @@ void compare_with_checkpoint(const Checkpoint& ck, const TrainConfig& c) {
   const auto now = key_values(c.describe());
   const std::set<std::string> identity(TrainConfig::identity_keys().begin(), TrainConfig::identity_keys().end());
   // At the run's last iteration no step is left for the training settings to act on; the
-  // others (the test subset, device, workers, ...) still set a final evaluation's.
+  // others (the test subset, device, workers, ...) still set a final evaluation's, unless it
+  // was evaluated there (complete, or only its export left to write): then none acts but
+  // --iterations, which made that iteration the last.
   const bool at_end = ck.state.iteration == c.iterations;
+  const bool evaluated = at_end && !end_left(ck, c).evaluate;
   std::string refused, changed, idle;
   for (const auto& [key, value] : now) {
     const auto it = saved.find(key);
     if (it == saved.end() || it->second == value) continue;
     const std::string line = fmt::format("\n  {}: checkpoint {}, command line {}", key, it->second, value);
-    (identity.count(key) ? refused : at_end && training_keys().count(key) ? idle : changed) += line;
+    (identity.count(key)                                     ? refused
+     : (evaluated && key != "iterations") || (at_end && training_keys().count(key)) ? idle
+                                                             : changed) += line;
   }
   if (!refused.empty())
     throw FlagError("--resume: checkpoint " + ck.path + " belongs to a different run:" + refused +
@@ -545,9 +568,9 @@ void compare_with_checkpoint(const Checkpoint& ck, const TrainConfig& c) {
   // A run at its last iteration trains no more: a sweep over --lr whose file names leave lr
   // out was told that each new one "takes effect", then "nothing to do".
   if (!idle.empty())
-    spdlog::warn("--resume: these settings differ from the checkpoint's, but its run is at its --iterations {}: no "
-                 "iteration is left for them to change (another run needs other output paths){}",
-                 c.iterations, idle);
+    spdlog::warn("--resume: these settings differ from the checkpoint's, but its run is at its --iterations {}{}: "
+                 "{} is left for them to change (another run needs other output paths){}",
+                 c.iterations, evaluated ? " and evaluated" : "", evaluated ? "nothing" : "no iteration", idle);
   if (!changed.empty())
     spdlog::info("--resume: these settings differ from the checkpoint's and take effect:{}", changed);
 }

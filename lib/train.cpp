@@ -417,30 +417,14 @@ std::optional<Checkpoint> begin_run(TrainConfig& config, const TrainConfig& give
   if (lead) check_outputs_are_this_runs(config);
   if (lead && config.auto_resume) refuse_diverged_rerun(config);
   RunState& state = ck.state;
-  // At the run's end, the run is complete once evaluated there and, with one rank (the
-  // others cannot see rank 0's files), once its export is written and its summary says
-  // "done". Otherwise the end is still to come: stopped part-way at what is now the end
-  // (never evaluated), or stopped after the final checkpoint (the export or summary not
-  // written), or given a --summary or --export it has not written. It evaluates, then
-  // exports and summarises; where only the export is missing, it writes the export alone
-  // (the summary that says "done" keeps its figures: this process would have none).
-  bool export_missing = false;
-  if (state.iteration == config.iterations && !state.pending_eval) {
-    const auto evaluated = ck.config.find("evaluated");
-    std::error_code ec;
-    export_missing = !config.dist.enabled() && !config.export_path.empty() && !fs::exists(config.export_path, ec);
-    const std::string summary = config.summary_path.empty() ? "" : first_line_of(config.summary_path);
-    const bool unfinished_summary =
-        !config.dist.enabled() && !config.summary_path.empty() &&
-        (!whole_object(summary) || json_field(summary, "status") != "\"done\"" ||
-         json_field(summary, "iter") != std::to_string(state.iteration));
-    state.pending_eval =
-        (evaluated != ck.config.end() && evaluated->second == "0") || unfinished_summary;
+  if (state.iteration == config.iterations) {
+    const EndLeft left = end_left(ck, config);
+    state.pending_eval = left.evaluate;
+    if (left.nothing())
+      throw RunComplete(fmt::format("checkpoint {} is at iteration {}, evaluated: with --iterations {} the run "
+                                    "is complete, nothing to do",
+                                    config.checkpoint, state.iteration, config.iterations));
   }
-  if (state.iteration == config.iterations && !state.pending_eval && !export_missing)
-    throw RunComplete(fmt::format("checkpoint {} is at iteration {}, evaluated: with --iterations {} the run "
-                                  "is complete, nothing to do",
-                                  config.checkpoint, state.iteration, config.iterations));
   // An output the run had and this resume forgot (a sweep's second command line): its
   // records or file would be missing without a word. Not refused: it may be meant.
   if (const auto had = ck.config.find("outputs"); lead && had != ck.config.end())

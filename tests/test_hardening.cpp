@@ -509,9 +509,17 @@ TEST_CASE("hardening: --auto-resume starts a run, resumes it, and does nothing o
   const Run other_lr = run_to("5", {"--lr", "0.05"});
   CHECK(other_lr.code == 0);
   CHECK(other_lr.output.find("[warning] --resume: these settings differ from the checkpoint's, but its run is at its "
-                             "--iterations 5: no iteration is left for them to change") != std::string::npos);
+                             "--iterations 5 and evaluated: nothing is left for them to change") != std::string::npos);
   CHECK(other_lr.output.find("lr: checkpoint 0.02, command line 0.05") != std::string::npos);
   CHECK(other_lr.output.find("take effect") == std::string::npos);
+  // So does a setting of the final evaluation, which ran (it was said to "take effect", then
+  // "nothing to do").
+  const Run other_subset = run_to("5", {"--test-subset", "50"});
+  CHECK(other_subset.code == 0);
+  CHECK(other_subset.output.find("and evaluated: nothing is left for them to change") != std::string::npos);
+  CHECK(other_subset.output.find("test_subset: checkpoint") != std::string::npos);
+  CHECK(other_subset.output.find("take effect") == std::string::npos);
+  CHECK(other_subset.output.find("the run is complete, nothing to do") != std::string::npos);
   // A run's identity still decides: another seed is refused, its files kept.
   CHECK(run_to("5", {"--seed", "7"}).code == 2);
   CHECK(slurp(ck) == ck_bytes);
