@@ -199,15 +199,21 @@ std::string json_string(const std::string& s) {
 }
 
 std::string TrainConfig::json() const {
+  // The codes' bits, window and lift as numbers, for a sweep to group by (the mode's name holds
+  // them as text, "blpa-4-l1"); 32 bits and null for plain and exact, which keep no codes.
+  const bool coded = mode.mode == Mode::blpa || mode.mode == Mode::naive;
+  const CodeFormat codes = coded ? mode.codes_format() : CodeFormat{};
   return fmt::format(
       "{{\"dataset\": {}, \"data_dir\": {}, \"train_subset\": {}, \"test_subset\": {}, \"augment\": {}, "
-      "\"arch\": {}, \"depth\": {}, \"mode\": {}, \"bits\": {}, \"batch\": {}, \"accum_steps\": {}, "
+      "\"arch\": {}, \"depth\": {}, \"mode\": {}, \"bits\": {}, \"window\": {}, \"lift\": {}, \"batch\": {}, "
+      "\"accum_steps\": {}, "
       "\"iterations\": {}, \"lr\": {}, \"warmup\": {}, \"warmup_lr\": {}, \"steps\": [{}], \"factor\": {}, "
       "\"momentum\": {}, \"weight_decay\": {}, \"device\": {}, \"seed\": {}, \"threads\": {}, \"workers\": {}, "
       "\"world\": {}, \"log_every\": {}, \"eval_every\": {}, \"checkpoint_every\": {}, \"cuda_graphs\": {}, "
       "\"precision\": {}, \"memory_format\": {}, \"train_list\": {}, \"val_list\": {}, \"run_id\": {}}}",
-      json_string(dataset), json_string(data_dir), train_subset, test_subset, augment, json_string(arch), depth, json_string(mode.str()),
-      (mode.mode == Mode::blpa || mode.mode == Mode::naive) ? mode.bits : 32, batch, accum_steps, iterations, lr,
+      json_string(dataset), json_string(data_dir), train_subset, test_subset, augment, json_string(arch), depth,
+      json_string(mode.str()), coded ? mode.bits : 32, coded ? fmt::format("{}", codes.window) : "null",
+      coded ? fmt::format("{}", codes.lift) : "null", batch, accum_steps, iterations, lr,
       warmup, warmup_lr, fmt::join(steps, ", "), factor, momentum, weight_decay, json_string(device), seed, threads,
       workers, dist.world, log_every, eval_every, checkpoint_every, json_string(cuda_graphs), json_string(precision),
       json_string(memory_format), json_string(train_list), json_string(val_list), json_string(run_id));

@@ -1742,7 +1742,8 @@ TEST_CASE("hardening: --summary writes one JSON object with the status and final
   CHECK(in_summary[0] == in_log[0]);
   CHECK(json.find("{\"type\": \"summary\", \"status\": \"done\", \"iter\": 4, \"iterations\": 4") == 0);
   CHECK(json.find("\"test_acc\": ") != std::string::npos);
-  CHECK(json.find("\"mode\": \"plain\"") != std::string::npos);
+  // The codes' bits, window and lift as numbers to group a sweep by: none for plain.
+  CHECK(json.find("\"mode\": \"plain\", \"bits\": 32, \"window\": null, \"lift\": null, ") != std::string::npos);
   CHECK(json.find("\"eval_iter\": 4, ") != std::string::npos);
   CHECK(json.find("\"test_images\": 64, \"test_failed\": 0, ") != std::string::npos);
   CHECK(number_field(json, "images_per_s") > 0);
@@ -1750,6 +1751,8 @@ TEST_CASE("hardening: --summary writes one JSON object with the status and final
   const Run d = train(small(dir, {"--summary", s, "--overwrite", "--lr", "1e30", "--iterations", "50"}), dir);
   CHECK(d.code == 3);
   CHECK(slurp(s).find("\"status\": \"diverged\"") != std::string::npos);
+  // The default 4-bit codes: the paper's window 6, lifted by 1 (a name that says so).
+  CHECK(slurp(s).find("\"mode\": \"blpa-4-l1\", \"bits\": 4, \"window\": 6, \"lift\": 1, ") != std::string::npos);
   // No evaluation ran: the test figures are unknown, not 0 and 100% error.
   CHECK(slurp(s).find("\"eval_iter\": null, \"test_loss\": null, \"test_acc\": null, \"test_top5\": null, "
                       "\"test_error\": null") != std::string::npos);
