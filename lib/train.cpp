@@ -124,8 +124,32 @@ torch::optim::SGD make_optimizer(ResNet& model, const TrainConfig& config) {
 
 namespace {
 
+// What a setting that ranks compare is, for the message of ranks that differ: the flag that
+// sets it, or what it is (the settings of a checkpoint resumed, or of the training data).
+std::string agreement_name(const std::string& key) {
+  static const std::map<std::string, std::string> names{
+      {"arch", "--model"},
+      {"augment", "augment (--no-augment)"},
+      {"factor", "--lr-factor"},
+      {"mode", "--mode (--bits, --window, --lift)"},
+      {"momentum_buffers", "momentum buffers in the checkpoint"},
+      {"resume", "resume (true: from its --checkpoint, false: a new run)"},
+      {"run_id", "run of the checkpoint"},
+      {"start", "iteration of the checkpoint"},
+      {"steps", "--lr-steps"},
+      {"train_data", "training data (hash of its pixels and labels)"},
+      {"train_images", "training images"},
+      {"train_index", "training list (hash of its paths and labels)"},
+      {"world", "--world-size"}};
+  const auto at = names.find(key);
+  if (at != names.end()) return at->second;
+  std::string flag = "--" + key;
+  std::replace(flag.begin(), flag.end(), '_', '-');
+  return flag;
+}
+
 // Every rank must train the same run; a rank whose settings differ stops them all, each
-// naming the settings that differ.
+// naming the settings that differ and what makes them agree.
 void agree_across_ranks(Distributed& dist, const std::string& mine) {
   const auto all = dist.all_gather(mine);
   auto tokens = [](const std::string& s) {
@@ -137,15 +161,30 @@ void agree_across_ranks(Distributed& dist, const std::string& mine) {
   };
   const auto lead = tokens(all[0]);
   std::string diffs;
+  bool checkpoints = false, data = false, flags = false;
   for (size_t r = 1; r < all.size(); ++r) {
     if (all[r] == all[0]) continue;
     for (const auto& [key, value] : tokens(all[r]))
-      if (!lead.count(key) || lead.at(key) != value)
-        diffs += fmt::format("\n  {}: rank 0 {}, rank {} {}", key, lead.count(key) ? lead.at(key) : "?", r, value);
+      if (!lead.count(key) || lead.at(key) != value) {
+        diffs += fmt::format("\n  {}: rank 0 {}, rank {} {}", agreement_name(key), lead.count(key) ? lead.at(key) : "?",
+                             r, value);
+        // resume: --resume given to one rank only, or --auto-resume finding a checkpoint on one.
+        const bool checkpoint = key == "resume" || key == "start" || key == "run_id" || key == "momentum_buffers";
+        const bool images = key == "train_images" || key == "train_data" || key == "train_index";
+        checkpoints = checkpoints || checkpoint, data = data || images;
+        flags = flags || key == "resume" || (!checkpoint && !images);
+      }
   }
-  if (!diffs.empty())
-    throw FlagError(fmt::format("rank {} of {}: the ranks were started with different settings:{}", dist.rank(),
-                                dist.world(), diffs));
+  if (diffs.empty()) return;
+  std::vector<std::string> remedies;
+  if (flags) remedies.push_back("give every rank the same flags");
+  // --auto-resume decides on each rank: one whose copy of the checkpoint is missing starts afresh.
+  if (checkpoints)
+    remedies.push_back("give every rank's --checkpoint a copy of rank 0's (the same file at the same iteration), "
+                       "or resume none");
+  if (data) remedies.push_back("give every rank the same training data");
+  throw FlagError(fmt::format("rank {} of {}: the ranks were started with different settings:{}\n{}", dist.rank(),
+                              dist.world(), diffs, fmt::join(remedies, "; ")));
 }
 
 // For the tests of what a failure part-way leaves: BLPA_TEST_FAIL="step:N" fails iteration N

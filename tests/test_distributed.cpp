@@ -706,7 +706,10 @@ TEST_CASE("distributed: ranks must resume the same run and train on the same dat
   std::string out0 = slurp(dir / "stale-0.out"), out1 = slurp(dir / "stale-1.out");
   CAPTURE(out0, out1);
   CHECK(stale == std::pair{2, 2});
-  CHECK(out1.find("the ranks were started with different settings:\n  run_id: rank 0 ") != std::string::npos);
+  CHECK(out1.find("the ranks were started with different settings:\n  run of the checkpoint: rank 0 ") !=
+        std::string::npos);
+  CHECK(out1.find("\ngive every rank's --checkpoint a copy of rank 0's (the same file at the same iteration), or "
+                  "resume none") != std::string::npos);
   // Rank 1 given the checkpoint's --iterations finds the run complete; rank 0, given more,
   // would train: refused (both exited 0, and a script extending the run took it as done).
   const auto iterations = resume("iterations", {"--checkpoint", (dir / "ck.pt").string(), "--iterations", "2"});
@@ -737,7 +740,9 @@ TEST_CASE("distributed: ranks must resume the same run and train on the same dat
   out1 = slurp(dir / "data-1.out");
   CAPTURE(out0, out1);
   CHECK(other_data == std::pair{2, 2});
-  CHECK(out0.find("the ranks were started with different settings:\n  train_data: rank 0 ") != std::string::npos);
+  CHECK(out0.find("the ranks were started with different settings:\n  training data (hash of its pixels and labels): "
+                  "rank 0 ") != std::string::npos);
+  CHECK(out0.find("\ngive every rank the same training data") != std::string::npos);
   remove_tree(dir);
 }
 

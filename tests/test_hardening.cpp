@@ -1847,8 +1847,10 @@ TEST_CASE("hardening: ranks started with different settings refuse to train, nam
     CAPTURE(r, out);
     CHECK(std::stoi(slurp(dir / fmt::format("r{}.rc", r))) == 2);
     CHECK(out.find("the ranks were started with different settings") != std::string::npos);
-    CHECK(out.find("depth: rank 0 20, rank 1 29") != std::string::npos);
-    CHECK(out.find("batch: rank 0 32, rank 1 64") != std::string::npos);
+    // Named by their flags, with what makes them agree.
+    CHECK(out.find("--depth: rank 0 20, rank 1 29") != std::string::npos);
+    CHECK(out.find("--batch: rank 0 32, rank 1 64") != std::string::npos);
+    CHECK(out.find("\ngive every rank the same flags") != std::string::npos);
     CHECK(out.find("frame #") == std::string::npos);
   }
   // A peer that never comes: one line after the timeout.
