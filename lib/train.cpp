@@ -192,7 +192,8 @@ void agree_across_ranks(Distributed& dist, const std::string& mine) {
 // memory in the backward pass or losing a peer in the gradients' all-reduce does;
 // "eval:N" fails the evaluation after iteration N; "slow-eval:S" makes each evaluation take S
 // seconds longer (a test set that takes longer than --dist-timeout); "slow-step:MS" each eager
-// iteration MS milliseconds longer (signals that must come during one, whatever the machine).
+// iteration MS milliseconds longer (signals that must come during one, whatever the machine);
+// "export:1" fails the export at the run's end.
 // {"", 0}: none. Only eager iterations are failed: one replayed as a CUDA graph runs as
 // captured.
 std::pair<std::string, int64_t> injected_failure() {
@@ -552,8 +553,9 @@ void start_from_rank_0(Distributed& dist, ResNet& model, torch::optim::SGD& opt,
 // One process's part of a run (rank 0's, or another rank's), from its start to its end: set up
 // (settings, ranks, data, network, log), then its iterations with their log records,
 // evaluations and checkpoints, then its export and summary; and what a failure or a signal
-// leaves. Its members are the run's state, named as the method describes them (docs/method.md
-// for the method, the README for the files); train() is its one user.
+// leaves. train() is its one user. Its members are the run's state, as plain a struct's fields
+// (no trailing underscores): the code that reads them was written, and reviewed, with them as
+// the locals of one function.
 class Run {
  public:
   Run(const TrainConfig& given, const std::atomic<bool>* stop, SummaryDraft* draft, const std::atomic<int>* signal)
@@ -1258,10 +1260,15 @@ void Run::checkpoint() {
 std::string Run::resumable(const std::exception& e, const char* what) {
   std::error_code ec;
   const std::string why = sentence(error_message(e));
+  if (!lead || config.checkpoint.empty() || !fs::is_regular_file(config.checkpoint, ec)) return why;
   // With several ranks a resume of a run at its end is complete (its ranks cannot agree on
-  // what rank 0's files lack): the hint would not be true.
-  if (!lead || config.dist.enabled() || config.checkpoint.empty() || !fs::is_regular_file(config.checkpoint, ec))
-    return why;
+  // what rank 0's files lack): blpa-eval writes the export from the checkpoint.
+  if (config.dist.enabled())
+    return std::string(what).find("export") == std::string::npos
+               ? why
+               : fmt::format("{} Checkpoint {} holds iteration {}: blpa-eval --checkpoint {} --export {} writes the "
+                             "export.",
+                             why, config.checkpoint, it, config.checkpoint, config.export_path);
   return fmt::format("{} Checkpoint {} holds iteration {}: --resume (or --auto-resume) writes the {}.", why,
                      config.checkpoint, it, what);
 }
@@ -1307,38 +1314,39 @@ void Run::fail(const std::exception& e) {
   // left that summary and no export.
   const bool whole_end = dynamic_cast<const PeerLost*>(&e) != nullptr && lead && it == config.iterations &&
                          !pending_eval && last_good == it;
-  if (whole_end)
+  if (whole_end) {
     spdlog::warn("rank 0 of {}: lost the other ranks after the run's last iteration ({}); it is trained, evaluated "
                  "and checkpointed: writing its export and summary",
                  config.dist.world, e.what());
-  if (!whole_end) {
-    // A peer that died or went silent: every rank stops, instead of hanging. Waiting for rank
-    // 0's evaluation or checkpoint, a silent peer may only be slow (a closed connection is not).
-    const std::string lost = e.what();
-    const bool closed = lost.find("losed") != std::string::npos || lost.find("reset") != std::string::npos ||
-                        lost.find("a rank stopped") != std::string::npos;
-    const std::string why =
-        dynamic_cast<const PeerLost*>(&e)
-            ? fmt::format("rank {} of {}: lost the other ranks {} ({}).{}{}", config.dist.rank, config.dist.world,
-                          waiting_for ? fmt::format("after iteration {}", it)
-                                      : fmt::format("during iteration {}", it + 1),
-                          lost,
-                          waiting_for && !closed ? fmt::format(" This rank was waiting for {}: one that takes longer "
-                                                               "than --dist-timeout ({:g} s) looks the same; give a "
-                                                               "longer one.",
-                                                               waiting_for, config.dist.timeout.count() / 1000.0)
-                                                 : std::string(),
-                          saved)
-            : sentence(error_message(e)) + saved;
-    try_summary("failed", why);
-    throw std::runtime_error(why);
+    return;
   }
+  // A peer that died or went silent: every rank stops, instead of hanging. Waiting for rank
+  // 0's evaluation or checkpoint, a silent peer may only be slow (a closed connection is not).
+  const std::string lost = e.what();
+  const bool closed = lost.find("losed") != std::string::npos || lost.find("reset") != std::string::npos ||
+                      lost.find("a rank stopped") != std::string::npos;
+  const std::string why =
+      dynamic_cast<const PeerLost*>(&e)
+          ? fmt::format("rank {} of {}: lost the other ranks {} ({}).{}{}", config.dist.rank, config.dist.world,
+                        waiting_for ? fmt::format("after iteration {}", it)
+                                    : fmt::format("during iteration {}", it + 1),
+                        lost,
+                        waiting_for && !closed ? fmt::format(" This rank was waiting for {}: one that takes longer "
+                                                             "than --dist-timeout ({:g} s) looks the same; give a "
+                                                             "longer one.",
+                                                             waiting_for, config.dist.timeout.count() / 1000.0)
+                                               : std::string(),
+                        saved)
+          : sentence(error_message(e)) + saved;
+  try_summary("failed", why);
+  throw std::runtime_error(why);
 }
 
 TrainResult Run::finish() {
   result.iteration = it;
   if (!config.export_path.empty() && !result.interrupted && lead) {
     try {
+      if (fail_at.first == "export") throw std::runtime_error("the export failed (BLPA_TEST_FAIL)");
       export_state_dict(config.export_path, model, config.run_id);
     } catch (const std::exception& e) {  // the run is whole (its final checkpoint written), its export not
       const std::string why = resumable(e, "export and the summary");

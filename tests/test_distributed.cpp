@@ -477,6 +477,28 @@ TEST_CASE("distributed: a test loss that overflows stops every rank as a diverge
   remove_tree(dir);
 }
 
+// An export that fails at a multi-rank run's end: a resume of the run does nothing with
+// several ranks, so the message names what writes it, blpa-eval --export.
+TEST_CASE("distributed: a run whose export failed at its end is told how to write it", "[distributed][train]") {
+  if (!have_fashion_mnist()) return;
+  const fs::path dir = fresh_dir("export-failed");
+  const std::string exported = (dir / "model.pt").string(), ck = (dir / "ck.pt").string();
+  ::setenv("BLPA_TEST_FAIL", "export:1", 1);
+  const auto codes = train_pair(dir, free_port(), {"--iterations", "2", "--export", exported}, "export");
+  ::unsetenv("BLPA_TEST_FAIL");
+  const std::string out0 = slurp(dir / "export-0.out");
+  CAPTURE(out0);
+  CHECK(codes.first == 1);
+  CHECK(out0.find("the export failed (BLPA_TEST_FAIL). Checkpoint " + ck + " holds iteration 2: blpa-eval "
+                  "--checkpoint " + ck + " --export " + exported + " writes the export.") != std::string::npos);
+  CHECK(!fs::exists(exported));
+  const int rc = std::system(("\"" BLPA_EVAL_EXE "\" --checkpoint '" + ck + "' --export '" + exported + "' > /dev/null")
+                                 .c_str());
+  CHECK(rc == 0);
+  CHECK(blpa::exported_run_id(exported) == blpa::read_checkpoint(ck).config.at("run_id"));
+  remove_tree(dir);
+}
+
 TEST_CASE("distributed: a 2-rank run resumed from its checkpoint continues identically", "[distributed][train]") {
   if (!have_fashion_mnist()) return;
   const fs::path dir = fresh_dir("resume");
