@@ -24,7 +24,7 @@ Tensor per_channel(const Tensor& t) { return t.view({1, -1, 1, 1}); }
 
 // LibTorch 2.15's oneDNN (3.13) on a CPU without AVX-512 gets the weight gradient of a 1x1
 // convolution of stride > 1 on channels-last tensors wrong when its input has few channels
-// (errors of 40-120% with 2 to 7 of them, none measured with 8 to 2048) and can write past its
+// (errors of 40-120% with 4 to 7 of them, none measured with 8 to 2048) and can write past its
 // buffers (a heap corruption, with 2): measured on an AVX2 EPYC, docs/results.md, "A LibTorch
 // bug". Such a convolution reads only every stride-th row and column, so on the CPU one with
 // under 16 input channels (none of the networks' has) runs as one of stride 1 on those, in
