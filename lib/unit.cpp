@@ -48,18 +48,14 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, int64_t stride, int64_t
 // (weight false; `input` is read for its shape) or the weight's.
 Tensor conv2d_backward(const Tensor& grad_y, const Tensor& input, const Tensor& weight, int64_t stride,
                        int64_t padding, bool for_weight) {
-  if (!pointwise_strided_on_cpu(input, weight, stride, padding))
-    return for_weight ? std::get<1>(at::convolution_backward(grad_y, input, weight, std::nullopt, {stride, stride},
-                                                             {padding, padding}, {1, 1}, false, {0, 0}, 1,
-                                                             {false, true, false}))
-                      : std::get<0>(at::convolution_backward(grad_y, input, weight, std::nullopt, {stride, stride},
-                                                             {padding, padding}, {1, 1}, false, {0, 0}, 1,
-                                                             {true, false, false}));
+  const bool around = pointwise_strided_on_cpu(input, weight, stride, padding);
   const auto layout = at::MemoryFormat::ChannelsLast;
-  const Tensor read = every_stride(input, stride).contiguous(layout);
-  const auto grads = at::convolution_backward(grad_y, read, weight, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false,
+  const Tensor read = around ? every_stride(input, stride).contiguous(layout) : input;
+  const int64_t s = around ? 1 : stride, p = around ? 0 : padding;
+  const auto grads = at::convolution_backward(grad_y, read, weight, std::nullopt, {s, s}, {p, p}, {1, 1}, false,
                                               {0, 0}, 1, {!for_weight, for_weight, false});
   if (for_weight) return std::get<1>(grads);
+  if (!around) return std::get<0>(grads);
   Tensor g = at::empty(input.sizes(), std::get<0>(grads).options().memory_format(layout)).zero_();
   every_stride(g, stride).copy_(std::get<0>(grads));
   return g;
