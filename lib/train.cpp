@@ -471,7 +471,8 @@ std::optional<Checkpoint> begin_run(TrainConfig& config, const TrainConfig& give
     for (const auto& [flag, path] : {std::pair<std::string, std::string>{"--log", config.log_path},
                                      {"--summary", config.summary_path},
                                      {"--export", config.export_path}})
-      if (path.empty() && ("," + had->second + ",").find("," + flag.substr(2) + ",") != std::string::npos)
+      if (path.empty() &&
+          fmt::format(",{},", had->second).find(fmt::format(",{},", flag.substr(2))) != std::string::npos)
         spdlog::warn("checkpoint {}'s run was given {}, this resume none: {}", config.checkpoint, flag,
                      flag == "--log" ? "its records from here on are not kept"
                      : flag == "--summary" ? "it writes no summary"
@@ -858,7 +859,7 @@ void Run::begin_loop() {
   for (const auto& [name, path] : {std::pair<const char*, const std::string*>{"log", &config.log_path},
                                    {"summary", &config.summary_path},
                                    {"export", &config.export_path}})
-    if (!path->empty()) outputs_given += (outputs_given.empty() ? "" : ",") + std::string(name);
+    if (!path->empty()) outputs_given += fmt::format("{}{}", outputs_given.empty() ? "" : ",", name);
   outputs_given = "outputs=" + outputs_given + "\n";
   buffers.emplace(model);
   // From here until the run ends its summary says "running" (an earlier one, of the run
