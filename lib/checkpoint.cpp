@@ -877,6 +877,7 @@ Checkpoint read_checkpoint(const std::string& path) {
     c.train_subset = count("train_subset").value_or(0);
     c.stored_activation_bytes = count("stored_activation_bytes");
     c.peak_bytes = count("peak_bytes");
+    c.run_train_ms = count("run_train_ms");
     c.net.mode = parse_mode_config(c.config.at("mode"));
     c.net.in_channels = shape[0];
     c.net.num_classes = shape[1];

@@ -605,6 +605,9 @@ class Run {
   OutputLocks locks;   // released last, after the final checkpoint, export and summary
   RunState state;      // the checkpoint's, on a resume
   std::optional<int64_t> resumed_stored, resumed_peak;  // the run's figures as its checkpoint recorded them
+  // The run's training seconds before this process: its checkpoint's (unknown in one from before
+  // they were recorded), 0 for a new run.
+  std::optional<double> train_s_before = 0.0;
   // The training images that could not be decoded in the batches trained (the run's, from its
   // checkpoint on a resume): the log's decode_failures, whatever --prefetch made ahead.
   std::set<int64_t> decode_failed;
@@ -720,6 +723,8 @@ void Run::set_up() {
     state = resumed->state;
     resumed_stored = resumed->stored_activation_bytes;
     resumed_peak = resumed->peak_bytes;
+    train_s_before.reset();
+    if (resumed->run_train_ms) train_s_before = static_cast<double>(*resumed->run_train_ms) / 1000;
     decode_failed.insert(resumed->decode_failed.begin(), resumed->decode_failed.end());
   }
   if (!refused && config.threads > 0) torch::set_num_threads(config.threads);  // refused: maybe out of range
@@ -1081,11 +1086,13 @@ std::string Run::render_summary(const char* status, const std::string& error) {
   auto test = [&](double v) { return known && std::isfinite(v) ? fmt::format("{:.6f}", v) : std::string("null"); };
   return fmt::format(
       "{{\"type\": \"summary\", \"status\": \"{}\", \"iter\": {}, \"iterations\": {}, \"time\": {:.3f}, "
-      "\"wall_s\": {:.3f}, \"train_s\": {:.3f}, \"last_loss\": {}, \"eval_iter\": {}, \"test_loss\": {}, "
-      "\"test_acc\": {}, \"test_top5\": {}, \"test_error\": {}, \"test_images\": {}, \"test_failed\": {}, "
-      "\"images_per_s\": {}, \"stored_activation_bytes\": {}, \"peak_bytes\": {}, \"decode_failures\": {}, "
-      "\"graphed\": {}, \"resumed_from\": {}, \"error\": {}, \"config\": {}, \"normalisation\": {}}}\n",
+      "\"wall_s\": {:.3f}, \"train_s\": {:.3f}, \"run_train_s\": {}, \"last_loss\": {}, \"eval_iter\": {}, "
+      "\"test_loss\": {}, \"test_acc\": {}, \"test_top5\": {}, \"test_error\": {}, \"test_images\": {}, "
+      "\"test_failed\": {}, \"images_per_s\": {}, \"stored_activation_bytes\": {}, \"peak_bytes\": {}, "
+      "\"decode_failures\": {}, \"graphed\": {}, \"resumed_from\": {}, \"error\": {}, \"config\": {}, "
+      "\"normalisation\": {}}}\n",
       status, it, config.iterations, unix_time(), unix_time() - start_time, secs,
+      train_s_before ? fmt::format("{:.3f}", *train_s_before + secs) : std::string("null"),
       json_loss(result.last_loss),  // null: none trained
       known ? std::to_string(eval_iter) : "null", known ? json_loss(result.test_loss) : "null", test(result.test_acc),
       test(result.test_top5), test(1 - result.test_acc), known ? std::to_string(eval_images) : "null",
@@ -1242,7 +1249,8 @@ void Run::checkpoint() {
   s.pending_eval = pending_eval;
   s.window_iters = window_iters;
   s.window_loss = window_loss;
-  s.window_seconds = std::chrono::duration<double>(paused.value_or(Clock::now()) - window_start).count();
+  const auto now = paused.value_or(Clock::now());
+  s.window_seconds = std::chrono::duration<double>(now - window_start).count();
   // evaluated: whether this iteration's evaluation ran. A run stopped part-way and resumed
   // with --iterations at the checkpoint's has not been evaluated at its (new) end.
   const std::string header =
@@ -1252,6 +1260,8 @@ void Run::checkpoint() {
                                   std::max(peak_max, memory::peak(dev)))
                     : std::string()) +
       (decode_failed.empty() ? std::string() : fmt::format("decode_failed={}\n", fmt::join(decode_failed, ","))) +
+      (train_s_before ? fmt::format("run_train_ms={}\n", std::llround((*train_s_before + trained(now).first) * 1000))
+                      : std::string()) +
       training_data.data_record;
   save_checkpoint(config.checkpoint, config.identity(), header, s, model, *opt);
   last_good = it;

@@ -1748,6 +1748,7 @@ TEST_CASE("hardening: --summary writes one JSON object with the status and final
   CHECK(json.find("\"test_images\": 64, \"test_failed\": 0, ") != std::string::npos);
   CHECK(number_field(json, "images_per_s") > 0);
   CHECK(number_field(json, "train_s") <= number_field(json, "wall_s"));
+  CHECK(number_field(json, "run_train_s") == number_field(json, "train_s"));  // one process
   const Run d = train(small(dir, {"--summary", s, "--overwrite", "--lr", "1e30", "--iterations", "50"}), dir);
   CHECK(d.code == 3);
   CHECK(slurp(s).find("\"status\": \"diverged\"") != std::string::npos);
@@ -1773,7 +1774,13 @@ TEST_CASE("hardening: --summary writes one JSON object with the status and final
   CHECK(number_field(cut, "images_per_s") > 0);
   CHECK(number_field(cut, "peak_bytes") > 0);
   CHECK(cut.find("\"test_loss\": null") != std::string::npos);
-  const int64_t at = blpa::read_checkpoint(ck).state.iteration;
+  const auto cut_ck = blpa::read_checkpoint(ck);
+  const int64_t at = cut_ck.state.iteration;
+  // The run's training time: the checkpoint's is this process's up to it, the summary's a little
+  // later (written after the checkpoint).
+  REQUIRE(cut_ck.run_train_ms);
+  CHECK(*cut_ck.run_train_ms > 0);
+  CHECK(*cut_ck.run_train_ms / 1000.0 <= number_field(cut, "run_train_s") + 0.001);
   REQUIRE(train(small(dir, {"--summary", s, "--checkpoint", ck, "--resume", "--log-every", "1000", "--iterations",
                             std::to_string(at + 2), "--checkpoint-every", "3"}),
                 dir)
@@ -1781,6 +1788,11 @@ TEST_CASE("hardening: --summary writes one JSON object with the status and final
   const std::string resumed = slurp(s);
   CAPTURE(resumed);
   CHECK(number_field(resumed, "train_s") <= number_field(resumed, "wall_s"));
+  // The run's: the checkpoint's time before this process, and this process's (each rounded to
+  // the millisecond), recorded again in the new checkpoint.
+  CHECK(number_field(resumed, "run_train_s") ==
+        Approx(*cut_ck.run_train_ms / 1000.0 + number_field(resumed, "train_s")).margin(0.0021));
+  CHECK(*blpa::read_checkpoint(ck).run_train_ms > *cut_ck.run_train_ms);
   remove_tree(dir);
 }
 

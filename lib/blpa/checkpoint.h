@@ -98,6 +98,9 @@ struct Checkpoint {
   // What autograd stored and the step's peak, in bytes, as the run last measured them (none in
   // a checkpoint from before 2026-12-02, or of a run that had trained no iteration).
   std::optional<int64_t> stored_activation_bytes, peak_bytes;
+  // The run's training time up to this checkpoint, in milliseconds, summed over the processes
+  // that trained it (none in a checkpoint from before 2026-12-02).
+  std::optional<int64_t> run_train_ms;
   // ImageNet: the list indices of the training images that could not be decoded so far.
   std::vector<int64_t> decode_failed;
   RunState state;
