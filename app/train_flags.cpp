@@ -43,7 +43,7 @@ cxxopts::Options make_options() {
     ("index-cache", "imagenet: directory where the scanned file lists are cached, keyed by the folders' path and their class folders' change times, which any added, removed or renamed image changes ('' to disable)", cxxopts::value<S>()->default_value(default_cache_dir()))
     ("train-subset", "Train on the first N training images (ImageNet: N spread over all classes; 0: all)", cxxopts::value<S>()->default_value("0"))
     ("test-subset", "Evaluate on the first N test images (ImageNet: N spread over all classes; 0: all)", cxxopts::value<S>()->default_value("0"))
-    ("no-augment", "Disable pad-4 random crops and horizontal flips");
+    ("no-augment", "Disable augmentation: CIFAR and MNIST-style sets lose pad-4 random crops and horizontal flips; imagenet keeps a random 224 crop of the image with its shorter side at 256, without flips or colour jitter");
   opts.add_options("Model")
     ("model", "cifar (depth 9n+2) or imagenet (depth 50/101/152/200)", cxxopts::value<S>()->default_value("cifar"))
     ("depth", "Network depth", cxxopts::value<S>()->default_value("164"))
@@ -78,12 +78,12 @@ cxxopts::Options make_options() {
     ("checkpoint", "Checkpoint file, written atomically every --checkpoint-every iterations, at the end, on SIGINT/SIGTERM/SIGHUP and before exiting on an error", cxxopts::value<S>())
     ("checkpoint-every", "Iterations between checkpoints", cxxopts::value<S>()->default_value("1000"))
     ("resume", "Continue the run stored in --checkpoint: give the run's command line again, with this (settings come from the command line; its --log, --summary and --export must be that run's; a run already complete exits 0 and does nothing)")
-    ("auto-resume", "--resume where --checkpoint exists, else start a new run, as without it: a sweep run again resumes what was stopped, starts what never ran and skips what is complete, and (exit 3) what diverged, as its --summary says, unless a learning-rate, momentum or weight-decay setting changed")
+    ("auto-resume", "--resume where --checkpoint exists, else start a new run, as without it: a sweep run again resumes what was stopped, starts what never ran and skips what is complete, and (exit 3) what diverged, as its --summary says, unless a learning-rate, momentum, weight-decay or --accum-steps setting changed")
     ("overwrite", "Start a new run even where --checkpoint, --log, --export or --summary name existing files (replaced)")
     ("export", "At the end, write the weights as a state dict that Python loads with torch.load", cxxopts::value<S>())
     ("summary", "When the run ends (done, interrupted, diverged or failed), write one JSON object: status, final figures, configuration, the error of a failed run; from when training starts until then it says running", cxxopts::value<S>())
     ("quiet", "No progress line")
-    ("print-config", "Print the configuration this command line runs, every default and auto resolved (the data set found in --data-dir, workers, threads, precision, layout), as the log's key=value lines, and exit; with --resume or --auto-resume the checkpoint is read and checked as the run does, and the outputs are checked as the run checks them, writing nothing")
+    ("print-config", "Print the configuration this command line runs, every default and auto resolved (the data set found in --data-dir, workers, threads, precision, layout), as the checkpoint's key=value lines (then --prefetch, --index-cache, the rank's rendezvous and the output paths), and exit; with --resume or --auto-resume the checkpoint is read and checked as the run does, and the outputs are checked as the run checks them, writing nothing")
     ("h,help", "This help");
   opts.add_options("Distributed")
     ("rank", "This process's rank (default: $RANK, else 0)", cxxopts::value<S>())
