@@ -294,13 +294,23 @@ void skip_completed_rerun(const TrainConfig& c) {
     return;
   for (const auto& key : TrainConfig::identity_keys())
     if (json_field(summary, key) != json_field(ours, key)) return;
-  std::string idle;  // as a resume at the run's end says them (compare_with_checkpoint)
-  for (const auto& key : training_keys())
-    if (const std::string theirs = json_field(summary, key); !theirs.empty() && theirs != json_field(ours, key))
-      idle += fmt::format("\n  {}: summary {}, command line {}", key, theirs, json_field(ours, key));
+  // Every other setting that differs, as a resume of the evaluated run's checkpoint says them
+  // (compare_with_checkpoint): the evaluation's (--test-subset, --device, ...) act on nothing
+  // either. A threads of 0 is an older run's record of the default, unresolved.
+  std::string idle;
+  const std::set<std::string> identity(TrainConfig::identity_keys().begin(), TrainConfig::identity_keys().end());
+  std::istringstream keys(c.describe());
+  for (std::string line; std::getline(keys, line);) {
+    const std::string key = line.substr(0, line.find('='));
+    const std::string theirs = json_field(summary, key);
+    if (identity.count(key) || key == "iterations" || theirs.empty() || theirs == json_field(ours, key) ||
+        (key == "threads" && theirs == "0"))
+      continue;
+    idle += fmt::format("\n  {}: summary {}, command line {}", key, theirs, json_field(ours, key));
+  }
   if (!idle.empty())
-    spdlog::warn("--auto-resume: these settings differ from the summary's, but its run is done: no iteration is "
-                 "left for them to change (another run needs other output paths){}",
+    spdlog::warn("--auto-resume: these settings differ from the summary's, but its run is done and evaluated: "
+                 "nothing is left for them to change (another run needs other output paths){}",
                  idle);
   throw RunComplete(fmt::format("--auto-resume: summary {} says this run is done at iteration {} (its checkpoint {} "
                                 "is gone): nothing to do",

@@ -592,17 +592,23 @@ TEST_CASE("hardening: --auto-resume starts a run, resumes it, and does nothing o
   CHECK(slurp(summary) == done_summary);
   CHECK_FALSE(fs::exists(cut));
   CHECK(gone.output.find("a new run") == std::string::npos);  // it said so before "nothing to do"
-  // --print-config agrees (it refused the outputs as a new run's, exit 2), and another --lr is
-  // warned about, as a resume at the run's end warns.
+  // --print-config agrees (it refused the outputs as a new run's, exit 2), and another --lr or
+  // --test-subset is warned about, as a resume of the evaluated run's checkpoint warns: the
+  // evaluation's settings have nothing left to act on either.
   auto printed = end_there;
   printed.push_back("--print-config");
   CHECK(train(small(dir, printed), dir).code == 0);
   auto lr_flags = end_there;
-  lr_flags.insert(lr_flags.end(), {"--lr", "0.05"});
+  lr_flags.insert(lr_flags.end(), {"--lr", "0.05", "--test-subset", "32"});
   const Run lr_gone = train(small(dir, lr_flags), dir);
+  CAPTURE(lr_gone.output);
   CHECK(lr_gone.code == 0);
-  CHECK(lr_gone.output.find("these settings differ from the summary's, but its run is done") != std::string::npos);
+  CHECK(lr_gone.output.find("these settings differ from the summary's, but its run is done and evaluated: nothing "
+                            "is left for them to change") != std::string::npos);
   CHECK(lr_gone.output.find("lr: summary 0.02, command line 0.05") != std::string::npos);
+  CHECK(lr_gone.output.find("test_subset: summary 64, command line 32") != std::string::npos);
+  CHECK(lr_gone.output.find("threads:") == std::string::npos);  // only what differs
+  CHECK(slurp(summary) == done_summary);
   // Another run (a seed the sweep added, with the same file names) is refused, naming the run
   // whose summary it would replace.
   auto seed_5 = end_there;
