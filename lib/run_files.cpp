@@ -253,6 +253,15 @@ int64_t drop_records_after(const std::string& path, int64_t iteration, bool eval
 
 namespace {
 
+// A describe()'s key=value lines, by key.
+std::map<std::string, std::string> key_values(const std::string& describe) {
+  std::map<std::string, std::string> kv;
+  std::istringstream lines(describe);
+  for (std::string line; std::getline(lines, line);)
+    if (const auto eq = line.find('='); eq != std::string::npos) kv[line.substr(0, eq)] = line.substr(eq + 1);
+  return kv;
+}
+
 // The settings that act on training steps alone (not on an evaluation or the outputs).
 const std::set<std::string>& training_keys() {
   static const std::set<std::string> keys{"lr",           "warmup",      "warmup_lr", "steps",     "factor",
@@ -294,18 +303,14 @@ void skip_completed_rerun(const TrainConfig& c) {
     return;
   for (const auto& key : TrainConfig::identity_keys())
     if (json_field(summary, key) != json_field(ours, key)) return;
-  // Every other setting that differs, as a resume of the evaluated run's checkpoint says them
-  // (compare_with_checkpoint): the evaluation's (--test-subset, --device, ...) act on nothing
-  // either. A threads of 0 is an older run's record of the default, unresolved.
+  // Every other setting that differs (the identity and --iterations agree, as checked above),
+  // as a resume of the evaluated run's checkpoint says them (compare_with_checkpoint): the
+  // evaluation's (--test-subset, --device, ...) act on nothing either. A threads of 0 is an
+  // older run's record of the default, unresolved.
   std::string idle;
-  const std::set<std::string> identity(TrainConfig::identity_keys().begin(), TrainConfig::identity_keys().end());
-  std::istringstream keys(c.describe());
-  for (std::string line; std::getline(keys, line);) {
-    const std::string key = line.substr(0, line.find('='));
+  for (const auto& [key, value] : key_values(c.describe())) {
     const std::string theirs = json_field(summary, key);
-    if (identity.count(key) || key == "iterations" || theirs.empty() || theirs == json_field(ours, key) ||
-        (key == "threads" && theirs == "0"))
-      continue;
+    if (theirs.empty() || theirs == json_field(ours, key) || (key == "threads" && theirs == "0")) continue;
     idle += fmt::format("\n  {}: summary {}, command line {}", key, theirs, json_field(ours, key));
   }
   if (!idle.empty())
@@ -527,14 +532,6 @@ EndLeft end_left(const Checkpoint& ck, const TrainConfig& config) {
 }
 
 namespace {
-
-std::map<std::string, std::string> key_values(const std::string& describe) {
-  std::map<std::string, std::string> kv;
-  std::istringstream lines(describe);
-  for (std::string line; std::getline(lines, line);)
-    if (const auto eq = line.find('='); eq != std::string::npos) kv[line.substr(0, eq)] = line.substr(eq + 1);
-  return kv;
-}
 
 // --resume: the checkpoint's run and this command line must agree on the identity; any other
 // setting that differs takes effect and is listed, with both values.
