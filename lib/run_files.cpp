@@ -521,10 +521,11 @@ EndLeft end_left(const Checkpoint& ck, const TrainConfig& config) {
   }
   const auto evaluated = ck.config.find("evaluated");
   std::error_code ec;
-  left.export_missing = !config.dist.enabled() && !config.export_path.empty() && !fs::exists(config.export_path, ec);
+  const bool lead = config.dist.rank == 0;  // the others cannot see rank 0's files
+  left.export_missing = lead && !config.export_path.empty() && !fs::exists(config.export_path, ec);
   const std::string summary = config.summary_path.empty() ? "" : first_line_of(config.summary_path);
   const bool unfinished_summary =
-      !config.dist.enabled() && !config.summary_path.empty() &&
+      lead && !config.summary_path.empty() &&
       (!whole_object(summary) || json_field(summary, "status") != "\"done\"" ||
        json_field(summary, "iter") != std::to_string(ck.state.iteration));
   left.evaluate = (evaluated != ck.config.end() && evaluated->second == "0") || unfinished_summary;

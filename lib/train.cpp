@@ -367,8 +367,9 @@ TrainingData load_training_data(const TrainConfig& config, const Checkpoint* res
 std::unique_ptr<Distributed> join_ranks(const TrainConfig& config, std::exception_ptr refused, int64_t start,
                                         const torch::Device& dev, const std::atomic<bool>* stop) {
   // A refusal travels with its kind, so that every rank exits as the refusing one does: 2 for
-  // flags, 3 for a diverged run --auto-resume skips, 0 for a complete one, else 1. The
-  // refusing rank waits for the others a little (they may be starting), not --dist-timeout.
+  // flags, 3 for a diverged run --auto-resume skips, else 1. The refusing rank waits for the
+  // others a little (they may be starting), not --dist-timeout. (A complete run is no refusal:
+  // rank 0 says so after the rendezvous, as the ranks agree.)
   if (refused) {
     std::string why;
     try {
@@ -377,8 +378,6 @@ std::unique_ptr<Distributed> join_ranks(const TrainConfig& config, std::exceptio
       why = "2" + error_message(e);
     } catch (const NonFiniteLoss& e) {
       why = "3" + error_message(e);
-    } catch (const RunComplete& e) {
-      why = "0" + error_message(e);
     } catch (const std::exception& e) {
       why = "1" + error_message(e);
     }
@@ -397,14 +396,6 @@ std::unique_ptr<Distributed> join_ranks(const TrainConfig& config, std::exceptio
     const char kind = e.why.empty() ? '1' : e.why[0];
     if (kind == '2') throw FlagError(e.what());
     if (kind == '3') throw NonFiniteLoss(e.what());
-    // Another rank finds the run complete where this one would train: they were given
-    // different --iterations (or one resumes where another starts afresh). All exited 0,
-    // and a script extending the run believed it had.
-    if (kind == '0')
-      throw FlagError(fmt::format("{}; this rank would train, {} iteration {} to {}: the ranks were started with "
-                                  "different settings (--iterations?); give every rank the same",
-                                  e.what(), config.resume ? "from" : "a new run, from", start,
-                                  config.iterations));
     throw std::runtime_error(e.what());
   }
   // Resumed: the same run too. A rank that resumed another run's checkpoint at the same
@@ -420,8 +411,10 @@ std::unique_ptr<Distributed> join_ranks(const TrainConfig& config, std::exceptio
 // Before anything loads: the settings checked and resolved (--auto-resume decided), the outputs
 // locked and checked, and for a resume the checkpoint's header read (RunComplete where nothing
 // is left to do), its pending evaluation set where the run's end is still to come. `given`:
-// the settings as the command line gave them.
-std::optional<Checkpoint> begin_run(TrainConfig& config, const TrainConfig& given, OutputLocks& locks) {
+// the settings as the command line gave them. With several ranks rank 0 says why the run is
+// complete in `complete`, to tell the others after the rendezvous (they cannot see its files).
+std::optional<Checkpoint> begin_run(TrainConfig& config, const TrainConfig& given, OutputLocks& locks,
+                                    std::string& complete) {
   const bool lead = config.dist.rank == 0;
   config.validate();
   // Resolved before --resume compares the settings: `auto` is not a change.
@@ -438,7 +431,15 @@ std::optional<Checkpoint> begin_run(TrainConfig& config, const TrainConfig& give
     std::error_code ec;
     config.resume = fs::exists(config.checkpoint, ec);
     if (lead && !config.resume) refuse_diverged_rerun(config);
-    if (lead && !config.resume) skip_completed_rerun(config);
+    if (lead && !config.resume) {
+      try {
+        skip_completed_rerun(config);
+      } catch (const RunComplete& e) {
+        if (!config.dist.enabled()) throw;
+        complete = e.what();
+        return std::nullopt;
+      }
+    }
     if (lead)
       spdlog::info("--auto-resume: {}", config.resume ? "resuming the run in " + config.checkpoint
                                                       : "no checkpoint " + config.checkpoint + ", a new run");
@@ -460,10 +461,13 @@ std::optional<Checkpoint> begin_run(TrainConfig& config, const TrainConfig& give
   if (state.iteration == config.iterations) {
     const EndLeft left = end_left(ck, config);
     state.pending_eval = left.evaluate;
-    if (left.nothing())
-      throw RunComplete(fmt::format("checkpoint {} is at iteration {}, evaluated: with --iterations {} the run "
-                                    "is complete, nothing to do",
-                                    config.checkpoint, state.iteration, config.iterations));
+    if (left.nothing() && lead) {  // the other ranks cannot see what rank 0's files lack
+      complete = fmt::format("checkpoint {} is at iteration {}, evaluated: with --iterations {} the run is complete, "
+                             "nothing to do",
+                             config.checkpoint, state.iteration, config.iterations);
+      if (!config.dist.enabled()) throw RunComplete(complete);
+      return ck;
+    }
   }
   // An output the run had and this resume forgot (a sweep's second command line): its
   // records or file would be missing without a word. Not refused: it may be meant.
@@ -586,6 +590,7 @@ class Run {
   void try_summary(const char* status, const std::string& error);
   double sent(int sig);
   void told(double stops, double terms, double hups);
+  void finish_alone(const std::string& complete);
   void redraft();
   NonFiniteLoss diverged(const std::string& what, int64_t updates);
   bool evaluate_now();
@@ -712,8 +717,9 @@ void Run::set_up() {
   // outputs, its checkpoint) says so to the others at the rendezvous below, instead of
   // leaving them waiting there for --dist-timeout.
   std::exception_ptr refused;
+  std::string complete;
   try {
-    resumed = begin_run(config, given, locks);
+    resumed = begin_run(config, given, locks, complete);
     dev = torch::Device(config.device);
   } catch (const std::exception&) {
     if (!config.dist.enabled()) throw;
@@ -729,7 +735,10 @@ void Run::set_up() {
   }
   if (!refused && config.threads > 0) torch::set_num_threads(config.threads);  // refused: maybe out of range
   memory::install_cpu_counter();
-  if (config.dist.enabled()) dist = join_ranks(config, refused, state.iteration, dev, stop);
+  if (config.dist.enabled()) {
+    dist = join_ranks(config, refused, state.iteration, dev, stop);
+    finish_alone(complete);
+  }
   training_data = load_training_data(config, resumed ? &*resumed : nullptr, lead);
   build_network(resumed);
   if (lead) result.dropped_log_records = open_log(log, config, state);
@@ -743,6 +752,28 @@ void Run::set_up() {
       it, unix_time(), config.resume, config.json(), normalisation));
 
   open_loaders();
+}
+
+// Several ranks, agreed: what is left of a run at its end is rank 0's word, since only rank 0
+// sees the run's files (its summary, its export). Nothing: every rank exits 0. Its evaluation,
+// export or summary: rank 0 writes them alone, as the only rank that evaluates and writes files,
+// while the others exit 0. A run killed after its final checkpoint left its summary "running",
+// and an export or summary lost after it ended could not be written again.
+void Run::finish_alone(const std::string& complete) {
+  const bool at_end = config.resume && state.iteration == config.iterations;
+  const std::string word = dist->all_gather(!lead ? "" : !complete.empty() ? "complete " + complete
+                                                       : at_end             ? "end"
+                                                                            : "train")[0];
+  if (lead && !complete.empty()) throw RunComplete(complete);
+  if (word.rfind("complete ", 0) == 0) throw RunComplete("rank 0: " + word.substr(9));
+  if (word != "end") return;
+  if (!lead)
+    throw RunComplete(fmt::format("the run is at its last iteration ({}), and rank 0 finishes it alone (its "
+                                  "evaluation, export or summary): nothing for rank {} to do",
+                                  state.iteration, config.dist.rank));
+  spdlog::info("the run is at its last iteration ({}): rank 0 finishes it alone ({}), the other ranks exit",
+               state.iteration, state.pending_eval ? "evaluates it, then writes its files" : "writes its export");
+  dist.reset();
 }
 
 void Run::build_network(std::optional<Checkpoint>& resumed) {
@@ -843,7 +874,7 @@ void Run::begin_loop() {
   memory::reset_peak(dev);
 
   use_graphs = dev.is_cuda() && config.cuda_graphs != "off";
-  if (use_graphs && dist) {
+  if (use_graphs && config.dist.enabled()) {
     spdlog::info("CUDA graphs off: with several ranks every iteration runs eagerly (the all-reduce is not captured)");
     use_graphs = false;
   }
@@ -1272,16 +1303,8 @@ std::string Run::resumable(const std::exception& e, const char* what) {
   std::error_code ec;
   const std::string why = sentence(error_message(e));
   if (!lead || config.checkpoint.empty() || !fs::is_regular_file(config.checkpoint, ec)) return why;
-  // With several ranks a resume of a run at its end is complete (its ranks cannot agree on
-  // what rank 0's files lack): blpa-eval writes the export from the checkpoint.
-  if (config.dist.enabled())
-    return std::string(what).find("export") == std::string::npos
-               ? why
-               : fmt::format("{} Checkpoint {} holds iteration {}: blpa-eval --checkpoint {} --export {} writes the "
-                             "export.",
-                             why, config.checkpoint, it, config.checkpoint, config.export_path);
-  return fmt::format("{} Checkpoint {} holds iteration {}: --resume (or --auto-resume) writes the {}.", why,
-                     config.checkpoint, it, what);
+  return fmt::format("{} Checkpoint {} holds iteration {}: --resume (or --auto-resume){} writes the {}.", why,
+                     config.checkpoint, it, config.dist.enabled() ? ", given to every rank," : "", what);
 }
 
 void Run::fail(const std::exception& e) {

@@ -87,13 +87,13 @@ void check_outputs_are_this_runs(const TrainConfig& c);
 int64_t drop_records_after(const std::string& path, int64_t iteration, bool evaluates);
 
 // What is left of a run resumed at its last iteration (ck's, which config's --iterations is).
-// The run is complete once evaluated there and, with one rank (the others cannot see rank 0's
-// files), once its export is written and its summary says "done". Otherwise the end is still to
-// come: stopped part-way at what is now the end (never evaluated), or stopped after the final
-// checkpoint (the export or summary not written), or given a --summary or --export it has not
-// written. It evaluates, then exports and summarises; where only the export is missing, it
-// writes the export alone (the summary that says "done" keeps its figures: this process would
-// have none).
+// The run is complete once evaluated there and, as rank 0 sees it (the other ranks cannot see
+// its files: with several, rank 0 alone finishes the run), once its export is written and its
+// summary says "done". Otherwise the end is still to come: stopped part-way at what is now the
+// end (never evaluated), or stopped after the final checkpoint (the export or summary not
+// written), or given a --summary or --export it has not written. It evaluates, then exports and
+// summarises; where only the export is missing, it writes the export alone (the summary that
+// says "done" keeps its figures: this process would have none).
 struct EndLeft {
   bool evaluate = false;        // and then export and summarise
   bool export_missing = false;  // only the export, where nothing is to evaluate

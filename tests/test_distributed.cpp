@@ -477,25 +477,75 @@ TEST_CASE("distributed: a test loss that overflows stops every rank as a diverge
   remove_tree(dir);
 }
 
-// An export that fails at a multi-rank run's end: a resume of the run does nothing with
-// several ranks, so the message names what writes it, blpa-eval --export.
-TEST_CASE("distributed: a run whose export failed at its end is told how to write it", "[distributed][train]") {
+// An export that fails at a multi-rank run's end, then one deleted: only rank 0 sees the run's
+// files, so a resume of the run at its end is its word. It did nothing with several ranks (the
+// ranks could not agree on what rank 0's files lack), and a lost export or summary, or one
+// left "running" by a kill, stayed so.
+TEST_CASE("distributed: a run at its end is finished by rank 0 alone on a resume", "[distributed][train]") {
   if (!have_fashion_mnist()) return;
   const fs::path dir = fresh_dir("export-failed");
-  const std::string exported = (dir / "model.pt").string(), ck = (dir / "ck.pt").string();
+  const std::string exported = (dir / "model.pt").string(), ck = (dir / "ck.pt").string(),
+                    summary = (dir / "s.json").string();
+  const std::vector<std::string> outputs{"--iterations", "2", "--export", exported, "--summary", summary};
   ::setenv("BLPA_TEST_FAIL", "export:1", 1);
-  const auto codes = train_pair(dir, free_port(), {"--iterations", "2", "--export", exported}, "export");
+  const auto codes = train_pair(dir, free_port(), outputs, "end");
   ::unsetenv("BLPA_TEST_FAIL");
-  const std::string out0 = slurp(dir / "export-0.out");
-  CAPTURE(out0);
+  std::string out0 = slurp(dir / "end-0.out"), out1 = slurp(dir / "end-1.out");
+  CAPTURE(out0, out1);
   CHECK(codes.first == 1);
-  CHECK(out0.find("the export failed (BLPA_TEST_FAIL). Checkpoint " + ck + " holds iteration 2: blpa-eval "
-                  "--checkpoint " + ck + " --export " + exported + " writes the export.") != std::string::npos);
+  CHECK(out0.find("the export failed (BLPA_TEST_FAIL). Checkpoint " + ck + " holds iteration 2: --resume (or "
+                  "--auto-resume), given to every rank, writes the export and the summary.") != std::string::npos);
   CHECK(!fs::exists(exported));
-  const int rc = std::system(("\"" BLPA_EVAL_EXE "\" --checkpoint '" + ck + "' --export '" + exported + "' > /dev/null")
-                                 .c_str());
-  CHECK(rc == 0);
+  CHECK(slurp(summary).find("\"status\": \"failed\"") != std::string::npos);
+
+  // Its summary says "failed": rank 0 evaluates the run's end again and writes both.
+  auto resumed = outputs;
+  resumed.push_back("--resume");
+  CHECK(train_pair(dir, free_port(), resumed, "end") == std::pair{0, 0});
+  out0 = slurp(dir / "end-0.out"), out1 = slurp(dir / "end-1.out");
+  CHECK(out0.find("the run is at its last iteration (2): rank 0 finishes it alone (evaluates it, then writes its "
+                  "files)") != std::string::npos);
+  CHECK(out0.find("done: 2 iterations, no iteration trained in this process, test loss") != std::string::npos);
+  CHECK(out1.find("rank 0 finishes it alone (its evaluation, export or summary): nothing for rank 1 to do") !=
+        std::string::npos);
   CHECK(blpa::exported_run_id(exported) == blpa::read_checkpoint(ck).config.at("run_id"));
+  const std::string done = slurp(summary);
+  CHECK(done.find("{\"type\": \"summary\", \"status\": \"done\", \"iter\": 2,") == 0);
+
+  // The export alone lost: rank 0 writes it, the summary kept as it is.
+  fs::remove(exported);
+  CHECK(train_pair(dir, free_port(), resumed, "end") == std::pair{0, 0});
+  out0 = slurp(dir / "end-0.out");
+  CHECK(out0.find("rank 0 finishes it alone (writes its export)") != std::string::npos);
+  CHECK(fs::exists(exported));
+  CHECK(slurp(summary) == done);
+
+  // Nothing lost: every rank says so, exit 0, rank 1 in rank 0's words.
+  CHECK(train_pair(dir, free_port(), resumed, "end") == std::pair{0, 0});
+  out1 = slurp(dir / "end-1.out");
+  CHECK(out1.find("rank 0: checkpoint " + ck + " is at iteration 2, evaluated: with --iterations 2 the run is "
+                  "complete, nothing to do") != std::string::npos);
+  CHECK(slurp(summary) == done);
+
+  // A sweep that deletes finished runs' checkpoints: rank 0's summary says the run is done, and
+  // the others, which find no checkpoint either, are told so (rank 1 exited 2, "started with
+  // different settings").
+  fs::copy_file(ck, dir / "kept.pt");
+  fs::remove(ck);
+  auto again = outputs;
+  again.push_back("--auto-resume");
+  CHECK(train_pair(dir, free_port(), again, "end") == std::pair{0, 0});
+  out1 = slurp(dir / "end-1.out");
+  CHECK(out1.find("rank 0: --auto-resume: summary " + summary + " says this run is done at iteration 2") !=
+        std::string::npos);
+  CHECK(!fs::exists(ck));
+  fs::rename(dir / "kept.pt", ck);
+
+  // blpa-eval writes the same export from the checkpoint, byte for byte.
+  const std::string copy = (dir / "copy.pt").string();
+  CHECK(std::system(("\"" BLPA_EVAL_EXE "\" --checkpoint '" + ck + "' --export '" + copy + "' > /dev/null").c_str()) ==
+        0);
+  CHECK(slurp(copy) == slurp(exported));
   remove_tree(dir);
 }
 
@@ -732,14 +782,17 @@ TEST_CASE("distributed: ranks must resume the same run and train on the same dat
         std::string::npos);
   CHECK(out1.find("\ngive every rank's --checkpoint a copy of rank 0's (the same file at the same iteration), or "
                   "resume none") != std::string::npos);
-  // Rank 1 given the checkpoint's --iterations finds the run complete; rank 0, given more,
-  // would train: refused (both exited 0, and a script extending the run took it as done).
+  // Rank 1 given the checkpoint's --iterations would find the run complete; rank 0, given more,
+  // would train: refused on both (both exited 0, and a script extending the run took it as
+  // done; then rank 1 alone exited 0).
   const auto iterations = resume("iterations", {"--checkpoint", (dir / "ck.pt").string(), "--iterations", "2"});
   out0 = slurp(dir / "iterations-0.out");
-  CAPTURE(out0);
-  CHECK(iterations == std::pair{2, 0});
-  CHECK(out0.find("this rank would train, from iteration 2 to 4: the ranks were started with different settings") !=
-        std::string::npos);
+  out1 = slurp(dir / "iterations-1.out");
+  CAPTURE(out0, out1);
+  CHECK(iterations == std::pair{2, 2});
+  for (const auto& out : {out0, out1})
+    CHECK(out.find("the ranks were started with different settings:\n  --iterations: rank 0 4, rank 1 2") !=
+          std::string::npos);
 
   // The same run, its data a copy with one label of the first 1000 changed.
   fs::create_directories(dir / "data");
