@@ -170,8 +170,10 @@ int main(int argc, char** argv) {
                    g_signal.load() ? fmt::format("interrupted by signal {}", sig)
                                    : std::string("stopped because another rank was interrupted"),
                    r.iteration,
-                   c.checkpoint.empty() ? " (no --checkpoint: progress is lost)"
-                                        : "; checkpoint " + c.checkpoint + " written, continue with --resume");
+                   c.checkpoint.empty()
+                       ? std::string(" (no --checkpoint: progress is lost)")
+                       : fmt::format("; checkpoint {} holds iteration {}, continue with --resume{}", c.checkpoint,
+                                     r.iteration, c.dist.enabled() ? " on every rank" : ""));
       end_by(sig);
       return 128 + sig;
     }

@@ -317,6 +317,12 @@ void skip_completed_rerun(const TrainConfig& c) {
     spdlog::warn("--auto-resume: these settings differ from the summary's, but its run is done and evaluated: "
                  "nothing is left for them to change (another run needs other output paths){}",
                  idle);
+  // Its export gone too: nothing can write it again, and a sweep that collects them would
+  // find it missing without a word.
+  if (!c.export_path.empty() && !fs::exists(c.export_path, ec))
+    spdlog::warn("--auto-resume: --export {} does not exist, and its run's checkpoint {} is gone: it cannot be "
+                 "written again (train the run anew with --overwrite)",
+                 c.export_path, c.checkpoint);
   throw RunComplete(fmt::format("--auto-resume: summary {} says this run is done at iteration {} (its checkpoint {} "
                                 "is gone): nothing to do",
                                 c.summary_path, c.iterations, c.checkpoint));

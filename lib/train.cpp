@@ -363,9 +363,12 @@ TrainingData load_training_data(const TrainConfig& config, const Checkpoint* res
 
 // Several ranks: the rendezvous, where a rank that cannot start (`refused`: its flags, data
 // folder, device, outputs or checkpoint) tells the others, and every rank exits as it does;
-// then the ranks' settings must agree. `start`: the iteration this rank trains from.
+// then rank 0 says what is left (`word`: given on rank 0, as Run::finish_alone reads it; rank
+// 0's on return), and the ranks' settings must agree. `start`: the iteration this rank trains
+// from.
 std::unique_ptr<Distributed> join_ranks(const TrainConfig& config, std::exception_ptr refused, int64_t start,
-                                        const torch::Device& dev, const std::atomic<bool>* stop) {
+                                        std::string& word, const torch::Device& dev,
+                                        const std::atomic<bool>* stop) {
   // A refusal travels with its kind, so that every rank exits as the refusing one does: 2 for
   // flags, 3 for a diverged run --auto-resume skips, else 1. The refusing rank waits for the
   // others a little (they may be starting), not --dist-timeout. (A complete run is no refusal:
@@ -400,9 +403,19 @@ std::unique_ptr<Distributed> join_ranks(const TrainConfig& config, std::exceptio
   }
   // Resumed: the same run too. A rank that resumed another run's checkpoint at the same
   // iteration (a stale copy on one machine) took rank 0's weights below but kept its own
-  // momentum, and the ranks drifted apart without a word.
-  agree_across_ranks(*dist, config.rank_agreement() + fmt::format(" start={}", start) +
-                                (config.resume ? " run_id=" + config.run_id : std::string()));
+  // momentum, and the ranks drifted apart without a word. But a run that rank 0 finds
+  // complete, or finishes alone, needs no other rank's checkpoint: a sweep that deleted the
+  // copies on the other machines (or rank 0's, its summary saying done) was refused, exit 2.
+  word = dist->all_gather(config.dist.rank == 0 ? word : "")[0];
+  std::string mine = config.rank_agreement() + fmt::format(" start={}", start) +
+                     (config.resume ? " run_id=" + config.run_id : std::string());
+  if (word != "train") {
+    std::istringstream in(mine);
+    mine.clear();
+    for (std::string t; in >> t;)
+      if (t.rfind("resume=", 0) != 0 && t.rfind("start=", 0) != 0 && t.rfind("run_id=", 0) != 0) mine += " " + t;
+  }
+  agree_across_ranks(*dist, mine);
   spdlog::info("rank {} of {} ({}, {} backend), batch {} per rank, {} in all", config.dist.rank, config.dist.world,
                dev.str(), dist->backend(), config.batch, config.batch * config.dist.world);
   return dist;
@@ -590,7 +603,8 @@ class Run {
   void try_summary(const char* status, const std::string& error);
   double sent(int sig);
   void told(double stops, double terms, double hups);
-  void finish_alone(const std::string& complete);
+  std::string lead_word(const std::string& complete) const;
+  void finish_alone(const std::string& word, const std::string& complete);
   void redraft();
   NonFiniteLoss diverged(const std::string& what, int64_t updates);
   bool evaluate_now();
@@ -736,8 +750,9 @@ void Run::set_up() {
   if (!refused && config.threads > 0) torch::set_num_threads(config.threads);  // refused: maybe out of range
   memory::install_cpu_counter();
   if (config.dist.enabled()) {
-    dist = join_ranks(config, refused, state.iteration, dev, stop);
-    finish_alone(complete);
+    std::string word = lead_word(complete);
+    dist = join_ranks(config, refused, state.iteration, word, dev, stop);
+    finish_alone(word, complete);
   }
   training_data = load_training_data(config, resumed ? &*resumed : nullptr, lead);
   build_network(resumed);
@@ -754,25 +769,28 @@ void Run::set_up() {
   open_loaders();
 }
 
-// Several ranks, agreed: what is left of a run at its end is rank 0's word, since only rank 0
-// sees the run's files (its summary, its export). Nothing: every rank exits 0. Its evaluation,
-// export or summary: rank 0 writes them alone, as the only rank that evaluates and writes files,
-// while the others exit 0. A run killed after its final checkpoint left its summary "running",
-// and an export or summary lost after it ended could not be written again.
-void Run::finish_alone(const std::string& complete) {
-  const bool at_end = config.resume && state.iteration == config.iterations;
-  const std::string word = dist->all_gather(!lead ? "" : !complete.empty() ? "complete " + complete
-                                                       : at_end             ? "end"
-                                                                            : "train")[0];
+// Several ranks: what is left of a run at its end is rank 0's word (join_ranks), since only
+// rank 0 sees the run's files (its summary, its export). Nothing: every rank exits 0. Its
+// evaluation, export or summary: rank 0 writes them alone, as the only rank that evaluates and
+// writes files, while the others exit 0. A run killed after its final checkpoint left its
+// summary "running", and an export or summary lost after it ended could not be written again.
+std::string Run::lead_word(const std::string& complete) const {
+  if (!lead) return "";
+  if (!complete.empty()) return "complete " + complete;
+  if (!config.resume || state.iteration != config.iterations) return "train";
+  return state.pending_eval ? "end its evaluation, export and summary" : "end its export";
+}
+
+void Run::finish_alone(const std::string& word, const std::string& complete) {
   if (lead && !complete.empty()) throw RunComplete(complete);
   if (word.rfind("complete ", 0) == 0) throw RunComplete("rank 0: " + word.substr(9));
-  if (word != "end") return;
+  if (word.rfind("end ", 0) != 0) return;
   if (!lead)
-    throw RunComplete(fmt::format("the run is at its last iteration ({}), and rank 0 finishes it alone (its "
-                                  "evaluation, export or summary): nothing for rank {} to do",
-                                  state.iteration, config.dist.rank));
-  spdlog::info("the run is at its last iteration ({}): rank 0 finishes it alone ({}), the other ranks exit",
-               state.iteration, state.pending_eval ? "evaluates it, then writes its files" : "writes its export");
+    throw RunComplete(fmt::format("the run is at its last iteration ({}), and rank 0 writes {} alone: nothing for "
+                                  "rank {} to do",
+                                  state.iteration, word.substr(4), config.dist.rank));
+  spdlog::info("the run is at its last iteration ({}): rank 0 writes {} alone, the other ranks exit", state.iteration,
+               word.substr(4));
   dist.reset();
 }
 
@@ -1324,8 +1342,8 @@ void Run::fail(const std::exception& e) {
     }
     std::error_code ec;
     if (last_good >= 0 && fs::is_regular_file(config.checkpoint, ec))
-      saved += fmt::format(" Checkpoint {} holds iteration {}: continue with --resume.", config.checkpoint,
-                           last_good);
+      saved += fmt::format(" Checkpoint {} holds iteration {}: continue with --resume{}.", config.checkpoint,
+                           last_good, config.dist.enabled() ? " on every rank" : "");
     else if (last_good >= 0)  // removed while the run ran (its folder, say)
       saved += fmt::format(" Checkpoint {} of iteration {} is gone: there is nothing to resume.", config.checkpoint,
                            last_good);

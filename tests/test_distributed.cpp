@@ -487,6 +487,22 @@ TEST_CASE("distributed: a run at its end is finished by rank 0 alone on a resume
   const std::string exported = (dir / "model.pt").string(), ck = (dir / "ck.pt").string(),
                     summary = (dir / "s.json").string();
   const std::vector<std::string> outputs{"--iterations", "2", "--export", exported, "--summary", summary};
+  // Both ranks, rank 1 given `rank1` after the common flags (its own --checkpoint, say).
+  auto end_pair = [&](const std::vector<std::string>& flags, const std::vector<std::string>& rank1) {
+    std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "1000", "--test-subset", "100",
+                                    "--warmup", "0", "--threads", "1", "--eval-every", "0", "--quiet",
+                                    "--world-size", "2", "--master-port", std::to_string(free_port()),
+                                    "--checkpoint", ck, "--dist-timeout", "60"};
+    common.insert(common.end(), flags.begin(), flags.end());
+    auto a1 = common, a0 = common;
+    a1.insert(a1.end(), {"--rank", "1"});
+    a1.insert(a1.end(), rank1.begin(), rank1.end());
+    a0.insert(a0.end(), {"--rank", "0"});
+    const pid_t p1 = spawn(a1, (dir / "end-1.out").string());
+    const pid_t p0 = spawn(a0, (dir / "end-0.out").string());
+    const int r0 = wait_exit(p0);
+    return std::pair{r0, wait_exit(p1)};
+  };
   ::setenv("BLPA_TEST_FAIL", "export:1", 1);
   const auto codes = train_pair(dir, free_port(), outputs, "end");
   ::unsetenv("BLPA_TEST_FAIL");
@@ -503,20 +519,25 @@ TEST_CASE("distributed: a run at its end is finished by rank 0 alone on a resume
   resumed.push_back("--resume");
   CHECK(train_pair(dir, free_port(), resumed, "end") == std::pair{0, 0});
   out0 = slurp(dir / "end-0.out"), out1 = slurp(dir / "end-1.out");
-  CHECK(out0.find("the run is at its last iteration (2): rank 0 finishes it alone (evaluates it, then writes its "
-                  "files)") != std::string::npos);
+  CHECK(out0.find("the run is at its last iteration (2): rank 0 writes its evaluation, export and summary alone, "
+                  "the other ranks exit") != std::string::npos);
   CHECK(out0.find("done: 2 iterations, no iteration trained in this process, test loss") != std::string::npos);
-  CHECK(out1.find("rank 0 finishes it alone (its evaluation, export or summary): nothing for rank 1 to do") !=
-        std::string::npos);
+  CHECK(out1.find("the run is at its last iteration (2), and rank 0 writes its evaluation, export and summary alone: "
+                  "nothing for rank 1 to do") != std::string::npos);
   CHECK(blpa::exported_run_id(exported) == blpa::read_checkpoint(ck).config.at("run_id"));
   const std::string done = slurp(summary);
   CHECK(done.find("{\"type\": \"summary\", \"status\": \"done\", \"iter\": 2,") == 0);
 
-  // The export alone lost: rank 0 writes it, the summary kept as it is.
+  // The export alone lost, and rank 1's copy of the checkpoint gone (a sweep that cleaned the
+  // other machines): rank 0 writes the export, the summary kept as it is (rank 1's missing
+  // copy was refused as "started with different settings", exit 2 on both).
   fs::remove(exported);
-  CHECK(train_pair(dir, free_port(), resumed, "end") == std::pair{0, 0});
-  out0 = slurp(dir / "end-0.out");
-  CHECK(out0.find("rank 0 finishes it alone (writes its export)") != std::string::npos);
+  auto rank1_none = outputs;
+  rank1_none.push_back("--auto-resume");
+  CHECK(end_pair(rank1_none, {"--checkpoint", (dir / "none.pt").string()}) == std::pair{0, 0});
+  out0 = slurp(dir / "end-0.out"), out1 = slurp(dir / "end-1.out");
+  CHECK(out0.find("rank 0 writes its export alone") != std::string::npos);
+  CHECK(out1.find("rank 0 writes its export alone: nothing for rank 1 to do") != std::string::npos);
   CHECK(fs::exists(exported));
   CHECK(slurp(summary) == done);
 
@@ -529,16 +550,16 @@ TEST_CASE("distributed: a run at its end is finished by rank 0 alone on a resume
 
   // A sweep that deletes finished runs' checkpoints: rank 0's summary says the run is done, and
   // the others, which find no checkpoint either, are told so (rank 1 exited 2, "started with
-  // different settings").
+  // different settings"); so where rank 1 still has a copy.
   fs::copy_file(ck, dir / "kept.pt");
   fs::remove(ck);
-  auto again = outputs;
-  again.push_back("--auto-resume");
-  CHECK(train_pair(dir, free_port(), again, "end") == std::pair{0, 0});
-  out1 = slurp(dir / "end-1.out");
-  CHECK(out1.find("rank 0: --auto-resume: summary " + summary + " says this run is done at iteration 2") !=
-        std::string::npos);
-  CHECK(!fs::exists(ck));
+  for (const std::string& rank1_ck : {ck, (dir / "kept.pt").string()}) {
+    CHECK(end_pair(rank1_none, {"--checkpoint", rank1_ck}) == std::pair{0, 0});
+    out1 = slurp(dir / "end-1.out");
+    CHECK(out1.find("rank 0: --auto-resume: summary " + summary + " says this run is done at iteration 2") !=
+          std::string::npos);
+    CHECK(!fs::exists(ck));
+  }
   fs::rename(dir / "kept.pt", ck);
 
   // blpa-eval writes the same export from the checkpoint, byte for byte.

@@ -609,6 +609,17 @@ TEST_CASE("hardening: --auto-resume starts a run, resumes it, and does nothing o
   CHECK(lr_gone.output.find("test_subset: summary 64, command line 32") != std::string::npos);
   CHECK(lr_gone.output.find("threads:") == std::string::npos);  // only what differs
   CHECK(slurp(summary) == done_summary);
+  // An export lost with the checkpoint cannot be written again: said (it was "nothing to do"
+  // alone), and still exit 0, the run being done.
+  auto export_gone = end_there;
+  const std::string lost = (dir / "lost.pt").string();
+  export_gone.insert(export_gone.end(), {"--export", lost});
+  const Run no_export = train(small(dir, export_gone), dir);
+  CAPTURE(no_export.output);
+  CHECK(no_export.code == 0);
+  CHECK(no_export.output.find("--auto-resume: --export " + lost + " does not exist, and its run's checkpoint " + cut +
+                              " is gone: it cannot be written again") != std::string::npos);
+  CHECK(gone.output.find("cannot be written again") == std::string::npos);
   // Another run (a seed the sweep added, with the same file names) is refused, naming the run
   // whose summary it would replace.
   auto seed_5 = end_there;
