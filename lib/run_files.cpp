@@ -221,9 +221,15 @@ int64_t drop_records_after(const std::string& path, int64_t iteration, bool eval
     if (in.eof()) {
       const size_t digits = line.find("\"iter\": ") + 8;  // cut in its number: not the iteration it was
       const bool whole = at >= 0 && line.find_first_not_of("0123456789", digits) != std::string::npos;
-      spdlog::warn("--log {}: its last record was cut short (a write interrupted) and is removed; the log has no "
-                   "record for the iterations it covered{}",
-                   path, whole ? fmt::format(" (up to {})", at) : std::string());
+      // A run's config record covers no iterations: "(up to 0)" said nothing.
+      if (line.rfind("{\"type\": \"config\"", 0) == 0)
+        spdlog::warn("--log {}: its last record, a run's config record, was cut short (a write interrupted) and is "
+                     "removed; this run writes its own",
+                     path);
+      else
+        spdlog::warn("--log {}: its last record was cut short (a write interrupted) and is removed; the log has no "
+                     "record for the iterations it covered{}",
+                     path, whole ? fmt::format(" (up to {})", at) : std::string());
       ++removed;
       continue;
     }

@@ -1345,7 +1345,8 @@ TEST_CASE("hardening: --resume refuses another run's log, summary or export, and
   std::string text = slurp(log);
   const size_t second = text.find('\n') + 1;
   text.replace(second, text.find('\n', second) - second, "{broken\n");
-  std::ofstream(log, std::ios::trunc) << "\xEF\xBB\xBF" << text;
+  // And a resume's config record cut short after it: no iterations to name ("up to 5").
+  std::ofstream(log, std::ios::trunc) << "\xEF\xBB\xBF" << text << "{\"type\": \"config\", \"iter\": 5, \"ti";
   const Run damaged = train(small(dir, {"--checkpoint", ck, "--log", log, "--iterations", "6", "--resume"}), dir);
   CAPTURE(damaged.output);
   REQUIRE(damaged.code == 0);
@@ -1353,6 +1354,9 @@ TEST_CASE("hardening: --resume refuses another run's log, summary or export, and
         std::string::npos);
   CHECK(damaged.output.find("line 1 ") == std::string::npos);
   CHECK(damaged.output.find("line 3 ") == std::string::npos);  // the blank one
+  CHECK(damaged.output.find("its last record, a run's config record, was cut short (a write interrupted) and is "
+                            "removed; this run writes its own") != std::string::npos);
+  CHECK(damaged.output.find("up to 5") == std::string::npos);
   CHECK(slurp(log).find("{broken") == std::string::npos);
   CHECK(slurp(log).find("\xEF\xBB\xBF{\"type\": \"config\", \"iter\": 0,") == 0);
   // An emptied log: said, as a missing one is.
