@@ -172,8 +172,12 @@ int main(int argc, char** argv) {
                    r.iteration,
                    c.checkpoint.empty()
                        ? std::string(" (no --checkpoint: progress is lost)")
-                       : fmt::format("; checkpoint {} holds iteration {}, continue with --resume{}", c.checkpoint,
-                                     r.iteration, c.dist.enabled() ? " on every rank" : ""));
+                   : !c.dist.enabled()
+                       ? fmt::format("; checkpoint {} holds iteration {}, continue with --resume", c.checkpoint,
+                                     r.iteration)
+                       : fmt::format("; {} holds iteration {}, continue with --resume on every rank",
+                                     c.dist.rank == 0 ? "checkpoint " + c.checkpoint : "rank 0's checkpoint",
+                                     r.iteration));
       end_by(sig);
       return 128 + sig;
     }

@@ -760,6 +760,13 @@ TEST_CASE("distributed: a rank stopped by another rank's signal ends by that sig
   CHECK((WIFSIGNALED(s1) && WTERMSIG(s1) == SIGTERM));  // it exited 130
   CHECK(slurp(dir / "r1.out").find("stopped because another rank was interrupted") != std::string::npos);
   CHECK(fs::exists(dir / "ck.pt"));
+  // Rank 1 cannot see rank 0's file (another machine's), and rank 0 resumed alone would wait
+  // for the others.
+  const std::string at = std::to_string(blpa::read_checkpoint(dir / "ck.pt").state.iteration);
+  CHECK(slurp(dir / "r1.out").find("; rank 0's checkpoint holds iteration " + at +
+                                   ", continue with --resume on every rank") != std::string::npos);
+  CHECK(slurp(dir / "r0.out").find("; checkpoint " + (dir / "ck.pt").string() + " holds iteration " + at +
+                                   ", continue with --resume on every rank") != std::string::npos);
   remove_tree(dir);
 }
 

@@ -1847,6 +1847,8 @@ TEST_CASE("hardening: SIGTERM during an evaluation stops it, and the resumed run
   CHECK(WTERMSIG(status) == SIGTERM);
   CHECK(slurp(log).find("\"type\": \"eval\"") == std::string::npos);  // interrupted, not logged
   CHECK(blpa::read_checkpoint(ck).state.pending_eval);
+  CHECK(slurp(dir / "run.out").find("interrupted by signal 15 after iteration 2; checkpoint " + ck +
+                                    " holds iteration 2, continue with --resume") != std::string::npos);
   // The resumed run evaluates fewer images (a setting that may change on resume): quicker.
   const Run r = train(small(dir, {"--depth", "20", "--test-subset", "256", "--iterations", "4", "--eval-every", "2",
                                   "--checkpoint", ck, "--log", log, "--resume"}),
