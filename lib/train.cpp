@@ -892,8 +892,9 @@ void Run::begin_loop() {
   memory::reset_peak(dev);
 
   use_graphs = dev.is_cuda() && config.cuda_graphs != "off";
-  if (use_graphs && config.dist.enabled()) {
-    spdlog::info("CUDA graphs off: with several ranks every iteration runs eagerly (the all-reduce is not captured)");
+  if (use_graphs && config.dist.enabled()) {  // rank 0 finishing a run's end alone too: nothing to capture
+    if (it < config.iterations)
+      spdlog::info("CUDA graphs off: with several ranks every iteration runs eagerly (the all-reduce is not captured)");
     use_graphs = false;
   }
   capture_at = it + 3;

@@ -527,6 +527,17 @@ TEST_CASE("distributed: a run at its end is finished by rank 0 alone on a resume
   CHECK(blpa::exported_run_id(exported) == blpa::read_checkpoint(ck).config.at("run_id"));
   const std::string done = slurp(summary);
   CHECK(done.find("{\"type\": \"summary\", \"status\": \"done\", \"iter\": 2,") == 0);
+  // Its log: the first evaluation's record replaced by rank 0's, and the resume's config record
+  // that of the 2-rank run.
+  const std::string log = slurp(dir / "end.jsonl");
+  CAPTURE(log);
+  const auto eval = log.find("{\"type\": \"eval\", \"iter\": 2,");
+  CHECK(eval != std::string::npos);
+  CHECK(log.find("{\"type\": \"eval\"", eval + 1) == std::string::npos);
+  const auto resumed_config = log.find("\"resumed\": true");
+  CHECK(resumed_config != std::string::npos);
+  CHECK(resumed_config < eval);
+  CHECK(log.find("\"world\": 2", resumed_config) != std::string::npos);
 
   // The export alone lost, and rank 1's copy of the checkpoint gone (a sweep that cleaned the
   // other machines): rank 0 writes the export, the summary kept as it is (rank 1's missing
