@@ -407,15 +407,10 @@ std::unique_ptr<Distributed> join_ranks(const TrainConfig& config, std::exceptio
   // complete, or finishes alone, needs no other rank's checkpoint: a sweep that deleted the
   // copies on the other machines (or rank 0's, its summary saying done) was refused, exit 2.
   word = dist->all_gather(config.dist.rank == 0 ? word : "")[0];
-  std::string mine = config.rank_agreement() + fmt::format(" start={}", start) +
-                     (config.resume ? " run_id=" + config.run_id : std::string());
-  if (word != "train") {
-    std::istringstream in(mine);
-    mine.clear();
-    for (std::string t; in >> t;)
-      if (t.rfind("resume=", 0) != 0 && t.rfind("start=", 0) != 0 && t.rfind("run_id=", 0) != 0) mine += " " + t;
-  }
-  agree_across_ranks(*dist, mine);
+  agree_across_ranks(*dist, config.rank_agreement() +
+                                (word != "train" ? std::string()
+                                                 : fmt::format(" resume={} start={}", config.resume, start) +
+                                                       (config.resume ? " run_id=" + config.run_id : std::string())));
   spdlog::info("rank {} of {} ({}, {} backend), batch {} per rank, {} in all", config.dist.rank, config.dist.world,
                dev.str(), dist->backend(), config.batch, config.batch * config.dist.world);
   return dist;

@@ -144,9 +144,9 @@ std::string TrainConfig::identity() const {
 std::string TrainConfig::rank_agreement() const {
   return fmt::format(
       "{} world={} iterations={} lr={} warmup={} warmup_lr={} steps={} factor={} momentum={} weight_decay={} "
-      "accum_steps={} log_every={} eval_every={} checkpoint_every={} resume={}",
+      "accum_steps={} log_every={} eval_every={} checkpoint_every={}",
       identity(), dist.world, iterations, lr, warmup, warmup_lr, fmt::join(steps, ","), factor, momentum,
-      weight_decay, accum_steps, log_every, eval_every, checkpoint_every, resume);
+      weight_decay, accum_steps, log_every, eval_every, checkpoint_every);
 }
 
 std::string TrainConfig::describe() const {

@@ -78,7 +78,8 @@ struct TrainConfig {
   static const std::vector<std::string>& identity_keys();
   std::string identity() const;
   // What every rank of a data-parallel run must agree on: the identity, the schedule, the
-  // optimiser, and the iterations at which ranks meet (log, evaluation, checkpoint).
+  // optimiser, and the iterations at which ranks meet (log, evaluation, checkpoint). Where they
+  // train, the checkpoint each resumes from too (join_ranks adds it).
   std::string rank_agreement() const;
   // Every field, one "key=value" per line (stored in checkpoints and logged).
   std::string describe() const;
