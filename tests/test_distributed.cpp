@@ -446,8 +446,10 @@ fs::path fresh_dir(const std::string& tag) {
   return dir;
 }
 
-// Both ranks of a 2-process blpa-train run; returns their exit codes.
-std::pair<int, int> train_pair(const fs::path& dir, int port, std::vector<std::string> extra, const std::string& tag) {
+// Both ranks of a 2-process blpa-train run, rank 1 given `rank1` after the others (its own
+// --checkpoint, say); returns their exit codes.
+std::pair<int, int> train_pair(const fs::path& dir, int port, std::vector<std::string> extra, const std::string& tag,
+                               const std::vector<std::string>& rank1 = {}) {
   std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "1000", "--test-subset", "100",
                                   "--warmup", "0", "--threads", "1", "--log-every", "2", "--eval-every", "0",
                                   "--quiet", "--world-size", "2", "--master-port", std::to_string(port),
@@ -455,6 +457,7 @@ std::pair<int, int> train_pair(const fs::path& dir, int port, std::vector<std::s
   common.insert(common.end(), extra.begin(), extra.end());
   auto a1 = common, a0 = common;
   a1.insert(a1.end(), {"--rank", "1"});
+  a1.insert(a1.end(), rank1.begin(), rank1.end());
   a0.insert(a0.end(), {"--rank", "0", "--log", (dir / (tag + ".jsonl")).string()});
   const pid_t p1 = spawn(a1, (dir / (tag + "-1.out")).string());
   const pid_t p0 = spawn(a0, (dir / (tag + "-0.out")).string());
@@ -487,22 +490,6 @@ TEST_CASE("distributed: a run at its end is finished by rank 0 alone on a resume
   const std::string exported = (dir / "model.pt").string(), ck = (dir / "ck.pt").string(),
                     summary = (dir / "s.json").string();
   const std::vector<std::string> outputs{"--iterations", "2", "--export", exported, "--summary", summary};
-  // Both ranks, rank 1 given `rank1` after the common flags (its own --checkpoint, say).
-  auto end_pair = [&](const std::vector<std::string>& flags, const std::vector<std::string>& rank1) {
-    std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "1000", "--test-subset", "100",
-                                    "--warmup", "0", "--threads", "1", "--eval-every", "0", "--quiet",
-                                    "--world-size", "2", "--master-port", std::to_string(free_port()),
-                                    "--checkpoint", ck, "--dist-timeout", "60"};
-    common.insert(common.end(), flags.begin(), flags.end());
-    auto a1 = common, a0 = common;
-    a1.insert(a1.end(), {"--rank", "1"});
-    a1.insert(a1.end(), rank1.begin(), rank1.end());
-    a0.insert(a0.end(), {"--rank", "0"});
-    const pid_t p1 = spawn(a1, (dir / "end-1.out").string());
-    const pid_t p0 = spawn(a0, (dir / "end-0.out").string());
-    const int r0 = wait_exit(p0);
-    return std::pair{r0, wait_exit(p1)};
-  };
   ::setenv("BLPA_TEST_FAIL", "export:1", 1);
   const auto codes = train_pair(dir, free_port(), outputs, "end");
   ::unsetenv("BLPA_TEST_FAIL");
@@ -545,7 +532,8 @@ TEST_CASE("distributed: a run at its end is finished by rank 0 alone on a resume
   fs::remove(exported);
   auto rank1_none = outputs;
   rank1_none.push_back("--auto-resume");
-  CHECK(end_pair(rank1_none, {"--checkpoint", (dir / "none.pt").string()}) == std::pair{0, 0});
+  const std::vector<std::string> no_copy{"--checkpoint", (dir / "none.pt").string()};
+  CHECK(train_pair(dir, free_port(), rank1_none, "end", no_copy) == std::pair{0, 0});
   out0 = slurp(dir / "end-0.out"), out1 = slurp(dir / "end-1.out");
   CHECK(out0.find("rank 0 writes its export alone") != std::string::npos);
   CHECK(out1.find("rank 0 writes its export alone: nothing for rank 1 to do") != std::string::npos);
@@ -565,7 +553,7 @@ TEST_CASE("distributed: a run at its end is finished by rank 0 alone on a resume
   fs::copy_file(ck, dir / "kept.pt");
   fs::remove(ck);
   for (const std::string& rank1_ck : {ck, (dir / "kept.pt").string()}) {
-    CHECK(end_pair(rank1_none, {"--checkpoint", rank1_ck}) == std::pair{0, 0});
+    CHECK(train_pair(dir, free_port(), rank1_none, "end", {"--checkpoint", rank1_ck}) == std::pair{0, 0});
     out1 = slurp(dir / "end-1.out");
     CHECK(out1.find("rank 0: --auto-resume: summary " + summary + " says this run is done at iteration 2") !=
           std::string::npos);
