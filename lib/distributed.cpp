@@ -9,6 +9,8 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <spdlog/spdlog.h>
+
 #include <netdb.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -253,7 +255,26 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend, c
   }
 }
 
-Distributed::~Distributed() = default;
+Distributed::~Distributed() {
+  if (closed_ || !impl_->pg) return;
+  try {
+    impl_->pg->abort();  // Gloo's does nothing: its destructor ends its threads
+  } catch (...) {        // leaving on an error already: that one is reported
+  }
+}
+
+void Distributed::close() {
+  if (closed_ || !impl_->pg) return;
+  closed_ = true;
+  // This rank's work is done: a collective that fails to flush is its peers' to report.
+  try {
+    impl_->pg->shutdown();
+  } catch (const std::exception& e) {
+    std::string why = e.what();
+    spdlog::warn("rank {} of {}: closing the process group: {}", config_.rank, config_.world,
+                 why.substr(0, why.find('\n')));
+  }
+}
 
 namespace {
 

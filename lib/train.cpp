@@ -183,6 +183,7 @@ void agree_across_ranks(Distributed& dist, const std::string& mine) {
     remedies.push_back("give every rank's --checkpoint a copy of rank 0's (the same file at the same iteration), "
                        "or resume none");
   if (data) remedies.push_back("give every rank the same training data");
+  dist.close();  // every rank read every other's settings: each stops on the same difference
   throw FlagError(fmt::format("rank {} of {}: the ranks were started with different settings:{}\n{}", dist.rank(),
                               dist.world(), diffs, fmt::join(remedies, "; ")));
 }
@@ -716,7 +717,9 @@ TrainResult Run::train() {
     throw;
   } catch (const std::exception& e) {
     fail(e);  // throws, unless the run's end is whole
+    return finish();  // its group aborted: a collective may have failed
   }
+  if (dist) dist->close();  // the ranks' last collective is behind them: rank 0 writes alone from here
   return finish();
 }
 
@@ -777,9 +780,10 @@ std::string Run::lead_word(const std::string& complete) const {
 }
 
 void Run::finish_alone(const std::string& word, const std::string& complete) {
+  if (word == "train") return;
+  dist->close();  // the ranks part here: rank 0's word and their settings went round
   if (lead && !complete.empty()) throw RunComplete(complete);
   if (word.rfind("complete ", 0) == 0) throw RunComplete("rank 0: " + word.substr(9));
-  if (word.rfind("end ", 0) != 0) return;
   if (!lead)
     throw RunComplete(fmt::format("the run is at its last iteration ({}), and rank 0 writes {} alone: nothing for "
                                   "rank {} to do",

@@ -143,6 +143,22 @@ TEST_CASE("distributed: the averaged gradient equals the mean of the shards' gra
   }
 }
 
+// The ranks part after a run's last collective: each closes its group (as PyTorch's
+// destroy_process_group), rank 0 first here, and the other still has its result. NCCL's
+// flush is what this is for; Gloo's shutdown is the base class's and needs a GPU to differ.
+TEST_CASE("distributed: ranks that close their group after the last collective each have its result", "[distributed]") {
+  std::vector<std::vector<std::string>> got(2);
+  const int p = free_port();
+  run_ranks(2, [&](int rank) {
+    Distributed d(two_ranks(rank, p), "gloo");
+    if (rank == 1) std::this_thread::sleep_for(std::chrono::milliseconds(200));  // rank 0 leaves first
+    got[rank] = d.all_gather(rank == 0 ? "end its export" : "");
+    d.close();
+    d.close();  // once is enough: a second does nothing
+  });
+  for (const auto& g : got) CHECK(g == std::vector<std::string>{"end its export", ""});
+}
+
 // Two runs left at the default port: the second's rank 0 cannot listen, and its rank 1 joined
 // the first run's store, where it waited for a collective's timeout (600 s by default) and then
 // failed with Gloo's "Timed out waiting ... for send operation".
@@ -358,6 +374,20 @@ TEST_CASE("CUDA: NCCL with one rank sums, broadcasts and reduces gradients on th
       CAPTURE(i);  // one rank's average is its own gradient (cuDNN may reorder sums between runs)
       CHECK(torch::allclose(params[i].grad(), alone[i], 1e-4, 1e-6));
     }
+  }
+}
+
+// A run that ends as planned closes its group (NCCL's flush, then ncclCommDestroy); one that
+// leaves on an error aborts it in the destructor, without the warning NCCL's own gives.
+TEST_CASE("CUDA: an NCCL group closes after its collectives, and one left open aborts", "[distributed][cuda]") {
+  BLPA_REQUIRE_CUDA();
+  for (bool close : {true, false}) {
+    CAPTURE(close);
+    DistConfig c;
+    c.master_port = free_port(), c.timeout = std::chrono::seconds(60);
+    Distributed d(c, "nccl");
+    CHECK(d.all_gather("end its export") == std::vector<std::string>{"end its export"});
+    if (close) d.close(), d.close();
   }
 }
 

@@ -66,7 +66,16 @@ class Distributed {
   // backend: "gloo" or "nccl" (tensors on the GPU of LOCAL_RANK). Waits at the rendezvous
   // up to config.timeout for the other ranks; throws Interrupted when *stop is set meanwhile.
   Distributed(const DistConfig& config, const std::string& backend, const std::atomic<bool>* stop = nullptr);
+  // One not closed aborts its collectives (NCCL's communicators): it is leaving on an error,
+  // its peers may be gone, and waiting for them could hang.
   ~Distributed();
+  // Where the ranks part as planned (after the last collective of a run, or of a start that
+  // the ranks agreed not to train): waits until every collective this rank started has
+  // delivered its part, then tears the group down, as PyTorch's destroy_process_group. A
+  // rank that leaves first must not abort the others' last collective, which NCCL's
+  // destructor otherwise does (with a warning that destroy_process_group was not called).
+  // Nothing may use the group after it (GradientReducer included).
+  void close();
   // Tells the other ranks at the rendezvous that this one cannot start (its flags, its data,
   // its outputs), so that they stop at once, where they would wait for it until the timeout:
   // their constructor throws RankRefused with `why`. Returns within `grace` (rank 0 keeps
@@ -104,6 +113,7 @@ class Distributed {
   std::string backend_;
   const std::atomic<bool>* stop_;  // read at the rendezvous (join) only
   std::unique_ptr<Impl> impl_;
+  bool closed_ = false;
 };
 
 class GradientReducer {
