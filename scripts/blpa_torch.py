@@ -13,8 +13,10 @@ fc.weight, ...). The modules here have exactly those names, so loading is strict
 
 The input is normalised per channel as the trainer did: (pixel / 255 - mean) / std with the
 training images' mean and std (CIFAR, MNIST-style: the run's log and summary record them as
-"normalisation") or ImageNet's usual constants. The export holds contiguous float32 tensors;
-a bf16 run's blpa-eval evaluates in bf16 (its --precision fp32 evaluates as this module does).
+"normalisation") or ImageNet's usual constants (IMAGENET_MEAN, IMAGENET_STD), where
+eval_views(rgb) makes blpa-eval's crops of a decoded image, decoded at decode_scale(w, h).
+The export holds contiguous float32 tensors; a bf16 run's blpa-eval evaluates in bf16 (its
+--precision fp32 evaluates as this module does).
 
 In evaluation mode the logits equal blpa's to float rounding (a CTest test checks 1e-5 on a
 CIFAR-style and an ImageNet-style network). In training mode this is blpa's `plain` mode:
@@ -37,7 +39,8 @@ except ImportError as e:  # run as a program: one line, not a traceback
         sys.exit(f"blpa_torch.py: needs PyTorch ({e})")
     raise
 
-__all__ = ["Unit", "Block", "ResNet", "IMAGENET_STAGES", "from_state_dict", "load"]
+__all__ = ["Unit", "Block", "ResNet", "IMAGENET_STAGES", "from_state_dict", "load", "IMAGENET_MEAN", "IMAGENET_STD",
+           "decode_scale", "eval_views"]
 
 # Blocks per stage of the ImageNet networks (lib/resnet.cpp, imagenet_stages).
 IMAGENET_STAGES = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3], 200: [3, 24, 36, 3]}
@@ -193,6 +196,73 @@ def load(f, map_location="cpu"):
         raise ValueError(f"{getattr(f, 'name', f)} cannot be read as a torch.save file ({type(e).__name__}"
                          f"{': ' + said if said and said != type(e).__name__ else ''})") from e
     return from_state_dict(state_dict)
+
+
+# ImageNet's usual per-channel mean and std of pixel / 255, which blpa's ImageNet runs use.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# libjpeg-turbo's scaled decoding, in TurboJPEG's order (tjGetScalingFactors), the
+# reductions only.
+_JPEG_SCALES = ((1, 1), (7, 8), (3, 4), (5, 8), (1, 2), (3, 8), (1, 4), (1, 8))
+
+
+def decode_scale(width, height, min_short=256):
+    """The scale (num, denom) at which blpa decodes a width x height JPEG for evaluation
+    (min_short: blpa-eval's --resize), and the decoded size (ceil(side * num / denom)): the
+    smallest of libjpeg-turbo's n/8 reductions whose shorter side stays >= min_short.
+    PyTurboJPEG's decode(..., scaling_factor=(num, denom)) decodes the same way (ISLOW DCT
+    both); a full-size decode, as torchvision.io.decode_jpeg's, gives slightly other pixels,
+    and PIL's draft() has only halvings."""
+    best = (1, 1, width, height)
+    for num, denom in _JPEG_SCALES:
+        w, h = -(-width * num // denom), -(-height * num // denom)
+        if min(w, h) >= min_short and w * h < best[2] * best[3]:
+            best = (num, denom, w, h)
+    return best
+
+
+def _lround(x):  # C's lround for x >= 0: halves round up
+    i = int(x)
+    return i + 1 if x - i >= 0.5 else i
+
+
+def _source_box(w, h, f, cx, cy, crop):
+    """The box (x, y, width, height) of the image that becomes a crop x crop window at (cx, cy)
+    of the image resized by f (data/imagenet.cpp, source_box)."""
+    bw = min(max(_lround(crop / f), 1), w)
+    bh = min(max(_lround(crop / f), 1), h)
+    return (min(max(_lround(cx / f), 0), w - bw), min(max(_lround(cy / f), 0), h - bh), bw, bh)
+
+
+def eval_views(rgb, resize_short=256, crop=224, ten_crop=False, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """blpa-eval's and blpa-predict's evaluation input of one decoded image, bit for bit given
+    the same pixels: rgb is an H x W x 3 uint8 tensor (decoded as decode_scale says); returns
+    1 (ten_crop: 10) x 3 x crop x crop float32, normalised. The centre crop of the image with
+    its shorter side at resize_short is cut from the decoded image (whole pixels) and resized
+    once (bilinear, antialiased when shrinking), where torchvision's Resize then CenterCrop
+    resizes the whole image first; ten_crop: the four corners and the centre, then their
+    mirrors."""
+    if rgb.dtype != torch.uint8 or rgb.dim() != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"eval_views takes an H x W x 3 uint8 image, not {rgb.dtype} {tuple(rgb.shape)}")
+    h, w = rgb.shape[0], rgb.shape[1]
+    f = resize_short / min(w, h)
+    right, bottom = w * f - crop, h * f - crop
+    boxes = [_source_box(w, h, f, right / 2, bottom / 2, crop)]
+    if ten_crop:
+        boxes = [_source_box(w, h, f, cx, cy, crop) for cx, cy in ((0, 0), (right, 0), (0, bottom), (right, bottom))]
+        boxes.append(_source_box(w, h, f, right / 2, bottom / 2, crop))
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1)
+    views = []
+    for x, y, bw, bh in boxes:
+        v = rgb[y:y + bh, x:x + bw].permute(2, 0, 1).unsqueeze(0).float()
+        if (bw, bh) != (crop, crop):
+            v = F.interpolate(v, size=(crop, crop), mode="bilinear", align_corners=False, antialias=True)
+        views.append(((v[0].reshape(3, -1) / 255.0 - m) / s).view(3, crop, crop))
+    if ten_crop:
+        views += [v.flip(2) for v in views]
+    return torch.stack(views)
 
 
 def main(argv):

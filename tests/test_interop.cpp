@@ -66,6 +66,19 @@ Run run(const std::string& exe, const std::vector<std::string>& args, const fs::
   return shell(cmd, dir);
 }
 
+// The Python that has torch: the set-up's LibTorch wheel is a torch package (BLPA_TORCH_SITE
+// holds it), otherwise python3's own torch, if it has one; BLPA_PYTHON names another Python.
+// Empty, with the skip marker printed where `skip`, where none imports torch.
+std::string python_with_torch(const fs::path& dir, bool skip) {
+  const std::string python = std::string("PYTHONWARNINGS=ignore PYTHONPATH=") + BLPA_TORCH_SITE + ":${PYTHONPATH:-} " +
+                             (std::getenv("BLPA_PYTHON") ? std::getenv("BLPA_PYTHON") : "python3");
+  if (shell(python + " -c \"import torch\"", dir).code == 0) return python;
+  if (skip)
+    std::cout << "BLPA_SKIP: python3 cannot import torch (the set-up's wheel at '" << BLPA_TORCH_SITE
+              << "' or python3's own; BLPA_PYTHON names another Python)" << std::endl;
+  return "";
+}
+
 struct OneThread {
   int before = torch::get_num_threads();
   OneThread() { torch::set_num_threads(1); }
@@ -133,14 +146,9 @@ blpa::ResNet scrambled(const blpa::NetConfig& c, int64_t size, bool negative_gam
 
 TEST_CASE("interop: blpa_torch.py's networks load --export strictly and give blpa's logits to 1e-5", "[interop]") {
   OneThread one_thread;
-  // The Python that has torch: the set-up's LibTorch wheel is a torch package (BLPA_TORCH_SITE
-  // holds it), otherwise python3's own torch, if it has one.
   const auto dir = temp_dir("torch");
-  const std::string python = std::string("PYTHONWARNINGS=ignore PYTHONPATH=") + BLPA_TORCH_SITE + ":${PYTHONPATH:-} " +
-                             (std::getenv("BLPA_PYTHON") ? std::getenv("BLPA_PYTHON") : "python3");
-  if (shell(python + " -c \"import torch\"", dir).code != 0) {
-    std::cout << "BLPA_SKIP: python3 cannot import torch (the set-up's wheel at '" << BLPA_TORCH_SITE
-              << "' or python3's own; BLPA_PYTHON names another Python)" << std::endl;
+  const std::string python = python_with_torch(dir, true);
+  if (python.empty()) {
     remove_tree(dir);
     return;
   }
@@ -260,6 +268,87 @@ for model, inp, shape in zip(a[0::3], a[1::3], a[2::3]):
   remove_tree(dir);
 }
 
+// A Python user's ImageNet evaluation gives blpa-eval's numbers only with blpa-eval's input:
+// the same decoded pixels (decode_scale) and the same crops, resized the same way (eval_views).
+TEST_CASE("interop: blpa_torch.py's decode_scale and eval_views give blpa-eval's input bit for bit", "[interop]") {
+  OneThread one_thread;
+  using namespace blpa::data;
+  const auto dir = temp_dir("eval-views");
+  const std::string python = python_with_torch(dir, true);
+  if (python.empty()) {
+    remove_tree(dir);
+    return;
+  }
+  // Shapes that shrink (landscape, portrait, long), stay (a 256 square: its centre crop is
+  // taken as it is) and grow (shorter side under 256), with odd sides that make the boxes round.
+  const std::vector<std::pair<int, int>> shapes{{500, 375}, {375, 500}, {256, 256},
+                                                {240, 201}, {1001, 263}, {333, 777}};
+  const auto norm = imagenet_normalisation();
+  std::string args;
+  torch::manual_seed(11);
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const auto [w, h] = shapes[i];
+    const auto pixels = torch::randint(0, 256, {h, w, 3}, torch::kByte).contiguous();
+    Image img{w, h, std::vector<uint8_t>(pixels.data_ptr<uint8_t>(), pixels.data_ptr<uint8_t>() + pixels.numel())};
+    for (const bool ten : {false, true}) {
+      auto views = torch::empty({ten ? 10 : 1, 3, 224, 224});
+      eval_views(img, 256, 224, ten, norm, views);
+      write_bytes(dir / fmt::format("views{}-{}.f32", i, int(ten)), views.data_ptr<float>(), views.nbytes());
+    }
+    write_bytes(dir / fmt::format("image{}.u8", i), img.rgb.data(), img.rgb.size());
+    args += fmt::format(" {}x{}", w, h);
+  }
+  // The scale of the decode, from JPEGs of camera and web sizes (flat grey: only the size counts).
+  std::ofstream scales(dir / "scales.txt");
+  for (const auto& [w, h] : std::vector<std::pair<int, int>>{
+           {500, 375}, {375, 500}, {640, 480}, {1024, 768}, {2000, 1500}, {3000, 2000}, {300, 299}, {257, 1000},
+           {200, 150}, {4000, 2250}}) {
+    const std::vector<uint8_t> grey(size_t(w) * h, 128);
+    const auto jpeg = encode_jpeg(grey.data(), w, h, JpegPixels::gray, 75);
+    const Decoded d = decode_jpeg(jpeg.data(), jpeg.size(), 256);
+    REQUIRE(d.status == DecodeStatus::ok);
+    scales << w << " " << h << " " << d.scale_num << " " << d.scale_denom << " " << d.image.width << " "
+           << d.image.height << "\n";
+  }
+  scales.close();
+  const std::string script = R"PY(
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import blpa_torch
+d = sys.argv[2]
+def read(path, dtype):
+    return torch.frombuffer(bytearray(open(path, "rb").read()), dtype=dtype)
+for i, shape in enumerate(sys.argv[3:]):
+    w, h = map(int, shape.split("x"))
+    rgb = read(f"{d}/image{i}.u8", torch.uint8).view(h, w, 3)
+    for ten in (0, 1):
+        want = read(f"{d}/views{i}-{ten}.f32", torch.float32).view(-1, 3, 224, 224)
+        got = blpa_torch.eval_views(rgb, ten_crop=bool(ten))
+        same = got.shape == want.shape and torch.equal(got, want)
+        diff = (got - want).abs().max().item() if got.shape == want.shape else float("inf")
+        print("views", shape, ten, int(same), diff)
+for line in open(f"{d}/scales.txt"):
+    w, h, *want = map(int, line.split())
+    print("scale", w, h, int(list(blpa_torch.decode_scale(w, h)) == want), *blpa_torch.decode_scale(w, h))
+)PY";
+  std::ofstream(dir / "views.py") << script;
+  const Run r =
+      shell(python + " " + (dir / "views.py").string() + " " BLPA_SOURCE_DIR "/scripts " + dir.string() + args, dir);
+  CAPTURE(r.out, r.err);
+  REQUIRE(r.code == 0);
+  const auto lines = r.lines();
+  REQUIRE(lines.size() == 2 * shapes.size() + 10);
+  for (const auto& line : lines) {  // "views WxH TEN SAME DIFF" or "scale W H SAME NUM DENOM W' H'"
+    CAPTURE(line);
+    std::istringstream in(line);
+    std::string tag, a, b;
+    int same = -1;
+    in >> tag >> a >> b >> same;
+    CHECK(same == 1);
+  }
+  remove_tree(dir);
+}
+
 TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval and with the network", "[interop]") {
   OneThread one_thread;
   if (!have_fashion_mnist()) return;
@@ -279,9 +368,7 @@ TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval 
           std::string::npos);
   }
   // And the other way round: blpa_torch.py given the checkpoint says what it is, in one line.
-  const std::string python = std::string("PYTHONWARNINGS=ignore PYTHONPATH=") + BLPA_TORCH_SITE + ":${PYTHONPATH:-} " +
-                             (std::getenv("BLPA_PYTHON") ? std::getenv("BLPA_PYTHON") : "python3");
-  if (shell(python + " -c \"import torch\"", dir).code == 0) {
+  if (const std::string python = python_with_torch(dir, false); !python.empty()) {
     const Run py = shell(python + " " BLPA_SOURCE_DIR "/scripts/blpa_torch.py " + ck, dir);
     CAPTURE(py.err);
     CHECK(py.code == 1);
