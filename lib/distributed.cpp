@@ -20,6 +20,7 @@
 #include <cerrno>
 #include <charconv>
 #include <chrono>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <future>
@@ -51,6 +52,7 @@ int env_int(const char* name, int fallback) {
 std::string world_key(int r) { return "blpa/world/" + std::to_string(r); }
 std::string refused_key(int r) { return "blpa/refused/" + std::to_string(r); }
 std::string read_key(int r) { return "blpa/world-read/" + std::to_string(r); }
+constexpr const char* kStopsKey = "blpa/stops";  // how many ranks were asked to stop (watch_stops)
 
 Interrupted interrupted(const std::string& who) {
   return Interrupted(who + ": stopped by a signal at the rendezvous, before training");
@@ -165,6 +167,26 @@ DistConfig DistConfig::from_env() {
 struct Distributed::Impl {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> pg;
+  // watch_stops's thread, which may outlive this: it shares only `watch`, and touches the
+  // caller's flags under its mutex while `quit` is unset.
+  struct Watch {
+    std::mutex mutex;
+    std::condition_variable wake;
+    bool quit = false;
+  };
+  std::shared_ptr<Watch> watch;
+
+  // Not joined: a store request in flight can take until the store's timeout where rank 0's
+  // machine is gone, and the thread no longer touches the flags once `quit` is set.
+  void end_watch() {
+    if (!watch) return;
+    {
+      std::lock_guard<std::mutex> lock(watch->mutex);
+      watch->quit = true;
+    }
+    watch->wake.notify_all();
+    watch.reset();
+  }
 };
 
 Distributed::Distributed(const DistConfig& config, const std::string& backend, const std::atomic<bool>* stop)
@@ -256,6 +278,7 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend, c
 }
 
 Distributed::~Distributed() {
+  impl_->end_watch();
   if (closed_ || !impl_->pg) return;
   try {
     impl_->pg->abort();  // Gloo's does nothing: its destructor ends its threads
@@ -264,6 +287,7 @@ Distributed::~Distributed() {
 }
 
 void Distributed::close() {
+  impl_->end_watch();
   if (closed_ || !impl_->pg) return;
   closed_ = true;
   // This rank's work is done: a collective that fails to flush is its peers' to report.
@@ -274,6 +298,32 @@ void Distributed::close() {
     spdlog::warn("rank {} of {}: closing the process group: {}", config_.rank, config_.world,
                  why.substr(0, why.find('\n')));
   }
+}
+
+void Distributed::watch_stops(const std::atomic<bool>* mine, std::atomic<bool>* any) {
+  if (impl_->watch || closed_) return;
+  auto watch = impl_->watch = std::make_shared<Impl::Watch>();
+  std::thread([watch, store = impl_->store, mine, any] {
+    bool posted = false;
+    for (;;) {
+      bool asked = false;
+      {
+        std::unique_lock<std::mutex> lock(watch->mutex);
+        if (watch->wake.wait_for(lock, std::chrono::milliseconds(100), [&] { return watch->quit; })) return;
+        asked = mine && mine->load();
+      }
+      bool stopping = false;
+      try {  // TCPStore's client serialises its requests: the main thread may use it meanwhile
+        if (asked && !posted) store->add(kStopsKey, 1), posted = true;
+        stopping = posted || store->add(kStopsKey, 0) > 0;
+      } catch (const std::exception&) {  // rank 0's store gone: the run is ending, or its
+        return;                          // collectives say why it failed
+      }
+      std::lock_guard<std::mutex> lock(watch->mutex);
+      if (watch->quit) return;
+      if (stopping) any->store(true);
+    }
+  }).detach();
 }
 
 namespace {

@@ -600,6 +600,8 @@ class Run {
   double sent(int sig);
   void told(double stops, double terms, double hups);
   std::string lead_word(const std::string& complete) const;
+  // What stops rank 0's evaluation: its own signal, or with several ranks any rank's.
+  const std::atomic<bool>* eval_stop() const { return dist ? &any_stop : stop; }
   void finish_alone(const std::string& word, const std::string& complete);
   void redraft();
   NonFiniteLoss diverged(const std::string& what, int64_t updates);
@@ -627,6 +629,9 @@ class Run {
   // checkpoint on a resume): the log's decode_failures, whatever --prefetch made ahead.
   std::set<int64_t> decode_failed;
   torch::Device dev{torch::kCPU};
+  // Several ranks: set once any rank's stop is asked (Distributed::watch_stops), so that rank 0's
+  // evaluation stops at a signal to a rank waiting for it too.
+  std::atomic<bool> any_stop{false};
   std::unique_ptr<Distributed> dist;
   TrainResult result;
   LogFile log;
@@ -751,6 +756,7 @@ void Run::set_up() {
     std::string word = lead_word(complete);
     dist = join_ranks(config, refused, state.iteration, word, dev, stop);
     finish_alone(word, complete);
+    if (dist) dist->watch_stops(stop, &any_stop);  // rank 0 finishing alone has none
   }
   training_data = load_training_data(config, resumed ? &*resumed : nullptr, lead);
   build_network(resumed);
@@ -859,7 +865,7 @@ void Run::open_loaders() {
     next_batch = [this] { return image_loader->next(); };
     run_eval = [this] {
       ImageEvalOptions o;
-      o.batch = config.batch, o.workers = config.workers, o.device = config.device, o.stop = stop;
+      o.batch = config.batch, o.workers = config.workers, o.device = config.device, o.stop = eval_stop();
       return evaluate_images(model, training_data.val_list, o);
     };
   } else {
@@ -868,7 +874,9 @@ void Run::open_loaders() {
         data::Augment{config.augment ? 4 : 0, config.augment}, it, config.workers, config.prefetch, shard, pin);
     per_epoch = memory_loader->batches_per_epoch();
     next_batch = [this] { return memory_loader->next(); };
-    run_eval = [this] { return evaluate(model, training_data.test_set, training_data.norm, config.batch, dev, stop); };
+    run_eval = [this] {
+      return evaluate(model, training_data.test_set, training_data.norm, config.batch, dev, eval_stop());
+    };
   }
 }
 
@@ -1234,7 +1242,10 @@ bool Run::evaluate_now() {  // rank 0; returns false when a signal interrupted i
   if (tty) console("\n");
   if (fail_at == std::pair<std::string, int64_t>{"eval", it})
     throw std::runtime_error("the evaluation failed (BLPA_TEST_FAIL)");
-  if (fail_at.first == "slow-eval") std::this_thread::sleep_for(std::chrono::seconds(fail_at.second));
+  if (fail_at.first == "slow-eval")  // as long as an evaluation of that many seconds, and as interruptible
+    for (auto until = Clock::now() + std::chrono::seconds(fail_at.second);
+         Clock::now() < until && !(eval_stop() && eval_stop()->load());)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
   const EvalResult e = run_eval();
   if (e.interrupted) {
     spdlog::warn("evaluation at iteration {} interrupted; it runs first when the run resumes", it);

@@ -76,6 +76,11 @@ class Distributed {
   // destructor otherwise does (with a warning that destroy_process_group was not called).
   // Nothing may use the group after it (GradientReducer included).
   void close();
+  // From here until close or destruction, every 100 ms: posts this rank's stop (*mine set,
+  // by its signal) to the rendezvous, and sets *any once this rank's or another's is posted.
+  // Rank 0's evaluation stops on *any, where a signal to a rank waiting for it at a barrier
+  // waited for its end (minutes of ImageNet on a CPU).
+  void watch_stops(const std::atomic<bool>* mine, std::atomic<bool>* any);
   // Tells the other ranks at the rendezvous that this one cannot start (its flags, its data,
   // its outputs), so that they stop at once, where they would wait for it until the timeout:
   // their constructor throws RankRefused with `why`. Returns within `grace` (rank 0 keeps
