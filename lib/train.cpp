@@ -162,17 +162,28 @@ void agree_across_ranks(Distributed& dist, const std::string& mine) {
   const auto lead = tokens(all[0]);
   std::string diffs;
   bool checkpoints = false, data = false, flags = false;
+  auto is = [](const std::map<std::string, std::string>& kv, const char* key, const char* value) {
+    const auto at = kv.find(key);
+    return at != kv.end() && at->second == value;
+  };
   for (size_t r = 1; r < all.size(); ++r) {
     if (all[r] == all[0]) continue;
-    for (const auto& [key, value] : tokens(all[r]))
+    const auto theirs = tokens(all[r]);
+    // resume: --resume given to one rank only (its flags), or --auto-resume, given to both (it
+    // words the remedy only: ranks may mix it with --resume), finding a checkpoint on one (its
+    // copy); the iteration and run of the checkpoint that one of them has not, 0 and none, say
+    // nothing more.
+    const bool one_resumes = lead.count("resume") && theirs.count("resume") && lead.at("resume") != theirs.at("resume");
+    const bool both_auto = is(lead, "auto_resume", "true") && is(theirs, "auto_resume", "true");
+    for (const auto& [key, value] : theirs)
       if (!lead.count(key) || lead.at(key) != value) {
+        if (key == "auto_resume" || (one_resumes && (key == "start" || key == "run_id"))) continue;
         diffs += fmt::format("\n  {}: rank 0 {}, rank {} {}", agreement_name(key), lead.count(key) ? lead.at(key) : "?",
                              r, value);
-        // resume: --resume given to one rank only, or --auto-resume finding a checkpoint on one.
         const bool checkpoint = key == "resume" || key == "start" || key == "run_id" || key == "momentum_buffers";
         const bool images = key == "train_images" || key == "train_data" || key == "train_index";
         checkpoints = checkpoints || checkpoint, data = data || images;
-        flags = flags || key == "resume" || (!checkpoint && !images);
+        flags = flags || (key == "resume" && !both_auto) || (!checkpoint && !images);
       }
   }
   if (diffs.empty()) return;
@@ -410,7 +421,8 @@ std::unique_ptr<Distributed> join_ranks(const TrainConfig& config, std::exceptio
   word = dist->all_gather(config.dist.rank == 0 ? word : "")[0];
   agree_across_ranks(*dist, config.rank_agreement() +
                                 (word != "train" ? std::string()
-                                                 : fmt::format(" resume={} start={}", config.resume, start) +
+                                                 : fmt::format(" auto_resume={} resume={} start={}",
+                                                               config.auto_resume, config.resume, start) +
                                                        (config.resume ? " run_id=" + config.run_id : std::string())));
   spdlog::info("rank {} of {} ({}, {} backend), batch {} per rank, {} in all", config.dist.rank, config.dist.world,
                dev.str(), dist->backend(), config.batch, config.batch * config.dist.world);

@@ -862,6 +862,16 @@ TEST_CASE("distributed: ranks must resume the same run and train on the same dat
         std::string::npos);
   CHECK(out1.find("\ngive every rank's --checkpoint a copy of rank 0's (the same file at the same iteration), or "
                   "resume none") != std::string::npos);
+  // --auto-resume on both, rank 1 without a copy: the copy differs, not the flags, and rank 1's
+  // missing checkpoint has no iteration or run to name (they read "rank 1 0" and "the same flags").
+  const auto no_copy = train_pair(dir, free_port(), {"--iterations", "4", "--auto-resume"}, "b",
+                                  {"--checkpoint", (dir / "none.pt").string()});
+  out1 = slurp(dir / "b-1.out");
+  CAPTURE(out1);
+  CHECK(no_copy == std::pair{2, 2});
+  CHECK(out1.find("the ranks were started with different settings:\n  resume (true: from its --checkpoint, false: a "
+                  "new run): rank 0 true, rank 1 false\ngive every rank's --checkpoint a copy of rank 0's") !=
+        std::string::npos);
   // Rank 1 given the checkpoint's --iterations would find the run complete; rank 0, given more,
   // would train: refused on both (both exited 0, and a script extending the run took it as
   // done; then rank 1 alone exited 0).
