@@ -172,19 +172,20 @@ struct Distributed::Impl {
   struct Watch {
     std::mutex mutex;
     std::condition_variable wake;
-    bool quit = false;
+    bool quit = false, done = false;
   };
   std::shared_ptr<Watch> watch;
 
-  // Not joined: a store request in flight can take until the store's timeout where rank 0's
-  // machine is gone, and the thread no longer touches the flags once `quit` is set.
+  // Waits up to 2 s for the thread (a store request takes milliseconds), not for good: one in
+  // flight can take until the store's timeout where rank 0's machine is gone, and the thread
+  // no longer touches the caller's flags once `quit` is set.
   void end_watch() {
     if (!watch) return;
-    {
-      std::lock_guard<std::mutex> lock(watch->mutex);
-      watch->quit = true;
-    }
+    std::unique_lock<std::mutex> lock(watch->mutex);
+    watch->quit = true;
     watch->wake.notify_all();
+    watch->wake.wait_for(lock, std::chrono::seconds(2), [&] { return watch->done; });
+    lock.unlock();
     watch.reset();
   }
 };
@@ -304,6 +305,14 @@ void Distributed::watch_stops(const std::atomic<bool>* mine, std::atomic<bool>* 
   if (impl_->watch || closed_) return;
   auto watch = impl_->watch = std::make_shared<Impl::Watch>();
   std::thread([watch, store = impl_->store, mine, any] {
+    struct Done {  // however the thread ends
+      Impl::Watch& w;
+      ~Done() {
+        std::lock_guard<std::mutex> lock(w.mutex);
+        w.done = true;
+        w.wake.notify_all();
+      }
+    } done{*watch};
     bool posted = false;
     for (;;) {
       bool asked = false;
