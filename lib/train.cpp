@@ -734,7 +734,7 @@ TrainResult Run::train() {
     throw;
   } catch (const std::exception& e) {
     fail(e);  // throws, unless the run's end is whole
-    return finish();  // its group aborted: a collective may have failed
+    return finish();  // its group not closed but aborted, by its destructor: a collective may have failed
   }
   if (dist) dist->close();  // the ranks' last collective is behind them: rank 0 writes alone from here
   return finish();
