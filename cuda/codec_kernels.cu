@@ -12,11 +12,11 @@ using Stream = cudaStream_t;
 
 int sm_count(int device) {
   static std::atomic<int> cache[64] = {};  // ranks may run as threads
-  if (device >= 64) return 132;
-  int n = cache[device].load(std::memory_order_relaxed);
+  TORCH_CHECK(device >= 0, "blpa codec: no CUDA device index (", device, ")");
+  int n = device < 64 ? cache[device].load(std::memory_order_relaxed) : 0;
   if (n == 0) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    cache[device].store(n, std::memory_order_relaxed);
+    if (device < 64) cache[device].store(n, std::memory_order_relaxed);
   }
   return n;
 }

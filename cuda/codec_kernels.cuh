@@ -1117,6 +1117,9 @@ void pack(const PackParams& p) {
   const Index ix = index_of(p.numel, p.plane, p.channels);
   const bool table = pack_table_launch(p, l.blocks);
   TORCH_CHECK(!table || p.workspace, "blpa codec: pack needs a workspace of pack_workspace(p) floats here");
+  // A thread stores a group's codes as one word (kGroup * bits / 8 bytes), with no scalar path.
+  TORCH_CHECK(aligned(p.codes, kGroup * p.bits / 8), "blpa codec: pack's codes must be aligned to ",
+              kGroup * p.bits / 8, " bytes");
   PackParams q = p;
   if (!table) q.workspace = nullptr;  // each block makes its own copy
   dispatch(p.bits, p.bf16, p.nhwc, [&](auto k, auto t, auto layout) {
@@ -1220,7 +1223,7 @@ dim3 bn_nhwc_grid(const BnBackwardParams& p) {
 }  // namespace
 
 int64_t bn_workspace(const BnBackwardParams& p) {
-  if (p.channels == 0) return 0;
+  if (p.channels == 0 || p.batch * p.plane == 0) return 0;
   // NHWC: each row block's two sums per channel, then the coefficients (3 floats in 2 doubles).
   if (p.nhwc) return 2 * (int64_t{bn_nhwc_grid(p).y} + 1) * p.channels;
   // The grid depends on the pointers' alignment (the vector path takes 4 elements a step):
@@ -1229,7 +1232,8 @@ int64_t bn_workspace(const BnBackwardParams& p) {
 }
 
 void bn_relu_backward(const BnBackwardParams& p) {
-  if (p.channels == 0) return;
+  // No elements: the grids below would be empty (the caller gives zero gradients).
+  if (p.channels == 0 || p.batch * p.plane == 0) return;
   const target::DeviceGuard guard(p.device);  // a launch goes to the current device
   const target::Stream stream = target::current_stream(p.device);
   if (p.nhwc) {

@@ -62,7 +62,9 @@ void check_format(const CodeFormat& f);
 // What a unit needs per channel before its BatchNorm and its codes, in one pass (one launch
 // on CUDA): g = max(gamma, gamma_min) as LibTorch's clamp_min (NaN stays NaN), b = beta / g
 // when `centred` (blpa: the window sits around b) or 0 (naive), and the offsets s_c of b.
-// gamma and beta: contiguous float32 [C] on one device.
+// gamma and beta: contiguous float32 [C] on one device. A NaN b has the device's bits on CUDA
+// (0x7FFFFFFF), not necessarily the CPU's (an operand's payload, or 0xFFC00000 for 0 / 0); so
+// has a float32 x_hat = v' - b that unpack computes from it. Offsets and codes do not differ.
 struct ChannelCoding {
   at::Tensor g, b;     // float32 [C]
   at::Tensor offsets;  // uint8 [C]
