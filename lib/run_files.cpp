@@ -565,7 +565,12 @@ void compare_with_checkpoint(const Checkpoint& ck, const TrainConfig& c) {
   // Before resolve() named it, the default folder was recorded as "".
   if (saved["data_dir"].empty() && saved["train_list"].empty()) saved["data_dir"] = data::kDebianFashionMnist;
   const auto now = key_values(c.describe());
-  const std::set<std::string> identity(TrainConfig::identity_keys().begin(), TrainConfig::identity_keys().end());
+  std::set<std::string> identity(TrainConfig::identity_keys().begin(), TrainConfig::identity_keys().end());
+  // A tf32 run moved to the CPU, which has no TF32, goes on in its float32 arithmetic, fp32:
+  // refused, it could be resumed nowhere but on a GPU (fp32 is refused, tf32 needs CUDA).
+  const bool tf32_on_cpu =
+      saved["precision"] == "tf32" && c.precision == "fp32" && !torch::Device(c.device).is_cuda();
+  if (tf32_on_cpu) identity.erase("precision");
   // At the run's last iteration no step is left for the training settings to act on; the
   // others (the test subset, device, workers, ...) still set a final evaluation's, unless it
   // was evaluated there (complete, or only its export left to write): then none acts but
@@ -576,7 +581,8 @@ void compare_with_checkpoint(const Checkpoint& ck, const TrainConfig& c) {
   for (const auto& [key, value] : now) {
     const auto it = saved.find(key);
     if (it == saved.end() || it->second == value) continue;
-    const std::string line = fmt::format("\n  {}: checkpoint {}, command line {}", key, it->second, value);
+    const std::string line = fmt::format("\n  {}: checkpoint {}, command line {}{}", key, it->second, value,
+                                         key == "precision" && tf32_on_cpu ? " (the CPU has no TF32)" : "");
     (identity.count(key)                                     ? refused
      : (evaluated && key != "iterations") || (at_end && training_keys().count(key)) ? idle
                                                              : changed) += line;
@@ -606,13 +612,12 @@ Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given
     throw CheckpointError(std::string(e.what()) + ". A run keeps one checkpoint: resume a copy of it if you kept "
                           "one, or start the run again with --overwrite");
   }
-  // --precision auto resumes at the checkpoint's precision, where this device has it (tf32 is
-  // CUDA's); the layout's auto then follows it.
+  // --precision auto resumes at the checkpoint's precision, tf32 as fp32 on the CPU (which has
+  // no TF32, as blpa-eval takes it); the layout's auto then follows it.
   const auto saved = ck.config.find("precision");
   if (given.precision == "auto" && saved != ck.config.end() &&
-      (saved->second == "fp32" || saved->second == "bf16" ||
-       (saved->second == "tf32" && torch::Device(config.device).is_cuda()))) {
-    config.precision = saved->second;
+      (saved->second == "fp32" || saved->second == "bf16" || saved->second == "tf32")) {
+    config.precision = saved->second == "tf32" && !torch::Device(config.device).is_cuda() ? "fp32" : saved->second;
     config.memory_format = given.memory_format;
     config.resolve_numerics();
   }

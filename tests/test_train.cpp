@@ -166,7 +166,7 @@ TEST_CASE("train: N iterations, then a resume for N more, equal 2N straight bit 
   }
 }
 
-TEST_CASE("train: a checkpoint from before --precision resumes only as it ran (fp32, on CUDA tf32)", "[train]") {
+TEST_CASE("train: a checkpoint from before --precision resumes only as it ran (fp32, on CUDA tf32), a tf32 one on the CPU in fp32", "[train]") {
   if (!have_fashion_mnist()) return;
   const auto dir = temp_dir("old-precision");
   auto c = small(dir);
@@ -197,12 +197,28 @@ TEST_CASE("train: a checkpoint from before --precision resumes only as it ran (f
   c.iterations = 6;
   c.precision = "bf16";
   CHECK_THROWS_WITH(blpa::train(c), Catch::Contains("precision: checkpoint fp32, command line bf16"));
-  {  // one a CUDA run wrote had TF32 convolutions: it resumes as tf32, not as the CPU's fp32
+  {  // one a CUDA run wrote had TF32 convolutions: it counts as tf32, which the CPU, without
+     // TF32, goes on in fp32 (refused, it could be resumed only on a GPU); other precisions stay refused
     auto on_cuda = c;
     on_cuda.checkpoint = (dir / "old-cuda.pt").string();
     blpa::save_checkpoint(on_cuda.checkpoint, identity, old_config("cuda:0"), ck.state, model, opt);
+    CHECK_THROWS_WITH(blpa::train(on_cuda), Catch::Contains("precision: checkpoint tf32, command line bf16"));
     on_cuda.precision = "auto";
-    CHECK_THROWS_WITH(blpa::train(on_cuda), Catch::Contains("precision: checkpoint tf32, command line fp32"));
+    CHECK(blpa::train(on_cuda).iteration == 6);
+    CHECK(blpa::read_checkpoint(on_cuda.checkpoint).config.at("precision") == "fp32");
+    // A tf32 checkpoint as this blpa writes it on CUDA: the same, with auto and with fp32.
+    std::string tf32_identity = ck.identity;
+    tf32_identity.replace(tf32_identity.find("precision=fp32"), std::string("precision=fp32").size(), "precision=tf32");
+    for (const char* given : {"auto", "fp32"}) {
+      CAPTURE(given);
+      on_cuda.checkpoint = (dir / (std::string("tf32-") + given + ".pt")).string();
+      blpa::save_checkpoint(on_cuda.checkpoint, tf32_identity, old_config("cuda:0") + "precision=tf32\nmemory_format=nchw\n",
+                            ck.state, model, opt);
+      REQUIRE(blpa::read_checkpoint(on_cuda.checkpoint).config.at("precision") == "tf32");
+      on_cuda.precision = given;
+      CHECK(blpa::train(on_cuda).iteration == 6);
+      CHECK(blpa::read_checkpoint(on_cuda.checkpoint).config.at("precision") == "fp32");
+    }
   }
   c.precision = "auto";  // fp32 on the CPU
   c.memory_format = "nhwc";  // the layout may change
