@@ -119,10 +119,10 @@ int codec_main(int argc, char** argv) {
     throw std::invalid_argument("--numel must be a positive multiple of --channels x --hw x --hw");
   const std::string layout = args["memory-format"].as<std::string>();
   std::string precision = args.count("precision") ? args["precision"].as<std::string>() : "fp32";
+  if (precision != "fp32" && precision != "tf32" && precision != "bf16" && precision != "auto")
+    throw std::invalid_argument("--precision must be fp32, tf32 or auto (both fp32 here), or bf16, got '" + precision + "'");
   // tf32 as the other programs take it: the codec's arithmetic has no matrix product, so it is fp32's.
   if (precision == "tf32" || precision == "auto") precision = "fp32";
-  if (precision != "fp32" && precision != "bf16")
-    throw std::invalid_argument("--precision must be fp32, tf32 (the same here) or bf16");
   if (args.count("dtype")) {
     const std::string d = args["dtype"].as<std::string>();
     if (d != "float" && d != "bf16") throw std::invalid_argument("--dtype must be float or bf16");
