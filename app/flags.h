@@ -135,8 +135,28 @@ inline std::string did_you_mean(cxxopts::Options& o, const std::string& typed) {
 // options are strings, so only switches fail this way.) An option that does not exist is
 // followed by those it may have meant.
 inline cxxopts::ParseResult parse_flags(cxxopts::Options& o, int argc, const char* const* argv) {
+  // An option whose value is left out takes the next flag as its value ("--precision
+  // --print-config" said "--precision must be ..., got '--print-config'"; a path flag would
+  // have taken it as a file name).
+  const std::set<std::string> names = long_names(o), switches = long_names(o, /*switches_only=*/true);
+  const auto option_name = [&](const std::string& arg) {  // "--name" or "--name=value", where name is o's
+    if (arg.rfind("--", 0) != 0) return std::string();
+    const std::string name = arg.substr(2, arg.find('=') == std::string::npos ? std::string::npos : arg.find('=') - 2);
+    return names.count(name) ? name : std::string();
+  };
+  for (int i = 1; i + 1 < argc; ++i) {
+    const std::string arg = argv[i], name = option_name(arg);
+    if (arg == "--") break;
+    if (name.empty() || switches.count(name) || arg.find('=') != std::string::npos) continue;
+    if (!option_name(argv[i + 1]).empty())
+      throw FlagError(arg + " needs a value, and was followed by the flag " + argv[i + 1]);
+    ++i;  // its value
+  }
   try {
     return o.parse(argc, argv);
+  } catch (const cxxopts::exceptions::missing_argument& e) {  // Option 'name' is missing an argument: the last
+    if (argc > 1 && !option_name(argv[argc - 1]).empty()) throw FlagError(std::string(argv[argc - 1]) + " needs a value");
+    throw FlagError(e.what());
   } catch (const cxxopts::exceptions::no_such_option& e) {
     const std::string what = e.what();  // Option 'name' does not exist (or with Unicode quotes)
     for (int i = 1; i < argc; ++i) {

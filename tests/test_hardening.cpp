@@ -175,6 +175,9 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       // cxxopts said "Argument 'no' failed to parse", naming no flag.
       {{"--overwrite=no"}, "--overwrite=no: --overwrite is a switch: give it alone, or =true or =false"},
       {{"--lr-steps=", "--quiet=yes"}, "--quiet=yes: --quiet is a switch"},  // blamed --lr-steps=, not a switch
+      // A value left out: the next flag was taken for it ("got '--print-config'").
+      {{"--precision", "--print-config"}, "--precision needs a value, and was followed by the flag --print-config"},
+      {{"--checkpoint"}, "--checkpoint needs a value, and was followed by the flag --data-dir"},
       // Two outputs through links to one file not written yet (it was "in use by" its own process).
       {{"--checkpoint", (dir / "x.ckpt").string(), "--summary", (dir / "to-x.json").string()},
        "--summary and --checkpoint name the same file"},
@@ -190,6 +193,11 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
     CHECK(r.output.find(message) != std::string::npos);
     check_clean(r);
   }
+  // The last flag without its value (cxxopts said "Option ‘precision’ is missing an argument").
+  const Run last = train({"--data-dir", (dir / "no-data").string(), "--precision"}, dir);
+  CAPTURE(last.output);
+  CHECK(last.code == 2);
+  CHECK(last.output.find("blpa-train: --precision needs a value") != std::string::npos);
   // A loop of symbolic links is named with its flag (it was "filesystem error: status: ...").
   fs::create_symlink("loop.jsonl", dir / "loop.jsonl");
   const Run loop = train({"--log", (dir / "loop.jsonl").string(), "--data-dir", (dir / "no-data").string()}, dir);
