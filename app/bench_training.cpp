@@ -102,7 +102,7 @@ struct Common {
 };
 
 void add_numerics(cxxopts::Options& o) {
-  o.add_options()("precision", "fp32, tf32 (CUDA only), bf16 or auto (tf32 on CUDA, fp32 on the CPU), as blpa-train's",
+  o.add_options()("precision", "fp32, tf32 (CUDA only), bf16 or auto (tf32 on CUDA, fp32 on the CPU; with fidelity --checkpoint, the checkpoint's), as blpa-train's",
                   cxxopts::value<std::string>()->default_value("auto"))(
       "memory-format", "nchw, nhwc or auto, as blpa-train's", cxxopts::value<std::string>()->default_value("auto"));
 }
