@@ -566,8 +566,8 @@ void compare_with_checkpoint(const Checkpoint& ck, const TrainConfig& c) {
   if (saved["data_dir"].empty() && saved["train_list"].empty()) saved["data_dir"] = data::kDebianFashionMnist;
   const auto now = key_values(c.describe());
   std::set<std::string> identity(TrainConfig::identity_keys().begin(), TrainConfig::identity_keys().end());
-  // A tf32 run moved to the CPU, which has no TF32, goes on in its float32 arithmetic, fp32:
-  // refused, it could be resumed nowhere but on a GPU (fp32 is refused, tf32 needs CUDA).
+  // A tf32 run moved to the CPU, which has no TF32, goes on in its float32 arithmetic, fp32
+  // (were it refused, only a GPU could resume it: tf32 needs CUDA).
   const bool tf32_on_cpu =
       saved["precision"] == "tf32" && c.precision == "fp32" && !torch::Device(c.device).is_cuda();
   if (tf32_on_cpu) identity.erase("precision");
