@@ -715,11 +715,11 @@ int step_main(int argc, char** argv) {
                  steps, rounds, median, e.ms.front(), e.ms.back(), host_median, ops.all, ops.outer,
                  c.batch * 1000.0 / median, ratio, e.peak, e.replay ? e.replay->pool_bytes() : 0, profile_json);
     else {
-      fmt::print("{:8s} {}{} median {:9.2f} ms  (min {:.2f}, max {:.2f}, host {:.2f}, {} steps, {} outermost ops)  "
+      fmt::print("{:8s} {}{} median {:9.2f} ms  (min {:.2f}, max {:.2f}, host {:.2f}, {} step{}, {} outermost ops)  "
                  "{:8.1f} img/s  "
                  "vs plain {}\n",
                  e.mode.str(), e.numerics.str(), e.graphed ? " graphed" : "", median, e.ms.front(), e.ms.back(),
-                 host_median, e.ms.size(), ops.outer, c.batch * 1000.0 / median,
+                 host_median, e.ms.size(), e.ms.size() == 1 ? "" : "s", ops.outer, c.batch * 1000.0 / median,
                  plain_ms.count(key) ? ratio + "x" : std::string("(run plain first for the ratio)"));
       if (top_n > 0) {
         fmt::print("  profiled step: {:.2f} ms wall, {:.2f} ms {} in {} {}\n", p.wall_ms, p.busy_ms,
