@@ -262,10 +262,10 @@ static int run(int argc, char** argv) {
     usage();
     return 2;
   } catch (const cxxopts::exceptions::exception& e) {
-    std::cerr << "blpa-bench " << cmd << ": " << e.what() << "\n";
+    std::cerr << "blpa-bench " << cmd << ": " << e.what() << "\nRun blpa-bench " << cmd << " --help for the options.\n";
     return 2;
   } catch (const std::invalid_argument& e) {  // the commands' flag checks
-    std::cerr << "blpa-bench " << cmd << ": " << e.what() << "\n";
+    std::cerr << "blpa-bench " << cmd << ": " << e.what() << "\nRun blpa-bench " << cmd << " --help for the options.\n";
     return 2;
   } catch (const blpa::NonFiniteLoss& e) {  // fidelity: plain's gradient of a network that overflows
     std::cerr << "blpa-bench " << cmd << ": " << e.what() << "\n";

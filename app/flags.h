@@ -166,7 +166,7 @@ inline cxxopts::ParseResult parse_flags(cxxopts::Options& o, int argc, const cha
       const std::string name = arg.substr(2, eq == std::string::npos ? std::string::npos : eq - 2);
       const bool named = what.find("'" + name + "'") != std::string::npos ||
                          what.find("\u2018" + name + "\u2019") != std::string::npos;
-      if (named) throw FlagError(what + did_you_mean(o, name));
+      if (named) throw FlagError("--" + name + " does not exist" + did_you_mean(o, name));  // as the flag is typed
     }
     throw FlagError(what);
   } catch (const cxxopts::exceptions::incorrect_argument_type& e) {

@@ -113,8 +113,8 @@ Numerics numerics_for(const std::string& precision, const std::string& memory_fo
   Numerics n;
   n.precision = precision == "auto" ? default_precision(device) : parse_precision(precision);
   if (n.precision == Precision::tf32 && !device.is_cuda())
-    throw std::invalid_argument("precision tf32 needs a CUDA device (TF32 is a GPU tensor-core format); on the CPU use "
-                                "fp32 or bf16");
+    throw std::invalid_argument("--precision tf32 needs --device cuda (TF32 is a GPU tensor-core format); on the CPU "
+                                "use fp32 or bf16");
   n.layout = memory_format == "auto" ? default_layout(device, n.precision) : parse_layout(memory_format);
   return n;
 }
