@@ -198,7 +198,7 @@ TEST_CASE("train: a checkpoint from before --precision resumes only as it ran (f
   c.precision = "bf16";
   CHECK_THROWS_WITH(blpa::train(c), Catch::Contains("precision: checkpoint fp32, command line bf16"));
   {  // one a CUDA run wrote had TF32 convolutions: it counts as tf32, which the CPU, without
-     // TF32, goes on in fp32 (refused, it could be resumed only on a GPU); other precisions stay refused
+     // TF32, goes on in fp32 (were it refused, only a GPU could resume it); other precisions stay refused
     auto on_cuda = c;
     on_cuda.checkpoint = (dir / "old-cuda.pt").string();
     blpa::save_checkpoint(on_cuda.checkpoint, identity, old_config("cuda:0"), ck.state, model, opt);
