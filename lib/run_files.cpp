@@ -612,12 +612,12 @@ Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given
     throw CheckpointError(std::string(e.what()) + ". A run keeps one checkpoint: resume a copy of it if you kept "
                           "one, or start the run again with --overwrite");
   }
-  // --precision auto resumes at the checkpoint's precision, tf32 as fp32 on the CPU (which has
-  // no TF32, as blpa-eval takes it); the layout's auto then follows it.
+  // --precision auto resumes at the checkpoint's precision, as blpa-eval runs it (tf32 as fp32
+  // on the CPU, which has no TF32); the layout's auto then follows it.
   const auto saved = ck.config.find("precision");
   if (given.precision == "auto" && saved != ck.config.end() &&
       (saved->second == "fp32" || saved->second == "bf16" || saved->second == "tf32")) {
-    config.precision = saved->second == "tf32" && !torch::Device(config.device).is_cuda() ? "fp32" : saved->second;
+    config.precision = eval_precision(given.precision, saved->second, torch::Device(config.device));
     config.memory_format = given.memory_format;
     config.resolve_numerics();
   }
