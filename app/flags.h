@@ -130,6 +130,13 @@ inline std::string did_you_mean(cxxopts::Options& o, const std::string& typed) {
   return " (did you mean " + list + "?)";
 }
 
+// The name in "--name" or "--name=value"; "" for any other argument.
+inline std::string flag_name(const std::string& arg) {
+  if (arg.rfind("--", 0) != 0 || arg.size() == 2) return "";
+  const auto eq = arg.find('=');
+  return arg.substr(2, eq == std::string::npos ? std::string::npos : eq - 2);
+}
+
 // cxxopts' parse, its errors as FlagError. A switch given a word it does not take
 // (--overwrite=no) is named: cxxopts said only "Argument 'no' failed to parse". (Numeric
 // options are strings, so only switches fail this way.) An option that does not exist is
@@ -139,9 +146,8 @@ inline cxxopts::ParseResult parse_flags(cxxopts::Options& o, int argc, const cha
   // --print-config" said "--precision must be ..., got '--print-config'"; a path flag would
   // have taken it as a file name).
   const std::set<std::string> names = long_names(o), switches = long_names(o, /*switches_only=*/true);
-  const auto option_name = [&](const std::string& arg) {  // "--name" or "--name=value", where name is o's
-    if (arg.rfind("--", 0) != 0) return std::string();
-    const std::string name = arg.substr(2, arg.find('=') == std::string::npos ? std::string::npos : arg.find('=') - 2);
+  const auto option_name = [&](const std::string& arg) {  // flag_name where it is one of o's
+    const std::string name = flag_name(arg);
     return names.count(name) ? name : std::string();
   };
   for (int i = 1; i + 1 < argc; ++i) {
@@ -160,10 +166,8 @@ inline cxxopts::ParseResult parse_flags(cxxopts::Options& o, int argc, const cha
   } catch (const cxxopts::exceptions::no_such_option& e) {
     const std::string what = e.what();  // Option 'name' does not exist (or with Unicode quotes)
     for (int i = 1; i < argc; ++i) {
-      const std::string arg = argv[i];
-      if (arg.rfind("--", 0) != 0 || arg.size() == 2) continue;
-      const auto eq = arg.find('=');
-      const std::string name = arg.substr(2, eq == std::string::npos ? std::string::npos : eq - 2);
+      const std::string name = flag_name(argv[i]);
+      if (name.empty()) continue;
       const bool named = what.find("'" + name + "'") != std::string::npos ||
                          what.find("\u2018" + name + "\u2019") != std::string::npos;
       if (named) throw FlagError("--" + name + " does not exist" + did_you_mean(o, name));  // as the flag is typed
