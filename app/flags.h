@@ -139,8 +139,8 @@ inline std::string flag_name(const std::string& arg) {
 
 // cxxopts' parse, its errors as FlagError. A switch given a word it does not take
 // (--overwrite=no) is named: cxxopts said only "Argument 'no' failed to parse". (Numeric
-// options are strings, so only switches fail this way.) An option that does not exist is
-// followed by those it may have meant.
+// options are strings, so only switches fail this way.) An unknown option is followed by
+// those it may have meant ("--out-dir does not exist" read as a missing folder).
 inline cxxopts::ParseResult parse_flags(cxxopts::Options& o, int argc, const char* const* argv) {
   // An option whose value is left out takes the next flag as its value ("--precision
   // --print-config" said "--precision must be ..., got '--print-config'"; a path flag would
@@ -170,12 +170,11 @@ inline cxxopts::ParseResult parse_flags(cxxopts::Options& o, int argc, const cha
       if (name.empty()) continue;
       const bool named = what.find("'" + name + "'") != std::string::npos ||
                          what.find("\u2018" + name + "\u2019") != std::string::npos;
-      if (named) throw FlagError("--" + name + " does not exist" + did_you_mean(o, name));  // as the flag is typed
+      if (named) throw FlagError("unknown option --" + name + did_you_mean(o, name));  // as the flag is typed
     }
     throw FlagError(what);
   } catch (const cxxopts::exceptions::incorrect_argument_type& e) {
     const std::string what = e.what();
-    const std::set<std::string> switches = long_names(o, /*switches_only=*/true);
     for (int i = 1; i < argc; ++i) {
       const std::string arg = argv[i];
       const auto eq = arg.find('=');

@@ -152,14 +152,15 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"--mode", "blpa-4"}, "as flags, blpa-4 is --mode blpa --bits 4 --window 6 --lift 0"},
       {{"--mode", "blpa-4-l1"}, "as flags, blpa-4-l1 is --mode blpa --bits 4"},
       {{"--model", "resnet20"}, "the depth is a flag of its own: --model cifar --depth 20"},
-      {{"--data", "x"}, "does not exist (did you mean --data-dir or --dataset?)"},
-      {{"--lr-step", "5"}, "does not exist (did you mean --lr-steps?)"},
-      {{"--port", "5"}, "does not exist (did you mean --master-port?)"},  // was --export, by two edits
-      {{"--iters", "5"}, "does not exist (did you mean --iterations?)"},
-      {{"--augment"}, "does not exist (did you mean --no-augment?)"},
-      {{"--batch-size", "5"}, "does not exist (did you mean --batch?)"},
-      {{"--checkpoint-evry", "5"}, "does not exist (did you mean --checkpoint-every?)"},  // not --checkpoint
-      {{"--warmup-rl", "5"}, "does not exist (did you mean --warmup-lr?)"},
+      {{"--out-dir", "x"}, "unknown option --out-dir"},  // was "--out-dir does not exist": a folder?
+      {{"--data", "x"}, "unknown option --data (did you mean --data-dir or --dataset?)"},
+      {{"--lr-step", "5"}, "unknown option --lr-step (did you mean --lr-steps?)"},
+      {{"--port", "5"}, "unknown option --port (did you mean --master-port?)"},  // was --export, by two edits
+      {{"--iters", "5"}, "unknown option --iters (did you mean --iterations?)"},
+      {{"--augment"}, "unknown option --augment (did you mean --no-augment?)"},
+      {{"--batch-size", "5"}, "unknown option --batch-size (did you mean --batch?)"},
+      {{"--checkpoint-evry", "5"}, "unknown option --checkpoint-evry (did you mean --checkpoint-every?)"},  // not --checkpoint
+      {{"--warmup-rl", "5"}, "unknown option --warmup-rl (did you mean --warmup-lr?)"},
       {{"--checkpoint", "a.ckpt", "--log", "a.ckpt"}, "name the same file"},
       {{"--checkpoint", "a.ckpt", "--resume", "--overwrite"}, "give one of them"},
       {{"--master-port", "70000"}, "--master-port 70000: must be in 1..65535"},
