@@ -101,8 +101,12 @@ struct Common {
   bool json = false;
 };
 
-void add_numerics(cxxopts::Options& o) {
-  o.add_options()("precision", "fp32, tf32 (CUDA only), bf16 or auto (tf32 on CUDA, fp32 on the CPU; with fidelity --checkpoint, the checkpoint's), as blpa-train's",
+// cpu_only: fidelity, which runs on the CPU (no --device): no tf32.
+void add_numerics(cxxopts::Options& o, bool cpu_only = false) {
+  o.add_options()("precision",
+                  cpu_only ? "fp32, bf16 or auto (fp32; with --checkpoint, the checkpoint's precision, tf32 as fp32): "
+                             "this bench runs on the CPU, which has no TF32"
+                           : "fp32, tf32 (CUDA only), bf16 or auto (tf32 on CUDA, fp32 on the CPU), as blpa-train's",
                   cxxopts::value<std::string>()->default_value("auto"))(
       "memory-format", "nchw, nhwc or auto, as blpa-train's", cxxopts::value<std::string>()->default_value("auto"));
 }
@@ -922,7 +926,7 @@ int fidelity_main(int argc, char** argv) {
       "seed", "Seed of the data and the drawn parameters", cxxopts::value<std::string>()->default_value("0"))(
       "threads", "LibTorch CPU threads (0: its default)", cxxopts::value<std::string>()->default_value("0"))(
       "json", "One JSON object per line");
-  add_numerics(o);
+  add_numerics(o, /*cpu_only=*/true);
   o.add_options()("h,help", "This help");
   auto args = blpa::parse_flags(o, argc, argv);
   blpa::refuse_unmatched(args);
@@ -930,6 +934,10 @@ int fidelity_main(int argc, char** argv) {
     std::cout << o.help() << std::endl;
     return 0;
   }
+  // Not "needs --device cuda": fidelity has no --device.
+  if (args["precision"].as<std::string>() == "tf32")
+    throw std::invalid_argument("--precision tf32: blpa-bench fidelity runs on the CPU, which has no TF32 (its float32 "
+                                "is fp32)");
   const int64_t batch = blpa::number<int64_t>(args, "batch"), size = blpa::number<int64_t>(args, "size");
   if (batch <= 0 || size <= 0) throw std::invalid_argument("--batch and --size must be positive");
   check_input_size(batch, size);

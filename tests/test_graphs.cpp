@@ -1,4 +1,4 @@
-// CUDA graphs (docs/method.md, "How it runs"): the update with a device learning rate on the
+// CUDA graphs (docs/method.md, "CUDA graphs"): the update with a device learning rate on the
 // CPU against LibTorch's SGD, the flag's rules, and on a GPU the graphed training run
 // against the eager one.
 #include <blpa/checkpoint.h>

@@ -285,6 +285,8 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"memory", "--model", "cifar:11", "--size", "99999999999"}, "--size 99999999999: out of range"},
       {{"step", "--model", "cifar:11", "--batch", "99999999999", "--size", "99999"}, "the input alone overflows"},
       {{"fidelity", "--size", "99999999999"}, "--size 99999999999: out of range"},
+      // fidelity has no --device: "--precision tf32 needs --device cuda" sent the user to a flag it lacks.
+      {{"fidelity", "--precision", "tf32"}, "--precision tf32: blpa-bench fidelity runs on the CPU, which has no TF32"},
       {{"codec", "--json=yes"}, "--json=yes: --json is a switch: give it alone, or =true or =false"},
       // A device LibTorch names but blpa does not run on: LibTorch's words and exit 1 before.
       {{"codec", "--device", "tpu"}, "--device must be cpu, cuda or cuda:N, got 'tpu'"},

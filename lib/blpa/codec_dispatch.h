@@ -1,6 +1,6 @@
 // The one dispatch of the codec's loops and kernels on the codes' bit width, the element
 // type and the layout, shared by the CPU path (lib/codec.cpp) and the CUDA kernels
-// (cuda/codec_kernels.cu): one instantiation per (K, T, NHWC). Host code only.
+// (cuda/codec_kernels.cuh): one instantiation per (K, T, NHWC). Host code only.
 #pragma once
 
 #include <c10/util/BFloat16.h>

@@ -1,6 +1,6 @@
 // The element math of the K-bit sign-preserving quantiser (docs/method.md, "Quantiser";
 // DESIGN.md 1.3). This is the only definition: the CPU path (lib/codec.cpp) and the CUDA
-// kernels (cuda/codec_kernels.cu) both call these functions, so they cannot drift apart.
+// kernels (cuda/codec_kernels.cuh) both call these functions, so they cannot drift apart.
 //
 // B = 2^K bins of width d = window / B over a window centred `lift` above the channel's b;
 // width and lift are properties of the codes (the paper's: 6 units of x_hat and 0, for every

@@ -1,7 +1,7 @@
 // One training iteration replayed as a CUDA graph: the forward and backward of a batch in
 // equal parts, the SGD update and gamma's clamp, captured once and then launched as one unit,
 // so that no step waits for the host to issue its thousands of kernels (docs/method.md,
-// "How it runs").
+// "CUDA graphs").
 #pragma once
 
 #include <torch/torch.h>
