@@ -1048,4 +1048,23 @@ std::optional<std::string> exported_run_id(const std::string& path) {
   }
 }
 
+std::string export_not_replaceable(const std::string& path, const std::string& run_id) {
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) return "is a folder";
+  const auto theirs = exported_run_id(path);
+  if (!theirs) return "is not an export (not a zip archive)";
+  if (theirs->empty()) {
+    bool checkpoint = false;
+    try {
+      checkpoint = caffe2::serialize::PyTorchStreamReader(path).hasRecord("constants.pkl");
+    } catch (const std::exception&) {
+    }
+    return checkpoint ? "is a checkpoint, not an export"
+                      : "holds no run id (an export from before run ids, or another program's file: which run's it "
+                        "is cannot be told)";
+  }
+  if (*theirs != run_id) return "is the export of run " + *theirs;
+  return "";
+}
+
 }  // namespace blpa

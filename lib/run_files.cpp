@@ -169,8 +169,9 @@ void check_log_is_this_runs(const std::string& path, const TrainConfig& c) {
 
 void check_outputs_are_this_runs(const TrainConfig& c) {
   auto refuse = [&](const std::string& flag, const std::string& path, const std::string& why) {
-    throw FlagError(flag + " " + path + " " + why + ": it is not checkpoint " + c.checkpoint + "'s run's (run id " +
-                    c.run_id + "); give that run's " + flag + ", or another path");
+    throw FlagError(flag + " " + path + " " + why + ": it is not checkpoint " + c.checkpoint + "'s run's (" +
+                    (c.run_id.empty() ? "a run from before run ids" : "run id " + c.run_id) + "); give that run's " +
+                    flag + ", or another path");
   };
   std::error_code ec;
   if (!c.summary_path.empty() && fs::is_regular_file(c.summary_path, ec) && fs::file_size(c.summary_path, ec) > 0) {
@@ -186,9 +187,10 @@ void check_outputs_are_this_runs(const TrainConfig& c) {
   }
   if (!c.export_path.empty() && fs::is_regular_file(c.export_path, ec) && fs::file_size(c.export_path, ec) > 0) {
     check_readable("--export", c.export_path);
-    const auto theirs = exported_run_id(c.export_path);
-    if (!theirs) refuse("--export", c.export_path, "is no export");
-    if (!theirs->empty() && *theirs != c.run_id) refuse("--export", c.export_path, "is the export of run " + *theirs);
+    // A file without a run id is not replaced: an existing torch.save file or another run's
+    // checkpoint passed as no run's export, and the run's own end wrote over it.
+    if (const std::string why = export_not_replaceable(c.export_path, c.run_id); !why.empty())
+      refuse("--export", c.export_path, why);
   }
 }
 

@@ -1316,11 +1316,20 @@ TEST_CASE("hardening: --resume refuses another run's log, summary or export, and
                             "5", "--lr", "0.05"}),
                 dir)
               .code == 0);
-  const std::string twin_bytes = slurp(twin_log) + slurp(twin_summary) + slurp(twin_export);
+  // A state dict with no run id (a user's torch.save file, or an export from before run ids) and
+  // another run's checkpoint: each was taken for this run's export and written over at its end.
+  const std::string no_id = (dir / "mine.pt").string(), twin_ck = (dir / "twin.ckpt").string();
+  blpa::ResNet other_net(blpa::NetConfig{"cifar", 11, 1, 10, {blpa::Mode::plain}});
+  blpa::export_state_dict(no_id, other_net);
+  fs::copy_file(ck, twin_ck);
+  const std::string twin_bytes =
+      slurp(twin_log) + slurp(twin_summary) + slurp(twin_export) + slurp(no_id) + slurp(twin_ck);
   const std::vector<std::pair<std::vector<std::string>, std::string>> twins{
       {{"--log", twin_log}, "--log " + twin_log + " is the log of another run:\n  run_id: log \""},
       {{"--log", log, "--summary", twin_summary}, "--summary " + twin_summary + " is the summary of run "},
       {{"--log", log, "--export", twin_export}, "--export " + twin_export + " is the export of run "},
+      {{"--log", log, "--export", no_id}, "--export " + no_id + " holds no run id"},
+      {{"--log", log, "--export", twin_ck}, "--export " + twin_ck + " is a checkpoint, not an export"},
   };
   for (const auto& [flags, message] : twins) {
     std::vector<std::string> args{"--checkpoint", ck, "--iterations", "5", "--resume"};
@@ -1330,7 +1339,7 @@ TEST_CASE("hardening: --resume refuses another run's log, summary or export, and
     CHECK(t.code == 2);
     CHECK(t.output.find(message) != std::string::npos);
   }
-  CHECK(slurp(twin_log) + slurp(twin_summary) + slurp(twin_export) == twin_bytes);
+  CHECK(slurp(twin_log) + slurp(twin_summary) + slurp(twin_export) + slurp(no_id) + slurp(twin_ck) == twin_bytes);
 
   // A record cut short (a full disk, a kill): the resumed log is whole lines again.
   std::ofstream(log, std::ios::app) << "{\"type\": \"train\", \"iter\": 3, \"ti";

@@ -404,7 +404,22 @@ TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval 
   CHECK(slurp(made) == slurp(pt));
   const Run over = run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--export", log}, dir);
   CHECK(over.code == 2);
-  CHECK(over.err.find("--export " + log + " already exists (not an export): give another path") != std::string::npos);
+  CHECK(over.err.find("--export " + log + " already exists and is not an export (not a zip archive): give another "
+                       "path") != std::string::npos);
+  // Nor over a file without a run id (a user's torch.save state dict; an export from before run
+  // ids), nor over the checkpoint itself: both were replaced where the checkpoint had no run id.
+  const std::string mine = (dir / "mine.pt").string();
+  blpa::ResNet mine_net(blpa::NetConfig{"cifar", 11, 1, 10, {blpa::Mode::plain}});
+  blpa::export_state_dict(mine, mine_net);
+  const std::string mine_bytes = slurp(mine), ck_bytes = slurp(ck);
+  const Run no_id = run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--export", mine}, dir);
+  CHECK(no_id.code == 2);
+  CHECK(no_id.err.find("--export " + mine + " already exists and holds no run id") != std::string::npos);
+  const Run itself = run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--export", ck}, dir);
+  CHECK(itself.code == 2);
+  CHECK(itself.err.find("--export " + ck + " already exists and is a checkpoint, not an export") != std::string::npos);
+  CHECK(slurp(mine) == mine_bytes);
+  CHECK(slurp(ck) == ck_bytes);
   const Run mixed = run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--export", again, "--subset", "10"}, dir);
   CHECK(mixed.code == 2);
   CHECK(mixed.err.find("--subset is for an evaluation, and --export evaluates nothing") != std::string::npos);
