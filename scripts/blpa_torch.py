@@ -26,6 +26,7 @@ satisfy it, so no clamp is needed here.
 
     python3 scripts/blpa_torch.py model.pt     # which network a file holds; loads it strictly
 """
+import os
 import re
 import zipfile
 import sys
@@ -165,35 +166,47 @@ def from_state_dict(state_dict):
     return net
 
 
-def _is_checkpoint(f):
-    """Whether f (a path or a binary file object, left where it was) is LibTorch's archive of a
-    module, as blpa-train's checkpoints are, rather than a torch.save file."""
+def _zip_check(f):
+    """For f (a path or a binary file object, left where it was): "checkpoint" where it is
+    LibTorch's archive of a module, as blpa-train's checkpoints are, rather than a torch.save
+    file; else the name of its first record whose bytes fail their CRC, as a copy damaged on
+    the way has (torch.load reads them without checking); else None."""
     start = f.tell() if hasattr(f, "seek") else None
     try:
         if not zipfile.is_zipfile(f):
-            return False
+            return None  # torch.load says what it is not
         with zipfile.ZipFile(f) as z:
-            return any(n.endswith("/constants.pkl") for n in z.namelist())
+            if any(n.endswith("/constants.pkl") for n in z.namelist()):
+                return "checkpoint"
+            return z.testzip()
     finally:
         if start is not None:
             f.seek(start)
 
 
+def _name(f):
+    return os.fsdecode(f) if isinstance(f, (str, bytes, os.PathLike)) else getattr(f, "name", repr(f))
+
+
 def load(f, map_location="cpu"):
     """from_state_dict(torch.load(f)): a blpa-train --export file (a path or a binary file
     object) as a network."""
+    name = _name(f)
+    check = _zip_check(f)
     # A checkpoint (LibTorch's archive of the model, optimiser and run) is no state dict.
-    if _is_checkpoint(f):
-        name = getattr(f, 'name', f)
+    if check == "checkpoint":
         raise ValueError(f"{name} is a blpa-train checkpoint, not an --export file: blpa-eval --checkpoint {name} "
                          "--export MODEL.pt writes one from it (blpa-train --export MODEL.pt at a run's end)")
+    if check is not None:  # it loaded, with wrong weights (2.4e6 for a loss of 1.1), and said nothing
+        raise ValueError(f"{name} is damaged: its record {check} fails its CRC check (the file changed after it "
+                         "was written, as a bad copy or disk changes one): export it again")
     try:
         state_dict = torch.load(f, map_location=map_location)
     except OSError:
         raise
     except Exception as e:  # a file cut short, not a torch.save file, ...: torch's first words
         said = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
-        raise ValueError(f"{getattr(f, 'name', f)} cannot be read as a torch.save file ({type(e).__name__}"
+        raise ValueError(f"{name} cannot be read as a torch.save file ({type(e).__name__}"
                          f"{': ' + said if said and said != type(e).__name__ else ''})") from e
     return from_state_dict(state_dict)
 
