@@ -26,7 +26,8 @@ using blpa::FlagError;
 
 const char* kHelp =
     "Classify images with a blpa-train checkpoint and print, for each, one JSON line: the top-k classes "
-    "with their probabilities (softmax; with --ten-crop averaged over the crops), the class index and, "
+    "with their probabilities (softmax; with --ten-crop averaged over the crops; equal ones in class "
+    "order, as blpa-eval ranks them), the class index and, "
     "where the data set names its classes, the name (ImageNet: the wnid of the class folder; CIFAR-10/100, "
     "MNIST, Fashion-MNIST: the class name):\n"
     "  {\"file\": \"a.JPEG\", \"top\": [{\"class\": 3, \"name\": \"n01443537\", \"prob\": 0.91}, ...]}\n"
@@ -230,12 +231,13 @@ struct Printer {
   std::vector<std::string> names;
   int64_t top_k = 5;
 
-  // `prob`: one row of class probabilities.
-  std::string top(const torch::Tensor& prob) const {
-    if (!torch::isfinite(prob).all().item<bool>())
+  // `logp`: one row of log_class_probs, ranked as blpa-eval ranks it.
+  std::string top(const torch::Tensor& logp) const {
+    if (!torch::isfinite(logp).all().item<bool>())
       throw Overflow("the network's outputs overflow (its weights are finite but too large, as those of a run about "
                      "to diverge): no probabilities");
-    auto [p, idx] = prob.topk(std::min<int64_t>(top_k, prob.size(0)));
+    auto [best, idx] = blpa::top_classes(logp, top_k);
+    const auto p = best.exp();
     std::string s = "[";
     for (int64_t j = 0; j < p.size(0); ++j) {
       const int64_t k = idx[j].item<int64_t>();
@@ -286,8 +288,7 @@ int64_t predict_images(blpa::ResNet& model, const std::vector<Input>& inputs, co
   for (int64_t b = 0; b < batches; ++b) {
     auto batch = stream.next();
     const int64_t first = b * e.batch, count = batch.labels.size(0);
-    auto prob = torch::softmax(model->forward(batch.images.to(dev, /*non_blocking=*/true)).to(torch::kFloat), 1);
-    prob = prob.view({count, views, -1}).mean(1).cpu();
+    const auto logp = blpa::log_class_probs(model->forward(batch.images.to(dev, /*non_blocking=*/true)), views).cpu();
     for (int64_t i = 0; i < count; ++i) {
       const Input& in = inputs[first + i];
       const std::string label = in.label >= 0 ? fmt::format(", \"label\": {}", in.label) : "";
@@ -296,7 +297,7 @@ int64_t predict_images(blpa::ResNet& model, const std::vector<Input>& inputs, co
         fmt::print("{{\"file\": {}{}, \"error\": {}}}\n", blpa::json_string(in.path), label, blpa::json_string(errors[first + i]));
         continue;
       }
-      fmt::print("{{\"file\": {}{}, \"top\": {}}}\n", blpa::json_string(in.path), label, out.top(prob[i]));
+      fmt::print("{{\"file\": {}{}, \"top\": {}}}\n", blpa::json_string(in.path), label, out.top(logp[i]));
       ++classified;
     }
     std::fflush(stdout);
@@ -329,10 +330,10 @@ int64_t predict_records(blpa::ResNet& model, const blpa::Checkpoint& ck, const O
     std::vector<int64_t> idx;
     for (int64_t i = s; i < std::min(end, s + o.eval.batch); ++i) idx.push_back(i);
     auto b = blpa::data::make_batch(records, idx, norm, nullptr, 0);
-    auto prob = torch::softmax(model->forward(b.images.to(dev)).to(torch::kFloat), 1).cpu();
+    const auto logp = blpa::log_class_probs(model->forward(b.images.to(dev)), 1).cpu();
     for (size_t i = 0; i < idx.size(); ++i)
       fmt::print("{{\"index\": {}, \"label\": {}, \"top\": {}}}\n", idx[i], b.labels[i].item<int64_t>(),
-                 out.top(prob[static_cast<int64_t>(i)]));
+                 out.top(logp[static_cast<int64_t>(i)]));
     std::fflush(stdout);
   }
   return end - first;

@@ -23,6 +23,18 @@ namespace blpa {
 
 namespace fs = std::filesystem;
 
+torch::Tensor log_class_probs(const torch::Tensor& logits, int64_t views) {
+  auto logp = torch::log_softmax(logits.to(torch::kFloat), 1);
+  if (views == 1) return logp;
+  return logp.view({logits.size(0) / views, views, -1}).logsumexp(1) - std::log(static_cast<double>(views));
+}
+
+std::pair<torch::Tensor, torch::Tensor> top_classes(const torch::Tensor& scores, int64_t k) {
+  auto [values, classes] = scores.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true);
+  k = std::min(k, scores.size(-1));
+  return {values.narrow(-1, 0, k), classes.narrow(-1, 0, k)};
+}
+
 namespace {
 
 // Loss, top-1 and top-5 over batches whose labels may be -1 (an image that failed to
@@ -33,10 +45,8 @@ struct EvalSums {
   int64_t top1 = 0, top5 = 0, count = 0;
   void add(const torch::Tensor& logits, const torch::Tensor& labels_in, int64_t views) {
     auto labels = labels_in.to(logits.device());
-    // log of the views' mean probability, without forming probabilities that underflow: the
-    // loss is the training loss's cross-entropy for one view.
-    auto prob = torch::log_softmax(logits.to(torch::kFloat), 1);
-    if (views > 1) prob = prob.view({labels.size(0), views, -1}).logsumexp(1) - std::log(static_cast<double>(views));
+    // The loss is the training loss's cross-entropy for one view.
+    auto prob = log_class_probs(logits, views);
     auto valid = labels.ge(0);
     const int64_t n = valid.sum().item<int64_t>();
     if (n == 0) return;
@@ -47,7 +57,7 @@ struct EvalSums {
     }
     loss += torch::nll_loss(prob, labels, {}, at::Reduction::Sum).item<double>();
     auto k = std::min<int64_t>(5, prob.size(1));
-    auto top = std::get<1>(prob.topk(k, 1));
+    auto top = top_classes(prob, k).second;
     auto hit = top.eq(labels.unsqueeze(1));
     top1 += hit.select(1, 0).sum().item<int64_t>();
     top5 += hit.any(1).sum().item<int64_t>();

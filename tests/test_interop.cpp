@@ -350,6 +350,28 @@ for line in open(f"{d}/scales.txt"):
   remove_tree(dir);
 }
 
+TEST_CASE("interop: blpa-eval and blpa-predict rank equal scores in class order", "[interop]") {
+  // bf16 logits tie often, and topk's order among equals is unspecified: blpa-predict's first
+  // class depended on --top-k (a tie of classes 0 and 3 put 3 first with k = 1, 0 with k = 10)
+  // and could differ from the top-1 blpa-eval counted.
+  const auto scores = torch::tensor({{0.5f, 2.0f, 2.0f, -1.0f, 2.0f}, {1.0f, 1.0f, 1.0f, 1.0f, 1.0f}});
+  for (int64_t k = 1; k <= 5; ++k) {
+    CAPTURE(k);
+    const auto [values, classes] = blpa::top_classes(scores, k);
+    const std::vector<int64_t> first{1, 2, 4, 0, 3}, second{0, 1, 2, 3, 4};
+    for (int64_t j = 0; j < k; ++j) {
+      CHECK(classes[0][j].item<int64_t>() == first[j]);
+      CHECK(classes[1][j].item<int64_t>() == second[j]);
+      CHECK(values[0][j].item<float>() == scores[0][first[j]].item<float>());
+    }
+  }
+  CHECK(blpa::top_classes(scores[0], 9).second.size(0) == 5);  // k past the classes: all of them
+  // Ten views of an image: the log of their mean probability.
+  const auto logits = torch::randn({20, 5});
+  const auto mean = torch::softmax(logits, 1).view({2, 10, 5}).mean(1);
+  CHECK(torch::allclose(blpa::log_class_probs(logits, 10).exp(), mean, 1e-6, 1e-7));
+}
+
 TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval and with the network", "[interop]") {
   OneThread one_thread;
   if (!have_fashion_mnist()) return;

@@ -8,6 +8,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "blpa/distributed.h"
@@ -140,6 +141,15 @@ struct ImageEvalOptions {
   bool progress = false;
   const std::atomic<bool>* stop = nullptr;  // polled after every batch: stops early when true
 };
+
+// Each image's log class probabilities from the network's outputs (N x views rows, the views
+// of an image together): the log of its views' mean probability, made without forming
+// probabilities that underflow. What blpa-eval scores and blpa-predict ranks.
+torch::Tensor log_class_probs(const torch::Tensor& logits, int64_t views);
+// The k best of each row's scores (values, classes), best first, equal scores in class order:
+// topk's order among equals is unspecified, and bf16 logits tie often, so that blpa-eval's
+// top-1 and blpa-predict's first class could differ.
+std::pair<torch::Tensor, torch::Tensor> top_classes(const torch::Tensor& scores, int64_t k);
 
 // Top-1/top-5 of a model on a list of JPEGs (ImageNet validation protocol).
 EvalResult evaluate_images(ResNet& model, const data::ImageList& list, const ImageEvalOptions& options);
