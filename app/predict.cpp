@@ -13,6 +13,8 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <cxxopts.hpp>
 #include <fstream>
 #include <iostream>
@@ -102,14 +104,19 @@ bool is_dir(const std::string& p) {
   return ::stat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
 }
 
+// A file's lines without their CR and the first line's UTF-8 byte-order mark. A file that
+// does not exist, or a folder, is a bad flag (exit 2, as a --checkpoint folder).
 std::vector<std::string> read_lines(const std::string& path, const std::string& flag) {
-  if (struct stat st{}; ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
-    throw FlagError(flag + " " + path + ": is a folder, not a file");  // exit 2, as a --checkpoint folder
+  blpa::require_file(flag, path);
+  errno = 0;
   std::ifstream f(path);
-  if (!f) throw std::runtime_error(flag + " " + path + ": cannot be read");
+  if (!f)
+    throw std::runtime_error(flag + " " + path + ": cannot be read" +
+                             (errno ? std::string(" (") + std::strerror(errno) + ")" : std::string()));
   std::vector<std::string> lines;
   for (std::string line; std::getline(f, line);) {
     if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (lines.empty() && line.rfind("\xEF\xBB\xBF", 0) == 0) line.erase(0, 3);
     lines.push_back(line);
   }
   return lines;
@@ -124,6 +131,10 @@ std::vector<std::string> class_names(const blpa::Checkpoint& ck, const std::stri
   if (!names_file.empty()) {
     auto names = read_lines(names_file, "--class-names");
     while (!names.empty() && names.back().empty()) names.pop_back();
+    // A blank line within was taken as a class named "", and every later name as the one after it.
+    if (const auto blank = std::find(names.begin(), names.end(), ""); blank != names.end())
+      throw FlagError(fmt::format("--class-names {}: line {} is blank (one name a line, class 0 first)", names_file,
+                                  blank - names.begin() + 1));
     if (static_cast<int64_t>(names.size()) != classes)
       throw FlagError(fmt::format("--class-names {}: {} names for a network of {} classes", names_file, names.size(),
                                   classes));  // another data set's names: a flag that does not fit, exit 2
@@ -182,7 +193,12 @@ void add_list(const std::string& list, int64_t classes, std::vector<Input>& out)
   for (std::string text : read_lines(list, "--list")) {
     const auto l = blpa::data::split_list_line(std::move(text), first);
     first = false;
+    // Indentation and trailing blanks go, as from blpa-train's lines (l.path); where the comma
+    // turns out to be part of the name, from the whole line.
     std::string line = l.line;
+    line.erase(line.find_last_not_of(" \t") + 1);
+    line.erase(0, std::min(line.size(), line.find_first_not_of(" \t")));
+    if (!l.has_comma) line = l.path;
     if (!l.unreadable.empty()) throw std::runtime_error("--list " + list + ": " + l.unreadable);
     if (l.ignored) continue;
     Input in;
@@ -258,7 +274,7 @@ struct Options {
 int64_t predict_images(blpa::ResNet& model, const std::vector<Input>& inputs, const Options& o, const Printer& out) {
   const auto& e = o.eval;
   const int64_t views = e.ten_crop ? 10 : 1, n = static_cast<int64_t>(inputs.size());
-  const int64_t batches = (n + e.batch - 1) / e.batch;
+  const int64_t batches = n / e.batch + (n % e.batch != 0);  // n + batch - 1 may overflow
   const auto norm = blpa::data::imagenet_normalisation();
   const torch::Device dev(o.device);
   std::vector<std::string> errors(inputs.size());  // each written by the one thread that decodes it

@@ -109,7 +109,7 @@ EvalResult evaluate_images(ResNet& model, const data::ImageList& list, const Ima
   const bool was_training = model->is_training();
   model->eval();
   const torch::Device dev(o.device);
-  const int64_t batches = (list.size() + o.batch - 1) / o.batch;
+  const int64_t batches = list.size() / o.batch + (list.size() % o.batch != 0);  // size + batch - 1 may overflow
   data::DecodeErrors errors;
   const auto norm = data::imagenet_normalisation();
   const bool pin = dev.is_cuda();

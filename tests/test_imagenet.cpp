@@ -585,6 +585,15 @@ TEST_CASE("train: blpa-train trains on an ImageNet folder and blpa-eval scores i
   CAPTURE(json);
   CHECK(json.find("\"ten_crop\": true, \"images\": 6, \"failed\": 1") != std::string::npos);
   CHECK(json.find("\"top5\": 1.000000") != std::string::npos);  // 3 classes: the top 5 hold them all
+  {  // the largest --batch: one batch of them all (the count of batches overflowed: "no image could be evaluated")
+    const std::string huge = std::string(BLPA_EVAL_EXE) + " --checkpoint " + ck +
+                             " --resize 64 --crop 56 --batch 9223372036854775807 --json --index-cache '' > " + out +
+                             " 2>" + (root / "eval.err").string();
+    REQUIRE(std::system(huge.c_str()) == 0);
+    std::ifstream hf(out);
+    CHECK(std::string((std::istreambuf_iterator<char>(hf)), {}).find("\"images\": 6, \"failed\": 1") !=
+          std::string::npos);
+  }
   CHECK(std::system((std::string(BLPA_EVAL_EXE) + " --checkpoint " + (root / "none.pt").string() + " >/dev/null 2>&1").c_str()) != 0);
 
   // A --val-list of a run trained from folders takes its paths from its own folder; a list of

@@ -555,7 +555,24 @@ TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval 
   const Run names = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "0..2", "--class-names",
                                            dir.string()}, dir);
   CHECK(names.code == 2);  // a bad flag, as a --checkpoint folder is
-  CHECK(names.err.find("--class-names " + dir.string() + ": is a folder, not a file") != std::string::npos);
+  CHECK(names.err.find("--class-names " + dir.string() + ": is a directory") != std::string::npos);
+  // One that does not exist: a bad flag too (it exited 1 with "cannot be read").
+  const Run none = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "0..2", "--class-names",
+                                          (dir / "none.txt").string()}, dir);
+  CHECK(none.code == 2);
+  CHECK(none.err.find("--class-names " + (dir / "none.txt").string() + ": no such file") != std::string::npos);
+  // A byte-order mark is no part of the first name; a blank line within is refused.
+  std::ofstream(dir / "bom.txt") << "\xEF\xBB\xBFzero\none\ntwo\nthree\nfour\nfive\nsix\nseven\neight\nnine\n";
+  const Run bom = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "0..2", "--top-k", "10",
+                                         "--class-names", (dir / "bom.txt").string()}, dir);
+  CAPTURE(bom.err);
+  CHECK(bom.code == 0);
+  CHECK(bom.out.find("\"name\": \"zero\"") != std::string::npos);
+  std::ofstream(dir / "gap.txt") << "zero\n\ntwo\nthree\nfour\nfive\nsix\nseven\neight\nnine\n";
+  const Run gap = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "0..2", "--class-names",
+                                         (dir / "gap.txt").string()}, dir);
+  CHECK(gap.code == 2);
+  CHECK(gap.err.find("gap.txt: line 2 is blank") != std::string::npos);
   // Names of another data set (it exited 1, an error of the run, where the flag does not fit).
   std::ofstream(dir / "three.txt") << "a\nb\nc\n";
   const Run three = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "0..2", "--class-names",
@@ -685,12 +702,17 @@ TEST_CASE("interop: blpa-predict classifies JPEGs with the evaluation transform 
   CHECK(comma.code == 0);
   REQUIRE(comma.lines().size() == 1);
   CHECK(comma.lines()[0].find("\"file\": \"" + (dir / "photo, beach.jpg").string() + "\"") != std::string::npos);
-  std::ofstream(dir / "indented.txt") << "  # a comment\n \t\nimg/a.jpg,1\n";
+  // Indentation and trailing blanks are no part of a path, with a label or without (they were
+  // kept without one: "cannot read   img/a.jpg"), nor around a name with a comma.
+  std::ofstream(dir / "indented.txt") << "  # a comment\n \t\nimg/a.jpg,1\n  img/a.jpg\nimg/a.jpg \t\n"
+                                      << " photo, beach.jpg \n";
   const Run indented = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--resize", "36", "--crop", "32", "--list",
                                               (dir / "indented.txt").string()}, dir);
-  CAPTURE(indented.err);
+  CAPTURE(indented.out, indented.err);
   CHECK(indented.code == 0);
-  CHECK(indented.lines().size() == 1);
+  CHECK(indented.lines().size() == 4);
+  CHECK(indented.out.find("\"error\"") == std::string::npos);
+  CHECK(indented.out.find("\"file\": \"" + (dir / "photo, beach.jpg").string() + "\"") != std::string::npos);
 
   // Nothing classifiable: exit 1, every file reported.
   const Run bad = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, (dir / "img" / "cut.jpg").string(),
