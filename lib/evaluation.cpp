@@ -233,7 +233,9 @@ void relabel_as_trained(data::ImageList& list, const std::vector<std::string>& t
 
 }  // namespace
 
-std::string checkpoint_data_dir(const Checkpoint& ck, const std::string& given) {
+namespace {
+
+std::string recorded_data_dir(const Checkpoint& ck, const std::string& given) {
   if (!given.empty()) return given;
   const auto at = ck.config.find("data_dir");
   if (at == ck.config.end() || at->second.empty()) return data::kDebianFashionMnist;
@@ -244,6 +246,22 @@ std::string checkpoint_data_dir(const Checkpoint& ck, const std::string& given) 
         at->second,
         fs::path(at->second).is_relative() ? " (a relative path, from the folder the run was started in)" : ""));
   return at->second;
+}
+
+}  // namespace
+
+std::string checkpoint_data_dir(const Checkpoint& ck, const std::string& given) {
+  const std::string dir = recorded_data_dir(ck, given);
+  // MNIST's and Fashion-MNIST's files have the same names: the other one's folder was read
+  // without a word, normalised by its own statistics and named with the run's classes.
+  const auto dataset = ck.config.find("dataset");
+  if (dataset != ck.config.end() && (dataset->second == "mnist" || dataset->second == "fashion-mnist"))
+    if (const std::string kind = idx_kind(dir); !kind.empty() && kind != dataset->second)
+      spdlog::warn("{}: the images in {} look like {}'s (by their mean pixel), and {} was trained on {}: if they "
+                   "are not its run's images, neither are its scores and class names",
+                   given.empty() ? "the checkpoint's data folder" : "--data-dir " + given, dir, kind, ck.path,
+                   dataset->second);
+  return dir;
 }
 
 std::string eval_precision(const std::string& requested, const std::string& trained, const torch::Device& device) {

@@ -16,6 +16,7 @@
 #include "blpa/dataset.h"
 #include "blpa/formats.h"
 #include "blpa/train.h"
+#include "train_parts.h"
 
 namespace blpa {
 
@@ -50,15 +51,6 @@ bool holds(const fs::path& d, const Layout& l) {
   for (const auto& m : l.markers)
     if (!fs::exists(d / m, ec) && !(m.rfind("train-images", 0) == 0 && fs::exists(d / (m + ".gz"), ec))) return false;
   return true;
-}
-
-// MNIST's and Fashion-MNIST's files have the same names: a folder of either is told by its
-// images, whose mean pixel is about 33 in MNIST (and 45-50 in EMNIST and KMNIST, digits or
-// letters on black) and 73 in Fashion-MNIST. "" where the file cannot say (the load reports why).
-std::string idx_kind(const std::string& dir) {
-  const double mean = data::idx_mean_pixel(data::idx_file(dir, "train-images-idx3-ubyte"), 1000);
-  if (std::isnan(mean)) return "";
-  return mean < 58 ? "mnist" : "fashion-mnist";
 }
 
 bool serves(const Layout& l, const std::string& dataset) {
@@ -118,6 +110,15 @@ std::string resolve_dataset(const TrainConfig& c) {
 }
 
 }  // namespace
+
+// MNIST's and Fashion-MNIST's files have the same names: a folder of either is told by its
+// images, whose mean pixel is about 33 in MNIST (and 45-50 in EMNIST and KMNIST, digits or
+// letters on black) and 73 in Fashion-MNIST.
+std::string idx_kind(const std::string& dir) {
+  const double mean = data::idx_mean_pixel(data::idx_file(dir, "train-images-idx3-ubyte"), 1000);
+  if (std::isnan(mean)) return "";
+  return mean < 58 ? "mnist" : "fashion-mnist";
+}
 
 // ---- The settings as recorded (checkpoint, log, summary) ----
 

@@ -27,6 +27,10 @@ void console(fmt::format_string<Args...> format, Args&&... args) {
   (void)written;
 }
 
+// "mnist" or "fashion-mnist", which of the two IDX data sets the images in `dir` look like (by
+// their mean pixel; train_config.cpp); "" where the file cannot say (the load reports why).
+std::string idx_kind(const std::string& dir);
+
 // ---- The run's files (run_files.cpp) ----
 
 // The JSON-lines log. Every record is one write(2), checked: a full disk or an unwritable

@@ -2292,5 +2292,19 @@ TEST_CASE("hardening: a resume on other data held in memory is said, and MNIST i
   const Run resumed = digit_run({"--iterations", "4", "--resume"});
   CAPTURE(resumed.output);
   CHECK(resumed.code == 0);
+
+  // blpa-eval and blpa-predict given the other one's folder: said (it was scored and named
+  // without a word), and not for the run's own.
+  const std::string warned = "look like mnist's (by their mean pixel), and " + ck + " was trained on fashion-mnist";
+  for (const auto& [exe, extra] : {std::pair<const char*, const char*>{BLPA_EVAL_EXE, "--quiet"},
+                                   {BLPA_PREDICT_EXE, "--from-dataset=0..2"}}) {
+    const Run on_digits = run(exe, {"--checkpoint", ck, "--data-dir", (dir / "digits").string(), extra}, dir);
+    CAPTURE(on_digits.output);
+    CHECK(on_digits.code == 0);
+    CHECK(on_digits.output.find(warned) != std::string::npos);
+    const Run on_own = run(exe, {"--checkpoint", ck, "--data-dir", (dir / "a").string(), extra}, dir);
+    CHECK(on_own.code == 0);
+    CHECK(on_own.output.find("look like") == std::string::npos);
+  }
   remove_tree(dir);
 }

@@ -187,7 +187,8 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e);
 
 // The data folder for blpa-eval and blpa-predict: `given` (their --data-dir), else the one the
 // checkpoint's run was trained on (Fashion-MNIST's for a run from before it was recorded),
-// which must still be there: a runtime_error says to give --data-dir.
+// which must still be there: a runtime_error says to give --data-dir. For an MNIST or
+// Fashion-MNIST run it warns where the folder's images look like the other's.
 std::string checkpoint_data_dir(const Checkpoint& ck, const std::string& given);
 
 // The class names (ImageNet's folders) in the order the checkpoint's run numbered them; empty
