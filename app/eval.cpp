@@ -14,15 +14,15 @@
 #include "flags.h"
 
 // --export: the checkpoint's network as blpa-train --export writes it, for a run trained
-// without --export, say. A file already there is replaced only where it is empty or an export
-// holding the same run id (export_not_replaceable), so that the same command runs again.
+// without --export, say. A file already there is replaced only where it is empty or this
+// run's export (export_not_replaceable), so that the same command runs again.
 static int export_network(const std::string& checkpoint, const std::string& path, bool json) {
   const blpa::Checkpoint ck = blpa::read_checkpoint(checkpoint);
   const auto id = ck.config.find("run_id");
   const std::string run_id = id != ck.config.end() ? id->second : "";
   namespace fs = std::filesystem;
   if (std::error_code ec; fs::exists(path, ec) && !(fs::is_regular_file(path, ec) && fs::file_size(path, ec) == 0))
-    if (const std::string why = blpa::export_not_replaceable(path, run_id); !why.empty())
+    if (const std::string why = blpa::export_not_replaceable(path, run_id, ck.net); !why.empty())
       throw blpa::FlagError(fmt::format("--export {} already exists and {}: give another path, or remove it", path, why));
   blpa::ResNet model = blpa::load_model(ck);
   blpa::export_state_dict(path, model, run_id);

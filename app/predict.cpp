@@ -342,9 +342,11 @@ int64_t predict_records(blpa::ResNet& model, const blpa::Checkpoint& ck, const O
                                 records.size()));
   const torch::Device dev(o.device);
   torch::NoGradGuard no_grad;
-  for (int64_t s = first; s < end; s += o.eval.batch) {
+  for (int64_t s = first; s < end;) {
+    const int64_t n = std::min(o.eval.batch, end - s);  // s + batch may overflow
     std::vector<int64_t> idx;
-    for (int64_t i = s; i < std::min(end, s + o.eval.batch); ++i) idx.push_back(i);
+    for (int64_t i = s; i < s + n; ++i) idx.push_back(i);
+    s += n;
     auto b = blpa::data::make_batch(records, idx, norm, nullptr, 0);
     const auto logp = blpa::log_class_probs(model->forward(b.images.to(dev)), 1).cpu();
     for (size_t i = 0; i < idx.size(); ++i)

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <torch/csrc/jit/serialization/export.h>
+#include <torch/csrc/jit/serialization/pickle.h>
 #include <torch/csrc/jit/serialization/pickler.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -16,7 +17,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <mutex>
 #include <optional>
 #include <sstream>
@@ -1048,20 +1051,48 @@ std::optional<std::string> exported_run_id(const std::string& path) {
   }
 }
 
-std::string export_not_replaceable(const std::string& path, const std::string& run_id) {
+namespace {
+
+// Whether the archive at `path` is a dict of tensors with the names and shapes of `net`'s
+// state, as export_state_dict writes it.
+bool holds_state_of(const std::string& path, const NetConfig& net) {
+  try {
+    std::ifstream f(path, std::ios::binary);
+    const std::vector<char> bytes((std::istreambuf_iterator<char>(f)), {});
+    const auto dict = torch::pickle_load(bytes).toGenericDict();
+    std::unordered_map<std::string, std::vector<int64_t>> want;
+    ResNet model(net);
+    for (const auto& p : model->named_parameters()) want[p.key()] = p.value().sizes().vec();
+    for (const auto& b : model->named_buffers()) want[b.key()] = b.value().sizes().vec();
+    if (dict.size() != want.size()) return false;
+    for (const auto& e : dict) {
+      const auto it = e.key().isString() ? want.find(e.key().toStringRef()) : want.end();
+      if (it == want.end() || !e.value().isTensor() || e.value().toTensor().sizes().vec() != it->second) return false;
+    }
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+}  // namespace
+
+std::string export_not_replaceable(const std::string& path, const std::string& run_id, const NetConfig& net) {
   std::error_code ec;
   if (fs::is_directory(path, ec)) return "is a folder";
   const auto theirs = exported_run_id(path);
-  if (!theirs) return "is not an export (not a zip archive)";
+  if (!theirs) return "is not an export (not a PyTorch archive, or a damaged one)";
   if (theirs->empty()) {
-    bool checkpoint = false;
+    bool module = false;
     try {
-      checkpoint = caffe2::serialize::PyTorchStreamReader(path).hasRecord("constants.pkl");
+      module = caffe2::serialize::PyTorchStreamReader(path).hasRecord("constants.pkl");
     } catch (const std::exception&) {
     }
-    return checkpoint ? "is a checkpoint, not an export"
-                      : "holds no run id (an export from before run ids, or another program's file: which run's it "
-                        "is cannot be told)";
+    if (module) return "is a checkpoint (or another TorchScript archive), not an export";
+    // A run from before run ids wrote its export without one: its own, as far as can be told.
+    if (run_id.empty() && holds_state_of(path, net)) return "";
+    return "holds no run id (an export from before run ids, or another program's file), so it cannot be told to "
+           "be this run's";
   }
   if (*theirs != run_id) return "is the export of run " + *theirs;
   return "";

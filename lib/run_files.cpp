@@ -167,11 +167,10 @@ void check_log_is_this_runs(const std::string& path, const TrainConfig& c) {
                     c.checkpoint + "'s run, or another path");
 }
 
-void check_outputs_are_this_runs(const TrainConfig& c) {
+void check_outputs_are_this_runs(const TrainConfig& c, const NetConfig& net) {
   auto refuse = [&](const std::string& flag, const std::string& path, const std::string& why) {
-    throw FlagError(flag + " " + path + " " + why + ": it is not checkpoint " + c.checkpoint + "'s run's (" +
-                    (c.run_id.empty() ? "a run from before run ids" : "run id " + c.run_id) + "); give that run's " +
-                    flag + ", or another path");
+    throw FlagError(flag + " " + path + " " + why + ": give checkpoint " + c.checkpoint + "'s run's " + flag + " (" +
+                    (c.run_id.empty() ? "a run from before run ids" : "run id " + c.run_id) + "), or another path");
   };
   std::error_code ec;
   if (!c.summary_path.empty() && fs::is_regular_file(c.summary_path, ec) && fs::file_size(c.summary_path, ec) > 0) {
@@ -189,7 +188,7 @@ void check_outputs_are_this_runs(const TrainConfig& c) {
     check_readable("--export", c.export_path);
     // A file without a run id is not replaced: an existing torch.save file or another run's
     // checkpoint passed as no run's export, and the run's own end wrote over it.
-    if (const std::string why = export_not_replaceable(c.export_path, c.run_id); !why.empty())
+    if (const std::string why = export_not_replaceable(c.export_path, c.run_id, net); !why.empty())
       refuse("--export", c.export_path, why);
   }
 }
@@ -198,7 +197,7 @@ void check_outputs_are_the_runs(TrainConfig c, const Checkpoint& resumed) {
   const auto id = resumed.config.find("run_id");
   c.run_id = id != resumed.config.end() ? id->second : "";
   if (!c.log_path.empty()) check_log_is_this_runs(c.log_path, c);
-  check_outputs_are_this_runs(c);
+  check_outputs_are_this_runs(c, resumed.net);
 }
 
 int64_t drop_records_after(const std::string& path, int64_t iteration, bool evaluates) {

@@ -79,8 +79,9 @@ void prepare_outputs(const TrainConfig& c, OutputLocks& locks);
 // records past the checkpoint are dropped.
 void check_log_is_this_runs(const std::string& path, const TrainConfig& c);
 // --resume: a summary or an export already there is replaced when the run ends, so it must be
-// this run's (one written before run ids existed is taken to be).
-void check_outputs_are_this_runs(const TrainConfig& c);
+// this run's: c.run_id is the checkpoint's, "" for a run from before run ids (whose summary
+// without a run id is taken to be its own, and whose export is where it holds `net`'s tensors).
+void check_outputs_are_this_runs(const TrainConfig& c, const NetConfig& net);
 
 // --resume: the records of iterations after the checkpoint's are recomputed by the resumed
 // run, so they leave the log (rewritten atomically), which then reads as one run. So does a

@@ -1260,6 +1260,33 @@ TEST_CASE("hardening: a resumed run's log reads as one run", "[hardening]") {
   remove_tree(dir);
 }
 
+TEST_CASE("hardening: an export is replaced only where it is the run's own", "[hardening]") {
+  const auto dir = temp_dir("export-owner");
+  const blpa::NetConfig net{"cifar", 11, 1, 10, {blpa::Mode::plain}}, deeper{"cifar", 20, 1, 10, {blpa::Mode::plain}};
+  blpa::ResNet model(net);
+  const std::string with_id = (dir / "with.pt").string(), without = (dir / "without.pt").string();
+  blpa::export_state_dict(with_id, model, "run-a");
+  blpa::export_state_dict(without, model);  // as a run from before run ids wrote it
+  CHECK(blpa::export_not_replaceable(with_id, "run-a", net).empty());
+  CHECK(blpa::export_not_replaceable(with_id, "run-b", net) == "is the export of run run-a");
+  CHECK(blpa::export_not_replaceable(with_id, "", net) == "is the export of run run-a");
+  // Without a run id: a run that has one cannot tell it from a torch.save file of the user's.
+  CHECK(blpa::export_not_replaceable(without, "run-a", net).rfind("holds no run id", 0) == 0);
+  // A run from before run ids: its own export, as far as its network's names and shapes tell
+  // (a sweep rerun over such runs, or blpa-eval --export run twice, was refused).
+  CHECK(blpa::export_not_replaceable(without, "", net).empty());
+  CHECK(blpa::export_not_replaceable(without, "", deeper).rfind("holds no run id", 0) == 0);
+  // A checkpoint, a folder, a file of text: never.
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1));
+  const std::string ck = (dir / "a.ckpt").string();
+  blpa::save_checkpoint(ck, "identity", "arch=cifar\ndepth=11\nmode=plain\n", {}, model, opt);
+  CHECK(blpa::export_not_replaceable(ck, "", net).rfind("is a checkpoint", 0) == 0);
+  CHECK(blpa::export_not_replaceable(dir.string(), "", net) == "is a folder");
+  std::ofstream(dir / "notes.txt") << "my notes\n";
+  CHECK(blpa::export_not_replaceable((dir / "notes.txt").string(), "", net).rfind("is not an export", 0) == 0);
+  remove_tree(dir);
+}
+
 TEST_CASE("hardening: --resume refuses another run's log, summary or export, and drops a record cut short",
           "[hardening]") {
   if (!have_fashion_mnist()) return;
@@ -1329,7 +1356,7 @@ TEST_CASE("hardening: --resume refuses another run's log, summary or export, and
       {{"--log", log, "--summary", twin_summary}, "--summary " + twin_summary + " is the summary of run "},
       {{"--log", log, "--export", twin_export}, "--export " + twin_export + " is the export of run "},
       {{"--log", log, "--export", no_id}, "--export " + no_id + " holds no run id"},
-      {{"--log", log, "--export", twin_ck}, "--export " + twin_ck + " is a checkpoint, not an export"},
+      {{"--log", log, "--export", twin_ck}, "--export " + twin_ck + " is a checkpoint (or another TorchScript"},
   };
   for (const auto& [flags, message] : twins) {
     std::vector<std::string> args{"--checkpoint", ck, "--iterations", "5", "--resume"};

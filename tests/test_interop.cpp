@@ -447,8 +447,8 @@ TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval 
   CHECK(slurp(made) == slurp(pt));
   const Run over = run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--export", log}, dir);
   CHECK(over.code == 2);
-  CHECK(over.err.find("--export " + log + " already exists and is not an export (not a zip archive): give another "
-                       "path") != std::string::npos);
+  CHECK(over.err.find("--export " + log + " already exists and is not an export (not a PyTorch archive, or a "
+                       "damaged one): give another path") != std::string::npos);
   // Nor over a file without a run id (a user's torch.save state dict; an export from before run
   // ids), nor over the checkpoint itself: both were replaced where the checkpoint had no run id.
   const std::string mine = (dir / "mine.pt").string();
@@ -460,7 +460,8 @@ TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval 
   CHECK(no_id.err.find("--export " + mine + " already exists and holds no run id") != std::string::npos);
   const Run itself = run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--export", ck}, dir);
   CHECK(itself.code == 2);
-  CHECK(itself.err.find("--export " + ck + " already exists and is a checkpoint, not an export") != std::string::npos);
+  CHECK(itself.err.find("--export " + ck + " already exists and is a checkpoint (or another TorchScript archive), "
+                        "not an export") != std::string::npos);
   CHECK(slurp(mine) == mine_bytes);
   CHECK(slurp(ck) == ck_bytes);
   const Run mixed = run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--export", again, "--subset", "10"}, dir);
@@ -548,6 +549,12 @@ TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval 
   const Run resize = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "0..2", "--resize", "300"}, dir);
   CHECK(resize.code == 2);  // ignored, where blpa-eval refuses it
   CHECK(resize.err.find("--resize is for ImageNet-style images") != std::string::npos);
+  // The largest --batch from a record past 0: s + batch overflowed, and the batch grew without end.
+  const Run huge = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "1..3", "--batch",
+                                          "9223372036854775807"}, dir);
+  CAPTURE(huge.err);
+  CHECK(huge.code == 0);
+  CHECK(huge.lines().size() == 2);
   const Run k = run(BLPA_PREDICT_EXE, {"--checkpoint", ck, "--from-dataset", "0..2", "--top-k", "x"}, dir);
   CHECK(k.code == 2);
   CHECK(k.err.find("--top-k: 'x' is not an integer") != std::string::npos);

@@ -132,10 +132,11 @@ void export_state_dict(const std::string& path, ResNet& model, const std::string
 // The run id an export holds; "" for none (an export of another program or before run ids),
 // nullopt for a file that is not a zip archive.
 std::optional<std::string> exported_run_id(const std::string& path);
-// Why the file at `path` may not be replaced by an export of run `run_id`, as "is ..." words
-// ("is a blpa-train checkpoint"); "" where it may: an export holding that same run id. A file
-// with no run id is never replaced: an export from before run ids cannot be told from another
-// run's, nor from a state dict a user saved with torch.save.
-std::string export_not_replaceable(const std::string& path, const std::string& run_id);
+// Why the file at `path` may not be replaced by an export of run `run_id` ("" for a checkpoint
+// from before run ids) of network `net`, as "is ..." words ("is a folder"); "" where it may: an
+// export holding that same run id or, for a run without one, a dict of tensors with `net`'s
+// names and shapes (its export from before run ids, as far as can be told). Any other file
+// without a run id (a state dict saved with torch.save, a checkpoint) is not replaced.
+std::string export_not_replaceable(const std::string& path, const std::string& run_id, const NetConfig& net);
 
 }  // namespace blpa
