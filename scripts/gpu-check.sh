@@ -39,10 +39,23 @@ cd "$here"
 out=${OUT:-$here/results}
 mkdir -p "$out"
 log=$out/gpu-check.txt bench_log=$out/gpu-bench.jsonl
-: >"$log"
-: >"$bench_log"
 prefix=$here/third_party/prefix
 [[ -d $prefix/usr ]] || { echo "third_party/prefix missing: run scripts/prepare-offline-deps.sh where a registry is reachable" >&2; exit 1; }
+# A stage filter that names no stage (a typo, a bad regex) ran the build alone and said "status: 0":
+# a device call spent. The stage names, from the stage calls below.
+if [[ -n ${BLPA_GPU_STAGES:-} ]]; then
+  stages="$(sed -n 's/^ *stage \([a-z0-9-]*\) .*/\1/p' "${BASH_SOURCE[0]}") train-plain train-blpa"
+  stages+=" max-batch-resnet152-11g-accum1 max-batch-resnet152-11g-accum4 max-batch-resnet152-80g-accum1"
+  stages+=" max-batch-resnet152-80g-accum4"  # the names made in loops below
+  matched=0
+  for name in $stages; do
+    [[ $name =~ ^(${BLPA_GPU_STAGES})$ ]]
+    case $? in 0) matched=1 ;; 2) echo "BLPA_GPU_STAGES='$BLPA_GPU_STAGES' is not a valid regular expression" >&2; exit 2 ;; esac
+  done
+  ((matched)) || { echo "BLPA_GPU_STAGES='$BLPA_GPU_STAGES' names no stage; the stages:" $stages >&2; exit 2; }
+fi
+: >"$log"  # the previous run's outputs are replaced only by a run that can start
+: >"$bench_log"
 export BLPA_OFFLINE=1 BLPA_CUDA=ON BLPA_TORCH_PYTHON=${BLPA_TORCH_PYTHON:-python3}
 export BLPA_PREFIX=$prefix/usr BLPA_BUILD_DIR=$here/build-gpu
 export LD_LIBRARY_PATH=$prefix/usr/lib/x86_64-linux-gnu:$prefix/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}

@@ -109,8 +109,5 @@ elif [[ -z $torch_cuda ]]; then
 fi
 
 mkdir -p "$BLPA_BUILD_DIR"
-{
-  echo "Torch_DIR=$Torch_DIR"
-  echo "CUDACXX=$CUDACXX"
-  echo "BLPA_TORCH_CUDA=$torch_cuda"
-} >"$BLPA_BUILD_DIR/setup.env"
+# Quoted for `source`: a path with a space (or a shell character) broke every build.
+printf 'Torch_DIR=%q\nCUDACXX=%q\nBLPA_TORCH_CUDA=%q\n' "$Torch_DIR" "$CUDACXX" "$torch_cuda" >"$BLPA_BUILD_DIR/setup.env"
