@@ -4,6 +4,10 @@
 # unpacks them.   scripts/get-cifar.sh [DIR]   (default ~/.cache/blpa/data)
 # Then: blpa-train --data-dir DIR/cifar-10-batches-bin   or   DIR/cifar-100-binary
 set -euo pipefail
+if (($# > 1)) || [[ ${1:-} == -* ]]; then  # --help made a folder "--help" and downloaded into it
+  echo "usage: scripts/get-cifar.sh [DIR]   (default ~/.cache/blpa/data)" >&2
+  exit 2
+fi
 dir=${1:-$HOME/.cache/blpa/data}
 base=https://www.cs.toronto.edu/~kriz
 mkdir -p "$dir"

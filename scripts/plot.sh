@@ -35,7 +35,11 @@ command -v gnuplot >/dev/null || { echo "plot.sh: gnuplot not found (Debian: gnu
 for f in "$@"; do
   [[ -f $f && -r $f ]] || { echo "plot.sh: $f: not a readable file" >&2; exit 1; }
 done
-mkdir -p "$out"
+# The PNGs' folder (-p may name a subfolder): one that cannot be written made gnuplot send
+# the PNG to the terminal.
+dest=$(dirname "$out/${prefix}x")
+mkdir -p "$dest"
+[[ -w $dest ]] || { echo "plot.sh: $dest: not a writable folder" >&2; exit 1; }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -148,21 +152,30 @@ plot() {
     clauses+="${c//@I/$i}, "
   done
   if [[ -z $clauses ]]; then
-    echo "$png: no log has $2 records; not written"
+    # A plot from an earlier set of logs would stay beside these ones' as if it were theirs.
+    if [[ -e $png ]]; then rm -f "$png"; echo "$png: no log has $2 records; not written (the older one removed)"
+    else echo "$png: no log has $2 records; not written"; fi
     return
   fi
+  # Single-quoted gnuplot strings ('' for a quote): in double quotes gnuplot runs `commands`,
+  # which a title or a path could hold.
+  local q="'" qq="''"
   gnuplot <<GP
 set terminal pngcairo size 900,560 font "Sans,11" noenhanced
-set output "$png"
-set title "${title//\"/\\\"}${title:+: }$2"
+set output '${png//$q/$qq}'
+set title '${title//$q/$qq}${title:+: }$2'
 set xlabel "iteration"; set ylabel "$2"; set grid; set key outside right top
 ${5:-}
 plot ${clauses%, }
 GP
+  [[ -s $png ]] || { echo "plot.sh: $png: not written" >&2; exit 1; }
+  written=$((written + 1))
   echo "$png"
 }
+written=0
 plot loss.png "training loss" train "'@F' using 1:2 with @S lw 2 lc @I title '@T'" "set logscale y"
 plot error.png "test error (%)" eval "'@F' using 1:2 with @S lw 2 lc @I title '@T'"
 plot images-per-s.png "images/s" train "'@F' using 1:3 with @S lw 2 lc @I title '@T'" "set yrange [0:*]"
 plot memory.png "MiB: stored activations (solid), step peak (dashed)" train \
   "'@F' using 1:4 with @S lw 2 lc @I title '@T', '@F' using 1:5 with @S lw 2 dt 2 lc @I notitle" "set yrange [0:*]"
+((written > 0)) || { echo "plot.sh: the logs have no records to plot; nothing written" >&2; exit 1; }

@@ -20,7 +20,8 @@ plots() {
   done
   ((${#logs[@]} == 0)) || "$here/scripts/plot.sh" -o "$here/docs" -p study- "${logs[@]}"
   local mem=$out/memory-resnet164.jsonl
-  [[ -f $mem ]] || return 0
+  # Empty where a study stopped in its first benchmark: the committed plot was replaced by an empty one.
+  [[ -s $mem ]] || return 0
   # "mode", "bits", "stored_activation_bytes", "peak_bytes" of each line, as "name MiB MiB"
   awk '{ split("", v); n = split($0, f, /[,{}]/)
          for (i = 1; i <= n; i++) if (match(f[i], /"[a-z_]+": /)) {
@@ -29,19 +30,23 @@ plots() {
                v["peak_bytes"] / 1048576 }' "$mem" >"$out/memory-resnet164.dat"
   gnuplot <<GP
 set terminal pngcairo size 900,520 font "Sans,11"
-set output "$here/docs/memory-resnet164.png"
+set output "$out/memory-resnet164.png.part"
 set title "ResNet-164, batch 128, one training step (CPU allocator)"
 set style data histograms; set style histogram clustered gap 1; set style fill solid 0.8 border -1
 set ylabel "MiB"; set grid ytics; set key top right
 set yrange [0:*]
 plot "$out/memory-resnet164.dat" using 2:xtic(1) title "kept by autograd for backward", "" using 3 title "step peak above resident"
 GP
+  [[ -s $out/memory-resnet164.png.part ]] || { echo "docs/memory-resnet164.png: not rendered" >&2; return 1; }
+  mv "$out/memory-resnet164.png.part" "$here/docs/memory-resnet164.png"  # whole, or the old one stays
   echo "$here/docs/memory-resnet164.png"
 }
-if [[ ${1:-} == --plots ]]; then
-  plots
-  exit 0
-fi
+case "$#:${1:-}" in
+  0:) ;;
+  1:--plots) plots; exit 0 ;;
+  # Anything else (--help, a typo of --plots) started the whole 80-minute study.
+  *) echo "usage: scripts/study.sh [--plots]   (see its header)" >&2; exit 2 ;;
+esac
 
 export BLPA_BUILD_DIR=${BLPA_BUILD_DIR:-$here/build}
 "$here/scripts/build.sh" >/dev/null

@@ -790,6 +790,21 @@ TEST_CASE("interop: plot.sh renders one PNG per quantity from the logs of test r
   CAPTURE(cut.out, cut.err);
   CHECK(cut.code == 0);
   CHECK(cut.out.find("cut-error.png: no log has test error (%) records; not written") != std::string::npos);
+  // A title is text to gnuplot, not a command (in its double quotes it ran `...`); an older
+  // plot that the new logs cannot make goes, and no plot at all is an error.
+  const fs::path ran = dir / "ran";
+  const Run titled = shell(plot + " -o \"" + (dir / "png").string() + "\" -t \"a \\`touch " + ran.string() +
+                               "\\` title\" \"" + plain + "\"", dir);  // \`: the shell runs nothing
+  CAPTURE(titled.out, titled.err);
+  CHECK(titled.code == 0);
+  CHECK_FALSE(fs::exists(ran));
+  CHECK(fs::file_size(dir / "png" / "loss.png") > 2000);
+  std::ofstream(dir / "config-only.jsonl") << slurp(plain).substr(0, slurp(plain).find('\n') + 1);
+  const Run none = run(plot, {"-o", (dir / "png").string(), (dir / "config-only.jsonl").string()}, dir);
+  CHECK(none.code == 1);
+  CHECK(none.out.find("loss.png: no log has training loss records; not written (the older one removed)") !=
+        std::string::npos);
+  CHECK_FALSE(fs::exists(dir / "png" / "loss.png"));
   CHECK(run(plot, {}, dir).code == 2);
   const Run missing = run(plot, {(dir / "none.jsonl").string()}, dir);
   CHECK(missing.code == 1);
