@@ -18,27 +18,28 @@ train=$BLPA_BUILD_DIR/app/blpa-train
 device=(--device "${BLPA_DEVICE:-cpu}")
 # The files are named after the data set, depth and mode (blpa-train's default: blpa, 4 bits);
 # a --dataset, --preset, --depth, --mode or --bits among the extra arguments renames them.
-mode=blpa bits=4 depth= data= preset=
+mode=blpa bits=4 depth= data= preset= dir=${BLPA_DATA_DIR:-}
 prev=
 for a in "$@"; do
   case $prev in
-    --mode) mode=$a ;; --bits) bits=$a ;; --depth) depth=$a ;; --dataset) data=$a ;;
+    --mode) mode=$a ;; --bits) bits=$a ;; --depth) depth=$a ;; --dataset) data=$a ;; --data-dir) dir=$a ;;
     --preset) data=$a depth=${depth:-152} preset=1 ;;
   esac
   case $a in
     --mode=*) mode=${a#*=} ;; --bits=*) bits=${a#*=} ;; --depth=*) depth=${a#*=} ;; --dataset=*) data=${a#*=} ;;
-    --preset=*) data=${a#*=} depth=${depth:-152} preset=1 ;;
+    --data-dir=*) dir=${a#*=} ;; --preset=*) data=${a#*=} depth=${depth:-152} preset=1 ;;
   esac
   prev=$a
 done
 [[ $mode == blpa || $mode == naive ]] && mode=$mode$bits
+# The data set blpa-train finds in the data folder, as it names it (runs on CIFAR-100 and
+# CIFAR-10, or a --data-dir among the arguments and Fashion-MNIST, shared their files' names);
+# CIFAR-10's runs stay "cifar". A folder it cannot read is its run's error, said there.
+if [[ -z $data && -n $dir ]]; then
+  data=$("$train" --data-dir "$dir" --print-config 2>/dev/null | sed -n 's/^dataset=//p') || data=
+  [[ $data != cifar10 ]] || data=cifar
+fi
 if [[ -n ${BLPA_DATA_DIR:-} ]]; then
-  # The data set blpa-train finds there (CIFAR-100 and CIFAR-10 runs shared their files' names).
-  if [[ -z $data && -e $BLPA_DATA_DIR/train.bin ]]; then
-    data=cifar100
-  elif [[ -z $data && -d $BLPA_DATA_DIR/train && -d $BLPA_DATA_DIR/val ]]; then
-    data=imagenet
-  fi
   name=${data:-cifar}-resnet${depth:-164}-$mode
   args=(--data-dir "$BLPA_DATA_DIR")  # every other flag at its default: the paper's protocol
 elif [[ -n $preset ]]; then  # the preset's protocol, whole: its --data-dir is among the arguments
