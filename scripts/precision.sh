@@ -17,6 +17,9 @@ out=$here/results/precision
 mkdir -p "$out"
 stages=("$@")
 [[ ${#stages[@]} -gt 0 ]] || stages=(step fidelity accuracy)
+for stage in "${stages[@]}"; do  # all checked first: a typo was found after the stages before it ran
+  [[ $stage =~ ^(step|fidelity|accuracy|accuracy-long)$ ]] || { echo "unknown stage $stage (step, fidelity, accuracy, accuracy-long)" >&2; exit 2; }
+done
 
 # Fashion-MNIST accuracy of the three settings, seeds 1-3, scored on all 10,000 test images:
 # one LibTorch thread per run, two runs side by side (2 cores).
@@ -31,11 +34,22 @@ accuracy() {
         --iterations "$iterations" --warmup "$warmup" --lr-steps "$lr_steps" --eval-every 0 --log-every 50 \
         --seed "$seed" --threads 1 --quiet --mode "$mode" --precision "$precision" --memory-format "$layout" \
         --overwrite --log "$out/$name.jsonl" --summary "$out/$name.json" &
-      while (($(jobs -r | wc -l) >= 2)); do wait -n; done
+      # A run that fails is found by its summary below (wait -n under set -e ended the script
+      # and left the other run going; the last runs' failures went unsaid).
+      while (($(jobs -r | wc -l) >= 2)); do wait -n || true; done
     done
   done
-  wait
+  wait || true
+  local failed=0 f
+  for seed in 1 2 3; do
+    for setting in "plain fp32 nchw" "plain bf16 nhwc" "blpa bf16 nhwc"; do
+      read -r mode precision layout <<<"$setting"
+      f=$out/fashion-$mode-$precision-$layout$suffix-seed$seed.json
+      grep -q '"status": "done"' "$f" 2>/dev/null || { echo "$(basename "$f" .json): did not finish" >&2; failed=1; }
+    done
+  done
   for f in "$out"/fashion-*-{nchw,nhwc}"$suffix"-seed?.json; do echo "$(basename "$f" .json) $(grep -o '"test_acc": [0-9.]*' "$f")"; done
+  return "$failed"
 }
 {
   echo "date: $(date -u +%FT%TZ)"

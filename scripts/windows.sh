@@ -26,6 +26,9 @@ mkdir -p "$out/ckpt"
 run() { OMP_WAIT_POLICY=passive nice -n "${NICE:-10}" "$@" --threads 1; }
 stages=("$@")
 [[ ${#stages[@]} -gt 0 ]] || stages=(checkpoints fidelity accuracy)
+for stage in "${stages[@]}"; do  # all checked first: a typo was found after the stages before it ran
+  [[ $stage =~ ^(checkpoints|checkpoints-d20|checkpoints-deep|fidelity|fidelity-drawn|fidelity-trained|accuracy)$ ]] || { echo "unknown stage $stage (checkpoints, fidelity[-drawn|-trained], accuracy)" >&2; exit 2; }
+done
 
 {
   echo "date: $(date -u +%FT%TZ)"
@@ -132,11 +135,21 @@ accuracy() {
   local seeds=${ACCURACY_SEEDS:-1 2 3} jobs=${ACCURACY_JOBS:-2}
   for seed in $seeds; do
     for mode in $modes; do
-      while (($(jobs -rp | wc -l) >= jobs)); do wait -n; done
+      # A run that fails is found by its log below (wait -n under set -e ended the script and
+      # left the other runs going; the last runs' failures went unsaid).
+      while (($(jobs -rp | wc -l) >= jobs)); do wait -n || true; done
       accuracy_one "$seed" "$mode" &
     done
   done
-  wait
+  wait || true
+  local failed=0
+  for seed in $seeds; do
+    for mode in $modes; do
+      grep -q '"type": "eval", "iter": 500,' "$out/fashion-$seed-$mode.jsonl" 2>/dev/null ||
+        { echo "fashion-$seed-$mode: did not finish" >&2; failed=1; }
+    done
+  done
+  return "$failed"
 }
 
 for stage in "${stages[@]}"; do
