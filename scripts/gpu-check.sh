@@ -109,8 +109,10 @@ if grep "(Skipped)\|\*\*\*Skipped" "$log" | grep -vq "plot.sh renders"; then
   echo "error: tests were skipped on a GPU machine" | tee -a "$log"; status=1
 fi
 # Which library std::filesystem calls bind to (LibTorch 2.11 exports a broken copy).
-stage fs-bindings 60 bash -c "readelf -d $BLPA_BUILD_DIR/tests/blpa_tests | grep NEEDED | head -n 3;
-  LD_DEBUG=bindings $BLPA_BUILD_DIR/tests/blpa_tests 'data: CIFAR-10 files*' 2>&1 | grep _ZNSt10filesystem | sed 's/^ *[0-9]*: *//' | sort -u | head -n 12"
+# Paths inside bash -c strings are quoted for that shell (an OUT with a space failed the stage).
+q_tests=$(printf %q "$BLPA_BUILD_DIR/tests/blpa_tests") q_out=$(printf %q "$out")
+stage fs-bindings 60 bash -c "readelf -d $q_tests | grep NEEDED | head -n 3;
+  LD_DEBUG=bindings $q_tests 'data: CIFAR-10 files*' 2>&1 | grep _ZNSt10filesystem | sed 's/^ *[0-9]*: *//' | sort -u | head -n 12"
 
 stage codec 120 bash -c 'for bits in 8 4; do for n in 16777216 268435456; do
   bench codec --device cuda --bits $bits --numel $n || exit 1; done; done'
@@ -127,7 +129,7 @@ stage step-resnet164-b16 120 bash -c 'bench step --device cuda --model resnet164
 # kernels), gzipped into one archive: chrome://tracing or Perfetto reads them.
 trace_dir=$(mktemp -d)
 stage trace 180 bash -c "for b in 16 128; do bench step --device cuda --model resnet164 --batch \$b --mode plain,exact,blpa-4 \
-  --warmup 3 --steps 5 --profile 6 --trace $trace_dir/resnet164-b\$b || exit 1; done && tar -C $trace_dir -czf $out/traces.tgz ."
+  --warmup 3 --steps 5 --profile 6 --trace $trace_dir/resnet164-b\$b || exit 1; done && tar -C $trace_dir -czf $q_out/traces.tgz ."
 rm -rf "$trace_dir"
 stage memory-resnet164 120 bash -c 'bench memory --device cuda --model resnet164 --batch 128 --mode all'
 stage train-bf16 180 "$BLPA_BUILD_DIR/app/blpa-train" --device cuda --depth 20 --mode blpa --precision bf16 \

@@ -5,6 +5,8 @@
 # third_party/prefix (git-ignored, about 40 MB). Carry that folder to the GPU machine;
 # scripts/gpu-check.sh uses it.
 set -euo pipefail
+# It takes no arguments (--help did the whole job, the old prefix removed first).
+(($# == 0)) || { echo "usage: scripts/prepare-offline-deps.sh   (no arguments; see its header)" >&2; exit 2; }
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 prefix=$here/third_party/prefix
 pkgs=(libcxxopts-dev libspdlog-dev libspdlog1.10 libfmt-dev libfmt9 catch2 zlib1g-dev zlib1g

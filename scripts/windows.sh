@@ -43,8 +43,11 @@ done
 train() {
   local depth=$1 its=$2 steps=$3 name=plain-d$1-$2
   shift 3
-  local resume=()
-  [[ -f $out/ckpt/$name.ckpt ]] && resume=(--resume)  # an interrupted run continues
+  # An interrupted run continues; one killed before its first checkpoint (with
+  # --checkpoint-every 100000, a SIGKILL or a reboot) starts again over its log, which alone
+  # was refused at every rerun.
+  local resume=(--overwrite)
+  [[ -f $out/ckpt/$name.ckpt ]] && resume=(--resume)
   for point in "$@"; do
     if [[ ! -f $out/ckpt/$name-it$point.ckpt ]]; then
       run "$bin/blpa-train" --mode plain --depth "$depth" --batch 64 --iterations "$point" --warmup 100 \
