@@ -172,6 +172,13 @@ inline cxxopts::ParseResult parse_flags(cxxopts::Options& o, int argc, const cha
                          what.find("\u2018" + name + "\u2019") != std::string::npos;
       if (named) throw FlagError("unknown option --" + name + did_you_mean(o, name));  // as the flag is typed
     }
+    for (int i = 1; i < argc; ++i) {  // a short one: -x, -xVALUE
+      const std::string arg = argv[i];
+      if (arg.size() < 2 || arg[0] != '-' || arg[1] == '-') continue;
+      const std::string name = arg.substr(1, 1);
+      if (what.find("'" + name + "'") != std::string::npos || what.find("\u2018" + name + "\u2019") != std::string::npos)
+        throw FlagError("unknown option -" + name + " (the options are long ones, --name; -h is --help)");
+    }
     throw FlagError(what);
   } catch (const cxxopts::exceptions::incorrect_argument_type& e) {
     const std::string what = e.what();

@@ -153,6 +153,7 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"--mode", "blpa-4-l1"}, "as flags, blpa-4-l1 is --mode blpa --bits 4"},
       {{"--model", "resnet20"}, "the depth is a flag of its own: --model cifar --depth 20"},
       {{"--out-dir", "x"}, "unknown option --out-dir"},  // was "--out-dir does not exist": a folder?
+      {{"-k", "3"}, "unknown option -k (the options are long ones, --name; -h is --help)"},
       {{"--data", "x"}, "unknown option --data (did you mean --data-dir or --dataset?)"},
       {{"--lr-step", "5"}, "unknown option --lr-step (did you mean --lr-steps?)"},
       {{"--port", "5"}, "unknown option --port (did you mean --master-port?)"},  // was --export, by two edits
