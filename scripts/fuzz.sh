@@ -16,9 +16,12 @@
 # LibTorch-using code with clang: slow. Only the targets named are built.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-seconds=${1:-60}
-[[ $seconds =~ ^[1-9][0-9]*$ ]] || { echo "usage: scripts/fuzz.sh [SECONDS] [TARGET...]" >&2; exit 2; }
-shift || true
+usage() { echo "usage: scripts/fuzz.sh [SECONDS] [TARGET...]   (the targets: tests/fuzz/corpus/*)" >&2; exit "$1"; }
+[[ ${1:-} != -h && ${1:-} != --help ]] || usage 0
+seconds=60
+# SECONDS may be left out before targets ("scripts/fuzz.sh jpeg" was refused as a bad SECONDS).
+if [[ ${1:-} =~ ^[0-9]+$ ]]; then seconds=$1; shift; fi
+[[ $seconds =~ ^[1-9][0-9]*$ ]] || usage 2
 build=${BLPA_FUZZ_BUILD_DIR:-$here/build-fuzz}
 if (($#)); then targets=("$@"); else
   targets=()
@@ -26,7 +29,8 @@ if (($#)); then targets=("$@"); else
 fi
 say() { echo "[fuzz] $*" >&2; }
 for t in "${targets[@]}"; do
-  [[ -d $here/tests/fuzz/corpus/$t ]] || { say "error: no fuzz target '$t' (the targets: tests/fuzz/corpus/*)"; exit 2; }
+  [[ $t =~ ^[a-z0-9_]+$ && -d $here/tests/fuzz/corpus/$t ]] ||  # not "", "." or "..": folders, not targets
+    { say "error: no fuzz target '$t' (the targets: tests/fuzz/corpus/*)"; exit 2; }
 done
 
 # --- clang with libFuzzer -----------------------------------------------------------------
