@@ -46,7 +46,7 @@ prefix=$here/third_party/prefix
 if [[ -n ${BLPA_GPU_STAGES:-} ]]; then
   stages="$(sed -n 's/^ *stage \([a-z0-9-]*\) .*/\1/p' "${BASH_SOURCE[0]}") train-plain train-blpa"
   stages+=" max-batch-resnet152-11g-accum1 max-batch-resnet152-11g-accum4 max-batch-resnet152-80g-accum1"
-  stages+=" max-batch-resnet152-80g-accum4"  # the names made in loops below
+  stages+=" max-batch-resnet152-80g-accum4 data"  # the names made in loops below, and BLPA_GPU_CHECK_DATA's
   matched=0
   for name in $stages; do
     [[ $name =~ ^(${BLPA_GPU_STAGES})$ ]]
