@@ -165,19 +165,16 @@ inline cxxopts::ParseResult parse_flags(cxxopts::Options& o, int argc, const cha
     throw FlagError(e.what());
   } catch (const cxxopts::exceptions::no_such_option& e) {
     const std::string what = e.what();  // Option 'name' does not exist (or with Unicode quotes)
+    const auto names_it = [&](const std::string& name) {
+      return what.find("'" + name + "'") != std::string::npos ||
+             what.find("\u2018" + name + "\u2019") != std::string::npos;
+    };
     for (int i = 1; i < argc; ++i) {
-      const std::string name = flag_name(argv[i]);
-      if (name.empty()) continue;
-      const bool named = what.find("'" + name + "'") != std::string::npos ||
-                         what.find("\u2018" + name + "\u2019") != std::string::npos;
-      if (named) throw FlagError("unknown option --" + name + did_you_mean(o, name));  // as the flag is typed
-    }
-    for (int i = 1; i < argc; ++i) {  // a short one: -x, -xVALUE
-      const std::string arg = argv[i];
-      if (arg.size() < 2 || arg[0] != '-' || arg[1] == '-') continue;
-      const std::string name = arg.substr(1, 1);
-      if (what.find("'" + name + "'") != std::string::npos || what.find("\u2018" + name + "\u2019") != std::string::npos)
-        throw FlagError("unknown option -" + name + " (the options are long ones, --name; -h is --help)");
+      const std::string arg = argv[i], name = flag_name(arg);
+      if (!name.empty() && names_it(name))  // as the flag is typed
+        throw FlagError("unknown option --" + name + did_you_mean(o, name));
+      if (name.empty() && arg.size() >= 2 && arg[0] == '-' && arg[1] != '-' && names_it(arg.substr(1, 1)))  // -x
+        throw FlagError("unknown option -" + arg.substr(1, 1) + " (the options are long ones, --name; -h is --help)");
     }
     throw FlagError(what);
   } catch (const cxxopts::exceptions::incorrect_argument_type& e) {

@@ -193,12 +193,7 @@ void add_list(const std::string& list, int64_t classes, std::vector<Input>& out)
   for (std::string text : read_lines(list, "--list")) {
     const auto l = blpa::data::split_list_line(std::move(text), first);
     first = false;
-    // Indentation and trailing blanks go, as from blpa-train's lines (l.path); where the comma
-    // turns out to be part of the name, from the whole line.
-    std::string line = l.line;
-    line.erase(line.find_last_not_of(" \t") + 1);
-    line.erase(0, std::min(line.size(), line.find_first_not_of(" \t")));
-    if (!l.has_comma) line = l.path;
+    std::string line = l.line;  // without its indentation and trailing blanks, as blpa-train's
     if (!l.unreadable.empty()) throw std::runtime_error("--list " + list + ": " + l.unreadable);
     if (l.ignored) continue;
     Input in;

@@ -412,17 +412,19 @@ ListLine split_list_line(std::string line, bool first) {
   else if (line.find('\r') != std::string::npos)
     l.unreadable = "has lines ended by a carriage return alone ('" + shown(line) +
                    "'): save the list with LF (or CRLF) line ends";
-  const auto start = line.find_first_not_of(" \t");
-  l.ignored = start == std::string::npos || line[start] == '#';
+  // Indentation and trailing blanks are no part of the line, nor blanks around its comma.
+  const auto trim = [](std::string& s) {
+    s.erase(s.find_last_not_of(" \t") + 1);
+    s.erase(0, std::min(s.size(), s.find_first_not_of(" \t")));
+  };
+  trim(line);
+  l.ignored = line.empty() || line[0] == '#';
   const auto comma = line.rfind(',');  // paths may contain commas, labels do not
   l.has_comma = comma != std::string::npos;
   l.path = line.substr(0, comma);
   if (l.has_comma) l.label = line.substr(comma + 1);
-  auto blank = [](char c) { return c == ' ' || c == '\t'; };
-  while (!l.path.empty() && blank(l.path.back())) l.path.pop_back();  // "path , 3"
-  l.path.erase(0, std::min(l.path.size(), l.path.find_first_not_of(" \t")));  // an indented line
-  while (!l.label.empty() && blank(l.label.back())) l.label.pop_back();
-  l.label.erase(0, std::min(l.label.size(), l.label.find_first_not_of(" \t")));  // "path, 3"
+  trim(l.path);   // "path , 3"
+  trim(l.label);  // "path, 3"
   l.line = std::move(line);
   return l;
 }

@@ -140,10 +140,11 @@ void check_readable(const std::string& flag, const std::string& path) {
     throw std::runtime_error(flag + " " + path + ": cannot be read (" + std::strerror(errno) + ")");
 }
 
-}  // namespace
-
 // ---- A resume's outputs must be its run's ----
 
+// The log must be this run's. Its first config record names the run (identity keys an older
+// log lacks are not compared); a log of another run is refused before its records past the
+// checkpoint are dropped.
 void check_log_is_this_runs(const std::string& path, const TrainConfig& c) {
   std::error_code ec;
   if (!fs::is_regular_file(path, ec) || fs::file_size(path, ec) == 0) return;
@@ -167,6 +168,9 @@ void check_log_is_this_runs(const std::string& path, const TrainConfig& c) {
                     c.checkpoint + "'s run, or another path");
 }
 
+// A summary or an export already there is replaced when the run ends, so it must be this
+// run's: c.run_id is the checkpoint's, "" for a run from before run ids (whose summary without
+// a run id is taken to be its own, and whose export is where it holds `net`'s tensors).
 void check_outputs_are_this_runs(const TrainConfig& c, const NetConfig& net) {
   auto refuse = [&](const std::string& flag, const std::string& path, const std::string& why) {
     throw FlagError(flag + " " + path + " " + why + ": give checkpoint " + c.checkpoint + "'s run's " + flag + " (" +
@@ -192,6 +196,8 @@ void check_outputs_are_this_runs(const TrainConfig& c, const NetConfig& net) {
       refuse("--export", c.export_path, why);
   }
 }
+
+}  // namespace
 
 void check_outputs_are_the_runs(TrainConfig c, const Checkpoint& resumed) {
   const auto id = resumed.config.find("run_id");

@@ -473,9 +473,8 @@ std::optional<Checkpoint> begin_run(TrainConfig& config, const TrainConfig& give
   if (!config.resume) return std::nullopt;
   // The checkpoint's header first: a run that cannot resume fails before the data loads.
   Checkpoint ck = read_resumed_checkpoint(config, given);
+  if (lead) check_outputs_are_the_runs(config, ck);  // with the checkpoint's id, as --print-config
   config.run_id = ck.config.count("run_id") ? ck.config.at("run_id") : "";
-  if (lead && !config.log_path.empty()) check_log_is_this_runs(config.log_path, config);
-  if (lead) check_outputs_are_this_runs(config, ck.net);  // with the checkpoint's id, as --print-config
   if (config.run_id.empty()) config.run_id = draw_run_id();  // a checkpoint from before run ids
   if (lead && config.auto_resume) refuse_diverged_rerun(config);
   RunState& state = ck.state;

@@ -74,15 +74,6 @@ class OutputLocks {
 // writing it, and a fresh run replaces no earlier run's files unless told to.
 void prepare_outputs(const TrainConfig& c, OutputLocks& locks);
 
-// --resume: the log must be this run's. Its first config record names the run (identity
-// keys an older log lacks are not compared); a log of another run is refused before its
-// records past the checkpoint are dropped.
-void check_log_is_this_runs(const std::string& path, const TrainConfig& c);
-// --resume: a summary or an export already there is replaced when the run ends, so it must be
-// this run's: c.run_id is the checkpoint's, "" for a run from before run ids (whose summary
-// without a run id is taken to be its own, and whose export is where it holds `net`'s tensors).
-void check_outputs_are_this_runs(const TrainConfig& c, const NetConfig& net);
-
 // --resume: the records of iterations after the checkpoint's are recomputed by the resumed
 // run, so they leave the log (rewritten atomically), which then reads as one run. So does a
 // last line without its newline: a record cut short by a full disk or a kill. `evaluates`:

@@ -68,9 +68,9 @@ ImageList read_image_list(const std::string& list_file, const std::string& root)
 // fixes the data order of a run trained on it.
 uint64_t list_hash(const ImageList& list);
 // A list line read as blpa reads lists: the line less a UTF-8 byte-order mark when it is the
-// first (`first`) and a '\r' ending, and, at its last comma, the path before it (spaces at its
-// end dropped) and the label after it (spaces around dropped); `label` empty where the line
-// has no comma. Shared by read_image_list and blpa-predict's --list.
+// first (`first`), a '\r' ending, its indentation and its trailing blanks, and, at its last
+// comma, the path before it and the label after it (blanks around the comma dropped); `label`
+// empty where the line has no comma. Shared by read_image_list and blpa-predict's --list.
 // `ignored`: a blank line or a comment (its first character other than a space or tab is '#').
 // `unreadable`: why the whole list cannot be read as lines, else empty: UTF-16 text (the first
 // line starts with its byte-order mark: a list saved as "Unicode"), or lines ended by CR alone
