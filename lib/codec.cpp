@@ -754,6 +754,10 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, c
   return out;
 }
 
+// An in-place write that autograd sees, as it sees ATen's own (relu_, add_): a tensor that a
+// backward saved and the codec then changed fails that backward instead of using the new values.
+void written_in_place(const at::Tensor& t) { t.unsafeGetTensorImpl()->bump_version(); }
+
 }  // namespace
 
 Codes pack(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, const at::Tensor& divisor) {
@@ -761,7 +765,9 @@ Codes pack(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, const 
 }
 
 Codes pack_relu_(at::Tensor& a, const at::Tensor& b, const CodeFormat& f, const at::Tensor& divisor) {
-  return pack_impl(a, b, f, divisor, a);
+  Codes codes = pack_impl(a, b, f, divisor, a);
+  written_in_place(a);
+  return codes;
 }
 
 Codes pack(const at::Tensor& v, const ChannelCoding& cc, const at::Tensor& divisor) {
@@ -769,7 +775,9 @@ Codes pack(const at::Tensor& v, const ChannelCoding& cc, const at::Tensor& divis
 }
 
 Codes pack_relu_(at::Tensor& a, const ChannelCoding& cc) {
-  return pack_impl(a, cc.b, cc.format, cc.g, a, cc.offsets);
+  Codes codes = pack_impl(a, cc.b, cc.format, cc.g, a, cc.offsets);
+  written_in_place(a);
+  return codes;
 }
 
 BnPacked bn_relu_pack(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, float eps,
@@ -934,6 +942,7 @@ BnGrads bn_relu_backward(const Codes& codes, const at::Tensor& b, const at::Tens
   check_channel_vector(invstd, "invstd", codes.data, l.channels);
   const auto f32 = g_r.options().dtype(at::kFloat);
   BnGrads out{in_place ? g_r : at::empty_like(g_r), at::empty({l.channels}, f32), at::empty({l.channels}, f32)};
+  if (in_place) written_in_place(g_r);
   const int64_t batch = codes.sizes[0];
   const uint8_t* data = codes.data.data_ptr<uint8_t>();
   const uint8_t* offsets = codes.offsets.data_ptr<uint8_t>();

@@ -616,6 +616,35 @@ torch::Tensor awkward_values(const std::vector<int64_t>& shape, const CodeFormat
 
 }  // namespace
 
+// The codec's in-place writes are autograd's to see, as relu_'s are: a backward that saved the
+// tensor refuses to run on its changed values. (Before, pack_relu_ left the version counter
+// alone, and a caller's backward silently used max(a, 0) for a.)
+TEST_CASE("codec: pack_relu_ and an in-place bn_relu_backward count as in-place writes for autograd", "[codec]") {
+  const CodeFormat f{4};
+  auto w = torch::randn({2, 3, 4, 4}, torch::requires_grad());
+  auto a = w * 2;
+  auto loss = (a * a).sum();  // saves a
+  const auto before = a._version();
+  blpa::pack_relu_(a, torch::zeros({3}), f, torch::ones({3}));
+  CHECK(a._version() == before + 1);
+  CHECK_THROWS_WITH(loss.backward(), Catch::Contains("modified by an inplace operation"));
+
+  auto cc_a = torch::randn({2, 3, 4, 4}).contiguous(torch::MemoryFormat::ChannelsLast);
+  const auto cc = blpa::channel_coding(torch::rand({3}) + 0.5, torch::randn({3}), 1e-8f, f, /*centred=*/true);
+  const auto cc_before = cc_a._version();
+  blpa::pack_relu_(cc_a, cc);
+  CHECK(cc_a._version() == cc_before + 1);
+
+  auto [b, g, invstd] = draw_bn_channels(3);
+  const auto codes = pack(torch::randn({2, 3, 4, 4}), b, f);
+  auto g_r = torch::randn({2, 3, 4, 4});
+  const auto g_before = g_r._version();
+  blpa::bn_relu_backward(codes, b, g, invstd, g_r, /*in_place=*/false);
+  CHECK(g_r._version() == g_before);  // not written: not counted
+  blpa::bn_relu_backward(codes, b, g, invstd, g_r, /*in_place=*/true);
+  CHECK(g_r._version() == g_before + 1);
+}
+
 TEST_CASE("codec: channels-last tensors give the codes, unpack and ReLU of the same values in NCHW", "[codec]") {
   torch::manual_seed(21);
   for (const CodeFormat& f : layout_formats()) {

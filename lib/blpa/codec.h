@@ -84,7 +84,8 @@ Codes pack(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, const 
 
 // pack(a, b, f, divisor), and a = max(a, 0) in place in the same pass: the unit's forward
 // packs a / gamma and applies its ReLU without reading a twice. NaN stays NaN, as with relu_;
-// a keeps its dtype.
+// a keeps its dtype, and its version counter counts the write, as relu_'s does (a backward
+// that saved a refuses to run on the changed values).
 Codes pack_relu_(at::Tensor& a, const at::Tensor& b, const CodeFormat& f, const at::Tensor& divisor);
 
 // The same with the channels' values already made by channel_coding: its offsets are used
@@ -132,9 +133,10 @@ Unpacked unpack(const Codes& codes, const at::Tensor& b, const at::Tensor& gamma
 //   g_beta = sum g_a,   g_g = sum g_a x_hat',
 //   g_x = g_c * invstd_c * (g_a - g_beta / M - x_hat' * g_g / M).
 // Two passes over the codes and g_r (the sums, then g_x); nothing of the input's size is made
-// besides g_x, which is g_r itself when `in_place`. g_r: float32 or bfloat16, dense in the
-// codes' layout (contiguous for NCHW codes, channels-last contiguous for NHWC ones); g_x has
-// its dtype and layout (computed in float, rounded once); g_g and g_beta are float32 [C].
+// besides g_x, which is g_r itself when `in_place` (its version counter then counts the
+// write, as an in-place ATen op's does). g_r: float32 or bfloat16, dense in the codes'
+// layout (contiguous for NCHW codes, channels-last contiguous for NHWC ones); g_x has its
+// dtype and layout (computed in float, rounded once); g_g and g_beta are float32 [C].
 // g: the clamped gamma; g_g is the gradient with respect to it, or, given gamma_min, with
 // respect to gamma where g = max(gamma, gamma_min): zero for the channels with
 // g <= gamma_min, as threshold_backward(g_g, gamma, gamma_min) (a NaN gamma passes its NaN
