@@ -106,9 +106,37 @@ int exit_code(int code) {
   return code;
 }
 
+// The signals that stop a run, taken by take_signals. SIGHUP (the terminal or ssh session
+// closed) is taken as SIGTERM, unless nohup ignores it. SIGINT is taken even where it came
+// ignored: a script's `cmd &` ignores it (non-interactive bash does), and a Ctrl-C on a script
+// that started runs or ranks so (scripts/precision.sh, the README's ranks) then stops them all
+// with their checkpoints, where they would run on with the script gone. (Linux keeps a blocked
+// signal pending whatever its disposition.)
+sigset_t stop_signals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  if (struct sigaction hup {}; ::sigaction(SIGHUP, nullptr, &hup) == 0 && hup.sa_handler != SIG_IGN)
+    sigaddset(&set, SIGHUP);
+  return set;
+}
+
+// Blocked as the program is loaded, before any library's initialisers: the dynamic loader runs
+// an executable's preinit array first. LibTorch's take 0.3 s, and a signal then was lost: one
+// a script's `cmd &` sent (ignored, as above), and the run trained to its end. Every thread
+// inherits the mask, LibTorch's and train()'s, so that only take_signals takes them.
+void block_stop_signals(int, char**, char**) {
+  const sigset_t set = stop_signals();
+  ::sigprocmask(SIG_BLOCK, &set, nullptr);
+}
+__attribute__((section(".preinit_array"), used)) void (*const g_block_at_load)(int, char**, char**) =
+    block_stop_signals;
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  const sigset_t signals = stop_signals();  // blocked since the program was loaded
   blpa::quiet_library_log();
   blpa::TrainCommand cmd;
   try {
@@ -132,19 +160,6 @@ int main(int argc, char** argv) {
     }
   }
 
-  // Blocked before train() starts a thread, so that every thread it starts inherits the mask.
-  // SIGHUP (the terminal or ssh session closed) is taken as SIGTERM, unless nohup ignores it.
-  // SIGINT is taken even where it came ignored: a script's `cmd &` ignores it (non-interactive
-  // bash does), and a Ctrl-C on a script that started runs or ranks so (scripts/precision.sh,
-  // the README's ranks) then stops them all with their checkpoints, where they would run on
-  // with the script gone.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  if (struct sigaction hup {}; ::sigaction(SIGHUP, nullptr, &hup) == 0 && hup.sa_handler != SIG_IGN)
-    sigaddset(&signals, SIGHUP);
-  ::pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   // A console that has gone (`blpa-train ... | tee log` where Ctrl-C ends tee first, or
   // `| head`) must not end the run by SIGPIPE before it writes its checkpoint: writes to it
   // fail instead, and the run goes on, or stops as the signal it was sent asks.
@@ -197,6 +212,9 @@ int main(int argc, char** argv) {
   } catch (const blpa::RunComplete& e) {
     spdlog::info("{}", e.what());
     return exit_code(0);
+  } catch (const blpa::StoppedBeforeStart& e) {
+    spdlog::warn("{}", e.what());
+    return exit_code(128 + g_signal.load());  // ends by the signal, as an interrupted run
   } catch (const blpa::FlagError& e) {
     std::cerr << "blpa-train: " << e.what() << "\n";
     return exit_code(2);

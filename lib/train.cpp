@@ -205,6 +205,7 @@ void agree_across_ranks(Distributed& dist, const std::string& mine) {
 // "eval:N" fails the evaluation after iteration N; "slow-eval:S" makes each evaluation take S
 // seconds longer (a test set that takes longer than --dist-timeout); "slow-step:MS" each eager
 // iteration MS milliseconds longer (signals that must come during one, whatever the machine);
+// "slow-load:MS" the loading (the network built, no file of the run written yet) MS longer;
 // "export:1" fails the export at the run's end.
 // {"", 0}: none. Only eager iterations are failed: one replayed as a CUDA graph runs as
 // captured.
@@ -771,6 +772,15 @@ void Run::set_up() {
   }
   training_data = load_training_data(config, resumed ? &*resumed : nullptr, lead);
   build_network(resumed);
+  if (const auto [what, ms] = injected_failure(); what == "slow-load")
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  // A stop asked for while a new run loads: nothing of the run is written yet, and nothing that
+  // --overwrite would replace is gone. (Before, the old run's files went, and the new run
+  // trained one step to have a checkpoint.) Ranks agree on a stop at their first step instead.
+  if (!dist && !config.resume && stop && stop->load())
+    throw StoppedBeforeStart(config.overwrite ? "stopped before the run began: --overwrite replaced nothing, and "
+                                                "nothing was written"
+                                              : "stopped before the run began: nothing was written");
   if (lead) result.dropped_log_records = open_log(log, config, state);
   // The inputs' normalisation goes with the run's records: an --export's user needs it (CIFAR's
   // and MNIST-style statistics are of the training images, which they may not have).
@@ -946,6 +956,10 @@ void Run::begin_loop() {
 }
 
 void Run::iterate() {
+  // A run resumed at its last iteration (--iterations lowered to where it was stopped) that
+  // had not logged that iteration: the record a run ending there writes, from the
+  // checkpoint's log window. Before, its log ended a record short.
+  if (it == config.iterations && window_iters > 0) log_window(config.lr_at(it - 1));
   // An evaluation that a signal interrupted runs first.
   if (pending_eval) {
     paused = Clock::now();
@@ -1103,7 +1117,8 @@ void Run::log_window(double lr) {
   double ips = window_iters * config.batch / secs;
   std::tie(train_seconds, train_images) = trained(Clock::now());
   carried_seconds = 0, carried_iters = 0;
-  int64_t peak = memory::peak(dev), peak_total = peak, stored_total = stored;
+  // No step in this process (a window all from the checkpoint): the run's peak, as it kept it.
+  int64_t peak = it > first ? memory::peak(dev) : peak_max, peak_total = peak, stored_total = stored;
   peak_max = std::max(peak_max, peak);
   if (dist) {  // per rank (this one, rank 0) and in total
     const auto sums = dist->sum({ips, static_cast<double>(peak), static_cast<double>(stored)});
@@ -1112,7 +1127,7 @@ void Run::log_window(double lr) {
     stored_total = static_cast<int64_t>(sums[2]);
   }
   const double total = std::chrono::duration<double>(Clock::now() - run_start).count();
-  const double eta = total / (it - first) * (config.iterations - it);
+  const double eta = it > first ? total / (it - first) * (config.iterations - it) : 0;
   log.write(fmt::format(
       "{{\"type\": \"train\", \"iter\": {}, \"time\": {:.3f}, \"epoch\": {:.3f}, \"loss\": {}, \"lr\": {:.6g}, "
       "\"images_per_s\": {:.2f}, \"stored_activation_bytes\": {}, \"peak_bytes\": {}, \"decode_failures\": {}, "

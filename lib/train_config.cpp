@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <limits>
 #include <map>
 #include <set>
 #include <thread>
@@ -230,12 +231,16 @@ void TrainConfig::validate() const {
         dataset + "'");
   if (batch <= 0) bad("--batch must be positive");
   if (iterations <= 0) bad("--iterations must be positive");
-  if (!(lr > 0) || !(warmup_lr > 0) || !std::isfinite(lr) || !std::isfinite(warmup_lr))
-    bad("--lr and --warmup-lr must be positive and finite");
+  // The update multiplies float32 tensors by them: past float32's range it failed mid-run,
+  // naming no flag ("cannot be converted to type float without overflow").
+  constexpr double kFloatMax = std::numeric_limits<float>::max();
+  if (!(lr > 0) || !(warmup_lr > 0) || !(lr <= kFloatMax) || !(warmup_lr <= kFloatMax))
+    bad("--lr and --warmup-lr must be positive and finite in float32 (at most 3.4e38)");
   if (warmup < 0) bad("--warmup must be >= 0");
   if (!(factor > 0 && factor <= 1)) bad("--lr-factor must be in (0, 1]");
   if (!(momentum >= 0 && momentum < 1)) bad("--momentum must be in [0, 1)");
-  if (!(weight_decay >= 0) || !std::isfinite(weight_decay)) bad("--weight-decay must be >= 0 and finite");
+  if (!(weight_decay >= 0) || !(weight_decay <= kFloatMax))
+    bad("--weight-decay must be >= 0 and finite in float32 (at most 3.4e38)");
   for (size_t i = 0; i < steps.size(); ++i)
     if (steps[i] <= 0 || (i > 0 && steps[i] <= steps[i - 1])) bad("--lr-steps must be positive and increasing");
   if ((mode.mode == Mode::blpa || mode.mode == Mode::naive) && mode.bits != 8 && mode.bits != 4 && mode.bits != 2)

@@ -20,6 +20,7 @@
 #include <functional>
 #include <iterator>
 #include <regex>
+#include <sstream>
 #include <thread>
 #include <tuple>
 
@@ -136,6 +137,10 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"--batch", "abc"}, "--batch: 'abc' is not an integer"},
       {{"--lr", "1e999"}, "--lr: '1e999' is out of range"},
       {{"--lr", "inf"}, "--lr: 'inf' is not a finite number"},
+      // Past float32's range: refused here, not as "cannot be converted to type float" mid-run.
+      {{"--lr", "1e39"}, "--lr and --warmup-lr must be positive and finite in float32 (at most 3.4e38)"},
+      {{"--warmup-lr", "1e39"}, "--lr and --warmup-lr must be positive and finite in float32 (at most 3.4e38)"},
+      {{"--weight-decay", "1e39"}, "--weight-decay must be >= 0 and finite in float32 (at most 3.4e38)"},
       {{"--window", "1e39"}, "--window: '1e39' is out of range"},  // a float's inf, was "not finite"
       {{"--lr", "0x10"}, "--lr: '0x10' is not a number"},           // was 16
       {{"--seed", "-1"}, "--seed: '-1' is not a non-negative integer"},
@@ -1590,6 +1595,50 @@ TEST_CASE("hardening: a second signal stops at once and says so, and the checkpo
   remove_tree(dir);
 }
 
+// A signal while a new run loads stops it before it writes anything: an --overwrite replaces
+// nothing. Before, the old run's files went and the new run trained a step to checkpoint it;
+// and a script's `cmd &` (SIGINT ignored) lost a Ctrl-C for the 0.3 s LibTorch takes to load,
+// since the signals were blocked (kept for take_signals) only in main. Sent here as soon as
+// they are blocked, which the loader now does before LibTorch's initialisers run.
+TEST_CASE("hardening: a signal while a new run loads, even before main, stops it and --overwrite replaces nothing",
+          "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("signal-loading");
+  const std::string ck = (dir / "a.ckpt").string(), log = (dir / "a.jsonl").string();
+  const std::string summary = (dir / "a.json").string(), exported = (dir / "a.pt").string();
+  const std::vector<std::string> files{"--checkpoint", ck, "--log", log, "--summary", summary, "--export", exported};
+  auto args = [&](std::vector<std::string> extra) {
+    extra.insert(extra.end(), files.begin(), files.end());
+    return small(dir, extra);
+  };
+  REQUIRE(train(args({"--iterations", "2"}), dir).code == 0);
+  std::vector<std::string> before;
+  for (const auto& f : {ck, log, summary, exported}) before.push_back(slurp(f));
+
+  Spawned run{spawn_train(args({"--iterations", "50", "--overwrite"}), dir / "run.out", {SIGINT},
+                          "BLPA_TEST_FAIL=slow-load:2000")};
+  // SIGINT blocked (kept pending for the run), as /proc says of its main thread.
+  auto blocked = [&] {
+    std::ifstream status("/proc/" + std::to_string(run.pid) + "/status");
+    for (std::string line; std::getline(status, line);)
+      if (line.rfind("SigBlk:", 0) == 0) return (std::stoull(line.substr(7), nullptr, 16) >> (SIGINT - 1)) & 1;
+    return 0ull;
+  };
+  for (int i = 0; i < 10000 && !blocked(); ++i) std::this_thread::sleep_for(std::chrono::microseconds(500));
+  ::kill(run.pid, SIGINT);
+  CHECK(run.wait() == 130);
+  const std::string out = slurp(dir / "run.out");
+  CAPTURE(out);
+  CHECK(out.find("stopped before the run began: --overwrite replaced nothing, and nothing was written") !=
+        std::string::npos);
+  std::vector<std::string> after;
+  for (const auto& f : {ck, log, summary, exported}) after.push_back(slurp(f));
+  CHECK(after == before);
+  CHECK(no_temporaries(dir));
+  CHECK_FALSE(fs::exists(ck + ".lock"));
+  remove_tree(dir);
+}
+
 TEST_CASE("hardening: a process about to end by a signal removes its temporaries and lock files", "[hardening]") {
   // What blpa-train's second signal does before the signal ends it, in a child process: its
   // mutex stays held, as the process must end next.
@@ -1698,6 +1747,47 @@ TEST_CASE("hardening: a run failing part-way keeps its last whole iteration, whi
   CHECK(trained.code == 2);
   CHECK(trained.output.find("--log " + (dir / "f.jsonl").string() + " (the log of run ") != std::string::npos);
   CHECK(trained.output.find(") already exists") != std::string::npos);
+  remove_tree(dir);
+}
+
+// A run stopped between log records and resumed with --iterations lowered to where it stopped
+// ("give --iterations N to finish it there", as a resume past it is told) logs that
+// iteration, from the checkpoint's log window, as a run of N iterations does. Before, its log
+// ended a record short.
+TEST_CASE("hardening: a run resumed at the iteration where it stopped logs that iteration as a run ending there",
+          "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("resume-at-end");
+  const std::string ref_log = (dir / "ref.jsonl").string(), ck = (dir / "a.ckpt").string();
+  const std::string log = (dir / "a.jsonl").string();
+  REQUIRE(train(small(dir, {"--iterations", "3", "--log-every", "2", "--log", ref_log}), dir).code == 0);
+  // Stopped after iteration 3 (iteration 4 fails): logged at 2, its checkpoint holds 3's window.
+  const auto args = small(dir, {"--iterations", "6", "--log-every", "2", "--checkpoint", ck, "--log", log});
+  REQUIRE(train(args, dir, "BLPA_TEST_FAIL=step:4").code == 1);
+  REQUIRE(blpa::read_checkpoint(ck).state.iteration == 3);
+  auto at_end = small(dir, {"--iterations", "3", "--log-every", "2", "--checkpoint", ck, "--log", log, "--resume"});
+  const Run resumed = train(at_end, dir);
+  CAPTURE(resumed.output);
+  REQUIRE(resumed.code == 0);
+  // The log's training records of an iteration.
+  auto records = [](const std::string& path, int64_t iteration) {
+    std::istringstream in(slurp(path));
+    const std::string key = "{\"type\": \"train\", \"iter\": " + std::to_string(iteration) + ",";
+    std::vector<std::string> found;
+    for (std::string line; std::getline(in, line);)
+      if (line.rfind(key, 0) == 0) found.push_back(line);
+    return found;
+  };
+  const auto want = records(ref_log, 3), got = records(log, 3);
+  CAPTURE(want, got);
+  REQUIRE(want.size() == 1);
+  REQUIRE(got.size() == 1);
+  CHECK(number_field(got[0], "loss") == number_field(want[0], "loss"));
+  CHECK(number_field(got[0], "images_per_s") > 0);
+  CHECK(number_field(got[0], "peak_bytes") > 0);  // the run's, as its checkpoint kept it
+  // Run again, the complete run logs nothing more.
+  REQUIRE(train(at_end, dir).code == 0);
+  CHECK(records(log, 3).size() == 1);
   remove_tree(dir);
 }
 

@@ -245,6 +245,12 @@ struct NonFiniteLoss : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Thrown by a new run of one process stopped (`stop`) before it wrote anything: its --overwrite
+// has replaced nothing, and there is no checkpoint to resume. blpa-train ends by the signal.
+struct StoppedBeforeStart : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 // Thrown by --resume of a run that has trained all its iterations and evaluated: nothing is
 // done, and blpa-train exits with 0, so that a sweep run again skips the runs it finished.
 struct RunComplete : std::runtime_error {
