@@ -588,11 +588,18 @@ void compare_with_checkpoint(const Checkpoint& ck, const TrainConfig& c) {
   for (const auto& [key, value] : now) {
     const auto it = saved.find(key);
     if (it == saved.end() || it->second == value) continue;
-    const std::string line = fmt::format("\n  {}: checkpoint {}, command line {}{}", key, it->second, value,
-                                         key == "precision" && tf32_on_cpu ? " (the CPU has no TF32)" : "");
-    (identity.count(key)                                     ? refused
-     : (evaluated && key != "iterations") || (at_end && training_keys().count(key)) ? idle
-                                                             : changed) += line;
+    std::string& list = identity.count(key)                                                      ? refused
+                        : (evaluated && key != "iterations") || (at_end && training_keys().count(key)) ? idle
+                                                                                                       : changed;
+    // Settings that change the arithmetic's order, not the function: the run's numbers then
+    // part, in rounding, from those of a resume without the change (which is bit for bit).
+    const bool rounding = &list == &changed && (key == "device" || key == "threads" || key == "memory_format" ||
+                                                key == "precision");
+    list += fmt::format("\n  {}: checkpoint {}, command line {}{}{}", key, it->second, value,
+                        key == "precision" && tf32_on_cpu ? " (the CPU has no TF32)" : "",
+                        rounding ? " (other rounding: the numbers from here differ slightly from an unchanged "
+                                   "resume's)"
+                                 : "");
   }
   if (!refused.empty())
     throw FlagError("--resume: checkpoint " + ck.path + " belongs to a different run:" + refused +
