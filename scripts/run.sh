@@ -18,16 +18,16 @@ train=$BLPA_BUILD_DIR/app/blpa-train
 device=(--device "${BLPA_DEVICE:-cpu}")
 # The files are named after the data set, depth and mode (blpa-train's default: blpa, 4 bits);
 # a --dataset, --preset, --depth, --mode or --bits among the extra arguments renames them.
-mode=blpa bits=4 depth= data= preset= dir=${BLPA_DATA_DIR:-}
+mode=blpa bits=4 depth= data= preset= dir=${BLPA_DATA_DIR:-} log=
 prev=
 for a in "$@"; do
   case $prev in
     --mode) mode=$a ;; --bits) bits=$a ;; --depth) depth=$a ;; --dataset) data=$a ;; --data-dir) dir=$a ;;
-    --preset) data=$a depth=${depth:-152} preset=1 ;;
+    --preset) data=$a depth=${depth:-152} preset=1 ;; --log) log=$a ;;
   esac
   case $a in
     --mode=*) mode=${a#*=} ;; --bits=*) bits=${a#*=} ;; --depth=*) depth=${a#*=} ;; --dataset=*) data=${a#*=} ;;
-    --data-dir=*) dir=${a#*=} ;; --preset=*) data=${a#*=} depth=${depth:-152} preset=1 ;;
+    --data-dir=*) dir=${a#*=} ;; --preset=*) data=${a#*=} depth=${depth:-152} preset=1 ;; --log=*) log=${a#*=} ;;
   esac
   prev=$a
 done
@@ -49,6 +49,6 @@ else
   name=${data:-fashion-mnist}-resnet${depth:-20}-$mode
   args=(--depth 20 --batch 64 --iterations 1000 --warmup 100 --lr-steps 600,850 --eval-every 500 --log-every 20)
 fi
-echo "== blpa-train ${args[*]-} ${device[*]} $* (log: results/$name.jsonl) ==" >&2
+echo "== blpa-train ${args[*]-} ${device[*]} $* (log: ${log:-results/$name.jsonl}) ==" >&2  # a --log given wins
 exec "$train" ${args[@]+"${args[@]}"} "${device[@]}" --log "$out/$name.jsonl" --checkpoint "$out/$name.ckpt" \
   --export "$out/$name.pt" "$@"
