@@ -60,7 +60,8 @@ blpa::NetConfig parse_model(const std::string& s) {
 // "all", or a comma list of mode names as ModeConfig::str() writes them: "plain,blpa-8,blpa-4-w8".
 // A bare blpa/naive takes --bits, --window (0: the default for its bits) and --lift; a name
 // with bits is complete (no -wW: the paper's window 6, no -lL: lift 0), so they cannot apply.
-// `bits_given`: --bits was on the command line (all has its own; it was ignored).
+// `bits_given`: --bits was on the command line (all has its own; it was ignored). A mode named
+// twice runs once (it printed two rows alike, and --trace wrote one file over the other).
 std::vector<ModeConfig> parse_modes(const std::string& spec, int bits, float window, std::optional<float> lift,
                                     bool bits_given) {
   if (spec == "all" && (window > 0 || lift || bits_given))
@@ -71,10 +72,15 @@ std::vector<ModeConfig> parse_modes(const std::string& spec, int bits, float win
   if (bits != 8 && bits != 4 && bits != 2) throw std::invalid_argument("--bits must be 8, 4 or 2");
   std::vector<ModeConfig> out;
   for (const std::string& tok : blpa::comma_list("--mode", spec)) {
+    if (tok == "all")
+      throw std::invalid_argument("--mode all stands alone (plain,exact,blpa-8,blpa-4,naive-4): list the modes "
+                                  "instead of adding to it");
     if ((window > 0 || lift) && tok.find('-') != std::string::npos)
       throw std::invalid_argument("--window and --lift apply to a bare blpa or naive in --mode; " + tok +
                                   " names its own (write -wW and -lL in the name)");
-    out.push_back(blpa::parse_mode_config(tok, bits, window, lift));
+    const ModeConfig m = blpa::parse_mode_config(tok, bits, window, lift);
+    if (std::none_of(out.begin(), out.end(), [&](const ModeConfig& o) { return o.str() == m.str(); }))
+      out.push_back(m);
   }
   return out;
 }
@@ -141,12 +147,12 @@ void add_common(cxxopts::Options& o, const std::string& batch, const std::string
 }
 
 // LibTorch's size arithmetic is 64-bit: a batch whose input alone overflows it is no batch.
-void check_input_size(int64_t batch, int64_t size) {
+void check_input_size(int64_t batch, int64_t size, const char* flag = "--batch") {
   if (size > (int64_t{1} << 20))
     throw std::invalid_argument(fmt::format("--size {}: out of range (at most 1048576)", size));
   if (int64_t bytes = 0; batch > (int64_t{1} << 40) || __builtin_mul_overflow(batch * 3 * 4, size * size, &bytes))
     throw std::invalid_argument(
-        fmt::format("--batch {} of {}x{} images: the input alone overflows 64-bit sizes", batch, size, size));
+        fmt::format("{} {} of {}x{} images: the input alone overflows 64-bit sizes", flag, batch, size, size));
 }
 
 // Parses; returns false after printing help.
@@ -341,6 +347,7 @@ int memory_main(int argc, char** argv) {
   const int64_t batch2 = args.count("slope-batch") ? blpa::number<int64_t>(args, "slope-batch") : c.batch / 2;
   if (batch2 < 0) throw std::invalid_argument("--slope-batch must be >= 0 (0: none)");
   if (batch2 == c.batch) throw std::invalid_argument("--slope-batch must differ from --batch");
+  check_input_size(batch2, c.size, "--slope-batch");
   // plain first (every ratio needs it), then exact, then the rest in the order given. In bf16,
   // plain also runs in float32 (row plain-fp32): blpa's codes against both.
   struct Row {
@@ -647,7 +654,9 @@ int step_main(int argc, char** argv) {
     std::unique_ptr<Rig> rig;
     std::unique_ptr<blpa::GraphedStep> replay;
     std::vector<double> ms, host_ms;  // host_ms: until run() returns, before the device has finished
-    int64_t peak = 0;
+    // Bytes this entry's rig holds between steps, and its peak: the other entries' rigs left
+    // out, so that a mode's peak does not depend on the --mode list it ran in.
+    int64_t resident = 0, peak = 0;
   };
   std::vector<Entry> entries;
   for (const auto& n : numerics)
@@ -657,6 +666,8 @@ int step_main(int argc, char** argv) {
         Entry e;
         e.mode = mode, e.numerics = n, e.graphed = graphed;
         blpa::apply_precision(n.precision, c.device);
+        sync(c.device);
+        const int64_t before = blpa::memory::allocated(c.device);
         e.rig = std::make_unique<Rig>(c.net, mode, c.batch, c.size, c.device, n);
         Rig& rig = *e.rig;
         for (int i = 0; i < warmup; ++i) rig.step();
@@ -665,12 +676,15 @@ int step_main(int argc, char** argv) {
           e.replay->run(rig.x, rig.labels, 0.01);  // captures, then replays once
           rig.replay = [&rig, r = e.replay.get()] { r->run(rig.x, rig.labels, 0.01); };
         }
+        sync(c.device);
+        e.resident = blpa::memory::allocated(c.device) - before;
         entries.push_back(std::move(e));
       }
   for (int round = 0; round < rounds; ++round)
     for (auto& e : entries) {
       blpa::apply_precision(e.numerics.precision, c.device);
       sync(c.device);
+      const int64_t others = blpa::memory::allocated(c.device) - e.resident;
       blpa::memory::reset_peak(c.device);
       for (int i = 0; i < steps; ++i) {
         sync(c.device);
@@ -680,7 +694,7 @@ int step_main(int argc, char** argv) {
         sync(c.device);
         e.ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
       }
-      e.peak = std::max(e.peak, blpa::memory::peak(c.device));
+      e.peak = std::max(e.peak, blpa::memory::peak(c.device) - others);
     }
 
   std::map<std::string, double> plain_ms;  // by numerics and graphed
@@ -779,6 +793,10 @@ int max_batch_main(int argc, char** argv) {
       blpa::memory::set_limit(c.device, base + budget);
       try {
         Rig rig(c.net, mode, part * accum, c.size, c.device, c.numerics);
+        // Two steps: the second is training's steady state, with the momentum buffers that the
+        // first creates (one step's peak left them out, and overstated the batch by up to the
+        // momentum's size: 230 MiB, some 14 samples, for ResNet-152).
+        rig.step(accum);
         rig.step(accum);
         sync(c.device);
       } catch (const c10::OutOfMemoryError&) {

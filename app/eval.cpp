@@ -4,6 +4,7 @@
 #include <blpa/checkpoint.h>
 #include <blpa/train.h>
 #include <fmt/format.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <csignal>
@@ -21,6 +22,16 @@ static int export_network(const std::string& checkpoint, const std::string& path
   const auto id = ck.config.find("run_id");
   const std::string run_id = id != ck.config.end() ? id->second : "";
   namespace fs = std::filesystem;
+  // Its folder made, as blpa-train makes an output's (it failed at the write, naming no flag).
+  if (const fs::path folder = fs::path(path).parent_path(); !folder.empty()) {
+    std::error_code ec;
+    fs::create_directories(folder, ec);
+    const std::string why = !fs::is_directory(folder)                ? "made" + (ec ? " (" + ec.message() + ")" : "")
+                            : ::access(folder.c_str(), W_OK) != 0 ? std::string("written to")
+                                                                   : std::string();
+    if (!why.empty())
+      throw blpa::FlagError(fmt::format("--export {}: its folder {} cannot be {}", path, folder.string(), why));
+  }
   if (std::error_code ec; fs::exists(path, ec) && !(fs::is_regular_file(path, ec) && fs::file_size(path, ec) == 0))
     if (const std::string why = blpa::export_not_replaceable(path, run_id, ck.net); !why.empty())
       throw blpa::FlagError(fmt::format("--export {} already exists and {}: give another path, or remove it", path, why));
@@ -107,8 +118,9 @@ static int run(int argc, char** argv) {
     blpa::numerics_for(e.options.precision, e.options.memory_format, device);  // the names
     e.options.progress = !blpa::switched_on(a, "quiet") && !blpa::switched_on(a, "json");
     json = blpa::switched_on(a, "json");
-    if (e.options.batch <= 0 || e.options.workers < 0 || e.options.workers > blpa::kMaxWorkers)
-      throw std::invalid_argument("--batch must be positive and --workers 0 to " + std::to_string(blpa::kMaxWorkers));
+    if (e.options.batch <= 0) throw std::invalid_argument("--batch must be positive");
+    if (e.options.workers < 0 || e.options.workers > blpa::kMaxWorkers)
+      throw std::invalid_argument("--workers must be 0 (automatic) to " + std::to_string(blpa::kMaxWorkers));
     if (e.options.workers == 0) e.options.workers = blpa::default_workers("imagenet", 1);
     if (e.options.resize_short <= 0) throw std::invalid_argument("--resize must be positive");
     if (e.options.crop <= 0 || e.options.resize_short < e.options.crop)
@@ -118,7 +130,7 @@ static int run(int argc, char** argv) {
     std::cerr << "blpa-eval: " << blpa::error_message(ex) << "\nRun blpa-eval --help for the options.\n";
     return 2;
   }
-  if (e.options.device != "cpu" && !torch::cuda::is_available()) {
+  if (blpa::parse_device(e.options.device).is_cuda() && !torch::cuda::is_available()) {  // cpu:0 is the CPU
     std::cerr << "blpa-eval: --device " << e.options.device << ": this machine has no CUDA device\n";
     return 2;
   }

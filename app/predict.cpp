@@ -408,8 +408,9 @@ static int run(int argc, char** argv) {
     if (o.top_k <= 0) throw FlagError("--top-k must be positive");
     if (o.split != "test" && o.split != "train")
       throw FlagError("--split must be test or train, got '" + o.split + "'");
-    if (o.eval.batch <= 0 || o.eval.workers < 0 || o.eval.workers > blpa::kMaxWorkers)
-      throw FlagError("--batch must be positive and --workers 0 to " + std::to_string(blpa::kMaxWorkers));
+    if (o.eval.batch <= 0) throw FlagError("--batch must be positive");
+    if (o.eval.workers < 0 || o.eval.workers > blpa::kMaxWorkers)
+      throw FlagError("--workers must be 0 (automatic) to " + std::to_string(blpa::kMaxWorkers));
     if (o.eval.workers == 0) o.eval.workers = blpa::default_workers("imagenet", 1);
     if (o.eval.resize_short <= 0) throw FlagError("--resize must be positive");
     if (o.eval.crop <= 0 || o.eval.resize_short < o.eval.crop)
@@ -437,7 +438,7 @@ static int run(int argc, char** argv) {
     std::cerr << "blpa-predict: " << blpa::error_message(ex) << "\nRun blpa-predict --help for the options.\n";
     return 2;
   }
-  if (o.device != "cpu" && !torch::cuda::is_available()) {
+  if (blpa::parse_device(o.device).is_cuda() && !torch::cuda::is_available()) {  // cpu:0 is the CPU
     std::cerr << "blpa-predict: --device " << o.device << ": this machine has no CUDA device\n";
     return 2;
   }

@@ -245,7 +245,11 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       const Run w = run(exe, {"--checkpoint", "x", "--workers", workers}, dir);
       CAPTURE(exe, w.output);
       CHECK(w.code == 2);
-      CHECK(w.output.find("--workers 0 to 256") != std::string::npos);
+      CHECK(w.output.find("--workers must be 0 (automatic) to 256") != std::string::npos);
+      // One flag's error names that flag alone ("--batch must be positive and --workers 0 to 256").
+      CHECK(w.output.find("--batch") == std::string::npos);
+      const Run b = run(exe, {"--checkpoint", "x", "--batch", "0"}, dir);
+      CHECK(b.output.find("--batch must be positive\n") != std::string::npos);
     }
   for (const char* exe : {BLPA_EVAL_EXE, BLPA_PREDICT_EXE})  // a sweep's eval shares the machine's cores
     for (const char* threads : {"-1", "100000"}) {
@@ -274,6 +278,10 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"step", "--batch", "x"}, "--batch: 'x' is not an integer"},
       {{"memory", "--model", "cifar:x"}, "--model cifar:x: the depth: 'x' is not an integer"},  // was "stoi"
       {{"memory", "--model", "cifar:11", "--slope-batch", "-1"}, "--slope-batch must be >= 0"},
+      {{"memory", "--model", "cifar:11", "--slope-batch", "99999999999999999"},  // was LibTorch's size overflow
+       "--slope-batch 99999999999999999 of 32x32 images: the input alone overflows 64-bit sizes"},
+      {{"memory", "--model", "cifar:11", "--mode", "all,plain"},  // was "unknown mode 'all'"
+       "--mode all stands alone (plain,exact,blpa-8,blpa-4,naive-4): list the modes instead of adding to it"},
       {{"fidelity", "--depths", "11,a"}, "--depths: 'a' is not an integer"},
       {{"fidelity", "--seed", "-1"}, "--seed: '-1' is not a non-negative integer"},
       {{"data", "--workers", "0"}, "--workers: each count must be 1 to 256"},

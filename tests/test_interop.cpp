@@ -441,6 +441,19 @@ TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval 
   CHECK(slurp(again) == slurp(pt));
   CHECK(x.out.find("\"export\": " + blpa::json_string(again)) != std::string::npos);
   CHECK(run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--export", again}, dir).code == 0);
+  // Into a folder not made yet, as blpa-train's outputs (it failed at the write, exit 1), and
+  // on cpu:0, which is the CPU (it was "this machine has no CUDA device").
+  const std::string deep = (dir / "new" / "deeper" / "a.pt").string();
+  const Run into_new = run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--export", deep}, dir);
+  CAPTURE(into_new.err);
+  CHECK(into_new.code == 0);
+  const Run cpu0 = run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--device", "cpu:0", "--subset", "8"}, dir);
+  CAPTURE(cpu0.err);
+  CHECK(cpu0.code == 0);
+  CHECK(slurp(deep) == slurp(pt));
+  const Run no_folder = run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--export", log + "/a.pt"}, dir);
+  CHECK(no_folder.code == 2);
+  CHECK(no_folder.err.find("--export " + log + "/a.pt: its folder " + log + " cannot be made") != std::string::npos);
   const std::string made = (dir / "made.pt").string();  // mktemp's: empty
   std::ofstream(made).close();
   CHECK(run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--export", made}, dir).code == 0);
