@@ -106,7 +106,13 @@ int data_main(int argc, char** argv) {
     std::cout << o.help() << std::endl;
     return 0;
   }
-  if (args.count("scan")) return scan_bench(args["scan"].as<std::string>(), blpa::switched_on(args, "json"));
+  if (args.count("scan")) {  // a scan takes no other setting: one given beside it was ignored without a word
+    for (const char* other : {"write-tree", "images", "width", "height", "quality", "workers", "batch", "seconds"})
+      if (args.count(other))
+        throw std::invalid_argument(std::string("--") + other + " does not apply to --scan, which times a folder's "
+                                    "scan with every core: give them in two commands");
+    return scan_bench(args["scan"].as<std::string>(), blpa::switched_on(args, "json"));
+  }
   const int n = blpa::number<int>(args, "images"), w = blpa::number<int>(args, "width");
   const int h = blpa::number<int>(args, "height"), quality = blpa::number<int>(args, "quality");
   // Images the pipeline refuses as too large (kMaxJpegPixels) would time nothing.

@@ -71,6 +71,7 @@ std::vector<ModeConfig> parse_modes(const std::string& spec, int bits, float win
   if (spec == "all") return {{Mode::plain, 8}, {Mode::exact, 8}, {Mode::blpa, 8}, {Mode::blpa, 4}, {Mode::naive, 4}};
   if (bits != 8 && bits != 4 && bits != 2) throw std::invalid_argument("--bits must be 8, 4 or 2");
   std::vector<ModeConfig> out;
+  bool bare = false;  // a blpa or naive that takes --window and --lift
   for (const std::string& tok : blpa::comma_list("--mode", spec)) {
     if (tok == "all")
       throw std::invalid_argument("--mode all stands alone (plain,exact,blpa-8,blpa-4,naive-4): list the modes "
@@ -78,10 +79,14 @@ std::vector<ModeConfig> parse_modes(const std::string& spec, int bits, float win
     if ((window > 0 || lift) && tok.find('-') != std::string::npos)
       throw std::invalid_argument("--window and --lift apply to a bare blpa or naive in --mode; " + tok +
                                   " names its own (write -wW and -lL in the name)");
+    bare = bare || tok == "blpa" || tok == "naive";
     const ModeConfig m = blpa::parse_mode_config(tok, bits, window, lift);
     if (std::none_of(out.begin(), out.end(), [&](const ModeConfig& o) { return o.str() == m.str(); }))
       out.push_back(m);
   }
+  if ((window > 0 || lift) && !bare)  // `--mode plain --window 8` ran, the window ignored
+    throw std::invalid_argument("--window and --lift apply to a bare blpa or naive in --mode, and " + spec +
+                                " has none");
   return out;
 }
 
@@ -982,11 +987,16 @@ int fidelity_main(int argc, char** argv) {
             throw std::invalid_argument(
                 fmt::format("--windows must be positive, at least {}, got {}", blpa::kMinWindow, w));
           mc.lift = l == "default" ? std::nullopt : std::optional<float>(blpa::parse_number<float>("--lifts", l));
-          modes.push_back(mc);
+          // "default" and the default's value are one mode: measured once (it gave rows alike).
+          if (std::none_of(modes.begin(), modes.end(), [&](const ModeConfig& o) { return o.str() == mc.str(); }))
+            modes.push_back(mc);
         }
   std::vector<std::function<FidelityCase()>> cases;
   if (args.count("checkpoint") && args.count("depths"))  // the depths were ignored
     throw std::invalid_argument("--depths sets the drawn networks, --checkpoint measures its own: give one of them");
+  if (args.count("checkpoint") && args.count("size"))  // so was the size (its images are its data set's)
+    throw std::invalid_argument("--size sets the drawn networks' images, --checkpoint measures its data set's: give "
+                                "one of them");
   if (args.count("data-dir") && !args.count("checkpoint"))  // drawn networks run on random images
     throw std::invalid_argument("--data-dir is where --checkpoint's data set is; drawn networks need none");
   if (args.count("checkpoint")) {

@@ -272,6 +272,11 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"max-batch", "--model", "cifar:11", "--max", "0"}, "--max must be at least --accum-steps"},
       {{"max-batch", "--batch", "64"}, "--batch: max-batch searches the batch; --max caps it"},  // was ignored
       {{"fidelity", "--checkpoint", "x.ckpt", "--depths", "20"}, "--depths sets the drawn networks"},  // ignored
+      // Other flags that were ignored without a word:
+      {{"fidelity", "--checkpoint", "x.ckpt", "--size", "64"}, "--size sets the drawn networks' images"},
+      {{"memory", "--model", "cifar:11", "--mode", "plain", "--window", "8"},
+       "--window and --lift apply to a bare blpa or naive in --mode, and plain has none"},
+      {{"data", "--scan", ".", "--workers", "3"}, "--workers does not apply to --scan"},
       {{"data", "--images", "20"}, "--batch 32 is more than the --images 20 generated"},  // named neither
       // numbers are named with their flag (cxxopts said only "Argument 'nan' failed to parse"),
       {{"codec", "--window", "nan"}, "--window: 'nan' is not a finite number"},
