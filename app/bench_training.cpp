@@ -424,6 +424,12 @@ int memory_main(int argc, char** argv) {
     for (const auto& row : m.table) units += row.memory.total();
     const auto& p = results.at("plain");
     // Against plain in float32 too, in a bf16 run.
+    // Per-sample peaks that cannot be growth rates: the step's below what autograd stores per
+    // sample, or one part's far above the step's (a few percent above is the usual moving of the
+    // peak from part to part). Between these batches the peak moved (LibTorch's CPU convolutions
+    // size their scratch by the batch); they were printed without a word.
+    const bool peak_moved =
+        batch2 > 0 && (r.peak_slope < r.stored_slope || scope_peak[slope_peak_at] > 1.5 * r.peak_slope);
     auto vs_fp32 = [&](auto ratio) {
       const auto it = results.find("plain-fp32");
       return bf16 && it != results.end() ? fmt::format("{:.3f}", ratio(it->second)) : std::string("null");
@@ -436,14 +442,14 @@ int memory_main(int argc, char** argv) {
                  double(p.stored) / m.stored, double(p.peak) / m.peak, blpa::json_string(m.peak_at));
       if (batch2 > 0)
         fmt::print(", \"slope_batch\": {}, \"stored_per_sample_bytes\": {:.0f}, \"peak_per_sample_bytes\": {:.0f}, "
-                   "\"peak_per_sample_ratio_plain\": {:.3f}, \"peak_per_sample_at\": {}, "
-                   "\"peak_per_sample_at_bytes\": {:.0f}",
-                   batch2, r.stored_slope, r.peak_slope, p.peak_slope / r.peak_slope, blpa::json_string(slope_peak_at),
-                   scope_peak[slope_peak_at]);
+                   "\"stored_per_sample_ratio_plain\": {:.3f}, \"peak_per_sample_ratio_plain\": {:.3f}, "
+                   "\"peak_per_sample_at\": {}, \"peak_per_sample_at_bytes\": {:.0f}, \"peak_per_sample_moved\": {}",
+                   batch2, r.stored_slope, r.peak_slope, p.stored_slope / r.stored_slope, p.peak_slope / r.peak_slope,
+                   blpa::json_string(slope_peak_at), scope_peak[slope_peak_at], peak_moved);
       else  // the same keys in every row, for the scripts that read them into one table
         fmt::print(", \"slope_batch\": null, \"stored_per_sample_bytes\": null, \"peak_per_sample_bytes\": null, "
-                   "\"peak_per_sample_ratio_plain\": null, \"peak_per_sample_at\": null, "
-                   "\"peak_per_sample_at_bytes\": null");
+                   "\"stored_per_sample_ratio_plain\": null, \"peak_per_sample_ratio_plain\": null, "
+                   "\"peak_per_sample_at\": null, \"peak_per_sample_at_bytes\": null, \"peak_per_sample_moved\": null");
       fmt::print(", \"stored_ratio_plain_fp32\": {}, \"peak_ratio_plain_fp32\": {}",
                  vs_fp32([&](const Result& f) { return double(f.stored) / m.stored; }),
                  vs_fp32([&](const Result& f) { return double(f.peak) / m.peak; }));
@@ -461,6 +467,10 @@ int memory_main(int argc, char** argv) {
                    "in {} ({:.3f} MiB)\n",
                    batch2, r.stored_slope / 1048576.0, r.peak_slope / 1048576.0, slope_peak_at,
                    scope_peak[slope_peak_at] / 1048576.0);
+      if (peak_moved)
+        fmt::print("         (not growth rates: the peak moved between batch {} and {}, as the convolutions' scratch "
+                   "follows the batch; take larger batches for per-sample peaks)\n",
+                   batch2, c.batch);
       if (blpa::switched_on(args, "table")) {
         const char* per = batch2 > 0 ? "MiB/sample" : "MiB";
         fmt::print("    {:14s} {:>20s} {:>10s} {:>8s} {:>10s}  peak {} in forward, backward\n", "unit", "input",

@@ -143,6 +143,10 @@ TEST_CASE("bench: memory reports the per-sample slopes and where the peak is", "
     CHECK(stored_slope * 8 < stored);  // per-channel tensors (BatchNorm's statistics) do not grow with the batch
     CHECK(peak_slope > 0);
     if (m[1] != "plain") CHECK(!std::string(m[3]).empty());  // a unit's or a node's scope
+    // Said, where the slopes are no growth rates (the peak moved between the two batches).
+    CHECK(line.find(peak_slope < stored_slope ? "\"peak_per_sample_moved\": true"
+                                              : "\"peak_per_sample_moved\": ") != std::string::npos);
+    CHECK(line.find("\"stored_per_sample_ratio_plain\": ") != std::string::npos);
   }
   CHECK(modes == std::vector<std::string>{"plain", "exact", "blpa"});
   // Without a second batch the per-sample keys are there, as null: every row has the same keys.
@@ -159,6 +163,7 @@ TEST_CASE("bench: memory reports the per-sample slopes and where the peak is", "
     ++rows;
     CHECK(line.find("\"slope_batch\": null, \"stored_per_sample_bytes\": null") != std::string::npos);
     CHECK(line.find("\"peak_per_sample_ratio_plain_fp32\": null") != std::string::npos);
+    CHECK(line.find("\"peak_per_sample_moved\": null") != std::string::npos);
     const bool plain_bf16 = line.find("\"precision\": \"bf16\"") != std::string::npos &&
                             line.find("\"mode\": \"plain\"") != std::string::npos;
     if (plain_bf16) CHECK(line.find("\"bits\": 16,") != std::string::npos);
