@@ -102,7 +102,7 @@ static int run(int argc, char** argv) {
     if (a.count("val-list")) e.val_list = a["val-list"].as<std::string>();
     e.subset = blpa::number<int64_t>(a, "subset");
     if (blpa::switched_on(a, "ten-crop")) e.imagenet_flags.push_back("--ten-crop");
-    for (const char* flag : {"val-list", "resize", "crop"})
+    for (const char* flag : {"val-list", "resize", "crop", "index-cache"})
       if (a.count(flag)) e.imagenet_flags.push_back(std::string("--") + flag);
     e.options.ten_crop = blpa::switched_on(a, "ten-crop");
     e.options.resize_short = blpa::number<int>(a, "resize");

@@ -1505,6 +1505,8 @@ TEST_CASE("hardening: bad input found in loading keeps old files, and eval refus
   CHECK(e.code == 2);
   CHECK(e.output.find("--ten-crop, --crop apply to ImageNet checkpoints only; " + ck +
                       " was trained on fashion-mnist") != std::string::npos);
+  const Run cache = run(BLPA_EVAL_EXE, {"--checkpoint", ck, "--subset", "10", "--index-cache", "/nonexistent"}, dir);
+  CHECK(cache.output.find("--index-cache applies to ImageNet checkpoints only") != std::string::npos);
   // A --checkpoint that is not there, or a folder, is a bad flag for every program, as for
   // blpa-train --resume (blpa-eval and blpa-predict said exit 1, blpa-eval with a timestamp).
   const std::string missing = (dir / "b.ckpt").string();
