@@ -423,13 +423,13 @@ int memory_main(int argc, char** argv) {
     int64_t units = 0;
     for (const auto& row : m.table) units += row.memory.total();
     const auto& p = results.at("plain");
-    // Against plain in float32 too, in a bf16 run.
     // Per-sample peaks that cannot be growth rates: the step's below what autograd stores per
     // sample, or one part's far above the step's (a few percent above is the usual moving of the
     // peak from part to part). Between these batches the peak moved (LibTorch's CPU convolutions
     // size their scratch by the batch); they were printed without a word.
     const bool peak_moved =
         batch2 > 0 && (r.peak_slope < r.stored_slope || scope_peak[slope_peak_at] > 1.5 * r.peak_slope);
+    // Against plain in float32 too, in a bf16 run.
     auto vs_fp32 = [&](auto ratio) {
       const auto it = results.find("plain-fp32");
       return bf16 && it != results.end() ? fmt::format("{:.3f}", ratio(it->second)) : std::string("null");
