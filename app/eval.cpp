@@ -26,7 +26,8 @@ static int export_network(const std::string& checkpoint, const std::string& path
   if (const fs::path folder = fs::path(path).parent_path(); !folder.empty()) {
     std::error_code ec;
     fs::create_directories(folder, ec);
-    const std::string why = !fs::is_directory(folder)                ? "made" + (ec ? " (" + ec.message() + ")" : "")
+    std::error_code seen;  // no exception where the folder cannot be looked at
+    const std::string why = !fs::is_directory(folder, seen)          ? "made" + (ec ? " (" + ec.message() + ")" : "")
                             : ::access(folder.c_str(), W_OK) != 0 ? std::string("written to")
                                                                    : std::string();
     if (!why.empty())

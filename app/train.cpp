@@ -64,7 +64,8 @@ void take_signals(sigset_t set, std::string checkpoint, bool writes_checkpoints)
       first_at = now;
       g_stop.store(true);
       say(checkpointing ? "\nblpa-train: stopping after the current step and writing a checkpoint (a second "
-                          "signal stops at once, without one)\n"
+                          "signal stops at once, without one; a new run still loading stops before it writes "
+                          "anything)\n"
                         : "\nblpa-train: stopping after the current step (a second signal stops at once)\n");
       continue;
     }
@@ -137,14 +138,19 @@ __attribute__((section(".preinit_array"), used)) void (*const g_block_at_load)(i
 
 int main(int argc, char** argv) {
   const sigset_t signals = stop_signals();  // blocked since the program was loaded
+  // A program that will not train takes them as by default again (and one already pending
+  // now): --help, --print-config (which reads the data folder) and a refused command line.
+  auto unblock = [&] { ::pthread_sigmask(SIG_UNBLOCK, &signals, nullptr); };
   blpa::quiet_library_log();
   blpa::TrainCommand cmd;
   try {
     cmd = blpa::parse_train_command(argc, argv);
   } catch (const std::exception& e) {
+    unblock();
     std::cerr << "blpa-train: " << blpa::error_message(e) << "\nRun blpa-train --help for the options.\n";
     return 2;
   }
+  if (cmd.help || cmd.print_config) unblock();
   if (cmd.help) {
     std::cout << cmd.help_text << std::endl;
     return blpa::checked_output("blpa-train", 0);
@@ -164,7 +170,10 @@ int main(int argc, char** argv) {
   // `| head`) must not end the run by SIGPIPE before it writes its checkpoint: writes to it
   // fail instead, and the run goes on, or stops as the signal it was sent asks.
   std::signal(SIGPIPE, SIG_IGN);
-  // Rank 0 writes the checkpoints: only it can say whether there is one.
+  // Rank 0 writes the checkpoints: only it can say whether there is one. In training from here
+  // (phase 1), before the thread takes a signal that came while the program loaded: taken in
+  // phase 0, it would end the program as by default, without a word.
+  g_phase.store(1);
   std::thread(take_signals, signals, c.checkpoint, c.dist.rank == 0).detach();
   // A file-size limit (ulimit -f) makes writes fail with EFBIG, reported like a full disk,
   // instead of killing the process mid-checkpoint.

@@ -29,8 +29,9 @@ cxxopts::Options make_options() {
                                       "data set is Fashion-MNIST from /usr/share/datasets/fashion-mnist.\n"
                                       "Exit codes: 0 done, 1 error, 2 bad flags, 3 the loss, the test loss or the "
                                       "weights became NaN/Inf, 128+N stopped by signal N: INT, TERM or HUP (a "
-                                      "checkpoint was written, unless an error says it could not be, and the "
-                                      "process ends by the signal; a second one stops at once, without one). "
+                                      "checkpoint was written, unless an error says it could not be or a new run "
+                                      "was still loading, and the process ends by the signal; a second one stops "
+                                      "at once, without one). "
                                       "BLPA_DEBUG=1 adds LibTorch's C++ backtraces to its errors.\n");
   using S = std::string;
   // clang-format off

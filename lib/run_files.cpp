@@ -206,7 +206,7 @@ void check_outputs_are_the_runs(TrainConfig c, const Checkpoint& resumed) {
   check_outputs_are_this_runs(c, resumed.net);
 }
 
-int64_t drop_records_after(const std::string& path, int64_t iteration, bool evaluates) {
+int64_t drop_records_after(const std::string& path, int64_t iteration, bool evaluates, bool window_open) {
   std::error_code ec;
   if (!fs::is_regular_file(path, ec)) return 0;  // a device or a pipe keeps what it was given
   std::ifstream in(path);
@@ -216,7 +216,10 @@ int64_t drop_records_after(const std::string& path, int64_t iteration, bool eval
   for (std::string line; std::getline(in, line);) {
     ++number;
     const int64_t at = record_iteration(line);
-    const bool redone = evaluates && at == iteration && line.rfind("{\"type\": \"eval\", ", 0) == 0;
+    // At the checkpoint's iteration: its evaluation, run again; and where the checkpoint holds an
+    // open log window, a train record a resume at the run's end wrote from it, written again.
+    const bool redone = at == iteration && ((evaluates && line.rfind("{\"type\": \"eval\", ", 0) == 0) ||
+                                            (window_open && line.rfind("{\"type\": \"train\", ", 0) == 0));
     if (at > iteration || redone) {
       ++dropped;
       ++removed;
@@ -591,14 +594,15 @@ void compare_with_checkpoint(const Checkpoint& ck, const TrainConfig& c) {
     std::string& list = identity.count(key)                                                      ? refused
                         : (evaluated && key != "iterations") || (at_end && training_keys().count(key)) ? idle
                                                                                                        : changed;
-    // Settings that change the arithmetic's order, not the function: the run's numbers then
-    // part, in rounding, from those of a resume without the change (which is bit for bit).
-    const bool rounding = &list == &changed && (key == "device" || key == "threads" || key == "memory_format" ||
-                                                key == "precision");
+    // Settings that can change the arithmetic (its order, or TF32 for float32): the run's
+    // numbers may then part, in rounding, from those of a resume without the change (which is
+    // bit for bit). CPU threads only where the CPU computes.
+    const bool rounding = &list == &changed && (key == "device" || key == "memory_format" || key == "precision" ||
+                                                (key == "threads" && !torch::Device(c.device).is_cuda()));
     list += fmt::format("\n  {}: checkpoint {}, command line {}{}{}", key, it->second, value,
                         key == "precision" && tf32_on_cpu ? " (the CPU has no TF32)" : "",
-                        rounding ? " (other rounding: the numbers from here differ slightly from an unchanged "
-                                   "resume's)"
+                        rounding ? " (other rounding: the numbers from here may differ slightly from an "
+                                   "unchanged resume's)"
                                  : "");
   }
   if (!refused.empty())

@@ -526,7 +526,9 @@ int64_t open_log(LogFile& log, const TrainConfig& config, const RunState& state)
            fs::file_size(config.log_path, ec) == 0)
     spdlog::warn("--log {} is empty: it begins again at iteration {}, without the run's records before it",
                  config.log_path, state.iteration);
-  const int64_t dropped = config.resume ? drop_records_after(config.log_path, state.iteration, state.pending_eval) : 0;
+  const int64_t dropped = config.resume ? drop_records_after(config.log_path, state.iteration, state.pending_eval,
+                                                             state.window_iters > 0)
+                                        : 0;
   if (dropped > 0)
     spdlog::info("--log {}: {} record{} after iteration {}{} removed (the resumed run computes them again)",
                  config.log_path, dropped, dropped == 1 ? "" : "s", state.iteration,

@@ -79,8 +79,10 @@ void prepare_outputs(const TrainConfig& c, OutputLocks& locks);
 // last line without its newline: a record cut short by a full disk or a kill. `evaluates`:
 // the resumed run evaluates at the checkpoint's iteration first (the process that wrote the
 // checkpoint was stopped in or after that evaluation), so an evaluation record of that
-// iteration is recomputed too. Returns the records after the checkpoint's iteration removed.
-int64_t drop_records_after(const std::string& path, int64_t iteration, bool evaluates);
+// iteration is recomputed too. `window_open`: the checkpoint holds an unlogged window, so a
+// train record of its iteration came after it (a resume at the run's end logs one) and is
+// recomputed too. Returns the records after the checkpoint's iteration removed.
+int64_t drop_records_after(const std::string& path, int64_t iteration, bool evaluates, bool window_open);
 
 // What is left of a run resumed at its last iteration (ck's, which config's --iterations is).
 // The run is complete once evaluated there and, as rank 0 sees it (the other ranks cannot see

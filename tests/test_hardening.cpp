@@ -1243,8 +1243,8 @@ TEST_CASE("hardening: on --resume every flag takes effect or is refused with bot
     REQUIRE(r.code == 0);
     CHECK(r.output.find("momentum: checkpoint 0.9, command line 0.5\n") != std::string::npos);
     // Another order of the same arithmetic: said, since the resume is then not bit for bit.
-    CHECK(r.output.find("threads: checkpoint 1, command line 2 (other rounding: the numbers from here differ slightly "
-                        "from an unchanged resume's)") != std::string::npos);
+    CHECK(r.output.find("threads: checkpoint 1, command line 2 (other rounding: the numbers from here may differ "
+                        "slightly from an unchanged resume's)") != std::string::npos);
     exports.push_back(slurp(pt));
   }
   CHECK(exports[0] != exports[1]);
@@ -1785,6 +1785,8 @@ TEST_CASE("hardening: a run resumed at the iteration where it stopped logs that 
   REQUIRE(train(args, dir, "BLPA_TEST_FAIL=step:4").code == 1);
   REQUIRE(blpa::read_checkpoint(ck).state.iteration == 3);
   auto at_end = small(dir, {"--iterations", "3", "--log-every", "2", "--checkpoint", ck, "--log", log, "--resume"});
+  // Its evaluation failing first: the record it wrote is not written twice by the next resume.
+  REQUIRE(train(at_end, dir, "BLPA_TEST_FAIL=eval:3").code == 1);
   const Run resumed = train(at_end, dir);
   CAPTURE(resumed.output);
   REQUIRE(resumed.code == 0);

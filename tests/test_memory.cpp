@@ -215,10 +215,14 @@ TEST_CASE("bench: max-batch finds the largest batch per mode and says when --max
                             out.string() + " 2>/dev/null";
     REQUIRE(std::system(cmd.c_str()) == 0);
     std::ifstream f(out);
+    int measured = 0;
     for (std::string row; std::getline(f, row);)
-      if (field(row, "mode") == field(line, "mode"))
+      if (field(row, "mode") == field(line, "mode")) {
+        ++measured;
         CHECK(std::stoll(field(row, "peak_bytes")) + std::stoll(field(row, "resident_bytes")) <=
               std::stoll(field(line, "budget_bytes")));
+      }
+    CHECK(measured == 1);
   }
   const auto capped = search("8");
   for (const auto& line : capped) {
