@@ -4,7 +4,6 @@
 #include <blpa/checkpoint.h>
 #include <blpa/train.h>
 #include <fmt/format.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <csignal>
@@ -22,20 +21,16 @@ static int export_network(const std::string& checkpoint, const std::string& path
   const auto id = ck.config.find("run_id");
   const std::string run_id = id != ck.config.end() ? id->second : "";
   namespace fs = std::filesystem;
-  // Its folder made, as blpa-train makes an output's (it failed at the write, naming no flag).
-  if (const fs::path folder = fs::path(path).parent_path(); !folder.empty()) {
-    std::error_code ec;
-    fs::create_directories(folder, ec);
-    std::error_code seen;  // no exception where the folder cannot be looked at
-    const std::string why = !fs::is_directory(folder, seen)          ? "made" + (ec ? " (" + ec.message() + ")" : "")
-                            : ::access(folder.c_str(), W_OK) != 0 ? std::string("written to")
-                                                                   : std::string();
-    if (!why.empty())
-      throw blpa::FlagError(fmt::format("--export {}: its folder {} cannot be {}", path, folder.string(), why));
-  }
   if (std::error_code ec; fs::exists(path, ec) && !(fs::is_regular_file(path, ec) && fs::file_size(path, ec) == 0))
     if (const std::string why = blpa::export_not_replaceable(path, run_id, ck.net); !why.empty())
       throw blpa::FlagError(fmt::format("--export {} already exists and {}: give another path, or remove it", path, why));
+  // Its folder made and the file tried, as blpa-train's outputs are (it failed at the write,
+  // naming no flag, exit 1).
+  try {
+    blpa::check_output_path(path, "--export", /*atomic=*/true);
+  } catch (const std::invalid_argument& e) {
+    throw blpa::FlagError(e.what());
+  }
   blpa::ResNet model = blpa::load_model(ck);
   blpa::export_state_dict(path, model, run_id);
   if (json)
