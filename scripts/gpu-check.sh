@@ -146,6 +146,10 @@ stage memory-resnet152 120 bash -c 'bench memory --device cuda --model resnet152
 [[ ${BLPA_GPU_CHECK_DATA:-0} == 1 ]] && stage data 120 bash -c "bench data --workers 1,2,4,8,$(nproc) --seconds 3"
 # The ImageNet path on the GPU: pinned batches, asynchronous copies, ResNet-50, 10-crop eval.
 tree=$(mktemp -d)
+# imagenet-eval and imagenet-predict read imagenet-train's checkpoint: asking for either runs it.
+if ! wanted imagenet-train && { wanted imagenet-eval || wanted imagenet-predict; }; then
+  BLPA_GPU_STAGES+="|imagenet-train"
+fi
 wanted imagenet-train && "$BLPA_BUILD_DIR/app/blpa-bench" data --write-tree "$tree" --images 400 >/dev/null
 stage imagenet-train 180 "$BLPA_BUILD_DIR/app/blpa-train" --device cuda --data-dir "$tree" --model imagenet \
   --depth 50 --batch 32 --accum-steps 2 --iterations 30 --warmup 0 --eval-every 0 --log-every 10 --quiet \
