@@ -223,7 +223,9 @@ int main(int argc, char** argv) {
     return exit_code(0);
   } catch (const blpa::StoppedBeforeStart& e) {
     spdlog::warn("{}", e.what());
-    return exit_code(128 + g_signal.load());  // ends by the signal, as an interrupted run
+    const int sig = g_signal.load() ? g_signal.load() : e.signal ? e.signal : SIGINT;
+    end_by(sig);  // as an interrupted run: by the signal, so that a loop of runs stops too
+    return exit_code(128 + sig);
   } catch (const blpa::FlagError& e) {
     std::cerr << "blpa-train: " << e.what() << "\n";
     return exit_code(2);

@@ -778,11 +778,23 @@ void Run::set_up() {
     std::this_thread::sleep_for(std::chrono::milliseconds(ms));
   // A stop asked for while a new run loads: nothing of the run is written yet, and nothing that
   // --overwrite would replace is gone. (Before, the old run's files went, and the new run
-  // trained one step to have a checkpoint.) Ranks agree on a stop at their first step instead.
-  if (!dist && !config.resume && stop && stop->load())
-    throw StoppedBeforeStart(config.overwrite ? "stopped before the run began: --overwrite replaced nothing, and "
-                                                "nothing was written"
-                                              : "stopped before the run began: nothing was written");
+  // trained one step to have a checkpoint.) Several ranks agree on it: one stopped stops all,
+  // each ending by the signal the stopped one was sent.
+  if (!config.resume && stop) {
+    bool stopped = stop->load();
+    if (dist) {
+      const auto sums = dist->sum({stopped ? 1.0 : 0.0, sent(SIGTERM), sent(SIGHUP)});
+      stopped = sums[0] > 0;
+      told(sums[0], sums[1], sums[2]);
+      if (stopped) dist->close();  // the ranks part as planned: nothing of theirs aborted
+    }
+    if (stopped)
+      throw StoppedBeforeStart(
+          fmt::format("stopped before the run began{}: {}nothing was written",
+                      dist && !stop->load() ? " (another rank was interrupted)" : "",
+                      config.overwrite ? "--overwrite replaced nothing, and " : ""),
+          result.stop_signal);
+  }
   if (lead) result.dropped_log_records = open_log(log, config, state);
   // The inputs' normalisation goes with the run's records: an --export's user needs it (CIFAR's
   // and MNIST-style statistics are of the training images, which they may not have).

@@ -461,10 +461,12 @@ TEST_CASE("distributed: the sampler's cached epochs give shard_indices' batches,
 
 namespace {
 
-pid_t spawn(const std::vector<std::string>& args, const std::string& out) {
+// env: "NAME=VALUE" for the child alone, or "".
+pid_t spawn(const std::vector<std::string>& args, const std::string& out, const std::string& env = "") {
   std::fflush(nullptr);  // or the child would write this process's buffered output again
   const pid_t pid = ::fork();
   if (pid == 0) {
+    if (!env.empty()) ::putenv(const_cast<char*>(env.c_str()));
     std::freopen(out.c_str(), "w", stdout);
     std::freopen(out.c_str(), "a", stderr);
     std::vector<char*> argv{const_cast<char*>(BLPA_TRAIN_EXE)};
@@ -819,6 +821,49 @@ TEST_CASE("distributed: a rank stopped by another rank's signal ends by that sig
                                    ", continue with --resume on every rank") != std::string::npos);
   CHECK(slurp(dir / "r0.out").find("; checkpoint " + (dir / "ck.pt").string() + " holds iteration " + at +
                                    ", continue with --resume on every rank") != std::string::npos);
+  remove_tree(dir);
+}
+
+// A stop while the ranks load (here rank 1's, after the rendezvous): every rank ends by its
+// signal before the first step, and --overwrite has removed nothing of the run it would replace.
+// (Before, rank 0 removed the old run's files and the ranks trained a step to agree.)
+TEST_CASE("distributed: a signal to one rank while a new run loads stops every rank, nothing replaced",
+          "[distributed][train]") {
+  if (!have_fashion_mnist()) return;
+  const fs::path dir = fresh_dir("load-stop");
+  const std::string ck = (dir / "ck.pt").string(), log = (dir / "log.jsonl").string(),
+                    summary = (dir / "s.json").string();
+  auto run = [&](const std::vector<std::string>& extra, const std::string& tag, const std::string& env1) {
+    std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "200", "--test-subset", "50",
+                                    "--warmup", "0", "--threads", "1", "--eval-every", "0", "--quiet", "--iterations",
+                                    "3", "--world-size", "2", "--master-port", std::to_string(free_port()),
+                                    "--dist-timeout", "60", "--checkpoint", ck};
+    common.insert(common.end(), extra.begin(), extra.end());
+    auto a1 = common, a0 = common;
+    a1.insert(a1.end(), {"--rank", "1"});
+    a0.insert(a0.end(), {"--rank", "0", "--log", log, "--summary", summary});
+    return std::pair{spawn(a0, (dir / ("r0" + tag + ".out")).string()),
+                     spawn(a1, (dir / ("r1" + tag + ".out")).string(), env1)};
+  };
+  const auto [old0, old1] = run({}, "-old", "");
+  REQUIRE(wait_exit(old0) == 0);
+  REQUIRE(wait_exit(old1) == 0);
+  const std::vector<std::string> before{slurp(ck), slurp(log), slurp(summary)};
+
+  const auto [p0, p1] = run({"--overwrite"}, "", "BLPA_TEST_FAIL=slow-load:3000");
+  // Rank 1 has joined and names its network just before it loads on for 3 s.
+  for (int i = 0; i < 600 && slurp(dir / "r1.out").find("model cifar-11") == std::string::npos; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ::kill(p1, SIGTERM);
+  const int rc1 = wait_exit(p1), rc0 = wait_exit(p0);
+  CAPTURE(slurp(dir / "r0.out"), slurp(dir / "r1.out"));
+  CHECK(rc1 == 128 + SIGTERM);
+  CHECK(rc0 == 128 + SIGTERM);  // by rank 1's signal, so that a loop of runs on its machine stops too
+  CHECK(slurp(dir / "r1.out").find("stopped before the run began: --overwrite replaced nothing, and nothing was "
+                                   "written") != std::string::npos);
+  CHECK(slurp(dir / "r0.out").find("stopped before the run began (another rank was interrupted): --overwrite "
+                                   "replaced nothing") != std::string::npos);
+  CHECK(std::vector<std::string>{slurp(ck), slurp(log), slurp(summary)} == before);
   remove_tree(dir);
 }
 

@@ -245,10 +245,12 @@ struct NonFiniteLoss : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// Thrown by a new run of one process stopped (`stop`) before it wrote anything: its --overwrite
-// has replaced nothing, and there is no checkpoint to resume. blpa-train ends by the signal.
+// Thrown by a new run stopped (`stop`, on any of its ranks) before it wrote anything: its
+// --overwrite has replaced nothing, and there is no checkpoint to resume. blpa-train ends by
+// the signal: this process's, else `signal`, the one another rank was sent (0: not known).
 struct StoppedBeforeStart : std::runtime_error {
-  using std::runtime_error::runtime_error;
+  StoppedBeforeStart(const std::string& what, int signal) : std::runtime_error(what), signal(signal) {}
+  int signal;
 };
 
 // Thrown by --resume of a run that has trained all its iterations and evaluated: nothing is
