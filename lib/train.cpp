@@ -1140,6 +1140,11 @@ void Run::log_window(double lr) {
     peak_total = static_cast<int64_t>(sums[1]);
     stored_total = static_cast<int64_t>(sums[2]);
   }
+  // Rank 0 finishing a run of several ranks alone (finish_alone): the window is the
+  // checkpoint's, whose steps every rank took in lockstep (each waits for the all-reduce), so
+  // the run's images/s is rank 0's times the ranks; the other ranks' bytes were not kept.
+  const bool alone = !dist && config.dist.world > 1;
+  if (alone) ips *= config.dist.world;
   const double total = std::chrono::duration<double>(Clock::now() - run_start).count();
   const double eta = it > first ? total / (it - first) * (config.iterations - it) : 0;
   log.write(fmt::format(
@@ -1148,11 +1153,12 @@ void Run::log_window(double lr) {
       "\"graphed\": {}, \"graph_pool_bytes\": {}{}}}\n",
       it, unix_time(), double(it) / per_epoch, json_loss(window_loss / window_iters), lr, ips, stored, peak,
       decode_failed.size(), graphed != nullptr, graphed ? graphed->pool_bytes() : 0,
-      dist ? fmt::format(", \"world\": {}, \"global_batch\": {}, \"images_per_s_per_rank\": {:.2f}, "
-                         "\"stored_activation_bytes_total\": {}, \"peak_bytes_total\": {}",
-                         config.dist.world, config.batch * config.dist.world, ips / config.dist.world,
-                         stored_total, peak_total)
-           : std::string()));
+      config.dist.world > 1
+          ? fmt::format(", \"world\": {}, \"global_batch\": {}, \"images_per_s_per_rank\": {:.2f}, "
+                        "\"stored_activation_bytes_total\": {}, \"peak_bytes_total\": {}",
+                        config.dist.world, config.batch * config.dist.world, ips / config.dist.world,
+                        alone ? "null" : std::to_string(stored_total), alone ? "null" : std::to_string(peak_total))
+          : std::string()));
   const std::string line =
       fmt::format("iter {}/{}  loss {:.4f}  lr {:.4g}  {:.1f} img/s  stored {:.1f} MiB  ETA {}", it,
                   config.iterations, window_loss / window_iters, lr, ips, stored / 1048576.0, duration(eta));

@@ -624,6 +624,38 @@ TEST_CASE("distributed: a run at its end is finished by rank 0 alone on a resume
   remove_tree(dir);
 }
 
+// Stopped after iteration 3 of 6 (iteration 4 failed on both ranks) and resumed with
+// --iterations 3: rank 0 finishes alone and logs the checkpoint's open window, as the run's
+// record: its world, its images/s (rank 0's times the ranks, which stepped in lockstep), and
+// null for the other ranks' bytes it does not have. (It had no world fields, and rank 0's
+// images/s alone.)
+TEST_CASE("distributed: rank 0 finishing a run alone logs the last window with the run's fields",
+          "[distributed][train]") {
+  if (!have_fashion_mnist()) return;
+  const fs::path dir = fresh_dir("alone-record");
+  ::setenv("BLPA_TEST_FAIL", "step:4", 1);
+  const auto failed = train_pair(dir, free_port(), {"--iterations", "6"}, "alone");
+  ::unsetenv("BLPA_TEST_FAIL");
+  CAPTURE(slurp(dir / "alone-0.out"), slurp(dir / "alone-1.out"));
+  REQUIRE(failed.first == 1);
+  REQUIRE(blpa::read_checkpoint(dir / "ck.pt").state.iteration == 3);
+  REQUIRE(train_pair(dir, free_port(), {"--iterations", "3", "--resume"}, "alone") == std::pair{0, 0});
+  CHECK(slurp(dir / "alone-0.out").find("rank 0 writes its evaluation") != std::string::npos);
+  std::string record;
+  std::istringstream in(slurp(dir / "alone.jsonl"));
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("{\"type\": \"train\", \"iter\": 3,", 0) == 0) record = line;
+  CAPTURE(record);
+  REQUIRE(!record.empty());
+  CHECK(record.find("\"world\": 2, \"global_batch\": 32,") != std::string::npos);
+  CHECK(record.find("\"stored_activation_bytes_total\": null, \"peak_bytes_total\": null") != std::string::npos);
+  std::smatch m;
+  REQUIRE(std::regex_search(record, m, std::regex("\"images_per_s\": ([0-9.]+).*\"images_per_s_per_rank\": ([0-9.]+)")));
+  CHECK(std::stod(m[1]) > 0);
+  CHECK(std::stod(m[1]) == Approx(2 * std::stod(m[2])).epsilon(1e-3));
+  remove_tree(dir);
+}
+
 TEST_CASE("distributed: a 2-rank run resumed from its checkpoint continues identically", "[distributed][train]") {
   if (!have_fashion_mnist()) return;
   const fs::path dir = fresh_dir("resume");
