@@ -1151,13 +1151,16 @@ void Run::log_window(double lr) {
       "{{\"type\": \"train\", \"iter\": {}, \"time\": {:.3f}, \"epoch\": {:.3f}, \"loss\": {}, \"lr\": {:.6g}, "
       "\"images_per_s\": {:.2f}, \"stored_activation_bytes\": {}, \"peak_bytes\": {}, \"decode_failures\": {}, "
       "\"graphed\": {}, \"graph_pool_bytes\": {}{}}}\n",
-      it, unix_time(), double(it) / per_epoch, json_loss(window_loss / window_iters), lr, ips, stored, peak,
+      it, unix_time(), double(it) / per_epoch, json_loss(window_loss / window_iters), lr, ips,
+      // null: no step in this process, and a checkpoint from before they were kept
+      stored_known ? std::to_string(stored) : "null", stored_known ? std::to_string(peak) : "null",
       decode_failed.size(), graphed != nullptr, graphed ? graphed->pool_bytes() : 0,
       config.dist.world > 1
           ? fmt::format(", \"world\": {}, \"global_batch\": {}, \"images_per_s_per_rank\": {:.2f}, "
                         "\"stored_activation_bytes_total\": {}, \"peak_bytes_total\": {}",
                         config.dist.world, config.batch * config.dist.world, ips / config.dist.world,
-                        alone ? "null" : std::to_string(stored_total), alone ? "null" : std::to_string(peak_total))
+                        alone || !stored_known ? "null" : std::to_string(stored_total),
+                        alone || !stored_known ? "null" : std::to_string(peak_total))
           : std::string()));
   const std::string line =
       fmt::format("iter {}/{}  loss {:.4f}  lr {:.4g}  {:.1f} img/s  stored {:.1f} MiB  ETA {}", it,

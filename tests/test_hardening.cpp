@@ -1784,6 +1784,20 @@ TEST_CASE("hardening: a run resumed at the iteration where it stopped logs that 
   const auto args = small(dir, {"--iterations", "6", "--log-every", "2", "--checkpoint", ck, "--log", log});
   REQUIRE(train(args, dir, "BLPA_TEST_FAIL=step:4").code == 1);
   REQUIRE(blpa::read_checkpoint(ck).state.iteration == 3);
+  // A copy as a checkpoint from before 2026-12-02 was: without the run's stored and peak bytes.
+  const std::string old_ck = (dir / "old.ckpt").string(), old_log = (dir / "old.jsonl").string();
+  {
+    const blpa::Checkpoint c = blpa::read_checkpoint(ck);
+    auto model = blpa::load_model(c);
+    auto opt = blpa::make_optimizer(model, blpa::TrainConfig{});  // the trainer's parameter groups
+    blpa::load_training_state(c, model, opt);
+    std::string config;
+    for (const auto& [key, value] : c.config)
+      if (key != "stored_activation_bytes" && key != "peak_bytes") config += key + "=" + value + "\n";
+    blpa::save_checkpoint(old_ck, c.identity, config, c.state, model, opt);
+    REQUIRE_FALSE(blpa::read_checkpoint(old_ck).peak_bytes);
+    fs::copy_file(log, old_log);
+  }
   auto at_end = small(dir, {"--iterations", "3", "--log-every", "2", "--checkpoint", ck, "--log", log, "--resume"});
   // Its evaluation failing first: the record it wrote is not written twice by the next resume.
   REQUIRE(train(at_end, dir, "BLPA_TEST_FAIL=eval:3").code == 1);
@@ -1809,6 +1823,16 @@ TEST_CASE("hardening: a run resumed at the iteration where it stopped logs that 
   // Run again, the complete run logs nothing more.
   REQUIRE(train(at_end, dir).code == 0);
   CHECK(records(log, 3).size() == 1);
+  // From the older checkpoint: its bytes are not known, null (they read 0).
+  const Run from_old =
+      train(small(dir, {"--iterations", "3", "--log-every", "2", "--checkpoint", old_ck, "--log", old_log, "--resume"}),
+            dir);
+  CAPTURE(from_old.output);
+  REQUIRE(from_old.code == 0);
+  const auto old_records = records(old_log, 3);
+  REQUIRE(old_records.size() == 1);
+  CHECK(number_field(old_records[0], "loss") == number_field(want[0], "loss"));
+  CHECK(old_records[0].find("\"stored_activation_bytes\": null, \"peak_bytes\": null,") != std::string::npos);
   remove_tree(dir);
 }
 
