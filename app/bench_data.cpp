@@ -121,6 +121,10 @@ int data_main(int argc, char** argv) {
                                 std::to_string(kMaxJpegPixels) + " pixels an image");
   if (quality < 1 || quality > 100) throw std::invalid_argument("--quality must be 1 to 100");
   if (args.count("write-tree")) {
+    for (const char* other : {"workers", "batch", "seconds", "json"})  // it times nothing: ignored without a word
+      if (std::string(other) == "json" ? blpa::switched_on(args, other) : args.count(other) > 0)
+        throw std::invalid_argument(std::string("--") + other + " does not apply to --write-tree, which only writes "
+                                    "a tree (of --images, --width, --height, --quality): give them in two commands");
     namespace fs = std::filesystem;
     const fs::path root = args["write-tree"].as<std::string>();
     std::error_code ec;

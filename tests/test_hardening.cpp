@@ -277,6 +277,8 @@ TEST_CASE("hardening: flags are checked before anything runs, and errors name th
       {{"memory", "--model", "cifar:11", "--mode", "plain", "--window", "8"},
        "--window and --lift apply to a bare blpa or naive in --mode, and plain has none"},
       {{"data", "--scan", ".", "--workers", "3"}, "--workers does not apply to --scan"},
+      {{"data", "--write-tree", "t", "--seconds", "1"}, "--seconds does not apply to --write-tree"},
+      {{"data", "--write-tree", "t", "--json"}, "--json does not apply to --write-tree"},
       {{"data", "--images", "20"}, "--batch 32 is more than the --images 20 generated"},  // named neither
       // numbers are named with their flag (cxxopts said only "Argument 'nan' failed to parse"),
       {{"codec", "--window", "nan"}, "--window: 'nan' is not a finite number"},
