@@ -54,7 +54,7 @@ cxxopts::Options make_options() {
     ("lift", fmt::format("How far the window's centre sits above the channel's mean, in units of x_hat (default: {} at 8 bits, {} at 4, {} at 2 with the default window, else 0, the paper's)", default_format(8).lift, default_format(4).lift, default_format(2).lift), cxxopts::value<S>());
   opts.add_options("Precision")
     ("precision", "fp32, tf32, bf16 or auto. fp32: float32 throughout (TF32 off on CUDA); tf32: CUDA convolutions and matrix products in TF32, float32 tensors (CUDA only); bf16: convolutions and the classifier in bfloat16, with float32 weights, BatchNorm, loss and optimiser, as PyTorch's autocast; auto: tf32 on CUDA, fp32 on the CPU, and with --resume the checkpoint's (tf32 goes on in fp32 on the CPU, which has no TF32)", cxxopts::value<S>()->default_value("auto"))
-    ("memory-format", "Activation layout: nchw, nhwc (channels-last) or auto (nhwc, measured the faster on CPUs and on an H200; see the README)", cxxopts::value<S>()->default_value("auto"));
+    ("memory-format", "Activation layout: nchw, nhwc (channels-last) or auto (nhwc, measured the faster on CPUs and on an H200; see the README; with --resume the checkpoint's)", cxxopts::value<S>()->default_value("auto"));
   opts.add_options("Optimisation")
     ("batch", "Batch size (of one update)", cxxopts::value<S>()->default_value("128"))
     ("accum-steps", "Process each batch in this many equal parts and accumulate their gradients: the same update in less memory (BatchNorm then normalises each part by its own statistics)", cxxopts::value<S>()->default_value("1"))

@@ -631,14 +631,20 @@ Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given
                           "one, or start the run again with --overwrite");
   }
   // --precision auto resumes at the checkpoint's precision, as blpa-eval runs it (tf32 as fp32
-  // on the CPU, which has no TF32); the layout's auto then follows it.
+  // on the CPU, which has no TF32); --memory-format auto at its layout (NCHW for a checkpoint
+  // from before the flag), so that a resume without either goes on as the run went (auto took
+  // the device's layout, and the numbers parted from an unchanged resume's).
   const auto saved = ck.config.find("precision");
   if (given.precision == "auto" && saved != ck.config.end() &&
-      (saved->second == "fp32" || saved->second == "bf16" || saved->second == "tf32")) {
+      (saved->second == "fp32" || saved->second == "bf16" || saved->second == "tf32"))
     config.precision = eval_precision(given.precision, saved->second, torch::Device(config.device));
-    config.memory_format = given.memory_format;
-    config.resolve_numerics();
+  if (given.memory_format == "auto") {
+    const auto layout = ck.config.find("memory_format");
+    config.memory_format = layout == ck.config.end() ? "nchw"
+                           : layout->second == "nchw" || layout->second == "nhwc" ? layout->second
+                                                                                  : given.memory_format;
   }
+  config.resolve_numerics();
   // A run on an MNIST folder that auto took for Fashion-MNIST (before the images told them
   // apart) resumes as the run it is.
   const auto dataset = ck.config.find("dataset");

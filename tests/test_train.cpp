@@ -156,12 +156,17 @@ TEST_CASE("train: N iterations, then a resume for N more, equal 2N straight bit 
     other.export_path = "";
     other.precision = std::string(precision) == "fp32" ? "bf16" : "fp32";
     CHECK_THROWS_WITH(blpa::train(other), Catch::Contains("precision: checkpoint " + std::string(precision)));
-    // --precision auto resumes at the checkpoint's (the CPU's auto alone is fp32).
+    // --precision and --memory-format auto resume at the checkpoint's (the CPU's auto alone
+    // is fp32 NHWC).
     auto same = c;
     same.iterations = 22;
     same.export_path = "";
     same.precision = "auto";
+    same.memory_format = "auto";
     CHECK(blpa::train(same).iteration == 22);
+    const auto kept = blpa::read_checkpoint(c.checkpoint).config;
+    CHECK(kept.at("precision") == precision);
+    CHECK(kept.at("memory_format") == layout);
     remove_tree(dir);
   }
 }
@@ -221,8 +226,15 @@ TEST_CASE("train: a checkpoint from before --precision resumes only as it ran (f
     }
   }
   c.precision = "auto";  // fp32 on the CPU
+  c.memory_format = "auto";  // the checkpoint's: NCHW, as blpa ran before the flag
+  const auto older = fs::path(c.checkpoint).replace_extension("copy.pt").string();
+  fs::copy_file(c.checkpoint, older);
+  CHECK(blpa::train(c).iteration == 6);
+  CHECK(blpa::read_checkpoint(c.checkpoint).config.at("memory_format") == "nchw");
+  c.checkpoint = older;
   c.memory_format = "nhwc";  // the layout may change
   CHECK(blpa::train(c).iteration == 6);
+  CHECK(blpa::read_checkpoint(c.checkpoint).config.at("memory_format") == "nhwc");
   remove_tree(dir);
 }
 
