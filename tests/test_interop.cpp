@@ -372,6 +372,67 @@ TEST_CASE("interop: blpa-eval and blpa-predict rank equal scores in class order"
   CHECK(torch::allclose(blpa::log_class_probs(logits, 10).exp(), mean, 1e-6, 1e-7));
 }
 
+// End to end, on a bf16 run's checkpoint whose classifier ties classes 3 and 7 above the rest
+// (its weights zero, its bias 1 there and -1 elsewhere): blpa-eval counts class 3 as every
+// image's top-1 and {3, 7, 0, 1, 2} as its top-5, and blpa-predict ranks them so, whatever
+// --top-k (topk's order among equals is unspecified).
+TEST_CASE("interop: blpa-eval and blpa-predict break a bf16 run's tie alike, end to end", "[interop]") {
+  OneThread one_thread;
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("tie");
+  const std::string ck = (dir / "run.ckpt").string(), tie = (dir / "tie.ckpt").string();
+  REQUIRE(run(BLPA_TRAIN_EXE, small_run({"--iterations", "1", "--precision", "bf16", "--checkpoint", ck}), dir)
+              .code == 0);
+  {
+    const blpa::Checkpoint c = blpa::read_checkpoint(ck);
+    REQUIRE(c.config.at("precision") == "bf16");
+    auto model = blpa::load_model(c);
+    auto opt = blpa::make_optimizer(model, blpa::TrainConfig{});
+    blpa::load_training_state(c, model, opt);
+    torch::NoGradGuard no_grad;
+    auto params = model->named_parameters();
+    params["fc.weight"].zero_();
+    params["fc.bias"].fill_(-1.0f);
+    params["fc.bias"][3].fill_(1.0f);
+    params["fc.bias"][7].fill_(1.0f);
+    std::string config;
+    for (const auto& [key, value] : c.config) config += key + "=" + value + "\n";
+    blpa::save_checkpoint(tie, c.identity, config, c.state, model, opt);
+  }
+  constexpr int64_t n = 64;
+  std::vector<int64_t> labels;
+  for (const char* k : {"1", "10"}) {
+    const Run p = run(BLPA_PREDICT_EXE, {"--checkpoint", tie, "--from-dataset", "0.." + std::to_string(n), "--top-k", k},
+                      dir);
+    CAPTURE(k, p.err);
+    REQUIRE(p.code == 0);
+    const auto lines = p.lines();
+    REQUIRE(lines.size() == size_t(n));
+    labels.clear();
+    for (const auto& line : lines) {
+      CAPTURE(line);
+      const Top t = parse_top(line);
+      REQUIRE(!t.classes.empty());
+      CHECK(t.classes.front() == 3);
+      if (t.classes.size() == 10) CHECK(t.classes == std::vector<int64_t>{3, 7, 0, 1, 2, 4, 5, 6, 8, 9});
+      labels.push_back(field(line, "label"));
+    }
+  }
+  const Run e = run(BLPA_EVAL_EXE, {"--checkpoint", tie, "--subset", std::to_string(n), "--json"}, dir);
+  CAPTURE(e.out, e.err);
+  REQUIRE(e.code == 0);
+  std::smatch m;
+  REQUIRE(std::regex_search(e.out, m, std::regex(R"("top1": ([0-9.]+), "top5": ([0-9.]+))")));
+  int64_t top1 = 0, top5 = 0;
+  for (const int64_t l : labels) {
+    top1 += l == 3;
+    top5 += l == 3 || l == 7 || l <= 2;
+  }
+  CHECK(std::llround(std::stod(m[1]) * n) == top1);
+  CHECK(std::llround(std::stod(m[2]) * n) == top5);
+  remove_tree(dir);
+}
+
 TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval and with the network", "[interop]") {
   OneThread one_thread;
   if (!have_fashion_mnist()) return;
