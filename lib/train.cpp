@@ -578,6 +578,30 @@ void start_from_rank_0(Distributed& dist, ResNet& model, torch::optim::SGD& opt,
   }
 }
 
+// The learning rate of checkpoint c's last iteration, by the schedule its run trained with
+// (a resume may give another, which acts on the steps after): what a record of the window it
+// left open says. None where the checkpoint does not record the schedule whole.
+std::optional<double> checkpoint_lr(const Checkpoint& c, const TrainConfig& config) {
+  if (c.state.iteration <= 0) return std::nullopt;
+  TrainConfig ran = config;
+  try {
+    ran.lr = std::stod(c.config.at("lr"));
+    ran.warmup = std::stoll(c.config.at("warmup"));
+    ran.warmup_lr = std::stod(c.config.at("warmup_lr"));
+    ran.factor = std::stod(c.config.at("factor"));
+    ran.steps.clear();
+    const std::string& steps = c.config.at("steps");
+    for (size_t at = 0; at < steps.size();) {
+      const size_t comma = std::min(steps.find(',', at), steps.size());
+      ran.steps.push_back(std::stoll(steps.substr(at, comma - at)));
+      at = comma + 1;
+    }
+  } catch (const std::exception&) {  // missing or not a number
+    return std::nullopt;
+  }
+  return ran.lr_at(c.state.iteration - 1);
+}
+
 // One process's part of a run (rank 0's, or another rank's), from its start to its end: set up
 // (settings, ranks, data, network, log), then its iterations with their log records,
 // evaluations and checkpoints, then its export and summary; and what a failure or a signal
@@ -636,6 +660,7 @@ class Run {
   OutputLocks locks;   // released last, after the final checkpoint, export and summary
   RunState state;      // the checkpoint's, on a resume
   std::optional<int64_t> resumed_stored, resumed_peak;  // the run's figures as its checkpoint recorded them
+  std::optional<double> window_lr;  // the learning rate of the checkpoint's last step, by its settings
   // The run's training seconds before this process: its checkpoint's (unknown in one from before
   // they were recorded), 0 for a new run.
   std::optional<double> train_s_before = 0.0;
@@ -760,6 +785,7 @@ void Run::set_up() {
     state = resumed->state;
     resumed_stored = resumed->stored_activation_bytes;
     resumed_peak = resumed->peak_bytes;
+    window_lr = checkpoint_lr(*resumed, config);
     train_s_before.reset();
     if (resumed->run_train_ms) train_s_before = static_cast<double>(*resumed->run_train_ms) / 1000;
     decode_failed.insert(resumed->decode_failed.begin(), resumed->decode_failed.end());
@@ -973,7 +999,7 @@ void Run::iterate() {
   // A run resumed at its last iteration (--iterations lowered to where it was stopped) that
   // had not logged that iteration: the record a run ending there writes, from the
   // checkpoint's log window. Before, its log ended a record short.
-  if (it == config.iterations && window_iters > 0) log_window(config.lr_at(it - 1));
+  if (it == config.iterations && window_iters > 0) log_window(window_lr.value_or(config.lr_at(it - 1)));
   // An evaluation that a signal interrupted runs first.
   if (pending_eval) {
     paused = Clock::now();

@@ -1825,15 +1825,18 @@ TEST_CASE("hardening: a run resumed at the iteration where it stopped logs that 
   // Run again, the complete run logs nothing more.
   REQUIRE(train(at_end, dir).code == 0);
   CHECK(records(log, 3).size() == 1);
-  // From the older checkpoint: its bytes are not known, null (they read 0).
-  const Run from_old =
-      train(small(dir, {"--iterations", "3", "--log-every", "2", "--checkpoint", old_ck, "--log", old_log, "--resume"}),
-            dir);
+  // From the older checkpoint: its bytes are not known, null (they read 0). Its learning
+  // rate is the one its steps took, not a new --lr's (which has no step left to act on).
+  const Run from_old = train(small(dir, {"--iterations", "3", "--log-every", "2", "--checkpoint", old_ck, "--log",
+                                         old_log, "--resume", "--lr", "0.0123"}),
+                             dir);
   CAPTURE(from_old.output);
   REQUIRE(from_old.code == 0);
   const auto old_records = records(old_log, 3);
   REQUIRE(old_records.size() == 1);
   CHECK(number_field(old_records[0], "loss") == number_field(want[0], "loss"));
+  CHECK(number_field(old_records[0], "lr") == number_field(want[0], "lr"));
+  CHECK(from_old.output.find("lr: checkpoint") != std::string::npos);  // said to act on nothing
   CHECK(old_records[0].find("\"stored_activation_bytes\": null, \"peak_bytes\": null,") != std::string::npos);
   remove_tree(dir);
 }
