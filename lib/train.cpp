@@ -205,7 +205,8 @@ void agree_across_ranks(Distributed& dist, const std::string& mine) {
 // "eval:N" fails the evaluation after iteration N; "slow-eval:S" makes each evaluation take S
 // seconds longer (a test set that takes longer than --dist-timeout); "slow-step:MS" each eager
 // iteration MS milliseconds longer (signals that must come during one, whatever the machine);
-// "slow-load:MS" the loading (the network built, no file of the run written yet) MS longer;
+// "slow-load:MS" the loading (the network built, no file of the run written yet) MS longer, or
+// until a stop;
 // "export:1" fails the export at the run's end.
 // {"", 0}: none. Only eager iterations are failed: one replayed as a CUDA graph runs as
 // captured.
@@ -800,14 +801,15 @@ void Run::set_up() {
   }
   training_data = load_training_data(config, resumed ? &*resumed : nullptr, lead);
   build_network(resumed);
-  if (const auto [what, ms] = injected_failure(); what == "slow-load")
-    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  if (const auto [what, ms] = injected_failure(); what == "slow-load")  // until then, or a stop
+    for (const auto end = Clock::now() + std::chrono::milliseconds(ms); Clock::now() < end && !(stop && stop->load());)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
   // A stop asked for while a new run loads: nothing of the run is written yet, and nothing that
   // --overwrite would replace is gone. (Before, the old run's files went, and the new run
   // trained one step to have a checkpoint.) Several ranks agree on it: one stopped stops all,
   // each ending by the signal the stopped one was sent.
-  if (!config.resume && stop) {
-    bool stopped = stop->load();
+  if (!config.resume && (dist || stop)) {  // every rank sums, whether or not it was given a stop
+    bool stopped = stop && stop->load();
     if (dist) {
       const auto sums = dist->sum({stopped ? 1.0 : 0.0, sent(SIGTERM), sent(SIGHUP)});
       stopped = sums[0] > 0;
@@ -817,7 +819,7 @@ void Run::set_up() {
     if (stopped)
       throw StoppedBeforeStart(
           fmt::format("stopped before the run began{}: {}nothing was written",
-                      dist && !stop->load() ? " (another rank was interrupted)" : "",
+                      dist && !(stop && stop->load()) ? " (another rank was interrupted)" : "",
                       config.overwrite ? "--overwrite replaced nothing, and " : ""),
           result.stop_signal);
   }

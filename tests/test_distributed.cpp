@@ -882,8 +882,8 @@ TEST_CASE("distributed: a signal to one rank while a new run loads stops every r
   REQUIRE(wait_exit(old1) == 0);
   const std::vector<std::string> before{slurp(ck), slurp(log), slurp(summary)};
 
-  const auto [p0, p1] = run({"--overwrite"}, "", "BLPA_TEST_FAIL=slow-load:3000");
-  // Rank 1 has joined and names its network just before it loads on for 3 s.
+  const auto [p0, p1] = run({"--overwrite"}, "", "BLPA_TEST_FAIL=slow-load:30000");
+  // Rank 1 has joined and names its network just before it loads on until it is stopped (30 s).
   for (int i = 0; i < 600 && slurp(dir / "r1.out").find("model cifar-11") == std::string::npos; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   ::kill(p1, SIGTERM);

@@ -1637,7 +1637,7 @@ TEST_CASE("hardening: a signal while a new run loads, even before main, stops it
   for (const auto& f : {ck, log, summary, exported}) before.push_back(slurp(f));
 
   Spawned run{spawn_train(args({"--iterations", "50", "--overwrite"}), dir / "run.out", {SIGINT},
-                          "BLPA_TEST_FAIL=slow-load:2000")};
+                          "BLPA_TEST_FAIL=slow-load:30000")};  // ends at the stop
   // SIGINT blocked (kept pending for the run), as /proc says of its main thread.
   auto blocked = [&] {
     std::ifstream status("/proc/" + std::to_string(run.pid) + "/status");
