@@ -62,7 +62,7 @@ static int run(int argc, char** argv) {
     ("threads", "LibTorch CPU threads, 0 to 1024 (0: its default, one per core)", cxxopts::value<std::string>()->default_value("0"))
     ("device", "cpu, cuda or cuda:N", cxxopts::value<std::string>()->default_value("cpu"))
     ("precision", "fp32, tf32 (CUDA only), bf16 or auto: the one the network was trained in, so that the scores are the training log's (tf32 is fp32 on the CPU; a checkpoint from before --precision: tf32 on CUDA, fp32 on the CPU)", cxxopts::value<std::string>()->default_value("auto"))
-    ("memory-format", "nchw, nhwc or auto; as blpa-train's", cxxopts::value<std::string>()->default_value("auto"))
+    ("memory-format", "nchw, nhwc or auto (the checkpoint's layout, as blpa-train's --resume takes it: NCHW for one from before the flag)", cxxopts::value<std::string>()->default_value("auto"))
     ("index-cache", "Directory of cached ImageNet file lists ('' to disable)", cxxopts::value<std::string>()->default_value(blpa::default_cache_dir()))
     ("export", "Write the checkpoint's network to PATH for Python (torch.load), as blpa-train --export does, instead of evaluating it: for a run trained without --export, say. A file there is replaced only if it is empty or an export of the same run", cxxopts::value<std::string>())
     ("json", "Print one JSON object: the checkpoint's iteration and run_id; top1 and top5 are accuracies (as the log's test_acc and test_top5), top1_error and top5_error their complements (as the summary's test_error)")

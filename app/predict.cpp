@@ -375,7 +375,7 @@ static int run(int argc, char** argv) {
     ("threads", "LibTorch CPU threads, 0 to 1024 (0: its default, one per core)", cxxopts::value<std::string>()->default_value("0"))
     ("device", "cpu, cuda or cuda:N", cxxopts::value<std::string>()->default_value("cpu"))
     ("precision", "fp32, tf32 (CUDA only), bf16 or auto: the one the network was trained in (tf32 is fp32 on the CPU; a checkpoint from before --precision: tf32 on CUDA, fp32 on the CPU)", cxxopts::value<std::string>()->default_value("auto"))
-    ("memory-format", "nchw, nhwc or auto; as blpa-train's", cxxopts::value<std::string>()->default_value("auto"))
+    ("memory-format", "nchw, nhwc or auto (the checkpoint's layout, as blpa-train's --resume takes it: NCHW for one from before the flag)", cxxopts::value<std::string>()->default_value("auto"))
     ("h,help", "This help");
   // clang-format on
   // The images and folders are the arguments that are not flags, taken whole: as a positional
@@ -459,7 +459,8 @@ static int run(int argc, char** argv) {
     const torch::Device dev(o.device);
     model->to(dev);
     const blpa::Numerics numerics =
-        blpa::numerics_for(blpa::eval_precision(o.eval.precision, kv["precision"], dev), o.eval.memory_format, dev);
+        blpa::numerics_for(blpa::eval_precision(o.eval.precision, kv["precision"], dev),
+                           blpa::eval_layout(o.eval.memory_format, kv["memory_format"]), dev);
     model->set_numerics(numerics);
     blpa::apply_precision(numerics.precision, dev);
     if (!images) return predict_records(model, ck, o, out) > 0 ? 0 : 1;

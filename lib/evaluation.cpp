@@ -269,6 +269,11 @@ std::string eval_precision(const std::string& requested, const std::string& trai
   return trained == "tf32" && !device.is_cuda() ? "fp32" : trained;
 }
 
+std::string eval_layout(const std::string& requested, const std::string& trained) {
+  if (requested != "auto") return requested;
+  return trained.empty() ? "nchw" : trained == "nchw" || trained == "nhwc" ? trained : requested;
+}
+
 EvalResult evaluate_checkpoint(const CheckpointEval& e) {
   const Checkpoint ck = read_checkpoint(e.checkpoint);
   auto kv = ck.config;
@@ -282,7 +287,8 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e) {
   const torch::Device dev(e.options.device);
   model->to(dev);
   const Numerics numerics =
-      numerics_for(eval_precision(e.options.precision, kv["precision"], dev), e.options.memory_format, dev);
+      numerics_for(eval_precision(e.options.precision, kv["precision"], dev),
+                   eval_layout(e.options.memory_format, kv["memory_format"]), dev);
   model->set_numerics(numerics);
   apply_precision(numerics.precision, dev);
   const auto ran_in = [&](EvalResult r) {

@@ -556,6 +556,15 @@ EndLeft end_left(const Checkpoint& ck, const TrainConfig& config) {
 
 namespace {
 
+// The precision checkpoint `ck` was trained in. One from before --precision and --memory-format
+// ran as LibTorch does by default: float32, with TF32 convolutions (not matrix products) on
+// CUDA; its precision is taken as the closest, fp32 on the CPU, tf32 on CUDA.
+std::string trained_precision(const Checkpoint& ck) {
+  if (const auto p = ck.config.find("precision"); p != ck.config.end()) return p->second;
+  const auto device = ck.config.find("device");
+  return device != ck.config.end() && device->second.rfind("cuda", 0) == 0 ? "tf32" : "fp32";
+}
+
 // --resume: the checkpoint's run and this command line must agree on the identity; any other
 // setting that differs takes effect and is listed, with both values.
 void compare_with_checkpoint(const Checkpoint& ck, const TrainConfig& c) {
@@ -563,13 +572,8 @@ void compare_with_checkpoint(const Checkpoint& ck, const TrainConfig& c) {
   if (!saved.count("world")) saved["world"] = ck.identity.find(" world=") == std::string::npos
                                                   ? "1"
                                                   : ck.identity.substr(ck.identity.find(" world=") + 7);
-  // A checkpoint from before --precision and --memory-format ran as LibTorch does by default:
-  // NCHW, float32, with TF32 convolutions (not matrix products) on CUDA. Its precision is
-  // compared as the closest: fp32 on the CPU, tf32 on CUDA.
-  if (!saved.count("precision")) {
-    const auto device = saved.find("device");
-    saved["precision"] = device != saved.end() && device->second.rfind("cuda", 0) == 0 ? "tf32" : "fp32";
-  }
+  // A checkpoint from before --precision and --memory-format: NCHW, and the closest precision.
+  saved["precision"] = trained_precision(ck);
   if (!saved.count("memory_format")) saved["memory_format"] = "nchw";
   if (saved["threads"] == "0") saved["threads"] = std::to_string(c.threads);  // recorded unresolved: the default
   // Before resolve() named it, the default folder was recorded as "".
@@ -631,19 +635,15 @@ Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given
                           "one, or start the run again with --overwrite");
   }
   // --precision auto resumes at the checkpoint's precision, as blpa-eval runs it (tf32 as fp32
-  // on the CPU, which has no TF32); --memory-format auto at its layout (NCHW for a checkpoint
-  // from before the flag), so that a resume without either goes on as the run went (auto took
-  // the device's layout, and the numbers parted from an unchanged resume's).
-  const auto saved = ck.config.find("precision");
-  if (given.precision == "auto" && saved != ck.config.end() &&
-      (saved->second == "fp32" || saved->second == "bf16" || saved->second == "tf32"))
-    config.precision = eval_precision(given.precision, saved->second, torch::Device(config.device));
-  if (given.memory_format == "auto") {
-    const auto layout = ck.config.find("memory_format");
-    config.memory_format = layout == ck.config.end() ? "nchw"
-                           : layout->second == "nchw" || layout->second == "nhwc" ? layout->second
-                                                                                  : given.memory_format;
-  }
+  // on the CPU, which has no TF32; one from before the flag at its closest, so that a CPU run's
+  // resumes on CUDA in fp32, where it was refused as tf32); --memory-format auto at its layout
+  // (NCHW for one from before the flag), so that a resume without either goes on as the run
+  // went (auto took the device's layout, and the numbers parted from an unchanged resume's).
+  const std::string trained = trained_precision(ck);
+  if (given.precision == "auto" && (trained == "fp32" || trained == "bf16" || trained == "tf32"))
+    config.precision = eval_precision(given.precision, trained, torch::Device(config.device));
+  const auto layout = ck.config.find("memory_format");
+  config.memory_format = eval_layout(given.memory_format, layout == ck.config.end() ? "" : layout->second);
   config.resolve_numerics();
   // A run on an MNIST folder that auto took for Fashion-MNIST (before the images told them
   // apart) resumes as the run it is.

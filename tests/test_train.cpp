@@ -425,15 +425,16 @@ TEST_CASE("train: --preset imagenet sets the paper's protocol and explicit flags
 
 TEST_CASE("train: blpa-eval scores a Fashion-MNIST checkpoint as the trainer's evaluation does", "[train]") {
   if (!have_fashion_mnist()) return;
-  // In the precision the network was trained in, unless told otherwise: a bf16 network
-  // scored in fp32 differs from its log in the fourth digit of the loss.
-  for (const std::string precision : {"fp32", "bf16"}) {
-    CAPTURE(precision);
+  // In the precision and layout the network was trained in, unless told otherwise: a bf16
+  // network scored in fp32 differs from its log in the fourth digit of the loss.
+  for (const auto& [precision, layout] : {std::pair<std::string, std::string>{"fp32", "nchw"}, {"bf16", "nhwc"}}) {
+    CAPTURE(precision, layout);
     const auto dir = temp_dir("eval");
     auto c = small(dir);
     c.iterations = 10;
     c.test_subset = 300;
     c.precision = precision;
+    c.memory_format = layout;
     c.checkpoint = (dir / "ck.pt").string();
     const auto r = blpa::train(c);
     const auto eval = [&](const std::string& flags) {
@@ -445,7 +446,8 @@ TEST_CASE("train: blpa-eval scores a Fashion-MNIST checkpoint as the trainer's e
     };
     const std::string json = eval("");
     CAPTURE(json);
-    CHECK(json.find("\"precision\": \"" + precision + "\"") != std::string::npos);
+    CHECK(json.find("\"precision\": \"" + precision + "\", \"memory_format\": \"" + layout + "\"") !=
+          std::string::npos);
     std::smatch m;
     REQUIRE(std::regex_search(json, m, std::regex("\"images\": 300, \"failed\": 0, \"loss\": ([0-9.]+), \"top1\": ([0-9.]+)")));
     CHECK(std::stod(m[1]) == Approx(r.test_loss).epsilon(1e-5));  // the JSON has 6 decimals

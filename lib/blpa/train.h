@@ -200,6 +200,9 @@ std::vector<std::string> checkpoint_classes(const Checkpoint& ck);
 // for one from before --precision: the device's default), so that blpa-eval and blpa-predict
 // give the scores of the training log. tf32, a CUDA precision, is fp32 on the CPU.
 std::string eval_precision(const std::string& requested, const std::string& trained, const torch::Device& device);
+// The layout likewise: `requested`, or for "auto" the checkpoint's "memory_format", `trained`
+// (empty for one from before --memory-format, which ran in NCHW). blpa-train's --resume too.
+std::string eval_layout(const std::string& requested, const std::string& trained);
 
 // Forward and backward of a batch in `steps` equal parts, each part's mean loss weighted by
 // 1/steps, so the accumulated gradient equals the whole batch's up to BatchNorm, whose
