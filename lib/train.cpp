@@ -379,10 +379,10 @@ TrainingData load_training_data(const TrainConfig& config, const Checkpoint* res
 // folder, device, outputs or checkpoint) tells the others, and every rank exits as it does;
 // then rank 0 says what is left (`word`: given on rank 0, as Run::finish_alone reads it; rank
 // 0's on return), and the ranks' settings must agree. `start`: the iteration this rank trains
-// from.
+// from. `signal`: the one behind *stop, told to the others if it stops this rank here.
 std::unique_ptr<Distributed> join_ranks(const TrainConfig& config, std::exception_ptr refused, int64_t start,
                                         std::string& word, const torch::Device& dev,
-                                        const std::atomic<bool>* stop) {
+                                        const std::atomic<bool>* stop, const std::atomic<int>* signal) {
   // A refusal travels with its kind, so that every rank exits as the refusing one does: 2 for
   // flags, 3 for a diverged run --auto-resume skips, else 1. The refusing rank waits for the
   // others a little (they may be starting), not --dist-timeout. (A complete run is no refusal:
@@ -409,8 +409,24 @@ std::unique_ptr<Distributed> join_ranks(const TrainConfig& config, std::exceptio
     dist = std::make_unique<Distributed>(config.dist, config.dist.resolved_backend(dev.is_cuda()), stop);
   } catch (const std::invalid_argument& e) {  // worlds of different sizes, a rank given twice: as flags
     throw FlagError(e.what());
+  } catch (const Interrupted&) {
+    // Stopped at the rendezvous (a Ctrl-C on one machine's launcher): the others would wait for
+    // this rank up to --dist-timeout. Told as of a refusal, with the signal (kind 's'), they
+    // stop at once and end by it. A second signal ends this wait.
+    const int sig = signal && signal->load() ? signal->load() : SIGINT;
+    const auto grace = std::min<std::chrono::milliseconds>(config.dist.timeout, std::chrono::seconds(15));
+    spdlog::warn("rank {} of {} was stopped at the rendezvous: telling the other ranks at {}:{} (up to {:g} s)",
+                 config.dist.rank, config.dist.world, config.dist.master_addr, config.dist.master_port,
+                 grace.count() / 1000.0);
+    Distributed::refuse(config.dist, "s" + std::to_string(sig), grace, nullptr);
+    throw;
   } catch (const RankRefused& e) {
     const char kind = e.why.empty() ? '1' : e.why[0];
+    if (kind == 's')  // another rank was stopped there, by this signal
+      throw StoppedBeforeStart(fmt::format("rank {} of {}: rank {} was stopped by a signal at the rendezvous, so no "
+                                           "rank trains: nothing was written",
+                                           config.dist.rank, config.dist.world, e.rank),
+                               std::atoi(e.why.c_str() + 1));
     if (kind == '2') throw FlagError(e.what());
     if (kind == '3') throw NonFiniteLoss(e.what());
     throw std::runtime_error(e.what());
@@ -795,7 +811,7 @@ void Run::set_up() {
   memory::install_cpu_counter();
   if (config.dist.enabled()) {
     std::string word = lead_word(complete);
-    dist = join_ranks(config, refused, state.iteration, word, dev, stop);
+    dist = join_ranks(config, refused, state.iteration, word, dev, stop, signal);
     finish_alone(word, complete);
     if (dist) dist->watch_stops(stop, &any_stop);  // rank 0 finishing alone has none
   }

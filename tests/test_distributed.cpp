@@ -856,6 +856,43 @@ TEST_CASE("distributed: a rank stopped by another rank's signal ends by that sig
   remove_tree(dir);
 }
 
+// A rank stopped while it waits at the rendezvous (a Ctrl-C on one machine's launcher) tells the
+// others, which end by its signal at once: they waited --dist-timeout (600 s by default) and
+// exited 1 ("rank 0 is not listening"). Rank 0 stopped before rank 1 comes, and rank 1 stopped
+// before rank 0 comes.
+TEST_CASE("distributed: a rank stopped at the rendezvous stops the others at once, by its signal",
+          "[distributed][train]") {
+  if (!have_fashion_mnist()) return;
+  const fs::path dir = fresh_dir("rendezvous-stop");
+  for (const auto& [first, sig] : {std::pair{0, SIGTERM}, std::pair{1, SIGHUP}}) {
+    CAPTURE(first, sig);
+    const std::string port = std::to_string(free_port());
+    auto args = [&](int rank) {
+      return std::vector<std::string>{"--depth", "11", "--batch", "16", "--train-subset", "200", "--test-subset", "50",
+                                      "--threads", "1", "--quiet", "--iterations", "3", "--world-size", "2",
+                                      "--master-port", port, "--dist-timeout", "60", "--rank", std::to_string(rank),
+                                      "--checkpoint", (dir / "ck.pt").string()};
+    };
+    const auto out = [&](int rank) { return (dir / ("r" + std::to_string(rank) + ".out")).string(); };
+    const pid_t a = spawn(args(first), out(first));
+    std::this_thread::sleep_for(std::chrono::milliseconds(1000));  // waiting, or loading with the signal held
+    ::kill(a, sig);
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    const auto t0 = std::chrono::steady_clock::now();
+    const pid_t b = spawn(args(1 - first), out(1 - first));
+    const int rc_b = wait_exit(b), rc_a = wait_exit(a);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    CAPTURE(slurp(out(0)), slurp(out(1)), secs);
+    CHECK(rc_a == 128 + sig);
+    CHECK(rc_b == 128 + sig);
+    CHECK(secs < 30);  // not --dist-timeout
+    CHECK(slurp(out(1 - first)).find("rank " + std::to_string(first) + " was stopped by a signal at the rendezvous, "
+                                     "so no rank trains: nothing was written") != std::string::npos);
+    CHECK_FALSE(fs::exists(dir / "ck.pt"));
+  }
+  remove_tree(dir);
+}
+
 // A stop while the ranks load (here rank 1's, after the rendezvous): every rank ends by its
 // signal before the first step, and --overwrite has removed nothing of the run it would replace.
 // (Before, rank 0 removed the old run's files and the ranks trained a step to agree.)
