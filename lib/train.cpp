@@ -412,9 +412,11 @@ std::unique_ptr<Distributed> join_ranks(const TrainConfig& config, std::exceptio
   } catch (const Interrupted&) {
     // Stopped at the rendezvous (a Ctrl-C on one machine's launcher): the others would wait for
     // this rank up to --dist-timeout. Told as of a refusal, with the signal (kind 's'), they
-    // stop at once and end by it. A second signal ends this wait.
+    // stop at once and end by it. The wait for them is short, as the user asked to stop: 3 s
+    // (a Ctrl-C to every rank of a world not yet whole waits it out for the missing ones, and
+    // ranks waiting at the rendezvous hear within a second); a second signal ends it.
     const int sig = signal && signal->load() ? signal->load() : SIGINT;
-    const auto grace = std::min<std::chrono::milliseconds>(config.dist.timeout, std::chrono::seconds(15));
+    const auto grace = std::min<std::chrono::milliseconds>(config.dist.timeout, std::chrono::seconds(3));
     spdlog::warn("rank {} of {} was stopped at the rendezvous: telling the other ranks at {}:{} (up to {:g} s)",
                  config.dist.rank, config.dist.world, config.dist.master_addr, config.dist.master_port,
                  grace.count() / 1000.0);
@@ -817,14 +819,18 @@ void Run::set_up() {
   }
   training_data = load_training_data(config, resumed ? &*resumed : nullptr, lead);
   build_network(resumed);
-  if (const auto [what, ms] = injected_failure(); what == "slow-load")  // until then, or a stop
-    for (const auto end = Clock::now() + std::chrono::milliseconds(ms); Clock::now() < end && !(stop && stop->load());)
+  if (const auto [what, ms] = injected_failure(); what == "slow-load")  // until then, or a stop on any rank
+    for (const auto end = Clock::now() + std::chrono::milliseconds(ms);
+         Clock::now() < end && !(stop && stop->load()) && !any_stop.load();)
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
   // A stop asked for while a new run loads: nothing of the run is written yet, and nothing that
   // --overwrite would replace is gone. (Before, the old run's files went, and the new run
   // trained one step to have a checkpoint.) Several ranks agree on it: one stopped stops all,
   // each ending by the signal the stopped one was sent.
   if (!config.resume && (dist || stop)) {  // every rank sums, whether or not it was given a stop
+    // Every rank loaded first: a signal while this one waits for a slower one counts (read
+    // before the sum, it was lost, and the run trained a step).
+    if (dist) dist->barrier();
     bool stopped = stop && stop->load();
     if (dist) {
       const auto sums = dist->sum({stopped ? 1.0 : 0.0, sent(SIGTERM), sent(SIGHUP)});
