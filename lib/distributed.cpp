@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <csignal>
 #include <charconv>
 #include <chrono>
 #include <condition_variable>
@@ -55,7 +56,7 @@ std::string read_key(int r) { return "blpa/world-read/" + std::to_string(r); }
 constexpr const char* kStopsKey = "blpa/stops";  // how many ranks were asked to stop (watch_stops)
 
 Interrupted interrupted(const std::string& who) {
-  return Interrupted(who + ": stopped by a signal at the rendezvous, before training");
+  return Interrupted(who + ": stopped by a signal at the rendezvous, before training", false);
 }
 
 // Runs a collective; any failure becomes PeerLost with the backend's first line.
@@ -190,8 +191,9 @@ struct Distributed::Impl {
   }
 };
 
-Distributed::Distributed(const DistConfig& config, const std::string& backend, const std::atomic<bool>* stop)
-    : config_(config), backend_(backend), stop_(stop), impl_(std::make_unique<Impl>()) {
+Distributed::Distributed(const DistConfig& config, const std::string& backend, const std::atomic<bool>* stop,
+                         const std::atomic<int>* signal)
+    : config_(config), backend_(backend), stop_(stop), signal_(signal), impl_(std::make_unique<Impl>()) {
   if (config.world < 1 || config.rank < 0 || config.rank >= config.world)
     throw std::invalid_argument("rank " + std::to_string(config.rank) + " is not in a world of " +
                                 std::to_string(config.world));
@@ -237,7 +239,7 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend, c
                                                         : std::string()));
     throw std::runtime_error(who + ": no rendezvous at " + where + " within " + within + " (" + why + ")");
   }
-  if (stop && stop->load()) throw interrupted(who);
+  if (stop && stop->load()) throw impl_->store ? stopped(who) : interrupted(who);
   if (silent)
     throw std::runtime_error(who + ": something listens at " + where + " but does not answer as a rendezvous within " +
                              within + ": another program may be using that port" + hint);
@@ -370,7 +372,11 @@ void Distributed::join(const std::string& who, const std::string& at, const std:
   auto refused_by = [&](int r) {
     if (!store.check({refused_key(r)})) return;
     const std::string why = text(store.get(refused_key(r)));
-    leave();
+    if (!why.empty() && why[0] == 's' && config_.rank == 0)  // a stop: the user waits, 3 s at most for the others
+      linger(store, config_.world, std::min(deadline, std::chrono::steady_clock::now() + std::chrono::seconds(3)),
+             stop_);
+    else
+      leave();
     throw RankRefused(who + ": rank " + std::to_string(r) + " cannot start, so no rank trains (" +
                           (why.empty() ? why : why.substr(1)) + ")",
                       r, why);
@@ -395,7 +401,7 @@ void Distributed::join(const std::string& who, const std::string& at, const std:
         r = waiting.erase(r);
       }
       if (waiting.empty()) break;
-      if (stop_ && stop_->load()) throw interrupted(who);
+      if (stop_ && stop_->load()) throw stopped(who);
       if (std::chrono::steady_clock::now() >= deadline) {
         std::string missing;
         for (const int r : waiting) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
@@ -415,6 +421,19 @@ void Distributed::join(const std::string& who, const std::string& at, const std:
   }
   // Every rank has read every other's size: rank 0 may close the store from here on.
   if (config_.rank != 0) store.set(read_key(config_.rank), std::vector<uint8_t>{1});
+}
+
+Interrupted Distributed::stopped(const std::string& who) {
+  const int sig = signal_ && signal_->load() ? signal_->load() : SIGINT;
+  spdlog::warn("{}: stopped at the rendezvous: telling the other ranks (up to 3 s)", who);
+  try {
+    const std::string why = "s" + std::to_string(sig);
+    impl_->store->set(refused_key(config_.rank), std::vector<uint8_t>(why.begin(), why.end()));
+    if (config_.rank == 0)
+      linger(*impl_->store, config_.world, std::chrono::steady_clock::now() + std::chrono::seconds(3), nullptr);
+  } catch (const std::exception&) {  // rank 0's store gone: the others learn it closed
+  }
+  return Interrupted(who + ": stopped by a signal at the rendezvous, before training", true);
 }
 
 void Distributed::refuse(const DistConfig& config, const std::string& why, std::chrono::milliseconds grace,

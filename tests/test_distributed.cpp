@@ -890,6 +890,24 @@ TEST_CASE("distributed: a rank stopped at the rendezvous stops the others at onc
                                      "so no rank trains: nothing was written") != std::string::npos);
     CHECK_FALSE(fs::exists(dir / "ck.pt"));
   }
+  // A world of 3 whose rank 2 has not come: rank 1 waits on rank 0's store, which rank 0's stop
+  // closes. Told on that store first, rank 1 ends by the signal (it exited 1: "rank 0 closed the
+  // rendezvous").
+  const std::string port = std::to_string(free_port());
+  auto args = [&](int rank) {
+    return std::vector<std::string>{"--depth", "11", "--batch", "16", "--train-subset", "200", "--test-subset", "50",
+                                    "--threads", "1", "--quiet", "--iterations", "3", "--world-size", "3",
+                                    "--master-port", port, "--dist-timeout", "60", "--rank", std::to_string(rank),
+                                    "--checkpoint", (dir / "ck.pt").string()};
+  };
+  const pid_t r1 = spawn(args(1), (dir / "w1.out").string()), r0 = spawn(args(0), (dir / "w0.out").string());
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));  // both waiting for rank 2
+  ::kill(r0, SIGTERM);
+  const int rc0 = wait_exit(r0), rc1 = wait_exit(r1);
+  CAPTURE(slurp(dir / "w0.out"), slurp(dir / "w1.out"));
+  CHECK(rc0 == 128 + SIGTERM);
+  CHECK(rc1 == 128 + SIGTERM);
+  CHECK(slurp(dir / "w1.out").find("rank 0 was stopped by a signal at the rendezvous") != std::string::npos);
   remove_tree(dir);
 }
 

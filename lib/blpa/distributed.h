@@ -45,9 +45,11 @@ struct WorldsDiffer : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
-// A signal (*stop, set by the caller's handler) ended the wait at the rendezvous.
+// A signal (*stop, set by the caller's handler) ended the wait at the rendezvous. `told`: the
+// other ranks were told so on the rendezvous's store, as a refusal of kind 's' (see refuse).
 struct Interrupted : std::runtime_error {
-  using std::runtime_error::runtime_error;
+  Interrupted(const std::string& what, bool told) : std::runtime_error(what), told(told) {}
+  bool told;
 };
 
 // Another rank refused to start (Distributed::refuse): `why` is what it said, after a
@@ -64,8 +66,10 @@ struct RankRefused : std::runtime_error {
 class Distributed {
  public:
   // backend: "gloo" or "nccl" (tensors on the GPU of LOCAL_RANK). Waits at the rendezvous
-  // up to config.timeout for the other ranks; throws Interrupted when *stop is set meanwhile.
-  Distributed(const DistConfig& config, const std::string& backend, const std::atomic<bool>* stop = nullptr);
+  // up to config.timeout for the other ranks; throws Interrupted when *stop is set meanwhile,
+  // once it has told the ranks there, with the signal *signal names (SIGINT without one).
+  Distributed(const DistConfig& config, const std::string& backend, const std::atomic<bool>* stop = nullptr,
+              const std::atomic<int>* signal = nullptr);
   // One not closed aborts its collectives (NCCL's communicators): it is leaving on an error,
   // its peers may be gone, and waiting for them could hang.
   ~Distributed();
@@ -113,10 +117,14 @@ class Distributed {
 
  private:
   void join(const std::string& who, const std::string& at, const std::string& hint);
+  // Stopped at the rendezvous: "s<signal>" posted as this rank's refusal on the store, and rank
+  // 0 keeps it up for the others to read (3 s at most); returns the Interrupted to throw.
+  Interrupted stopped(const std::string& who);
 
   DistConfig config_;
   std::string backend_;
   const std::atomic<bool>* stop_;  // read at the rendezvous (join) only
+  const std::atomic<int>* signal_;
   std::unique_ptr<Impl> impl_;
   bool closed_ = false;
 };
