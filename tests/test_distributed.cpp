@@ -864,22 +864,23 @@ TEST_CASE("distributed: a rank stopped at the rendezvous stops the others at onc
           "[distributed][train]") {
   if (!have_fashion_mnist()) return;
   const fs::path dir = fresh_dir("rendezvous-stop");
+  std::string port;
+  auto args = [&](int rank, int world) {
+    return std::vector<std::string>{"--depth", "11", "--batch", "16", "--train-subset", "200", "--test-subset", "50",
+                                    "--threads", "1", "--quiet", "--iterations", "3", "--world-size",
+                                    std::to_string(world), "--master-port", port, "--dist-timeout", "60", "--rank",
+                                    std::to_string(rank), "--checkpoint", (dir / "ck.pt").string()};
+  };
   for (const auto& [first, sig] : {std::pair{0, SIGTERM}, std::pair{1, SIGHUP}}) {
     CAPTURE(first, sig);
-    const std::string port = std::to_string(free_port());
-    auto args = [&](int rank) {
-      return std::vector<std::string>{"--depth", "11", "--batch", "16", "--train-subset", "200", "--test-subset", "50",
-                                      "--threads", "1", "--quiet", "--iterations", "3", "--world-size", "2",
-                                      "--master-port", port, "--dist-timeout", "60", "--rank", std::to_string(rank),
-                                      "--checkpoint", (dir / "ck.pt").string()};
-    };
+    port = std::to_string(free_port());
     const auto out = [&](int rank) { return (dir / ("r" + std::to_string(rank) + ".out")).string(); };
-    const pid_t a = spawn(args(first), out(first));
+    const pid_t a = spawn(args(first, 2), out(first));
     std::this_thread::sleep_for(std::chrono::milliseconds(1000));  // waiting, or loading with the signal held
     ::kill(a, sig);
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
     const auto t0 = std::chrono::steady_clock::now();
-    const pid_t b = spawn(args(1 - first), out(1 - first));
+    const pid_t b = spawn(args(1 - first, 2), out(1 - first));
     const int rc_b = wait_exit(b), rc_a = wait_exit(a);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     CAPTURE(slurp(out(0)), slurp(out(1)), secs);
@@ -893,14 +894,8 @@ TEST_CASE("distributed: a rank stopped at the rendezvous stops the others at onc
   // A world of 3 whose rank 2 has not come: rank 1 waits on rank 0's store, which rank 0's stop
   // closes. Told on that store first, rank 1 ends by the signal (it exited 1: "rank 0 closed the
   // rendezvous").
-  const std::string port = std::to_string(free_port());
-  auto args = [&](int rank) {
-    return std::vector<std::string>{"--depth", "11", "--batch", "16", "--train-subset", "200", "--test-subset", "50",
-                                    "--threads", "1", "--quiet", "--iterations", "3", "--world-size", "3",
-                                    "--master-port", port, "--dist-timeout", "60", "--rank", std::to_string(rank),
-                                    "--checkpoint", (dir / "ck.pt").string()};
-  };
-  const pid_t r1 = spawn(args(1), (dir / "w1.out").string()), r0 = spawn(args(0), (dir / "w0.out").string());
+  port = std::to_string(free_port());
+  const pid_t r1 = spawn(args(1, 3), (dir / "w1.out").string()), r0 = spawn(args(0, 3), (dir / "w0.out").string());
   std::this_thread::sleep_for(std::chrono::milliseconds(1500));  // both waiting for rank 2
   ::kill(r0, SIGTERM);
   const int rc0 = wait_exit(r0), rc1 = wait_exit(r1);
