@@ -18,10 +18,10 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <csignal>
 #include <charconv>
 #include <chrono>
 #include <condition_variable>
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <future>
