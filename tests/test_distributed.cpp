@@ -936,16 +936,17 @@ TEST_CASE("distributed: a signal to one rank while a new run loads stops every r
   // there was lost: the ranks trained a step, and --overwrite replaced the earlier run).
   for (const int signalled : {1, 0}) {
     CAPTURE(signalled);
-    const auto [p0, p1] = run({"--overwrite"}, "", "BLPA_TEST_FAIL=slow-load:30000");
+    const std::string tag = "-" + std::to_string(signalled);  // this round's outputs, not the last's
+    const auto [p0, p1] = run({"--overwrite"}, tag, "BLPA_TEST_FAIL=slow-load:30000");
     // Rank 1 has joined and names its network just before it loads on until a rank is stopped
     // (30 s).
-    for (int i = 0; i < 600 && slurp(dir / "r1.out").find("model cifar-11") == std::string::npos; ++i)
+    for (int i = 0; i < 600 && slurp(dir / ("r1" + tag + ".out")).find("model cifar-11") == std::string::npos; ++i)
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     std::this_thread::sleep_for(std::chrono::milliseconds(300));  // rank 0 loaded too
     ::kill(signalled == 1 ? p1 : p0, SIGTERM);
     const int rc1 = wait_exit(p1), rc0 = wait_exit(p0);
-    const std::string out_signalled = slurp(dir / ("r" + std::to_string(signalled) + ".out"));
-    const std::string out_other = slurp(dir / ("r" + std::to_string(1 - signalled) + ".out"));
+    const std::string out_signalled = slurp(dir / ("r" + std::to_string(signalled) + tag + ".out"));
+    const std::string out_other = slurp(dir / ("r" + std::to_string(1 - signalled) + tag + ".out"));
     CAPTURE(out_signalled, out_other);
     CHECK(rc1 == 128 + SIGTERM);
     CHECK(rc0 == 128 + SIGTERM);  // by the one signal, so that a loop of runs on each machine stops too
