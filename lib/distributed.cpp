@@ -55,10 +55,6 @@ std::string refused_key(int r) { return "blpa/refused/" + std::to_string(r); }
 std::string read_key(int r) { return "blpa/world-read/" + std::to_string(r); }
 constexpr const char* kStopsKey = "blpa/stops";  // how many ranks were asked to stop (watch_stops)
 
-Interrupted interrupted(const std::string& who) {
-  return Interrupted(who + ": stopped by a signal at the rendezvous, before training", false);
-}
-
 // Runs a collective; any failure becomes PeerLost with the backend's first line.
 template <typename F>
 void guarded(const char* what, F f) {
@@ -213,7 +209,7 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend, c
     } catch (const std::exception& e) {
       throw std::runtime_error(who + ": " + e.what());
     }
-    if (stop && stop->load()) throw interrupted(who);
+    if (stop && stop->load()) throw stopped(who);
     if (!up)
       throw std::runtime_error(who + ": no rendezvous at " + where + " within " + within + " (rank 0 is not " +
                                "listening)" + start_all);
@@ -239,7 +235,7 @@ Distributed::Distributed(const DistConfig& config, const std::string& backend, c
                                                         : std::string()));
     throw std::runtime_error(who + ": no rendezvous at " + where + " within " + within + " (" + why + ")");
   }
-  if (stop && stop->load()) throw impl_->store ? stopped(who) : interrupted(who);
+  if (stop && stop->load()) throw stopped(who);
   if (silent)
     throw std::runtime_error(who + ": something listens at " + where + " but does not answer as a rendezvous within " +
                              within + ": another program may be using that port" + hint);
@@ -424,16 +420,23 @@ void Distributed::join(const std::string& who, const std::string& at, const std:
 }
 
 Interrupted Distributed::stopped(const std::string& who) {
-  const int sig = signal_ && signal_->load() ? signal_->load() : SIGINT;
-  spdlog::warn("{}: stopped at the rendezvous: telling the other ranks (up to 3 s)", who);
-  try {
-    const std::string why = "s" + std::to_string(sig);
-    impl_->store->set(refused_key(config_.rank), std::vector<uint8_t>(why.begin(), why.end()));
-    if (config_.rank == 0)
-      linger(*impl_->store, config_.world, std::chrono::steady_clock::now() + std::chrono::seconds(3), nullptr);
-  } catch (const std::exception&) {  // rank 0's store gone: the others learn it closed
+  const std::string why = "s" + std::to_string(signal_ && signal_->load() ? signal_->load() : SIGINT);
+  // Short, as the user asked to stop (a Ctrl-C to every rank of a world not yet whole waits it
+  // out for the missing ones; ranks at the rendezvous hear within a second); a second signal
+  // ends it.
+  const auto grace = std::min<std::chrono::milliseconds>(config_.timeout, std::chrono::seconds(3));
+  spdlog::warn("{}: stopped at the rendezvous: telling the other ranks at {}:{} (up to {:g} s)", who,
+               config_.master_addr, config_.master_port, grace.count() / 1000.0);
+  if (!impl_->store) {  // none reached yet: through a rendezvous of its own, as a refusal
+    refuse(config_, why, grace, nullptr);
+  } else {  // on the store the others are connected to (they cannot reach a new one)
+    try {
+      impl_->store->set(refused_key(config_.rank), std::vector<uint8_t>(why.begin(), why.end()));
+      if (config_.rank == 0) linger(*impl_->store, config_.world, std::chrono::steady_clock::now() + grace, nullptr);
+    } catch (const std::exception&) {  // rank 0's store gone: the others learn it closed
+    }
   }
-  return Interrupted(who + ": stopped by a signal at the rendezvous, before training", true);
+  return Interrupted(who + ": stopped by a signal at the rendezvous, before training");
 }
 
 void Distributed::refuse(const DistConfig& config, const std::string& why, std::chrono::milliseconds grace,

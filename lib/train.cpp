@@ -409,25 +409,9 @@ std::unique_ptr<Distributed> join_ranks(const TrainConfig& config, std::exceptio
     dist = std::make_unique<Distributed>(config.dist, config.dist.resolved_backend(dev.is_cuda()), stop, signal);
   } catch (const std::invalid_argument& e) {  // worlds of different sizes, a rank given twice: as flags
     throw FlagError(e.what());
-  } catch (const Interrupted& e) {
-    // Stopped at the rendezvous (a Ctrl-C on one machine's launcher): the others would wait for
-    // this rank up to --dist-timeout. Told as of a refusal, with the signal (kind 's'), they
-    // stop at once and end by it: by the Distributed on its store, where it had one (ranks
-    // connected to rank 0's cannot reach a new one), else here. The wait for them is short, as
-    // the user asked to stop: 3 s (a Ctrl-C to every rank of a world not yet whole waits it
-    // out for the missing ones; ranks waiting at the rendezvous hear within a second); a
-    // second signal ends it.
-    if (e.told) throw;
-    const int sig = signal && signal->load() ? signal->load() : SIGINT;
-    const auto grace = std::min<std::chrono::milliseconds>(config.dist.timeout, std::chrono::seconds(3));
-    spdlog::warn("rank {} of {} was stopped at the rendezvous: telling the other ranks at {}:{} (up to {:g} s)",
-                 config.dist.rank, config.dist.world, config.dist.master_addr, config.dist.master_port,
-                 grace.count() / 1000.0);
-    Distributed::refuse(config.dist, "s" + std::to_string(sig), grace, nullptr);
-    throw;
   } catch (const RankRefused& e) {
     const char kind = e.why.empty() ? '1' : e.why[0];
-    if (kind == 's')  // another rank was stopped there, by this signal
+    if (kind == 's')  // another rank was stopped there (a Ctrl-C on its machine's launcher), by this signal
       throw StoppedBeforeStart(fmt::format("rank {} of {}: rank {} was stopped by a signal at the rendezvous, so no "
                                            "rank trains: nothing was written",
                                            config.dist.rank, config.dist.world, e.rank),

@@ -45,11 +45,10 @@ struct WorldsDiffer : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
-// A signal (*stop, set by the caller's handler) ended the wait at the rendezvous. `told`: the
-// other ranks were told so on the rendezvous's store, as a refusal of kind 's' (see refuse).
+// A signal (*stop, set by the caller's handler) ended the wait at the rendezvous. The other
+// ranks were told so, as a refusal of kind 's' with the signal (see refuse).
 struct Interrupted : std::runtime_error {
-  Interrupted(const std::string& what, bool told) : std::runtime_error(what), told(told) {}
-  bool told;
+  using std::runtime_error::runtime_error;
 };
 
 // Another rank refused to start (Distributed::refuse): `why` is what it said, after a
@@ -117,8 +116,8 @@ class Distributed {
 
  private:
   void join(const std::string& who, const std::string& at, const std::string& hint);
-  // Stopped at the rendezvous: "s<signal>" posted as this rank's refusal on the store, and rank
-  // 0 keeps it up for the others to read (3 s at most); returns the Interrupted to throw.
+  // Stopped at the rendezvous: "s<signal>" posted as this rank's refusal, on its store if it has
+  // one, and kept up for the others to read (3 s at most); returns the Interrupted to throw.
   Interrupted stopped(const std::string& who);
 
   DistConfig config_;
