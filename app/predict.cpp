@@ -458,9 +458,7 @@ static int run(int argc, char** argv) {
     blpa::ResNet model = blpa::load_model(ck);
     const torch::Device dev(o.device);
     model->to(dev);
-    const blpa::Numerics numerics =
-        blpa::numerics_for(blpa::eval_precision(o.eval.precision, kv["precision"], dev),
-                           blpa::eval_layout(o.eval.memory_format, kv["memory_format"]), dev);
+    const blpa::Numerics numerics = blpa::eval_numerics(o.eval, ck, dev);
     model->set_numerics(numerics);
     blpa::apply_precision(numerics.precision, dev);
     if (!images) return predict_records(model, ck, o, out) > 0 ? 0 : 1;

@@ -274,6 +274,15 @@ std::string eval_layout(const std::string& requested, const std::string& trained
   return trained.empty() ? "nchw" : trained == "nchw" || trained == "nhwc" ? trained : requested;
 }
 
+Numerics eval_numerics(const ImageEvalOptions& o, const Checkpoint& ck, const torch::Device& device) {
+  const auto trained = [&](const char* key) {
+    const auto it = ck.config.find(key);
+    return it == ck.config.end() ? std::string() : it->second;
+  };
+  return numerics_for(eval_precision(o.precision, trained("precision"), device),
+                      eval_layout(o.memory_format, trained("memory_format")), device);
+}
+
 EvalResult evaluate_checkpoint(const CheckpointEval& e) {
   const Checkpoint ck = read_checkpoint(e.checkpoint);
   auto kv = ck.config;
@@ -286,9 +295,7 @@ EvalResult evaluate_checkpoint(const CheckpointEval& e) {
   ResNet model = load_model(ck);
   const torch::Device dev(e.options.device);
   model->to(dev);
-  const Numerics numerics =
-      numerics_for(eval_precision(e.options.precision, kv["precision"], dev),
-                   eval_layout(e.options.memory_format, kv["memory_format"]), dev);
+  const Numerics numerics = eval_numerics(e.options, ck, dev);
   model->set_numerics(numerics);
   apply_precision(numerics.precision, dev);
   const auto ran_in = [&](EvalResult r) {

@@ -203,6 +203,8 @@ std::string eval_precision(const std::string& requested, const std::string& trai
 // The layout likewise: `requested`, or for "auto" the checkpoint's "memory_format", `trained`
 // (empty for one from before --memory-format, which ran in NCHW). blpa-train's --resume too.
 std::string eval_layout(const std::string& requested, const std::string& trained);
+// Both, for checkpoint `ck`'s network evaluated on `device` (blpa-eval's and blpa-predict's).
+Numerics eval_numerics(const ImageEvalOptions& o, const Checkpoint& ck, const torch::Device& device);
 
 // Forward and backward of a batch in `steps` equal parts, each part's mean loss weighted by
 // 1/steps, so the accumulated gradient equals the whole batch's up to BatchNorm, whose
