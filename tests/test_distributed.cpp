@@ -874,7 +874,11 @@ TEST_CASE("distributed: a rank stopped at the rendezvous stops the others at onc
   for (const auto& [first, sig] : {std::pair{0, SIGTERM}, std::pair{1, SIGHUP}}) {
     CAPTURE(first, sig);
     port = std::to_string(free_port());
-    const auto out = [&](int rank) { return (dir / ("r" + std::to_string(rank) + ".out")).string(); };
+    const auto out = [&](int rank) {
+      std::string name = "r";  // not "r" + std::to_string(...): GCC 12's false -Wrestrict on it
+      name += std::to_string(rank) + ".out";
+      return (dir / name).string();
+    };
     const pid_t a = spawn(args(first, 2), out(first));
     std::this_thread::sleep_for(std::chrono::milliseconds(1000));  // waiting, or loading with the signal held
     ::kill(a, sig);
