@@ -252,13 +252,10 @@ std::string printed_config(const TrainConfig& given) {
     if (lead) check_outputs_are_the_runs(c, resumed);
   }
   if (lead && c.auto_resume && c.resume) refuse_diverged_rerun(c);
-  // The settings the checkpoint records (describe()), with --cuda-graphs as it will act, then
-  // the ones it does not: where this rank meets the others, and where the run's files go.
-  std::string settings = c.describe();
+  // The settings the checkpoint records (describe()), then the ones it does not: where this
+  // rank meets the others, and where the run's files go.
+  const std::string settings = c.describe();
   const bool cuda = c10::Device(c.device).is_cuda();
-  const std::string graphs = !cuda || c.cuda_graphs == "off" || c.dist.enabled() ? "off" : c.cuda_graphs;
-  if (const auto at = settings.find("\ncuda_graphs="); at != std::string::npos)
-    settings.replace(at, settings.find('\n', at + 1) - at, "\ncuda_graphs=" + graphs);
   const std::string backend = c.dist.enabled() ? c.dist.resolved_backend(cuda) : "none";
   return settings + fmt::format("prefetch={}\nindex_cache={}\nrank={}\nlocal_rank={}\nmaster={}:{}\n"
                                 "dist_backend={}\ndist_timeout={}\ncheckpoint={}\nresume={}\nlog={}\n"

@@ -970,12 +970,11 @@ void Run::begin_loop() {
   pending_eval = state.pending_eval;
   memory::reset_peak(dev);
 
+  // resolve() made auto "off" on the CPU and with several ranks (rank 0 finishing a run's end
+  // alone too: nothing to capture).
   use_graphs = dev.is_cuda() && config.cuda_graphs != "off";
-  if (use_graphs && config.dist.enabled()) {  // rank 0 finishing a run's end alone too: nothing to capture
-    if (it < config.iterations)
-      spdlog::info("CUDA graphs off: with several ranks every iteration runs eagerly (the all-reduce is not captured)");
-    use_graphs = false;
-  }
+  if (dev.is_cuda() && config.dist.enabled() && it < config.iterations)
+    spdlog::info("CUDA graphs off: with several ranks every iteration runs eagerly (the all-reduce is not captured)");
   capture_at = it + 3;
   tensor_lr_update = dev.is_cuda();
   if (tensor_lr_update) lr_tensor = torch::zeros({}, torch::TensorOptions(torch::kFloat).device(dev));

@@ -343,6 +343,8 @@ void TrainConfig::resolve() {
   if (dev.is_cuda() && dist.enabled() && !dev.has_index())
     dev = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist.local_rank));
   device = dev.str();
+  // auto as it acts: graphs replay GPU work of one rank (their all-reduce is not captured).
+  if (cuda_graphs == "auto" && (!dev.is_cuda() || dist.enabled())) cuda_graphs = "off";
   resolve_numerics();
   if (workers == 0) workers = default_workers(dataset, dist.local_world);
   if (threads == 0) threads = at::get_num_threads();  // LibTorch's own count, recorded as what ran

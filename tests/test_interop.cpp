@@ -576,6 +576,7 @@ TEST_CASE("interop: blpa-predict on Fashion-MNIST records agrees with blpa-eval 
   CAPTURE(recorded);
   const std::string config_record = slurp(log).substr(0, slurp(log).find('\n') + 1);
   CHECK(config_record.find("{\"type\": \"config\"") == 0);
+  CHECK(config_record.find("\"cuda_graphs\": \"off\"") != std::string::npos);  // as it acted on the CPU, not auto
   CHECK(config_record.ends_with(recorded));
   CHECK(slurp(summary).ends_with(recorded));
   torch::Tensor prob;
