@@ -221,7 +221,7 @@ int main(int argc, char** argv) {
   } catch (const blpa::RunComplete& e) {
     spdlog::info("{}", e.what());
     return exit_code(0);
-  } catch (const blpa::StoppedBeforeStart& e) {
+  } catch (const blpa::Stopped& e) {
     spdlog::warn("{}", e.what());
     const int sig = g_signal.load() ? g_signal.load() : e.signal ? e.signal : SIGINT;
     end_by(sig);  // as an interrupted run: by the signal, so that a loop of runs stops too

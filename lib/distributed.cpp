@@ -54,6 +54,7 @@ std::string world_key(int r) { return "blpa/world/" + std::to_string(r); }
 std::string refused_key(int r) { return "blpa/refused/" + std::to_string(r); }
 std::string read_key(int r) { return "blpa/world-read/" + std::to_string(r); }
 constexpr const char* kStopsKey = "blpa/stops";  // how many ranks were asked to stop (watch_stops)
+std::string stop_signal_key(int sig) { return "blpa/stops/" + std::to_string(sig); }  // and by which signals
 
 // Runs a collective; any failure becomes PeerLost with the backend's first line.
 template <typename F>
@@ -299,10 +300,10 @@ void Distributed::close() {
   }
 }
 
-void Distributed::watch_stops(const std::atomic<bool>* mine, std::atomic<bool>* any) {
+void Distributed::watch_stops(const std::atomic<bool>* mine, std::atomic<bool>* any, std::atomic<int>* any_signal) {
   if (impl_->watch || closed_) return;
   auto watch = impl_->watch = std::make_shared<Impl::Watch>();
-  std::thread([watch, store = impl_->store, mine, any] {
+  std::thread([watch, store = impl_->store, mine, any, any_signal, signal = signal_] {
     struct Done {  // however the thread ends
       Impl::Watch& w;
       ~Done() {
@@ -314,21 +315,30 @@ void Distributed::watch_stops(const std::atomic<bool>* mine, std::atomic<bool>* 
     bool posted = false;
     for (;;) {
       bool asked = false;
+      int sig = 0;
       {
         std::unique_lock<std::mutex> lock(watch->mutex);
         if (watch->wake.wait_for(lock, std::chrono::milliseconds(100), [&] { return watch->quit; })) return;
         asked = mine && mine->load();
+        sig = signal ? signal->load() : 0;
       }
       bool stopping = false;
+      int told = 0;
       try {  // TCPStore's client serialises its requests: the main thread may use it meanwhile
+        // The signal before the count: a rank that sees the count finds it.
+        if (asked && !posted && sig > 0) store->add(stop_signal_key(sig), 1);
         if (asked && !posted) store->add(kStopsKey, 1), posted = true;
         stopping = posted || store->add(kStopsKey, 0) > 0;
+        // As the ranks' sums tell it (Run::told): SIGTERM before SIGHUP before SIGINT.
+        for (const int s : {SIGTERM, SIGHUP, SIGINT})
+          if (stopping && any_signal && told == 0 && store->check({stop_signal_key(s)})) told = s;
       } catch (const std::exception&) {  // rank 0's store gone: the run is ending, or its
         return;                          // collectives say why it failed
       }
       std::lock_guard<std::mutex> lock(watch->mutex);
       if (watch->quit) return;
       if (stopping) any->store(true);
+      if (told != 0) any_signal->store(told);
     }
   }).detach();
 }

@@ -412,7 +412,7 @@ std::unique_ptr<Distributed> join_ranks(const TrainConfig& config, std::exceptio
   } catch (const RankRefused& e) {
     const char kind = e.why.empty() ? '1' : e.why[0];
     if (kind == 's')  // another rank was stopped there (a Ctrl-C on its machine's launcher), by this signal
-      throw StoppedBeforeStart(fmt::format("rank {} of {}: rank {} was stopped by a signal at the rendezvous, so no "
+      throw Stopped(fmt::format("rank {} of {}: rank {} was stopped by a signal at the rendezvous, so no "
                                            "rank trains: nothing was written",
                                            config.dist.rank, config.dist.world, e.rank),
                                std::atoi(e.why.c_str() + 1));
@@ -576,7 +576,7 @@ void start_from_rank_0(Distributed& dist, ResNet& model, torch::optim::SGD& opt,
     dist.broadcast(weights);
   } catch (const PeerLost& e) {  // a rank whose data or checkpoint failed to load has stopped, or is slow
     const bool gone = std::string(e.what()).find("a rank stopped") != std::string::npos;
-    throw std::runtime_error(fmt::format("rank {} of {}: {} ({})", config.dist.rank, config.dist.world,
+    throw PeerLost(fmt::format("rank {} of {}: {} ({})", config.dist.rank, config.dist.world,
                                          gone ? "another rank stopped before training began"
                                               : "another rank did not reach the start of training within "
                                                 "--dist-timeout (its data still loading?)",
@@ -646,6 +646,11 @@ class Run {
   std::string lead_word(const std::string& complete) const;
   // What stops rank 0's evaluation: its own signal, or with several ranks any rank's.
   const std::atomic<bool>* eval_stop() const { return dist ? &any_stop : stop; }
+  // Whether a stop was asked on any rank (this one's signal, one the ranks' sums told, or one
+  // posted at the rendezvous), and the signal to end by where this rank was sent none.
+  bool stop_asked() const { return (stop && stop->load()) || any_stop.load() || result.stop_signal != 0; }
+  int asked_signal() const { return result.stop_signal != 0 ? result.stop_signal : any_signal.load(); }
+  void stop_before_start();
   void finish_alone(const std::string& word, const std::string& complete);
   void redraft();
   NonFiniteLoss diverged(const std::string& what, int64_t updates);
@@ -675,8 +680,9 @@ class Run {
   std::set<int64_t> decode_failed;
   torch::Device dev{torch::kCPU};
   // Several ranks: set once any rank's stop is asked (Distributed::watch_stops), so that rank 0's
-  // evaluation stops at a signal to a rank waiting for it too.
+  // evaluation stops at a signal to a rank waiting for it too; and the signal it was asked by.
   std::atomic<bool> any_stop{false};
+  std::atomic<int> any_signal{0};
   std::unique_ptr<Distributed> dist;
   TrainResult result;
   LogFile log;
@@ -802,35 +808,24 @@ void Run::set_up() {
     std::string word = lead_word(complete);
     dist = join_ranks(config, refused, state.iteration, word, dev, stop, signal);
     finish_alone(word, complete);
-    if (dist) dist->watch_stops(stop, &any_stop);  // rank 0 finishing alone has none
+    if (dist) dist->watch_stops(stop, &any_stop, &any_signal);  // rank 0 finishing alone has none
   }
   training_data = load_training_data(config, resumed ? &*resumed : nullptr, lead);
-  build_network(resumed);
-  if (const auto [what, ms] = injected_failure(); what == "slow-load")  // until then, or a stop on any rank
-    for (const auto end = Clock::now() + std::chrono::milliseconds(ms);
-         Clock::now() < end && !(stop && stop->load()) && !any_stop.load();)
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  // A stop asked for while a new run loads: nothing of the run is written yet, and nothing that
-  // --overwrite would replace is gone. (Before, the old run's files went, and the new run
-  // trained one step to have a checkpoint.) Several ranks agree on it: one stopped stops all,
-  // each ending by the signal the stopped one was sent.
-  if (!config.resume && (dist || stop)) {  // every rank sums, whether or not it was given a stop
-    // Every rank loaded first: a signal while this one waits for a slower one counts (read
-    // before the sum, it was lost, and the run trained a step).
-    if (dist) dist->barrier();
-    bool stopped = stop && stop->load();
-    if (dist) {
-      const auto sums = dist->sum({stopped ? 1.0 : 0.0, sent(SIGTERM), sent(SIGHUP)});
-      stopped = sums[0] > 0;
-      told(sums[0], sums[1], sums[2]);
-      if (stopped) dist->close();  // the ranks part as planned: nothing of theirs aborted
-    }
-    if (stopped)
-      throw StoppedBeforeStart(
-          fmt::format("stopped before the run began{}: {}nothing was written",
-                      dist && !(stop && stop->load()) ? " (another rank was interrupted)" : "",
-                      config.overwrite ? "--overwrite replaced nothing, and " : ""),
-          result.stop_signal);
+  try {
+    build_network(resumed);
+    if (const auto [what, ms] = injected_failure(); what == "slow-load")  // until then, or a stop on any rank
+      for (const auto end = Clock::now() + std::chrono::milliseconds(ms);
+           Clock::now() < end && !(stop && stop->load()) && !any_stop.load();)
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    stop_before_start();
+  } catch (const PeerLost& e) {
+    // A rank asked to stop that then ended at once (a second signal) while the run loaded: the
+    // others end as it did, by its signal, where they exited 1 ("another rank stopped").
+    if (!stop_asked()) throw;
+    throw Stopped(fmt::format("stopped before the run began: a rank asked to stop ended at once ({}); {}nothing was "
+                              "written",
+                              e.what(), config.overwrite ? "--overwrite replaced nothing, and " : ""),
+                  asked_signal());
   }
   if (lead) result.dropped_log_records = open_log(log, config, state);
   // The inputs' normalisation goes with the run's records: an --export's user needs it (CIFAR's
@@ -843,6 +838,29 @@ void Run::set_up() {
       it, unix_time(), config.resume, config.json(), normalisation));
 
   open_loaders();
+}
+
+// A stop asked for while a new run loads: nothing of the run is written yet, and nothing that
+// --overwrite would replace is gone. (Before, the old run's files went, and the new run
+// trained one step to have a checkpoint.) Several ranks agree on it: one stopped stops all,
+// each ending by the signal the stopped one was sent.
+void Run::stop_before_start() {
+  if (config.resume || !(dist || stop)) return;  // every rank sums, whether or not it was given a stop
+  // Every rank loaded first: a signal while this one waits for a slower one counts (read
+  // before the sum, it was lost, and the run trained a step).
+  if (dist) dist->barrier();
+  bool stopped = stop && stop->load();
+  if (dist) {
+    const auto sums = dist->sum({stopped ? 1.0 : 0.0, sent(SIGTERM), sent(SIGHUP)});
+    stopped = sums[0] > 0;
+    told(sums[0], sums[1], sums[2]);
+    if (stopped) dist->close();  // the ranks part as planned: nothing of theirs aborted
+  }
+  if (stopped)
+    throw Stopped(fmt::format("stopped before the run began{}: {}nothing was written",
+                              dist && !(stop && stop->load()) ? " (another rank was interrupted)" : "",
+                              config.overwrite ? "--overwrite replaced nothing, and " : ""),
+                  result.stop_signal);
 }
 
 // Several ranks: what is left of a run at its end is rank 0's word (join_ranks), since only
@@ -1470,22 +1488,31 @@ void Run::fail(const std::exception& e) {
   }
   // A peer that died or went silent: every rank stops, instead of hanging. Waiting for rank
   // 0's evaluation or checkpoint, a silent peer may only be slow (a closed connection is not).
+  const bool peer = dynamic_cast<const PeerLost*>(&e) != nullptr;
   const std::string lost = e.what();
+  const std::string when = waiting_for ? fmt::format("after iteration {}", it) : fmt::format("during iteration {}", it + 1);
+  // Where a stop was asked (here or on another rank), a rank that ends before the ranks stop
+  // together was ended at once by a second signal: the run was interrupted, not failed. Its
+  // summary says so, and this rank ends by the signal too, as where the ranks stop together,
+  // so that a loop of runs on its machine stops (it exited 1, and the loop started its next).
+  if (peer && stop_asked()) {
+    const std::string why = fmt::format("rank {} of {}: interrupted, and a rank asked to stop ended at once {} ({}).{}",
+                                        config.dist.rank, config.dist.world, when, lost, saved);
+    try_summary("interrupted", why);
+    throw Stopped(why, asked_signal());
+  }
   const bool closed = lost.find("losed") != std::string::npos || lost.find("reset") != std::string::npos ||
                       lost.find("a rank stopped") != std::string::npos;
   const std::string why =
-      dynamic_cast<const PeerLost*>(&e)
-          ? fmt::format("rank {} of {}: lost the other ranks {} ({}).{}{}", config.dist.rank, config.dist.world,
-                        waiting_for ? fmt::format("after iteration {}", it)
-                                    : fmt::format("during iteration {}", it + 1),
-                        lost,
-                        waiting_for && !closed ? fmt::format(" This rank was waiting for {}: one that takes longer "
-                                                             "than --dist-timeout ({:g} s) looks the same; give a "
-                                                             "longer one.",
-                                                             waiting_for, config.dist.timeout.count() / 1000.0)
-                                               : std::string(),
-                        saved)
-          : sentence(error_message(e)) + saved;
+      peer ? fmt::format("rank {} of {}: lost the other ranks {} ({}).{}{}", config.dist.rank, config.dist.world, when,
+                         lost,
+                         waiting_for && !closed ? fmt::format(" This rank was waiting for {}: one that takes longer "
+                                                              "than --dist-timeout ({:g} s) looks the same; give a "
+                                                              "longer one.",
+                                                              waiting_for, config.dist.timeout.count() / 1000.0)
+                                                : std::string(),
+                         saved)
+           : sentence(error_message(e)) + saved;
   try_summary("failed", why);
   throw std::runtime_error(why);
 }

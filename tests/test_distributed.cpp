@@ -856,6 +856,60 @@ TEST_CASE("distributed: a rank stopped by another rank's signal ends by that sig
   remove_tree(dir);
 }
 
+// A second signal ends a rank at once, before the ranks stop together: the other exited 1 with
+// "lost the other ranks", its summary "failed", and a loop of runs on its machine went on to
+// its next run. It ends by the signal too, as interrupted. Steps of 4 s (slow-step) hold both
+// signals within one, whatever the machine; rank 1 stopped twice, then rank 0.
+TEST_CASE("distributed: a rank stopped at once by a second signal ends the others by that signal",
+          "[distributed][train]") {
+  if (!have_fashion_mnist()) return;
+  const fs::path dir = fresh_dir("second-signal");
+  const std::string ck = (dir / "ck.pt").string(), log = (dir / "log.jsonl").string(),
+                    summary = (dir / "s.json").string();
+  auto run = [&](const std::string& tag, const std::vector<std::string>& extra, const std::string& env) {
+    std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "200", "--test-subset", "50",
+                                    "--warmup", "0", "--threads", "1", "--eval-every", "0", "--quiet", "--iterations",
+                                    "6", "--log-every", "1", "--world-size", "2", "--master-port",
+                                    std::to_string(free_port()), "--dist-timeout", "60", "--checkpoint", ck};
+    common.insert(common.end(), extra.begin(), extra.end());
+    auto a1 = common, a0 = common;
+    a1.insert(a1.end(), {"--rank", "1"});
+    a0.insert(a0.end(), {"--rank", "0", "--log", log, "--summary", summary});
+    return std::pair{spawn(a0, (dir / ("r0" + tag + ".out")).string(), env),
+                     spawn(a1, (dir / ("r1" + tag + ".out")).string(), env)};
+  };
+  for (const int signalled : {1, 0}) {
+    CAPTURE(signalled);
+    const std::string tag = "-" + std::to_string(signalled);
+    const auto [p0, p1] = run(tag, {"--auto-resume"}, "BLPA_TEST_FAIL=slow-step:4000");
+    // Just after an iteration's record: the next iteration's 4 s have begun.
+    const auto records = [&] { return losses(log).size(); };
+    const size_t before = records();
+    for (int i = 0; i < 1200 && records() == before; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    REQUIRE(records() > before);
+    const pid_t victim = signalled == 1 ? p1 : p0, other = signalled == 1 ? p0 : p1;
+    ::kill(victim, SIGTERM);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1000));  // not the first again (within 0.5 s)
+    ::kill(victim, SIGTERM);
+    CHECK(wait_exit(victim) == 128 + SIGTERM);
+    const int rc_other = wait_exit(other);
+    const std::string out_other = slurp(dir / ("r" + std::to_string(1 - signalled) + tag + ".out"));
+    CAPTURE(out_other, slurp(dir / ("r" + std::to_string(signalled) + tag + ".out")));
+    CHECK(rc_other == 128 + SIGTERM);  // it exited 1
+    CHECK(out_other.find("of 2: interrupted, and a rank asked to stop ended at once during iteration") !=
+          std::string::npos);
+    // Rank 0's summary says "interrupted" (it said "failed"), or, rank 0 stopped at once, its
+    // draft does.
+    CHECK(slurp(summary).find("{\"type\": \"summary\", \"status\": \"interrupted\", ") == 0);
+  }
+  // The run resumes from rank 0's last checkpoint, to its end.
+  const auto [p0, p1] = run("-resumed", {"--auto-resume"}, "");
+  CHECK(wait_exit(p0) == 0);
+  CHECK(wait_exit(p1) == 0);
+  CHECK(slurp(summary).find("{\"type\": \"summary\", \"status\": \"done\", \"iter\": 6,") == 0);
+  remove_tree(dir);
+}
+
 // A rank stopped while it waits at the rendezvous (a Ctrl-C on one machine's launcher) tells the
 // others, which end by its signal at once: they waited --dist-timeout (600 s by default) and
 // exited 1 ("rank 0 is not listening"). Rank 0 stopped before rank 1 comes, and rank 1 stopped

@@ -80,10 +80,13 @@ class Distributed {
   // Nothing may use the group after it (GradientReducer included).
   void close();
   // From here until close or destruction, every 100 ms: posts this rank's stop (*mine set,
-  // by its signal) to the rendezvous, and sets *any once this rank's or another's is posted.
-  // Rank 0's evaluation stops on *any, where a signal to a rank waiting for it at a barrier
-  // waited for its end (minutes of ImageNet on a CPU).
-  void watch_stops(const std::atomic<bool>* mine, std::atomic<bool>* any);
+  // by its signal) to the rendezvous, and sets *any once this rank's or another's is posted,
+  // and *any_signal (where given) to the signal those stops were asked by (SIGTERM before
+  // SIGHUP before SIGINT; 0 until one is known). Rank 0's evaluation stops on *any, where a
+  // signal to a rank waiting for it at a barrier waited for its end (minutes of ImageNet on a
+  // CPU); and a rank that loses a stopped one (a second signal ends it at once) ends by its
+  // signal, as an interrupted run.
+  void watch_stops(const std::atomic<bool>* mine, std::atomic<bool>* any, std::atomic<int>* any_signal = nullptr);
   // Tells the other ranks at the rendezvous that this one cannot start (its flags, its data,
   // its outputs), so that they stop at once, where they would wait for it until the timeout:
   // their constructor throws RankRefused with `why`. Returns within `grace` (rank 0 keeps
