@@ -247,11 +247,7 @@ std::string printed_config(const TrainConfig& given) {
     throw FlagError("--resume: checkpoint " + c.checkpoint + " does not exist");
   if (c.resume && std::filesystem::is_directory(c.checkpoint, ec))
     throw FlagError("--checkpoint " + c.checkpoint + ": is a directory");
-  if (c.resume) {
-    const Checkpoint resumed = read_resumed_checkpoint(c, given);
-    if (lead) check_outputs_are_the_runs(c, resumed);
-  }
-  if (lead && c.auto_resume && c.resume) refuse_diverged_rerun(c);
+  if (c.resume) read_resumed_checkpoint(c, given, lead);
   // The settings the checkpoint records (describe()), then the ones it does not: where this
   // rank meets the others, and where the run's files go.
   const std::string settings = c.describe();

@@ -566,8 +566,10 @@ std::string trained_precision(const Checkpoint& ck) {
 }
 
 // --resume: the checkpoint's run and this command line must agree on the identity; any other
-// setting that differs takes effect and is listed, with both values.
-void compare_with_checkpoint(const Checkpoint& ck, const TrainConfig& c) {
+// setting that differs takes effect and is listed, with both values: returned, to be said once
+// no other check refuses the resume.
+std::vector<std::pair<spdlog::level::level_enum, std::string>> compare_with_checkpoint(const Checkpoint& ck,
+                                                                                       const TrainConfig& c) {
   auto saved = ck.config;
   if (!saved.count("world")) saved["world"] = ck.identity.find(" world=") == std::string::npos
                                                   ? "1"
@@ -615,17 +617,23 @@ void compare_with_checkpoint(const Checkpoint& ck, const TrainConfig& c) {
                     "batch, seed, precision and world size, or start a new run");
   // A run at its last iteration trains no more: a sweep over --lr whose file names leave lr
   // out was told that each new one "takes effect", then "nothing to do".
+  std::vector<std::pair<spdlog::level::level_enum, std::string>> notes;
   if (!idle.empty())
-    spdlog::warn("--resume: these settings differ from the checkpoint's, but its run is at its --iterations {}{}: "
-                 "{} is left for them to change (another run needs other output paths){}",
-                 c.iterations, evaluated ? " and evaluated" : "", evaluated ? "nothing" : "no iteration", idle);
+    notes.emplace_back(spdlog::level::warn,
+                       fmt::format("--resume: these settings differ from the checkpoint's, but its run is at its "
+                                   "--iterations {}{}: {} is left for them to change (another run needs other "
+                                   "output paths){}",
+                                   c.iterations, evaluated ? " and evaluated" : "",
+                                   evaluated ? "nothing" : "no iteration", idle));
   if (!changed.empty())
-    spdlog::info("--resume: these settings differ from the checkpoint's and take effect:{}", changed);
+    notes.emplace_back(spdlog::level::info,
+                       "--resume: these settings differ from the checkpoint's and take effect:" + changed);
+  return notes;
 }
 
 }  // namespace
 
-Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given) {
+Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given, bool lead) {
   Checkpoint ck;
   try {
     ck = read_checkpoint(config.checkpoint);
@@ -657,7 +665,11 @@ Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given
     throw FlagError(fmt::format("checkpoint {} is at iteration {}, past --iterations {}: a run cannot go back; give "
                                 "--iterations {} to finish it there, or more to go on (or --overwrite to start again)",
                                 config.checkpoint, ck.state.iteration, config.iterations, ck.state.iteration));
-  compare_with_checkpoint(ck, config);
+  const auto notes = compare_with_checkpoint(ck, config);
+  if (lead) check_outputs_are_the_runs(config, ck);  // with the checkpoint's id
+  if (lead && config.auto_resume) refuse_diverged_rerun(config);
+  if (lead && config.auto_resume) spdlog::info("--auto-resume: resuming the run in {}", config.checkpoint);
+  for (const auto& [level, text] : notes) spdlog::log(level, text);
   return ck;
 }
 

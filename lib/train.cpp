@@ -468,9 +468,8 @@ std::optional<Checkpoint> begin_run(TrainConfig& config, const TrainConfig& give
         return std::nullopt;
       }
     }
-    if (lead)
-      spdlog::info("--auto-resume: {}", config.resume ? "resuming the run in " + config.checkpoint
-                                                      : "no checkpoint " + config.checkpoint + ", a new run");
+    if (lead && !config.resume)  // resuming: said once the checkpoint is read and checked
+      spdlog::info("--auto-resume: no checkpoint {}, a new run", config.checkpoint);
   }
   if (!config.resume && config.run_id.empty()) config.run_id = draw_run_id();
   if (lead) prepare_outputs(config, locks);
@@ -479,11 +478,9 @@ std::optional<Checkpoint> begin_run(TrainConfig& config, const TrainConfig& give
                     std::to_string(config.dist.rank));
   if (!config.resume) return std::nullopt;
   // The checkpoint's header first: a run that cannot resume fails before the data loads.
-  Checkpoint ck = read_resumed_checkpoint(config, given);
-  if (lead) check_outputs_are_the_runs(config, ck);  // with the checkpoint's id, as --print-config
+  Checkpoint ck = read_resumed_checkpoint(config, given, lead);
   config.run_id = ck.config.count("run_id") ? ck.config.at("run_id") : "";
   if (config.run_id.empty()) config.run_id = draw_run_id();  // a checkpoint from before run ids
-  if (lead && config.auto_resume) refuse_diverged_rerun(config);
   RunState& state = ck.state;
   if (state.iteration == config.iterations) {
     const EndLeft left = end_left(ck, config);

@@ -708,6 +708,9 @@ TEST_CASE("hardening: --auto-resume does not retry a run that diverged, unless i
   CHECK(again.output.find("--auto-resume: the run of checkpoint " + ck + " diverged after iteration ") !=
         std::string::npos);
   CHECK(again.output.find("not retried") != std::string::npos);
+  // Refused before it is said to resume, or that its changed settings take effect.
+  CHECK(again.output.find("resuming the run in") == std::string::npos);
+  CHECK(again.output.find("take effect") == std::string::npos);
   CHECK(slurp(ck) == ck_bytes);
   CHECK(slurp(summary) == summary_bytes);
   // --print-config says so too (it printed, exit 0).
@@ -1348,6 +1351,7 @@ TEST_CASE("hardening: --resume refuses another run's log, summary or export, and
   CAPTURE(r.output);
   CHECK(r.code == 2);
   CHECK(r.output.find("--log " + other + " is the log of another run:\n  seed: log 7, this run 0") != std::string::npos);
+  CHECK(r.output.find("take effect") == std::string::npos);  // refused: its --iterations 5 was said to
   check_clean(r);
   CHECK(slurp(other) == other_bytes);
   // A file that is no blpa-train log at all.

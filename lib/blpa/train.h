@@ -222,8 +222,11 @@ torch::optim::SGD make_optimizer(ResNet& model, const TrainConfig& config);
 // --resume: `config.checkpoint`'s header, read and checked (CheckpointError) before any data
 // loads. --precision auto (as `given`) becomes the checkpoint's precision where this device
 // has it, and `config` (resolved) must match the checkpoint's run in its identity (FlagError
-// naming the settings that differ); other settings that differ are logged and take effect.
-Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given);
+// naming the settings that differ). On rank 0 (`lead`), its outputs must be the checkpoint's
+// run's (check_outputs_are_the_runs) and, with --auto-resume, the run must not be one that
+// would diverge again (refuse_diverged_rerun). Only then, the run going on, the other settings
+// that differ are logged (they take effect), not before a refusal.
+Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given, bool lead);
 
 // --print-config: the checks train() makes of its outputs before it loads anything, made
 // without creating, probing or locking a file: no other run holds one (std::runtime_error,
