@@ -129,8 +129,11 @@ EvalResult evaluate_images(ResNet& model, const data::ImageList& list, const Ima
     }
     auto batch = stream.next();
     sums.add(model->forward(batch.images.to(dev, /*non_blocking=*/true)), batch.labels, o.ten_crop ? 10 : 1);
-    if (o.progress && ((b + 1) % 20 == 0 || b + 1 == batches))
-      console("\revaluated {}/{} images", std::min((b + 1) * o.batch, list.size()), list.size());
+    // The images that failed so far (the loaders' threads may have found some ahead), so that
+    // the line does not read "evaluated 1/1" over a run that evaluated none.
+    if (const int64_t failed = errors.count.load(); o.progress && ((b + 1) % 20 == 0 || b + 1 == batches))
+      console("\revaluated {}/{} images{}", std::min((b + 1) * o.batch, list.size()), list.size(),
+              failed > 0 ? fmt::format(" ({} could not be read or decoded: left out)", failed) : std::string());
   }
   if (o.progress) console("\n");
   if (was_training) model->train();

@@ -633,6 +633,10 @@ TEST_CASE("train: blpa-train trains on an ImageNet folder and blpa-eval scores i
   CAPTURE(none.second);
   CHECK(none.first == 1);
   CHECK(none.second.find("no image could be evaluated (1 could not be read or decoded)") != std::string::npos);
+  // Its progress line says so too: it read "evaluated 1/1 images" above that error.
+  const auto shown = shell(std::string(BLPA_EVAL_EXE) + " --checkpoint " + ck + " --resize 64 --crop 56 --val-list " +
+                           (root / "lists" / "broken.csv").string());
+  CHECK(shown.second.find("evaluated 1/1 images (1 could not be read or decoded: left out)") != std::string::npos);
 
   // The checkpoint keeps the classes' names as it numbered them. A val/ without n00 was
   // numbered n01 -> 0, n02 -> 1 and scored against shifted labels; a class the network never
