@@ -143,7 +143,7 @@ int codec_main(int argc, char** argv) {
   const auto memory_format = layout == "nhwc" ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
   const torch::Device dev = blpa::parse_device(args["device"].as<std::string>());
   if (dev.is_cuda() && !torch::cuda::is_available())
-    throw std::invalid_argument("--device cuda: no CUDA device is available");  // exit 2, as blpa-train's
+    throw std::invalid_argument("--device cuda: this machine has no CUDA device");  // exit 2, as blpa-train's
   blpa::set_threads(blpa::number<int>(args, "threads"));
 
   torch::manual_seed(0);

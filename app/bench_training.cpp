@@ -185,7 +185,8 @@ bool parse_common(cxxopts::Options& o, int argc, char** argv, Common& c, cxxopts
   c.modes = parse_modes(args["mode"].as<std::string>(), blpa::number<int>(args, "bits"), window, lift,
                         args.count("bits") > 0);
   c.device = blpa::parse_device(args["device"].as<std::string>());
-  if (c.device.is_cuda() && !torch::cuda::is_available()) throw std::invalid_argument("--device cuda: no CUDA device");
+  if (c.device.is_cuda() && !torch::cuda::is_available())
+    throw std::invalid_argument("--device cuda: this machine has no CUDA device");
   blpa::set_threads(blpa::number<int>(args, "threads"));
   c.numerics = parse_numerics(args, c.device);
   c.json = blpa::switched_on(args, "json");
