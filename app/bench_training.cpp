@@ -925,9 +925,7 @@ FidelityCase checkpoint_case(const std::string& path, const std::string& data_di
   c.trained_precision = kv["precision"];
   if (kv["dataset"] == "imagenet")
     throw std::invalid_argument("fidelity --checkpoint: " + path + " is an ImageNet network, which is not supported");
-  const std::string dir = !data_dir.empty()        ? data_dir
-                          : kv["data_dir"].empty() ? std::string(blpa::data::kDebianFashionMnist)
-                                                   : kv["data_dir"];
+  const std::string dir = blpa::checkpoint_data_dir(stored, data_dir);  // as blpa-eval finds it, or says why not
   blpa::data::Dataset train = blpa::data::load(kv["dataset"], dir, true);
   const int64_t subset = stored.train_subset;
   if (subset > 0 && subset < train.size()) {

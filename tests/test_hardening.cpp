@@ -1912,6 +1912,12 @@ TEST_CASE("hardening: a relative --data-dir is recorded whole, so blpa-eval find
   CHECK(gone.code == 1);
   CHECK(gone.output.find("../run/m.ckpt: the folder its run was trained on, " + (dir / "data").string() +
                          ", is not there: give the data with --data-dir") != std::string::npos);
+  // blpa-bench fidelity finds it as they do (it said "train-images-idx3-ubyte.gz: not found").
+  const Run measured = run(BLPA_BENCH_EXE, {"fidelity", "--checkpoint", "../run/m.ckpt"}, dir, other);
+  CAPTURE(measured.output);
+  CHECK(measured.code == 1);
+  CHECK(measured.output.find("../run/m.ckpt: the folder its run was trained on, " + (dir / "data").string() +
+                             ", is not there: give the data with --data-dir") != std::string::npos);
   // A data set named whose files the folder does not hold: said, not "data_batch_1.bin: not found".
   const Run other_set = train(small(dir, {"--dataset", "cifar10", "--data-dir", blpa::data::kDebianFashionMnist}), dir);
   CHECK(other_set.code == 1);
