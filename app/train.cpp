@@ -216,7 +216,11 @@ int main(int argc, char** argv) {
                    c.summary_path.empty() ? "" : "; --summary " + c.summary_path + " keeps the run's scores");
     else
       spdlog::info("done: {} iterations, {} (rank {}; rank 0 evaluates)", r.iteration, last, c.dist.rank);
-    if (g_signal.load()) end_by(g_signal.load());  // a signal in the last step: done, and a sweep stops too
+    // A signal in the last iteration: done, and a sweep stops too; on every rank, where the
+    // ranks told each other of it (one ended by the signal and the others exited 0).
+    if (!g_signal.load() && r.stop_signal != 0)
+      spdlog::info("another rank was sent signal {} in the run's last iteration: ending by it too", r.stop_signal);
+    if (const int sig = g_signal.load() ? g_signal.load() : r.stop_signal) end_by(sig);
     return 0;
   } catch (const blpa::RunComplete& e) {
     spdlog::info("{}", e.what());

@@ -1082,6 +1082,9 @@ void Run::iterate() {
       pending_eval = !evaluate_now();
       redraft();  // with the evaluation's figures
     }
+    // Whether the run's evaluation here was interrupted, on every rank: at the last iteration
+    // the run is then not done (rank 1 said "done" and exited 0 where rank 0 was stopped).
+    bool eval_left = pending_eval;
     if (dist && evaluating) {  // a signal during rank 0's evaluation stops every rank
       // After it: a signal that came to another rank while it waited is read below, and the
       // ranks stop here rather than after one more iteration.
@@ -1090,8 +1093,9 @@ void Run::iterate() {
       waiting_for = nullptr;
       const bool stopped = stop && stop->load();
       const auto sums = dist->sum({pending_eval || stopped ? 1.0 : 0.0, eval_overflowed ? 1.0 : 0.0,
-                                   stopped ? 1.0 : 0.0, sent(SIGTERM), sent(SIGHUP)});
+                                   stopped ? 1.0 : 0.0, sent(SIGTERM), sent(SIGHUP), pending_eval ? 1.0 : 0.0});
       stopping = stopping || sums[0] > 0;
+      eval_left = sums[5] > 0;
       told(sums[2], sums[3], sums[4]);
       stop_if_overflowed(sums[1] > 0);
     } else {
@@ -1110,7 +1114,7 @@ void Run::iterate() {
     }
     window_start += Clock::now() - *paused;
     paused.reset();
-    if (stopping && (!last || pending_eval)) {
+    if (stopping && (!last || eval_left)) {
       if (tty) console("\n");
       result.interrupted = true;
       break;
@@ -1287,6 +1291,7 @@ double Run::sent(int sig) {
 
 void Run::told(double stops, double terms, double hups) {
   if (stops > 0 && result.stop_signal == 0) result.stop_signal = terms > 0 ? SIGTERM : hups > 0 ? SIGHUP : SIGINT;
+  if (stops > 0) any_stop.store(true);  // as the rendezvous would say within 0.1 s: rank 0's evaluation stops
 }
 
 void Run::redraft() {

@@ -910,6 +910,47 @@ TEST_CASE("distributed: a rank stopped at once by a second signal ends the other
   remove_tree(dir);
 }
 
+// A signal to one rank in the run's last iteration stops rank 0's final evaluation (the
+// rendezvous tells it), and the run is interrupted on every rank, its evaluation left for the
+// resume. Rank 1 said "done" and exited 0 where rank 0 was stopped, and a loop of runs on its
+// machine went on.
+TEST_CASE("distributed: a signal in the run's last iteration interrupts every rank alike", "[distributed][train]") {
+  if (!have_fashion_mnist()) return;
+  const fs::path dir = fresh_dir("last-signal");
+  const std::string log = (dir / "log.jsonl").string(), summary = (dir / "s.json").string();
+  auto run = [&](const std::string& tag, const std::string& env) {
+    std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "200", "--test-subset", "50",
+                                    "--warmup", "0", "--threads", "1", "--eval-every", "0", "--quiet", "--iterations",
+                                    "2", "--log-every", "1", "--world-size", "2", "--master-port",
+                                    std::to_string(free_port()), "--dist-timeout", "60", "--checkpoint",
+                                    (dir / "ck.pt").string(), "--auto-resume"};
+    auto a1 = common, a0 = common;
+    a1.insert(a1.end(), {"--rank", "1"});
+    a0.insert(a0.end(), {"--rank", "0", "--log", log, "--summary", summary, "--export", (dir / "w.pt").string()});
+    return std::pair{spawn(a0, (dir / ("r0" + tag + ".out")).string(), env),
+                     spawn(a1, (dir / ("r1" + tag + ".out")).string(), env)};
+  };
+  const auto [p0, p1] = run("", "BLPA_TEST_FAIL=slow-step:4000");  // the last iteration's 4 s hold the signal
+  for (int i = 0; i < 1500 && losses(log).empty(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  REQUIRE(losses(log).size() == 1);  // iteration 1's record: the last iteration has begun
+  ::kill(p0, SIGTERM);
+  const int rc0 = wait_exit(p0), rc1 = wait_exit(p1);
+  CAPTURE(slurp(dir / "r0.out"), slurp(dir / "r1.out"));
+  CHECK(rc0 == 128 + SIGTERM);
+  CHECK(rc1 == 128 + SIGTERM);  // it exited 0
+  CHECK(slurp(dir / "r1.out").find("stopped because another rank was interrupted after iteration 2") !=
+        std::string::npos);
+  CHECK(slurp(dir / "r1.out").find("done") == std::string::npos);
+  CHECK(slurp(summary).find("{\"type\": \"summary\", \"status\": \"interrupted\", \"iter\": 2,") == 0);
+  // The resume evaluates, exports and ends the run.
+  const auto [q0, q1] = run("-resumed", "");
+  CHECK(wait_exit(q0) == 0);
+  CHECK(wait_exit(q1) == 0);
+  CHECK(slurp(summary).find("{\"type\": \"summary\", \"status\": \"done\", \"iter\": 2,") == 0);
+  CHECK(fs::exists(dir / "w.pt"));
+  remove_tree(dir);
+}
+
 // A rank stopped while it waits at the rendezvous (a Ctrl-C on one machine's launcher) tells the
 // others, which end by its signal at once: they waited --dist-timeout (600 s by default) and
 // exited 1 ("rank 0 is not listening"). Rank 0 stopped before rank 1 comes, and rank 1 stopped
