@@ -171,6 +171,21 @@ TEST_CASE("train: N iterations, then a resume for N more, equal 2N straight bit 
   }
 }
 
+namespace {
+
+// The identity and settings of checkpoint `ck` as a blpa from before --precision and
+// --memory-format wrote them (neither in its config or identity), its run on `device`.
+std::pair<std::string, std::string> before_the_flags(const blpa::Checkpoint& ck, const std::string& device) {
+  std::string config;
+  for (const auto& [key, value] : ck.config)
+    if (key != "precision" && key != "memory_format") config += key + "=" + (key == "device" ? device : value) + "\n";
+  std::string identity = ck.identity;
+  identity.erase(identity.find(" precision=fp32"), std::string(" precision=fp32").size());
+  return {identity, config};
+}
+
+}  // namespace
+
 TEST_CASE("train: a checkpoint from before --precision resumes only as it ran (fp32, on CUDA tf32), a tf32 one on the CPU in fp32", "[train]") {
   if (!have_fashion_mnist()) return;
   const auto dir = temp_dir("old-precision");
@@ -185,15 +200,9 @@ TEST_CASE("train: a checkpoint from before --precision resumes only as it ran (f
   auto model = blpa::load_model(ck);
   auto opt = blpa::make_optimizer(model, c);
   blpa::load_training_state(ck, model, opt);
-  auto old_config = [&](const std::string& device) {
-    std::string config;
-    for (const auto& [key, value] : ck.config)
-      if (key != "precision" && key != "memory_format") config += key + "=" + (key == "device" ? device : value) + "\n";
-    return config;
-  };
+  auto old_config = [&](const std::string& device) { return before_the_flags(ck, device).second; };
   REQUIRE(ck.config.at("device") == "cpu");
-  std::string identity = ck.identity;
-  identity.erase(identity.find(" precision=fp32"), std::string(" precision=fp32").size());
+  const std::string identity = before_the_flags(ck, "cpu").first;
   c.checkpoint = (dir / "old.pt").string();
   blpa::save_checkpoint(c.checkpoint, identity, old_config("cpu"), ck.state, model, opt);
   REQUIRE_FALSE(blpa::read_checkpoint(c.checkpoint).config.count("precision"));
@@ -235,6 +244,43 @@ TEST_CASE("train: a checkpoint from before --precision resumes only as it ran (f
   c.memory_format = "nhwc";  // the layout may change
   CHECK(blpa::train(c).iteration == 6);
   CHECK(blpa::read_checkpoint(c.checkpoint).config.at("memory_format") == "nhwc");
+  remove_tree(dir);
+}
+
+// A CPU run resumed on a GPU with auto goes on in its own precision and layout: fp32 (the CPU
+// has no TF32), and NCHW for one from before the flags. The old one was refused as tf32 (the
+// GPU's default) before trained_precision took the closest.
+TEST_CASE("CUDA: a CPU run's checkpoint, old or new, resumes on the GPU in its fp32 and layout with auto",
+          "[train][cuda]") {
+  BLPA_REQUIRE_CUDA();
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("cpu-to-cuda");
+  auto c = small(dir);
+  c.iterations = 4;
+  c.checkpoint = (dir / "new.pt").string();
+  blpa::train(c);
+  const auto ck = blpa::read_checkpoint(c.checkpoint);
+  REQUIRE(ck.config.at("precision") == "fp32");
+  const std::string layout = ck.config.at("memory_format");
+  {
+    auto model = blpa::load_model(ck);
+    auto opt = blpa::make_optimizer(model, c);
+    blpa::load_training_state(ck, model, opt);
+    const auto [identity, config] = before_the_flags(ck, "cpu");
+    blpa::save_checkpoint((dir / "old.pt").string(), identity, config, ck.state, model, opt);
+  }
+  for (const auto& [name, kept_layout] : {std::pair<std::string, std::string>{"new.pt", layout}, {"old.pt", "nchw"}}) {
+    CAPTURE(name);
+    auto gpu = c;
+    gpu.checkpoint = (dir / name).string();
+    gpu.resume = true, gpu.iterations = 6, gpu.device = "cuda";
+    gpu.precision = "auto", gpu.memory_format = "auto";
+    CHECK(blpa::train(gpu).iteration == 6);
+    const auto resumed = blpa::read_checkpoint(gpu.checkpoint).config;
+    CHECK(resumed.at("precision") == "fp32");
+    CHECK(resumed.at("memory_format") == kept_layout);
+    CHECK(resumed.at("device").rfind("cuda", 0) == 0);
+  }
   remove_tree(dir);
 }
 
