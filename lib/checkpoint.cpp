@@ -812,6 +812,16 @@ void check_output_path(const std::string& path, const std::string& flag, bool at
 
 // ---- checkpoints ---------------------------------------------------------------------------
 
+std::vector<std::string> split_list(const std::string& list) {
+  std::vector<std::string> items;
+  for (size_t at = 0; !list.empty() && at <= list.size();) {
+    const size_t comma = std::min(list.find(',', at), list.size());
+    items.push_back(list.substr(at, comma - at));
+    at = comma + 1;
+  }
+  return items;
+}
+
 Checkpoint read_checkpoint(const std::string& path) {
   verify_archive(path);
   Checkpoint c;
@@ -870,12 +880,8 @@ Checkpoint read_checkpoint(const std::string& path) {
       if (it == c.config.end() || it->second.empty()) return std::nullopt;
       return whole(key, it->second);
     };
-    if (const auto it = c.config.find("decode_failed"); it != c.config.end() && !it->second.empty())
-      for (size_t at = 0; at <= it->second.size();) {
-        const size_t comma = std::min(it->second.find(',', at), it->second.size());
-        c.decode_failed.push_back(whole("decode_failed", it->second.substr(at, comma - at)));
-        at = comma + 1;
-      }
+    if (const auto it = c.config.find("decode_failed"); it != c.config.end())
+      for (const std::string& n : split_list(it->second)) c.decode_failed.push_back(whole("decode_failed", n));
     // The trainer's normalisation is the statistics of these images: readers need the number.
     c.train_subset = count("train_subset").value_or(0);
     c.stored_activation_bytes = count("stored_activation_bytes");

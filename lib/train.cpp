@@ -593,12 +593,7 @@ std::optional<double> checkpoint_lr(const Checkpoint& c, const TrainConfig& conf
     ran.warmup_lr = std::stod(c.config.at("warmup_lr"));
     ran.factor = std::stod(c.config.at("factor"));
     ran.steps.clear();
-    const std::string& steps = c.config.at("steps");
-    for (size_t at = 0; at < steps.size();) {
-      const size_t comma = std::min(steps.find(',', at), steps.size());
-      ran.steps.push_back(std::stoll(steps.substr(at, comma - at)));
-      at = comma + 1;
-    }
+    for (const std::string& step : split_list(c.config.at("steps"))) ran.steps.push_back(std::stoll(step));
   } catch (const std::exception&) {  // missing or not a number
     return std::nullopt;
   }

@@ -751,3 +751,15 @@ TEST_CASE("bench: fidelity measures bits x windows at drawn parameters and at a 
   CHECK(wide[0].find("nan") == std::string::npos);
   remove_tree(dir);
 }
+
+// A checkpoint's list settings: an empty item is kept, so that "1,,2" in decode_failed= is
+// refused as damaged rather than read as "1,2".
+TEST_CASE("train: a checkpoint's list settings split at every comma", "[train]") {
+  using V = std::vector<std::string>;
+  CHECK(blpa::split_list("").empty());
+  CHECK(blpa::split_list("32000") == V{"32000"});
+  CHECK(blpa::split_list("32000,48000") == V{"32000", "48000"});
+  CHECK(blpa::split_list("1,,2") == V{"1", "", "2"});
+  CHECK(blpa::split_list("1,") == V{"1", ""});
+  CHECK(blpa::split_list(",") == V{"", ""});
+}

@@ -109,6 +109,9 @@ struct Checkpoint {
 
 // Opens and checks a checkpoint (CRCs, format, header); loads no weights yet.
 Checkpoint read_checkpoint(const std::string& path);
+// The items of one of its settings that is a comma-separated list (steps=, decode_failed=),
+// an empty item kept: "" has none, "1,,2" three.
+std::vector<std::string> split_list(const std::string& list);
 // The network of a checkpoint with its weights and statistics, in evaluation mode, on the
 // CPU. Refuses weights or statistics that are not finite. Its tensors are the archive's
 // (LibTorch's Module::load sets them to what it reads): two models loaded from one
