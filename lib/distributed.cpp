@@ -300,10 +300,10 @@ void Distributed::close() {
   }
 }
 
-void Distributed::watch_stops(const std::atomic<bool>* mine, std::atomic<bool>* any, std::atomic<int>* any_signal) {
+void Distributed::watch_stops(const std::atomic<bool>* mine, Stops* seen) {
   if (impl_->watch || closed_) return;
   auto watch = impl_->watch = std::make_shared<Impl::Watch>();
-  std::thread([watch, store = impl_->store, mine, any, any_signal, signal = signal_] {
+  std::thread([watch, store = impl_->store, mine, seen, signal = signal_] {
     struct Done {  // however the thread ends
       Impl::Watch& w;
       ~Done() {
@@ -322,23 +322,28 @@ void Distributed::watch_stops(const std::atomic<bool>* mine, std::atomic<bool>* 
         asked = mine && mine->load();
         sig = signal ? signal->load() : 0;
       }
-      bool stopping = false;
+      int64_t stops = 0;
       int told = 0;
       try {  // TCPStore's client serialises its requests: the main thread may use it meanwhile
         // The signal before the count: a rank that sees the count finds it.
         if (asked && !posted && sig > 0) store->add(stop_signal_key(sig), 1);
-        if (asked && !posted) store->add(kStopsKey, 1), posted = true;
-        stopping = posted || store->add(kStopsKey, 0) > 0;
+        if (asked && !posted) {
+          stops = store->add(kStopsKey, 1);
+          posted = true;
+        } else {
+          stops = store->add(kStopsKey, 0);
+        }
         // As the ranks' sums tell it (Run::told): SIGTERM before SIGHUP before SIGINT.
         for (const int s : {SIGTERM, SIGHUP, SIGINT})
-          if (stopping && any_signal && told == 0 && store->check({stop_signal_key(s)})) told = s;
+          if (stops > 0 && told == 0 && store->check({stop_signal_key(s)})) told = s;
       } catch (const std::exception&) {  // rank 0's store gone: the run is ending, or its
         return;                          // collectives say why it failed
       }
       std::lock_guard<std::mutex> lock(watch->mutex);
       if (watch->quit) return;
-      if (stopping) any->store(true);
-      if (told != 0) any_signal->store(told);
+      if (told != 0) seen->signal.store(told);  // before the flags: a reader of them finds it
+      if (stops > (posted ? 1 : 0)) seen->others.store(true);
+      if (stops > 0) seen->any.store(true);
     }
   }).detach();
 }

@@ -278,6 +278,13 @@ std::map<std::string, std::string> key_values(const std::string& describe) {
   return kv;
 }
 
+// --cuda-graphs as it acted, where a run recorded "auto" unresolved (before 2026-12-04): off
+// on the CPU and with several ranks, as resolve() now records it. `device` and `world` as the
+// run recorded them.
+std::string graphs_as_acted(const std::string& graphs, const std::string& device, const std::string& world) {
+  return graphs == "auto" && (device.rfind("cuda", 0) != 0 || (!world.empty() && world != "1")) ? "off" : graphs;
+}
+
 // The settings that act on training steps alone (not on an evaluation or the outputs).
 const std::set<std::string>& training_keys() {
   static const std::set<std::string> keys{"lr",           "warmup",      "warmup_lr", "steps",     "factor",
@@ -325,7 +332,12 @@ void skip_completed_rerun(const TrainConfig& c) {
   // older run's record of the default, unresolved.
   std::string idle;
   for (const auto& [key, value] : key_values(c.describe())) {
-    const std::string theirs = json_field(summary, key);
+    std::string theirs = json_field(summary, key);
+    if (key == "cuda_graphs" && theirs == "\"auto\"") {  // JSON strings: their quotes stripped and put back
+      const std::string device = json_field(summary, "device");
+      theirs = "\"" + graphs_as_acted("auto", device.size() > 1 ? device.substr(1, device.size() - 2) : "",
+                                     json_field(summary, "world")) + "\"";
+    }
     if (theirs.empty() || theirs == json_field(ours, key) || (key == "threads" && theirs == "0")) continue;
     idle += fmt::format("\n  {}: summary {}, command line {}", key, theirs, json_field(ours, key));
   }
@@ -578,6 +590,8 @@ std::vector<std::pair<spdlog::level::level_enum, std::string>> compare_with_chec
   saved["precision"] = trained_precision(ck);
   if (!saved.count("memory_format")) saved["memory_format"] = "nchw";
   if (saved["threads"] == "0") saved["threads"] = std::to_string(c.threads);  // recorded unresolved: the default
+  if (const auto g = saved.find("cuda_graphs"); g != saved.end())
+    g->second = graphs_as_acted(g->second, saved["device"], saved["world"]);
   // Before resolve() named it, the default folder was recorded as "".
   if (saved["data_dir"].empty() && saved["train_list"].empty()) saved["data_dir"] = data::kDebianFashionMnist;
   const auto now = key_values(c.describe());

@@ -206,7 +206,7 @@ void agree_across_ranks(Distributed& dist, const std::string& mine) {
 // seconds longer (a test set that takes longer than --dist-timeout); "slow-step:MS" each eager
 // iteration MS milliseconds longer (signals that must come during one, whatever the machine);
 // "slow-load:MS" the loading (the network built, no file of the run written yet) MS longer, or
-// until a stop;
+// until a stop; "slow-checkpoint:MS" each checkpoint MS longer;
 // "export:1" fails the export at the run's end.
 // {"", 0}: none. Only eager iterations are failed: one replayed as a CUDA graph runs as
 // captured.
@@ -634,14 +634,15 @@ class Run {
   void write_summary(const char* status, const std::string& error = "");
   void try_summary(const char* status, const std::string& error);
   double sent(int sig);
-  void told(double stops, double terms, double hups);
+  void told(double stops, double terms, double hups, bool mine);
   std::string lead_word(const std::string& complete) const;
   // What stops rank 0's evaluation: its own signal, or with several ranks any rank's.
-  const std::atomic<bool>* eval_stop() const { return dist ? &any_stop : stop; }
-  // Whether a stop was asked on any rank (this one's signal, one the ranks' sums told, or one
-  // posted at the rendezvous), and the signal to end by where this rank was sent none.
-  bool stop_asked() const { return (stop && stop->load()) || any_stop.load() || result.stop_signal != 0; }
-  int asked_signal() const { return result.stop_signal != 0 ? result.stop_signal : any_signal.load(); }
+  const std::atomic<bool>* eval_stop() const { return dist ? &stops_seen.any : stop; }
+  // Whether another rank was asked to stop (told by the ranks' sums, or posted at the
+  // rendezvous), so that losing one is an interruption, not a failure; and the signal to end
+  // by where this rank was sent none.
+  bool other_stop_asked() const { return stops_seen.others.load() || others_told; }
+  int asked_signal() const { return result.stop_signal != 0 ? result.stop_signal : stops_seen.signal.load(); }
   void stop_before_start();
   void finish_alone(const std::string& word, const std::string& complete);
   void redraft();
@@ -671,10 +672,11 @@ class Run {
   // checkpoint on a resume): the log's decode_failures, whatever --prefetch made ahead.
   std::set<int64_t> decode_failed;
   torch::Device dev{torch::kCPU};
-  // Several ranks: set once any rank's stop is asked (Distributed::watch_stops), so that rank 0's
-  // evaluation stops at a signal to a rank waiting for it too; and the signal it was asked by.
-  std::atomic<bool> any_stop{false};
-  std::atomic<int> any_signal{0};
+  // Several ranks: the stops asked, as the rendezvous tells them (Distributed::watch_stops), so
+  // that rank 0's evaluation stops at a signal to a rank waiting for it too; and whether the
+  // ranks' sums told of another rank's.
+  Distributed::Stops stops_seen;
+  bool others_told = false;
   std::unique_ptr<Distributed> dist;
   TrainResult result;
   LogFile log;
@@ -800,22 +802,22 @@ void Run::set_up() {
     std::string word = lead_word(complete);
     dist = join_ranks(config, refused, state.iteration, word, dev, stop, signal);
     finish_alone(word, complete);
-    if (dist) dist->watch_stops(stop, &any_stop, &any_signal);  // rank 0 finishing alone has none
+    if (dist) dist->watch_stops(stop, &stops_seen);  // rank 0 finishing alone has none
   }
   training_data = load_training_data(config, resumed ? &*resumed : nullptr, lead);
   try {
     build_network(resumed);
     if (const auto [what, ms] = injected_failure(); what == "slow-load")  // until then, or a stop on any rank
       for (const auto end = Clock::now() + std::chrono::milliseconds(ms);
-           Clock::now() < end && !(stop && stop->load()) && !any_stop.load();)
+           Clock::now() < end && !(stop && stop->load()) && !stops_seen.any.load();)
         std::this_thread::sleep_for(std::chrono::milliseconds(10));
     stop_before_start();
   } catch (const PeerLost& e) {
-    // A rank asked to stop that then ended at once (a second signal) while the run loaded: the
-    // others end as it did, by its signal, where they exited 1 ("another rank stopped").
-    if (!stop_asked()) throw;
-    throw Stopped(fmt::format("stopped before the run began: a rank asked to stop ended at once ({}); {}nothing was "
-                              "written",
+    // Another rank asked to stop, then lost (a second signal ends one at once) while the run
+    // loaded: the others end by its signal, where they exited 1 ("another rank stopped").
+    if (!other_stop_asked()) throw;
+    throw Stopped(fmt::format("stopped before the run began: another rank was asked to stop, and the ranks were lost "
+                              "({}); {}nothing was written",
                               e.what(), config.overwrite ? "--overwrite replaced nothing, and " : ""),
                   asked_signal());
   }
@@ -841,16 +843,17 @@ void Run::stop_before_start() {
   // Every rank loaded first: a signal while this one waits for a slower one counts (read
   // before the sum, it was lost, and the run trained a step).
   if (dist) dist->barrier();
-  bool stopped = stop && stop->load();
+  const bool mine = stop && stop->load();
+  bool stopped = mine;
   if (dist) {
-    const auto sums = dist->sum({stopped ? 1.0 : 0.0, sent(SIGTERM), sent(SIGHUP)});
+    const auto sums = dist->sum({mine ? 1.0 : 0.0, sent(SIGTERM), sent(SIGHUP)});
     stopped = sums[0] > 0;
-    told(sums[0], sums[1], sums[2]);
+    told(sums[0], sums[1], sums[2], mine);
     if (stopped) dist->close();  // the ranks part as planned: nothing of theirs aborted
   }
   if (stopped)
     throw Stopped(fmt::format("stopped before the run began{}: {}nothing was written",
-                              dist && !(stop && stop->load()) ? " (another rank was interrupted)" : "",
+                              dist && !mine ? " (another rank was interrupted)" : "",
                               config.overwrite ? "--overwrite replaced nothing, and " : ""),
                   result.stop_signal);
 }
@@ -983,7 +986,7 @@ void Run::begin_loop() {
   // resolve() made auto "off" on the CPU and with several ranks (rank 0 finishing a run's end
   // alone too: nothing to capture).
   use_graphs = dev.is_cuda() && config.cuda_graphs != "off";
-  if (dev.is_cuda() && config.dist.enabled() && it < config.iterations)
+  if (dev.is_cuda() && config.dist.enabled() && given.cuda_graphs != "off" && it < config.iterations)
     spdlog::info("CUDA graphs off: with several ranks every iteration runs eagerly (the all-reduce is not captured)");
   capture_at = it + 3;
   tensor_lr_update = dev.is_cuda();
@@ -1091,7 +1094,7 @@ void Run::iterate() {
                                    stopped ? 1.0 : 0.0, sent(SIGTERM), sent(SIGHUP), pending_eval ? 1.0 : 0.0});
       stopping = stopping || sums[0] > 0;
       eval_left = sums[5] > 0;
-      told(sums[2], sums[3], sums[4]);
+      told(sums[2], sums[3], sums[4], stopped);
       stop_if_overflowed(sums[1] > 0);
     } else {
       stopping = stopping || pending_eval;
@@ -1106,6 +1109,14 @@ void Run::iterate() {
       if (!lead) waiting_for = "rank 0's checkpoint";
       dist->barrier();
       waiting_for = nullptr;
+      // The run's end: a signal that came during rank 0's final checkpoint, to it or to a rank
+      // waiting for it, is told, so that every rank ends by it (the signalled one did, and the
+      // others exited 0).
+      if (last) {
+        const bool mine = stop && stop->load();
+        const auto sums = dist->sum({mine ? 1.0 : 0.0, sent(SIGTERM), sent(SIGHUP)});
+        told(sums[0], sums[1], sums[2], mine);
+      }
     }
     window_start += Clock::now() - *paused;
     paused.reset();
@@ -1154,10 +1165,11 @@ void Run::step(double lr, const data::Batch& batch, bool& stopping) {
     if (fail_at == std::pair<std::string, int64_t>{"step", it + 1})
       throw std::runtime_error(fmt::format("iteration {} failed after its backward pass (BLPA_TEST_FAIL)", it + 1));
     if (dist) {  // the mean loss over ranks, and a stop asked for on any rank stops them all
-      const auto sums = dist->sum({loss_v, stopping ? 1.0 : 0.0, sent(SIGTERM), sent(SIGHUP)});
+      const bool mine = stopping;
+      const auto sums = dist->sum({loss_v, mine ? 1.0 : 0.0, sent(SIGTERM), sent(SIGHUP)});
       loss_v = sums[0] / config.dist.world;
       stopping = sums[1] > 0;
-      told(sums[1], sums[2], sums[3]);
+      told(sums[1], sums[2], sums[3], mine);
     }
     if (!std::isfinite(loss_v))
       throw diverged(fmt::format("the loss became {} at iteration {}", non_finite(loss_v), it + 1), it);
@@ -1233,7 +1245,7 @@ std::pair<double, int64_t> Run::trained(Clock::time_point now) {
                    train_images + (window_iters - carried_iters) * config.batch * config.dist.world};
 }
 
-// `error`: why a run "failed" ("" otherwise: null).
+// `error`: why a run "failed", or was "interrupted" by the loss of a rank asked to stop ("" otherwise: null).
 std::string Run::render_summary(const char* status, const std::string& error) {
   const auto [secs, images] = trained(Clock::now());
   // The figures of this process's last evaluation (eval_iter), written as its log record
@@ -1284,9 +1296,11 @@ double Run::sent(int sig) {
   return stop && stop->load() && signal && signal->load() == sig ? 1.0 : 0.0;
 }
 
-void Run::told(double stops, double terms, double hups) {
+// `stops` ranks asked to stop, `mine` whether this one is among them.
+void Run::told(double stops, double terms, double hups, bool mine) {
   if (stops > 0 && result.stop_signal == 0) result.stop_signal = terms > 0 ? SIGTERM : hups > 0 ? SIGHUP : SIGINT;
-  if (stops > 0) any_stop.store(true);  // as the rendezvous would say within 0.1 s: rank 0's evaluation stops
+  if (stops > 0) stops_seen.any.store(true);  // as the rendezvous would say within 0.1 s: rank 0's evaluation stops
+  if (stops > (mine ? 1 : 0)) others_told = true;
 }
 
 void Run::redraft() {
@@ -1402,6 +1416,7 @@ void Run::drain() {
 void Run::checkpoint() {
   if (config.checkpoint.empty() || !lead) return;
   drain();
+  if (fail_at.first == "slow-checkpoint") std::this_thread::sleep_for(std::chrono::milliseconds(fail_at.second));
   if (!all_finite(model, &*opt))
     throw diverged(fmt::format("the weights became non-finite (NaN or Inf) by iteration {}", it), it);
   RunState s;
@@ -1487,29 +1502,29 @@ void Run::fail(const std::exception& e) {
   // 0's evaluation or checkpoint, a silent peer may only be slow (a closed connection is not).
   const bool peer = dynamic_cast<const PeerLost*>(&e) != nullptr;
   const std::string lost = e.what();
+  const bool closed = lost.find("losed") != std::string::npos || lost.find("reset") != std::string::npos ||
+                      lost.find("a rank stopped") != std::string::npos;
+  const std::string slow = waiting_for && !closed ? fmt::format(" This rank was waiting for {}: one that takes longer "
+                                                                "than --dist-timeout ({:g} s) looks the same; give a "
+                                                                "longer one.",
+                                                                waiting_for, config.dist.timeout.count() / 1000.0)
+                                                  : std::string();
   const std::string when = waiting_for ? fmt::format("after iteration {}", it) : fmt::format("during iteration {}", it + 1);
-  // Where a stop was asked (here or on another rank), a rank that ends before the ranks stop
-  // together was ended at once by a second signal: the run was interrupted, not failed. Its
-  // summary says so, and this rank ends by the signal too, as where the ranks stop together,
-  // so that a loop of runs on its machine stops (it exited 1, and the loop started its next).
-  if (peer && stop_asked()) {
-    const std::string why = fmt::format("rank {} of {}: interrupted, and a rank asked to stop ended at once {} ({}).{}",
-                                        config.dist.rank, config.dist.world, when, lost, saved);
+  // Lost after another rank was asked to stop: most likely a second signal ended it at once.
+  // The run was interrupted, not failed: its summary says so, and this rank ends by the
+  // signal too, as where the ranks stop together, so that a loop of runs on its machine stops
+  // (it exited 1, and the loop started its next run). Its own signal alone does not make a
+  // lost peer (a crash, say) an interruption.
+  if (peer && other_stop_asked()) {
+    const std::string why = fmt::format("rank {} of {}: interrupted: another rank was asked to stop, and the ranks "
+                                        "were lost {} ({}).{}{}",
+                                        config.dist.rank, config.dist.world, when, lost, slow, saved);
     try_summary("interrupted", why);
     throw Stopped(why, asked_signal());
   }
-  const bool closed = lost.find("losed") != std::string::npos || lost.find("reset") != std::string::npos ||
-                      lost.find("a rank stopped") != std::string::npos;
-  const std::string why =
-      peer ? fmt::format("rank {} of {}: lost the other ranks {} ({}).{}{}", config.dist.rank, config.dist.world, when,
-                         lost,
-                         waiting_for && !closed ? fmt::format(" This rank was waiting for {}: one that takes longer "
-                                                              "than --dist-timeout ({:g} s) looks the same; give a "
-                                                              "longer one.",
-                                                              waiting_for, config.dist.timeout.count() / 1000.0)
-                                                : std::string(),
-                         saved)
-           : sentence(error_message(e)) + saved;
+  const std::string why = peer ? fmt::format("rank {} of {}: lost the other ranks {} ({}).{}{}", config.dist.rank,
+                                             config.dist.world, when, lost, slow, saved)
+                               : sentence(error_message(e)) + saved;
   try_summary("failed", why);
   throw std::runtime_error(why);
 }

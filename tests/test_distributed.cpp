@@ -161,25 +161,33 @@ TEST_CASE("distributed: ranks that close their group after the last collective e
 }
 
 // Rank 1 asked to stop while rank 0 is busy alone (its evaluation): rank 0 hears of it through
-// the rendezvous, not at their next collective.
+// the rendezvous, not at their next collective, with the signal it was asked by; rank 1 sees
+// its own stop, and no other rank's.
 TEST_CASE("distributed: a rank's stop reaches the others through the rendezvous", "[distributed]") {
-  std::array<std::atomic<bool>, 2> mine{}, any{};
+  std::array<std::atomic<bool>, 2> mine{};
+  std::array<std::atomic<int>, 2> signal{};
+  std::array<Distributed::Stops, 2> seen;
   std::array<bool, 2> quiet_before{};
   const int p = free_port();
   run_ranks(2, [&](int rank) {
-    Distributed d(two_ranks(rank, p), "gloo");
-    d.watch_stops(&mine[rank], &any[rank]);
+    Distributed d(two_ranks(rank, p), "gloo", nullptr, &signal[rank]);
+    d.watch_stops(&mine[rank], &seen[rank]);
     d.barrier();
     std::this_thread::sleep_for(std::chrono::milliseconds(300));  // three rounds of the watch
-    quiet_before[rank] = !any[rank].load();
+    quiet_before[rank] = !seen[rank].any.load();
     d.barrier();
-    if (rank == 1) mine[1] = true;
-    for (int i = 0; i < 100 && !any[rank].load(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (rank == 1) signal[1] = SIGTERM, mine[1] = true;  // as take_signals: the signal, then the stop
+    for (int i = 0; i < 100 && !(seen[rank].any.load() && seen[rank].signal.load()); ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
     d.barrier();  // the store stays up until both have looked
   });
   CHECK(quiet_before == std::array<bool, 2>{true, true});
-  CHECK(any[0].load());
-  CHECK(any[1].load());
+  CHECK(seen[0].any.load());
+  CHECK(seen[1].any.load());
+  CHECK(seen[0].others.load());
+  CHECK_FALSE(seen[1].others.load());  // its own
+  CHECK(seen[0].signal.load() == SIGTERM);
+  CHECK(seen[1].signal.load() == SIGTERM);
 }
 
 // Two runs left at the default port: the second's rank 0 cannot listen, and its rank 1 joined
@@ -878,15 +886,28 @@ TEST_CASE("distributed: a rank stopped at once by a second signal ends the other
     return std::pair{spawn(a0, (dir / ("r0" + tag + ".out")).string(), env),
                      spawn(a1, (dir / ("r1" + tag + ".out")).string(), env)};
   };
+  // Waits until this process's run (the log's `configs`-th config record) has logged an
+  // iteration: the next iteration's 4 s have just begun. (A resume first drops the records
+  // past its checkpoint.)
+  const auto trained_one = [&](size_t configs) {
+    for (int i = 0; i < 3000; ++i) {
+      std::istringstream lines(slurp(log));
+      size_t seen = 0, after = 0;
+      for (std::string line; std::getline(lines, line);) {
+        if (line.find("\"type\": \"config\"") != std::string::npos) ++seen, after = 0;
+        else if (line.find("\"type\": \"train\"") != std::string::npos) ++after;
+      }
+      if (seen == configs && after > 0) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return false;
+  };
+  size_t configs = 0;
   for (const int signalled : {1, 0}) {
     CAPTURE(signalled);
     const std::string tag = "-" + std::to_string(signalled);
     const auto [p0, p1] = run(tag, {"--auto-resume"}, "BLPA_TEST_FAIL=slow-step:4000");
-    // Just after an iteration's record: the next iteration's 4 s have begun.
-    const auto records = [&] { return losses(log).size(); };
-    const size_t before = records();
-    for (int i = 0; i < 1200 && records() == before; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    REQUIRE(records() > before);
+    REQUIRE(trained_one(++configs));
     const pid_t victim = signalled == 1 ? p1 : p0, other = signalled == 1 ? p0 : p1;
     ::kill(victim, SIGTERM);
     std::this_thread::sleep_for(std::chrono::milliseconds(1000));  // not the first again (within 0.5 s)
@@ -896,11 +917,23 @@ TEST_CASE("distributed: a rank stopped at once by a second signal ends the other
     const std::string out_other = slurp(dir / ("r" + std::to_string(1 - signalled) + tag + ".out"));
     CAPTURE(out_other, slurp(dir / ("r" + std::to_string(signalled) + tag + ".out")));
     CHECK(rc_other == 128 + SIGTERM);  // it exited 1
-    CHECK(out_other.find("of 2: interrupted, and a rank asked to stop ended at once during iteration") !=
-          std::string::npos);
+    CHECK(out_other.find("of 2: interrupted: another rank was asked to stop, and the ranks were lost during "
+                         "iteration") != std::string::npos);
     // Rank 0's summary says "interrupted" (it said "failed"), or, rank 0 stopped at once, its
     // draft does.
     CHECK(slurp(summary).find("{\"type\": \"summary\", \"status\": \"interrupted\", ") == 0);
+  }
+  {  // A rank that crashed is a failure, though this one was asked to stop: it is no other's stop.
+    const auto [p0, p1] = run("-crash", {"--auto-resume"}, "BLPA_TEST_FAIL=slow-step:4000");
+    REQUIRE(trained_one(++configs));
+    ::kill(p1, SIGKILL);
+    ::kill(p0, SIGTERM);
+    CHECK(wait_exit(p1) == 128 + SIGKILL);
+    CHECK(wait_exit(p0) == 128 + SIGTERM);  // by its own signal, as any failure after one
+    const std::string out0 = slurp(dir / "r0-crash.out");
+    CAPTURE(out0);
+    CHECK(out0.find("rank 0 of 2: lost the other ranks during iteration") != std::string::npos);
+    CHECK(slurp(summary).find("{\"type\": \"summary\", \"status\": \"failed\", ") == 0);
   }
   // The run resumes from rank 0's last checkpoint, to its end.
   const auto [p0, p1] = run("-resumed", {"--auto-resume"}, "");
@@ -931,7 +964,7 @@ TEST_CASE("distributed: a signal in the run's last iteration interrupts every ra
                      spawn(a1, (dir / ("r1" + tag + ".out")).string(), env)};
   };
   const auto [p0, p1] = run("", "BLPA_TEST_FAIL=slow-step:4000");  // the last iteration's 4 s hold the signal
-  for (int i = 0; i < 1500 && losses(log).empty(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  for (int i = 0; i < 3000 && losses(log).empty(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
   REQUIRE(losses(log).size() == 1);  // iteration 1's record: the last iteration has begun
   ::kill(p0, SIGTERM);
   const int rc0 = wait_exit(p0), rc1 = wait_exit(p1);
@@ -946,6 +979,39 @@ TEST_CASE("distributed: a signal in the run's last iteration interrupts every ra
   const auto [q0, q1] = run("-resumed", "");
   CHECK(wait_exit(q0) == 0);
   CHECK(wait_exit(q1) == 0);
+  CHECK(slurp(summary).find("{\"type\": \"summary\", \"status\": \"done\", \"iter\": 2,") == 0);
+  CHECK(fs::exists(dir / "w.pt"));
+  remove_tree(dir);
+}
+
+// A signal to a rank waiting for rank 0's final checkpoint, after the ranks' last agreement:
+// the run is done, and every rank ends by the signal. The signalled rank did, and rank 0
+// exited 0, so that a loop of runs on its machine went on.
+TEST_CASE("distributed: a signal during the final checkpoint ends every rank by it, the run done",
+          "[distributed][train]") {
+  if (!have_fashion_mnist()) return;
+  const fs::path dir = fresh_dir("end-signal");
+  const std::string log = (dir / "log.jsonl").string(), summary = (dir / "s.json").string();
+  std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "200", "--test-subset", "50",
+                                  "--warmup", "0", "--threads", "1", "--eval-every", "0", "--quiet", "--iterations",
+                                  "2", "--world-size", "2", "--master-port", std::to_string(free_port()),
+                                  "--dist-timeout", "60", "--checkpoint", (dir / "ck.pt").string()};
+  auto a1 = common, a0 = common;
+  a1.insert(a1.end(), {"--rank", "1"});
+  a0.insert(a0.end(), {"--rank", "0", "--log", log, "--summary", summary, "--export", (dir / "w.pt").string()});
+  const pid_t p0 = spawn(a0, (dir / "r0.out").string(), "BLPA_TEST_FAIL=slow-checkpoint:4000");
+  const pid_t p1 = spawn(a1, (dir / "r1.out").string());
+  // The final evaluation's record: rank 0's checkpoint (4 s) follows, rank 1 waits for it.
+  for (int i = 0; i < 3000 && slurp(log).find("\"type\": \"eval\", \"iter\": 2,") == std::string::npos; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  REQUIRE(slurp(log).find("\"type\": \"eval\", \"iter\": 2,") != std::string::npos);
+  ::kill(p1, SIGTERM);
+  const int rc1 = wait_exit(p1), rc0 = wait_exit(p0);
+  CAPTURE(slurp(dir / "r0.out"), slurp(dir / "r1.out"));
+  CHECK(rc1 == 128 + SIGTERM);
+  CHECK(rc0 == 128 + SIGTERM);  // it exited 0
+  CHECK(slurp(dir / "r0.out").find("another rank was sent signal 15 in the run's last iteration: ending by it too") !=
+        std::string::npos);
   CHECK(slurp(summary).find("{\"type\": \"summary\", \"status\": \"done\", \"iter\": 2,") == 0);
   CHECK(fs::exists(dir / "w.pt"));
   remove_tree(dir);

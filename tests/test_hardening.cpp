@@ -2486,3 +2486,43 @@ TEST_CASE("hardening: a resume on other data held in memory is said, and MNIST i
   }
   remove_tree(dir);
 }
+
+// A run on the CPU recorded --cuda-graphs as given ("auto") before resolve() made it what it
+// did ("off"): each resume of it said "cuda_graphs: checkpoint auto, command line off", and a
+// sweep run again over it finished warned of the same.
+TEST_CASE("hardening: a CPU run recorded with --cuda-graphs auto resumes and reruns without a note of it",
+          "[hardening]") {
+  if (!have_fashion_mnist()) return;
+  const auto dir = temp_dir("graphs-auto");
+  const std::string ck = (dir / "ck.pt").string(), summary = (dir / "s.json").string();
+  REQUIRE(train(small(dir, {"--checkpoint", ck, "--summary", summary}), dir).code == 0);
+  {  // the checkpoint as it was written before
+    const auto read = blpa::read_checkpoint(ck);
+    REQUIRE(read.config.at("cuda_graphs") == "off");
+    auto model = blpa::load_model(read);
+    auto opt = blpa::make_optimizer(model, blpa::TrainConfig{});
+    blpa::load_training_state(read, model, opt);
+    std::string config;
+    for (const auto& [key, value] : read.config) config += key + "=" + (key == "cuda_graphs" ? "auto" : value) + "\n";
+    blpa::save_checkpoint(ck, read.identity, config, read.state, model, opt);
+    REQUIRE(blpa::read_checkpoint(ck).config.at("cuda_graphs") == "auto");
+  }
+  const Run resumed = train(small(dir, {"--checkpoint", ck, "--summary", summary, "--iterations", "6", "--resume"}), dir);
+  CAPTURE(resumed.output);
+  CHECK(resumed.code == 0);
+  CHECK(resumed.output.find("iterations: checkpoint 4, command line 6") != std::string::npos);  // the list is said
+  CHECK(resumed.output.find("cuda_graphs") == std::string::npos);
+  // The summary as it was written before, its checkpoint deleted (a sweep that keeps disks small).
+  std::string text = slurp(summary);
+  const std::string off = "\"cuda_graphs\": \"off\"";
+  REQUIRE(text.find(off) != std::string::npos);
+  text.replace(text.find(off), off.size(), "\"cuda_graphs\": \"auto\"");
+  std::ofstream(summary, std::ios::trunc) << text;
+  fs::remove(ck);
+  const Run again = train(small(dir, {"--checkpoint", ck, "--summary", summary, "--iterations", "6", "--auto-resume"}), dir);
+  CAPTURE(again.output);
+  CHECK(again.code == 0);
+  CHECK(again.output.find("says this run is done") != std::string::npos);
+  CHECK(again.output.find("cuda_graphs") == std::string::npos);
+  remove_tree(dir);
+}

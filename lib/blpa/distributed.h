@@ -79,14 +79,18 @@ class Distributed {
   // destructor otherwise does (with a warning that destroy_process_group was not called).
   // Nothing may use the group after it (GradientReducer included).
   void close();
+  // What watch_stops has seen posted at the rendezvous.
+  struct Stops {
+    std::atomic<bool> any{false};     // a stop, this rank's or another's
+    std::atomic<bool> others{false};  // another rank's stop
+    std::atomic<int> signal{0};       // what they were asked by (SIGTERM before SIGHUP before SIGINT; 0: none known)
+  };
   // From here until close or destruction, every 100 ms: posts this rank's stop (*mine set,
-  // by its signal) to the rendezvous, and sets *any once this rank's or another's is posted,
-  // and *any_signal (where given) to the signal those stops were asked by (SIGTERM before
-  // SIGHUP before SIGINT; 0 until one is known). Rank 0's evaluation stops on *any, where a
-  // signal to a rank waiting for it at a barrier waited for its end (minutes of ImageNet on a
-  // CPU); and a rank that loses a stopped one (a second signal ends it at once) ends by its
-  // signal, as an interrupted run.
-  void watch_stops(const std::atomic<bool>* mine, std::atomic<bool>* any, std::atomic<int>* any_signal = nullptr);
+  // by its signal) to the rendezvous, and sets `seen`'s fields as the stops are posted. Rank
+  // 0's evaluation stops on `any`, where a signal to a rank waiting for it at a barrier waited
+  // for its end (minutes of ImageNet on a CPU); and a rank that loses another it knows was
+  // asked to stop (a second signal ends one at once) ends by `signal`, as an interrupted run.
+  void watch_stops(const std::atomic<bool>* mine, Stops* seen);
   // Tells the other ranks at the rendezvous that this one cannot start (its flags, its data,
   // its outputs), so that they stop at once, where they would wait for it until the timeout:
   // their constructor throws RankRefused with `why`. Returns within `grace` (rank 0 keeps

@@ -224,8 +224,8 @@ torch::optim::SGD make_optimizer(ResNet& model, const TrainConfig& config);
 // has it, and `config` (resolved) must match the checkpoint's run in its identity (FlagError
 // naming the settings that differ). On rank 0 (`lead`), its outputs must be the checkpoint's
 // run's (check_outputs_are_the_runs) and, with --auto-resume, the run must not be one that
-// would diverge again (refuse_diverged_rerun). Only then, the run going on, the other settings
-// that differ are logged (they take effect), not before a refusal.
+// would diverge again (refuse_diverged_rerun). The other settings that differ (they take
+// effect) are logged after these checks, not before one of them refuses the resume.
 Checkpoint read_resumed_checkpoint(TrainConfig& config, const TrainConfig& given, bool lead);
 
 // --print-config: the checks train() makes of its outputs before it loads anything, made
