@@ -255,10 +255,10 @@ struct NonFiniteLoss : std::runtime_error {
 
 // Thrown where a stop (`stop`, on any rank) ends the run other than after a step: a new run
 // stopped before it wrote anything (its --overwrite has replaced nothing, and there is no
-// checkpoint to resume), or, with several ranks, a rank asked to stop that ended at once (a
-// second signal) before they stopped together (rank 0's last checkpoint is kept, and the
-// summary says "interrupted"). blpa-train ends by the signal: this process's, else `signal`,
-// the one another rank was sent (0: not known).
+// checkpoint to resume), or, with several ranks, the loss of another rank that was asked to
+// stop (a second signal ends one at once) before they stopped together (rank 0's last
+// checkpoint is kept, and the summary says "interrupted"). blpa-train ends by the signal:
+// this process's, else `signal`, the one another rank was sent (0: not known).
 struct Stopped : std::runtime_error {
   Stopped(const std::string& what, int signal) : std::runtime_error(what), signal(signal) {}
   int signal;
