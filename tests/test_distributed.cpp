@@ -528,6 +528,24 @@ std::pair<int, int> train_pair(const fs::path& dir, int port, std::vector<std::s
   return {r0, wait_exit(p1)};
 }
 
+// Starts a two-rank run of a small network (200 images; with --eval-every 0, evaluated at its
+// end alone): `extra` on both ranks, `rank0` on rank 0 alone (its outputs), each rank with its
+// environment (a test hook). Their output goes to <dir>/r0<tag>.out and r1<tag>.out.
+std::pair<pid_t, pid_t> start_pair(const fs::path& dir, const std::vector<std::string>& extra,
+                                   const std::vector<std::string>& rank0, const std::string& tag,
+                                   const std::string& env0 = "", const std::string& env1 = "") {
+  std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "200", "--test-subset", "50",
+                                  "--warmup", "0", "--threads", "1", "--eval-every", "0", "--quiet", "--world-size",
+                                  "2", "--master-port", std::to_string(free_port()), "--dist-timeout", "60"};
+  common.insert(common.end(), extra.begin(), extra.end());
+  auto a1 = common, a0 = common;
+  a1.insert(a1.end(), {"--rank", "1"});
+  a0.insert(a0.end(), {"--rank", "0"});
+  a0.insert(a0.end(), rank0.begin(), rank0.end());
+  return {spawn(a0, (dir / ("r0" + tag + ".out")).string(), env0),
+          spawn(a1, (dir / ("r1" + tag + ".out")).string(), env1)};
+}
+
 }  // namespace
 
 TEST_CASE("distributed: a test loss that overflows stops every rank as a divergence", "[distributed][train]") {
@@ -874,17 +892,9 @@ TEST_CASE("distributed: a rank stopped at once by a second signal ends the other
   const fs::path dir = fresh_dir("second-signal");
   const std::string ck = (dir / "ck.pt").string(), log = (dir / "log.jsonl").string(),
                     summary = (dir / "s.json").string();
-  auto run = [&](const std::string& tag, const std::vector<std::string>& extra, const std::string& env) {
-    std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "200", "--test-subset", "50",
-                                    "--warmup", "0", "--threads", "1", "--eval-every", "0", "--quiet", "--iterations",
-                                    "6", "--log-every", "1", "--world-size", "2", "--master-port",
-                                    std::to_string(free_port()), "--dist-timeout", "60", "--checkpoint", ck};
-    common.insert(common.end(), extra.begin(), extra.end());
-    auto a1 = common, a0 = common;
-    a1.insert(a1.end(), {"--rank", "1"});
-    a0.insert(a0.end(), {"--rank", "0", "--log", log, "--summary", summary});
-    return std::pair{spawn(a0, (dir / ("r0" + tag + ".out")).string(), env),
-                     spawn(a1, (dir / ("r1" + tag + ".out")).string(), env)};
+  auto run = [&](const std::string& tag, const std::string& env) {
+    return start_pair(dir, {"--iterations", "6", "--log-every", "1", "--checkpoint", ck, "--auto-resume"},
+                      {"--log", log, "--summary", summary}, tag, env, env);
   };
   // Waits until this process's run (the log's `configs`-th config record) has logged an
   // iteration: the next iteration's 4 s have just begun. (A resume first drops the records
@@ -906,7 +916,7 @@ TEST_CASE("distributed: a rank stopped at once by a second signal ends the other
   for (const int signalled : {1, 0}) {
     CAPTURE(signalled);
     const std::string tag = "-" + std::to_string(signalled);
-    const auto [p0, p1] = run(tag, {"--auto-resume"}, "BLPA_TEST_FAIL=slow-step:4000");
+    const auto [p0, p1] = run(tag, "BLPA_TEST_FAIL=slow-step:4000");
     REQUIRE(trained_one(++configs));
     const pid_t victim = signalled == 1 ? p1 : p0, other = signalled == 1 ? p0 : p1;
     ::kill(victim, SIGTERM);
@@ -924,7 +934,7 @@ TEST_CASE("distributed: a rank stopped at once by a second signal ends the other
     CHECK(slurp(summary).find("{\"type\": \"summary\", \"status\": \"interrupted\", ") == 0);
   }
   {  // A rank that crashed is a failure, though this one was asked to stop: it is no other's stop.
-    const auto [p0, p1] = run("-crash", {"--auto-resume"}, "BLPA_TEST_FAIL=slow-step:4000");
+    const auto [p0, p1] = run("-crash", "BLPA_TEST_FAIL=slow-step:4000");
     REQUIRE(trained_one(++configs));
     ::kill(p1, SIGKILL);
     ::kill(p0, SIGTERM);
@@ -936,7 +946,7 @@ TEST_CASE("distributed: a rank stopped at once by a second signal ends the other
     CHECK(slurp(summary).find("{\"type\": \"summary\", \"status\": \"failed\", ") == 0);
   }
   // The run resumes from rank 0's last checkpoint, to its end.
-  const auto [p0, p1] = run("-resumed", {"--auto-resume"}, "");
+  const auto [p0, p1] = run("-resumed", "");
   CHECK(wait_exit(p0) == 0);
   CHECK(wait_exit(p1) == 0);
   CHECK(slurp(summary).find("{\"type\": \"summary\", \"status\": \"done\", \"iter\": 6,") == 0);
@@ -952,16 +962,10 @@ TEST_CASE("distributed: a signal in the run's last iteration interrupts every ra
   const fs::path dir = fresh_dir("last-signal");
   const std::string log = (dir / "log.jsonl").string(), summary = (dir / "s.json").string();
   auto run = [&](const std::string& tag, const std::string& env) {
-    std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "200", "--test-subset", "50",
-                                    "--warmup", "0", "--threads", "1", "--eval-every", "0", "--quiet", "--iterations",
-                                    "2", "--log-every", "1", "--world-size", "2", "--master-port",
-                                    std::to_string(free_port()), "--dist-timeout", "60", "--checkpoint",
-                                    (dir / "ck.pt").string(), "--auto-resume"};
-    auto a1 = common, a0 = common;
-    a1.insert(a1.end(), {"--rank", "1"});
-    a0.insert(a0.end(), {"--rank", "0", "--log", log, "--summary", summary, "--export", (dir / "w.pt").string()});
-    return std::pair{spawn(a0, (dir / ("r0" + tag + ".out")).string(), env),
-                     spawn(a1, (dir / ("r1" + tag + ".out")).string(), env)};
+    return start_pair(dir,
+                      {"--iterations", "2", "--log-every", "1", "--checkpoint", (dir / "ck.pt").string(),
+                       "--auto-resume"},
+                      {"--log", log, "--summary", summary, "--export", (dir / "w.pt").string()}, tag, env, env);
   };
   const auto [p0, p1] = run("", "BLPA_TEST_FAIL=slow-step:4000");  // the last iteration's 4 s hold the signal
   for (int i = 0; i < 3000 && losses(log).empty(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -992,15 +996,9 @@ TEST_CASE("distributed: a signal during the final checkpoint ends every rank by 
   if (!have_fashion_mnist()) return;
   const fs::path dir = fresh_dir("end-signal");
   const std::string log = (dir / "log.jsonl").string(), summary = (dir / "s.json").string();
-  std::vector<std::string> common{"--depth", "11", "--batch", "16", "--train-subset", "200", "--test-subset", "50",
-                                  "--warmup", "0", "--threads", "1", "--eval-every", "0", "--quiet", "--iterations",
-                                  "2", "--world-size", "2", "--master-port", std::to_string(free_port()),
-                                  "--dist-timeout", "60", "--checkpoint", (dir / "ck.pt").string()};
-  auto a1 = common, a0 = common;
-  a1.insert(a1.end(), {"--rank", "1"});
-  a0.insert(a0.end(), {"--rank", "0", "--log", log, "--summary", summary, "--export", (dir / "w.pt").string()});
-  const pid_t p0 = spawn(a0, (dir / "r0.out").string(), "BLPA_TEST_FAIL=slow-checkpoint:4000");
-  const pid_t p1 = spawn(a1, (dir / "r1.out").string());
+  const auto [p0, p1] = start_pair(dir, {"--iterations", "2", "--checkpoint", (dir / "ck.pt").string()},
+                                   {"--log", log, "--summary", summary, "--export", (dir / "w.pt").string()}, "",
+                                   "BLPA_TEST_FAIL=slow-checkpoint:4000");
   // The final evaluation's record: rank 0's checkpoint (4 s) follows, rank 1 waits for it.
   for (int i = 0; i < 3000 && slurp(log).find("\"type\": \"eval\", \"iter\": 2,") == std::string::npos; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
