@@ -70,7 +70,7 @@ cxxopts::Options make_options() {
     ("device", "cpu, cuda or cuda:N", cxxopts::value<S>()->default_value("cpu"))
     ("cuda-graphs", "auto, on or off: capture one training iteration as a CUDA graph after three eager ones and replay it, so the host launches no kernels (auto: on CUDA with one rank, falling back to eager with a warning if capture fails; on: a failure is an error; the loss is then read every --log-every iterations)", cxxopts::value<S>()->default_value("auto"))
     ("seed", "Seed of initialisation, data order and augmentation", cxxopts::value<S>()->default_value("0"))
-    ("threads", "LibTorch CPU threads, 0 to 1024 (0: its default)", cxxopts::value<S>()->default_value("0"))
+    ("threads", "LibTorch CPU threads, 0 to 1024 (0: its default, divided among the LOCAL_WORLD_SIZE processes unless OMP_NUM_THREADS is set)", cxxopts::value<S>()->default_value("0"))
     ("workers", "Data-preparation threads, 0 to 256 (0: 2 for data sets held in memory; for imagenet the cores / $LOCAL_WORLD_SIZE, 1 to 16)", cxxopts::value<S>()->default_value("0"))
     ("prefetch", "Batches prepared ahead (at least one per worker)", cxxopts::value<S>()->default_value("4"))
     ("log-every", "Iterations between progress lines and log records", cxxopts::value<S>()->default_value("50"))

@@ -466,6 +466,18 @@ TEST_CASE("train: --preset imagenet sets the paper's protocol and explicit flags
   CHECK(e.find("\ncuda_graphs=off\n") != std::string::npos);  // as it acts on the CPU, not "auto"
   CHECK(e.find("rank=1\nlocal_rank=1\nmaster=10.0.0.2:29555\ndist_backend=gloo\ndist_timeout=600\n") !=
         std::string::npos);
+  // LibTorch's threads, the machine's cores shared by its processes as --workers shares them
+  // (8 ranks took every core each), unless OMP_NUM_THREADS sets them.
+  const auto threads_of = [&](const std::string& env) {
+    REQUIRE(std::system((env + " " + BLPA_TRAIN_EXE + " --print-config > " + out + " 2>&1").c_str()) == 0);
+    const std::string printed = slurp(out);
+    const auto at = printed.find("\nthreads=");
+    REQUIRE(at != std::string::npos);
+    return std::stoi(printed.substr(at + 9));
+  };
+  const int all = threads_of("env -u OMP_NUM_THREADS");
+  CHECK(threads_of("env -u OMP_NUM_THREADS LOCAL_WORLD_SIZE=2") == std::max(1, all / 2));
+  CHECK(threads_of("env OMP_NUM_THREADS=" + std::to_string(all) + " LOCAL_WORLD_SIZE=2") == all);
   remove_tree(dir);
 }
 
