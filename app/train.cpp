@@ -79,6 +79,7 @@ void take_signals(sigset_t set, std::string checkpoint, bool writes_checkpoints)
               : "\nblpa-train: stopped at once by a second signal, before the run's first checkpoint: there is none "
                 "to resume\n");
     }
+    if (g_phase.load() == 1) blpa::post_stop_now();  // several ranks: the others end as interrupted, by the signal
     std::signal(sig, SIG_DFL);  // the default: the process ends, killed by the signal
     ::pthread_sigmask(SIG_UNBLOCK, &set, nullptr);
     ::raise(sig);

@@ -171,6 +171,8 @@ struct Distributed::Impl {
     std::mutex mutex;
     std::condition_variable wake;
     bool quit = false, done = false;
+    bool hurry = false;   // post_stop_now: poll now, not at the next 100 ms
+    bool posted = false;  // this rank's stop is posted
   };
   std::shared_ptr<Watch> watch;
 
@@ -300,9 +302,43 @@ void Distributed::close() {
   }
 }
 
+namespace {
+
+// The process's watch (one Distributed trains at a time), for post_stop_now.
+std::mutex g_watch_mutex;
+std::weak_ptr<Distributed::Impl::Watch> g_watch;
+
+}  // namespace
+
+void post_stop_now() noexcept {
+  try {
+    std::shared_ptr<Distributed::Impl::Watch> w;
+    {
+      std::lock_guard<std::mutex> lock(g_watch_mutex);
+      w = g_watch.lock();
+    }
+    if (!w) return;
+    std::unique_lock<std::mutex> lock(w->mutex);
+    if (w->quit || w->done) return;
+    w->hurry = true;
+    w->wake.notify_all();
+    // A store request takes milliseconds; one to a machine gone may take its timeout.
+    const bool posted = w->wake.wait_for(lock, std::chrono::milliseconds(500), [&] { return w->posted || w->done; }) &&
+                        w->posted;
+    lock.unlock();
+    // Two rounds of the other ranks' watches: they read it before they lose this rank.
+    if (posted) std::this_thread::sleep_for(std::chrono::milliseconds(250));
+  } catch (...) {  // ending at once all the same
+  }
+}
+
 void Distributed::watch_stops(const std::atomic<bool>* mine, Stops* seen) {
   if (impl_->watch || closed_) return;
   auto watch = impl_->watch = std::make_shared<Impl::Watch>();
+  {
+    std::lock_guard<std::mutex> lock(g_watch_mutex);
+    g_watch = watch;
+  }
   std::thread([watch, store = impl_->store, mine, seen, signal = signal_] {
     struct Done {  // however the thread ends
       Impl::Watch& w;
@@ -318,7 +354,8 @@ void Distributed::watch_stops(const std::atomic<bool>* mine, Stops* seen) {
       int sig = 0;
       {
         std::unique_lock<std::mutex> lock(watch->mutex);
-        if (watch->wake.wait_for(lock, std::chrono::milliseconds(100), [&] { return watch->quit; })) return;
+        watch->wake.wait_for(lock, std::chrono::milliseconds(100), [&] { return watch->quit || watch->hurry; });
+        if (watch->quit) return;
         asked = mine && mine->load();
         sig = signal ? signal->load() : 0;
       }
@@ -340,6 +377,8 @@ void Distributed::watch_stops(const std::atomic<bool>* mine, Stops* seen) {
         return;                          // collectives say why it failed
       }
       std::lock_guard<std::mutex> lock(watch->mutex);
+      watch->posted = posted, watch->hurry = false;
+      watch->wake.notify_all();  // post_stop_now
       if (watch->quit) return;
       if (told != 0) seen->signal.store(told);  // before the flags: a reader of them finds it
       if (stops > (posted ? 1 : 0)) seen->others.store(true);

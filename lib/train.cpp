@@ -815,7 +815,11 @@ void Run::set_up() {
   } catch (const PeerLost& e) {
     // Another rank asked to stop, then lost (a second signal ends one at once) while the run
     // loaded: the others end by its signal, where they exited 1 ("another rank stopped").
-    if (!other_stop_asked()) throw;
+    if (!other_stop_asked()) {  // said as start_from_rank_0 says it, not "barrier failed: ..." alone
+      if (std::string(e.what()).find("before training began") != std::string::npos) throw;
+      throw PeerLost(fmt::format("rank {} of {}: another rank stopped before training began ({})", config.dist.rank,
+                                 config.dist.world, e.what()));
+    }
     throw Stopped(fmt::format("stopped before the run began: another rank was asked to stop, and the ranks were lost "
                               "({}); {}nothing was written",
                               e.what(), config.overwrite ? "--overwrite replaced nothing, and " : ""),
@@ -1086,7 +1090,7 @@ void Run::iterate() {
     if (dist && evaluating) {  // a signal during rank 0's evaluation stops every rank
       // After it: a signal that came to another rank while it waited is read below, and the
       // ranks stop here rather than after one more iteration.
-      if (!lead) waiting_for = "rank 0's evaluation";
+      waiting_for = lead ? "the other ranks" : "rank 0's evaluation";  // "after iteration N" if lost
       dist->barrier();
       waiting_for = nullptr;
       const bool stopped = stop && stop->load();
@@ -1106,7 +1110,7 @@ void Run::iterate() {
       in_checkpoint = false;
     }
     if (dist && (evaluating || checkpointing || stopping)) {
-      if (!lead) waiting_for = "rank 0's checkpoint";
+      waiting_for = lead ? "the other ranks" : "rank 0's checkpoint";
       dist->barrier();
       waiting_for = nullptr;
       // The run's end: a signal that came during rank 0's final checkpoint, to it or to a rank
@@ -1496,6 +1500,9 @@ void Run::fail(const std::exception& e) {
     spdlog::warn("rank 0 of {}: lost the other ranks after the run's last iteration ({}); it is trained, evaluated "
                  "and checkpointed: writing its export and summary",
                  config.dist.world, e.what());
+    // One asked to stop (a second signal ended it at once): this rank ends by its signal too,
+    // as after a signal told in the last iteration (it exited 0).
+    if (other_stop_asked() && result.stop_signal == 0) result.stop_signal = asked_signal() ? asked_signal() : SIGINT;
     return;
   }
   // A peer that died or went silent: every rank stops, instead of hanging. Waiting for rank
@@ -1504,11 +1511,12 @@ void Run::fail(const std::exception& e) {
   const std::string lost = e.what();
   const bool closed = lost.find("losed") != std::string::npos || lost.find("reset") != std::string::npos ||
                       lost.find("a rank stopped") != std::string::npos;
-  const std::string slow = waiting_for && !closed ? fmt::format(" This rank was waiting for {}: one that takes longer "
-                                                                "than --dist-timeout ({:g} s) looks the same; give a "
-                                                                "longer one.",
-                                                                waiting_for, config.dist.timeout.count() / 1000.0)
-                                                  : std::string();
+  const std::string slow =  // rank 0 waits only for ranks that wait for it
+      waiting_for && !closed && !lead
+          ? fmt::format(" This rank was waiting for {}: one that takes longer than --dist-timeout ({:g} s) looks the "
+                        "same; give a longer one.",
+                        waiting_for, config.dist.timeout.count() / 1000.0)
+          : std::string();
   const std::string when = waiting_for ? fmt::format("after iteration {}", it) : fmt::format("during iteration {}", it + 1);
   // Lost after another rank was asked to stop: most likely a second signal ended it at once.
   // The run was interrupted, not failed: its summary says so, and this rank ends by the

@@ -933,6 +933,18 @@ TEST_CASE("distributed: a rank stopped at once by a second signal ends the other
     // draft does.
     CHECK(slurp(summary).find("{\"type\": \"summary\", \"status\": \"interrupted\", ") == 0);
   }
+  {  // Two signals 0.05 s apart: the stop is posted before the rank ends (it ended before the
+     // rendezvous heard of it, and the other exited 1 as failed).
+    const auto [p0, p1] = run("-quick", "BLPA_TEST_FAIL=slow-step:4000");
+    REQUIRE(trained_one(++configs));
+    ::kill(p0, SIGINT);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    ::kill(p0, SIGTERM);
+    CHECK(wait_exit(p0) == 128 + SIGTERM);
+    CHECK(wait_exit(p1) == 128 + SIGINT);  // the stop's signal, as posted
+    CAPTURE(slurp(dir / "r1-quick.out"));
+    CHECK(slurp(dir / "r1-quick.out").find("interrupted: another rank was asked to stop") != std::string::npos);
+  }
   {  // A rank that crashed is a failure, though this one was asked to stop: it is no other's stop.
     const auto [p0, p1] = run("-crash", "BLPA_TEST_FAIL=slow-step:4000");
     REQUIRE(trained_one(++configs));
@@ -1010,6 +1022,24 @@ TEST_CASE("distributed: a signal during the final checkpoint ends every rank by 
   CHECK(rc0 == 128 + SIGTERM);  // it exited 0
   CHECK(slurp(dir / "r0.out").find("another rank was sent signal 15 in the run's last iteration: ending by it too") !=
         std::string::npos);
+  CHECK(slurp(summary).find("{\"type\": \"summary\", \"status\": \"done\", \"iter\": 2,") == 0);
+  CHECK(fs::exists(dir / "w.pt"));
+  // Rank 1 stopped at once there by a second signal: rank 0, whole at its end, writes the
+  // export and summary and ends by the signal too (it exited 0).
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const auto [q0, q1] = start_pair(dir, {"--iterations", "2", "--checkpoint", (dir / "ck.pt").string()},
+                                   {"--log", log, "--summary", summary, "--export", (dir / "w.pt").string()},
+                                   "-twice", "BLPA_TEST_FAIL=slow-checkpoint:4000");
+  for (int i = 0; i < 3000 && slurp(log).find("\"type\": \"eval\", \"iter\": 2,") == std::string::npos; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  REQUIRE(slurp(log).find("\"type\": \"eval\", \"iter\": 2,") != std::string::npos);
+  ::kill(q1, SIGINT);
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ::kill(q1, SIGTERM);
+  CHECK(wait_exit(q1) == 128 + SIGTERM);
+  CHECK(wait_exit(q0) == 128 + SIGINT);  // it exited 0
+  CAPTURE(slurp(dir / "r0-twice.out"));
   CHECK(slurp(summary).find("{\"type\": \"summary\", \"status\": \"done\", \"iter\": 2,") == 0);
   CHECK(fs::exists(dir / "w.pt"));
   remove_tree(dir);
