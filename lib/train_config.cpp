@@ -348,8 +348,8 @@ void TrainConfig::resolve() {
   resolve_numerics();
   if (workers == 0) workers = default_workers(dataset, dist.local_world);
   // LibTorch's own count, recorded as what ran; the LOCAL_WORLD_SIZE processes of a machine
-  // share its cores, as --workers does (8 ranks of a machine's count each spun 8 threads a core
-  // in their parallel regions), unless OMP_NUM_THREADS sets it (torchrun sets 1).
+  // share its cores, as --workers does (8 ranks taking the machine's count each made 8 threads
+  // a core), unless OMP_NUM_THREADS sets it (torchrun sets 1).
   if (threads == 0)
     threads = std::getenv("OMP_NUM_THREADS") ? at::get_num_threads()
                                              : std::max(1, at::get_num_threads() / std::max(dist.local_world, 1));
