@@ -1008,13 +1008,20 @@ TEST_CASE("distributed: a signal during the final checkpoint ends every rank by 
   if (!have_fashion_mnist()) return;
   const fs::path dir = fresh_dir("end-signal");
   const std::string log = (dir / "log.jsonl").string(), summary = (dir / "s.json").string();
-  const auto [p0, p1] = start_pair(dir, {"--iterations", "2", "--checkpoint", (dir / "ck.pt").string()},
-                                   {"--log", log, "--summary", summary, "--export", (dir / "w.pt").string()}, "",
-                                   "BLPA_TEST_FAIL=slow-checkpoint:4000");
-  // The final evaluation's record: rank 0's checkpoint (4 s) follows, rank 1 waits for it.
-  for (int i = 0; i < 3000 && slurp(log).find("\"type\": \"eval\", \"iter\": 2,") == std::string::npos; ++i)
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  REQUIRE(slurp(log).find("\"type\": \"eval\", \"iter\": 2,") != std::string::npos);
+  // Starts a new run, and returns once its final evaluation's record is written: rank 0's
+  // checkpoint (4 s) follows, and rank 1 waits for it.
+  const auto at_final_checkpoint = [&](const std::string& tag) {
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+    const auto ranks = start_pair(dir, {"--iterations", "2", "--checkpoint", (dir / "ck.pt").string()},
+                                  {"--log", log, "--summary", summary, "--export", (dir / "w.pt").string()}, tag,
+                                  "BLPA_TEST_FAIL=slow-checkpoint:4000");
+    for (int i = 0; i < 3000 && slurp(log).find("\"type\": \"eval\", \"iter\": 2,") == std::string::npos; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    REQUIRE(slurp(log).find("\"type\": \"eval\", \"iter\": 2,") != std::string::npos);
+    return ranks;
+  };
+  const auto [p0, p1] = at_final_checkpoint("");
   ::kill(p1, SIGTERM);
   const int rc1 = wait_exit(p1), rc0 = wait_exit(p0);
   CAPTURE(slurp(dir / "r0.out"), slurp(dir / "r1.out"));
@@ -1026,14 +1033,7 @@ TEST_CASE("distributed: a signal during the final checkpoint ends every rank by 
   CHECK(fs::exists(dir / "w.pt"));
   // Rank 1 stopped at once there by a second signal: rank 0, whole at its end, writes the
   // export and summary and ends by the signal too (it exited 0).
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  const auto [q0, q1] = start_pair(dir, {"--iterations", "2", "--checkpoint", (dir / "ck.pt").string()},
-                                   {"--log", log, "--summary", summary, "--export", (dir / "w.pt").string()},
-                                   "-twice", "BLPA_TEST_FAIL=slow-checkpoint:4000");
-  for (int i = 0; i < 3000 && slurp(log).find("\"type\": \"eval\", \"iter\": 2,") == std::string::npos; ++i)
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  REQUIRE(slurp(log).find("\"type\": \"eval\", \"iter\": 2,") != std::string::npos);
+  const auto [q0, q1] = at_final_checkpoint("-twice");
   ::kill(q1, SIGINT);
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
   ::kill(q1, SIGTERM);
