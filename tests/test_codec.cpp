@@ -103,6 +103,13 @@ torch::Tensor offset_cases(const CodeFormat& f) {
 struct BnRef {
   torch::Tensor g_x, g_g, g_beta;
   torch::Tensor abs_g, abs_beta;  // sum |g_a x_hat'| and sum |g_a|: the scale of each sum's rounding
+  // sum |g_a| (|x_hat' + b_c| + |b_c|): the scale of the GPU's g_g, which sums g_a u and g_a
+  // apart and makes x_hat' = u d + d/2 - b_c of their sums (bn_sum_ax), so it rounds the two
+  // terms before they cancel. The reference rounds them too, in unpack's float x_hat'. Where
+  // x_hat' is near 0 (b_c near a decoded value) this is many times abs_g: on an H200 six
+  // channels of 3 elements in 70,000 (3 x 70000, 8-bit and lifted 4-bit codes) missed 1e-6 of
+  // abs_g.
+  torch::Tensor terms_g;
 };
 
 BnRef bn_reference(const blpa::Codes& codes, const torch::Tensor& b, const torch::Tensor& g,
@@ -120,6 +127,8 @@ BnRef bn_reference(const blpa::Codes& codes, const torch::Tensor& b, const torch
   r.g_g = (ga * xh).sum(dims);
   r.abs_beta = ga.abs().sum(dims);
   r.abs_g = (ga * xh).abs().sum(dims);
+  auto bd = b.to(torch::kDouble).view(shape);
+  r.terms_g = (ga.abs() * ((xh + bd).abs() + bd.abs())).sum(dims);
   auto scale = (g * invstd).to(torch::kDouble).view(shape);
   r.g_x = scale * (ga - (r.g_beta / m).view(shape) - xh * (r.g_g / m).view(shape));
   return r;
@@ -541,7 +550,9 @@ TEST_CASE("codec: bn_relu_backward equals the BatchNorm backward of the masked g
       auto out = blpa::bn_relu_backward(codes, b, g, invstd, kept, /*in_place=*/false);
       CHECK(torch::equal(kept, g_r));  // not in place: the caller's gradient is untouched
       CHECK(close(out.g_x, ref.g_x, 1e-5));
-      CHECK(close_sum(out.g_g, ref.g_g, ref.abs_g));
+      // The CPU loops round as the reference does; the emulated GPU kernels (emulated-cuda/) as the GPU.
+      CHECK(close_sum(out.g_g, ref.g_g,
+                      blpa::testing::EmulatedKernels::installed_by_environment() ? ref.terms_g : ref.abs_g));
       CHECK(close_sum(out.g_beta, ref.g_beta, ref.abs_beta));
 
       auto mine = g_r.clone();
@@ -1113,7 +1124,7 @@ TEST_CASE("CUDA: bn_relu_backward matches the CPU path", "[codec][cuda]") {
       auto gpu = blpa::bn_relu_backward(dc, b.cuda(), g.cuda(), invstd.cuda(), gd, false);
       CHECK(torch::equal(gd.cpu(), g_r));
       CHECK(close(gpu.g_x, cpu.g_x, 1e-5));
-      CHECK(close_sum(gpu.g_g, ref.g_g, ref.abs_g));  // each device to the double reference
+      CHECK(close_sum(gpu.g_g, ref.g_g, ref.terms_g));  // each device to the double reference
       CHECK(close_sum(gpu.g_beta, ref.g_beta, ref.abs_beta));
       CHECK(close_sum(cpu.g_g, ref.g_g, ref.abs_g));
       CHECK(close_sum(cpu.g_beta, ref.g_beta, ref.abs_beta));
@@ -1239,7 +1250,7 @@ TEST_CASE("CUDA: bn_relu_backward of bf16 and channels-last gradients matches th
           CHECK(gpu.g_x.scalar_type() == dtype);
           CHECK(gpu.g_x.strides() == g_r.strides());
           CHECK(torch::allclose(gpu.g_x.cpu().to(torch::kDouble), cpu.g_x.to(torch::kDouble), tol, 1e-5));
-          CHECK(close_sum(gpu.g_g, ref.g_g * (g > 0.5f).to(torch::kDouble), ref.abs_g));  // the clamp's gradient
+          CHECK(close_sum(gpu.g_g, ref.g_g * (g > 0.5f).to(torch::kDouble), ref.terms_g));  // the clamp's gradient
           CHECK(close_sum(gpu.g_beta, ref.g_beta, ref.abs_beta));
           auto twice = blpa::bn_relu_backward(dc, b.cuda(), g.cuda(), invstd.cuda(), gd, true, 0.5f);
           CHECK(twice.g_x.data_ptr() == gd.data_ptr());
@@ -1292,7 +1303,7 @@ TEST_CASE("codec: the GPU's BatchNorm backward on a GPU's grid, emulated, matche
           auto got = blpa::bn_relu_backward(cl ? cl_codes : codes, b, g, invstd, grad, false, 0.5f);
           CHECK(got.g_x.is_contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
           CHECK(torch::allclose(got.g_x.to(torch::kDouble), cpu.g_x.to(torch::kDouble), tol, 1e-5));
-          CHECK(close_sum(got.g_g, ref.g_g * (g > 0.5f).to(torch::kDouble), ref.abs_g));
+          CHECK(close_sum(got.g_g, ref.g_g * (g > 0.5f).to(torch::kDouble), ref.terms_g));
           CHECK(close_sum(got.g_beta, ref.g_beta, ref.abs_beta));
           auto again = blpa::bn_relu_backward(cl ? cl_codes : codes, b, g, invstd, grad, true, 0.5f);
           CHECK(again.g_x.data_ptr() == grad.data_ptr());  // in place
