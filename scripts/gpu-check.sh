@@ -15,24 +15,17 @@
 # BLPA_GPU_STAGES=REGEX runs only the stages whose names match (the build always runs);
 # BLPA_GPU_TESTS=REGEX only the tests whose names match; BLPA_GPU_CHECK_DATA=1 adds the
 # CPU data-pipeline benchmark. All stages take longer than one device call (10 minutes); a
-# session's 15 minutes hold the build, the GPU tests and a few stages, e.g. for #16 and #15:
+# session's 15 minutes hold the build, the GPU tests and a few stages, e.g.:
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-graphs|train-graphed|gloo-cuda-2proc'
-#   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-precision|codec-precision|pytorch-step'
-#   BLPA_GPU_TESTS='^CUDA:' BLPA_GPU_STAGES='tests|step-fused|codec-precision|step-precision-profile|bn-grid'
+#   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-precision|codec-precision|step-fused|step-precision-profile'
 #   BLPA_GPU_STAGES='ncu-codec|bn-vector'     (a second call, if time is left)
-#     (#15's kernels, none measured since fedcee4: eac19d8..b8d4625's, 8b484c4..046d754's,
-#     60b1a85, the fused forward among them, 4e4e3fa's unpack and BatchNorm backward
-#     without int conversions, aaca404's bf16 packs by pairs, and the NHWC BatchNorm
-#     backward's grid of one wave with its epilogue's shuffle tree (96ea263; bn-grid times it
-#     against the grid before); codec-precision now times gamma ones and drawn, twice the
-#     runs. 252 s with step-precision in place of step-fused, whose four graphed runs are new,
-#     and without bn-grid (16 codec runs, 8 of them of 256M elements, as codec-precision's
-#     took about 1.2 s each, and 4 graphed steps of two networks); ncu-codec now profiles 180
-#     launches, not 20, and bn-vector is 8 codec runs and 2 graphed ResNet-152 steps)
-# with BLPA_COMMIT=$(git rev-parse HEAD) (the tree may travel without .git). Both sets in one
-# call, with codec, train-bf16 and memory-precision, took 290 s on 2026-11-30 (build 94 s, the
-# CUDA tests 60 s, step-graphs 31 s, step-precision 28 s, pytorch-step 34 s); ncu-codec and
-# step-precision-profile add 45 s. A machine's start adds about a minute.
+# with BLPA_COMMIT=$(git rev-parse HEAD) (the tree may travel without .git). On 2026-12-04 the
+# second line took 386 s (build 177 s, the CUDA tests 77 s, step-precision 40 s,
+# codec-precision 36 s, step-precision-profile 14 s, step-fused 33 s), and
+# 'tests|ncu-codec|bn-grid' with two tests 361 s (build 155 s, ncu-codec 126 s, bn-grid 57 s);
+# a machine's start adds half a minute to a minute, and a second call a build of its own
+# (the machine goes back 30 s after a call). Left to measure for #15: bn-vector (the NHWC
+# BatchNorm backward with 4 channels a thread), and ncu-codec's stall reasons (added since).
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$here"
@@ -211,12 +204,23 @@ stage codec-precision 300 bash -c 'for bits in 8 4; do for dt in fp32 bf16; do f
 # operations launches 6 times, in order: pack, the fused and unfused forwards (pack_kernel;
 # cuDNN's BatchNorm may match bn_), unpack, the BatchNorm backward (2 or 3 kernels): 60
 # launches hold them all. Counters may be refused in a container (ERR_NVGPUCTRPERM): then the
-# stage fails at once.
-stage ncu-codec 240 bash -c 'n=$(command -v ncu || echo /usr/local/cuda/bin/ncu); [[ -x $n ]] || { echo "no ncu"; exit 1; }
-  for cfg in "bf16 nhwc ones" "bf16 nhwc drawn" "fp32 nhwc ones"; do set -- $cfg; "$n" --section SpeedOfLight \
-    --section ComputeWorkloadAnalysis --section Occupancy --section WarpStateStats --section InstructionStats \
-    -k regex:"pack_kernel|pack_table|unpack_kernel|bn_" -c 60 "$BLPA_BUILD_DIR/app/blpa-bench" codec --device cuda \
-    --bits 4 --numel 16777216 --precision $1 --memory-format $2 --gamma $3 --reps 1 || exit 1; done'
+# stage fails at once. Then bf16 NHWC drawn at 128M elements (the packs and unpack: at 16M a
+# pack thread takes 4 groups, so its prologue and per-block table weigh on the per-element
+# counts; 2026-12-04: 31 warp instructions per 32 elements), and at 16M the warps' stall
+# reasons per issued instruction (smsp__average_warps_issue_stalled_*: WarpStateStats prints
+# none where PC sampling is refused, as on 2026-12-04; where these counters are refused too, it
+# says so and the stage still passes).
+stage ncu-codec 300 bash -c 'n=$(command -v ncu || echo /usr/local/cuda/bin/ncu); [[ -x $n ]] || { echo "no ncu"; exit 1; }
+  sections=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section WarpStateStats
+    --section InstructionStats); b=("$BLPA_BUILD_DIR/app/blpa-bench" codec --device cuda --bits 4 --reps 1)
+  for cfg in "bf16 nhwc ones" "bf16 nhwc drawn" "fp32 nhwc ones"; do set -- $cfg; "$n" "${sections[@]}" \
+    -k regex:"pack_kernel|pack_table|unpack_kernel|bn_" -c 60 "${b[@]}" --numel 16777216 --precision $1 \
+    --memory-format $2 --gamma $3 || exit 1; done
+  "$n" "${sections[@]}" -k regex:"pack_kernel|pack_table|unpack_kernel" -c 30 "${b[@]}" --numel 134217728 \
+    --precision bf16 --memory-format nhwc --gamma drawn || exit 1
+  "$n" --metrics "regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$" \
+    -k regex:"pack_kernel|unpack_kernel" -c 24 "${b[@]}" --numel 16777216 --precision bf16 --memory-format nhwc \
+    --gamma drawn || echo "ncu-codec: the stall counters were refused (above); the sections above stand"'
 # Where a bf16 channels-last step's time goes, eager and graphed (ResNet-152 batch 128, where
 # blpa-4 took 1.25x plain at 1d696ed; ResNet-164 batch 128): the costliest kernels of each.
 stage step-precision-profile 240 bash -c 'bench step --device cuda --model resnet152 --batch 128 --mode plain,blpa-4 \
