@@ -217,6 +217,20 @@ __device__ __forceinline__ GroupAt group_at(bool rows, int64_t e0, int n, const 
   }
 }
 
+// group_at for a launch whose groups all take the common path (pack_common_path): 32-bit
+// index math, an NHWC group a row of G channels and an NCHW one in a single channel (its plane
+// a multiple of G). Each kind of group is then known where the kernel is compiled.
+template <bool NHWC>
+__device__ __forceinline__ GroupAt common_group_at(int64_t e0, const Index& ix) {
+  const uint32_t e = static_cast<uint32_t>(e0);
+  if constexpr (NHWC) {
+    return {GroupAt::row, remainder(e, divide(e, ix.by_channels), ix.channels)};
+  } else {
+    const uint32_t plane = divide(e, ix.by_plane);
+    return {GroupAt::one_channel, remainder(plane, divide(plane, ix.by_channels), ix.channels)};
+  }
+}
+
 // a[channel] for each of the group's G elements: one load, one vector load, or G loads.
 template <int G, bool NHWC, typename V, typename Out>
 __device__ __forceinline__ void channel_values(const V* a, const GroupAt& at, int64_t e0, const Index& ix,
@@ -366,14 +380,18 @@ bool pack_table_launch(const PackParams& p, int blocks) {
 }
 
 // Affine: the unit's fused forward (PackParams::mean): the values packed are a = T(fma(x,
-// alpha_c, shift_c)) of the loaded x, not x.
-template <int Bits, typename T, bool NHWC, bool Affine>
+// alpha_c, shift_c)) of the loaded x, not x. Common: every group of the launch is whole, its
+// tensors aligned for vector access and its index math 32-bit (pack_common_path), so that the
+// kernel holds none of the other paths' branches and registers (the kernel for the rest holds
+// them all: on an H200 it executed about twice the instructions per element of the common
+// path, and ptxas spilled some of its registers).
+template <int Bits, typename T, bool NHWC, bool Affine, bool Common>
 __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParams p, Index ix) {
   const T* v = static_cast<const T*>(p.v);
   T* relu = static_cast<T*>(p.relu);
   const int64_t groups = (p.numel + kGroup - 1) / kGroup;
-  const bool vec = elems_aligned<T, kGroup>(v);
-  const bool relu_vec = elems_aligned<T, kGroup>(relu);
+  const bool vec = Common || elems_aligned<T, kGroup>(v);
+  const bool relu_vec = Common || elems_aligned<T, kGroup>(relu);
   // The table: in p.workspace (pack_table_kernel ran), or made here (p.workspace null; block 0
   // writes invstd).
   constexpr int own_channels = (Affine ? 4 : 2) * kOwnTableChannels;
@@ -393,7 +411,7 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
   // NHWC rows of 8 channels read the table's values as vectors: aligned where channels % 8 == 0
   // and the workspace is (as the caching allocator's blocks are; the shared copy is). (No
   // offsets are read here.)
-  const bool rows = NHWC && nhwc_rows<kGroup>(p.channels, nullptr, p.workspace, nullptr);
+  const bool rows = NHWC && (Common || nhwc_rows<kGroup>(p.channels, nullptr, p.workspace, nullptr));
   const float d = codec::bin_width(p.window, Bits);
   const float tol = codec::scaled_tolerance(Bits, codec::kGuard / d);
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
@@ -402,9 +420,10 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
 #pragma unroll
     for (int u = 0; u < kPackUnroll; ++u) {
       const int64_t e0 = (g0 + u * stride) * kGroup;
-      if (vec && e0 + kGroup <= p.numel) {
+      // (A common launch's groups are whole, but a thread's last turn may reach past the end.)
+      if (Common ? e0 < p.numel : vec && e0 + kGroup <= p.numel) {
         raws[u] = target::load<Elems<T, kGroup>>(v + e0);
-      } else {
+      } else if (!Common) {
 #pragma unroll
         for (int k = 0; k < kGroup; ++k) raws[u].v[k] = e0 + k < p.numel ? v[e0 + k] : zero<T>();
       }
@@ -413,9 +432,9 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
     for (int u = 0; u < kPackUnroll; ++u) {
       const int64_t e0 = (g0 + u * stride) * kGroup;
       if (e0 >= p.numel) break;  // so are the later groups
-      const int n = static_cast<int>(min(int64_t{kGroup}, p.numel - e0));
+      const int n = Common ? kGroup : static_cast<int>(min(int64_t{kGroup}, p.numel - e0));
       Elems<T, kGroup>& raw = raws[u];
-      const GroupAt at = group_at<kGroup, NHWC>(rows, e0, n, ix);
+      const GroupAt at = Common ? common_group_at<NHWC>(e0, ix) : group_at<kGroup, NHWC>(rows, e0, n, ix);
       if constexpr (Affine) {  // raw becomes a: the BatchNorm's output, rounded to T
         float al[kGroup], sh[kGroup];
         channel_values<kGroup, NHWC>(table.alpha, at, e0, ix, al);
@@ -608,27 +627,28 @@ __device__ __forceinline__ void channel_origins(const uint8_t* offsets, const Gr
   for (int k = 0; k < G; ++k) out[k] = codec::code_origin(s[k]);
 }
 
-template <int Bits, typename T, bool NHWC>
+// Common: every group whole and aligned, as pack_kernel's (unpack_common_path).
+template <int Bits, typename T, bool NHWC, bool Common>
 __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackParams p, Index ix) {
   constexpr int G = kUnpackGroup<T>, U = kUnpackUnroll;
   T* x_hat = static_cast<T*>(p.x_hat);
   T* r = static_cast<T*>(p.r);
   const int64_t groups = (p.numel + G - 1) / G, stride = int64_t{gridDim.x} * blockDim.x;
-  const bool vec = (!x_hat || elems_aligned<T, G>(x_hat)) && (!r || elems_aligned<T, G>(r));
-  const bool word_codes = aligned(p.codes, G * Bits / 8);  // codes from pack always are
+  const bool vec = Common || ((!x_hat || elems_aligned<T, G>(x_hat)) && (!r || elems_aligned<T, G>(r)));
+  const bool word_codes = Common || aligned(p.codes, G * Bits / 8);  // codes from pack always are
   const float d = codec::bin_width(p.window, Bits);
   const float* b = x_hat ? p.b : nullptr;
   const float* gamma = r ? p.gamma : nullptr;
-  const bool rows = NHWC && nhwc_rows<G>(p.channels, p.offsets, b, gamma);
+  const bool rows = NHWC && (Common || nhwc_rows<G>(p.channels, p.offsets, b, gamma));
   for (int64_t g0 = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g0 < groups; g0 += U * stride) {
     uint64_t words[U];  // the codes of each group, loaded first
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t e0 = (g0 + u * stride) * G;
       words[u] = 0;
-      if (e0 + G <= p.numel && word_codes) {
+      if (Common ? e0 < p.numel : e0 + G <= p.numel && word_codes) {  // (as pack's)
         words[u] = read_code_word<Bits, G>(p.codes, e0);
-      } else {
+      } else if (!Common) {
 #pragma unroll
         for (int k = 0; k < G; ++k)
           if (e0 + k < p.numel) words[u] |= uint64_t{read_code<Bits>(p.codes, e0 + k)} << (Bits * k);
@@ -638,10 +658,10 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackP
     for (int u = 0; u < U; ++u) {
       const int64_t e0 = (g0 + u * stride) * G;
       if (e0 >= p.numel) break;  // so are the later groups
-      const int n = static_cast<int>(min(int64_t{G}, p.numel - e0));
+      const int n = Common ? G : static_cast<int>(min(int64_t{G}, p.numel - e0));
       float q[G], origin[G];  // decoded as codec::decode_by_steps: no int conversions
       code_floats<Bits, G>(words[u], q);
-      const GroupAt at = group_at<G, NHWC>(rows, e0, n, ix);
+      const GroupAt at = Common ? common_group_at<NHWC>(e0, ix) : group_at<G, NHWC>(rows, e0, n, ix);
       channel_origins<G, NHWC>(p.offsets, at, e0, ix, origin);
       const bool full = vec && n == G;
 
@@ -1109,6 +1129,21 @@ int64_t pack_workspace(const PackParams& p) {
              : 0;
 }
 
+// Whether every group of pack's launch takes the common path (pack_kernel's Common): whole
+// groups (numel a multiple of kGroup), v and the ReLU output aligned for one vector access a
+// group, 32-bit index math, and each group's channels known from its layout: NHWC rows of
+// kGroup channels with the table aligned for vector reads, or NCHW planes of a multiple of
+// kGroup elements. Every layer of the networks; odd test shapes and misaligned views are not.
+bool pack_common_path(const PackParams& p, const Index& ix) {
+  if (p.general) return false;
+  const bool whole = p.numel % kGroup == 0 && ix.narrow;
+  const uintptr_t vector = p.bf16 ? alignof(Elems<c10::BFloat16, kGroup>) : alignof(Elems<float, kGroup>);
+  const bool vec = aligned(p.v, vector) && (!p.relu || aligned(p.relu, vector));
+  const bool layout =
+      p.nhwc ? nhwc_rows<kGroup>(p.channels, nullptr, p.workspace, nullptr) : p.plane % kGroup == 0;
+  return whole && vec && layout;
+}
+
 void pack(const PackParams& p) {
   if (p.numel == 0) return;
   const target::DeviceGuard guard(p.device);  // a launch goes to the current device
@@ -1122,19 +1157,39 @@ void pack(const PackParams& p) {
               kGroup * p.bits / 8, " bytes");
   PackParams q = p;
   if (!table) q.workspace = nullptr;  // each block makes its own copy
+  const bool common = pack_common_path(q, ix);
   dispatch(p.bits, p.bf16, p.nhwc, [&](auto k, auto t, auto layout) {
     constexpr int K = decltype(k)::value;
     using T = decltype(t);
     constexpr bool L = decltype(layout)::value;
-    if (p.mean) {
-      if (table) BLPA_LAUNCH(lt.blocks, kThreads, lt.stream, pack_table_kernel<K, true>)(q);
-      BLPA_LAUNCH(l.blocks, kThreads, l.stream, pack_kernel<K, T, L, true>)(q, ix);
-    } else {
-      if (table) BLPA_LAUNCH(lt.blocks, kThreads, lt.stream, pack_table_kernel<K, false>)(q);
-      BLPA_LAUNCH(l.blocks, kThreads, l.stream, pack_kernel<K, T, L, false>)(q, ix);
-    }
+    auto launch = [&](auto affine, auto common_path) {
+      constexpr bool A = decltype(affine)::value, C = decltype(common_path)::value;
+      if (table) BLPA_LAUNCH(lt.blocks, kThreads, lt.stream, pack_table_kernel<K, A>)(q);
+      BLPA_LAUNCH(l.blocks, kThreads, l.stream, pack_kernel<K, T, L, A, C>)(q, ix);
+    };
+    using Yes = std::true_type;
+    using No = std::false_type;
+    if (p.mean)
+      common ? launch(Yes{}, Yes{}) : launch(Yes{}, No{});
+    else
+      common ? launch(No{}, Yes{}) : launch(No{}, No{});
   });
   target::launch_check();
+}
+
+// Whether every group of unpack's launch takes the common path (unpack_kernel's Common), as
+// pack_common_path: whole groups of `group` elements, the outputs aligned for one vector store a
+// group and the codes for one word, 32-bit index math, NHWC rows or NCHW planes of whole groups.
+bool unpack_common_path(const UnpackParams& p, const Index& ix, int group) {
+  if (p.general) return false;
+  const bool whole = p.numel % group == 0 && ix.narrow;
+  const bool vec = (!p.x_hat || aligned(p.x_hat, 16)) && (!p.r || aligned(p.r, 16)) &&
+                   aligned(p.codes, group * p.bits / 8);
+  const float* b = p.x_hat ? p.b : nullptr;
+  const float* gamma = p.r ? p.gamma : nullptr;
+  const bool rows = group == 8 ? nhwc_rows<8>(p.channels, p.offsets, b, gamma) : nhwc_rows<4>(p.channels, p.offsets, b, gamma);
+  const bool layout = p.nhwc ? rows : p.plane % group == 0;
+  return whole && vec && layout;
 }
 
 void unpack(const UnpackParams& p) {
@@ -1142,10 +1197,16 @@ void unpack(const UnpackParams& p) {
   const target::DeviceGuard guard(p.device);  // a launch goes to the current device
   const int group = p.bf16 ? kUnpackGroup<c10::BFloat16> : kUnpackGroup<float>;
   const Launch l = launch_config((p.numel + group - 1) / group, p.device);
+  const Index ix = index_of(p.numel, p.plane, p.channels);
+  const bool common = unpack_common_path(p, ix, group);
   dispatch(p.bits, p.bf16, p.nhwc, [&](auto k, auto t, auto layout) {
-    BLPA_LAUNCH(l.blocks, kThreads, l.stream,
-                unpack_kernel<decltype(k)::value, decltype(t), decltype(layout)::value>)(
-        p, index_of(p.numel, p.plane, p.channels));
+    constexpr int K = decltype(k)::value;
+    using T = decltype(t);
+    constexpr bool L = decltype(layout)::value;
+    if (common)
+      BLPA_LAUNCH(l.blocks, kThreads, l.stream, unpack_kernel<K, T, L, true>)(p, ix);
+    else
+      BLPA_LAUNCH(l.blocks, kThreads, l.stream, unpack_kernel<K, T, L, false>)(p, ix);
   });
   target::launch_check();
 }

@@ -40,6 +40,7 @@ struct PackParams {
   const float* beta = nullptr;  // [channels]
   float eps = 0.0f;
   float* invstd = nullptr;      // [channels]
+  bool general = false;  // every launch takes the kernel for any shape, not the common path's (for measurements)
 };
 
 // The floats of pack's per-channel table and edge thresholds, where pack makes them once for a
@@ -89,6 +90,7 @@ struct UnpackParams {
   int device = 0;
   bool bf16 = false;
   bool nhwc = false;
+  bool general = false;  // as PackParams::general
 };
 
 // The unit's BatchNorm-and-ReLU backward from the codes (blpa/codec.h, bn_relu_backward).

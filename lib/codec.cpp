@@ -61,6 +61,19 @@ Isa cpu_isa() {
   return isa;
 }
 
+// Whether the CUDA pack and unpack take their kernels for any shape at every launch, not the
+// common path's where it applies: BLPA_CODEC_GENERAL=1 in the environment, to measure one
+// against the other (and to run the general kernels' tests on the common shapes).
+bool codec_general() {
+  static const bool general = [] {
+    const char* v = std::getenv("BLPA_CODEC_GENERAL");
+    if (!v || !*v) return false;
+    TORCH_CHECK(std::string(v) == "0" || std::string(v) == "1", "BLPA_CODEC_GENERAL must be 0 or 1, got '", v, "'");
+    return *v == '1';
+  }();
+  return general;
+}
+
 // f's argument: whether floorf is one vector instruction in this copy (codec::floor_small).
 using VectorFloor = std::true_type;
 using NoVectorFloor = std::false_type;
@@ -715,6 +728,7 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, c
       p.eps = bn->eps;
       p.invstd = bn->invstd.data_ptr<float>();
     }
+    p.general = codec_general();
     at::Tensor workspace;  // only where pack makes its table in a launch of its own
     if (const int64_t floats = k->pack_workspace(p)) {
       workspace = at::empty({floats}, v.options().dtype(at::kFloat));
@@ -850,7 +864,7 @@ void unpack_into(const Codes& codes, const at::Tensor& b, const at::Tensor& gamm
   bool* mask = u.mask.defined() ? u.mask.data_ptr<bool>() : nullptr;
   if (const KernelTable* k = kernels_for(codes.data)) {
     k->unpack({data, offsets, bp, gp, x_hat, r, mask, l.numel, l.plane, l.channels, f.bits, f.window,
-               codes.data.get_device(), dtype == at::kBFloat16, l.nhwc});
+               codes.data.get_device(), dtype == at::kBFloat16, l.nhwc, codec_general()});
     return;
   }
   auto s = per_channel<int32_t>(l, [&](int64_t c) { return static_cast<int32_t>(offsets[c]); });

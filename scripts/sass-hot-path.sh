@@ -9,12 +9,15 @@
 #   pack, unpack and BatchNorm kernel's registers and spilled bytes (ptxas), which bound how
 #   many warps an SM holds; about a minute more.
 #
-# It compiles a copy of cuda/codec_kernels.cu in which the pack's rare paths are cut out:
-# groups are full and aligned, NHWC groups are rows of 8 channels and NCHW groups lie in one
-# channel, the index math is 32-bit, and no element is next to a bin edge (the codes' exact
-# path). What is left of the grid-stride loop (the loop that stores the codes) is then
-# straight-line code: its instructions / 16 (two groups of 8 per turn) are the common path's
-# per element, with and without the ReLU output (relu=1, relu=0). Then unpack, cut alike and
+# It compiles a copy of cuda/codec_kernels.cu in which the rare paths are cut out. pack's
+# kernels for the common path (Common: whole aligned groups, NHWC rows of 8 channels or NCHW
+# groups in one channel, 32-bit index math; what runs for every layer of the networks) are
+# counted as built, but for the codes' exact path (no element next to a bin edge): what is
+# left of the grid-stride loop (the loop that stores the codes) is then straight-line code:
+# its instructions / 16 (two groups of 8 per turn) are the common path's per element, with
+# and without the ReLU output (relu=1, relu=0). (Before the Common kernels the cuts made that
+# path of the one kernel; on an H200 that kernel executed about twice what they left.) Then
+# unpack's common-path kernels, cut alike and
 # writing r' alone (what the backward asks of it), and the NHWC BatchNorm backward's kernels
 # (reduce and apply, 8 and 4 channels a thread), whose loops the cuts leave as they are. Each
 # row also counts the instructions of three pipes, which an sm_90 SM completes at different
@@ -82,18 +85,13 @@ cut("""    return {gr.one_channel ? GroupAt::one_channel : GroupAt::per_element,
     """    return {GroupAt::one_channel, gr.c0};""")
 # Within each kernel, (its first line, the comment after it): the text and what replaces it.
 for kernel, cuts in {
-    # pack: full aligned groups, no exact path, the ReLU output as HOT_RELU says.
+    # pack: its common-path kernels (Common: whole aligned groups, as built) without the exact
+    # path, the ReLU output as HOT_RELU says.
     ("pack_kernel(PackParams p, Index ix) {", "// The codes of 4 consecutive elements"): [
-        ("if (vec && e0 + kGroup <= p.numel) {", "if (true) {"),
-        ("const int n = static_cast<int>(min(int64_t{kGroup}, p.numel - e0));", "constexpr int n = kGroup;"),
-        ("if (relu_vec && n == kGroup) {", "if (true) {"),
         ("if (q[k] == codec::kNearEdge) {", "if (false) {"),
         ("      if (relu) {", "      if (HOT_RELU && relu) {")],
-    # unpack: full groups of word-aligned codes, and only r' written (as the backward asks).
+    # unpack: its common-path kernels (as pack's), writing r' alone (as the backward asks).
     ("unpack_kernel(UnpackParams p, Index ix) {", "// The BatchNorm-and-ReLU backward from the codes."): [
-        ("if (e0 + G <= p.numel && word_codes) {", "if (true) {"),
-        ("const int n = static_cast<int>(min(int64_t{G}, p.numel - e0));", "constexpr int n = G;"),
-        ("const bool full = vec && n == G;", "const bool full = true;"),
         ("      if (x_hat) {", "      if (false) {"),
         ("      if (p.mask) {", "      if (false) {")],
 }.items():
@@ -183,15 +181,15 @@ def columns(body, per):
 print(f"pack_kernel<bits, dtype, NHWC, fused>            relu  {HEADER}")
 for relu in (0, 1):
     for name, ins in kernels(f"{tmp}/k{relu}.sass"):
-        m = re.search(r"(?<!un)pack_kernel<([^>]*)>", name)
+        m = re.search(r"(?<!un)pack_kernel<([^>]*), true>", name)  # the common path's kernels
         if not m or want not in name:
             continue
         body = widest_loop(ins, storing=True)  # two groups of 8 a turn
         print(f"{short(m.group(1)):48s} {relu:4d}  {columns(body, 16)}")
-# unpack of r' alone (cut as above): 4 groups of 16 bytes of output a turn.
+# unpack of r' alone (its common path, cut as above): 4 groups of 16 bytes of output a turn.
 print(f"\nunpack_kernel<bits, dtype, NHWC>, r' only              {HEADER}")
 for name, ins in kernels(f"{tmp}/k0.sass"):
-    m = re.search(r"unpack_kernel<([^>]*)>", name)
+    m = re.search(r"unpack_kernel<([^>]*), true>", name)  # the common path's kernels
     if m:
         per_turn = 4 * (8 if "BFloat16" in m.group(1) else 4)
         print(f"{short(m.group(1)):48s}       {columns(widest_loop(ins, storing=True), per_turn)}")
