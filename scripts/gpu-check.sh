@@ -18,14 +18,17 @@
 # session's 15 minutes hold the build, the GPU tests and a few stages, e.g.:
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-graphs|train-graphed|gloo-cuda-2proc'
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-precision|codec-precision|step-fused|step-precision-profile'
+#   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|codec-common|codec-precision|step-fused|ncu-codec'
 #   BLPA_GPU_STAGES='ncu-codec|bn-vector'     (a second call, if time is left)
 # with BLPA_COMMIT=$(git rev-parse HEAD) (the tree may travel without .git). On 2026-12-04 the
 # second line took 386 s (build 177 s, the CUDA tests 77 s, step-precision 40 s,
 # codec-precision 36 s, step-precision-profile 14 s, step-fused 33 s), and
 # 'tests|ncu-codec|bn-grid' with two tests 361 s (build 155 s, ncu-codec 126 s, bn-grid 57 s);
 # a machine's start adds half a minute to a minute, and a second call a build of its own
-# (the machine goes back 30 s after a call). Left to measure for #15: bn-vector (the NHWC
-# BatchNorm backward with 4 channels a thread), and ncu-codec's stall reasons (added since).
+# (the machine goes back 30 s after a call). Left to measure for #15 (the third line, about
+# 450 s): codec-common (pack's and unpack's common-path kernels, split after that run),
+# codec-precision and ncu-codec again with them, ncu-codec's stall reasons (added since), and
+# bn-vector (the NHWC BatchNorm backward with 4 channels a thread).
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$here"
@@ -256,6 +259,18 @@ stage bn-grid 300 bash -c 'for n in "" 16 "" 16; do for p in bf16 fp32; do for s
   --numel $1 --channels $2 --hw 32 --precision $p --memory-format nhwc --gamma drawn || exit 1; done; done; done
   for n in "" 16; do for mb in "resnet164 128" "resnet152 128"; do set -- $mb; echo "BLPA_BN_NHWC_BLOCKS=$n $1";
   BLPA_BN_NHWC_BLOCKS=$n bench step --device cuda --model $1 --batch $2 --mode plain,blpa-4 --precision bf16 \
+  --memory-format nhwc --cuda-graphs --warmup 3 --steps 10 --rounds 2 || exit 1; done; done'
+# pack's and unpack's kernels for the common path (whole aligned groups: every layer of the
+# networks; no branches or registers for the rest) against their kernels for any shape
+# (BLPA_CODEC_GENERAL=1, which ran every launch until they were split): the codec bench in
+# bf16 and float32 NHWC, 256M elements of 64 channels and ResNet-164's first layer at batch
+# 128 (2M of 16), common, general, common, general; then the graphed bf16 steps of ResNet-164
+# and ResNet-152, blpa-4 beside plain, common then general (the log names each before it runs).
+stage codec-common 300 bash -c 'for g in 0 1 0 1; do for p in bf16 fp32; do for s in "268435456 64" "2097152 16"; do
+  set -- $s; echo "BLPA_CODEC_GENERAL=$g $p $1 x $2"; BLPA_CODEC_GENERAL=$g bench codec --device cuda --bits 4 \
+  --numel $1 --channels $2 --hw 32 --precision $p --memory-format nhwc --gamma drawn || exit 1; done; done; done
+  for g in 0 1; do for mb in "resnet164 128" "resnet152 128"; do set -- $mb; echo "BLPA_CODEC_GENERAL=$g $1";
+  BLPA_CODEC_GENERAL=$g bench step --device cuda --model $1 --batch $2 --mode plain,blpa-4 --precision bf16 \
   --memory-format nhwc --cuda-graphs --warmup 3 --steps 10 --rounds 2 || exit 1; done; done'
 stage memory-precision 180 bash -c 'bench memory --device cuda --model resnet152 --batch 64 --mode blpa-4 \
   --precision bf16 --memory-format nhwc'
