@@ -1183,11 +1183,13 @@ void pack(const PackParams& p) {
 bool unpack_common_path(const UnpackParams& p, const Index& ix, int group) {
   if (p.general) return false;
   const bool whole = p.numel % group == 0 && ix.narrow;
-  const bool vec = (!p.x_hat || aligned(p.x_hat, 16)) && (!p.r || aligned(p.r, 16)) &&
+  constexpr uintptr_t vector = 16;  // a group's output, 16 bytes of either type (Elems<T, kUnpackGroup<T>>)
+  const bool vec = (!p.x_hat || aligned(p.x_hat, vector)) && (!p.r || aligned(p.r, vector)) &&
                    aligned(p.codes, group * p.bits / 8);
   const float* b = p.x_hat ? p.b : nullptr;
   const float* gamma = p.r ? p.gamma : nullptr;
-  const bool rows = group == 8 ? nhwc_rows<8>(p.channels, p.offsets, b, gamma) : nhwc_rows<4>(p.channels, p.offsets, b, gamma);
+  const bool rows =
+      group == 8 ? nhwc_rows<8>(p.channels, p.offsets, b, gamma) : nhwc_rows<4>(p.channels, p.offsets, b, gamma);
   const bool layout = p.nhwc ? rows : p.plane % group == 0;
   return whole && vec && layout;
 }

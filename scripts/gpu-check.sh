@@ -18,17 +18,19 @@
 # session's 15 minutes hold the build, the GPU tests and a few stages, e.g.:
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-graphs|train-graphed|gloo-cuda-2proc'
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-precision|codec-precision|step-fused|step-precision-profile'
-#   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|codec-common|codec-precision|step-fused|ncu-codec'
+#   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|codec-common|codec-precision|step-fused'
 #   BLPA_GPU_STAGES='ncu-codec|bn-vector'     (a second call, if time is left)
 # with BLPA_COMMIT=$(git rev-parse HEAD) (the tree may travel without .git). On 2026-12-04 the
 # second line took 386 s (build 177 s, the CUDA tests 77 s, step-precision 40 s,
 # codec-precision 36 s, step-precision-profile 14 s, step-fused 33 s), and
 # 'tests|ncu-codec|bn-grid' with two tests 361 s (build 155 s, ncu-codec 126 s, bn-grid 57 s);
 # a machine's start adds half a minute to a minute, and a second call a build of its own
-# (the machine goes back 30 s after a call). Left to measure for #15 (the third line, about
-# 450 s): codec-common (pack's and unpack's common-path kernels, split after that run),
-# codec-precision and ncu-codec again with them, ncu-codec's stall reasons (added since), and
-# bn-vector (the NHWC BatchNorm backward with 4 channels a thread).
+# (the machine goes back 30 s after a call). Left to measure for #15: the third line (about
+# 380 s by those figures: codec-common times pack's and unpack's common-path kernels, split
+# after that run, against the general ones; codec-precision and step-fused the defaults with
+# them), then the fourth in a second call (about 400 s: ncu-codec with its 128M-element run
+# and stall reasons, added since, and bn-vector, the NHWC BatchNorm backward with 4 channels a
+# thread).
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$here"
