@@ -1367,6 +1367,55 @@ TEST_CASE("codec: pack and unpack on a one-multiprocessor grid, emulated, give t
   }
 }
 
+TEST_CASE("codec: unpack's every subset of outputs through the emulated kernels gives the CPU path's bits",
+          "[emulator]") {
+  // Each of the 7 subsets of x_hat, r' and mask, on shapes whose groups are whole (the common
+  // path's kernels, which read only what the outputs asked for need: b for x_hat, gamma for r')
+  // and not, with b and gamma aligned and one float into a buffer (the general kernels then).
+  struct Restore {
+    ~Restore() { blpa::testing::set_emulated_multiprocessors(2); }
+  } restore;
+  torch::manual_seed(37);
+  for (int sms : {1, 2}) {
+    blpa::testing::set_emulated_multiprocessors(sms);
+    for (int bits : {8, 4, 2}) {
+      const CodeFormat f = blpa::default_format(bits);
+      for (const auto& shape :
+           std::vector<std::vector<int64_t>>{{2, 16, 4, 4}, {3, 8, 2, 4}, {2, 2056, 8, 1}, {3, 5, 3, 3}}) {
+        const int64_t c = shape[1];
+        const auto cc = blpa::channel_coding(torch::rand({c}) * 2 + 0.05, torch::randn({c}), 1e-8f, f, true);
+        for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+          for (bool cl : {false, true}) {
+            for (bool shifted : {false, true}) {
+              CAPTURE(sms, bits, shape, dtype, cl, shifted);
+              auto x = (torch::randn(shape) * 2).to(dtype).contiguous(cl ? at::MemoryFormat::ChannelsLast
+                                                                         : at::MemoryFormat::Contiguous);
+              auto b = cc.b, g = cc.g;
+              if (shifted) {
+                b = torch::empty({c + 1}).narrow(0, 1, c).copy_(cc.b);
+                g = torch::empty({c + 1}).narrow(0, 1, c).copy_(cc.g);
+              }
+              const auto codes = blpa::pack(x, b, f, g);
+              for (unsigned outputs = 1; outputs < 8; ++outputs) {
+                CAPTURE(outputs);
+                auto cpu = blpa::unpack(codes, b, g, outputs, dtype);
+                blpa::testing::EmulatedKernels emulated;
+                auto gpu = blpa::unpack(codes, b, g, outputs, dtype);
+                for (auto [got, want] : {std::pair{gpu.x_hat, cpu.x_hat}, {gpu.r, cpu.r}}) {
+                  REQUIRE(got.defined() == want.defined());
+                  if (want.defined()) CHECK(torch::equal(bits_of(got), bits_of(want)));
+                }
+                REQUIRE(gpu.mask.defined() == cpu.mask.defined());
+                if (cpu.mask.defined()) CHECK(torch::equal(gpu.mask, cpu.mask));
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("codec: drawn shapes values and grids through the emulated kernels give the CPU path's bits",
           "[emulator]") {
   // The cases above are chosen; these are drawn, so that what they did not think of meets the
