@@ -184,6 +184,23 @@ std::pair<std::string, std::string> before_the_flags(const blpa::Checkpoint& ck,
   return {identity, config};
 }
 
+// A run's checkpoint with its model and optimiser loaded, to be saved again as another blpa
+// wrote it.
+struct Loaded {
+  Loaded(const std::string& path, const blpa::TrainConfig& c)
+      : ck(blpa::read_checkpoint(path)), model(blpa::load_model(ck)), opt(blpa::make_optimizer(model, c)) {
+    blpa::load_training_state(ck, model, opt);
+  }
+  // Saves it at path as a blpa from before --precision and --memory-format wrote it on device.
+  void save_before_the_flags(const std::string& path, const std::string& device) {
+    const auto [identity, config] = before_the_flags(ck, device);
+    blpa::save_checkpoint(path, identity, config, ck.state, model, opt);
+  }
+  blpa::Checkpoint ck;  // (the members in the order the constructor makes them)
+  blpa::ResNet model;
+  torch::optim::SGD opt;
+};
+
 }  // namespace
 
 TEST_CASE("train: a checkpoint from before --precision resumes only as it ran (fp32, on CUDA tf32), a tf32 one on the CPU in fp32", "[train]") {
@@ -195,16 +212,12 @@ TEST_CASE("train: a checkpoint from before --precision resumes only as it ran (f
   blpa::train(c);
   // The same checkpoint as an older blpa wrote it: no precision or memory_format in its
   // config or identity.
-  const auto ck = blpa::read_checkpoint(c.checkpoint);
+  Loaded trained(c.checkpoint, c);
+  const auto& ck = trained.ck;
   REQUIRE(ck.config.count("precision"));
-  auto model = blpa::load_model(ck);
-  auto opt = blpa::make_optimizer(model, c);
-  blpa::load_training_state(ck, model, opt);
-  auto old_config = [&](const std::string& device) { return before_the_flags(ck, device).second; };
   REQUIRE(ck.config.at("device") == "cpu");
-  const std::string identity = before_the_flags(ck, "cpu").first;
   c.checkpoint = (dir / "old.pt").string();
-  blpa::save_checkpoint(c.checkpoint, identity, old_config("cpu"), ck.state, model, opt);
+  trained.save_before_the_flags(c.checkpoint, "cpu");
   REQUIRE_FALSE(blpa::read_checkpoint(c.checkpoint).config.count("precision"));
 
   c.resume = true;
@@ -215,7 +228,7 @@ TEST_CASE("train: a checkpoint from before --precision resumes only as it ran (f
      // TF32, goes on in fp32 (were it refused, only a GPU could resume it); other precisions stay refused
     auto on_cuda = c;
     on_cuda.checkpoint = (dir / "old-cuda.pt").string();
-    blpa::save_checkpoint(on_cuda.checkpoint, identity, old_config("cuda:0"), ck.state, model, opt);
+    trained.save_before_the_flags(on_cuda.checkpoint, "cuda:0");
     CHECK_THROWS_WITH(blpa::train(on_cuda), Catch::Contains("precision: checkpoint tf32, command line bf16"));
     on_cuda.precision = "auto";
     CHECK(blpa::train(on_cuda).iteration == 6);
@@ -226,8 +239,9 @@ TEST_CASE("train: a checkpoint from before --precision resumes only as it ran (f
     for (const char* given : {"auto", "fp32"}) {
       CAPTURE(given);
       on_cuda.checkpoint = (dir / (std::string("tf32-") + given + ".pt")).string();
-      blpa::save_checkpoint(on_cuda.checkpoint, tf32_identity, old_config("cuda:0") + "precision=tf32\nmemory_format=nchw\n",
-                            ck.state, model, opt);
+      blpa::save_checkpoint(on_cuda.checkpoint, tf32_identity,
+                            before_the_flags(ck, "cuda:0").second + "precision=tf32\nmemory_format=nchw\n", ck.state,
+                            trained.model, trained.opt);
       REQUIRE(blpa::read_checkpoint(on_cuda.checkpoint).config.at("precision") == "tf32");
       on_cuda.precision = given;
       CHECK(blpa::train(on_cuda).iteration == 6);
@@ -259,16 +273,10 @@ TEST_CASE("CUDA: a CPU run's checkpoint, old or new, resumes on the GPU in its f
   c.iterations = 4;
   c.checkpoint = (dir / "new.pt").string();
   blpa::train(c);
-  const auto ck = blpa::read_checkpoint(c.checkpoint);
-  REQUIRE(ck.config.at("precision") == "fp32");
-  const std::string layout = ck.config.at("memory_format");
-  {
-    auto model = blpa::load_model(ck);
-    auto opt = blpa::make_optimizer(model, c);
-    blpa::load_training_state(ck, model, opt);
-    const auto [identity, config] = before_the_flags(ck, "cpu");
-    blpa::save_checkpoint((dir / "old.pt").string(), identity, config, ck.state, model, opt);
-  }
+  Loaded trained(c.checkpoint, c);
+  REQUIRE(trained.ck.config.at("precision") == "fp32");
+  const std::string layout = trained.ck.config.at("memory_format");
+  trained.save_before_the_flags((dir / "old.pt").string(), "cpu");
   for (const auto& [name, kept_layout] : {std::pair<std::string, std::string>{"new.pt", layout}, {"old.pt", "nchw"}}) {
     CAPTURE(name);
     auto gpu = c;
