@@ -226,7 +226,10 @@ BLPA_INLINE inline void read_codes(const uint8_t* data, int64_t i, int n, uint8_
     for (int j = 0; j < bytes; ++j)
       for (int t = 0; t < per; ++t) q[k + per * j + t] = (src[j] >> (t * Bits)) & mask;
     k += per * bytes;
-    for (int t = 0; k < n; ++k, ++t) q[k] = (src[bytes] >> (t * Bits)) & mask;
+    // The run ends inside a byte: fewer than per codes are left. (Bounded by per rather than
+    // by n, so that GCC 13 does not vectorise this loop into stores past q and warn of them.)
+    for (int t = 0; t < per - 1; ++t)
+      if (k + t < n) q[k + t] = (src[bytes] >> (t * Bits)) & mask;
   }
 }
 

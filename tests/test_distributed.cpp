@@ -475,8 +475,7 @@ pid_t spawn(const std::vector<std::string>& args, const std::string& out, const 
   const pid_t pid = ::fork();
   if (pid == 0) {
     if (!env.empty()) ::putenv(const_cast<char*>(env.c_str()));
-    std::freopen(out.c_str(), "w", stdout);
-    std::freopen(out.c_str(), "a", stderr);
+    if (!std::freopen(out.c_str(), "w", stdout) || !std::freopen(out.c_str(), "a", stderr)) ::_exit(126);
     std::vector<char*> argv{const_cast<char*>(BLPA_TRAIN_EXE)};
     for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
     argv.push_back(nullptr);

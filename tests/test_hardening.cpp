@@ -2029,7 +2029,7 @@ TEST_CASE("hardening: SIGTERM during an evaluation stops it, and the resumed run
   std::fflush(nullptr);
   const pid_t pid = ::fork();
   if (pid == 0) {
-    std::freopen((dir / "run.out").c_str(), "w", stderr);
+    if (!std::freopen((dir / "run.out").c_str(), "w", stderr)) ::_exit(126);
     ::execv(BLPA_TRAIN_EXE, argv.data());
     ::_exit(127);
   }
