@@ -52,7 +52,7 @@ double near_edge_fraction(const torch::Tensor& v, const blpa::Codes& codes, cons
   const auto g = divisor.defined() ? divisor.to(torch::kFloat).cpu() : torch::ones({channels});
   const int bits = codes.format.bits;
   const float d = codes.format.bin_width(), guard_d = codec::kGuard / d;
-  const float tol = codec::scaled_tolerance(bits, guard_d);
+  const float limit = codec::far_limit(codec::scaled_tolerance(bits, guard_d));
   std::vector<float> scale(channels), bias(channels);
   for (int64_t c = 0; c < channels; ++c) {  // as the kernel's table
     const codec::FusedChannel f = codec::fused_channel(g[c].item<float>(), offsets[c].item<uint8_t>(), d, guard_d);
@@ -63,7 +63,7 @@ double near_edge_fraction(const torch::Tensor& v, const blpa::Codes& codes, cons
   int64_t near = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t c = (i / plane) % channels;
-    near += codec::fused_code(xp[i], scale[c], bias[c], tol, bits) == codec::kNearEdge;
+    near += codec::fused_code(xp[i], scale[c], bias[c], limit, bits) == codec::kNearEdge;
   }
   return static_cast<double>(near) / static_cast<double>(n);
 }

@@ -267,23 +267,74 @@ __device__ __forceinline__ T zero() {
   return codec::round_to<T>(0.0f);
 }
 
-// The unit's ReLU of e, whose values widened are x: v < 0 ? 0 : v, keeping -0 and NaN. bf16
-// pairs in their words, clearing a negative value's half.
-template <typename T, int V>
-__device__ __forceinline__ Elems<T, V> relu_elems(const Elems<T, V>& e, const float x[V]) {
-  Elems<T, V> y;
-  if constexpr (std::is_same_v<T, c10::BFloat16> && V % 2 == 0) {
-    uint32_t w[V / 2];
-    memcpy(w, &e, sizeof w);
+// pack's group of kGroup elements as it loads, rounds and stores them: floats, or bf16 as
+// kGroup / 2 32-bit words, element 2k in word k's low half. (Held as 16-bit values, as
+// Elems<bf16, 8>, each pair was put back together into a word before it was widened: a byte
+// permute more an element, scripts/sass-hot-path.sh.)
+template <typename T>
+using PackRaw = std::conditional_t<std::is_same_v<T, c10::BFloat16>, Elems<uint32_t, kGroup / 2>, Elems<float, kGroup>>;
+
+__device__ __forceinline__ void widen_raw(const Elems<float, kGroup>& r, float x[kGroup]) {
 #pragma unroll
-    for (int k = 0; k < V / 2; ++k) {
-      if (x[2 * k] < 0.0f) w[k] &= 0xFFFF0000u;
-      if (x[2 * k + 1] < 0.0f) w[k] &= 0x0000FFFFu;
-    }
-    memcpy(&y, w, sizeof w);
+  for (int k = 0; k < kGroup; ++k) x[k] = r.v[k];
+}
+
+// bf16 words: the low half shifted up, the high half masked, one instruction a value.
+__device__ __forceinline__ void widen_raw(const Elems<uint32_t, kGroup / 2>& r, float x[kGroup]) {
+#pragma unroll
+  for (int k = 0; k < kGroup / 2; ++k) {
+    x[2 * k] = codec::float_of_bits(r.v[k] << 16);
+    x[2 * k + 1] = codec::float_of_bits(r.v[k] & 0xFFFF0000u);
+  }
+}
+
+// Element k of r, and r with element k set to e (the general kernel's scalar path).
+template <typename T>
+__device__ __forceinline__ T raw_elem(const PackRaw<T>& r, int k) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    return c10::BFloat16(static_cast<uint16_t>(r.v[k / 2] >> (16 * (k % 2))), c10::BFloat16::from_bits());
+  else
+    return r.v[k];
+}
+
+template <typename T>
+__device__ __forceinline__ void set_raw_elem(PackRaw<T>& r, int k, T e) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const int shift = 16 * (k % 2);
+    r.v[k / 2] = (r.v[k / 2] & ~(0xFFFFu << shift)) | uint32_t{e.x} << shift;
   } else {
+    r.v[k] = e;
+  }
+}
+
+// a rounded to T into r, own NaNs (the fused forward's BatchNorm output): bf16 pairs by one
+// conversion into their word.
+__device__ __forceinline__ void round_raw(const float a[kGroup], Elems<float, kGroup>& r) {
 #pragma unroll
-    for (int k = 0; k < V; ++k) y.v[k] = x[k] < 0.0f ? zero<T>() : e.v[k];
+  for (int k = 0; k < kGroup; ++k) r.v[k] = codec::round_to_own_nan<float>(a[k]);
+}
+
+__device__ __forceinline__ void round_raw(const float a[kGroup], Elems<uint32_t, kGroup / 2>& r) {
+#pragma unroll
+  for (int k = 0; k < kGroup / 2; ++k) r.v[k] = codec::bf16_pair_word_own_nan(a[2 * k], a[2 * k + 1]);
+}
+
+// The unit's ReLU of r, whose values widened are x: v < 0 ? 0 : v, keeping -0 and NaN. bf16
+// pairs in their words, clearing a negative value's half.
+__device__ __forceinline__ Elems<float, kGroup> relu_raw(const Elems<float, kGroup>& r, const float x[kGroup]) {
+  Elems<float, kGroup> y;
+#pragma unroll
+  for (int k = 0; k < kGroup; ++k) y.v[k] = x[k] < 0.0f ? 0.0f : r.v[k];
+  return y;
+}
+
+__device__ __forceinline__ Elems<uint32_t, kGroup / 2> relu_raw(const Elems<uint32_t, kGroup / 2>& r,
+                                                                const float x[kGroup]) {
+  Elems<uint32_t, kGroup / 2> y = r;
+#pragma unroll
+  for (int k = 0; k < kGroup / 2; ++k) {
+    if (x[2 * k] < 0.0f) y.v[k] &= 0xFFFF0000u;
+    if (x[2 * k + 1] < 0.0f) y.v[k] &= 0x0000FFFFu;
   }
   return y;
 }
@@ -379,6 +430,22 @@ bool pack_table_launch(const PackParams& p, int blocks) {
   return p.channels > kOwnTableChannels || int64_t{blocks} * (p.channels + codec::edge_thresholds(p.bits)) > kTableWork;
 }
 
+// The word of N codes of Bits bits, code k at bits [Bits k, Bits (k + 1)), from their biased
+// values b_k = code_k + kRoundMagicBits (codec::fused's): the sum of b_k << (Bits k) less the
+// sum of kRoundMagicBits << (Bits k), modulo 2^32, which is the sum of code_k << (Bits k) with
+// no carries between codes. One shift-and-add an element (LEA), where taking each code out of
+// its biased value first and or-ing it in took three.
+template <int Bits, int N>
+__device__ __forceinline__ uint32_t code_word(const uint32_t* biased) {
+  uint32_t w = 0, bias = 0;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    w += biased[k] << (Bits * k);
+    bias += codec::kRoundMagicBits << (Bits * k);
+  }
+  return w - bias;
+}
+
 // Affine: the unit's fused forward (PackParams::mean): the values packed are a = T(fma(x,
 // alpha_c, shift_c)) of the loaded x, not x. Common: every group of the launch is whole, its
 // tensors aligned for vector access and its index math 32-bit (pack_common_path), so that the
@@ -413,106 +480,114 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
   // offsets are read here.)
   const bool rows = NHWC && (Common || nhwc_rows<kGroup>(p.channels, nullptr, p.workspace, nullptr));
   const float d = codec::bin_width(p.window, Bits);
-  const float tol = codec::scaled_tolerance(Bits, codec::kGuard / d);
-  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
-  for (int64_t g0 = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g0 < groups; g0 += kPackUnroll * stride) {
-    Elems<T, kGroup> raws[kPackUnroll];  // each group's elements, loaded first
+  const float limit = codec::far_limit(codec::scaled_tolerance(Bits, codec::kGuard / d));
+  // The common path's index math in 32 bits (its numel is below 2^31, so every e0 a thread
+  // forms, at most a grid's width of groups past the end, is below 2^32).
+  using I = std::conditional_t<Common, uint32_t, int64_t>;
+  const I numel = static_cast<I>(p.numel), stride = static_cast<I>(gridDim.x) * blockDim.x;
+  for (I g0 = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; g0 < static_cast<I>(groups);
+       g0 += kPackUnroll * stride) {
+    PackRaw<T> raws[kPackUnroll];  // each group's elements, loaded first
 #pragma unroll
     for (int u = 0; u < kPackUnroll; ++u) {
-      const int64_t e0 = (g0 + u * stride) * kGroup;
+      const I e0 = (g0 + u * stride) * kGroup;
       // (A common launch's groups are whole, but a thread's last turn may reach past the end.)
-      if (Common ? e0 < p.numel : vec && e0 + kGroup <= p.numel) {
-        raws[u] = target::load<Elems<T, kGroup>>(v + e0);
+      if (Common ? e0 < numel : vec && e0 + kGroup <= numel) {
+        raws[u] = target::load<PackRaw<T>>(v + e0);
       } else if (!Common) {
 #pragma unroll
-        for (int k = 0; k < kGroup; ++k) raws[u].v[k] = e0 + k < p.numel ? v[e0 + k] : zero<T>();
+        for (int k = 0; k < kGroup; ++k) set_raw_elem<T>(raws[u], k, e0 + k < numel ? v[e0 + k] : zero<T>());
       }
     }
 #pragma unroll
     for (int u = 0; u < kPackUnroll; ++u) {
-      const int64_t e0 = (g0 + u * stride) * kGroup;
-      if (e0 >= p.numel) break;  // so are the later groups
+      const I e0 = (g0 + u * stride) * kGroup;
+      if (e0 >= numel) break;  // so are the later groups
       const int n = Common ? kGroup : static_cast<int>(min(int64_t{kGroup}, p.numel - e0));
-      Elems<T, kGroup>& raw = raws[u];
+      PackRaw<T>& raw = raws[u];
       const GroupAt at = Common ? common_group_at<NHWC>(e0, ix) : group_at<kGroup, NHWC>(rows, e0, n, ix);
+      float x[kGroup];
+      widen_raw(raw, x);
       if constexpr (Affine) {  // raw becomes a: the BatchNorm's output, rounded to T
         float al[kGroup], sh[kGroup];
         channel_values<kGroup, NHWC>(table.alpha, at, e0, ix, al);
         channel_values<kGroup, NHWC>(table.shift, at, e0, ix, sh);
 #pragma unroll
-        for (int k = 0; k < kGroup; k += 2)
-          codec::round_pair_own_nan(fmaf(codec::widen(raw.v[k]), al[k], sh[k]),
-                                    fmaf(codec::widen(raw.v[k + 1]), al[k + 1], sh[k + 1]), raw.v[k], raw.v[k + 1]);
+        for (int k = 0; k < kGroup; ++k) x[k] = fmaf(x[k], al[k], sh[k]);
+        round_raw(x, raw);
+        widen_raw(raw, x);
       }
-      float x[kGroup];
-      widen_elems<T, kGroup>(raw, x);
       if (relu) {  // the unit's ReLU, written where it may alias v: this thread has read it
-        const Elems<T, kGroup> y = relu_elems<T, kGroup>(raw, x);
+        const PackRaw<T> y = relu_raw(raw, x);
         if (relu_vec && n == kGroup) {
           target::store(relu + e0, y);
         } else {
 #pragma unroll
           for (int k = 0; k < kGroup; ++k)
-            if (k < n) relu[e0 + k] = y.v[k];
+            if (k < n) relu[e0 + k] = raw_elem<T>(y, k);
         }
       }
       float sc[kGroup], bi[kGroup];
       channel_values<kGroup, NHWC>(table.scale, at, e0, ix, sc);
       channel_values<kGroup, NHWC>(table.bias, at, e0, ix, bi);
+      // Every code of the group first, then one test for the group: a test and branch for
+      // each element cost some 4 instructions an element and made each element's chain of
+      // dependent instructions wait for the one before (on an H200 the pack issued once in 14
+      // cycles per warp).
       uint32_t q[kGroup];
+      bool near = false;
 #pragma unroll
       for (int k = 0; k < kGroup; ++k) {
-        q[k] = codec::fused_code(x[k], sc[k], bi[k], tol, Bits);
-        // Next to a bin edge: decided by the edge thresholds, dividing only by a divisor other
-        // than 1 (v / 1 is v), with the channel known from the group's layout. About 1 element
-        // in 1,000 of float32 activations; but a bf16 value divided by 1 (no divisor, or gamma
-        // = 1 as initialised) is often exactly on an edge: 1 in 6 of N(0,1) values at 8 bits,
-        // 1 in 85 at 4.
-        if (q[k] == codec::kNearEdge) {
+        const codec::Fused f = codec::fused(x[k], sc[k], bi[k], limit, Bits);
+        q[k] = f.biased;
+        near |= !f.far;
+      }
+      // Next to a bin edge: decided by the edge thresholds, dividing only by a divisor other
+      // than 1 (v / 1 is v), with the channel known from the group's layout. About 1 element
+      // in 1,000 of float32 activations; but a bf16 value divided by 1 (no divisor, or gamma =
+      // 1 as initialised) is often exactly on an edge: 1 in 6 of N(0,1) values at 8 bits, 1 in
+      // 85 at 4.
+      if (near) {
+#pragma unroll
+        for (int k = 0; k < kGroup; ++k) {
+          if (codec::fused(x[k], sc[k], bi[k], limit, Bits).far) continue;
           float t = x[k];
           if (p.divisor) {
             const float g = p.divisor[element_channel<NHWC>(at, e0, k, ix)];
             if (g != 1.0f) t = __fdiv_rn(t, g);
           }
-          q[k] = codec::near_code<true>(x[k], t, sc[k], bi[k], table.edges, Bits, d);
+          q[k] = codec::near_code<true>(x[k], t, sc[k], bi[k], table.edges, Bits, d) + codec::kRoundMagicBits;
         }
       }
 
-      if constexpr (Bits == 8) {
-        uint8_t* out = p.codes + e0;
-        if (n == kGroup) {
-          uint2 w;
-          w.x = q[0] | q[1] << 8 | q[2] << 16 | q[3] << 24;
-          w.y = q[4] | q[5] << 8 | q[6] << 16 | q[7] << 24;
-          target::store(out, w);
+      // q holds each code plus kRoundMagicBits (fused's biased codes, and near_code's made so).
+      if (n == kGroup) {
+        if constexpr (Bits == 8) {
+          target::store(p.codes + e0, uint2{code_word<8, 4>(q), code_word<8, 4>(q + 4)});
+        } else if constexpr (Bits == 4) {
+          target::store(p.codes + e0 / 2, code_word<4, kGroup>(q));
         } else {
+          static_assert(Bits == 2, "codes are 8, 4 or 2 bits");
+          target::store(p.codes + e0 / 4, static_cast<uint16_t>(code_word<2, kGroup>(q)));
+        }
+      } else {  // a tensor's last elements, fewer than a group (not on the common path)
+#pragma unroll
+        for (int k = 0; k < kGroup; ++k) q[k] -= codec::kRoundMagicBits;
+        uint8_t* out = p.codes + e0 * Bits / 8;
+        if constexpr (Bits == 8) {
 #pragma unroll
           for (int k = 0; k < kGroup; ++k)
             if (k < n) out[k] = static_cast<uint8_t>(q[k]);
-        }
-      } else if constexpr (Bits == 4) {
-        uint8_t* out = p.codes + e0 / 2;
-        if (n == kGroup) {
-          uint32_t w = 0;
-#pragma unroll
-          for (int k = 0; k < kGroup; ++k) w |= q[k] << (4 * k);
-          target::store(out, w);
-        } else {
+        } else if constexpr (Bits == 4) {
 #pragma unroll
           for (int k = 0; k < kGroup; k += 2) {  // the padding nibble past an odd count is 0
             const uint32_t hi = k + 1 < n ? q[k + 1] : 0u;
             if (k < n) out[k / 2] = static_cast<uint8_t>(q[k] | hi << 4);
           }
-        }
-      } else {
-        static_assert(Bits == 2, "codes are 8, 4 or 2 bits");
-        uint8_t* out = p.codes + e0 / 4;
-        uint32_t w = 0;  // codes past n are 0: the padding of the last byte
-#pragma unroll
-        for (int k = 0; k < kGroup; ++k) w |= (k < n ? q[k] : 0u) << (2 * k);
-        if (n == kGroup) {
-          target::store(out, static_cast<uint16_t>(w));
         } else {
+          uint32_t w = 0;  // codes past n are 0: the padding of the last byte
+#pragma unroll
+          for (int k = 0; k < kGroup; ++k) w |= (k < n ? q[k] : 0u) << (2 * k);
           out[0] = static_cast<uint8_t>(w);
           if (n > 4) out[1] = static_cast<uint8_t>(w >> 8);
         }

@@ -88,7 +88,8 @@ for kernel, cuts in {
     # pack: its common-path kernels (Common: whole aligned groups, as built) without the exact
     # path, the ReLU output as HOT_RELU says.
     ("pack_kernel(PackParams p, Index ix) {", "// The codes of 4 consecutive elements"): [
-        ("if (q[k] == codec::kNearEdge) {", "if (false) {"),
+        # (the group's test stays, its branch a store of one code: what the common path pays)
+        ("      if (near) {", "      if (near) q[0] = 0;\n      if (false) {"),
         ("      if (relu) {", "      if (HOT_RELU && relu) {")],
     # unpack: its common-path kernels (as pack's), writing r' alone (as the backward asks).
     ("unpack_kernel(UnpackParams p, Index ix) {", "// The BatchNorm-and-ReLU backward from the codes."): [

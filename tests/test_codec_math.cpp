@@ -20,6 +20,7 @@ namespace codec = blpa::codec;
 
 struct Tally {
   int64_t checked = 0, near = 0, wrong = 0;
+  int64_t moved = 0;  // elements whose near or far differs from the formula of before 2026-12-04
   double worst_margin = 0;  // the largest |y - (y_e + s)| / tol seen where y is in [-2, B + 1]
 };
 
@@ -36,8 +37,13 @@ void check_one(float v, float g, float d, int s, int bits, const std::vector<flo
   const float scale = codec::fused_scale(g, d), guard_d = codec::kGuard / d;
   const float bias = codec::channel_bias(s, guard_d), tol = codec::scaled_tolerance(bits, guard_d);
   const uint32_t exact = codec::encode(v / g, s, bits, d);
-  uint32_t got = codec::fused_code(v, scale, bias, tol, bits);
+  uint32_t got = codec::fused_code(v, scale, bias, codec::far_limit(tol), bits);
   ++t.checked;
+  // Near exactly where the formula before 2026-12-04 (rintf, then floorf: two conversions) put
+  // it: within tol of an integer, once y is clamped to [1/2, B - 1/2], or NaN.
+  const float y0 = std::fma(v, scale, bias);
+  const float c = std::fmin(std::fmax(y0, 0.5f), static_cast<float>(codec::num_bins(bits)) - 0.5f);
+  if ((std::fabs(c - std::rint(c)) > tol && y0 == y0) != (got != codec::kNearEdge)) ++t.moved;
   if (got == codec::kNearEdge) {
     ++t.near;
     got = codec::near_code(v, g != 1.0f ? v / g : v, scale, bias, edges.data(), bits, d);
@@ -74,6 +80,7 @@ TEST_CASE("codec: the fused pack gives encode's codes on every bf16 value", "[co
         const int s = 1 + static_cast<int>(std::fmod(g * 1e4f, static_cast<float>(codec::num_bins(bits) - 1)));
         for (uint32_t u = 0; u < 0x10000u; ++u) check_one(codec::float_of_bits(u << 16), g, d, s, bits, edges, t);
         CHECK(t.wrong == 0);
+        CHECK(t.moved == 0);
         CHECK(t.worst_margin <= 0.5);  // the bound is half the tolerance
         if (g == 1.0f) CHECK(t.near > 0);  // bf16 values on bin edges: near_code decides them
       }
@@ -97,6 +104,7 @@ TEST_CASE("codec: the fused pack gives encode's codes at and beside every bin ed
             check_one(v, g, d, 1 + (k + reach) % (codec::num_bins(bits) - 1), bits, edges, t);
         }
         CHECK(t.wrong == 0);
+        CHECK(t.moved == 0);
         CHECK(t.worst_margin <= 0.5);
         CHECK(t.near > 0);  // the edges are where near_code decides
       }
@@ -119,6 +127,7 @@ TEST_CASE("codec: the fused pack gives encode's codes on random and extreme fp32
       for (int i = 0; i < 20000; ++i)
         check_one(normal(rng) * g, g, d, 1 + i % (codec::num_bins(bits) - 1), bits, edges, t);
       CHECK(t.wrong == 0);
+      CHECK(t.moved == 0);
       CHECK(t.worst_margin <= 0.5);
       // Activation-like values are rarely near an edge: about 2 tol of a bin's width each (8
       // bits: tol = 2.5e-4), where bf16 values above were often: on edges (v / d an integer)
@@ -137,6 +146,7 @@ TEST_CASE("codec: the fused pack gives encode's codes on random and extreme fp32
     for (float v : {1.0f, -2.5f, 0.0f, 1e30f, nan}) check_one(v * (g > 0 && g < inf ? g : 1.0f), g, d, 3, 4, edges, t);
     CHECK(t.near == t.checked);
     CHECK(t.wrong == 0);
+    CHECK(t.moved == 0);
   }
 }
 
@@ -187,11 +197,27 @@ TEST_CASE("codec: decode by float steps gives decode's bits and the mask for eve
     }
 }
 
+TEST_CASE("codec: far_limit is the least float at or above 1/2 - tol", "[codec-math]") {
+  // fused's |e| < limit must be 1/2 - |e| > tol exactly, for every tolerance the kernels use.
+  std::vector<float> tols{0x1p-20f, 1e-5f, 3e-4f, 0.1f};
+  for (int bits : {8, 4, 2})
+    for (float window : {6.0f, 2.5f, 7.3f, 40.0f, kNarrowWindow}) {
+      const float d = codec::bin_width(window, bits);
+      tols.push_back(codec::scaled_tolerance(bits, codec::kGuard / d));
+    }
+  for (float tol : tols) {
+    CAPTURE(tol);
+    const float limit = codec::far_limit(tol), below = std::nextafter(limit, 0.0f);
+    CHECK(0.5f - limit <= tol);  // exact: limit is in [1/4, 1/2]
+    CHECK(0.5f - below > tol);
+  }
+}
+
 TEST_CASE("codec: round_number_to rounds numbers as round_to and round_to_own_nan is round_to on the host",
           "[codec-math]") {
   // round_number_to skips the NaN check (unpack's r', never NaN); round_to_own_nan keeps the
   // device's NaN on the device, and on the host (and the emulator) is round_to, as is each
-  // value of round_pair_own_nan.
+  // half of bf16_pair_word_own_nan.
   std::mt19937 rng(3);
   std::uniform_int_distribution<uint32_t> any;
   using limits = std::numeric_limits<float>;
@@ -202,10 +228,9 @@ TEST_CASE("codec: round_number_to rounds numbers as round_to and round_to_own_na
   float previous = 1.0f;
   for (float f : values) {
     REQUIRE(codec::round_to_own_nan<c10::BFloat16>(f).x == codec::round_to<c10::BFloat16>(f).x);
-    c10::BFloat16 first, second;
-    codec::round_pair_own_nan(f, previous, first, second);
-    REQUIRE(first.x == codec::round_to<c10::BFloat16>(f).x);
-    REQUIRE(second.x == codec::round_to<c10::BFloat16>(previous).x);
+    const uint32_t pair = codec::bf16_pair_word_own_nan(f, previous);
+    REQUIRE((pair & 0xFFFFu) == codec::round_to<c10::BFloat16>(f).x);
+    REQUIRE(pair >> 16 == codec::round_to<c10::BFloat16>(previous).x);
     previous = f;
     if (f != f) continue;
     ++numbers;

@@ -167,21 +167,56 @@ BLPA_HD float scaled_tolerance(int bits, float guard_d) {
   return 0x1p-20f * (static_cast<float>(num_bins(bits)) + 2.0f + guard_d);
 }
 
+// The least float at or above 1/2 - tol, for tol < 1/4: a float e in [0, 1/2] lies below it
+// exactly when 1/2 - e > tol (1/2 - e is exact there). Once per launch.
+BLPA_HD float far_limit(float tol) {
+  const float limit = 0.5f - tol;  // rounded: one float up where it rounded down
+  const uint32_t u = bits_of_float(limit);
+  return 0.5f - limit > tol ? float_of_bits(u + 1) : limit;
+}
+
+// 1.5 x 2^23: for 0 <= h < 2^22, h + kRoundMagic is the float kRoundMagic + n for h's nearest
+// integer n (ties to even; the sum lies where floats are the integers), n is that float's bits
+// less kRoundMagic's, and subtracting kRoundMagic again gives n exactly: rounding in the FMA
+// pipe's adds, with no conversion (a GPU's run 16 a cycle per multiprocessor, adds 128).
+constexpr float kRoundMagic = 12582912.0f;
+constexpr uint32_t kRoundMagicBits = 0x4B400000u;
+
 // fused_code's answer where the caller must decide exactly (no code is that large).
 constexpr uint32_t kNearEdge = 0xFFFFFFFFu;
 
-// encode(v / g, s, bits, d) from y = fma(v, scale, bias), or kNearEdge where y lies within
-// tol of an integer in [1, B - 1] (the edges between codes), or is NaN. y is clamped first,
-// to [1/2, B - 1/2]: the codes clamp to 0 and B - 1 beyond, where encode's floor (within
-// far less than 1/2 of y, the bound above) is at most 0 or at least B - 1 too, and the
-// clamp's ends lie 1/2 from every integer, so they are far; a NaN y clamps to 1/2 and is
-// caught by y == y. Without branches, so that a GPU predicates it; an instruction fewer per
-// element than testing y against [-2, B + 1] and clamping after (scripts/sass-hot-path.sh).
-BLPA_HD uint32_t fused_code(float v, float scale, float bias, float tol, int bits) {
+// fused_code's code plus kRoundMagicBits (the bits of the float that rounded it: the CUDA pack
+// takes the constant off a word of codes at once), and whether it is certain (far from every
+// edge); where not far, biased is some code's, which the caller replaces.
+struct Fused {
+  uint32_t biased;
+  bool far;
+};
+
+// encode(v / g, s, bits, d) from y = fma(v, scale, bias), far unless y lies within tol of an
+// integer in [1, B - 1] (the edges between codes) or is NaN; limit = far_limit(tol). The codes
+// are floor(c), c = y clamped to [1/2, B - 1/2]: they clamp to 0 and B - 1 beyond, where
+// encode's floor (within far less than 1/2 of y, the bound above) is at most 0 or at least
+// B - 1 too, and the clamp's ends lie 1/2 from every integer, so they are far. Taken as
+// h = c - 1/2 (exactly y - 1/2 clamped to [0, B - 1]: y - 1/2 is exact for y from 1/4 to
+// 2^23, below 0 under 1/4 and at least B - 1 over 2^23), whose nearest integer n is floor(c) unless c is an
+// integer, and whose distance e from n is 1/2 less c's from the nearest integer: y is far
+// exactly when |e| < limit. A NaN y clamps to h = 0 and is caught by y == y. Without
+// branches or conversions, so that a GPU predicates it in its FMA and ALU pipes: two
+// conversions an element (rintf and a floor to int, as before 2026-12-04) ran on the pipe
+// of 16 a cycle, the bound of the bf16 pack (scripts/sass-hot-path.sh).
+BLPA_HD Fused fused(float v, float scale, float bias, float limit, int bits) {
   const float y = fmaf(v, scale, bias);
-  const float c = fminf(fmaxf(y, 0.5f), static_cast<float>(num_bins(bits)) - 0.5f);  // NaN -> 1/2
-  const bool far = fabsf(c - rintf(c)) > tol && y == y;
-  return far ? static_cast<uint32_t>(floorf(c)) : kNearEdge;
+  const float h = fminf(fmaxf(y - 0.5f, 0.0f), static_cast<float>(num_bins(bits) - 1));  // NaN -> 0
+  const float r = h + kRoundMagic;
+  const float e = h - (r - kRoundMagic);
+  return {bits_of_float(r), fabsf(e) < limit && y == y};
+}
+
+// fused's code where it is far, else kNearEdge.
+BLPA_HD uint32_t fused_code(float v, float scale, float bias, float limit, int bits) {
+  const Fused f = fused(v, scale, bias, limit, bits);
+  return f.far ? f.biased - kRoundMagicBits : kNearEdge;
 }
 
 // The next float above (step +1) or below (-1) f, with -0 just below +0; f finite.
@@ -325,21 +360,19 @@ BLPA_HD T round_to_own_nan(float f) {
 #endif
 }
 
-// round_to_own_nan of two values, into ra and rb: on the device one F2FP instruction (of the
-// ALU pipe) rounds both to bf16, where rounding them one at a time took two conversions of the
-// pipe that runs 16 a cycle per multiprocessor (scripts/sass-hot-path.sh).
-template <typename T>
-BLPA_HD void round_pair_own_nan(float a, float b, T& ra, T& rb) {
+// round_to_own_nan<bf16> of a and b as one 32-bit word, a's bits in the low half. On the
+// device one conversion rounds both (cvt.rn.bf16x2.f32, as __floats2bfloat162_rn: an F2FP of
+// the ALU pipe, where rounding them one at a time took two of the pipe that runs 16 a cycle per
+// multiprocessor), and its word is kept as it is (taken apart into two 16-bit values and put
+// back together it cost a byte permute more a pair; scripts/sass-hot-path.sh).
+BLPA_HD uint32_t bf16_pair_word_own_nan(float a, float b) {
 #if defined(__CUDA_ARCH__)
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    const __nv_bfloat162 pair = __floats2bfloat162_rn(a, b);
-    ra = c10::BFloat16(__bfloat16_as_ushort(pair.x), c10::BFloat16::from_bits());
-    rb = c10::BFloat16(__bfloat16_as_ushort(pair.y), c10::BFloat16::from_bits());
-    return;
-  }
+  uint32_t w;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(b), "f"(a));  // the first source to the high half
+  return w;
+#else
+  return uint32_t{bf16_bits(a)} | uint32_t{bf16_bits(b)} << 16;
 #endif
-  ra = round_to_own_nan<T>(a);
-  rb = round_to_own_nan<T>(b);
 }
 
 }  // namespace blpa::codec
