@@ -17,8 +17,9 @@
 # then straight-line code: its instructions / 16 (two groups of 8 per turn) are the common
 # path's per element, with and without the ReLU output (relu=1, relu=0). (Before the Common
 # kernels the cuts made that path of the one kernel; on an H200 that kernel executed about
-# twice what they left.) Then unpack's common-path kernels, cut alike and writing r' alone (what the backward asks of it), and the NHWC BatchNorm backward's kernels
-# (reduce and apply, 8 and 4 channels a thread), whose loops the cuts leave as they are. Each
+# twice what they left.) Then unpack's common-path kernels, cut alike and writing r' alone
+# (what the backward asks of it), and the NHWC BatchNorm backward's kernels (reduce and
+# apply, 8 and 4 channels a thread), whose loops the cuts leave as they are. Each
 # row also counts the instructions of three pipes, which an sm_90 SM completes at different
 # rates: 128 a cycle for FP32 (64 for IMAD), 64 for the ALU (integer, logic, compares,
 # selects, min/max, byte permutes, F2FP) and 16 for conversions (F2I, I2F, FRND...); with 4
