@@ -530,34 +530,39 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
       float sc[kGroup], bi[kGroup];
       channel_values<kGroup, NHWC>(table.scale, at, e0, ix, sc);
       channel_values<kGroup, NHWC>(table.bias, at, e0, ix, bi);
-      // Every code of the group first, then one test for the group: a test and branch for
-      // each element cost some 4 instructions an element and made each element's chain of
-      // dependent instructions wait for the one before (on an H200 the pack issued once in 14
-      // cycles per warp).
+      // Next to a bin edge: decided by the edge thresholds, dividing only by a divisor other
+      // than 1 (v / 1 is v), with the channel known from the group's layout. About 1 element
+      // in 1,000 of float32 activations; but a bf16 value divided by 1 (no divisor, or gamma =
+      // 1 as initialised) is often exactly on an edge: 1 in 6 of N(0,1) values at 8 bits, 1 in
+      // 85 at 4. Biased as fused's codes.
+      auto exact = [&](int k) {
+        float t = x[k];
+        if (p.divisor) {
+          const float g = p.divisor[element_channel<NHWC>(at, e0, k, ix)];
+          if (g != 1.0f) t = __fdiv_rn(t, g);
+        }
+        return codec::near_code<true>(x[k], t, sc[k], bi[k], table.edges, Bits, d) + codec::kRoundMagicBits;
+      };
+      // The common path makes every code of the group first, then tests the group once: a test
+      // and branch for each element cost some 4 instructions an element and made each
+      // element's chain of dependent instructions wait for the one before (on an H200 the pack
+      // issued once in 14 cycles per warp). The general kernel tests each element as it goes,
+      // which keeps fewer values live in its registers (with the group's test they spilled).
       uint32_t q[kGroup];
       bool near = false;
 #pragma unroll
       for (int k = 0; k < kGroup; ++k) {
         const codec::Fused f = codec::fused(x[k], sc[k], bi[k], limit, Bits);
         q[k] = f.biased;
-        near |= !f.far;
+        if constexpr (Common)
+          near |= !f.far;
+        else if (!f.far)
+          q[k] = exact(k);
       }
-      // Next to a bin edge: decided by the edge thresholds, dividing only by a divisor other
-      // than 1 (v / 1 is v), with the channel known from the group's layout. About 1 element
-      // in 1,000 of float32 activations; but a bf16 value divided by 1 (no divisor, or gamma =
-      // 1 as initialised) is often exactly on an edge: 1 in 6 of N(0,1) values at 8 bits, 1 in
-      // 85 at 4.
-      if (near) {
+      if (Common && near) {
 #pragma unroll
-        for (int k = 0; k < kGroup; ++k) {
-          if (codec::fused(x[k], sc[k], bi[k], limit, Bits).far) continue;
-          float t = x[k];
-          if (p.divisor) {
-            const float g = p.divisor[element_channel<NHWC>(at, e0, k, ix)];
-            if (g != 1.0f) t = __fdiv_rn(t, g);
-          }
-          q[k] = codec::near_code<true>(x[k], t, sc[k], bi[k], table.edges, Bits, d) + codec::kRoundMagicBits;
-        }
+        for (int k = 0; k < kGroup; ++k)
+          if (!codec::fused(x[k], sc[k], bi[k], limit, Bits).far) q[k] = exact(k);
       }
 
       // q holds each code plus kRoundMagicBits (fused's biased codes, and near_code's made so).

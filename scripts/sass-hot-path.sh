@@ -89,7 +89,7 @@ for kernel, cuts in {
     # path, the ReLU output as HOT_RELU says.
     ("pack_kernel(PackParams p, Index ix) {", "// The codes of 4 consecutive elements"): [
         # (the group's test stays, its branch a store of one code: what the common path pays)
-        ("      if (near) {", "      if (near) q[0] = 0;\n      if (false) {"),
+        ("      if (Common && near) {", "      if (Common && near) q[0] = 0;\n      if (false) {"),
         ("      if (relu) {", "      if (HOT_RELU && relu) {")],
     # unpack: its common-path kernels (as pack's), writing r' alone (as the backward asks).
     ("unpack_kernel(UnpackParams p, Index ix) {", "// The BatchNorm-and-ReLU backward from the codes."): [
