@@ -495,6 +495,7 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
       if (Common ? e0 < numel : vec && e0 + kGroup <= numel) {
         raws[u] = target::load<PackRaw<T>>(v + e0);
       } else if (!Common) {
+        raws[u] = PackRaw<T>{};  // (set_raw_elem keeps a word's other half)
 #pragma unroll
         for (int k = 0; k < kGroup; ++k) set_raw_elem<T>(raws[u], k, e0 + k < numel ? v[e0 + k] : zero<T>());
       }

@@ -361,14 +361,15 @@ BLPA_HD T round_to_own_nan(float f) {
 }
 
 // round_to_own_nan<bf16> of a and b as one 32-bit word, a's bits in the low half. On the
-// device one conversion rounds both (cvt.rn.bf16x2.f32, as __floats2bfloat162_rn: an F2FP of
-// the ALU pipe, where rounding them one at a time took two of the pipe that runs 16 a cycle per
-// multiprocessor), and its word is kept as it is (taken apart into two 16-bit values and put
+// device one conversion rounds both (__floats2bfloat162_rn: from sm_80 one F2FP of the ALU
+// pipe, where rounding them one at a time took two of the pipe that runs 16 a cycle per
+// multiprocessor), and its word is kept whole (taken apart into two 16-bit values and put
 // back together it cost a byte permute more a pair; scripts/sass-hot-path.sh).
 BLPA_HD uint32_t bf16_pair_word_own_nan(float a, float b) {
 #if defined(__CUDA_ARCH__)
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(a, b);  // (below sm_80, the same bits its own way)
   uint32_t w;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(b), "f"(a));  // the first source to the high half
+  memcpy(&w, &pair, sizeof w);
   return w;
 #else
   return uint32_t{bf16_bits(a)} | uint32_t{bf16_bits(b)} << 16;
