@@ -177,8 +177,8 @@ BLPA_HD float far_limit(float tol) {
 
 // 1.5 x 2^23: for 0 <= h < 2^22, h + kRoundMagic is the float kRoundMagic + n for h's nearest
 // integer n (ties to even; the sum lies where floats are the integers), n is that float's bits
-// less kRoundMagic's, and subtracting kRoundMagic again gives n exactly: rounding in the FMA
-// pipe's adds, with no conversion (a GPU's run 16 a cycle per multiprocessor, adds 128).
+// less kRoundMagic's, and subtracting kRoundMagic again gives n exactly: rounding by adds,
+// with no conversion (a GPU's conversions run 16 a cycle per multiprocessor, its adds 128).
 constexpr float kRoundMagic = 12582912.0f;
 constexpr uint32_t kRoundMagicBits = 0x4B400000u;
 
@@ -199,9 +199,9 @@ struct Fused {
 // encode's floor (within far less than 1/2 of y, the bound above) is at most 0 or at least
 // B - 1 too, and the clamp's ends lie 1/2 from every integer, so they are far. Taken as
 // h = c - 1/2 (exactly y - 1/2 clamped to [0, B - 1]: y - 1/2 is exact for y from 1/4 to
-// 2^23, below 0 under 1/4 and at least B - 1 over 2^23), whose nearest integer n is floor(c) unless c is an
-// integer, and whose distance e from n is 1/2 less c's from the nearest integer: y is far
-// exactly when |e| < limit. A NaN y clamps to h = 0 and is caught by y == y. Without
+// 2^23, below 0 under 1/4 and at least B - 1 over 2^23), whose nearest integer n is floor(c)
+// unless c is an integer, and whose distance e from n is 1/2 less c's from the nearest
+// integer: y is far exactly when |e| < limit. A NaN y clamps to h = 0 and is caught by y == y. Without
 // branches or conversions, so that a GPU predicates it in its FMA and ALU pipes: two
 // conversions an element (rintf and a floor to int, as before 2026-12-04) ran on the pipe
 // of 16 a cycle, the bound of the bf16 pack (scripts/sass-hot-path.sh).
