@@ -168,19 +168,25 @@ __host__ __device__ __forceinline__ bool elems_aligned(const void* p) {
   return aligned(p, alignof(Elems<T, N>));
 }
 
-// The V values of e widened to float. bf16 pairs from their 32-bit words (value 2k in the low
-// half, little-endian): the low half shifted up, the high half masked, one instruction a value
-// where extracting each half first took two.
+// The 2 W bf16 values of W 32-bit words (value 2k in word k's low half, little-endian) widened
+// to float: the low half shifted up, the high half masked, one instruction a value where
+// extracting each half first took two.
+template <int W>
+__device__ __forceinline__ void widen_bf16_words(const uint32_t* w, float out[2 * W]) {
+#pragma unroll
+  for (int k = 0; k < W; ++k) {
+    out[2 * k] = codec::float_of_bits(w[k] << 16);
+    out[2 * k + 1] = codec::float_of_bits(w[k] & 0xFFFF0000u);
+  }
+}
+
+// The V values of e widened to float; bf16 pairs from their words.
 template <typename T, int V>
 __device__ __forceinline__ void widen_elems(const Elems<T, V>& e, float out[V]) {
   if constexpr (std::is_same_v<T, c10::BFloat16> && V % 2 == 0) {
     uint32_t w[V / 2];
     memcpy(w, &e, sizeof w);
-#pragma unroll
-    for (int k = 0; k < V / 2; ++k) {
-      out[2 * k] = codec::float_of_bits(w[k] << 16);
-      out[2 * k + 1] = codec::float_of_bits(w[k] & 0xFFFF0000u);
-    }
+    widen_bf16_words<V / 2>(w, out);
   } else {
 #pragma unroll
     for (int k = 0; k < V; ++k) out[k] = codec::widen(e.v[k]);
@@ -279,13 +285,8 @@ __device__ __forceinline__ void widen_raw(const Elems<float, kGroup>& r, float x
   for (int k = 0; k < kGroup; ++k) x[k] = r.v[k];
 }
 
-// bf16 words: the low half shifted up, the high half masked, one instruction a value.
 __device__ __forceinline__ void widen_raw(const Elems<uint32_t, kGroup / 2>& r, float x[kGroup]) {
-#pragma unroll
-  for (int k = 0; k < kGroup / 2; ++k) {
-    x[2 * k] = codec::float_of_bits(r.v[k] << 16);
-    x[2 * k + 1] = codec::float_of_bits(r.v[k] & 0xFFFF0000u);
-  }
+  widen_bf16_words<kGroup / 2>(r.v, x);
 }
 
 // Element k of r, and r with element k set to e (the general kernel's scalar path).
