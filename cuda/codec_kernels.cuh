@@ -359,10 +359,11 @@ __global__ void channel_kernel(ChannelParams p) {
 }
 
 // What pack needs per channel and per bit width: each channel's scale 1 / (divisor_c d) and
-// bias s_c - kGuard / d (codec::fused_code), the edge thresholds of d (codec::near_code) and,
-// for the fused forward (Affine), invstd (written out), alpha and shift. A window narrower
-// than 2^(bits+1) guards (guard_d >= 1/2) is outside the fused code's bound: its scales are
-// NaN (every element a near edge, which divides) and its biases s_c.
+// bias (s_c - 1/2) - kGuard / d (codec::fused_code), the edge thresholds of d
+// (codec::near_code) and, for the fused forward (Affine), invstd (written out), alpha and
+// shift. A window narrower than 2^(bits+1) guards (guard_d >= 1/2) is outside the fused
+// code's bound: its scales are NaN (every element a near edge, which divides) and its biases
+// s_c - 1/2.
 struct PackTable {
   float *scale, *bias, *alpha, *shift, *edges;
 };

@@ -20,8 +20,8 @@ namespace codec = blpa::codec;
 
 struct Tally {
   int64_t checked = 0, near = 0, wrong = 0;
-  int64_t moved = 0;  // elements whose near or far differs from the formula of before 2026-12-04
-  double worst_margin = 0;  // the largest |y - (y_e + s)| / tol seen where y is in [-2, B + 1]
+  int64_t moved = 0;  // elements whose near or far is not the formula check_one states
+  double worst_margin = 0;  // the largest |y + 1/2 - (y_e + s)| / tol seen where y + 1/2 is in [-2, B + 1]
 };
 
 // The kernel's per-block table of edge thresholds.
@@ -34,30 +34,35 @@ std::vector<float> thresholds(int bits, float d) {
 // One value through the kernel's path (cuda/codec_kernels.cuh, pack_kernel) and through
 // encode; y and y_e as each computes them.
 void check_one(float v, float g, float d, int s, int bits, const std::vector<float>& edges, Tally& t) {
-  const float scale = codec::fused_scale(g, d), guard_d = codec::kGuard / d;
-  const float bias = codec::channel_bias(s, guard_d), tol = codec::scaled_tolerance(bits, guard_d);
+  const float guard_d = codec::kGuard / d, tol = codec::scaled_tolerance(bits, guard_d);
+  const codec::FusedChannel f = codec::fused_channel(g, s, d, guard_d);  // the kernel's table
+  const float scale = f.scale, bias = f.bias;
   const uint32_t exact = codec::encode(v / g, s, bits, d);
   uint32_t got = codec::fused_code(v, scale, bias, codec::far_limit(tol), bits);
   ++t.checked;
-  // Near exactly where the formula before 2026-12-04 (rintf, then floorf: two conversions) put
-  // it: within tol of an integer, once y is clamped to [1/2, B - 1/2], or NaN.
-  const float y0 = std::fma(v, scale, bias);
-  const float c = std::fmin(std::fmax(y0, 0.5f), static_cast<float>(codec::num_bins(bits)) - 0.5f);
-  if ((std::fabs(c - std::rint(c)) > tol && y0 == y0) != (got != codec::kNearEdge)) ++t.moved;
+  // Near exactly where y lies within tol of a half-integer (y + 1/2, encode's floor argument
+  // plus s, within tol of an integer), measured in double, or is NaN or infinite; beyond 2^22
+  // either (fused's rounding by adds is not exact there, and the code is an end's either way).
+  const double y = std::fma(v, scale, bias);
+  const bool near = !(std::abs(y - (std::floor(y) + 0.5)) > tol);
+  if (!(std::abs(y) > 0x1p22) && near != (got == codec::kNearEdge)) ++t.moved;
   if (got == codec::kNearEdge) {
     ++t.near;
     got = codec::near_code(v, g != 1.0f ? v / g : v, scale, bias, edges.data(), bits, d);
   }
   if (got != exact) ++t.wrong;
-  const float y_e = (v / g - codec::kGuard) / d, y = std::fma(v, scale, bias);
-  const float top = static_cast<float>(codec::num_bins(bits) - 1);
-  if (std::isfinite(y_e) && y >= -2.0f && y <= top + 2.0f)
-    t.worst_margin = std::max(t.worst_margin, std::abs(static_cast<double>(y_e) + s - y) / tol);
+  const float y_e = (v / g - codec::kGuard) / d;
+  const double top = codec::num_bins(bits) - 1;
+  if (std::isfinite(y_e) && y + 0.5 >= -2.0 && y + 0.5 <= top + 2.0)
+    t.worst_margin = std::max(t.worst_margin, std::abs(static_cast<double>(y_e) + s - (y + 0.5)) / tol);
 }
 
 // At 8 bits, guard / d = 0.49999994, just under the 1/2 where the kernel stops fusing: s - G
-// rounds to s - 1/2 for odd s from 3 on, whose nearest integer (to even) is not s.
+// rounds to s - 1/2 for odd s from 3 on, whose nearest integer (to even) is not s, and
+// (s - 1/2) - G to s - 1 from s = 2 on.
 constexpr float kNarrowWindow = 0.000512000057f;
+// guard / d >= 1/2 at every width: the kernel divides for every element (a NaN scale).
+constexpr float kDividingWindow = 1e-6f;
 
 std::vector<float> divisors() {
   std::vector<float> g{1e-8f, 3.7e-5f, 0.01f, 0.3f, 1.0f, 1.7f, 123.4f, 1e6f};
@@ -71,7 +76,7 @@ std::vector<float> divisors() {
 
 TEST_CASE("codec: the fused pack gives encode's codes on every bf16 value", "[codec-math]") {
   for (int bits : {8, 4, 2})
-    for (float window : {6.0f, 2.5f, 7.3f, 40.0f, kNarrowWindow}) {
+    for (float window : {6.0f, 2.5f, 7.3f, 40.0f, kNarrowWindow, kDividingWindow}) {
       const float d = codec::bin_width(window, bits);
       const auto edges = thresholds(bits, d);
       for (float g : divisors()) {
@@ -83,6 +88,7 @@ TEST_CASE("codec: the fused pack gives encode's codes on every bf16 value", "[co
         CHECK(t.moved == 0);
         CHECK(t.worst_margin <= 0.5);  // the bound is half the tolerance
         if (g == 1.0f) CHECK(t.near > 0);  // bf16 values on bin edges: near_code decides them
+        if (window == kDividingWindow) CHECK(t.near == t.checked);
       }
     }
 }

@@ -112,26 +112,29 @@ BLPA_HD uint32_t bits_of_float(float f) {
 // The same codes from one fused multiply-add where they are certain: encode(v / g, s, bits, d)
 // takes two divisions per element, which were most of the CUDA pack's instructions (an IEEE
 // division is a reciprocal, its refinement and a check), so the GPU packs from
-//   y = fma(v, scale, bias),  scale = channel_scale(g, d) = 1 / (g d),  bias = s - G,
-// G = kGuard / d, each of scale, G and bias rounded once per channel: y is encode's floor
-// argument with s added, and the code is clamp(floor(y), 0, B - 1) wherever y lies farther
-// than tol from every integer (fused_code). Next to a bin edge, encode's floor is decided
-// exactly without dividing by d (near_code, from edge thresholds).
+//   y = fma(v, scale, bias),  scale = channel_scale(g, d) = 1 / (g d),  bias = (s - 1/2) - G,
+// G = kGuard / d, each of scale, G and bias rounded once per channel: y + 1/2 is encode's
+// floor argument with s added, and the code is clamp(rint(y), 0, B - 1) wherever y lies
+// farther than tol from every half-integer (y + 1/2 from every integer; fused_code). Next to a
+// bin edge, encode's floor is decided exactly without dividing by d (near_code, from edge
+// thresholds). (The 1/2 is in the bias so that rounding to nearest, which a GPU does by adds,
+// gives the floor: floor(y + 1/2) is rint(y) away from the half-integers.)
 //
-// Why floor(y) is encode's floor plus s elsewhere. With unit roundoff u = 2^-24,
+// Why rint(y) is encode's floor plus s elsewhere. With unit roundoff u = 2^-24,
 // Y = (v / g - kGuard) / d exactly, P = Y + G = v / (g d): encode's three roundings give
 // y_e = Y (1 + 2e) + P e', so |y_e - Y| <= u (3 |Y| + G); the fma's rounding and those of g d,
-// its reciprocal, G and bias give |y - (Y + s)| <= 2u |P| + u G + u (s + G) + u |Y + s|
-// <= u (3 |Y| + 2 s + 4 G); together |y - (y_e + s)| <= u (6 |Y| + 2 s + 5 G) to first order.
-// Where y lies in [-2, B + 1], |Y| <= B + 2 and s <= B - 1, so this is at most
-// u (8 B + 10 + 5 G), under half of
+// its reciprocal, G and bias (|s - 1/2 - G| <= s + 1/2 + G, s >= 1) give
+// |y - (Y + s - 1/2)| <= 2u |P| + u G + u (s + 1/2 + G) + u |Y + s - 1/2|
+// <= u (3 |Y| + 2 s + 4 G + 1); together |y + 1/2 - (y_e + s)| <= u (6 |Y| + 2 s + 5 G + 1)
+// to first order. Where y + 1/2 lies in [-2, B + 1], |Y| <= B + 2 and s <= B - 1, so this is
+// at most u (8 B + 11 + 5 G), under half of
 //   tol = 2^-20 (B + 2 + G) = u (16 B + 32 + 16 G)   (scaled_tolerance),
 // which leaves the second-order terms, and the absolute error of an underflowing product
-// (2^-150), far inside tol. So where y is farther than tol from every integer, no integer
-// lies between y and y_e + s and the floors agree. Beyond [-2, B + 1] both clamp to the same
-// end: y and Y + s agree to a few u relative, and the nearest end of the codes is over a unit
-// away. Infinite v clamps as encode clamps it; NaN v, and the channels that divide (scale
-// NaN), are near edges by construction (every comparison with NaN is false).
+// (2^-150), far inside tol. So where y + 1/2 is farther than tol from every integer, no
+// integer lies between it and y_e + s and the floors agree. Beyond [-2, B + 1] both clamp to
+// the same end: y and Y + s - 1/2 agree to a few u relative, and the nearest end of the codes
+// is over a unit away. Infinite v clamps as encode clamps it; NaN v, and the channels that
+// divide (scale NaN), are near edges by construction (every comparison with NaN is false).
 // channel_scale returns 0 for channels whose g d or 1 / (g d) is not a normal float, or
 // g <= 0 or NaN, where the relative bounds do not hold; fused_scale makes that NaN. Callers
 // divide for every element when G >= 1/2 (a window narrower than 2^(bits+1) kGuard), where
@@ -149,18 +152,19 @@ BLPA_HD float fused_scale(float g, float d) {
   return scale != 0.0f ? scale : float_of_bits(0x7FC00000u);
 }
 
-BLPA_HD float channel_bias(int s, float guard_d) { return static_cast<float>(s) - guard_d; }
+// (s - 1/2) - G, one rounding (s - 1/2 is exact): in [s - 1, s - 1/2] for 0 <= G < 1/2.
+BLPA_HD float channel_bias(int s, float guard_d) { return (static_cast<float>(s) - 0.5f) - guard_d; }
 
 // A channel's constants for fused_code, given its divisor g and offset s, d and guard_d =
 // kGuard / d: scale = fused_scale(g, d) and bias = channel_bias(s, guard_d); or, for a window
 // narrower than 2^(bits+1) guards (guard_d >= 1/2, outside the fused code's bound), a NaN
-// scale (every element a near edge, which divides) and bias s. The CUDA pack's table.
+// scale (every element a near edge, which divides) and bias s - 1/2. The CUDA pack's table.
 struct FusedChannel {
   float scale, bias;
 };
 BLPA_HD FusedChannel fused_channel(float g, int s, float d, float guard_d) {
   if (guard_d < 0.5f) return {fused_scale(g, d), channel_bias(s, guard_d)};
-  return {fused_scale(0.0f, d), static_cast<float>(s)};
+  return {fused_scale(0.0f, d), static_cast<float>(s) - 0.5f};
 }
 
 BLPA_HD float scaled_tolerance(int bits, float guard_d) {
@@ -175,7 +179,7 @@ BLPA_HD float far_limit(float tol) {
   return 0.5f - limit > tol ? float_of_bits(u + 1) : limit;
 }
 
-// 1.5 x 2^23: for 0 <= h < 2^22, h + kRoundMagic is the float kRoundMagic + n for h's nearest
+// 1.5 x 2^23: for |y| <= 2^22, y + kRoundMagic is the float kRoundMagic + n for y's nearest
 // integer n (ties to even; the sum lies where floats are the integers), n is that float's bits
 // less kRoundMagic's, and subtracting kRoundMagic again gives n exactly: rounding by adds,
 // with no conversion (a GPU's conversions run 16 a cycle per multiprocessor, its adds 128).
@@ -193,24 +197,28 @@ struct Fused {
   bool far;
 };
 
-// encode(v / g, s, bits, d) from y = fma(v, scale, bias), far unless y lies within tol of an
-// integer in [1, B - 1] (the edges between codes) or is NaN; limit = far_limit(tol). The codes
-// are floor(c), c = y clamped to [1/2, B - 1/2]: they clamp to 0 and B - 1 beyond, where
-// encode's floor (within far less than 1/2 of y, the bound above) is at most 0 or at least
-// B - 1 too, and the clamp's ends lie 1/2 from every integer, so they are far. Taken as
-// h = c - 1/2 (exactly y - 1/2 clamped to [0, B - 1]: y - 1/2 is exact for y from 1/4 to
-// 2^23, below 0 under 1/4 and at least B - 1 over 2^23), whose nearest integer n is floor(c)
-// unless c is an integer, and whose distance e from n is 1/2 less c's from the nearest
-// integer: y is far exactly when |e| < limit. A NaN y clamps to h = 0 and is caught by y == y. Without
-// branches or conversions, so that a GPU predicates it in its FMA and ALU pipes: two
-// conversions an element (rintf and a floor to int, as before 2026-12-04) ran on the pipe
-// of 16 a cycle, the bound of the bf16 pack (scripts/sass-hot-path.sh).
+// encode(v / g, s, bits, d) from y = fma(v, scale, bias) (bias = channel_bias: y + 1/2 is
+// encode's floor argument plus s), far unless y lies within tol of a half-integer or is NaN;
+// limit = far_limit(tol). With r = y + kRoundMagic, the float of y's nearest integer n, and
+// e = y - (r - kRoundMagic) = y - n (exact) for |y| <= 2^22, y is far exactly when |e| <
+// limit, and then n is floor(y + 1/2), encode's floor plus s (above). The code is n clamped to
+// [0, B - 1], as encode clamps, taken as r clamped to kRoundMagic + [0, B - 1] (floats there
+// are the integers, in order). Beyond 2^22 (or below -2^22) the rounding is not exact, but r
+// lies beyond kRoundMagic + B (below kRoundMagic), so the code is B - 1 (0) whether y is taken
+// as far or near; a NaN or infinite y makes e NaN, a near edge. At the ends of the window
+// (y + 1/2 within tol of 0 or B, where encode's floor clamps to the same code either side)
+// and beyond it an element is near as any other next to a half-integer: rare, and decided
+// exactly. Without branches or conversions, so that a GPU predicates it in its FMA and ALU
+// pipes (four adds, one compare and two clamps an element): two conversions an element
+// (rintf and a floor to int, as before 2026-12-04) ran on the pipe of 16 a cycle, the bound
+// of the bf16 pack (scripts/sass-hot-path.sh), and the 1/2 taken off and the NaN test of
+// 2026-12-04 two more instructions an element.
 BLPA_HD Fused fused(float v, float scale, float bias, float limit, int bits) {
   const float y = fmaf(v, scale, bias);
-  const float h = fminf(fmaxf(y - 0.5f, 0.0f), static_cast<float>(num_bins(bits) - 1));  // NaN -> 0
-  const float r = h + kRoundMagic;
-  const float e = h - (r - kRoundMagic);
-  return {bits_of_float(r), fabsf(e) < limit && y == y};
+  const float r = y + kRoundMagic;
+  const float e = y - (r - kRoundMagic);  // NaN for NaN or infinite y
+  const float code = fminf(fmaxf(r, kRoundMagic), kRoundMagic + static_cast<float>(num_bins(bits) - 1));
+  return {bits_of_float(code), fabsf(e) < limit};
 }
 
 // fused's code where it is far, else kNearEdge.
@@ -244,19 +252,21 @@ BLPA_HD float edge_threshold(int n, float d) {
 BLPA_HD constexpr int edge_thresholds(int bits) { return 2 * (1 << bits) + 2; }
 
 // encode(t, s, bits, d), t = v / g, where fused_code(v, scale, bias, tol, bits) gave
-// kNearEdge; thresholds: edge_thresholds(bits) of edge_threshold. When y is a number it lies
-// within tol of the integer N in [-2, B + 1], and (bound above) y_e + s within 1.5 tol of N,
-// so encode's floor is n - 1 or n for n = N - s, in -(B + 1) .. B: n exactly when
-// t - kGuard >= edge_threshold(n, d). A NaN y (NaN v, or a channel that divides) divides.
+// kNearEdge; thresholds: edge_thresholds(bits) of edge_threshold. Where y (near an edge) is a
+// number in [-3, B + 1), y + 1/2 lies within tol of the integer N = floor(y) + 1, in
+// [-2, B + 1], and (bound above) y_e + s within 1.5 tol of N, so encode's floor is n - 1 or n
+// for n = N - s, in -(B + 1) .. B: n exactly when t - kGuard >= edge_threshold(n, d).
+// Elsewhere (a y beyond the window, whose code fused gives but may leave here) and for a NaN y
+// (NaN v, or a channel that divides), it divides.
 template <bool VectorFloor = false>
 BLPA_HD uint32_t near_code(float v, float t, float scale, float bias, const float* thresholds, int bits, float d) {
   const float y = fmaf(v, scale, bias);
-  // bias = s - G rounded, in (s - 1, s] for G < 1/2 (s itself where the caller divides for
-  // every element): its ceiling is s. (Its nearest integer is not: s - G can round to s - 1/2,
-  // which rounds to the even neighbour.)
-  const int s = static_cast<int>(ceilf(bias));
-  if (y != y) return encode<VectorFloor>(t, s, bits, d);
-  const int n = static_cast<int>(rintf(y)) - s, top = num_bins(bits) - 1;
+  // bias = (s - 1/2) - G rounded, in [s - 1, s - 1/2] for G < 1/2 (s - 1/2 where the caller
+  // divides for every element): its floor is s - 1. (Its nearest integer is not: s - 1/2 - G
+  // can round to s - 1, or be s - 1/2, which rounds to the even neighbour.)
+  const int s = static_cast<int>(floorf(bias)) + 1, top = num_bins(bits) - 1;
+  if (!(y >= -3.0f && y < static_cast<float>(top + 2))) return encode<VectorFloor>(t, s, bits, d);
+  const int n = static_cast<int>(floorf(y)) + 1 - s;
   const int code = (t - kGuard >= thresholds[n + num_bins(bits) + 1] ? n : n - 1) + s;
   return static_cast<uint32_t>(code < 0 ? 0 : code > top ? top : code);
 }
