@@ -716,20 +716,24 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackP
   constexpr int G = kUnpackGroup<T>, U = kUnpackUnroll;
   T* x_hat = static_cast<T*>(p.x_hat);
   T* r = static_cast<T*>(p.r);
-  const int64_t groups = (p.numel + G - 1) / G, stride = int64_t{gridDim.x} * blockDim.x;
+  const int64_t groups = (p.numel + G - 1) / G;
   const bool vec = Common || ((!x_hat || elems_aligned<T, G>(x_hat)) && (!r || elems_aligned<T, G>(r)));
   const bool word_codes = Common || aligned(p.codes, G * Bits / 8);  // codes from pack always are
   const float d = codec::bin_width(p.window, Bits);
   const float* b = x_hat ? p.b : nullptr;
   const float* gamma = r ? p.gamma : nullptr;
   const bool rows = NHWC && (Common || nhwc_rows<G>(p.channels, p.offsets, b, gamma));
-  for (int64_t g0 = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g0 < groups; g0 += U * stride) {
+  // The common path's index math in 32 bits, as pack's (every e0 a thread forms is at most
+  // U - 1 grid widths of groups past numel < 2^31, so below 2^32).
+  using I = std::conditional_t<Common, uint32_t, int64_t>;
+  const I numel = static_cast<I>(p.numel), stride = static_cast<I>(gridDim.x) * blockDim.x;
+  for (I g0 = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; g0 < static_cast<I>(groups); g0 += U * stride) {
     uint64_t words[U];  // the codes of each group, loaded first
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t e0 = (g0 + u * stride) * G;
+      const I e0 = (g0 + u * stride) * G;
       words[u] = 0;
-      if (Common ? e0 < p.numel : e0 + G <= p.numel && word_codes) {  // (as pack's)
+      if (Common ? e0 < numel : e0 + G <= numel && word_codes) {  // (as pack's)
         words[u] = read_code_word<Bits, G>(p.codes, e0);
       } else if (!Common) {
 #pragma unroll
@@ -739,8 +743,8 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackP
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t e0 = (g0 + u * stride) * G;
-      if (e0 >= p.numel) break;  // so are the later groups
+      const I e0 = (g0 + u * stride) * G;
+      if (e0 >= numel) break;  // so are the later groups
       const int n = Common ? G : static_cast<int>(min(int64_t{G}, p.numel - e0));
       float q[G], origin[G];  // decoded as codec::decode_by_steps: no int conversions
       code_floats<Bits, G>(words[u], q);
