@@ -61,8 +61,9 @@ void check_one(float v, float g, float d, int s, int bits, const std::vector<flo
 // rounds to s - 1/2 for odd s from 3 on, whose nearest integer (to even) is not s, and
 // (s - 1/2) - G to s - 1 from s = 2 on.
 constexpr float kNarrowWindow = 0.000512000057f;
-// guard / d >= 1/2 at every width: the kernel divides for every element (a NaN scale).
-constexpr float kDividingWindow = 1e-6f;
+// guard / d >= 1/2 at every width: the kernel divides for every element (a NaN scale); and
+// at 8 bits just over 1/2 (0.502), next to kNarrowWindow's 0.49999994.
+constexpr float kDividingWindow = 1e-6f, kJustDividingWindow = 0.00051f;
 
 std::vector<float> divisors() {
   std::vector<float> g{1e-8f, 3.7e-5f, 0.01f, 0.3f, 1.0f, 1.7f, 123.4f, 1e6f};
@@ -76,7 +77,7 @@ std::vector<float> divisors() {
 
 TEST_CASE("codec: the fused pack gives encode's codes on every bf16 value", "[codec-math]") {
   for (int bits : {8, 4, 2})
-    for (float window : {6.0f, 2.5f, 7.3f, 40.0f, kNarrowWindow, kDividingWindow}) {
+    for (float window : {6.0f, 2.5f, 7.3f, 40.0f, kNarrowWindow, kDividingWindow, kJustDividingWindow}) {
       const float d = codec::bin_width(window, bits);
       const auto edges = thresholds(bits, d);
       for (float g : divisors()) {

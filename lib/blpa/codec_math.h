@@ -133,12 +133,13 @@ BLPA_HD uint32_t bits_of_float(float f) {
 // (2^-150), far inside tol. So where y + 1/2 is farther than tol from every integer, no
 // integer lies between it and y_e + s and the floors agree. Beyond [-2, B + 1] both clamp to
 // the same end: y and Y + s - 1/2 agree to a few u relative, and the nearest end of the codes
-// is over a unit away. Infinite v clamps as encode clamps it; NaN v, and the channels that
-// divide (scale NaN), are near edges by construction (every comparison with NaN is false).
+// is over a unit away. An infinite y, NaN v, and the channels that divide (scale NaN), are
+// near edges by construction (fused's e is NaN, and every comparison with NaN is false), which
+// near_code gives encode's codes by dividing.
 // channel_scale returns 0 for channels whose g d or 1 / (g d) is not a normal float, or
 // g <= 0 or NaN, where the relative bounds do not hold; fused_scale makes that NaN. Callers
 // divide for every element when G >= 1/2 (a window narrower than 2^(bits+1) kGuard), where
-// near_code's ceiling of bias would come close to s - 1.
+// near_code's floor(bias) + 1 would no longer be s.
 // Tested, fused_code and near_code together as the kernel calls them, against encode on every
 // bf16 value and on fp32 values at and beside bin edges (tests/test_codec_math.cpp).
 BLPA_HD float channel_scale(float g, float d) {
@@ -198,21 +199,22 @@ struct Fused {
 };
 
 // encode(v / g, s, bits, d) from y = fma(v, scale, bias) (bias = channel_bias: y + 1/2 is
-// encode's floor argument plus s), far unless y lies within tol of a half-integer or is NaN;
-// limit = far_limit(tol). With r = y + kRoundMagic, the float of y's nearest integer n, and
-// e = y - (r - kRoundMagic) = y - n (exact) for |y| <= 2^22, y is far exactly when |e| <
-// limit, and then n is floor(y + 1/2), encode's floor plus s (above). The code is n clamped to
-// [0, B - 1], as encode clamps, taken as r clamped to kRoundMagic + [0, B - 1] (floats there
-// are the integers, in order). Beyond 2^22 (or below -2^22) the rounding is not exact, but r
-// lies beyond kRoundMagic + B (below kRoundMagic), so the code is B - 1 (0) whether y is taken
-// as far or near; a NaN or infinite y makes e NaN, a near edge. At the ends of the window
-// (y + 1/2 within tol of 0 or B, where encode's floor clamps to the same code either side)
-// and beyond it an element is near as any other next to a half-integer: rare, and decided
-// exactly. Without branches or conversions, so that a GPU predicates it in its FMA and ALU
-// pipes (four adds, one compare and two clamps an element): two conversions an element
-// (rintf and a floor to int, as before 2026-12-04) ran on the pipe of 16 a cycle, the bound
-// of the bf16 pack (scripts/sass-hot-path.sh), and the 1/2 taken off and the NaN test of
-// 2026-12-04 two more instructions an element.
+// encode's floor argument plus s), far unless y lies within tol of a half-integer or is NaN or
+// infinite (beyond 2^22, either; see below); limit = far_limit(tol). With r = y + kRoundMagic,
+// the float of y's nearest integer n, and e = y - (r - kRoundMagic) = y - n (exact) for
+// |y| <= 2^22, y is far exactly when |e| < limit, and then n is floor(y + 1/2), encode's floor
+// plus s (above). The code is n clamped to [0, B - 1], as encode clamps, taken as r clamped to
+// kRoundMagic + [0, B - 1] (floats there are the integers, in order). Beyond 2^22 (or below
+// -2^22) the rounding is not exact, but r lies beyond kRoundMagic + B (below kRoundMagic), so
+// the code is B - 1 (0) whether y is taken as far or near; a NaN or infinite y makes e NaN, a
+// near edge. At the ends of the window (y + 1/2 within tol of 0 or B, where encode's floor
+// clamps to the same code either side) and beyond it, an element next to a half-integer is
+// near as any other, and decided exactly (few in float32; bf16 values beyond the window with
+// gamma 1 land on half-integers more often). Without branches or conversions, so that a GPU
+// predicates it in its FMA and ALU pipes (the fma, three adds, one compare and two clamps an
+// element): two conversions an element (rintf and a floor to int, as before 2026-12-04) ran
+// on the pipe of 16 a cycle, the bound of the bf16 pack (scripts/sass-hot-path.sh), and the
+// 1/2 taken off and the NaN test of 2026-12-04 two more instructions an element.
 BLPA_HD Fused fused(float v, float scale, float bias, float limit, int bits) {
   const float y = fmaf(v, scale, bias);
   const float r = y + kRoundMagic;
@@ -262,8 +264,8 @@ template <bool VectorFloor = false>
 BLPA_HD uint32_t near_code(float v, float t, float scale, float bias, const float* thresholds, int bits, float d) {
   const float y = fmaf(v, scale, bias);
   // bias = (s - 1/2) - G rounded, in [s - 1, s - 1/2] for G < 1/2 (s - 1/2 where the caller
-  // divides for every element): its floor is s - 1. (Its nearest integer is not: s - 1/2 - G
-  // can round to s - 1, or be s - 1/2, which rounds to the even neighbour.)
+  // divides for every element): its floor is s - 1. (Its nearest integer plus 1 is not: s - G
+  // - 1/2 can be s - 1/2, which rounds to the even neighbour.)
   const int s = static_cast<int>(floorf(bias)) + 1, top = num_bins(bits) - 1;
   if (!(y >= -3.0f && y < static_cast<float>(top + 2))) return encode<VectorFloor>(t, s, bits, d);
   const int n = static_cast<int>(floorf(y)) + 1 - s;
