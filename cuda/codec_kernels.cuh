@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <numeric>
 #include <type_traits>
 
 #include "codec_kernels.h"
@@ -487,8 +488,20 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
   // forms, at most a grid's width of groups past the end, is below 2^32).
   using I = std::conditional_t<Common, uint32_t, int64_t>;
   const I numel = static_cast<I>(p.numel), stride = static_cast<I>(gridDim.x) * blockDim.x;
-  for (I g0 = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; g0 < static_cast<I>(groups);
-       g0 += kPackUnroll * stride) {
+  // NHWC on the common path: the grid is a whole number of rows of channels wide
+  // (pack_blocks), so every group a thread takes is the same row of 8 channels as its first,
+  // whose scales and biases it reads once here (reading them for each group, and finding the
+  // row, took some 12 instructions a group).
+  constexpr bool kOneRow = Common && NHWC;
+  const I first = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x;
+  float row_scale[kGroup], row_bias[kGroup];
+  GroupAt row{};
+  if constexpr (kOneRow) {
+    row = common_group_at<NHWC>(first * kGroup, ix);
+    channel_values<kGroup, NHWC>(table.scale, row, 0, ix, row_scale);
+    channel_values<kGroup, NHWC>(table.bias, row, 0, ix, row_bias);
+  }
+  for (I g0 = first; g0 < static_cast<I>(groups); g0 += kPackUnroll * stride) {
     PackRaw<T> raws[kPackUnroll];  // each group's elements, loaded first
 #pragma unroll
     for (int u = 0; u < kPackUnroll; ++u) {
@@ -508,7 +521,7 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
       if (e0 >= numel) break;  // so are the later groups
       const int n = Common ? kGroup : static_cast<int>(min(int64_t{kGroup}, p.numel - e0));
       PackRaw<T>& raw = raws[u];
-      const GroupAt at = Common ? common_group_at<NHWC>(e0, ix) : group_at<kGroup, NHWC>(rows, e0, n, ix);
+      const GroupAt at = kOneRow ? row : Common ? common_group_at<NHWC>(e0, ix) : group_at<kGroup, NHWC>(rows, e0, n, ix);
       float x[kGroup];
       widen_raw(raw, x);
       if constexpr (Affine) {  // raw becomes a: the BatchNorm's output, rounded to T
@@ -531,8 +544,13 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
         }
       }
       float sc[kGroup], bi[kGroup];
-      channel_values<kGroup, NHWC>(table.scale, at, e0, ix, sc);
-      channel_values<kGroup, NHWC>(table.bias, at, e0, ix, bi);
+      if constexpr (kOneRow) {
+#pragma unroll
+        for (int k = 0; k < kGroup; ++k) sc[k] = row_scale[k], bi[k] = row_bias[k];
+      } else {
+        channel_values<kGroup, NHWC>(table.scale, at, e0, ix, sc);
+        channel_values<kGroup, NHWC>(table.bias, at, e0, ix, bi);
+      }
       // Next to a bin edge: decided by the edge thresholds, dividing only by a divisor other
       // than 1 (v / 1 is v), with the channel known from the group's layout. About 1 element
       // in 1,000 of float32 activations; but a bf16 value divided by 1 (no divisor, or gamma =
@@ -727,7 +745,19 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackP
   // U - 1 grid widths of groups past numel < 2^31, so below 2^32).
   using I = std::conditional_t<Common, uint32_t, int64_t>;
   const I numel = static_cast<I>(p.numel), stride = static_cast<I>(gridDim.x) * blockDim.x;
-  for (I g0 = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; g0 < static_cast<I>(groups); g0 += U * stride) {
+  // NHWC on the common path: every group a thread takes is the same row of G channels as its
+  // first (unpack_blocks), whose origins, b and gamma it reads once here.
+  constexpr bool kOneRow = Common && NHWC;
+  const I first = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x;
+  float row_origin[G], row_b[G], row_gamma[G];
+  GroupAt row{};
+  if constexpr (kOneRow) {
+    row = common_group_at<NHWC>(first * G, ix);
+    channel_origins<G, NHWC>(p.offsets, row, 0, ix, row_origin);
+    if (x_hat) channel_values<G, NHWC>(b, row, 0, ix, row_b);
+    if (r) channel_values<G, NHWC>(gamma, row, 0, ix, row_gamma);
+  }
+  for (I g0 = first; g0 < static_cast<I>(groups); g0 += U * stride) {
     uint64_t words[U];  // the codes of each group, loaded first
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -748,8 +778,13 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackP
       const int n = Common ? G : static_cast<int>(min(int64_t{G}, p.numel - e0));
       float q[G], origin[G];  // decoded as codec::decode_by_steps: no int conversions
       code_floats<Bits, G>(words[u], q);
-      const GroupAt at = Common ? common_group_at<NHWC>(e0, ix) : group_at<G, NHWC>(rows, e0, n, ix);
-      channel_origins<G, NHWC>(p.offsets, at, e0, ix, origin);
+      const GroupAt at = kOneRow ? row : Common ? common_group_at<NHWC>(e0, ix) : group_at<G, NHWC>(rows, e0, n, ix);
+      if constexpr (kOneRow) {
+#pragma unroll
+        for (int k = 0; k < G; ++k) origin[k] = row_origin[k];
+      } else {
+        channel_origins<G, NHWC>(p.offsets, at, e0, ix, origin);
+      }
       const bool full = vec && n == G;
 
       // r' is never NaN (max(g v', 0) with v' a number): its rounding skips the NaN check.
@@ -768,14 +803,24 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackP
 
       if (x_hat) {
         float y[G], bk[G];
-        channel_values<G, NHWC>(b, at, e0, ix, bk);
+        if constexpr (kOneRow) {
+#pragma unroll
+          for (int k = 0; k < G; ++k) bk[k] = row_b[k];
+        } else {
+          channel_values<G, NHWC>(b, at, e0, ix, bk);
+        }
 #pragma unroll
         for (int k = 0; k < G; ++k) y[k] = codec::decode_by_steps(q[k], origin[k], d) - bk[k];
         store(x_hat, y, false);
       }
       if (r) {
         float y[G], gk[G];
-        channel_values<G, NHWC>(gamma, at, e0, ix, gk);
+        if constexpr (kOneRow) {
+#pragma unroll
+          for (int k = 0; k < G; ++k) gk[k] = row_gamma[k];
+        } else {
+          channel_values<G, NHWC>(gamma, at, e0, ix, gk);
+        }
 #pragma unroll
         for (int k = 0; k < G; ++k) {
           const float t = __fmul_rn(gk[k], codec::decode_by_steps(q[k], origin[k], d));
@@ -1208,34 +1253,60 @@ void channel_coding(const ChannelParams& p) {
   target::launch_check();
 }
 
+// The grid of pack or unpack (groups of `group` elements): launch_config's, for NHWC rows of
+// channels made a multiple of the blocks whose threads span a whole number of rows
+// (m = C / gcd(C, kThreads group): 1 for every power of two up to kThreads group channels,
+// 2,048 for pack), so that each thread's groups, a grid's width apart, lie in one row (the
+// kernels' kOneRow): rounded down, or up to m for a small tensor (the extra blocks find no
+// group). Where m exceeds the grid's cap the grid stays, and the launch takes the general
+// kernel (one_row_grid, in pack_common_path and unpack_common_path).
+int row_blocks(int64_t numel, int group, int64_t channels, bool nhwc, int device) {
+  int64_t blocks = launch_config((numel + group - 1) / group, device).blocks;
+  if (nhwc && channels % group == 0) {
+    const int64_t m = channels / std::gcd<int64_t>(channels, int64_t{kThreads} * group);
+    if (blocks >= m)
+      blocks -= blocks % m;
+    else if (m <= grid_cap(device))
+      blocks = m;
+  }
+  return static_cast<int>(blocks);
+}
+
+// Whether a grid of `blocks` is a whole number of rows of channels wide.
+bool one_row_grid(int blocks, int group, int64_t channels) {
+  return int64_t{blocks} * kThreads * group % channels == 0;
+}
+
+int pack_blocks(const PackParams& p) { return row_blocks(p.numel, kGroup, p.channels, p.nhwc, p.device); }
+
 int64_t pack_workspace(const PackParams& p) {
   if (p.numel == 0) return 0;
   static_assert(pack_table_floats(0) == codec::edge_thresholds(8), "pack's table holds 8-bit edge thresholds");
-  return pack_table_launch(p, launch_config((p.numel + kGroup - 1) / kGroup, p.device).blocks)
-             ? pack_table_floats(p.channels)
-             : 0;
+  return pack_table_launch(p, pack_blocks(p)) ? pack_table_floats(p.channels) : 0;
 }
 
-// Whether every group of pack's launch takes the common path (pack_kernel's Common): whole
-// groups (numel a multiple of kGroup), v and the ReLU output aligned for one vector access a
-// group, 32-bit index math, and each group's channels known from its layout: NHWC rows of
-// kGroup channels with the table aligned for vector reads, or NCHW planes of a multiple of
-// kGroup elements. Every layer of the networks in NHWC (CUDA's default); in NCHW not ImageNet's
-// 14 x 14 and 7 x 7 planes, nor odd test shapes and misaligned views.
-bool pack_common_path(const PackParams& p, const Index& ix) {
+// Whether every group of pack's launch of `blocks` takes the common path (pack_kernel's
+// Common): whole groups (numel a multiple of kGroup), v and the ReLU output aligned for one
+// vector access a group, 32-bit index math, and each group's channels known from its layout:
+// NHWC rows of kGroup channels with the table aligned for vector reads and a grid a whole
+// number of rows wide (pack_blocks), or NCHW planes of a multiple of kGroup elements. Every
+// layer of the networks in NHWC (CUDA's default); in NCHW not ImageNet's 14 x 14 and 7 x 7
+// planes, nor odd test shapes and misaligned views.
+bool pack_common_path(const PackParams& p, const Index& ix, int blocks) {
   if (p.general) return false;
   const bool whole = p.numel % kGroup == 0 && ix.narrow;
   const uintptr_t vector = p.bf16 ? alignof(Elems<c10::BFloat16, kGroup>) : alignof(Elems<float, kGroup>);
   const bool vec = aligned(p.v, vector) && (!p.relu || aligned(p.relu, vector));
-  const bool layout =
-      p.nhwc ? nhwc_rows<kGroup>(p.channels, nullptr, p.workspace, nullptr) : p.plane % kGroup == 0;
+  const bool layout = p.nhwc ? nhwc_rows<kGroup>(p.channels, nullptr, p.workspace, nullptr) &&
+                                   one_row_grid(blocks, kGroup, p.channels)
+                             : p.plane % kGroup == 0;
   return whole && vec && layout;
 }
 
 void pack(const PackParams& p) {
   if (p.numel == 0) return;
   const target::DeviceGuard guard(p.device);  // a launch goes to the current device
-  const Launch l = launch_config((p.numel + kGroup - 1) / kGroup, p.device);
+  const Launch l{pack_blocks(p), target::current_stream(p.device)};
   const Launch lt = launch_config(std::max<int64_t>(p.channels, codec::edge_thresholds(p.bits)), p.device);
   const Index ix = index_of(p.numel, p.plane, p.channels);
   const bool table = pack_table_launch(p, l.blocks);
@@ -1245,7 +1316,7 @@ void pack(const PackParams& p) {
               kGroup * p.bits / 8, " bytes");
   PackParams q = p;
   if (!table) q.workspace = nullptr;  // each block makes its own copy
-  const bool common = pack_common_path(q, ix);
+  const bool common = pack_common_path(q, ix, l.blocks);
   dispatch(p.bits, p.bf16, p.nhwc, [&](auto k, auto t, auto layout) {
     constexpr int K = decltype(k)::value;
     using T = decltype(t);
@@ -1265,10 +1336,11 @@ void pack(const PackParams& p) {
   target::launch_check();
 }
 
-// Whether every group of unpack's launch takes the common path (unpack_kernel's Common), as
-// pack_common_path: whole groups of `group` elements, the outputs aligned for one vector store a
-// group and the codes for one word, 32-bit index math, NHWC rows or NCHW planes of whole groups.
-bool unpack_common_path(const UnpackParams& p, const Index& ix, int group) {
+// Whether every group of unpack's launch of `blocks` takes the common path (unpack_kernel's
+// Common), as pack_common_path: whole groups of `group` elements, the outputs aligned for one
+// vector store a group and the codes for one word, 32-bit index math, NHWC rows (a grid a
+// whole number of rows wide) or NCHW planes of whole groups.
+bool unpack_common_path(const UnpackParams& p, const Index& ix, int group, int blocks) {
   if (p.general) return false;
   const bool whole = p.numel % group == 0 && ix.narrow;
   constexpr uintptr_t vector = 16;  // a group's output, 16 bytes of either type (Elems<T, kUnpackGroup<T>>)
@@ -1278,7 +1350,7 @@ bool unpack_common_path(const UnpackParams& p, const Index& ix, int group) {
   const float* gamma = p.r ? p.gamma : nullptr;
   const bool rows =
       group == 8 ? nhwc_rows<8>(p.channels, p.offsets, b, gamma) : nhwc_rows<4>(p.channels, p.offsets, b, gamma);
-  const bool layout = p.nhwc ? rows : p.plane % group == 0;
+  const bool layout = p.nhwc ? rows && one_row_grid(blocks, group, p.channels) : p.plane % group == 0;
   return whole && vec && layout;
 }
 
@@ -1286,9 +1358,9 @@ void unpack(const UnpackParams& p) {
   if (p.numel == 0) return;
   const target::DeviceGuard guard(p.device);  // a launch goes to the current device
   const int group = p.bf16 ? kUnpackGroup<c10::BFloat16> : kUnpackGroup<float>;
-  const Launch l = launch_config((p.numel + group - 1) / group, p.device);
+  const Launch l{row_blocks(p.numel, group, p.channels, p.nhwc, p.device), target::current_stream(p.device)};
   const Index ix = index_of(p.numel, p.plane, p.channels);
-  const bool common = unpack_common_path(p, ix, group);
+  const bool common = unpack_common_path(p, ix, group, l.blocks);
   dispatch(p.bits, p.bf16, p.nhwc, [&](auto k, auto t, auto layout) {
     constexpr int K = decltype(k)::value;
     using T = decltype(t);
