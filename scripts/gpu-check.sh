@@ -29,7 +29,8 @@
 # 380 s by those figures: codec-common times pack's and unpack's common-path kernels, split
 # after that run, against the general ones; codec-precision and step-fused the defaults with
 # them, and with the pack's codes made without conversions, tested once a group and rounded
-# to nearest from a bias with the 1/2 in it, also since), then the fourth in a second call (about 400 s: ncu-codec with its 128M-element run
+# to nearest from a bias with the 1/2 in it, and NHWC rows' constants read once a thread,
+# also since), then the fourth in a second call (about 400 s: ncu-codec with its 128M-element run
 # and stall reasons, added since, and bn-vector, the NHWC BatchNorm backward with 4 channels a
 # thread). docs/results.md's 2026-12-04 tables are what to compare with.
 set -uo pipefail
