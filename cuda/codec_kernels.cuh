@@ -489,7 +489,7 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
   using I = std::conditional_t<Common, uint32_t, int64_t>;
   const I numel = static_cast<I>(p.numel), stride = static_cast<I>(gridDim.x) * blockDim.x;
   // NHWC on the common path: the grid is a whole number of rows of channels wide
-  // (pack_blocks), so every group a thread takes is the same row of 8 channels as its first,
+  // (row_blocks), so every group a thread takes is the same row of 8 channels as its first,
   // whose scales and biases it reads once here (reading them for each group, and finding the
   // row, took some 12 instructions a group).
   constexpr bool kOneRow = Common && NHWC;
@@ -746,7 +746,7 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackP
   using I = std::conditional_t<Common, uint32_t, int64_t>;
   const I numel = static_cast<I>(p.numel), stride = static_cast<I>(gridDim.x) * blockDim.x;
   // NHWC on the common path: every group a thread takes is the same row of G channels as its
-  // first (unpack_blocks), whose origins, b and gamma it reads once here.
+  // first (row_blocks), whose origins, b and gamma it reads once here.
   constexpr bool kOneRow = Common && NHWC;
   const I first = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x;
   float row_origin[G], row_b[G], row_gamma[G];
@@ -1257,16 +1257,17 @@ void channel_coding(const ChannelParams& p) {
 // channels made a multiple of the blocks whose threads span a whole number of rows
 // (m = C / gcd(C, kThreads group): 1 for every power of two up to kThreads group channels,
 // 2,048 for pack), so that each thread's groups, a grid's width apart, lie in one row (the
-// kernels' kOneRow): rounded down, or up to m for a small tensor (the extra blocks find no
-// group). Where m exceeds the grid's cap the grid stays, and the launch takes the general
-// kernel (one_row_grid, in pack_common_path and unpack_common_path).
+// kernels' kOneRow): rounded down, or for a small tensor up to m where that at most doubles
+// the grid (the extra blocks find no group, but each pack block makes its table). Otherwise
+// the grid stays, and the launch takes the general kernel (one_row_grid, in pack_common_path
+// and unpack_common_path).
 int row_blocks(int64_t numel, int group, int64_t channels, bool nhwc, int device) {
   int64_t blocks = launch_config((numel + group - 1) / group, device).blocks;
   if (nhwc && channels % group == 0) {
     const int64_t m = channels / std::gcd<int64_t>(channels, int64_t{kThreads} * group);
     if (blocks >= m)
       blocks -= blocks % m;
-    else if (m <= grid_cap(device))
+    else if (m <= 2 * blocks && m <= grid_cap(device))
       blocks = m;
   }
   return static_cast<int>(blocks);

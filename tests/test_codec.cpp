@@ -1333,16 +1333,18 @@ TEST_CASE("codec: pack and unpack on a one-multiprocessor grid, emulated, give t
                               CodeFormat{8, 2e-4f, 0.0f}, CodeFormat{2, 3e-6f, 0.0f}}) {
     const int bits = f.bits;
     // {2, 2100, 1, 3}: channels past 2,048 (which the pack kept in shared memory until its
-    // per-launch table); {2, 2056, 1, 2} too, in NHWC rows of 8 channels. In NHWC, pack's grid
-    // must be a whole number of rows of channels wide (pack_blocks): 24 channels take 5 blocks
-    // rounded down to 3, 40 one block rounded up to 5, and 136 (17 blocks, past this grid's cap
-    // of 16) the general kernel.
+    // per-launch table); {2, 2056, 1, 2} too, in NHWC rows of 8 channels. In NHWC the common
+    // kernels' grid must be a whole number of rows of channels wide (row_blocks): 24 channels
+    // take pack's 5 blocks rounded down to 3, or its 2 rounded up to 3; 40 channels in one
+    // block (5 would more than double it) and 136 (17 blocks, past this grid's cap of 16) the
+    // general kernel.
     for (const auto& shape : std::vector<std::vector<int64_t>>{{5, 7, 61, 67},
                                                                {4, 16, 32, 32},
                                                                {2, 300, 7, 7},
                                                                {2, 2100, 1, 3},
                                                                {2, 2056, 1, 2},
                                                                {4, 24, 9, 10},
+                                                               {2, 24, 8, 8},
                                                                {1, 40, 2, 2},
                                                                {2, 136, 4, 4}}) {
       const int64_t c = shape[1];
