@@ -15,9 +15,10 @@
 # counted as built, but for the codes' exact path (no element next to a bin edge; the group's
 # test for one stays): what is left of the grid-stride loop (the loop that stores the codes) is
 # then straight-line code: its instructions / 16 (two groups of 8 per turn) are the common
-# path's per element, with and without the ReLU output (relu=1, relu=0). (Before the Common
-# kernels the cuts made that path of the one kernel; on an H200 that kernel executed about
-# twice what they left.) Then unpack's common-path kernels, cut alike and writing r' alone
+# path's per element, with and without the ReLU output (relu=1, relu=0); the NHWC kernels'
+# reads of their row's constants, once a thread before the loop, are not in it. (Before the
+# Common kernels the cuts made that path of the one kernel; on an H200 that kernel executed
+# about twice what they left.) Then unpack's common-path kernels, cut alike and writing r' alone
 # (what the backward asks of it), and the NHWC BatchNorm backward's kernels (reduce and
 # apply, 8 and 4 channels a thread), whose loops the cuts leave as they are. Each
 # row also counts the instructions of three pipes, which an sm_90 SM completes at different
