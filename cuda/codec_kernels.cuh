@@ -488,8 +488,8 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
   // forms, at most a grid's width of groups past the end, is below 2^32).
   using I = std::conditional_t<Common, uint32_t, int64_t>;
   const I numel = static_cast<I>(p.numel), stride = static_cast<I>(gridDim.x) * blockDim.x;
-  // NHWC on the common path: the grid is a whole number of rows of channels wide
-  // (row_blocks), so every group a thread takes is the same row of 8 channels as its first,
+  // NHWC on the common path: every group a thread takes is the same row of 8 channels as its
+  // first (one_row_grid: one group a thread, or a grid a whole number of rows wide),
   // whose scales and biases it reads once here (reading them for each group, and finding the
   // row, took some 12 instructions a group).
   constexpr bool kOneRow = Common && NHWC;
@@ -746,7 +746,7 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackP
   using I = std::conditional_t<Common, uint32_t, int64_t>;
   const I numel = static_cast<I>(p.numel), stride = static_cast<I>(gridDim.x) * blockDim.x;
   // NHWC on the common path: every group a thread takes is the same row of G channels as its
-  // first (row_blocks), whose origins, b and gamma it reads once here.
+  // first (one_row_grid), whose origins, b and gamma it reads once here.
   constexpr bool kOneRow = Common && NHWC;
   const I first = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x;
   float row_origin[G], row_b[G], row_gamma[G];
@@ -1253,29 +1253,27 @@ void channel_coding(const ChannelParams& p) {
   target::launch_check();
 }
 
-// The grid of pack or unpack (groups of `group` elements): launch_config's, for NHWC rows of
-// channels made a multiple of the blocks whose threads span a whole number of rows
+// The grid of pack or unpack (groups of `group` elements): launch_config's, and where it is
+// capped (a thread takes several groups, a grid's width apart) for NHWC rows of channels
+// rounded down to a multiple of the blocks whose threads span a whole number of rows
 // (m = C / gcd(C, kThreads group): 1 for every power of two up to kThreads group channels,
-// 2,048 for pack), so that each thread's groups, a grid's width apart, lie in one row (the
-// kernels' kOneRow): rounded down, or for a small tensor up to m where that at most doubles
-// the grid (the extra blocks find no group, but each pack block makes its table). Otherwise
-// the grid stays, and the launch takes the general kernel (one_row_grid, in pack_common_path
-// and unpack_common_path).
+// 2,048 for pack and bf16 unpack, 1,024 for float32 unpack), so that each thread's groups lie
+// in one row (the kernels' kOneRow). Where m exceeds the grid the launch takes the general
+// kernel (one_row_grid, in pack_common_path and unpack_common_path).
 int row_blocks(int64_t numel, int group, int64_t channels, bool nhwc, int device) {
-  int64_t blocks = launch_config((numel + group - 1) / group, device).blocks;
-  if (nhwc && channels % group == 0) {
+  const int64_t groups = (numel + group - 1) / group;
+  int64_t blocks = launch_config(groups, device).blocks;
+  if (nhwc && channels % group == 0 && groups > blocks * kThreads) {
     const int64_t m = channels / std::gcd<int64_t>(channels, int64_t{kThreads} * group);
-    if (blocks >= m)
-      blocks -= blocks % m;
-    else if (m <= 2 * blocks && m <= grid_cap(device))
-      blocks = m;
+    if (blocks >= m) blocks -= blocks % m;
   }
   return static_cast<int>(blocks);
 }
 
-// Whether a grid of `blocks` is a whole number of rows of channels wide.
-bool one_row_grid(int blocks, int group, int64_t channels) {
-  return int64_t{blocks} * kThreads * group % channels == 0;
+// Whether every group a thread of a grid of `blocks` takes lies in the row of its first: it
+// takes one group at most, or the grid is a whole number of rows of channels wide.
+bool one_row_grid(int blocks, int64_t groups, int group, int64_t channels) {
+  return groups <= int64_t{blocks} * kThreads || int64_t{blocks} * kThreads * group % channels == 0;
 }
 
 int pack_blocks(const PackParams& p) { return row_blocks(p.numel, kGroup, p.channels, p.nhwc, p.device); }
@@ -1289,8 +1287,8 @@ int64_t pack_workspace(const PackParams& p) {
 // Whether every group of pack's launch of `blocks` takes the common path (pack_kernel's
 // Common): whole groups (numel a multiple of kGroup), v and the ReLU output aligned for one
 // vector access a group, 32-bit index math, and each group's channels known from its layout:
-// NHWC rows of kGroup channels with the table aligned for vector reads and a grid a whole
-// number of rows wide (pack_blocks), or NCHW planes of a multiple of kGroup elements. Every
+// NHWC rows of kGroup channels with the table aligned for vector reads and each thread's
+// groups in one row (one_row_grid), or NCHW planes of a multiple of kGroup elements. Every
 // layer of the networks in NHWC (CUDA's default); in NCHW not ImageNet's 14 x 14 and 7 x 7
 // planes, nor odd test shapes and misaligned views.
 bool pack_common_path(const PackParams& p, const Index& ix, int blocks) {
@@ -1299,7 +1297,7 @@ bool pack_common_path(const PackParams& p, const Index& ix, int blocks) {
   const uintptr_t vector = p.bf16 ? alignof(Elems<c10::BFloat16, kGroup>) : alignof(Elems<float, kGroup>);
   const bool vec = aligned(p.v, vector) && (!p.relu || aligned(p.relu, vector));
   const bool layout = p.nhwc ? nhwc_rows<kGroup>(p.channels, nullptr, p.workspace, nullptr) &&
-                                   one_row_grid(blocks, kGroup, p.channels)
+                                   one_row_grid(blocks, p.numel / kGroup, kGroup, p.channels)
                              : p.plane % kGroup == 0;
   return whole && vec && layout;
 }
@@ -1339,8 +1337,8 @@ void pack(const PackParams& p) {
 
 // Whether every group of unpack's launch of `blocks` takes the common path (unpack_kernel's
 // Common), as pack_common_path: whole groups of `group` elements, the outputs aligned for one
-// vector store a group and the codes for one word, 32-bit index math, NHWC rows (a grid a
-// whole number of rows wide) or NCHW planes of whole groups.
+// vector store a group and the codes for one word, 32-bit index math, NHWC rows (each
+// thread's groups in one row) or NCHW planes of whole groups.
 bool unpack_common_path(const UnpackParams& p, const Index& ix, int group, int blocks) {
   if (p.general) return false;
   const bool whole = p.numel % group == 0 && ix.narrow;
@@ -1351,7 +1349,7 @@ bool unpack_common_path(const UnpackParams& p, const Index& ix, int group, int b
   const float* gamma = p.r ? p.gamma : nullptr;
   const bool rows =
       group == 8 ? nhwc_rows<8>(p.channels, p.offsets, b, gamma) : nhwc_rows<4>(p.channels, p.offsets, b, gamma);
-  const bool layout = p.nhwc ? rows && one_row_grid(blocks, group, p.channels) : p.plane % group == 0;
+  const bool layout = p.nhwc ? rows && one_row_grid(blocks, p.numel / group, group, p.channels) : p.plane % group == 0;
   return whole && vec && layout;
 }
 

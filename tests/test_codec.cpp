@@ -1333,20 +1333,21 @@ TEST_CASE("codec: pack and unpack on a one-multiprocessor grid, emulated, give t
                               CodeFormat{8, 2e-4f, 0.0f}, CodeFormat{2, 3e-6f, 0.0f}}) {
     const int bits = f.bits;
     // {2, 2100, 1, 3}: channels past 2,048 (which the pack kept in shared memory until its
-    // per-launch table); {2, 2056, 1, 2} too, in NHWC rows of 8 channels. In NHWC the common
-    // kernels' grid must be a whole number of rows of channels wide (row_blocks): 24 channels
-    // take pack's 5 blocks rounded down to 3, or its 2 rounded up to 3; 40 channels in one
-    // block (5 would more than double it) and 136 (17 blocks, past this grid's cap of 16) the
-    // general kernel.
+    // per-launch table); {2, 2056, 1, 2} too, in NHWC rows of 8 channels. In NHWC a common
+    // kernel's thread reads its row of channels once (one_row_grid): 24, 40 and 136 channels
+    // in grids where a thread takes one group; {8, 24, 16, 16} in a capped grid (16 blocks)
+    // rounded down to 15, a whole number of rows wide, where a thread takes two; {4, 136, 8, 8}
+    // capped where no grid of 16 blocks or fewer is (m = 17): the general kernel.
     for (const auto& shape : std::vector<std::vector<int64_t>>{{5, 7, 61, 67},
                                                                {4, 16, 32, 32},
                                                                {2, 300, 7, 7},
                                                                {2, 2100, 1, 3},
                                                                {2, 2056, 1, 2},
                                                                {4, 24, 9, 10},
-                                                               {2, 24, 8, 8},
                                                                {1, 40, 2, 2},
-                                                               {2, 136, 4, 4}}) {
+                                                               {2, 136, 4, 4},
+                                                               {8, 24, 16, 16},
+                                                               {4, 136, 8, 8}}) {
       const int64_t c = shape[1];
       auto b = torch::randn({c}), gamma = torch::rand({c}) + 0.1;
       auto v = torch::randn(shape) * 2 + b.view({1, c, 1, 1});
