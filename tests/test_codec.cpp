@@ -1337,7 +1337,9 @@ TEST_CASE("codec: pack and unpack on a one-multiprocessor grid, emulated, give t
     // kernel's thread reads its row of channels once (one_row_grid): 24, 40 and 136 channels
     // in grids where a thread takes one group; {8, 24, 16, 16} in a capped grid (16 blocks)
     // rounded down to 15, a whole number of rows wide, where a thread takes two; {4, 136, 8, 8}
-    // capped where no grid of 16 blocks or fewer is (m = 17): the general kernel.
+    // capped where no grid of 16 blocks or fewer is (m = 17): the general kernel; and
+    // {2, 2304, 3, 3} capped and rounded down to 9 blocks with pack's table in its workspace
+    // (channels past 2,048).
     for (const auto& shape : std::vector<std::vector<int64_t>>{{5, 7, 61, 67},
                                                                {4, 16, 32, 32},
                                                                {2, 300, 7, 7},
@@ -1347,7 +1349,8 @@ TEST_CASE("codec: pack and unpack on a one-multiprocessor grid, emulated, give t
                                                                {1, 40, 2, 2},
                                                                {2, 136, 4, 4},
                                                                {8, 24, 16, 16},
-                                                               {4, 136, 8, 8}}) {
+                                                               {4, 136, 8, 8},
+                                                               {2, 2304, 3, 3}}) {
       const int64_t c = shape[1];
       auto b = torch::randn({c}), gamma = torch::rand({c}) + 0.1;
       auto v = torch::randn(shape) * 2 + b.view({1, c, 1, 1});
