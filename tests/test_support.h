@@ -11,11 +11,13 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <iterator>
+#include <random>
 #include <string>
 
 // CUDA tests call this first: without a device they print the marker that CTest's
@@ -73,18 +75,29 @@ inline std::string slurp(const std::filesystem::path& p) {
   return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
 }
 
-// A port no process listens on now, from the system (port 0): tests running in parallel get
-// different ones. 20000 + pid * 2 + k collided between tests started a few pids apart.
+// A port nothing is bound to now, for a test's rendezvous. Drawn at random below the system's
+// ephemeral range (/proc/sys/net/ipv4/ip_local_port_range), where the kernel does not hand
+// ports out by itself: a port the system gave us (port 0) was free again when we closed it,
+// and the Gloo listeners and connections of a test running beside this one could take it
+// before rank 0 listened there (a CI run saw both ranks exit 1). 20000 + pid * 2 + k collided
+// between tests started a few pids apart; random draws from ~20,000 ports rarely do.
 inline int free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in at{};
-  at.sin_family = AF_INET;
-  at.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  at.sin_port = 0;
-  socklen_t size = sizeof at;
-  const bool got = fd >= 0 && ::bind(fd, reinterpret_cast<sockaddr*>(&at), sizeof at) == 0 &&
-                   ::getsockname(fd, reinterpret_cast<sockaddr*>(&at), &size) == 0;
-  if (fd >= 0) ::close(fd);
-  REQUIRE(got);
-  return ntohs(at.sin_port);
+  int ephemeral = 32768;
+  std::ifstream("/proc/sys/net/ipv4/ip_local_port_range") >> ephemeral;
+  const int low = 10000, high = std::max(low + 1000, std::min(ephemeral, 65536));
+  static std::mt19937 draw(std::random_device{}() ^ static_cast<unsigned>(::getpid()));
+  for (int tries = 0; tries < 200; ++tries) {
+    const int port = std::uniform_int_distribution<int>(low, high - 1)(draw);
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    REQUIRE(fd >= 0);
+    sockaddr_in at{};
+    at.sin_family = AF_INET;
+    at.sin_addr.s_addr = htonl(INADDR_ANY);  // taken on any address is taken for the loopback
+    at.sin_port = htons(static_cast<uint16_t>(port));
+    const bool bound = ::bind(fd, reinterpret_cast<sockaddr*>(&at), sizeof at) == 0;
+    ::close(fd);
+    if (bound) return port;
+  }
+  FAIL("no free port in [" << low << ", " << high << ") after 200 draws");
+  return 0;
 }
