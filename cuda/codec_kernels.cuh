@@ -491,15 +491,15 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
   // NHWC on the common path: every group a thread takes is the same row of 8 channels as its
   // first (one_row_grid: one group a thread, or a grid a whole number of rows wide),
   // whose scales and biases it reads once here (reading them for each group, and finding the
-  // row, took some 12 instructions a group).
+  // row, took some 12 instructions a group). Elsewhere each group reads its own.
   constexpr bool kOneRow = Common && NHWC;
   const I first = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x;
-  float row_scale[kGroup], row_bias[kGroup];
+  float sc[kGroup], bi[kGroup];
   GroupAt row{};
   if constexpr (kOneRow) {
     row = common_group_at<NHWC>(first * kGroup, ix);
-    channel_values<kGroup, NHWC>(table.scale, row, 0, ix, row_scale);
-    channel_values<kGroup, NHWC>(table.bias, row, 0, ix, row_bias);
+    channel_values<kGroup, NHWC>(table.scale, row, 0, ix, sc);
+    channel_values<kGroup, NHWC>(table.bias, row, 0, ix, bi);
   }
   for (I g0 = first; g0 < static_cast<I>(groups); g0 += kPackUnroll * stride) {
     PackRaw<T> raws[kPackUnroll];  // each group's elements, loaded first
@@ -543,11 +543,7 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
             if (k < n) relu[e0 + k] = raw_elem<T>(y, k);
         }
       }
-      float sc[kGroup], bi[kGroup];
-      if constexpr (kOneRow) {
-#pragma unroll
-        for (int k = 0; k < kGroup; ++k) sc[k] = row_scale[k], bi[k] = row_bias[k];
-      } else {
+      if constexpr (!kOneRow) {
         channel_values<kGroup, NHWC>(table.scale, at, e0, ix, sc);
         channel_values<kGroup, NHWC>(table.bias, at, e0, ix, bi);
       }
@@ -746,16 +742,17 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackP
   using I = std::conditional_t<Common, uint32_t, int64_t>;
   const I numel = static_cast<I>(p.numel), stride = static_cast<I>(gridDim.x) * blockDim.x;
   // NHWC on the common path: every group a thread takes is the same row of G channels as its
-  // first (one_row_grid), whose origins, b and gamma it reads once here.
+  // first (one_row_grid), whose origins, b and gamma it reads once here. Elsewhere each group
+  // reads its own.
   constexpr bool kOneRow = Common && NHWC;
   const I first = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x;
-  float row_origin[G], row_b[G], row_gamma[G];
+  float origin[G], bk[G], gk[G];
   GroupAt row{};
   if constexpr (kOneRow) {
     row = common_group_at<NHWC>(first * G, ix);
-    channel_origins<G, NHWC>(p.offsets, row, 0, ix, row_origin);
-    if (x_hat) channel_values<G, NHWC>(b, row, 0, ix, row_b);
-    if (r) channel_values<G, NHWC>(gamma, row, 0, ix, row_gamma);
+    channel_origins<G, NHWC>(p.offsets, row, 0, ix, origin);
+    if (x_hat) channel_values<G, NHWC>(b, row, 0, ix, bk);
+    if (r) channel_values<G, NHWC>(gamma, row, 0, ix, gk);
   }
   for (I g0 = first; g0 < static_cast<I>(groups); g0 += U * stride) {
     uint64_t words[U];  // the codes of each group, loaded first
@@ -776,15 +773,10 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackP
       const I e0 = (g0 + u * stride) * G;
       if (e0 >= numel) break;  // so are the later groups
       const int n = Common ? G : static_cast<int>(min(int64_t{G}, p.numel - e0));
-      float q[G], origin[G];  // decoded as codec::decode_by_steps: no int conversions
+      float q[G];  // decoded as codec::decode_by_steps: no int conversions
       code_floats<Bits, G>(words[u], q);
       const GroupAt at = kOneRow ? row : Common ? common_group_at<NHWC>(e0, ix) : group_at<G, NHWC>(rows, e0, n, ix);
-      if constexpr (kOneRow) {
-#pragma unroll
-        for (int k = 0; k < G; ++k) origin[k] = row_origin[k];
-      } else {
-        channel_origins<G, NHWC>(p.offsets, at, e0, ix, origin);
-      }
+      if constexpr (!kOneRow) channel_origins<G, NHWC>(p.offsets, at, e0, ix, origin);
       const bool full = vec && n == G;
 
       // r' is never NaN (max(g v', 0) with v' a number): its rounding skips the NaN check.
@@ -802,25 +794,15 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) unpack_kernel(UnpackP
       };
 
       if (x_hat) {
-        float y[G], bk[G];
-        if constexpr (kOneRow) {
-#pragma unroll
-          for (int k = 0; k < G; ++k) bk[k] = row_b[k];
-        } else {
-          channel_values<G, NHWC>(b, at, e0, ix, bk);
-        }
+        float y[G];
+        if constexpr (!kOneRow) channel_values<G, NHWC>(b, at, e0, ix, bk);
 #pragma unroll
         for (int k = 0; k < G; ++k) y[k] = codec::decode_by_steps(q[k], origin[k], d) - bk[k];
         store(x_hat, y, false);
       }
       if (r) {
-        float y[G], gk[G];
-        if constexpr (kOneRow) {
-#pragma unroll
-          for (int k = 0; k < G; ++k) gk[k] = row_gamma[k];
-        } else {
-          channel_values<G, NHWC>(gamma, at, e0, ix, gk);
-        }
+        float y[G];
+        if constexpr (!kOneRow) channel_values<G, NHWC>(gamma, at, e0, ix, gk);
 #pragma unroll
         for (int k = 0; k < G; ++k) {
           const float t = __fmul_rn(gk[k], codec::decode_by_steps(q[k], origin[k], d));
