@@ -54,17 +54,28 @@ cp -r "$here/cuda" "$here/lib" "$tmp/"
 
 # Each cut names the text it replaces, and fails if that text is gone (the kernel changed:
 # update the cut with it).
-python3 - "$tmp/cuda/codec_kernels.cuh" <<'EOF'
-import sys
-path = sys.argv[1]
-s = open(path).read()
+python3 - "$tmp/cuda" <<'EOF'
+import glob, sys
+files = {path: open(path).read() for path in glob.glob(sys.argv[1] + "/*.cuh")}
 def cut(old, new, within=None):
-    global s
-    body = s if within is None else s[s.index(within[0]):s.index(within[1])]
-    if old not in body:
-        sys.exit("sass-hot-path: the kernel no longer has: " + old)
-    patched = body.replace(old, new)
-    s = patched if within is None else s.replace(body, patched)
+    """Replaces old by new in the one kernel file that has it; within: (the first line of a
+    function, whose body ends at the next closing brace in column 0) where to look."""
+    found = False
+    for path, s in files.items():
+        if within is None:
+            start, end = 0, len(s)
+        elif within in s:
+            start = s.index(within)
+            end = s.index("\n}\n", start)
+        else:
+            continue
+        if old in s[start:end]:
+            if found:
+                sys.exit("sass-hot-path: more than one file has: " + old)
+            files[path] = s[:start] + s[start:end].replace(old, new) + s[end:]
+            found = True
+    if not found:
+        sys.exit("sass-hot-path: the kernels no longer have: " + old)
 # 32-bit index math only.
 cut("""  if (ix.narrow) {
     const uint32_t u = static_cast<uint32_t>(n);
@@ -84,22 +95,23 @@ cut("""    if (rows) return {GroupAt::row, channel_of(e0, ix)};
     return {GroupAt::per_element, 0};""", """    return {GroupAt::row, channel_of(e0, ix)};""")
 cut("""    return {gr.one_channel ? GroupAt::one_channel : GroupAt::per_element, gr.c0};""",
     """    return {GroupAt::one_channel, gr.c0};""")
-# Within each kernel, (its first line, the comment after it): the text and what replaces it.
+# Within each kernel, given by its first line: the text and what replaces it.
 for kernel, cuts in {
     # pack: its common-path kernels (Common: whole aligned groups, as built) without the exact
     # path, the ReLU output as HOT_RELU says.
-    ("pack_kernel(PackParams p, Index ix) {", "// The codes of 4 consecutive elements"): [
+    "pack_kernel(PackParams p, Index ix) {": [
         # (the group's test stays, its branch a store of one code: what the common path pays)
         ("      if (Common && near) {", "      if (Common && near) q[0] = 0;\n      if (false) {"),
         ("      if (relu) {", "      if (HOT_RELU && relu) {")],
     # unpack: its common-path kernels (as pack's), writing r' alone (as the backward asks).
-    ("unpack_kernel(UnpackParams p, Index ix) {", "// The BatchNorm-and-ReLU backward from the codes."): [
+    "unpack_kernel(UnpackParams p, Index ix) {": [
         ("      if (x_hat) {", "      if (false) {"),
         ("      if (p.mask) {", "      if (false) {")],
 }.items():
     for old, new in cuts:
         cut(old, new, kernel)
-open(path, "w").write(s)
+for path, s in files.items():
+    open(path, "w").write(s)
 EOF
 
 flags=(-isystem="$torch_inc" -isystem="$torch_inc/torch/csrc/api/include" --expt-relaxed-constexpr

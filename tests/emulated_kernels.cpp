@@ -196,7 +196,7 @@ TEST_CASE("emulator: a thread that overflows its stack stops there, not in anoth
 }
 
 TEST_CASE("emulator: the kernels' multiply-high division equals division below 2^31", "[emulator]") {
-  // codec_kernels.cuh's Divider, on which every channel of pack and unpack rests below 2^31
+  // kernel_common.cuh's Divider, on which every channel of pack and unpack rests below 2^31
   // elements: every divisor to 4,096 and the planes and channel counts of the networks, at
   // each multiple of the divisor and beside it, at the top of the range, and at random.
   using namespace blpa::emulated;

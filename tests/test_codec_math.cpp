@@ -31,7 +31,7 @@ std::vector<float> thresholds(int bits, float d) {
   return t;
 }
 
-// One value through the kernel's path (cuda/codec_kernels.cuh, pack_kernel) and through
+// One value through the kernel's path (cuda/pack_kernels.cuh, pack_kernel) and through
 // encode; y and y_e as each computes them.
 void check_one(float v, float g, float d, int s, int bits, const std::vector<float>& edges, Tally& t) {
   const float guard_d = codec::kGuard / d, tol = codec::scaled_tolerance(bits, guard_d);
