@@ -285,23 +285,21 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
   }
 }
 
+// A launch of a thread a channel (offsets_kernel, channel_kernel).
+template <typename Params>
+void launch_per_channel(void (*kernel)(Params), const Params& p) {
+  if (p.channels == 0) return;
+  const target::DeviceGuard guard(p.device);  // a launch goes to the current device
+  const Launch l = launch_config(p.channels, p.device);
+  BLPA_LAUNCH(l.blocks, kThreads, l.stream, kernel)(p);
+  target::launch_check();
+}
+
 }  // namespace
 
-void compute_offsets(const OffsetParams& p) {
-  if (p.channels == 0) return;
-  const target::DeviceGuard guard(p.device);  // a launch goes to the current device
-  const Launch l = launch_config(p.channels, p.device);
-  BLPA_LAUNCH(l.blocks, kThreads, l.stream, offsets_kernel)(p);
-  target::launch_check();
-}
+void compute_offsets(const OffsetParams& p) { launch_per_channel(offsets_kernel, p); }
 
-void channel_coding(const ChannelParams& p) {
-  if (p.channels == 0) return;
-  const target::DeviceGuard guard(p.device);  // a launch goes to the current device
-  const Launch l = launch_config(p.channels, p.device);
-  BLPA_LAUNCH(l.blocks, kThreads, l.stream, channel_kernel)(p);
-  target::launch_check();
-}
+void channel_coding(const ChannelParams& p) { launch_per_channel(channel_kernel, p); }
 
 int pack_blocks(const PackParams& p) { return row_blocks(p.numel, kGroup, p.channels, p.nhwc, p.device); }
 
