@@ -41,6 +41,7 @@ struct PackParams {
   float eps = 0.0f;
   float* invstd = nullptr;      // [channels]
   bool general = false;  // every launch takes the kernel for any shape, not the common path's (for measurements)
+  int unroll = 0;  // bf16 on the common path: groups a thread loads at once, 2 or 4 (0: 2); for measurements
 };
 
 // The floats of pack's per-channel table and edge thresholds, where pack makes them once for a

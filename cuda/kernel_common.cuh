@@ -24,7 +24,8 @@ namespace target = BLPA_KERNEL_TARGET;
 constexpr int kGroup = 8;
 constexpr int kThreads = 256;
 // pack: a thread loads this many groups of kGroup elements, a grid's width of threads apart,
-// before it encodes any, so that their loads are in flight together.
+// before it encodes any, so that their loads are in flight together (bf16's common path may
+// take 4 instead: pack_kernel's Unroll).
 constexpr int kPackUnroll = 2;
 // pack and unpack: blocks an SM must hold at once (at most 64 registers a thread), so that
 // their unrolled loads do not cost them the warps that hide those loads' latency.

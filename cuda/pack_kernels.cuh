@@ -116,14 +116,23 @@ __device__ __forceinline__ uint32_t code_word(const uint32_t* biased) {
   return w - bias;
 }
 
+// The blocks of pack_kernel an SM holds at once (__launch_bounds__): kStreamBlocks (64
+// registers a thread) where a thread loads kPackUnroll groups, 3 where it loads 4 (bf16's
+// common-path kernels then take 66 to 79 registers; at 64 those of NHWC spilled 76 to 204
+// bytes), so that a thread has as many bytes of loads in flight as the float32 pack's (64),
+// and an SM 1.5 times the bf16 pack's of kPackUnroll.
+constexpr int pack_resident_blocks(int unroll) { return unroll == kPackUnroll ? kStreamBlocks : 3; }
+
 // Affine: the unit's fused forward (PackParams::mean): the values packed are a = T(fma(x,
 // alpha_c, shift_c)) of the loaded x, not x. Common: every group of the launch is whole, its
 // tensors aligned for vector access and its index math 32-bit (pack_common_path), so that the
 // kernel holds none of the other paths' branches and registers (the kernel for the rest holds
 // them all: on an H200 it executed about twice the instructions per element of the common
-// path, and ptxas spilled some of its registers).
-template <int Bits, typename T, bool NHWC, bool Affine, bool Common>
-__global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParams p, Index ix) {
+// path, and ptxas spilled some of its registers). Unroll: the groups a thread loads before it
+// encodes any, kPackUnroll but for bf16's common path under PackParams::unroll 4 (a
+// measurement, pack_unroll).
+template <int Bits, typename T, bool NHWC, bool Affine, bool Common, int Unroll>
+__global__ void __launch_bounds__(kThreads, pack_resident_blocks(Unroll)) pack_kernel(PackParams p, Index ix) {
   const T* v = static_cast<const T*>(p.v);
   T* relu = static_cast<T*>(p.relu);
   const int64_t groups = (p.numel + kGroup - 1) / kGroup;
@@ -168,10 +177,10 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
     channel_values<kGroup, NHWC>(table.scale, row, 0, ix, sc);
     channel_values<kGroup, NHWC>(table.bias, row, 0, ix, bi);
   }
-  for (I g0 = first; g0 < static_cast<I>(groups); g0 += kPackUnroll * stride) {
-    PackRaw<T> raws[kPackUnroll];  // each group's elements, loaded first
+  for (I g0 = first; g0 < static_cast<I>(groups); g0 += Unroll * stride) {
+    PackRaw<T> raws[Unroll];  // each group's elements, loaded first
 #pragma unroll
-    for (int u = 0; u < kPackUnroll; ++u) {
+    for (int u = 0; u < Unroll; ++u) {
       const I e0 = (g0 + u * stride) * kGroup;
       // (A common launch's groups are whole, but a thread's last turn may reach past the end.)
       if (Common ? e0 < numel : vec && e0 + kGroup <= numel) {
@@ -183,7 +192,7 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocks) pack_kernel(PackParam
       }
     }
 #pragma unroll
-    for (int u = 0; u < kPackUnroll; ++u) {
+    for (int u = 0; u < Unroll; ++u) {
       const I e0 = (g0 + u * stride) * kGroup;
       if (e0 >= numel) break;  // so are the later groups
       const int n = Common ? kGroup : static_cast<int>(min(int64_t{kGroup}, p.numel - e0));
@@ -338,6 +347,8 @@ void pack(const PackParams& p) {
   // A thread stores a group's codes as one word (kGroup * bits / 8 bytes), with no scalar path.
   TORCH_CHECK(aligned(p.codes, kGroup * p.bits / 8), "blpa codec: pack's codes must be aligned to ",
               kGroup * p.bits / 8, " bytes");
+  TORCH_CHECK(p.unroll == 0 || p.unroll == kPackUnroll || p.unroll == 4, "blpa codec: pack loads ", kPackUnroll,
+              " or 4 groups a thread, not ", p.unroll);
   PackParams q = p;
   if (!table) q.workspace = nullptr;  // each block makes its own copy
   const bool common = pack_common_path(q, ix, l.blocks);
@@ -348,7 +359,13 @@ void pack(const PackParams& p) {
     auto launch = [&](auto affine, auto common_path) {
       constexpr bool A = decltype(affine)::value, C = decltype(common_path)::value;
       if (table) BLPA_LAUNCH(lt.blocks, kThreads, lt.stream, pack_table_kernel<K, A>)(q);
-      BLPA_LAUNCH(l.blocks, kThreads, l.stream, pack_kernel<K, T, L, A, C>)(q, ix);
+      if constexpr (C && std::is_same_v<T, c10::BFloat16>) {  // (4 is instantiated for these alone)
+        if (p.unroll == 4) {
+          BLPA_LAUNCH(l.blocks, kThreads, l.stream, pack_kernel<K, T, L, A, C, 4>)(q, ix);
+          return;
+        }
+      }
+      BLPA_LAUNCH(l.blocks, kThreads, l.stream, pack_kernel<K, T, L, A, C, kPackUnroll>)(q, ix);
     };
     using Yes = std::true_type;
     using No = std::false_type;

@@ -74,6 +74,20 @@ bool codec_general() {
   return general;
 }
 
+// The groups of 8 a thread of the CUDA bf16 pack loads at once on its common path:
+// BLPA_PACK_UNROLL=2 or 4 in the environment, for measurements (4: as many bytes in flight a
+// thread as the float32 pack's 2 groups, at 3 blocks an SM instead of 4); 0 (the kernels'
+// default, 2) without it.
+int pack_unroll() {
+  static const int chosen = [] {
+    const char* v = std::getenv("BLPA_PACK_UNROLL");
+    if (!v || !*v) return 0;
+    TORCH_CHECK(std::string(v) == "2" || std::string(v) == "4", "BLPA_PACK_UNROLL must be 2 or 4, got '", v, "'");
+    return *v - '0';
+  }();
+  return chosen;
+}
+
 // f's argument: whether floorf is one vector instruction in this copy (codec::floor_small).
 using VectorFloor = std::true_type;
 using NoVectorFloor = std::false_type;
@@ -732,6 +746,7 @@ Codes pack_impl(const at::Tensor& v, const at::Tensor& b, const CodeFormat& f, c
       p.invstd = bn->invstd.data_ptr<float>();
     }
     p.general = codec_general();
+    p.unroll = pack_unroll();
     at::Tensor workspace;  // only where pack makes its table in a launch of its own
     if (const int64_t floats = k->pack_workspace(p)) {
       workspace = at::empty({floats}, v.options().dtype(at::kFloat));

@@ -1339,7 +1339,8 @@ TEST_CASE("codec: pack and unpack on a one-multiprocessor grid, emulated, give t
     // rounded down to 15, a whole number of rows wide, where a thread takes two; {4, 136, 8, 8}
     // capped where no grid of 16 blocks or fewer is (m = 17): the general kernel; and
     // {2, 2304, 3, 3} capped and rounded down to 9 blocks with pack's table in its workspace
-    // (channels past 2,048).
+    // (channels past 2,048). {16, 16, 32, 32}: 8 groups a pack thread, two turns of 4 where
+    // BLPA_PACK_UNROLL=4 (its CTest entry) has the bf16 pack load 4 at once.
     for (const auto& shape : std::vector<std::vector<int64_t>>{{5, 7, 61, 67},
                                                                {4, 16, 32, 32},
                                                                {2, 300, 7, 7},
@@ -1350,7 +1351,8 @@ TEST_CASE("codec: pack and unpack on a one-multiprocessor grid, emulated, give t
                                                                {2, 136, 4, 4},
                                                                {8, 24, 16, 16},
                                                                {4, 136, 8, 8},
-                                                               {2, 2304, 3, 3}}) {
+                                                               {2, 2304, 3, 3},
+                                                               {16, 16, 32, 32}}) {
       const int64_t c = shape[1];
       auto b = torch::randn({c}), gamma = torch::rand({c}) + 0.1;
       auto v = torch::randn(shape) * 2 + b.view({1, c, 1, 1});
