@@ -18,7 +18,7 @@
 # session's 15 minutes hold the build, the GPU tests and a few stages, e.g.:
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-graphs|train-graphed|gloo-cuda-2proc'
 #   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|step-precision|codec-precision|step-fused|step-precision-profile'
-#   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|codec-common|codec-precision|step-fused'
+#   BLPA_GPU_TESTS='^(CUDA|graphs):' BLPA_GPU_STAGES='tests|codec-unroll|codec-precision|step-fused'
 #   BLPA_GPU_STAGES='ncu-codec|bn-vector'     (a second call, if time is left)
 # with BLPA_COMMIT=$(git rev-parse HEAD) (the tree may travel without .git). On 2026-12-04 the
 # second line took 386 s (build 177 s, the CUDA tests 77 s, step-precision 40 s,
@@ -26,13 +26,15 @@
 # 'tests|ncu-codec|bn-grid' with two tests 361 s (build 155 s, ncu-codec 126 s, bn-grid 57 s);
 # a machine's start adds half a minute to a minute, and a second call a build of its own
 # (the machine goes back 30 s after a call). Left to measure for #15: the third line (about
-# 380 s by those figures: codec-common times pack's and unpack's common-path kernels, split
-# after that run, against the general ones; codec-precision and step-fused the defaults with
-# them, and with the pack's codes made without conversions, tested once a group and rounded
-# to nearest from a bias with the 1/2 in it, and NHWC rows' constants read once a thread,
-# also since), then the fourth in a second call (about 400 s: ncu-codec with its 128M-element run
-# and stall reasons, added since, and bn-vector, the NHWC BatchNorm backward with 4 channels a
-# thread). docs/results.md's 2026-12-04 tables are what to compare with.
+# 400 s by those figures: codec-precision and step-fused the defaults with pack's and unpack's
+# common-path kernels, split after that run, and with the pack's codes made without
+# conversions, tested once a group and rounded to nearest from a bias with the 1/2 in it, and
+# NHWC rows' constants read once a thread, also since; codec-unroll the bf16 pack loading 4
+# groups a thread against 2), then the fourth in a second call (about 400 s: ncu-codec with
+# its 128M-element run and stall reasons, added since, and bn-vector, the NHWC BatchNorm
+# backward with 4 channels a thread); codec-common (the common-path kernels against the
+# general ones) if time is left. docs/results.md's 2026-12-04 tables are what to compare
+# with.
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$here"
@@ -216,7 +218,8 @@ stage codec-precision 300 bash -c 'for bits in 8 4; do for dt in fp32 bf16; do f
 # counts; 2026-12-04: 31 warp instructions per 32 elements), and at 16M the warps' stall
 # reasons per issued instruction (smsp__average_warps_issue_stalled_*: WarpStateStats prints
 # none where PC sampling is refused, as on 2026-12-04; where these counters are refused too, it
-# says so and the stage still passes).
+# says so and the stage still passes), then the bf16 pack loading 4 groups a thread
+# (BLPA_PACK_UNROLL=4) at 128M elements, with its stall reasons.
 stage ncu-codec 300 bash -c 'n=$(command -v ncu || echo /usr/local/cuda/bin/ncu); [[ -x $n ]] || { echo "no ncu"; exit 1; }
   sections=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section WarpStateStats
     --section InstructionStats); b=("$BLPA_BUILD_DIR/app/blpa-bench" codec --device cuda --bits 4 --reps 1)
@@ -225,9 +228,11 @@ stage ncu-codec 300 bash -c 'n=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
     --memory-format $2 --gamma $3 || exit 1; done
   "$n" "${sections[@]}" -k regex:"pack_kernel|pack_table|unpack_kernel" -c 30 "${b[@]}" --numel 134217728 \
     --precision bf16 --memory-format nhwc --gamma drawn || exit 1
-  "$n" --metrics "regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$" \
-    -k regex:"pack_kernel|unpack_kernel" -c 24 "${b[@]}" --numel 16777216 --precision bf16 --memory-format nhwc \
-    --gamma drawn || echo "ncu-codec: the stall counters were refused (above); the sections above stand"'
+  stalls=(--metrics "regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$")
+  "$n" "${stalls[@]}" -k regex:"pack_kernel|unpack_kernel" -c 24 "${b[@]}" --numel 16777216 --precision bf16 \
+    --memory-format nhwc --gamma drawn || { echo "ncu-codec: the stall counters were refused (above)"; exit 0; }
+  BLPA_PACK_UNROLL=4 "$n" "${sections[@]}" "${stalls[@]}" -k regex:"pack_kernel" -c 6 "${b[@]}" --numel 134217728 \
+    --precision bf16 --memory-format nhwc --gamma drawn'
 # Where a bf16 channels-last step's time goes, eager and graphed (ResNet-152 batch 128, where
 # blpa-4 took 1.25x plain at 1d696ed; ResNet-164 batch 128): the costliest kernels of each.
 stage step-precision-profile 240 bash -c 'bench step --device cuda --model resnet152 --batch 128 --mode plain,blpa-4 \
@@ -275,6 +280,16 @@ stage codec-common 300 bash -c 'for g in 0 1 0 1; do for p in bf16 fp32; do for 
   --numel $1 --channels $2 --hw 32 --precision $p --memory-format nhwc --gamma drawn || exit 1; done; done; done
   for g in 0 1; do for mb in "resnet164 128" "resnet152 128"; do set -- $mb; echo "BLPA_CODEC_GENERAL=$g $1";
   BLPA_CODEC_GENERAL=$g bench step --device cuda --model $1 --batch $2 --mode plain,blpa-4 --precision bf16 \
+  --memory-format nhwc --cuda-graphs --warmup 3 --steps 10 --rounds 2 || exit 1; done; done'
+# The bf16 pack's common-path kernels loading 4 groups a thread (BLPA_PACK_UNROLL=4: 64 bytes of
+# loads in flight a thread, as the float32 pack's 2 groups, at 3 blocks an SM) against the
+# default 2 (32 bytes, 4 blocks), taking turns: 4- and 8-bit, both layouts, gamma drawn, 256M
+# elements; then the graphed bf16 channels-last steps, blpa-4 beside plain, with each.
+stage codec-unroll 240 bash -c 'for r in 1 2; do for u in 2 4; do for bits in 4 8; do for mf in nhwc nchw; do
+  echo "BLPA_PACK_UNROLL=$u $bits-bit $mf"; BLPA_PACK_UNROLL=$u bench codec --device cuda --bits $bits \
+  --numel 268435456 --precision bf16 --memory-format $mf --gamma drawn || exit 1; done; done; done; done
+  for u in 2 4; do for mb in "resnet164 128" "resnet152 128"; do set -- $mb; echo "BLPA_PACK_UNROLL=$u $1";
+  BLPA_PACK_UNROLL=$u bench step --device cuda --model $1 --batch $2 --mode plain,blpa-4 --precision bf16 \
   --memory-format nhwc --cuda-graphs --warmup 3 --steps 10 --rounds 2 || exit 1; done; done'
 stage memory-precision 180 bash -c 'bench memory --device cuda --model resnet152 --batch 64 --mode blpa-4 \
   --precision bf16 --memory-format nhwc'

@@ -14,9 +14,9 @@
 # groups in one channel, 32-bit index math; what runs for every layer of the networks) are
 # counted as built, but for the codes' exact path (no element next to a bin edge; the group's
 # test for one stays): what is left of the grid-stride loop (the loop that stores the codes) is
-# then straight-line code: its instructions / 16 (two groups of 8 per turn) are the common
-# path's per element, with and without the ReLU output (relu=1, relu=0); the NHWC kernels'
-# reads of their row's constants, once a thread before the loop, are not in it. (Before the
+# then straight-line code: its instructions / 16 (two groups of 8 per turn; / 32 for the
+# bf16 kernels that load 4, BLPA_PACK_UNROLL=4) are the common path's per element, with and
+# without the ReLU output (relu=1, relu=0); the NHWC kernels' reads of their row's constants, once a thread before the loop, are not in it. (Before the
 # Common kernels the cuts made that path of the one kernel; on an H200 that kernel executed
 # about twice what they left.) Then unpack's common-path kernels, cut alike and writing r' alone
 # (what the backward asks of it), and the NHWC BatchNorm backward's kernels (reduce and
@@ -195,11 +195,14 @@ def columns(body, per):
 print(f"pack_kernel<bits, dtype, NHWC, fused>            relu  {HEADER}")
 for relu in (0, 1):
     for name, ins in kernels(f"{tmp}/k{relu}.sass"):
-        m = re.search(r"(?<!un)pack_kernel<([^>]*), true>", name)  # the common path's kernels
+        # the common path's kernels, and the groups of 8 a thread loads a turn (Unroll)
+        m = re.search(r"(?<!un)pack_kernel<([^>]*), true, (\d+)>", name)
         if not m or want not in name:
             continue
-        body = widest_loop(ins, storing=True)  # two groups of 8 a turn
-        print(f"{short(m.group(1)):48s} {relu:4d}  {columns(body, 16)}")
+        body = widest_loop(ins, storing=True)
+        unroll = int(m.group(2))
+        label = short(m.group(1)) + ("" if unroll == 2 else f" ({unroll} a turn)")
+        print(f"{label:48s} {relu:4d}  {columns(body, 8 * unroll)}")
 # unpack of r' alone (its common path, cut as above): 4 groups of 16 bytes of output a turn.
 print(f"\nunpack_kernel<bits, dtype, NHWC>, r' only              {HEADER}")
 for name, ins in kernels(f"{tmp}/k0.sass"):
