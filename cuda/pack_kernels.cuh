@@ -161,7 +161,8 @@ __global__ void __launch_bounds__(kThreads, pack_resident_blocks(Unroll)) pack_k
   const float d = codec::bin_width(p.window, Bits);
   const float limit = codec::far_limit(codec::scaled_tolerance(Bits, codec::kGuard / d));
   // The common path's index math in 32 bits (its numel is below 2^31, so every e0 a thread
-  // forms, at most a grid's width of groups past the end, is below 2^32).
+  // forms, at most Unroll - 1 grids' widths of groups past the end, 3 x 8 x 4,096 elements an
+  // SM of the capped grid, is below 2^32).
   using I = std::conditional_t<Common, uint32_t, int64_t>;
   const I numel = static_cast<I>(p.numel), stride = static_cast<I>(gridDim.x) * blockDim.x;
   // NHWC on the common path: every group a thread takes is the same row of 8 channels as its
