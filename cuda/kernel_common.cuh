@@ -37,7 +37,8 @@ struct Launch {
 };
 
 // The grid cap: 16 blocks of kThreads per SM, two to four waves of the 4 to 8 an SM holds at
-// once (pack and unpack are held to 4 by __launch_bounds__).
+// once (pack and unpack are held to 4 by __launch_bounds__; about five of 3 for the bf16 pack
+// that loads 4 groups a thread, BLPA_PACK_UNROLL=4).
 int64_t grid_cap(int device) { return int64_t{target::sm_count(device)} * 16; }
 
 // One helper for every launch: empty work returns early, the grid is capped (grid-stride

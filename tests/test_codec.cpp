@@ -1318,7 +1318,7 @@ TEST_CASE("codec: the GPU's BatchNorm backward on a GPU's grid, emulated, matche
 
 TEST_CASE("codec: pack and unpack on a one-multiprocessor grid, emulated, give the CPU path's bits", "[emulator]") {
   // One multiprocessor: a grid of 4,096 threads, so that each thread of pack (two groups of 8
-  // elements at a time) and of unpack (four groups of 16 bytes at a time) takes several turns of
+  // elements at a time, four with BLPA_PACK_UNROLL=4 in bf16) and of unpack (four groups of 16 bytes at a time) takes several turns of
   // its loop, with its last groups past the end or in the partial group at the tail.
   torch::manual_seed(31);
   struct Restore {
